@@ -1,0 +1,62 @@
+"""The `localpers` command. Each subcommand is a thin function over the library; user mistakes raise
+UserError and are printed as one line, without a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from localpers.errors import UserError
+
+
+def cmd_serve(args):
+    from localpers.server import serve
+
+    serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir)
+
+
+def cmd_info(args):
+    from localpers.gguf_info import describe
+
+    print(describe(args.model))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="localpers", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server on 127.0.0.1")
+    p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME or the XDG data dir)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("info", help="describe a GGUF model")
+    p.add_argument("--model", help="GGUF file (default: the embedded model)")
+    p.set_defaults(func=cmd_info)
+
+    # Subcommands of other modules register here: each module's add_cli(sub) adds its own parsers.
+    for module in CLI_MODULES:
+        __import__(module, fromlist=["add_cli"]).add_cli(sub)
+    return parser
+
+
+# Modules that contribute subcommands through add_cli(subparsers); they must import lazily (fast --help).
+CLI_MODULES: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"localpers: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
