@@ -1,0 +1,91 @@
+"""Dequantization of GGUF tensors and the fused rank-r edit into Q8_0 blocks.
+
+The C++ extension `localpers._cpu` (csrc/) is the fast path; the `gguf` package's numpy code is the fallback
+and the oracle the tests compare it with, bit for bit.
+"""
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from localpers.errors import UserError
+
+try:
+    from localpers import _cpu
+except ImportError:  # not built (e.g. a plain source checkout): numpy does the work
+    _cpu = None
+
+Q = GGMLQuantizationType
+DEQUANT_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+EDIT_TYPES = DEQUANT_TYPES  # the edit dequantizes a row with the same code, so it reads every type above
+
+
+def _raw_bytes(data: np.ndarray, qtype: GGMLQuantizationType, shape) -> np.ndarray:
+    """Check `data` against `shape` and return it as a flat contiguous uint8 array."""
+    if qtype not in DEQUANT_TYPES:
+        raise UserError(f"tensor type {getattr(qtype, 'name', qtype)} is not supported "
+                        f"(supported: {', '.join(t.name for t in DEQUANT_TYPES)})")
+    shape = tuple(int(s) for s in shape)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if not shape or shape[-1] % block_size:
+        raise UserError(f"{qtype.name} tensor of shape {shape}: the row length must be a multiple of {block_size}")
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    expected = prod(shape) // block_size * type_size
+    if raw.size != expected:
+        raise UserError(f"{qtype.name} tensor of shape {shape} needs {expected} bytes, got {raw.size}")
+    return raw
+
+
+def dequantize_numpy(data: np.ndarray, qtype: GGMLQuantizationType, shape) -> np.ndarray:
+    """The gguf package's numpy dequantizer (fallback and oracle)."""
+    raw = _raw_bytes(data, qtype, shape)
+    rows = raw.reshape(prod(shape[:-1]), -1)
+    return np.asarray(gguf_quants.dequantize(rows, qtype), dtype=np.float32).reshape(shape)
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType, shape) -> np.ndarray:
+    """Dequantize raw GGUF tensor data (as GGUFReader gives it) of numpy shape `shape` to float32."""
+    if _cpu is None:
+        return dequantize_numpy(data, qtype, shape)
+    raw = _raw_bytes(data, qtype, shape)
+    return _cpu.dequantize(raw, int(qtype), prod(shape)).reshape(shape)
+
+
+def _check_edit(qtype, shape, U, V):
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2:
+        raise ValueError(f"the edited tensor must be 2-D [n_out, n_in], got shape {shape}")
+    if shape[1] % 32:
+        raise UserError(f"Q8_0 output needs n_in to be a multiple of 32, got shape {shape}")
+    U = np.ascontiguousarray(U, dtype=np.float32)
+    V = np.ascontiguousarray(V, dtype=np.float32)
+    if U.ndim != 2 or V.ndim != 2 or U.shape[0] != shape[0] or V.shape[0] != shape[1] or U.shape[1] != V.shape[1]:
+        raise ValueError(f"U {U.shape} and V {V.shape} do not fit W {shape}: need U [n_out, r] and V [n_in, r]")
+    return shape, U, V
+
+
+def edit_to_q8_0_numpy(data, qtype, shape, U, V, scale=1.0) -> np.ndarray:
+    """Reference: quantize dequant(W) + scale * U @ V.T to Q8_0 with gguf's quantizer.
+
+    U @ V.T is summed in float32 one rank at a time (k = 0, 1, ...), product then add, so the C++ kernel can
+    follow the same order and produce the same bytes; a BLAS matmul may sum in another order (or with FMA).
+    """
+    shape, U, V = _check_edit(qtype, shape, U, V)
+    W = dequantize_numpy(data, qtype, shape)
+    delta = np.zeros(shape, dtype=np.float32)
+    for k in range(U.shape[1]):
+        delta += np.outer(U[:, k], V[:, k])
+    return gguf_quants.quantize(W + np.float32(scale) * delta, Q.Q8_0)
+
+
+def edit_to_q8_0(data, qtype, shape, U, V, scale=1.0) -> np.ndarray:
+    """Q8_0 bytes [n_out, n_in / 32 * 34] of dequant(W) + scale * U @ V.T, W [n_out, n_in] given as raw
+    GGUF data of type `qtype`, U [n_out, r], V [n_in, r]. Byte-identical to `edit_to_q8_0_numpy`."""
+    if _cpu is None:
+        return edit_to_q8_0_numpy(data, qtype, shape, U, V, scale)
+    shape, U, V = _check_edit(qtype, shape, U, V)
+    raw = _raw_bytes(data, qtype, shape)
+    return _cpu.edit_to_q8_0(raw, int(qtype), shape[0], shape[1], U, V, float(scale))
