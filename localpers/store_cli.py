@@ -1,0 +1,121 @@
+"""The history-store commands: remember, import, history, search, export, forget."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+
+from localpers.errors import UserError
+
+
+def _store(args):
+    from localpers.store import Store, data_dir
+
+    return Store.open(data_dir(args.data_dir))
+
+
+def _line(item: dict) -> str:
+    when = datetime.fromtimestamp(item["ts"]).strftime("%Y-%m-%d %H:%M")
+    score = f"  {item['score']:.3f}" if "score" in item else ""
+    return f"#{item['id']}  {when}  {item['kind']}{score}  {item['text']}"
+
+
+def cmd_remember(args):
+    with _store(args) as store:
+        item_id = store.add(args.user, args.text, kind=args.kind)
+    print(f"remembered #{item_id} for {args.user}")
+
+
+def cmd_import(args):
+    from localpers.store import read_import
+
+    items = read_import(args.file, lamp_id=args.lamp_id)  # all validated before anything is written
+    with _store(args) as store:
+        store.add_many(args.user, items)
+    print(f"imported {len(items)} items for {args.user} from {args.file}")
+
+
+def cmd_history(args):
+    with _store(args) as store:
+        items = store.items(args.user, kind=args.kind)
+    if args.json:
+        print(json.dumps(items, ensure_ascii=False, indent=1))
+    else:
+        for item in items:
+            print(_line(item))
+
+
+def cmd_search(args):
+    from localpers.retrieval import make_embedder
+
+    with _store(args) as store:
+        if args.mode != "bm25":
+            store.embedder = make_embedder(args.embedder)
+        results = store.search(args.user, args.query, k=args.k, mode=args.mode)
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=1))
+    else:
+        for item in results:
+            print(_line(item))
+
+
+def cmd_export(args):
+    with _store(args) as store:
+        data = store.export(args.user)
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    if args.output:
+        try:  # decrypted history: a new file readable by its owner only, never over an existing one
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise UserError(f"{args.output}: {e.strerror}") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        print(f"exported {len(data['items'])} items and {len(data['artifacts'])} artifacts to {args.output}")
+    else:
+        print(text)
+
+
+def cmd_forget(args):
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"forget deletes everything held about {args.user}: pass --yes to confirm")
+        if input(f"Delete everything held about {args.user}? [y/N] ").strip().lower() not in ("y", "yes"):
+            return 1
+    with _store(args) as store:
+        store.forget(args.user)
+    print(f"forgot {args.user}")
+
+
+def add_cli(sub) -> None:
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--user", required=True, help="user id")
+        p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME or the XDG data dir)")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("remember", cmd_remember, "add one item to a user's history")
+    p.add_argument("text")
+    p.add_argument("--kind", default="message", help="message, preference, document, review … (default: message)")
+
+    p = command("import", cmd_import, "import a JSONL file, a LaMP/LongLaMP profile or UPQA items, all or nothing")
+    p.add_argument("file")
+    p.add_argument("--lamp-id", help="which record of a LaMP file holding several users")
+
+    p = command("history", cmd_history, "list a user's history")
+    p.add_argument("--kind", help="only items of this kind")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("search", cmd_search, "search a user's history")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=5, help="number of results (default 5)")
+    p.add_argument("--mode", choices=["bm25", "dense", "hybrid"], default="bm25")
+    p.add_argument("--embedder", help="for dense/hybrid: 'minilm' or a GGUF path (default: MiniLM if installed)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("export", cmd_export, "everything held about a user, decrypted, as JSON")
+    p.add_argument("-o", "--output", help="write to this new file instead of stdout")
+
+    p = command("forget", cmd_forget, "delete everything held about a user and scrub it from the database file")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
