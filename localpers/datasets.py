@@ -1,0 +1,227 @@
+"""Readers for the evaluation data: UPQA (plain and the 9-synonym cluster variant), PrefEval's explicit
+preferences with their 4-option classification task and distractor conversations, and the LaMP/LongLaMP
+JSON formats. Every reader checks what it reads: a malformed item raises UserError naming the file and
+the item's index, so a bad file is one clear line, not a traceback deep in the evaluation."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from localpers.errors import UserError
+from localpers.methods import User
+
+
+def shared_data_dir() -> Path | None:
+    """`<repo>/../shared/data` when the package runs from a checkout that has it beside it, else None."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def load_json(path: str | Path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+
+
+def _items(path: Path, data, what: str) -> list[dict]:
+    if not isinstance(data, list) or not all(isinstance(x, dict) for x in data):
+        raise UserError(f"{path}: expected a JSON list of {what} objects")
+    return data
+
+
+def _field(path: Path, index: int, item: dict, name: str, kind=str):
+    """item[name], checked to be a `kind` (str, or list of str); empty strings and lists count as missing."""
+    value = item.get(name)
+    ok = isinstance(value, str) if kind is str else (
+        isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value))
+    if not ok or not value or (kind is str and not value.strip()):
+        expected = "a non-empty string" if kind is str else "a non-empty list of strings"
+        raise UserError(f"{path}: item {index}: field {name!r} must be {expected}")
+    return value
+
+
+# ---------------------------------------------------------------- UPQA
+
+@dataclass(frozen=True)
+class UpqaItem:
+    user: User
+    attribute_type: str                 # canonical attribute type; mc_acc groups items by it
+    question: str                       # explicit question
+    question_paraphrased: str
+    implicit_question: str
+    target: str                         # canonical target
+    targets: tuple[str, ...]            # every accepted answer (the synonym cluster, canonical last)
+    questions: tuple[str, ...] = ()     # the cluster's question paraphrases (for methods that edit)
+    candidates: tuple[str, ...] = ()    # mc_acc candidates besides the target; empty: other items' targets
+    meta: tuple[tuple[str, object], ...] = ()   # extra fields kept in the report rows (world: step, history)
+
+
+def read_upqa(path: str | Path) -> list[UpqaItem]:
+    """UPQA items. In the cluster9 variant `attribute_type`, `question` and `target` are 9-element lists
+    whose last element is the plain item's value; it is the canonical one and the rest are synonyms.
+    World items (localpers.world) add `user_id`, `profile` (the history) and `candidates`."""
+    path = Path(path)
+    items = []
+    for i, raw in enumerate(_items(path, load_json(path), "UPQA item")):
+        clustered = isinstance(raw.get("target"), list)
+        kind = list if clustered else str
+        targets = _field(path, i, raw, "target", kind)
+        questions = _field(path, i, raw, "question", kind)
+        attribute = _field(path, i, raw, "attribute_type", kind)
+        statement = raw.get("input_attribute")
+        if not isinstance(statement, str) or not (statement.strip() or raw.get("profile")):
+            raise UserError(f"{path}: item {i}: field 'input_attribute' must be a non-empty string")
+        user = _user(path, i, raw, f"upqa-{i}", statement)
+        candidates = raw.get("candidates", [])
+        if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
+            raise UserError(f"{path}: item {i}: field 'candidates' must be a list of strings")
+        items.append(UpqaItem(
+            user=user,
+            attribute_type=attribute[-1] if clustered else attribute,
+            question=questions[-1] if clustered else questions,
+            question_paraphrased=_field(path, i, raw, "question_paraphrased"),
+            implicit_question=_field(path, i, raw, "implicit_question"),
+            target=targets[-1] if clustered else targets,
+            targets=tuple(targets) if clustered else (targets,),
+            questions=tuple(questions) if clustered else (questions,),
+            candidates=tuple(candidates),
+            meta=_meta(raw),
+        ))
+    if not items:
+        raise UserError(f"{path}: no items")
+    return items
+
+
+# ---------------------------------------------------------------- PrefEval
+
+@dataclass(frozen=True)
+class PrefEvalItem:
+    id: str                      # "<topic>/<index>"
+    preference: str
+    question: str
+    options: tuple[str, ...]     # options[0] follows the preference (PrefEval's convention)
+    user: User
+
+
+def read_prefeval_mcq(path: str | Path) -> list[PrefEvalItem]:
+    """PrefEval explicit preferences with `classification_task_options`: one topic file, or a directory
+    of them (read in sorted order)."""
+    path = Path(path)
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"{path}: no .json files")
+    items = []
+    for file in files:
+        for i, raw in enumerate(_items(file, load_json(file), "PrefEval item")):
+            preference = _field(file, i, raw, "preference")
+            options = _field(file, i, raw, "classification_task_options", list)
+            if len(options) < 2:
+                raise UserError(f"{file}: item {i}: 'classification_task_options' needs at least 2 options")
+            items.append(PrefEvalItem(
+                id=f"{file.stem}/{i}", preference=preference, question=_field(file, i, raw, "question"),
+                options=tuple(options),
+                user=User(id=f"prefeval-{file.stem}-{i}", preferences=(preference,), history=(preference,)),
+            ))
+    return items
+
+
+def read_inter_turns(path: str | Path) -> list[list[dict]]:
+    """PrefEval's distractor conversations: a list of {"conversation": [{"role", "content"}, ...]}.
+    Returns the conversations as lists of (user, assistant) message pairs, flattened to messages."""
+    path = Path(path)
+    conversations = []
+    for i, raw in enumerate(_items(path, load_json(path), "conversation")):
+        messages = raw.get("conversation")
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+                for m in messages):
+            raise UserError(f"{path}: item {i}: 'conversation' must be a list of {{role, content}} messages")
+        # Keep whole user→assistant turns only.
+        turns = [messages[j:j + 2] for j in range(0, len(messages) - 1, 2)
+                 if messages[j]["role"] == "user" and messages[j + 1]["role"] == "assistant"]
+        conversations.append([m for turn in turns for m in turn])
+    if not any(conversations):
+        raise UserError(f"{path}: no user/assistant turns")
+    return conversations
+
+
+# ---------------------------------------------------------------- LaMP / LongLaMP
+
+@dataclass(frozen=True)
+class LampItem:
+    id: str
+    input: str
+    gold: str
+    user: User
+    meta: tuple[tuple[str, object], ...] = ()
+
+
+def _profile(path: Path, index: int, raw: dict) -> list[dict]:
+    profile = raw.get("profile")
+    if not isinstance(profile, list) or not all(isinstance(p, dict) for p in profile):
+        raise UserError(f"{path}: item {index}: field 'profile' must be a list of objects")
+    # A profile entry's text is every text field but its id (LaMP: title/abstract/text/tag/score; LongLaMP:
+    # reviewText/summary/...), so the same reader serves every task.
+    out = []
+    for p in profile:
+        text = " ".join(str(v) for k, v in p.items() if k not in ("id", "kind", "step") and isinstance(v, (str, int, float)))
+        out.append({**p, "text": text})
+    return out
+
+
+def _user(path: Path, index: int, raw: dict, default_id: str, statement: str = "") -> User:
+    """The user behind an item: their statement plus the profile entries marked as preferences (world
+    items mark them) are their preferences; the profile is their history."""
+    profile = _profile(path, index, raw) if "profile" in raw else []
+    preferences = ([statement] if statement.strip() else []) + [p["text"] for p in profile if p.get("kind") == "preference"]
+    return User(id=str(raw.get("user_id", default_id)), preferences=tuple(preferences),
+                history=tuple(p["text"] for p in profile) or tuple(preferences))
+
+
+def _meta(raw: dict) -> tuple[tuple[str, object], ...]:
+    """Fields the world adds to its items, kept for the breakdown by time step and history size."""
+    return tuple((k, raw[k]) for k in ("step", "history_size") if k in raw)
+
+
+def lamp_outputs_path(questions: Path) -> Path:
+    """LaMP ships `*questions.json` beside `*outputs.json`."""
+    return questions.with_name(questions.name.replace("questions", "outputs"))
+
+
+def read_lamp(questions: str | Path, outputs: str | Path | None = None) -> tuple[str, list[LampItem]]:
+    """A LaMP or LongLaMP split: the questions file (`id`, `input`, `profile`) and the outputs file
+    ({"task": name, "golds": [{"id", "output"}]}); an item's own `output` field is used when there is no
+    outputs file. Returns (task name, items)."""
+    questions = Path(questions)
+    raw_items = _items(questions, load_json(questions), "LaMP question")
+    outputs = Path(outputs) if outputs else lamp_outputs_path(questions)
+    golds, task = {}, questions.stem
+    if outputs != questions and outputs.is_file():
+        data = load_json(outputs)
+        if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
+            raise UserError(f"{outputs}: expected {{\"task\": ..., \"golds\": [{{\"id\", \"output\"}}, ...]}}")
+        task = str(data.get("task", task))
+        for i, g in enumerate(data["golds"]):
+            if not isinstance(g, dict) or "id" not in g or not isinstance(g.get("output"), (str, int, float)):
+                raise UserError(f"{outputs}: gold {i}: needs 'id' and 'output'")
+            golds[str(g["id"])] = str(g["output"])
+    items = []
+    for i, raw in enumerate(raw_items):
+        if "id" not in raw:
+            raise UserError(f"{questions}: item {i}: missing field 'id'")
+        item_id = str(raw["id"])
+        gold = golds.get(item_id, raw.get("output"))
+        if not isinstance(gold, (str, int, float)):
+            raise UserError(f"{questions}: item {i}: no gold output for id {item_id!r} (in {outputs.name} or 'output')")
+        items.append(LampItem(id=item_id, input=_field(questions, i, raw, "input"), gold=str(gold),
+                              user=_user(questions, i, raw, f"lamp-{item_id}"), meta=_meta(raw)))
+    if not items:
+        raise UserError(f"{questions}: no items")
+    return task, items

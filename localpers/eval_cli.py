@@ -1,0 +1,153 @@
+"""`localpers eval TASK`: measure personalization methods on UPQA, PrefEval, LaMP/LongLaMP or the synthetic
+world, and write report.json, report.md and plots."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from localpers.errors import UserError
+
+TASKS = ("upqa", "prefeval", "lamp", "longlamp", "world")
+# Default data under ../shared/data, where the checkout has it.
+DEFAULT_DATA = {"upqa": "upqa/upqa_dev_100.json", "prefeval": "prefeval/mcq_dev"}
+DEFAULT_MAX_TOKENS = {"upqa": 48, "lamp": 32, "longlamp": 128, "world": 48}
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate personalization methods (upqa, prefeval, lamp, longlamp, world)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("task", help="one of: " + ", ".join(TASKS))
+    p.add_argument("--method", default="base,prompt,rag", help="comma-separated methods; 'a+b' composes (default: %(default)s)")
+    p.add_argument("--data", help="data file or directory (default: ../shared/data for upqa and prefeval; "
+                                  "lamp/longlamp: the questions file; world: a directory from --generate-only)")
+    p.add_argument("--distractors", help="prefeval: PrefEval's inter_turns.json (default: beside --data's mcq_dev)")
+    p.add_argument("--limit", type=int, help="evaluate the first N items after a seeded shuffle")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--turns", default="0,5,10", help="prefeval: distractor turn counts (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, help="answer length for generated answers (default: per task)")
+    p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", help="output directory (default: localpers-eval/TASK)")
+    world = p.add_argument_group("world")
+    world.add_argument("--users", type=int, default=1000)
+    world.add_argument("--communities", type=int, default=8)
+    world.add_argument("--steps", type=int, default=12)
+    world.add_argument("--generate-only", action="store_true", help="write the world to --out and stop")
+    p.set_defaults(func=cmd_eval)
+
+
+def _data_path(args) -> Path:
+    if args.data:
+        path = Path(args.data)
+        if not path.exists():
+            raise UserError(f"{path}: no such file or directory")
+        return path
+    from localpers.datasets import shared_data_dir
+
+    if args.task not in DEFAULT_DATA:
+        raise UserError(f"eval {args.task} needs --data PATH")
+    shared = shared_data_dir()
+    if shared is None:
+        raise UserError(f"no --data given and ../shared/data is not beside this checkout; pass --data PATH")
+    return shared / DEFAULT_DATA[args.task]
+
+
+def _limit(items: list, args) -> list:
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    if args.limit is None or args.limit >= len(items):
+        return items
+    return random.Random(args.seed).sample(items, args.limit)
+
+
+def _turns(text: str) -> list[int]:
+    try:
+        turns = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise UserError(f"--turns must be comma-separated integers, not {text!r}") from None
+    if not turns or turns[0] < 0:
+        raise UserError("--turns needs at least one count, none negative")
+    return turns
+
+
+def cmd_eval(args) -> None:
+    from localpers import evaluation as ev
+    from localpers.datasets import read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
+    from localpers.methods import get_method
+    from localpers.world import WORLD_FILES, generate_world, write_world
+
+    if args.task not in TASKS:
+        raise UserError(f"unknown task {args.task!r} (known: {', '.join(TASKS)})")
+    out = Path(args.out or f"localpers-eval/{args.task}")
+    config = {"seed": args.seed, "limit": args.limit}
+    if args.task == "world" and not args.data:
+        if args.users < 1 or args.communities < 1 or args.steps < 2:
+            raise UserError("the world needs --users >= 1, --communities >= 1 and --steps >= 2")
+        world_dir = write_world(generate_world(args.users, args.communities, args.steps, args.seed), out / "world")
+        config.update(users=args.users, communities=args.communities, steps=args.steps)
+        if args.generate_only:
+            print(f"wrote the world to {world_dir}")
+            return
+    elif args.task == "world":
+        world_dir = _data_path(args)
+        config["data"] = str(world_dir)
+    if args.generate_only and args.task != "world":
+        raise UserError("--generate-only is for the world task")
+
+    names = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not names:
+        raise UserError("--method needs at least one method")
+    methods = {name: get_method(name) for name in names}
+    max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS.get(args.task, 48)
+    # Read and check all data before loading the model, so a bad file fails at once.
+    if args.task == "upqa":
+        path = _data_path(args)
+        items = _limit(read_upqa(path), args)
+        config.update(data=str(path), max_tokens=max_tokens)
+    elif args.task == "prefeval":
+        turns = _turns(args.turns)
+        path = _data_path(args)
+        distractors = Path(args.distractors) if args.distractors else (path if path.is_dir() else path.parent).parent / "inter_turns.json"
+        items = _limit(read_prefeval_mcq(path), args)
+        conversations = read_inter_turns(distractors)
+        config.update(data=str(path), distractors=str(distractors), turns=turns)
+    elif args.task in ("lamp", "longlamp"):
+        path = _data_path(args)
+        task_name, items = read_lamp(path)
+        items = _limit(items, args)
+        config.update(data=str(path), dataset=task_name, max_tokens=max_tokens)
+    else:
+        upqa_items = _limit(read_upqa(world_dir / WORLD_FILES["upqa"]), args)
+        _, writing = read_lamp(world_dir / WORLD_FILES["longlamp_questions"], world_dir / WORLD_FILES["longlamp_outputs"])
+        keep = {item.user.id for item in upqa_items}
+        writing = [item for item in writing if item.user.id in keep]
+        config.update(max_tokens=max_tokens)
+
+    from localpers.engine import Engine
+
+    engine = Engine(args.model, seed=args.seed)
+    report = {"task": args.task, "model": engine.model_name, "config": config}
+    if args.task == "upqa":
+        results, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens)
+        rules = [ev.RULES["match"].format(max_tokens=max_tokens), ev.RULES["mc"],
+                 ev.RULES["locality"].format(n=len(ev.NEUTRAL), users=min(20, len(items)))]
+    elif args.task == "prefeval":
+        results, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed)
+        rules = [ev.RULES["prefeval"].format(ack=ev.PREFEVAL_ACK, max_chars=300)]
+    elif args.task in ("lamp", "longlamp"):
+        results, rows = ev.run_lamp(engine, task_name, items, methods, max_tokens=max_tokens)
+        rules = [ev.RULES["lamp"].format(max_tokens=max_tokens)]
+    else:
+        results, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens)
+        writing_results, writing_rows = ev.run_lamp(engine, "LongLaMP_world", writing, methods, max_tokens=2 * max_tokens)
+        for name in results:
+            results[name].update(writing_results[name])
+        rows += writing_rows
+        report["breakdown"] = ev.breakdown(rows, {"explicit_ok": "explicit_acc", "implicit_ok": "implicit_acc",
+                                                  "mc_ok": "mc_acc", "rougeL": "rougeL"})
+        rules = [ev.RULES["match"].format(max_tokens=max_tokens), ev.RULES["mc"],
+                 ev.RULES["locality"].format(n=len(ev.NEUTRAL), users=min(20, len(upqa_items))),
+                 ev.RULES["lamp"].format(max_tokens=2 * max_tokens)]
+    report["results"] = results
+    report["items"] = rows
+    for path in ev.write_report(out, report, rules):
+        print(path)

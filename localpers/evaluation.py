@@ -1,0 +1,370 @@
+"""Evaluation tasks, metrics, reports and plots.
+
+Every answer and every score comes from the engine with the method's artifacts and context, exactly as
+`localpers serve` would answer the user. Decoding is greedy and every shuffle is seeded, so a run is
+deterministic for a given seed. Tasks return (results, rows): results[method][metric] = number, and one
+row per scored item for report.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from localpers.datasets import LampItem, PrefEvalItem, UpqaItem
+from localpers.methods import Personalized, apply
+from localpers.world import history_bucket
+
+# ---------------------------------------------------------------- scoring rules (also written into report.md)
+
+MATCH_RECALL = 0.5
+RULES = {
+    "match": (f"An answer is correct when, for some accepted target (the cluster9 variant accepts all 9 synonyms), "
+              f"at least {MATCH_RECALL:.0%} of the target's content tokens occur in the answer. Tokens are "
+              "rouge-score's: lower-cased alphanumeric words, Porter-stemmed; content tokens drop English "
+              "stopwords (bm25s' list). Answers are greedy, at most {max_tokens} tokens."),
+    "mc": ("mc_acc: the true target is ranked against the targets of every other user with the same attribute "
+           "type (world: every other value of the attribute) by the mean log-probability per token of the "
+           "target as the assistant's reply (length-normalised); correct when the true target ranks first."),
+    "locality": ("locality_kl: mean over answer tokens of KL(base || method) between next-token distributions, "
+                 "on {n} fixed neutral question/answer pairs, for the first {users} users; in nats/token."),
+    "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
+                 "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
+                 "with the options listed in a seeded random order; the model follows the preference when the "
+                 "preference-following option has the highest mean log-probability per token as the reply."),
+    "lamp": ("Generation tasks: ROUGE-1 and ROUGE-L F1 (rouge-score, Porter stemming) of the greedy answer "
+             "(at most {max_tokens} tokens) against the gold. Classification (LaMP_1, LaMP_2) and rating "
+             "(LaMP_3) tasks: the label with the highest mean log-probability per token is the prediction; "
+             "accuracy, and MAE/RMSE for ratings."),
+}
+
+
+def _tokenizer():
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    return DefaultTokenizer(use_stemmer=True)
+
+
+def content_tokens(text: str) -> set[str]:
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return {t for t in _tokenizer().tokenize(text) if t not in STOPWORDS_EN}
+
+
+def target_match(answer: str, targets: tuple[str, ...]) -> bool:
+    words = set(_tokenizer().tokenize(answer))
+    for target in targets:
+        wanted = content_tokens(target)
+        if wanted and len(wanted & words) >= MATCH_RECALL * len(wanted):
+            return True
+    return False
+
+
+def rouge(prediction: str, gold: str) -> dict[str, float]:
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scores = RougeScorer(["rouge1", "rougeL"], use_stemmer=True).score(gold, prediction)
+    return {"rouge1": scores["rouge1"].fmeasure, "rougeL": scores["rougeL"].fmeasure}
+
+
+# ---------------------------------------------------------------- the served path
+
+def generate(engine, p: Personalized, messages: list[dict], max_tokens: int) -> str:
+    out = engine.chat(apply(p, messages), artifacts=p.artifacts, max_tokens=max_tokens, temperature=0.0)
+    return out["choices"][0]["message"]["content"].strip()
+
+
+def mean_logprob(engine, p: Personalized, messages: list[dict], reply: str) -> float:
+    """Mean log-probability per token of `reply` as the assistant's answer to `messages`."""
+    total = engine.continuation_logprob(engine.format_chat(apply(p, messages)), reply, artifacts=p.artifacts)
+    return total / len(engine.tokenize(reply, add_bos=False))
+
+
+def best_option(engine, p: Personalized, messages: list[dict], options: list[str]) -> tuple[int, list[float]]:
+    scores = [mean_logprob(engine, p, messages, o) for o in options]
+    return int(np.argmax(scores)), scores
+
+
+NEUTRAL = (
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many days are in a week?", "There are seven days in a week."),
+    ("What is 12 plus 30?", "12 plus 30 equals 42."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
+    ("What does a thermometer measure?", "A thermometer measures temperature."),
+    ("Translate 'thank you' into Spanish.", "In Spanish, 'thank you' is 'gracias'."),
+    ("What color is the sky on a clear day?", "On a clear day the sky is blue."),
+    ("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level."),
+)
+
+
+def answer_logprobs(engine, p: Personalized, question: str, answer: str) -> np.ndarray:
+    """Log-softmax of the next-token distributions at the answer's positions: [answer tokens, V]."""
+    prompt = engine.tokenize(engine.format_chat(apply(p, [{"role": "user", "content": question}])))
+    answer_ids = engine.tokenize(answer, add_bos=False)
+    logits = engine.logits(prompt + answer_ids[:-1], artifacts=p.artifacts)[len(prompt) - 1:].astype(np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+def locality_kl(engine, method, users, base_logprobs: list[np.ndarray]) -> float:
+    """Mean KL(base || method) per answer token over the neutral prompts, averaged over `users`."""
+    kls = []
+    for user in users:
+        for (question, answer), base in zip(NEUTRAL, base_logprobs):
+            mine = answer_logprobs(engine, method(user, question, engine), question, answer)
+            kls.append(float((np.exp(base) * (base - mine)).sum(axis=1).mean()))
+    return float(np.mean(kls))
+
+
+# ---------------------------------------------------------------- tasks
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48,
+             locality_users: int = 20) -> tuple[dict, list[dict]]:
+    """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl."""
+    by_type = defaultdict(list)
+    for item in items:
+        if item.target not in by_type[item.attribute_type]:
+            by_type[item.attribute_type].append(item.target)
+    base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL]
+    results, rows = {}, []
+    for name, method in methods.items():
+        ok = defaultdict(list)
+        for item in tqdm(items, desc=f"upqa {name}", unit="item"):
+            row = {"id": item.user.id, "method": name, **dict(item.meta)}
+            for kind, question in (("explicit", item.question), ("paraphrased", item.question_paraphrased),
+                                   ("implicit", item.implicit_question)):
+                answer = generate(engine, method(item.user, question, engine),
+                                  [{"role": "user", "content": question}], max_tokens)
+                row[kind] = answer
+                row[f"{kind}_ok"] = target_match(answer, item.targets)
+                ok[f"{kind}_acc"].append(row[f"{kind}_ok"])
+            candidates = [item.target] + [t for t in (item.candidates or by_type[item.attribute_type]) if t != item.target]
+            if len(candidates) > 1:
+                chosen, _ = best_option(engine, method(item.user, item.question, engine),
+                                        [{"role": "user", "content": item.question}], candidates)
+                row["mc_choice"] = candidates[chosen]
+                row["mc_ok"] = chosen == 0
+                ok["mc_acc"].append(row["mc_ok"])
+            rows.append(row)
+        results[name] = {metric: _mean(v) for metric, v in ok.items()}
+        results[name]["locality_kl"] = 0.0 if name == "base" else locality_kl(
+            engine, method, [item.user for item in items[:locality_users]], base_logprobs)
+    return results, rows
+
+
+PREFEVAL_ACK = "Got it, I'll keep that in mind."
+
+
+def _cut(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars].rsplit(" ", 1)[0] + " ..."
+
+
+def distractor_turns(conversations: list[list[dict]], n: int, rng: random.Random, max_chars: int) -> list[dict]:
+    """n consecutive user/assistant turns from the distractor conversations (read as one long chat that
+    wraps around), starting at a seeded position; each message cut to max_chars characters."""
+    messages = [m for conversation in conversations for m in conversation]
+    turns = len(messages) // 2
+    start = rng.randrange(turns)
+    out = []
+    for t in range(n):
+        j = 2 * ((start + t) % turns)
+        out += [{"role": m["role"], "content": _cut(m["content"], max_chars)} for m in messages[j:j + 2]]
+    return out
+
+
+def run_prefeval(engine, items: list[PrefEvalItem], conversations: list[list[dict]], methods: dict, *,
+                 turns: list[int], seed: int = 0, max_chars: int = 300) -> tuple[dict, list[dict]]:
+    """followed@T for each T in `turns`: is the preference-following option the model's choice?"""
+    rng = random.Random(seed)
+    # One seeded layout per item, shared by every method and turn count: option order, distractor turns
+    # (the T-turn conversation is a prefix of the longest one).
+    layouts = []
+    for item in items:
+        order = list(range(len(item.options)))
+        rng.shuffle(order)
+        layouts.append((order, distractor_turns(conversations, max(turns), rng, max_chars)))
+    results, rows = {}, []
+    for name, method in methods.items():
+        followed = defaultdict(list)
+        for item, (order, distractors) in tqdm(list(zip(items, layouts)), desc=f"prefeval {name}", unit="item"):
+            shown = [item.options[i] for i in order]
+            question = item.question + "\n\nOptions:\n" + "\n".join(f"- {o}" for o in shown) + \
+                "\nAnswer with the best option."
+            p = method(item.user, item.question, engine)
+            for t in turns:
+                messages = ([{"role": "user", "content": item.preference},
+                             {"role": "assistant", "content": PREFEVAL_ACK}]
+                            + distractors[:2 * t] + [{"role": "user", "content": question}])
+                chosen, scores = best_option(engine, p, messages, shown)
+                ok = order[chosen] == 0
+                followed[f"followed@{t}"].append(ok)
+                rows.append({"id": item.id, "method": name, "turns": t, "order": order,
+                             "scores": [round(s, 4) for s in scores], "followed": ok})
+        results[name] = {metric: _mean(v) for metric, v in followed.items()}
+    return results, rows
+
+
+# LaMP's classification and rating tasks: task-name prefix -> label set (None: the gold labels of the file).
+LAMP_LABELS = {"LaMP_1": ["[1]", "[2]"], "LaMP_2": None, "LaMP_3": ["1", "2", "3", "4", "5"]}
+
+
+def lamp_labels(task: str, items: list[LampItem]) -> list[str] | None:
+    """The label set of a classification task, or None for a generation task."""
+    for prefix, labels in LAMP_LABELS.items():
+        if task == prefix or task.startswith(prefix + "_") or task.startswith(prefix + "-"):
+            return labels or sorted({item.gold for item in items})
+    return None
+
+
+def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *, max_tokens: int = 64) -> tuple[dict, list[dict]]:
+    labels = lamp_labels(task, items)
+    results, rows = {}, []
+    for name, method in methods.items():
+        metrics = defaultdict(list)
+        for item in tqdm(items, desc=f"{task} {name}", unit="item"):
+            p = method(item.user, item.input, engine)
+            messages = [{"role": "user", "content": item.input}]
+            row = {"id": item.id, "method": name, **dict(item.meta)}
+            if labels is None:
+                row["output"] = generate(engine, p, messages, max_tokens)
+                for metric, value in rouge(row["output"], item.gold).items():
+                    metrics[metric].append(value)
+                    row[metric] = round(value, 4)
+            else:
+                chosen, _ = best_option(engine, p, messages, labels)
+                row["output"] = labels[chosen]
+                metrics["accuracy"].append(row["output"] == item.gold)
+                if task.startswith("LaMP_3"):
+                    error = abs(float(row["output"]) - float(item.gold))
+                    metrics["mae"].append(error)
+                    metrics["rmse"].append(error ** 2)
+            rows.append(row)
+        results[name] = {metric: _mean(v) for metric, v in metrics.items()}
+        if "rmse" in results[name]:
+            results[name]["rmse"] = math.sqrt(results[name]["rmse"])
+    return results, rows
+
+
+def breakdown(rows: list[dict], metrics: dict[str, str]) -> dict:
+    """Per method, the mean of each row field in `metrics` (field -> metric name) by history-size bucket
+    and by time step: {method: {"history": {bucket: {metric: x}}, "step": {step: {metric: x}}}}."""
+    groups = defaultdict(list)
+    for row in rows:
+        if "history_size" in row:
+            groups[row["method"], "history", history_bucket(row["history_size"])].append(row)
+            groups[row["method"], "step", str(row["step"])].append(row)
+    out = defaultdict(lambda: {"history": {}, "step": {}})
+    for (method, axis, key), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _bucket_order(kv[0][2]))):
+        out[method][axis][key] = {name: _mean(float(r[field]) for r in members if field in r)
+                                  for field, name in metrics.items()}
+        out[method][axis][key]["n"] = len({r["id"] for r in members})
+    return dict(out)
+
+
+def _bucket_order(key: str) -> int:
+    return int(key.split("-")[0].rstrip("+"))
+
+
+# ---------------------------------------------------------------- reports and plots
+
+def write_report(out_dir: str | Path, report: dict, rules: list[str]) -> list[Path]:
+    """report.json, report.md and the plots; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot_report(report, out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable))
+    lines = [f"# localpers eval {report['task']}", "", f"Model: `{report['model']}`", "",
+             "Config: " + ", ".join(f"`{k}={v}`" for k, v in report["config"].items()), "",
+             _table(report["results"]), ""]
+    for method, axes in report.get("breakdown", {}).items():
+        for axis, groups in axes.items():
+            lines += [f"### {method} by {'history size' if axis == 'history' else 'time step'}", "",
+                      _table(groups, first=axis), ""]
+    lines += ["## Scoring", ""] + [f"- {rule}" for rule in rules] + [""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return [out_dir / "report.json", out_dir / "report.md", *plots]
+
+
+def _jsonable(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+def _table(rows: dict[str, dict[str, float]], first: str = "method") -> str:
+    metrics = list(dict.fromkeys(m for values in rows.values() for m in values))
+    lines = [f"| {first} | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for name, values in rows.items():
+        cells = [_fmt(values.get(m)) for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return str(x) if isinstance(x, int) else f"{x:.3f}"
+
+
+def plot_report(report: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results, paths = report["results"], []
+    methods = list(results)
+    # Bar chart of the metrics that live in [0, 1] (accuracies, ROUGE); KL and MAE have other scales.
+    bounded = [m for m in dict.fromkeys(k for r in results.values() for k in r)
+               if m.endswith(("_acc", "accuracy")) or m.startswith(("rouge", "followed@"))]
+    if bounded:
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(bounded) * max(1, len(methods)) / 2, 3.2))
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            ax.bar([x + i * width for x in range(len(bounded))], [results[method].get(m, np.nan) for m in bounded],
+                   width, label=method)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(bounded))], bounded, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{report['task']} — {report['model']}", fontsize=9)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out_dir / "results.png"))
+    turns = [m for m in bounded if m.startswith("followed@")]
+    if len(turns) > 1:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        xs = [int(m.split("@")[1]) for m in turns]
+        for method in methods:
+            ax.plot(xs, [results[method][m] for m in turns], marker="o", label=method)
+        ax.set(xlabel="distractor turns", ylabel="followed", ylim=(0, 1), xticks=xs)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out_dir / "followed_by_turns.png"))
+    for axis, label in (("history", "history size"), ("step", "time step")):
+        per_method = {m: b[axis] for m, b in report.get("breakdown", {}).items() if b[axis]}
+        if not per_method:
+            continue
+        metrics = [m for m in next(iter(next(iter(per_method.values())).values())) if m != "n"]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for method, groups in per_method.items():
+                ax.plot(list(groups), [g[metric] for g in groups.values()], marker="o", label=method)
+            ax.set(title=metric, xlabel=label, ylim=(0, 1))
+        axes[0][0].legend(fontsize=8)
+        paths.append(_save(fig, out_dir / f"by_{axis}.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
