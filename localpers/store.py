@@ -57,8 +57,8 @@ CREATE TABLE IF NOT EXISTS artifacts (
 """
 
 
-class UnknownUserError(UserError):
-    """A read about a user the store does not hold (the server answers 404)."""
+class NotFoundError(UserError):
+    """A read of a user or an item the store does not hold (the server answers 404)."""
 
 
 def data_dir(arg: str | None = None) -> Path:
@@ -391,7 +391,7 @@ class Store:
     def _user_id(self, conn, user: str) -> int:
         row = conn.execute("SELECT id FROM users WHERE name = ?", (check_name("user id", user),)).fetchone()
         if row is None:
-            raise UnknownUserError(f"unknown user {user!r}")
+            raise NotFoundError(f"unknown user {user!r}")
         return row[0]
 
     def _create_user(self, conn, user: str) -> int:
@@ -446,7 +446,7 @@ class Store:
             user_id = self._user_id(conn, user)
             deleted = conn.execute("DELETE FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).rowcount
         if not deleted:
-            raise UserError(f"user {user!r} has no item {item_id}")
+            raise NotFoundError(f"user {user!r} has no item {item_id}")
 
     # ----- search
 
