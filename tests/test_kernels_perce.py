@@ -1,0 +1,143 @@
+"""Fused PerCE loss against the materialized-logits reference: loss, token weights, PIR and gradients.
+
+Triton reads TRITON_INTERPRET when @triton.jit runs, that is when a kernel module (and triton.language itself) is
+imported, so a pytest process that may already hold compiled-mode Triton cannot switch to the interpreter. The
+"triton" cases therefore run here on a CUDA machine, and otherwise in a child pytest started with TRITON_INTERPRET=1
+on CPU tensors (test_interpreted_kernels).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from localpers.kernels import perce_linear_cross_entropy
+from localpers.kernels import perce_loss
+from localpers.kernels.reference import perce_linear_cross_entropy_reference
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ON_CUDA = torch.cuda.is_available() and not INTERPRETED
+DEVICE = "cuda" if ON_CUDA else "cpu"
+BACKENDS = ["torch", "triton"] if INTERPRETED or ON_CUDA else ["torch"]
+TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=1e-3)}
+
+
+def make_case(n, d, v, dtype, seed, ignored_fraction=0.2, profile_effect=1.0):
+    """Hidden states and output weights with logits of std ~2 (no softmax underflow), targets with ignored rows."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(v, d, generator=g) * (2 / d ** 0.5)
+    h_neg = torch.randn(n, d, generator=g)
+    h_pos = h_neg + profile_effect * torch.randn(n, d, generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.rand(n, generator=g) < ignored_fraction] = -100
+    token_weights = torch.rand(n, generator=g) * 3
+    return [x.to(DEVICE) for x in (h_pos.to(dtype), h_neg.to(dtype), weight.to(dtype), targets, token_weights)]
+
+
+def run(fn, h_pos, h_neg, weight, targets, token_weights, weight_grad, grad_scale=1.0, **kwargs):
+    """Loss, weights, PIR and the gradients of grad_scale * loss, for the kernel or the reference."""
+    h_pos = h_pos.detach().requires_grad_()
+    weight = weight.detach().requires_grad_(weight_grad)
+    loss, weights, pir = fn(h_pos, h_neg, weight, targets, token_weights=token_weights, **kwargs)
+    (grad_scale * loss).backward()
+    return loss.detach(), weights, pir, h_pos.grad, weight.grad
+
+
+def kernel(backend):
+    return lambda *args, **kwargs: perce_linear_cross_entropy(*args, **kwargs, return_pir=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(1, 80), d=st.integers(1, 70), v=st.integers(1, 700),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), percontrast=st.booleans(),
+       weight_grad=st.booleans(), profile_effect=st.sampled_from([0.05, 1.0]), chunk_rows=st.integers(1, 40),
+       grad_scale=st.sampled_from([1.0, -2.5]), seed=st.integers(0, 2**16))
+def test_matches_reference(backend, n, d, v, dtype, percontrast, weight_grad, profile_effect, chunk_rows,
+                           grad_scale, seed):
+    h_pos, h_neg, weight, targets, token_weights = make_case(n, d, v, dtype, seed, profile_effect=profile_effect)
+    if percontrast:
+        token_weights = None
+    else:
+        h_neg = None
+    with mock.patch.object(perce_loss, "CHUNK_ROWS", chunk_rows):  # several chunks, the last one partial
+        got = run(kernel(backend), h_pos, h_neg, weight, targets, token_weights, weight_grad, grad_scale)
+    want = run(perce_linear_cross_entropy_reference, h_pos, h_neg, weight, targets, token_weights, weight_grad,
+               grad_scale)
+    names = ["loss", "token_weights", "pir", "grad h_pos", "grad weight"]
+    for name, x, y in zip(names, got, want):
+        if y is None:
+            assert x is None, name
+        else:
+            torch.testing.assert_close(x, y, **TOLERANCE[dtype], msg=lambda m: f"{name}: {m}")
+    assert got[1].requires_grad is False
+    if percontrast:  # the weights are the clipped PIR at valid positions and 0 elsewhere
+        valid = targets != -100
+        assert torch.equal(got[1][valid], got[2][valid].clamp(0.8, 5.0)) and not got[1][~valid].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ones_is_torch_cross_entropy(backend):
+    h_pos, _, weight, targets, _ = make_case(50, 24, 300, torch.float32, seed=1)
+    h = h_pos.clone().requires_grad_()
+    loss, weights = perce_linear_cross_entropy(h, None, weight, targets, token_weights=torch.ones(50, device=DEVICE),
+                                               backend=backend)
+    loss.backward()
+    h_ref = h_pos.clone().requires_grad_()
+    expected = F.cross_entropy(h_ref @ weight.T, targets, ignore_index=-100)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(h.grad, h_ref.grad)
+    assert torch.equal(weights, (targets != -100).float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("percontrast", [True, False])
+def test_all_ignored_batch_is_zero_loss_with_zero_gradients(backend, percontrast):
+    h_pos, h_neg, weight, targets, token_weights = make_case(70, 33, 200, torch.float32, seed=2)
+    targets[:] = -100
+    h = h_pos.requires_grad_()
+    w = weight.requires_grad_()
+    loss, weights, pir = perce_linear_cross_entropy(h, h_neg if percontrast else None, w, targets,
+                                                    token_weights=None if percontrast else token_weights,
+                                                    return_pir=True, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert not h.grad.any() and not w.grad.any() and not weights.any()
+    assert pir is None or not pir.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_reaches_h_neg(backend):
+    h_pos, h_neg, weight, targets, _ = make_case(20, 16, 64, torch.float32, seed=3)
+    h_pos.requires_grad_()
+    h_neg.requires_grad_()
+    perce_linear_cross_entropy(h_pos, h_neg, weight, targets, backend=backend)[0].backward()
+    assert h_neg.grad is None and h_pos.grad.abs().sum() > 0
+
+
+def test_needs_exactly_one_weighting():
+    h_pos, h_neg, weight, targets, token_weights = make_case(4, 8, 16, torch.float32, seed=4)
+    with pytest.raises(ValueError, match="exactly one"):
+        perce_linear_cross_entropy(h_pos, h_neg, weight, targets, token_weights=token_weights)
+    with pytest.raises(ValueError, match="exactly one"):
+        perce_linear_cross_entropy(h_pos, None, weight, targets)
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        perce_linear_cross_entropy(h_pos, h_neg, weight[:, :5], targets)
+
+
+@pytest.mark.skipif(INTERPRETED or ON_CUDA, reason="the triton cases run in this process")
+def test_interpreted_kernels():
+    """The "triton" cases above, in a child pytest with TRITON_INTERPRET=1 (Triton kernels on CPU tensors)."""
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton",
+                            __file__], cwd=repo, env={**os.environ, "TRITON_INTERPRET": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    assert "skipped" not in child.stdout, child.stdout[-2000:]
