@@ -81,6 +81,26 @@ def edit_to_q8_0_numpy(data, qtype, shape, U, V, scale=1.0) -> np.ndarray:
     return gguf_quants.quantize(W + np.float32(scale) * delta, Q.Q8_0)
 
 
+# Byte offsets of the fp16 scale fields inside one block of each block type.
+FP16_SCALE_OFFSETS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+
+
+def random_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, shape, scale: float | None = 0.002):
+    """Valid random raw data of a `qtype` tensor, for tests and benchmarks: random bytes whose fp16 scale
+    fields are scale * |N(0, 1)|, or (scale=None) any finite fp16 bit pattern, subnormals included."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n_blocks = prod(shape) // block_size
+    raw = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    for offset in FP16_SCALE_OFFSETS.get(qtype, []):
+        if scale is None:
+            h = rng.integers(0, 2**16, size=n_blocks, dtype=np.uint16)
+            h[(h & 0x7C00) == 0x7C00] &= 0xBFFF  # exponent all ones (inf, NaN) -> finite
+        else:
+            h = (scale * np.abs(rng.standard_normal(n_blocks))).astype(np.float16).view(np.uint16)
+        raw[:, offset:offset + 2] = h.view(np.uint8).reshape(n_blocks, 2)
+    return raw.reshape(-1)
+
+
 def edit_to_q8_0(data, qtype, shape, U, V, scale=1.0) -> np.ndarray:
     """Q8_0 bytes [n_out, n_in / 32 * 34] of dequant(W) + scale * U @ V.T, W [n_out, n_in] given as raw
     GGUF data of type `qtype`, U [n_out, r], V [n_in, r]. Byte-identical to `edit_to_q8_0_numpy`."""
