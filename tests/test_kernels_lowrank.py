@@ -1,0 +1,127 @@
+"""Rank-r edit kernels: apply_lowrank_ against W + scale * U @ V.T, and the Triton Q8_0 edit byte for byte against
+localpers.quant.edit_to_q8_0_numpy (gguf's dequantizers and Q8_0 quantizer).
+
+As in test_kernels_perce.py: Triton picks interpreter or compiler when its modules are imported, so without CUDA
+the Triton cases run in a child pytest with TRITON_INTERPRET=1 (test_interpreted_kernels).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from localpers.errors import UserError
+from localpers.kernels import apply_lowrank_, edit_to_q8_0_triton
+from localpers.kernels.reference import apply_lowrank_reference
+from localpers.quant import edit_to_q8_0_numpy
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ON_CUDA = torch.cuda.is_available() and not INTERPRETED
+DEVICE = "cuda" if ON_CUDA else "cpu"
+TRITON_HERE = INTERPRETED or ON_CUDA
+BACKENDS = ["torch", "triton"] if TRITON_HERE else ["torch"]
+triton_only = pytest.mark.skipif(not TRITON_HERE, reason="runs in the TRITON_INTERPRET=1 child: test_interpreted_kernels")
+FP16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}  # byte offsets of d, m
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=12, deadline=None)
+@given(n_out=st.integers(1, 150), n_in=st.integers(1, 150), rank=st.integers(1, 20),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), transposed=st.booleans(),
+       scale=st.floats(-3, 3), seed=st.integers(0, 2**16))
+def test_apply_lowrank_matches_reference(backend, n_out, n_in, rank, dtype, transposed, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n_out, n_in, generator=g).to(dtype)
+    if transposed:  # a strided view, as a transposed weight would be
+        W = W.T.contiguous().T
+    U, V = torch.randn(n_out, rank, generator=g), torch.randn(n_in, rank, generator=g) / rank
+    W, U, V = W.to(DEVICE), U.to(DEVICE), V.to(DEVICE)
+    expected = apply_lowrank_reference(W, U, V, scale)
+    out = apply_lowrank_(W, U, V, scale, backend=backend)
+    assert out is W
+    # low precision: one rounding of the fp32 result, plus torch's own rounding of U @ V.T on CPU
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(W, expected, **tolerance)
+
+
+def random_blocks(qtype, n_out, n_in, rng):
+    """Random GGUF data of qtype: every bit pattern is a valid block once the fp16 scales are finite."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (n_out * n_in // block_size, type_size), dtype=np.uint8)
+    for offset in FP16_FIELDS[qtype]:
+        scales = (rng.standard_normal(len(blocks)) * 0.02).astype(np.float16)
+        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(n_out, -1)
+
+
+def assert_same_q8_0_bytes(data, qtype, shape, U, V, scale):
+    expected = edit_to_q8_0_numpy(data, qtype, shape, U, V, scale)
+    got = edit_to_q8_0_triton(torch.from_numpy(data).to(DEVICE), qtype, shape, torch.from_numpy(U).to(DEVICE),
+                              torch.from_numpy(V).to(DEVICE), scale)
+    assert got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.cpu().numpy(), expected.reshape(got.shape))
+
+
+@triton_only
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter evaluates 1 / d where d == 0
+@settings(max_examples=15, deadline=None)
+@given(qtype=st.sampled_from(list(FP16_FIELDS)), n_out=st.integers(1, 5), n_blocks=st.integers(1, 12),
+       rank=st.integers(1, 6), scale=st.sampled_from([1.0, 0.37, -2.0, 0.0]), seed=st.integers(0, 2**16))
+def test_triton_edit_to_q8_0_is_byte_identical(qtype, n_out, n_blocks, rank, scale, seed):
+    rng = np.random.default_rng(seed)
+    n_in = n_blocks * GGML_QUANT_SIZES[qtype][0]  # 32 or 256 per block: partial 256-column programs for 32
+    data = random_blocks(qtype, n_out, n_in, rng)
+    U = rng.standard_normal((n_out, rank)).astype(np.float32)
+    V = (rng.standard_normal((n_in, rank)) * 0.01).astype(np.float32)
+    if seed % 4 == 0:  # an all-zero block row: d = 0 takes the 1/d = 0 branch
+        data[0] = 0
+        U[0] = 0
+    assert_same_q8_0_bytes(data, qtype, (n_out, n_in), U, V, scale)
+
+
+@pytest.fixture(scope="module")
+def model_tensors(default_model_path):
+    return {t.name: t for t in gguf.GGUFReader(default_model_path).tensors}
+
+
+@triton_only
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter evaluates 1 / d where d == 0
+@pytest.mark.parametrize("name", ["token_embd.weight", "blk.0.ffn_down.weight"])  # Q8_0 and Q4_1 in SmolLM2
+def test_triton_edit_to_q8_0_on_model_rows(name, model_tensors):
+    tensor = model_tensors[name]
+    rows = np.array(tensor.data[:3])
+    n_in = int(tensor.shape[0])
+    rng = np.random.default_rng(0)
+    U = rng.standard_normal((3, 4)).astype(np.float32)
+    V = (rng.standard_normal((n_in, 4)) * 0.01).astype(np.float32)
+    assert_same_q8_0_bytes(rows, tensor.tensor_type, (3, n_in), U, V, 0.5)
+
+
+def test_edit_to_q8_0_triton_rejects_bad_input():
+    data = torch.zeros(2, 40, dtype=torch.uint8)  # two Q4_1 rows of 64
+    U, V = torch.zeros(2, 1), torch.zeros(64, 1)
+    with pytest.raises(UserError, match="Q5_0"):
+        edit_to_q8_0_triton(data, Q.Q5_0, (2, 64), U, V)
+    with pytest.raises(UserError, match="needs 80 uint8 bytes"):
+        edit_to_q8_0_triton(data[:1], Q.Q4_1, (2, 64), U, V)
+    with pytest.raises(ValueError, match="do not fit"):
+        edit_to_q8_0_triton(data, Q.Q4_1, (2, 64), U, V[:32])
+
+
+@pytest.mark.skipif(TRITON_HERE, reason="the triton cases run in this process")
+def test_interpreted_kernels():
+    """The Triton cases above, in a child pytest with TRITON_INTERPRET=1 (Triton kernels on CPU tensors)."""
+    repo = Path(__file__).resolve().parents[1]
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton",
+                            __file__], cwd=repo, env={**os.environ, "TRITON_INTERPRET": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
+    assert "skipped" not in child.stdout, child.stdout[-2000:]
