@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from localpers.errors import UserError
 from localpers.kernels import apply_lowrank_, edit_to_q8_0_triton
 from localpers.kernels.reference import apply_lowrank_reference
-from localpers.quant import edit_to_q8_0_numpy
+from localpers.kernels.lowrank import EDIT_SOURCE_TYPES
+from localpers.quant import edit_to_q8_0_numpy, random_blocks
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ON_CUDA = torch.cuda.is_available() and not INTERPRETED
@@ -29,7 +30,6 @@ DEVICE = "cuda" if ON_CUDA else "cpu"
 TRITON_HERE = INTERPRETED or ON_CUDA
 BACKENDS = ["torch", "triton"] if TRITON_HERE else ["torch"]
 triton_only = pytest.mark.skipif(not TRITON_HERE, reason="runs in the TRITON_INTERPRET=1 child: test_interpreted_kernels")
-FP16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q6_K: (208,)}  # byte offsets of d, m
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -52,16 +52,6 @@ def test_apply_lowrank_matches_reference(backend, n_out, n_in, rank, dtype, tran
     torch.testing.assert_close(W, expected, **tolerance)
 
 
-def random_blocks(qtype, n_out, n_in, rng):
-    """Random GGUF data of qtype: every bit pattern is a valid block once the fp16 scales are finite."""
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    blocks = rng.integers(0, 256, (n_out * n_in // block_size, type_size), dtype=np.uint8)
-    for offset in FP16_FIELDS[qtype]:
-        scales = (rng.standard_normal(len(blocks)) * 0.02).astype(np.float16)
-        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
-    return blocks.reshape(n_out, -1)
-
-
 def assert_same_q8_0_bytes(data, qtype, shape, U, V, scale):
     expected = edit_to_q8_0_numpy(data, qtype, shape, U, V, scale)
     got = edit_to_q8_0_triton(torch.from_numpy(data).to(DEVICE), qtype, shape, torch.from_numpy(U).to(DEVICE),
@@ -73,12 +63,14 @@ def assert_same_q8_0_bytes(data, qtype, shape, U, V, scale):
 @triton_only
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter evaluates 1 / d where d == 0
 @settings(max_examples=15, deadline=None)
-@given(qtype=st.sampled_from(list(FP16_FIELDS)), n_out=st.integers(1, 5), n_blocks=st.integers(1, 12),
-       rank=st.integers(1, 6), scale=st.sampled_from([1.0, 0.37, -2.0, 0.0]), seed=st.integers(0, 2**16))
-def test_triton_edit_to_q8_0_is_byte_identical(qtype, n_out, n_blocks, rank, scale, seed):
+@given(qtype=st.sampled_from(EDIT_SOURCE_TYPES), n_out=st.integers(1, 5), n_blocks=st.integers(1, 12),
+       rank=st.integers(1, 6), scale=st.sampled_from([1.0, 0.37, -2.0, 0.0]),
+       block_scales=st.sampled_from([0.02, None]), seed=st.integers(0, 2**16))
+def test_triton_edit_to_q8_0_is_byte_identical(qtype, n_out, n_blocks, rank, scale, block_scales, seed):
     rng = np.random.default_rng(seed)
     n_in = n_blocks * GGML_QUANT_SIZES[qtype][0]  # 32 or 256 per block: partial 256-column programs for 32
-    data = random_blocks(qtype, n_out, n_in, rng)
+    # random bytes; fp16 scales 0.02 * |N(0, 1)| or (None) any finite fp16, subnormals included
+    data = random_blocks(rng, qtype, (n_out, n_in), scale=block_scales).reshape(n_out, -1)
     U = rng.standard_normal((n_out, rank)).astype(np.float32)
     V = (rng.standard_normal((n_in, rank)) * 0.01).astype(np.float32)
     if seed % 4 == 0:  # an all-zero block row: d = 0 takes the 1/d = 0 branch
