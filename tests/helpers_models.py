@@ -1,0 +1,66 @@
+"""Shared by the model tests: small random GGUFs with real vocabularies, and llama.cpp's logits for them."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localpers.gguf_write import random_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+VOCAB = SHARED / "fixtures" / "vocab"
+
+# One random model per architecture, each with a different real tokenizer and shape quirk: llama with a
+# separate output matrix, qwen2 with tied embeddings, qwen3 with head_dim != d_model / n_head (as Qwen3 has).
+RANDOM_MODELS = {
+    "llama": ("ggml-vocab-llama-spm.gguf", {}),
+    "qwen2": ("ggml-vocab-gpt-2.gguf", {"tied_output": True}),
+    "qwen3": ("ggml-vocab-deepseek-llm.gguf", {"head_dim": 32}),
+}
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Personalization should stay on the device: my history, "
+    "my preferences and my notes never leave this laptop. I like hiking in the Alps, cooking Thai curries "
+    "and reading about the history of mathematics. 1234567 + 89 = 1234656; ünïcödé and emoji 🦊 too."
+)
+
+
+def random_model_path(tmp_path_factory, arch: str) -> Path:
+    """The session's random `arch` model (written on first use)."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent: the random models need its real vocabularies")
+    path = tmp_path_factory.getbasetemp() / f"random-{arch}.gguf"
+    if not path.exists():
+        vocab, options = RANDOM_MODELS[arch]
+        random_model(path, arch, VOCAB / vocab, seed=1, **options)
+    return path
+
+
+def llama_cpp_logits(path, tokens, *, lora=None, lora_scale=1.0, cvec=None, n_threads=2) -> np.ndarray:
+    """llama.cpp's logits [T, V] for `tokens` at positions 0..T-1, optionally with a LoRA adapter file
+    (at lora_scale) or a control vector (the flat buffer of llama_set_adapter_cvec, layer 1 first)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=len(tokens) + 8, n_batch=len(tokens) + 8, n_threads=n_threads,
+                          logits_all=True, lora_path=str(lora) if lora else None, lora_scale=lora_scale,
+                          verbose=False)
+    if cvec is not None:
+        data = np.ascontiguousarray(cvec, dtype=np.float32)
+        n_embd = llm.n_embd()
+        rc = llama_cpp.llama_set_adapter_cvec(
+            llm.ctx, data.ctypes.data_as(llama_cpp.ctypes.POINTER(llama_cpp.ctypes.c_float)), data.size, n_embd,
+            1, data.size // n_embd)
+        assert rc == 0, "llama.cpp refused the control vector"
+    llm.eval(list(tokens))
+    logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    llm.close()
+    return logits
+
+
+def logit_error(ours, reference) -> float:
+    """max |ours - reference| over all positions and tokens, relative to the reference logits' std."""
+    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    return float(np.abs(ours - reference).max() / reference.std())
+
+
+def top1_agreement(ours, reference) -> float:
+    return float((np.asarray(ours).argmax(-1) == np.asarray(reference).argmax(-1)).mean())
