@@ -16,6 +16,7 @@ from fastapi import APIRouter, Body, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 
 from localpers.errors import UserError
 from localpers.store import NotFoundError, check_item
@@ -26,7 +27,8 @@ def error_response(status: int, message: str, code: str) -> JSONResponse:
 
 
 class OpenAIErrorRoute(APIRoute):
-    """Answers UserError and FastAPI's own validation errors with an OpenAI-style error body."""
+    """Answers UserError and FastAPI's own request errors (validation, unparsable body) with an OpenAI-style
+    error body."""
 
     def get_route_handler(self):
         handler = super().get_route_handler()
@@ -42,6 +44,8 @@ class OpenAIErrorRoute(APIRoute):
                 first = e.errors()[0]
                 where = ".".join(str(part) for part in first["loc"])
                 return error_response(400, f"{where}: {first['msg']}", "invalid_request")
+            except HTTPException as e:
+                return error_response(e.status_code, str(e.detail), "invalid_request")
 
         return handle
 

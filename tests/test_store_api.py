@@ -1,0 +1,94 @@
+"""The mem0-like memory endpoints, on a small app that mounts the router the way `localpers serve` does."""
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from localpers.memory_api import router
+from localpers.store import Store
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    app = FastAPI()
+    app.include_router(router)
+    with Store.open(tmp_path) as store:
+        app.state.store = store
+        with TestClient(app) as client:
+            yield client
+
+
+def assert_error(response, status, code, message):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error" and message in error["message"]
+
+
+def test_add_list_search_delete(client):
+    r = client.post("/v1/users/alice/memories", json={"text": "I like to dance at the club.", "kind": "preference",
+                                                     "meta": {"source": "test"}})
+    assert r.status_code == 201
+    [created] = r.json()["data"]
+    r = client.post("/v1/users/alice/memories", json={"messages": [
+        {"role": "user", "content": "My sister lives in Lisbon."}, {"role": "assistant", "content": "Nice city!"}]})
+    assert [d["id"] for d in r.json()["data"]] == [created["id"] + 1, created["id"] + 2]
+
+    items = client.get("/v1/users/alice/memories").json()["data"]
+    assert [(i["text"], i["kind"], i["meta"]) for i in items] == [
+        ("I like to dance at the club.", "preference", {"source": "test"}),
+        ("My sister lives in Lisbon.", "message", {"role": "user"}),
+        ("Nice city!", "message", {"role": "assistant"}),
+    ]
+    assert len(client.get("/v1/users/alice/memories", params={"kind": "preference"}).json()["data"]) == 1
+
+    hits = client.get("/v1/users/alice/memories/search", params={"q": "where does my sister live", "k": 2}).json()
+    assert hits["data"][0]["text"] == "My sister lives in Lisbon." and hits["data"][0]["score"] > 0
+
+    assert client.delete(f"/v1/users/alice/memories/{created['id']}").json() == {"id": created["id"], "deleted": True}
+    assert len(client.get("/v1/users/alice/memories").json()["data"]) == 2
+    assert_error(client.delete(f"/v1/users/alice/memories/{created['id']}"), 404, "not_found", "has no item")
+
+
+def test_export_and_forget(client):
+    client.post("/v1/users/alice/memories", json={"text": "alice's note"})
+    client.post("/v1/users/bob/memories", json={"text": "bob's note"})
+    exported = client.get("/v1/users/alice/export").json()
+    assert exported["user"] == "alice" and [i["text"] for i in exported["items"]] == ["alice's note"]
+    assert exported["artifacts"] == []
+    assert client.delete("/v1/users/alice").json() == {"user": "alice", "deleted": True}
+    assert_error(client.get("/v1/users/alice/memories"), 404, "not_found", "unknown user 'alice'")
+    assert [i["text"] for i in client.get("/v1/users/bob/memories").json()["data"]] == ["bob's note"]
+
+
+@pytest.mark.parametrize(
+    "method, path, kwargs, status, message",
+    [
+        ("get", "/v1/users/ghost/memories", {}, 404, "unknown user"),
+        ("get", "/v1/users/ghost/export", {}, 404, "unknown user"),
+        ("delete", "/v1/users/ghost", {}, 404, "unknown user"),
+        ("get", "/v1/users/ghost/memories/search?q=x", {}, 404, "unknown user"),
+        ("post", "/v1/users/alice/memories", {"json": {"text": ""}}, 400, "text is empty"),
+        ("post", "/v1/users/alice/memories", {"json": {"text": "x" * 70000}}, 400, "limit is 65536 bytes"),
+        ("post", "/v1/users/alice/memories", {"content": b'{"text": "a\\udc80b"}', "headers": {
+            "content-type": "application/json"}}, 400, "not valid UTF-8"),  # a lone surrogate, escaped
+        ("post", "/v1/users/alice/memories", {"json": {"note": "hi"}}, 400, 'needs "text" or "messages"'),
+        ("post", "/v1/users/alice/memories", {"json": ["not", "an", "object"]}, 400, "body"),
+        ("post", "/v1/users/alice/memories", {"content": b'{"text": "unterminated', "headers": {
+            "content-type": "application/json"}}, 400, "body"),
+        ("post", "/v1/users/alice/memories", {"content": b'{"text": "caf\xe9"}', "headers": {
+            "content-type": "application/json"}}, 400, "body"),
+        ("post", "/v1/users/alice/memories", {"json": {"messages": [{"role": "user", "content": "ok"},
+                                                                    {"role": "user", "content": ""}]}},
+         400, "messages[1]: text is empty"),
+        ("post", "/v1/users/bad%20user/memories", {"json": {"text": "hi"}}, 400, "invalid user id"),
+        ("get", "/v1/users/alice/memories/search?q=", {}, 400, "query is empty"),
+        ("get", "/v1/users/alice/memories/search?q=x&k=0", {}, 400, "k must be"),
+        ("get", "/v1/users/alice/memories/search?q=x&k=many", {}, 400, "k"),
+        ("get", "/v1/users/alice/memories/search?q=x&mode=magic", {}, 400, "unknown search mode"),
+    ],
+)
+def test_bad_requests_get_openai_style_errors_and_store_nothing(client, method, path, kwargs, status, message):
+    client.post("/v1/users/alice/memories", json={"text": "already here"})
+    response = getattr(client, method)(path, **kwargs)
+    assert_error(response, status, "not_found" if status == 404 else "invalid_request", message)
+    assert [i["text"] for i in client.get("/v1/users/alice/memories").json()["data"]] == ["already here"]
