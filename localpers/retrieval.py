@@ -37,12 +37,14 @@ class BM25Index:
         self.k1, self.b = k1, b
         self.tokenizer = make_tokenizer()
         self.postings: dict[int, dict[int, int]] = {}  # token id -> {slot: term frequency}
+        self.slot_of: dict[int, int] = {}  # item id -> slot; slots are taken in order and never reused
+        self.n_slots = 0
         self.lengths = np.zeros(1024, dtype=np.float64)  # slot -> document length in tokens
-        self.slot_of: dict[int, int] = {}  # item id -> slot
-        self.item_at: list[int] = []  # slot -> item id (-1 once removed)
+        self.item_at = np.full(1024, -1, dtype=np.int64)  # slot -> item id (-1 once removed)
         self.terms: dict[int, Counter] = {}  # item id -> its term counts, to undo them on removal
         self.total_length = 0
         self.max_id = 0
+        self.deletions_seen = 0  # the store's deletion count for this user when the index last caught up
 
     def __len__(self) -> int:
         return len(self.slot_of)
@@ -54,12 +56,14 @@ class BM25Index:
         if item_id in self.slot_of:
             return
         tokens = next(self.tokenizer.streaming_tokenize([text], update_vocab=True, allow_empty=False))
-        slot = len(self.item_at)
-        if slot == len(self.lengths):
+        slot = self.n_slots
+        if slot == len(self.lengths):  # grow by doubling: amortised O(1) per add
             self.lengths = np.concatenate([self.lengths, np.zeros_like(self.lengths)])
+            self.item_at = np.concatenate([self.item_at, np.full_like(self.item_at, -1)])
+        self.n_slots += 1
         self.lengths[slot] = len(tokens)
+        self.item_at[slot] = item_id
         self.slot_of[item_id] = slot
-        self.item_at.append(item_id)
         self.terms[item_id] = counts = Counter(tokens)
         for token, tf in counts.items():
             self.postings.setdefault(token, {})[slot] = tf
@@ -76,13 +80,13 @@ class BM25Index:
     def query_tokens(self, query: str) -> list[int]:
         return next(self.tokenizer.streaming_tokenize([query], update_vocab=False, allow_empty=False))
 
-    def scores(self, query: str) -> dict[int, float]:
-        """BM25 score of every item that holds at least one query term, by item id."""
+    def slot_scores(self, query: str) -> np.ndarray:
+        """BM25 score of every slot; zero where the item holds no query term (or was removed)."""
         n_docs = len(self.slot_of)
+        scores = np.zeros(self.n_slots, dtype=np.float64)
         if n_docs == 0:
-            return {}
+            return scores
         avg_length = self.total_length / n_docs or 1.0
-        scores = np.zeros(len(self.item_at), dtype=np.float64)
         for token in self.query_tokens(query):  # a repeated query term counts again, as in bm25s
             posting = self.postings.get(token)
             if not posting:
@@ -92,16 +96,26 @@ class BM25Index:
             idf = np.log(1 + (n_docs - len(posting) + 0.5) / (len(posting) + 0.5))
             norm = self.k1 * (1 - self.b + self.b * self.lengths[slots] / avg_length)
             scores[slots] += idf * tf / (norm + tf)
-        hits = np.flatnonzero(scores)
-        return {self.item_at[slot]: float(scores[slot]) for slot in hits}
+        return scores
+
+    def scores(self, query: str) -> dict[int, float]:
+        """BM25 score of every item that holds at least one query term, by item id."""
+        scores = self.slot_scores(query)
+        return {int(self.item_at[slot]): float(scores[slot]) for slot in np.flatnonzero(scores)}
 
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
-        return top_k(self.scores(query), k)
+        scores = self.slot_scores(query)
+        hits = np.flatnonzero(scores)
+        return top_k(self.item_at[hits], scores[hits], k)
 
 
-def top_k(scores: dict[int, float], k: int) -> list[tuple[int, float]]:
+def top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The k best (id, score) pairs, best first; ties go to the most recent item (the larger id)."""
-    return sorted(scores.items(), key=lambda pair: (-pair[1], -pair[0]))[:k]
+    if len(scores) > k:
+        keep = scores >= np.partition(scores, -k)[-k]  # the k best, and any tied with the k-th
+        ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((-ids, -scores))[:k]
+    return [(int(ids[i]), float(scores[i])) for i in order]
 
 
 class DenseIndex:
@@ -110,7 +124,8 @@ class DenseIndex:
     def __init__(self):
         self.vectors: dict[int, np.ndarray] = {}
         self.max_id = 0
-        self._matrix: tuple[list[int], np.ndarray] | None = None  # cached stack of self.vectors
+        self.deletions_seen = 0
+        self._matrix: tuple[np.ndarray, np.ndarray] | None = None  # cached stack of self.vectors
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -132,10 +147,9 @@ class DenseIndex:
             return []
         if self._matrix is None:
             ids = list(self.vectors)
-            self._matrix = ids, np.stack([self.vectors[i] for i in ids])
+            self._matrix = np.array(ids), np.stack([self.vectors[i] for i in ids])
         ids, matrix = self._matrix
-        similarity = matrix @ query_vector
-        return top_k(dict(zip(ids, similarity.tolist())), k)
+        return top_k(ids, matrix @ query_vector, k)
 
 
 def fuse(rankings: list[list[tuple[int, float]]], k: int, damping: int = 60) -> list[tuple[int, float]]:
@@ -144,7 +158,7 @@ def fuse(rankings: list[list[tuple[int, float]]], k: int, damping: int = 60) -> 
     for ranking in rankings:
         for rank, (item_id, _) in enumerate(ranking):
             fused[item_id] = fused.get(item_id, 0.0) + 1.0 / (damping + rank + 1)
-    return top_k(fused, k)
+    return top_k(np.fromiter(fused.keys(), dtype=np.int64), np.fromiter(fused.values(), dtype=np.float64), k)
 
 
 class MiniLMEmbedder:

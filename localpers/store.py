@@ -40,7 +40,8 @@ _SCRYPT = dict(length=32, n=2**15, r=8, p=1)  # ~0.1 s and 32 MiB per open
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, created REAL NOT NULL);
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, created REAL NOT NULL,
+    deletions INTEGER NOT NULL DEFAULT 0);  -- bumped by each item deletion: tells in-memory indexes to look
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
@@ -445,6 +446,7 @@ class Store:
         with self._write() as conn:
             user_id = self._user_id(conn, user)
             deleted = conn.execute("DELETE FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).rowcount
+            conn.execute("UPDATE users SET deletions = deletions + 1 WHERE id = ?", (user_id,))
         if not deleted:
             raise NotFoundError(f"user {user!r} has no item {item_id}")
 
@@ -479,17 +481,20 @@ class Store:
         found = {row[0]: self._decrypt_item(user_id, *row) for row in rows}
         return [found[item_id] | {"score": score} for item_id, score in ranking if item_id in found]
 
-    def _catch_up(self, index, user_id: int, new_rows: str, count: str, params: tuple, decode) -> None:
-        """Bring an in-memory index level with the database: add rows newer than its newest, then, if the
-        counts differ, drop the ids that were deleted (here or by another process). Ids are never reused."""
+    def _catch_up(self, index, user_id: int, new_rows: str, params: tuple, decode) -> None:
+        """Bring an in-memory index level with the database, whoever wrote to it: add the rows newer than the
+        index's newest (ids only grow), and when the user's deletion count has moved, drop the ids now gone."""
         with self._read() as conn:
             for item_id, blob in conn.execute(new_rows, (*params, index.max_id)).fetchall():
                 index.add(item_id, decode(blob))
-            (n_rows,) = conn.execute(count, params).fetchone()
-            if n_rows != len(index):
-                live = {item_id for (item_id, _) in conn.execute(new_rows, (*params, 0))}
+            row = conn.execute("SELECT deletions FROM users WHERE id = ?", (user_id,)).fetchone()
+            if row is None:
+                raise NotFoundError("the user was deleted during the search")
+            if row[0] != index.deletions_seen:
+                live = {item_id for (item_id,) in conn.execute("SELECT id FROM items WHERE user_id = ?", (user_id,))}
                 for gone in index.ids() - live:
                     index.remove(gone)
+                index.deletions_seen = row[0]
 
     def _search_bm25(self, user_id: int, query: str, k: int) -> list[tuple[int, float]]:
         with self._lock:
@@ -499,7 +504,6 @@ class Store:
                 index,
                 user_id,
                 "SELECT id, text FROM items WHERE user_id = ? AND id > ? ORDER BY id",
-                "SELECT count(*) FROM items WHERE user_id = ?",
                 (user_id,),
                 lambda blob: self.cipher.open(blob, aad).decode("utf-8"),
             )
@@ -518,7 +522,6 @@ class Store:
                 user_id,
                 "SELECT v.item_id, v.vector FROM vectors v JOIN items i ON i.id = v.item_id"
                 " WHERE i.user_id = ? AND v.model = ? AND v.item_id > ? ORDER BY v.item_id",
-                "SELECT count(*) FROM vectors v JOIN items i ON i.id = v.item_id WHERE i.user_id = ? AND v.model = ?",
                 (user_id, model),
                 lambda blob: np.frombuffer(self.cipher.open(blob, aad), dtype=np.float32),
             )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from localpers.errors import UserError
-from localpers.retrieval import BM25Index, GGUFEmbedder, MiniLMEmbedder, fuse
+from localpers.retrieval import BM25Index, GGUFEmbedder, MiniLMEmbedder, fuse, top_k
 from localpers.store import Store
 
 
@@ -181,3 +181,10 @@ def test_gguf_embedder(default_model_path):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-4)
     np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)  # deterministic
     assert vectors[0] @ vectors[2] < 0.999
+
+
+def test_top_k_breaks_ties_towards_recent_items():
+    ids = np.array([5, 9, 7, 3, 8])
+    scores = np.array([1.0, 2.0, 2.0, 2.0, 0.5])
+    assert top_k(ids, scores, 2) == [(9, 2.0), (7, 2.0)]
+    assert top_k(ids, scores, 10) == [(9, 2.0), (7, 2.0), (3, 2.0), (5, 1.0), (8, 0.5)]
