@@ -27,7 +27,7 @@ for i in range(1_000_000):
 
 def child_env():
     env = {k: v for k, v in os.environ.items() if k != "LOCALPERS_PASSPHRASE"}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return env
 
 
