@@ -282,7 +282,8 @@ class Store:
         self.embedder = embedder
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()  # guards _connections and the in-memory indexes
+        self._connections_lock = threading.Lock()
+        self._index_lock = threading.Lock()  # the in-memory indexes are shared by all threads
         self._bm25: dict[int, BM25Index] = {}  # user id -> index
         self._dense: dict[tuple[int, str], DenseIndex] = {}  # (user id, embedder name) -> index
         self.cipher = self._unlock()
@@ -302,7 +303,7 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        with self._lock:
+        with self._connections_lock:
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
@@ -325,7 +326,7 @@ class Store:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left in free pages
             self._local.conn = conn
-            with self._lock:
+            with self._connections_lock:
                 self._connections.append(conn)
         return conn
 
@@ -497,7 +498,7 @@ class Store:
                 index.deletions_seen = row[0]
 
     def _search_bm25(self, user_id: int, query: str, k: int) -> list[tuple[int, float]]:
-        with self._lock:
+        with self._index_lock:
             index = self._bm25.setdefault(user_id, BM25Index())
             aad = b"%d:text" % user_id
             self._catch_up(
@@ -514,7 +515,7 @@ class Store:
             self.embedder = make_embedder()
         model = self.embedder.name
         self._embed_missing(user_id, model)
-        with self._lock:
+        with self._index_lock:
             index = self._dense.setdefault((user_id, model), DenseIndex())
             aad = b"%d:vector" % user_id
             self._catch_up(
@@ -654,7 +655,7 @@ class Store:
         with self._write() as conn:
             user_id = self._user_id(conn, user)
             conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts
-        with self._lock:
+        with self._index_lock:
             self._bm25.pop(user_id, None)
             for key in [key for key in self._dense if key[0] == user_id]:
                 del self._dense[key]

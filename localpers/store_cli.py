@@ -21,6 +21,14 @@ def _line(item: dict) -> str:
     return f"#{item['id']}  {when}  {item['kind']}{score}  {item['text']}"
 
 
+def _print_items(items: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(items, ensure_ascii=False, indent=1))
+    else:
+        for item in items:
+            print(_line(item))
+
+
 def cmd_remember(args):
     with _store(args) as store:
         item_id = store.add(args.user, args.text, kind=args.kind)
@@ -39,11 +47,7 @@ def cmd_import(args):
 def cmd_history(args):
     with _store(args) as store:
         items = store.items(args.user, kind=args.kind)
-    if args.json:
-        print(json.dumps(items, ensure_ascii=False, indent=1))
-    else:
-        for item in items:
-            print(_line(item))
+    _print_items(items, args.json)
 
 
 def cmd_search(args):
@@ -53,11 +57,7 @@ def cmd_search(args):
         if args.mode != "bm25":
             store.embedder = make_embedder(args.embedder)
         results = store.search(args.user, args.query, k=args.k, mode=args.mode)
-    if args.json:
-        print(json.dumps(results, ensure_ascii=False, indent=1))
-    else:
-        for item in results:
-            print(_line(item))
+    _print_items(results, args.json)
 
 
 def cmd_export(args):

@@ -84,7 +84,11 @@ def test_readers_while_a_writer_writes(tmp_path, monkeypatch):
             except Exception as e:
                 errors.append(e)
 
+        def search_first():  # threads whose first store call is a search
+            counts.append(len(store.search("alice", "seed", k=1)))
+
         threads = [threading.Thread(target=write)] + [threading.Thread(target=read) for _ in range(2)]
+        threads += [threading.Thread(target=search_first) for _ in range(3)]
         for thread in threads:
             thread.start()
         for thread in threads:
