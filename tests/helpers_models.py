@@ -9,12 +9,13 @@ from localpers.gguf_write import random_model
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VOCAB = SHARED / "fixtures" / "vocab"
 
-# One random model per architecture, each with a different real tokenizer and shape quirk: llama with a
-# separate output matrix, qwen2 with tied embeddings, qwen3 with head_dim != d_model / n_head (as Qwen3 has).
+# One random model per architecture (3 layers, so a control vector can steer a middle one), each with a
+# different real tokenizer and shape quirk: llama with a separate output matrix, qwen2 with tied embeddings,
+# qwen3 with head_dim != d_model / n_head (as Qwen3 has).
 RANDOM_MODELS = {
-    "llama": ("ggml-vocab-llama-spm.gguf", {}),
-    "qwen2": ("ggml-vocab-gpt-2.gguf", {"tied_output": True}),
-    "qwen3": ("ggml-vocab-deepseek-llm.gguf", {"head_dim": 32}),
+    "llama": ("ggml-vocab-llama-spm.gguf", {"n_layer": 3}),
+    "qwen2": ("ggml-vocab-gpt-2.gguf", {"n_layer": 3, "tied_output": True}),
+    "qwen3": ("ggml-vocab-deepseek-llm.gguf", {"n_layer": 3, "head_dim": 32}),
 }
 
 TEXT = (
@@ -35,14 +36,17 @@ def random_model_path(tmp_path_factory, arch: str) -> Path:
     return path
 
 
-def llama_cpp_logits(path, tokens, *, lora=None, lora_scale=1.0, cvec=None, n_threads=2) -> np.ndarray:
+def llama_cpp_logits(path, tokens, *, f32_kv=True, lora=None, lora_scale=1.0, cvec=None) -> np.ndarray:
     """llama.cpp's logits [T, V] for `tokens` at positions 0..T-1, optionally with a LoRA adapter file
-    (at lora_scale) or a control vector (the flat buffer of llama_set_adapter_cvec, layer 1 first)."""
+    (at lora_scale) or a control vector (the flat buffer of llama_set_adapter_cvec, layer 1 first).
+    f32_kv keeps the KV cache in F32 instead of llama.cpp's default F16, whose rounding of K and V would
+    otherwise be the largest difference between two otherwise exact F32 computations."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=len(tokens) + 8, n_batch=len(tokens) + 8, n_threads=n_threads,
-                          logits_all=True, lora_path=str(lora) if lora else None, lora_scale=lora_scale,
-                          verbose=False)
+    kv_type = llama_cpp.GGML_TYPE_F32 if f32_kv else None
+    llm = llama_cpp.Llama(str(path), n_ctx=len(tokens) + 8, n_batch=len(tokens) + 8, n_threads=2,
+                          logits_all=True, type_k=kv_type, type_v=kv_type, verbose=False,
+                          lora_path=str(lora) if lora else None, lora_scale=lora_scale)
     if cvec is not None:
         data = np.ascontiguousarray(cvec, dtype=np.float32)
         n_embd = llm.n_embd()
