@@ -515,6 +515,7 @@ class Store:
             self.embedder = make_embedder()
         model = self.embedder.name
         self._embed_missing(user_id, model)
+        query_vector = self.embedder.embed([query])[0]
         with self._index_lock:
             index = self._dense.setdefault((user_id, model), DenseIndex())
             aad = b"%d:vector" % user_id
@@ -526,7 +527,7 @@ class Store:
                 (user_id, model),
                 lambda blob: np.frombuffer(self.cipher.open(blob, aad), dtype=np.float32),
             )
-            return index.search(self.embedder.embed([query])[0], k)
+            return index.search(query_vector, k)
 
     def _embed_missing(self, user_id: int, model: str, batch: int = 64) -> None:
         """Embed the items that have no vector for this model yet. This runs at search time, never on the
