@@ -24,15 +24,13 @@ static uint32_t float_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return
 static float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 static uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
 
-// Exact for every half value, NaN payloads included (as numpy's float16 -> float32).
+// Exact for every half value, branch-free so that loops over it vectorize (Maratyszcza's FP16 method):
+// normal halves are rebiased by a multiplication by 2^-112, subnormal ones built as (0.5 + m*2^-24) - 0.5.
 static float fp16_to_fp32(uint16_t h) {
-    uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
-    if (exp == 0x1f) return bits_float(sign | 0x7f800000 | (man << 13));  // inf, NaN
-    if (exp != 0) return bits_float(sign | ((exp + 112) << 23) | (man << 13));
-    if (man == 0) return bits_float(sign);
-    exp = 113;  // subnormal half: shift the mantissa up until it has its implicit bit
-    while (!(man & 0x400)) { man <<= 1; exp--; }
-    return bits_float(sign | (exp << 23) | ((man & 0x3ff) << 13));
+    uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
+    float normal = bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    float subnormal = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+    return bits_float(sign | float_bits(two_w < (1u << 27) ? subnormal : normal));
 }
 
 // Round to nearest even, overflow to inf, subnormals rounded too (as numpy's float32 -> float16).
@@ -57,38 +55,34 @@ static uint16_t fp32_to_fp16(float f) {
 
 static void dequant_f32(const uint8_t* x, float* y, int64_t n) { std::memcpy(y, x, n * 4); }
 
-static void dequant_f16(const uint8_t* x, float* y, int64_t n) {
+static void dequant_f16(const uint8_t* __restrict x, float* __restrict y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = fp16_to_fp32(load_u16(x + 2 * i));
 }
 
-static void dequant_bf16(const uint8_t* x, float* y, int64_t n) {
+static void dequant_bf16(const uint8_t* __restrict x, float* __restrict y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = bits_float(uint32_t(load_u16(x + 2 * i)) << 16);
 }
 
 // Q4_0: d (f16), 16 bytes of nibbles: element j is the low nibble of byte j, element j+16 the high one.
-static void dequant_q4_0(const uint8_t* x, float* y, int64_t nb) {
+static void dequant_q4_0(const uint8_t* __restrict x, float* __restrict y, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 18, y += 32) {
         float d = fp16_to_fp32(load_u16(x));
-        for (int j = 0; j < 16; j++) {
-            y[j] = d * float((x[2 + j] & 0xf) - 8);
-            y[j + 16] = d * float((x[2 + j] >> 4) - 8);
-        }
+        for (int j = 0; j < 16; j++) y[j] = d * float((x[2 + j] & 0xf) - 8);
+        for (int j = 0; j < 16; j++) y[j + 16] = d * float((x[2 + j] >> 4) - 8);
     }
 }
 
 // Q4_1: d, m (f16), nibbles as Q4_0; y = d*q + m.
-static void dequant_q4_1(const uint8_t* x, float* y, int64_t nb) {
+static void dequant_q4_1(const uint8_t* __restrict x, float* __restrict y, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 20, y += 32) {
         float d = fp16_to_fp32(load_u16(x)), m = fp16_to_fp32(load_u16(x + 2));
-        for (int j = 0; j < 16; j++) {
-            y[j] = d * float(x[4 + j] & 0xf) + m;
-            y[j + 16] = d * float(x[4 + j] >> 4) + m;
-        }
+        for (int j = 0; j < 16; j++) y[j] = d * float(x[4 + j] & 0xf) + m;
+        for (int j = 0; j < 16; j++) y[j + 16] = d * float(x[4 + j] >> 4) + m;
     }
 }
 
 // Q8_0: d (f16), 32 int8.
-static void dequant_q8_0(const uint8_t* x, float* y, int64_t nb) {
+static void dequant_q8_0(const uint8_t* __restrict x, float* __restrict y, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 34, y += 32) {
         float d = fp16_to_fp32(load_u16(x));
         for (int j = 0; j < 32; j++) y[j] = float(int8_t(x[2 + j])) * d;
@@ -107,56 +101,51 @@ static void k_scale_min(const uint8_t* s, float d, float dmin, float* scale, flo
 
 // Q4_K: d, dmin (f16), 12 scale bytes, 128 nibble bytes; sub-block 2g takes the low nibbles of bytes
 // 32g..32g+31, sub-block 2g+1 their high nibbles.
-static void dequant_q4_k(const uint8_t* x, float* y, int64_t nb) {
+static void dequant_q4_k(const uint8_t* __restrict x, float* __restrict y, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 144, y += QK_K) {
         float scale[8], min[8];
         k_scale_min(x + 4, fp16_to_fp32(load_u16(x)), fp16_to_fp32(load_u16(x + 2)), scale, min);
         const uint8_t* qs = x + 16;
-        for (int g = 0; g < 4; g++)
-            for (int l = 0; l < 32; l++) {
-                uint8_t q = qs[32 * g + l];
-                y[64 * g + l] = scale[2 * g] * float(q & 0xf) - min[2 * g];
-                y[64 * g + 32 + l] = scale[2 * g + 1] * float(q >> 4) - min[2 * g + 1];
-            }
+        for (int g = 0; g < 4; g++) {
+            for (int l = 0; l < 32; l++) y[64 * g + l] = scale[2 * g] * float(qs[32 * g + l] & 0xf) - min[2 * g];
+            for (int l = 0; l < 32; l++) y[64 * g + 32 + l] = scale[2 * g + 1] * float(qs[32 * g + l] >> 4) - min[2 * g + 1];
+        }
     }
 }
 
 // Q5_K: Q4_K plus 32 bytes of high bits; sub-block s takes bit s of byte l as the 5th bit of element l.
-static void dequant_q5_k(const uint8_t* x, float* y, int64_t nb) {
+static void dequant_q5_k(const uint8_t* __restrict x, float* __restrict y, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 176, y += QK_K) {
         float scale[8], min[8];
         k_scale_min(x + 4, fp16_to_fp32(load_u16(x)), fp16_to_fp32(load_u16(x + 2)), scale, min);
         const uint8_t *qh = x + 16, *qs = x + 48;
-        for (int g = 0; g < 4; g++)
-            for (int l = 0; l < 32; l++) {
-                uint8_t q = qs[32 * g + l], h = qh[l];
-                int lo = (q & 0xf) | (((h >> (2 * g)) & 1) << 4), hi = (q >> 4) | (((h >> (2 * g + 1)) & 1) << 4);
-                y[64 * g + l] = scale[2 * g] * float(lo) - min[2 * g];
-                y[64 * g + 32 + l] = scale[2 * g + 1] * float(hi) - min[2 * g + 1];
-            }
+        for (int s = 0; s < 8; s++) {  // sub-block s: nibble s % 2 of bytes 32(s/2)..+31, high bit s of qh
+            const uint8_t* q = qs + 32 * (s / 2);
+            int shift = 4 * (s % 2);
+            for (int l = 0; l < 32; l++)
+                y[32 * s + l] = scale[s] * float(((q[l] >> shift) & 0xf) | (((qh[l] >> s) & 1) << 4)) - min[s];
+        }
     }
 }
 
-// Q6_K: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d (f16); q - 32 times d*scale
-// of its 16-element sub-block. Each 128-element half h uses ql[64h..], qh[32h..].
-static void dequant_q6_k(const uint8_t* x, float* y, int64_t nb) {
+// Q6_K: 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 int8 scales, d (f16); (q - 32) * d*scale of
+// its 16-element sub-block. In each 128-element half h, quarter t takes nibble t/2 of ql[64h + 32(t%2) + l]
+// and bits 2t..2t+1 of qh[32h + l].
+static void dequant_q6_k(const uint8_t* __restrict x, float* __restrict y, int64_t nb) {
     for (int64_t b = 0; b < nb; b++, x += 210, y += QK_K) {
-        const uint8_t *ql = x, *qh = x + 128;
         const int8_t* sc = reinterpret_cast<const int8_t*>(x + 192);
-        float d = fp16_to_fp32(load_u16(x + 208)), scale[16];
-        for (int s = 0; s < 16; s++) scale[s] = d * float(sc[s]);
+        float d = fp16_to_fp32(load_u16(x + 208));
         for (int h = 0; h < 2; h++)
-            for (int l = 0; l < 32; l++) {
-                int e = 128 * h + l;
-                uint8_t a = ql[64 * h + l], c = ql[64 * h + 32 + l], hb = qh[32 * h + l];
-                int q0 = int((a & 0xf) | ((hb & 3) << 4)) - 32;
-                int q1 = int((c & 0xf) | (((hb >> 2) & 3) << 4)) - 32;
-                int q2 = int((a >> 4) | (((hb >> 4) & 3) << 4)) - 32;
-                int q3 = int((c >> 4) | (((hb >> 6) & 3) << 4)) - 32;
-                y[e] = scale[e / 16] * float(q0);
-                y[e + 32] = scale[(e + 32) / 16] * float(q1);
-                y[e + 64] = scale[(e + 64) / 16] * float(q2);
-                y[e + 96] = scale[(e + 96) / 16] * float(q3);
+            for (int t = 0; t < 4; t++) {
+                const uint8_t *ql = x + 64 * h + 32 * (t % 2), *qh = x + 128 + 32 * h;
+                int shift = 4 * (t / 2);
+                for (int half = 0; half < 2; half++) {  // two sub-blocks of 16, each with its scale
+                    float scale = d * float(sc[8 * h + 2 * t + half]);
+                    for (int l = 16 * half; l < 16 * half + 16; l++) {
+                        int q = ((ql[l] >> shift) & 0xf) | (((qh[l] >> (2 * t)) & 3) << 4);
+                        y[128 * h + 32 * t + l] = scale * float(q - 32);
+                    }
+                }
             }
     }
 }
@@ -208,25 +197,19 @@ py::array_t<float> dequantize(py::array_t<uint8_t, py::array::c_style> raw, int 
 
 // ---- Q8_0 quantization (gguf's Q8_0.quantize_blocks) and the fused edit --------------------------------
 
-// d = amax/127 and q = round-half-away(x * (1/d)), exactly as ggml's quantize_row_q8_0_ref and gguf's numpy
-// port; the rounding is floor(a) + (frac(a) >= 0.5) on a = |x*id|, which vectorizes and equals roundf.
-static void quantize_row_q8_0(const float* x, uint8_t* out, int64_t nb) {
-    for (int64_t b = 0; b < nb; b++, x += 32, out += 34) {
-        float amax = 0.0f;
-        for (int j = 0; j < 32; j++) {
-            float a = std::fabs(x[j]);
-            amax = a > amax ? a : amax;
-        }
-        float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        uint16_t dh = fp32_to_fp16(d);
-        std::memcpy(out, &dh, 2);
-        int8_t* q = reinterpret_cast<int8_t*>(out + 2);
-        for (int j = 0; j < 32; j++) {
-            float v = x[j] * id, a = std::fabs(v);
-            int r = int(a);  // a <= ~127, so truncation is floor
-            r += (a - float(r)) >= 0.5f;
-            q[j] = int8_t(v < 0.0f ? -r : r);
-        }
+// One Q8_0 block as ggml's quantize_row_q8_0_ref and gguf's numpy port: d = amax/127, q = roundf(x * (1/d)).
+// roundf (half away from zero) is computed as trunc(v + copysign(0.5 - 2^-25, v)), which vectorizes and
+// equals it for every float |v| < 256 (checked exhaustively; here |v| <= 127 + a few ulps).
+static void quantize_block_q8_0(const float* __restrict x, uint8_t* __restrict out) {
+    int32_t amax_bits = 0;  // |x| compared as integers: same order as the floats, and it vectorizes
+    for (int j = 0; j < 32; j++) amax_bits = std::max(amax_bits, int32_t(float_bits(x[j]) & 0x7fffffff));
+    float d = bits_float(amax_bits) / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    uint16_t dh = fp32_to_fp16(d);
+    std::memcpy(out, &dh, 2);
+    int8_t* q = reinterpret_cast<int8_t*>(out + 2);
+    for (int j = 0; j < 32; j++) {
+        float v = x[j] * id;
+        q[j] = int8_t(int(v + std::copysign(0x1.fffffep-2f, v)));
     }
 }
 
@@ -250,17 +233,18 @@ py::array_t<uint8_t> edit_to_q8_0(py::array_t<uint8_t, py::array::c_style> raw, 
         for (int64_t k = 0; k < r; k++) vt[k * n_in + j] = v[j * r + k];
 #pragma omp parallel if (n_out > 1)
     {
-        std::vector<float> w(n_in), delta(n_in);
+        std::vector<float> w(n_in);
 #pragma omp for schedule(dynamic)
         for (int64_t i = 0; i < n_out; i++) {
             t.dequant(x + i * row_in, w.data(), n_in / t.block_size);
-            std::fill(delta.begin(), delta.end(), 0.0f);
-            for (int64_t k = 0; k < r; k++) {
-                const float uk = u[i * r + k], *vk = vt.data() + k * n_in;
-                for (int64_t j = 0; j < n_in; j++) delta[j] += uk * vk[j];
+            const float* ui = u + i * r;
+            for (int64_t c = 0; c < n_in; c += 32) {  // one output block at a time, its update in registers
+                float block[32] = {};
+                for (int64_t k = 0; k < r; k++)
+                    for (int j = 0; j < 32; j++) block[j] += ui[k] * vt[k * n_in + c + j];
+                for (int j = 0; j < 32; j++) block[j] = w[c + j] + scale * block[j];
+                quantize_block_q8_0(block, y + i * row_out + c / 32 * 34);
             }
-            for (int64_t j = 0; j < n_in; j++) w[j] += scale * delta[j];
-            quantize_row_q8_0(w.data(), y + i * row_out, n_in / 32);
         }
     }
     return out;

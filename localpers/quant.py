@@ -68,10 +68,16 @@ def _check_edit(qtype, shape, U, V):
 
 
 def edit_to_q8_0_numpy(data, qtype, shape, U, V, scale=1.0) -> np.ndarray:
-    """Reference: quantize dequant(W) + scale * U @ V.T to Q8_0 with gguf's quantizer.
+    """Reference: quantize dequant(W) + scale * U @ V.T to Q8_0 with gguf's quantizer, in float32.
 
-    U @ V.T is summed in float32 one rank at a time (k = 0, 1, ...), product then add, so the C++ kernel can
-    follow the same order and produce the same bytes; a BLAS matmul may sum in another order (or with FMA).
+    What byte identity rests on:
+    - U @ V.T is summed one rank at a time (k = 0, 1, ...), product then add, each rounded to float32. A BLAS
+      matmul sums in its own order with FMA (OpenBLAS differs from this sum in about half the elements at
+      r = 8), so the literal formula is only reproducible for r = 1, where both are one product.
+    - gguf's Q8_0 quantizer (like ggml's quantize_row_q8_0_ref) takes d = amax / 127 in float32, multiplies
+      by id = 1 / d (not a division by d), rounds half away from zero (np_roundf, not np.round's half to
+      even), and quantizes with the float32 d before storing d rounded to fp16.
+    - Values must be finite: with NaN or inf in a block the bytes are unspecified.
     """
     shape, U, V = _check_edit(qtype, shape, U, V)
     W = dequantize_numpy(data, qtype, shape)

@@ -104,6 +104,22 @@ def test_edit_rounds_scales_like_numpy_across_magnitudes():
     assert np.array_equal(quant.edit_to_q8_0(W, Q.F32, W.shape, U, V), quant.edit_to_q8_0_numpy(W, Q.F32, W.shape, U, V))
 
 
+def test_edit_rounds_halves_away_from_zero():
+    """Blocks with amax = 127 quantize with id = 1, so q = round(x) on ties and their float neighbours."""
+    halves = np.arange(128, dtype=np.float32) + np.float32(0.5)
+    edges = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 200), [0.0, 0.25, 126.0]])
+    values = np.concatenate([edges, -edges]).astype(np.float32)
+    values = values[np.abs(values) < 127]
+    blocks = np.resize(values, (len(values) // 31 + 1) * 31).reshape(-1, 31)
+    W = np.concatenate([np.full((len(blocks), 1), 127, np.float32), blocks], axis=1).reshape(1, -1)
+    U, V = np.zeros((1, 1), np.float32), np.zeros((W.shape[1], 1), np.float32)
+    got = quant.edit_to_q8_0(W, Q.F32, W.shape, U, V)
+    assert np.array_equal(got, quant.edit_to_q8_0_numpy(W, Q.F32, W.shape, U, V))
+    q = got.reshape(-1, 34)[:, 3:].view(np.int8).astype(np.float32)  # skip d and the 127 of each block
+    exact = blocks.astype(np.float64)  # float64 adds 0.5 exactly, so this is round half away from zero
+    assert np.array_equal(q, np.sign(exact) * np.floor(np.abs(exact) + 0.5))
+
+
 def test_bad_inputs_raise_clear_errors():
     raw = np.zeros(2 * 20, np.uint8)  # two Q4_1 blocks
     with pytest.raises(UserError, match="needs 60 bytes, got 40"):
