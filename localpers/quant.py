@@ -19,12 +19,12 @@ except ImportError:  # not built (e.g. a plain source checkout): numpy does the 
     _cpu = None
 
 Q = GGMLQuantizationType
+# Types both paths read; the edit reads them all too (it dequantizes each row with the same code).
 DEQUANT_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
-EDIT_TYPES = DEQUANT_TYPES  # the edit dequantizes a row with the same code, so it reads every type above
 
 
-def _raw_bytes(data: np.ndarray, qtype: GGMLQuantizationType, shape) -> np.ndarray:
-    """Check `data` against `shape` and return it as a flat contiguous uint8 array."""
+def _raw_bytes(data: np.ndarray, qtype: GGMLQuantizationType, shape) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Check `data` against `shape`; return it as a flat contiguous uint8 array, and the shape as ints."""
     if qtype not in DEQUANT_TYPES:
         raise UserError(f"tensor type {getattr(qtype, 'name', qtype)} is not supported "
                         f"(supported: {', '.join(t.name for t in DEQUANT_TYPES)})")
@@ -36,12 +36,12 @@ def _raw_bytes(data: np.ndarray, qtype: GGMLQuantizationType, shape) -> np.ndarr
     expected = prod(shape) // block_size * type_size
     if raw.size != expected:
         raise UserError(f"{qtype.name} tensor of shape {shape} needs {expected} bytes, got {raw.size}")
-    return raw
+    return raw, shape
 
 
 def dequantize_numpy(data: np.ndarray, qtype: GGMLQuantizationType, shape) -> np.ndarray:
     """The gguf package's numpy dequantizer (fallback and oracle)."""
-    raw = _raw_bytes(data, qtype, shape)
+    raw, shape = _raw_bytes(data, qtype, shape)
     rows = raw.reshape(prod(shape[:-1]), -1)
     return np.asarray(gguf_quants.dequantize(rows, qtype), dtype=np.float32).reshape(shape)
 
@@ -50,7 +50,7 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType, shape) -> np.ndarr
     """Dequantize raw GGUF tensor data (as GGUFReader gives it) of numpy shape `shape` to float32."""
     if _cpu is None:
         return dequantize_numpy(data, qtype, shape)
-    raw = _raw_bytes(data, qtype, shape)
+    raw, shape = _raw_bytes(data, qtype, shape)
     return _cpu.dequantize(raw, int(qtype), prod(shape)).reshape(shape)
 
 
@@ -113,5 +113,5 @@ def edit_to_q8_0(data, qtype, shape, U, V, scale=1.0) -> np.ndarray:
     if _cpu is None:
         return edit_to_q8_0_numpy(data, qtype, shape, U, V, scale)
     shape, U, V = _check_edit(qtype, shape, U, V)
-    raw = _raw_bytes(data, qtype, shape)
+    raw, _ = _raw_bytes(data, qtype, shape)
     return _cpu.edit_to_q8_0(raw, int(qtype), shape[0], shape[1], U, V, float(scale))

@@ -7,9 +7,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 from localpers import quant
 from localpers.errors import UserError
 
-EDIT_INPUTS = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K]
-
-
 def assert_same_floats(a, b):
     """Equal bit patterns, except that any NaN matches any NaN."""
     assert a.dtype == b.dtype == np.float32 and a.shape == b.shape
@@ -66,7 +63,7 @@ def test_numpy_fallback_gives_the_same_results(monkeypatch):
     assert np.array_equal(quant.edit_to_q8_0(raw, Q.Q4_K, (4, 512), U, V), fast[1])
 
 
-@pytest.mark.parametrize("qtype", EDIT_INPUTS, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", quant.DEQUANT_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("rank", range(1, 9))
 def test_edit_is_byte_identical_to_reference(qtype, rank):
     rng = np.random.default_rng([int(qtype), rank])
