@@ -9,10 +9,12 @@ change, the KV cache is cleared: a cached prompt prefix computed under other ada
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from localpers.chat import render_chat
 from localpers.errors import UserError
+from localpers.gguf_write import control_vector_data, read_control_vector
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,21 @@ class Artifacts:
 NO_ARTIFACTS = Artifacts()
 
 
+@lru_cache(maxsize=16)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_sha256(path: str | Path) -> str:
+    """SHA-256 of a model file: the identity of the base model that an adapter or a control vector belongs to."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
 def _file_key(path: str) -> tuple[str, int, int]:
     """Identify an artifact file by path and content version, so a rewritten adapter is reloaded."""
     p = Path(path)
@@ -50,27 +68,6 @@ def _file_key(path: str) -> tuple[str, int, int]:
         raise UserError(f"{path}: no such artifact file")
     st = p.stat()
     return (str(p.resolve()), st.st_mtime_ns, st.st_size)
-
-
-def read_control_vector(path: str, n_embd: int, n_layer: int) -> np.ndarray:
-    """A control-vector GGUF as llama.cpp's common_control_vector_load reads it: tensors `direction.<il>`
-    (il >= 1, added to the output of layer il) packed into an [n_layer - 1, n_embd] buffer starting at layer 1."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # gguf raises several types for a bad file
-        raise UserError(f"{path}: not a readable GGUF file ({e})") from None
-    data = np.zeros((n_layer - 1, n_embd), dtype=np.float32)
-    for t in reader.tensors:
-        if not t.name.startswith("direction."):
-            continue
-        layer = int(t.name.split(".", 1)[1])
-        vec = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        if vec.size != n_embd or not 1 <= layer < n_layer:
-            raise UserError(f"{path}: {t.name} does not fit this model (n_embd={n_embd}, {n_layer} layers)")
-        data[layer - 1] = vec
-    return data
 
 
 class Engine:
@@ -127,6 +124,14 @@ class Engine:
         self._adapters[key[0]] = (key, handle)
         return key, handle
 
+    def _control_vector_buffer(self, path: str) -> np.ndarray:
+        directions = read_control_vector(path)
+        for layer, vector in directions.items():
+            if vector.size != self.n_embd or not 1 <= layer < self.n_layer:
+                raise UserError(f"{path}: direction.{layer} does not fit this model "
+                                f"({self.n_embd} wide, layers 1..{self.n_layer - 1})")
+        return control_vector_data(directions, self.n_layer, self.n_embd)
+
     def _activate(self, artifacts: Artifacts) -> None:
         """Make `artifacts` the context's adapters and control vector; clear the KV cache if anything changed."""
         loras = [(*self._lora_handle(path), float(scale)) for path, scale in artifacts.lora]
@@ -140,8 +145,7 @@ class Engine:
         if lc.llama_set_adapters_lora(self.llm.ctx, handles, len(loras), scales) != 0:
             raise UserError("llama.cpp refused the LoRA adapters for this model")
         if cvec_key:
-            data = read_control_vector(artifacts.control_vector, self.n_embd, self.n_layer) * artifacts.control_scale
-            buf = np.ascontiguousarray(data.reshape(-1))
+            buf = self._control_vector_buffer(artifacts.control_vector) * np.float32(artifacts.control_scale)
             rc = lc.llama_set_adapter_cvec(self.llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                                            buf.size, self.n_embd, 1, self.n_layer - 1)
         else:

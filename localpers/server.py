@@ -2,7 +2,8 @@
 
 Routes: POST /v1/chat/completions (plain, or SSE chunks ending with `data: [DONE]`), GET /v1/models,
 GET /health (503 while the model loads, 200 after). User mistakes get 4xx with OpenAI's error body, never a 500.
-A request that names a `user` is served with that user's personalization artifacts.
+A request that names a `user` is served with that user's newest artifacts (LoRA adapter, control vector) made for
+the served model; the mem0-like memory endpoints of localpers.memory_api live under /v1/users/.
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from localpers.engine import Artifacts, model_sha256
 from localpers.errors import UserError
+from localpers.memory_api import router as memory_router
+from localpers.store import NotFoundError, Store
+from localpers.store import data_dir as resolve_data_dir
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any chat a 4k-token context can hold
 ROLES = {"system", "user", "assistant"}
@@ -96,7 +101,20 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     app = FastAPI(title="localpers", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.load_error = None
-    app.state.artifacts_for = lambda user: None  # user -> Artifacts; replaced when a user store is attached
+    app.state.store = store = Store.open(resolve_data_dir(data_dir))
+    app.include_router(memory_router)
+
+    def artifacts_for(user: str):
+        """The user's newest adapter and control vector made for the served model (None: serve the base model)."""
+        sha = model_sha256(app.state.engine.model_path)
+        try:
+            lora = store.latest_artifact(user, "lora", sha)
+            cvec = store.latest_artifact(user, "control_vector", sha)
+        except NotFoundError:
+            return None
+        if not (lora or cvec):
+            return None
+        return Artifacts(lora=((lora["path"], 1.0),) if lora else (), control_vector=cvec["path"] if cvec else None)
 
     def load():
         from localpers.engine import Engine
@@ -169,7 +187,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         engine = ready_engine()
         args = parse_chat_request(body, engine.model_name)
         user, stream = args.pop("user"), args.pop("stream")
-        artifacts = app.state.artifacts_for(user) if user else None
+        artifacts = artifacts_for(user) if user else None
         if artifacts is not None:
             args["artifacts"] = artifacts
         if not stream:

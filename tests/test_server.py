@@ -19,8 +19,13 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def client(engine):
-    return TestClient(create_app(engine=engine))
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def client(engine, data_dir):
+    return TestClient(create_app(engine=engine, data_dir=data_dir))
 
 
 def chat(client, body, **kw):
@@ -94,15 +99,15 @@ def test_streamed_prompt_errors_are_4xx_before_the_stream(client):
     assert r.status_code == 400 and "over the context" in r.json()["error"]["message"]
 
 
-def test_api_key(engine):
-    c = TestClient(create_app(engine=engine, api_key="s3cret"))
+def test_api_key(engine, data_dir):
+    c = TestClient(create_app(engine=engine, api_key="s3cret", data_dir=data_dir))
     assert c.get("/v1/models").status_code == 401
     assert c.get("/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
     assert c.get("/v1/models", headers={"authorization": "Bearer s3cret"}).status_code == 200
     assert c.get("/health").status_code == 200  # health stays open for supervisors
 
 
-def test_health_is_503_while_loading(monkeypatch):
+def test_health_is_503_while_loading(monkeypatch, tmp_path):
     import localpers.engine
 
     release = threading.Event()
@@ -114,7 +119,7 @@ def test_health_is_503_while_loading(monkeypatch):
             release.wait(10)
 
     monkeypatch.setattr(localpers.engine, "Engine", SlowEngine)
-    c = TestClient(create_app("unused.gguf"))
+    c = TestClient(create_app("unused.gguf", data_dir=str(tmp_path)))
     assert c.get("/health").status_code == 503
     r = chat(c, HELLO)
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
@@ -126,7 +131,7 @@ def test_health_is_503_while_loading(monkeypatch):
     assert c.get("/health").json() == {"status": "ok", "model": "slow"}
 
 
-def test_failed_load_is_reported(monkeypatch):
+def test_failed_load_is_reported(monkeypatch, tmp_path):
     import localpers.engine
 
     class BrokenEngine:
@@ -134,7 +139,7 @@ def test_failed_load_is_reported(monkeypatch):
             raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(localpers.engine, "Engine", BrokenEngine)
-    c = TestClient(create_app("unused.gguf"))
+    c = TestClient(create_app("unused.gguf", data_dir=str(tmp_path)))
     for _ in range(100):
         if c.get("/health").status_code != 503:
             break
@@ -143,19 +148,48 @@ def test_failed_load_is_reported(monkeypatch):
     assert r.status_code == 500 and "disk on fire" in r.json()["error"]["message"]
 
 
+def test_user_field_selects_that_users_adapter(client, engine, data_dir, tmp_path):
+    """A request with `user` is served with that user's newest adapter for this model; others get the base model."""
+    from localpers.engine import model_sha256
+    from localpers.store import Store
+    from test_engine import random_ffn_down_lora
+
+    adapter = random_ffn_down_lora(tmp_path / "alice.gguf", engine)
+    with Store.open(data_dir) as store:
+        store.add("alice", "I am vegetarian.", kind="preference")
+        store.register_artifact("alice", "lora", adapter, model_sha256(engine.model_path))
+        store.register_artifact("bob", "lora", adapter, "0" * 64)  # made for another base model: never applied
+
+    def answer(**extra):
+        return chat(client, {**HELLO, **extra}).json()["choices"][0]["message"]["content"]
+
+    base = answer()
+    assert answer(user="alice") != base
+    assert answer(user="bob") == base
+    assert answer(user="nobody") == base
+    assert answer() == base  # the KV cache never carries alice's adapter into the next request
+
+
+def test_memory_endpoints_are_served(client):
+    r = client.post("/v1/users/carol/memories", json={"text": "I love jazz.", "kind": "preference"})
+    assert r.status_code == 201, r.text
+    hits = client.get("/v1/users/carol/memories/search", params={"q": "jazz"}).json()
+    assert "I love jazz." in json.dumps(hits)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_openai_client_over_real_http(engine):
+def test_openai_client_over_real_http(engine, data_dir):
     """The official `openai` client, plain and streamed, against uvicorn on loopback."""
     import uvicorn
     from openai import OpenAI
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine=engine), host="127.0.0.1", port=port, log_level="error"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine=engine, data_dir=data_dir), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:

@@ -1,0 +1,103 @@
+"""The engine: per-request adapters and control vectors on the real default model, KV cache never reused
+across a change of artifacts, rewritten adapter files reloaded, and scoring consistent with generation."""
+import os
+
+import numpy as np
+import pytest
+
+from localpers.engine import Artifacts, Engine
+from localpers.errors import UserError
+from localpers.gguf_write import write_control_vector, write_lora
+
+PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(n_ctx=512, n_threads=2)
+
+
+def random_ffn_down_lora(path, engine, rank=8, seed=0, strength=1.0):
+    """A rank-`rank` adapter on every ffn_down, strong enough to change greedy outputs."""
+    rng = np.random.default_rng(seed)
+    d_ff = 1536
+    factors = {
+        f"blk.{il}.ffn_down": (rng.normal(0, 1 / np.sqrt(d_ff), (rank, d_ff)),
+                               rng.normal(0, strength, (engine.n_embd, rank)))
+        for il in range(engine.n_layer)
+    }
+    return write_lora(path, "llama", factors, alpha=rank)
+
+
+def reply(engine, artifacts=Artifacts(), max_tokens=16):
+    return engine.chat(PROMPT, artifacts=artifacts, max_tokens=max_tokens, temperature=0)["choices"][0]["message"]["content"]
+
+
+def test_adapter_changes_output_and_cache_never_mixes(engine, tmp_path):
+    adapter = str(random_ffn_down_lora(tmp_path / "a.gguf", engine))
+    base = reply(engine)
+    with_adapter = reply(engine, Artifacts(lora=((adapter, 1.0),)))
+    assert with_adapter != base
+    # Same prompt again: llama-cpp-python would reuse the cached prompt prefix computed under the adapter.
+    assert reply(engine) == base
+    assert reply(engine, Artifacts(lora=((adapter, 1.0),))) == with_adapter
+    # A zero scale is the base model (and a change of scale is a change of artifacts).
+    assert reply(engine, Artifacts(lora=((adapter, 0.0),))) == base
+
+
+def test_scores_follow_adapters(engine, tmp_path):
+    adapter = str(random_ffn_down_lora(tmp_path / "a.gguf", engine, seed=1))
+    tokens = engine.tokenize(engine.format_chat(PROMPT))
+    base = engine.logits(tokens)
+    adapted = engine.logits(tokens, artifacts=Artifacts(lora=((adapter, 1.0),)))
+    assert np.abs(adapted - base).max() > 1.0
+    np.testing.assert_array_equal(engine.logits(tokens), base)
+
+
+def test_rewritten_adapter_is_reloaded(engine, tmp_path):
+    path = tmp_path / "user.gguf"
+    random_ffn_down_lora(path, engine, seed=2)
+    first = reply(engine, Artifacts(lora=((str(path), 1.0),)))
+    random_ffn_down_lora(path, engine, seed=3)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    second = reply(engine, Artifacts(lora=((str(path), 1.0),)))
+    fresh = Engine(n_ctx=512, n_threads=2)
+    assert second == reply(fresh, Artifacts(lora=((str(path), 1.0),)))
+    assert first != second
+
+
+def test_control_vector(engine, tmp_path):
+    zero = write_control_vector(tmp_path / "zero.gguf", {il: np.zeros(engine.n_embd) for il in range(1, 30)}, "llama")
+    rng = np.random.default_rng(0)
+    strong = write_control_vector(tmp_path / "strong.gguf", {il: rng.normal(0, 2.0, engine.n_embd) for il in range(5, 25)},
+                                  "llama")
+    tokens = engine.tokenize(engine.format_chat(PROMPT))
+    base = engine.logits(tokens)
+    np.testing.assert_allclose(engine.logits(tokens, artifacts=Artifacts(control_vector=str(zero))), base, atol=1e-4)
+    steered = engine.logits(tokens, artifacts=Artifacts(control_vector=str(strong)))
+    assert np.abs(steered - base).max() > 1.0
+    halved = engine.logits(tokens, artifacts=Artifacts(control_vector=str(strong), control_scale=0.0))
+    np.testing.assert_allclose(halved, base, atol=1e-4)
+    assert reply(engine, Artifacts(control_vector=str(strong))) != reply(engine)
+
+
+def test_continuation_logprob_matches_logits(engine):
+    prompt = engine.format_chat([{"role": "user", "content": "What is the capital of France?"}])
+    continuation = "The capital of France is Paris."
+    p_ids, c_ids = engine.tokenize(prompt), engine.tokenize(continuation, add_bos=False)
+    logits = engine.logits(p_ids + c_ids).astype(np.float64)
+    logprobs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(1, keepdims=True)
+    expected = sum(logprobs[len(p_ids) - 1 + i, t] for i, t in enumerate(c_ids))
+    assert engine.continuation_logprob(prompt, continuation) == pytest.approx(expected, abs=1e-3)
+    assert engine.continuation_logprob(prompt, " Paris") > engine.continuation_logprob(prompt, " Tokyo")
+
+
+def test_bad_artifacts_are_user_errors(engine, tmp_path, default_model_path):
+    with pytest.raises(UserError, match="no such artifact"):
+        reply(engine, Artifacts(lora=((str(tmp_path / "missing.gguf"), 1.0),)))
+    with pytest.raises(UserError, match="not a LoRA adapter"):
+        reply(engine, Artifacts(lora=((str(default_model_path), 1.0),)))
+    wrong = write_control_vector(tmp_path / "wrong.gguf", {3: np.ones(64)}, "llama")
+    with pytest.raises(UserError, match="does not fit"):
+        reply(engine, Artifacts(control_vector=str(wrong)))
+    assert reply(engine)  # the engine still serves after refusing bad artifacts
