@@ -20,6 +20,10 @@ namespace py = pybind11;
 enum GgmlType : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 constexpr int QK_K = 256;
 
+// Threads start at this many dequantized elements (about half a millisecond on one core; the edit costs
+// about 8 per element): below it, a second thread gains less than it loses waiting for a busy core.
+constexpr int64_t PARALLEL_MIN_ELEMENTS = 1 << 20;
+
 static uint32_t float_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 static float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 static uint16_t load_u16(const uint8_t* p) { uint16_t v; std::memcpy(&v, p, 2); return v; }
@@ -187,7 +191,7 @@ py::array_t<float> dequantize(py::array_t<uint8_t, py::array::c_style> raw, int 
     int64_t n_blocks = n_elements / t.block_size, chunk = 16384 / t.block_size;
     int64_t n_chunks = (n_blocks + chunk - 1) / chunk;
     py::gil_scoped_release release;
-#pragma omp parallel for schedule(dynamic) if (n_chunks > 1)
+#pragma omp parallel for schedule(dynamic) if (n_elements >= PARALLEL_MIN_ELEMENTS)
     for (int64_t c = 0; c < n_chunks; c++) {
         int64_t first = c * chunk, count = std::min(chunk, n_blocks - first);
         t.dequant(x + first * t.type_size, y + first * t.block_size, count);
@@ -231,7 +235,7 @@ py::array_t<uint8_t> edit_to_q8_0(py::array_t<uint8_t, py::array::c_style> raw, 
     std::vector<float> vt(r * n_in);  // V transposed, so the inner loop runs over contiguous columns
     for (int64_t j = 0; j < n_in; j++)
         for (int64_t k = 0; k < r; k++) vt[k * n_in + j] = v[j * r + k];
-#pragma omp parallel if (n_out > 1)
+#pragma omp parallel if (8 * n_out * n_in >= PARALLEL_MIN_ELEMENTS)
     {
         std::vector<float> w(n_in);
 #pragma omp for schedule(dynamic)

@@ -78,6 +78,17 @@ def test_edit_is_byte_identical_to_reference(qtype, rank):
     assert np.array_equal(got, quant.edit_to_q8_0_numpy(W, qtype, (n_out, n_in), U, V, scale))
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K], ids=lambda t: t.name)
+def test_tensors_big_enough_for_threads_match(qtype):
+    """Over a million elements the kernels split the work across OpenMP threads."""
+    rng = np.random.default_rng(4)
+    shape = (1024, 1024)
+    raw = quant.random_blocks(rng, qtype, shape)
+    assert_same_floats(quant.dequantize(raw, qtype, shape), quant.dequantize_numpy(raw, qtype, shape))
+    U, V = rng.standard_normal((1024, 3), dtype=np.float32), rng.standard_normal((1024, 3), dtype=np.float32)
+    assert np.array_equal(quant.edit_to_q8_0(raw, qtype, shape, U, V), quant.edit_to_q8_0_numpy(raw, qtype, shape, U, V))
+
+
 def test_rank_one_edit_equals_the_plain_definition():
     """With r = 1, U @ V.T is one product per element whatever the summation order, so the kernel must
     equal quantize(dequant(W) + scale * U @ V.T) written literally."""
