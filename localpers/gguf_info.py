@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +30,26 @@ class GGUFFile(gguf.GGUFReader):
     def data(self, value: np.memmap):
         self._data = value.view(np.ndarray)
 
+    def _get_field_parts(self, orig_offs: int, raw_type: int):
+        """Arrays (a vocabulary: 100k+ tokens, merges, scores, types) parsed in one pass: numbers as one part,
+        strings as one part each, instead of several numpy views per element; contents() reads both layouts."""
+        if raw_type != gguf.GGUFValueType.ARRAY or self.byte_order != "I":
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        item = gguf.GGUFValueType(int(item_type[0]))
+        parts, offs = [item_type, length], orig_offs + 12
+        if item == gguf.GGUFValueType.STRING:
+            for _ in range(int(length[0])):
+                (n,) = struct.unpack_from("<Q", self.data, offs)
+                parts.append(self.data[offs + 8 : offs + 8 + n])
+                offs += 8 + n
+        elif item in self.gguf_scalar_to_np:
+            parts.append(self._get(offs, self.gguf_scalar_to_np[item], length[0]))
+            offs += parts[-1].nbytes
+        else:  # arrays of arrays
+            return super()._get_field_parts(orig_offs, raw_type)
+        return offs - orig_offs, parts, list(range(2, len(parts))), [gguf.GGUFValueType.ARRAY, item]
+
 
 def open_gguf(path, *, check_arch: bool = True) -> GGUFFile:
     """A GGUF reader over `path`; UserError naming the file for a missing, non-GGUF, truncated or corrupt
@@ -44,7 +65,7 @@ def open_gguf(path, *, check_arch: bool = True) -> GGUFFile:
         raise UserError(f"{path}: not a GGUF file")
     try:
         reader = GGUFFile(path)  # the reader fails on any header, metadata or tensor data cut short
-    except (ValueError, IndexError, KeyError, OSError):
+    except (ValueError, IndexError, KeyError, OSError, struct.error):
         raise UserError(f"{path}: truncated or corrupt GGUF file") from None
     if check_arch:
         field = reader.get_field("general.architecture")

@@ -2,6 +2,8 @@
 llama.cpp serving see exactly the same token ids; chat prompts are rendered with the GGUF's template."""
 from __future__ import annotations
 
+import ctypes
+
 from localpers.chat import render_chat
 from localpers.gguf_info import open_gguf
 
@@ -37,8 +39,20 @@ class Tokenizer:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
     def decode(self, ids, special: bool = True) -> str:
-        """Text of token ids; special=True writes special tokens as their text, so decode(encode(s)) == s."""
-        return self.llama.detokenize(list(ids), special=special).decode("utf-8", errors="replace")
+        """Text of token ids; special=True writes special tokens as their text, so decode(encode(s)) == s.
+        llama.cpp's own detokenizer, which (unlike joining pieces) drops SentencePiece's leading space."""
+        import llama_cpp
+
+        ids = list(ids)
+        tokens = (llama_cpp.llama_token * len(ids))(*ids)
+        size = 16 + 8 * len(ids)
+        for _ in range(2):  # a negative result is the size needed
+            text = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(self.llama._model.vocab, tokens, len(ids), text, size, False, special)
+            if n >= 0:
+                return text.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+        raise RuntimeError(f"llama_detokenize failed ({n})")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return render_chat(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,

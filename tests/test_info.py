@@ -58,3 +58,19 @@ def test_cli_info_prints_error_without_traceback(bad_files, capsys):
     assert err == f"localpers: error: {tmp / 'cut100.gguf'}: truncated or corrupt GGUF file\n"
     assert cli.main(["info", "--model", str(VOCAB / "ggml-vocab-phi-3.gguf")]) == 2
     assert "unsupported architecture 'phi3'" in capsys.readouterr().err
+
+
+def test_fast_reader_reads_what_gguf_reads(tmp_path_factory):
+    """GGUFFile's one-pass array parsing gives the same metadata and tensors as gguf's own reader."""
+    import gguf
+
+    from localpers.gguf_info import GGUFFile
+
+    path = random_model_path(tmp_path_factory, "llama")  # SentencePiece vocabulary: strings, scores, types
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    assert ours.fields.keys() == theirs.fields.keys()
+    for key, field in theirs.fields.items():
+        assert ours.fields[key].types == field.types, key
+        assert ours.fields[key].contents() == field.contents(), key
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in theirs.tensors]
