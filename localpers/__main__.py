@@ -1,0 +1,5 @@
+import sys
+
+from localpers.cli import main
+
+sys.exit(main())
