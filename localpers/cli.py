@@ -21,7 +21,7 @@ def cmd_info(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="localpers", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="localpers", description="localpers: an on-device LLM personalization runtime")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server on 127.0.0.1")
