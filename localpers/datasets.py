@@ -5,11 +5,11 @@ the item's index, so a bad file is one clear line, not a traceback deep in the e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from localpers.errors import UserError
-from localpers.methods import User
+from localpers.methods import Fact, User
 
 
 def shared_data_dir() -> Path | None:
@@ -59,7 +59,7 @@ class UpqaItem:
     target: str                         # canonical target
     targets: tuple[str, ...]            # every accepted answer (the synonym cluster, canonical last)
     questions: tuple[str, ...] = ()     # the cluster's question paraphrases (for methods that edit)
-    candidates: tuple[str, ...] = ()    # mc_acc candidates besides the target; empty: other items' targets
+    candidates: tuple[str, ...] = ()    # mc_acc candidates besides the target
     meta: tuple[tuple[str, object], ...] = ()   # extra fields kept in the report rows (world: step, history)
 
 
@@ -79,6 +79,10 @@ def read_upqa(path: str | Path) -> list[UpqaItem]:
         if not isinstance(statement, str) or not (statement.strip() or raw.get("profile")):
             raise UserError(f"{path}: item {i}: field 'input_attribute' must be a non-empty string")
         user = _user(path, i, raw, f"upqa-{i}", statement)
+        if statement.strip():
+            user = replace(user, facts=(Fact(statement, tuple(questions) if clustered else (questions,),
+                                             tuple(targets) if clustered else (targets,),
+                                             tuple(attribute) if clustered else (attribute,)),))
         candidates = raw.get("candidates", [])
         if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
             raise UserError(f"{path}: item {i}: field 'candidates' must be a list of strings")
@@ -96,7 +100,16 @@ def read_upqa(path: str | Path) -> list[UpqaItem]:
         ))
     if not items:
         raise UserError(f"{path}: no items")
-    return items
+    # mc_acc ranks a target against the other users' targets for the same attribute type (the same question);
+    # they are fixed here, from the whole file, so a --limit subset is scored against the same candidates.
+    by_type: dict[str, list[str]] = {}
+    for item in items:
+        by_type.setdefault(item.attribute_type, [])
+        if item.target not in by_type[item.attribute_type]:
+            by_type[item.attribute_type].append(item.target)
+    return [item if item.candidates else
+            replace(item, candidates=tuple(t for t in by_type[item.attribute_type] if t != item.target))
+            for item in items]
 
 
 # ---------------------------------------------------------------- PrefEval

@@ -2,6 +2,7 @@
 world, and write report.json, report.md and plots."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -122,17 +123,18 @@ def cmd_eval(args) -> None:
         writing = [item for item in writing if item.user.id in keep]
         config.update(max_tokens=max_tokens)
 
+    # OpenMP threads that spin while waiting make llama.cpp ~10x slower when other processes share the cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from localpers.engine import Engine
 
     engine = Engine(args.model, seed=args.seed)
     report = {"task": args.task, "model": engine.model_name, "config": config}
     if args.task == "upqa":
         results, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens)
-        rules = [ev.RULES["match"].format(max_tokens=max_tokens), ev.RULES["mc"],
-                 ev.RULES["locality"].format(n=len(ev.NEUTRAL), users=min(20, len(items)))]
+        rules = ev.upqa_rules(max_tokens, len(items))
     elif args.task == "prefeval":
         results, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed)
-        rules = [ev.RULES["prefeval"].format(ack=ev.PREFEVAL_ACK, max_chars=300)]
+        rules = [ev.RULES["prefeval"].format(ack=ev.PREFEVAL_ACK, max_chars=ev.PREFEVAL_MAX_CHARS)]
     elif args.task in ("lamp", "longlamp"):
         results, rows = ev.run_lamp(engine, task_name, items, methods, max_tokens=max_tokens)
         rules = [ev.RULES["lamp"].format(max_tokens=max_tokens)]
@@ -144,9 +146,7 @@ def cmd_eval(args) -> None:
         rows += writing_rows
         report["breakdown"] = ev.breakdown(rows, {"explicit_ok": "explicit_acc", "implicit_ok": "implicit_acc",
                                                   "mc_ok": "mc_acc", "rougeL": "rougeL"})
-        rules = [ev.RULES["match"].format(max_tokens=max_tokens), ev.RULES["mc"],
-                 ev.RULES["locality"].format(n=len(ev.NEUTRAL), users=min(20, len(upqa_items))),
-                 ev.RULES["lamp"].format(max_tokens=2 * max_tokens)]
+        rules = ev.upqa_rules(max_tokens, len(upqa_items)) + [ev.RULES["lamp"].format(max_tokens=2 * max_tokens)]
     report["results"] = results
     report["items"] = rows
     for path in ev.write_report(out, report, rules):

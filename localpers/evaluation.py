@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from localpers.errors import UserError
 from localpers.datasets import LampItem, PrefEvalItem, UpqaItem
 from localpers.methods import Personalized, apply
 from localpers.world import history_bucket
@@ -23,6 +24,7 @@ from localpers.world import history_bucket
 # ---------------------------------------------------------------- scoring rules (also written into report.md)
 
 MATCH_RECALL = 0.5
+LOCALITY_USERS = 10   # locality_kl is measured on the first users only: it costs 8 scored answers per user
 RULES = {
     "match": (f"An answer is correct when, for some accepted target (the cluster9 variant accepts all 9 synonyms), "
               f"at least {MATCH_RECALL:.0%} of the target's content tokens occur in the answer. Tokens are "
@@ -42,6 +44,11 @@ RULES = {
              "(LaMP_3) tasks: the label with the highest mean log-probability per token is the prediction; "
              "accuracy, and MAE/RMSE for ratings."),
 }
+
+
+def upqa_rules(max_tokens: int, n_items: int) -> list[str]:
+    return [RULES["match"].format(max_tokens=max_tokens), RULES["mc"],
+            RULES["locality"].format(n=len(NEUTRAL), users=min(LOCALITY_USERS, n_items))]
 
 
 def _tokenizer():
@@ -79,14 +86,54 @@ def generate(engine, p: Personalized, messages: list[dict], max_tokens: int) -> 
     return out["choices"][0]["message"]["content"].strip()
 
 
-def mean_logprob(engine, p: Personalized, messages: list[dict], reply: str) -> float:
-    """Mean log-probability per token of `reply` as the assistant's answer to `messages`."""
-    total = engine.continuation_logprob(engine.format_chat(apply(p, messages)), reply, artifacts=p.artifacts)
-    return total / len(engine.tokenize(reply, add_bos=False))
+def continuation_logprobs(engine, prompt: str, continuations: list[str], artifacts) -> list[tuple[list[int], np.ndarray]]:
+    """Each continuation's tokens and the log-softmax next-token distributions [tokens, V] that predict them,
+    after `prompt`, in the engine's llama context.
+
+    Engine.continuation_logprob decodes prompt + continuation from an empty cache; scoring 4 options after
+    10 distractor turns that way costs 4 decodes of the whole conversation. Here the prompt is decoded once,
+    reusing the prefix the KV cache already holds (the same conversation with fewer turns, or the question
+    just generated for), and each continuation is decoded on top of it; llama.cpp's Llama.eval drops the
+    cache cells past n_tokens first. Uses only the public llama_cpp.Llama API under the engine's lock."""
+    import llama_cpp
+
+    prompt_ids = engine.tokenize(prompt)
+    options = [engine.tokenize(c, add_bos=False) for c in continuations]
+    if len(prompt_ids) + max(map(len, options)) > engine.n_ctx:
+        raise UserError(f"a prompt of {len(prompt_ids)} tokens and its continuations exceed the context of {engine.n_ctx}")
+    llm = engine.llm
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(engine.n_vocab,)).copy()
+
+    out = []
+    with engine._lock:
+        engine._activate(artifacts)
+        cached = llm.input_ids[:llm.n_tokens]
+        same = int(np.argmin(np.append(cached[:len(prompt_ids)] == prompt_ids[:len(cached)], False)))
+        llm.n_tokens = min(same, len(prompt_ids) - 1)   # the prompt's last token is decoded again for its logits
+        llm.eval(prompt_ids[llm.n_tokens:])
+        first = last_logits()
+        for ids in options:
+            llm.n_tokens = len(prompt_ids)
+            rows = [first]
+            for token in ids[:-1]:
+                llm.eval([token])
+                rows.append(last_logits())
+            out.append((ids, _log_softmax(np.stack(rows))))
+    return out
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
 
 
 def best_option(engine, p: Personalized, messages: list[dict], options: list[str]) -> tuple[int, list[float]]:
-    scores = [mean_logprob(engine, p, messages, o) for o in options]
+    """The option with the highest mean log-probability per token as the assistant's reply, and the scores."""
+    prompt = engine.format_chat(apply(p, messages))
+    scores = [float(lp[np.arange(len(ids)), ids].mean())
+              for ids, lp in continuation_logprobs(engine, prompt, options, p.artifacts)]
     return int(np.argmax(scores)), scores
 
 
@@ -104,11 +151,8 @@ NEUTRAL = (
 
 def answer_logprobs(engine, p: Personalized, question: str, answer: str) -> np.ndarray:
     """Log-softmax of the next-token distributions at the answer's positions: [answer tokens, V]."""
-    prompt = engine.tokenize(engine.format_chat(apply(p, [{"role": "user", "content": question}])))
-    answer_ids = engine.tokenize(answer, add_bos=False)
-    logits = engine.logits(prompt + answer_ids[:-1], artifacts=p.artifacts)[len(prompt) - 1:].astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    prompt = engine.format_chat(apply(p, [{"role": "user", "content": question}]))
+    return continuation_logprobs(engine, prompt, [answer], p.artifacts)[0][1]
 
 
 def locality_kl(engine, method, users, base_logprobs: list[np.ndarray]) -> float:
@@ -128,13 +172,8 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48,
-             locality_users: int = 20) -> tuple[dict, list[dict]]:
+def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48) -> tuple[dict, list[dict]]:
     """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl."""
-    by_type = defaultdict(list)
-    for item in items:
-        if item.target not in by_type[item.attribute_type]:
-            by_type[item.attribute_type].append(item.target)
     base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL]
     results, rows = {}, []
     for name, method in methods.items():
@@ -148,8 +187,8 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
                 row[kind] = answer
                 row[f"{kind}_ok"] = target_match(answer, item.targets)
                 ok[f"{kind}_acc"].append(row[f"{kind}_ok"])
-            candidates = [item.target] + [t for t in (item.candidates or by_type[item.attribute_type]) if t != item.target]
-            if len(candidates) > 1:
+            candidates = [item.target, *item.candidates]
+            if item.candidates:
                 chosen, _ = best_option(engine, method(item.user, item.question, engine),
                                         [{"role": "user", "content": item.question}], candidates)
                 row["mc_choice"] = candidates[chosen]
@@ -158,11 +197,12 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
             rows.append(row)
         results[name] = {metric: _mean(v) for metric, v in ok.items()}
         results[name]["locality_kl"] = 0.0 if name == "base" else locality_kl(
-            engine, method, [item.user for item in items[:locality_users]], base_logprobs)
+            engine, method, [item.user for item in items[:LOCALITY_USERS]], base_logprobs)
     return results, rows
 
 
 PREFEVAL_ACK = "Got it, I'll keep that in mind."
+PREFEVAL_MAX_CHARS = 300   # distractor messages are cut so that 10 turns fit SmolLM2's context
 
 
 def _cut(text: str, max_chars: int) -> str:
@@ -183,7 +223,7 @@ def distractor_turns(conversations: list[list[dict]], n: int, rng: random.Random
 
 
 def run_prefeval(engine, items: list[PrefEvalItem], conversations: list[list[dict]], methods: dict, *,
-                 turns: list[int], seed: int = 0, max_chars: int = 300) -> tuple[dict, list[dict]]:
+                 turns: list[int], seed: int = 0, max_chars: int = PREFEVAL_MAX_CHARS) -> tuple[dict, list[dict]]:
     """followed@T for each T in `turns`: is the preference-following option the model's choice?"""
     rng = random.Random(seed)
     # One seeded layout per item, shared by every method and turn count: option order, distractor turns

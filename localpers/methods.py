@@ -19,10 +19,21 @@ from localpers.retrieval import BM25Index
 
 
 @dataclass(frozen=True)
+class Fact:
+    """A preference with the questions it answers and the accepted answers, for methods that edit weights
+    (UPQA gives them; cluster9 gives 9 of each, the canonical one last)."""
+    statement: str
+    questions: tuple[str, ...]
+    targets: tuple[str, ...]
+    attributes: tuple[str, ...] = ()    # attribute-type synonyms, canonical last
+
+
+@dataclass(frozen=True)
 class User:
     id: str
     preferences: tuple[str, ...] = ()   # what the user stated about themselves ("I'm vegetarian.")
     history: tuple[str, ...] = ()       # the user's own items (posts, reviews, profile entries), oldest first
+    facts: tuple[Fact, ...] = ()        # preferences the data gives as question/answer clusters
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ METHODS: dict[str, Method | str] = {
     "base": base,
     "prompt": prompt,
     "rag": rag,
+    "edit": "localpers.editing:edit_method",
 }
 
 

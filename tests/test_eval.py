@@ -34,6 +34,9 @@ def test_upqa_plain_and_cluster9_agree_on_the_canonical_fields():
         assert a.targets == (a.target,) and len(b.targets) == 9 and b.targets[-1] == b.target
     assert plain[0].user.preferences == ("I like to dance at the club.",)
     assert len({i.attribute_type for i in plain}) == 10
+    hobby = [i for i in plain if i.attribute_type == "hobby"]
+    assert len(hobby[0].candidates) == 9 and hobby[0].target not in hobby[0].candidates
+    assert set(hobby[0].candidates) == {i.target for i in hobby[1:]}
 
 
 @needs_shared
@@ -158,7 +161,7 @@ def test_methods_registry_and_composition():
     messages = apply(p, [{"role": "user", "content": "Any vegetarian dinner ideas?"}])
     assert [m["role"] for m in messages] == ["system", "user"]
     assert messages[1]["content"].endswith("Any vegetarian dinner ideas?") and messages[1]["content"].startswith("Some things")
-    assert retrieve(("jazz tonight", "more jazz tonight", "tea"), "jazz", k=1) == ["jazz tonight"]
+    assert retrieve(("jazz night", "jazz tonight", "tea"), "jazz", k=3) == ["jazz tonight", "jazz night"]  # tie: newest
     with pytest.raises(UserError, match="unknown method 'nope'"):
         get_method("prompt+nope")
     assert {"base", "prompt", "rag"} <= set(METHODS)
