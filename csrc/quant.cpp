@@ -217,6 +217,19 @@ static void quantize_block_q8_0(const float* __restrict x, uint8_t* __restrict o
     }
 }
 
+// One row of the edit: dequantize it into w, add scale * sum_k u[k] * V[:, k] (k in order), quantize.
+static void edit_row(const TypeInfo& t, const uint8_t* src, const float* u, const float* vt, int64_t n_in, int64_t r,
+                     float scale, float* w, uint8_t* dst) {
+    t.dequant(src, w, n_in / t.block_size);
+    for (int64_t c = 0; c < n_in; c += 32) {  // one output block at a time, so its update stays in L1
+        float block[32] = {};
+        for (int64_t k = 0; k < r; k++)
+            for (int j = 0; j < 32; j++) block[j] += u[k] * vt[k * n_in + c + j];
+        for (int j = 0; j < 32; j++) block[j] = w[c + j] + scale * block[j];
+        quantize_block_q8_0(block, dst + c / 32 * 34);
+    }
+}
+
 // Q8_0 bytes of dequant(W) + scale * U @ V.T, one row at a time; the update is summed over k = 0..r-1 in
 // float32 (product, then add), the order of the numpy reference in localpers/quant.py.
 py::array_t<uint8_t> edit_to_q8_0(py::array_t<uint8_t, py::array::c_style> raw, int qtype, int64_t n_out,
@@ -239,17 +252,8 @@ py::array_t<uint8_t> edit_to_q8_0(py::array_t<uint8_t, py::array::c_style> raw, 
     {
         std::vector<float> w(n_in);
 #pragma omp for schedule(dynamic)
-        for (int64_t i = 0; i < n_out; i++) {
-            t.dequant(x + i * row_in, w.data(), n_in / t.block_size);
-            const float* ui = u + i * r;
-            for (int64_t c = 0; c < n_in; c += 32) {  // one output block at a time, its update in registers
-                float block[32] = {};
-                for (int64_t k = 0; k < r; k++)
-                    for (int j = 0; j < 32; j++) block[j] += ui[k] * vt[k * n_in + c + j];
-                for (int j = 0; j < 32; j++) block[j] = w[c + j] + scale * block[j];
-                quantize_block_q8_0(block, y + i * row_out + c / 32 * 34);
-            }
-        }
+        for (int64_t i = 0; i < n_out; i++)
+            edit_row(t, x + i * row_in, u + i * r, vt.data(), n_in, r, scale, w.data(), y + i * row_out);
     }
     return out;
 }
