@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from localpers.errors import UserError
-from localpers.gguf_info import open_gguf
+from localpers.gguf_info import SUPPORTED_ARCHS, open_gguf
 from localpers.quant import dequantize
 
 NEOX_ROPE_ARCHS = {"qwen2", "qwen3"}
+REQUIRED = object()
 
 # Module name inside a Block -> GGUF tensor base name (without "blk.N.").
 BLOCK_GGUF_NAMES = {
@@ -67,9 +68,14 @@ class ModelConfig:
         reader = reader_or_path if isinstance(reader_or_path, gguf.GGUFReader) else open_gguf(reader_or_path)
         arch = field(reader, "general.architecture")
         name = getattr(reader, "path", arch)
+        if arch not in SUPPORTED_ARCHS:
+            raise UserError(f"{name}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHS)})")
 
-        def key(suffix, default=None):
-            return field(reader, f"{arch}.{suffix}", default)
+        def key(suffix, default=REQUIRED):
+            value = field(reader, f"{arch}.{suffix}", default)
+            if value is REQUIRED:
+                raise UserError(f"{name}: metadata key {arch}.{suffix} is missing")
+            return value
 
         tensors = {t.name: t for t in reader.tensors}
         d_model = int(key("embedding_length"))
@@ -83,7 +89,7 @@ class ModelConfig:
         scaling_type = key("rope.scaling.type", "linear")
         if scaling_type not in ("none", "linear"):
             raise UserError(f"{name}: RoPE scaling '{scaling_type}' is not supported (only none and linear)")
-        factor = float(key("rope.scaling.factor", 0.0) or key("rope.scale_linear", 0.0) or 1.0)
+        factor = float(key("rope.scaling.factor", 0) or key("rope.scale_linear", 0) or 1)
         if scaling_type == "none":
             factor = 1.0
 
@@ -251,21 +257,22 @@ def load_model(path, dtype: torch.dtype = torch.float32, requires_grad: bool = F
     config = ModelConfig.from_gguf(reader)
     with torch.device("meta"):
         model = Transformer(config)
-    state = {}
+    expected = set(model.state_dict()) - ({"output.weight"} if config.tied_output else set())
+    state, unsupported = {}, []
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             model.rope_freqs = torch.from_numpy(tensor_array(tensor))
             continue
         base, _, param = tensor.name.rpartition(".")
-        module = model.module_names.get(base)
-        if module is None:
-            raise UserError(f"{path}: unexpected tensor {tensor.name} for architecture {config.arch}")
-        state[f"{module}.{param}"] = torch.from_numpy(tensor_array(tensor)).to(dtype)
-    missing = set(model.state_dict()) - set(state)
-    if config.tied_output:
-        missing.discard("output.weight")
-    if missing:
-        raise UserError(f"{path}: missing tensors {sorted(model.gguf_name(m) for m in missing)[:4]}")
+        name = f"{model.module_names.get(base)}.{param}"
+        if name in expected:
+            state[name] = torch.from_numpy(tensor_array(tensor)).to(dtype)
+        else:  # e.g. an output bias: computing without it would silently give other logits
+            unsupported.append(tensor.name)
+    if unsupported:
+        raise UserError(f"{path}: tensors a {config.arch} model does not use: {', '.join(unsupported[:4])}")
+    if missing := expected - set(state):
+        raise UserError(f"{path}: missing tensors: {', '.join(sorted(model.gguf_name(m) for m in missing)[:4])}")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tied_output:
         model.output.weight = model.tok_embeddings.weight

@@ -68,3 +68,47 @@ def logit_error(ours, reference) -> float:
 
 def top1_agreement(ours, reference) -> float:
     return float((np.asarray(ours).argmax(-1) == np.asarray(reference).argmax(-1)).mean())
+
+
+def oracle_report(workdir: Path) -> str:
+    """The measured torch-vs-llama.cpp logit differences behind the oracle tests' tolerances
+    (`python -m tests.helpers_models`)."""
+    import torch
+
+    from localpers import default_model_path
+    from localpers.gguf_write import write_model
+    from localpers.model import load_model
+    from localpers.tokenizer import Tokenizer
+
+    def row(name, model, path, tokens, f32_kv):
+        with torch.no_grad():
+            ours = model(torch.tensor([tokens]))[0].numpy()
+        ref = llama_cpp_logits(path, tokens, f32_kv=f32_kv)
+        diff = np.abs(ours - ref)
+        return (f"{name:<34} {'F32' if f32_kv else 'F16':<4} {len(tokens):>4} {diff.max():>9.2e} {ref.std():>6.2f} "
+                f"{logit_error(ours, ref):>9.2e} {diff.mean() / ref.std():>9.2e} {top1_agreement(ours, ref):>6.3f}")
+
+    lines = [f"{'model':<34} {'KV':<4} {'T':>4} {'max|d|':>9} {'std':>6} {'max/std':>9} {'mean/std':>9} {'top1':>6}"]
+    smollm_path = default_model_path()
+    tokenizer = Tokenizer.from_gguf(smollm_path)
+    tokens = tokenizer.encode(tokenizer.apply_chat_template(
+        [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": TEXT}]))
+    smollm = load_model(smollm_path)
+    for f32_kv in (False, True):
+        lines.append(row("SmolLM2-135M-Instruct Q4_1", smollm, smollm_path, tokens, f32_kv))
+    tensors = {smollm.gguf_name(n): p.numpy() for n, p in smollm.state_dict().items() if n != "output.weight"}
+    f32_path = write_model(workdir / "smollm2-f32.gguf", smollm.config, tensors, smollm_path)
+    lines.append(row("SmolLM2-135M-Instruct dequant. F32", smollm, f32_path, tokens, True))
+    for arch, (vocab, options) in RANDOM_MODELS.items():
+        path = random_model(workdir / f"random-{arch}.gguf", arch, VOCAB / vocab, seed=1, **options)
+        model, tokens = load_model(path), Tokenizer.from_gguf(path).encode(TEXT, add_bos=True)
+        for f32_kv in (True, False):
+            lines.append(row(f"random {arch} F32 ({vocab[11:-5]} vocab)", model, path, tokens, f32_kv))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(oracle_report(Path(tmp)))

@@ -12,7 +12,9 @@ from localpers.model import apply_rope, load_model
 from localpers.tokenizer import Tokenizer
 from tests.helpers_models import TEXT, llama_cpp_logits, logit_error, random_model_path
 
-TOL = 1e-4  # as RANDOM_TOL in test_model_oracle.py: F32 models and KV cache, only summation order differs
+# As RANDOM_TOL in test_model_oracle.py (F32 models and KV cache: only summation order differs). Measured:
+# LoRA 5e-6 (llama), 4e-6 (qwen2); control vector 4e-6, 3e-6; the adapters themselves move the logits by 3..5.
+TOL = 2e-4
 LORA_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 RANK, ALPHA, SCALE = 4, 8.0, 0.5
 
@@ -56,7 +58,7 @@ def test_lora_round_trip(case, tmp_path):
     adapter = write_lora(tmp_path / "lora.gguf", model.config.arch, factors, ALPHA)
     merge_lora(model, factors)
     served = llama_cpp_logits(path, tokens, lora=adapter, lora_scale=SCALE)
-    assert logit_error(served, base) > 100 * TOL  # the adapter really changes the model
+    assert logit_error(served, base) > 1000 * TOL  # the adapter really changes the model
     assert logit_error(logits(model, tokens), served) < TOL
 
 
@@ -128,7 +130,7 @@ def test_control_vector_round_trip(case, tmp_path):
     read = read_control_vector(file)
     assert read.keys() == directions.keys() and all(np.allclose(read[il], directions[il]) for il in read)
     served = llama_cpp_logits(path, tokens, cvec=control_vector_data(read, c.n_layer, c.d_model))
-    assert logit_error(served, base) > 100 * TOL
+    assert logit_error(served, base) > 1000 * TOL
 
     def steered(shift):
         hooks = [model.layers[il - shift].register_forward_hook(
