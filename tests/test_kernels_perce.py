@@ -2,8 +2,8 @@
 
 Triton reads TRITON_INTERPRET when @triton.jit runs, that is when a kernel module (and triton.language itself) is
 imported, so a pytest process that may already hold compiled-mode Triton cannot switch to the interpreter. The
-"triton" cases therefore run here on a CUDA machine, and otherwise in a child pytest started with TRITON_INTERPRET=1
-on CPU tensors (test_interpreted_kernels).
+"triton" cases (here and in test_kernels_lowrank.py) therefore run here on a CUDA machine, and otherwise in a child
+pytest started with TRITON_INTERPRET=1 on CPU tensors (test_interpreted_kernels).
 """
 import os
 import subprocess
@@ -134,10 +134,11 @@ def test_needs_exactly_one_weighting():
 
 @pytest.mark.skipif(INTERPRETED or ON_CUDA, reason="the triton cases run in this process")
 def test_interpreted_kernels():
-    """The "triton" cases above, in a child pytest with TRITON_INTERPRET=1 (Triton kernels on CPU tensors)."""
-    repo = Path(__file__).resolve().parents[1]
+    """The "triton" cases of both kernel test modules, in a child pytest with TRITON_INTERPRET=1 (CPU tensors)."""
+    tests = Path(__file__).resolve().parent
     child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton",
-                            __file__], cwd=repo, env={**os.environ, "TRITON_INTERPRET": "1"},
+                            str(tests / "test_kernels_perce.py"), str(tests / "test_kernels_lowrank.py")],
+                           cwd=tests.parent, env={**os.environ, "TRITON_INTERPRET": "1"},
                            capture_output=True, text=True, timeout=600)
     assert child.returncode == 0 and " passed" in child.stdout, child.stdout[-4000:] + child.stderr[-2000:]
     assert "skipped" not in child.stdout, child.stdout[-2000:]

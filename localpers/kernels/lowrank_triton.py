@@ -1,6 +1,7 @@
 """Triton kernels of rank-r edits (CUDA; Triton's interpreter runs them on CPU tensors for tests).
 
-- _apply_lowrank_kernel: W += scale * U @ V.T in place, one [BLOCK_M, BLOCK_N] tile of W per program, fp32 products.
+- _apply_lowrank_kernel: W += scale * U @ V.T in place, one [BLOCK_M, BLOCK_N] tile of W per program, products
+  summed in fp32 ("ieee" for fp32 U and V; tf32 tensor cores for bf16/fp16 ones, which tf32 holds exactly).
 - _edit_to_q8_0_kernel: reads GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), dequantizes, adds the rank-r update and
   writes Q8_0 blocks, with the float operations of localpers.quant.edit_to_q8_0_numpy in the same order: gguf's
   dequantizers, the update summed one rank at a time, gguf's Q8_0 quantizer. Launched with enable_fp_fusion=False
@@ -46,9 +47,10 @@ def _apply_lowrank_kernel(w_ptr, u_ptr, v_ptr, M, N, R, stride_wm, stride_wn, st
 def apply_lowrank_triton_(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: float) -> torch.Tensor:
     U, V = U.contiguous(), V.contiguous()
     (m, n), r = W.shape, U.shape[1]
+    precision = "ieee" if U.dtype == V.dtype == torch.float32 else "tf32"
     _apply_lowrank_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))](
         W, U, V, m, n, r, W.stride(0), W.stride(1), U.stride(0), V.stride(0), float(scale),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, PRECISION="ieee" if W.dtype == torch.float32 else "tf32")
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, PRECISION=precision)
     return W
 
 

@@ -48,10 +48,8 @@ def perce_linear_cross_entropy(h_pos, h_neg, weight, targets, min_weight=0.8, ma
     for name, other in (("h_neg", h_neg), ("token_weights", token_weights)):
         if other is not None and other.shape[0] != n:
             raise ValueError(f"{name} has {other.shape[0]} rows, h_pos has {n}")
-    if h_neg is not None:
-        h_neg = h_neg.detach()
-    if token_weights is not None:
-        token_weights = token_weights.detach()
+    if not torch.is_grad_enabled():  # no gradients to leave behind: spare the CPU path their computation
+        h_pos, weight = h_pos.detach(), weight.detach()
 
     backend = backend or ("triton" if h_pos.is_cuda else "torch")
     if backend == "triton":

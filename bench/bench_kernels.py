@@ -1,0 +1,163 @@
+"""Kernel benchmarks: the fused PerCE loss against its materialized-logits reference, and apply_lowrank_.
+
+    python -m pytest bench/bench_kernels.py
+
+PerCE, forward + backward (gradient to h_pos; the output weights stay frozen, as in LoRA training), at
+(N, d, V) = (2048, 576, 49152) and (4096, 576, 49152): SmolLM2's real output weights (token_embd, dequantized from
+the default model) and hidden states normalized then scaled so the logits have std 3, like a trained model's.
+(Random large logits would make softmax underflow to denormals, which slows CPU arithmetic ~50x.)
+- time: pytest-benchmark, fused and naive in the same run;
+- peak memory: each case runs once more in a fresh process (python -m bench.bench_kernels IMPL N DEVICE), which
+  builds its inputs, resets the kernel's peak-RSS mark (VmHWM, by writing 5 to /proc/self/clear_refs), runs forward
+  + backward and reports VmHWM - RSS before: the extra memory the loss needed, torch allocations included.
+  On CUDA: torch.cuda.max_memory_allocated() - memory_allocated() before.
+apply_lowrank_: GB/s (W read and written, U and V read) on SmolLM2's ffn_down shape and on 4096 x 11008.
+Triton cases need CUDA and skip without it.
+"""
+import re
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import localpers
+from localpers import quant
+from localpers.kernels import apply_lowrank_, perce_linear_cross_entropy
+from localpers.kernels.reference import perce_linear_cross_entropy_reference
+
+REPO = Path(__file__).resolve().parents[1]
+PERCE_N = [2048, 4096]
+LOWRANK_SHAPES = [(576, 1536), (4096, 11008)]
+RANK = 8
+LOGIT_STD = 3.0
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@cache
+def output_weight() -> torch.Tensor:
+    """SmolLM2's tied output projection [49152, 576], fp32."""
+    tensor = next(t for t in gguf.GGUFReader(localpers.default_model_path()).tensors if t.name == "token_embd.weight")
+    shape = tuple(reversed(tensor.shape.tolist()))
+    return torch.from_numpy(quant.dequantize(np.asarray(tensor.data), tensor.tensor_type, shape))
+
+
+def perce_inputs(n: int, device: str):
+    weight = output_weight().to(device)
+    g = torch.Generator().manual_seed(0)
+    h_neg = torch.randn(n, weight.shape[1], generator=g)
+    h_neg /= h_neg.norm(dim=1, keepdim=True)
+    h_neg *= LOGIT_STD / (h_neg[:256] @ output_weight().T).std()
+    h_pos = h_neg + 0.3 * h_neg.std() * torch.randn(h_neg.shape, generator=g)  # the profile shifts the states
+    targets = torch.randint(0, weight.shape[0], (n,), generator=g)
+    targets[::8] = -100  # some positions do not count
+    return h_pos.to(device), h_neg.to(device), weight, targets.to(device)
+
+
+def forward_backward(impl, h_pos, h_neg, weight, targets):
+    h_pos = h_pos.detach().requires_grad_()
+    loss_fn = perce_linear_cross_entropy if impl == "fused" else perce_linear_cross_entropy_reference
+    loss = loss_fn(h_pos, h_neg, weight, targets)[0]
+    loss.backward()
+    return loss.detach(), h_pos.grad
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1))
+
+
+def peak_extra_bytes(impl: str, n: int, device: str) -> int:
+    """Extra memory of one forward + backward, measured in this (fresh) process."""
+    inputs = perce_inputs(n, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        forward_backward(impl, *inputs)
+        return torch.cuda.max_memory_allocated() - before
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    forward_backward(impl, *inputs)
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+@pytest.fixture(scope="module")
+def summary(request):
+    """Printed after the run: fused/naive ratios per PerCE shape ("perce") and throughput lines ("lines")."""
+    results = {"perce": {}, "lines": []}
+    yield results
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    with request.config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        reporter.section("kernels, same run (median times; PerCE peak extra memory measured in a fresh process)")
+        for (device, n), r in sorted(results["perce"].items()):
+            if {"fused", "naive"} <= r.keys():
+                (tf, mf), (tn, mn) = r["fused"], r["naive"]
+                reporter.write_line(f"PerCE {device} N={n:5d}: fused {tf:7.3f} s {mf / 2**20:8.1f} MiB | naive "
+                                    f"{tn:7.3f} s {mn / 2**20:8.1f} MiB | time {tf / tn:5.2f}x, memory "
+                                    f"{mf / mn:6.1%} of naive")
+        for line in results["lines"]:
+            reporter.write_line(line)
+
+
+def record_throughput(benchmark, summary, n_bytes):
+    seconds = benchmark.stats.stats.median
+    summary["lines"].append(f"{benchmark.group:<45} {seconds * 1e3:9.3f} ms {n_bytes / seconds / 1e9:7.2f} GB/s")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", PERCE_N)
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_perce_forward_backward(benchmark, summary, impl, n, device):
+    inputs = perce_inputs(n, device)
+    benchmark.group = f"PerCE fwd+bwd {device} N={n} d=576 V=49152"
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    rounds = 3 if n <= 2048 else 2  # the naive case takes a minute a round at 4096 on 2 busy cores
+    result = benchmark.pedantic(lambda: (forward_backward(impl, *inputs), sync())[0], rounds=rounds)
+    results = summary["perce"].setdefault((device, n), {})
+    if "result" in results:  # the other implementation ran this shape just before: same loss, same gradient
+        for got, want in zip(result, results["result"]):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    results["result"] = result
+    child = subprocess.run([sys.executable, "-m", "bench.bench_kernels", impl, str(n), device], cwd=REPO,
+                           capture_output=True, text=True, check=True)
+    peak = int(child.stdout.split()[-1])
+    benchmark.extra_info["peak_extra_bytes"] = peak
+    results[impl] = (benchmark.stats.stats.median, peak)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", LOWRANK_SHAPES, ids=[f"{m}x{n}" for m, n in LOWRANK_SHAPES])
+def test_apply_lowrank(benchmark, summary, shape, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(shape, generator=g).to(device, dtype)
+    U = torch.randn(shape[0], RANK, generator=g).to(device, dtype)
+    V = (torch.randn(shape[1], RANK, generator=g) * 1e-3).to(device, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    benchmark.group = f"apply_lowrank_ {shape[0]}x{shape[1]} r{RANK} {device} {str(dtype).removeprefix('torch.')}"
+    benchmark.pedantic(lambda: (apply_lowrank_(W, U, V, 0.5), sync()), rounds=10, warmup_rounds=1)
+    record_throughput(benchmark, summary, 2 * W.nbytes + U.nbytes + V.nbytes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q4_K])
+def test_edit_to_q8_0_triton(benchmark, summary, qtype):
+    from localpers.kernels import edit_to_q8_0_triton
+
+    shape = (4096, 11008)
+    rng = np.random.default_rng(0)
+    data = torch.from_numpy(quant.random_blocks(rng, qtype, shape)).cuda()
+    U = torch.randn(shape[0], RANK, device="cuda")
+    V = torch.randn(shape[1], RANK, device="cuda") * 0.01
+    benchmark.group = f"edit->Q8_0 Triton {qtype.name} {shape[0]}x{shape[1]} r{RANK}"
+    out = benchmark.pedantic(lambda: (edit_to_q8_0_triton(data, qtype, shape, U, V, 0.5), torch.cuda.synchronize())[0],
+                             rounds=10, warmup_rounds=1)
+    record_throughput(benchmark, summary, data.nbytes + out.nbytes + U.nbytes + V.nbytes)
+
+
+if __name__ == "__main__":  # one peak-memory measurement: python -m bench.bench_kernels IMPL N DEVICE
+    print(peak_extra_bytes(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
