@@ -11,7 +11,7 @@ from localpers.errors import UserError
 TASKS = ("upqa", "prefeval", "lamp", "longlamp", "world")
 # Default data under ../shared/data, where the checkout has it.
 DEFAULT_DATA = {"upqa": "upqa/upqa_dev_100.json", "prefeval": "prefeval/mcq_dev"}
-DEFAULT_MAX_TOKENS = {"upqa": 48, "lamp": 32, "longlamp": 128, "world": 48}
+DEFAULT_MAX_TOKENS = {"upqa": 32, "lamp": 32, "longlamp": 128, "world": 32}
 
 
 def add_cli(sub) -> None:

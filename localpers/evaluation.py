@@ -93,34 +93,27 @@ def continuation_logprobs(engine, prompt: str, continuations: list[str], artifac
     Engine.continuation_logprob decodes prompt + continuation from an empty cache; scoring 4 options after
     10 distractor turns that way costs 4 decodes of the whole conversation. Here the prompt is decoded once,
     reusing the prefix the KV cache already holds (the same conversation with fewer turns, or the question
-    just generated for), and each continuation is decoded on top of it; llama.cpp's Llama.eval drops the
-    cache cells past n_tokens first. Uses only the public llama_cpp.Llama API under the engine's lock."""
-    import llama_cpp
-
+    just generated for), and each continuation is decoded in one batch on top of it, the way
+    Engine.logits decodes (llama-cpp-python's batch and context), after dropping the previous
+    continuation's cache cells."""
     prompt_ids = engine.tokenize(prompt)
     options = [engine.tokenize(c, add_bos=False) for c in continuations]
     if len(prompt_ids) + max(map(len, options)) > engine.n_ctx:
         raise UserError(f"a prompt of {len(prompt_ids)} tokens and its continuations exceed the context of {engine.n_ctx}")
-    llm = engine.llm
-
-    def last_logits() -> np.ndarray:
-        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(engine.n_vocab,)).copy()
-
-    out = []
+    llm, out = engine.llm, []
     with engine._lock:
         engine._activate(artifacts)
         cached = llm.input_ids[:llm.n_tokens]
         same = int(np.argmin(np.append(cached[:len(prompt_ids)] == prompt_ids[:len(cached)], False)))
-        llm.n_tokens = min(same, len(prompt_ids) - 1)   # the prompt's last token is decoded again for its logits
-        llm.eval(prompt_ids[llm.n_tokens:])
-        first = last_logits()
+        llm.n_tokens = min(same, len(prompt_ids) - 1)
+        llm.eval(prompt_ids[llm.n_tokens:-1])   # the last prompt token goes with each continuation, for its logits
         for ids in options:
-            llm.n_tokens = len(prompt_ids)
-            rows = [first]
-            for token in ids[:-1]:
-                llm.eval([token])
-                rows.append(last_logits())
-            out.append((ids, _log_softmax(np.stack(rows))))
+            batch = [prompt_ids[-1], *ids[:-1]]
+            llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+            llm._batch.set_batch(batch=batch, n_past=llm.n_tokens, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), engine.n_vocab))
+            out.append((ids, _log_softmax(logits)))
     return out
 
 
@@ -202,7 +195,7 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
 
 
 PREFEVAL_ACK = "Got it, I'll keep that in mind."
-PREFEVAL_MAX_CHARS = 300   # distractor messages are cut so that 10 turns fit SmolLM2's context
+PREFEVAL_MAX_CHARS = 200   # distractor messages are cut so that 10 turns fit SmolLM2's context
 
 
 def _cut(text: str, max_chars: int) -> str:

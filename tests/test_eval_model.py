@@ -15,34 +15,34 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is
 METHODS = ["base", "prompt", "rag"]
 
 
-def run_eval(tmp_path, *argv) -> dict:
-    assert main(["eval", *argv, "--method", ",".join(METHODS), "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "report.md").read_text().count("\n| ") >= len(METHODS)
+def run_eval(tmp_path, *argv, methods=METHODS) -> dict:
+    assert main(["eval", *argv, "--method", ",".join(methods), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text().count("\n| ") >= len(methods)
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((tmp_path / "report.json").read_text())
-    assert list(report["results"]) == METHODS and report["model"]
+    assert list(report["results"]) == methods and report["model"]
     return report
 
 
 @needs_shared
 def test_upqa_smoke(tmp_path):
-    report = run_eval(tmp_path, "upqa", "--limit", "2", "--max-tokens", "8")
+    report = run_eval(tmp_path, "upqa", "--limit", "1", "--max-tokens", "8")
     for method in METHODS:
         metrics = report["results"][method]
         assert set(metrics) == {"explicit_acc", "paraphrased_acc", "implicit_acc", "mc_acc", "locality_kl"}
         assert all(0 <= metrics[m] <= 1 for m in metrics if m.endswith("_acc"))
     # The prompt method's system message changes the distribution on neutral prompts; base is the reference.
     assert report["results"]["base"]["locality_kl"] == 0 < report["results"]["prompt"]["locality_kl"]
-    assert len(report["items"]) == 2 * len(METHODS)
+    assert len(report["items"]) == len(METHODS)
     assert all(isinstance(row["explicit"], str) and row["mc_choice"] for row in report["items"])
 
 
 @needs_shared
 def test_prefeval_smoke(tmp_path):
-    report = run_eval(tmp_path, "prefeval", "--limit", "2", "--turns", "0,2")
-    assert all(set(r) == {"followed@0", "followed@2"} for r in report["results"].values())
+    report = run_eval(tmp_path, "prefeval", "--limit", "2", "--turns", "0,1", methods=["base", "rag"])
+    assert all(set(r) == {"followed@0", "followed@1"} for r in report["results"].values())
     rows = report["items"]
-    assert len(rows) == 2 * 2 * len(METHODS)
+    assert len(rows) == 2 * 2 * 2
     # The option order is seeded per item and shared by every method and turn count.
     assert len({(r["id"], tuple(r["order"])) for r in rows}) == 2
     assert (tmp_path / "followed_by_turns.png").is_file()
@@ -60,17 +60,18 @@ def test_lamp_classification_smoke(tmp_path, questions, metrics):
 
 
 def test_longlamp_smoke_is_deterministic(tmp_path):
-    args = ("longlamp", "--data", str(DATA / "longlamp_review_questions.json"), "--max-tokens", "16")
-    first = run_eval(tmp_path / "a", *args)
-    second = run_eval(tmp_path / "b", *args)
+    args = ("longlamp", "--data", str(DATA / "longlamp_review_questions.json"), "--max-tokens", "12")
+    first = run_eval(tmp_path / "a", *args, methods=["rag"])
+    second = run_eval(tmp_path / "b", *args, methods=["rag"])
     assert first["results"] == second["results"] and first["items"] == second["items"]
     assert all(0 <= r["rouge1"] <= 1 and 0 <= r["rougeL"] <= 1 for r in first["results"].values())
     assert all(row["output"] for row in first["items"])
 
 
 def test_world_smoke(tmp_path):
-    report = run_eval(tmp_path, "world", "--users", "6", "--steps", "3", "--limit", "3", "--max-tokens", "8")
+    report = run_eval(tmp_path, "world", "--users", "6", "--steps", "3", "--limit", "2", "--max-tokens", "6",
+                      methods=["base", "rag"])
     assert {"explicit_acc", "mc_acc", "rouge1", "rougeL"} <= set(report["results"]["rag"])
     history = report["breakdown"]["rag"]["history"]
-    assert sum(group["n"] for group in history.values()) == 3
+    assert sum(group["n"] for group in history.values()) == 2
     assert (tmp_path / "by_history.png").is_file() and (tmp_path / "by_step.png").is_file()
