@@ -160,7 +160,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
 
-    def forward(self, x, cos, sin):
+    def qkv(self, x, cos, sin):
+        """Queries, keys (both with RoPE) and values [B, heads, T, head_dim] of x [B, T, d]."""
         c = self.config
         B, T, _ = x.shape
         q = self.q(x).view(B, T, c.n_head, c.head_dim)
@@ -169,9 +170,13 @@ class Attention(nn.Module):
         if c.arch == "qwen3":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        q, k = apply_rope(q, cos, sin, c.neox_rope), apply_rope(k, cos, sin, c.neox_rope)
+        return apply_rope(q, cos, sin, c.neox_rope), apply_rope(k, cos, sin, c.neox_rope), v
+
+    def forward(self, x, cos, sin):
+        c = self.config
+        q, k, v = self.qkv(x, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=c.n_head != c.n_kv_head)
-        return self.o(out.transpose(1, 2).reshape(B, T, c.n_head * c.head_dim))
+        return self.o(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], c.n_head * c.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -280,4 +285,3 @@ def load_model(path, dtype: torch.dtype = torch.float32, requires_grad: bool = F
     return model.eval()
 
 
-__all__ = ["ModelConfig", "Transformer", "Block", "load_model", "field", "tensor_array", "apply_rope"]
