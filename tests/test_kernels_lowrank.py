@@ -5,6 +5,7 @@ As in test_kernels_perce.py: Triton picks interpreter or compiler when its modul
 the Triton cases here run in the TRITON_INTERPRET=1 child pytest of test_kernels_perce.py::test_interpreted_kernels.
 """
 import os
+import re
 
 import gguf
 import numpy as np
@@ -106,3 +107,53 @@ def test_edit_to_q8_0_triton_rejects_bad_input():
     with pytest.raises(ValueError, match="do not fit"):
         edit_to_q8_0_triton(data, Q.Q4_1, (2, 64), U, V[:32])
 
+
+
+def compile_for_hopper(kernel, types, constexprs, **options):
+    """PTX of a Triton kernel compiled for sm_90; needs no GPU (Triton's bundled ptxas), only compiled-mode Triton.
+    types: Triton type of each runtime argument ("*fp32", "i32", ...); constexprs: the value of each other one."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
+    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(name),): value
+                                                      for name, value in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernel: needs Triton in compiled mode")
+@pytest.mark.parametrize("qtype", EDIT_SOURCE_TYPES, ids=lambda t: t.name)
+def test_compiled_q8_0_edit_rounds_like_numpy(qtype):
+    """On a GPU the interpreter's byte identity holds only if every float op rounds as numpy's float32 does: the
+    compiled kernel must use IEEE round-to-nearest add/sub/mul/div and no fused multiply-add."""
+    from localpers.kernels.lowrank_triton import Q8_0_BLOCKS_PER_PROGRAM, _edit_to_q8_0_kernel
+
+    types = {"src_ptr": "*u8", "u_ptr": "*fp32", "v_ptr": "*fp32", "out_ptr": "*u8", "n_in": "i32", "rank": "i32",
+             "src_row_bytes": "i32", "scale": "fp32"}
+    ptx = compile_for_hopper(_edit_to_q8_0_kernel, types, dict(QTYPE=int(qtype), BLOCKS=Q8_0_BLOCKS_PER_PROGRAM),
+                             enable_fp_fusion=False)
+    float_ops = set(re.findall(r"\b(?:add|sub|mul|div|fma|mad|rcp)\.[a-z0-9.]*f32\b", ptx))
+    assert float_ops and float_ops <= {"add.rn.f32", "sub.rn.f32", "mul.rn.f32", "div.rn.f32"}, float_ops
+    assert "cvt.rn.f16.f32" in ptx  # d stored as fp16 with round-to-nearest-even, like numpy's astype
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="compiles the kernels: needs Triton in compiled mode")
+@pytest.mark.parametrize("dtype,precision", [("fp32", "ieee"), ("bf16", "tf32")])
+def test_other_kernels_compile_for_hopper(dtype, precision):
+    """The interpreter runs Python, the compiler needs valid Triton: the PerCE and apply_lowrank_ kernels must build
+    (a minute or two on 2 cores with a cold Triton cache)."""
+    from localpers.kernels import lowrank_triton, perce_triton
+
+    pointer = f"*{dtype}"
+    types = {"h_ptr": pointer, "w_ptr": pointer, "u_ptr": pointer, "v_ptr": pointer, "targets_ptr": "*i64",
+             "scale": "fp32", **{name: "*fp32" for name in ("out_ptr", "lse_ptr", "coef_ptr", "dh_ptr", "dw_ptr")},
+             **{name: "i32" for name in ("N", "V", "D", "M", "R", "n_splits", "stride_h", "stride_w", "stride_wm",
+                                         "stride_wn", "stride_u", "stride_v")}}
+    blocks = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, PRECISION=precision)
+    compile_for_hopper(perce_triton._partial_logsumexp_kernel, types,
+                       dict(blocks, VOCAB_PER_PROGRAM=perce_triton.VOCAB_PER_PROGRAM))
+    compile_for_hopper(perce_triton._backward_kernel, types, dict(blocks, COMPUTE_DH=True, COMPUTE_DW=True))
+    compile_for_hopper(lowrank_triton._apply_lowrank_kernel, types,
+                       dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, PRECISION=precision))

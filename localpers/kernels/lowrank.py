@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 
 from localpers.errors import UserError
 
-EDIT_SOURCE_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q6_K)
+EDIT_SOURCE_TYPES = (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
 
 def _check_factors(n_out, n_in, U, V):

@@ -2,7 +2,7 @@
 
 - _apply_lowrank_kernel: W += scale * U @ V.T in place, one [BLOCK_M, BLOCK_N] tile of W per program, products
   summed in fp32 ("ieee" for fp32 U and V; tf32 tensor cores for bf16/fp16 ones, which tf32 holds exactly).
-- _edit_to_q8_0_kernel: reads GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), dequantizes, adds the rank-r update and
+- _edit_to_q8_0_kernel: reads GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), dequantizes, adds the rank-r update and
   writes Q8_0 blocks, with the float operations of localpers.quant.edit_to_q8_0_numpy in the same order: gguf's
   dequantizers, the update summed one rank at a time, gguf's Q8_0 quantizer. Launched with enable_fp_fusion=False
   (no FMA contraction) and div_rn (IEEE division), so every operation rounds as numpy's float32 does.
@@ -21,6 +21,7 @@ QTYPE_Q8_0: tl.constexpr = tl.constexpr(int(Q.Q8_0))
 QTYPE_Q4_0: tl.constexpr = tl.constexpr(int(Q.Q4_0))
 QTYPE_Q4_1: tl.constexpr = tl.constexpr(int(Q.Q4_1))
 QTYPE_Q4_K: tl.constexpr = tl.constexpr(int(Q.Q4_K))
+QTYPE_Q5_K: tl.constexpr = tl.constexpr(int(Q.Q5_K))
 QTYPE_Q6_K: tl.constexpr = tl.constexpr(int(Q.Q6_K))
 
 
@@ -82,16 +83,22 @@ def _dequantize(row_ptr, cols, mask, QTYPE: tl.constexpr):
         within = cols % 32
         q = (_byte_at(block + 4 + within % 16, mask) >> (within // 16 * 4)) & 0xF
         return _fp16_at(block, mask) * q.to(tl.float32) + _fp16_at(block + 2, mask)
-    elif QTYPE == QTYPE_Q4_K:  # 144-byte super-blocks of 256: d, dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
-        block = row_ptr + (cols // 256) * 144
+    elif QTYPE == QTYPE_Q4_K or QTYPE == QTYPE_Q5_K:
+        # super-blocks of 256: d, dmin, 12 bytes of 6-bit scales and mins of 8 sub-blocks of 32, then Q4_K:
+        # 128 bytes of nibbles (144 bytes); Q5_K: 32 bytes of 5th bits (bit j for sub-block j), the nibbles (176)
+        block_bytes: tl.constexpr = 144 if QTYPE == QTYPE_Q4_K else 176
+        nibbles_at: tl.constexpr = 16 if QTYPE == QTYPE_Q4_K else 48
+        block = row_ptr + (cols // 256) * block_bytes
         within = cols % 256
-        sub = within // 32  # 8 sub-blocks of 32, each with its scale and min
+        sub = within // 32
         a = _byte_at(block + 4 + sub % 4, mask)
         b = _byte_at(block + 8 + sub % 4, mask)
         c = _byte_at(block + 12 + sub % 4, mask)
         sc = tl.where(sub < 4, a & 63, (c & 0xF) | ((a >> 6) << 4))
         mn = tl.where(sub < 4, b & 63, (c >> 4) | ((b >> 6) << 4))
-        q = (_byte_at(block + 16 + sub // 2 * 32 + within % 32, mask) >> (sub % 2 * 4)) & 0xF
+        q = (_byte_at(block + nibbles_at + sub // 2 * 32 + within % 32, mask) >> (sub % 2 * 4)) & 0xF
+        if QTYPE == QTYPE_Q5_K:
+            q = q | (((_byte_at(block + 16 + within % 32, mask) >> sub) & 1) << 4)
         d = _fp16_at(block, mask) * sc.to(tl.float32)
         dm = _fp16_at(block + 2, mask) * mn.to(tl.float32)
         return d * q.to(tl.float32) - dm
