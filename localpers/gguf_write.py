@@ -24,6 +24,9 @@ def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray], vocab
     or an open reader).
     Matrices are stored as `dtype`; norms and biases stay F32 as llama.cpp's converter keeps them."""
     vocab = vocab_from if isinstance(vocab_from, gguf.GGUFReader) else open_gguf(vocab_from, check_arch=False)
+    n_tokens = len(vocab.get_field("tokenizer.ggml.tokens").data)
+    if n_tokens != config.vocab_size:
+        raise ValueError(f"the vocabulary has {n_tokens} tokens, the model {config.vocab_size}")
     arch = config.arch
     w = gguf.GGUFWriter(path, arch)
     w.add_type("model")

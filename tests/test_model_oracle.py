@@ -27,6 +27,7 @@ import torch
 import localpers.model as model_module
 from localpers import default_model_path
 from localpers.errors import UserError
+from localpers.gguf_info import open_gguf
 from localpers.gguf_write import write_model
 from localpers.model import load_model
 from localpers.tokenizer import Tokenizer
@@ -101,6 +102,23 @@ def test_hidden_states_and_final_hidden(random_case):
         hidden = model.hidden(x)
         assert torch.allclose(model.norm(states[-1]), hidden)
         assert torch.allclose(model.output(hidden), logits)
+
+
+def test_model_api_names_ties_and_hooks(random_case, tmp_path_factory):
+    model, tokens, _ = random_case("qwen2")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.output.weight is model.tok_embeddings.weight  # qwen2 random model: no output.weight in the GGUF
+    assert model.gguf_name("layers.1.ffn.down.weight") == "blk.1.ffn_down.weight"
+    assert model.gguf_name("layers.0.attn.q.bias") == "blk.0.attn_q.bias"
+    assert model.gguf_names["layers.2.attn.o"] == "blk.2.attn_output"
+    in_file = {t.name for t in open_gguf(random_model_path(tmp_path_factory, "qwen2")).tensors}
+    assert {model.gguf_name(n) for n in model.state_dict() if n != "output.weight"} == in_file
+    seen = []
+    hook = model.layers[1].ffn.down.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        model(torch.tensor([tokens[:10]]))
+    hook.remove()
+    assert seen == [(1, 10, model.config.d_ff)]
 
 
 def test_smollm2_wrong_rope_fails(smollm, monkeypatch):
