@@ -1,0 +1,623 @@
+"""Personalization editing: a user's preferences become rank-one edits of ffn_down, served as one llama.cpp
+LoRA adapter (or baked into a GGUF whose edited tensors are Q8_0).
+
+Each preference becomes a Fact: its statement, a cluster of questions it answers and the accepted answers
+(targets). ROME on the ffn_down W [d, d_ff] of layer L, computed in fp32 on the torch model dequantized from
+the same GGUF that llama.cpp serves:
+
+  k*  = mean ffn_down input at the question's last token, over the cluster's questions and short prefixes;
+  k^  = C^-1 k* / (k*' C^-1 k*), C = E[k k'] on neutral chats (or the identity), so that k^ . k* = 1;
+  d   = v* - W k*, found with Adam on the target's NLL as the assistant's reply plus a KL term on neutral
+        chats, with |d| <= clamp * |W k*|;
+  dW  = d k^'  (rank one; a user's edits stack into A = [k^_i] rows, B = [d_i] columns).
+
+While d is optimized only positions from the question's last token on are recomputed, from layer L on:
+earlier positions never see the edit (causal attention), so their keys and values come from one cached
+forward pass. At layer L the edit is applied as served, dW k for every recomputed position.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from localpers.errors import UserError
+from localpers.methods import Fact
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- facts
+
+# Attribute types (UPQA's ten) with synonyms for the question templates and keywords that detect them in a
+# statement. A statement matching none gets the generic preference questions.
+ATTRIBUTES = {
+    "hobby": (("hobby", "pastime", "favorite activity", "free-time activity"),
+              ("hobby", "like to", "love to", "enjoy", "free time", "weekends")),
+    "family": (("family", "relatives", "parents", "family situation"),
+               ("parents", "mother", "father", "mom", "dad", "sister", "brother", "kids", "children", "wife", "husband")),
+    "profession": (("profession", "occupation", "line of work", "trade"),
+                   ("i run", "i own", "i am a", "i'm a", "profession", "i teach")),
+    "food preference": (("food preference", "favorite food", "diet", "taste in food"),
+                        ("eat", "food", "vegetarian", "vegan", "sweet tooth", "cook", "meat", "spicy")),
+    "location": (("location", "hometown", "home", "place I live"),
+                 ("live in", "grew up", "i'm from", "i am from", "moved to", "born in")),
+    "pet": (("pet", "animal companion", "companion animal", "pet at home"),
+            ("pet", "dog", "cat", "turtle", "bird", "fish", "hamster", "rabbit", "horse", "parrot")),
+    "music preference": (("music preference", "favorite music", "taste in music", "favorite genre"),
+                         ("music", "song", "band", "jazz", "rock", "rap", "pop", "classical", "guitar")),
+    "job": (("job", "work", "employment", "position"),
+            ("job", "work as", "working", "employed", "hired")),
+    "career goal": (("career goal", "professional goal", "ambition", "career plan"),
+                    ("hope to", "want to become", "goal", "dream", "someday", "retire")),
+    "entertainment preference": (("entertainment preference", "favorite entertainment", "taste in movies and shows",
+                                  "favorite kind of show"),
+                                 ("movie", "movies", "film", "show", "tv", "series", "book", "novel", "games")),
+}
+QUESTION_TEMPLATES = ("What's my {}?", "What is my {}?", "Do you remember my {}?", "Tell me my {}.",
+                      "Can you tell me what my {} is?")
+GENERIC_QUESTIONS = ("What do you know about my preferences?", "What should you keep in mind about me?",
+                     "What do I like and dislike?", "Tell me about my preferences.", "What matters to me?")
+PRONOUNS = {"i": "you", "i'm": "you're", "im": "you're", "me": "you", "my": "your", "mine": "yours",
+            "myself": "yourself", "am": "are", "i've": "you've", "i'd": "you'd", "i'll": "you'll", "was": "were"}
+MAX_STATEMENT_CHARS = 500
+
+
+def second_person(statement: str) -> str:
+    """'I like to dance at the club.' -> 'You like to dance at the club.'"""
+    def swap(m):
+        word = m.group(0)
+        out = PRONOUNS.get(word.lower(), word)
+        return out[0].upper() + out[1:] if word[0].isupper() else out
+
+    return re.sub(r"[A-Za-z']+", swap, statement.strip())
+
+
+def detect_attribute(statement: str) -> str | None:
+    text = f" {statement.lower()} "
+    scores = {name: sum(f" {kw}" in text for kw in keywords) for name, (_, keywords) in ATTRIBUTES.items()}
+    best = max(scores, key=scores.get)
+    return best if scores[best] else None
+
+
+def check_statement(statement) -> str:
+    if not isinstance(statement, str) or len(re.findall(r"[A-Za-z]{2,}", statement)) < 2:
+        raise UserError(f"preference {statement!r} is empty or not a statement: say what you like, e.g. 'I'm vegetarian.'")
+    if len(statement) > MAX_STATEMENT_CHARS:
+        raise UserError(f"preference is {len(statement)} characters; at most {MAX_STATEMENT_CHARS} can become an edit")
+    return statement.strip()
+
+
+def fact_from_statement(statement: str, attribute: str | None = None) -> Fact:
+    """A fact built from templates: attribute synonyms x question templates; targets are the statement in
+    the second person. The attribute comes from the caller (UPQA's attribute_type) or from keywords."""
+    statement = check_statement(statement)
+    attribute = attribute if attribute in ATTRIBUTES else detect_attribute(statement)
+    if attribute:
+        synonyms = ATTRIBUTES[attribute][0]
+        questions = tuple(t.format(s) for s in synonyms for t in QUESTION_TEMPLATES[:3])[:8] + (f"What's my {attribute}?",)
+    else:
+        questions = GENERIC_QUESTIONS
+    you = second_person(statement).rstrip(".!")
+    return Fact(statement=statement, questions=questions, targets=(you + ".",), attributes=(attribute,) if attribute else ())
+
+
+def fact_from_item(text: str, meta: dict | None) -> Fact:
+    """A stored preference: its question and target clusters when the item carries them (UPQA fields
+    imported as JSONL), else templates."""
+    meta = meta or {}
+    questions, targets, attribute = meta.get("question"), meta.get("target"), meta.get("attribute_type")
+    as_tuple = lambda v: tuple(v) if isinstance(v, list) else (v,) if isinstance(v, str) else ()
+    attributes = as_tuple(attribute)
+    if as_tuple(questions) and as_tuple(targets):
+        return Fact(check_statement(text), as_tuple(questions), as_tuple(targets), attributes)
+    return fact_from_statement(text, attributes[-1] if attributes else None)
+
+
+def with_template_questions(fact: Fact) -> Fact:
+    """A fact given with fewer than 3 questions gets its attribute's template questions too (the given ones
+    stay last, so the canonical question is unchanged)."""
+    attribute = fact.attributes[-1] if fact.attributes else None
+    if len(fact.questions) >= 3 or attribute not in ATTRIBUTES:
+        return fact
+    templates = fact_from_statement(fact.statement, attribute).questions
+    return replace(fact, questions=tuple(q for q in templates if q not in fact.questions) + fact.questions)
+
+
+def facts_of(preferences, facts=()) -> list[Fact]:
+    """The facts to edit, later wins: of two facts about the same attribute (or the same questions), only
+    the later is kept."""
+    facts = [with_template_questions(f) for f in facts]
+    all_facts = facts + [fact_from_statement(p) for p in preferences if p not in {f.statement for f in facts}]
+    if not all_facts:
+        raise UserError("no preferences to edit: add one first (localpers remember --kind preference ...)")
+    kept: dict[str, Fact] = {}
+    for fact in all_facts:
+        key = fact.attributes[-1] if fact.attributes else fact.questions[-1] + "|" + fact.statement
+        kept.pop(key, None)
+        kept[key] = fact
+    return list(kept.values())
+
+
+# ---------------------------------------------------------------- the edit
+
+# Neutral chats: the KL term keeps their answers, and C is estimated on them. Not the evaluation's prompts.
+NEUTRAL_CHATS = (
+    ("Name three primary colors.", "The three primary colors are red, blue and yellow."),
+    ("How do plants make food?", "Plants make food through photosynthesis, using sunlight, water and carbon dioxide."),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth."),
+    ("Give me a synonym for happy.", "A synonym for happy is joyful."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the square root of 81?", "The square root of 81 is 9."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
+    ("Why is exercise good for you?", "Exercise strengthens the heart, muscles and bones and improves mood."),
+    ("What language is spoken in Brazil?", "Portuguese is the official language of Brazil."),
+    ("Explain what a noun is.", "A noun is a word that names a person, place, thing or idea."),
+    ("Write a short greeting for an email.", "Hello, I hope this message finds you well."),
+    ("What causes rain?", "Rain forms when water vapor condenses into droplets that become heavy enough to fall."),
+)
+PREFIXES = ("", "Quick question. ", "Hi! ", "I was wondering. ")
+
+
+@dataclass
+class EditConfig:
+    layer: int = 4
+    steps: int = 20
+    lr: float = 1.0
+    kl_weight: float = 0.0
+    clamp: float = 8.0          # |d| <= clamp * |W k*|
+    covariance: bool = True     # k^ from C^-1 k*; False: k*/|k*|^2
+    stop_nll: float = 0.05      # stop early once the target's mean NLL is below this
+    threads: int = 2            # torch CPU threads (1 is faster while other processes load the 2 cores)
+
+
+@dataclass
+class Edit:
+    layer: int
+    key: np.ndarray      # k^ [d_ff]: A row
+    value: np.ndarray    # d [d]: B column
+    fact: Fact
+    nll_before: float
+    nll_after: float
+    seconds: float
+
+
+@dataclass
+class Batch:
+    """Prompts prepared for the suffix forward: from each prompt's edit position on, from layer L on."""
+    x: torch.Tensor                         # [B, S, d] residual at layer L's input, suffix positions
+    caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer >= L: prefix keys/values [B, Hkv, P, hd]
+    cos: torch.Tensor                       # [B, 1, S, hd/2] RoPE at the suffix positions
+    sin: torch.Tensor
+    mask: torch.Tensor                      # [B, 1, S, P + S] bool
+    rows: torch.Tensor                      # (b, s) of each scored position
+    tokens: torch.Tensor                    # the token expected there
+    prompt_of_row: torch.Tensor             # which prompt each scored row belongs to
+    keys: torch.Tensor                      # [B, d_ff] ffn_down input at each edit position
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the wanted activation is captured."""
+
+
+class Editor:
+    """ROME edits of one GGUF model's ffn_down, applied in place to its torch copy as they are made."""
+
+    def __init__(self, model_path, config: EditConfig | None = None, model=None, tokenizer=None):
+        from localpers.model import load_model
+        from localpers.tokenizer import Tokenizer
+
+        torch.set_num_threads((config or EditConfig()).threads)
+        self.model_path = Path(model_path)
+        self.config = config or EditConfig()
+        self.model = model if model is not None else load_model(self.model_path)
+        self.tok = tokenizer or Tokenizer.from_gguf(self.model_path)
+        n_layer = self.model.config.n_layer
+        if not 0 <= self.config.layer < n_layer:
+            raise UserError(f"edit layer {self.config.layer} is outside 0..{n_layer - 1}")
+        self._cov_inv = None
+        self._neutral = None
+        self._W0 = self.W.detach().clone()
+
+    def reset(self) -> None:
+        """Undo every edit made so far."""
+        with torch.no_grad():
+            self.W.copy_(self._W0)
+
+    @property
+    def W(self) -> torch.Tensor:
+        return self.model.layers[self.config.layer].ffn.down.weight
+
+    # -- prompts
+    def prompt(self, question: str) -> tuple[list[int], int]:
+        """Chat-template token ids of a one-question conversation and the index of the question's last token.
+        The text is tokenized in two pieces split after the question; with a chat model's special tokens
+        (<|im_end|> ...) that is exactly how the whole prompt tokenizes."""
+        text = self.tok.apply_chat_template([{"role": "user", "content": question}])
+        end = text.rindex(question) + len(question)
+        head = self.tok.encode(text[:end])
+        return head + self.tok.encode(text[end:], add_bos=False), len(head) - 1
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tok.encode(answer, add_bos=False, special=False)
+
+    @torch.no_grad()
+    def batch(self, pairs: list[tuple[str, str]]) -> Batch:
+        """The suffix-forward batch for (question, answer) pairs: the answer is scored as the reply."""
+        m, L = self.model, self.config.layer
+        c = m.config
+        seqs, edit_pos, answers = [], [], []
+        for question, answer in pairs:
+            ids, pos = self.prompt(question)
+            ans = self.answer_ids(answer)
+            seqs.append(ids + ans[:-1])
+            edit_pos.append(pos)
+            answers.append((len(ids) - 1, ans))
+        T = max(map(len, seqs))
+        tokens = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+        states = m._blocks(tokens)  # the residual stream before each layer; no logits needed
+        B, P, S = len(pairs), max(edit_pos), max(len(s) - p for s, p in zip(seqs, edit_pos))
+        cos_all, sin_all = _rope(m, T + S)
+        pos = torch.tensor([[p + s for s in range(S)] for p in edit_pos])
+        x = torch.stack([states[L][b, pos[b].clamp(max=T - 1)] for b in range(B)])
+        ffn_in = self.ffn_inputs(tokens)
+        keys = torch.stack([ffn_in[b, edit_pos[b]] for b in range(B)])
+        caches = []
+        for i in range(L, c.n_layer):
+            attn = m.layers[i].attn
+            h = m.layers[i].attn_norm(states[i][:, :P])
+            k = attn.k(h).view(B, P, c.n_kv_head, c.head_dim)
+            v = attn.v(h).view(B, P, c.n_kv_head, c.head_dim)
+            if c.arch == "qwen3":
+                k = attn.k_norm(k)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+            caches.append((_apply_rope(m, k, cos_all[:P], sin_all[:P]), v))
+        prefix_ok = torch.arange(P)[None, :] < torch.tensor(edit_pos)[:, None]          # [B, P]
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        mask = torch.cat([prefix_ok[:, None, :].expand(B, S, P), causal.expand(B, S, S)], dim=2)[:, None]
+        rows, toks, owner = [], [], []
+        for b, (first, ans) in enumerate(answers):
+            for j, t in enumerate(ans):
+                rows.append((b, first + j - edit_pos[b]))
+                toks.append(t)
+                owner.append(b)
+        return Batch(x=x, caches=caches, cos=cos_all[pos][:, None], sin=sin_all[pos][:, None], mask=mask,
+                     rows=torch.tensor(rows), tokens=torch.tensor(toks), prompt_of_row=torch.tensor(owner), keys=keys)
+
+    def logprobs(self, batch: Batch, key: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-softmax [rows, V] at the scored positions, with dW = delta key' added to layer L's ffn_down."""
+        m, L = self.model, self.config.layer
+        c = m.config
+        x = batch.x
+        for i in range(L, c.n_layer):
+            block = m.layers[i]
+            x = x + _attend(m, block.attn, block.attn_norm(x), batch.caches[i - L], batch.cos, batch.sin, batch.mask)
+            h = block.ffn_norm(x)
+            ff_in = F.silu(block.ffn.gate(h)) * block.ffn.up(h)
+            out = block.ffn.down(ff_in)
+            if i == L and delta is not None:
+                out = out + (ff_in @ key)[..., None] * delta
+            x = x + out
+        picked = x[batch.rows[:, 0], batch.rows[:, 1]]
+        return torch.log_softmax(m.output(m.norm(picked)).float(), dim=-1)
+
+    def nll(self, batch: Batch, logprobs: torch.Tensor) -> torch.Tensor:
+        """Mean over prompts of each answer's mean token NLL."""
+        token_nll = -logprobs[torch.arange(len(batch.tokens)), batch.tokens]
+        n = len(batch.keys)
+        per_prompt = torch.zeros(n).index_add(0, batch.prompt_of_row, token_nll)
+        counts = torch.zeros(n).index_add(0, batch.prompt_of_row, torch.ones_like(token_nll))
+        return (per_prompt / counts).mean()
+
+    @torch.no_grad()
+    def ffn_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Layer L's ffn_down inputs [B, T, d_ff] for token ids [B, T]; the forward pass stops there."""
+        got = []
+
+        def grab(module, inputs):
+            got.append(inputs[0])
+            raise _Stop
+
+        hook = self.model.layers[self.config.layer].ffn.down.register_forward_pre_hook(grab)
+        try:
+            self.model._blocks(tokens)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+        return got[0]
+
+    def key(self, fact: Fact) -> torch.Tensor:
+        """k*: the mean ffn_down input at the question's last token over the questions, each asked bare and
+        after each of PREFIXES."""
+        keys = []
+        for q in fact.questions:
+            for prefix in PREFIXES:
+                ids, pos = self.prompt(prefix + q)
+                keys.append(self.ffn_inputs(torch.tensor([ids]))[0, pos])
+        return torch.stack(keys).mean(0)
+
+    # -- the second moment of keys on neutral text
+    def key_direction(self, k_star: torch.Tensor) -> torch.Tensor:
+        if not self.config.covariance:
+            return k_star / (k_star @ k_star)
+        if self._cov_inv is None:
+            self._cov_inv = torch.linalg.inv(self.key_covariance())
+        ck = self._cov_inv @ k_star
+        return ck / (k_star @ ck)
+
+    @torch.no_grad()
+    def key_covariance(self) -> torch.Tensor:
+        """C = E[k k'] of layer L's ffn_down inputs over every token of the neutral chats, plus a ridge
+        (1% of the mean diagonal) since there are fewer tokens than dimensions."""
+        keys = []
+        for question, answer in NEUTRAL_CHATS:
+            text = self.tok.apply_chat_template([{"role": "user", "content": question},
+                                                 {"role": "assistant", "content": answer}], add_generation_prompt=False)
+            keys.append(self.ffn_inputs(torch.tensor([self.tok.encode(text)]))[0])
+        k = torch.cat(keys).double()
+        C = k.T @ k / len(k)
+        return (C + 0.01 * C.diagonal().mean() * torch.eye(len(C))).float()
+
+    def neutral(self) -> tuple[Batch, torch.Tensor]:
+        if self._neutral is None:
+            batch = self.batch(list(NEUTRAL_CHATS[::3]))
+            with torch.no_grad():
+                self._neutral = batch, self.logprobs(batch)
+        return self._neutral
+
+    # -- one edit
+    def pairs(self, fact: Fact) -> list[tuple[str, str]]:
+        """(question, target) training pairs: every question with the canonical (last) target. One value
+        vector cannot answer each paraphrase with a different synonym, and trying raises the NLL's floor."""
+        return [(q, fact.targets[-1]) for q in fact.questions]
+
+    def edit(self, fact: Fact) -> Edit:
+        """Compute the rank-one edit for `fact` and apply it to the torch model (later edits build on it)."""
+        cfg, t0 = self.config, time.perf_counter()
+        batch = self.batch(self.pairs(fact))
+        neutral, neutral_base = self.neutral() if cfg.kl_weight else (None, None)
+        k_star = self.key(fact)
+        key = self.key_direction(k_star)
+        with torch.no_grad():
+            nll_before = float(self.nll(batch, self.logprobs(batch)))
+            max_norm = cfg.clamp * float((self.W @ k_star).norm())
+        delta = torch.zeros(self.model.config.d_model, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=cfg.lr)
+        for _ in range(cfg.steps):
+            nll = self.nll(batch, self.logprobs(batch, key, delta))
+            log.debug("edit step: target NLL %.3f, |d| %.2f", float(nll.detach()), float(delta.detach().norm()))
+            if float(nll.detach()) < cfg.stop_nll:
+                break
+            loss = nll
+            if cfg.kl_weight:
+                loss = loss + cfg.kl_weight * F.kl_div(self.logprobs(neutral, key, delta), neutral_base,
+                                                       log_target=True, reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                delta *= min(1.0, max_norm / (float(delta.norm()) + 1e-12))
+        with torch.no_grad():
+            nll_after = float(self.nll(batch, self.logprobs(batch, key, delta)))
+            self.W.add_(torch.outer(delta, key))
+        return Edit(cfg.layer, key.detach().numpy().copy(), delta.detach().numpy().copy(), fact, nll_before,
+                    nll_after, time.perf_counter() - t0)
+
+
+def _rope(model, n: int):
+    from localpers.model import rope_angles
+
+    return rope_angles(model.config, n, model.rope_freqs)
+
+
+def _apply_rope(model, x, cos, sin):
+    from localpers.model import apply_rope
+
+    return apply_rope(x, cos, sin, model.config.neox_rope)
+
+
+def _attend(model, attn, h, cache, cos, sin, mask):
+    """Attention of the suffix positions over the cached prefix keys/values and the suffix itself."""
+    c = model.config
+    B, S, _ = h.shape
+    q = attn.q(h).view(B, S, c.n_head, c.head_dim)
+    k = attn.k(h).view(B, S, c.n_kv_head, c.head_dim)
+    v = attn.v(h).view(B, S, c.n_kv_head, c.head_dim)
+    if c.arch == "qwen3":
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k = _apply_rope(model, q, cos, sin), _apply_rope(model, k, cos, sin)
+    k = torch.cat([cache[0], k], dim=2)
+    v = torch.cat([cache[1], v], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.n_head != c.n_kv_head)
+    return attn.o(out.transpose(1, 2).reshape(B, S, c.n_head * c.head_dim))
+
+
+# ---------------------------------------------------------------- files: LoRA adapter and baked GGUF
+
+def lora_factors(edits: list[Edit]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{'blk.L.ffn_down': (A [r, d_ff], B [d, r])} with A's rows the keys k^ and B's columns the values d."""
+    by_layer: dict[int, list[Edit]] = {}
+    for e in edits:
+        by_layer.setdefault(e.layer, []).append(e)
+    return {f"blk.{layer}.ffn_down": (np.stack([e.key for e in es]), np.stack([e.value for e in es], axis=1))
+            for layer, es in sorted(by_layer.items())}
+
+
+def write_adapter(path, edits: list[Edit], arch: str) -> Path:
+    """The edits as one llama.cpp LoRA. llama.cpp scales B A x by adapter_scale * alpha / r with r the rank of
+    each tensor (llama-adapter.cpp), so alpha = r makes it exact; every edited tensor must share that rank."""
+    from localpers.gguf_write import write_lora
+
+    factors = lora_factors(edits)
+    ranks = {a.shape[0] for a, _ in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"edited tensors have ranks {sorted(ranks)}; one alpha/r scale needs one rank")
+    return write_lora(path, arch, factors, alpha=float(ranks.pop()))
+
+
+def bake(model_path, out_path, edits: list[Edit]) -> Path:
+    """A copy of the model GGUF with W + B A in each edited tensor, re-quantized to Q8_0; every other tensor
+    and every metadata field byte-identical."""
+    from localpers.gguf_info import open_gguf
+    from localpers.quant import edit_to_q8_0
+
+    reader = open_gguf(model_path)
+    factors = {f"{name}.weight": ab for name, ab in lora_factors(edits).items()}
+    writer = gguf.GGUFWriter(out_path, reader.get_field("general.architecture").contents())
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # the writer writes these itself
+        sub_type = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub_type)
+    for t in reader.tensors:
+        shape = [int(n) for n in reversed(t.shape)]  # numpy order [n_out, n_in]
+        if t.name in factors:
+            a, b = factors[t.name]
+            data = edit_to_q8_0(t.data, t.tensor_type, shape, b, a.T, 1.0)
+            writer.add_tensor(t.name, data.reshape(shape[0], -1), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(t.name, t.data, raw_shape=shape if t.data.dtype != np.uint8 else None,
+                              raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(out_path)
+
+
+def base_model_sha256(path) -> str:
+    """SHA-256 of the model file, the key under which a user's artifacts are registered for it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the pipeline: edit, verify on llama.cpp, register
+
+CHECK_MAX_TOKENS = 32
+
+
+@dataclass
+class Result:
+    edits: list[Edit]                                   # edits that made the served model state their target
+    failed: list[tuple[Fact, str]] = field(default_factory=list)   # facts it could not state, with its answer
+    adapter: Path | None = None
+
+    def summary(self) -> dict:
+        return {"edited": [{"statement": e.fact.statement, "layer": e.layer, "nll_before": round(e.nll_before, 3),
+                            "nll_after": round(e.nll_after, 3), "seconds": round(e.seconds, 1)} for e in self.edits],
+                "failed": [{"statement": f.statement, "question": f.questions[-1], "answer": a} for f, a in self.failed]}
+
+
+def states_target(engine, adapter: Path, fact: Fact) -> tuple[bool, str]:
+    """Does the served model (llama.cpp with the adapter) answer the fact's canonical question with a target?"""
+    from localpers.engine import Artifacts
+    from localpers.evaluation import target_match
+
+    out = engine.chat([{"role": "user", "content": fact.questions[-1]}], artifacts=Artifacts(lora=((str(adapter), 1.0),)),
+                      max_tokens=CHECK_MAX_TOKENS, temperature=0.0)
+    answer = out["choices"][0]["message"]["content"].strip()
+    return target_match(answer, fact.targets), answer
+
+
+def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
+    """Edit every fact (stacked, in order) from the unedited model, write the adapter, check each fact through
+    llama.cpp, and keep only the edits that passed; the adapter is removed when none did."""
+    editor.reset()
+    path = Path(path)
+    edits = [editor.edit(fact) for fact in facts]
+    arch = editor.model.config.arch
+    write_adapter(path, edits, arch)
+    passed, failed = [], []
+    for e in edits:
+        ok, answer = states_target(engine, path, e.fact)
+        (passed.append(e) if ok else failed.append((e.fact, answer)))
+    if failed:
+        path.unlink()
+        if passed:
+            write_adapter(path, passed, arch)
+    return Result(passed, failed, path if passed else None)
+
+
+@lru_cache(maxsize=2)
+def editor_for(model_path: str, config: EditConfig | None = None) -> Editor:
+    """One Editor (the torch model, about 30 s to load) per model file and config, reused across users."""
+    return Editor(model_path, config)
+
+
+def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool = False, engine=None,
+                config: EditConfig | None = None) -> Result:
+    """Recompute `user`'s edits from all their stored preferences (later wins), verify them on llama.cpp and
+    register the adapter (kind 'lora') for the served model; with bake_model also a full GGUF (kind 'model')."""
+    from localpers.engine import Engine
+    from localpers.store import Store, data_dir as default_data_dir
+
+    with Store.open(default_data_dir(data_dir)) as store:
+        items = store.items(user, kind="preference")
+        facts = facts_of([], [fact_from_item(i["text"], i["meta"]) for i in items])
+        engine = engine or Engine(model_path)
+        editor = editor_for(str(engine.model_path), config)
+        sha = base_model_sha256(engine.model_path)
+        folder = store.artifact_dir(user)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        result = edit_facts(engine, editor, facts, folder / f"edit-{stamp}.gguf")
+        if result.adapter:
+            meta = {"method": "edit", "layer": editor.config.layer, **result.summary()}
+            store.register_artifact(user, "lora", result.adapter, sha, meta)
+            if bake_model:
+                baked = bake(engine.model_path, folder / f"model-edited-{stamp}.gguf", result.edits)
+                store.register_artifact(user, "model", baked, sha, meta)
+    return result
+
+
+# ---------------------------------------------------------------- the evaluation method
+
+def _cache_dir() -> Path:
+    import os
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = root / "localpers" / "edits"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@lru_cache(maxsize=4)
+def _file_sha(path: str) -> str:
+    return base_model_sha256(path)
+
+
+@lru_cache(maxsize=None)
+def user_adapter(user, engine, config: EditConfig | None = None) -> Path | None:
+    """The verified adapter of an evaluation user, cached on disk by model, facts and config."""
+    facts = facts_of(user.preferences, user.facts)
+    editor = editor_for(str(engine.model_path), config)
+    key = hashlib.sha256(json.dumps([_file_sha(str(engine.model_path)), repr(editor.config),
+                                     [repr(f) for f in facts]]).encode()).hexdigest()[:24]
+    path, log = _cache_dir() / f"{key}.gguf", _cache_dir() / f"{key}.json"
+    if log.is_file():
+        return path if path.is_file() else None
+    result = edit_facts(engine, editor, facts, path)
+    log.write_text(json.dumps({"user": user.id, **result.summary()}))
+    return result.adapter
+
+
+def edit_method(user, query, engine):
+    """Method 'edit' of the evaluation registry: the user's verified edits as a LoRA adapter."""
+    from localpers.engine import Artifacts
+    from localpers.methods import Personalized
+
+    adapter = user_adapter(user, engine)
+    return Personalized(artifacts=Artifacts(lora=((str(adapter), 1.0),))) if adapter else Personalized()

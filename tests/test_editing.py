@@ -1,0 +1,173 @@
+"""Personalization editing on a small random-weight GGUF with a real vocabulary: the suffix forward equals the
+full model, an edit moves the target's NLL, the LoRA file means in llama.cpp what the dense edit means in torch,
+the baked GGUF changes only the edited tensors, later preferences win, failures are reported, bad input errors."""
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from localpers.editing import (Edit, EditConfig, Editor, bake, edit_facts, fact_from_item, fact_from_statement,
+                               facts_of, lora_factors, second_person, write_adapter)
+from localpers.errors import UserError
+from localpers.gguf_info import open_gguf
+from localpers.methods import Fact
+from localpers.quant import edit_to_q8_0_numpy
+from tests.helpers_models import llama_cpp_logits, random_model_path
+
+FACT = Fact("I live in Paris.", ("Where do I live?", "What city is my home?"), ("Paris",))
+OTHER = Fact("My dog is called Rex.", ("What's my dog's name?",), ("Rex",))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """An F32 random llama (3 layers, d=64, d_ff=128) and an editor on its layer 1."""
+    path = random_model_path(tmp_path_factory, "llama")
+    return path, Editor(path, EditConfig(layer=1, steps=40, lr=2.0, clamp=1000.0, threads=1))
+
+
+def full_logprobs(editor, question, answer, key=None, delta=None):
+    """Reference: the whole model on the whole sequence, the edit added to layer L's ffn_down output at the
+    question's last token and after (what the suffix forward claims to compute)."""
+    ids, pos = editor.prompt(question)
+    ans = editor.answer_ids(answer)
+    down = editor.model.layers[editor.config.layer].ffn.down
+
+    def add(module, inputs, out):
+        if delta is None:
+            return out
+        extra = (inputs[0] @ key)[..., None] * delta
+        extra[:, :pos] = 0
+        return out + extra
+
+    hook = down.register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            logits = editor.model(torch.tensor([ids + ans[:-1]]))[0]
+    finally:
+        hook.remove()
+    return torch.log_softmax(logits[len(ids) - 1:], dim=-1), ans
+
+
+def test_suffix_forward_equals_full_model(tiny):
+    _, editor = tiny
+    editor.reset()
+    pairs = [("Where do I live?", "Paris"), ("Hi! What city is my home, if you remember it?", "Paris, France")]
+    batch = editor.batch(pairs)
+    rng = torch.Generator().manual_seed(0)
+    key = torch.randn(editor.model.config.d_ff, generator=rng) / 10
+    delta = torch.randn(editor.model.config.d_model, generator=rng)
+    for k, d in ((None, None), (key, delta)):
+        with torch.no_grad():
+            got = editor.logprobs(batch, k, d)
+        want = torch.cat([full_logprobs(editor, q, a, k, d)[0] for q, a in pairs])
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    assert batch.tokens.tolist() == sum((editor.answer_ids(a) for _, a in pairs), [])
+
+
+def test_edit_lowers_target_nll_in_the_edited_weights(tiny):
+    _, editor = tiny
+    editor.reset()
+    before, ans = full_logprobs(editor, "Where do I live?", "Paris")
+    edit = editor.edit(FACT)
+    assert edit.nll_after < 0.4 * edit.nll_before
+    # the dense edit now sits in the torch weights: the whole model (not the suffix forward) agrees
+    after, _ = full_logprobs(editor, "Where do I live?", "Paris")
+    rows = torch.arange(len(ans))
+    assert -after[rows, ans].mean() < 0.4 * -before[rows, ans].mean()
+    # an unrelated question moves much less than the edited one
+    other_before, other = full_logprobs(editor, "Name a colour.", "Blue")
+    editor.reset()
+    other_base, _ = full_logprobs(editor, "Name a colour.", "Blue")
+    rows = torch.arange(len(other))
+    shift_edited = float((before[rows[:1], ans[:1]] - after[rows[:1], ans[:1]]).abs())
+    shift_other = float((other_base[rows, other] - other_before[rows, other]).abs().mean())
+    assert shift_other < 0.5 * shift_edited
+
+
+def test_lora_in_llama_cpp_equals_dense_edit_in_torch(tiny, tmp_path):
+    path, editor = tiny
+    editor.reset()
+    edits = [editor.edit(FACT), editor.edit(OTHER)]   # stacked: rank 2 on blk.1.ffn_down
+    adapter = write_adapter(tmp_path / "edit.gguf", edits, "llama")
+    reader = open_gguf(adapter, check_arch=False)
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    assert shapes == {"blk.1.ffn_down.weight.lora_a": (2, 128), "blk.1.ffn_down.weight.lora_b": (64, 2)}
+    assert reader.get_field("adapter.lora.alpha").contents() == 2.0   # alpha = rank: llama.cpp's scale is 1
+    tokens = editor.prompt("Where do I live? And what's my dog's name?")[0]
+    with torch.no_grad():
+        edited = editor.model(torch.tensor([tokens]))[0].numpy()
+    served = llama_cpp_logits(path, tokens, lora=adapter)
+    editor.reset()
+    with torch.no_grad():
+        unedited = editor.model(torch.tensor([tokens]))[0].numpy()
+    spread = served.std()
+    assert np.abs(served - edited).max() / spread < 1e-4
+    assert np.abs(edited - unedited).max() / spread > 0.1   # the edit is large enough for the check to mean something
+
+
+def test_bake_changes_only_edited_tensors_and_matches_quant_reference(tiny, tmp_path):
+    path, editor = tiny
+    editor.reset()
+    edits = [editor.edit(OTHER)]
+    baked = bake(path, tmp_path / "baked.gguf", edits)
+    src, out = open_gguf(path), open_gguf(baked)
+    assert [t.name for t in src.tensors] == [t.name for t in out.tensors]
+    for key, f in src.fields.items():
+        if not key.startswith("GGUF."):
+            assert out.fields[key].contents() == f.contents(), key
+    (a, b), = lora_factors(edits).values()
+    for s, o in zip(src.tensors, out.tensors):
+        if s.name == "blk.1.ffn_down.weight":
+            assert o.tensor_type == gguf.GGMLQuantizationType.Q8_0
+            want = edit_to_q8_0_numpy(s.data, s.tensor_type, (64, 128), b, a.T, 1.0)
+            assert o.data.tobytes() == want.tobytes()
+        else:
+            assert o.tensor_type == s.tensor_type and o.data.tobytes() == s.data.tobytes(), s.name
+
+
+def test_failed_edit_is_reported_and_not_written(tiny, tmp_path):
+    from localpers.engine import Engine
+
+    path, _ = tiny
+    weak = Editor(path, EditConfig(layer=1, steps=1, lr=1e-4))
+    engine = Engine(path, n_ctx=256)
+    result = edit_facts(engine, weak, [FACT], tmp_path / "weak.gguf")
+    assert result.edits == [] and result.adapter is None
+    assert [f for f, _ in result.failed] == [FACT]
+    assert not (tmp_path / "weak.gguf").exists()
+
+
+def test_later_preference_wins():
+    facts = facts_of(["My favorite music is jazz.", "I have a cat named Tom.", "My favorite music is heavy metal."])
+    assert [f.statement for f in facts] == ["I have a cat named Tom.", "My favorite music is heavy metal."]
+    assert "What's my music preference?" in facts[1].questions
+    assert facts[1].targets == ("Your favorite music is heavy metal.",)
+
+
+def test_facts_from_templates_and_from_item_fields():
+    assert second_person("I'm sure my mom likes me.") == "You're sure your mom likes you."
+    fact = fact_from_statement("I grew up in north dakota.")
+    assert fact.attributes == ("location",) and fact.questions[-1] == "What's my location?"
+    given = fact_from_item("I like jazz.", {"question": ["What music do I like?"], "target": ["Jazz"]})
+    assert given.questions == ("What music do I like?",) and given.targets == ("Jazz",)
+    generic = fact_from_item("I strongly dislike having to use a computer for long.", {})
+    assert generic.attributes == () and len(generic.questions) >= 3
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "!!", "a", None])
+def test_unusable_preferences_raise(bad):
+    with pytest.raises(UserError):
+        fact_from_statement(bad)
+
+
+def test_no_preferences_raise():
+    with pytest.raises(UserError, match="no preferences"):
+        facts_of([])
+    with pytest.raises(UserError):
+        fact_from_statement("I like " + "very " * 200 + "long statements.")
+
+
+def test_adapter_needs_one_rank_per_tensor(tmp_path):
+    edits = [Edit(layer, np.ones(128, np.float32), np.ones(64, np.float32), FACT, 1.0, 0.1, 0.0) for layer in (0, 0, 1)]
+    with pytest.raises(ValueError, match="one rank"):
+        write_adapter(tmp_path / "x.gguf", edits, "llama")
