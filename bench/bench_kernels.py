@@ -6,7 +6,8 @@ PerCE, forward + backward (gradient to h_pos; the output weights stay frozen, as
 (N, d, V) = (2048, 576, 49152) and (4096, 576, 49152): SmolLM2's real output weights (token_embd, dequantized from
 the default model) and hidden states normalized then scaled so the logits have std 3, like a trained model's.
 (Random large logits would make softmax underflow to denormals, which slows CPU arithmetic ~50x.)
-- time: pytest-benchmark, fused and naive in the same run;
+- time: pytest-benchmark, fused and naive in the same run, and both alternately, 3 times each (wall and CPU time),
+  since the background load of a shared machine changes between benchmark groups;
 - peak memory: each case runs once more in a fresh process (python -m bench.bench_kernels IMPL N DEVICE), which
   builds its inputs, resets the kernel's peak-RSS mark (VmHWM, by writing 5 to /proc/self/clear_refs), runs forward
   + backward and reports VmHWM - RSS before: the extra memory the loss needed, torch allocations included.
@@ -15,8 +16,10 @@ apply_lowrank_: GB/s (W read and written, U and V read) on SmolLM2's ffn_down sh
 Triton cases need CUDA and skip without it.
 """
 import re
+import statistics
 import subprocess
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
@@ -127,6 +130,25 @@ def test_perce_forward_backward(benchmark, summary, impl, n, device):
     peak = int(child.stdout.split()[-1])
     benchmark.extra_info["peak_extra_bytes"] = peak
     results[impl] = (benchmark.stats.stats.median, peak)
+
+
+@pytest.mark.parametrize("n", PERCE_N)
+def test_perce_interleaved_time_ratio(summary, n, rounds=3):
+    """fused and naive alternately, so that both see the same background load (the machine is shared); wall time
+    and this process's CPU time (less sensitive to other processes on the same cores)."""
+    inputs = perce_inputs(n, "cpu")
+    wall, cpu = {"fused": [], "naive": []}, {"fused": [], "naive": []}
+    for _ in range(rounds):
+        for impl in wall:
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            forward_backward(impl, *inputs)
+            wall[impl].append(time.perf_counter() - start_wall)
+            cpu[impl].append(time.process_time() - start_cpu)
+    line = f"PerCE cpu N={n} interleaved x{rounds} (medians):"
+    for name, seconds in (("wall", wall), ("CPU", cpu)):
+        fused, naive = (statistics.median(t) for t in seconds.values())
+        line += f" {name} fused {fused:.2f} s naive {naive:.2f} s = {fused / naive:.2f}x;"
+    summary["lines"].append(line)
 
 
 @pytest.mark.parametrize("device", DEVICES)
