@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from localpers.errors import UserError
 from localpers.datasets import LampItem, PrefEvalItem, UpqaItem
+from localpers.errors import UserError
 from localpers.methods import Personalized, apply
 from localpers.world import history_bucket
 
@@ -195,7 +195,7 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
 
 
 PREFEVAL_ACK = "Got it, I'll keep that in mind."
-PREFEVAL_MAX_CHARS = 200   # distractor messages are cut so that 10 turns fit SmolLM2's context
+PREFEVAL_MAX_CHARS = 150   # distractor messages are cut: 10 turns stay ~800 tokens, within context and CPU budget
 
 
 def _cut(text: str, max_chars: int) -> str:
