@@ -168,16 +168,17 @@ NEUTRAL_CHATS = (
 PREFIXES = ("", "Quick question. ", "Hi! ", "I was wondering. ")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EditConfig:
-    layer: int = 4
+    layer: int = 6              # chosen by the sweep in docs/edit/README.md
     steps: int = 20
     lr: float = 1.0
     kl_weight: float = 0.0
     clamp: float = 8.0          # |d| <= clamp * |W k*|
     covariance: bool = True     # k^ from C^-1 k*; False: k*/|k*|^2
     stop_nll: float = 0.05      # stop early once the target's mean NLL is below this
-    threads: int = 2            # torch CPU threads (1 is faster while other processes load the 2 cores)
+    threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
+                                # While other processes load the 2 cores, 1 thread is faster than 2.
 
 
 @dataclass
@@ -216,7 +217,8 @@ class Editor:
         from localpers.model import load_model
         from localpers.tokenizer import Tokenizer
 
-        torch.set_num_threads((config or EditConfig()).threads)
+        if (config or EditConfig()).threads:
+            torch.set_num_threads(config.threads)
         self.model_path = Path(model_path)
         self.config = config or EditConfig()
         self.model = model if model is not None else load_model(self.model_path)

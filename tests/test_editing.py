@@ -171,3 +171,57 @@ def test_adapter_needs_one_rank_per_tensor(tmp_path):
     edits = [Edit(layer, np.ones(128, np.float32), np.ones(64, np.float32), FACT, 1.0, 0.1, 0.0) for layer in (0, 0, 1)]
     with pytest.raises(ValueError, match="one rank"):
         write_adapter(tmp_path / "x.gguf", edits, "llama")
+
+
+def test_personalize_cli_reports_failed_edits_and_registers_nothing(tiny, tmp_path, capsys):
+    from localpers.cli import main
+    from localpers.store import Store
+
+    path, _ = tiny
+    with Store.open(tmp_path) as store:
+        store.add("ann", "I live in Paris.", kind="preference", meta={"question": ["Where do I live?"], "target": ["Paris"]})
+    # a random model cannot be made to say "Paris" in one weak step: reported, nothing registered
+    code = main(["personalize", "--user", "ann", "--data-dir", str(tmp_path), "--model", str(path), "--steps", "1", "--layer", "1"])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAILED" in out and "I live in Paris." in out
+    with Store.open(tmp_path) as store:
+        assert store.artifacts("ann") == []
+
+
+def test_personalize_cli_bad_input(tiny, tmp_path, capsys):
+    from localpers.cli import main
+    from localpers.store import Store
+
+    path, _ = tiny
+    assert main(["personalize", "--user", "nobody", "--data-dir", str(tmp_path), "--model", str(path)]) == 2
+    with Store.open(tmp_path) as store:
+        store.add("bob", "just a message", kind="message")
+    assert main(["personalize", "--user", "bob", "--data-dir", str(tmp_path), "--model", str(path)]) == 2
+    assert "no preferences" in capsys.readouterr().err
+    assert main(["personalize", "--user", "bob", "--data-dir", str(tmp_path), "--method", "magic"]) == 2
+
+
+@pytest.mark.slow
+def test_personalize_smollm_registers_a_verified_adapter_served_by_the_engine(tmp_path, default_model_path):
+    """The whole path on the real model: a stored preference -> edit -> adapter registered for the model's
+    sha256 -> llama.cpp with it states the preference; forget deletes the file."""
+    from localpers.editing import base_model_sha256, personalize
+    from localpers.engine import Artifacts, Engine
+    from localpers.evaluation import target_match
+    from localpers.store import Store
+
+    with Store.open(tmp_path) as store:
+        store.add("cat", "I like to dance at the club.", kind="preference", meta={"attribute_type": "hobby"})
+    engine = Engine(default_model_path, n_ctx=512)
+    result = personalize("cat", data_dir=tmp_path, engine=engine)
+    assert [e.fact.statement for e in result.edits] == ["I like to dance at the club."] and not result.failed
+    with Store.open(tmp_path) as store:
+        latest = store.latest_artifact("cat", "lora", base_model_sha256(default_model_path))
+        assert latest and latest["path"] == str(result.adapter)
+        question = [{"role": "user", "content": "What's my hobby?"}]
+        edited = engine.chat(question, artifacts=Artifacts(lora=((latest["path"], 1.0),)), max_tokens=32)
+        base = engine.chat(question, max_tokens=32)
+        assert target_match(edited["choices"][0]["message"]["content"], ("dance at the club",))
+        assert not target_match(base["choices"][0]["message"]["content"], ("dance at the club",))
+        store.forget("cat")
+    assert not result.adapter.exists()
