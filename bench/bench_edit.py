@@ -47,6 +47,6 @@ def test_edit_one_preference(benchmark, editor_and_facts, threads):
     t1 = time.perf_counter()
     editor.key(edit.fact)
     t2 = time.perf_counter()
-    benchmark.extra_info.update(threads=threads, prompts=len(batch.keys), cached_forward_s=round(t1 - t0, 2),
+    benchmark.extra_info.update(threads=threads, prompts=len(batch.x), cached_forward_s=round(t1 - t0, 2),
                                 key_s=round(t2 - t1, 2), last_edit_s=round(edit.seconds, 2))
     assert edit.nll_after < edit.nll_before

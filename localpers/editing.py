@@ -203,7 +203,6 @@ class Batch:
     rows: torch.Tensor                      # (b, s) of each scored position
     tokens: torch.Tensor                    # the token expected there
     prompt_of_row: torch.Tensor             # which prompt each scored row belongs to
-    keys: torch.Tensor                      # [B, d_ff] ffn_down input at each edit position
 
 
 class _Stop(Exception):
@@ -217,10 +216,10 @@ class Editor:
         from localpers.model import load_model
         from localpers.tokenizer import Tokenizer
 
-        if (config or EditConfig()).threads:
-            torch.set_num_threads(config.threads)
         self.model_path = Path(model_path)
         self.config = config or EditConfig()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
         self.model = model if model is not None else load_model(self.model_path)
         self.tok = tokenizer or Tokenizer.from_gguf(self.model_path)
         n_layer = self.model.config.n_layer
@@ -271,8 +270,6 @@ class Editor:
         cos_all, sin_all = _rope(m, T + S)
         pos = torch.tensor([[p + s for s in range(S)] for p in edit_pos])
         x = torch.stack([states[L][b, pos[b].clamp(max=T - 1)] for b in range(B)])
-        ffn_in = self.ffn_inputs(tokens)
-        keys = torch.stack([ffn_in[b, edit_pos[b]] for b in range(B)])
         caches = []
         for i in range(L, c.n_layer):
             attn = m.layers[i].attn
@@ -293,7 +290,7 @@ class Editor:
                 toks.append(t)
                 owner.append(b)
         return Batch(x=x, caches=caches, cos=cos_all[pos][:, None], sin=sin_all[pos][:, None], mask=mask,
-                     rows=torch.tensor(rows), tokens=torch.tensor(toks), prompt_of_row=torch.tensor(owner), keys=keys)
+                     rows=torch.tensor(rows), tokens=torch.tensor(toks), prompt_of_row=torch.tensor(owner))
 
     def logprobs(self, batch: Batch, key: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
         """Log-softmax [rows, V] at the scored positions, with dW = delta key' added to layer L's ffn_down."""
@@ -315,7 +312,7 @@ class Editor:
     def nll(self, batch: Batch, logprobs: torch.Tensor) -> torch.Tensor:
         """Mean over prompts of each answer's mean token NLL."""
         token_nll = -logprobs[torch.arange(len(batch.tokens)), batch.tokens]
-        n = len(batch.keys)
+        n = len(batch.x)
         per_prompt = torch.zeros(n).index_add(0, batch.prompt_of_row, token_nll)
         counts = torch.zeros(n).index_add(0, batch.prompt_of_row, torch.ones_like(token_nll))
         return (per_prompt / counts).mean()
