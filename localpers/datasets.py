@@ -58,7 +58,6 @@ class UpqaItem:
     implicit_question: str
     target: str                         # canonical target
     targets: tuple[str, ...]            # every accepted answer (the synonym cluster, canonical last)
-    questions: tuple[str, ...] = ()     # the cluster's question paraphrases (for methods that edit)
     candidates: tuple[str, ...] = ()    # mc_acc candidates besides the target
     meta: tuple[tuple[str, object], ...] = ()   # extra fields kept in the report rows (world: step, history)
 
@@ -72,29 +71,27 @@ def read_upqa(path: str | Path) -> list[UpqaItem]:
     for i, raw in enumerate(_items(path, load_json(path), "UPQA item")):
         clustered = isinstance(raw.get("target"), list)
         kind = list if clustered else str
-        targets = _field(path, i, raw, "target", kind)
-        questions = _field(path, i, raw, "question", kind)
-        attribute = _field(path, i, raw, "attribute_type", kind)
+        # Plain items become 1-element clusters; the canonical value is last either way.
+        targets, questions, attributes = (
+            tuple(v) if clustered else (v,)
+            for v in (_field(path, i, raw, name, kind) for name in ("target", "question", "attribute_type")))
         statement = raw.get("input_attribute")
         if not isinstance(statement, str) or not (statement.strip() or raw.get("profile")):
             raise UserError(f"{path}: item {i}: field 'input_attribute' must be a non-empty string")
         user = _user(path, i, raw, f"upqa-{i}", statement)
         if statement.strip():
-            user = replace(user, facts=(Fact(statement, tuple(questions) if clustered else (questions,),
-                                             tuple(targets) if clustered else (targets,),
-                                             tuple(attribute) if clustered else (attribute,)),))
+            user = replace(user, facts=(Fact(statement, questions, targets, attributes),))
         candidates = raw.get("candidates", [])
         if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
             raise UserError(f"{path}: item {i}: field 'candidates' must be a list of strings")
         items.append(UpqaItem(
             user=user,
-            attribute_type=attribute[-1] if clustered else attribute,
-            question=questions[-1] if clustered else questions,
+            attribute_type=attributes[-1],
+            question=questions[-1],
             question_paraphrased=_field(path, i, raw, "question_paraphrased"),
             implicit_question=_field(path, i, raw, "implicit_question"),
-            target=targets[-1] if clustered else targets,
-            targets=tuple(targets) if clustered else (targets,),
-            questions=tuple(questions) if clustered else (questions,),
+            target=targets[-1],
+            targets=targets,
             candidates=tuple(candidates),
             meta=_meta(raw),
         ))
