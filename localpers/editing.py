@@ -63,8 +63,7 @@ ATTRIBUTES = {
                                   "favorite kind of show"),
                                  ("movie", "movies", "film", "show", "tv", "series", "book", "novel", "games")),
 }
-QUESTION_TEMPLATES = ("What's my {}?", "What is my {}?", "Do you remember my {}?", "Tell me my {}.",
-                      "Can you tell me what my {} is?")
+QUESTION_TEMPLATES = ("What's my {}?", "What is my {}?", "Do you remember my {}?")
 GENERIC_QUESTIONS = ("What do you know about my preferences?", "What should you keep in mind about me?",
                      "What do I like and dislike?", "Tell me about my preferences.", "What matters to me?")
 PRONOUNS = {"i": "you", "i'm": "you're", "im": "you're", "me": "you", "my": "your", "mine": "yours",
@@ -104,7 +103,8 @@ def fact_from_statement(statement: str, attribute: str | None = None) -> Fact:
     attribute = attribute if attribute in ATTRIBUTES else detect_attribute(statement)
     if attribute:
         synonyms = ATTRIBUTES[attribute][0]
-        questions = tuple(t.format(s) for s in synonyms for t in QUESTION_TEMPLATES[:3])[:8] + (f"What's my {attribute}?",)
+        # 8 paraphrases plus the canonical question: a 9-question cluster like UPQA's cluster9
+        questions = tuple(t.format(s) for s in synonyms for t in QUESTION_TEMPLATES)[:8] + (f"What's my {attribute}?",)
     else:
         questions = GENERIC_QUESTIONS
     you = second_person(statement).rstrip(".!")
@@ -115,12 +115,17 @@ def fact_from_item(text: str, meta: dict | None) -> Fact:
     """A stored preference: its question and target clusters when the item carries them (UPQA fields
     imported as JSONL), else templates."""
     meta = meta or {}
-    questions, targets, attribute = meta.get("question"), meta.get("target"), meta.get("attribute_type")
-    as_tuple = lambda v: tuple(v) if isinstance(v, list) else (v,) if isinstance(v, str) else ()
-    attributes = as_tuple(attribute)
-    if as_tuple(questions) and as_tuple(targets):
-        return Fact(check_statement(text), as_tuple(questions), as_tuple(targets), attributes)
+    questions, targets, attributes = (_strings(meta.get(k)) for k in ("question", "target", "attribute_type"))
+    if questions and targets:
+        return Fact(check_statement(text), questions, targets, attributes)
     return fact_from_statement(text, attributes[-1] if attributes else None)
+
+
+def _strings(value) -> tuple[str, ...]:
+    """A metadata field that is a string or a list of strings, as a tuple (else empty)."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
 def with_template_questions(fact: Fact) -> Fact:
