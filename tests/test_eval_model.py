@@ -1,13 +1,11 @@
 """Smoke runs of every eval task end to end on the default model (tiny --limit, short answers)."""
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from localpers.cli import main
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only if llama_cpp is not loaded yet
 pytest.importorskip("llama_cpp")
 DATA = Path(__file__).resolve().parent / "data"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

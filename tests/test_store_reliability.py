@@ -9,7 +9,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pytest
 
 from localpers.store import DB_FILE, Store
 
