@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from localpers.engine import model_sha256 as base_model_sha256  # the key `localpers serve` looks adapters up by
 from localpers.errors import UserError
 from localpers.methods import Fact
 
@@ -500,15 +501,6 @@ def bake(model_path, out_path, edits: list[Edit]) -> Path:
     return Path(out_path)
 
 
-def base_model_sha256(path) -> str:
-    """SHA-256 of the model file, the key under which a user's artifacts are registered for it."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- the pipeline: edit, verify on llama.cpp, register
 
 CHECK_MAX_TOKENS = 32
@@ -598,17 +590,12 @@ def _cache_dir() -> Path:
     return path
 
 
-@lru_cache(maxsize=4)
-def _file_sha(path: str) -> str:
-    return base_model_sha256(path)
-
-
 @lru_cache(maxsize=None)
 def user_adapter(user, engine, config: EditConfig | None = None) -> Path | None:
     """The verified adapter of an evaluation user, cached on disk by model, facts and config."""
     facts = facts_of(user.preferences, user.facts)
     editor = editor_for(str(engine.model_path), config)
-    key = hashlib.sha256(json.dumps([_file_sha(str(engine.model_path)), repr(editor.config),
+    key = hashlib.sha256(json.dumps([base_model_sha256(engine.model_path), repr(editor.config),
                                      [repr(f) for f in facts]]).encode()).hexdigest()[:24]
     path, log = _cache_dir() / f"{key}.gguf", _cache_dir() / f"{key}.json"
     if log.is_file():
