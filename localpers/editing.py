@@ -280,12 +280,8 @@ class Editor:
         for i in range(L, c.n_layer):
             attn = m.layers[i].attn
             h = m.layers[i].attn_norm(states[i][:, :P])
-            k = attn.k(h).view(B, P, c.n_kv_head, c.head_dim)
-            v = attn.v(h).view(B, P, c.n_kv_head, c.head_dim)
-            if c.arch == "qwen3":
-                k = attn.k_norm(k)
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-            caches.append((_apply_rope(m, k, cos_all[:P], sin_all[:P]), v))
+            _, k, v = attn.qkv(h, cos_all[:P], sin_all[:P])
+            caches.append((k, v))
         prefix_ok = torch.arange(P)[None, :] < torch.tensor(edit_pos)[:, None]          # [B, P]
         causal = torch.ones(S, S, dtype=torch.bool).tril()
         mask = torch.cat([prefix_ok[:, None, :].expand(B, S, P), causal.expand(B, S, S)], dim=2)[:, None]
@@ -425,23 +421,11 @@ def _rope(model, n: int):
     return rope_angles(model.config, n, model.rope_freqs)
 
 
-def _apply_rope(model, x, cos, sin):
-    from localpers.model import apply_rope
-
-    return apply_rope(x, cos, sin, model.config.neox_rope)
-
-
 def _attend(model, attn, h, cache, cos, sin, mask):
     """Attention of the suffix positions over the cached prefix keys/values and the suffix itself."""
     c = model.config
     B, S, _ = h.shape
-    q = attn.q(h).view(B, S, c.n_head, c.head_dim)
-    k = attn.k(h).view(B, S, c.n_kv_head, c.head_dim)
-    v = attn.v(h).view(B, S, c.n_kv_head, c.head_dim)
-    if c.arch == "qwen3":
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    q, k = _apply_rope(model, q, cos, sin), _apply_rope(model, k, cos, sin)
+    q, k, v = attn.qkv(h, cos, sin)
     k = torch.cat([cache[0], k], dim=2)
     v = torch.cat([cache[1], v], dim=2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.n_head != c.n_kv_head)
