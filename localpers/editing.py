@@ -90,7 +90,7 @@ def detect_attribute(statement: str) -> str | None:
 
 
 def check_statement(statement) -> str:
-    if not isinstance(statement, str) or len(re.findall(r"[A-Za-z]{2,}", statement)) < 2:
+    if not isinstance(statement, str) or len(re.findall(r"[A-Za-z][A-Za-z']*", statement)) < 2:
         raise UserError(f"preference {statement!r} is empty or not a statement: say what you like, e.g. 'I'm vegetarian.'")
     if len(statement) > MAX_STATEMENT_CHARS:
         raise UserError(f"preference is {len(statement)} characters; at most {MAX_STATEMENT_CHARS} can become an edit")

@@ -152,9 +152,11 @@ def test_facts_from_templates_and_from_item_fields():
     assert given.questions == ("What music do I like?",) and given.targets == ("Jazz",)
     generic = fact_from_item("I strongly dislike having to use a computer for long.", {})
     assert generic.attributes == () and len(generic.questions) >= 3
+    short = fact_from_statement("I'm vegetarian.")  # the example the error message itself gives
+    assert short.targets == ("You're vegetarian.",) and len(short.questions) >= 3
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "!!", "a", None])
+@pytest.mark.parametrize("bad", ["", "   ", "!!", "a", "I", "vegetarian", None])
 def test_unusable_preferences_raise(bad):
     with pytest.raises(UserError):
         fact_from_statement(bad)
