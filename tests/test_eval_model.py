@@ -6,7 +6,6 @@ import pytest
 
 from localpers.cli import main
 
-pytest.importorskip("llama_cpp")
 DATA = Path(__file__).resolve().parent / "data"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")

@@ -178,7 +178,6 @@ def test_minilm_dense_search_finds_paraphrases(tmp_path, monkeypatch):
         assert store.search("alice", "What's my job?", k=1, mode="dense")[0]["text"].startswith("I work as a nurse")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
 def test_gguf_embedder(default_model_path):
     embedder = GGUFEmbedder(default_model_path)
     vectors = embedder.embed(["I like to dance at the club.", "I like to dance at the club.", "Quarterly tax report"])
