@@ -27,6 +27,7 @@ llm('The capital of France is', max_tokens=4)
 if ! llama_works; then
     echo "install.sh: building llama-cpp-python 0.3.36 with -DGGML_NATIVE=OFF (about 5 minutes)"
     CMAKE_ARGS="-DGGML_NATIVE=OFF" FORCE_CMAKE=1 pip_install --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
+    pip_install llama-cpp-python==0.3.36  # already built: this only adds its missing dependencies (numpy, diskcache …)
     llama_works || { echo "install.sh: llama-cpp-python still fails to decode the default model" >&2; exit 1; }
 fi
 
