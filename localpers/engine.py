@@ -57,15 +57,14 @@ def _sha256(path: str, mtime_ns: int, size: int) -> str:
 
 def model_sha256(path: str | Path) -> str:
     """SHA-256 of a model file: the identity of the base model that an adapter or a control vector belongs to."""
-    st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+    return _sha256(*_file_key(path))
 
 
-def _file_key(path: str) -> tuple[str, int, int]:
-    """Identify an artifact file by path and content version, so a rewritten adapter is reloaded."""
+def _file_key(path: str | Path) -> tuple[str, int, int]:
+    """Identify a file by path and content version, so a rewritten adapter is reloaded (and rehashed)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{path}: no such artifact file")
+        raise UserError(f"{path}: no such file")
     st = p.stat()
     return (str(p.resolve()), st.st_mtime_ns, st.st_size)
 

@@ -93,7 +93,7 @@ def test_continuation_logprob_matches_logits(engine):
 
 
 def test_bad_artifacts_are_user_errors(engine, tmp_path, default_model_path):
-    with pytest.raises(UserError, match="no such artifact"):
+    with pytest.raises(UserError, match="no such file"):
         reply(engine, Artifacts(lora=((str(tmp_path / "missing.gguf"), 1.0),)))
     with pytest.raises(UserError, match="not a LoRA adapter"):
         reply(engine, Artifacts(lora=((str(default_model_path), 1.0),)))
