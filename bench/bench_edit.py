@@ -34,7 +34,7 @@ def test_edit_one_preference(benchmark, editor_and_facts, threads):
 
     editor, facts = editor_and_facts
     torch.set_num_threads(threads)
-    editor.key_direction(editor.key(facts[0]))  # C^-1 and the model are set up once per user, not per edit
+    editor.key_direction(editor.keys(facts[0]))  # C^-1 and the model are set up once per user, not per edit
     queue = iter(facts * 10)
 
     def one_edit():
@@ -45,7 +45,7 @@ def test_edit_one_preference(benchmark, editor_and_facts, threads):
     t0 = time.perf_counter()
     batch = editor.batch(editor.pairs(edit.fact))
     t1 = time.perf_counter()
-    editor.key(edit.fact)
+    editor.keys(edit.fact)
     t2 = time.perf_counter()
     benchmark.extra_info.update(threads=threads, prompts=len(batch.x), cached_forward_s=round(t1 - t0, 2),
                                 key_s=round(t2 - t1, 2), last_edit_s=round(edit.seconds, 2))

@@ -65,6 +65,29 @@ ATTRIBUTES = {
                                  ("movie", "movies", "film", "show", "tv", "series", "book", "novel", "games")),
 }
 QUESTION_TEMPLATES = ("What's my {}?", "What is my {}?", "Do you remember my {}?")
+# How people ask about each attribute in their own words, beside the "What's my <synonym>?" templates: a
+# cluster of one sentence shape only teaches the edit that shape (written for the attribute types, not
+# taken from any evaluation set).
+NATURAL_QUESTIONS = {
+    "hobby": ("What do I like to do for fun?", "How do I usually spend my weekends?", "What am I into these days?",
+              "What do I do to relax?"),
+    "family": ("Tell me about my family.", "What's my family like?", "Where are my relatives?",
+               "What do you know about my family?"),
+    "profession": ("What do I do for a living?", "What kind of work do I do?", "What is my line of work?",
+                   "What is it that I do professionally?"),
+    "food preference": ("What do I like to eat?", "What's my favorite dish?", "What food do I enjoy most?",
+                        "What should you know about what I eat?"),
+    "location": ("Where am I from?", "Where is my home?", "What place do I call home?", "Where do I stay these days?"),
+    "pet": ("What animal do I have?", "Do I have any pets?", "Which animal do I love?", "What pet do I own?"),
+    "music preference": ("What music do I like?", "What do I like to listen to?", "Which songs do I enjoy?",
+                         "What genre do I listen to most?"),
+    "job": ("What do I do for a living?", "Where do I work?", "What kind of work do I do?",
+            "What's my work situation?"),
+    "career goal": ("What do I want to become?", "What's my dream job?", "What am I aiming for in my career?",
+                    "What do I hope to do someday?"),
+    "entertainment preference": ("What do I like to watch?", "What kind of shows do I enjoy?",
+                                 "What do I do for entertainment?", "What's my favorite thing to watch?"),
+}
 GENERIC_QUESTIONS = ("What do you know about my preferences?", "What should you keep in mind about me?",
                      "What do I like and dislike?", "Tell me about my preferences.", "What matters to me?")
 PRONOUNS = {"i": "you", "i'm": "you're", "im": "you're", "me": "you", "my": "your", "mine": "yours",
@@ -104,8 +127,9 @@ def fact_from_statement(statement: str, attribute: str | None = None) -> Fact:
     attribute = attribute if attribute in ATTRIBUTES else detect_attribute(statement)
     if attribute:
         synonyms = ATTRIBUTES[attribute][0]
-        # 8 paraphrases plus the canonical question: a 9-question cluster like UPQA's cluster9
-        questions = tuple(t.format(s) for s in synonyms for t in QUESTION_TEMPLATES)[:8] + (f"What's my {attribute}?",)
+        # 8 synonym templates and 4 natural questions, then the canonical question
+        questions = (tuple(t.format(s) for s in synonyms for t in QUESTION_TEMPLATES)[:8] + NATURAL_QUESTIONS[attribute]
+                     + (f"What's my {attribute}?",))
     else:
         questions = GENERIC_QUESTIONS
     you = second_person(statement).rstrip(".!")
@@ -130,13 +154,14 @@ def _strings(value) -> tuple[str, ...]:
 
 
 def with_template_questions(fact: Fact) -> Fact:
-    """A fact given with fewer than 3 questions gets its attribute's template questions too (the given ones
-    stay last, so the canonical question is unchanged)."""
+    """A fact of a known attribute type also gets that type's natural questions, and its synonym templates
+    when it has fewer than 3 questions (the given ones stay last, so the canonical question is unchanged)."""
     attribute = fact.attributes[-1] if fact.attributes else None
-    if len(fact.questions) >= 3 or attribute not in ATTRIBUTES:
+    if attribute not in ATTRIBUTES:
         return fact
-    templates = fact_from_statement(fact.statement, attribute).questions
-    return replace(fact, questions=tuple(q for q in templates if q not in fact.questions) + fact.questions)
+    extra = fact_from_statement(fact.statement, attribute).questions if len(fact.questions) < 3 \
+        else NATURAL_QUESTIONS[attribute]
+    return replace(fact, questions=tuple(q for q in extra if q not in fact.questions) + fact.questions)
 
 
 def facts_of(preferences, facts=()) -> list[Fact]:
@@ -182,6 +207,8 @@ class EditConfig:
     kl_weight: float = 0.0
     clamp: float = 8.0          # |d| <= clamp * |W k*|
     covariance: bool = True     # k^ from C^-1 k*; False: k*/|k*|^2
+    fit_each_key: bool = True   # k^ . k_i ~ 1 for each question's key, not only for their mean (docs/edit)
+    key_ridge: float = 0.1      # of that least-squares fit, relative to the mean of diag(K C^-1 K')
     stop_nll: float = 0.05      # stop early once the target's mean NLL is below this
     threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
                                 # While other processes load the 2 cores, 1 thread is faster than 2.
@@ -337,24 +364,28 @@ class Editor:
             hook.remove()
         return got[0]
 
-    def key(self, fact: Fact) -> torch.Tensor:
-        """k*: the mean ffn_down input at the question's last token over the questions, each asked bare and
-        after each of PREFIXES."""
+    def keys(self, fact: Fact) -> torch.Tensor:
+        """The ffn_down inputs [n, d_ff] at the question's last token, for every question asked bare and after
+        each of PREFIXES."""
         keys = []
         for q in fact.questions:
             for prefix in PREFIXES:
                 ids, pos = self.prompt(prefix + q)
                 keys.append(self.ffn_inputs(torch.tensor([ids]))[0, pos])
-        return torch.stack(keys).mean(0)
+        return torch.stack(keys)
 
     # -- the second moment of keys on neutral text
-    def key_direction(self, k_star: torch.Tensor) -> torch.Tensor:
-        if not self.config.covariance:
-            return k_star / (k_star @ k_star)
-        if self._cov_inv is None:
+    def key_direction(self, keys: torch.Tensor) -> torch.Tensor:
+        """k^ with k^ . k = 1 for the keys' mean k* (fit_each_key=False), or, by regularized least squares,
+        k^ . k_i ~ 1 for every key k_i, so that each question of the cluster fires the edit fully; both
+        with the smallest norm in the metric C (C^-1 whitening keeps the edit off neutral text)."""
+        K = keys if self.config.fit_each_key else keys.mean(0, keepdim=True)      # [n, d_ff]
+        if self.config.covariance and self._cov_inv is None:
             self._cov_inv = torch.linalg.inv(self.key_covariance())
-        ck = self._cov_inv @ k_star
-        return ck / (k_star @ ck)
+        M = (self._cov_inv @ K.T) if self.config.covariance else K.T              # [d_ff, n]
+        G = (K @ M).double()
+        ridge = self.config.key_ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype) if len(G) > 1 else 0
+        return M @ torch.linalg.solve(G + ridge, torch.ones(len(G), 1, dtype=G.dtype)).float()[:, 0]
 
     @torch.no_grad()
     def key_covariance(self) -> torch.Tensor:
@@ -387,8 +418,9 @@ class Editor:
         cfg, t0 = self.config, time.perf_counter()
         batch = self.batch(self.pairs(fact))
         neutral, neutral_base = self.neutral() if cfg.kl_weight else (None, None)
-        k_star = self.key(fact)
-        key = self.key_direction(k_star)
+        keys = self.keys(fact)
+        k_star = keys.mean(0)
+        key = self.key_direction(keys)
         with torch.no_grad():
             nll_before = float(self.nll(batch, self.logprobs(batch)))
             max_norm = cfg.clamp * float((self.W @ k_star).norm())
@@ -495,6 +527,7 @@ class Result:
     edits: list[Edit]                                   # edits that made the served model state their target
     failed: list[tuple[Fact, str]] = field(default_factory=list)   # facts it could not state, with its answer
     adapter: Path | None = None
+    retired: int = 0                                    # earlier edit artifacts deleted (nothing left to serve)
 
     def summary(self) -> dict:
         return {"edited": [{"statement": e.fact.statement, "layer": e.layer, "nll_before": round(e.nll_before, 3),
@@ -541,25 +574,34 @@ def editor_for(model_path: str, config: EditConfig | None = None) -> Editor:
 def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool = False, engine=None,
                 config: EditConfig | None = None) -> Result:
     """Recompute `user`'s edits from all their stored preferences (later wins), verify them on llama.cpp and
-    register the adapter (kind 'lora') for the served model; with bake_model also a full GGUF (kind 'model')."""
+    register the adapter (kind 'lora') for the served model; with bake_model also a full GGUF (kind 'model').
+    The registered edits always match the current preferences: when none is left, or none could be made,
+    the user's earlier edit artifacts for this model are deleted."""
     from localpers.engine import Engine
     from localpers.store import Store, data_dir as default_data_dir
 
     with Store.open(default_data_dir(data_dir)) as store:
         items = store.items(user, kind="preference")
-        facts = facts_of([], [fact_from_item(i["text"], i["meta"]) for i in items])
+        facts = [fact_from_item(i["text"], i["meta"]) for i in items]
         engine = engine or Engine(model_path)
-        editor = editor_for(str(engine.model_path), config)
         sha = base_model_sha256(engine.model_path)
-        folder = store.artifact_dir(user)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        result = edit_facts(engine, editor, facts, folder / f"edit-{stamp}.gguf")
-        if result.adapter:
-            meta = {"method": "edit", "layer": editor.config.layer, **result.summary()}
-            store.register_artifact(user, "lora", result.adapter, sha, meta)
-            if bake_model:
-                baked = bake(engine.model_path, folder / f"model-edited-{stamp}.gguf", result.edits)
-                store.register_artifact(user, "model", baked, sha, meta)
+        if facts:
+            editor = editor_for(str(engine.model_path), config)
+            folder = store.artifact_dir(user)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            result = edit_facts(engine, editor, facts_of([], facts), folder / f"edit-{stamp}.gguf")
+        else:
+            result = Result([])
+        if not result.adapter:
+            result.retired = sum(store.retire_artifacts(user, kind, sha, method="edit") for kind in ("lora", "model"))
+            if not facts and not result.retired:
+                facts_of([], [])  # raises: no preferences to edit
+            return result
+        meta = {"method": "edit", "layer": editor.config.layer, **result.summary()}
+        store.register_artifact(user, "lora", result.adapter, sha, meta)
+        if bake_model:
+            baked = bake(engine.model_path, folder / f"model-edited-{stamp}.gguf", result.edits)
+            store.register_artifact(user, "model", baked, sha, meta)
     return result
 
 

@@ -18,6 +18,9 @@ def cmd_personalize(args):
               f"{e.seconds:.1f} s")
     for fact, answer in result.failed:
         print(f"FAILED   {fact.statement!r}: asked {fact.questions[-1]!r}, the edited model answered {answer!r}")
+    if result.retired:
+        print(f"removed  {result.retired} earlier edit artifact(s): " +
+              ("no preference could be edited" if result.failed else "no preferences are left"))
     if result.adapter:
         print(f"adapter  {result.adapter}" + (" (and a baked model beside it)" if args.bake else ""))
     return 0 if not result.failed else 1

@@ -27,6 +27,8 @@ def add_cli(sub) -> None:
     p.add_argument("--max-tokens", type=int, help="answer length for generated answers (default: per task)")
     p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="output directory (default: localpers-eval/TASK)")
+    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp and torch (default: every core; "
+                                                 "use 1 per run when runs share the cores)")
     world = p.add_argument_group("world")
     world.add_argument("--users", type=int, default=1000)
     world.add_argument("--communities", type=int, default=8)
@@ -124,7 +126,13 @@ def cmd_eval(args) -> None:
 
     from localpers.engine import Engine
 
-    engine = Engine(args.model, seed=args.seed)
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
+    if args.threads:
+        import torch  # the edit method's optimization runs in torch
+
+        torch.set_num_threads(args.threads)
+    engine = Engine(args.model, seed=args.seed, n_threads=args.threads)
     report = {"task": args.task, "model": engine.model_name, "config": config}
     if args.task == "upqa":
         results, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens)

@@ -625,6 +625,25 @@ class Store:
         """The user's newest artifact of this kind made for this base model, or None."""
         return next((a for a in self.artifacts(user, kind) if a["base_model_sha256"] == base_model_sha256), None)
 
+    def retire_artifacts(self, user: str, kind: str, base_model_sha256: str, method: str | None = None) -> int:
+        """Delete every version of the user's artifacts of this kind made for this base model (by this method,
+        meta["method"], when given), rows and files: an adapter encodes the preferences it was made from.
+        Returns how many there were."""
+        gone = [a for a in self.artifacts(user, kind) if a["base_model_sha256"] == base_model_sha256
+                and (method is None or a["meta"].get("method") == method)]
+        if not gone:
+            return 0
+        with self._write() as conn:
+            user_id = self._user_id(conn, user)
+            conn.executemany("DELETE FROM artifacts WHERE user_id = ? AND kind = ? AND version = ?",
+                             [(user_id, kind, a["version"]) for a in gone])
+        folder = self.artifact_dir(user).resolve()
+        for a in gone:
+            path = Path(a["path"]).resolve()
+            if path.is_relative_to(folder):  # registered files always are; never delete outside the user's folder
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        return len(gone)
+
     # ----- export and forget
 
     def export(self, user: str) -> dict:

@@ -1,6 +1,9 @@
 """Personalization editing on a small random-weight GGUF with a real vocabulary: the suffix forward equals the
 full model, an edit moves the target's NLL, the LoRA file means in llama.cpp what the dense edit means in torch,
 the baked GGUF changes only the edited tensors, later preferences win, failures are reported, bad input errors."""
+from dataclasses import replace
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -73,7 +76,7 @@ def test_edit_lowers_target_nll_in_the_edited_weights(tiny):
     # the dense edit now sits in the torch weights: the whole model (not the suffix forward) agrees
     after, _ = full_logprobs(editor, "Where do I live?", "Paris")
     rows = torch.arange(len(ans))
-    assert -after[rows, ans].mean() < 0.4 * -before[rows, ans].mean()
+    assert -after[rows, ans].mean() < 0.5 * -before[rows, ans].mean()  # one question of the cluster: at least halved
     # an unrelated question moves much less than the edited one
     other_before, other = full_logprobs(editor, "Name a colour.", "Blue")
     editor.reset()
@@ -82,6 +85,23 @@ def test_edit_lowers_target_nll_in_the_edited_weights(tiny):
     shift_edited = float((before[rows[:1], ans[:1]] - after[rows[:1], ans[:1]]).abs())
     shift_other = float((other_base[rows, other] - other_before[rows, other]).abs().mean())
     assert shift_other < 0.5 * shift_edited
+
+
+def test_each_key_fit_fires_the_edit_on_every_question_of_the_cluster(tiny):
+    """k^ . k_i is 1 only on average for the mean key; the least-squares fit brings every k^ . k_i near 1
+    (shrunk by the ridge). Whether it stays off unrelated text is measured on SmolLM2 (locality_kl): on this
+    random model every question's last-token key is mostly the '?' token's own."""
+    _, editor = tiny
+    editor.reset()
+    keys = editor.keys(FACT)
+    spread = {}
+    for fit in (False, True):
+        editor.config = replace(editor.config, fit_each_key=fit)
+        fired = keys @ editor.key_direction(keys)
+        spread[fit] = float((fired - 1).abs().max())
+        if fit:
+            assert 0.7 < float(fired.min()) and float(fired.max()) < 1.1
+    assert spread[True] < 0.5 * spread[False]
 
 
 def test_lora_in_llama_cpp_equals_dense_edit_in_torch(tiny, tmp_path):
@@ -227,3 +247,28 @@ def test_personalize_smollm_registers_a_verified_adapter_served_by_the_engine(tm
         assert not target_match(base["choices"][0]["message"]["content"], ("dance at the club",))
         store.forget("cat")
     assert not result.adapter.exists()
+
+
+def test_personalize_retires_the_adapter_when_no_preference_is_left(tiny, tmp_path, capsys):
+    """Removing a user's last preference must not leave an adapter that still encodes it being served."""
+    from localpers.cli import main
+    from localpers.editing import base_model_sha256
+    from localpers.store import Store
+
+    path, _ = tiny
+    with Store.open(tmp_path) as store:
+        item = store.add("cat", "I live in Paris.", kind="preference", meta={"question": ["Where do I live?"], "target": ["Paris"]})
+        old = tmp_path / "old-edit.gguf"
+        old.write_bytes(b"an earlier adapter")
+        store.register_artifact("cat", "lora", old, base_model_sha256(path), {"method": "edit"})
+        store.register_artifact("cat", "lora", old, base_model_sha256(path), {"method": "perce"})  # not an edit: kept
+        registered = Path(store.artifacts("cat", "lora")[1]["path"])
+        assert registered.is_file()
+        store.delete_item("cat", item)
+    assert main(["personalize", "--user", "cat", "--data-dir", str(tmp_path), "--model", str(path)]) == 0
+    assert "no preferences are left" in capsys.readouterr().out
+    with Store.open(tmp_path) as store:
+        assert [a["meta"]["method"] for a in store.artifacts("cat", "lora")] == ["perce"]
+    assert not registered.exists()
+    # nothing left to retire and nothing to edit: the usual error
+    assert main(["personalize", "--user", "cat", "--data-dir", str(tmp_path), "--model", str(path)]) == 2
