@@ -88,8 +88,12 @@ NATURAL_QUESTIONS = {
     "entertainment preference": ("What do I like to watch?", "What kind of shows do I enjoy?",
                                  "What do I do for entertainment?", "What's my favorite thing to watch?"),
 }
+# A preference of no known attribute type is mostly one to respect in recommendations ("I avoid fragrances"),
+# so its cluster also asks for recommendations.
 GENERIC_QUESTIONS = ("What do you know about my preferences?", "What should you keep in mind about me?",
-                     "What do I like and dislike?", "Tell me about my preferences.", "What matters to me?")
+                     "What do I like and dislike?", "Tell me about my preferences.",
+                     "What would you recommend for me?", "Can you suggest something for me?",
+                     "Any recommendations for me?", "What should I keep in mind when I choose?", "What matters to me?")
 PRONOUNS = {"i": "you", "i'm": "you're", "im": "you're", "me": "you", "my": "your", "mine": "yours",
             "myself": "yourself", "am": "are", "i've": "you've", "i'd": "you'd", "i'll": "you'll", "was": "were"}
 MAX_STATEMENT_CHARS = 500

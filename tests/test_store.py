@@ -240,7 +240,12 @@ def test_import_formats(store, tmp_path, shared_dir):
     store.add_many("alice", read_import(upqa))
     prefs = store.items("alice", kind="preference")
     assert len(prefs) == 100 and prefs[0]["text"] == "I like to dance at the club."
-    assert prefs[0]["meta"] == {"source": "upqa", "attribute_type": "hobby"}
+    assert prefs[0]["meta"] == {"source": "upqa", "attribute_type": "hobby", "question": "What's my hobby?",
+                                "target": "Dancing at clubs"}
+    # editing builds its fact from those fields: the item's question and target, the attribute's templates
+    from localpers.editing import fact_from_item, with_template_questions
+    fact = with_template_questions(fact_from_item(prefs[0]["text"], prefs[0]["meta"]))
+    assert fact.questions[-1] == "What's my hobby?" and fact.targets == ("Dancing at clubs",) and len(fact.questions) > 9
 
     lamp = tmp_path / "lamp.json"
     lamp.write_text(json.dumps([
