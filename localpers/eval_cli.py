@@ -77,6 +77,8 @@ def cmd_eval(args) -> None:
     from localpers.methods import get_method
     from localpers.world import WORLD_FILES, generate_world, write_world
 
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r} (known: {', '.join(TASKS)})")
     out = Path(args.out or f"localpers-eval/{args.task}")
@@ -126,8 +128,6 @@ def cmd_eval(args) -> None:
 
     from localpers.engine import Engine
 
-    if args.threads is not None and args.threads < 1:
-        raise UserError("--threads must be at least 1")
     if args.threads:
         import torch  # the edit method's optimization runs in torch
 

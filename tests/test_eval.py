@@ -185,6 +185,7 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
     (["eval", "nosuchtask"], "unknown task 'nosuchtask'"),
     (["eval", "upqa", "--data", "/nonexistent/upqa.json"], "no such file"),
     (["eval", "lamp"], "needs --data"),
+    (["eval", "upqa", "--threads", "0"], "--threads must be at least 1"),
     (["eval", "upqa", "--method", "base,magic", "--data", str(DATA / "lamp2_dev_questions.json")], "unknown method 'magic'"),
     (["eval", "upqa", "--data", str(DATA / "lamp2_dev_questions.json")], "item 0: field 'target'"),
     (["eval", "prefeval", "--turns", "0,x", "--data", str(DATA)], "--turns must be comma-separated integers"),
