@@ -17,9 +17,9 @@ N_DECODE = 128
 RESULTS = {}
 
 
-@pytest.fixture(scope="module", params=[1, None], ids=["1thread", "allcores"])
+@pytest.fixture(scope="module", params=[1, 2], ids=["1thread", "2threads"])
 def engine(request):
-    """One thread (llama-cpp-python's own default on 2 cores) and the engine's default, every core."""
+    """Decode on 1 thread (the engine's default on 2 cores: half of them) and on 2."""
     return Engine(n_ctx=512, n_threads=request.param)
 
 

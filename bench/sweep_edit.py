@@ -1,6 +1,7 @@
 """Sweep of the ffn_down edit's settings on SmolLM2 (appends to docs/edit/sweep.jsonl): for each setting and
 one UPQA dev item per attribute type, edit the way `localpers eval --method edit` does, then ask llama.cpp
-(with the adapter) the paraphrased question, and measure the torch-side KL on the editor's neutral chats.
+(with the adapter) the paraphrased and implicit questions, and measure the KL on neutral prompts two ways:
+the torch-side dense edit on the editor's own neutral chats, and the harness's locality_kl through llama.cpp.
 
     python bench/sweep_edit.py --set layer=6 --set layer=10 --items 10 [--offset 1] [--data upqa_dev_100.json]
     python bench/sweep_edit.py --set fit_each_key=0 --set fit_each_key=1,key_ridge=0.1
@@ -17,7 +18,8 @@ from localpers import default_model_path
 from localpers.datasets import read_upqa, shared_data_dir
 from localpers.editing import NEUTRAL_CHATS, EditConfig, Editor, edit_facts, facts_of
 from localpers.engine import Artifacts, Engine
-from localpers.evaluation import target_match
+from localpers.evaluation import NEUTRAL, answer_logprobs as served_logprobs, locality_kl, target_match
+from localpers.methods import Personalized
 
 
 def neutral_kl(editor: Editor, base: list[torch.Tensor]) -> float:
@@ -52,7 +54,7 @@ def main():
     ap.add_argument("--offset", type=int, default=0, help="which item of each attribute type (0..9)")
     ap.add_argument("--data", default="upqa/upqa_dev_100.json")
     ap.add_argument("--out", default="docs/edit/sweep.jsonl")
-    ap.add_argument("--threads", type=int, default=None, help="llama.cpp and torch threads (default: every core)")
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp and torch threads (default: theirs)")
     args = ap.parse_args()
     items = read_upqa(shared_data_dir() / args.data)[args.offset::10][:args.items]
     engine = Engine(default_model_path(), n_ctx=1024, n_threads=args.threads)
@@ -61,6 +63,7 @@ def main():
         config = dataclasses.replace(parse_setting(setting), threads=args.threads)
         editor = Editor(engine.model_path, config)
         base = [answer_logprobs(editor, q, a) for q, a in NEUTRAL_CHATS]
+        served_base = [served_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL]
         for item in items:
             facts = facts_of(item.user.preferences, item.user.facts)
             t0 = time.perf_counter()
@@ -74,6 +77,9 @@ def main():
                                          artifacts=Artifacts(lora=((str(result.adapter), 1.0),)))["choices"][0]["message"]["content"]
                 row[f"{kind}_ok"], row[f"{kind}_answer"] = target_match(answer, item.targets), answer
             row["neutral_kl"] = round(neutral_kl(editor, base), 4)  # the editor still holds the dense edit
+            if result.adapter:
+                adapter = Personalized(artifacts=Artifacts(lora=((str(result.adapter), 1.0),)))
+                row["locality_kl"] = round(locality_kl(engine, lambda *_: adapter, [item.user], served_base), 4)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
@@ -82,7 +88,8 @@ def main():
         print(f"== {setting or 'default'}: explicit {sum(r['explicit_ok'] for r in mine)}/{len(mine)}, "
               f"paraphrased {sum(r['paraphrased_ok'] for r in mine)}/{len(mine)}, "
               f"implicit {sum(r['implicit_ok'] for r in mine)}/{len(mine)}, "
-              f"mean neutral KL {sum(r['neutral_kl'] for r in mine) / len(mine):.4f}", flush=True)
+              f"mean neutral KL {sum(r['neutral_kl'] for r in mine) / len(mine):.4f}, "
+              f"mean locality_kl {sum(r.get('locality_kl', 0) for r in mine) / len(mine):.4f}", flush=True)
 
 
 if __name__ == "__main__":

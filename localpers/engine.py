@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import os
 import threading
 import time
 import uuid
@@ -81,9 +80,9 @@ class Engine:
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         open_gguf(self.model_path)  # one-line UserError for a missing, truncated or unsupported file
         self._llama_cpp = llama_cpp
-        # llama-cpp-python decodes on half the cores by default; a laptop serving one user wants them all
-        # (2 cores: 66 vs 42 tokens/s, BENCHMARKS.md §5).
-        n_threads = n_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        # n_threads=None keeps llama-cpp-python's defaults: generation on half the cores, prompts on all of
+        # them. With OMP_WAIT_POLICY=PASSIVE (set by localpers, for loaded machines) two decode threads were
+        # slower than one on 2 cores (19 vs 31 tokens/s) while prompts gained (89 vs 60 tokens/s): BENCHMARKS §5.
         self.llm = llama_cpp.Llama(str(self.model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                                    seed=seed, verbose=verbose)
         self.model_name = self.model_path.stem
