@@ -1,5 +1,6 @@
 """Time of one preference edit on SmolLM2-135M-Instruct: a UPQA cluster9 item (its 9 question paraphrases and
-the attribute's 4 natural questions), the default EditConfig, torch fp32 on the CPU. Target (issue 6): <= 30 s per preference on the 2-core machine.
+the attribute's 4 natural questions), the default EditConfig, torch fp32 on the CPU.
+Target (issue 6): <= 30 s per preference on the 2-core machine.
 
     python -m pytest bench/bench_edit.py --benchmark-only --benchmark-columns=min,median,max,rounds
 

@@ -70,21 +70,21 @@ def main():
             result = edit_facts(engine, editor, facts, "/tmp/sweep-edit.gguf")
             row = {"setting": setting, "data": args.data, "item": item.user.id,
                    "seconds": round(time.perf_counter() - t0, 1), "explicit_ok": bool(result.edits), **result.summary()}
+            served = Personalized(artifacts=Artifacts(lora=((str(result.adapter), 1.0),))) if result.adapter else None
             for kind, question in (("paraphrased", item.question_paraphrased), ("implicit", item.implicit_question)):
                 answer = ""
-                if result.adapter:
+                if served:
                     answer = engine.chat([{"role": "user", "content": question}], max_tokens=32,
-                                         artifacts=Artifacts(lora=((str(result.adapter), 1.0),)))["choices"][0]["message"]["content"]
+                                         artifacts=served.artifacts)["choices"][0]["message"]["content"]
                 row[f"{kind}_ok"], row[f"{kind}_answer"] = target_match(answer, item.targets), answer
             row["neutral_kl"] = round(neutral_kl(editor, base), 4)  # the editor still holds the dense edit
-            if result.adapter:
-                adapter = Personalized(artifacts=Artifacts(lora=((str(result.adapter), 1.0),)))
-                row["locality_kl"] = round(locality_kl(engine, lambda *_: adapter, [item.user], served_base), 4)
+            if served:
+                row["locality_kl"] = round(locality_kl(engine, lambda *_: served, [item.user], served_base), 4)
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-        n = [json.loads(line) for line in out.read_text().splitlines()]
-        mine = [r for r in n if r.get("setting") == setting and r.get("data") == args.data][-len(items):]
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        mine = [r for r in rows if r.get("setting") == setting and r.get("data") == args.data][-len(items):]
         print(f"== {setting or 'default'}: explicit {sum(r['explicit_ok'] for r in mine)}/{len(mine)}, "
               f"paraphrased {sum(r['paraphrased_ok'] for r in mine)}/{len(mine)}, "
               f"implicit {sum(r['implicit_ok'] for r in mine)}/{len(mine)}, "

@@ -27,7 +27,7 @@ def add_cli(sub) -> None:
     p.add_argument("--max-tokens", type=int, help="answer length for generated answers (default: per task)")
     p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="output directory (default: localpers-eval/TASK)")
-    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp and torch (default: every core; "
+    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp and torch (default: their own; "
                                                  "use 1 per run when runs share the cores)")
     world = p.add_argument_group("world")
     world.add_argument("--users", type=int, default=1000)
