@@ -2,6 +2,7 @@
 world, and write report.json, report.md and plots."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -16,12 +17,16 @@ DEFAULT_MAX_TOKENS = {"upqa": 32, "lamp": 32, "longlamp": 128, "world": 32}
 def add_cli(sub) -> None:
     p = sub.add_parser("eval", help="evaluate personalization methods (upqa, prefeval, lamp, longlamp, world)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("task", help="one of: " + ", ".join(TASKS))
+    p.add_argument("task", help="one of: " + ", ".join(TASKS) + "; or 'merge' followed by the output directories "
+                                "of shards, to write their joint report to --out")
+    p.add_argument("parts", nargs="*", metavar="DIR", help="merge: the shards' output directories")
     p.add_argument("--method", default="base,prompt,rag", help="comma-separated methods; 'a+b' composes (default: %(default)s)")
     p.add_argument("--data", help="data file or directory (default: ../shared/data for upqa and prefeval; "
                                   "lamp/longlamp: the questions file; world: a directory from --generate-only)")
     p.add_argument("--distractors", help="prefeval: PrefEval's inter_turns.json (default: beside --data's mcq_dev)")
     p.add_argument("--limit", type=int, help="evaluate the first N items after a seeded shuffle")
+    p.add_argument("--shard", help="I/N: evaluate every N-th item from the I-th (after --limit), so a long run can "
+                                   "be split over processes or sessions; join the shards with `eval merge`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--turns", default="0,5,10", help="prefeval: distractor turn counts (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, help="answer length for generated answers (default: per task)")
@@ -56,9 +61,31 @@ def _data_path(args) -> Path:
 def _limit(items: list, args) -> list:
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
-    if args.limit is None or args.limit >= len(items):
-        return items
-    return random.Random(args.seed).sample(items, args.limit)
+    if args.limit is not None and args.limit < len(items):
+        items = random.Random(args.seed).sample(items, args.limit)
+    if args.shard:
+        from localpers.evaluation import parse_shard
+
+        index, count = parse_shard(args.shard)
+        items = items[index::count]
+    return items
+
+
+def cmd_merge(args) -> None:
+    from localpers import evaluation as ev
+
+    if not args.parts:
+        raise UserError("eval merge needs the output directories of the shards")
+    parts = []
+    for part in args.parts:
+        path = Path(part) / "report.json"
+        try:
+            parts.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read the report ({e})") from None
+    report = ev.merge_reports(parts)
+    for path in ev.write_report(Path(args.out or f"localpers-eval/{report['task']}"), report):
+        print(path)
 
 
 def _turns(text: str) -> list[int]:
@@ -72,6 +99,10 @@ def _turns(text: str) -> list[int]:
 
 
 def cmd_eval(args) -> None:
+    if args.task == "merge":
+        return cmd_merge(args)
+    if args.parts:
+        raise UserError(f"unexpected arguments: {' '.join(args.parts)}")
     from localpers import evaluation as ev
     from localpers.datasets import read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
     from localpers.methods import get_method
@@ -83,6 +114,8 @@ def cmd_eval(args) -> None:
         raise UserError(f"unknown task {args.task!r} (known: {', '.join(TASKS)})")
     out = Path(args.out or f"localpers-eval/{args.task}")
     config = {"seed": args.seed, "limit": args.limit}
+    if args.shard:
+        config["shard"] = args.shard
     if args.task == "world" and not args.data:
         if args.users < 1 or args.communities < 1 or args.steps < 2:
             raise UserError("the world needs --users >= 1, --communities >= 1 and --steps >= 2")
@@ -135,24 +168,24 @@ def cmd_eval(args) -> None:
     engine = Engine(args.model, seed=args.seed, n_threads=args.threads)
     report = {"task": args.task, "model": engine.model_name, "config": config}
     if args.task == "upqa":
-        results, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens)
+        results, counts, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens)
         rules = ev.upqa_rules(max_tokens, len(items))
     elif args.task == "prefeval":
-        results, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed)
+        results, counts, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed)
         rules = [ev.RULES["prefeval"].format(ack=ev.PREFEVAL_ACK, max_chars=ev.PREFEVAL_MAX_CHARS)]
     elif args.task in ("lamp", "longlamp"):
-        results, rows = ev.run_lamp(engine, task_name, items, methods, max_tokens=max_tokens)
+        results, counts, rows = ev.run_lamp(engine, task_name, items, methods, max_tokens=max_tokens)
         rules = [ev.RULES["lamp"].format(max_tokens=max_tokens)]
     else:
-        results, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens)
-        writing_results, writing_rows = ev.run_lamp(engine, "LongLaMP_world", writing, methods, max_tokens=2 * max_tokens)
+        results, counts, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens)
+        writing_results, writing_counts, writing_rows = ev.run_lamp(engine, "LongLaMP_world", writing, methods,
+                                                                    max_tokens=2 * max_tokens)
         for name in results:
             results[name].update(writing_results[name])
+            counts[name].update(writing_counts[name])
         rows += writing_rows
-        report["breakdown"] = ev.breakdown(rows, {"explicit_ok": "explicit_acc", "implicit_ok": "implicit_acc",
-                                                  "mc_ok": "mc_acc", "rougeL": "rougeL"})
+        report["breakdown"] = ev.breakdown(rows, ev.WORLD_BREAKDOWN)
         rules = ev.upqa_rules(max_tokens, len(upqa_items)) + [ev.RULES["lamp"].format(max_tokens=2 * max_tokens)]
-    report["results"] = results
-    report["items"] = rows
-    for path in ev.write_report(out, report, rules):
+    report.update(rules=rules, results=results, counts=counts, items=rows)
+    for path in ev.write_report(out, report):
         print(path)

@@ -17,13 +17,14 @@ import numpy as np
 from tqdm import tqdm
 
 from localpers.datasets import LampItem, PrefEvalItem, UpqaItem
+from localpers.errors import UserError
 from localpers.methods import Personalized, apply
 from localpers.world import history_bucket
 
 # ---------------------------------------------------------------- scoring rules (also written into report.md)
 
 MATCH_RECALL = 0.5
-LOCALITY_USERS = 10   # locality_kl is measured on the first users only: it costs 8 scored answers per user
+LOCALITY_USERS = 100  # locality_kl costs 8 scored answers per user: at most this many, evenly spaced over the items
 RULES = {
     "match": (f"An answer is correct when, for some accepted target (the cluster9 variant accepts all 9 synonyms), "
               f"at least {MATCH_RECALL:.0%} of the target's content tokens occur in the answer. Tokens are "
@@ -33,7 +34,7 @@ RULES = {
            "type (world: every other value of the attribute) by the mean log-probability per token of the "
            "target as the assistant's reply (length-normalised); correct when the true target ranks first."),
     "locality": ("locality_kl: mean over answer tokens of KL(base || method) between next-token distributions, "
-                 "on {n} fixed neutral question/answer pairs, for the first {users} users; in nats/token."),
+                 "on {n} fixed neutral question/answer pairs, for {users} users evenly spaced over the items; in nats/token."),
     "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
                  "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
                  "with the options listed in a seeded random order; the model follows the preference when the "
@@ -47,7 +48,12 @@ RULES = {
 
 def upqa_rules(max_tokens: int, n_items: int) -> list[str]:
     return [RULES["match"].format(max_tokens=max_tokens), RULES["mc"],
-            RULES["locality"].format(n=len(NEUTRAL), users=min(LOCALITY_USERS, n_items))]
+            RULES["locality"].format(n=len(NEUTRAL), users=len(locality_users(range(n_items))))]
+
+
+def locality_users(users: list) -> list:
+    """At most LOCALITY_USERS of `users`, evenly spaced: a file's first users may all share one attribute type."""
+    return list(users[::max(1, math.ceil(len(users) / LOCALITY_USERS))])
 
 
 def _tokenizer():
@@ -128,10 +134,15 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48) -> tuple[dict, list[dict]]:
-    """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl."""
+def _summary(values: dict[str, list]) -> tuple[dict[str, float], dict[str, int]]:
+    """Means of per-item values, and how many items each mean is over (what `merge_reports` weighs by)."""
+    return {metric: _mean(v) for metric, v in values.items()}, {metric: len(v) for metric, v in values.items()}
+
+
+def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48) -> tuple[dict, dict, list[dict]]:
+    """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl; (results, counts, rows)."""
     base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL]
-    results, rows = {}, []
+    results, counts, rows = {}, {}, []
     for name, method in methods.items():
         ok = defaultdict(list)
         for item in tqdm(items, desc=f"upqa {name}", unit="item"):
@@ -151,10 +162,11 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
                 row["mc_ok"] = chosen == 0
                 ok["mc_acc"].append(row["mc_ok"])
             rows.append(row)
-        results[name] = {metric: _mean(v) for metric, v in ok.items()}
-        results[name]["locality_kl"] = 0.0 if name == "base" else locality_kl(
-            engine, method, [item.user for item in items[:LOCALITY_USERS]], base_logprobs)
-    return results, rows
+        results[name], counts[name] = _summary(ok)
+        users = locality_users([item.user for item in items])
+        results[name]["locality_kl"] = 0.0 if name == "base" else locality_kl(engine, method, users, base_logprobs)
+        counts[name]["locality_kl"] = len(users)
+    return results, counts, rows
 
 
 PREFEVAL_ACK = "Got it, I'll keep that in mind."
@@ -179,17 +191,18 @@ def distractor_turns(conversations: list[list[dict]], n: int, rng: random.Random
 
 
 def run_prefeval(engine, items: list[PrefEvalItem], conversations: list[list[dict]], methods: dict, *,
-                 turns: list[int], seed: int = 0, max_chars: int = PREFEVAL_MAX_CHARS) -> tuple[dict, list[dict]]:
+                 turns: list[int], seed: int = 0, max_chars: int = PREFEVAL_MAX_CHARS) -> tuple[dict, dict, list[dict]]:
     """followed@T for each T in `turns`: is the preference-following option the model's choice?"""
-    rng = random.Random(seed)
-    # One seeded layout per item, shared by every method and turn count: option order, distractor turns
-    # (the T-turn conversation is a prefix of the longest one).
+    # One layout per item, seeded by the seed and the item's id (so a shard lays an item out as a full run
+    # does), shared by every method and turn count: option order, distractor turns (the T-turn conversation is
+    # a prefix of the longest one).
     layouts = []
     for item in items:
+        rng = random.Random(f"{seed}/{item.id}")
         order = list(range(len(item.options)))
         rng.shuffle(order)
         layouts.append((order, distractor_turns(conversations, max(turns), rng, max_chars)))
-    results, rows = {}, []
+    results, counts, rows = {}, {}, []
     for name, method in methods.items():
         followed = defaultdict(list)
         for item, (order, distractors) in tqdm(list(zip(items, layouts)), desc=f"prefeval {name}", unit="item"):
@@ -206,8 +219,8 @@ def run_prefeval(engine, items: list[PrefEvalItem], conversations: list[list[dic
                 followed[f"followed@{t}"].append(ok)
                 rows.append({"id": item.id, "method": name, "turns": t, "order": order,
                              "scores": [round(s, 4) for s in scores], "followed": ok})
-        results[name] = {metric: _mean(v) for metric, v in followed.items()}
-    return results, rows
+        results[name], counts[name] = _summary(followed)
+    return results, counts, rows
 
 
 # LaMP's classification and rating tasks: task-name prefix -> label set (None: the gold labels of the file).
@@ -222,9 +235,10 @@ def lamp_labels(task: str, items: list[LampItem]) -> list[str] | None:
     return None
 
 
-def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *, max_tokens: int = 64) -> tuple[dict, list[dict]]:
+def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *,
+             max_tokens: int = 64) -> tuple[dict, dict, list[dict]]:
     labels = lamp_labels(task, items)
-    results, rows = {}, []
+    results, counts, rows = {}, {}, []
     for name, method in methods.items():
         metrics = defaultdict(list)
         for item in tqdm(items, desc=f"{task} {name}", unit="item"):
@@ -245,10 +259,10 @@ def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *, max_tok
                     metrics["mae"].append(error)
                     metrics["rmse"].append(error ** 2)
             rows.append(row)
-        results[name] = {metric: _mean(v) for metric, v in metrics.items()}
+        results[name], counts[name] = _summary(metrics)
         if "rmse" in results[name]:
             results[name]["rmse"] = math.sqrt(results[name]["rmse"])
-    return results, rows
+    return results, counts, rows
 
 
 def breakdown(rows: list[dict], metrics: dict[str, str]) -> dict:
@@ -273,7 +287,55 @@ def _bucket_order(key: str) -> int:
 
 # ---------------------------------------------------------------- reports and plots
 
-def write_report(out_dir: str | Path, report: dict, rules: list[str]) -> list[Path]:
+WORLD_BREAKDOWN = {"explicit_ok": "explicit_acc", "implicit_ok": "implicit_acc", "mc_ok": "mc_acc", "rougeL": "rougeL"}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N): the I-th of N disjoint shards of the items (every N-th item from the I-th)."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like I/N (e.g. 0/4), not {text!r}") from None
+    if not 0 <= index < count:
+        raise UserError(f"--shard {text}: I must be in 0..N-1")
+    return index, count
+
+
+def merge_reports(parts: list[dict]) -> dict:
+    """One report from the reports of shards of the same run: every mean weighted by the number of items
+    it is over (RMSE through its square), the items concatenated, the breakdown recomputed from them."""
+    def identity(report):
+        return report["task"], report["model"], {k: v for k, v in report["config"].items() if k != "shard"}
+
+    if any("counts" not in part or "shard" not in part["config"] for part in parts):
+        raise UserError("merge takes reports of `localpers eval ... --shard I/N` runs")
+    shards = [parse_shard(part["config"]["shard"]) for part in parts]
+    if len({n for _, n in shards}) != 1 or len({i for i, _ in shards}) != len(shards):
+        raise UserError("merge needs distinct shards of one split: " + ", ".join(p["config"]["shard"] for p in parts))
+    if any(identity(part) != identity(parts[0]) or part["results"].keys() != parts[0]["results"].keys()
+           for part in parts):
+        raise UserError("these reports come from different runs (task, model, config or methods differ)")
+    task, model, config = identity(parts[0])
+    count = shards[0][1]
+    if len(shards) < count:  # a partial merge says which shards it holds
+        config["shard"] = ",".join(str(i) for i, _ in sorted(shards)) + f"/{count}"
+    results, counts = {}, {}
+    for method in parts[0]["results"]:
+        results[method], counts[method] = {}, {}
+        for metric in parts[0]["results"][method]:
+            pairs = [(part["counts"][method][metric], part["results"][method][metric]) for part in parts]
+            n = sum(k for k, _ in pairs)
+            square = metric == "rmse"
+            mean = sum(k * (x * x if square else x) for k, x in pairs if k) / n if n else float("nan")
+            results[method][metric], counts[method][metric] = math.sqrt(mean) if square else mean, n
+    report = {"task": task, "model": model, "config": config, "rules": parts[0]["rules"], "results": results,
+              "counts": counts, "items": [row for part in parts for row in part["items"]]}
+    if "breakdown" in parts[0]:
+        report["breakdown"] = breakdown(report["items"], WORLD_BREAKDOWN)
+    return report
+
+
+def write_report(out_dir: str | Path, report: dict) -> list[Path]:
     """report.json, report.md and the plots; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -286,7 +348,7 @@ def write_report(out_dir: str | Path, report: dict, rules: list[str]) -> list[Pa
         for axis, groups in axes.items():
             lines += [f"### {method} by {'history size' if axis == 'history' else 'time step'}", "",
                       _table(groups, first=axis), ""]
-    lines += ["## Scoring", ""] + [f"- {rule}" for rule in rules] + [""]
+    lines += ["## Scoring", ""] + [f"- {rule}" for rule in report["rules"]] + [""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return [out_dir / "report.json", out_dir / "report.md", *plots]

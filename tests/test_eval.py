@@ -1,5 +1,6 @@
 """Evaluation harness without the model: readers, the world, metrics, methods, reports, CLI errors."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from localpers.cli import main
 from localpers.datasets import read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
 from localpers.errors import UserError
-from localpers.evaluation import breakdown, lamp_labels, rouge, target_match, write_report
+from localpers.evaluation import breakdown, lamp_labels, locality_users, merge_reports, rouge, target_match, write_report
 from localpers.methods import METHODS, Personalized, User, apply, get_method, retrieve
 from localpers.world import ATTRIBUTES, generate_world, history_bucket, write_world
 
@@ -170,10 +171,10 @@ def test_methods_registry_and_composition():
 # ---------------------------------------------------------------- report and CLI
 
 def test_write_report_writes_json_markdown_and_plots(tmp_path):
-    report = {"task": "prefeval", "model": "m", "config": {"seed": 0},
+    report = {"task": "prefeval", "model": "m", "config": {"seed": 0}, "rules": ["rule one"],
               "results": {"base": {"followed@0": 0.5, "followed@5": 0.25}, "rag": {"followed@0": 0.75, "followed@5": 0.5}},
               "items": [{"id": "x"}]}
-    paths = write_report(tmp_path, report, ["rule one"])
+    paths = write_report(tmp_path, report)
     assert json.loads((tmp_path / "report.json").read_text())["results"]["rag"]["followed@5"] == 0.5
     markdown = (tmp_path / "report.md").read_text()
     assert "| rag | 0.750 | 0.500 |" in markdown and "- rule one" in markdown
@@ -181,7 +182,40 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and tmp_path / name in paths
 
 
+def _shard(shard: str, results: dict, counts: dict, ids: list[str], **config) -> dict:
+    return {"task": "lamp", "model": "m", "config": {"seed": 0, "shard": shard, **config}, "rules": ["r"],
+            "results": {"base": results}, "counts": {"base": counts}, "items": [{"id": i, "method": "base"} for i in ids]}
+
+
+def test_merge_weighs_each_mean_by_its_items():
+    a = _shard("0/3", {"accuracy": 0.5, "rmse": 1.0}, {"accuracy": 4, "rmse": 4}, ["a", "b", "c", "d"])
+    b = _shard("2/3", {"accuracy": 1.0, "rmse": 2.0}, {"accuracy": 1, "rmse": 1}, ["e"])
+    merged = merge_reports([a, b])
+    assert merged["results"]["base"]["accuracy"] == pytest.approx((4 * 0.5 + 1.0) / 5)
+    assert merged["results"]["base"]["rmse"] == pytest.approx(math.sqrt((4 * 1.0 + 4.0) / 5))
+    assert merged["counts"]["base"] == {"accuracy": 5, "rmse": 5} and len(merged["items"]) == 5
+    assert merged["config"] == {"seed": 0, "shard": "0,2/3"}  # a partial merge says which shards it holds
+    c = _shard("1/3", {"accuracy": 0.0, "rmse": 0.0}, {"accuracy": 5, "rmse": 5}, list("fghij"))
+    assert merge_reports([a, b, c])["config"] == {"seed": 0}  # all shards: the config of a full run
+
+
+@pytest.mark.parametrize("parts, message", [
+    ([_shard("0/2", {}, {}, []), _shard("0/2", {}, {}, [])], "distinct shards of one split"),
+    ([_shard("0/2", {}, {}, []), _shard("1/3", {}, {}, [])], "distinct shards of one split"),
+    ([_shard("0/2", {}, {}, []), _shard("1/2", {}, {}, [], limit=5)], "different runs"),
+    ([{"task": "lamp", "config": {}, "results": {}}], r"reports of `localpers eval \.\.\. --shard I/N` runs"),
+])
+def test_merge_refuses_reports_that_do_not_belong_together(parts, message):
+    with pytest.raises(UserError, match=message):
+        merge_reports(parts)
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["eval", "upqa", "--shard", "2/2"], "--shard 2/2: I must be in 0..N-1"),
+    (["eval", "upqa", "--shard", "half"], "--shard must look like I/N"),
+    (["eval", "merge"], "eval merge needs the output directories of the shards"),
+    (["eval", "merge", "/nonexistent"], "report.json: cannot read the report"),
+    (["eval", "upqa", "extra"], "unexpected arguments: extra"),
     (["eval", "nosuchtask"], "unknown task 'nosuchtask'"),
     (["eval", "upqa", "--data", "/nonexistent/upqa.json"], "no such file"),
     (["eval", "lamp"], "needs --data"),
@@ -202,3 +236,9 @@ def test_generate_only_writes_the_world(tmp_path, capsys):
     assert main(["eval", "world", "--users", "5", "--steps", "3", "--generate-only", "--out", str(tmp_path)]) == 0
     assert len(json.loads((tmp_path / "world" / "upqa.json").read_text())) == 5
     assert json.loads((tmp_path / "world" / "world.json").read_text())["config"]["users"] == 5
+
+
+def test_locality_users_are_spread_over_the_items():
+    assert locality_users(list(range(7))) == list(range(7))
+    spread = locality_users(list(range(1000)))
+    assert len(spread) == 100 and spread[:2] == [0, 10] and spread[-1] == 990

@@ -45,6 +45,19 @@ def test_prefeval_smoke(tmp_path):
     assert (tmp_path / "followed_by_turns.png").is_file()
 
 
+@needs_shared
+def test_prefeval_shards_merge_into_the_full_run(tmp_path):
+    args = ("prefeval", "--limit", "3", "--turns", "0")
+    full = run_eval(tmp_path / "full", *args, methods=["base"])
+    for i in range(2):
+        run_eval(tmp_path / f"s{i}", *args, "--shard", f"{i}/2", methods=["base"])
+    assert main(["eval", "merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert merged["config"] == full["config"]
+    assert merged["results"]["base"] == pytest.approx(full["results"]["base"])
+    assert sorted(merged["items"], key=lambda row: row["id"]) == sorted(full["items"], key=lambda row: row["id"])
+
+
 @pytest.mark.parametrize("questions, metrics", [
     ("lamp2_dev_questions.json", {"accuracy"}),
     ("lamp3_dev_questions.json", {"accuracy", "mae", "rmse"}),
