@@ -67,6 +67,8 @@ def _limit(items: list, args) -> list:
         from localpers.evaluation import parse_shard
 
         index, count = parse_shard(args.shard)
+        if index >= len(items):
+            raise UserError(f"--shard {args.shard} holds no items: there are only {len(items)}")
         items = items[index::count]
     return items
 

@@ -213,6 +213,8 @@ def test_merge_refuses_reports_that_do_not_belong_together(parts, message):
 @pytest.mark.parametrize("argv, message", [
     (["eval", "upqa", "--shard", "2/2"], "--shard 2/2: I must be in 0..N-1"),
     (["eval", "upqa", "--shard", "half"], "--shard must look like I/N"),
+    (["eval", "lamp", "--data", str(DATA / "lamp2_dev_questions.json"), "--limit", "2", "--shard", "3/4"],
+     "--shard 3/4 holds no items: there are only 2"),
     (["eval", "merge"], "eval merge needs the output directories of the shards"),
     (["eval", "merge", "/nonexistent"], "report.json: cannot read the report"),
     (["eval", "upqa", "extra"], "unexpected arguments: extra"),
