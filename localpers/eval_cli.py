@@ -171,7 +171,7 @@ def cmd_eval(args) -> None:
     report = {"task": args.task, "model": engine.model_name, "config": config}
     if args.task == "upqa":
         results, counts, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens)
-        rules = ev.upqa_rules(max_tokens, len(items))
+        rules = ev.upqa_rules(max_tokens)
     elif args.task == "prefeval":
         results, counts, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed)
         rules = [ev.RULES["prefeval"].format(ack=ev.PREFEVAL_ACK, max_chars=ev.PREFEVAL_MAX_CHARS)]
@@ -187,7 +187,7 @@ def cmd_eval(args) -> None:
             counts[name].update(writing_counts[name])
         rows += writing_rows
         report["breakdown"] = ev.breakdown(rows, ev.WORLD_BREAKDOWN)
-        rules = ev.upqa_rules(max_tokens, len(upqa_items)) + [ev.RULES["lamp"].format(max_tokens=2 * max_tokens)]
+        rules = ev.upqa_rules(max_tokens) + [ev.RULES["lamp"].format(max_tokens=2 * max_tokens)]
     report.update(rules=rules, results=results, counts=counts, items=rows)
     for path in ev.write_report(out, report):
         print(path)

@@ -27,14 +27,17 @@ MATCH_RECALL = 0.5
 LOCALITY_USERS = 100  # locality_kl costs 8 scored answers per user: at most this many, evenly spaced over the items
 RULES = {
     "match": (f"An answer is correct when, for some accepted target (the cluster9 variant accepts all 9 synonyms), "
-              f"at least {MATCH_RECALL:.0%} of the target's content tokens occur in the answer. Tokens are "
+              f"at least {MATCH_RECALL:.0%} of the target's content tokens occur in the answer, not counting tokens "
+              "it shares with the other users' targets that mc_acc ranks it against (all of them when every one is "
+              "shared). Tokens are "
               "rouge-score's: lower-cased alphanumeric words, Porter-stemmed; content tokens drop English "
               "stopwords (bm25s' list). Answers are greedy, at most {max_tokens} tokens."),
     "mc": ("mc_acc: the true target is ranked against the targets of every other user with the same attribute "
            "type (world: every other value of the attribute) by the mean log-probability per token of the "
            "target as the assistant's reply (length-normalised); correct when the true target ranks first."),
     "locality": ("locality_kl: mean over answer tokens of KL(base || method) between next-token distributions, "
-                 "on {n} fixed neutral question/answer pairs, for {users} users evenly spaced over the items; in nats/token."),
+                 "on {n} fixed neutral question/answer pairs, for up to {users} users evenly spaced over the items (a merge of "
+                 "shards: each shard's; report.json's counts say how many); in nats/token."),
     "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
                  "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
                  "with the options listed in a seeded random order; the model follows the preference when the "
@@ -46,9 +49,9 @@ RULES = {
 }
 
 
-def upqa_rules(max_tokens: int, n_items: int) -> list[str]:
+def upqa_rules(max_tokens: int) -> list[str]:
     return [RULES["match"].format(max_tokens=max_tokens), RULES["mc"],
-            RULES["locality"].format(n=len(NEUTRAL), users=len(locality_users(range(n_items))))]
+            RULES["locality"].format(n=len(NEUTRAL), users=LOCALITY_USERS)]
 
 
 def locality_users(users: list) -> list:
@@ -68,11 +71,17 @@ def content_tokens(text: str) -> set[str]:
     return {t for t in _tokenizer().tokenize(text) if t not in STOPWORDS_EN}
 
 
-def target_match(answer: str, targets: tuple[str, ...]) -> bool:
+def target_match(answer: str, targets: tuple[str, ...], others: tuple[str, ...] = ()) -> bool:
+    """Does `answer` state one of `targets`? Words a target shares with `others` (other users' targets for the
+    same question) do not count: "music" in "Jazz music" is not evidence against "Rap music"."""
     words = set(_tokenizer().tokenize(answer))
+    shared = set().union(*map(content_tokens, others))
     for target in targets:
-        wanted = content_tokens(target)
-        if wanted and len(wanted & words) >= MATCH_RECALL * len(wanted):
+        wanted = content_tokens(target) - shared
+        if wanted:
+            if len(wanted & words) >= MATCH_RECALL * len(wanted):
+                return True
+        elif content_tokens(target) and content_tokens(target) <= words:  # only shared words: all of them
             return True
     return False
 
@@ -152,7 +161,7 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
                 answer = generate(engine, method(item.user, question, engine),
                                   [{"role": "user", "content": question}], max_tokens)
                 row[kind] = answer
-                row[f"{kind}_ok"] = target_match(answer, item.targets)
+                row[f"{kind}_ok"] = target_match(answer, item.targets, item.candidates)
                 ok[f"{kind}_acc"].append(row[f"{kind}_ok"])
             candidates = [item.target, *item.candidates]
             if item.candidates:

@@ -133,6 +133,13 @@ def test_target_match_rule():
     assert not target_match("You like selfies.", ("Taking and posting selfies",))      # 1 of 3
     assert not target_match("I don't know you.", ("Dancing at clubs",))
     assert target_match("Clubbing!", ("Dancing at clubs", "Clubbing"))                # any synonym of the cluster
+    # Words shared with other users' targets are no evidence: "music" does not make "Jazz music" right.
+    others = ("Rap music", "Country music")
+    assert target_match("Jazz music, mostly.", ("Jazz music",), others)
+    assert not target_match("Here is some popular music.", ("Jazz music",), others)
+    assert target_match("Here is some popular music.", ("Jazz music",))
+    assert not target_match("Music!", ("Rap music",), ("Rap music live",))  # only shared words: all are needed
+    assert target_match("Rap music.", ("Rap music",), ("Rap music live",))
 
 
 def test_rouge_is_rouge_score():
