@@ -76,7 +76,7 @@ def main():
                 if served:
                     answer = engine.chat([{"role": "user", "content": question}], max_tokens=32,
                                          artifacts=served.artifacts)["choices"][0]["message"]["content"]
-                row[f"{kind}_ok"], row[f"{kind}_answer"] = target_match(answer, item.targets), answer
+                row[f"{kind}_ok"], row[f"{kind}_answer"] = target_match(answer, item.targets, item.candidates), answer
             row["neutral_kl"] = round(neutral_kl(editor, base), 4)  # the editor still holds the dense edit
             if served:
                 row["locality_kl"] = round(locality_kl(engine, lambda *_: served, [item.user], served_base), 4)
