@@ -85,7 +85,10 @@ def cmd_merge(args) -> None:
             parts.append(json.loads(path.read_text()))
         except (OSError, ValueError) as e:
             raise UserError(f"{path}: cannot read the report ({e})") from None
-    report = ev.merge_reports(parts)
+    try:
+        report = ev.merge_reports(parts)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"these are not reports of `localpers eval` (missing {e})") from None
     for path in ev.write_report(Path(args.out or f"localpers-eval/{report['task']}"), report):
         print(path)
 

@@ -77,11 +77,11 @@ def target_match(answer: str, targets: tuple[str, ...], others: tuple[str, ...] 
     words = set(_tokenizer().tokenize(answer))
     shared = set().union(*map(content_tokens, others))
     for target in targets:
-        wanted = content_tokens(target) - shared
-        if wanted:
-            if len(wanted & words) >= MATCH_RECALL * len(wanted):
-                return True
-        elif content_tokens(target) and content_tokens(target) <= words:  # only shared words: all of them
+        tokens = content_tokens(target)
+        wanted = tokens - shared
+        if wanted and len(wanted & words) >= MATCH_RECALL * len(wanted):
+            return True
+        if tokens and not wanted and tokens <= words:  # a target of shared words only needs all of them
             return True
     return False
 
