@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 from localpers.errors import UserError
@@ -164,7 +165,7 @@ def cmd_eval(args) -> None:
         writing = [item for item in writing if item.user.id in keep]
         config.update(max_tokens=max_tokens)
 
-    from localpers.engine import Engine
+    from localpers.engine import Engine, model_sha256
 
     if args.threads:
         import torch  # the edit method's optimization runs in torch
@@ -172,19 +173,24 @@ def cmd_eval(args) -> None:
         torch.set_num_threads(args.threads)
     engine = Engine(args.model, seed=args.seed, n_threads=args.threads)
     report = {"task": args.task, "model": engine.model_name, "config": config}
+    progress = out / "progress.jsonl"
+    journal = ev.Journal(progress, {**report, "model_sha256": model_sha256(engine.model_path), "methods": names})
+    if journal.done:
+        print(f"resuming from {progress}: {len(journal.done)} items and methods already scored", file=sys.stderr)
     if args.task == "upqa":
-        results, counts, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens)
+        results, counts, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens, journal=journal)
         rules = ev.upqa_rules(max_tokens)
     elif args.task == "prefeval":
-        results, counts, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed)
+        results, counts, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed,
+                                                journal=journal)
         rules = [ev.RULES["prefeval"].format(ack=ev.PREFEVAL_ACK, max_chars=ev.PREFEVAL_MAX_CHARS)]
     elif args.task in ("lamp", "longlamp"):
-        results, counts, rows = ev.run_lamp(engine, task_name, items, methods, max_tokens=max_tokens)
+        results, counts, rows = ev.run_lamp(engine, task_name, items, methods, max_tokens=max_tokens, journal=journal)
         rules = [ev.RULES["lamp"].format(max_tokens=max_tokens)]
     else:
-        results, counts, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens)
+        results, counts, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens, journal=journal)
         writing_results, writing_counts, writing_rows = ev.run_lamp(engine, "LongLaMP_world", writing, methods,
-                                                                    max_tokens=2 * max_tokens)
+                                                                    max_tokens=2 * max_tokens, journal=journal)
         for name in results:
             results[name].update(writing_results[name])
             counts[name].update(writing_counts[name])
@@ -194,3 +200,4 @@ def cmd_eval(args) -> None:
     report.update(rules=rules, results=results, counts=counts, items=rows)
     for path in ev.write_report(out, report):
         print(path)
+    progress.unlink()  # report.json holds everything it had

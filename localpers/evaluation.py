@@ -2,8 +2,8 @@
 
 Every answer and every score comes from the engine with the method's artifacts and context, exactly as
 `localpers serve` would answer the user. Decoding is greedy and every shuffle is seeded, so a run is
-deterministic for a given seed. Tasks return (results, rows): results[method][metric] = number, and one
-row per scored item for report.json.
+deterministic for a given seed. Tasks return (results, counts, rows): results[method][metric] = number, the
+number of items each mean is over, and the rows of every scored item for report.json.
 """
 from __future__ import annotations
 
@@ -148,32 +148,94 @@ def _summary(values: dict[str, list]) -> tuple[dict[str, float], dict[str, int]]
     return {metric: _mean(v) for metric, v in values.items()}, {metric: len(v) for metric, v in values.items()}
 
 
-def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48) -> tuple[dict, dict, list[dict]]:
-    """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl; (results, counts, rows)."""
-    base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL]
+class Journal:
+    """What a run has scored so far, appended to a file (DIR/progress.jsonl) one item at a time, so that an
+    interrupted `localpers eval` resumes where it stopped instead of starting over. The first line names the
+    run (task, model, config, methods); the journal of another run is refused, never overwritten. Without a
+    path it only keeps scores in memory."""
+
+    def __init__(self, path: str | Path | None = None, run: dict | None = None):
+        self.path, self.done = (Path(path) if path else None), {}
+        if self.path is None:
+            return
+        header = json.dumps(run, default=_jsonable)
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(header + "\n")
+            return
+        lines = self.path.read_text().splitlines()
+        if not lines or lines[0] != header:
+            raise UserError(f"{self.path} holds the progress of another run (task, model, config or methods "
+                            "differ): run the same command to resume it, or choose another --out")
+        kept = lines[:1]
+        for line in lines[1:]:
+            try:
+                key, value = json.loads(line)
+            except ValueError:
+                break  # the line a killed run was writing: score that item again
+            self.done[key] = value
+            kept.append(line)
+        if len(kept) < len(lines):
+            self.path.write_text("\n".join(kept) + "\n")
+
+    def score(self, key: tuple, compute):
+        """compute()'s value for `key`, from the journal when this run already has it. Values go through JSON
+        either way, so a resumed run reports exactly what an uninterrupted one does."""
+        key = "/".join(map(str, key))
+        if key not in self.done:
+            line = json.dumps([key, compute()], default=_jsonable)
+            if self.path:
+                with self.path.open("a") as f:
+                    f.write(line + "\n")
+            self.done[key] = json.loads(line)[1]
+        return self.done[key]
+
+
+def score_items(journal: Journal, part: str, items: list, methods: dict, score) -> tuple[dict, dict, list[dict]]:
+    """score(name, method, item) -> ({metric: [values]}, rows) for every method and item, through the
+    journal; the means per method with their counts, and all rows."""
     results, counts, rows = {}, {}, []
     for name, method in methods.items():
-        ok = defaultdict(list)
-        for item in tqdm(items, desc=f"upqa {name}", unit="item"):
-            row = {"id": item.user.id, "method": name, **dict(item.meta)}
-            for kind, question in (("explicit", item.question), ("paraphrased", item.question_paraphrased),
-                                   ("implicit", item.implicit_question)):
-                answer = generate(engine, method(item.user, question, engine),
-                                  [{"role": "user", "content": question}], max_tokens)
-                row[kind] = answer
-                row[f"{kind}_ok"] = target_match(answer, item.targets, item.candidates)
-                ok[f"{kind}_acc"].append(row[f"{kind}_ok"])
-            candidates = [item.target, *item.candidates]
-            if item.candidates:
-                chosen, _ = best_option(engine, method(item.user, item.question, engine),
-                                        [{"role": "user", "content": item.question}], candidates)
-                row["mc_choice"] = candidates[chosen]
-                row["mc_ok"] = chosen == 0
-                ok["mc_acc"].append(row["mc_ok"])
-            rows.append(row)
-        results[name], counts[name] = _summary(ok)
-        users = locality_users([item.user for item in items])
-        results[name]["locality_kl"] = 0.0 if name == "base" else locality_kl(engine, method, users, base_logprobs)
+        values = defaultdict(list)
+        for index, item in enumerate(tqdm(items, desc=f"{part} {name}", unit="item")):
+            item_values, item_rows = journal.score((part, name, index), lambda: score(name, method, item))
+            for metric, v in item_values.items():
+                values[metric] += v
+            rows += item_rows
+        results[name], counts[name] = _summary(values)
+    return results, counts, rows
+
+
+def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48,
+             journal: Journal | None = None, part: str = "upqa") -> tuple[dict, dict, list[dict]]:
+    """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl; (results, counts, rows)."""
+    journal = journal or Journal()
+    base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL]
+
+    def score(name, method, item):
+        row = {"id": item.user.id, "method": name, **dict(item.meta)}
+        ok = {}
+        for kind, question in (("explicit", item.question), ("paraphrased", item.question_paraphrased),
+                               ("implicit", item.implicit_question)):
+            answer = generate(engine, method(item.user, question, engine),
+                              [{"role": "user", "content": question}], max_tokens)
+            row[kind] = answer
+            row[f"{kind}_ok"] = target_match(answer, item.targets, item.candidates)
+            ok[f"{kind}_acc"] = [row[f"{kind}_ok"]]
+        candidates = [item.target, *item.candidates]
+        if item.candidates:
+            chosen, _ = best_option(engine, method(item.user, item.question, engine),
+                                    [{"role": "user", "content": item.question}], candidates)
+            row["mc_choice"] = candidates[chosen]
+            row["mc_ok"] = chosen == 0
+            ok["mc_acc"] = [row["mc_ok"]]
+        return ok, [row]
+
+    results, counts, rows = score_items(journal, part, items, methods, score)
+    users = locality_users([item.user for item in items])
+    for name, method in methods.items():
+        results[name]["locality_kl"] = 0.0 if name == "base" else journal.score(
+            (part, name, "locality_kl"), lambda: locality_kl(engine, method, users, base_logprobs))
         counts[name]["locality_kl"] = len(users)
     return results, counts, rows
 
@@ -199,37 +261,40 @@ def distractor_turns(conversations: list[list[dict]], n: int, rng: random.Random
     return out
 
 
+def prefeval_layout(item: PrefEvalItem, conversations: list[list[dict]], turns: int, seed: int,
+                    max_chars: int) -> tuple[list[int], list[dict]]:
+    """The option order and the distractor turns of an item, seeded by the seed and the item's id (so a shard
+    lays an item out as a whole run does), shared by every method and turn count (the T-turn conversation is a
+    prefix of the longest one)."""
+    rng = random.Random(f"{seed}/{item.id}")
+    order = list(range(len(item.options)))
+    rng.shuffle(order)
+    return order, distractor_turns(conversations, turns, rng, max_chars)
+
+
 def run_prefeval(engine, items: list[PrefEvalItem], conversations: list[list[dict]], methods: dict, *,
-                 turns: list[int], seed: int = 0, max_chars: int = PREFEVAL_MAX_CHARS) -> tuple[dict, dict, list[dict]]:
+                 turns: list[int], seed: int = 0, max_chars: int = PREFEVAL_MAX_CHARS,
+                 journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
     """followed@T for each T in `turns`: is the preference-following option the model's choice?"""
-    # One layout per item, seeded by the seed and the item's id (so a shard lays an item out as a full run
-    # does), shared by every method and turn count: option order, distractor turns (the T-turn conversation is
-    # a prefix of the longest one).
-    layouts = []
-    for item in items:
-        rng = random.Random(f"{seed}/{item.id}")
-        order = list(range(len(item.options)))
-        rng.shuffle(order)
-        layouts.append((order, distractor_turns(conversations, max(turns), rng, max_chars)))
-    results, counts, rows = {}, {}, []
-    for name, method in methods.items():
-        followed = defaultdict(list)
-        for item, (order, distractors) in tqdm(list(zip(items, layouts)), desc=f"prefeval {name}", unit="item"):
-            shown = [item.options[i] for i in order]
-            question = item.question + "\n\nOptions:\n" + "\n".join(f"- {o}" for o in shown) + \
-                "\nAnswer with the best option."
-            p = method(item.user, item.question, engine)
-            for t in turns:
-                messages = ([{"role": "user", "content": item.preference},
-                             {"role": "assistant", "content": PREFEVAL_ACK}]
-                            + distractors[:2 * t] + [{"role": "user", "content": question}])
-                chosen, scores = best_option(engine, p, messages, shown)
-                ok = order[chosen] == 0
-                followed[f"followed@{t}"].append(ok)
-                rows.append({"id": item.id, "method": name, "turns": t, "order": order,
-                             "scores": [round(s, 4) for s in scores], "followed": ok})
-        results[name], counts[name] = _summary(followed)
-    return results, counts, rows
+    def score(name, method, item):
+        order, distractors = prefeval_layout(item, conversations, max(turns), seed, max_chars)
+        shown = [item.options[i] for i in order]
+        question = item.question + "\n\nOptions:\n" + "\n".join(f"- {o}" for o in shown) + \
+            "\nAnswer with the best option."
+        p = method(item.user, item.question, engine)
+        followed, rows = {}, []
+        for t in turns:
+            messages = ([{"role": "user", "content": item.preference},
+                         {"role": "assistant", "content": PREFEVAL_ACK}]
+                        + distractors[:2 * t] + [{"role": "user", "content": question}])
+            chosen, scores = best_option(engine, p, messages, shown)
+            ok = order[chosen] == 0
+            followed[f"followed@{t}"] = [ok]
+            rows.append({"id": item.id, "method": name, "turns": t, "order": order,
+                         "scores": [round(s, 4) for s in scores], "followed": ok})
+        return followed, rows
+
+    return score_items(journal or Journal(), "prefeval", items, methods, score)
 
 
 # LaMP's classification and rating tasks: task-name prefix -> label set (None: the gold labels of the file).
@@ -244,31 +309,31 @@ def lamp_labels(task: str, items: list[LampItem]) -> list[str] | None:
     return None
 
 
-def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *,
-             max_tokens: int = 64) -> tuple[dict, dict, list[dict]]:
+def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *, max_tokens: int = 64,
+             journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
     labels = lamp_labels(task, items)
-    results, counts, rows = {}, {}, []
-    for name, method in methods.items():
-        metrics = defaultdict(list)
-        for item in tqdm(items, desc=f"{task} {name}", unit="item"):
-            p = method(item.user, item.input, engine)
-            messages = [{"role": "user", "content": item.input}]
-            row = {"id": item.id, "method": name, **dict(item.meta)}
-            if labels is None:
-                row["output"] = generate(engine, p, messages, max_tokens)
-                for metric, value in rouge(row["output"], item.gold).items():
-                    metrics[metric].append(value)
-                    row[metric] = round(value, 4)
-            else:
-                chosen, _ = best_option(engine, p, messages, labels)
-                row["output"] = labels[chosen]
-                metrics["accuracy"].append(row["output"] == item.gold)
-                if task.startswith("LaMP_3"):
-                    error = abs(float(row["output"]) - float(item.gold))
-                    metrics["mae"].append(error)
-                    metrics["rmse"].append(error ** 2)
-            rows.append(row)
-        results[name], counts[name] = _summary(metrics)
+
+    def score(name, method, item):
+        p = method(item.user, item.input, engine)
+        messages = [{"role": "user", "content": item.input}]
+        row = {"id": item.id, "method": name, **dict(item.meta)}
+        metrics = {}
+        if labels is None:
+            row["output"] = generate(engine, p, messages, max_tokens)
+            for metric, value in rouge(row["output"], item.gold).items():
+                metrics[metric] = [value]
+                row[metric] = round(value, 4)
+        else:
+            chosen, _ = best_option(engine, p, messages, labels)
+            row["output"] = labels[chosen]
+            metrics["accuracy"] = [row["output"] == item.gold]
+            if task.startswith("LaMP_3"):
+                error = abs(float(row["output"]) - float(item.gold))
+                metrics["mae"], metrics["rmse"] = [error], [error ** 2]
+        return metrics, [row]
+
+    results, counts, rows = score_items(journal or Journal(), task, items, methods, score)
+    for name in results:
         if "rmse" in results[name]:
             results[name]["rmse"] = math.sqrt(results[name]["rmse"])
     return results, counts, rows

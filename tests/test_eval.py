@@ -8,7 +8,7 @@ import pytest
 from localpers.cli import main
 from localpers.datasets import read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
 from localpers.errors import UserError
-from localpers.evaluation import breakdown, lamp_labels, locality_users, merge_reports, rouge, target_match, write_report
+from localpers.evaluation import Journal, breakdown, lamp_labels, locality_users, merge_reports, rouge, target_match, write_report
 from localpers.methods import METHODS, Personalized, User, apply, get_method, retrieve
 from localpers.world import ATTRIBUTES, generate_world, history_bucket, write_world
 
@@ -251,3 +251,27 @@ def test_locality_users_are_spread_over_the_items():
     assert locality_users(list(range(7))) == list(range(7))
     spread = locality_users(list(range(1000)))
     assert len(spread) == 100 and spread[:2] == [0, 10] and spread[-1] == 990
+
+
+def test_journal_resumes_and_never_overwrites_another_run(tmp_path):
+    path, run = tmp_path / "progress.jsonl", {"task": "t", "config": {"seed": 0}}
+    journal = Journal(path, run)
+    assert journal.score(("t", "base", 0), lambda: ({"acc": [True]}, [{"id": (1, 2)}])) == [{"acc": [True]}, [{"id": [1, 2]}]]
+    assert journal.score(("t", "base", 1), lambda: 0.5) == 0.5
+
+    def scored_again():
+        raise AssertionError("a journaled item was scored again")
+
+    # A run killed while writing leaves a cut line: it is dropped (that item is scored again), the rest kept.
+    path.write_text(path.read_text() + '["t/base/2", {"acc": [tr')
+    resumed = Journal(path, run)
+    assert resumed.score(("t", "base", 0), scored_again) == [{"acc": [True]}, [{"id": [1, 2]}]]
+    assert resumed.score(("t", "base", 1), scored_again) == 0.5
+    assert resumed.score(("t", "base", 2), lambda: 7) == 7
+    assert Journal(path, run).done == {"t/base/0": [{"acc": [True]}, [{"id": [1, 2]}]], "t/base/1": 0.5, "t/base/2": 7}
+
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="progress of another run"):
+        Journal(path, {**run, "config": {"seed": 1}})
+    assert path.read_bytes() == before
+    assert Journal(None).score(("t", "base", 0), lambda: 3) == 3

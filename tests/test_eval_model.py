@@ -58,6 +58,31 @@ def test_prefeval_shards_merge_into_the_full_run(tmp_path):
     assert sorted(merged["items"], key=lambda row: row["id"]) == sorted(full["items"], key=lambda row: row["id"])
 
 
+@needs_shared
+def test_an_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch):
+    from localpers import evaluation
+
+    args = ("prefeval", "--limit", "3", "--turns", "0,1")
+    full = run_eval(tmp_path / "full", *args, methods=["base", "prompt"])
+    scored, best_option = [], evaluation.best_option
+
+    def killed_on_the_ninth_call(*a, **k):  # 3 items x 2 turn counts a method: dies in prompt's second item
+        if len(scored) == 8:
+            raise KeyboardInterrupt
+        scored.append(1)
+        return best_option(*a, **k)
+
+    monkeypatch.setattr(evaluation, "best_option", killed_on_the_ninth_call)
+    assert main(["eval", *args, "--method", "base,prompt", "--out", str(tmp_path / "cut")]) == 130  # Ctrl-C
+    assert len((tmp_path / "cut" / "progress.jsonl").read_text().splitlines()) == 1 + 3 + 1  # the run, its items
+    scored.clear()
+    monkeypatch.setattr(evaluation, "best_option", lambda *a, **k: scored.append(1) or best_option(*a, **k))
+    resumed = run_eval(tmp_path / "cut", *args, methods=["base", "prompt"])
+    assert len(scored) == 2 * 2  # only prompt's last two items
+    assert resumed["results"] == full["results"] and resumed["items"] == full["items"]
+    assert not (tmp_path / "cut" / "progress.jsonl").exists()
+
+
 @pytest.mark.parametrize("questions, metrics", [
     ("lamp2_dev_questions.json", {"accuracy"}),
     ("lamp3_dev_questions.json", {"accuracy", "mae", "rmse"}),
