@@ -207,7 +207,7 @@ def score_items(journal: Journal, part: str, items: list, methods: dict, score) 
 
 
 def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48,
-             journal: Journal | None = None, part: str = "upqa") -> tuple[dict, dict, list[dict]]:
+             journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
     """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl; (results, counts, rows)."""
     journal = journal or Journal()
     base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL]
@@ -231,11 +231,11 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
             ok["mc_acc"] = [row["mc_ok"]]
         return ok, [row]
 
-    results, counts, rows = score_items(journal, part, items, methods, score)
+    results, counts, rows = score_items(journal, "upqa", items, methods, score)
     users = locality_users([item.user for item in items])
     for name, method in methods.items():
         results[name]["locality_kl"] = 0.0 if name == "base" else journal.score(
-            (part, name, "locality_kl"), lambda: locality_kl(engine, method, users, base_logprobs))
+            ("upqa", name, "locality_kl"), lambda: locality_kl(engine, method, users, base_logprobs))
         counts[name]["locality_kl"] = len(users)
     return results, counts, rows
 
