@@ -192,18 +192,21 @@ class Journal:
 
 
 def score_items(journal: Journal, part: str, items: list, methods: dict, score) -> tuple[dict, dict, list[dict]]:
-    """score(name, method, item) -> ({metric: [values]}, rows) for every method and item, through the
-    journal; the means per method with their counts, and all rows."""
-    results, counts, rows = {}, {}, []
-    for name, method in methods.items():
-        values = defaultdict(list)
-        for index, item in enumerate(tqdm(items, desc=f"{part} {name}", unit="item")):
+    """score(name, method, item) -> ({metric: [values]}, rows) for every item and method, through the journal;
+    the means per method with their counts, and the rows grouped by method. Every method scores an item before
+    the next item, so consecutive prompts share what they can of the KV cache."""
+    values = {name: defaultdict(list) for name in methods}
+    rows = {name: [] for name in methods}
+    for index, item in enumerate(tqdm(items, desc=part, unit="item")):
+        for name, method in methods.items():
             item_values, item_rows = journal.score((part, name, index), lambda: score(name, method, item))
             for metric, v in item_values.items():
-                values[metric] += v
-            rows += item_rows
-        results[name], counts[name] = _summary(values)
-    return results, counts, rows
+                values[name][metric] += v
+            rows[name] += item_rows
+    results, counts = {}, {}
+    for name in methods:
+        results[name], counts[name] = _summary(values[name])
+    return results, counts, [row for name in methods for row in rows[name]]
 
 
 def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48,
@@ -282,12 +285,16 @@ def run_prefeval(engine, items: list[PrefEvalItem], conversations: list[list[dic
         question = item.question + "\n\nOptions:\n" + "\n".join(f"- {o}" for o in shown) + \
             "\nAnswer with the best option."
         p = method(item.user, item.question, engine)
+        # Every other method walks the turn counts down: a method that shares the conversation with the one
+        # before it (rag with base: rag only adds text before the question) then finds it in the KV cache.
+        walk = turns if list(methods).index(name) % 2 == 0 else turns[::-1]
+        choices = {t: best_option(engine, p, [{"role": "user", "content": item.preference},
+                                              {"role": "assistant", "content": PREFEVAL_ACK}]
+                                  + distractors[:2 * t] + [{"role": "user", "content": question}], shown)
+                   for t in walk}
         followed, rows = {}, []
         for t in turns:
-            messages = ([{"role": "user", "content": item.preference},
-                         {"role": "assistant", "content": PREFEVAL_ACK}]
-                        + distractors[:2 * t] + [{"role": "user", "content": question}])
-            chosen, scores = best_option(engine, p, messages, shown)
+            chosen, scores = choices[t]
             ok = order[chosen] == 0
             followed[f"followed@{t}"] = [ok]
             rows.append({"id": item.id, "method": name, "turns": t, "order": order,

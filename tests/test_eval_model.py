@@ -66,7 +66,7 @@ def test_an_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch):
     full = run_eval(tmp_path / "full", *args, methods=["base", "prompt"])
     scored, best_option = [], evaluation.best_option
 
-    def killed_on_the_ninth_call(*a, **k):  # 3 items x 2 turn counts a method: dies in prompt's second item
+    def killed_on_the_ninth_call(*a, **k):  # 2 turn counts x 2 methods an item: dies in the third item
         if len(scored) == 8:
             raise KeyboardInterrupt
         scored.append(1)
@@ -74,11 +74,11 @@ def test_an_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluation, "best_option", killed_on_the_ninth_call)
     assert main(["eval", *args, "--method", "base,prompt", "--out", str(tmp_path / "cut")]) == 130  # Ctrl-C
-    assert len((tmp_path / "cut" / "progress.jsonl").read_text().splitlines()) == 1 + 3 + 1  # the run, its items
+    assert len((tmp_path / "cut" / "progress.jsonl").read_text().splitlines()) == 1 + 2 * 2  # the run, 2 items x 2 methods
     scored.clear()
     monkeypatch.setattr(evaluation, "best_option", lambda *a, **k: scored.append(1) or best_option(*a, **k))
     resumed = run_eval(tmp_path / "cut", *args, methods=["base", "prompt"])
-    assert len(scored) == 2 * 2  # only prompt's last two items
+    assert len(scored) == 2 * 2  # only the last item
     assert resumed["results"] == full["results"] and resumed["items"] == full["items"]
     assert not (tmp_path / "cut" / "progress.jsonl").exists()
 
