@@ -42,6 +42,9 @@ def test_prefeval_smoke(tmp_path):
     assert len(rows) == 2 * 2 * 2
     # The option order is seeded per item and shared by every method and turn count.
     assert len({(r["id"], tuple(r["order"])) for r in rows}) == 2
+    # rag walks the turn counts down (to reuse base's KV cache), but rows stay grouped by method, turns ascending.
+    assert [(r["method"], r["turns"]) for r in rows if r["id"] == rows[0]["id"]] == \
+        [("base", 0), ("base", 1), ("rag", 0), ("rag", 1)]
     assert (tmp_path / "followed_by_turns.png").is_file()
 
 
