@@ -110,7 +110,7 @@ def cmd_eval(args) -> None:
     if args.parts:
         raise UserError(f"unexpected arguments: {' '.join(args.parts)}")
     from localpers import evaluation as ev
-    from localpers.datasets import read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
+    from localpers.datasets import lamp_outputs_path, read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
     from localpers.methods import get_method
     from localpers.world import WORLD_FILES, generate_world, write_world
 
@@ -164,6 +164,10 @@ def cmd_eval(args) -> None:
         keep = {item.user.id for item in upqa_items}
         writing = [item for item in writing if item.user.id in keep]
         config.update(max_tokens=max_tokens)
+    # Shards are matched by the content of their inputs, not by where they were read from.
+    inputs = {key: ev.content_sha256(config[key]) for key in ("data", "distractors") if key in config}
+    if args.task in ("lamp", "longlamp") and (outputs := lamp_outputs_path(path)) != path and outputs.is_file():
+        inputs["outputs"] = ev.content_sha256(outputs)
 
     from localpers.engine import Engine, model_sha256
 
@@ -172,9 +176,10 @@ def cmd_eval(args) -> None:
 
         torch.set_num_threads(args.threads)
     engine = Engine(args.model, seed=args.seed, n_threads=args.threads)
-    report = {"task": args.task, "model": engine.model_name, "config": config}
+    inputs = {"model": model_sha256(engine.model_path), **inputs}
+    report = {"task": args.task, "model": engine.model_name, "config": config, "inputs": inputs}
     progress = out / "progress.jsonl"
-    journal = ev.Journal(progress, {**report, "model_sha256": model_sha256(engine.model_path), "methods": names})
+    journal = ev.Journal(progress, {**report, "methods": names})
     if journal.done:
         print(f"resuming from {progress}: {len(journal.done)} items and methods already scored", file=sys.stderr)
     if args.task == "upqa":

@@ -7,6 +7,7 @@ number of items each mean is over, and the rows of every scored item for report.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -382,21 +383,47 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def content_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a directory's files (relative names and bytes, sorted; dot-files
+    skipped): what a report names its data by, so shards read from different places still merge."""
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(
+        part.startswith(".") for part in f.relative_to(path).parts)) if path.is_dir() else [path]
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _run_identity(report: dict) -> dict:
+    """What shards of one run share: task, model, methods, config and the content of the inputs. Paths whose
+    content the report has digests of (report["inputs"]) are left out, so only content has to agree."""
+    inputs = report.get("inputs", {})
+    return {"task": report["task"], "model": report["model"], "methods": sorted(report["results"]),
+            **{f"config {k}": v for k, v in report["config"].items() if k != "shard" and k not in inputs},
+            **{f"{k} content": v for k, v in inputs.items()}}
+
+
 def merge_reports(parts: list[dict]) -> dict:
     """One report from the reports of shards of the same run: every mean weighted by the number of items
     it is over (RMSE through its square), the items concatenated, the breakdown recomputed from them."""
-    def identity(report):
-        return report["task"], report["model"], {k: v for k, v in report["config"].items() if k != "shard"}
-
     if any("counts" not in part or "shard" not in part["config"] for part in parts):
         raise UserError("merge takes reports of `localpers eval ... --shard I/N` runs")
     shards = [parse_shard(part["config"]["shard"]) for part in parts]
     if len({n for _, n in shards}) != 1 or len({i for i, _ in shards}) != len(shards):
         raise UserError("merge needs distinct shards of one split: " + ", ".join(p["config"]["shard"] for p in parts))
-    if any(identity(part) != identity(parts[0]) or part["results"].keys() != parts[0]["results"].keys()
-           for part in parts):
-        raise UserError("these reports come from different runs (task, model, config or methods differ)")
-    task, model, config = identity(parts[0])
+    first = _run_identity(parts[0])
+    for part in parts[1:]:
+        other = _run_identity(part)
+        if differ := sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k)):
+            raise UserError(f"shards {parts[0]['config']['shard']} and {part['config']['shard']} come from "
+                            f"different runs: {', '.join(differ)} differ")
+    task, model = parts[0]["task"], parts[0]["model"]
+    config = {k: v for k, v in parts[0]["config"].items() if k != "shard"}
     count = shards[0][1]
     if len(shards) < count:  # a partial merge says which shards it holds
         config["shard"] = ",".join(str(i) for i, _ in sorted(shards)) + f"/{count}"
@@ -411,6 +438,8 @@ def merge_reports(parts: list[dict]) -> dict:
             results[method][metric], counts[method][metric] = math.sqrt(mean) if square else mean, n
     report = {"task": task, "model": model, "config": config, "rules": parts[0]["rules"], "results": results,
               "counts": counts, "items": [row for part in parts for row in part["items"]]}
+    if "inputs" in parts[0]:
+        report["inputs"] = parts[0]["inputs"]
     if "breakdown" in parts[0]:
         report["breakdown"] = breakdown(report["items"], WORLD_BREAKDOWN)
     return report
@@ -424,6 +453,8 @@ def write_report(out_dir: str | Path, report: dict) -> list[Path]:
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable))
     lines = [f"# localpers eval {report['task']}", "", f"Model: `{report['model']}`", "",
              "Config: " + ", ".join(f"`{k}={v}`" for k, v in report["config"].items()), "",
+             *(["Inputs (SHA-256): " + ", ".join(f"{k} `{v[:16]}`" for k, v in report["inputs"].items()), ""]
+               if "inputs" in report else []),
              _table(report["results"]), ""]
     for method, axes in report.get("breakdown", {}).items():
         for axis, groups in axes.items():

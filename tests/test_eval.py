@@ -8,7 +8,7 @@ import pytest
 from localpers.cli import main
 from localpers.datasets import read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
 from localpers.errors import UserError
-from localpers.evaluation import Journal, breakdown, lamp_labels, locality_users, merge_reports, rouge, target_match, write_report
+from localpers.evaluation import Journal, breakdown, content_sha256, lamp_labels, locality_users, merge_reports, rouge, target_match, write_report
 from localpers.methods import METHODS, Personalized, User, apply, get_method, retrieve
 from localpers.world import ATTRIBUTES, generate_world, history_bucket, write_world
 
@@ -206,10 +206,28 @@ def test_merge_weighs_each_mean_by_its_items():
     assert merge_reports([a, b, c])["config"] == {"seed": 0}  # all shards: the config of a full run
 
 
+def test_merge_matches_inputs_by_content_not_by_path(tmp_path):
+    for name, text in (("a/d.json", "[1]"), ("b/d.json", "[1]"), ("b/.hidden", "x"), ("c/d.json", "[2]")):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    digest = {name: content_sha256(tmp_path / name) for name in "abc"}
+    assert digest["a"] == digest["b"] != digest["c"]  # names and bytes count, dot-files do not
+    assert content_sha256(tmp_path / "a" / "d.json") != digest["a"]
+    a = _shard("0/2", {"accuracy": 1.0}, {"accuracy": 1}, ["x"], data=str(tmp_path / "a")) | {"inputs": {"data": digest["a"]}}
+    b = _shard("1/2", {"accuracy": 0.0}, {"accuracy": 1}, ["y"], data=str(tmp_path / "b")) | {"inputs": {"data": digest["b"]}}
+    merged = merge_reports([a, b])  # one run, its shards read from two places
+    assert merged["inputs"] == {"data": digest["a"]} and merged["results"]["base"]["accuracy"] == 0.5
+    a_without_digest, b_without_digest = ({k: v for k, v in r.items() if k != "inputs"} for r in (a, b))
+    with pytest.raises(UserError, match="config data differ"):  # without digests, only the paths can say
+        merge_reports([a_without_digest, b_without_digest])
+
+
 @pytest.mark.parametrize("parts, message", [
     ([_shard("0/2", {}, {}, []), _shard("0/2", {}, {}, [])], "distinct shards of one split"),
     ([_shard("0/2", {}, {}, []), _shard("1/3", {}, {}, [])], "distinct shards of one split"),
-    ([_shard("0/2", {}, {}, []), _shard("1/2", {}, {}, [], limit=5)], "different runs"),
+    ([_shard("0/2", {}, {}, []), _shard("1/2", {}, {}, [], limit=5)], "different runs: config limit differ"),
+    ([_shard("0/2", {}, {}, [], data="/a/d.json") | {"inputs": {"data": "1"}},
+      _shard("1/2", {}, {}, [], data="/a/d.json") | {"inputs": {"data": "2"}}], "different runs: data content differ"),
     ([{"task": "lamp", "config": {}, "results": {}}], r"reports of `localpers eval \.\.\. --shard I/N` runs"),
 ])
 def test_merge_refuses_reports_that_do_not_belong_together(parts, message):

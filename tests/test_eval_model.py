@@ -56,7 +56,8 @@ def test_prefeval_shards_merge_into_the_full_run(tmp_path):
         run_eval(tmp_path / f"s{i}", *args, "--shard", f"{i}/2", methods=["base"])
     assert main(["eval", "merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "m")]) == 0
     merged = json.loads((tmp_path / "m" / "report.json").read_text())
-    assert merged["config"] == full["config"]
+    assert merged["config"] == full["config"] and merged["inputs"] == full["inputs"]
+    assert set(full["inputs"]) == {"model", "data", "distractors"}
     assert merged["results"]["base"] == pytest.approx(full["results"]["base"])
     assert sorted(merged["items"], key=lambda row: row["id"]) == sorted(full["items"], key=lambda row: row["id"])
 
