@@ -334,7 +334,8 @@ def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *, max_tok
         else:
             chosen, _ = best_option(engine, p, messages, labels)
             row["output"] = labels[chosen]
-            metrics["accuracy"] = [row["output"] == item.gold]
+            row["correct"] = row["output"] == item.gold
+            metrics["accuracy"] = [row["correct"]]
             if task.startswith("LaMP_3"):
                 error = abs(float(row["output"]) - float(item.gold))
                 metrics["mae"], metrics["rmse"] = [error], [error ** 2]
@@ -360,6 +361,31 @@ def breakdown(rows: list[dict], metrics: dict[str, str]) -> dict:
         out[method][axis][key] = {name: _mean(float(r[field]) for r in members if field in r)
                                   for field, name in metrics.items()}
         out[method][axis][key]["n"] = len({r["id"] for r in members})
+    return dict(out)
+
+
+# Row fields that hold one item's value of a mean metric (prefeval's `followed` is per turn count, below).
+ROW_METRICS = {"explicit_ok": "explicit_acc", "paraphrased_ok": "paraphrased_acc", "implicit_ok": "implicit_acc",
+               "mc_ok": "mc_acc", "rouge1": "rouge1", "rougeL": "rougeL", "correct": "accuracy"}
+
+
+def paired_deltas(rows: list[dict], reference: str = "base") -> dict:
+    """{method: {metric: {"delta", "ci95", "n"}}}: the mean over items of (method − reference) on the same
+    item, with the half-width of its 95% interval (normal approximation). Pairing removes the variation
+    between items, which both methods share, so this separates two methods that the means' own intervals do not."""
+    scores = defaultdict(dict)  # (method, metric) -> {item id: value}
+    for row in rows:
+        fields = ({f"followed@{row['turns']}": row["followed"]} if "followed" in row else
+                  {metric: row[field] for field, metric in ROW_METRICS.items() if row.get(field) is not None})
+        for metric, value in fields.items():
+            scores[row["method"], metric][row["id"]] = float(value)
+    out = defaultdict(dict)
+    for (method, metric), values in scores.items():
+        reference_values = scores.get((reference, metric), {})
+        diffs = np.array([v - reference_values[i] for i, v in values.items() if i in reference_values])
+        if method != reference and len(diffs) > 1:
+            out[method][metric] = {"delta": float(diffs.mean()), "n": len(diffs),
+                                   "ci95": float(1.96 * diffs.std(ddof=1) / math.sqrt(len(diffs)))}
     return dict(out)
 
 
@@ -450,12 +476,18 @@ def write_report(out_dir: str | Path, report: dict) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_report(report, out_dir)
+    if "base" in report["results"] and (deltas := paired_deltas(report["items"])):
+        report["vs_base"] = deltas
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable))
     lines = [f"# localpers eval {report['task']}", "", f"Model: `{report['model']}`", "",
              "Config: " + ", ".join(f"`{k}={v}`" for k, v in report["config"].items()), "",
              *(["Inputs (SHA-256): " + ", ".join(f"{k} `{v[:16]}`" for k, v in report["inputs"].items()), ""]
                if "inputs" in report else []),
              _table(report["results"]), ""]
+    if "vs_base" in report:
+        lines += ["### Paired with base: mean of (method − base) over the same items, ± its 95% interval", "",
+                  _table({m: {k: f"{d['delta']:+.3f} ± {d['ci95']:.3f}" for k, d in metrics.items()}
+                          for m, metrics in report["vs_base"].items()}), ""]
     for method, axes in report.get("breakdown", {}).items():
         for axis, groups in axes.items():
             lines += [f"### {method} by {'history size' if axis == 'history' else 'time step'}", "",
@@ -482,7 +514,7 @@ def _table(rows: dict[str, dict[str, float]], first: str = "method") -> str:
 def _fmt(x) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
-    return str(x) if isinstance(x, int) else f"{x:.3f}"
+    return str(x) if isinstance(x, (int, str)) else f"{x:.3f}"
 
 
 def plot_report(report: dict, out_dir: Path) -> list[Path]:

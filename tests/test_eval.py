@@ -8,7 +8,7 @@ import pytest
 from localpers.cli import main
 from localpers.datasets import read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
 from localpers.errors import UserError
-from localpers.evaluation import Journal, breakdown, content_sha256, lamp_labels, locality_users, merge_reports, rouge, target_match, write_report
+from localpers.evaluation import Journal, breakdown, content_sha256, lamp_labels, locality_users, merge_reports, paired_deltas, rouge, target_match, write_report
 from localpers.methods import METHODS, Personalized, User, apply, get_method, retrieve
 from localpers.world import ATTRIBUTES, generate_world, history_bucket, write_world
 
@@ -187,6 +187,21 @@ def test_write_report_writes_json_markdown_and_plots(tmp_path):
     assert "| rag | 0.750 | 0.500 |" in markdown and "- rule one" in markdown
     for name in ("results.png", "followed_by_turns.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and tmp_path / name in paths
+
+
+def test_paired_deltas_compare_each_method_with_base_on_the_same_items(tmp_path):
+    rows = [{"id": i, "method": m, "turns": 0, "followed": ok}
+            for i, (b, r) in enumerate([(0, 1), (0, 1), (1, 1), (0, 0)]) for m, ok in (("base", b), ("rag", r))]
+    rows += [{"id": "u", "method": "base", "mc_ok": True, "explicit_ok": None}, {"id": "u", "method": "rag", "mc_ok": True}]
+    deltas = paired_deltas(rows)
+    assert set(deltas) == {"rag"} and set(deltas["rag"]) == {"followed@0"}  # one pair is not enough for mc_acc
+    d = deltas["rag"]["followed@0"]  # differences 1, 1, 0, 0
+    assert d["n"] == 4 and d["delta"] == 0.5 and d["ci95"] == pytest.approx(1.96 * math.sqrt(1 / 3) / 2)
+    report = {"task": "prefeval", "model": "m", "config": {}, "rules": [], "items": rows,
+              "results": {"base": {"followed@0": 0.25}, "rag": {"followed@0": 0.75}}}
+    write_report(tmp_path, report)
+    assert "| rag | +0.500 ± 0.566 |" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["vs_base"]["rag"]["followed@0"]["n"] == 4
 
 
 def _shard(shard: str, results: dict, counts: dict, ids: list[str], **config) -> dict:
