@@ -410,19 +410,16 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def content_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, or of a directory's files (relative names and bytes, sorted; dot-files
+    """SHA-256 of a file's bytes, or of a directory's files (relative names and file digests, sorted; dot-files
     skipped): what a report names its data by, so shards read from different places still merge."""
+    from localpers.engine import model_sha256 as file_sha256  # any file's digest, cached by path and mtime
+
     path = Path(path)
-    files = sorted(f for f in path.rglob("*") if f.is_file() and not any(
-        part.startswith(".") for part in f.relative_to(path).parts)) if path.is_dir() else [path]
-    digest = hashlib.sha256()
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+    if not path.is_dir():
+        return file_sha256(path)
+    files = sorted(f.relative_to(path).as_posix() for f in path.rglob("*")
+                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    return hashlib.sha256("".join(f"{name}\0{file_sha256(path / name)}\n" for name in files).encode()).hexdigest()
 
 
 def _run_identity(report: dict) -> dict:
