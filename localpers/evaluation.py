@@ -166,8 +166,8 @@ class Journal:
             return
         lines = self.path.read_text().splitlines()
         if not lines or lines[0] != header:
-            raise UserError(f"{self.path} holds the progress of another run (task, model, config or methods "
-                            "differ): run the same command to resume it, or choose another --out")
+            raise UserError(f"{self.path} holds the progress of another run (task, model, config, input files "
+                            "or methods differ): run the same command to resume it, or choose another --out")
         kept = lines[:1]
         for line in lines[1:]:
             try:
@@ -395,7 +395,7 @@ def _bucket_order(key: str) -> int:
 
 # ---------------------------------------------------------------- reports and plots
 
-WORLD_BREAKDOWN = {"explicit_ok": "explicit_acc", "implicit_ok": "implicit_acc", "mc_ok": "mc_acc", "rougeL": "rougeL"}
+WORLD_BREAKDOWN = {field: ROW_METRICS[field] for field in ("explicit_ok", "implicit_ok", "mc_ok", "rougeL")}
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -474,7 +474,7 @@ def write_report(out_dir: str | Path, report: dict) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_report(report, out_dir)
     if "base" in report["results"] and (deltas := paired_deltas(report["items"])):
-        report["vs_base"] = deltas
+        report = {**report, "vs_base": deltas}
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable))
     lines = [f"# localpers eval {report['task']}", "", f"Model: `{report['model']}`", "",
              "Config: " + ", ".join(f"`{k}={v}`" for k, v in report["config"].items()), "",
