@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from localpers import names
 from localpers.engine import model_sha256 as base_model_sha256  # the key `localpers serve` looks adapters up by
 from localpers.errors import UserError
 from localpers.methods import Fact
@@ -597,15 +598,15 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
         else:
             result = Result([])
         if not result.adapter:
-            result.retired = sum(store.retire_artifacts(user, kind, sha, method="edit") for kind in ("lora", "model"))
+            result.retired = sum(store.retire_artifacts(user, kind, sha, method=names.EDIT) for kind in (names.LORA, names.MODEL))
             if not facts and not result.retired:
                 facts_of([], [])  # raises: no preferences to edit
             return result
-        meta = {"method": "edit", "layer": editor.config.layer, **result.summary()}
-        store.register_artifact(user, "lora", result.adapter, sha, meta)
+        meta = {"method": names.EDIT, "layer": editor.config.layer, **result.summary()}
+        store.register_artifact(user, names.LORA, result.adapter, sha, meta)
         if bake_model:
             baked = bake(engine.model_path, folder / f"model-edited-{stamp}.gguf", result.edits)
-            store.register_artifact(user, "model", baked, sha, meta)
+            store.register_artifact(user, names.MODEL, baked, sha, meta)
     return result
 
 
@@ -640,5 +641,8 @@ def edit_method(user, query, engine):
     from localpers.engine import Artifacts
     from localpers.methods import Personalized
 
+    if user.registered is not None:  # a served user: the adapter `personalize` registered, if any
+        served = user.artifact(names.EDIT, names.LORA)
+        return Personalized(artifacts=Artifacts(lora=((served.path, 1.0),))) if served else Personalized()
     adapter = user_adapter(user, engine)
     return Personalized(artifacts=Artifacts(lora=((str(adapter), 1.0),))) if adapter else Personalized()

@@ -13,6 +13,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from localpers import names
 from localpers.engine import Artifacts
 from localpers.errors import UserError
 from localpers.retrieval import BM25Index
@@ -29,11 +30,26 @@ class Fact:
 
 
 @dataclass(frozen=True)
+class RegisteredArtifact:
+    """A current artifact of the store's registry, as the served path sees it."""
+    method: str     # names.EDIT, names.PERCE, ...
+    kind: str       # names.LORA, names.CONTROL_VECTOR
+    path: str
+
+
+@dataclass(frozen=True)
 class User:
     id: str
     preferences: tuple[str, ...] = ()   # what the user stated about themselves ("I'm vegetarian.")
     history: tuple[str, ...] = ()       # the user's own items (posts, reviews, profile entries), oldest first
     facts: tuple[Fact, ...] = ()        # preferences the data gives as question/answer clusters
+    # None: an evaluation user (trained methods compute their artifacts on demand, cached). A tuple: a served
+    # user (trained methods use only these current registry artifacts; nothing is trained on a request).
+    registered: tuple[RegisteredArtifact, ...] | None = None
+
+    def artifact(self, method: str, kind: str) -> RegisteredArtifact | None:
+        """The registered artifact of `method` and `kind` (served users only), or None."""
+        return next((a for a in self.registered or () if a.method == method and a.kind == kind), None)
 
 
 @dataclass(frozen=True)
@@ -80,10 +96,10 @@ def rag(user: User, query: str, engine) -> Personalized:
 
 # name -> function, or "module:function" for methods whose module is imported only when used.
 METHODS: dict[str, Method | str] = {
-    "base": base,
-    "prompt": prompt,
-    "rag": rag,
-    "edit": "localpers.editing:edit_method",
+    names.BASE: base,
+    names.PROMPT: prompt,
+    names.RAG: rag,
+    names.EDIT: "localpers.editing:edit_method",
 }
 
 

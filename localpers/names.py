@@ -1,0 +1,26 @@
+"""Names shared across localpers, defined once: artifact kinds, personalization method names, job kinds.
+
+Every personalization technique ends as one of llama.cpp's three primitives. Two of them are files that the
+store's artifact registry holds per (user, method, kind, served model): a LoRA adapter or a control vector
+(and, for `personalize --bake`, a whole model). The third, prompt context, is computed per request and never
+stored as a file.
+"""
+from __future__ import annotations
+
+# ---- artifact kinds (store.register_artifact(kind=...), the registry's `kind` column)
+LORA = "lora"                      # llama.cpp LoRA adapter GGUF (general.type = adapter, adapter.type = lora)
+CONTROL_VECTOR = "control_vector"  # llama.cpp control-vector GGUF (direction.{layer} tensors)
+MODEL = "model"                    # a whole GGUF with edits baked in (personalize --bake)
+ARTIFACT_KINDS = (LORA, CONTROL_VECTOR, MODEL)
+
+# ---- personalization methods (names in `--method`/`--personalize` specs; "a+b" composes)
+BASE = "base"      # the model as it is
+PROMPT = "prompt"  # stated preferences in the system message
+RAG = "rag"        # top-k retrieved history items before the question
+EDIT = "edit"      # Personalization Editing: rank-one ROME edits of ffn_down -> LoRA adapter
+CE = "ce"          # plain cross-entropy LoRA fine-tuning on the user's history (PerCE's baseline)
+PERCE = "perce"    # PerContrast-weighted LoRA fine-tuning (arXiv 2603.06595) -> LoRA adapter
+LOGO = "logo"      # LoGo: community knowledge fused with local signals by a mediator -> control vectors, context
+
+# Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).
+TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)
