@@ -34,7 +34,7 @@ def artifacts(engine, tmp_path_factory):
     cvec = write_control_vector(folder / "cvec.gguf", {il: rng.normal(0, 0.05, engine.n_embd)
                                                        for il in range(1, engine.n_layer)}, "llama")
     return {"none": Artifacts(), "lora_r8_all_ffn_down": Artifacts(lora=((str(lora), 1.0),)),
-            "control_vector": Artifacts(control_vector=str(cvec))}
+            "control_vector": Artifacts(control_vectors=((str(cvec), 1.0),))}
 
 
 def decode(engine, prompt, tokens):

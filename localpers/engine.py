@@ -27,20 +27,17 @@ from localpers.gguf_write import control_vector_data, read_control_vector
 
 @dataclass(frozen=True)
 class Artifacts:
-    """What a personalization method hands to the served path (prompt context travels in the messages)."""
+    """What a personalization method hands to the served path (prompt context travels in the messages).
 
-    lora: tuple[tuple[str, float], ...] = ()  # (adapter GGUF path, scale)
-    control_vector: str | None = None  # control-vector GGUF path
-    control_scale: float = 1.0
+    Several LoRA adapters apply together, each with its scale (llama_set_adapters_lora). Several control vectors
+    are summed, each times its scale, into the one control vector llama.cpp takes (llama_set_adapter_cvec adds
+    the layer's vector to the residual stream after each layer 1..n_layer-1)."""
+
+    lora: tuple[tuple[str, float], ...] = ()             # (adapter GGUF path, scale)
+    control_vectors: tuple[tuple[str, float], ...] = ()  # (control-vector GGUF path, scale)
 
     def merge(self, other: "Artifacts") -> "Artifacts":
-        if self.control_vector and other.control_vector:
-            raise UserError("two control vectors cannot be active at once")
-        return Artifacts(
-            lora=self.lora + other.lora,
-            control_vector=self.control_vector or other.control_vector,
-            control_scale=self.control_scale if self.control_vector else other.control_scale,
-        )
+        return Artifacts(lora=self.lora + other.lora, control_vectors=self.control_vectors + other.control_vectors)
 
 
 NO_ARTIFACTS = Artifacts()
@@ -96,7 +93,7 @@ class Engine:
         self.eos_token = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
         self._lock = threading.Lock()  # not an RLock: a stream may be resumed on another thread
         self._adapters: dict[str, tuple[tuple, object]] = {}  # resolved path -> (file key, llama handle)
-        self._active: tuple = ((), None)  # (lora file keys with scales, control vector key with scale)
+        self._active: tuple = ((), ())  # (lora file keys with scales, control-vector file keys with scales)
 
     # -- text -----------------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
@@ -137,8 +134,8 @@ class Engine:
     def _activate(self, artifacts: Artifacts) -> None:
         """Make `artifacts` the context's adapters and control vector; clear the KV cache if anything changed."""
         loras = [(*self._lora_handle(path), float(scale)) for path, scale in artifacts.lora]
-        cvec_key = _file_key(artifacts.control_vector) if artifacts.control_vector else None
-        wanted = (tuple((key, scale) for key, _, scale in loras), (cvec_key, artifacts.control_scale) if cvec_key else None)
+        cvecs = tuple((_file_key(path), float(scale)) for path, scale in artifacts.control_vectors)
+        wanted = (tuple((key, scale) for key, _, scale in loras), cvecs)
         if wanted == self._active:
             return
         lc = self._llama_cpp
@@ -146,14 +143,14 @@ class Engine:
         scales = (ctypes.c_float * len(loras))(*[s for _, _, s in loras])
         if lc.llama_set_adapters_lora(self.llm.ctx, handles, len(loras), scales) != 0:
             raise UserError("llama.cpp refused the LoRA adapters for this model")
-        if cvec_key:
-            buf = self._control_vector_buffer(artifacts.control_vector) * np.float32(artifacts.control_scale)
+        if cvecs:
+            buf = sum(self._control_vector_buffer(path) * np.float32(scale) for path, scale in artifacts.control_vectors)
             rc = lc.llama_set_adapter_cvec(self.llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                                            buf.size, self.n_embd, 1, self.n_layer - 1)
         else:
             rc = lc.llama_set_adapter_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
         if rc != 0:
-            raise UserError(f"llama.cpp refused the control vector {artifacts.control_vector}")
+            raise UserError(f"llama.cpp refused the control vectors {[p for p, _ in artifacts.control_vectors]}")
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
         self._active = wanted

@@ -114,7 +114,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             return None
         if not (lora or cvec):
             return None
-        return Artifacts(lora=((lora["path"], 1.0),) if lora else (), control_vector=cvec["path"] if cvec else None)
+        return Artifacts(lora=((lora["path"], 1.0),) if lora else (), control_vectors=((cvec["path"], 1.0),) if cvec else ())
 
     def load():
         from localpers.engine import Engine

@@ -73,12 +73,26 @@ def test_control_vector(engine, tmp_path):
                                   "llama")
     tokens = engine.tokenize(engine.format_chat(PROMPT))
     base = engine.logits(tokens)
-    np.testing.assert_allclose(engine.logits(tokens, artifacts=Artifacts(control_vector=str(zero))), base, atol=1e-4)
-    steered = engine.logits(tokens, artifacts=Artifacts(control_vector=str(strong)))
+    np.testing.assert_allclose(engine.logits(tokens, artifacts=Artifacts(control_vectors=((str(zero), 1.0),))), base, atol=1e-4)
+    steered = engine.logits(tokens, artifacts=Artifacts(control_vectors=((str(strong), 1.0),)))
     assert np.abs(steered - base).max() > 1.0
-    halved = engine.logits(tokens, artifacts=Artifacts(control_vector=str(strong), control_scale=0.0))
+    halved = engine.logits(tokens, artifacts=Artifacts(control_vectors=((str(strong), 0.0),)))
     np.testing.assert_allclose(halved, base, atol=1e-4)
-    assert reply(engine, Artifacts(control_vector=str(strong))) != reply(engine)
+    assert reply(engine, Artifacts(control_vectors=((str(strong), 1.0),))) != reply(engine)
+
+
+def test_control_vectors_are_summed_with_their_scales(engine, tmp_path):
+    rng = np.random.default_rng(1)
+    a = {il: rng.normal(0, 1.0, engine.n_embd) for il in range(3, 20)}
+    b = {il: rng.normal(0, 1.0, engine.n_embd) for il in range(10, 28)}
+    both = {il: 0.5 * a.get(il, 0) + 2.0 * b.get(il, 0) for il in range(3, 28)}
+    pa, pb = write_control_vector(tmp_path / "a.gguf", a, "llama"), write_control_vector(tmp_path / "b.gguf", b, "llama")
+    pboth = write_control_vector(tmp_path / "both.gguf", both, "llama")
+    tokens = engine.tokenize(engine.format_chat(PROMPT))
+    summed = engine.logits(tokens, artifacts=Artifacts(control_vectors=((str(pa), 0.5), (str(pb), 2.0))))
+    np.testing.assert_allclose(summed, engine.logits(tokens, artifacts=Artifacts(control_vectors=((str(pboth), 1.0),))),
+                               atol=1e-3)
+    assert np.abs(summed - engine.logits(tokens, artifacts=Artifacts(control_vectors=((str(pa), 0.5),)))).max() > 0.1
 
 
 def test_continuation_logprob_matches_logits(engine):
@@ -99,5 +113,5 @@ def test_bad_artifacts_are_user_errors(engine, tmp_path, default_model_path):
         reply(engine, Artifacts(lora=((str(default_model_path), 1.0),)))
     wrong = write_control_vector(tmp_path / "wrong.gguf", {3: np.ones(64)}, "llama")
     with pytest.raises(UserError, match="does not fit"):
-        reply(engine, Artifacts(control_vector=str(wrong)))
+        reply(engine, Artifacts(control_vectors=((str(wrong), 1.0),)))
     assert reply(engine)  # the engine still serves after refusing bad artifacts
