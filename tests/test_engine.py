@@ -83,9 +83,10 @@ def test_control_vector(engine, tmp_path):
 
 def test_control_vectors_are_summed_with_their_scales(engine, tmp_path):
     rng = np.random.default_rng(1)
-    a = {il: rng.normal(0, 1.0, engine.n_embd) for il in range(3, 20)}
-    b = {il: rng.normal(0, 1.0, engine.n_embd) for il in range(10, 28)}
-    both = {il: 0.5 * a.get(il, 0) + 2.0 * b.get(il, 0) for il in range(3, 28)}
+    a = {il: rng.normal(0, 0.3, engine.n_embd).astype(np.float32) for il in range(3, 20)}
+    b = {il: rng.normal(0, 0.3, engine.n_embd).astype(np.float32) for il in range(10, 28)}
+    zero = np.zeros(engine.n_embd, np.float32)
+    both = {il: np.float32(0.5) * a.get(il, zero) + np.float32(2.0) * b.get(il, zero) for il in range(3, 28)}
     pa, pb = write_control_vector(tmp_path / "a.gguf", a, "llama"), write_control_vector(tmp_path / "b.gguf", b, "llama")
     pboth = write_control_vector(tmp_path / "both.gguf", both, "llama")
     tokens = engine.tokenize(engine.format_chat(PROMPT))
