@@ -12,10 +12,24 @@ from localpers.errors import UserError
 from localpers.methods import Fact, User
 
 
-def shared_data_dir() -> Path | None:
-    """`<repo>/../shared/data` when the package runs from a checkout that has it beside it, else None."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return path if path.is_dir() else None
+# The development data shipped inside the package (CC BY-NC 4.0, see localpers/data/LICENSE.CC-BY-NC-4.0 and
+# localpers/data/README.md for sources and formats): `localpers eval upqa|prefeval` runs on it without --data.
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_FILES = {
+    "upqa": "upqa/upqa_dev_100.json",
+    "upqa_cluster9": "upqa/upqa_dev_100_cluster9.json",
+    "prefeval": "prefeval/mcq_dev",
+    "prefeval_dev_70": "prefeval/prefeval_dev_70.json",
+    "inter_turns": "prefeval/inter_turns.json",
+}
+
+
+def data_path(name: str) -> Path:
+    """A shipped development data file or folder by its name in DATA_FILES (e.g. "upqa")."""
+    path = DATA_DIR / DATA_FILES[name]
+    if not path.exists():
+        raise UserError(f"{path}: the packaged development data is missing (reinstall localpers, or pass --data PATH)")
+    return path
 
 
 def load_json(path: str | Path):

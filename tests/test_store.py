@@ -8,6 +8,7 @@ import stat
 import pytest
 from cryptography.exceptions import InvalidTag
 
+from localpers.datasets import data_path
 from localpers.errors import UserError
 from localpers.store import DB_FILE, KEY_FILE, MAX_TEXT_BYTES, NotFoundError, Store, data_dir, read_import
 
@@ -235,8 +236,8 @@ def test_forget_scrubs_text_and_ciphertext_from_the_file(store, tmp_path):
     assert [i["text"] for i in store.search("alice", "bank pin fresh start", k=10)] == ["a fresh start"]
 
 
-def test_import_formats(store, tmp_path, shared_dir):
-    upqa = shared_dir / "data" / "upqa" / "upqa_dev_100.json"
+def test_import_formats(store, tmp_path):
+    upqa = data_path("upqa")
     store.add_many("alice", read_import(upqa))
     prefs = store.items("alice", kind="preference")
     assert len(prefs) == 100 and prefs[0]["text"] == "I like to dance at the club."

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 
+from localpers.datasets import data_path
 from localpers.store import DB_FILE, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,11 +129,11 @@ print(json.dumps({"codes": codes, "attempts": attempts}))
 """
 
 
-def test_cli_surface_opens_no_network_socket(tmp_path, shared_dir):
+def test_cli_surface_opens_no_network_socket(tmp_path):
     home = str(tmp_path / "home")
     jsonl = tmp_path / "notes.jsonl"
     jsonl.write_text('{"text": "I run every morning"}\n{"text": "I prefer tea", "kind": "preference"}\n')
-    upqa = str(shared_dir / "data" / "upqa" / "upqa_dev_100.json")
+    upqa = str(data_path("upqa"))
     common = ["--data-dir", home, "--user", "alice"]
     commands = [
         ["remember", *common, "I like to dance at the club."],

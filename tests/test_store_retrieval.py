@@ -9,6 +9,7 @@ import bm25s
 import numpy as np
 import pytest
 
+from localpers.datasets import data_path
 from localpers.errors import UserError
 from localpers.retrieval import BM25Index, GGUFEmbedder, MiniLMEmbedder, fuse, top_k
 from localpers.store import DB_FILE, Store
@@ -21,10 +22,9 @@ def store(tmp_path, monkeypatch):
         yield store
 
 
-def real_texts(shared_dir) -> list[str]:
-    data = shared_dir / "data"
-    upqa = json.loads((data / "upqa" / "upqa_dev_100.json").read_text())
-    prefeval = json.loads((data / "prefeval" / "prefeval_dev_70.json").read_text())
+def real_texts() -> list[str]:
+    upqa = json.loads(data_path("upqa").read_text())
+    prefeval = json.loads(data_path("prefeval_dev_70").read_text())
     return [i["input_attribute"] for i in upqa] + [f"{i['preference']} {i['explanation']}" for i in prefeval]
 
 
@@ -41,9 +41,9 @@ def reference_scores(index: BM25Index, texts: dict[int, str], query: str) -> dic
     return {item_id: float(s) for item_id, s in zip(ids, scores) if s > 0}
 
 
-def test_bm25_matches_bm25s_through_inserts_and_deletes(shared_dir):
+def test_bm25_matches_bm25s_through_inserts_and_deletes():
     rng = random.Random(0)
-    texts = dict(enumerate(real_texts(shared_dir), start=1))
+    texts = dict(enumerate(real_texts(), start=1))
     queries = ["What's my hobby?", "Do I like spicy food or seafood?", "which movies should I watch",
                "I prefer vegan vegetarian meals", "travel travel flights"]
     index, held, compared = BM25Index(), {}, 0
