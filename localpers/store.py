@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +34,11 @@ MAX_TEXT_BYTES = 64 * 1024  # per item, text and metadata each
 DB_FILE = "localpers.db"
 KEY_FILE = "key"
 SEARCH_MODES = ("bm25", "dense", "hybrid")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # user ids and kinds; user ids name folders
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # kinds (and the user ids of stores before layout 2)
+MAX_USER_CHARS = 1024
+# Characters a user id may not hold: C0/C1 controls, lone surrogates, line and paragraph separators.
+_FORBIDDEN_IN_USER = {"Cc", "Cs", "Zl", "Zp"}
+LAYOUT = 2  # 1: artifact folders named after the user id; 2: after the user's row id (artifacts/_user-<id>)
 _KEY_CHECK = b"localpers key check"
 _SCRYPT = dict(length=32, n=2**15, r=8, p=1)  # ~0.1 s and 32 MiB per open
 
@@ -70,6 +75,24 @@ def data_dir(arg: str | None = None) -> Path:
         return Path(os.environ["LOCALPERS_HOME"]).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(xdg) / "localpers"
+
+
+def check_user(user) -> str:
+    """A user id as the store keys it: any string of 1 to 1024 characters, not blank, without control
+    characters (what OpenAI's `user` field and clients' display names and e-mail addresses hold), in Unicode
+    NFC so that "josé" typed either way is one user. The id is only ever a value in SQL: no file or folder
+    name is built from it (a user's artifacts live in artifacts/_user-<row id>)."""
+    if not isinstance(user, str):
+        raise UserError(f"the user id must be a string, not {type(user).__name__}")
+    if not user.strip():
+        raise UserError("the user id is empty" if not user else f"the user id {user!r} is blank")
+    bad = next((c for c in user if unicodedata.category(c) in _FORBIDDEN_IN_USER), None)
+    if bad is not None:
+        raise UserError(f"the user id {user[:64]!r} holds the control character U+{ord(bad):04X}")
+    user = unicodedata.normalize("NFC", user)
+    if len(user) > MAX_USER_CHARS:
+        raise UserError(f"the user id is {len(user)} characters; the limit is {MAX_USER_CHARS}")
+    return user
 
 
 def check_name(what: str, value) -> str:
@@ -120,6 +143,25 @@ def check_item(text, kind="message", meta=None, ts=None) -> tuple[str, float, by
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
         raise UserError(f"ts must be a number of seconds since the epoch, not {ts!r}")
     return kind, float(ts), encode_text(text), encode_meta(meta)
+
+
+def message_items(messages) -> list[tuple]:
+    """A chat, OpenAI's `messages` list ([{"role", "content"}], content a string or a list of text parts), as
+    validated items: one per message, kind "message", the role in meta. The one parser of this form, for the
+    memories endpoint and for `localpers import`."""
+    from localpers.chat import content_text
+
+    if not isinstance(messages, list) or not messages:
+        raise UserError('"messages" must be a non-empty list of {"role", "content"} objects')
+    items = []
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise UserError(f'messages[{number}] must be an object with a "role" and a "content"')
+        try:
+            items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"]}))
+        except UserError as e:
+            raise UserError(f"messages[{number}]: {e}") from None
+    return items
 
 
 LAMP_TEXT_FIELDS = ("title", "summary", "description", "text", "abstract", "content", "reviewText")
@@ -367,6 +409,7 @@ class Store:
                     key, kdf = _key_file(self.directory / KEY_FILE), b"keyfile"
                 cipher = Cipher(key)
                 conn.execute("INSERT INTO settings VALUES ('kdf', ?)", (kdf,))
+                conn.execute("INSERT INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
                 conn.execute("INSERT INTO settings VALUES ('key_check', ?)", (cipher.seal(_KEY_CHECK, b"key"),))
                 return cipher
         if settings["kdf"] == b"scrypt":
@@ -387,21 +430,42 @@ class Store:
             cipher.open(settings["key_check"], b"key")
         except InvalidTag:
             raise UserError(f"{wrong}: cannot decrypt {self.directory / DB_FILE}") from None
+        if settings.get("layout") != str(LAYOUT).encode():
+            self._migrate_artifact_folders()
         return cipher
+
+    def _migrate_artifact_folders(self) -> None:
+        """Layout 1 -> 2: move artifacts/<user id> to artifacts/_user-<row id> and rewrite the registered paths.
+        Safe to rerun after a crash at any point: a folder is moved only when its new place is free, and a
+        path is rewritten only while it still starts with the old folder."""
+        root = self.directory / "artifacts"
+        with self._write() as conn:
+            for user_id, name in conn.execute("SELECT id, name FROM users").fetchall():
+                old, new = root / name, self._user_folder(user_id)
+                if _NAME.fullmatch(name) and old.is_dir() and not new.exists():
+                    old.rename(new)
+                prefix = f"artifacts/{name}/"
+                for artifact_id, path in conn.execute("SELECT id, path FROM artifacts WHERE user_id = ?", (user_id,)).fetchall():
+                    if path.startswith(prefix):
+                        conn.execute("UPDATE artifacts SET path = ? WHERE id = ?",
+                                     (f"artifacts/{new.name}/{path[len(prefix):]}", artifact_id))
+            conn.execute("INSERT OR REPLACE INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
 
     # ----- users
 
     def _user_id(self, conn, user: str) -> int:
-        row = conn.execute("SELECT id FROM users WHERE name = ?", (check_name("user id", user),)).fetchone()
+        row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
         if row is None:
             raise NotFoundError(f"unknown user {user!r}")
         return row[0]
 
     def _create_user(self, conn, user: str) -> int:
-        conn.execute(
-            "INSERT OR IGNORE INTO users (name, created) VALUES (?, ?)", (check_name("user id", user), time.time())
-        )
-        return self._user_id(conn, user)
+        """The user's row id, creating the user if new (called inside a write transaction). Looked up first:
+        an INSERT OR IGNORE of an existing name would still use up an AUTOINCREMENT id."""
+        row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+        if row is not None:
+            return row[0]
+        return conn.execute("INSERT INTO users (name, created) VALUES (?, ?)", (check_user(user), time.time())).lastrowid
 
     def users(self) -> list[str]:
         return [name for (name,) in self._conn().execute("SELECT name FROM users ORDER BY id")]
@@ -553,9 +617,15 @@ class Store:
 
     # ----- artifacts
 
+    def _user_folder(self, user_id: int) -> Path:
+        """A user's artifact folder, named after their row id (never after the user id string, which may be any
+        text); row ids are never reused (AUTOINCREMENT), so a forgotten user's folder is never inherited."""
+        return self.directory / "artifacts" / f"_user-{user_id}"
+
     def artifact_dir(self, user: str) -> Path:
-        """Where the user's artifact files live (created); forget deletes it."""
-        path = self.directory / "artifacts" / check_name("user id", user)
+        """Where the user's artifact files live (created, with the user); forget deletes it."""
+        with self._write() as conn:
+            path = self._user_folder(self._create_user(conn, user))
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
 
@@ -671,8 +741,7 @@ class Store:
         """Delete everything held about the user: artifact files, then rows (items, vectors, artifacts),
         then VACUUM and truncate the WAL, so that neither the text nor its ciphertext is left in the files."""
         with self._read() as conn:
-            self._user_id(conn, user)
-        shutil.rmtree(self.directory / "artifacts" / user, ignore_errors=True)
+            shutil.rmtree(self._user_folder(self._user_id(conn, user)), ignore_errors=True)
         with self._write() as conn:
             user_id = self._user_id(conn, user)
             conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts

@@ -4,13 +4,14 @@ import json
 import os
 import sqlite3
 import stat
+from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidTag
 
 from localpers.datasets import data_path
 from localpers.errors import UserError
-from localpers.store import DB_FILE, KEY_FILE, MAX_TEXT_BYTES, NotFoundError, Store, data_dir, read_import
+from localpers.store import DB_FILE, KEY_FILE, MAX_TEXT_BYTES, MAX_USER_CHARS, NotFoundError, Store, data_dir, read_import
 
 SHA = hashlib.sha256(b"base model").hexdigest()
 
@@ -146,9 +147,85 @@ def test_limit_is_inclusive_and_bad_fields(store):
     ]:
         with pytest.raises(UserError, match=message):
             store.add("alice", "fine text", **kwargs)
-    with pytest.raises(UserError, match="invalid user id"):
-        store.add("../etc", "fine text")
-    assert len(store.items("alice")) == 1
+    with pytest.raises(UserError, match="control character U\\+000A"):
+        store.add("mallory\nadmin", "fine text")
+    assert len(store.items("alice")) == 1 and store.users() == ["alice"]
+
+
+# What clients put in OpenAI's `user` field: display names, e-mail addresses, long ids, ids with spaces, and
+# strings that would be paths if a path were ever built from them.
+ANY_USERS = ["john doe", "josé", "bob@example.com", "Bob Smith <bob@example.com>", "x" * 200, "alice ", "../etc",
+             "a/b", "..", "/", "C:\\Windows\\system32", "%2e%2e", "名前", "🦊", "alice", "x" * MAX_USER_CHARS]
+
+
+def tree(directory) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def test_any_user_string_is_an_identity_and_names_no_path(store, tmp_path):
+    """Every string a client may send is a user of its own; the files on disk are named after row ids only."""
+    home = tmp_path / "home"
+    for n, user in enumerate(ANY_USERS):
+        store.add(user, f"note of user {n}")
+        store.register_artifact(user, "lora", _artifact(tmp_path, content=b"adapter %d" % n), SHA)
+    assert store.users() == ANY_USERS
+    for n, user in enumerate(ANY_USERS):
+        assert [i["text"] for i in store.items(user)] == [f"note of user {n}"]
+        assert [r["text"] for r in store.search(user, "note user")] == [f"note of user {n}"]
+        (artifact,) = store.artifacts(user)
+        assert open(artifact["path"], "rb").read() == b"adapter %d" % n
+        assert Path(artifact["path"]).parent == home / "artifacts" / f"_user-{n + 1}"
+        assert store.export(user)["user"] == user
+    files = tree(home)
+    assert not any(name in f for f in files for name in ("john", "jos", "bob", "etc", "名前", "🦊", "alice", "xxx"))
+    assert {f.split("/")[0] for f in files} <= {"artifacts", "key", DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"}
+    # the same text is the same user: "josé" composed or decomposed (NFC), but "alice " is not "alice"
+    assert store.items("jose\u0301") == store.items("josé")
+    store.forget("alice ")
+    assert [i["text"] for i in store.items("alice")] == [f"note of user {ANY_USERS.index('alice')}"]
+    assert not (home / "artifacts" / f"_user-{ANY_USERS.index('alice ') + 1}").exists()
+    store.forget("../etc")
+    assert home.is_dir() and (home / "artifacts").is_dir() and (home / DB_FILE).is_file()
+
+
+@pytest.mark.parametrize("user, message", [
+    ("", "user id is empty"), ("   ", "is blank"), ("a\nb", "U\\+000A"), ("nul\x00", "U\\+0000"),
+    ("\x1b[31mred", "U\\+001B"), ("line\u2028sep", "U\\+2028"), ("x" * (MAX_USER_CHARS + 1), "limit is 1024"),
+    (None, "must be a string"), (42, "must be a string"),
+])
+def test_unusable_user_ids_are_refused_before_any_write(store, tmp_path, user, message):
+    with pytest.raises(UserError, match=message):
+        store.add(user, "text")
+    with pytest.raises(UserError, match=message):
+        store.register_artifact(user, "lora", _artifact(tmp_path), SHA)
+    assert store.users() == [] and tree(tmp_path / "home" / "artifacts") == []
+
+
+def test_stores_with_folders_named_after_users_are_migrated(tmp_path, monkeypatch):
+    """Layout 1 named artifact folders after the user id; opening such a store moves them to row-id folders and
+    rewrites the registered paths, once, and a crash between the move and the rewrite is repaired on reopen."""
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    home = tmp_path / "home"
+    with Store.open(home) as store:
+        for user in ("alice", "bob"):
+            store.register_artifact(user, "lora", _artifact(tmp_path, content=user.encode()), SHA)
+    conn = sqlite3.connect(home / DB_FILE)  # turn it into a layout-1 store, as an older localpers wrote it
+    for user_id, user in ((1, "alice"), (2, "bob")):
+        (home / "artifacts" / f"_user-{user_id}").rename(home / "artifacts" / user)
+        conn.execute("UPDATE artifacts SET path = replace(path, ?, ?) WHERE user_id = ?",
+                     (f"artifacts/_user-{user_id}/", f"artifacts/{user}/", user_id))
+    conn.execute("DELETE FROM settings WHERE name = 'layout'")
+    (home / "artifacts" / "bob").rename(home / "artifacts" / "_user-2")  # bob's move happened, then a crash
+    conn.commit()
+    conn.close()
+    with Store.open(home) as store:
+        for user_id, user in ((1, "alice"), (2, "bob")):
+            (artifact,) = store.artifacts(user)
+            assert artifact["path"].startswith(str(home / "artifacts" / f"_user-{user_id}"))
+            assert open(artifact["path"], "rb").read() == user.encode()
+        assert sorted(p.name for p in (home / "artifacts").iterdir()) == ["_user-1", "_user-2"]
+        store.forget("alice")
+        assert [p.name for p in (home / "artifacts").iterdir()] == ["_user-2"]
 
 
 def test_unknown_user_reads_raise(store):
@@ -227,7 +304,7 @@ def test_forget_scrubs_text_and_ciphertext_from_the_file(store, tmp_path):
     on_disk = raw_bytes(home)
     assert not any(c in on_disk for c in ciphertexts)
     assert b"forget-canary" not in on_disk and b"alice" not in on_disk
-    assert not (home / "artifacts" / "alice").exists()
+    assert list((home / "artifacts").iterdir()) == []  # alice's folder is gone; bob never had one
     with pytest.raises(NotFoundError):
         store.items("alice")
     assert [i["text"] for i in store.items("bob")] == ["bob-keeps-this note"]
