@@ -10,6 +10,7 @@ from pathlib import Path
 
 from localpers.errors import UserError
 from localpers.methods import Fact, User
+from localpers.store import PROFILE_SKIP_FIELDS, profile_entry, upqa_user
 
 
 # The development data shipped inside the package (CC BY-NC 4.0, see localpers/data/LICENSE.CC-BY-NC-4.0 and
@@ -92,7 +93,7 @@ def read_upqa(path: str | Path) -> list[UpqaItem]:
         statement = raw.get("input_attribute")
         if not isinstance(statement, str) or not (statement.strip() or raw.get("profile")):
             raise UserError(f"{path}: item {i}: field 'input_attribute' must be a non-empty string")
-        user = _user(path, i, raw, f"upqa-{i}", statement)
+        user = _user(path, i, raw, upqa_user(raw, i), statement)
         if statement.strip():
             user = replace(user, facts=(Fact(statement, questions, targets, attributes),))
         candidates = raw.get("candidates", [])
@@ -191,12 +192,16 @@ def _profile(path: Path, index: int, raw: dict) -> list[dict]:
     profile = raw.get("profile")
     if not isinstance(profile, list) or not all(isinstance(p, dict) for p in profile):
         raise UserError(f"{path}: item {index}: field 'profile' must be a list of objects")
-    # A profile entry's text is every text field but its id (LaMP: title/abstract/text/tag/score; LongLaMP:
-    # reviewText/summary/...), so the same reader serves every task.
+    # An entry's text is its text fields (LaMP: title/abstract/text; LongLaMP: reviewText/summary/...) and the
+    # values of its other fields (a tag, a score) but its id, parsed as `localpers import` parses it.
     out = []
-    for p in profile:
-        text = " ".join(str(v) for k, v in p.items() if k not in ("id", "kind", "step") and isinstance(v, (str, int, float)))
-        out.append({**p, "text": text})
+    for j, p in enumerate(profile):
+        try:
+            text, others = profile_entry(p)
+        except UserError as e:
+            raise UserError(f"{path}: item {index}: profile entry {j}: {e}") from None
+        extra = [str(v) for k, v in others.items() if k not in PROFILE_SKIP_FIELDS and isinstance(v, (str, int, float))]
+        out.append({**p, "text": " ".join([text, *extra])})
     return out
 
 

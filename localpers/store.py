@@ -165,6 +165,26 @@ def message_items(messages) -> list[tuple]:
 
 
 LAMP_TEXT_FIELDS = ("title", "summary", "description", "text", "abstract", "content", "reviewText")
+# The fields of a profile entry that are neither text nor to be kept: the entry's own id is not the store's id,
+# and the synthetic world's "kind" and "step" describe the entry for the evaluation.
+PROFILE_SKIP_FIELDS = ("id", "kind", "step")
+
+
+def profile_entry(entry) -> tuple[str, dict]:
+    """A LaMP / LongLaMP (or synthetic world) profile entry: (its text fields joined by newlines, every other
+    field). The one parser of profile entries: the import stores the other fields in meta; the evaluation
+    (localpers.datasets) shows their values beside the text. Raises UserError without a text field."""
+    if not isinstance(entry, dict):
+        raise UserError("expected a JSON object")
+    texts = [entry[field] for field in LAMP_TEXT_FIELDS if isinstance(entry.get(field), str) and entry[field].strip()]
+    if not texts:
+        raise UserError(f"no text field (expected one of {', '.join(LAMP_TEXT_FIELDS)})")
+    return "\n".join(texts), {key: value for key, value in entry.items() if key not in LAMP_TEXT_FIELDS}
+
+
+def upqa_user(entry: dict, index: int) -> str:
+    """Whose statement a UPQA item is: its "user_id" (world files), else the item is a user of its own."""
+    return str(entry.get("user_id", f"upqa-{index}"))
 
 
 def _jsonl_item(entry) -> tuple:
@@ -176,19 +196,26 @@ def _jsonl_item(entry) -> tuple:
     if not isinstance(meta, dict):
         raise UserError(f'"meta" must be a JSON object, not {type(meta).__name__}')
     entry.pop("id", None)  # ids are the store's own
+    if isinstance(text, list):  # text parts, as in chat
+        from localpers.chat import content_text
+
+        text = content_text(text)
     return check_item(text, kind, meta | entry, ts)  # other fields are kept in meta
+
+
+def _jsonl_line(entry) -> list[tuple]:
+    """One line of a JSONL import: an item ({"text", ...}) or a chat ({"messages": [...]}, as the HTTP
+    endpoint takes it)."""
+    if isinstance(entry, dict) and "messages" in entry and "text" not in entry:
+        return message_items(entry["messages"])
+    return [_jsonl_item(entry)]
 
 
 def _lamp_item(entry) -> tuple:
     """A LaMP / LongLaMP profile entry: its text fields joined, everything else (id, score, date …) in meta."""
-    if not isinstance(entry, dict):
-        raise UserError("expected a JSON object")
-    texts = [entry[field] for field in LAMP_TEXT_FIELDS if isinstance(entry.get(field), str) and entry[field].strip()]
-    if not texts:
-        raise UserError(f"no text field (expected one of {', '.join(LAMP_TEXT_FIELDS)})")
-    meta = {key: value for key, value in entry.items() if key not in LAMP_TEXT_FIELDS} | {"source": "lamp"}
+    text, others = profile_entry(entry)
     kind = "review" if {"reviewText", "score", "overall"} & entry.keys() else "document"
-    return check_item("\n".join(texts), kind, meta)
+    return check_item(text, kind, others | {"source": "lamp"})
 
 
 def _upqa_item(entry) -> tuple:
@@ -200,31 +227,49 @@ def _upqa_item(entry) -> tuple:
     return check_item(entry["input_attribute"], "preference", meta)
 
 
-def _json_entries(data, lamp_id):
+def _one_user(records: list, what: str, keys: list[str], record: str | None, merge_users: bool) -> list:
+    """The records of one user: the chosen one's (--record), else all of them when they belong to one user or
+    merge_users says to put several users' records into one; never several users' silently."""
+    if record is not None:
+        chosen = [r for r, key in zip(records, keys) if key == record]
+        if not chosen:
+            raise UserError(f"no {what} has the id {record!r} (ids: {_some(keys)})")
+        return chosen
+    if len(set(keys)) > 1 and not merge_users:
+        raise UserError(f"{len(records)} {what}s of {len(set(keys))} different users (ids: {_some(keys)}): import "
+                        f"one user's with --record ID, or all into this one user with --merge-users")
+    return records
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    unique = list(dict.fromkeys(keys))
+    return ", ".join(unique[:n]) + (", …" if len(unique) > n else "")
+
+
+def _json_entries(data, record: str | None, merge_users: bool):
     """Recognise a JSON import: what its entries are called, the entries, and the parser of one entry."""
     if isinstance(data, dict) and isinstance(data.get("items"), list):
         return "item", data["items"], _jsonl_item  # a localpers export
     records = [data] if isinstance(data, dict) else data
     if isinstance(records, list) and records and all(isinstance(r, dict) and "profile" in r for r in records):
-        if lamp_id is not None:
-            records = [r for r in records if str(r.get("id")) == lamp_id]
-            if not records:
-                raise UserError(f"no LaMP record has id {lamp_id!r}")
-        if len(records) > 1:
-            raise UserError(f"{len(records)} LaMP records (one per user): pick one with --lamp-id")
-        if not isinstance(records[0]["profile"], list):
+        records = _one_user(records, "LaMP record", [str(r.get("id")) for r in records], record, merge_users)
+        if not all(isinstance(r["profile"], list) for r in records):
             raise UserError('"profile" must be a list')
-        return "profile entry", records[0]["profile"], _lamp_item
+        return "profile entry", [entry for r in records for entry in r["profile"]], _lamp_item
     if isinstance(data, list) and data and all(isinstance(r, dict) and "input_attribute" in r for r in data):
-        return "UPQA item", data, _upqa_item
+        keys = [upqa_user(r, i) for i, r in enumerate(data)]
+        return "UPQA item", _one_user(data, "UPQA item", keys, record, merge_users), _upqa_item
     raise UserError(
         "not a recognised import: expected a localpers export, a LaMP/LongLaMP record with a profile, or UPQA items"
     )
 
 
-def read_import(path: str | os.PathLike, lamp_id: str | None = None) -> list[tuple]:
-    """Parse and validate a whole import file before anything is written: .jsonl (one item per line:
-    text, kind, meta, ts), or .json (a LaMP/LongLaMP record's profile, UPQA items, or a localpers export).
+def read_import(path: str | os.PathLike, record: str | None = None, merge_users: bool = False) -> list[tuple]:
+    """Parse and validate a whole import file before anything is written (formats: README, "Import formats"):
+    .jsonl/.ndjson, one JSON object a line: an item {"text", "kind"?, "meta"?, "ts"?} (other fields go into
+    meta) or a chat {"messages": [{"role", "content"}, ...]}; .json: a localpers export, LaMP/LongLaMP records
+    with a profile, or UPQA items. A file holding several users' records (LaMP records, UPQA items) imports one
+    user's (`record`: a LaMP record's id, a UPQA item's user_id or "upqa-<index>") or, with merge_users, all.
     Any error names the file and the line (JSONL, JSON syntax) or the entry."""
     path = Path(path)
     try:
@@ -237,7 +282,7 @@ def read_import(path: str | os.PathLike, lamp_id: str | None = None) -> list[tup
             if not line.strip():
                 continue
             try:
-                items.append(_jsonl_item(json.loads(line.decode("utf-8"))))
+                items.extend(_jsonl_line(json.loads(line.decode("utf-8"))))
             except UnicodeDecodeError as e:
                 raise UserError(f"{path} line {number}: not valid UTF-8 (bad byte at column {e.start + 1})") from None
             except json.JSONDecodeError as e:
@@ -253,7 +298,7 @@ def read_import(path: str | os.PathLike, lamp_id: str | None = None) -> list[tup
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
         try:
-            where, entries, parse = _json_entries(data, lamp_id)
+            where, entries, parse = _json_entries(data, record, merge_users)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
         items = []

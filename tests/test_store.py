@@ -315,7 +315,10 @@ def test_forget_scrubs_text_and_ciphertext_from_the_file(store, tmp_path):
 
 def test_import_formats(store, tmp_path):
     upqa = data_path("upqa")
-    store.add_many("alice", read_import(upqa))
+    with pytest.raises(UserError, match=r"100 UPQA items of 100 different users \(ids: upqa-0, upqa-1, .*--record ID"):
+        read_import(upqa)  # each item is another user's statement: never mixed into one user silently
+    assert [text for _, _, text, _ in read_import(upqa, record="upqa-1")] == [b"I like taking and posting selfies."]
+    store.add_many("alice", read_import(upqa, merge_users=True))
     prefs = store.items("alice", kind="preference")
     assert len(prefs) == 100 and prefs[0]["text"] == "I like to dance at the club."
     assert prefs[0]["meta"] == {"source": "upqa", "attribute_type": "hobby", "question": "What's my hobby?",
@@ -332,9 +335,12 @@ def test_import_formats(store, tmp_path):
             {"id": "3101", "text": "Great phone, battery lasts.", "score": "5"}]},
         {"id": "311", "input": "...", "profile": [{"id": "3110", "text": "other user"}]},
     ]))
-    with pytest.raises(UserError, match="2 LaMP records .* --lamp-id"):
+    with pytest.raises(UserError, match=r"2 LaMP records of 2 different users \(ids: 310, 311\).* --record ID"):
         read_import(lamp)
-    items = read_import(lamp, lamp_id="310")
+    with pytest.raises(UserError, match=r"no LaMP record has the id '312' \(ids: 310, 311\)"):
+        read_import(lamp, record="312")
+    assert len(read_import(lamp, merge_users=True)) == 3
+    items = read_import(lamp, record="310")
     assert [(kind, text.decode()) for kind, _, text, _ in items] == [
         ("document", "On sparse retrieval\nWe study BM25."), ("review", "Great phone, battery lasts.")]
     assert json.loads(items[1][3]) == {"id": "3101", "score": "5", "source": "lamp"}
@@ -348,6 +354,19 @@ def test_import_formats(store, tmp_path):
     (_, _, _, meta1), (kind2, ts2, text2, meta2) = read_import(jsonl)
     assert (kind2, ts2, text2, json.loads(meta2)) == ("preference", 5.0, b"likes tea", {"x": 1, "lang": "en"})
 
+    # a chat line, as the HTTP endpoint takes it (content a string or text parts), and text given as parts
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "I'm vegan"}, {"type": "text", "text": ", no honey."}]},
+        {"role": "assistant", "content": "Got it."}]}) + "\n" + json.dumps(
+        {"text": [{"type": "text", "text": "likes jazz"}], "kind": "preference"}) + "\n")
+    assert [(kind, text, json.loads(meta)) for kind, _, text, meta in read_import(chat)] == [
+        ("message", b"I'm vegan, no honey.", {"role": "user"}), ("message", b"Got it.", {"role": "assistant"}),
+        ("preference", b"likes jazz", {})]
+    world = tmp_path / "world.json"  # UPQA items of one user (the world's user_id) import without a choice
+    world.write_text(json.dumps([{"user_id": "u7", "input_attribute": f"I like {x}."} for x in ("tea", "jazz")]))
+    assert len(read_import(world)) == 2
+
 
 @pytest.mark.parametrize(
     "name, content, message",
@@ -358,9 +377,12 @@ def test_import_formats(store, tmp_path):
         ("bad.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"line 2: not valid UTF-8"),
         ("bad.jsonl", b'{"text": "ok"}\n{"text": "a\\udc80"}\n', r"line 2: text is not valid UTF-8"),
         ("bad.json", b'[{"input_attribute": "ok"},\n {"input_attribute": }]', r"bad.json line 2: invalid JSON"),
-        ("bad.json", b'[{"input_attribute": "ok"}, {"input_attribute": 3}]', r"UPQA item 2"),
+        ("bad.json", b'[{"user_id": "u", "input_attribute": "ok"}, {"user_id": "u", "input_attribute": 3}]',
+         r"UPQA item 2"),
         ("bad.json", b'{"profile": [{"title": "ok"}, {"score": 1}]}', r"profile entry 2: no text field"),
         ("bad.json", b'{"something": "else"}', r"not a recognised import"),
+        ("bad.jsonl", b'{"messages": [{"role": "user", "content": "ok"}, {"content": "x"}]}\n', r"line 1: messages\[1\]"),
+        ("bad.jsonl", b'{"messages": []}\n', r"line 1: \"messages\" must be a non-empty list"),
         ("bad.csv", b"text\nhello\n", r"unknown import format"),
         ("empty.jsonl", b"\n\n", r"no items"),
     ],

@@ -138,7 +138,7 @@ def test_cli_surface_opens_no_network_socket(tmp_path):
     commands = [
         ["remember", *common, "I like to dance at the club."],
         ["import", *common, str(jsonl)],
-        ["import", *common, upqa],
+        ["import", *common, upqa, "--record", "upqa-0"],
         ["history", *common],
         ["history", *common, "--json"],
         ["search", *common, "dance club"],
@@ -154,4 +154,4 @@ def test_cli_surface_opens_no_network_socket(tmp_path):
     assert report["codes"] == [0] * len(commands), result.stderr
     assert report["attempts"] == ["connect ('192.0.2.1', 9)"]  # only the control
     exported = json.loads((tmp_path / "export.json").read_text())
-    assert len(exported["items"]) == 103 and os.stat(tmp_path / "export.json").st_mode & 0o077 == 0
+    assert len(exported["items"]) == 4 and os.stat(tmp_path / "export.json").st_mode & 0o077 == 0
