@@ -43,10 +43,10 @@ _MARKS = _ranges(c for c in (*range(0x20000), *range(0xE0100, 0xE01F0)) if unico
 _SYLLABIC = ("\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f"
              "\uac00-\ud7ff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
 _LETTERED = "\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff"
-_UNSPACED = _SYLLABIC + _LETTERED
+UNSPACED = _SYLLABIC + _LETTERED  # a regex character-class body
 _WORD = re.compile(f"[\\w{_MARKS}]+")
 _PIECES = re.compile(f"(?P<syllabic>(?:[{_SYLLABIC}][{_MARKS}]*)+)|(?P<lettered>(?:[{_LETTERED}][{_MARKS}]*)+)"
-                     f"|[^{_UNSPACED}]+")
+                     f"|[^{UNSPACED}]+")
 _CLUSTER = re.compile(f".[{_MARKS}]*", re.DOTALL)
 _ACCENTS = re.compile("[\u0300-\u036f]")  # combining diacritics of Latin, Greek and Cyrillic letters
 
