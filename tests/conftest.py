@@ -4,7 +4,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Everything the tests read is in the repository: real vocabularies under tests/fixtures/vocab (llama.cpp's,
-# MIT), development data under localpers/data (CC BY-NC 4.0, shipped with the package). ../shared is not used.
+# MIT), development data under localpers/data (CC BY-NC 4.0, shipped with the package); nothing outside the repository.
 
 
 @pytest.fixture(scope="session")
