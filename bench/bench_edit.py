@@ -13,17 +13,13 @@ from pathlib import Path
 import pytest
 
 from localpers import default_model_path
-from localpers.datasets import read_upqa
+from localpers.datasets import data_path, read_upqa
 from localpers.editing import EditConfig, Editor, facts_of
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
 def editor_and_facts():
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent")
-    items = read_upqa(SHARED / "upqa" / "upqa_dev_100_cluster9.json")
+    items = read_upqa(data_path("upqa_cluster9"))
     facts = [facts_of(i.user.preferences, i.user.facts)[0] for i in items[::10][:3]]
     assert all(len(f.questions) == 13 for f in facts)
     return Editor(default_model_path(), EditConfig()), facts

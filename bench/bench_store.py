@@ -4,7 +4,7 @@
     python -m pytest bench/bench_store.py --benchmark-only
 
 Targets (issue 4): write p95 <= 5 ms and search p95 <= 50 ms on a 2-core machine. Items are 1-3 real
-sentences from ../shared/data (UPQA, PrefEval and its distractor chats); queries are the benchmarks'
+sentences from the shipped development data, localpers/data (UPQA, PrefEval and its distractor chats); queries are the benchmarks'
 questions. Beside the store's figures, the table gives what one rebuild of a bm25s index over the same
 10k items costs in the same run: the price a write would pay if the index were rebuilt per write."""
 from __future__ import annotations
@@ -20,10 +20,11 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
+from localpers.datasets import DATA_DIR
 from localpers.retrieval import make_tokenizer
 from localpers.store import Store
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = DATA_DIR  # the development data shipped in localpers/data
 
 
 def sentences_and_questions() -> tuple[list[str], list[str]]:

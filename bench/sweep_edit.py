@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from localpers import default_model_path
-from localpers.datasets import read_upqa, shared_data_dir
+from localpers.datasets import DATA_DIR, read_upqa
 from localpers.editing import NEUTRAL_CHATS, EditConfig, Editor, edit_facts, facts_of
 from localpers.engine import Artifacts, Engine
 from localpers.evaluation import NEUTRAL, answer_logprobs as served_logprobs, locality_kl, target_match
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--out", default="docs/edit/sweep.jsonl")
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp and torch threads (default: theirs)")
     args = ap.parse_args()
-    items = read_upqa(shared_data_dir() / args.data)[args.offset::10][:args.items]
+    items = read_upqa(DATA_DIR / args.data)[args.offset::10][:args.items]
     engine = Engine(default_model_path(), n_ctx=1024, n_threads=args.threads)
     out = Path(args.out)
     for setting in args.set or [""]:

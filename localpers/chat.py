@@ -31,3 +31,20 @@ def render_chat(template: str | None, messages: list[dict], *, bos_token: str = 
     return _compile(template or CHATML).render(
         messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
     )
+
+
+def content_text(content) -> str:
+    """The text of an OpenAI message `content`: a string, or a list of parts of which only text parts
+    ({"type": "text", "text": str}) can be held by a text model; they are joined as they come.
+    Raises UserError for anything else (an image part, a part without text)."""
+    from localpers.errors import UserError
+
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise UserError("content must be a string or a non-empty list of text parts")
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise UserError(f'content[{i}] is not a text part ({{"type": "text", "text": ...}}; found {kind!r})')
+    return "".join(part["text"] for part in content)

@@ -10,12 +10,27 @@ from pathlib import Path
 
 from localpers.errors import UserError
 from localpers.methods import Fact, User
+from localpers.store import PROFILE_SKIP_FIELDS, profile_entry, upqa_user
 
 
-def shared_data_dir() -> Path | None:
-    """`<repo>/../shared/data` when the package runs from a checkout that has it beside it, else None."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    return path if path.is_dir() else None
+# The development data shipped inside the package (CC BY-NC 4.0, see localpers/data/LICENSE.CC-BY-NC-4.0 and
+# localpers/data/README.md for sources and formats): `localpers eval upqa|prefeval` runs on it without --data.
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_FILES = {
+    "upqa": "upqa/upqa_dev_100.json",
+    "upqa_cluster9": "upqa/upqa_dev_100_cluster9.json",
+    "prefeval": "prefeval/mcq_dev",
+    "prefeval_dev_70": "prefeval/prefeval_dev_70.json",
+    "inter_turns": "prefeval/inter_turns.json",
+}
+
+
+def data_path(name: str) -> Path:
+    """A shipped development data file or folder by its name in DATA_FILES (e.g. "upqa")."""
+    path = DATA_DIR / DATA_FILES[name]
+    if not path.exists():
+        raise UserError(f"{path}: the packaged development data is missing (reinstall localpers, or pass --data PATH)")
+    return path
 
 
 def load_json(path: str | Path):
@@ -78,7 +93,7 @@ def read_upqa(path: str | Path) -> list[UpqaItem]:
         statement = raw.get("input_attribute")
         if not isinstance(statement, str) or not (statement.strip() or raw.get("profile")):
             raise UserError(f"{path}: item {i}: field 'input_attribute' must be a non-empty string")
-        user = _user(path, i, raw, f"upqa-{i}", statement)
+        user = _user(path, i, raw, upqa_user(raw, i), statement)
         if statement.strip():
             user = replace(user, facts=(Fact(statement, questions, targets, attributes),))
         candidates = raw.get("candidates", [])
@@ -177,12 +192,16 @@ def _profile(path: Path, index: int, raw: dict) -> list[dict]:
     profile = raw.get("profile")
     if not isinstance(profile, list) or not all(isinstance(p, dict) for p in profile):
         raise UserError(f"{path}: item {index}: field 'profile' must be a list of objects")
-    # A profile entry's text is every text field but its id (LaMP: title/abstract/text/tag/score; LongLaMP:
-    # reviewText/summary/...), so the same reader serves every task.
+    # An entry's text is its text fields (LaMP: title/abstract/text; LongLaMP: reviewText/summary/...) and the
+    # values of its other fields (a tag, a score) but its id, parsed as `localpers import` parses it.
     out = []
-    for p in profile:
-        text = " ".join(str(v) for k, v in p.items() if k not in ("id", "kind", "step") and isinstance(v, (str, int, float)))
-        out.append({**p, "text": text})
+    for j, p in enumerate(profile):
+        try:
+            text, others = profile_entry(p)
+        except UserError as e:
+            raise UserError(f"{path}: item {index}: profile entry {j}: {e}") from None
+        extra = [str(v) for k, v in others.items() if k not in PROFILE_SKIP_FIELDS and isinstance(v, (str, int, float))]
+        out.append({**p, "text": " ".join([text, *extra])})
     return out
 
 

@@ -100,6 +100,15 @@ PRONOUNS = {"i": "you", "i'm": "you're", "im": "you're", "me": "you", "my": "you
 MAX_STATEMENT_CHARS = 500
 
 
+ENGLISH_FIRST_PERSON = {"i", "i'm", "im", "my", "mine", "myself", "i've", "i'd", "i'll"}
+
+
+def is_english(statement: str) -> bool:
+    """Is this an English first-person statement, whose pronouns second_person can turn? (ASCII with "I",
+    "my" ...; "Me encanta el jazz" is not: its "me" is Spanish.)"""
+    return statement.isascii() and any(w.lower() in ENGLISH_FIRST_PERSON for w in re.findall(r"[A-Za-z']+", statement))
+
+
 def second_person(statement: str) -> str:
     """'I like to dance at the club.' -> 'You like to dance at the club.'"""
     def swap(m):
@@ -118,10 +127,18 @@ def detect_attribute(statement: str) -> str | None:
 
 
 def check_statement(statement) -> str:
-    if not isinstance(statement, str) or len(re.findall(r"[A-Za-z][A-Za-z']*", statement)) < 2:
-        raise UserError(f"preference {statement!r} is empty or not a statement: say what you like, e.g. 'I'm vegetarian.'")
+    """A statement that can become an edit, stripped: at least two words in any script (or three characters
+    of a script written without spaces, "我是素食者"), at most MAX_STATEMENT_CHARS characters. The UserError
+    says why not, without repeating the statement (callers name it)."""
+    from localpers.retrieval import UNSPACED
+
+    if not isinstance(statement, str) or not statement.strip():
+        raise UserError("the preference is empty: say what you like, e.g. 'I'm vegetarian.'")
+    if len(re.findall(r"[^\W\d_]+", statement)) < 2 and len(re.findall(f"[{UNSPACED}]", statement)) < 3:
+        raise UserError("not a statement (fewer than two words): say what you like, e.g. 'I'm vegetarian.'")
     if len(statement) > MAX_STATEMENT_CHARS:
-        raise UserError(f"preference is {len(statement)} characters; at most {MAX_STATEMENT_CHARS} can become an edit")
+        raise UserError(f"{len(statement)} characters; at most {MAX_STATEMENT_CHARS} can become an edit "
+                        f"(state one preference a sentence)")
     return statement.strip()
 
 
@@ -137,8 +154,10 @@ def fact_from_statement(statement: str, attribute: str | None = None) -> Fact:
                      + (f"What's my {attribute}?",))
     else:
         questions = GENERIC_QUESTIONS
-    you = second_person(statement).rstrip(".!")
-    return Fact(statement=statement, questions=questions, targets=(you + ".",), attributes=(attribute,) if attribute else ())
+    # An English statement is turned to the second person ("You're vegetarian."); in other languages the
+    # templates' pronoun swap does not apply, and the answer to learn is the statement itself.
+    target = second_person(statement).rstrip(".!") + "." if is_english(statement) else statement
+    return Fact(statement=statement, questions=questions, targets=(target,), attributes=(attribute,) if attribute else ())
 
 
 def fact_from_item(text: str, meta: dict | None) -> Fact:
@@ -533,41 +552,87 @@ class Result:
     failed: list[tuple[Fact, str]] = field(default_factory=list)   # facts it could not state, with its answer
     adapter: Path | None = None
     retired: int = 0                                    # earlier edit artifacts deleted (nothing left to serve)
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (statement, why) of preferences not edited
+    answers: dict[str, str] = field(default_factory=dict)          # statement -> llama.cpp's answer when checked
 
     def summary(self) -> dict:
         return {"edited": [{"statement": e.fact.statement, "layer": e.layer, "nll_before": round(e.nll_before, 3),
                             "nll_after": round(e.nll_after, 3), "seconds": round(e.seconds, 1)} for e in self.edits],
-                "failed": [{"statement": f.statement, "question": f.questions[-1], "answer": a} for f, a in self.failed]}
+                "failed": [{"statement": f.statement, "question": f.questions[-1], "answer": a} for f, a in self.failed],
+                "skipped": [{"statement": statement, "reason": why} for statement, why in self.skipped]}
+
+
+def states(answer: str, targets: tuple[str, ...]) -> bool:
+    """Does `answer` state one of `targets`? English (ASCII) targets: the evaluation's target_match (stemmed
+    content words). Other languages: at least MATCH_RECALL of the target's search terms (localpers.retrieval:
+    words, or character pairs in Chinese, Japanese, Korean and Thai) are in the answer."""
+    from localpers.evaluation import MATCH_RECALL, target_match
+    from localpers.retrieval import split_words
+
+    if all(t.isascii() for t in targets):
+        return target_match(answer, targets)
+    said = set(split_words(answer.lower()))
+    for target in targets:
+        terms = {t for t in split_words(target.lower()) if len(t) > 1}  # words and pairs, not single characters
+        if terms and len(terms & said) >= MATCH_RECALL * len(terms):
+            return True
+    return False
 
 
 def states_target(engine, adapter: Path, fact: Fact) -> tuple[bool, str]:
     """Does the served model (llama.cpp with the adapter) answer the fact's canonical question with a target?"""
     from localpers.engine import Artifacts
-    from localpers.evaluation import target_match
 
     out = engine.chat([{"role": "user", "content": fact.questions[-1]}], artifacts=Artifacts(lora=((str(adapter), 1.0),)),
                       max_tokens=CHECK_MAX_TOKENS, temperature=0.0)
     answer = out["choices"][0]["message"]["content"].strip()
-    return target_match(answer, fact.targets), answer
+    return states(answer, fact.targets), answer
 
 
 def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
     """Edit every fact (stacked, in order) from the unedited model, write the adapter, check each fact through
-    llama.cpp, and keep only the edits that passed; the adapter is removed when none did."""
+    llama.cpp, and keep only the edits that passed; the adapter is removed when none did. A fact the editor
+    refuses (UserError: e.g. a prompt over the model's context) is skipped with its reason; the others go on."""
     editor.reset()
     path = Path(path)
-    edits = [editor.edit(fact) for fact in facts]
+    edits, skipped = [], []
+    for fact in facts:
+        try:
+            edits.append(editor.edit(fact))
+        except UserError as e:
+            skipped.append((fact.statement, str(e)))
+    if not edits:
+        return Result([], skipped=skipped)
     arch = editor.model.config.arch
     write_adapter(path, edits, arch)
-    passed, failed = [], []
+    passed, failed, answers = [], [], {}
     for e in edits:
-        ok, answer = states_target(engine, path, e.fact)
-        (passed.append(e) if ok else failed.append((e.fact, answer)))
+        ok, answers[e.fact.statement] = states_target(engine, path, e.fact)
+        (passed.append(e) if ok else failed.append((e.fact, answers[e.fact.statement])))
     if failed:
         path.unlink()
         if passed:
             write_adapter(path, passed, arch)
-    return Result(passed, failed, path if passed else None)
+    return Result(passed, failed, path if passed else None, skipped=skipped, answers=answers)
+
+
+def preference_facts(items: list[dict]) -> tuple[list[Fact], list[tuple[str, str]]]:
+    """The facts to edit from a user's stored preference items (store.items), each on its own: a preference
+    that cannot become a fact (empty, one word, over MAX_STATEMENT_CHARS) is skipped with its reason, and one
+    replaced by a later preference about the same attribute is skipped as such. Returns (facts, skipped)."""
+    facts, skipped = [], []
+    for item in items:
+        try:
+            facts.append(fact_from_item(item["text"], item["meta"]))
+        except UserError as e:
+            skipped.append((item["text"], str(e)))
+    kept = facts_of([], facts) if facts else []
+    statements = {f.statement for f in kept}
+    for fact in facts:
+        if fact.statement not in statements:
+            later = next(f for f in kept if (f.attributes or (None,))[-1] == (fact.attributes or (None,))[-1])
+            skipped.append((fact.statement, f"replaced by the later preference {later.statement!r}"))
+    return kept, skipped
 
 
 @lru_cache(maxsize=2)
@@ -587,19 +652,20 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
 
     with Store.open(default_data_dir(data_dir)) as store:
         items = store.items(user, kind="preference")
-        facts = [fact_from_item(i["text"], i["meta"]) for i in items]
+        facts, skipped = preference_facts(items)
         engine = engine or Engine(model_path)
         sha = base_model_sha256(engine.model_path)
         if facts:
             editor = editor_for(str(engine.model_path), config)
             folder = store.artifact_dir(user)
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            result = edit_facts(engine, editor, facts_of([], facts), folder / f"edit-{stamp}.gguf")
+            result = edit_facts(engine, editor, facts, folder / f"edit-{stamp}.gguf")
         else:
             result = Result([])
+        result.skipped = skipped + result.skipped
         if not result.adapter:
             result.retired = sum(store.retire_artifacts(user, kind, sha, method=names.EDIT) for kind in (names.LORA, names.MODEL))
-            if not facts and not result.retired:
+            if not items and not result.retired:
                 facts_of([], [])  # raises: no preferences to edit
             return result
         meta = {"method": names.EDIT, "layer": editor.config.layer, **result.summary()}

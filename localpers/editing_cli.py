@@ -18,12 +18,16 @@ def cmd_personalize(args):
               f"{e.seconds:.1f} s")
     for fact, answer in result.failed:
         print(f"FAILED   {fact.statement!r}: asked {fact.questions[-1]!r}, the edited model answered {answer!r}")
+    for statement, reason in result.skipped:
+        print(f"SKIPPED  {statement[:120]!r}{'...' if len(statement) > 120 else ''}: {reason}")
     if result.retired:
         print(f"removed  {result.retired} earlier edit artifact(s): " +
               ("no preference could be edited" if result.failed else "no preferences are left"))
     if result.adapter:
         print(f"adapter  {result.adapter}" + (" (and a baked model beside it)" if args.bake else ""))
-    return 0 if not result.failed else 1
+    # 1 when a preference could not be edited (failed, or skipped as unusable); replaced ones are no failure
+    unusable = [r for _, r in result.skipped if not r.startswith("replaced by")]
+    return 0 if not (result.failed or unusable) else 1
 
 
 def add_cli(sub) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from localpers.errors import UserError
 
 TASKS = ("upqa", "prefeval", "lamp", "longlamp", "world")
-# Default data under ../shared/data, where the checkout has it.
-DEFAULT_DATA = {"upqa": "upqa/upqa_dev_100.json", "prefeval": "prefeval/mcq_dev"}
+# Tasks whose development data ships with the package (localpers/data; README: "Evaluation data").
+DEFAULT_DATA = ("upqa", "prefeval")
 DEFAULT_MAX_TOKENS = {"upqa": 32, "lamp": 32, "longlamp": 128, "world": 32}
 
 
@@ -22,7 +22,8 @@ def add_cli(sub) -> None:
                                 "of shards, to write their joint report to --out")
     p.add_argument("parts", nargs="*", metavar="DIR", help="merge: the shards' output directories")
     p.add_argument("--method", default="base,prompt,rag", help="comma-separated methods; 'a+b' composes (default: %(default)s)")
-    p.add_argument("--data", help="data file or directory (default: ../shared/data for upqa and prefeval; "
+    p.add_argument("--data", help="data file or directory (default for upqa and prefeval: the development sets "
+                                  "shipped in localpers/data; "
                                   "lamp/longlamp: the questions file; world: a directory from --generate-only)")
     p.add_argument("--distractors", help="prefeval: PrefEval's inter_turns.json (default: beside --data's mcq_dev)")
     p.add_argument("--limit", type=int, help="evaluate the first N items after a seeded shuffle")
@@ -49,14 +50,11 @@ def _data_path(args) -> Path:
         if not path.exists():
             raise UserError(f"{path}: no such file or directory")
         return path
-    from localpers.datasets import shared_data_dir
+    from localpers.datasets import data_path
 
     if args.task not in DEFAULT_DATA:
-        raise UserError(f"eval {args.task} needs --data PATH")
-    shared = shared_data_dir()
-    if shared is None:
-        raise UserError("no --data given and ../shared/data is not beside this checkout; pass --data PATH")
-    return shared / DEFAULT_DATA[args.task]
+        raise UserError(f"eval {args.task} needs --data PATH (see README, \"Evaluation data\")")
+    return data_path(args.task)
 
 
 def _limit(items: list, args) -> list:

@@ -5,6 +5,8 @@ These are in-memory indexes; localpers.store keeps them in step with the databas
 from __future__ import annotations
 
 import os
+import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -17,10 +19,74 @@ from localpers.errors import UserError
 _STEMMER = Stemmer.Stemmer("english")
 
 
+def _ranges(chars) -> str:
+    """A regex character-class body for a sorted iterable of code points, as ranges."""
+    out, chars = [], list(chars)
+    start = prev = chars[0]
+    for c in chars[1:] + [None]:
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        out.append(re.escape(chr(start)) + ("-" + re.escape(chr(prev)) if prev > start else ""))
+        if c is not None:
+            start = prev = c
+    return "".join(out)
+
+
+# Combining marks (Unicode categories Mn, Mc, Me): Python's \w does not match them, yet Thai vowel signs,
+# Devanagari matras and decomposed accents are parts of words.
+# Marks lie below U+20000 except the variation selectors supplement (U+E0100-U+E01EF).
+_MARKS = _ranges(c for c in (*range(0x20000), *range(0xE0100, 0xE01F0)) if unicodedata.category(chr(c)).startswith("M"))
+# Scripts written without spaces between words, tokenized into character bigrams (below). In Han, Kana and
+# Hangul a character is a morpheme or a syllable, so each character is a term too (as Lucene's CJKBigramFilter
+# with outputUnigrams=true); in Thai, Lao, Khmer, Myanmar and Tibetan a character is a letter, so only pairs are.
+_SYLLABIC = ("\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\ua960-\ua97f"
+             "\uac00-\ud7ff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
+_LETTERED = "\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff"
+UNSPACED = _SYLLABIC + _LETTERED  # a regex character-class body
+_WORD = re.compile(f"[\\w{_MARKS}]+")
+_PIECES = re.compile(f"(?P<syllabic>(?:[{_SYLLABIC}][{_MARKS}]*)+)|(?P<lettered>(?:[{_LETTERED}][{_MARKS}]*)+)"
+                     f"|[^{UNSPACED}]+")
+_CLUSTER = re.compile(f".[{_MARKS}]*", re.DOTALL)
+_ACCENTS = re.compile("[\u0300-\u036f]")  # combining diacritics of Latin, Greek and Cyrillic letters
+
+
+def split_words(text: str) -> list[str]:
+    """The search terms of a text, in every script. Text is NFKC-normalised (full-width forms become plain
+    ones) and accents on Latin, Greek and Cyrillic letters are folded ("café" and "cafe" match, as Lucene's
+    ASCIIFoldingFilter does). Words of spaced scripts are runs of letters, digits and combining marks, kept when
+    at least two characters long (bm25s' default splitter, \\b\\w\\w+\\b, on Latin text). Runs of a script
+    written without spaces (Chinese, Japanese, Korean, Thai, ...) become their characters (a base character with
+    its combining marks) and every pair of adjacent characters, as Lucene's CJKBigramFilter with
+    outputUnigrams=true: "我喜欢吃素食" holds the term "素食", and a one-character word ("猫") is found too. In
+    Thai, Lao, Khmer, Myanmar and Tibetan, whose characters are letters, only the pairs are terms.
+    Returns the terms in order, unigrams before each run's bigrams."""
+    text = unicodedata.normalize("NFKC", text)
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", _ACCENTS.sub("", unicodedata.normalize("NFD", text)))
+    terms = []
+    for word in _WORD.findall(text):
+        if word.isascii():
+            if len(word) > 1:
+                terms.append(word)
+            continue
+        for piece in _PIECES.finditer(word):
+            if piece.lastgroup is None:  # a spaced-script part of the word
+                if len(piece.group()) > 1:
+                    terms.append(piece.group())
+                continue
+            chars = _CLUSTER.findall(piece.group())
+            if piece.lastgroup == "syllabic" or len(chars) == 1:
+                terms.extend(chars)
+            terms.extend(a + b for a, b in zip(chars, chars[1:]))
+    return terms
+
+
 def make_tokenizer() -> Tokenizer:
-    """bm25s' tokenizer: lower-cased words of two or more characters, Snowball stems, and bm25s' longer English
-    stopword list, which drops the 'what', 'my', 'do' of questions about oneself."""
-    return Tokenizer(stopwords="en_plus", stemmer=_STEMMER.stemWord)
+    """bm25s' tokenizer with split_words as its splitter: lower-cased words (and character unigrams and bigrams
+    of unspaced scripts), Snowball stems, and bm25s' longer English stopword list, which drops the 'what', 'my',
+    'do' of questions about oneself."""
+    return Tokenizer(splitter=split_words, stopwords="en_plus", stemmer=_STEMMER.stemWord)
 
 
 class BM25Index:

@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,7 +34,11 @@ MAX_TEXT_BYTES = 64 * 1024  # per item, text and metadata each
 DB_FILE = "localpers.db"
 KEY_FILE = "key"
 SEARCH_MODES = ("bm25", "dense", "hybrid")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # user ids and kinds; user ids name folders
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # kinds (and the user ids of stores before layout 2)
+MAX_USER_CHARS = 1024
+# Characters a user id may not hold: C0/C1 controls, lone surrogates, line and paragraph separators.
+_FORBIDDEN_IN_USER = {"Cc", "Cs", "Zl", "Zp"}
+LAYOUT = 2  # 1: artifact folders named after the user id; 2: after the user's row id (artifacts/_user-<id>)
 _KEY_CHECK = b"localpers key check"
 _SCRYPT = dict(length=32, n=2**15, r=8, p=1)  # ~0.1 s and 32 MiB per open
 
@@ -70,6 +75,24 @@ def data_dir(arg: str | None = None) -> Path:
         return Path(os.environ["LOCALPERS_HOME"]).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(xdg) / "localpers"
+
+
+def check_user(user) -> str:
+    """A user id as the store keys it: any string of 1 to 1024 characters, not blank, without control
+    characters (what OpenAI's `user` field and clients' display names and e-mail addresses hold), in Unicode
+    NFC so that "josé" typed either way is one user. The id is only ever a value in SQL: no file or folder
+    name is built from it (a user's artifacts live in artifacts/_user-<row id>)."""
+    if not isinstance(user, str):
+        raise UserError(f"the user id must be a string, not {type(user).__name__}")
+    if not user.strip():
+        raise UserError("the user id is empty" if not user else f"the user id {user!r} is blank")
+    bad = next((c for c in user if unicodedata.category(c) in _FORBIDDEN_IN_USER), None)
+    if bad is not None:
+        raise UserError(f"the user id {user[:64]!r} holds the control character U+{ord(bad):04X}")
+    user = unicodedata.normalize("NFC", user)
+    if len(user) > MAX_USER_CHARS:
+        raise UserError(f"the user id is {len(user)} characters; the limit is {MAX_USER_CHARS}")
+    return user
 
 
 def check_name(what: str, value) -> str:
@@ -122,7 +145,46 @@ def check_item(text, kind="message", meta=None, ts=None) -> tuple[str, float, by
     return kind, float(ts), encode_text(text), encode_meta(meta)
 
 
+def message_items(messages) -> list[tuple]:
+    """A chat, OpenAI's `messages` list ([{"role", "content"}], content a string or a list of text parts), as
+    validated items: one per message, kind "message", the role in meta. The one parser of this form, for the
+    memories endpoint and for `localpers import`."""
+    from localpers.chat import content_text
+
+    if not isinstance(messages, list) or not messages:
+        raise UserError('"messages" must be a non-empty list of {"role", "content"} objects')
+    items = []
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise UserError(f'messages[{number}] must be an object with a "role" and a "content"')
+        try:
+            items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"]}))
+        except UserError as e:
+            raise UserError(f"messages[{number}]: {e}") from None
+    return items
+
+
 LAMP_TEXT_FIELDS = ("title", "summary", "description", "text", "abstract", "content", "reviewText")
+# The fields of a profile entry that are neither text nor to be kept: the entry's own id is not the store's id,
+# and the synthetic world's "kind" and "step" describe the entry for the evaluation.
+PROFILE_SKIP_FIELDS = ("id", "kind", "step")
+
+
+def profile_entry(entry) -> tuple[str, dict]:
+    """A LaMP / LongLaMP (or synthetic world) profile entry: (its text fields joined by newlines, every other
+    field). The one parser of profile entries: the import stores the other fields in meta; the evaluation
+    (localpers.datasets) shows their values beside the text. Raises UserError without a text field."""
+    if not isinstance(entry, dict):
+        raise UserError("expected a JSON object")
+    texts = [entry[field] for field in LAMP_TEXT_FIELDS if isinstance(entry.get(field), str) and entry[field].strip()]
+    if not texts:
+        raise UserError(f"no text field (expected one of {', '.join(LAMP_TEXT_FIELDS)})")
+    return "\n".join(texts), {key: value for key, value in entry.items() if key not in LAMP_TEXT_FIELDS}
+
+
+def upqa_user(entry: dict, index: int) -> str:
+    """Whose statement a UPQA item is: its "user_id" (world files), else the item is a user of its own."""
+    return str(entry.get("user_id", f"upqa-{index}"))
 
 
 def _jsonl_item(entry) -> tuple:
@@ -134,19 +196,26 @@ def _jsonl_item(entry) -> tuple:
     if not isinstance(meta, dict):
         raise UserError(f'"meta" must be a JSON object, not {type(meta).__name__}')
     entry.pop("id", None)  # ids are the store's own
+    if isinstance(text, list):  # text parts, as in chat
+        from localpers.chat import content_text
+
+        text = content_text(text)
     return check_item(text, kind, meta | entry, ts)  # other fields are kept in meta
+
+
+def _jsonl_line(entry) -> list[tuple]:
+    """One line of a JSONL import: an item ({"text", ...}) or a chat ({"messages": [...]}, as the HTTP
+    endpoint takes it)."""
+    if isinstance(entry, dict) and "messages" in entry and "text" not in entry:
+        return message_items(entry["messages"])
+    return [_jsonl_item(entry)]
 
 
 def _lamp_item(entry) -> tuple:
     """A LaMP / LongLaMP profile entry: its text fields joined, everything else (id, score, date …) in meta."""
-    if not isinstance(entry, dict):
-        raise UserError("expected a JSON object")
-    texts = [entry[field] for field in LAMP_TEXT_FIELDS if isinstance(entry.get(field), str) and entry[field].strip()]
-    if not texts:
-        raise UserError(f"no text field (expected one of {', '.join(LAMP_TEXT_FIELDS)})")
-    meta = {key: value for key, value in entry.items() if key not in LAMP_TEXT_FIELDS} | {"source": "lamp"}
+    text, others = profile_entry(entry)
     kind = "review" if {"reviewText", "score", "overall"} & entry.keys() else "document"
-    return check_item("\n".join(texts), kind, meta)
+    return check_item(text, kind, others | {"source": "lamp"})
 
 
 def _upqa_item(entry) -> tuple:
@@ -158,31 +227,49 @@ def _upqa_item(entry) -> tuple:
     return check_item(entry["input_attribute"], "preference", meta)
 
 
-def _json_entries(data, lamp_id):
+def _one_user(records: list, what: str, keys: list[str], record: str | None, merge_users: bool) -> list:
+    """The records of one user: the chosen one's (--record), else all of them when they belong to one user or
+    merge_users says to put several users' records into one; never several users' silently."""
+    if record is not None:
+        chosen = [r for r, key in zip(records, keys) if key == record]
+        if not chosen:
+            raise UserError(f"no {what} has the id {record!r} (ids: {_some(keys)})")
+        return chosen
+    if len(set(keys)) > 1 and not merge_users:
+        raise UserError(f"{len(records)} {what}s of {len(set(keys))} different users (ids: {_some(keys)}): import "
+                        f"one user's with --record ID, or all into this one user with --merge-users")
+    return records
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    unique = list(dict.fromkeys(keys))
+    return ", ".join(unique[:n]) + (", …" if len(unique) > n else "")
+
+
+def _json_entries(data, record: str | None, merge_users: bool):
     """Recognise a JSON import: what its entries are called, the entries, and the parser of one entry."""
     if isinstance(data, dict) and isinstance(data.get("items"), list):
         return "item", data["items"], _jsonl_item  # a localpers export
     records = [data] if isinstance(data, dict) else data
     if isinstance(records, list) and records and all(isinstance(r, dict) and "profile" in r for r in records):
-        if lamp_id is not None:
-            records = [r for r in records if str(r.get("id")) == lamp_id]
-            if not records:
-                raise UserError(f"no LaMP record has id {lamp_id!r}")
-        if len(records) > 1:
-            raise UserError(f"{len(records)} LaMP records (one per user): pick one with --lamp-id")
-        if not isinstance(records[0]["profile"], list):
+        records = _one_user(records, "LaMP record", [str(r.get("id")) for r in records], record, merge_users)
+        if not all(isinstance(r["profile"], list) for r in records):
             raise UserError('"profile" must be a list')
-        return "profile entry", records[0]["profile"], _lamp_item
+        return "profile entry", [entry for r in records for entry in r["profile"]], _lamp_item
     if isinstance(data, list) and data and all(isinstance(r, dict) and "input_attribute" in r for r in data):
-        return "UPQA item", data, _upqa_item
+        keys = [upqa_user(r, i) for i, r in enumerate(data)]
+        return "UPQA item", _one_user(data, "UPQA item", keys, record, merge_users), _upqa_item
     raise UserError(
         "not a recognised import: expected a localpers export, a LaMP/LongLaMP record with a profile, or UPQA items"
     )
 
 
-def read_import(path: str | os.PathLike, lamp_id: str | None = None) -> list[tuple]:
-    """Parse and validate a whole import file before anything is written: .jsonl (one item per line:
-    text, kind, meta, ts), or .json (a LaMP/LongLaMP record's profile, UPQA items, or a localpers export).
+def read_import(path: str | os.PathLike, record: str | None = None, merge_users: bool = False) -> list[tuple]:
+    """Parse and validate a whole import file before anything is written (formats: README, "Import formats"):
+    .jsonl/.ndjson, one JSON object a line: an item {"text", "kind"?, "meta"?, "ts"?} (other fields go into
+    meta) or a chat {"messages": [{"role", "content"}, ...]}; .json: a localpers export, LaMP/LongLaMP records
+    with a profile, or UPQA items. A file holding several users' records (LaMP records, UPQA items) imports one
+    user's (`record`: a LaMP record's id, a UPQA item's user_id or "upqa-<index>") or, with merge_users, all.
     Any error names the file and the line (JSONL, JSON syntax) or the entry."""
     path = Path(path)
     try:
@@ -195,7 +282,7 @@ def read_import(path: str | os.PathLike, lamp_id: str | None = None) -> list[tup
             if not line.strip():
                 continue
             try:
-                items.append(_jsonl_item(json.loads(line.decode("utf-8"))))
+                items.extend(_jsonl_line(json.loads(line.decode("utf-8"))))
             except UnicodeDecodeError as e:
                 raise UserError(f"{path} line {number}: not valid UTF-8 (bad byte at column {e.start + 1})") from None
             except json.JSONDecodeError as e:
@@ -211,7 +298,7 @@ def read_import(path: str | os.PathLike, lamp_id: str | None = None) -> list[tup
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
         try:
-            where, entries, parse = _json_entries(data, lamp_id)
+            where, entries, parse = _json_entries(data, record, merge_users)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
         items = []
@@ -367,6 +454,7 @@ class Store:
                     key, kdf = _key_file(self.directory / KEY_FILE), b"keyfile"
                 cipher = Cipher(key)
                 conn.execute("INSERT INTO settings VALUES ('kdf', ?)", (kdf,))
+                conn.execute("INSERT INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
                 conn.execute("INSERT INTO settings VALUES ('key_check', ?)", (cipher.seal(_KEY_CHECK, b"key"),))
                 return cipher
         if settings["kdf"] == b"scrypt":
@@ -387,21 +475,42 @@ class Store:
             cipher.open(settings["key_check"], b"key")
         except InvalidTag:
             raise UserError(f"{wrong}: cannot decrypt {self.directory / DB_FILE}") from None
+        if settings.get("layout") != str(LAYOUT).encode():
+            self._migrate_artifact_folders()
         return cipher
+
+    def _migrate_artifact_folders(self) -> None:
+        """Layout 1 -> 2: move artifacts/<user id> to artifacts/_user-<row id> and rewrite the registered paths.
+        Safe to rerun after a crash at any point: a folder is moved only when its new place is free, and a
+        path is rewritten only while it still starts with the old folder."""
+        root = self.directory / "artifacts"
+        with self._write() as conn:
+            for user_id, name in conn.execute("SELECT id, name FROM users").fetchall():
+                old, new = root / name, self._user_folder(user_id)
+                if _NAME.fullmatch(name) and old.is_dir() and not new.exists():
+                    old.rename(new)
+                prefix = f"artifacts/{name}/"
+                for artifact_id, path in conn.execute("SELECT id, path FROM artifacts WHERE user_id = ?", (user_id,)).fetchall():
+                    if path.startswith(prefix):
+                        conn.execute("UPDATE artifacts SET path = ? WHERE id = ?",
+                                     (f"artifacts/{new.name}/{path[len(prefix):]}", artifact_id))
+            conn.execute("INSERT OR REPLACE INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
 
     # ----- users
 
     def _user_id(self, conn, user: str) -> int:
-        row = conn.execute("SELECT id FROM users WHERE name = ?", (check_name("user id", user),)).fetchone()
+        row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
         if row is None:
             raise NotFoundError(f"unknown user {user!r}")
         return row[0]
 
     def _create_user(self, conn, user: str) -> int:
-        conn.execute(
-            "INSERT OR IGNORE INTO users (name, created) VALUES (?, ?)", (check_name("user id", user), time.time())
-        )
-        return self._user_id(conn, user)
+        """The user's row id, creating the user if new (called inside a write transaction). Looked up first:
+        an INSERT OR IGNORE of an existing name would still use up an AUTOINCREMENT id."""
+        row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+        if row is not None:
+            return row[0]
+        return conn.execute("INSERT INTO users (name, created) VALUES (?, ?)", (check_user(user), time.time())).lastrowid
 
     def users(self) -> list[str]:
         return [name for (name,) in self._conn().execute("SELECT name FROM users ORDER BY id")]
@@ -553,9 +662,15 @@ class Store:
 
     # ----- artifacts
 
+    def _user_folder(self, user_id: int) -> Path:
+        """A user's artifact folder, named after their row id (never after the user id string, which may be any
+        text); row ids are never reused (AUTOINCREMENT), so a forgotten user's folder is never inherited."""
+        return self.directory / "artifacts" / f"_user-{user_id}"
+
     def artifact_dir(self, user: str) -> Path:
-        """Where the user's artifact files live (created); forget deletes it."""
-        path = self.directory / "artifacts" / check_name("user id", user)
+        """Where the user's artifact files live (created, with the user); forget deletes it."""
+        with self._write() as conn:
+            path = self._user_folder(self._create_user(conn, user))
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
 
@@ -671,8 +786,7 @@ class Store:
         """Delete everything held about the user: artifact files, then rows (items, vectors, artifacts),
         then VACUUM and truncate the WAL, so that neither the text nor its ciphertext is left in the files."""
         with self._read() as conn:
-            self._user_id(conn, user)
-        shutil.rmtree(self.directory / "artifacts" / user, ignore_errors=True)
+            shutil.rmtree(self._user_folder(self._user_id(conn, user)), ignore_errors=True)
         with self._write() as conn:
             user_id = self._user_id(conn, user)
             conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts

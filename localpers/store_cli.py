@@ -38,7 +38,8 @@ def cmd_remember(args):
 def cmd_import(args):
     from localpers.store import read_import
 
-    items = read_import(args.file, lamp_id=args.lamp_id)  # all validated before anything is written
+    # all validated before anything is written; a file of several users' records needs --record or --merge-users
+    items = read_import(args.file, record=args.record, merge_users=args.merge_users)
     with _store(args) as store:
         store.add_many(args.user, items)
     print(f"imported {len(items)} items for {args.user} from {args.file}")
@@ -99,9 +100,15 @@ def add_cli(sub) -> None:
     p.add_argument("text")
     p.add_argument("--kind", default="message", help="message, preference, document, review … (default: message)")
 
-    p = command("import", cmd_import, "import a JSONL file, a LaMP/LongLaMP profile or UPQA items, all or nothing")
-    p.add_argument("file")
-    p.add_argument("--lamp-id", help="which record of a LaMP file holding several users")
+    p = command("import", cmd_import, "import a JSONL file, a LaMP/LongLaMP profile or UPQA items, all or nothing "
+                                      "(formats: README, Import formats)")
+    p.add_argument("file", help=".jsonl (one item or {\"messages\": [...]} chat a line) or .json (a localpers export, "
+                                "LaMP/LongLaMP records, UPQA items)")
+    p.add_argument("--record", "--lamp-id", dest="record", metavar="ID",
+                   help="in a file of several users' records, import this user's: a LaMP record's id, a UPQA item's "
+                        "user_id or upqa-INDEX (default: refuse such a file)")
+    p.add_argument("--merge-users", action="store_true",
+                   help="import every user's records of such a file into this one user")
 
     p = command("history", cmd_history, "list a user's history")
     p.add_argument("--kind", help="only items of this kind")

@@ -3,15 +3,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """The project's shared fixtures and data (../shared beside the checkout)."""
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent: shared fixtures and data are needed for this test")
-    return SHARED
+# Everything the tests read is in the repository: real vocabularies under tests/fixtures/vocab (llama.cpp's,
+# MIT), development data under localpers/data (CC BY-NC 4.0, shipped with the package); nothing outside the repository.
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,10 @@
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from localpers.gguf_write import random_model
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VOCAB = SHARED / "fixtures" / "vocab"
+VOCAB = Path(__file__).resolve().parent / "fixtures" / "vocab"  # llama.cpp's vocabularies (LICENSE.llama.cpp)
 
 # One random model per architecture (3 layers, so a control vector can steer a middle one), each with a
 # different real tokenizer and shape quirk: llama with a separate output matrix, qwen2 with tied embeddings,
@@ -27,8 +25,6 @@ TEXT = (
 
 def random_model_path(tmp_path_factory, arch: str) -> Path:
     """The session's random `arch` model (written on first use)."""
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is absent: the random models need its real vocabularies")
     path = tmp_path_factory.getbasetemp() / f"random-{arch}.gguf"
     if not path.exists():
         vocab, options = RANDOM_MODELS[arch]

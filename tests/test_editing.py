@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from localpers.editing import (Edit, EditConfig, Editor, bake, edit_facts, fact_from_item, fact_from_statement,
-                               facts_of, lora_factors, second_person, write_adapter)
+from localpers.editing import (MAX_STATEMENT_CHARS, Edit, EditConfig, Editor, bake, edit_facts, fact_from_item,
+                               fact_from_statement, facts_of, lora_factors, second_person, states, write_adapter)
 from localpers.errors import UserError
 from localpers.gguf_info import open_gguf
 from localpers.methods import Fact
@@ -272,3 +272,57 @@ def test_personalize_retires_the_adapter_when_no_preference_is_left(tiny, tmp_pa
     assert not registered.exists()
     # nothing left to retire and nothing to edit: the usual error
     assert main(["personalize", "--user", "cat", "--data-dir", str(tmp_path), "--model", str(path)]) == 2
+
+
+def test_statements_in_any_language_become_facts():
+    """The editor is not English-specific: a statement of two words in any script (or three characters of one
+    written without spaces) is a fact; only English ones are turned to the second person."""
+    for statement in ["我是素食者，不吃肉。", "Je suis végétarien.", "Ich bin Vegetarier.", "Me encanta el jazz.",
+                      "私はベジタリアンです。", "저는 채식주의자예요.", "ฉันเป็นมังสวิรัติ"]:
+        fact = fact_from_statement(statement)
+        assert fact.targets == (statement,) and fact.questions  # not "You encanta el jazz."
+    assert fact_from_statement("I have a pet turtle.").targets == ("You have a pet turtle.",)
+    for bad, reason in [("素食", "not a statement"), ("jazz", "not a statement"), ("  ", "empty"),
+                        ("我" * (MAX_STATEMENT_CHARS + 1), "501 characters; at most 500")]:
+        with pytest.raises(UserError, match=reason):
+            fact_from_statement(bad)
+
+
+def test_states_matches_answers_in_every_script():
+    assert states("你是素食者，不吃肉。", ("我是素食者，不吃肉。",))
+    assert not states("我喜欢看电影。", ("我是素食者，不吃肉。",))
+    assert states("Vous êtes végétarien et vous ne mangez pas de viande.", ("Je suis végétarien et je ne mange pas de viande.",))
+    assert not states("Je ne sais pas.", ("Je suis végétarien et je ne mange pas de viande.",))
+    assert states("You like to dance at the club.", ("You like to dance at the club.",))  # English: target_match
+
+
+def test_personalize_edits_each_usable_preference_and_reports_the_others(tiny, tmp_path, monkeypatch, capsys):
+    """One unusable preference no longer blocks the others: each is edited or reported with its reason, and
+    the usable ones are registered."""
+    from localpers import editing
+    from localpers.cli import main
+    from localpers.store import Store
+
+    path, _ = tiny
+    long = "I like " + "very " * 120 + "long walks."
+    with Store.open(tmp_path) as store:
+        for text in ["I have a pet turtle.", "我是素食者，不吃肉。", long, "jazz", "My favorite music is jazz.",
+                     "My favorite music is heavy metal.", "I live in Paris."]:
+            store.add("ann", text, kind="preference")
+    checked = []
+    monkeypatch.setattr(editing, "states_target", lambda engine, adapter, fact: checked.append(fact.statement) or (
+        fact.statement != "I live in Paris.", "an answer"))  # the random model cannot state anything: stand-in
+    code = main(["personalize", "--user", "ann", "--data-dir", str(tmp_path), "--model", str(path), "--steps", "1",
+                 "--layer", "1"])
+    out = capsys.readouterr().out
+    assert code == 1  # some preferences could not be edited
+    assert checked == ["I have a pet turtle.", "我是素食者，不吃肉。", "My favorite music is heavy metal.", "I live in Paris."]
+    assert "edited   'I have a pet turtle.'" in out and "edited   '我是素食者，不吃肉。'" in out
+    assert "FAILED   'I live in Paris.'" in out
+    assert f"SKIPPED  {long[:120]!r}...: {len(long)} characters; at most 500" in out
+    assert "SKIPPED  'jazz': not a statement" in out
+    assert "SKIPPED  'My favorite music is jazz.': replaced by the later preference 'My favorite music is heavy metal.'" in out
+    with Store.open(tmp_path) as store:
+        (adapter,) = store.artifacts("ann", "lora")
+    (lora_a,) = [t for t in gguf.GGUFReader(adapter["path"]).tensors if t.name.endswith("lora_a")]
+    assert 3 in lora_a.shape  # rank 3: the three verified edits, the failed one left out

@@ -6,15 +6,13 @@ from pathlib import Path
 import pytest
 
 from localpers.cli import main
-from localpers.datasets import read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
+from localpers.datasets import data_path, read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
 from localpers.errors import UserError
 from localpers.evaluation import Journal, breakdown, content_sha256, lamp_labels, locality_users, merge_reports, paired_deltas, rouge, target_match, write_report
 from localpers.methods import METHODS, Personalized, User, apply, get_method, retrieve
 from localpers.world import ATTRIBUTES, generate_world, history_bucket, write_world
 
 DATA = Path(__file__).resolve().parent / "data"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 
 
 def write(tmp_path, name, data):
@@ -25,10 +23,9 @@ def write(tmp_path, name, data):
 
 # ---------------------------------------------------------------- readers
 
-@needs_shared
 def test_upqa_plain_and_cluster9_agree_on_the_canonical_fields():
-    plain = read_upqa(SHARED / "upqa/upqa_dev_100.json")
-    clustered = read_upqa(SHARED / "upqa/upqa_dev_100_cluster9.json")
+    plain = read_upqa(data_path("upqa"))
+    clustered = read_upqa(data_path("upqa_cluster9"))
     assert len(plain) == len(clustered) == 100
     for a, b in zip(plain, clustered):
         assert (a.target, a.question, a.attribute_type) == (b.target, b.question, b.attribute_type)
@@ -40,13 +37,12 @@ def test_upqa_plain_and_cluster9_agree_on_the_canonical_fields():
     assert set(hobby[0].candidates) == {i.target for i in hobby[1:]}
 
 
-@needs_shared
 def test_prefeval_reader_keeps_the_following_option_first():
-    items = read_prefeval_mcq(SHARED / "prefeval/mcq_dev")
+    items = read_prefeval_mcq(data_path("prefeval"))
     assert len(items) == 505 and all(len(i.options) == 4 for i in items)
     gluten = [i for i in items if "gluten" in i.preference and "Rome" in i.question]
     assert gluten and "gluten-free" in gluten[0].options[0]
-    conversations = read_inter_turns(SHARED / "prefeval/inter_turns.json")
+    conversations = read_inter_turns(data_path("inter_turns"))
     assert len(conversations) == 24
     assert all(m["role"] == ("user", "assistant")[j % 2] for c in conversations for j, m in enumerate(c))
 

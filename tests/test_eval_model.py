@@ -7,8 +7,6 @@ import pytest
 from localpers.cli import main
 
 DATA = Path(__file__).resolve().parent / "data"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")
 METHODS = ["base", "prompt", "rag"]
 
 
@@ -21,7 +19,6 @@ def run_eval(tmp_path, *argv, methods=METHODS) -> dict:
     return report
 
 
-@needs_shared
 def test_upqa_smoke(tmp_path):
     report = run_eval(tmp_path, "upqa", "--limit", "1", "--max-tokens", "8")
     for method in METHODS:
@@ -34,7 +31,6 @@ def test_upqa_smoke(tmp_path):
     assert all(isinstance(row["explicit"], str) and row["mc_choice"] for row in report["items"])
 
 
-@needs_shared
 def test_prefeval_smoke(tmp_path):
     report = run_eval(tmp_path, "prefeval", "--limit", "2", "--turns", "0,1", methods=["base", "rag"])
     assert all(set(r) == {"followed@0", "followed@1"} for r in report["results"].values())
@@ -48,7 +44,6 @@ def test_prefeval_smoke(tmp_path):
     assert (tmp_path / "followed_by_turns.png").is_file()
 
 
-@needs_shared
 def test_prefeval_shards_merge_into_the_full_run(tmp_path):
     args = ("prefeval", "--limit", "3", "--turns", "0")
     full = run_eval(tmp_path / "full", *args, methods=["base"])
@@ -62,7 +57,6 @@ def test_prefeval_shards_merge_into_the_full_run(tmp_path):
     assert sorted(merged["items"], key=lambda row: row["id"]) == sorted(full["items"], key=lambda row: row["id"])
 
 
-@needs_shared
 def test_an_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch):
     from localpers import evaluation
 

@@ -4,12 +4,14 @@ import json
 import os
 import sqlite3
 import stat
+from pathlib import Path
 
 import pytest
 from cryptography.exceptions import InvalidTag
 
+from localpers.datasets import data_path
 from localpers.errors import UserError
-from localpers.store import DB_FILE, KEY_FILE, MAX_TEXT_BYTES, NotFoundError, Store, data_dir, read_import
+from localpers.store import DB_FILE, KEY_FILE, MAX_TEXT_BYTES, MAX_USER_CHARS, NotFoundError, Store, data_dir, read_import
 
 SHA = hashlib.sha256(b"base model").hexdigest()
 
@@ -145,9 +147,85 @@ def test_limit_is_inclusive_and_bad_fields(store):
     ]:
         with pytest.raises(UserError, match=message):
             store.add("alice", "fine text", **kwargs)
-    with pytest.raises(UserError, match="invalid user id"):
-        store.add("../etc", "fine text")
-    assert len(store.items("alice")) == 1
+    with pytest.raises(UserError, match="control character U\\+000A"):
+        store.add("mallory\nadmin", "fine text")
+    assert len(store.items("alice")) == 1 and store.users() == ["alice"]
+
+
+# What clients put in OpenAI's `user` field: display names, e-mail addresses, long ids, ids with spaces, and
+# strings that would be paths if a path were ever built from them.
+ANY_USERS = ["john doe", "josé", "bob@example.com", "Bob Smith <bob@example.com>", "x" * 200, "alice ", "../etc",
+             "a/b", "..", "/", "C:\\Windows\\system32", "%2e%2e", "名前", "🦊", "alice", "x" * MAX_USER_CHARS]
+
+
+def tree(directory) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def test_any_user_string_is_an_identity_and_names_no_path(store, tmp_path):
+    """Every string a client may send is a user of its own; the files on disk are named after row ids only."""
+    home = tmp_path / "home"
+    for n, user in enumerate(ANY_USERS):
+        store.add(user, f"note of user {n}")
+        store.register_artifact(user, "lora", _artifact(tmp_path, content=b"adapter %d" % n), SHA)
+    assert store.users() == ANY_USERS
+    for n, user in enumerate(ANY_USERS):
+        assert [i["text"] for i in store.items(user)] == [f"note of user {n}"]
+        assert [r["text"] for r in store.search(user, "note user")] == [f"note of user {n}"]
+        (artifact,) = store.artifacts(user)
+        assert open(artifact["path"], "rb").read() == b"adapter %d" % n
+        assert Path(artifact["path"]).parent == home / "artifacts" / f"_user-{n + 1}"
+        assert store.export(user)["user"] == user
+    files = tree(home)
+    assert not any(name in f for f in files for name in ("john", "jos", "bob", "etc", "名前", "🦊", "alice", "xxx"))
+    assert {f.split("/")[0] for f in files} <= {"artifacts", "key", DB_FILE, DB_FILE + "-wal", DB_FILE + "-shm"}
+    # the same text is the same user: "josé" composed or decomposed (NFC), but "alice " is not "alice"
+    assert store.items("jose\u0301") == store.items("josé")
+    store.forget("alice ")
+    assert [i["text"] for i in store.items("alice")] == [f"note of user {ANY_USERS.index('alice')}"]
+    assert not (home / "artifacts" / f"_user-{ANY_USERS.index('alice ') + 1}").exists()
+    store.forget("../etc")
+    assert home.is_dir() and (home / "artifacts").is_dir() and (home / DB_FILE).is_file()
+
+
+@pytest.mark.parametrize("user, message", [
+    ("", "user id is empty"), ("   ", "is blank"), ("a\nb", "U\\+000A"), ("nul\x00", "U\\+0000"),
+    ("\x1b[31mred", "U\\+001B"), ("line\u2028sep", "U\\+2028"), ("x" * (MAX_USER_CHARS + 1), "limit is 1024"),
+    (None, "must be a string"), (42, "must be a string"),
+])
+def test_unusable_user_ids_are_refused_before_any_write(store, tmp_path, user, message):
+    with pytest.raises(UserError, match=message):
+        store.add(user, "text")
+    with pytest.raises(UserError, match=message):
+        store.register_artifact(user, "lora", _artifact(tmp_path), SHA)
+    assert store.users() == [] and tree(tmp_path / "home" / "artifacts") == []
+
+
+def test_stores_with_folders_named_after_users_are_migrated(tmp_path, monkeypatch):
+    """Layout 1 named artifact folders after the user id; opening such a store moves them to row-id folders and
+    rewrites the registered paths, once, and a crash between the move and the rewrite is repaired on reopen."""
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    home = tmp_path / "home"
+    with Store.open(home) as store:
+        for user in ("alice", "bob"):
+            store.register_artifact(user, "lora", _artifact(tmp_path, content=user.encode()), SHA)
+    conn = sqlite3.connect(home / DB_FILE)  # turn it into a layout-1 store, as an older localpers wrote it
+    for user_id, user in ((1, "alice"), (2, "bob")):
+        (home / "artifacts" / f"_user-{user_id}").rename(home / "artifacts" / user)
+        conn.execute("UPDATE artifacts SET path = replace(path, ?, ?) WHERE user_id = ?",
+                     (f"artifacts/_user-{user_id}/", f"artifacts/{user}/", user_id))
+    conn.execute("DELETE FROM settings WHERE name = 'layout'")
+    (home / "artifacts" / "bob").rename(home / "artifacts" / "_user-2")  # bob's move happened, then a crash
+    conn.commit()
+    conn.close()
+    with Store.open(home) as store:
+        for user_id, user in ((1, "alice"), (2, "bob")):
+            (artifact,) = store.artifacts(user)
+            assert artifact["path"].startswith(str(home / "artifacts" / f"_user-{user_id}"))
+            assert open(artifact["path"], "rb").read() == user.encode()
+        assert sorted(p.name for p in (home / "artifacts").iterdir()) == ["_user-1", "_user-2"]
+        store.forget("alice")
+        assert [p.name for p in (home / "artifacts").iterdir()] == ["_user-2"]
 
 
 def test_unknown_user_reads_raise(store):
@@ -226,7 +304,7 @@ def test_forget_scrubs_text_and_ciphertext_from_the_file(store, tmp_path):
     on_disk = raw_bytes(home)
     assert not any(c in on_disk for c in ciphertexts)
     assert b"forget-canary" not in on_disk and b"alice" not in on_disk
-    assert not (home / "artifacts" / "alice").exists()
+    assert list((home / "artifacts").iterdir()) == []  # alice's folder is gone; bob never had one
     with pytest.raises(NotFoundError):
         store.items("alice")
     assert [i["text"] for i in store.items("bob")] == ["bob-keeps-this note"]
@@ -235,9 +313,12 @@ def test_forget_scrubs_text_and_ciphertext_from_the_file(store, tmp_path):
     assert [i["text"] for i in store.search("alice", "bank pin fresh start", k=10)] == ["a fresh start"]
 
 
-def test_import_formats(store, tmp_path, shared_dir):
-    upqa = shared_dir / "data" / "upqa" / "upqa_dev_100.json"
-    store.add_many("alice", read_import(upqa))
+def test_import_formats(store, tmp_path):
+    upqa = data_path("upqa")
+    with pytest.raises(UserError, match=r"100 UPQA items of 100 different users \(ids: upqa-0, upqa-1, .*--record ID"):
+        read_import(upqa)  # each item is another user's statement: never mixed into one user silently
+    assert [text for _, _, text, _ in read_import(upqa, record="upqa-1")] == [b"I like taking and posting selfies."]
+    store.add_many("alice", read_import(upqa, merge_users=True))
     prefs = store.items("alice", kind="preference")
     assert len(prefs) == 100 and prefs[0]["text"] == "I like to dance at the club."
     assert prefs[0]["meta"] == {"source": "upqa", "attribute_type": "hobby", "question": "What's my hobby?",
@@ -254,9 +335,12 @@ def test_import_formats(store, tmp_path, shared_dir):
             {"id": "3101", "text": "Great phone, battery lasts.", "score": "5"}]},
         {"id": "311", "input": "...", "profile": [{"id": "3110", "text": "other user"}]},
     ]))
-    with pytest.raises(UserError, match="2 LaMP records .* --lamp-id"):
+    with pytest.raises(UserError, match=r"2 LaMP records of 2 different users \(ids: 310, 311\).* --record ID"):
         read_import(lamp)
-    items = read_import(lamp, lamp_id="310")
+    with pytest.raises(UserError, match=r"no LaMP record has the id '312' \(ids: 310, 311\)"):
+        read_import(lamp, record="312")
+    assert len(read_import(lamp, merge_users=True)) == 3
+    items = read_import(lamp, record="310")
     assert [(kind, text.decode()) for kind, _, text, _ in items] == [
         ("document", "On sparse retrieval\nWe study BM25."), ("review", "Great phone, battery lasts.")]
     assert json.loads(items[1][3]) == {"id": "3101", "score": "5", "source": "lamp"}
@@ -270,6 +354,19 @@ def test_import_formats(store, tmp_path, shared_dir):
     (_, _, _, meta1), (kind2, ts2, text2, meta2) = read_import(jsonl)
     assert (kind2, ts2, text2, json.loads(meta2)) == ("preference", 5.0, b"likes tea", {"x": 1, "lang": "en"})
 
+    # a chat line, as the HTTP endpoint takes it (content a string or text parts), and text given as parts
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "I'm vegan"}, {"type": "text", "text": ", no honey."}]},
+        {"role": "assistant", "content": "Got it."}]}) + "\n" + json.dumps(
+        {"text": [{"type": "text", "text": "likes jazz"}], "kind": "preference"}) + "\n")
+    assert [(kind, text, json.loads(meta)) for kind, _, text, meta in read_import(chat)] == [
+        ("message", b"I'm vegan, no honey.", {"role": "user"}), ("message", b"Got it.", {"role": "assistant"}),
+        ("preference", b"likes jazz", {})]
+    world = tmp_path / "world.json"  # UPQA items of one user (the world's user_id) import without a choice
+    world.write_text(json.dumps([{"user_id": "u7", "input_attribute": f"I like {x}."} for x in ("tea", "jazz")]))
+    assert len(read_import(world)) == 2
+
 
 @pytest.mark.parametrize(
     "name, content, message",
@@ -280,9 +377,12 @@ def test_import_formats(store, tmp_path, shared_dir):
         ("bad.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"line 2: not valid UTF-8"),
         ("bad.jsonl", b'{"text": "ok"}\n{"text": "a\\udc80"}\n', r"line 2: text is not valid UTF-8"),
         ("bad.json", b'[{"input_attribute": "ok"},\n {"input_attribute": }]', r"bad.json line 2: invalid JSON"),
-        ("bad.json", b'[{"input_attribute": "ok"}, {"input_attribute": 3}]', r"UPQA item 2"),
+        ("bad.json", b'[{"user_id": "u", "input_attribute": "ok"}, {"user_id": "u", "input_attribute": 3}]',
+         r"UPQA item 2"),
         ("bad.json", b'{"profile": [{"title": "ok"}, {"score": 1}]}', r"profile entry 2: no text field"),
         ("bad.json", b'{"something": "else"}', r"not a recognised import"),
+        ("bad.jsonl", b'{"messages": [{"role": "user", "content": "ok"}, {"content": "x"}]}\n', r"line 1: messages\[1\]"),
+        ("bad.jsonl", b'{"messages": []}\n', r"line 1: \"messages\" must be a non-empty list"),
         ("bad.csv", b"text\nhello\n", r"unknown import format"),
         ("empty.jsonl", b"\n\n", r"no items"),
     ],

@@ -1,4 +1,6 @@
 """The mem0-like memory endpoints, on a small app that mounts the router the way `localpers serve` does."""
+from urllib.parse import quote
+
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -80,7 +82,11 @@ def test_export_and_forget(client):
         ("post", "/v1/users/alice/memories", {"json": {"messages": [{"role": "user", "content": "ok"},
                                                                     {"role": "user", "content": ""}]}},
          400, "messages[1]: text is empty"),
-        ("post", "/v1/users/bad%20user/memories", {"json": {"text": "hi"}}, 400, "invalid user id"),
+        ("post", "/v1/users/bad%0Auser/memories", {"json": {"text": "hi"}}, 400, "control character U+000A"),
+        ("post", "/v1/users/%20/memories", {"json": {"text": "hi"}}, 400, "is blank"),
+        ("post", "/v1/users/alice/memories", {"json": {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:,"}}]}]}}, 400, "messages[0]: content[0] is not a text part"),
+        ("post", "/v1/users/alice/memories", {"json": {"text": []}}, 400, "non-empty list of text parts"),
         ("get", "/v1/users/alice/memories/search?q=", {}, 400, "query is empty"),
         ("get", "/v1/users/alice/memories/search?q=x&k=0", {}, 400, "k must be"),
         ("get", "/v1/users/alice/memories/search?q=x&k=many", {}, 400, "k"),
@@ -92,3 +98,50 @@ def test_bad_requests_get_openai_style_errors_and_store_nothing(client, method, 
     response = getattr(client, method)(path, **kwargs)
     assert_error(response, status, "not_found" if status == 404 else "invalid_request", message)
     assert [i["text"] for i in client.get("/v1/users/alice/memories").json()["data"]] == ["already here"]
+
+
+# Ids that OpenAI clients send as `user`, and ids that hold the URL's own syntax ('/', '%', '?', '#', '..').
+API_USERS = ["john doe", "josé", "bob@example.com", "x" * 200, "alice ", "../etc", "a/b", "a/memories/5",
+             "100%", "what?#frag", "名前", "alice"]
+
+
+def test_memory_endpoints_take_any_user_id_url_encoded(client):
+    """Each id, percent-encoded as one path segment, reaches its own user on every route; in particular ids
+    holding '/' route as one segment (DELETE of user "a/memories/5" never deletes item 5 of user "a")."""
+    created = {}
+    for n, user in enumerate(API_USERS):
+        path = f"/v1/users/{quote(user, safe='')}"
+        r = client.post(f"{path}/memories", json={"text": f"note {n} about tea"})
+        assert r.status_code == 201, (user, r.text)
+        created[user] = r.json()["data"][0]
+        assert created[user]["user"] == user
+    for n, user in enumerate(API_USERS):
+        path = f"/v1/users/{quote(user, safe='')}"
+        assert [i["text"] for i in client.get(f"{path}/memories").json()["data"]] == [f"note {n} about tea"]
+        hits = client.get(f"{path}/memories/search", params={"q": "tea"}).json()["data"]
+        assert [h["id"] for h in hits] == [created[user]["id"]]
+        assert client.get(f"{path}/export").json()["user"] == user
+    r = client.delete(f"/v1/users/{quote('a/memories/5', safe='')}")
+    assert r.json() == {"user": "a/memories/5", "deleted": True}
+    assert client.get("/v1/users/a%2Fmemories%2F5/memories").status_code == 404
+    item = created["a/b"]["id"]
+    assert client.delete(f"/v1/users/a%2Fb/memories/{item}").json() == {"id": item, "deleted": True}
+    assert client.get("/v1/users/a%2Fb/memories").json()["data"] == []
+    for user in API_USERS:  # every other user still has their note
+        if user not in ("a/memories/5", "a/b"):
+            assert len(client.get(f"/v1/users/{quote(user, safe='')}/memories").json()["data"]) == 1, user
+
+
+def test_memories_take_content_as_text_parts_like_chat(client):
+    parts = [{"type": "text", "text": "I am vegetarian"}, {"type": "text", "text": " and I love mangoes."}]
+    r = client.post("/v1/users/alice/memories", json={"messages": [
+        {"role": "user", "content": parts}, {"role": "assistant", "content": "Noted."}]})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/users/alice/memories", json={"text": [{"type": "text", "text": "I drink oolong."}],
+                                                     "kind": "preference"})
+    assert r.status_code == 201, r.text
+    items = client.get("/v1/users/alice/memories").json()["data"]
+    assert [(i["text"], i["kind"], i["meta"]) for i in items] == [
+        ("I am vegetarian and I love mangoes.", "message", {"role": "user"}),
+        ("Noted.", "message", {"role": "assistant"}),
+        ("I drink oolong.", "preference", {})]

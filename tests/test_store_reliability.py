@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 
+from localpers.datasets import data_path
 from localpers.store import DB_FILE, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,16 +129,16 @@ print(json.dumps({"codes": codes, "attempts": attempts}))
 """
 
 
-def test_cli_surface_opens_no_network_socket(tmp_path, shared_dir):
+def test_cli_surface_opens_no_network_socket(tmp_path):
     home = str(tmp_path / "home")
     jsonl = tmp_path / "notes.jsonl"
     jsonl.write_text('{"text": "I run every morning"}\n{"text": "I prefer tea", "kind": "preference"}\n')
-    upqa = str(shared_dir / "data" / "upqa" / "upqa_dev_100.json")
+    upqa = str(data_path("upqa"))
     common = ["--data-dir", home, "--user", "alice"]
     commands = [
         ["remember", *common, "I like to dance at the club."],
         ["import", *common, str(jsonl)],
-        ["import", *common, upqa],
+        ["import", *common, upqa, "--record", "upqa-0"],
         ["history", *common],
         ["history", *common, "--json"],
         ["search", *common, "dance club"],
@@ -153,4 +154,4 @@ def test_cli_surface_opens_no_network_socket(tmp_path, shared_dir):
     assert report["codes"] == [0] * len(commands), result.stderr
     assert report["attempts"] == ["connect ('192.0.2.1', 9)"]  # only the control
     exported = json.loads((tmp_path / "export.json").read_text())
-    assert len(exported["items"]) == 103 and os.stat(tmp_path / "export.json").st_mode & 0o077 == 0
+    assert len(exported["items"]) == 4 and os.stat(tmp_path / "export.json").st_mode & 0o077 == 0

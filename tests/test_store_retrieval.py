@@ -3,14 +3,16 @@ without rebuilds, dense and hybrid search."""
 import importlib.util
 import json
 import random
+import re
 import sqlite3
 
 import bm25s
 import numpy as np
 import pytest
 
+from localpers.datasets import data_path
 from localpers.errors import UserError
-from localpers.retrieval import BM25Index, GGUFEmbedder, MiniLMEmbedder, fuse, top_k
+from localpers.retrieval import BM25Index, GGUFEmbedder, MiniLMEmbedder, fuse, split_words, top_k
 from localpers.store import DB_FILE, Store
 
 
@@ -21,10 +23,9 @@ def store(tmp_path, monkeypatch):
         yield store
 
 
-def real_texts(shared_dir) -> list[str]:
-    data = shared_dir / "data"
-    upqa = json.loads((data / "upqa" / "upqa_dev_100.json").read_text())
-    prefeval = json.loads((data / "prefeval" / "prefeval_dev_70.json").read_text())
+def real_texts() -> list[str]:
+    upqa = json.loads(data_path("upqa").read_text())
+    prefeval = json.loads(data_path("prefeval_dev_70").read_text())
     return [i["input_attribute"] for i in upqa] + [f"{i['preference']} {i['explanation']}" for i in prefeval]
 
 
@@ -41,9 +42,9 @@ def reference_scores(index: BM25Index, texts: dict[int, str], query: str) -> dic
     return {item_id: float(s) for item_id, s in zip(ids, scores) if s > 0}
 
 
-def test_bm25_matches_bm25s_through_inserts_and_deletes(shared_dir):
+def test_bm25_matches_bm25s_through_inserts_and_deletes():
     rng = random.Random(0)
-    texts = dict(enumerate(real_texts(shared_dir), start=1))
+    texts = dict(enumerate(real_texts(), start=1))
     queries = ["What's my hobby?", "Do I like spicy food or seafood?", "which movies should I watch",
                "I prefer vegan vegetarian meals", "travel travel flights"]
     index, held, compared = BM25Index(), {}, 0
@@ -64,6 +65,48 @@ def test_bm25_matches_bm25s_through_inserts_and_deletes(shared_dir):
     assert len(index) == len(held) and index.total_length == sum(len(index.query_tokens(t)) for t in held.values())
     ranked = index.search("I prefer vegan vegetarian meals", 3)
     assert ranked == sorted(ranked, key=lambda pair: -pair[1]) and len(ranked) == 3
+
+
+def test_split_words_equals_bm25s_default_splitter_on_ascii_text():
+    """On ASCII text the words are bm25s' own (its default regex), so Latin scores stay bm25s' scores."""
+    bm25s_default = re.compile(r"(?u)\b\w\w+\b").findall
+    for text in real_texts()[:120] + ["a I x2 under_score 3.14 e-mail: bob@example.com", "   ", "don't"]:
+        assert split_words(text.lower()) == bm25s_default(text.lower())
+
+
+# (history item, query that must find it, a query that must not) in scripts written without spaces and others
+SCRIPTS = [
+    ("我喜欢吃素食和水果", "素食", "肉"),                                  # Chinese: a word inside a run of Han
+    ("我有一只猫", "猫", "狗"),                                            # a one-character word
+    ("私は毎朝緑茶を飲みます", "緑茶", "コーヒー"),                          # Japanese: Han + Hiragana
+    ("週末はサッカーをします", "サッカー", "テニス"),                          # Katakana
+    ("저는 매일 아침 커피를 마셔요", "커피", "녹차"),                          # Korean: a noun with its particle
+    ("ฉันชอบกินข้าวผัดทุกวัน", "ข้าวผัด", "ก๋วยเตี๋ยว"),                     # Thai: no spaces, combining vowels
+    ("Je préfère le café noir sans sucre", "cafe", "the"),                # accents fold: café = cafe
+    ("Ich wohne in München und fahre gern Fahrrad", "münchen", "berlin"),
+    ("मुझे हिन्दी संगीत पसंद है", "संगीत", "खाना"),                           # Devanagari: matras are in words
+]
+
+
+@pytest.mark.parametrize("text, query, other", SCRIPTS, ids=[s[1] for s in SCRIPTS])
+def test_words_are_searchable_in_every_script(store, text, query, other):
+    noise = ["I like jazz and long walks.", "我住在北京。", "東京に住んでいます。", "서울에 살아요.", "ฉันอยู่กรุงเทพ"]
+    ids = [store.add("alice", t) for t in noise]
+    wanted = store.add("alice", text)
+    assert [r["id"] for r in store.search("alice", query, k=3)][:1] == [wanted]
+    assert wanted not in [r["id"] for r in store.search("alice", other, k=10)]
+    assert store.search("alice", text, k=1)[0]["id"] == wanted  # the whole text finds itself
+    assert len(ids) == 5
+
+
+def test_cjk_bigrams_rank_the_exact_word_first():
+    """Unigrams make one-character words findable; the bigram of a two-character word ranks the item that
+    holds the word above items that merely share its characters."""
+    index = BM25Index()
+    index.add(1, "素菜和食物")   # both characters of 素食, apart
+    index.add(2, "我喜欢吃素食")  # the word itself
+    assert [i for i, _ in index.search("素食", 2)] == [2, 1]
+    assert split_words("ｆｕｌｌ　ｗｉｄｔｈ ﾃﾆｽ") == ["full", "width", "テ", "ニ", "ス", "テニ", "ニス"]  # NFKC
 
 
 def test_stemming_and_stopwords():
