@@ -23,6 +23,7 @@ import numpy as np
 from localpers.chat import render_chat
 from localpers.errors import UserError
 from localpers.gguf_write import control_vector_data, read_control_vector
+from localpers.kvcache import DEFAULT_MAX_BYTES, KVCache
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def _file_key(path: str | Path) -> tuple[str, int, int]:
 
 class Engine:
     def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0, verbose: bool = False):
+                 seed: int = 0, verbose: bool = False, kv_cache_bytes: int = DEFAULT_MAX_BYTES):
         import llama_cpp
 
         from localpers import default_model_path
@@ -94,6 +95,8 @@ class Engine:
         self._lock = threading.Lock()  # not an RLock: a stream may be resumed on another thread
         self._adapters: dict[str, tuple[tuple, object]] = {}  # resolved path -> (file key, llama handle)
         self._active: tuple = ((), ())  # (lora file keys with scales, control-vector file keys with scales)
+        # KV states per (artifact set, token prefix), so users taking turns resume instead of recomputing.
+        self.kv_cache = KVCache(self.llm, kv_cache_bytes)
 
     # -- text -----------------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
@@ -116,8 +119,9 @@ class Engine:
         handle = self._llama_cpp.llama_adapter_lora_init(self.llm.model, key[0].encode())
         if not handle:
             raise UserError(f"{path}: not a LoRA adapter for this model ({self.model_name})")
-        if cached:  # the file was rewritten: the old handle is stale
+        if cached:  # the file was rewritten: the old handle is stale, and so is what the context holds
             self._active = ((), self._active[1])
+            self.llm.reset()
             self._llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
             self._llama_cpp.llama_adapter_lora_free(cached[1])
         self._adapters[key[0]] = (key, handle)
@@ -151,6 +155,7 @@ class Engine:
             rc = lc.llama_set_adapter_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
         if rc != 0:
             raise UserError(f"llama.cpp refused the control vectors {[p for p, _ in artifacts.control_vectors]}")
+        self.kv_cache.stash(self._active)  # the context still holds KV computed under the previous artifacts
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
         self._active = wanted
@@ -173,6 +178,7 @@ class Engine:
         with self._lock:
             self._activate(artifacts)
             tokens = self._prompt_tokens(messages)
+            self.kv_cache.resume(self._active, tokens)
             out = self.llm.create_completion(tokens, **self._completion_args(max_tokens, temperature, top_p, seed, stop))
         choice = out["choices"][0]
         return {
@@ -197,6 +203,7 @@ class Engine:
         with self._lock:
             self._activate(artifacts)
             tokens = self._prompt_tokens(messages)
+            self.kv_cache.resume(self._active, tokens)
             pieces = self.llm.create_completion(
                 tokens, stream=True, **self._completion_args(max_tokens, temperature, top_p, seed, stop))
             yield chunk({"role": "assistant", "content": ""})
@@ -248,6 +255,7 @@ class Engine:
         llm, out = self.llm, []
         with self._lock:
             self._activate(artifacts)
+            self.kv_cache.resume(self._active, prompt_ids)
             cached = llm.input_ids[:llm.n_tokens]
             same = int(np.argmin(np.append(cached[:len(prompt_ids)] == prompt_ids[:len(cached)], False)))
             llm.n_tokens = min(same, len(prompt_ids) - 1)
