@@ -38,6 +38,20 @@ def llama_path(tmp_path_factory):
     return random_model_path(tmp_path_factory, "llama")
 
 
+@pytest.fixture(scope="module")
+def llama_model(llama_path):
+    return load_model(llama_path)  # train() adds a fresh LoRA each time and the tests remove it
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is 30x faster than two fighting over busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def fast(**kw):
     return TrainConfig(**{"steps": 4, "batch": 2, "lr": 2e-2, "precision": "fp32", "rank": 4, **kw})
 
@@ -62,8 +76,8 @@ def test_trained_adapter_on_llama_cpp_equals_torch(arch, tmp_path_factory, tmp_p
     assert logit_error(trained, served) < TOL
 
 
-def test_training_is_deterministic_and_resumes_exactly(llama_path, tmp_path):
-    model = load_model(llama_path)
+def test_training_is_deterministic_and_resumes_exactly(llama_model, tmp_path):
+    model = llama_model
     data = random_encoded(vocab=model.config.vocab_size)
     config = fast(steps=4)
     first = train(model, data, config, progress=False)
@@ -85,13 +99,14 @@ def test_training_is_deterministic_and_resumes_exactly(llama_path, tmp_path):
     assert resumed.resumed_from == 2
     assert [s.loss for s in resumed.steps] == [s.loss for s in first.steps]
     assert all(torch.equal(state[k], v) for k, v in lora_state(model).items())
+    remove_lora(model)
     # another config does not resume from that checkpoint
     other = train(model, data, replace(config, lr=1e-3), checkpoint=ckpt, progress=False)
     assert other.resumed_from == 0
 
 
-def test_perce_with_unit_clip_range_is_ce(llama_path):
-    model = load_model(llama_path)
+def test_perce_with_unit_clip_range_is_ce(llama_model):
+    model = llama_model
     data = random_encoded(vocab=model.config.vocab_size)
     ce = train(model, data, fast(objective=names.CE), progress=False)
     ce_state = lora_state(model)
@@ -105,13 +120,13 @@ def test_perce_with_unit_clip_range_is_ce(llama_path):
     assert len(weighted.pir) == sum(s.tokens for s in weighted.steps)
 
 
-def test_accumulated_gradients_are_those_of_the_union_batch(llama_path):
+def test_accumulated_gradients_are_those_of_the_union_batch(llama_model):
     """Examples backpropagated one by one (weights n_i / n_total) give the gradient of the token-level mean
     PerCE loss over the whole batch, computed at once by the plain-torch reference with full logits."""
     from localpers.kernels.reference import perce_linear_cross_entropy_reference
     from localpers.training import accumulate_gradients, lora_modules
 
-    model = load_model(llama_path)
+    model = llama_model
     data = random_encoded(n=4, vocab=model.config.vocab_size)
     config = fast(objective=names.PERCE)
     add_lora(model, config.targets, config.rank, config.alpha, config.seed)
@@ -131,13 +146,14 @@ def test_accumulated_gradients_are_those_of_the_union_batch(llama_path):
         torch.cat([r[2] for r in rows]))
     loss.backward()
     assert (weights != 1).any()
+    remove_lora(model)
     for g, p in zip(got, params):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5 * float(p.grad.abs().max()))
 
 
-def test_bf16_loss_curve_follows_fp32(llama_path):
+def test_bf16_loss_curve_follows_fp32(llama_model):
     """bf16 autocast (fp32 master weights and loss) tracks the fp32 loss curve within 2% per step."""
-    model = load_model(llama_path)
+    model = llama_model
     data = random_encoded(vocab=model.config.vocab_size)
     fp32 = train(model, data, fast(steps=6), progress=False)
     bf16 = train(model, data, fast(steps=6, precision="bf16"), progress=False)
@@ -182,7 +198,7 @@ def test_personalize_perce_registers_the_adapter(tmp_path, llama_path):
     lines = [{"text": f"Hey all! Another weekend of bouldering at gym {i}, so cozy. Stay curious!", "kind": "post"}
              for i in range(9)]
     history.write_text("\n".join(json.dumps(x) for x in lines))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = lambda *a: subprocess.run([sys.executable, "-m", "localpers", *a, "--data-dir", str(tmp_path / "d")],
                                     cwd=REPO, env=env, capture_output=True, text=True)
     assert run("import", "--user", "ann", str(history)).returncode == 0
