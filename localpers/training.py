@@ -57,6 +57,7 @@ class TrainConfig:
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
     rank: int = 8
     alpha: float = 16.0
+    layers: int | None = None       # LoRA on the last N layers only (the backward pass stops there); None: all
     lr: float = 1e-3
     weight_decay: float = 0.0
     steps: int | None = None        # optimizer steps; None: `epochs` passes over the examples
@@ -78,6 +79,8 @@ class TrainConfig:
         unknown = [t for t in self.targets if t not in TARGET_MODULES]
         if unknown or not self.targets:
             raise UserError(f"unknown LoRA targets {unknown} (known: {', '.join(TARGET_MODULES)})")
+        if self.layers is not None and self.layers < 1:
+            raise UserError("layers must be at least 1 (or None for every layer)")
         if self.rank < 1 or self.batch < 1 or (self.steps is not None and self.steps < 1) or self.epochs <= 0:
             raise UserError("rank, batch and steps must be at least 1 and epochs positive")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -111,14 +114,18 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.T) @ self.lora_b.T * self.scale
 
 
-def add_lora(model, targets=tuple(TARGET_MODULES), rank: int = 8, alpha: float = 16.0, seed: int = 0) -> dict:
-    """Wrap the target projections of every layer in LoRALinear (in place; the base weights stay frozen).
+def add_lora(model, targets=tuple(TARGET_MODULES), rank: int = 8, alpha: float = 16.0, seed: int = 0,
+             layers: int | None = None) -> dict:
+    """Wrap the target projections of every layer (of the last `layers` layers) in LoRALinear (in place; the base weights stay frozen).
     Returns {GGUF base name ('blk.3.attn_q'): LoRALinear}; remove_lora undoes it."""
     remove_lora(model)
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     wrapped = {}
+    first = 0 if layers is None else max(0, len(model.layers) - layers)
     for i, layer in enumerate(model.layers):
+        if i < first:
+            continue
         for target in targets:
             parent_name, _, attr = TARGET_MODULES[target].rpartition(".")
             parent = layer.get_submodule(parent_name)
@@ -372,7 +379,7 @@ def train(model, encoded: list[Encoded], config: TrainConfig, *, checkpoint=None
     if not encoded:
         raise UserError("no training examples")
     device = model.output.weight.device
-    add_lora(model, config.targets, config.rank, config.alpha, config.seed)
+    add_lora(model, config.targets, config.rank, config.alpha, config.seed, config.layers)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = n_steps(config, len(encoded))
@@ -482,6 +489,19 @@ def accumulate_gradients(model, net, examples: list[Encoded], n_total: int, conf
     return sums
 
 
+@torch.no_grad()
+def token_pir(model, example: Encoded, config: TrainConfig | None = None) -> torch.Tensor:
+    """PIR_t = log p(y_t | p, x, y<t) - log p(y_t | x, y<t) of each target token [n_target] (fp32), with the
+    model as it is (its LoRA included)."""
+    from localpers.kernels import perce_linear_cross_entropy
+
+    config = config or TrainConfig()
+    h_pos, h_neg = (model.hidden(t[None])[0, -example.n_target - 1:-1].float() for t in (example.pos, example.neg))
+    targets = example.pos[-example.n_target:]
+    return perce_linear_cross_entropy(h_pos, h_neg, model.output.weight, targets, min_weight=config.min_weight,
+                                      max_weight=config.max_weight, return_pir=True)[2]
+
+
 def _target_nll(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """-log p(target) per row, in row chunks (never the whole N x V logits)."""
     out = []
@@ -570,7 +590,9 @@ def _cache_dir() -> Path:
     return path
 
 
-EVAL_CONFIG = TrainConfig(steps=24, batch=4, max_examples=48)  # equal steps for ce and perce; see BENCHMARKS.md
+# Evaluation users: ce and perce get the same examples, steps and tokens (only the token weights differ); LoRA on
+# the last 10 of SmolLM2's 30 layers keeps a user at ~1-2 minutes on 2 cores (BENCHMARKS.md).
+EVAL_CONFIG = TrainConfig(steps=16, batch=2, lr=2e-3, layers=10, max_examples=48)
 
 
 def user_adapter(user, engine, objective: str, config: TrainConfig = EVAL_CONFIG) -> Path | None:
