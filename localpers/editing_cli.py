@@ -1,14 +1,19 @@
 """`localpers personalize --user ID`: turn the user's stored preferences into a verified LoRA adapter."""
 from __future__ import annotations
 
+from localpers import names
 from localpers.errors import UserError
 
 
 def cmd_personalize(args):
     from localpers.editing import EditConfig, personalize
 
-    if args.method != "edit":
-        raise UserError(f"unknown personalization method {args.method!r} (known: edit)")
+    if args.method in (names.PERCE, names.CE):
+        from localpers.train_cli import cmd_personalize_trained
+
+        return cmd_personalize_trained(args)
+    if args.method != names.EDIT:
+        raise UserError(f"unknown personalization method {args.method!r} (known: edit, perce, ce)")
     if args.steps < 1:
         raise UserError("--steps must be at least 1")
     config = EditConfig(**({"layer": args.layer} if args.layer is not None else {}), steps=args.steps)

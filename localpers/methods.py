@@ -86,12 +86,16 @@ def retrieve(history: tuple[str, ...], query: str, k: int = RAG_TOP_K) -> list[s
     return [history[i] for i, _ in index.search(query, k)]
 
 
-def rag(user: User, query: str, engine) -> Personalized:
-    found = retrieve(user.history, query)
+def rag_prefix(found: list[str]) -> str:
+    """Retrieved items as the text put before the question ("" for none); PerCE trains on the same text."""
     if not found:
-        return Personalized()
+        return ""
     lines = "\n".join(f"- {t}" for t in found)
-    return Personalized(user_prefix=f"Some things I wrote before:\n{lines}\n\n")
+    return f"Some things I wrote before:\n{lines}\n\n"
+
+
+def rag(user: User, query: str, engine) -> Personalized:
+    return Personalized(user_prefix=rag_prefix(retrieve(user.history, query)))
 
 
 # name -> function, or "module:function" for methods whose module is imported only when used.
@@ -100,6 +104,8 @@ METHODS: dict[str, Method | str] = {
     names.PROMPT: prompt,
     names.RAG: rag,
     names.EDIT: "localpers.editing:edit_method",
+    names.CE: "localpers.training:ce_method",
+    names.PERCE: "localpers.training:perce_method",
 }
 
 

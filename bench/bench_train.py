@@ -1,0 +1,201 @@
+"""PerCE/CE training benchmarks on SmolLM2-135M-Instruct (the embedded model), on a synthetic-world user.
+
+    python3 -m bench.bench_train speed [--steps 4] [--layers N] [--threads 1]
+        one user's examples trained with fp32 and with bf16 autocast from the same init: seconds per step,
+        tokens/s, both loss curves and their largest relative difference per step
+    python3 -m bench.bench_train user100 [--objective perce] [--threads 2]
+        `personalize --method perce` on a user with 100 history items (the default TrainConfig): wall time
+    python3 -m bench.bench_train pir [--out docs/perce]
+        PIR of every target token of one user's examples under the base model and after PerCE training:
+        a histogram (tokens of the user's signature phrases vs the rest) and one example's target text shaded
+        by PIR (pir_histogram.png, pir_tokens.png, pir.json)
+
+Users come from `world.generate_world(400, seed=7)` (the development seed; the quality figures use another).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import localpers
+from localpers import names
+from localpers.training import (TrainConfig, encode, end_of_turn, history_examples, remove_lora, token_pir,
+                                tokenizer, torch_model, train)
+from localpers.world import generate_world
+
+WORLD_SEED = 7
+
+
+def world_user(size: int):
+    """The world user whose history size is closest to `size` (their items cut to `size`), and their style."""
+    world = generate_world(400, seed=WORLD_SEED)
+    index = min(range(len(world["users"])), key=lambda i: abs(world["users"][i]["history_size"] - size))
+    question = world["longlamp_questions"][index]
+    items = [{"id": p["id"], "text": p["text"], "kind": p["kind"]} for p in question["profile"]][-size:]
+    return world["users"][index], items
+
+
+def encoded_examples(items, config):
+    model_path = str(localpers.default_model_path())
+    tok = tokenizer(model_path)
+    eot = end_of_turn(tok)
+    examples = history_examples(items, config.profile_k)
+    return tok, examples, [encode(tok, e, config, eot) for e in examples]
+
+
+def cmd_speed(args):
+    config = TrainConfig(steps=args.steps, batch=4, layers=args.layers)
+    _, _, encoded = encoded_examples(world_user(100)[1], config)
+    model = torch_model(str(localpers.default_model_path()))
+    runs = {}
+    for precision in ("fp32", "bf16", "fp32", "bf16"):  # alternately, twice: the machine is shared
+        result = train(model, encoded, replace(config, precision=precision), progress=False)
+        runs.setdefault(precision, []).append(result)
+    out = {}
+    for precision, results in runs.items():
+        seconds = sorted(s.seconds for r in results for s in r.steps[1:])  # step 1 warms up
+        median = seconds[len(seconds) // 2]
+        batch_tokens = [sum(len(encoded[i].pos) + len(encoded[i].neg) for i in b) for b in _batches(config, encoded)]
+        out[precision] = {"median_step_s": round(median, 2), "loss": [round(s.loss, 4) for s in results[0].steps],
+                          "forwarded_tokens_per_s": round(sum(batch_tokens) / len(batch_tokens) / median, 1),
+                          "target_tokens_per_s": round(results[0].tokens / len(results[0].steps) / median, 1)}
+    diffs = [abs(a - b) / a for a, b in zip(out["fp32"]["loss"], out["bf16"]["loss"])]
+    out["bf16_speedup"] = round(out["fp32"]["median_step_s"] / out["bf16"]["median_step_s"], 2)
+    out["max_rel_loss_diff"] = round(max(diffs), 4)
+    out["cpu_bf16"] = __import__("localpers.training", fromlist=["cpu_has_bf16"]).cpu_has_bf16()
+    print(json.dumps(out, indent=1))
+
+
+def _batches(config, encoded):
+    from localpers.training import example_order, n_steps
+
+    return example_order(len(encoded), n_steps(config, len(encoded)), config.batch, config.seed)
+
+
+def cmd_user100(args):
+    from localpers.training import adapter_for_examples, check_enough
+
+    config = replace(TrainConfig(), objective=args.objective)
+    _, items = world_user(100)
+    examples = history_examples(items, config.profile_k)
+    check_enough(examples, "bench")
+    model_path = localpers.default_model_path()
+    t0 = time.perf_counter()
+    torch_model(str(model_path)), tokenizer(str(model_path))
+    load = time.perf_counter() - t0
+    path, result = adapter_for_examples(model_path, examples, config, Path(args.out) / f"{args.objective}-100.gguf",
+                                        progress=True)
+    print(json.dumps({"items": len(items), "examples": len(examples), "load_s": round(load, 1),
+                      "train_s": round(result.seconds, 1), "total_s": round(time.perf_counter() - t0, 1),
+                      **result.summary(), "config": repr(config)}, indent=1))
+
+
+def cmd_pir(args):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    user, items = world_user(args.size)
+    config = replace(TrainConfig(), objective=names.PERCE, steps=args.steps, batch=4, layers=10, lr=2e-3)
+    tok, examples, encoded = encoded_examples(items, config)
+    model = torch_model(str(localpers.default_model_path()))
+    signatures = user["style"]["sigs"] + [user["style"]["open"]]
+
+    def per_token():
+        rows = []
+        for e, enc in zip(examples, encoded):
+            pir = token_pir(model, enc, config).tolist()
+            ids = enc.pos[-enc.n_target:].tolist()
+            pieces = [tok.decode([i]) for i in ids]
+            spans, pos = [], 0
+            for s in signatures:  # character spans of the user's signature phrases in the target
+                at = e.target.find(s)
+                if at >= 0:
+                    spans.append((at, at + len(s)))
+            flags = []
+            for piece in pieces:
+                start, pos = pos, pos + len(piece)
+                flags.append(any(a < pos and start < b for a, b in spans))
+            rows.append({"pieces": pieces, "pir": pir, "signature": flags})
+        return rows
+
+    remove_lora(model)
+    before = per_token()
+    train(model, encoded, config, progress=True)
+    after = per_token()
+    remove_lora(model)
+    (out / "pir.json").write_text(json.dumps({"user": user["id"], "signatures": signatures, "config": repr(config),
+                                              "before": before, "after": after}))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for ax, rows, title in ((axes[0], before, "base model"), (axes[1], after, f"after {config.steps} PerCE steps")):
+        sig = [p for r in rows for p, f in zip(r["pir"], r["signature"]) if f]
+        rest = [p for r in rows for p, f in zip(r["pir"], r["signature"]) if not f]
+        bins = torch.linspace(-4, 8, 49).tolist()
+        ax.hist([min(max(p, -4), 8) for p in rest], bins=bins, alpha=0.6, density=True, label=f"other tokens ({len(rest)})")
+        ax.hist([min(max(p, -4), 8) for p in sig], bins=bins, alpha=0.6, density=True,
+                label=f"signature phrases ({len(sig)})")
+        for x in (config.min_weight, config.max_weight):
+            ax.axvline(x, color="gray", lw=0.8, ls="--")
+        ax.set_title(f"PIR per target token, {title}")
+        ax.set_xlabel("PIR = log p(y|profile,x) - log p(y|x)  (clipped to [-4, 8] for display)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("density")
+    fig.tight_layout()
+    fig.savefig(out / "pir_histogram.png", dpi=120)
+    plt.close(fig)
+
+    # one example with a signature phrase in its target, shaded by its PIR under the base model
+    index = next((i for i, r in enumerate(before) if any(r["signature"]) and len(r["pieces"]) >= 12), 0)
+    row = before[index]
+    fig, ax = plt.subplots(figsize=(11, 2.4))
+    ax.axis("off")
+    cmap = plt.get_cmap("RdBu_r")
+    x, y, line_chars = 0.01, 0.75, 0
+    for piece, value in zip(row["pieces"], row["pir"]):
+        text = piece.replace("\n", " ")
+        if line_chars + len(text) > 95:
+            x, y, line_chars = 0.01, y - 0.22, 0
+        colour = cmap(min(max((value + 5) / 10, 0), 1))
+        t = ax.text(x, y, text, fontsize=12, family="monospace", va="center",
+                    bbox=dict(facecolor=colour, edgecolor="none", pad=1.5))
+        x += len(text) * 0.0098
+        line_chars += len(text)
+    ax.set_title(f"x: {examples[index].prompt!r} - target tokens shaded by PIR (blue < 0 < red, range -5..5)",
+                 fontsize=10, loc="left")
+    fig.savefig(out / "pir_tokens.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    def mean(rows, flag):
+        values = [p for r in rows for p, f in zip(r["pir"], r["signature"]) if f == flag]
+        return round(sum(values) / max(len(values), 1), 3), len(values)
+
+    print(json.dumps({"user": user["id"], "examples": len(examples),
+                      "mean_pir_signature_before": mean(before, True), "mean_pir_other_before": mean(before, False),
+                      "mean_pir_signature_after": mean(after, True), "mean_pir_other_after": mean(after, False)},
+                     indent=1))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["speed", "user100", "pir"])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--size", type=int, default=40, help="pir: the user's history size")
+    parser.add_argument("--objective", default=names.PERCE)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="/tmp/localpers-bench-train")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    {"speed": cmd_speed, "user100": cmd_user100, "pir": cmd_pir}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

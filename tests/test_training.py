@@ -1,0 +1,243 @@
+"""PerCE/CE LoRA training: the adapter llama.cpp serves computes what the trained torch model computes; the
+trainer is deterministic, resumes exactly, splits batches without changing the result (accumulation, DDP),
+and PerCE with the clip range [1, 1] is CE."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from localpers import names
+from localpers.errors import UserError
+from localpers.model import load_model
+from localpers.training import (Encoded, Example, TrainConfig, add_lora, export_lora, history_examples,
+                                instruction_pair, lora_state, remove_lora, train)
+from tests.helpers_models import TEXT, llama_cpp_logits, logit_error, random_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 2e-4  # as test_gguf_write.py's LoRA round trip (F32 model and KV cache: only summation order differs)
+
+
+def random_encoded(n=6, seed=0, vocab=1000):
+    """Token sequences with a shared target tail: pos = profile + x + y, neg = x + y."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        profile, x, y = (torch.randint(5, vocab, (k,), generator=g) for k in (12, 6, 10))
+        out.append(Encoded(torch.cat([profile, x, y]), torch.cat([x, y]), len(y)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_path(tmp_path_factory):
+    return random_model_path(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="module")
+def llama_model(llama_path):
+    return load_model(llama_path)  # train() adds a fresh LoRA each time and the tests remove it
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is 30x faster than two fighting over busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fast(**kw):
+    return TrainConfig(**{"steps": 4, "batch": 2, "lr": 2e-2, "precision": "fp32", "rank": 4, **kw})
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_trained_adapter_on_llama_cpp_equals_torch(arch, tmp_path_factory, tmp_path):
+    """Oracle: the trained LoRA (q/k rows in GGUF order, llama.cpp's alpha/r) changes llama.cpp's logits
+    exactly as it changes the torch model's."""
+    from localpers.tokenizer import Tokenizer
+
+    path = random_model_path(tmp_path_factory, arch)
+    tokens = Tokenizer.from_gguf(path).encode(TEXT, add_bos=True)
+    model = load_model(path)
+    vocab = model.config.vocab_size
+    train(model, random_encoded(vocab=vocab), fast(steps=6, lr=5e-2), progress=False)
+    adapter = export_lora(model, tmp_path / "perce.gguf", fast().alpha)
+    with torch.no_grad():
+        trained = model(torch.tensor([tokens]))[0].numpy()
+    base = llama_cpp_logits(path, tokens)
+    served = llama_cpp_logits(path, tokens, lora=adapter)
+    assert logit_error(served, base) > 100 * TOL  # training really moved the model
+    assert logit_error(trained, served) < TOL
+
+
+def test_training_is_deterministic_and_resumes_exactly(llama_model, tmp_path):
+    model = llama_model
+    data = random_encoded(vocab=model.config.vocab_size)
+    config = fast(steps=4)
+    first = train(model, data, config, progress=False)
+    state = lora_state(model)
+    train(model, data, config, progress=False)
+    assert all(torch.equal(state[k], v) for k, v in lora_state(model).items())
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(entry):
+        if entry.step == 3:
+            raise Crash
+
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(Crash):
+        train(model, data, config, checkpoint=ckpt, checkpoint_every=2, progress=False, on_step=crash_at_3)
+    resumed = train(model, data, config, checkpoint=ckpt, checkpoint_every=2, progress=False)
+    assert resumed.resumed_from == 2
+    assert [s.loss for s in resumed.steps] == [s.loss for s in first.steps]
+    assert all(torch.equal(state[k], v) for k, v in lora_state(model).items())
+    remove_lora(model)
+    # another config does not resume from that checkpoint
+    other = train(model, data, replace(config, lr=1e-3), checkpoint=ckpt, progress=False)
+    assert other.resumed_from == 0
+
+
+def test_perce_with_unit_clip_range_is_ce(llama_model):
+    model = llama_model
+    data = random_encoded(vocab=model.config.vocab_size)
+    ce = train(model, data, fast(objective=names.CE), progress=False)
+    ce_state = lora_state(model)
+    perce = train(model, data, fast(objective=names.PERCE, min_weight=1.0, max_weight=1.0), progress=False)
+    assert [s.loss for s in perce.steps] == pytest.approx([s.loss for s in ce.steps], rel=1e-6, abs=1e-7)
+    for k, v in lora_state(model).items():
+        torch.testing.assert_close(v, ce_state[k], rtol=1e-5, atol=1e-6)
+    # with the paper's clip range the weights differ from 1 and so does the result
+    weighted = train(model, data, fast(objective=names.PERCE), collect_pir=True, progress=False)
+    assert any(abs(s.mean_weight - 1) > 1e-3 for s in weighted.steps)
+    assert len(weighted.pir) == sum(s.tokens for s in weighted.steps)
+
+
+def test_accumulated_gradients_are_those_of_the_union_batch(llama_model):
+    """Examples backpropagated one by one (weights n_i / n_total) give the gradient of the token-level mean
+    PerCE loss over the whole batch, computed at once by the plain-torch reference with full logits."""
+    from localpers.kernels.reference import perce_linear_cross_entropy_reference
+    from localpers.training import accumulate_gradients, lora_modules
+
+    model = llama_model
+    data = random_encoded(n=4, vocab=model.config.vocab_size)
+    config = fast(objective=names.PERCE)
+    add_lora(model, config.targets, config.rank, config.alpha, config.seed)
+    generator = torch.Generator().manual_seed(1)
+    for m in lora_modules(model).values():  # a nonzero B, so both factors get gradients
+        torch.nn.init.normal_(m.lora_b, std=0.05, generator=generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_total = sum(e.n_target for e in data)
+    accumulate_gradients(model, model.hidden, data, n_total, config)
+    got = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    rows = [(model.hidden(e.pos[None])[0, -e.n_target - 1:-1], model.hidden(e.neg[None])[0, -e.n_target - 1:-1],
+             e.pos[-e.n_target:]) for e in data]
+    loss, weights, _ = perce_linear_cross_entropy_reference(
+        torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]).detach(), model.output.weight,
+        torch.cat([r[2] for r in rows]))
+    loss.backward()
+    assert (weights != 1).any()
+    remove_lora(model)
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5 * float(p.grad.abs().max()))
+
+
+def test_bf16_loss_curve_follows_fp32(llama_model):
+    """bf16 autocast (fp32 master weights and loss) tracks the fp32 loss curve within 2% per step."""
+    model = llama_model
+    data = random_encoded(vocab=model.config.vocab_size)
+    fp32 = train(model, data, fast(steps=6), progress=False)
+    bf16 = train(model, data, fast(steps=6, precision="bf16"), progress=False)
+    assert all(p.requires_grad is False or p.dtype == torch.float32 for p in model.parameters())
+    for a, b in zip(fp32.steps, bf16.steps):
+        assert abs(a.loss - b.loss) <= 0.02 * a.loss
+
+
+def test_profile_never_holds_the_target_item():
+    items = [{"id": i, "text": f"Hey all! Spent the afternoon on climbing number {i} again. Stay curious!", "kind": "post"}
+             for i in range(10)]
+    examples = history_examples(items, k=4)
+    assert len(examples) == 10
+    for e, item in zip(examples, items):
+        assert item["text"] not in e.profile and len(e.profile) == 4 and e.target == item["text"]
+        assert e.source == item["id"]
+
+
+def test_instruction_pairs():
+    assert instruction_pair("Q: Any pets at home? A: Definitely a dog.") == ("Any pets at home?", "Definitely a dog.")
+    assert instruction_pair("Great blender, loud.", "review", {"summary": "Loud but strong"})[0] == \
+        'Write a short review titled "Loud but strong".'
+    assert instruction_pair("Honest review: the ramen was unreal. Peace out.")[0] == "Write a short review."
+
+
+def test_train_user_needs_enough_writing(tmp_path, llama_path):
+    from localpers.store import Store
+    from localpers.training import train_user
+
+    with Store.open(tmp_path) as store:
+        store.add("bob", "Hey all! Tacos again tonight with friends, unreal. Peace out.", kind="post")
+        with pytest.raises(UserError, match="needs at least 8"):
+            train_user(store, "bob", llama_path, names.PERCE)
+        assert store.artifacts("bob") == []
+
+
+def test_personalize_perce_registers_the_adapter(tmp_path, llama_path):
+    """`localpers personalize --method perce` on an imported history: one registered lora with its sources."""
+    from localpers.store import Store
+
+    history = tmp_path / "history.jsonl"
+    lines = [{"text": f"Hey all! Another weekend of bouldering at gym {i}, so cozy. Stay curious!", "kind": "post"}
+             for i in range(9)]
+    history.write_text("\n".join(json.dumps(x) for x in lines))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "localpers", *a, "--data-dir", str(tmp_path / "d")],
+                                    cwd=REPO, env=env, capture_output=True, text=True)
+    assert run("import", "--user", "ann", str(history)).returncode == 0
+    out = run("personalize", "--user", "ann", "--method", "perce", "--model", str(llama_path))
+    assert out.returncode == 0, out.stderr
+    with Store.open(tmp_path / "d") as store:
+        (artifact,) = store.artifacts("ann", names.LORA)
+        ids = [i["id"] for i in store.items("ann")]
+    assert artifact["meta"]["method"] == names.PERCE and artifact["meta"]["sources"] == ids
+    assert Path(artifact["path"]).is_file()
+    missing = run("personalize", "--user", "nobody", "--method", "ce", "--model", str(llama_path))
+    assert missing.returncode == 2 and "no user 'nobody'" in missing.stderr
+
+
+def test_ddp_two_processes_match_one(tmp_path, llama_path):
+    """2-process gloo DDP: both ranks end with identical weights, equal to one process on the union batch."""
+    import torch.multiprocessing as mp
+
+    from localpers.train_cli import _free_port, run_rank
+
+    questions = [{"id": str(i), "input": f"Write a short post about topic {i}.",
+                  "profile": [{"id": f"{i}-{j}", "text": f"Hey all! Topic {i} note {j} was unreal. Peace out."}
+                              for j in range(5)]} for i in range(8)]
+    outputs = {"task": "LongLaMP_test", "golds": [{"id": str(i), "output": f"Hey all! Topic {i} was lovely. Peace out."}
+                                                  for i in range(8)]}
+    (tmp_path / "q_questions.json").write_text(json.dumps(questions))
+    (tmp_path / "q_outputs.json").write_text(json.dumps(outputs))
+    config = fast(steps=3, batch=4, targets=("q", "v", "down"))
+    from dataclasses import asdict
+
+    job = dict(model=str(llama_path), data=str(tmp_path / "q_questions.json"), outputs=None, limit=None,
+               out=str(tmp_path / "ddp.gguf"), config=asdict(config), threads=1, checkpoint=None, log=None,
+               state_out=str(tmp_path / "ddp-%d.pt"))
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(_free_port())
+    mp.spawn(run_rank, args=(2, job), nprocs=2, join=True)
+    run_rank(0, 1, {**job, "out": str(tmp_path / "one.gguf"), "state_out": str(tmp_path / "one-%d.pt")})
+    r0, r1, one = (torch.load(tmp_path / f, weights_only=True) for f in ("ddp-0.pt", "ddp-1.pt", "one-0.pt"))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(r0[k].abs().max() > 0 for k in r0 if k.endswith(".b"))
+    for k in r0:
+        torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "ddp.gguf").is_file()
