@@ -33,10 +33,10 @@ class Composer:
 
     def __post_init__(self):
         object.__setattr__(self, "spec", "+".join(part.strip() for part in self.spec.split("+")))
-        get_method(self.spec)  # fail at start-up, not on the first request
+        object.__setattr__(self, "_method", get_method(self.spec))  # unknown names fail at start-up
 
     def __call__(self, user: User, query: str, engine) -> Personalized:
-        return get_method(self.spec)(user, query, engine)
+        return self._method(user, query, engine)
 
     def explain(self, user: User, personalized: Personalized) -> dict:
         """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id) and the
