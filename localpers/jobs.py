@@ -53,6 +53,7 @@ class Worker:
                  warm: bool = False):
         self.store, self.engine, self.threads, self.poll_s, self.warm = store, engine, threads, poll_s, warm
         self._wake, self._stop = threading.Event(), threading.Event()
+        self.ready = threading.Event()  # set once the engine is there and warming up (if asked) is over
         self._thread = threading.Thread(target=self._run, daemon=True, name="localpers-jobs")
         self.current: dict | None = None
 
@@ -87,6 +88,7 @@ class Worker:
                         _resolve(target)(engine)
                     except Exception as e:  # a job reports it later; warming is only an optimisation
                         log.warning("warming up %s jobs failed: %s", kind, e)
+            self.ready.set()
             if not self.run_one(engine):
                 self._wake.wait(self.poll_s)
                 self._wake.clear()

@@ -129,7 +129,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     app.include_router(jobs_router)
     app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
     if app.state.worker is not None:
-        app.router.on_shutdown.append(app.state.worker.stop)
+        app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
 
     def compose(user: str | None, messages: list[dict], learn: bool):
         """(messages as served, engine arguments, explanation) of a request: what `user` is served with."""

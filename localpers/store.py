@@ -1,5 +1,7 @@
 """localpers' local history store: one SQLite database (WAL mode) per data directory, holding users, their
-history items, embeddings of those items, and the registry of their personalization artifacts.
+history items, embeddings of those items, the registry of their personalization artifacts (one current artifact
+per user, method, kind and base model, with the ids of the items it was derived from) and the persistent queue
+of background jobs that recompute them.
 
 Item text, item metadata, artifact metadata and embeddings are sealed with AES-GCM before they reach SQLite,
 so no user text lies in plaintext in the database, its WAL or its journal. User names, item kinds and
