@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from localpers import names
 from localpers.errors import UserError
 
 
 def cmd_serve(args):
     from localpers.server import serve
 
-    serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir)
+    serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir,
+          personalize=args.personalize, history=not args.no_history)
 
 
 def cmd_info(args):
@@ -30,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME or the XDG data dir)")
+    p.add_argument("--personalize", default=f"{names.EDIT}+{names.RAG}", metavar="SPEC",
+                   help="what a request with `user` is served with: methods joined by '+' (default: %(default)s; "
+                        "see README)")
+    p.add_argument("--no-history", action="store_true",
+                   help="do not store users' chat messages nor learn preferences from them")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe a GGUF model")

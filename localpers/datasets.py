@@ -77,6 +77,27 @@ class UpqaItem:
     meta: tuple[tuple[str, object], ...] = ()   # extra fields kept in the report rows (world: step, history)
 
 
+UPQA_FACT_FIELDS = ("attribute_type", "question", "target")
+
+
+def _cluster(value) -> tuple[str, ...]:
+    """A UPQA field as a cluster, canonical value last: a string is a cluster of one, a list (cluster9) is
+    itself; anything else is empty."""
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    return tuple(v for v in value if isinstance(v, str) and v.strip()) if isinstance(value, list) else ()
+
+
+def upqa_fact(statement: str, fields: dict) -> Fact | None:
+    """The Fact of a UPQA item, or of a stored preference that carries a UPQA item's fields in its meta (store
+    imports keep them): the questions, targets and attribute types as clusters. None without a question and a
+    target (a preference said in a chat has none: editing builds its questions from templates)."""
+    questions, targets, attributes = (_cluster(fields.get(k)) for k in ("question", "target", "attribute_type"))
+    if not (questions and targets):
+        return None
+    return Fact(statement, questions, targets, attributes)
+
+
 def read_upqa(path: str | Path) -> list[UpqaItem]:
     """UPQA items. In the cluster9 variant `attribute_type`, `question` and `target` are 9-element lists
     whose last element is the plain item's value; it is the canonical one and the rest are synonyms.
@@ -84,18 +105,18 @@ def read_upqa(path: str | Path) -> list[UpqaItem]:
     path = Path(path)
     items = []
     for i, raw in enumerate(_items(path, load_json(path), "UPQA item")):
-        clustered = isinstance(raw.get("target"), list)
-        kind = list if clustered else str
-        # Plain items become 1-element clusters; the canonical value is last either way.
-        targets, questions, attributes = (
-            tuple(v) if clustered else (v,)
-            for v in (_field(path, i, raw, name, kind) for name in ("target", "question", "attribute_type")))
+        kind = list if isinstance(raw.get("target"), list) else str
+        for name in ("target", "question", "attribute_type"):
+            _field(path, i, raw, name, kind)
         statement = raw.get("input_attribute")
         if not isinstance(statement, str) or not (statement.strip() or raw.get("profile")):
             raise UserError(f"{path}: item {i}: field 'input_attribute' must be a non-empty string")
+        # Plain items become 1-element clusters; the canonical value is last either way.
+        fact = upqa_fact(statement, raw)
+        targets, questions, attributes = fact.targets, fact.questions, fact.attributes
         user = _user(path, i, raw, upqa_user(raw, i), statement)
         if statement.strip():
-            user = replace(user, facts=(Fact(statement, questions, targets, attributes),))
+            user = replace(user, facts=(fact,))
         candidates = raw.get("candidates", [])
         if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
             raise UserError(f"{path}: item {i}: field 'candidates' must be a list of strings")

@@ -161,20 +161,16 @@ def fact_from_statement(statement: str, attribute: str | None = None) -> Fact:
 
 
 def fact_from_item(text: str, meta: dict | None) -> Fact:
-    """A stored preference: its question and target clusters when the item carries them (UPQA fields
-    imported as JSONL), else templates."""
+    """A stored preference: its question and target clusters when the item carries them (UPQA fields,
+    datasets.upqa_fact), else templates."""
+    from localpers.datasets import _cluster, upqa_fact
+
     meta = meta or {}
-    questions, targets, attributes = (_strings(meta.get(k)) for k in ("question", "target", "attribute_type"))
-    if questions and targets:
-        return Fact(check_statement(text), questions, targets, attributes)
+    fact = upqa_fact(check_statement(text), meta)
+    if fact is not None:
+        return fact
+    attributes = _cluster(meta.get("attribute_type"))
     return fact_from_statement(text, attributes[-1] if attributes else None)
-
-
-def _strings(value) -> tuple[str, ...]:
-    """A metadata field that is a string or a list of strings, as a tuple (else empty)."""
-    if isinstance(value, str):
-        return (value,)
-    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
 
 
 def with_template_questions(fact: Fact) -> Fact:
@@ -551,6 +547,7 @@ class Result:
     edits: list[Edit]                                   # edits that made the served model state their target
     failed: list[tuple[Fact, str]] = field(default_factory=list)   # facts it could not state, with its answer
     adapter: Path | None = None
+    artifact: int | None = None                         # the registry id of the registered adapter
     retired: int = 0                                    # earlier edit artifacts deleted (nothing left to serve)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (statement, why) of preferences not edited
     answers: dict[str, str] = field(default_factory=dict)          # statement -> llama.cpp's answer when checked
@@ -566,7 +563,7 @@ def states(answer: str, targets: tuple[str, ...]) -> bool:
     """Does `answer` state one of `targets`? English (ASCII) targets: the evaluation's target_match (stemmed
     content words). Other languages: at least MATCH_RECALL of the target's search terms (localpers.retrieval:
     words, or character pairs in Chinese, Japanese, Korean and Thai) are in the answer."""
-    from localpers.evaluation import MATCH_RECALL, target_match
+    from localpers.matching import MATCH_RECALL, target_match
     from localpers.retrieval import split_words
 
     if all(t.isascii() for t in targets):
@@ -642,38 +639,61 @@ def editor_for(model_path: str, config: EditConfig | None = None) -> Editor:
 
 
 def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool = False, engine=None,
-                config: EditConfig | None = None) -> Result:
+                config: EditConfig | None = None, store=None, job: int | None = None) -> Result:
     """Recompute `user`'s edits from all their stored preferences (later wins), verify them on llama.cpp and
     register the adapter (kind 'lora') for the served model; with bake_model also a full GGUF (kind 'model').
     The registered edits always match the current preferences: when none is left, or none could be made,
-    the user's earlier edit artifacts for this model are deleted."""
+    the user's earlier edit artifacts for this model are deleted. The artifact records the ids of the
+    preferences it encodes (meta "sources"), never their text. `store` and `job`: the server's worker passes
+    its open store and the job's id (a job cancelled meanwhile registers nothing: store.StaleError)."""
+    from contextlib import nullcontext
+
     from localpers.engine import Engine
     from localpers.store import Store, data_dir as default_data_dir
 
-    with Store.open(default_data_dir(data_dir)) as store:
-        items = store.items(user, kind="preference")
+    with (nullcontext(store) if store is not None else Store.open(default_data_dir(data_dir))) as store:
+        items = store.items(user, kind=names.PREFERENCE)
         facts, skipped = preference_facts(items)
+        source_of = {}
+        for item in items:
+            try:
+                source_of[fact_from_item(item["text"], item["meta"]).statement] = item["id"]
+            except UserError:
+                pass
         engine = engine or Engine(model_path)
         sha = base_model_sha256(engine.model_path)
         if facts:
+            import tempfile
+
             editor = editor_for(str(engine.model_path), config)
-            folder = store.artifact_dir(user)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            result = edit_facts(engine, editor, facts, folder / f"edit-{stamp}.gguf")
+            with tempfile.TemporaryDirectory(prefix="localpers-edit-") as tmp:  # registration copies it in
+                result = edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
+                if result.adapter:
+                    meta = {"method": names.EDIT, "layer": editor.config.layer,
+                            "sources": [source_of[e.fact.statement] for e in result.edits],
+                            "edited": len(result.edits), "failed": len(result.failed)}
+                    result.artifact = store.register_artifact(user, names.LORA, result.adapter, sha, meta, job=job)
+                    result.adapter = Path(next(a["path"] for a in store.artifacts(user, names.LORA)
+                                               if a["id"] == result.artifact))
+                    if bake_model:
+                        baked = bake(engine.model_path, Path(tmp) / "model-edited.gguf", result.edits)
+                        store.register_artifact(user, names.MODEL, baked, sha, meta, job=job)
         else:
             result = Result([])
         result.skipped = skipped + result.skipped
         if not result.adapter:
             result.retired = sum(store.retire_artifacts(user, kind, sha, method=names.EDIT) for kind in (names.LORA, names.MODEL))
-            if not items and not result.retired:
+            if not items and not result.retired and job is None:
                 facts_of([], [])  # raises: no preferences to edit
-            return result
-        meta = {"method": names.EDIT, "layer": editor.config.layer, **result.summary()}
-        store.register_artifact(user, names.LORA, result.adapter, sha, meta)
-        if bake_model:
-            baked = bake(engine.model_path, folder / f"model-edited-{stamp}.gguf", result.edits)
-            store.register_artifact(user, names.MODEL, baked, sha, meta)
     return result
+
+
+def edit_job(store, user: str, engine, job: int) -> dict:
+    """The worker's `edit` job (localpers.jobs): personalize with the server's store and engine. Returns
+    what the job list shows: counts and the registered artifact's id, no text."""
+    result = personalize(user, engine=engine, store=store, job=job)
+    return {"artifact": result.artifact, "edited": len(result.edits), "failed": len(result.failed),
+            "retired": result.retired}
 
 
 # ---------------------------------------------------------------- the evaluation method
@@ -712,3 +732,8 @@ def edit_method(user, query, engine):
         return Personalized(artifacts=Artifacts(lora=((served.path, 1.0),))) if served else Personalized()
     adapter = user_adapter(user, engine)
     return Personalized(artifacts=Artifacts(lora=((str(adapter), 1.0),))) if adapter else Personalized()
+
+
+def warm_up(engine) -> None:
+    """Load the editor's torch model for the served model ahead of the first edit job (localpers.jobs)."""
+    editor_for(str(engine.model_path))

@@ -109,7 +109,7 @@ def cmd_eval(args) -> None:
         raise UserError(f"unexpected arguments: {' '.join(args.parts)}")
     from localpers import evaluation as ev
     from localpers.datasets import lamp_outputs_path, read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
-    from localpers.methods import get_method
+    from localpers.compose import Composer
     from localpers.world import WORLD_FILES, generate_world, write_world
 
     if args.threads is not None and args.threads < 1:
@@ -137,7 +137,7 @@ def cmd_eval(args) -> None:
     names = [m.strip() for m in args.method.split(",") if m.strip()]
     if not names:
         raise UserError("--method needs at least one method")
-    methods = {name: get_method(name) for name in names}
+    methods = {name: Composer(name) for name in names}  # what `localpers serve --personalize NAME` serves
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS.get(args.task, 48)
     # Read and check all data before loading the model, so a bad file fails at once.
     if args.task == "upqa":

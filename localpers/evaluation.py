@@ -19,12 +19,12 @@ from tqdm import tqdm
 
 from localpers.datasets import LampItem, PrefEvalItem, UpqaItem
 from localpers.errors import UserError
+from localpers.matching import MATCH_RECALL, target_match
 from localpers.methods import Personalized, apply
 from localpers.world import history_bucket
 
 # ---------------------------------------------------------------- scoring rules (also written into report.md)
 
-MATCH_RECALL = 0.5
 LOCALITY_USERS = 100  # locality_kl costs 8 scored answers per user: at most this many, evenly spaced over the items
 RULES = {
     "match": (f"An answer is correct when, for some accepted target (the cluster9 variant accepts all 9 synonyms), "
@@ -58,33 +58,6 @@ def upqa_rules(max_tokens: int) -> list[str]:
 def locality_users(users: list) -> list:
     """At most LOCALITY_USERS of `users`, evenly spaced: a file's first users may all share one attribute type."""
     return list(users[::max(1, math.ceil(len(users) / LOCALITY_USERS))])
-
-
-def _tokenizer():
-    from rouge_score.tokenizers import DefaultTokenizer
-
-    return DefaultTokenizer(use_stemmer=True)
-
-
-def content_tokens(text: str) -> set[str]:
-    from bm25s.stopwords import STOPWORDS_EN
-
-    return {t for t in _tokenizer().tokenize(text) if t not in STOPWORDS_EN}
-
-
-def target_match(answer: str, targets: tuple[str, ...], others: tuple[str, ...] = ()) -> bool:
-    """Does `answer` state one of `targets`? Words a target shares with `others` (other users' targets for the
-    same question) do not count: "music" in "Jazz music" is not evidence against "Rap music"."""
-    words = set(_tokenizer().tokenize(answer))
-    shared = set().union(*map(content_tokens, others))
-    for target in targets:
-        tokens = content_tokens(target)
-        wanted = tokens - shared
-        if wanted and len(wanted & words) >= MATCH_RECALL * len(wanted):
-            return True
-        if tokens and not wanted and tokens <= words:  # a target of shared words only needs all of them
-            return True
-    return False
 
 
 def rouge(prediction: str, gold: str) -> dict[str, float]:

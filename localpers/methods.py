@@ -35,6 +35,7 @@ class RegisteredArtifact:
     method: str     # names.EDIT, names.PERCE, ...
     kind: str       # names.LORA, names.CONTROL_VECTOR
     path: str
+    id: int = 0     # the registry's id (what a response's `localpers` explanation names)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class User:
     preferences: tuple[str, ...] = ()   # what the user stated about themselves ("I'm vegetarian.")
     history: tuple[str, ...] = ()       # the user's own items (posts, reviews, profile entries), oldest first
     facts: tuple[Fact, ...] = ()        # preferences the data gives as question/answer clusters
+    history_ids: tuple[int, ...] = ()   # served users: the store's id of each history item (for explanations)
     # None: an evaluation user (trained methods compute their artifacts on demand, cached). A tuple: a served
     # user (trained methods use only these current registry artifacts; nothing is trained on a request).
     registered: tuple[RegisteredArtifact, ...] | None = None
@@ -57,6 +59,7 @@ class Personalized:
     artifacts: Artifacts = field(default_factory=Artifacts)
     system: str = ""          # appended to the system message
     user_prefix: str = ""     # put before the last user message (retrieved context sits next to the question)
+    retrieved: tuple[int, ...] = ()   # store ids of the history items in the context (served users only)
 
 
 Method = Callable[[User, str, object], Personalized]   # (user, query, engine) -> Personalized
@@ -77,13 +80,18 @@ def prompt(user: User, query: str, engine) -> Personalized:
 RAG_TOP_K = 4
 
 
-def retrieve(history: tuple[str, ...], query: str, k: int = RAG_TOP_K) -> list[str]:
-    """The k history items with the best BM25 score for `query`, best first (ties: most recent first);
-    items sharing no term with the query are left out."""
+def retrieve_positions(history: tuple[str, ...], query: str, k: int = RAG_TOP_K) -> list[int]:
+    """Positions in `history` of the k items with the best BM25 score for `query`, best first (ties: most
+    recent first); items sharing no term with the query are left out."""
     index = BM25Index()
     for i, text in enumerate(history):
         index.add(i, text)
-    return [history[i] for i, _ in index.search(query, k)]
+    return [i for i, _ in index.search(query, k)]
+
+
+def retrieve(history: tuple[str, ...], query: str, k: int = RAG_TOP_K) -> list[str]:
+    """The texts of retrieve_positions."""
+    return [history[i] for i in retrieve_positions(history, query, k)]
 
 
 def rag_prefix(found: list[str]) -> str:
@@ -95,7 +103,11 @@ def rag_prefix(found: list[str]) -> str:
 
 
 def rag(user: User, query: str, engine) -> Personalized:
-    return Personalized(user_prefix=rag_prefix(retrieve(user.history, query)))
+    found = retrieve_positions(user.history, query)
+    if not found:
+        return Personalized()
+    return Personalized(user_prefix=rag_prefix([user.history[i] for i in found]),
+                        retrieved=tuple(user.history_ids[i] for i in found) if user.history_ids else ())
 
 
 # name -> function, or "module:function" for methods whose module is imported only when used.
@@ -115,7 +127,8 @@ def combine(parts: list[Personalized]) -> Personalized:
         artifacts = artifacts.merge(p.artifacts)
     return Personalized(artifacts=artifacts,
                         system="\n\n".join(p.system for p in parts if p.system),
-                        user_prefix="".join(p.user_prefix for p in parts))
+                        user_prefix="".join(p.user_prefix for p in parts),
+                        retrieved=tuple(i for p in parts for i in p.retrieved))
 
 
 def get_method(spec: str) -> Method:

@@ -2,8 +2,15 @@
 
 Routes: POST /v1/chat/completions (plain, or SSE chunks ending with `data: [DONE]`), GET /v1/models,
 GET /health (503 while the model loads, 200 after). User mistakes get 4xx with OpenAI's error body, never a 500.
-A request that names a `user` is served with that user's newest artifacts (LoRA adapter, control vector) made for
-the served model; the mem0-like memory endpoints of localpers.memory_api live under /v1/users/.
+
+A request that names a `user` is composed for that user (localpers.compose, spec `--personalize`, default
+edit+rag): their current registry artifacts for the served model, their stated preferences and retrieved history,
+as `localpers eval` measures the same spec. Unless the server runs with `--no-history` or the request says
+`"localpers": {"history": false}`, the user's new messages are stored in their history and the preferences stated
+in them learned (localpers.learn), which queues background jobs (localpers.jobs). `"localpers": {"explain": true}`
+adds a `localpers` object to the response (the last chunk of a stream): the composition, the artifacts served
+(method, kind, id) and the ids of the retrieved items, never text. The mem0-like memory endpoints of
+localpers.memory_api and the job endpoints of localpers.jobs live under /v1/users/.
 """
 from __future__ import annotations
 
@@ -17,10 +24,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from localpers.engine import Artifacts, model_sha256
+from localpers import names
+from localpers.compose import DEFAULT_SPEC, Composer, last_user_message, served_user
+from localpers.engine import model_sha256
 from localpers.errors import UserError
+from localpers.jobs import Worker
+from localpers.jobs import router as jobs_router
+from localpers.learn import learn_from_chat
 from localpers.memory_api import router as memory_router
-from localpers.store import NotFoundError, Store
+from localpers.methods import apply
+from localpers.store import Store
 from localpers.store import data_dir as resolve_data_dir
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any chat a 4k-token context can hold
@@ -82,6 +95,10 @@ def parse_chat_request(body, model_name: str) -> dict:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false")
+    options = body.get("localpers") or {}
+    if not isinstance(options, dict) or set(options) - {"explain", "history"} \
+            or not all(isinstance(v, bool) for v in options.values()):
+        raise APIError(400, "'localpers' must be an object with optional booleans 'explain' and 'history'")
     return dict(
         messages=clean,
         max_tokens=number(max_tokens_field, 512, 1, 1 << 20, int),
@@ -91,30 +108,41 @@ def parse_chat_request(body, model_name: str) -> dict:
         stop=stop,
         user=user,
         stream=stream,
+        explain=options.get("explain", False),
+        history=options.get("history", True),
     )
 
 
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
-               engine=None) -> FastAPI:
+               engine=None, personalize: str = DEFAULT_SPEC, history: bool = True, jobs: bool = False,
+               warm_jobs: bool = False) -> FastAPI:
     """The server's app. The engine loads in a background thread (so /health answers 503 meanwhile) unless an
-    engine is given."""
+    engine is given. `personalize`: the composition spec of requests with a `user`; `history`: store users'
+    messages and learn their preferences; `jobs`: run the background job worker (`localpers serve` does; without
+    it jobs stay queued), `warm_jobs`: load what jobs need (the editor's torch model) once the engine is ready."""
     app = FastAPI(title="localpers", docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.load_error = None
     app.state.store = store = Store.open(resolve_data_dir(data_dir))
+    app.state.composer = composer = Composer(personalize)
     app.include_router(memory_router)
+    app.include_router(jobs_router)
+    app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
+    if app.state.worker is not None:
+        app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
 
-    def artifacts_for(user: str):
-        """The user's newest adapter and control vector made for the served model (None: serve the base model)."""
-        sha = model_sha256(app.state.engine.model_path)
-        try:
-            lora = store.latest_artifact(user, "lora", sha)
-            cvec = store.latest_artifact(user, "control_vector", sha)
-        except NotFoundError:
-            return None
-        if not (lora or cvec):
-            return None
-        return Artifacts(lora=((lora["path"], 1.0),) if lora else (), control_vectors=((cvec["path"], 1.0),) if cvec else ())
+    def compose(user: str | None, messages: list[dict], learn: bool):
+        """(messages as served, engine arguments, explanation) of a request: what `user` is served with."""
+        if not user:
+            return messages, {}, {"composition": names.BASE, "artifacts": [], "retrieved": []}
+        engine = app.state.engine
+        person = served_user(store, user, model_sha256(engine.model_path), messages)
+        personalized = composer(person, last_user_message(messages), engine)
+        if history and learn:  # after composing: this request's messages are context, not retrieved history
+            learned = learn_from_chat(store, user, messages)
+            if (learned["preferences"] or learned["replaced"]) and app.state.worker is not None:
+                app.state.worker.wake()
+        return apply(personalized, messages), {"artifacts": personalized.artifacts}, composer.explain(person, personalized)
 
     def load():
         from localpers.engine import Engine
@@ -186,20 +214,22 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
         engine = ready_engine()
         args = parse_chat_request(body, engine.model_name)
-        user, stream = args.pop("user"), args.pop("stream")
-        artifacts = artifacts_for(user) if user else None
-        if artifacts is not None:
-            args["artifacts"] = artifacts
+        user, stream, explain = args.pop("user"), args.pop("stream"), args.pop("explain")
+        args["messages"], extra, explanation = await run_in_threadpool(compose, user, args["messages"], args.pop("history"))
+        args.update(extra)
         if not stream:
-            return await run_in_threadpool(engine.chat, **args)
+            out = await run_in_threadpool(engine.chat, **args)
+            return out | {"localpers": explanation} if explain else out
         chunks = engine.chat_stream(**args)
         # Surface prompt errors (too long, a bad artifact) as a 4xx before the stream starts.
         first = await run_in_threadpool(next, chunks)
 
         def sse():
-            yield f"data: {json.dumps(first)}\n\n"
+            last = first
             for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+                yield f"data: {json.dumps(last)}\n\n"
+                last = chunk
+            yield f"data: {json.dumps(last | {'localpers': explanation} if explain else last)}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
@@ -208,11 +238,12 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
 
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          data_dir: str | None = None) -> None:
+          data_dir: str | None = None, personalize: str = DEFAULT_SPEC, history: bool = True) -> None:
     import uvicorn
 
     if model is not None and not Path(model).is_file():
         raise UserError(f"{model}: no such model file")
-    app = create_app(model, api_key=api_key, data_dir=data_dir)
+    app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
+                     jobs=True, warm_jobs=True)
     print(f"localpers: serving on http://{host}:{port}/v1 (the model loads in the background; GET /health)")
     uvicorn.run(app, host=host, port=port, log_level="info")

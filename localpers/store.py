@@ -1,5 +1,7 @@
 """localpers' local history store: one SQLite database (WAL mode) per data directory, holding users, their
-history items, embeddings of those items, and the registry of their personalization artifacts.
+history items, embeddings of those items, the registry of their personalization artifacts (one current artifact
+per user, method, kind and base model, with the ids of the items it was derived from) and the persistent queue
+of background jobs that recompute them.
 
 Item text, item metadata, artifact metadata and embeddings are sealed with AES-GCM before they reach SQLite,
 so no user text lies in plaintext in the database, its WAL or its journal. User names, item kinds and
@@ -10,6 +12,8 @@ Writes are one short SQLite transaction: no model runs on the write path. Search
 and catch up with the database (including writes by other processes) when searched."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import os
@@ -27,6 +31,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from localpers import names
 from localpers.errors import UserError
 from localpers.retrieval import BM25Index, DenseIndex, fuse, make_embedder
 
@@ -60,11 +65,31 @@ CREATE TABLE IF NOT EXISTS artifacts (
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     kind TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, base_model_sha256 TEXT NOT NULL,
     meta BLOB NOT NULL, created REAL NOT NULL, UNIQUE (user_id, kind, version));
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,  -- forget cancels a user's jobs
+    kind TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', result TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL, started REAL, finished REAL);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS chat_seen (  -- keyed hashes of chat messages already stored (no text)
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    digest BLOB NOT NULL, PRIMARY KEY (user_id, digest));
 """
+# Registry columns added in session 6 (ALTER TABLE for databases made before): the method that made the
+# artifact, the ids of the items it was derived from (JSON list of ints, no text), and its state.
+ARTIFACT_COLUMNS = {
+    "method": "TEXT NOT NULL DEFAULT ''",
+    "sources": "TEXT NOT NULL DEFAULT '[]'",
+}
 
 
 class NotFoundError(UserError):
     """A read of a user or an item the store does not hold (the server answers 404)."""
+
+
+class StaleError(UserError):
+    """An artifact's registration came too late: its job was cancelled (forget), or an item it was derived
+    from was deleted meanwhile (the deletion queued its recomputation). Nothing was written."""
 
 
 def data_dir(arg: str | None = None) -> Path:
@@ -320,6 +345,12 @@ class Cipher:
 
     def __init__(self, key: bytes):
         self.aead = AESGCM(key)
+        # A separate key for keyed hashes (chat-message dedupe): equal messages give equal digests, and the
+        # digests say nothing about the text without the store's key.
+        self.mac_key = hashlib.sha256(b"localpers digest key\0" + key).digest()
+
+    def digest(self, data: bytes) -> bytes:
+        return hmac.new(self.mac_key, data, hashlib.sha256).digest()
 
     def seal(self, data: bytes, aad: bytes) -> bytes:
         nonce = os.urandom(12)
@@ -375,6 +406,7 @@ class Store:
         self._bm25: dict[int, BM25Index] = {}  # user id -> index
         self._dense: dict[tuple[int, str], DenseIndex] = {}  # (user id, embedder name) -> index
         self.cipher = self._unlock()
+        self._migrate()
 
     @classmethod
     def open(cls, directory: str | os.PathLike, embedder=None) -> Store:
@@ -496,6 +528,32 @@ class Store:
                                      (f"artifacts/{new.name}/{path[len(prefix):]}", artifact_id))
             conn.execute("INSERT OR REPLACE INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
 
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier version up to this schema: the registry's method and sources
+        columns (method read from the old sealed meta), item text removed from artifact meta (only the method
+        and numbers are kept), and one current artifact per (user, method, kind, base model), the newest."""
+        columns = {row[1] for row in self._conn().execute("PRAGMA table_info(artifacts)")}
+        if set(ARTIFACT_COLUMNS) <= columns:
+            return
+        with self._write() as conn:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(artifacts)")}
+            for name, definition in ARTIFACT_COLUMNS.items():
+                if name not in columns:
+                    conn.execute(f"ALTER TABLE artifacts ADD COLUMN {name} {definition}")
+            for artifact_id, user_id, sealed in conn.execute("SELECT id, user_id, meta FROM artifacts").fetchall():
+                meta = json.loads(self.cipher.open(sealed, b"%d:artifact" % user_id))
+                method = meta.get("method") if isinstance(meta.get("method"), str) else ""
+                kept = {k: v for k, v in meta.items() if k == "method" or isinstance(v, (int, float, bool))}
+                conn.execute("UPDATE artifacts SET method = ?, meta = ? WHERE id = ?",
+                             (method, self.cipher.seal(encode_meta(kept), b"%d:artifact" % user_id), artifact_id))
+            stale = conn.execute(
+                "SELECT a.id, a.user_id, a.path FROM artifacts a WHERE EXISTS"
+                " (SELECT 1 FROM artifacts b WHERE b.user_id = a.user_id AND b.method = a.method AND b.kind = a.kind"
+                " AND b.base_model_sha256 = a.base_model_sha256 AND b.id > a.id)").fetchall()
+            conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i, _, _ in stale])
+        for _, user_id, path in stale:
+            self._remove_files(user_id, [path])
+
     # ----- users
 
     def _user_id(self, conn, user: str) -> int:
@@ -522,17 +580,53 @@ class Store:
         return self.add_many(user, [check_item(text, kind, meta, ts)])[0]
 
     def add_many(self, user: str, items: list[tuple[str, float, bytes, bytes]]) -> list[int]:
-        """Store items validated by check_item, all in one transaction: all of them or none."""
+        """Store items validated by check_item, all in one transaction: all of them or none. A new preference queues an edit job for the user (the worker of `localpers serve` runs it)."""
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            text_aad, meta_aad = b"%d:text" % user_id, b"%d:meta" % user_id
-            return [
-                conn.execute(
-                    "INSERT INTO items (user_id, kind, ts, text, meta) VALUES (?, ?, ?, ?, ?)",
-                    (user_id, kind, ts, self.cipher.seal(text, text_aad), self.cipher.seal(meta, meta_aad)),
-                ).lastrowid
-                for kind, ts, text, meta in items
-            ]
+            return self._insert(conn, user_id, items)
+
+    def _insert(self, conn, user_id: int, items: list[tuple[str, float, bytes, bytes]]) -> list[int]:
+        text_aad, meta_aad = b"%d:text" % user_id, b"%d:meta" % user_id
+        ids = [
+            conn.execute(
+                "INSERT INTO items (user_id, kind, ts, text, meta) VALUES (?, ?, ?, ?, ?)",
+                (user_id, kind, ts, self.cipher.seal(text, text_aad), self.cipher.seal(meta, meta_aad)),
+            ).lastrowid
+            for kind, ts, text, meta in items
+        ]
+        if any(kind == names.PREFERENCE for kind, *_ in items):
+            self._queue(conn, user_id, names.EDIT)
+        return ids
+
+    def add_chat(self, user: str, messages: list[dict]) -> list[tuple[int, str]]:
+        """Store the user's own messages of a chat (role "user"; not the assistant's words) that are not stored
+        yet, as items of kind "message": a client resends the whole conversation every turn, so a message is
+        known by a keyed hash of the conversation up to and including it. Creates the user on first write.
+        Returns (item id, text) of the messages stored now. A deleted message is not stored again."""
+        checked, digests, prefix = [], [], hashlib.sha256()
+        for position, message in enumerate(messages):
+            prefix.update(json.dumps([position, message["role"], message["content"]]).encode("utf-8"))
+            if message["role"] == "user" and message["content"].strip():
+                checked.append(check_item(message["content"], "message", {"role": "user", "source": "chat"}))
+                digests.append(self.cipher.digest(prefix.digest()))
+        if not checked:
+            return []
+        with self._write() as conn:
+            user_id = self._create_user(conn, user)
+            new = [(item, digest) for item, digest in zip(checked, digests) if conn.execute(
+                "INSERT OR IGNORE INTO chat_seen (user_id, digest) VALUES (?, ?)", (user_id, digest)).rowcount]
+            ids = self._insert(conn, user_id, [item for item, _ in new])
+        return [(i, item[2].decode("utf-8")) for i, (item, _) in zip(ids, new)]
+
+    def replace_items(self, user: str, add: list[tuple[str, float, bytes, bytes]], delete: list[int]) -> list[int]:
+        """Add items and delete others in one transaction (a changed preference: the contradicted one goes,
+        with the artifacts derived from it). Returns the new items' ids."""
+        with self._write() as conn:
+            user_id = self._create_user(conn, user)
+            retired = self._delete(conn, user_id, delete) if delete else []
+            ids = self._insert(conn, user_id, add)
+        self._remove_files(user_id, retired)
+        return ids
 
     def _decrypt_item(self, user_id, item_id, kind, ts, text, meta) -> dict:
         return {
@@ -554,12 +648,29 @@ class Store:
         return [self._decrypt_item(user_id, *row) for row in rows]
 
     def delete_item(self, user: str, item_id: int) -> None:
+        """Delete one item, and before returning every artifact derived from it (rows and files: not served
+        from the next request on); their recomputation is queued, as is an edit for a deleted preference."""
         with self._write() as conn:
             user_id = self._user_id(conn, user)
-            deleted = conn.execute("DELETE FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).rowcount
-            conn.execute("UPDATE users SET deletions = deletions + 1 WHERE id = ?", (user_id,))
-        if not deleted:
-            raise NotFoundError(f"user {user!r} has no item {item_id}")
+            if not conn.execute("SELECT 1 FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).fetchone():
+                raise NotFoundError(f"user {user!r} has no item {item_id}")
+            retired = self._delete(conn, user_id, [item_id])
+        self._remove_files(user_id, retired)
+
+    def _delete(self, conn, user_id: int, item_ids: list[int]) -> list[str]:
+        """Inside a write: delete items, retire what was derived from them, queue the recomputations; returns
+        the retired artifact files (to remove once committed)."""
+        marks = ",".join("?" * len(item_ids))
+        kinds = {k for (k,) in conn.execute(
+            f"SELECT kind FROM items WHERE user_id = ? AND id IN ({marks})", (user_id, *item_ids))}
+        conn.execute(f"DELETE FROM items WHERE user_id = ? AND id IN ({marks})", (user_id, *item_ids))
+        conn.execute("UPDATE users SET deletions = deletions + 1 WHERE id = ?", (user_id,))
+        paths, methods = self._retire_derived(conn, user_id, item_ids)
+        if names.PREFERENCE in kinds:
+            methods.add(names.EDIT)
+        for method in sorted(methods & set(names.TRAINED_METHODS)):
+            self._queue(conn, user_id, method)
+        return paths
 
     # ----- search
 
@@ -660,7 +771,7 @@ class Store:
                     ],
                 )
 
-    # ----- artifacts
+    # ----- artifacts: the registry
 
     def _user_folder(self, user_id: int) -> Path:
         """A user's artifact folder, named after their row id (never after the user id string, which may be any
@@ -675,90 +786,195 @@ class Store:
         return path
 
     def register_artifact(
-        self, user: str, kind: str, path: str | os.PathLike, base_model_sha256: str, meta: dict | None = None
+        self, user: str, kind: str, path: str | os.PathLike, base_model_sha256: str, meta: dict | None = None,
+        *, job: int | None = None,
     ) -> int:
-        """Record a new version of one of the user's artifacts (a LoRA adapter, a control vector …) made
-        for the base model with this SHA-256, and return the version. A file or folder outside
-        artifact_dir(user) is copied in, so that forget can delete it."""
+        """Make an artifact the user's current one for (meta["method"], kind, base model) and return its id.
+
+        The registry holds one current artifact per (user, method, kind, base model): the one it replaces is
+        deleted, row and file. meta["sources"] lists the ids of the items it was derived from (never their
+        text); they must all still exist, and deleting one later retires the artifact. A file or folder
+        outside artifact_dir(user) is copied in, so that forget deletes it. Raises NotFoundError for an
+        unknown (or forgotten) user; StaleError when a source item is gone or `job` (the job making the
+        artifact) is no longer running (cancelled by forget), in which case nothing is written."""
         check_name("artifact kind", kind)
         if not isinstance(base_model_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", base_model_sha256):
             raise UserError(f"base_model_sha256 must be 64 lower-case hex digits, not {base_model_sha256!r}")
+        meta = dict(meta or {})
+        method = meta.get("method", "")
+        if not isinstance(method, str):
+            raise UserError(f'meta["method"] must be a method name, not {method!r}')
+        sources = meta.pop("sources", [])
+        if not isinstance(sources, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in sources):
+            raise UserError(f'meta["sources"] must be a list of item ids, not {sources!r}')
+        sources = sorted(set(sources))
         source = Path(path).resolve()
         if not source.exists():
             raise UserError(f"{source}: no such artifact file")
         meta_bytes = encode_meta(meta)
-        folder = self.artifact_dir(user).resolve()
         with self._write() as conn:
-            user_id = self._create_user(conn, user)
+            user_id = self._user_id(conn, user)
+            if job is not None:
+                row = conn.execute("SELECT state FROM jobs WHERE id = ? AND user_id = ?", (job, user_id)).fetchone()
+                if row is None or row[0] != "running":
+                    raise StaleError(f"job {job} was cancelled: its artifact is not registered")
+            if sources:
+                found = {i for (i,) in conn.execute(
+                    f"SELECT id FROM items WHERE user_id = ? AND id IN ({','.join('?' * len(sources))})",
+                    (user_id, *sources))}
+                if len(found) != len(sources):
+                    raise StaleError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not registered")
+            folder = self._user_folder(user_id)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder = folder.resolve()
             (version,) = conn.execute(
                 "SELECT coalesce(max(version), 0) + 1 FROM artifacts WHERE user_id = ? AND kind = ?", (user_id, kind)
             ).fetchone()
+            replaced = conn.execute(
+                "SELECT id, path FROM artifacts WHERE user_id = ? AND method = ? AND kind = ? AND base_model_sha256 = ?",
+                (user_id, method, kind, base_model_sha256)).fetchall()
+            conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i, _ in replaced])
             if not source.is_relative_to(folder):
-                target = folder / f"{kind}-v{version}-{source.name}"
+                target = folder / f"{method or kind}-{kind}-v{version}-{source.name}"
                 if source.is_dir():
                     shutil.copytree(source, target)
                 else:
                     shutil.copy2(source, target)
                 source = target
-            conn.execute(
-                "INSERT INTO artifacts (user_id, kind, version, path, base_model_sha256, meta, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    user_id,
-                    kind,
-                    version,
-                    str(source.relative_to(self.directory.resolve())),
-                    base_model_sha256,
-                    self.cipher.seal(meta_bytes, b"%d:artifact" % user_id),
-                    time.time(),
-                ),
-            )
-        return version
+            relative = str(source.relative_to(self.directory.resolve()))
+            artifact_id = conn.execute(
+                "INSERT INTO artifacts (user_id, kind, version, path, base_model_sha256, meta, created, method, sources)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (user_id, kind, version, relative, base_model_sha256,
+                 self.cipher.seal(meta_bytes, b"%d:artifact" % user_id), time.time(), method, json.dumps(sources)),
+            ).lastrowid
+        self._remove_files(user_id, [p for _, p in replaced if p != relative])
+        return artifact_id
 
-    def artifacts(self, user: str, kind: str | None = None) -> list[dict]:
-        """The user's artifacts, latest first: dicts with kind, version, path, base_model_sha256, meta, created."""
+    def _remove_files(self, user_id: int, paths: list[str]) -> None:
+        """Delete retired artifact files (paths relative to the data directory), never outside the user's folder."""
+        folder = self._user_folder(user_id).resolve()
+        for relative in paths:
+            path = (self.directory / relative).resolve()
+            if path.is_relative_to(folder) and path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def artifacts(self, user: str, kind: str | None = None, base_model_sha256: str | None = None) -> list[dict]:
+        """The user's current artifacts, latest first: dicts with id, method, kind, version, path (absolute),
+        base_model_sha256, meta, sources (item ids) and created."""
         with self._read() as conn:
             user_id = self._user_id(conn, user)
-            sql, args = "SELECT kind, version, path, base_model_sha256, meta, created FROM artifacts WHERE user_id = ?", [
-                user_id
-            ]
+            sql = ("SELECT id, method, kind, version, path, base_model_sha256, meta, sources, created FROM artifacts"
+                   " WHERE user_id = ?")
+            args = [user_id]
             if kind is not None:
                 sql, args = sql + " AND kind = ?", args + [kind]
+            if base_model_sha256 is not None:
+                sql, args = sql + " AND base_model_sha256 = ?", args + [base_model_sha256]
             rows = conn.execute(sql + " ORDER BY created DESC, id DESC", args).fetchall()
         return [
-            {
-                "kind": kind,
-                "version": version,
-                "path": str(self.directory / path),
-                "base_model_sha256": sha,
-                "meta": json.loads(self.cipher.open(meta, b"%d:artifact" % user_id)),
-                "created": created,
-            }
-            for kind, version, path, sha, meta, created in rows
+            {"id": artifact_id, "method": method, "kind": kind, "version": version, "path": str(self.directory / path),
+             "base_model_sha256": sha, "meta": json.loads(self.cipher.open(meta, b"%d:artifact" % user_id)),
+             "sources": json.loads(sources), "created": created}
+            for artifact_id, method, kind, version, path, sha, meta, sources, created in rows
         ]
 
     def latest_artifact(self, user: str, kind: str, base_model_sha256: str) -> dict | None:
         """The user's newest artifact of this kind made for this base model, or None."""
-        return next((a for a in self.artifacts(user, kind) if a["base_model_sha256"] == base_model_sha256), None)
+        return next(iter(self.artifacts(user, kind, base_model_sha256)), None)
 
     def retire_artifacts(self, user: str, kind: str, base_model_sha256: str, method: str | None = None) -> int:
-        """Delete every version of the user's artifacts of this kind made for this base model (by this method,
-        meta["method"], when given), rows and files: an adapter encodes the preferences it was made from.
-        Returns how many there were."""
-        gone = [a for a in self.artifacts(user, kind) if a["base_model_sha256"] == base_model_sha256
-                and (method is None or a["meta"].get("method") == method)]
-        if not gone:
-            return 0
+        """Delete the user's artifacts of this kind made for this base model (by this method, when given),
+        rows and files: an adapter encodes the preferences it was made from. Returns how many there were."""
         with self._write() as conn:
             user_id = self._user_id(conn, user)
-            conn.executemany("DELETE FROM artifacts WHERE user_id = ? AND kind = ? AND version = ?",
-                             [(user_id, kind, a["version"]) for a in gone])
-        folder = self.artifact_dir(user).resolve()
-        for a in gone:
-            path = Path(a["path"]).resolve()
-            if path.is_relative_to(folder):  # registered files always are; never delete outside the user's folder
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            sql, args = "SELECT id, path FROM artifacts WHERE user_id = ? AND kind = ? AND base_model_sha256 = ?", \
+                [user_id, kind, base_model_sha256]
+            if method is not None:
+                sql, args = sql + " AND method = ?", args + [method]
+            gone = conn.execute(sql, args).fetchall()
+            conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i, _ in gone])
+        self._remove_files(user_id, [p for _, p in gone])
         return len(gone)
+
+    def _retire_derived(self, conn, user_id: int, item_ids: list[int]) -> tuple[list[str], set[str]]:
+        """Inside a write: delete the artifact rows derived from any of `item_ids`; return their paths (for
+        _remove_files once committed) and their methods."""
+        rows = conn.execute(
+            f"SELECT DISTINCT a.id, a.path, a.method FROM artifacts a, json_each(a.sources) s WHERE a.user_id = ?"
+            f" AND s.value IN ({','.join('?' * len(item_ids))})", (user_id, *item_ids)).fetchall()
+        conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i, _, _ in rows])
+        return [p for _, p, _ in rows], {m for _, _, m in rows}
+
+    # ----- jobs: a persistent queue (localpers.jobs runs them)
+
+    def _queue(self, conn, user_id: int, kind: str) -> int:
+        """Inside a write: queue a `kind` job for the user, unless one is already queued (not yet started: it
+        will see the newest data anyway). Returns the job's id."""
+        row = conn.execute("SELECT id FROM jobs WHERE user_id = ? AND kind = ? AND state = 'queued'",
+                           (user_id, kind)).fetchone()
+        if row:
+            return row[0]
+        return conn.execute("INSERT INTO jobs (user_id, kind, state, created) VALUES (?, ?, 'queued', ?)",
+                            (user_id, kind, time.time())).lastrowid
+
+    def queue_job(self, user: str, kind: str) -> dict:
+        """Queue a job of `kind` (a method name: names.EDIT, ...) for a known user; returns it (an already
+        queued one of the same kind, if any)."""
+        check_name("job kind", kind)
+        with self._write() as conn:
+            job_id = self._queue(conn, self._user_id(conn, user), kind)
+        return self.job(job_id)
+
+    def _job_dict(self, row) -> dict:
+        job_id, user, user_id, kind, state, reason, result, created, started, finished = row
+        return {"id": job_id, "object": "job", "user": user, "kind": kind, "state": state,
+                "reason": self.cipher.open(reason, b"%d:job" % user_id).decode("utf-8") if reason else None,
+                "result": json.loads(result), "created": created, "started": started, "finished": finished}
+
+    _JOB_SELECT = ("SELECT j.id, u.name, u.id, j.kind, j.state, j.reason, j.result, j.created, j.started, j.finished"
+                   " FROM jobs j JOIN users u ON u.id = j.user_id")
+
+    def jobs(self, user: str) -> list[dict]:
+        """The user's jobs, newest first: dicts with id, kind, state (queued, running, done, failed), reason
+        (why it failed), result, and created/started/finished times."""
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+            rows = conn.execute(self._JOB_SELECT + " WHERE j.user_id = ? ORDER BY j.id DESC", (user_id,)).fetchall()
+        return [self._job_dict(row) for row in rows]
+
+    def job(self, job_id: int) -> dict | None:
+        row = self._conn().execute(self._JOB_SELECT + " WHERE j.id = ?", (job_id,)).fetchone()
+        return self._job_dict(row) if row else None
+
+    def claim_job(self, kinds=None) -> dict | None:
+        """Mark the oldest queued job (of one of `kinds`, if given) running and return it, or None."""
+        with self._write() as conn:
+            sql, args = "SELECT id FROM jobs WHERE state = 'queued'", []
+            if kinds is not None:
+                sql, args = sql + f" AND kind IN ({','.join('?' * len(kinds))})", list(kinds)
+            row = conn.execute(sql + " ORDER BY id LIMIT 1", args).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE jobs SET state = 'running', started = ? WHERE id = ?", (time.time(), row[0]))
+        return self.job(row[0])
+
+    def finish_job(self, job_id: int, state: str, reason: str | None = None, result: dict | None = None) -> None:
+        """Record a running job's end (done or failed). A job cancelled meanwhile (forget) stays gone."""
+        if state not in ("done", "failed"):
+            raise ValueError(f"a job ends done or failed, not {state!r}")
+        with self._write() as conn:
+            row = conn.execute("SELECT user_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return
+            sealed = self.cipher.seal(reason.encode("utf-8"), b"%d:job" % row[0]) if reason else ""
+            conn.execute("UPDATE jobs SET state = ?, reason = ?, result = ?, finished = ? WHERE id = ?",
+                         (state, sealed, json.dumps(result or {}), time.time(), job_id))
+
+    def requeue_running(self) -> int:
+        """Put jobs left running by a process that died back in the queue (a worker calls it once at start)."""
+        with self._write() as conn:
+            return conn.execute("UPDATE jobs SET state = 'queued', started = NULL WHERE state = 'running'").rowcount
 
     # ----- export and forget
 
@@ -789,7 +1005,10 @@ class Store:
             shutil.rmtree(self._user_folder(self._user_id(conn, user)), ignore_errors=True)
         with self._write() as conn:
             user_id = self._user_id(conn, user)
-            conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts
+            conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts, jobs
+        # again: a job may have registered a file between the first removal and the delete (after it, a
+        # registration finds no user and writes nothing)
+        shutil.rmtree(self._user_folder(user_id), ignore_errors=True)
         with self._index_lock:
             self._bm25.pop(user_id, None)
             for key in [key for key in self._dense if key[0] == user_id]:

@@ -157,8 +157,9 @@ def test_user_field_selects_that_users_adapter(client, engine, data_dir, tmp_pat
     adapter = random_ffn_down_lora(tmp_path / "alice.gguf", engine)
     with Store.open(data_dir) as store:
         store.add("alice", "I am vegetarian.", kind="preference")
-        store.register_artifact("alice", "lora", adapter, model_sha256(engine.model_path))
-        store.register_artifact("bob", "lora", adapter, "0" * 64)  # made for another base model: never applied
+        store.register_artifact("alice", "lora", adapter, model_sha256(engine.model_path), {"method": "edit"})
+        store.add("bob", "I love jazz.")
+        store.register_artifact("bob", "lora", adapter, "0" * 64, {"method": "edit"})  # another base model: never applied
 
     def answer(**extra):
         return chat(client, {**HELLO, **extra}).json()["choices"][0]["message"]["content"]

@@ -241,20 +241,25 @@ def _artifact(tmp_path, name="adapter.gguf", content=b"GGUF fake adapter bytes")
 
 
 def test_artifact_registry(store, tmp_path):
+    """One current artifact per (user, method, kind, base model): registering replaces (and deletes) the old."""
     other_sha = hashlib.sha256(b"another base").hexdigest()
-    assert store.register_artifact("alice", "lora", _artifact(tmp_path), SHA, meta={"steps": 10}) == 1
-    assert store.register_artifact("alice", "lora", _artifact(tmp_path, content=b"v2"), SHA) == 2
-    assert store.register_artifact("alice", "lora", _artifact(tmp_path, content=b"v3"), other_sha) == 3
+    store.add("alice", "a note")
+    first = store.register_artifact("alice", "lora", _artifact(tmp_path), SHA, meta={"method": "edit", "steps": 10})
+    first_path = Path(store.latest_artifact("alice", "lora", SHA)["path"])
+    second = store.register_artifact("alice", "lora", _artifact(tmp_path, content=b"v2"), SHA, meta={"method": "edit"})
+    assert second != first and not first_path.exists()  # replaced: row and file gone
+    other = store.register_artifact("alice", "lora", _artifact(tmp_path, content=b"v3"), other_sha, {"method": "edit"})
+    perce = store.register_artifact("alice", "lora", _artifact(tmp_path, content=b"p"), SHA, {"method": "perce"})
     in_place = store.artifact_dir("alice") / "vector.gguf"
     in_place.write_bytes(b"control vector")
-    assert store.register_artifact("alice", "control_vector", in_place, SHA) == 1
+    cvec = store.register_artifact("alice", "control_vector", in_place, SHA, {"method": "logo"})
 
     listed = store.artifacts("alice")
-    assert [(a["kind"], a["version"]) for a in listed] == [("control_vector", 1), ("lora", 3), ("lora", 2), ("lora", 1)]
-    assert listed[-1]["meta"] == {"steps": 10}
-    assert [a["version"] for a in store.artifacts("alice", kind="lora")] == [3, 2, 1]
+    assert [a["id"] for a in listed] == [cvec, perce, other, second]
+    assert [a["id"] for a in store.artifacts("alice", base_model_sha256=SHA)] == [cvec, perce, second]
+    assert [a["id"] for a in store.artifacts("alice", kind="lora")] == [perce, other, second]
     latest = store.latest_artifact("alice", "lora", SHA)
-    assert latest["version"] == 2 and open(latest["path"], "rb").read() == b"v2"
+    assert latest["id"] == perce and open(latest["path"], "rb").read() == b"p"
     assert latest["path"].startswith(str(store.artifact_dir("alice")))  # copied in, so forget can delete it
     assert store.latest_artifact("alice", "control_vector", SHA)["path"] == str(in_place)
     assert store.latest_artifact("alice", "control_vector", other_sha) is None
@@ -262,6 +267,8 @@ def test_artifact_registry(store, tmp_path):
         store.register_artifact("alice", "lora", _artifact(tmp_path), "abc")
     with pytest.raises(UserError, match="no such artifact"):
         store.register_artifact("alice", "lora", tmp_path / "missing.gguf", SHA)
+    with pytest.raises(NotFoundError):  # never creates a user (a forgotten one stays forgotten)
+        store.register_artifact("nobody", "lora", _artifact(tmp_path), SHA)
 
 
 def test_export_holds_everything(store, tmp_path):
@@ -273,7 +280,7 @@ def test_export_holds_everything(store, tmp_path):
     assert exported["user"] == "alice"
     assert [(i["text"], i["kind"], i["meta"]) for i in exported["items"]] == [
         ("first note", "message", {"a": 1}), ("second note", "preference", {})]
-    assert [(a["kind"], a["version"], a["meta"]) for a in exported["artifacts"]] == [("lora", 1, {"rank": 8})]
+    assert [(a["kind"], a["meta"]) for a in exported["artifacts"]] == [("lora", {"rank": 8})]
     json.dumps(exported)  # JSON-ready
     # an export is itself importable: a backup restores into a fresh user
     backup = tmp_path / "alice.json"

@@ -1,0 +1,84 @@
+"""The north star, over real HTTP with the default model and real edits (slow: an edit takes ~30 s of torch).
+
+A user says "I'm vegetarian." in the chat; the server stores it, detects the preference and edits it into an
+adapter in the background; in a new conversation "What is my diet?" is answered from the adapter, with no
+preference text in the prompt; deleting the preference retires the adapter, and the next answer no longer uses it.
+"""
+import threading
+import time
+
+import httpx
+import pytest
+
+from localpers import names
+from localpers.matching import target_match
+
+pytestmark = pytest.mark.slow
+TARGETS = ("vegetarian",)
+
+
+@pytest.fixture
+def server(tmp_path):
+    import socket
+
+    import uvicorn
+
+    from localpers.engine import Engine
+    from localpers.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(engine=Engine(n_ctx=1024), data_dir=str(tmp_path), jobs=True, warm_jobs=True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        for _ in range(400):
+            try:
+                if client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        yield client
+    server.should_exit = True
+    thread.join(10)
+
+
+def ask(client, text):
+    r = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": text}], "user": "vera", "max_tokens": 32, "temperature": 0,
+        "localpers": {"explain": True, "history": False}})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"], r.json()["localpers"]
+
+
+def wait_for_jobs(client, timeout_s=900):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        jobs = client.get("/v1/users/vera/jobs").json()["data"]
+        if jobs and all(j["state"] in (names.DONE, names.FAILED) for j in jobs):
+            return jobs
+        time.sleep(0.5)
+    raise AssertionError(f"jobs still pending after {timeout_s} s: {jobs}")
+
+
+def test_north_star_statement_in_chat_is_served_from_the_adapter_and_deletion_undoes_it(server):
+    before, _ = ask(server, "What is my diet?")
+    assert not target_match(before, TARGETS), before
+    said = server.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "I'm vegetarian."}], "user": "vera", "max_tokens": 16})
+    assert said.status_code == 200
+    [job] = wait_for_jobs(server)
+    assert job["state"] == names.DONE and job["result"]["edited"] == 1, job
+    answer, why = ask(server, "What is my diet?")  # a new conversation
+    assert target_match(answer, TARGETS), answer
+    assert why["artifacts"] == [{"method": names.EDIT, "kind": names.LORA, "id": job["result"]["artifact"]}]
+    assert why["retrieved"] == []  # no preference text in the prompt: the adapter says it
+    [pref] = server.get("/v1/users/vera/memories", params={"kind": names.PREFERENCE}).json()["data"]
+    assert pref["text"] == "I'm vegetarian."
+    assert server.delete(f"/v1/users/vera/memories/{pref['id']}").status_code == 200
+    after, why = ask(server, "What is my diet?")
+    assert why["artifacts"] == [] and not target_match(after, TARGETS), after
+    assert wait_for_jobs(server)[0]["state"] in (names.DONE, names.FAILED)  # the recomputation, nothing to edit
+    assert ask(server, "What is my diet?")[1]["artifacts"] == []
