@@ -208,6 +208,7 @@ def test_stores_with_folders_named_after_users_are_migrated(tmp_path, monkeypatc
     home = tmp_path / "home"
     with Store.open(home) as store:
         for user in ("alice", "bob"):
+            store.add(user, "hello")  # the registry registers artifacts only for known users
             store.register_artifact(user, "lora", _artifact(tmp_path, content=user.encode()), SHA)
     conn = sqlite3.connect(home / DB_FILE)  # turn it into a layout-1 store, as an older localpers wrote it
     for user_id, user in ((1, "alice"), (2, "bob")):
