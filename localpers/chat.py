@@ -248,4 +248,8 @@ def _tokenize_segments(llama, segments, n_messages: int, add_bos: bool | None) -
         else:
             run.append(item)
     flush()
+    if add_bos and len(ids) > 1 and ids[0] == ids[1] == llama.token_bos():
+        # the template wrote bos_token itself: one BOS, as llama.cpp's chat templates strip the rendered one
+        del ids[0]
+        ends = [None if e is None else e - 1 for e in ends]
     return ChatTokens(ids, tuple(ends))

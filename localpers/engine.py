@@ -156,6 +156,7 @@ class Engine:
         self._lock = threading.Lock()  # not an RLock: a stream may be resumed on another thread
         self._adapters: dict[str, tuple[tuple, object]] = {}  # resolved path -> (file key, llama handle)
         self._active: tuple = ((), ())  # (lora file keys with scales, control-vector file keys with scales)
+        self.generated = 0  # tokens sampled since the engine started (monitoring; tests count decoding steps)
 
     # -- text -----------------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
@@ -324,6 +325,7 @@ class Engine:
                     finish = "stop"
                     break
                 tokens.append(token)
+                self.generated += 1
                 if want_logprobs:
                     logprobs.append(self._token_logprob(token, row[0], s.top_logprobs))
                 text = llm.detokenize(tokens, prev_tokens=prompt).decode("utf-8", "ignore")
