@@ -13,7 +13,9 @@ def cmd_serve(args):
     from localpers.server import serve
 
     serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir,
-          personalize=args.personalize, history=not args.no_history)
+          personalize=args.personalize, history=not args.no_history,
+          allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
+          insecure_no_api_key=args.insecure_no_api_key)
 
 
 def cmd_info(args):
@@ -31,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests whose Host header names NAME (repeatable; '*' for any); loopback "
+                        "names and the --host address are always accepted")
+    p.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="accept cross-origin browser requests from ORIGIN, e.g. http://localhost:3000 "
+                        "(repeatable; '*' for any); others are refused")
+    p.add_argument("--insecure-no-api-key", action="store_true",
+                   help="allow a non-loopback --host without --api-key (anyone on the network can read every "
+                        "user's history)")
     p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME or the XDG data dir)")
     p.add_argument("--personalize", default=f"{names.EDIT}+{names.RAG}", metavar="SPEC",
                    help="what a request with `user` is served with: methods joined by '+' (default: %(default)s; "

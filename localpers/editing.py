@@ -293,13 +293,10 @@ class Editor:
 
     # -- prompts
     def prompt(self, question: str) -> tuple[list[int], int]:
-        """Chat-template token ids of a one-question conversation and the index of the question's last token.
-        The text is tokenized in two pieces split after the question; with a chat model's special tokens
-        (<|im_end|> ...) that is exactly how the whole prompt tokenizes."""
-        text = self.tok.apply_chat_template([{"role": "user", "content": question}])
-        end = text.rindex(question) + len(question)
-        head = self.tok.encode(text[:end])
-        return head + self.tok.encode(text[end:], add_bos=False), len(head) - 1
+        """Chat-template token ids of a one-question conversation, as the server tokenizes it (the question as
+        plain text), and the index of the question's last token."""
+        chat = self.tok.chat_tokens([{"role": "user", "content": question}])
+        return chat.ids, chat.content_ends[0] - 1
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tok.encode(answer, add_bos=False, special=False)
@@ -413,9 +410,9 @@ class Editor:
         (1% of the mean diagonal) since there are fewer tokens than dimensions."""
         keys = []
         for question, answer in NEUTRAL_CHATS:
-            text = self.tok.apply_chat_template([{"role": "user", "content": question},
-                                                 {"role": "assistant", "content": answer}], add_generation_prompt=False)
-            keys.append(self.ffn_inputs(torch.tensor([self.tok.encode(text)]))[0])
+            ids = self.tok.chat_tokens([{"role": "user", "content": question},
+                                        {"role": "assistant", "content": answer}], add_generation_prompt=False).ids
+            keys.append(self.ffn_inputs(torch.tensor([ids]))[0])
         k = torch.cat(keys).double()
         C = k.T @ k / len(k)
         return (C + 0.01 * C.diagonal().mean() * torch.eye(len(C))).float()

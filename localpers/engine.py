@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
+import queue
+import random
+import re
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
-from localpers.chat import render_chat
+from localpers.chat import chat_tokens, render_chat
 from localpers.errors import UserError
 from localpers.gguf_write import control_vector_data, read_control_vector
 from localpers.kvcache import DEFAULT_MAX_BYTES, KVCache
@@ -42,6 +47,60 @@ class Artifacts:
 
 
 NO_ARTIFACTS = Artifacts()
+
+
+class Cancelled(Exception):
+    """A generation stopped because its `cancel` event was set (its client went away)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one completion is sampled (OpenAI's chat-completions fields, validated by the server)."""
+    max_tokens: int | None = 256          # None: up to the end of the context
+    temperature: float = 0.0              # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None               # choice i of n uses seed + i
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0         # llama.cpp's penalties sampler (over the last 64 tokens)
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias added to its logit)
+    top_logprobs: int | None = None       # None: no logprobs; k: the chosen token's and the k most likely
+    grammar: str | None = None            # GBNF that the completion must match (llama.cpp grammar sampler)
+
+
+def _stops(stop) -> tuple[str, ...]:
+    return (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
+
+
+# Tool calls as Hermes-style templates (Qwen2.5, Qwen3, SmolLM3, Hermes) ask the model to write them.
+_TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def message_of(text: str, finish_reason: str, tools: bool) -> dict:
+    """The assistant message and finish reason of a choice; with tools, <tool_call>{"name", "arguments"}
+    </tool_call> blocks become OpenAI tool_calls."""
+    calls = []
+    if tools:
+        for block in _TOOL_CALL.findall(text):
+            try:
+                call = json.loads(block)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(call, dict) and isinstance(call.get("name"), str):
+                args = call.get("arguments", {})
+                calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                              "function": {"name": call["name"], "arguments": args if isinstance(args, str)
+                                           else json.dumps(args, ensure_ascii=False)}})
+    if not calls:
+        return {"message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    rest = _TOOL_CALL.sub("", text).strip()
+    return {"message": {"role": "assistant", "content": rest or None, "tool_calls": calls},
+            "finish_reason": "tool_calls"}
+
+
+def usage_of(out: dict) -> dict:
+    return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
 
 
 @lru_cache(maxsize=16)
@@ -81,8 +140,11 @@ class Engine:
         # n_threads=None keeps llama-cpp-python's defaults: generation on half the cores, prompts on all of
         # them. With OMP_WAIT_POLICY=PASSIVE (set by localpers, for loaded machines) two decode threads were
         # slower than one on 2 cores (19 vs 31 tokens/s) while prompts gained (89 vs 60 tokens/s): BENCHMARKS §5.
-        self.llm = llama_cpp.Llama(str(self.model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                                   seed=seed, verbose=verbose)
+        try:
+            self.llm = llama_cpp.Llama(str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
+                                       n_threads_batch=n_threads, seed=seed, verbose=verbose)
+        except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
+            raise UserError(f"{self.model_path}: llama.cpp cannot load this model ({e})") from None
         self.model_name = self.model_path.stem
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()
@@ -97,6 +159,7 @@ class Engine:
         self._active: tuple = ((), ())  # (lora file keys with scales, control-vector file keys with scales)
         # KV states per (artifact set, token prefix), so users taking turns resume instead of recomputing.
         self.kv_cache = KVCache(self.llm, kv_cache_bytes)
+        self.generated = 0  # tokens sampled since the engine started (monitoring; tests count decoding steps)
 
     # -- text -----------------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
@@ -135,6 +198,25 @@ class Engine:
                                 f"({self.n_embd} wide, layers 1..{self.n_layer - 1})")
         return control_vector_data(directions, self.n_layer, self.n_embd)
 
+    def usable(self, artifacts: Artifacts) -> tuple[Artifacts, list[tuple[str, str]]]:
+        """The artifacts llama.cpp can apply to this model, and (path, reason) for each it cannot (a missing,
+        truncated or foreign file), so that a request is served without a broken artifact instead of failing."""
+        broken, lora, cvecs = [], [], []
+        with self._lock:
+            for path, scale in artifacts.lora:
+                try:
+                    self._lora_handle(path)
+                    lora.append((path, scale))
+                except Exception as e:  # any failure to load means: serve without it
+                    broken.append((path, str(e) or type(e).__name__))
+        for path, scale in artifacts.control_vectors:
+            try:
+                self._control_vector_buffer(path)
+                cvecs.append((path, scale))
+            except Exception as e:
+                broken.append((path, str(e) or type(e).__name__))
+        return Artifacts(lora=tuple(lora), control_vectors=tuple(cvecs)), broken
+
     def _activate(self, artifacts: Artifacts) -> None:
         """Make `artifacts` the context's adapters and control vector; clear the KV cache if anything changed."""
         loras = [(*self._lora_handle(path), float(scale)) for path, scale in artifacts.lora]
@@ -161,58 +243,200 @@ class Engine:
         self._active = wanted
 
     # -- generation -----------------------------------------------------------------------------------------
-    def _prompt_tokens(self, messages: list[dict]) -> list[int]:
-        tokens = self.tokenize(self.format_chat(messages))
+    def chat_tokens(self, messages: list[dict], *, tools: list | None = None) -> list[int]:
+        """The prompt-safe token ids of a conversation (localpers.chat.chat_tokens: only the template's own
+        markers are special tokens). Raises UserError when the template refuses it or it overflows the context."""
+        tokens = chat_tokens(self.llm, self.chat_template, messages, bos_token=self.bos_token,
+                             eos_token=self.eos_token, tools=tools).ids
         if len(tokens) >= self.n_ctx:
             raise UserError(f"the prompt has {len(tokens)} tokens, over the context of {self.n_ctx}")
         return tokens
 
-    def _completion_args(self, max_tokens, temperature, top_p, seed, stop) -> dict:
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        return dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop=stop + [self.eos_token], top_k=0 if temperature > 0 else 40, min_p=0.0, repeat_penalty=1.0)
+    _prompt_tokens = chat_tokens
+
+    @contextmanager
+    def _locked(self, cancel: threading.Event | None):
+        """Hold the engine; a request cancelled while it waits gives up its place (raises Cancelled)."""
+        while not self._lock.acquire(timeout=0.05):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def complete(self, messages: list[dict], *, artifacts: Artifacts = NO_ARTIFACTS, sampling: Sampling = Sampling(),
+                 n: int = 1, tools: list | None = None, cancel: threading.Event | None = None,
+                 on_delta: Callable[[int, str], None] | None = None) -> dict:
+        """Generate `n` completions of the conversation under `artifacts`, one after the other, holding the engine
+        for the whole call (never across a yield: streaming goes through on_delta(choice index, text piece),
+        called from this thread). `cancel`, once set, stops the work within one decoding step (or while waiting
+        for the engine) and raises Cancelled. Each choice starts from an empty KV cache, so a reply never
+        depends on the requests served before it (greedy replies are byte-identical to the request run alone).
+
+        Returns {"choices": [{"index", "text", "finish_reason" ("stop" | "length"), "tokens", "logprobs"
+        (a list of OpenAI token-logprob objects, or None)}], "prompt_tokens", "completion_tokens"}."""
+        with self._locked(cancel):
+            self._activate(artifacts)
+            prompt = self.chat_tokens(messages, tools=tools)
+            grammar = self._grammar(sampling.grammar) if sampling.grammar else None
+            choices = []
+            for i in range(n):
+                seed = None if sampling.seed is None else sampling.seed + i
+                emit = (lambda piece, i=i: on_delta(i, piece)) if on_delta else None
+                choices.append({"index": i, **self._decode(prompt, sampling, seed, grammar, cancel, emit)})
+        return {"choices": choices, "prompt_tokens": len(prompt),
+                "completion_tokens": sum(c["tokens"] for c in choices)}
+
+    def _grammar(self, gbnf: str):
+        from llama_cpp.llama_grammar import LlamaGrammar
+
+        try:
+            return LlamaGrammar.from_string(gbnf, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"llama.cpp refused the grammar: {e}") from None
+
+    def _decode(self, prompt: list[int], s: Sampling, seed: int | None, grammar, cancel, emit) -> dict:
+        """One completion of `prompt` (already tokenized; the engine is held). Stop strings end the text before
+        them (and are never streamed: text that may start one is held back until it cannot)."""
+        lc, llm = self._llama_cpp, self.llm
+        # Reuse the longest prefix of the prompt that the context or the KV-state cache holds under these very
+        # artifacts (localpers.kvcache): restored cells are the bytes computed for that prefix, so the reply is the
+        # one an empty cache gives (tests/test_kvcache.py checks byte-exact isolation).
+        self.kv_cache.resume(self._active, prompt)
+        llm.set_seed(seed if seed is not None else random.getrandbits(32))
+        bias_ids = np.array([t for t, _ in s.logit_bias], dtype=np.intc)
+        bias = np.array([b for _, b in s.logit_bias], dtype=np.single)
+        want_logprobs = s.top_logprobs is not None
+        row: list = [None]
+
+        def process(input_ids, logits):
+            if want_logprobs:
+                raw = logits.astype(np.float64)
+                row[0] = raw - (raw.max() + np.log(np.exp(raw - raw.max()).sum()))
+            if len(bias_ids):
+                logits[bias_ids] += bias
+            return logits
+
+        processors = lc.LogitsProcessorList([process]) if want_logprobs or len(bias_ids) else None
+        stopping = lc.StoppingCriteriaList([lambda ids, logits: cancel is not None and cancel.is_set()])
+        budget = self.n_ctx - len(prompt)
+        max_tokens = budget if s.max_tokens is None else min(s.max_tokens, budget)
+        tokens, logprobs, text, sent, finish = [], [] if want_logprobs else None, "", 0, "length"
+        generator = llm.generate(
+            prompt, top_k=0 if s.temperature > 0 else 40, top_p=s.top_p, min_p=0.0, temp=s.temperature,
+            repeat_penalty=1.0, frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
+            logits_processor=processors, stopping_criteria=stopping, grammar=grammar)
+        try:
+            for token in generator if max_tokens > 0 else ():
+                if lc.llama_vocab_is_eog(llm._model.vocab, token):
+                    finish = "stop"
+                    break
+                tokens.append(token)
+                self.generated += 1
+                if want_logprobs:
+                    logprobs.append(self._token_logprob(token, row[0], s.top_logprobs))
+                text = llm.detokenize(tokens, prev_tokens=prompt).decode("utf-8", "ignore")
+                cut = min((at for at in (text.find(stop) for stop in s.stop) if at >= 0), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+                    break
+                if len(tokens) >= max_tokens:
+                    break
+                safe = len(text) - max((k for stop in s.stop for k in range(1, len(stop))
+                                        if text.endswith(stop[:k])), default=0)
+                if emit and safe > sent:
+                    emit(text[sent:safe])
+                    sent = safe
+        finally:
+            generator.close()
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        if emit and len(text) > sent:
+            emit(text[sent:])
+        return {"text": text, "finish_reason": finish, "tokens": len(tokens), "logprobs": logprobs}
+
+    def _token_piece(self, token: int) -> bytes:
+        return self.llm.detokenize([token], special=True)
+
+    def _token_logprob(self, token: int, logprobs: np.ndarray, top: int) -> dict:
+        """OpenAI's token-logprob object: the chosen token's log-probability under the model (before sampling
+        adjustments) and the `top` most likely tokens."""
+        def entry(t):
+            piece = self._token_piece(int(t))
+            return {"token": piece.decode("utf-8", "replace"), "logprob": float(logprobs[t]), "bytes": list(piece)}
+
+        best = np.argsort(-logprobs)[:top] if top else []
+        return {**entry(token), "top_logprobs": [entry(t) for t in best]}
 
     def chat(self, messages: list[dict], *, artifacts: Artifacts = NO_ARTIFACTS, max_tokens: int | None = 256,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None) -> dict:
-        """An OpenAI chat.completion for `messages`, generated under `artifacts`."""
-        with self._lock:
-            self._activate(artifacts)
-            tokens = self._prompt_tokens(messages)
-            self.kv_cache.resume(self._active, tokens)
-            out = self.llm.create_completion(tokens, **self._completion_args(max_tokens, temperature, top_p, seed, stop))
-        choice = out["choices"][0]
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None,
+             cancel: threading.Event | None = None, **more) -> dict:
+        """An OpenAI chat.completion for `messages`, generated under `artifacts`. `more` takes the other Sampling
+        fields (presence_penalty, logit_bias, top_logprobs, grammar ...) and complete's n and tools."""
+        n, tools, on_delta = more.pop("n", 1), more.pop("tools", None), more.pop("on_delta", None)
+        sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            stop=_stops(stop), **more)
+        out = self.complete(messages, artifacts=artifacts, sampling=sampling, n=n, tools=tools, cancel=cancel,
+                            on_delta=on_delta)
+        return self.chat_response(out, tools=bool(tools))
+
+    def chat_response(self, out: dict, *, tools: bool = False, response_id: str | None = None) -> dict:
+        """complete's result as an OpenAI chat.completion object."""
         return {
-            "id": "chatcmpl-" + uuid.uuid4().hex,
+            "id": response_id or "chatcmpl-" + uuid.uuid4().hex,
             "object": "chat.completion",
-            "created": out["created"],
+            "created": int(time.time()),
             "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
-                         "finish_reason": choice["finish_reason"]}],
-            "usage": out["usage"],
+            "choices": [{"index": c["index"], **message_of(c["text"], c["finish_reason"], tools),
+                         "logprobs": None if c["logprobs"] is None else {"content": c["logprobs"], "refusal": None}}
+                        for c in out["choices"]],
+            "usage": usage_of(out),
         }
 
     def chat_stream(self, messages: list[dict], *, artifacts: Artifacts = NO_ARTIFACTS, max_tokens: int | None = 256,
-                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None) -> Iterator[dict]:
-        """OpenAI chat.completion.chunk dicts; the engine stays locked until the stream is exhausted or closed."""
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None,
+                    **more) -> Iterator[dict]:
+        """OpenAI chat.completion.chunk dicts. Generation runs on a thread of its own that holds the engine;
+        closing this iterator (or dropping it) cancels that generation within one decoding step, so an abandoned
+        stream never keeps the engine. Prompt errors raise from the first next()."""
+        events: queue.Queue = queue.Queue()
+        cancel = threading.Event()
         chunk_id, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
 
-        def chunk(delta: dict, finish_reason=None) -> dict:
+        def chunk(index: int, delta: dict, finish_reason=None) -> dict:
             return {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
 
-        with self._lock:
-            self._activate(artifacts)
-            tokens = self._prompt_tokens(messages)
-            self.kv_cache.resume(self._active, tokens)
-            pieces = self.llm.create_completion(
-                tokens, stream=True, **self._completion_args(max_tokens, temperature, top_p, seed, stop))
-            yield chunk({"role": "assistant", "content": ""})
-            for piece in pieces:
-                choice = piece["choices"][0]
-                if choice["text"]:
-                    yield chunk({"content": choice["text"]})
-                if choice["finish_reason"]:
-                    yield chunk({}, choice["finish_reason"])
+        def work():
+            try:
+                events.put(("done", self.chat(messages, artifacts=artifacts, max_tokens=max_tokens,
+                                              temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                                              cancel=cancel, on_delta=lambda i, t: events.put(("delta", i, t)),
+                                              **more)))
+            except BaseException as e:  # handed to the consumer
+                events.put(("error", e))
+
+        threading.Thread(target=work, daemon=True, name="localpers-stream").start()
+        try:
+            started: set[int] = set()
+            while True:
+                event = events.get()
+                if event[0] == "error":
+                    raise event[1]
+                if event[0] == "done":
+                    for choice in event[1]["choices"]:
+                        if choice["index"] not in started:
+                            yield chunk(choice["index"], {"role": "assistant", "content": ""})
+                        yield chunk(choice["index"], {}, choice["finish_reason"])
+                    return
+                _, index, text = event
+                if index not in started:
+                    started.add(index)
+                    yield chunk(index, {"role": "assistant", "content": ""})
+                yield chunk(index, {"content": text})
+        finally:
+            cancel.set()
 
     # -- scoring --------------------------------------------------------------------------------------------
     def logits(self, tokens: list[int], *, artifacts: Artifacts = NO_ARTIFACTS) -> np.ndarray:

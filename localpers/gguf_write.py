@@ -18,10 +18,11 @@ FILE_TYPES = {F32: gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F16: gg
 
 
 def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray], vocab_from, *,
-                dtype: gguf.GGMLQuantizationType = F32, name: str = "localpers-model") -> Path:
+                dtype: gguf.GGMLQuantizationType = F32, name: str = "localpers-model",
+                chat_template: str | None = None) -> Path:
     """A model GGUF with `tensors` (GGUF name -> float array in numpy shape, e.g. [n_out, n_in]) and the
     tokenizer metadata (tokenizer.*: vocabulary, merges, special ids, chat template) of `vocab_from` (a path
-    or an open reader).
+    or an open reader); `chat_template` replaces the vocabulary's template.
     Matrices are stored as `dtype`; norms and biases stay F32 as llama.cpp's converter keeps them."""
     vocab = vocab_from if isinstance(vocab_from, gguf.GGUFReader) else open_gguf(vocab_from, check_arch=False)
     n_tokens = len(vocab.get_field("tokenizer.ggml.tokens").data)
@@ -48,9 +49,11 @@ def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray], vocab
     w.add_layer_norm_rms_eps(config.norm_eps)
     w.add_vocab_size(config.vocab_size)
     for key, field in vocab.fields.items():
-        if key.startswith("tokenizer."):
+        if key.startswith("tokenizer.") and not (chat_template is not None and key == "tokenizer.chat_template"):
             sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             w.add_key_value(key, field.contents(), field.types[0], sub_type)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     for tensor_name, array in tensors.items():
         array = np.ascontiguousarray(array, dtype=np.float32)
         if array.ndim == 1 or dtype == F32:
@@ -66,7 +69,7 @@ def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray], vocab
 def random_model(path, arch: str, vocab_from, *, n_layer: int = 2, d_model: int = 64, n_head: int = 4,
                  n_kv_head: int = 2, head_dim: int | None = None, d_ff: int = 128, tied_output: bool = False,
                  rope_base: float = 10000.0, rope_scaling: float = 1.0, seed: int = 0,
-                 dtype: gguf.GGMLQuantizationType = F32) -> Path:
+                 dtype: gguf.GGMLQuantizationType = F32, chat_template: str | None = None) -> Path:
     """A small model with random weights at realistic scales: each matrix keeps activations near unit RMS
     (std 1/sqrt(n_in)), norms near 1, so logits stay O(1..10) and differences between implementations show.
     qwen2 gets q/k/v biases, qwen3 per-head q/k norms."""
@@ -107,7 +110,7 @@ def random_model(path, arch: str, vocab_from, *, n_layer: int = 2, d_model: int 
         if arch == "qwen3":  # real q/k norm weights are far from 1, which makes a missing norm visible
             tensors |= {f"{b}.attn_q_norm.weight": norm(c.head_dim, 0.5) + 1,
                         f"{b}.attn_k_norm.weight": norm(c.head_dim, 0.5) + 1}
-    return write_model(path, config, tensors, vocab, dtype=dtype, name=f"random-{arch}")
+    return write_model(path, config, tensors, vocab, dtype=dtype, name=f"random-{arch}", chat_template=chat_template)
 
 
 def permute_hf_rows(w: np.ndarray, n_head: int) -> np.ndarray:

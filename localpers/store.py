@@ -976,6 +976,21 @@ class Store:
         with self._write() as conn:
             return conn.execute("UPDATE jobs SET state = 'queued', started = NULL WHERE state = 'running'").rowcount
 
+    def mark_artifact_broken(self, user: str, path: str | os.PathLike, reason: str) -> int:
+        """Record in the metadata of the user's artifact(s) at `path` that the served path could not load them
+        (meta["broken"] = reason); store.artifacts and export show it. Returns how many rows were marked."""
+        target = Path(path).resolve()
+        marked = [a for a in self.artifacts(user) if Path(a["path"]).resolve() == target
+                  and a["meta"].get("broken") != reason]
+        if marked:
+            with self._write() as conn:
+                user_id = self._user_id(conn, user)
+                for a in marked:
+                    meta = encode_meta({**a["meta"], "broken": reason})
+                    conn.execute("UPDATE artifacts SET meta = ? WHERE user_id = ? AND kind = ? AND version = ?",
+                                 (self.cipher.seal(meta, b"%d:artifact" % user_id), user_id, a["kind"], a["version"]))
+        return len(marked)
+
     # ----- export and forget
 
     def export(self, user: str) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 
-from localpers.chat import render_chat
+from localpers.chat import ChatTokens, chat_tokens, render_chat
 from localpers.gguf_info import open_gguf
 
 
@@ -57,3 +57,9 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return render_chat(self.chat_template, messages, bos_token=self.bos_token, eos_token=self.eos_token,
                            add_generation_prompt=add_generation_prompt)
+
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> ChatTokens:
+        """The conversation's token ids exactly as the served path makes them (localpers.chat.chat_tokens: message
+        text is never parsed into special tokens), with where each message's content ends."""
+        return chat_tokens(self.llama, self.chat_template, messages, bos_token=self.bos_token,
+                           eos_token=self.eos_token, add_generation_prompt=add_generation_prompt)
