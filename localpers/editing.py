@@ -724,9 +724,8 @@ def edit_method(user, query, engine):
     from localpers.engine import Artifacts
     from localpers.methods import Personalized
 
-    if user.registered is not None:  # a served user: the adapter `personalize` registered, if any
-        served = user.artifact(names.EDIT, names.LORA)
-        return Personalized(artifacts=Artifacts(lora=((served.path, 1.0),))) if served else Personalized()
+    if user.registered is not None:  # a served user: what `personalize` registered, if anything
+        return Personalized(artifacts=user.served_artifacts(names.EDIT))
     adapter = user_adapter(user, engine)
     return Personalized(artifacts=Artifacts(lora=((str(adapter), 1.0),))) if adapter else Personalized()
 

@@ -53,6 +53,13 @@ class User:
         """The registered artifact of `method` and `kind` (served users only), or None."""
         return next((a for a in self.registered or () if a.method == method and a.kind == kind), None)
 
+    def served_artifacts(self, method: str) -> Artifacts:
+        """Everything the registry holds for `method` that llama.cpp applies (its LoRA adapter and control vector,
+        scale 1): what a served trained method serves when it has no scales of its own to decide."""
+        mine = [a for a in self.registered or () if a.method == method]
+        return Artifacts(lora=tuple((a.path, 1.0) for a in mine if a.kind == names.LORA),
+                         control_vectors=tuple((a.path, 1.0) for a in mine if a.kind == names.CONTROL_VECTOR))
+
 
 @dataclass(frozen=True)
 class Personalized:

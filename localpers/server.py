@@ -53,7 +53,7 @@ from localpers.jobs import router as jobs_router
 from localpers.learn import learn_from_chat
 from localpers.memory_api import router as memory_router
 from localpers.methods import apply
-from localpers.store import Store
+from localpers.store import NotFoundError, Store
 from localpers.store import data_dir as resolve_data_dir
 
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any chat a 4k-token context can hold

@@ -22,6 +22,8 @@ UPQA_ITEM = {"input_attribute": "I like to dance at the club.", "attribute_type"
              "question_paraphrased": "What do I do for fun?", "implicit_question": "Plan my Saturday night."}
 QUERY = "Which club should I go dancing at tonight?"
 
+LOCAL = "http://localhost"  # the server refuses foreign Host headers, TestClient's "testserver" too
+
 
 @pytest.fixture(scope="module")
 def engine():
@@ -66,7 +68,7 @@ def test_invariant_serve_composes_what_eval_measures(engine, adapter, tmp_path, 
     expected = engine.chat(apply(theirs, messages), artifacts=theirs.artifacts, max_tokens=12)
     engine.llm.reset()  # decode the prompt again from scratch: a reused prefix may round differently
 
-    client = TestClient(create_app(engine=engine, data_dir=str(home), personalize=spec))
+    client = TestClient(create_app(engine=engine, data_dir=str(home), personalize=spec), base_url=LOCAL)
     r = chat(client, {"messages": messages, "user": "ann", "max_tokens": 12, "temperature": 0,
                       "localpers": {"explain": True, "history": False}})
     assert r.status_code == 200, r.text
@@ -82,7 +84,7 @@ def test_invariant_serve_composes_what_eval_measures(engine, adapter, tmp_path, 
 
 
 def test_explanation_in_the_last_stream_chunk_and_only_when_asked(engine, tmp_path):
-    client = TestClient(create_app(engine=engine, data_dir=str(tmp_path)))
+    client = TestClient(create_app(engine=engine, data_dir=str(tmp_path)), base_url=LOCAL)
     body = {"messages": [{"role": "user", "content": "Hello!"}], "user": "bo", "max_tokens": 6, "temperature": 0}
     assert "localpers" not in chat(client, body).json()
     r = chat(client, body | {"stream": True, "localpers": {"explain": True}})
@@ -95,7 +97,7 @@ def test_explanation_in_the_last_stream_chunk_and_only_when_asked(engine, tmp_pa
 
 def test_chat_learns_history_and_preferences_unless_opted_out(engine, tmp_path):
     conversation = [{"role": "user", "content": "Hi! I'm vegetarian. Any ideas for dinner?"}]
-    client = TestClient(create_app(engine=engine, data_dir=str(tmp_path)))
+    client = TestClient(create_app(engine=engine, data_dir=str(tmp_path)), base_url=LOCAL)
     chat(client, {"messages": conversation, "user": "cy", "max_tokens": 8})
     reply = {"role": "assistant", "content": "Try a lentil curry."}
     chat(client, {"messages": conversation + [reply, {"role": "user", "content": "Thanks!"}], "user": "cy",
@@ -107,7 +109,7 @@ def test_chat_learns_history_and_preferences_unless_opted_out(engine, tmp_path):
         assert [(i["kind"], i["text"]) for i in items] == [
             ("message", conversation[0]["content"]), (names.PREFERENCE, "I'm vegetarian."), ("message", "Thanks!")]
         assert [(j["kind"], j["state"]) for j in store.jobs("cy")] == [(names.EDIT, names.QUEUED)]
-    quiet = TestClient(create_app(engine=engine, data_dir=str(tmp_path / "quiet"), history=False))
+    quiet = TestClient(create_app(engine=engine, data_dir=str(tmp_path / "quiet"), history=False), base_url=LOCAL)
     chat(quiet, {"messages": conversation, "user": "cy", "max_tokens": 8})
     with Store.open(tmp_path / "quiet") as store:
         assert store.users() == []
@@ -127,7 +129,7 @@ def test_jobs_run_in_the_background_and_deletion_retires_the_adapter(engine, ada
                                                     {"method": names.EDIT, "sources": [p["id"] for p in prefs]}, job=job)}
 
     monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, fake_edit)
-    with TestClient(create_app(engine=engine, data_dir=str(tmp_path), jobs=True)) as client:
+    with TestClient(create_app(engine=engine, data_dir=str(tmp_path), jobs=True), base_url=LOCAL) as client:
         question = {"messages": [{"role": "user", "content": "What is my diet?"}], "user": "di", "max_tokens": 10,
                     "temperature": 0, "localpers": {"explain": True, "history": False}}
         assert client.get("/v1/users/di/jobs").status_code == 404
@@ -149,7 +151,7 @@ def test_jobs_run_in_the_background_and_deletion_retires_the_adapter(engine, ada
 
         r = client.post("/v1/users/di/personalize", json={"method": "nope"})
         assert r.status_code == 400
-        r = client.post("/v1/users/di/personalize")
+        r = client.post("/v1/users/di/personalize", json={})  # JSON endpoints take application/json only
         assert r.status_code == 202 and r.json()["kind"] == names.EDIT
         assert client.delete("/v1/users/di").status_code == 200
         assert client.get("/v1/users/di/jobs").status_code == 404
