@@ -34,8 +34,9 @@ GlobalKnowledge (`save`/`load`: one .npz in DATA_DIR/logo/, FORMAT_VERSION in it
     published      [k] bool            sizes >= min_size; unpublished communities are never served
 
 k (the number of communities) is chosen once, from the first round's number of contributors n:
-k = clamp(round(sqrt(n / 2)), 2, K_MAX), the usual sqrt(n/2) rule of thumb capped so that each community
-keeps dozens of members. Later rounds keep k and start k-means from the previous centroids, so community
+k = clamp(round(sqrt(n / 20)), 2, K_MAX): communities of about sqrt(20 n) members (~120 for n = 700), so that
+their histograms are read from many users (the sqrt(n / 2) rule of thumb gave 16 communities of ~40 on the
+development worlds and worse cold-start predictions: BENCHMARKS.md, LoGo section). Later rounds keep k and start k-means from the previous centroids, so community
 identities persist and their drift is measurable.
 
 The world's true community labels and attribute values are for scoring only: nothing here reads them.
@@ -282,8 +283,8 @@ class GlobalKnowledge:
 
 
 def choose_k(n: int) -> int:
-    """The number of communities for n contributors: clamp(round(sqrt(n / 2)), 2, K_MAX)."""
-    return int(min(K_MAX, max(2, round(math.sqrt(n / 2)))))
+    """The number of communities for n contributors: clamp(round(sqrt(n / 20)), 2, K_MAX)."""
+    return int(min(K_MAX, max(2, round(math.sqrt(n / 20)))))
 
 
 def init_centroids(vectors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -365,6 +366,8 @@ class MediatorParams:
     user_scale: float = 0.0          # control-vector scale of the user's own steering at full local weight
     community_scale: float = 0.0     # control-vector scale of the community steering at full global weight
     skew_boost: float = 0.0          # extra global weight for a skewed (low-entropy) history: + skew_boost * (1 - entropy)
+    posterior: bool = False          # context values from the posterior mixture of communities, not the nearest one
+    smoothing: float = 1.0           # pseudo-count per value in the communities' likelihoods
 
 
 MEDIATOR = MediatorParams()
@@ -378,6 +381,25 @@ class Mediation:
     user_scale: float
     community_scale: float
     context: tuple[tuple[str, str], ...]   # (attribute, community's most common value) for thin attributes
+
+
+def attribute_shares(histograms: np.ndarray, smoothing: float) -> np.ndarray:
+    """[k, V] -> per community and attribute, the smoothed share of each value among the attribute's values."""
+    shares = histograms + smoothing
+    for s in ATTRIBUTE_SLICES.values():
+        shares[:, s] /= shares[:, s].sum(axis=1, keepdims=True)
+    return shares
+
+
+def community_posterior(counts: np.ndarray, knowledge: GlobalKnowledge, smoothing: float = 1.0) -> np.ndarray:
+    """P(community | the user's preference counts) over the published communities [k] (0 elsewhere): prior
+    ∝ size, likelihood = prod over counted values of the community's smoothed share of that value
+    (naive Bayes: each mention independent given the community)."""
+    published = knowledge.published
+    log_post = np.log(np.maximum(knowledge.sizes, 1e-9)) + np.log(attribute_shares(knowledge.histograms, smoothing)) @ counts
+    log_post = np.where(published, log_post, -np.inf)
+    post = np.exp(log_post - log_post.max())
+    return post / post.sum()
 
 
 def mediate(signals: LocalSignals, knowledge: GlobalKnowledge, params: MediatorParams = MEDIATOR) -> Mediation:
@@ -396,7 +418,11 @@ def mediate(signals: LocalSignals, knowledge: GlobalKnowledge, params: MediatorP
     global_weight = min(1.0, (1.0 - local) + params.skew_boost * skew) * max(0.0, agreement)
     context = []
     if agreement >= params.min_agreement:
-        histogram = knowledge.histograms[community]
+        if params.posterior:
+            post = community_posterior(signals.counts, knowledge, params.smoothing)
+            histogram = post @ attribute_shares(knowledge.histograms, params.smoothing)
+        else:
+            histogram = knowledge.histograms[community]
         for attribute, s in ATTRIBUTE_SLICES.items():
             if signals.counts[s].sum() > params.context_max_count:
                 continue
@@ -444,3 +470,306 @@ def world_rounds(upqa: list[dict], *, half_life: float = HALF_LIFE, min_size: fl
                                 random_assignment=random_assignment)
         out[r] = knowledge
     return out
+
+
+# ---------------------------------------------------------------- steering vectors (CAA, torch)
+
+STEER_PROMPTS = 3   # the user's own most recent items used as prompts
+STEER_PROFILE = 6   # preference items (most recent) put in context
+
+
+class Steerer:
+    """CAA-style steering vectors (Rimsky et al. 2024, "Steering Llama 2 via Contrastive Activation Addition"):
+    the mean over the user's prompts of h(profile in the system message + prompt) - h(prompt) at the last
+    prompt token, for every block whose output llama.cpp's control vectors can steer (blocks 1..n_layer-1).
+    Hidden states from localpers.model (output_hidden_states), equal to llama.cpp's."""
+
+    def __init__(self, model_path=None, model=None, tokenizer=None):
+        import torch
+
+        from localpers import default_model_path
+        from localpers.model import load_model
+        from localpers.tokenizer import Tokenizer
+
+        self.torch = torch
+        self.model_path = Path(model_path) if model_path else default_model_path()
+        self.model = model if model is not None else load_model(self.model_path)
+        self.tok = tokenizer or Tokenizer.from_gguf(self.model_path)
+
+    def _last_states(self, messages: list[dict]) -> np.ndarray:
+        ids = self.tok.encode(self.tok.apply_chat_template(messages), add_bos=False)
+        with self.torch.no_grad():
+            _, states = self.model(self.torch.tensor([ids]), output_hidden_states=True)
+        # states[i + 1] is the output of block i; llama.cpp steers blocks 1..n_layer-1
+        return np.stack([s[0, -1].float().numpy() for s in states[2:]])
+
+    def __call__(self, texts: list[str]) -> np.ndarray | None:
+        """[n_layer - 1, d] for a user's history texts (oldest first), or None when they stated no preference."""
+        profile = [t for t in texts if read_preferences(t).sum() > 0][-STEER_PROFILE:]
+        if not profile:
+            return None
+        system = "About the user:\n" + "\n".join(f"- {t}" for t in profile)
+        diffs = [self._last_states([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+                 - self._last_states([{"role": "user", "content": prompt}]) for prompt in texts[-STEER_PROMPTS:]]
+        return np.mean(diffs, axis=0).astype(np.float32)
+
+
+def write_steering(path: str | Path, steering: np.ndarray, arch: str) -> Path:
+    """A steering vector [n_layer - 1, d] as a llama.cpp control-vector GGUF (direction.1 .. direction.{n_layer-1})."""
+    from localpers.gguf_write import write_control_vector
+
+    return write_control_vector(path, {il + 1: v for il, v in enumerate(steering)}, arch)
+
+
+class CachedEmbedder:
+    """Item embeddings through `embedder` (retrieval.GGUFEmbedder or MiniLMEmbedder), cached in memory by the
+    text's SHA-256 so a text is embedded once per process."""
+
+    def __init__(self, embedder):
+        self.embedder, self.name, self.cache = embedder, embedder.name, {}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        keys = [hashlib.sha256(t.encode()).digest() for t in texts]
+        missing = [t for key, t in zip(keys, texts) if key not in self.cache]
+        if missing:
+            for t, v in zip(missing, self.embedder.embed(missing)):
+                self.cache[hashlib.sha256(t.encode()).digest()] = v
+        return np.stack([self.cache[key] for key in keys])
+
+# ---------------------------------------------------------------- the method (serve and eval)
+
+
+@dataclass
+class Prepared:
+    """Global knowledge for evaluation users: the knowledge each user's query time sees, and how to read
+    their signals."""
+    rounds: dict[int, GlobalKnowledge]    # query step -> knowledge
+    step_of: dict[str, int]               # user id -> query step
+    params: MediatorParams
+    embed: object = None
+    steer: object = None
+    files: Path | None = None             # where control vectors are written
+    embedding_weight: float = EMBEDDING_WEIGHT
+
+
+# method name -> Prepared (the evaluation prepares them; served users read the registry instead)
+_PREPARED: dict[str, Prepared] = {}
+
+
+@lru_cache(maxsize=4096)
+def _eval_signals(name: str, user) -> LocalSignals:
+    prepared = _PREPARED[name]
+    texts = list(user.history)
+    return local_signals(texts, prepared.embed(texts) if prepared.embed else None,
+                         prepared.steer(texts) if prepared.steer else None, prepared.embedding_weight)
+
+
+def _control_file(folder: Path, steering: np.ndarray, arch: str) -> str:
+    """A content-hashed control-vector file for `steering` under folder (written once)."""
+    digest = hashlib.sha256(np.ascontiguousarray(steering, np.float32).tobytes()).hexdigest()[:24]
+    path = folder / f"cvec-{digest}.gguf"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        write_steering(path, steering, arch)
+    return str(path)
+
+
+def personalize(signals: LocalSignals, knowledge: GlobalKnowledge | None, params: MediatorParams,
+                user_cvec: str | None, community_cvec) -> "Personalized":
+    """The served primitives for one request: control vectors with the mediator's scales, community context."""
+    from localpers.engine import Artifacts
+    from localpers.methods import Personalized
+
+    if knowledge is None:
+        return Personalized()
+    m = mediate(signals, knowledge, params)
+    vectors = []
+    if user_cvec and m.user_scale:
+        vectors.append((user_cvec, m.user_scale))
+    if m.community >= 0 and m.community_scale and (path := community_cvec(m.community)):
+        vectors.append((path, m.community_scale))
+    return Personalized(artifacts=Artifacts(control_vectors=tuple(vectors)), system=context_text(m.context))
+
+
+def _method(name: str):
+    def method(user, query: str, engine):
+        if user.registered is not None:
+            return _served(user)
+        prepared = _PREPARED.get(name)
+        if prepared is None:
+            from localpers.errors import UserError
+
+            raise UserError(f"method {name!r} needs global knowledge: evaluate it on the world "
+                            "(`localpers eval world`), or serve it after `refresh_knowledge`")
+        signals = _eval_signals(name, user)
+        knowledge = prepared.rounds.get(prepared.step_of.get(user.id, -1)) or prepared.rounds[max(prepared.rounds)]
+        arch = engine.llm.metadata.get("general.architecture", "llama") if prepared.files else ""
+        user_cvec = (_control_file(prepared.files, signals.steering, arch)
+                     if prepared.files and signals.steering is not None else None)
+
+        def community_cvec(c: int):
+            if not prepared.files or knowledge.sums.steering_count[c] <= 0:
+                return None
+            return _control_file(prepared.files, knowledge.steering[c], arch)
+
+        return personalize(signals, knowledge, prepared.params, user_cvec, community_cvec)
+
+    method.__name__ = name.replace("-", "_")
+    return method
+
+
+logo_method = _method(names.LOGO)
+
+# Ablations (evaluation only): no temporal decay, no mediator (community context for every attribute and
+# fixed control-vector scales whatever the history), communities from random assignment.
+ABLATIONS = dict(zip(names.LOGO_ABLATIONS, ({"half_life": math.inf}, {"fixed": True}, {"random_assignment": True})))
+logo_nodecay, logo_nomediator, logo_random = (_method(name) for name in names.LOGO_ABLATIONS)
+FIXED = MediatorParams(context_max_count=math.inf, tau=math.inf)
+
+
+def prepare_world(world_dir: str | Path, method_names, *, engine=None, embed=None, steer=None,
+                  params: MediatorParams = MEDIATOR, files: str | Path | None = None, seed: int = 0) -> None:
+    """Compute the world's global knowledge, round by round, for the LoGo methods among `method_names`
+    (logo and its ablations), from the world's upqa.json (the users' histories with their items' time
+    steps; never world.json's labels). `files`: where control vectors go (needed when the mediator's
+    control-vector scales are nonzero)."""
+    from localpers.datasets import load_json
+    from localpers.world import WORLD_FILES
+
+    upqa = load_json(Path(world_dir) / WORLD_FILES["upqa"])
+    wanted = {part for spec in method_names for part in spec.split("+")}
+    for name in wanted & ({names.LOGO} | set(ABLATIONS)):
+        options = ABLATIONS.get(name, {})
+        rounds = world_rounds(upqa, half_life=options.get("half_life", HALF_LIFE),
+                              random_assignment=options.get("random_assignment", False), embed=embed,
+                              steer=steer, seed=seed)
+        mediator = replace(FIXED, user_scale=params.user_scale, community_scale=params.community_scale) \
+            if options.get("fixed") else params
+        _PREPARED[name] = Prepared(rounds, {e["user_id"]: e["step"] for e in upqa}, mediator, embed, steer,
+                                   Path(files) if files else None)
+    _eval_signals.cache_clear()
+
+
+# ---------------------------------------------------------------- served users: the background job and the registry
+
+KNOWLEDGE_FILE = "knowledge.npz"
+
+
+def knowledge_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir) / names.LOGO
+
+
+def signals_path(cvec_path: str | Path) -> Path:
+    """The user's local signals file, beside their registered LoGo control vector."""
+    p = Path(cvec_path)
+    return p.with_name(p.stem + ".signals.npz")
+
+
+def save_signals(path: Path, signals: LocalSignals, knowledge_path: Path) -> Path:
+    with open(path, "wb") as f:
+        np.savez(f, vector=signals.vector, counts=signals.counts, n_items=np.int64(signals.n_items),
+                 knowledge=np.array(str(knowledge_path)))
+    return path
+
+
+@lru_cache(maxsize=256)
+def _load_signals(path: str, key) -> tuple[LocalSignals, str]:
+    with np.load(path, allow_pickle=False) as z:
+        return LocalSignals(z["vector"], z["counts"], int(z["n_items"])), str(z["knowledge"])
+
+
+@lru_cache(maxsize=4)
+def _load_knowledge(path: str, key) -> GlobalKnowledge:
+    return GlobalKnowledge.load(path)
+
+
+def _served(user, params: MediatorParams = MEDIATOR):
+    """A served user: their registered LoGo control vector and the signals written beside it by the last
+    refresh_knowledge, and the current global knowledge file (read again when it changes). Nothing is
+    computed from the history on the request path."""
+    from localpers.engine import _file_key
+    from localpers.methods import Personalized
+
+    artifact = user.artifact(names.LOGO, names.CONTROL_VECTOR)
+    if artifact is None or not signals_path(artifact.path).is_file():
+        return Personalized()
+    sp = signals_path(artifact.path)
+    signals, kpath = _load_signals(str(sp), _file_key(sp))
+    if not Path(kpath).is_file():
+        return Personalized()
+    knowledge = _load_knowledge(kpath, _file_key(kpath))
+    has_own = bool(np.any(read_control_vector_safe(artifact.path)))
+    cvecs = knowledge.meta.get("community_cvecs", {})
+    return personalize(signals, knowledge, params, artifact.path if has_own else None,
+                       lambda c: cvecs.get(str(c)))
+
+
+@lru_cache(maxsize=256)
+def _cvec_nonzero(path: str, key) -> bool:
+    from localpers.gguf_write import read_control_vector
+
+    return any(np.any(v) for v in read_control_vector(path).values())
+
+
+def read_control_vector_safe(path: str) -> bool:
+    from localpers.engine import _file_key
+
+    return _cvec_nonzero(path, _file_key(path))
+
+
+def refresh_knowledge(store, *, model_path=None, embedder=None, steer: bool = True, half_life: float = HALF_LIFE,
+                      min_size: float = MIN_SIZE, users: list[str] | None = None, k: int | None = None,
+                      seed: int = 0) -> GlobalKnowledge:
+    """The background job: one round of global knowledge over the store's users (all, or `users`), then each
+    user's LoGo artifacts. Reads every user's history once; writes DATA_DIR/logo/knowledge.npz (decayed into
+    the previous round's), a control vector per published community with steering, and per user a control
+    vector (their CAA steering; zeros when they stated no preference) registered as (logo, control_vector)
+    with meta {"method", "sources", "round"}, its signals file beside it. embedder: an object with
+    .embed(texts) and .name (retrieval.GGUFEmbedder for the served model's own embeddings); None: preference
+    counts only. Returns the new knowledge."""
+    from localpers import default_model_path
+    from localpers.engine import model_sha256
+    from localpers.gguf_info import open_gguf
+    from localpers.model import ModelConfig
+
+    model_path = Path(model_path) if model_path else default_model_path()
+    config = ModelConfig.from_gguf(open_gguf(model_path))
+    folder = knowledge_dir(store.directory)
+    kpath = folder / KNOWLEDGE_FILE
+    previous = GlobalKnowledge.load(kpath) if kpath.is_file() else None
+    embed = CachedEmbedder(embedder) if embedder is not None else None
+    if previous is not None and previous.meta.get("embedder") != (embed.name if embed else None):
+        previous = None  # user vectors of another space: start over
+    steerer = Steerer(model_path) if steer else None
+    per_user = {}
+    for user in users if users is not None else store.users():
+        items = store.items(user)
+        texts = [i["text"] for i in items]
+        if texts:
+            per_user[user] = ([i["id"] for i in items], local_signals(
+                texts, embed(texts) if embed else None, steerer(texts) if steerer else None))
+    if not per_user:
+        raise ValueError("no user has any history yet")
+    knowledge = advance(previous, [sig for _, sig in per_user.values()], k=k, half_life=half_life,
+                        min_size=min_size, seed=seed, meta={"embedder": embed.name if embed else None,
+                                                            "model_sha256": model_sha256(model_path)})
+    community_cvecs = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in range(knowledge.k):
+        if knowledge.published[c] and knowledge.sums.steering_count[c] > 0:
+            community_cvecs[str(c)] = str(write_steering(folder / f"community-{c}-r{knowledge.round}.gguf",
+                                                         knowledge.steering[c], config.arch))
+    knowledge.meta["community_cvecs"] = community_cvecs
+    knowledge.save(kpath)
+    for old in folder.glob("community-*.gguf"):  # the previous round's, no longer referenced
+        if str(old) not in community_cvecs.values():
+            old.unlink()
+    sha = model_sha256(model_path)
+    for user, (ids, signals) in per_user.items():
+        steering = signals.steering if signals.steering is not None else np.zeros((config.n_layer - 1, config.d_model), np.float32)
+        path = store.artifact_dir(user) / f"logo-r{knowledge.round}.gguf"
+        write_steering(path, steering, config.arch)
+        save_signals(signals_path(path), signals, kpath)
+        store.register_artifact(user, names.CONTROL_VECTOR, path, sha,
+                                meta={"method": names.LOGO, "sources": ids, "round": knowledge.round})
+    return knowledge

@@ -100,6 +100,8 @@ METHODS: dict[str, Method | str] = {
     names.PROMPT: prompt,
     names.RAG: rag,
     names.EDIT: "localpers.editing:edit_method",
+    names.LOGO: "localpers.logo:logo_method",
+    **{name: f"localpers.logo:{name.replace('-', '_')}" for name in names.LOGO_ABLATIONS},
 }
 
 
