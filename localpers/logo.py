@@ -434,13 +434,24 @@ def mediate(signals: LocalSignals, knowledge: GlobalKnowledge, params: MediatorP
                      params.community_scale * global_weight, tuple(context))
 
 
-def context_text(context: tuple[tuple[str, str], ...]) -> str:
-    """The community context as a system-message paragraph ('' when there is none)."""
+CONTEXT_TOP = 2  # community lines kept when the request names attributes (else every thin attribute's line)
+
+
+def context_prefix(context: tuple[tuple[str, str], ...], query: str) -> str:
+    """The community context as a note before the user's message ('' when there is none). Lines whose
+    attribute, value or value keywords share a term with the request (BM25, methods.retrieve) are kept, at
+    most CONTEXT_TOP; when none does, every line is. On development world seed 1, 32 cold-start users: the
+    135M model chose the context's value 59-72% of the time with all lines (system message or prefix), 100%
+    with the request's line only."""
+    from localpers.methods import retrieve
+
     if not context:
         return ""
-    lines = "\n".join(f"- {attribute}: {value}" for attribute, value in context)
-    return ("People with interests like this user's most often prefer the following (a guess from similar "
-            f"users, not something the user said):\n{lines}\nWhen the user has not said otherwise, assume these.")
+    lines = [f"{value} ({attribute})" for attribute, value in context]
+    keyed = tuple(f"{attribute} {value} " + " ".join(ATTRIBUTES[attribute]["values"][value]) for attribute, value in context)
+    if hits := retrieve(keyed, query, k=CONTEXT_TOP):
+        lines = [lines[keyed.index(h)] for h in hits]
+    return "People with interests like mine often prefer: " + "; ".join(lines) + ".\n\n"
 
 
 # ---------------------------------------------------------------- the synthetic world, in rounds
@@ -575,7 +586,7 @@ def _control_file(folder: Path, steering: np.ndarray, arch: str) -> str:
 
 
 def personalize(signals: LocalSignals, knowledge: GlobalKnowledge | None, params: MediatorParams,
-                user_cvec: str | None, community_cvec) -> "Personalized":
+                user_cvec: str | None, community_cvec, query: str) -> "Personalized":
     """The served primitives for one request: control vectors with the mediator's scales, community context."""
     from localpers.engine import Artifacts
     from localpers.methods import Personalized
@@ -588,13 +599,13 @@ def personalize(signals: LocalSignals, knowledge: GlobalKnowledge | None, params
         vectors.append((user_cvec, m.user_scale))
     if m.community >= 0 and m.community_scale and (path := community_cvec(m.community)):
         vectors.append((path, m.community_scale))
-    return Personalized(artifacts=Artifacts(control_vectors=tuple(vectors)), system=context_text(m.context))
+    return Personalized(artifacts=Artifacts(control_vectors=tuple(vectors)), user_prefix=context_prefix(m.context, query))
 
 
 def _method(name: str):
     def method(user, query: str, engine):
         if user.registered is not None:
-            return _served(user)
+            return _served(user, query)
         prepared = _PREPARED.get(name)
         if prepared is None:
             from localpers.errors import UserError
@@ -612,7 +623,7 @@ def _method(name: str):
                 return None
             return _control_file(prepared.files, knowledge.steering[c], arch)
 
-        return personalize(signals, knowledge, prepared.params, user_cvec, community_cvec)
+        return personalize(signals, knowledge, prepared.params, user_cvec, community_cvec, query)
 
     method.__name__ = name.replace("-", "_")
     return method
@@ -683,7 +694,7 @@ def _load_knowledge(path: str, key) -> GlobalKnowledge:
     return GlobalKnowledge.load(path)
 
 
-def _served(user, params: MediatorParams = MEDIATOR):
+def _served(user, query: str, params: MediatorParams = MEDIATOR):
     """A served user: their registered LoGo control vector and the signals written beside it by the last
     refresh_knowledge, and the current global knowledge file (read again when it changes). Nothing is
     computed from the history on the request path."""
@@ -701,7 +712,7 @@ def _served(user, params: MediatorParams = MEDIATOR):
     has_own = bool(np.any(read_control_vector_safe(artifact.path)))
     cvecs = knowledge.meta.get("community_cvecs", {})
     return personalize(signals, knowledge, params, artifact.path if has_own else None,
-                       lambda c: cvecs.get(str(c)))
+                       lambda c: cvecs.get(str(c)), query)
 
 
 @lru_cache(maxsize=256)

@@ -156,7 +156,8 @@ def test_world_evaluation_knowledge(tmp_path):
 
     item = next(i for i in read_upqa(directory / "upqa.json") if i.user.id == entry["user_id"])
     p = get_method(names.LOGO)(item.user, item.question, None)
-    assert "People with interests like" in p.system and p.artifacts.control_vectors == ()
+    assert p.user_prefix.startswith("People with interests like mine") and p.artifacts.control_vectors == ()
+    assert p.user_prefix.count("(") == 1  # only the asked attribute's line: the question names it
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +190,10 @@ def test_refresh_job_registers_served_artifacts(tiny_llama, tmp_path, monkeypatc
         served = User(user, registered=(RegisteredArtifact(names.LOGO, names.CONTROL_VECTOR, artifact["path"]),))
     p = get_method(names.LOGO)(served, "What should I do this weekend?", None)
     params = logo.MediatorParams(user_scale=1.0, community_scale=1.0)
-    p = logo._served(served, params)
+    p = logo._served(served, "Hi", params)
     assert p.artifacts.control_vectors and p.artifacts.control_vectors[0][0] == artifact["path"]
     engine = Engine(tiny_llama, n_ctx=256, n_threads=1)
     base = engine.chat([{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0.0)
     steered = engine.chat([{"role": "user", "content": "Hi"}], artifacts=p.artifacts, max_tokens=4, temperature=0.0)
     assert base["choices"] and steered["choices"]
-    assert get_method(names.LOGO)(User("nobody", registered=()), "Hi", None).system == ""
+    assert get_method(names.LOGO)(User("nobody", registered=()), "Hi", None).user_prefix == ""
