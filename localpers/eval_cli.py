@@ -171,6 +171,8 @@ def cmd_eval(args) -> None:
     if not names:
         raise UserError("--method needs at least one method")
     methods = {name: get_method(name) for name in names}
+    if args.task != "world" and any(_is_logo(n) for n in names):
+        raise UserError("the logo methods need global knowledge over many users: evaluate them on `world`")
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS.get(args.task, 48)
     # Read and check all data before loading the model, so a bad file fails at once.
     if args.task == "upqa":

@@ -197,3 +197,13 @@ def test_refresh_job_registers_served_artifacts(tiny_llama, tmp_path, monkeypatc
     steered = engine.chat([{"role": "user", "content": "Hi"}], artifacts=p.artifacts, max_tokens=4, temperature=0.0)
     assert base["choices"] and steered["choices"]
     assert get_method(names.LOGO)(User("nobody", registered=()), "Hi", None).user_prefix == ""
+
+
+def test_eval_cli_refuses_logo_off_the_world_and_unknown_buckets(tmp_path, capsys):
+    from localpers.cli import main
+
+    assert main(["eval", "upqa", "--method", "logo", "--data", str(tmp_path)]) == 2
+    assert "evaluate them on `world`" in capsys.readouterr().err
+    assert main(["eval", "world", "--users", "30", "--history", "2-3", "--method", "logo", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "unknown buckets" in capsys.readouterr().err
