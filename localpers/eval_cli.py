@@ -41,6 +41,12 @@ def add_cli(sub) -> None:
     world.add_argument("--communities", type=int, default=8)
     world.add_argument("--steps", type=int, default=12)
     world.add_argument("--generate-only", action="store_true", help="write the world to --out and stop")
+    world.add_argument("--history", help="only users whose history-size bucket is one of these (comma-separated, "
+                                         "e.g. 1-2,50+), chosen before --limit")
+    world.add_argument("--mc-only", action="store_true", help="score mc_acc only: no generated answers, no "
+                                                               "locality_kl, no writing task (a cheap first look)")
+    world.add_argument("--logo-embed", action="store_true", help="logo: user vectors also from the served model's "
+                                                                 "own embeddings (llama.cpp), not only preference counts")
     p.set_defaults(func=cmd_eval)
 
 
@@ -70,6 +76,27 @@ def _limit(items: list, args) -> list:
             raise UserError(f"--shard {args.shard} holds no items: there are only {len(items)}")
         items = items[index::count]
     return items
+
+
+def _history_buckets(items: list, spec: str | None) -> list:
+    """World items of users whose history-size bucket (world.BUCKETS) is listed in `spec`."""
+    if not spec:
+        return items
+    from localpers.world import BUCKETS, history_bucket
+
+    wanted = {b.strip() for b in spec.split(",") if b.strip()}
+    if unknown := wanted - {name for _, _, name in BUCKETS}:
+        raise UserError(f"--history: unknown buckets {sorted(unknown)} (known: {', '.join(n for _, _, n in BUCKETS)})")
+    kept = [item for item in items if history_bucket(dict(item.meta)["history_size"]) in wanted]
+    if not kept:
+        raise UserError(f"--history {spec}: no user of the world has such a history")
+    return kept
+
+
+def _is_logo(spec: str) -> bool:
+    from localpers.names import LOGO, LOGO_ABLATIONS
+
+    return any(part.strip() in (LOGO, *LOGO_ABLATIONS) for part in spec.split("+"))
 
 
 def cmd_merge(args) -> None:
@@ -120,6 +147,10 @@ def cmd_eval(args) -> None:
     config = {"seed": args.seed, "limit": args.limit}
     if args.shard:
         config["shard"] = args.shard
+    if args.history:
+        config["history"] = args.history
+    if args.mc_only:
+        config["mc_only"] = True
     if args.task == "world" and not args.data:
         if args.users < 1 or args.communities < 1 or args.steps < 2:
             raise UserError("the world needs --users >= 1, --communities >= 1 and --steps >= 2")
@@ -138,6 +169,8 @@ def cmd_eval(args) -> None:
     if not names:
         raise UserError("--method needs at least one method")
     methods = {name: Composer(name) for name in names}  # what `localpers serve --personalize NAME` serves
+    if args.task != "world" and any(_is_logo(n) for n in names):
+        raise UserError("the logo methods need global knowledge over many users: evaluate them on `world`")
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS.get(args.task, 48)
     # Read and check all data before loading the model, so a bad file fails at once.
     if args.task == "upqa":
@@ -157,7 +190,7 @@ def cmd_eval(args) -> None:
         items = _limit(items, args)
         config.update(data=str(path), dataset=task_name, max_tokens=max_tokens)
     else:
-        upqa_items = _limit(read_upqa(world_dir / WORLD_FILES["upqa"]), args)
+        upqa_items = _limit(_history_buckets(read_upqa(world_dir / WORLD_FILES["upqa"]), args.history), args)
         _, writing = read_lamp(world_dir / WORLD_FILES["longlamp_questions"], world_dir / WORLD_FILES["longlamp_outputs"])
         keep = {item.user.id for item in upqa_items}
         writing = [item for item in writing if item.user.id in keep]
@@ -176,6 +209,13 @@ def cmd_eval(args) -> None:
     engine = Engine(args.model, seed=args.seed, n_threads=args.threads)
     inputs = {"model": model_sha256(engine.model_path), **inputs}
     report = {"task": args.task, "model": engine.model_name, "config": config, "inputs": inputs}
+    if args.task == "world" and (logo_names := [n for n in names if _is_logo(n)]):
+        from localpers import logo
+        from localpers.retrieval import GGUFEmbedder
+
+        embed = logo.CachedEmbedder(GGUFEmbedder(engine.model_path)) if args.logo_embed else None
+        logo.prepare_world(world_dir, logo_names, embed=embed, seed=args.seed, files=out / "logo-cvecs")
+        config["logo_embed"] = bool(args.logo_embed)
     progress = out / "progress.jsonl"
     journal = ev.Journal(progress, {**report, "methods": names})
     if journal.done:
@@ -191,9 +231,11 @@ def cmd_eval(args) -> None:
         results, counts, rows = ev.run_lamp(engine, task_name, items, methods, max_tokens=max_tokens, journal=journal)
         rules = [ev.RULES["lamp"].format(max_tokens=max_tokens)]
     else:
-        results, counts, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens, journal=journal)
-        writing_results, writing_counts, writing_rows = ev.run_lamp(engine, "LongLaMP_world", writing, methods,
-                                                                    max_tokens=2 * max_tokens, journal=journal)
+        results, counts, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens, journal=journal,
+                                            answers=not args.mc_only)
+        writing_results, writing_counts, writing_rows = ev.run_lamp(
+            engine, "LongLaMP_world", [] if args.mc_only else writing, methods, max_tokens=2 * max_tokens,
+            journal=journal)
         for name in results:
             results[name].update(writing_results[name])
             counts[name].update(writing_counts[name])

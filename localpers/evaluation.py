@@ -184,16 +184,17 @@ def score_items(journal: Journal, part: str, items: list, methods: dict, score) 
 
 
 def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48,
-             journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
-    """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl; (results, counts, rows)."""
+             journal: Journal | None = None, answers: bool = True) -> tuple[dict, dict, list[dict]]:
+    """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl; (results, counts, rows).
+    answers=False: mc_acc only (no generated answers, no locality_kl): a cheap first look at many items."""
     journal = journal or Journal()
-    base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL]
+    base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL] if answers else []
 
     def score(name, method, item):
         row = {"id": item.user.id, "method": name, **dict(item.meta)}
         ok = {}
         for kind, question in (("explicit", item.question), ("paraphrased", item.question_paraphrased),
-                               ("implicit", item.implicit_question)):
+                               ("implicit", item.implicit_question))[:3 if answers else 0]:
             answer = generate(engine, method(item.user, question, engine),
                               [{"role": "user", "content": question}], max_tokens)
             row[kind] = answer
@@ -209,6 +210,8 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
         return ok, [row]
 
     results, counts, rows = score_items(journal, "upqa", items, methods, score)
+    if not answers:
+        return results, counts, rows
     users = locality_users([item.user for item in items])
     for name, method in methods.items():
         results[name]["locality_kl"] = 0.0 if name == "base" else journal.score(

@@ -125,6 +125,8 @@ METHODS: dict[str, Method | str] = {
     names.EDIT: "localpers.editing:edit_method",
     names.CE: "localpers.training:ce_method",
     names.PERCE: "localpers.training:perce_method",
+    names.LOGO: "localpers.logo:logo_method",
+    **{name: f"localpers.logo:{name.replace('-', '_')}" for name in names.LOGO_ABLATIONS},
 }
 
 

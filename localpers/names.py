@@ -27,6 +27,8 @@ EDIT = "edit"      # Personalization Editing: rank-one ROME edits of ffn_down ->
 CE = "ce"          # plain cross-entropy LoRA fine-tuning on the user's history (PerCE's baseline)
 PERCE = "perce"    # PerContrast-weighted LoRA fine-tuning (arXiv 2603.06595) -> LoRA adapter
 LOGO = "logo"      # LoGo: community knowledge fused with local signals by a mediator -> control vectors, context
+# LoGo's ablations (evaluation only): no temporal decay, no mediator (fixed weights), random communities
+LOGO_ABLATIONS = ("logo-nodecay", "logo-nomediator", "logo-random")
 
 # Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).
 TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)

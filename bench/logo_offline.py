@@ -1,0 +1,68 @@
+"""Offline check of LoGo's global knowledge on the synthetic world, without the LLM: how often the community
+context names the user's true current value of the asked attribute (cold-start users), against the upper bound
+(the user's true community's most common value; upper_t: among its members asked within one step) and the
+population's most common value.
+
+    python3 bench/logo_offline.py --seed 1 --users 1000 [--window] [--half-life 2] [--k 0]
+"""
+import argparse
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from localpers import logo, world
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--window", action="store_true", help="contributions from the round's window only")
+    p.add_argument("--half-life", type=float, default=logo.HALF_LIFE)
+    p.add_argument("--k", type=int, default=0)
+    p.add_argument("--random", action="store_true", help="random community assignment (ablation)")
+    p.add_argument("--posterior", action="store_true", help="context from the posterior mixture of communities")
+    args = p.parse_args()
+    w = world.generate_world(args.users, seed=args.seed)
+    items = {it["user_id"]: it for it in w["upqa"]}
+    truth = {u["id"]: u for u in w["users"]}
+    rounds = logo.world_rounds(w["upqa"], half_life=args.half_life, k=args.k or None, window=args.window,
+                               random_assignment=args.random)
+    # upper bound: the true community's most common current value (over all users, at their query steps)
+    mode = defaultdict(Counter)
+    for u in w["users"]:
+        for a, v in u["values"].items():
+            mode[u["community"], a][v] += 1
+    # time-aware upper bound: the community's most common value among its members asked at steps t-1..t+1
+    near = defaultdict(Counter)
+    for u in w["users"]:
+        for t in (u["step"] - 1, u["step"], u["step"] + 1):
+            for a, v in u["values"].items():
+                near[u["community"], t, a][v] += 1
+    pop = defaultdict(Counter)
+    for u in w["users"]:
+        for a, v in u["values"].items():
+            pop[a][v] += 1
+    stats = defaultdict(lambda: defaultdict(list))
+    for uid, it in items.items():
+        bucket = world.history_bucket(it["history_size"])
+        a, target = it["attribute_type"], it["target"]
+        texts = [p["text"] for p in it["profile"]]
+        sig = logo.local_signals(texts)
+        know = rounds[it["step"]]
+        med = logo.mediate(sig, know, logo.MediatorParams(posterior=args.posterior))
+        ctx = dict(med.context)
+        s = logo.ATTRIBUTE_SLICES[a]
+        local = logo.VOCAB_VALUE[s.start + int(np.argmax(sig.counts[s]))] if sig.counts[s].sum() else None
+        stats[bucket]["local"].append(local == target)
+        stats[bucket]["context_given"].append(a in ctx)
+        stats[bucket]["logo"].append((local or ctx.get(a)) == target)
+        stats[bucket]["upper"].append(mode[truth[uid]["community"], a].most_common(1)[0][0] == target)
+        stats[bucket]["upper_t"].append(near[truth[uid]["community"], it["step"], a].most_common(1)[0][0] == target)
+        stats[bucket]["popular"].append(pop[a].most_common(1)[0][0] == target)
+    for bucket in ("1-2", "3-9", "10-49", "50+"):
+        print(bucket, len(stats[bucket]["local"]), {k: round(float(np.mean(v)), 3) for k, v in stats[bucket].items()})
+
+
+if __name__ == "__main__":
+    main()
