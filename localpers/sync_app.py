@@ -43,8 +43,10 @@ SUMMARY_FILE = "summary.json"
 class KMeansStrategy(FedAvg):
     """Federated spherical k-means over SecAgg+ sums; keeps the knowledge of the last round in `.knowledge`."""
 
-    def __init__(self, cfg: sync.SyncConfig, min_devices: int, centroids: np.ndarray | None = None):
+    def __init__(self, cfg: sync.SyncConfig, min_devices: int, wait_seconds: float = 600.0,
+                 centroids: np.ndarray | None = None):
         self.cfg = cfg
+        self.wait_seconds = wait_seconds
         self.centroids = sync.initial_centroids(cfg) if centroids is None else centroids
         self.knowledge: sync.Knowledge | None = None
         self.history: list[dict] = []
@@ -53,9 +55,13 @@ class KMeansStrategy(FedAvg):
                          initial_parameters=ndarrays_to_parameters([self.centroids]))
 
     def configure_fit(self, server_round, parameters, client_manager):
-        pairs = super().configure_fit(server_round, parameters, client_manager)
-        sync.check_cohort(len(pairs), self.cfg)
-        return [(proxy, FitIns(ins.parameters, {"round": server_round})) for proxy, ins in pairs]
+        # Round 1 waits for min_devices; later rounds go on with every device still there (>= min_contributors).
+        need = self.min_fit_clients if server_round == 1 else self.cfg.min_contributors
+        if not client_manager.wait_for(need, timeout=self.wait_seconds):
+            return []
+        proxies = list(client_manager.all().values())
+        sync.check_cohort(len(proxies), self.cfg)
+        return [(proxy, FitIns(parameters, {"round": server_round})) for proxy in proxies]
 
     def aggregate_fit(self, server_round, results, failures):
         if not results:
@@ -105,7 +111,7 @@ def run_server(grid: Grid, context: Context) -> KMeansStrategy:
     min_devices = int(context.run_config.get("min-devices", 2))
     timeout = float(context.run_config.get("timeout", 60.0))
     sync.check_cohort(min_devices, cfg)
-    strategy = KMeansStrategy(cfg, min_devices)
+    strategy = KMeansStrategy(cfg, min_devices, wait_seconds=float(context.run_config.get("wait", 600.0)))
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=timeout),
                            strategy=strategy)
     secagg = SecAggPlus(num_shares=1.0, reconstruction_threshold=cfg.min_contributors, max_weight=1.0,
