@@ -294,7 +294,13 @@ class LocalGrid(Grid):
             if node in self.dropped or (stage is not None and self.drop_at.get(node) == stage):
                 self.dropped.add(node)
                 continue
-            reply = self.app(message=msg, context=self.contexts[node])
+            try:
+                reply = self.app(message=msg, context=self.contexts[node])
+            except Exception as e:  # as Flower's run_clientapp: the exception becomes an error reply
+                from flwr.common import Error
+                from flwr.common.constant import ErrorCode
+
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(e)), reply_to=msg)
             self.sent_bytes[node] = self.sent_bytes.get(node, 0) + sum(
                 r.get("bytes", 0) for r in describe(reply.content)) if reply.has_content() else 0
             self.replies[msg_id] = copy.deepcopy(reply)
