@@ -49,13 +49,15 @@ SENT_LOG_FILE = "sent.jsonl"
 class SyncConfig:
     """What the server announces for a sync run (Flower run config, one flat dict of numbers).
 
-    k communities over user vectors of dimension `dim`, steering vectors [n_layer, dim], histograms over a public
-    vocabulary of `vocab` entries. `epsilon` is the DP budget of ONE round for delta `delta` (math.inf: no
+    k communities over user vectors of dimension `dim`, steering vectors [n_layer, steer_dim] (LoGo: the
+    control-vector layers x the model width; n_layer 0: none), histograms over a public vocabulary of `vocab`
+    entries. `epsilon` is the DP budget of ONE round for delta `delta` (math.inf: no
     noise); `min_contributors` the number of devices whose noise shares are guaranteed in every published sum
     (the SecAgg+ reconstruction threshold: fewer survivors abort the round)."""
     k: int = 8
-    dim: int = 576
-    n_layer: int = 30
+    dim: int = 128
+    n_layer: int = 29
+    steer_dim: int = 576
     vocab: int = 64
     rounds: int = 3
     epsilon: float = math.inf
@@ -70,8 +72,8 @@ class SyncConfig:
         for name in ("k", "dim", "vocab", "rounds", "min_contributors"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"sync: {name} must be >= 1, got {getattr(self, name)}")
-        if self.n_layer < 0 or self.min_size < 1:
-            raise UserError("sync: n_layer must be >= 0 and min_size >= 1")
+        if self.n_layer < 0 or self.steer_dim < 0 or self.min_size < 1:
+            raise UserError("sync: n_layer and steer_dim must be >= 0, min_size >= 1")
         if not (self.epsilon > 0 and 0 < self.delta < 1):
             raise UserError(f"sync: need epsilon > 0 and 0 < delta < 1, got {self.epsilon}, {self.delta}")
         if self.steer_clip <= 0 or self.hist_clip <= 0:
@@ -80,7 +82,7 @@ class SyncConfig:
     @property
     def block(self) -> int:
         """Length of one community's block: count, vector, steering, histogram."""
-        return 1 + self.dim + self.n_layer * self.dim + self.vocab
+        return 1 + self.dim + self.n_layer * self.steer_dim + self.vocab
 
     @property
     def length(self) -> int:
@@ -128,14 +130,14 @@ class SyncConfig:
 
 @dataclass
 class Contribution:
-    """A user's local signals (LoGo): unit `vector` [dim], `steering` [n_layer, dim] (CAA mean difference of
+    """A user's local signals (LoGo): unit `vector` [dim], `steering` [n_layer, steer_dim] (CAA mean difference of
     hidden states, a control vector), `histogram` [vocab] counts of stated preferences over a public vocabulary."""
     vector: np.ndarray
     steering: np.ndarray
     histogram: np.ndarray
 
     def check(self, cfg: SyncConfig) -> None:
-        shapes = {"vector": (cfg.dim,), "steering": (cfg.n_layer, cfg.dim), "histogram": (cfg.vocab,)}
+        shapes = {"vector": (cfg.dim,), "steering": (cfg.n_layer, cfg.steer_dim), "histogram": (cfg.vocab,)}
         for name, shape in shapes.items():
             arr = getattr(self, name)
             if arr.shape != shape:
@@ -167,7 +169,7 @@ def encode(c: Contribution, centroids: np.ndarray, cfg: SyncConfig, rng: np.rand
     c.check(cfg)
     j = assign(c.vector, centroids)
     flat = np.zeros((cfg.k, cfg.block), dtype=np.float64)
-    d, ld = cfg.dim, cfg.n_layer * cfg.dim
+    d, ld = cfg.dim, cfg.n_layer * cfg.steer_dim
     flat[j, 0] = 1.0
     flat[j, 1:1 + d] = c.vector / np.linalg.norm(c.vector)
     flat[j, 1 + d:1 + d + ld] = _clip(c.steering.astype(np.float64).ravel(), cfg.steer_clip)
@@ -195,6 +197,13 @@ def check_cohort(n: int, cfg: SyncConfig, quantization_range: int = QUANTIZATION
                         f">= modulus_range {modulus_range}); at most {(modulus_range - 1) // quantization_range} devices")
 
 
+def secagg_shares(n: int) -> float | int:
+    """SecAgg+'s number of shares (neighbours per device) for a cohort of n: everyone (1.0) up to 16 devices,
+    else 2 * ceil(log2 n) + 1 (odd, as Flower recommends): the logarithmic-degree graph of SecAgg+ (Bell et al.
+    2020), which keeps each device's work at O(log n) key agreements and masks instead of O(n)."""
+    return 1.0 if n <= 16 else 2 * math.ceil(math.log2(n)) + 1
+
+
 def error_bound(n: int, cfg: SyncConfig, quantization_range: int = QUANTIZATION_RANGE) -> float:
     """Largest error of one coordinate of the SecAgg+ sum of n devices, in normalized units.
 
@@ -210,7 +219,7 @@ def error_bound(n: int, cfg: SyncConfig, quantization_range: int = QUANTIZATION_
 
 @dataclass
 class Sums:
-    """Totals over the contributing devices: counts [k], vector sums [k, dim], steering sums [k, n_layer, dim]
+    """Totals over the contributing devices: counts [k], vector sums [k, dim], steering sums [k, n_layer, steer_dim]
     (normalized units), histogram sums [k, vocab] (normalized units)."""
     counts: np.ndarray
     vectors: np.ndarray
@@ -223,16 +232,16 @@ def decode(total: np.ndarray, cfg: SyncConfig) -> Sums:
     if total.shape != (cfg.length,):
         raise ValueError(f"sync: aggregate has shape {total.shape}, expected ({cfg.length},)")
     t = total.reshape(cfg.k, cfg.block)
-    d, ld = cfg.dim, cfg.n_layer * cfg.dim
+    d, ld = cfg.dim, cfg.n_layer * cfg.steer_dim
     return Sums(counts=t[:, 0].copy(), vectors=t[:, 1:1 + d].copy(),
-                steering=t[:, 1 + d:1 + d + ld].reshape(cfg.k, cfg.n_layer, cfg.dim).copy(),
+                steering=t[:, 1 + d:1 + d + ld].reshape(cfg.k, cfg.n_layer, cfg.steer_dim).copy(),
                 histograms=t[:, 1 + d + ld:].copy())
 
 
 @dataclass
 class Knowledge:
     """Published global knowledge: centroids [k, dim] (unit), sizes [k] (rounded noisy counts), steering
-    [k, n_layer, dim] (mean member steering in model units, a community control vector), histograms [k, vocab]
+    [k, n_layer, steer_dim] (mean member steering in model units, a community control vector), histograms [k, vocab]
     (member preference counts, clipped units), published [k] (False: below min_size, all zeros, never shown)."""
     centroids: np.ndarray
     sizes: np.ndarray
@@ -282,6 +291,16 @@ def publish(sums: Sums, previous: np.ndarray, cfg: SyncConfig) -> Knowledge:
     histograms = np.where(published[:, None], np.maximum(sums.histograms * cfg.hist_clip, 0.0), 0.0)
     return Knowledge(centroids=centroids, sizes=np.where(published, sizes, 0.0), steering=steering,
                      histograms=histograms, published=published)
+
+
+def logo_round_sums(sums: Sums, cfg: SyncConfig) -> dict:
+    """The fields of LoGo's RoundSums (localpers/logo.py) in model units, from (noisy) totals:
+    `logo.RoundSums(**logo_round_sums(sums, cfg))` folds a federated round into LoGo's GlobalKnowledge.
+    Every member carries steering when n_layer > 0, so steering_count = count."""
+    count = np.maximum(sums.counts, 0.0)
+    return {"vector_sum": sums.vectors.copy(), "count": count, "steering_sum": sums.steering * cfg.steer_clip,
+            "steering_count": count if cfg.n_layer else np.zeros_like(count),
+            "counts": np.maximum(sums.histograms * cfg.hist_clip, 0.0)}
 
 
 def initial_centroids(cfg: SyncConfig) -> np.ndarray:

@@ -114,7 +114,10 @@ def run_server(grid: Grid, context: Context) -> KMeansStrategy:
     strategy = KMeansStrategy(cfg, min_devices, wait_seconds=float(context.run_config.get("wait", 600.0)))
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=timeout),
                            strategy=strategy)
-    secagg = SecAggPlus(num_shares=1.0, reconstruction_threshold=cfg.min_contributors, max_weight=1.0,
+    shares = sync.secagg_shares(min_devices)
+    if isinstance(shares, int) and cfg.min_contributors >= shares:
+        raise UserError(f"sync: min-contributors {cfg.min_contributors} must be below SecAgg+'s {shares} shares")
+    secagg = SecAggPlus(num_shares=shares, reconstruction_threshold=cfg.min_contributors, max_weight=1.0,
                                 clipping_range=cfg.clipping_range, quantization_range=sync.QUANTIZATION_RANGE,
                                 modulus_range=sync.MODULUS_RANGE, timeout=timeout)
     start = time.perf_counter()

@@ -132,7 +132,8 @@ def _toml(values: dict) -> str:
 def cmd_sync_server(args) -> int:
     from localpers import sync
 
-    cfg = sync.SyncConfig(k=args.k, dim=args.dim, n_layer=args.n_layer, vocab=args.vocab, rounds=args.rounds,
+    cfg = sync.SyncConfig(k=args.k, dim=args.dim, n_layer=args.n_layer, steer_dim=args.steer_dim, vocab=args.vocab,
+                          rounds=args.rounds,
                           epsilon=args.epsilon, delta=args.delta, min_size=args.min_size,
                           min_contributors=args.min_contributors, steer_clip=args.steer_clip,
                           hist_clip=args.hist_clip, seed=args.seed)
@@ -270,8 +271,9 @@ def add_cli(sub) -> None:
     p.add_argument("--devices", type=int, default=3, help="devices sampled per round (the round waits for them)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--k", type=int, default=8, help="number of communities")
-    p.add_argument("--dim", type=int, default=576, help="user vector dimension")
-    p.add_argument("--n-layer", type=int, default=30, help="steering vector layers")
+    p.add_argument("--dim", type=int, default=128, help="user vector dimension")
+    p.add_argument("--n-layer", type=int, default=29, help="steering vector layers (0: no steering)")
+    p.add_argument("--steer-dim", type=int, default=576, help="steering vector width (the model's hidden size)")
     p.add_argument("--vocab", type=int, default=64, help="public preference vocabulary size")
     p.add_argument("--epsilon", type=float, default=math.inf, help="DP epsilon per round (inf: no noise)")
     p.add_argument("--delta", type=float, default=1e-6)

@@ -19,7 +19,7 @@ from localpers import sync
 from localpers.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-CFG = sync.SyncConfig(k=3, dim=6, n_layer=2, vocab=4, rounds=3, min_size=1, min_contributors=2, seed=1)
+CFG = sync.SyncConfig(k=3, dim=6, n_layer=2, steer_dim=5, vocab=4, rounds=3, min_size=1, min_contributors=2, seed=1)
 
 
 def make_users(n: int, cfg: sync.SyncConfig = CFG, seed: int = 0) -> list[sync.Contribution]:
@@ -27,7 +27,7 @@ def make_users(n: int, cfg: sync.SyncConfig = CFG, seed: int = 0) -> list[sync.C
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((cfg.k, cfg.dim)) * 3
     return [sync.Contribution(vector=centers[i % cfg.k] + rng.standard_normal(cfg.dim),
-                              steering=rng.standard_normal((cfg.n_layer, cfg.dim)) * 4,
+                              steering=rng.standard_normal((cfg.n_layer, cfg.steer_dim)) * 4,
                               histogram=rng.integers(0, 3, cfg.vocab).astype(np.float64)) for i in range(n)]
 
 
@@ -142,7 +142,7 @@ def test_sensitivity_is_delta_for_any_user():
 def test_small_communities_are_never_published():
     cfg = sync.SyncConfig(**{**CFG.__dict__, "min_size": 3})
     sums = sync.Sums(counts=np.array([5.0, 2.0, 0.2]), vectors=np.ones((3, cfg.dim)),
-                     steering=np.ones((3, cfg.n_layer, cfg.dim)), histograms=np.ones((3, cfg.vocab)))
+                     steering=np.ones((3, cfg.n_layer, cfg.steer_dim)), histograms=np.ones((3, cfg.vocab)))
     previous = sync.initial_centroids(cfg)
     k = sync.publish(sums, previous, cfg)
     assert k.published.tolist() == [True, False, False]

@@ -19,7 +19,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from localpers import sync
 
 ROOT = Path(__file__).resolve().parent.parent
-CFG = sync.SyncConfig(k=2, dim=8, n_layer=2, vocab=5, rounds=1, min_size=1, min_contributors=2, seed=3)
+CFG = sync.SyncConfig(k=2, dim=8, n_layer=2, steer_dim=3, vocab=5, rounds=1, min_size=1, min_contributors=2, seed=3)
 USERS = ("alice", "bob", "carol")
 SECRET = "my secret diary entry about kayaking"
 
@@ -36,7 +36,7 @@ def contributions() -> dict[str, sync.Contribution]:
     out = {}
     for i, user in enumerate(USERS):
         v = base + (-1) ** i * rng.standard_normal(CFG.dim)
-        out[user] = sync.Contribution(vector=v, steering=rng.standard_normal((CFG.n_layer, CFG.dim)),
+        out[user] = sync.Contribution(vector=v, steering=rng.standard_normal((CFG.n_layer, CFG.steer_dim)),
                                       histogram=rng.integers(0, 4, CFG.vocab).astype(np.float64))
     return out
 
@@ -88,7 +88,7 @@ def test_three_devices_one_killed_mid_round_publish_the_plain_result(tmp_path):
     port = free_port()
     out = tmp_path / "server"
     server_args = ["sync-server", "--out", str(out), "--port", str(port), "--devices", "3", "--rounds", "1",
-                   "--k", "2", "--dim", "8", "--n-layer", "2", "--vocab", "5", "--min-size", "1",
+                   "--k", "2", "--dim", "8", "--n-layer", "2", "--steer-dim", "3", "--vocab", "5", "--min-size", "1",
                    "--min-contributors", "2", "--seed", "3", "--timeout", "60", "--max-seconds", "150"]
     procs = {"server": start(server_args, tmp_path / "server.log")}
     try:
