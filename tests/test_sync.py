@@ -1,0 +1,249 @@
+"""Private sync (localpers/sync.py, sync_app.py): SecAgg+ sums recovered exactly, overflow refused, DP noise and
+accounting, budget, minimum community size, the device ledger, and no network socket while sync is off."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from localpers import sync
+from localpers.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = sync.SyncConfig(k=3, dim=6, n_layer=2, steer_dim=5, vocab=4, rounds=3, min_size=1, min_contributors=2, seed=1)
+
+
+def make_users(n: int, cfg: sync.SyncConfig = CFG, seed: int = 0) -> list[sync.Contribution]:
+    """n users around cfg.k well separated directions."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((cfg.k, cfg.dim)) * 3
+    return [sync.Contribution(vector=centers[i % cfg.k] + rng.standard_normal(cfg.dim),
+                              steering=rng.standard_normal((cfg.n_layer, cfg.steer_dim)) * 4,
+                              histogram=rng.integers(0, 3, cfg.vocab).astype(np.float64)) for i in range(n)]
+
+
+def devices(tmp_path, users, budget="inf") -> list[dict]:
+    nodes = []
+    for i, c in enumerate(users):
+        sync.save_contribution(tmp_path / f"d{i}", f"user{i}", c)
+        nodes.append({"data-dir": str(tmp_path / f"d{i}"), "user": f"user{i}", "epsilon-budget": budget})
+    return nodes
+
+
+def run_config(cfg: sync.SyncConfig, n: int) -> dict:
+    return {**cfg.to_run_config(), "min-devices": n, "timeout": 30.0, "wait": 60.0}
+
+
+def assert_close_to_plain(got: sync.Knowledge, plain: sync.Knowledge, n: int, cfg: sync.SyncConfig) -> None:
+    bound = sync.error_bound(n, cfg)
+    assert np.array_equal(got.sizes, plain.sizes) and np.array_equal(got.published, plain.published)
+    np.testing.assert_allclose(got.steering, plain.steering, atol=bound * cfg.steer_clip)
+    np.testing.assert_allclose(got.histograms, plain.histograms, atol=bound * cfg.hist_clip)
+    np.testing.assert_allclose(got.centroids, plain.centroids, atol=1e-4)
+
+
+def test_secagg_rounds_equal_the_plain_computation(tmp_path):
+    """Invariant: three rounds of federated k-means through Flower's SecAgg+ publish the plain in-process result
+    within error_bound (counts exactly), and the devices receive it."""
+    from localpers.sync_app import simulate
+
+    users = make_users(7)
+    nodes = devices(tmp_path, users)
+    strategy, grid = simulate(nodes, run_config(CFG, 7))
+    assert [h["devices"] for h in strategy.history] == [7, 7, 7]
+    assert_close_to_plain(strategy.knowledge, sync.plain_kmeans(users, CFG), 7, CFG)
+    mine = sync.Knowledge.load(sync.sync_dir(nodes[0]["data-dir"]) / sync.GLOBAL_KNOWLEDGE_FILE)
+    np.testing.assert_array_equal(mine.sizes, strategy.knowledge.sizes)
+
+
+@pytest.mark.parametrize("stage", ["share_keys", "collect_masked_vectors"])
+def test_dropout_is_recovered(tmp_path, stage):
+    """Invariant: a device that goes offline during the round leaves the survivors' exact sum (SecAgg+ removes its
+    pairwise masks from the key shares it gave its neighbours)."""
+    from localpers.sync_app import simulate
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
+    users = make_users(5)
+    strategy, _ = simulate(devices(tmp_path, users), run_config(cfg, 5), drop_at={3: stage})
+    assert strategy.history[0]["devices"] == 4
+    assert_close_to_plain(strategy.knowledge, sync.plain_kmeans(users[:1] + users[2:], cfg), 4, cfg)
+
+
+def test_cohort_overflow_is_refused_where_the_modular_sum_wraps():
+    """Invariant: check_cohort accepts n exactly while n values of SecAgg+'s largest quantized value sum below the
+    modulus — the first refused n is the first whose modular sum comes back wrong."""
+    q, m = sync.QUANTIZATION_RANGE, sync.MODULUS_RANGE
+    largest_ok = (m - 1) // q
+    for n in (largest_ok, largest_ok + 1):
+        wraps = (n * q) % m != n * q
+        if wraps:
+            with pytest.raises(UserError, match="overflows SecAgg"):
+                sync.check_cohort(n, CFG)
+        else:
+            sync.check_cohort(n, CFG)
+    with pytest.raises(UserError):
+        sync.check_cohort(1, CFG)
+
+
+def test_accountant_upper_bounds_the_exact_gaussian_epsilon():
+    """Oracle: the RDP accountant's epsilon is an upper bound on the exact epsilon of the Gaussian mechanism
+    (Balle & Wang, ICML 2018, Thm. 8: delta(eps) = Phi(1/2z - eps z) - e^eps Phi(-1/2z - eps z)), and not loose
+    by more than 40%; composition of T rounds costs more than one and less than T times one."""
+    delta = 1e-6
+    for z in (0.5, 1.0, 2.0, 5.0):
+        def exact_delta(eps):
+            return norm.cdf(0.5 / z - eps * z) - math.exp(eps) * norm.cdf(-0.5 / z - eps * z)
+
+        lo, hi = 0.0, 100.0
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if exact_delta(mid) > delta else (lo, mid)
+        eps = sync.rdp_epsilon(z, 1, delta)
+        assert hi <= eps <= 1.4 * hi, (z, hi, eps)
+        assert eps < sync.rdp_epsilon(z, 4, delta) < 4 * eps
+    for target in (1.0, 4.0, 16.0):
+        z = sync.noise_multiplier_for_epsilon(target, delta)
+        assert sync.rdp_epsilon(z, 1, delta) <= target < sync.rdp_epsilon(z * 0.99, 1, delta)
+
+
+def test_noise_shares_add_up_to_the_calibrated_noise():
+    """Invariant: min_contributors noise shares sum to N(0, noise_std^2) per coordinate (noise_std = z * DELTA),
+    and the signal survives SecAgg+'s clipping (the range leaves 6 share deviations of headroom)."""
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "epsilon": 4.0, "min_contributors": 3})
+    users = make_users(3, cfg)
+    centroids = sync.initial_centroids(cfg)
+    rng = np.random.default_rng(0)
+    plain = sum(sync.encode(c, centroids, cfg)[0] for c in users)
+    residuals = np.concatenate([sum(sync.encode(c, centroids, cfg, rng)[0] for c in users) - plain
+                                for _ in range(300)])
+    assert abs(residuals.mean()) < 0.05 * cfg.noise_std
+    assert abs(residuals.std() / cfg.noise_std - 1) < 0.05
+    assert cfg.clipping_range == pytest.approx(1 + 6 * cfg.noise_std / math.sqrt(3))
+
+
+def test_sensitivity_is_delta_for_any_user():
+    """Invariant: adding one user changes the summed vector by at most DELTA in L2, whatever their raw norms."""
+    centroids = sync.initial_centroids(CFG)
+    for c in make_users(20, seed=5):
+        c.steering *= 1000.0
+        c.histogram *= 50.0
+        assert np.linalg.norm(sync.encode(c, centroids, CFG)[0]) <= sync.DELTA + 1e-9
+
+
+def test_small_communities_are_never_published():
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "min_size": 3})
+    sums = sync.Sums(counts=np.array([5.0, 2.0, 0.2]), vectors=np.ones((3, cfg.dim)),
+                     steering=np.ones((3, cfg.n_layer, cfg.steer_dim)), histograms=np.ones((3, cfg.vocab)))
+    previous = sync.initial_centroids(cfg)
+    k = sync.publish(sums, previous, cfg)
+    assert k.published.tolist() == [True, False, False]
+    assert k.sizes.tolist() == [5.0, 0.0, 0.0]
+    assert not k.steering[1:].any() and not k.histograms[1:].any()
+    np.testing.assert_array_equal(k.centroids[1:], previous[1:])
+
+
+def test_device_stops_at_its_budget_and_logs_what_it_sent(tmp_path):
+    """A device whose budget does not cover the next round refuses it (the round goes on without it, SecAgg+
+    treats it as a dropout); the ledger holds shapes, bytes, norms and epsilon — numbers only."""
+    from localpers.sync_app import simulate
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2, "epsilon": 2.0})
+    users = make_users(4)
+    nodes = devices(tmp_path, users)
+    nodes[0]["epsilon-budget"] = "2.5"  # one round of 2.0 fits, two compose to 2.92
+    strategy, _ = simulate(nodes, run_config(cfg, 4))
+    assert [h["devices"] for h in strategy.history] == [4, 3]
+    log = sync.read_log(nodes[0]["data-dir"])
+    kinds = [e["kind"] for e in log]
+    assert kinds.count("contribution") == 1 and kinds.count("refused") == 1
+    spent = sync.spent(nodes[0]["data-dir"], cfg.delta)
+    assert spent == pytest.approx(sync.rdp_epsilon(cfg.noise_multiplier, 1, cfg.delta)) and spent <= 2.5
+    sent = [e for e in log if e["kind"] == "message" and e["stage"] == "collect_masked_vectors"]
+    assert sent and sent[0]["bytes"] > 8 * cfg.length
+    text = json.dumps(log)
+    assert "user0" not in text and str(nodes[0]["data-dir"]) not in text
+    out = subprocess.run([sys.executable, "-m", "localpers", "sync", "--log", "--data-dir", nodes[0]["data-dir"]],
+                         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0 and "refused" in out.stdout and "epsilon" in out.stdout
+
+
+def test_bad_contribution_is_a_user_error(tmp_path):
+    c = make_users(1)[0]
+    c.steering = np.zeros((5, 5))
+    with pytest.raises(UserError, match="steering"):
+        sync.encode(c, sync.initial_centroids(CFG), CFG)
+    with pytest.raises(UserError, match="no local signals"):
+        sync.load_contribution(tmp_path, "nobody")
+    r = subprocess.run([sys.executable, "-m", "localpers", "sync", "--user", "nobody", "--data-dir", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 2 and "no local signals" in r.stderr and "Traceback" not in r.stderr
+
+
+def _sockets(pid: int) -> list[tuple[str, str, str]]:
+    """(protocol, local address, remote address) of every inet socket of process pid, from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for proto in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/{pid}/net/{proto}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes:
+                found.append((proto, fields[1], fields[2]))
+    return found
+
+
+def _is_loopback(hex_address: str) -> bool:
+    host = hex_address.split(":")[0]
+    if len(host) == 8:  # IPv4, little-endian
+        return bytes.fromhex(host)[::-1][0] == 127
+    return host in ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+
+
+def test_with_sync_off_the_server_has_no_socket_but_loopback(tmp_path):
+    """Opt-in: `localpers serve` (sync not running) after answering a chat has only loopback inet sockets, and
+    the serving path never imports Flower."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "localpers", "serve", "--port", str(port), "--data-dir",
+                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
+                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert r.status_code == 200
+        found = _sockets(proc.pid)
+        assert found, "the server must at least listen on loopback"
+        for proto, local, remote in found:
+            assert _is_loopback(local), (proto, local)
+            assert remote.split(":")[0].strip("0") == "" or _is_loopback(remote), (proto, remote)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    code = "import sys, localpers.server, localpers.cli; sys.exit('flwr' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0
