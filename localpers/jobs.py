@@ -6,8 +6,8 @@ next worker starts). A new, changed or deleted preference queues an `edit` job (
 deleting an item an artifact was derived from queues that artifact's method. Forgetting a user deletes their
 jobs; a job still running then registers nothing (store.register_artifact(job=...) finds it gone).
 
-One worker thread runs the jobs one at a time, with torch capped at `threads` threads so that chat keeps the
-rest of the machine; chat never waits for a job (the engine's lock is only taken by a job's short llama.cpp
+One worker thread runs the jobs one at a time, at a lower CPU priority (nice 10) and with torch capped at
+`threads` threads, so that chat keeps the rest of the machine; chat never waits for a job (the engine's lock is only taken by a job's short llama.cpp
 checks). Job kinds map to functions `(store, user, engine, job_id) -> result dict` (ids and counts, no text):
 later methods (perce, logo) add theirs to JOB_KINDS.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 from typing import Callable
 
@@ -50,8 +51,9 @@ class Worker:
     """The one background worker of a server: runs queued jobs with `engine()` (None while it loads)."""
 
     def __init__(self, store, engine: Callable[[], object], *, threads: int = 1, poll_s: float = 0.5,
-                 warm: bool = False):
+                 warm: bool = False, nice: int = 10):
         self.store, self.engine, self.threads, self.poll_s, self.warm = store, engine, threads, poll_s, warm
+        self.nice = nice
         self._wake, self._stop = threading.Event(), threading.Event()
         self.ready = threading.Event()  # set once the engine is there and warming up (if asked) is over
         self._thread = threading.Thread(target=self._run, daemon=True, name="localpers-jobs")
@@ -71,6 +73,13 @@ class Worker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        # Lower this thread's CPU priority (Linux: nice is per thread, and threads it starts inherit it): on a
+        # loaded machine the scheduler then gives chat's llama.cpp threads the cores first.
+        if hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except OSError:
+                pass
         warmed = not self.warm
         while not self._stop.is_set():
             engine = self.engine()

@@ -15,6 +15,7 @@ localpers.memory_api and the job endpoints of localpers.jobs live under /v1/user
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -247,3 +248,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
                      jobs=True, warm_jobs=True)
     print(f"localpers: serving on http://{host}:{port}/v1 (the model loads in the background; GET /health)")
     uvicorn.run(app, host=host, port=port, log_level="info")
+    if app.state.worker is not None and app.state.worker.current is not None:
+        # a job is still running in its thread (torch, llama.cpp): leave without finalizing the interpreter
+        # under it; the job is queued again at the next start (store.requeue_running)
+        os._exit(0)

@@ -177,3 +177,34 @@ def test_a_failing_job_reports_its_reason_and_the_worker_goes_on(engine, tmp_pat
         assert worker.run_one(engine) and not worker.run_one(engine)
         [job] = store.jobs("ed")
         assert job["state"] == names.FAILED and job["reason"] == "RuntimeError: out of cheese"
+
+
+def test_a_job_finishing_after_forget_writes_nothing(engine, adapter, tmp_path, monkeypatch):
+    import threading
+
+    started, release, outcome = threading.Event(), threading.Event(), []
+
+    def slow_edit(store, user, engine, job):
+        started.set()
+        release.wait(30)
+        try:
+            store.register_artifact(user, names.LORA, adapter, model_sha256(engine.model_path),
+                                    {"method": names.EDIT}, job=job)
+        except Exception as e:
+            outcome.append(type(e).__name__)
+            raise
+        return {}
+
+    monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, slow_edit)
+    with TestClient(create_app(engine=engine, data_dir=str(tmp_path), jobs=True)) as client:
+        client.post("/v1/users/fay/memories", json={"text": "I love jazz.", "kind": names.PREFERENCE})
+        assert started.wait(30)
+        assert client.delete("/v1/users/fay").status_code == 200
+        release.set()
+        for _ in range(600):
+            if outcome:
+                break
+            time.sleep(0.05)
+        assert outcome == ["NotFoundError"]
+        assert client.get("/v1/users/fay/jobs").status_code == 404
+    assert not (tmp_path / "artifacts" / "fay").exists()
