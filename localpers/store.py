@@ -550,7 +550,13 @@ class Store:
 
     def _delete(self, conn, user_id: int, item_ids: list[int]) -> list[str]:
         """Inside a write: delete items, retire what was derived from them, queue the recomputations; returns
-        the retired artifact files (to remove once committed)."""
+        the retired artifact files (to remove once committed). Preferences learned from a deleted chat message
+        (meta "message", localpers.learn) go with it."""
+        meta_aad = b"%d:meta" % user_id
+        item_ids = list(item_ids) + [
+            pref_id for pref_id, meta in conn.execute(
+                "SELECT id, meta FROM items WHERE user_id = ? AND kind = ?", (user_id, names.PREFERENCE))
+            if json.loads(self.cipher.open(meta, meta_aad)).get("message") in item_ids]
         marks = ",".join("?" * len(item_ids))
         kinds = {k for (k,) in conn.execute(
             f"SELECT kind FROM items WHERE user_id = ? AND id IN ({marks})", (user_id, *item_ids))}
