@@ -244,6 +244,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
 
     if model is not None and not Path(model).is_file():
         raise UserError(f"{model}: no such model file")
+    Composer(personalize)  # an unknown method is a one-line error before anything starts
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
                      jobs=True, warm_jobs=True)
     print(f"localpers: serving on http://{host}:{port}/v1 (the model loads in the background; GET /health)")

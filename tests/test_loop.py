@@ -208,3 +208,11 @@ def test_a_job_finishing_after_forget_writes_nothing(engine, adapter, tmp_path, 
         assert outcome == ["NotFoundError"]
         assert client.get("/v1/users/fay/jobs").status_code == 404
     assert not (tmp_path / "artifacts" / "fay").exists()
+
+
+def test_serve_refuses_an_unknown_composition(tmp_path, capsys):
+    from localpers.cli import main
+
+    assert main(["serve", "--personalize", "edit+nope", "--data-dir", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "localpers.db").exists()
