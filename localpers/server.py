@@ -132,18 +132,22 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     if app.state.worker is not None:
         app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
 
-    def compose(user: str | None, messages: list[dict], learn: bool):
+    def compose(user: str | None, messages: list[dict]):
         """(messages as served, engine arguments, explanation) of a request: what `user` is served with."""
         if not user:
             return messages, {}, {"composition": names.BASE, "artifacts": [], "retrieved": []}
         engine = app.state.engine
         person = served_user(store, user, model_sha256(engine.model_path), messages)
         personalized = composer(person, last_user_message(messages), engine)
-        if history and learn:  # after composing: this request's messages are context, not retrieved history
+        return apply(personalized, messages), {"artifacts": personalized.artifacts}, composer.explain(person, personalized)
+
+    def learn(user: str | None, messages: list[dict], wanted: bool) -> None:
+        """Store the user's new messages and the preferences stated in them (once the request is accepted: a
+        request refused with a 4xx stores nothing); a learned preference wakes the job worker."""
+        if user and history and wanted:
             learned = learn_from_chat(store, user, messages)
             if (learned["preferences"] or learned["replaced"]) and app.state.worker is not None:
                 app.state.worker.wake()
-        return apply(personalized, messages), {"artifacts": personalized.artifacts}, composer.explain(person, personalized)
 
     def load():
         from localpers.engine import Engine
@@ -216,14 +220,17 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         engine = ready_engine()
         args = parse_chat_request(body, engine.model_name)
         user, stream, explain = args.pop("user"), args.pop("stream"), args.pop("explain")
-        args["messages"], extra, explanation = await run_in_threadpool(compose, user, args["messages"], args.pop("history"))
+        said, wanted = args["messages"], args.pop("history")
+        args["messages"], extra, explanation = await run_in_threadpool(compose, user, said)
         args.update(extra)
         if not stream:
             out = await run_in_threadpool(engine.chat, **args)
+            await run_in_threadpool(learn, user, said, wanted)
             return out | {"localpers": explanation} if explain else out
         chunks = engine.chat_stream(**args)
         # Surface prompt errors (too long, a bad artifact) as a 4xx before the stream starts.
         first = await run_in_threadpool(next, chunks)
+        await run_in_threadpool(learn, user, said, wanted)
 
         def sse():
             last = first

@@ -107,6 +107,10 @@ def test_chat_learns_history_and_preferences_unless_opted_out(engine, tmp_path):
         assert [(i["kind"], i["text"]) for i in items] == [
             ("message", conversation[0]["content"]), (names.PREFERENCE, "I'm vegetarian."), ("message", "Thanks!")]
         assert [(j["kind"], j["state"]) for j in store.jobs("cy")] == [(names.EDIT, names.QUEUED)]
+    too_long = {"messages": [{"role": "user", "content": "I love opera. " + "la " * 2000}], "user": "cy"}
+    assert chat(client, too_long).status_code == 400  # refused: nothing stored
+    with Store.open(tmp_path) as store:
+        assert len(store.items("cy")) == 3
     quiet = TestClient(create_app(engine=engine, data_dir=str(tmp_path / "quiet"), history=False))
     chat(quiet, {"messages": conversation, "user": "cy", "max_tokens": 8})
     with Store.open(tmp_path / "quiet") as store:
