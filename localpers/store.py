@@ -176,7 +176,8 @@ def _lamp_item(entry) -> tuple:
 
 def _upqa_item(entry) -> tuple:
     """A UPQA item: the user's statement of one of their attributes, stored as a preference with the question
-    and target clusters that editing trains on (strings, or cluster9's lists)."""
+    and target clusters that editing trains on (strings, or cluster9's lists), kept as the file has them:
+    datasets.upqa_fact is what reads them, for the evaluation, editing and the served path alike."""
     if not isinstance(entry, dict) or not isinstance(entry.get("input_attribute"), str):
         raise UserError('expected a UPQA object with an "input_attribute" string')
     meta = {"source": "upqa", **{k: entry[k] for k in ("attribute_type", "question", "target") if k in entry}}
