@@ -8,7 +8,7 @@ edit+rag): their current registry artifacts for the served model, their stated p
 as `localpers eval` measures the same spec. Unless the server runs with `--no-history` or the request says
 `"localpers": {"history": false}`, the user's new messages are stored in their history and the preferences stated
 in them learned (localpers.learn), which queues background jobs (localpers.jobs). `"localpers": {"explain": true}`
-adds a `localpers` object to the response (the last chunk of a stream): the composition, the artifacts served
+adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
 (method, kind, id) and the ids of the retrieved items, never text. The mem0-like memory endpoints of
 localpers.memory_api and the job endpoints of localpers.jobs live under /v1/users/.
 """
@@ -233,11 +233,11 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         await run_in_threadpool(learn, user, said, wanted)
 
         def sse():
-            last = first
+            yield f"data: {json.dumps(first)}\n\n"
             for chunk in chunks:
-                yield f"data: {json.dumps(last)}\n\n"
-                last = chunk
-            yield f"data: {json.dumps(last | {'localpers': explanation} if explain else last)}\n\n"
+                yield f"data: {json.dumps(chunk)}\n\n"
+            if explain:  # one more chunk, with no choices (as OpenAI's usage chunk), carries the explanation
+                yield f"data: {json.dumps(first | {'choices': [], 'localpers': explanation})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")

@@ -88,6 +88,7 @@ def test_explanation_in_the_last_stream_chunk_and_only_when_asked(engine, tmp_pa
     r = chat(client, body | {"stream": True, "localpers": {"explain": True}})
     chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert [("localpers" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1]["choices"] == [] and chunks[-2]["choices"][0]["finish_reason"]
     assert chunks[-1]["localpers"] == {"composition": "edit+rag", "artifacts": [], "retrieved": []}
     for bad in ({"explain": "yes"}, {"unknown": True}, ["explain"]):
         assert chat(client, body | {"localpers": bad}).status_code == 400
