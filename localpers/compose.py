@@ -16,7 +16,7 @@ when nothing matches.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from localpers import names
 from localpers.datasets import upqa_fact
@@ -50,22 +50,29 @@ class Composer:
 
 def served_user(store, user: str, base_model_sha256: str, conversation: list[dict] = ()) -> User:
     """A served user as the store holds them: stated preferences (items of kind "preference", oldest first; the
-    ones imported from UPQA carry their question/target clusters as facts), history (all their items, oldest
-    first, with their ids), and their current artifacts made for this base model. An unknown user is a user
-    with nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier
-    turns) are left out: the model sees them in the conversation already."""
+    ones imported from UPQA carry their question/target clusters as facts), their history as a search in the
+    store's incremental BM25 index (the ranking `rag` gives a loaded history, without reloading and re-indexing
+    it per request), and their current artifacts made for this base model. An unknown user is a user with
+    nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier turns)
+    are not retrieved: the model sees them in the conversation already."""
     try:
-        items = store.items(user)
+        preferences = store.items(user, kind=names.PREFERENCE)
         artifacts = store.artifacts(user, base_model_sha256=base_model_sha256)
     except NotFoundError:
         return User(id=user, registered=())
     said = {m["content"] for m in conversation}
-    preferences = [item for item in items if item["kind"] == names.PREFERENCE]
-    items = [item for item in items if item["text"] not in said]
+
+    def search(query: str, k: int) -> list[tuple[int, str]]:
+        if not query.strip():
+            return []
+        try:
+            hits = store.search(user, query, k=min(1000, k + len(said)))
+        except NotFoundError:  # forgotten meanwhile
+            return []
+        return [(hit["id"], hit["text"]) for hit in hits if hit["text"] not in said][:k]
+
     facts = tuple(f for f in (upqa_fact(item["text"], item["meta"]) for item in preferences) if f is not None)
-    return User(id=user, preferences=tuple(item["text"] for item in preferences),
-                history=tuple(item["text"] for item in items), history_ids=tuple(item["id"] for item in items),
-                facts=facts,
+    return User(id=user, preferences=tuple(item["text"] for item in preferences), facts=facts, search=search,
                 registered=tuple(RegisteredArtifact(a["method"], a["kind"], a["path"], a["id"]) for a in artifacts))
 
 

@@ -6,9 +6,10 @@ next worker starts). A new, changed or deleted preference queues an `edit` job (
 deleting an item an artifact was derived from queues that artifact's method. Forgetting a user deletes their
 jobs; a job still running then registers nothing (store.register_artifact(job=...) finds it gone).
 
-One worker thread runs the jobs one at a time, with torch capped at `threads` threads so that chat keeps the
-rest of the machine; chat never waits for a job (the engine's lock is only taken by a job's short llama.cpp
-checks). Job kinds map to functions `(store, user, engine, job_id) -> result dict` (ids and counts, no text):
+One worker thread runs the jobs one at a time, at a lower CPU priority (nice 10) and with torch capped at
+`threads` threads, so that chat keeps the rest of the machine. Jobs check their artifacts on llama.cpp with the
+worker's own engine (a second context on the same memory-mapped model, `threads` threads), so chat never waits
+for a job, not even for the engine's lock. Job kinds map to functions `(store, user, engine, job_id) -> result dict` (ids and counts, no text):
 later methods (perce, logo) add theirs to JOB_KINDS.
 
     GET  /v1/users/{user}/jobs          the user's jobs, newest first
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import threading
 from typing import Callable
 
@@ -50,8 +52,10 @@ class Worker:
     """The one background worker of a server: runs queued jobs with `engine()` (None while it loads)."""
 
     def __init__(self, store, engine: Callable[[], object], *, threads: int = 1, poll_s: float = 0.5,
-                 warm: bool = False):
+                 warm: bool = False, nice: int = 10, own_engine: bool = True):
         self.store, self.engine, self.threads, self.poll_s, self.warm = store, engine, threads, poll_s, warm
+        self.nice, self.own_engine = nice, own_engine
+        self._job_engine = None
         self._wake, self._stop = threading.Event(), threading.Event()
         self.ready = threading.Event()  # set once the engine is there and warming up (if asked) is over
         self._thread = threading.Thread(target=self._run, daemon=True, name="localpers-jobs")
@@ -71,6 +75,13 @@ class Worker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        # Lower this thread's CPU priority (Linux: nice is per thread, and threads it starts inherit it): on a
+        # loaded machine the scheduler then gives chat's llama.cpp threads the cores first.
+        if hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+            except OSError:
+                pass
         warmed = not self.warm
         while not self._stop.is_set():
             engine = self.engine()
@@ -78,6 +89,7 @@ class Worker:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
+            engine = self.job_engine(engine)
             if not warmed:
                 warmed = True
                 import torch
@@ -92,6 +104,20 @@ class Worker:
             if not self.run_one(engine):
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
+
+    def job_engine(self, served):
+        """The engine jobs run with: the worker's own context on the served model (made once), or the served
+        engine itself when own_engine is off or the second context cannot be made."""
+        if not self.own_engine:
+            return served
+        if self._job_engine is None:
+            try:
+                self._job_engine = type(served)(served.model_path, n_ctx=2048, n_threads=self.threads)
+            except Exception as e:
+                log.warning("the job worker shares the served engine: %s", e)
+                self.own_engine = False
+                return served
+        return self._job_engine
 
     def run_one(self, engine) -> bool:
         """Claim and run the oldest queued job; False when there was none."""

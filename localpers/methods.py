@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 from localpers import names
 from localpers.engine import Artifacts
@@ -44,7 +44,10 @@ class User:
     preferences: tuple[str, ...] = ()   # what the user stated about themselves ("I'm vegetarian.")
     history: tuple[str, ...] = ()       # the user's own items (posts, reviews, profile entries), oldest first
     facts: tuple[Fact, ...] = ()        # preferences the data gives as question/answer clusters
-    history_ids: tuple[int, ...] = ()   # served users: the store's id of each history item (for explanations)
+    history_ids: tuple[int, ...] = ()   # the store's id of each history item (for explanations), when known
+    # Served users: their history is not loaded but searched in the store's incremental BM25 index,
+    # search(query, k) -> [(item id, text)], best first, as retrieve_positions ranks them.
+    search: Optional[Callable[[str, int], list]] = field(default=None, compare=False, hash=False, repr=False)
     # None: an evaluation user (trained methods compute their artifacts on demand, cached). A tuple: a served
     # user (trained methods use only these current registry artifacts; nothing is trained on a request).
     registered: tuple[RegisteredArtifact, ...] | None = None
@@ -110,11 +113,15 @@ def rag_prefix(found: list[str]) -> str:
 
 
 def rag(user: User, query: str, engine) -> Personalized:
-    found = retrieve_positions(user.history, query)
+    if user.search is not None:
+        found = user.search(query, RAG_TOP_K)
+    else:
+        ids = user.history_ids or (None,) * len(user.history)
+        found = [(ids[i], user.history[i]) for i in retrieve_positions(user.history, query)]
     if not found:
         return Personalized()
-    return Personalized(user_prefix=rag_prefix([user.history[i] for i in found]),
-                        retrieved=tuple(user.history_ids[i] for i in found) if user.history_ids else ())
+    return Personalized(user_prefix=rag_prefix([text for _, text in found]),
+                        retrieved=tuple(i for i, _ in found if i is not None))
 
 
 # name -> function, or "module:function" for methods whose module is imported only when used.

@@ -8,7 +8,7 @@ edit+rag): their current registry artifacts for the served model, their stated p
 as `localpers eval` measures the same spec. Unless the server runs with `--no-history` or the request says
 `"localpers": {"history": false}`, the user's new messages are stored in their history and the preferences stated
 in them learned (localpers.learn), which queues background jobs (localpers.jobs). `"localpers": {"explain": true}`
-adds a `localpers` object to the response (the last chunk of a stream): the composition, the artifacts served
+adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
 (method, kind, id) and the ids of the retrieved items, never text. The mem0-like memory endpoints of
 localpers.memory_api and the job endpoints of localpers.jobs live under /v1/users/.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
 import socket
 import sys
 import threading
@@ -645,6 +646,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
                         "(or --insecure-no-api-key to accept that risk)")
     if model is not None:
         open_gguf(model)  # a one-line UserError for a missing or unreadable file, before the server starts
+    Composer(personalize)  # an unknown method is a one-line error before anything starts
     sock = bind(host, port)
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
                      jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
@@ -655,3 +657,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
     # their generations' cancel events (a generation never outlives its request).
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2))
     server.run(sockets=[sock])
+    if app.state.worker is not None and app.state.worker.current is not None:
+        # a job is still running in its thread (torch, llama.cpp): leave without finalizing the interpreter
+        # under it; the job is queued again at the next start (store.requeue_running)
+        os._exit(0)

@@ -245,7 +245,8 @@ def _lamp_item(entry) -> tuple:
 
 def _upqa_item(entry) -> tuple:
     """A UPQA item: the user's statement of one of their attributes, stored as a preference with the question
-    and target clusters that editing trains on (strings, or cluster9's lists)."""
+    and target clusters that editing trains on (strings, or cluster9's lists), kept as the file has them:
+    datasets.upqa_fact is what reads them, for the evaluation, editing and the served path alike."""
     if not isinstance(entry, dict) or not isinstance(entry.get("input_attribute"), str):
         raise UserError('expected a UPQA object with an "input_attribute" string')
     meta = {"source": "upqa", **{k: entry[k] for k in ("attribute_type", "question", "target") if k in entry}}
@@ -659,7 +660,13 @@ class Store:
 
     def _delete(self, conn, user_id: int, item_ids: list[int]) -> list[str]:
         """Inside a write: delete items, retire what was derived from them, queue the recomputations; returns
-        the retired artifact files (to remove once committed)."""
+        the retired artifact files (to remove once committed). Preferences learned from a deleted chat message
+        (meta "message", localpers.learn) go with it."""
+        meta_aad = b"%d:meta" % user_id
+        item_ids = list(item_ids) + [
+            pref_id for pref_id, meta in conn.execute(
+                "SELECT id, meta FROM items WHERE user_id = ? AND kind = ?", (user_id, names.PREFERENCE))
+            if json.loads(self.cipher.open(meta, meta_aad)).get("message") in item_ids]
         marks = ",".join("?" * len(item_ids))
         kinds = {k for (k,) in conn.execute(
             f"SELECT kind FROM items WHERE user_id = ? AND id IN ({marks})", (user_id, *item_ids))}

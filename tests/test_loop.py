@@ -90,6 +90,7 @@ def test_explanation_in_the_last_stream_chunk_and_only_when_asked(engine, tmp_pa
     r = chat(client, body | {"stream": True, "localpers": {"explain": True}})
     chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert [("localpers" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1]["choices"] == [] and chunks[-2]["choices"][0]["finish_reason"]
     assert chunks[-1]["localpers"] == {"composition": "edit+rag", "artifacts": [], "retrieved": []}
     for bad in ({"explain": "yes"}, {"unknown": True}, ["explain"]):
         assert chat(client, body | {"localpers": bad}).status_code == 400
@@ -109,6 +110,10 @@ def test_chat_learns_history_and_preferences_unless_opted_out(engine, tmp_path):
         assert [(i["kind"], i["text"]) for i in items] == [
             ("message", conversation[0]["content"]), (names.PREFERENCE, "I'm vegetarian."), ("message", "Thanks!")]
         assert [(j["kind"], j["state"]) for j in store.jobs("cy")] == [(names.EDIT, names.QUEUED)]
+    too_long = {"messages": [{"role": "user", "content": "I love opera. " + "la " * 2000}], "user": "cy"}
+    assert chat(client, too_long).status_code == 400  # refused: nothing stored
+    with Store.open(tmp_path) as store:
+        assert len(store.items("cy")) == 3
     quiet = TestClient(create_app(engine=engine, data_dir=str(tmp_path / "quiet"), history=False), base_url=LOCAL)
     chat(quiet, {"messages": conversation, "user": "cy", "max_tokens": 8})
     with Store.open(tmp_path / "quiet") as store:
@@ -179,3 +184,42 @@ def test_a_failing_job_reports_its_reason_and_the_worker_goes_on(engine, tmp_pat
         assert worker.run_one(engine) and not worker.run_one(engine)
         [job] = store.jobs("ed")
         assert job["state"] == names.FAILED and job["reason"] == "RuntimeError: out of cheese"
+
+
+def test_a_job_finishing_after_forget_writes_nothing(engine, adapter, tmp_path, monkeypatch):
+    import threading
+
+    started, release, outcome = threading.Event(), threading.Event(), []
+
+    def slow_edit(store, user, engine, job):
+        started.set()
+        release.wait(30)
+        try:
+            store.register_artifact(user, names.LORA, adapter, model_sha256(engine.model_path),
+                                    {"method": names.EDIT}, job=job)
+        except Exception as e:
+            outcome.append(type(e).__name__)
+            raise
+        return {}
+
+    monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, slow_edit)
+    with TestClient(create_app(engine=engine, data_dir=str(tmp_path), jobs=True)) as client:
+        client.post("/v1/users/fay/memories", json={"text": "I love jazz.", "kind": names.PREFERENCE})
+        assert started.wait(30)
+        assert client.delete("/v1/users/fay").status_code == 200
+        release.set()
+        for _ in range(600):
+            if outcome:
+                break
+            time.sleep(0.05)
+        assert outcome == ["NotFoundError"]
+        assert client.get("/v1/users/fay/jobs").status_code == 404
+    assert not (tmp_path / "artifacts" / "fay").exists()
+
+
+def test_serve_refuses_an_unknown_composition(tmp_path, capsys):
+    from localpers.cli import main
+
+    assert main(["serve", "--personalize", "edit+nope", "--data-dir", str(tmp_path)]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "localpers.db").exists()

@@ -100,6 +100,10 @@ def test_learned_preferences_merge_and_the_later_wins(store):
     assert changed["replaced"] == learned["preferences"]
     assert [i["text"] for i in store.items("ann", kind=names.PREFERENCE)] == ["I don't like horror films."]
     assert learn_from_chat(store, "ann", [{"role": "user", "content": "Do I like horror films?"}])["preferences"] == []
+    # deleting the message a preference was learned from deletes the preference too
+    message = store.items("ann", kind=names.PREFERENCE)[0]["meta"]["message"]
+    store.delete_item("ann", message)
+    assert store.items("ann", kind=names.PREFERENCE) == []
 
 
 def test_migration_of_a_session5_database(tmp_path):
@@ -128,3 +132,14 @@ def test_migration_of_a_session5_database(tmp_path):
         [artifact] = store.artifacts("ann")
         assert artifact["version"] == 2 and artifact["method"] == "edit" and artifact["meta"] == {"method": "edit", "layer": 6}
         assert not (home / "artifacts" / "ann" / "v1.gguf").exists()
+
+
+def test_invariant_code_that_makes_artifacts_never_imports_the_server_or_the_evaluation():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, localpers.editing, localpers.jobs, localpers.learn, localpers.compose; "
+            "bad = [m for m in ('localpers.evaluation', 'localpers.server', 'localpers.eval_cli') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
