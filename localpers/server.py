@@ -426,6 +426,7 @@ async def run_cancellable(request: Request, work, on_event=None):
     finally:
         if not done.done():
             cancel.set()
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nobody awaits it now
 
 
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
