@@ -27,7 +27,6 @@ import numpy as np
 
 from localpers.chat import chat_tokens, render_chat
 from localpers.errors import UserError
-from localpers.gguf_write import control_vector_data, read_control_vector
 from localpers.kvcache import DEFAULT_MAX_BYTES, KVCache
 
 
@@ -191,6 +190,8 @@ class Engine:
         return key, handle
 
     def _control_vector_buffer(self, path: str) -> np.ndarray:
+        from localpers.gguf_write import control_vector_data, read_control_vector  # imports torch: only when used
+
         directions = read_control_vector(path)
         for layer, vector in directions.items():
             if vector.size != self.n_embd or not 1 <= layer < self.n_layer:

@@ -163,6 +163,50 @@ class ChatRequest(BaseModel):
     localpers: LocalpersOptions | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class ReplyMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: ReplyMessage
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: ChoiceLogprobs | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """The response of a request without `stream` (with it: text/event-stream of chat.completion.chunk)."""
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -405,6 +449,7 @@ async def run_cancellable(request: Request, work, on_event=None):
     finally:
         if not done.done():
             cancel.set()
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nobody awaits it now
 
 
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
@@ -513,7 +558,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
                                             "owned_by": "localpers"}]}
 
-    @app.post("/v1/chat/completions", responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}})
+    @app.post("/v1/chat/completions", responses={**ERRORS, 200: {"model": ChatCompletion,
+                                                                  "content": {"text/event-stream": {}}}})
     async def chat_completions(req: ChatRequest, request: Request):
         engine = ready_engine()
         if req.model not in (None, "", engine.model_name, "localpers"):
