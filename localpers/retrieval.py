@@ -48,6 +48,7 @@ _WORD = re.compile(f"[\\w{_MARKS}]+")
 _PIECES = re.compile(f"(?P<syllabic>(?:[{_SYLLABIC}][{_MARKS}]*)+)|(?P<lettered>(?:[{_LETTERED}][{_MARKS}]*)+)"
                      f"|[^{UNSPACED}]+")
 _CLUSTER = re.compile(f".[{_MARKS}]*", re.DOTALL)
+_ASCII_WORDS = re.compile(r"(?u)\b\w\w+\b").findall  # bm25s' default splitter
 _ACCENTS = re.compile("[\u0300-\u036f]")  # combining diacritics of Latin, Greek and Cyrillic letters
 
 
@@ -61,9 +62,10 @@ def split_words(text: str) -> list[str]:
     outputUnigrams=true: "我喜欢吃素食" holds the term "素食", and a one-character word ("猫") is found too. In
     Thai, Lao, Khmer, Myanmar and Tibetan, whose characters are letters, only the pairs are terms.
     Returns the terms in order, unigrams before each run's bigrams."""
+    if text.isascii():  # the common case, at the regex's speed
+        return _ASCII_WORDS(text)
     text = unicodedata.normalize("NFKC", text)
-    if not text.isascii():
-        text = unicodedata.normalize("NFC", _ACCENTS.sub("", unicodedata.normalize("NFD", text)))
+    text = unicodedata.normalize("NFC", _ACCENTS.sub("", unicodedata.normalize("NFD", text)))
     terms = []
     for word in _WORD.findall(text):
         if word.isascii():
