@@ -13,6 +13,12 @@ CONTROL_VECTOR = "control_vector"  # llama.cpp control-vector GGUF (direction.{l
 MODEL = "model"                    # a whole GGUF with edits baked in (personalize --bake)
 ARTIFACT_KINDS = (LORA, CONTROL_VECTOR, MODEL)
 
+# ---- item kinds the store gives meaning to
+PREFERENCE = "preference"          # a stated preference ("I'm vegetarian."): editing turns each into an edit
+
+# ---- job states (store.jobs; GET /v1/users/{user}/jobs)
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+
 # ---- personalization methods (names in `--method`/`--personalize` specs; "a+b" composes)
 BASE = "base"      # the model as it is
 PROMPT = "prompt"  # stated preferences in the system message
