@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that contribute subcommands through add_cli(subparsers); they must import lazily (fast --help).
 CLI_MODULES: list[str] = ["localpers.store_cli", "localpers.eval_cli", "localpers.editing_cli", "localpers.train_cli",
-                          "localpers.sync_cli"]
+                          "localpers.sync_cli", "localpers.chat_cli"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,150 @@
+"""`localpers chat` through a real pseudo-terminal (pexpect): against a live `localpers serve` app with a tiny
+random model, and against a fake server that speaks the whole contract (jobs, the `localpers` explanation), so
+the client's rendering of both is checked whatever the live server offers."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect")
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+
+from helpers_models import random_model_path  # noqa: E402
+from localpers.chat_cli import serve_in_thread  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "alice> "
+
+
+def spawn(url: str, *extra: str):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1", "TERM": "dumb", "COLUMNS": "160"}
+    child = pexpect.spawn(sys.executable, ["-m", "localpers", "chat", "--url", url, "--user", "alice",
+                                           "--max-tokens", "8", "--temperature", "0", *extra],
+                          cwd=str(REPO), env=env, encoding="utf-8", timeout=60, dimensions=(40, 160))
+    child.expect_exact(PROMPT)
+    return child
+
+
+def run(child, line: str, *expected: str) -> str:
+    """Send a line; wait for the next prompt; the output in between must hold every `expected` string."""
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    out = child.before
+    for text in expected:
+        assert text in out, f"{text!r} not in the output of {line!r}: {out!r}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def live_url(tmp_path_factory):
+    from localpers.server import create_app
+
+    model = random_model_path(tmp_path_factory, "llama")
+    url, stop = serve_in_thread(create_app(model, data_dir=str(tmp_path_factory.mktemp("chatdata"))))
+    yield url
+    stop()
+
+
+def test_chat_against_live_server(live_url):
+    child = spawn(live_url)
+    out = run(child, "Hello there, who are you?")
+    assert out.strip() != "Hello there, who are you?"                    # a reply streamed back
+    run(child, "/remember I am vegetarian.", "remembered (item")
+    run(child, "/history", "vegetarian", "preference")
+    out = run(child, "/jobs")
+    assert "no jobs for alice" in out or "does not offer" in out or "edit" in out
+    out = run(child, "/why")
+    assert "composition:" in out or "did not explain" in out
+    run(child, "/nonsense", "unknown command /nonsense")
+    run(child, "/help", "/remember TEXT", "/why")
+    child.sendline("/forget")
+    child.expect_exact("[y/N]")
+    run(child, "y", "forgot alice")
+    run(child, "/history", "nothing held about alice")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def fake_server() -> FastAPI:
+    """The contract of the loop engineer's server: explanation object on the last stream chunk, jobs list."""
+    app = FastAPI()
+    items = [{"id": 7, "kind": "preference", "text": "I am vegetarian."},
+             {"id": 9, "kind": "message", "text": "Lentil soup was great."}]
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": "fake", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        assert body["user"] == "alice" and body["stream"] and body["localpers"] == {"explain": True}
+
+        def sse():
+            for piece in ("Try a ", "lentil ", "curry."):
+                yield 'data: {"choices": [{"index": 0, "delta": {"content": "%s"}}]}\n\n' % piece
+            last = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                    "localpers": {"composition": "edit+rag",
+                                  "artifacts": [{"method": "edit", "kind": "lora", "id": 3}], "retrieved": [9]}}
+            import json
+
+            yield f"data: {json.dumps(last)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.get("/v1/users/{user}/memories")
+    def memories(user: str):
+        return {"object": "list", "data": items}
+
+    @app.get("/v1/users/{user}/jobs")
+    def jobs(user: str):
+        return {"object": "list", "data": [
+            {"id": 2, "kind": "edit", "state": "failed", "reason": "the preference could not be stated"},
+            {"id": 1, "kind": "edit", "state": "done", "result": {"artifact": 3}}]}
+
+    @app.delete("/v1/users/{user}")
+    def forget(user: str):
+        return JSONResponse({"error": {"message": f"no user {user!r}", "code": "not_found"}}, 404)
+
+    return app
+
+
+def test_chat_renders_explanation_and_jobs_from_the_contract():
+    url, stop = serve_in_thread(fake_server(), timeout_s=60)
+    try:
+        child = spawn(url)
+        run(child, "/why", "no reply yet")
+        run(child, "Suggest a dinner for tonight.", "Try a lentil curry.")
+        run(child, "/why", "composition: edit+rag", "edit lora (artifact 3)", "#9 Lentil soup was great.")
+        run(child, "/jobs", "failed", "the preference could not be stated", "done")
+        run(child, "/remember", "/remember needs the text")
+        run(child, "/remember I like jazz.", "does not offer")   # no POST memories route on this server
+        child.sendline("/forget")
+        child.expect_exact("[y/N]")
+        run(child, "n", "kept")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    finally:
+        stop()
+
+
+def test_chat_without_a_server_is_one_line():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = pexpect.spawn(sys.executable, ["-m", "localpers", "chat", "--url", "http://127.0.0.1:9/v1", "--user", "a"],
+                          cwd=str(REPO), env=env, encoding="utf-8", timeout=30)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 2
+    assert "cannot reach http://127.0.0.1:9/v1" in child.before and "Traceback" not in child.before
