@@ -61,7 +61,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     steps: int | None = None        # optimizer steps; None: `epochs` passes over the examples
-    epochs: float = 2.0
+    epochs: float = 1.0
     batch: int = 4                  # examples per optimizer step (all processes together); gradient accumulation
     max_grad_norm: float = 1.0
     min_weight: float = 0.8         # PerContrast clip range
