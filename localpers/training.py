@@ -61,7 +61,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     steps: int | None = None        # optimizer steps; None: `epochs` passes over the examples
-    epochs: float = 2.0
+    epochs: float = 1.0
     batch: int = 4                  # examples per optimizer step (all processes together); gradient accumulation
     max_grad_norm: float = 1.0
     min_weight: float = 0.8         # PerContrast clip range
@@ -316,6 +316,7 @@ class StepLog:
     mean_weight: float
     tokens: int
     seconds: float
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -324,10 +325,12 @@ class TrainResult:
     pir: list[float] = field(default_factory=list)   # PIR of every target token seen (perce), for the histogram
     tokens: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0   # this process's CPU time (all its threads): what the run costs on an idle machine
     resumed_from: int = 0
 
     def summary(self) -> dict:
         return {"steps": len(self.steps), "tokens": self.tokens, "seconds": round(self.seconds, 2),
+                "cpu_seconds": round(self.cpu_seconds, 2),
                 "first_loss": round(self.steps[0].loss, 4) if self.steps else None,
                 "last_loss": round(self.steps[-1].loss, 4) if self.steps else None}
 
@@ -415,10 +418,10 @@ def train(model, encoded: list[Encoded], config: TrainConfig, *, checkpoint=None
         from tqdm import tqdm
 
         bar = tqdm(total=steps, initial=start, desc=f"{config.objective} training", unit="step", leave=False)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     model.train()
     for step in range(start, steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = order[step]
         n_total = sum(encoded[i].n_target for i in batch)
         mine = batch[rank::world]  # this process's share of the step's examples
@@ -433,7 +436,7 @@ def train(model, encoded: list[Encoded], config: TrainConfig, *, checkpoint=None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         entry = StepLog(step + 1, float(sums[0] / n_total), float(sums[1] / n_total), float(sums[2] / n_total),
-                        n_total, time.perf_counter() - t0)
+                        n_total, time.perf_counter() - t0, time.process_time() - c0)
         result.steps.append(entry)
         if bar:
             bar.update(1)
@@ -447,6 +450,7 @@ def train(model, encoded: list[Encoded], config: TrainConfig, *, checkpoint=None
     model.eval()
     result.tokens = sum(s.tokens for s in result.steps)
     result.seconds = time.perf_counter() - t_start
+    result.cpu_seconds = time.process_time() - cpu_start
     return result
 
 

@@ -241,3 +241,19 @@ def test_ddp_two_processes_match_one(tmp_path, llama_path):
     for k in r0:
         torch.testing.assert_close(r0[k], one[k], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "ddp.gguf").is_file()
+
+
+def test_train_cli_checks_its_input_before_training(tmp_path, llama_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "localpers", "train", "--model", str(llama_path),
+                                     "--out", str(tmp_path / "a.gguf"), *a], cwd=REPO, env=env, capture_output=True,
+                                    text=True)
+    (tmp_path / "x_questions.json").write_text(json.dumps([{"id": "1", "input": "Write.", "profile": []}]))
+    missing_gold = run("--data", str(tmp_path / "x_questions.json"))
+    assert missing_gold.returncode == 2 and "no gold output" in missing_gold.stderr
+    (tmp_path / "x_outputs.json").write_text(json.dumps({"task": "t", "golds": [{"id": "1", "output": "Hi."}]}))
+    uneven = run("--data", str(tmp_path / "x_questions.json"), "--batch", "3", "--nproc", "2")
+    assert uneven.returncode == 2 and "multiple of --nproc" in uneven.stderr
+    bad_target = run("--data", str(tmp_path / "x_questions.json"), "--targets", "q,wq")
+    assert bad_target.returncode == 2 and "unknown LoRA targets" in bad_target.stderr
+    assert not (tmp_path / "a.gguf").exists()
