@@ -709,23 +709,18 @@ def _served(user, query: str, params: MediatorParams = MEDIATOR):
     if not Path(kpath).is_file():
         return Personalized()
     knowledge = _load_knowledge(kpath, _file_key(kpath))
-    has_own = bool(np.any(read_control_vector_safe(artifact.path)))
+    has_own = _nonzero_control_vector(artifact.path, _file_key(artifact.path))
     cvecs = knowledge.meta.get("community_cvecs", {})
     return personalize(signals, knowledge, params, artifact.path if has_own else None,
                        lambda c: cvecs.get(str(c)), query)
 
 
 @lru_cache(maxsize=256)
-def _cvec_nonzero(path: str, key) -> bool:
+def _nonzero_control_vector(path: str, key) -> bool:
+    """Does the control vector at `path` (file version `key`) steer at all? (A user who stated nothing has zeros.)"""
     from localpers.gguf_write import read_control_vector
 
     return any(np.any(v) for v in read_control_vector(path).values())
-
-
-def read_control_vector_safe(path: str) -> bool:
-    from localpers.engine import _file_key
-
-    return _cvec_nonzero(path, _file_key(path))
 
 
 def refresh_knowledge(store, *, model_path=None, embedder=None, steer: bool = True, half_life: float = HALF_LIFE,
