@@ -58,6 +58,9 @@ def main():
         stats[bucket]["context_given"].append(a in ctx)
         stats[bucket]["logo"].append((local or ctx.get(a)) == target)
         stats[bucket]["upper"].append(mode[truth[uid]["community"], a].most_common(1)[0][0] == target)
+        fixed = dict(logo.mediate(sig, know, logo.FIXED).context).get(a)
+        # without the mediator the note also covers stated attributes: how often it contradicts a right local answer
+        stats[bucket]["nomediator_conflict"].append(local == target and fixed is not None and fixed != target)
         stats[bucket]["upper_t"].append(near[truth[uid]["community"], it["step"], a].most_common(1)[0][0] == target)
         stats[bucket]["popular"].append(pop[a].most_common(1)[0][0] == target)
     for bucket in ("1-2", "3-9", "10-49", "50+"):

@@ -13,9 +13,11 @@ The data flow (and the contract of the Flower sync, which computes the same aggr
     vector   [d]  unit user vector                         vector_sum   [k, d]     sum of member vectors
     counts   [V]  preference counts, public VOCABULARY     count        [k]        members
     steering [L, d] or None (CAA, control-vector layers)   steering_sum [k, L, d]  sum of member steering
-  Contribution  = contribute(signals, centroids)           steering_count [k]      members with steering
-    assignment  int: nearest centroid (cosine)             counts       [k, V]     preference counts
-    vector, counts, steering: as above                   GlobalKnowledge = advance(previous, sums, ...)
+                                                           steering_count [k]      members with steering
+  Contribution  = contribute(signals, centroids)           counts       [k, V]     preference counts
+    assignment  int: nearest centroid (cosine)           GlobalKnowledge = fold(previous, sums, ...)
+    vector, counts, steering: as above                     (decay, centroids, drift; `advance` runs the
+                                                            Lloyd iterations of a round in-process)
 
 Everything a device sends is a sum term: the aggregate is a sum over devices of one-hot(assignment) times
 each field (`contribution_sums` gives one device's term), so it can run under secure aggregation and with
@@ -304,44 +306,60 @@ def centroids_from(sums: RoundSums, previous: np.ndarray) -> np.ndarray:
     return np.where(empty[:, None], previous, unit(sums.vector_sum)).astype(np.float32)
 
 
+def fold(previous: GlobalKnowledge | None, round_sums: RoundSums, *, start: np.ndarray | None = None,
+         half_life: float = HALF_LIFE, min_size: float = MIN_SIZE, meta: dict | None = None) -> GlobalKnowledge:
+    """The knowledge after one round, from the round's aggregated sums (what a federated server runs on the
+    securely aggregated sums): S_r = decay * S_{r-1} + round sums with decay = 0.5 ** (1 / half_life)
+    (half_life=inf: no decay), centroids = unit(S_r.vector_sum) (an empty community keeps its centroid),
+    drift = how far each centroid moved from the previous round's. `start`: the centroids the round's devices
+    were assigned with (needed in the first round, for communities nobody joined)."""
+    if previous is None:
+        carried, before = round_sums.scaled(0.0), (start if start is not None else unit(round_sums.vector_sum))
+    else:
+        carried, before = previous.sums.scaled(0.5 ** (1.0 / half_life)), previous.centroids
+    sums = carried + round_sums
+    centroids = centroids_from(sums, before)
+    moved = (np.zeros((1, len(centroids))) if previous is None
+             else np.linalg.norm(centroids - previous.centroids, axis=1)[None])
+    return GlobalKnowledge(round=(previous.round if previous else 0) + 1, half_life=half_life, min_size=min_size,
+                           sums=sums, centroids=centroids,
+                           drift=moved if previous is None else np.concatenate([previous.drift, moved]),
+                           meta={**(previous.meta if previous else {}), **(meta or {})})
+
+
 def advance(previous: GlobalKnowledge | None, signals: list[LocalSignals], *, k: int | None = None,
             half_life: float = HALF_LIFE, min_size: float = MIN_SIZE, iterations: int = KMEANS_ITERATIONS,
             seed: int = 0, meta: dict | None = None, random_assignment: bool = False) -> GlobalKnowledge:
     """Fold one round (the signals of this round's contributors) into the knowledge, in-process: Lloyd
-    iterations of contribute -> aggregate -> centroids on the decayed sums, starting from the previous
-    centroids (the first round: k-means++ with k = choose_k(n)). half_life=inf: no decay.
+    iterations of contribute -> aggregate -> centroids of the decayed sums, starting from the previous
+    centroids (the first round: k-means++ with k = choose_k(n)), then `fold`. Each iteration is one exchange
+    with the devices (they assign themselves to the centroids sent). half_life=inf: no decay.
     random_assignment (an ablation): every contributor joins a random community, one pass."""
     if not signals:
         raise ValueError("a round needs at least one contributor")
     vectors = np.stack([s.vector for s in signals])
     steering = [s.steering for s in signals if s.steering is not None]
-    steer_shape = steering[0].shape if steering else (0, 0)
-    decay = 0.0 if previous is None else 0.5 ** (1.0 / half_life)
-    if previous is None:
-        centroids = init_centroids(vectors, k or choose_k(len(signals)), seed)
-        carried = RoundSums.zeros(len(centroids), vectors.shape[1], *steer_shape)
-    else:
-        centroids = previous.centroids
-        carried = previous.sums.scaled(decay)
-        if carried.steering_sum.shape[1:] != steer_shape and steering:
-            carried.steering_sum = np.zeros((len(centroids), *steer_shape))
-            carried.steering_count = np.zeros(len(centroids))
+    if steering:
+        steer_shape = steering[0].shape
+    else:  # nobody steers this round: keep the previous rounds' steering shape
+        steer_shape = previous.sums.steering_sum.shape[1:] if previous is not None else (0, 0)
+    if previous is not None and previous.sums.steering_sum.shape[1:] != steer_shape:
+        previous = replace(previous, sums=replace(previous.sums, steering_sum=np.zeros((previous.k, *steer_shape)),
+                                                  steering_count=np.zeros(previous.k)))
+    centroids = previous.centroids if previous is not None else init_centroids(vectors, k or choose_k(len(signals)), seed)
+    carried = previous.sums.scaled(0.5 ** (1.0 / half_life)) if previous is not None else None
     start = centroids
     rng = np.random.default_rng(seed + (previous.round if previous else 0))
     for _ in range(1 if random_assignment else max(1, iterations)):
         contributions = [contribute(s, centroids) for s in signals]
         if random_assignment:
             contributions = [replace(c, assignment=int(rng.integers(len(centroids)))) for c in contributions]
-        sums = carried + aggregate(contributions, len(centroids), vectors.shape[1], steer_shape)
-        new = centroids_from(sums, centroids)
+        round_sums = aggregate(contributions, len(centroids), vectors.shape[1], steer_shape)
+        new = centroids_from(round_sums if carried is None else carried + round_sums, centroids)
         if np.allclose(new, centroids):
             break
         centroids = new
-    moved = np.linalg.norm(centroids - start, axis=1)[None] if previous is not None else np.zeros((1, len(centroids)))
-    drift = moved if previous is None else np.concatenate([previous.drift, moved])
-    return GlobalKnowledge(round=(previous.round if previous else 0) + 1, half_life=half_life, min_size=min_size,
-                           sums=sums, centroids=centroids, drift=drift,
-                           meta={**(previous.meta if previous else {}), **(meta or {})})
+    return fold(previous, round_sums, start=start, half_life=half_life, min_size=min_size, meta=meta)
 
 # ---------------------------------------------------------------- mediator
 
@@ -709,23 +727,18 @@ def _served(user, query: str, params: MediatorParams = MEDIATOR):
     if not Path(kpath).is_file():
         return Personalized()
     knowledge = _load_knowledge(kpath, _file_key(kpath))
-    has_own = bool(np.any(read_control_vector_safe(artifact.path)))
+    has_own = _nonzero_control_vector(artifact.path, _file_key(artifact.path))
     cvecs = knowledge.meta.get("community_cvecs", {})
     return personalize(signals, knowledge, params, artifact.path if has_own else None,
                        lambda c: cvecs.get(str(c)), query)
 
 
 @lru_cache(maxsize=256)
-def _cvec_nonzero(path: str, key) -> bool:
+def _nonzero_control_vector(path: str, key) -> bool:
+    """Does the control vector at `path` (file version `key`) steer at all? (A user who stated nothing has zeros.)"""
     from localpers.gguf_write import read_control_vector
 
     return any(np.any(v) for v in read_control_vector(path).values())
-
-
-def read_control_vector_safe(path: str) -> bool:
-    from localpers.engine import _file_key
-
-    return _cvec_nonzero(path, _file_key(path))
 
 
 def refresh_knowledge(store, *, model_path=None, embedder=None, steer: bool = True, half_life: float = HALF_LIFE,

@@ -207,3 +207,20 @@ def test_eval_cli_refuses_logo_off_the_world_and_unknown_buckets(tmp_path, capsy
     assert main(["eval", "world", "--users", "30", "--history", "2-3", "--method", "logo", "--out",
                  str(tmp_path / "o")]) == 2
     assert "unknown buckets" in capsys.readouterr().err
+
+
+def test_fold_of_device_sums_equals_the_in_process_round():
+    """What a federated server computes (fold over the summed device terms, devices assigned to the round's
+    final centroids) equals the in-process round."""
+    sigs, _ = planted()
+    first = logo.advance(None, sigs, k=3, min_size=5)
+    moved, _ = planted(shift=0.4, seed=1)
+    second = logo.advance(first, moved, min_size=5)
+    terms = [logo.contribution_sums(logo.contribute(s, second.centroids), 3, (2, 4)) for s in moved]
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    federated = logo.fold(first, total, min_size=5)
+    np.testing.assert_allclose(federated.centroids, second.centroids, atol=1e-6)
+    np.testing.assert_allclose(federated.histograms, second.histograms)
+    np.testing.assert_allclose(federated.drift, second.drift, atol=1e-6)
