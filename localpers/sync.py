@@ -51,9 +51,10 @@ class SyncConfig:
 
     k communities over user vectors of dimension `dim`, steering vectors [n_layer, steer_dim] (LoGo: the
     control-vector layers x the model width; n_layer 0: none), histograms over a public vocabulary of `vocab`
-    entries. `epsilon` is the DP budget of ONE round for delta `delta` (math.inf: no
-    noise); `min_contributors` the number of devices whose noise shares are guaranteed in every published sum
-    (the SecAgg+ reconstruction threshold: fewer survivors abort the round)."""
+    entries. `epsilon` is the DP budget of ONE round for delta `delta` (math.inf: no noise);
+    `min_contributors` the number of devices whose noise shares every published sum must hold: each device adds
+    N(0, noise_std^2 / min_contributors), and a round with fewer unmasked devices is not published.
+    (Distributed DP trusts the server to honour that; SecAgg+ hides single vectors regardless.)"""
     k: int = 8
     dim: int = 128
     n_layer: int = 29
@@ -197,11 +198,16 @@ def check_cohort(n: int, cfg: SyncConfig, quantization_range: int = QUANTIZATION
                         f">= modulus_range {modulus_range}); at most {(modulus_range - 1) // quantization_range} devices")
 
 
-def secagg_shares(n: int) -> float | int:
-    """SecAgg+'s number of shares (neighbours per device) for a cohort of n: everyone (1.0) up to 16 devices,
-    else 2 * ceil(log2 n) + 1 (odd, as Flower recommends): the logarithmic-degree graph of SecAgg+ (Bell et al.
-    2020), which keeps each device's work at O(log n) key agreements and masks instead of O(n)."""
-    return 1.0 if n <= 16 else 2 * math.ceil(math.log2(n)) + 1
+def secagg_shares(n: int) -> tuple[float | int, float | int]:
+    """SecAgg+'s (num_shares, reconstruction_threshold) for a cohort of n devices, in Flower's conventions.
+
+    Up to 16 devices everyone is everyone's neighbour (1.0) and half of them must survive (0.5); above, the
+    logarithmic-degree graph of SecAgg+ (Bell et al., CCS 2020): 2 * ceil(log2 n) + 1 neighbours (odd, as Flower
+    recommends) of which a majority must survive, so each device does O(log n) key agreements instead of O(n)."""
+    if n <= 16:
+        return 1.0, 0.5
+    shares = 2 * math.ceil(math.log2(n)) + 1
+    return shares, shares // 2 + 1
 
 
 def error_bound(n: int, cfg: SyncConfig, quantization_range: int = QUANTIZATION_RANGE) -> float:
@@ -309,12 +315,14 @@ def initial_centroids(cfg: SyncConfig) -> np.ndarray:
     return c / np.linalg.norm(c, axis=1, keepdims=True)
 
 
-def plain_kmeans(contributions: list[Contribution], cfg: SyncConfig, rounds: int | None = None) -> Knowledge:
-    """The same rounds computed in one process on plain contributions (no SecAgg+, no noise): the oracle."""
+def plain_kmeans(contributions: list[Contribution], cfg: SyncConfig, rounds: int | None = None,
+                 rng: np.random.Generator | None = None) -> Knowledge:
+    """The same rounds computed in one process (no SecAgg+): the oracle. With rng, every contribution carries its
+    noise share as on a device, so this equals the federated result up to SecAgg+'s rounding (error_bound)."""
     centroids = initial_centroids(cfg)
     knowledge = None
     for _ in range(rounds or cfg.rounds):
-        total = sum(encode(c, centroids, cfg)[0] for c in contributions)
+        total = sum(encode(c, centroids, cfg, rng)[0] for c in contributions)
         knowledge = publish(decode(total, cfg), centroids, cfg)
         centroids = knowledge.centroids
     return knowledge

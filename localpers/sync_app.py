@@ -57,7 +57,8 @@ class KMeansStrategy(FedAvg):
     def configure_fit(self, server_round, parameters, client_manager):
         # Round 1 waits for min_devices; later rounds go on with every device still there (>= min_contributors).
         need = self.min_fit_clients if server_round == 1 else self.cfg.min_contributors
-        if not client_manager.wait_for(need, timeout=self.wait_seconds):
+        # num_available() refreshes Flower's node registry (else wait_for sees it only every 5 s)
+        if client_manager.num_available() < need and not client_manager.wait_for(need, timeout=self.wait_seconds):
             return []
         proxies = list(client_manager.all().values())
         sync.check_cohort(len(proxies), self.cfg)
@@ -67,6 +68,9 @@ class KMeansStrategy(FedAvg):
         if not results:
             return None, {}
         n = len(results)  # devices whose masked vectors were unmasked; SecAgg+ returned their mean
+        if n < self.cfg.min_contributors:  # too few noise shares: this round's sums are not private enough
+            self.history.append({"round": server_round, "devices": n, "failures": len(failures), "withheld": True})
+            return None, {}
         mean = parameters_to_ndarrays(results[0][1].parameters)[0]
         sums = sync.decode(mean.astype(np.float64) * n, self.cfg)
         self.knowledge = sync.publish(sums, self.centroids, self.cfg)
@@ -114,10 +118,10 @@ def run_server(grid: Grid, context: Context) -> KMeansStrategy:
     strategy = KMeansStrategy(cfg, min_devices, wait_seconds=float(context.run_config.get("wait", 600.0)))
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=timeout),
                            strategy=strategy)
-    shares = sync.secagg_shares(min_devices)
-    if isinstance(shares, int) and cfg.min_contributors >= shares:
-        raise UserError(f"sync: min-contributors {cfg.min_contributors} must be below SecAgg+'s {shares} shares")
-    secagg = SecAggPlus(num_shares=shares, reconstruction_threshold=cfg.min_contributors, max_weight=1.0,
+    if cfg.min_contributors > min_devices:
+        raise UserError(f"sync: min-contributors {cfg.min_contributors} exceeds min-devices {min_devices}")
+    shares, threshold = sync.secagg_shares(min_devices)
+    secagg = SecAggPlus(num_shares=shares, reconstruction_threshold=threshold, max_weight=1.0,
                                 clipping_range=cfg.clipping_range, quantization_range=sync.QUANTIZATION_RANGE,
                                 modulus_range=sync.MODULUS_RANGE, timeout=timeout)
     start = time.perf_counter()

@@ -172,7 +172,10 @@ def cmd_sync_server(args) -> int:
         raise UserError(f"sync: the run ended without a result; see {out / 'run.log'}")
     summary = json.loads(summary_path.read_text())
     for h in summary["history"]:
-        print(f"round {h['round']}: {h['devices']} devices, community sizes {[int(s) for s in h['sizes']]}")
+        if h.get("withheld"):
+            print(f"round {h['round']}: only {h['devices']} devices, fewer than --min-contributors: withheld")
+        else:
+            print(f"round {h['round']}: {h['devices']} devices, community sizes {[int(s) for s in h['sizes']]}")
     total = sync.rdp_epsilon(cfg.noise_multiplier, cfg.rounds, cfg.delta)
     print(f"published {out / sync.GLOBAL_KNOWLEDGE_FILE}; epsilon {total:.3g} in total (delta {cfg.delta:g})")
     return 0 if summary["complete"] else 1
@@ -279,7 +282,7 @@ def add_cli(sub) -> None:
     p.add_argument("--delta", type=float, default=1e-6)
     p.add_argument("--min-size", type=int, default=2, help="communities smaller than this are never published")
     p.add_argument("--min-contributors", type=int, default=2,
-                   help="SecAgg+ reconstruction threshold: fewer surviving devices abort the round")
+                   help="devices whose noise shares a published sum must hold (fewer: the round is withheld)")
     p.add_argument("--steer-clip", type=float, default=8.0, help="L2 clip of a user's steering vector")
     p.add_argument("--hist-clip", type=float, default=4.0, help="L2 clip of a user's preference histogram")
     p.add_argument("--seed", type=int, default=0, help="seed of the public initial centroids")
