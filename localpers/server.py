@@ -15,6 +15,7 @@ localpers.memory_api and the job endpoints of localpers.jobs live under /v1/user
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -37,6 +38,7 @@ from localpers.methods import apply
 from localpers.store import Store
 from localpers.store import data_dir as resolve_data_dir
 
+log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any chat a 4k-token context can hold
 ROLES = {"system", "user", "assistant"}
 
@@ -145,7 +147,11 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         """Store the user's new messages and the preferences stated in them (once the request is accepted: a
         request refused with a 4xx stores nothing); a learned preference wakes the job worker."""
         if user and history and wanted:
-            learned = learn_from_chat(store, user, messages)
+            try:
+                learned = learn_from_chat(store, user, messages)
+            except UserError as e:  # a message the store refuses (over 64 KiB...): the reply is still served
+                log.warning("not stored in %s's history: %s", user, e)
+                return
             if (learned["preferences"] or learned["replaced"]) and app.state.worker is not None:
                 app.state.worker.wake()
 
