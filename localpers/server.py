@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
@@ -57,6 +58,7 @@ from localpers.methods import apply
 from localpers.store import NotFoundError, Store
 from localpers.store import data_dir as resolve_data_dir
 
+log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any chat a 4k-token context can hold
 MAX_N = 8                 # choices per request: each is a full generation on the one engine
 MAX_STOP = 4              # as OpenAI
@@ -498,8 +500,13 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
 
     def learn(user: str, messages: list[dict]) -> None:
         """Store the user's new messages and learn the preferences stated in them (after composing: this
-        request's messages are context, not retrieved history); wakes the job worker for a changed preference."""
-        learned = learn_from_chat(store, user, messages)
+        request's messages are context, not retrieved history; once the request is accepted: a request refused
+        with a 4xx stores nothing); wakes the job worker for a changed preference."""
+        try:
+            learned = learn_from_chat(store, user, messages)
+        except UserError as e:  # a message the store refuses (over 64 KiB...): the reply is still served
+            log.warning("not stored in %s's history: %s", user, e)
+            return
         if (learned["preferences"] or learned["replaced"]) and app.state.worker is not None:
             app.state.worker.wake()
 
