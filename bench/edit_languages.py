@@ -2,7 +2,7 @@
 editor as English ones (fact_from_statement -> edit -> write the adapter -> ask llama.cpp the fact's canonical
 question with it), alone, on the default model. Prints one row per statement and a per-language summary.
 
-    python bench/edit_languages.py --threads 1 [--out docs/edit/languages.jsonl]
+    PYTHONPATH=. python bench/edit_languages.py --threads 1 [--languages fr,zh] [--per-language 1] [--offset 1] [--out FILE]
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp and torch threads (default: theirs)")
     ap.add_argument("--languages", default=",".join(STATEMENTS), help="comma-separated (default: all)")
+    ap.add_argument("--per-language", type=int, default=2, help="statements per language (default: %(default)s)")
+    ap.add_argument("--offset", type=int, default=0, help="skip this many statements of each language first")
     ap.add_argument("--out", help="also append one JSON line a statement here")
     args = ap.parse_args()
     engine = Engine(default_model_path(), n_ctx=512, n_threads=args.threads)
@@ -38,7 +40,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for lang in args.languages.split(","):
-            for statement in STATEMENTS[lang]:
+            for statement in STATEMENTS[lang][args.offset:args.offset + args.per_language]:
                 fact = fact_from_statement(statement)
                 t0 = time.perf_counter()
                 result = edit_facts(engine, editor, [fact], Path(tmp) / "edit.gguf")
