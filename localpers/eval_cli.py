@@ -25,12 +25,14 @@ def add_cli(sub) -> None:
     p.add_argument("--data", help="data file or directory (default for upqa and prefeval: the development sets "
                                   "shipped in localpers/data; "
                                   "lamp/longlamp: the questions file; world: a directory from --generate-only)")
-    p.add_argument("--distractors", help="prefeval: PrefEval's inter_turns.json (default: beside --data's mcq_dev)")
+    p.add_argument("--distractors", help="prefeval, upqa --turns: PrefEval's inter_turns.json (default: beside "
+                                         "--data's mcq_dev; upqa: ../shared/data/prefeval/inter_turns.json)")
     p.add_argument("--limit", type=int, help="evaluate the first N items after a seeded shuffle")
     p.add_argument("--shard", help="I/N: evaluate every N-th item from the I-th (after --limit), so a long run can "
                                    "be split over processes or sessions; join the shards with `eval merge`")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--turns", default="0,5,10", help="prefeval: distractor turn counts (default: %(default)s)")
+    p.add_argument("--turns", help="distractor turn counts: prefeval (default: 0,5,10); upqa: the multi-turn "
+                                   "setting (the statement, N distractor turns, the question; default: single turn)")
     p.add_argument("--max-tokens", type=int, help="answer length for generated answers (default: per task)")
     p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", help="output directory (default: localpers-eval/TASK)")
@@ -119,6 +121,20 @@ def cmd_merge(args) -> None:
         print(path)
 
 
+def _upqa_distractors(args) -> Path:
+    if args.distractors:
+        path = Path(args.distractors)
+    else:
+        from localpers.datasets import shared_data_dir
+
+        if shared_data_dir() is None:
+            raise UserError("upqa --turns needs PrefEval's distractor chats: pass --distractors inter_turns.json")
+        path = shared_data_dir() / "prefeval" / "inter_turns.json"
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    return path
+
+
 def _turns(text: str) -> list[int]:
     try:
         turns = sorted({int(t) for t in text.split(",") if t.strip()})
@@ -177,8 +193,13 @@ def cmd_eval(args) -> None:
         path = _data_path(args)
         items = _limit(read_upqa(path), args)
         config.update(data=str(path), max_tokens=max_tokens)
+        if args.turns is not None:
+            turns = _turns(args.turns)
+            distractors = _upqa_distractors(args)
+            conversations = read_inter_turns(distractors)
+            config.update(distractors=str(distractors), turns=turns)
     elif args.task == "prefeval":
-        turns = _turns(args.turns)
+        turns = _turns(args.turns or "0,5,10")
         path = _data_path(args)
         distractors = Path(args.distractors) if args.distractors else (path if path.is_dir() else path.parent).parent / "inter_turns.json"
         items = _limit(read_prefeval_mcq(path), args)
@@ -220,7 +241,12 @@ def cmd_eval(args) -> None:
     journal = ev.Journal(progress, {**report, "methods": names})
     if journal.done:
         print(f"resuming from {progress}: {len(journal.done)} items and methods already scored", file=sys.stderr)
-    if args.task == "upqa":
+    if args.task == "upqa" and args.turns is not None:
+        results, counts, rows = ev.run_upqa_turns(engine, items, conversations, methods, turns=turns,
+                                                  max_tokens=max_tokens, seed=args.seed, journal=journal)
+        rules = ev.upqa_rules(max_tokens)[:1] + [ev.RULES["upqa_turns"].format(
+            ack=ev.PREFEVAL_ACK, max_chars=ev.PREFEVAL_MAX_CHARS, kind="{explicit,paraphrased,implicit}")]
+    elif args.task == "upqa":
         results, counts, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens, journal=journal)
         rules = ev.upqa_rules(max_tokens)
     elif args.task == "prefeval":

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from localpers.datasets import LampItem, PrefEvalItem, UpqaItem
+from localpers import names
 from localpers.errors import UserError
 from localpers.matching import MATCH_RECALL, target_match
 from localpers.methods import Personalized, apply
@@ -39,6 +40,10 @@ RULES = {
     "locality": ("locality_kl: mean over answer tokens of KL(base || method) between next-token distributions, "
                  "on {n} fixed neutral question/answer pairs, for up to {users} users evenly spaced over the items (a merge of "
                  "shards: each shard's; report.json's counts say how many); in nats/token."),
+    "upqa_turns": ("Multi-turn: for methods without a trained part the statement is the first user turn "
+                   "(answered '{ack}'); for compositions with one (edit ...) it is in the weights instead; then T "
+                   "distractor turns from PrefEval's inter_turns (each message cut to {max_chars} characters), then "
+                   "the question; {kind}_acc@T by the match rule above."),
     "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
                  "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
                  "with the options listed in a seeded random order; the model follows the preference when the "
@@ -281,6 +286,42 @@ def run_prefeval(engine, items: list[PrefEvalItem], conversations: list[list[dic
     return score_items(journal or Journal(), "prefeval", items, methods, score)
 
 
+UPQA_QUESTIONS = (("explicit", "question"), ("paraphrased", "question_paraphrased"), ("implicit", "implicit_question"))
+
+
+def statement_in_chat(method_name: str) -> bool:
+    """Multi-turn UPQA: does the method hear the user's statement as the first user turn? Context methods do;
+    a composition with a trained method (edit, perce, ...) has it in its weights instead, as the paper's edits do."""
+    return not any(part.strip() in names.TRAINED_METHODS for part in method_name.split("+"))
+
+
+def run_upqa_turns(engine, items: list[UpqaItem], conversations: list[list[dict]], methods: dict, *,
+                   turns: list[int], max_tokens: int = 32, seed: int = 0, max_chars: int = PREFEVAL_MAX_CHARS,
+                   journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
+    """UPQA in the multi-turn setting of the Personalization Editing paper: the statement is the first user turn
+    (answered PREFEVAL_ACK) for context methods, or edited in for trained ones; then T PrefEval distractor
+    turns; then the explicit, paraphrased and implicit questions. {kind}_acc@T for each T in `turns`. The
+    distractors are seeded by the seed and the user (the T-turn conversation is a prefix of the longest one),
+    the same for every method."""
+    def score(name, method, item):
+        distractors = distractor_turns(conversations, max(turns), random.Random(f"{seed}/{item.user.id}"), max_chars)
+        opening = [{"role": "user", "content": item.user.preferences[0]}, {"role": "assistant", "content": PREFEVAL_ACK}] \
+            if statement_in_chat(name) and item.user.preferences else []
+        ok, rows = {}, []
+        for t in turns:   # ascending: each conversation extends the previous one, so its prefix is in the KV cache
+            row = {"id": item.user.id, "method": name, "turns": t}
+            for kind, field in UPQA_QUESTIONS:
+                question = getattr(item, field)
+                messages = opening + distractors[:2 * t] + [{"role": "user", "content": question}]
+                row[kind] = generate(engine, method(item.user, question, engine), messages, max_tokens)
+                row[f"{kind}_ok"] = target_match(row[kind], item.targets, item.candidates)
+                ok[f"{kind}_acc@{t}"] = [row[f"{kind}_ok"]]
+            rows.append(row)
+        return ok, rows
+
+    return score_items(journal or Journal(), "upqa-turns", items, methods, score)
+
+
 # LaMP's classification and rating tasks: task-name prefix -> label set (None: the gold labels of the file).
 LAMP_LABELS = {"LaMP_1": ["[1]", "[2]"], "LaMP_2": None, "LaMP_3": ["1", "2", "3", "4", "5"]}
 
@@ -351,8 +392,10 @@ def paired_deltas(rows: list[dict], reference: str = "base") -> dict:
     between items, which both methods share, so this separates two methods that the means' own intervals do not."""
     scores = defaultdict(dict)  # (method, metric) -> {item id: value}
     for row in rows:
-        fields = ({f"followed@{row['turns']}": row["followed"]} if "followed" in row else
+        fields = ({"followed": row["followed"]} if "followed" in row else
                   {metric: row[field] for field, metric in ROW_METRICS.items() if row.get(field) is not None})
+        if "turns" in row:   # prefeval, multi-turn upqa: one metric per turn count
+            fields = {f"{metric}@{row['turns']}": value for metric, value in fields.items()}
         for metric, value in fields.items():
             scores[row["method"], metric][row["id"]] = float(value)
     out = defaultdict(dict)
@@ -500,7 +543,7 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
     methods = list(results)
     # Bar chart of the metrics that live in [0, 1] (accuracies, ROUGE); KL and MAE have other scales.
     bounded = [m for m in dict.fromkeys(k for r in results.values() for k in r)
-               if m.endswith(("_acc", "accuracy")) or m.startswith(("rouge", "followed@"))]
+               if m.split("@")[0].endswith(("_acc", "accuracy")) or m.startswith(("rouge", "followed@"))]
     if bounded:
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(bounded) * max(1, len(methods)) / 2, 3.2))
         width = 0.8 / len(methods)
@@ -512,15 +555,17 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         ax.set_title(f"{report['task']} — {report['model']}", fontsize=9)
         ax.legend(fontsize=8)
         paths.append(_save(fig, out_dir / "results.png"))
-    turns = [m for m in bounded if m.startswith("followed@")]
-    if len(turns) > 1:
+    for metric in dict.fromkeys(m.split("@")[0] for m in bounded if "@" in m):   # a plot per metric over turns
+        turns = [m for m in bounded if m.split("@")[0] == metric]
+        if len(turns) < 2:
+            continue
         fig, ax = plt.subplots(figsize=(4, 3))
         xs = [int(m.split("@")[1]) for m in turns]
         for method in methods:
             ax.plot(xs, [results[method][m] for m in turns], marker="o", label=method)
-        ax.set(xlabel="distractor turns", ylabel="followed", ylim=(0, 1), xticks=xs)
+        ax.set(xlabel="distractor turns", ylabel=metric, ylim=(0, 1), xticks=xs)
         ax.legend(fontsize=8)
-        paths.append(_save(fig, out_dir / "followed_by_turns.png"))
+        paths.append(_save(fig, out_dir / f"{metric}_by_turns.png"))
     for axis, label in (("history", "history size"), ("step", "time step")):
         per_method = {m: b[axis] for m, b in report.get("breakdown", {}).items() if b[axis]}
         if not per_method:

@@ -1,0 +1,66 @@
+"""Multi-turn UPQA (evaluation.run_upqa_turns): the conversation each method is asked, without a model."""
+
+from localpers import evaluation as ev
+from localpers.datasets import read_upqa
+from localpers.methods import base
+
+CONVERSATIONS = [[{"role": "user", "content": f"distractor question {i}"},
+                  {"role": "assistant", "content": f"distractor answer {i}"}] for i in range(7)]
+
+
+class RecordingEngine:
+    """Answers the explicit question with the user's target, anything else with 'I do not know.'"""
+
+    def __init__(self, items):
+        self.asked, self.targets = [], {item.question: item.target for item in items}
+
+    def chat(self, messages, artifacts, max_tokens, temperature):
+        self.asked.append(messages)
+        answer = self.targets.get(messages[-1]["content"], "I do not know.")
+        return {"choices": [{"message": {"content": answer}}]}
+
+
+def upqa_items(shared_dir):
+    return read_upqa(shared_dir / "data" / "upqa" / "upqa_dev_100.json")[::10][:3]   # three attribute types
+
+
+def test_invariant_statement_said_first_for_context_methods_edited_in_for_trained(shared_dir):
+    items = upqa_items(shared_dir)
+    engine = RecordingEngine(items)
+    results, counts, rows = ev.run_upqa_turns(engine, items, CONVERSATIONS, {"base": base, "edit": base},
+                                              turns=[0, 2, 5], seed=3)
+    per_item = 2 * 3 * 3   # methods x turn counts x questions
+    assert len(engine.asked) == len(items) * per_item
+    for i, item in enumerate(items):
+        asked = engine.asked[i * per_item:(i + 1) * per_item]
+        said, edited = asked[:9], asked[9:]
+        statement = item.user.preferences[0]
+        for t, conversation in zip([0, 0, 0, 2, 2, 2, 5, 5, 5], said):
+            assert conversation[0] == {"role": "user", "content": statement}
+            assert conversation[1]["content"] == ev.PREFEVAL_ACK
+            assert len(conversation) == 2 + 2 * t + 1
+        for t, conversation in zip([0, 0, 0, 2, 2, 2, 5, 5, 5], edited):
+            assert all(m["content"] != statement for m in conversation)
+            assert len(conversation) == 2 * t + 1
+        # Same distractors for every method, and the T-turn conversation is a prefix of the longest.
+        longest = edited[-1][:-1]
+        assert said[-1][2:-1] == longest
+        assert edited[3][:-1] == longest[:4]
+    assert set(results["base"]) == {f"{k}_acc@{t}" for k in ("explicit", "paraphrased", "implicit") for t in (0, 2, 5)}
+    assert results["base"]["explicit_acc@5"] == 1.0 and results["base"]["implicit_acc@0"] == 0.0
+    assert counts["edit"]["explicit_acc@2"] == len(items)
+    assert {row["turns"] for row in rows} == {0, 2, 5}
+
+
+def test_paired_deltas_per_turn_count(shared_dir):
+    items = upqa_items(shared_dir)
+    _, _, rows = ev.run_upqa_turns(RecordingEngine(items), items, CONVERSATIONS, {"base": base, "prompt": base},
+                                   turns=[0, 4])
+    deltas = ev.paired_deltas(rows)
+    assert set(deltas["prompt"]) >= {"explicit_acc@0", "explicit_acc@4"}
+    assert deltas["prompt"]["explicit_acc@4"]["n"] == len(items)
+
+
+def test_statement_in_chat():
+    assert ev.statement_in_chat("prompt+rag") and ev.statement_in_chat("base")
+    assert not ev.statement_in_chat("edit") and not ev.statement_in_chat("edit+rag")
