@@ -8,7 +8,9 @@
     python3 -m bench.bench_train pir [--out docs/perce]
         PIR of every target token of one user's examples under the base model and after PerCE training:
         a histogram (tokens of the user's signature phrases vs the rest) and one example's target text shaded
-        by PIR (pir_histogram.png, pir_tokens.png, pir.json)
+        by PIR (pir_histogram.png, pir_tokens.png, pir.json); `plot` redraws them from pir.json
+    python3 -m bench.bench_train table EVAL_DIR [EVAL_DIR...]
+        ROUGE means and paired differences against base, ce and rag of `localpers eval` runs (shards)
 
 Users come from `world.generate_world(400, seed=7)` (the development seed; the quality figures use another).
 """
@@ -204,9 +206,38 @@ def plot_pir(out: Path) -> None:
 
 
 
+def cmd_table(args):
+    """Means and paired differences (95% intervals) of an eval run's rows against base, ce and rag."""
+    from localpers.evaluation import paired_deltas
+
+    rows = []
+    for directory in args.dirs:
+        report = Path(directory) / "report.json"
+        if report.is_file():
+            rows += json.loads(report.read_text())["rows"]
+        else:  # a run still going: the rows scored so far
+            for line in (Path(directory) / "progress.jsonl").read_text().splitlines()[1:]:
+                rows += json.loads(line)[1][1]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    complete = {i for i in {r["id"] for r in rows} if {r["method"] for r in rows if r["id"] == i} == set(methods)}
+    rows = [r for r in rows if r["id"] in complete]
+    print(f"{len(complete)} users with every method")
+    for metric in ("rouge1", "rougeL"):
+        means = {m: sum(r[metric] for r in rows if r["method"] == m) / len(complete) for m in methods}
+        print(metric, " ".join(f"{m} {v:.4f}" for m, v in means.items()))
+        for reference in ("base", "ce", "rag"):
+            if reference in methods:
+                for m, d in paired_deltas(rows, reference).items():
+                    if metric in d:
+                        print(f"  {m} - {reference}: {d[metric]['delta']:+.4f} +- {d[metric]['ci95']:.4f} (n={d[metric]['n']})")
+        if {"ce", "perce"} <= means.keys() and means["ce"]:
+            print(f"  perce / ce = {means['perce'] / means['ce']:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["speed", "user100", "pir", "plot"])
+    parser.add_argument("what", choices=["speed", "user100", "pir", "plot", "table"])
+    parser.add_argument("dirs", nargs="*", help="table: eval output directories (shards)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--size", type=int, default=40, help="pir: the user's history size")
@@ -216,7 +247,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"speed": cmd_speed, "user100": cmd_user100, "pir": cmd_pir,
-     "plot": lambda args: plot_pir(Path(args.out))}[args.what](args)
+     "plot": lambda args: plot_pir(Path(args.out)), "table": cmd_table}[args.what](args)
 
 
 if __name__ == "__main__":
