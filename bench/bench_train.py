@@ -8,7 +8,9 @@
     python3 -m bench.bench_train pir [--out docs/perce]
         PIR of every target token of one user's examples under the base model and after PerCE training:
         a histogram (tokens of the user's signature phrases vs the rest) and one example's target text shaded
-        by PIR (pir_histogram.png, pir_tokens.png, pir.json)
+        by PIR (pir_histogram.png, pir_tokens.png, pir.json); `plot` redraws them from pir.json
+    python3 -m bench.bench_train table EVAL_DIR [EVAL_DIR...]
+        ROUGE means and paired differences against base, ce and rag of `localpers eval` runs (shards)
 
 Users come from `world.generate_world(400, seed=7)` (the development seed; the quality figures use another).
 """
@@ -132,47 +134,14 @@ def cmd_pir(args):
     train(model, encoded, config, progress=True)
     after = per_token()
     remove_lora(model)
+    for rows in (before, after):
+        for row, e in zip(rows, examples):
+            row["prompt"] = e.prompt
     (out / "pir.json").write_text(json.dumps({"user": user["id"], "signatures": signatures, "config": repr(config),
+                                              "steps": config.steps,
                                               "before": before, "after": after}))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
-    for ax, rows, title in ((axes[0], before, "base model"), (axes[1], after, f"after {config.steps} PerCE steps")):
-        sig = [p for r in rows for p, f in zip(r["pir"], r["signature"]) if f]
-        rest = [p for r in rows for p, f in zip(r["pir"], r["signature"]) if not f]
-        bins = torch.linspace(-4, 8, 49).tolist()
-        ax.hist([min(max(p, -4), 8) for p in rest], bins=bins, alpha=0.6, density=True, label=f"other tokens ({len(rest)})")
-        ax.hist([min(max(p, -4), 8) for p in sig], bins=bins, alpha=0.6, density=True,
-                label=f"signature phrases ({len(sig)})")
-        for x in (config.min_weight, config.max_weight):
-            ax.axvline(x, color="gray", lw=0.8, ls="--")
-        ax.set_title(f"PIR per target token, {title}")
-        ax.set_xlabel("PIR = log p(y|profile,x) - log p(y|x)  (clipped to [-4, 8] for display)")
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("density")
-    fig.tight_layout()
-    fig.savefig(out / "pir_histogram.png", dpi=120)
-    plt.close(fig)
-
-    # one example with a signature phrase in its target, shaded by its PIR under the base model
-    index = next((i for i, r in enumerate(before) if any(r["signature"]) and len(r["pieces"]) >= 12), 0)
-    row = before[index]
-    fig, ax = plt.subplots(figsize=(11, 2.4))
-    ax.axis("off")
-    cmap = plt.get_cmap("RdBu_r")
-    x, y, line_chars = 0.01, 0.75, 0
-    for piece, value in zip(row["pieces"], row["pir"]):
-        text = piece.replace("\n", " ")
-        if line_chars + len(text) > 95:
-            x, y, line_chars = 0.01, y - 0.22, 0
-        colour = cmap(min(max((value + 5) / 10, 0), 1))
-        t = ax.text(x, y, text, fontsize=12, family="monospace", va="center",
-                    bbox=dict(facecolor=colour, edgecolor="none", pad=1.5))
-        x += len(text) * 0.0098
-        line_chars += len(text)
-    ax.set_title(f"x: {examples[index].prompt!r} - target tokens shaded by PIR (blue < 0 < red, range -5..5)",
-                 fontsize=10, loc="left")
-    fig.savefig(out / "pir_tokens.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    plot_pir(out)
 
     def mean(rows, flag):
         values = [p for r in rows for p, f in zip(r["pir"], r["signature"]) if f == flag]
@@ -184,9 +153,91 @@ def cmd_pir(args):
                      indent=1))
 
 
+def plot_pir(out: Path) -> None:
+    """pir_histogram.png and pir_tokens.png from pir.json (python3 -m bench.bench_train plot --out DIR)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads((out / "pir.json").read_text())
+    before, after = data["before"], data["after"]
+    cfg = TrainConfig()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for ax, rows, title in ((axes[0], before, "base model"), (axes[1], after, f"after {data['steps']} PerCE steps")):
+        sig = [p for r in rows for p, f in zip(r["pir"], r["signature"]) if f]
+        rest = [p for r in rows for p, f in zip(r["pir"], r["signature"]) if not f]
+        bins = torch.linspace(-4, 8, 49).tolist()
+        ax.hist([min(max(p, -4), 8) for p in rest], bins=bins, alpha=0.6, density=True, label=f"other tokens ({len(rest)})")
+        ax.hist([min(max(p, -4), 8) for p in sig], bins=bins, alpha=0.6, density=True,
+                label=f"signature phrases ({len(sig)})")
+        for x in (cfg.min_weight, cfg.max_weight):
+            ax.axvline(x, color="gray", lw=0.8, ls="--")
+        ax.set_title(f"PIR per target token, {title}")
+        ax.set_xlabel("PIR = log p(y|profile,x) - log p(y|x)  (clipped to [-4, 8] for display)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("density")
+    fig.tight_layout()
+    fig.savefig(out / "pir_histogram.png", dpi=120)
+    plt.close(fig)
+
+    # one example with a signature phrase in its target, shaded by its PIR under the base model
+    index = next((i for i, r in enumerate(before) if any(r["signature"]) and len(r["pieces"]) >= 14), 0)
+    row = before[index]
+    fig, ax = plt.subplots(figsize=(11, 1.3))
+    ax.axis("off")
+    cmap = plt.get_cmap("RdBu_r")
+    renderer = fig.canvas.get_renderer()
+    x, y = 0.01, 0.72
+    for piece, value in zip(row["pieces"], row["pir"]):
+        colour = cmap(min(max((value + 5) / 10, 0.0), 1.0))  # a float: cmap(1) would be LUT entry 1
+        t = ax.text(x, y, piece.replace("\n", " ").replace(" ", "\u2423") or "?", fontsize=12, family="monospace",
+                    va="center", bbox=dict(facecolor=colour, edgecolor="white", pad=2))
+        box = t.get_window_extent(renderer).transformed(ax.transAxes.inverted())
+        if box.x1 > 0.99:  # wrap
+            t.set_position((0.01, y - 0.25))
+            x, y = 0.01, y - 0.25
+            box = t.get_window_extent(renderer).transformed(ax.transAxes.inverted())
+        x = box.x1 + 0.006
+        ax.text(box.x0 + (box.x1 - box.x0) / 2, y - 0.42, f"{value:+.1f}", fontsize=7, ha="center", va="center")
+    ax.set_title(f"x: {row['prompt']!r} - target tokens shaded by PIR under the base model "
+                 "(blue < 0 < red, -5..5; \u2423 = space)", fontsize=10, loc="left")
+    fig.savefig(out / "pir_tokens.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+
+def cmd_table(args):
+    """Means and paired differences (95% intervals) of an eval run's rows against base, ce and rag."""
+    from localpers.evaluation import paired_deltas
+
+    rows = []
+    for directory in args.dirs:
+        report = Path(directory) / "report.json"
+        if report.is_file():
+            rows += json.loads(report.read_text())["rows"]
+        else:  # a run still going: the rows scored so far
+            for line in (Path(directory) / "progress.jsonl").read_text().splitlines()[1:]:
+                rows += json.loads(line)[1][1]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    complete = {i for i in {r["id"] for r in rows} if {r["method"] for r in rows if r["id"] == i} == set(methods)}
+    rows = [r for r in rows if r["id"] in complete]
+    print(f"{len(complete)} users with every method")
+    for metric in ("rouge1", "rougeL"):
+        means = {m: sum(r[metric] for r in rows if r["method"] == m) / len(complete) for m in methods}
+        print(metric, " ".join(f"{m} {v:.4f}" for m, v in means.items()))
+        for reference in ("base", "ce", "rag"):
+            if reference in methods:
+                for m, d in paired_deltas(rows, reference).items():
+                    if metric in d:
+                        print(f"  {m} - {reference}: {d[metric]['delta']:+.4f} +- {d[metric]['ci95']:.4f} (n={d[metric]['n']})")
+        if {"ce", "perce"} <= means.keys() and means["ce"]:
+            print(f"  perce / ce = {means['perce'] / means['ce']:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["speed", "user100", "pir"])
+    parser.add_argument("what", choices=["speed", "user100", "pir", "plot", "table"])
+    parser.add_argument("dirs", nargs="*", help="table: eval output directories (shards)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--size", type=int, default=40, help="pir: the user's history size")
@@ -195,7 +246,8 @@ def main():
     parser.add_argument("--out", default="/tmp/localpers-bench-train")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"speed": cmd_speed, "user100": cmd_user100, "pir": cmd_pir}[args.what](args)
+    {"speed": cmd_speed, "user100": cmd_user100, "pir": cmd_pir,
+     "plot": lambda args: plot_pir(Path(args.out)), "table": cmd_table}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -257,3 +257,16 @@ def test_train_cli_checks_its_input_before_training(tmp_path, llama_path):
     bad_target = run("--data", str(tmp_path / "x_questions.json"), "--targets", "q,wq")
     assert bad_target.returncode == 2 and "unknown LoRA targets" in bad_target.stderr
     assert not (tmp_path / "a.gguf").exists()
+
+
+def test_served_users_get_their_registered_adapter_and_nothing_is_trained():
+    from localpers.methods import Personalized, RegisteredArtifact, User, get_method
+
+    history = tuple(f"Hey all! Another weekend of bouldering number {i}, so cozy. Stay curious!" for i in range(12))
+    served = User("u", history=history, registered=(RegisteredArtifact(names.PERCE, names.LORA, "/a/perce.gguf"),
+                                                     RegisteredArtifact(names.EDIT, names.LORA, "/a/edit.gguf")))
+    p = get_method("perce+rag")(served, "Write a short post about your weekend.", None)  # engine None: no training
+    assert p.artifacts.lora == (("/a/perce.gguf", 1.0),) and "bouldering" in p.user_prefix
+    assert get_method("ce")(served, "q", None) == Personalized()  # no ce adapter registered
+    # an evaluation user with too little history gets no adapter (and trains nothing)
+    assert get_method("perce")(User("v", history=history[:3]), "q", None) == Personalized()
