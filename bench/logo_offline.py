@@ -59,6 +59,8 @@ def main():
         local = logo.VOCAB_VALUE[s.start + int(np.argmax(sig.counts[s]))] if sig.counts[s].sum() else None
         stats[bucket]["local"].append(local == target)
         stats[bucket]["context_given"].append(a in ctx)
+        if a in ctx:
+            stats[bucket]["note_right"].append(ctx[a] == target)
         stats[bucket]["logo"].append((local or ctx.get(a)) == target)
         stats[bucket]["upper"].append(mode[truth[uid]["community"], a].most_common(1)[0][0] == target)
         fixed = dict(logo.mediate(sig, know, logo.FIXED).context).get(a)
