@@ -378,8 +378,9 @@ def normalized_entropy(counts: np.ndarray) -> float:
 class MediatorParams:
     """The mediator's few parameters. Chosen on development world seeds 1 and 3 (BENCHMARKS.md, LoGo section):
     context_max_count = 0 (a note for an attribute the user named would contradict them: without the mediator
-    it did for 42% of 50+-item users), min_agreement = 0 and min_share = 0 (notes were right more often than
-    chance in every agreement and share bin, and a withheld note leaves the model at chance). The
+    it did for 40% of 50+-item users of seed 7), min_agreement = 0 and min_share = 0 (notes were right more
+    often than chance in every well-filled agreement and share bin, and a withheld note leaves the model near
+    chance). The
     control-vector scales were not measured (no run fitted them): they stay 0, so the served steering vectors
     are written and registered but have no effect until a measurement sets them."""
     context_max_count: float = 0.0   # an attribute gets community context when the user's own count for it is <= this
