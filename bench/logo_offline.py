@@ -20,13 +20,16 @@ def main():
     p.add_argument("--window", action="store_true", help="contributions from the round's window only")
     p.add_argument("--half-life", type=float, default=logo.HALF_LIFE)
     p.add_argument("--k", type=int, default=0)
+    p.add_argument("--init-seed", type=int, help="k-means++ seed (default: --seed, as `localpers eval world` uses)")
     p.add_argument("--random", action="store_true", help="random community assignment (ablation)")
     p.add_argument("--posterior", action="store_true", help="context from the posterior mixture of communities")
     args = p.parse_args()
+    if args.init_seed is None:
+        args.init_seed = args.seed
     w = world.generate_world(args.users, seed=args.seed)
     items = {it["user_id"]: it for it in w["upqa"]}
     truth = {u["id"]: u for u in w["users"]}
-    rounds = logo.world_rounds(w["upqa"], half_life=args.half_life, k=args.k or None, window=args.window,
+    rounds = logo.world_rounds(w["upqa"], seed=args.init_seed, half_life=args.half_life, k=args.k or None, window=args.window,
                                random_assignment=args.random)
     # upper bound: the true community's most common current value (over all users, at their query steps)
     mode = defaultdict(Counter)
@@ -56,6 +59,8 @@ def main():
         local = logo.VOCAB_VALUE[s.start + int(np.argmax(sig.counts[s]))] if sig.counts[s].sum() else None
         stats[bucket]["local"].append(local == target)
         stats[bucket]["context_given"].append(a in ctx)
+        if a in ctx:
+            stats[bucket]["note_right"].append(ctx[a] == target)
         stats[bucket]["logo"].append((local or ctx.get(a)) == target)
         stats[bucket]["upper"].append(mode[truth[uid]["community"], a].most_common(1)[0][0] == target)
         fixed = dict(logo.mediate(sig, know, logo.FIXED).context).get(a)
