@@ -299,14 +299,15 @@ def publish(sums: Sums, previous: np.ndarray, cfg: SyncConfig) -> Knowledge:
                      histograms=histograms, published=published)
 
 
-def logo_round_sums(sums: Sums, cfg: SyncConfig) -> dict:
-    """The fields of LoGo's RoundSums (localpers/logo.py) in model units, from (noisy) totals:
-    `logo.RoundSums(**logo_round_sums(sums, cfg))` folds a federated round into LoGo's GlobalKnowledge.
-    Every member carries steering when n_layer > 0, so steering_count = count."""
-    count = np.maximum(sums.counts, 0.0)
-    return {"vector_sum": sums.vectors.copy(), "count": count, "steering_sum": sums.steering * cfg.steer_clip,
-            "steering_count": count if cfg.n_layer else np.zeros_like(count),
-            "counts": np.maximum(sums.histograms * cfg.hist_clip, 0.0)}
+def logo_round_sums(k: Knowledge) -> dict:
+    """The fields of LoGo's RoundSums (localpers/logo.py) from published knowledge, in model units, so that a
+    device serves what sync published: `logo.GlobalKnowledge(round, half_life, min_size,
+    logo.RoundSums(**logo_round_sums(k)), k.centroids, drift)`. Unpublished communities are all zeros; the
+    vector sums are centroid * size (the published direction; LoGo reads only their direction)."""
+    sizes = np.where(k.published, k.sizes, 0.0)
+    return {"vector_sum": k.centroids * sizes[:, None], "count": sizes,
+            "steering_sum": k.steering * sizes[:, None, None], "steering_count": sizes.copy(),
+            "counts": k.histograms.copy()}
 
 
 def initial_centroids(cfg: SyncConfig) -> np.ndarray:
