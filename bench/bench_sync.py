@@ -186,6 +186,8 @@ def main() -> int:
     p.add_argument("--direct", action="store_true", help="privacy: sum contributions and noise shares directly "
                    "instead of through SecAgg+ (equal up to error_bound; minutes faster at 1,000 devices)")
     p.add_argument("--seeds", type=int, nargs="+", default=[11])
+    p.add_argument("--plot", help="privacy: write the plot of cold-start accuracy vs epsilon here (PNG)")
+    p.add_argument("--rows", help="privacy: plot these JSON rows (one per line) instead of running")
     args = p.parse_args()
     if args.what == "child":
         return child(args)
@@ -201,15 +203,44 @@ def main() -> int:
         cfg = sync.SyncConfig(**{**base, "dim": len(VOCAB), "n_layer": 29, "steer_dim": 576, "rounds": 1,
                                  "min_size": 1, "min_contributors": 2})
         rows = [spawn(n, cfg, args.seed) for n in args.devices]
+    elif args.rows:
+        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.startswith("{")]
     else:
         for eps in args.epsilon:
             for seed in args.seeds:
                 rows += [spawn(n, sync.SyncConfig(**{**base, "epsilon": eps, "seed": seed}), seed, args.direct)
                          for n in args.devices]
+    if args.what == "privacy" and args.plot:
+        plot(rows, args.plot)
     for r in rows:
         r.pop("sizes", None)
         print(json.dumps(r))
     return 0
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Cold-start community accuracy (mean and range over seeds) vs epsilon per round; no noise at the right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = sorted({r["epsilon_per_round"] for r in rows}, key=lambda e: (math.isinf(e), e))
+    xs = [64.0 if math.isinf(e) else e for e in eps]
+    acc = [[r["cold_community_acc"] for r in rows if r["epsilon_per_round"] == e] for e in eps]
+    base = float(np.mean([r["cold_global_acc"] for r in rows]))
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.errorbar(xs, [np.mean(a) for a in acc], yerr=[[np.mean(a) - min(a) for a in acc], [max(a) - np.mean(a) for a in acc]],
+                marker="o", capsize=3, label="community histogram (SecAgg+ + DP)")
+    ax.axhline(base, color="gray", ls="--", label="one global histogram")
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [("no DP" if math.isinf(e) else f"{e:g}") for e in eps])
+    ax.set_xlabel("epsilon per round (delta 1e-6)")
+    ax.set_ylabel("cold-start accuracy (1-2 items)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

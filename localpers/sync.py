@@ -20,6 +20,7 @@ that the Gaussian noise is calibrated to.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -353,6 +354,7 @@ def compose_epsilon(noise_multipliers: list[float], delta: float) -> float:
     return max(best, 0.0)
 
 
+@functools.lru_cache(maxsize=256)
 def noise_multiplier_for_epsilon(epsilon: float, delta: float, rounds: int = 1) -> float:
     """Smallest z (to 1e-6 relative) with rdp_epsilon(z, rounds, delta) <= epsilon (bisection)."""
     lo, hi = 1e-3, 1.0
