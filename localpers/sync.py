@@ -20,6 +20,7 @@ that the Gaussian noise is calibrated to.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -299,14 +300,15 @@ def publish(sums: Sums, previous: np.ndarray, cfg: SyncConfig) -> Knowledge:
                      histograms=histograms, published=published)
 
 
-def logo_round_sums(sums: Sums, cfg: SyncConfig) -> dict:
-    """The fields of LoGo's RoundSums (localpers/logo.py) in model units, from (noisy) totals:
-    `logo.RoundSums(**logo_round_sums(sums, cfg))` folds a federated round into LoGo's GlobalKnowledge.
-    Every member carries steering when n_layer > 0, so steering_count = count."""
-    count = np.maximum(sums.counts, 0.0)
-    return {"vector_sum": sums.vectors.copy(), "count": count, "steering_sum": sums.steering * cfg.steer_clip,
-            "steering_count": count if cfg.n_layer else np.zeros_like(count),
-            "counts": np.maximum(sums.histograms * cfg.hist_clip, 0.0)}
+def logo_round_sums(k: Knowledge) -> dict:
+    """The fields of LoGo's RoundSums (localpers/logo.py) from published knowledge, in model units, so that a
+    device serves what sync published: `logo.GlobalKnowledge(round, half_life, min_size,
+    logo.RoundSums(**logo_round_sums(k)), k.centroids, drift)`. Unpublished communities are all zeros; the
+    vector sums are centroid * size (the published direction; LoGo reads only their direction)."""
+    sizes = np.where(k.published, k.sizes, 0.0)
+    return {"vector_sum": k.centroids * sizes[:, None], "count": sizes,
+            "steering_sum": k.steering * sizes[:, None, None], "steering_count": sizes.copy(),
+            "counts": k.histograms.copy()}
 
 
 def initial_centroids(cfg: SyncConfig) -> np.ndarray:
@@ -352,6 +354,7 @@ def compose_epsilon(noise_multipliers: list[float], delta: float) -> float:
     return max(best, 0.0)
 
 
+@functools.lru_cache(maxsize=256)
 def noise_multiplier_for_epsilon(epsilon: float, delta: float, rounds: int = 1) -> float:
     """Smallest z (to 1e-6 relative) with rdp_epsilon(z, rounds, delta) <= epsilon (bisection)."""
     lo, hi = 1e-3, 1.0

@@ -247,3 +247,21 @@ def test_with_sync_off_the_server_has_no_socket_but_loopback(tmp_path):
         proc.wait(timeout=30)
     code = "import sys, localpers.server, localpers.cli; sys.exit('flwr' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0
+
+
+def test_pyproject_declares_the_flower_app():
+    """pyproject's [tool.flwr.app.components] name the ServerApp and ClientApp that sync-server runs, and its
+    run config holds every SyncConfig field (so `flwr run .` gets the same app)."""
+    import importlib
+    import tomllib
+
+    from flwr.client import ClientApp
+    from flwr.server import ServerApp
+
+    app = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    kinds = {"serverapp": ServerApp, "clientapp": ClientApp}
+    for key, ref in app["components"].items():
+        module, attr = ref.split(":")
+        assert isinstance(getattr(importlib.import_module(module), attr), kinds[key])
+    cfg = sync.SyncConfig.from_run_config(app["config"])
+    assert set(cfg.to_run_config()) <= set(app["config"])
