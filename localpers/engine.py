@@ -30,6 +30,12 @@ from localpers.errors import UserError
 from localpers.kvcache import DEFAULT_MAX_BYTES, KVCache
 
 
+# Prompts are decoded in chunks of N_BATCH tokens, and the KV-state cache reuses prefixes that end on a multiple
+# of it, so a reply never depends on what was cached (localpers.kvcache). Small enough that a returning user
+# recomputes at most N_BATCH - 1 tokens of their conversation, large enough for fast prompt evaluation.
+N_BATCH = 64
+
+
 @dataclass(frozen=True)
 class Artifacts:
     """What a personalization method hands to the served path (prompt context travels in the messages).
@@ -141,7 +147,8 @@ class Engine:
         # slower than one on 2 cores (19 vs 31 tokens/s) while prompts gained (89 vs 60 tokens/s): BENCHMARKS §5.
         try:
             self.llm = llama_cpp.Llama(str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
-                                       n_threads_batch=n_threads, seed=seed, verbose=verbose)
+                                       n_threads_batch=n_threads, n_batch=N_BATCH, n_ubatch=N_BATCH, seed=seed,
+                                       verbose=verbose)
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise UserError(f"{self.model_path}: llama.cpp cannot load this model ({e})") from None
         self.model_name = self.model_path.stem
@@ -241,6 +248,7 @@ class Engine:
         self.kv_cache.stash(self._active)  # the context still holds KV computed under the previous artifacts
         self.llm.reset()
         self.llm._ctx.kv_cache_clear()
+        self.kv_cache.invalidate()
         self._active = wanted
 
     # -- generation -----------------------------------------------------------------------------------------
@@ -305,6 +313,7 @@ class Engine:
         # artifacts (localpers.kvcache): restored cells are the bytes computed for that prefix, so the reply is the
         # one an empty cache gives (tests/test_kvcache.py checks byte-exact isolation).
         self.kv_cache.resume(self._active, prompt)
+        self.kv_cache.evaluated(len(prompt))  # generate() decodes the rest of the prompt in aligned chunks
         llm.set_seed(seed if seed is not None else random.getrandbits(32))
         bias_ids = np.array([t for t, _ in s.logit_bias], dtype=np.intc)
         bias = np.array([b for _, b in s.logit_bias], dtype=np.single)
@@ -450,6 +459,7 @@ class Engine:
             llm = self.llm
             llm.reset()
             llm._ctx.kv_cache_clear()
+            self.kv_cache.invalidate()
             rows = []
             for start in range(0, len(tokens), llm.n_batch):
                 rows.append(self._decode_batch(tokens[start:start + llm.n_batch], n_past=start))
@@ -480,11 +490,9 @@ class Engine:
         llm, out = self.llm, []
         with self._lock:
             self._activate(artifacts)
-            self.kv_cache.resume(self._active, prompt_ids)
-            cached = llm.input_ids[:llm.n_tokens]
-            same = int(np.argmin(np.append(cached[:len(prompt_ids)] == prompt_ids[:len(cached)], False)))
-            llm.n_tokens = min(same, len(prompt_ids) - 1)
+            self.kv_cache.resume(self._active, prompt_ids)  # n_tokens: an aligned prefix of prompt_ids[:-1]
             llm.eval(prompt_ids[llm.n_tokens:-1])  # the last prompt token goes with each continuation, for its logits
+            self.kv_cache.evaluated(len(prompt_ids) - 1)
             for ids in options:
                 llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
                 logits = self._decode_batch([prompt_ids[-1], *ids[:-1]], n_past=llm.n_tokens).astype(np.float64)

@@ -11,6 +11,13 @@ prefix with the prompt is copied back (llama_state_seq_set_data) when it beats w
 A state is only ever restored under the artifact set it was computed under, so isolation stays byte-exact: the
 restored cells are the very bytes the context held.
 
+Replies equal to the ones an empty cache gives (issue 13: a greedy reply is byte-identical whatever was served
+before): llama.cpp's numbers for a token depend on the batch it is decoded in (a batch of one takes other matmul
+kernels than a batch of many; F32 LoRA matmuls take llamafile's sgemm), so a prefix is only reused when it ends
+on a multiple of the engine's batch size `block` (llama-cpp-python decodes a prompt in n_batch chunks from its
+first uncached token) and every cell of it was computed by such an aligned prompt evaluation (`valid`), never by
+token-by-token generation. The suffix is then decoded in exactly the chunks an empty cache would use.
+
 Memory: a state costs n_tokens * n_layer * 2 * n_head_kv * head_dim * 2 bytes (F16 K and V); 22.5 KiB per
 token on SmolLM2-135M, so 16.5 MiB for a 735-token conversation. The cache holds at most `max_bytes` (default
 256 MiB), evicting the least recently used state first; a state over the bound is not kept.
@@ -46,6 +53,8 @@ class KVCache:
         import llama_cpp
 
         self.llm, self.max_bytes, self.min_tokens = llm, int(max_bytes), min_tokens
+        self.block = int(llm.n_batch)  # reusable prefixes end on a multiple of this
+        self.valid = 0  # leading context cells computed by an aligned prompt evaluation (see the module doc)
         self._lc = llama_cpp
         self._states: OrderedDict[tuple, bytes] = OrderedDict()   # (key, tokens) -> sequence state
         self.nbytes = 0
@@ -59,10 +68,30 @@ class KVCache:
         self.nbytes = 0
 
     # -- saving -----------------------------------------------------------------------------------------------
-    def stash(self, key) -> None:
-        """Copy the context's current content (llm.input_ids[:n_tokens], computed under `key`) into the cache."""
+    def aligned(self, n: int) -> int:
+        return n - n % self.block
+
+    def evaluated(self, n_prompt: int) -> None:
+        """The engine has just decoded a prompt of n_prompt tokens after resume(): its cells are reusable."""
+        self.valid = n_prompt
+
+    def invalidate(self) -> None:
+        """The context's cells were computed some other way (scoring, a cleared cache): nothing is reusable."""
+        self.valid = 0
+
+    def _truncate(self, n: int) -> None:
+        """Keep only the context's first n cells."""
         llm = self.llm
-        n = int(llm.n_tokens)
+        llm._ctx.kv_cache_seq_rm(-1, n, -1)
+        llm.n_tokens = min(int(llm.n_tokens), n)
+        self.valid = min(self.valid, n)
+
+    def stash(self, key) -> None:
+        """Copy the context's reusable content (llm.input_ids[:n], computed under `key`, n the aligned length of
+        its valid cells) into the cache; the cells past n are dropped (the context is about to be cleared or
+        overwritten)."""
+        llm = self.llm
+        n = self.aligned(min(int(llm.n_tokens), self.valid))
         if self.max_bytes <= 0 or n < self.min_tokens:
             return
         tokens = tuple(int(t) for t in llm.input_ids[:n])
@@ -70,8 +99,8 @@ class KVCache:
         if entry in self._states:
             self._states.move_to_end(entry)
             return
-        # Cells past n_tokens (a scored continuation, a stopped generation) are not part of the prefix.
-        llm._ctx.kv_cache_seq_rm(0, n, -1)
+        # Cells past n (a generated reply, a scored continuation, an unaligned tail) are not part of the prefix.
+        self._truncate(n)
         size = self._lc.llama_state_seq_get_size(llm.ctx, 0)
         if size > self.max_bytes:
             return
@@ -93,21 +122,24 @@ class KVCache:
 
     # -- restoring --------------------------------------------------------------------------------------------
     def resume(self, key, tokens: list[int]) -> int:
-        """Before evaluating `tokens` under `key`: make the context hold the longest prefix of `tokens` that the
-        context or the cache has under `key` (stashing the context's content first if the prompt would discard
-        it). Returns the number of prompt tokens the context then holds."""
+        """Before evaluating `tokens` under `key`: make the context hold the longest reusable prefix of `tokens`
+        (aligned to `block`, at most len(tokens) - 1: the last prompt token is always decoded, for its logits)
+        that the context or the cache has under `key`, stashing the context's content first if the prompt would
+        discard it. Returns the number of prompt tokens the context then holds (llm.n_tokens)."""
         llm = self.llm
         n = int(llm.n_tokens)
-        held = common_prefix(llm.input_ids[:n], tokens)
+        limit = max(len(tokens) - 1, 0)
+        held = self.aligned(min(common_prefix(llm.input_ids[:n], tokens), self.valid, limit))
         best, best_len = None, held
         for entry in self._states:
             if entry[0] == key and len(entry[1]) > best_len:
-                length = common_prefix(entry[1], tokens)
+                length = self.aligned(min(common_prefix(entry[1], tokens), limit))
                 if length > best_len:
                     best, best_len = entry, length
-        if held < n and n - held >= self.min_tokens:
+        if self.aligned(min(n, self.valid)) - held >= self.min_tokens:
             self.stash(key)   # the prompt is about to overwrite another conversation: keep it
         if best is None or best_len - held < self.min_tokens:
+            self._truncate(held)
             return held
         state = self._states[best]
         self._states.move_to_end(best)
@@ -116,11 +148,14 @@ class KVCache:
         if self._lc.llama_state_seq_set_data(llm.ctx, src, len(state), 0) != len(state):
             llm.reset()
             llm._ctx.kv_cache_clear()
+            self.valid = 0
             self._drop(best)
             return 0
         length = len(best[1])
         llm.input_ids[:length] = best[1]
         llm.n_tokens = length
+        self.valid = length
+        self._truncate(best_len)
         llm._requires_eval = True   # the restored cells carry no logits: the next decode must produce them
         self.hits += 1
         return best_len

@@ -73,18 +73,20 @@ def test_cache_stays_within_its_bound_lru_first(engines):
     cached, _, _, _ = engines
     cached.chat([{"role": "user", "content": STORY}], max_tokens=1, temperature=0)
     tiny = KVCache(cached.llm, max_bytes=1)   # enabled, but no state fits
+    tiny.valid = cached.kv_cache.valid       # the context's cells the engine's own cache may reuse
     tiny.stash(("k",))
     assert len(tiny) == 0 and tiny.nbytes == 0
-    import llama_cpp
-
-    per_state = llama_cpp.llama_state_seq_get_size(cached.llm.ctx, 0)
-    bounded = KVCache(cached.llm, max_bytes=int(2.5 * per_state))
-    for i in range(4):   # four different conversations, room for two
+    bounded = KVCache(cached.llm, max_bytes=1 << 40)
+    for i in range(4):   # four different conversations of one size, room for two
         cached.chat([{"role": "user", "content": f"Conversation {i}. " + STORY}], max_tokens=1, temperature=0)
+        bounded.valid = cached.kv_cache.valid
         bounded.stash(("k",))
+        if i == 0:
+            bounded.max_bytes = int(2.5 * bounded.nbytes)
     assert len(bounded) == 2 and bounded.nbytes <= bounded.max_bytes
     kept = sorted(cached.detokenize(list(tokens)) for _, tokens in bounded._states)
     assert ["Conversation 2" in kept[0], "Conversation 3" in kept[1]] == [True, True]   # the oldest went first
+    assert all(len(tokens) % cached.kv_cache.block == 0 for _, tokens in bounded._states)   # aligned prefixes only
 
 
 def test_common_prefix():
