@@ -15,10 +15,10 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from localpers.datasets import read_inter_turns, read_prefeval_mcq, read_upqa
+from localpers.datasets import DATA_DIR, read_inter_turns, read_prefeval_mcq, read_upqa
 from localpers.detect import detect_preferences
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = DATA_DIR  # the development data shipped in localpers/data
 
 
 def split_of(text: str) -> str:

@@ -4,7 +4,7 @@
     python3 bench/bench_kvcache.py [--tokens 735] [--repeats 5] [--threads 2] [--cache-mib 256]
 
 Each user has their own LoRA adapter (random rank-4 ffn_down factors, as an edit adapter would be) and their own
-conversation (PrefEval distractor turns from ../shared when present, else generated sentences). Scenarios, each
+conversation (PrefEval distractor turns from the data shipped in localpers/data). Scenarios, each
 the median over --repeats rounds:
   same user, again     A asks, A asks the same again (the issue's 0.003 s figure)
   alternating, again   A asks, B asks, A asks the same again
@@ -25,21 +25,15 @@ import numpy as np
 from localpers.engine import Artifacts, Engine
 from localpers.gguf_write import write_lora
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "prefeval" / "inter_turns.json"
 
 
 def conversation(engine, seed: int, n_tokens: int) -> list[dict]:
     """User/assistant turns whose chat prompt (plus a last question) is about n_tokens long."""
     rng = random.Random(seed)
-    if SHARED.is_file():
-        from localpers.datasets import read_inter_turns
-        from localpers.evaluation import distractor_turns
+    from localpers.datasets import data_path, read_inter_turns
+    from localpers.evaluation import distractor_turns
 
-        pool = distractor_turns(read_inter_turns(SHARED), 200, rng, 300)
-    else:
-        words = "river mountain apple dragon map village light stone garden winter song letter".split()
-        pool = [{"role": role, "content": " ".join(rng.choice(words) for _ in range(40)) + "."}
-                for _ in range(100) for role in ("user", "assistant")]
+    pool = distractor_turns(read_inter_turns(data_path("inter_turns")), 200, rng, 300)
     messages, question = [], {"role": "user", "content": "Can you summarise what we talked about?"}
     size = lambda msgs: len(engine.tokenize(engine.format_chat(msgs + [question])))  # noqa: E731
     for i in range(0, len(pool), 2):

@@ -26,7 +26,7 @@ def add_cli(sub) -> None:
                                   "shipped in localpers/data; "
                                   "lamp/longlamp: the questions file; world: a directory from --generate-only)")
     p.add_argument("--distractors", help="prefeval, upqa --turns: PrefEval's inter_turns.json (default: beside "
-                                         "--data's mcq_dev; upqa: ../shared/data/prefeval/inter_turns.json)")
+                                         "--data's mcq_dev; upqa: the shipped prefeval/inter_turns.json)")
     p.add_argument("--limit", type=int, help="evaluate the first N items after a seeded shuffle")
     p.add_argument("--shard", help="I/N: evaluate every N-th item from the I-th (after --limit), so a long run can "
                                    "be split over processes or sessions; join the shards with `eval merge`")
@@ -125,11 +125,9 @@ def _upqa_distractors(args) -> Path:
     if args.distractors:
         path = Path(args.distractors)
     else:
-        from localpers.datasets import shared_data_dir
+        from localpers.datasets import data_path
 
-        if shared_data_dir() is None:
-            raise UserError("upqa --turns needs PrefEval's distractor chats: pass --distractors inter_turns.json")
-        path = shared_data_dir() / "prefeval" / "inter_turns.json"
+        path = data_path("inter_turns")
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     return path
