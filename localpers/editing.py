@@ -556,10 +556,21 @@ class Result:
                 "skipped": [{"statement": statement, "reason": why} for statement, why in self.skipped]}
 
 
+@lru_cache(maxsize=1)
+def _function_words() -> frozenset[str]:
+    """bm25s' stopword lists of the languages written with spaces, as split_words' terms (accents folded)."""
+    import bm25s.stopwords as lists
+    from localpers.retrieval import split_words
+
+    names = [n for n in dir(lists) if n.startswith("STOPWORDS_") and n not in ("STOPWORDS_CHINESE", "STOPWORDS_KOREAN")]
+    return frozenset(t for n in names for word in getattr(lists, n) for t in split_words(word.lower()))
+
+
 def states(answer: str, targets: tuple[str, ...]) -> bool:
     """Does `answer` state one of `targets`? English (ASCII) targets: the evaluation's target_match (stemmed
-    content words). Other languages: at least MATCH_RECALL of the target's search terms (localpers.retrieval:
-    words, or character pairs in Chinese, Japanese, Korean and Thai) are in the answer."""
+    content words). Other languages: at least MATCH_RECALL of the target's content terms are in the answer, the
+    terms being localpers.retrieval's (words, or character pairs in Chinese, Japanese, Korean and Thai) less
+    function words (bm25s' stopword lists), as target_match drops English stopwords."""
     from localpers.matching import MATCH_RECALL, target_match
     from localpers.retrieval import split_words
 
@@ -567,7 +578,9 @@ def states(answer: str, targets: tuple[str, ...]) -> bool:
         return target_match(answer, targets)
     said = set(split_words(answer.lower()))
     for target in targets:
-        terms = {t for t in split_words(target.lower()) if len(t) > 1}  # words and pairs, not single characters
+        # words and pairs, not single characters; function words only when the target holds nothing else
+        terms = {t for t in split_words(target.lower()) if len(t) > 1}
+        terms = terms - _function_words() or terms
         if terms and len(terms & said) >= MATCH_RECALL * len(terms):
             return True
     return False

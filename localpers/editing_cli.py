@@ -27,7 +27,7 @@ def cmd_personalize(args):
         print(f"SKIPPED  {statement[:120]!r}{'...' if len(statement) > 120 else ''}: {reason}")
     if result.retired:
         print(f"removed  {result.retired} earlier edit artifact(s): " +
-              ("no preference could be edited" if result.failed else "no preferences are left"))
+              ("no preference could be edited" if result.failed or result.skipped else "no preferences are left"))
     if result.adapter:
         print(f"adapter  {result.adapter}" + (" (and a baked model beside it)" if args.bake else ""))
     # 1 when a preference could not be edited (failed, or skipped as unusable); replaced ones are no failure

@@ -326,3 +326,22 @@ def test_personalize_edits_each_usable_preference_and_reports_the_others(tiny, t
         (adapter,) = store.artifacts("ann", "lora")
     (lora_a,) = [t for t in gguf.GGUFReader(adapter["path"]).tensors if t.name.endswith("lora_a")]
     assert 3 in lora_a.shape  # rank 3: the three verified edits, the failed one left out
+
+
+def test_personalize_with_only_unusable_preferences_retires_the_old_adapter(tiny, tmp_path, capsys):
+    """The old adapter encodes preferences that are no longer there: it goes, and each unusable one is named."""
+    from localpers.cli import main
+    from localpers.editing import base_model_sha256
+    from localpers.store import Store
+
+    path, _ = tiny
+    with Store.open(tmp_path) as store:
+        old = tmp_path / "old-edit.gguf"
+        old.write_bytes(b"an earlier adapter")
+        store.register_artifact("eve", "lora", old, base_model_sha256(path), {"method": "edit"})
+        store.add("eve", "jazz", kind="preference")
+    assert main(["personalize", "--user", "eve", "--data-dir", str(tmp_path), "--model", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "SKIPPED  'jazz': not a statement" in out and "no preference could be edited" in out
+    with Store.open(tmp_path) as store:
+        assert store.artifacts("eve") == []

@@ -145,3 +145,45 @@ def test_memories_take_content_as_text_parts_like_chat(client):
         ("I am vegetarian and I love mangoes.", "message", {"role": "user"}),
         ("Noted.", "message", {"role": "assistant"}),
         ("I drink oolong.", "preference", {})]
+
+
+class RecordingEngine:
+    """Stands in for the engine behind `localpers serve`: records the artifacts each chat request is served with."""
+
+    model_name = "fake"
+
+    def __init__(self, model_path):
+        self.model_path, self.served = model_path, []
+
+    def chat(self, messages, artifacts=None, **kwargs):
+        self.served.append(artifacts)
+        return {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
+
+
+def test_chat_user_field_takes_any_client_string(tmp_path, monkeypatch):
+    """OpenAI's `user` holds display names and e-mail addresses: each is served with its own adapter; only ids
+    the store cannot hold (control characters) get a 400, never a 500."""
+    from localpers.engine import model_sha256
+    from localpers.server import create_app
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not really a model")
+    engine = RecordingEngine(model)
+    users = ["john doe", "josé", "bob@example.com", "x" * 200, "alice ", "../etc", "a/b"]
+    with Store.open(tmp_path / "home") as store:
+        for n, user in enumerate(users):
+            adapter = tmp_path / f"adapter{n}.gguf"
+            adapter.write_bytes(b"adapter %d" % n)
+            store.register_artifact(user, "lora", adapter, model_sha256(model), {"method": "edit"})
+    with TestClient(create_app(engine=engine, data_dir=str(tmp_path / "home"))) as client:
+        for n, user in enumerate(users + ["nobody yet"]):
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "user": user})
+            assert r.status_code == 200, (user, r.text)
+            served = engine.served[-1]
+            if n < len(users):
+                assert open(served.lora[0][0], "rb").read() == b"adapter %d" % n
+            else:
+                assert served is None or not served.lora
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "user": "a\nb"})
+        assert r.status_code == 400 and "control character" in r.json()["error"]["message"]
