@@ -12,7 +12,7 @@ Default: DEFAULT_SPEC = "edit+rag", chosen from the measured evaluation (BENCHMA
 states the preference far better than `prompt` (explicit 1.00 vs 0.29, paraphrased 0.90 vs 0.21) and adding
 `prompt` to it hurts (edit+prompt 0.73 / 0.54); `rag` helps where histories hold the answer (the world: mc_acc
 0.27 vs base 0.18, explicit 0.12 vs 0.00) at no measurable locality cost on UPQA (0.000) and retrieves nothing
-when nothing matches.
+when nothing matches. On 10 UPQA items edit+rag and edit do not separate (BENCHMARKS, "The assistant loop").
 """
 from __future__ import annotations
 
