@@ -695,6 +695,9 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
     app = create_app(model, api_key=api_key, data_dir=data_dir, host=host, allowed_hosts=allowed_hosts,
                      allowed_origins=allowed_origins)
     shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::") and not allowed_hosts:
+        print(f"localpers: note: requests must name this machine as a loopback address; to reach it by another "
+              f"name or address, add --allowed-host NAME", file=sys.stderr, flush=True)
     print(f"localpers: serving on http://{shown}:{port}/v1 (the model loads in the background; GET /health)",
           flush=True)
     # timeout_graceful_shutdown: on SIGTERM, open streams get 2 s, then their tasks are cancelled, which sets
