@@ -416,7 +416,38 @@ class Guard:
             kind = "authentication_error" if status == 401 else "invalid_request_error"
             await error_response(status, message, kind, code)(scope, receive, send)
             return
+        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH") \
+                and not any(k.lower() == b"content-length" for k, _ in scope.get("headers", [])):
+            receive = await self._bounded_body(scope, receive, send)
+            if receive is None:
+                return
         await self.app(scope, receive, send)
+
+    async def _bounded_body(self, scope, receive, send):
+        """A chunked body (no Content-Length) read up to the limit, then replayed to the app; None once answered
+        (413) or when the client left."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            size += len(message.get("body", b""))
+            if size > MAX_BODY_BYTES:
+                await error_response(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes",
+                                     code="body_too_large")(scope, receive, send)
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+        return replay
 
 
 # -- running engine work off the event loop, cancellable ------------------------------------------------------
@@ -704,6 +735,9 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
                      jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
     shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::") and not allowed_hosts:
+        print(f"localpers: note: requests must name this machine as a loopback address; to reach it by another "
+              f"name or address, add --allowed-host NAME", file=sys.stderr, flush=True)
     print(f"localpers: serving on http://{shown}:{port}/v1 (the model loads in the background; GET /health)",
           flush=True)
     # timeout_graceful_shutdown: on SIGTERM, open streams get 2 s, then their tasks are cancelled, which sets

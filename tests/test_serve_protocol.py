@@ -398,3 +398,18 @@ def test_allowed_host_option(engine, tmp_path):
     bound = TestClient(create_app(engine=engine, data_dir=str(tmp_path), host="192.168.1.5"),
                        base_url="http://192.168.1.5:8000")
     assert bound.get("/v1/models").status_code == 200
+
+
+def test_chunked_bodies_are_bounded_too(url):
+    """A body without Content-Length (chunked) is held to the same 1 MiB limit, and a small one is served."""
+    from localpers.server import MAX_BODY_BYTES
+
+    def chunks(body: bytes):
+        for i in range(0, len(body), 65536):
+            yield body[i:i + 65536]
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (MAX_BODY_BYTES + 10)}]}).encode()
+    r = httpx.post(f"{url}/v1/chat/completions", content=chunks(big), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    small = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
+    r = httpx.post(f"{url}/v1/chat/completions", content=chunks(small), headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
