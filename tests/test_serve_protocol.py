@@ -119,6 +119,19 @@ def test_a_request_abandoned_while_waiting_never_runs(url, engine):
     assert engine.generated == n_after_a and n_after_a - before < 400
 
 
+def test_closing_the_engines_stream_stops_it(engine):
+    """The library API: Engine.chat_stream generates on its own thread; closing the iterator cancels it."""
+    before = engine.generated
+    body = endless(engine)
+    stream = engine.chat_stream(body["messages"], max_tokens=800,
+                                logit_bias=tuple((int(t), -100.0) for t in body["logit_bias"]))
+    assert next(stream)["choices"][0]["delta"]["role"] == "assistant"
+    next(stream)
+    stream.close()
+    wait_idle(engine)
+    assert engine.generated - before < 200
+
+
 # -- concurrency: users, adapters, control vectors, the engine lock (#17) -----------------------------------
 
 def run_concurrently(fns):
