@@ -1,4 +1,5 @@
 """Multi-turn UPQA (evaluation.run_upqa_turns): the conversation each method is asked, without a model."""
+import json
 
 from localpers import evaluation as ev
 from localpers.datasets import read_upqa
@@ -20,12 +21,21 @@ class RecordingEngine:
         return {"choices": [{"message": {"content": answer}}]}
 
 
-def upqa_items(shared_dir):
-    return read_upqa(shared_dir / "data" / "upqa" / "upqa_dev_100.json")[::10][:3]   # three attribute types
+def upqa_items(tmp_path):
+    """Three hand-written UPQA items of three attribute types."""
+    raw = [{"input_attribute": statement, "attribute_type": kind, "question": f"What's my {kind}?",
+            "question_paraphrased": f"Tell me my {kind}.", "implicit_question": f"Guess something about my {kind}.",
+            "target": target}
+           for statement, kind, target in (("I like to dance at the club.", "hobby", "Dancing at clubs"),
+                                            ("I work as an accountant.", "profession", "Accountant"),
+                                            ("I have a siamese cat.", "pet", "Siamese cat"))]
+    path = tmp_path / "upqa.json"
+    path.write_text(json.dumps(raw))
+    return read_upqa(path)
 
 
-def test_invariant_statement_said_first_for_context_methods_edited_in_for_trained(shared_dir):
-    items = upqa_items(shared_dir)
+def test_invariant_statement_said_first_for_context_methods_edited_in_for_trained(tmp_path):
+    items = upqa_items(tmp_path)
     engine = RecordingEngine(items)
     results, counts, rows = ev.run_upqa_turns(engine, items, CONVERSATIONS, {"base": base, "edit": base},
                                               turns=[0, 2, 5], seed=3)
@@ -52,8 +62,8 @@ def test_invariant_statement_said_first_for_context_methods_edited_in_for_traine
     assert {row["turns"] for row in rows} == {0, 2, 5}
 
 
-def test_paired_deltas_per_turn_count(shared_dir):
-    items = upqa_items(shared_dir)
+def test_paired_deltas_per_turn_count(tmp_path):
+    items = upqa_items(tmp_path)
     _, _, rows = ev.run_upqa_turns(RecordingEngine(items), items, CONVERSATIONS, {"base": base, "prompt": base},
                                    turns=[0, 4])
     deltas = ev.paired_deltas(rows)
