@@ -636,9 +636,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         base = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": engine.model_name}
 
-        def chunk(choices, usage=None, last=False) -> str:
-            body = {**base, "choices": choices, **({"usage": usage} if include_usage else {}),
-                    **(explained if last else {})}
+        def chunk(choices, usage=None) -> str:
+            body = {**base, "choices": choices, **({"usage": usage} if include_usage else {})}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         def work(cancel):
@@ -674,14 +673,15 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
                 print(f"localpers: server error while streaming: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
                 return
-            for i, c in enumerate(out["choices"]):
+            for c in out["choices"]:
                 if c["index"] not in started:
                     yield chunk([{"index": c["index"], "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}])
-                yield chunk([{"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}],
-                            last=i == len(out["choices"]) - 1 and not include_usage)
+                yield chunk([{"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}])
             if include_usage:
-                yield chunk([], usage_of(out), last=True)
+                yield chunk([], usage_of(out))
+            if explained:  # one more chunk without choices, after the usage chunk: what shaped the reply
+                yield f"data: {json.dumps({**base, 'choices': [], **explained}, ensure_ascii=False)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             if not task.done():

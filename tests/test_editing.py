@@ -340,8 +340,8 @@ def test_personalize_with_only_unusable_preferences_retires_the_old_adapter(tiny
     with Store.open(tmp_path) as store:
         old = tmp_path / "old-edit.gguf"
         old.write_bytes(b"an earlier adapter")
-        store.register_artifact("eve", "lora", old, base_model_sha256(path), {"method": "edit"})
         store.add("eve", "jazz", kind="preference")
+        store.register_artifact("eve", "lora", old, base_model_sha256(path), {"method": "edit"})
     assert main(["personalize", "--user", "eve", "--data-dir", str(tmp_path), "--model", str(path)]) == 1
     out = capsys.readouterr().out
     assert "SKIPPED  'jazz': not a statement" in out and "no preference could be edited" in out

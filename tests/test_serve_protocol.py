@@ -326,6 +326,7 @@ def test_broken_artifact_is_skipped_and_marked(engine, tmp_path):
         sha = model_sha256(engine.model_path)
         bad = tmp_path / "garbage.gguf"
         bad.write_bytes(b"GGUF" + b"\0" * 64)
+        store.add("eve", "I like the sea.")  # the registry registers artifacts for known users only
         store.register_artifact("eve", names.LORA, bad, sha, meta={"method": names.EDIT, "sources": []})
         store.register_artifact("eve", names.CONTROL_VECTOR, make["cai"]["cvec"], sha,
                                 meta={"method": names.EDIT, "sources": []})

@@ -150,14 +150,25 @@ def test_memories_take_content_as_text_parts_like_chat(client):
 class RecordingEngine:
     """Stands in for the engine behind `localpers serve`: records the artifacts each chat request is served with."""
 
-    model_name = "fake"
+    model_name, chat_template, n_vocab = "fake", None, 100
 
     def __init__(self, model_path):
         self.model_path, self.served = model_path, []
 
-    def chat(self, messages, artifacts=None, **kwargs):
+    def usable(self, artifacts):
+        return artifacts, []
+
+    def chat_tokens(self, messages, tools=None):
+        return [1, 2, 3]
+
+    def complete(self, messages, artifacts=None, **kwargs):
         self.served.append(artifacts)
-        return {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}
+        return {"choices": [{"index": 0, "text": "ok", "finish_reason": "stop", "tokens": 1, "logprobs": None}],
+                "prompt_tokens": 3, "completion_tokens": 1}
+
+    def chat_response(self, out, tools=False):
+        return {"object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop",
+                                                          "message": {"role": "assistant", "content": "ok"}}]}
 
 
 def test_chat_user_field_takes_any_client_string(tmp_path, monkeypatch):
@@ -175,8 +186,9 @@ def test_chat_user_field_takes_any_client_string(tmp_path, monkeypatch):
         for n, user in enumerate(users):
             adapter = tmp_path / f"adapter{n}.gguf"
             adapter.write_bytes(b"adapter %d" % n)
+            store.add(user, "hello")  # the registry registers artifacts for known users only
             store.register_artifact(user, "lora", adapter, model_sha256(model), {"method": "edit"})
-    with TestClient(create_app(engine=engine, data_dir=str(tmp_path / "home"))) as client:
+    with TestClient(create_app(engine=engine, data_dir=str(tmp_path / "home")), base_url="http://localhost") as client:
         for n, user in enumerate(users + ["nobody yet"]):
             r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "user": user})
             assert r.status_code == 200, (user, r.text)
