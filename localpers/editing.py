@@ -533,6 +533,8 @@ class Result:
     failed: list[tuple[Fact, str]] = field(default_factory=list)   # facts it could not state, with its answer
     adapter: Path | None = None
     retired: int = 0                                    # earlier edit artifacts deleted (nothing left to serve)
+    answers: list[str] = field(default_factory=list)    # llama.cpp's answer with the adapter, one per edit
+    baked: Path | None = None                           # personalize(bake_model=True): the baked model
 
     def summary(self) -> dict:
         return {"edited": [{"statement": e.fact.statement, "layer": e.layer, "nll_before": round(e.nll_before, 3),
@@ -559,15 +561,19 @@ def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
     edits = [editor.edit(fact) for fact in facts]
     arch = editor.model.config.arch
     write_adapter(path, edits, arch)
-    passed, failed = [], []
+    passed, failed, answers = [], [], []
     for e in edits:
         ok, answer = states_target(engine, path, e.fact)
-        (passed.append(e) if ok else failed.append((e.fact, answer)))
+        if ok:
+            passed.append(e)
+            answers.append(answer)
+        else:
+            failed.append((e.fact, answer))
     if failed:
         path.unlink()
         if passed:
             write_adapter(path, passed, arch)
-    return Result(passed, failed, path if passed else None)
+    return Result(passed, failed, path if passed else None, answers=answers)
 
 
 @lru_cache(maxsize=2)
@@ -607,6 +613,7 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
         if bake_model:
             baked = bake(engine.model_path, folder / f"model-edited-{stamp}.gguf", result.edits)
             store.register_artifact(user, names.MODEL, baked, sha, meta)
+            result.baked = baked
     return result
 
 

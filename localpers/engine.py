@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import threading
 import time
 import uuid
@@ -66,9 +67,22 @@ def _file_key(path: str | Path) -> tuple[str, int, int]:
     return (str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
+VERBOSE_ENV = "LOCALPERS_VERBOSE"
+
+
+def llama_verbose() -> bool:
+    """Whether llama.cpp's own log goes to stderr: `localpers --verbose` (or LOCALPERS_VERBOSE=1) turns it on.
+    Off, llama-cpp-python shows only llama.cpp's errors (its logger at ERROR level)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
 class Engine:
+    """One llama.cpp model and context. Close it (close(), or use it as a context manager) when done: that frees
+    the model and its adapters now, instead of in Llama.__del__ at interpreter exit, when the modules it needs
+    may already be gone."""
+
     def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0, verbose: bool = False):
+                 seed: int = 0, verbose: bool | None = None):
         import llama_cpp
 
         from localpers import default_model_path
@@ -81,7 +95,7 @@ class Engine:
         # them. With OMP_WAIT_POLICY=PASSIVE (set by localpers, for loaded machines) two decode threads were
         # slower than one on 2 cores (19 vs 31 tokens/s) while prompts gained (89 vs 60 tokens/s): BENCHMARKS §5.
         self.llm = llama_cpp.Llama(str(self.model_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                                   seed=seed, verbose=verbose)
+                                   seed=seed, verbose=llama_verbose() if verbose is None else verbose)
         self.model_name = self.model_path.stem
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()
@@ -94,6 +108,22 @@ class Engine:
         self._lock = threading.Lock()  # not an RLock: a stream may be resumed on another thread
         self._adapters: dict[str, tuple[tuple, object]] = {}  # resolved path -> (file key, llama handle)
         self._active: tuple = ((), ())  # (lora file keys with scales, control-vector file keys with scales)
+
+    def close(self) -> None:
+        """Free the adapters, the context and the model (idempotent); the engine is unusable afterwards."""
+        with self._lock:
+            llm, self.llm = getattr(self, "llm", None), None
+            if llm is None:
+                return
+            self._adapters.clear()  # the model owns its adapters (llama_model::~llama_model deletes them)
+            self._active = ((), ())
+            llm.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- text -----------------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:

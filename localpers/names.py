@@ -13,6 +13,13 @@ CONTROL_VECTOR = "control_vector"  # llama.cpp control-vector GGUF (direction.{l
 MODEL = "model"                    # a whole GGUF with edits baked in (personalize --bake)
 ARTIFACT_KINDS = (LORA, CONTROL_VECTOR, MODEL)
 
+# ---- history item kinds (store items' `kind`; `remember --kind`, `history --kind`)
+MESSAGE = "message"        # something the user said (the default)
+PREFERENCE = "preference"  # a stated preference: `personalize` edits these, the `prompt` method lists them
+DOCUMENT = "document"      # a text the user wrote (LaMP/LongLaMP profile entries)
+REVIEW = "review"          # a review the user wrote (LaMP/LongLaMP product reviews)
+ITEM_KINDS = (MESSAGE, PREFERENCE, DOCUMENT, REVIEW)
+
 # ---- personalization methods (names in `--method`/`--personalize` specs; "a+b" composes)
 BASE = "base"      # the model as it is
 PROMPT = "prompt"  # stated preferences in the system message
