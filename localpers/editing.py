@@ -17,6 +17,7 @@ forward pass. At layer L the edit is applied as served, dW k for every recompute
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -591,10 +592,11 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
     from localpers.engine import Engine
     from localpers.store import Store, data_dir as default_data_dir
 
-    with Store.open(default_data_dir(data_dir)) as store:
+    own_engine = engine is None
+    with Store.open(default_data_dir(data_dir)) as store, contextlib.ExitStack() as stack:
         items = store.items(user, kind="preference")
         facts = [fact_from_item(i["text"], i["meta"]) for i in items]
-        engine = engine or Engine(model_path)
+        engine = stack.enter_context(Engine(model_path)) if own_engine else engine  # closed when done
         sha = base_model_sha256(engine.model_path)
         if facts:
             editor = editor_for(str(engine.model_path), config)

@@ -76,6 +76,34 @@ def llama_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
 
+_LLAMA_LOG: list = []  # the installed ctypes callback (kept alive here: llama.cpp holds a bare pointer to it)
+GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+
+def install_llama_log() -> None:
+    """Route llama.cpp's log (model loading, "n_ctx_seq (512) > n_ctx_train (0)" and the like) to stderr only when
+    llama_verbose(), keeping its errors. llama-cpp-python 0.3.36's own callback maps ggml's levels by an older
+    enum (WARN taken for ERROR), so its warnings leaked into normal output whatever `verbose` said."""
+    if _LLAMA_LOG:
+        return
+    import sys
+
+    import llama_cpp
+
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, user_data):
+        if level != GGML_LOG_LEVEL_CONT:
+            last[0] = level
+        if last[0] >= GGML_LOG_LEVEL_ERROR or llama_verbose():
+            sys.stderr.write(text.decode("utf-8", "replace"))
+            sys.stderr.flush()
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    _LLAMA_LOG.append(log)
+
+
 class Engine:
     """One llama.cpp model and context. Close it (close(), or use it as a context manager) when done: that frees
     the model and its adapters now, instead of in Llama.__del__ at interpreter exit, when the modules it needs
@@ -91,6 +119,7 @@ class Engine:
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         open_gguf(self.model_path)  # one-line UserError for a missing, truncated or unsupported file
         self._llama_cpp = llama_cpp
+        install_llama_log()
         # n_threads=None keeps llama-cpp-python's defaults: generation on half the cores, prompts on all of
         # them. With OMP_WAIT_POLICY=PASSIVE (set by localpers, for loaded machines) two decode threads were
         # slower than one on 2 cores (19 vs 31 tokens/s) while prompts gained (89 vs 60 tokens/s): BENCHMARKS §5.

@@ -113,3 +113,37 @@ def test_personalize_layer_help_matches_the_edit_config():
     from localpers.editing_cli import EDIT_LAYER
 
     assert EDIT_LAYER == EditConfig().layer
+
+
+ENGINE_RUN = """
+import sys
+import numpy as np
+from localpers.engine import Artifacts, Engine
+from localpers.gguf_write import write_lora
+
+model, adapter = sys.argv[1:3]
+write_lora(adapter, "llama", {"blk.1.ffn_down": (np.zeros((1, 128), np.float32), np.zeros((64, 1), np.float32))}, 1.0)
+engine = Engine(model, n_ctx=4096)  # over the model's 512 training context: llama.cpp warns
+engine.chat([{"role": "user", "content": "Hi"}], artifacts=Artifacts(lora=((adapter, 1.0),)), max_tokens=2)
+if sys.argv[3] == "close":
+    engine.close()
+    engine.close()  # idempotent
+print("done")
+"""
+
+
+@pytest.mark.parametrize("close", ["close", "leave-it-to-exit"])
+def test_llama_cpp_log_stays_out_of_normal_output(tmp_path_factory, close):
+    """A model loaded over its training context, an adapter applied, and exit: nothing on stderr (no llama.cpp
+    warning, no Llama.__del__ noise at interpreter exit) unless LOCALPERS_VERBOSE=1 (`localpers --verbose`)."""
+    from tests.helpers_models import random_model_path
+
+    model = random_model_path(tmp_path_factory, "llama")
+    adapter = tmp_path_factory.mktemp("adapter") / "zero.gguf"
+    env = {k: v for k, v in os.environ.items() if k != "LOCALPERS_VERBOSE"}
+    argv = [sys.executable, "-c", ENGINE_RUN, str(model), str(adapter), close]
+    quiet = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and quiet.stdout == "done\n" and quiet.stderr == "", quiet.stderr[-2000:]
+    verbose = subprocess.run(argv, cwd=REPO, env={**env, "LOCALPERS_VERBOSE": "1"}, capture_output=True, text=True,
+                             timeout=120)
+    assert verbose.returncode == 0 and "n_ctx_seq (4096) > n_ctx_train (512)" in verbose.stderr

@@ -150,8 +150,8 @@ def test_failed_edit_is_reported_and_not_written(tiny, tmp_path):
 
     path, _ = tiny
     weak = Editor(path, EditConfig(layer=1, steps=1, lr=1e-4))
-    engine = Engine(path, n_ctx=256)
-    result = edit_facts(engine, weak, [FACT], tmp_path / "weak.gguf")
+    with Engine(path, n_ctx=256) as engine:
+        result = edit_facts(engine, weak, [FACT], tmp_path / "weak.gguf")
     assert result.edits == [] and result.adapter is None
     assert [f for f, _ in result.failed] == [FACT]
     assert not (tmp_path / "weak.gguf").exists()
