@@ -96,10 +96,9 @@ def small(line: str) -> str:
     return line
 
 
-def tracked_digests(root: Path) -> dict[str, str]:
-    return {path: hashlib.sha256((root / path).read_bytes()).hexdigest()
-            for path in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                                       check=True).stdout.splitlines() if (root / path).is_file()}
+def tracked_digests(root: Path, files: list[str]) -> dict[str, str]:
+    return {path: hashlib.sha256((root / path).read_bytes()).hexdigest() if (root / path).is_file() else None
+            for path in files}
 
 
 @pytest.mark.slow
@@ -108,7 +107,8 @@ def test_readme_commands_run_in_a_copy_of_the_repository(tmp_path, default_model
     `python -m localpers`, its data in a fresh LOCALPERS_HOME): all succeed, and no tracked file changes."""
     copy = tmp_path / "repo"
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "mutants", "__pycache__", "*.egg-info"))
-    before = tracked_digests(copy)
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    before = tracked_digests(copy, tracked)
     if (REPO.parent / "shared").is_dir():  # the development data beside the checkout, as beside this one
         (tmp_path / "shared").symlink_to(REPO.parent / "shared")
     (copy / "history.jsonl").write_text('{"text": "I cook pasta most evenings."}\n{"text": "Dinner ideas with beans.", "kind": "message"}\n')
@@ -126,5 +126,5 @@ def test_readme_commands_run_in_a_copy_of_the_repository(tmp_path, default_model
                                         and "FAILED" in result.stdout)
         assert ok, f"README command failed: {command}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    changed = sorted(path for path, digest in tracked_digests(copy).items() if before.get(path) != digest)
+    changed = sorted(path for path, digest in tracked_digests(copy, tracked).items() if before[path] != digest)
     assert not changed, f"README commands changed tracked files: {changed}"
