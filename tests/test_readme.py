@@ -107,7 +107,7 @@ def test_readme_commands_run_in_a_copy_of_the_repository(tmp_path, default_model
     `python -m localpers`, its data in a fresh LOCALPERS_HOME): all succeed, and no tracked file changes."""
     copy = tmp_path / "repo"
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "mutants", "__pycache__", "*.egg-info"))
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
     before = tracked_digests(copy, tracked)
     if (REPO.parent / "shared").is_dir():  # the development data beside the checkout, as beside this one
         (tmp_path / "shared").symlink_to(REPO.parent / "shared")
