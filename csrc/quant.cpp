@@ -260,6 +260,9 @@ py::array_t<uint8_t> edit_to_q8_0(py::array_t<uint8_t, py::array::c_style> raw, 
 
 PYBIND11_MODULE(_cpu, m) {
     m.doc() = "localpers CPU kernels: GGUF dequantization and the fused rank-r edit into Q8_0 (OpenMP)";
+#ifdef LOCALPERS_SOURCE_SHA256
+    m.attr("source_sha256") = LOCALPERS_SOURCE_SHA256;  // set by setup.py: the SHA-256 of the compiled sources
+#endif
     m.def("dequantize", &dequantize, py::arg("raw"), py::arg("qtype"), py::arg("n_elements"),
           "Dequantize raw bytes of ggml type `qtype` holding n_elements values to a flat float32 array.");
     m.def("edit_to_q8_0", &edit_to_q8_0, py::arg("raw"), py::arg("qtype"), py::arg("n_out"), py::arg("n_in"),

@@ -3,10 +3,24 @@ UserError and are printed as one line, without a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from localpers import names
-from localpers.errors import UserError
+from localpers.errors import UserError, check_choice
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (a UserError, printed by main) and a did-you-mean for closed vocabularies
+    (subcommands, tasks, `choices=`). Subparsers inherit the class."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see: {self.prog} --help)")
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            what = (action.metavar or action.dest).lower().lstrip("-").replace("_", " ")
+            check_choice(what, value, action.choices)
 
 
 def cmd_serve(args):
@@ -18,6 +32,9 @@ def cmd_serve(args):
           insecure_no_api_key=args.insecure_no_api_key)
 
 
+VERBOSE_HELP = "show llama.cpp's own log on stderr (default: off; only its errors are shown)"
+
+
 def cmd_info(args):
     from localpers.gguf_info import describe
 
@@ -25,14 +42,18 @@ def cmd_info(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="localpers", description="localpers: an on-device LLM personalization runtime")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="localpers", description="localpers: an on-device LLM personalization runtime")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", help="OpenAI-compatible server on 127.0.0.1")
+    p = sub.add_parser("serve", help="OpenAI-compatible server on 127.0.0.1",
+                       description="Serve the model as an OpenAI-compatible API that personalizes each request "
+                                   "carrying a `user` field.")
     p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: %(default)s, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: none required)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also accept requests whose Host header names NAME (repeatable; '*' for any); loopback "
                         "names and the --host address are always accepted")
@@ -57,7 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands of other modules register here: each module's add_cli(sub) adds its own parsers.
     for module in CLI_MODULES:
         __import__(module, fromlist=["add_cli"]).add_cli(sub)
+    for command in walk_parsers(parser)[1:]:  # --verbose after any command too
+        if "--verbose" not in command._option_string_actions:
+            command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
+
+
+def walk_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and every parser under it (commands, and subcommands such as `eval upqa`), parents first."""
+    out = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                out += walk_parsers(child)
+    return out
 
 
 # Modules that contribute subcommands through add_cli(subparsers); they must import lazily (fast --help).
@@ -66,14 +100,19 @@ CLI_MODULES: list[str] = ["localpers.store_cli", "localpers.eval_cli", "localper
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+        if args.verbose:  # read by every Engine this process (or its children) creates
+            os.environ["LOCALPERS_VERBOSE"] = "1"
         result = args.func(args)
     except UserError as e:
         print(f"localpers: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `localpers history ... | head`: the reader left; say nothing more (Python docs' recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a program killed by SIGPIPE
     return int(result or 0)
 
 

@@ -17,6 +17,7 @@ forward pass. At layer L the edit is applied as served, dW k for every recompute
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -548,6 +549,7 @@ class Result:
     retired: int = 0                                    # earlier edit artifacts deleted (nothing left to serve)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (statement, why) of preferences not edited
     answers: dict[str, str] = field(default_factory=dict)          # statement -> llama.cpp's answer when checked
+    baked: Path | None = None                           # personalize(bake_model=True): the baked model
 
     def summary(self) -> dict:
         return {"edited": [{"statement": e.fact.statement, "layer": e.layer, "nll_before": round(e.nll_before, 3),
@@ -661,7 +663,9 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
     from localpers.engine import Engine
     from localpers.store import Store, data_dir as default_data_dir
 
-    with (nullcontext(store) if store is not None else Store.open(default_data_dir(data_dir))) as store:
+    own_engine = engine is None
+    with (nullcontext(store) if store is not None else Store.open(default_data_dir(data_dir))) as store, \
+            contextlib.ExitStack() as stack:
         items = store.items(user, kind=names.PREFERENCE)
         facts, skipped = preference_facts(items)
         source_of = {}
@@ -670,7 +674,7 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
                 source_of[fact_from_item(item["text"], item["meta"]).statement] = item["id"]
             except UserError:
                 pass
-        engine = engine or Engine(model_path)
+        engine = stack.enter_context(Engine(model_path)) if own_engine else engine  # closed when done
         sha = base_model_sha256(engine.model_path)
         if facts:
             import tempfile
@@ -687,7 +691,9 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
                                                if a["id"] == result.artifact))
                     if bake_model:
                         baked = bake(engine.model_path, Path(tmp) / "model-edited.gguf", result.edits)
-                        store.register_artifact(user, names.MODEL, baked, sha, meta, job=job)
+                        baked_id = store.register_artifact(user, names.MODEL, baked, sha, meta, job=job)
+                        result.baked = Path(next(a["path"] for a in store.artifacts(user, names.MODEL)
+                                                 if a["id"] == baked_id))
         else:
             result = Result([])
         result.skipped = skipped + result.skipped

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import queue
 import random
 import re
@@ -131,9 +132,50 @@ def _file_key(path: str | Path) -> tuple[str, int, int]:
     return (str(p.resolve()), st.st_mtime_ns, st.st_size)
 
 
+VERBOSE_ENV = "LOCALPERS_VERBOSE"
+
+
+def llama_verbose() -> bool:
+    """Whether llama.cpp's own log goes to stderr: `localpers --verbose` (or LOCALPERS_VERBOSE=1) turns it on.
+    Off, llama-cpp-python shows only llama.cpp's errors (its logger at ERROR level)."""
+    return os.environ.get(VERBOSE_ENV) == "1"
+
+
+_LLAMA_LOG: list = []  # the installed ctypes callback (kept alive here: llama.cpp holds a bare pointer to it)
+GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT = 4, 5  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+
+def install_llama_log() -> None:
+    """Route llama.cpp's log (model loading, "n_ctx_seq (512) > n_ctx_train (0)" and the like) to stderr only when
+    llama_verbose(), keeping its errors. llama-cpp-python 0.3.36's own callback maps ggml's levels by an older
+    enum (WARN taken for ERROR), so its warnings leaked into normal output whatever `verbose` said."""
+    if _LLAMA_LOG:
+        return
+    import sys
+
+    import llama_cpp
+
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def log(level, text, user_data):
+        if level != GGML_LOG_LEVEL_CONT:
+            last[0] = level
+        if last[0] >= GGML_LOG_LEVEL_ERROR or llama_verbose():
+            sys.stderr.write(text.decode("utf-8", "replace"))
+            sys.stderr.flush()
+
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
+    _LLAMA_LOG.append(log)
+
+
 class Engine:
+    """One llama.cpp model and context. Close it (close(), or use it as a context manager) when done: that frees
+    the model and its adapters now, instead of in Llama.__del__ at interpreter exit, when the modules it needs
+    may already be gone."""
+
     def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0, verbose: bool = False, kv_cache_bytes: int = DEFAULT_MAX_BYTES):
+                 seed: int = 0, verbose: bool | None = None, kv_cache_bytes: int = DEFAULT_MAX_BYTES):
         import llama_cpp
 
         from localpers import default_model_path
@@ -142,13 +184,14 @@ class Engine:
         self.model_path = Path(model_path) if model_path is not None else default_model_path()
         open_gguf(self.model_path)  # one-line UserError for a missing, truncated or unsupported file
         self._llama_cpp = llama_cpp
+        install_llama_log()
         # n_threads=None keeps llama-cpp-python's defaults: generation on half the cores, prompts on all of
         # them. With OMP_WAIT_POLICY=PASSIVE (set by localpers, for loaded machines) two decode threads were
         # slower than one on 2 cores (19 vs 31 tokens/s) while prompts gained (89 vs 60 tokens/s): BENCHMARKS §5.
         try:
             self.llm = llama_cpp.Llama(str(self.model_path), n_ctx=n_ctx, n_threads=n_threads,
                                        n_threads_batch=n_threads, n_batch=N_BATCH, n_ubatch=N_BATCH, seed=seed,
-                                       verbose=verbose)
+                                       verbose=llama_verbose() if verbose is None else verbose)
         except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
             raise UserError(f"{self.model_path}: llama.cpp cannot load this model ({e})") from None
         self.model_name = self.model_path.stem
@@ -166,6 +209,22 @@ class Engine:
         # KV states per (artifact set, token prefix), so users taking turns resume instead of recomputing.
         self.kv_cache = KVCache(self.llm, kv_cache_bytes)
         self.generated = 0  # tokens sampled since the engine started (monitoring; tests count decoding steps)
+
+    def close(self) -> None:
+        """Free the adapters, the context and the model (idempotent); the engine is unusable afterwards."""
+        with self._lock:
+            llm, self.llm = getattr(self, "llm", None), None
+            if llm is None:
+                return
+            self._adapters.clear()  # the model owns its adapters (llama_model::~llama_model deletes them)
+            self._active = ((), ())
+            llm.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- text -----------------------------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:

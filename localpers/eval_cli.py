@@ -2,6 +2,7 @@
 world, and write report.json, report.md and plots."""
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -16,40 +17,89 @@ DEFAULT_MAX_TOKENS = {"upqa": 32, "lamp": 32, "longlamp": 128, "world": 32}
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate personalization methods (upqa, prefeval, lamp, longlamp, world)",
-                       description=__doc__.splitlines()[0])
-    p.add_argument("task", help="one of: " + ", ".join(TASKS) + "; or 'merge' followed by the output directories "
-                                "of shards, to write their joint report to --out")
-    p.add_argument("parts", nargs="*", metavar="DIR", help="merge: the shards' output directories")
-    p.add_argument("--method", default="base,prompt,rag", help="comma-separated methods; 'a+b' composes (default: %(default)s)")
-    p.add_argument("--data", help="data file or directory (default for upqa and prefeval: the development sets "
-                                  "shipped in localpers/data; "
-                                  "lamp/longlamp: the questions file; world: a directory from --generate-only)")
-    p.add_argument("--distractors", help="prefeval, upqa --turns: PrefEval's inter_turns.json (default: beside "
-                                         "--data's mcq_dev; upqa: the shipped prefeval/inter_turns.json)")
-    p.add_argument("--limit", type=int, help="evaluate the first N items after a seeded shuffle")
-    p.add_argument("--shard", help="I/N: evaluate every N-th item from the I-th (after --limit), so a long run can "
-                                   "be split over processes or sessions; join the shards with `eval merge`")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--turns", help="distractor turn counts: prefeval (default: 0,5,10); upqa: the multi-turn "
-                                   "setting (the statement, N distractor turns, the question; default: single turn)")
-    p.add_argument("--max-tokens", type=int, help="answer length for generated answers (default: per task)")
-    p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", help="output directory (default: localpers-eval/TASK)")
-    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp and torch (default: their own; "
-                                                 "use 1 per run when runs share the cores)")
-    world = p.add_argument_group("world")
-    world.add_argument("--users", type=int, default=1000)
-    world.add_argument("--communities", type=int, default=8)
-    world.add_argument("--steps", type=int, default=12)
-    world.add_argument("--generate-only", action="store_true", help="write the world to --out and stop")
-    world.add_argument("--history", help="only users whose history-size bucket is one of these (comma-separated, "
-                                         "e.g. 1-2,50+), chosen before --limit")
-    world.add_argument("--mc-only", action="store_true", help="score mc_acc only: no generated answers, no "
-                                                               "locality_kl, no writing task (a cheap first look)")
-    world.add_argument("--logo-embed", action="store_true", help="logo: user vectors also from the served model's "
-                                                                 "own embeddings (llama.cpp), not only preference counts")
-    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("eval", help="evaluate personalization methods (" + ", ".join(TASKS) + "; merge shards)",
+                       description=__doc__.replace("\n", " ").strip() + " Each task is a subcommand with its own "
+                       "options: `localpers eval TASK --help`.")
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK",
+                             title="tasks (" + ", ".join(TASKS) + ") and merge")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--method", default="base,prompt,rag",
+                        help="comma-separated methods; 'a+b' composes them (default: %(default)s)")
+    common.add_argument("--limit", type=int, help="evaluate N items drawn by a --seed-seeded shuffle (default: all)")
+    common.add_argument("--shard", help="I/N: evaluate every N-th item from the I-th (after --limit), so a long run "
+                                        "can be split over processes or sessions; join the shards with `eval merge` "
+                                        "(default: the whole run)")
+    common.add_argument("--seed", type=int, default=0,
+                        help="seed of the item shuffle, of sampling and of generated data (default: %(default)s)")
+    common.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    common.add_argument("--out", help="output directory (default: localpers-eval/TASK); a finished report there is "
+                                      "never replaced without --force")
+    common.add_argument("--force", action="store_true",
+                        help="replace a finished report in --out (default: refuse, keeping the report)")
+    common.add_argument("--threads", type=int, help="CPU threads for llama.cpp and torch (default: their own; "
+                                                    "use 1 per run when runs share the cores)")
+    generated = argparse.ArgumentParser(add_help=False)
+    generated.add_argument("--max-tokens", type=int, help="longest generated answer, in tokens (default: "
+                           + ", ".join(f"{t} {n}" for t, n in DEFAULT_MAX_TOKENS.items())
+                           + "; world's writing task twice that)")
+
+    def task(name, help, parents, data_help):
+        t = tasks.add_parser(name, help=help, description=help, parents=parents)
+        t.add_argument("--data", help=data_help, required=name not in DEFAULT_DATA and name != "world")
+        t.set_defaults(func=cmd_eval)
+        return t
+
+    t = task("upqa", "UPQA: does the model state the user's preference (explicit, paraphrased, implicit, multiple choice)",
+         [common, generated], "UPQA items JSON (default: the development set shipped in localpers/data; the "
+         "9-synonym cluster file too)")
+    t.add_argument("--turns", help="the multi-turn setting: comma-separated distractor turn counts between the "
+                                   "statement and the question (default: single turn, no statement in the chat)")
+    t.add_argument("--distractors", help="with --turns: PrefEval's inter_turns.json (default: the shipped one)")
+    t = task("prefeval", "PrefEval's 4-option classification task after distractor turns", [common],
+             "PrefEval mcq_dev directory or JSON file (default: the development set shipped in localpers/data)")
+    t.add_argument("--distractors", help="PrefEval's inter_turns.json (default: beside --data's mcq_dev)")
+    t.add_argument("--turns", default="0,5,10", help="comma-separated distractor turn counts (default: %(default)s)")
+    for name in ("lamp", "longlamp"):
+        task(name, f"{'LongLaMP' if name == 'longlamp' else 'LaMP'}: generation (ROUGE) or classification/rating "
+             "(accuracy, MAE, RMSE)", [common, generated],
+             "the X_questions.json file (required; the golds are read from X_outputs.json beside it)")
+    t = task("world", "a synthetic multi-user world (UPQA-style questions and LongLaMP-style writing)",
+             [common, generated], "a world directory written by --generate-only (default: generate one from "
+             "--users, --communities, --steps and --seed)")
+    t.add_argument("--users", type=int, help=f"users in the generated world (default: {WORLD_DEFAULTS['users']})")
+    t.add_argument("--communities", type=int,
+                   help=f"communities the users belong to (default: {WORLD_DEFAULTS['communities']})")
+    t.add_argument("--steps", type=int, help="time steps of each user's history, at least 2 (default: "
+                                             f"{WORLD_DEFAULTS['steps']})")
+    t.add_argument("--generate-only", action="store_true",
+                   help="write the generated world to --out/world in the datasets' formats and stop (default: off)")
+    t.add_argument("--history", help="only users whose history-size bucket is one of these (comma-separated, "
+                                     "e.g. 1-2,50+), chosen before --limit (default: all users)")
+    t.add_argument("--mc-only", action="store_true", help="score mc_acc only: no generated answers, no "
+                                                           "locality_kl, no writing task (default: off)")
+    t.add_argument("--logo-embed", action="store_true", help="logo: user vectors also from the served model's "
+                                                             "own embeddings (llama.cpp), not only preference counts "
+                                                             "(default: off)")
+
+    m = tasks.add_parser("merge", help="join the reports of shards (--shard I/N runs) into one report",
+                         description="Join the reports of the shards of one run (`localpers eval TASK --shard I/N`) "
+                         "into one report, weighing each mean by the number of items it covers.")
+    m.add_argument("parts", nargs="+", metavar="DIR", help="the output directories of the shards")
+    m.add_argument("--out", required=True, help="output directory of the joint report (required)")
+    m.add_argument("--force", action="store_true",
+                   help="replace a finished report in --out (default: refuse, keeping the report)")
+    m.set_defaults(func=cmd_merge, task="merge")
+
+
+WORLD_DEFAULTS = {"users": 1000, "communities": 8, "steps": 12}
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse to replace a finished report (report.json) unless --force: reference results are reproduced
+    elsewhere, never clobbered by a smaller or different run."""
+    if (out / "report.json").exists() and not force:
+        raise UserError(f"{out} already holds a finished report: choose another --out, or pass --force to "
+                        "replace it")
 
 
 def _data_path(args) -> Path:
@@ -104,8 +154,8 @@ def _is_logo(spec: str) -> bool:
 def cmd_merge(args) -> None:
     from localpers import evaluation as ev
 
-    if not args.parts:
-        raise UserError("eval merge needs the output directories of the shards")
+    out = Path(args.out)
+    check_out(out, args.force)
     parts = []
     for part in args.parts:
         path = Path(part) / "report.json"
@@ -117,7 +167,7 @@ def cmd_merge(args) -> None:
         report = ev.merge_reports(parts)
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"these are not reports of `localpers eval` (missing {e})") from None
-    for path in ev.write_report(Path(args.out or f"localpers-eval/{report['task']}"), report):
+    for path in ev.write_report(out, report):
         print(path)
 
 
@@ -144,10 +194,6 @@ def _turns(text: str) -> list[int]:
 
 
 def cmd_eval(args) -> None:
-    if args.task == "merge":
-        return cmd_merge(args)
-    if args.parts:
-        raise UserError(f"unexpected arguments: {' '.join(args.parts)}")
     from localpers import evaluation as ev
     from localpers.datasets import lamp_outputs_path, read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
     from localpers.compose import Composer
@@ -155,15 +201,29 @@ def cmd_eval(args) -> None:
 
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be at least 1")
-    if args.task not in TASKS:
-        raise UserError(f"unknown task {args.task!r} (known: {', '.join(TASKS)})")
     out = Path(args.out or f"localpers-eval/{args.task}")
+    if not getattr(args, "generate_only", False):
+        check_out(out, args.force)
+    names = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not names:
+        raise UserError("--method needs at least one method")
+    methods = {name: Composer(name) for name in names}  # what `localpers serve --personalize NAME` serves
+    if args.task != "world" and any(_is_logo(n) for n in names):
+        raise UserError("the logo methods need global knowledge over many users: evaluate them on `world`")
     config = {"seed": args.seed, "limit": args.limit}
     if args.shard:
         config["shard"] = args.shard
-    if args.history:
+    if args.task == "world":
+        given = [f"--{k}" for k in WORLD_DEFAULTS if getattr(args, k) is not None]
+        if args.data and (given or args.generate_only):
+            raise UserError(f"{' '.join(given) or '--generate-only'} and --data do not go together: --data reads "
+                            "a world written before, the others generate one")
+        for key, value in WORLD_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    if getattr(args, "history", None):
         config["history"] = args.history
-    if args.mc_only:
+    if getattr(args, "mc_only", False):
         config["mc_only"] = True
     if args.task == "world" and not args.data:
         if args.users < 1 or args.communities < 1 or args.steps < 2:
@@ -171,21 +231,13 @@ def cmd_eval(args) -> None:
         world_dir = write_world(generate_world(args.users, args.communities, args.steps, args.seed), out / "world")
         config.update(users=args.users, communities=args.communities, steps=args.steps)
         if args.generate_only:
-            print(f"wrote the world to {world_dir}")
+            print(f"wrote the world to {world_dir}; evaluate it with: localpers eval world --data {world_dir}")
             return
     elif args.task == "world":
         world_dir = _data_path(args)
         config["data"] = str(world_dir)
-    if args.generate_only and args.task != "world":
-        raise UserError("--generate-only is for the world task")
 
-    names = [m.strip() for m in args.method.split(",") if m.strip()]
-    if not names:
-        raise UserError("--method needs at least one method")
-    methods = {name: Composer(name) for name in names}  # what `localpers serve --personalize NAME` serves
-    if args.task != "world" and any(_is_logo(n) for n in names):
-        raise UserError("the logo methods need global knowledge over many users: evaluate them on `world`")
-    max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS.get(args.task, 48)
+    max_tokens = getattr(args, "max_tokens", None) or DEFAULT_MAX_TOKENS.get(args.task, 48)
     # Read and check all data before loading the model, so a bad file fails at once.
     if args.task == "upqa":
         path = _data_path(args)
@@ -239,33 +291,40 @@ def cmd_eval(args) -> None:
     journal = ev.Journal(progress, {**report, "methods": names})
     if journal.done:
         print(f"resuming from {progress}: {len(journal.done)} items and methods already scored", file=sys.stderr)
-    if args.task == "upqa" and args.turns is not None:
-        results, counts, rows = ev.run_upqa_turns(engine, items, conversations, methods, turns=turns,
-                                                  max_tokens=max_tokens, seed=args.seed, journal=journal)
-        rules = ev.upqa_rules(max_tokens)[:1] + [ev.RULES["upqa_turns"].format(
-            ack=ev.PREFEVAL_ACK, max_chars=ev.PREFEVAL_MAX_CHARS, kind="{explicit,paraphrased,implicit}")]
-    elif args.task == "upqa":
-        results, counts, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens, journal=journal)
-        rules = ev.upqa_rules(max_tokens)
-    elif args.task == "prefeval":
-        results, counts, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed,
-                                                journal=journal)
-        rules = [ev.RULES["prefeval"].format(ack=ev.PREFEVAL_ACK, max_chars=ev.PREFEVAL_MAX_CHARS)]
-    elif args.task in ("lamp", "longlamp"):
-        results, counts, rows = ev.run_lamp(engine, task_name, items, methods, max_tokens=max_tokens, journal=journal)
-        rules = [ev.RULES["lamp"].format(max_tokens=max_tokens)]
-    else:
-        results, counts, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens, journal=journal,
-                                            answers=not args.mc_only)
-        writing_results, writing_counts, writing_rows = ev.run_lamp(
-            engine, "LongLaMP_world", [] if args.mc_only else writing, methods, max_tokens=2 * max_tokens,
-            journal=journal)
-        for name in results:
-            results[name].update(writing_results[name])
-            counts[name].update(writing_counts[name])
-        rows += writing_rows
-        report["breakdown"] = ev.breakdown(rows, ev.WORLD_BREAKDOWN)
-        rules = ev.upqa_rules(max_tokens) + [ev.RULES["lamp"].format(max_tokens=2 * max_tokens)]
+    try:
+        if args.task == "upqa" and args.turns is not None:
+            results, counts, rows = ev.run_upqa_turns(engine, items, conversations, methods, turns=turns,
+                                                      max_tokens=max_tokens, seed=args.seed, journal=journal)
+            rules = ev.upqa_rules(max_tokens)[:1] + [ev.RULES["upqa_turns"].format(
+                ack=ev.PREFEVAL_ACK, max_chars=ev.PREFEVAL_MAX_CHARS, kind="{explicit,paraphrased,implicit}")]
+        elif args.task == "upqa":
+            results, counts, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens, journal=journal)
+            rules = ev.upqa_rules(max_tokens)
+        elif args.task == "prefeval":
+            results, counts, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed,
+                                                    journal=journal)
+            rules = [ev.RULES["prefeval"].format(ack=ev.PREFEVAL_ACK, max_chars=ev.PREFEVAL_MAX_CHARS)]
+        elif args.task in ("lamp", "longlamp"):
+            results, counts, rows = ev.run_lamp(engine, task_name, items, methods, max_tokens=max_tokens, journal=journal)
+            rules = [ev.RULES["lamp"].format(max_tokens=max_tokens)]
+        else:
+            results, counts, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens, journal=journal,
+                                                answers=not args.mc_only)
+            writing_results, writing_counts, writing_rows = ev.run_lamp(
+                engine, "LongLaMP_world", [] if args.mc_only else writing, methods, max_tokens=2 * max_tokens,
+                journal=journal)
+            for name in results:
+                results[name].update(writing_results[name])
+                counts[name].update(writing_counts[name])
+            rows += writing_rows
+            report["breakdown"] = ev.breakdown(rows, ev.WORLD_BREAKDOWN)
+            rules = ev.upqa_rules(max_tokens) + [ev.RULES["lamp"].format(max_tokens=2 * max_tokens)]
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {len(journal.done)} scored items and methods are kept in {progress}; run the same "
+              "command again to resume where it stopped", file=sys.stderr)
+        raise
+    finally:
+        engine.close()
     report.update(rules=rules, results=results, counts=counts, items=rows)
     for path in ev.write_report(out, report):
         print(path)

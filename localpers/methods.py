@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from localpers import names
 from localpers.engine import Artifacts
-from localpers.errors import UserError
+from localpers.errors import check_choice
 from localpers.retrieval import BM25Index
 
 
@@ -151,9 +151,7 @@ def get_method(spec: str) -> Method:
     """The method named `spec`; 'a+b' composes a and b."""
     functions = []
     for name in spec.split("+"):
-        target = METHODS.get(name.strip())
-        if target is None:
-            raise UserError(f"unknown method {name.strip()!r} (known: {', '.join(METHODS)})")
+        target = METHODS[check_choice("method", name.strip(), METHODS)]
         if isinstance(target, str):
             module, attr = target.split(":")
             target = getattr(importlib.import_module(module), attr)

@@ -13,8 +13,12 @@ CONTROL_VECTOR = "control_vector"  # llama.cpp control-vector GGUF (direction.{l
 MODEL = "model"                    # a whole GGUF with edits baked in (personalize --bake)
 ARTIFACT_KINDS = (LORA, CONTROL_VECTOR, MODEL)
 
-# ---- item kinds the store gives meaning to
-PREFERENCE = "preference"          # a stated preference ("I'm vegetarian."): editing turns each into an edit
+# ---- history item kinds (store items' `kind`; `remember --kind`, `history --kind`)
+MESSAGE = "message"        # something the user said (the default)
+PREFERENCE = "preference"  # a stated preference: `personalize` edits these, the `prompt` method lists them
+DOCUMENT = "document"      # a text the user wrote (LaMP/LongLaMP profile entries)
+REVIEW = "review"          # a review the user wrote (LaMP/LongLaMP product reviews)
+ITEM_KINDS = (MESSAGE, PREFERENCE, DOCUMENT, REVIEW)
 
 # ---- job states (store.jobs; GET /v1/users/{user}/jobs)
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"

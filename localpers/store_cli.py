@@ -52,7 +52,10 @@ def cmd_history(args):
 
 
 def cmd_search(args):
+    if args.embedder and args.mode == "bm25":
+        raise UserError("--embedder is for --mode dense or hybrid; BM25 (the default mode) uses no embedder")
     from localpers.retrieval import make_embedder
+
 
     with _store(args) as store:
         if args.mode != "bm25":
@@ -89,19 +92,27 @@ def cmd_forget(args):
 
 
 def add_cli(sub) -> None:
-    def command(name, func, help):
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--user", required=True, help="user id")
-        p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME or the XDG data dir)")
+    from localpers.names import ITEM_KINDS, MESSAGE
+
+    def command(name, func, help, description=None):
+        p = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
+        p.add_argument("--user", required=True, help="user id: letters, digits and ._@+- (required)")
+        p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME, else "
+                                          "$XDG_DATA_HOME/localpers, else ~/.local/share/localpers)")
         p.set_defaults(func=func)
         return p
 
+    kinds = ", ".join(ITEM_KINDS)
     p = command("remember", cmd_remember, "add one item to a user's history")
-    p.add_argument("text")
-    p.add_argument("--kind", default="message", help="message, preference, document, review … (default: message)")
+    p.add_argument("text", help="the item's text, e.g. \"I'm vegetarian.\"")
+    p.add_argument("--kind", default=MESSAGE, choices=ITEM_KINDS, metavar="KIND",
+                   help=f"one of: {kinds}; `personalize` edits the preferences (default: %(default)s)")
 
-    p = command("import", cmd_import, "import a JSONL file, a LaMP/LongLaMP profile or UPQA items, all or nothing "
-                                      "(formats: README, Import formats)")
+    p = command("import", cmd_import, "import a JSONL file, a LaMP/LongLaMP profile or UPQA items, all or nothing",
+                "Import items into a user's history, all or nothing (every line is checked before anything is "
+                "written). Formats (README, Import formats): .jsonl with one JSON object a line, {\"text\": ..., "
+                "\"kind\"?: ..., \"ts\"?: unix seconds, \"meta\"?: {...}} (other fields are kept in meta) or a "
+                "chat {\"messages\": [...]}; .json holding LaMP/LongLaMP records, UPQA items, or a `localpers export`.")
     p.add_argument("file", help=".jsonl (one item or {\"messages\": [...]} chat a line) or .json (a localpers export, "
                                 "LaMP/LongLaMP records, UPQA items)")
     p.add_argument("--record", "--lamp-id", dest="record", metavar="ID",
@@ -111,18 +122,21 @@ def add_cli(sub) -> None:
                    help="import every user's records of such a file into this one user")
 
     p = command("history", cmd_history, "list a user's history")
-    p.add_argument("--kind", help="only items of this kind")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--kind", choices=ITEM_KINDS, metavar="KIND", help=f"only items of this kind: {kinds} "
+                                                                      "(default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per item (default: off)")
 
     p = command("search", cmd_search, "search a user's history")
-    p.add_argument("query")
-    p.add_argument("-k", type=int, default=5, help="number of results (default 5)")
-    p.add_argument("--mode", choices=["bm25", "dense", "hybrid"], default="bm25")
-    p.add_argument("--embedder", help="for dense/hybrid: 'minilm' (default, needs localpers[dense]) or a GGUF path")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("query", help="the text to search for")
+    p.add_argument("-k", type=int, default=5, help="number of results (default: %(default)s)")
+    p.add_argument("--mode", choices=["bm25", "dense", "hybrid"], default="bm25", metavar="MODE",
+                   help="bm25 (words), dense (embeddings) or hybrid (both, fused by rank) (default: %(default)s)")
+    p.add_argument("--embedder", help="for --mode dense|hybrid: 'minilm' (needs localpers[dense]) or the path of a "
+                                      "GGUF embedding model (default: minilm)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per item (default: off)")
 
     p = command("export", cmd_export, "everything held about a user, decrypted, as JSON")
-    p.add_argument("-o", "--output", help="write to this new file instead of stdout")
+    p.add_argument("-o", "--output", help="write to this new file, readable by its owner only (default: stdout)")
 
     p = command("forget", cmd_forget, "delete everything held about a user and scrub it from the database file")
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation (default: ask)")

@@ -152,8 +152,8 @@ def test_failed_edit_is_reported_and_not_written(tiny, tmp_path):
 
     path, _ = tiny
     weak = Editor(path, EditConfig(layer=1, steps=1, lr=1e-4))
-    engine = Engine(path, n_ctx=256)
-    result = edit_facts(engine, weak, [FACT], tmp_path / "weak.gguf")
+    with Engine(path, n_ctx=256) as engine:
+        result = edit_facts(engine, weak, [FACT], tmp_path / "weak.gguf")
     assert result.edits == [] and result.adapter is None
     assert [f for f, _ in result.failed] == [FACT]
     assert not (tmp_path / "weak.gguf").exists()
@@ -347,3 +347,83 @@ def test_personalize_with_only_unusable_preferences_retires_the_old_adapter(tiny
     assert "SKIPPED  'jazz': not a statement" in out and "no preference could be edited" in out
     with Store.open(tmp_path) as store:
         assert store.artifacts("eve") == []
+
+
+def verified_only(*statements):
+    """states_target as if llama.cpp with the adapter stated exactly these facts' targets."""
+    return lambda engine, adapter, fact: (fact.statement in statements, f"answer to {fact.questions[-1]}")
+
+
+def test_failed_edits_are_not_kept_in_the_rewritten_adapter(tiny, tmp_path, monkeypatch):
+    """Of two stacked edits, llama.cpp states one: the adapter is rewritten with that edit alone (rank 1), byte
+    for byte the adapter of the passed edit, and the failed fact is reported with its answer."""
+    from localpers import editing
+    from localpers.engine import Engine
+
+    path, editor = tiny
+    monkeypatch.setattr(editing, "states_target", verified_only(FACT.statement))
+    with Engine(path, n_ctx=256) as engine:
+        result = edit_facts(engine, editor, [FACT, OTHER], tmp_path / "edits.gguf")
+    assert [e.fact for e in result.edits] == [FACT] and [f for f, _ in result.failed] == [OTHER]
+    assert result.answers == {FACT.statement: "answer to What city is my home?",
+                              OTHER.statement: "answer to What's my dog's name?"}
+    tensors = {t.name: t for t in open_gguf(result.adapter).tensors}
+    assert {tuple(t.shape)[-1] for name, t in tensors.items() if name.endswith("lora_a")} == {1}  # rank 1
+    want = write_adapter(tmp_path / "want.gguf", result.edits, "llama")
+    assert result.adapter.read_bytes() == want.read_bytes()
+
+
+def test_personalize_registers_the_verified_adapter_and_says_how_to_serve_it(tiny, tmp_path, monkeypatch, capsys):
+    """The default run's success path (the embedded model's is the slow test above): two preferences, one verified,
+    one failed; the verified edit is registered for the model, the CLI prints the question, llama.cpp's answer,
+    the adapter and the baked model with how to serve them."""
+    from localpers import editing
+    from localpers.cli import main
+    from localpers.store import Store
+
+    path, _ = tiny
+    monkeypatch.setattr(editing, "states_target", verified_only(FACT.statement))
+    with Store.open(tmp_path) as store:
+        store.add("ann", FACT.statement, kind="preference", meta={"question": list(FACT.questions), "target": ["Paris"]})
+        store.add("ann", OTHER.statement, kind="preference", meta={"question": list(OTHER.questions), "target": ["Rex"]})
+    argv = ["personalize", "--user", "ann", "--data-dir", str(tmp_path), "--model", str(path), "--layer", "1",
+            "--steps", "5", "--bake"]
+    assert main(argv) == 1  # one preference failed
+    out = capsys.readouterr().out
+    assert "verified: asked 'What city is my home?', llama.cpp with the adapter answered 'answer to What city" in out
+    assert "FAILED   'My dog is called Rex.'" in out
+    with Store.open(tmp_path) as store:
+        sha = editing.base_model_sha256(path)
+        lora, model = store.latest_artifact("ann", "lora", sha), store.latest_artifact("ann", "model", sha)
+        fact_id = next(i["id"] for i in store.items("ann") if i["text"] == FACT.statement)
+    # the verified edit alone, named by its item's id (artifact metadata holds no statement text)
+    assert lora and lora["meta"]["method"] == "edit" and lora["meta"]["edited"] == 1 and lora["sources"] == [fact_id]
+    assert Path(lora["path"]).is_file() and f"adapter  {lora['path']}" in out
+    assert f"localpers serve --model {path}" in out  # how to serve the adapter: the same model
+    assert Path(model["path"]).is_file() and f"localpers serve --model {model['path']}" in out
+
+
+def test_eval_edit_method_serves_the_users_verified_adapter(tiny, tmp_path, monkeypatch):
+    """`--method edit` in `localpers eval`: an evaluation user's facts are edited, verified and cached on disk, and
+    the method hands the adapter to the served path; a served user gets the registered adapter of `edit` only."""
+    from localpers import editing
+    from localpers.engine import Engine
+    from localpers.methods import RegisteredArtifact, User, get_method
+
+    path, editor = tiny
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(editing, "editor_for", lambda model_path, config=None: editor)
+    monkeypatch.setattr(editing, "states_target", verified_only(FACT.statement))
+    method = get_method("edit")
+    with Engine(path, n_ctx=256) as engine:
+        user = User("ann", facts=(FACT,))
+        served = method(user, "Where do I live?", engine)
+        [(adapter, scale)] = served.artifacts.lora
+        assert scale == 1.0 and Path(adapter).parent == tmp_path / "localpers" / "edits"
+        assert open_gguf(adapter).get_field("adapter.type").contents() == "lora"
+        monkeypatch.setattr(editing, "states_target", verified_only())  # nothing verified: no adapter
+        assert method(User("bob", facts=(OTHER,)), "What's my dog's name?", engine).artifacts.lora == ()
+    registered = User("cat", registered=(RegisteredArtifact("perce", "lora", "/x/perce.gguf"),
+                                         RegisteredArtifact("edit", "lora", "/x/edit.gguf")))
+    assert method(registered, "q", None).artifacts.lora == (("/x/edit.gguf", 1.0),)
+    assert method(User("dan", registered=()), "q", None).artifacts.lora == ()

@@ -57,7 +57,7 @@ def test_prefeval_shards_merge_into_the_full_run(tmp_path):
     assert sorted(merged["items"], key=lambda row: row["id"]) == sorted(full["items"], key=lambda row: row["id"])
 
 
-def test_an_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch, capsys):
     from localpers import evaluation
 
     args = ("prefeval", "--limit", "3", "--turns", "0,1")
@@ -72,6 +72,7 @@ def test_an_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluation, "best_option", killed_on_the_ninth_call)
     assert main(["eval", *args, "--method", "base,prompt", "--out", str(tmp_path / "cut")]) == 130  # Ctrl-C
+    assert "run the same command again to resume" in capsys.readouterr().err
     assert len((tmp_path / "cut" / "progress.jsonl").read_text().splitlines()) == 1 + 2 * 2  # the run, 2 items x 2 methods
     scored.clear()
     monkeypatch.setattr(evaluation, "best_option", lambda *a, **k: scored.append(1) or best_option(*a, **k))

@@ -79,6 +79,24 @@ def test_triton_edit_to_q8_0_is_byte_identical(qtype, n_out, n_blocks, rank, sca
     assert_same_q8_0_bytes(data, qtype, (n_out, n_in), U, V, scale)
 
 
+@triton_only
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter evaluates 1 / d where d == 0
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # d > 65504: inf on both sides
+@pytest.mark.parametrize("qtype", EDIT_SOURCE_TYPES, ids=lambda t: t.name)
+def test_triton_edit_to_q8_0_reads_every_type(qtype):
+    """Every source type, deterministically (the property test above reaches a type only by random draw): any
+    finite fp16 scale (subnormals included), a full and a partial 256-column program, an all-zero row."""
+    rng = np.random.default_rng(int(qtype))
+    block_size = GGML_QUANT_SIZES[qtype][0]
+    n_out, n_in = 3, block_size * (2 if block_size == 256 else 9)
+    data = random_blocks(rng, qtype, (n_out, n_in), scale=None).reshape(n_out, -1)
+    data[2] = 0
+    U = rng.standard_normal((n_out, 2)).astype(np.float32)
+    V = (rng.standard_normal((n_in, 2)) * 0.01).astype(np.float32)
+    U[2] = 0
+    assert_same_q8_0_bytes(data, qtype, (n_out, n_in), U, V, 0.37)
+
+
 @pytest.fixture(scope="module")
 def model_tensors(default_model_path):
     return {t.name: t for t in gguf.GGUFReader(default_model_path).tensors}
@@ -152,8 +170,16 @@ def test_other_kernels_compile_for_hopper(dtype, precision):
              **{name: "i32" for name in ("N", "V", "D", "M", "R", "n_splits", "stride_h", "stride_w", "stride_wm",
                                          "stride_wn", "stride_u", "stride_v")}}
     blocks = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, PRECISION=precision)
-    compile_for_hopper(perce_triton._partial_logsumexp_kernel, types,
-                       dict(blocks, VOCAB_PER_PROGRAM=perce_triton.VOCAB_PER_PROGRAM))
-    compile_for_hopper(perce_triton._backward_kernel, types, dict(blocks, COMPUTE_DH=True, COMPUTE_DW=True))
-    compile_for_hopper(lowrank_triton._apply_lowrank_kernel, types,
-                       dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, PRECISION=precision))
+    kernels = {perce_triton._partial_logsumexp_kernel: dict(blocks, VOCAB_PER_PROGRAM=perce_triton.VOCAB_PER_PROGRAM),
+               perce_triton._backward_kernel: dict(blocks, COMPUTE_DH=True, COMPUTE_DW=True),
+               lowrank_triton._apply_lowrank_kernel: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_R=16, PRECISION=precision)}
+    for kernel, constexprs in kernels.items():
+        ptx = compile_for_hopper(kernel, types, constexprs)
+        name = kernel.fn.__name__
+        assert ".target sm_90" in ptx and re.search(rf"\.entry {name}\b", ptx), f"{name}: no sm_90 entry point"
+        # tl.dot on tensor cores: bf16 inputs (and tf32) use MMA instructions; "ieee" fp32 must not use them
+        mma = re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\.[a-z0-9.]*", ptx)
+        if precision == "ieee":
+            assert not mma, f"{name}: fp32 'ieee' dot compiled to tensor-core MMA: {sorted(set(mma))[:3]}"
+        else:
+            assert mma, f"{name}: a {dtype} dot without tensor-core MMA"

@@ -83,6 +83,25 @@ def test_matches_reference(backend, n, d, v, dtype, percontrast, weight_grad, pr
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bounds", [(0.5, 2.0), (-1.0, 0.3)])
+def test_clip_bounds_are_the_callers(backend, bounds):
+    """Non-default clip bounds reach the weights, the loss and the gradients; the case has PIR values between
+    each bound and the default one (0.8, 5.0), so a kernel that clips at the defaults gives other numbers."""
+    low, high = bounds
+    h_pos, h_neg, weight, targets, _ = make_case(64, 24, 80, torch.float32, seed=11, profile_effect=0.5)
+    got = run(kernel(backend), h_pos, h_neg, weight, targets, None, True, min_weight=low, max_weight=high)
+    want = run(perce_linear_cross_entropy_reference, h_pos, h_neg, weight, targets, None, True, min_weight=low,
+               max_weight=high)
+    for name, x, y in zip(["loss", "token_weights", "pir", "grad h_pos", "grad weight"], got, want):
+        torch.testing.assert_close(x, y, **TOLERANCE[torch.float32], msg=lambda m: f"{name}: {m}")
+    valid = targets != -100
+    pir = got[2][valid]
+    assert torch.equal(got[1][valid], pir.clamp(low, high))
+    between = lambda a, b: ((pir > min(a, b)) & (pir < max(a, b))).any()
+    assert between(low, 0.8) and between(high, 5.0), "the case does not tell these bounds from the defaults"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ones_is_torch_cross_entropy(backend):
     h_pos, _, weight, targets, _ = make_case(50, 24, 300, torch.float32, seed=1)
     h = h_pos.clone().requires_grad_()

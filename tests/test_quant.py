@@ -1,4 +1,7 @@
 """The C++ kernels (localpers._cpu) against the gguf package's numpy code, bit for bit."""
+import hashlib
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -24,8 +27,15 @@ def random_weights(rng, qtype, shape):
     return quant.random_blocks(rng, qtype, shape)
 
 
-def test_extension_is_built():
-    assert quant._cpu is not None, "localpers._cpu is missing: pip install -e . builds it"
+def test_extension_is_built_from_this_checkout():
+    """The tests exercise the C++ code of this checkout: an extension installed from elsewhere, or built from an
+    older csrc/, would let a kernel bug through. setup.py compiles the sources' SHA-256 into the extension."""
+    repo = Path(__file__).resolve().parents[1]
+    rebuild = "rebuild it: python3 setup.py build_ext --inplace"
+    assert quant._cpu is not None, f"localpers._cpu is missing: {rebuild}"
+    assert Path(quant._cpu.__file__).resolve().parent == repo / "localpers", f"{quant._cpu.__file__}: {rebuild}"
+    source = hashlib.sha256((repo / "csrc" / "quant.cpp").read_bytes()).hexdigest()
+    assert getattr(quant._cpu, "source_sha256", None) == source, f"built from another csrc/quant.cpp: {rebuild}"
 
 
 def test_every_smollm2_tensor_is_bit_exact(default_model_path):

@@ -16,13 +16,19 @@ from localpers.store import DB_FILE, Store
 REPO = Path(__file__).resolve().parents[1]
 
 WRITER = """
-import sys
+import os, sys
 from localpers.store import Store
 store = Store.open(sys.argv[1])
 for i in range(1_000_000):
     item_id = store.add("alice", f"acknowledged note {i}", meta={"i": i})
-    print(item_id, i, flush=True)  # the acknowledgement: add() has returned
+    os.write(1, f"{item_id} {i}\\n".encode())  # the acknowledgement (add() has returned), in one write
 """
+
+
+def acknowledgements(text: str) -> list[tuple[int, int]]:
+    """The complete "item_id i" lines: one written in a single write(2) to a pipe arrives whole or not at all,
+    but a line the kill cut short (without its newline) was never acknowledged."""
+    return [tuple(map(int, line.split())) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
 def child_env():
@@ -38,14 +44,14 @@ def test_sigkill_loses_no_acknowledged_item(tmp_path):
     with Store.open(tmp_path) as reader:
         while len(acknowledged) < 400:
             line = writer.stdout.readline()
-            assert line, "the writer died on its own"
-            acknowledged.append(tuple(map(int, line.split())))
+            assert line.endswith("\n"), "the writer died on its own"
+            acknowledged += acknowledgements(line)
             if len(acknowledged) % 100 == 0:  # read while the other process writes
                 seen_by_reader.append(len(reader.items("alice")))
                 assert reader.search("alice", f"note {acknowledged[-1][1]}", k=1)
         writer.send_signal(signal.SIGKILL)
         writer.wait()
-        acknowledged += [tuple(map(int, line.split())) for line in writer.stdout.read().splitlines()]
+        acknowledged += acknowledgements(writer.stdout.read())
         writer.stdout.close()
     assert writer.returncode == -signal.SIGKILL
     assert seen_by_reader == sorted(seen_by_reader) and seen_by_reader[0] >= 100

