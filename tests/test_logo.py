@@ -183,7 +183,7 @@ def test_refresh_job_registers_served_artifacts(tiny_llama, tmp_path, monkeypatc
         assert k2.round == 2
         user = store.users()[0]
         artifact = store.artifacts(user, names.CONTROL_VECTOR)[0]
-        assert artifact["meta"]["method"] == names.LOGO and artifact["meta"]["sources"]
+        assert artifact["meta"]["method"] == names.LOGO and artifact["sources"]
         served = User(user, registered=(RegisteredArtifact(names.LOGO, names.CONTROL_VECTOR, artifact["path"]),))
     p = get_method(names.LOGO)(served, "What should I do this weekend?", None)
     params = logo.MediatorParams(user_scale=1.0, community_scale=1.0)

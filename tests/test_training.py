@@ -207,7 +207,7 @@ def test_personalize_perce_registers_the_adapter(tmp_path, llama_path):
     with Store.open(tmp_path / "d") as store:
         (artifact,) = store.artifacts("ann", names.LORA)
         ids = [i["id"] for i in store.items("ann")]
-    assert artifact["meta"]["method"] == names.PERCE and artifact["meta"]["sources"] == ids
+    assert artifact["meta"]["method"] == names.PERCE and artifact["sources"] == ids
     assert Path(artifact["path"]).is_file()
     missing = run("personalize", "--user", "nobody", "--method", "ce", "--model", str(llama_path))
     assert missing.returncode == 2 and "no user 'nobody'" in missing.stderr
