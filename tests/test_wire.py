@@ -101,3 +101,84 @@ def test_forget_during_a_perce_job_cancels_it_and_writes_nothing(engine, tmp_pat
     assert [p for p in (tmp_path / "artifacts").rglob("*") if p.is_file()] == []
     with Store.open(tmp_path) as store:
         assert "fay" not in store.users()
+
+
+# ---------------------------------------------------------------- LoGo over the Flower sync
+
+GROUPS = {  # two planted communities: what their members wrote
+    "climbers": ["I love bouldering at the climbing gym.", "Sushi and ramen are my favourite dinner."],
+    "gardeners": ["My tomatoes and seedlings are doing great.", "Tacos and burritos every Friday!"],
+}
+COLD = ["Went bouldering again this morning."]  # a cold-start user: one item, one attribute
+QUERY = "What food should I eat tonight?"
+
+
+def test_synced_communities_serve_a_cold_start_user_as_in_process_logo(tmp_path, llama_path):
+    """Devices (one store and user each) -> LoGo refresh job (their sync contributions) -> one synced run
+    (ServerApp, ClientApps, SecAgg+ on the in-process grid) -> every device's LoGo knowledge file -> a new
+    cold-start user's served `logo` method names the synced community's top value, and equals in-process
+    LoGo on the same users (histograms within SecAgg+'s error bound)."""
+    from types import SimpleNamespace
+
+    from localpers import jobs, sync
+    from localpers.compose import served_user
+    from localpers.engine import model_sha256
+    from localpers.gguf_info import open_gguf
+    from localpers.model import ModelConfig
+    from localpers.sync_app import simulate
+
+    config = ModelConfig.from_gguf(open_gguf(llama_path))
+    devices = []
+    for group, texts in GROUPS.items():
+        for i in range(3):
+            home, user = tmp_path / f"{group}-{i}", f"{group}-{i}"
+            with Store.open(home) as store:
+                for t in texts:
+                    store.add(user, t)
+                logo.refresh_knowledge(store, model_path=llama_path, steer=False, min_size=2)
+            devices.append((home, user))
+    V = len(logo.VOCABULARY)
+    contributions = [sync.load_contribution(home, user) for home, user in devices]
+    assert contributions[0].steering.shape == (config.n_layer - 1, config.d_model)
+    # the public initial centroids of the first seed that do not put both planted groups in one community
+    cfg = next(c for c in (sync.SyncConfig(k=2, dim=V, n_layer=config.n_layer - 1, steer_dim=config.d_model, vocab=V,
+                                           rounds=3, min_size=2, seed=s) for s in range(20))
+               if sorted(sync.plain_kmeans(contributions, c).sizes) == [3, 3])
+    nodes = [{"data-dir": str(home), "user": user, "epsilon-budget": "inf"} for home, user in devices]
+    strategy, _ = simulate(nodes, {**cfg.to_run_config(), "min-devices": len(nodes)})
+    assert sorted(strategy.knowledge.sizes) == [3, 3]
+
+    # in-process LoGo on the same users
+    signals = [logo.local_signals(texts) for texts in GROUPS.values() for _ in range(3)]
+    ours = logo.advance(None, signals, k=2, min_size=2)
+    tol = sync.error_bound(len(nodes), cfg) * cfg.hist_clip
+    for home, _ in devices:
+        synced = logo.GlobalKnowledge.load(logo.knowledge_dir(home) / logo.KNOWLEDGE_FILE)
+        assert synced.meta["source"] == logo.SYNC_SOURCE and synced.round == 1 and synced.published.all()
+        match = np.argmax(synced.centroids @ ours.centroids.T, axis=1)
+        assert sorted(match) == [0, 1]
+        np.testing.assert_allclose(synced.centroids, ours.centroids[match], atol=1e-5)
+        np.testing.assert_allclose(synced.sizes, ours.sizes[match], atol=tol)
+        np.testing.assert_allclose(synced.histograms, ours.histograms[match], atol=tol)
+
+    # a new user on the first device; the worker's logo job keeps the synced knowledge and registers them
+    home = devices[0][0]
+    with Store.open(home) as store:
+        for t in COLD:
+            store.add("newbie", t)
+        store.queue_job("newbie", names.LOGO)
+        assert jobs.Worker(store, lambda: None).run_one(SimpleNamespace(model_path=llama_path))
+        [job] = store.jobs("newbie")
+        assert job["state"] == names.DONE, job
+        user = served_user(store, "newbie", model_sha256(llama_path))
+    assert logo.GlobalKnowledge.load(logo.knowledge_dir(home) / logo.KNOWLEDGE_FILE).meta["source"] == logo.SYNC_SOURCE
+    served = logo.logo_method(user, QUERY, None)
+    assert "Japanese food" in served.user_prefix  # the climbers' top cuisine, from the synced histograms
+    expected = logo.personalize(logo.local_signals(COLD), ours, logo.MEDIATOR, None, lambda c: None, QUERY)
+    assert served.user_prefix == expected.user_prefix
+
+    # the next sync run is the next LoGo round: folded into the synced knowledge with LoGo's decay
+    simulate(nodes, {**cfg.to_run_config(), "min-devices": len(nodes)})
+    again = logo.GlobalKnowledge.load(logo.knowledge_dir(home) / logo.KNOWLEDGE_FILE)
+    assert again.round == 2 and again.meta["source"] == logo.SYNC_SOURCE
+    np.testing.assert_allclose(again.sizes, 3 * (1 + 0.5 ** (1 / logo.HALF_LIFE)), atol=tol)
