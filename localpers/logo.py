@@ -793,20 +793,14 @@ def refresh_knowledge(store, *, model_path=None, embedder=None, steer: bool = Tr
     folder.mkdir(parents=True, exist_ok=True)
     if previous is not None and previous.meta.get("source") == SYNC_SOURCE:
         knowledge = previous
+        fits = knowledge.sums.steering_sum.shape[1:] == (config.n_layer - 1, config.d_model)
+        if fits and not knowledge.meta.get("community_cvecs") and np.any(knowledge.sums.steering_sum):
+            _save_with_community_cvecs(knowledge, kpath, config.arch)  # the synced communities' steering
     else:
         knowledge = advance(previous, [sig for _, sig in per_user.values()], k=k, half_life=half_life,
                             min_size=min_size, seed=seed, meta={"embedder": embed.name if embed else None,
                                                                 "model_sha256": model_sha256(model_path)})
-        community_cvecs = {}
-        for c in range(knowledge.k):
-            if knowledge.published[c] and knowledge.sums.steering_count[c] > 0:
-                community_cvecs[str(c)] = str(write_steering(folder / f"community-{c}-r{knowledge.round}.gguf",
-                                                             knowledge.steering[c], config.arch))
-        knowledge.meta["community_cvecs"] = community_cvecs
-        knowledge.save(kpath)
-        for old in folder.glob("community-*.gguf"):  # the previous round's, no longer referenced
-            if str(old) not in community_cvecs.values():
-                old.unlink()
+        _save_with_community_cvecs(knowledge, kpath, config.arch)
     sha = model_sha256(model_path)
     with tempfile.TemporaryDirectory(prefix="localpers-logo-") as tmp:  # registration copies each file in
         for user, (ids, signals) in per_user.items():
@@ -826,6 +820,22 @@ def refresh_knowledge(store, *, model_path=None, embedder=None, steer: bool = Tr
             if np.linalg.norm(signals.vector) > 0:
                 sync.save_contribution(store.directory, user, sync.Contribution(signals.vector, steering, signals.counts))
     return knowledge
+
+
+def _save_with_community_cvecs(knowledge: GlobalKnowledge, kpath: Path, arch: str) -> None:
+    """Write a control vector per published community with steering beside the knowledge file, list them in
+    meta["community_cvecs"], save the knowledge, and delete the community files no longer listed."""
+    folder = kpath.parent
+    community_cvecs = {}
+    for c in range(knowledge.k):
+        if knowledge.published[c] and knowledge.sums.steering_count[c] > 0:
+            community_cvecs[str(c)] = str(write_steering(folder / f"community-{c}-r{knowledge.round}.gguf",
+                                                         knowledge.steering[c], arch))
+    knowledge.meta["community_cvecs"] = community_cvecs
+    knowledge.save(kpath)
+    for old in folder.glob("community-*.gguf"):  # the previous round's, no longer referenced
+        if str(old) not in community_cvecs.values():
+            old.unlink()
 
 
 def logo_job(store, user: str, engine, job_id: int) -> dict:

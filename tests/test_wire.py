@@ -135,7 +135,7 @@ def test_synced_communities_serve_a_cold_start_user_as_in_process_logo(tmp_path,
             with Store.open(home) as store:
                 for t in texts:
                     store.add(user, t)
-                logo.refresh_knowledge(store, model_path=llama_path, steer=False, min_size=2)
+                logo.refresh_knowledge(store, model_path=llama_path, min_size=2)  # with CAA steering
             devices.append((home, user))
     V = len(logo.VOCABULARY)
     contributions = [sync.load_contribution(home, user) for home, user in devices]
@@ -149,7 +149,9 @@ def test_synced_communities_serve_a_cold_start_user_as_in_process_logo(tmp_path,
     assert sorted(strategy.knowledge.sizes) == [3, 3]
 
     # in-process LoGo on the same users
-    signals = [logo.local_signals(texts) for texts in GROUPS.values() for _ in range(3)]
+    steer = logo.Steerer(llama_path)
+    signals = [logo.local_signals(texts, steering=steer(texts)) for texts in GROUPS.values() for _ in range(3)]
+    assert max(np.linalg.norm(s.steering) for s in signals) < cfg.steer_clip  # so sync's clip leaves them as they are
     ours = logo.advance(None, signals, k=2, min_size=2)
     tol = sync.error_bound(len(nodes), cfg) * cfg.hist_clip
     for home, _ in devices:
@@ -160,6 +162,7 @@ def test_synced_communities_serve_a_cold_start_user_as_in_process_logo(tmp_path,
         np.testing.assert_allclose(synced.centroids, ours.centroids[match], atol=1e-5)
         np.testing.assert_allclose(synced.sizes, ours.sizes[match], atol=tol)
         np.testing.assert_allclose(synced.histograms, ours.histograms[match], atol=tol)
+        np.testing.assert_allclose(synced.steering, ours.steering[match], atol=sync.error_bound(len(nodes), cfg) * cfg.steer_clip)
 
     # a new user on the first device; the worker's logo job keeps the synced knowledge and registers them
     home = devices[0][0]
@@ -171,11 +174,16 @@ def test_synced_communities_serve_a_cold_start_user_as_in_process_logo(tmp_path,
         [job] = store.jobs("newbie")
         assert job["state"] == names.DONE, job
         user = served_user(store, "newbie", model_sha256(llama_path))
-    assert logo.GlobalKnowledge.load(logo.knowledge_dir(home) / logo.KNOWLEDGE_FILE).meta["source"] == logo.SYNC_SOURCE
+    kept = logo.GlobalKnowledge.load(logo.knowledge_dir(home) / logo.KNOWLEDGE_FILE)
+    assert kept.meta["source"] == logo.SYNC_SOURCE and kept.round == 1
+    assert sorted(kept.meta["community_cvecs"]) == ["0", "1"]  # the synced communities' steering, as control vectors
+    assert all(Path(f).is_file() for f in kept.meta["community_cvecs"].values())
     served = logo.logo_method(user, QUERY, None)
     assert "Japanese food" in served.user_prefix  # the climbers' top cuisine, from the synced histograms
     expected = logo.personalize(logo.local_signals(COLD), ours, logo.MEDIATOR, None, lambda c: None, QUERY)
     assert served.user_prefix == expected.user_prefix
+    steered = logo._served(user, QUERY, logo.MediatorParams(user_scale=1.0, community_scale=1.0))
+    assert steered.artifacts.control_vectors[-1][0] in kept.meta["community_cvecs"].values()
 
     # the next sync run is the next LoGo round: folded into the synced knowledge with LoGo's decay
     simulate(nodes, {**cfg.to_run_config(), "min-devices": len(nodes)})
