@@ -203,7 +203,7 @@ def test_a_job_finishing_after_forget_writes_nothing(engine, adapter, tmp_path, 
         return {}
 
     monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, slow_edit)
-    with TestClient(create_app(engine=engine, data_dir=str(tmp_path), jobs=True)) as client:
+    with TestClient(create_app(engine=engine, data_dir=str(tmp_path), jobs=True), base_url=LOCAL) as client:
         client.post("/v1/users/fay/memories", json={"text": "I love jazz.", "kind": names.PREFERENCE})
         assert started.wait(30)
         assert client.delete("/v1/users/fay").status_code == 200
