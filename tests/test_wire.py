@@ -65,6 +65,10 @@ def test_perce_job_trains_and_the_next_request_serves_its_adapter(engine, tmp_pa
         [artifact] = store.artifacts("ann", names.LORA)
         assert artifact["meta"]["method"] == names.PERCE and artifact["sources"] == ids[-4:]
         assert Path(artifact["path"]).is_file() and Path(artifact["path"]).is_relative_to(store.artifact_dir("ann"))
+    with TestClient(create_app(engine=engine, data_dir=str(tmp_path), personalize=names.PERCE), base_url=LOCAL) as client:
+        assert client.delete("/v1/users/ann").status_code == 200  # forget after the job: the adapter goes too
+        assert chat(client, question).json()["localpers"]["artifacts"] == []
+    assert not Path(artifact["path"]).exists()
 
 
 def test_forget_during_a_perce_job_cancels_it_and_writes_nothing(engine, tmp_path, tiny_jobs, monkeypatch):
