@@ -10,10 +10,10 @@ One worker thread runs the jobs one at a time, at a lower CPU priority (nice 10)
 `threads` threads, so that chat keeps the rest of the machine. Jobs check their artifacts on llama.cpp with the
 worker's own engine (a second context on the same memory-mapped model, `threads` threads), so chat never waits
 for a job, not even for the engine's lock. Job kinds map to functions `(store, user, engine, job_id) -> result dict` (ids and counts, no text):
-later methods (perce, logo) add theirs to JOB_KINDS.
+edit, perce and ce (the user's LoRA adapter), logo (a LoGo round for the whole store: logo.logo_job).
 
     GET  /v1/users/{user}/jobs          the user's jobs, newest first
-    POST /v1/users/{user}/personalize   {"method"?: "edit"} queue a job (202; an already queued one is reused)
+    POST /v1/users/{user}/personalize   {"method"?: "edit" | "perce" | "ce" | "logo"} queue a job (202; an already queued one is reused)
 """
 from __future__ import annotations
 
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # job kind (a method name) -> function, or "module:function" imported when the first such job runs
 JOB_KINDS: dict[str, Callable | str] = {
     names.EDIT: "localpers.editing:edit_job",
+    names.PERCE: "localpers.training:perce_job",   # PerCE LoRA on the user's own items (training.JOB_CONFIG)
+    names.CE: "localpers.training:ce_job",
+    names.LOGO: "localpers.logo:logo_job",         # one LoGo round over every user of the store (see logo_job)
 }
 # job kind -> what to load ahead of the first job (the editor's torch model takes ~30 s), run by warm workers
 WARM_UP: dict[str, str] = {

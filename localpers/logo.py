@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import re
+import tempfile
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -747,20 +748,29 @@ def _nonzero_control_vector(path: str, key) -> bool:
     return any(np.any(v) for v in read_control_vector(path).values())
 
 
+SYNC_SOURCE = "sync"  # knowledge meta["source"] of a file written by `localpers sync` (sync_app.SyncClient)
+
+
 def refresh_knowledge(store, *, model_path=None, embedder=None, steer: bool = True, half_life: float = HALF_LIFE,
                       min_size: float = MIN_SIZE, users: list[str] | None = None, k: int | None = None,
-                      seed: int = 0) -> GlobalKnowledge:
+                      seed: int = 0, job: tuple[str, int] | None = None) -> GlobalKnowledge:
     """The background job: one round of global knowledge over the store's users (all, or `users`), then each
     user's LoGo artifacts. Reads every user's history once; writes DATA_DIR/logo/knowledge.npz (decayed into
     the previous round's), a control vector per published community with steering, and per user a control
     vector (their CAA steering; zeros when they stated no preference) registered as (logo, control_vector)
-    with meta {"method", "sources", "round"}, its signals file beside it. embedder: an object with
-    .embed(texts) and .name (retrieval.GGUFEmbedder for the served model's own embeddings); None: preference
-    counts only. Returns the new knowledge."""
-    from localpers import default_model_path
+    with meta {"method", "sources", "round"}, its signals file beside it, and their sync contribution
+    (sync.save_contribution: what `localpers sync` sends; not for a user with no preference and no embedder,
+    whose vector is zero). When the knowledge file came from a sync run (meta["source"] == SYNC_SOURCE) it is
+    kept as it is (the communities of many devices are not replaced by this device's few users): only the
+    users' signals and artifacts are written. embedder: an object with .embed(texts) and .name
+    (retrieval.GGUFEmbedder for the served model's own embeddings); None: preference counts only. job: (user,
+    job id) of the worker's job; that user's registration checks the job still runs. A user forgotten (or
+    whose items were deleted) meanwhile is skipped. Returns the new knowledge."""
+    from localpers import default_model_path, sync
     from localpers.engine import model_sha256
     from localpers.gguf_info import open_gguf
     from localpers.model import ModelConfig
+    from localpers.store import NotFoundError, StaleError
 
     model_path = Path(model_path) if model_path else default_model_path()
     config = ModelConfig.from_gguf(open_gguf(model_path))
@@ -780,26 +790,60 @@ def refresh_knowledge(store, *, model_path=None, embedder=None, steer: bool = Tr
                 texts, embed(texts) if embed else None, steerer(texts) if steerer else None))
     if not per_user:
         raise ValueError("no user has any history yet")
-    knowledge = advance(previous, [sig for _, sig in per_user.values()], k=k, half_life=half_life,
-                        min_size=min_size, seed=seed, meta={"embedder": embed.name if embed else None,
-                                                            "model_sha256": model_sha256(model_path)})
-    community_cvecs = {}
     folder.mkdir(parents=True, exist_ok=True)
+    if previous is not None and previous.meta.get("source") == SYNC_SOURCE:
+        knowledge = previous
+        fits = knowledge.sums.steering_sum.shape[1:] == (config.n_layer - 1, config.d_model)
+        if fits and not knowledge.meta.get("community_cvecs") and np.any(knowledge.sums.steering_sum):
+            _save_with_community_cvecs(knowledge, kpath, config.arch)  # the synced communities' steering
+    else:
+        knowledge = advance(previous, [sig for _, sig in per_user.values()], k=k, half_life=half_life,
+                            min_size=min_size, seed=seed, meta={"embedder": embed.name if embed else None,
+                                                                "model_sha256": model_sha256(model_path)})
+        _save_with_community_cvecs(knowledge, kpath, config.arch)
+    sha = model_sha256(model_path)
+    with tempfile.TemporaryDirectory(prefix="localpers-logo-") as tmp:  # registration copies each file in
+        for user, (ids, signals) in per_user.items():
+            steering = (signals.steering if signals.steering is not None
+                        else np.zeros((config.n_layer - 1, config.d_model), np.float32))
+            path = write_steering(Path(tmp) / f"logo-r{knowledge.round}-{len(ids)}.gguf", steering, config.arch)
+            try:  # never artifact_dir(user) here: it would re-create a user forgotten meanwhile
+                version = store.register_artifact(user, names.CONTROL_VECTOR, path, sha,
+                                                  meta={"method": names.LOGO, "sources": ids, "round": knowledge.round},
+                                                  job=job[1] if job and job[0] == user else None)
+                registered = next(a["path"] for a in store.artifacts(user, names.CONTROL_VECTOR) if a["id"] == version)
+                save_signals(signals_path(registered), signals, kpath)
+            except (NotFoundError, StaleError, StopIteration, FileNotFoundError):
+                if job and job[0] == user:
+                    raise
+                continue
+            if np.linalg.norm(signals.vector) > 0:
+                sync.save_contribution(store.directory, user, sync.Contribution(signals.vector, steering, signals.counts))
+    return knowledge
+
+
+def _save_with_community_cvecs(knowledge: GlobalKnowledge, kpath: Path, arch: str) -> None:
+    """Write a control vector per published community with steering beside the knowledge file, list them in
+    meta["community_cvecs"], save the knowledge, and delete the community files no longer listed."""
+    folder = kpath.parent
+    community_cvecs = {}
     for c in range(knowledge.k):
         if knowledge.published[c] and knowledge.sums.steering_count[c] > 0:
             community_cvecs[str(c)] = str(write_steering(folder / f"community-{c}-r{knowledge.round}.gguf",
-                                                         knowledge.steering[c], config.arch))
+                                                         knowledge.steering[c], arch))
     knowledge.meta["community_cvecs"] = community_cvecs
     knowledge.save(kpath)
     for old in folder.glob("community-*.gguf"):  # the previous round's, no longer referenced
         if str(old) not in community_cvecs.values():
             old.unlink()
-    sha = model_sha256(model_path)
-    for user, (ids, signals) in per_user.items():
-        steering = signals.steering if signals.steering is not None else np.zeros((config.n_layer - 1, config.d_model), np.float32)
-        path = store.artifact_dir(user) / f"logo-r{knowledge.round}.gguf"
-        write_steering(path, steering, config.arch)
-        save_signals(signals_path(path), signals, kpath)
-        store.register_artifact(user, names.CONTROL_VECTOR, path, sha,
-                                meta={"method": names.LOGO, "sources": ids, "round": knowledge.round})
-    return knowledge
+
+
+def logo_job(store, user: str, engine, job_id: int) -> dict:
+    """The worker's `logo` job (localpers.jobs), queued for one user. The communities are shared, so it
+    recomputes what every user's LoGo depends on: one refresh_knowledge round over ALL the store's users
+    (preference counts, CAA steering on the served model), then each user's signals, control vector and sync
+    contribution; with knowledge from a sync run, only the users' signals and artifacts. Returns counts: the
+    round, communities, published communities and users."""
+    knowledge = refresh_knowledge(store, model_path=engine.model_path, job=(user, job_id))
+    return {"round": knowledge.round, "communities": knowledge.k, "published": int(knowledge.published.sum()),
+            "users": len(store.users())}

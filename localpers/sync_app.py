@@ -189,9 +189,40 @@ class SyncClient(NumPyClient):
     def evaluate(self, parameters, config):
         knowledge = sync.Knowledge.from_arrays([np.asarray(p) for p in parameters], json.loads(config.get("meta", "{}")))
         knowledge.save(sync.sync_dir(self.data_dir) / sync.GLOBAL_KNOWLEDGE_FILE)
+        cfg = sync.SyncConfig.from_run_config(self.context.run_config)
+        save_logo_knowledge(self.data_dir, knowledge, cfg)
         sync.log_sent(self.data_dir, {"kind": "received", "run": self.context.run_id,
                                       "communities": int(knowledge.published.sum())})
         return 0.0, 1, {}
+
+
+def save_logo_knowledge(data_dir: str | Path, knowledge: sync.Knowledge, cfg: sync.SyncConfig) -> Path | None:
+    """Fold a sync run's published knowledge into the device's LoGo knowledge (DATA_DIR/logo/knowledge.npz),
+    which the served `logo` method reads: one sync run (its Lloyd rounds) is one LoGo round, so it is folded
+    with logo.fold into the previous synced knowledge (decay 0.5 ** (1 / logo.HALF_LIFE)) when that has the same
+    shapes, and starts over otherwise (a first run, or knowledge this device computed alone). Published
+    communities only (unpublished ones are zeros, so never served); meta["source"] = logo.SYNC_SOURCE, which
+    makes logo.refresh_knowledge keep it. None (nothing written) when the run's vocabulary is not LoGo's
+    (`--vocab len(logo.VOCABULARY)`)."""
+    from localpers import logo
+
+    if cfg.vocab != len(logo.VOCABULARY):
+        return None
+    path = logo.knowledge_dir(data_dir) / logo.KNOWLEDGE_FILE
+    sums = logo.RoundSums(**sync.logo_round_sums(knowledge))
+    previous = None
+    if path.is_file():
+        try:
+            previous = logo.GlobalKnowledge.load(path)
+        except UserError:
+            previous = None
+    if previous is not None and (previous.meta.get("source") != logo.SYNC_SOURCE or any(
+            getattr(previous.sums, f).shape != getattr(sums, f).shape for f in vars(sums))):
+        previous = None
+    meta = {"source": logo.SYNC_SOURCE, "embedder": None if cfg.dim == len(logo.VOCABULARY) else f"sync-dim-{cfg.dim}",
+            "community_cvecs": {}, "sync": {k: knowledge.meta.get(k) for k in ("rounds", "epsilon_total", "delta")}}
+    return logo.fold(previous, sums, start=knowledge.centroids.astype(np.float32), half_life=logo.HALF_LIFE,
+                     min_size=cfg.min_size, meta=meta).save(path)
 
 
 def describe(content) -> list[dict]:

@@ -254,6 +254,8 @@ def cmd_sync(args) -> int:
 
 
 def add_cli(sub) -> None:
+    from localpers.logo import VOCABULARY  # LoGo's user vectors (preference counts) and histograms
+
     p = sub.add_parser("sync", help="join a private sync as a Flower SuperNode (opt-in; --log shows what was sent)")
     p.add_argument("--superlink", default="127.0.0.1:9093", help="HOST:PORT of `localpers sync-server`")
     p.add_argument("--user", help="the user whose local signals this device contributes")
@@ -274,10 +276,11 @@ def add_cli(sub) -> None:
     p.add_argument("--devices", type=int, default=3, help="devices sampled per round (the round waits for them)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--k", type=int, default=8, help="number of communities")
-    p.add_argument("--dim", type=int, default=128, help="user vector dimension")
-    p.add_argument("--n-layer", type=int, default=29, help="steering vector layers (0: no steering)")
+    p.add_argument("--dim", type=int, default=len(VOCABULARY), help="user vector dimension (LoGo without embeddings: its vocabulary)")
+    p.add_argument("--n-layer", type=int, default=29,
+                   help="steering vector layers: the served model's n_layer - 1 (LoGo's control-vector layers; 0: none)")
     p.add_argument("--steer-dim", type=int, default=576, help="steering vector width (the model's hidden size)")
-    p.add_argument("--vocab", type=int, default=64, help="public preference vocabulary size")
+    p.add_argument("--vocab", type=int, default=len(VOCABULARY), help="public preference vocabulary size (LoGo's)")
     p.add_argument("--epsilon", type=float, default=math.inf, help="DP epsilon per round (inf: no noise)")
     p.add_argument("--delta", type=float, default=1e-6)
     p.add_argument("--min-size", type=int, default=2, help="communities smaller than this are never published")

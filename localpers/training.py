@@ -560,11 +560,17 @@ def adapter_for_examples(model_path, examples: list[Example], config: TrainConfi
 
 
 def train_user(store, user: str, engine_or_model_path, objective: str = names.PERCE, *,
-               config: TrainConfig | None = None, progress: bool = False, threads: int | None = None) -> dict:
+               config: TrainConfig | None = None, progress: bool = False, threads: int | None = None,
+               job: int | None = None) -> dict:
     """Job function: train `user`'s LoRA with `objective` (perce or ce) on their own stored items, write the
     adapter into their artifact folder and register it (kind lora, method = objective) for the served model,
     with meta {"method", "sources": [item ids], "steps", "tokens", ...}. Raises UserError when the user has
-    too little writing of their own. Returns the registered meta with "path" and "version"."""
+    too little writing of their own. `job`: the worker's job id; the adapter is then trained in a temporary
+    folder and registered with job=job, so a job cancelled meanwhile (forget) writes nothing (StaleError or
+    NotFoundError). Returns the registered meta with "path" and "version"."""
+    import tempfile
+    from contextlib import nullcontext
+
     from localpers.engine import model_sha256
 
     config = replace(config or TrainConfig(), objective=objective).check()
@@ -574,14 +580,19 @@ def train_user(store, user: str, engine_or_model_path, objective: str = names.PE
     check_enough(examples, user)
     if config.max_examples:
         examples = examples[-config.max_examples:]
-    folder = store.artifact_dir(user)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path, result = adapter_for_examples(model_path, examples, config, folder / f"{objective}-{stamp}.gguf",
-                                        checkpoint=folder / f"{objective}.ckpt", progress=progress, threads=threads)
-    (folder / f"{objective}.ckpt").unlink(missing_ok=True)
-    meta = {"method": objective, "sources": [e.source for e in examples], **result.summary(),
-            "config": {k: v for k, v in asdict(config).items() if k != "objective"}}
-    version = store.register_artifact(user, names.LORA, path, model_sha256(model_path), meta)
+    # a job never touches the user's folder before registration (artifact_dir would re-create a forgotten user)
+    with (tempfile.TemporaryDirectory(prefix="localpers-train-") if job is not None
+          else nullcontext(store.artifact_dir(user))) as folder:
+        folder = Path(folder)
+        path, result = adapter_for_examples(model_path, examples, config, folder / f"{objective}-{stamp}.gguf",
+                                            checkpoint=folder / f"{objective}.ckpt", progress=progress,
+                                            threads=threads)
+        (folder / f"{objective}.ckpt").unlink(missing_ok=True)
+        meta = {"method": objective, "sources": [e.source for e in examples], **result.summary(),
+                "config": {k: v for k, v in asdict(config).items() if k != "objective"}}
+        version = store.register_artifact(user, names.LORA, path, model_sha256(model_path), meta, job=job)
+    path = next(Path(a["path"]) for a in store.artifacts(user, names.LORA) if a["id"] == version)
     return {**meta, "path": str(path), "version": version}
 
 
@@ -597,6 +608,25 @@ def _cache_dir() -> Path:
 # Evaluation users: ce and perce get the same examples, steps and tokens (only the token weights differ); LoRA on
 # the last 10 of SmolLM2's 30 layers keeps a user at ~1-2 minutes on 2 cores (BENCHMARKS.md).
 EVAL_CONFIG = TrainConfig(steps=16, batch=2, lr=2e-3, layers=10, max_examples=48)
+
+
+# Served users' background jobs (`POST /v1/users/{user}/personalize {"method": "perce"}`): the evaluation's config.
+JOB_CONFIG = EVAL_CONFIG
+
+
+def _job(objective: str):
+    def job(store, user: str, engine, job_id: int) -> dict:
+        out = train_user(store, user, engine, objective, config=JOB_CONFIG, job=job_id)
+        return {"artifact": out["version"], "sources": len(out["sources"]), "steps": out["steps"],
+                "tokens": out["tokens"]}
+
+    job.__name__ = f"{objective}_job"
+    job.__doc__ = (f"The worker's `{objective}` job (localpers.jobs): train_user with JOB_CONFIG on the user's stored "
+                   "items, registered only while the job still runs. Returns ids and counts, no text.")
+    return job
+
+
+perce_job, ce_job = _job(names.PERCE), _job(names.CE)
 
 
 def user_adapter(user, engine, objective: str, config: TrainConfig = EVAL_CONFIG) -> Path | None:
