@@ -87,7 +87,7 @@ WORLD_DEFAULTS = {"users": 1000, "communities": 8, "steps": 12}
 def check_out(out: Path, force: bool) -> None:
     """Refuse to replace a finished report (report.json) unless --force: reference results are reproduced
     elsewhere, never clobbered by a smaller or different run."""
-    if False:
+    if (out / "report.json").exists() and not force:
         raise UserError(f"{out} already holds a finished report: choose another --out, or pass --force to "
                         "replace it")
 
