@@ -84,8 +84,9 @@ def test_a_finished_report_is_never_replaced_without_force(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "report.json").write_text('{"reference": true}')
-    for argv in (["eval", "upqa", "--out", str(out)], ["eval", "world", "--users", "3", "--steps", "2", "--out", str(out)],
-                 ["eval", "merge", str(tmp_path / "shard"), "--out", str(out)]):
+    missing = str(tmp_path / "missing")  # were the report not protected, each run would stop at its missing input
+    for argv in (["eval", "upqa", "--out", str(out), "--data", missing], ["eval", "world", "--out", str(out), "--data", missing],
+                 ["eval", "merge", missing, "--out", str(out)]):
         assert main(argv) == 2
         assert "already holds a finished report" in capsys.readouterr().err
     assert (out / "report.json").read_text() == '{"reference": true}' and sorted(os.listdir(out)) == ["report.json"]

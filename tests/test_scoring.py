@@ -78,8 +78,11 @@ def upqa_answer(question, artifacts):
 
 
 def upqa_score(messages, option, artifacts):
-    """u1's question ranks its target first; u2's ranks 'Country music' above its target 'Rap music'."""
+    """u1's question ranks its target first; u2's ranks 'Jazz music' above its target 'Rap music', except with
+    the adapter."""
     question = messages[-1]["content"]
+    if artifacts == ADAPTER and "u2" in question:
+        return {"Jazz music": -1.0, "Rap music": -0.2, "Country music": -1.5}[option]
     return {"Jazz music": -1.0, "Rap music": -2.0, "Country music": -1.5}[option] if "u2" in question else \
         {"Jazz music": -0.5, "Rap music": -2.0, "Country music": -3.0}[option]
 
@@ -90,6 +93,7 @@ def test_upqa_accuracies_and_mc_choice_against_hand_computed_values():
     assert results["base"] == {"explicit_acc": 1.0, "paraphrased_acc": 0.0, "implicit_acc": 0.5, "mc_acc": 0.5,
                                "locality_kl": 0.0}
     assert results["edit"]["implicit_acc"] == 1.0  # the adapter reached the served path
+    assert results["edit"]["mc_acc"] == 1.0  # and the option scoring
     # u1's row: mc_choice is u1's own target (option 0 of [target, *candidates]); u2 ranks a candidate first
     by_user = {(r["id"], r["method"]): r for r in rows}
     assert by_user["u1", "base"]["mc_choice"] == "Jazz music" and by_user["u1", "base"]["mc_ok"] is True
@@ -176,6 +180,8 @@ def test_rouge_against_hand_computed_values():
     # one shared token: P = 1/2, R = 1/5, F = 2PR / (P + R) = 2/7
     assert rouge("a cat", "the cat chased the dog") == pytest.approx({"rouge1": 2 / 7, "rougeL": 2 / 7})
     assert rouge("nothing in common", "the cat chased the dog") == {"rouge1": 0.0, "rougeL": 0.0}
+    # Porter stemming: dogs/dog, chasing/chased, cats/cat match; P = 3/3, R = 3/5, F = 0.75
+    assert rouge("dogs chasing cats", "the dog chased the cat") == pytest.approx({"rouge1": 0.75, "rougeL": 0.75})
 
 
 def test_lamp_generation_scores_the_answer_against_the_gold():
