@@ -48,8 +48,9 @@ def add_cli(sub) -> None:
                    help="the server's API key (default: $LOCALPERS_API_KEY)")
     p.add_argument("--model", help="start a server in this process with this GGUF instead of using --url")
     p.add_argument("--data-dir", help="with --model: user data directory (default: the server's default)")
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature; 0 is greedy (default: %(default)s)")
     p.add_argument("--system", help="a system message to start each conversation with")
     p.set_defaults(func=cmd_chat)
 

@@ -81,7 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     for command in walk_parsers(parser)[1:]:  # --verbose after any command too
         if "--verbose" not in command._option_string_actions:
             command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    state_defaults(parser)
     return parser
+
+
+def state_defaults(parser: argparse.ArgumentParser) -> None:
+    """Add "(default: ...)" to the help of every option under `parser` whose help does not state it already (what
+    argparse.ArgumentDefaultsHelpFormatter shows, written into the help itself: flags read "off")."""
+    for p in walk_parsers(parser):
+        for action in p._actions:
+            if not action.option_strings or not action.help or action.help == argparse.SUPPRESS or action.required \
+                    or "default" in action.help or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            if isinstance(action, argparse._StoreTrueAction):
+                shown = "off"
+            elif action.default is None or action.default == []:
+                shown = "none"
+            else:
+                shown = "%(default)s"
+            action.help += f" (default: {shown})"
 
 
 def walk_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

@@ -270,11 +270,11 @@ def add_cli(sub) -> None:
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("sync-server", help="run a private sync: Flower SuperLink + the federated communities app")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=9093)
+    p.add_argument("--host", default="127.0.0.1", help="address the SuperLink binds (default: %(default)s)")
+    p.add_argument("--port", type=int, default=9093, help="the SuperLink's port for SuperNodes (default: %(default)s)")
     p.add_argument("--out", required=True, help="directory for the published knowledge, logs and Flower state")
     p.add_argument("--devices", type=int, default=3, help="devices sampled per round (the round waits for them)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="federated k-means rounds (default: %(default)s)")
     p.add_argument("--k", type=int, default=8, help="number of communities")
     p.add_argument("--dim", type=int, default=len(VOCABULARY), help="user vector dimension (LoGo without embeddings: its vocabulary)")
     p.add_argument("--n-layer", type=int, default=29,
@@ -282,7 +282,8 @@ def add_cli(sub) -> None:
     p.add_argument("--steer-dim", type=int, default=576, help="steering vector width (the model's hidden size)")
     p.add_argument("--vocab", type=int, default=len(VOCABULARY), help="public preference vocabulary size (LoGo's)")
     p.add_argument("--epsilon", type=float, default=math.inf, help="DP epsilon per round (inf: no noise)")
-    p.add_argument("--delta", type=float, default=1e-6)
+    p.add_argument("--delta", type=float, default=1e-6,
+                   help="the δ of the (ε, δ)-DP guarantee the accountant reports (default: %(default)s)")
     p.add_argument("--min-size", type=int, default=2, help="communities smaller than this are never published")
     p.add_argument("--min-contributors", type=int, default=2,
                    help="devices whose noise shares a published sum must hold (fewer: the round is withheld)")

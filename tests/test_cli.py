@@ -67,7 +67,7 @@ def test_help_texts_show_what_a_user_needs():
     (["eval", "upqa", "--method", "base,edti"], "unknown method 'edti': did you mean 'edit'"),
     (["personalize", "--user", "a", "--method", "edt"], "did you mean 'edit'"),
     (["search", "--user", "a", "--embedder", "minilm", "q"], "--embedder is for --mode dense or hybrid"),
-    (["eval", "upqa", "--turns", "0,5"], "unrecognized arguments: --turns 0,5"),
+    (["eval", "lamp", "--data", "q.json", "--turns", "0,5"], "unrecognized arguments: --turns 0,5"),
     (["eval", "prefeval", "--max-tokens", "5"], "unrecognized arguments: --max-tokens 5"),
     (["eval", "world", "--data", ".", "--users", "5"], "--users and --data do not go together"),
     (["eval", "merge", "a", "b"], "the following arguments are required: --out"),
