@@ -531,15 +531,16 @@ class Engine:
         self.llm._ctx.decode(self.llm._batch)
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(len(tokens), self.n_vocab)).copy()
 
-    def continuation_logprobs(self, prompt: str, continuations: list[str], *,
+    def continuation_logprobs(self, prompt: str | list[dict], continuations: list[str], *,
                               artifacts: Artifacts = NO_ARTIFACTS) -> list[tuple[list[int], np.ndarray]]:
         """For each continuation, its tokens and the log-softmax distributions [n_tokens, V] (float64) that
-        predict them after `prompt` (tokenized with BOS; continuations without).
+        predict them after `prompt`: a conversation (messages, tokenized prompt-safe as the served path does,
+        chat_tokens) or raw text (tokenized with BOS, special tokens parsed); continuations without BOS.
 
         The prompt is decoded once, reusing whatever prefix of it the KV cache already holds under the same
         artifacts (a conversation scored with more and more turns, or a question just answered), and each
         continuation is decoded in one batch on top of it, after dropping the previous continuation's cells."""
-        prompt_ids = self.tokenize(prompt)
+        prompt_ids = self.chat_tokens(prompt) if isinstance(prompt, list) else self.tokenize(prompt)
         options = [self.tokenize(c, add_bos=False) for c in continuations]
         if not all(options):
             raise UserError("a continuation to score is empty")
@@ -559,7 +560,7 @@ class Engine:
                 out.append((ids, logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))))
         return out
 
-    def continuation_logprob(self, prompt: str, continuation: str, *, artifacts: Artifacts = NO_ARTIFACTS) -> float:
+    def continuation_logprob(self, prompt: str | list[dict], continuation: str, *, artifacts: Artifacts = NO_ARTIFACTS) -> float:
         """Sum of log p(continuation tokens | prompt)."""
         [(ids, logprobs)] = self.continuation_logprobs(prompt, [continuation], artifacts=artifacts)
         return float(logprobs[np.arange(len(ids)), ids].sum())

@@ -81,9 +81,8 @@ def generate(engine, p: Personalized, messages: list[dict], max_tokens: int) -> 
 
 def best_option(engine, p: Personalized, messages: list[dict], options: list[str]) -> tuple[int, list[float]]:
     """The option with the highest mean log-probability per token as the assistant's reply, and the scores."""
-    prompt = engine.format_chat(apply(p, messages))
-    scores = [float(lp[np.arange(len(ids)), ids].mean())
-              for ids, lp in engine.continuation_logprobs(prompt, options, artifacts=p.artifacts)]
+    scores = [float(lp[np.arange(len(ids)), ids].mean())  # the conversation tokenized as served (prompt-safe)
+              for ids, lp in engine.continuation_logprobs(apply(p, messages), options, artifacts=p.artifacts)]
     return int(np.argmax(scores)), scores
 
 
@@ -101,8 +100,8 @@ NEUTRAL = (
 
 def answer_logprobs(engine, p: Personalized, question: str, answer: str) -> np.ndarray:
     """Log-softmax of the next-token distributions at the answer's positions: [answer tokens, V]."""
-    prompt = engine.format_chat(apply(p, [{"role": "user", "content": question}]))
-    return engine.continuation_logprobs(prompt, [answer], artifacts=p.artifacts)[0][1]
+    messages = apply(p, [{"role": "user", "content": question}])
+    return engine.continuation_logprobs(messages, [answer], artifacts=p.artifacts)[0][1]
 
 
 def locality_kl(engine, method, users, base_logprobs: list[np.ndarray]) -> float:

@@ -41,7 +41,7 @@ class ScriptedEngine:
         return {"choices": [{"message": {"role": "assistant", "content": self.answer(messages[-1]["content"], artifacts)}}]}
 
     def continuation_logprobs(self, prompt, continuations, *, artifacts):
-        messages = json.loads(prompt)
+        messages = prompt if isinstance(prompt, list) else json.loads(prompt)
         out = []
         for option in continuations:
             if self.neutral is not None and len(continuations) == 1 and option in dict(NEUTRAL).values():
