@@ -8,6 +8,7 @@ change, the KV cache is cleared: a cached prompt prefix computed under other ada
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import json
@@ -18,6 +19,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,6 +37,31 @@ from localpers.kvcache import DEFAULT_MAX_BYTES, KVCache
 # of it, so a reply never depends on what was cached (localpers.kvcache). Small enough that a returning user
 # recomputes at most N_BATCH - 1 tokens of their conversation, large enough for fast prompt evaluation.
 N_BATCH = 64
+
+
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def closed_at_exit(obj):
+    """Register an Engine or a llama_cpp.Llama to be closed when the interpreter exits, before module teardown:
+    llama-cpp-python's Llama.__del__ run during teardown fails with an ignored TypeError (its module globals are
+    gone). Returns obj."""
+    _LIVE.add(obj)
+    return obj
+
+
+@atexit.register
+def _close_live() -> None:
+    for obj in list(_LIVE):
+        lock = getattr(obj, "_lock", None)
+        if lock is not None:
+            if not lock.acquire(timeout=1):  # still used by a thread that outlives the main one: leave it be
+                continue
+            lock.release()
+        try:
+            obj.close()
+        except Exception:  # exiting: nothing left to report to
+            pass
 
 
 @dataclass(frozen=True)
@@ -208,6 +235,7 @@ class Engine:
         self._active: tuple = ((), ())  # (lora file keys with scales, control-vector file keys with scales)
         # KV states per (artifact set, token prefix), so users taking turns resume instead of recomputing.
         self.kv_cache = KVCache(self.llm, kv_cache_bytes)
+        closed_at_exit(self)
         self.generated = 0  # tokens sampled since the engine started (monitoring; tests count decoding steps)
 
     def close(self) -> None:

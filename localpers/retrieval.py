@@ -269,6 +269,9 @@ class GGUFEmbedder:
             n_batch=512,
             verbose=False,
         )
+        from localpers.engine import closed_at_exit
+
+        closed_at_exit(self.llm)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return np.array([self.llm.embed(text, normalize=True, truncate=True) for text in texts], dtype=np.float32)

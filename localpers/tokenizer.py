@@ -23,7 +23,9 @@ class Tokenizer:
         import llama_cpp
 
         open_gguf(path, check_arch=False)  # a one-line UserError for a missing or broken file
-        llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        from localpers.engine import closed_at_exit
+
+        llama = closed_at_exit(llama_cpp.Llama(str(path), vocab_only=True, verbose=False))
         return cls(llama, llama.metadata.get("tokenizer.chat_template"))
 
     def _token_text(self, token_id: int) -> str:

@@ -109,8 +109,6 @@ def test_readme_commands_run_in_a_copy_of_the_repository(tmp_path, default_model
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", "mutants", "__pycache__", "*.egg-info"))
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
     before = tracked_digests(copy, tracked)
-    if (REPO.parent / "shared").is_dir():  # the development data beside the checkout, as beside this one
-        (tmp_path / "shared").symlink_to(REPO.parent / "shared")
     (copy / "history.jsonl").write_text('{"text": "I cook pasta most evenings."}\n{"text": "Dinner ideas with beans.", "kind": "message"}\n')
     env = {**os.environ, "LOCALPERS_HOME": str(tmp_path / "home"), "PYTHONPATH": str(copy),
            "XDG_CACHE_HOME": str(tmp_path / "cache"), "LOCALPERS_PASSPHRASE": "readme test"}
