@@ -5,12 +5,10 @@ import os
 import sys
 from pathlib import Path
 
+import pexpect  # the test extra installs it
 import pytest
-
-pexpect = pytest.importorskip("pexpect")
-
-from fastapi import FastAPI, Request  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from helpers_models import random_model_path  # noqa: E402
 from localpers.chat_cli import serve_in_thread  # noqa: E402

@@ -19,8 +19,6 @@ def fuzz_app(tmp_path_factory):
     from localpers.server import create_app
 
     vocab = VOCAB / "ggml-vocab-llama-spm.gguf"
-    if not vocab.is_file():
-        pytest.skip(f"{vocab} is absent")
     path = random_model(tmp_path_factory.mktemp("fuzz") / "tiny.gguf", "llama", vocab, n_layer=2, seed=5,
                         chat_template=QWEN3_LIKE)
     return create_app(engine=Engine(path, n_ctx=128, n_threads=1), data_dir=str(tmp_path_factory.mktemp("data")))
