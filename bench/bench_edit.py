@@ -8,7 +8,6 @@ The edit's parts are timed in the same run (the cached forward of the prompts, t
 figure taken while other processes load the CPU can still be read as proportions.
 """
 import time
-from pathlib import Path
 
 import pytest
 

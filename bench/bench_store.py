@@ -15,7 +15,6 @@ import random
 import re
 import tempfile
 import time
-from pathlib import Path
 
 import bm25s
 import numpy as np

@@ -101,7 +101,6 @@ def cmd_user100(args):
 def cmd_pir(args):
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -611,8 +611,9 @@ def _control_file(folder: Path, steering: np.ndarray, arch: str) -> str:
 
 
 def personalize(signals: LocalSignals, knowledge: GlobalKnowledge | None, params: MediatorParams,
-                user_cvec: str | None, community_cvec, query: str) -> "Personalized":
-    """The served primitives for one request: control vectors with the mediator's scales, community context."""
+                user_cvec: str | None, community_cvec, query: str):
+    """The served primitives for one request (a methods.Personalized): control vectors with the mediator's
+    scales, community context."""
     from localpers.engine import Artifacts
     from localpers.methods import Personalized
 

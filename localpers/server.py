@@ -46,7 +46,6 @@ from starlette.exceptions import HTTPException
 
 from localpers import names
 from localpers.compose import DEFAULT_SPEC, Composer, last_user_message, served_user
-from localpers.engine import model_sha256
 from localpers.chat import template_supports_tools
 from localpers.engine import Artifacts, Cancelled, Sampling, model_sha256, usage_of
 from localpers.errors import UserError
@@ -736,8 +735,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
                      jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::") and not allowed_hosts:
-        print(f"localpers: note: requests must name this machine as a loopback address; to reach it by another "
-              f"name or address, add --allowed-host NAME", file=sys.stderr, flush=True)
+        print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
+              "name or address, add --allowed-host NAME", file=sys.stderr, flush=True)
     print(f"localpers: serving on http://{shown}:{port}/v1 (the model loads in the background; GET /health)",
           flush=True)
     # timeout_graceful_shutdown: on SIGTERM, open streams get 2 s, then their tasks are cancelled, which sets

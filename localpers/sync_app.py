@@ -18,7 +18,6 @@ Declared in pyproject.toml under [tool.flwr.app.components].
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 

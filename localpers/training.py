@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 

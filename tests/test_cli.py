@@ -3,7 +3,6 @@ vocabularies answered with a did-you-mean, options that do nothing in a combinat
 clobbered, one-line errors, no traceback when the reader of a pipe leaves, and no llama.cpp log or interpreter-exit
 noise on stderr unless --verbose asks for it."""
 import argparse
-import json
 import os
 import subprocess
 import sys

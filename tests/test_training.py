@@ -8,14 +8,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from localpers import names
 from localpers.errors import UserError
 from localpers.model import load_model
-from localpers.training import (Encoded, Example, TrainConfig, add_lora, export_lora, history_examples,
+from localpers.training import (Encoded, TrainConfig, add_lora, export_lora, history_examples,
                                 instruction_pair, lora_state, remove_lora, train)
 from tests.helpers_models import TEXT, llama_cpp_logits, logit_error, random_model_path
 
