@@ -664,6 +664,7 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
     from localpers.store import Store, data_dir as default_data_dir
 
     own_engine = engine is None
+    started = time.time()
     with (nullcontext(store) if store is not None else Store.open(default_data_dir(data_dir))) as store, \
             contextlib.ExitStack() as stack:
         items = store.items(user, kind=names.PREFERENCE)
@@ -701,6 +702,8 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
             result.retired = sum(store.retire_artifacts(user, kind, sha, method=names.EDIT) for kind in (names.LORA, names.MODEL))
             if not items and not result.retired and job is None:
                 facts_of([], [])  # raises: no preferences to edit
+        if job is None:  # by hand: the edit job its preferences queued for the server is done now
+            store.supersede_queued(user, names.EDIT, before=started, by="localpers personalize")
     return result
 
 

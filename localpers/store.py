@@ -925,6 +925,16 @@ class Store:
         return conn.execute("INSERT INTO jobs (user_id, kind, state, created) VALUES (?, ?, 'queued', ?)",
                             (user_id, kind, time.time())).lastrowid
 
+    def supersede_queued(self, user: str, kind: str, before: float, by: str) -> int:
+        """Mark the user's `kind` jobs queued before `before` (a time.time()) done, with result {"superseded_by":
+        by}: a run by hand (`localpers personalize`) that started after they were queued already did their work.
+        Returns how many were settled; jobs queued later (new data) stay queued."""
+        with self._write() as conn:
+            cur = conn.execute("UPDATE jobs SET state = 'done', result = ?, finished = ? WHERE state = 'queued' AND"
+                               " kind = ? AND created < ? AND user_id = (SELECT id FROM users WHERE name = ?)",
+                               (json.dumps({"superseded_by": by}), time.time(), kind, before, user))
+        return cur.rowcount
+
     def queue_job(self, user: str, kind: str) -> dict:
         """Queue a job of `kind` (a method name: names.EDIT, ...) for a known user; returns it (an already
         queued one of the same kind, if any)."""

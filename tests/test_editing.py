@@ -401,6 +401,13 @@ def test_personalize_registers_the_verified_adapter_and_says_how_to_serve_it(tin
     assert Path(lora["path"]).is_file() and f"adapter  {lora['path']}" in out
     assert f"localpers serve --model {path}" in out  # how to serve the adapter: the same model
     assert Path(model["path"]).is_file() and f"localpers serve --model {model['path']}" in out
+    # the edit job the preferences queued for the server is settled by the run by hand; a later preference
+    # queues a new one (the server's worker must still see it)
+    with Store.open(tmp_path) as store:
+        (job,) = store.jobs("ann")
+        assert job["kind"] == "edit" and job["state"] == "done" and job["result"] == {"superseded_by": "localpers personalize"}
+        store.add("ann", "I love green tea.", kind="preference")
+        assert [j["state"] for j in store.jobs("ann")] == ["queued", "done"]
 
 
 def test_eval_edit_method_serves_the_users_verified_adapter(tiny, tmp_path, monkeypatch):
