@@ -318,10 +318,11 @@ def initial_centroids(cfg: SyncConfig) -> np.ndarray:
 
 
 def plain_kmeans(contributions: list[Contribution], cfg: SyncConfig, rounds: int | None = None,
-                 rng: np.random.Generator | None = None) -> Knowledge:
+                 rng: np.random.Generator | None = None, start: np.ndarray | None = None) -> Knowledge:
     """The same rounds computed in one process (no SecAgg+): the oracle. With rng, every contribution carries its
-    noise share as on a device, so this equals the federated result up to SecAgg+'s rounding (error_bound)."""
-    centroids = initial_centroids(cfg)
+    noise share as on a device, so this equals the federated result up to SecAgg+'s rounding (error_bound).
+    start: the centroids [k, dim] of the first round (default: initial_centroids(cfg), as the server's)."""
+    centroids = initial_centroids(cfg) if start is None else np.asarray(start, np.float64)
     knowledge = None
     for _ in range(rounds or cfg.rounds):
         total = sum(encode(c, centroids, cfg, rng)[0] for c in contributions)
