@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import time
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common import (Context, EvaluateIns, FitIns, Message, ndarrays_to_parameters, parameters_to_ndarrays)
+from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
@@ -34,6 +36,7 @@ from localpers import sync
 from localpers.errors import UserError
 
 SUMMARY_FILE = "summary.json"
+KEY_SHARES_COLLECTED = "SecAgg+ key shares collected from"  # logged (INFO) when a round's 'share keys' stage ends
 
 
 # ---------------------------------------------------------------- server
@@ -105,6 +108,8 @@ class SecAggPlus(SecAggPlusWorkflow):
     def share_keys_stage(self, grid, context, state) -> bool:
         ok = super().share_keys_stage(grid, context, state)
         state.sampled_node_ids = set(state.active_node_ids)
+        # an event for logs and tests: every key share of the round is in; masked vectors are asked for next
+        log(INFO, "%s %d devices", KEY_SHARES_COLLECTED, len(state.active_node_ids))
         return ok
 
 
