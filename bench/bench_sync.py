@@ -366,6 +366,61 @@ def logo_row(setting: str, users: int, seed: int, epsilon: float, lloyd: int) ->
             "rounds_log": log, **{f"b{bucket}": v for bucket, v in logo_gain(upqa, rounds).items()}}
 
 
+def llm_rows(users: int, seed: int, limit: int, epsilons: list[float], lloyd: int) -> list[dict]:
+    """The LLM's mc_acc (the served model, `localpers eval world --mc-only` scoring: evaluation.run_upqa with
+    answers=False) on `limit` cold-start users (1-2 items, a seeded sample) for prompt+rag (local only) and
+    logo+prompt+rag with each knowledge: LoGo's in-process rounds, the sync's without noise, with DP at each
+    epsilon per round. The knowledge is swapped into what logo.prepare_world prepared for the world
+    (logo._PREPARED; everything else, the mediator included, is the evaluation's). One torch/llama.cpp thread."""
+    import dataclasses
+    import random
+
+    import torch
+
+    from localpers import evaluation as ev
+    from localpers import logo, names
+    from localpers.datasets import read_upqa
+    from localpers.engine import Engine
+    from localpers.methods import get_method
+    from localpers.world import WORLD_FILES, history_bucket, write_world
+
+    torch.set_num_threads(1)
+    world = generate_world(users=users, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_world(world, tmp)
+        items = [it for it in read_upqa(Path(tmp) / WORLD_FILES["upqa"])
+                 if history_bucket(dict(it.meta)["history_size"]) == "1-2"]
+        items = random.Random(seed).sample(items, min(limit, len(items)))
+        logo.prepare_world(tmp, [names.LOGO], seed=seed)
+    prepared = logo._PREPARED[names.LOGO]
+    variants = {"inprocess": prepared.rounds, "plain": federated_rounds(world["upqa"], math.inf, seed, lloyd)[0]}
+    for eps in epsilons:
+        variants[f"dp {eps:g}"] = federated_rounds(world["upqa"], eps, seed, lloyd)[0]
+    engine = Engine(None, seed=seed, n_threads=1)
+    out = []
+    try:
+        start, cpu0 = time.perf_counter(), time.process_time()
+        _, _, rows = ev.run_upqa(engine, items, {"prompt+rag": get_method("prompt+rag")}, answers=False)
+        base = {r["id"]: r["mc_ok"] for r in rows}
+        out.append({"setting": "prompt+rag", "seed": seed, "users": len(items), "mc_acc": float(np.mean(list(base.values()))),
+                    "seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu0, 1)})
+        for name, rounds in variants.items():
+            logo._PREPARED[names.LOGO] = dataclasses.replace(prepared, rounds=rounds)
+            start, cpu0 = time.perf_counter(), time.process_time()
+            _, _, rows = ev.run_upqa(engine, items, {"logo+prompt+rag": get_method("logo+prompt+rag")}, answers=False)
+            diff = [float(r["mc_ok"]) - float(base[r["id"]]) for r in rows]
+            out.append({"setting": f"logo+prompt+rag, {name}", "seed": seed, "users": len(rows),
+                        "mc_acc": float(np.mean([r["mc_ok"] for r in rows])), "paired_gain": float(np.mean(diff)),
+                        "paired_gain_se": float(np.std(diff, ddof=1) / math.sqrt(len(diff))),
+                        "seconds": round(time.perf_counter() - start, 1),
+                        "cpu_seconds": round(time.process_time() - cpu0, 1)})
+            print(json.dumps(out[-1]), flush=True)
+    finally:
+        engine.close()
+        logo._PREPARED[names.LOGO] = prepared
+    return out
+
+
 def plot_gain(rows: list[dict], path: str) -> None:
     """Cold-start (1-2 items) offline LoGo gain over local-only and over a chance note (mean and range over
     seeds) vs epsilon per sync round, with the in-process and noiseless federated references."""
@@ -403,7 +458,7 @@ def plot_gain(rows: list[dict], path: str) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["scale", "ray", "bytes", "privacy", "logo", "real", "child"])
+    p.add_argument("what", choices=["scale", "ray", "bytes", "privacy", "logo", "llm", "real", "child"])
     p.add_argument("--devices", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--epsilon", type=float, nargs="+", default=[math.inf, 16.0, 4.0, 1.0])
     p.add_argument("--rounds", type=int, default=3)
@@ -417,7 +472,8 @@ def main() -> int:
     p.add_argument("--ray", type=int, default=0, help="child: run in Flower's simulation engine with this many CPUs")
     p.add_argument("--settings", nargs="+", default=["inprocess", "plain", "dp"],
                    help="logo: knowledge from inprocess (LoGo's own), plain (sync, no noise), secagg, dp (at each --epsilon)")
-    p.add_argument("--users", type=int, default=1000, help="logo: world users")
+    p.add_argument("--users", type=int, default=1000, help="logo, llm: world users")
+    p.add_argument("--limit", type=int, default=60, help="llm: cold-start users scored")
     p.add_argument("--out", help="logo: append the rows (JSON lines) to this file")
     p.add_argument("--cpus", type=int, default=2, help="ray: CPUs Ray may use (one ClientApp actor per CPU)")
     p.add_argument("--plot", help="privacy: write the plot of cold-start accuracy vs epsilon here (PNG)")
@@ -439,6 +495,13 @@ def main() -> int:
         cfg = sync.SyncConfig(**{**base, "dim": len(VOCAB), "n_layer": 29, "steer_dim": 576, "rounds": 1,
                                  "min_size": 1, "min_contributors": 2})
         rows = [spawn(n, cfg, args.seed) for n in args.devices]
+    elif args.what == "llm":
+        for seed in args.seeds:
+            for row in llm_rows(args.users, seed, args.limit, args.epsilon, args.rounds):
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+        return 0
     elif args.what == "logo":
         if not args.rows:
             for seed in args.seeds:

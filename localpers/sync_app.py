@@ -416,8 +416,11 @@ def simulation_apps(node_configs: list[dict], run_config: dict) -> tuple[ServerA
 
 def simulate_ray(node_configs: list[dict], run_config: dict, num_cpus: int = 2, cpus_per_device: float = 1.0) -> dict:
     """Run the sync over len(node_configs) virtual devices with Flower's simulation engine (Ray: num_cpus
-    CPUs, one ClientApp actor per cpus_per_device). run_config needs `out-dir`; returns its summary.json
-    (history, seconds, complete). Raises UserError when the [sim] extra (Ray) is not installed."""
+    CPUs, one ClientApp actor per cpus_per_device). run_config needs `out-dir`, and a `timeout` (seconds a
+    SecAgg+ stage waits) long enough for every device of a stage to pass through the actors — and, in the first
+    stage, for Ray to start them (tens of seconds on a loaded machine): a stage that times out drops the late
+    devices. Returns the run's summary.json (history, seconds, complete). Raises UserError when the [sim] extra
+    (Ray) is not installed."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:

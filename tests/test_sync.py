@@ -65,6 +65,27 @@ def test_secagg_rounds_equal_the_plain_computation(tmp_path):
     np.testing.assert_array_equal(mine.sizes, strategy.knowledge.sizes)
 
 
+@pytest.mark.slow  # starts Ray (about 20 s); needs the [sim] extra
+def test_flower_simulation_engine_publishes_the_plain_computation(tmp_path):
+    """Invariant: the same ServerApp and ClientApp (SecAgg+ included) in Flower's simulation engine (Ray workers,
+    virtual devices given only a partition id) publish the plain in-process result within error_bound, and
+    every virtual device receives it into its own data directory."""
+    pytest.importorskip("ray", reason="the [sim] extra (bash install.sh sim)")
+    from localpers.sync_app import simulate_ray
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2})
+    users = make_users(7)
+    nodes = devices(tmp_path, users)
+    # stages wait up to 600 s: Ray's workers start (and import Flower) while the first stage waits
+    summary = simulate_ray(nodes, {**run_config(cfg, 7), "timeout": 600.0, "out-dir": str(tmp_path / "server")})
+    assert summary["complete"] and [h["devices"] for h in summary["history"]] == [7, 7]
+    got = sync.Knowledge.load(tmp_path / "server" / sync.GLOBAL_KNOWLEDGE_FILE)
+    assert_close_to_plain(got, sync.plain_kmeans(users, cfg), 7, cfg)
+    for node in nodes:
+        mine = sync.Knowledge.load(sync.sync_dir(node["data-dir"]) / sync.GLOBAL_KNOWLEDGE_FILE)
+        np.testing.assert_array_equal(mine.sizes, got.sizes)
+
+
 @pytest.mark.parametrize("stage", ["share_keys", "collect_masked_vectors"])
 def test_dropout_is_recovered(tmp_path, stage):
     """Invariant: a device that goes offline during the round leaves the survivors' exact sum (SecAgg+ removes its
