@@ -115,8 +115,14 @@ class SecAggPlus(SecAggPlusWorkflow):
 
 def run_server(grid: Grid, context: Context, centroids: np.ndarray | None = None) -> KMeansStrategy:
     """Run all rounds on `grid`; write the knowledge and a summary to run config `out-dir` (when set).
-    centroids: the first round's [k, dim] (default: sync.initial_centroids, public and data-free)."""
+    centroids: the first round's [k, dim]; default: run config `start` (a .npy file of published centroids, e.g.
+    the previous run's, so that community j stays community j across runs and LoGo's fold adds like to like),
+    else sync.initial_centroids (public and data-free)."""
     cfg = sync.SyncConfig.from_run_config(context.run_config)
+    if centroids is None and context.run_config.get("start"):
+        centroids = np.load(str(context.run_config["start"]), allow_pickle=False)
+        if centroids.shape != (cfg.k, cfg.dim):
+            raise UserError(f"sync: start centroids have shape {centroids.shape}, the run needs {(cfg.k, cfg.dim)}")
     min_devices = int(context.run_config.get("min-devices", 2))
     timeout = float(context.run_config.get("timeout", 60.0))
     sync.check_cohort(min_devices, cfg)

@@ -130,6 +130,8 @@ def _toml(values: dict) -> str:
 
 
 def cmd_sync_server(args) -> int:
+    import numpy as np
+
     from localpers import sync
 
     cfg = sync.SyncConfig(k=args.k, dim=args.dim, n_layer=args.n_layer, steer_dim=args.steer_dim, vocab=args.vocab,
@@ -149,8 +151,17 @@ def cmd_sync_server(args) -> int:
         f'address = "{args.host}:{args.port}"\ninsecure = true\n', encoding="utf-8")
     app.mkdir(parents=True, exist_ok=True)
     run_config = {**cfg.to_run_config(), "min-devices": args.devices, "timeout": args.timeout, "out-dir": str(out)}
+    previous = out / sync.GLOBAL_KNOWLEDGE_FILE
+    start = out / "start_centroids.npy"
+    start.unlink(missing_ok=True)
+    if previous.is_file() and not args.fresh:
+        centroids = sync.Knowledge.load(previous).centroids
+        if centroids.shape == (cfg.k, cfg.dim):  # continue the previous run's communities
+            np.save(start, centroids)
+            run_config["start"] = str(start)
+            print(f"sync-server: starting from the {cfg.k} communities of the previous run in {out} (--fresh: not)")
     (app / "pyproject.toml").write_text(APP_PYPROJECT + "\n[tool.flwr.app.config]\n" + _toml(run_config), encoding="utf-8")
-    for stale in (out / sync.GLOBAL_KNOWLEDGE_FILE, out / "summary.json"):
+    for stale in (previous, out / "summary.json"):
         stale.unlink(missing_ok=True)
     env = _env(home)
     print(f"sync-server: SuperLink on {args.host}:{args.port}; waiting for {args.devices} devices, "
@@ -290,6 +301,8 @@ def add_cli(sub) -> None:
     p.add_argument("--steer-clip", type=float, default=8.0, help="L2 clip of a user's steering vector")
     p.add_argument("--hist-clip", type=float, default=4.0, help="L2 clip of a user's preference histogram")
     p.add_argument("--seed", type=int, default=0, help="seed of the public initial centroids")
+    p.add_argument("--fresh", action="store_true", help="start from the seed's centroids even when --out holds a "
+                   "previous run's communities (default: continue them, so community j stays community j)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a SecAgg+ stage waits for devices")
     p.add_argument("--max-seconds", type=float, default=0, help="give up on the run after this long (0: automatic)")
     p.set_defaults(func=cmd_sync_server)

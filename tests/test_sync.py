@@ -65,6 +65,25 @@ def test_secagg_rounds_equal_the_plain_computation(tmp_path):
     np.testing.assert_array_equal(mine.sizes, strategy.knowledge.sizes)
 
 
+def test_a_run_started_from_published_centroids_continues_those_communities(tmp_path):
+    """Invariant: with run config `start` (what `localpers sync-server` passes from the previous run in --out), the
+    federated rounds start from those centroids and publish plain_kmeans(start=...) — community j stays
+    community j — and a start of the wrong shape is refused before any round."""
+    from localpers.sync_app import simulate
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
+    users = make_users(6)
+    first = sync.plain_kmeans(users, cfg)
+    start = first.centroids[::-1].copy()  # the same communities, numbered the other way round
+    np.save(tmp_path / "start.npy", start)
+    strategy, _ = simulate(devices(tmp_path, users), {**run_config(cfg, 6), "start": str(tmp_path / "start.npy")})
+    assert_close_to_plain(strategy.knowledge, sync.plain_kmeans(users, cfg, start=start), 6, cfg)
+    np.testing.assert_array_equal(strategy.knowledge.sizes, first.sizes[::-1])
+    np.save(tmp_path / "bad.npy", start[:, :2])
+    with pytest.raises(UserError, match="start centroids"):
+        simulate(devices(tmp_path, users), {**run_config(cfg, 6), "start": str(tmp_path / "bad.npy")})
+
+
 @pytest.mark.slow  # starts Ray (about 20 s); needs the [sim] extra
 def test_flower_simulation_engine_publishes_the_plain_computation(tmp_path):
     """Invariant: the same ServerApp and ClientApp (SecAgg+ included) in Flower's simulation engine (Ray workers,
