@@ -424,3 +424,9 @@ def spent(data_dir: str | Path, delta: float, extra: tuple[float, ...] = ()) -> 
     """Total epsilon (for `delta`) this device has spent: composition of every round it contributed to, plus
     the rounds with noise multipliers `extra` (to check one more round against the budget before sending)."""
     return compose_epsilon(_sent_noise(data_dir) + list(extra), delta)
+
+
+def exhausted(data_dir: str | Path, budget: float, delta: float) -> bool:
+    """Has this device spent its epsilon budget (for `delta`)? Never for budget math.inf, even after noiseless
+    rounds (which spend an infinite epsilon: a device that set no limit keeps contributing)."""
+    return not math.isinf(budget) and spent(data_dir, delta) >= budget

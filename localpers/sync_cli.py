@@ -188,7 +188,10 @@ def cmd_sync_server(args) -> int:
         else:
             print(f"round {h['round']}: {h['devices']} devices, community sizes {[int(s) for s in h['sizes']]}")
     total = sync.rdp_epsilon(cfg.noise_multiplier, cfg.rounds, cfg.delta)
-    print(f"published {out / sync.GLOBAL_KNOWLEDGE_FILE}; epsilon {total:.3g} in total (delta {cfg.delta:g})")
+    if (out / sync.GLOBAL_KNOWLEDGE_FILE).is_file():
+        print(f"published {out / sync.GLOBAL_KNOWLEDGE_FILE}; epsilon {total:.3g} in total (delta {cfg.delta:g})")
+    else:
+        print(f"nothing published: the run ended after {len(summary['history'])} of {cfg.rounds} rounds; see {out / 'run.log'}")
     return 0 if summary["complete"] else 1
 
 
@@ -235,7 +238,7 @@ def cmd_sync(args) -> int:
         raise UserError("sync: --user is required (whose local signals this device contributes)")
     sync.load_contribution(data_dir, args.user)  # validate before joining
     budget = args.epsilon_budget
-    if sync.spent(data_dir, 1e-6) >= budget:
+    if sync.exhausted(data_dir, budget, 1e-6):
         raise UserError(f"sync: this device has spent its epsilon budget {budget:g}")
     host, port = _split_address(args.superlink)
     node = {"data-dir": str(data_dir.resolve()), "user": args.user, "epsilon-budget": str(budget)}

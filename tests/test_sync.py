@@ -216,6 +216,22 @@ def test_device_stops_at_its_budget_and_logs_what_it_sent(tmp_path):
     assert out.returncode == 0 and "refused" in out.stdout and "epsilon" in out.stdout
 
 
+def test_a_device_without_a_limit_syncs_again_after_noiseless_rounds(tmp_path):
+    """Invariant: noiseless rounds spend an infinite epsilon, which exhausts every finite budget but never the
+    budget inf (`localpers sync --epsilon-budget inf` joins again); a noisy round is checked against its budget."""
+    from localpers.sync_app import simulate
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
+    nodes = devices(tmp_path, make_users(3))
+    data_dir = nodes[0]["data-dir"]
+    assert not sync.exhausted(data_dir, 16.0, cfg.delta)
+    simulate(nodes, run_config(cfg, 3))
+    assert sync.spent(data_dir, cfg.delta) == math.inf
+    assert sync.exhausted(data_dir, 16.0, cfg.delta) and not sync.exhausted(data_dir, math.inf, cfg.delta)
+    strategy, _ = simulate(nodes, run_config(cfg, 3))  # the same devices, a second run
+    assert [h["devices"] for h in strategy.history] == [3]
+
+
 def test_bad_contribution_is_a_user_error(tmp_path):
     c = make_users(1)[0]
     c.steering = np.zeros((5, 5))
