@@ -6,6 +6,14 @@
     python bench/bench_sync.py real --rounds 3                   # 3 real SuperNodes on loopback: time per round
     python bench/bench_sync.py ray --devices 100 1000 --rounds 1 # Flower's simulation engine (Ray; [sim] extra)
     python bench/bench_sync.py privacy --devices 1000 --epsilon inf 16 4 1 --seeds 11 12 13 --direct
+    python bench/bench_sync.py logo --seeds 43 47 --settings inprocess plain dp --epsilon 16 4 1 --out rows.jsonl
+    python bench/bench_sync.py logo --rows rows.jsonl --plot gain.png     # LoGo's cold-start gain vs epsilon
+    python bench/bench_sync.py llm --seeds 43 --limit 100 --epsilon 16 4 1 --out llm.jsonl  # the LLM's mc_acc
+
+`logo` and `llm` measure the quality cost of privacy as LoGo measures itself: LoGo's GlobalKnowledge per world
+time step computed by the sync (federated_rounds: one sync run per step over LoGo's own device signals, folded
+with LoGo's decay) instead of in-process, scored by LoGo's mediator on cold-start users (logo_gain, as
+bench/logo_offline.py) or by the served model's mc_acc on them (llm_rows, as `localpers eval world --mc-only`).
 
 Each device's signals are read from its world history without a model: preference counts over the public
 vocabulary of attribute values (value names and their keywords), user vector = unit(counts), as LoGo's
