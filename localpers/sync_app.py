@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import time
+from logging import INFO
 from pathlib import Path
 
 import numpy as np
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.common import (Context, EvaluateIns, FitIns, Message, ndarrays_to_parameters, parameters_to_ndarrays)
+from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
@@ -34,6 +36,7 @@ from localpers import sync
 from localpers.errors import UserError
 
 SUMMARY_FILE = "summary.json"
+KEY_SHARES_COLLECTED = "SecAgg+ key shares collected from"  # logged (INFO) when a round's 'share keys' stage ends
 
 
 # ---------------------------------------------------------------- server
@@ -105,16 +108,26 @@ class SecAggPlus(SecAggPlusWorkflow):
     def share_keys_stage(self, grid, context, state) -> bool:
         ok = super().share_keys_stage(grid, context, state)
         state.sampled_node_ids = set(state.active_node_ids)
+        # an event for logs and tests: every key share of the round is in; masked vectors are asked for next
+        log(INFO, "%s %d devices", KEY_SHARES_COLLECTED, len(state.active_node_ids))
         return ok
 
 
-def run_server(grid: Grid, context: Context) -> KMeansStrategy:
-    """Run all rounds on `grid`; write the knowledge and a summary to run config `out-dir` (when set)."""
+def run_server(grid: Grid, context: Context, centroids: np.ndarray | None = None) -> KMeansStrategy:
+    """Run all rounds on `grid`; write the knowledge and a summary to run config `out-dir` (when set).
+    centroids: the first round's [k, dim]; default: run config `start` (a .npy file of published centroids, e.g.
+    the previous run's, so that community j stays community j across runs and LoGo's fold adds like to like),
+    else sync.initial_centroids (public and data-free)."""
     cfg = sync.SyncConfig.from_run_config(context.run_config)
+    if centroids is None and context.run_config.get("start"):
+        centroids = np.load(str(context.run_config["start"]), allow_pickle=False)
+        if centroids.shape != (cfg.k, cfg.dim):
+            raise UserError(f"sync: start centroids have shape {centroids.shape}, the run needs {(cfg.k, cfg.dim)}")
     min_devices = int(context.run_config.get("min-devices", 2))
     timeout = float(context.run_config.get("timeout", 60.0))
     sync.check_cohort(min_devices, cfg)
-    strategy = KMeansStrategy(cfg, min_devices, wait_seconds=float(context.run_config.get("wait", 600.0)))
+    strategy = KMeansStrategy(cfg, min_devices, wait_seconds=float(context.run_config.get("wait", 600.0)),
+                              centroids=centroids)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds, round_timeout=timeout),
                            strategy=strategy)
     if cfg.min_contributors > min_devices:
@@ -208,20 +221,30 @@ def save_logo_knowledge(data_dir: str | Path, knowledge: sync.Knowledge, cfg: sy
     if cfg.vocab != len(logo.VOCABULARY):
         return None
     path = logo.knowledge_dir(data_dir) / logo.KNOWLEDGE_FILE
-    sums = logo.RoundSums(**sync.logo_round_sums(knowledge))
     previous = None
     if path.is_file():
         try:
             previous = logo.GlobalKnowledge.load(path)
         except UserError:
             previous = None
+    return logo_knowledge(previous, knowledge, cfg).save(path)
+
+
+def logo_knowledge(previous, knowledge: sync.Knowledge, cfg: sync.SyncConfig):
+    """LoGo's GlobalKnowledge after folding one sync run's published knowledge into `previous` (a
+    logo.GlobalKnowledge or None; dropped unless it came from sync with the same shapes): logo.fold with
+    logo.HALF_LIFE, min_size cfg.min_size, meta source logo.SYNC_SOURCE (no file written: see
+    save_logo_knowledge). cfg.vocab must be len(logo.VOCABULARY)."""
+    from localpers import logo
+
+    sums = logo.RoundSums(**sync.logo_round_sums(knowledge))
     if previous is not None and (previous.meta.get("source") != logo.SYNC_SOURCE or any(
             getattr(previous.sums, f).shape != getattr(sums, f).shape for f in vars(sums))):
         previous = None
     meta = {"source": logo.SYNC_SOURCE, "embedder": None if cfg.dim == len(logo.VOCABULARY) else f"sync-dim-{cfg.dim}",
             "community_cvecs": {}, "sync": {k: knowledge.meta.get(k) for k in ("rounds", "epsilon_total", "delta")}}
     return logo.fold(previous, sums, start=knowledge.centroids.astype(np.float32), half_life=logo.HALF_LIFE,
-                     min_size=cfg.min_size, meta=meta).save(path)
+                     min_size=cfg.min_size, meta=meta)
 
 
 def describe(content) -> list[dict]:
@@ -350,8 +373,10 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def simulate(node_configs: list[dict], run_config: dict, drop_at: dict[int, str] | None = None):
-    """Run the ServerApp against len(node_configs) in-process devices; returns (strategy, grid)."""
+def simulate(node_configs: list[dict], run_config: dict, drop_at: dict[int, str] | None = None,
+             centroids: np.ndarray | None = None):
+    """Run the ServerApp against len(node_configs) in-process devices (first-round centroids: see run_server);
+    returns (strategy, grid)."""
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as Flower's run_simulation does
@@ -360,5 +385,61 @@ def simulate(node_configs: list[dict], run_config: dict, drop_at: dict[int, str]
     from flwr.common import RecordDict
 
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
-    strategy = run_server(grid, context)
+    strategy = run_server(grid, context, centroids)
     return strategy, grid
+
+
+# ---------------------------------------------------------------- Flower's simulation engine (Ray)
+
+
+def simulation_apps(node_configs: list[dict], run_config: dict) -> tuple[ServerApp, ClientApp]:
+    """The sync ServerApp and ClientApp (same strategy, SecAgg+ workflow, mods) for Flower's simulation engine
+    (`flwr.simulation.run_simulation`, Ray backend), with len(node_configs) virtual devices.
+
+    The simulation engine gives a virtual device only node config {partition-id, num-partitions} and the apps an
+    empty run config (which it refuses to let a ClientApp change); `device_mod` (outermost) hands the mods
+    below it a view of the device's Context with node config node_configs[partition-id] (data-dir, user,
+    epsilon-budget) and the run config, sharing its state, so the ClientApp below it is the one `localpers
+    sync` runs. node_configs and run_config are captured by value (Ray ships the
+    ClientApp to its worker processes)."""
+    nodes = [dict(n) for n in node_configs]
+    config = dict(run_config)
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        context.run_config.update(config)
+        run_server(grid, context)
+
+    def device_mod(msg: Message, context: Context, call_next) -> Message:
+        # a device's view of the same Context (state shared: SecAgg+ keeps its keys there between stages)
+        device = Context(run_id=context.run_id, node_id=context.node_id, state=context.state, run_config=config,
+                         node_config={**context.node_config, **nodes[int(context.node_config["partition-id"])]})
+        return call_next(msg, device)
+
+    return server, ClientApp(client_fn=_client_fn, mods=[device_mod, ledger_mod, secaggplus_mod])
+
+
+def simulate_ray(node_configs: list[dict], run_config: dict, num_cpus: int = 2, cpus_per_device: float = 1.0) -> dict:
+    """Run the sync over len(node_configs) virtual devices with Flower's simulation engine (Ray: num_cpus
+    CPUs, one ClientApp actor per cpus_per_device). run_config needs `out-dir`, and a `timeout` (seconds a
+    SecAgg+ stage waits) long enough for every device of a stage to pass through the actors — and, in the first
+    stage, for Ray to start them (tens of seconds on a loaded machine): a stage that times out drops the late
+    devices. Returns the run's summary.json (history, seconds, complete). Raises UserError when the [sim] extra
+    (Ray) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UserError('sync: the simulation engine needs Ray: pip install "localpers[sim]" (bash install.sh sim)')
+    from flwr.simulation import run_simulation
+
+    if not run_config.get("out-dir"):
+        raise UserError("sync: simulate_ray needs run config out-dir")
+    server, client = simulation_apps(node_configs, run_config)
+    backend = {"client_resources": {"num_cpus": cpus_per_device, "num_gpus": 0.0},
+               "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False}}
+    run_simulation(server_app=server, client_app=client, num_supernodes=len(node_configs), backend_config=backend)
+    summary = Path(str(run_config["out-dir"])) / SUMMARY_FILE
+    if not summary.exists():
+        raise UserError("sync: the simulation ended without a result (see Flower's log above)")
+    return json.loads(summary.read_text())

@@ -130,6 +130,8 @@ def _toml(values: dict) -> str:
 
 
 def cmd_sync_server(args) -> int:
+    import numpy as np
+
     from localpers import sync
 
     cfg = sync.SyncConfig(k=args.k, dim=args.dim, n_layer=args.n_layer, steer_dim=args.steer_dim, vocab=args.vocab,
@@ -149,8 +151,17 @@ def cmd_sync_server(args) -> int:
         f'address = "{args.host}:{args.port}"\ninsecure = true\n', encoding="utf-8")
     app.mkdir(parents=True, exist_ok=True)
     run_config = {**cfg.to_run_config(), "min-devices": args.devices, "timeout": args.timeout, "out-dir": str(out)}
+    previous = out / sync.GLOBAL_KNOWLEDGE_FILE
+    start = out / "start_centroids.npy"
+    start.unlink(missing_ok=True)
+    if previous.is_file() and not args.fresh:
+        centroids = sync.Knowledge.load(previous).centroids
+        if centroids.shape == (cfg.k, cfg.dim):  # continue the previous run's communities
+            np.save(start, centroids)
+            run_config["start"] = str(start)
+            print(f"sync-server: starting from the {cfg.k} communities of the previous run in {out} (--fresh: not)")
     (app / "pyproject.toml").write_text(APP_PYPROJECT + "\n[tool.flwr.app.config]\n" + _toml(run_config), encoding="utf-8")
-    for stale in (out / sync.GLOBAL_KNOWLEDGE_FILE, out / "summary.json"):
+    for stale in (previous, out / "summary.json"):
         stale.unlink(missing_ok=True)
     env = _env(home)
     print(f"sync-server: SuperLink on {args.host}:{args.port}; waiting for {args.devices} devices, "
@@ -177,7 +188,10 @@ def cmd_sync_server(args) -> int:
         else:
             print(f"round {h['round']}: {h['devices']} devices, community sizes {[int(s) for s in h['sizes']]}")
     total = sync.rdp_epsilon(cfg.noise_multiplier, cfg.rounds, cfg.delta)
-    print(f"published {out / sync.GLOBAL_KNOWLEDGE_FILE}; epsilon {total:.3g} in total (delta {cfg.delta:g})")
+    if (out / sync.GLOBAL_KNOWLEDGE_FILE).is_file():
+        print(f"published {out / sync.GLOBAL_KNOWLEDGE_FILE}; epsilon {total:.3g} in total (delta {cfg.delta:g})")
+    else:
+        print(f"nothing published: the run ended after {len(summary['history'])} of {cfg.rounds} rounds; see {out / 'run.log'}")
     return 0 if summary["complete"] else 1
 
 
@@ -224,7 +238,7 @@ def cmd_sync(args) -> int:
         raise UserError("sync: --user is required (whose local signals this device contributes)")
     sync.load_contribution(data_dir, args.user)  # validate before joining
     budget = args.epsilon_budget
-    if sync.spent(data_dir, 1e-6) >= budget:
+    if sync.exhausted(data_dir, budget, 1e-6):
         raise UserError(f"sync: this device has spent its epsilon budget {budget:g}")
     host, port = _split_address(args.superlink)
     node = {"data-dir": str(data_dir.resolve()), "user": args.user, "epsilon-budget": str(budget)}
@@ -290,6 +304,8 @@ def add_cli(sub) -> None:
     p.add_argument("--steer-clip", type=float, default=8.0, help="L2 clip of a user's steering vector")
     p.add_argument("--hist-clip", type=float, default=4.0, help="L2 clip of a user's preference histogram")
     p.add_argument("--seed", type=int, default=0, help="seed of the public initial centroids")
+    p.add_argument("--fresh", action="store_true", help="start from the seed's centroids even when --out holds a "
+                   "previous run's communities (default: continue them, so community j stays community j)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a SecAgg+ stage waits for devices")
     p.add_argument("--max-seconds", type=float, default=0, help="give up on the run after this long (0: automatic)")
     p.set_defaults(func=cmd_sync_server)

@@ -65,6 +65,46 @@ def test_secagg_rounds_equal_the_plain_computation(tmp_path):
     np.testing.assert_array_equal(mine.sizes, strategy.knowledge.sizes)
 
 
+def test_a_run_started_from_published_centroids_continues_those_communities(tmp_path):
+    """Invariant: with run config `start` (what `localpers sync-server` passes from the previous run in --out), the
+    federated rounds start from those centroids and publish plain_kmeans(start=...) — community j stays
+    community j — and a start of the wrong shape is refused before any round."""
+    from localpers.sync_app import simulate
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
+    users = make_users(6)
+    first = sync.plain_kmeans(users, cfg)
+    start = first.centroids[::-1].copy()  # the same communities, numbered the other way round
+    np.save(tmp_path / "start.npy", start)
+    strategy, _ = simulate(devices(tmp_path, users), {**run_config(cfg, 6), "start": str(tmp_path / "start.npy")})
+    assert_close_to_plain(strategy.knowledge, sync.plain_kmeans(users, cfg, start=start), 6, cfg)
+    np.testing.assert_array_equal(strategy.knowledge.sizes, first.sizes[::-1])
+    np.save(tmp_path / "bad.npy", start[:, :2])
+    with pytest.raises(UserError, match="start centroids"):
+        simulate(devices(tmp_path, users), {**run_config(cfg, 6), "start": str(tmp_path / "bad.npy")})
+
+
+@pytest.mark.slow  # starts Ray (about 20 s); needs the [sim] extra
+def test_flower_simulation_engine_publishes_the_plain_computation(tmp_path):
+    """Invariant: the same ServerApp and ClientApp (SecAgg+ included) in Flower's simulation engine (Ray workers,
+    virtual devices given only a partition id) publish the plain in-process result within error_bound, and
+    every virtual device receives it into its own data directory."""
+    pytest.importorskip("ray", reason="the [sim] extra (bash install.sh sim)")
+    from localpers.sync_app import simulate_ray
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2})
+    users = make_users(7)
+    nodes = devices(tmp_path, users)
+    # stages wait up to 600 s: Ray's workers start (and import Flower) while the first stage waits
+    summary = simulate_ray(nodes, {**run_config(cfg, 7), "timeout": 600.0, "out-dir": str(tmp_path / "server")})
+    assert summary["complete"] and [h["devices"] for h in summary["history"]] == [7, 7]
+    got = sync.Knowledge.load(tmp_path / "server" / sync.GLOBAL_KNOWLEDGE_FILE)
+    assert_close_to_plain(got, sync.plain_kmeans(users, cfg), 7, cfg)
+    for node in nodes:
+        mine = sync.Knowledge.load(sync.sync_dir(node["data-dir"]) / sync.GLOBAL_KNOWLEDGE_FILE)
+        np.testing.assert_array_equal(mine.sizes, got.sizes)
+
+
 @pytest.mark.parametrize("stage", ["share_keys", "collect_masked_vectors"])
 def test_dropout_is_recovered(tmp_path, stage):
     """Invariant: a device that goes offline during the round leaves the survivors' exact sum (SecAgg+ removes its
@@ -174,6 +214,22 @@ def test_device_stops_at_its_budget_and_logs_what_it_sent(tmp_path):
     out = subprocess.run([sys.executable, "-m", "localpers", "sync", "--log", "--data-dir", nodes[0]["data-dir"]],
                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0 and "refused" in out.stdout and "epsilon" in out.stdout
+
+
+def test_a_device_without_a_limit_syncs_again_after_noiseless_rounds(tmp_path):
+    """Invariant: noiseless rounds spend an infinite epsilon, which exhausts every finite budget but never the
+    budget inf (`localpers sync --epsilon-budget inf` joins again); a noisy round is checked against its budget."""
+    from localpers.sync_app import simulate
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
+    nodes = devices(tmp_path, make_users(3))
+    data_dir = nodes[0]["data-dir"]
+    assert not sync.exhausted(data_dir, 16.0, cfg.delta)
+    simulate(nodes, run_config(cfg, 3))
+    assert sync.spent(data_dir, cfg.delta) == math.inf
+    assert sync.exhausted(data_dir, 16.0, cfg.delta) and not sync.exhausted(data_dir, math.inf, cfg.delta)
+    strategy, _ = simulate(nodes, run_config(cfg, 3))  # the same devices, a second run
+    assert [h["devices"] for h in strategy.history] == [3]
 
 
 def test_bad_contribution_is_a_user_error(tmp_path):

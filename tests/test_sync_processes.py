@@ -1,5 +1,6 @@
 """Private sync with real processes on loopback: `localpers sync-server` (Flower SuperLink + ServerApp) and three
-`localpers sync` devices (Flower SuperNodes), one of them killed in the middle of the last round."""
+`localpers sync` devices (Flower SuperNodes): one of them killed in the middle of the round; and (slow) three
+devices whose synced communities a cold-start user's reply from a real `localpers serve` then uses."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from localpers import sync
+from localpers.sync_app import KEY_SHARES_COLLECTED
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = sync.SyncConfig(k=2, dim=8, n_layer=2, steer_dim=3, vocab=5, rounds=1, min_size=1, min_contributors=2, seed=3)
@@ -68,6 +71,19 @@ def kill_device(data_dir: Path) -> None:
     os.killpg(pid, signal.SIGKILL)
 
 
+def read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for(condition, proc: subprocess.Popen, limit_s: float) -> None:
+    """Until condition() holds (a hang guard, not a timing assertion); fails when proc exits first."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert proc.poll() is None, f"{proc.args[3:5]} exited ({proc.returncode}) before the awaited event"
+        assert time.monotonic() < deadline, "the awaited event did not come"
+        time.sleep(0.02)
+
+
 def logged(data_dir: Path, kind: str, stage: str | None = None) -> float | None:
     """Time of the first ledger entry of this kind (and SecAgg+ stage), or None."""
     for e in sync.read_log(data_dir):
@@ -89,28 +105,22 @@ def test_three_devices_one_killed_mid_round_publish_the_plain_result(tmp_path):
     out = tmp_path / "server"
     server_args = ["sync-server", "--out", str(out), "--port", str(port), "--devices", "3", "--rounds", "1",
                    "--k", "2", "--dim", "8", "--n-layer", "2", "--steer-dim", "3", "--vocab", "5", "--min-size", "1",
-                   "--min-contributors", "2", "--seed", "3", "--timeout", "60", "--max-seconds", "150"]
+                   "--min-contributors", "2", "--seed", "3", "--timeout", "60", "--max-seconds", "600"]
     procs = {"server": start(server_args, tmp_path / "server.log")}
     try:
         for u in USERS:
             procs[u] = start(["sync", "--superlink", f"127.0.0.1:{port}", "--user", u, "--data-dir", str(dirs[u]),
                               "--port", str(free_port()), "--epsilon-budget", "inf", "--capture",
-                              str(tmp_path / f"capture-{u}"), "--once", "--max-seconds", "150"],
+                              str(tmp_path / f"capture-{u}"), "--once", "--max-seconds", "600"],
                              tmp_path / f"{u}.log")
-        # Kill carol 1 s after she sent her key shares ('share keys', stage 1): her reply is delivered within
-        # milliseconds, her masked vector (stage 2) needs the server to collect every share and a fresh
-        # ClientApp process (seconds), so she dies between the two — the dropout SecAgg+ must recover from.
-        killed = False
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and procs["server"].poll() is None:
-            shared = logged(dirs["carol"], "message", "share_keys")
-            if not killed and shared is not None and time.time() > shared + 1.0:
-                assert logged(dirs["carol"], "contribution") is None, "carol was too fast to be killed mid-round"
-                kill_device(dirs["carol"])
-                killed = True
-            time.sleep(0.02)
-        assert killed
-        assert procs["server"].wait(timeout=60) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        # Kill carol when the server logs that it holds every key share of the round (the end of 'share keys'):
+        # her masked vector is asked for next, and answering needs the SuperNode to pull the message and start
+        # a fresh ClientApp process (seconds), so she dies between the two stages — the dropout SecAgg+ must
+        # recover from. Waits on the server's event, not on a clock.
+        wait_for(lambda: KEY_SHARES_COLLECTED in read(out / "run.log"), procs["server"], 600)
+        assert logged(dirs["carol"], "message", "collect_masked_vectors") is None, "carol answered before the kill"
+        kill_device(dirs["carol"])
+        assert procs["server"].wait(timeout=600) == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
         for p in procs.values():
             stop(p)
@@ -153,3 +163,112 @@ def test_three_devices_one_killed_mid_round_publish_the_plain_result(tmp_path):
     log = subprocess.run([sys.executable, "-m", "localpers", "sync", "--log", "--data-dir", str(dirs["alice"])],
                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert log.returncode == 0 and "round 1" in log.stdout and "collect_masked_vectors" in log.stdout
+
+
+# ---------------------------------------------------------------- replies use the synced communities
+
+CLIMBERS = ["I love bouldering at the climbing gym.", "Sushi and ramen are my favourite dinner."]
+GARDENERS = ["My tomatoes and seedlings are doing great.", "Tacos and burritos every Friday!"]
+DEVICE_USERS = {"cliff": CLIMBERS, "rocky": CLIMBERS, "rose": GARDENERS}  # one user (and device) each
+COLD = ["Went bouldering again this morning."]  # a new user on cliff's device: one item, no stated cuisine
+QUERY = "What food should I eat tonight?"
+
+
+@pytest.mark.slow  # about 2.5 min on the shared machine (two Flower runs' worth of processes, a server, a job)
+def test_three_real_devices_learn_communities_and_a_cold_users_served_reply_uses_them(tmp_path, tmp_path_factory):
+    """Three real devices learn the communities privately and their users' replies use them: each device's LoGo
+    refresh computes its user's signals; `localpers sync-server` and three `localpers sync` processes run the
+    federated rounds (SecAgg+); then a real `localpers serve --personalize logo` on the first device registers a
+    new cold-start user (its worker's logo job, which keeps the synced knowledge) and serves them. Oracle: the
+    reply's prompt is exactly the request with the community note LoGo's mediator derives from the device's synced
+    knowledge (the climbers' cuisine, which the cold user never stated) — prompt_tokens equal the token count of
+    that conversation, and exceed the plain request's, which is what the same user got before."""
+    import httpx
+    from serve_helpers import serve_process, wait_until_up
+
+    from localpers import logo, names
+    from localpers.engine import Engine
+    from localpers.gguf_info import open_gguf
+    from localpers.methods import apply
+    from localpers.model import ModelConfig
+    from localpers.store import Store
+    from tests.helpers_models import random_model_path
+
+    model = random_model_path(tmp_path_factory, "llama")
+    config = ModelConfig.from_gguf(open_gguf(model))
+    dirs = {u: tmp_path / u for u in DEVICE_USERS}
+    for user, texts in DEVICE_USERS.items():
+        with Store.open(dirs[user]) as store:
+            for t in texts:
+                store.add(user, t)
+            logo.refresh_knowledge(store, model_path=model, min_size=1)  # signals, steering, sync contribution
+    V = len(logo.VOCABULARY)
+    contributions = [sync.load_contribution(dirs[u], u) for u in DEVICE_USERS]
+    # the first public seed whose initial centroids separate the planted groups (climbers together)
+    cfg = next(c for c in (sync.SyncConfig(k=2, dim=V, n_layer=config.n_layer - 1, steer_dim=config.d_model, vocab=V,
+                                           rounds=2, min_size=1, seed=s) for s in range(20))
+               if sorted(sync.plain_kmeans(contributions, c).sizes) == [1, 2])
+
+    port = free_port()
+    out = tmp_path / "server"
+    procs = {"server": start(["sync-server", "--out", str(out), "--port", str(port), "--devices", "3",
+                              "--rounds", str(cfg.rounds), "--k", "2", "--dim", str(V), "--n-layer", str(cfg.n_layer),
+                              "--steer-dim", str(cfg.steer_dim), "--vocab", str(V), "--min-size", "1",
+                              "--min-contributors", "2", "--seed", str(cfg.seed), "--timeout", "120",
+                              "--max-seconds", "600"], tmp_path / "server.log")}
+    try:
+        for u in DEVICE_USERS:
+            procs[u] = start(["sync", "--superlink", f"127.0.0.1:{port}", "--user", u, "--data-dir", str(dirs[u]),
+                              "--port", str(free_port()), "--epsilon-budget", "inf", "--once", "--max-seconds", "600"],
+                             tmp_path / f"{u}.log")
+        assert procs["server"].wait(timeout=700) == 0, read(tmp_path / "server.log")[-3000:]
+        for u in DEVICE_USERS:  # each device leaves once it holds the published knowledge
+            assert procs[u].wait(timeout=120) == 0, read(tmp_path / f"{u}.log")[-3000:]
+    finally:
+        for p in procs.values():
+            stop(p)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [h["devices"] for h in summary["history"]] == [3] * cfg.rounds
+    published = sync.Knowledge.load(out / sync.GLOBAL_KNOWLEDGE_FILE)
+    plain = sync.plain_kmeans(contributions, cfg)
+    assert np.array_equal(published.sizes, plain.sizes)
+    np.testing.assert_allclose(published.histograms, plain.histograms, atol=sync.error_bound(3, cfg) * cfg.hist_clip)
+
+    home = dirs["cliff"]
+    with Store.open(home) as store:
+        for t in COLD:
+            store.add("newbie", t)
+    url = f"http://127.0.0.1:{free_port()}"
+    serve = serve_process("--model", str(model), "--data-dir", str(home), "--port", url.rsplit(":", 1)[1],
+                          "--personalize", names.LOGO)
+    messages = [{"role": "user", "content": QUERY}]
+    body = {"model": model.stem, "messages": messages, "user": "newbie", "max_tokens": 1, "temperature": 0,
+            "localpers": {"explain": True, "history": False}}
+    try:
+        wait_until_up(url, serve)
+        before = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+        assert "localpers" in before, before
+        r = httpx.post(f"{url}/v1/users/newbie/personalize", json={"method": names.LOGO}, timeout=60)
+        assert r.status_code == 202, r.text
+
+        def jobs() -> list[dict]:
+            return httpx.get(f"{url}/v1/users/newbie/jobs", timeout=60).json()["data"]
+
+        wait_for(lambda: all(j["state"] in (names.DONE, names.FAILED) for j in jobs()), serve, 600)
+        assert [j["state"] for j in jobs()] == [names.DONE], jobs()
+        after = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+
+    # the device serves the synced knowledge (kept by the logo job), and the oracle derives the note from it
+    knowledge = logo.GlobalKnowledge.load(logo.knowledge_dir(home) / logo.KNOWLEDGE_FILE)
+    assert knowledge.meta["source"] == logo.SYNC_SOURCE and knowledge.round == 1
+    np.testing.assert_allclose(knowledge.histograms, published.histograms, atol=1e-6)
+    expected = logo.personalize(logo.local_signals(COLD), knowledge, logo.MEDIATOR, None, lambda c: None, QUERY)
+    assert "Japanese food" in expected.user_prefix  # the climbers' cuisine: the cold user never named one
+    engine = Engine(model, n_ctx=512, n_threads=1)
+    assert before["localpers"]["composition"] == after["localpers"]["composition"] == names.LOGO
+    assert before["usage"]["prompt_tokens"] == len(engine.chat_tokens(messages))
+    assert after["usage"]["prompt_tokens"] == len(engine.chat_tokens(apply(expected, messages)))
+    assert after["usage"]["prompt_tokens"] > before["usage"]["prompt_tokens"]
