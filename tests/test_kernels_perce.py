@@ -176,8 +176,9 @@ def test_clip_bounds_are_the_callers(backend, bounds):
 def test_all_ones_is_torch_cross_entropy(backend):
     h_pos, _, weight, targets, _ = make_case(50, 24, 300, torch.float32, seed=1)
     h = h_pos.clone().requires_grad_()
-    loss, weights = perce_linear_cross_entropy(h, None, weight, targets, token_weights=torch.ones(50, device=DEVICE),
-                                               backend=backend)
+    loss, weights, nll = perce_linear_cross_entropy(h, None, weight, targets,
+                                                    token_weights=torch.ones(50, device=DEVICE), return_nll=True,
+                                                    backend=backend)
     loss.backward()
     h_ref = h_pos.clone().requires_grad_()
     expected = F.cross_entropy(h_ref @ weight.T, targets, ignore_index=-100)
@@ -185,6 +186,8 @@ def test_all_ones_is_torch_cross_entropy(backend):
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(h.grad, h_ref.grad)
     assert torch.equal(weights, (targets != -100).float())
+    torch.testing.assert_close(nll, F.cross_entropy(h_pos @ weight.T, targets, ignore_index=-100, reduction="none"))
+    assert not nll.requires_grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

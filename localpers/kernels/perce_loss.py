@@ -6,9 +6,11 @@ PerContrast weighs each target token by how much the user profile raises its log
 where p_pos comes from hidden states computed with the profile in context and p_neg without it.
 
 Two backends behind one function:
-- "torch" (CPU): a chunked autograd.Function. Each chunk of rows goes once over the whole vocabulary and leaves its
-  gradients behind (the loss is a scalar, so backward only scales them by grad_output): extra memory
-  O(N + chunk_rows * V), and no second pass over the vocabulary.
+- "torch" (CPU): an autograd.Function over chunks of rows and vocabulary tiles with an online softmax (flash
+  attention's, the output weights being the values); each chunk leaves its gradients behind (the loss is a scalar,
+  so backward only scales them by grad_output): extra memory O(N d + chunk_rows * tile), three GEMMs' worth of work
+  (logits with and without the profile, the input gradient), in fp32 or, for bf16 inputs or under bf16 autocast,
+  in bf16 (Liger-Kernel's recipe).
 - "triton" (CUDA, localpers.kernels.perce_triton): Cut Cross-Entropy's recipe, per-token log-sum-exp over vocabulary
   tiles forward, tiles recomputed backward; extra memory O(N). Triton is imported only when this backend is used.
 """
@@ -16,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ROWS = 256  # rows per chunk: the output weights are read once per chunk (and pass)
-VOCAB_TILE = 1024  # columns per logits tile: 256 x 1024 fp32 = 1 MiB, in L2 from its GEMM to its exp
+CHUNK_ROWS = 512  # rows per chunk: the output weights are read once per chunk and pass
+VOCAB_TILE = 2048  # columns per logits tile: 512 x 2048 fp32 = 4 MiB, in cache from its GEMM to its softmax
 
 # torch's CPU flash attention: out = softmax(q k^T * scale) v and its log-sum-exp, one fused kernel (fp32 here:
 # its bf16 path upcasts on CPUs without AMX). A private op: the tiled loop below stands in where a torch lacks it.
@@ -40,7 +42,7 @@ def compute_dtype(h_pos: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def perce_linear_cross_entropy(h_pos, h_neg, weight, targets, min_weight=0.8, max_weight=5.0, ignore_index=-100,
-                               token_weights=None, *, return_pir=False, backend=None):
+                               token_weights=None, *, return_pir=False, return_nll=False, backend=None):
     """PerCE loss of the logits h_pos @ weight.T, never materialized. Returns (loss, token_weights).
 
     h_pos [N, d] (may require grad), weight [V, d] (may require grad), targets [N] (ignore_index marks positions
@@ -48,7 +50,11 @@ def perce_linear_cross_entropy(h_pos, h_neg, weight, targets, min_weight=0.8, ma
     - h_neg [N, d]: PerContrast weights from the same positions without the profile (no gradient flows to it);
     - token_weights [N]: plain weighted cross-entropy (all ones: the usual mean cross-entropy).
     The returned token weights are detached, fp32, 0 at ignored positions. With return_pir=True the result is
-    (loss, token_weights, pir), pir being None in the plain weighted mode.
+    (loss, token_weights, pir), pir being None in the plain weighted mode; with return_nll=True the per-token
+    -log p(y_t) [N] (detached, fp32, 0 at ignored positions) is appended, so that a trainer logging the plain
+    cross-entropy beside the weighted loss needs no second pass over the vocabulary.
+    Dtypes: fp32 (or fp16) h_pos and weight go the exact fp32 way; bf16 ones, or bf16 autocast on their device,
+    take bf16 GEMMs on the CPU path (PerCEChunked) and tf32 tiles on the Triton one.
     backend: "triton" or "torch"; by default Triton for CUDA tensors and torch otherwise. "triton" on CPU tensors
     needs TRITON_INTERPRET=1 set before Triton is first imported (Triton's interpreter; for tests).
     """
@@ -75,35 +81,40 @@ def perce_linear_cross_entropy(h_pos, h_neg, weight, targets, min_weight=0.8, ma
     if backend == "torch":
         dtype = compute_dtype(h_pos, weight)
         with torch.autocast(h_pos.device.type, enabled=False):  # the path chooses each product's dtype itself
-            loss, used_weights, pir = function.apply(*args, dtype)
+            loss, used_weights, pir, nll = function.apply(*args, dtype)
     else:
-        loss, used_weights, pir = function.apply(*args)
-    return (loss, used_weights, pir) if return_pir else (loss, used_weights)
+        loss, used_weights, pir, nll = function.apply(*args)
+    return (loss, used_weights) + ((pir,) if return_pir else ()) + ((nll,) if return_nll else ())
 
 
-def _exp_tile_(tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Overwrite the fp32 logits tile [n, T] with exp(tile - row max); return (row max, row sums of exp)."""
-    row_max = tile.amax(1)
-    return row_max, tile.sub_(row_max[:, None]).exp_().sum(1)
+def _softmax_tile(z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out := softmax of the rows of the fp32 logits tile z [r, T] (torch's fused kernel, with its vectorized exp);
+    returns the rows' log-sum-exp [r] = max - log(max softmax), the max softmax being 1 / sum exp(z - max)."""
+    torch.softmax(z, 1, out=out)
+    return z.amax(1) - out.amax(1).log_()
 
 
 class PerCEChunked(torch.autograd.Function):
     """CPU path: rows in chunks of CHUNK_ROWS, each chunk's logits in vocabulary tiles of VOCAB_TILE columns that
-    never leave the cache, the gradients computed during the forward pass (the loss is a scalar, so backward only
-    scales them by grad_output).
+    stay in cache, the gradients computed during the forward pass (the loss is a scalar, so backward only scales
+    them by grad_output).
 
-    Flash attention's online softmax with the output weights as the values: for each tile, its GEMM, then max,
-    exp and sum while it is in L2, then exp(tile) @ W[tile] into a running [rows, d] accumulator rescaled whenever the
-    running max grows. At the end of the vocabulary, the accumulator / the running sum is softmax(h W^T) W, and
-    d loss / d h = c_t * (softmax(h W^T) W - W[y_t]) with c_t = w_t / n_valid (the one-hot term exact, in fp32).
-    No [rows, V] buffer: extra memory O(N d + CHUNK_ROWS * VOCAB_TILE). The gradient of the weight, when asked for,
-    recomputes the chunk's logits tiles with the final log-sum-exp (one more logits GEMM, as Cut Cross-Entropy's
-    backward); LoRA training leaves the output weights frozen and never pays it.
+    The gradient to h is c_t * (softmax(h W^T) W - W[y_t]), c_t = w_t / n_valid: flash attention with the output
+    weights as keys and values. fp32: torch's fused CPU kernel (FLASH_CPU) gives softmax(h W^T) W and the
+    log-sum-exp in one pass. Otherwise (bf16, or no FLASH_CPU) the same online softmax here: each tile's GEMM, its
+    softmax and log-sum-exp while it is in cache, then softmax(tile) @ W[tile] into a [rows, d] accumulator that is
+    rescaled as the running log-sum-exp grows; the target's own column is left out of the products and
+    (p_t - 1) W[y_t] added in fp32 at the end, so a confident token (p_t -> 1) keeps its small gradient. The logits
+    without the profile only need their log-sum-exp (one GEMM). The target logits are dot products [rows].
+    No [rows, V] buffer. The gradient of the weight, when asked for, recomputes the chunk's logits tiles with the
+    final log-sum-exp (one more logits GEMM, as Cut Cross-Entropy's backward); LoRA training leaves the output
+    weights frozen and never pays it.
 
-    bf16 (dtype=torch.bfloat16): Liger-Kernel's recipe on CPU. The GEMMs take bf16 operands (oneDNN; AVX512-BF16 or
+    bf16 (dtype=torch.bfloat16): Liger-Kernel's recipe on CPU. The GEMMs take bf16 operands (oneDNN: AVX512-BF16 or
     AMX where the CPU has them, fp32 accumulation inside); torch has no bf16 x bf16 -> fp32 GEMM on CPU, so each
-    logit and each tile's exp(tile) @ W[tile] is rounded to bf16 once. Max, exp, log-sum-exp, PIR, weights, loss and
-    the accumulators are fp32; the exp tile is rounded to bf16 for its GEMM.
+    logit and each tile's product is rounded to bf16 once (the target logit too, as the GEMM rounds it, so that
+    log p_t <= 0 holds). Softmax, log-sum-exp, PIR, weights, loss and the accumulators are fp32; the softmax tile is
+    rounded to bf16 for its GEMM.
     """
 
     @staticmethod
@@ -126,6 +137,7 @@ class PerCEChunked(torch.autograd.Function):
 
         rows, width = min(n, CHUNK_ROWS), min(v, VOCAB_TILE)
         z_buffer = torch.empty(rows, width, dtype=torch.float32, device=device)
+        p_buffer = torch.empty_like(z_buffer)
         low_buffer = torch.empty(rows, width, dtype=dtype, device=device) if low else None
         product = torch.empty(rows, d, dtype=torch.float32, device=device)  # exp(tile) @ W[tile]
 
@@ -155,32 +167,29 @@ class PerCEChunked(torch.autograd.Function):
             if with_gradient and not low and FLASH_CPU is not None and device.type == "cpu":  # torch's fused CPU kernel; out = softmax @ W
                 out, lse = FLASH_CPU(h[None, None], W[None, None], W[None, None], scale=1.0)
                 return target_logit - lse[0, 0], lse[0, 0], out[0, 0].sub_(W[t])
-            run_max = torch.full((r,), float("-inf"), dtype=torch.float32, device=device)
-            run_sum = torch.zeros(r, dtype=torch.float32, device=device)
+            run_lse = torch.full((r,), float("-inf"), dtype=torch.float32, device=device)
             acc = torch.zeros(r, d, dtype=torch.float32, device=device) if with_gradient else None
             targets_in = rows_by_tile(t) if with_gradient else None
             for i, (j, z) in enumerate(tiles(h)):
-                tile_max, tile_sum = _exp_tile_(z)
-                new_max = torch.maximum(run_max, tile_max)
-                old_scale, tile_scale = (run_max - new_max).exp_(), (tile_max - new_max).exp_()
-                run_sum.mul_(old_scale).add_(tile_sum * tile_scale)
-                run_max = new_max
+                p = p_buffer[:r, :z.shape[1]]
+                tile_lse = _softmax_tile(z, p)
+                new_lse = torch.logaddexp(run_lse, tile_lse)
                 if with_gradient:
                     # the target's own term joins exactly at the end: sum over v != t of p_v W_v is well conditioned
-                    # when p_t -> 1, where softmax @ W - W[t] would cancel the bf16 rounding error into the result
+                    # when p_t -> 1, where rounding (~W[t] + gradient) to bf16 before subtracting W[t] would not be
                     k, local = targets_in[i]
                     if len(k):
-                        z[k, local] = 0.0
+                        p[k, local] = 0.0
                     if low:
-                        product[:r].copy_(torch.mm(low_buffer[:r, :z.shape[1]].copy_(z), W[j:j + width]))
+                        product[:r].copy_(torch.mm(low_buffer[:r, :z.shape[1]].copy_(p), W[j:j + width]))
                     else:
-                        torch.mm(z, W[j:j + width], out=product[:r])
-                    acc.mul_(old_scale[:, None]).addcmul_(product[:r], tile_scale[:, None])
-            lse = run_max + run_sum.log()
-            logp = target_logit - lse
+                        torch.mm(p, W[j:j + width], out=product[:r])
+                    acc.mul_((run_lse - new_lse).exp_()[:, None]).addcmul_(product[:r], (tile_lse - new_lse).exp_()[:, None])
+                run_lse = new_lse
+            logp = target_logit - run_lse
             if not with_gradient:
-                return logp, lse, None
-            return logp, lse, acc.div_(run_sum[:, None]).addcmul_(weight[t].float(), logp.expm1()[:, None])
+                return logp, run_lse, None
+            return logp, run_lse, acc.addcmul_(weight[t].float(), logp.expm1()[:, None])
 
         for start in range(0, n, CHUNK_ROWS):
             rows = slice(start, start + CHUNK_ROWS)
@@ -197,7 +206,7 @@ class PerCEChunked(torch.autograd.Function):
                 dh[rows] = grad_direction.mul_(coef[:, None])
             if dW is not None:  # the logits again, now that their log-sum-exp is known
                 for (j, z), (k, local) in zip(tiles(h), rows_by_tile(t)):
-                    z.sub_(lse[:, None]).exp_()
+                    z.sub_(lse[:, None]).exp_()  # the softmax
                     if len(k):
                         z[k, local] = logp_pos[k].expm1()  # p_t - 1, exact in fp32
                     z.mul_(coef[:, None])
@@ -206,11 +215,12 @@ class PerCEChunked(torch.autograd.Function):
                     else:
                         dW[j:j + width].addmm_(z.T, h)
 
+        nll = torch.where(valid, nll, 0.0)
         loss = (weights * nll).sum() / n_valid
         ctx.save_for_backward(dh, dW)
         ctx.dtypes = h_pos.dtype, weight.dtype
-        ctx.mark_non_differentiable(weights, *([pir] if pir is not None else []))
-        return loss, weights, pir
+        ctx.mark_non_differentiable(weights, nll, *([pir] if pir is not None else []))
+        return loss, weights, pir, nll
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
