@@ -70,7 +70,7 @@ def forward_backward(impl, h_pos, h_neg, weight, targets):
     if impl == "fused-bf16":
         h_pos, h_neg, weight = h_pos.bfloat16(), h_neg.bfloat16(), weight.bfloat16()
     h_pos = h_pos.detach().requires_grad_()
-    loss_fn = perce_linear_cross_entropy if impl == "fused" else perce_linear_cross_entropy_reference
+    loss_fn = perce_linear_cross_entropy_reference if impl == "naive" else perce_linear_cross_entropy
     loss = loss_fn(h_pos, h_neg, weight, targets)[0]
     loss.backward()
     return loss.detach(), h_pos.grad
