@@ -200,6 +200,32 @@ def test_perce_vs_bare_matmuls(summary, n=2048, rounds=3):
         f"(bare bf16/bare fp32 {c['bare bf16'] / c['bare fp32']:.3f}x: the floor on this CPU)")
 
 
+def test_perce_bf16_error(summary, n=512):
+    """The bf16 path's error against the fp32 reference on the same inputs (rounded to bf16), SmolLM2's output
+    weights: loss, token weights and PIR (largest absolute error), gradients to h and to the weight (relative,
+    Frobenius norm); beside it the fp32 path's error, and M = max |logit| (tests/test_kernels_perce.py bounds the
+    bf16 errors by multiples of u M, u = 2^-8)."""
+    h_pos, h_neg, weight, targets = (x.bfloat16() if x.is_floating_point() else x for x in perce_inputs(n, "cpu"))
+
+    def run(fn, h, w, **kwargs):
+        h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+        loss, token_weights, pir = fn(h, h_neg, w, targets, **kwargs)[:3]
+        loss.backward()
+        return loss.detach().float(), token_weights, pir, h.grad.float(), w.grad.float()
+
+    want = run(perce_linear_cross_entropy_reference, h_pos.float(), weight.float())
+    got = {"bf16": run(perce_linear_cross_entropy, h_pos, weight, return_pir=True),
+           "fp32": run(perce_linear_cross_entropy, h_pos.float(), weight.float(), return_pir=True)}
+    m = float((h_pos.float() @ weight.float().T).abs().max())
+    line = f"PerCE cpu N={n} error vs the fp32 reference (M = {m:.1f}):"
+    for path, result in got.items():
+        a = [float((x - y).abs().max()) for x, y in zip(result[:3], want[:3])]
+        r = [float((x - y).norm() / y.norm()) for x, y in zip(result[3:], want[3:])]
+        line += (f" {path}: loss {a[0]:.2g}, weights {a[1]:.2g}, PIR {a[2]:.2g} (max abs), grad h {r[0]:.2%}, "
+                 f"grad W {r[1]:.2%} (rel);")
+    summary["lines"].append(line)
+
+
 @pytest.mark.parametrize("n", PERCE_N)
 def test_perce_peak_memory(summary, n):
     """Peak extra memory of one forward + backward, each in a fresh process: fused fp32, fused bf16, naive."""
