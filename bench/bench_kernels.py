@@ -200,6 +200,26 @@ def test_perce_vs_bare_matmuls(summary, n=2048, rounds=3):
         f"(bare bf16/bare fp32 {c['bare bf16'] / c['bare fp32']:.3f}x: the floor on this CPU)")
 
 
+@pytest.mark.parametrize("n", [16, 64])
+def test_perce_training_shape(summary, n, rounds=5):
+    """The loss at one training example's size (n target tokens, the whole vocabulary), as training.py calls it:
+    fp32, and bf16 with the weight cast to bf16 beforehand (once per optimizer step; its cost on its own line).
+    CPU time of this process, medians of `rounds` alternate runs."""
+    h_pos, h_neg, weight, targets = perce_inputs(n, "cpu")
+    weight_bf16 = weight.bfloat16()
+    runs = {"fp32": lambda: forward_backward("fused", h_pos, h_neg, weight, targets),
+            "bf16": lambda: forward_backward("fused", h_pos, h_neg, weight_bf16, targets),
+            "weight cast": lambda: weight.bfloat16()}
+    cpu = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.process_time()
+            run()
+            cpu[name].append(time.process_time() - start)
+    summary["lines"].append(f"PerCE cpu N={n} (one example): " + ", ".join(
+        f"{name} {statistics.median(t) * 1e3:.1f} ms" for name, t in cpu.items()))
+
+
 def test_perce_bf16_error(summary, n=512):
     """The bf16 path's error against the fp32 reference on the same inputs (rounded to bf16), SmolLM2's output
     weights: loss, token weights and PIR (largest absolute error), gradients to h and to the weight (relative,
