@@ -139,7 +139,7 @@ class PerCEChunked(torch.autograd.Function):
         z_buffer = torch.empty(rows, width, dtype=torch.float32, device=device)
         p_buffer = torch.empty_like(z_buffer)
         low_buffer = torch.empty(rows, width, dtype=dtype, device=device) if low else None
-        product = torch.empty(rows, d, dtype=torch.float32, device=device)  # exp(tile) @ W[tile]
+        product = torch.empty(rows, d, dtype=torch.float32, device=device)  # softmax(tile) @ W[tile]
 
         def tiles(h):
             """Yield (first column, fp32 logits tile h @ W[columns].T [r, width])."""
@@ -164,7 +164,8 @@ class PerCEChunked(torch.autograd.Function):
             r = len(h)
             # the target logits as the GEMM gives them (rounded to its dtype), so that log p <= 0 holds
             target_logit = (h.float() * W[t].float()).sum(1).to(dtype).float()
-            if with_gradient and not low and FLASH_CPU is not None and device.type == "cpu":  # torch's fused CPU kernel; out = softmax @ W
+            if with_gradient and not low and FLASH_CPU is not None and device.type == "cpu":
+                # torch's fused kernel: out = softmax(h W^T) W (cancelling W[t] in fp32 is harmless)
                 out, lse = FLASH_CPU(h[None, None], W[None, None], W[None, None], scale=1.0)
                 return target_logit - lse[0, 0], lse[0, 0], out[0, 0].sub_(W[t])
             run_lse = torch.full((r,), float("-inf"), dtype=torch.float32, device=device)
@@ -184,7 +185,8 @@ class PerCEChunked(torch.autograd.Function):
                         product[:r].copy_(torch.mm(low_buffer[:r, :z.shape[1]].copy_(p), W[j:j + width]))
                     else:
                         torch.mm(p, W[j:j + width], out=product[:r])
-                    acc.mul_((run_lse - new_lse).exp_()[:, None]).addcmul_(product[:r], (tile_lse - new_lse).exp_()[:, None])
+                    rescale, tile_share = (run_lse - new_lse).exp_(), (tile_lse - new_lse).exp_()
+                    acc.mul_(rescale[:, None]).addcmul_(product[:r], tile_share[:, None])
                 run_lse = new_lse
             logp = target_logit - run_lse
             if not with_gradient:
