@@ -126,6 +126,21 @@ def test_matches_reference(backend, n, d, v, dtype, percontrast, weight_grad, pr
         assert torch.equal(got[1][valid], got[2][valid].clamp(0.8, 5.0)) and not got[1][~valid].any()
 
 
+def test_bf16_autocast_takes_the_bf16_path():
+    """Under bf16 autocast, fp32 inputs get the bf16 GEMMs (as F.linear would), the same numbers as bf16 inputs;
+    outside it they stay on the exact fp32 path."""
+    h_pos, h_neg, weight, targets, _ = (x.cpu() for x in make_case(40, 24, 300, torch.float32, seed=6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = perce_linear_cross_entropy(h_pos, h_neg, weight, targets, backend="torch", return_pir=True)
+    low = perce_linear_cross_entropy(h_pos.bfloat16(), h_neg.bfloat16(), weight.bfloat16(), targets, backend="torch",
+                                     return_pir=True)
+    exact = perce_linear_cross_entropy(h_pos, h_neg, weight, targets, backend="torch", return_pir=True)
+    assert all(torch.equal(x, y) for x, y in zip(got, low))
+    assert not torch.equal(got[2], exact[2])
+    want = perce_linear_cross_entropy_reference(h_pos, h_neg, weight, targets)
+    torch.testing.assert_close(exact[2], want[2], **TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("percontrast", [True, False])
 def test_bf16_confident_tokens_keep_their_gradient(percontrast):
     """Targets the model already predicts (p_t up to 1 - 1e-6): the gradient c_t (softmax - onehot) W is tiny
