@@ -29,8 +29,9 @@ TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rto
 BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits: rounding to nearest moves x by at most |x| * 2^-8
 
 
-def make_case(n, d, v, dtype, seed, ignored_fraction=0.2, profile_effect=1.0):
-    """Hidden states and output weights with logits of std ~2 (no softmax underflow), targets with ignored rows."""
+def make_case(n, d, v, dtype, seed, ignored_fraction=0.2, profile_effect=1.0, transposed=False):
+    """Hidden states and output weights with logits of std ~2 (no softmax underflow), targets with ignored rows;
+    transposed: h_pos, h_neg and weight as transposes of contiguous tensors (column-major)."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(v, d, generator=g) * (2 / d ** 0.5)
     h_neg = torch.randn(n, d, generator=g)
@@ -38,7 +39,10 @@ def make_case(n, d, v, dtype, seed, ignored_fraction=0.2, profile_effect=1.0):
     targets = torch.randint(0, v, (n,), generator=g)
     targets[torch.rand(n, generator=g) < ignored_fraction] = -100
     token_weights = torch.rand(n, generator=g) * 3
-    return [x.to(DEVICE) for x in (h_pos.to(dtype), h_neg.to(dtype), weight.to(dtype), targets, token_weights)]
+    floats = [x.to(DEVICE, dtype) for x in (h_pos, h_neg, weight)]
+    if transposed:
+        floats = [x.T.contiguous().T for x in floats]
+    return [*floats, targets.to(DEVICE), token_weights.to(DEVICE)]
 
 
 def run(fn, h_pos, h_neg, weight, targets, token_weights, weight_grad, grad_scale=1.0, **kwargs):
@@ -92,14 +96,16 @@ def assert_bf16_path_close(got, want, h_pos, h_neg, weight, targets):
 @given(n=st.integers(1, 80), d=st.integers(1, 70), v=st.integers(1, 700),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), percontrast=st.booleans(),
        weight_grad=st.booleans(), profile_effect=st.sampled_from([0.05, 1.0]), chunk_rows=st.integers(1, 40),
-       vocab_tile=st.integers(1, 300), flash=st.booleans(), grad_scale=st.sampled_from([1.0, -2.5]),
-       seed=st.integers(0, 2**16))
+       vocab_tile=st.integers(1, 300), flash=st.booleans(), transposed=st.booleans(),
+       grad_scale=st.sampled_from([1.0, -2.5]), seed=st.integers(0, 2**16))
 def test_matches_reference(backend, n, d, v, dtype, percontrast, weight_grad, profile_effect, chunk_rows,
-                           vocab_tile, flash, grad_scale, seed):
+                           vocab_tile, flash, transposed, grad_scale, seed):
     """fp32 inputs: the reference's numbers (fp32 throughout). bf16 inputs: the Triton path multiplies in fp32 (the
     same tolerance as before); the torch path multiplies in bf16 (assert_bf16_path_close). flash=False: the torch
-    path's own tiled loop where it would call torch's CPU flash attention (fp32 with a gradient to h)."""
-    h_pos, h_neg, weight, targets, token_weights = make_case(n, d, v, dtype, seed, profile_effect=profile_effect)
+    path's own tiled loop where it would call torch's CPU flash attention (fp32 with a gradient to h).
+    transposed: column-major inputs (that kernel reads a transposed input wrong unless it is made contiguous)."""
+    h_pos, h_neg, weight, targets, token_weights = make_case(n, d, v, dtype, seed, profile_effect=profile_effect,
+                                                             transposed=transposed)
     if percontrast:
         token_weights = None
     else:
@@ -124,6 +130,16 @@ def test_matches_reference(backend, n, d, v, dtype, percontrast, weight_grad, pr
     if percontrast:  # the weights are the clipped PIR at valid positions and 0 elsewhere
         valid = targets != -100
         assert torch.equal(got[1][valid], got[2][valid].clamp(0.8, 5.0)) and not got[1][~valid].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_column_major_inputs(backend):
+    """Transposed (column-major) h_pos, h_neg and weight give the contiguous inputs' numbers."""
+    case = make_case(37, 24, 300, torch.float32, seed=7)
+    got = run(kernel(backend), *make_case(37, 24, 300, torch.float32, seed=7, transposed=True)[:4], None, True)
+    want = run(kernel(backend), *case[:4], None, True)
+    for name, x, y in zip(["loss", "token_weights", "pir", "grad h_pos", "grad weight"], got, want):
+        torch.testing.assert_close(x, y, **TOLERANCE[torch.float32], msg=lambda m: f"{name}: {m}")
 
 
 def test_bf16_autocast_takes_the_bf16_path():

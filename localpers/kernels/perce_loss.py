@@ -121,7 +121,7 @@ class PerCEChunked(torch.autograd.Function):
     def forward(ctx, h_pos, h_neg, weight, targets, token_weights, min_weight, max_weight, ignore_index, dtype):
         need_dh, _, need_dw = ctx.needs_input_grad[:3]
         device, low = h_pos.device, dtype != torch.float32
-        W = weight.to(dtype)  # no copy when the weight has this dtype already
+        W = weight.to(dtype).contiguous()  # no copy when the weight has this dtype and layout already
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
         n_valid = valid.sum().clamp(min=1)
@@ -197,8 +197,8 @@ class PerCEChunked(torch.autograd.Function):
             rows = slice(start, start + CHUNK_ROWS)
             t = safe_targets[rows]
             if h_neg is not None:
-                logp_neg = log_softmax_at(h_neg[rows].to(dtype), t, False)[0]
-            h = h_pos[rows].to(dtype)
+                logp_neg = log_softmax_at(h_neg[rows].to(dtype).contiguous(), t, False)[0]
+            h = h_pos[rows].to(dtype).contiguous()
             logp_pos, lse, grad_direction = log_softmax_at(h, t, need_dh)
             nll[rows] = -logp_pos
             if h_neg is not None:
