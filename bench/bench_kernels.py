@@ -11,10 +11,14 @@ the default model) and hidden states normalized then scaled so the logits have s
 - peak memory: each case runs once more in a fresh process (python -m bench.bench_kernels IMPL N DEVICE), which
   builds its inputs, resets the kernel's peak-RSS mark (VmHWM, by writing 5 to /proc/self/clear_refs), runs forward
   + backward and reports VmHWM - RSS before: the extra memory the loss needed, torch allocations included.
-  On CUDA: torch.cuda.max_memory_allocated() - memory_allocated() before.
+  On CUDA: torch.cuda.max_memory_allocated() - memory_allocated() before. test_perce_peak_memory: fused fp32,
+  fused bf16 (inputs rounded to bf16 first) and naive, each in its own process;
+- against the bare GEMMs (test_perce_vs_bare_matmuls): fused and the three GEMMs it needs, fp32 and bf16, all
+  alternately: OMP_NUM_THREADS=1 python -m pytest bench/bench_kernels.py -k bare_matmuls -s
 apply_lowrank_: GB/s (W read and written, U and V read) on SmolLM2's ffn_down shape and on 4096 x 11008.
 Triton cases need CUDA and skip without it.
 """
+import os
 import re
 import statistics
 import subprocess
@@ -62,8 +66,11 @@ def perce_inputs(n: int, device: str):
 
 
 def forward_backward(impl, h_pos, h_neg, weight, targets):
+    """impl: "fused" (fp32 inputs), "fused-bf16" (the inputs rounded to bf16: the bf16 GEMM path) or "naive"."""
+    if impl == "fused-bf16":
+        h_pos, h_neg, weight = h_pos.bfloat16(), h_neg.bfloat16(), weight.bfloat16()
     h_pos = h_pos.detach().requires_grad_()
-    loss_fn = perce_linear_cross_entropy if impl == "fused" else perce_linear_cross_entropy_reference
+    loss_fn = perce_linear_cross_entropy_reference if impl == "naive" else perce_linear_cross_entropy
     loss = loss_fn(h_pos, h_neg, weight, targets)[0]
     loss.backward()
     return loss.detach(), h_pos.grad
@@ -76,6 +83,9 @@ def _status_kib(field: str) -> int:
 def peak_extra_bytes(impl: str, n: int, device: str) -> int:
     """Extra memory of one forward + backward, measured in this (fresh) process."""
     inputs = perce_inputs(n, device)
+    if impl == "fused-bf16":  # inputs in bf16 before the measurement starts
+        h_pos, h_neg, weight, targets = inputs
+        inputs = h_pos.bfloat16(), h_neg.bfloat16(), weight.bfloat16(), targets
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -159,24 +169,94 @@ def bare_matmuls(h_pos, h_neg, weight, grad_logits):
     return torch.mm(grad_logits, weight)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_perce_vs_bare_matmuls(summary, dtype, n=2048, rounds=3):
-    """Fused PerCE forward + backward against the three bare GEMMs it needs, alternately in one run (CPU time of
-    this process). In bf16 both get bf16 h and W (the CPU path upcasts W and multiplies in fp32)."""
+def test_perce_vs_bare_matmuls(summary, n=2048, rounds=3):
+    """Fused PerCE forward + backward (fp32 inputs, and the same inputs rounded to bf16: the bf16 GEMM path)
+    against the three bare GEMMs it needs in each dtype, all four alternately in one loop (the machine is shared):
+    CPU time of this process (medians; run with OMP_NUM_THREADS=1 for one core's figures) and wall time."""
     h_pos, h_neg, weight, targets = perce_inputs(n, "cpu")
-    h_pos, h_neg, weight = h_pos.to(dtype), h_neg.to(dtype), weight.to(dtype)
-    buffer = torch.empty(n, weight.shape[0], dtype=dtype)
-    runs = {"fused": lambda: forward_backward("fused", h_pos, h_neg, weight, targets),
-            "bare": lambda: bare_matmuls(h_pos, h_neg, weight, buffer)}
+    low = h_pos.bfloat16(), h_neg.bfloat16(), weight.bfloat16()
+    buffers = {dtype: torch.empty(n, weight.shape[0], dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    runs = {"fused fp32": lambda: forward_backward("fused", h_pos, h_neg, weight, targets),
+            "bare fp32": lambda: bare_matmuls(h_pos, h_neg, weight, buffers[torch.float32]),
+            "fused bf16": lambda: forward_backward("fused", *low, targets),
+            "bare bf16": lambda: bare_matmuls(*low, buffers[torch.bfloat16])}
+    cpu, wall = ({name: [] for name in runs} for _ in range(2))
+    load = os.getloadavg()[0]
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start_cpu, start_wall = time.process_time(), time.perf_counter()
+            run()
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start_wall)
+    c = {name: statistics.median(t) for name, t in cpu.items()}
+    w = {name: statistics.median(t) for name, t in wall.items()}
+    summary["lines"].append(
+        f"PerCE cpu N={n} x{rounds} alternately, {torch.get_num_threads()} thread(s), load {load:.1f}..."
+        f"{os.getloadavg()[0]:.1f}: CPU s " + ", ".join(f"{k} {v:.2f}" for k, v in c.items()) +
+        " | wall s " + ", ".join(f"{k} {v:.2f}" for k, v in w.items()))
+    summary["lines"].append(
+        f"  CPU time: fused/bare fp32 {c['fused fp32'] / c['bare fp32']:.3f}x, fused/bare bf16 "
+        f"{c['fused bf16'] / c['bare bf16']:.3f}x, fused bf16/fused fp32 {c['fused bf16'] / c['fused fp32']:.3f}x "
+        f"(bare bf16/bare fp32 {c['bare bf16'] / c['bare fp32']:.3f}x: the floor on this CPU)")
+
+
+@pytest.mark.parametrize("n", [16, 64])
+def test_perce_training_shape(summary, n, rounds=5):
+    """The loss at one training example's size (n target tokens, the whole vocabulary), as training.py calls it:
+    fp32, and bf16 with the weight cast to bf16 beforehand (once per optimizer step; its cost on its own line).
+    CPU time of this process, medians of `rounds` alternate runs."""
+    h_pos, h_neg, weight, targets = perce_inputs(n, "cpu")
+    weight_bf16 = weight.bfloat16()
+    runs = {"fp32": lambda: forward_backward("fused", h_pos, h_neg, weight, targets),
+            "bf16": lambda: forward_backward("fused", h_pos, h_neg, weight_bf16, targets),
+            "weight cast": lambda: weight.bfloat16()}
     cpu = {name: [] for name in runs}
     for _ in range(rounds):
         for name, run in runs.items():
             start = time.process_time()
             run()
             cpu[name].append(time.process_time() - start)
-    fused, bare = (statistics.median(t) for t in cpu.values())
-    summary["lines"].append(f"PerCE cpu N={n} {str(dtype).removeprefix('torch.')}: fused fwd+bwd {fused:.2f} s CPU, "
-                            f"bare GEMMs {bare:.2f} s CPU = {fused / bare:.2f}x")
+    summary["lines"].append(f"PerCE cpu N={n} (one example): " + ", ".join(
+        f"{name} {statistics.median(t) * 1e3:.1f} ms" for name, t in cpu.items()))
+
+
+def test_perce_bf16_error(summary, n=512):
+    """The bf16 path's error against the fp32 reference on the same inputs (rounded to bf16), SmolLM2's output
+    weights: loss, token weights and PIR (largest absolute error), gradients to h and to the weight (relative,
+    Frobenius norm); beside it the fp32 path's error, and M = max |logit| (tests/test_kernels_perce.py bounds the
+    bf16 errors by multiples of u M, u = 2^-8)."""
+    h_pos, h_neg, weight, targets = (x.bfloat16() if x.is_floating_point() else x for x in perce_inputs(n, "cpu"))
+
+    def run(fn, h, w, **kwargs):
+        h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+        loss, token_weights, pir = fn(h, h_neg, w, targets, **kwargs)[:3]
+        loss.backward()
+        return loss.detach().float(), token_weights, pir, h.grad.float(), w.grad.float()
+
+    want = run(perce_linear_cross_entropy_reference, h_pos.float(), weight.float())
+    got = {"bf16": run(perce_linear_cross_entropy, h_pos, weight, return_pir=True),
+           "fp32": run(perce_linear_cross_entropy, h_pos.float(), weight.float(), return_pir=True)}
+    m = float((h_pos.float() @ weight.float().T).abs().max())
+    line = f"PerCE cpu N={n} error vs the fp32 reference (M = {m:.1f}):"
+    for path, result in got.items():
+        a = [float((x - y).abs().max()) for x, y in zip(result[:3], want[:3])]
+        r = [float((x - y).norm() / y.norm()) for x, y in zip(result[3:], want[3:])]
+        line += (f" {path}: loss {a[0]:.2g}, weights {a[1]:.2g}, PIR {a[2]:.2g} (max abs), grad h {r[0]:.2%}, "
+                 f"grad W {r[1]:.2%} (rel);")
+    summary["lines"].append(line)
+
+
+@pytest.mark.parametrize("n", PERCE_N)
+def test_perce_peak_memory(summary, n):
+    """Peak extra memory of one forward + backward, each in a fresh process: fused fp32, fused bf16, naive."""
+    peaks = {}
+    for impl in ("fused", "fused-bf16", "naive"):
+        child = subprocess.run([sys.executable, "-m", "bench.bench_kernels", impl, str(n), "cpu"], cwd=REPO,
+                               capture_output=True, text=True, check=True)
+        peaks[impl] = int(child.stdout.split()[-1])
+    naive = peaks["naive"]
+    summary["lines"].append(f"PerCE cpu N={n} peak extra memory: naive {naive / 2**20:.1f} MiB, " + ", ".join(
+        f"{impl} {peaks[impl] / 2**20:.1f} MiB = {peaks[impl] / naive:.1%}" for impl in ("fused", "fused-bf16")))
 
 
 @pytest.mark.parametrize("device", DEVICES)

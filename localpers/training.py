@@ -463,6 +463,8 @@ def accumulate_gradients(model, net, examples: list[Encoded], n_total: int, conf
     from localpers.kernels import perce_linear_cross_entropy
 
     device, weight = model.output.weight.device, model.output.weight
+    # bf16: the loss's GEMMs in bf16 too (its softmax and sums stay fp32), the weight cast once per step
+    loss_weight = weight.to(torch.bfloat16) if bf16 else weight
     sums = torch.zeros(3, dtype=torch.float64)
     for j, e in enumerate(examples):
         targets = e.pos[-e.n_target:].to(device)
@@ -475,20 +477,18 @@ def accumulate_gradients(model, net, examples: list[Encoded], n_total: int, conf
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 h_pos = net(e.pos[None].to(device))[0, -e.n_target - 1:-1].float()
             if h_neg is not None:
-                loss, w, pir = perce_linear_cross_entropy(h_pos, h_neg, weight, targets, min_weight=config.min_weight,
-                                                          max_weight=config.max_weight, return_pir=True)
+                loss, w, pir, nll = perce_linear_cross_entropy(h_pos, h_neg, loss_weight, targets,
+                                                               min_weight=config.min_weight,
+                                                               max_weight=config.max_weight, return_pir=True,
+                                                               return_nll=True)
                 if pir_out is not None:
                     pir_out += pir.tolist()
             else:
-                loss, w = perce_linear_cross_entropy(h_pos, None, weight, targets,
-                                                     token_weights=torch.ones(e.n_target, device=device))
+                loss, w, nll = perce_linear_cross_entropy(h_pos, None, loss_weight, targets, return_nll=True,
+                                                          token_weights=torch.ones(e.n_target, device=device))
             (loss * (e.n_target / n_total) * world).backward()
-        if h_neg is not None:
-            with torch.no_grad():
-                nll = float(_target_nll(h_pos.detach(), weight, targets).sum())
-        else:
-            nll = float(loss.detach()) * e.n_target
-        sums += torch.tensor([float(loss.detach()) * e.n_target, nll, float(w.sum())], dtype=torch.float64)
+        sums += torch.tensor([float(loss.detach()) * e.n_target, float(nll.sum()), float(w.sum())],
+                             dtype=torch.float64)
     return sums
 
 
@@ -503,15 +503,6 @@ def token_pir(model, example: Encoded, config: TrainConfig | None = None) -> tor
     targets = example.pos[-example.n_target:]
     return perce_linear_cross_entropy(h_pos, h_neg, model.output.weight, targets, min_weight=config.min_weight,
                                       max_weight=config.max_weight, return_pir=True)[2]
-
-
-def _target_nll(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """-log p(target) per row, in row chunks (never the whole N x V logits)."""
-    out = []
-    for s in range(0, len(h), chunk):
-        logits = h[s:s + chunk] @ weight.float().T
-        out.append(torch.logsumexp(logits, 1) - logits.gather(1, targets[s:s + chunk, None])[:, 0])
-    return torch.cat(out)
 
 
 # ---------------------------------------------------------------- one user's adapter

@@ -150,15 +150,30 @@ def test_accumulated_gradients_are_those_of_the_union_batch(llama_model):
         torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5 * float(p.grad.abs().max()))
 
 
-def test_bf16_loss_curve_follows_fp32(llama_model):
-    """bf16 autocast (fp32 master weights and loss) tracks the fp32 loss curve within 2% per step."""
+@pytest.mark.parametrize("objective", [names.PERCE, names.CE])
+def test_bf16_loss_curve_follows_fp32(llama_model, objective):
+    """bf16 autocast (fp32 master weights; the loss's GEMMs in bf16, its softmax and sums in fp32) tracks the fp32
+    loss curve within 2% per step; the loss takes its bf16 path exactly when training is in bf16, and the logged
+    NLL is the loss's own (all weights 1 for CE)."""
+    from unittest import mock
+
+    from localpers.kernels import perce_loss
+
     model = llama_model
     data = random_encoded(vocab=model.config.vocab_size)
-    fp32 = train(model, data, fast(steps=6), progress=False)
-    bf16 = train(model, data, fast(steps=6, precision="bf16"), progress=False)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        seen = []
+        with mock.patch.object(perce_loss, "compute_dtype",
+                               side_effect=lambda *a, real=perce_loss.compute_dtype: seen.append(real(*a)) or seen[-1]):
+            runs[precision] = train(model, data, fast(steps=6, objective=objective, precision=precision),
+                                    progress=False)
+        assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}, precision
     assert all(p.requires_grad is False or p.dtype == torch.float32 for p in model.parameters())
-    for a, b in zip(fp32.steps, bf16.steps):
+    for a, b in zip(runs["fp32"].steps, runs["bf16"].steps):
         assert abs(a.loss - b.loss) <= 0.02 * a.loss
+        if objective == names.CE:
+            assert a.nll == pytest.approx(a.loss, rel=1e-6) and b.nll == pytest.approx(b.loss, rel=1e-6)
 
 
 def test_profile_never_holds_the_target_item():

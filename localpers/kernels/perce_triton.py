@@ -125,9 +125,10 @@ class PerCETriton(torch.autograd.Function):
         else:
             weights, pir = torch.where(valid, token_weights.float(), 0.0), None
         loss = -(weights * logp_pos).sum() / n_valid
+        nll = torch.where(valid, -logp_pos, 0.0)
         ctx.save_for_backward(h_pos, weight, safe_targets, lse_pos, weights / n_valid)
-        ctx.mark_non_differentiable(weights, *([pir] if pir is not None else []))
-        return loss, weights, pir
+        ctx.mark_non_differentiable(weights, nll, *([pir] if pir is not None else []))
+        return loss, weights, pir, nll
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
