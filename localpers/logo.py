@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
 import tempfile
 from dataclasses import dataclass, field, fields, replace
@@ -330,12 +331,15 @@ def fold(previous: GlobalKnowledge | None, round_sums: RoundSums, *, start: np.n
 
 def advance(previous: GlobalKnowledge | None, signals: list[LocalSignals], *, k: int | None = None,
             half_life: float = HALF_LIFE, min_size: float = MIN_SIZE, iterations: int = KMEANS_ITERATIONS,
-            seed: int = 0, meta: dict | None = None, random_assignment: bool = False) -> GlobalKnowledge:
+            seed: int = 0, meta: dict | None = None, random_assignment: bool = False,
+            restarts: int = 1) -> GlobalKnowledge:
     """Fold one round (the signals of this round's contributors) into the knowledge, in-process: Lloyd
     iterations of contribute -> aggregate -> centroids of the decayed sums, starting from the previous
     centroids (the first round: k-means++ with k = choose_k(n)), then `fold`. Each iteration is one exchange
     with the devices (they assign themselves to the centroids sent). half_life=inf: no decay.
-    random_assignment (an ablation): every contributor joins a random community, one pass."""
+    random_assignment (an ablation): every contributor joins a random community, one pass. restarts: in the
+    first round, k-means++ seeds seed..seed+restarts-1 are each run and the one of least inertia (sum over
+    contributors of 1 - cosine to their centroid) is kept, which removes most of the seed lottery."""
     if not signals:
         raise ValueError("a round needs at least one contributor")
     vectors = np.stack([s.vector for s in signals])
@@ -347,20 +351,37 @@ def advance(previous: GlobalKnowledge | None, signals: list[LocalSignals], *, k:
     if previous is not None and previous.sums.steering_sum.shape[1:] != steer_shape:
         previous = replace(previous, sums=replace(previous.sums, steering_sum=np.zeros((previous.k, *steer_shape)),
                                                   steering_count=np.zeros(previous.k)))
-    centroids = previous.centroids if previous is not None else init_centroids(vectors, k or choose_k(len(signals)), seed)
     carried = previous.sums.scaled(0.5 ** (1.0 / half_life)) if previous is not None else None
-    start = centroids
     rng = np.random.default_rng(seed + (previous.round if previous else 0))
+    if previous is not None:
+        starts = [previous.centroids]
+    else:  # the first round: k-means++ from `restarts` seeds, the run of least inertia kept
+        starts = [init_centroids(vectors, k or choose_k(len(signals)), seed + i) for i in range(max(1, restarts))]
+    best = None
+    for start in starts:
+        centroids, round_sums, inertia = _lloyd(signals, start, carried, steer_shape, iterations, rng,
+                                                random_assignment)
+        if best is None or inertia < best[2] - 1e-9:
+            best = (start, round_sums, inertia)
+    start, round_sums, _ = best
+    return fold(previous, round_sums, start=start, half_life=half_life, min_size=min_size, meta=meta)
+
+
+def _lloyd(signals, centroids, carried, steer_shape, iterations, rng, random_assignment):
+    """Lloyd iterations of one round from `centroids`: (final centroids, the round's sums, inertia)."""
+    d = len(signals[0].vector)
     for _ in range(1 if random_assignment else max(1, iterations)):
         contributions = [contribute(s, centroids) for s in signals]
         if random_assignment:
             contributions = [replace(c, assignment=int(rng.integers(len(centroids)))) for c in contributions]
-        round_sums = aggregate(contributions, len(centroids), vectors.shape[1], steer_shape)
+        round_sums = aggregate(contributions, len(centroids), d, steer_shape)
         new = centroids_from(round_sums if carried is None else carried + round_sums, centroids)
         if np.allclose(new, centroids):
             break
         centroids = new
-    return fold(previous, round_sums, start=start, half_life=half_life, min_size=min_size, meta=meta)
+    inertia = float(sum(1.0 - centroids[c.assignment] @ c.vector for c in contributions))
+    return centroids, round_sums, inertia
+
 
 # ---------------------------------------------------------------- mediator
 
@@ -391,7 +412,7 @@ class MediatorParams:
     user_scale: float = 0.0          # control-vector scale of the user's own steering at full local weight
     community_scale: float = 0.0     # control-vector scale of the community steering at full global weight
     skew_boost: float = 0.0          # extra global weight for a skewed (low-entropy) history: + skew_boost * (1 - entropy)
-    posterior: bool = False          # context values from the posterior mixture of communities, not the nearest one
+    posterior: bool = True           # context values from the posterior mixture of communities, not the nearest one
     smoothing: float = 1.0           # pseudo-count per value in the communities' likelihoods
 
 
@@ -484,12 +505,16 @@ def context_prefix(context: tuple[tuple[str, str], ...], query: str) -> str:
 
 def world_rounds(upqa: list[dict], *, half_life: float = HALF_LIFE, min_size: float = MIN_SIZE, k: int | None = None,
                  window: bool = False, random_assignment: bool = False, embed=None, steer=None,
-                 embedding_weight: float = EMBEDDING_WEIGHT, seed: int = 0) -> dict[int, GlobalKnowledge]:
+                 embedding_weight: float = EMBEDDING_WEIGHT, seed: int = 0,
+                 restarts: int = 1, steer_limit: int | None = None) -> dict[int, GlobalKnowledge]:
     """The global knowledge a world user asked at step s sees: {s: knowledge after rounds 1..s}, round r
     folding in every user still active at r (asked at step >= r) with an item before step r. A contributor's
     signals are read from their items before step r (window=True: only those of step r - 1).
     upqa: the world's upqa.json entries (their `profile` items carry `text` and `step`; nothing else is read).
-    embed(texts) -> [n, d_e] item embeddings (None: preference counts only); steer(texts) -> [L, d] or None."""
+    embed(texts) -> [n, d_e] item embeddings (None: preference counts only); steer(texts) -> [L, d] or None,
+    computed for every contributor or, with steer_limit, for a random sample of that many per round (CAA runs
+    the model twice per prompt: a sample keeps an evaluation's cost bounded; the community steering is the
+    mean over the members that sent one, as on devices where only some do)."""
     steps = 1 + max(entry["step"] for entry in upqa)
     out, knowledge = {}, None
     for r in range(1, steps):
@@ -499,11 +524,16 @@ def world_rounds(upqa: list[dict], *, half_life: float = HALF_LIFE, min_size: fl
                 continue
             texts = [p["text"] for p in entry["profile"] if (p["step"] == r - 1 if window else p["step"] < r)]
             if texts:
-                signals.append(local_signals(texts, embed(texts) if embed else None,
-                                             steer(texts) if steer else None, embedding_weight))
+                signals.append((texts, local_signals(texts, embed(texts) if embed else None, None, embedding_weight)))
+        if steer is not None:  # the contributors that steer: all, or a sample of steer_limit (seeded per round)
+            chosen = range(len(signals)) if steer_limit is None else \
+                random.Random(seed * 1000 + r).sample(range(len(signals)), min(steer_limit, len(signals)))
+            for i in chosen:
+                signals[i][1].steering = steer(signals[i][0])
+        signals = [sig for _, sig in signals]
         if signals:
             knowledge = advance(knowledge, signals, k=k, half_life=half_life, min_size=min_size, seed=seed,
-                                random_assignment=random_assignment)
+                                random_assignment=random_assignment, restarts=restarts)
         out[r] = knowledge
     return out
 
@@ -665,11 +695,13 @@ FIXED = MediatorParams(context_max_count=math.inf, tau=math.inf)
 
 
 def prepare_world(world_dir: str | Path, method_names, *, engine=None, embed=None, steer=None,
-                  params: MediatorParams = MEDIATOR, files: str | Path | None = None, seed: int = 0) -> None:
+                  params: MediatorParams = MEDIATOR, files: str | Path | None = None, seed: int = 0,
+                  steer_limit: int | None = None) -> None:
     """Compute the world's global knowledge, round by round, for the LoGo methods among `method_names`
     (logo and its ablations), from the world's upqa.json (the users' histories with their items' time
     steps; never world.json's labels). `files`: where control vectors go (needed when the mediator's
-    control-vector scales are nonzero)."""
+    control-vector scales are nonzero). steer_limit: contributors per round whose steering is computed
+    (world_rounds; None: all)."""
     from localpers.datasets import load_json
     from localpers.world import WORLD_FILES
 
@@ -679,7 +711,7 @@ def prepare_world(world_dir: str | Path, method_names, *, engine=None, embed=Non
         options = ABLATIONS.get(name, {})
         rounds = world_rounds(upqa, half_life=options.get("half_life", HALF_LIFE),
                               random_assignment=options.get("random_assignment", False), embed=embed,
-                              steer=steer, seed=seed)
+                              steer=steer, seed=seed, steer_limit=steer_limit)
         mediator = replace(FIXED, user_scale=params.user_scale, community_scale=params.community_scale) \
             if options.get("fixed") else params
         _PREPARED[name] = Prepared(rounds, {e["user_id"]: e["step"] for e in upqa}, mediator, embed, steer,
