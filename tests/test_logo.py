@@ -249,3 +249,22 @@ def test_fold_of_device_sums_equals_the_in_process_round():
     np.testing.assert_allclose(federated.centroids, second.centroids, atol=1e-6)
     np.testing.assert_allclose(federated.histograms, second.histograms)
     np.testing.assert_allclose(federated.drift, second.drift, atol=1e-6)
+
+
+def test_bayes_ceiling_is_calibrated_and_more_knowledge_predicts_better():
+    """world.bayes_predictive (scoring only: it reads the world's true parameters) is a posterior predictive,
+    so its confidence is its accuracy: mean max-probability within sampling error of the realized accuracy;
+    and knowing more predicts better in expectation: the user's true community >= the community inferred from
+    all items >= the asked attribute's items alone (the time-aware population prior)."""
+    w = world.generate_world(600, communities=4, seed=5)
+    expected, realized = {}, {}
+    for evidence in ("asked", "all", "oracle"):
+        pred = world.bayes_predictive(w, evidence=evidence, samples=400)
+        conf = [max(p.values()) for p in pred.values()]
+        hits = [max(p, key=p.get) == e["target"] for e, p in zip(w["upqa"], pred.values())]
+        expected[evidence], realized[evidence] = np.mean(conf), np.mean(hits)
+        assert all(abs(sum(p.values()) - 1) < 1e-6 for p in pred.values())
+        assert abs(np.mean(conf) - np.mean(hits)) < 3 * np.sqrt(0.25 / len(hits)), evidence
+    assert expected["oracle"] > expected["all"] > expected["asked"]
+    with pytest.raises(ValueError):
+        world.bayes_predictive(w, evidence="labels")
