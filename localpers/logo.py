@@ -126,6 +126,22 @@ class LocalSignals:
     counts: np.ndarray                 # [V] preference counts (over the window the signals cover)
     n_items: int                       # history items the signals were read from
     steering: np.ndarray | None = None  # [L, d] CAA steering per control-vector layer (L = n_layer - 1), or None
+    latest: np.ndarray | None = None    # [V] one-hot per attribute: the value the user named most recently
+
+
+def latest_values(texts) -> np.ndarray:
+    """[V]: per attribute, 1 on the value named by the most recent text (texts oldest first) that names one of
+    its values (the most named one within that text), 0 elsewhere. Recency resolves conflicting statements:
+    on the development worlds the latest named value was the current one 83-95% of the time when a user had
+    named two or more, the most named one 47-60% (BENCHMARKS.md, LoGo session 7)."""
+    out = np.zeros(len(VOCABULARY), np.float32)
+    for text in texts:
+        counts = read_preferences(text)
+        for s in ATTRIBUTE_SLICES.values():
+            if counts[s].sum() > 0:
+                out[s] = 0
+                out[s.start + int(np.argmax(counts[s]))] = 1
+    return out
 
 
 def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -151,7 +167,8 @@ def local_signals(history: list[str], embeddings: np.ndarray | None = None, stee
                   embedding_weight: float = EMBEDDING_WEIGHT) -> LocalSignals:
     """A user's signals from their history texts and (optionally) the embeddings [n, d_e] of those texts."""
     counts = preference_counts(history)
-    return LocalSignals(user_vector(embeddings, counts, embedding_weight), counts, len(history), steering)
+    return LocalSignals(user_vector(embeddings, counts, embedding_weight), counts, len(history), steering,
+                        latest_values(history))
 
 # ---------------------------------------------------------------- contributions and their aggregate
 
@@ -413,6 +430,7 @@ class MediatorParams:
     community_scale: float = 0.0     # control-vector scale of the community steering at full global weight
     skew_boost: float = 0.0          # extra global weight for a skewed (low-entropy) history: + skew_boost * (1 - entropy)
     posterior: bool = True           # context values from the posterior mixture of communities, not the nearest one
+    own_context: bool = True         # also note the user's own latest named value of the attributes they did name
     smoothing: float = 1.0           # pseudo-count per value in the communities' likelihoods
 
 
@@ -427,6 +445,7 @@ class Mediation:
     user_scale: float
     community_scale: float
     context: tuple[tuple[str, str], ...]   # (attribute, community's most common value) for thin attributes
+    own: tuple[tuple[str, str], ...] = ()  # (attribute, the user's latest named value) for the other attributes
 
 
 def attribute_shares(histograms: np.ndarray, smoothing: float) -> np.ndarray:
@@ -452,9 +471,14 @@ def mediate(signals: LocalSignals, knowledge: GlobalKnowledge, params: MediatorP
     """Decide, for one request, how much the reply leans on the community: from the history size, the
     agreement of the user's vector with their community's centroid and the skew (normalized entropy) of
     their preference counts."""
+    own = []
+    if params.own_context and signals.latest is not None:
+        for attribute, s in ATTRIBUTE_SLICES.items():
+            if signals.counts[s].sum() > params.context_max_count and signals.latest[s].any():
+                own.append((attribute, VOCAB_VALUE[s.start + int(np.argmax(signals.latest[s]))]))
     published = knowledge.published
     if not published.any():
-        return Mediation(-1, 0.0, 1.0, params.user_scale, 0.0, ())
+        return Mediation(-1, 0.0, 1.0, params.user_scale, 0.0, (), tuple(own))
     similarity = knowledge.centroids @ signals.vector
     similarity = np.where(published, similarity, -np.inf)
     community = int(np.argmax(similarity))
@@ -477,27 +501,36 @@ def mediate(signals: LocalSignals, knowledge: GlobalKnowledge, params: MediatorP
                 continue
             context.append((attribute, VOCAB_VALUE[s.start + int(np.argmax(values))]))
     return Mediation(community, agreement, local, params.user_scale * local,
-                     params.community_scale * global_weight, tuple(context))
+                     params.community_scale * global_weight, tuple(context), tuple(own))
 
 
 CONTEXT_TOP = 2  # community lines kept when the request names attributes (else every thin attribute's line)
 
 
-def context_prefix(context: tuple[tuple[str, str], ...], query: str) -> str:
-    """The community context as a note before the user's message ('' when there is none). Lines whose
-    attribute, value or value keywords share a term with the request (BM25, methods.retrieve) are kept, at
-    most CONTEXT_TOP; when none does, every line is. On development world seed 1, 32 cold-start users: the
-    135M model chose the context's value 59-72% of the time with all lines (system message or prefix), 100%
-    with the request's line only."""
+def context_prefix(context: tuple[tuple[str, str], ...], query: str, own: tuple[tuple[str, str], ...] = ()) -> str:
+    """The mediator's notes before the user's message ('' when there are none): the community context
+    (attributes the user left open) and the user's own latest named values (`own`, the attributes they named).
+    Lines whose attribute, value or value keywords share a term with the request (BM25, methods.retrieve) are
+    kept, at most CONTEXT_TOP; when none does, every line is. On development world seed 1, 32 cold-start
+    users: the 135M model chose the context's value 59-72% of the time with all lines (system message or
+    prefix), 100% with the request's line only."""
     from localpers.methods import retrieve
 
-    if not context:
+    entries = [(OWN_NOTE, a, v) for a, v in own] + [(COMMUNITY_NOTE, a, v) for a, v in context]
+    if not entries:
         return ""
-    lines = [f"{value} ({attribute})" for attribute, value in context]
-    keyed = tuple(f"{attribute} {value} " + " ".join(ATTRIBUTES[attribute]["values"][value]) for attribute, value in context)
+    keyed = tuple(f"{a} {v} " + " ".join(ATTRIBUTES[a]["values"][v]) for _, a, v in entries)
     if hits := retrieve(keyed, query, k=CONTEXT_TOP):
-        lines = [lines[keyed.index(h)] for h in hits]
-    return "People with interests like mine often prefer: " + "; ".join(lines) + ".\n\n"
+        entries = [entries[keyed.index(h)] for h in hits]
+    notes = []
+    for head in (OWN_NOTE, COMMUNITY_NOTE):
+        if lines := [f"{v} ({a})" for h, a, v in entries if h == head]:
+            notes.append(f"{head}: " + "; ".join(lines) + ".")
+    return " ".join(notes) + "\n\n"
+
+
+OWN_NOTE = "What I said most recently"
+COMMUNITY_NOTE = "People with interests like mine often prefer"
 
 
 # ---------------------------------------------------------------- the synthetic world, in rounds
@@ -655,7 +688,7 @@ def personalize(signals: LocalSignals, knowledge: GlobalKnowledge | None, params
         vectors.append((user_cvec, m.user_scale))
     if m.community >= 0 and m.community_scale and (path := community_cvec(m.community)):
         vectors.append((path, m.community_scale))
-    return Personalized(artifacts=Artifacts(control_vectors=tuple(vectors)), user_prefix=context_prefix(m.context, query))
+    return Personalized(artifacts=Artifacts(control_vectors=tuple(vectors)), user_prefix=context_prefix(m.context, query, m.own))
 
 
 def _method(name: str):
@@ -737,14 +770,16 @@ def signals_path(cvec_path: str | Path) -> Path:
 def save_signals(path: Path, signals: LocalSignals, knowledge_path: Path) -> Path:
     with open(path, "wb") as f:
         np.savez(f, vector=signals.vector, counts=signals.counts, n_items=np.int64(signals.n_items),
-                 knowledge=np.array(str(knowledge_path)))
+                 knowledge=np.array(str(knowledge_path)),
+                 **({"latest": signals.latest} if signals.latest is not None else {}))
     return path
 
 
 @lru_cache(maxsize=256)
 def _load_signals(path: str, key) -> tuple[LocalSignals, str]:
     with np.load(path, allow_pickle=False) as z:
-        return LocalSignals(z["vector"], z["counts"], int(z["n_items"])), str(z["knowledge"])
+        latest = z["latest"] if "latest" in z.files else None  # signals files before session 7 have none
+        return LocalSignals(z["vector"], z["counts"], int(z["n_items"]), latest=latest), str(z["knowledge"])
 
 
 @lru_cache(maxsize=4)

@@ -129,6 +129,24 @@ def test_first_round_restarts_keep_the_least_inertia_run():
     assert inertia(best) <= min(inertia(r) for r in runs) + 1e-4
 
 
+def test_mediator_notes_the_users_latest_value_of_what_they_named():
+    """Conflicting statements are resolved by recency: the latest text naming a cuisine wins over the most
+    named one; the note keeps the request's line (BM25) and says whose knowledge it is."""
+    texts = ["I could eat sushi every single day.", "Ramen again, miso soup too.", "My favorite food is Korean food.",
+             "My playlists are all jazz."]
+    latest = logo.latest_values(texts)
+    cuisine = logo.ATTRIBUTE_SLICES["cuisine"]
+    assert logo.VOCAB_VALUE[cuisine.start + int(latest[cuisine].argmax())] == "Korean food" and latest[cuisine].sum() == 1
+    k = logo.advance(None, [logo.local_signals([t]) for t in texts * 5], k=2, min_size=1)
+    m = logo.mediate(logo.local_signals(texts), k)
+    assert dict(m.own) == {"cuisine": "Korean food", "music": "Jazz"} and not set(dict(m.own)) & set(dict(m.context))
+    note = logo.context_prefix(m.context, "What kind of food do I like best?", m.own)
+    assert note == f"{logo.OWN_NOTE}: Korean food (cuisine).\n\n"
+    assert logo.mediate(logo.local_signals(texts), k, logo.MediatorParams(own_context=False)).own == ()
+    old = logo.LocalSignals(logo.local_signals(texts).vector, logo.local_signals(texts).counts, 4)  # no `latest`
+    assert logo.mediate(old, k).own == ()
+
+
 def test_preference_reader_names_values_not_labels():
     c = logo.read_preferences("I could eat pad thai every single day. Okay so, green curry was unreal.")
     assert Counter({logo.VOCABULARY[i]: int(n) for i, n in enumerate(c) if n}) == Counter({"cuisine=Thai food": 2})
