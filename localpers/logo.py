@@ -13,7 +13,7 @@ The data flow (and the contract of the Flower sync, which computes the same aggr
     vector   [d]  unit user vector                         vector_sum   [k, d]     sum of member vectors
     counts   [V]  preference counts, public VOCABULARY     count        [k]        members
     steering [L, d] or None (CAA, control-vector layers)   steering_sum [k, L, d]  sum of member steering
-                                                           steering_count [k]      members with steering
+    latest   [V]  latest named values (never sent)         steering_count [k]      members with steering
   Contribution  = contribute(signals, centroids)           counts       [k, V]     preference counts
     assignment  int: nearest centroid (cosine)           GlobalKnowledge = fold(previous, sums, ...)
     vector, counts, steering: as above                     (decay, centroids, drift; `advance` runs the
@@ -415,13 +415,18 @@ def normalized_entropy(counts: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class MediatorParams:
-    """The mediator's few parameters. Chosen on development world seeds 1 and 3 (BENCHMARKS.md, LoGo section):
-    context_max_count = 0 (a note for an attribute the user named would contradict them: without the mediator
-    it did for 40% of 50+-item users of seed 7), min_agreement = 0 and min_share = 0 (notes were right more
-    often than chance in every well-filled agreement and share bin, and a withheld note leaves the model near
-    chance). The
-    control-vector scales were not measured (no run fitted them): they stay 0, so the served steering vectors
-    are written and registered but have no effect until a measurement sets them."""
+    """The mediator's few parameters. Chosen on development world seeds 1, 3 and 7 (BENCHMARKS.md, LoGo
+    sections of sessions 6 and 7): context_max_count = 0 (a community note for an attribute the user named
+    would contradict them: without the mediator it did for 40% of 50+-item users of seed 7; and where the
+    user's own statements conflict, their latest one was right 83-95% of the time, the community's choice among
+    them 36-56%, so conflicting local evidence is resolved by recency, not by the community), min_agreement = 0
+    and min_share = 0 (notes were right more often than chance in every well-filled agreement and share bin,
+    and a withheld note leaves the model near chance), posterior = True (the community mixture's note was right
+    0.267 vs 0.223 for the nearest community, over the cold users of seeds 1/3/7), own_context = True (the 135M
+    model chose a user's own stated value only 24% of the time from the history in context; the note of their
+    latest value: +0.075 mc_acc for cold users, +0.225 for 50+ users on seed 7). The control-vector scales and
+    skew_boost (the entropy term: extra community weight for a skewed history) stay 0: see BENCHMARKS.md, LoGo
+    session 7, for what the measured scales did."""
     context_max_count: float = 0.0   # an attribute gets community context when the user's own count for it is <= this
     min_agreement: float = 0.0       # and the user's vector agrees with the community centroid at least this much
     min_share: float = 0.0           # and the community's most common value holds at least this share of its counts
