@@ -6,7 +6,9 @@ nonzero control-vector scale, are computed once), paired against the first setti
         --variants user_scale=0 community_scale=1 community_scale=2 user_scale=4 --out docs/eval/logo/s7/scales
     python3 bench/logo_mediator.py --seed 7 --history 1-2,50+ --limit 40 --variants own_context=0 own_context=1
 
-Each variant is comma-separated field=value pairs over logo.MEDIATOR; --limit is per history bucket.
+Each variant is comma-separated field=value pairs over logo.MEDIATOR; --limit is per history bucket and
+picks the users `localpers eval world --history B --limit N` picks (the seed-7 development run above, made
+before this, took each bucket's first N users instead).
 
 Steering: logo.Steerer (CAA on the served model, torch) for every evaluated user and for --steer-limit
 sampled contributors per round (their mean is each community's steering vector).
@@ -45,7 +47,7 @@ def main():
     from localpers.compose import Composer
     from localpers.datasets import read_upqa
     from localpers.engine import Engine
-    from localpers.eval_cli import _history_buckets
+    from localpers.eval_cli import _history_buckets, _limit
 
     variants = {spec: {k: type(getattr(logo.MEDIATOR, k))(float(v)) for k, v in
                        (kv.split("=") for kv in spec.split(","))} for spec in args.variants}
@@ -56,7 +58,9 @@ def main():
     world_dir = world.write_world(world.generate_world(args.users, seed=args.seed), tmp / "world")
     everyone = read_upqa(world_dir / world.WORLD_FILES["upqa"])
     buckets = [b.strip() for b in args.history.split(",")]
-    items = [item for b in buckets for item in _history_buckets(everyone, b)[:args.limit]]  # --limit per bucket
+    # --limit per bucket, the users `localpers eval world --seed S --history B --limit N` picks
+    items = [item for b in buckets for item in _limit(_history_buckets(everyone, b),
+                                                      argparse.Namespace(limit=args.limit, seed=args.seed, shard=None))]
     bucket_of = {item.user.id: world.history_bucket(dict(item.meta)["history_size"]) for item in items}
     engine = Engine(None, seed=args.seed, n_threads=args.threads)
     steerer = logo.Steerer(engine.model_path) if steers else None
