@@ -424,9 +424,10 @@ class MediatorParams:
     and a withheld note leaves the model near chance), posterior = True (the community mixture's note was right
     0.267 vs 0.223 for the nearest community, over the cold users of seeds 1/3/7), own_context = True (the 135M
     model chose a user's own stated value only 24% of the time from the history in context; the note of their
-    latest value: +0.075 mc_acc for cold users, +0.225 for 50+ users on seed 7). The control-vector scales and
-    skew_boost (the entropy term: extra community weight for a skewed history) stay 0: see BENCHMARKS.md, LoGo
-    session 7, for what the measured scales did."""
+    latest value: +0.075 mc_acc for cold users, +0.225 for 50+ users on seed 7). The control-vector scales stay 0:
+    measured on seed 1 (community 1 and 4, user 4 and 16), every nonzero scale lowered mc_acc (the user's own
+    CAA vector at 4: -0.50 for users with 10-49 items); so skew_boost (the entropy term: extra community weight
+    for a skewed history), which only moves the community scale, stays 0 as well."""
     context_max_count: float = 0.0   # an attribute gets community context when the user's own count for it is <= this
     min_agreement: float = 0.0       # and the user's vector agrees with the community centroid at least this much
     min_share: float = 0.0           # and the community's most common value holds at least this share of its counts
