@@ -25,11 +25,15 @@ def main():
     entries = {e["user_id"]: e for e in w["upqa"]}
     rounds = logo.world_rounds(w["upqa"], seed=args.seed)  # as `localpers eval world --seed S` prepares it
     given, right, followed, ok_when_right, ok_when_wrong, ok_without = [], [], [], [], [], []
+    own_right, own_followed = [], []
     for r in rows:
         e = entries[r["id"]]
         m = logo.mediate(logo.local_signals([x["text"] for x in e["profile"]]), rounds[e["step"]])
         value = dict(m.context).get(e["attribute_type"])
         given.append(value is not None)
+        if (own := dict(m.own).get(e["attribute_type"])) is not None:
+            own_right.append(own == e["target"])
+            own_followed.append(r["mc_choice"] == own)
         if value is None:
             ok_without.append(r["mc_ok"])
             continue
@@ -39,7 +43,8 @@ def main():
     f = lambda v: f"{np.mean(v):.3f} (n={len(v)})" if v else "-"
     print(f"users {len(rows)}; note covers the asked attribute: {f(given)}; its value is the user's: {f(right)}; "
           f"model chose the note's value: {f(followed)}; mc_acc when the note is right: {f(ok_when_right)}, "
-          f"wrong: {f(ok_when_wrong)}, no note: {f(ok_without)}")
+          f"wrong: {f(ok_when_wrong)}, no community note: {f(ok_without)}; the user's own latest value "
+          f"(own note) is right: {f(own_right)}, chosen: {f(own_followed)}")
 
 
 if __name__ == "__main__":

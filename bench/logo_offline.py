@@ -3,7 +3,11 @@ context names the user's true current value of the asked attribute (cold-start u
 (the user's true community's most common value; upper_t: among its members asked within one step) and the
 population's most common value.
 
-    python3 bench/logo_offline.py --seed 1 --users 1000 [--window] [--half-life 2] [--k 0]
+    python3 bench/logo_offline.py --seed 1 --users 1000 [--window] [--half-life 2] [--k 0] [--nearest] [--restarts 1]
+
+Also printed, for users whose own items name two or more values of the asked attribute (conflicting local
+evidence): how often their latest named value, their most named value, and the community mixture's choice
+among the values they named is the current one (what a community note for conflicting attributes would do).
 """
 import argparse
 from collections import Counter, defaultdict
@@ -22,7 +26,9 @@ def main():
     p.add_argument("--k", type=int, default=0)
     p.add_argument("--init-seed", type=int, help="k-means++ seed (default: --seed, as `localpers eval world` uses)")
     p.add_argument("--random", action="store_true", help="random community assignment (ablation)")
-    p.add_argument("--posterior", action="store_true", help="context from the posterior mixture of communities")
+    p.add_argument("--nearest", action="store_true", help="context from the nearest community (cosine), not the "
+                   "posterior mixture (the default)")
+    p.add_argument("--restarts", type=int, default=1, help="first-round k-means++ restarts (least inertia kept)")
     args = p.parse_args()
     if args.init_seed is None:
         args.init_seed = args.seed
@@ -30,7 +36,7 @@ def main():
     items = {it["user_id"]: it for it in w["upqa"]}
     truth = {u["id"]: u for u in w["users"]}
     rounds = logo.world_rounds(w["upqa"], seed=args.init_seed, half_life=args.half_life, k=args.k or None, window=args.window,
-                               random_assignment=args.random)
+                               random_assignment=args.random, restarts=args.restarts)
     # upper bound: the true community's most common current value (over all users, at their query steps)
     mode = defaultdict(Counter)
     for u in w["users"]:
@@ -53,7 +59,7 @@ def main():
         texts = [p["text"] for p in it["profile"]]
         sig = logo.local_signals(texts)
         know = rounds[it["step"]]
-        med = logo.mediate(sig, know, logo.MediatorParams(posterior=args.posterior))
+        med = logo.mediate(sig, know, logo.MediatorParams(posterior=not args.nearest))
         ctx = dict(med.context)
         s = logo.ATTRIBUTE_SLICES[a]
         local = logo.VOCAB_VALUE[s.start + int(np.argmax(sig.counts[s]))] if sig.counts[s].sum() else None
@@ -68,8 +74,17 @@ def main():
         stats[bucket]["nomediator_conflict"].append(local == target and fixed is not None and fixed != target)
         stats[bucket]["upper_t"].append(near[truth[uid]["community"], it["step"], a].most_common(1)[0][0] == target)
         stats[bucket]["popular"].append(pop[a].most_common(1)[0][0] == target)
+        if (sig.counts[s] > 0).sum() >= 2:  # conflicting local evidence
+            named = [logo.read_preferences(t)[s] for t in texts]
+            latest = next(logo.VOCAB_VALUE[s.start + int(np.argmax(x))] for x in reversed(named) if x.sum())
+            mix = logo.community_posterior(sig.counts, know) @ logo.attribute_shares(know.histograms, 1.0)
+            choice = logo.VOCAB_VALUE[s.start + int(np.argmax(np.where(sig.counts[s] > 0, mix[s], -1)))]
+            stats[bucket]["conflict_latest"].append(latest == target)
+            stats[bucket]["conflict_most"].append(local == target)
+            stats[bucket]["conflict_community"].append(choice == target)
     for bucket in ("1-2", "3-9", "10-49", "50+"):
-        print(bucket, len(stats[bucket]["local"]), {k: round(float(np.mean(v)), 3) for k, v in stats[bucket].items()})
+        print(bucket, len(stats[bucket]["local"]), {k: round(float(np.mean(v)), 3) for k, v in stats[bucket].items()},
+              "conflicting:", len(stats[bucket]["conflict_latest"]))
 
 
 if __name__ == "__main__":

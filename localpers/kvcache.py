@@ -130,14 +130,16 @@ class KVCache:
         n = int(llm.n_tokens)
         limit = max(len(tokens) - 1, 0)
         held = self.aligned(min(common_prefix(llm.input_ids[:n], tokens), self.valid, limit))
+        if self.aligned(min(n, self.valid)) - held >= self.min_tokens:
+            # the prompt is about to overwrite another conversation: keep it (before choosing a state to
+            # restore: stashing may drop a kept state that it supersedes)
+            self.stash(key)
         best, best_len = None, held
         for entry in self._states:
             if entry[0] == key and len(entry[1]) > best_len:
                 length = self.aligned(min(common_prefix(entry[1], tokens), limit))
                 if length > best_len:
                     best, best_len = entry, length
-        if self.aligned(min(n, self.valid)) - held >= self.min_tokens:
-            self.stash(key)   # the prompt is about to overwrite another conversation: keep it
         if best is None or best_len - held < self.min_tokens:
             self._truncate(held)
             return held

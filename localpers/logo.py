@@ -13,7 +13,7 @@ The data flow (and the contract of the Flower sync, which computes the same aggr
     vector   [d]  unit user vector                         vector_sum   [k, d]     sum of member vectors
     counts   [V]  preference counts, public VOCABULARY     count        [k]        members
     steering [L, d] or None (CAA, control-vector layers)   steering_sum [k, L, d]  sum of member steering
-                                                           steering_count [k]      members with steering
+    latest   [V]  latest named values (never sent)         steering_count [k]      members with steering
   Contribution  = contribute(signals, centroids)           counts       [k, V]     preference counts
     assignment  int: nearest centroid (cosine)           GlobalKnowledge = fold(previous, sums, ...)
     vector, counts, steering: as above                     (decay, centroids, drift; `advance` runs the
@@ -48,6 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import re
 import tempfile
 from dataclasses import dataclass, field, fields, replace
@@ -125,6 +126,22 @@ class LocalSignals:
     counts: np.ndarray                 # [V] preference counts (over the window the signals cover)
     n_items: int                       # history items the signals were read from
     steering: np.ndarray | None = None  # [L, d] CAA steering per control-vector layer (L = n_layer - 1), or None
+    latest: np.ndarray | None = None    # [V] one-hot per attribute: the value the user named most recently
+
+
+def latest_values(texts) -> np.ndarray:
+    """[V]: per attribute, 1 on the value named by the most recent text (texts oldest first) that names one of
+    its values (the most named one within that text), 0 elsewhere. Recency resolves conflicting statements:
+    on the development worlds the latest named value was the current one 83-95% of the time when a user had
+    named two or more, the most named one 47-60% (BENCHMARKS.md, LoGo session 7)."""
+    out = np.zeros(len(VOCABULARY), np.float32)
+    for text in texts:
+        counts = read_preferences(text)
+        for s in ATTRIBUTE_SLICES.values():
+            if counts[s].sum() > 0:
+                out[s] = 0
+                out[s.start + int(np.argmax(counts[s]))] = 1
+    return out
 
 
 def unit(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -150,7 +167,8 @@ def local_signals(history: list[str], embeddings: np.ndarray | None = None, stee
                   embedding_weight: float = EMBEDDING_WEIGHT) -> LocalSignals:
     """A user's signals from their history texts and (optionally) the embeddings [n, d_e] of those texts."""
     counts = preference_counts(history)
-    return LocalSignals(user_vector(embeddings, counts, embedding_weight), counts, len(history), steering)
+    return LocalSignals(user_vector(embeddings, counts, embedding_weight), counts, len(history), steering,
+                        latest_values(history))
 
 # ---------------------------------------------------------------- contributions and their aggregate
 
@@ -330,12 +348,15 @@ def fold(previous: GlobalKnowledge | None, round_sums: RoundSums, *, start: np.n
 
 def advance(previous: GlobalKnowledge | None, signals: list[LocalSignals], *, k: int | None = None,
             half_life: float = HALF_LIFE, min_size: float = MIN_SIZE, iterations: int = KMEANS_ITERATIONS,
-            seed: int = 0, meta: dict | None = None, random_assignment: bool = False) -> GlobalKnowledge:
+            seed: int = 0, meta: dict | None = None, random_assignment: bool = False,
+            restarts: int = 1) -> GlobalKnowledge:
     """Fold one round (the signals of this round's contributors) into the knowledge, in-process: Lloyd
     iterations of contribute -> aggregate -> centroids of the decayed sums, starting from the previous
     centroids (the first round: k-means++ with k = choose_k(n)), then `fold`. Each iteration is one exchange
     with the devices (they assign themselves to the centroids sent). half_life=inf: no decay.
-    random_assignment (an ablation): every contributor joins a random community, one pass."""
+    random_assignment (an ablation): every contributor joins a random community, one pass. restarts: in the
+    first round, k-means++ seeds seed..seed+restarts-1 are each run and the one of least inertia (sum over
+    contributors of 1 - cosine to their centroid) is kept, which removes most of the seed lottery."""
     if not signals:
         raise ValueError("a round needs at least one contributor")
     vectors = np.stack([s.vector for s in signals])
@@ -347,20 +368,37 @@ def advance(previous: GlobalKnowledge | None, signals: list[LocalSignals], *, k:
     if previous is not None and previous.sums.steering_sum.shape[1:] != steer_shape:
         previous = replace(previous, sums=replace(previous.sums, steering_sum=np.zeros((previous.k, *steer_shape)),
                                                   steering_count=np.zeros(previous.k)))
-    centroids = previous.centroids if previous is not None else init_centroids(vectors, k or choose_k(len(signals)), seed)
     carried = previous.sums.scaled(0.5 ** (1.0 / half_life)) if previous is not None else None
-    start = centroids
     rng = np.random.default_rng(seed + (previous.round if previous else 0))
+    if previous is not None:
+        starts = [previous.centroids]
+    else:  # the first round: k-means++ from `restarts` seeds, the run of least inertia kept
+        starts = [init_centroids(vectors, k or choose_k(len(signals)), seed + i) for i in range(max(1, restarts))]
+    best = None
+    for start in starts:
+        centroids, round_sums, inertia = _lloyd(signals, start, carried, steer_shape, iterations, rng,
+                                                random_assignment)
+        if best is None or inertia < best[2] - 1e-9:
+            best = (start, round_sums, inertia)
+    start, round_sums, _ = best
+    return fold(previous, round_sums, start=start, half_life=half_life, min_size=min_size, meta=meta)
+
+
+def _lloyd(signals, centroids, carried, steer_shape, iterations, rng, random_assignment):
+    """Lloyd iterations of one round from `centroids`: (final centroids, the round's sums, inertia)."""
+    d = len(signals[0].vector)
     for _ in range(1 if random_assignment else max(1, iterations)):
         contributions = [contribute(s, centroids) for s in signals]
         if random_assignment:
             contributions = [replace(c, assignment=int(rng.integers(len(centroids)))) for c in contributions]
-        round_sums = aggregate(contributions, len(centroids), vectors.shape[1], steer_shape)
+        round_sums = aggregate(contributions, len(centroids), d, steer_shape)
         new = centroids_from(round_sums if carried is None else carried + round_sums, centroids)
         if np.allclose(new, centroids):
             break
         centroids = new
-    return fold(previous, round_sums, start=start, half_life=half_life, min_size=min_size, meta=meta)
+    inertia = float(sum(1.0 - centroids[c.assignment] @ c.vector for c in contributions))
+    return centroids, round_sums, inertia
+
 
 # ---------------------------------------------------------------- mediator
 
@@ -377,13 +415,19 @@ def normalized_entropy(counts: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class MediatorParams:
-    """The mediator's few parameters. Chosen on development world seeds 1 and 3 (BENCHMARKS.md, LoGo section):
-    context_max_count = 0 (a note for an attribute the user named would contradict them: without the mediator
-    it did for 40% of 50+-item users of seed 7), min_agreement = 0 and min_share = 0 (notes were right more
-    often than chance in every well-filled agreement and share bin, and a withheld note leaves the model near
-    chance). The
-    control-vector scales were not measured (no run fitted them): they stay 0, so the served steering vectors
-    are written and registered but have no effect until a measurement sets them."""
+    """The mediator's few parameters. Chosen on development world seeds 1, 3 and 7 (BENCHMARKS.md, LoGo
+    sections of sessions 6 and 7): context_max_count = 0 (a community note for an attribute the user named
+    would contradict them: without the mediator it did for 40% of 50+-item users of seed 7; and where the
+    user's own statements conflict, their latest one was right 83-95% of the time, the community's choice among
+    them 36-56%, so conflicting local evidence is resolved by recency, not by the community), min_agreement = 0
+    and min_share = 0 (notes were right more often than chance in every well-filled agreement and share bin,
+    and a withheld note leaves the model near chance), posterior = True (the community mixture's note was right
+    0.267 vs 0.223 for the nearest community, over the cold users of seeds 1/3/7), own_context = True (the 135M
+    model chose a user's own stated value only 24% of the time from the history in context; the note of their
+    latest value: +0.075 mc_acc for cold users, +0.225 for 50+ users on seed 7). The control-vector scales stay 0:
+    measured on seed 1 (community 1 and 4, user 4 and 16), every nonzero scale lowered mc_acc (the user's own
+    CAA vector at 4: -0.50 for users with 10-49 items); so skew_boost (the entropy term: extra community weight
+    for a skewed history), which only moves the community scale, stays 0 as well."""
     context_max_count: float = 0.0   # an attribute gets community context when the user's own count for it is <= this
     min_agreement: float = 0.0       # and the user's vector agrees with the community centroid at least this much
     min_share: float = 0.0           # and the community's most common value holds at least this share of its counts
@@ -391,7 +435,8 @@ class MediatorParams:
     user_scale: float = 0.0          # control-vector scale of the user's own steering at full local weight
     community_scale: float = 0.0     # control-vector scale of the community steering at full global weight
     skew_boost: float = 0.0          # extra global weight for a skewed (low-entropy) history: + skew_boost * (1 - entropy)
-    posterior: bool = False          # context values from the posterior mixture of communities, not the nearest one
+    posterior: bool = True           # context values from the posterior mixture of communities, not the nearest one
+    own_context: bool = True         # also note the user's own latest named value of the attributes they did name
     smoothing: float = 1.0           # pseudo-count per value in the communities' likelihoods
 
 
@@ -406,6 +451,7 @@ class Mediation:
     user_scale: float
     community_scale: float
     context: tuple[tuple[str, str], ...]   # (attribute, community's most common value) for thin attributes
+    own: tuple[tuple[str, str], ...] = ()  # (attribute, the user's latest named value) for the other attributes
 
 
 def attribute_shares(histograms: np.ndarray, smoothing: float) -> np.ndarray:
@@ -431,9 +477,14 @@ def mediate(signals: LocalSignals, knowledge: GlobalKnowledge, params: MediatorP
     """Decide, for one request, how much the reply leans on the community: from the history size, the
     agreement of the user's vector with their community's centroid and the skew (normalized entropy) of
     their preference counts."""
+    own = []
+    if params.own_context and signals.latest is not None:
+        for attribute, s in ATTRIBUTE_SLICES.items():
+            if signals.counts[s].sum() > params.context_max_count and signals.latest[s].any():
+                own.append((attribute, VOCAB_VALUE[s.start + int(np.argmax(signals.latest[s]))]))
     published = knowledge.published
     if not published.any():
-        return Mediation(-1, 0.0, 1.0, params.user_scale, 0.0, ())
+        return Mediation(-1, 0.0, 1.0, params.user_scale, 0.0, (), tuple(own))
     similarity = knowledge.centroids @ signals.vector
     similarity = np.where(published, similarity, -np.inf)
     community = int(np.argmax(similarity))
@@ -456,27 +507,36 @@ def mediate(signals: LocalSignals, knowledge: GlobalKnowledge, params: MediatorP
                 continue
             context.append((attribute, VOCAB_VALUE[s.start + int(np.argmax(values))]))
     return Mediation(community, agreement, local, params.user_scale * local,
-                     params.community_scale * global_weight, tuple(context))
+                     params.community_scale * global_weight, tuple(context), tuple(own))
 
 
 CONTEXT_TOP = 2  # community lines kept when the request names attributes (else every thin attribute's line)
 
 
-def context_prefix(context: tuple[tuple[str, str], ...], query: str) -> str:
-    """The community context as a note before the user's message ('' when there is none). Lines whose
-    attribute, value or value keywords share a term with the request (BM25, methods.retrieve) are kept, at
-    most CONTEXT_TOP; when none does, every line is. On development world seed 1, 32 cold-start users: the
-    135M model chose the context's value 59-72% of the time with all lines (system message or prefix), 100%
-    with the request's line only."""
+def context_prefix(context: tuple[tuple[str, str], ...], query: str, own: tuple[tuple[str, str], ...] = ()) -> str:
+    """The mediator's notes before the user's message ('' when there are none): the community context
+    (attributes the user left open) and the user's own latest named values (`own`, the attributes they named).
+    Lines whose attribute, value or value keywords share a term with the request (BM25, methods.retrieve) are
+    kept, at most CONTEXT_TOP; when none does, every line is. On development world seed 1, 32 cold-start
+    users: the 135M model chose the context's value 59-72% of the time with all lines (system message or
+    prefix), 100% with the request's line only."""
     from localpers.methods import retrieve
 
-    if not context:
+    entries = [(OWN_NOTE, a, v) for a, v in own] + [(COMMUNITY_NOTE, a, v) for a, v in context]
+    if not entries:
         return ""
-    lines = [f"{value} ({attribute})" for attribute, value in context]
-    keyed = tuple(f"{attribute} {value} " + " ".join(ATTRIBUTES[attribute]["values"][value]) for attribute, value in context)
+    keyed = tuple(f"{a} {v} " + " ".join(ATTRIBUTES[a]["values"][v]) for _, a, v in entries)
     if hits := retrieve(keyed, query, k=CONTEXT_TOP):
-        lines = [lines[keyed.index(h)] for h in hits]
-    return "People with interests like mine often prefer: " + "; ".join(lines) + ".\n\n"
+        entries = [entries[keyed.index(h)] for h in hits]
+    notes = []
+    for head in (OWN_NOTE, COMMUNITY_NOTE):
+        if lines := [f"{v} ({a})" for h, a, v in entries if h == head]:
+            notes.append(f"{head}: " + "; ".join(lines) + ".")
+    return " ".join(notes) + "\n\n"
+
+
+OWN_NOTE = "What I said most recently"
+COMMUNITY_NOTE = "People with interests like mine often prefer"
 
 
 # ---------------------------------------------------------------- the synthetic world, in rounds
@@ -484,12 +544,16 @@ def context_prefix(context: tuple[tuple[str, str], ...], query: str) -> str:
 
 def world_rounds(upqa: list[dict], *, half_life: float = HALF_LIFE, min_size: float = MIN_SIZE, k: int | None = None,
                  window: bool = False, random_assignment: bool = False, embed=None, steer=None,
-                 embedding_weight: float = EMBEDDING_WEIGHT, seed: int = 0) -> dict[int, GlobalKnowledge]:
+                 embedding_weight: float = EMBEDDING_WEIGHT, seed: int = 0,
+                 restarts: int = 1, steer_limit: int | None = None) -> dict[int, GlobalKnowledge]:
     """The global knowledge a world user asked at step s sees: {s: knowledge after rounds 1..s}, round r
     folding in every user still active at r (asked at step >= r) with an item before step r. A contributor's
     signals are read from their items before step r (window=True: only those of step r - 1).
     upqa: the world's upqa.json entries (their `profile` items carry `text` and `step`; nothing else is read).
-    embed(texts) -> [n, d_e] item embeddings (None: preference counts only); steer(texts) -> [L, d] or None."""
+    embed(texts) -> [n, d_e] item embeddings (None: preference counts only); steer(texts) -> [L, d] or None,
+    computed for every contributor or, with steer_limit, for a random sample of that many per round (CAA runs
+    the model twice per prompt: a sample keeps an evaluation's cost bounded; the community steering is the
+    mean over the members that sent one, as on devices where only some do)."""
     steps = 1 + max(entry["step"] for entry in upqa)
     out, knowledge = {}, None
     for r in range(1, steps):
@@ -499,11 +563,16 @@ def world_rounds(upqa: list[dict], *, half_life: float = HALF_LIFE, min_size: fl
                 continue
             texts = [p["text"] for p in entry["profile"] if (p["step"] == r - 1 if window else p["step"] < r)]
             if texts:
-                signals.append(local_signals(texts, embed(texts) if embed else None,
-                                             steer(texts) if steer else None, embedding_weight))
+                signals.append((texts, local_signals(texts, embed(texts) if embed else None, None, embedding_weight)))
+        if steer is not None:  # the contributors that steer: all, or a sample of steer_limit (seeded per round)
+            chosen = range(len(signals)) if steer_limit is None else \
+                random.Random(seed * 1000 + r).sample(range(len(signals)), min(steer_limit, len(signals)))
+            for i in chosen:
+                signals[i][1].steering = steer(signals[i][0])
+        signals = [sig for _, sig in signals]
         if signals:
             knowledge = advance(knowledge, signals, k=k, half_life=half_life, min_size=min_size, seed=seed,
-                                random_assignment=random_assignment)
+                                random_assignment=random_assignment, restarts=restarts)
         out[r] = knowledge
     return out
 
@@ -625,7 +694,7 @@ def personalize(signals: LocalSignals, knowledge: GlobalKnowledge | None, params
         vectors.append((user_cvec, m.user_scale))
     if m.community >= 0 and m.community_scale and (path := community_cvec(m.community)):
         vectors.append((path, m.community_scale))
-    return Personalized(artifacts=Artifacts(control_vectors=tuple(vectors)), user_prefix=context_prefix(m.context, query))
+    return Personalized(artifacts=Artifacts(control_vectors=tuple(vectors)), user_prefix=context_prefix(m.context, query, m.own))
 
 
 def _method(name: str):
@@ -665,11 +734,13 @@ FIXED = MediatorParams(context_max_count=math.inf, tau=math.inf)
 
 
 def prepare_world(world_dir: str | Path, method_names, *, engine=None, embed=None, steer=None,
-                  params: MediatorParams = MEDIATOR, files: str | Path | None = None, seed: int = 0) -> None:
+                  params: MediatorParams = MEDIATOR, files: str | Path | None = None, seed: int = 0,
+                  steer_limit: int | None = None) -> None:
     """Compute the world's global knowledge, round by round, for the LoGo methods among `method_names`
     (logo and its ablations), from the world's upqa.json (the users' histories with their items' time
     steps; never world.json's labels). `files`: where control vectors go (needed when the mediator's
-    control-vector scales are nonzero)."""
+    control-vector scales are nonzero). steer_limit: contributors per round whose steering is computed
+    (world_rounds; None: all)."""
     from localpers.datasets import load_json
     from localpers.world import WORLD_FILES
 
@@ -679,7 +750,7 @@ def prepare_world(world_dir: str | Path, method_names, *, engine=None, embed=Non
         options = ABLATIONS.get(name, {})
         rounds = world_rounds(upqa, half_life=options.get("half_life", HALF_LIFE),
                               random_assignment=options.get("random_assignment", False), embed=embed,
-                              steer=steer, seed=seed)
+                              steer=steer, seed=seed, steer_limit=steer_limit)
         mediator = replace(FIXED, user_scale=params.user_scale, community_scale=params.community_scale) \
             if options.get("fixed") else params
         _PREPARED[name] = Prepared(rounds, {e["user_id"]: e["step"] for e in upqa}, mediator, embed, steer,
@@ -705,14 +776,16 @@ def signals_path(cvec_path: str | Path) -> Path:
 def save_signals(path: Path, signals: LocalSignals, knowledge_path: Path) -> Path:
     with open(path, "wb") as f:
         np.savez(f, vector=signals.vector, counts=signals.counts, n_items=np.int64(signals.n_items),
-                 knowledge=np.array(str(knowledge_path)))
+                 knowledge=np.array(str(knowledge_path)),
+                 **({"latest": signals.latest} if signals.latest is not None else {}))
     return path
 
 
 @lru_cache(maxsize=256)
 def _load_signals(path: str, key) -> tuple[LocalSignals, str]:
     with np.load(path, allow_pickle=False) as z:
-        return LocalSignals(z["vector"], z["counts"], int(z["n_items"])), str(z["knowledge"])
+        latest = z["latest"] if "latest" in z.files else None  # signals files before session 7 have none
+        return LocalSignals(z["vector"], z["counts"], int(z["n_items"]), latest=latest), str(z["knowledge"])
 
 
 @lru_cache(maxsize=4)

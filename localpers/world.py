@@ -145,7 +145,9 @@ def generate_world(users: int = 1000, communities: int = 8, steps: int = 12, see
                         "change_prob": change_prob, "drift": drift},
              "communities": [{a: {"first": _top(a, t[a][0]), "last": _top(a, t[a][-1])} for a in names}
                              for t in trajectories],
-             "users": [], "upqa": [], "longlamp_questions": [], "longlamp_outputs": {"task": "LongLaMP_world", "golds": []}}
+             "users": [], "upqa": [], "longlamp_questions": [], "longlamp_outputs": {"task": "LongLaMP_world", "golds": []},
+             # the generative truth, for scoring only (bayes_predictive): never written, never read by a method
+             "truth": {"trajectories": trajectories, "items": {}}}
     for u in range(users):
         user_id = f"u{u:05d}"
         community = rng.randrange(communities)
@@ -162,7 +164,9 @@ def generate_world(users: int = 1000, communities: int = 8, steps: int = 12, see
         style = {"open": rng.choice(OPENERS), "sigs": rng.sample(SIGNATURES, 2), "adjs": rng.sample(ADJECTIVES, 2)}
         size = min(120, max(1, round(math.exp(rng.gauss(2.0, 1.3)))))
         item_steps = sorted(rng.randrange(query_step) for _ in range(size))
-        profile = [_history_item(rng, f"{user_id}-{i}", t, timeline[t], style) for i, t in enumerate(item_steps)]
+        drawn = [_history_item(rng, f"{user_id}-{i}", t, timeline[t], style) for i, t in enumerate(item_steps)]
+        profile = [item for item, _ in drawn]
+        world["truth"]["items"][user_id] = [(a, timeline[item["step"]][a], item["step"]) for item, a in drawn]
         now = timeline[query_step]
 
         asked = rng.choice(names)
@@ -190,7 +194,8 @@ def _top(attribute: str, logits: list[float]) -> str:
     return values[max(range(len(values)), key=logits.__getitem__)]
 
 
-def _history_item(rng: random.Random, item_id: str, step: int, values: dict, style: dict) -> dict:
+def _history_item(rng: random.Random, item_id: str, step: int, values: dict, style: dict) -> tuple[dict, str]:
+    """An item and the attribute it is about."""
     a = rng.choice(list(ATTRIBUTES))
     spec, value = ATTRIBUTES[a], values[a]
     kind = rng.choices(("preference", "post", "review", "qa"), weights=(3, 3, 2, 2))[0]
@@ -205,7 +210,7 @@ def _history_item(rng: random.Random, item_id: str, step: int, values: dict, sty
         text = _fill(rng.choice(REVIEWS), open=opener, k=keyword, adj=adj, sig=sig, stars=rng.randint(3, 5))
     else:
         text = f"Q: {spec['ask']} A: " + _fill(rng.choice(ANSWERS), v=value)
-    return {"id": item_id, "text": text, "step": step, "kind": kind}
+    return {"id": item_id, "text": text, "step": step, "kind": kind}, a
 
 
 WORLD_FILES = {"upqa": "upqa.json", "longlamp_questions": "longlamp_questions.json",
@@ -221,3 +226,94 @@ def write_world(world: dict, directory: str | Path) -> Path:
     for key, name in WORLD_FILES.items():
         (directory / name).write_text(json.dumps(world[key], indent=1))
     return directory
+
+
+# ---------------------------------------------------------------- the Bayes ceiling (scoring only)
+
+
+def bayes_predictive(world: dict, user_ids=None, *, samples: int = 2000, seed: int = 0,
+                     evidence: str = "all") -> dict[str, dict[str, float]]:
+    """What is attainable at all: the posterior predictive P(value of the asked attribute at the query step |
+    the attribute values the user's items reveal, with their steps), under the world's TRUE generative
+    parameters (world["truth"]: every community's logit trajectories; the change probability), for each user
+    of `user_ids` (default: all). Scoring only: it reads the truth, so no method may call it.
+
+    Model (generate_world): community c ~ uniform; per attribute, the user's offsets o ~ N(0, I) are
+    integrated out by Monte Carlo (`samples` draws, common to all communities); the value at step t is the
+    draw at the last redraw j <= t (j = 0, or a step j >= 1 that redrew, probability change_prob each), from
+    softmax(logits[c][a][j] + o). Given c and o the attributes are independent chains, so
+        P(c | items) ∝ prod_a mean_o P(chain of a's observed values | c, o)
+    and the prediction is sum_c P(c | items) E_o[P(v_s | a's last observed value, c, o) | a's observations].
+    evidence: "all" (the Bayes ceiling: every attribute's items inform the community), "asked" (only the
+    asked attribute's own items: the time-aware population prior, no community inference across
+    attributes), "oracle" (the user's true community, offsets still unknown).
+    Returns user id -> {value: probability} over the asked attribute's values."""
+    import numpy as np
+
+    if evidence not in ("all", "asked", "oracle"):
+        raise ValueError(f"evidence must be all, asked or oracle, not {evidence!r}")
+    cfg, truth = world["config"], world["truth"]
+    q, steps = cfg["change_prob"], cfg["steps"]
+    trajectories = truth["trajectories"]
+    k = len(trajectories)
+    rng = np.random.default_rng(seed)
+    probs = {}  # attribute -> [k, steps, samples, n_values]: softmax(logits + offsets)
+    for a, spec in ATTRIBUTES.items():
+        logits = np.array([t[a] for t in trajectories])[:, :, None, :]          # [k, T, 1, n]
+        x = logits + rng.standard_normal((samples, len(spec["values"])))[None, None]
+        x = np.exp(x - x.max(-1, keepdims=True))
+        probs[a] = x / x.sum(-1, keepdims=True)
+    mixes = {}
+
+    def redraw(a: str, start: int | None, end: int):
+        """Sum over the steps j in (start, end] that may hold the last redraw before `end` of
+        P(last redraw at j) * softmax at j: [k, samples, n] (start None: from the first draw, j = 0)."""
+        key = (a, start, end)
+        if key not in mixes:
+            js = range(0 if start is None else start + 1, end + 1)
+            w = np.array([(1 - q) ** end if (start is None and j == 0) else q * (1 - q) ** (end - j) for j in js])
+            mixes[key] = np.einsum("j,kjsn->ksn", w, probs[a][:, list(js)])
+        return mixes[key]
+
+    community_of = {u["id"]: u["community"] for u in world["users"]}
+    asked = {e["user_id"]: e for e in world["upqa"]}
+    out = {}
+    for uid in user_ids if user_ids is not None else list(asked):
+        entry, observed = asked[uid], {}
+        for a, value, t in truth["items"][uid]:
+            observed.setdefault(a, {})[t] = value
+        log_lik, last = {}, {}
+        for a, by_step in observed.items():
+            values = list(ATTRIBUTES[a]["values"])
+            prev, ll = None, np.zeros((k, samples))
+            for t in sorted(by_step):
+                v = values.index(by_step[t])
+                p = redraw(a, None if prev is None else prev[0], t)[..., v]
+                if prev is not None and prev[1] == v:
+                    p = p + (1 - q) ** (t - prev[0])
+                ll += np.log(np.maximum(p, 1e-300))
+                prev = (t, v)
+            log_lik[a], last[a] = ll, prev
+        target_attribute, s = entry["attribute_type"], entry["step"]
+
+        def log_mean(ll):
+            top = ll.max(axis=1, keepdims=True)
+            return (top[:, 0] + np.log(np.exp(ll - top).mean(axis=1)))
+
+        if evidence == "oracle":
+            log_post = np.where(np.arange(k) == community_of[uid], 0.0, -np.inf)
+        else:
+            used = observed if evidence == "all" else [a for a in observed if a == target_attribute]
+            log_post = sum((log_mean(log_lik[a]) for a in used), np.zeros(k))
+        post = np.exp(log_post - log_post.max())
+        post /= post.sum()
+        if target_attribute in observed:
+            t, v = last[target_attribute]
+            pred = redraw(target_attribute, t, s).copy()
+            pred[..., v] += (1 - q) ** (s - t)
+            w = np.exp(log_lik[target_attribute] - log_lik[target_attribute].max(axis=1, keepdims=True))
+            pred = np.einsum("ks,ksn->kn", w / w.sum(axis=1, keepdims=True), pred)
+        else:
+            pred = redraw(target_attribute, None, s).mean(axis=1)
+        out[uid] = dict(zip(ATTRIBUTES[target_attribute]["values"], map(float, post @ pred)))
+    return out

@@ -94,3 +94,20 @@ def test_common_prefix():
     assert common_prefix([1, 2], [1, 2, 3]) == 2
     assert common_prefix([], [1]) == 0
     assert common_prefix(np.array([7, 8]), [7, 8]) == 2
+
+
+def test_a_state_that_stashing_evicts_is_not_restored(engines):
+    """Regression: resuming Alice while Bob's conversation fills the context stashes Bob's first; when that
+    evicts Alice's kept state (room for one), the prompt is computed again, not restored from a dropped entry
+    (a KeyError before)."""
+    _, alone, _, _ = engines
+    engine = Engine(n_ctx=1024, n_threads=2)
+    try:
+        alice = [{"role": "user", "content": "I am Alice. " + STORY}]
+        first = reply(engine, alice, Artifacts())
+        reply(engine, [{"role": "user", "content": "I am Bob. " + STORY}], Artifacts())   # Alice is stashed
+        assert len(engine.kv_cache) == 1
+        engine.kv_cache.max_bytes = int(1.5 * engine.kv_cache.nbytes)   # room for one state
+        assert reply(engine, alice, Artifacts()) == first == reply(alone, alice, Artifacts())
+    finally:
+        engine.close()

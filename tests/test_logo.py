@@ -88,8 +88,8 @@ def test_mediator_gives_context_only_for_attributes_the_user_left_open():
     k = logo.advance(None, sigs, k=3, min_size=5)
     cuisine = logo.ATTRIBUTE_SLICES["cuisine"]
     cold = signals(sigs[0].vector, n=1)
-    m = logo.mediate(cold, k, logo.MediatorParams())
-    assert ("cuisine", logo.VOCAB_VALUE[cuisine.start]) in m.context  # community 0's most common value
+    m = logo.mediate(cold, k, logo.MediatorParams(posterior=False))
+    assert ("cuisine", logo.VOCAB_VALUE[cuisine.start]) in m.context  # community 0's (the nearest) most common value
     stated = np.zeros(len(logo.VOCABULARY))
     stated[cuisine.start + 3] = 1
     m = logo.mediate(signals(sigs[0].vector, stated, n=1), k)
@@ -99,6 +99,52 @@ def test_mediator_gives_context_only_for_attributes_the_user_left_open():
     p = logo.MediatorParams(tau=4.0, user_scale=1.0, community_scale=2.0)
     few, many = logo.mediate(signals(sigs[0].vector, n=1), k, p), logo.mediate(signals(sigs[0].vector, n=60), k, p)
     assert few.community_scale > many.community_scale and few.user_scale < many.user_scale
+
+
+def test_posterior_mixture_follows_the_stated_values_not_the_nearest_centroid():
+    """The default mediator reads context from P(community | counts) (naive Bayes over the communities'
+    histograms, prior ∝ size): a user who stated community 2's value gets community 2's other values even
+    when their vector sits nearest community 0; with no counts it is the size-weighted population mixture."""
+    sigs, _ = planted()
+    for s, c in zip(sigs, [0] * 30 + [1] * 30 + [2] * 30):
+        s.counts[logo.ATTRIBUTE_SLICES["music"].start + c] = 1  # each community also has a music value
+    k = logo.advance(None, sigs, k=3, min_size=5)
+    music = logo.ATTRIBUTE_SLICES["music"]
+    stated = np.zeros(len(logo.VOCABULARY))
+    stated[2] = 1  # cuisine value 2: community 2's
+    post = logo.community_posterior(stated, k)
+    community_2 = int(np.argmax(k.histograms[:, 2]))
+    assert post.argmax() == community_2 and post[community_2] > 0.9
+    m = logo.mediate(signals(sigs[0].vector, stated, n=1), k)
+    assert m.community != community_2 and dict(m.context)["music"] == logo.VOCAB_VALUE[music.start + 2]
+    np.testing.assert_allclose(logo.community_posterior(np.zeros(len(logo.VOCABULARY)), k), k.sizes / k.sizes.sum())
+
+
+def test_first_round_restarts_keep_the_least_inertia_run():
+    sigs, labels = planted(n_per=20, k=4, seed=1)
+    vectors = np.stack([s.vector for s in sigs])
+    inertia = lambda kn: sum(1 - kn.centroids[logo.assign(v, kn.centroids)] @ v for v in vectors)
+    runs = [logo.advance(None, sigs, k=4, seed=i) for i in range(4)]
+    best = logo.advance(None, sigs, k=4, seed=0, restarts=4)
+    assert inertia(best) <= min(inertia(r) for r in runs) + 1e-4
+
+
+def test_mediator_notes_the_users_latest_value_of_what_they_named():
+    """Conflicting statements are resolved by recency: the latest text naming a cuisine wins over the most
+    named one; the note keeps the request's line (BM25) and says whose knowledge it is."""
+    texts = ["I could eat sushi every single day.", "Ramen again, miso soup too.", "My favorite food is Korean food.",
+             "My playlists are all jazz."]
+    latest = logo.latest_values(texts)
+    cuisine = logo.ATTRIBUTE_SLICES["cuisine"]
+    assert logo.VOCAB_VALUE[cuisine.start + int(latest[cuisine].argmax())] == "Korean food" and latest[cuisine].sum() == 1
+    k = logo.advance(None, [logo.local_signals([t]) for t in texts * 5], k=2, min_size=1)
+    m = logo.mediate(logo.local_signals(texts), k)
+    assert dict(m.own) == {"cuisine": "Korean food", "music": "Jazz"} and not set(dict(m.own)) & set(dict(m.context))
+    note = logo.context_prefix(m.context, "What kind of food do I like best?", m.own)
+    assert note == f"{logo.OWN_NOTE}: Korean food (cuisine).\n\n"
+    assert logo.mediate(logo.local_signals(texts), k, logo.MediatorParams(own_context=False)).own == ()
+    old = logo.LocalSignals(logo.local_signals(texts).vector, logo.local_signals(texts).counts, 4)  # no `latest`
+    assert logo.mediate(old, k).own == ()
 
 
 def test_preference_reader_names_values_not_labels():
@@ -221,3 +267,22 @@ def test_fold_of_device_sums_equals_the_in_process_round():
     np.testing.assert_allclose(federated.centroids, second.centroids, atol=1e-6)
     np.testing.assert_allclose(federated.histograms, second.histograms)
     np.testing.assert_allclose(federated.drift, second.drift, atol=1e-6)
+
+
+def test_bayes_ceiling_is_calibrated_and_more_knowledge_predicts_better():
+    """world.bayes_predictive (scoring only: it reads the world's true parameters) is a posterior predictive,
+    so its confidence is its accuracy: mean max-probability within sampling error of the realized accuracy;
+    and knowing more predicts better in expectation: the user's true community >= the community inferred from
+    all items >= the asked attribute's items alone (the time-aware population prior)."""
+    w = world.generate_world(600, communities=4, seed=5)
+    expected, realized = {}, {}
+    for evidence in ("asked", "all", "oracle"):
+        pred = world.bayes_predictive(w, evidence=evidence, samples=400)
+        conf = [max(p.values()) for p in pred.values()]
+        hits = [max(p, key=p.get) == e["target"] for e, p in zip(w["upqa"], pred.values())]
+        expected[evidence], realized[evidence] = np.mean(conf), np.mean(hits)
+        assert all(abs(sum(p.values()) - 1) < 1e-6 for p in pred.values())
+        assert abs(np.mean(conf) - np.mean(hits)) < 3 * np.sqrt(0.25 / len(hits)), evidence
+    assert expected["oracle"] > expected["all"] > expected["asked"]
+    with pytest.raises(ValueError):
+        world.bayes_predictive(w, evidence="labels")
