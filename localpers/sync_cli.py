@@ -161,8 +161,45 @@ def cmd_sync_server(args) -> int:
             run_config["start"] = str(start)
             print(f"sync-server: starting from the {cfg.k} communities of the previous run in {out} (--fresh: not)")
     (app / "pyproject.toml").write_text(APP_PYPROJECT + "\n[tool.flwr.app.config]\n" + _toml(run_config), encoding="utf-8")
-    for stale in (previous, out / "summary.json"):
-        stale.unlink(missing_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    with kept_unless_replaced(previous) as published:
+        summary = _run_server(args, cfg, out, home, app)
+    for h in summary["history"]:
+        if h.get("withheld"):
+            print(f"round {h['round']}: only {h['devices']} devices, fewer than --min-contributors: withheld")
+        else:
+            print(f"round {h['round']}: {h['devices']} devices, community sizes {[int(s) for s in h['sizes']]}")
+    total = sync.rdp_epsilon(cfg.noise_multiplier, cfg.rounds, cfg.delta)
+    if published():
+        print(f"published {previous}; epsilon {total:.3g} in total (delta {cfg.delta:g})")
+    else:
+        print(f"nothing published: the run ended after {len(summary['history'])} of {cfg.rounds} rounds; see "
+              f"{out / 'run.log'}" + ("; the previous run's knowledge is kept" if previous.is_file() else ""))
+    return 0 if summary["complete"] else 1
+
+
+@contextmanager
+def kept_unless_replaced(path: Path):
+    """Set `path` aside for a run that may write a new one; on exit (also on an error) restore it unless the run
+    wrote a new one. Yields a function telling whether it did. A failed or interrupted run thus never loses
+    what the previous run published."""
+    aside = path.with_name(path.name + ".previous")
+    if path.is_file():
+        path.replace(aside)
+    wrote = False
+    try:
+        yield lambda: wrote
+    finally:
+        wrote = path.is_file()
+        if aside.is_file():
+            if wrote:
+                aside.unlink()
+            else:
+                aside.replace(path)
+
+
+def _run_server(args, cfg, out: Path, home: Path, app: Path) -> dict:
+    """Run the SuperLink and `flwr run` of the ServerApp until the run ends; returns its summary.json."""
     env = _env(home)
     print(f"sync-server: SuperLink on {args.host}:{args.port}; waiting for {args.devices} devices, "
           f"{cfg.rounds} rounds, epsilon {cfg.epsilon:g} per round (delta {cfg.delta:g})", flush=True)
@@ -181,18 +218,7 @@ def cmd_sync_server(args) -> int:
     summary_path = out / "summary.json"
     if not summary_path.exists():
         raise UserError(f"sync: the run ended without a result; see {out / 'run.log'}")
-    summary = json.loads(summary_path.read_text())
-    for h in summary["history"]:
-        if h.get("withheld"):
-            print(f"round {h['round']}: only {h['devices']} devices, fewer than --min-contributors: withheld")
-        else:
-            print(f"round {h['round']}: {h['devices']} devices, community sizes {[int(s) for s in h['sizes']]}")
-    total = sync.rdp_epsilon(cfg.noise_multiplier, cfg.rounds, cfg.delta)
-    if (out / sync.GLOBAL_KNOWLEDGE_FILE).is_file():
-        print(f"published {out / sync.GLOBAL_KNOWLEDGE_FILE}; epsilon {total:.3g} in total (delta {cfg.delta:g})")
-    else:
-        print(f"nothing published: the run ended after {len(summary['history'])} of {cfg.rounds} rounds; see {out / 'run.log'}")
-    return 0 if summary["complete"] else 1
+    return json.loads(summary_path.read_text())
 
 
 # ---------------------------------------------------------------- sync (device)

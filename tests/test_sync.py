@@ -321,3 +321,23 @@ def test_pyproject_declares_the_flower_app():
         assert isinstance(getattr(importlib.import_module(module), attr), kinds[key])
     cfg = sync.SyncConfig.from_run_config(app["config"])
     assert set(cfg.to_run_config()) <= set(app["config"])
+
+
+def test_a_failed_sync_server_run_keeps_the_previous_runs_knowledge(tmp_path):
+    """sync-server sets the published file aside for the run: restored when the run writes none (failure,
+    interruption), replaced when it publishes a new one."""
+    from localpers.sync_cli import kept_unless_replaced
+
+    path = tmp_path / "global_knowledge.json"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with kept_unless_replaced(path):
+            assert not path.exists()  # the run sees no stale file
+            raise KeyboardInterrupt
+    assert path.read_text() == "old"
+    with kept_unless_replaced(path) as published:
+        pass
+    assert path.read_text() == "old" and not published()
+    with kept_unless_replaced(path) as published:
+        path.write_text("new")
+    assert path.read_text() == "new" and published() and not list(tmp_path.glob("*.previous"))
