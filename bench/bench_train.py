@@ -9,6 +9,9 @@
         PIR of every target token of one user's examples under the base model and after PerCE training:
         a histogram (tokens of the user's signature phrases vs the rest) and one example's target text shaded
         by PIR (pir_histogram.png, pir_tokens.png, pir.json); `plot` redraws them from pir.json
+    python3 -m bench.bench_train subset WORLD_DIR OUT_PREFIX [--min-history 12 --max-history 60]
+        the world's LongLaMP-style writing task cut to the users with 12..60 history items (enough to train on,
+        short enough for the 2-core budget): OUT_PREFIX_questions.json and OUT_PREFIX_outputs.json
     python3 -m bench.bench_train table EVAL_DIR [EVAL_DIR...]
         ROUGE means and paired differences against base, ce and rag of `localpers eval` runs (shards)
 
@@ -205,6 +208,18 @@ def plot_pir(out: Path) -> None:
 
 
 
+def cmd_subset(args):
+    world, prefix = Path(args.dirs[0]), Path(args.dirs[1])
+    questions = json.loads((world / "longlamp_questions.json").read_text())
+    outputs = json.loads((world / "longlamp_outputs.json").read_text())
+    kept = [q for q in questions if args.min_history <= q["history_size"] <= args.max_history]
+    ids = {q["id"] for q in kept}
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}_questions.json").write_text(json.dumps(kept))
+    Path(f"{prefix}_outputs.json").write_text(json.dumps({**outputs, "golds": [g for g in outputs["golds"] if g["id"] in ids]}))
+    print(f"{len(kept)} of {len(questions)} users with {args.min_history}..{args.max_history} history items -> {prefix}_questions.json")
+
+
 def cmd_table(args):
     """Means and paired differences (95% intervals) of an eval run's rows against base, ce and rag."""
     from localpers.evaluation import paired_deltas
@@ -235,18 +250,20 @@ def cmd_table(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["speed", "user100", "pir", "plot", "table"])
+    parser.add_argument("what", choices=["speed", "user100", "pir", "plot", "subset", "table"])
     parser.add_argument("dirs", nargs="*", help="table: eval output directories (shards)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--size", type=int, default=40, help="pir: the user's history size")
     parser.add_argument("--objective", default=names.PERCE)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min-history", type=int, default=12, help="subset: fewest history items")
+    parser.add_argument("--max-history", type=int, default=60, help="subset: most history items")
     parser.add_argument("--out", default="/tmp/localpers-bench-train")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"speed": cmd_speed, "user100": cmd_user100, "pir": cmd_pir,
-     "plot": lambda args: plot_pir(Path(args.out)), "table": cmd_table}[args.what](args)
+     "plot": lambda args: plot_pir(Path(args.out)), "subset": cmd_subset, "table": cmd_table}[args.what](args)
 
 
 if __name__ == "__main__":
