@@ -13,7 +13,8 @@
         the world's LongLaMP-style writing task cut to the users with 12..60 history items (enough to train on,
         short enough for the 2-core budget): OUT_PREFIX_questions.json and OUT_PREFIX_outputs.json
     python3 -m bench.bench_train table EVAL_DIR [EVAL_DIR...]
-        ROUGE means and paired differences against base, ce and rag of `localpers eval` runs (shards)
+        ROUGE means of `localpers eval` runs (shards, finished or not) and the paired differences and ratios
+        (perce vs ce, +rag, the ablations vs perce and ce) with 95% intervals, as markdown
 
 Users come from `world.generate_world(400, seed=7)` (the development seed; the quality figures use another).
 """
@@ -220,32 +221,73 @@ def cmd_subset(args):
     print(f"{len(kept)} of {len(questions)} users with {args.min_history}..{args.max_history} history items -> {prefix}_questions.json")
 
 
-def cmd_table(args):
-    """Means and paired differences (95% intervals) of an eval run's rows against base, ce and rag."""
-    from localpers.evaluation import paired_deltas
+PAIRS = [("ce", "base"), ("perce", "base"), ("perce", "ce"), ("ce+rag", "rag"), ("perce+rag", "rag"),
+         ("perce+rag", "ce+rag"), ("perce+rag", "perce"), ("ce+rag", "ce"),
+         *((a, ref) for a in names.PERCE_ABLATIONS for ref in ("perce", "ce"))]
 
+
+def eval_rows(dirs) -> list[dict]:
+    """The scored rows of `localpers eval` output directories: report.json's items, or, for a run still
+    going, the rows in its progress.jsonl so far."""
     rows = []
-    for directory in args.dirs:
+    for directory in dirs:
         report = Path(directory) / "report.json"
         if report.is_file():
-            rows += json.loads(report.read_text())["rows"]
-        else:  # a run still going: the rows scored so far
+            rows += json.loads(report.read_text())["items"]
+        else:
             for line in (Path(directory) / "progress.jsonl").read_text().splitlines()[1:]:
                 rows += json.loads(line)[1][1]
+    return rows
+
+
+def looping(text: str, n: int = 10) -> bool:
+    """A degenerate, repeating answer ("Carpe diem! Carpe diem! ..."): fewer than half of its character
+    n-grams are distinct (ordinary prose has almost all distinct; needs 2n characters)."""
+    grams = [text[i:i + n] for i in range(len(text) - n + 1)]
+    return len(text) >= 2 * n and len(set(grams)) < 0.5 * len(grams)
+
+
+def ratio_interval(a, b, rounds: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval (percentile, users resampled) of mean(a) / mean(b)."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    idx = np.random.default_rng(seed).integers(0, len(a), (rounds, len(a)))
+    ratios = a[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-12)
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def cmd_table(args):
+    """Per-method means (over the users each method has), answers that loop (looping), and, for each pair (a, b) of PAIRS present, the paired
+    difference a - b with its 95% interval and the ratio mean(a)/mean(b) with a paired bootstrap 95% interval,
+    over the users both have: markdown for BENCHMARKS.md."""
+    from localpers.evaluation import paired_deltas
+
+    rows = eval_rows(args.dirs)
+    scores = {}  # (method, metric) -> {user: value}
+    for r in rows:
+        for metric in ("rouge1", "rougeL"):
+            scores.setdefault((r["method"], metric), {})[r["id"]] = r[metric]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    complete = {i for i in {r["id"] for r in rows} if {r["method"] for r in rows if r["id"] == i} == set(methods)}
-    rows = [r for r in rows if r["id"] in complete]
-    print(f"{len(complete)} users with every method")
-    for metric in ("rouge1", "rougeL"):
-        means = {m: sum(r[metric] for r in rows if r["method"] == m) / len(complete) for m in methods}
-        print(metric, " ".join(f"{m} {v:.4f}" for m, v in means.items()))
-        for reference in ("base", "ce", "rag"):
-            if reference in methods:
-                for m, d in paired_deltas(rows, reference).items():
-                    if metric in d:
-                        print(f"  {m} - {reference}: {d[metric]['delta']:+.4f} +- {d[metric]['ci95']:.4f} (n={d[metric]['n']})")
-        if {"ce", "perce"} <= means.keys() and means["ce"]:
-            print(f"  perce / ce = {means['perce'] / means['ce']:.3f}")
+    print("| method | users | ROUGE-1 | ROUGE-L | looping answers |\n|---|---|---|---|---|")
+    for m in methods:
+        r1, rl = scores[m, "rouge1"], scores[m, "rougeL"]
+        loops = sum(looping(r["output"]) for r in rows if r["method"] == m)
+        print(f"| {m} | {len(rl)} | {sum(r1.values()) / len(r1):.3f} | {sum(rl.values()) / len(rl):.3f} | {loops} |")
+    print("\n| a − b | users | ROUGE-1 a−b (95%) | ROUGE-L a−b (95%) | ROUGE-L a/b (95% bootstrap) |\n|---|---|---|---|---|")
+    for a, b in PAIRS:
+        if a not in methods or b not in methods:
+            continue
+        pair = [r for r in rows if r["method"] in (a, b)]
+        deltas = paired_deltas(pair, b).get(a, {})
+        if "rougeL" not in deltas:
+            continue
+        common = sorted(set(scores[a, "rougeL"]) & set(scores[b, "rougeL"]))
+        va, vb = [scores[a, "rougeL"][u] for u in common], [scores[b, "rougeL"][u] for u in common]
+        low, high = ratio_interval(va, vb)
+        d1, dl = deltas["rouge1"], deltas["rougeL"]
+        print(f"| {a} − {b} | {dl['n']} | {d1['delta']:+.3f} ± {d1['ci95']:.3f} | {dl['delta']:+.3f} ± {dl['ci95']:.3f} "
+              f"| {sum(va) / max(sum(vb), 1e-12):.2f} ({low:.2f}..{high:.2f}) |")
 
 
 def main():
