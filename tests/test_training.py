@@ -255,6 +255,8 @@ def test_train_cli_checks_its_input_before_training(tmp_path, llama_path):
     assert uneven.returncode == 2 and "multiple of --nproc" in uneven.stderr
     bad_target = run("--data", str(tmp_path / "x_questions.json"), "--targets", "q,wq")
     assert bad_target.returncode == 2 and "unknown LoRA targets" in bad_target.stderr
+    bad_clip = run("--data", str(tmp_path / "x_questions.json"), "--clip", "5,0.8")
+    assert bad_clip.returncode == 2 and "min_weight <= max_weight" in bad_clip.stderr
     assert not (tmp_path / "a.gguf").exists()
 
 
@@ -340,3 +342,13 @@ def test_perce_ablation_methods_train_with_their_config(monkeypatch):
         assert config == replace(training.EVAL_CONFIG, **changed)
     served = User("u", history=("x",) * 12, registered=(RegisteredArtifact(names.PERCE, names.LORA, "/a/p.gguf"),))
     assert get_method("perce-frozen")(served, "q", None) == Personalized()
+
+
+def test_train_cli_clip_ranges():
+    from localpers.train_cli import parse_clip
+
+    assert parse_clip("0.8,5") == (0.8, 5.0) and parse_clip("0.5, 5") == (0.5, 5.0)
+    assert parse_clip(",5") == (None, 5.0) and parse_clip("NONE") == (None, None)
+    for bad in ("5", "a,b", "1,2,3"):
+        with pytest.raises(UserError, match="--clip must look like"):
+            parse_clip(bad)
