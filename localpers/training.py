@@ -351,7 +351,9 @@ class TrainResult:
         return {"steps": len(self.steps), "tokens": self.tokens, "seconds": round(self.seconds, 2),
                 "cpu_seconds": round(self.cpu_seconds, 2),
                 "first_loss": round(self.steps[0].loss, 4) if self.steps else None,
-                "last_loss": round(self.steps[-1].loss, 4) if self.steps else None}
+                "last_loss": round(self.steps[-1].loss, 4) if self.steps else None,
+                "mean_weight": round(sum(s.mean_weight * s.tokens for s in self.steps) / max(self.tokens, 1), 4)
+                if self.steps else None}
 
 
 def example_order(n: int, steps: int, batch: int, seed: int) -> list[list[int]]:
