@@ -12,6 +12,9 @@
     python3 -m bench.bench_train subset WORLD_DIR OUT_PREFIX [--min-history 12 --max-history 60]
         the world's LongLaMP-style writing task cut to the users with 12..60 history items (enough to train on,
         short enough for the 2-core budget): OUT_PREFIX_questions.json and OUT_PREFIX_outputs.json
+    python3 -m bench.bench_train adapters CACHE_DIR [--a perce --b ce]
+        per user, how far two methods' cached eval adapters (CACHE_DIR = $XDG_CACHE_HOME/localpers/perce) are
+        apart: |dW_a - dW_b| / |dW_b| and |dW_a| / |dW_b| with dW = B A over all modules (Frobenius)
     python3 -m bench.bench_train table EVAL_DIR [EVAL_DIR...]
         ROUGE means of `localpers eval` runs (shards, finished or not) and the paired differences and ratios
         (perce vs ce, +rag, the ablations vs perce and ce) with 95% intervals, as markdown
@@ -290,14 +293,48 @@ def cmd_table(args):
               f"| {sum(va) / max(sum(vb), 1e-12):.2f} ({low:.2f}..{high:.2f}) |")
 
 
+def lora_updates(path) -> dict:
+    """{module: B @ A} of a LoRA adapter GGUF (float32 numpy)."""
+    from localpers.gguf_info import open_gguf
+    from localpers.model import tensor_array
+
+    tensors = {t.name: tensor_array(t) for t in open_gguf(path, check_arch=False).tensors}
+    return {name[:-len(".lora_a")]: tensors[name[:-len(".lora_a")] + ".lora_b"] @ a
+            for name, a in tensors.items() if name.endswith(".lora_a")}
+
+
+def cmd_adapters(args):
+    import numpy as np
+
+    found = {}  # user -> {method: (adapter, meta)}
+    for meta_path in Path(args.dirs[0]).glob("*.json"):
+        method = meta_path.stem.rsplit("-", 1)[0]
+        meta = json.loads(meta_path.read_text())
+        found.setdefault(meta["user"], {})[method] = (meta_path.with_suffix(".gguf"), meta)
+    diffs, norms = [], []
+    for user, methods in sorted(found.items()):
+        if args.a in methods and args.b in methods:
+            ua, ub = lora_updates(methods[args.a][0]), lora_updates(methods[args.b][0])
+            sq = lambda d: sum(float(np.sum(v.astype(np.float64) ** 2)) for v in d.values())
+            diffs.append((sq({k: ua[k] - ub[k] for k in ub}) / sq(ub)) ** 0.5)
+            norms.append((sq(ua) / sq(ub)) ** 0.5)
+            print(f"{user}  |dW_{args.a} - dW_{args.b}| / |dW_{args.b}| = {diffs[-1]:.3f}  "
+                  f"|dW_{args.a}| / |dW_{args.b}| = {norms[-1]:.3f}  mean weight {args.a}: "
+                  f"{methods[args.a][1].get('mean_weight')}")
+    if diffs:
+        print(f"median over {len(diffs)} users: relative difference {np.median(diffs):.3f}, norm ratio {np.median(norms):.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["speed", "user100", "pir", "plot", "subset", "table"])
+    parser.add_argument("what", choices=["speed", "user100", "pir", "plot", "subset", "adapters", "table"])
     parser.add_argument("dirs", nargs="*", help="table: eval output directories (shards)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--size", type=int, default=40, help="pir: the user's history size")
     parser.add_argument("--objective", default=names.PERCE)
+    parser.add_argument("--a", default=names.PERCE, help="adapters: the method compared")
+    parser.add_argument("--b", default=names.CE, help="adapters: the reference method")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--min-history", type=int, default=12, help="subset: fewest history items")
     parser.add_argument("--max-history", type=int, default=60, help="subset: most history items")
@@ -305,7 +342,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"speed": cmd_speed, "user100": cmd_user100, "pir": cmd_pir,
-     "plot": lambda args: plot_pir(Path(args.out)), "subset": cmd_subset, "table": cmd_table}[args.what](args)
+     "plot": lambda args: plot_pir(Path(args.out)), "subset": cmd_subset, "adapters": cmd_adapters,
+     "table": cmd_table}[args.what](args)
 
 
 if __name__ == "__main__":
