@@ -279,6 +279,7 @@ def test_frozen_weights_are_the_initial_models_at_every_step(llama_model):
     from localpers.training import token_pir
 
     model = llama_model
+    remove_lora(model)  # an earlier test may have left its trained LoRA on the shared model
     data = random_encoded(vocab=model.config.vocab_size)
     config = fast(steps=4)
     base = {id(e): token_pir(model, e) for e in data}
