@@ -9,8 +9,15 @@
         PIR of every target token of one user's examples under the base model and after PerCE training:
         a histogram (tokens of the user's signature phrases vs the rest) and one example's target text shaded
         by PIR (pir_histogram.png, pir_tokens.png, pir.json); `plot` redraws them from pir.json
+    python3 -m bench.bench_train subset WORLD_DIR OUT_PREFIX [--min-history 12 --max-history 60]
+        the world's LongLaMP-style writing task cut to the users with 12..60 history items (enough to train on,
+        short enough for the 2-core budget): OUT_PREFIX_questions.json and OUT_PREFIX_outputs.json
+    python3 -m bench.bench_train adapters CACHE_DIR [--a perce --b ce]
+        per user, how far two methods' cached eval adapters (CACHE_DIR = $XDG_CACHE_HOME/localpers/perce) are
+        apart: |dW_a - dW_b| / |dW_b| and |dW_a| / |dW_b| with dW = B A over all modules (Frobenius)
     python3 -m bench.bench_train table EVAL_DIR [EVAL_DIR...]
-        ROUGE means and paired differences against base, ce and rag of `localpers eval` runs (shards)
+        ROUGE means of `localpers eval` runs (shards, finished or not) and the paired differences and ratios
+        (perce vs ce, +rag, the ablations vs perce and ce) with 95% intervals, as markdown
 
 Users come from `world.generate_world(400, seed=7)` (the development seed; the quality figures use another).
 """
@@ -205,48 +212,138 @@ def plot_pir(out: Path) -> None:
 
 
 
-def cmd_table(args):
-    """Means and paired differences (95% intervals) of an eval run's rows against base, ce and rag."""
-    from localpers.evaluation import paired_deltas
+def cmd_subset(args):
+    world, prefix = Path(args.dirs[0]), Path(args.dirs[1])
+    questions = json.loads((world / "longlamp_questions.json").read_text())
+    outputs = json.loads((world / "longlamp_outputs.json").read_text())
+    kept = [q for q in questions if args.min_history <= q["history_size"] <= args.max_history]
+    ids = {q["id"] for q in kept}
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}_questions.json").write_text(json.dumps(kept))
+    Path(f"{prefix}_outputs.json").write_text(json.dumps({**outputs, "golds": [g for g in outputs["golds"] if g["id"] in ids]}))
+    print(f"{len(kept)} of {len(questions)} users with {args.min_history}..{args.max_history} history items -> {prefix}_questions.json")
 
+
+PAIRS = [("ce", "base"), ("perce", "base"), ("perce", "ce"), ("ce+rag", "rag"), ("perce+rag", "rag"),
+         ("perce+rag", "ce+rag"), ("perce+rag", "perce"), ("ce+rag", "ce"),
+         *((a, ref) for a in names.PERCE_ABLATIONS for ref in ("perce", "ce"))]
+
+
+def eval_rows(dirs) -> list[dict]:
+    """The scored rows of `localpers eval` output directories: report.json's items, or, for a run still
+    going, the rows in its progress.jsonl so far."""
     rows = []
-    for directory in args.dirs:
+    for directory in dirs:
         report = Path(directory) / "report.json"
         if report.is_file():
-            rows += json.loads(report.read_text())["rows"]
-        else:  # a run still going: the rows scored so far
+            rows += json.loads(report.read_text())["items"]
+        else:
             for line in (Path(directory) / "progress.jsonl").read_text().splitlines()[1:]:
                 rows += json.loads(line)[1][1]
+    return rows
+
+
+def looping(text: str, n: int = 10) -> bool:
+    """A degenerate, repeating answer ("Carpe diem! Carpe diem! ..."): fewer than half of its character
+    n-grams are distinct (ordinary prose has almost all distinct; needs 2n characters)."""
+    grams = [text[i:i + n] for i in range(len(text) - n + 1)]
+    return len(text) >= 2 * n and len(set(grams)) < 0.5 * len(grams)
+
+
+def ratio_interval(a, b, rounds: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """95% paired bootstrap interval (percentile, users resampled) of mean(a) / mean(b)."""
+    import numpy as np
+
+    a, b = np.asarray(a), np.asarray(b)
+    idx = np.random.default_rng(seed).integers(0, len(a), (rounds, len(a)))
+    ratios = a[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-12)
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def cmd_table(args):
+    """Per-method means (over the users each method has), answers that loop (looping), and, for each pair (a, b) of PAIRS present, the paired
+    difference a - b with its 95% interval and the ratio mean(a)/mean(b) with a paired bootstrap 95% interval,
+    over the users both have: markdown for BENCHMARKS.md."""
+    from localpers.evaluation import paired_deltas
+
+    rows = eval_rows(args.dirs)
+    scores = {}  # (method, metric) -> {user: value}
+    for r in rows:
+        for metric in ("rouge1", "rougeL"):
+            scores.setdefault((r["method"], metric), {})[r["id"]] = r[metric]
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    complete = {i for i in {r["id"] for r in rows} if {r["method"] for r in rows if r["id"] == i} == set(methods)}
-    rows = [r for r in rows if r["id"] in complete]
-    print(f"{len(complete)} users with every method")
-    for metric in ("rouge1", "rougeL"):
-        means = {m: sum(r[metric] for r in rows if r["method"] == m) / len(complete) for m in methods}
-        print(metric, " ".join(f"{m} {v:.4f}" for m, v in means.items()))
-        for reference in ("base", "ce", "rag"):
-            if reference in methods:
-                for m, d in paired_deltas(rows, reference).items():
-                    if metric in d:
-                        print(f"  {m} - {reference}: {d[metric]['delta']:+.4f} +- {d[metric]['ci95']:.4f} (n={d[metric]['n']})")
-        if {"ce", "perce"} <= means.keys() and means["ce"]:
-            print(f"  perce / ce = {means['perce'] / means['ce']:.3f}")
+    print("| method | users | ROUGE-1 | ROUGE-L | looping answers |\n|---|---|---|---|---|")
+    for m in methods:
+        r1, rl = scores[m, "rouge1"], scores[m, "rougeL"]
+        loops = sum(looping(r["output"]) for r in rows if r["method"] == m)
+        print(f"| {m} | {len(rl)} | {sum(r1.values()) / len(r1):.3f} | {sum(rl.values()) / len(rl):.3f} | {loops} |")
+    print("\n| a − b | users | ROUGE-1 a−b (95%) | ROUGE-L a−b (95%) | ROUGE-L a/b (95% bootstrap) |\n|---|---|---|---|---|")
+    for a, b in PAIRS:
+        if a not in methods or b not in methods:
+            continue
+        pair = [r for r in rows if r["method"] in (a, b)]
+        deltas = paired_deltas(pair, b).get(a, {})
+        if "rougeL" not in deltas:
+            continue
+        common = sorted(set(scores[a, "rougeL"]) & set(scores[b, "rougeL"]))
+        va, vb = [scores[a, "rougeL"][u] for u in common], [scores[b, "rougeL"][u] for u in common]
+        low, high = ratio_interval(va, vb)
+        d1, dl = deltas["rouge1"], deltas["rougeL"]
+        print(f"| {a} − {b} | {dl['n']} | {d1['delta']:+.3f} ± {d1['ci95']:.3f} | {dl['delta']:+.3f} ± {dl['ci95']:.3f} "
+              f"| {sum(va) / max(sum(vb), 1e-12):.2f} ({low:.2f}..{high:.2f}) |")
+
+
+def lora_updates(path) -> dict:
+    """{module: B @ A} of a LoRA adapter GGUF (float32 numpy)."""
+    from localpers.gguf_info import open_gguf
+    from localpers.model import tensor_array
+
+    tensors = {t.name: tensor_array(t) for t in open_gguf(path, check_arch=False).tensors}
+    return {name[:-len(".lora_a")]: tensors[name[:-len(".lora_a")] + ".lora_b"] @ a
+            for name, a in tensors.items() if name.endswith(".lora_a")}
+
+
+def cmd_adapters(args):
+    import numpy as np
+
+    found = {}  # user -> {method: (adapter, meta)}
+    for meta_path in Path(args.dirs[0]).glob("*.json"):
+        method = meta_path.stem.rsplit("-", 1)[0]
+        meta = json.loads(meta_path.read_text())
+        found.setdefault(meta["user"], {})[method] = (meta_path.with_suffix(".gguf"), meta)
+    diffs, norms = [], []
+    for user, methods in sorted(found.items()):
+        if args.a in methods and args.b in methods:
+            ua, ub = lora_updates(methods[args.a][0]), lora_updates(methods[args.b][0])
+            sq = lambda d: sum(float(np.sum(v.astype(np.float64) ** 2)) for v in d.values())
+            diffs.append((sq({k: ua[k] - ub[k] for k in ub}) / sq(ub)) ** 0.5)
+            norms.append((sq(ua) / sq(ub)) ** 0.5)
+            print(f"{user}  |dW_{args.a} - dW_{args.b}| / |dW_{args.b}| = {diffs[-1]:.3f}  "
+                  f"|dW_{args.a}| / |dW_{args.b}| = {norms[-1]:.3f}  mean weight {args.a}: "
+                  f"{methods[args.a][1].get('mean_weight')}")
+    if diffs:
+        print(f"median over {len(diffs)} users: relative difference {np.median(diffs):.3f}, norm ratio {np.median(norms):.3f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["speed", "user100", "pir", "plot", "table"])
+    parser.add_argument("what", choices=["speed", "user100", "pir", "plot", "subset", "adapters", "table"])
     parser.add_argument("dirs", nargs="*", help="table: eval output directories (shards)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--layers", type=int)
     parser.add_argument("--size", type=int, default=40, help="pir: the user's history size")
     parser.add_argument("--objective", default=names.PERCE)
+    parser.add_argument("--a", default=names.PERCE, help="adapters: the method compared")
+    parser.add_argument("--b", default=names.CE, help="adapters: the reference method")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min-history", type=int, default=12, help="subset: fewest history items")
+    parser.add_argument("--max-history", type=int, default=60, help="subset: most history items")
     parser.add_argument("--out", default="/tmp/localpers-bench-train")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     {"speed": cmd_speed, "user100": cmd_user100, "pir": cmd_pir,
-     "plot": lambda args: plot_pir(Path(args.out)), "table": cmd_table}[args.what](args)
+     "plot": lambda args: plot_pir(Path(args.out)), "subset": cmd_subset, "adapters": cmd_adapters,
+     "table": cmd_table}[args.what](args)
 
 
 if __name__ == "__main__":

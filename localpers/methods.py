@@ -134,6 +134,7 @@ METHODS: dict[str, Method | str] = {
     names.PERCE: "localpers.training:perce_method",
     names.LOGO: "localpers.logo:logo_method",
     **{name: f"localpers.logo:{name.replace('-', '_')}" for name in names.LOGO_ABLATIONS},
+    **{name: f"localpers.training:{name.replace('-', '_')}" for name in names.PERCE_ABLATIONS},
 }
 
 

@@ -33,6 +33,9 @@ PERCE = "perce"    # PerContrast-weighted LoRA fine-tuning (arXiv 2603.06595) ->
 LOGO = "logo"      # LoGo: community knowledge fused with local signals by a mediator -> control vectors, context
 # LoGo's ablations (evaluation only): no temporal decay, no mediator (fixed weights), random communities
 LOGO_ABLATIONS = ("logo-nodecay", "logo-nomediator", "logo-random")
+# PerCE's ablations (evaluation only; training.PERCE_ABLATIONS): clip range 0.5..5, no clipping (w = PIR as is),
+# weights frozen at step 0 (no bootstrap), the loss divided by sum w instead of n
+PERCE_ABLATIONS = ("perce-clip05", "perce-noclip", "perce-frozen", "perce-wnorm")
 
 # Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).
 TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)

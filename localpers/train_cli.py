@@ -33,6 +33,14 @@ def add_cli(sub) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast where the CPU has AVX512-BF16/AMX (or on CUDA), fp32 elsewhere (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: %(default)s)")
+    p.add_argument("--clip", default="0.8,5", help="perce: the weights' clip range MIN,MAX; an empty side has no "
+                   "bound, 'none' is the raw PIR (negative weights included) (default: %(default)s)")
+    p.add_argument("--weights", choices=["bootstrap", "frozen"], default="bootstrap",
+                   help="perce: PIR from the current model at every step (bootstrap) or from the initial model, "
+                        "computed once (frozen) (default: %(default)s)")
+    p.add_argument("--normalize", choices=["tokens", "weights"], default="tokens",
+                   help="divide a step's weighted loss by its target tokens (the paper's) or by the sum of its "
+                        "weights (default: %(default)s)")
     p.add_argument("--nproc", type=int, default=1, help="processes to spawn (DDP); under torchrun, leave at 1")
     p.add_argument("--threads", type=int, help="torch CPU threads per process")
     p.add_argument("--checkpoint", help="checkpoint file: written every 10 steps, resumed from when it matches")
@@ -40,12 +48,25 @@ def add_cli(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def parse_clip(text: str) -> tuple[float | None, float | None]:
+    """'0.8,5' -> (0.8, 5.0); ',5' -> (None, 5.0); 'none' -> (None, None): an absent bound is no bound."""
+    if text.strip().lower() == "none":
+        return None, None
+    try:
+        low, high = (float(part) if part.strip() else None for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--clip must look like MIN,MAX (e.g. 0.8,5 or ,5) or none, not {text!r}") from None
+    return low, high
+
+
 def config_from_args(args):
     from localpers.training import TrainConfig
 
+    low, high = parse_clip(args.clip)
     return TrainConfig(objective=args.objective, targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                        rank=args.rank, alpha=args.alpha, lr=args.lr, steps=args.steps, epochs=args.epochs,
-                       batch=args.batch, seed=args.seed, precision=args.precision).check()
+                       batch=args.batch, seed=args.seed, precision=args.precision, min_weight=low, max_weight=high,
+                       weights=args.weights, normalize=args.normalize).check()
 
 
 def cmd_train(args):

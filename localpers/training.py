@@ -11,6 +11,12 @@ The weights come from the *current* model at every optimizer step (one extra no-
 profile); nothing is cached across steps. `ce` is the same trainer with every w_t = 1, so the two differ in
 the weights only. The loss goes through localpers.kernels.perce_linear_cross_entropy (no N x V logits).
 
+Ablations (TrainConfig; evaluation methods names.PERCE_ABLATIONS): the clip range (min_weight/max_weight, None
+for no bound: w_t = PIR_t as is, negative weights included, which push down the tokens the profile makes less
+likely), weights="frozen" (w_t computed once with the initial model, i.e. the base model since LoRA starts at
+zero, and reused at every step: no bootstrap), and normalize="weights" (the step's loss divided by sum w_t instead
+of n, so PerCE's mean weight > 1 cannot scale its steps).
+
 The profile of an example is the top-k (k = 4, the paper's) of the user's other items by BM25 for x, filled
 up with their most recent other items when fewer share a term with x; never the target item itself. It is
 put before x exactly as the `rag` method serves retrieved items (methods.rag_prefix), so an adapter trained
@@ -63,8 +69,10 @@ class TrainConfig:
     epochs: float = 1.0
     batch: int = 4                  # examples per optimizer step (all processes together); gradient accumulation
     max_grad_norm: float = 1.0
-    min_weight: float = 0.8         # PerContrast clip range
-    max_weight: float = 5.0
+    min_weight: float | None = 0.8  # PerContrast clip range; None: no lower (upper) bound
+    max_weight: float | None = 5.0
+    weights: str = "bootstrap"      # perce: "bootstrap" (the current model's PIR at every step) or "frozen" (step 0's)
+    normalize: str = "tokens"       # loss / n target tokens (the paper's) or "weights": / sum of the weights
     profile_k: int = PROFILE_K
     max_target_tokens: int = 160    # a longer target is cut (its end-of-turn token then never trains)
     max_profile_chars: int = 400    # each profile item is cut to this many characters
@@ -84,9 +92,21 @@ class TrainConfig:
             raise UserError("rank, batch and steps must be at least 1 and epochs positive")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UserError(f"precision must be auto, bf16 or fp32, not {self.precision!r}")
-        if not 0 <= self.min_weight <= self.max_weight:
-            raise UserError("need 0 <= min_weight <= max_weight")
+        if None not in (self.min_weight, self.max_weight) and self.min_weight > self.max_weight:
+            raise UserError("need min_weight <= max_weight")
+        if self.weights not in ("bootstrap", "frozen"):
+            raise UserError(f"weights must be bootstrap or frozen, not {self.weights!r}")
+        if self.normalize not in ("tokens", "weights"):
+            raise UserError(f"normalize must be tokens or weights, not {self.normalize!r}")
+        if self.normalize == "weights" and (self.min_weight is None or self.min_weight < 0):
+            raise UserError("normalize=weights needs weights that cannot be negative (min_weight >= 0)")
         return self
+
+    @property
+    def clip(self) -> tuple[float, float]:
+        """The clip range as the loss kernel takes it (an absent bound is infinite)."""
+        return (-math.inf if self.min_weight is None else self.min_weight,
+                math.inf if self.max_weight is None else self.max_weight)
 
 
 # ---------------------------------------------------------------- LoRA on the torch model
@@ -331,7 +351,9 @@ class TrainResult:
         return {"steps": len(self.steps), "tokens": self.tokens, "seconds": round(self.seconds, 2),
                 "cpu_seconds": round(self.cpu_seconds, 2),
                 "first_loss": round(self.steps[0].loss, 4) if self.steps else None,
-                "last_loss": round(self.steps[-1].loss, 4) if self.steps else None}
+                "last_loss": round(self.steps[-1].loss, 4) if self.steps else None,
+                "mean_weight": round(sum(s.mean_weight * s.tokens for s in self.steps) / max(self.tokens, 1), 4)
+                if self.steps else None}
 
 
 def example_order(n: int, steps: int, batch: int, seed: int) -> list[list[int]]:
@@ -393,6 +415,10 @@ def train(model, encoded: list[Encoded], config: TrainConfig, *, checkpoint=None
 
         net = DistributedDataParallel(net, broadcast_buffers=False, device_ids=[device] if device.type == "cuda" else None)
     result, start = TrainResult(), 0
+    frozen = None
+    if config.objective == names.PERCE and config.weights == "frozen":  # before any step (and any resumed state)
+        # each example's PIR under the initial model (LoRA B = 0: the base model), as the bootstrap's step 0 has it
+        frozen = {i: token_pir(model, encoded[i], bf16=bf16) for i in sorted({i for b in order for i in b[rank::world]})}
     key = _checkpoint_key(config, encoded, world)
     checkpoint = Path(checkpoint) if checkpoint else None
     if checkpoint and checkpoint.is_file():
@@ -425,16 +451,23 @@ def train(model, encoded: list[Encoded], config: TrainConfig, *, checkpoint=None
         n_total = sum(encoded[i].n_target for i in batch)
         mine = batch[rank::world]  # this process's share of the step's examples
         sums = accumulate_gradients(model, net, [encoded[i] for i in mine], n_total, config, world=world,
-                                    bf16=bf16, pir_out=result.pir if collect_pir else None)
+                                    bf16=bf16, pir_out=result.pir if collect_pir else None,
+                                    frozen=[frozen[i] for i in mine] if frozen is not None else None)
         if world > 1:
             import torch.distributed as dist
 
             dist.all_reduce(sums)
+        norm = n_total
+        if config.normalize == "weights" and sums[2] > 0:  # the gradients of sum w*NLL / sum w instead of / n
+            norm = float(sums[2])
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(n_total / norm)
         if config.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        entry = StepLog(step + 1, float(sums[0] / n_total), float(sums[1] / n_total), float(sums[2] / n_total),
+        entry = StepLog(step + 1, float(sums[0] / norm), float(sums[1] / n_total), float(sums[2] / n_total),
                         n_total, time.perf_counter() - t0, time.process_time() - c0)
         result.steps.append(entry)
         if bar:
@@ -454,22 +487,26 @@ def train(model, encoded: list[Encoded], config: TrainConfig, *, checkpoint=None
 
 
 def accumulate_gradients(model, net, examples: list[Encoded], n_total: int, config: TrainConfig, *, world: int = 1,
-                         bf16: bool = False, pir_out: list | None = None) -> torch.Tensor:
+                         bf16: bool = False, pir_out: list | None = None,
+                         frozen: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Backpropagate this process's examples of one optimizer step into the LoRA gradients: each example's
     loss (its token mean) times n_target / n_total, so the gradients (after DDP's average over `world`
     processes, undone by the factor world) are those of the token-level mean over the whole step's n_total
-    target tokens. PerCE weights come from the current model (no-grad forward without the profile).
+    target tokens. PerCE weights come from the current model (no-grad forward without the profile), or, with
+    `frozen` (each example's PIR [n_target] under the initial model, token_pir), from those PIRs clipped.
     Returns [sum of w_t * NLL_t, sum of NLL_t, sum of w_t] over the examples' target tokens (float64)."""
     from localpers.kernels import perce_linear_cross_entropy
 
     device, weight = model.output.weight.device, model.output.weight
     # bf16: the loss's GEMMs in bf16 too (its softmax and sums stay fp32), the weight cast once per step
     loss_weight = weight.to(torch.bfloat16) if bf16 else weight
+    perce = config.objective == names.PERCE
+    low, high = config.clip
     sums = torch.zeros(3, dtype=torch.float64)
     for j, e in enumerate(examples):
         targets = e.pos[-e.n_target:].to(device)
         h_neg = None
-        if config.objective == names.PERCE:  # the bootstrap: the current model without the profile
+        if perce and frozen is None:  # the bootstrap: the current model without the profile
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 h_neg = model.hidden(e.neg[None].to(device))[0, -e.n_target - 1:-1].float()
         last = j == len(examples) - 1
@@ -477,15 +514,14 @@ def accumulate_gradients(model, net, examples: list[Encoded], n_total: int, conf
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 h_pos = net(e.pos[None].to(device))[0, -e.n_target - 1:-1].float()
             if h_neg is not None:
-                loss, w, pir, nll = perce_linear_cross_entropy(h_pos, h_neg, loss_weight, targets,
-                                                               min_weight=config.min_weight,
-                                                               max_weight=config.max_weight, return_pir=True,
-                                                               return_nll=True)
-                if pir_out is not None:
-                    pir_out += pir.tolist()
+                loss, w, pir, nll = perce_linear_cross_entropy(h_pos, h_neg, loss_weight, targets, min_weight=low,
+                                                               max_weight=high, return_pir=True, return_nll=True)
             else:
-                loss, w, nll = perce_linear_cross_entropy(h_pos, None, loss_weight, targets, return_nll=True,
-                                                          token_weights=torch.ones(e.n_target, device=device))
+                pir = frozen[j].to(device) if perce else None
+                loss, w, nll = perce_linear_cross_entropy(h_pos, None, loss_weight, targets, return_nll=True, token_weights=(
+                    pir.clamp(low, high) if perce else torch.ones(e.n_target, device=device)))
+            if pir_out is not None and pir is not None:
+                pir_out += pir.tolist()
             (loss * (e.n_target / n_total) * world).backward()
         sums += torch.tensor([float(loss.detach()) * e.n_target, float(nll.sum()), float(w.sum())],
                              dtype=torch.float64)
@@ -493,16 +529,19 @@ def accumulate_gradients(model, net, examples: list[Encoded], n_total: int, conf
 
 
 @torch.no_grad()
-def token_pir(model, example: Encoded, config: TrainConfig | None = None) -> torch.Tensor:
+def token_pir(model, example: Encoded, config: TrainConfig | None = None, bf16: bool = False) -> torch.Tensor:
     """PIR_t = log p(y_t | p, x, y<t) - log p(y_t | x, y<t) of each target token [n_target] (fp32), with the
-    model as it is (its LoRA included)."""
+    model as it is (its LoRA included); bf16: both forwards under bf16 autocast, as the trainer runs them."""
     from localpers.kernels import perce_linear_cross_entropy
 
-    config = config or TrainConfig()
-    h_pos, h_neg = (model.hidden(t[None])[0, -example.n_target - 1:-1].float() for t in (example.pos, example.neg))
-    targets = example.pos[-example.n_target:]
-    return perce_linear_cross_entropy(h_pos, h_neg, model.output.weight, targets, min_weight=config.min_weight,
-                                      max_weight=config.max_weight, return_pir=True)[2]
+    low, high = (config or TrainConfig()).clip
+    device = model.output.weight.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        h_pos, h_neg = (model.hidden(t[None].to(device))[0, -example.n_target - 1:-1].float()
+                        for t in (example.pos, example.neg))
+    targets = example.pos[-example.n_target:].to(device)
+    return perce_linear_cross_entropy(h_pos, h_neg, model.output.weight, targets, min_weight=low,
+                                      max_weight=high, return_pir=True)[2]
 
 
 # ---------------------------------------------------------------- one user's adapter
@@ -619,9 +658,10 @@ def _job(objective: str):
 perce_job, ce_job = _job(names.PERCE), _job(names.CE)
 
 
-def user_adapter(user, engine, objective: str, config: TrainConfig = EVAL_CONFIG) -> Path | None:
+def user_adapter(user, engine, objective: str, config: TrainConfig = EVAL_CONFIG, name: str | None = None) -> Path | None:
     """An evaluation user's adapter, trained on their history on first use and cached on disk by the model,
-    the config and the history (content hash). None when the history is too short to train on."""
+    the config and the history (content hash); `name` (default: the objective) prefixes the file. None when
+    the history is too short to train on."""
     from localpers.engine import model_sha256
 
     config = replace(config, objective=objective)
@@ -630,28 +670,43 @@ def user_adapter(user, engine, objective: str, config: TrainConfig = EVAL_CONFIG
         return None
     key = hashlib.sha256(json.dumps([model_sha256(engine.model_path), repr(config),
                                      [asdict(e) for e in examples]]).encode()).hexdigest()[:24]
-    path = _cache_dir() / f"{objective}-{key}.gguf"
+    path = _cache_dir() / f"{name or objective}-{key}.gguf"
     if not path.is_file():
         _, result = adapter_for_examples(engine.model_path, examples, config, path, progress=False)
         path.with_suffix(".json").write_text(json.dumps({"user": user.id, **result.summary()}))
     return path
 
 
-def _method(objective: str):
+# PerCE's ablations at the evaluation's budget (EVAL_CONFIG; only the weighting differs): evaluation methods that
+# always train on the user's history (a served user gets nothing from them: they are never registered).
+PERCE_ABLATIONS = dict(zip(names.PERCE_ABLATIONS, (
+    {"min_weight": 0.5},                         # the wider clip range
+    {"min_weight": None, "max_weight": None},    # no clipping: w = PIR as is, negative weights included
+    {"weights": "frozen"},                       # no bootstrap: PIR of the base model, computed once
+    {"normalize": "weights"},                    # loss / sum w: PerCE's mean weight > 1 cannot scale the steps
+)))
+
+
+def _method(name: str):
+    objective = names.PERCE if name in PERCE_ABLATIONS else name
+    config = replace(EVAL_CONFIG, **PERCE_ABLATIONS.get(name, {}))
+
     def method(user, query, engine):
         from localpers.engine import Artifacts
         from localpers.methods import Personalized
 
         if user.registered is not None:  # a served user: only what `personalize` registered
-            served = user.artifact(objective, names.LORA)
+            served = user.artifact(objective, names.LORA) if name == objective else None
             return Personalized(artifacts=Artifacts(lora=((served.path, 1.0),))) if served else Personalized()
-        adapter = user_adapter(user, engine, objective)
+        adapter = user_adapter(user, engine, objective, config, name)
         return Personalized(artifacts=Artifacts(lora=((str(adapter), 1.0),))) if adapter else Personalized()
 
-    method.__name__ = f"{objective}_method"
-    method.__doc__ = f"Method '{objective}': the user's {objective} LoRA adapter (trained on their history)."
+    method.__name__ = f"{name.replace('-', '_')}_method"
+    method.__doc__ = (f"Method '{name}': the user's {objective} LoRA adapter (trained on their history"
+                      + (f", {PERCE_ABLATIONS[name]})." if name in PERCE_ABLATIONS else ")."))
     return method
 
 
 perce_method = _method(names.PERCE)
 ce_method = _method(names.CE)
+perce_clip05, perce_noclip, perce_frozen, perce_wnorm = (_method(name) for name in names.PERCE_ABLATIONS)

@@ -14,7 +14,7 @@ import torch
 from localpers import names
 from localpers.errors import UserError
 from localpers.model import load_model
-from localpers.training import (Encoded, TrainConfig, add_lora, export_lora, history_examples,
+from localpers.training import (Encoded, TrainConfig, add_lora, example_order, export_lora, history_examples,
                                 instruction_pair, lora_state, remove_lora, train)
 from tests.helpers_models import TEXT, llama_cpp_logits, logit_error, random_model_path
 
@@ -270,6 +270,8 @@ def test_train_cli_checks_its_input_before_training(tmp_path, llama_path):
     assert uneven.returncode == 2 and "multiple of --nproc" in uneven.stderr
     bad_target = run("--data", str(tmp_path / "x_questions.json"), "--targets", "q,wq")
     assert bad_target.returncode == 2 and "unknown LoRA targets" in bad_target.stderr
+    bad_clip = run("--data", str(tmp_path / "x_questions.json"), "--clip", "5,0.8")
+    assert bad_clip.returncode == 2 and "min_weight <= max_weight" in bad_clip.stderr
     assert not (tmp_path / "a.gguf").exists()
 
 
@@ -284,3 +286,85 @@ def test_served_users_get_their_registered_adapter_and_nothing_is_trained():
     assert get_method("ce")(served, "q", None) == Personalized()  # no ce adapter registered
     # an evaluation user with too little history gets no adapter (and trains nothing)
     assert get_method("perce")(User("v", history=history[:3]), "q", None) == Personalized()
+
+
+def test_frozen_weights_are_the_initial_models_at_every_step(llama_model):
+    """Invariant of the no-bootstrap ablation: with weights="frozen" the PIR used at step 4 is the base model's
+    (token_pir without LoRA), while the bootstrap's step-4 PIR has moved with the model; both start equal."""
+    from localpers.training import token_pir
+
+    model = llama_model
+    remove_lora(model)  # an earlier test may have left its trained LoRA on the shared model
+    data = random_encoded(vocab=model.config.vocab_size)
+    config = fast(steps=4)
+    base = {id(e): token_pir(model, e) for e in data}
+    order = example_order(len(data), 4, config.batch, config.seed)
+    runs = {}
+    for weights in ("bootstrap", "frozen"):
+        result = train(model, data, replace(config, weights=weights), collect_pir=True, progress=False)
+        cuts = [0]
+        for b in order:
+            cuts.append(cuts[-1] + sum(data[i].n_target for i in b))
+        runs[weights] = [result.pir[cuts[s]:cuts[s + 1]] for s in range(4)]
+    for s, batch in enumerate(order):
+        expected = torch.cat([base[id(data[i])] for i in batch])
+        torch.testing.assert_close(torch.tensor(runs["frozen"][s]), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(runs["bootstrap"][0]), torch.tensor(runs["frozen"][0]), rtol=1e-5, atol=1e-5)
+    assert (torch.tensor(runs["bootstrap"][3]) - torch.tensor(runs["frozen"][3])).abs().max() > 1e-2
+    remove_lora(model)
+
+
+def test_no_clip_weights_are_the_raw_pir_and_weight_normalization_divides_by_their_sum(llama_model):
+    """Invariants: with no clip range the mean weight of a step is the mean raw PIR (negative values kept);
+    with the default range it is the mean of clip(PIR, 0.8, 5); normalize="weights" logs sum(w NLL)/sum(w)."""
+    model = llama_model
+    data = random_encoded(vocab=model.config.vocab_size)
+    for clip in ({"min_weight": None, "max_weight": None}, {}):
+        result = train(model, data, fast(steps=2, **clip), collect_pir=True, progress=False)
+        n = result.steps[0].tokens
+        pir = torch.tensor(result.pir[:n])
+        low, high = fast(**clip).clip
+        assert result.steps[0].mean_weight == pytest.approx(float(pir.clamp(low, high).mean()), rel=1e-5, abs=1e-6)
+        if not clip:
+            assert (pir < 0.8).any() and result.steps[0].mean_weight > float(pir.mean())  # the clip did act
+    assert (pir < 0).any()  # raw PIR of a random model has negative values, which noclip keeps
+    plain = train(model, data, fast(steps=1), progress=False).steps[0]
+    normed = train(model, data, fast(steps=1, normalize="weights"), progress=False).steps[0]
+    assert normed.loss == pytest.approx(plain.loss / plain.mean_weight, rel=1e-5)
+    remove_lora(model)
+    with pytest.raises(UserError, match="min_weight >= 0"):
+        fast(min_weight=None, normalize="weights").check()
+    with pytest.raises(UserError, match="bootstrap or frozen"):
+        fast(weights="cached").check()
+
+
+def test_perce_ablation_methods_train_with_their_config(monkeypatch):
+    """The eval methods perce-clip05/-noclip/-frozen/-wnorm are PerCE at EVAL_CONFIG with one option changed,
+    cached under their own names; a served user gets nothing from them (they are never registered)."""
+    from localpers import training
+    from localpers.methods import Personalized, RegisteredArtifact, User, get_method
+
+    seen = []
+    monkeypatch.setattr(training, "user_adapter", lambda user, engine, objective, config, name: seen.append(
+        (objective, config, name)) or f"/cache/{name}.gguf")
+    user = User("v", history=("x",) * 12)
+    for name in names.PERCE_ABLATIONS:
+        p = get_method(name)(user, "q", None)
+        assert p.artifacts.lora == ((f"/cache/{name}.gguf", 1.0),)
+    expected = [{"min_weight": 0.5}, {"min_weight": None, "max_weight": None}, {"weights": "frozen"},
+                {"normalize": "weights"}]
+    for (objective, config, name), changed in zip(seen, expected):
+        assert objective == names.PERCE
+        assert config == replace(training.EVAL_CONFIG, **changed)
+    served = User("u", history=("x",) * 12, registered=(RegisteredArtifact(names.PERCE, names.LORA, "/a/p.gguf"),))
+    assert get_method("perce-frozen")(served, "q", None) == Personalized()
+
+
+def test_train_cli_clip_ranges():
+    from localpers.train_cli import parse_clip
+
+    assert parse_clip("0.8,5") == (0.8, 5.0) and parse_clip("0.5, 5") == (0.5, 5.0)
+    assert parse_clip(",5") == (None, 5.0) and parse_clip("NONE") == (None, None)
+    for bad in ("5", "a,b", "1,2,3"):
+        with pytest.raises(UserError, match="--clip must look like"):
+            parse_clip(bad)
