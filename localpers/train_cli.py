@@ -56,6 +56,8 @@ def parse_clip(text: str) -> tuple[float | None, float | None]:
         low, high = (float(part) if part.strip() else None for part in text.split(","))
     except ValueError:
         raise UserError(f"--clip must look like MIN,MAX (e.g. 0.8,5 or ,5) or none, not {text!r}") from None
+    if None not in (low, high) and low > high:
+        raise UserError(f"--clip {text}: MIN must not exceed MAX")
     return low, high
 
 

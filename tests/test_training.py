@@ -271,7 +271,7 @@ def test_train_cli_checks_its_input_before_training(tmp_path, llama_path):
     bad_target = run("--data", str(tmp_path / "x_questions.json"), "--targets", "q,wq")
     assert bad_target.returncode == 2 and "unknown LoRA targets" in bad_target.stderr
     bad_clip = run("--data", str(tmp_path / "x_questions.json"), "--clip", "5,0.8")
-    assert bad_clip.returncode == 2 and "min_weight <= max_weight" in bad_clip.stderr
+    assert bad_clip.returncode == 2 and "--clip 5,0.8: MIN must not exceed MAX" in bad_clip.stderr
     assert not (tmp_path / "a.gguf").exists()
 
 
