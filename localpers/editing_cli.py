@@ -4,6 +4,8 @@ from __future__ import annotations
 from localpers import names
 from localpers.errors import UserError
 
+EDIT_STEPS = 25  # Adam steps per preference of `personalize --method edit`
+
 
 def cmd_personalize(args):
     from localpers.editing import EditConfig, personalize
@@ -11,12 +13,17 @@ def cmd_personalize(args):
     if args.method in (names.PERCE, names.CE):
         from localpers.train_cli import cmd_personalize_trained
 
+        if args.steps is not None or args.layer is not None:
+            raise UserError(f"--steps and --layer are for --method edit; --method {args.method} trains one epoch over "
+                            f"the user's items (for other budgets: localpers train)")
+
         return cmd_personalize_trained(args)
     if args.method != names.EDIT:
         raise UserError(f"unknown personalization method {args.method!r} (known: edit, perce, ce)")
-    if args.steps < 1:
+    steps = EDIT_STEPS if args.steps is None else args.steps
+    if steps < 1:
         raise UserError("--steps must be at least 1")
-    config = EditConfig(**({"layer": args.layer} if args.layer is not None else {}), steps=args.steps)
+    config = EditConfig(**({"layer": args.layer} if args.layer is not None else {}), steps=steps)
     model = f" --model {args.model}" if args.model else ""
     result = personalize(args.user, data_dir=args.data_dir, model_path=args.model, bake_model=args.bake, config=config)
     for e in result.edits:
@@ -56,8 +63,8 @@ def add_cli(sub) -> None:
     p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME, else $XDG_DATA_HOME/localpers, "
                                       "else ~/.local/share/localpers)")
-    p.add_argument("--layer", type=int, help=f"layer (0-based) whose ffn_down is edited (default: {EDIT_LAYER})")
-    p.add_argument("--steps", type=int, default=25, help="Adam steps per preference (default: %(default)s)")
+    p.add_argument("--layer", type=int, help=f"edit: layer (0-based) whose ffn_down is edited (default: {EDIT_LAYER})")
+    p.add_argument("--steps", type=int, help=f"edit: Adam steps per preference (default: {EDIT_STEPS})")
     p.add_argument("--bake", action="store_true", help="also write a full GGUF with the edited tensors in Q8_0, "
                                                        "every other tensor unchanged (default: off)")
     p.set_defaults(func=cmd_personalize)

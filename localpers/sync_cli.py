@@ -143,6 +143,12 @@ def cmd_sync_server(args) -> int:
     if args.min_contributors > args.devices:
         raise UserError("sync: --min-contributors cannot exceed --devices")
     out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"sync-server: --out {args.out} is a file, not a directory")
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        if s.connect_ex((args.host, args.port)) == 0:
+            raise UserError(f"sync-server: {args.host}:{args.port} is in use by another program; choose another --port")
     home = out / "flower"
     app = out / "app"
     home.mkdir(parents=True, exist_ok=True)
@@ -262,8 +268,10 @@ def cmd_sync(args) -> int:
         return 0
     if not args.user:
         raise UserError("sync: --user is required (whose local signals this device contributes)")
-    sync.load_contribution(data_dir, args.user)  # validate before joining
     budget = args.epsilon_budget
+    if not budget > 0:
+        raise UserError(f"sync: --epsilon-budget must be positive (or inf), not {budget:g}")
+    sync.load_contribution(data_dir, args.user)  # validate before joining
     if sync.exhausted(data_dir, budget, 1e-6):
         raise UserError(f"sync: this device has spent its epsilon budget {budget:g}")
     host, port = _split_address(args.superlink)
@@ -284,13 +292,26 @@ def cmd_sync(args) -> int:
                         sync.sync_dir(data_dir) / "supernode.pid") as proc:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise UserError(f"sync: flower-supernode exited ({proc.returncode}); see "
-                                f"{sync.sync_dir(data_dir) / 'supernode.log'}")
+                log_path = sync.sync_dir(data_dir) / "supernode.log"
+                raise UserError(f"sync: flower-supernode exited ({proc.returncode}){_reason(log_path)}; see {log_path}")
             if args.once and len([e for e in sync.read_log(data_dir) if e["kind"] == "received"]) > received:
                 print("sync: received the global knowledge", flush=True)
                 return 0
             time.sleep(0.5)
-    return 0 if not args.once else 1
+    got = len([e for e in sync.read_log(data_dir) if e["kind"] == "received"]) - received
+    print(f"sync: stopped after --max-seconds {args.max_seconds:g}: {got} global knowledge update(s) received"
+          + ("" if got else f" (is `localpers sync-server` running at {host}:{port}?)"), flush=True)
+    return 0 if got or not args.once else 1
+
+
+def _reason(log_path: Path) -> str:
+    """': <message>' of the last localpers UserError in a process's log, or ''."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    found = [line.split("UserError: ", 1)[1].strip() for line in lines if "UserError: " in line]
+    return f": {found[-1]}" if found else ""
 
 
 def add_cli(sub) -> None:

@@ -23,8 +23,9 @@ class Tokenizer:
         import llama_cpp
 
         open_gguf(path, check_arch=False)  # a one-line UserError for a missing or broken file
-        from localpers.engine import closed_at_exit
+        from localpers.engine import closed_at_exit, install_llama_log
 
+        install_llama_log()  # llama.cpp's log stays out unless --verbose
         llama = closed_at_exit(llama_cpp.Llama(str(path), vocab_only=True, verbose=False))
         return cls(llama, llama.metadata.get("tokenizer.chat_template"))
 

@@ -147,3 +147,16 @@ def test_llama_cpp_log_stays_out_of_normal_output(tmp_path_factory, close):
     verbose = subprocess.run(argv, cwd=REPO, env={**env, "LOCALPERS_VERBOSE": "1"}, capture_output=True, text=True,
                              timeout=120)
     assert verbose.returncode == 0 and "n_ctx_seq (4096) > n_ctx_train (512)" in verbose.stderr
+
+
+def test_a_tokenizer_alone_keeps_llama_cpp_log_out(tmp_path_factory):
+    """Training loads only the vocabulary (Tokenizer.from_gguf, vocab_only): that load's llama.cpp warnings stay
+    out of normal output too."""
+    from tests.helpers_models import random_model_path
+
+    model = random_model_path(tmp_path_factory, "llama")
+    code = "import sys; from localpers.tokenizer import Tokenizer; print(len(Tokenizer.from_gguf(sys.argv[1])))"
+    env = {k: v for k, v in os.environ.items() if k != "LOCALPERS_VERBOSE"}
+    run = subprocess.run([sys.executable, "-c", code, str(model)], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stderr == "", run.stderr[-2000:]

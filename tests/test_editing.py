@@ -223,6 +223,12 @@ def test_personalize_cli_bad_input(tiny, tmp_path, capsys):
     assert main(["personalize", "--user", "bob", "--data-dir", str(tmp_path), "--model", str(path)]) == 2
     assert "no preferences" in capsys.readouterr().err
     assert main(["personalize", "--user", "bob", "--data-dir", str(tmp_path), "--method", "magic"]) == 2
+    capsys.readouterr()
+    # the edit's own options are refused for the trained methods, not silently ignored
+    assert main(["personalize", "--user", "bob", "--data-dir", str(tmp_path), "--method", "perce", "--steps", "2"]) == 2
+    assert "--steps and --layer are for --method edit" in capsys.readouterr().err
+    assert main(["personalize", "--user", "bob", "--data-dir", str(tmp_path), "--model", str(path), "--steps", "0"]) == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -341,3 +341,22 @@ def test_a_failed_sync_server_run_keeps_the_previous_runs_knowledge(tmp_path):
     with kept_unless_replaced(path) as published:
         path.write_text("new")
     assert path.read_text() == "new" and published() and not list(tmp_path.glob("*.previous"))
+
+
+def test_sync_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
+    """User mistakes end in one line: a non-positive epsilon budget, --out naming a file, a busy port."""
+    import socket
+
+    from localpers.cli import main
+
+    (tmp_path / "file").write_text("x")
+    assert main(["sync-server", "--out", str(tmp_path / "file"), "--devices", "2"]) == 2
+    assert "--out" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["sync-server", "--out", str(tmp_path / "o"), "--devices", "2", "--port", str(port)]) == 2
+        assert "is in use" in capsys.readouterr().err
+    assert main(["sync", "--user", "alice", "--epsilon-budget", "-1", "--data-dir", str(tmp_path / "d")]) == 2
+    assert "--epsilon-budget must be positive" in capsys.readouterr().err
