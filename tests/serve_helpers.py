@@ -23,6 +23,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(predicate, limit_s: float = 30, poll_s: float = 0.05) -> bool:
+    """Poll `predicate()` until it is true or `limit_s` passes (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def wait_until_up(url: str, proc: subprocess.Popen | None = None, limit_s: float = 120) -> None:
     """Until `url`/health answers 200 (a hang guard, not a timing assertion)."""
     deadline = time.monotonic() + limit_s

@@ -15,6 +15,7 @@ from localpers.datasets import read_upqa
 from localpers.engine import model_sha256
 from localpers.methods import apply
 from localpers.server import create_app
+from tests.serve_helpers import wait_until
 from localpers.store import Store, read_import
 
 UPQA_ITEM = {"input_attribute": "I like to dance at the club.", "attribute_type": "hobby",
@@ -208,10 +209,7 @@ def test_a_job_finishing_after_forget_writes_nothing(engine, adapter, tmp_path, 
         assert started.wait(30)
         assert client.delete("/v1/users/fay").status_code == 200
         release.set()
-        for _ in range(600):
-            if outcome:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: outcome, 30)
         assert outcome == ["NotFoundError"]
         assert client.get("/v1/users/fay/jobs").status_code == 404
     assert not list((tmp_path / "artifacts").glob("*/*"))  # no artifact file of fay's (or anyone's) is left

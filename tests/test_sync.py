@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from scipy.stats import norm
 
 from localpers import sync
 from localpers.errors import UserError
+from tests.serve_helpers import free_port, serve_process, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = sync.SyncConfig(k=3, dim=6, n_layer=2, steer_dim=5, vocab=4, rounds=3, min_size=1, min_contributors=2, seed=1)
@@ -273,23 +272,15 @@ def _is_loopback(hex_address: str) -> bool:
 def test_with_sync_off_the_server_has_no_socket_but_loopback(tmp_path):
     """Opt-in: `localpers serve` (sync not running) after answering a chat has only loopback inet sockets, and
     the serving path never imports Flower."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+
+
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "localpers", "serve", "--port", str(port), "--data-dir",
-                             str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = serve_process("--port", str(port), "--data-dir", str(tmp_path))
     try:
         import httpx
 
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_up(f"http://127.0.0.1:{port}", proc)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120,
                        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
         assert r.status_code == 200

@@ -3,7 +3,6 @@ forget cancels), and LoGo's knowledge computed across devices by the Flower sync
 served to a cold-start user exactly as in-process LoGo computes it."""
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from localpers import logo, names, training
 from localpers.server import create_app
 from localpers.store import Store
 from tests.helpers_models import random_model_path
+from tests.serve_helpers import wait_until
 from test_loop import chat, wait_for_jobs  # noqa: E402 (tests/ is on sys.path)
 
 LOCAL = "http://localhost"
@@ -96,10 +96,7 @@ def test_forget_during_a_perce_job_cancels_it_and_writes_nothing(engine, tmp_pat
         assert started.wait(60)
         assert client.delete("/v1/users/fay").status_code == 200
         release.set()
-        for _ in range(1200):
-            if outcome:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: outcome, 60)
         assert outcome and outcome[0][0] == names.FAILED, outcome
         assert client.get("/v1/users/fay/jobs").status_code == 404
     assert [p for p in (tmp_path / "artifacts").rglob("*") if p.is_file()] == []
