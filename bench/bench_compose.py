@@ -10,8 +10,8 @@ import random
 import tempfile
 import time
 
-from localpers.compose import Composer, served_user
-from localpers.store import Store, check_item
+from localpers.serve.compose import Composer, served_user
+from localpers.store.store import Store, check_item
 
 WORDS = ("the a jazz dinner club music pasta hiking mountain book read cook lyon paris movie horror film run swim "
          "code python garden").split()

@@ -1,4 +1,4 @@
-"""Precision and recall of the preference detector (localpers.detect) on the development data.
+"""Precision and recall of the preference detector (localpers.personalize.detect) on the development data.
 
     python3 bench/bench_detect.py [--split dev|heldout|all] [--errors]
 
@@ -15,8 +15,8 @@ import argparse
 import hashlib
 from pathlib import Path
 
-from localpers.datasets import DATA_DIR, read_inter_turns, read_prefeval_mcq, read_upqa
-from localpers.detect import detect_preferences
+from localpers.personalize.datasets import DATA_DIR, read_inter_turns, read_prefeval_mcq, read_upqa
+from localpers.personalize.detect import detect_preferences
 
 DATA = DATA_DIR  # the development data shipped in localpers/data
 

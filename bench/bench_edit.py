@@ -12,8 +12,8 @@ import time
 import pytest
 
 from localpers import default_model_path
-from localpers.datasets import data_path, read_upqa
-from localpers.editing import EditConfig, Editor, facts_of
+from localpers.personalize.datasets import data_path, read_upqa
+from localpers.personalize.editing import EditConfig, Editor, facts_of
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from localpers.engine import Artifacts, Engine
-from localpers.gguf_write import write_control_vector, write_lora
+from localpers.engine.engine import Artifacts, Engine
+from localpers.model.gguf_write import write_control_vector, write_lora
 
 N_DECODE = 128
 RESULTS = {}

@@ -33,7 +33,7 @@ import pytest
 import torch
 
 import localpers
-from localpers import quant
+from localpers.model import quant
 from localpers.kernels import apply_lowrank_, perce_linear_cross_entropy
 from localpers.kernels.reference import perce_linear_cross_entropy_reference
 

@@ -1,5 +1,5 @@
 """Time to first token when two users with different adapters take turns, with and without the per-user KV cache
-(localpers.kvcache), on the default model and a ~735-token conversation each.
+(localpers.engine.kvcache), on the default model and a ~735-token conversation each.
 
     python3 bench/bench_kvcache.py [--tokens 735] [--repeats 5] [--threads 2] [--cache-mib 256]
 
@@ -22,16 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from localpers.engine import Artifacts, Engine
-from localpers.gguf_write import write_lora
+from localpers.engine.engine import Artifacts, Engine
+from localpers.model.gguf_write import write_lora
 
 
 
 def conversation(engine, seed: int, n_tokens: int) -> list[dict]:
     """User/assistant turns whose chat prompt (plus a last question) is about n_tokens long."""
     rng = random.Random(seed)
-    from localpers.datasets import data_path, read_inter_turns
-    from localpers.evaluation import distractor_turns
+    from localpers.personalize.datasets import data_path, read_inter_turns
+    from localpers.eval.evaluation import distractor_turns
 
     pool = distractor_turns(read_inter_turns(data_path("inter_turns")), 200, rng, 300)
     messages, question = [], {"role": "user", "content": "Can you summarise what we talked about?"}

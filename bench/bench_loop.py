@@ -22,8 +22,8 @@ import httpx
 import uvicorn
 
 from localpers import names
-from localpers.engine import Engine
-from localpers.server import create_app
+from localpers.engine.engine import Engine
+from localpers.serve.server import create_app
 
 SHORT = {"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 16, "temperature": 0,
          "user": "bench", "localpers": {"history": False}}

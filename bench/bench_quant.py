@@ -18,7 +18,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 import localpers
-from localpers import quant
+from localpers.model import quant
 
 FFN_DOWN = (576, 1536)  # numpy shape [n_out, n_in]
 LARGE = (4096, 11008)

@@ -1,4 +1,4 @@
-"""Cost of the multilingual BM25 splitter (localpers.retrieval.split_words) against bm25s' default regex, on the
+"""Cost of the multilingual BM25 splitter (localpers.store.retrieval.split_words) against bm25s' default regex, on the
 shipped development data's texts (UPQA statements, PrefEval preferences, PrefEval's distractor chats).
 
     PYTHONPATH=. python bench/bench_split_words.py
@@ -9,8 +9,8 @@ import json
 import re
 import time
 
-from localpers.datasets import data_path
-from localpers.retrieval import split_words
+from localpers.personalize.datasets import data_path
+from localpers.store.retrieval import split_words
 
 
 def best_seconds(func, texts, rounds=5) -> float:

@@ -19,9 +19,9 @@ import time
 import bm25s
 import numpy as np
 
-from localpers.datasets import DATA_DIR
-from localpers.retrieval import make_tokenizer
-from localpers.store import Store
+from localpers.personalize.datasets import DATA_DIR
+from localpers.store.retrieval import make_tokenizer
+from localpers.store.store import Store
 
 SHARED = DATA_DIR  # the development data shipped in localpers/data
 
@@ -85,7 +85,7 @@ def test_write_latency(benchmark, tmp_path):
 
 
 def test_search_latency_10k(benchmark, tmp_path):
-    from localpers.store import check_item
+    from localpers.store.store import check_item
 
     _, questions = sentences_and_questions()
     queries = iter(questions * 10)

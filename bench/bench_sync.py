@@ -1,5 +1,5 @@
 """Private sync at scale: the sync ServerApp and ClientApp (SecAgg+, Flower's own workflow and mod) over 100 and
-1,000 in-process devices drawn from the synthetic world (localpers/world.py), and the quality cost of privacy.
+1,000 in-process devices drawn from the synthetic world (localpers/personalize/world.py), and the quality cost of privacy.
 
     python bench/bench_sync.py scale --devices 100 1000          # time per round, peak memory, bytes/device
     python bench/bench_sync.py bytes --devices 20                # bytes per device per round, LoGo's real shapes
@@ -13,7 +13,7 @@
 `logo` and `llm` measure the quality cost of privacy as LoGo measures itself: LoGo's GlobalKnowledge per world
 time step computed by the sync (federated_rounds: one sync run per step over LoGo's own device signals, folded
 with LoGo's decay) instead of in-process, scored by LoGo's mediator on cold-start users (logo_gain, as
-bench/logo_offline.py) or by the served model's mc_acc on them (llm_rows, as `localpers eval world --mc-only`).
+bench/experiments/logo_offline.py) or by the served model's mc_acc on them (llm_rows, as `localpers eval world --mc-only`).
 
 Each device's signals are read from its world history without a model: preference counts over the public
 vocabulary of attribute values (value names and their keywords), user vector = unit(counts), as LoGo's
@@ -42,8 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from localpers import sync  # noqa: E402
-from localpers.world import ATTRIBUTES, generate_world  # noqa: E402
+from localpers.sync import sync  # noqa: E402
+from localpers.personalize.world import ATTRIBUTES, generate_world  # noqa: E402
 
 VOCAB = [(a, v) for a, spec in ATTRIBUTES.items() for v in spec["values"]]
 
@@ -91,7 +91,7 @@ def score(k: sync.Knowledge, truth: list[dict]) -> dict:
 def run(n: int, cfg: sync.SyncConfig, seed: int, secagg: bool = True) -> dict:
     """One sync run over n world devices in this process: through Flower's SecAgg+ (LocalGrid), or with the
     same contributions and noise shares summed directly (secagg=False; equal up to error_bound, see tests)."""
-    from localpers.sync_app import simulate
+    from localpers.sync.sync_app import simulate
 
     with tempfile.TemporaryDirectory() as tmp:
         nodes, truth = world_devices(n, seed, cfg, Path(tmp))
@@ -216,7 +216,7 @@ class TreeMonitor:
 
 def run_ray(n: int, cfg: sync.SyncConfig, seed: int, num_cpus: int) -> dict:
     """One sync run over n world devices in Flower's simulation engine (Ray), with SecAgg+."""
-    from localpers.sync_app import simulate_ray
+    from localpers.sync.sync_app import simulate_ray
 
     with tempfile.TemporaryDirectory() as tmp:
         nodes, truth = world_devices(n, seed, cfg, Path(tmp))
@@ -269,8 +269,8 @@ def federated_rounds(upqa: list[dict], epsilon: float, seed: int, lloyd: int = 3
     with noise shares from 90% of the round's devices, then folded by sync_app.logo_knowledge. secagg: through
     Flower's SecAgg+ (sync_app.simulate, devices written under root), else summed directly (equal up to
     error_bound). Returns ({step: logo.GlobalKnowledge}, per-round log)."""
-    from localpers import logo
-    from localpers.sync_app import logo_knowledge, simulate
+    from localpers.personalize import logo
+    from localpers.sync.sync_app import logo_knowledge, simulate
 
     steps = 1 + max(e["step"] for e in upqa)
     rng = np.random.default_rng(seed)
@@ -309,15 +309,15 @@ def federated_rounds(upqa: list[dict], epsilon: float, seed: int, lloyd: int = 3
 
 
 def logo_gain(upqa: list[dict], rounds: dict) -> dict:
-    """Offline LoGo scores per history bucket (as bench/logo_offline.py): `local` the user's own most named value
+    """Offline LoGo scores per history bucket (as bench/experiments/logo_offline.py): `local` the user's own most named value
     of the asked attribute is the true one; `logo` the mediated choice (own value, else the community note's)
     is; `note_given`/`note_right` how often the mediator gives a note for the asked attribute and how often it
     is right; `global` the mediated choice with one pooled histogram of all published communities instead;
     `chance` the expected score of the mediated choice with a uniformly random value in place of each note
     (what a note that knows nothing scores). gain = logo - local; over_chance = logo - chance. The world's
     targets are read for scoring only."""
-    from localpers import logo
-    from localpers.world import history_bucket
+    from localpers.personalize import logo
+    from localpers.personalize.world import history_bucket
 
     stats: dict = {}
     for e in upqa:
@@ -353,7 +353,7 @@ def logo_row(setting: str, users: int, seed: int, epsilon: float, lloyd: int) ->
     """One row of the privacy-cost figure: LoGo's offline cold-start gain with knowledge from `setting`:
     'inprocess' (logo.world_rounds, LoGo's own in-process communities), 'plain' (the sync's computation, no
     noise, summed directly), 'secagg' (through Flower's SecAgg+), 'dp' (summed directly with DP noise)."""
-    from localpers import logo
+    from localpers.personalize import logo
 
     upqa = generate_world(users=users, seed=seed)["upqa"]
     start, cpu0 = time.perf_counter(), time.process_time()
@@ -385,12 +385,13 @@ def llm_rows(users: int, seed: int, limit: int, epsilons: list[float], lloyd: in
 
     import torch
 
-    from localpers import evaluation as ev
-    from localpers import logo, names
-    from localpers.datasets import read_upqa
-    from localpers.engine import Engine
-    from localpers.methods import get_method
-    from localpers.world import WORLD_FILES, history_bucket, write_world
+    from localpers.eval import evaluation as ev
+    from localpers import names
+    from localpers.personalize import logo
+    from localpers.personalize.datasets import read_upqa
+    from localpers.engine.engine import Engine
+    from localpers.personalize.methods import get_method
+    from localpers.personalize.world import WORLD_FILES, history_bucket, write_world
 
     torch.set_num_threads(1)
     world = generate_world(users=users, seed=seed)

@@ -33,9 +33,9 @@ import torch
 
 import localpers
 from localpers import names
-from localpers.training import (TrainConfig, encode, end_of_turn, history_examples, remove_lora, token_pir,
+from localpers.personalize.training import (TrainConfig, encode, end_of_turn, history_examples, remove_lora, token_pir,
                                 tokenizer, torch_model, train)
-from localpers.world import generate_world
+from localpers.personalize.world import generate_world
 
 WORLD_SEED = 7
 
@@ -77,18 +77,18 @@ def cmd_speed(args):
     diffs = [abs(a - b) / a for a, b in zip(out["fp32"]["loss"], out["bf16"]["loss"])]
     out["bf16_speedup"] = round(out["fp32"]["median_step_cpu_s"] / out["bf16"]["median_step_cpu_s"], 2)
     out["max_rel_loss_diff"] = round(max(diffs), 4)
-    out["cpu_bf16"] = __import__("localpers.training", fromlist=["cpu_has_bf16"]).cpu_has_bf16()
+    out["cpu_bf16"] = __import__("localpers.personalize.training", fromlist=["cpu_has_bf16"]).cpu_has_bf16()
     print(json.dumps(out, indent=1))
 
 
 def _batches(config, encoded):
-    from localpers.training import example_order, n_steps
+    from localpers.personalize.training import example_order, n_steps
 
     return example_order(len(encoded), n_steps(config, len(encoded)), config.batch, config.seed)
 
 
 def cmd_user100(args):
-    from localpers.training import adapter_for_examples, check_enough
+    from localpers.personalize.training import adapter_for_examples, check_enough
 
     config = replace(TrainConfig(), objective=args.objective)
     _, items = world_user(100)
@@ -264,7 +264,7 @@ def cmd_table(args):
     """Per-method means (over the users each method has), answers that loop (looping), and, for each pair (a, b) of PAIRS present, the paired
     difference a - b with its 95% interval and the ratio mean(a)/mean(b) with a paired bootstrap 95% interval,
     over the users both have: markdown for BENCHMARKS.md."""
-    from localpers.evaluation import paired_deltas
+    from localpers.eval.evaluation import paired_deltas
 
     rows = eval_rows(args.dirs)
     scores = {}  # (method, metric) -> {user: value}
@@ -295,8 +295,8 @@ def cmd_table(args):
 
 def lora_updates(path) -> dict:
     """{module: B @ A} of a LoRA adapter GGUF (float32 numpy)."""
-    from localpers.gguf_info import open_gguf
-    from localpers.model import tensor_array
+    from localpers.model.gguf_info import open_gguf
+    from localpers.model.model import tensor_array
 
     tensors = {t.name: tensor_array(t) for t in open_gguf(path, check_arch=False).tensors}
     return {name[:-len(".lora_a")]: tensors[name[:-len(".lora_a")] + ".lora_b"] @ a

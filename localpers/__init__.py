@@ -36,7 +36,7 @@ def default_model_path() -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, **kwargs):
-    """Load a GGUF model as a float32 torch module (see localpers.model)."""
-    from localpers.model import load_model as _load
+    """Load a GGUF model as a float32 torch module (see localpers.model.model)."""
+    from localpers.model.model import load_model as _load
 
     return _load(path if path is not None else default_model_path(), **kwargs)

@@ -1,5 +1,5 @@
 import sys
 
-from localpers.cli import main
+from localpers.cli.cli import main
 
 sys.exit(main())

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from localpers.gguf_write import random_model
+from localpers.model.gguf_write import random_model
 
 VOCAB = Path(__file__).resolve().parent / "fixtures" / "vocab"  # llama.cpp's vocabularies (LICENSE.llama.cpp)
 
@@ -72,9 +72,9 @@ def oracle_report(workdir: Path) -> str:
     import torch
 
     from localpers import default_model_path
-    from localpers.gguf_write import write_model
-    from localpers.model import load_model
-    from localpers.tokenizer import Tokenizer
+    from localpers.model.gguf_write import write_model
+    from localpers.model.model import load_model
+    from localpers.engine.tokenizer import Tokenizer
 
     def row(name, model, path, tokens, f32_kv):
         with torch.no_grad():

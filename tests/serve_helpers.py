@@ -86,8 +86,8 @@ def make_users(engine, store, workdir: Path) -> dict[str, dict]:
     """Four users registered in `store` for the engine's model: base (nothing), a LoRA adapter, a control vector,
     another adapter with another control vector. Returns {user: {"lora": path|None, "cvec": path|None}}."""
     from localpers import names
-    from localpers.engine import model_sha256
-    from localpers.gguf_write import write_control_vector, write_lora
+    from localpers.engine.engine import model_sha256
+    from localpers.model.gguf_write import write_control_vector, write_lora
 
     sha = model_sha256(engine.model_path)
 

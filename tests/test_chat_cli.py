@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from helpers_models import random_model_path  # noqa: E402
-from localpers.chat_cli import serve_in_thread  # noqa: E402
+from localpers.cli.chat_cli import serve_in_thread  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "alice> "
@@ -38,7 +38,7 @@ def run(child, line: str, *expected: str) -> str:
 
 @pytest.fixture(scope="module")
 def live_url(tmp_path_factory):
-    from localpers.server import create_app
+    from localpers.serve.server import create_app
 
     model = random_model_path(tmp_path_factory, "llama")
     url, stop = serve_in_thread(create_app(model, data_dir=str(tmp_path_factory.mktemp("chatdata"))))

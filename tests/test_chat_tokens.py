@@ -5,7 +5,7 @@ ids as the served side (Engine)."""
 import pytest
 
 from helpers_models import VOCAB
-from localpers.chat import ChatTemplateError, chat_tokens, render_chat
+from localpers.model.chat import ChatTemplateError, chat_tokens, render_chat
 
 # A template per vocabulary whose markers are control tokens of that vocabulary, and a Zorblax-style attack that
 # types those markers into a message to forge an assistant turn.
@@ -55,7 +55,7 @@ def specials(tok, ids) -> list[int]:
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
-    from localpers.tokenizer import Tokenizer
+    from localpers.engine.tokenizer import Tokenizer
 
     vocab, template, attack = CASES[request.param]
     tok = Tokenizer.from_gguf(VOCAB / vocab)
@@ -98,9 +98,9 @@ def test_content_ends_point_at_each_messages_last_token(case):
 def test_smollm_zorblax_served_and_torch_sides_agree(default_model_path):
     """The embedded model (ChatML, <|im_start|>/<|im_end|> are control tokens): the Zorblax input of issue #13 is
     text to both the served engine and the torch side, which produce the same ids."""
-    from localpers.editing import Editor
-    from localpers.engine import Engine
-    from localpers.tokenizer import Tokenizer
+    from localpers.personalize.editing import Editor
+    from localpers.engine.engine import Engine
+    from localpers.engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(default_model_path)
     engine = Engine(default_model_path, n_ctx=512, n_threads=1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from localpers.cli import build_parser, main, walk_parsers
+from localpers.cli.cli import build_parser, main, walk_parsers
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def help_text(*argv) -> str:
 
 
 def test_help_texts_show_what_a_user_needs():
-    from localpers.editing import EditConfig
+    from localpers.personalize.editing import EditConfig
 
     assert "(default: 127.0.0.1" in help_text("serve") and "(default: 8000)" in help_text("serve")
     merge = help_text("eval", "merge")
@@ -96,7 +96,7 @@ def test_a_finished_report_is_never_replaced_without_force(tmp_path, capsys):
 
 def test_history_into_a_closed_pipe_ends_quietly(tmp_path):
     """`localpers history --user bob | head -1`: no BrokenPipeError traceback once head has left."""
-    from localpers.store import Store, check_item
+    from localpers.store.store import Store, check_item
 
     with Store.open(tmp_path) as store:  # 400 kB of history: more than a pipe holds
         store.add_many("bob", [check_item(f"item {i} " + "x" * 200, ts=1.7e9 + i) for i in range(2000)])
@@ -109,8 +109,8 @@ def test_history_into_a_closed_pipe_ends_quietly(tmp_path):
 
 
 def test_personalize_layer_help_matches_the_edit_config():
-    from localpers.editing import EditConfig
-    from localpers.editing_cli import EDIT_LAYER
+    from localpers.personalize.editing import EditConfig
+    from localpers.cli.editing_cli import EDIT_LAYER
 
     assert EDIT_LAYER == EditConfig().layer
 
@@ -118,8 +118,8 @@ def test_personalize_layer_help_matches_the_edit_config():
 ENGINE_RUN = """
 import sys
 import numpy as np
-from localpers.engine import Artifacts, Engine
-from localpers.gguf_write import write_lora
+from localpers.engine.engine import Artifacts, Engine
+from localpers.model.gguf_write import write_lora
 
 model, adapter = sys.argv[1:3]
 write_lora(adapter, "llama", {"blk.1.ffn_down": (np.zeros((1, 128), np.float32), np.zeros((64, 1), np.float32))}, 1.0)
@@ -155,7 +155,7 @@ def test_a_tokenizer_alone_keeps_llama_cpp_log_out(tmp_path_factory):
     from tests.helpers_models import random_model_path
 
     model = random_model_path(tmp_path_factory, "llama")
-    code = "import sys; from localpers.tokenizer import Tokenizer; print(len(Tokenizer.from_gguf(sys.argv[1])))"
+    code = "import sys; from localpers.engine.tokenizer import Tokenizer; print(len(Tokenizer.from_gguf(sys.argv[1])))"
     env = {k: v for k, v in os.environ.items() if k != "LOCALPERS_VERBOSE"}
     run = subprocess.run([sys.executable, "-c", code, str(model)], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)

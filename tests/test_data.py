@@ -3,7 +3,7 @@ its licenses, and the development data is declared as package data so that a pip
 import tomllib
 from pathlib import Path
 
-from localpers.datasets import DATA_DIR, DATA_FILES, data_path, read_inter_turns, read_prefeval_mcq, read_upqa
+from localpers.personalize.datasets import DATA_DIR, DATA_FILES, data_path, read_inter_turns, read_prefeval_mcq, read_upqa
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
-"""The preference detector and the merge rules (localpers.detect): no model, no data files."""
+"""The preference detector and the merge rules (localpers.personalize.detect): no model, no data files."""
 import pytest
 
-from localpers.detect import detect_preferences, merge_preferences, sentences
+from localpers.personalize.detect import detect_preferences, merge_preferences, sentences
 
 
 @pytest.mark.parametrize("message, expected", [

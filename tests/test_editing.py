@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from localpers.editing import (MAX_STATEMENT_CHARS, Edit, EditConfig, Editor, bake, edit_facts, fact_from_item,
+from localpers.personalize.editing import (MAX_STATEMENT_CHARS, Edit, EditConfig, Editor, bake, edit_facts, fact_from_item,
                                fact_from_statement, facts_of, lora_factors, second_person, states, write_adapter)
 from localpers.errors import UserError
-from localpers.gguf_info import open_gguf
-from localpers.methods import Fact
-from localpers.quant import edit_to_q8_0_numpy
+from localpers.model.gguf_info import open_gguf
+from localpers.personalize.methods import Fact
+from localpers.model.quant import edit_to_q8_0_numpy
 from tests.helpers_models import llama_cpp_logits, random_model_path
 
 FACT = Fact("I live in Paris.", ("Where do I live?", "What city is my home?"), ("Paris",))
@@ -148,7 +148,7 @@ def test_bake_changes_only_edited_tensors_and_matches_quant_reference(tiny, tmp_
 
 
 def test_failed_edit_is_reported_and_not_written(tiny, tmp_path):
-    from localpers.engine import Engine
+    from localpers.engine.engine import Engine
 
     path, _ = tiny
     weak = Editor(path, EditConfig(layer=1, steps=1, lr=1e-4))
@@ -198,8 +198,8 @@ def test_adapter_needs_one_rank_per_tensor(tmp_path):
 
 
 def test_personalize_cli_reports_failed_edits_and_registers_nothing(tiny, tmp_path, capsys):
-    from localpers.cli import main
-    from localpers.store import Store
+    from localpers.cli.cli import main
+    from localpers.store.store import Store
 
     path, _ = tiny
     with Store.open(tmp_path) as store:
@@ -213,8 +213,8 @@ def test_personalize_cli_reports_failed_edits_and_registers_nothing(tiny, tmp_pa
 
 
 def test_personalize_cli_bad_input(tiny, tmp_path, capsys):
-    from localpers.cli import main
-    from localpers.store import Store
+    from localpers.cli.cli import main
+    from localpers.store.store import Store
 
     path, _ = tiny
     assert main(["personalize", "--user", "nobody", "--data-dir", str(tmp_path), "--model", str(path)]) == 2
@@ -235,10 +235,10 @@ def test_personalize_cli_bad_input(tiny, tmp_path, capsys):
 def test_personalize_smollm_registers_a_verified_adapter_served_by_the_engine(tmp_path, default_model_path):
     """The whole path on the real model: a stored preference -> edit -> adapter registered for the model's
     sha256 -> llama.cpp with it states the preference; forget deletes the file."""
-    from localpers.editing import base_model_sha256, personalize
-    from localpers.engine import Artifacts, Engine
-    from localpers.evaluation import target_match
-    from localpers.store import Store
+    from localpers.personalize.editing import base_model_sha256, personalize
+    from localpers.engine.engine import Artifacts, Engine
+    from localpers.eval.evaluation import target_match
+    from localpers.store.store import Store
 
     with Store.open(tmp_path) as store:
         store.add("cat", "I like to dance at the club.", kind="preference", meta={"attribute_type": "hobby"})
@@ -259,9 +259,9 @@ def test_personalize_smollm_registers_a_verified_adapter_served_by_the_engine(tm
 
 def test_personalize_retires_the_adapter_when_no_preference_is_left(tiny, tmp_path, capsys):
     """Removing a user's last preference must not leave an adapter that still encodes it being served."""
-    from localpers.cli import main
-    from localpers.editing import base_model_sha256
-    from localpers.store import Store
+    from localpers.cli.cli import main
+    from localpers.personalize.editing import base_model_sha256
+    from localpers.store.store import Store
 
     path, _ = tiny
     with Store.open(tmp_path) as store:
@@ -307,9 +307,9 @@ def test_states_matches_answers_in_every_script():
 def test_personalize_edits_each_usable_preference_and_reports_the_others(tiny, tmp_path, monkeypatch, capsys):
     """One unusable preference no longer blocks the others: each is edited or reported with its reason, and
     the usable ones are registered."""
-    from localpers import editing
-    from localpers.cli import main
-    from localpers.store import Store
+    from localpers.personalize import editing
+    from localpers.cli.cli import main
+    from localpers.store.store import Store
 
     path, _ = tiny
     long = "I like " + "very " * 120 + "long walks."
@@ -338,9 +338,9 @@ def test_personalize_edits_each_usable_preference_and_reports_the_others(tiny, t
 
 def test_personalize_with_only_unusable_preferences_retires_the_old_adapter(tiny, tmp_path, capsys):
     """The old adapter encodes preferences that are no longer there: it goes, and each unusable one is named."""
-    from localpers.cli import main
-    from localpers.editing import base_model_sha256
-    from localpers.store import Store
+    from localpers.cli.cli import main
+    from localpers.personalize.editing import base_model_sha256
+    from localpers.store.store import Store
 
     path, _ = tiny
     with Store.open(tmp_path) as store:
@@ -363,8 +363,8 @@ def verified_only(*statements):
 def test_failed_edits_are_not_kept_in_the_rewritten_adapter(tiny, tmp_path, monkeypatch):
     """Of two stacked edits, llama.cpp states one: the adapter is rewritten with that edit alone (rank 1), byte
     for byte the adapter of the passed edit, and the failed fact is reported with its answer."""
-    from localpers import editing
-    from localpers.engine import Engine
+    from localpers.personalize import editing
+    from localpers.engine.engine import Engine
 
     path, editor = tiny
     monkeypatch.setattr(editing, "states_target", verified_only(FACT.statement))
@@ -383,9 +383,9 @@ def test_personalize_registers_the_verified_adapter_and_says_how_to_serve_it(tin
     """The default run's success path (the embedded model's is the slow test above): two preferences, one verified,
     one failed; the verified edit is registered for the model, the CLI prints the question, llama.cpp's answer,
     the adapter and the baked model with how to serve them."""
-    from localpers import editing
-    from localpers.cli import main
-    from localpers.store import Store
+    from localpers.personalize import editing
+    from localpers.cli.cli import main
+    from localpers.store.store import Store
 
     path, _ = tiny
     monkeypatch.setattr(editing, "states_target", verified_only(FACT.statement))
@@ -419,9 +419,9 @@ def test_personalize_registers_the_verified_adapter_and_says_how_to_serve_it(tin
 def test_eval_edit_method_serves_the_users_verified_adapter(tiny, tmp_path, monkeypatch):
     """`--method edit` in `localpers eval`: an evaluation user's facts are edited, verified and cached on disk, and
     the method hands the adapter to the served path; a served user gets the registered adapter of `edit` only."""
-    from localpers import editing
-    from localpers.engine import Engine
-    from localpers.methods import RegisteredArtifact, User, get_method
+    from localpers.personalize import editing
+    from localpers.engine.engine import Engine
+    from localpers.personalize.methods import RegisteredArtifact, User, get_method
 
     path, editor = tiny
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from localpers.engine import Artifacts, Engine
+from localpers.engine.engine import Artifacts, Engine
 from localpers.errors import UserError
-from localpers.gguf_write import write_control_vector, write_lora
+from localpers.model.gguf_write import write_control_vector, write_lora
 
 PROMPT = [{"role": "user", "content": "Write one sentence about the sea."}]
 

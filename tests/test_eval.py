@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from localpers.cli import main
-from localpers.datasets import data_path, read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
+from localpers.cli.cli import main
+from localpers.personalize.datasets import data_path, read_inter_turns, read_lamp, read_prefeval_mcq, read_upqa
 from localpers.errors import UserError
-from localpers.evaluation import Journal, breakdown, content_sha256, lamp_labels, locality_users, merge_reports, paired_deltas, rouge, target_match, write_report
-from localpers.methods import METHODS, Personalized, User, apply, get_method, retrieve
-from localpers.world import ATTRIBUTES, generate_world, history_bucket, write_world
+from localpers.eval.evaluation import Journal, breakdown, content_sha256, lamp_labels, locality_users, merge_reports, paired_deltas, rouge, target_match, write_report
+from localpers.personalize.methods import METHODS, Personalized, User, apply, get_method, retrieve
+from localpers.personalize.world import ATTRIBUTES, generate_world, history_bucket, write_world
 
 DATA = Path(__file__).resolve().parent / "data"
 

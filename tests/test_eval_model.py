@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from localpers.cli import main
+from localpers.cli.cli import main
 
 DATA = Path(__file__).resolve().parent / "data"
 METHODS = ["base", "prompt", "rag"]
@@ -58,7 +58,7 @@ def test_prefeval_shards_merge_into_the_full_run(tmp_path):
 
 
 def test_an_interrupted_run_resumes_to_the_same_report(tmp_path, monkeypatch, capsys):
-    from localpers import evaluation
+    from localpers.eval import evaluation
 
     args = ("prefeval", "--limit", "3", "--turns", "0,1")
     full = run_eval(tmp_path / "full", *args, methods=["base", "prompt"])

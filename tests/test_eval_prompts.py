@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from localpers.datasets import LampItem, PrefEvalItem, UpqaItem
-from localpers.evaluation import locality_kl, run_lamp, run_prefeval, run_upqa, run_upqa_turns
-from localpers.methods import User, get_method
+from localpers.personalize.datasets import LampItem, PrefEvalItem, UpqaItem
+from localpers.eval.evaluation import locality_kl, run_lamp, run_prefeval, run_upqa, run_upqa_turns
+from localpers.personalize.methods import User, get_method
 
 GOLDEN = Path(__file__).parent / "fixtures" / "eval_prompts.json"
 METHODS = ("base", "prompt", "rag", "prompt+rag")

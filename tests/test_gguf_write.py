@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from localpers.gguf_info import open_gguf
-from localpers.gguf_write import (control_vector_data, permute_hf_rows, read_control_vector, write_control_vector,
+from localpers.model.gguf_info import open_gguf
+from localpers.model.gguf_write import (control_vector_data, permute_hf_rows, read_control_vector, write_control_vector,
                                   write_lora, write_model)
-from localpers.model import apply_rope, load_model
-from localpers.tokenizer import Tokenizer
+from localpers.model.model import apply_rope, load_model
+from localpers.engine.tokenizer import Tokenizer
 from tests.helpers_models import TEXT, llama_cpp_logits, logit_error, random_model_path
 
 # As RANDOM_TOL in test_model_oracle.py (F32 models and KV cache: only summation order differs). Measured:

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from localpers import cli
+from localpers.cli import cli
 from localpers.errors import UserError
-from localpers.gguf_info import describe, open_gguf
+from localpers.model.gguf_info import describe, open_gguf
 from tests.helpers_models import VOCAB, random_model_path
 
 
@@ -64,7 +64,7 @@ def test_fast_reader_reads_what_gguf_reads(tmp_path_factory):
     """GGUFFile's one-pass array parsing gives the same metadata and tensors as gguf's own reader."""
     import gguf
 
-    from localpers.gguf_info import GGUFFile
+    from localpers.model.gguf_info import GGUFFile
 
     path = random_model_path(tmp_path_factory, "llama")  # SentencePiece vocabulary: strings, scores, types
     ours, theirs = GGUFFile(path), gguf.GGUFReader(path)

@@ -1,5 +1,5 @@
 """Rank-r edit kernels: apply_lowrank_ against W + scale * U @ V.T, and the Triton Q8_0 edit byte for byte against
-localpers.quant.edit_to_q8_0_numpy (gguf's dequantizers and Q8_0 quantizer).
+localpers.model.quant.edit_to_q8_0_numpy (gguf's dequantizers and Q8_0 quantizer).
 
 As in test_kernels_perce.py: Triton picks interpreter or compiler when its modules are imported, so without CUDA
 the Triton cases here run in the TRITON_INTERPRET=1 child pytest of test_kernels_perce.py::test_interpreted_kernels.
@@ -20,7 +20,7 @@ from localpers.errors import UserError
 from localpers.kernels import apply_lowrank_, edit_to_q8_0_triton
 from localpers.kernels.lowrank import EDIT_SOURCE_TYPES
 from localpers.kernels.reference import apply_lowrank_reference
-from localpers.quant import edit_to_q8_0_numpy, random_blocks
+from localpers.model.quant import edit_to_q8_0_numpy, random_blocks
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 ON_CUDA = torch.cuda.is_available() and not INTERPRETED

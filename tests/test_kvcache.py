@@ -1,11 +1,11 @@
-"""Per-user KV states (localpers.kvcache): users taking turns resume their conversation from the RAM cache,
+"""Per-user KV states (localpers.engine.kvcache): users taking turns resume their conversation from the RAM cache,
 byte-exactly as if they had been alone, and a state is never restored under another artifact set."""
 import numpy as np
 import pytest
 
-from localpers.engine import Artifacts, Engine
-from localpers.kvcache import KVCache, common_prefix
-from localpers.gguf_write import write_lora
+from localpers.engine.engine import Artifacts, Engine
+from localpers.engine.kvcache import KVCache, common_prefix
+from localpers.model.gguf_write import write_lora
 
 STORY = ("Tell me a long story about a dragon who lives in the mountains, collects old maps and loves to eat "
          "green apples with the village children. ") * 3

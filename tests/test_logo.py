@@ -6,9 +6,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from localpers import logo, names, world
+from localpers import names
+from localpers.personalize import logo
+from localpers.personalize import world
 from localpers.errors import UserError
-from localpers.methods import RegisteredArtifact, User, get_method
+from localpers.personalize.methods import RegisteredArtifact, User, get_method
 
 
 def signals(vector, counts=None, n=5, steering=None):
@@ -195,7 +197,7 @@ def test_world_evaluation_knowledge(tmp_path):
     directory = world.write_world(world.generate_world(300, seed=5), tmp_path / "w")
     logo.prepare_world(directory, ["logo+prompt", names.LOGO_ABLATIONS[1]])
     entry = next(e for e in world.generate_world(300, seed=5)["upqa"] if e["history_size"] <= 2)
-    from localpers.datasets import read_upqa
+    from localpers.personalize.datasets import read_upqa
 
     item = next(i for i in read_upqa(directory / "upqa.json") if i.user.id == entry["user_id"])
     p = get_method(names.LOGO)(item.user, item.question, None)
@@ -213,8 +215,8 @@ def tiny_llama(tmp_path_factory):
 def test_refresh_job_registers_served_artifacts(tiny_llama, tmp_path, monkeypatch):
     """The background job: knowledge file, per-user control vectors in the registry; the served method reads
     only those and the engine applies the control vectors."""
-    from localpers.engine import Engine
-    from localpers.store import Store
+    from localpers.engine.engine import Engine
+    from localpers.store.store import Store
 
     monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
     w = world.generate_world(40, seed=2)
@@ -243,7 +245,7 @@ def test_refresh_job_registers_served_artifacts(tiny_llama, tmp_path, monkeypatc
 
 
 def test_eval_cli_refuses_logo_off_the_world_and_unknown_buckets(tmp_path, capsys):
-    from localpers.cli import main
+    from localpers.cli.cli import main
 
     assert main(["eval", "upqa", "--method", "logo", "--data", str(tmp_path)]) == 2
     assert "evaluate them on `world`" in capsys.readouterr().err

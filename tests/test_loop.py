@@ -9,14 +9,16 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from localpers import editing, jobs, names
-from localpers.compose import Composer, served_user
-from localpers.datasets import read_upqa
-from localpers.engine import model_sha256
-from localpers.methods import apply
-from localpers.server import create_app
+from localpers import names
+from localpers.personalize import editing
+from localpers.serve import jobs
+from localpers.serve.compose import Composer, served_user
+from localpers.personalize.datasets import read_upqa
+from localpers.engine.engine import model_sha256
+from localpers.personalize.methods import apply
+from localpers.serve.server import create_app
 from tests.serve_helpers import wait_until
-from localpers.store import Store, read_import
+from localpers.store.store import Store, read_import
 
 UPQA_ITEM = {"input_attribute": "I like to dance at the club.", "attribute_type": "hobby",
              "question": "What's my hobby?", "target": "Dancing at clubs",
@@ -28,7 +30,7 @@ LOCAL = "http://localhost"  # the server refuses foreign Host headers, TestClien
 
 @pytest.fixture(scope="module")
 def engine():
-    from localpers.engine import Engine
+    from localpers.engine.engine import Engine
 
     return Engine(n_ctx=1024, n_threads=2)
 
@@ -216,7 +218,7 @@ def test_a_job_finishing_after_forget_writes_nothing(engine, adapter, tmp_path, 
 
 
 def test_serve_refuses_an_unknown_composition(tmp_path, capsys):
-    from localpers.cli import main
+    from localpers.cli.cli import main
 
     assert main(["serve", "--personalize", "edit+nope", "--data-dir", str(tmp_path)]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err

@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-import localpers.model as model_module
+import localpers.model.model as model_module
 from localpers import default_model_path
 from localpers.errors import UserError
-from localpers.gguf_info import open_gguf
-from localpers.gguf_write import write_model
-from localpers.model import load_model
-from localpers.tokenizer import Tokenizer
+from localpers.model.gguf_info import open_gguf
+from localpers.model.gguf_write import write_model
+from localpers.model.model import load_model
+from localpers.engine.tokenizer import Tokenizer
 from tests.helpers_models import TEXT, llama_cpp_logits, logit_error, random_model_path, top1_agreement
 
 ARCHS = ["llama", "qwen2", "qwen3"]

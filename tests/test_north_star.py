@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from localpers import names
-from localpers.matching import target_match
+from localpers.personalize.matching import target_match
 
 pytestmark = pytest.mark.slow
 TARGETS = ("vegetarian",)
@@ -23,8 +23,8 @@ def server(tmp_path):
 
     import uvicorn
 
-    from localpers.engine import Engine
-    from localpers.server import create_app
+    from localpers.engine.engine import Engine
+    from localpers.serve.server import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

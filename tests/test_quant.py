@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-from localpers import quant
+from localpers.model import quant
 from localpers.errors import UserError
 
 def assert_same_floats(a, b):

@@ -70,7 +70,7 @@ def test_the_readme_has_commands_and_every_skip_is_named():
 def test_every_readme_localpers_command_parses():
     """Options that were renamed or dropped make the README wrong: every command parses with the real parser
     (the generic synopsis lines with TASK/M/PATH placeholders are skipped)."""
-    from localpers.cli import build_parser
+    from localpers.cli.cli import build_parser
     from localpers.errors import UserError
 
     checked = 0

@@ -6,8 +6,8 @@ import sqlite3
 import pytest
 
 from localpers import names
-from localpers.learn import learn_from_chat
-from localpers.store import DB_FILE, NotFoundError, StaleError, Store
+from localpers.serve.learn import learn_from_chat
+from localpers.store.store import DB_FILE, NotFoundError, StaleError, Store
 
 SHA = "a" * 64
 
@@ -139,7 +139,7 @@ def test_invariant_code_that_makes_artifacts_never_imports_the_server_or_the_eva
     import sys
     from pathlib import Path
 
-    code = ("import sys, localpers.editing, localpers.jobs, localpers.learn, localpers.compose; "
-            "bad = [m for m in ('localpers.evaluation', 'localpers.server', 'localpers.eval_cli') if m in sys.modules]; "
+    code = ("import sys, localpers.personalize.editing, localpers.serve.jobs, localpers.serve.learn, localpers.serve.compose; "
+            "bad = [m for m in ('localpers.eval.evaluation', 'localpers.serve.server', 'localpers.cli.eval_cli') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -2,7 +2,7 @@
 option scores are chosen by hand, against values computed by hand. A scorer that points at the wrong option, calls
 a right answer wrong, scores the gold against itself or drops a method's artifacts changes a number here.
 
-The scripted engine implements what evaluation.py uses of localpers.engine.Engine: chat, format_chat and
+The scripted engine implements what evaluation.py uses of localpers.engine.engine.Engine: chat, format_chat and
 continuation_logprobs (returning, for each option, token ids and log-probabilities whose mean at those ids is the
 option's scripted score)."""
 import json
@@ -11,11 +11,11 @@ import math
 import numpy as np
 import pytest
 
-from localpers.datasets import LampItem, PrefEvalItem, UpqaItem
-from localpers.engine import Artifacts
-from localpers.evaluation import (PREFEVAL_ACK, Journal, locality_kl, NEUTRAL, rouge, run_lamp, run_prefeval,
+from localpers.personalize.datasets import LampItem, PrefEvalItem, UpqaItem
+from localpers.engine.engine import Artifacts
+from localpers.eval.evaluation import (PREFEVAL_ACK, Journal, locality_kl, NEUTRAL, rouge, run_lamp, run_prefeval,
                                   run_upqa, target_match)
-from localpers.methods import Personalized, User, base
+from localpers.personalize.methods import Personalized, User, base
 
 ADAPTER = Artifacts(lora=(("user-adapter.gguf", 1.0),))
 

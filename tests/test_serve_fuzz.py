@@ -14,9 +14,9 @@ from test_serve_process import QWEN3_LIKE
 
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory):
-    from localpers.engine import Engine
-    from localpers.gguf_write import random_model
-    from localpers.server import create_app
+    from localpers.engine.engine import Engine
+    from localpers.model.gguf_write import random_model
+    from localpers.serve.server import create_app
 
     vocab = VOCAB / "ggml-vocab-llama-spm.gguf"
     path = random_model(tmp_path_factory.mktemp("fuzz") / "tiny.gguf", "llama", vocab, n_layer=2, seed=5,

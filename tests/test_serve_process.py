@@ -29,7 +29,7 @@ HELLO = [{"role": "user", "content": "Hello there."}]
 
 @pytest.fixture(scope="module")
 def qwen3_path(tmp_path_factory):
-    from localpers.gguf_write import random_model
+    from localpers.model.gguf_write import random_model
 
     vocab = VOCAB / "ggml-vocab-deepseek-llm.gguf"
     return random_model(tmp_path_factory.mktemp("qwen3") / "qwen3-tools.gguf", "qwen3", vocab, n_layer=2,
@@ -40,8 +40,8 @@ def qwen3_path(tmp_path_factory):
 def qwen3_client(qwen3_path, tmp_path_factory):
     from fastapi.testclient import TestClient
 
-    from localpers.engine import Engine
-    from localpers.server import create_app
+    from localpers.engine.engine import Engine
+    from localpers.serve.server import create_app
 
     engine = Engine(qwen3_path, n_ctx=256, n_threads=1)
     return TestClient(create_app(engine=engine, data_dir=str(tmp_path_factory.mktemp("d"))),
@@ -73,7 +73,7 @@ def test_tools_are_rendered_when_the_template_supports_them(qwen3_client):
 
 
 def test_hermes_tool_calls_become_openai_tool_calls():
-    from localpers.engine import message_of
+    from localpers.engine.engine import message_of
 
     text = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     out = message_of(text, "stop", tools=True)
@@ -85,8 +85,8 @@ def test_hermes_tool_calls_become_openai_tool_calls():
 
 def test_a_gguf_llama_cpp_refuses_is_a_one_line_user_error(tmp_path, monkeypatch):
     """Issue #13 item 9: a well-formed GGUF whose header promises a tensor the file lacks."""
-    import localpers.gguf_write as gw
-    from localpers.engine import Engine
+    import localpers.model.gguf_write as gw
+    from localpers.engine.engine import Engine
 
     vocab = VOCAB / "ggml-vocab-llama-spm.gguf"
     write = gw.write_model

@@ -10,9 +10,9 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from localpers.engine import Artifacts, Engine
-from localpers.server import create_app
-from localpers.store import Store
+from localpers.engine.engine import Artifacts, Engine
+from localpers.serve.server import create_app
+from localpers.store.store import Store
 from serve_helpers import eog_ids, live_server, make_users
 
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
@@ -318,7 +318,7 @@ def test_prompt_safety_on_the_served_path(url, engine):
 
 def test_broken_artifact_is_skipped_and_marked(engine, tmp_path):
     from localpers import names
-    from localpers.engine import model_sha256
+    from localpers.engine.engine import model_sha256
 
     with Store.open(tmp_path) as store:
         make = make_users(engine, store, tmp_path)
@@ -416,7 +416,7 @@ def test_allowed_host_option(engine, tmp_path):
 
 def test_chunked_bodies_are_bounded_too(url):
     """A body without Content-Length (chunked) is held to the same 1 MiB limit, and a small one is served."""
-    from localpers.server import MAX_BODY_BYTES
+    from localpers.serve.server import MAX_BODY_BYTES
 
     def chunks(body: bytes):
         for i in range(0, len(body), 65536):

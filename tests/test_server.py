@@ -8,12 +8,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from localpers.server import MAX_BODY_BYTES, create_app
+from localpers.serve.server import MAX_BODY_BYTES, create_app
 
 
 @pytest.fixture(scope="module")
 def engine():
-    from localpers.engine import Engine
+    from localpers.engine.engine import Engine
 
     return Engine(n_ctx=1024, n_threads=2)
 
@@ -113,7 +113,7 @@ def test_api_key(engine, data_dir):
 
 
 def test_health_is_503_while_loading(monkeypatch, tmp_path):
-    import localpers.engine
+    import localpers.engine.engine
 
     release = threading.Event()
 
@@ -123,7 +123,7 @@ def test_health_is_503_while_loading(monkeypatch, tmp_path):
         def __init__(self, path):
             release.wait(10)
 
-    monkeypatch.setattr(localpers.engine, "Engine", SlowEngine)
+    monkeypatch.setattr(localpers.engine.engine, "Engine", SlowEngine)
     c = TestClient(create_app("unused.gguf", data_dir=str(tmp_path)), base_url=LOCAL)
     assert c.get("/health").status_code == 503
     r = chat(c, HELLO)
@@ -137,13 +137,13 @@ def test_health_is_503_while_loading(monkeypatch, tmp_path):
 
 
 def test_failed_load_is_reported(monkeypatch, tmp_path):
-    import localpers.engine
+    import localpers.engine.engine
 
     class BrokenEngine:
         def __init__(self, path):
             raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(localpers.engine, "Engine", BrokenEngine)
+    monkeypatch.setattr(localpers.engine.engine, "Engine", BrokenEngine)
     c = TestClient(create_app("unused.gguf", data_dir=str(tmp_path)), base_url=LOCAL)
     for _ in range(100):
         if c.get("/health").status_code != 503:
@@ -155,8 +155,8 @@ def test_failed_load_is_reported(monkeypatch, tmp_path):
 
 def test_user_field_selects_that_users_adapter(client, engine, data_dir, tmp_path):
     """A request with `user` is served with that user's newest adapter for this model; others get the base model."""
-    from localpers.engine import model_sha256
-    from localpers.store import Store
+    from localpers.engine.engine import model_sha256
+    from localpers.store.store import Store
     from test_engine import random_ffn_down_lora
 
     adapter = random_ffn_down_lora(tmp_path / "alice.gguf", engine)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from localpers.datasets import data_path
+from localpers.personalize.datasets import data_path
 from localpers.errors import UserError
-from localpers.store import DB_FILE, KEY_FILE, MAX_TEXT_BYTES, MAX_USER_CHARS, NotFoundError, Store, data_dir, read_import
+from localpers.store.store import DB_FILE, KEY_FILE, MAX_TEXT_BYTES, MAX_USER_CHARS, NotFoundError, Store, data_dir, read_import
 
 SHA = hashlib.sha256(b"base model").hexdigest()
 
@@ -332,7 +332,7 @@ def test_import_formats(store, tmp_path):
     assert prefs[0]["meta"] == {"source": "upqa", "attribute_type": "hobby", "question": "What's my hobby?",
                                 "target": "Dancing at clubs"}
     # editing builds its fact from those fields: the item's question and target, the attribute's templates
-    from localpers.editing import fact_from_item, with_template_questions
+    from localpers.personalize.editing import fact_from_item, with_template_questions
     fact = with_template_questions(fact_from_item(prefs[0]["text"], prefs[0]["meta"]))
     assert fact.questions[-1] == "What's my hobby?" and fact.targets == ("Dancing at clubs",) and len(fact.questions) > 9
 
@@ -396,7 +396,7 @@ def test_import_formats(store, tmp_path):
     ],
 )
 def test_malformed_imports_name_the_line_and_import_nothing(store, tmp_path, name, content, message):
-    from localpers.cli import main
+    from localpers.cli.cli import main
 
     store.add("alice", "already here")
     path = tmp_path / name
@@ -408,7 +408,7 @@ def test_malformed_imports_name_the_line_and_import_nothing(store, tmp_path, nam
 
 
 def test_add_many_is_atomic(store):
-    from localpers.store import check_item
+    from localpers.store.store import check_item
 
     good = check_item("good")
     with pytest.raises(sqlite3.IntegrityError):  # a failure in the middle of the transaction

@@ -5,8 +5,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from localpers.memory_api import router
-from localpers.store import Store
+from localpers.serve.memory_api import router
+from localpers.store.store import Store
 
 
 @pytest.fixture
@@ -174,8 +174,8 @@ class RecordingEngine:
 def test_chat_user_field_takes_any_client_string(tmp_path, monkeypatch):
     """OpenAI's `user` holds display names and e-mail addresses: each is served with its own adapter; only ids
     the store cannot hold (control characters) get a 400, never a 500."""
-    from localpers.engine import model_sha256
-    from localpers.server import create_app
+    from localpers.engine.engine import model_sha256
+    from localpers.serve.server import create_app
 
     monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
     model = tmp_path / "model.gguf"

@@ -10,14 +10,14 @@ import threading
 from pathlib import Path
 
 
-from localpers.datasets import data_path
-from localpers.store import DB_FILE, Store
+from localpers.personalize.datasets import data_path
+from localpers.store.store import DB_FILE, Store
 
 REPO = Path(__file__).resolve().parents[1]
 
 WRITER = """
 import os, sys
-from localpers.store import Store
+from localpers.store.store import Store
 store = Store.open(sys.argv[1])
 for i in range(1_000_000):
     item_id = store.add("alice", f"acknowledged note {i}", meta={"i": i})
@@ -125,7 +125,7 @@ def guard(event, args):
         raise socket.gaierror("name resolution is forbidden here")
 
 sys.addaudithook(guard)
-from localpers.cli import main
+from localpers.cli.cli import main
 codes = [main(argv) for argv in json.loads(sys.argv[1])]
 try:  # the control: the guard does see a real attempt
     socket.socket().connect(("192.0.2.1", 9))

@@ -9,10 +9,10 @@ import bm25s
 import numpy as np
 import pytest
 
-from localpers.datasets import data_path
+from localpers.personalize.datasets import data_path
 from localpers.errors import UserError
-from localpers.retrieval import BM25Index, GGUFEmbedder, MiniLMEmbedder, fuse, split_words, top_k
-from localpers.store import DB_FILE, Store
+from localpers.store.retrieval import BM25Index, GGUFEmbedder, MiniLMEmbedder, fuse, split_words, top_k
+from localpers.store.store import DB_FILE, Store
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ def test_gguf_embedder_through_store_search_and_the_cli(tmp_path, monkeypatch, d
     """`localpers search --mode dense|hybrid --embedder MODEL.gguf`: the real GGUFEmbedder through Store.search."""
     import json
 
-    from localpers.cli import main
+    from localpers.cli.cli import main
 
     monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
     texts = ["I like to dance at the club.", "Quarterly tax report for the bakery", "My dog is named Rex."]

@@ -1,4 +1,4 @@
-"""Private sync (localpers/sync.py, sync_app.py): SecAgg+ sums recovered exactly, overflow refused, DP noise and
+"""Private sync (localpers/sync/sync.py, sync_app.py): SecAgg+ sums recovered exactly, overflow refused, DP noise and
 accounting, budget, minimum community size, the device ledger, and no network socket while sync is off."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from localpers import sync
+from localpers.sync import sync
 from localpers.errors import UserError
 from tests.serve_helpers import free_port, serve_process, wait_until_up
 
@@ -53,7 +53,7 @@ def assert_close_to_plain(got: sync.Knowledge, plain: sync.Knowledge, n: int, cf
 def test_secagg_rounds_equal_the_plain_computation(tmp_path):
     """Invariant: three rounds of federated k-means through Flower's SecAgg+ publish the plain in-process result
     within error_bound (counts exactly), and the devices receive it."""
-    from localpers.sync_app import simulate
+    from localpers.sync.sync_app import simulate
 
     users = make_users(7)
     nodes = devices(tmp_path, users)
@@ -68,7 +68,7 @@ def test_a_run_started_from_published_centroids_continues_those_communities(tmp_
     """Invariant: with run config `start` (what `localpers sync-server` passes from the previous run in --out), the
     federated rounds start from those centroids and publish plain_kmeans(start=...) — community j stays
     community j — and a start of the wrong shape is refused before any round."""
-    from localpers.sync_app import simulate
+    from localpers.sync.sync_app import simulate
 
     cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
     users = make_users(6)
@@ -89,7 +89,7 @@ def test_flower_simulation_engine_publishes_the_plain_computation(tmp_path):
     virtual devices given only a partition id) publish the plain in-process result within error_bound, and
     every virtual device receives it into its own data directory."""
     pytest.importorskip("ray", reason="the [sim] extra (bash install.sh sim)")
-    from localpers.sync_app import simulate_ray
+    from localpers.sync.sync_app import simulate_ray
 
     cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2})
     users = make_users(7)
@@ -108,7 +108,7 @@ def test_flower_simulation_engine_publishes_the_plain_computation(tmp_path):
 def test_dropout_is_recovered(tmp_path, stage):
     """Invariant: a device that goes offline during the round leaves the survivors' exact sum (SecAgg+ removes its
     pairwise masks from the key shares it gave its neighbours)."""
-    from localpers.sync_app import simulate
+    from localpers.sync.sync_app import simulate
 
     cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
     users = make_users(5)
@@ -193,7 +193,7 @@ def test_small_communities_are_never_published():
 def test_device_stops_at_its_budget_and_logs_what_it_sent(tmp_path):
     """A device whose budget does not cover the next round refuses it (the round goes on without it, SecAgg+
     treats it as a dropout); the ledger holds shapes, bytes, norms and epsilon — numbers only."""
-    from localpers.sync_app import simulate
+    from localpers.sync.sync_app import simulate
 
     cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2, "epsilon": 2.0})
     users = make_users(4)
@@ -218,7 +218,7 @@ def test_device_stops_at_its_budget_and_logs_what_it_sent(tmp_path):
 def test_a_device_without_a_limit_syncs_again_after_noiseless_rounds(tmp_path):
     """Invariant: noiseless rounds spend an infinite epsilon, which exhausts every finite budget but never the
     budget inf (`localpers sync --epsilon-budget inf` joins again); a noisy round is checked against its budget."""
-    from localpers.sync_app import simulate
+    from localpers.sync.sync_app import simulate
 
     cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
     nodes = devices(tmp_path, make_users(3))
@@ -292,7 +292,7 @@ def test_with_sync_off_the_server_has_no_socket_but_loopback(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    code = "import sys, localpers.server, localpers.cli; sys.exit('flwr' in sys.modules)"
+    code = "import sys, localpers.serve.server, localpers.cli.cli; sys.exit('flwr' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0
 
 
@@ -317,7 +317,7 @@ def test_pyproject_declares_the_flower_app():
 def test_a_failed_sync_server_run_keeps_the_previous_runs_knowledge(tmp_path):
     """sync-server sets the published file aside for the run: restored when the run writes none (failure,
     interruption), replaced when it publishes a new one."""
-    from localpers.sync_cli import kept_unless_replaced
+    from localpers.cli.sync_cli import kept_unless_replaced
 
     path = tmp_path / "global_knowledge.json"
     path.write_text("old")
@@ -338,7 +338,7 @@ def test_sync_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
     """User mistakes end in one line: a non-positive epsilon budget, --out naming a file, a busy port."""
     import socket
 
-    from localpers.cli import main
+    from localpers.cli.cli import main
 
     (tmp_path / "file").write_text("x")
     assert main(["sync-server", "--out", str(tmp_path / "file"), "--devices", "2"]) == 2

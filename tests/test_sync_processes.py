@@ -18,8 +18,8 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from localpers import sync
-from localpers.sync_app import KEY_SHARES_COLLECTED
+from localpers.sync import sync
+from localpers.sync.sync_app import KEY_SHARES_COLLECTED
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = sync.SyncConfig(k=2, dim=8, n_layer=2, steer_dim=3, vocab=5, rounds=1, min_size=1, min_contributors=2, seed=3)
@@ -186,12 +186,13 @@ def test_three_real_devices_learn_communities_and_a_cold_users_served_reply_uses
     import httpx
     from serve_helpers import serve_process, wait_until_up
 
-    from localpers import logo, names
-    from localpers.engine import Engine
-    from localpers.gguf_info import open_gguf
-    from localpers.methods import apply
-    from localpers.model import ModelConfig
-    from localpers.store import Store
+    from localpers import names
+    from localpers.personalize import logo
+    from localpers.engine.engine import Engine
+    from localpers.model.gguf_info import open_gguf
+    from localpers.personalize.methods import apply
+    from localpers.model.model import ModelConfig
+    from localpers.store.store import Store
     from tests.helpers_models import random_model_path
 
     model = random_model_path(tmp_path_factory, "llama")

@@ -2,7 +2,7 @@
 import pytest
 
 from localpers.errors import UserError
-from localpers.tokenizer import Tokenizer
+from localpers.engine.tokenizer import Tokenizer
 from tests.helpers_models import TEXT, VOCAB
 
 VOCABS = ["llama-spm", "phi-3", "gpt-2", "deepseek-llm"]

@@ -13,8 +13,8 @@ import torch
 
 from localpers import names
 from localpers.errors import UserError
-from localpers.model import load_model
-from localpers.training import (Encoded, TrainConfig, add_lora, example_order, export_lora, history_examples,
+from localpers.model.model import load_model
+from localpers.personalize.training import (Encoded, TrainConfig, add_lora, example_order, export_lora, history_examples,
                                 instruction_pair, lora_state, remove_lora, train)
 from tests.helpers_models import TEXT, llama_cpp_logits, logit_error, random_model_path
 
@@ -59,7 +59,7 @@ def fast(**kw):
 def test_trained_adapter_on_llama_cpp_equals_torch(arch, tmp_path_factory, tmp_path):
     """Oracle: the trained LoRA (q/k rows in GGUF order, llama.cpp's alpha/r) changes llama.cpp's logits
     exactly as it changes the torch model's."""
-    from localpers.tokenizer import Tokenizer
+    from localpers.engine.tokenizer import Tokenizer
 
     path = random_model_path(tmp_path_factory, arch)
     tokens = Tokenizer.from_gguf(path).encode(TEXT, add_bos=True)
@@ -123,7 +123,7 @@ def test_accumulated_gradients_are_those_of_the_union_batch(llama_model):
     """Examples backpropagated one by one (weights n_i / n_total) give the gradient of the token-level mean
     PerCE loss over the whole batch, computed at once by the plain-torch reference with full logits."""
     from localpers.kernels.reference import perce_linear_cross_entropy_reference
-    from localpers.training import accumulate_gradients, lora_modules
+    from localpers.personalize.training import accumulate_gradients, lora_modules
 
     model = llama_model
     data = random_encoded(n=4, vocab=model.config.vocab_size)
@@ -194,8 +194,8 @@ def test_instruction_pairs():
 
 
 def test_train_user_needs_enough_writing(tmp_path, llama_path):
-    from localpers.store import Store
-    from localpers.training import train_user
+    from localpers.store.store import Store
+    from localpers.personalize.training import train_user
 
     with Store.open(tmp_path) as store:
         store.add("bob", "Hey all! Tacos again tonight with friends, unreal. Peace out.", kind="post")
@@ -206,7 +206,7 @@ def test_train_user_needs_enough_writing(tmp_path, llama_path):
 
 def test_personalize_perce_registers_the_adapter(tmp_path, llama_path):
     """`localpers personalize --method perce` on an imported history: one registered lora with its sources."""
-    from localpers.store import Store
+    from localpers.store.store import Store
 
     history = tmp_path / "history.jsonl"
     lines = [{"text": f"Hey all! Another weekend of bouldering at gym {i}, so cozy. Stay curious!", "kind": "post"}
@@ -231,7 +231,7 @@ def test_ddp_two_processes_match_one(tmp_path, llama_path):
     """2-process gloo DDP: both ranks end with identical weights, equal to one process on the union batch."""
     import torch.multiprocessing as mp
 
-    from localpers.train_cli import _free_port, run_rank
+    from localpers.cli.train_cli import _free_port, run_rank
 
     questions = [{"id": str(i), "input": f"Write a short post about topic {i}.",
                   "profile": [{"id": f"{i}-{j}", "text": f"Hey all! Topic {i} note {j} was unreal. Peace out."}
@@ -276,7 +276,7 @@ def test_train_cli_checks_its_input_before_training(tmp_path, llama_path):
 
 
 def test_served_users_get_their_registered_adapter_and_nothing_is_trained():
-    from localpers.methods import Personalized, RegisteredArtifact, User, get_method
+    from localpers.personalize.methods import Personalized, RegisteredArtifact, User, get_method
 
     history = tuple(f"Hey all! Another weekend of bouldering number {i}, so cozy. Stay curious!" for i in range(12))
     served = User("u", history=history, registered=(RegisteredArtifact(names.PERCE, names.LORA, "/a/perce.gguf"),
@@ -291,7 +291,7 @@ def test_served_users_get_their_registered_adapter_and_nothing_is_trained():
 def test_frozen_weights_are_the_initial_models_at_every_step(llama_model):
     """Invariant of the no-bootstrap ablation: with weights="frozen" the PIR used at step 4 is the base model's
     (token_pir without LoRA), while the bootstrap's step-4 PIR has moved with the model; both start equal."""
-    from localpers.training import token_pir
+    from localpers.personalize.training import token_pir
 
     model = llama_model
     remove_lora(model)  # an earlier test may have left its trained LoRA on the shared model
@@ -341,8 +341,8 @@ def test_no_clip_weights_are_the_raw_pir_and_weight_normalization_divides_by_the
 def test_perce_ablation_methods_train_with_their_config(monkeypatch):
     """The eval methods perce-clip05/-noclip/-frozen/-wnorm are PerCE at EVAL_CONFIG with one option changed,
     cached under their own names; a served user gets nothing from them (they are never registered)."""
-    from localpers import training
-    from localpers.methods import Personalized, RegisteredArtifact, User, get_method
+    from localpers.personalize import training
+    from localpers.personalize.methods import Personalized, RegisteredArtifact, User, get_method
 
     seen = []
     monkeypatch.setattr(training, "user_adapter", lambda user, engine, objective, config, name: seen.append(
@@ -361,7 +361,7 @@ def test_perce_ablation_methods_train_with_their_config(monkeypatch):
 
 
 def test_train_cli_clip_ranges():
-    from localpers.train_cli import parse_clip
+    from localpers.cli.train_cli import parse_clip
 
     assert parse_clip("0.8,5") == (0.8, 5.0) and parse_clip("0.5, 5") == (0.5, 5.0)
     assert parse_clip(",5") == (None, 5.0) and parse_clip("NONE") == (None, None)

@@ -1,9 +1,9 @@
 """Multi-turn UPQA (evaluation.run_upqa_turns): the conversation each method is asked, without a model."""
 import json
 
-from localpers import evaluation as ev
-from localpers.datasets import read_upqa
-from localpers.methods import base
+from localpers.eval import evaluation as ev
+from localpers.personalize.datasets import read_upqa
+from localpers.personalize.methods import base
 
 CONVERSATIONS = [[{"role": "user", "content": f"distractor question {i}"},
                   {"role": "assistant", "content": f"distractor answer {i}"}] for i in range(7)]

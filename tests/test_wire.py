@@ -10,9 +10,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from localpers import logo, names, training
-from localpers.server import create_app
-from localpers.store import Store
+from localpers import names
+from localpers.personalize import logo
+from localpers.personalize import training
+from localpers.serve.server import create_app
+from localpers.store.store import Store
 from tests.helpers_models import random_model_path
 from tests.serve_helpers import wait_until
 from test_loop import chat, wait_for_jobs  # noqa: E402 (tests/ is on sys.path)
@@ -28,7 +30,7 @@ def llama_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(llama_path):
-    from localpers.engine import Engine
+    from localpers.engine.engine import Engine
 
     return Engine(llama_path, n_ctx=512, n_threads=1)
 
@@ -121,12 +123,13 @@ def test_synced_communities_serve_a_cold_start_user_as_in_process_logo(tmp_path,
     LoGo on the same users (histograms within SecAgg+'s error bound)."""
     from types import SimpleNamespace
 
-    from localpers import jobs, sync
-    from localpers.compose import served_user
-    from localpers.engine import model_sha256
-    from localpers.gguf_info import open_gguf
-    from localpers.model import ModelConfig
-    from localpers.sync_app import simulate
+    from localpers.serve import jobs
+    from localpers.sync import sync
+    from localpers.serve.compose import served_user
+    from localpers.engine.engine import model_sha256
+    from localpers.model.gguf_info import open_gguf
+    from localpers.model.model import ModelConfig
+    from localpers.sync.sync_app import simulate
 
     config = ModelConfig.from_gguf(open_gguf(llama_path))
     devices = []

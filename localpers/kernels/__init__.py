@@ -3,7 +3,7 @@
 - perce_linear_cross_entropy: fused output projection + PerCE loss, no N x V logits (CPU: chunked torch; CUDA: Triton).
 - apply_lowrank_: in-place W += scale * U @ V.T (CUDA: Triton; CPU: torch).
 - edit_to_q8_0_triton: fused dequantize -> rank-r update -> Q8_0 requantize on CUDA, the GPU counterpart of
-  localpers.quant.edit_to_q8_0.
+  localpers.model.quant.edit_to_q8_0.
 """
 from localpers.kernels.lowrank import apply_lowrank_, edit_to_q8_0_triton
 from localpers.kernels.perce_loss import perce_linear_cross_entropy

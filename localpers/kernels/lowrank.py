@@ -1,7 +1,7 @@
 """Applying a rank-r edit W += scale * U @ V.T: to float weights in place, or fused into quantized GGUF data.
 
 The Triton kernels (CUDA) live in localpers.kernels.lowrank_triton, imported only when used; on CPU tensors
-apply_lowrank_ is torch's addmm_ and the quantized edit is localpers.quant.edit_to_q8_0 (C++). Triton on CPU tensors
+apply_lowrank_ is torch's addmm_ and the quantized edit is localpers.model.quant.edit_to_q8_0 (C++). Triton on CPU tensors
 runs in Triton's interpreter, which needs TRITON_INTERPRET=1 before Triton is first imported (tests do that).
 """
 from __future__ import annotations
@@ -40,9 +40,9 @@ def apply_lowrank_(W: torch.Tensor, U: torch.Tensor, V: torch.Tensor, scale: flo
 
 def edit_to_q8_0_triton(data: torch.Tensor, qtype, shape, U: torch.Tensor, V: torch.Tensor,
                         scale: float = 1.0) -> torch.Tensor:
-    """Triton counterpart of localpers.quant.edit_to_q8_0, on torch tensors: Q8_0 bytes [n_out, n_in / 32 * 34]
+    """Triton counterpart of localpers.model.quant.edit_to_q8_0, on torch tensors: Q8_0 bytes [n_out, n_in / 32 * 34]
     (uint8) of dequant(W) + scale * U @ V.T, W [n_out, n_in] given as raw GGUF data of type `qtype` (uint8).
-    Byte-identical to localpers.quant.edit_to_q8_0_numpy (the kernel repeats its float32 operations in order)."""
+    Byte-identical to localpers.model.quant.edit_to_q8_0_numpy (the kernel repeats its float32 operations in order)."""
     qtype = Q(qtype)
     n_out, n_in = (int(s) for s in shape)
     if qtype not in EDIT_SOURCE_TYPES:

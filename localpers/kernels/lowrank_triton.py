@@ -3,7 +3,7 @@
 - _apply_lowrank_kernel: W += scale * U @ V.T in place, one [BLOCK_M, BLOCK_N] tile of W per program, products
   summed in fp32 ("ieee" for fp32 U and V; tf32 tensor cores for bf16/fp16 ones, which tf32 holds exactly).
 - _edit_to_q8_0_kernel: reads GGUF blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), dequantizes, adds the rank-r update and
-  writes Q8_0 blocks, with the float operations of localpers.quant.edit_to_q8_0_numpy in the same order: gguf's
+  writes Q8_0 blocks, with the float operations of localpers.model.quant.edit_to_q8_0_numpy in the same order: gguf's
   dequantizers, the update summed one rank at a time, gguf's Q8_0 quantizer. Launched with enable_fp_fusion=False
   (no FMA contraction) and div_rn (IEEE division), so every operation rounds as numpy's float32 does.
 """

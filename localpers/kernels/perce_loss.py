@@ -18,19 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from localpers.kernels.perce_weights import percontrast_weights
+
 CHUNK_ROWS = 512  # rows per chunk: the output weights are read once per chunk and pass
 VOCAB_TILE = 2048  # columns per logits tile: 512 x 2048 fp32 = 4 MiB, in cache from its GEMM to its softmax
 
 # torch's CPU flash attention: out = softmax(q k^T * scale) v and its log-sum-exp, one fused kernel (fp32 here:
 # its bf16 path upcasts on CPUs without AMX). A private op: the tiled loop below stands in where a torch lacks it.
 FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def percontrast_weights(logp_pos: torch.Tensor, logp_neg: torch.Tensor, valid: torch.Tensor,
-                        min_weight: float, max_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token weights, PIR) of PerContrast; both are 0 at ignored positions."""
-    pir = torch.where(valid, logp_pos - logp_neg, 0.0)
-    return torch.where(valid, pir.clamp(min_weight, max_weight), 0.0), pir
 
 
 def compute_dtype(h_pos: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

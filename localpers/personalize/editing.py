@@ -1,0 +1,757 @@
+"""Personalization editing: a user's preferences become rank-one edits of ffn_down, served as one llama.cpp
+LoRA adapter (or baked into a GGUF whose edited tensors are Q8_0).
+
+Each preference becomes a Fact: its statement, a cluster of questions it answers and the accepted answers
+(targets). ROME on the ffn_down W [d, d_ff] of layer L, computed in fp32 on the torch model dequantized from
+the same GGUF that llama.cpp serves:
+
+  k*  = mean ffn_down input at the question's last token, over the cluster's questions and short prefixes;
+  k^  = C^-1 k* / (k*' C^-1 k*), C = E[k k'] on neutral chats (or the identity), so that k^ . k* = 1;
+  d   = v* - W k*, found with Adam on the target's NLL as the assistant's reply plus a KL term on neutral
+        chats, with |d| <= clamp * |W k*|;
+  dW  = d k^'  (rank one; a user's edits stack into A = [k^_i] rows, B = [d_i] columns).
+
+While d is optimized only positions from the question's last token on are recomputed, from layer L on:
+earlier positions never see the edit (causal attention), so their keys and values come from one cached
+forward pass. At layer L the edit is applied as served, dW k for every recomputed position.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from localpers import names
+from localpers.engine.engine import model_sha256 as base_model_sha256  # the key `localpers serve` looks adapters up by
+from localpers.errors import UserError
+from localpers.personalize.methods import Fact
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- facts
+
+# Attribute types (UPQA's ten) with synonyms for the question templates and keywords that detect them in a
+# statement. A statement matching none gets the generic preference questions.
+ATTRIBUTES = {
+    "hobby": (("hobby", "pastime", "favorite activity", "free-time activity"),
+              ("hobby", "like to", "love to", "enjoy", "free time", "weekends")),
+    "family": (("family", "relatives", "parents", "family situation"),
+               ("parents", "mother", "father", "mom", "dad", "sister", "brother", "kids", "children", "wife", "husband")),
+    "profession": (("profession", "occupation", "line of work", "trade"),
+                   ("i run", "i own", "i am a", "i'm a", "profession", "i teach")),
+    "food preference": (("food preference", "favorite food", "diet", "taste in food"),
+                        ("eat", "food", "vegetarian", "vegan", "sweet tooth", "cook", "meat", "spicy")),
+    "location": (("location", "hometown", "home", "place I live"),
+                 ("live in", "grew up", "i'm from", "i am from", "moved to", "born in")),
+    "pet": (("pet", "animal companion", "companion animal", "pet at home"),
+            ("pet", "dog", "cat", "turtle", "bird", "fish", "hamster", "rabbit", "horse", "parrot")),
+    "music preference": (("music preference", "favorite music", "taste in music", "favorite genre"),
+                         ("music", "song", "band", "jazz", "rock", "rap", "pop", "classical", "guitar")),
+    "job": (("job", "work", "employment", "position"),
+            ("job", "work as", "working", "employed", "hired")),
+    "career goal": (("career goal", "professional goal", "ambition", "career plan"),
+                    ("hope to", "want to become", "goal", "dream", "someday", "retire")),
+    "entertainment preference": (("entertainment preference", "favorite entertainment", "taste in movies and shows",
+                                  "favorite kind of show"),
+                                 ("movie", "movies", "film", "show", "tv", "series", "book", "novel", "games")),
+}
+QUESTION_TEMPLATES = ("What's my {}?", "What is my {}?", "Do you remember my {}?")
+# How people ask about each attribute in their own words, beside the "What's my <synonym>?" templates: a
+# cluster of one sentence shape only teaches the edit that shape (written for the attribute types, not
+# taken from any evaluation set).
+NATURAL_QUESTIONS = {
+    "hobby": ("What do I like to do for fun?", "How do I usually spend my weekends?", "What am I into these days?",
+              "What do I do to relax?"),
+    "family": ("Tell me about my family.", "What's my family like?", "Where are my relatives?",
+               "What do you know about my family?"),
+    "profession": ("What do I do for a living?", "What kind of work do I do?", "What is my line of work?",
+                   "What is it that I do professionally?"),
+    "food preference": ("What do I like to eat?", "What's my favorite dish?", "What food do I enjoy most?",
+                        "What should you know about what I eat?"),
+    "location": ("Where am I from?", "Where is my home?", "What place do I call home?", "Where do I stay these days?"),
+    "pet": ("What animal do I have?", "Do I have any pets?", "Which animal do I love?", "What pet do I own?"),
+    "music preference": ("What music do I like?", "What do I like to listen to?", "Which songs do I enjoy?",
+                         "What genre do I listen to most?"),
+    "job": ("What do I do for a living?", "Where do I work?", "What kind of work do I do?",
+            "What's my work situation?"),
+    "career goal": ("What do I want to become?", "What's my dream job?", "What am I aiming for in my career?",
+                    "What do I hope to do someday?"),
+    "entertainment preference": ("What do I like to watch?", "What kind of shows do I enjoy?",
+                                 "What do I do for entertainment?", "What's my favorite thing to watch?"),
+}
+# A preference of no known attribute type is mostly one to respect in recommendations ("I avoid fragrances"),
+# so its cluster also asks for recommendations.
+GENERIC_QUESTIONS = ("What do you know about my preferences?", "What should you keep in mind about me?",
+                     "What do I like and dislike?", "Tell me about my preferences.",
+                     "What would you recommend for me?", "Can you suggest something for me?",
+                     "Any recommendations for me?", "What should I keep in mind when I choose?", "What matters to me?")
+PRONOUNS = {"i": "you", "i'm": "you're", "im": "you're", "me": "you", "my": "your", "mine": "yours",
+            "myself": "yourself", "am": "are", "i've": "you've", "i'd": "you'd", "i'll": "you'll", "was": "were"}
+MAX_STATEMENT_CHARS = 500
+
+
+ENGLISH_FIRST_PERSON = {"i", "i'm", "im", "my", "mine", "myself", "i've", "i'd", "i'll"}
+
+
+def is_english(statement: str) -> bool:
+    """Is this an English first-person statement, whose pronouns second_person can turn? (ASCII with "I",
+    "my" ...; "Me encanta el jazz" is not: its "me" is Spanish.)"""
+    return statement.isascii() and any(w.lower() in ENGLISH_FIRST_PERSON for w in re.findall(r"[A-Za-z']+", statement))
+
+
+def second_person(statement: str) -> str:
+    """'I like to dance at the club.' -> 'You like to dance at the club.'"""
+    def swap(m):
+        word = m.group(0)
+        out = PRONOUNS.get(word.lower(), word)
+        return out[0].upper() + out[1:] if word[0].isupper() else out
+
+    return re.sub(r"[A-Za-z']+", swap, statement.strip())
+
+
+def detect_attribute(statement: str) -> str | None:
+    text = f" {statement.lower()} "
+    scores = {name: sum(f" {kw}" in text for kw in keywords) for name, (_, keywords) in ATTRIBUTES.items()}
+    best = max(scores, key=scores.get)
+    return best if scores[best] else None
+
+
+def check_statement(statement) -> str:
+    """A statement that can become an edit, stripped: at least two words in any script (or three characters
+    of a script written without spaces, "我是素食者"), at most MAX_STATEMENT_CHARS characters. The UserError
+    says why not, without repeating the statement (callers name it)."""
+    from localpers.store.retrieval import UNSPACED
+
+    if not isinstance(statement, str) or not statement.strip():
+        raise UserError("the preference is empty: say what you like, e.g. 'I'm vegetarian.'")
+    if len(re.findall(r"[^\W\d_]+", statement)) < 2 and len(re.findall(f"[{UNSPACED}]", statement)) < 3:
+        raise UserError("not a statement (fewer than two words): say what you like, e.g. 'I'm vegetarian.'")
+    if len(statement) > MAX_STATEMENT_CHARS:
+        raise UserError(f"{len(statement)} characters; at most {MAX_STATEMENT_CHARS} can become an edit "
+                        f"(state one preference a sentence)")
+    return statement.strip()
+
+
+def fact_from_statement(statement: str, attribute: str | None = None) -> Fact:
+    """A fact built from templates: attribute synonyms x question templates; targets are the statement in
+    the second person. The attribute comes from the caller (UPQA's attribute_type) or from keywords."""
+    statement = check_statement(statement)
+    attribute = attribute if attribute in ATTRIBUTES else detect_attribute(statement)
+    if attribute:
+        synonyms = ATTRIBUTES[attribute][0]
+        # 8 synonym templates and 4 natural questions, then the canonical question
+        questions = (tuple(t.format(s) for s in synonyms for t in QUESTION_TEMPLATES)[:8] + NATURAL_QUESTIONS[attribute]
+                     + (f"What's my {attribute}?",))
+    else:
+        questions = GENERIC_QUESTIONS
+    # An English statement is turned to the second person ("You're vegetarian."); in other languages the
+    # templates' pronoun swap does not apply, and the answer to learn is the statement itself.
+    target = second_person(statement).rstrip(".!") + "." if is_english(statement) else statement
+    return Fact(statement=statement, questions=questions, targets=(target,), attributes=(attribute,) if attribute else ())
+
+
+def fact_from_item(text: str, meta: dict | None) -> Fact:
+    """A stored preference: its question and target clusters when the item carries them (UPQA fields,
+    datasets.upqa_fact), else templates."""
+    from localpers.personalize.datasets import _cluster, upqa_fact
+
+    meta = meta or {}
+    fact = upqa_fact(check_statement(text), meta)
+    if fact is not None:
+        return fact
+    attributes = _cluster(meta.get("attribute_type"))
+    return fact_from_statement(text, attributes[-1] if attributes else None)
+
+
+def with_template_questions(fact: Fact) -> Fact:
+    """A fact of a known attribute type also gets that type's natural questions, and its synonym templates
+    when it has fewer than 3 questions (the given ones stay last, so the canonical question is unchanged)."""
+    attribute = fact.attributes[-1] if fact.attributes else None
+    if attribute not in ATTRIBUTES:
+        return fact
+    extra = fact_from_statement(fact.statement, attribute).questions if len(fact.questions) < 3 \
+        else NATURAL_QUESTIONS[attribute]
+    return replace(fact, questions=tuple(q for q in extra if q not in fact.questions) + fact.questions)
+
+
+def facts_of(preferences, facts=()) -> list[Fact]:
+    """The facts to edit, later wins: of two facts about the same attribute (or the same questions), only
+    the later is kept."""
+    facts = [with_template_questions(f) for f in facts]
+    all_facts = facts + [fact_from_statement(p) for p in preferences if p not in {f.statement for f in facts}]
+    if not all_facts:
+        raise UserError("no preferences to edit: add one first (localpers remember --kind preference ...)")
+    kept: dict[str, Fact] = {}
+    for fact in all_facts:
+        key = fact.attributes[-1] if fact.attributes else fact.questions[-1] + "|" + fact.statement
+        kept.pop(key, None)
+        kept[key] = fact
+    return list(kept.values())
+
+
+# ---------------------------------------------------------------- the edit
+
+# Neutral chats: the KL term keeps their answers, and C is estimated on them. Not the evaluation's prompts.
+NEUTRAL_CHATS = (
+    ("Name three primary colors.", "The three primary colors are red, blue and yellow."),
+    ("How do plants make food?", "Plants make food through photosynthesis, using sunlight, water and carbon dioxide."),
+    ("What is the largest ocean on Earth?", "The Pacific Ocean is the largest ocean on Earth."),
+    ("Give me a synonym for happy.", "A synonym for happy is joyful."),
+    ("How many legs does a spider have?", "A spider has eight legs."),
+    ("What is the square root of 81?", "The square root of 81 is 9."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
+    ("Why is exercise good for you?", "Exercise strengthens the heart, muscles and bones and improves mood."),
+    ("What language is spoken in Brazil?", "Portuguese is the official language of Brazil."),
+    ("Explain what a noun is.", "A noun is a word that names a person, place, thing or idea."),
+    ("Write a short greeting for an email.", "Hello, I hope this message finds you well."),
+    ("What causes rain?", "Rain forms when water vapor condenses into droplets that become heavy enough to fall."),
+)
+PREFIXES = ("", "Quick question. ", "Hi! ", "I was wondering. ")
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    layer: int = 6              # chosen by the sweep in docs/edit/README.md
+    steps: int = 20
+    lr: float = 1.0
+    kl_weight: float = 0.0
+    clamp: float = 8.0          # |d| <= clamp * |W k*|
+    covariance: bool = True     # k^ from C^-1 k*; False: k*/|k*|^2
+    fit_each_key: bool = True   # k^ . k_i ~ 1 for each question's key, not only for their mean (docs/edit)
+    key_ridge: float = 0.1      # of that least-squares fit, relative to the mean of diag(K C^-1 K')
+    stop_nll: float = 0.05      # stop early once the target's mean NLL is below this
+    threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
+                                # On the 2-core dev machine 1 thread beat 2 even when idle (26.7 vs 37.0 s).
+
+
+@dataclass
+class Edit:
+    layer: int
+    key: np.ndarray      # k^ [d_ff]: A row
+    value: np.ndarray    # d [d]: B column
+    fact: Fact
+    nll_before: float
+    nll_after: float
+    seconds: float
+
+
+@dataclass
+class Batch:
+    """Prompts prepared for the suffix forward: from each prompt's edit position on, from layer L on."""
+    x: torch.Tensor                         # [B, S, d] residual at layer L's input, suffix positions
+    caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer >= L: prefix keys/values [B, Hkv, P, hd]
+    cos: torch.Tensor                       # [B, 1, S, hd/2] RoPE at the suffix positions
+    sin: torch.Tensor
+    mask: torch.Tensor                      # [B, 1, S, P + S] bool
+    rows: torch.Tensor                      # (b, s) of each scored position
+    tokens: torch.Tensor                    # the token expected there
+    prompt_of_row: torch.Tensor             # which prompt each scored row belongs to
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the wanted activation is captured."""
+
+
+class Editor:
+    """ROME edits of one GGUF model's ffn_down, applied in place to its torch copy as they are made."""
+
+    def __init__(self, model_path, config: EditConfig | None = None, model=None, tokenizer=None):
+        from localpers.model.model import load_model
+        from localpers.engine.tokenizer import Tokenizer
+
+        self.model_path = Path(model_path)
+        self.config = config or EditConfig()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.model = model if model is not None else load_model(self.model_path)
+        self.tok = tokenizer or Tokenizer.from_gguf(self.model_path)
+        n_layer = self.model.config.n_layer
+        if not 0 <= self.config.layer < n_layer:
+            raise UserError(f"edit layer {self.config.layer} is outside 0..{n_layer - 1}")
+        self._cov_inv = None
+        self._neutral = None
+        self._W0 = self.W.detach().clone()
+
+    def reset(self) -> None:
+        """Undo every edit made so far."""
+        with torch.no_grad():
+            self.W.copy_(self._W0)
+
+    @property
+    def W(self) -> torch.Tensor:
+        return self.model.layers[self.config.layer].ffn.down.weight
+
+    # -- prompts
+    def prompt(self, question: str) -> tuple[list[int], int]:
+        """Chat-template token ids of a one-question conversation, as the server tokenizes it (the question as
+        plain text), and the index of the question's last token."""
+        chat = self.tok.chat_tokens([{"role": "user", "content": question}])
+        return chat.ids, chat.content_ends[0] - 1
+
+    def answer_ids(self, answer: str) -> list[int]:
+        return self.tok.encode(answer, add_bos=False, special=False)
+
+    @torch.no_grad()
+    def batch(self, pairs: list[tuple[str, str]]) -> Batch:
+        """The suffix-forward batch for (question, answer) pairs: the answer is scored as the reply."""
+        m, L = self.model, self.config.layer
+        c = m.config
+        seqs, edit_pos, answers = [], [], []
+        for question, answer in pairs:
+            ids, pos = self.prompt(question)
+            ans = self.answer_ids(answer)
+            seqs.append(ids + ans[:-1])
+            edit_pos.append(pos)
+            answers.append((len(ids) - 1, ans))
+        T = max(map(len, seqs))
+        tokens = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
+        states = m._blocks(tokens)  # the residual stream before each layer; no logits needed
+        B, P, S = len(pairs), max(edit_pos), max(len(s) - p for s, p in zip(seqs, edit_pos))
+        cos_all, sin_all = _rope(m, T + S)
+        pos = torch.tensor([[p + s for s in range(S)] for p in edit_pos])
+        x = torch.stack([states[L][b, pos[b].clamp(max=T - 1)] for b in range(B)])
+        caches = []
+        for i in range(L, c.n_layer):
+            attn = m.layers[i].attn
+            h = m.layers[i].attn_norm(states[i][:, :P])
+            _, k, v = attn.qkv(h, cos_all[:P], sin_all[:P])
+            caches.append((k, v))
+        prefix_ok = torch.arange(P)[None, :] < torch.tensor(edit_pos)[:, None]          # [B, P]
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        mask = torch.cat([prefix_ok[:, None, :].expand(B, S, P), causal.expand(B, S, S)], dim=2)[:, None]
+        rows, toks, owner = [], [], []
+        for b, (first, ans) in enumerate(answers):
+            for j, t in enumerate(ans):
+                rows.append((b, first + j - edit_pos[b]))
+                toks.append(t)
+                owner.append(b)
+        return Batch(x=x, caches=caches, cos=cos_all[pos][:, None], sin=sin_all[pos][:, None], mask=mask,
+                     rows=torch.tensor(rows), tokens=torch.tensor(toks), prompt_of_row=torch.tensor(owner))
+
+    def logprobs(self, batch: Batch, key: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-softmax [rows, V] at the scored positions, with dW = delta key' added to layer L's ffn_down."""
+        m, L = self.model, self.config.layer
+        c = m.config
+        x = batch.x
+        for i in range(L, c.n_layer):
+            block = m.layers[i]
+            x = x + _attend(m, block.attn, block.attn_norm(x), batch.caches[i - L], batch.cos, batch.sin, batch.mask)
+            h = block.ffn_norm(x)
+            ff_in = F.silu(block.ffn.gate(h)) * block.ffn.up(h)
+            out = block.ffn.down(ff_in)
+            if i == L and delta is not None:
+                out = out + (ff_in @ key)[..., None] * delta
+            x = x + out
+        picked = x[batch.rows[:, 0], batch.rows[:, 1]]
+        return torch.log_softmax(m.output(m.norm(picked)).float(), dim=-1)
+
+    def nll(self, batch: Batch, logprobs: torch.Tensor) -> torch.Tensor:
+        """Mean over prompts of each answer's mean token NLL."""
+        token_nll = -logprobs[torch.arange(len(batch.tokens)), batch.tokens]
+        n = len(batch.x)
+        per_prompt = torch.zeros(n).index_add(0, batch.prompt_of_row, token_nll)
+        counts = torch.zeros(n).index_add(0, batch.prompt_of_row, torch.ones_like(token_nll))
+        return (per_prompt / counts).mean()
+
+    @torch.no_grad()
+    def ffn_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Layer L's ffn_down inputs [B, T, d_ff] for token ids [B, T]; the forward pass stops there."""
+        got = []
+
+        def grab(module, inputs):
+            got.append(inputs[0])
+            raise _Stop
+
+        hook = self.model.layers[self.config.layer].ffn.down.register_forward_pre_hook(grab)
+        try:
+            self.model._blocks(tokens)
+        except _Stop:
+            pass
+        finally:
+            hook.remove()
+        return got[0]
+
+    def keys(self, fact: Fact) -> torch.Tensor:
+        """The ffn_down inputs [n, d_ff] at the question's last token, for every question asked bare and after
+        each of PREFIXES."""
+        keys = []
+        for q in fact.questions:
+            for prefix in PREFIXES:
+                ids, pos = self.prompt(prefix + q)
+                keys.append(self.ffn_inputs(torch.tensor([ids]))[0, pos])
+        return torch.stack(keys)
+
+    # -- the second moment of keys on neutral text
+    def key_direction(self, keys: torch.Tensor) -> torch.Tensor:
+        """k^ with k^ . k = 1 for the keys' mean k* (fit_each_key=False), or, by regularized least squares,
+        k^ . k_i ~ 1 for every key k_i, so that each question of the cluster fires the edit fully; both
+        with the smallest norm in the metric C (C^-1 whitening keeps the edit off neutral text)."""
+        K = keys if self.config.fit_each_key else keys.mean(0, keepdim=True)      # [n, d_ff]
+        if self.config.covariance and self._cov_inv is None:
+            self._cov_inv = torch.linalg.inv(self.key_covariance())
+        M = (self._cov_inv @ K.T) if self.config.covariance else K.T              # [d_ff, n]
+        G = (K @ M).double()
+        ridge = self.config.key_ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype) if len(G) > 1 else 0
+        return M @ torch.linalg.solve(G + ridge, torch.ones(len(G), 1, dtype=G.dtype)).float()[:, 0]
+
+    @torch.no_grad()
+    def key_covariance(self) -> torch.Tensor:
+        """C = E[k k'] of layer L's ffn_down inputs over every token of the neutral chats, plus a ridge
+        (1% of the mean diagonal) since there are fewer tokens than dimensions."""
+        keys = []
+        for question, answer in NEUTRAL_CHATS:
+            ids = self.tok.chat_tokens([{"role": "user", "content": question},
+                                        {"role": "assistant", "content": answer}], add_generation_prompt=False).ids
+            keys.append(self.ffn_inputs(torch.tensor([ids]))[0])
+        k = torch.cat(keys).double()
+        C = k.T @ k / len(k)
+        return (C + 0.01 * C.diagonal().mean() * torch.eye(len(C))).float()
+
+    def neutral(self) -> tuple[Batch, torch.Tensor]:
+        if self._neutral is None:
+            batch = self.batch(list(NEUTRAL_CHATS[::3]))
+            with torch.no_grad():
+                self._neutral = batch, self.logprobs(batch)
+        return self._neutral
+
+    # -- one edit
+    def pairs(self, fact: Fact) -> list[tuple[str, str]]:
+        """(question, target) training pairs: every question with the canonical (last) target. One value
+        vector cannot answer each paraphrase with a different synonym, and trying raises the NLL's floor."""
+        return [(q, fact.targets[-1]) for q in fact.questions]
+
+    def edit(self, fact: Fact) -> Edit:
+        """Compute the rank-one edit for `fact` and apply it to the torch model (later edits build on it)."""
+        cfg, t0 = self.config, time.perf_counter()
+        batch = self.batch(self.pairs(fact))
+        neutral, neutral_base = self.neutral() if cfg.kl_weight else (None, None)
+        keys = self.keys(fact)
+        k_star = keys.mean(0)
+        key = self.key_direction(keys)
+        with torch.no_grad():
+            nll_before = float(self.nll(batch, self.logprobs(batch)))
+            max_norm = cfg.clamp * float((self.W @ k_star).norm())
+        delta = torch.zeros(self.model.config.d_model, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=cfg.lr)
+        for _ in range(cfg.steps):
+            nll = self.nll(batch, self.logprobs(batch, key, delta))
+            log.debug("edit step: target NLL %.3f, |d| %.2f", float(nll.detach()), float(delta.detach().norm()))
+            if float(nll.detach()) < cfg.stop_nll:
+                break
+            loss = nll
+            if cfg.kl_weight:
+                loss = loss + cfg.kl_weight * F.kl_div(self.logprobs(neutral, key, delta), neutral_base,
+                                                       log_target=True, reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                delta *= min(1.0, max_norm / (float(delta.norm()) + 1e-12))
+        with torch.no_grad():
+            nll_after = float(self.nll(batch, self.logprobs(batch, key, delta)))
+            self.W.add_(torch.outer(delta, key))
+        return Edit(cfg.layer, key.detach().numpy().copy(), delta.detach().numpy().copy(), fact, nll_before,
+                    nll_after, time.perf_counter() - t0)
+
+
+def _rope(model, n: int):
+    from localpers.model.model import rope_angles
+
+    return rope_angles(model.config, n, model.rope_freqs)
+
+
+def _attend(model, attn, h, cache, cos, sin, mask):
+    """Attention of the suffix positions over the cached prefix keys/values and the suffix itself."""
+    c = model.config
+    B, S, _ = h.shape
+    q, k, v = attn.qkv(h, cos, sin)
+    k = torch.cat([cache[0], k], dim=2)
+    v = torch.cat([cache[1], v], dim=2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.n_head != c.n_kv_head)
+    return attn.o(out.transpose(1, 2).reshape(B, S, c.n_head * c.head_dim))
+
+
+# ---------------------------------------------------------------- files: LoRA adapter and baked GGUF
+
+def lora_factors(edits: list[Edit]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{'blk.L.ffn_down': (A [r, d_ff], B [d, r])} with A's rows the keys k^ and B's columns the values d."""
+    by_layer: dict[int, list[Edit]] = {}
+    for e in edits:
+        by_layer.setdefault(e.layer, []).append(e)
+    return {f"blk.{layer}.ffn_down": (np.stack([e.key for e in es]), np.stack([e.value for e in es], axis=1))
+            for layer, es in sorted(by_layer.items())}
+
+
+def write_adapter(path, edits: list[Edit], arch: str) -> Path:
+    """The edits as one llama.cpp LoRA. llama.cpp scales B A x by adapter_scale * alpha / r with r the rank of
+    each tensor (llama-adapter.cpp), so alpha = r makes it exact; every edited tensor must share that rank."""
+    from localpers.model.gguf_write import write_lora
+
+    factors = lora_factors(edits)
+    ranks = {a.shape[0] for a, _ in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"edited tensors have ranks {sorted(ranks)}; one alpha/r scale needs one rank")
+    return write_lora(path, arch, factors, alpha=float(ranks.pop()))
+
+
+def bake(model_path, out_path, edits: list[Edit]) -> Path:
+    """A copy of the model GGUF with W + B A in each edited tensor, re-quantized to Q8_0; every other tensor
+    and every metadata field byte-identical."""
+    from localpers.model.gguf_info import open_gguf
+    from localpers.model.quant import edit_to_q8_0
+
+    reader = open_gguf(model_path)
+    factors = {f"{name}.weight": ab for name, ab in lora_factors(edits).items()}
+    writer = gguf.GGUFWriter(out_path, reader.get_field("general.architecture").contents())
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue  # the writer writes these itself
+        sub_type = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), f.types[0], sub_type)
+    for t in reader.tensors:
+        shape = [int(n) for n in reversed(t.shape)]  # numpy order [n_out, n_in]
+        if t.name in factors:
+            a, b = factors[t.name]
+            data = edit_to_q8_0(t.data, t.tensor_type, shape, b, a.T, 1.0)
+            writer.add_tensor(t.name, data.reshape(shape[0], -1), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(t.name, t.data, raw_shape=shape if t.data.dtype != np.uint8 else None,
+                              raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(out_path)
+
+
+# ---------------------------------------------------------------- the pipeline: edit, verify on llama.cpp, register
+
+CHECK_MAX_TOKENS = 32
+
+
+@dataclass
+class Result:
+    edits: list[Edit]                                   # edits that made the served model state their target
+    failed: list[tuple[Fact, str]] = field(default_factory=list)   # facts it could not state, with its answer
+    adapter: Path | None = None
+    artifact: int | None = None                         # the registry id of the registered adapter
+    retired: int = 0                                    # earlier edit artifacts deleted (nothing left to serve)
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (statement, why) of preferences not edited
+    answers: dict[str, str] = field(default_factory=dict)          # statement -> llama.cpp's answer when checked
+    baked: Path | None = None                           # personalize(bake_model=True): the baked model
+
+    def summary(self) -> dict:
+        return {"edited": [{"statement": e.fact.statement, "layer": e.layer, "nll_before": round(e.nll_before, 3),
+                            "nll_after": round(e.nll_after, 3), "seconds": round(e.seconds, 1)} for e in self.edits],
+                "failed": [{"statement": f.statement, "question": f.questions[-1], "answer": a} for f, a in self.failed],
+                "skipped": [{"statement": statement, "reason": why} for statement, why in self.skipped]}
+
+
+@lru_cache(maxsize=1)
+def _function_words() -> frozenset[str]:
+    """bm25s' stopword lists of the languages written with spaces, as split_words' terms (accents folded)."""
+    import bm25s.stopwords as lists
+    from localpers.store.retrieval import split_words
+
+    names = [n for n in dir(lists) if n.startswith("STOPWORDS_") and n not in ("STOPWORDS_CHINESE", "STOPWORDS_KOREAN")]
+    return frozenset(t for n in names for word in getattr(lists, n) for t in split_words(word.lower()))
+
+
+def states(answer: str, targets: tuple[str, ...]) -> bool:
+    """Does `answer` state one of `targets`? English (ASCII) targets: the evaluation's target_match (stemmed
+    content words). Other languages: at least MATCH_RECALL of the target's content terms are in the answer, the
+    terms being localpers.store.retrieval's (words, or character pairs in Chinese, Japanese, Korean and Thai) less
+    function words (bm25s' stopword lists), as target_match drops English stopwords."""
+    from localpers.personalize.matching import MATCH_RECALL, target_match
+    from localpers.store.retrieval import split_words
+
+    if all(t.isascii() for t in targets):
+        return target_match(answer, targets)
+    said = set(split_words(answer.lower()))
+    for target in targets:
+        # words and pairs, not single characters; function words only when the target holds nothing else
+        terms = {t for t in split_words(target.lower()) if len(t) > 1}
+        terms = terms - _function_words() or terms
+        if terms and len(terms & said) >= MATCH_RECALL * len(terms):
+            return True
+    return False
+
+
+def states_target(engine, adapter: Path, fact: Fact) -> tuple[bool, str]:
+    """Does the served model (llama.cpp with the adapter) answer the fact's canonical question with a target?"""
+    from localpers.engine.engine import Artifacts
+
+    out = engine.chat([{"role": "user", "content": fact.questions[-1]}], artifacts=Artifacts(lora=((str(adapter), 1.0),)),
+                      max_tokens=CHECK_MAX_TOKENS, temperature=0.0)
+    answer = out["choices"][0]["message"]["content"].strip()
+    return states(answer, fact.targets), answer
+
+
+def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
+    """Edit every fact (stacked, in order) from the unedited model, write the adapter, check each fact through
+    llama.cpp, and keep only the edits that passed; the adapter is removed when none did. A fact the editor
+    refuses (UserError: e.g. a prompt over the model's context) is skipped with its reason; the others go on."""
+    editor.reset()
+    path = Path(path)
+    edits, skipped = [], []
+    for fact in facts:
+        try:
+            edits.append(editor.edit(fact))
+        except UserError as e:
+            skipped.append((fact.statement, str(e)))
+    if not edits:
+        return Result([], skipped=skipped)
+    arch = editor.model.config.arch
+    write_adapter(path, edits, arch)
+    passed, failed, answers = [], [], {}
+    for e in edits:
+        ok, answers[e.fact.statement] = states_target(engine, path, e.fact)
+        (passed.append(e) if ok else failed.append((e.fact, answers[e.fact.statement])))
+    if failed:
+        path.unlink()
+        if passed:
+            write_adapter(path, passed, arch)
+    return Result(passed, failed, path if passed else None, skipped=skipped, answers=answers)
+
+
+def preference_facts(items: list[dict]) -> tuple[list[Fact], list[tuple[str, str]]]:
+    """The facts to edit from a user's stored preference items (store.items), each on its own: a preference
+    that cannot become a fact (empty, one word, over MAX_STATEMENT_CHARS) is skipped with its reason, and one
+    replaced by a later preference about the same attribute is skipped as such. Returns (facts, skipped)."""
+    facts, skipped = [], []
+    for item in items:
+        try:
+            facts.append(fact_from_item(item["text"], item["meta"]))
+        except UserError as e:
+            skipped.append((item["text"], str(e)))
+    kept = facts_of([], facts) if facts else []
+    statements = {f.statement for f in kept}
+    for fact in facts:
+        if fact.statement not in statements:
+            later = next(f for f in kept if (f.attributes or (None,))[-1] == (fact.attributes or (None,))[-1])
+            skipped.append((fact.statement, f"replaced by the later preference {later.statement!r}"))
+    return kept, skipped
+
+
+@lru_cache(maxsize=2)
+def editor_for(model_path: str, config: EditConfig | None = None) -> Editor:
+    """One Editor (the torch model, about 30 s to load) per model file and config, reused across users."""
+    return Editor(model_path, config)
+
+
+def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool = False, engine=None,
+                config: EditConfig | None = None, store=None, job: int | None = None) -> Result:
+    """Recompute `user`'s edits from all their stored preferences (later wins), verify them on llama.cpp and
+    register the adapter (kind 'lora') for the served model; with bake_model also a full GGUF (kind 'model').
+    The registered edits always match the current preferences: when none is left, or none could be made,
+    the user's earlier edit artifacts for this model are deleted. The artifact records the ids of the
+    preferences it encodes (meta "sources"), never their text. `store` and `job`: the server's worker passes
+    its open store and the job's id (a job cancelled meanwhile registers nothing: store.StaleError)."""
+    from contextlib import nullcontext
+
+    from localpers.engine.engine import Engine
+    from localpers.store.store import Store, data_dir as default_data_dir
+
+    own_engine = engine is None
+    started = time.time()
+    with (nullcontext(store) if store is not None else Store.open(default_data_dir(data_dir))) as store, \
+            contextlib.ExitStack() as stack:
+        items = store.items(user, kind=names.PREFERENCE)
+        facts, skipped = preference_facts(items)
+        source_of = {}
+        for item in items:
+            try:
+                source_of[fact_from_item(item["text"], item["meta"]).statement] = item["id"]
+            except UserError:
+                pass
+        engine = stack.enter_context(Engine(model_path)) if own_engine else engine  # closed when done
+        sha = base_model_sha256(engine.model_path)
+        if facts:
+            import tempfile
+
+            editor = editor_for(str(engine.model_path), config)
+            with tempfile.TemporaryDirectory(prefix="localpers-edit-") as tmp:  # registration copies it in
+                result = edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
+                if result.adapter:
+                    meta = {"method": names.EDIT, "layer": editor.config.layer,
+                            "sources": [source_of[e.fact.statement] for e in result.edits],
+                            "edited": len(result.edits), "failed": len(result.failed)}
+                    result.artifact = store.register_artifact(user, names.LORA, result.adapter, sha, meta, job=job)
+                    result.adapter = Path(next(a["path"] for a in store.artifacts(user, names.LORA)
+                                               if a["id"] == result.artifact))
+                    if bake_model:
+                        baked = bake(engine.model_path, Path(tmp) / "model-edited.gguf", result.edits)
+                        baked_id = store.register_artifact(user, names.MODEL, baked, sha, meta, job=job)
+                        result.baked = Path(next(a["path"] for a in store.artifacts(user, names.MODEL)
+                                                 if a["id"] == baked_id))
+        else:
+            result = Result([])
+        result.skipped = skipped + result.skipped
+        if not result.adapter:
+            result.retired = sum(store.retire_artifacts(user, kind, sha, method=names.EDIT) for kind in (names.LORA, names.MODEL))
+            if not items and not result.retired and job is None:
+                facts_of([], [])  # raises: no preferences to edit
+        if job is None:  # by hand: the edit job its preferences queued for the server is done now
+            store.supersede_queued(user, names.EDIT, before=started, by="localpers personalize")
+    return result
+
+
+def edit_job(store, user: str, engine, job: int) -> dict:
+    """The worker's `edit` job (localpers.serve.jobs): personalize with the server's store and engine. Returns
+    what the job list shows: counts and the registered artifact's id, no text."""
+    result = personalize(user, engine=engine, store=store, job=job)
+    return {"artifact": result.artifact, "edited": len(result.edits), "failed": len(result.failed),
+            "retired": result.retired}
+
+
+# ---------------------------------------------------------------- the evaluation method
+
+def _cache_dir() -> Path:
+    import os
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = root / "localpers" / "edits"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@lru_cache(maxsize=None)
+def user_adapter(user, engine, config: EditConfig | None = None) -> Path | None:
+    """The verified adapter of an evaluation user, cached on disk by model, facts and config."""
+    facts = facts_of(user.preferences, user.facts)
+    editor = editor_for(str(engine.model_path), config)
+    key = hashlib.sha256(json.dumps([base_model_sha256(engine.model_path), repr(editor.config),
+                                     [repr(f) for f in facts]]).encode()).hexdigest()[:24]
+    path, log = _cache_dir() / f"{key}.gguf", _cache_dir() / f"{key}.json"
+    if log.is_file():
+        return path if path.is_file() else None
+    result = edit_facts(engine, editor, facts, path)
+    log.write_text(json.dumps({"user": user.id, **result.summary()}))
+    return result.adapter
+
+
+def edit_method(user, query, engine):
+    """Method 'edit' of the evaluation registry: the user's verified edits as a LoRA adapter."""
+    from localpers.engine.engine import Artifacts
+    from localpers.personalize.methods import Personalized
+
+    if user.registered is not None:  # a served user: what `personalize` registered, if anything
+        return Personalized(artifacts=user.served_artifacts(names.EDIT))
+    adapter = user_adapter(user, engine)
+    return Personalized(artifacts=Artifacts(lora=((str(adapter), 1.0),))) if adapter else Personalized()
+
+
+def warm_up(engine) -> None:
+    """Load the editor's torch model for the served model ahead of the first edit job (localpers.serve.jobs)."""
+    editor_for(str(engine.model_path))

@@ -1,0 +1,177 @@
+"""Personalization methods, as a registry of plain functions.
+
+A method takes a user's data and the current query and returns what it adds to the served path: llama.cpp
+artifacts (LoRA adapters, a control vector) and prompt context (a system message, a prefix to the user's
+last message). The evaluation sends every request through the engine with exactly that, so its numbers are
+what a user gets. Methods that train (edit, perce, logo) compute their artifacts once per user and cache
+them (User is hashable, so functools.lru_cache on the user works). Names joined by '+' compose:
+"edit+prompt" merges the artifacts and concatenates the contexts.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from localpers import names
+from localpers.engine.engine import Artifacts
+from localpers.errors import check_choice
+from localpers.store.retrieval import BM25Index
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A preference with the questions it answers and the accepted answers, for methods that edit weights
+    (UPQA gives them; cluster9 gives 9 of each, the canonical one last)."""
+    statement: str
+    questions: tuple[str, ...]
+    targets: tuple[str, ...]
+    attributes: tuple[str, ...] = ()    # attribute-type synonyms, canonical last
+
+
+@dataclass(frozen=True)
+class RegisteredArtifact:
+    """A current artifact of the store's registry, as the served path sees it."""
+    method: str     # names.EDIT, names.PERCE, ...
+    kind: str       # names.LORA, names.CONTROL_VECTOR
+    path: str
+    id: int = 0     # the registry's id (what a response's `localpers` explanation names)
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    preferences: tuple[str, ...] = ()   # what the user stated about themselves ("I'm vegetarian.")
+    history: tuple[str, ...] = ()       # the user's own items (posts, reviews, profile entries), oldest first
+    facts: tuple[Fact, ...] = ()        # preferences the data gives as question/answer clusters
+    history_ids: tuple[int, ...] = ()   # the store's id of each history item (for explanations), when known
+    # Served users: their history is not loaded but searched in the store's incremental BM25 index,
+    # search(query, k) -> [(item id, text)], best first, as retrieve_positions ranks them.
+    search: Optional[Callable[[str, int], list]] = field(default=None, compare=False, hash=False, repr=False)
+    # None: an evaluation user (trained methods compute their artifacts on demand, cached). A tuple: a served
+    # user (trained methods use only these current registry artifacts; nothing is trained on a request).
+    registered: tuple[RegisteredArtifact, ...] | None = None
+
+    def artifact(self, method: str, kind: str) -> RegisteredArtifact | None:
+        """The registered artifact of `method` and `kind` (served users only), or None."""
+        return next((a for a in self.registered or () if a.method == method and a.kind == kind), None)
+
+    def served_artifacts(self, method: str) -> Artifacts:
+        """Everything the registry holds for `method` that llama.cpp applies (its LoRA adapter and control vector,
+        scale 1): what a served trained method serves when it has no scales of its own to decide."""
+        mine = [a for a in self.registered or () if a.method == method]
+        return Artifacts(lora=tuple((a.path, 1.0) for a in mine if a.kind == names.LORA),
+                         control_vectors=tuple((a.path, 1.0) for a in mine if a.kind == names.CONTROL_VECTOR))
+
+
+@dataclass(frozen=True)
+class Personalized:
+    artifacts: Artifacts = field(default_factory=Artifacts)
+    system: str = ""          # appended to the system message
+    user_prefix: str = ""     # put before the last user message (retrieved context sits next to the question)
+    retrieved: tuple[int, ...] = ()   # store ids of the history items in the context (served users only)
+
+
+Method = Callable[[User, str, object], Personalized]   # (user, query, engine) -> Personalized
+
+
+def base(user: User, query: str, engine) -> Personalized:
+    return Personalized()
+
+
+def prompt(user: User, query: str, engine) -> Personalized:
+    if not user.preferences:
+        return Personalized()
+    lines = "\n".join(f"- {p}" for p in user.preferences)
+    return Personalized(system=f"The user has told you about themselves:\n{lines}\n"
+                               "Take this into account in your answers.")
+
+
+RAG_TOP_K = 4
+
+
+def retrieve_positions(history: tuple[str, ...], query: str, k: int = RAG_TOP_K) -> list[int]:
+    """Positions in `history` of the k items with the best BM25 score for `query`, best first (ties: most
+    recent first); items sharing no term with the query are left out."""
+    index = BM25Index()
+    for i, text in enumerate(history):
+        index.add(i, text)
+    return [i for i, _ in index.search(query, k)]
+
+
+def retrieve(history: tuple[str, ...], query: str, k: int = RAG_TOP_K) -> list[str]:
+    """The texts of retrieve_positions."""
+    return [history[i] for i in retrieve_positions(history, query, k)]
+
+
+def rag_prefix(found: list[str]) -> str:
+    """Retrieved items as the text put before the question ("" for none); PerCE trains on the same text."""
+    if not found:
+        return ""
+    lines = "\n".join(f"- {t}" for t in found)
+    return f"Some things I wrote before:\n{lines}\n\n"
+
+
+def rag(user: User, query: str, engine) -> Personalized:
+    if user.search is not None:
+        found = user.search(query, RAG_TOP_K)
+    else:
+        ids = user.history_ids or (None,) * len(user.history)
+        found = [(ids[i], user.history[i]) for i in retrieve_positions(user.history, query)]
+    if not found:
+        return Personalized()
+    return Personalized(user_prefix=rag_prefix([text for _, text in found]),
+                        retrieved=tuple(i for i, _ in found if i is not None))
+
+
+# name -> function, or "module:function" for methods whose module is imported only when used.
+METHODS: dict[str, Method | str] = {
+    names.BASE: base,
+    names.PROMPT: prompt,
+    names.RAG: rag,
+    names.EDIT: "localpers.personalize.editing:edit_method",
+    names.CE: "localpers.personalize.training:ce_method",
+    names.PERCE: "localpers.personalize.training:perce_method",
+    names.LOGO: "localpers.personalize.logo:logo_method",
+    **{name: f"localpers.personalize.logo:{name.replace('-', '_')}" for name in names.LOGO_ABLATIONS},
+    **{name: f"localpers.personalize.training:{name.replace('-', '_')}" for name in names.PERCE_ABLATIONS},
+}
+
+
+def combine(parts: list[Personalized]) -> Personalized:
+    artifacts = Artifacts()
+    for p in parts:
+        artifacts = artifacts.merge(p.artifacts)
+    return Personalized(artifacts=artifacts,
+                        system="\n\n".join(p.system for p in parts if p.system),
+                        user_prefix="".join(p.user_prefix for p in parts),
+                        retrieved=tuple(i for p in parts for i in p.retrieved))
+
+
+def get_method(spec: str) -> Method:
+    """The method named `spec`; 'a+b' composes a and b."""
+    functions = []
+    for name in spec.split("+"):
+        target = METHODS[check_choice("method", name.strip(), METHODS)]
+        if isinstance(target, str):
+            module, attr = target.split(":")
+            target = getattr(importlib.import_module(module), attr)
+        functions.append(target)
+    if len(functions) == 1:
+        return functions[0]
+    return lambda user, query, engine: combine([f(user, query, engine) for f in functions])
+
+
+def apply(personalized: Personalized, messages: list[dict]) -> list[dict]:
+    """The conversation as the method serves it: its system text joined to (or before) the conversation's
+    system message, its user prefix before the last user message."""
+    messages = [dict(m) for m in messages]
+    if personalized.user_prefix:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last]["content"] = personalized.user_prefix + messages[last]["content"]
+    if personalized.system:
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"] += "\n\n" + personalized.system
+        else:
+            messages.insert(0, {"role": "system", "content": personalized.system})
+    return messages

@@ -1,0 +1,81 @@
+"""The composer: what one request is served with, for `localpers serve` and `localpers eval` alike.
+
+A composition spec names methods joined by '+' ("edit+rag"); each method (localpers.personalize.methods.METHODS) turns a
+user and the query into LoRA adapters and control vectors with their scales, system context (stated
+preferences) and retrieved context (history items), and the composer merges them (methods.combine). The
+evaluation composes its users as read from the data; the server composes a served user read from the store
+(served_user): their stated preferences, their history, and their current registry artifacts for the served
+model, which trained methods (edit, perce, logo) serve instead of training. The same spec on the same user's
+data gives the same Personalized either way (tests/test_compose.py checks it token for token).
+
+Default: DEFAULT_SPEC = "edit+rag", chosen from the measured evaluation (BENCHMARKS.md §6-7): on UPQA `edit`
+states the preference far better than `prompt` (explicit 1.00 vs 0.29, paraphrased 0.90 vs 0.21) and adding
+`prompt` to it hurts (edit+prompt 0.73 / 0.54); `rag` helps where histories hold the answer (the world: mc_acc
+0.27 vs base 0.18, explicit 0.12 vs 0.00) at no measurable locality cost on UPQA (0.000) and retrieves nothing
+when nothing matches. On 10 UPQA items edit+rag and edit do not separate (BENCHMARKS, "The assistant loop").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from localpers import names
+from localpers.personalize.datasets import upqa_fact
+from localpers.personalize.methods import Personalized, RegisteredArtifact, User, get_method
+from localpers.store.store import NotFoundError
+
+DEFAULT_SPEC = f"{names.EDIT}+{names.RAG}"
+
+
+@dataclass(frozen=True)
+class Composer:
+    """A composition spec, checked once (unknown method names raise UserError)."""
+    spec: str = DEFAULT_SPEC
+
+    def __post_init__(self):
+        object.__setattr__(self, "spec", "+".join(part.strip() for part in self.spec.split("+")))
+        object.__setattr__(self, "_method", get_method(self.spec))  # unknown names fail at start-up
+
+    def __call__(self, user: User, query: str, engine) -> Personalized:
+        return self._method(user, query, engine)
+
+    def explain(self, user: User, personalized: Personalized) -> dict:
+        """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id) and the
+        ids of the retrieved history items. Ids only, never text."""
+        served = {path for path, _ in personalized.artifacts.lora + personalized.artifacts.control_vectors}
+        return {"composition": self.spec,
+                "artifacts": [{"method": a.method, "kind": a.kind, "id": a.id}
+                              for a in user.registered or () if a.path in served],
+                "retrieved": list(personalized.retrieved)}
+
+
+def served_user(store, user: str, base_model_sha256: str, conversation: list[dict] = ()) -> User:
+    """A served user as the store holds them: stated preferences (items of kind "preference", oldest first; the
+    ones imported from UPQA carry their question/target clusters as facts), their history as a search in the
+    store's incremental BM25 index (the ranking `rag` gives a loaded history, without reloading and re-indexing
+    it per request), and their current artifacts made for this base model. An unknown user is a user with
+    nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier turns)
+    are not retrieved: the model sees them in the conversation already."""
+    try:
+        preferences = store.items(user, kind=names.PREFERENCE)
+        artifacts = store.artifacts(user, base_model_sha256=base_model_sha256)
+    except NotFoundError:
+        return User(id=user, registered=())
+    said = {m["content"] for m in conversation}
+
+    def search(query: str, k: int) -> list[tuple[int, str]]:
+        if not query.strip():
+            return []
+        try:
+            hits = store.search(user, query, k=min(1000, k + len(said)))
+        except NotFoundError:  # forgotten meanwhile
+            return []
+        return [(hit["id"], hit["text"]) for hit in hits if hit["text"] not in said][:k]
+
+    facts = tuple(f for f in (upqa_fact(item["text"], item["meta"]) for item in preferences) if f is not None)
+    return User(id=user, preferences=tuple(item["text"] for item in preferences), facts=facts, search=search,
+                registered=tuple(RegisteredArtifact(a["method"], a["kind"], a["path"], a["id"]) for a in artifacts))
+
+
+def last_user_message(messages: list[dict]) -> str:
+    """The query a composition retrieves for: the last user message's text ('' when there is none)."""
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")

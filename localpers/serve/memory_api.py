@@ -1,0 +1,116 @@
+"""mem0-like memory endpoints over the history store (app.state.store), mounted by `localpers serve`.
+
+    POST   /v1/users/{user}/memories              {"text": ..., "kind"?, "meta"?} or {"messages": [{"role", "content"}]}
+                                                  (text and content: a string or a list of text parts, as in chat)
+    GET    /v1/users/{user}/memories[?kind=]
+    GET    /v1/users/{user}/memories/search?q=&k=&mode=
+    DELETE /v1/users/{user}/memories/{item_id}
+    GET    /v1/users/{user}/export
+    DELETE /v1/users/{user}
+
+Errors are OpenAI-style bodies {"error": {"message", "type", "code"}}: 404 for an unknown user or item,
+400 for any other bad input. `{user}` is any user id the store accepts (store.check_user), URL-encoded
+("john%20doe", "a%2Fb"). Handlers are plain functions: FastAPI runs them in its thread pool, and the
+store gives each thread its own SQLite connection."""
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from fastapi import APIRouter, Body, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
+
+from localpers.model.chat import content_text
+from localpers.errors import UserError
+from localpers.store.store import NotFoundError, check_item, message_items
+
+
+def error_response(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}}, status)
+
+
+def _escaped_path(raw_path: bytes) -> str:
+    """The request path with each segment percent-decoded except for '/' and '%', which stay encoded, so that a
+    user id holding '/' ("a/b", sent as a%2Fb) stays one segment and routes like any other id."""
+    return "/".join(unquote(segment).replace("%", "%25").replace("/", "%2F")
+                    for segment in raw_path.decode("ascii", "replace").split("/"))
+
+
+class OpenAIErrorRoute(APIRoute):
+    """Routes on the undecoded path (any user id, URL-encoded, is one `{user}` segment), and answers UserError
+    and FastAPI's own request errors (validation, unparsable body) with an OpenAI-style error body."""
+
+    def matches(self, scope):
+        if scope["type"] != "http" or not scope.get("raw_path") or scope.get("root_path"):
+            return super().matches(scope)
+        match, child = super().matches({**scope, "path": _escaped_path(scope["raw_path"])})
+        if match != Match.NONE:
+            child["path_params"] = {k: unquote(v) if isinstance(v, str) else v for k, v in child["path_params"].items()}
+        return match, child
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def handle(request: Request):
+            try:
+                return await handler(request)
+            except NotFoundError as e:
+                return error_response(404, str(e), "not_found")
+            except UserError as e:
+                return error_response(400, str(e), "invalid_request")
+            except RequestValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                return error_response(400, f"{where}: {first['msg']}", "invalid_request")
+            except HTTPException as e:
+                return error_response(e.status_code, str(e.detail), "invalid_request")
+
+        return handle
+
+
+router = APIRouter(route_class=OpenAIErrorRoute)
+
+
+@router.post("/v1/users/{user}/memories", status_code=201)
+def add_memories(user: str, request: Request, payload: dict = Body(...)):
+    """Store one item ({"text", "kind"?, "meta"?, "ts"?}) or a chat ({"messages": [...]}, one item per
+    message, kind "message", the role in meta); nothing is stored unless every item is valid."""
+    if "messages" in payload:
+        items = message_items(payload["messages"])
+    elif "text" in payload:
+        text = content_text(payload["text"]) if isinstance(payload["text"], list) else payload["text"]
+        items = [check_item(text, payload.get("kind", "message"), payload.get("meta"), payload.get("ts"))]
+    else:
+        raise UserError('the request body needs "text" or "messages"')
+    ids = request.app.state.store.add_many(user, items)
+    return {"object": "list", "data": [{"id": item_id, "user": user} for item_id in ids]}
+
+
+@router.get("/v1/users/{user}/memories")
+def list_memories(user: str, request: Request, kind: str | None = None):
+    return {"object": "list", "data": request.app.state.store.items(user, kind=kind)}
+
+
+@router.get("/v1/users/{user}/memories/search")
+def search_memories(user: str, request: Request, q: str = "", k: int = 5, mode: str = "bm25"):
+    return {"object": "list", "data": request.app.state.store.search(user, q, k=k, mode=mode)}
+
+
+@router.delete("/v1/users/{user}/memories/{item_id}")
+def delete_memory(user: str, item_id: int, request: Request):
+    request.app.state.store.delete_item(user, item_id)
+    return {"id": item_id, "deleted": True}
+
+
+@router.get("/v1/users/{user}/export")
+def export_user(user: str, request: Request):
+    return request.app.state.store.export(user)
+
+
+@router.delete("/v1/users/{user}")
+def forget_user(user: str, request: Request):
+    request.app.state.store.forget(user)
+    return {"user": user, "deleted": True}

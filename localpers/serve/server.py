@@ -1,0 +1,749 @@
+"""`localpers serve`: an OpenAI-compatible HTTP server over the engine.
+
+Routes: POST /v1/chat/completions (plain, or SSE chunks ending with `data: [DONE]`), GET /v1/models,
+GET /health (503 while the model loads, 200 after), GET /openapi.json (the request body described by the pydantic
+models below). 
+A request that names a `user` is composed for that user (localpers.serve.compose, spec `--personalize`, default
+edit+rag): their current registry artifacts for the served model, their stated preferences and retrieved history,
+as `localpers eval` measures the same spec. Unless the server runs with `--no-history` or the request says
+`"localpers": {"history": false}`, the user's new messages are stored in their history and the preferences stated
+in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
+adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
+(method, kind, id) and the ids of the retrieved items, never text. The mem0-like memory endpoints of
+localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/.
+
+Protocol (issue #13):
+- Every OpenAI chat-completions field is honoured or refused with a 400 that names it; unknown top-level fields
+  are ignored (as llama-server does). Errors are OpenAI error bodies; a 500 only for a real server fault.
+- A client that goes away stops its generation within one decoding step (generation runs on a thread of its own
+  that holds the engine; the request handler watches the connection and sets the generation's cancel event).
+- The browser is an attacker: requests whose Host is not a loopback name, the bound address or an allowed host
+  are refused (DNS rebinding), JSON endpoints take only Content-Type application/json (no "simple" cross-site
+  POST), requests with an Origin that is neither this server nor an allowed origin are refused, and binding a
+  non-loopback address needs an API key or --insecure-no-api-key.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from localpers import names
+from localpers.serve.compose import DEFAULT_SPEC, Composer, last_user_message, served_user
+from localpers.model.chat import template_supports_tools
+from localpers.engine.engine import Artifacts, Cancelled, Sampling, model_sha256, usage_of
+from localpers.errors import UserError
+from localpers.serve.jobs import Worker
+from localpers.serve.jobs import router as jobs_router
+from localpers.serve.learn import learn_from_chat
+from localpers.serve.memory_api import router as memory_router
+from localpers.personalize.methods import apply
+from localpers.store.store import NotFoundError, Store
+from localpers.store.store import data_dir as resolve_data_dir
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any chat a 4k-token context can hold
+MAX_N = 8                 # choices per request: each is a full generation on the one engine
+MAX_STOP = 4              # as OpenAI
+DEFAULT_MAX_TOKENS = 512
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+POLL_S = 0.1              # how often a waiting handler checks that its client is still there
+
+
+# -- the request body, as OpenAI documents it ---------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class FunctionCall(_Strict):
+    name: StrictStr
+    arguments: StrictStr
+
+
+class ToolCall(_Strict):
+    id: StrictStr
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class JSONSchema(_Strict):
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+
+class Function(_Strict):
+    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: dict[str, StrictStr]
+
+
+class LocalpersOptions(_Strict):
+    """localpers' own request options (not OpenAI's): `explain` adds the `localpers` object (what shaped the
+    reply) to the response; `history: false` keeps this request's messages out of the user's history."""
+    explain: StrictBool = False
+    history: StrictBool = True
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat-completions request. Unknown top-level fields are ignored, as llama-server does."""
+    model_config = ConfigDict(extra="allow")
+    messages: list[Message] = Field(min_length=1)
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(None, ge=0, le=1)
+    n: StrictInt | None = Field(None, ge=1, le=MAX_N)
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    presence_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, StrictFloat] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
+    seed: StrictInt | None = Field(None, ge=-(1 << 63), lt=1 << 64)
+    user: StrictStr | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    localpers: LocalpersOptions | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
+class ReplyMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: ReplyMessage
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: ChoiceLogprobs | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    """The response of a request without `stream` (with it: text/event-stream of chat.completion.chunk)."""
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 413, 415, 500, 503)}
+
+
+# -- errors ---------------------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+
+def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                   param: str | None = None):
+    return JSONResponse(error_body(message, type_, code, param), status_code=status)
+
+
+def refuse(param: str, message: str):
+    raise APIError(400, f"'{param}': {message}", param=param, code="unsupported_parameter")
+
+
+def _describe_validation(errors) -> tuple[str, str | None]:
+    """pydantic's errors as one line naming the fields: "'messages.0.role': Input should be ..."."""
+    parts, first = [], None
+    for err in errors:
+        if err["type"] == "json_invalid":
+            return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}", None
+        if err["loc"] == ("body",) and err["type"] in ("model_attributes_type", "dict_type", "model_type"):
+            return "the request body must be a JSON object", None
+        loc = [str(p) for p in err["loc"] if p != "body"]
+        # drop the union-member tags pydantic adds (str, list[TextPart], function-after ...)
+        loc = [p for p in loc if not (p[:1].islower() and ("[" in p or p in {"str", "int", "float", "bool"}))]
+        where = ".".join(loc) or "body"
+        first = first or where
+        parts.append(f"'{where}': {err['msg']}")
+    return "; ".join(dict.fromkeys(parts)), first
+
+
+# -- from a request to the engine's arguments ------------------------------------------------------------------
+
+def _content_text(message: Message) -> str | None:
+    if isinstance(message.content, list):
+        return "".join(part.text for part in message.content)
+    return message.content
+
+
+def engine_messages(req: ChatRequest, tools_ok: bool) -> list[dict]:
+    out = []
+    for i, m in enumerate(req.messages):
+        content = _content_text(m)
+        if m.role in ("system", "developer", "user") and content is None:
+            raise APIError(400, f"'messages.{i}.content' is required for a {m.role} message",
+                           param=f"messages.{i}.content")
+        if m.role == "tool" or m.tool_calls:
+            if not tools_ok:
+                refuse(f"messages.{i}", "tool messages and tool calls need a model whose chat template supports "
+                                        "tools; this model's does not")
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in m.tool_calls]
+        for key in ("name", "tool_call_id"):
+            if getattr(m, key) is not None:
+                msg[key] = getattr(m, key)
+        out.append(msg)
+    return out
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def sampling_of(req: ChatRequest, n_vocab: int) -> Sampling:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOP:
+        refuse("stop", f"at most {MAX_STOP} stop sequences")
+    bias = []
+    for key, value in (req.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < n_vocab:
+            refuse("logit_bias", f"{key!r} is not a token id of this model (0..{n_vocab - 1})")
+        if not -100 <= value <= 100:
+            refuse("logit_bias", f"the bias of token {key} must be in [-100, 100]")
+        bias.append((int(key), float(value)))
+    if req.top_logprobs is not None and not req.logprobs:
+        refuse("top_logprobs", "needs 'logprobs': true")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return Sampling(
+        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+        temperature=0.7 if req.temperature is None else float(req.temperature),
+        top_p=1.0 if req.top_p is None else float(req.top_p),
+        seed=None if req.seed is None else req.seed % (1 << 32),
+        stop=tuple(s for s in stop if s),
+        presence_penalty=float(req.presence_penalty or 0.0),
+        frequency_penalty=float(req.frequency_penalty or 0.0),
+        logit_bias=tuple(bias),
+        top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        grammar=grammar_of(req.response_format),
+    )
+
+
+def grammar_of(fmt: ResponseFormat | None) -> str | None:
+    """The GBNF grammar that makes the reply parse as the requested JSON (llama.cpp's JSON grammar and its
+    JSON-schema converter, as llama-server uses them)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if fmt.type == "json_object":
+        return JSON_GBNF
+    if fmt.json_schema is None:
+        refuse("response_format.json_schema", "is required when 'type' is 'json_schema'")
+    schema = fmt.json_schema.schema_ or {}
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:  # the converter raises assorted errors for schemas it does not support
+        refuse("response_format.json_schema.schema", f"llama.cpp cannot turn this JSON schema into a grammar ({e})")
+
+
+def tools_of(req: ChatRequest, tools_ok: bool) -> list[dict] | None:
+    if not req.tools or req.tool_choice == "none":
+        return None
+    if not tools_ok:
+        refuse("tools", "this model's chat template does not support tools")
+    if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
+        refuse("tool_choice", "only 'auto' and 'none' are supported (a call cannot be forced on this model)")
+    if req.stream:
+        refuse("tools", "tools with 'stream': true are not supported; send the request without streaming")
+    return [t.model_dump(exclude_none=True) for t in req.tools]
+
+
+# -- the browser is an attacker -------------------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(host_header: str) -> str:
+    """The host of a Host header, without the port ([::1]:8000 -> ::1)."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class Guard:
+    """A pure ASGI middleware (it never wraps `receive`, so a streaming response still sees the client leave):
+    Host allow-list, Origin allow-list, Content-Type of JSON bodies, the API key, the body size limit."""
+
+    def __init__(self, app, *, api_key: str | None, allowed_hosts: set[str], allowed_origins: set[str]):
+        self.app, self.api_key = app, api_key
+        self.allowed_hosts, self.allowed_origins = allowed_hosts, allowed_origins
+
+    def refusal(self, scope) -> tuple[int, str, str] | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        if "*" not in self.allowed_hosts and _host_name(host) not in self.allowed_hosts:
+            return 403, (f"the Host {host!r} is not this server (a DNS-rebinding request?); allow it with "
+                         f"`localpers serve --allowed-host`"), "host_not_allowed"
+        origin = headers.get("origin")
+        if origin is not None and "*" not in self.allowed_origins and origin not in self.allowed_origins \
+                and origin.split("://", 1)[-1].lower() != host.lower():
+            return 403, (f"cross-origin requests from {origin!r} are refused; allow the origin with "
+                         f"`localpers serve --allowed-origin`"), "origin_not_allowed"
+        path = scope.get("path", "")
+        if self.api_key and path.startswith("/v1") and headers.get("authorization") != f"Bearer {self.api_key}":
+            return 401, "a valid API key is required (Authorization: Bearer KEY)", "invalid_api_key"
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if ctype != "application/json":
+                return 415, f"the request body must be JSON sent as 'Content-Type: application/json', not " \
+                            f"{ctype or 'none'!r}", "unsupported_media_type"
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return 413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes", "body_too_large"
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (refused := self.refusal(scope)) is not None:
+            status, message, code = refused
+            kind = "authentication_error" if status == 401 else "invalid_request_error"
+            await error_response(status, message, kind, code)(scope, receive, send)
+            return
+        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH") \
+                and not any(k.lower() == b"content-length" for k, _ in scope.get("headers", [])):
+            receive = await self._bounded_body(scope, receive, send)
+            if receive is None:
+                return
+        await self.app(scope, receive, send)
+
+    async def _bounded_body(self, scope, receive, send):
+        """A chunked body (no Content-Length) read up to the limit, then replayed to the app; None once answered
+        (413) or when the client left."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            size += len(message.get("body", b""))
+            if size > MAX_BODY_BYTES:
+                await error_response(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes",
+                                     code="body_too_large")(scope, receive, send)
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+        return replay
+
+
+# -- running engine work off the event loop, cancellable ------------------------------------------------------
+
+async def run_cancellable(request: Request, work, on_event=None):
+    """Run work(cancel) on a daemon thread; while it runs, watch the client: if it disconnects (or this task is
+    cancelled, e.g. at shutdown), set `cancel`, which stops the engine within one decoding step."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+    cancel = threading.Event()
+
+    def settle(setter, value):
+        if not done.done():
+            setter(value)
+
+    def run():
+        try:
+            result = work(cancel)
+            loop.call_soon_threadsafe(settle, done.set_result, result)
+        except BaseException as e:  # handed to the awaiting handler
+            loop.call_soon_threadsafe(settle, done.set_exception, e)
+
+    threading.Thread(target=run, daemon=True, name="localpers-generate").start()
+    try:
+        while True:
+            finished, _ = await asyncio.wait({done}, timeout=POLL_S)
+            if finished:
+                return done.result()
+            if await request.is_disconnected():
+                cancel.set()
+                raise Cancelled()
+    finally:
+        if not done.done():
+            cancel.set()
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nobody awaits it now
+
+
+def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
+               engine=None, personalize: str = DEFAULT_SPEC, history: bool = True, jobs: bool = False,
+               warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=()) -> FastAPI:
+    """The server's app, with the guard `localpers serve` runs. The engine loads in a background thread (so
+    /health answers 503 meanwhile) unless an engine is given. `personalize`: the composition spec of requests with
+    a `user`; `history`: store users' messages and learn their preferences; `jobs`: run the background job worker
+    (`localpers serve` does; without it jobs stay queued), `warm_jobs`: load what jobs need (the editor's torch
+    model) once the engine is ready. Requests must name a loopback host, `host` or one of `allowed_hosts` ("*":
+    any) in their Host header."""
+    app = FastAPI(title="localpers", version="1", docs_url=None, redoc_url=None,
+                  description="An OpenAI-compatible, on-device personalized assistant.")
+    app.state.engine = engine
+    app.state.load_error = None
+    app.state.store = store = Store.open(resolve_data_dir(data_dir))
+    app.state.composer = composer = Composer(personalize)
+    app.include_router(memory_router)
+    app.include_router(jobs_router)
+    app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
+    if app.state.worker is not None:
+        app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
+    hosts = set(LOOPBACK_NAMES) | {h.lower().strip("[]") for h in allowed_hosts}
+    if host not in ("0.0.0.0", "::", ""):
+        hosts.add(host.lower().strip("[]"))
+    app.add_middleware(Guard, api_key=api_key, allowed_hosts=hosts, allowed_origins=set(allowed_origins))
+    if allowed_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # runs before the guard: answers the preflight of an allowed origin
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+
+    def compose(engine, user: str | None, messages: list[dict]):
+        """(messages as served, artifacts, explanation) of a request: what `user` is served with. An artifact
+        llama.cpp cannot load is left out and marked broken in the store (so it shows up as such for that user;
+        the client never sees the server's paths)."""
+        if not user:
+            return messages, Artifacts(), {"composition": names.BASE, "artifacts": [], "retrieved": []}
+        person = served_user(store, user, model_sha256(engine.model_path), messages)
+        personalized = composer(person, last_user_message(messages), engine)
+        usable, broken = engine.usable(personalized.artifacts)
+        for path, reason in broken:
+            mark_broken(store, user, path, reason)
+        return apply(personalized, messages), usable, composer.explain(person, personalized)
+
+    def learn(user: str, messages: list[dict]) -> None:
+        """Store the user's new messages and learn the preferences stated in them (after composing: this
+        request's messages are context, not retrieved history; once the request is accepted: a request refused
+        with a 4xx stores nothing); wakes the job worker for a changed preference."""
+        try:
+            learned = learn_from_chat(store, user, messages)
+        except UserError as e:  # a message the store refuses (over 64 KiB...): the reply is still served
+            log.warning("not stored in %s's history: %s", user, e)
+            return
+        if (learned["preferences"] or learned["replaced"]) and app.state.worker is not None:
+            app.state.worker.wake()
+
+    def load():
+        from localpers.engine.engine import Engine
+
+        try:
+            app.state.engine = Engine(model_path)
+        except Exception as e:  # reported on /health and by every request instead of crashing the server
+            print(f"localpers: error: the model failed to load: {e}", file=sys.stderr, flush=True)
+            app.state.load_error = str(e)
+
+    if engine is None:
+        threading.Thread(target=load, daemon=True, name="localpers-load").start()
+
+    def ready_engine():
+        if app.state.engine is None:
+            if app.state.load_error:
+                raise APIError(500, "the model failed to load; the server's log says why", "server_error")
+            raise APIError(503, "the model is still loading", "server_error", "model_loading")
+        return app.state.engine
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request, e: APIError):
+        return error_response(e.status, e.message, e.type, e.code, e.param)
+
+    @app.exception_handler(UserError)
+    async def on_user_error(request, e: UserError):
+        return error_response(404 if isinstance(e, NotFoundError) else 400, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request, e: RequestValidationError):
+        message, param = _describe_validation(e.errors())
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request, e: HTTPException):
+        return error_response(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
+
+    @app.exception_handler(Exception)
+    async def on_server_fault(request, e: Exception):
+        print(f"localpers: server error on {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return error_response(500, "internal server error (the server's log has the details)", "server_error")
+
+    @app.get("/health", responses={503: {"model": ErrorBody}, 500: {"model": ErrorBody}})
+    def health():
+        if app.state.engine is not None:
+            return {"status": "ok", "model": app.state.engine.model_name}
+        if app.state.load_error:
+            return error_response(500, "the model failed to load; the server's log says why", "server_error")
+        return error_response(503, "the model is still loading", "server_error", "model_loading")
+
+    @app.get("/v1/models", responses=ERRORS)
+    def models():
+        engine = ready_engine()
+        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
+                                            "owned_by": "localpers"}]}
+
+    @app.post("/v1/chat/completions", responses={**ERRORS, 200: {"model": ChatCompletion,
+                                                                  "content": {"text/event-stream": {}}}})
+    async def chat_completions(req: ChatRequest, request: Request):
+        engine = ready_engine()
+        if req.model not in (None, "", engine.model_name, "localpers"):
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{engine.model_name}'",
+                           code="model_not_found", param="model")
+        tools_ok = template_supports_tools(engine.chat_template)
+        messages = engine_messages(req, tools_ok)
+        sampling, tools = sampling_of(req, engine.n_vocab), tools_of(req, tools_ok)
+        n, stream = req.n or 1, bool(req.stream)
+        if stream and req.logprobs:
+            refuse("logprobs", "logprobs with 'stream': true are not supported; send the request without streaming")
+        if req.stream_options is not None and not stream:
+            refuse("stream_options", "only allowed with 'stream': true")
+        options = req.localpers or LocalpersOptions()
+        served, artifacts, explanation = await run_in_threadpool(compose, engine, req.user, messages)
+        await run_in_threadpool(engine.chat_tokens, served, tools=tools)  # template and context errors: 400 now
+        if req.user and history and options.history:
+            await run_in_threadpool(learn, req.user, messages)
+        explained = {"localpers": explanation} if options.explain else {}
+        args = dict(artifacts=artifacts, sampling=sampling, n=n, tools=tools)
+        if not stream:
+            try:
+                out = await run_cancellable(request, lambda cancel: engine.complete(served, cancel=cancel, **args))
+            except Cancelled:
+                return error_response(499, "the client closed the request", code="client_closed_request")
+            return engine.chat_response(out, tools=bool(tools)) | explained
+        return StreamingResponse(stream_chunks(request, engine, served, args, n, req, explained),
+                                 media_type="text/event-stream")
+
+    async def stream_chunks(request: Request, engine, messages, args, n: int, req: ChatRequest, explained: dict):
+        """SSE: a role chunk, content chunks, a finish chunk per choice, then usage (stream_options.include_usage)
+        and [DONE]. Generation runs on its own thread; when the client leaves, its cancel event stops it."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        base = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": engine.model_name}
+
+        def chunk(choices, usage=None) -> str:
+            body = {**base, "choices": choices, **({"usage": usage} if include_usage else {})}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def work(cancel):
+            return engine.complete(messages, cancel=cancel, **args,
+                                   on_delta=lambda i, text: loop.call_soon_threadsafe(events.put_nowait, (i, text)))
+
+        task = asyncio.ensure_future(run_cancellable(request, work))
+        started: set[int] = set()
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                finished, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in finished:
+                    getter.cancel()
+                    break
+                index, text = getter.result()
+                if index not in started:
+                    started.add(index)
+                    yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                yield chunk([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+            while not events.empty():  # pieces queued just before the generation returned
+                index, text = events.get_nowait()
+                yield chunk([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
+            try:
+                out = task.result()
+            except Cancelled:
+                return
+            except UserError as e:
+                yield f"data: {json.dumps(error_body(str(e)))}\n\n"
+                return
+            except Exception as e:
+                print(f"localpers: server error while streaming: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
+                return
+            for c in out["choices"]:
+                if c["index"] not in started:
+                    yield chunk([{"index": c["index"], "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
+                yield chunk([{"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}])
+            if include_usage:
+                yield chunk([], usage_of(out))
+            if explained:  # one more chunk without choices, after the usage chunk: what shaped the reply
+                yield f"data: {json.dumps({**base, 'choices': [], **explained}, ensure_ascii=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not task.done():
+                task.cancel()  # run_cancellable's finally sets the generation's cancel event
+
+    return app
+
+
+def mark_broken(store: Store, user: str, path: str, reason: str) -> None:
+    """The hook for an artifact the served path cannot load: recorded in the artifact's metadata
+    (meta["broken"]), logged on the server's console, never shown to the client."""
+    print(f"localpers: {user!r}'s artifact {path} is broken and is not served: {reason}", file=sys.stderr,
+          flush=True)
+    try:
+        store.mark_artifact_broken(user, path, reason)
+    except UserError:
+        pass
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, or a one-line UserError when the address is taken or cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as e:
+        sock.close()
+        if e.errno == 98 or "in use" in str(e).lower():
+            raise UserError(f"port {port} on {host} is already in use; choose another with --port") from None
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          data_dir: str | None = None, personalize: str = DEFAULT_SPEC, history: bool = True, allowed_hosts=(),
+          allowed_origins=(), insecure_no_api_key: bool = False) -> None:
+    import uvicorn
+
+    from localpers.model.gguf_info import open_gguf
+
+    if not is_loopback(host) and not api_key and not insecure_no_api_key:
+        raise UserError(f"--host {host} lets other machines reach every user's history: give --api-key KEY "
+                        "(or --insecure-no-api-key to accept that risk)")
+    if model is not None:
+        open_gguf(model)  # a one-line UserError for a missing or unreadable file, before the server starts
+    Composer(personalize)  # an unknown method is a one-line error before anything starts
+    sock = bind(host, port)
+    app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
+                     jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+    shown = f"[{host}]" if ":" in host else host
+    if host in ("0.0.0.0", "::") and not allowed_hosts:
+        print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
+              "name or address, add --allowed-host NAME", file=sys.stderr, flush=True)
+    print(f"localpers: serving on http://{shown}:{port}/v1 (the model loads in the background; GET /health)",
+          flush=True)
+    # timeout_graceful_shutdown: on SIGTERM, open streams get 2 s, then their tasks are cancelled, which sets
+    # their generations' cancel events (a generation never outlives its request).
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2))
+    server.run(sockets=[sock])
+    if app.state.worker is not None and app.state.worker.current is not None:
+        # a job is still running in its thread (torch, llama.cpp): leave without finalizing the interpreter
+        # under it; the job is queued again at the next start (store.requeue_running)
+        os._exit(0)

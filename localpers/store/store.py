@@ -1,0 +1,1056 @@
+"""localpers' local history store: one SQLite database (WAL mode) per data directory, holding users, their
+history items, embeddings of those items, the registry of their personalization artifacts (one current artifact
+per user, method, kind and base model, with the ids of the items it was derived from) and the persistent queue
+of background jobs that recompute them.
+
+Item text, item metadata, artifact metadata and embeddings are sealed with AES-GCM before they reach SQLite,
+so no user text lies in plaintext in the database, its WAL or its journal. User names, item kinds and
+timestamps stay in clear: the store filters on them. The key is a 0600 key file created on first use, or,
+when LOCALPERS_PASSPHRASE is set, derived with scrypt from it and a salt kept in the database.
+
+Writes are one short SQLite transaction: no model runs on the write path. Search indexes live in memory
+and catch up with the database (including writes by other processes) when searched."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import unicodedata
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from localpers import names
+from localpers.errors import UserError
+from localpers.store.retrieval import BM25Index, DenseIndex, fuse, make_embedder
+
+MAX_TEXT_BYTES = 64 * 1024  # per item, text and metadata each
+DB_FILE = "localpers.db"
+KEY_FILE = "key"
+SEARCH_MODES = ("bm25", "dense", "hybrid")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # kinds (and the user ids of stores before layout 2)
+MAX_USER_CHARS = 1024
+# Characters a user id may not hold: C0/C1 controls, lone surrogates, line and paragraph separators.
+_FORBIDDEN_IN_USER = {"Cc", "Cs", "Zl", "Zp"}
+LAYOUT = 2  # 1: artifact folders named after the user id; 2: after the user's row id (artifacts/_user-<id>)
+_KEY_CHECK = b"localpers key check"
+_SCRYPT = dict(length=32, n=2**15, r=8, p=1)  # ~0.1 s and 32 MiB per open
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, created REAL NOT NULL,
+    deletions INTEGER NOT NULL DEFAULT 0);  -- bumped by each item deletion: tells in-memory indexes to look
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL, ts REAL NOT NULL, text BLOB NOT NULL, meta BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS items_by_user ON items(user_id, id);
+CREATE TABLE IF NOT EXISTS vectors (
+    item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+    model TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (item_id, model));
+CREATE TABLE IF NOT EXISTS artifacts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL, version INTEGER NOT NULL, path TEXT NOT NULL, base_model_sha256 TEXT NOT NULL,
+    meta BLOB NOT NULL, created REAL NOT NULL, UNIQUE (user_id, kind, version));
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,  -- forget cancels a user's jobs
+    kind TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', result TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL, started REAL, finished REAL);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS chat_seen (  -- keyed hashes of chat messages already stored (no text)
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    digest BLOB NOT NULL, PRIMARY KEY (user_id, digest));
+"""
+# Registry columns added in session 6 (ALTER TABLE for databases made before): the method that made the
+# artifact, the ids of the items it was derived from (JSON list of ints, no text), and its state.
+ARTIFACT_COLUMNS = {
+    "method": "TEXT NOT NULL DEFAULT ''",
+    "sources": "TEXT NOT NULL DEFAULT '[]'",
+}
+
+
+class NotFoundError(UserError):
+    """A read of a user or an item the store does not hold (the server answers 404)."""
+
+
+class StaleError(UserError):
+    """An artifact's registration came too late: its job was cancelled (forget), or an item it was derived
+    from was deleted meanwhile (the deletion queued its recomputation). Nothing was written."""
+
+
+def data_dir(arg: str | None = None) -> Path:
+    """--data-dir, else $LOCALPERS_HOME, else $XDG_DATA_HOME/localpers, else ~/.local/share/localpers."""
+    if arg:
+        return Path(arg).expanduser()
+    if os.environ.get("LOCALPERS_HOME"):
+        return Path(os.environ["LOCALPERS_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(xdg) / "localpers"
+
+
+def check_user(user) -> str:
+    """A user id as the store keys it: any string of 1 to 1024 characters, not blank, without control
+    characters (what OpenAI's `user` field and clients' display names and e-mail addresses hold), in Unicode
+    NFC so that "josé" typed either way is one user. The id is only ever a value in SQL: no file or folder
+    name is built from it (a user's artifacts live in artifacts/_user-<row id>)."""
+    if not isinstance(user, str):
+        raise UserError(f"the user id must be a string, not {type(user).__name__}")
+    if not user.strip():
+        raise UserError("the user id is empty" if not user else f"the user id {user!r} is blank")
+    bad = next((c for c in user if unicodedata.category(c) in _FORBIDDEN_IN_USER), None)
+    if bad is not None:
+        raise UserError(f"the user id {user[:64]!r} holds the control character U+{ord(bad):04X}")
+    user = unicodedata.normalize("NFC", user)
+    if len(user) > MAX_USER_CHARS:
+        raise UserError(f"the user id is {len(user)} characters; the limit is {MAX_USER_CHARS}")
+    return user
+
+
+def check_name(what: str, value) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise UserError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_', '@', '+' or '-'")
+    return value
+
+
+def encode_text(text) -> bytes:
+    """The UTF-8 bytes of an item's text, or a UserError saying what is wrong with it."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"text is not valid UTF-8 (bad byte at offset {e.start})") from None
+    if not isinstance(text, str):
+        raise UserError(f"text must be a string, not {type(text).__name__}")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: undecodable bytes from argv, or '\udXXX' escapes in JSON
+        raise UserError(f"text is not valid UTF-8 (bad character at offset {e.start})") from None
+    if not text.strip():
+        raise UserError("text is empty")
+    if len(data) > MAX_TEXT_BYTES:
+        raise UserError(f"text is {len(data)} bytes; the limit is {MAX_TEXT_BYTES} bytes (64 KiB)")
+    return data
+
+
+def encode_meta(meta) -> bytes:
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise UserError(f"meta must be a JSON object, not {type(meta).__name__}")
+    try:
+        data = json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError) as e:
+        raise UserError(f"meta is not valid JSON: {e}") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise UserError(f"meta is {len(data)} bytes; the limit is {MAX_TEXT_BYTES} bytes (64 KiB)")
+    return data
+
+
+def check_item(text, kind="message", meta=None, ts=None) -> tuple[str, float, bytes, bytes]:
+    """Validate one item: (kind, timestamp, text bytes, meta bytes), nothing written yet."""
+    check_name("kind", kind)
+    if ts is None:
+        ts = time.time()
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
+        raise UserError(f"ts must be a number of seconds since the epoch, not {ts!r}")
+    return kind, float(ts), encode_text(text), encode_meta(meta)
+
+
+def message_items(messages) -> list[tuple]:
+    """A chat, OpenAI's `messages` list ([{"role", "content"}], content a string or a list of text parts), as
+    validated items: one per message, kind "message", the role in meta. The one parser of this form, for the
+    memories endpoint and for `localpers import`."""
+    from localpers.model.chat import content_text
+
+    if not isinstance(messages, list) or not messages:
+        raise UserError('"messages" must be a non-empty list of {"role", "content"} objects')
+    items = []
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise UserError(f'messages[{number}] must be an object with a "role" and a "content"')
+        try:
+            items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"]}))
+        except UserError as e:
+            raise UserError(f"messages[{number}]: {e}") from None
+    return items
+
+
+LAMP_TEXT_FIELDS = ("title", "summary", "description", "text", "abstract", "content", "reviewText")
+# The fields of a profile entry that are neither text nor to be kept: the entry's own id is not the store's id,
+# and the synthetic world's "kind" and "step" describe the entry for the evaluation.
+PROFILE_SKIP_FIELDS = ("id", "kind", "step")
+
+
+def profile_entry(entry) -> tuple[str, dict]:
+    """A LaMP / LongLaMP (or synthetic world) profile entry: (its text fields joined by newlines, every other
+    field). The one parser of profile entries: the import stores the other fields in meta; the evaluation
+    (localpers.personalize.datasets) shows their values beside the text. Raises UserError without a text field."""
+    if not isinstance(entry, dict):
+        raise UserError("expected a JSON object")
+    texts = [entry[field] for field in LAMP_TEXT_FIELDS if isinstance(entry.get(field), str) and entry[field].strip()]
+    if not texts:
+        raise UserError(f"no text field (expected one of {', '.join(LAMP_TEXT_FIELDS)})")
+    return "\n".join(texts), {key: value for key, value in entry.items() if key not in LAMP_TEXT_FIELDS}
+
+
+def upqa_user(entry: dict, index: int) -> str:
+    """Whose statement a UPQA item is: its "user_id" (world files), else the item is a user of its own."""
+    return str(entry.get("user_id", f"upqa-{index}"))
+
+
+def _jsonl_item(entry) -> tuple:
+    if not isinstance(entry, dict) or "text" not in entry:
+        raise UserError('expected a JSON object with a "text" field')
+    entry = dict(entry)
+    text, kind, ts = entry.pop("text"), entry.pop("kind", "message"), entry.pop("ts", None)
+    meta = entry.pop("meta", {})
+    if not isinstance(meta, dict):
+        raise UserError(f'"meta" must be a JSON object, not {type(meta).__name__}')
+    entry.pop("id", None)  # ids are the store's own
+    if isinstance(text, list):  # text parts, as in chat
+        from localpers.model.chat import content_text
+
+        text = content_text(text)
+    return check_item(text, kind, meta | entry, ts)  # other fields are kept in meta
+
+
+def _jsonl_line(entry) -> list[tuple]:
+    """One line of a JSONL import: an item ({"text", ...}) or a chat ({"messages": [...]}, as the HTTP
+    endpoint takes it)."""
+    if isinstance(entry, dict) and "messages" in entry and "text" not in entry:
+        return message_items(entry["messages"])
+    return [_jsonl_item(entry)]
+
+
+def _lamp_item(entry) -> tuple:
+    """A LaMP / LongLaMP profile entry: its text fields joined, everything else (id, score, date …) in meta."""
+    text, others = profile_entry(entry)
+    kind = "review" if {"reviewText", "score", "overall"} & entry.keys() else "document"
+    return check_item(text, kind, others | {"source": "lamp"})
+
+
+def _upqa_item(entry) -> tuple:
+    """A UPQA item: the user's statement of one of their attributes, stored as a preference with the question
+    and target clusters that editing trains on (strings, or cluster9's lists), kept as the file has them:
+    datasets.upqa_fact is what reads them, for the evaluation, editing and the served path alike."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("input_attribute"), str):
+        raise UserError('expected a UPQA object with an "input_attribute" string')
+    meta = {"source": "upqa", **{k: entry[k] for k in ("attribute_type", "question", "target") if k in entry}}
+    return check_item(entry["input_attribute"], "preference", meta)
+
+
+def _one_user(records: list, what: str, keys: list[str], record: str | None, merge_users: bool) -> list:
+    """The records of one user: the chosen one's (--record), else all of them when they belong to one user or
+    merge_users says to put several users' records into one; never several users' silently."""
+    if record is not None:
+        chosen = [r for r, key in zip(records, keys) if key == record]
+        if not chosen:
+            raise UserError(f"no {what} has the id {record!r} (ids: {_some(keys)})")
+        return chosen
+    if len(set(keys)) > 1 and not merge_users:
+        raise UserError(f"{len(records)} {what}s of {len(set(keys))} different users (ids: {_some(keys)}): import "
+                        f"one user's with --record ID, or all into this one user with --merge-users")
+    return records
+
+
+def _some(keys: list[str], n: int = 5) -> str:
+    unique = list(dict.fromkeys(keys))
+    return ", ".join(unique[:n]) + (", …" if len(unique) > n else "")
+
+
+def _json_entries(data, record: str | None, merge_users: bool):
+    """Recognise a JSON import: what its entries are called, the entries, and the parser of one entry."""
+    if isinstance(data, dict) and isinstance(data.get("items"), list):
+        return "item", data["items"], _jsonl_item  # a localpers export
+    records = [data] if isinstance(data, dict) else data
+    if isinstance(records, list) and records and all(isinstance(r, dict) and "profile" in r for r in records):
+        records = _one_user(records, "LaMP record", [str(r.get("id")) for r in records], record, merge_users)
+        if not all(isinstance(r["profile"], list) for r in records):
+            raise UserError('"profile" must be a list')
+        return "profile entry", [entry for r in records for entry in r["profile"]], _lamp_item
+    if isinstance(data, list) and data and all(isinstance(r, dict) and "input_attribute" in r for r in data):
+        keys = [upqa_user(r, i) for i, r in enumerate(data)]
+        return "UPQA item", _one_user(data, "UPQA item", keys, record, merge_users), _upqa_item
+    raise UserError(
+        "not a recognised import: expected a localpers export, a LaMP/LongLaMP record with a profile, or UPQA items"
+    )
+
+
+def read_import(path: str | os.PathLike, record: str | None = None, merge_users: bool = False) -> list[tuple]:
+    """Parse and validate a whole import file before anything is written (formats: README, "Import formats"):
+    .jsonl/.ndjson, one JSON object a line: an item {"text", "kind"?, "meta"?, "ts"?} (other fields go into
+    meta) or a chat {"messages": [{"role", "content"}, ...]}; .json: a localpers export, LaMP/LongLaMP records
+    with a profile, or UPQA items. A file holding several users' records (LaMP records, UPQA items) imports one
+    user's (`record`: a LaMP record's id, a UPQA item's user_id or "upqa-<index>") or, with merge_users, all.
+    Any error names the file and the line (JSONL, JSON syntax) or the entry."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    if path.suffix in (".jsonl", ".ndjson"):
+        items = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                items.extend(_jsonl_line(json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {number}: not valid UTF-8 (bad byte at column {e.start + 1})") from None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {number}: invalid JSON: {e.msg} (column {e.colno})") from None
+            except UserError as e:
+                raise UserError(f"{path} line {number}: {e}") from None
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise UserError(f"{path} line {line}: not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        try:
+            where, entries, parse = _json_entries(data, record, merge_users)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        items = []
+        for number, entry in enumerate(entries, 1):
+            try:
+                items.append(parse(entry))
+            except UserError as e:
+                raise UserError(f"{path}: {where} {number}: {e}") from None
+    else:
+        raise UserError(f"{path}: unknown import format (expected .jsonl or .json)")
+    if not items:
+        raise UserError(f"{path}: no items to import")
+    return items
+
+
+class Cipher:
+    """AES-256-GCM with a fresh 96-bit nonce per message; the associated data binds a blob to its owner
+    and field, so a blob copied into another user's row or column does not decrypt."""
+
+    def __init__(self, key: bytes):
+        self.aead = AESGCM(key)
+        # A separate key for keyed hashes (chat-message dedupe): equal messages give equal digests, and the
+        # digests say nothing about the text without the store's key.
+        self.mac_key = hashlib.sha256(b"localpers digest key\0" + key).digest()
+
+    def digest(self, data: bytes) -> bytes:
+        return hmac.new(self.mac_key, data, hashlib.sha256).digest()
+
+    def seal(self, data: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self.aead.encrypt(nonce, data, aad)
+
+    def open(self, blob: bytes, aad: bytes) -> bytes:
+        return self.aead.decrypt(blob[:12], blob[12:], aad)
+
+
+def _key_file(path: Path) -> bytes:
+    """Read the key file, creating it (0600, all at once) if it does not exist yet."""
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if another process created the key meanwhile: then use theirs
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise UserError(f"{path} is not a localpers key file (expected 32 bytes, found {len(key)})")
+    return key
+
+
+def _passphrase() -> str | None:
+    passphrase = os.environ.get("LOCALPERS_PASSPHRASE")
+    if passphrase == "":
+        raise UserError("LOCALPERS_PASSPHRASE is set but empty")
+    return passphrase
+
+
+def _scrypt(passphrase: str, salt: bytes) -> bytes:
+    return Scrypt(salt=salt, **_SCRYPT).derive(passphrase.encode("utf-8"))
+
+
+class Store:
+    """The history store of one data directory. Safe to share between threads: each thread gets its own
+    SQLite connection, WAL lets readers run while one writer writes, and the in-memory indexes are locked."""
+
+    def __init__(self, directory: Path, embedder=None):
+        self.directory = Path(directory)
+        self.embedder = embedder
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._index_lock = threading.Lock()  # the in-memory indexes are shared by all threads
+        self._bm25: dict[int, BM25Index] = {}  # user id -> index
+        self._dense: dict[tuple[int, str], DenseIndex] = {}  # (user id, embedder name) -> index
+        self.cipher = self._unlock()
+        self._migrate()
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, embedder=None) -> Store:
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise UserError(f"{directory} is not a directory")
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cls(directory, embedder)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+            self._local = threading.local()
+
+    # ----- connections and keys
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            # Autocommit mode: transactions are explicit (see _write). check_same_thread is off only so that
+            # close() can close every thread's connection; each connection is used by its own thread.
+            conn = sqlite3.connect(
+                self.directory / DB_FILE, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL: a commit reaches the OS before it returns, so a killed process loses nothing it
+            # acknowledged; only a power cut can drop the last commits (FULL would fsync every write).
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left in free pages
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    @contextmanager
+    def _write(self):
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front, so it never deadlocks."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self):
+        """One read transaction: every query inside sees the same snapshot."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _unlock(self) -> Cipher:
+        self._conn().executescript(SCHEMA)
+        with self._write() as conn:
+            settings = dict(conn.execute("SELECT name, value FROM settings"))
+            passphrase = _passphrase()
+            if "kdf" not in settings:  # a new store: choose its key
+                if passphrase is not None:
+                    salt = os.urandom(16)
+                    key, kdf = _scrypt(passphrase, salt), b"scrypt"
+                    conn.execute("INSERT INTO settings VALUES ('salt', ?)", (salt,))
+                else:
+                    key, kdf = _key_file(self.directory / KEY_FILE), b"keyfile"
+                cipher = Cipher(key)
+                conn.execute("INSERT INTO settings VALUES ('kdf', ?)", (kdf,))
+                conn.execute("INSERT INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
+                conn.execute("INSERT INTO settings VALUES ('key_check', ?)", (cipher.seal(_KEY_CHECK, b"key"),))
+                return cipher
+        if settings["kdf"] == b"scrypt":
+            if passphrase is None:
+                raise UserError(f"{self.directory} is encrypted with a passphrase: set LOCALPERS_PASSPHRASE")
+            key, wrong = _scrypt(passphrase, settings["salt"]), "wrong LOCALPERS_PASSPHRASE"
+        else:
+            if passphrase is not None:
+                raise UserError(
+                    f"{self.directory} is encrypted with its key file, not a passphrase: unset LOCALPERS_PASSPHRASE"
+                )
+            key_path = self.directory / KEY_FILE
+            if not key_path.exists():
+                raise UserError(f"{key_path} is missing: the history in {self.directory} cannot be decrypted")
+            key, wrong = _key_file(key_path), f"{key_path} is not the key of this store"
+        cipher = Cipher(key)
+        try:
+            cipher.open(settings["key_check"], b"key")
+        except InvalidTag:
+            raise UserError(f"{wrong}: cannot decrypt {self.directory / DB_FILE}") from None
+        if settings.get("layout") != str(LAYOUT).encode():
+            self._migrate_artifact_folders()
+        return cipher
+
+    def _migrate_artifact_folders(self) -> None:
+        """Layout 1 -> 2: move artifacts/<user id> to artifacts/_user-<row id> and rewrite the registered paths.
+        Safe to rerun after a crash at any point: a folder is moved only when its new place is free, and a
+        path is rewritten only while it still starts with the old folder."""
+        root = self.directory / "artifacts"
+        with self._write() as conn:
+            for user_id, name in conn.execute("SELECT id, name FROM users").fetchall():
+                old, new = root / name, self._user_folder(user_id)
+                if _NAME.fullmatch(name) and old.is_dir() and not new.exists():
+                    old.rename(new)
+                prefix = f"artifacts/{name}/"
+                for artifact_id, path in conn.execute("SELECT id, path FROM artifacts WHERE user_id = ?", (user_id,)).fetchall():
+                    if path.startswith(prefix):
+                        conn.execute("UPDATE artifacts SET path = ? WHERE id = ?",
+                                     (f"artifacts/{new.name}/{path[len(prefix):]}", artifact_id))
+            conn.execute("INSERT OR REPLACE INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
+
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier version up to this schema: the registry's method and sources
+        columns (method read from the old sealed meta), item text removed from artifact meta (only the method
+        and numbers are kept), and one current artifact per (user, method, kind, base model), the newest."""
+        columns = {row[1] for row in self._conn().execute("PRAGMA table_info(artifacts)")}
+        if set(ARTIFACT_COLUMNS) <= columns:
+            return
+        with self._write() as conn:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(artifacts)")}
+            for name, definition in ARTIFACT_COLUMNS.items():
+                if name not in columns:
+                    conn.execute(f"ALTER TABLE artifacts ADD COLUMN {name} {definition}")
+            for artifact_id, user_id, sealed in conn.execute("SELECT id, user_id, meta FROM artifacts").fetchall():
+                meta = json.loads(self.cipher.open(sealed, b"%d:artifact" % user_id))
+                method = meta.get("method") if isinstance(meta.get("method"), str) else ""
+                kept = {k: v for k, v in meta.items() if k == "method" or isinstance(v, (int, float, bool))}
+                conn.execute("UPDATE artifacts SET method = ?, meta = ? WHERE id = ?",
+                             (method, self.cipher.seal(encode_meta(kept), b"%d:artifact" % user_id), artifact_id))
+            stale = conn.execute(
+                "SELECT a.id, a.user_id, a.path FROM artifacts a WHERE EXISTS"
+                " (SELECT 1 FROM artifacts b WHERE b.user_id = a.user_id AND b.method = a.method AND b.kind = a.kind"
+                " AND b.base_model_sha256 = a.base_model_sha256 AND b.id > a.id)").fetchall()
+            conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i, _, _ in stale])
+        for _, user_id, path in stale:
+            self._remove_files(user_id, [path])
+
+    # ----- users
+
+    def _user_id(self, conn, user: str) -> int:
+        row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown user {user!r}")
+        return row[0]
+
+    def _create_user(self, conn, user: str) -> int:
+        """The user's row id, creating the user if new (called inside a write transaction). Looked up first:
+        an INSERT OR IGNORE of an existing name would still use up an AUTOINCREMENT id."""
+        row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+        if row is not None:
+            return row[0]
+        return conn.execute("INSERT INTO users (name, created) VALUES (?, ?)", (check_user(user), time.time())).lastrowid
+
+    def users(self) -> list[str]:
+        return [name for (name,) in self._conn().execute("SELECT name FROM users ORDER BY id")]
+
+    # ----- items
+
+    def add(self, user: str, text, kind: str = "message", meta: dict | None = None, ts: float | None = None) -> int:
+        """Store one item and return its id; the user is created on first write."""
+        return self.add_many(user, [check_item(text, kind, meta, ts)])[0]
+
+    def add_many(self, user: str, items: list[tuple[str, float, bytes, bytes]]) -> list[int]:
+        """Store items validated by check_item, all in one transaction: all of them or none. A new preference queues an edit job for the user (the worker of `localpers serve` runs it)."""
+        with self._write() as conn:
+            user_id = self._create_user(conn, user)
+            return self._insert(conn, user_id, items)
+
+    def _insert(self, conn, user_id: int, items: list[tuple[str, float, bytes, bytes]]) -> list[int]:
+        text_aad, meta_aad = b"%d:text" % user_id, b"%d:meta" % user_id
+        ids = [
+            conn.execute(
+                "INSERT INTO items (user_id, kind, ts, text, meta) VALUES (?, ?, ?, ?, ?)",
+                (user_id, kind, ts, self.cipher.seal(text, text_aad), self.cipher.seal(meta, meta_aad)),
+            ).lastrowid
+            for kind, ts, text, meta in items
+        ]
+        if any(kind == names.PREFERENCE for kind, *_ in items):
+            self._queue(conn, user_id, names.EDIT)
+        return ids
+
+    def add_chat(self, user: str, messages: list[dict]) -> list[tuple[int, str]]:
+        """Store the user's own messages of a chat (role "user"; not the assistant's words) that are not stored
+        yet, as items of kind "message": a client resends the whole conversation every turn, so a message is
+        known by a keyed hash of the conversation up to and including it. Creates the user on first write.
+        Returns (item id, text) of the messages stored now. A deleted message is not stored again."""
+        checked, digests, prefix = [], [], hashlib.sha256()
+        for position, message in enumerate(messages):
+            prefix.update(json.dumps([position, message["role"], message["content"]]).encode("utf-8"))
+            if message["role"] == "user" and message["content"].strip():
+                checked.append(check_item(message["content"], "message", {"role": "user", "source": "chat"}))
+                digests.append(self.cipher.digest(prefix.digest()))
+        if not checked:
+            return []
+        with self._write() as conn:
+            user_id = self._create_user(conn, user)
+            new = [(item, digest) for item, digest in zip(checked, digests) if conn.execute(
+                "INSERT OR IGNORE INTO chat_seen (user_id, digest) VALUES (?, ?)", (user_id, digest)).rowcount]
+            ids = self._insert(conn, user_id, [item for item, _ in new])
+        return [(i, item[2].decode("utf-8")) for i, (item, _) in zip(ids, new)]
+
+    def replace_items(self, user: str, add: list[tuple[str, float, bytes, bytes]], delete: list[int]) -> list[int]:
+        """Add items and delete others in one transaction (a changed preference: the contradicted one goes,
+        with the artifacts derived from it). Returns the new items' ids."""
+        with self._write() as conn:
+            user_id = self._create_user(conn, user)
+            retired = self._delete(conn, user_id, delete) if delete else []
+            ids = self._insert(conn, user_id, add)
+        self._remove_files(user_id, retired)
+        return ids
+
+    def _decrypt_item(self, user_id, item_id, kind, ts, text, meta) -> dict:
+        return {
+            "id": item_id,
+            "kind": kind,
+            "ts": ts,
+            "text": self.cipher.open(text, b"%d:text" % user_id).decode("utf-8"),
+            "meta": json.loads(self.cipher.open(meta, b"%d:meta" % user_id)),
+        }
+
+    def items(self, user: str, kind: str | None = None) -> list[dict]:
+        """The user's items, oldest first, decrypted: dicts with id, kind, ts, text, meta."""
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+            sql, args = "SELECT id, kind, ts, text, meta FROM items WHERE user_id = ?", [user_id]
+            if kind is not None:
+                sql, args = sql + " AND kind = ?", args + [check_name("kind", kind)]
+            rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+        return [self._decrypt_item(user_id, *row) for row in rows]
+
+    def delete_item(self, user: str, item_id: int) -> None:
+        """Delete one item, and before returning every artifact derived from it (rows and files: not served
+        from the next request on); their recomputation is queued, as is an edit for a deleted preference."""
+        with self._write() as conn:
+            user_id = self._user_id(conn, user)
+            if not conn.execute("SELECT 1 FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).fetchone():
+                raise NotFoundError(f"user {user!r} has no item {item_id}")
+            retired = self._delete(conn, user_id, [item_id])
+        self._remove_files(user_id, retired)
+
+    def _delete(self, conn, user_id: int, item_ids: list[int]) -> list[str]:
+        """Inside a write: delete items, retire what was derived from them, queue the recomputations; returns
+        the retired artifact files (to remove once committed). Preferences learned from a deleted chat message
+        (meta "message", localpers.serve.learn) go with it."""
+        meta_aad = b"%d:meta" % user_id
+        item_ids = list(item_ids) + [
+            pref_id for pref_id, meta in conn.execute(
+                "SELECT id, meta FROM items WHERE user_id = ? AND kind = ?", (user_id, names.PREFERENCE))
+            if json.loads(self.cipher.open(meta, meta_aad)).get("message") in item_ids]
+        marks = ",".join("?" * len(item_ids))
+        kinds = {k for (k,) in conn.execute(
+            f"SELECT kind FROM items WHERE user_id = ? AND id IN ({marks})", (user_id, *item_ids))}
+        conn.execute(f"DELETE FROM items WHERE user_id = ? AND id IN ({marks})", (user_id, *item_ids))
+        conn.execute("UPDATE users SET deletions = deletions + 1 WHERE id = ?", (user_id,))
+        paths, methods = self._retire_derived(conn, user_id, item_ids)
+        if names.PREFERENCE in kinds:
+            methods.add(names.EDIT)
+        for method in sorted(methods & set(names.TRAINED_METHODS)):
+            self._queue(conn, user_id, method)
+        return paths
+
+    # ----- search
+
+    def search(self, user: str, query: str, k: int = 5, mode: str = "bm25") -> list[dict]:
+        """The user's k items most relevant to query, best first, each with a "score" (BM25; cosine
+        similarity for dense; reciprocal-rank fusion of both for hybrid). Items matching no query term
+        are not returned by BM25."""
+        if not isinstance(query, str) or not query.strip():
+            raise UserError("the search query is empty")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+            raise UserError(f"k must be an integer from 1 to 1000, not {k!r}")
+        if mode not in SEARCH_MODES:
+            raise UserError(f"unknown search mode {mode!r}: use one of {', '.join(SEARCH_MODES)}")
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+        pool = max(k, 50) if mode == "hybrid" else k
+        rankings = []
+        if mode in ("bm25", "hybrid"):
+            rankings.append(self._search_bm25(user_id, query, pool))
+        if mode in ("dense", "hybrid"):
+            rankings.append(self._search_dense(user_id, query, pool))
+        ranking = rankings[0][:k] if len(rankings) == 1 else fuse(rankings, k)
+        return self._items_by_id(user_id, ranking)
+
+    def _items_by_id(self, user_id: int, ranking: list[tuple[int, float]]) -> list[dict]:
+        ids = [item_id for item_id, _ in ranking]
+        rows = self._conn().execute(
+            f"SELECT id, kind, ts, text, meta FROM items WHERE id IN ({','.join('?' * len(ids))})", ids
+        )
+        found = {row[0]: self._decrypt_item(user_id, *row) for row in rows}
+        return [found[item_id] | {"score": score} for item_id, score in ranking if item_id in found]
+
+    def _catch_up(self, index, user_id: int, new_rows: str, params: tuple, decode) -> None:
+        """Bring an in-memory index level with the database, whoever wrote to it: add the rows newer than the
+        index's newest (ids only grow), and when the user's deletion count has moved, drop the ids now gone."""
+        with self._read() as conn:
+            for item_id, blob in conn.execute(new_rows, (*params, index.max_id)).fetchall():
+                index.add(item_id, decode(blob))
+            row = conn.execute("SELECT deletions FROM users WHERE id = ?", (user_id,)).fetchone()
+            if row is None:
+                raise NotFoundError("the user was deleted during the search")
+            if row[0] != index.deletions_seen:
+                live = {item_id for (item_id,) in conn.execute("SELECT id FROM items WHERE user_id = ?", (user_id,))}
+                for gone in index.ids() - live:
+                    index.remove(gone)
+                index.deletions_seen = row[0]
+
+    def _search_bm25(self, user_id: int, query: str, k: int) -> list[tuple[int, float]]:
+        with self._index_lock:
+            index = self._bm25.setdefault(user_id, BM25Index())
+            aad = b"%d:text" % user_id
+            self._catch_up(
+                index,
+                user_id,
+                "SELECT id, text FROM items WHERE user_id = ? AND id > ? ORDER BY id",
+                (user_id,),
+                lambda blob: self.cipher.open(blob, aad).decode("utf-8"),
+            )
+            return index.search(query, k)
+
+    def _search_dense(self, user_id: int, query: str, k: int) -> list[tuple[int, float]]:
+        if self.embedder is None:
+            self.embedder = make_embedder()
+        model = self.embedder.name
+        self._embed_missing(user_id, model)
+        query_vector = self.embedder.embed([query])[0]
+        with self._index_lock:
+            index = self._dense.setdefault((user_id, model), DenseIndex())
+            aad = b"%d:vector" % user_id
+            self._catch_up(
+                index,
+                user_id,
+                "SELECT v.item_id, v.vector FROM vectors v JOIN items i ON i.id = v.item_id"
+                " WHERE i.user_id = ? AND v.model = ? AND v.item_id > ? ORDER BY v.item_id",
+                (user_id, model),
+                lambda blob: np.frombuffer(self.cipher.open(blob, aad), dtype=np.float32),
+            )
+            return index.search(query_vector, k)
+
+    def _embed_missing(self, user_id: int, model: str, batch: int = 64) -> None:
+        """Embed the items that have no vector for this model yet. This runs at search time, never on the
+        write path, and each vector is stored (encrypted) so it is computed once."""
+        text_aad, vector_aad = b"%d:text" % user_id, b"%d:vector" % user_id
+        missing = self._conn().execute(
+            "SELECT id, text FROM items WHERE user_id = ? AND id NOT IN (SELECT item_id FROM vectors WHERE model = ?)",
+            (user_id, model),
+        ).fetchall()
+        for start in range(0, len(missing), batch):
+            rows = missing[start : start + batch]
+            vectors = self.embedder.embed([self.cipher.open(blob, text_aad).decode("utf-8") for _, blob in rows])
+            with self._write() as conn:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO vectors (item_id, model, vector) SELECT ?, ?, ? WHERE EXISTS"
+                    " (SELECT 1 FROM items WHERE id = ?)",
+                    [
+                        (item_id, model, self.cipher.seal(vector.astype(np.float32).tobytes(), vector_aad), item_id)
+                        for (item_id, _), vector in zip(rows, vectors)
+                    ],
+                )
+
+    # ----- artifacts: the registry
+
+    def _user_folder(self, user_id: int) -> Path:
+        """A user's artifact folder, named after their row id (never after the user id string, which may be any
+        text); row ids are never reused (AUTOINCREMENT), so a forgotten user's folder is never inherited."""
+        return self.directory / "artifacts" / f"_user-{user_id}"
+
+    def artifact_dir(self, user: str) -> Path:
+        """Where the user's artifact files live (created, with the user); forget deletes it."""
+        with self._write() as conn:
+            path = self._user_folder(self._create_user(conn, user))
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+
+    def register_artifact(
+        self, user: str, kind: str, path: str | os.PathLike, base_model_sha256: str, meta: dict | None = None,
+        *, job: int | None = None,
+    ) -> int:
+        """Make an artifact the user's current one for (meta["method"], kind, base model) and return its id.
+
+        The registry holds one current artifact per (user, method, kind, base model): the one it replaces is
+        deleted, row and file. meta["sources"] lists the ids of the items it was derived from (never their
+        text); they must all still exist, and deleting one later retires the artifact. A file or folder
+        outside artifact_dir(user) is copied in, so that forget deletes it. Raises NotFoundError for an
+        unknown (or forgotten) user; StaleError when a source item is gone or `job` (the job making the
+        artifact) is no longer running (cancelled by forget), in which case nothing is written."""
+        check_name("artifact kind", kind)
+        if not isinstance(base_model_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", base_model_sha256):
+            raise UserError(f"base_model_sha256 must be 64 lower-case hex digits, not {base_model_sha256!r}")
+        meta = dict(meta or {})
+        method = meta.get("method", "")
+        if not isinstance(method, str):
+            raise UserError(f'meta["method"] must be a method name, not {method!r}')
+        sources = meta.pop("sources", [])
+        if not isinstance(sources, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in sources):
+            raise UserError(f'meta["sources"] must be a list of item ids, not {sources!r}')
+        sources = sorted(set(sources))
+        source = Path(path).resolve()
+        if not source.exists():
+            raise UserError(f"{source}: no such artifact file")
+        meta_bytes = encode_meta(meta)
+        with self._write() as conn:
+            user_id = self._user_id(conn, user)
+            if job is not None:
+                row = conn.execute("SELECT state FROM jobs WHERE id = ? AND user_id = ?", (job, user_id)).fetchone()
+                if row is None or row[0] != "running":
+                    raise StaleError(f"job {job} was cancelled: its artifact is not registered")
+            if sources:
+                found = {i for (i,) in conn.execute(
+                    f"SELECT id FROM items WHERE user_id = ? AND id IN ({','.join('?' * len(sources))})",
+                    (user_id, *sources))}
+                if len(found) != len(sources):
+                    raise StaleError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not registered")
+            folder = self._user_folder(user_id)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder = folder.resolve()
+            (version,) = conn.execute(
+                "SELECT coalesce(max(version), 0) + 1 FROM artifacts WHERE user_id = ? AND kind = ?", (user_id, kind)
+            ).fetchone()
+            replaced = conn.execute(
+                "SELECT id, path FROM artifacts WHERE user_id = ? AND method = ? AND kind = ? AND base_model_sha256 = ?",
+                (user_id, method, kind, base_model_sha256)).fetchall()
+            conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i, _ in replaced])
+            if not source.is_relative_to(folder):
+                target = folder / f"{method or kind}-{kind}-v{version}-{source.name}"
+                if source.is_dir():
+                    shutil.copytree(source, target)
+                else:
+                    shutil.copy2(source, target)
+                source = target
+            relative = str(source.relative_to(self.directory.resolve()))
+            artifact_id = conn.execute(
+                "INSERT INTO artifacts (user_id, kind, version, path, base_model_sha256, meta, created, method, sources)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (user_id, kind, version, relative, base_model_sha256,
+                 self.cipher.seal(meta_bytes, b"%d:artifact" % user_id), time.time(), method, json.dumps(sources)),
+            ).lastrowid
+        self._remove_files(user_id, [p for _, p in replaced if p != relative])
+        return artifact_id
+
+    def _remove_files(self, user_id: int, paths: list[str]) -> None:
+        """Delete retired artifact files (paths relative to the data directory), never outside the user's folder."""
+        folder = self._user_folder(user_id).resolve()
+        for relative in paths:
+            path = (self.directory / relative).resolve()
+            if path.is_relative_to(folder) and path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def artifacts(self, user: str, kind: str | None = None, base_model_sha256: str | None = None) -> list[dict]:
+        """The user's current artifacts, latest first: dicts with id, method, kind, version, path (absolute),
+        base_model_sha256, meta, sources (item ids) and created."""
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+            sql = ("SELECT id, method, kind, version, path, base_model_sha256, meta, sources, created FROM artifacts"
+                   " WHERE user_id = ?")
+            args = [user_id]
+            if kind is not None:
+                sql, args = sql + " AND kind = ?", args + [kind]
+            if base_model_sha256 is not None:
+                sql, args = sql + " AND base_model_sha256 = ?", args + [base_model_sha256]
+            rows = conn.execute(sql + " ORDER BY created DESC, id DESC", args).fetchall()
+        return [
+            {"id": artifact_id, "method": method, "kind": kind, "version": version, "path": str(self.directory / path),
+             "base_model_sha256": sha, "meta": json.loads(self.cipher.open(meta, b"%d:artifact" % user_id)),
+             "sources": json.loads(sources), "created": created}
+            for artifact_id, method, kind, version, path, sha, meta, sources, created in rows
+        ]
+
+    def latest_artifact(self, user: str, kind: str, base_model_sha256: str) -> dict | None:
+        """The user's newest artifact of this kind made for this base model, or None."""
+        return next(iter(self.artifacts(user, kind, base_model_sha256)), None)
+
+    def retire_artifacts(self, user: str, kind: str, base_model_sha256: str, method: str | None = None) -> int:
+        """Delete the user's artifacts of this kind made for this base model (by this method, when given),
+        rows and files: an adapter encodes the preferences it was made from. Returns how many there were."""
+        with self._write() as conn:
+            user_id = self._user_id(conn, user)
+            sql, args = "SELECT id, path FROM artifacts WHERE user_id = ? AND kind = ? AND base_model_sha256 = ?", \
+                [user_id, kind, base_model_sha256]
+            if method is not None:
+                sql, args = sql + " AND method = ?", args + [method]
+            gone = conn.execute(sql, args).fetchall()
+            conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i, _ in gone])
+        self._remove_files(user_id, [p for _, p in gone])
+        return len(gone)
+
+    def _retire_derived(self, conn, user_id: int, item_ids: list[int]) -> tuple[list[str], set[str]]:
+        """Inside a write: delete the artifact rows derived from any of `item_ids`; return their paths (for
+        _remove_files once committed) and their methods."""
+        rows = conn.execute(
+            f"SELECT DISTINCT a.id, a.path, a.method FROM artifacts a, json_each(a.sources) s WHERE a.user_id = ?"
+            f" AND s.value IN ({','.join('?' * len(item_ids))})", (user_id, *item_ids)).fetchall()
+        conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i, _, _ in rows])
+        return [p for _, p, _ in rows], {m for _, _, m in rows}
+
+    # ----- jobs: a persistent queue (localpers.serve.jobs runs them)
+
+    def _queue(self, conn, user_id: int, kind: str) -> int:
+        """Inside a write: queue a `kind` job for the user, unless one is already queued (not yet started: it
+        will see the newest data anyway). Returns the job's id."""
+        row = conn.execute("SELECT id FROM jobs WHERE user_id = ? AND kind = ? AND state = 'queued'",
+                           (user_id, kind)).fetchone()
+        if row:
+            return row[0]
+        return conn.execute("INSERT INTO jobs (user_id, kind, state, created) VALUES (?, ?, 'queued', ?)",
+                            (user_id, kind, time.time())).lastrowid
+
+    def supersede_queued(self, user: str, kind: str, before: float, by: str) -> int:
+        """Mark the user's `kind` jobs queued before `before` (a time.time()) done, with result {"superseded_by":
+        by}: a run by hand (`localpers personalize`) that started after they were queued already did their work.
+        Returns how many were settled; jobs queued later (new data) stay queued."""
+        with self._write() as conn:
+            cur = conn.execute("UPDATE jobs SET state = 'done', result = ?, finished = ? WHERE state = 'queued' AND"
+                               " kind = ? AND created < ? AND user_id = (SELECT id FROM users WHERE name = ?)",
+                               (json.dumps({"superseded_by": by}), time.time(), kind, before, user))
+        return cur.rowcount
+
+    def queue_job(self, user: str, kind: str) -> dict:
+        """Queue a job of `kind` (a method name: names.EDIT, ...) for a known user; returns it (an already
+        queued one of the same kind, if any)."""
+        check_name("job kind", kind)
+        with self._write() as conn:
+            job_id = self._queue(conn, self._user_id(conn, user), kind)
+        return self.job(job_id)
+
+    def _job_dict(self, row) -> dict:
+        job_id, user, user_id, kind, state, reason, result, created, started, finished = row
+        return {"id": job_id, "object": "job", "user": user, "kind": kind, "state": state,
+                "reason": self.cipher.open(reason, b"%d:job" % user_id).decode("utf-8") if reason else None,
+                "result": json.loads(result), "created": created, "started": started, "finished": finished}
+
+    _JOB_SELECT = ("SELECT j.id, u.name, u.id, j.kind, j.state, j.reason, j.result, j.created, j.started, j.finished"
+                   " FROM jobs j JOIN users u ON u.id = j.user_id")
+
+    def jobs(self, user: str) -> list[dict]:
+        """The user's jobs, newest first: dicts with id, kind, state (queued, running, done, failed), reason
+        (why it failed), result, and created/started/finished times."""
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+            rows = conn.execute(self._JOB_SELECT + " WHERE j.user_id = ? ORDER BY j.id DESC", (user_id,)).fetchall()
+        return [self._job_dict(row) for row in rows]
+
+    def job(self, job_id: int) -> dict | None:
+        row = self._conn().execute(self._JOB_SELECT + " WHERE j.id = ?", (job_id,)).fetchone()
+        return self._job_dict(row) if row else None
+
+    def claim_job(self, kinds=None) -> dict | None:
+        """Mark the oldest queued job (of one of `kinds`, if given) running and return it, or None."""
+        with self._write() as conn:
+            sql, args = "SELECT id FROM jobs WHERE state = 'queued'", []
+            if kinds is not None:
+                sql, args = sql + f" AND kind IN ({','.join('?' * len(kinds))})", list(kinds)
+            row = conn.execute(sql + " ORDER BY id LIMIT 1", args).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE jobs SET state = 'running', started = ? WHERE id = ?", (time.time(), row[0]))
+        return self.job(row[0])
+
+    def finish_job(self, job_id: int, state: str, reason: str | None = None, result: dict | None = None) -> None:
+        """Record a running job's end (done or failed). A job cancelled meanwhile (forget) stays gone."""
+        if state not in ("done", "failed"):
+            raise ValueError(f"a job ends done or failed, not {state!r}")
+        with self._write() as conn:
+            row = conn.execute("SELECT user_id FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return
+            sealed = self.cipher.seal(reason.encode("utf-8"), b"%d:job" % row[0]) if reason else ""
+            conn.execute("UPDATE jobs SET state = ?, reason = ?, result = ?, finished = ? WHERE id = ?",
+                         (state, sealed, json.dumps(result or {}), time.time(), job_id))
+
+    def requeue_running(self) -> int:
+        """Put jobs left running by a process that died back in the queue (a worker calls it once at start)."""
+        with self._write() as conn:
+            return conn.execute("UPDATE jobs SET state = 'queued', started = NULL WHERE state = 'running'").rowcount
+
+    def mark_artifact_broken(self, user: str, path: str | os.PathLike, reason: str) -> int:
+        """Record in the metadata of the user's artifact(s) at `path` that the served path could not load them
+        (meta["broken"] = reason); store.artifacts and export show it. Returns how many rows were marked."""
+        target = Path(path).resolve()
+        marked = [a for a in self.artifacts(user) if Path(a["path"]).resolve() == target
+                  and a["meta"].get("broken") != reason]
+        if marked:
+            with self._write() as conn:
+                user_id = self._user_id(conn, user)
+                for a in marked:
+                    meta = encode_meta({**a["meta"], "broken": reason})
+                    conn.execute("UPDATE artifacts SET meta = ? WHERE user_id = ? AND kind = ? AND version = ?",
+                                 (self.cipher.seal(meta, b"%d:artifact" % user_id), user_id, a["kind"], a["version"]))
+        return len(marked)
+
+    # ----- export and forget
+
+    def export(self, user: str) -> dict:
+        """Everything held about the user, decrypted: items, artifacts, and how many embeddings of each model."""
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+            (created,) = conn.execute("SELECT created FROM users WHERE id = ?", (user_id,)).fetchone()
+            vectors = dict(
+                conn.execute(
+                    "SELECT v.model, count(*) FROM vectors v JOIN items i ON i.id = v.item_id"
+                    " WHERE i.user_id = ? GROUP BY v.model",
+                    (user_id,),
+                )
+            )
+        return {
+            "user": user,
+            "created": created,
+            "items": self.items(user),
+            "artifacts": self.artifacts(user),
+            "vectors": vectors,
+        }
+
+    def forget(self, user: str) -> None:
+        """Delete everything held about the user: artifact files, then rows (items, vectors, artifacts),
+        then VACUUM and truncate the WAL, so that neither the text nor its ciphertext is left in the files."""
+        with self._read() as conn:
+            shutil.rmtree(self._user_folder(self._user_id(conn, user)), ignore_errors=True)
+        with self._write() as conn:
+            user_id = self._user_id(conn, user)
+            conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts, jobs
+        # again: a job may have registered a file between the first removal and the delete (after it, a
+        # registration finds no user and writes nothing)
+        shutil.rmtree(self._user_folder(user_id), ignore_errors=True)
+        with self._index_lock:
+            self._bm25.pop(user_id, None)
+            for key in [key for key in self._dense if key[0] == user_id]:
+                del self._dense[key]
+        conn = self._conn()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("VACUUM")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise UserError(
+                f"{user!r} is deleted, but another process holds {self.directory / DB_FILE} open:"
+                " the file is scrubbed only once it closes"
+            )
