@@ -56,6 +56,9 @@ def _env(flwr_home: Path) -> dict:
     # the Flower subprocesses (flwr-serverapp, flwr-clientapp) must import this localpers
     root = str(Path(__file__).resolve().parents[2])  # the folder holding the localpers package
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # Flower's processes start each other by name (flower-superlink starts flower-superexec): find them next to
+    # this interpreter even when its virtual environment is not activated (a venv's bin/ is not on PATH then)
+    env["PATH"] = str(Path(sys.executable).parent) + (os.pathsep + env["PATH"] if env.get("PATH") else "")
     return env
 
 
