@@ -75,8 +75,8 @@ def test_users_lists_the_users_a_store_holds(tmp_path, capsys):
         store.add("alice", "Lentil soup was great.")
         store.add("john doe", "Hello")
     assert main(["users", "--data-dir", str(tmp_path)]) == 0
-    assert capsys.readouterr().out.splitlines() == ["alice  2 items (1 preferences), 0 artifacts",
-                                                    "john doe  1 items (0 preferences), 0 artifacts"]
+    assert capsys.readouterr().out.splitlines() == ["alice  2 items (1 preference), 0 artifacts",
+                                                    "john doe  1 item (0 preferences), 0 artifacts"]
     assert main(["users", "--data-dir", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[1] == {"user": "john doe", "items": 1, "preferences": 0,
                                                       "artifacts": 0}
@@ -234,3 +234,26 @@ def test_eval_prints_its_results_and_the_world_task_is_labelled_world(tmp_path, 
     assert "| method | items | mc_acc |" in out.stdout and "| rag | 2 |" in out.stdout, out.stdout
     assert "paired with base" in out.stdout and str(tmp_path / "w" / "report.md") in out.stdout
     assert "world questions" in out.stderr and "upqa:" not in out.stderr
+
+
+def test_serve_lora_for_another_model_fails_the_load_with_its_reason(tmp_path, tiny_llama, capfd):
+    """An adapter llama.cpp refuses for the served model (wrong shapes) is no silent no-op: the load fails, /health
+    says so, and the server's log names the file."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from localpers.model.gguf_write import write_lora
+    from localpers.serve.server import create_app
+
+    foreign = write_lora(tmp_path / "foreign.gguf", "llama",
+                         {"blk.1.ffn_down": (np.zeros((1, 7), np.float32), np.zeros((5, 1), np.float32))}, 1.0)
+    app = create_app(tiny_llama, data_dir=str(tmp_path / "home"), lora=[foreign])
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        for _ in range(600):
+            if client.get("/health").status_code != 503:
+                break
+            time.sleep(0.05)
+        assert client.get("/health").status_code == 500
+    app.state.store.close()
+    assert f"--lora {foreign}" in capfd.readouterr().err

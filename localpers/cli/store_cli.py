@@ -34,10 +34,16 @@ def cmd_users(args):
         users = store.user_counts()
     if args.json:
         print(json.dumps(users, ensure_ascii=False, indent=1))
-    elif not users:
+        return
+    if not users:
         print(f"no users in {store.directory} (add one: localpers remember --user NAME TEXT)")
-    for u in users if not args.json else ():
-        print(f"{u['user']}  {u['items']} items ({u['preferences']} preferences), {u['artifacts']} artifacts")
+    for u in users:
+        print(f"{u['user']}  {_count(u['items'], 'item')} ({_count(u['preferences'], 'preference')}), "
+              f"{_count(u['artifacts'], 'artifact')}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def cmd_remember(args):
@@ -55,7 +61,7 @@ def cmd_import(args):
         store.add_many(args.user, items)
     dropped = (f"; left out {items.dropped} chat message(s) not written by the user (the assistant's replies: a "
                f"history holds what the user wrote, as a served chat does)" if items.dropped else "")
-    print(f"imported {len(items)} items for {args.user} from {args.file}{dropped}")
+    print(f"imported {_count(len(items), 'item')} for {args.user} from {args.file}{dropped}")
 
 
 def cmd_history(args):

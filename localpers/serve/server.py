@@ -549,7 +549,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
 
         try:
             loaded = Engine(model_path)
-            if broken := loaded.usable(everyone)[1]:
+            if everyone.lora and (broken := loaded.usable(everyone)[1]):
                 loaded.close()
                 raise UserError(f"--lora {broken[0][0]}: {broken[0][1]}")
             app.state.engine = loaded
