@@ -25,13 +25,15 @@ SKIPPED = {
     "localpers train": "needs LaMP/LongLaMP data (tests/test_training.py trains on a small file)",
     "localpers import --user alice reviews.json": "needs the user's own writing (tests/test_training.py imports some)",
     "localpers personalize --user alice --method perce": "needs 8+ items of the user's writing (tests/test_training.py)",
+    "localpers personalize --user alice --method logo": "a LoGo round with CAA steering over every user of the store "
+                                                        "(tests/test_cli_newcomer.py runs it on a small model)",
     "python3 -m pytest": "the whole test suite",
     "localpers serve": "starts a server that runs until stopped (tests/test_server.py serves the app)",
     "curl ": "needs a running server",
     "mutmut ": "mutation testing: hours of test runs (BENCHMARKS.md)",
 }
 # Small values for the options that size a run, so that every eval command finishes in seconds to minutes.
-SMALL = {"--users": "3", "--communities": "2", "--steps": "2", "--turns": "0,1"}
+SMALL = {"--users": "3", "--communities": "2", "--steps": "2", "--turns": "0,1", "--limit": "1"}
 
 
 DOCUMENTS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
