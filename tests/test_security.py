@@ -185,6 +185,6 @@ def test_top_logprobs_bounds_and_logprobs_alone(client):
     r = chat(client, logprobs=True, top_logprobs=20)
     assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 20
     for fields in ({"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1},
-                   {"top_logprobs": 2}, {"logprobs": False, "top_logprobs": 2}):
+                   {"top_logprobs": 2}, {"top_logprobs": 0}, {"logprobs": False, "top_logprobs": 2}):
         r = chat(client, **fields)
         assert r.status_code == 400 and "top_logprobs" in r.json()["error"]["message"], (fields, r.text)
