@@ -234,3 +234,37 @@ def test_invariant_a_failing_job_is_recorded_failed_with_its_reason_and_a_good_o
             assert (got.get("reason") or None) == reason, got
         assert not worker.run_one(engine=object())  # nothing queued: nothing run
         assert sorted(j["state"] for j in store.jobs("alice")) == [names.DONE, names.FAILED, names.FAILED]
+
+
+def test_invariant_the_composer_explains_exactly_what_it_served_and_for_which_model(tmp_path, monkeypatch):
+    """The explanation's keys and values, the spec as normalized, preferences only of kind preference, artifacts
+    only of the served model, an unknown user served as themselves with nothing, the engine handed through
+    (mutation survivors of serve/compose.py, docs/history/mutation/)."""
+    from localpers.serve.compose import Composer, served_user
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    composer = Composer(" edit +  rag ")
+    assert composer.spec == "edit+rag"
+    with Store.open(tmp_path / "data") as store:
+        store.add("alice", "I am vegetarian.", kind=names.PREFERENCE)
+        note = store.add("alice", "I cooked lentil curry.")
+        src = tmp_path / "a.gguf"
+        src.write_bytes(b"adapter")
+        mine = store.register_artifact("alice", names.LORA, src, SHA, meta={"method": names.EDIT, "sources": []})
+        store.register_artifact("alice", names.CONTROL_VECTOR, src, "cd" * 32, meta={"method": names.EDIT, "sources": []})
+        user = served_user(store, "alice", SHA, [])
+        assert user.id == "alice" and user.preferences == ("I am vegetarian.",)
+        assert [(a.method, a.kind, a.id) for a in user.registered] == [(names.EDIT, names.LORA, mine)]
+        served = composer(user, "lentil curry", engine=None)
+        assert served.artifacts.control_vectors == ()  # the other model's control vector is not served
+        assert composer.explain(user, served) == {
+            "composition": "edit+rag", "artifacts": [{"method": names.EDIT, "kind": names.LORA, "id": mine}],
+            "retrieved": [note]}
+        nobody = served_user(store, "bob", SHA, [])
+        assert nobody.id == "bob" and nobody.registered == () and nobody.preferences == ()
+        assert served_user(store, "alice", SHA, []).search("   ", 3) == []
+    engine = object()
+    seen = []
+    object.__setattr__(composer, "_method", lambda user, query, e: seen.append((user.id, query, e)))
+    composer(user, "q", engine)
+    assert seen == [("alice", "q", engine)]
