@@ -522,7 +522,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         the client never sees the server's paths)."""
         if not user:
             return messages, Artifacts(), {"composition": names.BASE, "artifacts": [], "retrieved": []}
-        person = served_user(store, user, model_sha256(engine.model_path), messages)
+        person = served_user(store, user, model_sha256(engine.model_path), messages,
+                             preferences=composer.needs_preferences)
         personalized = composer(person, last_user_message(messages), engine)
         usable, broken = engine.usable(personalized.artifacts)
         for path, reason in broken:
