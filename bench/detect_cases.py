@@ -217,4 +217,9 @@ DEV = [
     ("other", "I was in Paris last week.", []),
     ("other", "I'd like a recipe with chickpeas.", []),
     ("other", "I want you to write shorter answers.", []),
+    ("compound", "I'm vegetarian, what should I cook tonight?", ["diet=vegetarian"]),
+    ("compound", "I am 25 and I love sushi, what should I eat?", ["age=25", "likes=sushi"]),
+    ("other", "Do I live in Paris, or in Lyon?", []),
+    ("other", "My sister is vegan, what should I cook for her?", []),
+    ("other", "If I move to Paris, what should I see?", []),
 ]

@@ -1,5 +1,9 @@
-"""Stated preferences in chat messages, found without a model: `detect_preferences(text)` and
-`merge_preferences(existing, new)`.
+"""Facts about the speaker in chat messages, found without a model: `detect_facts(text)` (atomic facts with an
+attribute and a value, or retirements), `detect_preferences(text)` (their first-person statements) and
+`merge_preferences(existing, new)`. A message is first reduced to the speaker's own words (quoted speech, pasted
+text after an introduction, '>' lines, lyrics and stories dropped), then each sentence is split into clauses, and
+each first-person clause gives at most one fact (detect_facts says which). The sentence rules below decide
+whether a clause of no known attribute is still a lasting statement about the user (attribute "about").
 
 The write path of `localpers serve` must stay fast (no LLM call per message), so detection is a small set of
 readable rules over sentences. A sentence is a stated preference when, after an optional lead-in ("remember
@@ -17,6 +21,7 @@ benchmarks' questions (negatives): `python3 bench/bench_detect.py`, figures in B
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------- sentences
 
@@ -154,90 +159,56 @@ def detect_preferences(text: str) -> list[str]:
 
 # ---------------------------------------------------------------- merging
 
-_VERB = (r"(?:really |absolutely |strongly |truly |also |just |totally |completely |)"
-         r"(?:like|love|enjoy|prefer|adore|hate|dislike|avoid|despise|loathe|detest|can't stand|cannot stand|eat|drink|"
-         r"watch|listen to|play|read|wear|use|am a fan of|'m a fan of|am allergic to|'m allergic to|am into|'m into)")
-# Single-valued attributes: two statements with the same key are about the same thing, so the later one wins.
-_ATTRIBUTES = (
-    ("location", re.compile(r"\bi (?:now |currently )?(?:live|reside|am living|'m living) in\b|"
-                            r"\bi(?:'ve| have)? moved to\b|\bi am based in\b|\bi'm based in\b", re.I)),
-    ("job", re.compile(r"\bi (?:now |currently )?work (?:as|at|for|in)\b|\bmy (?:job|profession) is\b|"
-                       r"\bi(?:'m| am) (?:now )?(?:an?|the) (?:\w+ )?(?:teacher|nurse|doctor|engineer|lawyer|student|"
-                       r"accountant|developer|programmer|designer|writer|chef|pediatrician|attorney|handyman)\b", re.I)),
-    ("diet", re.compile(r"\b(?:vegetarian|vegan|pescatarian|carnivore|omnivore|keto|paleo)\b|\beat meat\b", re.I)),
-    ("name", re.compile(r"\bmy name is\b|\bcall me\b", re.I)),
-    ("marital status", re.compile(r"\bi(?:'m| am) (?:now |not )?(?:married|single|divorced|engaged|widowed)\b", re.I)),
-    ("age", re.compile(r"\bi(?:'m| am) \d+(?: years old)?\b", re.I)),
-)
-_FAVOURITE = re.compile(r"\bmy (?:\w+ )?favou?rite ([\w ]+?) (?:is|are)\b", re.I)
 _WORDS = re.compile(r"[a-z0-9]+")
-_STOP = frozenset("a an the i i'm im my me to of and or any all very really so much too as in on at for with".split())
 
 
 def _normal(text: str) -> str:
     return " ".join(_WORDS.findall(text.translate(_QUOTES).lower()))
 
 
-def _key(statement: str) -> tuple[str, str | None]:
-    """(attribute key, object) of a statement; object is None for single-valued attributes. Two statements with
-    the same key and object are about the same thing, whatever their polarity."""
-    s = statement.translate(_QUOTES)
-    if m := _FAVOURITE.search(s):
-        return ("favourite " + _normal(m.group(1)), None)
-    for name, pattern in _ATTRIBUTES:
-        if pattern.search(s):
-            return (name, None)
-    m = re.search(_VERB + r"\s+(.+)$", s, re.I)
-    obj = m.group(1) if m else s
-    words = [w for w in _WORDS.findall(obj.lower()) if w not in _STOP and w not in ("not", "don", "t", "do")]
-    return ("object", " ".join(words))
-
-
 def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
-    """The preferences after `new` (later) statements join `existing` ones, oldest first.
-
-    Rules: a statement equal to a kept one up to case and punctuation is a duplicate and is dropped; a later
-    statement about the same single-valued attribute (where I live, my job, my diet, my name, my favourite X, my
-    marital status, my age) replaces the earlier one; a later statement about the same thing with the opposite
-    polarity ("I like horror films" then "I don't like horror films") replaces it. Nothing else is removed."""
-    merged: list[str] = []
+    """The preferences after `new` (later) statements join `existing` ones, oldest first, by the rules the store
+    applies to learned facts (store.learn_chat), in one pass: a statement is keyed by the slot of the first fact
+    it states (detect_facts: the attribute for where I live, my diet, job, name, favourite X ...; the thing for a
+    like or dislike), else by its words; a later statement of the same key replaces the earlier one ("I like
+    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it.
+    Nothing else is removed."""
+    merged: dict[str, str] = {}
     for statement in [*existing, *new]:
         statement = statement.strip()
         if not statement:
             continue
-        norm, (key, obj) = _normal(statement), _key(statement)
-        kept = []
-        for old in merged:
-            old_key, old_obj = _key(old)
-            same_norm = _normal(old) == norm
-            same_attribute = old_key == key and (obj is None or (old_obj == obj and obj != ""))
-            if not (same_norm or same_attribute):
-                kept.append(old)
-        merged = kept + [statement]
-    return merged
+        found = detect_facts(statement)
+        key = found[0].slot if found else "text:" + _normal(statement)
+        merged.pop(key, None)
+        if not (found and found[0].retire):
+            merged[key] = statement
+    return list(merged.values())
 
 
 # ---------------------------------------------------------------- facts about the speaker
 
-SINGLE_VALUED = ("name", "age", "home", "origin", "job", "study", "diet", "relationship", "religion", "birthday")
+# Single-valued attributes (one fact each: a new value replaces the old): name, age, home, origin, job, study, diet,
+# relationship, religion and each "favourite <thing>".
 # Multi-valued attributes: one fact per thing (slot = attribute group and the thing); likes and dislikes of one
 # thing share a slot, so "I hate jazz" replaces "I love jazz".
 _SLOT_GROUP = {"likes": "taste", "dislikes": "taste", "allergy": "allergy", "language": "language", "pets": "pets",
                "about": "about"}
 
 
+@dataclass(frozen=True)
 class StatedFact:
-    """One atomic fact about the speaker found in a message: `attribute` (SINGLE_VALUED names, "favourite <thing>",
-    or the multi-valued likes, dislikes, allergy, language, pets, about), `value` as said ("Lyon"), `statement`
+    """One atomic fact about the speaker found in a message: `attribute` (a single-valued one: name, age, home,
+    origin, job, study, diet, relationship, religion, "favourite <thing>"; or the multi-valued likes, dislikes, allergy, language, pets, about), `value` as said ("Lyon"), `statement`
     (the first-person sentence it came from, "I live in Lyon.": what editing turns into an edit) and `retire`
     (True for "I'm not vegetarian anymore": the fact diet=vegetarian is withdrawn, nothing is stated).
 
     `slot` is what an update replaces (single-valued: the attribute; multi-valued: the attribute group and the
     thing, "taste:jazz"); `key` the normalized value that makes two statements the same fact."""
-    __slots__ = ("attribute", "value", "statement", "retire")
-
-    def __init__(self, attribute: str, value: str, statement: str, retire: bool = False):
-        self.attribute, self.value, self.statement, self.retire = attribute, value, statement, retire
+    attribute: str
+    value: str
+    statement: str
+    retire: bool = False
 
     @property
     def key(self) -> str:
@@ -248,15 +219,6 @@ class StatedFact:
         if self.attribute in _SLOT_GROUP:
             return f"{_SLOT_GROUP[self.attribute]}:{self.key}"
         return self.attribute
-
-    def __eq__(self, other):
-        return isinstance(other, StatedFact) and self.as_tuple() == other.as_tuple()
-
-    def __hash__(self):
-        return hash(self.as_tuple())
-
-    def as_tuple(self):
-        return (self.attribute, self.value, self.statement, self.retire)
 
     def __repr__(self):
         return f"{'-' if self.retire else ''}{self.attribute}={self.value!r} ({self.statement!r})"
@@ -283,7 +245,7 @@ _QUOTED = re.compile(r"\"[^\"\n]*\"|(?<![\w])'[^'\n]*[.!?,]'(?![\w])")
 _LYRIC_MARK = re.compile(r"^\s*[\[(](?:chorus|verse|bridge|intro|outro|refrain|hook)\b|[♪♫]", re.I | re.M)
 _INVENTED = re.compile(
     r"^(?:if|imagine|pretend|suppose|supposing|let's say|lets say|hypothetically|what if|in a world|in my story|"
-    r"once upon a time|write|compose|draft)\b|\brole[- ]?play\b|\bonce upon a time\b|\bthe end\b", re.I)
+    r"once upon a time|write|compose|draft)\b|\brole[- ]?play\b|\bonce upon a time\b", re.I)
 
 
 def _own_text(text: str) -> str:
@@ -528,7 +490,10 @@ def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
     found: list[StatedFact] = []
     for sentence in sentences(_own_text(text)):
         s = sentence.strip()
-        if s.endswith("?") or len(s) > 400:
+        if s.endswith("?"):  # "I'm vegetarian, what should I cook?": the statement before the question counts
+            m = _STATEMENT_THEN_QUESTION.match(s)
+            s = m.group(1) if m else ""
+        if not s or len(s) > 400:
             continue
         s = _strip_lead_in(s)
         s = re.sub(r"^(?:(?:quick|small|an?|one more|little) )?(?:update|correction|edit|ps|p\.s\.|note|fun fact|"
@@ -548,6 +513,11 @@ def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
                 if limit is not None and len(found) >= limit:
                     return found
     return found
+
+
+_STATEMENT_THEN_QUESTION = re.compile(
+    r"^(.+?)(?:\s*[,;:]\s*|\s+(?:so|and|but)\s+)(?:(?:so|and|but)\s+)?(?:what|how|which|where|when|who|why|can|"
+    r"could|would|should|do|does|any|is|are|will|got)\b[^,;]*\?$", re.I)
 
 
 def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
@@ -572,9 +542,6 @@ def _blocked(clause: str) -> bool:
     if _QUESTION_START.match(clause) and not _FIRST_PERSON.match(clause) and not _SELF_MY.match(clause) \
             and not re.match(r"^call me\b", clause, re.I):
         return True
-    after = re.sub(r"^(?:i|im)\b\s*", "", clause, flags=re.I)
-    if re.match(r"^i'm\b", clause, re.I):
-        after = "'m " + after[3:].lstrip() if after.lower().startswith("'m") else after
     if _FIRST_PERSON.match(clause) and _NOT_AFTER_I.match(re.sub(r"^i\b\s*", "", clause, flags=re.I)):
         return True
     if _FUTURE.search(clause) and not _PREFERENCE_WORDS.search(clause):
