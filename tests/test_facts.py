@@ -270,3 +270,15 @@ def test_remember_learns_like_chat(tmp_path, capsys):
     assert "(preference)" in capsys.readouterr().out
     with Store.open(tmp_path) as store:
         assert current(store, "kim") == {"diet": "vegetarian", "home": "Paris", None: "I like tea."}
+
+
+def test_a_store_made_before_the_facts_index_deletes_learned_preferences_with_their_message(tmp_path):
+    with Store.open(tmp_path) as store:
+        [message] = store.add_many("old", [("message", 1.0, b"I'm vegan.", b"{}")])
+        store.add("old", "I'm vegan.", kind=names.PREFERENCE, meta={"source": "chat", "message": message})
+        conn = store._conn()
+        conn.execute("DELETE FROM facts")
+        conn.execute("DELETE FROM settings WHERE name = 'facts_index'")
+    with Store.open(tmp_path) as store:  # the migration indexes the old preference by its message
+        store.delete_item("old", message)
+        assert store.items("old") == []

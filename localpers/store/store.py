@@ -659,11 +659,20 @@ class Store:
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
         if not checked:
             return out
+        # Detection runs before the write lock is taken, on the messages not seen yet (a resent conversation is
+        # not detected again); the transaction checks again which are new (a message seen before a concurrent
+        # forget is stored without its facts).
+        with self._read() as conn:
+            row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+            seen = {d for d in digests if row and conn.execute(
+                "SELECT 1 FROM chat_seen WHERE user_id = ? AND digest = ?", (row[0], d)).fetchone()}
+        found = {d: extract(item[2].decode("utf-8"), limit)[:limit] if extract else []
+                 for item, d in zip(checked, digests) if d not in seen}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            new = [item for item, digest in zip(checked, digests) if conn.execute(
+            new = [(item, found.get(digest) or []) for item, digest in zip(checked, digests) if conn.execute(
                 "INSERT OR IGNORE INTO chat_seen (user_id, digest) VALUES (?, ?)", (user_id, digest)).rowcount]
-            paths = self._learn(conn, user_id, new, extract, limit, out)
+            paths = self._learn(conn, user_id, new, out)
         self._remove_files(user_id, paths)
         return out
 
@@ -671,15 +680,17 @@ class Store:
         """Store one message the user typed (`localpers remember`) and learn the facts it states, as learn_chat
         does, in one transaction; the same text said twice is two messages. Returns learn_chat's dict."""
         item = check_item(text, "message", {"role": "user", "source": "remember"})
+        facts = extract(item[2].decode("utf-8"), limit)[:limit]
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            paths = self._learn(conn, user_id, [item], extract, limit, out)
+            paths = self._learn(conn, user_id, [(item, facts)], out)
         self._remove_files(user_id, paths)
         return out
 
-    def _learn(self, conn, user_id: int, items: list[tuple], extract, limit: int, out: dict) -> list[str]:
-        """Inside a write: insert message items and learn their facts, each through the facts index by keyed
+    def _learn(self, conn, user_id: int, items: list[tuple[tuple, list]], out: dict) -> list[str]:
+        """Inside a write: insert message items (validated, each with the facts found in it) and learn their
+        facts, each through the facts index by keyed
         hashes of (user, slot) and (user, attribute=value), O(log n) in the user's stored facts (no scan, no
         decryption but of the replaced facts' metadata):
 
@@ -689,14 +700,12 @@ class Store:
         - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held.
 
         New and deleted preferences queue the user's edit job. Returns the retired artifact files."""
-        ids = self._insert(conn, user_id, items)
+        ids = self._insert(conn, user_id, [item for item, _ in items])
         out["messages"] += ids
-        out["stored"] += [(i, item[2].decode("utf-8")) for i, item in zip(ids, items)]
+        out["stored"] += [(i, item[2].decode("utf-8")) for i, (item, _) in zip(ids, items)]
         paths: list[str] = []
-        for message_id, item in zip(ids, items):
-            if extract is None:
-                continue
-            for fact in extract(item[2].decode("utf-8"), limit)[:limit]:
+        for message_id, (_, facts) in zip(ids, items):
+            for fact in facts:
                 slot = self.cipher.digest(b"slot\0" + fact.slot.encode("utf-8"))
                 value = self.cipher.digest(f"value\0{fact.attribute}={fact.key}".encode("utf-8"))
                 held = conn.execute("SELECT item_id, value FROM facts WHERE user_id = ? AND slot = ?",
