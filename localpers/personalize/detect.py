@@ -292,14 +292,22 @@ _WE_WITH_ME = re.compile(r"^(?:my\s+[\w -]{1,30}?|[A-Z]\w+)\s+and\s+i\s+(?:are|'
 
 # Verbs and adjectives that may start a clause whose subject ("I") is left out: "I'm vegan and allergic to nuts".
 _CLAUSE_VERB = (r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|detest|prefer|avoid|have|own|speak|"
+                r"has|lives|works|loves|likes|enjoys|hates|speaks|owns|"
                 r"study|teach|grew|was|am|come|moved|play|eat|drink|follow|can't|cannot|don't|do not|never|"
                 r"no longer|also|now|still|really)")
 _CLAUSE_ADJ = (r"(?:vegetarian|vegan|pescatarian|allergic|married|single|divorced|engaged|widowed|retired|"
                r"gluten|lactose|from|an? \w+|\d{1,3}\b)")
 _CLAUSE_SPLIT = re.compile(
-    r"\s*(?:,\s*(?:and|but|while|yet|so)\s+|\s+(?:and|but|while|whereas|although|though|yet)\s+|,\s*)"
-    r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|"
-    + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADJ + r"))", re.I)
+    r"(\s*(?:,\s*(?:and|but|while|yet|so)\s+|\s+(?:and|but|while|whereas|although|though|yet)\s+|,\s*|"
+    r"\s+who\s+(?=\w+s\b)))"
+    r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|"
+    r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADJ + r"))", re.I)
+# A third-person verb after "who" ("I'm a nurse who lives in Lyon"), said of the speaker.
+_THIRD_PERSON_VERB = {"is": "am", "has": "have", "does": "do", "was": "was"}
+# A first-person clause that only points at another clause's predicate ("He's vegan but I'm not", "me too").
+_ELLIPTIC_SELF = re.compile(r"^(?:i(?:'m| am| do| did| have| was| will| can|'d|'ll)(?: not|n't)?|i (?:don't|didn't|"
+                            r"can't|won't|haven't|wasn't)|me(?: too| neither| either)?|so (?:am|do|have) i|"
+                            r"neither (?:am|do) i|same(?: here)?)(?: too| either| also| neither)?$", re.I)
 
 _ADVERBS = (r"(?:also|really|now|currently|still|actually|recently|just|definitely|totally|absolutely|generally|"
             r"usually|always|honestly|truly|officially|finally|originally|personally|mostly|strictly|kind of|"
@@ -383,6 +391,7 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
                  r"care for|wear|use|play) (?P<v>.+)$"),
     ("likes", r"^i'm (?:an? )?(?:big |huge |great |massive )?(?:fan of|lover of|into|passionate about|obsessed with|"
               r"crazy about|keen on|a fan of) (?P<v>.+)$"),
+    ("likes", r"^i'm an? (?:big |huge |great |massive |die-hard |lifelong )?(?P<v>[\w -]+?) fan$"),
     ("likes", r"^i " + _NEG_DO + r"(?:really |absolutely |totally |truly |do )?" + _LIKE + r" (?P<v>.+)$"),
 ]]
 _ANYMORE = re.compile(r"\b(?:any ?more|no longer|not \w+ any ?more|used to|stopped|quit)\b", re.I)
@@ -400,6 +409,8 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"\b(?:cannot|can not|cant)\b", "can't", c, flags=re.I)
     c = re.sub(r"^i(?:'ve| have) got\b", "i have", c, flags=re.I)
     c = re.sub(r"^i've\b", "i have", c, flags=re.I)
+    c = re.sub(r"^i have been\b(?! \w+ing\b| to\b)", "i'm", c, flags=re.I)
+    c = re.sub(r"\s+(?:lol|haha+|hehe|lmao|xd|:\)|:d|;\))$", "", c, flags=re.I)
     c = re.sub(r"^i used to be\b", "i'm no longer", c, flags=re.I)
     c = re.sub(r"^i used to\b", "i no longer", c, flags=re.I)
     for _ in range(3):
@@ -415,6 +426,8 @@ def _normal_clause(clause: str) -> str:
 
 def _clean_value(value: str, attribute: str) -> str:
     value = _VALUE_CUT.sub("", value.strip()) if attribute not in ("name", "favourite") else value
+    if attribute in ("job", "study"):  # "a graphic designer in Berlin": the job; the place is another fact
+        value = re.sub(r"\s+(?:in|at|from|near)\s+[A-Z].*$", "", value)
     value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
     return value
@@ -449,21 +462,35 @@ def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
 
 def _clauses(sentence: str) -> list[str] | None:
     """The clauses of a sentence with the speaker as subject, each made a whole first-person clause ("I'm vegan
-    and allergic to nuts" -> ["I'm vegan", "I'm allergic to nuts"]); clauses about someone else are left out,
-    and None says the whole sentence is about someone else ("I'm not vegetarian, my wife is")."""
-    parts = [p for p in _CLAUSE_SPLIT.split(sentence) if p and p.strip()]
-    out, subject = [], None
-    first = parts[0].strip() if parts else ""
+    and allergic to nuts" -> ["I'm vegan", "I'm allergic to nuts"]; "I'm a nurse who lives in Lyon" -> ["I'm a
+    nurse", "I live in Lyon"]); clauses about someone else are left out, and None says the whole sentence is
+    about someone else ("I'm not vegetarian, my wife is")."""
+    pieces = _CLAUSE_SPLIT.split(sentence)
+    parts, separators = pieces[0::2], [""] + pieces[1::2]
+    first = parts[0].strip()
     if not (_FIRST_PERSON.match(first) or _SELF_MY.match(first) or _WE_WITH_ME.match(first)
             or re.match(r"^(?:call me|my)\b", first, re.I) or _OTHER_SUBJECT.match(first)):
         return []  # "Let's start again, I have 100 coins.": the sentence is not a statement about anyone
-    for part in parts:
+    out, subject = [], None
+    for part, separator in zip(parts, separators):
         part = part.strip().strip(",;")
+        if not part:
+            continue
         if _ELLIPTIC_OTHER.match(part.rstrip(".!")):
             return None
         if m := _WE_WITH_ME.match(part):  # "my wife and I are vegetarian": true of the speaker too
             part = "I'm " + part[m.end():]
-        if _FIRST_PERSON.match(part) or _SELF_MY.match(part) or re.match(r"^call me\b", part, re.I):
+        if separator.strip().lower() == "who":
+            # "I'm a nurse who lives in Lyon": the speaker; "I have a sister who lives in Lyon": not
+            if subject is None or not out or not re.fullmatch(
+                    r"(?:i'm|im|i am) (?!.*\b(?:with|of|to|for|at|in|on|someone|somebody|anyone|people|one|ones|"
+                    r"person|guy|girl|friends?)\b)(?:an? )?(?:[\w-]+ ){0,2}[\w-]+", out[-1].strip(), re.I):
+                subject = None
+                continue
+            out.append(_first_person(part))
+        elif _ELLIPTIC_SELF.match(part.rstrip(".!")):
+            subject = None  # "He's vegan but I'm not": about the other's predicate
+        elif _FIRST_PERSON.match(part) or _SELF_MY.match(part) or re.match(r"^call me\b", part, re.I):
             subject = "I'm" if re.match(r"^(?:i'm|im|i am)\b", part, re.I) else "I"
             if _blocked(_normal_clause(part)):
                 subject = None  # "I'm bored at home and have a camera": what follows is the same situation
@@ -472,8 +499,21 @@ def _clauses(sentence: str) -> list[str] | None:
             subject = None
         elif subject is not None:
             verb_first = re.match(_CLAUSE_VERB + r"\b", part, re.I) and not re.match(r"^(?:am|was)\b", part, re.I)
-            out.append(("I " if verb_first else "I'm ") + re.sub(r"^(?:am|'m)\s+", "", part))
+            if subject == "I" and not verb_first and out:  # "I have two kids and a dog": one object
+                out[-1] += separator + part
+                continue
+            out.append(_first_person(part) if verb_first else "I'm " + re.sub(r"^(?:am|'m)\s+", "", part))
     return out
+
+
+def _first_person(predicate: str) -> str:
+    """A predicate said of the speaker: "lives in Lyon" -> "I live in Lyon", "is a nurse" -> "I'm a nurse"."""
+    verb, _, rest = predicate.partition(" ")
+    if verb.lower() in _THIRD_PERSON_VERB:
+        verb = _THIRD_PERSON_VERB[verb.lower()]
+    elif re.fullmatch(r"(?:live|work|love|like|enjoy|hate|speak|own)s", verb, re.I):
+        verb = verb[:-1]
+    return f"I {verb} {rest}".replace("I am ", "I'm ").strip()
 
 
 def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
@@ -501,13 +541,16 @@ def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
         s = re.sub(r"^(?:these days|nowadays|now|since (?:last|this) \w+|as of (?:now|today)|lately|currently|"
                    r"recently|at the moment|for (?:the )?record)\s*,?\s+(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         s = _INTRO.sub("", s)
+        s = re.sub(r"^(?:not anymore|no longer|nope|no|yes|yeah|yep|sure|right|lol|haha|wait|hmm+|so|well)\s*[,!.:]\s*"
+                   r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         if _INVENTED.search(s):
             break
         clauses = _clauses(s)
         if not clauses:
             continue
+        whole = s if len(clauses) == 1 and len(_CLAUSE_SPLIT.split(s)) == 1 else None
         for clause in clauses:
-            fact = _statement_fact(clause, whole=s if len(clauses) == 1 else None)
+            fact = _statement_fact(clause, whole=whole)
             if fact is not None and fact not in found:
                 found.append(fact)
                 if limit is not None and len(found) >= limit:
