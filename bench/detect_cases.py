@@ -234,4 +234,7 @@ DEV = [
     ("third-party", "He said he's vegan but I'm not.", []),
     ("third-party", "My sister is vegan and so am I.", []),
     ("third-party", "I'm friends with someone who lives in Paris.", ["about=*"]),
+    ("pasted", "Can you check my essay? It starts: I was born in Kenya and I love running.", []),
+    ("other", "I wish I lived in Paris.", []),
+    ("compound", "I write a blog post every week. I live in Lyon.", ["about=*", "home=lyon"]),
 ]

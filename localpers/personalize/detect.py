@@ -239,7 +239,9 @@ _PASTE_INTRO = re.compile(
     r"review|reply to|respond to|answer|analy[sz]e|shorten|format|critique|grade)\b[^.?!\n]{0,60}?"
     r"(?:\bthis\b|\bthese\b|\bthe following\b|\bbelow\b|:)"
     r"|\b(?:wrote|writes|said|says|posted|sent(?: me)?|commented|texted|tweeted|messaged)\b[^.?!\n]{0,40}:"
-    r"|\bhere(?:'s| is| are)\b[^.?!\n]{0,60}:|(?:^|\n)\s*(?:dear|hi|hello|hey) [A-Z][\w.]*,[ \t]*\n",
+    r"|\bhere(?:'s| is| are)\b[^.?!\n]{0,60}:|\b(?:it|this|that) (?:starts|goes|reads|says|begins)\b[^.?!\n]{0,20}:|"
+    r"\b(?:essay|e-?mail|letter|review|post|comment|draft|bio|poem|speech|paragraph|article|tweet|caption|"
+    r"lyrics|script|transcript|resume|cv)\b[^.!\n]{0,60}?[:?]|(?:^|\n)\s*(?:dear|hi|hello|hey) [A-Z][\w.]*,[ \t]*\n",
     re.I)
 _QUOTED = re.compile(r"\"[^\"\n]*\"|(?<![\w])'[^'\n]*[.!?,]'(?![\w])")
 _LYRIC_MARK = re.compile(r"^\s*[\[(](?:chorus|verse|bridge|intro|outro|refrain|hook)\b|[♪♫]", re.I | re.M)
@@ -581,7 +583,9 @@ def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
 
 def _blocked(clause: str) -> bool:
     """A first-person clause that is not about something lasting: a request, a thought about the task, a plan or
-    a situation of the day, a question."""
+    a situation of the day, a wish, a question."""
+    if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause, re.I):
+        return True
     if _QUESTION_START.match(clause) and not _FIRST_PERSON.match(clause) and not _SELF_MY.match(clause) \
             and not re.match(r"^call me\b", clause, re.I):
         return True
