@@ -214,6 +214,21 @@ def test_injected_email_stays_inside_the_history_block():
     assert rag_prefix([]) == "" and Personalized().user_prefix == ""
 
 
+def test_injected_markers_in_history_stay_text_on_the_served_model(default_model_path):
+    """The same e-mail served through the embedded ChatML model: its <|im_end|> is text, so the prompt holds the
+    control tokens of a plain one-turn chat and no more."""
+    from localpers.engine.engine import Engine
+    from localpers.engine.tokenizer import Tokenizer
+    from tests.test_chat_tokens import specials
+
+    tok = Tokenizer.from_gguf(default_model_path)
+    engine = Engine(default_model_path, n_ctx=512, n_threads=1)
+    user = User(id="ivy", search=lambda query, k: [(7, INJECTED)])
+    served = apply(rag(user, "Hi", None), [{"role": "user", "content": "Hi"}])
+    assert specials(tok, engine.chat_tokens(served)) == specials(tok, engine.chat_tokens(
+        [{"role": "user", "content": "Hi"}]))
+
+
 # ---------------------------------------------------------------- what the user is told
 
 @pytest.fixture(scope="module")

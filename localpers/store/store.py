@@ -751,16 +751,6 @@ class Store:
                         "message": meta.get("message"), "created": item["ts"], "status": "current"})
         return out
 
-    def replace_items(self, user: str, add: list[tuple[str, float, bytes, bytes]], delete: list[int]) -> list[int]:
-        """Add items and delete others in one transaction (a changed preference: the contradicted one goes,
-        with the artifacts derived from it). Returns the new items' ids."""
-        with self._write() as conn:
-            user_id = self._create_user(conn, user)
-            retired = self._delete(conn, user_id, delete) if delete else []
-            ids = self._insert(conn, user_id, add)
-        self._remove_files(user_id, retired)
-        return ids
-
     def _decrypt_item(self, user_id, item_id, kind, ts, text, meta) -> dict:
         return {
             "id": item_id,
