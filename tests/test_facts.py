@@ -103,6 +103,12 @@ def test_a_partial_update_replaces_only_the_fact_of_its_attribute(store):
     assert say(store, "ann", "I live in Paris.")["facts"] == []  # held already
 
 
+def test_a_message_correcting_itself_keeps_its_last_word(store):
+    learned = say(store, "al", "I live in Lyon. Sorry, I live in Paris.")
+    assert [f["attribute"] for f in learned["facts"]] == ["home"] and learned["replaced"] == []
+    assert current(store, "al") == {"home": "Paris"}
+
+
 def test_other_peoples_statements_leave_the_users_facts_alone(store):
     say(store, "bo", "I'm vegan.")
     for text in ("My sister is vegetarian.", "I'm not vegetarian, my wife is.", "My sister is vegan.",

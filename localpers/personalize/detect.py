@@ -198,10 +198,12 @@ _SLOT_GROUP = {"likes": "taste", "dislikes": "taste", "allergy": "allergy", "lan
 
 @dataclass(frozen=True)
 class StatedFact:
-    """One atomic fact about the speaker found in a message: `attribute` (a single-valued one: name, age, home,
-    origin, job, study, diet, relationship, religion, "favourite <thing>"; or the multi-valued likes, dislikes, allergy, language, pets, about), `value` as said ("Lyon"), `statement`
-    (the first-person sentence it came from, "I live in Lyon.": what editing turns into an edit) and `retire`
-    (True for "I'm not vegetarian anymore": the fact diet=vegetarian is withdrawn, nothing is stated).
+    """One atomic fact about the speaker found in a message.
+
+    `attribute`: a single-valued one (name, age, home, origin, job, study, diet, relationship, religion,
+    "favourite <thing>") or a multi-valued one (likes, dislikes, allergy, language, pets, about); `value` as said
+    ("Lyon"); `statement`: the first-person sentence it came from ("I live in Lyon.", what editing turns into an
+    edit); `retire`: True for "I'm not vegetarian anymore" (diet=vegetarian is withdrawn, nothing is stated).
 
     `slot` is what an update replaces (single-valued: the attribute; multi-valued: the attribute group and the
     thing, "taste:jazz"); `key` the normalized value that makes two statements the same fact."""
@@ -281,9 +283,10 @@ _RELATION = (r"(?:wife|husband|partner|spouse|boyfriend|girlfriend|fianc[eé]e?|
 _SELF_MY = re.compile(r"^my\s+(?:(?:all[- ]time |absolute |very |most )?favou?rite|name|job|profession|occupation|"
                       r"diet|religion|hometown|home town|home|birthday|age|first language|native language|"
                       r"mother tongue)\b", re.I)
-_OTHER_SUBJECT = re.compile(r"^(?:(?i:he|she|they|we|you|it|his|her|their|our|your|my\s+(?:[\w-]+\s+){0,2}?" + _RELATION +
-                            r"|my\s+\w+)|(?!(?:Here|There|This|That|What|Which|Who|Where|When|How|It|Everything|"
-                            r"Nothing|Something|Today|Now)\b)[A-Z][a-z]+(?:\s+[A-Z][a-z]+)?\s+(?:is|was|lives|works|loves|likes|has|hates|"
+_OTHER_SUBJECT = re.compile(
+    r"^(?:(?i:he|she|they|we|you|it|his|her|their|our|your|my\s+(?:[\w-]+\s+){0,2}?" + _RELATION + r"|my\s+\w+)|"
+    r"(?!(?:Here|There|This|That|What|Which|Who|Where|When|How|It|Everything|Nothing|Something|Today|Now)\b)"
+    r"[A-Z][a-z]+(?:\s+[A-Z][a-z]+)?\s+(?:is|was|lives|works|loves|likes|has|hates|"
                             r"eats|enjoys|said|says))\b")
 _ELLIPTIC_OTHER = re.compile(
     r"^(?:but\s+|and\s+|only\s+|just\s+)?(?:(?:he|she|they|my\s+(?:[\w-]+\s+){0,2}?\w+|[A-Z][a-z]+)\s+"
@@ -543,8 +546,8 @@ def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
         s = re.sub(r"^(?:these days|nowadays|now|since (?:last|this) \w+|as of (?:now|today)|lately|currently|"
                    r"recently|at the moment|for (?:the )?record)\s*,?\s+(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         s = _INTRO.sub("", s)
-        s = re.sub(r"^(?:not anymore|no longer|nope|no|yes|yeah|yep|sure|right|lol|haha|wait|hmm+|so|well)\s*[,!.:]\s*"
-                   r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
+        s = re.sub(r"^(?:not anymore|no longer|nope|no|yes|yeah|yep|sure|right|lol|haha|wait|hmm+|so|well|sorry|"
+                   r"oops|i mean)\s*[,!.:]\s*(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         if _INVENTED.search(s):
             break
         clauses = _clauses(s)

@@ -741,8 +741,10 @@ class Store:
                 if any(v == value for _, v in held):
                     continue
                 if held:
+                    new_now = {f["id"] for f in out["facts"]}  # said earlier in this same request: not reported
+                    out["facts"] = [f for f in out["facts"] if f["id"] not in {i for i, _ in held}]
                     out["replaced"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)}
-                                        for i, _ in held]
+                                        for i, _ in held if i not in new_now]
                     paths += self._delete(conn, user_id, [i for i, _ in held])
                 meta = {"source": "chat", "message": message_id, "attribute": fact.attribute, "value": fact.value}
                 [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
