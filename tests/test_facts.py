@@ -276,6 +276,12 @@ def test_chat_reports_what_it_learned_without_text(client):
         ("diet", "vegetarian", "current"), ("home", "Paris", "current")]
     assert set(listed[0]) == {"id", "attribute", "value", "statement", "message", "created", "status"}
     assert client.get("/v1/users/nobody/facts").status_code == 404
+    group = {"messages": [{"role": "user", "name": "bob", "content": "I'm vegan and I live in Oslo."},
+                          {"role": "user", "name": "carol", "content": "Where should we eat?"}],
+             "user": "carol", "max_tokens": 2, "localpers": {"explain": True}}
+    r = client.post("/v1/chat/completions", json=group)
+    assert r.status_code == 200 and "learned" not in r.json()["localpers"]
+    assert client.get("/v1/users/carol/facts").json()["data"] == []
 
 
 def test_remember_learns_like_chat(tmp_path, capsys):
