@@ -53,6 +53,7 @@ from localpers.serve.jobs import Worker
 from localpers.serve.jobs import router as jobs_router
 from localpers.serve.learn import learn_from_chat
 from localpers.serve.memory_api import router as memory_router
+from localpers.serve.page import router as page_router
 from localpers.personalize.methods import apply
 from localpers.store.store import NotFoundError, Store
 from localpers.store.store import data_dir as resolve_data_dir
@@ -501,6 +502,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     app.state.composer = composer = Composer(personalize)
     app.include_router(memory_router)
     app.include_router(jobs_router)
+    app.include_router(page_router)  # the page at / (localpers.serve.page)
     app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
     if app.state.worker is not None:
         app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
