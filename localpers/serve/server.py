@@ -10,7 +10,8 @@ as `localpers eval` measures the same spec. Unless the server runs with `--no-hi
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
 adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
 (method, kind, id) and the ids of the retrieved items, never text. The mem0-like memory endpoints of
-localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/.
+localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page at `/`
+("what my assistant knows about me") and the routes it adds are localpers.serve.page.
 
 Protocol (issue #13):
 - Every OpenAI chat-completions field is honoured or refused with a 400 that names it; unknown top-level fields

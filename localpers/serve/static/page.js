@@ -13,6 +13,7 @@ const state = {
   snapshot: null,          // the last GET /v1/users/{user}/memory
   watching: new Map(),     // fact id -> the "noted: ..." line under the message that stated it
   timer: null,
+  asking: null,            // the pending API key question, if any
   shownFacts: null,        // what renderFacts last showed (re-rendered only when it changes)
   sending: false,
 };
@@ -77,25 +78,31 @@ function userPath(path = "") { return `/v1/users/${encodeURIComponent(state.user
 // ---------------------------------------------------------------- dialogs
 
 function askKey(why) {
-  return new Promise((resolve) => {
+  // one question at a time: requests refused meanwhile wait for the same answer
+  if (state.asking) return state.asking;
+  state.asking = new Promise((resolve) => {
     const dialog = $("key-dialog");
     if (why) $("key-why").textContent = why;
     $("api-key").value = "";
+    dialog.oncancel = (event) => event.preventDefault();  // nothing works without it
     $("key-form").onsubmit = (event) => {
       event.preventDefault();
       state.key = $("api-key").value.trim();
       sessionStorage.setItem(KEY_STORE, state.key);
       dialog.close();
+      state.asking = null;
       resolve();
     };
-    if (!dialog.open) dialog.showModal();
+    dialog.showModal();
   });
+  return state.asking;
 }
 
 function askPerson(suggested) {
   return new Promise((resolve) => {
     const dialog = $("person-dialog");
     $("person").value = suggested || state.user || "";
+    dialog.oncancel = (event) => { if (!state.user) event.preventDefault(); };  // Escape keeps the current person
     $("person-form").onsubmit = (event) => {
       event.preventDefault();
       const name = $("person").value.trim();
@@ -242,7 +249,7 @@ async function whyPanel(explanation) {
   const adapters = explanation.artifacts.map((a) => {
     const known = artifacts.get(a.id);
     for (const source of known ? known.sources : []) factsUsed.set(source, "in the adapter");
-    return el("li", {}, `${a.method} ${a.kind} #${a.id}` + (known ? `, version ${known.version}` : ""));
+    return el("li", {}, `${a.method} ${a.kind} #${a.id}` + (known ? `, made ${when(known.created)}` : ""));
   });
   if (explanation.composition.split("+").includes("prompt")) {
     for (const item of items) if (item.kind === "preference" && !factsUsed.has(item.id)) factsUsed.set(item.id, "in the prompt");
@@ -282,7 +289,7 @@ function renderFacts() {
   $("facts-empty").textContent = facts.length ? "" : `Nothing is known about ${state.user} yet: say something about yourself in the chat.`;
   $("facts").replaceChildren(...facts.map(factCard));
   $("adapters").replaceChildren(...(artifacts.length ? artifacts.map((a) => el("li", {},
-    `${a.method} ${a.kind} #${a.id}, version ${a.version}, made ${when(a.created)} from ${a.sources.length} fact(s)` +
+    `${a.method} ${a.kind} #${a.id}, made ${when(a.created)} from ${a.sources.length} fact(s)` +
     (a.broken ? ` — cannot be loaded: ${a.broken}` : ""))) : [el("li", {}, "none: replies come from the base model")]));
 }
 
@@ -291,9 +298,8 @@ function factCard(fact) {
     ...(fact.attribute ? [el("span", { class: "attribute" }, `${fact.attribute}: `)] : []),
     el("span", { class: "value" }, factLabel(fact)),
     el("span", { class: statusClass(fact.status) }, fact.status));
-  const details = [el("div", { class: "meta" }, fact.source
-    ? `from your message “${fact.source.text}”, ${when(fact.source.ts)}`
-    : `stated ${when(fact.ts)}`)];
+  const origin = fact.source ? `from your message “${fact.source.text}”, ${when(fact.source.ts)}` : `stated ${when(fact.ts)}`;
+  const details = [el("div", { class: "meta" }, fact.meta.edited ? `corrected by you ${when(fact.ts)}; first learned ${origin}` : origin)];
   if (fact.reason) details.push(el("div", { class: "meta reason" }, `why: ${fact.reason}`));
   const edit = el("button", { type: "button", "aria-label": `Edit the fact: ${fact.text}` }, "Edit");
   const remove = el("button", { type: "button", class: "danger", "aria-label": `Delete the fact: ${fact.text}` }, "Delete");
@@ -428,7 +434,10 @@ async function start() {
     if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); $("chat-form").requestSubmit(); }
   });
   $("new-chat").onclick = newConversation;
-  $("change-person").onclick = async () => choosePerson(await askPerson());
+  $("change-person").onclick = async () => {
+    const name = await askPerson();
+    if (name !== state.user) await choosePerson(name);
+  };
   $("search-form").onsubmit = (event) => { event.preventDefault(); loadItems(); };
   $("export").onclick = () => act(exportData);
   $("forget").onclick = forget;
