@@ -194,6 +194,7 @@ async function send(text) {
   const mine = addMessage("user", text);
   const reply = addMessage("assistant", "");
   reply.classList.add("streaming");
+  reply.setAttribute("aria-busy", "true");  // read out once complete, not token by token
   const replyText = reply.querySelector(".text");
   state.conversation.push({ role: "user", content: text });
   let content = "";
@@ -223,6 +224,7 @@ async function send(text) {
     notify(`The message was not answered: ${error.message}`, true);
   } finally {
     reply.classList.remove("streaming");
+    reply.removeAttribute("aria-busy");
     state.sending = false;
     $("send").disabled = false;
   }
