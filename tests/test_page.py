@@ -20,6 +20,7 @@ import pytest
 
 from localpers import names
 from localpers.engine.engine import model_sha256
+from localpers.errors import UserError
 from localpers.serve import jobs
 from localpers.serve.server import create_app
 from tests.serve_helpers import live_server
@@ -76,6 +77,8 @@ def server(engine, adapter, tmp_path, monkeypatch):
         if len(runs) == 1:
             gate.wait(60)
         prefs = store.items(user, kind=names.PREFERENCE)
+        if any("Alps" in p["text"] for p in prefs):  # a job that fails, with its reason
+            raise UserError("no edit of 'I love hiking in the Alps.' verified (a stand-in failure)")
         sha = model_sha256(engine.model_path)
         if not prefs:
             return {"retired": store.retire_artifacts(user, names.LORA, sha, names.EDIT)}
@@ -228,7 +231,8 @@ def test_page_chat_learn_why_correct_delete_forget(server, browser, shots, tmp_p
 
 
 def test_page_keyboard_labels_and_200_percent_zoom(server, browser, shots):
-    """Every control has a label, the tabs follow the arrow keys, and at 200% zoom nothing scrolls sideways."""
+    """Every control has a label, the tabs follow the arrow keys, and at 200% zoom nothing scrolls sideways; a
+    preference whose job fails shows as failed, with the job's reason."""
     from selenium.webdriver.common.keys import Keys
 
     url, gate = server
@@ -254,8 +258,13 @@ def test_page_keyboard_labels_and_200_percent_zoom(server, browser, shots):
     find(b, "#max-tokens").clear()
     find(b, "#max-tokens").send_keys("6")
     chat(b, "I love hiking in the Alps.")
+    wait(b, lambda d: texts(d, ".msg.user .noted") == [
+        "noted: I love hiking in the Alps. — not learned: no edit of 'I love hiking in the Alps.' verified "
+        "(a stand-in failure)"], "the failed job's reason")
     open_tab(b, "memory")
     wait(b, lambda d: len(texts(d, "#facts > li")) == 1, "the fact")
+    [fact] = texts(b, "#facts > li")
+    assert "failed" in fact and "why: no edit of 'I love hiking in the Alps.' verified" in fact
     widths = b.execute_script("return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert widths[0] <= widths[1]
     shots(b, "zoom-200")
