@@ -268,3 +268,35 @@ def test_page_keyboard_labels_and_200_percent_zoom(server, browser, shots):
     widths = b.execute_script("return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert widths[0] <= widths[1]
     shots(b, "zoom-200")
+
+
+@pytest.mark.slow
+def test_page_with_the_real_edit_job(browser, shots, tmp_path):
+    """The same loop with the server's real edit job (torch, ~20 s on 2 idle cores): the fact goes in use, the
+    job says what it made, the why panel names the adapter, and deleting the fact retires it."""
+    from selenium.webdriver.common.keys import Keys
+
+    app = create_app(data_dir=str(tmp_path / "home"), jobs=True, warm_jobs=True)
+    with live_server(app) as url:
+        b = browser
+        b.get(url + "/")
+        wait(b, lambda d: find(d, "#person-dialog").get_attribute("open") is not None, "the person dialog")
+        find(b, "#person").send_keys("vera" + Keys.ENTER)
+        wait(b, lambda d: find(d, "body").get_attribute("data-ready") == "true", "the page ready")
+        find(b, "#max-tokens").clear()
+        find(b, "#max-tokens").send_keys("24")
+        chat(b, "I'm vegetarian.")
+        wait(b, lambda d: texts(d, ".msg.user .noted") == ["noted: I'm vegetarian. — in use"], "in use", 900)
+        [adapter] = httpx.get(f"{url}/v1/users/vera/memory").json()["artifacts"]
+        open_tab(b, "jobs")
+        assert f"made adapter #{adapter['id']}, 1 fact(s) edited in" in texts(b, "#jobs tbody tr")[0]
+        open_tab(b, "chat")
+        find(b, "#new-chat").click()
+        chat(b, "What is my diet?")
+        find(b, ".msg.assistant:last-child .why summary").click()
+        why = find(b, ".msg.assistant:last-child .why").text
+        assert f"edit lora #{adapter['id']}" in why and "I'm vegetarian. (in the adapter)" in why
+        shots(b, "real-edit-why")
+        open_tab(b, "memory")
+        find(b, "#facts > li button[aria-label^='Delete']").click()
+        wait(b, lambda d: texts(d, "#adapters li") == ["none: replies come from the base model"], "retired")
