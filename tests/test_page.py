@@ -265,6 +265,12 @@ def test_page_keyboard_labels_and_200_percent_zoom(server, browser, shots):
     wait(b, lambda d: len(texts(d, "#facts > li")) == 1, "the fact")
     [fact] = texts(b, "#facts > li")
     assert "failed" in fact and "why: no edit of 'I love hiking in the Alps.' verified" in fact
+    notes = [{"role": "user", "content": f"note {i}"} for i in range(120)]
+    assert httpx.post(f"{url}/v1/users/bo/memories", json={"messages": notes},
+                      headers={"Authorization": f"Bearer {KEY}"}).status_code == 201
+    find(b, "#search-form button").click()
+    wait(b, lambda d: find(d, "#items-empty").text == "The newest 100 of 121 items; search to find others.", "the cap")
+    assert texts(b, "#items li")[0].startswith("note 119")
     widths = b.execute_script("return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert widths[0] <= widths[1]
     shots(b, "zoom-200")

@@ -6,6 +6,7 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "localpers.key", USER_STORE = "localpers.user";
+const SHOWN_ITEMS = 100;  // history items listed at once (a search finds the others)
 const state = {
   user: null,
   key: sessionStorage.getItem(KEY_STORE),
@@ -372,7 +373,10 @@ async function loadItems() {
     if (error.status !== 404) notify(`Could not read the history: ${error.message}`, true);
   }
   items = items.filter((item) => item.kind !== "preference");
-  $("items-empty").textContent = items.length ? "" : query ? `Nothing in your history matches “${query}”.` : "Your history is empty.";
+  const all = items.length;
+  items = items.slice(0, SHOWN_ITEMS);
+  $("items-empty").textContent = !all ? (query ? `Nothing in your history matches “${query}”.` : "Your history is empty.")
+    : all > SHOWN_ITEMS ? `The newest ${SHOWN_ITEMS} of ${all} items; search to find others.` : "";
   $("items").replaceChildren(...items.map((item) => {
     const remove = el("button", { type: "button", class: "danger", "aria-label": `Delete: ${item.text}` }, "Delete");
     remove.onclick = () => act(async () => {
