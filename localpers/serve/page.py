@@ -125,8 +125,9 @@ def memory(user: str, request: Request):
 
 @router.patch("/v1/users/{user}/memories/{item_id}")
 def edit_memory(user: str, item_id: int, request: Request, payload: dict = Body(...)):
-    """Replace an item's text (same kind, same metadata, marked edited) in one transaction: the old item goes
-    with the artifacts derived from it, and a preference queues its relearning. Returns the new item."""
+    """Replace an item's text (same kind and metadata, marked edited with the old id): the new item is stored, then
+    the old one deleted with the artifacts derived from it (two writes of the store's public API: an interruption
+    between them leaves both, never neither); a preference queues its relearning. Returns the new item."""
     if set(payload) != {"text"}:
         raise UserError('the request body must be {"text": "..."}')
     store = request.app.state.store
@@ -135,7 +136,11 @@ def edit_memory(user: str, item_id: int, request: Request, payload: dict = Body(
         raise NotFoundError(f"user {user!r} has no item {item_id}")
     meta = {k: v for k, v in old["meta"].items() if k != "value"}  # the value was read from the old text
     item = check_item(payload["text"], old["kind"], {**meta, "edited": item_id})
-    [new_id] = store.replace_items(user, [item], [item_id])
+    [new_id] = store.add_many(user, [item])
+    try:
+        store.delete_item(user, item_id)
+    except NotFoundError:  # deleted meanwhile by another request: the correction stands
+        pass
     worker = getattr(request.app.state, "worker", None)
     if worker is not None:
         worker.wake()
