@@ -255,10 +255,15 @@ def test_page_keyboard_labels_and_200_percent_zoom(server, browser, shots):
     # 200% zoom: the layout of a 640-pixel-wide window drawn at twice the scale
     b.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                       {"width": 640, "height": 1000, "deviceScaleFactor": 2, "mobile": False})
+    # a message longer than the model's context: refused by the server, said, left out of the conversation
+    b.execute_script("document.getElementById('chat-input').value = 'so many words '.repeat(1500)")
+    find(b, "#chat-input").send_keys(Keys.ENTER)
+    wait(b, lambda d: find(d, "#notice").text.startswith("The message was not answered: "), "the refusal")
+    assert texts(b, ".msg.user .noted") == ["not answered"] and texts(b, ".msg.assistant") == []
     find(b, "#max-tokens").clear()
     find(b, "#max-tokens").send_keys("6")
     chat(b, "I love hiking in the Alps.")
-    wait(b, lambda d: texts(d, ".msg.user .noted") == [
+    wait(b, lambda d: texts(d, ".msg.user .noted")[1:] == [
         "noted: I love hiking in the Alps. — not learned: no edit of 'I love hiking in the Alps.' verified "
         "(a stand-in failure)"], "the failed job's reason")
     open_tab(b, "memory")

@@ -211,6 +211,23 @@ async function send(text) {
     }
     const explanation = await readStream(response, (piece) => { content += piece; replyText.textContent = content; });
     state.conversation.push({ role: "assistant", content });
+    reply.classList.remove("streaming");
+    reply.removeAttribute("aria-busy");
+    await explain(mine, reply, known, explanation);
+  } catch (error) {
+    state.conversation.pop();  // the unanswered message: not part of the conversation sent next
+    reply.remove();
+    mine.append(el("span", { class: "noted" }, "not answered"));
+    notify(`The message was not answered: ${error.message}`, true);
+  } finally {
+    state.sending = false;
+    $("send").disabled = false;
+  }
+}
+
+async function explain(mine, reply, known, explanation) {
+  // after a reply: the facts its message stated (watched until learned) and its why panel
+  try {
     await refresh();
     for (const fact of state.snapshot.facts.filter((f) => !known.has(f.id))) {
       const line = el("span", { class: "noted", "data-fact": String(fact.id) });
@@ -220,14 +237,7 @@ async function send(text) {
     updateNoted();
     if (explanation) reply.append(await whyPanel(explanation));
   } catch (error) {
-    state.conversation.pop();
-    reply.remove();
-    notify(`The message was not answered: ${error.message}`, true);
-  } finally {
-    reply.classList.remove("streaming");
-    reply.removeAttribute("aria-busy");
-    state.sending = false;
-    $("send").disabled = false;
+    notify(`The reply came, but not what shaped it: ${error.message}`, true);
   }
 }
 
