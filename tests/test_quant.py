@@ -144,8 +144,8 @@ def test_bad_inputs_raise_clear_errors():
         quant.dequantize(raw, Q.Q4_1, (3, 32))
     with pytest.raises(UserError, match="multiple of 32"):
         quant.dequantize(raw, Q.Q4_1, (2, 40))
-    with pytest.raises(UserError, match="Q5_0 is not supported"):
-        quant.dequantize(raw, Q.Q5_0, (1, 32))
+    with pytest.raises(UserError, match="Q3_K is not supported"):
+        quant.dequantize(raw, Q.Q3_K, (1, 256))
     W, U, V = np.zeros((2, 48), np.float32), np.zeros((2, 1), np.float32), np.zeros((48, 1), np.float32)
     with pytest.raises(UserError, match="multiple of 32"):
         quant.edit_to_q8_0(W, Q.F32, (2, 48), U, V)
