@@ -22,10 +22,16 @@ def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray], vocab
                 chat_template: str | None = None) -> Path:
     """A model GGUF with `tensors` (GGUF name -> float array in numpy shape, e.g. [n_out, n_in]) and the
     tokenizer metadata (tokenizer.*: vocabulary, merges, special ids, chat template) of `vocab_from` (a path
-    or an open reader); `chat_template` replaces the vocabulary's template.
-    Matrices are stored as `dtype`; norms and biases stay F32 as llama.cpp's converter keeps them."""
-    vocab = vocab_from if isinstance(vocab_from, gguf.GGUFReader) else open_gguf(vocab_from, check_arch=False)
-    n_tokens = len(vocab.get_field("tokenizer.ggml.tokens").data)
+    or an open reader of a GGUF, or a list of (key, value, GGUFValueType, sub_type) fields); `chat_template`
+    replaces the vocabulary's template. Matrices are stored as `dtype` (F16 where a row is not a multiple of
+    the block size); norms and biases stay F32 as llama.cpp's converter keeps them."""
+    if isinstance(vocab_from, list):
+        fields = vocab_from
+    else:
+        vocab = vocab_from if isinstance(vocab_from, gguf.GGUFReader) else open_gguf(vocab_from, check_arch=False)
+        fields = [(key, f.contents(), f.types[0], f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+                  for key, f in vocab.fields.items() if key.startswith("tokenizer.")]
+    n_tokens = next(len(value) for key, value, _, _ in fields if key == "tokenizer.ggml.tokens")
     if n_tokens != config.vocab_size:
         raise ValueError(f"the vocabulary has {n_tokens} tokens, the model {config.vocab_size}")
     arch = config.arch
@@ -54,17 +60,16 @@ def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray], vocab
         if config.rope_base_local != 10000.0:
             w.add_float32(f"{arch}.rope.freq_base_swa", config.rope_base_local)
     w.add_vocab_size(config.vocab_size)
-    for key, field in vocab.fields.items():
-        if key.startswith("tokenizer.") and not (chat_template is not None and key == "tokenizer.chat_template"):
-            sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, field.contents(), field.types[0], sub_type)
+    for key, value, value_type, sub_type in fields:
+        if not (chat_template is not None and key == "tokenizer.chat_template"):
+            w.add_key_value(key, value, value_type, sub_type)
     if chat_template is not None:
         w.add_chat_template(chat_template)
     for tensor_name, array in tensors.items():
         array = np.ascontiguousarray(array, dtype=np.float32)
         if array.ndim == 1 or dtype == F32:
             w.add_tensor(tensor_name, array)
-        elif dtype == gguf.GGMLQuantizationType.F16:
+        elif dtype == gguf.GGMLQuantizationType.F16 or array.shape[-1] % gguf.GGML_QUANT_SIZES[dtype][0]:
             w.add_tensor(tensor_name, array.astype(np.float16))
         else:
             w.add_tensor(tensor_name, gguf.quants.quantize(array, dtype), raw_dtype=dtype)
