@@ -20,6 +20,9 @@ RANDOM_MODELS = {
                                          "rope_base": 1e6}),
 }
 
+# torch against llama.cpp on these F32 models (F32 KV cache): max |diff| / std, see test_model_oracle.py
+ORACLE_TOL = {"llama": 2e-4, "qwen2": 2e-4, "qwen3": 2e-4, "gemma3": 1e-3}
+
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Personalization should stay on the device: my history, "
     "my preferences and my notes never leave this laptop. I like hiking in the Alps, cooking Thai curries "
