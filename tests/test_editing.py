@@ -55,6 +55,11 @@ def test_suffix_forward_equals_full_model(tiny):
     _, editor = tiny
     editor.reset()
     pairs = [("Where do I live?", "Paris"), ("Hi! What city is my home, if you remember it?", "Paris, France")]
+    check_suffix_forward(editor, pairs)
+
+
+def check_suffix_forward(editor, pairs):
+    """The editor's suffix forward, without and with an edit, equals the whole model on the whole sequence."""
     batch = editor.batch(pairs)
     rng = torch.Generator().manual_seed(0)
     key = torch.randn(editor.model.config.d_ff, generator=rng) / 10
@@ -458,15 +463,7 @@ def test_gemma3_suffix_forward_equals_full_model(tiny_gemma):
     long = "Hi! I have a question about my home and I hope you remember what I told you. What city is my home?"
     pairs = [("Where do I live?", "Paris"), (long, "Paris, France")]
     assert len(editor.prompt(long)[0]) > 16 + 4
-    batch = editor.batch(pairs)
-    rng = torch.Generator().manual_seed(0)
-    key = torch.randn(editor.model.config.d_ff, generator=rng) / 10
-    delta = torch.randn(editor.model.config.d_model, generator=rng)
-    for k, d in ((None, None), (key, delta)):
-        with torch.no_grad():
-            got = editor.logprobs(batch, k, d)
-        want = torch.cat([full_logprobs(editor, q, a, k, d)[0] for q, a in pairs])
-        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    check_suffix_forward(editor, pairs)
 
 
 def test_gemma3_edit_lora_in_llama_cpp_equals_dense_edit_in_torch(tiny_gemma, tmp_path):
