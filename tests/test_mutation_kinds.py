@@ -268,3 +268,15 @@ def test_invariant_the_composer_explains_exactly_what_it_served_and_for_which_mo
     object.__setattr__(composer, "_method", lambda user, query, e: seen.append((user.id, query, e)))
     composer(user, "q", engine)
     assert seen == [("alice", "q", engine)]
+
+
+def test_every_job_kind_and_warm_up_resolves_to_a_function():
+    """JOB_KINDS and WARM_UP name "module:function" targets imported when first used: each must resolve (a
+    typo would fail only when a user's first job of that kind runs); a callable is used as is."""
+    from localpers.serve import jobs
+
+    for target in list(jobs.JOB_KINDS.values()) + list(jobs.WARM_UP.values()):
+        function = jobs._resolve(target)
+        assert callable(function) and function.__name__ == target.split(":")[1]
+    assert jobs._resolve(len) is len
+    assert set(jobs.JOB_KINDS) == {names.EDIT, names.PERCE, names.CE, names.LOGO}
