@@ -218,22 +218,33 @@ def test_invariant_a_failing_job_is_recorded_failed_with_its_reason_and_a_good_o
     def crashed(store, user, engine, job_id):
         raise RuntimeError("boom")
 
+    calls = []
+
     def fine(store, user, engine, job_id):
+        calls.append((store, user, engine, job_id, dict(worker.current or {})))
         return {"adapter": "x"}
 
     with Store.open(tmp_path) as store:
         store.add("alice", "hello")
-        worker = jobs.Worker(store, lambda: None)
+        worker, engine = jobs.Worker(store, lambda: None), object()
         for run, (state, reason) in ((refused, (names.FAILED, "no usable preference")),
                                      (crashed, (names.FAILED, "RuntimeError: boom")), (fine, (names.DONE, None))):
             monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, run)
             job = store.queue_job("alice", names.EDIT)
-            assert worker.run_one(engine=object())
+            assert worker.run_one(engine=engine)
             got = store.job(job["id"])
             assert got["state"] == state, (run.__name__, got)
             assert (got.get("reason") or None) == reason, got
         assert not worker.run_one(engine=object())  # nothing queued: nothing run
-        assert sorted(j["state"] for j in store.jobs("alice")) == [names.DONE, names.FAILED, names.FAILED]
+        # the job function got the store, the user, the engine and the job's id, and ran as the worker's current job
+        [(got_store, got_user, got_engine, got_id, current)] = calls
+        assert got_store is store and got_user == "alice" and got_engine is engine and got_id == job["id"]
+        assert current["id"] == job["id"] and worker.current is None
+        assert store.job(job["id"])["result"] == {"adapter": "x"}
+        # a job of a kind no worker runs is left queued
+        store.queue_job("alice", "not-a-job-kind")
+        assert not worker.run_one(engine=engine)
+        assert sorted(j["state"] for j in store.jobs("alice")) == [names.DONE, names.FAILED, names.FAILED, "queued"]
 
 
 def test_invariant_the_composer_explains_exactly_what_it_served_and_for_which_model(tmp_path, monkeypatch):
