@@ -678,10 +678,8 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
         engine = stack.enter_context(Engine(model_path)) if own_engine else engine  # closed when done
         sha = base_model_sha256(engine.model_path)
         if facts:
-            import tempfile
-
             editor = editor_for(str(engine.model_path), config)
-            with tempfile.TemporaryDirectory(prefix="localpers-edit-") as tmp:  # registration copies it in
+            with store.temp_dir(user) as tmp:  # under the data folder; registration copies the adapter in
                 result = edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
                 if result.adapter:
                     meta = {"method": names.EDIT, "layer": editor.config.layer,

@@ -66,6 +66,7 @@ class Worker:
 
     def start(self) -> "Worker":
         self.store.requeue_running()
+        self.store.sweep_temp()  # scratch folders of jobs a crash interrupted
         self._thread.start()
         return self
 

@@ -64,6 +64,7 @@ MAX_STOP = 4              # as OpenAI
 DEFAULT_MAX_TOKENS = 512
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 POLL_S = 0.1              # how often a waiting handler checks that its client is still there
+COMPOSE_TRIES = 3         # a request composed while its artifacts are replaced reads the registry again
 
 
 # -- the request body, as OpenAI documents it ---------------------------------------------------------------
@@ -501,6 +502,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     app.state.composer = composer = Composer(personalize)
     app.include_router(memory_router)
     app.include_router(jobs_router)
+    # a retired artifact leaves the served engine's adapter LRU at once (freed when no request holds it)
+    store.on_retire.append(lambda path: app.state.engine is not None and app.state.engine.retire_file(path))
     app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
     if app.state.worker is not None:
         app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
@@ -516,17 +519,25 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
                            allow_headers=["*"])
 
     def compose(engine, user: str | None, messages: list[dict]):
-        """(messages as served, artifacts, explanation) of a request: what `user` is served with. An artifact
-        llama.cpp cannot load is left out and marked broken in the store (so it shows up as such for that user;
-        the client never sees the server's paths)."""
+        """(messages as served, the artifacts pinned for this request, explanation): what `user` is served with.
+        The artifact set is pinned (engine.pin): retired while the request runs, it is still served to it.
+        A file retired between reading the registry and pinning it: composed again from the current registry.
+        An artifact llama.cpp cannot load is left out and marked broken in the store (so it shows up as such
+        for that user; the client never sees the server's paths)."""
         if not user:
-            return messages, Artifacts(), {"composition": names.BASE, "artifacts": [], "retrieved": []}
-        person = served_user(store, user, model_sha256(engine.model_path), messages)
-        personalized = composer(person, last_user_message(messages), engine)
-        usable, broken = engine.usable(personalized.artifacts)
+            return messages, engine.pin(Artifacts())[0], {"composition": names.BASE, "artifacts": [], "retrieved": []}
+        sha = model_sha256(engine.model_path)
+        for attempt in range(COMPOSE_TRIES):
+            person = served_user(store, user, sha, messages)
+            personalized = composer(person, last_user_message(messages), engine)
+            pinned, broken = engine.pin(personalized.artifacts)
+            if attempt + 1 == COMPOSE_TRIES or all(Path(path).exists() for path, _ in broken):
+                break
+            pinned.release()
         for path, reason in broken:
-            mark_broken(store, user, path, reason)
-        return apply(personalized, messages), usable, composer.explain(person, personalized)
+            if Path(path).exists():
+                mark_broken(store, user, path, reason)
+        return apply(personalized, messages), pinned, composer.explain(person, personalized)
 
     def learn(user: str, messages: list[dict]) -> None:
         """Store the user's new messages and learn the preferences stated in them (after composing: this
@@ -565,7 +576,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
 
     @app.exception_handler(UserError)
     async def on_user_error(request, e: UserError):
-        return error_response(404 if isinstance(e, NotFoundError) else 400, str(e))
+        model = app.state.engine.model_path.parent if app.state.engine is not None else store.directory
+        return error_response(404 if isinstance(e, NotFoundError) else 400, client_text(str(e), store.directory, model))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request, e: RequestValidationError):
@@ -611,20 +623,36 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         if req.stream_options is not None and not stream:
             refuse("stream_options", "only allowed with 'stream': true")
         options = req.localpers or LocalpersOptions()
-        served, artifacts, explanation = await run_in_threadpool(compose, engine, req.user, messages)
-        await run_in_threadpool(engine.chat_tokens, served, tools=tools)  # template and context errors: 400 now
-        if req.user and history and options.history:
-            await run_in_threadpool(learn, req.user, messages)
+        served, pinned, explanation = await run_in_threadpool(compose, engine, req.user, messages)
+        try:
+            await run_in_threadpool(engine.chat_tokens, served, tools=tools)  # template and context errors: 400 now
+            if req.user and history and options.history:
+                await run_in_threadpool(learn, req.user, messages)
+        except BaseException:
+            pinned.release()
+            raise
         explained = {"localpers": explanation} if options.explain else {}
-        args = dict(artifacts=artifacts, sampling=sampling, n=n, tools=tools)
+        args = dict(artifacts=pinned, sampling=sampling, n=n, tools=tools)
         if not stream:
+            def work(cancel):
+                if not pinned.claim():
+                    raise Cancelled()
+                try:
+                    return engine.complete(served, cancel=cancel, **args)
+                finally:  # on the generation's thread: released only once the engine is done with it
+                    pinned.release()
             try:
-                out = await run_cancellable(request, lambda cancel: engine.complete(served, cancel=cancel, **args))
+                out = await run_cancellable(request, work)
             except Cancelled:
                 return error_response(499, "the client closed the request", code="client_closed_request")
+            except UserError as e:
+                raise APIError(400, client_text(str(e), store.directory, engine.model_path.parent)) from None
+            finally:
+                if pinned.claim():  # the generation never ran
+                    pinned.release()
             return engine.chat_response(out, tools=bool(tools)) | explained
-        return StreamingResponse(stream_chunks(request, engine, served, args, n, req, explained),
-                                 media_type="text/event-stream")
+        return PinnedStream(stream_chunks(request, engine, served, args, n, req, explained), pinned,
+                            media_type="text/event-stream")
 
     async def stream_chunks(request: Request, engine, messages, args, n: int, req: ChatRequest, explained: dict):
         """SSE: a role chunk, content chunks, a finish chunk per choice, then usage (stream_options.include_usage)
@@ -640,8 +668,13 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         def work(cancel):
-            return engine.complete(messages, cancel=cancel, **args,
-                                   on_delta=lambda i, text: loop.call_soon_threadsafe(events.put_nowait, (i, text)))
+            if not args["artifacts"].claim():  # the response ended before this thread ran
+                raise Cancelled()
+            try:
+                return engine.complete(messages, cancel=cancel, **args, on_delta=lambda i, text:
+                                       loop.call_soon_threadsafe(events.put_nowait, (i, text)))
+            finally:  # on the generation's thread: released only once the engine is done with it
+                args["artifacts"].release()
 
         task = asyncio.ensure_future(run_cancellable(request, work))
         started: set[int] = set()
@@ -666,7 +699,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             except Cancelled:
                 return
             except UserError as e:
-                yield f"data: {json.dumps(error_body(str(e)))}\n\n"
+                yield f"data: {json.dumps(error_body(client_text(str(e), store.directory, engine.model_path.parent)))}\n\n"
                 return
             except Exception as e:
                 print(f"localpers: server error while streaming: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -687,6 +720,32 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
                 task.cancel()  # run_cancellable's finally sets the generation's cancel event
 
     return app
+
+
+class PinnedStream(StreamingResponse):
+    """A stream whose generation releases its pinned artifacts; when the client left before the stream started
+    (so no generation ran), the response releases them itself."""
+
+    def __init__(self, content, pinned, **kwargs):
+        super().__init__(content, **kwargs)
+        self.pinned = pinned
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.pinned.claim():
+                self.pinned.release()
+
+
+def client_text(message: str, *folders) -> str:
+    """An error message as a client may see it: the server's own paths (the data folder, the model's folder)
+    replaced by a neutral word."""
+    for folder in folders:
+        for form in sorted({str(Path(folder)), str(Path(folder).resolve())}, key=len, reverse=True):
+            if len(form) > 1:
+                message = message.replace(form, "<server>")
+    return message
 
 
 def mark_broken(store: Store, user: str, path: str, reason: str) -> None:
