@@ -176,7 +176,7 @@ def wait_for_jobs(client, user, timeout_s=60):
     raise AssertionError(f"jobs still pending: {jobs_}")
 
 
-def test_a_failing_job_reports_its_reason_and_the_worker_goes_on(engine, tmp_path, monkeypatch):
+def test_a_failing_job_reports_its_reason_and_the_worker_goes_on(engine, tmp_path, monkeypatch, capsys):
     def broken(store, user, engine, job):
         raise RuntimeError("out of cheese")
 
@@ -188,6 +188,9 @@ def test_a_failing_job_reports_its_reason_and_the_worker_goes_on(engine, tmp_pat
         assert worker.run_one(engine) and not worker.run_one(engine)
         [job] = store.jobs("ed")
         assert job["state"] == names.FAILED and job["reason"] == "RuntimeError: out of cheese"
+    log = capsys.readouterr().err  # the server's log: the job's id, kind and duration, never user text
+    assert f"job {job['id']} (broken) started" in log and f"job {job['id']} (broken) failed in " in log
+    assert "a note" not in log
 
 
 def test_a_job_finishing_after_forget_writes_nothing(engine, adapter, tmp_path, monkeypatch):

@@ -20,7 +20,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import threading
+import time
 from typing import Callable
 
 from fastapi import APIRouter, Body, Request
@@ -132,17 +134,27 @@ class Worker:
 
         torch.set_num_threads(self.threads)
         self.current = job
+        started = time.monotonic()
+        say(f"job {job['id']} ({job['kind']}) started")
         try:
             result = _resolve(JOB_KINDS[job["kind"]])(self.store, job["user"], engine, job["id"])
             self.store.finish_job(job["id"], names.DONE, result=result)
+            say(f"job {job['id']} ({job['kind']}) done in {time.monotonic() - started:.1f} s")
         except UserError as e:  # StaleError (cancelled, sources deleted), no preferences, a model mismatch...
             self.store.finish_job(job["id"], names.FAILED, reason=str(e))
+            say(f"job {job['id']} ({job['kind']}) failed in {time.monotonic() - started:.1f} s")
         except Exception as e:  # a bug: the job fails with its reason and the worker goes on
             log.exception("job %s (%s) failed", job["id"], job["kind"])
             self.store.finish_job(job["id"], names.FAILED, reason=f"{type(e).__name__}: {e}")
+            say(f"job {job['id']} ({job['kind']}) failed in {time.monotonic() - started:.1f} s: {type(e).__name__}")
         finally:
             self.current = None
         return True
+
+
+def say(line: str) -> None:
+    """One line of the server's log (stderr, as uvicorn's): job ids, kinds and durations, never user text."""
+    print(f"localpers: {line}", file=sys.stderr, flush=True)
 
 
 router = APIRouter(route_class=OpenAIErrorRoute)

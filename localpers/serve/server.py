@@ -796,8 +796,14 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
               "name or address, add --allowed-host NAME", file=sys.stderr, flush=True)
-    print(f"localpers: serving on http://{shown}:{port}/v1 (the model loads in the background; GET /health)",
-          flush=True)
+    from localpers import default_model_path
+
+    try:
+        shown_model = model or default_model_path()
+    except FileNotFoundError:  # reported by the load, on /health
+        shown_model = "the default model"
+    print(f"localpers: serving {shown_model} with the data folder {app.state.store.directory} "
+          f"on http://{shown}:{port}/v1 (the model loads in the background; GET /health)", flush=True)
     # timeout_graceful_shutdown: on SIGTERM, open streams get 2 s, then their tasks are cancelled, which sets
     # their generations' cancel events (a generation never outlives its request).
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2))
