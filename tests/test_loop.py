@@ -392,3 +392,19 @@ def test_job_scratch_lives_under_the_data_folder_and_is_swept_at_start_and_by_fo
         with store.temp_dir("ivy") as scratch:
             store.forget("ivy")
             assert not scratch.exists()
+
+
+def test_one_writer_the_worker_runs_no_job_while_personalize_holds_the_data_folder(engine, tmp_path, monkeypatch):
+    """`localpers personalize` (another process: here another Store on the folder) holds the job lock while it
+    edits; the server's worker then claims nothing, and runs the queued job once the lock is free."""
+    runs = []
+    monkeypatch.setitem(jobs.JOB_KINDS, "noop", lambda store, user, engine, job: runs.append(job) or {})
+    with Store.open(tmp_path) as store, Store.open(tmp_path) as other:
+        store.add("kim", "a note")
+        job = store.queue_job("kim", "noop")
+        worker = jobs.Worker(store, lambda: engine)
+        with other.job_lock() as held:
+            assert held
+            assert not worker.run_one(engine) and runs == []
+            assert store.job(job["id"])["state"] == names.QUEUED
+        assert worker.run_one(engine) and runs == [job["id"]]

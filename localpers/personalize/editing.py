@@ -664,9 +664,15 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
     from localpers.store.store import Store, data_dir as default_data_dir
 
     own_engine = engine is None
-    started = time.time()
     with (nullcontext(store) if store is not None else Store.open(default_data_dir(data_dir))) as store, \
             contextlib.ExitStack() as stack:
+        if job is None:  # by hand: one writer with a running server's worker (it holds the lock per job)
+            with store.job_lock(wait=False) as free:
+                pass
+            if not free:
+                log.warning("waiting for the running job of a server on this data folder")
+            stack.enter_context(store.job_lock())
+        started = time.time()  # jobs queued before this were queued for what it reads now
         items = store.items(user, kind=names.PREFERENCE)
         facts, skipped = preference_facts(items)
         source_of = {}

@@ -126,7 +126,12 @@ class Worker:
         return self._job_engine
 
     def run_one(self, engine) -> bool:
-        """Claim and run the oldest queued job; False when there was none."""
+        """Claim and run the oldest queued job, holding the data folder's job lock (so `localpers personalize`
+        never runs beside it); False when there was none, or the lock is held by another process."""
+        with self.store.job_lock(wait=False) as held:
+            return held and self._run_one(engine)
+
+    def _run_one(self, engine) -> bool:
         job = self.store.claim_job(list(JOB_KINDS))
         if job is None:
             return False

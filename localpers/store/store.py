@@ -38,6 +38,7 @@ from localpers.store.retrieval import BM25Index, DenseIndex, fuse, make_embedder
 MAX_TEXT_BYTES = 64 * 1024  # per item, text and metadata each
 DB_FILE = "localpers.db"
 TEMP_DIR = "tmp"  # jobs' scratch folders (Store.temp_dir)
+JOB_LOCK_FILE = "jobs.lock"  # held by whoever runs an artifact job (Store.job_lock)
 KEY_FILE = "key"
 SEARCH_MODES = ("bm25", "dense", "hybrid")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # kinds (and the user ids of stores before layout 2)
@@ -873,6 +874,24 @@ class Store:
             ).lastrowid
         self._remove_files(user_id, [p for _, p in replaced if p != relative])
         return artifact_id
+
+    @contextmanager
+    def job_lock(self, wait: bool = True):
+        """The data folder's one-writer lock for artifact jobs (an flock on JOB_LOCK_FILE, across processes and
+        threads): a server's worker holds it while it runs a job, `localpers personalize` while it edits, so the
+        two never race. Yields True once held; with wait=False yields False at once when another holds it."""
+        import fcntl
+
+        with open(self.directory / JOB_LOCK_FILE, "a+b") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     @contextmanager
     def temp_dir(self, user: str):
