@@ -408,3 +408,40 @@ def test_one_writer_the_worker_runs_no_job_while_personalize_holds_the_data_fold
             assert not worker.run_one(engine) and runs == []
             assert store.job(job["id"])["state"] == names.QUEUED
         assert worker.run_one(engine) and runs == [job["id"]]
+
+
+def child_job(store, user, engine, job):
+    """A job kind for the job-process test: what the child saw (its pid, the user's items)."""
+    import os
+
+    if user == "bad":
+        raise UserError("no preferences to edit")
+    return {"pid": os.getpid(), "items": len(store.items(user)), "model": engine.model_name}
+
+
+def test_jobs_run_in_a_process_that_exits_when_idle(tmp_path_factory, tmp_path, monkeypatch):
+    """`localpers serve`'s worker runs each job in a child process (what a job loads is given back when it
+    exits), reports its result or its reason, and the child exits once idle, leaving no process behind."""
+    import os
+
+    from localpers.engine.engine import Engine
+    from tests.helpers_models import random_model_path
+
+    monkeypatch.setitem(jobs.JOB_KINDS, "childtest", "tests.test_loop:child_job")
+    engine = Engine(random_model_path(tmp_path_factory, "llama"), n_ctx=256, n_threads=1)
+    with Store.open(tmp_path) as store:
+        store.add("lu", "a note")
+        store.add("bad", "a note")
+        first, second = store.queue_job("lu", "childtest"), store.queue_job("bad", "childtest")
+        worker = jobs.Worker(store, lambda: engine, process=True, idle_exit_s=0.5, poll_s=0.1).start()
+        try:
+            assert wait_until(lambda: store.job(second["id"])["state"] in (names.DONE, names.FAILED), 120)
+            done, failed = store.job(first["id"]), store.job(second["id"])
+            assert done["state"] == names.DONE and done["result"]["items"] == 1
+            assert done["result"]["pid"] != os.getpid() and done["result"]["model"] == engine.model_name
+            assert failed["state"] == names.FAILED and failed["reason"] == "no preferences to edit"
+            assert worker.child.started == 1  # one process for both jobs
+            assert wait_until(lambda: not worker.child.alive, 30)  # idle: it exited
+        finally:
+            worker.stop(timeout=10)
+    engine.close()

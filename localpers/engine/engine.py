@@ -388,6 +388,11 @@ class Engine:
             return {"cached": len(self._adapters), "bytes": sum(e.nbytes for e in self._adapters.values()),
                     "pinned": sum(e.pins > 0 for e in self._adapters.values()), "bound": self.adapter_cache_bytes}
 
+    def check_files_soon(self) -> None:
+        """Look for cached adapters whose file another process retired at the next pin (not after
+        STALE_CHECK_S)."""
+        self._checked_files = float("-inf")
+
     def retire_file(self, path: str | Path) -> None:
         """The file at `path` is no longer served (a retired artifact): its adapter leaves the LRU now and is
         freed once no request holds it. The store calls this for the artifacts it retires (store.on_retire)."""

@@ -53,13 +53,135 @@ def _resolve(target):
     return target
 
 
+class JobProcess:
+    """A child process that runs jobs for a server (`localpers serve`), so that what a job loads (torch, the
+    editor's model, its own llama.cpp context) is given back to the system when the process exits: it starts
+    with the first job (spawned: a fresh interpreter, never a fork of the serving threads), keeps what it loaded
+    while jobs keep coming, and exits when the worker stops it after IDLE_EXIT_S without a job, or when the
+    server exits (its pipe closes; on Linux also the parent-death signal)."""
+
+    def __init__(self, data_dir, model_path, threads: int, nice: int):
+        self.data_dir, self.model_path, self.threads, self.nice = str(data_dir), str(model_path), threads, nice
+        self._proc = self._conn = None
+        self.last_used = time.monotonic()
+        self.started = 0  # processes started so far (monitoring, benchmarks)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.alive else None
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._proc = context.Process(target=_child_main, name="localpers-job",
+                                     args=(child, self.data_dir, self.model_path, self.threads, self.nice),
+                                     daemon=True)
+        self._proc.start()
+        child.close()
+        self.started += 1
+
+    def run(self, target: str, user: str, job_id: int) -> dict:
+        """Run job `target` ("module:function") in the child; its result, or its UserError raised here."""
+        if not self.alive:
+            self._start()
+        self._conn.send((target, user, job_id))
+        while not self._conn.poll(0.2):
+            if not self._proc.is_alive():
+                code, self._proc = self._proc.exitcode, None
+                raise RuntimeError(f"the job process exited with code {code}")
+        status, value = self._conn.recv()
+        self.last_used = time.monotonic()
+        if status == "ok":
+            return value
+        if status == "user_error":
+            raise UserError(value)
+        raise RuntimeError(value)
+
+    def stop(self, timeout: float = 5) -> None:
+        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if proc is None:
+            return
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout)
+        conn.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent dies (prctl PR_SET_PDEATHSIG), so no job outlives a server."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_main(conn, data_dir: str, model_path: str, threads: int, nice: int) -> None:
+    """The job process: runs (target, user, job id) messages until None or its parent goes away."""
+    import traceback
+
+    _die_with_parent()
+    try:
+        os.nice(nice)
+    except OSError:
+        pass
+    import torch
+
+    from localpers.engine.engine import Engine
+    from localpers.store.store import Store
+
+    torch.set_num_threads(threads)
+    store = Store.open(data_dir)
+    engine = Engine(model_path, n_ctx=2048, n_threads=threads)
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            if message is None:
+                break
+            target, user, job_id = message
+            try:
+                conn.send(("ok", _resolve(target)(store, user, engine, job_id)))
+            except UserError as e:
+                conn.send(("user_error", str(e)))
+            except Exception as e:  # a bug: reported to the worker, which fails the job with it
+                traceback.print_exc()
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        engine.close()
+        store.close()
+
+
+IDLE_EXIT_S = 30.0  # a job process with no job for this long exits (what it loaded goes back to the system)
+
+
 class Worker:
-    """The one background worker of a server: runs queued jobs with `engine()` (None while it loads)."""
+    """The one background worker of a server: runs queued jobs with `engine()` (None while it loads).
+
+    process=True (`localpers serve`): jobs whose kind is a "module:function" run in a JobProcess (the data
+    folder `data_dir`), which exits IDLE_EXIT_S after its last job; otherwise in this thread."""
 
     def __init__(self, store, engine: Callable[[], object], *, threads: int = 1, poll_s: float = 0.5,
-                 warm: bool = False, nice: int = 10, own_engine: bool = True):
+                 warm: bool = False, nice: int = 10, own_engine: bool = True, process: bool = False,
+                 idle_exit_s: float = IDLE_EXIT_S):
         self.store, self.engine, self.threads, self.poll_s, self.warm = store, engine, threads, poll_s, warm
-        self.nice, self.own_engine = nice, own_engine
+        self.nice, self.own_engine, self.process, self.idle_exit_s = nice, own_engine, process, idle_exit_s
+        self.child: JobProcess | None = None
         self._job_engine = None
         self._wake, self._stop = threading.Event(), threading.Event()
         self.ready = threading.Event()  # set once the engine is there and warming up (if asked) is over
@@ -79,6 +201,8 @@ class Worker:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        if self.child is not None and self.current is None:
+            self.child.stop()
 
     def _run(self) -> None:
         # Lower this thread's CPU priority (Linux: nice is per thread, and threads it starts inherit it): on a
@@ -88,14 +212,16 @@ class Worker:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
             except OSError:
                 pass
-        warmed = not self.warm
+        warmed = not self.warm or self.process  # a job process loads what its jobs need when it starts
         while not self._stop.is_set():
             engine = self.engine()
             if engine is None:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            engine = self.job_engine(engine)
+            if self.process and self.child is None:
+                self.child = JobProcess(self.store.directory, engine.model_path, self.threads, self.nice)
+            engine = engine if self.process else self.job_engine(engine)
             if not warmed:
                 warmed = True
                 import torch
@@ -108,6 +234,10 @@ class Worker:
                         log.warning("warming up %s jobs failed: %s", kind, e)
             self.ready.set()
             if not self.run_one(engine):
+                if self.child is not None and self.child.alive and \
+                        time.monotonic() - self.child.last_used > self.idle_exit_s:
+                    self.child.stop()
+                    say("the job process exited (idle)")
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
 
@@ -142,7 +272,14 @@ class Worker:
         started = time.monotonic()
         say(f"job {job['id']} ({job['kind']}) started")
         try:
-            result = _resolve(JOB_KINDS[job["kind"]])(self.store, job["user"], engine, job["id"])
+            target = JOB_KINDS[job["kind"]]
+            if self.child is not None and isinstance(target, str):
+                result = self.child.run(target, job["user"], job["id"])
+                check = getattr(engine, "check_files_soon", None)
+                if check is not None:  # the job retired files in another process: the engine looks soon
+                    check()
+            else:
+                result = _resolve(target)(self.store, job["user"], engine, job["id"])
             self.store.finish_job(job["id"], names.DONE, result=result)
             say(f"job {job['id']} ({job['kind']}) done in {time.monotonic() - started:.1f} s")
         except UserError as e:  # StaleError (cancelled, sources deleted), no preferences, a model mismatch...

@@ -504,7 +504,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     app.include_router(jobs_router)
     # a retired artifact leaves the served engine's adapter LRU at once (freed when no request holds it)
     store.on_retire.append(lambda path: app.state.engine is not None and app.state.engine.retire_file(path))
-    app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
+    app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs,
+                              process=jobs == "process").start() if jobs else None
     if app.state.worker is not None:
         app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
     hosts = set(LOOPBACK_NAMES) | {h.lower().strip("[]") for h in allowed_hosts}
@@ -791,7 +792,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
     Composer(personalize)  # an unknown method is a one-line error before anything starts
     sock = bind(host, port)
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
-                     jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+                     jobs="process", warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
