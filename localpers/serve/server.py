@@ -487,13 +487,15 @@ async def run_cancellable(request: Request, work, on_event=None):
 
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
                engine=None, personalize: str = DEFAULT_SPEC, history: bool = True, jobs: bool = False,
-               warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=()) -> FastAPI:
+               warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=(),
+               adapter_cache_bytes: int = names.ADAPTER_CACHE_BYTES) -> FastAPI:
     """The server's app, with the guard `localpers serve` runs. The engine loads in a background thread (so
     /health answers 503 meanwhile) unless an engine is given. `personalize`: the composition spec of requests with
     a `user`; `history`: store users' messages and learn their preferences; `jobs`: run the background job worker
-    (`localpers serve` does; without it jobs stay queued), `warm_jobs`: load what jobs need (the editor's torch
-    model) once the engine is ready. Requests must name a loopback host, `host` or one of `allowed_hosts` ("*":
-    any) in their Host header."""
+    (True: in a thread; "process": each job in a child process, as `localpers serve` does; without it jobs stay
+    queued), `adapter_cache_bytes`: the bound of the engine's loaded adapters (names.ADAPTER_CACHE_BYTES),
+    `warm_jobs`: load what jobs need (the editor's torch model) once the engine is ready (thread jobs only).
+    Requests must name a loopback host, `host` or one of `allowed_hosts` ("*": any) in their Host header."""
     app = FastAPI(title="localpers", version="1", docs_url=None, redoc_url=None,
                   description="An OpenAI-compatible, on-device personalized assistant.")
     app.state.engine = engine
@@ -556,7 +558,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         from localpers.engine.engine import Engine
 
         try:
-            app.state.engine = Engine(model_path)
+            app.state.engine = Engine(model_path, adapter_cache_bytes=adapter_cache_bytes)
         except Exception as e:  # reported on /health and by every request instead of crashing the server
             print(f"localpers: error: the model failed to load: {e}", file=sys.stderr, flush=True)
             app.state.load_error = str(e)
@@ -779,7 +781,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           data_dir: str | None = None, personalize: str = DEFAULT_SPEC, history: bool = True, allowed_hosts=(),
-          allowed_origins=(), insecure_no_api_key: bool = False) -> None:
+          allowed_origins=(), insecure_no_api_key: bool = False,
+          adapter_cache_mb: float = names.ADAPTER_CACHE_BYTES / 2**20) -> None:
     import uvicorn
 
     from localpers.model.gguf_info import open_gguf
@@ -790,9 +793,12 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
     if model is not None:
         open_gguf(model)  # a one-line UserError for a missing or unreadable file, before the server starts
     Composer(personalize)  # an unknown method is a one-line error before anything starts
+    if not adapter_cache_mb >= 0:
+        raise UserError(f"--adapter-cache-mb must be 0 or more, not {adapter_cache_mb}")
     sock = bind(host, port)
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
-                     jobs="process", warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+                     jobs="process", warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
+                     adapter_cache_bytes=int(adapter_cache_mb * 2**20))
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
