@@ -7,10 +7,15 @@ deleting an item an artifact was derived from queues that artifact's method. For
 jobs; a job still running then registers nothing (store.register_artifact(job=...) finds it gone).
 
 One worker thread runs the jobs one at a time, at a lower CPU priority (nice 10) and with torch capped at
-`threads` threads, so that chat keeps the rest of the machine. Jobs check their artifacts on llama.cpp with the
-worker's own engine (a second context on the same memory-mapped model, `threads` threads), so chat never waits
-for a job, not even for the engine's lock. Job kinds map to functions `(store, user, engine, job_id) -> result dict` (ids and counts, no text):
-edit, perce and ce (the user's LoRA adapter), logo (a LoGo round for the whole store: logo.logo_job).
+`threads` threads, so that chat keeps the rest of the machine. Under `localpers serve` each job runs in a child
+process (JobProcess) with its own llama.cpp context on the same model file to check its artifacts: chat never
+waits for a job, and what a job loads (torch, the editor's model, about 1.5 GB) goes back to the system when
+that process exits, IDLE_EXIT_S after its last job; a later job starts a new one (the editor's model then maps
+its cached float32 copy: editing.editor_model). The worker holds the data folder's job lock while a job runs
+(store.job_lock), so `localpers personalize` by hand never races it. Job start and end are logged (id, kind,
+duration; never user text). Job kinds map to functions `(store, user, engine, job_id) -> result dict` (ids and
+counts, no text): edit, perce and ce (the user's LoRA adapter), logo (a LoGo round for the whole store:
+logo.logo_job).
 
     GET  /v1/users/{user}/jobs          the user's jobs, newest first
     POST /v1/users/{user}/personalize   {"method"?: "edit" | "perce" | "ce" | "logo"} queue a job (202; an already queued one is reused)
