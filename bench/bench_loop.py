@@ -12,7 +12,7 @@ started, from /proc):
 
     python3 bench/bench_loop.py memory [--after-s 60] [--burn]   # RSS idle, during an edit job, after it;
                                                                   # statement -> adapter served, cold and warm
-    python3 bench/bench_loop.py adapters [--users 1000]           # RSS after users with adapters, round-robin
+    python3 bench/bench_loop.py adapters [--users 1000] [--rounds 2]  # RSS after users with adapters, round-robin
 
 --burn keeps one core busy with a CPU burner process while it measures.
 """
@@ -212,14 +212,16 @@ def cmd_adapters(args):
         client.post("/v1/chat/completions", json=SHORT)
         result["rss_idle_mb"] = round(tree_rss_mb(proc.pid))
         start = time.perf_counter()
-        for rnd in range(2):
+        for rnd in range(args.rounds):
             for i in range(args.users):
                 r = client.post("/v1/chat/completions", json={
                     "messages": [{"role": "user", "content": "Hi"}], "user": f"user{i}", "max_tokens": 1,
                     "temperature": 0, "localpers": {"history": False, "explain": True}})
                 assert r.status_code == 200 and r.json()["localpers"]["artifacts"], r.text
+                if (i + 1) % 100 == 0:  # progress, in case the run is cut short
+                    print(f"round {rnd + 1}, {i + 1} users: {tree_rss_mb(proc.pid):.0f} MB", flush=True)
             result[f"rss_after_round_{rnd + 1}_mb"] = round(tree_rss_mb(proc.pid))
-        result["requests_per_s"] = round(2 * args.users / (time.perf_counter() - start), 1)
+        result["requests_per_s"] = round(args.rounds * args.users / (time.perf_counter() - start), 1)
         result["load"] = os.getloadavg()
     finally:
         proc.terminate()
@@ -237,6 +239,7 @@ def main():
         parser.add_argument("--after-s", type=float, default=60)
         parser.add_argument("--burn", action="store_true")
         parser.add_argument("--users", type=int, default=1000)
+        parser.add_argument("--rounds", type=int, default=2)
         args = parser.parse_args()
         {"memory": cmd_memory, "adapters": cmd_adapters}[args.command](args)
         return

@@ -8,7 +8,7 @@ jobs; a job still running then registers nothing (store.register_artifact(job=..
 
 One worker thread runs the jobs one at a time, at a lower CPU priority (nice 10) and with torch capped at
 `threads` threads, so that chat keeps the rest of the machine. Under `localpers serve` each job runs in a child
-process (JobProcess) with its own llama.cpp context on the same model file to check its artifacts: chat never
+process (JobProcess), at normal priority until a chat request arrives during a job (then nice 10), with its own llama.cpp context on the same model file to check its artifacts: chat never
 waits for a job, and what a job loads (torch, the editor's model, about 1.5 GB) goes back to the system when
 that process exits, IDLE_EXIT_S after its last job; a later job starts a new one (the editor's model then maps
 its cached float32 copy: editing.editor_model). The worker holds the data folder's job lock while a job runs
@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from fastapi import APIRouter, Body, Request
@@ -68,6 +69,7 @@ class JobProcess:
     def __init__(self, data_dir, model_path, threads: int, nice: int):
         self.data_dir, self.model_path, self.threads, self.nice = str(data_dir), str(model_path), threads, nice
         self._proc = self._conn = None
+        self.lowered = False  # yield_to_chat lowered its priority
         self.last_used = time.monotonic()
         self.started = 0  # processes started so far (monitoring, benchmarks)
 
@@ -90,6 +92,7 @@ class JobProcess:
         self._proc.start()
         child.close()
         self.started += 1
+        self.lowered = False
 
     def run(self, target: str, user: str, job_id: int) -> dict:
         """Run job `target` ("module:function") in the child; its result, or its UserError raised here."""
@@ -107,6 +110,19 @@ class JobProcess:
         if status == "user_error":
             raise UserError(value)
         raise RuntimeError(value)
+
+    def yield_to_chat(self) -> None:
+        """Lower the running job process's priority (every thread to `nice`): chat has requests. Raising nice is
+        allowed to any user, lowering it is not, so it stays low until the process exits (idle)."""
+        if not self.alive or self.lowered:
+            return
+        self.lowered = True
+        pid = self._proc.pid
+        for task in Path(f"/proc/{pid}/task").glob("*") if Path(f"/proc/{pid}/task").is_dir() else [Path(str(pid))]:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(task.name), self.nice)
+            except (OSError, ValueError):
+                pass
 
     def stop(self, timeout: float = 5) -> None:
         proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
@@ -139,10 +155,6 @@ def _child_main(conn, data_dir: str, model_path: str, threads: int, nice: int) -
     import traceback
 
     _die_with_parent()
-    try:
-        os.nice(nice)
-    except OSError:
-        pass
     import torch
 
     from localpers.engine.engine import Engine
@@ -201,6 +213,12 @@ class Worker:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def chat_request(self) -> None:
+        """A chat request arrived: a job process running a job yields the CPU to chat from now on (it runs at
+        normal priority while chat is idle)."""
+        if self.child is not None and self.current is not None:
+            self.child.yield_to_chat()
 
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()

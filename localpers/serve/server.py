@@ -622,6 +622,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
                                                                   "content": {"text/event-stream": {}}}})
     async def chat_completions(req: ChatRequest, request: Request):
         engine = ready_engine()
+        if app.state.worker is not None:
+            app.state.worker.chat_request()  # a running job process yields the CPU to chat
         if req.model not in (None, "", engine.model_name, "localpers"):
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{engine.model_name}'",
                            code="model_not_found", param="model")
