@@ -87,7 +87,7 @@ class JobProcess:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self._proc = context.Process(target=_child_main, name="localpers-job",
-                                     args=(child, self.data_dir, self.model_path, self.threads, self.nice),
+                                     args=(child, self.data_dir, self.model_path, self.threads, os.getpid()),
                                      daemon=True)
         self._proc.start()
         child.close()
@@ -139,8 +139,9 @@ class JobProcess:
         conn.close()
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGTERM this process when its parent dies (prctl PR_SET_PDEATHSIG), so no job outlives a server."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this process when its parent dies (prctl PR_SET_PDEATHSIG), so no job outlives a server;
+    a parent that died before this ran (while the child was starting) ends it now."""
     try:
         import ctypes
         import signal
@@ -148,13 +149,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        os._exit(0)
 
 
-def _child_main(conn, data_dir: str, model_path: str, threads: int, nice: int) -> None:
+def _child_main(conn, data_dir: str, model_path: str, threads: int, parent: int) -> None:
     """The job process: runs (target, user, job id) messages until None or its parent goes away."""
     import traceback
 
-    _die_with_parent()
+    _die_with_parent(parent)
     import torch
 
     from localpers.engine.engine import Engine
