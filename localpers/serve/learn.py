@@ -22,9 +22,14 @@ def learn_from_chat(store: Store, user: str, messages: list[dict]) -> dict:
     return _report(store.learn_chat(user, messages, detect_facts, names.MAX_FACTS_PER_MESSAGE))
 
 
-def learn_from_text(store: Store, user: str, text: str) -> dict:
-    """`localpers remember TEXT`: the text as a message the user typed, learned as in chat."""
-    return _report(store.learn_text(user, text, detect_facts, names.MAX_FACTS_PER_MESSAGE))
+def learn_from_text(store: Store, user: str, text: str, *, source: str = "remember", dry_run: bool = False) -> dict:
+    """`localpers remember TEXT` (and a fact corrected on the page, source "page"): the text as a message the user
+    typed, learned as in chat. dry_run: only detect, store nothing (the facts found have id None)."""
+    if dry_run:
+        found = detect_facts(text, names.MAX_FACTS_PER_MESSAGE)[:names.MAX_FACTS_PER_MESSAGE]
+        return {"messages": [], "preferences": [], "facts": [{"id": None, "attribute": f.attribute} for f in found],
+                "replaced": [], "retired": []}
+    return _report(store.learn_text(user, text, detect_facts, names.MAX_FACTS_PER_MESSAGE, source=source))
 
 
 def _report(out: dict) -> dict:

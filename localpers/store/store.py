@@ -715,10 +715,12 @@ class Store:
         self._remove_files(user_id, paths)
         return out
 
-    def learn_text(self, user: str, text, extract, limit: int = names.MAX_FACTS_PER_MESSAGE) -> dict:
-        """Store one message the user typed (`localpers remember`) and learn the facts it states, as learn_chat
-        does, in one transaction; the same text said twice is two messages. Returns learn_chat's dict."""
-        item = check_item(text, "message", {"role": "user", "source": "remember"})
+    def learn_text(self, user: str, text, extract, limit: int = names.MAX_FACTS_PER_MESSAGE,
+                   source: str = "remember") -> dict:
+        """Store one message the user typed (`localpers remember`, or a fact corrected on the page: `source`) and
+        learn the facts it states, as learn_chat does, in one transaction; the same text said twice is two
+        messages. Returns learn_chat's dict."""
+        item = check_item(text, "message", {"role": "user", "source": source})
         facts = extract(item[2].decode("utf-8"), limit)[:limit]
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
         with self._write() as conn:
