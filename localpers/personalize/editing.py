@@ -333,8 +333,10 @@ class Editor:
             edit_pos.append(pos)
             answers.append((len(ids) - 1, ans))
         T = max(map(len, seqs))
-        tokens = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
-        states = m._blocks(tokens)  # the residual stream before each layer; no logits needed
+        # The residual stream before each layer (no logits needed), one prompt at a time: prompts after a long
+        # chat context and bare ones differ ~10x in length, and a padded batch would run every one at the longest.
+        each = [m._blocks(torch.tensor([s])) for s in seqs]
+        states = [torch.cat([F.pad(one[i], (0, 0, 0, T - one[i].shape[1])) for one in each]) for i in range(len(each[0]))]
         B, P, S = len(pairs), max(edit_pos), max(len(s) - p for s, p in zip(seqs, edit_pos))
         cos_all, sin_all = _rope(m, T + S)
         pos = torch.tensor([[p + s for s in range(S)] for p in edit_pos])
