@@ -10,7 +10,8 @@ as `localpers eval` measures the same spec. Unless the server runs with `--no-hi
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
 adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
 (method, kind, id) and the ids of the retrieved items, never text. The mem0-like memory endpoints of
-localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/.
+localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page at `/`
+("what my assistant knows about me") and the routes it adds are localpers.serve.page.
 
 Protocol (issue #13):
 - Every OpenAI chat-completions field is honoured or refused with a 400 that names it; unknown top-level fields
@@ -53,6 +54,7 @@ from localpers.serve.jobs import Worker
 from localpers.serve.jobs import router as jobs_router
 from localpers.serve.learn import learn_from_chat
 from localpers.serve.memory_api import router as memory_router
+from localpers.serve.page import router as page_router
 from localpers.personalize.methods import apply
 from localpers.store.store import NotFoundError, Store
 from localpers.store.store import data_dir as resolve_data_dir
@@ -486,13 +488,15 @@ async def run_cancellable(request: Request, work, on_event=None):
 
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
                engine=None, personalize: str = DEFAULT_SPEC, history: bool = True, jobs: bool = False,
-               warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=()) -> FastAPI:
+               warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=(),
+               lora=()) -> FastAPI:
     """The server's app, with the guard `localpers serve` runs. The engine loads in a background thread (so
     /health answers 503 meanwhile) unless an engine is given. `personalize`: the composition spec of requests with
     a `user`; `history`: store users' messages and learn their preferences; `jobs`: run the background job worker
     (`localpers serve` does; without it jobs stay queued), `warm_jobs`: load what jobs need (the editor's torch
     model) once the engine is ready. Requests must name a loopback host, `host` or one of `allowed_hosts` ("*":
-    any) in their Host header."""
+    any) in their Host header. `lora`: adapter files applied to every request (scale 1), besides the user's
+    artifacts; one that llama.cpp cannot load for the model fails the load (/health says so)."""
     app = FastAPI(title="localpers", version="1", docs_url=None, redoc_url=None,
                   description="An OpenAI-compatible, on-device personalized assistant.")
     app.state.engine = engine
@@ -501,6 +505,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     app.state.composer = composer = Composer(personalize)
     app.include_router(memory_router)
     app.include_router(jobs_router)
+    app.include_router(page_router)  # the page at / (localpers.serve.page)
     app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
     if app.state.worker is not None:
         app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
@@ -520,13 +525,13 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         llama.cpp cannot load is left out and marked broken in the store (so it shows up as such for that user;
         the client never sees the server's paths)."""
         if not user:
-            return messages, Artifacts(), {"composition": names.BASE, "artifacts": [], "retrieved": []}
+            return messages, everyone, {"composition": names.BASE, "artifacts": [], "retrieved": []}
         person = served_user(store, user, model_sha256(engine.model_path), messages)
         personalized = composer(person, last_user_message(messages), engine)
         usable, broken = engine.usable(personalized.artifacts)
         for path, reason in broken:
             mark_broken(store, user, path, reason)
-        return apply(personalized, messages), usable, composer.explain(person, personalized)
+        return apply(personalized, messages), everyone.merge(usable), composer.explain(person, personalized)
 
     def learn(user: str, messages: list[dict]) -> None:
         """Store the user's new messages and learn the preferences stated in them (after composing: this
@@ -540,11 +545,17 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         if (learned["preferences"] or learned["replaced"]) and app.state.worker is not None:
             app.state.worker.wake()
 
+    everyone = Artifacts(lora=tuple((str(path), 1.0) for path in lora))  # --lora: applied to every request
+
     def load():
         from localpers.engine.engine import Engine
 
         try:
-            app.state.engine = Engine(model_path)
+            loaded = Engine(model_path)
+            if everyone.lora and (broken := loaded.usable(everyone)[1]):
+                loaded.close()
+                raise UserError(f"--lora {broken[0][0]}: {broken[0][1]}")
+            app.state.engine = loaded
         except Exception as e:  # reported on /health and by every request instead of crashing the server
             print(f"localpers: error: the model failed to load: {e}", file=sys.stderr, flush=True)
             app.state.load_error = str(e)
@@ -719,7 +730,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           data_dir: str | None = None, personalize: str = DEFAULT_SPEC, history: bool = True, allowed_hosts=(),
-          allowed_origins=(), insecure_no_api_key: bool = False) -> None:
+          allowed_origins=(), insecure_no_api_key: bool = False, lora=()) -> None:
     import uvicorn
 
     from localpers.model.gguf_info import open_gguf
@@ -729,10 +740,15 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
                         "(or --insecure-no-api-key to accept that risk)")
     if model is not None:
         open_gguf(model)  # a one-line UserError for a missing or unreadable file, before the server starts
+    for path in lora:  # a missing file or one that is no LoRA adapter: one line, before the server starts
+        adapter = open_gguf(path, check_arch=False).get_field("adapter.type")
+        if adapter is None or adapter.contents() != "lora":
+            raise UserError(f"--lora {path}: not a llama.cpp LoRA adapter (no adapter.type = lora)")
     Composer(personalize)  # an unknown method is a one-line error before anything starts
     sock = bind(host, port)
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
-                     jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins)
+                     jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
+                     lora=lora)
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
