@@ -42,10 +42,11 @@ class Composer:
 
     @property
     def needs_preferences(self) -> bool:
-        """Does a method of the spec read the served user's stated preferences (`prompt` lists them)? The
-        trained methods serve registry artifacts and `rag` searches the index, so without `prompt` a request
-        need not read (and decrypt) every stored preference: its cost stays independent of their number."""
-        return names.PROMPT in self.spec.split("+")
+        """Does a method of the spec read the served user's stated preferences (`prompt` lists them, `facts`
+        picks those that bear on the question)? The trained methods serve registry artifacts and `rag` searches
+        the index, so without them a request need not read (and decrypt) every stored preference: its cost stays
+        independent of their number."""
+        return bool({names.PROMPT, names.FACTS} & set(self.spec.split("+")))
 
     def __call__(self, user: User, query: str, engine) -> Personalized:
         return self._method(user, query, engine)
