@@ -12,13 +12,14 @@ A state is only ever restored under the artifact set it was computed under, so i
 restored cells are the very bytes the context held.
 
 Replies equal to the ones an empty cache gives (issue 13: a greedy reply is byte-identical whatever was served
-before): llama.cpp's numbers for a token depend on the batch it is decoded in (a batch of one takes other matmul
-kernels than a batch of many; F32 LoRA matmuls take llamafile's sgemm), so a prefix is only reused when the request
-reusing it decodes every token in a batch of the same kind as an empty cache would. llama-cpp-python decodes a
-prompt in n_batch chunks from its first uncached token. A reusable prefix ends on a multiple of `block` (the
-engine's choice, issue 32: see localpers.engine.engine.KV_BLOCK) and every cell of it was computed by a prompt
-evaluation (`valid`), never by token-by-token generation nor as a batch of one; the suffix is decoded from a start
-chosen so that the prompt's last token is decoded alone exactly when an empty cache decodes it alone (`start`).
+before): llama.cpp's numbers for a token depend on whether it is decoded alone (a batch of one takes other matmul
+kernels than a batch of many; F32 LoRA matmuls take llamafile's sgemm), not on the size or start of the
+multi-token batch it is decoded in (issue 32; tests/test_kvcache.py checks KV bytes and logits byte for byte,
+with and without a LoRA). llama-cpp-python decodes a prompt in n_batch chunks from its first uncached token. So a
+reusable prefix ends on a multiple of `block` (the engine's KV_BLOCK: 1, any token) and every cell of it was
+computed by a prompt evaluation in a batch of several tokens (`valid`), never by token-by-token generation; the
+suffix is decoded from a start chosen so that the prompt's last token is decoded alone exactly when an empty cache
+decodes it alone (`start`).
 
 Memory: a state costs n_tokens * n_layer * 2 * n_head_kv * head_dim * 2 bytes (F16 K and V); 22.5 KiB per
 token on SmolLM2-135M, so 16.5 MiB for a 735-token conversation. The cache holds at most `max_bytes` (default
@@ -60,7 +61,7 @@ class KVCache:
         self.block = self.n_batch if block is None else int(block)  # reusable prefixes end on a multiple of this
         self.valid = 0  # leading context cells computed by an aligned prompt evaluation (see the module doc)
         self._lc = llama_cpp
-        self._states: OrderedDict[tuple, bytes] = OrderedDict()   # (key, tokens) -> sequence state
+        self._states: OrderedDict[tuple, ctypes.Array] = OrderedDict()   # (key, tokens) -> sequence state
         self.nbytes = 0
         self.hits = self.saves = 0
 
@@ -127,7 +128,8 @@ class KVCache:
         # A kept state that is a prefix of this one is superseded: restoring this one serves it as well.
         for old in [e for e in self._states if e[0] == key and len(e[1]) <= n and tokens[:len(e[1])] == e[1]]:
             self._drop(old)
-        self._states[entry] = bytes(memoryview(buf)[:written])
+        # kept as the buffer llama.cpp wrote (no copy; restoring reads it in place)
+        self._states[entry] = buf if written == size else (ctypes.c_uint8 * written).from_buffer_copy(buf)
         self.nbytes += written
         self.saves += 1
         while self.nbytes > self.max_bytes:
@@ -140,8 +142,9 @@ class KVCache:
     def resume(self, key, tokens: list[int]) -> int:
         """Before evaluating `tokens` under `key`: make the context hold the longest reusable prefix of `tokens`
         (at most len(tokens) - 1: the last prompt token is always decoded, for its logits; a start() from which
-        the suffix decodes as from an empty context) that the context or the cache has under `key`, stashing the context's content first if the prompt would
-        discard it. Returns the number of prompt tokens the context then holds (llm.n_tokens)."""
+        the suffix decodes as from an empty context) that the context or the cache has under `key`, stashing the
+        context's content first if the prompt would discard it. Returns the number of prompt tokens the context
+        then holds (llm.n_tokens)."""
         llm = self.llm
         n = int(llm.n_tokens)
         limit = max(len(tokens) - 1, 0)
@@ -162,8 +165,7 @@ class KVCache:
         state = self._states[best]
         self._states.move_to_end(best)
         llm._ctx.kv_cache_clear()
-        src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if self._lc.llama_state_seq_set_data(llm.ctx, src, len(state), 0) != len(state):
+        if self._lc.llama_state_seq_set_data(llm.ctx, state, len(state), 0) != len(state):
             llm.reset()
             llm._ctx.kv_cache_clear()
             self.valid = 0
