@@ -856,7 +856,8 @@ class Store:
         """Where the user's artifact files live (created, with the user); forget deletes it."""
         with self._write() as conn:
             path = self._user_folder(self._create_user(conn, user))
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
         return path
 
     def register_artifact(
@@ -899,7 +900,8 @@ class Store:
                 if len(found) != len(sources):
                     raise StaleError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not registered")
             folder = self._user_folder(user_id)
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.parent.mkdir(mode=0o700, exist_ok=True)  # (parents=True would make it with the umask's mode)
+            folder.mkdir(mode=0o700, exist_ok=True)
             folder = folder.resolve()
             (version,) = conn.execute(
                 "SELECT coalesce(max(version), 0) + 1 FROM artifacts WHERE user_id = ? AND kind = ?", (user_id, kind)
