@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Prefixes of README lines not run: each starts a server, needs one, installs packages or runs for hours.
 SKIPPED = {
     "bash install.sh": "installs packages (install.sh is what set this machine up)",
+    "python3 -m venv": "makes a virtual environment and installs into it (.ci/run does, every run)",
     "python3 -m pytest": "the whole test suite",
     "localpers serve": "starts a server that runs until stopped (tests/test_server.py serves the app)",
     "curl ": "needs a running server",
