@@ -445,3 +445,16 @@ def test_sync_once_against_a_wrong_address_says_it_waits_and_gives_up(tmp_path):
                  "--connect-timeout", "1")
     assert "waiting for the sync server" in r.stdout, r.stdout
     assert r.returncode == 2 and "no sync server answered" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_user_with_too_deep_meta_stored_before_the_limit_stays_readable(store_client):
+    """A store written before the limit: the item's meta is replaced by a note when read, never a 500."""
+    store = store_client.app.state.store
+    with store._write() as conn:  # noqa: SLF001 (writing what the API now refuses)
+        user_id = store._user_id(conn, "alice")
+        conn.execute("UPDATE items SET meta = ? WHERE user_id = ?",
+                     (store.cipher.seal(nested_json(965).encode(), b"%d:meta" % user_id), user_id))
+    for path in ("/v1/users/alice/memories", "/v1/users/alice/export", "/v1/users/alice/memories/search?q=note"):
+        r = store_client.get(path)
+        assert r.status_code == 200, r.text
+    assert "unreadable" in store_client.get("/v1/users/alice/memories").json()["data"][0]["meta"]

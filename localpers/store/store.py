@@ -195,6 +195,17 @@ def encode_meta(meta) -> bytes:
     return data
 
 
+def _read_meta(data: bytes) -> dict:
+    """An item's stored meta; meta nested deeper than MAX_META_DEPTH (stored before the limit) reads as
+    {"unreadable": ...} so that the user's list, export and search still answer."""
+    try:
+        meta = json.loads(data)
+        _check_depth(meta)
+        return meta
+    except (RecursionError, UserError):
+        return {"unreadable": f"this item's meta nests more than {MAX_META_DEPTH} levels"}
+
+
 def _check_depth(meta: dict) -> None:
     """UserError when meta nests objects/arrays deeper than MAX_META_DEPTH (iterative: any depth is checked)."""
     stack = [(meta, 1)]
@@ -687,7 +698,7 @@ class Store:
             "kind": kind,
             "ts": ts,
             "text": self.cipher.open(text, b"%d:text" % user_id).decode("utf-8"),
-            "meta": json.loads(self.cipher.open(meta, b"%d:meta" % user_id)),
+            "meta": _read_meta(self.cipher.open(meta, b"%d:meta" % user_id)),
         }
 
     def items(self, user: str, kind: str | None = None) -> list[dict]:
