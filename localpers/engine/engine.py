@@ -83,6 +83,9 @@ class FairLock:
         with self._cond:
             return len(self._line)
 
+    def locked(self) -> bool:
+        return self._held
+
     def __enter__(self):
         self.acquire()
         return self
