@@ -3,7 +3,9 @@ Flower SuperNode; `--log` shows what it sent). Nothing syncs unless one of these
 socket beyond its own loopback server.
 
 Both start Flower's own executables (flower-superlink, flower-supernode, flwr run) as children in their own
-process group, with runtime dependency installation off (no network), and always stop them on exit.
+process group, with runtime dependency installation off (no network), and always stop them on exit: SIGTERM and
+SIGHUP (a closed terminal) run the cleanup, and the kernel SIGKILLs them if the command dies without it
+(localpers.sync.lifetime). A device's ClientApp answers only while its `localpers sync` runs (node config `consent`).
 """
 from __future__ import annotations
 
