@@ -70,7 +70,7 @@ fi
 case "${1:-}" in
     test)
         pip_install -e ".[test,dense]"
-        # System packages the tests need (apt-get, e.g. a browser for the web-page tests) go here.
+        # (system packages the tests need: the apt-get block above)
         ;;
     sim) pip_install -e ".[sim]" ;;
     *) pip_install -e . ;;
