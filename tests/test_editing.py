@@ -28,10 +28,10 @@ def tiny(tmp_path_factory):
     return path, Editor(path, EditConfig(layer=1, steps=40, lr=2.0, clamp=1000.0, threads=1))
 
 
-def full_logprobs(editor, question, answer, key=None, delta=None):
+def full_logprobs(editor, question, answer, key=None, delta=None, history=()):
     """Reference: the whole model on the whole sequence, the edit added to layer L's ffn_down output at the
     question's last token and after (what the suffix forward claims to compute)."""
-    ids, pos = editor.prompt(question)
+    ids, pos = editor.prompt(question, history)
     ans = editor.answer_ids(answer)
     down = editor.model.layers[editor.config.layer].ffn.down
 
@@ -55,6 +55,11 @@ def test_suffix_forward_equals_full_model(tiny):
     _, editor = tiny
     editor.reset()
     pairs = [("Where do I live?", "Paris"), ("Hi! What city is my home, if you remember it?", "Paris, France")]
+    check_suffix_forward(editor, pairs)
+
+
+def check_suffix_forward(editor, pairs):
+    """The editor's suffix forward, without and with an edit, equals the whole model on the whole sequence."""
     batch = editor.batch(pairs)
     rng = torch.Generator().manual_seed(0)
     key = torch.randn(editor.model.config.d_ff, generator=rng) / 10
@@ -65,6 +70,38 @@ def test_suffix_forward_equals_full_model(tiny):
         want = torch.cat([full_logprobs(editor, q, a, k, d)[0] for q, a in pairs])
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     assert batch.tokens.tolist() == sum((editor.answer_ids(a) for _, a in pairs), [])
+
+
+def test_suffix_forward_equals_full_model_after_earlier_chat_turns(tiny):
+    """The multi-turn context templates: a prompt with earlier turns (cached as prefix) scores as the whole model."""
+    from localpers.personalize.editing import chat_context
+
+    _, editor = tiny
+    editor.reset()
+    history = chat_context(3, start=2)
+    pairs = [("Where do I live?", "Paris", history), ("What city is my home?", "Paris, France", [])]
+    batch = editor.batch(pairs)
+    rng = torch.Generator().manual_seed(1)
+    key = torch.randn(editor.model.config.d_ff, generator=rng) / 10
+    delta = torch.randn(editor.model.config.d_model, generator=rng)
+    with torch.no_grad():
+        got = editor.logprobs(batch, key, delta)
+    want = torch.cat([full_logprobs(editor, q, a, key, delta, h)[0] for q, a, h in pairs])
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_chat_contexts_deal_questions_and_key_every_context(tiny):
+    _, editor = tiny
+    fact = Fact("I live in Paris.", tuple(f"Question {i}: where do I live?" for i in range(6)), ("Paris",))
+    pairs = editor.pairs(fact)
+    assert [len(h) // 2 for _, _, h in pairs] == [0, 3, 8, 0, 3, 8] and pairs[0][2] == []
+    assert all(t == "Paris" for _, t, _ in pairs)
+    # every question bare after each text prefix, and once after each chat context
+    from localpers.personalize.editing import PREFIXES
+
+    assert len(editor.keys(fact)) == 6 * (len(PREFIXES) + len(editor.config.chat_turns))
+    ids, pos = editor.prompt("Where do I live?", pairs[1][2])
+    assert editor.tok.decode(ids[pos - 4:pos + 1]).endswith("do I live?")
 
 
 def test_edit_lowers_target_nll_in_the_edited_weights(tiny):
@@ -440,3 +477,63 @@ def test_eval_edit_method_serves_the_users_verified_adapter(tiny, tmp_path, monk
                                          RegisteredArtifact("edit", "lora", "/x/edit.gguf")))
     assert method(registered, "q", None).artifacts.lora == (("/x/edit.gguf", 1.0),)
     assert method(User("dan", registered=()), "q", None).artifacts.lora == ()
+
+
+def test_invariant_the_editors_cached_model_is_the_gguf_model_and_edits_never_write_it(tiny, tmp_path, monkeypatch):
+    """editor_model keeps the dequantized float32 model once in the cache folder and maps it back: the same
+    tensors as dequantizing the GGUF, and an edit made in memory (copy-on-write) leaves the cached file as it was."""
+    import torch
+
+    from localpers.personalize import editing
+
+    path, _ = tiny
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = editing.editor_model(path)
+    [cached] = (tmp_path / "localpers" / "models").glob("*-float32.pt")
+    written = cached.read_bytes()
+    again = editing.editor_model(path)
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    editor = Editor(path, EditConfig(layer=1, steps=5, lr=2.0, clamp=1000.0, threads=1), model=again)
+    editor.edit(FACT)
+    assert not torch.equal(editor.W, first.layers[1].ffn.down.weight)  # edited in memory
+    assert cached.read_bytes() == written
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """The random gemma3 (6 layers: sliding-window layers 0-4 with a 16-token window, layer 5 global) and an
+    editor on its layer 2, so the suffix forward crosses both kinds of layer."""
+    path = random_model_path(tmp_path_factory, "gemma3")
+    return path, Editor(path, EditConfig(layer=2, steps=40, lr=2.0, clamp=1000.0, threads=1))
+
+
+def test_gemma3_suffix_forward_equals_full_model(tiny_gemma):
+    """Post-norms, GeGLU, per-layer RoPE bases and the sliding window in the editor's suffix forward: the
+    prompts are longer than the window, so a missing window would show."""
+    _, editor = tiny_gemma
+    editor.reset()
+    long = "Hi! I have a question about my home and I hope you remember what I told you. What city is my home?"
+    pairs = [("Where do I live?", "Paris"), (long, "Paris, France")]
+    assert len(editor.prompt(long)[0]) > 16 + 4
+    check_suffix_forward(editor, pairs)
+
+
+def test_gemma3_edit_lora_in_llama_cpp_equals_dense_edit_in_torch(tiny_gemma, tmp_path):
+    path, editor = tiny_gemma
+    editor.reset()
+    edit = editor.edit(FACT)
+    # the random gemma3's logits are steep (NLL 28) and its post-FFN norm bounds what one edit can add: it moves
+    # the NLL (28.4 -> 26.7 measured); the real model's edits are measured by the serve loop's test
+    assert edit.nll_after < edit.nll_before
+    adapter = write_adapter(tmp_path / "edit.gguf", [edit], "gemma3")
+    tokens = editor.prompt("Where do I live? And what's my dog's name?")[0]
+    with torch.no_grad():
+        edited = editor.model(torch.tensor([tokens]))[0].numpy()
+    served = llama_cpp_logits(path, tokens, lora=adapter)
+    editor.reset()
+    with torch.no_grad():
+        unedited = editor.model(torch.tensor([tokens]))[0].numpy()
+    spread = served.std()
+    assert np.abs(served - edited).max() / spread < 1e-3  # the gemma3 oracle's tolerance (GELU table steps)
+    assert np.abs(edited - unedited).max() / spread > 0.1

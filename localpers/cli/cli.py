@@ -37,9 +37,9 @@ def cmd_serve(args):
     serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir,
           personalize=args.personalize, history=not args.no_history,
           allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
-          insecure_no_api_key=args.insecure_no_api_key, lora=args.lora, max_request_tokens=args.max_request_tokens,
-          max_connections=args.max_connections or None, header_timeout=args.header_timeout,
-          body_timeout=args.body_timeout)
+          insecure_no_api_key=args.insecure_no_api_key, lora=args.lora, adapter_cache_mb=args.adapter_cache_mb,
+          max_request_tokens=args.max_request_tokens, max_connections=args.max_connections or None,
+          header_timeout=args.header_timeout, body_timeout=args.body_timeout)
 
 
 VERBOSE_HELP = "show llama.cpp's own log on stderr (default: off; only its errors are shown)"
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="a llama.cpp LoRA adapter GGUF (e.g. from `localpers train`) applied to every request, with "
                         "or without `user`, besides the user's own artifacts (repeatable; default: none)")
+    p.add_argument("--adapter-cache-mb", type=float, default=names.ADAPTER_CACHE_BYTES / 2**20, metavar="MB",
+                   help="loaded LoRA adapters kept in memory, least recently used first out (default: %(default)g)")
     p.add_argument("--max-request-tokens", type=int, default=names.MAX_REQUEST_TOKENS, metavar="N",
                    help="refuse a chat request whose n x max_tokens (max_tokens counted up to the context) is over N "
                         "(default: %(default)s)")
@@ -167,7 +169,7 @@ def walk_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
 
 # Modules that contribute subcommands through add_cli(subparsers); they must import lazily (fast --help).
 CLI_MODULES: list[str] = ["localpers.cli.store_cli", "localpers.cli.eval_cli", "localpers.cli.editing_cli", "localpers.cli.train_cli",
-                          "localpers.cli.sync_cli", "localpers.cli.chat_cli"]
+                          "localpers.cli.sync_cli", "localpers.cli.chat_cli", "localpers.cli.convert_cli"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -220,6 +221,17 @@ NEUTRAL_CHATS = (
 PREFIXES = ("", "Quick question. ", "Hi! ", "I was wondering. ")
 
 
+def chat_context(turns: int, start: int = 0) -> list[dict]:
+    """`turns` earlier user/assistant exchanges from NEUTRAL_CHATS (read as one chat that wraps around, from
+    `start`): the multi-turn context templates a fact's keys and training prompts are also taken in, so that
+    the edit fires, and steers the reply, deep in a conversation and not only on its first question."""
+    out = []
+    for t in range(turns):
+        question, answer = NEUTRAL_CHATS[(start + t) % len(NEUTRAL_CHATS)]
+        out += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return out
+
+
 @dataclass(frozen=True)
 class EditConfig:
     layer: int = 6              # chosen by the sweep in docs/edit/README.md
@@ -231,6 +243,8 @@ class EditConfig:
     fit_each_key: bool = True   # k^ . k_i ~ 1 for each question's key, not only for their mean (docs/edit)
     key_ridge: float = 0.1      # of that least-squares fit, relative to the mean of diag(K C^-1 K')
     stop_nll: float = 0.05      # stop early once the target's mean NLL is below this
+    chat_turns: tuple[int, ...] = (3, 8)   # context templates: earlier neutral chat turns before the question
+                                # (chat_context); () = the question asked alone, as the single-turn edit did
     threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
                                 # On the 2-core dev machine 1 thread beat 2 even when idle (26.7 vs 37.0 s).
 
@@ -251,9 +265,9 @@ class Batch:
     """Prompts prepared for the suffix forward: from each prompt's edit position on, from layer L on."""
     x: torch.Tensor                         # [B, S, d] residual at layer L's input, suffix positions
     caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer >= L: prefix keys/values [B, Hkv, P, hd]
-    cos: torch.Tensor                       # [B, 1, S, hd/2] RoPE at the suffix positions
-    sin: torch.Tensor
-    mask: torch.Tensor                      # [B, 1, S, P + S] bool
+    cos: list[torch.Tensor]                 # per layer >= L: [B, 1, S, hd/2] RoPE at the suffix positions
+    sin: list[torch.Tensor]
+    mask: list[torch.Tensor]                # per layer >= L: [B, 1, S, P + S] bool (sliding-window layers narrower)
     rows: torch.Tensor                      # (b, s) of each scored position
     tokens: torch.Tensor                    # the token expected there
     prompt_of_row: torch.Tensor             # which prompt each scored row belongs to
@@ -293,50 +307,63 @@ class Editor:
         return self.model.layers[self.config.layer].ffn.down.weight
 
     # -- prompts
-    def prompt(self, question: str) -> tuple[list[int], int]:
-        """Chat-template token ids of a one-question conversation, as the server tokenizes it (the question as
-        plain text), and the index of the question's last token."""
-        chat = self.tok.chat_tokens([{"role": "user", "content": question}])
-        return chat.ids, chat.content_ends[0] - 1
+    def prompt(self, question: str, history: tuple[dict, ...] | list[dict] = ()) -> tuple[list[int], int]:
+        """Chat-template token ids of a conversation ending in `question` after the `history` messages, as the
+        server tokenizes it (the question as plain text), and the index of the question's last token."""
+        chat = self.tok.chat_tokens([*history, {"role": "user", "content": question}])
+        return chat.ids, chat.content_ends[-1] - 1
+
+    def contexts(self) -> list[list[dict]]:
+        """The chat histories a fact is keyed and trained in: none, then one of each of config.chat_turns."""
+        return [[]] + [chat_context(n, start=3 * i) for i, n in enumerate(self.config.chat_turns)]
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tok.encode(answer, add_bos=False, special=False)
 
     @torch.no_grad()
-    def batch(self, pairs: list[tuple[str, str]]) -> Batch:
-        """The suffix-forward batch for (question, answer) pairs: the answer is scored as the reply."""
+    def batch(self, pairs: list[tuple]) -> Batch:
+        """The suffix-forward batch for (question, answer) or (question, answer, history) pairs: the answer is
+        scored as the reply to the question after the history's messages."""
         m, L = self.model, self.config.layer
         c = m.config
         seqs, edit_pos, answers = [], [], []
-        for question, answer in pairs:
-            ids, pos = self.prompt(question)
+        for question, answer, *history in pairs:
+            ids, pos = self.prompt(question, history[0] if history else ())
             ans = self.answer_ids(answer)
             seqs.append(ids + ans[:-1])
             edit_pos.append(pos)
             answers.append((len(ids) - 1, ans))
         T = max(map(len, seqs))
-        tokens = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
-        states = m._blocks(tokens)  # the residual stream before each layer; no logits needed
+        # The residual stream before each layer (no logits needed), one prompt at a time: prompts after a long
+        # chat context and bare ones differ ~10x in length, and a padded batch would run every one at the longest.
+        each = [m._blocks(torch.tensor([s])) for s in seqs]
+        states = [torch.cat([F.pad(one[i], (0, 0, 0, T - one[i].shape[1])) for one in each]) for i in range(len(each[0]))]
         B, P, S = len(pairs), max(edit_pos), max(len(s) - p for s, p in zip(seqs, edit_pos))
-        cos_all, sin_all = _rope(m, T + S)
+        angles = m.layer_angles(T + S)
         pos = torch.tensor([[p + s for s in range(S)] for p in edit_pos])
         x = torch.stack([states[L][b, pos[b].clamp(max=T - 1)] for b in range(B)])
         caches = []
         for i in range(L, c.n_layer):
             attn = m.layers[i].attn
             h = m.layers[i].attn_norm(states[i][:, :P])
-            _, k, v = attn.qkv(h, cos_all[:P], sin_all[:P])
+            _, k, v = attn.qkv(h, angles[i][0][:P], angles[i][1][:P])
             caches.append((k, v))
         prefix_ok = torch.arange(P)[None, :] < torch.tensor(edit_pos)[:, None]          # [B, P]
         causal = torch.ones(S, S, dtype=torch.bool).tril()
         mask = torch.cat([prefix_ok[:, None, :].expand(B, S, P), causal.expand(B, S, S)], dim=2)[:, None]
+        key_pos = torch.cat([torch.arange(P).expand(B, P), pos], dim=1)                 # [B, P + S]
+        masks = []
+        for i in range(L, c.n_layer):  # sliding-window layers (gemma3) see only the last `window` positions
+            window = m.layers[i].attn.window
+            masks.append(mask & (pos[:, None, :, None] - key_pos[:, None, None, :] < window) if window else mask)
         rows, toks, owner = [], [], []
         for b, (first, ans) in enumerate(answers):
             for j, t in enumerate(ans):
                 rows.append((b, first + j - edit_pos[b]))
                 toks.append(t)
                 owner.append(b)
-        return Batch(x=x, caches=caches, cos=cos_all[pos][:, None], sin=sin_all[pos][:, None], mask=mask,
+        return Batch(x=x, caches=caches, cos=[angles[i][0][pos][:, None] for i in range(L, c.n_layer)],
+                     sin=[angles[i][1][pos][:, None] for i in range(L, c.n_layer)], mask=masks,
                      rows=torch.tensor(rows), tokens=torch.tensor(toks), prompt_of_row=torch.tensor(owner))
 
     def logprobs(self, batch: Batch, key: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,13 +373,14 @@ class Editor:
         x = batch.x
         for i in range(L, c.n_layer):
             block = m.layers[i]
-            x = x + _attend(m, block.attn, block.attn_norm(x), batch.caches[i - L], batch.cos, batch.sin, batch.mask)
+            x = x + block.post_attn_norm(_attend(m, block.attn, block.attn_norm(x), batch.caches[i - L],
+                                                 batch.cos[i - L], batch.sin[i - L], batch.mask[i - L]))
             h = block.ffn_norm(x)
-            ff_in = F.silu(block.ffn.gate(h)) * block.ffn.up(h)
+            ff_in = block.ffn.inner(h)
             out = block.ffn.down(ff_in)
             if i == L and delta is not None:
                 out = out + (ff_in @ key)[..., None] * delta
-            x = x + out
+            x = x + block.post_ffn_norm(out)
         picked = x[batch.rows[:, 0], batch.rows[:, 1]]
         return torch.log_softmax(m.output(m.norm(picked)).float(), dim=-1)
 
@@ -384,12 +412,13 @@ class Editor:
 
     def keys(self, fact: Fact) -> torch.Tensor:
         """The ffn_down inputs [n, d_ff] at the question's last token, for every question asked bare and after
-        each of PREFIXES."""
+        each of PREFIXES, and after each chat context (config.chat_turns)."""
         keys = []
         for q in fact.questions:
-            for prefix in PREFIXES:
-                ids, pos = self.prompt(prefix + q)
-                keys.append(self.ffn_inputs(torch.tensor([ids]))[0, pos])
+            for history in self.contexts():
+                for prefix in PREFIXES if not history else ("",):
+                    ids, pos = self.prompt(prefix + q, history)
+                    keys.append(self.ffn_inputs(torch.tensor([ids]))[0, pos])
         return torch.stack(keys)
 
     # -- the second moment of keys on neutral text
@@ -426,10 +455,13 @@ class Editor:
         return self._neutral
 
     # -- one edit
-    def pairs(self, fact: Fact) -> list[tuple[str, str]]:
-        """(question, target) training pairs: every question with the canonical (last) target. One value
-        vector cannot answer each paraphrase with a different synonym, and trying raises the NLL's floor."""
-        return [(q, fact.targets[-1]) for q in fact.questions]
+    def pairs(self, fact: Fact) -> list[tuple[str, str, list[dict]]]:
+        """(question, target, history) training prompts: every question with the canonical (last) target (one
+        value vector cannot answer each paraphrase with a different synonym, and trying raises the NLL's
+        floor), the questions dealt in turn to the chat contexts (bare, then each of config.chat_turns), so the
+        step cost stays one prompt per question."""
+        contexts = self.contexts()
+        return [(q, fact.targets[-1], contexts[i % len(contexts)]) for i, q in enumerate(fact.questions)]
 
     def edit(self, fact: Fact) -> Edit:
         """Compute the rank-one edit for `fact` and apply it to the torch model (later edits build on it)."""
@@ -465,12 +497,6 @@ class Editor:
                     nll_after, time.perf_counter() - t0)
 
 
-def _rope(model, n: int):
-    from localpers.model.model import rope_angles
-
-    return rope_angles(model.config, n, model.rope_freqs)
-
-
 def _attend(model, attn, h, cache, cos, sin, mask):
     """Attention of the suffix positions over the cached prefix keys/values and the suffix itself."""
     c = model.config
@@ -478,7 +504,7 @@ def _attend(model, attn, h, cache, cos, sin, mask):
     q, k, v = attn.qkv(h, cos, sin)
     k = torch.cat([cache[0], k], dim=2)
     v = torch.cat([cache[1], v], dim=2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.n_head != c.n_kv_head)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale, enable_gqa=c.n_head != c.n_kv_head)
     return attn.o(out.transpose(1, 2).reshape(B, S, c.n_head * c.head_dim))
 
 
@@ -646,8 +672,32 @@ def preference_facts(items: list[dict]) -> tuple[list[Fact], list[tuple[str, str
 
 @lru_cache(maxsize=2)
 def editor_for(model_path: str, config: EditConfig | None = None) -> Editor:
-    """One Editor (the torch model, about 30 s to load) per model file and config, reused across users."""
-    return Editor(model_path, config)
+    """One Editor per model file and config, reused across users (its torch model: editor_model)."""
+    return Editor(model_path, config, model=editor_model(model_path))
+
+
+def editor_model(model_path):
+    """The editor's float32 torch model of a GGUF. Dequantizing the GGUF takes 17-38 s on the 2-core machine,
+    so the result is kept once in the cache folder (models/<sha256>-float32.pt, 4 bytes a weight) and loaded
+    from there memory-mapped (copy-on-write: an edit never writes the file) by later processes, in about a
+    second. A copy that cannot be read or written is only a slower load."""
+    from localpers.model.model import load_model, model_state
+
+    cache = _cache_dir().parent / "models" / f"{base_model_sha256(model_path)[:32]}-float32.pt"
+    if cache.is_file():
+        try:
+            return load_model(model_path, state=torch.load(cache, mmap=True, weights_only=True))
+        except Exception as e:  # a truncated or foreign copy: load the GGUF and write it again
+            log.warning("the editor's cached model %s is unusable (%s); loading the GGUF", cache, e)
+    model = load_model(model_path)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.part")
+        torch.save(model_state(model), partial)
+        os.replace(partial, cache)
+    except OSError as e:
+        log.warning("the editor's model copy was not cached (%s)", e)
+    return model
 
 
 def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool = False, engine=None,
@@ -664,9 +714,15 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
     from localpers.store.store import Store, data_dir as default_data_dir
 
     own_engine = engine is None
-    started = time.time()
     with (nullcontext(store) if store is not None else Store.open(default_data_dir(data_dir))) as store, \
             contextlib.ExitStack() as stack:
+        if job is None:  # by hand: one writer with a running server's worker (it holds the lock per job)
+            with store.job_lock(wait=False) as free:
+                pass
+            if not free:
+                log.warning("waiting for the running job of a server on this data folder")
+            stack.enter_context(store.job_lock())
+        started = time.time()  # jobs queued before this were queued for what it reads now
         items = store.items(user, kind=names.PREFERENCE)
         facts, skipped = preference_facts(items)
         source_of = {}
@@ -678,10 +734,8 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
         engine = stack.enter_context(Engine(model_path)) if own_engine else engine  # closed when done
         sha = base_model_sha256(engine.model_path)
         if facts:
-            import tempfile
-
             editor = editor_for(str(engine.model_path), config)
-            with tempfile.TemporaryDirectory(prefix="localpers-edit-") as tmp:  # registration copies it in
+            with store.temp_dir(user) as tmp:  # under the data folder; registration copies the adapter in
                 result = edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
                 if result.adapter:
                     meta = {"method": names.EDIT, "layer": editor.config.layer,
@@ -741,15 +795,26 @@ def user_adapter(user, engine, config: EditConfig | None = None) -> Path | None:
     return result.adapter
 
 
-def edit_method(user, query, engine):
+def edit_method(user, query, engine, config: EditConfig | None = None):
     """Method 'edit' of the evaluation registry: the user's verified edits as a LoRA adapter."""
     from localpers.engine.engine import Artifacts
     from localpers.personalize.methods import Personalized
 
     if user.registered is not None:  # a served user: what `personalize` registered, if anything
         return Personalized(artifacts=user.served_artifacts(names.EDIT))
-    adapter = user_adapter(user, engine)
+    adapter = user_adapter(user, engine, config)
     return Personalized(artifacts=Artifacts(lora=((str(adapter), 1.0),))) if adapter else Personalized()
+
+
+SINGLE_TURN = EditConfig(chat_turns=())
+
+
+def edit_1turn(user, query, engine):
+    """Evaluation-only ablation 'edit-1turn': the edit keyed and trained on the question alone (no chat context
+    templates), as the single-turn edit was before them. Evaluation users only."""
+    if user.registered is not None:
+        raise UserError("edit-1turn is an evaluation ablation: serve 'edit'")
+    return edit_method(user, query, engine, SINGLE_TURN)
 
 
 def warm_up(engine) -> None:

@@ -13,6 +13,11 @@ states the preference far better than `prompt` (explicit 1.00 vs 0.29, paraphras
 `prompt` to it hurts (edit+prompt 0.73 / 0.54); `rag` helps where histories hold the answer (the world: mc_acc
 0.27 vs base 0.18, explicit 0.12 vs 0.00) at no measurable locality cost on UPQA (0.000) and retrieves nothing
 when nothing matches. On 10 UPQA items edit+rag and edit do not separate (BENCHMARKS, "The assistant loop").
+Since issue 25 the `edit` it serves is keyed and trained after earlier chat turns too (editing.chat_context), and
+keeps its answers after 10 distractor turns. `facts` (the stated preferences that bear on the question, in a
+line before it) is not in the default: beside `edit` it adds nothing measurable at 10 turns and raises the
+locality KL on neutral questions from 0.046 to 0.238 nats/token, since a user with at most 3 preferences gets all
+of them before every question (BENCHMARKS §4).
 """
 from __future__ import annotations
 
@@ -35,6 +40,14 @@ class Composer:
         object.__setattr__(self, "spec", "+".join(part.strip() for part in self.spec.split("+")))
         object.__setattr__(self, "_method", get_method(self.spec))  # unknown names fail at start-up
 
+    @property
+    def needs_preferences(self) -> bool:
+        """Does a method of the spec read the served user's stated preferences (`prompt` lists them, `facts`
+        picks those that bear on the question)? The trained methods serve registry artifacts and `rag` searches
+        the index, so without them a request need not read (and decrypt) every stored preference: its cost stays
+        independent of their number."""
+        return bool({names.PROMPT, names.FACTS} & set(self.spec.split("+")))
+
     def __call__(self, user: User, query: str, engine) -> Personalized:
         return self._method(user, query, engine)
 
@@ -48,16 +61,18 @@ class Composer:
                 "retrieved": list(personalized.retrieved)}
 
 
-def served_user(store, user: str, base_model_sha256: str, conversation: list[dict] = ()) -> User:
+def served_user(store, user: str, base_model_sha256: str, conversation: list[dict] = (),
+                preferences: bool = True) -> User:
     """A served user as the store holds them: stated preferences (items of kind "preference", oldest first; the
     ones imported from UPQA carry their question/target clusters as facts), their history as a search in the
     store's incremental BM25 index (the ranking `rag` gives a loaded history, without reloading and re-indexing
     it per request), and their current artifacts made for this base model. An unknown user is a user with
     nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier turns)
     are not retrieved: the model sees them in the conversation already; nor is a text already retrieved (the
-    same words stored as a message and as the preference learnt from it)."""
+    same words stored as a message and as the preference learnt from it). `preferences=False` (a spec without
+    `prompt`, Composer.needs_preferences) leaves the stated preferences and facts out: O(1) in their number."""
     try:
-        preferences = store.items(user, kind=names.PREFERENCE)
+        preferences = store.items(user, kind=names.PREFERENCE) if preferences else []
         artifacts = store.artifacts(user, base_model_sha256=base_model_sha256)
     except NotFoundError:
         return User(id=user, registered=())

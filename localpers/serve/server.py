@@ -9,9 +9,10 @@ as `localpers eval` measures the same spec. Unless the server runs with `--no-hi
 `"localpers": {"history": false}`, the user's new messages are stored in their history and the preferences stated
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
 adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
-(method, kind, id) and the ids of the retrieved items, never text. The mem0-like memory endpoints of
-localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page at `/`
-("what my assistant knows about me") and the routes it adds are localpers.serve.page.
+(method, kind, id), the ids of the retrieved items and, when this request's message stored, replaced or retired facts,
+`learned`: {"facts": [{"id", "attribute"}], "replaced": [...], "retired": [...]}; never text. The mem0-like memory
+endpoints of localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page
+at `/` ("what my assistant knows about me") and the routes it adds are localpers.serve.page.
 
 Protocol (issue #13):
 - Every OpenAI chat-completions field is honoured or refused with a 400 that names it; unknown top-level fields
@@ -54,7 +55,7 @@ from localpers.errors import UserError
 from localpers.serve import limits
 from localpers.serve.jobs import Worker
 from localpers.serve.jobs import router as jobs_router
-from localpers.serve.learn import learn_from_chat
+from localpers.serve.learn import changed, learn_from_chat
 from localpers.serve.memory_api import router as memory_router
 from localpers.serve.page import router as page_router
 from localpers.personalize.methods import apply
@@ -68,6 +69,7 @@ MAX_STOP = 4              # as OpenAI
 DEFAULT_MAX_TOKENS = 512
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 POLL_S = 0.1              # how often a waiting handler checks that its client is still there
+COMPOSE_TRIES = 3         # a request composed while its artifacts are replaced reads the registry again
 
 
 # -- the request body, as OpenAI documents it ---------------------------------------------------------------
@@ -492,15 +494,18 @@ async def run_cancellable(request: Request, work, on_event=None):
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
                engine=None, personalize: str = DEFAULT_SPEC, history: bool = True, jobs: bool = False,
                warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=(),
-               lora=(), max_request_tokens: int = names.MAX_REQUEST_TOKENS) -> FastAPI:
+               lora=(), adapter_cache_bytes: int = names.ADAPTER_CACHE_BYTES,
+               max_request_tokens: int = names.MAX_REQUEST_TOKENS) -> FastAPI:
     """The server's app, with the guard `localpers serve` runs. The engine loads in a background thread (so
     /health answers 503 meanwhile) unless an engine is given. `personalize`: the composition spec of requests with
     a `user`; `history`: store users' messages and learn their preferences; `jobs`: run the background job worker
-    (`localpers serve` does; without it jobs stay queued), `warm_jobs`: load what jobs need (the editor's torch
-    model) once the engine is ready. Requests must name a loopback host, `host` or one of `allowed_hosts` ("*":
-    any) in their Host header. `lora`: adapter files applied to every request (scale 1), besides the user's
-    artifacts; one that llama.cpp cannot load for the model fails the load (/health says so).
-    `max_request_tokens`: the cap on n x max_tokens of one chat request (limits.check_work)."""
+    (True: in a thread; "process": each job in a child process, as `localpers serve` does; without it jobs stay
+    queued), `adapter_cache_bytes`: the bound of the engine's loaded adapters (names.ADAPTER_CACHE_BYTES),
+    `warm_jobs`: load what jobs need (the editor's torch model) once the engine is ready (thread jobs only).
+    Requests must name a loopback host, `host` or one of `allowed_hosts` ("*": any) in their Host header. `lora`:
+    adapter files applied to every request (scale 1), besides the user's artifacts; one that llama.cpp cannot
+    load for the model fails the load (/health says so). `max_request_tokens`: the cap on n x max_tokens of one
+    chat request (limits.check_work)."""
     app = FastAPI(title="localpers", version="1", docs_url=None, redoc_url=None,
                   description="An OpenAI-compatible, on-device personalized assistant.")
     app.state.engine = engine
@@ -510,7 +515,10 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     app.include_router(memory_router)
     app.include_router(jobs_router)
     app.include_router(page_router)  # the page at / (localpers.serve.page)
-    app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
+    # a retired artifact leaves the served engine's adapter LRU at once (freed when no request holds it)
+    store.on_retire.append(lambda path: app.state.engine is not None and app.state.engine.retire_file(path))
+    app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs,
+                              process=jobs == "process").start() if jobs else None
     if app.state.worker is not None:
         app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
     hosts = set(LOOPBACK_NAMES) | {h.lower().strip("[]") for h in allowed_hosts}
@@ -525,30 +533,43 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
                            allow_headers=["*"])
 
     def compose(engine, user: str | None, messages: list[dict]):
-        """(messages as served, artifacts, explanation) of a request: what `user` is served with. An artifact
-        llama.cpp cannot load is left out and marked broken in the store (so it shows up as such for that user;
-        the client never sees the server's paths)."""
+        """(messages as served, the artifacts pinned for this request, explanation): what `user` is served with.
+        The artifact set is pinned (engine.pin): retired while the request runs, it is still served to it.
+        A file retired between reading the registry and pinning it: composed again from the current registry.
+        An artifact llama.cpp cannot load is left out and marked broken in the store (so it shows up as such
+        for that user; the client never sees the server's paths)."""
         if not user:
-            return messages, everyone, {"composition": names.BASE, "artifacts": [], "retrieved": []}
-        person = served_user(store, user, model_sha256(engine.model_path), messages)
-        personalized = composer(person, last_user_message(messages), engine)
-        usable, broken = engine.usable(personalized.artifacts)
+            return messages, engine.pin(everyone)[0], {"composition": names.BASE, "artifacts": [], "retrieved": []}
+        sha = model_sha256(engine.model_path)
+        for attempt in range(COMPOSE_TRIES):
+            person = served_user(store, user, sha, messages, preferences=composer.needs_preferences)
+            personalized = composer(person, last_user_message(messages), engine)
+            pinned, broken = engine.pin(everyone.merge(personalized.artifacts))
+            if attempt + 1 == COMPOSE_TRIES or all(Path(path).exists() for path, _ in broken):
+                break
+            pinned.release()
         for path, reason in broken:
-            mark_broken(store, user, path, reason)
-        return apply(personalized, messages), everyone.merge(usable), composer.explain(person, personalized)
+            if Path(path).exists():
+                mark_broken(store, user, path, reason)
+        return apply(personalized, messages), pinned, composer.explain(person, personalized)
 
-    def learn(user: str, messages: list[dict]) -> None:
-        """Store the user's new messages and learn the preferences stated in them (after composing: this
-        request's messages are context, not retrieved history; once the request is accepted: a request refused
-        with a 4xx stores nothing); wakes the job worker for a changed preference."""
+    def learn(user: str, messages: list[dict]) -> dict | None:
+        """Store the user's new messages and learn the facts stated in them (after composing: this request's
+        messages are context, not retrieved history; once the request is accepted: a request refused with a 4xx
+        stores nothing); wakes the job worker for a changed fact. Returns what the response's `localpers` object
+        reports ({"facts", "replaced", "retired"}: ids and attribute names, no text), or None when no fact
+        changed."""
         try:
             learned = learn_from_chat(store, user, messages)
         except (UserError, sqlite3.Error, OSError) as e:  # a message the store refuses (over 64 KiB...), a full
             # disk: the reply is still served, without the history write
             log.warning("not stored in %r's history: %s: %s", user, type(e).__name__, e)
-            return
-        if (learned["preferences"] or learned["replaced"]) and app.state.worker is not None:
+            return None
+        if not changed(learned):
+            return None
+        if app.state.worker is not None:
             app.state.worker.wake()
+        return {key: learned[key] for key in ("facts", "replaced", "retired")}
 
     everyone = Artifacts(lora=tuple((str(path), 1.0) for path in lora))  # --lora: applied to every request
 
@@ -556,7 +577,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         from localpers.engine.engine import Engine
 
         try:
-            loaded = Engine(model_path)
+            loaded = Engine(model_path, adapter_cache_bytes=adapter_cache_bytes)
             if everyone.lora and (broken := loaded.usable(everyone)[1]):
                 loaded.close()
                 raise UserError(f"--lora {broken[0][0]}: {broken[0][1]}")
@@ -581,7 +602,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
 
     @app.exception_handler(UserError)
     async def on_user_error(request, e: UserError):
-        return error_response(404 if isinstance(e, NotFoundError) else 400, str(e))
+        model = app.state.engine.model_path.parent if app.state.engine is not None else store.directory
+        return error_response(404 if isinstance(e, NotFoundError) else 400, client_text(str(e), store.directory, model))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request, e: RequestValidationError):
@@ -618,6 +640,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             raise APIError(400, f"'{where}' is not valid Unicode text (it holds a lone surrogate such as \\ud800)",
                            param=where)
         engine = ready_engine()
+        if app.state.worker is not None:
+            app.state.worker.chat_request()  # a running job process yields the CPU to chat
         if req.model not in (None, "", engine.model_name, "localpers"):
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{engine.model_name}'",
                            code="model_not_found", param="model")
@@ -633,20 +657,39 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         if req.stream_options is not None and not stream:
             refuse("stream_options", "only allowed with 'stream': true")
         options = req.localpers or LocalpersOptions()
-        served, artifacts, explanation = await run_in_threadpool(compose, engine, req.user, messages)
-        await run_in_threadpool(engine.chat_tokens, served, tools=tools)  # template and context errors: 400 now
-        if req.user and history and options.history:
-            await run_in_threadpool(learn, req.user, messages)
+        served, pinned, explanation = await run_in_threadpool(compose, engine, req.user, messages)
+        learned = None
+        try:
+            await run_in_threadpool(engine.chat_tokens, served, tools=tools)  # template and context errors: 400 now
+            if req.user and history and options.history:
+                learned = await run_in_threadpool(learn, req.user, messages)
+        except BaseException:
+            pinned.release()
+            raise
+        if learned:  # the facts this message stored, replaced or retired (ids and attributes)
+            explanation = {**explanation, "learned": learned}
         explained = {"localpers": explanation} if options.explain else {}
-        args = dict(artifacts=artifacts, sampling=sampling, n=n, tools=tools)
+        args = dict(artifacts=pinned, sampling=sampling, n=n, tools=tools)
         if not stream:
+            def work(cancel):
+                if not pinned.claim():
+                    raise Cancelled()
+                try:
+                    return engine.complete(served, cancel=cancel, **args)
+                finally:  # on the generation's thread: released only once the engine is done with it
+                    pinned.release()
             try:
-                out = await run_cancellable(request, lambda cancel: engine.complete(served, cancel=cancel, **args))
+                out = await run_cancellable(request, work)
             except Cancelled:
                 return error_response(499, "the client closed the request", code="client_closed_request")
+            except UserError as e:
+                raise APIError(400, client_text(str(e), store.directory, engine.model_path.parent)) from None
+            finally:
+                if pinned.claim():  # the generation never ran
+                    pinned.release()
             return engine.chat_response(out, tools=bool(tools)) | explained
-        return StreamingResponse(stream_chunks(request, engine, served, args, n, req, explained),
-                                 media_type="text/event-stream")
+        return PinnedStream(stream_chunks(request, engine, served, args, n, req, explained), pinned,
+                            media_type="text/event-stream")
 
     async def stream_chunks(request: Request, engine, messages, args, n: int, req: ChatRequest, explained: dict):
         """SSE: a role chunk, content chunks, a finish chunk per choice, then usage (stream_options.include_usage)
@@ -662,8 +705,13 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         def work(cancel):
-            return engine.complete(messages, cancel=cancel, **args,
-                                   on_delta=lambda i, text: loop.call_soon_threadsafe(events.put_nowait, (i, text)))
+            if not args["artifacts"].claim():  # the response ended before this thread ran
+                raise Cancelled()
+            try:
+                return engine.complete(messages, cancel=cancel, **args, on_delta=lambda i, text:
+                                       loop.call_soon_threadsafe(events.put_nowait, (i, text)))
+            finally:  # on the generation's thread: released only once the engine is done with it
+                args["artifacts"].release()
 
         task = asyncio.ensure_future(run_cancellable(request, work))
         started: set[int] = set()
@@ -688,7 +736,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             except Cancelled:
                 return
             except UserError as e:
-                yield f"data: {json.dumps(error_body(str(e)))}\n\n"
+                yield f"data: {json.dumps(error_body(client_text(str(e), store.directory, engine.model_path.parent)))}\n\n"
                 return
             except Exception as e:
                 print(f"localpers: server error while streaming: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -709,6 +757,32 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
                 task.cancel()  # run_cancellable's finally sets the generation's cancel event
 
     return app
+
+
+class PinnedStream(StreamingResponse):
+    """A stream whose generation releases its pinned artifacts; when the client left before the stream started
+    (so no generation ran), the response releases them itself."""
+
+    def __init__(self, content, pinned, **kwargs):
+        super().__init__(content, **kwargs)
+        self.pinned = pinned
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.pinned.claim():
+                self.pinned.release()
+
+
+def client_text(message: str, *folders) -> str:
+    """An error message as a client may see it: the server's own paths (the data folder, the model's folder)
+    replaced by a neutral word."""
+    for folder in folders:
+        for form in sorted({str(Path(folder)), str(Path(folder).resolve())}, key=len, reverse=True):
+            if len(form) > 1:
+                message = message.replace(form, "<server>")
+    return message
 
 
 def mark_broken(store: Store, user: str, path: str, reason: str) -> None:
@@ -742,6 +816,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           data_dir: str | None = None, personalize: str = DEFAULT_SPEC, history: bool = True, allowed_hosts=(),
           allowed_origins=(), insecure_no_api_key: bool = False, lora=(),
+          adapter_cache_mb: float = names.ADAPTER_CACHE_BYTES / 2**20,
           max_request_tokens: int = names.MAX_REQUEST_TOKENS, max_connections: int | None = None,
           header_timeout: float = names.HEADER_TIMEOUT_S, body_timeout: float = names.BODY_TIMEOUT_S) -> None:
     import uvicorn
@@ -758,16 +833,24 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
         if adapter is None or adapter.contents() != "lora":
             raise UserError(f"--lora {path}: not a llama.cpp LoRA adapter (no adapter.type = lora)")
     Composer(personalize)  # an unknown method is a one-line error before anything starts
+    if not adapter_cache_mb >= 0:
+        raise UserError(f"--adapter-cache-mb must be 0 or more, not {adapter_cache_mb}")
     sock = bind(host, port)
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
-                     jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-                     lora=lora, max_request_tokens=max_request_tokens)
+                     jobs="process", warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
+                     lora=lora, adapter_cache_bytes=int(adapter_cache_mb * 2**20), max_request_tokens=max_request_tokens)
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
               "name or address, add --allowed-host NAME", file=sys.stderr, flush=True)
-    print(f"localpers: serving on http://{shown}:{port}/v1 (the model loads in the background; GET /health)",
-          flush=True)
+    from localpers import default_model_path
+
+    try:
+        shown_model = model or default_model_path()
+    except FileNotFoundError:  # reported by the load, on /health
+        shown_model = "the default model"
+    print(f"localpers: serving {shown_model} with the data folder {app.state.store.directory} "
+          f"on http://{shown}:{port}/v1 (the model loads in the background; GET /health)", flush=True)
     # timeout_graceful_shutdown: on SIGTERM, open streams get 2 s, then their tasks are cancelled, which sets
     # their generations' cancel events (a generation never outlives its request).
     # slow clients (limits.bounded_protocol): receive deadlines, a connection cap below the descriptor limit
