@@ -37,7 +37,7 @@ def error_response(status: int, message: str, code: str) -> JSONResponse:
 def _escaped_path(raw_path: bytes) -> str:
     """The request path with each segment percent-decoded except for '/' and '%', which stay encoded, so that a
     user id holding '/' ("a/b", sent as a%2Fb) stays one segment and routes like any other id."""
-    return "/".join(unquote(segment).replace("%", "%25").replace("/", "%2F")
+    return "/".join(unquote(segment, errors="surrogateescape").replace("%", "%25").replace("/", "%2F")
                     for segment in raw_path.decode("ascii", "replace").split("/"))
 
 
@@ -50,7 +50,10 @@ class OpenAIErrorRoute(APIRoute):
             return super().matches(scope)
         match, child = super().matches({**scope, "path": _escaped_path(scope["raw_path"])})
         if match != Match.NONE:
-            child["path_params"] = {k: unquote(v) if isinstance(v, str) else v for k, v in child["path_params"].items()}
+            # bytes that are not UTF-8 (%ff, %c3 alone) become lone surrogates, which the store refuses (400),
+            # instead of U+FFFD, which would make distinct ids one
+            child["path_params"] = {k: unquote(v, errors="surrogateescape") if isinstance(v, str) else v
+                                    for k, v in child["path_params"].items()}
         return match, child
 
     def get_route_handler(self):
