@@ -81,6 +81,9 @@ def test_invariant_no_fact_about_the_speaker_from_others_quotes_pastes_songs_sto
     ("I'm not vegetarian, my wife is.", ["-diet=vegetarian"]),
     ("I don't live in Paris, my sister does.", ["-home=paris"]),
     ("I'm vegetarian, my husband is too.", ["diet=vegetarian"]),
+    # a passing-state word in a lasting statement still counts
+    ("I'm good at chess.", ["about=im good at chess"]), ("I'm chronically ill.", ["about=im chronically ill"]),
+    ("I'm vegan, by the way. I'm exhausted.", ["diet=vegan"]),
     # 11. occupation and employer are different slots
     ("I am a software engineer.", ["job=software engineer"]), ("I work at Google.", ["employer=google"]),
     ("I work for the BBC.", ["employer=bbc"]), ("I work as a nurse.", ["job=nurse"]),

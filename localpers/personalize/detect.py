@@ -653,7 +653,9 @@ _PASSING = re.compile(
     r"cold|hot|warm|freezing|sweating|sad|angry|mad|upset|annoyed|grumpy|worried|nervous|anxious|stressed|"
     r"stressed out|scared|lonely|drunk|tipsy|hungover|awake|up|away|off|free|out|in a hurry|in a rush|on my way|"
     r"at work|at home|in bed|bored out of my mind|fine|ok|okay|good|great|alright|well|better|worse|in pain|"
-    r"sore|burnt out|burned out|overwhelmed|frustrated|excited|happy|relieved|confused|lost)\b(?! (?:to|of|about|with|by)\b)",
+    r"sore|burnt out|burned out|overwhelmed|frustrated|excited|happy|relieved|confused|lost)"
+    r"(?:\s+(?:today|tonight|right now|now|at the moment|this \w+|again|already|lol|haha|as hell|af|"
+    r"(?:after|because|from|since) .+))?$",
     re.I)
 
 
