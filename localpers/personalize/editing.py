@@ -60,7 +60,7 @@ ATTRIBUTES = {
     "music preference": (("music preference", "favorite music", "taste in music", "favorite genre"),
                          ("music", "song", "band", "jazz", "rock", "rap", "pop", "classical", "guitar")),
     "job": (("job", "work", "employment", "position"),
-            ("job", "work as", "working", "employed", "hired")),
+            ("job", "work as", "work at", "work for", "working", "employed", "hired")),
     "career goal": (("career goal", "professional goal", "ambition", "career plan"),
                     ("hope to", "want to become", "goal", "dream", "someday", "retire")),
     "entertainment preference": (("entertainment preference", "favorite entertainment", "taste in movies and shows",

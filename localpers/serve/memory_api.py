@@ -2,6 +2,8 @@
 
     POST   /v1/users/{user}/memories              {"text": ..., "kind"?, "meta"?} or {"messages": [{"role", "content"}]}
                                                   (text and content: a string or a list of text parts, as in chat)
+                                                  {"text", "kind": "preference"} without meta: learned as facts
+                                                  through the detector (400 when it states none)
     GET    /v1/users/{user}/memories[?kind=]
     GET    /v1/users/{user}/memories/search?q=&k=&mode=
     GET    /v1/users/{user}/facts                 the current facts: id, attribute, value, statement, message (the
@@ -25,8 +27,11 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from localpers import names
 from localpers.model.chat import content_text
 from localpers.errors import UserError
+from localpers.personalize.detect import NO_FACT, detect_facts
+from localpers.serve.learn import learn_from_text
 from localpers.store.store import NotFoundError, check_item, message_items
 
 
@@ -87,6 +92,8 @@ def add_memories(user: str, request: Request, payload: dict = Body(...)):
         items = message_items(payload["messages"])
     elif "text" in payload:
         text = content_text(payload["text"]) if isinstance(payload["text"], list) else payload["text"]
+        if payload.get("kind") == names.PREFERENCE and payload.get("meta") is None and "ts" not in payload:
+            return _remember_preference(request.app.state.store, user, text)
         items = [check_item(text, payload.get("kind", "message"), payload.get("meta"), payload.get("ts"))]
     else:
         raise UserError('the request body needs "text" or "messages"')
@@ -125,3 +132,14 @@ def export_user(user: str, request: Request):
 def forget_user(user: str, request: Request):
     request.app.state.store.forget(user)
     return {"user": user, "deleted": True}
+
+
+def _remember_preference(store, user: str, text) -> dict:
+    """A stated preference (chat's /remember) goes through the detector like a chat message: split into atomic
+    facts learned through the facts index (meta.source "remember"), so it never contradicts it. Text that states
+    no fact about the speaker is a UserError (400). data: the message's id and the new facts' ids."""
+    if not isinstance(text, str) or not detect_facts(text, names.MAX_FACTS_PER_MESSAGE):
+        raise UserError(NO_FACT.format(text=text))
+    learned = learn_from_text(store, user, text, source="remember")
+    return {"object": "list", "data": [{"id": i, "user": user} for i in learned["messages"] + learned["preferences"]],
+            "facts": learned["facts"], "replaced": learned["replaced"], "retired": learned["retired"]}

@@ -788,11 +788,12 @@ class Store:
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            paths = self._learn(conn, user_id, [(item, facts)], out)
+            paths = self._learn(conn, user_id, [(item, facts)], out, source=source)
         self._remove_files(user_id, paths)
         return out
 
-    def _learn(self, conn, user_id: int, items: list[tuple[tuple, list]], out: dict) -> list[str]:
+    def _learn(self, conn, user_id: int, items: list[tuple[tuple, list]], out: dict,
+               source: str = "chat") -> list[str]:
         """Inside a write: insert message items (validated, each with the facts found in it) and learn their
         facts, each through the facts index by keyed
         hashes of (user, slot) and (user, attribute=value), O(log n) in the user's stored facts (no scan, no
@@ -828,7 +829,7 @@ class Store:
                     out["replaced"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)}
                                         for i, _ in held if i not in new_now]
                     paths += self._delete(conn, user_id, [i for i, _ in held])
-                meta = {"source": "chat", "message": message_id, "attribute": fact.attribute, "value": fact.value}
+                meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
                 [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
                 conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
                              (fact_id, user_id, slot, value, message_id))
