@@ -29,7 +29,8 @@ def cmd_serve(args):
     serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir,
           personalize=args.personalize, history=not args.no_history,
           allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
-          insecure_no_api_key=args.insecure_no_api_key)
+          insecure_no_api_key=args.insecure_no_api_key, aliases=args.alias, owner=args.user,
+          strict_model_names=args.strict_model_names)
 
 
 VERBOSE_HELP = "show llama.cpp's own log on stderr (default: off; only its errors are shown)"
@@ -69,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "see README)")
     p.add_argument("--no-history", action="store_true",
                    help="do not store users' chat messages nor learn preferences from them")
+    p.add_argument("--user", metavar="NAME",
+                   help="serve requests that name no user (no `user` field, X-Localpers-User header or "
+                        "NAME@localpers model) as NAME, the machine's owner (default: $LOCALPERS_USER, else nobody: "
+                        "the base model)")
+    p.add_argument("--alias", action="append", default=[], metavar="NAME",
+                   help="another name of the served model in /v1/models (repeatable); any name is served anyway "
+                        "unless --strict-model-names")
+    p.add_argument("--strict-model-names", action="store_true",
+                   help="answer 404 model_not_found for a model name that is not served (OpenAI's behaviour; "
+                        "default: any name is served, as llama-server does)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe a GGUF model")
