@@ -144,6 +144,17 @@ def check_chat_fields(req) -> None:
             S.refuse(name, "must be a string")
     if req.stream_options is not None and req.stream_options.include_obfuscation:
         S.refuse("stream_options.include_obfuscation", "localpers does not pad streamed chunks")
+    calls: set = set()
+    for i, m in enumerate(req.messages):
+        if m.role == "assistant":
+            calls = {c.id for c in m.tool_calls or ()}
+        elif m.role == "tool" and not calls:
+            S.refuse(f"messages.{i}", "a 'tool' message must answer a tool call of the assistant message before it")
+        elif m.role == "tool" and m.tool_call_id not in calls:
+            S.refuse(f"messages.{i}.tool_call_id", f"names no tool call of the assistant message before it "
+                                                   f"({', '.join(sorted(calls))})")
+        elif m.role != "tool":
+            calls = set()
     roles = [m.role for m in req.messages]
     if len(roles) >= 2 and roles[-1] == roles[-2] == "assistant":
         S.refuse(f"messages.{len(roles) - 1}", "the conversation ends with two assistant messages; at most one "
