@@ -215,3 +215,44 @@ def test_ollama_routes(server):
     assert structured["message"]["content"].lstrip().startswith(("{", "["))
     assert "What is the capital of France?" in stored(server.store, "olaf")
     assert "Why is the sky blue?" in stored(server.store, "olaf")
+
+
+def test_owner_from_the_environment(server, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from localpers.serve.server import create_app
+
+    monkeypatch.setenv("LOCALPERS_USER", "env-owner")
+    app = create_app(engine=server.engine, data_dir=str(tmp_path))
+    TestClient(app, base_url="http://localhost").post("/chat/completions", json={"messages": [
+        {"role": "user", "content": "From the environment"}], "max_tokens": 1})
+    assert stored(app.state.store, "env-owner") == ["From the environment"]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": [[]]}), ("/v1/completions", {"prompt": [10 ** 9]}), ("/v1/completions", {}),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}), ("/v1/embeddings", {"input": [[-1]]}),
+    ("/v1/embeddings", {"input": ""}), ("/v1/responses", {"input": [{"type": "function_call", "name": 5}]}),
+    ("/v1/responses", {"input": [{"role": "wizard", "content": "x"}]}),
+    ("/v1/responses", {"input": "x", "tools": [{"type": "function"}]}),
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_image"}]}]}),
+    ("/v1/responses", {"input": "x", "previous_response_id": "resp_none"}),
+    ("/api/chat", {"model": "x", "messages": [{"role": "user", "content": 5}]}),
+    ("/api/chat", {"model": "x", "messages": [{"role": "user", "content": "x", "tool_calls": [{"f": 1}]}]}),
+    ("/api/chat", {"model": "x", "messages": [{"role": "user", "content": "x"}], "options": {"temperature": "hot"}}),
+    ("/api/chat", {"model": "x", "messages": [{"role": "user", "content": "x"}], "format": "yaml"}),
+    ("/api/generate", {"model": "x", "prompt": "x", "images": ["aGk="]}),
+])
+def test_malformed_bodies_are_4xx(server, path, body):
+    r = httpx.post(server.url + path, json=body, timeout=60)
+    assert 400 <= r.status_code < 500, r.text
+
+
+def test_ollama_tool_results_answer_the_call(server):
+    messages = [{"role": "user", "content": "What is the weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    r = httpx.post(server.url + "/api/chat", timeout=60, json={"model": "x", "messages": messages, "stream": False,
+                                                               "tools": [WEATHER], "options": {"num_predict": 30}})
+    assert r.status_code == 200 and r.json()["done"], r.text

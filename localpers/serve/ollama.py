@@ -72,6 +72,11 @@ def _sampling(options: dict | None, fmt) -> dict:
         value = (options or {}).get(key)
         if value is None:
             continue
+        if key == "stop":
+            if not isinstance(value, (str, list)):
+                S.refuse("options.stop", "must be a string or a list of strings")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            S.refuse(f"options.{key}", "must be a number")
         if key == "num_predict":
             if value < 0:
                 continue  # -1: until the end (localpers' default limit applies)
@@ -90,17 +95,26 @@ def _sampling(options: dict | None, fmt) -> dict:
 
 def _messages(messages: list[dict]) -> list[dict]:
     """Ollama's messages as OpenAI's (tool calls get ids; their arguments, objects in Ollama, become JSON text)."""
-    out = []
+    out, pending = [], []
     for i, m in enumerate(messages):
+        calls = m.get("tool_calls") or []
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                  and isinstance(c["function"].get("name"), str) for c in calls):
+            S.refuse(f"messages.{i}.tool_calls", "each tool call needs a function with a string name")
         if m.get("images"):
             S.refuse(f"messages.{i}.images", "images are not supported")
         msg = {"role": m.get("role"), "content": m.get("content", "")}
-        if m.get("tool_calls"):
+        if calls:
             msg["tool_calls"] = [{"id": f"call_{i}_{k}", "type": "function", "function": {
                 "name": c["function"]["name"], "arguments": json.dumps(c["function"].get("arguments", {}))}}
-                for k, c in enumerate(m["tool_calls"])]
+                for k, c in enumerate(calls)]
+            pending = [(c["id"], c["function"]["name"]) for c in msg["tool_calls"]]
         if m.get("tool_name"):
             msg["name"] = m["tool_name"]
+        if m.get("role") == "tool" and out and pending:  # Ollama's results name the tool, not the call
+            match = next((p for p in pending if p[1] == m.get("tool_name")), pending[0])
+            pending.remove(match)
+            msg["tool_call_id"] = match[0]
         out.append(msg)
     return out
 
@@ -111,18 +125,25 @@ def _counts(out: dict, started: float) -> dict:
             "prompt_eval_duration": 0, "eval_count": out["completion_tokens"], "eval_duration": total}
 
 
+def _object(arguments: str):
+    try:
+        return json.loads(arguments or "{}")
+    except json.JSONDecodeError:  # a model's own tool-call text (native templates) may not be JSON
+        return arguments
+
+
 def _ollama_message(choice: dict) -> dict:
     message = {"role": "assistant", "content": choice["message"].get("content") or ""}
     if choice["message"].get("tool_calls"):
         message["tool_calls"] = [{"function": {"name": c["function"]["name"],
-                                               "arguments": json.loads(c["function"]["arguments"] or "{}")}}
+                                               "arguments": _object(c["function"]["arguments"])}}
                                  for c in choice["message"]["tool_calls"]]
     return message
 
 
 async def _serve(request: Request, body: dict, model: str, shape):
     """Run a chat body through the pipeline; `shape(message dict, done, extra)` makes each NDJSON object."""
-    chat = S.ChatRequest.model_validate(body)
+    chat = extra.chat_request_of(body)
     prepared = await extra.prepare_chat(request.app, request, chat)
     started = time.monotonic()
 
@@ -162,7 +183,10 @@ async def _serve(request: Request, body: dict, model: str, shape):
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-@router.post("/api/chat", responses=S.ERRORS)
+NDJSON = {200: {"content": {"application/json": {}, "application/x-ndjson": {}}}}
+
+
+@router.post("/api/chat", responses={**S.ERRORS, **NDJSON})
 async def ollama_chat(req: OllamaChat, request: Request):
     if not req.messages:  # Ollama loads the model and answers done
         return {"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
@@ -175,7 +199,7 @@ async def ollama_chat(req: OllamaChat, request: Request):
         "model": req.model, "created_at": _now(), "message": message, "done": done, **more})
 
 
-@router.post("/api/generate", responses=S.ERRORS)
+@router.post("/api/generate", responses={**S.ERRORS, **NDJSON})
 async def ollama_generate(req: OllamaGenerate, request: Request):
     if req.images:
         S.refuse("images", "images are not supported")

@@ -103,6 +103,22 @@ def system_fingerprint(engine) -> str:
     return fp
 
 
+def chat_request_of(body: dict):
+    """A ChatRequest made from another API's request (Responses, Ollama), its validation errors a 400."""
+    from pydantic import ValidationError
+
+    try:
+        return S.ChatRequest.model_validate(body)
+    except ValidationError as e:
+        message, param = S._describe_validation(e.errors())
+        raise S.APIError(400, message, param=param) from None
+
+
+def check_token_ids(ids: list[int], n_vocab: int, param: str) -> None:
+    if any(not 0 <= t < n_vocab for t in ids):
+        S.refuse(param, f"token ids must be in 0..{n_vocab - 1}")
+
+
 def context_error(e: ContextOverflow) -> JSONResponse:
     """OpenAI's context_length_exceeded error, with llama-server's counts (n_prompt_tokens, n_ctx)."""
     body = S.error_body(f"This model's maximum context length is {e.n_ctx} tokens. However, your messages "
@@ -398,7 +414,10 @@ def _legacy_logprobs(engine, tokens: list[dict], offset: int) -> dict:
             "text_offset": text_offset}
 
 
-@router.post("/v1/completions", responses=S.ERRORS)
+SSE = {200: {"content": {"application/json": {}, "text/event-stream": {}}}}
+
+
+@router.post("/v1/completions", responses={**S.ERRORS, **SSE})
 async def completions(req: CompletionRequest, request: Request):
     """Text completion of a raw prompt (no chat template), through the same composer as chat: a known user is
     served with their adapters and control vectors (retrieved context is not spliced into a raw prompt)."""
@@ -524,6 +543,9 @@ async def embeddings(req: EmbeddingRequest, request: Request):
     engine = S.ready_engine_of(app)
     request_user(app, request, req.model, req.user)  # the strict-name check
     inputs = _prompts(req.input)
+    for x in inputs:
+        if not isinstance(x, str):
+            check_token_ids(x, engine.n_vocab, "input")
     texts = [x if isinstance(x, str) else engine.detokenize(x) for x in inputs]
     if any(not t.strip() for t in texts):
         S.refuse("input", "an input is empty")

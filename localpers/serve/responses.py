@@ -76,14 +76,18 @@ def input_messages(items) -> list[dict]:
     out: list[dict] = []
     for i, item in enumerate(items):
         kind = item.get("type", "message")
+        if not isinstance(item.get("content", ""), (str, list)) or not isinstance(item.get("output", ""), (str, list, dict)):
+            S.refuse(f"input.{i}", "content must be text or a list of content parts")
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
                 S.refuse(f"input.{i}.role", f"unknown role {role!r}")
             out.append({"role": role, "content": _text_of(item.get("content", ""), f"input.{i}.content")})
         elif kind == "function_call":
-            call = {"id": item.get("call_id") or item.get("id") or "call_" + uuid.uuid4().hex[:24],
-                    "type": "function", "function": {"name": item.get("name", ""),
+            if not isinstance(item.get("name"), str) or not isinstance(item.get("arguments", "{}"), str):
+                S.refuse(f"input.{i}", "a function_call item needs a string 'name' and 'arguments'")
+            call = {"id": str(item.get("call_id") or item.get("id") or "call_" + uuid.uuid4().hex[:24]),
+                    "type": "function", "function": {"name": item["name"],
                                                      "arguments": item.get("arguments", "{}")}}
             if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
                 out[-1]["tool_calls"].append(call)
@@ -91,7 +95,7 @@ def input_messages(items) -> list[dict]:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
             output = item.get("output", "")
-            out.append({"role": "tool", "tool_call_id": item.get("call_id", ""),
+            out.append({"role": "tool", "tool_call_id": str(item.get("call_id", "")),
                         "content": output if isinstance(output, str) else json.dumps(output)})
         else:
             S.refuse(f"input.{i}.type", f"input items of type {kind!r} are not supported")
@@ -111,6 +115,8 @@ def chat_request(req: ResponsesRequest, history: list[dict]) -> S.ChatRequest:
     for k, tool in enumerate(req.tools or ()):
         if tool.get("type") != "function":
             S.refuse(f"tools.{k}.type", f"tools of type {tool.get('type')!r} are not supported (function only)")
+        if not isinstance(tool.get("name"), str):
+            S.refuse(f"tools.{k}.name", "a function tool needs a string 'name'")
         tools.append({"type": "function", "function": {key: tool[key] for key in
                                                        ("name", "description", "parameters", "strict") if key in tool}})
     choice = req.tool_choice
@@ -133,7 +139,7 @@ def chat_request(req: ResponsesRequest, history: list[dict]) -> S.ChatRequest:
                 key: fmt[key] for key in ("name", "description", "schema", "strict") if key in fmt}}
         else:
             body["response_format"] = {"type": fmt.get("type")}
-    return S.ChatRequest.model_validate({k: v for k, v in body.items() if v is not None})
+    return extra.chat_request_of({k: v for k, v in body.items() if v is not None})
 
 
 def output_items(choice: dict) -> list[dict]:
@@ -198,7 +204,7 @@ def conversation_after(req_messages: list[dict], choice: dict) -> list[dict]:
     return [m for m in req_messages if m["role"] != "system"] + [message]
 
 
-@router.post("/v1/responses", responses=S.ERRORS)
+@router.post("/v1/responses", responses={**S.ERRORS, **extra.SSE})
 async def create_response(req: ResponsesRequest, request: Request):
     app = request.app
     S.ready_engine_of(app)
