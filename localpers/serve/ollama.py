@@ -21,7 +21,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-from localpers.engine.engine import Cancelled
 from localpers.serve import openai_extra as extra
 from localpers.serve import server as S
 
@@ -147,34 +146,25 @@ async def _serve(request: Request, body: dict, model: str, shape):
     prepared = await extra.prepare_chat(request.app, request, chat)
     started = time.monotonic()
 
-    def work(cancel, on_delta=None):
-        return prepared.engine.complete(prepared.served, cancel=cancel, on_delta=on_delta, **prepared.args())
-
     if not chat.stream:
-        try:
-            out = await S.run_cancellable(request, work)
-        except Cancelled:
-            return S.error_response(499, "the client closed the request", code="client_closed_request")
+        out, left = await extra.whole(request, prepared.work)
+        if left is not None:
+            return left
         choice = prepared.plan.parse(out["choices"][0]["text"], out["choices"][0]["finish_reason"])
         return shape(_ollama_message(choice), True, {"done_reason": choice["finish_reason"], **_counts(out, started)})
 
     async def lines():
         buffered = prepared.plan.mode != "none"
-        try:
-            async for ev in extra.generation(request, work):
-                if ev[0] == "done":
-                    out = ev[1]
-                    break
-                if not buffered:
-                    yield json.dumps(shape({"role": "assistant", "content": ev[2]}, False, {}),
-                                     ensure_ascii=False) + "\n"
-        except BaseException as e:  # noqa: BLE001 - reported in the stream, as Ollama does
-            if isinstance(e, GeneratorExit) or type(e).__name__ == "CancelledError":
-                raise
-            err = extra.stream_error(e)
-            if err is not None:
-                yield json.dumps({"error": err["error"]["message"]}) + "\n"
-            return
+        async for ev in extra.generation(request, prepared.work):
+            if ev[0] == "error":
+                if ev[1] is not None:
+                    yield json.dumps({"error": ev[1]["error"]["message"]}) + "\n"
+                return
+            if ev[0] == "done":
+                out = ev[1]
+                break
+            if not buffered:
+                yield json.dumps(shape({"role": "assistant", "content": ev[2]}, False, {}), ensure_ascii=False) + "\n"
         choice = prepared.plan.parse(out["choices"][0]["text"], out["choices"][0]["finish_reason"])
         last = _ollama_message(choice) if buffered else {"role": "assistant", "content": ""}
         yield json.dumps(shape(last, True, {"done_reason": choice["finish_reason"], **_counts(out, started)}),

@@ -194,6 +194,18 @@ class Prepared:
     def args(self) -> dict:
         return dict(artifacts=self.artifacts, sampling=self.sampling, n=self.n, tools=self.plan.template_tools)
 
+    def work(self, cancel, on_delta=None) -> dict:
+        """The generation (engine.complete) of this request."""
+        return self.engine.complete(self.served, cancel=cancel, on_delta=on_delta, **self.args())
+
+
+async def whole(request: Request, work):
+    """(work's result, None), or (None, the 499 response) when the client left first."""
+    try:
+        return await S.run_cancellable(request, work), None
+    except Cancelled:
+        return None, S.error_response(499, "the client closed the request", code="client_closed_request")
+
 
 async def prepare_chat(app, request: Request, req) -> Prepared:
     """Check a ChatRequest whole (4xx before anything is stored), compose it for its user, and store the user's
@@ -230,8 +242,8 @@ async def prepare_chat(app, request: Request, req) -> Prepared:
 
 async def generation(request: Request, work):
     """Run work(cancel, on_delta) off the event loop (S.run_cancellable: the client leaving cancels it) and
-    yield ("delta", choice index, text, token logprobs or None) as pieces come, then ("done", its result).
-    The work's exception (Cancelled, UserError ...) is raised at the end."""
+    yield ("delta", choice index, text, token logprobs or None) as pieces come, then ("done", its result), or
+    ("error", the error body to end the stream with, None when the client left) if the work failed."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -249,7 +261,12 @@ async def generation(request: Request, work):
             yield ("delta", *getter.result())
         while not queue.empty():  # pieces queued just before the work returned
             yield ("delta", *queue.get_nowait())
-        yield ("done", task.result())
+        try:
+            result = task.result()
+        except Exception as e:  # noqa: BLE001 - reported in the stream, as OpenAI does
+            yield ("error", stream_error(e))
+            return
+        yield ("done", result)
     finally:
         if not task.done():
             task.cancel()  # run_cancellable's finally sets the generation's cancel event
@@ -298,26 +315,20 @@ async def chat_stream(request: Request, p: Prepared, include_usage: bool):
 
     buffered = p.plan.mode != "none"
     started: set[int] = set()
-    out = None
-    try:
-        async for event in generation(request, lambda cancel, on_delta: p.engine.complete(
-                p.served, cancel=cancel, on_delta=on_delta, **p.args())):
-            if event[0] == "done":
-                out = event[1]
-                break
-            _, index, text, logprobs = event
-            if index not in started:
-                started.add(index)
-                yield delta(index, {"role": "assistant", "content": ""})
-            if not buffered:
-                yield delta(index, {"content": text}, logprobs)
-    except BaseException as e:  # noqa: BLE001 - reported in the stream, as OpenAI does
-        if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-            raise
-        body = stream_error(e)
-        if body is not None:
-            yield f"data: {json.dumps(body)}\n\n"
-        return
+    async for event in generation(request, p.work):
+        if event[0] == "error":
+            if event[1] is not None:
+                yield f"data: {json.dumps(event[1])}\n\n"
+            return
+        if event[0] == "done":
+            out = event[1]
+            break
+        _, index, text, logprobs = event
+        if index not in started:
+            started.add(index)
+            yield delta(index, {"role": "assistant", "content": ""})
+        if not buffered:
+            yield delta(index, {"content": text}, logprobs)
     for c in out["choices"]:
         if c["index"] not in started:
             yield delta(c["index"], {"role": "assistant", "content": ""})
@@ -463,10 +474,9 @@ async def completions(req: CompletionRequest, request: Request):
                          "cached_tokens": sum(o["cached_tokens"] for o in outs)})
 
     if not req.stream:
-        try:
-            outs = await S.run_cancellable(request, run_all)
-        except Cancelled:
-            return S.error_response(499, "the client closed the request", code="client_closed_request")
+        outs, left = await whole(request, run_all)
+        if left is not None:
+            return left
         choices = []
         for k, (prompt, out) in enumerate(zip(prompts, outs)):
             echoed = (prompt if isinstance(prompt, str) else engine.detokenize(prompt)) if req.echo else ""
@@ -482,22 +492,18 @@ async def completions(req: CompletionRequest, request: Request):
         def chunk(choices, usage=None):
             return f"data: {json.dumps({**base, 'choices': choices, **({'usage': usage} if usage else {})}, ensure_ascii=False)}\n\n"
         offsets: dict[int, int] = {}
-        try:
-            async for event in generation(request, run_all):
-                if event[0] == "done":
-                    outs = event[1]
-                    break
-                _, index, text, logprobs = event
-                lp = None if logprobs is None else _legacy_logprobs(engine, logprobs, offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + len(text)
-                yield chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": None}])
-        except BaseException as e:  # noqa: BLE001 - reported in the stream
-            if isinstance(e, (asyncio.CancelledError, GeneratorExit)):
-                raise
-            body = stream_error(e)
-            if body is not None:
-                yield f"data: {json.dumps(body)}\n\n"
-            return
+        async for event in generation(request, run_all):
+            if event[0] == "error":
+                if event[1] is not None:
+                    yield f"data: {json.dumps(event[1])}\n\n"
+                return
+            if event[0] == "done":
+                outs = event[1]
+                break
+            _, index, text, logprobs = event
+            lp = None if logprobs is None else _legacy_logprobs(engine, logprobs, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(text)
+            yield chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": None}])
         for k, out in enumerate(outs):
             for c in out["choices"]:
                 yield chunk([{"index": k * n + c["index"], "text": "", "logprobs": None,

@@ -24,7 +24,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from localpers.engine.engine import Cancelled
 from localpers.serve import openai_extra as extra
 from localpers.serve import server as S
 
@@ -224,14 +223,10 @@ async def create_response(req: ResponsesRequest, request: Request):
         status = "incomplete" if choice["finish_reason"] == "length" else "completed"
         return choice, output_items(choice), status
 
-    def work(cancel, on_delta=None):
-        return prepared.engine.complete(prepared.served, cancel=cancel, on_delta=on_delta, **prepared.args())
-
     if not req.stream:
-        try:
-            out = await S.run_cancellable(request, work)
-        except Cancelled:
-            return S.error_response(499, "the client closed the request", code="client_closed_request")
+        out, left = await extra.whole(request, prepared.work)
+        if left is not None:
+            return left
         choice, items, status = finish(out)
         return response_object(rid, req, model, items, out, status, choice["finish_reason"], prepared.explanation)
 
@@ -249,31 +244,25 @@ async def create_response(req: ResponsesRequest, request: Request):
         buffered = prepared.plan.mode != "none"
         msg_id, text, opened = "msg_" + uuid.uuid4().hex, "", False
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        out = None
-        try:
-            async for ev in extra.generation(request, work):
-                if ev[0] == "done":
-                    out = ev[1]
-                    break
-                if buffered:
-                    continue
-                if not opened:
-                    opened = True
-                    yield event("response.output_item.added", output_index=0, item={
-                        "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant",
-                        "content": []})
-                    yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                                part=part)
-                text += ev[2]
-                yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
-                            delta=ev[2], logprobs=[])
-        except BaseException as e:  # noqa: BLE001 - reported in the stream
-            if isinstance(e, GeneratorExit) or type(e).__name__ == "CancelledError":
-                raise
-            body = extra.stream_error(e)
-            if body is not None:
-                yield event("error", code=body["error"]["code"], message=body["error"]["message"], param=None)
-            return
+        async for ev in extra.generation(request, prepared.work):
+            if ev[0] == "error":
+                if ev[1] is not None:
+                    yield event("error", code=ev[1]["error"]["code"], message=ev[1]["error"]["message"], param=None)
+                return
+            if ev[0] == "done":
+                out = ev[1]
+                break
+            if buffered:
+                continue
+            if not opened:
+                opened = True
+                yield event("response.output_item.added", output_index=0, item={
+                    "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
+                yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
+                            part=part)
+            text += ev[2]
+            yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
+                        delta=ev[2], logprobs=[])
         choice, items, status = finish(out)
         if not buffered:
             items = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant",

@@ -32,8 +32,6 @@ import os
 import socket
 import sys
 import threading
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,12 +39,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from localpers import names
 from localpers.serve.compose import DEFAULT_SPEC, Composer, last_user_message, served_user
-from localpers.model.chat import template_supports_tools
 from localpers.engine.engine import Artifacts, Cancelled, ContextOverflow, Sampling, model_sha256
 from localpers.errors import UserError
 from localpers.serve.jobs import Worker
@@ -612,12 +608,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(extra.chat_stream(request, prepared, include_usage), media_type="text/event-stream")
-        try:
-            out = await run_cancellable(request, lambda cancel: prepared.engine.complete(
-                prepared.served, cancel=cancel, **prepared.args()))
-        except Cancelled:
-            return error_response(499, "the client closed the request", code="client_closed_request")
-        return extra.chat_response(prepared, out)
+        out, left = await extra.whole(request, prepared.work)
+        return left if left is not None else extra.chat_response(prepared, out)
 
     extra.mount(app)  # after the guard: the /v1-less aliases are rewritten before it checks the API key
     return app
