@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def every_option():
     for parser in walk_parsers(build_parser()):
         for action in parser._actions:
-            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+            if not isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
                 yield parser.prog, action
 
 

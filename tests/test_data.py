@@ -16,7 +16,7 @@ def test_every_shipped_data_file_is_package_data_and_licensed():
     assert shipped == declared and DATA_DIR / "LICENSE.CC-BY-NC-4.0" in shipped and DATA_DIR / "README.md" in shipped
     for name in DATA_FILES:  # every named file is there and documented
         assert data_path(name).exists() and DATA_FILES[name].split("/")[-1] in (DATA_DIR / "README.md").read_text()
-    assert "Evaluation data" in (REPO / "README.md").read_text()
+    assert "Evaluation data" in (REPO / "docs" / "eval.md").read_text() and "docs/eval.md" in (REPO / "README.md").read_text()
 
 
 def test_the_default_eval_data_reads():

@@ -176,11 +176,11 @@ def test_methods_registry_and_composition():
 def test_write_report_writes_json_markdown_and_plots(tmp_path):
     report = {"task": "prefeval", "model": "m", "config": {"seed": 0}, "rules": ["rule one"],
               "results": {"base": {"followed@0": 0.5, "followed@5": 0.25}, "rag": {"followed@0": 0.75, "followed@5": 0.5}},
-              "items": [{"id": "x"}]}
+              "items": [{"id": "x", "method": m, "turns": t, "followed": True} for m in ("base", "rag") for t in (0, 5)]}
     paths = write_report(tmp_path, report)
     assert json.loads((tmp_path / "report.json").read_text())["results"]["rag"]["followed@5"] == 0.5
     markdown = (tmp_path / "report.md").read_text()
-    assert "| rag | 0.750 | 0.500 |" in markdown and "- rule one" in markdown
+    assert "| rag | 1 | 0.750 | 0.500 |" in markdown and "- rule one" in markdown  # 1: the number of items
     for name in ("results.png", "followed_by_turns.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG" and tmp_path / name in paths
 
@@ -196,7 +196,7 @@ def test_paired_deltas_compare_each_method_with_base_on_the_same_items(tmp_path)
     report = {"task": "prefeval", "model": "m", "config": {}, "rules": [], "items": rows,
               "results": {"base": {"followed@0": 0.25}, "rag": {"followed@0": 0.75}}}
     write_report(tmp_path, report)
-    assert "| rag | +0.500 ± 0.566 |" in (tmp_path / "report.md").read_text()
+    assert "| rag | 4 | +0.500 ± 0.566 |" in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())["vs_base"]["rag"]["followed@0"]["n"] == 4
 
 

@@ -368,9 +368,10 @@ def test_import_formats(store, tmp_path):
         {"role": "user", "content": [{"type": "text", "text": "I'm vegan"}, {"type": "text", "text": ", no honey."}]},
         {"role": "assistant", "content": "Got it."}]}) + "\n" + json.dumps(
         {"text": [{"type": "text", "text": "likes jazz"}], "kind": "preference"}) + "\n")
-    assert [(kind, text, json.loads(meta)) for kind, _, text, meta in read_import(chat)] == [
-        ("message", b"I'm vegan, no honey.", {"role": "user"}), ("message", b"Got it.", {"role": "assistant"}),
-        ("preference", b"likes jazz", {})]
+    imported = read_import(chat)  # the assistant's reply is left out (a served chat never stores it), and counted
+    assert [(kind, text, json.loads(meta)) for kind, _, text, meta in imported] == [
+        ("message", b"I'm vegan, no honey.", {"role": "user"}), ("preference", b"likes jazz", {})]
+    assert imported.dropped == 1
     world = tmp_path / "world.json"  # UPQA items of one user (the world's user_id) import without a choice
     world.write_text(json.dumps([{"user_id": "u7", "input_attribute": f"I like {x}."} for x in ("tea", "jazz")]))
     assert len(read_import(world)) == 2

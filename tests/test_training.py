@@ -218,6 +218,7 @@ def test_personalize_perce_registers_the_adapter(tmp_path, llama_path):
     assert run("import", "--user", "ann", str(history)).returncode == 0
     out = run("personalize", "--user", "ann", "--method", "perce", "--model", str(llama_path))
     assert out.returncode == 0, out.stderr
+    assert f"localpers serve --model {llama_path} --personalize perce+rag" in out.stdout  # how to serve it
     with Store.open(tmp_path / "d") as store:
         (artifact,) = store.artifacts("ann", names.LORA)
         ids = [i["id"] for i in store.items("ann")]

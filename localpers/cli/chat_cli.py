@@ -354,7 +354,7 @@ class Chat:
             except (UserError, Missing):
                 texts = {}
             self.say("  retrieved from your history:", "none")
-            for item_id in retrieved:
+            for item_id in dict.fromkeys(retrieved):  # each item once, whichever methods retrieved it
                 self.say(f"    #{item_id} {texts.get(item_id, '')}".rstrip(), "none")
         else:
             self.say("  nothing retrieved from your history", "none")

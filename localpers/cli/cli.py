@@ -17,6 +17,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see: {self.prog} --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, except that options no parser took are refused by the deepest subcommand the line chose
+        (`localpers eval upqa --x` points to `localpers eval upqa --help`, not to `localpers --help`)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            chosen_parser(self, namespace).error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
     def _check_value(self, action, value):
         if action.choices is not None and value not in action.choices:
             what = (action.metavar or action.dest).lower().lstrip("-").replace("_", " ")
@@ -29,11 +37,27 @@ def cmd_serve(args):
     serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir,
           personalize=args.personalize, history=not args.no_history,
           allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
-          insecure_no_api_key=args.insecure_no_api_key, aliases=args.alias, owner=args.user,
+          insecure_no_api_key=args.insecure_no_api_key, lora=args.lora, aliases=args.alias, owner=args.user,
           strict_model_names=args.strict_model_names)
 
 
 VERBOSE_HELP = "show llama.cpp's own log on stderr (default: off; only its errors are shown)"
+
+
+def version_text() -> str:
+    """'localpers 0.1.0 (llama-cpp-python 0.3.36, torch 2.13.0, Python 3.11.2)': read from the installed packages'
+    metadata, so that --version imports neither llama.cpp nor torch."""
+    from importlib import metadata
+
+    from localpers import __version__
+
+    parts = []
+    for package in ("llama-cpp-python", "torch"):
+        try:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{package} not installed")
+    return f"localpers {__version__} ({', '.join(parts)}, Python {sys.version.split()[0]})"
 
 
 def cmd_info(args):
@@ -45,6 +69,8 @@ def cmd_info(args):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="localpers", description="localpers: an on-device LLM personalization runtime")
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the versions of localpers, llama-cpp-python and torch, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="OpenAI-compatible server on 127.0.0.1",
@@ -70,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "see README)")
     p.add_argument("--no-history", action="store_true",
                    help="do not store users' chat messages nor learn preferences from them")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE",
+                   help="a llama.cpp LoRA adapter GGUF (e.g. from `localpers train`) applied to every request, with "
+                        "or without `user`, besides the user's own artifacts (repeatable; default: none)")
     p.add_argument("--user", metavar="NAME",
                    help="serve requests that name no user (no `user` field, X-Localpers-User header or "
                         "NAME@localpers model) as NAME, the machine's owner (default: $LOCALPERS_USER, else nobody: "
@@ -82,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: any name is served, as llama-server does)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("info", help="describe a GGUF model")
+    p = sub.add_parser("info", help="describe a GGUF model",
+                       description="Describe a GGUF model: architecture, parameters, tensor types, vocabulary and "
+                                   "context length.")
     p.add_argument("--model", help="GGUF file (default: the embedded model)")
     p.set_defaults(func=cmd_info)
 
@@ -111,6 +142,16 @@ def state_defaults(parser: argparse.ArgumentParser) -> None:
             else:
                 shown = "%(default)s"
             action.help += f" (default: {shown})"
+
+
+def chosen_parser(parser: argparse.ArgumentParser, namespace) -> argparse.ArgumentParser:
+    """The deepest subcommand's parser that `namespace` (a parsed command line) chose under `parser`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            child = action.choices.get(getattr(namespace, action.dest, None) or "")
+            if child is not None:
+                return chosen_parser(child, namespace)
+    return parser
 
 
 def walk_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

@@ -18,8 +18,12 @@ def cmd_personalize(args):
                             f"the user's items (for other budgets: localpers train)")
 
         return cmd_personalize_trained(args)
+    if args.method == names.LOGO:
+        if args.steps is not None or args.layer is not None or args.bake:
+            raise UserError("--steps, --layer and --bake are for --method edit")
+        return cmd_personalize_logo(args)
     if args.method != names.EDIT:
-        raise UserError(f"unknown personalization method {args.method!r} (known: edit, perce, ce)")
+        raise UserError(f"unknown personalization method {args.method!r} (known: edit, perce, ce, logo)")
     steps = EDIT_STEPS if args.steps is None else args.steps
     if steps < 1:
         raise UserError("--steps must be at least 1")
@@ -49,6 +53,31 @@ def cmd_personalize(args):
     return 0 if not (result.failed or unusable) else 1
 
 
+def cmd_personalize_logo(args) -> int:
+    """`localpers personalize --method logo`: one LoGo round over every user of the store (communities are shared),
+    as the server's `logo` job does: the knowledge file, each user's signals, control vector and sync
+    contribution (what `localpers sync --user` sends)."""
+    import shlex
+
+    import localpers
+    from localpers.personalize import logo
+    from localpers.store.store import Store, data_dir
+
+    model = args.model or localpers.default_model_path()
+    with Store.open(data_dir(args.data_dir)) as store:
+        if args.user not in store.users():
+            raise UserError(f"no user {args.user!r} in {store.directory} (import their history first)")
+        knowledge = logo.refresh_knowledge(store, model_path=model)
+        users = len(store.users())
+    model_option = f" --model {args.model}" if args.model else ""
+    data_option = f" --data-dir {shlex.quote(args.data_dir)}" if args.data_dir else ""
+    print(f"logo     round {knowledge.round}: {knowledge.k} communities ({int(knowledge.published.sum())} published) "
+          f"over {users} user(s); each user's LoGo signals, control vector and sync contribution written")
+    print(f"         served under --personalize logo (e.g. localpers serve{model_option}{data_option} --personalize "
+          f"logo+prompt+rag); shared privately with: localpers sync --user {shlex.quote(args.user)}{data_option}")
+    return 0
+
+
 def add_cli(sub) -> None:
     from localpers.names import EDIT
 
@@ -57,9 +86,10 @@ def add_cli(sub) -> None:
                        "rank-one edits, verify each by asking llama.cpp with the adapter loaded, and register the "
                        "verified ones as one LoRA adapter that `localpers serve` applies to the user's requests.")
     p.add_argument("--user", required=True, help="user id (required)")
-    p.add_argument("--method", default=EDIT, choices=[EDIT, names.PERCE, names.CE], metavar="METHOD",
+    p.add_argument("--method", default=EDIT, choices=[EDIT, names.PERCE, names.CE, names.LOGO], metavar="METHOD",
                    help="edit: rank-one edits of the stated preferences; perce or ce: LoRA fine-tuning on the "
-                        "user's own writing (default: %(default)s)")
+                        "user's own writing; logo: one LoGo round over all the store's users (communities, each "
+                        "user's signals for `localpers sync`) (default: %(default)s)")
     p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME, else $XDG_DATA_HOME/localpers, "
                                       "else ~/.local/share/localpers)")

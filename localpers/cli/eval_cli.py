@@ -44,7 +44,7 @@ def add_cli(sub) -> None:
                            + "; world's writing task twice that)")
 
     def task(name, help, parents, data_help):
-        t = tasks.add_parser(name, help=help, description=help, parents=parents)
+        t = tasks.add_parser(name, help=help, description=help + ".", parents=parents)
         t.add_argument("--data", help=data_help, required=name not in DEFAULT_DATA and name != "world")
         t.set_defaults(func=cmd_eval)
         return t
@@ -167,8 +167,7 @@ def cmd_merge(args) -> None:
         report = ev.merge_reports(parts)
     except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"these are not reports of `localpers eval` (missing {e})") from None
-    for path in ev.write_report(out, report):
-        print(path)
+    print(ev.summary(report, ev.write_report(out, report)))
 
 
 def _upqa_distractors(args) -> Path:
@@ -309,10 +308,10 @@ def cmd_eval(args) -> None:
             rules = [ev.RULES["lamp"].format(max_tokens=max_tokens)]
         else:
             results, counts, rows = ev.run_upqa(engine, upqa_items, methods, max_tokens=max_tokens, journal=journal,
-                                                answers=not args.mc_only)
+                                                answers=not args.mc_only, desc="world questions")
             writing_results, writing_counts, writing_rows = ev.run_lamp(
                 engine, "LongLaMP_world", [] if args.mc_only else writing, methods, max_tokens=2 * max_tokens,
-                journal=journal)
+                journal=journal, desc="world writing")
             for name in results:
                 results[name].update(writing_results[name])
                 counts[name].update(writing_counts[name])
@@ -326,6 +325,5 @@ def cmd_eval(args) -> None:
     finally:
         engine.close()
     report.update(rules=rules, results=results, counts=counts, items=rows)
-    for path in ev.write_report(out, report):
-        print(path)
+    print(ev.summary(report, ev.write_report(out, report)))
     progress.unlink()  # report.json holds everything it had

@@ -1,4 +1,4 @@
-"""The history-store commands: remember, import, history, search, export, forget."""
+"""The history-store commands: users, remember, import, history, search, export, forget."""
 from __future__ import annotations
 
 import json
@@ -29,6 +29,23 @@ def _print_items(items: list[dict], as_json: bool) -> None:
             print(_line(item))
 
 
+def cmd_users(args):
+    with _store(args) as store:
+        users = store.user_counts()
+    if args.json:
+        print(json.dumps(users, ensure_ascii=False, indent=1))
+        return
+    if not users:
+        print(f"no users in {store.directory} (add one: localpers remember --user NAME TEXT)")
+    for u in users:
+        print(f"{u['user']}  {_count(u['items'], 'item')} ({_count(u['preferences'], 'preference')}), "
+              f"{_count(u['artifacts'], 'artifact')}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def cmd_remember(args):
     with _store(args) as store:
         item_id = store.add(args.user, args.text, kind=args.kind)
@@ -42,7 +59,9 @@ def cmd_import(args):
     items = read_import(args.file, record=args.record, merge_users=args.merge_users)
     with _store(args) as store:
         store.add_many(args.user, items)
-    print(f"imported {len(items)} items for {args.user} from {args.file}")
+    dropped = (f"; left out {items.dropped} chat message(s) not written by the user (the assistant's replies: a "
+               f"history holds what the user wrote, as a served chat does)" if items.dropped else "")
+    print(f"imported {_count(len(items), 'item')} for {args.user} from {args.file}{dropped}")
 
 
 def cmd_history(args):
@@ -103,6 +122,14 @@ def add_cli(sub) -> None:
         return p
 
     kinds = ", ".join(ITEM_KINDS)
+    p = sub.add_parser("users", help="list the users a store holds, with their numbers of items and artifacts",
+                       description="List the users the store holds (oldest first), with how many history items, "
+                                   "stated preferences and artifacts each has.")
+    p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME, else $XDG_DATA_HOME/localpers, "
+                                      "else ~/.local/share/localpers)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per user (default: off)")
+    p.set_defaults(func=cmd_users)
+
     p = command("remember", cmd_remember, "add one item to a user's history")
     p.add_argument("text", help="the item's text, e.g. \"I'm vegetarian.\"")
     p.add_argument("--kind", default=MESSAGE, choices=ITEM_KINDS, metavar="KIND",

@@ -56,6 +56,9 @@ def _env(flwr_home: Path) -> dict:
     # the Flower subprocesses (flwr-serverapp, flwr-clientapp) must import this localpers
     root = str(Path(__file__).resolve().parents[2])  # the folder holding the localpers package
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # Flower's processes start each other by name (flower-superlink starts flower-superexec): find them next to
+    # this interpreter even when its virtual environment is not activated (a venv's bin/ is not on PATH then)
+    env["PATH"] = str(Path(sys.executable).parent) + (os.pathsep + env["PATH"] if env.get("PATH") else "")
     return env
 
 
@@ -317,7 +320,13 @@ def _reason(log_path: Path) -> str:
 def add_cli(sub) -> None:
     from localpers.personalize.logo import VOCABULARY  # LoGo's user vectors (preference counts) and histograms
 
-    p = sub.add_parser("sync", help="join a private sync as a Flower SuperNode (opt-in; --log shows what was sent)")
+    p = sub.add_parser("sync", help="join a private sync as a Flower SuperNode (opt-in; --log shows what was sent)",
+                       description="Join a private sync run (`localpers sync-server`) as a Flower SuperNode: each "
+                                   "round this device sends its user's LoGo contribution (clipped per-community sums "
+                                   "with its share of Gaussian noise, under SecAgg+), never their history, until its "
+                                   "epsilon budget is spent; the published communities are folded into the local "
+                                   "LoGo knowledge. The user's signals must exist first (`localpers personalize "
+                                   "--user ID --method logo`). `--log` prints every message this device has sent.")
     p.add_argument("--superlink", default="127.0.0.1:9093", help="HOST:PORT of `localpers sync-server`")
     p.add_argument("--user", help="the user whose local signals this device contributes")
     p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME or the XDG data dir)")
@@ -330,7 +339,11 @@ def add_cli(sub) -> None:
     p.add_argument("--log", action="store_true", help="print what this device has sent (shapes, bytes, norms, epsilon)")
     p.set_defaults(func=cmd_sync)
 
-    p = sub.add_parser("sync-server", help="run a private sync: Flower SuperLink + the federated communities app")
+    p = sub.add_parser("sync-server", help="run a private sync: Flower SuperLink + the federated communities app",
+                       description="Run a private sync: a Flower SuperLink and the app that learns LoGo's "
+                                   "communities over the devices that join (`localpers sync`) by federated k-means "
+                                   "under SecAgg+ and differential privacy. Only community aggregates reach it; the "
+                                   "published knowledge, logs and Flower state go to --out.")
     p.add_argument("--host", default="127.0.0.1", help="address the SuperLink binds (default: %(default)s)")
     p.add_argument("--port", type=int, default=9093, help="the SuperLink's port for SuperNodes (default: %(default)s)")
     p.add_argument("--out", required=True, help="directory for the published knowledge, logs and Flower state")

@@ -15,7 +15,10 @@ from localpers.errors import UserError
 
 def add_cli(sub) -> None:
     p = sub.add_parser("train", help="PerCE/CE LoRA training on LaMP/LongLaMP data (DDP over processes)",
-                       description=__doc__.splitlines()[0])
+                       description="Train a PerCE (or CE) LoRA adapter on LaMP/LongLaMP data: every record's "
+                                   "output is a target, its profile the context (the paper's multi-user setting), on "
+                                   "one process or several with torch DDP (gloo on CPU, nccl on CUDA). The adapter is "
+                                   "a llama.cpp LoRA GGUF: serve it with `localpers serve --lora FILE`.")
     p.add_argument("--objective", choices=[names.PERCE, names.CE], default=names.PERCE,
                    help="perce: PerContrast-weighted cross-entropy; ce: plain cross-entropy (default: %(default)s)")
     p.add_argument("--data", required=True, help="LaMP/LongLaMP questions file (id, input, profile)")
@@ -99,7 +102,9 @@ def cmd_train(args):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         mp.spawn(run_rank, args=(world, job), nprocs=world, join=True)
-    print(f"adapter  {args.out}")
+    model_option = f" --model {args.model}" if args.model else ""
+    print(f"adapter  {args.out}\n         a llama.cpp LoRA adapter for {model.name}; serve it to every request with: "
+          f"localpers serve{model_option} --lora {args.out}")
     return 0
 
 
@@ -148,6 +153,11 @@ def run_rank(rank: int, world: int, job: dict, env_init: bool = False) -> None:
             torch.save({k: v.cpu() for k, v in lora_state(model).items()}, job["state_out"] % rank)
         if rank == 0:
             export_lora(model.cpu(), job["out"], config.alpha)
+            done = result.summary()
+            print(f"trained  {config.objective} LoRA (rank {config.rank}, {','.join(config.targets)}) on "
+                  f"{len(encoded)} examples from {len(items)} records, {world} process(es): {done['steps']} steps, "
+                  f"{done['tokens']} target tokens, loss {done['first_loss']} -> {done['last_loss']}, "
+                  f"{done['seconds']} s", flush=True)
             if job.get("log"):
                 Path(job["log"]).write_text(json.dumps({"config": job["config"], "world": world,
                                                         "steps": [asdict(s) for s in result.steps]}, indent=1))
@@ -175,5 +185,8 @@ def cmd_personalize_trained(args) -> int:
                          progress=sys.stderr.isatty())
     print(f"trained  {args.method} LoRA for {args.user!r} on {len(out['sources'])} items: {out['steps']} steps, "
           f"{out['tokens']} target tokens, loss {out['first_loss']} -> {out['last_loss']}, {out['seconds']} s")
-    print(f"adapter  {out['path']} (version {out['version']})")
+    model_option = f" --model {args.model}" if args.model else ""
+    print(f"adapter  {out['path']} (version {out['version']})\n         served to requests with \"user\": "
+          f"\"{args.user}\" only under --personalize {args.method} (the default edit+rag does not apply it): "
+          f"localpers serve{model_option} --personalize {args.method}+rag")
     return 0

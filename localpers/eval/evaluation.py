@@ -169,13 +169,15 @@ class Journal:
         return self.done[key]
 
 
-def score_items(journal: Journal, part: str, items: list, methods: dict, score) -> tuple[dict, dict, list[dict]]:
+def score_items(journal: Journal, part: str, items: list, methods: dict, score,
+                desc: str | None = None) -> tuple[dict, dict, list[dict]]:
     """score(name, method, item) -> ({metric: [values]}, rows) for every item and method, through the journal;
     the means per method with their counts, and the rows grouped by method. Every method scores an item before
-    the next item, so consecutive prompts share what they can of the KV cache."""
+    the next item, so consecutive prompts share what they can of the KV cache. `desc`: the progress bar's
+    label (default: `part`, the journal's key)."""
     values = {name: defaultdict(list) for name in methods}
     rows = {name: [] for name in methods}
-    for index, item in enumerate(tqdm(items, desc=part, unit="item")):
+    for index, item in enumerate(tqdm(items, desc=desc or part, unit="item")):
         for name, method in methods.items():
             item_values, item_rows = journal.score((part, name, index), lambda: score(name, method, item))
             for metric, v in item_values.items():
@@ -188,9 +190,11 @@ def score_items(journal: Journal, part: str, items: list, methods: dict, score) 
 
 
 def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 48,
-             journal: Journal | None = None, answers: bool = True) -> tuple[dict, dict, list[dict]]:
+             journal: Journal | None = None, answers: bool = True,
+             desc: str = "upqa") -> tuple[dict, dict, list[dict]]:
     """explicit/paraphrased/implicit accuracy by target match, mc_acc, locality_kl; (results, counts, rows).
-    answers=False: mc_acc only (no generated answers, no locality_kl): a cheap first look at many items."""
+    answers=False: mc_acc only (no generated answers, no locality_kl): a cheap first look at many items.
+    desc: the progress bar's label (the world task runs UPQA-style questions)."""
     journal = journal or Journal()
     base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL] if answers else []
 
@@ -213,7 +217,7 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
             ok["mc_acc"] = [row["mc_ok"]]
         return ok, [row]
 
-    results, counts, rows = score_items(journal, "upqa", items, methods, score)
+    results, counts, rows = score_items(journal, "upqa", items, methods, score, desc=desc)
     if not answers:
         return results, counts, rows
     users = locality_users([item.user for item in items])
@@ -334,7 +338,7 @@ def lamp_labels(task: str, items: list[LampItem]) -> list[str] | None:
 
 
 def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *, max_tokens: int = 64,
-             journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
+             journal: Journal | None = None, desc: str | None = None) -> tuple[dict, dict, list[dict]]:
     labels = lamp_labels(task, items)
 
     def score(name, method, item):
@@ -357,7 +361,7 @@ def run_lamp(engine, task: str, items: list[LampItem], methods: dict, *, max_tok
                 metrics["mae"], metrics["rmse"] = [error], [error ** 2]
         return metrics, [row]
 
-    results, counts, rows = score_items(journal or Journal(), task, items, methods, score)
+    results, counts, rows = score_items(journal or Journal(), task, items, methods, score, desc=desc)
     for name in results:
         if "rmse" in results[name]:
             results[name]["rmse"] = math.sqrt(results[name]["rmse"])
@@ -385,11 +389,10 @@ ROW_METRICS = {"explicit_ok": "explicit_acc", "paraphrased_ok": "paraphrased_acc
                "mc_ok": "mc_acc", "rouge1": "rouge1", "rougeL": "rougeL", "correct": "accuracy"}
 
 
-def paired_deltas(rows: list[dict], reference: str = "base") -> dict:
-    """{method: {metric: {"delta", "ci95", "n"}}}: the mean over items of (method − reference) on the same
-    item, with the half-width of its 95% interval (normal approximation). Pairing removes the variation
-    between items, which both methods share, so this separates two methods that the means' own intervals do not."""
-    scores = defaultdict(dict)  # (method, metric) -> {item id: value}
+def row_scores(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """{(method, metric): {item id: value}}: each item's value of each mean metric, read from the report's rows
+    (prefeval and multi-turn upqa: one metric per turn count, e.g. followed@5)."""
+    scores = defaultdict(dict)
     for row in rows:
         fields = ({"followed": row["followed"]} if "followed" in row else
                   {metric: row[field] for field, metric in ROW_METRICS.items() if row.get(field) is not None})
@@ -397,13 +400,26 @@ def paired_deltas(rows: list[dict], reference: str = "base") -> dict:
             fields = {f"{metric}@{row['turns']}": value for metric, value in fields.items()}
         for metric, value in fields.items():
             scores[row["method"], metric][row["id"]] = float(value)
+    return scores
+
+
+def ci95(values) -> float:
+    """Half-width of the 95% interval of the mean of `values` (normal approximation); 0 for fewer than 2."""
+    values = np.asarray(list(values), dtype=float)
+    return float(1.96 * values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
+def paired_deltas(rows: list[dict], reference: str = "base") -> dict:
+    """{method: {metric: {"delta", "ci95", "n"}}}: the mean over items of (method − reference) on the same
+    item, with the half-width of its 95% interval (normal approximation). Pairing removes the variation
+    between items, which both methods share, so this separates two methods that the means' own intervals do not."""
+    scores = row_scores(rows)  # (method, metric) -> {item id: value}
     out = defaultdict(dict)
     for (method, metric), values in scores.items():
         reference_values = scores.get((reference, metric), {})
         diffs = np.array([v - reference_values[i] for i, v in values.items() if i in reference_values])
         if method != reference and len(diffs) > 1:
-            out[method][metric] = {"delta": float(diffs.mean()), "n": len(diffs),
-                                   "ci95": float(1.96 * diffs.std(ddof=1) / math.sqrt(len(diffs)))}
+            out[method][metric] = {"delta": float(diffs.mean()), "n": len(diffs), "ci95": ci95(diffs)}
     return dict(out)
 
 
@@ -486,23 +502,34 @@ def merge_reports(parts: list[dict]) -> dict:
     return report
 
 
+def with_vs_base(report: dict) -> dict:
+    """The report with, when base is among several methods, "vs_base" (paired_deltas), or "vs_base_absent"
+    saying why there are none (fewer than 2 items), so that the section never vanishes silently."""
+    if "base" not in report["results"] or len(report["results"]) < 2:
+        return report
+    if deltas := paired_deltas(report["items"]):
+        return {**report, "vs_base": deltas}
+    return {**report, "vs_base_absent": "it needs at least 2 items scored by base and by the method (this run "
+                                        f"has {max(_items(report).values(), default=0)})"}
+
+
 def write_report(out_dir: str | Path, report: dict) -> list[Path]:
     """report.json, report.md and the plots; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_report(report, out_dir)
-    if "base" in report["results"] and (deltas := paired_deltas(report["items"])):
-        report = {**report, "vs_base": deltas}
+    report = with_vs_base(report)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=_jsonable))
     lines = [f"# localpers eval {report['task']}", "", f"Model: `{report['model']}`", "",
              "Config: " + ", ".join(f"`{k}={v}`" for k, v in report["config"].items()), "",
              *(["Inputs (SHA-256): " + ", ".join(f"{k} `{v[:16]}`" for k, v in report["inputs"].items()), ""]
                if "inputs" in report else []),
-             _table(report["results"]), ""]
+             results_table(report), ""]
     if "vs_base" in report:
         lines += ["### Paired with base: mean of (method − base) over the same items, ± its 95% interval", "",
-                  _table({m: {k: f"{d['delta']:+.3f} ± {d['ci95']:.3f}" for k, d in metrics.items()}
-                          for m, metrics in report["vs_base"].items()}), ""]
+                  vs_base_table(report), ""]
+    elif "vs_base_absent" in report:
+        lines += ["### Paired with base", "", f"Not computed: {report['vs_base_absent']}.", ""]
     for method, axes in report.get("breakdown", {}).items():
         for axis, groups in axes.items():
             lines += [f"### {method} by {'history size' if axis == 'history' else 'time step'}", "",
@@ -511,6 +538,43 @@ def write_report(out_dir: str | Path, report: dict) -> list[Path]:
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return [out_dir / "report.json", out_dir / "report.md", *plots]
+
+
+def _items(report: dict) -> dict[str, int]:
+    """{method: number of items its means are over}: the largest count of its metrics (locality_kl counts
+    users, not items); reports without counts: the number of distinct item ids in its rows."""
+    counts = report.get("counts") or {}
+    out = {}
+    for method in report["results"]:
+        mine = [n for metric, n in counts.get(method, {}).items() if metric != "locality_kl"]
+        out[method] = max(mine) if mine else len({r.get("id") for r in report.get("items", ())
+                                                  if r.get("method") == method})
+    return out
+
+
+def results_table(report: dict) -> str:
+    """The methods × metrics table of a report, with the number of items each method was scored on."""
+    items = _items(report)
+    return _table({m: {"items": items[m], **values} for m, values in report["results"].items()})
+
+
+def vs_base_table(report: dict) -> str:
+    """The paired differences from base (report["vs_base"]), each method with the number of items paired."""
+    return _table({m: {"items": max(d["n"] for d in metrics.values()),
+                       **{k: f"{d['delta']:+.3f} ± {d['ci95']:.3f}" for k, d in metrics.items()}}
+                   for m, metrics in report["vs_base"].items()})
+
+
+def summary(report: dict, paths: list[Path]) -> str:
+    """What `localpers eval` prints at the end: the results table (and the paired differences from base), then
+    the files written."""
+    report = with_vs_base(report)
+    out = [f"{report['task']} on {report['model']}:", results_table(report)]
+    if report.get("vs_base"):
+        out += ["paired with base (method − base, ± 95% interval):", vs_base_table(report)]
+    elif report.get("vs_base_absent"):
+        out += [f"paired with base: not computed: {report['vs_base_absent']}"]
+    return "\n".join(out + ["written:", *(f"  {p}" for p in paths)])
 
 
 def _jsonable(value):
@@ -540,6 +604,11 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
 
     results, paths = report["results"], []
     methods = list(results)
+    scores = row_scores(report.get("items", []))
+
+    def err(method: str, metric: str) -> float:  # error bars: the 95% interval of the mean over the items
+        return ci95(scores[method, metric].values()) if (method, metric) in scores else 0.0
+
     # Bar chart of the metrics that live in [0, 1] (accuracies, ROUGE); KL and MAE have other scales.
     bounded = [m for m in dict.fromkeys(k for r in results.values() for k in r)
                if m.split("@")[0].endswith(("_acc", "accuracy")) or m.startswith(("rouge", "followed@"))]
@@ -548,10 +617,10 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         width = 0.8 / len(methods)
         for i, method in enumerate(methods):
             ax.bar([x + i * width for x in range(len(bounded))], [results[method].get(m, np.nan) for m in bounded],
-                   width, label=method)
+                   width, yerr=[err(method, m) for m in bounded], capsize=2, label=method)
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(bounded))], bounded, fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_title(f"{report['task']} — {report['model']}", fontsize=9)
+        ax.set_title(f"{report['task']} — {report['model']} (bars: 95% interval)", fontsize=9)
         ax.legend(fontsize=8)
         paths.append(_save(fig, out_dir / "results.png"))
     for metric in dict.fromkeys(m.split("@")[0] for m in bounded if "@" in m):   # a plot per metric over turns
@@ -561,7 +630,8 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(4, 3))
         xs = [int(m.split("@")[1]) for m in turns]
         for method in methods:
-            ax.plot(xs, [results[method][m] for m in turns], marker="o", label=method)
+            ax.errorbar(xs, [results[method][m] for m in turns], yerr=[err(method, m) for m in turns], marker="o",
+                        capsize=2, label=method)
         ax.set(xlabel="distractor turns", ylabel=metric, ylim=(0, 1), xticks=xs)
         ax.legend(fontsize=8)
         paths.append(_save(fig, out_dir / f"{metric}_by_turns.png"))
@@ -573,7 +643,11 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
         for ax, metric in zip(axes[0], metrics):
             for method, groups in per_method.items():
-                ax.plot(list(groups), [g[metric] for g in groups.values()], marker="o", label=method)
+                # a [0, 1] value of mean p has variance at most p (1 - p): the bar bounds the 95% interval
+                bars = [1.96 * math.sqrt(max(g[metric] * (1 - g[metric]), 0) / g["n"]) if g.get("n") else 0
+                        for g in groups.values()]
+                ax.errorbar(list(groups), [g[metric] for g in groups.values()], yerr=bars, marker="o", capsize=2,
+                            label=method)
             ax.set(title=metric, xlabel=label, ylim=(0, 1))
         axes[0][0].legend(fontsize=8)
         paths.append(_save(fig, out_dir / f"by_{axis}.png"))

@@ -145,7 +145,7 @@ def combine(parts: list[Personalized]) -> Personalized:
     return Personalized(artifacts=artifacts,
                         system="\n\n".join(p.system for p in parts if p.system),
                         user_prefix="".join(p.user_prefix for p in parts),
-                        retrieved=tuple(i for p in parts for i in p.retrieved))
+                        retrieved=tuple(dict.fromkeys(i for p in parts for i in p.retrieved)))
 
 
 def get_method(spec: str) -> Method:

@@ -55,6 +55,7 @@ def save_contribution(data_dir: str | Path, user: str, c: Contribution) -> Path:
 def load_contribution(data_dir: str | Path, user: str) -> Contribution:
     path = signals_path(data_dir, user)
     if not path.exists():
-        raise UserError(f"sync: no local signals for user {user!r} in {data_dir} (compute LoGo's signals first)")
+        raise UserError(f"sync: no local signals for user {user!r} in {data_dir} (compute them first: "
+                        f"localpers personalize --user {user} --method logo)")
     with np.load(path, allow_pickle=False) as z:
         return Contribution(vector=z["vector"], steering=z["steering"], histogram=z["histogram"])

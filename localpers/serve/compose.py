@@ -54,7 +54,8 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
     store's incremental BM25 index (the ranking `rag` gives a loaded history, without reloading and re-indexing
     it per request), and their current artifacts made for this base model. An unknown user is a user with
     nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier turns)
-    are not retrieved: the model sees them in the conversation already."""
+    are not retrieved: the model sees them in the conversation already; nor is a text already retrieved (the
+    same words stored as a message and as the preference learnt from it)."""
     try:
         preferences = store.items(user, kind=names.PREFERENCE)
         artifacts = store.artifacts(user, base_model_sha256=base_model_sha256)
@@ -66,10 +67,15 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
         if not query.strip():
             return []
         try:
-            hits = store.search(user, query, k=min(1000, k + len(said)))
+            hits = store.search(user, query, k=min(1000, 2 * k + len(said)))
         except NotFoundError:  # forgotten meanwhile
             return []
-        return [(hit["id"], hit["text"]) for hit in hits if hit["text"] not in said][:k]
+        found, texts = [], set(said)
+        for hit in hits:  # a text stored twice (a chat message and the preference learnt from it) is shown once
+            if hit["text"] not in texts:
+                texts.add(hit["text"])
+                found.append((hit["id"], hit["text"]))
+        return found[:k]
 
     facts = tuple(f for f in (upqa_fact(item["text"], item["meta"]) for item in preferences) if f is not None)
     return User(id=user, preferences=tuple(item["text"] for item in preferences), facts=facts, search=search,

@@ -492,15 +492,16 @@ def ready_engine_of(app):
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
                engine=None, personalize: str = DEFAULT_SPEC, history: bool = True, jobs: bool = False,
                warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=(),
-               aliases=(), owner: str | None = None, strict_model_names: bool = False) -> FastAPI:
+               lora=(), aliases=(), owner: str | None = None, strict_model_names: bool = False) -> FastAPI:
     """The server's app, with the guard `localpers serve` runs. The engine loads in a background thread (so
     /health answers 503 meanwhile) unless an engine is given. `personalize`: the composition spec of requests with
     a `user`; `history`: store users' messages and learn their preferences; `jobs`: run the background job worker
     (`localpers serve` does; without it jobs stay queued), `warm_jobs`: load what jobs need (the editor's torch
     model) once the engine is ready. Requests must name a loopback host, `host` or one of `allowed_hosts` ("*":
-    any) in their Host header. `aliases`: more names of the served model; `owner`: the user a request naming
-    nobody is served as (default $LOCALPERS_USER); `strict_model_names`: 404 for a model name not served
-    (localpers.serve.openai_extra)."""
+    any) in their Host header. `lora`: adapter files applied to every request (scale 1), besides the user's
+    artifacts; one that llama.cpp cannot load for the model fails the load (/health says so). `aliases`: more
+    names of the served model; `owner`: the user a request naming nobody is served as (default
+    $LOCALPERS_USER); `strict_model_names`: 404 for a model name not served (localpers.serve.openai_extra)."""
     from localpers.serve import ollama, openai_extra as extra, responses
 
     app = FastAPI(title="localpers", version="1", docs_url=None, redoc_url=None,
@@ -533,13 +534,13 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         llama.cpp cannot load is left out and marked broken in the store (so it shows up as such for that user;
         the client never sees the server's paths)."""
         if not user:
-            return messages, Artifacts(), {"composition": names.BASE, "artifacts": [], "retrieved": []}
+            return messages, everyone, {"composition": names.BASE, "artifacts": [], "retrieved": []}
         person = served_user(store, user, model_sha256(engine.model_path), messages)
         personalized = composer(person, last_user_message(messages), engine)
         usable, broken = engine.usable(personalized.artifacts)
         for path, reason in broken:
             mark_broken(store, user, path, reason)
-        return apply(personalized, messages), usable, composer.explain(person, personalized)
+        return apply(personalized, messages), everyone.merge(usable), composer.explain(person, personalized)
 
     def learn(user: str, messages: list[dict]) -> None:
         """Store the user's new messages and learn the preferences stated in them (after composing: this
@@ -553,11 +554,17 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         if (learned["preferences"] or learned["replaced"]) and app.state.worker is not None:
             app.state.worker.wake()
 
+    everyone = Artifacts(lora=tuple((str(path), 1.0) for path in lora))  # --lora: applied to every request
+
     def load():
         from localpers.engine.engine import Engine
 
         try:
-            app.state.engine = Engine(model_path)
+            loaded = Engine(model_path)
+            if everyone.lora and (broken := loaded.usable(everyone)[1]):
+                loaded.close()
+                raise UserError(f"--lora {broken[0][0]}: {broken[0][1]}")
+            app.state.engine = loaded
         except Exception as e:  # reported on /health and by every request instead of crashing the server
             print(f"localpers: error: the model failed to load: {e}", file=sys.stderr, flush=True)
             app.state.load_error = str(e)
@@ -645,7 +652,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           data_dir: str | None = None, personalize: str = DEFAULT_SPEC, history: bool = True, allowed_hosts=(),
-          allowed_origins=(), insecure_no_api_key: bool = False, aliases=(), owner: str | None = None,
+          allowed_origins=(), insecure_no_api_key: bool = False, lora=(), aliases=(), owner: str | None = None,
           strict_model_names: bool = False) -> None:
     import uvicorn
 
@@ -656,11 +663,15 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
                         "(or --insecure-no-api-key to accept that risk)")
     if model is not None:
         open_gguf(model)  # a one-line UserError for a missing or unreadable file, before the server starts
+    for path in lora:  # a missing file or one that is no LoRA adapter: one line, before the server starts
+        adapter = open_gguf(path, check_arch=False).get_field("adapter.type")
+        if adapter is None or adapter.contents() != "lora":
+            raise UserError(f"--lora {path}: not a llama.cpp LoRA adapter (no adapter.type = lora)")
     Composer(personalize)  # an unknown method is a one-line error before anything starts
     sock = bind(host, port)
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
                      jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-                     aliases=aliases, owner=owner, strict_model_names=strict_model_names)
+                     lora=lora, aliases=aliases, owner=owner, strict_model_names=strict_model_names)
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         print("localpers: note: requests must name this machine as a loopback address; to reach it by another "

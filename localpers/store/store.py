@@ -228,12 +228,20 @@ def _jsonl_item(entry) -> tuple:
     return check_item(text, kind, meta | entry, ts)  # other fields are kept in meta
 
 
-def _jsonl_line(entry) -> list[tuple]:
+class Imported(list):
+    """The items of an import file (a list), and how many of its chats' messages were left out (`dropped`: the
+    assistant's replies and other roles' messages; a user's history holds what they wrote, as in a served chat)."""
+    dropped: int = 0
+
+
+def _jsonl_line(entry) -> tuple[list[tuple], int]:
     """One line of a JSONL import: an item ({"text", ...}) or a chat ({"messages": [...]}, as the HTTP
-    endpoint takes it)."""
+    endpoint takes it), of which only the user's messages are kept; (items, messages left out)."""
     if isinstance(entry, dict) and "messages" in entry and "text" not in entry:
-        return message_items(entry["messages"])
-    return [_jsonl_item(entry)]
+        items = message_items(entry["messages"])
+        mine = [item for item in items if json.loads(item[3]).get("role") == "user"]
+        return mine, len(items) - len(mine)
+    return [_jsonl_item(entry)], 0
 
 
 def _lamp_item(entry) -> tuple:
@@ -290,25 +298,29 @@ def _json_entries(data, record: str | None, merge_users: bool):
     )
 
 
-def read_import(path: str | os.PathLike, record: str | None = None, merge_users: bool = False) -> list[tuple]:
+def read_import(path: str | os.PathLike, record: str | None = None, merge_users: bool = False) -> Imported:
     """Parse and validate a whole import file before anything is written (formats: README, "Import formats"):
     .jsonl/.ndjson, one JSON object a line: an item {"text", "kind"?, "meta"?, "ts"?} (other fields go into
-    meta) or a chat {"messages": [{"role", "content"}, ...]}; .json: a localpers export, LaMP/LongLaMP records
-    with a profile, or UPQA items. A file holding several users' records (LaMP records, UPQA items) imports one
-    user's (`record`: a LaMP record's id, a UPQA item's user_id or "upqa-<index>") or, with merge_users, all.
+    meta) or a chat {"messages": [{"role", "content"}, ...]} (its user messages; the assistant's replies are left
+    out, as a served chat never stores them, and counted in the result's `dropped`); .json: a localpers export,
+    LaMP/LongLaMP records with a profile, or UPQA items. A file holding several users' records (LaMP records, UPQA
+    items) imports one user's (`record`: a LaMP record's id, a UPQA item's user_id or "upqa-<index>") or, with
+    merge_users, all.
     Any error names the file and the line (JSONL, JSON syntax) or the entry."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: {e.strerror}") from None
+    items = Imported()
     if path.suffix in (".jsonl", ".ndjson"):
-        items = []
         for number, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                items.extend(_jsonl_line(json.loads(line.decode("utf-8"))))
+                mine, dropped = _jsonl_line(json.loads(line.decode("utf-8")))
+                items.extend(mine)
+                items.dropped += dropped
             except UnicodeDecodeError as e:
                 raise UserError(f"{path} line {number}: not valid UTF-8 (bad byte at column {e.start + 1})") from None
             except json.JSONDecodeError as e:
@@ -327,7 +339,6 @@ def read_import(path: str | os.PathLike, record: str | None = None, merge_users:
             where, entries, parse = _json_entries(data, record, merge_users)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
-        items = []
         for number, entry in enumerate(entries, 1):
             try:
                 items.append(parse(entry))
@@ -336,7 +347,8 @@ def read_import(path: str | os.PathLike, record: str | None = None, merge_users:
     else:
         raise UserError(f"{path}: unknown import format (expected .jsonl or .json)")
     if not items:
-        raise UserError(f"{path}: no items to import")
+        raise UserError(f"{path}: no items to import" + (f" (its chats hold only the assistant's replies, which "
+                                                         f"are not imported)" if items.dropped else ""))
     return items
 
 
@@ -573,6 +585,16 @@ class Store:
 
     def users(self) -> list[str]:
         return [name for (name,) in self._conn().execute("SELECT name FROM users ORDER BY id")]
+
+    def user_counts(self) -> list[dict]:
+        """Every user the store holds, oldest first: {"user", "items", "preferences", "artifacts"} (counts from
+        the tables, nothing decrypted)."""
+        rows = self._conn().execute(
+            "SELECT u.name, (SELECT COUNT(*) FROM items i WHERE i.user_id = u.id),"
+            " (SELECT COUNT(*) FROM items i WHERE i.user_id = u.id AND i.kind = ?),"
+            " (SELECT COUNT(*) FROM artifacts a WHERE a.user_id = u.id) FROM users u ORDER BY u.id", (names.PREFERENCE,))
+        return [{"user": name, "items": items, "preferences": prefs, "artifacts": artifacts}
+                for name, items, prefs, artifacts in rows]
 
     # ----- items
 
