@@ -32,6 +32,19 @@ if ! llama_works; then
     llama_works || { echo "install.sh: llama-cpp-python still fails to decode the default model" >&2; exit 1; }
 fi
 
+# --- begin: the browser for the page's tests (tests/test_page.py): Debian's chromium + chromium-driver ---
+if [ "${1:-}" = test ] && ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "install.sh: installing chromium and chromium-driver (apt) for the page's browser tests"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
+    else
+        echo "install.sh: chromium and chromium-driver are missing and this is not root with apt-get: the page's" \
+             "browser tests (tests/test_page.py) will fail; install them with" \
+             "'sudo apt-get install -y chromium chromium-driver'" >&2
+    fi
+fi
+# --- end: the browser for the page's tests ---
+
 # test: the test tools, and the [dense] extra, so the default dense-retrieval path (MiniLM) is tested too.
 case "${1:-}" in
     test) pip_install -e ".[test,dense]" ;;

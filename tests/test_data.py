@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_shipped_data_file_is_package_data_and_licensed():
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["localpers"]
     package = REPO / "localpers"
-    declared = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
+    declared = {p for pattern in patterns for p in package.glob(pattern) if p.is_file() and DATA_DIR in p.parents}
     shipped = {p for p in DATA_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert shipped == declared and DATA_DIR / "LICENSE.CC-BY-NC-4.0" in shipped and DATA_DIR / "README.md" in shipped
     for name in DATA_FILES:  # every named file is there and documented

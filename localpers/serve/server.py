@@ -10,7 +10,8 @@ as `localpers eval` measures the same spec. Unless the server runs with `--no-hi
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
 adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
 (method, kind, id) and the ids of the retrieved items, never text. The mem0-like memory endpoints of
-localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/.
+localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page at `/`
+("what my assistant knows about me") and the routes it adds are localpers.serve.page.
 
 Protocol (issue #13):
 - Every OpenAI chat-completions field is honoured or refused with a 400 that names it; unknown top-level fields
@@ -49,6 +50,7 @@ from localpers.serve.jobs import Worker
 from localpers.serve.jobs import router as jobs_router
 from localpers.serve.learn import learn_from_chat
 from localpers.serve.memory_api import router as memory_router
+from localpers.serve.page import router as page_router
 from localpers.personalize.methods import apply
 from localpers.store.store import NotFoundError, Store
 from localpers.store.store import data_dir as resolve_data_dir
@@ -515,6 +517,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     app.state.history = history
     app.include_router(memory_router)
     app.include_router(jobs_router)
+    app.include_router(page_router)  # the page at / (localpers.serve.page)
     app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
     if app.state.worker is not None:
         app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
