@@ -17,7 +17,7 @@
 namespace py = pybind11;
 
 // ggml_type ids (gguf.GGMLQuantizationType) and their block layouts.
-enum GgmlType : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
+enum GgmlType : int { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
 constexpr int QK_K = 256;
 
 // Threads start at this many dequantized elements (about half a millisecond on one core; the edit costs
@@ -82,6 +82,29 @@ static void dequant_q4_1(const uint8_t* __restrict x, float* __restrict y, int64
         float d = fp16_to_fp32(load_u16(x)), m = fp16_to_fp32(load_u16(x + 2));
         for (int j = 0; j < 16; j++) y[j] = d * float(x[4 + j] & 0xf) + m;
         for (int j = 0; j < 16; j++) y[j + 16] = d * float(x[4 + j] >> 4) + m;
+    }
+}
+
+// Q5_0: d (f16), 32 high bits (little-endian uint32: bit j is the 5th bit of element j), nibbles as Q4_0;
+// y = d * (q - 16).
+static void dequant_q5_0(const uint8_t* __restrict x, float* __restrict y, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += 22, y += 32) {
+        float d = fp16_to_fp32(load_u16(x));
+        uint32_t qh;
+        std::memcpy(&qh, x + 2, 4);
+        for (int j = 0; j < 16; j++) y[j] = d * float(int((x[6 + j] & 0xf) | (((qh >> j) & 1) << 4)) - 16);
+        for (int j = 0; j < 16; j++) y[j + 16] = d * float(int((x[6 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+    }
+}
+
+// Q5_1: d, m (f16), high bits and nibbles as Q5_0; y = d*q + m.
+static void dequant_q5_1(const uint8_t* __restrict x, float* __restrict y, int64_t nb) {
+    for (int64_t b = 0; b < nb; b++, x += 24, y += 32) {
+        float d = fp16_to_fp32(load_u16(x)), m = fp16_to_fp32(load_u16(x + 2));
+        uint32_t qh;
+        std::memcpy(&qh, x + 4, 4);
+        for (int j = 0; j < 16; j++) y[j] = d * float((x[8 + j] & 0xf) | (((qh >> j) & 1) << 4)) + m;
+        for (int j = 0; j < 16; j++) y[j + 16] = d * float((x[8 + j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) + m;
     }
 }
 
@@ -166,6 +189,8 @@ static TypeInfo type_info(int qtype) {
         case BF16: return {1, 2, dequant_bf16};
         case Q4_0: return {32, 18, dequant_q4_0};
         case Q4_1: return {32, 20, dequant_q4_1};
+        case Q5_0: return {32, 22, dequant_q5_0};
+        case Q5_1: return {32, 24, dequant_q5_1};
         case Q8_0: return {32, 34, dequant_q8_0};
         case Q4_K: return {QK_K, 144, dequant_q4_k};
         case Q5_K: return {QK_K, 176, dequant_q5_k};

@@ -20,6 +20,10 @@ DOCUMENT = "document"      # a text the user wrote (LaMP/LongLaMP profile entrie
 REVIEW = "review"          # a review the user wrote (LaMP/LongLaMP product reviews)
 ITEM_KINDS = (MESSAGE, PREFERENCE, DOCUMENT, REVIEW)
 
+# ---- learning from chat (localpers.serve.learn, store.learn_chat)
+MAX_FACTS_PER_MESSAGE = 16  # facts one message may add, replace or retire; the rest of the message is not learned
+                            # (a message of 4,095 statements costs what 16 do: the write path stays short)
+
 # ---- job states (store.jobs; GET /v1/users/{user}/jobs)
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 

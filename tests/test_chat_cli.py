@@ -50,6 +50,8 @@ def test_chat_against_live_server(live_url):
     child = spawn(live_url)
     out = run(child, "Hello there, who are you?")
     assert out.strip() != "Hello there, who are you?"                    # a reply streamed back
+    run(child, "I live in Lyon and I love jazz.", "noted: home = Lyon", "noted: likes = jazz")
+    run(child, "Actually, I live in Paris now.", "noted: home = Paris", "replaced: home")
     run(child, "/remember I am vegetarian.", "remembered (item")
     run(child, "/history", "vegetarian", "preference")
     out = run(child, "/jobs")

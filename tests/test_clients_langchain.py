@@ -1,16 +1,9 @@
 """langchain-openai's ChatOpenAI against localpers, unchanged: invoke, stream, with_structured_output and
 bind_tools on the default model, personalized in each of the three ways; OpenAIEmbeddings on /v1/embeddings."""
 import pytest
-from pydantic import BaseModel
-
-from clients_helpers import HEADER, WAYS, WEATHER, clients_server, model_for, stored
+from clients_helpers import City, HEADER, WAYS, WEATHER, clients_server, model_for, stored
 
 langchain_openai = pytest.importorskip("langchain_openai")
-
-
-class City(BaseModel):
-    city: str
-    country: str
 
 
 @pytest.fixture(scope="module")

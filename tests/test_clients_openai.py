@@ -3,16 +3,9 @@ model (whose template has no tool support), personalized for a user in each of t
 import json
 
 import pytest
-from pydantic import BaseModel
-
-from clients_helpers import CITY_SCHEMA, HEADER, WAYS, WEATHER, clients_server, model_for, stored
+from clients_helpers import City, CITY_SCHEMA, HEADER, WAYS, WEATHER, clients_server, model_for, stored
 
 openai = pytest.importorskip("openai")
-
-
-class City(BaseModel):
-    city: str
-    country: str
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,11 @@ def test_suffix_forward_equals_full_model(tiny):
     _, editor = tiny
     editor.reset()
     pairs = [("Where do I live?", "Paris"), ("Hi! What city is my home, if you remember it?", "Paris, France")]
+    check_suffix_forward(editor, pairs)
+
+
+def check_suffix_forward(editor, pairs):
+    """The editor's suffix forward, without and with an edit, equals the whole model on the whole sequence."""
     batch = editor.batch(pairs)
     rng = torch.Generator().manual_seed(0)
     key = torch.randn(editor.model.config.d_ff, generator=rng) / 10
@@ -440,3 +445,42 @@ def test_eval_edit_method_serves_the_users_verified_adapter(tiny, tmp_path, monk
                                          RegisteredArtifact("edit", "lora", "/x/edit.gguf")))
     assert method(registered, "q", None).artifacts.lora == (("/x/edit.gguf", 1.0),)
     assert method(User("dan", registered=()), "q", None).artifacts.lora == ()
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """The random gemma3 (6 layers: sliding-window layers 0-4 with a 16-token window, layer 5 global) and an
+    editor on its layer 2, so the suffix forward crosses both kinds of layer."""
+    path = random_model_path(tmp_path_factory, "gemma3")
+    return path, Editor(path, EditConfig(layer=2, steps=40, lr=2.0, clamp=1000.0, threads=1))
+
+
+def test_gemma3_suffix_forward_equals_full_model(tiny_gemma):
+    """Post-norms, GeGLU, per-layer RoPE bases and the sliding window in the editor's suffix forward: the
+    prompts are longer than the window, so a missing window would show."""
+    _, editor = tiny_gemma
+    editor.reset()
+    long = "Hi! I have a question about my home and I hope you remember what I told you. What city is my home?"
+    pairs = [("Where do I live?", "Paris"), (long, "Paris, France")]
+    assert len(editor.prompt(long)[0]) > 16 + 4
+    check_suffix_forward(editor, pairs)
+
+
+def test_gemma3_edit_lora_in_llama_cpp_equals_dense_edit_in_torch(tiny_gemma, tmp_path):
+    path, editor = tiny_gemma
+    editor.reset()
+    edit = editor.edit(FACT)
+    # the random gemma3's logits are steep (NLL 28) and its post-FFN norm bounds what one edit can add: it moves
+    # the NLL (28.4 -> 26.7 measured); the real model's edits are measured by the serve loop's test
+    assert edit.nll_after < edit.nll_before
+    adapter = write_adapter(tmp_path / "edit.gguf", [edit], "gemma3")
+    tokens = editor.prompt("Where do I live? And what's my dog's name?")[0]
+    with torch.no_grad():
+        edited = editor.model(torch.tensor([tokens]))[0].numpy()
+    served = llama_cpp_logits(path, tokens, lora=adapter)
+    editor.reset()
+    with torch.no_grad():
+        unedited = editor.model(torch.tensor([tokens]))[0].numpy()
+    spread = served.std()
+    assert np.abs(served - edited).max() / spread < 1e-3  # the gemma3 oracle's tolerance (GELU table steps)
+    assert np.abs(edited - unedited).max() / spread > 0.1

@@ -164,7 +164,7 @@ def test_methods_registry_and_composition():
     assert "climbing" not in p.user_prefix            # no shared term with the query
     messages = apply(p, [{"role": "user", "content": "Any vegetarian dinner ideas?"}])
     assert [m["role"] for m in messages] == ["system", "user"]
-    assert messages[1]["content"].endswith("Any vegetarian dinner ideas?") and messages[1]["content"].startswith("Some things")
+    assert messages[1]["content"].endswith("Any vegetarian dinner ideas?") and messages[1]["content"].startswith("<history")
     assert retrieve(("jazz night", "jazz tonight", "tea"), "jazz", k=3) == ["jazz tonight", "jazz night"]  # tie: newest
     with pytest.raises(UserError, match="unknown method 'nope'"):
         get_method("prompt+nope")

@@ -98,7 +98,8 @@ def test_the_golden_file_shows_each_method_its_own_context():
     systems = {json.dumps(c["messages"][0]) for c in golden["upqa"] if c["messages"][0]["role"] == "system"}
     assert any("I love jazz music." in s for s in systems)              # prompt: the stated preferences
     users = {c["messages"][-1]["content"] for c in golden["upqa"]}
-    assert any(s.startswith("Some things I wrote before:") and "saxophone" in s for s in users)  # rag's items
+    item = "<item>\nJazz music all evening at the club, great saxophone solos.\n</item>"
+    assert any(s.startswith("<history") and item in s for s in users)  # rag's items, one <item> each
     assert not any("bike" in json.dumps(c) for c in golden["upqa"])     # an unrelated item is not retrieved
     turns = [c for c in golden["prefeval"] if c["call"] == "score"]
     assert {len(c["messages"]) for c in turns} >= {3, 7}                # 0 and 2 distractor turns

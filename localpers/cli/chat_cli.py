@@ -240,6 +240,24 @@ class Chat:
         self.console.out("")
         self.messages.append({"role": "assistant", "content": reply})
         self.explanation = last.get("localpers") if isinstance(last, dict) else None
+        self.noted(text, self.explanation)
+
+    def noted(self, text: str, explanation: dict | None) -> None:
+        """What the server learned from this message (the `localpers` object's `learned`: ids and attributes):
+        "noted: diet = vegetarian", the value found again here in what the user typed (the server sends none)."""
+        from localpers.personalize.detect import detect_facts
+
+        learned = (explanation or {}).get("learned") or {}
+        if not learned:
+            return
+        values = {f.attribute: f.value for f in detect_facts(text) if not f.retire}
+        for fact in learned.get("facts", []):
+            value = values.get(fact["attribute"])
+            self.say(f"noted: {fact['attribute']}" + (f" = {value}" if value else ""), "green")
+        for fact in learned.get("replaced", []):
+            self.say(f"replaced: {fact['attribute']} (#{fact['id']})")
+        for fact in learned.get("retired", []):
+            self.say(f"no longer: {fact['attribute']} (#{fact['id']})", "green")
 
     # -- commands -----------------------------------------------------------------------------------------------
     def command(self, line: str) -> bool:

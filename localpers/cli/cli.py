@@ -166,7 +166,7 @@ def walk_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
 
 # Modules that contribute subcommands through add_cli(subparsers); they must import lazily (fast --help).
 CLI_MODULES: list[str] = ["localpers.cli.store_cli", "localpers.cli.eval_cli", "localpers.cli.editing_cli", "localpers.cli.train_cli",
-                          "localpers.cli.sync_cli", "localpers.cli.chat_cli"]
+                          "localpers.cli.sync_cli", "localpers.cli.chat_cli", "localpers.cli.convert_cli"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,9 +47,28 @@ def _count(n: int, noun: str) -> str:
 
 
 def cmd_remember(args):
+    """With --kind: one item of that kind. Without: the text is a message the user typed, and the facts it states
+    are learned as in chat (localpers.serve.learn): prints the message and each fact stored, replaced or retired."""
+    if args.kind is not None:
+        with _store(args) as store:
+            item_id = store.add(args.user, args.text, kind=args.kind)
+        print(f"remembered #{item_id} ({args.kind}) for {args.user}")
+        return
+    from localpers.serve.learn import learn_from_text
+
     with _store(args) as store:
-        item_id = store.add(args.user, args.text, kind=args.kind)
-    print(f"remembered #{item_id} for {args.user}")
+        learned = learn_from_text(store, args.user, args.text)
+        values = {f["id"]: f["value"] for f in store.facts(args.user)}
+    [message] = learned["messages"]
+    print(f"remembered #{message} (message) for {args.user}")
+    for fact in learned["facts"]:
+        print(f"noted #{fact['id']}: {fact['attribute']} = {values.get(fact['id'])}")
+    for fact in learned["replaced"]:
+        print(f"replaced #{fact['id']}: {fact['attribute']}")
+    for fact in learned["retired"]:
+        print(f"retired #{fact['id']}: {fact['attribute']}")
+    if not (learned["facts"] or learned["replaced"] or learned["retired"]):
+        print("no new fact about you in it (stored as a message; --kind preference stores it as one)")
 
 
 def cmd_import(args):
@@ -132,8 +151,9 @@ def add_cli(sub) -> None:
 
     p = command("remember", cmd_remember, "add one item to a user's history")
     p.add_argument("text", help="the item's text, e.g. \"I'm vegetarian.\"")
-    p.add_argument("--kind", default=MESSAGE, choices=ITEM_KINDS, metavar="KIND",
-                   help=f"one of: {kinds}; `personalize` edits the preferences (default: %(default)s)")
+    p.add_argument("--kind", default=None, choices=ITEM_KINDS, metavar="KIND",
+                   help=f"one of: {kinds}; `personalize` edits the preferences (default: a {MESSAGE} whose facts "
+                        "about you are learned as in chat: \"I'm vegetarian and I live in Lyon.\" -> diet, home)")
 
     p = command("import", cmd_import, "import a JSONL file, a LaMP/LongLaMP profile or UPQA items, all or nothing",
                 "Import items into a user's history, all or nothing (every line is checked before anything is "

@@ -11,7 +11,7 @@ import numpy as np
 
 from localpers.errors import UserError
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 
 
 class GGUFFile(gguf.GGUFReader):

@@ -22,10 +22,16 @@ def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray], vocab
                 chat_template: str | None = None) -> Path:
     """A model GGUF with `tensors` (GGUF name -> float array in numpy shape, e.g. [n_out, n_in]) and the
     tokenizer metadata (tokenizer.*: vocabulary, merges, special ids, chat template) of `vocab_from` (a path
-    or an open reader); `chat_template` replaces the vocabulary's template.
-    Matrices are stored as `dtype`; norms and biases stay F32 as llama.cpp's converter keeps them."""
-    vocab = vocab_from if isinstance(vocab_from, gguf.GGUFReader) else open_gguf(vocab_from, check_arch=False)
-    n_tokens = len(vocab.get_field("tokenizer.ggml.tokens").data)
+    or an open reader of a GGUF, or a list of (key, value, GGUFValueType, sub_type) fields); `chat_template`
+    replaces the vocabulary's template. Matrices are stored as `dtype` (F16 where a row is not a multiple of
+    the block size); norms and biases stay F32 as llama.cpp's converter keeps them."""
+    if isinstance(vocab_from, list):
+        fields = vocab_from
+    else:
+        vocab = vocab_from if isinstance(vocab_from, gguf.GGUFReader) else open_gguf(vocab_from, check_arch=False)
+        fields = [(key, f.contents(), f.types[0], f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+                  for key, f in vocab.fields.items() if key.startswith("tokenizer.")]
+    n_tokens = next(len(value) for key, value, _, _ in fields if key == "tokenizer.ggml.tokens")
     if n_tokens != config.vocab_size:
         raise ValueError(f"the vocabulary has {n_tokens} tokens, the model {config.vocab_size}")
     arch = config.arch
@@ -47,18 +53,23 @@ def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray], vocab
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(config.rope_scaling)
     w.add_layer_norm_rms_eps(config.norm_eps)
+    if config.sliding_window:
+        w.add_sliding_window(config.sliding_window)
+        if config.swa_pattern != 6:
+            w.add_uint32(f"{arch}.attention.sliding_window_pattern", config.swa_pattern)
+        if config.rope_base_local != 10000.0:
+            w.add_float32(f"{arch}.rope.freq_base_swa", config.rope_base_local)
     w.add_vocab_size(config.vocab_size)
-    for key, field in vocab.fields.items():
-        if key.startswith("tokenizer.") and not (chat_template is not None and key == "tokenizer.chat_template"):
-            sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, field.contents(), field.types[0], sub_type)
+    for key, value, value_type, sub_type in fields:
+        if not (chat_template is not None and key == "tokenizer.chat_template"):
+            w.add_key_value(key, value, value_type, sub_type)
     if chat_template is not None:
         w.add_chat_template(chat_template)
     for tensor_name, array in tensors.items():
         array = np.ascontiguousarray(array, dtype=np.float32)
         if array.ndim == 1 or dtype == F32:
             w.add_tensor(tensor_name, array)
-        elif dtype == gguf.GGMLQuantizationType.F16:
+        elif dtype == gguf.GGMLQuantizationType.F16 or array.shape[-1] % gguf.GGML_QUANT_SIZES[dtype][0]:
             w.add_tensor(tensor_name, array.astype(np.float16))
         else:
             w.add_tensor(tensor_name, gguf.quants.quantize(array, dtype), raw_dtype=dtype)
@@ -68,17 +79,19 @@ def write_model(path, config: ModelConfig, tensors: dict[str, np.ndarray], vocab
 
 def random_model(path, arch: str, vocab_from, *, n_layer: int = 2, d_model: int = 64, n_head: int = 4,
                  n_kv_head: int = 2, head_dim: int | None = None, d_ff: int = 128, tied_output: bool = False,
-                 rope_base: float = 10000.0, rope_scaling: float = 1.0, seed: int = 0,
+                 rope_base: float = 10000.0, rope_scaling: float = 1.0, sliding_window: int = 0, seed: int = 0,
                  dtype: gguf.GGMLQuantizationType = F32, chat_template: str | None = None) -> Path:
     """A small model with random weights at realistic scales: each matrix keeps activations near unit RMS
     (std 1/sqrt(n_in)), norms near 1, so logits stay O(1..10) and differences between implementations show.
-    qwen2 gets q/k/v biases, qwen3 per-head q/k norms."""
+    qwen2 gets q/k/v biases, qwen3 per-head q/k norms, gemma3 q/k norms, post-norms and (with sliding_window)
+    sliding-window layers."""
     vocab = open_gguf(vocab_from, check_arch=False)
     n_vocab = len(vocab.get_field("tokenizer.ggml.tokens").data)
     config = ModelConfig(arch=arch, n_layer=n_layer, d_model=d_model, n_head=n_head, n_kv_head=n_kv_head,
                          head_dim=head_dim or d_model // n_head, d_ff=d_ff, vocab_size=n_vocab,
                          rope_base=rope_base, rope_scaling=rope_scaling, norm_eps=1e-6, context_length=512,
-                         tied_output=tied_output, qkv_bias=arch == "qwen2")
+                         tied_output=tied_output, qkv_bias=arch == "qwen2",
+                         sliding_window=sliding_window if arch == "gemma3" else 0)
     rng = np.random.default_rng(seed)
 
     def matrix(n_out, n_in):
@@ -107,7 +120,10 @@ def random_model(path, arch: str, vocab_from, *, n_layer: int = 2, d_model: int 
         if c.qkv_bias:
             tensors |= {f"{b}.attn_{x}.bias": rng.normal(0, 0.5, n) for x, n in (("q", q_dim), ("k", kv_dim),
                                                                              ("v", kv_dim))}
-        if arch == "qwen3":  # real q/k norm weights are far from 1, which makes a missing norm visible
+        if arch == "gemma3":  # like the real model's: the post-norms shrink each sublayer's output
+            tensors |= {f"{b}.post_attention_norm.weight": norm(d_model, 0.2) * 0.5,
+                        f"{b}.post_ffw_norm.weight": norm(d_model, 0.2) * 0.5}
+        if arch in ("qwen3", "gemma3"):  # real q/k norm weights are far from 1, which makes a missing norm visible
             tensors |= {f"{b}.attn_q_norm.weight": norm(c.head_dim, 0.5) + 1,
                         f"{b}.attn_k_norm.weight": norm(c.head_dim, 0.5) + 1}
     return write_model(path, config, tensors, vocab, dtype=dtype, name=f"random-{arch}", chat_template=chat_template)

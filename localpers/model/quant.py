@@ -20,7 +20,7 @@ except ImportError:  # not built (e.g. a plain source checkout): numpy does the 
 
 Q = GGMLQuantizationType
 # Types both paths read; the edit reads them all too (it dequantizes each row with the same code).
-DEQUANT_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+DEQUANT_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 
 
 def _raw_bytes(data: np.ndarray, qtype: GGMLQuantizationType, shape) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -88,7 +88,7 @@ def edit_to_q8_0_numpy(data, qtype, shape, U, V, scale=1.0) -> np.ndarray:
 
 
 # Byte offsets of the fp16 scale fields inside one block of each block type.
-FP16_SCALE_OFFSETS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
+FP16_SCALE_OFFSETS = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208]}
 
 
 def random_blocks(rng: np.random.Generator, qtype: GGMLQuantizationType, shape, scale: float | None = 0.002):

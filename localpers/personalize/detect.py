@@ -1,5 +1,9 @@
-"""Stated preferences in chat messages, found without a model: `detect_preferences(text)` and
-`merge_preferences(existing, new)`.
+"""Facts about the speaker in chat messages, found without a model: `detect_facts(text)` (atomic facts with an
+attribute and a value, or retirements), `detect_preferences(text)` (their first-person statements) and
+`merge_preferences(existing, new)`. A message is first reduced to the speaker's own words (quoted speech, pasted
+text after an introduction, '>' lines, lyrics and stories dropped), then each sentence is split into clauses, and
+each first-person clause gives at most one fact (detect_facts says which). The sentence rules below decide
+whether a clause of no known attribute is still a lasting statement about the user (attribute "about").
 
 The write path of `localpers serve` must stay fast (no LLM call per message), so detection is a small set of
 readable rules over sentences. A sentence is a stated preference when, after an optional lead-in ("remember
@@ -17,6 +21,7 @@ benchmarks' questions (negatives): `python3 bench/bench_detect.py`, figures in B
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # ---------------------------------------------------------------- sentences
 
@@ -145,79 +150,459 @@ def is_preference(sentence: str) -> bool:
 
 
 def detect_preferences(text: str) -> list[str]:
-    """The first-person preference statements in one user message, in order, each a whole sentence with its
-    lead-in removed ("Remember that I live in Lyon." -> "I live in Lyon."). Questions, requests, transient
-    situations and statements about code or text being worked on are left out. No model is called."""
-    found = []
-    for sentence in sentences(text):
-        if is_preference(sentence):
-            statement = _strip_lead_in(sentence.translate(_QUOTES)).rstrip(";, ")
-            statement = statement[0].upper() + statement[1:]
-            if statement not in found:
-                found.append(statement)
-    return found
+    """The first-person statements of the facts a user message states (detect_facts; retirements left out), in
+    order, each once, lead-in removed ("Remember that I live in Lyon." -> "I live in Lyon."); a sentence of
+    several facts gives one statement per fact ("I'm vegan and I live in Oslo." -> "I'm vegan.", "I live in
+    Oslo."). No model is called."""
+    return list(dict.fromkeys(f.statement for f in detect_facts(text) if not f.retire))
 
 
 # ---------------------------------------------------------------- merging
 
-_VERB = (r"(?:really |absolutely |strongly |truly |also |just |totally |completely |)"
-         r"(?:like|love|enjoy|prefer|adore|hate|dislike|avoid|despise|loathe|detest|can't stand|cannot stand|eat|drink|"
-         r"watch|listen to|play|read|wear|use|am a fan of|'m a fan of|am allergic to|'m allergic to|am into|'m into)")
-# Single-valued attributes: two statements with the same key are about the same thing, so the later one wins.
-_ATTRIBUTES = (
-    ("location", re.compile(r"\bi (?:now |currently )?(?:live|reside|am living|'m living) in\b|"
-                            r"\bi(?:'ve| have)? moved to\b|\bi am based in\b|\bi'm based in\b", re.I)),
-    ("job", re.compile(r"\bi (?:now |currently )?work (?:as|at|for|in)\b|\bmy (?:job|profession) is\b|"
-                       r"\bi(?:'m| am) (?:now )?(?:an?|the) (?:\w+ )?(?:teacher|nurse|doctor|engineer|lawyer|student|"
-                       r"accountant|developer|programmer|designer|writer|chef|pediatrician|attorney|handyman)\b", re.I)),
-    ("diet", re.compile(r"\b(?:vegetarian|vegan|pescatarian|carnivore|omnivore|keto|paleo)\b|\beat meat\b", re.I)),
-    ("name", re.compile(r"\bmy name is\b|\bcall me\b", re.I)),
-    ("marital status", re.compile(r"\bi(?:'m| am) (?:now |not )?(?:married|single|divorced|engaged|widowed)\b", re.I)),
-    ("age", re.compile(r"\bi(?:'m| am) \d+(?: years old)?\b", re.I)),
-)
-_FAVOURITE = re.compile(r"\bmy (?:\w+ )?favou?rite ([\w ]+?) (?:is|are)\b", re.I)
 _WORDS = re.compile(r"[a-z0-9]+")
-_STOP = frozenset("a an the i i'm im my me to of and or any all very really so much too as in on at for with".split())
 
 
 def _normal(text: str) -> str:
     return " ".join(_WORDS.findall(text.translate(_QUOTES).lower()))
 
 
-def _key(statement: str) -> tuple[str, str | None]:
-    """(attribute key, object) of a statement; object is None for single-valued attributes. Two statements with
-    the same key and object are about the same thing, whatever their polarity."""
-    s = statement.translate(_QUOTES)
-    if m := _FAVOURITE.search(s):
-        return ("favourite " + _normal(m.group(1)), None)
-    for name, pattern in _ATTRIBUTES:
-        if pattern.search(s):
-            return (name, None)
-    m = re.search(_VERB + r"\s+(.+)$", s, re.I)
-    obj = m.group(1) if m else s
-    words = [w for w in _WORDS.findall(obj.lower()) if w not in _STOP and w not in ("not", "don", "t", "do")]
-    return ("object", " ".join(words))
-
-
 def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
-    """The preferences after `new` (later) statements join `existing` ones, oldest first.
-
-    Rules: a statement equal to a kept one up to case and punctuation is a duplicate and is dropped; a later
-    statement about the same single-valued attribute (where I live, my job, my diet, my name, my favourite X, my
-    marital status, my age) replaces the earlier one; a later statement about the same thing with the opposite
-    polarity ("I like horror films" then "I don't like horror films") replaces it. Nothing else is removed."""
-    merged: list[str] = []
+    """The preferences after `new` (later) statements join `existing` ones, oldest first, by the rules the store
+    applies to learned facts (store.learn_chat), in one pass: a statement is keyed by the slot of the first fact
+    it states (detect_facts: the attribute for where I live, my diet, job, name, favourite X ...; the thing for a
+    like or dislike), else by its words; a later statement of the same key replaces the earlier one ("I like
+    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it.
+    Nothing else is removed."""
+    merged: dict[str, str] = {}
     for statement in [*existing, *new]:
         statement = statement.strip()
         if not statement:
             continue
-        norm, (key, obj) = _normal(statement), _key(statement)
-        kept = []
-        for old in merged:
-            old_key, old_obj = _key(old)
-            same_norm = _normal(old) == norm
-            same_attribute = old_key == key and (obj is None or (old_obj == obj and obj != ""))
-            if not (same_norm or same_attribute):
-                kept.append(old)
-        merged = kept + [statement]
-    return merged
+        found = detect_facts(statement)
+        key = found[0].slot if found else "text:" + _normal(statement)
+        merged.pop(key, None)
+        if not (found and found[0].retire):
+            merged[key] = statement
+    return list(merged.values())
+
+
+# ---------------------------------------------------------------- facts about the speaker
+
+# Single-valued attributes (one fact each: a new value replaces the old): name, age, home, origin, job, study, diet,
+# relationship, religion and each "favourite <thing>".
+# Multi-valued attributes: one fact per thing (slot = attribute group and the thing); likes and dislikes of one
+# thing share a slot, so "I hate jazz" replaces "I love jazz".
+_SLOT_GROUP = {"likes": "taste", "dislikes": "taste", "allergy": "allergy", "language": "language", "pets": "pets",
+               "about": "about"}
+
+
+@dataclass(frozen=True)
+class StatedFact:
+    """One atomic fact about the speaker found in a message.
+
+    `attribute`: a single-valued one (name, age, home, origin, job, study, diet, relationship, religion,
+    "favourite <thing>") or a multi-valued one (likes, dislikes, allergy, language, pets, about); `value` as said
+    ("Lyon"); `statement`: the first-person sentence it came from ("I live in Lyon.", what editing turns into an
+    edit); `retire`: True for "I'm not vegetarian anymore" (diet=vegetarian is withdrawn, nothing is stated).
+
+    `slot` is what an update replaces (single-valued: the attribute; multi-valued: the attribute group and the
+    thing, "taste:jazz"); `key` the normalized value that makes two statements the same fact."""
+    attribute: str
+    value: str
+    statement: str
+    retire: bool = False
+
+    @property
+    def key(self) -> str:
+        return norm_value(self.value)
+
+    @property
+    def slot(self) -> str:
+        if self.attribute in _SLOT_GROUP:
+            return f"{_SLOT_GROUP[self.attribute]}:{self.key}"
+        return self.attribute
+
+    def __repr__(self):
+        return f"{'-' if self.retire else ''}{self.attribute}={self.value!r} ({self.statement!r})"
+
+
+_ARTICLES = re.compile(r"^(?:a|an|the|some|my)\s+", re.I)
+
+
+def norm_value(value: str) -> str:
+    """A value as compared: lower case, words only, a leading article dropped ("a Dog" == "dog")."""
+    words = " ".join(_WORDS.findall(value.translate(_QUOTES).lower().replace("'", "")))
+    return _ARTICLES.sub("", words)
+
+
+# Pasted, quoted and invented text: not the speaker's own statements.
+_PASTE_INTRO = re.compile(
+    r"\b(?:summari[sz]e|translate|proofread|rewrite|rephrase|paraphrase|fix|correct|edit|improve|polish|check|"
+    r"review|reply to|respond to|answer|analy[sz]e|shorten|format|critique|grade)\b[^.?!\n]{0,60}?"
+    r"(?:\bthis\b|\bthese\b|\bthe following\b|\bbelow\b|:)"
+    r"|\b(?:wrote|writes|said|says|posted|sent(?: me)?|commented|texted|tweeted|messaged)\b[^.?!\n]{0,40}:"
+    r"|\bhere(?:'s| is| are)\b[^.?!\n]{0,60}:|\b(?:it|this|that) (?:starts|goes|reads|says|begins)\b[^.?!\n]{0,20}:|"
+    r"\b(?:essay|e-?mail|letter|review|post|comment|draft|bio|poem|speech|paragraph|article|tweet|caption|"
+    r"lyrics|script|transcript|resume|cv)\b[^.!\n]{0,60}?[:?]|(?:^|\n)\s*(?:dear|hi|hello|hey) [A-Z][\w.]*,[ \t]*\n",
+    re.I)
+_QUOTED = re.compile(r"\"[^\"\n]*\"|(?<![\w])'[^'\n]*[.!?,]'(?![\w])")
+_LYRIC_MARK = re.compile(r"^\s*[\[(](?:chorus|verse|bridge|intro|outro|refrain|hook)\b|[♪♫]", re.I | re.M)
+_INVENTED = re.compile(
+    r"^(?:if|imagine|pretend|suppose|supposing|let's say|lets say|hypothetically|what if|in a world|in my story|"
+    r"once upon a time|write|compose|draft)\b|\brole[- ]?play\b|\bonce upon a time\b", re.I)
+
+
+def _own_text(text: str) -> str:
+    """The part of a message that is the speaker's own words: quoted speech removed, text pasted after an
+    introduction ("Summarize this review:", "He wrote:", "Dear John,") and '>' quoted lines dropped, nothing of
+    a song (repeated lines, [Chorus] marks) or of a story or role-play from its first sentence on."""
+    text = text.translate(_QUOTES).strip()
+    if len(text) > 1 and text[0] == text[-1] == '"' and text.count('"') == 2:
+        text = text[1:-1]  # the whole message in quotes: the speaker's own words
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith(">")]
+    content = [norm_value(line) for line in lines if line.strip()]
+    if _LYRIC_MARK.search(text) or (len(content) >= 3 and len(set(content)) < len(content)):
+        return ""
+    text = "\n".join(lines)
+    if m := _PASTE_INTRO.search(text):
+        text = text[:m.end()]
+    text = _QUOTED.sub(" ", text)
+    kept = []
+    for sentence in sentences(text):
+        if _INVENTED.search(_strip_lead_in(sentence)):
+            break
+        kept.append(sentence)
+    return " ".join(kept)
+
+
+# Who a clause is about.
+_RELATION = (r"(?:wife|husband|partner|spouse|boyfriend|girlfriend|fianc[eé]e?|son|daughter|kids?|children|child|"
+             r"baby|toddler|brother|sister|sibling|siblings|mother|father|mom|mum|dad|parents?|grand\w+|aunt|uncle|"
+             r"cousin|nephew|niece|friend|friends|boss|colleague|coworker|co-worker|roommate|flatmate|housemate|"
+             r"neighbou?r|classmate|teammate|family|relatives?|in-laws?|\w+-in-law)")
+_SELF_MY = re.compile(r"^my\s+(?:(?:all[- ]time |absolute |very |most )?favou?rite|name|job|profession|occupation|"
+                      r"diet|religion|hometown|home town|home|birthday|age|first language|native language|"
+                      r"mother tongue)\b", re.I)
+_OTHER_SUBJECT = re.compile(
+    r"^(?:(?i:he|she|they|we|you|it|his|her|their|our|your|my\s+(?:[\w-]+\s+){0,2}?" + _RELATION + r"|my\s+\w+)|"
+    r"(?!(?:Here|There|This|That|What|Which|Who|Where|When|How|It|Everything|Nothing|Something|Today|Now)\b)"
+    r"[A-Z][a-z]+(?:\s+[A-Z][a-z]+)?\s+(?:is|was|lives|works|loves|likes|has|hates|"
+                            r"eats|enjoys|said|says))\b")
+_ELLIPTIC_OTHER = re.compile(
+    r"^(?:but\s+|and\s+|only\s+|just\s+)?(?:(?:he|she|they|my\s+(?:[\w-]+\s+){0,2}?\w+|[A-Z][a-z]+)\s+"
+    r"(?:is|was|does|did|has|are|were|do|will|can)(?:\s+(?:too|also|though|instead))?|not me|not mine|"
+    r"(?:he|she|they|my\s+\w+)\s+(?:is|was) the \w+)$", re.I)
+_FIRST_PERSON = re.compile(r"^(?:i|i'm|im|i've|i'd|i'll)\b", re.I)
+_WE_WITH_ME = re.compile(r"^(?:my\s+[\w -]{1,30}?|[A-Z]\w+)\s+and\s+i\s+(?:are|'re)\b\s*", re.I)
+
+# Verbs and adjectives that may start a clause whose subject ("I") is left out: "I'm vegan and allergic to nuts".
+_CLAUSE_VERB = (r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|detest|prefer|avoid|have|own|speak|"
+                r"has|lives|works|loves|likes|enjoys|hates|speaks|owns|"
+                r"study|teach|grew|was|am|come|moved|play|eat|drink|follow|can't|cannot|don't|do not|never|"
+                r"no longer|also|now|still|really)")
+_CLAUSE_ADJ = (r"(?:vegetarian|vegan|pescatarian|allergic|married|single|divorced|engaged|widowed|retired|"
+               r"gluten|lactose|from|an? \w+|\d{1,3}\b)")
+_CLAUSE_SPLIT = re.compile(
+    r"(\s*(?:,\s*(?:and|but|while|yet|so)\s+|\s+(?:and|but|while|whereas|although|though|yet)\s+|,\s*|"
+    r"\s+who\s+(?=\w+s\b)))"
+    r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|"
+    r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADJ + r"))", re.I)
+# A third-person verb after "who" ("I'm a nurse who lives in Lyon"), said of the speaker.
+_THIRD_PERSON_VERB = {"is": "am", "has": "have", "does": "do", "was": "was"}
+# A first-person clause that only points at another clause's predicate ("He's vegan but I'm not", "me too").
+_ELLIPTIC_SELF = re.compile(r"^(?:i(?:'m| am| do| did| have| was| will| can|'d|'ll)(?: not|n't)?|i (?:don't|didn't|"
+                            r"can't|won't|haven't|wasn't)|me(?: too| neither| either)?|so (?:am|do|have) i|"
+                            r"neither (?:am|do) i|same(?: here)?)(?: too| either| also| neither)?$", re.I)
+
+_ADVERBS = (r"(?:also|really|now|currently|still|actually|recently|just|definitely|totally|absolutely|generally|"
+            r"usually|always|honestly|truly|officially|finally|originally|personally|mostly|strictly|kind of|"
+            r"pretty much|basically)")
+_TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|at the moment|currently|anymore|any more|as well|"
+                       r"too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
+                       r"the most|a bit|though)\s*$", re.I)
+_NEG_BE = r"(?P<neg>not |no longer |not really )?"
+_NEG_DO = r"(?P<neg>don't |do not |dont |no longer |never |didn't |do no longer )?"
+_DIET = (r"(?P<v>vegetarian|vegan|pescatarian|pescetarian|flexitarian|keto|paleo|gluten[- ]free|dairy[- ]free|"
+         r"lactose[- ]intolerant|halal|kosher|raw vegan|plant[- ]based|carnivore|omnivore|low[- ]carb)")
+_PROFESSION = (
+    r"(?:teacher|nurse|doctor|physician|surgeon|dentist|engineer|developer|programmer|coder|designer|architect|"
+    r"lawyer|attorney|accountant|pharmacist|electrician|plumber|carpenter|mechanic|chef|cook|baker|waiter|"
+    r"waitress|barista|bartender|writer|author|journalist|editor|artist|painter|musician|singer|photographer|"
+    r"student|professor|lecturer|researcher|scientist|librarian|farmer|driver|pilot|firefighter|police officer|"
+    r"cop|officer|soldier|veterinarian|vet|therapist|psychologist|psychiatrist|consultant|manager|analyst|"
+    r"cashier|secretary|receptionist|clerk|salesman|saleswoman|salesperson|entrepreneur|freelancer|translator|"
+    r"interpreter|paramedic|midwife|banker|economist|social worker|caregiver|carer|nanny|housewife|homemaker|"
+    r"stay[- ]at[- ]home (?:mom|mum|dad|parent)|retiree|handyman|pediatrician|tutor|coach|trainer|janitor|"
+    r"cleaner|gardener|hairdresser|barber|tailor|butcher|fisherman|miner|welder|builder|plumber|nurse practitioner|"
+    r"dietitian|nutritionist|optician|physiotherapist|physical therapist|radiologist|technician|scientist|"
+    r"biologist|chemist|physicist|mathematician|statistician|data scientist|sysadmin|administrator|"
+    r"civil servant|diplomat|politician|judge|paralegal|realtor|real estate agent|agent|broker|trader|"
+    r"investor|ceo|cto|founder|owner|teaching assistant|professor|principal|instructor|educator|dancer|actor|"
+    r"actress|comedian|youtuber|streamer|influencer|blogger|programmer|intern|apprentice|resident|surgeon)")
+_PET = (r"(?:dogs?|cats?|pupp(?:y|ies)|kittens?|rabbits?|bunn(?:y|ies)|hamsters?|parrots?|birds?|fish|goldfish|"
+        r"turtles?|tortoises?|snakes?|lizards?|geckos?|horses?|pon(?:y|ies)|guinea pigs?|ferrets?|chickens?|"
+        r"pets?|budgies?|canar(?:y|ies)|rats?|mice|iguanas?)")
+_LIKE = r"(?P<verb>like|love|enjoy|adore|prefer|dig|fancy|appreciate|eat|drink|listen to|watch|read|play)"
+_DISLIKE = r"(?P<verb>hate|dislike|detest|loathe|despise|can't stand|cannot stand|can't bear|avoid|steer clear of)"
+_END = r"(?:\s+(?:for|because|since|due to|by choice)\b.*)?$"
+
+# (attribute, pattern) in order; the first that matches a clause (normalized: "i'm", "don't", adverbs dropped)
+# gives its fact. A pattern's `neg` group marks a negation, `v` the value, `a` the favourite's thing.
+_PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
+    ("name", r"^my name(?: is|'s) (?P<v>[\w' -]{1,40})$"),
+    ("name", r"^(?:you can )?call me (?P<v>[\w' -]{1,40})$"),
+    ("name", r"^i'm called (?P<v>[\w' -]{1,40})$"),
+    ("name", r"^i go by (?P<v>[\w' -]{1,40})$"),
+    ("favourite", r"^my (?:all[- ]time |absolute |very |most )?favou?rite (?P<a>[\w -]+?) (?:is|are|'s) (?P<v>.+)$"),
+    ("age", r"^i'm " + _NEG_BE + r"(?P<v>\d{1,3})(?: years old| years| yo| y/o)?$"),
+    ("age", r"^i'm an? (?P<v>\d{1,3})[- ]years?[- ]old\b.*$"),
+    ("age", r"^i (?:just )?turned (?P<v>\d{1,3})$"),
+    ("age", r"^my age is (?P<v>\d{1,3})$"),
+    ("diet", r"^i'm " + _NEG_BE + r"(?:an? |on an? |on the )?(?:strict |full |committed )?" + _DIET
+     + r"(?: diet| dieter| eater| person)?" + _END),
+    ("diet", r"^i (?:follow|keep|eat|'ve gone|have gone|went|turned|became|switched to|'m following) "
+             r"(?:an? |the )?(?:strict )?" + _DIET + r"(?: diet)?" + _END),
+    ("diet", r"^i " + _NEG_DO + r"eat (?P<v>meat)" + _END),
+    ("diet", r"^my diet is (?:an? )?(?P<v>[\w -]+?)(?: one)?$"),
+    ("allergy", r"^i'm " + _NEG_BE + r"(?:severely |very |mildly )?(?:allergic|intolerant) to (?P<v>.+)$"),
+    ("allergy", r"^i " + _NEG_DO + r"have an? (?:severe |mild )?(?P<v>[\w -]+?) (?:allergy|intolerance)$"),
+    ("home", r"^i " + _NEG_DO + r"(?:live|reside|stay) in (?P<v>.+)$"),
+    ("home", r"^i'm " + _NEG_BE + r"(?:living|based|residing|settled) in (?P<v>.+)$"),
+    ("home", r"^i (?:moved|relocated|have moved|'ve moved|have relocated) (?:back )?to (?P<v>.+)$"),
+    ("home", r"^i (?:moved|have moved|'ve moved) out of (?P<gone>.+)$"),
+    ("home", r"^my home is (?:in )?(?P<v>.+)$"),
+    ("origin", r"^i'm " + _NEG_BE + r"(?:originally )?from (?P<v>.+)$"),
+    ("origin", r"^i (?:grew up|was born|was raised|was brought up) in (?P<v>.+)$"),
+    ("origin", r"^i (?:originally )?come from (?P<v>.+)$"),
+    ("origin", r"^my (?:hometown|home town) is (?P<v>.+)$"),
+    ("study", r"^i " + _NEG_DO + r"(?:study|major in) (?P<v>.+)$"),
+    ("study", r"^i'm " + _NEG_BE + r"(?:studying|majoring in|doing a degree in|doing a phd in) (?P<v>.+)$"),
+    ("job", r"^i " + _NEG_DO + r"work (?:as|for|at) (?:an? |the )?(?P<v>.+)$"),
+    ("job", r"^i'm " + _NEG_BE + r"(?:an? |the )?(?P<v>(?:[\w-]+ ){0,2}" + _PROFESSION + r")$"),
+    ("job", r"^i'm " + _NEG_BE + r"(?P<v>retired|unemployed|self[- ]employed|between jobs)$"),
+    ("job", r"^my (?:job|profession|occupation) is (?:an? |the )?(?P<v>.+)$"),
+    ("relationship", r"^i'm " + _NEG_BE + r"(?P<v>married|single|divorced|engaged|widowed|separated|in a relationship)$"),
+    ("religion", r"^i'm " + _NEG_BE + r"(?:an? |a practicing |a devout |a practising )?(?P<v>muslim|christian|catholic|"
+                 r"protestant|jewish|hindu|buddhist|sikh|atheist|agnostic|mormon|orthodox|jain|pagan|religious)$"),
+    ("religion", r"^my religion is (?P<v>.+)$"),
+    ("language", r"^i " + _NEG_DO + r"speak (?P<v>[\w -]+?)(?: fluently| natively| well)?$"),
+    ("language", r"^i'm " + _NEG_BE + r"fluent in (?P<v>.+)$"),
+    ("language", r"^my (?:first|native|mother) (?:language|tongue) is (?P<v>.+)$"),
+    ("pets", r"^i " + _NEG_DO + r"(?:have|own|have got|got|'ve got) (?P<v>(?:an? |one |two |three |four |five |six "
+             r"|\d+ |some |several )?(?:[\w-]+ ){0,2}?" + _PET + r")(?: at home)?$"),
+    ("dislikes", r"^i " + _DISLIKE + r" (?P<v>.+)$"),
+    ("dislikes", r"^i'm not (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) (?P<v>.+)$"),
+    ("dislikes", r"^i (?P<neg2>don't|never|can't) (?:really )?(?P<verb2>like|love|enjoy|eat|drink|watch|listen to|"
+                 r"care for|wear|use|play) (?P<v>.+)$"),
+    ("likes", r"^i'm (?:an? )?(?:big |huge |great |massive )?(?:fan of|lover of|into|passionate about|obsessed with|"
+              r"crazy about|keen on|a fan of) (?P<v>.+)$"),
+    ("likes", r"^i'm an? (?:big |huge |great |massive |die-hard |lifelong )?(?P<v>[\w -]+?) fan$"),
+    ("likes", r"^i " + _NEG_DO + r"(?:really |absolutely |totally |truly |do )?" + _LIKE + r" (?P<v>.+)$"),
+]]
+_ANYMORE = re.compile(r"\b(?:any ?more|no longer|not \w+ any ?more|used to|stopped|quit)\b", re.I)
+_VALUE_CUT = re.compile(r"\s+(?:over|rather than|instead of|more than|better than|with my|with \w+ \w+|since|"
+                        r"for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
+                        r"who|which|where)\b.*$|,.*$", re.I)
+_PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
+
+
+def _normal_clause(clause: str) -> str:
+    c = clause.translate(_QUOTES).strip().rstrip(".!;:, ")
+    c = re.sub(r"^i am\b", "i'm", c, flags=re.I)
+    c = re.sub(r"^im\b", "i'm", c, flags=re.I)
+    c = re.sub(r"\b(?:do not|dont)\b", "don't", c, flags=re.I)
+    c = re.sub(r"\b(?:cannot|can not|cant)\b", "can't", c, flags=re.I)
+    c = re.sub(r"^i(?:'ve| have) got\b", "i have", c, flags=re.I)
+    c = re.sub(r"^i've\b", "i have", c, flags=re.I)
+    c = re.sub(r"^i have been\b(?! \w+ing\b| to\b)", "i'm", c, flags=re.I)
+    c = re.sub(r"\s+(?:lol|haha+|hehe|lmao|xd|:\)|:d|;\))$", "", c, flags=re.I)
+    c = re.sub(r"^i used to be\b", "i'm no longer", c, flags=re.I)
+    c = re.sub(r"^i used to\b", "i no longer", c, flags=re.I)
+    for _ in range(3):
+        c = re.sub(r"^(i(?:'m)?|i don't|i'm not) " + _ADVERBS + r"\b,? ?", r"\1 ", c, flags=re.I)
+        c = re.sub(r"^(i|i'm) not " + _ADVERBS + r"\b ", r"\1 not ", c, flags=re.I)
+    c = re.sub(r"^i'm no longer\b", "i'm no longer", c, flags=re.I)
+    c = re.sub(r"^(i) (?:do )?no longer\b", r"\1 no longer", c, flags=re.I)
+    c = re.sub(r"\s*,?\s*\bnot (?:any ?more|anymore)\b", "", c, flags=re.I)
+    for _ in range(2):
+        c = _TRAILING.sub("", c)
+    return c.strip()
+
+
+def _clean_value(value: str, attribute: str) -> str:
+    value = _VALUE_CUT.sub("", value.strip()) if attribute not in ("name", "favourite") else value
+    if attribute in ("job", "study"):  # "a graphic designer in Berlin": the job; the place is another fact
+        value = re.sub(r"\s+(?:in|at|from|near)\s+[A-Z].*$", "", value)
+    value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value
+    value = _TRAILING.sub("", value).strip(" ,.;:!-")
+    return value
+
+
+def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
+    """The fact one first-person clause states (or retires), or None."""
+    c = _normal_clause(clause)
+    gone_for_good = bool(_ANYMORE.search(clause))
+    for attribute, pattern in _PATTERNS:
+        m = pattern.match(c)
+        if not m:
+            continue
+        groups = m.groupdict()
+        value = groups.get("v") or groups.get("gone")
+        if not value:
+            continue
+        negated = bool(groups.get("neg") or groups.get("neg2") or groups.get("gone"))
+        if attribute == "favourite":
+            attribute = "favourite " + norm_value(groups["a"])
+        value = _clean_value(value, attribute)
+        if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:
+            return None
+        if attribute == "dislikes" and groups.get("neg2") and gone_for_good:
+            return StatedFact("likes", value, statement, retire=True)  # "I don't like jazz anymore"
+        if attribute == "likes" and negated:
+            return StatedFact("likes", value, statement, retire=True)  # "I no longer eat fish"
+        retire = negated and attribute not in ("dislikes",)
+        return StatedFact(attribute, value, statement, retire=retire)
+    return None
+
+
+def _clauses(sentence: str) -> list[str] | None:
+    """The clauses of a sentence with the speaker as subject, each made a whole first-person clause ("I'm vegan
+    and allergic to nuts" -> ["I'm vegan", "I'm allergic to nuts"]; "I'm a nurse who lives in Lyon" -> ["I'm a
+    nurse", "I live in Lyon"]); clauses about someone else are left out, and None says the whole sentence is
+    about someone else ("I'm not vegetarian, my wife is")."""
+    pieces = _CLAUSE_SPLIT.split(sentence)
+    parts, separators = pieces[0::2], [""] + pieces[1::2]
+    first = parts[0].strip()
+    if not (_FIRST_PERSON.match(first) or _SELF_MY.match(first) or _WE_WITH_ME.match(first)
+            or re.match(r"^(?:call me|my)\b", first, re.I) or _OTHER_SUBJECT.match(first)):
+        return []  # "Let's start again, I have 100 coins.": the sentence is not a statement about anyone
+    out, subject = [], None
+    for part, separator in zip(parts, separators):
+        part = part.strip().strip(",;")
+        if not part:
+            continue
+        if _ELLIPTIC_OTHER.match(part.rstrip(".!")):
+            return None
+        if m := _WE_WITH_ME.match(part):  # "my wife and I are vegetarian": true of the speaker too
+            part = "I'm " + part[m.end():]
+        if separator.strip().lower() == "who":
+            # "I'm a nurse who lives in Lyon": the speaker; "I have a sister who lives in Lyon": not
+            if subject is None or not out or not re.fullmatch(
+                    r"(?:i'm|im|i am) (?!.*\b(?:with|of|to|for|at|in|on|someone|somebody|anyone|people|one|ones|"
+                    r"person|guy|girl|friends?)\b)(?:an? )?(?:[\w-]+ ){0,2}[\w-]+", out[-1].strip(), re.I):
+                subject = None
+                continue
+            out.append(_first_person(part))
+        elif _ELLIPTIC_SELF.match(part.rstrip(".!")):
+            subject = None  # "He's vegan but I'm not": about the other's predicate
+        elif _FIRST_PERSON.match(part) or _SELF_MY.match(part) or re.match(r"^call me\b", part, re.I):
+            subject = "I'm" if re.match(r"^(?:i'm|im|i am)\b", part, re.I) else "I"
+            if _blocked(_normal_clause(part)):
+                subject = None  # "I'm bored at home and have a camera": what follows is the same situation
+            out.append(part)
+        elif _OTHER_SUBJECT.match(part) or re.match(r"^my\b", part, re.I):
+            subject = None
+        elif subject is not None:
+            verb_first = re.match(_CLAUSE_VERB + r"\b", part, re.I) and not re.match(r"^(?:am|was)\b", part, re.I)
+            if subject == "I" and not verb_first and out:  # "I have two kids and a dog": one object
+                out[-1] += separator + part
+                continue
+            out.append(_first_person(part) if verb_first else "I'm " + re.sub(r"^(?:am|'m)\s+", "", part))
+    return out
+
+
+def _first_person(predicate: str) -> str:
+    """A predicate said of the speaker: "lives in Lyon" -> "I live in Lyon", "is a nurse" -> "I'm a nurse"."""
+    verb, _, rest = predicate.partition(" ")
+    if verb.lower() in _THIRD_PERSON_VERB:
+        verb = _THIRD_PERSON_VERB[verb.lower()]
+    elif re.fullmatch(r"(?:live|work|love|like|enjoy|hate|speak|own)s", verb, re.I):
+        verb = verb[:-1]
+    return f"I {verb} {rest}".replace("I am ", "I'm ").strip()
+
+
+def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
+    """The facts about the speaker stated (or retired) in one user message, in order, at most `limit`.
+
+    A sentence is split into clauses ("I'm vegetarian and I live in Lyon." -> diet=vegetarian, home=Lyon); each
+    first-person clause gives at most one fact: a known attribute (StatedFact) when one of the patterns matches,
+    else, when it is a lasting first-person statement by the rules of is_preference, a fact of attribute
+    "about". "not", "no longer", "anymore" retire a single-valued fact ("I'm not vegetarian anymore" ->
+    -diet=vegetarian) or a like ("I don't like jazz anymore"); "I don't like jazz" is a dislike. Left out:
+    statements about anyone else ("My sister is vegan.", and the whole of "I'm not vegetarian, my wife is."),
+    quoted speech, text pasted after an introduction ("Proofread this email:", "He wrote:"), '>' lines, song
+    lyrics, stories and role-play, questions, requests, plans and situations. No model is called."""
+    found: list[StatedFact] = []
+    for sentence in sentences(_own_text(text)):
+        s = sentence.strip()
+        if s.endswith("?"):  # "I'm vegetarian, what should I cook?": the statement before the question counts
+            m = _STATEMENT_THEN_QUESTION.match(s)
+            s = m.group(1) if m else ""
+        if not s or len(s) > 400:
+            continue
+        s = _strip_lead_in(s)
+        s = re.sub(r"^(?:(?:quick|small|an?|one more|little) )?(?:update|correction|edit|ps|p\.s\.|note|fun fact|"
+                   r"about me)\s*:\s*", "", s, flags=re.I)
+        s = re.sub(r"^(?:these days|nowadays|now|since (?:last|this) \w+|as of (?:now|today)|lately|currently|"
+                   r"recently|at the moment|for (?:the )?record)\s*,?\s+(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
+        s = _INTRO.sub("", s)
+        s = re.sub(r"^(?:not anymore|no longer|nope|no|yes|yeah|yep|sure|right|lol|haha|wait|hmm+|so|well|sorry|"
+                   r"oops|i mean)\s*[,!.:]\s*(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
+        if _INVENTED.search(s):
+            break
+        clauses = _clauses(s)
+        if not clauses:
+            continue
+        whole = s if len(clauses) == 1 and len(_CLAUSE_SPLIT.split(s)) == 1 else None
+        for clause in clauses:
+            fact = _statement_fact(clause, whole=whole)
+            if fact is not None and fact not in found:
+                found.append(fact)
+                if limit is not None and len(found) >= limit:
+                    return found
+    return found
+
+
+_STATEMENT_THEN_QUESTION = re.compile(
+    r"^(.+?)(?:\s*[,;:]\s*|\s+(?:so|and|but)\s+)(?:(?:so|and|but)\s+)?(?:what|how|which|where|when|who|why|can|"
+    r"could|would|should|do|does|any|is|are|will|got)\b[^,;]*\?$", re.I)
+
+
+def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
+    statement = (whole or clause).strip().rstrip(",;:")
+    statement = statement[0].upper() + statement[1:]
+    if whole is None and statement[-1] not in ".!":
+        statement += "."
+    normal = _normal_clause(clause)
+    if _blocked(normal):
+        return None
+    fact = _fact_of_clause(clause, statement)
+    if fact is not None:
+        return fact
+    if is_preference(clause) and not _ANYMORE.search(clause) and not _DATED.search(normal):
+        return StatedFact("about", statement.rstrip(".!"), statement)
+    return None
+
+
+def _blocked(clause: str) -> bool:
+    """A first-person clause that is not about something lasting: a request, a thought about the task, a plan or
+    a situation of the day, a wish, a question."""
+    if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause, re.I):
+        return True
+    if _QUESTION_START.match(clause) and not _FIRST_PERSON.match(clause) and not _SELF_MY.match(clause) \
+            and not re.match(r"^call me\b", clause, re.I):
+        return True
+    if _FIRST_PERSON.match(clause) and _NOT_AFTER_I.match(re.sub(r"^i\b\s*", "", clause, flags=re.I)):
+        return True
+    if _FUTURE.search(clause) and not _PREFERENCE_WORDS.search(clause):
+        return True
+    return bool(_TASK.search(clause))
+
+
+# Plans and situations of the day block any fact; a dated past ("last week", "two years ago") and an activity
+# in progress ("I'm learning Spanish") block only the generic "about" facts ("I moved to Berlin last year" is
+# still a home).
+_FUTURE = re.compile(r"\b(?:today|tonight|tomorrow|this (?:morning|afternoon|evening|weekend|week)|"
+                     r"next (?:week|month|year|semester|weekend|summer|winter|spring|fall)|soon|upcoming)\b", re.I)
+_DATED = re.compile(r"\b(?:yesterday|last (?:night|week|month|year|weekend|summer|winter|spring|fall|time)|ago|"
+                    r"right now|at the moment)\b|^i'm \w+ing\b|^i (?:was|went|did|had|got)\b", re.I)

@@ -251,9 +251,9 @@ class Batch:
     """Prompts prepared for the suffix forward: from each prompt's edit position on, from layer L on."""
     x: torch.Tensor                         # [B, S, d] residual at layer L's input, suffix positions
     caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer >= L: prefix keys/values [B, Hkv, P, hd]
-    cos: torch.Tensor                       # [B, 1, S, hd/2] RoPE at the suffix positions
-    sin: torch.Tensor
-    mask: torch.Tensor                      # [B, 1, S, P + S] bool
+    cos: list[torch.Tensor]                 # per layer >= L: [B, 1, S, hd/2] RoPE at the suffix positions
+    sin: list[torch.Tensor]
+    mask: list[torch.Tensor]                # per layer >= L: [B, 1, S, P + S] bool (sliding-window layers narrower)
     rows: torch.Tensor                      # (b, s) of each scored position
     tokens: torch.Tensor                    # the token expected there
     prompt_of_row: torch.Tensor             # which prompt each scored row belongs to
@@ -318,25 +318,31 @@ class Editor:
         tokens = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
         states = m._blocks(tokens)  # the residual stream before each layer; no logits needed
         B, P, S = len(pairs), max(edit_pos), max(len(s) - p for s, p in zip(seqs, edit_pos))
-        cos_all, sin_all = _rope(m, T + S)
+        angles = m.layer_angles(T + S)
         pos = torch.tensor([[p + s for s in range(S)] for p in edit_pos])
         x = torch.stack([states[L][b, pos[b].clamp(max=T - 1)] for b in range(B)])
         caches = []
         for i in range(L, c.n_layer):
             attn = m.layers[i].attn
             h = m.layers[i].attn_norm(states[i][:, :P])
-            _, k, v = attn.qkv(h, cos_all[:P], sin_all[:P])
+            _, k, v = attn.qkv(h, angles[i][0][:P], angles[i][1][:P])
             caches.append((k, v))
         prefix_ok = torch.arange(P)[None, :] < torch.tensor(edit_pos)[:, None]          # [B, P]
         causal = torch.ones(S, S, dtype=torch.bool).tril()
         mask = torch.cat([prefix_ok[:, None, :].expand(B, S, P), causal.expand(B, S, S)], dim=2)[:, None]
+        key_pos = torch.cat([torch.arange(P).expand(B, P), pos], dim=1)                 # [B, P + S]
+        masks = []
+        for i in range(L, c.n_layer):  # sliding-window layers (gemma3) see only the last `window` positions
+            window = m.layers[i].attn.window
+            masks.append(mask & (pos[:, None, :, None] - key_pos[:, None, None, :] < window) if window else mask)
         rows, toks, owner = [], [], []
         for b, (first, ans) in enumerate(answers):
             for j, t in enumerate(ans):
                 rows.append((b, first + j - edit_pos[b]))
                 toks.append(t)
                 owner.append(b)
-        return Batch(x=x, caches=caches, cos=cos_all[pos][:, None], sin=sin_all[pos][:, None], mask=mask,
+        return Batch(x=x, caches=caches, cos=[angles[i][0][pos][:, None] for i in range(L, c.n_layer)],
+                     sin=[angles[i][1][pos][:, None] for i in range(L, c.n_layer)], mask=masks,
                      rows=torch.tensor(rows), tokens=torch.tensor(toks), prompt_of_row=torch.tensor(owner))
 
     def logprobs(self, batch: Batch, key: torch.Tensor | None = None, delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -346,13 +352,14 @@ class Editor:
         x = batch.x
         for i in range(L, c.n_layer):
             block = m.layers[i]
-            x = x + _attend(m, block.attn, block.attn_norm(x), batch.caches[i - L], batch.cos, batch.sin, batch.mask)
+            x = x + block.post_attn_norm(_attend(m, block.attn, block.attn_norm(x), batch.caches[i - L],
+                                                 batch.cos[i - L], batch.sin[i - L], batch.mask[i - L]))
             h = block.ffn_norm(x)
-            ff_in = F.silu(block.ffn.gate(h)) * block.ffn.up(h)
+            ff_in = block.ffn.inner(h)
             out = block.ffn.down(ff_in)
             if i == L and delta is not None:
                 out = out + (ff_in @ key)[..., None] * delta
-            x = x + out
+            x = x + block.post_ffn_norm(out)
         picked = x[batch.rows[:, 0], batch.rows[:, 1]]
         return torch.log_softmax(m.output(m.norm(picked)).float(), dim=-1)
 
@@ -465,12 +472,6 @@ class Editor:
                     nll_after, time.perf_counter() - t0)
 
 
-def _rope(model, n: int):
-    from localpers.model.model import rope_angles
-
-    return rope_angles(model.config, n, model.rope_freqs)
-
-
 def _attend(model, attn, h, cache, cos, sin, mask):
     """Attention of the suffix positions over the cached prefix keys/values and the suffix itself."""
     c = model.config
@@ -478,7 +479,7 @@ def _attend(model, attn, h, cache, cos, sin, mask):
     q, k, v = attn.qkv(h, cos, sin)
     k = torch.cat([cache[0], k], dim=2)
     v = torch.cat([cache[1], v], dim=2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.n_head != c.n_kv_head)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale, enable_gqa=c.n_head != c.n_kv_head)
     return attn.o(out.transpose(1, 2).reshape(B, S, c.n_head * c.head_dim))
 
 

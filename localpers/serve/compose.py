@@ -35,6 +35,13 @@ class Composer:
         object.__setattr__(self, "spec", "+".join(part.strip() for part in self.spec.split("+")))
         object.__setattr__(self, "_method", get_method(self.spec))  # unknown names fail at start-up
 
+    @property
+    def needs_preferences(self) -> bool:
+        """Does a method of the spec read the served user's stated preferences (`prompt` lists them)? The
+        trained methods serve registry artifacts and `rag` searches the index, so without `prompt` a request
+        need not read (and decrypt) every stored preference: its cost stays independent of their number."""
+        return names.PROMPT in self.spec.split("+")
+
     def __call__(self, user: User, query: str, engine) -> Personalized:
         return self._method(user, query, engine)
 
@@ -48,16 +55,18 @@ class Composer:
                 "retrieved": list(personalized.retrieved)}
 
 
-def served_user(store, user: str, base_model_sha256: str, conversation: list[dict] = ()) -> User:
+def served_user(store, user: str, base_model_sha256: str, conversation: list[dict] = (),
+                preferences: bool = True) -> User:
     """A served user as the store holds them: stated preferences (items of kind "preference", oldest first; the
     ones imported from UPQA carry their question/target clusters as facts), their history as a search in the
     store's incremental BM25 index (the ranking `rag` gives a loaded history, without reloading and re-indexing
     it per request), and their current artifacts made for this base model. An unknown user is a user with
     nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier turns)
     are not retrieved: the model sees them in the conversation already; nor is a text already retrieved (the
-    same words stored as a message and as the preference learnt from it)."""
+    same words stored as a message and as the preference learnt from it). `preferences=False` (a spec without
+    `prompt`, Composer.needs_preferences) leaves the stated preferences and facts out: O(1) in their number."""
     try:
-        preferences = store.items(user, kind=names.PREFERENCE)
+        preferences = store.items(user, kind=names.PREFERENCE) if preferences else []
         artifacts = store.artifacts(user, base_model_sha256=base_model_sha256)
     except NotFoundError:
         return User(id=user, registered=())

@@ -4,6 +4,8 @@
                                                   (text and content: a string or a list of text parts, as in chat)
     GET    /v1/users/{user}/memories[?kind=]
     GET    /v1/users/{user}/memories/search?q=&k=&mode=
+    GET    /v1/users/{user}/facts                 the current facts: id, attribute, value, statement, message (the
+                                                  source message's id), created, status (store.facts)
     DELETE /v1/users/{user}/memories/{item_id}
     GET    /v1/users/{user}/export
     DELETE /v1/users/{user}
@@ -97,6 +99,12 @@ def list_memories(user: str, request: Request, kind: str | None = None):
 @router.get("/v1/users/{user}/memories/search")
 def search_memories(user: str, request: Request, q: str = "", k: int = 5, mode: str = "bm25"):
     return {"object": "list", "data": request.app.state.store.search(user, q, k=k, mode=mode)}
+
+
+@router.get("/v1/users/{user}/facts")
+def list_facts(user: str, request: Request):
+    """The user's current facts (store.facts); DELETE /v1/users/{user}/memories/{id} deletes one."""
+    return {"object": "list", "data": request.app.state.store.facts(user)}
 
 
 @router.delete("/v1/users/{user}/memories/{item_id}")

@@ -234,8 +234,11 @@ async def prepare_chat(app, request: Request, req) -> Prepared:
     composed, artifacts, explanation = await run_in_threadpool(app.state.compose, engine, user, messages)
     served = plan.prepare(composed, tools_ok, tools)
     await run_in_threadpool(engine.chat_tokens, served, tools=plan.template_tools)  # template, context: 4xx now
+    learned = None
     if user and app.state.history and options.history:
-        await run_in_threadpool(app.state.learn, user, messages)
+        learned = await run_in_threadpool(app.state.learn, user, messages)
+    if learned:  # the facts this message stored, replaced or retired (ids and attributes)
+        explanation = {**explanation, "learned": learned}
     return Prepared(engine, user, served, plan, sampling, req.n or 1, artifacts,
                     explanation if options.explain else {})
 

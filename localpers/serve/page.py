@@ -30,6 +30,7 @@ from fastapi.responses import FileResponse
 
 from localpers import names
 from localpers.errors import UserError
+from localpers.serve.learn import learn_from_text
 from localpers.serve.memory_api import OpenAIErrorRoute
 from localpers.store.store import NotFoundError, check_item
 
@@ -135,13 +136,26 @@ def edit_memory(user: str, item_id: int, request: Request, payload: dict = Body(
     if old is None:
         raise NotFoundError(f"user {user!r} has no item {item_id}")
     meta = {k: v for k, v in old["meta"].items() if k != "value"}  # the value was read from the old text
-    item = check_item(payload["text"], old["kind"], {**meta, "edited": item_id})
+    item = check_item(payload["text"], old["kind"], {**meta, "edited": item_id})  # validates before any write
+    if old["kind"] == names.PREFERENCE:
+        # A corrected fact that states facts is learned like chat, through the facts index (so a later statement
+        # of the same attribute replaces it): the old fact goes first, then the text is learned.
+        learned = learn_from_text(store, user, payload["text"], source="page", dry_run=True)
+        if learned["facts"]:
+            store.delete_item(user, item_id)
+            learned = learn_from_text(store, user, payload["text"], source="page")
+            _wake(request)
+            return next(item for item in store.items(user) if item["id"] == learned["facts"][0]["id"])
     [new_id] = store.add_many(user, [item])
     try:
         store.delete_item(user, item_id)
     except NotFoundError:  # deleted meanwhile by another request: the correction stands
         pass
+    _wake(request)
+    return next(item for item in store.items(user) if item["id"] == new_id)
+
+
+def _wake(request: Request) -> None:
     worker = getattr(request.app.state, "worker", None)
     if worker is not None:
         worker.wake()
-    return next(item for item in store.items(user) if item["id"] == new_id)

@@ -9,9 +9,10 @@ as `localpers eval` measures the same spec. Unless the server runs with `--no-hi
 `"localpers": {"history": false}`, the user's new messages are stored in their history and the preferences stated
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
 adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
-(method, kind, id) and the ids of the retrieved items, never text. The mem0-like memory endpoints of
-localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page at `/`
-("what my assistant knows about me") and the routes it adds are localpers.serve.page.
+(method, kind, id), the ids of the retrieved items and, when this request's message stored, replaced or retired facts,
+`learned`: {"facts": [{"id", "attribute"}], "replaced": [...], "retired": [...]}; never text. The mem0-like memory
+endpoints of localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page
+at `/` ("what my assistant knows about me") and the routes it adds are localpers.serve.page.
 
 Protocol (issue #13):
 - Every OpenAI chat-completions field is honoured or refused with a 400 that names it; unknown top-level fields
@@ -48,7 +49,7 @@ from localpers.engine.engine import Artifacts, Cancelled, ContextOverflow, Sampl
 from localpers.errors import UserError
 from localpers.serve.jobs import Worker
 from localpers.serve.jobs import router as jobs_router
-from localpers.serve.learn import learn_from_chat
+from localpers.serve.learn import changed, learn_from_chat
 from localpers.serve.memory_api import router as memory_router
 from localpers.serve.page import router as page_router
 from localpers.personalize.methods import apply
@@ -538,24 +539,30 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         the client never sees the server's paths)."""
         if not user:
             return messages, everyone, {"composition": names.BASE, "artifacts": [], "retrieved": []}
-        person = served_user(store, user, model_sha256(engine.model_path), messages)
+        person = served_user(store, user, model_sha256(engine.model_path), messages,
+                             preferences=composer.needs_preferences)
         personalized = composer(person, last_user_message(messages), engine)
         usable, broken = engine.usable(personalized.artifacts)
         for path, reason in broken:
             mark_broken(store, user, path, reason)
         return apply(personalized, messages), everyone.merge(usable), composer.explain(person, personalized)
 
-    def learn(user: str, messages: list[dict]) -> None:
-        """Store the user's new messages and learn the preferences stated in them (after composing: this
-        request's messages are context, not retrieved history; once the request is accepted: a request refused
-        with a 4xx stores nothing); wakes the job worker for a changed preference."""
+    def learn(user: str, messages: list[dict]) -> dict | None:
+        """Store the user's new messages and learn the facts stated in them (after composing: this request's
+        messages are context, not retrieved history; once the request is accepted: a request refused with a 4xx
+        stores nothing); wakes the job worker for a changed fact. Returns what the response's `localpers` object
+        reports ({"facts", "replaced", "retired"}: ids and attribute names, no text), or None when no fact
+        changed."""
         try:
             learned = learn_from_chat(store, user, messages)
         except UserError as e:  # a message the store refuses (over 64 KiB...): the reply is still served
             log.warning("not stored in %s's history: %s", user, e)
-            return
-        if (learned["preferences"] or learned["replaced"]) and app.state.worker is not None:
+            return None
+        if not changed(learned):
+            return None
+        if app.state.worker is not None:
             app.state.worker.wake()
+        return {key: learned[key] for key in ("facts", "replaced", "retired")}
 
     everyone = Artifacts(lora=tuple((str(path), 1.0) for path in lora))  # --lora: applied to every request
 

@@ -8,6 +8,11 @@ so no user text lies in plaintext in the database, its WAL or its journal. User 
 timestamps stay in clear: the store filters on them. The key is a 0600 key file created on first use, or,
 when LOCALPERS_PASSPHRASE is set, derived with scrypt from it and a salt kept in the database.
 
+Facts (store.learn_chat, store.facts): the preferences learned from chat are atomic facts about the user, each a
+preference item (its statement as text; attribute, value and source message in meta) indexed by keyed hashes of
+(user, slot) and (user, attribute=value), so that learning one fact costs O(log n) whatever the history holds:
+an update replaces only the fact of the same slot, a retirement deletes one. store.facts(user) lists them.
+
 Writes are one short SQLite transaction: no model runs on the write path. Search indexes live in memory
 and catch up with the database (including writes by other processes) when searched."""
 from __future__ import annotations
@@ -71,6 +76,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     kind TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', result TEXT NOT NULL DEFAULT '{}',
     created REAL NOT NULL, started REAL, finished REAL);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS facts (  -- the index of learned facts: keyed hashes and ids, no text
+    item_id INTEGER PRIMARY KEY REFERENCES items(id) ON DELETE CASCADE,  -- the preference item stating it
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    slot BLOB,      -- keyed hash of what an update replaces (attribute, or attribute group and thing); NULL: none
+    value BLOB,     -- keyed hash of attribute=normalized value
+    message INTEGER);  -- the chat message it was learned from (deleting it deletes the fact)
+CREATE INDEX IF NOT EXISTS facts_by_slot ON facts(user_id, slot);
+CREATE INDEX IF NOT EXISTS facts_by_message ON facts(user_id, message);
 CREATE TABLE IF NOT EXISTS chat_seen (  -- keyed hashes of chat messages already stored (no text)
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     digest BLOB NOT NULL, PRIMARY KEY (user_id, digest));
@@ -420,6 +433,7 @@ class Store:
         self._dense: dict[tuple[int, str], DenseIndex] = {}  # (user id, embedder name) -> index
         self.cipher = self._unlock()
         self._migrate()
+        self._migrate_facts()
 
     @classmethod
     def open(cls, directory: str | os.PathLike, embedder=None) -> Store:
@@ -541,6 +555,21 @@ class Store:
                                      (f"artifacts/{new.name}/{path[len(prefix):]}", artifact_id))
             conn.execute("INSERT OR REPLACE INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
 
+    def _migrate_facts(self) -> None:
+        """Before the facts index: preferences learned from a chat message (meta "message") get an index row with
+        no slot (never replaced by an update, deleted with their message). Once per store."""
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM settings WHERE name = 'facts_index'").fetchone():
+                return
+            for item_id, user_id, meta in conn.execute(
+                    "SELECT id, user_id, meta FROM items WHERE kind = ? AND id NOT IN (SELECT item_id FROM facts)",
+                    (names.PREFERENCE,)).fetchall():
+                message = json.loads(self.cipher.open(meta, b"%d:meta" % user_id)).get("message")
+                if isinstance(message, int):
+                    conn.execute("INSERT INTO facts (item_id, user_id, message) VALUES (?, ?, ?)",
+                                 (item_id, user_id, message))
+            conn.execute("INSERT INTO settings VALUES ('facts_index', ?)", (b"1",))
+
     def _migrate(self) -> None:
         """Bring a database made by an earlier version up to this schema: the registry's method and sources
         columns (method read from the old sealed meta), item text removed from artifact meta (only the method
@@ -622,34 +651,131 @@ class Store:
         return ids
 
     def add_chat(self, user: str, messages: list[dict]) -> list[tuple[int, str]]:
-        """Store the user's own messages of a chat (role "user"; not the assistant's words) that are not stored
-        yet, as items of kind "message": a client resends the whole conversation every turn, so a message is
-        known by a keyed hash of the conversation up to and including it. Creates the user on first write.
-        Returns (item id, text) of the messages stored now. A deleted message is not stored again."""
+        """Store the user's own new messages of a chat (learn_chat without facts). Returns (item id, text) of the
+        messages stored now."""
+        return self.learn_chat(user, messages)["stored"]
+
+    def learn_chat(self, user: str, messages: list[dict], extract=None,
+                   limit: int = names.MAX_FACTS_PER_MESSAGE) -> dict:
+        """Store the user's own messages of a chat that are not stored yet, and learn the facts they state, in one
+        write transaction (BEGIN IMMEDIATE: concurrent chats of a user are applied one after the other, so the
+        last statement wins). The user's own messages are those of role "user" whose `name` is absent or is the
+        user id (in a group chat, a message with another `name` is another participant's: neither stored nor
+        learned from). A client resends the whole conversation every turn, so a message is known by a keyed
+        hash of the conversation up to and including it; a deleted message is not stored again.
+
+        `extract(text, limit)` gives the facts a message states (localpers.personalize.detect.detect_facts: objects
+        with attribute, value, statement, retire, slot and key); at most `limit` per message are learned. See
+        _learn for what a fact does. Returns {"stored": [(item id, text)], "messages": [ids], "facts": [...],
+        "replaced": [...], "retired": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
+        {"id", "attribute"}, their text is deleted)."""
         checked, digests, prefix = [], [], hashlib.sha256()
+        speaker = check_user(user).casefold()
         for position, message in enumerate(messages):
             prefix.update(json.dumps([position, message["role"], message["content"]]).encode("utf-8"))
-            if message["role"] == "user" and message["content"].strip():
+            name = message.get("name")
+            own = name is None or unicodedata.normalize("NFC", str(name)).casefold() == speaker
+            if message["role"] == "user" and own and message["content"].strip():
                 checked.append(check_item(message["content"], "message", {"role": "user", "source": "chat"}))
                 digests.append(self.cipher.digest(prefix.digest()))
+        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
         if not checked:
-            return []
+            return out
+        # Detection runs before the write lock is taken, on the messages not seen yet (a resent conversation is
+        # not detected again); the transaction checks again which are new (a message seen before a concurrent
+        # forget is stored without its facts).
+        with self._read() as conn:
+            row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+            seen = {d for d in digests if row and conn.execute(
+                "SELECT 1 FROM chat_seen WHERE user_id = ? AND digest = ?", (row[0], d)).fetchone()}
+        found = {d: extract(item[2].decode("utf-8"), limit)[:limit] if extract else []
+                 for item, d in zip(checked, digests) if d not in seen}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            new = [(item, digest) for item, digest in zip(checked, digests) if conn.execute(
+            new = [(item, found.get(digest) or []) for item, digest in zip(checked, digests) if conn.execute(
                 "INSERT OR IGNORE INTO chat_seen (user_id, digest) VALUES (?, ?)", (user_id, digest)).rowcount]
-            ids = self._insert(conn, user_id, [item for item, _ in new])
-        return [(i, item[2].decode("utf-8")) for i, (item, _) in zip(ids, new)]
+            paths = self._learn(conn, user_id, new, out)
+        self._remove_files(user_id, paths)
+        return out
 
-    def replace_items(self, user: str, add: list[tuple[str, float, bytes, bytes]], delete: list[int]) -> list[int]:
-        """Add items and delete others in one transaction (a changed preference: the contradicted one goes,
-        with the artifacts derived from it). Returns the new items' ids."""
+    def learn_text(self, user: str, text, extract, limit: int = names.MAX_FACTS_PER_MESSAGE,
+                   source: str = "remember") -> dict:
+        """Store one message the user typed (`localpers remember`, or a fact corrected on the page: `source`) and
+        learn the facts it states, as learn_chat does, in one transaction; the same text said twice is two
+        messages. Returns learn_chat's dict."""
+        item = check_item(text, "message", {"role": "user", "source": source})
+        facts = extract(item[2].decode("utf-8"), limit)[:limit]
+        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            retired = self._delete(conn, user_id, delete) if delete else []
-            ids = self._insert(conn, user_id, add)
-        self._remove_files(user_id, retired)
-        return ids
+            paths = self._learn(conn, user_id, [(item, facts)], out)
+        self._remove_files(user_id, paths)
+        return out
+
+    def _learn(self, conn, user_id: int, items: list[tuple[tuple, list]], out: dict) -> list[str]:
+        """Inside a write: insert message items (validated, each with the facts found in it) and learn their
+        facts, each through the facts index by keyed
+        hashes of (user, slot) and (user, attribute=value), O(log n) in the user's stored facts (no scan, no
+        decryption but of the replaced facts' metadata):
+
+        - a fact already held (same slot and value) is not stored again;
+        - a fact of a slot held with another value replaces it (single-valued attributes: home, diet, job ...;
+          likes and dislikes of one thing): the old preference item goes, with the artifacts derived from it;
+        - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held.
+
+        New and deleted preferences queue the user's edit job. Returns the retired artifact files."""
+        ids = self._insert(conn, user_id, [item for item, _ in items])
+        out["messages"] += ids
+        out["stored"] += [(i, item[2].decode("utf-8")) for i, (item, _) in zip(ids, items)]
+        paths: list[str] = []
+        for message_id, (_, facts) in zip(ids, items):
+            for fact in facts:
+                slot = self.cipher.digest(b"slot\0" + fact.slot.encode("utf-8"))
+                value = self.cipher.digest(f"value\0{fact.attribute}={fact.key}".encode("utf-8"))
+                held = conn.execute("SELECT item_id, value FROM facts WHERE user_id = ? AND slot = ?",
+                                    (user_id, slot)).fetchall()
+                if fact.retire:
+                    gone = [i for i, v in held if v == value]
+                    if gone:
+                        out["retired"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)} for i in gone]
+                        paths += self._delete(conn, user_id, gone)
+                    continue
+                if any(v == value for _, v in held):
+                    continue
+                if held:
+                    new_now = {f["id"] for f in out["facts"]}  # said earlier in this same request: not reported
+                    out["facts"] = [f for f in out["facts"] if f["id"] not in {i for i, _ in held}]
+                    out["replaced"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)}
+                                        for i, _ in held if i not in new_now]
+                    paths += self._delete(conn, user_id, [i for i, _ in held])
+                meta = {"source": "chat", "message": message_id, "attribute": fact.attribute, "value": fact.value}
+                [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
+                conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
+                             (fact_id, user_id, slot, value, message_id))
+                out["facts"].append({"id": fact_id, "attribute": fact.attribute})
+        return paths
+
+    def _fact_attribute(self, conn, user_id: int, item_id: int) -> str | None:
+        row = conn.execute("SELECT meta FROM items WHERE id = ?", (item_id,)).fetchone()
+        return json.loads(self.cipher.open(row[0], b"%d:meta" % user_id)).get("attribute") if row else None
+
+    def facts(self, user: str) -> list[dict]:
+        """The user's current facts, oldest first: one per stored preference, as dicts with id (the preference
+        item's), attribute (detect_facts' name, "diet", "home", "likes" ...; an imported preference's
+        attribute_type; else None), value (as said, "Lyon"; else the statement), statement ("I live in
+        Lyon."), message (the id of the message it was learned from, or None), created (seconds since the epoch)
+        and status ("current": a replaced or retired fact is deleted, text and all; the chat response that
+        replaced it names it). What editing (personalize.editing) and the memory routes read."""
+        out = []
+        for item in self.items(user, kind=names.PREFERENCE):
+            meta = item["meta"]
+            attribute = meta.get("attribute") or meta.get("attribute_type")
+            if isinstance(attribute, list):  # UPQA cluster9: the canonical name is last
+                attribute = attribute[-1] if attribute else None
+            out.append({"id": item["id"], "attribute": attribute if isinstance(attribute, str) else None,
+                        "value": meta.get("value", item["text"]), "statement": item["text"],
+                        "message": meta.get("message"), "created": item["ts"], "status": "current"})
+        return out
 
     def _decrypt_item(self, user_id, item_id, kind, ts, text, meta) -> dict:
         return {
@@ -683,12 +809,10 @@ class Store:
     def _delete(self, conn, user_id: int, item_ids: list[int]) -> list[str]:
         """Inside a write: delete items, retire what was derived from them, queue the recomputations; returns
         the retired artifact files (to remove once committed). Preferences learned from a deleted chat message
-        (meta "message", localpers.serve.learn) go with it."""
-        meta_aad = b"%d:meta" % user_id
-        item_ids = list(item_ids) + [
-            pref_id for pref_id, meta in conn.execute(
-                "SELECT id, meta FROM items WHERE user_id = ? AND kind = ?", (user_id, names.PREFERENCE))
-            if json.loads(self.cipher.open(meta, meta_aad)).get("message") in item_ids]
+        (the facts index's `message`, localpers.serve.learn) go with it."""
+        marks = ",".join("?" * len(item_ids))
+        item_ids = list(item_ids) + [pref_id for (pref_id,) in conn.execute(
+            f"SELECT item_id FROM facts WHERE user_id = ? AND message IN ({marks})", (user_id, *item_ids))]
         marks = ",".join("?" * len(item_ids))
         kinds = {k for (k,) in conn.execute(
             f"SELECT kind FROM items WHERE user_id = ? AND id IN ({marks})", (user_id, *item_ids))}
