@@ -43,3 +43,8 @@ PERCE_ABLATIONS = ("perce-clip05", "perce-noclip", "perce-frozen", "perce-wnorm"
 
 # Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).
 TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)
+
+# ---- serving limits
+# Loaded LoRA adapters an engine keeps (an LRU, by adapter file bytes; `localpers serve --adapter-cache-mb`).
+# Adapters held by requests in flight are never freed, so the bound can be exceeded by what those hold.
+ADAPTER_CACHE_BYTES = 64 << 20

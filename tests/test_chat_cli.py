@@ -88,6 +88,7 @@ def fake_server() -> FastAPI:
     async def chat(request: Request):
         body = await request.json()
         assert body["user"] == "alice" and body["stream"] and body["localpers"] == {"explain": True}
+        calls["chats"] += 1
 
         def sse():
             for piece in ("Try a ", "lentil ", "curry."):
@@ -106,11 +107,21 @@ def fake_server() -> FastAPI:
     def memories(user: str):
         return {"object": "list", "data": items}
 
+    calls = {"chats": 0, "jobs": 0}
+
     @app.get("/v1/users/{user}/jobs")
     def jobs(user: str):
-        return {"object": "list", "data": [
+        calls["jobs"] += 1
+        learned = []
+        if calls["chats"]:  # the chat's message queued job 4: running when first listed, then done
+            learned = [{"id": 4, "kind": "edit", "state": "running", "created": 100.0, "started": 101.0}
+                       if calls["jobs"] == 1 else
+                       {"id": 4, "kind": "edit", "state": "done", "created": 100.0, "started": 101.0,
+                        "finished": 109.5, "result": {"artifact": 5, "edited": 1}}]
+        return {"object": "list", "data": learned + [
             {"id": 2, "kind": "edit", "state": "failed", "reason": "the preference could not be stated"},
-            {"id": 1, "kind": "edit", "state": "done", "result": {"artifact": 3}}]}
+            {"id": 1, "kind": "edit", "state": "done", "result": {"artifact": 3}, "created": 10.0, "started": 12.0,
+             "finished": 15.25}]}
 
     @app.delete("/v1/users/{user}")
     def forget(user: str):
@@ -125,8 +136,9 @@ def test_chat_renders_explanation_and_jobs_from_the_contract():
         child = spawn(url)
         run(child, "/why", "no reply yet")
         run(child, "Suggest a dinner for tonight.", "Try a lentil curry.")
+        child.expect_exact("now in use — edit job 4 done in 8.5 s")  # the job the message queued, followed
         run(child, "/why", "composition: edit+rag", "edit lora (artifact 3)", "#9 Lentil soup was great.")
-        run(child, "/jobs", "failed", "the preference could not be stated", "done")
+        run(child, "/jobs", "failed", "the preference could not be stated", "done", "3.2 s", "artifact 5, edited 1")
         run(child, "/remember", "/remember needs the text")
         run(child, "/remember I like jazz.", "does not offer")   # no POST memories route on this server
         child.sendline("/forget")

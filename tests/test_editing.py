@@ -447,6 +447,27 @@ def test_eval_edit_method_serves_the_users_verified_adapter(tiny, tmp_path, monk
     assert method(User("dan", registered=()), "q", None).artifacts.lora == ()
 
 
+def test_invariant_the_editors_cached_model_is_the_gguf_model_and_edits_never_write_it(tiny, tmp_path, monkeypatch):
+    """editor_model keeps the dequantized float32 model once in the cache folder and maps it back: the same
+    tensors as dequantizing the GGUF, and an edit made in memory (copy-on-write) leaves the cached file as it was."""
+    import torch
+
+    from localpers.personalize import editing
+
+    path, _ = tiny
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = editing.editor_model(path)
+    [cached] = (tmp_path / "localpers" / "models").glob("*-float32.pt")
+    written = cached.read_bytes()
+    again = editing.editor_model(path)
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    editor = Editor(path, EditConfig(layer=1, steps=5, lr=2.0, clamp=1000.0, threads=1), model=again)
+    editor.edit(FACT)
+    assert not torch.equal(editor.W, first.layers[1].ffn.down.weight)  # edited in memory
+    assert cached.read_bytes() == written
+
+
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory):
     """The random gemma3 (6 layers: sliding-window layers 0-4 with a 16-token window, layer 5 global) and an

@@ -117,3 +117,27 @@ def test_bad_artifacts_are_user_errors(engine, tmp_path, default_model_path):
     with pytest.raises(UserError, match="does not fit"):
         reply(engine, Artifacts(control_vectors=((str(wrong), 1.0),)))
     assert reply(engine)  # the engine still serves after refusing bad artifacts
+
+
+def test_invariant_loaded_adapters_stay_within_their_bound_and_a_retired_one_lives_while_held(engine, tmp_path):
+    """The engine's adapters are an LRU within adapter_cache_bytes; an adapter retired (its file deleted) while a
+    request holds it still serves that request, leaves the LRU at once and is freed when the request ends."""
+    paths = [str(random_ffn_down_lora(tmp_path / f"{i}.gguf", engine, seed=i)) for i in range(4)]
+    size = os.path.getsize(paths[0])
+    bound, engine.adapter_cache_bytes = engine.adapter_cache_bytes, 2 * size
+    try:
+        replies = [reply(engine, Artifacts(lora=((p, 1.0),)), max_tokens=4) for p in paths]
+        stats = engine.adapter_stats()
+        assert stats["cached"] == 2 and stats["bytes"] <= 2 * size and stats["pinned"] == 0
+        pinned, broken = engine.pin(Artifacts(lora=((paths[0], 1.0),)))
+        assert broken == [] and engine.adapter_stats()["pinned"] == 1
+        [(_, entry, _)] = pinned.loras
+        os.unlink(paths[0])
+        engine.retire_file(paths[0])
+        assert entry.handle is not None and not entry.cached
+        assert reply(engine, pinned, max_tokens=4) == replies[0]  # served as composed, file gone
+        pinned.release()
+        assert entry.handle is None and engine.adapter_stats()["pinned"] == 0
+        assert engine.pin(Artifacts(lora=((paths[0], 1.0),)))[1]  # a new request: not served any more
+    finally:
+        engine.adapter_cache_bytes = bound

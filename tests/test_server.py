@@ -119,7 +119,7 @@ def test_health_is_503_while_loading(monkeypatch, tmp_path):
     class SlowEngine:
         model_name = "slow"
 
-        def __init__(self, path):
+        def __init__(self, path, **options):
             release.wait(10)
 
     monkeypatch.setattr(localpers.engine.engine, "Engine", SlowEngine)
@@ -139,7 +139,7 @@ def test_failed_load_is_reported(monkeypatch, tmp_path):
     import localpers.engine.engine
 
     class BrokenEngine:
-        def __init__(self, path):
+        def __init__(self, path, **options):
             raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(localpers.engine.engine, "Engine", BrokenEngine)

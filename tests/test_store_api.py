@@ -147,6 +147,19 @@ def test_memories_take_content_as_text_parts_like_chat(client):
         ("I drink oolong.", "preference", {})]
 
 
+class Held:
+    """Stands in for engine.Pinned: the artifacts a request was composed with."""
+
+    def __init__(self, artifacts):
+        self.artifacts = artifacts
+
+    def claim(self):
+        return True
+
+    def release(self):
+        pass
+
+
 class RecordingEngine:
     """Stands in for the engine behind `localpers serve`: records the artifacts each chat request is served with."""
 
@@ -155,14 +168,14 @@ class RecordingEngine:
     def __init__(self, model_path):
         self.model_path, self.served = model_path, []
 
-    def usable(self, artifacts):
-        return artifacts, []
+    def pin(self, artifacts):
+        return Held(artifacts), []
 
     def chat_tokens(self, messages, tools=None):
         return [1, 2, 3]
 
     def complete(self, messages, artifacts=None, **kwargs):
-        self.served.append(artifacts)
+        self.served.append(artifacts.artifacts)
         return {"choices": [{"index": 0, "text": "ok", "finish_reason": "stop", "tokens": 1, "logprobs": None}],
                 "prompt_tokens": 3, "completion_tokens": 1}
 

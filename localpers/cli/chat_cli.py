@@ -195,6 +195,37 @@ def _error_text_from(chunk: dict) -> str:
     return str(error.get("message", error)) if isinstance(error, dict) else str(error)
 
 
+WATCH_S = 900  # how long the chat follows a job it saw queued after a reply
+
+
+def _duration(start, end) -> str:
+    if not isinstance(start, (int, float)) or not isinstance(end, (int, float)):
+        return "-"
+    seconds = max(0.0, end - start)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def job_rows(jobs: list[dict], now: float) -> list[tuple[str, ...]]:
+    """The /jobs table's rows: id, kind, state, when it was queued (local time), how long it took (or has been
+    running, or waiting), and its detail (why it failed, or what it made: counts and ids)."""
+    rows = []
+    for job in jobs:
+        state, created = str(job.get("state")), job.get("created")
+        queued = time.strftime("%H:%M:%S", time.localtime(created)) if isinstance(created, (int, float)) else "-"
+        if state == names.RUNNING:
+            took = f"running {_duration(job.get('started'), now)}"
+        elif state == names.QUEUED:
+            took = f"waiting {_duration(created, now)}"
+        else:
+            took = _duration(job.get("started") or created, job.get("finished"))
+        result = job.get("result") if isinstance(job.get("result"), dict) else {}
+        detail = job.get("reason") or ", ".join(f"{k} {v}" for k, v in result.items() if v not in (None, [], {}))
+        rows.append((str(job.get("id")), str(job.get("kind")), state, queued, took, detail[:80]))
+    return rows
+
+
 class Chat:
     """The terminal session: a conversation, the last reply's explanation, and the commands."""
 
@@ -204,6 +235,8 @@ class Chat:
         self.max_tokens, self.temperature, self.system = max_tokens, temperature, system
         self.messages: list[dict] = []
         self.explanation: dict | None = None
+        self._watched: set[int] = set()  # job ids followed by watch_jobs
+        self.poll_s = 1.0
         self.new_conversation()
 
     def new_conversation(self) -> None:
@@ -241,6 +274,7 @@ class Chat:
         self.messages.append({"role": "assistant", "content": reply})
         self.explanation = last.get("localpers") if isinstance(last, dict) else None
         self.noted(text, self.explanation)
+        self.watch_jobs()
 
     def noted(self, text: str, explanation: dict | None) -> None:
         """What the server learned from this message (the `localpers` object's `learned`: ids and attributes):
@@ -333,21 +367,58 @@ class Chat:
             table.add_row(str(item.get("id")), str(item.get("kind", "")), str(item.get("text", "")))
         self.console.print(table)
 
+    def _jobs(self) -> list[dict]:
+        try:
+            return self.client.request("GET", self.client.user_url("/jobs")).json().get("data", [])
+        except NotFound:
+            return []
+
     def jobs(self, _: str = "") -> None:
         from rich.table import Table
 
-        try:
-            jobs = self.client.request("GET", self.client.user_url("/jobs")).json().get("data", [])
-        except NotFound:
-            jobs = []
+        jobs = self._jobs()
         if not jobs:
             self.say(f"no jobs for {self.client.user}")
             return
-        table = Table("id", "kind", "state", "detail")
-        for job in jobs:
-            detail = job.get("reason") or (json.dumps(job["result"]) if job.get("result") else "")
-            table.add_row(str(job.get("id")), str(job.get("kind")), str(job.get("state")), detail[:80])
+        table = Table("id", "kind", "state", "queued", "took", "detail")
+        for row in job_rows(jobs, time.time()):
+            table.add_row(*row)
         self.console.print(table)
+
+    def watch_jobs(self) -> None:
+        """After a reply: follow the user's unfinished jobs (a fact learned from the message queues one) and say
+        "now in use" when one is done (its adapter serves the next reply), or why it failed."""
+        try:
+            jobs = self._jobs()
+        except (UserError, Missing):
+            return
+        new = [j for j in jobs if j.get("state") in (names.QUEUED, names.RUNNING) and j.get("id") not in self._watched]
+        if not new:
+            return
+        self._watched.update(j["id"] for j in new)
+        threading.Thread(target=self._follow, args=([j["id"] for j in new],), daemon=True,
+                         name="localpers-chat-jobs").start()
+
+    def _follow(self, ids: list[int]) -> None:
+        deadline = time.monotonic() + WATCH_S
+        while ids and time.monotonic() < deadline:
+            time.sleep(self.poll_s)
+            try:
+                jobs = {j["id"]: j for j in self._jobs()}
+            except (UserError, Missing):
+                return
+            for job_id in list(ids):
+                job = jobs.get(job_id)
+                if job is None:  # forgotten meanwhile
+                    ids.remove(job_id)
+                elif job.get("state") == names.DONE:
+                    ids.remove(job_id)
+                    took = _duration(job.get("started"), job.get("finished"))
+                    self.say(f"[learned: now in use — {job.get('kind')} job {job_id} done in {took}]", "green")
+                elif job.get("state") == names.FAILED:
+                    ids.remove(job_id)
+                    self.say(f"[learning failed — {job.get('kind')} job {job_id}: {job.get('reason') or 'no reason'}]",
+                             "yellow")
 
     def why(self, _: str = "") -> None:
         if not any(m["role"] == "assistant" for m in self.messages):

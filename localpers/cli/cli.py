@@ -37,8 +37,8 @@ def cmd_serve(args):
     serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir,
           personalize=args.personalize, history=not args.no_history,
           allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
-          insecure_no_api_key=args.insecure_no_api_key, lora=args.lora, aliases=args.alias, owner=args.user,
-          strict_model_names=args.strict_model_names)
+          insecure_no_api_key=args.insecure_no_api_key, lora=args.lora, adapter_cache_mb=args.adapter_cache_mb,
+          aliases=args.alias, owner=args.user, strict_model_names=args.strict_model_names)
 
 
 VERBOSE_HELP = "show llama.cpp's own log on stderr (default: off; only its errors are shown)"
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE",
                    help="a llama.cpp LoRA adapter GGUF (e.g. from `localpers train`) applied to every request, with "
                         "or without `user`, besides the user's own artifacts (repeatable; default: none)")
+    p.add_argument("--adapter-cache-mb", type=float, default=names.ADAPTER_CACHE_BYTES / 2**20, metavar="MB",
+                   help="loaded LoRA adapters kept in memory, least recently used first out (default: %(default)g)")
     p.add_argument("--user", metavar="NAME",
                    help="serve requests that name no user (no `user` field, X-Localpers-User header or "
                         "NAME@localpers model) as NAME, the machine's owner (default: $LOCALPERS_USER, else nobody: "

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +29,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from localpers import names
 from localpers.model.chat import chat_tokens, render_chat
 from localpers.errors import UserError
 from localpers.engine.kvcache import DEFAULT_MAX_BYTES, KVCache
@@ -89,6 +91,50 @@ class ContextOverflow(UserError):
     def __init__(self, n_prompt: int, n_ctx: int):
         super().__init__(f"the prompt has {n_prompt} tokens, over the context of {n_ctx}")
         self.n_prompt, self.n_ctx = n_prompt, n_ctx
+
+STALE_CHECK_S = 5.0  # how often an engine looks for cached adapters whose file another process retired
+
+
+class _Adapter:
+    """One loaded LoRA adapter: its file key (resolved path, mtime_ns, size), llama.cpp handle (None once freed),
+    how many requests hold it, and whether it is still in the engine's LRU."""
+    __slots__ = ("key", "handle", "pins", "cached")
+
+    def __init__(self, key: tuple, handle):
+        self.key, self.handle, self.pins, self.cached = key, handle, 0, True
+
+    @property
+    def nbytes(self) -> int:
+        return self.key[2]
+
+
+class Pinned:
+    """An artifact set loaded for one request (Engine.pin): its LoRA adapters held (not freed while held, even
+    once retired) and its control vectors read. `artifacts`: the same set as paths. release() (or leaving a
+    `with` block) lets it go; it is idempotent."""
+
+    def __init__(self, engine: "Engine", loras: tuple, cvecs: tuple):
+        self._engine, self.loras, self.cvecs = engine, loras, cvecs  # (path, _Adapter, scale), (path, key, data, scale)
+        self.artifacts = Artifacts(lora=tuple((p, s) for p, _, s in loras),
+                                   control_vectors=tuple((p, s) for p, _, _, s in cvecs))
+        self._released = False
+        self._claimed = threading.Lock()
+
+    def claim(self) -> bool:
+        """True for the first caller only: between a request handler and the generation thread it hands the
+        set to, the one that claims it releases it (the thread, once it runs; the handler, when it never ran)."""
+        return self._claimed.acquire(blocking=False)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._engine._release(self)
+
+    def __enter__(self) -> "Pinned":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Cancelled(Exception):
@@ -213,7 +259,8 @@ class Engine:
     may already be gone."""
 
     def __init__(self, model_path: str | Path | None = None, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int = 0, verbose: bool | None = None, kv_cache_bytes: int = DEFAULT_MAX_BYTES):
+                 seed: int = 0, verbose: bool | None = None, kv_cache_bytes: int = DEFAULT_MAX_BYTES,
+                 adapter_cache_bytes: int = names.ADAPTER_CACHE_BYTES):
         import llama_cpp
 
         from localpers import default_model_path
@@ -242,8 +289,13 @@ class Engine:
         self.bos_token = self.llm.detokenize([self.llm.token_bos()], special=True).decode("utf-8", "replace")
         self.eos_token = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
         self._lock = threading.Lock()  # not an RLock: a stream may be resumed on another thread
-        self._adapters: dict[str, tuple[tuple, object]] = {}  # resolved path -> (file key, llama handle)
+        self._adapters: OrderedDict[str, _Adapter] = OrderedDict()  # resolved path -> loaded adapter, LRU first
+        self.adapter_cache_bytes = adapter_cache_bytes
+        self._checked_files = time.monotonic()
+        self._pins_lock = threading.Lock()  # guards _Adapter.pins/.cached and _unheld (release never waits for _lock)
+        self._unheld: list[_Adapter] = []  # retired adapters whose last request ended while the engine was busy
         self._active: tuple = ((), ())  # (lora file keys with scales, control-vector file keys with scales)
+        self._active_entries: tuple = ()  # the _Adapters set in the context
         # KV states per (artifact set, token prefix), so users taking turns resume instead of recomputing.
         self.kv_cache = KVCache(self.llm, kv_cache_bytes)
         closed_at_exit(self)
@@ -256,7 +308,7 @@ class Engine:
             if llm is None:
                 return
             self._adapters.clear()  # the model owns its adapters (llama_model::~llama_model deletes them)
-            self._active = ((), ())
+            self._active, self._active_entries = ((), ()), ()
             llm.close()
 
     def __enter__(self) -> "Engine":
@@ -278,21 +330,86 @@ class Engine:
                            add_generation_prompt=add_generation_prompt)
 
     # -- artifacts ------------------------------------------------------------------------------------------
-    def _lora_handle(self, path: str):
+    # Loaded LoRA adapters are an LRU of at most `adapter_cache_bytes` (the files' sizes: llama.cpp loads an
+    # adapter's tensors into memory as the file holds them). A request pins the artifact set it was composed
+    # with (pin(): adapters loaded, control vectors read), so a retired or rewritten file never fails a request
+    # that already holds it; an adapter leaves the LRU when it is evicted, retired (retire_file) or its file
+    # changed on disk, and llama.cpp frees it when the last request holding it ends.
+    def _load_lora(self, path: str) -> "_Adapter":
+        """The loaded adapter of the file at `path` (held lock), loading it when its file is new or changed."""
         key = _file_key(path)
-        cached = self._adapters.get(key[0])
-        if cached and cached[0] == key:
-            return key, cached[1]
+        entry = self._adapters.get(key[0])
+        if entry is not None and entry.key == key:
+            self._adapters.move_to_end(key[0])
+            return entry
         handle = self._llama_cpp.llama_adapter_lora_init(self.llm.model, key[0].encode())
         if not handle:
             raise UserError(f"{path}: not a LoRA adapter for this model ({self.model_name})")
-        if cached:  # the file was rewritten: the old handle is stale, and so is what the context holds
-            self._active = ((), self._active[1])
-            self.llm.reset()
-            self._llama_cpp.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
-            self._llama_cpp.llama_adapter_lora_free(cached[1])
-        self._adapters[key[0]] = (key, handle)
-        return key, handle
+        if entry is not None:  # the file was rewritten: the old content goes once no request holds it
+            self._uncache(entry)
+        entry = self._adapters[key[0]] = _Adapter(key, handle)
+        return entry
+
+    def _uncache(self, entry: "_Adapter") -> None:
+        if self._adapters.get(entry.key[0]) is entry:
+            del self._adapters[entry.key[0]]
+        with self._pins_lock:
+            entry.cached = False
+            unheld = entry.pins == 0
+        if unheld:
+            self._free(entry)
+
+    def _free(self, entry: "_Adapter") -> None:
+        """Free one adapter's llama.cpp memory (held lock; no request holds it), first taking it out of the
+        context if it is active there."""
+        if entry.handle is None:
+            return
+        if any(e is entry for e in self._active_entries):
+            self._deactivate()
+        self._llama_cpp.llama_adapter_lora_free(entry.handle)
+        entry.handle = None
+
+    def _evict(self) -> None:
+        """Keep the unpinned cached adapters within the byte bound, least recently used first; every
+        STALE_CHECK_S also drop cached adapters whose file is gone or changed (retired by another process)."""
+        now = time.monotonic()
+        if now - self._checked_files > STALE_CHECK_S:
+            self._checked_files = now
+            for entry in list(self._adapters.values()):
+                try:
+                    fresh = _file_key(entry.key[0]) == entry.key
+                except UserError:
+                    fresh = False
+                if not fresh:
+                    self._uncache(entry)
+        total = sum(e.nbytes for e in self._adapters.values())
+        for entry in list(self._adapters.values()):
+            if total <= self.adapter_cache_bytes:
+                break
+            if entry.pins == 0:
+                total -= entry.nbytes
+                self._uncache(entry)
+
+    def adapter_stats(self) -> dict:
+        """{"cached": adapters in the LRU, "bytes": their file bytes, "pinned": held by requests, "bound":
+        adapter_cache_bytes} (monitoring and benchmarks)."""
+        with self._lock:
+            return {"cached": len(self._adapters), "bytes": sum(e.nbytes for e in self._adapters.values()),
+                    "pinned": sum(e.pins > 0 for e in self._adapters.values()), "bound": self.adapter_cache_bytes}
+
+    def check_files_soon(self) -> None:
+        """Look for cached adapters whose file another process retired at the next pin (not after
+        STALE_CHECK_S)."""
+        self._checked_files = float("-inf")
+
+    def retire_file(self, path: str | Path) -> None:
+        """The file at `path` is no longer served (a retired artifact): its adapter leaves the LRU now and is
+        freed once no request holds it. The store calls this for the artifacts it retires (store.on_retire)."""
+        key = str(Path(path).resolve())
+        with self._lock:
+            entry = self._adapters.get(key)
+            if entry is not None and self.llm is not None:
+                self._uncache(entry)
 
     def _control_vector_buffer(self, path: str) -> np.ndarray:
         from localpers.model.gguf_write import control_vector_data, read_control_vector  # imports torch: only when used
@@ -304,49 +421,121 @@ class Engine:
                                 f"({self.n_embd} wide, layers 1..{self.n_layer - 1})")
         return control_vector_data(directions, self.n_layer, self.n_embd)
 
-    def usable(self, artifacts: Artifacts) -> tuple[Artifacts, list[tuple[str, str]]]:
-        """The artifacts llama.cpp can apply to this model, and (path, reason) for each it cannot (a missing,
-        truncated or foreign file), so that a request is served without a broken artifact instead of failing."""
-        broken, lora, cvecs = [], [], []
-        with self._lock:
-            for path, scale in artifacts.lora:
-                try:
-                    self._lora_handle(path)
-                    lora.append((path, scale))
-                except Exception as e:  # any failure to load means: serve without it
-                    broken.append((path, str(e) or type(e).__name__))
+    def _pin_locked(self, artifacts: Artifacts) -> tuple["Pinned", list[tuple[str, str]]]:
+        self._free_unheld()
+        loras, cvecs, broken = [], [], []
+        for path, scale in artifacts.lora:
+            try:
+                entry = self._load_lora(path)
+            except Exception as e:  # any failure to load means: serve without it
+                broken.append((path, str(e) or type(e).__name__))
+                continue
+            with self._pins_lock:
+                entry.pins += 1
+            loras.append((path, entry, float(scale)))
         for path, scale in artifacts.control_vectors:
             try:
-                self._control_vector_buffer(path)
-                cvecs.append((path, scale))
+                cvecs.append((path, _file_key(path), self._control_vector_buffer(path), float(scale)))
             except Exception as e:
                 broken.append((path, str(e) or type(e).__name__))
-        return Artifacts(lora=tuple(lora), control_vectors=tuple(cvecs)), broken
+        self._evict()
+        return Pinned(self, tuple(loras), tuple(cvecs)), broken
 
-    def _activate(self, artifacts: Artifacts) -> None:
-        """Make `artifacts` the context's adapters and control vector; clear the KV cache if anything changed."""
-        loras = [(*self._lora_handle(path), float(scale)) for path, scale in artifacts.lora]
-        cvecs = tuple((_file_key(path), float(scale)) for path, scale in artifacts.control_vectors)
-        wanted = (tuple((key, scale) for key, _, scale in loras), cvecs)
-        if wanted == self._active:
+    def pin(self, artifacts: Artifacts) -> tuple["Pinned", list[tuple[str, str]]]:
+        """Load and hold the artifacts llama.cpp can apply to this model for one request: (Pinned, [(path,
+        reason)] of those it cannot: a missing, truncated or foreign file), so that a request is served without
+        a broken artifact instead of failing, and with what it was composed with even if those files are
+        retired before it ends. Release the Pinned (release(), or `with`) when the request ends."""
+        with self._lock:
+            return self._pin_locked(artifacts)
+
+    def usable(self, artifacts: Artifacts) -> tuple[Artifacts, list[tuple[str, str]]]:
+        """The artifacts llama.cpp can apply to this model, and (path, reason) for each it cannot."""
+        pinned, broken = self.pin(artifacts)
+        pinned.release()
+        return pinned.artifacts, broken
+
+    def _unpin(self, loras) -> None:
+        with self._pins_lock:
+            for _, entry, _ in loras:
+                entry.pins -= 1
+                if entry.pins == 0 and not entry.cached:
+                    self._unheld.append(entry)
+
+    def _release(self, pinned: "Pinned") -> None:
+        """Let a request's adapters go; never waits for the engine: when another request holds it, a retired
+        adapter no request holds any more is freed by the engine's next pin or generation."""
+        self._unpin(pinned.loras)
+        if self._lock.acquire(blocking=False):
+            try:
+                if self.llm is not None:
+                    self._free_unheld()
+                    self._evict()
+            finally:
+                self._lock.release()
+
+    def _free_unheld(self) -> None:
+        """Free the retired adapters that no request holds any more (held lock)."""
+        with self._pins_lock:
+            entries, self._unheld = [e for e in self._unheld if e.pins == 0], []
+        for entry in entries:
+            self._free(entry)
+
+    @contextmanager
+    def _held(self, artifacts: "Artifacts | Pinned"):
+        """Inside the lock: the artifacts as a Pinned set (pinned for this call when given as paths; a file
+        that cannot be loaded then raises UserError)."""
+        if isinstance(artifacts, Pinned):
+            self._free_unheld()
+            yield artifacts
+            return
+        pinned, broken = self._pin_locked(artifacts)
+        try:
+            if broken:
+                raise UserError(broken[0][1])
+            yield pinned
+        finally:
+            self._unpin(pinned.loras)
+            self._free_unheld()
+
+    def _deactivate(self) -> None:
+        """No adapters and no control vector in the context (held lock); the KV it holds is stashed first."""
+        lc = self._llama_cpp
+        self.kv_cache.stash(self._active)
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        self.kv_cache.invalidate()
+        lc.llama_set_adapters_lora(self.llm.ctx, None, 0, None)
+        lc.llama_set_adapter_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
+        self._active, self._active_entries = ((), ()), ()
+
+    def _activate(self, pinned: "Pinned") -> None:
+        """Make the pinned artifacts the context's adapters and control vector; clear the KV cache if anything
+        changed."""
+        wanted = (tuple((entry.key, scale) for _, entry, scale in pinned.loras),
+                  tuple((key, scale) for _, key, _, scale in pinned.cvecs))
+        entries = tuple(entry for _, entry, _ in pinned.loras)
+        if wanted == self._active and all(a is b for a, b in zip(entries, self._active_entries)):
             return
         lc = self._llama_cpp
-        handles = (lc.llama_adapter_lora_p_ctypes * len(loras))(*[h for _, h, _ in loras])
-        scales = (ctypes.c_float * len(loras))(*[s for _, _, s in loras])
-        if lc.llama_set_adapters_lora(self.llm.ctx, handles, len(loras), scales) != 0:
+        handles = (lc.llama_adapter_lora_p_ctypes * len(entries))(*[e.handle for e in entries])
+        scales = (ctypes.c_float * len(entries))(*[s for _, _, s in pinned.loras])
+        self.kv_cache.stash(self._active)  # the context still holds KV computed under the previous artifacts
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear()
+        self.kv_cache.invalidate()
+        self._active, self._active_entries = ((), ()), ()
+        if lc.llama_set_adapters_lora(self.llm.ctx, handles, len(entries), scales) != 0:
             raise UserError("llama.cpp refused the LoRA adapters for this model")
-        if cvecs:
-            buf = sum(self._control_vector_buffer(path) * np.float32(scale) for path, scale in artifacts.control_vectors)
+        self._active_entries = entries
+        if pinned.cvecs:
+            buf = sum(data * np.float32(scale) for _, _, data, scale in pinned.cvecs)
             rc = lc.llama_set_adapter_cvec(self.llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
                                            buf.size, self.n_embd, 1, self.n_layer - 1)
         else:
             rc = lc.llama_set_adapter_cvec(self.llm.ctx, None, 0, self.n_embd, -1, -1)
         if rc != 0:
-            raise UserError(f"llama.cpp refused the control vectors {[p for p, _ in artifacts.control_vectors]}")
-        self.kv_cache.stash(self._active)  # the context still holds KV computed under the previous artifacts
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear()
-        self.kv_cache.invalidate()
+            raise UserError("llama.cpp refused the control vectors for this model")
         self._active = wanted
 
     # -- generation -----------------------------------------------------------------------------------------
@@ -387,7 +576,8 @@ class Engine:
         finally:
             self._lock.release()
 
-    def complete(self, messages: list[dict] | str | list[int], *, artifacts: Artifacts = NO_ARTIFACTS, sampling: Sampling = Sampling(),
+    def complete(self, messages: list[dict] | str | list[int], *, artifacts: "Artifacts | Pinned" = NO_ARTIFACTS,
+                 sampling: Sampling = Sampling(),
                  n: int = 1, tools: list | None = None, cancel: threading.Event | None = None,
                  on_delta: Callable[[int, str], None] | None = None) -> dict:
         """Generate `n` completions of the conversation under `artifacts`, one after the other, holding the engine
@@ -402,8 +592,8 @@ class Engine:
         Returns {"choices": [{"index", "text", "finish_reason" ("stop" | "length"), "tokens", "logprobs"
         (a list of OpenAI token-logprob objects, or None)}], "prompt_tokens", "completion_tokens",
         "cached_tokens" (prompt tokens of the first choice reused from the KV cache instead of computed)}."""
-        with self._locked(cancel):
-            self._activate(artifacts)
+        with self._locked(cancel), self._held(artifacts) as pinned:
+            self._activate(pinned)
             if isinstance(messages, (str, tuple)) or (messages and not isinstance(messages[0], dict)):
                 prompt = self.prompt_tokens(messages)
             else:
@@ -510,7 +700,7 @@ class Engine:
         best = np.argsort(-logprobs)[:top] if top else []
         return {**entry(token), "top_logprobs": [entry(t) for t in best]}
 
-    def chat(self, messages: list[dict], *, artifacts: Artifacts = NO_ARTIFACTS, max_tokens: int | None = 256,
+    def chat(self, messages: list[dict], *, artifacts: "Artifacts | Pinned" = NO_ARTIFACTS, max_tokens: int | None = 256,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None,
              cancel: threading.Event | None = None, **more) -> dict:
         """An OpenAI chat.completion for `messages`, generated under `artifacts`. `more` takes the other Sampling
@@ -535,7 +725,7 @@ class Engine:
             "usage": usage_of(out),
         }
 
-    def chat_stream(self, messages: list[dict], *, artifacts: Artifacts = NO_ARTIFACTS, max_tokens: int | None = 256,
+    def chat_stream(self, messages: list[dict], *, artifacts: "Artifacts | Pinned" = NO_ARTIFACTS, max_tokens: int | None = 256,
                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop=None,
                     **more) -> Iterator[dict]:
         """OpenAI chat.completion.chunk dicts. Generation runs on a thread of its own that holds the engine;
@@ -580,13 +770,13 @@ class Engine:
             cancel.set()
 
     # -- scoring --------------------------------------------------------------------------------------------
-    def logits(self, tokens: list[int], *, artifacts: Artifacts = NO_ARTIFACTS) -> np.ndarray:
+    def logits(self, tokens: list[int], *, artifacts: "Artifacts | Pinned" = NO_ARTIFACTS) -> np.ndarray:
         """Next-token logits at every position of `tokens`, decoded from an empty cache: float32 [len(tokens), V]."""
         tokens = list(tokens)
         if len(tokens) > self.n_ctx:
             raise UserError(f"{len(tokens)} tokens are over the context of {self.n_ctx}")
-        with self._lock:
-            self._activate(artifacts)
+        with self._lock, self._held(artifacts) as pinned:
+            self._activate(pinned)
             llm = self.llm
             llm.reset()
             llm._ctx.kv_cache_clear()
@@ -604,7 +794,7 @@ class Engine:
         return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(len(tokens), self.n_vocab)).copy()
 
     def continuation_logprobs(self, prompt: str | list[dict], continuations: list[str], *,
-                              artifacts: Artifacts = NO_ARTIFACTS) -> list[tuple[list[int], np.ndarray]]:
+                              artifacts: "Artifacts | Pinned" = NO_ARTIFACTS) -> list[tuple[list[int], np.ndarray]]:
         """For each continuation, its tokens and the log-softmax distributions [n_tokens, V] (float64) that
         predict them after `prompt`: a conversation (messages, tokenized prompt-safe as the served path does,
         chat_tokens) or raw text (tokenized with BOS, special tokens parsed); continuations without BOS.
@@ -620,8 +810,8 @@ class Engine:
             raise UserError(f"a prompt of {len(prompt_ids)} tokens and its continuations exceed the context "
                             f"of {self.n_ctx}")
         llm, out = self.llm, []
-        with self._lock:
-            self._activate(artifacts)
+        with self._lock, self._held(artifacts) as pinned:
+            self._activate(pinned)
             self.kv_cache.resume(self._active, prompt_ids)  # n_tokens: an aligned prefix of prompt_ids[:-1]
             llm.eval(prompt_ids[llm.n_tokens:-1])  # the last prompt token goes with each continuation, for its logits
             self.kv_cache.evaluated(len(prompt_ids) - 1)
@@ -632,7 +822,7 @@ class Engine:
                 out.append((ids, logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))))
         return out
 
-    def continuation_logprob(self, prompt: str | list[dict], continuation: str, *, artifacts: Artifacts = NO_ARTIFACTS) -> float:
+    def continuation_logprob(self, prompt: str | list[dict], continuation: str, *, artifacts: "Artifacts | Pinned" = NO_ARTIFACTS) -> float:
         """Sum of log p(continuation tokens | prompt)."""
         [(ids, logprobs)] = self.continuation_logprobs(prompt, [continuation], artifacts=artifacts)
         return float(logprobs[np.arange(len(ids)), ids].sum())

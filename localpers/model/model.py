@@ -348,13 +348,35 @@ def tensor_array(tensor: gguf.ReaderTensor) -> np.ndarray:
     return dequantize(tensor.data, tensor.tensor_type, shape)
 
 
-def load_model(path, dtype: torch.dtype = torch.float32, requires_grad: bool = False) -> Transformer:
-    """Load a llama/qwen2/qwen3/gemma3 GGUF into a Transformer in eval mode (params frozen unless requires_grad)."""
+def model_state(model: "Transformer") -> dict[str, torch.Tensor]:
+    """A loaded model's tensors as load_model(state=...) takes them back (rope_freqs included, when it has one)."""
+    state = {k: v for k, v in model.state_dict().items() if not (k == "output.weight" and model.config.tied_output)}
+    if getattr(model, "rope_freqs", None) is not None:
+        state["rope_freqs"] = model.rope_freqs
+    return state
+
+
+def load_model(path, dtype: torch.dtype = torch.float32, requires_grad: bool = False,
+               state: dict | None = None) -> Transformer:
+    """Load a llama/qwen2/qwen3/gemma3 GGUF into a Transformer in eval mode (params frozen unless requires_grad).
+    `state`: the tensors as model_state gave them for this file (e.g. a memory-mapped cached copy), instead of
+    dequantizing the GGUF's."""
     reader = open_gguf(path)
     config = ModelConfig.from_gguf(reader)
     with torch.device("meta"):
         model = Transformer(config)
     expected = set(model.state_dict()) - ({"output.weight"} if config.tied_output else set())
+    if state is not None:
+        state = dict(state)
+        if "rope_freqs" in state:
+            model.rope_freqs = state.pop("rope_freqs")
+        if set(state) != expected:
+            raise UserError(f"{path}: the cached tensors do not match this model")
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tied_output:
+            model.output.weight = model.tok_embeddings.weight
+        model.requires_grad_(requires_grad)
+        return model.eval()
     state, unsupported = {}, []
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":

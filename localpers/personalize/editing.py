@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -647,8 +648,32 @@ def preference_facts(items: list[dict]) -> tuple[list[Fact], list[tuple[str, str
 
 @lru_cache(maxsize=2)
 def editor_for(model_path: str, config: EditConfig | None = None) -> Editor:
-    """One Editor (the torch model, about 30 s to load) per model file and config, reused across users."""
-    return Editor(model_path, config)
+    """One Editor per model file and config, reused across users (its torch model: editor_model)."""
+    return Editor(model_path, config, model=editor_model(model_path))
+
+
+def editor_model(model_path):
+    """The editor's float32 torch model of a GGUF. Dequantizing the GGUF takes 17-38 s on the 2-core machine,
+    so the result is kept once in the cache folder (models/<sha256>-float32.pt, 4 bytes a weight) and loaded
+    from there memory-mapped (copy-on-write: an edit never writes the file) by later processes, in about a
+    second. A copy that cannot be read or written is only a slower load."""
+    from localpers.model.model import load_model, model_state
+
+    cache = _cache_dir().parent / "models" / f"{base_model_sha256(model_path)[:32]}-float32.pt"
+    if cache.is_file():
+        try:
+            return load_model(model_path, state=torch.load(cache, mmap=True, weights_only=True))
+        except Exception as e:  # a truncated or foreign copy: load the GGUF and write it again
+            log.warning("the editor's cached model %s is unusable (%s); loading the GGUF", cache, e)
+    model = load_model(model_path)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_name(f"{cache.name}.{os.getpid()}.part")
+        torch.save(model_state(model), partial)
+        os.replace(partial, cache)
+    except OSError as e:
+        log.warning("the editor's model copy was not cached (%s)", e)
+    return model
 
 
 def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool = False, engine=None,
@@ -665,9 +690,15 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
     from localpers.store.store import Store, data_dir as default_data_dir
 
     own_engine = engine is None
-    started = time.time()
     with (nullcontext(store) if store is not None else Store.open(default_data_dir(data_dir))) as store, \
             contextlib.ExitStack() as stack:
+        if job is None:  # by hand: one writer with a running server's worker (it holds the lock per job)
+            with store.job_lock(wait=False) as free:
+                pass
+            if not free:
+                log.warning("waiting for the running job of a server on this data folder")
+            stack.enter_context(store.job_lock())
+        started = time.time()  # jobs queued before this were queued for what it reads now
         items = store.items(user, kind=names.PREFERENCE)
         facts, skipped = preference_facts(items)
         source_of = {}
@@ -679,10 +710,8 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
         engine = stack.enter_context(Engine(model_path)) if own_engine else engine  # closed when done
         sha = base_model_sha256(engine.model_path)
         if facts:
-            import tempfile
-
             editor = editor_for(str(engine.model_path), config)
-            with tempfile.TemporaryDirectory(prefix="localpers-edit-") as tmp:  # registration copies it in
+            with store.temp_dir(user) as tmp:  # under the data folder; registration copies the adapter in
                 result = edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
                 if result.adapter:
                     meta = {"method": names.EDIT, "layer": editor.config.layer,

@@ -597,7 +597,6 @@ def train_user(store, user: str, engine_or_model_path, objective: str = names.PE
     too little writing of their own. `job`: the worker's job id; the adapter is then trained in a temporary
     folder and registered with job=job, so a job cancelled meanwhile (forget) writes nothing (StaleError or
     NotFoundError). Returns the registered meta with "path" and "version"."""
-    import tempfile
     from contextlib import nullcontext
 
     from localpers.engine.engine import model_sha256
@@ -611,7 +610,7 @@ def train_user(store, user: str, engine_or_model_path, objective: str = names.PE
         examples = examples[-config.max_examples:]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # a job never touches the user's folder before registration (artifact_dir would re-create a forgotten user)
-    with (tempfile.TemporaryDirectory(prefix="localpers-train-") if job is not None
+    with (store.temp_dir(user) if job is not None  # under the data folder: swept at start and by forget
           else nullcontext(store.artifact_dir(user))) as folder:
         folder = Path(folder)
         path, result = adapter_for_examples(model_path, examples, config, folder / f"{objective}-{stamp}.gguf",

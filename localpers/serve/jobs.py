@@ -7,10 +7,15 @@ deleting an item an artifact was derived from queues that artifact's method. For
 jobs; a job still running then registers nothing (store.register_artifact(job=...) finds it gone).
 
 One worker thread runs the jobs one at a time, at a lower CPU priority (nice 10) and with torch capped at
-`threads` threads, so that chat keeps the rest of the machine. Jobs check their artifacts on llama.cpp with the
-worker's own engine (a second context on the same memory-mapped model, `threads` threads), so chat never waits
-for a job, not even for the engine's lock. Job kinds map to functions `(store, user, engine, job_id) -> result dict` (ids and counts, no text):
-edit, perce and ce (the user's LoRA adapter), logo (a LoGo round for the whole store: logo.logo_job).
+`threads` threads, so that chat keeps the rest of the machine. Under `localpers serve` each job runs in a child
+process (JobProcess), at normal priority until a chat request arrives during a job (then nice 10), with its own llama.cpp context on the same model file to check its artifacts: chat never
+waits for a job, and what a job loads (torch, the editor's model, about 1.5 GB) goes back to the system when
+that process exits, IDLE_EXIT_S after its last job; a later job starts a new one (the editor's model then maps
+its cached float32 copy: editing.editor_model). The worker holds the data folder's job lock while a job runs
+(store.job_lock), so `localpers personalize` by hand never races it. Job start and end are logged (id, kind,
+duration; never user text). Job kinds map to functions `(store, user, engine, job_id) -> result dict` (ids and
+counts, no text): edit, perce and ce (the user's LoRA adapter), logo (a LoGo round for the whole store:
+logo.logo_job).
 
     GET  /v1/users/{user}/jobs          the user's jobs, newest first
     POST /v1/users/{user}/personalize   {"method"?: "edit" | "perce" | "ce" | "logo"} queue a job (202; an already queued one is reused)
@@ -20,7 +25,10 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import threading
+import time
+from pathlib import Path
 from typing import Callable
 
 from fastapi import APIRouter, Body, Request
@@ -51,13 +59,149 @@ def _resolve(target):
     return target
 
 
+class JobProcess:
+    """A child process that runs jobs for a server (`localpers serve`), so that what a job loads (torch, the
+    editor's model, its own llama.cpp context) is given back to the system when the process exits: it starts
+    with the first job (spawned: a fresh interpreter, never a fork of the serving threads), keeps what it loaded
+    while jobs keep coming, and exits when the worker stops it after IDLE_EXIT_S without a job, or when the
+    server exits (its pipe closes; on Linux also the parent-death signal)."""
+
+    def __init__(self, data_dir, model_path, threads: int, nice: int):
+        self.data_dir, self.model_path, self.threads, self.nice = str(data_dir), str(model_path), threads, nice
+        self._proc = self._conn = None
+        self.lowered = False  # yield_to_chat lowered its priority
+        self.last_used = time.monotonic()
+        self.started = 0  # processes started so far (monitoring, benchmarks)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.alive else None
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._proc = context.Process(target=_child_main, name="localpers-job",
+                                     args=(child, self.data_dir, self.model_path, self.threads, os.getpid()),
+                                     daemon=True)
+        self._proc.start()
+        child.close()
+        self.started += 1
+        self.lowered = False
+
+    def run(self, target: str, user: str, job_id: int) -> dict:
+        """Run job `target` ("module:function") in the child; its result, or its UserError raised here."""
+        if not self.alive:
+            self._start()
+        self._conn.send((target, user, job_id))
+        while not self._conn.poll(0.2):
+            if not self._proc.is_alive():
+                code, self._proc = self._proc.exitcode, None
+                raise RuntimeError(f"the job process exited with code {code}")
+        status, value = self._conn.recv()
+        self.last_used = time.monotonic()
+        if status == "ok":
+            return value
+        if status == "user_error":
+            raise UserError(value)
+        raise RuntimeError(value)
+
+    def yield_to_chat(self) -> None:
+        """Lower the running job process's priority (every thread to `nice`): chat has requests. Raising nice is
+        allowed to any user, lowering it is not, so it stays low until the process exits (idle)."""
+        if not self.alive or self.lowered:
+            return
+        self.lowered = True
+        pid = self._proc.pid
+        for task in Path(f"/proc/{pid}/task").glob("*") if Path(f"/proc/{pid}/task").is_dir() else [Path(str(pid))]:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(task.name), self.nice)
+            except (OSError, ValueError):
+                pass
+
+    def stop(self, timeout: float = 5) -> None:
+        proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if proc is None:
+            return
+        try:
+            conn.send(None)
+        except (OSError, ValueError):
+            pass
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(timeout)
+        conn.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this process when its parent dies (prctl PR_SET_PDEATHSIG), so no job outlives a server;
+    a parent that died before this ran (while the child was starting) ends it now."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _child_main(conn, data_dir: str, model_path: str, threads: int, parent: int) -> None:
+    """The job process: runs (target, user, job id) messages until None or its parent goes away."""
+    import traceback
+
+    _die_with_parent(parent)
+    import torch
+
+    from localpers.engine.engine import Engine
+    from localpers.store.store import Store
+
+    torch.set_num_threads(threads)
+    store = Store.open(data_dir)
+    engine = Engine(model_path, n_ctx=2048, n_threads=threads)
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            if message is None:
+                break
+            target, user, job_id = message
+            try:
+                conn.send(("ok", _resolve(target)(store, user, engine, job_id)))
+            except UserError as e:
+                conn.send(("user_error", str(e)))
+            except Exception as e:  # a bug: reported to the worker, which fails the job with it
+                traceback.print_exc()
+                conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        engine.close()
+        store.close()
+
+
+IDLE_EXIT_S = 30.0  # a job process with no job for this long exits (what it loaded goes back to the system)
+
+
 class Worker:
-    """The one background worker of a server: runs queued jobs with `engine()` (None while it loads)."""
+    """The one background worker of a server: runs queued jobs with `engine()` (None while it loads).
+
+    process=True (`localpers serve`): jobs whose kind is a "module:function" run in a JobProcess (the data
+    folder `data_dir`), which exits IDLE_EXIT_S after its last job; otherwise in this thread."""
 
     def __init__(self, store, engine: Callable[[], object], *, threads: int = 1, poll_s: float = 0.5,
-                 warm: bool = False, nice: int = 10, own_engine: bool = True):
+                 warm: bool = False, nice: int = 10, own_engine: bool = True, process: bool = False,
+                 idle_exit_s: float = IDLE_EXIT_S):
         self.store, self.engine, self.threads, self.poll_s, self.warm = store, engine, threads, poll_s, warm
-        self.nice, self.own_engine = nice, own_engine
+        self.nice, self.own_engine, self.process, self.idle_exit_s = nice, own_engine, process, idle_exit_s
+        self.child: JobProcess | None = None
         self._job_engine = None
         self._wake, self._stop = threading.Event(), threading.Event()
         self.ready = threading.Event()  # set once the engine is there and warming up (if asked) is over
@@ -66,16 +210,25 @@ class Worker:
 
     def start(self) -> "Worker":
         self.store.requeue_running()
+        self.store.sweep_temp()  # scratch folders of jobs a crash interrupted
         self._thread.start()
         return self
 
     def wake(self) -> None:
         self._wake.set()
 
+    def chat_request(self) -> None:
+        """A chat request arrived: a job process running a job yields the CPU to chat from now on (it runs at
+        normal priority while chat is idle)."""
+        if self.child is not None and self.current is not None:
+            self.child.yield_to_chat()
+
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        if self.child is not None and self.current is None:
+            self.child.stop()
 
     def _run(self) -> None:
         # Lower this thread's CPU priority (Linux: nice is per thread, and threads it starts inherit it): on a
@@ -85,14 +238,16 @@ class Worker:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
             except OSError:
                 pass
-        warmed = not self.warm
+        warmed = not self.warm or self.process  # a job process loads what its jobs need when it starts
         while not self._stop.is_set():
             engine = self.engine()
             if engine is None:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
                 continue
-            engine = self.job_engine(engine)
+            if self.process and self.child is None:
+                self.child = JobProcess(self.store.directory, engine.model_path, self.threads, self.nice)
+            engine = engine if self.process else self.job_engine(engine)
             if not warmed:
                 warmed = True
                 import torch
@@ -105,6 +260,10 @@ class Worker:
                         log.warning("warming up %s jobs failed: %s", kind, e)
             self.ready.set()
             if not self.run_one(engine):
+                if self.child is not None and self.child.alive and \
+                        time.monotonic() - self.child.last_used > self.idle_exit_s:
+                    self.child.stop()
+                    say("the job process exited (idle)")
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
 
@@ -123,7 +282,12 @@ class Worker:
         return self._job_engine
 
     def run_one(self, engine) -> bool:
-        """Claim and run the oldest queued job; False when there was none."""
+        """Claim and run the oldest queued job, holding the data folder's job lock (so `localpers personalize`
+        never runs beside it); False when there was none, or the lock is held by another process."""
+        with self.store.job_lock(wait=False) as held:
+            return held and self._run_one(engine)
+
+    def _run_one(self, engine) -> bool:
         job = self.store.claim_job(list(JOB_KINDS))
         if job is None:
             return False
@@ -131,17 +295,34 @@ class Worker:
 
         torch.set_num_threads(self.threads)
         self.current = job
+        started = time.monotonic()
+        say(f"job {job['id']} ({job['kind']}) started")
         try:
-            result = _resolve(JOB_KINDS[job["kind"]])(self.store, job["user"], engine, job["id"])
+            target = JOB_KINDS[job["kind"]]
+            if self.child is not None and isinstance(target, str):
+                result = self.child.run(target, job["user"], job["id"])
+                check = getattr(engine, "check_files_soon", None)
+                if check is not None:  # the job retired files in another process: the engine looks soon
+                    check()
+            else:
+                result = _resolve(target)(self.store, job["user"], engine, job["id"])
             self.store.finish_job(job["id"], names.DONE, result=result)
+            say(f"job {job['id']} ({job['kind']}) done in {time.monotonic() - started:.1f} s")
         except UserError as e:  # StaleError (cancelled, sources deleted), no preferences, a model mismatch...
             self.store.finish_job(job["id"], names.FAILED, reason=str(e))
+            say(f"job {job['id']} ({job['kind']}) failed in {time.monotonic() - started:.1f} s")
         except Exception as e:  # a bug: the job fails with its reason and the worker goes on
             log.exception("job %s (%s) failed", job["id"], job["kind"])
             self.store.finish_job(job["id"], names.FAILED, reason=f"{type(e).__name__}: {e}")
+            say(f"job {job['id']} ({job['kind']}) failed in {time.monotonic() - started:.1f} s: {type(e).__name__}")
         finally:
             self.current = None
         return True
+
+
+def say(line: str) -> None:
+    """One line of the server's log (stderr, as uvicorn's): job ids, kinds and durations, never user text."""
+    print(f"localpers: {line}", file=sys.stderr, flush=True)
 
 
 router = APIRouter(route_class=OpenAIErrorRoute)

@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from localpers.serve import openai_extra as extra
@@ -147,7 +146,7 @@ async def _serve(request: Request, body: dict, model: str, shape):
     started = time.monotonic()
 
     if not chat.stream:
-        out, left = await extra.whole(request, prepared.work)
+        out, left = await extra.whole(request, prepared.work, prepared.artifacts)
         if left is not None:
             return left
         choice = prepared.plan.parse(out["choices"][0]["text"], out["choices"][0]["finish_reason"])
@@ -170,7 +169,7 @@ async def _serve(request: Request, body: dict, model: str, shape):
         yield json.dumps(shape(last, True, {"done_reason": choice["finish_reason"], **_counts(out, started)}),
                          ensure_ascii=False) + "\n"
 
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    return S.PinnedStream(lines(), prepared.artifacts, media_type="application/x-ndjson")
 
 
 NDJSON = {200: {"content": {"application/json": {}, "application/x-ndjson": {}}}}

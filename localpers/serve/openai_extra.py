@@ -195,22 +195,44 @@ class Prepared:
         return dict(artifacts=self.artifacts, sampling=self.sampling, n=self.n, tools=self.plan.template_tools)
 
     def work(self, cancel, on_delta=None) -> dict:
-        """The generation (engine.complete) of this request."""
-        return self.engine.complete(self.served, cancel=cancel, on_delta=on_delta, **self.args())
+        """The generation (engine.complete) of this request, on the generation's thread, which releases the
+        pinned artifacts once the engine is done with them (server.PinnedStream / whole() release them when the
+        generation never ran)."""
+        return pinned_work(self.artifacts, lambda: self.engine.complete(
+            self.served, cancel=cancel, on_delta=on_delta, **self.args()))
 
 
-async def whole(request: Request, work):
-    """(work's result, None), or (None, the 499 response) when the client left first."""
+def pinned_work(pinned, run):
+    if not pinned.claim():  # the response ended before this thread ran
+        raise Cancelled()
+    try:
+        return run()
+    finally:
+        pinned.release()
+
+
+async def whole(request: Request, work, pinned):
+    """(work's result, None), or (None, the 499 response) when the client left first; a UserError of the
+    generation is a 400 without the server's paths; `pinned` is released if the generation never ran."""
+    engine = request.app.state.engine
     try:
         return await S.run_cancellable(request, work), None
     except Cancelled:
         return None, S.error_response(499, "the client closed the request", code="client_closed_request")
+    except UserError as e:
+        raise S.APIError(400, S.client_text(str(e), request.app.state.store.directory,
+                                            engine.model_path.parent)) from None
+    finally:
+        if pinned.claim():
+            pinned.release()
 
 
 async def prepare_chat(app, request: Request, req) -> Prepared:
     """Check a ChatRequest whole (4xx before anything is stored), compose it for its user, and store the user's
     new messages (unless history is off)."""
     engine = S.ready_engine_of(app)
+    if app.state.worker is not None:
+        app.state.worker.chat_request()  # a running job process yields the CPU to chat
     extra = req.model_extra or {}
     user = request_user(app, request, req.model, req.user or extra.get("safety_identifier"))
     check_chat_fields(req)
@@ -231,15 +253,19 @@ async def prepare_chat(app, request: Request, req) -> Prepared:
     if req.stream_options is not None and not req.stream:
         S.refuse("stream_options", "only allowed with 'stream': true")
     options = req.localpers or S.LocalpersOptions()
-    composed, artifacts, explanation = await run_in_threadpool(app.state.compose, engine, user, messages)
-    served = plan.prepare(composed, tools_ok, tools)
-    await run_in_threadpool(engine.chat_tokens, served, tools=plan.template_tools)  # template, context: 4xx now
+    composed, pinned, explanation = await run_in_threadpool(app.state.compose, engine, user, messages)
     learned = None
-    if user and app.state.history and options.history:
-        learned = await run_in_threadpool(app.state.learn, user, messages)
+    try:
+        served = plan.prepare(composed, tools_ok, tools)
+        await run_in_threadpool(engine.chat_tokens, served, tools=plan.template_tools)  # template, context: 4xx
+        if user and app.state.history and options.history:
+            learned = await run_in_threadpool(app.state.learn, user, messages)
+    except BaseException:
+        pinned.release()
+        raise
     if learned:  # the facts this message stored, replaced or retired (ids and attributes)
         explanation = {**explanation, "learned": learned}
-    return Prepared(engine, user, served, plan, sampling, req.n or 1, artifacts,
+    return Prepared(engine, user, served, plan, sampling, req.n or 1, pinned,
                     explanation if options.explain else {})
 
 
@@ -458,18 +484,20 @@ async def completions(req: CompletionRequest, request: Request):
     for prompt in prompts:
         await run_in_threadpool(engine.prompt_tokens, prompt)  # empty, foreign ids, over the context: 400 now
     first = prompts[0] if isinstance(prompts[0], str) else engine.detokenize(prompts[0])
-    _, artifacts, _ = await run_in_threadpool(app.state.compose, engine, user, [{"role": "user", "content": first}])
+    _, pinned, _ = await run_in_threadpool(app.state.compose, engine, user, [{"role": "user", "content": first}])
     n = req.n or 1
     base = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
             "model": engine.model_name, "system_fingerprint": system_fingerprint(engine)}
 
     def run_all(cancel, on_delta=None):
-        outs = []
-        for k, prompt in enumerate(prompts):
-            shifted = (lambda i, *piece, k=k: on_delta(k * n + i, *piece)) if on_delta else None
-            outs.append(engine.complete(prompt, artifacts=artifacts, sampling=sampling, n=n, cancel=cancel,
-                                        on_delta=shifted))
-        return outs
+        def each():
+            outs = []
+            for k, prompt in enumerate(prompts):
+                shifted = (lambda i, *piece, k=k: on_delta(k * n + i, *piece)) if on_delta else None
+                outs.append(engine.complete(prompt, artifacts=pinned, sampling=sampling, n=n, cancel=cancel,
+                                            on_delta=shifted))
+            return outs
+        return pinned_work(pinned, each)
 
     def total(outs):
         return usage_of({"prompt_tokens": sum(o["prompt_tokens"] for o in outs),
@@ -477,7 +505,7 @@ async def completions(req: CompletionRequest, request: Request):
                          "cached_tokens": sum(o["cached_tokens"] for o in outs)})
 
     if not req.stream:
-        outs, left = await whole(request, run_all)
+        outs, left = await whole(request, run_all, pinned)
         if left is not None:
             return left
         choices = []
@@ -515,7 +543,7 @@ async def completions(req: CompletionRequest, request: Request):
             yield chunk([], total(outs))
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return S.PinnedStream(events(), pinned, media_type="text/event-stream")
 
 
 # -- /v1/embeddings ---------------------------------------------------------------------------------------------

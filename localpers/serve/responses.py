@@ -21,7 +21,6 @@ from collections import OrderedDict
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from localpers.serve import openai_extra as extra
@@ -224,7 +223,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         return choice, output_items(choice), status
 
     if not req.stream:
-        out, left = await extra.whole(request, prepared.work)
+        out, left = await extra.whole(request, prepared.work, prepared.artifacts)
         if left is not None:
             return left
         choice, items, status = finish(out)
@@ -300,4 +299,4 @@ async def create_response(req: ResponsesRequest, request: Request):
         final = response_object(rid, req, model, items, out, status, choice["finish_reason"], prepared.explanation)
         yield event("response.completed" if status == "completed" else "response.incomplete", response=final)
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return S.PinnedStream(events(), prepared.artifacts, media_type="text/event-stream")

@@ -63,6 +63,7 @@ MAX_STOP = 4              # as OpenAI
 DEFAULT_MAX_TOKENS = 512
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 POLL_S = 0.1              # how often a waiting handler checks that its client is still there
+COMPOSE_TRIES = 3         # a request composed while its artifacts are replaced reads the registry again
 
 
 # -- the request body, as OpenAI documents it ---------------------------------------------------------------
@@ -495,16 +496,19 @@ def ready_engine_of(app):
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
                engine=None, personalize: str = DEFAULT_SPEC, history: bool = True, jobs: bool = False,
                warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=(),
-               lora=(), aliases=(), owner: str | None = None, strict_model_names: bool = False) -> FastAPI:
+               lora=(), adapter_cache_bytes: int = names.ADAPTER_CACHE_BYTES, aliases=(), owner: str | None = None,
+               strict_model_names: bool = False) -> FastAPI:
     """The server's app, with the guard `localpers serve` runs. The engine loads in a background thread (so
     /health answers 503 meanwhile) unless an engine is given. `personalize`: the composition spec of requests with
     a `user`; `history`: store users' messages and learn their preferences; `jobs`: run the background job worker
-    (`localpers serve` does; without it jobs stay queued), `warm_jobs`: load what jobs need (the editor's torch
-    model) once the engine is ready. Requests must name a loopback host, `host` or one of `allowed_hosts` ("*":
-    any) in their Host header. `lora`: adapter files applied to every request (scale 1), besides the user's
-    artifacts; one that llama.cpp cannot load for the model fails the load (/health says so). `aliases`: more
-    names of the served model; `owner`: the user a request naming nobody is served as (default
-    $LOCALPERS_USER); `strict_model_names`: 404 for a model name not served (localpers.serve.openai_extra)."""
+    (True: in a thread; "process": each job in a child process, as `localpers serve` does; without it jobs stay
+    queued), `adapter_cache_bytes`: the bound of the engine's loaded adapters (names.ADAPTER_CACHE_BYTES),
+    `warm_jobs`: load what jobs need (the editor's torch model) once the engine is ready (thread jobs only).
+    Requests must name a loopback host, `host` or one of `allowed_hosts` ("*": any) in their Host header. `lora`:
+    adapter files applied to every request (scale 1), besides the user's artifacts; one that llama.cpp cannot
+    load for the model fails the load (/health says so). `aliases`: more names of the served model; `owner`: the
+    user a request naming nobody is served as (default $LOCALPERS_USER); `strict_model_names`: 404 for a model
+    name not served (localpers.serve.openai_extra)."""
     from localpers.serve import ollama, openai_extra as extra, responses
 
     app = FastAPI(title="localpers", version="1", docs_url=None, redoc_url=None,
@@ -519,7 +523,10 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     app.include_router(memory_router)
     app.include_router(jobs_router)
     app.include_router(page_router)  # the page at / (localpers.serve.page)
-    app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs).start() if jobs else None
+    # a retired artifact leaves the served engine's adapter LRU at once (freed when no request holds it)
+    store.on_retire.append(lambda path: app.state.engine is not None and app.state.engine.retire_file(path))
+    app.state.worker = Worker(store, lambda: app.state.engine, warm=warm_jobs,
+                              process=jobs == "process").start() if jobs else None
     if app.state.worker is not None:
         app.router.on_shutdown.append(lambda: app.state.worker.stop(timeout=2))  # a running job dies with the process
     hosts = set(LOOPBACK_NAMES) | {h.lower().strip("[]") for h in allowed_hosts}
@@ -534,18 +541,25 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
                            allow_headers=["*"])
 
     def compose(engine, user: str | None, messages: list[dict]):
-        """(messages as served, artifacts, explanation) of a request: what `user` is served with. An artifact
-        llama.cpp cannot load is left out and marked broken in the store (so it shows up as such for that user;
-        the client never sees the server's paths)."""
+        """(messages as served, the artifacts pinned for this request, explanation): what `user` is served with.
+        The artifact set is pinned (engine.pin): retired while the request runs, it is still served to it.
+        A file retired between reading the registry and pinning it: composed again from the current registry.
+        An artifact llama.cpp cannot load is left out and marked broken in the store (so it shows up as such
+        for that user; the client never sees the server's paths)."""
         if not user:
-            return messages, everyone, {"composition": names.BASE, "artifacts": [], "retrieved": []}
-        person = served_user(store, user, model_sha256(engine.model_path), messages,
-                             preferences=composer.needs_preferences)
-        personalized = composer(person, last_user_message(messages), engine)
-        usable, broken = engine.usable(personalized.artifacts)
+            return messages, engine.pin(everyone)[0], {"composition": names.BASE, "artifacts": [], "retrieved": []}
+        sha = model_sha256(engine.model_path)
+        for attempt in range(COMPOSE_TRIES):
+            person = served_user(store, user, sha, messages, preferences=composer.needs_preferences)
+            personalized = composer(person, last_user_message(messages), engine)
+            pinned, broken = engine.pin(everyone.merge(personalized.artifacts))
+            if attempt + 1 == COMPOSE_TRIES or all(Path(path).exists() for path, _ in broken):
+                break
+            pinned.release()
         for path, reason in broken:
-            mark_broken(store, user, path, reason)
-        return apply(personalized, messages), everyone.merge(usable), composer.explain(person, personalized)
+            if Path(path).exists():
+                mark_broken(store, user, path, reason)
+        return apply(personalized, messages), pinned, composer.explain(person, personalized)
 
     def learn(user: str, messages: list[dict]) -> dict | None:
         """Store the user's new messages and learn the facts stated in them (after composing: this request's
@@ -570,7 +584,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         from localpers.engine.engine import Engine
 
         try:
-            loaded = Engine(model_path)
+            loaded = Engine(model_path, adapter_cache_bytes=adapter_cache_bytes)
             if everyone.lora and (broken := loaded.usable(everyone)[1]):
                 loaded.close()
                 raise UserError(f"--lora {broken[0][0]}: {broken[0][1]}")
@@ -594,7 +608,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     async def on_user_error(request, e: UserError):
         if isinstance(e, ContextOverflow):
             return extra.context_error(e)
-        return error_response(404 if isinstance(e, NotFoundError) else 400, str(e))
+        model = app.state.engine.model_path.parent if app.state.engine is not None else store.directory
+        return error_response(404 if isinstance(e, NotFoundError) else 400, client_text(str(e), store.directory, model))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request, e: RequestValidationError):
@@ -624,12 +639,39 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         prepared = await extra.prepare_chat(app, request, req)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(extra.chat_stream(request, prepared, include_usage), media_type="text/event-stream")
-        out, left = await extra.whole(request, prepared.work)
+            return PinnedStream(extra.chat_stream(request, prepared, include_usage), prepared.artifacts,
+                                media_type="text/event-stream")
+        out, left = await extra.whole(request, prepared.work, prepared.artifacts)
         return left if left is not None else extra.chat_response(prepared, out)
 
     extra.mount(app)  # after the guard: the /v1-less aliases are rewritten before it checks the API key
     return app
+
+
+class PinnedStream(StreamingResponse):
+    """A stream whose generation releases its pinned artifacts; when the client left before the stream started
+    (so no generation ran), the response releases them itself."""
+
+    def __init__(self, content, pinned, **kwargs):
+        super().__init__(content, **kwargs)
+        self.pinned = pinned
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.pinned.claim():
+                self.pinned.release()
+
+
+def client_text(message: str, *folders) -> str:
+    """An error message as a client may see it: the server's own paths (the data folder, the model's folder)
+    replaced by a neutral word."""
+    for folder in folders:
+        for form in sorted({str(Path(folder)), str(Path(folder).resolve())}, key=len, reverse=True):
+            if len(form) > 1:
+                message = message.replace(form, "<server>")
+    return message
 
 
 def mark_broken(store: Store, user: str, path: str, reason: str) -> None:
@@ -662,7 +704,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           data_dir: str | None = None, personalize: str = DEFAULT_SPEC, history: bool = True, allowed_hosts=(),
-          allowed_origins=(), insecure_no_api_key: bool = False, lora=(), aliases=(), owner: str | None = None,
+          allowed_origins=(), insecure_no_api_key: bool = False, lora=(),
+          adapter_cache_mb: float = names.ADAPTER_CACHE_BYTES / 2**20, aliases=(), owner: str | None = None,
           strict_model_names: bool = False) -> None:
     import uvicorn
 
@@ -678,16 +721,25 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
         if adapter is None or adapter.contents() != "lora":
             raise UserError(f"--lora {path}: not a llama.cpp LoRA adapter (no adapter.type = lora)")
     Composer(personalize)  # an unknown method is a one-line error before anything starts
+    if not adapter_cache_mb >= 0:
+        raise UserError(f"--adapter-cache-mb must be 0 or more, not {adapter_cache_mb}")
     sock = bind(host, port)
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
-                     jobs=True, warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-                     lora=lora, aliases=aliases, owner=owner, strict_model_names=strict_model_names)
+                     jobs="process", warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
+                     lora=lora, adapter_cache_bytes=int(adapter_cache_mb * 2**20), aliases=aliases, owner=owner,
+                     strict_model_names=strict_model_names)
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
               "name or address, add --allowed-host NAME", file=sys.stderr, flush=True)
-    print(f"localpers: serving on http://{shown}:{port}/v1 (the model loads in the background; GET /health)",
-          flush=True)
+    from localpers import default_model_path
+
+    try:
+        shown_model = model or default_model_path()
+    except FileNotFoundError:  # reported by the load, on /health
+        shown_model = "the default model"
+    print(f"localpers: serving {shown_model} with the data folder {app.state.store.directory} "
+          f"on http://{shown}:{port}/v1 (the model loads in the background; GET /health)", flush=True)
     # timeout_graceful_shutdown: on SIGTERM, open streams get 2 s, then their tasks are cancelled, which sets
     # their generations' cancel events (a generation never outlives its request).
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2))

@@ -42,6 +42,8 @@ from localpers.store.retrieval import BM25Index, DenseIndex, fuse, make_embedder
 
 MAX_TEXT_BYTES = 64 * 1024  # per item, text and metadata each
 DB_FILE = "localpers.db"
+TEMP_DIR = "tmp"  # jobs' scratch folders (Store.temp_dir)
+JOB_LOCK_FILE = "jobs.lock"  # held by whoever runs an artifact job (Store.job_lock)
 KEY_FILE = "key"
 SEARCH_MODES = ("bm25", "dense", "hybrid")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # kinds (and the user ids of stores before layout 2)
@@ -103,6 +105,18 @@ class NotFoundError(UserError):
 class StaleError(UserError):
     """An artifact's registration came too late: its job was cancelled (forget), or an item it was derived
     from was deleted meanwhile (the deletion queued its recomputation). Nothing was written."""
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def data_dir(arg: str | None = None) -> Path:
@@ -431,6 +445,9 @@ class Store:
         self._index_lock = threading.Lock()  # the in-memory indexes are shared by all threads
         self._bm25: dict[int, BM25Index] = {}  # user id -> index
         self._dense: dict[tuple[int, str], DenseIndex] = {}  # (user id, embedder name) -> index
+        # called with each artifact file this store retires (absolute path), after it is deleted: a server's
+        # engine drops the adapter it loaded from it (freed once no request holds it)
+        self.on_retire: list = []
         self.cipher = self._unlock()
         self._migrate()
         self._migrate_facts()
@@ -1004,6 +1021,57 @@ class Store:
         self._remove_files(user_id, [p for _, p in replaced if p != relative])
         return artifact_id
 
+    @contextmanager
+    def job_lock(self, wait: bool = True):
+        """The data folder's one-writer lock for artifact jobs (an flock on JOB_LOCK_FILE, across processes and
+        threads): a server's worker holds it while it runs a job, `localpers personalize` while it edits, so the
+        two never race. Yields True once held; with wait=False yields False at once when another holds it."""
+        import fcntl
+
+        with open(self.directory / JOB_LOCK_FILE, "a+b") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    @contextmanager
+    def temp_dir(self, user: str):
+        """A private scratch folder for one job of `user`'s, under the data folder (never the system temp, so
+        forget and a restart find it): tmp/_user-<row id>-<pid>-<random>, deleted when the block ends; one
+        left by a crash is swept by the next sweep_temp() (server start) or by forgetting the user."""
+        import tempfile
+
+        with self._read() as conn:
+            user_id = self._user_id(conn, user)
+        root = self.directory / TEMP_DIR
+        root.mkdir(mode=0o700, exist_ok=True)
+        path = Path(tempfile.mkdtemp(prefix=f"_user-{user_id}-{os.getpid()}-", dir=root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def sweep_temp(self, user_id: int | None = None) -> int:
+        """Delete job scratch folders (temp_dir): all of one user's (by row id), or, with None, those whose
+        process is gone (a crash mid-job). Returns how many were deleted."""
+        root, swept = self.directory / TEMP_DIR, 0
+        for path in root.glob("_user-*") if root.is_dir() else ():
+            parts = path.name.split("-")
+            if len(parts) < 4 or not parts[1].isdigit() or not parts[2].isdigit():
+                continue
+            if user_id is not None and int(parts[1]) != user_id:
+                continue
+            if user_id is None and _alive(int(parts[2])):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            swept += 1
+        return swept
+
     def _remove_files(self, user_id: int, paths: list[str]) -> None:
         """Delete retired artifact files (paths relative to the data directory), never outside the user's folder."""
         folder = self._user_folder(user_id).resolve()
@@ -1011,6 +1079,21 @@ class Store:
             path = (self.directory / relative).resolve()
             if path.is_relative_to(folder) and path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                self._retired(path)
+
+    def _retired(self, path: Path) -> None:
+        for listener in self.on_retire:
+            try:
+                listener(path)
+            except Exception:  # a listener's failure never fails the deletion that is done already
+                pass
+
+    def _remove_folder(self, folder: Path) -> None:
+        """Delete a user's artifact folder, telling on_retire about each file in it."""
+        files = [p.resolve() for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+        shutil.rmtree(folder, ignore_errors=True)
+        for path in files:
+            self._retired(path)
 
     def artifacts(self, user: str, kind: str | None = None, base_model_sha256: str | None = None) -> list[dict]:
         """The user's current artifacts, latest first: dicts with id, method, kind, version, path (absolute),
@@ -1180,13 +1263,14 @@ class Store:
         """Delete everything held about the user: artifact files, then rows (items, vectors, artifacts),
         then VACUUM and truncate the WAL, so that neither the text nor its ciphertext is left in the files."""
         with self._read() as conn:
-            shutil.rmtree(self._user_folder(self._user_id(conn, user)), ignore_errors=True)
+            self._remove_folder(self._user_folder(self._user_id(conn, user)))
         with self._write() as conn:
             user_id = self._user_id(conn, user)
             conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts, jobs
         # again: a job may have registered a file between the first removal and the delete (after it, a
         # registration finds no user and writes nothing)
-        shutil.rmtree(self._user_folder(user_id), ignore_errors=True)
+        self._remove_folder(self._user_folder(user_id))
+        self.sweep_temp(user_id)
         with self._index_lock:
             self._bm25.pop(user_id, None)
             for key in [key for key in self._dense if key[0] == user_id]:
