@@ -31,6 +31,7 @@ QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 BASE = "base"      # the model as it is
 PROMPT = "prompt"  # stated preferences in the system message
 RAG = "rag"        # top-k retrieved history items before the question
+FACTS = "facts"    # the stated preferences that bear on the question, in a compact line before it
 EDIT = "edit"      # Personalization Editing: rank-one ROME edits of ffn_down -> LoRA adapter
 CE = "ce"          # plain cross-entropy LoRA fine-tuning on the user's history (PerCE's baseline)
 PERCE = "perce"    # PerContrast-weighted LoRA fine-tuning (arXiv 2603.06595) -> LoRA adapter
@@ -40,6 +41,9 @@ LOGO_ABLATIONS = ("logo-nodecay", "logo-nomediator", "logo-random")
 # PerCE's ablations (evaluation only; training.PERCE_ABLATIONS): clip range 0.5..5, no clipping (w = PIR as is),
 # weights frozen at step 0 (no bootstrap), the loss divided by sum w instead of n
 PERCE_ABLATIONS = ("perce-clip05", "perce-noclip", "perce-frozen", "perce-wnorm")
+
+# Personalization Editing's ablation (evaluation only): the single-turn edit (no chat context templates)
+EDIT_ABLATIONS = ("edit-1turn",)
 
 # Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).
 TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)
