@@ -35,10 +35,12 @@ from localpers.errors import UserError
 from localpers.engine.kvcache import DEFAULT_MAX_BYTES, KVCache
 
 
-# Prompts are decoded in chunks of N_BATCH tokens, and the KV-state cache reuses prefixes that end on a multiple
-# of it, so a reply never depends on what was cached (localpers.engine.kvcache). Small enough that a returning user
-# recomputes at most N_BATCH - 1 tokens of their conversation, large enough for fast prompt evaluation.
-N_BATCH = 64
+# Prompts are decoded in chunks of N_BATCH tokens (llama-cpp-python's default: prompt speed at llama.cpp's own,
+# issue 32), and the KV-state cache reuses prefixes that end on a multiple of KV_BLOCK, computed by prompt
+# evaluation, with the rest of the prompt decoded so that a reply never depends on what was cached
+# (localpers.engine.kvcache, BENCHMARKS.md section 2 for the trade-off).
+N_BATCH = 512
+KV_BLOCK = 1
 
 
 _LIVE: "weakref.WeakSet" = weakref.WeakSet()
@@ -297,7 +299,7 @@ class Engine:
         self._active: tuple = ((), ())  # (lora file keys with scales, control-vector file keys with scales)
         self._active_entries: tuple = ()  # the _Adapters set in the context
         # KV states per (artifact set, token prefix), so users taking turns resume instead of recomputing.
-        self.kv_cache = KVCache(self.llm, kv_cache_bytes)
+        self.kv_cache = KVCache(self.llm, kv_cache_bytes, block=KV_BLOCK)
         closed_at_exit(self)
         self.generated = 0  # tokens sampled since the engine started (monitoring; tests count decoding steps)
 

@@ -372,9 +372,12 @@ def is_loopback(host: str) -> bool:
 def _host_name(host_header: str) -> str:
     """The host of a Host header, without the port ([::1]:8000 -> ::1)."""
     h = host_header.strip().lower()
-    if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    if h.startswith("["):  # an IPv6 literal: "[addr]" or "[addr]:port", nothing else after it
+        end = h.find("]")
+        rest = h[end + 1:] if end > 0 else None
+        return h[1:end] if rest is not None and (rest == "" or (rest[:1] == ":" and rest[1:].isdigit())) else h
+    name, sep, port = h.rpartition(":")
+    return name if sep and h.count(":") == 1 and port.isdigit() else h  # "host:8000.evil.example" stays whole
 
 
 class Guard:
