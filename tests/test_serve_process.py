@@ -62,9 +62,9 @@ def test_tools_are_rendered_when_the_template_supports_them(qwen3_client):
                                                "parameters": {"type": "object", "properties": {}}}}]
     r = qwen3_client.post("/v1/chat/completions", json={"messages": HELLO, "tools": tools, "max_tokens": 4})
     assert r.status_code == 200, r.text
-    body = {"messages": HELLO, "tools": tools, "tool_choice": "required"}
-    r = qwen3_client.post("/v1/chat/completions", json=body)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    body = {"messages": HELLO, "tools": tools, "tool_choice": "required", "max_tokens": 24}
+    r = qwen3_client.post("/v1/chat/completions", json=body)  # forced: llama.cpp's generic format, any template
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("tool_calls", "length"), r.text
     history = [*HELLO, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]

@@ -39,7 +39,8 @@ def cmd_serve(args):
           allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
           insecure_no_api_key=args.insecure_no_api_key, lora=args.lora, adapter_cache_mb=args.adapter_cache_mb,
           max_request_tokens=args.max_request_tokens, max_connections=args.max_connections or None,
-          header_timeout=args.header_timeout, body_timeout=args.body_timeout)
+          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+          aliases=args.alias, owner=args.user, strict_model_names=args.strict_model_names)
 
 
 VERBOSE_HELP = "show llama.cpp's own log on stderr (default: off; only its errors are shown)"
@@ -112,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="disconnect a client that has not sent a request's headers in S seconds (default: %(default)s)")
     p.add_argument("--body-timeout", type=float, default=names.BODY_TIMEOUT_S, metavar="S",
                    help="... or its body within S more seconds (default: %(default)s)")
+    p.add_argument("--user", metavar="NAME",
+                   help="serve requests that name no user (no `user` field, X-Localpers-User header or "
+                        "NAME@localpers model) as NAME, the machine's owner (default: $LOCALPERS_USER, else nobody: "
+                        "the base model)")
+    p.add_argument("--alias", action="append", default=[], metavar="NAME",
+                   help="another name of the served model in /v1/models (repeatable); any name is served anyway "
+                        "unless --strict-model-names")
+    p.add_argument("--strict-model-names", action="store_true",
+                   help="answer 404 model_not_found for a model name that is not served (OpenAI's behaviour; "
+                        "default: any name is served, as llama-server does)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe a GGUF model",

@@ -138,6 +138,13 @@ class Artifacts:
 NO_ARTIFACTS = Artifacts()
 
 
+class ContextOverflow(UserError):
+    """A prompt that does not fit the context (the server answers OpenAI's context_length_exceeded with the
+    counts)."""
+
+    def __init__(self, n_prompt: int, n_ctx: int):
+        super().__init__(f"the prompt has {n_prompt} tokens, over the context of {n_ctx}")
+        self.n_prompt, self.n_ctx = n_prompt, n_ctx
 
 STALE_CHECK_S = 5.0  # how often an engine looks for cached adapters whose file another process retired
 
@@ -234,8 +241,10 @@ def message_of(text: str, finish_reason: str, tools: bool) -> dict:
 
 
 def usage_of(out: dict) -> dict:
+    """OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens reused from the KV cache."""
     return {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}
+            "total_tokens": out["prompt_tokens"] + out["completion_tokens"],
+            "prompt_tokens_details": {"cached_tokens": out.get("cached_tokens", 0)}}
 
 
 @lru_cache(maxsize=16)
@@ -590,7 +599,22 @@ class Engine:
         tokens = chat_tokens(self.llm, self.chat_template, messages, bos_token=self.bos_token,
                              eos_token=self.eos_token, tools=tools).ids
         if len(tokens) >= self.n_ctx:
-            raise UserError(f"the prompt has {len(tokens)} tokens, over the context of {self.n_ctx}")
+            raise ContextOverflow(len(tokens), self.n_ctx)
+        return tokens
+
+    def prompt_tokens(self, prompt: str | list[int]) -> list[int]:
+        """A raw completion prompt's token ids (text: tokenized as llama-server does, BOS where the vocabulary
+        asks for it, special-token text parsed; a list: token ids, checked). Raises UserError as chat_tokens."""
+        if isinstance(prompt, str):
+            tokens = self.tokenize(prompt, add_bos=True, special=True)
+        else:
+            tokens = list(prompt)
+            if any(not 0 <= t < self.n_vocab for t in tokens):
+                raise UserError(f"'prompt': token ids must be in 0..{self.n_vocab - 1}")
+        if not tokens:
+            raise UserError("'prompt' is empty")
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflow(len(tokens), self.n_ctx)
         return tokens
 
     _prompt_tokens = chat_tokens
@@ -617,7 +641,8 @@ class Engine:
             raise Cancelled()
         return True
 
-    def complete(self, messages: list[dict], *, artifacts: "Artifacts | Pinned" = NO_ARTIFACTS, sampling: Sampling = Sampling(),
+    def complete(self, messages: list[dict] | str | list[int], *, artifacts: "Artifacts | Pinned" = NO_ARTIFACTS,
+                 sampling: Sampling = Sampling(),
                  n: int = 1, tools: list | None = None, cancel: threading.Event | None = None,
                  on_delta: Callable[[int, str], None] | None = None) -> dict:
         """Generate `n` completions of the conversation under `artifacts`, one after the other, holding the engine
@@ -626,21 +651,29 @@ class Engine:
         for the engine) and raises Cancelled. Each choice starts from an empty KV cache, so a reply never
         depends on the requests served before it (greedy replies are byte-identical to the request run alone).
 
+        `messages` may instead be a raw prompt (text or token ids: a text completion, no chat template). With
+        logprobs, on_delta gets a third argument: the token-logprob objects of the tokens behind that piece.
+
         Returns {"choices": [{"index", "text", "finish_reason" ("stop" | "length"), "tokens", "logprobs"
-        (a list of OpenAI token-logprob objects, or None)}], "prompt_tokens", "completion_tokens"}."""
+        (a list of OpenAI token-logprob objects, or None)}], "prompt_tokens", "completion_tokens",
+        "cached_tokens" (prompt tokens of the first choice reused from the KV cache instead of computed)}."""
         with self._locked(cancel), self._held(artifacts) as pinned:
             self._activate(pinned)
-            prompt = self.chat_tokens(messages, tools=tools)
+            if isinstance(messages, (str, tuple)) or (messages and not isinstance(messages[0], dict)):
+                prompt = self.prompt_tokens(messages)
+            else:
+                prompt = self.chat_tokens(messages, tools=tools)
             grammar = self._grammar(sampling.grammar) if sampling.grammar else None
             choices = []
             for i in range(n):
                 if i and self._yield_to_waiting(cancel):  # fairness: a long request lets waiting ones through
                     self._activate(pinned)
                 seed = None if sampling.seed is None else sampling.seed + i
-                emit = (lambda piece, i=i: on_delta(i, piece)) if on_delta else None
+                emit = (lambda *piece, i=i: on_delta(i, *piece)) if on_delta else None
                 choices.append({"index": i, **self._decode(prompt, sampling, seed, grammar, cancel, emit)})
+        cached = [c.pop("cached") for c in choices][0] if choices else 0
         return {"choices": choices, "prompt_tokens": len(prompt),
-                "completion_tokens": sum(c["tokens"] for c in choices)}
+                "completion_tokens": sum(c["tokens"] for c in choices), "cached_tokens": cached}
 
     def _grammar(self, gbnf: str):
         from llama_cpp.llama_grammar import LlamaGrammar
@@ -657,7 +690,7 @@ class Engine:
         # Reuse the longest prefix of the prompt that the context or the KV-state cache holds under these very
         # artifacts (localpers.engine.kvcache): restored cells are the bytes computed for that prefix, so the reply is the
         # one an empty cache gives (tests/test_kvcache.py checks byte-exact isolation).
-        self.kv_cache.resume(self._active, prompt)
+        cached = self.kv_cache.resume(self._active, prompt)
         self.kv_cache.evaluated(len(prompt))  # generate() decodes the rest of the prompt in aligned chunks
         llm.set_seed(seed if seed is not None else random.getrandbits(32))
         bias_ids = np.array([t for t, _ in s.logit_bias], dtype=np.intc)
@@ -678,6 +711,15 @@ class Engine:
         budget = self.n_ctx - len(prompt)
         max_tokens = budget if s.max_tokens is None else min(s.max_tokens, budget)
         tokens, logprobs, text, sent, finish = [], [] if want_logprobs else None, "", 0, "length"
+        lp_sent = 0
+
+        def send(piece: str) -> None:
+            nonlocal lp_sent
+            if logprobs is None:
+                emit(piece)
+            else:
+                emit(piece, logprobs[lp_sent:])
+                lp_sent = len(logprobs)
         generator = llm.generate(
             prompt, top_k=0 if s.temperature > 0 else 40, top_p=s.top_p, min_p=0.0, temp=s.temperature,
             repeat_penalty=1.0, frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty,
@@ -701,15 +743,16 @@ class Engine:
                 safe = len(text) - max((k for stop in s.stop for k in range(1, len(stop))
                                         if text.endswith(stop[:k])), default=0)
                 if emit and safe > sent:
-                    emit(text[sent:safe])
+                    send(text[sent:safe])
                     sent = safe
         finally:
             generator.close()
         if cancel is not None and cancel.is_set():
             raise Cancelled()
         if emit and len(text) > sent:
-            emit(text[sent:])
-        return {"text": text, "finish_reason": finish, "tokens": len(tokens), "logprobs": logprobs}
+            send(text[sent:])
+        return {"text": text, "finish_reason": finish, "tokens": len(tokens), "logprobs": logprobs,
+                "cached": cached}
 
     def _token_piece(self, token: int) -> bytes:
         return self.llm.detokenize([token], special=True)
@@ -767,7 +810,7 @@ class Engine:
             try:
                 events.put(("done", self.chat(messages, artifacts=artifacts, max_tokens=max_tokens,
                                               temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                              cancel=cancel, on_delta=lambda i, t: events.put(("delta", i, t)),
+                                              cancel=cancel, on_delta=lambda i, t, *_: events.put(("delta", i, t)),
                                               **more)))
             except BaseException as e:  # handed to the consumer
                 events.put(("error", e))

@@ -35,8 +35,6 @@ import socket
 import sqlite3
 import sys
 import threading
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,13 +42,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from localpers import names
 from localpers.serve.compose import DEFAULT_SPEC, Composer, last_user_message, served_user
-from localpers.model.chat import template_supports_tools
-from localpers.engine.engine import Artifacts, Cancelled, Sampling, model_sha256, usage_of
+from localpers.engine.engine import Artifacts, Cancelled, ContextOverflow, Sampling, model_sha256
 from localpers.errors import UserError
 from localpers.serve import limits
 from localpers.serve.jobs import Worker
@@ -105,10 +101,11 @@ class Message(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = None
 
 
 class JSONSchema(_Strict):
-    name: StrictStr = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: StrictStr | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: StrictStr | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: StrictBool | None = None
@@ -117,6 +114,7 @@ class JSONSchema(_Strict):
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchema | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama-server's json_object with a schema
 
 
 class Function(_Strict):
@@ -167,6 +165,7 @@ class ChatRequest(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
+    json_schema: dict[str, Any] | None = None  # llama-server's shorthand for response_format json_schema
     localpers: LocalpersOptions | None = None
 
 
@@ -210,6 +209,7 @@ class ChatCompletion(BaseModel):
     object: Literal["chat.completion"]
     created: int
     model: str
+    system_fingerprint: str
     choices: list[Choice]
     usage: Usage
 
@@ -283,10 +283,6 @@ def engine_messages(req: ChatRequest, tools_ok: bool) -> list[dict]:
         if m.role in ("system", "developer", "user") and content is None:
             raise APIError(400, f"'messages.{i}.content' is required for a {m.role} message",
                            param=f"messages.{i}.content")
-        if m.role == "tool" or m.tool_calls:
-            if not tools_ok:
-                refuse(f"messages.{i}", "tool messages and tool calls need a model whose chat template supports "
-                                        "tools; this model's does not")
         msg = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
         if m.tool_calls:
             msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
@@ -333,34 +329,34 @@ def sampling_of(req: ChatRequest, n_vocab: int) -> Sampling:
     )
 
 
-def grammar_of(fmt: ResponseFormat | None) -> str | None:
+def schema_of(fmt: ResponseFormat | None) -> tuple[dict | None, str]:
+    """The JSON schema a response_format asks for ({} for any JSON; None for text) and the field that holds it."""
+    if fmt is None or fmt.type == "text":
+        return None, "response_format"
+    if fmt.type == "json_object":
+        return (fmt.schema_ if fmt.schema_ is not None else {}), "response_format.schema"
+    if fmt.json_schema is None:
+        refuse("response_format.json_schema", "is required when 'type' is 'json_schema'")
+    return fmt.json_schema.schema_ or {}, "response_format.json_schema.schema"
+
+
+def grammar_of(fmt: ResponseFormat | None, schema: dict | None = None, param: str | None = None) -> str | None:
     """The GBNF grammar that makes the reply parse as the requested JSON (llama.cpp's JSON grammar and its
     JSON-schema converter, as llama-server uses them)."""
-    if fmt is None or fmt.type == "text":
+    if schema is None:
+        schema, param = schema_of(fmt)
+    if schema is None:
         return None
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-    if fmt.type == "json_object":
+    if not schema:
         return JSON_GBNF
-    if fmt.json_schema is None:
-        refuse("response_format.json_schema", "is required when 'type' is 'json_schema'")
-    schema = fmt.json_schema.schema_ or {}
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:  # the converter raises assorted errors for schemas it does not support
-        refuse("response_format.json_schema.schema", f"llama.cpp cannot turn this JSON schema into a grammar ({e})")
+        refuse(param, f"llama.cpp cannot turn this JSON schema into a grammar ({e})")
 
 
-def tools_of(req: ChatRequest, tools_ok: bool) -> list[dict] | None:
-    if not req.tools or req.tool_choice == "none":
-        return None
-    if not tools_ok:
-        refuse("tools", "this model's chat template does not support tools")
-    if req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice):
-        refuse("tool_choice", "only 'auto' and 'none' are supported (a call cannot be forced on this model)")
-    if req.stream:
-        refuse("tools", "tools with 'stream': true are not supported; send the request without streaming")
-    return [t.model_dump(exclude_none=True) for t in req.tools]
 
 
 # -- the browser is an attacker -------------------------------------------------------------------------------
@@ -406,7 +402,7 @@ class Guard:
             return 403, (f"cross-origin requests from {origin!r} are refused; allow the origin with "
                          f"`localpers serve --allowed-origin`"), "origin_not_allowed"
         path = scope.get("path", "")
-        if self.api_key and (path.startswith("/v1") or path == "/openapi.json") \
+        if self.api_key and (path.startswith(("/v1", "/api/")) or path == "/openapi.json") \
                 and not limits.authorized(headers.get("authorization"), self.api_key):
             return 401, "a valid API key is required (Authorization: Bearer KEY)", "invalid_api_key"
         if scope.get("method") in ("POST", "PUT", "PATCH"):
@@ -494,11 +490,21 @@ async def run_cancellable(request: Request, work, on_event=None):
             done.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: nobody awaits it now
 
 
+def ready_engine_of(app):
+    """The app's engine, or the 503 (still loading) / 500 (failed to load) APIError."""
+    if app.state.engine is None:
+        if app.state.load_error:
+            raise APIError(500, "the model failed to load; the server's log says why", "server_error")
+        raise APIError(503, "the model is still loading", "server_error", "model_loading")
+    return app.state.engine
+
+
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
                engine=None, personalize: str = DEFAULT_SPEC, history: bool = True, jobs: bool = False,
                warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=(),
                lora=(), adapter_cache_bytes: int = names.ADAPTER_CACHE_BYTES,
-               max_request_tokens: int = names.MAX_REQUEST_TOKENS) -> FastAPI:
+               max_request_tokens: int = names.MAX_REQUEST_TOKENS, aliases=(), owner: str | None = None,
+               strict_model_names: bool = False) -> FastAPI:
     """The server's app, with the guard `localpers serve` runs. The engine loads in a background thread (so
     /health answers 503 meanwhile) unless an engine is given. `personalize`: the composition spec of requests with
     a `user`; `history`: store users' messages and learn their preferences; `jobs`: run the background job worker
@@ -508,13 +514,21 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     Requests must name a loopback host, `host` or one of `allowed_hosts` ("*": any) in their Host header. `lora`:
     adapter files applied to every request (scale 1), besides the user's artifacts; one that llama.cpp cannot
     load for the model fails the load (/health says so). `max_request_tokens`: the cap on n x max_tokens of one
-    chat request (limits.check_work)."""
+    chat request (limits.check_work). `aliases`: more names of the served model; `owner`: the user a request
+    naming nobody is served as (default $LOCALPERS_USER); `strict_model_names`: 404 for a model name not served
+    (localpers.serve.openai_extra)."""
+    from localpers.serve import ollama, openai_extra as extra, responses
+
     app = FastAPI(title="localpers", version="1", docs_url=None, redoc_url=None,
                   description="An OpenAI-compatible, on-device personalized assistant.")
     app.state.engine = engine
     app.state.load_error = None
     app.state.store = store = Store.open(resolve_data_dir(data_dir))
     app.state.composer = composer = Composer(personalize)
+    app.state.aliases, app.state.strict_model_names = tuple(aliases), strict_model_names
+    app.state.owner = owner or os.environ.get(extra.OWNER_ENV) or None
+    app.state.history = history
+    app.state.max_request_tokens = max_request_tokens
     app.include_router(memory_router)
     app.include_router(jobs_router)
     app.include_router(page_router)  # the page at / (localpers.serve.page)
@@ -592,12 +606,9 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     if engine is None:
         threading.Thread(target=load, daemon=True, name="localpers-load").start()
 
-    def ready_engine():
-        if app.state.engine is None:
-            if app.state.load_error:
-                raise APIError(500, "the model failed to load; the server's log says why", "server_error")
-            raise APIError(503, "the model is still loading", "server_error", "model_loading")
-        return app.state.engine
+    app.state.compose, app.state.learn = compose, learn
+    app.include_router(responses.router)
+    app.include_router(ollama.router)
 
     @app.exception_handler(APIError)
     async def on_api_error(request, e: APIError):
@@ -605,6 +616,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
 
     @app.exception_handler(UserError)
     async def on_user_error(request, e: UserError):
+        if isinstance(e, ContextOverflow):
+            return extra.context_error(e)
         model = app.state.engine.model_path.parent if app.state.engine is not None else store.directory
         return error_response(404 if isinstance(e, NotFoundError) else 400, client_text(str(e), store.directory, model))
 
@@ -630,135 +643,18 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             return error_response(500, "the model failed to load; the server's log says why", "server_error")
         return error_response(503, "the model is still loading", "server_error", "model_loading")
 
-    @app.get("/v1/models", responses=ERRORS)
-    def models():
-        engine = ready_engine()
-        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
-                                            "owned_by": "localpers"}]}
-
     @app.post("/v1/chat/completions", responses={**ERRORS, 200: {"model": ChatCompletion,
                                                                   "content": {"text/event-stream": {}}}})
     async def chat_completions(req: ChatRequest, request: Request):
-        if (where := limits.bad_text_at(req.model_dump(by_alias=True, exclude_none=True))) is not None:
-            raise APIError(400, f"'{where}' is not valid Unicode text (it holds a lone surrogate such as \\ud800)",
-                           param=where)
-        engine = ready_engine()
-        if app.state.worker is not None:
-            app.state.worker.chat_request()  # a running job process yields the CPU to chat
-        if req.model not in (None, "", engine.model_name, "localpers"):
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{engine.model_name}'",
-                           code="model_not_found", param="model")
-        tools_ok = template_supports_tools(engine.chat_template)
-        messages = engine_messages(req, tools_ok)
-        sampling, tools = sampling_of(req, engine.n_vocab), tools_of(req, tools_ok)
-        n, stream = req.n or 1, bool(req.stream)
-        if (too_much := limits.check_work(n, sampling.max_tokens, getattr(engine, "n_ctx", None),
-                                                max_request_tokens)) is not None:
-            refuse("max_tokens", too_much)
-        if stream and req.logprobs:
-            refuse("logprobs", "logprobs with 'stream': true are not supported; send the request without streaming")
-        if req.stream_options is not None and not stream:
-            refuse("stream_options", "only allowed with 'stream': true")
-        options = req.localpers or LocalpersOptions()
-        served, pinned, explanation = await run_in_threadpool(compose, engine, req.user, messages)
-        learned = None
-        try:
-            await run_in_threadpool(engine.chat_tokens, served, tools=tools)  # template and context errors: 400 now
-            if req.user and history and options.history:
-                learned = await run_in_threadpool(learn, req.user, messages)
-        except BaseException:
-            pinned.release()
-            raise
-        if learned:  # the facts this message stored, replaced or retired (ids and attributes)
-            explanation = {**explanation, "learned": learned}
-        explained = {"localpers": explanation} if options.explain else {}
-        args = dict(artifacts=pinned, sampling=sampling, n=n, tools=tools)
-        if not stream:
-            def work(cancel):
-                if not pinned.claim():
-                    raise Cancelled()
-                try:
-                    return engine.complete(served, cancel=cancel, **args)
-                finally:  # on the generation's thread: released only once the engine is done with it
-                    pinned.release()
-            try:
-                out = await run_cancellable(request, work)
-            except Cancelled:
-                return error_response(499, "the client closed the request", code="client_closed_request")
-            except UserError as e:
-                raise APIError(400, client_text(str(e), store.directory, engine.model_path.parent)) from None
-            finally:
-                if pinned.claim():  # the generation never ran
-                    pinned.release()
-            return engine.chat_response(out, tools=bool(tools)) | explained
-        return PinnedStream(stream_chunks(request, engine, served, args, n, req, explained), pinned,
-                            media_type="text/event-stream")
+        prepared = await extra.prepare_chat(app, request, req)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return PinnedStream(extra.chat_stream(request, prepared, include_usage), prepared.artifacts,
+                                media_type="text/event-stream")
+        out, left = await extra.whole(request, prepared.work, prepared.artifacts)
+        return left if left is not None else extra.chat_response(prepared, out)
 
-    async def stream_chunks(request: Request, engine, messages, args, n: int, req: ChatRequest, explained: dict):
-        """SSE: a role chunk, content chunks, a finish chunk per choice, then usage (stream_options.include_usage)
-        and [DONE]. Generation runs on its own thread; when the client leaves, its cancel event stops it."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        base = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": engine.model_name}
-
-        def chunk(choices, usage=None) -> str:
-            body = {**base, "choices": choices, **({"usage": usage} if include_usage else {})}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        def work(cancel):
-            if not args["artifacts"].claim():  # the response ended before this thread ran
-                raise Cancelled()
-            try:
-                return engine.complete(messages, cancel=cancel, **args, on_delta=lambda i, text:
-                                       loop.call_soon_threadsafe(events.put_nowait, (i, text)))
-            finally:  # on the generation's thread: released only once the engine is done with it
-                args["artifacts"].release()
-
-        task = asyncio.ensure_future(run_cancellable(request, work))
-        started: set[int] = set()
-        try:
-            while True:
-                getter = asyncio.ensure_future(events.get())
-                finished, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in finished:
-                    getter.cancel()
-                    break
-                index, text = getter.result()
-                if index not in started:
-                    started.add(index)
-                    yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
-                yield chunk([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
-            while not events.empty():  # pieces queued just before the generation returned
-                index, text = events.get_nowait()
-                yield chunk([{"index": index, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
-            try:
-                out = task.result()
-            except Cancelled:
-                return
-            except UserError as e:
-                yield f"data: {json.dumps(error_body(client_text(str(e), store.directory, engine.model_path.parent)))}\n\n"
-                return
-            except Exception as e:
-                print(f"localpers: server error while streaming: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                yield f"data: {json.dumps(error_body('internal server error', 'server_error'))}\n\n"
-                return
-            for c in out["choices"]:
-                if c["index"] not in started:
-                    yield chunk([{"index": c["index"], "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}])
-                yield chunk([{"index": c["index"], "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"]}])
-            if include_usage:
-                yield chunk([], usage_of(out))
-            if explained:  # one more chunk without choices, after the usage chunk: what shaped the reply
-                yield f"data: {json.dumps({**base, 'choices': [], **explained}, ensure_ascii=False)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            if not task.done():
-                task.cancel()  # run_cancellable's finally sets the generation's cancel event
-
+    extra.mount(app)  # after the guard: the /v1-less aliases are rewritten before it checks the API key
     return app
 
 
@@ -821,7 +717,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
           allowed_origins=(), insecure_no_api_key: bool = False, lora=(),
           adapter_cache_mb: float = names.ADAPTER_CACHE_BYTES / 2**20,
           max_request_tokens: int = names.MAX_REQUEST_TOKENS, max_connections: int | None = None,
-          header_timeout: float = names.HEADER_TIMEOUT_S, body_timeout: float = names.BODY_TIMEOUT_S) -> None:
+          header_timeout: float = names.HEADER_TIMEOUT_S, body_timeout: float = names.BODY_TIMEOUT_S,
+          aliases=(), owner: str | None = None, strict_model_names: bool = False) -> None:
     import uvicorn
 
     from localpers.model.gguf_info import open_gguf
@@ -841,7 +738,8 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
     sock = bind(host, port)
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
                      jobs="process", warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-                     lora=lora, adapter_cache_bytes=int(adapter_cache_mb * 2**20), max_request_tokens=max_request_tokens)
+                     lora=lora, adapter_cache_bytes=int(adapter_cache_mb * 2**20), max_request_tokens=max_request_tokens,
+                     aliases=aliases, owner=owner, strict_model_names=strict_model_names)
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
