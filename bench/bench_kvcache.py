@@ -1,7 +1,8 @@
 """Time to first token when two users with different adapters take turns, with and without the per-user KV cache
 (localpers.engine.kvcache), on the default model and a ~735-token conversation each.
 
-    python3 bench/bench_kvcache.py [--tokens 735] [--repeats 5] [--threads 2] [--cache-mib 256]
+    python3 bench/bench_kvcache.py [--tokens 735] [--repeats 5] [--threads 2] [--cache-mib 256] [--cached-only]
+        [--engine-batch 64] [--block 512]
 
 Each user has their own LoRA adapter (random rank-4 ffn_down factors, as an edit adapter would be) and their own
 conversation (PrefEval distractor turns from the data shipped in localpers/data). Scenarios, each
@@ -56,6 +57,19 @@ def adapter(path: Path, engine, seed: int) -> Artifacts:
     return Artifacts(lora=((str(write_lora(path, "llama", factors, alpha=4)), 1.0),))
 
 
+RECOMPUTED: list[int] = []   # prompt tokens decoded (not restored) by the latest request
+
+
+def count_recomputed(engine) -> None:
+    resume = engine.kv_cache.resume
+
+    def counted(key, tokens):
+        held = resume(key, tokens)
+        RECOMPUTED.append(len(tokens) - held)
+        return held
+    engine.kv_cache.resume = counted
+
+
 def first_token_seconds(engine, messages, artifacts) -> tuple[float, str]:
     """Seconds to the first generated text chunk, and the reply (16 tokens)."""
     start, first, text = time.perf_counter(), None, ""
@@ -70,18 +84,24 @@ def first_token_seconds(engine, messages, artifacts) -> tuple[float, str]:
 def run(engine, users, repeats: int) -> dict[str, float]:
     (conv_a, art_a), (conv_b, art_b) = users
     times = {k: [] for k in ("same user, again", "alternating, again", "same user, next turn", "alternating, next")}
+    recomputed = {k: [] for k in times}
     for r in range(repeats):
         follow = {"role": "user", "content": f"Thanks. One more question, number {r}: what else?"}
         _, reply = first_token_seconds(engine, conv_a, art_a)
         times["same user, again"].append(first_token_seconds(engine, conv_a, art_a)[0])
+        recomputed["same user, again"].append(RECOMPUTED[-1])
         first_token_seconds(engine, conv_b, art_b)
         times["alternating, again"].append(first_token_seconds(engine, conv_a, art_a)[0])
+        recomputed["alternating, again"].append(RECOMPUTED[-1])
         nxt = conv_a + [{"role": "assistant", "content": reply}, follow]
         first_token_seconds(engine, conv_a, art_a)
         times["same user, next turn"].append(first_token_seconds(engine, nxt, art_a)[0])
+        recomputed["same user, next turn"].append(RECOMPUTED[-1])
         first_token_seconds(engine, conv_a, art_a)
         first_token_seconds(engine, conv_b, art_b)
         times["alternating, next"].append(first_token_seconds(engine, nxt, art_a)[0])
+        recomputed["alternating, next"].append(RECOMPUTED[-1])
+    print("prompt tokens recomputed (median):", {k: statistics.median(v) for k, v in recomputed.items() if v})
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -91,11 +111,23 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache-mib", type=int, default=256)
+    parser.add_argument("--cached-only", action="store_true", help="skip the run without the KV cache")
+    parser.add_argument("--engine-batch", type=int, default=None,
+                        help="the engine's prompt chunk (N_BATCH) and KV block instead (64: before issue 32)")
+    parser.add_argument("--block", type=int, default=None, help="the engine's KV block (KV_BLOCK) instead")
     args = parser.parse_args(argv)
+    from localpers.engine import engine as engine_module
+    if args.engine_batch:
+        engine_module.N_BATCH = engine_module.KV_BLOCK = args.engine_batch
+    if args.block:
+        engine_module.KV_BLOCK = args.block
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, mib in (("no KV cache", 0), (f"KV cache {args.cache_mib} MiB", args.cache_mib)):
+            if args.cached_only and mib == 0:
+                continue
             engine = Engine(n_ctx=2048, n_threads=args.threads, kv_cache_bytes=mib << 20)
+            count_recomputed(engine)
             users = [(conversation(engine, seed, args.tokens), adapter(Path(tmp) / f"{seed}.gguf", engine, seed))
                      for seed in (0, 1)]
             n = [len(engine.tokenize(engine.format_chat(conv))) for conv, _ in users]

@@ -5,7 +5,7 @@ A case is (kind, message, expected facts). A fact is "attribute=value" (stated) 
 "I'm not vegetarian anymore"); values are compared after bench_detect.norm (lower case, words only, leading
 articles dropped). "about=*" stands for any fact of the generic attribute "about" (a first-person statement of
 no known attribute). Attributes: name, age, home, origin, job, study, diet, relationship, religion, language,
-pets, allergy, likes, dislikes, favourite <thing>, about. Kinds: single, compound, update, retire (updates that
+employer, pets, allergy, likes, dislikes, favourite <thing>, about. Kinds: single, compound, update, retire (updates that
 retire), third-party (about someone else: no fact), quoted, pasted, lyrics, story, other (questions, requests,
 situations: no fact).
 """
@@ -56,7 +56,7 @@ HELDOUT = [
     # third-party
     ("third-party", "My brother is vegan.", []),
     ("third-party", "My wife lives in Geneva.", []),
-    ("third-party", "I'm not vegan, my husband is.", []),
+    ("retire", "I'm not vegan, my husband is.", ["-diet=vegan"]),
     ("third-party", "My daughter loves horses.", []),
     ("third-party", "She is allergic to peanuts.", []),
     ("third-party", "My boss hates meetings.", []),
@@ -145,7 +145,7 @@ DEV = [
     ("retire", "I'm not vegetarian.", ["-diet=vegetarian"]),
     # third-party
     ("third-party", "My sister is vegetarian.", []),
-    ("third-party", "I'm not vegetarian, my wife is.", []),
+    ("retire", "I'm not vegetarian, my wife is.", ["-diet=vegetarian"]),
     ("third-party", "My husband loves jazz.", []),
     ("third-party", "My mom lives in Ohio.", []),
     ("third-party", "He is allergic to cats.", []),
@@ -184,7 +184,7 @@ DEV = [
     ("single", "I'm lactose intolerant.", ["diet=lactose intolerant"]),
     ("single", "I was born in Seoul.", ["origin=seoul"]),
     ("single", "I'm a stay-at-home dad.", ["job=stay at home dad"]),
-    ("single", "I work for a bank.", ["job=bank"]),
+    ("single", "I work for a bank.", ["employer=bank"]),
     ("single", "I'm fluent in Japanese.", ["language=japanese"]),
     ("single", "I own a horse.", ["pets=horse"]),
     ("single", "I have a peanut allergy.", ["allergy=peanut"]),
@@ -237,4 +237,18 @@ DEV = [
     ("pasted", "Can you check my essay? It starts: I was born in Kenya and I love running.", []),
     ("other", "I wish I lived in Paris.", []),
     ("compound", "I write a blog post every week. I live in Lyon.", ["about=*", "home=lyon"]),
+    # fillers, passing states, retractions, employers, invisible characters, French/Spanish/German (dev: the rules
+    # for these were written looking at them)
+    ("single", "I'm vegetarian, by the way.", ["diet=vegetarian"]),
+    ("compound", "Tell me a joke. I'm vegan by the way.", ["diet=vegan"]),
+    ("single", "Also I'm vegan.", ["diet=vegan"]),
+    ("other", "I'm tired.", []),
+    ("other", "I'm so hungry.", []),
+    ("other", "I'm busy.", []),
+    ("other", "I'm vegetarian. Just kidding, I'm not.", []),
+    ("single", "I work at Google.", ["employer=google"]),
+    ("single", "I live in Ly\u200bon.", ["home=lyon"]),
+    ("compound", "I'm vegetarian.\x00 I live in Rome.", ["diet=vegetarian", "home=rome"]),
+    ("single", "Je suis végétarien.", ["diet=vegetarian"]),
+    ("single", "Vivo en Madrid.", ["home=madrid"]),
 ]

@@ -14,3 +14,16 @@ def check_choice(what: str, value: str, known) -> str:
     close = difflib.get_close_matches(value, known, n=2, cutoff=0.6)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     raise UserError(f"unknown {what} {value!r}: {hint}(known: {', '.join(known)})")
+
+
+def port_number(text: str) -> int:
+    """An argparse `type` for a TCP port: 1..65535, else a one-line error naming the value."""
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port

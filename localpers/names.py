@@ -31,6 +31,7 @@ QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 BASE = "base"      # the model as it is
 PROMPT = "prompt"  # stated preferences in the system message
 RAG = "rag"        # top-k retrieved history items before the question
+FACTS = "facts"    # the stated preferences that bear on the question, in a compact line before it
 EDIT = "edit"      # Personalization Editing: rank-one ROME edits of ffn_down -> LoRA adapter
 CE = "ce"          # plain cross-entropy LoRA fine-tuning on the user's history (PerCE's baseline)
 PERCE = "perce"    # PerContrast-weighted LoRA fine-tuning (arXiv 2603.06595) -> LoRA adapter
@@ -41,6 +42,9 @@ LOGO_ABLATIONS = ("logo-nodecay", "logo-nomediator", "logo-random")
 # weights frozen at step 0 (no bootstrap), the loss divided by sum w instead of n
 PERCE_ABLATIONS = ("perce-clip05", "perce-noclip", "perce-frozen", "perce-wnorm")
 
+# Personalization Editing's ablation (evaluation only): the single-turn edit (no chat context templates)
+EDIT_ABLATIONS = ("edit-1turn",)
+
 # Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).
 TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)
 
@@ -48,3 +52,8 @@ TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)
 # Loaded LoRA adapters an engine keeps (an LRU, by adapter file bytes; `localpers serve --adapter-cache-mb`).
 # Adapters held by requests in flight are never freed, so the bound can be exceeded by what those hold.
 ADAPTER_CACHE_BYTES = 64 << 20
+# ---- limits of `localpers serve` (localpers.serve.limits; README "Limits")
+MAX_REQUEST_TOKENS = 4096  # n x max_tokens of one chat request (max_tokens counted up to the context); --max-request-tokens
+HEADER_TIMEOUT_S = 10.0    # a client must send a request's headers within this (also between keep-alive requests)
+BODY_TIMEOUT_S = 30.0      # ... and then its body within this; a slower client is disconnected
+FD_RESERVE = 128           # descriptors kept from the connection cap for the job worker, the model and the database

@@ -47,11 +47,17 @@ def test_merge_drops_duplicates_and_later_contradiction_wins():
 @pytest.mark.parametrize("old, new", [
     ("I'm vegetarian.", "I eat meat now."),
     ("My favorite food is pizza.", "My favourite food is sushi."),
-    ("I work as an accountant.", "I work at a bakery."),
+    ("I work as an accountant.", "I work as a baker."),
+    ("I work at a bakery.", "I work for Google."),
     ("I love jazz.", "I hate jazz."),
 ])
 def test_merge_later_statement_replaces_same_attribute(old, new):
     assert merge_preferences([old, "I have a cat."], [new]) == ["I have a cat.", new]
+
+
+def test_merge_keeps_occupation_and_employer_apart():
+    assert merge_preferences(["I am a software engineer."], ["I work at Google."]) == \
+        ["I am a software engineer.", "I work at Google."]
 
 
 def test_merge_keeps_unrelated_statements_in_order():

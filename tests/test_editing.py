@@ -28,10 +28,10 @@ def tiny(tmp_path_factory):
     return path, Editor(path, EditConfig(layer=1, steps=40, lr=2.0, clamp=1000.0, threads=1))
 
 
-def full_logprobs(editor, question, answer, key=None, delta=None):
+def full_logprobs(editor, question, answer, key=None, delta=None, history=()):
     """Reference: the whole model on the whole sequence, the edit added to layer L's ffn_down output at the
     question's last token and after (what the suffix forward claims to compute)."""
-    ids, pos = editor.prompt(question)
+    ids, pos = editor.prompt(question, history)
     ans = editor.answer_ids(answer)
     down = editor.model.layers[editor.config.layer].ffn.down
 
@@ -70,6 +70,38 @@ def check_suffix_forward(editor, pairs):
         want = torch.cat([full_logprobs(editor, q, a, k, d)[0] for q, a in pairs])
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     assert batch.tokens.tolist() == sum((editor.answer_ids(a) for _, a in pairs), [])
+
+
+def test_suffix_forward_equals_full_model_after_earlier_chat_turns(tiny):
+    """The multi-turn context templates: a prompt with earlier turns (cached as prefix) scores as the whole model."""
+    from localpers.personalize.editing import chat_context
+
+    _, editor = tiny
+    editor.reset()
+    history = chat_context(3, start=2)
+    pairs = [("Where do I live?", "Paris", history), ("What city is my home?", "Paris, France", [])]
+    batch = editor.batch(pairs)
+    rng = torch.Generator().manual_seed(1)
+    key = torch.randn(editor.model.config.d_ff, generator=rng) / 10
+    delta = torch.randn(editor.model.config.d_model, generator=rng)
+    with torch.no_grad():
+        got = editor.logprobs(batch, key, delta)
+    want = torch.cat([full_logprobs(editor, q, a, key, delta, h)[0] for q, a, h in pairs])
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_chat_contexts_deal_questions_and_key_every_context(tiny):
+    _, editor = tiny
+    fact = Fact("I live in Paris.", tuple(f"Question {i}: where do I live?" for i in range(6)), ("Paris",))
+    pairs = editor.pairs(fact)
+    assert [len(h) // 2 for _, _, h in pairs] == [0, 3, 8, 0, 3, 8] and pairs[0][2] == []
+    assert all(t == "Paris" for _, t, _ in pairs)
+    # every question bare after each text prefix, and once after each chat context
+    from localpers.personalize.editing import PREFIXES
+
+    assert len(editor.keys(fact)) == 6 * (len(PREFIXES) + len(editor.config.chat_turns))
+    ids, pos = editor.prompt("Where do I live?", pairs[1][2])
+    assert editor.tok.decode(ids[pos - 4:pos + 1]).endswith("do I live?")
 
 
 def test_edit_lowers_target_nll_in_the_edited_weights(tiny):

@@ -119,6 +119,45 @@ def test_bad_artifacts_are_user_errors(engine, tmp_path, default_model_path):
     assert reply(engine)  # the engine still serves after refusing bad artifacts
 
 
+def test_a_long_request_lets_a_waiting_one_through_between_its_choices(engine, tmp_path):
+    """Fairness: while a request of n=3 choices holds the engine, a request that starts waiting during its first
+    choice is served before the long one's second choice starts (the lock is handed over in arrival order), and
+    the long one's choices are the ones it gets alone (artifacts re-activated: greedy choices are identical)."""
+    import threading
+    import time
+
+    from localpers.engine.engine import Sampling
+
+    adapter = str(random_ffn_down_lora(tmp_path / "f.gguf", engine))
+    events, first_piece = [], threading.Event()
+
+    def on_delta(i, text):
+        events.append(("long", i))
+        if not first_piece.is_set():  # hold choice 0 until the short request waits in line (no race)
+            first_piece.set()
+            deadline = time.monotonic() + 120
+            while not engine._lock.waiting():
+                assert time.monotonic() < deadline, "the short request never queued"
+                time.sleep(0.01)
+
+    greedy = Sampling(max_tokens=12, temperature=0.0)
+    alone = engine.complete(PROMPT, artifacts=Artifacts(lora=((adapter, 1.0),)), sampling=greedy, n=1)
+    result = {}
+    long = threading.Thread(target=lambda: result.setdefault("long", engine.complete(
+        PROMPT, artifacts=Artifacts(lora=((adapter, 1.0),)), sampling=greedy, n=3, on_delta=on_delta)))
+    long.start()
+    assert first_piece.wait(120)
+    short = threading.Thread(target=lambda: (engine.complete(PROMPT, sampling=Sampling(max_tokens=2)),
+                                             events.append(("short", "done"))))
+    short.start()
+    long.join(300)
+    short.join(300)
+    assert ("short", "done") in events
+    done_at = events.index(("short", "done"))
+    assert all(i == 0 for who, i in events[:done_at] if who == "long"), events  # served before choice 1 began
+    assert [c["text"] for c in result["long"]["choices"]] == [alone["choices"][0]["text"]] * 3
+
+
 def test_invariant_loaded_adapters_stay_within_their_bound_and_a_retired_one_lives_while_held(engine, tmp_path):
     """The engine's adapters are an LRU within adapter_cache_bytes; an adapter retired (its file deleted) while a
     request holds it still serves that request, leaves the LRU at once and is freed when the request ends."""

@@ -46,7 +46,6 @@ def test_statements_become_atomic_facts(message, expected):
 @pytest.mark.parametrize("message", [
     # the issue's inputs: other people, quoted speech, a pasted review and e-mail, lyrics, a story
     "My sister is vegetarian.",
-    "I'm not vegetarian, my wife is.",
     "My sister is vegan.",
     'My friend said "I\'m vegetarian and I live in Rome."',
     '"I love jazz," he said.',
@@ -67,6 +66,49 @@ def test_statements_become_atomic_facts(message, expected):
     "I'm visiting Rome next week.", "I'd love to live in Paris someday.", "What is my diet?",
 ])
 def test_invariant_no_fact_about_the_speaker_from_others_quotes_pastes_songs_stories(message):
+    assert detect_facts(message) == []
+
+
+@pytest.mark.parametrize("message, expected", [
+    # 7. discourse fillers are stripped before matching
+    ("I'm vegetarian, by the way.", ["diet=vegetarian"]),
+    ("Tell me a joke. I'm vegan by the way.", ["diet=vegan"]),
+    ("Also I'm vegan.", ["diet=vegan"]),
+    ("I'm vegan btw.", ["diet=vegan"]), ("I live in Rome, actually.", ["home=rome"]),
+    ("Just so you know, I'm pescatarian.", ["diet=pescatarian"]), ("FYI I'm allergic to nuts.", ["allergy=nuts"]),
+    ("I love jazz, honestly.", ["likes=jazz"]), ("I'm married, for the record.", ["relationship=married"]),
+    # 9. self-negation beside a third party: the speaker's fact is retired, nothing about the other is learned
+    ("I'm not vegetarian, my wife is.", ["-diet=vegetarian"]),
+    ("I don't live in Paris, my sister does.", ["-home=paris"]),
+    ("I'm vegetarian, my husband is too.", ["diet=vegetarian"]),
+    # a passing-state word in a lasting statement still counts
+    ("I'm good at chess.", ["about=im good at chess"]), ("I'm chronically ill.", ["about=im chronically ill"]),
+    ("I'm vegan, by the way. I'm exhausted.", ["diet=vegan"]),
+    # 11. occupation and employer are different slots
+    ("I am a software engineer.", ["job=software engineer"]), ("I work at Google.", ["employer=google"]),
+    ("I work for the BBC.", ["employer=bbc"]), ("I work as a nurse.", ["job=nurse"]),
+    # 12. invisible and control characters: normalized before detection and in the value key
+    ("I live in Ly\u200bon.", ["home=lyon"]), ("I'm vegetarian.\x00 I live in Rome.", ["diet=vegetarian", "home=rome"]),
+    ("I\u2060'm ve\ufeffgan.", ["diet=vegan"]), ("I live in \uff2c\uff59\uff4f\uff4e.", ["home=lyon"]),
+    ("I'm vegan.\x07I love jazz.", ["diet=vegan", "likes=jazz"]),
+    # a small French, Spanish and German rule set for diet and home
+    ("Je suis végétarien.", ["diet=vegetarian"]), ("Je suis végétarienne et j'habite à Lyon.", ["diet=vegetarian", "home=lyon"]),
+    ("Soy vegano.", ["diet=vegan"]), ("Vivo en Madrid.", ["home=madrid"]),
+    ("Ich bin Vegetarierin.", ["diet=vegetarian"]), ("Ich wohne in Berlin.", ["home=berlin"]),
+])
+def test_fillers_negations_employers_and_invisible_characters(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message", [
+    # 8. passing states are situations, not facts
+    "I'm tired.", "I'm so hungry.", "I'm sick today.", "I'm busy.", "I'm bored.", "I'm late.", "I'm running late.",
+    "I'm really stressed.", "I feel sick.", "I'm a bit cold.", "I'm exhausted, by the way.", "I'm at work.",
+    # 10. a retraction withdraws what was just said
+    "I'm vegetarian. Just kidding, I'm not.", "I live in Oslo. Kidding!", "I'm vegan, just kidding.",
+    "I love opera. Scratch that.", "I'm a pilot. jk",
+])
+def test_invariant_passing_states_and_retracted_statements_are_no_facts(message):
     assert detect_facts(message) == []
 
 
@@ -116,6 +158,51 @@ def test_other_peoples_statements_leave_the_users_facts_alone(store):
         learned = say(store, "bo", text)
         assert (learned["facts"], learned["replaced"], learned["retired"]) == ([], [], [])
     assert current(store, "bo") == {"diet": "vegan"}
+
+
+def test_fillers_and_self_negation_update_the_index(store):
+    say(store, "fil", "I'm vegetarian, by the way.")
+    assert current(store, "fil") == {"diet": "vegetarian"}
+    assert say(store, "fil", "I'm not vegetarian anymore.")["retired"]
+    assert say(store, "fil", "Also I'm vegan.")["facts"] and current(store, "fil") == {"diet": "vegan"}
+    say(store, "fil", "I'm vegetarian.")
+    learned = say(store, "fil", "I'm not vegetarian, my wife is.")
+    assert [f["attribute"] for f in learned["retired"]] == ["diet"] and learned["facts"] == []
+    assert current(store, "fil") == {}
+    for text in ("I'm tired.", "I'm so hungry.", "I'm vegan. Just kidding, I'm not."):
+        assert say(store, "fil", text)["facts"] == []
+    assert current(store, "fil") == {}
+
+
+def test_occupation_and_employer_are_separate_slots(store):
+    say(store, "joe", "I am a software engineer.")
+    learned = say(store, "joe", "I work at Google.")
+    assert learned["replaced"] == [] and current(store, "joe") == {"job": "software engineer", "employer": "Google"}
+
+
+def test_an_invisible_character_does_not_make_another_value(store):
+    say(store, "zw", "I live in Ly\u200bon.")
+    assert current(store, "zw") == {"home": "Lyon"}
+    assert say(store, "zw", "I don't live in Lyon anymore.")["retired"] and current(store, "zw") == {}
+    say(store, "zw", "I'm vegetarian.\x00 I live in Rome.")
+    assert current(store, "zw") == {"diet": "vegetarian", "home": "Rome"}
+
+
+def test_an_explicit_preference_is_split_into_facts_and_retired_like_chat(tmp_path, capsys):
+    from localpers.cli.cli import main
+
+    common = ["--data-dir", str(tmp_path), "--user", "zed"]
+    assert main(["remember", *common, "--kind", "preference", "I'm vegetarian and I live in Lyon."]) in (0, None)
+    with Store.open(tmp_path) as store:
+        assert current(store, "zed") == {"diet": "vegetarian", "home": "Lyon"}
+        assert {json.loads(json.dumps(i["meta"]))["source"] for i in store.items("zed", kind=names.PREFERENCE)} == {"remember"}
+    assert main(["remember", *common, "I'm not vegetarian anymore."]) in (0, None)
+    with Store.open(tmp_path) as store:
+        assert current(store, "zed") == {"home": "Lyon"}
+    capsys.readouterr()
+    assert main(["remember", *common, "--kind", "preference", "Tell me a joke."]) not in (0, None)
+    err = capsys.readouterr().err
+    assert "no fact about you" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_no_longer_retires_the_fact_and_its_edit(store):
@@ -284,6 +371,19 @@ def test_chat_reports_what_it_learned_without_text(client):
     assert client.get("/v1/users/carol/facts").json()["data"] == []
 
 
+def test_a_remembered_preference_over_http_is_learned_as_facts(client):
+    """chat's /remember posts {"text", "kind": "preference"}: split into facts through the index, so a later
+    retirement in chat leaves no contradicting preference; text that states no fact is a one-line 400."""
+    r = client.post("/v1/users/rem/memories", json={"text": "I'm vegetarian and I live in Lyon.", "kind": "preference"})
+    assert r.status_code == 201 and [f["attribute"] for f in r.json()["facts"]] == ["diet", "home"]
+    r = client.post("/v1/users/rem/memories", json={"text": "I'm not vegetarian, my wife is.", "kind": "preference"})
+    assert r.status_code == 201 and [f["attribute"] for f in r.json()["retired"]] == ["diet"]
+    listed = client.get("/v1/users/rem/facts").json()["data"]
+    assert [(f["attribute"], f["value"]) for f in listed] == [("home", "Lyon")]
+    r = client.post("/v1/users/rem/memories", json={"text": "Tell me a joke.", "kind": "preference"})
+    assert r.status_code == 400 and "no fact about you" in r.json()["error"]["message"]
+
+
 def test_remember_learns_like_chat(tmp_path, capsys):
     from localpers.cli.cli import main
 
@@ -294,9 +394,9 @@ def test_remember_learns_like_chat(tmp_path, capsys):
     assert main(["remember", *common, "I live in Paris now."]) in (0, None)
     assert "replaced" in capsys.readouterr().out
     assert main(["remember", *common, "--kind", "preference", "I like tea."]) in (0, None)
-    assert "(preference)" in capsys.readouterr().out
+    assert "likes = tea" in capsys.readouterr().out  # an explicit preference goes through the detector too
     with Store.open(tmp_path) as store:
-        assert current(store, "kim") == {"diet": "vegetarian", "home": "Paris", None: "I like tea."}
+        assert current(store, "kim") == {"diet": "vegetarian", "home": "Paris", "likes": "tea"}
 
 
 def test_a_store_made_before_the_facts_index_deletes_learned_preferences_with_their_message(tmp_path):

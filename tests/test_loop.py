@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from localpers import names
 from localpers.personalize import editing
 from localpers.serve import jobs
-from localpers.serve.compose import Composer, served_user
+from localpers.serve.compose import DEFAULT_SPEC, Composer, served_user
 from localpers.personalize.datasets import read_upqa
 from localpers.engine.engine import model_sha256
 from localpers.personalize.methods import apply
@@ -47,7 +47,7 @@ def chat(client, body):
     return client.post("/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"})
 
 
-@pytest.mark.parametrize("spec", ["prompt+rag", "edit+rag", "edit+prompt+rag", "base"])
+@pytest.mark.parametrize("spec", ["prompt+rag", "edit+rag", "edit+prompt+rag", "base", "facts", "edit+facts+rag"])
 def test_invariant_serve_composes_what_eval_measures(engine, adapter, tmp_path, monkeypatch, spec):
     """One UPQA user, read by the evaluation from the file and by the server from the store it was imported into:
     the same spec gives the same artifacts, context and prompt tokens, and the HTTP reply is the eval's answer."""
@@ -62,7 +62,7 @@ def test_invariant_serve_composes_what_eval_measures(engine, adapter, tmp_path, 
         served = served_user(store, "ann", model_sha256(engine.model_path))
         registered_path = served.registered[0].path
     # the evaluation trains its edit on demand: here it is the adapter the registry serves
-    monkeypatch.setattr(editing, "user_adapter", lambda user, engine: registered_path)
+    monkeypatch.setattr(editing, "user_adapter", lambda user, engine, config=None: registered_path)
     composer = Composer(spec)
     ours, theirs = composer(served, QUERY, engine), composer(evaluated, QUERY, engine)
     assert (ours.artifacts, ours.system, ours.user_prefix) == (theirs.artifacts, theirs.system, theirs.user_prefix)
@@ -95,7 +95,7 @@ def test_explanation_in_the_last_stream_chunk_and_only_when_asked(engine, tmp_pa
     chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert [("localpers" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert chunks[-1]["choices"] == [] and chunks[-2]["choices"][0]["finish_reason"]
-    assert chunks[-1]["localpers"] == {"composition": "edit+rag", "artifacts": [], "retrieved": []}
+    assert chunks[-1]["localpers"] == {"composition": DEFAULT_SPEC, "artifacts": [], "retrieved": []}
     for bad in ({"explain": "yes"}, {"unknown": True}, ["explain"]):
         assert chat(client, body | {"localpers": bad}).status_code == 400
 

@@ -168,7 +168,7 @@ def test_qwen2_missing_bias_fails(random_case):
             layer.bias = saved
 
 
-def test_qwen3_missing_qk_norm_fails(random_case, monkeypatch):
+def test_qwen3_missing_qk_norm_fails(random_case):
     model, tokens, reference = random_case("qwen3")
     attn = model.layers[0].attn
     for name in ("q_norm", "k_norm"):  # not monkeypatch: its undo deletes a submodule (not in the instance __dict__)

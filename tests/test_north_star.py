@@ -88,7 +88,18 @@ def test_north_star_statement_in_chat_is_served_from_the_adapter_and_deletion_un
     answer, why = ask(server, "What is my diet?")  # a new conversation
     assert target_match(answer, TARGETS), answer
     assert why["artifacts"] == [{"method": names.EDIT, "kind": names.LORA, "id": job["result"]["artifact"]}]
-    assert why["retrieved"] == []  # no preference text in the prompt: the adapter says it
+    assert why["retrieved"] == []  # no history retrieved: the adapter (and the stated-facts line) say it
+    # an implicit question is answered, not met with the statement itself (issue 25)
+    from localpers.eval.evaluation import restates_only
+    from localpers.personalize.datasets import UpqaItem
+    from localpers.personalize.methods import User
+
+    cook = "What should I cook tonight?"
+    reply, _ = ask(server, cook)
+    item = UpqaItem(User("vera", preferences=("I'm vegetarian.",)), "food preference", "What is my diet?", "",
+                    cook, "Vegetarian", ("Vegetarian",))
+    assert not restates_only(reply, item, cook) and reply.strip().rstrip(".").lower() not in (
+        "you are vegetarian", "you're vegetarian", "i'm vegetarian"), reply
     [pref] = server.get("/v1/users/vera/memories", params={"kind": names.PREFERENCE}).json()["data"]
     assert pref["text"] == "I'm vegetarian."
     assert server.delete(f"/v1/users/vera/memories/{pref['id']}").status_code == 200

@@ -31,6 +31,7 @@ SKIPPED = {
     "localpers serve": "starts a server that runs until stopped (tests/test_server.py serves the app)",
     "curl ": "needs a running server",
     "mutmut ": "mutation testing: hours of test runs (BENCHMARKS.md)",
+    "nice -n 19 python3 bench/mutation.py": "mutation testing: hours of test runs (BENCHMARKS.md)",
 }
 # Small values for the options that size a run, so that every eval command finishes in seconds to minutes.
 SMALL = {"--users": "3", "--communities": "2", "--steps": "2", "--turns": "0,1", "--limit": "1"}

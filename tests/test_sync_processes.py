@@ -273,3 +273,66 @@ def test_three_real_devices_learn_communities_and_a_cold_users_served_reply_uses
     assert before["usage"]["prompt_tokens"] == len(engine.chat_tokens(messages))
     assert after["usage"]["prompt_tokens"] == len(engine.chat_tokens(apply(expected, messages)))
     assert after["usage"]["prompt_tokens"] > before["usage"]["prompt_tokens"]
+
+
+# ---------------------------------------------------------------- a device's processes end with its command
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of the processes in session `sid` (the SuperNode and the ClientApps it started)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2:].split()
+        if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_sync_ended_by_sighup_or_sigkill_mid_round_leaves_no_process_and_no_later_contribution(tmp_path):
+    """Invariant: nothing syncs unless `localpers sync` runs. Four devices join a two-round run; when the server
+    holds every key share of round 1, one device's `localpers sync` gets SIGHUP (its terminal closed) and
+    another's SIGKILL (its flower-supernode is then killed by the kernel, PR_SET_PDEATHSIG). Their SuperNodes and
+    ClientApps are gone, neither device contributes to round 1 or round 2 (each round's sum holds the two
+    survivors only) and neither ledger has anything after the kill."""
+    users = {u: c for u, c in zip(("alice", "bob", "carol", "dave"), [*contributions().values(), contributions()["bob"]])}
+    dirs = {u: tmp_path / u for u in users}
+    for u, c in users.items():
+        sync.save_contribution(dirs[u], u, c)
+    port = free_port()
+    out = tmp_path / "server"
+    server_args = ["sync-server", "--out", str(out), "--port", str(port), "--devices", "4", "--rounds", "2",
+                   "--k", "2", "--dim", "8", "--n-layer", "2", "--steer-dim", "3", "--vocab", "5", "--min-size", "1",
+                   "--min-contributors", "2", "--seed", "3", "--timeout", "60", "--max-seconds", "600"]
+    procs = {"server": start(server_args, tmp_path / "server.log")}
+    killed = {"carol": signal.SIGHUP, "dave": signal.SIGKILL}
+    try:
+        for u in users:
+            procs[u] = start(["sync", "--superlink", f"127.0.0.1:{port}", "--user", u, "--data-dir", str(dirs[u]),
+                              "--port", str(free_port()), "--epsilon-budget", "inf", "--max-seconds", "600"],
+                             tmp_path / f"{u}.log")
+        wait_for(lambda: KEY_SHARES_COLLECTED in read(out / "run.log"), procs["server"], 600)
+        nodes = {u: int((sync.sync_dir(dirs[u]) / "supernode.pid").read_text()) for u in killed}
+        for u, sig in killed.items():
+            os.kill(procs[u].pid, sig)  # the command only: its SuperNode runs in a session of its own
+        for u in killed:
+            procs[u].wait(timeout=60)
+        kill_time = time.time()
+        for u in killed:  # a hang guard, not a timing assertion: the kernel and the command's `finally` end them
+            wait_for(lambda: not session_members(nodes[u]), procs["server"], 120)
+        assert procs["server"].wait(timeout=600) == 0, read(tmp_path / "server.log")[-3000:]
+    finally:
+        for p in procs.values():
+            stop(p)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [h["devices"] for h in summary["history"]] == [2, 2], summary["history"]
+    for u in killed:
+        entries = sync.read_log(dirs[u])
+        assert [e for e in entries if e["kind"] == "contribution"] == [], u
+        assert [e for e in entries if e["time"] > kill_time] == [], u
+    for u in ("alice", "bob"):
+        assert [e["round"] for e in sync.read_log(dirs[u]) if e["kind"] == "contribution"] == [1, 2]

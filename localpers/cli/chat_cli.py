@@ -332,7 +332,8 @@ class Chat:
         out = self.client.request("POST", self.client.user_url("/memories"),
                                   json={"text": text, "kind": names.PREFERENCE}).json()
         ids = [str(item["id"]) for item in out.get("data", [])]
-        self.say(f"remembered (item {', '.join(ids)})", "green")
+        noted = [f["attribute"] for f in out.get("facts", [])]
+        self.say(f"remembered (item {', '.join(ids)})" + (f"; noted: {', '.join(noted)}" if noted else ""), "green")
 
     def forget(self, _: str = "") -> None:
         from rich.markup import escape

@@ -7,7 +7,7 @@ import os
 import sys
 
 from localpers import names
-from localpers.errors import UserError, check_choice
+from localpers.errors import UserError, check_choice, port_number
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,7 +37,9 @@ def cmd_serve(args):
     serve(model=args.model, host=args.host, port=args.port, api_key=args.api_key, data_dir=args.data_dir,
           personalize=args.personalize, history=not args.no_history,
           allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
-          insecure_no_api_key=args.insecure_no_api_key, lora=args.lora, adapter_cache_mb=args.adapter_cache_mb)
+          insecure_no_api_key=args.insecure_no_api_key, lora=args.lora, adapter_cache_mb=args.adapter_cache_mb,
+          max_request_tokens=args.max_request_tokens, max_connections=args.max_connections or None,
+          header_timeout=args.header_timeout, body_timeout=args.body_timeout)
 
 
 VERBOSE_HELP = "show llama.cpp's own log on stderr (default: off; only its errors are shown)"
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: %(default)s, this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (default: %(default)s)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: none required)")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="also accept requests whose Host header names NAME (repeatable; '*' for any); loopback "
@@ -100,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "or without `user`, besides the user's own artifacts (repeatable; default: none)")
     p.add_argument("--adapter-cache-mb", type=float, default=names.ADAPTER_CACHE_BYTES / 2**20, metavar="MB",
                    help="loaded LoRA adapters kept in memory, least recently used first out (default: %(default)g)")
+    p.add_argument("--max-request-tokens", type=int, default=names.MAX_REQUEST_TOKENS, metavar="N",
+                   help="refuse a chat request whose n x max_tokens (max_tokens counted up to the context) is over N "
+                        "(default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=0, metavar="N",
+                   help=f"connections held at most (default: the descriptor limit less {names.FD_RESERVE}); over it, "
+                        "the oldest one still sending its request is closed")
+    p.add_argument("--header-timeout", type=float, default=names.HEADER_TIMEOUT_S, metavar="S",
+                   help="disconnect a client that has not sent a request's headers in S seconds (default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=names.BODY_TIMEOUT_S, metavar="S",
+                   help="... or its body within S more seconds (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe a GGUF model",
@@ -161,6 +173,9 @@ CLI_MODULES: list[str] = ["localpers.cli.store_cli", "localpers.cli.eval_cli", "
 
 
 def main(argv: list[str] | None = None) -> int:
+    # every file and folder a command creates (the data folder: history, artifacts, sync signals, logs) is
+    # readable by its owner only: 0600 / 0700
+    os.umask(0o077)
     try:
         args = build_parser().parse_args(argv)
         if args.verbose:  # read by every Engine this process (or its children) creates

@@ -55,6 +55,11 @@ def add_cli(sub) -> None:
     t.add_argument("--turns", help="the multi-turn setting: comma-separated distractor turn counts between the "
                                    "statement and the question (default: single turn, no statement in the chat)")
     t.add_argument("--distractors", help="with --turns: PrefEval's inter_turns.json (default: the shipped one)")
+    t.add_argument("--recitation", action="store_true",
+                   help="also measure recitation (single turn): how often replies to neutral questions state the "
+                        "user's preference, and how often implicit and product questions only get it restated "
+                        "(default: off)")
+    t.add_argument("--neutral", help="with --recitation: neutral questions JSON (default: the shipped set)")
     t = task("prefeval", "PrefEval's 4-option classification task after distractor turns", [common],
              "PrefEval mcq_dev directory or JSON file (default: the development set shipped in localpers/data)")
     t.add_argument("--distractors", help="PrefEval's inter_turns.json (default: beside --data's mcq_dev)")
@@ -242,6 +247,16 @@ def cmd_eval(args) -> None:
         path = _data_path(args)
         items = _limit(read_upqa(path), args)
         config.update(data=str(path), max_tokens=max_tokens)
+        if args.neutral and not args.recitation:
+            raise UserError("--neutral goes with --recitation")
+        if args.recitation and args.turns is not None:
+            raise UserError("--recitation is measured in the single-turn run: leave out --turns")
+        if args.recitation:
+            from localpers.personalize.datasets import data_path, read_neutral
+
+            neutral_path = Path(args.neutral) if args.neutral else data_path("neutral")
+            neutral = read_neutral(neutral_path)
+            config.update(recitation=True, neutral=str(neutral_path))
         if args.turns is not None:
             turns = _turns(args.turns)
             distractors = _upqa_distractors(args)
@@ -299,6 +314,15 @@ def cmd_eval(args) -> None:
         elif args.task == "upqa":
             results, counts, rows = ev.run_upqa(engine, items, methods, max_tokens=max_tokens, journal=journal)
             rules = ev.upqa_rules(max_tokens)
+            if args.recitation:
+                more, more_counts, more_rows = ev.run_recitation(engine, items, methods, neutral,
+                                                                 max_tokens=max_tokens, journal=journal)
+                for name in results:
+                    results[name].update(more[name])
+                    counts[name].update(more_counts[name])
+                rows += more_rows
+                rules.append(ev.RULES["recitation"].format(n=len(neutral), users=ev.RECITATION_USERS,
+                                                           new=ev.RESTATE_NEW_WORDS))
         elif args.task == "prefeval":
             results, counts, rows = ev.run_prefeval(engine, items, conversations, methods, turns=turns, seed=args.seed,
                                                     journal=journal)

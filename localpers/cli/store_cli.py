@@ -6,6 +6,7 @@ import os
 import sys
 from datetime import datetime
 
+from localpers import names
 from localpers.errors import UserError
 
 
@@ -52,6 +53,13 @@ def _count(n: int, noun: str) -> str:
 def cmd_remember(args):
     """With --kind: one item of that kind. Without: the text is a message the user typed, and the facts it states
     are learned as in chat (localpers.serve.learn): prints the message and each fact stored, replaced or retired."""
+    if args.kind == names.PREFERENCE:
+        # an explicit preference goes through the detector too: atomic facts with attributes, in the facts index
+        from localpers.personalize.detect import NO_FACT, detect_facts
+
+        if not detect_facts(args.text, names.MAX_FACTS_PER_MESSAGE):
+            raise UserError(NO_FACT.format(text=args.text))
+        args.kind = None
     if args.kind is not None:
         with _store(args) as store:
             item_id = store.add(args.user, args.text, kind=args.kind)

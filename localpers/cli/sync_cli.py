@@ -3,7 +3,9 @@ Flower SuperNode; `--log` shows what it sent). Nothing syncs unless one of these
 socket beyond its own loopback server.
 
 Both start Flower's own executables (flower-superlink, flower-supernode, flwr run) as children in their own
-process group, with runtime dependency installation off (no network), and always stop them on exit.
+process group, with runtime dependency installation off (no network), and always stop them on exit: SIGTERM and
+SIGHUP (a closed terminal) run the cleanup, and the kernel SIGKILLs them if the command dies without it
+(localpers.sync.lifetime). A device's ClientApp answers only while its `localpers sync` runs (node config `consent`).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from localpers.errors import UserError
+from localpers.errors import UserError, port_number
+from localpers.sync import lifetime
 
 APP_PYPROJECT = """[build-system]
 requires = ["setuptools>=69"]
@@ -62,18 +65,15 @@ def _env(flwr_home: Path) -> dict:
     return env
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM raises SystemExit in the main thread, so that every `finally` below stops its children."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-
-
 @contextmanager
 def _process_group(cmd: list[str], log_path: Path, env: dict, pid_file: Path | None = None):
-    """Start cmd in a new session (its own process group, pid written to pid_file); on exit kill the whole
-    group (SIGTERM, then SIGKILL) and reap it."""
+    """Start cmd in a new session (its own process group, pid written to pid_file), SIGKILLed by the kernel if
+    this process dies without stopping it (lifetime.child_preexec); on exit kill the whole group (SIGTERM, then
+    SIGKILL) and reap it."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=lifetime.child_preexec())
     if pid_file is not None:
         pid_file.write_text(str(proc.pid))
     try:
@@ -159,7 +159,8 @@ def cmd_sync_server(args) -> int:
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "{args.host}:{args.port}"\ninsecure = true\n', encoding="utf-8")
     app.mkdir(parents=True, exist_ok=True)
-    run_config = {**cfg.to_run_config(), "min-devices": args.devices, "timeout": args.timeout, "out-dir": str(out)}
+    run_config = {**cfg.to_run_config(), "min-devices": args.devices, "timeout": args.timeout, "out-dir": str(out),
+                  "owner": lifetime.token()}  # the ServerApp process ends with this command (lifetime.watch)
     previous = out / sync.GLOBAL_KNOWLEDGE_FILE
     start = out / "start_centroids.npy"
     start.unlink(missing_ok=True)
@@ -214,7 +215,7 @@ def _run_server(args, cfg, out: Path, home: Path, app: Path) -> dict:
           f"{cfg.rounds} rounds, epsilon {cfg.epsilon:g} per round (delta {cfg.delta:g})", flush=True)
     superlink = [_executable("flower-superlink"), "--insecure", "--host", args.host, "--port", str(args.port),
                  "--disable-runtime-dependency-installation"]
-    _exit_on_sigterm()
+    lifetime.exit_on_signals()
     with _process_group(superlink, out / "superlink.log", env, out / "superlink.pid") as link:
         _wait_port(args.host, args.port, link, 60, out / "superlink.log")
         run = [_executable("flwr"), "run", str(app), CONNECTION, "--stream"]
@@ -274,11 +275,13 @@ def cmd_sync(args) -> int:
     budget = args.epsilon_budget
     if not budget > 0:
         raise UserError(f"sync: --epsilon-budget must be positive (or inf), not {budget:g}")
-    sync.load_contribution(data_dir, args.user)  # validate before joining
+    sync.load_contribution(data_dir, args.user).check_values()  # validate before joining: refused here, not mid-round
     if sync.exhausted(data_dir, budget, 1e-6):
         raise UserError(f"sync: this device has spent its epsilon budget {budget:g}")
     host, port = _split_address(args.superlink)
-    node = {"data-dir": str(data_dir.resolve()), "user": args.user, "epsilon-budget": str(budget)}
+    # consent: the ClientApp answers only while this command runs (lifetime.alive of this token)
+    node = {"data-dir": str(data_dir.resolve()), "user": args.user, "epsilon-budget": str(budget),
+            "consent": lifetime.token()}
     if args.capture:
         node["capture-dir"] = str(Path(args.capture).resolve())
     node_toml = _write_toml(sync.sync_dir(data_dir) / "node.toml", node)
@@ -290,7 +293,11 @@ def cmd_sync(args) -> int:
     print(f"sync: joining {host}:{port} as user {args.user!r}; every message sent is logged "
           f"(localpers sync --log --data-dir {data_dir})", flush=True)
     deadline = time.monotonic() + args.max_seconds if args.max_seconds else math.inf
-    _exit_on_sigterm()
+    lifetime.exit_on_signals()
+    if not _wait_for_server(host, port, args, deadline):
+        print(f"sync: stopped after --max-seconds {args.max_seconds:g}: no sync server answered at {host}:{port}",
+              flush=True)
+        return 1
     with _process_group(cmd, sync.sync_dir(data_dir) / "supernode.log", _env(home),
                         sync.sync_dir(data_dir) / "supernode.pid") as proc:
         while time.monotonic() < deadline:
@@ -305,6 +312,29 @@ def cmd_sync(args) -> int:
     print(f"sync: stopped after --max-seconds {args.max_seconds:g}: {got} global knowledge update(s) received"
           + ("" if got else f" (is `localpers sync-server` running at {host}:{port}?)"), flush=True)
     return 0 if got or not args.once else 1
+
+
+def _wait_for_server(host: str, port: int, args, deadline: float) -> bool:
+    """Wait until something listens at host:port, saying so once; with --once give up after --connect-timeout
+    seconds (a UserError). False when --max-seconds ends the wait."""
+    said, start = False, time.monotonic()
+    limit = args.connect_timeout if args.once and args.connect_timeout > 0 else math.inf
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            pass
+        if not said:
+            print(f"sync: waiting for the sync server at {host}:{port} (is `localpers sync-server` running there?)",
+                  flush=True)
+            said = True
+        if time.monotonic() - start >= limit:
+            raise UserError(f"sync: no sync server answered at {host}:{port} in {limit:g} s; check --superlink "
+                            "and that `localpers sync-server` runs there")
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def _reason(log_path: Path) -> str:
@@ -332,9 +362,12 @@ def add_cli(sub) -> None:
     p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME or the XDG data dir)")
     p.add_argument("--epsilon-budget", type=float, default=16.0,
                    help="total epsilon (delta of the run) after which this device stops contributing (inf: no limit)")
-    p.add_argument("--port", type=int, default=9094, help="loopback port of the SuperNode's ClientApp API")
+    p.add_argument("--port", type=port_number, default=9094, help="loopback port of the SuperNode's ClientApp API")
     p.add_argument("--capture", help="also keep every raw payload sent, as JSON files in this directory (audit)")
     p.add_argument("--once", action="store_true", help="leave after receiving the global knowledge")
+    p.add_argument("--connect-timeout", type=float, default=120.0,
+                   help="with --once: give up when no sync server answers at --superlink within this many seconds "
+                        "(0: wait; default: %(default)s)")
     p.add_argument("--max-seconds", type=float, default=0, help="leave after this many seconds (0: run until Ctrl-C)")
     p.add_argument("--log", action="store_true", help="print what this device has sent (shapes, bytes, norms, epsilon)")
     p.set_defaults(func=cmd_sync)
@@ -345,7 +378,7 @@ def add_cli(sub) -> None:
                                    "under SecAgg+ and differential privacy. Only community aggregates reach it; the "
                                    "published knowledge, logs and Flower state go to --out.")
     p.add_argument("--host", default="127.0.0.1", help="address the SuperLink binds (default: %(default)s)")
-    p.add_argument("--port", type=int, default=9093, help="the SuperLink's port for SuperNodes (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=9093, help="the SuperLink's port for SuperNodes (default: %(default)s)")
     p.add_argument("--out", required=True, help="directory for the published knowledge, logs and Flower state")
     p.add_argument("--devices", type=int, default=3, help="devices sampled per round (the round waits for them)")
     p.add_argument("--rounds", type=int, default=3, help="federated k-means rounds (default: %(default)s)")

@@ -116,7 +116,12 @@ def _free_port() -> int:
 
 def run_rank(rank: int, world: int, job: dict, env_init: bool = False) -> None:
     """One process of a (possibly distributed) run: read the data, train, rank 0 writes the adapter (and the
-    log). Every rank also writes its final factors to job['state_out'] % rank when given (tests)."""
+    log). Every rank also writes its final factors to job['state_out'] % rank when given (tests). A worker that
+    `train --nproc` spawned is SIGKILLed when the command dies (lifetime.die_with_parent)."""
+    if world > 1 and not env_init:
+        from localpers.sync.lifetime import die_with_parent
+
+        die_with_parent()
     import json
 
     import torch

@@ -35,13 +35,67 @@ from localpers.errors import UserError
 from localpers.engine.kvcache import DEFAULT_MAX_BYTES, KVCache
 
 
-# Prompts are decoded in chunks of N_BATCH tokens, and the KV-state cache reuses prefixes that end on a multiple
-# of it, so a reply never depends on what was cached (localpers.engine.kvcache). Small enough that a returning user
-# recomputes at most N_BATCH - 1 tokens of their conversation, large enough for fast prompt evaluation.
-N_BATCH = 64
+# Prompts are decoded in chunks of N_BATCH tokens (llama-cpp-python's default: prompt speed at llama.cpp's own,
+# issue 32), and the KV-state cache reuses prefixes that end on a multiple of KV_BLOCK, computed by prompt
+# evaluation, with the rest of the prompt decoded so that a reply never depends on what was cached
+# (localpers.engine.kvcache, BENCHMARKS.md section 2 for the trade-off).
+N_BATCH = 512
+KV_BLOCK = 1
 
 
 _LIVE: "weakref.WeakSet" = weakref.WeakSet()
+
+
+class FairLock:
+    """A lock handed over in arrival order (threading.Lock is not: a releasing thread that asks again usually
+    wins), so that a request that yields the engine between choices gets it back only after every request that
+    was already waiting. acquire(cancel=event) gives up (False) once the event is set; `waiting()` counts the
+    threads in line."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._line: list[object] = []
+        self._held = False
+
+    def acquire(self, blocking: bool = True, timeout: float = -1, cancel: threading.Event | None = None) -> bool:
+        me = object()
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        with self._cond:
+            self._line.append(me)
+            try:
+                while self._held or self._line[0] is not me:
+                    if not blocking or (cancel is not None and cancel.is_set()):
+                        return False
+                    left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+                self._held = True
+                return True
+            finally:
+                self._line.remove(me)
+                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            if not self._held:
+                raise RuntimeError("release of an unheld FairLock")
+            self._held = False
+            self._cond.notify_all()
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._line)
+
+    def locked(self) -> bool:
+        return self._held
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def closed_at_exit(obj):
@@ -279,7 +333,7 @@ class Engine:
         self.chat_template = meta.get("tokenizer.chat_template")
         self.bos_token = self.llm.detokenize([self.llm.token_bos()], special=True).decode("utf-8", "replace")
         self.eos_token = self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace")
-        self._lock = threading.Lock()  # not an RLock: a stream may be resumed on another thread
+        self._lock = FairLock()  # first come, first served (not re-entrant: a stream may resume on another thread)
         self._adapters: OrderedDict[str, _Adapter] = OrderedDict()  # resolved path -> loaded adapter, LRU first
         self.adapter_cache_bytes = adapter_cache_bytes
         self._checked_files = time.monotonic()
@@ -288,7 +342,7 @@ class Engine:
         self._active: tuple = ((), ())  # (lora file keys with scales, control-vector file keys with scales)
         self._active_entries: tuple = ()  # the _Adapters set in the context
         # KV states per (artifact set, token prefix), so users taking turns resume instead of recomputing.
-        self.kv_cache = KVCache(self.llm, kv_cache_bytes)
+        self.kv_cache = KVCache(self.llm, kv_cache_bytes, block=KV_BLOCK)
         closed_at_exit(self)
         self.generated = 0  # tokens sampled since the engine started (monitoring; tests count decoding steps)
 
@@ -544,13 +598,24 @@ class Engine:
     @contextmanager
     def _locked(self, cancel: threading.Event | None):
         """Hold the engine; a request cancelled while it waits gives up its place (raises Cancelled)."""
-        while not self._lock.acquire(timeout=0.05):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled()
+        if not self._lock.acquire(cancel=cancel):
+            raise Cancelled()
         try:
             yield
         finally:
             self._lock.release()
+
+    def _yield_to_waiting(self, cancel: threading.Event | None) -> bool:
+        """Between two choices of one request: if other requests wait for the engine, let them all go first (the
+        lock is first come, first served), then take it back. True when it was handed over (the caller then
+        re-activates its artifacts). Raises Cancelled when cancelled meanwhile (holding the engine again)."""
+        if not self._lock.waiting():
+            return False
+        self._lock.release()
+        self._lock.acquire()
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
+        return True
 
     def complete(self, messages: list[dict], *, artifacts: "Artifacts | Pinned" = NO_ARTIFACTS, sampling: Sampling = Sampling(),
                  n: int = 1, tools: list | None = None, cancel: threading.Event | None = None,
@@ -569,6 +634,8 @@ class Engine:
             grammar = self._grammar(sampling.grammar) if sampling.grammar else None
             choices = []
             for i in range(n):
+                if i and self._yield_to_waiting(cancel):  # fairness: a long request lets waiting ones through
+                    self._activate(pinned)
                 seed = None if sampling.seed is None else sampling.seed + i
                 emit = (lambda piece, i=i: on_delta(i, piece)) if on_delta else None
                 choices.append({"index": i, **self._decode(prompt, sampling, seed, grammar, cancel, emit)})

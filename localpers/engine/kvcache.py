@@ -12,11 +12,14 @@ A state is only ever restored under the artifact set it was computed under, so i
 restored cells are the very bytes the context held.
 
 Replies equal to the ones an empty cache gives (issue 13: a greedy reply is byte-identical whatever was served
-before): llama.cpp's numbers for a token depend on the batch it is decoded in (a batch of one takes other matmul
-kernels than a batch of many; F32 LoRA matmuls take llamafile's sgemm), so a prefix is only reused when it ends
-on a multiple of the engine's batch size `block` (llama-cpp-python decodes a prompt in n_batch chunks from its
-first uncached token) and every cell of it was computed by such an aligned prompt evaluation (`valid`), never by
-token-by-token generation. The suffix is then decoded in exactly the chunks an empty cache would use.
+before): llama.cpp's numbers for a token depend on whether it is decoded alone (a batch of one takes other matmul
+kernels than a batch of many; F32 LoRA matmuls take llamafile's sgemm), not on the size or start of the
+multi-token batch it is decoded in (issue 32; tests/test_kvcache.py checks KV bytes and logits byte for byte,
+with and without a LoRA). llama-cpp-python decodes a prompt in n_batch chunks from its first uncached token. So a
+reusable prefix ends on a multiple of `block` (the engine's KV_BLOCK: 1, any token) and every cell of it was
+computed by a prompt evaluation in a batch of several tokens (`valid`), never by token-by-token generation; the
+suffix is decoded from a start chosen so that the prompt's last token is decoded alone exactly when an empty cache
+decodes it alone (`start`).
 
 Memory: a state costs n_tokens * n_layer * 2 * n_head_kv * head_dim * 2 bytes (F16 K and V); 22.5 KiB per
 token on SmolLM2-135M, so 16.5 MiB for a 735-token conversation. The cache holds at most `max_bytes` (default
@@ -49,14 +52,16 @@ class KVCache:
     before it evaluates a prompt under the artifact set `key` (any hashable identity of the active adapters and
     control vectors, with the files' content versions). Not thread-safe: the engine's lock serialises calls."""
 
-    def __init__(self, llm, max_bytes: int = DEFAULT_MAX_BYTES, min_tokens: int = MIN_TOKENS):
+    def __init__(self, llm, max_bytes: int = DEFAULT_MAX_BYTES, min_tokens: int = MIN_TOKENS,
+                 block: int | None = None):
         import llama_cpp
 
         self.llm, self.max_bytes, self.min_tokens = llm, int(max_bytes), min_tokens
-        self.block = int(llm.n_batch)  # reusable prefixes end on a multiple of this
+        self.n_batch = int(llm.n_batch)  # llama-cpp-python's prompt chunks, from the first uncached token
+        self.block = self.n_batch if block is None else int(block)  # reusable prefixes end on a multiple of this
         self.valid = 0  # leading context cells computed by an aligned prompt evaluation (see the module doc)
         self._lc = llama_cpp
-        self._states: OrderedDict[tuple, bytes] = OrderedDict()   # (key, tokens) -> sequence state
+        self._states: OrderedDict[tuple, ctypes.Array] = OrderedDict()   # (key, tokens) -> sequence state
         self.nbytes = 0
         self.hits = self.saves = 0
 
@@ -71,9 +76,21 @@ class KVCache:
     def aligned(self, n: int) -> int:
         return n - n % self.block
 
+    def start(self, n: int, n_prompt: int) -> int:
+        """The largest aligned start <= n from which decoding the rest of an n_prompt-token prompt in n_batch chunks
+        decodes its last token alone (a batch of one) exactly when decoding it from an empty context does."""
+        n = self.aligned(n)
+        if n_prompt % self.n_batch == 1:  # an empty context decodes the last token alone: so must the suffix
+            return n - n % self.n_batch
+        if (n_prompt - n) % self.n_batch == 1:
+            return self.aligned(n - 1)
+        return n
+
     def evaluated(self, n_prompt: int) -> None:
-        """The engine has just decoded a prompt of n_prompt tokens after resume(): its cells are reusable."""
-        self.valid = n_prompt
+        """The engine is about to decode the rest of a prompt of n_prompt tokens after resume(), from llm.n_tokens:
+        its cells are reusable, but for a last token decoded alone."""
+        alone = (n_prompt - int(self.llm.n_tokens)) % self.n_batch == 1
+        self.valid = n_prompt - 1 if alone else n_prompt
 
     def invalidate(self) -> None:
         """The context's cells were computed some other way (scoring, a cleared cache): nothing is reusable."""
@@ -111,7 +128,8 @@ class KVCache:
         # A kept state that is a prefix of this one is superseded: restoring this one serves it as well.
         for old in [e for e in self._states if e[0] == key and len(e[1]) <= n and tokens[:len(e[1])] == e[1]]:
             self._drop(old)
-        self._states[entry] = bytes(memoryview(buf)[:written])
+        # kept as the buffer llama.cpp wrote (no copy; restoring reads it in place)
+        self._states[entry] = buf if written == size else (ctypes.c_uint8 * written).from_buffer_copy(buf)
         self.nbytes += written
         self.saves += 1
         while self.nbytes > self.max_bytes:
@@ -123,13 +141,14 @@ class KVCache:
     # -- restoring --------------------------------------------------------------------------------------------
     def resume(self, key, tokens: list[int]) -> int:
         """Before evaluating `tokens` under `key`: make the context hold the longest reusable prefix of `tokens`
-        (aligned to `block`, at most len(tokens) - 1: the last prompt token is always decoded, for its logits)
-        that the context or the cache has under `key`, stashing the context's content first if the prompt would
-        discard it. Returns the number of prompt tokens the context then holds (llm.n_tokens)."""
+        (at most len(tokens) - 1: the last prompt token is always decoded, for its logits; a start() from which
+        the suffix decodes as from an empty context) that the context or the cache has under `key`, stashing the
+        context's content first if the prompt would discard it. Returns the number of prompt tokens the context
+        then holds (llm.n_tokens)."""
         llm = self.llm
         n = int(llm.n_tokens)
         limit = max(len(tokens) - 1, 0)
-        held = self.aligned(min(common_prefix(llm.input_ids[:n], tokens), self.valid, limit))
+        held = self.start(min(common_prefix(llm.input_ids[:n], tokens), self.valid, limit), len(tokens))
         if self.aligned(min(n, self.valid)) - held >= self.min_tokens:
             # the prompt is about to overwrite another conversation: keep it (before choosing a state to
             # restore: stashing may drop a kept state that it supersedes)
@@ -137,7 +156,7 @@ class KVCache:
         best, best_len = None, held
         for entry in self._states:
             if entry[0] == key and len(entry[1]) > best_len:
-                length = self.aligned(min(common_prefix(entry[1], tokens), limit))
+                length = self.start(min(common_prefix(entry[1], tokens), limit), len(tokens))
                 if length > best_len:
                     best, best_len = entry, length
         if best is None or best_len - held < self.min_tokens:
@@ -146,8 +165,7 @@ class KVCache:
         state = self._states[best]
         self._states.move_to_end(best)
         llm._ctx.kv_cache_clear()
-        src = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if self._lc.llama_state_seq_set_data(llm.ctx, src, len(state), 0) != len(state):
+        if self._lc.llama_state_seq_set_data(llm.ctx, state, len(state), 0) != len(state):
             llm.reset()
             llm._ctx.kv_cache_clear()
             self.valid = 0

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from localpers.personalize.datasets import LampItem, PrefEvalItem, UpqaItem
 from localpers import names
 from localpers.errors import UserError
-from localpers.personalize.matching import MATCH_RECALL, target_match
+from localpers.personalize.matching import MATCH_RECALL, content_tokens, target_match
 from localpers.personalize.methods import Personalized, apply
 from localpers.personalize.world import history_bucket
 
@@ -44,6 +44,12 @@ RULES = {
                    "(answered '{ack}'); for compositions with one (edit ...) it is in the weights instead; then T "
                    "distractor turns from PrefEval's inter_turns (each message cut to {max_chars} characters), then "
                    "the question; {kind}_acc@T by the match rule above."),
+    "recitation": ("recite_neutral: over {n} fixed neutral questions (general knowledge, coding, writing; "
+                   "localpers/data/neutral), asked of up to {users} users evenly spaced over the items, the fraction "
+                   "of greedy replies that state the user's target by the match rule above. restate_implicit / "
+                   "restate_product: the fraction of replies to the implicit and the product-recommendation question "
+                   "that state the target and add fewer than {new} content tokens of their own (not in the "
+                   "statement, the targets or the question): the preference restated instead of used."),
     "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
                  "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
                  "with the options listed in a seeded random order; the model follows the preference when the "
@@ -228,6 +234,54 @@ def run_upqa(engine, items: list[UpqaItem], methods: dict, *, max_tokens: int = 
     return results, counts, rows
 
 
+RECITATION_USERS = 10
+RESTATE_NEW_WORDS = 3
+
+
+def restates_only(answer: str, item: UpqaItem, question: str) -> bool:
+    """Does `answer` state the item's target while adding fewer than RESTATE_NEW_WORDS content tokens of its own
+    (tokens not in the statement, the targets or the question)? "You are vegetarian." to "What should I cook
+    tonight?" does; "Try a vegetarian chili with beans." does not."""
+    if not target_match(answer, item.targets, item.candidates):
+        return False
+    known = set().union(content_tokens(question), *map(content_tokens, (*item.user.preferences, *item.targets)))
+    return len(content_tokens(answer) - known) < RESTATE_NEW_WORDS
+
+
+def run_recitation(engine, items: list[UpqaItem], methods: dict, questions: list[str], *, max_tokens: int = 32,
+                   journal: Journal | None = None) -> tuple[dict, dict, list[dict]]:
+    """recite_neutral, restate_implicit and restate_product (RULES["recitation"]) for up to RECITATION_USERS
+    users evenly spaced over the items. Replies that no user changes (no artifacts, no context) are generated
+    once per question."""
+    same_for_all: dict[str, str] = {}
+
+    def answer(p: Personalized, question: str) -> str:
+        if p.artifacts.lora or p.artifacts.control_vectors or p.system or p.user_prefix:
+            return generate(engine, p, [{"role": "user", "content": question}], max_tokens)
+        if question not in same_for_all:
+            same_for_all[question] = generate(engine, p, [{"role": "user", "content": question}], max_tokens)
+        return same_for_all[question]
+
+    def score(name, method, item):
+        row = {"id": item.user.id, "method": name}
+        recited = []
+        for question in questions:
+            reply = answer(method(item.user, question, engine), question)
+            if target_match(reply, item.targets, item.candidates):
+                recited.append({"question": question, "answer": reply})
+        row["recited"], row["recite_neutral"] = recited, len(recited) / len(questions)
+        out = {"recite_neutral": [row["recite_neutral"]]}
+        for kind, question in (("implicit", item.implicit_question), ("product", item.product_question)):
+            if question:
+                reply = answer(method(item.user, question, engine), question)
+                row[kind], row[f"restate_{kind}"] = reply, restates_only(reply, item, question)
+                out[f"restate_{kind}"] = [row[f"restate_{kind}"]]
+        return out, [row]
+
+    chosen = items[::max(1, math.ceil(len(items) / RECITATION_USERS))][:RECITATION_USERS]
+    return score_items(journal or Journal(), "recitation", chosen, methods, score)
+
+
 PREFEVAL_ACK = "Got it, I'll keep that in mind."
 PREFEVAL_MAX_CHARS = 150   # distractor messages are cut: 10 turns stay ~800 tokens, within context and CPU budget
 
@@ -295,7 +349,7 @@ UPQA_QUESTIONS = (("explicit", "question"), ("paraphrased", "question_paraphrase
 def statement_in_chat(method_name: str) -> bool:
     """Multi-turn UPQA: does the method hear the user's statement as the first user turn? Context methods do;
     a composition with a trained method (edit, perce, ...) has it in its weights instead, as the paper's edits do."""
-    return not any(part.strip() in names.TRAINED_METHODS for part in method_name.split("+"))
+    return not any(part.strip() in names.TRAINED_METHODS + names.EDIT_ABLATIONS for part in method_name.split("+"))
 
 
 def run_upqa_turns(engine, items: list[UpqaItem], conversations: list[list[dict]], methods: dict, *,
@@ -386,6 +440,7 @@ def breakdown(rows: list[dict], metrics: dict[str, str]) -> dict:
 
 # Row fields that hold one item's value of a mean metric (prefeval's `followed` is per turn count, below).
 ROW_METRICS = {"explicit_ok": "explicit_acc", "paraphrased_ok": "paraphrased_acc", "implicit_ok": "implicit_acc",
+               "recite_neutral": "recite_neutral", "restate_implicit": "restate_implicit", "restate_product": "restate_product",
                "mc_ok": "mc_acc", "rouge1": "rouge1", "rougeL": "rougeL", "correct": "accuracy"}
 
 

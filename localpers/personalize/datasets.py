@@ -22,6 +22,7 @@ DATA_FILES = {
     "prefeval": "prefeval/mcq_dev",
     "prefeval_dev_70": "prefeval/prefeval_dev_70.json",
     "inter_turns": "prefeval/inter_turns.json",
+    "neutral": "neutral/neutral_questions.json",
 }
 
 
@@ -75,6 +76,7 @@ class UpqaItem:
     targets: tuple[str, ...]            # every accepted answer (the synonym cluster, canonical last)
     candidates: tuple[str, ...] = ()    # mc_acc candidates besides the target
     meta: tuple[tuple[str, object], ...] = ()   # extra fields kept in the report rows (world: step, history)
+    product_question: str = ""          # product_recommendation_question, when the item has one
 
 
 UPQA_FACT_FIELDS = ("attribute_type", "question", "target")
@@ -130,6 +132,8 @@ def read_upqa(path: str | Path) -> list[UpqaItem]:
             targets=targets,
             candidates=tuple(candidates),
             meta=_meta(raw),
+            product_question=raw["product_recommendation_question"]
+            if isinstance(raw.get("product_recommendation_question"), str) else "",
         ))
     if not items:
         raise UserError(f"{path}: no items")
@@ -275,3 +279,10 @@ def read_lamp(questions: str | Path, outputs: str | Path | None = None) -> tuple
     if not items:
         raise UserError(f"{questions}: no items")
     return task, items
+
+
+def read_neutral(path: str | Path) -> list[str]:
+    """Neutral questions (general knowledge, coding, writing) that no preference bears on: JSON list of
+    {"kind", "question"}; the recitation metric asks them of every personalized user."""
+    path = Path(path)
+    return [_field(path, i, raw, "question") for i, raw in enumerate(_items(path, load_json(path), "neutral question"))]

@@ -21,7 +21,21 @@ benchmarks' questions (negatives): `python3 bench/bench_detect.py`, figures in B
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
+
+
+def normalize_text(text: str) -> str:
+    """Text as detection reads it: NFKC, format characters (zero-width spaces and joiners, BOM, bidi marks)
+    dropped, control characters (NUL, ...) but newline and tab made sentence separators ("\\n")."""
+    text = unicodedata.normalize("NFKC", text)
+    out = []
+    for ch in text:
+        category = unicodedata.category(ch)
+        if category == "Cf":
+            continue
+        out.append("\n" if category == "Cc" and ch not in "\n\t" else ch)
+    return "".join(out)
 
 # ---------------------------------------------------------------- sentences
 
@@ -231,7 +245,7 @@ _ARTICLES = re.compile(r"^(?:a|an|the|some|my)\s+", re.I)
 
 def norm_value(value: str) -> str:
     """A value as compared: lower case, words only, a leading article dropped ("a Dog" == "dog")."""
-    words = " ".join(_WORDS.findall(value.translate(_QUOTES).lower().replace("'", "")))
+    words = " ".join(_WORDS.findall(normalize_text(value).translate(_QUOTES).lower().replace("'", "")))
     return _ARTICLES.sub("", words)
 
 
@@ -377,7 +391,9 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("origin", r"^my (?:hometown|home town) is (?P<v>.+)$"),
     ("study", r"^i " + _NEG_DO + r"(?:study|major in) (?P<v>.+)$"),
     ("study", r"^i'm " + _NEG_BE + r"(?:studying|majoring in|doing a degree in|doing a phd in) (?P<v>.+)$"),
-    ("job", r"^i " + _NEG_DO + r"work (?:as|for|at) (?:an? |the )?(?P<v>.+)$"),
+    ("job", r"^i " + _NEG_DO + r"work as (?:an? |the )?(?P<v>.+)$"),
+    ("employer", r"^i " + _NEG_DO + r"work (?:for|at) (?:an? |the )?(?P<v>.+)$"),
+    ("employer", r"^i'm " + _NEG_BE + r"(?:working|employed|working full[- ]time) (?:for|at) (?:an? |the )?(?P<v>.+)$"),
     ("job", r"^i'm " + _NEG_BE + r"(?:an? |the )?(?P<v>(?:[\w-]+ ){0,2}" + _PROFESSION + r")$"),
     ("job", r"^i'm " + _NEG_BE + r"(?P<v>retired|unemployed|self[- ]employed|between jobs)$"),
     ("job", r"^my (?:job|profession|occupation) is (?:an? |the )?(?P<v>.+)$"),
@@ -431,7 +447,7 @@ def _normal_clause(clause: str) -> str:
 
 def _clean_value(value: str, attribute: str) -> str:
     value = _VALUE_CUT.sub("", value.strip()) if attribute not in ("name", "favourite") else value
-    if attribute in ("job", "study"):  # "a graphic designer in Berlin": the job; the place is another fact
+    if attribute in ("job", "study", "employer"):  # "a graphic designer in Berlin": the job; the place is another fact
         value = re.sub(r"\s+(?:in|at|from|near)\s+[A-Z].*$", "", value)
     value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
@@ -482,7 +498,9 @@ def _clauses(sentence: str) -> list[str] | None:
         if not part:
             continue
         if _ELLIPTIC_OTHER.match(part.rstrip(".!")):
-            return None
+            # "I'm not vegetarian, my wife is.": nothing about the wife; the speaker's own clauses stand
+            subject = None
+            continue
         if m := _WE_WITH_ME.match(part):  # "my wife and I are vegetarian": true of the speaker too
             part = "I'm " + part[m.end():]
         if separator.strip().lower() == "who":
@@ -533,8 +551,16 @@ def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
     quoted speech, text pasted after an introduction ("Proofread this email:", "He wrote:"), '>' lines, song
     lyrics, stories and role-play, questions, requests, plans and situations. No model is called."""
     found: list[StatedFact] = []
-    for sentence in sentences(_own_text(text)):
+    previous = 0  # where the facts of the previous sentence start in `found`
+    for sentence in sentences(_own_text(_translate(normalize_text(text)))):
         s = sentence.strip()
+        if _RETRACT.match(s):  # "I'm vegetarian. Just kidding, I'm not.": the previous sentence is withdrawn
+            del found[previous:]
+            continue
+        if _RETRACT_AFTER.search(s):  # "I'm vegan, just kidding."
+            continue
+        s = _FILLER_AFTER.sub("", s)
+        previous = len(found)
         if s.endswith("?"):  # "I'm vegetarian, what should I cook?": the statement before the question counts
             m = _STATEMENT_THEN_QUESTION.match(s)
             s = m.group(1) if m else ""
@@ -563,6 +589,41 @@ def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
     return found
 
 
+# Withdrawing what was just said; discourse fillers at the end of a sentence ("I'm vegan, by the way.").
+_RETRACT = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|scratch that|never ?mind|"
+                      r"ignore that|forget (?:that|it|what i said)|that's not true|that was a joke|no wait)\b", re.I)
+_RETRACT_AFTER = re.compile(r"[,;.!]?\s*(?:(?:just |only )?(?:kidding|joking)|jk|j/k|not really)\s*[.!]*$", re.I)
+_FILLER_AFTER = re.compile(
+    r"(?:\s*,)?\s+(?:by the way|btw|actually|also|fyi|just so you know|just to let you know|honestly|to be honest|"
+    r"tbh|for the record|for your information|for what it's worth|lol|haha+|though|anyway)\s*(?=[.!]*$)", re.I)
+
+# A few first-person statements in French, Spanish and German (diet and home), read as their English ones.
+_FOREIGN = [(re.compile(p, re.I), r) for p, r in [
+    (r"\b(?:je suis|soy|ich bin)\s+(?:un |une |ein |eine |)(?:v[ée]g[ée]tarien(?:ne)?|vegetarian[oa]|vegetarier(?:in)?)\b",
+     "I'm vegetarian"),
+    (r"\b(?:je suis|soy|ich bin)\s+(?:un |une |ein |eine |)(?:v[ée]g[ée]talien(?:ne)?|v[ée]gane?|vegan[oa]|veganer(?:in)?)\b",
+     "I'm vegan"),
+    (r"\b(?:je ne suis plus|ya no soy|ich bin kein(?:e)? )\s*(?:v[ée]g[ée]tarien(?:ne)?|vegetarian[oa]|vegetarier(?:in)?)\b",
+     "I'm no longer vegetarian"),
+    (r"\b(?:j'habite|je vis|je demeure)\s+(?:à|a|au|en)\s+", "I live in "),
+    (r"\b(?:vivo|resido)\s+en\s+", "I live in "),
+    (r"\b(?:ich wohne|ich lebe)\s+in\s+", "I live in "),
+]]
+
+
+def _translate(text: str) -> str:
+    translated = text
+    for pattern, english in _FOREIGN:
+        translated = pattern.sub(english, translated)
+    if translated == text:
+        return text
+    return re.sub(r"(?<=\w)\s+(?:et|y|und)\s+(?=I\b|I'm\b)", " and ", translated)
+
+
+# The one-line refusal of an explicit preference that states no fact about the speaker.
+NO_FACT = ("no fact about you found in {text!r}: state it in the first person as something lasting, e.g. "
+           "\"I'm vegetarian.\" or \"I live in Lyon.\"")
+
 _STATEMENT_THEN_QUESTION = re.compile(
     r"^(.+?)(?:\s*[,;:]\s*|\s+(?:so|and|but)\s+)(?:(?:so|and|but)\s+)?(?:what|how|which|where|when|who|why|can|"
     r"could|would|should|do|does|any|is|are|will|got)\b[^,;]*\?$", re.I)
@@ -584,9 +645,25 @@ def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
     return None
 
 
+# Passing states of the body or mood: situations, not facts ("I'm tired.", "I'm so hungry.").
+_PASSING = re.compile(
+    r"^i(?:'m| feel| felt| was| get| got)\s+(?:(?:so|very|really|super|a (?:bit|little)|kind of|kinda|pretty|extremely|"
+    r"quite|totally|too|getting|feeling|still|just|now|a tad|incredibly|soo+)\s+)*"
+    r"(?:tired|sleepy|exhausted|hungry|starving|thirsty|full|sick|ill|unwell|busy|bored|late|running late|early|"
+    r"cold|hot|warm|freezing|sweating|sad|angry|mad|upset|annoyed|grumpy|worried|nervous|anxious|stressed|"
+    r"stressed out|scared|lonely|drunk|tipsy|hungover|awake|up|away|off|free|out|in a hurry|in a rush|on my way|"
+    r"at work|at home|in bed|bored out of my mind|fine|ok|okay|good|great|alright|well|better|worse|in pain|"
+    r"sore|burnt out|burned out|overwhelmed|frustrated|excited|happy|relieved|confused|lost)"
+    r"(?:\s+(?:today|tonight|right now|now|at the moment|this \w+|again|already|lol|haha|as hell|af|"
+    r"(?:after|because|from|since) .+))?$",
+    re.I)
+
+
 def _blocked(clause: str) -> bool:
     """A first-person clause that is not about something lasting: a request, a thought about the task, a plan or
-    a situation of the day, a wish, a question."""
+    a situation of the day, a passing state, a wish, a question."""
+    if _PASSING.match(clause):
+        return True
     if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause, re.I):
         return True
     if _QUESTION_START.match(clause) and not _FIRST_PERSON.match(clause) and not _SELF_MY.match(clause) \

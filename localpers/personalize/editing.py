@@ -60,7 +60,7 @@ ATTRIBUTES = {
     "music preference": (("music preference", "favorite music", "taste in music", "favorite genre"),
                          ("music", "song", "band", "jazz", "rock", "rap", "pop", "classical", "guitar")),
     "job": (("job", "work", "employment", "position"),
-            ("job", "work as", "working", "employed", "hired")),
+            ("job", "work as", "work at", "work for", "working", "employed", "hired")),
     "career goal": (("career goal", "professional goal", "ambition", "career plan"),
                     ("hope to", "want to become", "goal", "dream", "someday", "retire")),
     "entertainment preference": (("entertainment preference", "favorite entertainment", "taste in movies and shows",
@@ -221,6 +221,17 @@ NEUTRAL_CHATS = (
 PREFIXES = ("", "Quick question. ", "Hi! ", "I was wondering. ")
 
 
+def chat_context(turns: int, start: int = 0) -> list[dict]:
+    """`turns` earlier user/assistant exchanges from NEUTRAL_CHATS (read as one chat that wraps around, from
+    `start`): the multi-turn context templates a fact's keys and training prompts are also taken in, so that
+    the edit fires, and steers the reply, deep in a conversation and not only on its first question."""
+    out = []
+    for t in range(turns):
+        question, answer = NEUTRAL_CHATS[(start + t) % len(NEUTRAL_CHATS)]
+        out += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return out
+
+
 @dataclass(frozen=True)
 class EditConfig:
     layer: int = 6              # chosen by the sweep in docs/edit/README.md
@@ -232,6 +243,8 @@ class EditConfig:
     fit_each_key: bool = True   # k^ . k_i ~ 1 for each question's key, not only for their mean (docs/edit)
     key_ridge: float = 0.1      # of that least-squares fit, relative to the mean of diag(K C^-1 K')
     stop_nll: float = 0.05      # stop early once the target's mean NLL is below this
+    chat_turns: tuple[int, ...] = (3, 8)   # context templates: earlier neutral chat turns before the question
+                                # (chat_context); () = the question asked alone, as the single-turn edit did
     threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
                                 # On the 2-core dev machine 1 thread beat 2 even when idle (26.7 vs 37.0 s).
 
@@ -294,30 +307,37 @@ class Editor:
         return self.model.layers[self.config.layer].ffn.down.weight
 
     # -- prompts
-    def prompt(self, question: str) -> tuple[list[int], int]:
-        """Chat-template token ids of a one-question conversation, as the server tokenizes it (the question as
-        plain text), and the index of the question's last token."""
-        chat = self.tok.chat_tokens([{"role": "user", "content": question}])
-        return chat.ids, chat.content_ends[0] - 1
+    def prompt(self, question: str, history: tuple[dict, ...] | list[dict] = ()) -> tuple[list[int], int]:
+        """Chat-template token ids of a conversation ending in `question` after the `history` messages, as the
+        server tokenizes it (the question as plain text), and the index of the question's last token."""
+        chat = self.tok.chat_tokens([*history, {"role": "user", "content": question}])
+        return chat.ids, chat.content_ends[-1] - 1
+
+    def contexts(self) -> list[list[dict]]:
+        """The chat histories a fact is keyed and trained in: none, then one of each of config.chat_turns."""
+        return [[]] + [chat_context(n, start=3 * i) for i, n in enumerate(self.config.chat_turns)]
 
     def answer_ids(self, answer: str) -> list[int]:
         return self.tok.encode(answer, add_bos=False, special=False)
 
     @torch.no_grad()
-    def batch(self, pairs: list[tuple[str, str]]) -> Batch:
-        """The suffix-forward batch for (question, answer) pairs: the answer is scored as the reply."""
+    def batch(self, pairs: list[tuple]) -> Batch:
+        """The suffix-forward batch for (question, answer) or (question, answer, history) pairs: the answer is
+        scored as the reply to the question after the history's messages."""
         m, L = self.model, self.config.layer
         c = m.config
         seqs, edit_pos, answers = [], [], []
-        for question, answer in pairs:
-            ids, pos = self.prompt(question)
+        for question, answer, *history in pairs:
+            ids, pos = self.prompt(question, history[0] if history else ())
             ans = self.answer_ids(answer)
             seqs.append(ids + ans[:-1])
             edit_pos.append(pos)
             answers.append((len(ids) - 1, ans))
         T = max(map(len, seqs))
-        tokens = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
-        states = m._blocks(tokens)  # the residual stream before each layer; no logits needed
+        # The residual stream before each layer (no logits needed), one prompt at a time: prompts after a long
+        # chat context and bare ones differ ~10x in length, and a padded batch would run every one at the longest.
+        each = [m._blocks(torch.tensor([s])) for s in seqs]
+        states = [torch.cat([F.pad(one[i], (0, 0, 0, T - one[i].shape[1])) for one in each]) for i in range(len(each[0]))]
         B, P, S = len(pairs), max(edit_pos), max(len(s) - p for s, p in zip(seqs, edit_pos))
         angles = m.layer_angles(T + S)
         pos = torch.tensor([[p + s for s in range(S)] for p in edit_pos])
@@ -392,12 +412,13 @@ class Editor:
 
     def keys(self, fact: Fact) -> torch.Tensor:
         """The ffn_down inputs [n, d_ff] at the question's last token, for every question asked bare and after
-        each of PREFIXES."""
+        each of PREFIXES, and after each chat context (config.chat_turns)."""
         keys = []
         for q in fact.questions:
-            for prefix in PREFIXES:
-                ids, pos = self.prompt(prefix + q)
-                keys.append(self.ffn_inputs(torch.tensor([ids]))[0, pos])
+            for history in self.contexts():
+                for prefix in PREFIXES if not history else ("",):
+                    ids, pos = self.prompt(prefix + q, history)
+                    keys.append(self.ffn_inputs(torch.tensor([ids]))[0, pos])
         return torch.stack(keys)
 
     # -- the second moment of keys on neutral text
@@ -434,10 +455,13 @@ class Editor:
         return self._neutral
 
     # -- one edit
-    def pairs(self, fact: Fact) -> list[tuple[str, str]]:
-        """(question, target) training pairs: every question with the canonical (last) target. One value
-        vector cannot answer each paraphrase with a different synonym, and trying raises the NLL's floor."""
-        return [(q, fact.targets[-1]) for q in fact.questions]
+    def pairs(self, fact: Fact) -> list[tuple[str, str, list[dict]]]:
+        """(question, target, history) training prompts: every question with the canonical (last) target (one
+        value vector cannot answer each paraphrase with a different synonym, and trying raises the NLL's
+        floor), the questions dealt in turn to the chat contexts (bare, then each of config.chat_turns), so the
+        step cost stays one prompt per question."""
+        contexts = self.contexts()
+        return [(q, fact.targets[-1], contexts[i % len(contexts)]) for i, q in enumerate(fact.questions)]
 
     def edit(self, fact: Fact) -> Edit:
         """Compute the rank-one edit for `fact` and apply it to the torch model (later edits build on it)."""
@@ -771,15 +795,26 @@ def user_adapter(user, engine, config: EditConfig | None = None) -> Path | None:
     return result.adapter
 
 
-def edit_method(user, query, engine):
+def edit_method(user, query, engine, config: EditConfig | None = None):
     """Method 'edit' of the evaluation registry: the user's verified edits as a LoRA adapter."""
     from localpers.engine.engine import Artifacts
     from localpers.personalize.methods import Personalized
 
     if user.registered is not None:  # a served user: what `personalize` registered, if anything
         return Personalized(artifacts=user.served_artifacts(names.EDIT))
-    adapter = user_adapter(user, engine)
+    adapter = user_adapter(user, engine, config)
     return Personalized(artifacts=Artifacts(lora=((str(adapter), 1.0),))) if adapter else Personalized()
+
+
+SINGLE_TURN = EditConfig(chat_turns=())
+
+
+def edit_1turn(user, query, engine):
+    """Evaluation-only ablation 'edit-1turn': the edit keyed and trained on the question alone (no chat context
+    templates), as the single-turn edit was before them. Evaluation users only."""
+    if user.registered is not None:
+        raise UserError("edit-1turn is an evaluation ablation: serve 'edit'")
+    return edit_method(user, query, engine, SINGLE_TURN)
 
 
 def warm_up(engine) -> None:

@@ -136,17 +136,50 @@ def rag(user: User, query: str, engine) -> Personalized:
                         retrieved=tuple(i for i, _ in found if i is not None))
 
 
+FACTS_TOP_K = 3
+
+
+def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_K) -> list[str]:
+    """The stated preferences that bear on `query`, at most k, in the order stated: each preference is indexed
+    with the words of its attribute type (editing.ATTRIBUTES: "I'm vegetarian." also under "food diet eat cook
+    meal ..."), so an implicit question ("What should I cook tonight?") finds it without sharing a word with
+    it; BM25 ranks them. A user with at most k preferences gets all of them: they are few enough to state."""
+    if len(preferences) <= k:
+        return list(preferences)
+    from localpers.personalize.editing import ATTRIBUTES, detect_attribute
+
+    index = BM25Index()
+    for i, text in enumerate(preferences):
+        attribute = detect_attribute(text)
+        synonyms, keywords = ATTRIBUTES[attribute] if attribute else ((), ())
+        index.add(i, " ".join((text, *synonyms, *keywords)))
+    return [preferences[i] for i in sorted(i for i, _ in index.search(query, k))]
+
+
+def facts_prefix(statements: list[str]) -> str:
+    """Stated preferences as the compact line put before the question ("" for none)."""
+    return f"About me: {' '.join(s.strip() for s in statements)}\n\n" if statements else ""
+
+
+def facts(user: User, query: str, engine) -> Personalized:
+    """The user's stated preferences that bear on the query, as one line before the last user message: next to
+    the question it stays in reach after any number of turns, where a system message drifts away."""
+    return Personalized(user_prefix=facts_prefix(relevant_facts(user.preferences, query)))
+
+
 # name -> function, or "module:function" for methods whose module is imported only when used.
 METHODS: dict[str, Method | str] = {
     names.BASE: base,
     names.PROMPT: prompt,
     names.RAG: rag,
+    names.FACTS: facts,
     names.EDIT: "localpers.personalize.editing:edit_method",
     names.CE: "localpers.personalize.training:ce_method",
     names.PERCE: "localpers.personalize.training:perce_method",
     names.LOGO: "localpers.personalize.logo:logo_method",
     **{name: f"localpers.personalize.logo:{name.replace('-', '_')}" for name in names.LOGO_ABLATIONS},
     **{name: f"localpers.personalize.training:{name.replace('-', '_')}" for name in names.PERCE_ABLATIONS},
+    **{name: f"localpers.personalize.editing:{name.replace('-', '_')}" for name in names.EDIT_ABLATIONS},
 }
 
 

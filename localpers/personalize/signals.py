@@ -3,13 +3,13 @@ DATA_DIR/sync/signals/<sha256(user)[:16]>.npz. LoGo's job (localpers.personalize
 (localpers.sync) reads and sends it, so the format lives here, below both."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from localpers.errors import UserError
+from localpers.store.store import signals_file
 
 
 @dataclass
@@ -28,8 +28,16 @@ class Contribution:
             arr = getattr(self, name)
             if arr.shape != shape:
                 raise UserError(f"sync: the local {name} has shape {arr.shape}, the run expects {shape}")
-            if not np.all(np.isfinite(arr)):
-                raise UserError(f"sync: the local {name} has non-finite values")
+        self.check_values()
+
+    def check_values(self) -> None:
+        """Raise UserError unless every value is numeric and finite, the counts >= 0 and the vector non-zero: what
+        a device checks before it joins a run (the shapes are known only once the run is)."""
+        for name in ("vector", "steering", "histogram"):
+            arr = getattr(self, name)
+            if not np.issubdtype(arr.dtype, np.number) or not np.all(np.isfinite(arr)):
+                raise UserError(f"sync: the local {name} has non-finite values (NaN or infinity): recompute this "
+                                "user's signals (localpers personalize --method logo) before syncing")
         if np.any(self.histogram < 0):
             raise UserError("sync: histogram counts must be >= 0")
         if not np.linalg.norm(self.vector) > 0:
@@ -41,8 +49,9 @@ def sync_dir(data_dir: str | Path) -> Path:
 
 
 def signals_path(data_dir: str | Path, user: str) -> Path:
-    """Where a user's local signals (a Contribution) are cached on the device: sync/signals/<sha256[:16]>.npz."""
-    return sync_dir(data_dir) / "signals" / (hashlib.sha256(user.encode()).hexdigest()[:16] + ".npz")
+    """Where a user's local signals (a Contribution) are cached on the device: sync/signals/<sha256[:16]>.npz
+    (store.signals_file: forgetting the user removes it)."""
+    return signals_file(data_dir, user)
 
 
 def save_contribution(data_dir: str | Path, user: str, c: Contribution) -> Path:

@@ -2,6 +2,8 @@
 
     POST   /v1/users/{user}/memories              {"text": ..., "kind"?, "meta"?} or {"messages": [{"role", "content"}]}
                                                   (text and content: a string or a list of text parts, as in chat)
+                                                  {"text", "kind": "preference"} without meta: learned as facts
+                                                  through the detector (400 when it states none)
     GET    /v1/users/{user}/memories[?kind=]
     GET    /v1/users/{user}/memories/search?q=&k=&mode=
     GET    /v1/users/{user}/facts                 the current facts: id, attribute, value, statement, message (the
@@ -29,6 +31,8 @@ from starlette.routing import Match
 from localpers import names
 from localpers.model.chat import content_text
 from localpers.errors import UserError
+from localpers.personalize.detect import NO_FACT, detect_facts
+from localpers.serve.learn import learn_from_text
 from localpers.store.store import NotFoundError, check_item, message_items
 
 
@@ -47,7 +51,7 @@ def check_kind(kind: str) -> str:
 def _escaped_path(raw_path: bytes) -> str:
     """The request path with each segment percent-decoded except for '/' and '%', which stay encoded, so that a
     user id holding '/' ("a/b", sent as a%2Fb) stays one segment and routes like any other id."""
-    return "/".join(unquote(segment).replace("%", "%25").replace("/", "%2F")
+    return "/".join(unquote(segment, errors="surrogateescape").replace("%", "%25").replace("/", "%2F")
                     for segment in raw_path.decode("ascii", "replace").split("/"))
 
 
@@ -60,7 +64,10 @@ class OpenAIErrorRoute(APIRoute):
             return super().matches(scope)
         match, child = super().matches({**scope, "path": _escaped_path(scope["raw_path"])})
         if match != Match.NONE:
-            child["path_params"] = {k: unquote(v) if isinstance(v, str) else v for k, v in child["path_params"].items()}
+            # bytes that are not UTF-8 (%ff, %c3 alone) become lone surrogates, which the store refuses (400),
+            # instead of U+FFFD, which would make distinct ids one
+            child["path_params"] = {k: unquote(v, errors="surrogateescape") if isinstance(v, str) else v
+                                    for k, v in child["path_params"].items()}
         return match, child
 
     def get_route_handler(self):
@@ -96,6 +103,8 @@ def add_memories(user: str, request: Request, payload: dict = Body(...)):
     elif "text" in payload:
         text = content_text(payload["text"]) if isinstance(payload["text"], list) else payload["text"]
         kind = check_kind(payload.get("kind", names.MESSAGE))
+        if kind == names.PREFERENCE and payload.get("meta") is None and "ts" not in payload:
+            return _remember_preference(request.app.state.store, user, text)
         items = [check_item(text, kind, payload.get("meta"), payload.get("ts"))]
     else:
         raise UserError('the request body needs "text" or "messages"')
@@ -105,7 +114,8 @@ def add_memories(user: str, request: Request, payload: dict = Body(...)):
 
 @router.get("/v1/users/{user}/memories")
 def list_memories(user: str, request: Request, kind: str | None = None):
-    return {"object": "list", "data": request.app.state.store.items(user, kind=None if kind is None else check_kind(kind))}
+    kind = None if kind is None else check_kind(kind)
+    return {"object": "list", "data": request.app.state.store.items(user, kind=kind)}
 
 
 @router.get("/v1/users/{user}/memories/search")
@@ -134,3 +144,14 @@ def export_user(user: str, request: Request):
 def forget_user(user: str, request: Request):
     request.app.state.store.forget(user)
     return {"user": user, "deleted": True}
+
+
+def _remember_preference(store, user: str, text) -> dict:
+    """A stated preference (chat's /remember) goes through the detector like a chat message: split into atomic
+    facts learned through the facts index (meta.source "remember"), so it never contradicts it. Text that states
+    no fact about the speaker is a UserError (400). data: the message's id and the new facts' ids."""
+    if not isinstance(text, str) or not detect_facts(text, names.MAX_FACTS_PER_MESSAGE):
+        raise UserError(NO_FACT.format(text=text))
+    learned = learn_from_text(store, user, text, source="remember")
+    return {"object": "list", "data": [{"id": i, "user": user} for i in learned["messages"] + learned["preferences"]],
+            "facts": learned["facts"], "replaced": learned["replaced"], "retired": learned["retired"]}

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -52,6 +53,7 @@ from localpers.serve.compose import DEFAULT_SPEC, Composer, last_user_message, s
 from localpers.model.chat import template_supports_tools
 from localpers.engine.engine import Artifacts, Cancelled, Sampling, model_sha256, usage_of
 from localpers.errors import UserError
+from localpers.serve import limits
 from localpers.serve.jobs import Worker
 from localpers.serve.jobs import router as jobs_router
 from localpers.serve.learn import changed, learn_from_chat
@@ -238,7 +240,7 @@ class APIError(Exception):
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
                param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return {"error": {"message": limits.printable(message), "type": type_, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
@@ -378,9 +380,12 @@ def is_loopback(host: str) -> bool:
 def _host_name(host_header: str) -> str:
     """The host of a Host header, without the port ([::1]:8000 -> ::1)."""
     h = host_header.strip().lower()
-    if h.startswith("["):
-        return h[1:h.find("]")] if "]" in h else h
-    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    if h.startswith("["):  # an IPv6 literal: "[addr]" or "[addr]:port", nothing else after it
+        end = h.find("]")
+        rest = h[end + 1:] if end > 0 else None
+        return h[1:end] if rest is not None and (rest == "" or (rest[:1] == ":" and rest[1:].isdigit())) else h
+    name, sep, port = h.rpartition(":")
+    return name if sep and h.count(":") == 1 and port.isdigit() else h  # "host:8000.evil.example" stays whole
 
 
 class Guard:
@@ -403,7 +408,8 @@ class Guard:
             return 403, (f"cross-origin requests from {origin!r} are refused; allow the origin with "
                          f"`localpers serve --allowed-origin`"), "origin_not_allowed"
         path = scope.get("path", "")
-        if self.api_key and path.startswith("/v1") and headers.get("authorization") != f"Bearer {self.api_key}":
+        if self.api_key and (path.startswith("/v1") or path == "/openapi.json") \
+                and not limits.authorized(headers.get("authorization"), self.api_key):
             return 401, "a valid API key is required (Authorization: Bearer KEY)", "invalid_api_key"
         if scope.get("method") in ("POST", "PUT", "PATCH"):
             ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -493,7 +499,8 @@ async def run_cancellable(request: Request, work, on_event=None):
 def create_app(model_path: str | Path | None = None, *, api_key: str | None = None, data_dir: str | None = None,
                engine=None, personalize: str = DEFAULT_SPEC, history: bool = True, jobs: bool = False,
                warm_jobs: bool = False, host: str = "127.0.0.1", allowed_hosts=(), allowed_origins=(),
-               lora=(), adapter_cache_bytes: int = names.ADAPTER_CACHE_BYTES) -> FastAPI:
+               lora=(), adapter_cache_bytes: int = names.ADAPTER_CACHE_BYTES,
+               max_request_tokens: int = names.MAX_REQUEST_TOKENS) -> FastAPI:
     """The server's app, with the guard `localpers serve` runs. The engine loads in a background thread (so
     /health answers 503 meanwhile) unless an engine is given. `personalize`: the composition spec of requests with
     a `user`; `history`: store users' messages and learn their preferences; `jobs`: run the background job worker
@@ -502,7 +509,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     `warm_jobs`: load what jobs need (the editor's torch model) once the engine is ready (thread jobs only).
     Requests must name a loopback host, `host` or one of `allowed_hosts` ("*": any) in their Host header. `lora`:
     adapter files applied to every request (scale 1), besides the user's artifacts; one that llama.cpp cannot
-    load for the model fails the load (/health says so)."""
+    load for the model fails the load (/health says so). `max_request_tokens`: the cap on n x max_tokens of one
+    chat request (limits.check_work)."""
     app = FastAPI(title="localpers", version="1", docs_url=None, redoc_url=None,
                   description="An OpenAI-compatible, on-device personalized assistant.")
     app.state.engine = engine
@@ -558,8 +566,9 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         changed."""
         try:
             learned = learn_from_chat(store, user, messages)
-        except UserError as e:  # a message the store refuses (over 64 KiB...): the reply is still served
-            log.warning("not stored in %s's history: %s", user, e)
+        except (UserError, sqlite3.Error, OSError) as e:  # a message the store refuses (over 64 KiB...), a full
+            # disk: the reply is still served, without the history write
+            log.warning("not stored in %r's history: %s: %s", user, type(e).__name__, e)
             return None
         if not changed(learned):
             return None
@@ -632,6 +641,9 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     @app.post("/v1/chat/completions", responses={**ERRORS, 200: {"model": ChatCompletion,
                                                                   "content": {"text/event-stream": {}}}})
     async def chat_completions(req: ChatRequest, request: Request):
+        if (where := limits.bad_text_at(req.model_dump(by_alias=True, exclude_none=True))) is not None:
+            raise APIError(400, f"'{where}' is not valid Unicode text (it holds a lone surrogate such as \\ud800)",
+                           param=where)
         engine = ready_engine()
         if app.state.worker is not None:
             app.state.worker.chat_request()  # a running job process yields the CPU to chat
@@ -642,6 +654,9 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         messages = engine_messages(req, tools_ok)
         sampling, tools = sampling_of(req, engine.n_vocab), tools_of(req, tools_ok)
         n, stream = req.n or 1, bool(req.stream)
+        if (too_much := limits.check_work(n, sampling.max_tokens, getattr(engine, "n_ctx", None),
+                                                max_request_tokens)) is not None:
+            refuse("max_tokens", too_much)
         if stream and req.logprobs:
             refuse("logprobs", "logprobs with 'stream': true are not supported; send the request without streaming")
         if req.stream_options is not None and not stream:
@@ -806,7 +821,9 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           data_dir: str | None = None, personalize: str = DEFAULT_SPEC, history: bool = True, allowed_hosts=(),
           allowed_origins=(), insecure_no_api_key: bool = False, lora=(),
-          adapter_cache_mb: float = names.ADAPTER_CACHE_BYTES / 2**20) -> None:
+          adapter_cache_mb: float = names.ADAPTER_CACHE_BYTES / 2**20,
+          max_request_tokens: int = names.MAX_REQUEST_TOKENS, max_connections: int | None = None,
+          header_timeout: float = names.HEADER_TIMEOUT_S, body_timeout: float = names.BODY_TIMEOUT_S) -> None:
     import uvicorn
 
     from localpers.model.gguf_info import open_gguf
@@ -826,7 +843,7 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
     sock = bind(host, port)
     app = create_app(model, api_key=api_key, data_dir=data_dir, personalize=personalize, history=history,
                      jobs="process", warm_jobs=True, host=host, allowed_hosts=allowed_hosts, allowed_origins=allowed_origins,
-                     lora=lora, adapter_cache_bytes=int(adapter_cache_mb * 2**20))
+                     lora=lora, adapter_cache_bytes=int(adapter_cache_mb * 2**20), max_request_tokens=max_request_tokens)
     shown = f"[{host}]" if ":" in host else host
     if host in ("0.0.0.0", "::") and not allowed_hosts:
         print("localpers: note: requests must name this machine as a loopback address; to reach it by another "
@@ -841,7 +858,10 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, a
           f"on http://{shown}:{port}/v1 (the model loads in the background; GET /health)", flush=True)
     # timeout_graceful_shutdown: on SIGTERM, open streams get 2 s, then their tasks are cancelled, which sets
     # their generations' cancel events (a generation never outlives its request).
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2))
+    # slow clients (limits.bounded_protocol): receive deadlines, a connection cap below the descriptor limit
+    cap = max_connections or limits.connection_cap(limits.raise_fd_limit())
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=2,
+                                           http=limits.bounded_protocol(cap, header_timeout, body_timeout)))
     server.run(sockets=[sock])
     if app.state.worker is not None and app.state.worker.current is not None:
         # a job is still running in its thread (torch, llama.cpp): leave without finalizing the interpreter

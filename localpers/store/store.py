@@ -49,6 +49,17 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")  # kinds (and the user
 MAX_USER_CHARS = 1024
 # Characters a user id may not hold: C0/C1 controls, lone surrogates, line and paragraph separators.
 _FORBIDDEN_IN_USER = {"Cc", "Cs", "Zl", "Zp"}
+# bidi embeddings, overrides and isolates (U+202A-202E, U+2066-2069) and marks (LRM, RLM, ALM): an id holding
+# one can display as another id (Trojan Source, CVE-2021-42574)
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+MAX_META_DEPTH = 32  # nesting of an item's meta (objects and arrays): what every reader can decode back
+
+
+def _visible(c: str) -> bool:
+    """A character that shows as ink: not whitespace (NBSP included), not a format or control character
+    (zero-width space/joiners, bidi controls, BOM), not a mark, not a Hangul/Braille filler."""
+    return not (c.isspace() or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Mn", "Me", "Zs")
+                or c in "\u115f\u1160\u3164\uffa0\u2800\u180e")
 LAYOUT = 2  # 1: artifact folders named after the user id; 2: after the user's row id (artifacts/_user-<id>)
 _KEY_CHECK = b"localpers key check"
 _SCRYPT = dict(length=32, n=2**15, r=8, p=1)  # ~0.1 s and 32 MiB per open
@@ -106,6 +117,24 @@ class StaleError(UserError):
     from was deleted meanwhile (the deletion queued its recomputation). Nothing was written."""
 
 
+def make_private(path: str | Path) -> None:
+    """Only the owner may read what the data folder holds: files 0600, folders 0700 (a folder recursively)."""
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o700)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o600)
+    elif path.exists():
+        os.chmod(path, 0o600)
+
+
+def signals_file(directory: str | Path, user: str) -> Path:
+    """Where a user's LoGo sync signals live under a data folder: sync/signals/<sha256(user)[:16]>.npz
+    (localpers.personalize.signals writes and reads it; Store.forget removes it)."""
+    return Path(directory) / "sync" / "signals" / (hashlib.sha256(user.encode("utf-8")).hexdigest()[:16] + ".npz")
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -135,11 +164,16 @@ def check_user(user) -> str:
     name is built from it (a user's artifacts live in artifacts/_user-<row id>)."""
     if not isinstance(user, str):
         raise UserError(f"the user id must be a string, not {type(user).__name__}")
-    if not user.strip():
-        raise UserError("the user id is empty" if not user else f"the user id {user!r} is blank")
-    bad = next((c for c in user if unicodedata.category(c) in _FORBIDDEN_IN_USER), None)
+    if any(unicodedata.category(c) == "Cs" for c in user):  # lone surrogates: undecodable bytes (%ff in a URL)
+        raise UserError(f"the user id {user[:64]!r} is not valid UTF-8 text")
+    if not user:
+        raise UserError("the user id is empty")
+    if not any(_visible(c) for c in user):  # blank: spaces, NBSP, zero-width and format characters only
+        raise UserError(f"the user id {user[:64]!r} is blank (no visible character)")
+    bad = next((c for c in user if unicodedata.category(c) in _FORBIDDEN_IN_USER or c in _BIDI_CONTROLS), None)
     if bad is not None:
-        raise UserError(f"the user id {user[:64]!r} holds the control character U+{ord(bad):04X}")
+        what = "bidirectional-text control" if bad in _BIDI_CONTROLS else "control character"
+        raise UserError(f"the user id {user[:64]!r} holds the {what} U+{ord(bad):04X}")
     user = unicodedata.normalize("NFC", user)
     if len(user) > MAX_USER_CHARS:
         raise UserError(f"the user id is {len(user)} characters; the limit is {MAX_USER_CHARS}")
@@ -177,13 +211,36 @@ def encode_meta(meta) -> bytes:
         meta = {}
     if not isinstance(meta, dict):
         raise UserError(f"meta must be a JSON object, not {type(meta).__name__}")
+    _check_depth(meta)
     try:
         data = json.dumps(meta, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except (TypeError, ValueError, UnicodeEncodeError) as e:
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError) as e:
         raise UserError(f"meta is not valid JSON: {e}") from None
     if len(data) > MAX_TEXT_BYTES:
         raise UserError(f"meta is {len(data)} bytes; the limit is {MAX_TEXT_BYTES} bytes (64 KiB)")
     return data
+
+
+def _read_meta(data: bytes) -> dict:
+    """An item's stored meta; meta nested deeper than MAX_META_DEPTH (stored before the limit) reads as
+    {"unreadable": ...} so that the user's list, export and search still answer."""
+    try:
+        meta = json.loads(data)
+        _check_depth(meta)
+        return meta
+    except (RecursionError, UserError):
+        return {"unreadable": f"this item's meta nests more than {MAX_META_DEPTH} levels"}
+
+
+def _check_depth(meta: dict) -> None:
+    """UserError when meta nests objects/arrays deeper than MAX_META_DEPTH (iterative: any depth is checked)."""
+    stack = [(meta, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_META_DEPTH:
+            raise UserError(f"meta nests more than {MAX_META_DEPTH} levels of objects and arrays")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))
 
 
 MAX_TS = 253402214400  # 9999-12-31 00:00 UTC: the last time every local time zone can show (datetime)
@@ -461,6 +518,12 @@ class Store:
         if directory.exists() and not directory.is_dir():
             raise UserError(f"{directory} is not a directory")
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # the database first, 0600: SQLite gives its -wal and -shm files the database's permissions
+        os.close(os.open(directory / DB_FILE, os.O_RDWR | os.O_CREAT, 0o600))
+        make_private(directory / DB_FILE)  # a store made before this rule
+        for suffix in ("-wal", "-shm"):
+            if (directory / (DB_FILE + suffix)).exists():
+                make_private(directory / (DB_FILE + suffix))
         return cls(directory, embedder)
 
     def __enter__(self):
@@ -728,11 +791,12 @@ class Store:
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            paths = self._learn(conn, user_id, [(item, facts)], out)
+            paths = self._learn(conn, user_id, [(item, facts)], out, source=source)
         self._remove_files(user_id, paths)
         return out
 
-    def _learn(self, conn, user_id: int, items: list[tuple[tuple, list]], out: dict) -> list[str]:
+    def _learn(self, conn, user_id: int, items: list[tuple[tuple, list]], out: dict,
+               source: str = "chat") -> list[str]:
         """Inside a write: insert message items (validated, each with the facts found in it) and learn their
         facts, each through the facts index by keyed
         hashes of (user, slot) and (user, attribute=value), O(log n) in the user's stored facts (no scan, no
@@ -768,7 +832,7 @@ class Store:
                     out["replaced"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)}
                                         for i, _ in held if i not in new_now]
                     paths += self._delete(conn, user_id, [i for i, _ in held])
-                meta = {"source": "chat", "message": message_id, "attribute": fact.attribute, "value": fact.value}
+                meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
                 [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
                 conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
                              (fact_id, user_id, slot, value, message_id))
@@ -803,7 +867,7 @@ class Store:
             "kind": kind,
             "ts": ts,
             "text": self.cipher.open(text, b"%d:text" % user_id).decode("utf-8"),
-            "meta": json.loads(self.cipher.open(meta, b"%d:meta" % user_id)),
+            "meta": _read_meta(self.cipher.open(meta, b"%d:meta" % user_id)),
         }
 
     def items(self, user: str, kind: str | None = None) -> list[dict]:
@@ -816,12 +880,27 @@ class Store:
             rows = conn.execute(sql + " ORDER BY id", args).fetchall()
         return [self._decrypt_item(user_id, *row) for row in rows]
 
+    def _forget_files(self, user: str) -> None:
+        """The files outside the database and the artifact folder that hold `user`'s data (see forget)."""
+        for name in {user, check_user(user)}:  # as given and as stored (NFC)
+            signals_file(self.directory, name).unlink(missing_ok=True)
+        node = self.directory / "sync" / "node.toml"
+        try:
+            import tomllib
+
+            named = tomllib.loads(node.read_text(encoding="utf-8")).get("user")
+        except (OSError, ValueError, ImportError):
+            return
+        if named in (user, check_user(user)):
+            node.unlink(missing_ok=True)
+
     def delete_item(self, user: str, item_id: int) -> None:
         """Delete one item, and before returning every artifact derived from it (rows and files: not served
         from the next request on); their recomputation is queued, as is an edit for a deleted preference."""
         with self._write() as conn:
             user_id = self._user_id(conn, user)
-            if not conn.execute("SELECT 1 FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).fetchone():
+            if not -(1 << 63) <= item_id < 1 << 63 or not conn.execute(  # beyond SQLite's integers: no such item
+                    "SELECT 1 FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).fetchone():
                 raise NotFoundError(f"user {user!r} has no item {item_id}")
             retired = self._delete(conn, user_id, [item_id])
         self._remove_files(user_id, retired)
@@ -955,7 +1034,8 @@ class Store:
         """Where the user's artifact files live (created, with the user); forget deletes it."""
         with self._write() as conn:
             path = self._user_folder(self._create_user(conn, user))
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
         return path
 
     def register_artifact(
@@ -998,7 +1078,8 @@ class Store:
                 if len(found) != len(sources):
                     raise StaleError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not registered")
             folder = self._user_folder(user_id)
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder.parent.mkdir(mode=0o700, exist_ok=True)  # (parents=True would make it with the umask's mode)
+            folder.mkdir(mode=0o700, exist_ok=True)
             folder = folder.resolve()
             (version,) = conn.execute(
                 "SELECT coalesce(max(version), 0) + 1 FROM artifacts WHERE user_id = ? AND kind = ?", (user_id, kind)
@@ -1013,6 +1094,7 @@ class Store:
                     shutil.copytree(source, target)
                 else:
                     shutil.copy2(source, target)
+                make_private(target)
                 source = target
             relative = str(source.relative_to(self.directory.resolve()))
             artifact_id = conn.execute(
@@ -1264,9 +1346,22 @@ class Store:
 
     def forget(self, user: str) -> None:
         """Delete everything held about the user: artifact files, then rows (items, vectors, artifacts),
-        then VACUUM and truncate the WAL, so that neither the text nor its ciphertext is left in the files."""
+        then VACUUM and truncate the WAL, so that neither the text nor its ciphertext is left in the files.
+
+        Every place a user's data lands under the data folder, and what removes it here:
+        - store.db (+ -wal): items (history, preferences, memories), their embeddings, artifact and job rows
+          -> the rows (DELETE cascades), VACUUM, WAL truncated;
+        - artifacts/_user-<id>/: adapters, control vectors, baked models, LoGo signals beside the LoGo control
+          vector (<name>.signals.npz) -> the folder;
+        - sync/signals/<sha256(user)[:16]>.npz: the LoGo sync contribution (user vector, steering, preference
+          counts) -> the file;
+        - sync/node.toml: the id of the user a `localpers sync` device contributes -> the file, when it names them.
+        Not per user, so not removed: logo/knowledge.npz and sync/global_knowledge.npz (community aggregates over
+        all users, published with DP noise), sync/sent.jsonl (the device's ledger: shapes, norms, epsilon; no
+        text, no user id)."""
         with self._read() as conn:
             self._remove_folder(self._user_folder(self._user_id(conn, user)))
+        self._forget_files(user)
         with self._write() as conn:
             user_id = self._user_id(conn, user)
             conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts, jobs
@@ -1278,6 +1373,7 @@ class Store:
             self._bm25.pop(user_id, None)
             for key in [key for key in self._dense if key[0] == user_id]:
                 del self._dense[key]
+        self._forget_files(user)
         conn = self._conn()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         conn.execute("VACUUM")

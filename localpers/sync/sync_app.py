@@ -18,6 +18,7 @@ Declared in pyproject.toml under [tool.flwr.app.components].
 from __future__ import annotations
 
 import json
+import os
 import time
 from logging import INFO
 from pathlib import Path
@@ -32,7 +33,7 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from localpers.sync import sync
+from localpers.sync import lifetime, sync
 from localpers.errors import UserError
 
 SUMMARY_FILE = "summary.json"
@@ -159,6 +160,9 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
+    owner = str(context.run_config.get("owner", ""))
+    if owner:  # `localpers sync-server` started this run: the ServerApp ends with it
+        lifetime.watch(owner)
     run_server(grid, context)
 
 
@@ -275,11 +279,30 @@ def _jsonable(value):
     return value
 
 
+def check_consent(context: Context) -> None:
+    """End this ClientApp process, sending nothing, unless the `localpers sync` command that consented (node
+    config `consent`, a lifetime.token) is still running; also watch it for as long as this process lives."""
+    consent = str(context.node_config.get("consent", ""))
+    if not consent:  # a SuperNode not started by `localpers sync` (flwr's own tools, the in-process simulation)
+        return
+    if not lifetime.alive(consent):
+        os._exit(1)
+    global _watching
+    if not _watching:
+        _watching = lifetime.watch(consent)
+
+
+_watching = None
+
+
 def ledger_mod(msg: Message, context: Context, call_next) -> Message:
-    """Outermost mod: log every reply this device sends (after SecAgg+ masked it) to sync/sent.jsonl."""
+    """Outermost mod: answer only while the consenting `localpers sync` runs (check_consent, before and after the
+    reply is computed); log every reply this device sends (after SecAgg+ masked it) to sync/sent.jsonl."""
+    check_consent(context)
     incoming = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
     stage = incoming.get(Key.STAGE) if incoming is not None else None  # secaggplus_mod pops it
     reply = call_next(msg, context)
+    check_consent(context)
     data_dir = Path(str(context.node_config["data-dir"]))
     rows = describe(reply.content) if reply.has_content() else []
     sync.log_sent(data_dir, {"kind": "message", "run": context.run_id, "message_type": msg.metadata.message_type,
