@@ -182,9 +182,9 @@ def test_page_chat_learn_why_correct_delete_forget(server, browser, shots, tmp_p
     field = find(b, "#facts form input")
     field.clear()
     field.send_keys("I'm vegan." + Keys.ENTER)
-    wait(b, lambda d: texts(d, "#facts .value") == ["I'm vegan."] and "in use" in texts(d, "#facts > li")[0],
+    wait(b, lambda d: texts(d, "#facts .value") == ["vegan"] and "in use" in texts(d, "#facts > li")[0],
          "the corrected fact in use")
-    assert "corrected by you" in texts(b, "#facts > li")[0] and "first learned from your message" in texts(b, "#facts > li")[0]
+    assert "corrected by you" in texts(b, "#facts > li")[0] and "“I'm vegan.”" in texts(b, "#facts > li")[0]
     [corrected] = api(url, "GET", "/v1/users/ann/memory").json()["artifacts"]
     assert corrected["id"] != adapter["id"]
     shots(b, "6-corrected")

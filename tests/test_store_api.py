@@ -153,10 +153,11 @@ def test_memories_take_content_as_text_parts_like_chat(client):
                                                      "kind": "preference"})
     assert r.status_code == 201, r.text
     items = client.get("/v1/users/alice/memories").json()["data"]
-    assert [(i["text"], i["kind"], i["meta"]) for i in items] == [
-        ("I am vegetarian and I love mangoes.", "message", {"role": "user"}),
-        ("Noted.", "message", {"role": "assistant"}),
-        ("I drink oolong.", "preference", {})]
+    assert [(i["text"], i["kind"], i["meta"].get("role"), i["meta"].get("value")) for i in items] == [
+        ("I am vegetarian and I love mangoes.", "message", "user", None),
+        ("Noted.", "message", "assistant", None),
+        ("I drink oolong.", "message", "user", None),           # a preference without meta is learned as said
+        ("I drink oolong.", "preference", None, "oolong")]
 
 
 class Held:

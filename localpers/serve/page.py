@@ -116,7 +116,8 @@ def memory(user: str, request: Request):
         source = by_id.get(item["meta"].get("message"))
         facts.append({**item, "attribute": item["meta"].get("attribute"), "value": item["meta"].get("value"),
                       "status": status, "reason": reason,
-                      "source": None if source is None else {k: source[k] for k in ("id", "text", "ts")},
+                      "source": None if source is None else {k: source[k] for k in ("id", "text", "ts")}
+                      | {"corrected": source["meta"].get("source") == "page"},  # typed as a correction on the page
                       "artifacts": [a["id"] for a in artifacts if item["id"] in a["sources"]]})
     now = time.time()
     return {"user": user, "facts": facts,

@@ -326,7 +326,9 @@ function factCard(fact) {
     el("span", { class: "value" }, factLabel(fact)),
     el("span", { class: statusClass(fact.status) }, fact.status));
   const origin = fact.source ? `from your message “${fact.source.text}”, ${when(fact.source.ts)}` : `stated ${when(fact.ts)}`;
-  const details = [el("div", { class: "meta" }, fact.meta.edited ? `corrected by you ${when(fact.ts)}; first learned ${origin}` : origin)];
+  const corrected = fact.source && fact.source.corrected ? `corrected by you ${when(fact.source.ts)}: “${fact.source.text}”`
+    : fact.meta.edited ? `corrected by you ${when(fact.ts)}; first learned ${origin}` : origin;
+  const details = [el("div", { class: "meta" }, corrected)];
   if (fact.reason) details.push(el("div", { class: "meta reason" }, `why: ${fact.reason}`));
   const edit = el("button", { type: "button", "aria-label": `Edit the fact: ${fact.text}` }, "Edit");
   const remove = el("button", { type: "button", class: "danger", "aria-label": `Delete the fact: ${fact.text}` }, "Delete");
