@@ -182,9 +182,9 @@ def test_page_chat_learn_why_correct_delete_forget(server, browser, shots, tmp_p
     field = find(b, "#facts form input")
     field.clear()
     field.send_keys("I'm vegan." + Keys.ENTER)
-    wait(b, lambda d: texts(d, "#facts .value") == ["I'm vegan."] and "in use" in texts(d, "#facts > li")[0],
+    wait(b, lambda d: texts(d, "#facts .value") == ["vegan"] and "in use" in texts(d, "#facts > li")[0],
          "the corrected fact in use")
-    assert "corrected by you" in texts(b, "#facts > li")[0] and "first learned from your message" in texts(b, "#facts > li")[0]
+    assert "corrected by you" in texts(b, "#facts > li")[0] and "“I'm vegan.”" in texts(b, "#facts > li")[0]
     [corrected] = api(url, "GET", "/v1/users/ann/memory").json()["artifacts"]
     assert corrected["id"] != adapter["id"]
     shots(b, "6-corrected")
@@ -279,6 +279,48 @@ def test_page_keyboard_labels_and_200_percent_zoom(server, browser, shots):
     widths = b.execute_script("return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert widths[0] <= widths[1]
     shots(b, "zoom-200")
+
+
+def test_page_refuses_a_name_the_server_refuses_and_edits_and_deletes_by_keyboard(server, browser):
+    """A name with a control character is refused in the dialog with the server's message (also one remembered
+    from before); Escape closes the fact editor; after a fact is deleted with the keyboard, focus goes to the next
+    fact, then to the list's heading."""
+    from selenium.webdriver.common.keys import Keys
+
+    url, gate = server
+    gate.set()
+    b = browser
+    b.get(url + "/")
+    b.execute_script(f"sessionStorage.setItem('localpers.key', '{KEY}'); "
+                     "localStorage.setItem('localpers.user', 'bad\\u0007name')")
+    b.get(url + "/")
+    wait(b, lambda d: "U+0007" in find(d, "#person-error").text, "the remembered name refused")
+    assert find(b, "#person-dialog").get_attribute("open") is not None
+    b.execute_script("document.getElementById('person').value = 'al\\u0007ice'")
+    find(b, "#person-ok").click()
+    wait(b, lambda d: "control character U+0007" in find(d, "#person-error").text, "the typed name refused")
+    assert find(b, "#person-dialog").get_attribute("open") is not None
+    assert find(b, "body").get_attribute("data-ready") is None
+    find(b, "#person").clear()
+    find(b, "#person").send_keys("cy" + Keys.ENTER)
+    wait(b, lambda d: find(d, "body").get_attribute("data-ready") == "true", "the page ready")
+    assert find(b, "#who").text == "Chatting as cy" and find(b, "#person-error").text == ""
+
+    for text in ("I'm vegetarian.", "I live in Lyon.", "I like tea."):
+        assert httpx.post(f"{url}/v1/users/cy/memories", json={"text": text, "kind": "preference"},
+                          headers={"Authorization": f"Bearer {KEY}"}).status_code == 201
+    open_tab(b, "memory")
+    wait(b, lambda d: len(texts(d, "#facts > li")) == 3, "the facts")
+    find(b, "#facts > li button[aria-label^='Edit']").click()
+    find(b, "#facts form input").send_keys(Keys.ESCAPE)
+    wait(b, lambda d: texts(d, "#facts form") == [], "the editor closed by Escape")
+    assert b.switch_to.active_element.get_attribute("aria-label") == "Edit the fact: I'm vegetarian."
+    find(b, "#facts > li button[aria-label='Delete the fact: I live in Lyon.']").send_keys(Keys.ENTER)
+    wait(b, lambda d: len(texts(d, "#facts > li")) == 2 and d.switch_to.active_element.get_attribute("aria-label")
+         == "Edit the fact: I like tea.", "focus on the next fact")
+    find(b, "#facts > li button[aria-label='Delete the fact: I like tea.']").send_keys(Keys.ENTER)
+    wait(b, lambda d: len(texts(d, "#facts > li")) == 1
+         and d.switch_to.active_element.get_attribute("id") == "facts-title", "focus on the heading")
 
 
 @pytest.mark.slow

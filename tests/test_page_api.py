@@ -128,3 +128,82 @@ def test_job_durations_in_the_snapshot(engine, tmp_path):
     assert shown["result"]["failed"] == 1
     [fact] = client.get("/v1/users/ann/memory").json()["facts"]
     assert fact["status"] == FAILED and f"job {job['id']}" in fact["reason"]
+
+
+def _lyon(tmp_path):
+    """u said "I'm vegetarian and I live in Lyon." (as in chat): one message, two facts. Returns their ids."""
+    from localpers.serve.learn import learn_from_text
+
+    with Store.open(tmp_path) as store:
+        learned = learn_from_text(store, "u", "I'm vegetarian and I live in Lyon.", source="chat")
+        facts = {f["meta"]["attribute"]: f["id"] for f in store.items("u", kind=names.PREFERENCE)}
+    return learned["messages"][0], facts
+
+
+def _state(client):
+    return sorted((i["kind"], i["text"]) for i in client.get("/v1/users/u/memories").json()["data"])
+
+
+def test_invariant_a_refused_fact_correction_changes_nothing(engine, tmp_path):
+    client = TestClient(create_app(engine=engine, data_dir=str(tmp_path)), base_url=LOCAL)
+    _, facts = _lyon(tmp_path)
+    before = _state(client)
+    for text in ("I don't live in Rome anymore.", "I'm not vegetarian anymore.",  # retirements, not facts
+                 "My sister is vegan.", "What is my diet?", "hi"):                    # nothing about the user
+        for fact_id in facts.values():
+            r = client.patch(f"/v1/users/u/memories/{fact_id}", json={"text": text})
+            assert r.status_code == 400, (text, r.text)
+            assert "must state a fact about you" in r.json()["error"]["message"]
+            assert _state(client) == before
+    r = client.patch(f"/v1/users/u/memories/{facts['home']}", json={"text": "I live in Rome."})
+    assert r.status_code == 200 and r.json()["meta"]["value"] == "Rome" and r.json()["kind"] == names.PREFERENCE
+    # a correction that states a fact already held elsewhere returns the fact that holds it
+    r = client.patch(f"/v1/users/u/memories/{r.json()['id']}", json={"text": "I'm vegetarian."})
+    assert r.status_code == 200 and r.json()["id"] == facts["diet"]
+    assert [i["meta"]["value"] for i in client.get("/v1/users/u/memories?kind=preference").json()["data"]] == [
+        "vegetarian"]
+
+
+def test_a_corrected_message_is_relearned(engine, tmp_path):
+    client = TestClient(create_app(engine=engine, data_dir=str(tmp_path)), base_url=LOCAL)
+    message, _ = _lyon(tmp_path)
+    r = client.patch(f"/v1/users/u/memories/{message}", json={"text": "I'm vegan and I live in Rome."})
+    assert r.status_code == 200, r.text
+    assert r.json()["kind"] == names.MESSAGE and r.json()["text"] == "I'm vegan and I live in Rome."
+    facts = client.get("/v1/users/u/memory").json()["facts"]
+    assert sorted((f["attribute"], f["value"]) for f in facts) == [("diet", "vegan"), ("home", "Rome")]
+    assert all(f["source"]["id"] == r.json()["id"] for f in facts)
+    # a message that states nothing is stored as corrected, and what the old one taught goes with it
+    r = client.patch(f"/v1/users/u/memories/{r.json()['id']}", json={"text": "hello there"})
+    assert r.status_code == 200 and client.get("/v1/users/u/memory").json()["facts"] == []
+    assert _state(client) == [(names.MESSAGE, "hello there")]
+
+
+def test_memory_route_errors_say_what_is_wrong(engine, tmp_path):
+    client = TestClient(create_app(engine=engine, data_dir=str(tmp_path)), base_url=LOCAL)
+    _, facts = _lyon(tmp_path)
+    path = f"/v1/users/u/memories/{facts['diet']}"
+    json_type = {"content-type": "application/json"}
+
+    def error(r):
+        assert r.status_code == 400, r.text
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        return r.json()["error"]["message"]
+
+    assert "not valid JSON" in error(client.patch(path, content="{nope", headers=json_type))
+    assert "must be a JSON object" in error(client.patch(path, content="null", headers=json_type))
+    assert "must be a JSON object" in error(client.patch(path, content="", headers=json_type))
+    assert "must be a JSON object" in error(client.post("/v1/users/u/memories", content="null", headers=json_type))
+    assert "unknown kind 'bogus'" in error(client.post("/v1/users/u/memories", json={"text": "hi", "kind": "bogus"}))
+    assert "message, preference, document, review" in error(client.get("/v1/users/u/memories?kind=zzz"))
+    for ts in (1e300, -1e300, -1, 1e12):
+        assert "ts must be" in error(client.post("/v1/users/u/memories", json={"text": "hi", "ts": ts}))
+    assert client.post("/v1/users/u/memories", json={"text": "hi", "ts": 0}).status_code == 201
+    assert client.get("/v1/users/nobody/memories").json()["error"]["param"] is None  # 404, param present
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    for value in ("NaN", "Infinity", "-Infinity"):
+        body = '{"messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % value
+        r = client.post("/v1/chat/completions", content=body, headers=json_type)
+        assert error(r) == "'temperature': must be a finite number" and r.json()["error"]["param"] == "temperature"
+    assert "must be a JSON object" in error(client.post("/v1/chat/completions", content="null", headers=json_type))
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200

@@ -17,7 +17,10 @@ def _store(args):
 
 
 def _line(item: dict) -> str:
-    when = datetime.fromtimestamp(item["ts"]).strftime("%Y-%m-%d %H:%M")
+    try:
+        when = datetime.fromtimestamp(item["ts"]).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, ValueError, OSError):  # a time stored before ts was range-checked
+        when = f"ts={item['ts']!r}"
     score = f"  {item['score']:.3f}" if "score" in item else ""
     return f"#{item['id']}  {when}  {item['kind']}{score}  {item['text']}"
 

@@ -12,8 +12,9 @@
     GET    /v1/users/{user}/export
     DELETE /v1/users/{user}
 
-Errors are OpenAI-style bodies {"error": {"message", "type", "code"}}: 404 for an unknown user or item,
-400 for any other bad input. `{user}` is any user id the store accepts (store.check_user), URL-encoded
+Errors are OpenAI-style bodies {"error": {"message", "type", "param", "code"}} (param: the field at fault, or
+null): 404 for an unknown user or item, 400 for any other bad input (a kind not in names.ITEM_KINDS, a body that
+is not a JSON object, a ts out of range ...). `{user}` is any user id the store accepts (store.check_user), URL-encoded
 ("john%20doe", "a%2Fb"). Handlers are plain functions: FastAPI runs them in its thread pool, and the
 store gives each thread its own SQLite connection."""
 from __future__ import annotations
@@ -35,8 +36,16 @@ from localpers.serve.learn import learn_from_text
 from localpers.store.store import NotFoundError, check_item, message_items
 
 
-def error_response(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": code}}, status)
+def error_response(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
+                                   "code": code}}, status)
+
+
+def check_kind(kind: str) -> str:
+    """An item kind a client may name: one of names.ITEM_KINDS, else UserError naming them."""
+    if kind not in names.ITEM_KINDS:
+        raise UserError(f"unknown kind {kind!r}: use one of {', '.join(names.ITEM_KINDS)}")
+    return kind
 
 
 def _escaped_path(raw_path: bytes) -> str:
@@ -72,9 +81,10 @@ class OpenAIErrorRoute(APIRoute):
             except UserError as e:
                 return error_response(400, str(e), "invalid_request")
             except RequestValidationError as e:
-                first = e.errors()[0]
-                where = ".".join(str(part) for part in first["loc"])
-                return error_response(400, f"{where}: {first['msg']}", "invalid_request")
+                from localpers.serve.server import _describe_validation as describe  # the chat routes' wording
+
+                message, param = describe(e.errors())
+                return error_response(400, message, "invalid_request", param)
             except HTTPException as e:
                 return error_response(e.status_code, str(e.detail), "invalid_request")
 
@@ -92,9 +102,10 @@ def add_memories(user: str, request: Request, payload: dict = Body(...)):
         items = message_items(payload["messages"])
     elif "text" in payload:
         text = content_text(payload["text"]) if isinstance(payload["text"], list) else payload["text"]
-        if payload.get("kind") == names.PREFERENCE and payload.get("meta") is None and "ts" not in payload:
+        kind = check_kind(payload.get("kind", names.MESSAGE))
+        if kind == names.PREFERENCE and payload.get("meta") is None and "ts" not in payload:
             return _remember_preference(request.app.state.store, user, text)
-        items = [check_item(text, payload.get("kind", "message"), payload.get("meta"), payload.get("ts"))]
+        items = [check_item(text, kind, payload.get("meta"), payload.get("ts"))]
     else:
         raise UserError('the request body needs "text" or "messages"')
     ids = request.app.state.store.add_many(user, items)
@@ -103,6 +114,7 @@ def add_memories(user: str, request: Request, payload: dict = Body(...)):
 
 @router.get("/v1/users/{user}/memories")
 def list_memories(user: str, request: Request, kind: str | None = None):
+    kind = None if kind is None else check_kind(kind)
     return {"object": "list", "data": request.app.state.store.items(user, kind=kind)}
 
 

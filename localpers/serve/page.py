@@ -13,7 +13,8 @@ styles and connections from this origin only, no inline script or style, no fram
                                                    "model": the served model's name, or null while it loads}
     GET   /v1/users/{user}/memory                 the page's snapshot: facts with their status, the current
                                                    artifacts (no paths), the jobs with their durations
-    PATCH /v1/users/{user}/memories/{item_id}     {"text": ...}: correct an item (a preference is relearned)
+    PATCH /v1/users/{user}/memories/{item_id}     {"text": ...}: correct an item (a fact or a user's message is
+                                                   relearned; see edit_memory)
 
 A fact is an item of kind "preference". Its status: "in use" when a current artifact of the served model was
 made from it (artifact meta "sources"), "learning" while a job that will make one is queued or running, "failed"
@@ -30,6 +31,7 @@ from fastapi.responses import FileResponse
 
 from localpers import names
 from localpers.errors import UserError
+from localpers.personalize.detect import detect_facts
 from localpers.serve.learn import learn_from_text
 from localpers.serve.memory_api import OpenAIErrorRoute
 from localpers.store.store import NotFoundError, check_item
@@ -114,7 +116,8 @@ def memory(user: str, request: Request):
         source = by_id.get(item["meta"].get("message"))
         facts.append({**item, "attribute": item["meta"].get("attribute"), "value": item["meta"].get("value"),
                       "status": status, "reason": reason,
-                      "source": None if source is None else {k: source[k] for k in ("id", "text", "ts")},
+                      "source": None if source is None else {k: source[k] for k in ("id", "text", "ts")}
+                      | {"corrected": source["meta"].get("source") == "page"},  # typed as a correction on the page
                       "artifacts": [a["id"] for a in artifacts if item["id"] in a["sources"]]})
     now = time.time()
     return {"user": user, "facts": facts,
@@ -126,9 +129,16 @@ def memory(user: str, request: Request):
 
 @router.patch("/v1/users/{user}/memories/{item_id}")
 def edit_memory(user: str, item_id: int, request: Request, payload: dict = Body(...)):
-    """Replace an item's text (same kind and metadata, marked edited with the old id): the new item is stored, then
-    the old one deleted with the artifacts derived from it (two writes of the store's public API: an interruption
-    between them leaves both, never neither); a preference queues its relearning. Returns the new item."""
+    """Replace an item's text; the whole request is validated before any write (400, nothing changed). Returns
+    the new item.
+
+    - a preference (a fact): the text must state a fact about the user (detect_facts, retirements left out), else
+      400. The old fact is deleted, then the text learned as the user typing it (learn_from_text, source "page"),
+      through the facts index (a later statement of the same attribute replaces it); returns its first fact.
+    - a user's message: deleted (with the facts learned from it), then the new text relearned the same way;
+      returns the new message.
+    - any other item: stored anew (same kind and metadata, marked edited with the old id), then the old one
+      deleted with the artifacts derived from it (two writes: an interruption leaves both, never neither)."""
     if set(payload) != {"text"}:
         raise UserError('the request body must be {"text": "..."}')
     store = request.app.state.store
@@ -137,15 +147,27 @@ def edit_memory(user: str, item_id: int, request: Request, payload: dict = Body(
         raise NotFoundError(f"user {user!r} has no item {item_id}")
     meta = {k: v for k, v in old["meta"].items() if k != "value"}  # the value was read from the old text
     item = check_item(payload["text"], old["kind"], {**meta, "edited": item_id})  # validates before any write
+    text = item[2].decode("utf-8")
     if old["kind"] == names.PREFERENCE:
-        # A corrected fact that states facts is learned like chat, through the facts index (so a later statement
-        # of the same attribute replaces it): the old fact goes first, then the text is learned.
-        learned = learn_from_text(store, user, payload["text"], source="page", dry_run=True)
+        found = [f for f in detect_facts(text, names.MAX_FACTS_PER_MESSAGE)[:names.MAX_FACTS_PER_MESSAGE]
+                 if not f.retire]
+        if not found:
+            raise UserError("a corrected fact must state a fact about you, such as \"I'm vegan.\" or \"I live in "
+                            "Lyon.\" (not a question, someone else's fact or a retirement); nothing was changed")
+        store.delete_item(user, item_id)
+        learned = learn_from_text(store, user, text, source="page")
+        _wake(request)
+        items = store.items(user, kind=names.PREFERENCE)
         if learned["facts"]:
-            store.delete_item(user, item_id)
-            learned = learn_from_text(store, user, payload["text"], source="page")
-            _wake(request)
-            return next(item for item in store.items(user) if item["id"] == learned["facts"][0]["id"])
+            return next(i for i in items if i["id"] == learned["facts"][0]["id"])
+        # already held (stated elsewhere too): the fact that holds it
+        return next(i for i in reversed(items) if i["meta"].get("attribute") == found[0].attribute)
+    if old["kind"] == names.MESSAGE and old["meta"].get("role", "user") == "user":
+        store.delete_item(user, item_id)  # with the facts learned from it
+        learned = learn_from_text(store, user, text, source="page")
+        _wake(request)
+        [message_id] = learned["messages"]
+        return next(i for i in store.items(user, kind=names.MESSAGE) if i["id"] == message_id)
     [new_id] = store.add_many(user, [item])
     try:
         store.delete_item(user, item_id)

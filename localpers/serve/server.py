@@ -30,6 +30,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import sqlite3
@@ -257,14 +258,15 @@ def _describe_validation(errors) -> tuple[str, str | None]:
     for err in errors:
         if err["type"] == "json_invalid":
             return f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}", None
-        if err["loc"] == ("body",) and err["type"] in ("model_attributes_type", "dict_type", "model_type"):
+        if err["loc"] == ("body",) and err["type"] in ("model_attributes_type", "dict_type", "model_type", "missing"):
             return "the request body must be a JSON object", None
         loc = [str(p) for p in err["loc"] if p != "body"]
         # drop the union-member tags pydantic adds (str, list[TextPart], function-after ...)
         loc = [p for p in loc if not (p[:1].islower() and ("[" in p or p in {"str", "int", "float", "bool"}))]
         where = ".".join(loc) or "body"
         first = first or where
-        parts.append(f"'{where}': {err['msg']}")
+        bad_float = isinstance(err.get("input"), float) and not math.isfinite(err["input"])
+        parts.append(f"'{where}': {'must be a finite number' if bad_float else err['msg']}")
     return "; ".join(dict.fromkeys(parts)), first
 
 

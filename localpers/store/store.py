@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import os
 import re
 import shutil
@@ -244,13 +243,17 @@ def _check_depth(meta: dict) -> None:
         stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))
 
 
+MAX_TS = 253402214400  # 9999-12-31 00:00 UTC: the last time every local time zone can show (datetime)
+
+
 def check_item(text, kind="message", meta=None, ts=None) -> tuple[str, float, bytes, bytes]:
     """Validate one item: (kind, timestamp, text bytes, meta bytes), nothing written yet."""
     check_name("kind", kind)
     if ts is None:
         ts = time.time()
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
-        raise UserError(f"ts must be a number of seconds since the epoch, not {ts!r}")
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not 0 <= ts <= MAX_TS:
+        raise UserError(f"ts must be a number of seconds since the epoch (1970) up to {MAX_TS} (year 9999), "
+                        f"not {ts!r}")
     return kind, float(ts), encode_text(text), encode_meta(meta)
 
 

@@ -99,15 +99,29 @@ function askKey(why) {
   return state.asking;
 }
 
-function askPerson(suggested) {
+async function personRefused(name) {
+  // The server's own user-id rule (store.check_user): the error it gives a read of that person's memory, or null
+  try {
+    await json("GET", `/v1/users/${encodeURIComponent(name)}/memory`);
+  } catch (error) {
+    if (error.status === 400) return error.message;
+  }
+  return null;
+}
+
+function askPerson(suggested, why = "") {
   return new Promise((resolve) => {
     const dialog = $("person-dialog");
     $("person").value = suggested || state.user || "";
+    $("person-error").textContent = why;
     dialog.oncancel = (event) => { if (!state.user) event.preventDefault(); };  // Escape keeps the current person
-    $("person-form").onsubmit = (event) => {
+    $("person-form").onsubmit = async (event) => {
       event.preventDefault();
       const name = $("person").value.trim();
       if (!name) return;
+      const refused = await personRefused(name);
+      $("person-error").textContent = refused ? `That name cannot be used: ${refused}` : "";
+      if (refused) { $("person").focus(); return; }
       dialog.close();
       resolve(name);
     };
@@ -312,18 +326,29 @@ function factCard(fact) {
     el("span", { class: "value" }, factLabel(fact)),
     el("span", { class: statusClass(fact.status) }, fact.status));
   const origin = fact.source ? `from your message “${fact.source.text}”, ${when(fact.source.ts)}` : `stated ${when(fact.ts)}`;
-  const details = [el("div", { class: "meta" }, fact.meta.edited ? `corrected by you ${when(fact.ts)}; first learned ${origin}` : origin)];
+  const corrected = fact.source && fact.source.corrected ? `corrected by you ${when(fact.source.ts)}: “${fact.source.text}”`
+    : fact.meta.edited ? `corrected by you ${when(fact.ts)}; first learned ${origin}` : origin;
+  const details = [el("div", { class: "meta" }, corrected)];
   if (fact.reason) details.push(el("div", { class: "meta reason" }, `why: ${fact.reason}`));
   const edit = el("button", { type: "button", "aria-label": `Edit the fact: ${fact.text}` }, "Edit");
   const remove = el("button", { type: "button", class: "danger", "aria-label": `Delete the fact: ${fact.text}` }, "Delete");
   const card = el("li", { "data-id": String(fact.id), class: "fact" }, title, ...details, el("div", { class: "row" }, edit, remove));
   edit.onclick = () => editFact(card, fact);
   remove.onclick = () => act(async () => {
+    const position = [...$("facts").children].indexOf(card);
     await json("DELETE", userPath(`/memories/${fact.id}`));
     notify(`Deleted “${fact.text}”: the adapters made from it are retired.`);
     await refresh();
+    focusAfterDelete("facts", position);
   });
   return card;
+}
+
+function focusAfterDelete(list, position) {
+  // keyboard focus goes to the card that took the deleted one's place (the next), else the list's heading
+  const next = $(list).children[position];
+  const target = next ? next.querySelector("button") : $(`${list}-title`);
+  if (target) target.focus();
 }
 
 function editFact(card, fact) {
@@ -331,7 +356,16 @@ function editFact(card, fact) {
   const input = el("input", { id, value: fact.text, required: true });
   const form = el("form", { class: "row" }, el("label", { htmlFor: id }, "Correct the fact"), input,
                   el("button", { type: "submit" }, "Save"), el("button", { type: "button", class: "secondary" }, "Cancel"));
-  form.querySelector(".secondary").onclick = () => { renderFacts(); refresh(); };
+  const cancel = () => {
+    renderFacts();
+    refresh();
+    const again = $("facts").querySelector(`li[data-id="${fact.id}"] button`);
+    if (again) again.focus();  // back on the fact's Edit button
+  };
+  form.querySelector(".secondary").onclick = cancel;
+  form.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") { event.preventDefault(); cancel(); }
+  });
   form.onsubmit = (event) => {
     event.preventDefault();
     act(async () => {
@@ -390,10 +424,12 @@ async function loadItems() {
   $("items").replaceChildren(...items.map((item) => {
     const remove = el("button", { type: "button", class: "danger", "aria-label": `Delete: ${item.text}` }, "Delete");
     remove.onclick = () => act(async () => {
+      const position = [...$("items").children].findIndex((li) => li.dataset.id === String(item.id));
       await json("DELETE", userPath(`/memories/${item.id}`));
       notify("Deleted from your history (with what was learned from it).");
       await refresh();
       await loadItems();
+      focusAfterDelete("items", position);
     });
     return el("li", { "data-id": String(item.id) }, el("div", {}, item.text),
               el("div", { class: "meta" }, `${item.kind}, ${when(item.ts)}`), el("div", { class: "row" }, remove));
@@ -459,7 +495,9 @@ async function start() {
   $("forget").onclick = forget;
   let owner = null;
   try { owner = (await json("GET", "/v1/page")).owner; } catch (error) { notify(error.message, true); }
-  const name = localStorage.getItem(USER_STORE) || owner || await askPerson("");
+  let name = localStorage.getItem(USER_STORE) || owner;
+  const refused = name && await personRefused(name);  // a name remembered from before the page checked it
+  if (!name || refused) name = await askPerson(refused ? "" : name, refused ? `That name cannot be used: ${refused}` : "");
   await choosePerson(name);
   document.body.dataset.ready = "true";
 }
