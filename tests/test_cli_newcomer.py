@@ -178,9 +178,9 @@ def test_train_says_what_it_trained_and_serve_lora_serves_it(tmp_path, tiny_llam
 
 
 def test_serve_lora_refuses_what_is_no_adapter_before_starting(tmp_path, tiny_llama, capsys):
-    assert main(["serve", "--lora", str(tmp_path / "missing.gguf"), "--port", "0"]) == 2
+    assert main(["serve", "--lora", str(tmp_path / "missing.gguf"), "--port", "65000"]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["serve", "--lora", str(tiny_llama), "--port", "0"]) == 2
+    assert main(["serve", "--lora", str(tiny_llama), "--port", "65000"]) == 2
     assert "not a llama.cpp LoRA adapter" in capsys.readouterr().err
 
 
