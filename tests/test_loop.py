@@ -317,8 +317,14 @@ def test_invariant_learning_never_fails_a_reply(tmp_path_factory, tmp_path, monk
     failures, served, done = [], [], threading.Event()
     with live_server(app) as url:
         def client_loop(seed, n):
+            try:
+                requests(seed, n)
+            except Exception as e:  # a client error (a timeout on a saturated machine) is reported, not lost
+                failures.append((seed, "client", type(e).__name__, str(e)[:300]))
+
+        def requests(seed, n):
             rng = random.Random(seed)
-            with httpx.Client(base_url=url, timeout=60) as http:
+            with httpx.Client(base_url=url, timeout=300) as http:
                 for i in range(n):
                     user, stream = rng.choice(users), rng.random() < 0.5
                     text = (f"I live in {rng.choice(cities)}." if rng.random() < 0.4 else "Where do I live?")
@@ -362,7 +368,7 @@ def test_invariant_learning_never_fails_a_reply(tmp_path_factory, tmp_path, monk
         for t in clients:
             t.start()
         for t in clients:
-            t.join(600)
+            t.join(1800)  # a hang guard, not a timing assertion
         done.set()
         churner.join(60)
     assert failures == [] and len(served) == 240
