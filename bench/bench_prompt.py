@@ -35,7 +35,11 @@ def messages_of(engine, n_tokens: int, salt: int) -> list[dict]:
     while lo < hi:
         mid = (lo + hi + 1) // 2
         m = [{"role": "user", "content": f"Request {salt}: " + text_of(mid)}]
-        lo, hi = (mid, hi) if len(engine.chat_tokens(m)) <= n_tokens else (lo, mid - 1)
+        try:
+            fits = len(engine.chat_tokens(m)) <= n_tokens
+        except engine_module.ContextOverflow:  # the search's upper end can pass n_ctx
+            fits = False
+        lo, hi = (mid, hi) if fits else (lo, mid - 1)
     return [{"role": "user", "content": f"Request {salt}: " + text_of(lo)}]
 
 
@@ -85,17 +89,30 @@ def main(argv=None) -> None:
               f"load {os.getloadavg()[0]:.1f}")
     short = messages_of(engine, 32, 99)
     tokens = engine.chat_tokens(short)
-    rates = {"engine": [], "direct": []}
+    rates = {"engine": [], "direct": [], "engine stream": [], "direct stream": []}
     for r in range(args.rounds):
+        # End to end (prompt, sampling, the KV-state cache's bookkeeping included) ...
         start = time.perf_counter()
         out = engine.complete(short, sampling=Sampling(max_tokens=args.decode, temperature=0.0))
         rates["engine"].append(out["completion_tokens"] / (time.perf_counter() - start))
         start = time.perf_counter()
         out = llm.create_completion(tokens, max_tokens=args.decode, temperature=0.0)
         rates["direct"].append(out["usage"]["completion_tokens"] / (time.perf_counter() - start))
-    e, d = statistics.median(rates["engine"]), statistics.median(rates["direct"])
-    print(f"decode after a {len(tokens)}-token prompt: engine {e:.1f} tokens/s, direct {d:.1f} tokens/s, "
-          f"{e / d:.3f}x; load {os.getloadavg()[0]:.1f}")
+        # ... and the generation rate alone (llama-server's predicted_per_second): tokens between the first
+        # streamed piece and the last, over that time.
+        stamps = []
+        out = engine.complete(short, sampling=Sampling(max_tokens=args.decode, temperature=0.0),
+                              on_delta=lambda i, piece, *rest: stamps.append(time.perf_counter()))
+        rates["engine stream"].append((out["completion_tokens"] - 1) / (stamps[-1] - stamps[0]))
+        stamps = [time.perf_counter() for _ in llm.create_completion(tokens, max_tokens=args.decode,
+                                                                         temperature=0.0, stream=True)]
+        rates["direct stream"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    for kind in ("", " stream"):
+        e, d = statistics.median(rates["engine" + kind]), statistics.median(rates["direct" + kind])
+        what = "end to end" if not kind else "first to last token"
+        print(f"decode after a {len(tokens)}-token prompt, {what}: engine {e:.1f} tokens/s, direct {d:.1f} "
+              f"tokens/s, {e / d:.3f}x (engine {[round(x, 1) for x in rates['engine' + kind]]}, direct "
+              f"{[round(x, 1) for x in rates['direct' + kind]]}); load {os.getloadavg()[0]:.1f}")
     llm.close()
     engine.close()
 
