@@ -291,3 +291,53 @@ def test_every_job_kind_and_warm_up_resolves_to_a_function():
         assert callable(function) and function.__name__ == target.split(":")[1]
     assert jobs._resolve(len) is len
     assert set(jobs.JOB_KINDS) == {names.EDIT, names.PERCE, names.CE, names.LOGO}
+
+
+def test_invariant_a_started_worker_runs_queued_jobs_in_its_thread_on_its_own_engine_with_its_defaults(
+        tmp_path, monkeypatch):
+    """`Worker(store, engine).start()` with every default: a daemon thread named localpers-jobs runs a queued
+    job once woken, sets `ready`, makes its own context on the served model (n_ctx 2048, `threads` 1), caps torch
+    at 1 thread, runs at nice 10 (or the process's own nice when higher), does not warm up, and stops when asked
+    (mutation survivors of serve/jobs.py's Worker.__init__, docs/history/mutation/)."""
+    import os
+    import time
+
+    import torch
+
+    from localpers.serve import jobs
+
+    class Engine:
+        made = []
+
+        def __init__(self, model_path, n_ctx=None, n_threads=None):
+            self.model_path = model_path
+            Engine.made.append((model_path, n_ctx, n_threads))
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    served, warmed, seen = Engine("m.gguf"), [], []
+    Engine.made.clear()
+    monkeypatch.setattr(jobs, "WARM_UP", {names.EDIT: lambda engine: warmed.append(engine)})
+    monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, lambda store, user, engine, job_id: seen.append(
+        (engine, torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))) or {})
+    base_nice, torch_threads = os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
+    try:
+        with Store.open(tmp_path) as store:
+            worker = jobs.Worker(store, lambda: served).start()
+            try:
+                assert worker._thread.daemon and worker._thread.name == "localpers-jobs"
+                job = store.queue_job("alice", names.EDIT)
+                worker.wake()
+                deadline = time.monotonic() + 120  # a guard against a hang, not a speed target
+                while store.job(job["id"])["state"] != names.DONE and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert store.job(job["id"])["state"] == names.DONE
+                assert worker.ready.is_set()
+            finally:
+                worker.stop(timeout=30)
+            assert not worker._thread.is_alive()
+    finally:
+        torch.set_num_threads(torch_threads)
+    [(engine, threads, nice)] = seen
+    assert engine is not served and isinstance(engine, Engine) and Engine.made == [("m.gguf", 2048, 1)]
+    assert threads == 1 and nice == max(10, base_nice)
+    assert warmed == []
