@@ -322,6 +322,7 @@ def test_invariant_a_started_worker_runs_queued_jobs_in_its_thread_on_its_own_en
     base_nice, torch_threads = os.getpriority(os.PRIO_PROCESS, 0), torch.get_num_threads()
     try:
         with Store.open(tmp_path) as store:
+            store.add("alice", "hello")
             worker = jobs.Worker(store, lambda: served).start()
             try:
                 assert worker._thread.daemon and worker._thread.name == "localpers-jobs"
