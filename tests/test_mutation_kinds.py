@@ -340,5 +340,6 @@ def test_invariant_a_started_worker_runs_queued_jobs_in_its_thread_on_its_own_en
         torch.set_num_threads(torch_threads)
     [(engine, threads, nice)] = seen
     assert engine is not served and isinstance(engine, Engine) and Engine.made == [("m.gguf", 2048, 1)]
-    assert threads == 1 and nice == max(10, base_nice)
+    # raising one's priority (a lower nice) needs root: a process already above nice 10 keeps its own otherwise
+    assert threads == 1 and nice == (10 if os.geteuid() == 0 else max(10, base_nice))
     assert warmed == []
