@@ -3,7 +3,7 @@ tests/test_detect.py: questions in statement syntax are not statements, and a ne
 whose negation is kept (dropping it states the opposite)."""
 import pytest
 
-from localpers.personalize.detect import detect_preferences
+from localpers.personalize.detect import detect_facts, detect_preferences, is_preference
 
 
 @pytest.mark.parametrize("message", [
@@ -29,3 +29,29 @@ def test_invariant_a_negated_ability_is_found_with_its_negation(message, negatio
     assert len(found) == 1, found
     assert negation in found[0].replace("\u2019", "'") and ("n't" in found[0].replace("\u2019", "'")
                                                              or "not" in found[0] or "never" in found[0])
+
+
+@pytest.mark.parametrize("message, facts", [
+    ("Call me Ann and I live in Lyon.", [("name", "Ann", False), ("home", "Lyon", False)]),
+    ("I study medicine in Berlin.", [("study", "medicine", False)]),
+    ("I love to cook.", [("likes", "cook", False)]),
+    ("I hate to run.", [("dislikes", "run", False)]),
+    ("I no longer eat fish.", [("likes", "fish", True)]),
+    ("These days I live in Lyon.", [("home", "Lyon", False)]),
+    ("Currently my job is nurse.", [("job", "nurse", False)]),
+    ("I'm a nurse who speaks French.", [("job", "nurse", False), ("language", "French", False)]),
+])
+def test_invariant_each_fact_keeps_its_value_cleaned_its_retirement_and_its_statement(message, facts):
+    """Values without the infinitive's "to" or a study's place, lead-ins ("These days", "Currently") dropped,
+    "call me" as a name, a "who" clause said of the speaker, and every fact with the clause that states it
+    (mutation survivors of personalize/detect.py, docs/history/mutation/)."""
+    found = detect_facts(message)
+    assert [(f.attribute, f.value, f.retire) for f in found] == facts
+    assert all(isinstance(f.statement, str) and f.statement for f in found), found
+
+
+@pytest.mark.parametrize("message", ["My wife and I are looking to buy a house.",
+                                     "My husband and I are planning a trip."])
+def test_invariant_a_plan_we_share_is_not_a_preference(message):
+    """"my X and I are ...": the verb phrase after the subject decides, as after "I" (a plan is no preference)."""
+    assert not is_preference(message)
