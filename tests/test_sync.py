@@ -351,3 +351,46 @@ def test_sync_cli_refuses_bad_input_in_one_line(tmp_path, capsys):
         assert "is in use" in capsys.readouterr().err
     assert main(["sync", "--user", "alice", "--epsilon-budget", "-1", "--data-dir", str(tmp_path / "d")]) == 2
     assert "--epsilon-budget must be positive" in capsys.readouterr().err
+
+
+def test_invariant_encode_then_decode_returns_each_part_where_it_was_put_and_any_share_std_adds_noise():
+    """decode(encode(c)) gives back the count, the unit vector, the clipped steering and the clipped histogram
+    in the user's community (each slice where encode put it), zeros elsewhere; a device adds its noise share
+    whenever share_std > 0, small ones included; initial centroids are unit rows (mutation survivors of
+    sync/sync.py, docs/history/mutation/)."""
+    centroids = sync.initial_centroids(CFG)
+    assert centroids.shape == (CFG.k, CFG.dim)
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0)
+    [c] = make_users(1)
+    flat, j = sync.encode(c, centroids, CFG)
+    got = sync.decode(flat, CFG)
+    assert got.counts[j] == 1.0 and got.counts.sum() == 1.0
+    assert np.allclose(got.vectors[j], c.vector / np.linalg.norm(c.vector))
+    steering = c.steering.ravel() / max(CFG.steer_clip, np.linalg.norm(c.steering))
+    assert np.allclose(got.steering[j].ravel(), steering)
+    assert np.allclose(got.histograms[j], c.histogram / max(CFG.hist_clip, np.linalg.norm(c.histogram)))
+    others = [i for i in range(CFG.k) if i != j]
+    assert not got.histograms[others].any() and not got.steering[others].any()
+    small = sync.SyncConfig(**{**CFG.__dict__, "epsilon": 50.0, "min_contributors": 4})
+    assert 0 < small.share_std < 1
+    noised, _ = sync.encode(c, centroids, small, np.random.default_rng(0))
+    assert not np.allclose(noised, sync.encode(c, centroids, small)[0])
+
+
+def test_invariant_a_device_is_exhausted_once_it_has_spent_exactly_its_budget(tmp_path):
+    sync.log_sent(tmp_path, {"kind": "contribution", "noise_multiplier": 2.0})
+    budget = sync.spent(tmp_path, CFG.delta)
+    assert 0 < budget < math.inf
+    assert sync.exhausted(tmp_path, budget, CFG.delta) and not sync.exhausted(tmp_path, budget * 1.01, CFG.delta)
+    assert not sync.exhausted(tmp_path, math.inf, CFG.delta)
+
+
+def test_invariant_logo_round_sums_serve_only_published_communities_with_their_sizes():
+    k = sync.Knowledge(centroids=np.eye(3, 6), sizes=np.array([5.0, 7.0, 2.0]),
+                       steering=np.ones((3, 2, 5)), histograms=np.ones((3, 4)),
+                       published=np.array([True, False, True]))
+    sums = sync.logo_round_sums(k)
+    assert set(sums) == {"vector_sum", "count", "steering_sum", "steering_count", "counts"}
+    assert sums["count"].tolist() == [5.0, 0.0, 2.0] == sums["steering_count"].tolist()
+    assert np.allclose(sums["vector_sum"], np.eye(3, 6) * np.array([[5.0], [0.0], [2.0]]))
+    assert np.allclose(sums["steering_sum"][1], 0.0) and np.allclose(sums["steering_sum"][0], 5.0)
