@@ -394,3 +394,43 @@ def test_invariant_logo_round_sums_serve_only_published_communities_with_their_s
     assert sums["count"].tolist() == [5.0, 0.0, 2.0] == sums["steering_count"].tolist()
     assert np.allclose(sums["vector_sum"], np.eye(3, 6) * np.array([[5.0], [0.0], [2.0]]))
     assert np.allclose(sums["steering_sum"][1], 0.0) and np.allclose(sums["steering_sum"][0], 5.0)
+
+
+def test_invariant_the_strategy_waits_for_enough_devices_and_records_each_rounds_failures():
+    """configure_fit asks every device once enough are there (waiting for them when they are not), and gives up
+    only when the wait fails; aggregate_fit records the round's devices and failures (mutation survivors of
+    sync/sync_app.py, docs/history/mutation/)."""
+    from localpers.sync.sync_app import KMeansStrategy
+
+    class Devices:
+        def __init__(self, available, arrives):
+            self.available, self.arrives, self.waited = available, arrives, []
+
+        def num_available(self):
+            return self.available
+
+        def wait_for(self, n, timeout):
+            self.waited.append((n, timeout))
+            return self.arrives
+
+        def all(self):
+            return {str(i): f"proxy{i}" for i in range(3)}
+
+    strategy = KMeansStrategy(CFG, min_devices=3, wait_seconds=7.0)
+    late = Devices(available=1, arrives=True)
+    assert [proxy for proxy, _ in strategy.configure_fit(1, None, late)] == ["proxy0", "proxy1", "proxy2"]
+    assert late.waited == [(3, 7.0)]
+    assert strategy.configure_fit(1, None, Devices(available=1, arrives=False)) == []
+    assert len(strategy.configure_fit(2, None, Devices(available=3, arrives=False))) == 3
+    assert strategy.aggregate_fit(1, [object()], [object(), object()]) == (None, {})  # 1 < min_contributors
+    assert strategy.history == [{"round": 1, "devices": 1, "failures": 2, "withheld": True}]
+    from types import SimpleNamespace
+
+    from flwr.common import ndarrays_to_parameters
+
+    flats = [sync.encode(c, strategy.centroids, CFG)[0] for c in make_users(3)]
+    fit = SimpleNamespace(parameters=ndarrays_to_parameters([np.mean(flats, axis=0)]))
+    strategy.aggregate_fit(2, [(None, fit)] * 3, [object()])
+    assert {k: strategy.history[-1][k] for k in ("round", "devices", "failures")} == \
+        {"round": 2, "devices": 3, "failures": 1}
+    assert sum(strategy.history[-1]["sizes"]) > 0 and strategy.knowledge is not None
