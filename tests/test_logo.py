@@ -288,3 +288,11 @@ def test_bayes_ceiling_is_calibrated_and_more_knowledge_predicts_better():
     assert expected["oracle"] > expected["all"] > expected["asked"]
     with pytest.raises(ValueError):
         world.bayes_predictive(w, evidence="labels")
+
+
+def test_invariant_choose_k_is_the_clamped_rounded_root_of_n_over_20():
+    """k = clamp(round(sqrt(n / 20)), 2, K_MAX), at values where a neighbouring divisor rounds otherwise
+    (n = 250: sqrt(12.5) = 3.54 -> 4; over 21 it would be 3) (mutation survivor of personalize/logo.py)."""
+    from localpers.personalize.logo import K_MAX, choose_k
+
+    assert [choose_k(n) for n in (1, 80, 250, 500, 20 * K_MAX ** 2, 10 ** 9)] == [2, 2, 4, 5, K_MAX, K_MAX]
