@@ -332,14 +332,26 @@ def test_invariant_a_started_worker_runs_queued_jobs_in_its_thread_on_its_own_en
                 while store.job(job["id"])["state"] != names.DONE and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert store.job(job["id"])["state"] == names.DONE
-                assert worker.ready.is_set()
+                assert worker.ready.is_set() and warmed == []
+                # idle between jobs (run_one found none): the thread goes on and runs the next one
+                time.sleep(3 * worker.poll_s)
+                later = store.queue_job("alice", names.EDIT)
+                worker.wake()
+                while store.job(later["id"])["state"] != names.DONE and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert store.job(later["id"])["state"] == names.DONE and worker._thread.is_alive()
             finally:
                 worker.stop(timeout=30)
             assert not worker._thread.is_alive()
+            warm = jobs.Worker(store, lambda: served, warm=True, own_engine=False).start()
+            try:
+                assert warm.ready.wait(120) and warmed == [served]  # a warm worker warms up once, first
+            finally:
+                warm.stop(timeout=30)
     finally:
         torch.set_num_threads(torch_threads)
-    [(engine, threads, nice)] = seen
+    [(engine, threads, nice), (again, _, _)] = seen
+    assert again is engine  # the worker's own context is made once
     assert engine is not served and isinstance(engine, Engine) and Engine.made == [("m.gguf", 2048, 1)]
     # raising one's priority (a lower nice) needs root: a process already above nice 10 keeps its own otherwise
     assert threads == 1 and nice == (10 if os.geteuid() == 0 else max(10, base_nice))
-    assert warmed == []

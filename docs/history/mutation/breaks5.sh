@@ -15,3 +15,6 @@ $B $F 'threading.Thread(target=self._run, daemon=True' 'threading.Thread(target=
 $B $F 'daemon=True, name="localpers-jobs")' 'daemon=False, name="localpers-jobs")' -- $K
 $B $F 'daemon=True, name="localpers-jobs")' 'daemon=True, name="XXlocalpers-jobsXX")' -- $K
 $B $F 'n_ctx=2048, n_threads=self.threads' 'n_ctx=2049, n_threads=self.threads' -- $K
+# the sampled run's survivors in Worker._run (warm-up target, the idle check's `and`)
+$B $F '                    _resolve(target)(engine)' '                    _resolve(None)(engine)' -- $K
+$B $F 'if self.child is not None and self.child.alive and' 'if self.child is not None or self.child.alive and' -- $K
