@@ -416,3 +416,28 @@ def test_add_many_is_atomic(store):
         store.add_many("alice", [good, (None, 1.0, b"x", b"{}")])  # a NULL kind violates NOT NULL
     with pytest.raises(NotFoundError):
         store.items("alice")  # not even the user was created
+
+
+def test_invariant_items_artifacts_and_upqa_entries_keep_their_documented_fields(tmp_path, monkeypatch):
+    """A learned chat message is stored with role "user"; an artifact lists when it was created; a UPQA entry
+    without an "input_attribute" string is refused as the user's mistake (mutation survivors of store/store.py,
+    docs/history/mutation/)."""
+    import time
+
+    from localpers.store.store import Store, _upqa_item
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path / "data") as store:
+        store.add("ann", "hello")
+        learned = store.learn_chat("ann", [{"role": "user", "content": "I'm vegetarian."}])
+        [message] = [i for i in store.items("ann") if i["id"] in learned["messages"]]
+        assert message["meta"]["role"] == "user" and message["meta"]["source"] == "chat"
+        src = tmp_path / "a.gguf"
+        src.write_bytes(b"adapter")
+        before = time.time()
+        store.register_artifact("ann", "lora", src, "ab" * 32, meta={"method": "edit", "sources": []})
+        [artifact] = store.artifacts("ann")
+        assert before - 1 <= artifact["created"] <= time.time() + 1
+    for entry in ({"question": "q"}, {"input_attribute": 3}, ["I like tea."]):
+        with pytest.raises(UserError, match="input_attribute"):
+            _upqa_item(entry)
