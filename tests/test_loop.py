@@ -435,6 +435,8 @@ def test_jobs_run_in_a_process_that_exits_when_idle(tmp_path_factory, tmp_path, 
 
     monkeypatch.setitem(jobs.JOB_KINDS, "childtest", "tests.test_loop:child_job")
     engine = Engine(random_model_path(tmp_path_factory, "llama"), n_ctx=256, n_threads=1)
+    looked = []  # a job in another process retires files: the served engine is told to look soon
+    monkeypatch.setattr(engine, "check_files_soon", lambda: looked.append(True))
     with Store.open(tmp_path) as store:
         store.add("lu", "a note")
         store.add("bad", "a note")
@@ -447,6 +449,7 @@ def test_jobs_run_in_a_process_that_exits_when_idle(tmp_path_factory, tmp_path, 
             assert done["result"]["pid"] != os.getpid() and done["result"]["model"] == engine.model_name
             assert failed["state"] == names.FAILED and failed["reason"] == "no preferences to edit"
             assert worker.child.started == 1  # one process for both jobs
+            assert looked
             assert wait_until(lambda: not worker.child.alive, 30)  # idle: it exited
         finally:
             worker.stop(timeout=10)

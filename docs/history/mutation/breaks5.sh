@@ -18,3 +18,5 @@ $B $F 'n_ctx=2048, n_threads=self.threads' 'n_ctx=2049, n_threads=self.threads' 
 # the sampled run's survivors in Worker._run (warm-up target, the idle check's `and`)
 $B $F '                    _resolve(target)(engine)' '                    _resolve(None)(engine)' -- $K
 $B $F 'if self.child is not None and self.child.alive and' 'if self.child is not None or self.child.alive and' -- $K
+# the second sampled run: the served engine told to look for retired files after a job in the job process
+$B $F 'check = getattr(engine, "check_files_soon", None)' 'check = getattr(engine, "XXcheck_files_soonXX", None)' -- tests/test_loop.py -k jobs_run_in_a_process
