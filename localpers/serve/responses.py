@@ -205,6 +205,7 @@ def conversation_after(req_messages: list[dict], choice: dict) -> list[dict]:
 @router.post("/v1/responses", responses={**S.ERRORS, **extra.SSE})
 async def create_response(req: ResponsesRequest, request: Request):
     app = request.app
+    extra.check_text(req)  # the whole request: fields it only echoes back (metadata, tools) too
     S.ready_engine_of(app)
     user = extra.request_user(app, request, req.model, req.user)
     history = kept(req.previous_response_id, user) if req.previous_response_id else []
