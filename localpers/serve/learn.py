@@ -22,14 +22,17 @@ def learn_from_chat(store: Store, user: str, messages: list[dict]) -> dict:
     return _report(store.learn_chat(user, messages, detect_facts, names.MAX_FACTS_PER_MESSAGE))
 
 
-def learn_from_text(store: Store, user: str, text: str, *, source: str = "remember", dry_run: bool = False) -> dict:
+def detect(text: str) -> list:
+    """The facts a message states as learning reads them: detect_facts, at most names.MAX_FACTS_PER_MESSAGE."""
+    return detect_facts(text, names.MAX_FACTS_PER_MESSAGE)[:names.MAX_FACTS_PER_MESSAGE]
+
+
+def learn_from_text(store: Store, user: str, text: str, *, source: str = "remember", facts: list | None = None) -> dict:
     """`localpers remember TEXT` (and a fact corrected on the page, source "page"): the text as a message the user
-    typed, learned as in chat. dry_run: only detect, store nothing (the facts found have id None)."""
-    if dry_run:
-        found = detect_facts(text, names.MAX_FACTS_PER_MESSAGE)[:names.MAX_FACTS_PER_MESSAGE]
-        return {"messages": [], "preferences": [], "facts": [{"id": None, "attribute": f.attribute} for f in found],
-                "replaced": [], "retired": []}
-    return _report(store.learn_text(user, text, detect_facts, names.MAX_FACTS_PER_MESSAGE, source=source))
+    typed, learned as in chat. `facts`: what detect(text) gave, when the caller ran it already (to check the text
+    before any write): learned as they are, the detector is not run again."""
+    extract = detect_facts if facts is None else (lambda _text, _limit: facts)
+    return _report(store.learn_text(user, text, extract, names.MAX_FACTS_PER_MESSAGE, source=source))
 
 
 def _report(out: dict) -> dict:
