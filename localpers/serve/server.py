@@ -569,9 +569,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             if attempt + 1 == COMPOSE_TRIES or all(Path(path).exists() for path, _ in broken):
                 break
             pinned.release()
-        for path, reason in broken:
-            if Path(path).exists():
-                mark_broken(store, user, path, reason)
+        for path, reason in broken:  # a file still missing after the retries: registered, it is broken (a retired
+            mark_broken(store, user, path, reason)  # one is registered no more, and marks nothing)
         return apply(personalized, messages), pinned, composer.explain(person, personalized)
 
     def learn(user: str, messages: list[dict]) -> dict | None:
@@ -689,14 +688,16 @@ def client_text(message: str, *folders) -> str:
 
 
 def mark_broken(store: Store, user: str, path: str, reason: str) -> None:
-    """The hook for an artifact the served path cannot load: recorded in the artifact's metadata
-    (meta["broken"]), logged on the server's console, never shown to the client."""
-    print(f"localpers: {user!r}'s artifact {path} is broken and is not served: {reason}", file=sys.stderr,
-          flush=True)
+    """The hook for an artifact the served path cannot load (unreadable, or its file gone): recorded in the
+    metadata of the user's artifact registered at `path` (meta["broken"]; nothing for a path registered no
+    more), logged on the server's console when newly marked, never shown to the client."""
     try:
-        store.mark_artifact_broken(user, path, reason)
+        marked = store.mark_artifact_broken(user, path, reason)
     except UserError:
-        pass
+        return
+    if marked:
+        print(f"localpers: {user!r}'s artifact {path} is broken and is not served: {reason}", file=sys.stderr,
+              flush=True)
 
 
 def bind(host: str, port: int) -> socket.socket:
