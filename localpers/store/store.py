@@ -135,7 +135,9 @@ def signals_file(directory: str | Path, user: str) -> Path:
     return Path(directory) / "sync" / "signals" / (hashlib.sha256(user.encode("utf-8")).hexdigest()[:16] + ".npz")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0; one of another user's counts). A reused pid counts as
+    alive: localpers.sync.lifetime.alive tells them apart by start time where /proc has it."""
     if pid == os.getpid():
         return True
     try:
@@ -1151,7 +1153,7 @@ class Store:
                 continue
             if user_id is not None and int(parts[1]) != user_id:
                 continue
-            if user_id is None and _alive(int(parts[2])):
+            if user_id is None and pid_alive(int(parts[2])):
                 continue
             shutil.rmtree(path, ignore_errors=True)
             swept += 1
