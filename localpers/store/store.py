@@ -99,6 +99,13 @@ CREATE INDEX IF NOT EXISTS facts_by_message ON facts(user_id, message);
 CREATE TABLE IF NOT EXISTS chat_seen (  -- keyed hashes of chat messages already stored (no text)
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     digest BLOB NOT NULL, PRIMARY KEY (user_id, digest));
+CREATE TABLE IF NOT EXISTS responses (  -- /v1/responses conversations that a previous_response_id continues
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    response TEXT NOT NULL,           -- the response's id (resp_<random hex>), no text
+    created REAL NOT NULL,
+    conversation BLOB NOT NULL,       -- sealed: the chat messages, JSON
+    UNIQUE (user_id, response));
 """
 # Registry columns added in session 6 (ALTER TABLE for databases made before): the method that made the
 # artifact, the ids of the items it was derived from (JSON list of ints, no text), and its state.
@@ -133,6 +140,11 @@ def signals_file(directory: str | Path, user: str) -> Path:
     """Where a user's LoGo sync signals live under a data folder: sync/signals/<sha256(user)[:16]>.npz
     (localpers.personalize.signals writes and reads it; Store.forget removes it)."""
     return Path(directory) / "sync" / "signals" / (hashlib.sha256(user.encode("utf-8")).hexdigest()[:16] + ".npz")
+
+
+def _response_aad(user_id: int, response_id: str) -> bytes:
+    """A kept conversation's associated data: its ciphertext opens only in its own row."""
+    return f"{user_id}:response:{response_id}".encode("utf-8")
 
 
 def pid_alive(pid: int) -> bool:
@@ -1324,13 +1336,51 @@ class Store:
                                  (self.cipher.seal(meta, b"%d:artifact" % user_id), user_id, a["kind"], a["version"]))
         return len(marked)
 
+    # ----- /v1/responses conversations
+
+    def keep_response(self, user: str, response_id: str, messages: list[dict],
+                      keep: int = names.MAX_KEPT_RESPONSES) -> None:
+        """Keep the conversation of one of the user's responses (chat messages: role, content, tool calls) under
+        its id, sealed, so that a later request naming it as previous_response_id continues it after a restart;
+        the user's `keep` newest are kept (older ones deleted in the same transaction). The user is created if
+        new. Export lists them; forget deletes them. (Its size is bounded by the served context: it was a prompt.)"""
+        if not isinstance(response_id, str) or not response_id:
+            raise UserError("a response id must be a non-empty string")
+        data = json.dumps(messages, ensure_ascii=False).encode("utf-8")
+        with self._write() as conn:
+            user_id = self._create_user(conn, user)
+            conn.execute("INSERT OR REPLACE INTO responses (user_id, response, created, conversation)"
+                         " VALUES (?, ?, ?, ?)", (user_id, response_id, time.time(),
+                                                  self.cipher.seal(data, _response_aad(user_id, response_id))))
+            conn.execute("DELETE FROM responses WHERE user_id = ? AND id NOT IN (SELECT id FROM responses"
+                         " WHERE user_id = ? ORDER BY id DESC LIMIT ?)", (user_id, user_id, max(keep, 0)))
+
+    def response_conversation(self, user: str, response_id: str) -> list[dict] | None:
+        """The conversation kept for the user's response `response_id`, or None (unknown user or response, or
+        another user's)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT r.user_id, r.conversation FROM responses r JOIN users u ON u.id = r.user_id"
+                               " WHERE u.name = ? AND r.response = ?", (check_user(user), response_id)).fetchone()
+        if row is None:
+            return None
+        return json.loads(self.cipher.open(row[1], _response_aad(row[0], response_id)))
+
+    def _responses(self, conn, user_id: int) -> list[dict]:
+        rows = conn.execute("SELECT response, created, conversation FROM responses WHERE user_id = ? ORDER BY id",
+                            (user_id,)).fetchall()
+        return [{"id": rid, "created": created,
+                 "messages": json.loads(self.cipher.open(sealed, _response_aad(user_id, rid)))}
+                for rid, created, sealed in rows]
+
     # ----- export and forget
 
     def export(self, user: str) -> dict:
-        """Everything held about the user, decrypted: items, artifacts, and how many embeddings of each model."""
+        """Everything held about the user, decrypted: items, artifacts, how many embeddings of each model, and the
+        /v1/responses conversations kept for previous_response_id."""
         with self._read() as conn:
             user_id = self._user_id(conn, user)
             (created,) = conn.execute("SELECT created FROM users WHERE id = ?", (user_id,)).fetchone()
+            responses = self._responses(conn, user_id)
             vectors = dict(
                 conn.execute(
                     "SELECT v.model, count(*) FROM vectors v JOIN items i ON i.id = v.item_id"
@@ -1344,6 +1394,7 @@ class Store:
             "items": self.items(user),
             "artifacts": self.artifacts(user),
             "vectors": vectors,
+            "responses": responses,  # /v1/responses conversations kept for previous_response_id
         }
 
     def forget(self, user: str) -> None:
@@ -1351,8 +1402,8 @@ class Store:
         then VACUUM and truncate the WAL, so that neither the text nor its ciphertext is left in the files.
 
         Every place a user's data lands under the data folder, and what removes it here:
-        - store.db (+ -wal): items (history, preferences, memories), their embeddings, artifact and job rows
-          -> the rows (DELETE cascades), VACUUM, WAL truncated;
+        - store.db (+ -wal): items (history, preferences, memories), their embeddings, artifact and job rows,
+          kept /v1/responses conversations -> the rows (DELETE cascades), VACUUM, WAL truncated;
         - artifacts/_user-<id>/: adapters, control vectors, baked models, LoGo signals beside the LoGo control
           vector (<name>.signals.npz) -> the folder;
         - sync/signals/<sha256(user)[:16]>.npz: the LoGo sync contribution (user vector, steering, preference
