@@ -135,3 +135,15 @@ def test_only_the_newest_responses_of_a_user_are_kept(tmp_path):
         assert store.response_conversation("rita", "resp_4") == [{"role": "user", "content": "turn 4"}]
         assert store.response_conversation("sam", "resp_4") is None and store.response_conversation("x", "resp_s") is None
     assert names.MAX_KEPT_RESPONSES >= 100
+
+
+def test_deleting_a_message_deletes_the_kept_responses_that_hold_it(serve):
+    """What the user deletes from their history is not sent to the model again by a previous_response_id."""
+    engine, client = serve()
+    secret = respond(client, input="My locker code is 4711.", user="rita").json()["id"]
+    other = respond(client, input="Hello there.", user="rita").json()["id"]
+    [item] = [i for i in client.get("/v1/users/rita/memories").json()["data"] if i["text"] == "My locker code is 4711."]
+    assert client.delete(f"/v1/users/rita/memories/{item['id']}").status_code == 200
+    assert respond(client, input="Code?", user="rita", previous_response_id=secret).status_code == 404
+    assert respond(client, input="Again?", user="rita", previous_response_id=other).status_code == 200
+    assert all("4711" not in str(k) for k in client.get("/v1/users/rita/export").json()["responses"])

@@ -7,7 +7,8 @@ whose `output` holds a message item (output_text) or function_call items; with `
 Responses' named SSE events (response.created ... response.output_text.delta ... response.completed).
 `previous_response_id` continues a stored response: with `store` (the default, as on OpenAI) the conversation
 of each response is kept, readable only by the same user: a user's in their store (the newest
-names.MAX_KEPT_RESPONSES; across restarts; in their export; deleted by forget), unless their history is off
+names.MAX_KEPT_RESPONSES; across restarts; in their export; deleted by forget, and with a deleted message they
+hold), unless their history is off
 (--no-history, "localpers": {"history": false}); then, and for requests naming no user, in the server's memory
 (the last MAX_KEPT; not across restarts).
 Refused with a 400 naming them: reasoning, background, include, conversation, prompt templates, top_logprobs,

@@ -142,6 +142,13 @@ def signals_file(directory: str | Path, user: str) -> Path:
     return Path(directory) / "sync" / "signals" / (hashlib.sha256(user.encode("utf-8")).hexdigest()[:16] + ".npz")
 
 
+def _content_text(content) -> str | None:
+    """A chat message's content as text (a list of content parts joined), None for no text."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else None
+
+
 def _response_aad(user_id: int, response_id: str) -> bytes:
     """A kept conversation's associated data: its ciphertext opens only in its own row."""
     return f"{user_id}:response:{response_id}".encode("utf-8")
@@ -910,13 +917,21 @@ class Store:
 
     def delete_item(self, user: str, item_id: int) -> None:
         """Delete one item, and before returning every artifact derived from it (rows and files: not served
-        from the next request on); their recomputation is queued, as is an edit for a deleted preference."""
+        from the next request on); their recomputation is queued, as is an edit for a deleted preference. A
+        deleted message also takes the kept /v1/responses conversations in which the user said it."""
         with self._write() as conn:
             user_id = self._user_id(conn, user)
-            if not -(1 << 63) <= item_id < 1 << 63 or not conn.execute(  # beyond SQLite's integers: no such item
-                    "SELECT 1 FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).fetchone():
+            row = conn.execute("SELECT kind, text FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)
+                               ).fetchone() if -(1 << 63) <= item_id < 1 << 63 else None  # beyond SQLite's integers
+            if row is None:
                 raise NotFoundError(f"user {user!r} has no item {item_id}")
             retired = self._delete(conn, user_id, [item_id])
+            if row[0] == names.MESSAGE:
+                said = self.cipher.open(row[1], b"%d:text" % user_id).decode("utf-8")
+                conn.executemany("DELETE FROM responses WHERE user_id = ? AND response = ?",
+                                 [(user_id, k["id"]) for k in self._responses(conn, user_id)
+                                  if any(m.get("role") == "user" and _content_text(m.get("content")) == said
+                                         for m in k["messages"])])
         self._remove_files(user_id, retired)
 
     def _delete(self, conn, user_id: int, item_ids: list[int]) -> list[str]:
