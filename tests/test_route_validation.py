@@ -178,6 +178,8 @@ def test_embeddings_refuse_more_inputs_than_openai_takes(app_client):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"³": 1}}, "logit_bias"),
     ("/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi"}], "options": {"seed": 1 << 80}},
      "seed"),
+    ("/api/generate", {"model": "m", "prompt": "hi", "options": {"temperature": 10 ** 400}}, "options.temperature"),
+    ("/v1/responses", {"input": "hi", "text": {"format": "json"}}, "text.format"),  # a string, not an object
 ])
 def test_ids_and_numbers_out_of_range_are_a_400(app_client, path, body, param):
     engine, client = app_client

@@ -74,7 +74,7 @@ def _sampling(options: dict | None, fmt) -> dict:
         if key == "stop":
             if not isinstance(value, (str, list)):
                 S.refuse("options.stop", "must be a string or a list of strings")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
             S.refuse(f"options.{key}", "must be a finite number")  # (Python's JSON reads Infinity and NaN)
         if key == "num_predict":
             if value < 0:
@@ -90,6 +90,14 @@ def _sampling(options: dict | None, fmt) -> dict:
     elif fmt not in (None, ""):
         S.refuse("format", "must be \"json\" or a JSON schema")
     return body
+
+
+def _finite(value: int | float) -> bool:
+    """A number a float holds: not NaN, not infinite, not an integer beyond floats (10**400)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _messages(messages: list[dict]) -> list[dict]:

@@ -140,6 +140,8 @@ def chat_request(req: ResponsesRequest, history: list[dict]) -> S.ChatRequest:
         "tools": tools or None, "tool_choice": choice, "parallel_tool_calls": req.parallel_tool_calls,
         "localpers": req.localpers.model_dump() if req.localpers else None}
     fmt = (req.text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        S.refuse("text.format", "must be an object such as {\"type\": \"json_schema\", \"schema\": {...}}")
     if fmt:
         if fmt.get("type") == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
