@@ -352,6 +352,7 @@ def test_broken_artifact_is_skipped_and_marked(engine, tmp_path):
         assert "broken" in store.artifacts("ben", names.LORA)[0]["meta"]
         assert "broken" not in store.artifacts("eve", names.CONTROL_VECTOR)[0]["meta"]
         assert "broken" in json.dumps(store.export("eve"))
+        assert str(tmp_path) not in json.dumps([a["meta"] for a in store.artifacts("eve")])  # nor a server path
 
 
 def test_a_server_fault_is_an_openai_500(engine, tmp_path, monkeypatch):

@@ -689,10 +689,11 @@ def client_text(message: str, *folders) -> str:
 
 def mark_broken(store: Store, user: str, path: str, reason: str) -> None:
     """The hook for an artifact the served path cannot load (unreadable, or its file gone): recorded in the
-    metadata of the user's artifact registered at `path` (meta["broken"]; nothing for a path registered no
-    more), logged on the server's console when newly marked, never shown to the client."""
+    metadata of the user's artifact registered at `path` (meta["broken"], the data folder's path in it written
+    <server>: the page and export show it; nothing for a path registered no more), logged on the server's console
+    when newly marked."""
     try:
-        marked = store.mark_artifact_broken(user, path, reason)
+        marked = store.mark_artifact_broken(user, path, client_text(reason, store.directory))
     except UserError:
         return
     if marked:
