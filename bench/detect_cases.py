@@ -4,8 +4,9 @@ rules were tuned on, and HELDOUT, written before the rules and not looked at whi
 A case is (kind, message, expected facts). A fact is "attribute=value" (stated) or "-attribute=value" (retired:
 "I'm not vegetarian anymore"); values are compared after bench_detect.norm (lower case, words only, leading
 articles dropped). "about=*" stands for any fact of the generic attribute "about" (a first-person statement of
-no known attribute). Attributes: name, age, home, origin, job, study, diet, relationship, religion, language,
-employer, pets, allergy, likes, dislikes, favourite <thing>, about. Kinds: single, compound, update, retire (updates that
+no known attribute). Attributes: name, age, home, origin, job, study, diet, restriction, relationship, religion, language,
+employer, pets, allergy, likes, dislikes, favourite <thing>, about. "-attribute=*" is a retirement of whatever
+value the attribute holds ("Forget where I'm from."). Kinds: single, compound, update, retire (updates that
 retire), third-party (about someone else: no fact), quoted, pasted, lyrics, story, other (questions, requests,
 situations: no fact).
 """
@@ -36,7 +37,7 @@ HELDOUT = [
     ("compound", "I'm vegetarian. I'm also allergic to soy.", ["diet=vegetarian", "allergy=soy"]),
     ("compound", "Hi! I'm married and I live in Porto. Can you suggest a weekend trip?",
      ["relationship=married", "home=porto"]),
-    ("compound", "I'm a keto dieter and I don't like sweets.", ["diet=keto", "dislikes=sweets"]),
+    ("compound", "I'm a keto dieter and I don't like sweets.", ["restriction=keto", "dislikes=sweets"]),
     ("compound", "I enjoy chess; my favourite opening is the Sicilian.",
      ["likes=chess", "favourite opening=sicilian"]),
     ("compound", "I'm from Kyoto, I live in Osaka now, and I teach math.",
@@ -145,7 +146,7 @@ DEV = [
     ("single", "I'm a big fan of jazz.", ["likes=jazz"]),
     ("single", "I'm not a fan of spicy food.", ["dislikes=spicy food"]),
     ("single", "Due to my religion, I do not eat pork.", ["dislikes=pork"]),
-    ("single", "Remember that I'm gluten-free.", ["diet=gluten free"]),
+    ("single", "Remember that I'm gluten-free.", ["restriction=gluten free"]),
     ("single", "I have two cats.", ["pets=two cats"]),
     ("single", "I am a retired teacher.", ["job=retired teacher"]),
     # compound
@@ -210,7 +211,7 @@ DEV = [
     # more of each kind, added while tuning
     ("single", "I'm a huge fan of Italian food.", ["likes=italian food"]),
     ("single", "I prefer tea over coffee.", ["likes=tea"]),
-    ("single", "I'm lactose intolerant.", ["diet=lactose intolerant"]),
+    ("single", "I'm lactose intolerant.", ["allergy=lactose"]),
     ("single", "I was born in Seoul.", ["origin=seoul"]),
     ("single", "I'm a stay-at-home dad.", ["job=stay at home dad"]),
     ("single", "I work for a bank.", ["employer=bank"]),
@@ -229,7 +230,7 @@ DEV = [
     ("update", "Quick update: I'm a pilot now.", ["job=pilot"]),
     ("update", "Correction: I live in Bristol, not Bath.", ["home=bristol"]),
     ("update", "Since last year I work as a chef.", ["job=chef"]),
-    ("retire", "I quit eating meat.", []),
+    ("update", "I quit eating meat.", ["diet=no meat"]),
     ("retire", "I used to be vegetarian.", ["-diet=vegetarian"]),
     ("retire", "I'm not single anymore.", ["-relationship=single"]),
     ("third-party", "My dad is a retired teacher.", []),
@@ -261,7 +262,7 @@ DEV = [
     ("single", "I'm a big Arsenal fan.", ["likes=arsenal"]),
     ("third-party", "I have a sister who lives in Lyon.", ["about=*"]),
     ("third-party", "He said he's vegan but I'm not.", []),
-    ("third-party", "My sister is vegan and so am I.", []),
+    ("compound", "My sister is vegan and so am I.", ["diet=vegan"]),
     ("third-party", "I'm friends with someone who lives in Paris.", ["about=*"]),
     ("pasted", "Can you check my essay? It starts: I was born in Kenya and I love running.", []),
     ("other", "I wish I lived in Paris.", []),
