@@ -61,6 +61,19 @@ def test_a_retraction_without_a_previous_turn_states_nothing():
     assert facts("Just kidding, I'm not.") == [] and facts("Scratch that.") == []
 
 
+@pytest.mark.parametrize("message, previous", [
+    ("Never mind, I'll order pizza.", "I'm vegetarian, what should I cook?"),  # withdraws the question
+    ("Not really.", "I'm vegetarian."),  # may answer the assistant
+    ("Wait, no.", "I live in Lyon."),
+])
+def test_invariant_only_a_plain_withdrawal_retires_the_previous_turn(message, previous):
+    assert facts(message, previous=previous) == []
+
+
+def test_just_kidding_withdraws_every_fact_of_the_previous_turn():
+    assert facts("Just kidding.", previous="I'm vegetarian and I live in Lyon.") == ["-diet=vegetarian", "-home=lyon"]
+
+
 @pytest.mark.parametrize("message, expected", [
     ("Scratch that, I'm not vegetarian.", ["-diet=vegetarian"]),
     ("Not true, I'm not vegetarian.", ["-diet=vegetarian"]),
@@ -68,6 +81,8 @@ def test_a_retraction_without_a_previous_turn_states_nothing():
     ("Please forget that I live in Lyon.", ["-home=lyon"]),
     ("Please forget where I live.", ["-home="]),
     ("Forget my name, please.", ["-name="]),
+    ("Forget what I said about my job.", ["-job="]),
+    ("Forget that, I'm vegan.", ["diet=vegan"]),
     ("Sorry, I meant I live in Paris.", ["home=paris"]),
     ("I live in Lyon. Wait, no: I live in Paris.", ["home=paris"]),
     ("I'm vegan. No wait, I'm vegetarian.", ["diet=vegetarian"]),
@@ -173,7 +188,8 @@ def test_invariant_third_party_statements_give_nothing_for_the_user(message):
     ("I LIVE IN BERLIN", "home", "Berlin"), ("i live in new york city", "home", "New York City"),
     ("I live in Paris, Texas.", "home", "Paris, Texas"), ("I'm from Springfield, Illinois.", "origin",
                                                            "Springfield, Illinois"),
-    ("I live in Bristol, not Bath.", "home", "Bristol"), ("I'm vegetarian 🥦", "diet", "vegetarian"),
+    ("I live in Bristol, not Bath.", "home", "Bristol"), ("i live in a small town", "home", "a small town"),
+    ("I work at a hospital.", "employer", "hospital"), ("i speak french", "language", "French"), ("I'm vegetarian 🥦", "diet", "vegetarian"),
     ("I'm vegan \U0001F331 I live in Oslo.", "home", "Oslo"),
 ])
 def test_values_as_kept(message, attribute, value):

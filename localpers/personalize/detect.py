@@ -499,13 +499,16 @@ _TIME_TAIL = re.compile(
     r"(?:a )?(?:year|month|week) ago|recently|a while ago|a while back)$", re.I)
 # Names of places and people: capitalized when typed in lower case or shouted; other values in lower case when
 # shouted ("IM VEGETARIAN" -> vegetarian). Closed-vocabulary attributes are always lower case ("I'm Vegan").
-_PROPER = {"name", "home", "origin", "language", "religion", "employer"}
+_PROPER = {"name", "home", "origin", "language", "religion"}
 _LOWER = {"diet", "restriction", "relationship"}
 _SMALL_WORDS = {"of", "de", "la", "le", "upon", "on", "the", "and", "del", "da", "di", "am", "im", "an", "sur"}
 
 
 def _cased(value: str, attribute: str, shouted: bool) -> str:
-    if attribute in _PROPER and (shouted or value == value.lower()):
+    """`value` cased by its attribute: a name or place capitalized when shouted or typed in lower case ("new york"
+    -> "New York"; not "a small town"), a closed-vocabulary value or a shouted one in lower case."""
+    lowered = value == value.lower() and not re.match(r"(?:a|an|the|my|our|some|this|that)\b", value, re.I)
+    if (attribute in _PROPER and (shouted or lowered)) or (attribute == "employer" and shouted):
         words = value.lower().split(" ")
         return " ".join(w if i and w in _SMALL_WORDS else w[:1].upper() + w[1:] for i, w in enumerate(words))
     if attribute in _LOWER or shouted:
@@ -663,17 +666,18 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             gone = [StatedFact(named, "", s, retire=True)] if named else [
                 StatedFact(f.attribute, f.value, f.statement, retire=True)
                 for f in detect_facts(m["what"]) if not f.retire]
-            found, before, first = _add(found, gone), len(found), False
-            continue
+            if gone:
+                found, before, first = _add(found, gone), len(found), False
+                continue
         if m := _RETRACT.match(s):  # "I'm vegetarian. Just kidding, I'm not.": the previous sentence is withdrawn
-            if first:
-                if previous:
-                    found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True)
-                                         for f in detect_facts(previous) if not f.retire])
-            else:
-                del found[before:]
             s = s[m.end():].strip(" ,;:.!-")
-            if not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I):
+            bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I)
+            if not first:
+                del found[before:]
+            elif previous and bare and _WITHDRAW.match(m[0]):  # the previous turn: only a plain withdrawal
+                found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True)
+                                     for f in detect_facts(previous) if not f.retire])
+            if bare:
                 first = False
                 continue
         if _RETRACT_AFTER.search(s):  # "I'm vegan, just kidding."
@@ -727,13 +731,17 @@ _RETRACT = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not
                       r"ignore (?:that|what i said)|forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
                       r"that is not (?:true|right|correct)|that's wrong|not true|that was a joke|no,? wait|"
                       r"wait,? no|actually,? no|oops,? no|i lied)\b[,;:.!\s-]*", re.I)
+# The retractions that withdraw the previous chat turn ("never mind", "not really" may answer something else).
+_WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|scratch that|ignore (?:that|what i said)|"
+                       r"forget (?:that|it|what i said)|that's not true|that is not true|not true|that was a joke|"
+                       r"i lied)\b", re.I)
 _RETRACT_AFTER = re.compile(r"[,;.!]?\s*(?:(?:just |only )?(?:kidding|joking)|jk|j/k|not really)\s*[.!]*$", re.I)
 _FILLER_AFTER = re.compile(
     r"(?:\s*,)?\s+(?:by the way|btw|actually|also|fyi|just so you know|just to let you know|honestly|to be honest|"
     r"tbh|for the record|for your information|for what it's worth|lol|haha+|though|anyway)\s*(?=[.!]*$)", re.I)
 # "Forget that I'm vegetarian", "Please forget where I live": what to forget, a statement or an attribute.
 _FORGET = re.compile(r"^(?:(?:ok(?:ay)?|and|also|oh)[,!]?\s+)?(?:please\s+|can you\s+|could you\s+)?"
-                     r"(?:forget|don't remember|stop remembering)\s+(?:that\s+|about\s+)?"
+                     r"(?:forget|don't remember|stop remembering)\s+(?:that\s+|(?:(?:what|everything) i (?:said|told you) )?about\s+)?"
                      r"(?P<what>(?:i|i'm|im|my|where|what|how|who)\b.*?)(?:,?\s+please)?[.!]*$", re.I)
 _FORGET_ATTRIBUTE = {
     **dict.fromkeys(["where i live", "where i'm living", "where i stay", "my address", "my home", "my city",
