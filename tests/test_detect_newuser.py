@@ -37,11 +37,15 @@ def chat(store, user, *turns):
 
 @pytest.mark.parametrize("message", [
     "I moved from Lyon to Paris.", "I moved from Lyon to Paris last year.", "I moved to Paris two years ago.",
-    "Last year I moved from Lyon to Paris.", "I relocated from Lyon to Paris in 2021.", "I moved to Paris.",
+    "Last year I moved from Lyon to Paris.", "We moved from Lyon to Paris.", "I relocated from Lyon to Paris in 2021.", "I moved to Paris.",
     "I live in Paris now.", "I moved from Lyon to Paris to be with my wife.",
 ])
 def test_invariant_a_move_states_the_new_home_only(message):
     assert facts(message) == ["home=paris"]
+
+
+def test_moving_away_without_a_destination_retires_the_home():
+    assert facts("I moved away from Lyon.") == ["-home=lyon"] and facts("I moved here from Lyon.") == ["-home=lyon"]
 
 
 def test_a_move_from_the_held_home_replaces_it(store):
@@ -190,7 +194,7 @@ def test_invariant_third_party_statements_give_nothing_for_the_user(message):
                                                            "Springfield, Illinois"),
     ("I live in Bristol, not Bath.", "home", "Bristol"), ("i live in a small town", "home", "a small town"),
     ("I work at a hospital.", "employer", "hospital"), ("i speak french", "language", "French"), ("I'm vegetarian 🥦", "diet", "vegetarian"),
-    ("I'm vegan \U0001F331 I live in Oslo.", "home", "Oslo"),
+    ("I'm vegan \U0001F331 I live in Oslo.", "home", "Oslo"), ("I love \u2764\ufe0f jazz", "likes", "jazz"),
 ])
 def test_values_as_kept(message, attribute, value):
     assert {f.attribute: f.value for f in detect_facts(message)}[attribute] == value

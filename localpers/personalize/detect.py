@@ -410,6 +410,7 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("home", r"^i (?:moved|relocated|have moved|'ve moved|have relocated|'ve relocated) (?:back )?"
              r"(?:(?:here )?from .+? )?to (?P<v>.+)$"),
     ("home", r"^i (?:moved|have moved|'ve moved) out of (?P<gone>.+)$"),
+    ("home", r"^i (?:moved|relocated|have moved|'ve moved) (?:here |away )?from (?P<gone>.+)$"),
     ("home", r"^my home is (?:in )?(?P<v>.+)$"),
     ("origin", r"^i'm " + _NEG_BE + r"(?:originally )?from (?P<v>.+)$"),
     ("origin", r"^i (?:grew up|was born|was raised|was brought up) in (?P<v>.+)$"),
@@ -765,7 +766,8 @@ def _no_emoji(text: str) -> str:
     for ch in text:
         emoji = unicodedata.category(ch) == "So" or ch in "\ufe0f\u200d" or 0x1F3FB <= ord(ch) <= 0x1F3FF
         out.append("\x02" if emoji else ch)
-    return re.sub(r"[ \t]*\x02[\x02\s]*([.!?]*)", r"\1\n", "".join(out))
+    text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
+    return re.sub(r"[ \t]*\x02[\x02\s]*([.!?]*)", r"\1\n", text)
 
 
 # A few first-person statements in French, Spanish and German (diet and home), read as their English ones.
