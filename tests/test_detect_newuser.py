@@ -135,6 +135,12 @@ def test_diet_statements(message, expected):
     assert facts(message) == expected
 
 
+def test_invariant_restrictions_are_several(store):
+    chat(store, "rs", "I'm vegetarian.", "I'm keto.", "I'm gluten-free.", "I'm not keto anymore.")
+    assert sorted((f["attribute"], f["value"]) for f in store.facts("rs")) == \
+        [("diet", "vegetarian"), ("restriction", "gluten-free")]
+
+
 def test_no_longer_eating_meat_replaces_the_meat_eaters_diet(store):
     chat(store, "nm", "I eat meat.", "I don't eat meat anymore.")
     assert current(store, "nm") == {"diet": "no meat"}

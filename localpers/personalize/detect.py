@@ -203,11 +203,11 @@ def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
 # ---------------------------------------------------------------- facts about the speaker
 
 # Single-valued attributes (one fact each: a new value replaces the old): name, age, home, origin, job, study, diet,
-# relationship, religion and each "favourite <thing>".
+# relationship, religion and each "favourite <thing>" (its thing in American spelling: "favourite color").
 # Multi-valued attributes: one fact per thing (slot = attribute group and the thing); likes and dislikes of one
 # thing share a slot, so "I hate jazz" replaces "I love jazz".
 _SLOT_GROUP = {"likes": "taste", "dislikes": "taste", "allergy": "allergy", "language": "language", "pets": "pets",
-               "about": "about"}
+               "restriction": "restriction", "about": "about"}
 
 
 @dataclass(frozen=True)
@@ -215,8 +215,10 @@ class StatedFact:
     """One atomic fact about the speaker found in a message.
 
     `attribute`: a single-valued one (name, age, home, origin, job, study, diet, relationship, religion,
-    "favourite <thing>") or a multi-valued one (likes, dislikes, allergy, language, pets, about); `value` as said
-    ("Lyon"); `statement`: the first-person sentence it came from ("I live in Lyon.", what editing turns into an
+    "favourite <thing>") or a multi-valued one (likes, dislikes, allergy (intolerances too), restriction (keto,
+    gluten-free, halal ...: beside the diet), language, pets, about); `value` as said, names and places
+    capitalized, closed-vocabulary values in lower case ("Lyon", "vegetarian"); a retirement of value "" retires
+    the attribute whatever it holds ("Please forget where I live."); `statement`: the first-person sentence it came from ("I live in Lyon.", what editing turns into an
     edit); `retire`: True for "I'm not vegetarian anymore" (diet=vegetarian is withdrawn, nothing is stated).
 
     `slot` is what an update replaces (single-valued: the attribute; multi-valued: the attribute group and the
