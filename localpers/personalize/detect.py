@@ -619,13 +619,15 @@ _OTHER_PREDICATE = re.compile(
     r"^(?:he|she|they|my\s+(?:[\w-]+\s+){0,2}?\w+|[A-Z][a-z]+)\s+(?P<verb>is|are|'s|lives|works|loves|likes|has|"
     r"eats|speaks|enjoys|hates|follows)\s+(?P<rest>.+)$", re.I)
 # "We live in Paris", "we're vegetarian": true of the speaker too (a company's "we" is not: no such verb).
-_WE = re.compile(r"(^|,\s*(?:and |but )?|\s(?:and|but)\s+)we(?: (?=(?:just |recently |now |also |both |all )?"
-                 r"(?:live|lived|moved|relocated|have moved|'ve moved|have relocated|'ve relocated|reside)\b)|"
-                 r"(?:'re| are)(?= (?:both |all |also )?(?:vegetarians?|vegans?|pescatarians?)\b))", re.I)
+_WE = re.compile(r"(^|,\s*(?:and |but )?|\s(?:and|but)\s+)we(?:(?P<be>'re| are)(?: both| all| also)? "
+                 r"(?=(?:vegetarian|vegan|pescatarian)s?\b)|(?: both| all)? (?=(?:just |recently |now |also )?"
+                 r"(?:live|lived|moved|relocated|have moved|'ve moved|have relocated|'ve relocated|reside)\b))", re.I)
 
 
 def _we_as_me(sentence: str) -> str:
-    return _WE.sub(lambda m: m[1] + ("I'm" if m[0].lower().endswith(("'re", "are")) else "I "), sentence)
+    """A sentence with "we live ...", "we're vegetarian(s)" said of the speaker ("I live ...", "I'm vegetarian")."""
+    said = _WE.sub(lambda m: m[1] + ("I'm " if m["be"] else "I "), sentence)
+    return re.sub(r"\b(I'm )(vegetarian|vegan|pescatarian)s\b", r"\1\2", said) if said != sentence else sentence
 
 
 def _first_person(predicate: str) -> str:
