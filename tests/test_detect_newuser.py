@@ -37,7 +37,7 @@ def chat(store, user, *turns):
 
 @pytest.mark.parametrize("message", [
     "I moved from Lyon to Paris.", "I moved from Lyon to Paris last year.", "I moved to Paris two years ago.",
-    "Last year I moved from Lyon to Paris.", "We moved from Lyon to Paris.", "I relocated from Lyon to Paris in 2021.", "I moved to Paris.",
+    "Last year I moved from Lyon to Paris.", "We moved from Lyon to Paris.", "I moved to Paris from Lyon.", "I relocated from Lyon to Paris in 2021.", "I moved to Paris.",
     "I live in Paris now.", "I moved from Lyon to Paris to be with my wife.",
 ])
 def test_invariant_a_move_states_the_new_home_only(message):

@@ -484,6 +484,8 @@ def _clean_value(value: str, attribute: str) -> str:
     if attribute in ("home", "origin"):  # "Paris, Texas": a place and its region stay one value
         value = re.sub(r",\s+(?=[A-Z][\w.'-]*(?:\s+[A-Z][\w.'-]*)*(?:,|$))", "\x01", value.strip())
         value = re.sub(r"\s+to (?:be|work|study|live|join|get|take|start|look|find|care|help|stay)\b.*$", "", value)
+        if attribute == "home":  # "I moved to Paris from Lyon"
+            value = re.sub(r"\s+from\s+.*$", "", value)
     value = _VALUE_CUT.sub("", value.strip()) if attribute not in ("name", "favourite") else value
     value = value.replace("\x01", ", ")
     if attribute in ("job", "study", "employer"):  # "a graphic designer in Berlin": the job; the place is another fact
