@@ -412,22 +412,17 @@ def test_a_store_made_before_the_facts_index_deletes_learned_preferences_with_th
 
 
 def test_invariant_learning_from_text_reports_like_chat_keeps_its_source_and_caps_a_message(store):
-    """`learn_from_text` (`localpers remember`, a fact corrected on the page): a dry run reports every key of
-    learn_from_chat's report with the facts found (id None) and stores nothing; a real run stores the message
-    under the source given and learns at most MAX_FACTS_PER_MESSAGE facts (mutation survivors of
-    serve/learn.py, docs/history/mutation/)."""
+    """`learn_from_text` (`localpers remember`, a fact corrected on the page) reports every key of
+    learn_from_chat's report, stores the message under the source given and learns at most
+    MAX_FACTS_PER_MESSAGE facts (mutation survivors of serve/learn.py, docs/history/mutation/)."""
     from localpers.serve.learn import learn_from_text
 
     store.add("lea", "hello")
     text = "I'm vegetarian and I live in Lyon."
-    assert learn_from_text(store, "lea", text, dry_run=True) == {
-        "messages": [], "preferences": [], "facts": [{"id": None, "attribute": "diet"},
-                                                     {"id": None, "attribute": "home"}],
-        "replaced": [], "retired": []}
-    assert [i["text"] for i in store.items("lea")] == ["hello"] and current(store, "lea") == {}
     learned = learn_from_text(store, "lea", text, source="page")
     assert set(learned) == {"messages", "preferences", "facts", "replaced", "retired"}
     assert [f["attribute"] for f in learned["facts"]] == ["diet", "home"]
+    assert learned["preferences"] == [f["id"] for f in learned["facts"]]
     [message] = [i for i in store.items("lea") if i["id"] in learned["messages"]]
     assert message["text"] == text and message["meta"]["source"] == "page"
     many = learn_from_text(store, "lea", " ".join(f"I love x{i}." for i in range(40)))
