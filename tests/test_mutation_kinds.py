@@ -50,19 +50,23 @@ def test_invariant_gguf_embeddings_read_the_whole_text(default_model_path):
 def test_invariant_the_conversations_own_messages_do_not_crowd_out_retrieved_history(tmp_path, monkeypatch):
     """The request's messages are stored by earlier turns and match the query best; the served search must
     skip them and still return the history item that matches less (so it asks the index for more than k)."""
-    from localpers.serve.compose import served_user
+    from localpers.serve.compose import last_user_message, served_user
 
     monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
-    conversation = [{"role": "user", "content": f"tell me about sailing sailing boats {i}"} for i in range(4)]
+    # more own messages than the index's default k (5): a search that does not ask for more finds only them
+    conversation = [{"role": "user", "content": f"tell me about sailing sailing boats {i}"} for i in range(6)]
     with Store.open(tmp_path) as store:
         history = store.add("alice", "I went sailing once in Brittany.")
         store.add("alice", "My cat sleeps all day.")
         store.add_chat("alice", conversation)
-        ranked = [hit["text"] for hit in store.search("alice", "sailing boats", k=5)]
-        assert set(ranked[:4]) == {m["content"] for m in conversation}
+        ranked = [hit["text"] for hit in store.search("alice", "sailing boats", k=7)]
+        assert set(ranked[:6]) == {m["content"] for m in conversation}
         user = served_user(store, "alice", SHA, conversation)
         for k in (1, 2):
             assert user.search("sailing boats", k) == [(history, "I went sailing once in Brittany.")]
+    # the query is the last user message (an assistant's reply after it is not), "" when there is none
+    assert last_user_message(conversation + [{"role": "assistant", "content": "Sure."}]) == conversation[-1]["content"]
+    assert last_user_message([{"role": "assistant", "content": "Hello."}]) == ""
 
 
 # -- the store's indexes under concurrent searchers and writers --------------------------------------------------
