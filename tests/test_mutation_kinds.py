@@ -359,3 +359,30 @@ def test_invariant_a_started_worker_runs_queued_jobs_in_its_thread_on_its_own_en
     assert engine is not served and isinstance(engine, Engine) and Engine.made == [("m.gguf", 2048, 1)]
     # raising one's priority (a lower nice) needs root: a process already above nice 10 keeps its own otherwise
     assert threads == 1 and nice == (10 if os.geteuid() == 0 else max(10, base_nice))
+
+
+def test_invariant_a_failing_job_process_sends_the_job_and_reports_its_exit_code(tmp_path, monkeypatch):
+    """JobProcess.run sends (target, user, job id) to its child; a child that exits before answering fails the
+    job with "the job process exited with code N", the reason a user reads (mutation survivors of serve/jobs.py)."""
+    from localpers.serve import jobs
+
+    class Proc:
+        exitcode, pid = 3, 12345
+
+        def is_alive(self):
+            return False
+
+    class Conn:
+        sent = None
+
+        def send(self, message):
+            Conn.sent = message
+
+        def poll(self, timeout):
+            return False
+
+    child = jobs.JobProcess(tmp_path, tmp_path / "m.gguf", 1, 10)
+    monkeypatch.setattr(child, "_start", lambda: (setattr(child, "_proc", Proc()), setattr(child, "_conn", Conn())))
+    with pytest.raises(RuntimeError, match="^the job process exited with code 3$"):
+        child.run("localpers.personalize.editing:edit_job", "alice", 7)
+    assert Conn.sent == ("localpers.personalize.editing:edit_job", "alice", 7)

@@ -20,3 +20,6 @@ $B $F '                    _resolve(target)(engine)' '                    _resol
 $B $F 'if self.child is not None and self.child.alive and' 'if self.child is not None or self.child.alive and' -- $K
 # the second sampled run: the served engine told to look for retired files after a job in the job process
 $B $F 'check = getattr(engine, "check_files_soon", None)' 'check = getattr(engine, "XXcheck_files_soonXX", None)' -- tests/test_loop.py -k jobs_run_in_a_process
+# JobProcess.run's survivor (the reason of a job whose process died), and the message it sends
+$B $F 'raise RuntimeError(f"the job process exited with code {code}")' 'raise RuntimeError(None)' -- tests/test_mutation_kinds.py -k failing_job_process
+$B $F 'self._conn.send((target, user, job_id))' 'self._conn.send(None)' -- tests/test_mutation_kinds.py -k failing_job_process
