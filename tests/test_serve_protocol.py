@@ -430,3 +430,24 @@ def test_chunked_bodies_are_bounded_too(url):
     small = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
     r = httpx.post(f"{url}/v1/chat/completions", content=chunks(small), headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
+
+
+def test_json_strings_never_hold_raw_control_characters(url, engine):
+    """JSON mode with a schema (OpenAI's json_object + schema, json_schema, Ollama's format): however much the
+    model wants a newline, a JSON string gets none raw (JSON forbids U+0000-U+001F in strings), so every reply
+    that ends by itself parses with Python's strict JSON reader and none holds a raw control character."""
+    newline = {str(t): 30 for t in range(engine.n_vocab)
+               if "\n" in engine.llm.detokenize([t]).decode("utf-8", "ignore")}
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    formats = [{"type": "json_object", "schema": schema},
+               {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}]
+    for fmt in formats:
+        reply = post(url, {"messages": HELLO, "max_tokens": 30, "temperature": 0, "logit_bias": newline,
+                           "response_format": fmt}).json()["choices"][0]
+        assert not any(ord(c) < 32 for c in reply["message"]["content"]), reply
+        if reply["finish_reason"] == "stop":
+            assert isinstance(json.loads(reply["message"]["content"]), dict)
+    reply = httpx.post(f"{url}/api/chat", json={"model": "localpers", "messages": HELLO, "stream": False,
+                                                "format": schema, "options": {"num_predict": 30, "temperature": 0}},
+                       timeout=120).json()
+    assert not any(ord(c) < 32 for c in reply["message"]["content"]), reply

@@ -351,12 +351,10 @@ def grammar_of(fmt: ResponseFormat | None, schema: dict | None = None, param: st
         schema, param = schema_of(fmt)
     if schema is None:
         return None
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    from localpers.serve.tools import json_grammar
 
-    if not schema:
-        return JSON_GBNF
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return json_grammar(schema)
     except Exception as e:  # the converter raises assorted errors for schemas it does not support
         refuse(param, f"llama.cpp cannot turn this JSON schema into a grammar ({e})")
 
