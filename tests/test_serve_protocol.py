@@ -447,7 +447,27 @@ def test_json_strings_never_hold_raw_control_characters(url, engine):
         assert not any(ord(c) < 32 for c in reply["message"]["content"]), reply
         if reply["finish_reason"] == "stop":
             assert isinstance(json.loads(reply["message"]["content"]), dict)
+        else:
+            assert reply["finish_reason"] == "length"  # cut by max_tokens, said so (as OpenAI)
     reply = httpx.post(f"{url}/api/chat", json={"model": "localpers", "messages": HELLO, "stream": False,
                                                 "format": schema, "options": {"num_predict": 30, "temperature": 0}},
                        timeout=120).json()
     assert not any(ord(c) < 32 for c in reply["message"]["content"]), reply
+
+
+def test_user_header_is_utf8_then_percent_decoded_and_junk_makes_no_user(url, data_dir):
+    """X-Localpers-User: raw UTF-8 bytes and their percent-encoding name one user ("josé", not latin-1's "josÃ©");
+    bytes that are not UTF-8, raw or percent-encoded, are a 400 naming the header, and no user is made."""
+    def ask(header: bytes):
+        return httpx.post(f"{url}/v1/chat/completions", headers=[(b"X-Localpers-User", header)], timeout=120,
+                          json={"messages": [{"role": "user", "content": "I live in Lisbon."}], "max_tokens": 1})
+
+    with Store.open(data_dir) as store:
+        before = set(store.users())
+    assert ask("josé".encode()).status_code == 200
+    assert ask(b"jos%C3%A9").status_code == 200
+    for junk in (b"%ff%fe", b"jos\xe9", b"%0a"):
+        r = ask(junk)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "X-Localpers-User", r.text
+    with Store.open(data_dir) as store:
+        assert set(store.users()) - before == {"josé"}

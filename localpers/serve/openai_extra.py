@@ -39,6 +39,7 @@ from localpers.model.chat import template_supports_tools
 from localpers.serve import limits
 from localpers.serve import server as S
 from localpers.serve.tools import ToolPlan, plan as tool_plan
+from localpers.store.store import check_user
 
 USER_HEADER = "X-Localpers-User"
 USER_SUFFIX = "@localpers"
@@ -86,8 +87,22 @@ def request_user(app, request: Request, model: str | None, user: str | None) -> 
         raise S.APIError(404, f"the model '{model}' does not exist; this server serves "
                               f"{', '.join(repr(n) for n in served_names(app, engine))} and NAME{USER_SUFFIX}",
                          code="model_not_found", param="model")
-    header = request.headers.get(USER_HEADER)
-    return user or (unquote(header) if header else None) or named or app.state.owner or None
+    return user or header_user(request) or named or app.state.owner or None
+
+
+def header_user(request: Request) -> str | None:
+    """The user the X-Localpers-User header names: its bytes read as UTF-8, then percent-decoded as a URL path's
+    user segment is (`jos%C3%A9` and a raw UTF-8 `josé` are one user; a literal '%' is written %25). Bytes that
+    are not UTF-8, raw or percent-encoded (%ff), and ids the store refuses (control characters, blank) are a 400:
+    no user is made of them."""
+    header = request.headers.get(USER_HEADER)  # Starlette decodes header bytes as latin-1: encode() gets them back
+    if not header:
+        return None
+    text = unquote(header.encode("latin-1").decode("utf-8", "surrogateescape"), errors="surrogateescape")
+    try:
+        return check_user(text)
+    except UserError as e:
+        raise S.APIError(400, f"the {USER_HEADER} header: {e}", param=USER_HEADER) from None
 
 
 def system_fingerprint(engine) -> str:
