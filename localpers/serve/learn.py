@@ -35,6 +35,12 @@ def learn_from_text(store: Store, user: str, text: str, *, source: str = "rememb
     return _report(store.learn_text(user, text, extract, names.MAX_FACTS_PER_MESSAGE, source=source))
 
 
+def learn_from_messages(store: Store, user: str, texts: list[str], *, source: str = "memories") -> dict:
+    """POST /v1/users/{user}/memories with a chat: the user's own messages (texts, in order) stored and learned
+    from as learn_from_text does, in one transaction; learn_from_chat's dict."""
+    return _report(store.learn_texts(user, texts, detect_facts, names.MAX_FACTS_PER_MESSAGE, source=source))
+
+
 def _report(out: dict) -> dict:
     return {"messages": out["messages"], "preferences": [f["id"] for f in out["facts"]], "facts": out["facts"],
             "replaced": out["replaced"], "retired": out["retired"]}

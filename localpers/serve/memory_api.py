@@ -1,6 +1,7 @@
 """mem0-like memory endpoints over the history store (app.state.store), mounted by `localpers serve`.
 
     POST   /v1/users/{user}/memories              {"text": ..., "kind"?, "meta"?} or {"messages": [{"role", "content"}]}
+                                                  (a chat: its user messages only, learned from as in chat)
                                                   (text and content: a string or a list of text parts, as in chat)
                                                   {"text", "kind": "preference"} without meta: learned as facts
                                                   through the detector (400 when it states none)
@@ -19,6 +20,8 @@ is not a JSON object, a ts out of range ...). `{user}` is any user id the store 
 store gives each thread its own SQLite connection."""
 from __future__ import annotations
 
+import json
+
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Body, Request
@@ -32,7 +35,7 @@ from localpers import names
 from localpers.model.chat import content_text
 from localpers.errors import UserError
 from localpers.personalize.detect import NO_FACT, detect_facts
-from localpers.serve.learn import learn_from_text
+from localpers.serve.learn import learn_from_messages, learn_from_text
 from localpers.store.store import NotFoundError, check_item, message_items
 
 
@@ -96,11 +99,12 @@ router = APIRouter(route_class=OpenAIErrorRoute)
 
 @router.post("/v1/users/{user}/memories", status_code=201)
 def add_memories(user: str, request: Request, payload: dict = Body(...)):
-    """Store one item ({"text", "kind"?, "meta"?, "ts"?}) or a chat ({"messages": [...]}, one item per
-    message, kind "message", the role in meta); nothing is stored unless every item is valid."""
+    """Store one item ({"text", "kind"?, "meta"?, "ts"?}) or a chat ({"messages": [...]}: the user's own
+    messages, kind "message", learned from as a served chat's are; the assistant's and other roles' are left out
+    and counted in "left_out"); nothing is stored unless every item is valid."""
     if "messages" in payload:
-        items = message_items(payload["messages"])
-    elif "text" in payload:
+        return _remember_chat(request.app.state.store, user, message_items(payload["messages"]))
+    if "text" in payload:
         text = content_text(payload["text"]) if isinstance(payload["text"], list) else payload["text"]
         kind = check_kind(payload.get("kind", names.MESSAGE))
         if kind == names.PREFERENCE and payload.get("meta") is None and "ts" not in payload:
@@ -144,6 +148,17 @@ def export_user(user: str, request: Request):
 def forget_user(user: str, request: Request):
     request.app.state.store.forget(user)
     return {"user": user, "deleted": True}
+
+
+def _remember_chat(store, user: str, items: list[tuple]) -> dict:
+    """A chat posted to the memories route, as validated items: the user's messages stored and their facts
+    learned (learn_from_messages), like a served chat's; data: the messages' ids, then the new facts' ids."""
+    mine = [item[2].decode("utf-8") for item in items if json.loads(item[3]).get("role") == "user"]
+    learned = learn_from_messages(store, user, mine) if mine else \
+        {"messages": [], "preferences": [], "facts": [], "replaced": [], "retired": []}
+    return {"object": "list", "data": [{"id": i, "user": user} for i in learned["messages"] + learned["preferences"]],
+            "facts": learned["facts"], "replaced": learned["replaced"], "retired": learned["retired"],
+            "left_out": len(items) - len(mine)}
 
 
 def _remember_preference(store, user: str, text) -> dict:

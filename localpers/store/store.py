@@ -807,12 +807,19 @@ class Store:
         """Store one message the user typed (`localpers remember`, or a fact corrected on the page: `source`) and
         learn the facts it states, as learn_chat does, in one transaction; the same text said twice is two
         messages. Returns learn_chat's dict."""
-        item = check_item(text, "message", {"role": "user", "source": source})
-        facts = extract(item[2].decode("utf-8"), limit)[:limit]
+        return self.learn_texts(user, [text], extract, limit, source=source)
+
+    def learn_texts(self, user: str, texts: list, extract, limit: int = names.MAX_FACTS_PER_MESSAGE,
+                    source: str = "remember") -> dict:
+        """learn_text for several messages the user wrote (POST /v1/users/{user}/memories with a chat's user
+        messages), in order, in one transaction: all are checked before anything is written, and a later fact
+        replaces an earlier one of the same slot as in a chat. Returns learn_chat's dict."""
+        items = [check_item(text, "message", {"role": "user", "source": source}) for text in texts]
+        found = [(item, extract(item[2].decode("utf-8"), limit)[:limit]) for item in items]
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            paths = self._learn(conn, user_id, [(item, facts)], out, source=source)
+            paths = self._learn(conn, user_id, found, out, source=source)
         self._remove_files(user_id, paths)
         return out
 
