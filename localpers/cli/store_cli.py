@@ -10,10 +10,12 @@ from localpers import names
 from localpers.errors import UserError
 
 
-def _store(args):
+def _store(args, read_only: bool = False):
+    """The store of --data-dir; `read_only` for the commands that only read it (nothing made, nothing written:
+    they work on a read-only mount, and a folder without a store is "no localpers data in DIR")."""
     from localpers.store.store import Store, data_dir
 
-    return Store.open(data_dir(args.data_dir))
+    return Store.open(data_dir(args.data_dir), read_only=read_only)
 
 
 def _line(item: dict) -> str:
@@ -34,7 +36,12 @@ def _print_items(items: list[dict], as_json: bool) -> None:
 
 
 def cmd_users(args):
-    with _store(args) as store:
+    from localpers.store.store import data_dir, holds_store
+
+    if not holds_store(data_dir(args.data_dir)):
+        print(f"no localpers data in {data_dir(args.data_dir)} (add a user: localpers remember --user NAME TEXT)")
+        return 0
+    with _store(args, read_only=True) as store:
         users = store.user_counts()
     if args.json:
         print(json.dumps(users, ensure_ascii=False, indent=1))
@@ -95,7 +102,7 @@ def cmd_import(args):
 
 
 def cmd_history(args):
-    with _store(args) as store:
+    with _store(args, read_only=True) as store:
         items = store.items(args.user, kind=args.kind)
     _print_items(items, args.json)
 
@@ -106,7 +113,7 @@ def cmd_search(args):
     from localpers.store.retrieval import make_embedder
 
 
-    with _store(args) as store:
+    with _store(args, read_only=args.mode == "bm25") as store:  # dense search stores the embeddings it makes
         if args.mode != "bm25":
             store.embedder = make_embedder(args.embedder)
         results = store.search(args.user, args.query, k=args.k, mode=args.mode)
@@ -114,7 +121,7 @@ def cmd_search(args):
 
 
 def cmd_export(args):
-    with _store(args) as store:
+    with _store(args, read_only=True) as store:
         data = store.export(args.user)
     text = json.dumps(data, ensure_ascii=False, indent=1)
     if args.output:

@@ -29,6 +29,7 @@ import time
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -513,13 +514,20 @@ def _scrypt(passphrase: str, salt: bytes) -> bytes:
     return Scrypt(salt=salt, **_SCRYPT).derive(passphrase.encode("utf-8"))
 
 
+def holds_store(directory: str | os.PathLike) -> bool:
+    """Does `directory` hold a store's database (a file not empty; whether it is one is for Store.open to say)?"""
+    db = Path(directory) / DB_FILE
+    return db.is_file() and db.stat().st_size > 0
+
+
 class Store:
     """The history store of one data directory. Safe to share between threads: each thread gets its own
     SQLite connection, WAL lets readers run while one writer writes, and the in-memory indexes are locked."""
 
-    def __init__(self, directory: Path, embedder=None):
+    def __init__(self, directory: Path, embedder=None, read_only: bool = False):
         self.directory = Path(directory)
         self.embedder = embedder
+        self.read_only = read_only
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -530,22 +538,45 @@ class Store:
         # engine drops the adapter it loaded from it (freed once no request holds it)
         self.on_retire: list = []
         self.cipher = self._unlock()
-        self._migrate()
-        self._migrate_facts()
+        if read_only:
+            self._check_current()
+        else:
+            self._migrate()
+            self._migrate_facts()
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, embedder=None) -> Store:
+    def open(cls, directory: str | os.PathLike, embedder=None, read_only: bool = False) -> Store:
+        """The store of `directory`, made (folder, database, key) if new. `read_only`: for commands that only read
+        (history, export, users, search): nothing is made or written, so a folder that holds no store is a
+        UserError ("no localpers data in DIR"), and a store on a read-only mount is read as it stands. A folder
+        that cannot be made or written (a read-only mount, /proc/...) is a UserError naming it."""
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise UserError(f"{directory} is not a directory")
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # the database first, 0600: SQLite gives its -wal and -shm files the database's permissions
-        os.close(os.open(directory / DB_FILE, os.O_RDWR | os.O_CREAT, 0o600))
-        make_private(directory / DB_FILE)  # a store made before this rule
-        for suffix in ("-wal", "-shm"):
-            if (directory / (DB_FILE + suffix)).exists():
-                make_private(directory / (DB_FILE + suffix))
-        return cls(directory, embedder)
+        if read_only:
+            if not holds_store(directory):
+                raise UserError(f"no localpers data in {directory}")
+            return cls._opened(directory, embedder, read_only=True)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # the database first, 0600: SQLite gives its -wal and -shm files the database's permissions
+            os.close(os.open(directory / DB_FILE, os.O_RDWR | os.O_CREAT, 0o600))
+            make_private(directory / DB_FILE)  # a store made before this rule
+            for suffix in ("-wal", "-shm"):
+                if (directory / (DB_FILE + suffix)).exists():
+                    make_private(directory / (DB_FILE + suffix))
+        except OSError as e:
+            raise UserError(f"cannot write the data folder {directory}: {e.strerror}") from None
+        return cls._opened(directory, embedder)
+
+    @classmethod
+    def _opened(cls, directory: Path, embedder, read_only: bool = False) -> Store:
+        try:
+            return cls(directory, embedder, read_only=read_only)
+        except sqlite3.OperationalError as e:  # a read-only database file, a full disk, a file that is no database
+            raise UserError(f"cannot {'read' if read_only else 'write'} the store in {directory}: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{directory / DB_FILE} is not a localpers store: {e}") from None
 
     def __enter__(self):
         return self
@@ -564,7 +595,16 @@ class Store:
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None and self.read_only:
+            # mode=ro: SQLite never writes the database; where the folder cannot be written at all (a read-only
+            # mount) not even WAL's -shm can be made, so the file is read as immutable (as it stands on disk)
+            immutable = "" if os.access(self.directory, os.W_OK) else "&immutable=1"
+            conn = sqlite3.connect(f"file:{quote((self.directory / DB_FILE).resolve().as_posix())}?mode=ro{immutable}",
+                                   uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        elif conn is None:
             # Autocommit mode: transactions are explicit (see _write). check_same_thread is off only so that
             # close() can close every thread's connection; each connection is used by its own thread.
             conn = sqlite3.connect(
@@ -604,6 +644,15 @@ class Store:
             conn.execute("COMMIT")
 
     def _unlock(self) -> Cipher:
+        if self.read_only:
+            with self._read() as conn:
+                try:
+                    settings = dict(conn.execute("SELECT name, value FROM settings"))
+                except sqlite3.OperationalError:  # no settings table: an empty or foreign database
+                    settings = {}
+            if "kdf" not in settings:
+                raise UserError(f"no localpers data in {self.directory}")
+            return self._key(settings, _passphrase())
         self._conn().executescript(SCHEMA)
         with self._write() as conn:
             settings = dict(conn.execute("SELECT name, value FROM settings"))
@@ -620,6 +669,13 @@ class Store:
                 conn.execute("INSERT INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
                 conn.execute("INSERT INTO settings VALUES ('key_check', ?)", (cipher.seal(_KEY_CHECK, b"key"),))
                 return cipher
+        cipher = self._key(settings, passphrase)
+        if settings.get("layout") != str(LAYOUT).encode():
+            self._migrate_artifact_folders()
+        return cipher
+
+    def _key(self, settings: dict, passphrase: str | None) -> Cipher:
+        """The cipher of an existing store (its settings rows), checked against its key_check."""
         if settings["kdf"] == b"scrypt":
             if passphrase is None:
                 raise UserError(f"{self.directory} is encrypted with a passphrase: set LOCALPERS_PASSPHRASE")
@@ -638,9 +694,16 @@ class Store:
             cipher.open(settings["key_check"], b"key")
         except InvalidTag:
             raise UserError(f"{wrong}: cannot decrypt {self.directory / DB_FILE}") from None
-        if settings.get("layout") != str(LAYOUT).encode():
-            self._migrate_artifact_folders()
         return cipher
+
+    def _check_current(self) -> None:
+        """A store opened read-only cannot be migrated: one an older localpers wrote is a UserError saying so."""
+        with self._read() as conn:
+            layout = conn.execute("SELECT value FROM settings WHERE name = 'layout'").fetchone()
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(artifacts)")}
+        if layout is None or layout[0] != str(LAYOUT).encode() or not set(ARTIFACT_COLUMNS) <= columns:
+            raise UserError(f"{self.directory} was written by an older localpers: run a command that writes to it "
+                            "(remember, serve) once to update it")
 
     def _migrate_artifact_folders(self) -> None:
         """Layout 1 -> 2: move artifacts/<user id> to artifacts/_user-<row id> and rewrite the registered paths.
