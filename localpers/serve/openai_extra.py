@@ -624,8 +624,15 @@ async def embeddings(req: EmbeddingRequest, request: Request):
         if not isinstance(x, str):
             check_token_ids(x, engine.n_vocab, "input")
     texts = [x if isinstance(x, str) else engine.detokenize(x) for x in inputs]
-    if any(not t.strip() for t in texts):
-        S.refuse("input", "an input is empty")
+    for i, (x, text) in enumerate(zip(inputs, texts)):
+        if text.strip():
+            continue
+        param = "input" if len(inputs) == 1 and not isinstance(req.input[0], list) else f"input.{i}"
+        if isinstance(x, str):
+            S.refuse(param, "is empty")
+        S.refuse(param, f"the token ids {x[:8]}{' ...' if len(x) > 8 else ''} hold no text to embed: special or "
+                        "control tokens of this model (BOS, EOS, chat markers) detokenize to nothing, and "
+                        "whitespace is no text either; send text, or the ids of text tokens")
     counts = [len(engine.tokenize(t, add_bos=False)) for t in texts]
     vectors = await run_in_threadpool(lambda: embedder_of(app).embed(texts))
     if req.dimensions is not None and req.dimensions != vectors.shape[1]:
