@@ -261,7 +261,9 @@ def test_serve_lora_for_another_model_fails_the_load_with_its_reason(tmp_path, t
 
 
 @pytest.mark.parametrize("argv", [["history", "--user", "alice"], ["export", "--user", "alice"],
-                                  ["search", "--user", "alice", "Rome"]])
+                                  ["search", "--user", "alice", "Rome"],
+                                  ["search", "--user", "alice", "Rome", "--mode", "dense"],
+                                  ["forget", "--user", "alice", "--yes"]])
 def test_a_reading_command_on_a_folder_without_a_store_says_so_and_makes_nothing(argv, tmp_path, capsys):
     missing = tmp_path / "x" / "nonexist"
     assert main([*argv, "--data-dir", str(missing)]) == 2

@@ -10,12 +10,16 @@ from localpers import names
 from localpers.errors import UserError
 
 
-def _store(args, read_only: bool = False):
+def _store(args, read_only: bool = False, existing: bool = False):
     """The store of --data-dir; `read_only` for the commands that only read it (nothing made, nothing written:
-    they work on a read-only mount, and a folder without a store is "no localpers data in DIR")."""
-    from localpers.store.store import Store, data_dir
+    they work on a read-only mount), `existing` for those that read it and may write to it: either way a folder
+    without a store is "no localpers data in DIR" and nothing is made."""
+    from localpers.store.store import Store, data_dir, holds_store
 
-    return Store.open(data_dir(args.data_dir), read_only=read_only)
+    folder = data_dir(args.data_dir)
+    if existing and not holds_store(folder):
+        raise UserError(f"no localpers data in {folder}")
+    return Store.open(folder, read_only=read_only)
 
 
 def _line(item: dict) -> str:
@@ -113,7 +117,8 @@ def cmd_search(args):
     from localpers.store.retrieval import make_embedder
 
 
-    with _store(args, read_only=args.mode == "bm25") as store:  # dense search stores the embeddings it makes
+    # dense search stores the embeddings it makes
+    with _store(args, read_only=args.mode == "bm25", existing=True) as store:
         if args.mode != "bm25":
             store.embedder = make_embedder(args.embedder)
         results = store.search(args.user, args.query, k=args.k, mode=args.mode)
@@ -142,7 +147,7 @@ def cmd_forget(args):
             raise UserError(f"forget deletes everything held about {args.user}: pass --yes to confirm")
         if input(f"Delete everything held about {args.user}? [y/N] ").strip().lower() not in ("y", "yes"):
             return 1
-    with _store(args) as store:
+    with _store(args, existing=True) as store:
         store.forget(args.user)
     print(f"forgot {args.user}")
 
