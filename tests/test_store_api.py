@@ -239,3 +239,12 @@ def test_history_shows_an_item_whose_time_no_calendar_holds(tmp_path):
 
     for ts in (1e300, -1e300, 0.0):
         assert _line({"id": 1, "ts": ts, "kind": "message", "text": "hi"}).endswith("message  hi")
+
+
+def test_a_posted_chat_reads_each_message_after_the_one_before_as_chat_does(client):
+    """"Just kidding, I'm not." after "I'm vegetarian." withdraws it, posted as served."""
+    r = client.post("/v1/users/kim/memories", json={"messages": [
+        {"role": "user", "content": "I'm vegetarian."}, {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Just kidding, I'm not."}]})
+    assert r.status_code == 201, r.text
+    assert client.get("/v1/users/kim/facts").json()["data"] == []

@@ -32,7 +32,7 @@ def learn_from_text(store: Store, user: str, text: str, *, source: str = "rememb
     """`localpers remember TEXT` (and a fact corrected on the page, source "page"): the text as a message the user
     typed, learned as in chat. `facts`: what detect(text) gave, when the caller ran it already (to check the text
     before any write): learned as they are, the detector is not run again."""
-    extract = detect_facts if facts is None else (lambda _text, _limit: facts)
+    extract = detect_facts if facts is None else (lambda _text, _limit, _previous: facts)
     return _report(store.learn_text(user, text, extract, names.MAX_FACTS_PER_MESSAGE, source=source))
 
 

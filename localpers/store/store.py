@@ -878,10 +878,14 @@ class Store:
     def learn_texts(self, user: str, texts: list, extract, limit: int = names.MAX_FACTS_PER_MESSAGE,
                     source: str = "remember") -> dict:
         """learn_text for several messages the user wrote (POST /v1/users/{user}/memories with a chat's user
-        messages), in order, in one transaction: all are checked before anything is written, and a later fact
-        replaces an earlier one of the same slot as in a chat. Returns learn_chat's dict."""
+        messages), in order, in one transaction: all are checked before anything is written, and each is read
+        as learn_chat reads a turn (`extract(text, limit, previous)`, previous: the message before it, None for
+        the first), so a later fact replaces an earlier one of its slot and "Just kidding" withdraws the one
+        before. Returns learn_chat's dict."""
         items = [check_item(text, "message", {"role": "user", "source": source}) for text in texts]
-        found = [(item, extract(item[2].decode("utf-8"), limit)[:limit]) for item in items]
+        said = [item[2].decode("utf-8") for item in items]
+        found = [(item, extract(text, limit, previous)[:limit])
+                 for item, text, previous in zip(items, said, [None, *said])]
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
