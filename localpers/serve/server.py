@@ -54,10 +54,10 @@ from localpers.serve import limits
 from localpers.serve.jobs import Worker
 from localpers.serve.jobs import router as jobs_router
 from localpers.serve.learn import changed, learn_from_chat
-from localpers.serve.memory_api import router as memory_router
+from localpers.serve.memory_api import disk_full_response, router as memory_router
 from localpers.serve.page import router as page_router
 from localpers.personalize.methods import apply
-from localpers.store.store import NotFoundError, Store
+from localpers.store.store import NotFoundError, Store, disk_full
 from localpers.store.store import data_dir as resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -589,7 +589,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             return None
         if app.state.worker is not None:
             app.state.worker.wake()
-        return {key: learned[key] for key in ("facts", "replaced", "retired")}
+        return {key: learned[key] for key in ("facts", "replaced", "retired")} | \
+            ({"retried": learned["retried"]} if learned["retried"] else {})
 
     everyone = Artifacts(lora=tuple((str(path), 1.0) for path in lora))  # --lora: applied to every request
 
@@ -635,13 +636,17 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
 
     @app.exception_handler(Exception)
     async def on_server_fault(request, e: Exception):
+        if disk_full(e):
+            return disk_full_response()
         print(f"localpers: server error on {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return error_response(500, "internal server error (the server's log has the details)", "server_error")
 
     @app.get("/health", responses={503: {"model": ErrorBody}, 500: {"model": ErrorBody}})
     def health():
         if app.state.engine is not None:
-            return {"status": "ok", "model": app.state.engine.model_name}
+            worker = app.state.worker
+            problem = {"jobs_error": worker.problem} if worker is not None and worker.problem else {}
+            return {"status": "ok", "model": app.state.engine.model_name, **problem}
         if app.state.load_error:
             return error_response(500, "the model failed to load; the server's log says why", "server_error")
         return error_response(503, "the model is still loading", "server_error", "model_loading")
