@@ -4,7 +4,11 @@ A job is (user, kind) with a state: queued -> running -> done | failed (with its
 store's database, so they survive a restart (a job left running by a dead process is queued again when the
 next worker starts). A new, changed or deleted preference queues an `edit` job (store.add_many, delete_item);
 deleting an item an artifact was derived from queues that artifact's method. Forgetting a user deletes their
-jobs; a job still running then registers nothing (store.register_artifact(job=...) finds it gone).
+jobs and stops a job of theirs that is running (Worker.cancel_user kills the job process); a job still running
+registers nothing (store.register_artifact(job=...) finds it gone). Jobs are claimed round-robin over users
+(store.claim_job), one at a time. A job whose process died (kill -9, the OOM killer) runs once more
+(JOB_RETRIES), then fails with a readable reason (died_reason). A store error (a full disk) never ends the
+worker: it waits, retries, and reports it on /health ("jobs_error") and /jobs ("worker_error").
 
 One worker thread runs the jobs one at a time, at a lower CPU priority (nice 10) and with torch capped at
 `threads` threads, so that chat keeps the rest of the machine. Under `localpers serve` each job runs in a child
