@@ -114,9 +114,9 @@ def test_a_full_disk_is_a_507_naming_the_disk_never_a_500(tmp_path, monkeypatch)
         for text, kind in [("I'm vegetarian.", names.PREFERENCE), ("a note", names.MESSAGE)]:
             r = client.post("/v1/users/disk/memories", json={"text": text, "kind": kind})
             assert r.status_code == 507, r.text
-            assert "disk is full" in r.json()["error"]["message"] and r.json()["error"]["code"] == "disk_full"
+            assert "disk of the data folder is full" in r.json()["error"]["message"] and r.json()["error"]["code"] == "disk_full"
         r = client.post("/v1/users/disk/personalize", json={})
-        assert r.status_code == 507 and "disk is full" in r.json()["error"]["message"]
+        assert r.status_code == 507 and "disk of the data folder is full" in r.json()["error"]["message"]
 
 
 class FullDiskConnection:

@@ -371,11 +371,7 @@ class Worker:
         say(f"job {job['id']} ({job['kind']}) started")
         try:
             state, reason, result = self._execute(job, engine)
-        except BaseException:
-            self.current = None
-            raise
-        took = f"in {time.monotonic() - started:.1f} s"
-        try:
+            took = f"in {time.monotonic() - started:.1f} s"
             if self._cancelled == job["id"]:
                 say(f"job {job['id']} ({job['kind']}) cancelled {took} (its user was forgotten)")
             elif state == names.QUEUED:  # the job process died: run once more
@@ -383,7 +379,7 @@ class Worker:
                 say(f"job {job['id']} ({job['kind']}) queued again {took}: {reason}")
             else:
                 self.store.finish_job(job["id"], state, reason=reason, result=result)
-                died = state == names.FAILED and job["id"] in self._died  # the reason names no user data
+                died = self._died.pop(job["id"], None) and state == names.FAILED  # a reason with no user data
                 say(f"job {job['id']} ({job['kind']}) {state} {took}" + (f": {reason}" if died else ""))
         except Exception:  # a store error recording the end (a full disk): queued again once the store works
             self._requeue_later = job["id"]

@@ -124,7 +124,7 @@ def disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-DISK_FULL = "the data folder's disk is full: nothing was stored (free some space and try again)"
+DISK_FULL = "the disk of the data folder is full: free some space and try again"
 
 
 class NotFoundError(UserError):
@@ -1335,13 +1335,16 @@ class Store:
             return None
         return {**self._job_dict(row), "position": self.queue_positions().get(job_id) if row[4] == "queued" else None}
 
-    # the queue's order: round-robin over users (the user whose last job started longest ago, or never, first),
-    # then oldest first; so one user's many jobs never starve another's
-    _QUEUE_ORDER = (" ORDER BY coalesce((SELECT max(p.started) FROM jobs p WHERE p.user_id = j.user_id), 0), j.id")
+    # the queue's order, round-robin over users: each user's oldest queued job first (a job's round: how many of
+    # its user's queued jobs are older), within a round the user whose last job started longest ago (or never)
+    # first, then the oldest; so one user's jobs never starve another's
+    _QUEUE_ORDER = (" ORDER BY (SELECT count(*) FROM jobs q WHERE q.user_id = j.user_id AND q.state = 'queued'"
+                    " AND q.id < j.id), coalesce((SELECT max(p.started) FROM jobs p WHERE p.user_id = j.user_id), 0),"
+                    " j.id")
 
     def claim_job(self, kinds=None) -> dict | None:
-        """Mark the next queued job (of one of `kinds`, if given) running and return it, or None. Next: of the
-        user whose last job started longest ago (or never), that user's oldest (round-robin over users)."""
+        """Mark the next queued job (of one of `kinds`, if given) running and return it, or None. Next, in
+        _QUEUE_ORDER: the oldest job of the user whose last job started longest ago (round-robin over users)."""
         with self._write() as conn:
             sql, args = "SELECT j.id FROM jobs j WHERE j.state = 'queued'", []
             if kinds is not None:
@@ -1481,10 +1484,13 @@ class Store:
                     user_id = self._user_id(conn, user)
                     conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, artifacts, jobs...
                 break
-            except sqlite3.OperationalError as e:  # a full disk: the WAL could not grow. Checkpointed and
-                if not disk_full(e) or attempt:  # truncated, it frees its space for a second try
-                    raise
-                self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError as e:  # a full disk (the user's files, removed above, freed too
+                if not disk_full(e) or attempt:  # little): the WAL could not grow. Checkpointed and truncated,
+                    raise  # it may free room for a second try; else the disk-full error stands (a 507)
+                try:
+                    self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.OperationalError:
+                    raise e from None
         # again: a job may have registered a file between the first removal and the delete (after it, a
         # registration finds no user and writes nothing)
         self._remove_folder(self._user_folder(user_id))
