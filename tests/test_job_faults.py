@@ -65,9 +65,9 @@ def test_invariant_the_worker_survives_a_full_disk_and_runs_the_queued_job_once_
         assert r.status_code == 201, r.text
         assert wait_until(lambda: worker.problem is not None, 30)
         health = client.get("/health")
-        assert health.status_code == 200 and "database or disk is full" in health.json()["jobs_error"]
+        assert health.status_code == 200 and "disk of the data folder is full" in health.json()["jobs_error"]
         listed = client.get("/v1/users/disk/jobs").json()
-        assert "database or disk is full" in listed["worker_error"]
+        assert "disk of the data folder is full" in listed["worker_error"]
         assert [j["state"] for j in listed["data"]] == [names.QUEUED] and listed["data"][0]["position"] == 1
         assert worker._thread.is_alive()  # noqa: SLF001 (the worker thread, which the full disk killed)
         full.clear()  # space is back

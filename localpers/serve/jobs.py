@@ -41,6 +41,7 @@ from fastapi import APIRouter, Body, Request
 from localpers import names
 from localpers.errors import UserError
 from localpers.serve.memory_api import OpenAIErrorRoute
+from localpers.store.store import DISK_FULL, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,8 @@ class Worker:
                 return
             except Exception as e:
                 failures += 1
-                self.problem = f"background jobs are paused: {type(e).__name__}: {e}"
+                why = DISK_FULL if disk_full(e) else f"{type(e).__name__}: {e}"
+                self.problem = f"background jobs are paused: {why}"
                 if failures == 1:
                     log.exception("the job worker hit an error; it retries")
                 say(f"{self.problem} (retrying, attempt {failures})")
