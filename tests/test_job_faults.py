@@ -268,3 +268,28 @@ def test_forget_stops_the_users_running_job(small_engine, tmp_path, monkeypatch,
         assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 30)  # the job process is gone
         assert client.get("/v1/users/slow/jobs").status_code == 404 and worker._thread.is_alive()  # noqa: SLF001
     assert "cancelled" in capsys.readouterr().err
+
+
+def test_a_server_starts_on_a_full_disk_and_queues_the_interrupted_job_again_later(tmp_path, monkeypatch):
+    """A job left running by a crash is queued again at start; on a full disk that write fails: the worker
+    starts all the same and queues it again before its first claim."""
+    runs = []
+    monkeypatch.setitem(jobs.JOB_KINDS, "noop", lambda store, user, engine, job: runs.append(job) or {})
+    with Store.open(tmp_path) as store:
+        store.add("kim", "a note")
+        job = store.queue_job("kim", "noop")
+        store.claim_job()  # then the server died
+        requeue = store.requeue_running
+
+        def full(*args):
+            raise sqlite_full()
+
+        monkeypatch.setattr(store, "requeue_running", full)
+        worker = jobs.Worker(store, lambda: object(), own_engine=False, poll_s=0.05)
+        worker.start()
+        monkeypatch.setattr(store, "requeue_running", requeue)
+        try:
+            assert wait_until(lambda: store.job(job["id"])["state"] == names.DONE, 30)
+        finally:
+            worker.stop(timeout=10)
+        assert runs == [job["id"]]

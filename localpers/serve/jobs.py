@@ -30,6 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -130,8 +131,9 @@ class JobProcess:
                     break
             status, value = self._conn.recv()
         except (EOFError, OSError):  # the pipe closed: the process died (kill -9, the OOM killer, a crash)
-            proc, self._proc = self._proc, None
+            proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
             proc.join(5)
+            conn.close()
             raise ProcessDied(died_reason(proc.exitcode)) from None
         self.last_used = time.monotonic()
         if status == "ok":
@@ -247,9 +249,15 @@ class Worker:
         self._died: dict[int, int] = {}  # job id -> times its job process died running it (one retry)
         self._cancelled: int | None = None  # the running job forget cancelled (cancel_user)
         self._requeue_later: int | None = None  # a job left running by a store error: queued again once it works
+        self._requeue_running = False  # start's requeue_running failed: done before the first claim
+        self._warmed = not warm or process  # a job process loads what its jobs need when it starts
 
     def start(self) -> "Worker":
-        self.store.requeue_running()
+        try:
+            self.store.requeue_running()
+        except sqlite3.Error as e:  # a full disk: the server starts all the same; done before the first claim
+            log.warning("jobs left running are queued again later: %s", e)
+            self._requeue_running = True
         self.store.sweep_temp()  # scratch folders of jobs a crash interrupted
         self._thread.start()
         return self
@@ -307,7 +315,6 @@ class Worker:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
             except OSError:
                 pass
-        warmed = not self.warm or self.process  # a job process loads what its jobs need when it starts
         while not self._stop.is_set():
             engine = self.engine()
             if engine is None:
@@ -317,8 +324,8 @@ class Worker:
             if self.process and self.child is None:
                 self.child = JobProcess(self.store.directory, engine.model_path, self.threads, self.nice)
             engine = engine if self.process else self.job_engine(engine)
-            if not warmed:
-                warmed = True
+            if not self._warmed:
+                self._warmed = True
                 import torch
 
                 torch.set_num_threads(self.threads)
@@ -359,6 +366,9 @@ class Worker:
             return held and self._run_one(engine)
 
     def _run_one(self, engine) -> bool:
+        if self._requeue_running:  # start could not (a full disk)
+            self.store.requeue_running()
+            self._requeue_running = False
         if self._requeue_later is not None:  # a job whose end a store error kept from being recorded
             self.store.requeue_job(self._requeue_later)
             self._requeue_later = None
@@ -375,6 +385,7 @@ class Worker:
             state, reason, result = self._execute(job, engine)
             took = f"in {time.monotonic() - started:.1f} s"
             if self._cancelled == job["id"]:
+                self._died.pop(job["id"], None)
                 say(f"job {job['id']} ({job['kind']}) cancelled {took} (its user was forgotten)")
             elif state == names.QUEUED:  # the job process died: run once more
                 self.store.requeue_job(job["id"])
