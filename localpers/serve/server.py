@@ -10,7 +10,8 @@ as `localpers eval` measures the same spec. Unless the server runs with `--no-hi
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
 adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
 (method, kind, id), the ids of the retrieved items and, when this request's message stored, replaced or retired facts,
-`learned`: {"facts": [{"id", "attribute"}], "replaced": [...], "retired": [...]}; never text. The mem0-like memory
+`learned`: {"facts": [{"id", "attribute"}], "replaced": [...], "retired": [...]} (and "retried": [...], facts restated
+after their edit failed, whose edit is queued again); never text. The mem0-like memory
 endpoints of localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page
 at `/` ("what my assistant knows about me") and the routes it adds are localpers.serve.page.
 
@@ -577,8 +578,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         """Store the user's new messages and learn the facts stated in them (after composing: this request's
         messages are context, not retrieved history; once the request is accepted: a request refused with a 4xx
         stores nothing); wakes the job worker for a changed fact. Returns what the response's `localpers` object
-        reports ({"facts", "replaced", "retired"}: ids and attribute names, no text), or None when no fact
-        changed."""
+        reports ({"facts", "replaced", "retired"}, and "retried" when a fact whose edit failed was restated: ids
+        and attribute names, no text), or None when no fact changed."""
         try:
             learned = learn_from_chat(store, user, messages)
         except (UserError, sqlite3.Error, OSError) as e:  # a message the store refuses (over 64 KiB...), a full
