@@ -384,8 +384,10 @@ class Worker:
         try:
             state, reason, result = self._execute(job, engine)
             took = f"in {time.monotonic() - started:.1f} s"
-            if self._cancelled == job["id"]:
+            if self._cancelled == job["id"]:  # its row goes with the user: recording the end writes nothing
                 self._died.pop(job["id"], None)
+                self.store.finish_job(job["id"], names.FAILED if state == names.QUEUED else state, reason=reason,
+                                      result=result)
                 say(f"job {job['id']} ({job['kind']}) cancelled {took} (its user was forgotten)")
             elif state == names.QUEUED:  # the job process died: run once more
                 self.store.requeue_job(job["id"])
