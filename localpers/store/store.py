@@ -780,8 +780,10 @@ class Store:
         learned from). A client resends the whole conversation every turn, so a message is known by a keyed
         hash of the conversation up to and including it; a deleted message is not stored again.
 
-        `extract(text, limit)` gives the facts a message states (localpers.personalize.detect.detect_facts: objects
-        with attribute, value, statement, retire, slot and key); at most `limit` per message are learned. See
+        `extract(text, limit, previous)` gives the facts a message states (localpers.personalize.detect.detect_facts:
+        objects with attribute, value, statement, retire, slot and key; `previous` is the user's own message before
+        it in the conversation, None for the first, so that "Just kidding, I'm not." can withdraw what it said); at
+        most `limit` per message are learned. See
         _learn for what a fact does. Returns {"stored": [(item id, text)], "messages": [ids], "facts": [...],
         "replaced": [...], "retired": [...], "retried": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
         {"id", "attribute"}, their text is deleted)."""
@@ -804,8 +806,9 @@ class Store:
             row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
             seen = {d for d in digests if row and conn.execute(
                 "SELECT 1 FROM chat_seen WHERE user_id = ? AND digest = ?", (row[0], d)).fetchone()}
-        found = {d: extract(item[2].decode("utf-8"), limit)[:limit] if extract else []
-                 for item, d in zip(checked, digests) if d not in seen}
+        texts = [item[2].decode("utf-8") for item in checked]
+        found = {d: extract(text, limit, previous)[:limit] if extract else []
+                 for text, previous, d in zip(texts, [None, *texts], digests) if d not in seen}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
             new = [(item, found.get(digest) or []) for item, digest in zip(checked, digests) if conn.execute(
@@ -838,7 +841,8 @@ class Store:
         - a fact already held (same slot and value) is not stored again;
         - a fact of a slot held with another value replaces it (single-valued attributes: home, diet, job ...;
           likes and dislikes of one thing): the old preference item goes, with the artifacts derived from it;
-        - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held;
+        - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held; one of an
+          empty value ("Please forget where I live.") deletes the slot's fact whatever its value;
         - a fact held already whose edit failed (the user's newest edit job failed) queues the edit again
           (out["retried"]: once per restatement).
 
@@ -853,8 +857,8 @@ class Store:
                 value = self.cipher.digest(f"value\0{fact.attribute}={fact.key}".encode("utf-8"))
                 held = conn.execute("SELECT item_id, value FROM facts WHERE user_id = ? AND slot = ?",
                                     (user_id, slot)).fetchall()
-                if fact.retire:
-                    gone = [i for i, v in held if v == value]
+                if fact.retire:  # an empty key ("Please forget where I live.") retires whatever the slot holds
+                    gone = [i for i, v in held if v == value or not fact.key]
                     if gone:
                         out["retired"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)} for i in gone]
                         paths += self._delete(conn, user_id, gone)
