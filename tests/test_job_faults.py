@@ -293,3 +293,19 @@ def test_a_server_starts_on_a_full_disk_and_queues_the_interrupted_job_again_lat
         finally:
             worker.stop(timeout=10)
         assert runs == [job["id"]]
+
+
+def test_the_cli_on_a_full_disk_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from localpers.cli.cli import main
+
+    common = ["--data-dir", str(tmp_path), "--user", "zed"]
+    assert main(["remember", *common, "I'm vegetarian."]) in (0, None)
+
+    def full(self):
+        raise sqlite_full()
+
+    monkeypatch.setattr(Store, "_write", full)
+    capsys.readouterr()
+    assert main(["remember", *common, "I live in Madrid."]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "localpers: error: the disk of the data folder is full: free some space and try again"
