@@ -113,12 +113,12 @@ def test_a_many_preference_report_shows_the_timing_and_plots_over_sizes(tmp_path
     items = upqa_items(tmp_path)
     results, counts, rows, timing = ev.run_upqa_many(
         FirstOfTypeEngine(items), items, {"base": base, "edit": listing}, sizes=[4, 6],
-        add_fact=lambda user, part: {"facts": 7, "seconds": 2.0, "edited": 5, "failed": 0})
+        add_fact=lambda user, part: {"facts": 7, "kept": 4, "seconds": 2.0, "edited": 3, "failed": 1})
     report = {"task": "upqa", "model": "fake", "config": {"many_preferences": [4, 6]}, "rules": [],
               "results": results, "counts": counts, "items": rows, "timing": timing}
     paths = ev.write_report(tmp_path / "out", report)
     text = (tmp_path / "out" / "report.md").read_text()
-    assert "### Adding a fact" in text and "| edit | 7 | 2.000 | 5 | 0 |" in text
+    assert "### Adding a fact" in text and "| edit | 7 | 4 | 2.000 | 3 | 1 |" in text
     assert tmp_path / "out" / "explicit_acc_by_facts.png" in paths
 
 
@@ -146,3 +146,20 @@ def test_many_preferences_refusals_come_before_the_model(argv, message, capsys, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_adding_a_fact_is_timed_for_the_edit_methods_only():
+    add_fact = ev.edit_add_fact(engine=None)   # an engine is needed only for the edit methods
+    user = ev.many_user(upqa_items_static())
+    assert add_fact(user, "perce") is None and add_fact(user, "logo") is None
+    assert ev.trained_part("edit+rag") == "edit" and ev.trained_part("rag+edit-1turn") == "edit-1turn"
+    assert ev.trained_part("prompt+rag") is None
+
+
+def upqa_items_static():
+    from localpers.personalize.datasets import UpqaItem
+    from localpers.personalize.methods import User
+
+    return [UpqaItem(user=User(f"u{i}", preferences=(statement,)), attribute_type=kind, question="q",
+                     question_paraphrased="p", implicit_question="i", target=target, targets=(target,))
+            for i, (statement, kind, target) in enumerate(RAW)]

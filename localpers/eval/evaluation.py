@@ -791,10 +791,11 @@ def vs_base_table(report: dict) -> str:
 
 
 def timing_table(report: dict) -> str:
-    """report["timing"] (run_upqa_many): per method, the facts of the grown user and the seconds to its
-    verified adapter when the last one was added."""
-    return _table({m: {"facts": t["facts"], "add_fact_s": t["seconds"], "edited": t.get("edited"),
-                       "failed": t.get("failed")} for m, t in report["timing"].items()})
+    """report["timing"] (run_upqa_many): per method, the facts of the grown user, how many of them its trained
+    part keeps (the edit: one per attribute type, editing.facts_of), the seconds to its verified adapter when
+    the last one was added, and how many edits passed and failed verification."""
+    return _table({m: {"facts": t["facts"], "kept": t.get("kept"), "add_fact_s": t["seconds"],
+                       "edited": t.get("edited"), "failed": t.get("failed")} for m, t in report["timing"].items()})
 
 
 def summary(report: dict, paths: list[Path]) -> str:
