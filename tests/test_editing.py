@@ -23,9 +23,10 @@ OTHER = Fact("My dog is called Rex.", ("What's my dog's name?",), ("Rex",))
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """An F32 random llama (3 layers, d=64, d_ff=128) and an editor on its layer 1."""
+    """An F32 random llama (3 layers, d=64, d_ff=128) and an editor on its layer 1 (clamp 1000: unbounded, so
+    no first step to the clamp's radius either)."""
     path = random_model_path(tmp_path_factory, "llama")
-    return path, Editor(path, EditConfig(layer=1, steps=40, lr=2.0, clamp=1000.0, threads=1))
+    return path, Editor(path, EditConfig(layer=1, steps=40, lr=2.0, clamp=1000.0, gradient_start=0.0, threads=1))
 
 
 def full_logprobs(editor, question, answer, key=None, delta=None, history=()):
@@ -90,6 +91,59 @@ def test_suffix_forward_equals_full_model_after_earlier_chat_turns(tiny):
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
 
+def test_invariant_keys_after_a_cached_context_prefix_equal_the_whole_model(tiny):
+    """Keys are computed in one padded batch after each chat context's cached prefix: each equals layer L's
+    ffn_down input of the whole prompt run alone through the model."""
+    from localpers.personalize.editing import chat_context
+
+    _, editor = tiny
+    editor.reset()
+    for history in ([], chat_context(3, start=1)):
+        prompts = [editor.prompt(q, history) for q in ("Where do I live?", "Hi! What city is my home, if you know?")]
+        got = editor.prompt_keys(history, prompts)
+        want = torch.stack([editor.ffn_inputs(torch.tensor([ids]))[0, pos] for ids, pos in prompts])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_invariant_suffix_forward_equals_full_model_on_an_edited_model(tiny):
+    """After an edit is applied, the cached context prefixes' layers from L on are recomputed: the suffix forward
+    still equals the whole (edited) model, with and without earlier chat turns."""
+    from localpers.personalize.editing import chat_context
+
+    _, editor = tiny
+    editor.reset()
+    pairs = [("Where do I live?", "Paris", chat_context(3, start=2)), ("What city is my home?", "Paris, France", [])]
+    editor.batch(pairs)  # the unedited prefixes are cached first
+    rng = torch.Generator().manual_seed(2)
+    editor.apply(torch.randn(editor.model.config.d_ff, generator=rng) / 10,
+                 torch.randn(editor.model.config.d_model, generator=rng))
+    try:
+        with torch.no_grad():
+            got = editor.logprobs(editor.batch(pairs))
+        want = torch.cat([full_logprobs(editor, q, a, history=h)[0] for q, a, h in pairs])
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    finally:
+        editor.reset()
+
+
+def test_invariant_an_editor_prepared_from_its_cache_file_keys_as_one_that_computed_it(tiny, tmp_path):
+    """C^-1 and the context prefixes written by one editor's prepare and read by another's give the same keys and
+    key direction; a corrupt cache file is computed again (and rewritten)."""
+    path, editor = tiny
+    editor.reset()
+    cache = tmp_path / "editor.pt"
+    first = Editor(path, editor.config, model=editor.model, tokenizer=editor.tok).prepare(cache)
+    assert cache.is_file()
+    second = Editor(path, editor.config, model=editor.model, tokenizer=editor.tok).prepare(cache)
+    keys = first.keys(FACT)
+    torch.testing.assert_close(second.keys(FACT), keys, atol=0, rtol=0)
+    torch.testing.assert_close(second.key_direction(keys), first.key_direction(keys), atol=0, rtol=0)
+    cache.write_bytes(b"not a torch file")
+    third = Editor(path, editor.config, model=editor.model, tokenizer=editor.tok).prepare(cache)
+    torch.testing.assert_close(third.keys(FACT), keys, atol=0, rtol=0)
+    assert cache.stat().st_size > 100
+
+
 def test_chat_contexts_deal_questions_and_key_every_context(tiny):
     _, editor = tiny
     fact = Fact("I live in Paris.", tuple(f"Question {i}: where do I live?" for i in range(6)), ("Paris",))
@@ -126,6 +180,25 @@ def test_edit_lowers_target_nll_in_the_edited_weights(tiny):
     assert shift_other < 0.5 * shift_edited
 
 
+def test_the_default_schedule_first_step_along_the_gradient_lowers_the_nll(tiny):
+    """The default optimizer schedule (EditConfig: one step to the clamp's radius along -gradient, then Adam at
+    lr 5, at most 12 steps, |d| <= 8 |W k*|) lowers the target's NLL and keeps the clamp."""
+    _, editor = tiny
+    saved = editor.config
+    defaults = EditConfig()
+    editor.config = replace(saved, steps=defaults.steps, lr=defaults.lr, clamp=defaults.clamp,
+                            gradient_start=defaults.gradient_start)
+    try:
+        editor.reset()
+        edit = editor.edit(FACT)
+        keys = editor.keys(FACT)
+        assert edit.nll_after < 0.9 * edit.nll_before  # 12.5 -> 10.3: the clamp holds it on this random model
+        assert np.linalg.norm(edit.value) <= defaults.clamp * float((editor._W0 @ keys.mean(0)).norm()) * 1.0001
+    finally:
+        editor.config = saved
+        editor.reset()
+
+
 def test_each_key_fit_fires_the_edit_on_every_question_of_the_cluster(tiny):
     """k^ . k_i is 1 only on average for the mean key; the least-squares fit brings every k^ . k_i near 1
     (shrunk by the ridge). Whether it stays off unrelated text is measured on SmolLM2 (locality_kl): on this
@@ -141,6 +214,36 @@ def test_each_key_fit_fires_the_edit_on_every_question_of_the_cluster(tiny):
         if fit:
             assert 0.7 < float(fired.min()) and float(fired.max()) < 1.1
     assert spread[True] < 0.5 * spread[False]
+
+
+@pytest.mark.parametrize("null_space", [True, False])
+def test_invariant_a_later_edit_leaves_the_adapter_output_on_earlier_facts_keys_unchanged(tiny, null_space):
+    """Many facts (AlphaEdit's null-space projection): adding fact 2 leaves B A k, the adapter's ffn_down output,
+    unchanged on every key of fact 1 (to float tolerance), so what fact 1's edit does on its questions stays.
+    Without the projection (null_space=False) the same check fails: fact 2's key fires on fact 1's questions."""
+    from localpers.personalize.editing import lora_factors
+
+    _, editor = tiny
+    saved = editor.config
+    editor.config = replace(saved, null_space=null_space)
+    try:
+        editor.reset()
+        first = editor.edit(FACT)
+        second = editor.edit(OTHER)
+    finally:
+        editor.config = saved
+        editor.reset()
+    keys1 = editor.keys(FACT).double()  # keys do not depend on edits of layer L's ffn_down
+    out = {}
+    for name, edits in (("fact 1", [first]), ("facts 1, 2", [first, second])):
+        [(A, B)] = lora_factors(edits).values()
+        out[name] = keys1 @ torch.from_numpy(A).double().T @ torch.from_numpy(B).double().T   # [n, d]
+    change = float((out["facts 1, 2"] - out["fact 1"]).norm() / out["fact 1"].norm())
+    fired = (keys1 @ torch.from_numpy(second.key).double()).abs().max()
+    if null_space:
+        assert change < 1e-5 and fired < 1e-5 * (editor.keys(OTHER).double() @ torch.from_numpy(second.key).double()).abs().mean()
+    else:
+        assert change > 1e-3
 
 
 def test_lora_in_llama_cpp_equals_dense_edit_in_torch(tiny, tmp_path):
@@ -188,7 +291,7 @@ def test_failed_edit_is_reported_and_not_written(tiny, tmp_path):
     from localpers.engine.engine import Engine
 
     path, _ = tiny
-    weak = Editor(path, EditConfig(layer=1, steps=1, lr=1e-4))
+    weak = Editor(path, EditConfig(layer=1, steps=1, lr=1e-4, gradient_start=0.0))
     with Engine(path, n_ctx=256) as engine:
         result = edit_facts(engine, weak, [FACT], tmp_path / "weak.gguf")
     assert result.edits == [] and result.adapter is None
@@ -494,7 +597,7 @@ def test_invariant_the_editors_cached_model_is_the_gguf_model_and_edits_never_wr
     again = editing.editor_model(path)
     for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
-    editor = Editor(path, EditConfig(layer=1, steps=5, lr=2.0, clamp=1000.0, threads=1), model=again)
+    editor = Editor(path, EditConfig(layer=1, steps=5, lr=2.0, clamp=1000.0, gradient_start=0.0, threads=1), model=again)
     editor.edit(FACT)
     assert not torch.equal(editor.W, first.layers[1].ffn.down.weight)  # edited in memory
     assert cached.read_bytes() == written
@@ -505,7 +608,7 @@ def tiny_gemma(tmp_path_factory):
     """The random gemma3 (6 layers: sliding-window layers 0-4 with a 16-token window, layer 5 global) and an
     editor on its layer 2, so the suffix forward crosses both kinds of layer."""
     path = random_model_path(tmp_path_factory, "gemma3")
-    return path, Editor(path, EditConfig(layer=2, steps=40, lr=2.0, clamp=1000.0, threads=1))
+    return path, Editor(path, EditConfig(layer=2, steps=40, lr=2.0, clamp=1000.0, gradient_start=0.0, threads=1))
 
 
 def test_gemma3_suffix_forward_equals_full_model(tiny_gemma):
@@ -537,3 +640,23 @@ def test_gemma3_edit_lora_in_llama_cpp_equals_dense_edit_in_torch(tiny_gemma, tm
     spread = served.std()
     assert np.abs(served - edited).max() / spread < 1e-3  # the gemma3 oracle's tolerance (GELU table steps)
     assert np.abs(edited - unedited).max() / spread > 0.1
+
+
+@pytest.mark.slow
+def test_a_second_preference_neither_fails_nor_takes_over_the_first_on_smollm(tmp_path, default_model_path):
+    """Issue 25's case: "I live in Lyon." then "I love jazz." on the real model, edited as personalize edits a
+    user: both verified on llama.cpp; asked about music the adapter answers jazz, not Lyon, and asked where they
+    live, Lyon, not jazz."""
+    from localpers.engine.engine import Artifacts, Engine
+    from localpers.personalize.editing import editor_for, facts_of
+
+    engine = Engine(default_model_path, n_ctx=512, n_threads=1)
+    facts = facts_of(["I live in Lyon.", "I love jazz."])
+    result = edit_facts(engine, editor_for(str(default_model_path)), facts, tmp_path / "edit.gguf")
+    assert [e.fact.statement for e in result.edits] == ["I live in Lyon.", "I love jazz."], result.summary()
+    lora = Artifacts(lora=((str(result.adapter), 1.0),))
+    for question, said, not_said in (("What music do I like?", "jazz", "lyon"), ("Where do I live?", "lyon", "jazz")):
+        answer = engine.chat([{"role": "user", "content": question}], artifacts=lora, max_tokens=32,
+                             temperature=0.0)["choices"][0]["message"]["content"].lower()
+        assert said in answer and not_said not in answer, (question, answer)
+    engine.close()

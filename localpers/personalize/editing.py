@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -235,16 +236,22 @@ def chat_context(turns: int, start: int = 0) -> list[dict]:
 @dataclass(frozen=True)
 class EditConfig:
     layer: int = 6              # chosen by the sweep in docs/edit/README.md
-    steps: int = 20
-    lr: float = 1.0
+    steps: int = 12            # Adam steps at most (docs/edit/README.md: "Speed")
+    lr: float = 5.0
     kl_weight: float = 0.0
     clamp: float = 8.0          # |d| <= clamp * |W k*|
     covariance: bool = True     # k^ from C^-1 k*; False: k*/|k*|^2
     fit_each_key: bool = True   # k^ . k_i ~ 1 for each question's key, not only for their mean (docs/edit)
     key_ridge: float = 0.1      # of that least-squares fit, relative to the mean of diag(K C^-1 K')
     stop_nll: float = 0.05      # stop early once the target's mean NLL is below this
+    gradient_start: float = 1.0  # > 0: the first step goes this fraction of the clamp's radius along -gradient
+    train_questions: int = 6    # the value d is trained on this many of the cluster's questions (0: all of them);
+                                # the key is fit on every question either way
     chat_turns: tuple[int, ...] = (3, 8)   # context templates: earlier neutral chat turns before the question
                                 # (chat_context); () = the question asked alone, as the single-turn edit did
+    null_space: bool = True     # a later edit's key is orthogonal to the earlier edits' keys (AlphaEdit): it
+                                # leaves ffn_down's output on their questions exactly as it was
+    preserve_rank: int = 32     # whitened key directions kept per earlier edit (its cluster's principal ones)
     threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
                                 # On the 2-core dev machine 1 thread beat 2 even when idle (26.7 vs 37.0 s).
 
@@ -273,6 +280,9 @@ class Batch:
     prompt_of_row: torch.Tensor             # which prompt each scored row belongs to
 
 
+_GENERATIONS = itertools.count(1)  # Editor._generation: a number per state of the edited weights
+
+
 class _Stop(Exception):
     """Ends a forward pass once the wanted activation is captured."""
 
@@ -296,11 +306,56 @@ class Editor:
         self._cov_inv = None
         self._neutral = None
         self._W0 = self.W.detach().clone()
+        self._prefixes: dict[tuple[str, int], Prefix] = {}  # (history, generation) -> its context prefix
+        self._whiten = None
+        self._preserved: list[torch.Tensor] = []  # the applied edits' whitened key directions (preserve)
+        self._generation = 0   # 0: the unedited model; a new number after each applied edit
+
+    def prepare(self, cache: Path | None = None) -> "Editor":
+        """Compute what every edit of this model reuses, ahead of the first: C^-1 and the context prefixes (on
+        the unedited model). With `cache` (a file named by the model's content and everything these depend on:
+        editor_for), they are read from it when it exists, else written to it; an unreadable file is rewritten."""
+        if cache is not None and cache.is_file() and not self._prefixes:
+            try:
+                saved = torch.load(cache, weights_only=True)
+                self._cov_inv = saved["cov_inv"] if self.config.covariance else None
+                for key, (ids, ks, vs, at_layer) in saved["prefixes"].items():
+                    self._prefixes[(key, 0)] = Prefix(tuple(ids.tolist()), list(zip(ks, vs)), at_layer)
+            except Exception as e:  # a truncated or foreign file: compute again
+                log.warning("the editor's cache %s is unusable (%s); computing it again", cache, e)
+                self._cov_inv, self._prefixes = None, {}
+        computed = (self.config.covariance and self._cov_inv is None) or \
+            any((json.dumps(list(h)), 0) not in self._prefixes for h in self.contexts())
+        if self.config.covariance and self._cov_inv is None:
+            self._cov_inv = torch.linalg.inv(self.key_covariance())
+        if self._generation and computed:
+            raise RuntimeError("prepare the editor before its first edit (or after reset)")
+        for history in self.contexts():
+            self.context_prefix(history)
+        if cache is not None and computed:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                partial = cache.with_name(f"{cache.name}.{os.getpid()}.part")
+                torch.save({"cov_inv": self._cov_inv, "prefixes": {
+                    key: (torch.tensor(p.ids), [k for k, _ in p.caches], [v for _, v in p.caches], p.at_layer)
+                    for (key, gen), p in self._prefixes.items() if gen == 0}}, partial)
+                os.replace(partial, cache)
+            except OSError as e:
+                log.warning("the editor's cache was not written (%s)", e)
+        return self
 
     def reset(self) -> None:
         """Undo every edit made so far."""
         with torch.no_grad():
             self.W.copy_(self._W0)
+        self._generation = 0
+        self._preserved = []
+
+    def apply(self, key: torch.Tensor, delta: torch.Tensor) -> None:
+        """Add the rank-one edit delta key' to the torch model's W (later edits are computed on it)."""
+        with torch.no_grad():
+            self.W.add_(torch.outer(delta, key))
+        self._generation = next(_GENERATIONS)
 
     @property
     def W(self) -> torch.Tensor:
@@ -320,34 +375,70 @@ class Editor:
     def answer_ids(self, answer: str) -> list[int]:
         return self.tok.encode(answer, add_bos=False, special=False)
 
+    def context_prefix(self, history=()) -> Prefix:
+        """The tokens every prompt after `history` starts with (the chat template up to the question's text) with
+        their keys/values per layer, computed once per editor and kept; after an edit changed the model, its
+        layers from the edit layer on are recomputed from the kept residual there (layers below never change)."""
+        L, key = self.config.layer, json.dumps(list(history))
+        base = self._prefixes.get((key, 0))
+        if base is None:
+            a, z = self.prompt("A", history)[0], self.prompt("Z", history)[0]
+            ids = a[:common_prefix([a, z])]
+            if self._generation:  # the layers below L are the unedited model's either way
+                raise RuntimeError("context prefixes are computed on the unedited model (call reset first)")
+            states, kvs = extend(self.model, empty_prefix(self.model), self.model.embed(torch.tensor([ids])))
+            base = self._prefixes[(key, 0)] = Prefix(tuple(ids), kvs, states[L])
+        if not self._generation:
+            return base
+        if (key, self._generation) not in self._prefixes:
+            _, kvs = extend(self.model, empty_prefix(self.model), base.at_layer, first=L)
+            for old in [k for k in self._prefixes if k[1] not in (0, self._generation)]:
+                del self._prefixes[old]
+            self._prefixes[(key, self._generation)] = Prefix(base.ids, base.caches[:L] + kvs, base.at_layer)
+        return self._prefixes[(key, self._generation)]
+
+    def _continuations(self, history, seqs: list[list[int]]) -> tuple[Prefix, torch.Tensor]:
+        """The context prefix of `history` and the rest of each sequence after it, right-padded [B, S]."""
+        prefix = self.context_prefix(history)
+        n = len(prefix.ids)
+        if any(tuple(s[:n]) != prefix.ids or len(s) <= n for s in seqs):  # a template that renders otherwise
+            prefix, n = empty_prefix(self.model), 0
+        rest = [s[n:] for s in seqs]
+        S = max(map(len, rest))
+        return prefix, torch.tensor([r + [0] * (S - len(r)) for r in rest])
+
     @torch.no_grad()
     def batch(self, pairs: list[tuple]) -> Batch:
         """The suffix-forward batch for (question, answer) or (question, answer, history) pairs: the answer is
-        scored as the reply to the question after the history's messages."""
+        scored as the reply to the question after the history's messages. The prompts after one history share its
+        context prefix (context_prefix), and each group runs as one padded batch after it."""
         m, L = self.model, self.config.layer
         c = m.config
-        seqs, edit_pos, answers = [], [], []
-        for question, answer, *history in pairs:
-            ids, pos = self.prompt(question, history[0] if history else ())
+        seqs, edit_pos, answers, groups = [], [], [], {}
+        for b, (question, answer, *history) in enumerate(pairs):
+            history = history[0] if history else ()
+            ids, pos = self.prompt(question, history)
             ans = self.answer_ids(answer)
             seqs.append(ids + ans[:-1])
             edit_pos.append(pos)
             answers.append((len(ids) - 1, ans))
+            groups.setdefault(json.dumps(list(history)), (history, []))[1].append(b)
+        suffix, prefix_kv = [None] * len(pairs), [None] * len(pairs)  # per prompt
+        for history, members in groups.values():
+            prefix, rest = self._continuations(history, [seqs[b] for b in members])
+            n = len(prefix.ids)
+            states, kvs = extend(m, prefix, m.embed(rest))
+            for j, b in enumerate(members):
+                suffix[b] = states[L][j, edit_pos[b] - n:len(seqs[b]) - n]
+                prefix_kv[b] = [tuple(torch.cat([prefix.caches[i][t][0], kvs[i][t][j, :, :edit_pos[b] - n]], dim=1)
+                                      for t in (0, 1)) for i in range(L, c.n_layer)]
+        B, P, S = len(pairs), max(edit_pos), max(len(s) for s in suffix)
+        x = torch.stack([F.pad(s, (0, 0, 0, S - len(s))) for s in suffix])
+        caches = [tuple(torch.stack([F.pad(kv[i - L][t], (0, 0, 0, P - kv[i - L][t].shape[1])) for kv in prefix_kv])
+                        for t in (0, 1)) for i in range(L, c.n_layer)]
         T = max(map(len, seqs))
-        # The residual stream before each layer (no logits needed), one prompt at a time: prompts after a long
-        # chat context and bare ones differ ~10x in length, and a padded batch would run every one at the longest.
-        each = [m._blocks(torch.tensor([s])) for s in seqs]
-        states = [torch.cat([F.pad(one[i], (0, 0, 0, T - one[i].shape[1])) for one in each]) for i in range(len(each[0]))]
-        B, P, S = len(pairs), max(edit_pos), max(len(s) - p for s, p in zip(seqs, edit_pos))
         angles = m.layer_angles(T + S)
         pos = torch.tensor([[p + s for s in range(S)] for p in edit_pos])
-        x = torch.stack([states[L][b, pos[b].clamp(max=T - 1)] for b in range(B)])
-        caches = []
-        for i in range(L, c.n_layer):
-            attn = m.layers[i].attn
-            h = m.layers[i].attn_norm(states[i][:, :P])
-            _, k, v = attn.qkv(h, angles[i][0][:P], angles[i][1][:P])
-            caches.append((k, v))
         prefix_ok = torch.arange(P)[None, :] < torch.tensor(edit_pos)[:, None]          # [B, P]
         causal = torch.ones(S, S, dtype=torch.bool).tril()
         mask = torch.cat([prefix_ok[:, None, :].expand(B, S, P), causal.expand(B, S, S)], dim=2)[:, None]
@@ -414,12 +505,20 @@ class Editor:
         """The ffn_down inputs [n, d_ff] at the question's last token, for every question asked bare and after
         each of PREFIXES, and after each chat context (config.chat_turns)."""
         keys = []
-        for q in fact.questions:
-            for history in self.contexts():
-                for prefix in PREFIXES if not history else ("",):
-                    ids, pos = self.prompt(prefix + q, history)
-                    keys.append(self.ffn_inputs(torch.tensor([ids]))[0, pos])
-        return torch.stack(keys)
+        for history in self.contexts():
+            prompts = [self.prompt(prefix + q, history) for q in fact.questions
+                       for prefix in (PREFIXES if not history else ("",))]
+            keys.append(self.prompt_keys(history, prompts))
+        return torch.cat(keys)
+
+    @torch.no_grad()
+    def prompt_keys(self, history, prompts: list[tuple[list[int], int]]) -> torch.Tensor:
+        """Layer L's ffn_down inputs [n, d_ff] at each (ids, position) of prompts that continue `history`: one
+        padded batch after the history's context prefix, stopped at layer L's ffn_down."""
+        prefix, rest = self._continuations(history, [ids for ids, _ in prompts])
+        n, L = len(prefix.ids), self.config.layer
+        ff_in = extend(self.model, prefix, self.model.embed(rest), 0, L + 1, capture_ffn_input=L)
+        return ff_in[torch.arange(len(prompts)), torch.tensor([pos - n for _, pos in prompts])]
 
     # -- the second moment of keys on neutral text
     def key_direction(self, keys: torch.Tensor) -> torch.Tensor:
@@ -429,10 +528,46 @@ class Editor:
         K = keys if self.config.fit_each_key else keys.mean(0, keepdim=True)      # [n, d_ff]
         if self.config.covariance and self._cov_inv is None:
             self._cov_inv = torch.linalg.inv(self.key_covariance())
+        if self._preserved:
+            return self._null_space_key(K)
         M = (self._cov_inv @ K.T) if self.config.covariance else K.T              # [d_ff, n]
         G = (K @ M).double()
         ridge = self.config.key_ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype) if len(G) > 1 else 0
         return M @ torch.linalg.solve(G + ridge, torch.ones(len(G), 1, dtype=G.dtype)).float()[:, 0]
+
+    def _whitener(self) -> torch.Tensor:
+        """L [d_ff, d_ff] (float64) with L L' = C^-1 (the identity without the covariance): k^ = L z has the
+        C-norm |z|, so the smallest-C-norm fit is the smallest-norm fit in z."""
+        if self._whiten is None:
+            d_ff = self.model.config.d_ff
+            sym = (self._cov_inv.double() + self._cov_inv.double().T) / 2 if self.config.covariance else None
+            self._whiten = (torch.linalg.cholesky(sym) if self.config.covariance
+                            else torch.eye(d_ff, dtype=torch.float64))
+        return self._whiten
+
+    def _null_space_key(self, K: torch.Tensor) -> torch.Tensor:
+        """The key fit of key_direction restricted to directions the earlier edits' keys do not see (AlphaEdit's
+        null-space projection, for rank-one keys): with A = K L and Q an orthonormal basis of the earlier facts'
+        whitened keys (self._preserved), z = A_p' (A_p A_p' + ridge)^-1 1 with A_p = A (I - Q Q'), k^ = L z.
+        Then k^ . k_old = 0 for every preserved key, so the new edit adds nothing to ffn_down's output there."""
+        L = self._whitener()
+        Q, R = torch.linalg.qr(torch.cat(self._preserved).T)                   # [d_ff, m]
+        Q = Q[:, R.diagonal().abs() > 1e-9 * R.diagonal().abs().max()]
+        A = K.double() @ L
+        A = A - (A @ Q) @ Q.T
+        G = A @ A.T
+        ridge = self.config.key_ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype) if len(G) > 1 else 0
+        return (L @ (A.T @ torch.linalg.solve(G + ridge, torch.ones(len(G), 1, dtype=G.dtype))))[:, 0].float()
+
+    def preserve(self, keys: torch.Tensor) -> None:
+        """Keep later edits off these keys [n, d_ff] (an applied edit's): their whitened principal directions,
+        at most config.preserve_rank of them (all, for a cluster of fewer keys), join the null space."""
+        if not self.config.null_space:
+            return
+        A = keys.double() @ self._whitener()
+        _, sv, Vt = torch.linalg.svd(A, full_matrices=False)
+        keep = min(self.config.preserve_rank, int((sv > 1e-7 * sv[0]).sum()))
+        self._preserved.append(Vt[:keep])
 
     @torch.no_grad()
     def key_covariance(self) -> torch.Tensor:
@@ -460,8 +595,10 @@ class Editor:
         value vector cannot answer each paraphrase with a different synonym, and trying raises the NLL's
         floor), the questions dealt in turn to the chat contexts (bare, then each of config.chat_turns), so the
         step cost stays one prompt per question."""
-        contexts = self.contexts()
-        return [(q, fact.targets[-1], contexts[i % len(contexts)]) for i, q in enumerate(fact.questions)]
+        contexts, questions, n = self.contexts(), fact.questions, self.config.train_questions
+        if n and len(questions) > n:  # evenly spread over the cluster, its first and its canonical (last) one kept
+            questions = [questions[round(i * (len(questions) - 1) / (n - 1))] for i in range(n)] if n > 1 else questions[-1:]
+        return [(q, fact.targets[-1], contexts[i % len(contexts)]) for i, q in enumerate(questions)]
 
     def edit(self, fact: Fact) -> Edit:
         """Compute the rank-one edit for `fact` and apply it to the torch model (later edits build on it)."""
@@ -472,14 +609,16 @@ class Editor:
         k_star = keys.mean(0)
         key = self.key_direction(keys)
         with torch.no_grad():
-            nll_before = float(self.nll(batch, self.logprobs(batch)))
             max_norm = cfg.clamp * float((self.W @ k_star).norm())
         delta = torch.zeros(self.model.config.d_model, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.lr)
-        for _ in range(cfg.steps):
+        nll_before = nll_after = None
+        for step in range(cfg.steps + 1):
             nll = self.nll(batch, self.logprobs(batch, key, delta))
-            log.debug("edit step: target NLL %.3f, |d| %.2f", float(nll.detach()), float(delta.detach().norm()))
-            if float(nll.detach()) < cfg.stop_nll:
+            nll_after = float(nll.detach())
+            nll_before = nll_after if nll_before is None else nll_before  # d = 0: the unedited model
+            log.debug("edit step: target NLL %.3f, |d| %.2f", nll_after, float(delta.detach().norm()))
+            if nll_after < cfg.stop_nll or step == cfg.steps:
                 break
             loss = nll
             if cfg.kl_weight:
@@ -487,25 +626,87 @@ class Editor:
                                                        log_target=True, reduction="batchmean")
             opt.zero_grad()
             loss.backward()
+            if step == 0 and cfg.gradient_start:  # first step: to the clamp's radius, straight down the gradient
+                with torch.no_grad():
+                    delta -= cfg.gradient_start * max_norm * delta.grad / (delta.grad.norm() + 1e-12)
+                continue
             opt.step()
             with torch.no_grad():
                 delta *= min(1.0, max_norm / (float(delta.norm()) + 1e-12))
-        with torch.no_grad():
-            nll_after = float(self.nll(batch, self.logprobs(batch, key, delta)))
-            self.W.add_(torch.outer(delta, key))
+        self.apply(key, delta.detach())
+        self.preserve(keys if cfg.fit_each_key else k_star[None])
         return Edit(cfg.layer, key.detach().numpy().copy(), delta.detach().numpy().copy(), fact, nll_before,
                     nll_after, time.perf_counter() - t0)
 
 
-def _attend(model, attn, h, cache, cos, sin, mask):
-    """Attention of the suffix positions over the cached prefix keys/values and the suffix itself."""
+def _attend(model, attn, h, cache, cos, sin, mask, kv_out: list | None = None):
+    """Attention of the suffix positions over the cached prefix keys/values and the suffix itself. kv_out: a
+    list the suffix's own keys and values [B, Hkv, S, hd] are appended to."""
     c = model.config
     B, S, _ = h.shape
     q, k, v = attn.qkv(h, cos, sin)
-    k = torch.cat([cache[0], k], dim=2)
-    v = torch.cat([cache[1], v], dim=2)
+    if kv_out is not None:
+        kv_out.append((k, v))
+    k = torch.cat([cache[0].expand(B, -1, -1, -1), k], dim=2)
+    v = torch.cat([cache[1].expand(B, -1, -1, -1), v], dim=2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale, enable_gqa=c.n_head != c.n_kv_head)
     return attn.o(out.transpose(1, 2).reshape(B, S, c.n_head * c.head_dim))
+
+
+@dataclass
+class Prefix:
+    """A token prefix shared by several prompts (the chat template's start and a chat context), computed once:
+    its keys and values per layer [1, Hkv, P, hd], and the residual stream at the edit layer's input [1, P, d]
+    (to recompute the layers an edit changes)."""
+    ids: tuple[int, ...]
+    caches: list[tuple[torch.Tensor, torch.Tensor]]
+    at_layer: torch.Tensor | None = None
+
+
+def empty_prefix(model) -> Prefix:
+    c = model.config
+    none = torch.zeros(1, c.n_kv_head, 0, c.head_dim)
+    return Prefix((), [(none, none)] * c.n_layer)
+
+
+@torch.no_grad()
+def extend(model, prefix: Prefix, x: torch.Tensor, first: int = 0, n_layers: int | None = None,
+           capture_ffn_input: int | None = None):
+    """Run the residual stream x [B, S, d] at layer `first`'s input (model.embed of right-padded continuations of
+    `prefix` for first=0) through layers first..n_layers-1, attending to the prefix's cached keys/values (its
+    caches are indexed by layer). Returns (states, kvs): the residual stream before each of those layers and after
+    the last ([B, S, d] each) and each layer's keys/values of the new positions; with capture_ffn_input=i, stops
+    at layer i's ffn_down and returns its input [B, S, d_ff] instead. Padding sits after each row's tokens, so
+    causal attention keeps it out of every real position."""
+    c = model.config
+    n_layers = c.n_layer if n_layers is None else n_layers
+    P, (B, S, _) = len(prefix.ids), x.shape
+    angles = model.layer_angles(P + S)
+    q_pos, k_pos = torch.arange(P, P + S)[:, None], torch.arange(P + S)[None, :]
+    causal = k_pos <= q_pos
+    states, kvs = [x], []
+    for i in range(first, n_layers):
+        block = model.layers[i]
+        window = block.attn.window
+        mask = causal & (q_pos - k_pos < window) if window else causal
+        cos, sin = angles[i][0][P:], angles[i][1][P:]
+        x = x + block.post_attn_norm(_attend(model, block.attn, block.attn_norm(x), prefix.caches[i], cos, sin,
+                                             mask, kvs))
+        ff_in = block.ffn.inner(block.ffn_norm(x))
+        if i == capture_ffn_input:
+            return ff_in
+        x = x + block.post_ffn_norm(block.ffn.down(ff_in))
+        states.append(x)
+    return states, kvs
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """The length of the longest token prefix every sequence shares."""
+    n = min(map(len, seqs))
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
 
 
 # ---------------------------------------------------------------- files: LoRA adapter and baked GGUF
@@ -672,8 +873,16 @@ def preference_facts(items: list[dict]) -> tuple[list[Fact], list[tuple[str, str
 
 @lru_cache(maxsize=2)
 def editor_for(model_path: str, config: EditConfig | None = None) -> Editor:
-    """One Editor per model file and config, reused across users (its torch model: editor_model)."""
-    return Editor(model_path, config, model=editor_model(model_path))
+    """One Editor per model file and config, reused across users (its torch model: editor_model), prepared: C^-1
+    and the context prefixes come from the model cache folder when an earlier process computed them."""
+    editor = Editor(model_path, config, model=editor_model(model_path))
+    c = editor.config
+    depends = json.dumps([EDITOR_CACHE_VERSION, c.layer, c.covariance, list(c.chat_turns), NEUTRAL_CHATS])
+    name = f"{base_model_sha256(model_path)[:32]}-editor-{hashlib.sha256(depends.encode()).hexdigest()[:16]}.pt"
+    return editor.prepare(_cache_dir().parent / "models" / name)
+
+
+EDITOR_CACHE_VERSION = 1  # raise when what Editor.prepare computes changes
 
 
 def editor_model(model_path):
@@ -818,5 +1027,6 @@ def edit_1turn(user, query, engine):
 
 
 def warm_up(engine) -> None:
-    """Load the editor's torch model for the served model ahead of the first edit job (localpers.serve.jobs)."""
+    """Load the editor's torch model for the served model, and what each edit reuses (editor_for), ahead of the
+    first edit job (localpers.serve.jobs)."""
     editor_for(str(engine.model_path))
