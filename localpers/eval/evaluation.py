@@ -61,7 +61,7 @@ RULES = {
              "same question: their shared words are no evidence); "
              "locality_kl@N as above for the N-fact user. add_fact_s: seconds to the verified adapter of a "
              "trained method when fact N+1 is added to the largest user (what personalize recomputes: every "
-             "fact from the unedited model, verified on llama.cpp; the editor's model loaded before timing)."),
+             "fact from the unedited model, verified on llama.cpp; the editor ready before timing)."),
     "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
                  "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
                  "with the options listed in a seeded random order; the model follows the preference when the "
@@ -450,8 +450,9 @@ def edit_add_fact(engine):
     """add_fact for run_upqa_many: the seconds `localpers personalize` takes to the verified adapter of `user`
     (editing.edit_facts on every fact the edit keeps, from the unedited model, each checked on llama.cpp) for
     the edit methods (edit; edit-1turn with its single-turn config), written to a temporary file and never to
-    the evaluation's cache, so every run times a real edit. The editor's torch model is loaded before timing,
-    as the server's warm job process has it. Other trained methods: None (not timed)."""
+    the evaluation's cache, so every run times a real edit. The editor (editing.editor_for: its torch model and
+    what every edit reuses) is ready before timing, as in the server's warm job process. Other trained methods:
+    None (not timed)."""
     def add_fact(user: User, part: str) -> dict | None:
         import tempfile
         import time
