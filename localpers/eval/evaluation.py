@@ -480,9 +480,9 @@ def run_upqa_many(engine, items: list[UpqaItem], methods: dict, *, sizes: list[i
                   add_fact=None) -> tuple[dict, dict, list[dict], dict]:
     """Many preferences per user (RULES["many"]): for each N in `sizes` one user holding N facts
     (many_preference_items), each fact's explicit and paraphrased question asked of every method;
-    explicit_acc@N, paraphrased_acc@N, locality_kl@N. `add_fact(user, spec)` -> {"seconds", ...}: what adding
-    the last fact costs a trained method (evaluation_cli passes the served edit's); it is timed for each method
-    with a trained part, with fact max(sizes)+1 added to the largest user, when the items give one.
+    explicit_acc@N, paraphrased_acc@N, locality_kl@N. `add_fact(user, part)` -> {"seconds", ...}: what adding
+    the last fact costs a trained method (eval_cli passes edit_add_fact); it is timed once for each trained
+    method the specs name, with fact max(sizes)+1 added to the largest user, when the items give one.
     Returns (results, counts, rows, timing): timing[method] = add_fact's dict."""
     journal = journal or Journal()
     sizes = sorted(set(sizes))
@@ -519,12 +519,14 @@ def run_upqa_many(engine, items: list[UpqaItem], methods: dict, *, sizes: list[i
     timing = {}
     if add_fact is not None and len(chosen) > sizes[-1]:
         grown = many_user(chosen[:sizes[-1] + 1])
+        costs = {}   # per trained method: edit and edit+rag serve the same adapter
         for name in methods:
-            if trained_part(name):
-                cost = journal.score(("many", name, f"add_fact@{len(chosen)}"),
-                                     lambda: add_fact(grown, trained_part(name)))
-                if cost is not None:
-                    timing[name] = cost
+            if part := trained_part(name):
+                if part not in costs:
+                    costs[part] = journal.score(("many", part, f"add_fact@{len(chosen)}"),
+                                                lambda: add_fact(grown, part))
+                if costs[part] is not None:
+                    timing[name] = costs[part]
     return results, counts, rows, timing
 
 
