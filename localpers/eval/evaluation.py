@@ -250,19 +250,15 @@ RECITATION_USERS = 10
 RESTATE_NEW_WORDS = 3
 
 
-# Tokens that turn the statement to the second person and carry no answer ("You're" -> you, re).
-PERSON_TOKENS = frozenset({"you", "your", "yours", "yourself", "re", "ve", "ll", "d", "m", "s", "i", "me", "my"})
-
-
 def restates_only(answer: str, item: UpqaItem, question: str) -> bool:
     """Does `answer` state the item's target while adding fewer than RESTATE_NEW_WORDS content tokens of its own
-    (tokens not in the statement, the targets or the question, nor PERSON_TOKENS)? "You are vegetarian." and
-    "You're vegetarian and You're vegetarian. You're vegan." to "What should I cook tonight?" do; "Try a
-    vegetarian chili with beans." does not."""
+    (tokens not in the statement, the targets or the question; content_tokens leaves out PERSON_TOKENS)?
+    "You are vegetarian." and "You're vegetarian and You're vegetarian. You're vegan." to "What should I cook tonight?"
+    do; "Try a vegetarian chili with beans." does not."""
     if not target_match(answer, item.targets, item.candidates):
         return False
     known = set().union(content_tokens(question), *map(content_tokens, (*item.user.preferences, *item.targets)))
-    return len(content_tokens(answer) - known - PERSON_TOKENS) < RESTATE_NEW_WORDS
+    return len(content_tokens(answer) - known) < RESTATE_NEW_WORDS
 
 
 def run_recitation(engine, items: list[UpqaItem], methods: dict, questions: list[str], *, max_tokens: int = 32,
