@@ -249,8 +249,9 @@ class EditConfig:
                                 # the key is fit on every question either way
     chat_turns: tuple[int, ...] = (3, 8)   # context templates: earlier neutral chat turns before the question
                                 # (chat_context); () = the question asked alone, as the single-turn edit did
-    null_space: bool = True     # a later edit's key is orthogonal to the earlier edits' keys (AlphaEdit): it
-                                # leaves ffn_down's output on their questions exactly as it was
+    null_space: bool = False    # a later edit's key is orthogonal to the earlier edits' keys (AlphaEdit): it
+                                # leaves ffn_down's output on their questions exactly as it was. Off: on SmolLM2
+                                # the projected key blew up and broke the adapter (docs/edit/README.md)
     preserve_rank: int = 32     # whitened key directions kept per earlier edit (its cluster's principal ones)
     threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
                                 # On the 2-core dev machine 1 thread beat 2 even when idle (26.7 vs 37.0 s).
