@@ -97,6 +97,8 @@ def run(engine, users, repeats: int) -> dict[str, float]:
         first_token_seconds(engine, conv_a, art_a)
         times["same user, next turn"].append(first_token_seconds(engine, nxt, art_a)[0])
         recomputed["same user, next turn"].append(RECOMPUTED[-1])
+        # a new turn of A's after B's (not the one just asked: that prompt would be a cached repeat)
+        nxt = conv_a + [{"role": "assistant", "content": reply}, {**follow, "content": follow["content"] + " Again."}]
         first_token_seconds(engine, conv_a, art_a)
         first_token_seconds(engine, conv_b, art_b)
         times["alternating, next"].append(first_token_seconds(engine, nxt, art_a)[0])

@@ -4,8 +4,9 @@ rules were tuned on, and HELDOUT, written before the rules and not looked at whi
 A case is (kind, message, expected facts). A fact is "attribute=value" (stated) or "-attribute=value" (retired:
 "I'm not vegetarian anymore"); values are compared after bench_detect.norm (lower case, words only, leading
 articles dropped). "about=*" stands for any fact of the generic attribute "about" (a first-person statement of
-no known attribute). Attributes: name, age, home, origin, job, study, diet, relationship, religion, language,
-employer, pets, allergy, likes, dislikes, favourite <thing>, about. Kinds: single, compound, update, retire (updates that
+no known attribute). Attributes: name, age, home, origin, job, study, diet, restriction, relationship, religion, language,
+employer, pets, allergy, likes, dislikes, favourite <thing>, about. "-attribute=*" is a retirement of whatever
+value the attribute holds ("Forget where I'm from."). Kinds: single, compound, update, retire (updates that
 retire), third-party (about someone else: no fact), quoted, pasted, lyrics, story, other (questions, requests,
 situations: no fact).
 """
@@ -36,7 +37,7 @@ HELDOUT = [
     ("compound", "I'm vegetarian. I'm also allergic to soy.", ["diet=vegetarian", "allergy=soy"]),
     ("compound", "Hi! I'm married and I live in Porto. Can you suggest a weekend trip?",
      ["relationship=married", "home=porto"]),
-    ("compound", "I'm a keto dieter and I don't like sweets.", ["diet=keto", "dislikes=sweets"]),
+    ("compound", "I'm a keto dieter and I don't like sweets.", ["restriction=keto", "dislikes=sweets"]),
     ("compound", "I enjoy chess; my favourite opening is the Sicilian.",
      ["likes=chess", "favourite opening=sicilian"]),
     ("compound", "I'm from Kyoto, I live in Osaka now, and I teach math.",
@@ -90,6 +91,35 @@ HELDOUT = [
     ("other", "Can you tell me if I should move to Lisbon?", []),
     ("other", "I think the second option is better.", []),
     ("other", "If I were vegan, what would I eat?", []),
+    # written before the fixes for the new-user tester's families (moving, retractions, diet apart from
+    # restrictions, compound and "we"/"so am I", values), not looked at while making them
+    ("update", "I moved from Madrid to Valencia.", ["home=valencia"]),
+    ("update", "We relocated from Boston to Chicago two years ago.", ["home=chicago"]),
+    ("update", "I moved from Kyiv to Warsaw in 2022.", ["home=warsaw"]),
+    ("update", "Last year I moved from Rome to Milan.", ["home=milan"]),
+    ("retire", "Scratch that, I don't live in Leeds.", ["-home=leeds"]),
+    ("retire", "Please forget that I'm allergic to soy.", ["-allergy=soy"]),
+    ("retire", "Forget where I'm from.", ["-origin=*"]),
+    ("update", "Sorry, I meant I work as a dentist.", ["job=dentist"]),
+    ("update", "I'm from Oslo. No wait, I'm from Bergen.", ["origin=bergen"]),
+    ("retire", "That's not right, I'm not married.", ["-relationship=married"]),
+    ("compound", "I'm vegetarian and dairy-free.", ["diet=vegetarian", "restriction=dairy free"]),
+    ("single", "I don't eat meat or fish.", ["diet=*"]),
+    ("update", "I stopped eating meat last year.", ["diet=*"]),
+    ("update", "I'm pescatarian now, not vegan.", ["diet=pescatarian"]),
+    ("update", "I used to be vegan but now I eat eggs.", ["-diet=vegan", "likes=eggs"]),
+    ("single", "I follow a low-carb diet.", ["restriction=low carb"]),
+    ("compound", "I'm vegan and I work as a nurse.", ["diet=vegan", "job=nurse"]),
+    ("single", "We live in Brussels.", ["home=brussels"]),
+    ("compound", "My husband is vegan and so am I.", ["diet=vegan"]),
+    ("third-party", "We're a small startup based in Berlin.", []),
+    ("third-party", "My brother lives in Rome and so does my sister.", []),
+    ("single", "I LIVE IN BERLIN", ["home=berlin"]),
+    ("single", "I live in Springfield, Illinois.", ["home=springfield illinois"]),
+    ("single", "I'm vegan \U0001F331", ["diet=vegan"]),
+    ("single", "My favourite colour is green.", ["favourite color=green"]),
+    ("update", "I like olives. Actually, I hate olives.", ["dislikes=olives"]),
+    ("third-party", "My mum is vegetarian \U0001F955", []),
 ]
 
 DEV = [
@@ -116,7 +146,7 @@ DEV = [
     ("single", "I'm a big fan of jazz.", ["likes=jazz"]),
     ("single", "I'm not a fan of spicy food.", ["dislikes=spicy food"]),
     ("single", "Due to my religion, I do not eat pork.", ["dislikes=pork"]),
-    ("single", "Remember that I'm gluten-free.", ["diet=gluten free"]),
+    ("single", "Remember that I'm gluten-free.", ["restriction=gluten free"]),
     ("single", "I have two cats.", ["pets=two cats"]),
     ("single", "I am a retired teacher.", ["job=retired teacher"]),
     # compound
@@ -181,7 +211,7 @@ DEV = [
     # more of each kind, added while tuning
     ("single", "I'm a huge fan of Italian food.", ["likes=italian food"]),
     ("single", "I prefer tea over coffee.", ["likes=tea"]),
-    ("single", "I'm lactose intolerant.", ["diet=lactose intolerant"]),
+    ("single", "I'm lactose intolerant.", ["allergy=lactose"]),
     ("single", "I was born in Seoul.", ["origin=seoul"]),
     ("single", "I'm a stay-at-home dad.", ["job=stay at home dad"]),
     ("single", "I work for a bank.", ["employer=bank"]),
@@ -200,7 +230,7 @@ DEV = [
     ("update", "Quick update: I'm a pilot now.", ["job=pilot"]),
     ("update", "Correction: I live in Bristol, not Bath.", ["home=bristol"]),
     ("update", "Since last year I work as a chef.", ["job=chef"]),
-    ("retire", "I quit eating meat.", []),
+    ("update", "I quit eating meat.", ["diet=no meat"]),
     ("retire", "I used to be vegetarian.", ["-diet=vegetarian"]),
     ("retire", "I'm not single anymore.", ["-relationship=single"]),
     ("third-party", "My dad is a retired teacher.", []),
@@ -232,7 +262,7 @@ DEV = [
     ("single", "I'm a big Arsenal fan.", ["likes=arsenal"]),
     ("third-party", "I have a sister who lives in Lyon.", ["about=*"]),
     ("third-party", "He said he's vegan but I'm not.", []),
-    ("third-party", "My sister is vegan and so am I.", []),
+    ("compound", "My sister is vegan and so am I.", ["diet=vegan"]),
     ("third-party", "I'm friends with someone who lives in Paris.", ["about=*"]),
     ("pasted", "Can you check my essay? It starts: I was born in Kenya and I love running.", []),
     ("other", "I wish I lived in Paris.", []),

@@ -53,7 +53,8 @@ TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)
 # Adapters held by requests in flight are never freed, so the bound can be exceeded by what those hold.
 ADAPTER_CACHE_BYTES = 64 << 20
 # ---- limits of `localpers serve` (localpers.serve.limits; README "Limits")
-MAX_REQUEST_TOKENS = 4096  # n x max_tokens of one chat request (max_tokens counted up to the context); --max-request-tokens
+MAX_REQUEST_TOKENS = 4096  # n x max_tokens of one generating request (max_tokens counted up to the context); --max-request-tokens
 HEADER_TIMEOUT_S = 10.0    # a client must send a request's headers within this (also between keep-alive requests)
 BODY_TIMEOUT_S = 30.0      # ... and then its body within this; a slower client is disconnected
 FD_RESERVE = 128           # descriptors kept from the connection cap for the job worker, the model and the database
+MAX_KEPT_RESPONSES = 1000  # /v1/responses conversations kept per user for previous_response_id (the newest)

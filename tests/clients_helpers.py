@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from types import SimpleNamespace
 
+import pytest
 from pydantic import BaseModel
 
 from localpers.errors import UserError
@@ -40,6 +41,16 @@ def clients_server(data_dir, **options):
             yield SimpleNamespace(url=url, app=app, engine=engine, store=app.state.store)
     finally:
         engine.close()
+
+
+def server_fixture(**options):
+    """The `server` fixture of a client test module, one live server per module: `server = server_fixture()`
+    (options: create_app's, as for clients_server)."""
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        with clients_server(tmp_path_factory.mktemp("data"), **options) as s:
+            yield s
+    return server
 
 
 def stored(store, user: str) -> list[str]:

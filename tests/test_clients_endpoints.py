@@ -7,16 +7,13 @@ import httpx
 import numpy as np
 import pytest
 
-from clients_helpers import HEADER, WEATHER, clients_server, stored
+from clients_helpers import HEADER, WEATHER, clients_server, server_fixture, stored
 
 openai = pytest.importorskip("openai")
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with clients_server(tmp_path_factory.mktemp("data"), aliases=("my-model",)) as s:
-        yield s
+server = server_fixture(aliases=("my-model",))
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,11 @@
 """langchain-openai's ChatOpenAI against localpers, unchanged: invoke, stream, with_structured_output and
 bind_tools on the default model, personalized in each of the three ways; OpenAIEmbeddings on /v1/embeddings."""
 import pytest
-from clients_helpers import City, HEADER, WAYS, WEATHER, clients_server, model_for, stored
+from clients_helpers import City, HEADER, WAYS, WEATHER, model_for, server_fixture, stored
 
 langchain_openai = pytest.importorskip("langchain_openai")
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with clients_server(tmp_path_factory.mktemp("data")) as s:
-        yield s
+server = server_fixture()
 
 
 @pytest.mark.parametrize("way", WAYS)

@@ -5,17 +5,13 @@ import os
 
 import pytest
 
-from clients_helpers import CITY_SCHEMA, HEADER, WAYS, WEATHER, clients_server, model_for, stored
+from clients_helpers import CITY_SCHEMA, HEADER, WAYS, WEATHER, model_for, server_fixture, stored
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm would fetch its price list at import
 os.environ.setdefault("LITELLM_TELEMETRY", "False")
 litellm = pytest.importorskip("litellm")
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with clients_server(tmp_path_factory.mktemp("data")) as s:
-        yield s
+server = server_fixture()
 
 
 @pytest.mark.parametrize("way", WAYS)

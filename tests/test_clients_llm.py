@@ -11,16 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from clients_helpers import HEADER, clients_server, stored
+from clients_helpers import HEADER, clients_server, server_fixture, stored
 
 LLM = Path(sys.executable).with_name("llm")
 pytestmark = pytest.mark.skipif(not LLM.exists(), reason="the llm CLI is not installed (pip install '.[test]')")
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with clients_server(tmp_path_factory.mktemp("data")) as s:
-        yield s
+server = server_fixture()
 
 
 def configure(home: Path, url: str, way: str, user: str) -> str:

@@ -3,15 +3,11 @@ model (whose template has no tool support), personalized for a user in each of t
 import json
 
 import pytest
-from clients_helpers import City, CITY_SCHEMA, HEADER, WAYS, WEATHER, clients_server, model_for, stored
+from clients_helpers import City, CITY_SCHEMA, HEADER, WAYS, WEATHER, clients_server, model_for, server_fixture, stored
 
 openai = pytest.importorskip("openai")
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with clients_server(tmp_path_factory.mktemp("data")) as s:
-        yield s
+server = server_fixture()
 
 
 def sdk(server, way=None, user=None, v1=True):

@@ -6,17 +6,17 @@ from localpers.personalize.detect import detect_preferences, merge_preferences, 
 
 @pytest.mark.parametrize("message, expected", [
     ("I'm vegetarian.", ["I'm vegetarian."]),
-    ("I don't like horror films", ["I don't like horror films"]),
-    ("remember that I live in Lyon", ["I live in Lyon"]),
+    ("I don't like horror films", ["I don't like horror films."]),
+    ("remember that I live in Lyon", ["I live in Lyon."]),
     ("Please remember that I am allergic to nuts!", ["I am allergic to nuts!"]),
     ("Just so you know, I hate cilantro.", ["I hate cilantro."]),
     ("I'm not a fan of jazz.", ["I'm not a fan of jazz."]),
-    ("My favorite color is blue", ["My favorite color is blue"]),
+    ("My favorite color is blue", ["My favorite color is blue."]),
     ("Due to my religion, I do not eat pork.", ["I do not eat pork."]),
     ("I am vegetarian. What should I cook tonight?", ["I am vegetarian."]),
-    ("I have two cats. I never wear wool; it itches.", ["I have two cats.", "I never wear wool"]),
+    ("I have two cats. I never wear wool; it itches.", ["I have two cats.", "I never wear wool."]),
 ])
-def test_statements_found_with_lead_in_removed(message, expected):
+def test_statements_found_with_lead_in_removed_as_whole_sentences(message, expected):
     assert detect_preferences(message) == expected
 
 

@@ -113,7 +113,7 @@ def test_invariant_passing_states_and_retracted_statements_are_no_facts(message)
 
 
 def test_detection_stops_at_the_limit():
-    message = " ".join(f"I live in Town{i}." for i in range(4095))
+    message = " ".join(f"I love Town{i}." for i in range(4095))  # a fact of its own slot each
     assert len(detect_facts(message, limit=names.MAX_FACTS_PER_MESSAGE)) == names.MAX_FACTS_PER_MESSAGE
 
 

@@ -21,7 +21,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from localpers.serve import limits
-from localpers.serve.memory_api import router
 from localpers.store.store import MAX_META_DEPTH, Store
 from test_store_api import RecordingEngine
 
@@ -30,15 +29,10 @@ JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
-def store_client(tmp_path, monkeypatch):
-    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
-    app = FastAPI()
-    app.include_router(router)
-    with Store.open(tmp_path) as store:
-        app.state.store = store
-        with TestClient(app) as client:
-            client.post("/v1/users/alice/memories", json={"text": "alice's note"})
-            yield client
+def store_client(memory_client):
+    """The memory routes over a store holding one note of alice's."""
+    memory_client.post("/v1/users/alice/memories", json={"text": "alice's note"})
+    return memory_client
 
 
 def chat_app(tmp_path, **kw):

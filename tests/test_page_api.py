@@ -207,3 +207,31 @@ def test_memory_route_errors_say_what_is_wrong(engine, tmp_path):
         assert error(r) == "'temperature': must be a finite number" and r.json()["error"]["param"] == "temperature"
     assert "must be a JSON object" in error(client.post("/v1/chat/completions", content="null", headers=json_type))
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
+
+
+@pytest.mark.parametrize("kind", [names.PREFERENCE, names.MESSAGE])
+def test_a_correction_runs_the_fact_detector_once(tmp_path, monkeypatch, kind):
+    """PATCH validates a corrected fact with the detector and learns from the same detection (it ran twice)."""
+    from localpers.serve import learn, page
+    from test_store_api import RecordingEngine
+
+    calls = []
+
+    def counted(text, limit):
+        calls.append(text)
+        return detect_facts(text, limit)
+
+    from localpers.personalize.detect import detect_facts
+
+    monkeypatch.setattr(page, "detect_facts", counted, raising=False)
+    monkeypatch.setattr(learn, "detect_facts", counted)
+    message, facts = _lyon(tmp_path)
+    target = facts["home"] if kind == names.PREFERENCE else message
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"not really a model")
+    client = TestClient(create_app(engine=RecordingEngine(model), data_dir=str(tmp_path)), base_url=LOCAL)
+    calls.clear()
+    r = client.patch(f"/v1/users/u/memories/{target}", json={"text": "I live in Rome."})
+    assert r.status_code == 200, r.text
+    assert calls == ["I live in Rome."]
+    assert ("home", "Rome") in {(f["attribute"], f["value"]) for f in client.get("/v1/users/u/memory").json()["facts"]}

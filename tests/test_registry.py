@@ -2,6 +2,7 @@
 from chat messages (store level; the served path is in test_loop.py)."""
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,22 @@ def test_artifact_meta_and_export_hold_ids_not_text(store, tmp_path):
     [artifact] = store.export("ann")["artifacts"]
     assert artifact["sources"] == [pref] and artifact["meta"] == {"method": names.EDIT, "layer": 6}
     assert "turtle" not in json.dumps(artifact)
+
+
+def test_only_a_registered_artifact_is_marked_broken_and_once(store, tmp_path):
+    """The server marks what it cannot load (serve.server.mark_broken): the current artifact at that path, its
+    file there or not; a path retired meanwhile (replaced) marks nothing; the same reason again is no new mark."""
+    store.add("ann", "hello")
+    store.register_artifact("ann", names.LORA, _file(tmp_path), SHA, {"method": names.EDIT})
+    old = store.latest_artifact("ann", names.LORA, SHA)["path"]
+    store.register_artifact("ann", names.LORA, _file(tmp_path, "new.gguf"), SHA, {"method": names.EDIT})
+    current = store.latest_artifact("ann", names.LORA, SHA)["path"]
+    assert store.mark_artifact_broken("ann", old, "gone") == 0
+    Path(current).unlink()  # deleted by hand while registered
+    assert store.mark_artifact_broken("ann", current, "no such file") == 1
+    assert store.mark_artifact_broken("ann", current, "no such file") == 0
+    with Store.open(tmp_path / "home") as later:
+        assert [a["meta"].get("broken") for a in later.artifacts("ann")] == ["no such file"]
 
 
 def test_jobs_persist_coalesce_and_forget_cancels_them(tmp_path):

@@ -2,22 +2,14 @@
 from urllib.parse import quote
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from localpers.serve.memory_api import router
 from localpers.store.store import Store
 
 
 @pytest.fixture
-def client(tmp_path, monkeypatch):
-    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
-    app = FastAPI()
-    app.include_router(router)
-    with Store.open(tmp_path) as store:
-        app.state.store = store
-        with TestClient(app) as client:
-            yield client
+def client(memory_client):
+    return memory_client
 
 
 def assert_error(response, status, code, message):

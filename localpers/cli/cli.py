@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-cache-mb", type=float, default=names.ADAPTER_CACHE_BYTES / 2**20, metavar="MB",
                    help="loaded LoRA adapters kept in memory, least recently used first out (default: %(default)g)")
     p.add_argument("--max-request-tokens", type=int, default=names.MAX_REQUEST_TOKENS, metavar="N",
-                   help="refuse a chat request whose n x max_tokens (max_tokens counted up to the context) is over N "
+                   help="refuse a generating request (chat, completions, responses, Ollama) whose n x max_tokens "
+                        "(x prompts; max_tokens counted up to the context) is over N "
                         "(default: %(default)s)")
     p.add_argument("--max-connections", type=int, default=0, metavar="N",
                    help=f"connections held at most (default: the descriptor limit less {names.FD_RESERVE}); over it, "

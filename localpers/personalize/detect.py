@@ -203,11 +203,11 @@ def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
 # ---------------------------------------------------------------- facts about the speaker
 
 # Single-valued attributes (one fact each: a new value replaces the old): name, age, home, origin, job, study, diet,
-# relationship, religion and each "favourite <thing>".
+# relationship, religion and each "favourite <thing>" (its thing in American spelling: "favourite color").
 # Multi-valued attributes: one fact per thing (slot = attribute group and the thing); likes and dislikes of one
 # thing share a slot, so "I hate jazz" replaces "I love jazz".
 _SLOT_GROUP = {"likes": "taste", "dislikes": "taste", "allergy": "allergy", "language": "language", "pets": "pets",
-               "about": "about"}
+               "restriction": "restriction", "about": "about"}
 
 
 @dataclass(frozen=True)
@@ -215,8 +215,10 @@ class StatedFact:
     """One atomic fact about the speaker found in a message.
 
     `attribute`: a single-valued one (name, age, home, origin, job, study, diet, relationship, religion,
-    "favourite <thing>") or a multi-valued one (likes, dislikes, allergy, language, pets, about); `value` as said
-    ("Lyon"); `statement`: the first-person sentence it came from ("I live in Lyon.", what editing turns into an
+    "favourite <thing>") or a multi-valued one (likes, dislikes, allergy (intolerances too), restriction (keto,
+    gluten-free, halal ...: beside the diet), language, pets, about); `value` as said, names and places
+    capitalized, closed-vocabulary values in lower case ("Lyon", "vegetarian"); a retirement of value "" retires
+    the attribute whatever it holds ("Please forget where I live."); `statement`: the first-person sentence it came from ("I live in Lyon.", what editing turns into an
     edit); `retire`: True for "I'm not vegetarian anymore" (diet=vegetarian is withdrawn, nothing is stated).
 
     `slot` is what an update replaces (single-valued: the attribute; multi-valued: the attribute group and the
@@ -243,10 +245,20 @@ class StatedFact:
 _ARTICLES = re.compile(r"^(?:a|an|the|some|my)\s+", re.I)
 
 
+# British spellings compared as American ones ("favourite colour" is the attribute "favourite color").
+_AMERICAN = {"colour": "color", "colours": "colors", "flavour": "flavor", "flavours": "flavors", "theatre": "theater",
+             "centre": "center", "humour": "humor", "neighbour": "neighbor", "neighbourhood": "neighborhood",
+             "programme": "program", "jewellery": "jewelry", "harbour": "harbor", "honour": "honor",
+             "behaviour": "behavior", "catalogue": "catalog", "grey": "gray", "aeroplane": "airplane",
+             "moustache": "mustache", "doughnut": "donut", "pyjamas": "pajamas", "yoghurt": "yogurt",
+             "organisation": "organization", "labour": "labor", "armour": "armor", "savoury": "savory"}
+
+
 def norm_value(value: str) -> str:
-    """A value as compared: lower case, words only, a leading article dropped ("a Dog" == "dog")."""
-    words = " ".join(_WORDS.findall(normalize_text(value).translate(_QUOTES).lower().replace("'", "")))
-    return _ARTICLES.sub("", words)
+    """A value as compared: lower case, words only, British spelling made American, a leading article dropped
+    ("a Dog" == "dog", "colour" == "color")."""
+    words = _WORDS.findall(normalize_text(value).translate(_QUOTES).lower().replace("'", ""))
+    return _ARTICLES.sub("", " ".join(_AMERICAN.get(w, w) for w in words))
 
 
 # Pasted, quoted and invented text: not the speaker's own statements.
@@ -315,11 +327,12 @@ _CLAUSE_VERB = (r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|d
                 r"study|teach|grew|was|am|come|moved|play|eat|drink|follow|can't|cannot|don't|do not|never|"
                 r"no longer|also|now|still|really)")
 _CLAUSE_ADJ = (r"(?:vegetarian|vegan|pescatarian|allergic|married|single|divorced|engaged|widowed|retired|"
-               r"gluten|lactose|from|an? \w+|\d{1,3}\b)")
+               r"gluten|lactose|dairy|keto|paleo|halal|kosher|low[- ]carb|from|an? \w+|\d{1,3}\b)")
 _CLAUSE_SPLIT = re.compile(
     r"(\s*(?:,\s*(?:and|but|while|yet|so)\s+|\s+(?:and|but|while|whereas|although|though|yet)\s+|,\s*|"
     r"\s+who\s+(?=\w+s\b)))"
-    r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|"
+    r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|so (?:am|do|have) i\b|"
+    r"me too\b|now i\b|"
     r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADJ + r"))", re.I)
 # A third-person verb after "who" ("I'm a nurse who lives in Lyon"), said of the speaker.
 _THIRD_PERSON_VERB = {"is": "am", "has": "have", "does": "do", "was": "was"}
@@ -336,8 +349,15 @@ _TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|at the moment|cu
                        r"the most|a bit|though)\s*$", re.I)
 _NEG_BE = r"(?P<neg>not |no longer |not really )?"
 _NEG_DO = r"(?P<neg>don't |do not |dont |no longer |never |didn't |do no longer )?"
-_DIET = (r"(?P<v>vegetarian|vegan|pescatarian|pescetarian|flexitarian|keto|paleo|gluten[- ]free|dairy[- ]free|"
-         r"lactose[- ]intolerant|halal|kosher|raw vegan|plant[- ]based|carnivore|omnivore|low[- ]carb)")
+# The diet (one value: which foods of animal origin one eats) and the dietary restrictions beside it (several:
+# "I'm vegetarian and gluten-free"); intolerances are allergies ("I'm lactose intolerant" -> allergy=lactose).
+_DIET = r"(?P<v>vegetarian|vegan|pescatarian|pescetarian|flexitarian|raw vegan|plant[- ]based|carnivore|omnivore)"
+_RESTRICTION = (r"(?P<v>keto(?:genic)?|paleo|gluten[- ]free|dairy[- ]free|lactose[- ]free|nut[- ]free|sugar[- ]free|"
+                r"low[- ]carb|low[- ]fat|low[- ]sodium|low[- ]salt|halal|kosher|whole30)")
+_RESTRICTIONS = {"keto", "ketogenic", "paleo", "gluten free", "dairy free", "lactose free", "nut free", "sugar free",
+                 "low carb", "low fat", "low sodium", "low salt", "halal", "kosher", "whole30"}
+# "I don't eat meat", "I stopped eating meat and fish": a diet (value "no meat ..."), not a dislike.
+_NO_MEAT = r"(?P<v>meat(?:(?:,| or| and| nor|, or|, and) (?:fish|seafood|poultry|eggs|dairy|any animal products))*)"
 _PROFESSION = (
     r"(?:teacher|nurse|doctor|physician|surgeon|dentist|engineer|developer|programmer|coder|designer|architect|"
     r"lawyer|attorney|accountant|pharmacist|electrician|plumber|carpenter|mechanic|chef|cook|baker|waiter|"
@@ -376,14 +396,23 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
      + r"(?: diet| dieter| eater| person)?" + _END),
     ("diet", r"^i (?:follow|keep|eat|'ve gone|have gone|went|turned|became|switched to|'m following) "
              r"(?:an? |the )?(?:strict )?" + _DIET + r"(?: diet)?" + _END),
-    ("diet", r"^i " + _NEG_DO + r"eat (?P<v>meat)" + _END),
+    ("no meat", r"^i (?:don't|no longer|never|stopped|quit|gave up|have stopped|'ve stopped|have given up) "
+                r"(?:eat(?:ing)? |eating )?(?:any )?" + _NO_MEAT + _END),
+    ("diet", r"^i eat (?P<v>meat)" + _END),
+    ("restriction", r"^i'm " + _NEG_BE + r"(?:an? |on an? |on the )?(?:strict )?" + _RESTRICTION
+     + r"(?: diet| dieter| eater| person)?" + _END),
+    ("restriction", r"^i " + _NEG_DO + r"(?:follow|keep|eat|'ve gone|have gone|went|turned|switched to|'m following|"
+                    r"'m on|am on) (?:an? |the )?(?:strict )?" + _RESTRICTION + r"(?: diet)?" + _END),
+    ("allergy", r"^i'm " + _NEG_BE + r"(?P<v>lactose|gluten|dairy|fructose|histamine|wheat|soy)[- ]intolerant$"),
     ("diet", r"^my diet is (?:an? )?(?P<v>[\w -]+?)(?: one)?$"),
     ("allergy", r"^i'm " + _NEG_BE + r"(?:severely |very |mildly )?(?:allergic|intolerant) to (?P<v>.+)$"),
     ("allergy", r"^i " + _NEG_DO + r"have an? (?:severe |mild )?(?P<v>[\w -]+?) (?:allergy|intolerance)$"),
     ("home", r"^i " + _NEG_DO + r"(?:live|reside|stay) in (?P<v>.+)$"),
     ("home", r"^i'm " + _NEG_BE + r"(?:living|based|residing|settled) in (?P<v>.+)$"),
-    ("home", r"^i (?:moved|relocated|have moved|'ve moved|have relocated) (?:back )?to (?P<v>.+)$"),
+    ("home", r"^i (?:moved|relocated|have moved|'ve moved|have relocated|'ve relocated) (?:back )?"
+             r"(?:(?:here )?from .+? )?to (?P<v>.+)$"),
     ("home", r"^i (?:moved|have moved|'ve moved) out of (?P<gone>.+)$"),
+    ("home", r"^i (?:moved|relocated|have moved|'ve moved) (?:here |away )?from (?P<gone>.+)$"),
     ("home", r"^my home is (?:in )?(?P<v>.+)$"),
     ("origin", r"^i'm " + _NEG_BE + r"(?:originally )?from (?P<v>.+)$"),
     ("origin", r"^i (?:grew up|was born|was raised|was brought up) in (?P<v>.+)$"),
@@ -433,6 +462,12 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i have been\b(?! \w+ing\b| to\b)", "i'm", c, flags=re.I)
     c = re.sub(r"\s+(?:lol|haha+|hehe|lmao|xd|:\)|:d|;\))$", "", c, flags=re.I)
     c = re.sub(r"^i used to be\b", "i'm no longer", c, flags=re.I)
+    # "I was vegetarian (but now ...)": a diet, restriction, marriage or job that is over
+    c = re.sub(r"^i was (?=(?:an? )?(?:strict )?(?:vegetarian|vegan|pescatarian|pescetarian|flexitarian|keto|paleo|"
+               r"gluten[- ]free|dairy[- ]free|married|engaged|single|in a relationship)\b)", "i'm no longer ", c, flags=re.I)
+    # "I'm vegan now, not vegetarian": the statement; what it is not is said by the replacement
+    if not re.match(r"^i(?:'m)? (?:not|no longer|don't|never|can't)\b", c, re.I):
+        c = re.sub(r"\s*,?\s+(?:and |but )?not (?:an? )?[\w -]+$", "", c, flags=re.I)
     c = re.sub(r"^i used to\b", "i no longer", c, flags=re.I)
     for _ in range(3):
         c = re.sub(r"^(i(?:'m)?|i don't|i'm not) " + _ADVERBS + r"\b,? ?", r"\1 ", c, flags=re.I)
@@ -446,7 +481,13 @@ def _normal_clause(clause: str) -> str:
 
 
 def _clean_value(value: str, attribute: str) -> str:
+    if attribute in ("home", "origin"):  # "Paris, Texas": a place and its region stay one value
+        value = re.sub(r",\s+(?=[A-Z][\w.'-]*(?:\s+[A-Z][\w.'-]*)*(?:,|$))", "\x01", value.strip())
+        value = re.sub(r"\s+to (?:be|work|study|live|join|get|take|start|look|find|care|help|stay)\b.*$", "", value)
+        if attribute == "home":  # "I moved to Paris from Lyon"
+            value = re.sub(r"\s+from\s+.*$", "", value)
     value = _VALUE_CUT.sub("", value.strip()) if attribute not in ("name", "favourite") else value
+    value = value.replace("\x01", ", ")
     if attribute in ("job", "study", "employer"):  # "a graphic designer in Berlin": the job; the place is another fact
         value = re.sub(r"\s+(?:in|at|from|near)\s+[A-Z].*$", "", value)
     value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value
@@ -454,10 +495,40 @@ def _clean_value(value: str, attribute: str) -> str:
     return value
 
 
+# When something happened, at the end of a clause: not part of a value ("I moved to Paris last year" -> Paris).
+_TIME_TAIL = re.compile(
+    r"(?:\s*,)?\s+(?:(?:back )?in (?:\d{4}|january|february|march|april|may|june|july|august|september|october|"
+    r"november|december|the (?:spring|summer|fall|autumn|winter))|last (?:year|month|week|spring|summer|fall|autumn|"
+    r"winter)|this (?:year|month|spring|summer|fall|autumn|winter)|(?:about |almost |over )?(?:a|an|one|two|three|four|"
+    r"five|six|seven|eight|nine|ten|\d+|a few|a couple of|several|many) (?:years?|months?|weeks?|days?) ago|"
+    r"(?:a )?(?:year|month|week) ago|recently|a while ago|a while back)$", re.I)
+# Names of places and people: capitalized when typed in lower case or shouted; other values in lower case when
+# shouted ("IM VEGETARIAN" -> vegetarian). Closed-vocabulary attributes are always lower case ("I'm Vegan").
+_PROPER = {"name", "home", "origin", "language", "religion"}
+_LOWER = {"diet", "restriction", "relationship"}
+_SMALL_WORDS = {"of", "de", "la", "le", "upon", "on", "the", "and", "del", "da", "di", "am", "im", "an", "sur"}
+
+
+def _cased(value: str, attribute: str, shouted: bool) -> str:
+    """`value` cased by its attribute: a name or place capitalized when shouted or typed in lower case ("new york"
+    -> "New York"; not "a small town"), a closed-vocabulary value or a shouted one in lower case."""
+    lowered = value == value.lower() and not re.match(r"(?:a|an|the|my|our|some|this|that)\b", value, re.I)
+    if (attribute in _PROPER and (shouted or lowered)) or (attribute == "employer" and shouted):
+        words = value.lower().split(" ")
+        return " ".join(w if i and w in _SMALL_WORDS else w[:1].upper() + w[1:] for i, w in enumerate(words))
+    if attribute in _LOWER or shouted:
+        return value.lower()
+    return value
+
+
 def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
     """The fact one first-person clause states (or retires), or None."""
     c = _normal_clause(clause)
+    for _ in range(2):
+        c = _TRAILING.sub("", _TIME_TAIL.sub("", c))
     gone_for_good = bool(_ANYMORE.search(clause))
+    letters = re.sub(r"[^A-Za-z]", "", clause)
+    shouted = len(letters) > 3 and letters.isupper()
     for attribute, pattern in _PATTERNS:
         m = pattern.match(c)
         if not m:
@@ -472,6 +543,11 @@ def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
         value = _clean_value(value, attribute)
         if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:
             return None
+        value = _cased(value, attribute, shouted)
+        if attribute == "no meat":  # "I don't eat meat (anymore)": the diet of one who eats no meat
+            return StatedFact("diet", "no " + value.lower(), statement)
+        if attribute == "diet" and norm_value(value) in _RESTRICTIONS:  # "My diet is keto."
+            attribute = "restriction"
         if attribute == "dislikes" and groups.get("neg2") and gone_for_good:
             return StatedFact("likes", value, statement, retire=True)  # "I don't like jazz anymore"
         if attribute == "likes" and negated:
@@ -492,11 +568,19 @@ def _clauses(sentence: str) -> list[str] | None:
     if not (_FIRST_PERSON.match(first) or _SELF_MY.match(first) or _WE_WITH_ME.match(first)
             or re.match(r"^(?:call me|my)\b", first, re.I) or _OTHER_SUBJECT.match(first)):
         return []  # "Let's start again, I have 100 coins.": the sentence is not a statement about anyone
-    out, subject = [], None
+    out, subject, other = [], None, None
     for part, separator in zip(parts, separators):
         part = part.strip().strip(",;")
+        part = re.sub(r"^(?:now|these days|nowadays|then|today)\s*,?\s+(?=(?:i|i'm|im|my)\b)", "", part, flags=re.I)
         if not part:
             continue
+        if other and _SO_AM_I.match(part.rstrip(".!")):
+            # "My wife is vegetarian and so am I": the other's predicate, said of the speaker
+            verb, rest = other
+            out.append("I'm " + rest if verb.lower() in ("is", "are", "'s") else _first_person(f"{verb} {rest}"))
+            subject, other = None, None
+            continue
+        other = None
         if _ELLIPTIC_OTHER.match(part.rstrip(".!")):
             # "I'm not vegetarian, my wife is.": nothing about the wife; the speaker's own clauses stand
             subject = None
@@ -520,6 +604,8 @@ def _clauses(sentence: str) -> list[str] | None:
             out.append(part)
         elif _OTHER_SUBJECT.match(part) or re.match(r"^my\b", part, re.I):
             subject = None
+            if m := _OTHER_PREDICATE.match(part.rstrip(".!")):
+                other = (m["verb"], m["rest"])
         elif subject is not None:
             verb_first = re.match(_CLAUSE_VERB + r"\b", part, re.I) and not re.match(r"^(?:am|was)\b", part, re.I)
             if subject == "I" and not verb_first and out:  # "I have two kids and a dog": one object
@@ -527,6 +613,23 @@ def _clauses(sentence: str) -> list[str] | None:
                 continue
             out.append(_first_person(part) if verb_first else "I'm " + re.sub(r"^(?:am|'m)\s+", "", part))
     return out
+
+
+# "... and so am I", "I am too", "me too": the speaker shares the previous clause's predicate.
+_SO_AM_I = re.compile(r"^(?:so (?:am|do|have) i|i(?:'m| am| do| have) too|me too|same here)$", re.I)
+_OTHER_PREDICATE = re.compile(
+    r"^(?:he|she|they|my\s+(?:[\w-]+\s+){0,2}?\w+|[A-Z][a-z]+)\s+(?P<verb>is|are|'s|lives|works|loves|likes|has|"
+    r"eats|speaks|enjoys|hates|follows)\s+(?P<rest>.+)$", re.I)
+# "We live in Paris", "we're vegetarian": true of the speaker too (a company's "we" is not: no such verb).
+_WE = re.compile(r"(^|,\s*(?:and |but )?|\s(?:and|but)\s+)we(?:(?P<be>'re| are)(?: both| all| also)? "
+                 r"(?=(?:vegetarian|vegan|pescatarian)s?\b)|(?: both| all)? (?=(?:just |recently |now |also )?"
+                 r"(?:live|lived|moved|relocated|have moved|'ve moved|have relocated|'ve relocated|reside)\b))", re.I)
+
+
+def _we_as_me(sentence: str) -> str:
+    """A sentence with "we live ...", "we're vegetarian(s)" said of the speaker ("I live ...", "I'm vegetarian")."""
+    said = _WE.sub(lambda m: m[1] + ("I'm " if m["be"] else "I "), sentence)
+    return re.sub(r"\b(I'm )(vegetarian|vegan|pescatarian)s\b", r"\1\2", said) if said != sentence else sentence
 
 
 def _first_person(predicate: str) -> str:
@@ -539,28 +642,55 @@ def _first_person(predicate: str) -> str:
     return f"I {verb} {rest}".replace("I am ", "I'm ").strip()
 
 
-def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
+def detect_facts(text: str, limit: int | None = None, previous: str | None = None) -> list[StatedFact]:
     """The facts about the speaker stated (or retired) in one user message, in order, at most `limit`.
 
     A sentence is split into clauses ("I'm vegetarian and I live in Lyon." -> diet=vegetarian, home=Lyon); each
     first-person clause gives at most one fact: a known attribute (StatedFact) when one of the patterns matches,
     else, when it is a lasting first-person statement by the rules of is_preference, a fact of attribute
     "about". "not", "no longer", "anymore" retire a single-valued fact ("I'm not vegetarian anymore" ->
-    -diet=vegetarian) or a like ("I don't like jazz anymore"); "I don't like jazz" is a dislike. Left out:
-    statements about anyone else ("My sister is vegan.", and the whole of "I'm not vegetarian, my wife is."),
-    quoted speech, text pasted after an introduction ("Proofread this email:", "He wrote:"), '>' lines, song
-    lyrics, stories and role-play, questions, requests, plans and situations. No model is called."""
+    -diet=vegetarian) or a like ("I don't like jazz anymore"); "I don't like jazz" is a dislike. A later fact of
+    the same slot replaces an earlier one of the message ("I love sushi. I hate sushi." -> dislikes=sushi);
+    detection stops once `limit` facts were detected (replaced ones count).
+
+    Retractions: "Just kidding, I'm not.", "Scratch that", "Wait, no: ..." withdraw the sentence before, or, at
+    the start of a message, the facts of `previous` (the user's message before it in the chat, as text; they
+    become retirements); what follows the retraction is read as a statement ("Not true, I'm not vegetarian.").
+    "Forget that I'm vegetarian." retires the fact it names; "Please forget where I live." retires the attribute
+    whatever its value (a retirement with value ""). "We live in Paris" and "My wife is vegetarian and so am I"
+    are the speaker's too. Left out: statements about anyone else ("My sister is vegan.", and the whole of "I'm
+    not vegetarian, my wife is."), quoted speech, text pasted after an introduction ("Proofread this email:", "He
+    wrote:"), '>' lines, song lyrics, stories and role-play, questions, requests, plans and situations. No model
+    is called."""
     found: list[StatedFact] = []
-    previous = 0  # where the facts of the previous sentence start in `found`
-    for sentence in sentences(_own_text(_translate(normalize_text(text)))):
+    before = 0  # where the facts of the previous sentence start in `found`
+    first = True  # no sentence of this message read yet
+    detected = 0
+    for sentence in sentences(_no_emoji(_own_text(_translate(normalize_text(text))))):
         s = sentence.strip()
-        if _RETRACT.match(s):  # "I'm vegetarian. Just kidding, I'm not.": the previous sentence is withdrawn
-            del found[previous:]
-            continue
+        if m := _FORGET.match(s):  # "Forget that I'm vegetarian.", "Please forget where I live."
+            named = _FORGET_ATTRIBUTE.get(m["what"].lower().rstrip(".!"))
+            gone = [StatedFact(named, "", s, retire=True)] if named else [
+                StatedFact(f.attribute, f.value, f.statement, retire=True)
+                for f in detect_facts(m["what"]) if not f.retire]
+            if gone:
+                found, before, first = _add(found, gone), len(found), False
+                continue
+        if m := _RETRACT.match(s):  # "I'm vegetarian. Just kidding, I'm not.": the previous sentence is withdrawn
+            s = s[m.end():].strip(" ,;:.!-")
+            bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I)
+            if not first:
+                del found[before:]
+            elif previous and bare and _WITHDRAW.match(m[0]):  # the previous turn: only a plain withdrawal
+                found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True)
+                                     for f in detect_facts(previous) if not f.retire])
+            if bare:
+                first = False
+                continue
         if _RETRACT_AFTER.search(s):  # "I'm vegan, just kidding."
             continue
         s = _FILLER_AFTER.sub("", s)
-        previous = len(found)
+        before, first = len(found), False
         if s.endswith("?"):  # "I'm vegetarian, what should I cook?": the statement before the question counts
             m = _STATEMENT_THEN_QUESTION.match(s)
             s = m.group(1) if m else ""
@@ -570,32 +700,81 @@ def detect_facts(text: str, limit: int | None = None) -> list[StatedFact]:
         s = re.sub(r"^(?:(?:quick|small|an?|one more|little) )?(?:update|correction|edit|ps|p\.s\.|note|fun fact|"
                    r"about me)\s*:\s*", "", s, flags=re.I)
         s = re.sub(r"^(?:these days|nowadays|now|since (?:last|this) \w+|as of (?:now|today)|lately|currently|"
-                   r"recently|at the moment|for (?:the )?record)\s*,?\s+(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
+                   r"recently|at the moment|for (?:the )?record|last (?:year|month|week|spring|summer|fall|autumn|"
+                   r"winter)|(?:a|two|three|four|five|a few|several) (?:years?|months?) ago|in \d{4})\s*,?\s+"
+                   r"(?=i\b|i'm\b|my\b|we\b)", "", s, flags=re.I)
         s = _INTRO.sub("", s)
-        s = re.sub(r"^(?:not anymore|no longer|nope|no|yes|yeah|yep|sure|right|lol|haha|wait|hmm+|so|well|sorry|"
-                   r"oops|i mean)\s*[,!.:]\s*(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
+        for _ in range(2):  # "Sorry, I meant I live in Paris."
+            s = re.sub(r"^(?:not anymore|no longer|nope|no|yes|yeah|yep|sure|right|lol|haha|wait|hmm+|so|well|sorry|"
+                       r"oops|i mean|i meant)(?:\s+to say)?(?:\s*[,!.:]\s*|\s+(?:that\s+)?)"
+                       r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
+        s = _we_as_me(s)
         if _INVENTED.search(s):
             break
         clauses = _clauses(s)
         if not clauses:
             continue
         whole = s if len(clauses) == 1 and len(_CLAUSE_SPLIT.split(s)) == 1 else None
-        for clause in clauses:
-            fact = _statement_fact(clause, whole=whole)
-            if fact is not None and fact not in found:
-                found.append(fact)
-                if limit is not None and len(found) >= limit:
-                    return found
+        new = [f for f in (_statement_fact(clause, whole=whole) for clause in clauses) if f]
+        found, detected = _add(found, new), detected + len(new)
+        if limit is not None and detected >= limit:  # the work is bounded: at most `limit` facts are detected
+            break
+    return found[:limit] if limit is not None else found
+
+
+def _add(found: list[StatedFact], new: list[StatedFact]) -> list[StatedFact]:
+    """`found` with `new` facts after it; a stated fact replaces the earlier ones of its slot, a retirement the
+    earlier statement of its value."""
+    for fact in new:
+        if fact in found:
+            continue
+        found = [f for f in found if f.slot != fact.slot or (fact.retire and f.key != fact.key and fact.key)]
+        found.append(fact)
     return found
 
 
 # Withdrawing what was just said; discourse fillers at the end of a sentence ("I'm vegan, by the way.").
 _RETRACT = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|scratch that|never ?mind|"
-                      r"ignore that|forget (?:that|it|what i said)|that's not true|that was a joke|no wait)\b", re.I)
+                      r"ignore (?:that|what i said)|forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
+                      r"that is not (?:true|right|correct)|that's wrong|not true|that was a joke|no,? wait|"
+                      r"wait,? no|actually,? no|oops,? no|i lied)\b[,;:.!\s-]*", re.I)
+# The retractions that withdraw the previous chat turn ("never mind", "not really" may answer something else).
+_WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|scratch that|ignore (?:that|what i said)|"
+                       r"forget (?:that|it|what i said)|that's not true|that is not true|not true|that was a joke|"
+                       r"i lied)\b", re.I)
 _RETRACT_AFTER = re.compile(r"[,;.!]?\s*(?:(?:just |only )?(?:kidding|joking)|jk|j/k|not really)\s*[.!]*$", re.I)
 _FILLER_AFTER = re.compile(
     r"(?:\s*,)?\s+(?:by the way|btw|actually|also|fyi|just so you know|just to let you know|honestly|to be honest|"
     r"tbh|for the record|for your information|for what it's worth|lol|haha+|though|anyway)\s*(?=[.!]*$)", re.I)
+# "Forget that I'm vegetarian", "Please forget where I live": what to forget, a statement or an attribute.
+_FORGET = re.compile(r"^(?:(?:ok(?:ay)?|and|also|oh)[,!]?\s+)?(?:please\s+|can you\s+|could you\s+)?"
+                     r"(?:forget|don't remember|stop remembering)\s+(?:that\s+|(?:(?:what|everything) i (?:said|told you) )?about\s+)?"
+                     r"(?P<what>(?:i|i'm|im|my|where|what|how|who)\b.*?)(?:,?\s+please)?[.!]*$", re.I)
+_FORGET_ATTRIBUTE = {
+    **dict.fromkeys(["where i live", "where i'm living", "where i stay", "my address", "my home", "my city",
+                     "where my home is", "my location"], "home"),
+    **dict.fromkeys(["where i'm from", "where i am from", "where i come from", "where i grew up", "my hometown",
+                     "where i was born"], "origin"),
+    **dict.fromkeys(["where i work", "my employer", "who i work for"], "employer"),
+    **dict.fromkeys(["what i do", "what i do for a living", "my job", "my profession", "my occupation"], "job"),
+    **dict.fromkeys(["my name", "what my name is", "what i'm called"], "name"),
+    **dict.fromkeys(["my age", "how old i am"], "age"),
+    **dict.fromkeys(["my diet", "what i eat", "what my diet is"], "diet"),
+    **dict.fromkeys(["my religion"], "religion"),
+    **dict.fromkeys(["what i study", "my major", "my studies"], "study"),
+    **dict.fromkeys(["my relationship status", "whether i'm married", "if i'm married"], "relationship"),
+}
+
+
+def _no_emoji(text: str) -> str:
+    """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
+    out = []
+    for ch in text:
+        emoji = unicodedata.category(ch) == "So" or ch in "\ufe0f\u200d" or 0x1F3FB <= ord(ch) <= 0x1F3FF
+        out.append("\x02" if emoji else ch)
+    text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
+    return re.sub(r"[ \t]*\x02[\x02\s]*([.!?]*)", r"\1\n", text)
+
 
 # A few first-person statements in French, Spanish and German (diet and home), read as their English ones.
 _FOREIGN = [(re.compile(p, re.I), r) for p, r in [
@@ -629,15 +808,28 @@ _STATEMENT_THEN_QUESTION = re.compile(
     r"could|would|should|do|does|any|is|are|will|got)\b[^,;]*\?$", re.I)
 
 
+def _clean_statement(text: str) -> str:
+    """A clause as the first-person sentence a fact carries (what editing turns into an edit): "IM VEGETARIAN" ->
+    "I'm vegetarian.", "i live in Lyon" -> "I live in Lyon."."""
+    text = text.strip().rstrip(",;:-").strip()
+    letters = re.sub(r"[^A-Za-z]", "", text)
+    if len(letters) > 3 and letters.isupper():
+        text = text.lower()
+    text = re.sub(r"\bim\b", "I'm", text, flags=re.I)
+    text = re.sub(r"\bi(?=\b(?:'m|'ve|'d|'ll)?(?:\s|$))", "I", text)
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!" else text + "."
+
+
 def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
-    statement = (whole or clause).strip().rstrip(",;:")
-    statement = statement[0].upper() + statement[1:]
-    if whole is None and statement[-1] not in ".!":
-        statement += "."
+    statement = _clean_statement(whole or clause)
     normal = _normal_clause(clause)
     if _blocked(normal):
         return None
     fact = _fact_of_clause(clause, statement)
+    if fact is not None and fact.value and fact.value not in statement:  # "I'm from paris." -> "... Paris."
+        fact = StatedFact(fact.attribute, fact.value,
+                          re.sub(re.escape(fact.value), lambda _: fact.value, statement, count=1, flags=re.I), fact.retire)
     if fact is not None:
         return fact
     if is_preference(clause) and not _ANYMORE.search(clause) and not _DATED.search(normal):

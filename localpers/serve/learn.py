@@ -5,7 +5,8 @@ participant's) become history items, each stored once although a client resends 
 turn. The facts the detector finds in them (localpers.personalize.detect.detect_facts: rules, no model on the
 write path) become the user's preferences through the store's facts index, in the same transaction
 (store.learn_chat): a fact already held is kept, one about an attribute already held replaces it (the later
-wins), "no longer"/"not anymore" retires one; at most names.MAX_FACTS_PER_MESSAGE per message. A new, replaced
+wins), "no longer"/"not anymore" retires one, and a turn that opens with a withdrawal ("Just kidding, I'm not.")
+retires what the user's previous turn stated; at most names.MAX_FACTS_PER_MESSAGE per message. A new, replaced
 or retired fact queues an edit job (store), which the server's worker runs in the background.
 """
 from __future__ import annotations
@@ -22,14 +23,17 @@ def learn_from_chat(store: Store, user: str, messages: list[dict]) -> dict:
     return _report(store.learn_chat(user, messages, detect_facts, names.MAX_FACTS_PER_MESSAGE))
 
 
-def learn_from_text(store: Store, user: str, text: str, *, source: str = "remember", dry_run: bool = False) -> dict:
+def detect(text: str) -> list:
+    """The facts a message states as learning reads them: detect_facts, at most names.MAX_FACTS_PER_MESSAGE."""
+    return detect_facts(text, names.MAX_FACTS_PER_MESSAGE)[:names.MAX_FACTS_PER_MESSAGE]
+
+
+def learn_from_text(store: Store, user: str, text: str, *, source: str = "remember", facts: list | None = None) -> dict:
     """`localpers remember TEXT` (and a fact corrected on the page, source "page"): the text as a message the user
-    typed, learned as in chat. dry_run: only detect, store nothing (the facts found have id None)."""
-    if dry_run:
-        found = detect_facts(text, names.MAX_FACTS_PER_MESSAGE)[:names.MAX_FACTS_PER_MESSAGE]
-        return {"messages": [], "preferences": [], "facts": [{"id": None, "attribute": f.attribute} for f in found],
-                "replaced": [], "retired": []}
-    return _report(store.learn_text(user, text, detect_facts, names.MAX_FACTS_PER_MESSAGE, source=source))
+    typed, learned as in chat. `facts`: what detect(text) gave, when the caller ran it already (to check the text
+    before any write): learned as they are, the detector is not run again."""
+    extract = detect_facts if facts is None else (lambda _text, _limit: facts)
+    return _report(store.learn_text(user, text, extract, names.MAX_FACTS_PER_MESSAGE, source=source))
 
 
 def _report(out: dict) -> dict:

@@ -58,11 +58,12 @@ def bad_text_at(value, where: str = "") -> str | None:
     return None
 
 
-def check_work(n: int, max_tokens: int, n_ctx: int | None, limit: int) -> str | None:
-    """A refusal message when n choices x min(max_tokens, n_ctx) tokens exceed `limit`, else None."""
+def check_work(n: int, max_tokens: int, n_ctx: int | None, limit: int, what: str = "n") -> str | None:
+    """A refusal message when n choices x min(max_tokens, n_ctx) tokens exceed `limit`, else None; `what` names
+    the choices ("n", or "n x prompts" for several completion prompts)."""
     per_choice = max_tokens if n_ctx is None else min(max_tokens, n_ctx)
     if n * per_choice > limit:
-        return (f"n x max_tokens is {n} x {per_choice} = {n * per_choice} tokens (max_tokens counted up to the "
+        return (f"{what} x max_tokens is {n} x {per_choice} = {n * per_choice} tokens (max_tokens counted up to the "
                 f"context), over this server's limit of {limit} tokens per request; lower 'n' or 'max_tokens' "
                 f"(the server's --max-request-tokens sets the limit)")
     return None

@@ -13,6 +13,7 @@ schema) constrains the reply; `tools` work on any model; `images` are refused.
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -73,8 +74,8 @@ def _sampling(options: dict | None, fmt) -> dict:
         if key == "stop":
             if not isinstance(value, (str, list)):
                 S.refuse("options.stop", "must be a string or a list of strings")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            S.refuse(f"options.{key}", "must be a number")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            S.refuse(f"options.{key}", "must be a finite number")  # (Python's JSON reads Infinity and NaN)
         if key == "num_predict":
             if value < 0:
                 continue  # -1: until the end (localpers' default limit applies)
@@ -89,6 +90,14 @@ def _sampling(options: dict | None, fmt) -> dict:
     elif fmt not in (None, ""):
         S.refuse("format", "must be \"json\" or a JSON schema")
     return body
+
+
+def _finite(value: int | float) -> bool:
+    """A number a float holds: not NaN, not infinite, not an integer beyond floats (10**400)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _messages(messages: list[dict]) -> list[dict]:
@@ -177,6 +186,7 @@ NDJSON = {200: {"content": {"application/json": {}, "application/x-ndjson": {}}}
 
 @router.post("/api/chat", responses={**S.ERRORS, **NDJSON})
 async def ollama_chat(req: OllamaChat, request: Request):
+    extra.check_text(req)
     if not req.messages:  # Ollama loads the model and answers done
         return {"model": req.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
@@ -190,6 +200,7 @@ async def ollama_chat(req: OllamaChat, request: Request):
 
 @router.post("/api/generate", responses={**S.ERRORS, **NDJSON})
 async def ollama_generate(req: OllamaGenerate, request: Request):
+    extra.check_text(req)
     if req.images:
         S.refuse("images", "images are not supported")
     if req.suffix:

@@ -45,6 +45,7 @@ USER_SUFFIX = "@localpers"
 OWNER_ENV = "LOCALPERS_USER"
 UNPREFIXED = ("/chat/completions", "/completions", "/embeddings", "/models", "/responses")
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_EMBEDDING_INPUTS = 2048  # inputs of one /v1/embeddings request (OpenAI's limit)
 
 router = APIRouter()
 
@@ -228,12 +229,26 @@ async def whole(request: Request, work, pinned):
             pinned.release()
 
 
-async def prepare_chat(app, request: Request, req) -> Prepared:
-    """Check a ChatRequest whole (4xx before anything is stored), compose it for its user, and store the user's
-    new messages (unless history is off)."""
+def check_text(req: BaseModel) -> None:
+    """The 400 naming the first field of a request (any route's pydantic model, extra fields included) that holds
+    text that is not valid Unicode (a lone surrogate: limits.bad_text_at); every route checks before it reads."""
     if (where := limits.bad_text_at(req.model_dump(by_alias=True, exclude_none=True))) is not None:
         raise S.APIError(400, f"'{where}' is not valid Unicode text (it holds a lone surrogate such as \\ud800)",
                          param=where)
+
+
+def check_work(app, engine, choices: int, max_tokens: int, what: str = "n") -> None:
+    """The 400 on 'max_tokens' when `choices` generations of up to max_tokens each (counted up to the context) are
+    over the server's --max-request-tokens (limits.check_work); `what` names the choices in the message."""
+    if (too_much := limits.check_work(choices, max_tokens, getattr(engine, "n_ctx", None),
+                                      app.state.max_request_tokens, what)) is not None:
+        S.refuse("max_tokens", too_much)
+
+
+async def prepare_chat(app, request: Request, req) -> Prepared:
+    """Check a ChatRequest whole (4xx before anything is stored), compose it for its user, and store the user's
+    new messages (unless history is off)."""
+    check_text(req)
     engine = S.ready_engine_of(app)
     if app.state.worker is not None:
         app.state.worker.chat_request()  # a running job process yields the CPU to chat
@@ -243,9 +258,7 @@ async def prepare_chat(app, request: Request, req) -> Prepared:
     tools_ok = template_supports_tools(engine.chat_template)
     messages = S.engine_messages(req, tools_ok)
     sampling = S.sampling_of(req, engine.n_vocab)
-    if (too_much := limits.check_work(req.n or 1, sampling.max_tokens, getattr(engine, "n_ctx", None),
-                                      app.state.max_request_tokens)) is not None:
-        S.refuse("max_tokens", too_much)
+    check_work(app, engine, req.n or 1, sampling.max_tokens)
     if req.json_schema is not None:
         schema, param = req.json_schema, "json_schema"
     else:
@@ -469,6 +482,7 @@ async def completions(req: CompletionRequest, request: Request):
     """Text completion of a raw prompt (no chat template), through the same composer as chat: a known user is
     served with their adapters and control vectors (retrieved context is not spliced into a raw prompt)."""
     app = request.app
+    check_text(req)
     engine = S.ready_engine_of(app)
     user = request_user(app, request, req.model, req.user)
     if req.suffix:
@@ -488,11 +502,12 @@ async def completions(req: CompletionRequest, request: Request):
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, response_format=None)
     sampling = S.sampling_of(view, engine.n_vocab)
     prompts = _prompts(req.prompt)
+    n = req.n or 1
+    check_work(app, engine, n * len(prompts), sampling.max_tokens, "n x prompts" if len(prompts) > 1 else "n")
     for prompt in prompts:
         await run_in_threadpool(engine.prompt_tokens, prompt)  # empty, foreign ids, over the context: 400 now
     first = prompts[0] if isinstance(prompts[0], str) else engine.detokenize(prompts[0])
     _, pinned, _ = await run_in_threadpool(app.state.compose, engine, user, [{"role": "user", "content": first}])
-    n = req.n or 1
     base = {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
             "model": engine.model_name, "system_fingerprint": system_fingerprint(engine)}
 
@@ -584,9 +599,12 @@ def embedder_of(app):
 async def embeddings(req: EmbeddingRequest, request: Request):
     """OpenAI's embeddings: one vector per input (a string, a list of them, or token ids)."""
     app = request.app
+    check_text(req)
     engine = S.ready_engine_of(app)
     request_user(app, request, req.model, req.user)  # the strict-name check
     inputs = _prompts(req.input)
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        S.refuse("input", f"at most {MAX_EMBEDDING_INPUTS} inputs per request (OpenAI's limit)")
     for x in inputs:
         if not isinstance(x, str):
             check_token_ids(x, engine.n_vocab, "input")

@@ -31,8 +31,7 @@ from fastapi.responses import FileResponse
 
 from localpers import names
 from localpers.errors import UserError
-from localpers.personalize.detect import detect_facts
-from localpers.serve.learn import learn_from_text
+from localpers.serve.learn import detect, learn_from_text
 from localpers.serve.memory_api import OpenAIErrorRoute
 from localpers.store.store import NotFoundError, check_item
 
@@ -133,7 +132,8 @@ def edit_memory(user: str, item_id: int, request: Request, payload: dict = Body(
     the new item.
 
     - a preference (a fact): the text must state a fact about the user (detect_facts, retirements left out), else
-      400. The old fact is deleted, then the text learned as the user typing it (learn_from_text, source "page"),
+      400. The old fact is deleted, then the text learned as the user typing it (learn_from_text, source "page",
+      with the facts that check detected: the detector runs once),
       through the facts index (a later statement of the same attribute replaces it); returns its first fact.
     - a user's message: deleted (with the facts learned from it), then the new text relearned the same way;
       returns the new message.
@@ -149,13 +149,13 @@ def edit_memory(user: str, item_id: int, request: Request, payload: dict = Body(
     item = check_item(payload["text"], old["kind"], {**meta, "edited": item_id})  # validates before any write
     text = item[2].decode("utf-8")
     if old["kind"] == names.PREFERENCE:
-        found = [f for f in detect_facts(text, names.MAX_FACTS_PER_MESSAGE)[:names.MAX_FACTS_PER_MESSAGE]
-                 if not f.retire]
+        detected = detect(text)
+        found = [f for f in detected if not f.retire]
         if not found:
             raise UserError("a corrected fact must state a fact about you, such as \"I'm vegan.\" or \"I live in "
                             "Lyon.\" (not a question, someone else's fact or a retirement); nothing was changed")
         store.delete_item(user, item_id)
-        learned = learn_from_text(store, user, text, source="page")
+        learned = learn_from_text(store, user, text, source="page", facts=detected)  # detected once
         _wake(request)
         items = store.items(user, kind=names.PREFERENCE)
         if learned["facts"]:

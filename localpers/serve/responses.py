@@ -6,14 +6,19 @@ with function tools (llama.cpp's generic format where the template has none). Th
 whose `output` holds a message item (output_text) or function_call items; with `stream` the server sends
 Responses' named SSE events (response.created ... response.output_text.delta ... response.completed).
 `previous_response_id` continues a stored response: with `store` (the default, as on OpenAI) the conversation
-of each response is kept in the server's memory (the last MAX_KEPT responses; not across restarts), readable only
-by the same user.
+of each response is kept, readable only by the same user: a user's in their store (the newest
+names.MAX_KEPT_RESPONSES; across restarts; in their export; deleted by forget, and with a deleted message they
+hold), unless their history is off
+(--no-history, "localpers": {"history": false}); then, and for requests naming no user, in the server's memory
+(the last MAX_KEPT; not across restarts).
 Refused with a 400 naming them: reasoning, background, include, conversation, prompt templates, top_logprobs,
 max_tool_calls, truncation "auto", non-function tools, image/file/audio input.
 """
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import threading
 import time
 import uuid
@@ -22,11 +27,15 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.concurrency import run_in_threadpool
 
+from localpers import names
+from localpers.errors import UserError
 from localpers.serve import openai_extra as extra
 from localpers.serve import server as S
 
-MAX_KEPT = 1000
+MAX_KEPT = 1000  # responses kept in the server's memory (no user, or their history off)
+log = logging.getLogger(__name__)
 router = APIRouter()
 _kept: OrderedDict[str, tuple[str | None, list[dict]]] = OrderedDict()
 _kept_lock = threading.Lock()
@@ -131,6 +140,8 @@ def chat_request(req: ResponsesRequest, history: list[dict]) -> S.ChatRequest:
         "tools": tools or None, "tool_choice": choice, "parallel_tool_calls": req.parallel_tool_calls,
         "localpers": req.localpers.model_dump() if req.localpers else None}
     fmt = (req.text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        S.refuse("text.format", "must be an object such as {\"type\": \"json_schema\", \"schema\": {...}}")
     if fmt:
         if fmt.get("type") == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
@@ -178,21 +189,39 @@ def response_object(rid: str, req: ResponsesRequest, model: str, output: list[di
     return body
 
 
-def keep(rid: str, user: str | None, messages: list[dict]) -> None:
+def keep(store, rid: str, user: str | None, messages: list[dict], in_store: bool) -> None:
+    """Keep a response's conversation: in the user's store when `in_store` (their history is on), else (or when
+    the store refuses the write: a full disk) in the server's memory."""
+    if user and in_store:
+        try:
+            store.keep_response(user, rid, messages)
+            return
+        except (UserError, sqlite3.Error, OSError) as e:
+            log.warning("response kept in memory only, not in %r's store: %s: %s", user, type(e).__name__, e)
     with _kept_lock:
         _kept[rid] = (user, messages)
         while len(_kept) > MAX_KEPT:
             _kept.popitem(last=False)
 
 
-def kept(rid: str, user: str | None) -> list[dict]:
+def kept(store, rid: str, user: str | None) -> list[dict]:
+    """The conversation of the user's response `rid` (their store first, then the server's memory), else 404."""
+    found = None
+    if user:
+        try:
+            found = store.response_conversation(user, rid)
+        except UserError:  # a user id the store cannot hold keeps nothing there
+            found = None
+    if found is not None:
+        return found
     with _kept_lock:
-        found = _kept.get(rid)
-    if found is None or found[0] != user:
-        raise S.APIError(404, f"no stored response {rid!r} (responses are kept in memory for the same user, the "
-                              f"last {MAX_KEPT}, until the server restarts)", code="response_not_found",
+        held = _kept.get(rid)
+    if held is None or held[0] != user:
+        raise S.APIError(404, f"no stored response {rid!r} (a response is kept for the same user only: in their "
+                              f"store, the newest {names.MAX_KEPT_RESPONSES}; with history off or no user, in "
+                              f"the server's memory until it restarts)", code="response_not_found",
                          param="previous_response_id")
-    return found[1]
+    return held[1]
 
 
 def conversation_after(req_messages: list[dict], choice: dict) -> list[dict]:
@@ -205,9 +234,10 @@ def conversation_after(req_messages: list[dict], choice: dict) -> list[dict]:
 @router.post("/v1/responses", responses={**S.ERRORS, **extra.SSE})
 async def create_response(req: ResponsesRequest, request: Request):
     app = request.app
+    extra.check_text(req)  # the whole request: fields it only echoes back (metadata, tools) too
     S.ready_engine_of(app)
     user = extra.request_user(app, request, req.model, req.user)
-    history = kept(req.previous_response_id, user) if req.previous_response_id else []
+    history = kept(app.state.store, req.previous_response_id, user) if req.previous_response_id else []
     chat = chat_request(req, history)
     if user and not chat.user:
         chat.user = user
@@ -215,10 +245,13 @@ async def create_response(req: ResponsesRequest, request: Request):
     conversation = [m.model_dump(exclude_none=True) for m in chat.messages]
     rid, model = "resp_" + uuid.uuid4().hex, prepared.engine.model_name
 
-    def finish(out) -> tuple[dict, list[dict], str]:
+    in_store = bool(app.state.history and (req.localpers or S.LocalpersOptions()).history)
+
+    async def finish(out) -> tuple[dict, list[dict], str]:
         choice = prepared.plan.parse(out["choices"][0]["text"], out["choices"][0]["finish_reason"])
         if req.store is not False:
-            keep(rid, prepared.user, conversation_after(conversation, choice))
+            await run_in_threadpool(keep, app.state.store, rid, prepared.user,
+                                    conversation_after(conversation, choice), in_store)
         status = "incomplete" if choice["finish_reason"] == "length" else "completed"
         return choice, output_items(choice), status
 
@@ -226,7 +259,7 @@ async def create_response(req: ResponsesRequest, request: Request):
         out, left = await extra.whole(request, prepared.work, prepared.artifacts)
         if left is not None:
             return left
-        choice, items, status = finish(out)
+        choice, items, status = await finish(out)
         return response_object(rid, req, model, items, out, status, choice["finish_reason"], prepared.explanation)
 
     async def events():
@@ -262,7 +295,7 @@ async def create_response(req: ResponsesRequest, request: Request):
             text += ev[2]
             yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0,
                         delta=ev[2], logprobs=[])
-        choice, items, status = finish(out)
+        choice, items, status = await finish(out)
         if not buffered:
             items = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
                       "content": [{**part, "text": text}]}]

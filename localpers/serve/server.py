@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sqlite3
 import sys
@@ -309,7 +310,8 @@ def sampling_of(req: ChatRequest, n_vocab: int) -> Sampling:
         refuse("stop", f"at most {MAX_STOP} stop sequences")
     bias = []
     for key, value in (req.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < n_vocab:
+        # ASCII digits only, at most 10 ("²" is a digit int() cannot read; 5,000 digits are over int()'s limit)
+        if not re.fullmatch(r"[0-9]{1,10}", key) or not int(key) < n_vocab:
             refuse("logit_bias", f"{key!r} is not a token id of this model (0..{n_vocab - 1})")
         if not -100 <= value <= 100:
             refuse("logit_bias", f"the bias of token {key} must be in [-100, 100]")
@@ -516,7 +518,7 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
     Requests must name a loopback host, `host` or one of `allowed_hosts` ("*": any) in their Host header. `lora`:
     adapter files applied to every request (scale 1), besides the user's artifacts; one that llama.cpp cannot
     load for the model fails the load (/health says so). `max_request_tokens`: the cap on n x max_tokens of one
-    chat request (limits.check_work). `aliases`: more names of the served model; `owner`: the user a request
+    generating request (limits.check_work). `aliases`: more names of the served model; `owner`: the user a request
     naming nobody is served as (default $LOCALPERS_USER); `strict_model_names`: 404 for a model name not served
     (localpers.serve.openai_extra)."""
     from localpers.serve import ollama, openai_extra as extra, responses
@@ -567,9 +569,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             if attempt + 1 == COMPOSE_TRIES or all(Path(path).exists() for path, _ in broken):
                 break
             pinned.release()
-        for path, reason in broken:
-            if Path(path).exists():
-                mark_broken(store, user, path, reason)
+        for path, reason in broken:  # a file still missing after the retries: registered, it is broken (a retired
+            mark_broken(store, user, path, reason)  # one is registered no more, and marks nothing)
         return apply(personalized, messages), pinned, composer.explain(person, personalized)
 
     def learn(user: str, messages: list[dict]) -> dict | None:
@@ -687,14 +688,17 @@ def client_text(message: str, *folders) -> str:
 
 
 def mark_broken(store: Store, user: str, path: str, reason: str) -> None:
-    """The hook for an artifact the served path cannot load: recorded in the artifact's metadata
-    (meta["broken"]), logged on the server's console, never shown to the client."""
-    print(f"localpers: {user!r}'s artifact {path} is broken and is not served: {reason}", file=sys.stderr,
-          flush=True)
+    """The hook for an artifact the served path cannot load (unreadable, or its file gone): recorded in the
+    metadata of the user's artifact registered at `path` (meta["broken"], the data folder's path in it written
+    <server>: the page and export show it; nothing for a path registered no more), logged on the server's console
+    when newly marked."""
     try:
-        store.mark_artifact_broken(user, path, reason)
+        marked = store.mark_artifact_broken(user, path, client_text(reason, store.directory))
     except UserError:
-        pass
+        return
+    if marked:
+        print(f"localpers: {user!r}'s artifact {path} is broken and is not served: {reason}", file=sys.stderr,
+              flush=True)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -99,6 +99,13 @@ CREATE INDEX IF NOT EXISTS facts_by_message ON facts(user_id, message);
 CREATE TABLE IF NOT EXISTS chat_seen (  -- keyed hashes of chat messages already stored (no text)
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     digest BLOB NOT NULL, PRIMARY KEY (user_id, digest));
+CREATE TABLE IF NOT EXISTS responses (  -- /v1/responses conversations that a previous_response_id continues
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    response TEXT NOT NULL,           -- the response's id (resp_<random hex>), no text
+    created REAL NOT NULL,
+    conversation BLOB NOT NULL,       -- sealed: the chat messages, JSON
+    UNIQUE (user_id, response));
 """
 # Registry columns added in session 6 (ALTER TABLE for databases made before): the method that made the
 # artifact, the ids of the items it was derived from (JSON list of ints, no text), and its state.
@@ -135,7 +142,21 @@ def signals_file(directory: str | Path, user: str) -> Path:
     return Path(directory) / "sync" / "signals" / (hashlib.sha256(user.encode("utf-8")).hexdigest()[:16] + ".npz")
 
 
-def _alive(pid: int) -> bool:
+def _content_text(content) -> str | None:
+    """A chat message's content as text (a list of content parts joined), None for no text."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else None
+
+
+def _response_aad(user_id: int, response_id: str) -> bytes:
+    """A kept conversation's associated data: its ciphertext opens only in its own row."""
+    return f"{user_id}:response:{response_id}".encode("utf-8")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0; one of another user's counts). A reused pid counts as
+    alive: localpers.sync.lifetime.alive tells them apart by start time where /proc has it."""
     if pid == os.getpid():
         return True
     try:
@@ -747,8 +768,10 @@ class Store:
         learned from). A client resends the whole conversation every turn, so a message is known by a keyed
         hash of the conversation up to and including it; a deleted message is not stored again.
 
-        `extract(text, limit)` gives the facts a message states (localpers.personalize.detect.detect_facts: objects
-        with attribute, value, statement, retire, slot and key); at most `limit` per message are learned. See
+        `extract(text, limit, previous)` gives the facts a message states (localpers.personalize.detect.detect_facts:
+        objects with attribute, value, statement, retire, slot and key; `previous` is the user's own message before
+        it in the conversation, None for the first, so that "Just kidding, I'm not." can withdraw what it said); at
+        most `limit` per message are learned. See
         _learn for what a fact does. Returns {"stored": [(item id, text)], "messages": [ids], "facts": [...],
         "replaced": [...], "retired": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
         {"id", "attribute"}, their text is deleted)."""
@@ -771,8 +794,9 @@ class Store:
             row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
             seen = {d for d in digests if row and conn.execute(
                 "SELECT 1 FROM chat_seen WHERE user_id = ? AND digest = ?", (row[0], d)).fetchone()}
-        found = {d: extract(item[2].decode("utf-8"), limit)[:limit] if extract else []
-                 for item, d in zip(checked, digests) if d not in seen}
+        texts = [item[2].decode("utf-8") for item in checked]
+        found = {d: extract(text, limit, previous)[:limit] if extract else []
+                 for text, previous, d in zip(texts, [None, *texts], digests) if d not in seen}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
             new = [(item, found.get(digest) or []) for item, digest in zip(checked, digests) if conn.execute(
@@ -805,7 +829,8 @@ class Store:
         - a fact already held (same slot and value) is not stored again;
         - a fact of a slot held with another value replaces it (single-valued attributes: home, diet, job ...;
           likes and dislikes of one thing): the old preference item goes, with the artifacts derived from it;
-        - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held.
+        - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held; one of an
+          empty value ("Please forget where I live.") deletes the slot's fact whatever its value.
 
         New and deleted preferences queue the user's edit job. Returns the retired artifact files."""
         ids = self._insert(conn, user_id, [item for item, _ in items])
@@ -818,8 +843,8 @@ class Store:
                 value = self.cipher.digest(f"value\0{fact.attribute}={fact.key}".encode("utf-8"))
                 held = conn.execute("SELECT item_id, value FROM facts WHERE user_id = ? AND slot = ?",
                                     (user_id, slot)).fetchall()
-                if fact.retire:
-                    gone = [i for i, v in held if v == value]
+                if fact.retire:  # an empty key ("Please forget where I live.") retires whatever the slot holds
+                    gone = [i for i, v in held if v == value or not fact.key]
                     if gone:
                         out["retired"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)} for i in gone]
                         paths += self._delete(conn, user_id, gone)
@@ -896,13 +921,21 @@ class Store:
 
     def delete_item(self, user: str, item_id: int) -> None:
         """Delete one item, and before returning every artifact derived from it (rows and files: not served
-        from the next request on); their recomputation is queued, as is an edit for a deleted preference."""
+        from the next request on); their recomputation is queued, as is an edit for a deleted preference. A
+        deleted message also takes the kept /v1/responses conversations in which the user said it."""
         with self._write() as conn:
             user_id = self._user_id(conn, user)
-            if not -(1 << 63) <= item_id < 1 << 63 or not conn.execute(  # beyond SQLite's integers: no such item
-                    "SELECT 1 FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)).fetchone():
+            row = conn.execute("SELECT kind, text FROM items WHERE id = ? AND user_id = ?", (item_id, user_id)
+                               ).fetchone() if -(1 << 63) <= item_id < 1 << 63 else None  # beyond SQLite's integers
+            if row is None:
                 raise NotFoundError(f"user {user!r} has no item {item_id}")
             retired = self._delete(conn, user_id, [item_id])
+            if row[0] == names.MESSAGE:
+                said = self.cipher.open(row[1], b"%d:text" % user_id).decode("utf-8")
+                conn.executemany("DELETE FROM responses WHERE user_id = ? AND response = ?",
+                                 [(user_id, k["id"]) for k in self._responses(conn, user_id)
+                                  if any(m.get("role") == "user" and _content_text(m.get("content")) == said
+                                         for m in k["messages"])])
         self._remove_files(user_id, retired)
 
     def _delete(self, conn, user_id: int, item_ids: list[int]) -> list[str]:
@@ -1151,7 +1184,7 @@ class Store:
                 continue
             if user_id is not None and int(parts[1]) != user_id:
                 continue
-            if user_id is None and _alive(int(parts[2])):
+            if user_id is None and pid_alive(int(parts[2])):
                 continue
             shutil.rmtree(path, ignore_errors=True)
             swept += 1
@@ -1322,13 +1355,51 @@ class Store:
                                  (self.cipher.seal(meta, b"%d:artifact" % user_id), user_id, a["kind"], a["version"]))
         return len(marked)
 
+    # ----- /v1/responses conversations
+
+    def keep_response(self, user: str, response_id: str, messages: list[dict],
+                      keep: int = names.MAX_KEPT_RESPONSES) -> None:
+        """Keep the conversation of one of the user's responses (chat messages: role, content, tool calls) under
+        its id, sealed, so that a later request naming it as previous_response_id continues it after a restart;
+        the user's `keep` newest are kept (older ones deleted in the same transaction). The user is created if
+        new. Export lists them; forget deletes them. (Its size is bounded by the served context: it was a prompt.)"""
+        if not isinstance(response_id, str) or not response_id:
+            raise UserError("a response id must be a non-empty string")
+        data = json.dumps(messages, ensure_ascii=False).encode("utf-8")
+        with self._write() as conn:
+            user_id = self._create_user(conn, user)
+            conn.execute("INSERT OR REPLACE INTO responses (user_id, response, created, conversation)"
+                         " VALUES (?, ?, ?, ?)", (user_id, response_id, time.time(),
+                                                  self.cipher.seal(data, _response_aad(user_id, response_id))))
+            conn.execute("DELETE FROM responses WHERE user_id = ? AND id NOT IN (SELECT id FROM responses"
+                         " WHERE user_id = ? ORDER BY id DESC LIMIT ?)", (user_id, user_id, max(keep, 0)))
+
+    def response_conversation(self, user: str, response_id: str) -> list[dict] | None:
+        """The conversation kept for the user's response `response_id`, or None (unknown user or response, or
+        another user's)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT r.user_id, r.conversation FROM responses r JOIN users u ON u.id = r.user_id"
+                               " WHERE u.name = ? AND r.response = ?", (check_user(user), response_id)).fetchone()
+        if row is None:
+            return None
+        return json.loads(self.cipher.open(row[1], _response_aad(row[0], response_id)))
+
+    def _responses(self, conn, user_id: int) -> list[dict]:
+        rows = conn.execute("SELECT response, created, conversation FROM responses WHERE user_id = ? ORDER BY id",
+                            (user_id,)).fetchall()
+        return [{"id": rid, "created": created,
+                 "messages": json.loads(self.cipher.open(sealed, _response_aad(user_id, rid)))}
+                for rid, created, sealed in rows]
+
     # ----- export and forget
 
     def export(self, user: str) -> dict:
-        """Everything held about the user, decrypted: items, artifacts, and how many embeddings of each model."""
+        """Everything held about the user, decrypted: items, artifacts, how many embeddings of each model, and the
+        /v1/responses conversations kept for previous_response_id."""
         with self._read() as conn:
             user_id = self._user_id(conn, user)
             (created,) = conn.execute("SELECT created FROM users WHERE id = ?", (user_id,)).fetchone()
+            responses = self._responses(conn, user_id)
             vectors = dict(
                 conn.execute(
                     "SELECT v.model, count(*) FROM vectors v JOIN items i ON i.id = v.item_id"
@@ -1342,6 +1413,7 @@ class Store:
             "items": self.items(user),
             "artifacts": self.artifacts(user),
             "vectors": vectors,
+            "responses": responses,  # /v1/responses conversations kept for previous_response_id
         }
 
     def forget(self, user: str) -> None:
@@ -1349,8 +1421,8 @@ class Store:
         then VACUUM and truncate the WAL, so that neither the text nor its ciphertext is left in the files.
 
         Every place a user's data lands under the data folder, and what removes it here:
-        - store.db (+ -wal): items (history, preferences, memories), their embeddings, artifact and job rows
-          -> the rows (DELETE cascades), VACUUM, WAL truncated;
+        - store.db (+ -wal): items (history, preferences, memories), their embeddings, artifact and job rows,
+          kept /v1/responses conversations -> the rows (DELETE cascades), VACUUM, WAL truncated;
         - artifacts/_user-<id>/: adapters, control vectors, baked models, LoGo signals beside the LoGo control
           vector (<name>.signals.npz) -> the folder;
         - sync/signals/<sha256(user)[:16]>.npz: the LoGo sync contribution (user vector, steering, preference

@@ -83,13 +83,9 @@ def alive(tok: str) -> bool:
     pid = int(pid_text)
     if start:
         return _start_time(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from localpers.store.store import pid_alive  # (lazy: this module stays light for the processes it starts)
+
+    return pid_alive(pid)
 
 
 def watch(tok: str, poll_s: float = 0.2) -> threading.Thread:
