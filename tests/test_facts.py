@@ -409,3 +409,18 @@ def test_a_store_made_before_the_facts_index_deletes_learned_preferences_with_th
     with Store.open(tmp_path) as store:  # the migration indexes the old preference by its message
         store.delete_item("old", message)
         assert store.items("old") == []
+
+
+def test_a_fact_restated_after_its_edit_failed_is_reported_and_its_edit_queued_again(client):
+    """The tester said "I'm vegetarian." again after the diet edit failed: learned was None and no job ran."""
+    store = client.app.state.store
+    first = ask(client, "I'm vegetarian.", user="vic")
+    [job] = store.jobs("vic")  # (no worker here: it stays queued until failed by hand)
+    store.finish_job(job["id"], "failed", reason="ValueError: out of cheese")
+    turns = [{"role": "user", "content": "I'm vegetarian."}, {"role": "assistant", "content": "Noted."},
+             {"role": "user", "content": "I'm vegetarian."}]  # said again, later in the conversation
+    r = client.post("/v1/chat/completions", json={"messages": turns, "user": "vic", "max_tokens": 2,
+                                                  "localpers": {"explain": True}})
+    again = r.json()["localpers"]
+    assert again["learned"]["retried"] == first["learned"]["facts"] and again["learned"]["facts"] == []
+    assert [j["state"] for j in store.jobs("vic")] == ["queued", "failed"]

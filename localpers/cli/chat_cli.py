@@ -292,6 +292,8 @@ class Chat:
             self.say(f"replaced: {fact['attribute']} (#{fact['id']})")
         for fact in learned.get("retired", []):
             self.say(f"no longer: {fact['attribute']} (#{fact['id']})", "green")
+        for fact in learned.get("retried", []):
+            self.say(f"learning again: {fact['attribute']} (#{fact['id']}; its last edit failed)")
 
     # -- commands -----------------------------------------------------------------------------------------------
     def command(self, line: str) -> bool:

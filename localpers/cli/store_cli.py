@@ -78,7 +78,9 @@ def cmd_remember(args):
         print(f"replaced #{fact['id']}: {fact['attribute']}")
     for fact in learned["retired"]:
         print(f"retired #{fact['id']}: {fact['attribute']}")
-    if not (learned["facts"] or learned["replaced"] or learned["retired"]):
+    for fact in learned["retried"]:
+        print(f"editing again #{fact['id']}: {fact['attribute']} (its last edit failed)")
+    if not (learned["facts"] or learned["replaced"] or learned["retired"] or learned["retried"]):
         print("no new fact about you in it (stored as a message; --kind preference stores it as one)")
 
 

@@ -10,15 +10,16 @@
                                                   source message's id), created, status (store.facts)
     DELETE /v1/users/{user}/memories/{item_id}
     GET    /v1/users/{user}/export
-    DELETE /v1/users/{user}
+    DELETE /v1/users/{user}                       (stops the user's running job)
 
 Errors are OpenAI-style bodies {"error": {"message", "type", "param", "code"}} (param: the field at fault, or
 null): 404 for an unknown user or item, 400 for any other bad input (a kind not in names.ITEM_KINDS, a body that
-is not a JSON object, a ts out of range ...). `{user}` is any user id the store accepts (store.check_user), URL-encoded
+is not a JSON object, a ts out of range ...), 507 when the data folder's disk is full. `{user}` is any user id the store accepts (store.check_user), URL-encoded
 ("john%20doe", "a%2Fb"). Handlers are plain functions: FastAPI runs them in its thread pool, and the
 store gives each thread its own SQLite connection."""
 from __future__ import annotations
 
+import sqlite3
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Body, Request
@@ -33,12 +34,18 @@ from localpers.model.chat import content_text
 from localpers.errors import UserError
 from localpers.personalize.detect import NO_FACT, detect_facts
 from localpers.serve.learn import learn_from_text
-from localpers.store.store import NotFoundError, check_item, message_items
+from localpers.store.store import DISK_FULL, NotFoundError, check_item, disk_full, message_items
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                    "code": code}}, status)
+
+
+def disk_full_response() -> JSONResponse:
+    """507 Insufficient Storage: the data folder's disk is full (store.disk_full), never a 500."""
+    return JSONResponse({"error": {"message": DISK_FULL, "type": "server_error", "param": None,
+                                   "code": "disk_full"}}, 507)
 
 
 def check_kind(kind: str) -> str:
@@ -87,6 +94,10 @@ class OpenAIErrorRoute(APIRoute):
                 return error_response(400, message, "invalid_request", param)
             except HTTPException as e:
                 return error_response(e.status_code, str(e.detail), "invalid_request")
+            except (sqlite3.OperationalError, OSError) as e:
+                if not disk_full(e):
+                    raise
+                return disk_full_response()
 
         return handle
 
@@ -142,6 +153,11 @@ def export_user(user: str, request: Request):
 
 @router.delete("/v1/users/{user}")
 def forget_user(user: str, request: Request):
+    """Delete everything held about the user (store.forget); a job of theirs running is stopped first (its
+    result is never written). Works on a full disk (deleting frees space); else a 507 naming the disk."""
+    worker = getattr(request.app.state, "worker", None)
+    if worker is not None:
+        worker.cancel_user(user)
     request.app.state.store.forget(user)
     return {"user": user, "deleted": True}
 

@@ -115,6 +115,18 @@ ARTIFACT_COLUMNS = {
 }
 
 
+def disk_full(e: BaseException) -> bool:
+    """Is `e` the data folder's disk being full: SQLite's SQLITE_FULL ("database or disk is full") or ENOSPC?"""
+    import errno
+
+    if isinstance(e, sqlite3.OperationalError):
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e)
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+DISK_FULL = "the disk of the data folder is full: free some space and try again"
+
+
 class NotFoundError(UserError):
     """A read of a user or an item the store does not hold (the server answers 404)."""
 
@@ -773,7 +785,7 @@ class Store:
         it in the conversation, None for the first, so that "Just kidding, I'm not." can withdraw what it said); at
         most `limit` per message are learned. See
         _learn for what a fact does. Returns {"stored": [(item id, text)], "messages": [ids], "facts": [...],
-        "replaced": [...], "retired": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
+        "replaced": [...], "retired": [...], "retried": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
         {"id", "attribute"}, their text is deleted)."""
         checked, digests, prefix = [], [], hashlib.sha256()
         speaker = check_user(user).casefold()
@@ -784,7 +796,7 @@ class Store:
             if message["role"] == "user" and own and message["content"].strip():
                 checked.append(check_item(message["content"], "message", {"role": "user", "source": "chat"}))
                 digests.append(self.cipher.digest(prefix.digest()))
-        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
+        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": [], "retried": []}
         if not checked:
             return out
         # Detection runs before the write lock is taken, on the messages not seen yet (a resent conversation is
@@ -812,7 +824,7 @@ class Store:
         messages. Returns learn_chat's dict."""
         item = check_item(text, "message", {"role": "user", "source": source})
         facts = extract(item[2].decode("utf-8"), limit)[:limit]
-        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
+        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": [], "retried": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
             paths = self._learn(conn, user_id, [(item, facts)], out, source=source)
@@ -830,7 +842,9 @@ class Store:
         - a fact of a slot held with another value replaces it (single-valued attributes: home, diet, job ...;
           likes and dislikes of one thing): the old preference item goes, with the artifacts derived from it;
         - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held; one of an
-          empty value ("Please forget where I live.") deletes the slot's fact whatever its value.
+          empty value ("Please forget where I live.") deletes the slot's fact whatever its value;
+        - a fact held already whose edit failed (the user's newest edit job failed) queues the edit again
+          (out["retried"]: once per restatement).
 
         New and deleted preferences queue the user's edit job. Returns the retired artifact files."""
         ids = self._insert(conn, user_id, [item for item, _ in items])
@@ -849,7 +863,10 @@ class Store:
                         out["retired"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)} for i in gone]
                         paths += self._delete(conn, user_id, gone)
                     continue
-                if any(v == value for _, v in held):
+                if any(v == value for _, v in held):  # held already; its edit failed last time: tried again
+                    if self._edit_failed(conn, user_id):
+                        self._queue(conn, user_id, names.EDIT)
+                        out["retried"] += [{"id": i, "attribute": fact.attribute} for i, v in held if v == value]
                     continue
                 if held:
                     new_now = {f["id"] for f in out["facts"]}  # said earlier in this same request: not reported
@@ -863,6 +880,12 @@ class Store:
                              (fact_id, user_id, slot, value, message_id))
                 out["facts"].append({"id": fact_id, "attribute": fact.attribute})
         return paths
+
+    def _edit_failed(self, conn, user_id: int) -> bool:
+        """Inside a write: did the user's newest edit job fail (and none is queued or running after it)?"""
+        row = conn.execute("SELECT state FROM jobs WHERE user_id = ? AND kind = ? ORDER BY id DESC LIMIT 1",
+                           (user_id, names.EDIT)).fetchone()
+        return row is not None and row[0] == names.FAILED
 
     def _fact_attribute(self, conn, user_id: int, item_id: int) -> str | None:
         row = conn.execute("SELECT meta FROM items WHERE id = ?", (item_id,)).fetchone()
@@ -1301,27 +1324,52 @@ class Store:
 
     def jobs(self, user: str) -> list[dict]:
         """The user's jobs, newest first: dicts with id, kind, state (queued, running, done, failed), reason
-        (why it failed), result, and created/started/finished times."""
+        (why it failed), result, created/started/finished times, and position (a queued job's place in the queue
+        of all users' jobs, 1: next; None for the others)."""
         with self._read() as conn:
             user_id = self._user_id(conn, user)
             rows = conn.execute(self._JOB_SELECT + " WHERE j.user_id = ? ORDER BY j.id DESC", (user_id,)).fetchall()
-        return [self._job_dict(row) for row in rows]
+            places = self.queue_positions()
+        return [{**self._job_dict(row), "position": places.get(row[0])} for row in rows]
 
     def job(self, job_id: int) -> dict | None:
+        """One job as jobs() lists it, or None."""
         row = self._conn().execute(self._JOB_SELECT + " WHERE j.id = ?", (job_id,)).fetchone()
-        return self._job_dict(row) if row else None
+        if row is None:
+            return None
+        return {**self._job_dict(row), "position": self.queue_positions().get(job_id) if row[4] == "queued" else None}
+
+    # the queue's order, round-robin over users: each user's oldest queued job first (a job's round: how many of
+    # its user's queued jobs are older), within a round the user whose last job started longest ago (or never)
+    # first, then the oldest; so one user's jobs never starve another's
+    _QUEUE_ORDER = (" ORDER BY (SELECT count(*) FROM jobs q WHERE q.user_id = j.user_id AND q.state = 'queued'"
+                    " AND q.id < j.id), coalesce((SELECT max(p.started) FROM jobs p WHERE p.user_id = j.user_id), 0),"
+                    " j.id")
 
     def claim_job(self, kinds=None) -> dict | None:
-        """Mark the oldest queued job (of one of `kinds`, if given) running and return it, or None."""
+        """Mark the next queued job (of one of `kinds`, if given) running and return it, or None. Next, in
+        _QUEUE_ORDER: the oldest job of the user whose last job started longest ago (round-robin over users)."""
         with self._write() as conn:
-            sql, args = "SELECT id FROM jobs WHERE state = 'queued'", []
+            sql, args = "SELECT j.id FROM jobs j WHERE j.state = 'queued'", []
             if kinds is not None:
-                sql, args = sql + f" AND kind IN ({','.join('?' * len(kinds))})", list(kinds)
-            row = conn.execute(sql + " ORDER BY id LIMIT 1", args).fetchone()
+                sql, args = sql + f" AND j.kind IN ({','.join('?' * len(kinds))})", list(kinds)
+            row = conn.execute(sql + self._QUEUE_ORDER + " LIMIT 1", args).fetchone()
             if row is None:
                 return None
             conn.execute("UPDATE jobs SET state = 'running', started = ? WHERE id = ?", (time.time(), row[0]))
         return self.job(row[0])
+
+    def queue_positions(self) -> dict[int, int]:
+        """Job id -> its place in the queue (1: claimed next), for every queued job, in claim_job's order."""
+        rows = self._conn().execute("SELECT j.id FROM jobs j WHERE j.state = 'queued'" + self._QUEUE_ORDER)
+        return {job_id: place for place, (job_id,) in enumerate(rows, 1)}
+
+    def requeue_job(self, job_id: int) -> bool:
+        """Put one running job back in the queue (its process died; a store error kept its end from being
+        recorded). False when it is not running (finished, or cancelled by forget)."""
+        with self._write() as conn:
+            return bool(conn.execute("UPDATE jobs SET state = 'queued', started = NULL WHERE id = ? AND state = 'running'",
+                                     (job_id,)).rowcount)
 
     def finish_job(self, job_id: int, state: str, reason: str | None = None, result: dict | None = None) -> None:
         """Record a running job's end (done or failed). A job cancelled meanwhile (forget) stays gone."""
@@ -1434,9 +1482,19 @@ class Store:
         with self._read() as conn:
             self._remove_folder(self._user_folder(self._user_id(conn, user)))
         self._forget_files(user)
-        with self._write() as conn:
-            user_id = self._user_id(conn, user)
-            conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts, jobs
+        for attempt in range(2):
+            try:
+                with self._write() as conn:
+                    user_id = self._user_id(conn, user)
+                    conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, artifacts, jobs...
+                break
+            except sqlite3.OperationalError as e:  # a full disk (the user's files, removed above, freed too
+                if not disk_full(e) or attempt:  # little): the WAL could not grow. Checkpointed and truncated,
+                    raise  # it may free room for a second try; else the disk-full error stands (a 507)
+                try:
+                    self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.OperationalError:
+                    raise e from None
         # again: a job may have registered a file between the first removal and the delete (after it, a
         # registration finds no user and writes nothing)
         self._remove_folder(self._user_folder(user_id))
@@ -1448,7 +1506,11 @@ class Store:
         self._forget_files(user)
         conn = self._conn()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.execute("VACUUM")
+        try:
+            conn.execute("VACUUM")  # rewrites the file: needs its size free on the disk
+        except sqlite3.OperationalError as e:  # a full disk: the deleted rows are overwritten with zeros already
+            if not disk_full(e):  # (secure_delete), so the text and its ciphertext are gone without it
+                raise
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
             raise UserError(
