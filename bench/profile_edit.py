@@ -1,6 +1,6 @@
 """Where one preference edit's seconds go, and the end-to-end edit (statement -> verified adapter) timed.
 
-    python bench/profile_edit.py [--threads 1] [--facts 3] [--torch-profile] [--out FILE.json]
+    PYTHONPATH=. python bench/profile_edit.py [--threads 1] [--facts 3] [--torch-profile] [--out FILE.json]
 
 On the default model, for UPQA cluster9 dev items (item 0, 10, 20, ...: 13 questions each, as bench/bench_edit.py),
 each edited from the unedited model with the default EditConfig:

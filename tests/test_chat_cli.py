@@ -160,3 +160,40 @@ def test_chat_without_a_server_is_one_line():
     child.close()
     assert child.exitstatus == 2
     assert "cannot reach http://127.0.0.1:9/v1" in child.before and "Traceback" not in child.before
+
+
+def test_why_after_ctrl_c_says_the_reply_was_interrupted_not_that_the_server_is_old():
+    """Ctrl-C stops a streamed reply before its last chunk (which carries the explanation): /why then says so."""
+    import io
+
+    from rich.console import Console
+
+    from localpers.cli.chat_cli import Chat
+
+    class Client:
+        user = "alice"
+
+        def __init__(self, interrupt: bool):
+            self.interrupt = interrupt
+
+        def stream_chat(self, body):
+            yield "text", "Try a lentil"
+            if self.interrupt:
+                raise KeyboardInterrupt
+            yield "done", {}  # a server that sends no explanation
+
+        def user_url(self, path):
+            return "http://fake/v1/users/alice" + path
+
+        def request(self, *args, **kwargs):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(json=lambda: {"object": "list", "data": []})
+
+    for interrupt, said in ((True, "the last reply was interrupted (Ctrl-C)"), (False, "an older")):
+        out = io.StringIO()
+        chat = Chat(Client(interrupt), Console(file=out, width=200, color_system=None))
+        chat.poll_s = 0
+        chat.send("Suggest a dinner.")
+        chat.why()
+        assert said in out.getvalue() and ("older" in out.getvalue()) != interrupt, out.getvalue()

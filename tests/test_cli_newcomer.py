@@ -4,6 +4,7 @@
 assistant's replies, `eval` printing its results with the number of items, the paired-with-base section saying
 why it is absent, the world task's own progress label, error bars, and a wrong option pointing to its own
 command's help."""
+import contextlib
 import json
 import os
 import subprocess
@@ -69,7 +70,7 @@ def test_users_lists_the_users_a_store_holds(tmp_path, capsys):
     from localpers.store.store import Store
 
     assert main(["users", "--data-dir", str(tmp_path)]) == 0
-    assert "no users in" in capsys.readouterr().out
+    assert f"no localpers data in {tmp_path}" in capsys.readouterr().out and not any(tmp_path.iterdir())
     with Store.open(tmp_path) as store:
         store.add("alice", "I'm vegetarian.", kind=names.PREFERENCE)
         store.add("alice", "Lentil soup was great.")
@@ -257,3 +258,71 @@ def test_serve_lora_for_another_model_fails_the_load_with_its_reason(tmp_path, t
         assert client.get("/health").status_code == 500
     app.state.store.close()
     assert f"--lora {foreign}" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["history", "--user", "alice"], ["export", "--user", "alice"],
+                                  ["search", "--user", "alice", "Rome"],
+                                  ["search", "--user", "alice", "Rome", "--mode", "dense"],
+                                  ["forget", "--user", "alice", "--yes"]])
+def test_a_reading_command_on_a_folder_without_a_store_says_so_and_makes_nothing(argv, tmp_path, capsys):
+    missing = tmp_path / "x" / "nonexist"
+    assert main([*argv, "--data-dir", str(missing)]) == 2
+    assert capsys.readouterr().err == f"localpers: error: no localpers data in {missing}\n"
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "x").mkdir()
+    assert main([*argv, "--data-dir", str(tmp_path / "x")]) == 2
+    assert "no localpers data in" in capsys.readouterr().err and not any((tmp_path / "x").iterdir())
+
+
+@pytest.mark.parametrize("argv", [["remember", "--user", "alice", "I live in Rome."], ["history", "--user", "a"],
+                                  ["serve", "--port", "1"]])
+def test_a_data_folder_that_cannot_be_made_is_one_line(argv, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    for folder in (tmp_path / "file" / "sub", Path("/proc/localpers-nope")):
+        assert main([*argv, "--data-dir", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("localpers: error: ") and err.count("\n") == 1 and str(folder) in err, err
+
+
+@contextlib.contextmanager
+def read_only_folder(folder: Path):
+    """`folder` as a read-only mount sees it: a read-only bind mount where the tests run as root (root writes
+    through any mode bits), else its mode bits cleared; skips where root cannot mount."""
+    if os.geteuid() != 0:
+        paths = [folder, *folder.iterdir()]
+        modes = {p: p.stat().st_mode for p in paths}
+        for p in paths:
+            p.chmod(0o500 if p.is_dir() else 0o400)
+        try:
+            yield folder
+        finally:
+            for p in paths:
+                p.chmod(modes[p])
+        return
+    view = folder.parent / (folder.name + "-ro")
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(view)], capture_output=True).returncode:
+        pytest.skip("root without the right to mount: no read-only folder to test with")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_reading_commands_work_on_a_read_only_store_and_writing_ones_say_why_they_cannot(tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["remember", "--user", "alice", "I live in Rome.", "--data-dir", str(store)]) == 0
+    capsys.readouterr()
+    with read_only_folder(store) as ro:
+        assert main(["history", "--user", "alice", "--data-dir", str(ro)]) == 0
+        assert capsys.readouterr().out.count("I live in Rome.") == 2  # the message and the fact
+        assert main(["export", "--user", "alice", "--data-dir", str(ro)]) == 0
+        assert json.loads(capsys.readouterr().out)["user"] == "alice"
+        assert main(["users", "--data-dir", str(ro)]) == 0
+        assert capsys.readouterr().out.startswith("alice  2 items")
+        assert main(["search", "--user", "alice", "Rome", "--data-dir", str(ro)]) == 0
+        assert "I live in Rome." in capsys.readouterr().out
+        for argv in (["remember", "--user", "alice", "I live in Milan."], ["serve", "--port", "1"]):
+            assert main([*argv, "--data-dir", str(ro)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"localpers: error: cannot write the data folder {ro}: ") and err.count("\n") == 1

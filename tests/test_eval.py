@@ -196,7 +196,9 @@ def test_paired_deltas_compare_each_method_with_base_on_the_same_items(tmp_path)
     report = {"task": "prefeval", "model": "m", "config": {}, "rules": [], "items": rows,
               "results": {"base": {"followed@0": 0.25}, "rag": {"followed@0": 0.75}}}
     write_report(tmp_path, report)
-    assert "| rag | 4 | +0.500 ± 0.566 |" in (tmp_path / "report.md").read_text()
+    # differences 1, 1, 0, 0: every resample's mean is a multiple of 1/4, from 0 to 1; the 95% range is 0..1
+    assert "| rag | 4 | +0.500 ± 0.566 [+0.00, +1.00] |" in (tmp_path / "report.md").read_text()
+    assert d["boot95"] == (0.0, 1.0)
     assert json.loads((tmp_path / "report.json").read_text())["vs_base"]["rag"]["followed@0"]["n"] == 4
 
 

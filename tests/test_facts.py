@@ -420,10 +420,25 @@ def test_invariant_learning_from_text_reports_like_chat_keeps_its_source_and_cap
     store.add("lea", "hello")
     text = "I'm vegetarian and I live in Lyon."
     learned = learn_from_text(store, "lea", text, source="page")
-    assert set(learned) == {"messages", "preferences", "facts", "replaced", "retired"}
+    assert set(learned) == {"messages", "preferences", "facts", "replaced", "retired", "retried"}
     assert [f["attribute"] for f in learned["facts"]] == ["diet", "home"]
     assert learned["preferences"] == [f["id"] for f in learned["facts"]]
     [message] = [i for i in store.items("lea") if i["id"] in learned["messages"]]
     assert message["text"] == text and message["meta"]["source"] == "page"
     many = learn_from_text(store, "lea", " ".join(f"I love x{i}." for i in range(40)))
     assert len(many["facts"]) == names.MAX_FACTS_PER_MESSAGE
+
+
+def test_a_fact_restated_after_its_edit_failed_is_reported_and_its_edit_queued_again(client):
+    """The tester said "I'm vegetarian." again after the diet edit failed: learned was None and no job ran."""
+    store = client.app.state.store
+    first = ask(client, "I'm vegetarian.", user="vic")
+    [job] = store.jobs("vic")  # (no worker here: it stays queued until failed by hand)
+    store.finish_job(job["id"], "failed", reason="ValueError: out of cheese")
+    turns = [{"role": "user", "content": "I'm vegetarian."}, {"role": "assistant", "content": "Noted."},
+             {"role": "user", "content": "I'm vegetarian."}]  # said again, later in the conversation
+    r = client.post("/v1/chat/completions", json={"messages": turns, "user": "vic", "max_tokens": 2,
+                                                  "localpers": {"explain": True}})
+    again = r.json()["localpers"]
+    assert again["learned"]["retried"] == first["learned"]["facts"] and again["learned"]["facts"] == []
+    assert [j["state"] for j in store.jobs("vic")] == ["queued", "failed"]

@@ -60,6 +60,19 @@ def test_restates_only_is_the_preference_without_an_answer(tmp_path):
     assert not ev.restates_only("How about pasta?", veg, q)   # not about the preference at all
 
 
+def test_restates_only_on_the_issues_replies(tmp_path):
+    veg, jazz = items(tmp_path)
+    # the replies issue 25 quotes: the preference said back, once or twice, instead of a dish
+    assert ev.restates_only("You're vegetarian and You're vegetarian. You're vegan.", veg, veg.implicit_question)
+    assert ev.restates_only("You are vegetarian.", veg, veg.product_question)
+    assert not ev.restates_only("Roasted chickpeas, hummus with carrots, or trail mix: all vegetarian.", veg,
+                                veg.product_question)
+    # the question's own words are not an answer either
+    assert ev.restates_only("You love jazz, so play jazz at the party.", jazz, jazz.implicit_question)
+    assert not ev.restates_only("Put on Kind of Blue by Miles Davis: classic jazz that suits a party.", jazz,
+                                jazz.implicit_question)
+
+
 class ScriptedEngine:
     """Recites the user's preference on one neutral question when a LoRA is applied, else answers plainly."""
 

@@ -363,7 +363,7 @@ def test_invariant_a_started_worker_runs_queued_jobs_in_its_thread_on_its_own_en
 
 def test_invariant_a_failing_job_process_sends_the_job_and_reports_its_exit_code(tmp_path, monkeypatch):
     """JobProcess.run sends (target, user, job id) to its child; a child that exits before answering fails the
-    job with "the job process exited with code N", the reason a user reads (mutation survivors of serve/jobs.py)."""
+    job with "the job process died (exit code N)", the reason a user reads (mutation survivors of serve/jobs.py)."""
     from localpers.serve import jobs
 
     class Proc:
@@ -371,6 +371,9 @@ def test_invariant_a_failing_job_process_sends_the_job_and_reports_its_exit_code
 
         def is_alive(self):
             return False
+
+        def join(self, timeout=None):
+            pass
 
     class Conn:
         sent = None
@@ -381,8 +384,14 @@ def test_invariant_a_failing_job_process_sends_the_job_and_reports_its_exit_code
         def poll(self, timeout):
             return False
 
+        def recv(self):
+            raise EOFError
+
+        def close(self):
+            pass
+
     child = jobs.JobProcess(tmp_path, tmp_path / "m.gguf", 1, 10)
     monkeypatch.setattr(child, "_start", lambda: (setattr(child, "_proc", Proc()), setattr(child, "_conn", Conn())))
-    with pytest.raises(RuntimeError, match="^the job process exited with code 3$"):
+    with pytest.raises(jobs.ProcessDied, match=r"^the job process died \(exit code 3\)$"):
         child.run("localpers.personalize.editing:edit_job", "alice", 7)
     assert Conn.sent == ("localpers.personalize.editing:edit_job", "alice", 7)

@@ -217,9 +217,9 @@ def test_a_correction_runs_the_fact_detector_once(tmp_path, monkeypatch, kind):
 
     calls = []
 
-    def counted(text, limit):
+    def counted(text, limit, previous=None):  # detect_facts' signature (previous: the turn before, in a chat)
         calls.append(text)
-        return detect_facts(text, limit)
+        return detect_facts(text, limit, previous)
 
     from localpers.personalize.detect import detect_facts
 

@@ -203,6 +203,19 @@ def test_an_ollama_option_that_is_not_a_finite_number_is_a_400(app_client, optio
     assert engine.served == []
 
 
+def test_embedding_token_ids_without_text_are_named_as_such(app_client, monkeypatch):
+    """Token ids that detokenize to nothing (special and control tokens: BOS, EOS, chat markers) are a 400 that
+    says so, naming the input; an empty string is "empty"."""
+    engine, client = app_client
+    monkeypatch.setattr(engine, "detokenize", lambda ids: "".join(chr(t) for t in ids if t >= 32))
+    r = client.post("/v1/embeddings", json={"input": [1, 2, 3]})
+    assert_refused(r, "input", "the token ids [1, 2, 3] hold no text to embed: special or control tokens")
+    r = client.post("/v1/embeddings", json={"input": [[104, 105], [2, 32]]})
+    assert_refused(r, "input.1", "the token ids [2, 32] hold no text")
+    assert_refused(client.post("/v1/embeddings", json={"input": ["ok", ""]}), "input.1", "is empty")
+    assert client.post("/v1/embeddings", json={"input": [[104, 105], [1, 104]]}).status_code == 200
+
+
 def test_valid_requests_still_pass(app_client):
     """The checks refuse only what they name: ordinary requests of each route answer 200."""
     engine, client = app_client

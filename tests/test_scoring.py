@@ -118,6 +118,13 @@ def test_target_match_counts_content_tokens_not_shared_ones():
     assert not target_match("", ("Dancing at the club",))
 
 
+def test_target_match_needs_the_answer_not_the_second_person():
+    # "You're" is you + re: words that only turn the statement to the second person are not what it states
+    assert target_match("Your food preference is vegetarian.", ("You're vegetarian.",))
+    assert not target_match("You're right, you're welcome.", ("You're vegetarian.",))
+    assert not target_match("You are.", ("You're vegetarian.",))
+
+
 # ---------------------------------------------------------------- PrefEval
 
 PREFEVAL = [PrefEvalItem("food/0", "I'm vegetarian.", "Dinner?", ("Lentil curry", "Steak", "Fried chicken", "Tuna"),

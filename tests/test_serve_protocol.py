@@ -430,3 +430,44 @@ def test_chunked_bodies_are_bounded_too(url):
     small = json.dumps({"messages": HELLO, "max_tokens": 2}).encode()
     r = httpx.post(f"{url}/v1/chat/completions", content=chunks(small), headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
+
+
+def test_json_strings_never_hold_raw_control_characters(url, engine):
+    """JSON mode with a schema (OpenAI's json_object + schema, json_schema, Ollama's format): however much the
+    model wants a newline, a JSON string gets none raw (JSON forbids U+0000-U+001F in strings), so every reply
+    that ends by itself parses with Python's strict JSON reader and none holds a raw control character."""
+    newline = {str(t): 30 for t in range(engine.n_vocab)
+               if "\n" in engine.llm.detokenize([t]).decode("utf-8", "ignore")}
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    formats = [{"type": "json_object", "schema": schema},
+               {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}]
+    for fmt in formats:
+        reply = post(url, {"messages": HELLO, "max_tokens": 30, "temperature": 0, "logit_bias": newline,
+                           "response_format": fmt}).json()["choices"][0]
+        assert not any(ord(c) < 32 for c in reply["message"]["content"]), reply
+        if reply["finish_reason"] == "stop":
+            assert isinstance(json.loads(reply["message"]["content"]), dict)
+        else:
+            assert reply["finish_reason"] == "length"  # cut by max_tokens, said so (as OpenAI)
+    reply = httpx.post(f"{url}/api/chat", json={"model": "localpers", "messages": HELLO, "stream": False,
+                                                "format": schema, "options": {"num_predict": 30, "temperature": 0}},
+                       timeout=120).json()
+    assert not any(ord(c) < 32 for c in reply["message"]["content"]), reply
+
+
+def test_user_header_is_utf8_then_percent_decoded_and_junk_makes_no_user(url, data_dir):
+    """X-Localpers-User: raw UTF-8 bytes and their percent-encoding name one user ("zoë", not latin-1's "zoÃ«");
+    bytes that are not UTF-8, raw or percent-encoded, are a 400 naming the header, and no user is made."""
+    def ask(header: bytes):
+        return httpx.post(f"{url}/v1/chat/completions", headers=[(b"X-Localpers-User", header)], timeout=120,
+                          json={"messages": [{"role": "user", "content": "I live in Lisbon."}], "max_tokens": 1})
+
+    with Store.open(data_dir) as store:
+        before = set(store.users())
+    assert ask("zoë".encode()).status_code == 200
+    assert ask(b"zo%C3%AB").status_code == 200
+    for junk in (b"%ff%fe", b"zo\xeb", b"%0a"):
+        r = ask(junk)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "X-Localpers-User", r.text
+    with Store.open(data_dir) as store:
+        assert set(store.users()) - before == {"zoë"}

@@ -25,13 +25,12 @@ def test_add_list_search_delete(client):
     [created] = r.json()["data"]
     r = client.post("/v1/users/alice/memories", json={"messages": [
         {"role": "user", "content": "My sister lives in Lisbon."}, {"role": "assistant", "content": "Nice city!"}]})
-    assert [d["id"] for d in r.json()["data"]] == [created["id"] + 1, created["id"] + 2]
+    assert [d["id"] for d in r.json()["data"]] == [created["id"] + 1] and r.json()["left_out"] == 1
 
     items = client.get("/v1/users/alice/memories").json()["data"]
     assert [(i["text"], i["kind"], i["meta"]) for i in items] == [
         ("I like to dance at the club.", "preference", {"source": "test"}),
-        ("My sister lives in Lisbon.", "message", {"role": "user"}),
-        ("Nice city!", "message", {"role": "assistant"}),
+        ("My sister lives in Lisbon.", "message", {"role": "user", "source": "memories"}),
     ]
     assert len(client.get("/v1/users/alice/memories", params={"kind": "preference"}).json()["data"]) == 1
 
@@ -39,7 +38,7 @@ def test_add_list_search_delete(client):
     assert hits["data"][0]["text"] == "My sister lives in Lisbon." and hits["data"][0]["score"] > 0
 
     assert client.delete(f"/v1/users/alice/memories/{created['id']}").json() == {"id": created["id"], "deleted": True}
-    assert len(client.get("/v1/users/alice/memories").json()["data"]) == 2
+    assert len(client.get("/v1/users/alice/memories").json()["data"]) == 1
     assert_error(client.delete(f"/v1/users/alice/memories/{created['id']}"), 404, "not_found", "has no item")
 
 
@@ -147,9 +146,24 @@ def test_memories_take_content_as_text_parts_like_chat(client):
     items = client.get("/v1/users/alice/memories").json()["data"]
     assert [(i["text"], i["kind"], i["meta"].get("role"), i["meta"].get("value")) for i in items] == [
         ("I am vegetarian and I love mangoes.", "message", "user", None),
-        ("Noted.", "message", "assistant", None),
+        ("I am vegetarian.", "preference", None, "vegetarian"),  # learned from the chat as a served chat is
+        ("I love mangoes.", "preference", None, "mangoes"),
         ("I drink oolong.", "message", "user", None),           # a preference without meta is learned as said
         ("I drink oolong.", "preference", None, "oolong")]
+
+
+def test_a_posted_chat_keeps_only_the_users_messages_and_learns_their_facts_as_chat_does(client):
+    """POST .../memories {"messages"}: the assistant's reply is never an item (it may misquote the user), and
+    the user's "I live in Rome." becomes the fact home = Rome, as the same chat served would."""
+    r = client.post("/v1/users/rosa/memories", json={"messages": [
+        {"role": "user", "content": "I live in Rome."}, {"role": "assistant", "content": "Nice, you live in Milan"}]})
+    assert r.status_code == 201, r.text
+    assert r.json()["left_out"] == 1 and [f["attribute"] for f in r.json()["facts"]] == ["home"]
+    items = client.get("/v1/users/rosa/memories").json()["data"]
+    assert [i["text"] for i in items if i["kind"] == "message"] == ["I live in Rome."]
+    facts = client.get("/v1/users/rosa/facts").json()["data"]
+    assert [(f["attribute"], f["value"]) for f in facts] == [("home", "Rome")]
+    assert all("Milan" not in i["text"] for i in items)
 
 
 class Held:
@@ -225,3 +239,12 @@ def test_history_shows_an_item_whose_time_no_calendar_holds(tmp_path):
 
     for ts in (1e300, -1e300, 0.0):
         assert _line({"id": 1, "ts": ts, "kind": "message", "text": "hi"}).endswith("message  hi")
+
+
+def test_a_posted_chat_reads_each_message_after_the_one_before_as_chat_does(client):
+    """"Just kidding, I'm not." after "I'm vegetarian." withdraws it, posted as served."""
+    r = client.post("/v1/users/kim/memories", json={"messages": [
+        {"role": "user", "content": "I'm vegetarian."}, {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Just kidding, I'm not."}]})
+    assert r.status_code == 201, r.text
+    assert client.get("/v1/users/kim/facts").json()["data"] == []

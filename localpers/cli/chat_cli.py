@@ -242,6 +242,7 @@ class Chat:
     def new_conversation(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.explanation = None
+        self.interrupted = False  # the last reply was stopped (Ctrl-C) before the server could explain it
 
     # -- output -------------------------------------------------------------------------------------------------
     def say(self, text: str, style: str = "dim") -> None:
@@ -254,6 +255,7 @@ class Chat:
                 "max_tokens": self.max_tokens, "temperature": self.temperature,
                 "localpers": {"explain": True}}
         reply, last = "", {}
+        self.interrupted = False
         try:
             for kind, value in self.client.stream_chat(body):
                 if kind == "text":
@@ -265,6 +267,7 @@ class Chat:
         except KeyboardInterrupt:
             self.console.out("")
             self.say("(stopped)")
+            self.interrupted = True
         except (UserError, Missing) as e:
             self.messages.pop()
             self.console.out("")
@@ -292,6 +295,8 @@ class Chat:
             self.say(f"replaced: {fact['attribute']} (#{fact['id']})")
         for fact in learned.get("retired", []):
             self.say(f"no longer: {fact['attribute']} (#{fact['id']})", "green")
+        for fact in learned.get("retried", []):
+            self.say(f"learning again: {fact['attribute']} (#{fact['id']}; its last edit failed)")
 
     # -- commands -----------------------------------------------------------------------------------------------
     def command(self, line: str) -> bool:
@@ -426,6 +431,10 @@ class Chat:
             self.say("no reply yet: ask something first")
             return
         e = self.explanation
+        if not e and self.interrupted:
+            self.say("the last reply was interrupted (Ctrl-C) before the server explained it: /why explains a "
+                     "reply that ran to its end", "yellow")
+            return
         if not e:
             self.say("the server did not explain the last reply (it does not support explanations: an older "
                      "`localpers serve`)", "yellow")

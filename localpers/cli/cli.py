@@ -201,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `localpers history ... | head`: the reader left; say nothing more (Python docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # as a program killed by SIGPIPE
+    except Exception as e:  # a full disk is one line too (store.disk_full: SQLite's "database or disk is full")
+        from localpers.store.store import DISK_FULL, disk_full
+
+        if not disk_full(e):
+            raise
+        print(f"localpers: error: {DISK_FULL}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 

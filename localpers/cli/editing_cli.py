@@ -4,7 +4,7 @@ from __future__ import annotations
 from localpers import names
 from localpers.errors import UserError
 
-EDIT_STEPS = 12  # Adam steps per preference of `personalize --method edit` (as EditConfig.steps: what jobs run)
+EDIT_STEPS = 25  # Adam steps per preference of `personalize --method edit`
 
 
 def cmd_personalize(args):

@@ -60,6 +60,10 @@ def add_cli(sub) -> None:
                         "user's preference, and how often implicit and product questions only get it restated "
                         "(default: off)")
     t.add_argument("--neutral", help="with --recitation: neutral questions JSON (default: the shipped set)")
+    t.add_argument("--many-preferences", metavar="N,M", help="users holding N (and M ...) statements at once, combined "
+                   "by detect_facts' atomic-fact and update rules, one per size (the smaller's statements are the "
+                   "first of the larger's); per-fact explicit and paraphrased accuracy, locality_kl per size, and "
+                   "the seconds a trained method takes when one more fact is added (default: off)")
     t = task("prefeval", "PrefEval's 4-option classification task after distractor turns", [common],
              "PrefEval mcq_dev directory or JSON file (default: the development set shipped in localpers/data)")
     t.add_argument("--distractors", help="PrefEval's inter_turns.json (default: beside --data's mcq_dev)")
@@ -187,13 +191,13 @@ def _upqa_distractors(args) -> Path:
     return path
 
 
-def _turns(text: str) -> list[int]:
+def _turns(text: str, flag: str = "--turns") -> list[int]:
     try:
         turns = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
-        raise UserError(f"--turns must be comma-separated integers, not {text!r}") from None
+        raise UserError(f"{flag} must be comma-separated integers, not {text!r}") from None
     if not turns or turns[0] < 0:
-        raise UserError("--turns needs at least one count, none negative")
+        raise UserError(f"{flag} needs at least one count, none negative")
     return turns
 
 
@@ -257,6 +261,14 @@ def cmd_eval(args) -> None:
             neutral_path = Path(args.neutral) if args.neutral else data_path("neutral")
             neutral = read_neutral(neutral_path)
             config.update(recitation=True, neutral=str(neutral_path))
+        if args.many_preferences is not None:
+            if args.turns is not None or args.recitation or args.shard:
+                raise UserError("--many-preferences is a run of its own: leave out --turns, --recitation and --shard")
+            sizes = _turns(args.many_preferences, "--many-preferences")
+            if sizes[0] < 1:
+                raise UserError("--many-preferences: every size must be at least 1")
+            ev.many_preference_items(items, sizes[-1], args.seed)   # the items must give the largest user
+            config.update(many_preferences=sizes)
         if args.turns is not None:
             turns = _turns(args.turns)
             distractors = _upqa_distractors(args)
@@ -306,7 +318,13 @@ def cmd_eval(args) -> None:
     if journal.done:
         print(f"resuming from {progress}: {len(journal.done)} items and methods already scored", file=sys.stderr)
     try:
-        if args.task == "upqa" and args.turns is not None:
+        if args.task == "upqa" and getattr(args, "many_preferences", None) is not None:
+            results, counts, rows, timing = ev.run_upqa_many(engine, items, methods, sizes=sizes, seed=args.seed,
+                                                             max_tokens=max_tokens, journal=journal,
+                                                             add_fact=ev.edit_add_fact(engine))
+            report["timing"] = timing
+            rules = ev.upqa_rules(max_tokens) + [ev.RULES["many"]]
+        elif args.task == "upqa" and args.turns is not None:
             results, counts, rows = ev.run_upqa_turns(engine, items, conversations, methods, turns=turns,
                                                       max_tokens=max_tokens, seed=args.seed, journal=journal)
             rules = ev.upqa_rules(max_tokens)[:1] + [ev.RULES["upqa_turns"].format(

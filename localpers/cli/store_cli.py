@@ -10,10 +10,16 @@ from localpers import names
 from localpers.errors import UserError
 
 
-def _store(args):
-    from localpers.store.store import Store, data_dir
+def _store(args, read_only: bool = False, existing: bool = False):
+    """The store of --data-dir; `read_only` for the commands that only read it (nothing made, nothing written:
+    they work on a read-only mount), `existing` for those that read it and may write to it: either way a folder
+    without a store is "no localpers data in DIR" and nothing is made."""
+    from localpers.store.store import Store, data_dir, holds_store
 
-    return Store.open(data_dir(args.data_dir))
+    folder = data_dir(args.data_dir)
+    if existing and not holds_store(folder):
+        raise UserError(f"no localpers data in {folder}")
+    return Store.open(folder, read_only=read_only)
 
 
 def _line(item: dict) -> str:
@@ -34,7 +40,12 @@ def _print_items(items: list[dict], as_json: bool) -> None:
 
 
 def cmd_users(args):
-    with _store(args) as store:
+    from localpers.store.store import data_dir, holds_store
+
+    if not holds_store(data_dir(args.data_dir)):
+        print(f"no localpers data in {data_dir(args.data_dir)} (add a user: localpers remember --user NAME TEXT)")
+        return 0
+    with _store(args, read_only=True) as store:
         users = store.user_counts()
     if args.json:
         print(json.dumps(users, ensure_ascii=False, indent=1))
@@ -78,7 +89,9 @@ def cmd_remember(args):
         print(f"replaced #{fact['id']}: {fact['attribute']}")
     for fact in learned["retired"]:
         print(f"retired #{fact['id']}: {fact['attribute']}")
-    if not (learned["facts"] or learned["replaced"] or learned["retired"]):
+    for fact in learned["retried"]:
+        print(f"editing again #{fact['id']}: {fact['attribute']} (its last edit failed)")
+    if not (learned["facts"] or learned["replaced"] or learned["retired"] or learned["retried"]):
         print("no new fact about you in it (stored as a message; --kind preference stores it as one)")
 
 
@@ -95,7 +108,7 @@ def cmd_import(args):
 
 
 def cmd_history(args):
-    with _store(args) as store:
+    with _store(args, read_only=True) as store:
         items = store.items(args.user, kind=args.kind)
     _print_items(items, args.json)
 
@@ -106,7 +119,8 @@ def cmd_search(args):
     from localpers.store.retrieval import make_embedder
 
 
-    with _store(args) as store:
+    # dense search stores the embeddings it makes
+    with _store(args, read_only=args.mode == "bm25", existing=True) as store:
         if args.mode != "bm25":
             store.embedder = make_embedder(args.embedder)
         results = store.search(args.user, args.query, k=args.k, mode=args.mode)
@@ -114,7 +128,7 @@ def cmd_search(args):
 
 
 def cmd_export(args):
-    with _store(args) as store:
+    with _store(args, read_only=True) as store:
         data = store.export(args.user)
     text = json.dumps(data, ensure_ascii=False, indent=1)
     if args.output:
@@ -135,7 +149,7 @@ def cmd_forget(args):
             raise UserError(f"forget deletes everything held about {args.user}: pass --yes to confirm")
         if input(f"Delete everything held about {args.user}? [y/N] ").strip().lower() not in ("y", "yes"):
             return 1
-    with _store(args) as store:
+    with _store(args, existing=True) as store:
         store.forget(args.user)
     print(f"forgot {args.user}")
 

@@ -21,7 +21,7 @@ from localpers.personalize.datasets import LampItem, PrefEvalItem, UpqaItem
 from localpers import names
 from localpers.errors import UserError
 from localpers.personalize.matching import MATCH_RECALL, content_tokens, target_match
-from localpers.personalize.methods import Personalized, apply
+from localpers.personalize.methods import Personalized, User, apply
 from localpers.personalize.world import history_bucket
 
 # ---------------------------------------------------------------- scoring rules (also written into report.md)
@@ -49,7 +49,19 @@ RULES = {
                    "of greedy replies that state the user's target by the match rule above. restate_implicit / "
                    "restate_product: the fraction of replies to the implicit and the product-recommendation question "
                    "that state the target and add fewer than {new} content tokens of their own (not in the "
-                   "statement, the targets or the question): the preference restated instead of used."),
+                   "statement, the targets or the question; pronouns and contraction endings aside): the preference "
+                   "restated instead of used."),
+    "many": ("Many preferences: one user per size N holds N UPQA statements at once, each one atomic fact by "
+             "detect_facts (exactly one fact, not a retirement) and no two in the same slot (the update rule: a "
+             "later fact of a held slot would replace the earlier), drawn round-robin over the attribute types in "
+             "a seed-shuffled order (N=10: one per type; N=30: three per type); the N-fact user's statements are "
+             "the first N of the larger one's. Each fact's explicit and paraphrased question is asked alone (no "
+             "statement in the chat); {kind}_acc@N is the per-fact accuracy by the match rule above, the "
+             "targets of the user's other facts of the same type counting as the other users' (they answer the "
+             "same question: their shared words are no evidence); "
+             "locality_kl@N as above for the N-fact user. add_fact_s: seconds to the verified adapter of a "
+             "trained method when fact N+1 is added to the largest user (what personalize recomputes: every "
+             "fact from the unedited model, verified on llama.cpp; the editor ready before timing)."),
     "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
                  "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
                  "with the options listed in a seeded random order; the model follows the preference when the "
@@ -240,8 +252,9 @@ RESTATE_NEW_WORDS = 3
 
 def restates_only(answer: str, item: UpqaItem, question: str) -> bool:
     """Does `answer` state the item's target while adding fewer than RESTATE_NEW_WORDS content tokens of its own
-    (tokens not in the statement, the targets or the question)? "You are vegetarian." to "What should I cook
-    tonight?" does; "Try a vegetarian chili with beans." does not."""
+    (tokens not in the statement, the targets or the question; content_tokens leaves out PERSON_TOKENS)?
+    "You are vegetarian." and "You're vegetarian and You're vegetarian. You're vegan." to "What should I cook tonight?"
+    do; "Try a vegetarian chili with beans." does not."""
     if not target_match(answer, item.targets, item.candidates):
         return False
     known = set().union(content_tokens(question), *map(content_tokens, (*item.user.preferences, *item.targets)))
@@ -379,6 +392,140 @@ def run_upqa_turns(engine, items: list[UpqaItem], conversations: list[list[dict]
     return score_items(journal or Journal(), "upqa-turns", items, methods, score)
 
 
+def many_preference_items(items: list[UpqaItem], n: int, seed: int = 0) -> list[UpqaItem]:
+    """n items whose statements one user can hold together under detect_facts' rules: each statement gives
+    exactly one atomic fact (not a retirement), and no two facts share a slot (StatedFact.slot: a single-valued
+    attribute such as job or home, or one liked or disliked thing; a later fact of a held slot replaces the
+    earlier, as the store's fact index does). Drawn round-robin over the attribute types, each type's items and
+    the types themselves in a `seed`-shuffled order, so the first 10 hold one fact of each of UPQA's 10 types and
+    the first 30 three of each. The list for n is a prefix of the list for any larger n. UserError when the
+    items cannot give n."""
+    from localpers.personalize.detect import detect_facts
+
+    rng = random.Random(f"many/{seed}")
+    by_type: dict[str, list[UpqaItem]] = defaultdict(list)
+    for item in items:
+        by_type[item.attribute_type].append(item)
+    types = sorted(by_type)
+    rng.shuffle(types)
+    for kind in types:
+        rng.shuffle(by_type[kind])
+    chosen, slots = [], set()
+    while len(chosen) < n and any(by_type.values()):
+        for kind in types:
+            while by_type[kind]:
+                item = by_type[kind].pop(0)
+                found = detect_facts(item.user.preferences[0]) if item.user.preferences else []
+                if len(found) == 1 and not found[0].retire and found[0].slot not in slots:
+                    chosen.append(item)
+                    slots.add(found[0].slot)
+                    break
+            if len(chosen) == n:
+                break
+    if len(chosen) < n:
+        raise UserError(f"--many-preferences {n}: the items give only {len(chosen)} statements that one user can "
+                        "hold together (one atomic fact each, no two in the same slot)")
+    return chosen
+
+
+def many_user(items: list[UpqaItem], tag: str = "many") -> User:
+    """One user holding the items' statements (preferences and history in order) and their question/target
+    clusters (facts), as `localpers serve` holds a user who imported them (store imports keep UPQA fields)."""
+    statements = tuple(item.user.preferences[0] for item in items)
+    return User(f"{tag}{len(items)}", preferences=statements, history=statements,
+                facts=tuple(f for item in items for f in item.user.facts))
+
+
+def trained_part(spec: str) -> str | None:
+    """The trained method of a composition ("edit+rag" -> "edit"), or None."""
+    return next((part.strip() for part in spec.split("+")
+                 if part.strip() in names.TRAINED_METHODS + names.EDIT_ABLATIONS), None)
+
+
+def edit_add_fact(engine):
+    """add_fact for run_upqa_many: the seconds `localpers personalize` takes to the verified adapter of `user`
+    (editing.edit_facts on every fact the edit keeps, from the unedited model, each checked on llama.cpp) for
+    the edit methods (edit; edit-1turn with its single-turn config), written to a temporary file and never to
+    the evaluation's cache, so every run times a real edit. The editor (editing.editor_for: its torch model and
+    what every edit reuses) is ready before timing, as in the server's warm job process. Other trained methods:
+    None (not timed)."""
+    def add_fact(user: User, part: str) -> dict | None:
+        import tempfile
+        import time
+
+        from localpers.personalize import editing
+
+        configs = {names.EDIT: None, "edit-1turn": editing.SINGLE_TURN}   # what edit_method serves with
+        if part not in configs:
+            return None
+        config = configs[part]
+        editor = editing.editor_for(str(engine.model_path), config)
+        facts = editing.facts_of(user.preferences, user.facts)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            result = editing.edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
+            seconds = time.perf_counter() - started
+        return {"facts": len(user.preferences), "kept": len(facts), "edited": len(result.edits),
+                "failed": len(result.failed), "seconds": round(seconds, 1)}
+
+    return add_fact
+
+
+def run_upqa_many(engine, items: list[UpqaItem], methods: dict, *, sizes: list[int], seed: int = 0,
+                  max_tokens: int = 32, journal: Journal | None = None,
+                  add_fact=None) -> tuple[dict, dict, list[dict], dict]:
+    """Many preferences per user (RULES["many"]): for each N in `sizes` one user holding N facts
+    (many_preference_items), each fact's explicit and paraphrased question asked of every method;
+    explicit_acc@N, paraphrased_acc@N, locality_kl@N. `add_fact(user, part)` -> {"seconds", ...}: what adding
+    the last fact costs a trained method (eval_cli passes edit_add_fact); it is timed once for each trained
+    method the specs name, with fact max(sizes)+1 added to the largest user, when the items give one.
+    Returns (results, counts, rows, timing): timing[method] = add_fact's dict."""
+    journal = journal or Journal()
+    sizes = sorted(set(sizes))
+    try:
+        chosen = many_preference_items(items, sizes[-1] + 1, seed)
+    except UserError:
+        chosen = many_preference_items(items, sizes[-1], seed)  # no fact left to time adding
+    base_logprobs = [answer_logprobs(engine, Personalized(), q, a) for q, a in NEUTRAL]
+    users = {n: many_user(chosen[:n]) for n in sizes}
+    pairs = [(n, item) for n in sizes for item in chosen[:n]]
+
+    def score(name, method, pair):
+        n, item = pair
+        user = users[n]
+        # the user's other facts of the same type answer the same question: their words are not evidence
+        others = item.candidates + tuple(other.target for other in chosen[:n]
+                                         if other is not item and other.attribute_type == item.attribute_type)
+        row = {"id": f"{n}:{item.user.id}", "method": name, "facts": n, "statement": item.user.preferences[0],
+               "attribute_type": item.attribute_type}
+        ok = {}
+        for kind, question in (("explicit", item.question), ("paraphrased", item.question_paraphrased)):
+            row[kind] = generate(engine, method(user, question, engine), [{"role": "user", "content": question}],
+                                 max_tokens)
+            row[f"{kind}_ok"] = target_match(row[kind], item.targets, others)
+            ok[f"{kind}_acc@{n}"] = [row[f"{kind}_ok"]]
+        return ok, [row]
+
+    results, counts, rows = score_items(journal, "many", pairs, methods, score, desc="many preferences")
+    for name, method in methods.items():
+        for n in sizes:
+            results[name][f"locality_kl@{n}"] = 0.0 if name == "base" else journal.score(
+                ("many", name, f"locality_kl@{n}"), lambda: locality_kl(engine, method, [users[n]], base_logprobs))
+            counts[name][f"locality_kl@{n}"] = 1
+    timing = {}
+    if add_fact is not None and len(chosen) > sizes[-1]:
+        grown = many_user(chosen[:sizes[-1] + 1])
+        costs = {}   # per trained method: edit and edit+rag serve the same adapter
+        for name in methods:
+            if part := trained_part(name):
+                if part not in costs:
+                    costs[part] = journal.score(("many", part, f"add_fact@{len(chosen)}"),
+                                                lambda: add_fact(grown, part))
+                if costs[part] is not None:
+                    timing[name] = costs[part]
+    return results, counts, rows, timing
+
+
 # LaMP's classification and rating tasks: task-name prefix -> label set (None: the gold labels of the file).
 LAMP_LABELS = {"LaMP_1": ["[1]", "[2]"], "LaMP_2": None, "LaMP_3": ["1", "2", "3", "4", "5"]}
 
@@ -451,8 +598,9 @@ def row_scores(rows: list[dict]) -> dict[tuple[str, str], dict]:
     for row in rows:
         fields = ({"followed": row["followed"]} if "followed" in row else
                   {metric: row[field] for field, metric in ROW_METRICS.items() if row.get(field) is not None})
-        if "turns" in row:   # prefeval, multi-turn upqa: one metric per turn count
-            fields = {f"{metric}@{row['turns']}": value for metric, value in fields.items()}
+        for axis in ("turns", "facts"):   # prefeval, multi-turn upqa: per turn count; many preferences: per N
+            if axis in row:
+                fields = {f"{metric}@{row[axis]}": value for metric, value in fields.items()}
         for metric, value in fields.items():
             scores[row["method"], metric][row["id"]] = float(value)
     return scores
@@ -464,17 +612,32 @@ def ci95(values) -> float:
     return float(1.96 * values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
 
 
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def bootstrap95(diffs, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """The paired bootstrap's 95% interval of the mean of `diffs` (per-item differences of two methods): the
+    2.5th and 97.5th percentiles of the means of `resamples` seeded resamplings of the items with replacement.
+    It makes no normality assumption, which 0/1 differences over a few items are far from."""
+    diffs = np.asarray(list(diffs), dtype=float)
+    means = diffs[np.random.default_rng(seed).integers(0, len(diffs), (resamples, len(diffs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
 def paired_deltas(rows: list[dict], reference: str = "base") -> dict:
-    """{method: {metric: {"delta", "ci95", "n"}}}: the mean over items of (method − reference) on the same
-    item, with the half-width of its 95% interval (normal approximation). Pairing removes the variation
-    between items, which both methods share, so this separates two methods that the means' own intervals do not."""
+    """{method: {metric: {"delta", "ci95", "boot95", "n"}}}: the mean over items of (method − reference) on the
+    same item, with the half-width of its 95% interval (normal approximation) and the paired bootstrap's
+    interval [low, high] (bootstrap95). Pairing removes the variation between items, which both methods share,
+    so this separates two methods that the means' own intervals do not."""
     scores = row_scores(rows)  # (method, metric) -> {item id: value}
     out = defaultdict(dict)
     for (method, metric), values in scores.items():
         reference_values = scores.get((reference, metric), {})
         diffs = np.array([v - reference_values[i] for i, v in values.items() if i in reference_values])
         if method != reference and len(diffs) > 1:
-            out[method][metric] = {"delta": float(diffs.mean()), "n": len(diffs), "ci95": ci95(diffs)}
+            out[method][metric] = {"delta": float(diffs.mean()), "n": len(diffs), "ci95": ci95(diffs),
+                                   "boot95": bootstrap95(diffs)}
     return dict(out)
 
 
@@ -581,10 +744,13 @@ def write_report(out_dir: str | Path, report: dict) -> list[Path]:
                if "inputs" in report else []),
              results_table(report), ""]
     if "vs_base" in report:
-        lines += ["### Paired with base: mean of (method − base) over the same items, ± its 95% interval", "",
+        lines += ["### Paired with base: mean of (method − base) over the same items, ± its 95% interval "
+                  "(normal approximation) [the paired bootstrap's 95% interval]", "",
                   vs_base_table(report), ""]
     elif "vs_base_absent" in report:
         lines += ["### Paired with base", "", f"Not computed: {report['vs_base_absent']}.", ""]
+    if report.get("timing"):
+        lines += ["### Adding a fact", "", timing_table(report), ""]
     for method, axes in report.get("breakdown", {}).items():
         for axis, groups in axes.items():
             lines += [f"### {method} by {'history size' if axis == 'history' else 'time step'}", "",
@@ -615,9 +781,20 @@ def results_table(report: dict) -> str:
 
 def vs_base_table(report: dict) -> str:
     """The paired differences from base (report["vs_base"]), each method with the number of items paired."""
-    return _table({m: {"items": max(d["n"] for d in metrics.values()),
-                       **{k: f"{d['delta']:+.3f} ± {d['ci95']:.3f}" for k, d in metrics.items()}}
+    def cell(d: dict) -> str:
+        boot = f" [{d['boot95'][0]:+.2f}, {d['boot95'][1]:+.2f}]" if "boot95" in d else ""
+        return f"{d['delta']:+.3f} ± {d['ci95']:.3f}{boot}"
+
+    return _table({m: {"items": max(d["n"] for d in metrics.values()), **{k: cell(d) for k, d in metrics.items()}}
                    for m, metrics in report["vs_base"].items()})
+
+
+def timing_table(report: dict) -> str:
+    """report["timing"] (run_upqa_many): per method, the facts of the grown user, how many of them its trained
+    part keeps (the edit: one per attribute type, editing.facts_of), the seconds to its verified adapter when
+    the last one was added, and how many edits passed and failed verification."""
+    return _table({m: {"facts": t["facts"], "kept": t.get("kept"), "add_fact_s": t["seconds"],
+                       "edited": t.get("edited"), "failed": t.get("failed")} for m, t in report["timing"].items()})
 
 
 def summary(report: dict, paths: list[Path]) -> str:
@@ -629,6 +806,8 @@ def summary(report: dict, paths: list[Path]) -> str:
         out += ["paired with base (method − base, ± 95% interval):", vs_base_table(report)]
     elif report.get("vs_base_absent"):
         out += [f"paired with base: not computed: {report['vs_base_absent']}"]
+    if report.get("timing"):
+        out += ["adding the last fact:", timing_table(report)]
     return "\n".join(out + ["written:", *(f"  {p}" for p in paths)])
 
 
@@ -687,9 +866,10 @@ def plot_report(report: dict, out_dir: Path) -> list[Path]:
         for method in methods:
             ax.errorbar(xs, [results[method][m] for m in turns], yerr=[err(method, m) for m in turns], marker="o",
                         capsize=2, label=method)
-        ax.set(xlabel="distractor turns", ylabel=metric, ylim=(0, 1), xticks=xs)
+        many = "many_preferences" in report.get("config", {})
+        ax.set(xlabel="preferences per user" if many else "distractor turns", ylabel=metric, ylim=(0, 1), xticks=xs)
         ax.legend(fontsize=8)
-        paths.append(_save(fig, out_dir / f"{metric}_by_turns.png"))
+        paths.append(_save(fig, out_dir / f"{metric}_by_{'facts' if many else 'turns'}.png"))
     for axis, label in (("history", "history size"), ("step", "time step")):
         per_method = {m: b[axis] for m, b in report.get("breakdown", {}).items() if b[axis]}
         if not per_method:

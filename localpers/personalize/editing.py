@@ -236,21 +236,22 @@ def chat_context(turns: int, start: int = 0) -> list[dict]:
 @dataclass(frozen=True)
 class EditConfig:
     layer: int = 6              # chosen by the sweep in docs/edit/README.md
-    steps: int = 12            # Adam steps at most (docs/edit/README.md: "Speed")
-    lr: float = 5.0
+    steps: int = 20            # Adam steps at most (docs/edit/README.md: "Speed": 12 at lr 5 with gradient_start 1
+    lr: float = 1.0            # is 4-5x faster on one fact, but broke a two-fact user: not the default)
     kl_weight: float = 0.0
     clamp: float = 8.0          # |d| <= clamp * |W k*|
     covariance: bool = True     # k^ from C^-1 k*; False: k*/|k*|^2
     fit_each_key: bool = True   # k^ . k_i ~ 1 for each question's key, not only for their mean (docs/edit)
     key_ridge: float = 0.1      # of that least-squares fit, relative to the mean of diag(K C^-1 K')
     stop_nll: float = 0.05      # stop early once the target's mean NLL is below this
-    gradient_start: float = 1.0  # > 0: the first step goes this fraction of the clamp's radius along -gradient
+    gradient_start: float = 0.0  # > 0: the first step goes this fraction of the clamp's radius along -gradient
     train_questions: int = 6    # the value d is trained on this many of the cluster's questions (0: all of them);
                                 # the key is fit on every question either way
     chat_turns: tuple[int, ...] = (3, 8)   # context templates: earlier neutral chat turns before the question
                                 # (chat_context); () = the question asked alone, as the single-turn edit did
-    null_space: bool = True     # a later edit's key is orthogonal to the earlier edits' keys (AlphaEdit): it
-                                # leaves ffn_down's output on their questions exactly as it was
+    null_space: bool = False    # a later edit's key is orthogonal to the earlier edits' keys (AlphaEdit): it
+                                # leaves ffn_down's output on their questions exactly as it was. Off: on SmolLM2
+                                # the projected key blew up and broke the adapter (docs/edit/README.md)
     preserve_rank: int = 32     # whitened key directions kept per earlier edit (its cluster's principal ones)
     threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
                                 # On the 2-core dev machine 1 thread beat 2 even when idle (26.7 vs 37.0 s).

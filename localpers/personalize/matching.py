@@ -14,10 +14,16 @@ def _tokenizer():
     return DefaultTokenizer(use_stemmer=True)
 
 
+# Tokens that only turn a statement to the second person and carry no answer ("You're" -> you, re): not content,
+# or "Your food preference is vegetarian." would not state "You're vegetarian." (2 of {you, re, vegetarian} wanted).
+PERSON_TOKENS = frozenset({"you", "your", "yours", "yourself", "re", "ve", "ll", "d", "m", "s", "i", "me", "my"})
+
+
 def content_tokens(text: str) -> set[str]:
+    """rouge-score's stemmed tokens of `text` less English stopwords (bm25s' list) and PERSON_TOKENS."""
     from bm25s.stopwords import STOPWORDS_EN
 
-    return {t for t in _tokenizer().tokenize(text) if t not in STOPWORDS_EN}
+    return {t for t in _tokenizer().tokenize(text) if t not in STOPWORDS_EN and t not in PERSON_TOKENS}
 
 
 def target_match(answer: str, targets: tuple[str, ...], others: tuple[str, ...] = ()) -> bool:

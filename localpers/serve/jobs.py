@@ -4,7 +4,11 @@ A job is (user, kind) with a state: queued -> running -> done | failed (with its
 store's database, so they survive a restart (a job left running by a dead process is queued again when the
 next worker starts). A new, changed or deleted preference queues an `edit` job (store.add_many, delete_item);
 deleting an item an artifact was derived from queues that artifact's method. Forgetting a user deletes their
-jobs; a job still running then registers nothing (store.register_artifact(job=...) finds it gone).
+jobs and stops a job of theirs that is running (Worker.cancel_user kills the job process); a job still running
+registers nothing (store.register_artifact(job=...) finds it gone). Jobs are claimed round-robin over users
+(store.claim_job), one at a time. A job whose process died (kill -9, the OOM killer) runs once more
+(JOB_RETRIES), then fails with a readable reason (died_reason). A store error (a full disk) never ends the
+worker: it waits, retries, and reports it on /health ("jobs_error") and /jobs ("worker_error").
 
 One worker thread runs the jobs one at a time, at a lower CPU priority (nice 10) and with torch capped at
 `threads` threads, so that chat keeps the rest of the machine. Under `localpers serve` each job runs in a child
@@ -17,7 +21,8 @@ duration; never user text). Job kinds map to functions `(store, user, engine, jo
 counts, no text): edit, perce and ce (the user's LoRA adapter), logo (a LoGo round for the whole store:
 logo.logo_job).
 
-    GET  /v1/users/{user}/jobs          the user's jobs, newest first
+    GET  /v1/users/{user}/jobs          the user's jobs, newest first (a queued one's `position` in the queue of
+                                        all users; "worker_error" while the worker cannot run jobs: a full disk)
     POST /v1/users/{user}/personalize   {"method"?: "edit" | "perce" | "ce" | "logo"} queue a job (202; an already queued one is reused)
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -36,6 +42,7 @@ from fastapi import APIRouter, Body, Request
 from localpers import names
 from localpers.errors import UserError
 from localpers.serve.memory_api import OpenAIErrorRoute
+from localpers.store.store import DISK_FULL, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,25 @@ def _resolve(target):
         module, attr = target.split(":")
         return getattr(importlib.import_module(module), attr)
     return target
+
+
+class ProcessDied(RuntimeError):
+    """The job process died mid-job (killed: the OOM killer's SIGKILL, a crash): its message says how, readable."""
+
+
+def died_reason(exitcode: int | None) -> str:
+    """How a job process ended, as a job's reason: "the job process died (killed by signal 9 (SIGKILL) — out of
+    memory?)" for a kill, "the job process died (exit code 3)" for an exit."""
+    import signal
+
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = f" ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            name = ""
+        hint = " — out of memory?" if -exitcode == signal.SIGKILL else ""
+        return f"the job process died (killed by signal {-exitcode}{name}{hint})"
+    return f"the job process died (exit code {exitcode})"
 
 
 class JobProcess:
@@ -98,12 +124,17 @@ class JobProcess:
         """Run job `target` ("module:function") in the child; its result, or its UserError raised here."""
         if not self.alive:
             self._start()
-        self._conn.send((target, user, job_id))
-        while not self._conn.poll(0.2):
-            if not self._proc.is_alive():
-                code, self._proc = self._proc.exitcode, None
-                raise RuntimeError(f"the job process exited with code {code}")
-        status, value = self._conn.recv()
+        try:
+            self._conn.send((target, user, job_id))
+            while not self._conn.poll(0.2):
+                if not self._proc.is_alive():
+                    break
+            status, value = self._conn.recv()
+        except (EOFError, OSError):  # the pipe closed: the process died (kill -9, the OOM killer, a crash)
+            proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+            proc.join(5)
+            conn.close()
+            raise ProcessDied(died_reason(proc.exitcode)) from None
         self.last_used = time.monotonic()
         if status == "ok":
             return value
@@ -123,6 +154,11 @@ class JobProcess:
                 os.setpriority(os.PRIO_PROCESS, int(task.name), self.nice)
             except (OSError, ValueError):
                 pass
+
+    def kill(self) -> None:
+        """End the job process now (SIGKILL): its job's work is dropped (forget cancels a running job)."""
+        if self.alive:
+            self._proc.kill()
 
     def stop(self, timeout: float = 5) -> None:
         proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
@@ -187,6 +223,8 @@ def _child_main(conn, data_dir: str, model_path: str, threads: int, parent: int)
         store.close()
 
 
+JOB_RETRIES = 1  # a job whose process died (kill -9, the OOM killer) runs again this many times
+MAX_BACKOFF_S = 30.0  # the longest wait of the worker between tries after a store error (a full disk)
 IDLE_EXIT_S = 30.0  # a job process with no job for this long exits (what it loaded goes back to the system)
 
 
@@ -207,9 +245,19 @@ class Worker:
         self.ready = threading.Event()  # set once the engine is there and warming up (if asked) is over
         self._thread = threading.Thread(target=self._run, daemon=True, name="localpers-jobs")
         self.current: dict | None = None
+        self.problem: str | None = None  # why the worker cannot run jobs now (a full disk...): /health shows it
+        self._died: dict[int, int] = {}  # job id -> times its job process died running it (one retry)
+        self._cancelled: int | None = None  # the running job forget cancelled (cancel_user)
+        self._requeue_later: int | None = None  # a job left running by a store error: queued again once it works
+        self._requeue_running = False  # start's requeue_running failed: done before the first claim
+        self._warmed = not warm or process  # a job process loads what its jobs need when it starts
 
     def start(self) -> "Worker":
-        self.store.requeue_running()
+        try:
+            self.store.requeue_running()
+        except sqlite3.Error as e:  # a full disk: the server starts all the same; done before the first claim
+            log.warning("jobs left running are queued again later: %s", e)
+            self._requeue_running = True
         self.store.sweep_temp()  # scratch folders of jobs a crash interrupted
         self._thread.start()
         return self
@@ -230,7 +278,36 @@ class Worker:
         if self.child is not None and self.current is None:
             self.child.stop()
 
+    def cancel_user(self, user: str) -> bool:
+        """Forget is deleting `user`: a job of theirs running in the job process is stopped (the process is
+        killed; its result is never written: the job's row goes with the user). True when one was running."""
+        job = self.current
+        if job is None or job["user"] != user:
+            return False
+        self._cancelled = job["id"]
+        if self.child is not None:
+            self.child.kill()
+        return True
+
     def _run(self) -> None:
+        """The worker thread: runs jobs until stopped. A store error (a full disk: sqlite "database or disk is
+        full", ENOSPC) never ends it: it is logged and kept in `problem` (/health reports it), and the thread
+        tries again after a back-off (doubling, at most MAX_BACKOFF_S); queued jobs run once the store works."""
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._loop()
+                return
+            except Exception as e:
+                failures += 1
+                why = DISK_FULL if disk_full(e) else f"{type(e).__name__}: {e}"
+                self.problem = f"background jobs are paused: {why}"
+                if failures == 1:
+                    log.exception("the job worker hit an error; it retries")
+                say(f"{self.problem} (retrying, attempt {failures})")
+                self._stop.wait(min(self.poll_s * 2 ** failures, MAX_BACKOFF_S))
+
+    def _loop(self) -> None:
         # Lower this thread's CPU priority (Linux: nice is per thread, and threads it starts inherit it): on a
         # loaded machine the scheduler then gives chat's llama.cpp threads the cores first.
         if hasattr(os, "setpriority"):
@@ -238,7 +315,6 @@ class Worker:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
             except OSError:
                 pass
-        warmed = not self.warm or self.process  # a job process loads what its jobs need when it starts
         while not self._stop.is_set():
             engine = self.engine()
             if engine is None:
@@ -248,8 +324,8 @@ class Worker:
             if self.process and self.child is None:
                 self.child = JobProcess(self.store.directory, engine.model_path, self.threads, self.nice)
             engine = engine if self.process else self.job_engine(engine)
-            if not warmed:
-                warmed = True
+            if not self._warmed:
+                self._warmed = True
                 import torch
 
                 torch.set_num_threads(self.threads)
@@ -259,7 +335,9 @@ class Worker:
                     except Exception as e:  # a job reports it later; warming is only an optimisation
                         log.warning("warming up %s jobs failed: %s", kind, e)
             self.ready.set()
-            if not self.run_one(engine):
+            ran = self.run_one(engine)
+            self.problem = None  # the store answered: any earlier problem is over
+            if not ran:
                 if self.child is not None and self.child.alive and \
                         time.monotonic() - self.child.last_used > self.idle_exit_s:
                     self.child.stop()
@@ -288,15 +366,45 @@ class Worker:
             return held and self._run_one(engine)
 
     def _run_one(self, engine) -> bool:
+        if self._requeue_running:  # start could not (a full disk)
+            self.store.requeue_running()
+            self._requeue_running = False
+        if self._requeue_later is not None:  # a job whose end a store error kept from being recorded
+            self.store.requeue_job(self._requeue_later)
+            self._requeue_later = None
         job = self.store.claim_job(list(JOB_KINDS))
         if job is None:
             return False
         import torch  # the jobs train with torch: capped, so that chat keeps the other cores
 
         torch.set_num_threads(self.threads)
-        self.current = job
+        self.current, self._cancelled = job, None
         started = time.monotonic()
         say(f"job {job['id']} ({job['kind']}) started")
+        try:
+            state, reason, result = self._execute(job, engine)
+            took = f"in {time.monotonic() - started:.1f} s"
+            if self._cancelled == job["id"]:  # its row goes with the user: recording the end writes nothing
+                self._died.pop(job["id"], None)
+                self.store.finish_job(job["id"], names.FAILED if state == names.QUEUED else state, reason=reason,
+                                      result=result)
+                say(f"job {job['id']} ({job['kind']}) cancelled {took} (its user was forgotten)")
+            elif state == names.QUEUED:  # the job process died: run once more
+                self.store.requeue_job(job["id"])
+                say(f"job {job['id']} ({job['kind']}) queued again {took}: {reason}")
+            else:
+                self.store.finish_job(job["id"], state, reason=reason, result=result)
+                died = self._died.pop(job["id"], None) and state == names.FAILED  # a reason with no user data
+                say(f"job {job['id']} ({job['kind']}) {state} {took}" + (f": {reason}" if died else ""))
+        except Exception:  # a store error recording the end (a full disk): queued again once the store works
+            self._requeue_later = job["id"]
+            raise
+        finally:
+            self.current = None
+        return True
+
+    def _execute(self, job: dict, engine) -> tuple[str, str | None, dict | None]:
+        """Run one claimed job: (state, reason, result); state QUEUED when its process died the first time."""
         try:
             target = JOB_KINDS[job["kind"]]
             if self.child is not None and isinstance(target, str):
@@ -306,18 +414,15 @@ class Worker:
                     check()
             else:
                 result = _resolve(target)(self.store, job["user"], engine, job["id"])
-            self.store.finish_job(job["id"], names.DONE, result=result)
-            say(f"job {job['id']} ({job['kind']}) done in {time.monotonic() - started:.1f} s")
+            return names.DONE, None, result
         except UserError as e:  # StaleError (cancelled, sources deleted), no preferences, a model mismatch...
-            self.store.finish_job(job["id"], names.FAILED, reason=str(e))
-            say(f"job {job['id']} ({job['kind']}) failed in {time.monotonic() - started:.1f} s")
+            return names.FAILED, str(e), None
+        except ProcessDied as e:  # killed (the OOM killer...): one automatic retry, then failed with the reason
+            self._died[job["id"]] = tries = self._died.get(job["id"], 0) + 1
+            return (names.QUEUED if tries <= JOB_RETRIES else names.FAILED), str(e), None
         except Exception as e:  # a bug: the job fails with its reason and the worker goes on
             log.exception("job %s (%s) failed", job["id"], job["kind"])
-            self.store.finish_job(job["id"], names.FAILED, reason=f"{type(e).__name__}: {e}")
-            say(f"job {job['id']} ({job['kind']}) failed in {time.monotonic() - started:.1f} s: {type(e).__name__}")
-        finally:
-            self.current = None
-        return True
+            return names.FAILED, f"{type(e).__name__}: {e}", None
 
 
 def say(line: str) -> None:
@@ -330,7 +435,9 @@ router = APIRouter(route_class=OpenAIErrorRoute)
 
 @router.get("/v1/users/{user}/jobs")
 def list_jobs(user: str, request: Request):
-    return {"object": "list", "data": request.app.state.store.jobs(user)}
+    worker = getattr(request.app.state, "worker", None)
+    problem = {"worker_error": worker.problem} if worker is not None and worker.problem else {}
+    return {"object": "list", "data": request.app.state.store.jobs(user), **problem}
 
 
 @router.post("/v1/users/{user}/personalize", status_code=202)

@@ -1,6 +1,7 @@
 """mem0-like memory endpoints over the history store (app.state.store), mounted by `localpers serve`.
 
     POST   /v1/users/{user}/memories              {"text": ..., "kind"?, "meta"?} or {"messages": [{"role", "content"}]}
+                                                  (a chat: its user messages only, learned from as in chat)
                                                   (text and content: a string or a list of text parts, as in chat)
                                                   {"text", "kind": "preference"} without meta: learned as facts
                                                   through the detector (400 when it states none)
@@ -10,15 +11,17 @@
                                                   source message's id), created, status (store.facts)
     DELETE /v1/users/{user}/memories/{item_id}
     GET    /v1/users/{user}/export
-    DELETE /v1/users/{user}
+    DELETE /v1/users/{user}                       (stops the user's running job)
 
 Errors are OpenAI-style bodies {"error": {"message", "type", "param", "code"}} (param: the field at fault, or
 null): 404 for an unknown user or item, 400 for any other bad input (a kind not in names.ITEM_KINDS, a body that
-is not a JSON object, a ts out of range ...). `{user}` is any user id the store accepts (store.check_user), URL-encoded
+is not a JSON object, a ts out of range ...), 507 when the data folder's disk is full. `{user}` is any user id the store accepts (store.check_user), URL-encoded
 ("john%20doe", "a%2Fb"). Handlers are plain functions: FastAPI runs them in its thread pool, and the
 store gives each thread its own SQLite connection."""
 from __future__ import annotations
 
+import json
+import sqlite3
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Body, Request
@@ -32,13 +35,19 @@ from localpers import names
 from localpers.model.chat import content_text
 from localpers.errors import UserError
 from localpers.personalize.detect import NO_FACT, detect_facts
-from localpers.serve.learn import learn_from_text
-from localpers.store.store import NotFoundError, check_item, message_items
+from localpers.serve.learn import learn_from_messages, learn_from_text
+from localpers.store.store import DISK_FULL, NotFoundError, check_item, disk_full, message_items
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
                                    "code": code}}, status)
+
+
+def disk_full_response() -> JSONResponse:
+    """507 Insufficient Storage: the data folder's disk is full (store.disk_full), never a 500."""
+    return JSONResponse({"error": {"message": DISK_FULL, "type": "server_error", "param": None,
+                                   "code": "disk_full"}}, 507)
 
 
 def check_kind(kind: str) -> str:
@@ -87,6 +96,10 @@ class OpenAIErrorRoute(APIRoute):
                 return error_response(400, message, "invalid_request", param)
             except HTTPException as e:
                 return error_response(e.status_code, str(e.detail), "invalid_request")
+            except (sqlite3.OperationalError, OSError) as e:
+                if not disk_full(e):
+                    raise
+                return disk_full_response()
 
         return handle
 
@@ -96,11 +109,12 @@ router = APIRouter(route_class=OpenAIErrorRoute)
 
 @router.post("/v1/users/{user}/memories", status_code=201)
 def add_memories(user: str, request: Request, payload: dict = Body(...)):
-    """Store one item ({"text", "kind"?, "meta"?, "ts"?}) or a chat ({"messages": [...]}, one item per
-    message, kind "message", the role in meta); nothing is stored unless every item is valid."""
+    """Store one item ({"text", "kind"?, "meta"?, "ts"?}) or a chat ({"messages": [...]}: the user's own
+    messages, kind "message", learned from as a served chat's are; the assistant's and other roles' are left out
+    and counted in "left_out"); nothing is stored unless every item is valid."""
     if "messages" in payload:
-        items = message_items(payload["messages"])
-    elif "text" in payload:
+        return _remember_chat(request.app.state.store, user, message_items(payload["messages"]))
+    if "text" in payload:
         text = content_text(payload["text"]) if isinstance(payload["text"], list) else payload["text"]
         kind = check_kind(payload.get("kind", names.MESSAGE))
         if kind == names.PREFERENCE and payload.get("meta") is None and "ts" not in payload:
@@ -142,8 +156,24 @@ def export_user(user: str, request: Request):
 
 @router.delete("/v1/users/{user}")
 def forget_user(user: str, request: Request):
+    """Delete everything held about the user (store.forget); a job of theirs running is stopped first (its
+    result is never written). Works on a full disk (deleting frees space); else a 507 naming the disk."""
+    worker = getattr(request.app.state, "worker", None)
+    if worker is not None:
+        worker.cancel_user(user)
     request.app.state.store.forget(user)
     return {"user": user, "deleted": True}
+
+
+def _remember_chat(store, user: str, items: list[tuple]) -> dict:
+    """A chat posted to the memories route, as validated items: the user's messages stored and their facts
+    learned (learn_from_messages), like a served chat's; data: the messages' ids, then the new facts' ids."""
+    mine = [item[2].decode("utf-8") for item in items if json.loads(item[3]).get("role") == "user"]
+    learned = learn_from_messages(store, user, mine) if mine else \
+        {"messages": [], "preferences": [], "facts": [], "replaced": [], "retired": []}
+    return {"object": "list", "data": [{"id": i, "user": user} for i in learned["messages"] + learned["preferences"]],
+            "facts": learned["facts"], "replaced": learned["replaced"], "retired": learned["retired"],
+            "left_out": len(items) - len(mine)}
 
 
 def _remember_preference(store, user: str, text) -> dict:

@@ -39,6 +39,7 @@ from localpers.model.chat import template_supports_tools
 from localpers.serve import limits
 from localpers.serve import server as S
 from localpers.serve.tools import ToolPlan, plan as tool_plan
+from localpers.store.store import check_user
 
 USER_HEADER = "X-Localpers-User"
 USER_SUFFIX = "@localpers"
@@ -86,8 +87,22 @@ def request_user(app, request: Request, model: str | None, user: str | None) -> 
         raise S.APIError(404, f"the model '{model}' does not exist; this server serves "
                               f"{', '.join(repr(n) for n in served_names(app, engine))} and NAME{USER_SUFFIX}",
                          code="model_not_found", param="model")
-    header = request.headers.get(USER_HEADER)
-    return user or (unquote(header) if header else None) or named or app.state.owner or None
+    return user or header_user(request) or named or app.state.owner or None
+
+
+def header_user(request: Request) -> str | None:
+    """The user the X-Localpers-User header names: its bytes read as UTF-8, then percent-decoded as a URL path's
+    user segment is (`jos%C3%A9` and a raw UTF-8 `josé` are one user; a literal '%' is written %25). Bytes that
+    are not UTF-8, raw or percent-encoded (%ff), and ids the store refuses (control characters, blank) are a 400:
+    no user is made of them."""
+    header = request.headers.get(USER_HEADER)  # Starlette decodes header bytes as latin-1: encode() gets them back
+    if not header:
+        return None
+    text = unquote(header.encode("latin-1").decode("utf-8", "surrogateescape"), errors="surrogateescape")
+    try:
+        return check_user(text)
+    except UserError as e:
+        raise S.APIError(400, f"the {USER_HEADER} header: {e}", param=USER_HEADER) from None
 
 
 def system_fingerprint(engine) -> str:
@@ -609,8 +624,15 @@ async def embeddings(req: EmbeddingRequest, request: Request):
         if not isinstance(x, str):
             check_token_ids(x, engine.n_vocab, "input")
     texts = [x if isinstance(x, str) else engine.detokenize(x) for x in inputs]
-    if any(not t.strip() for t in texts):
-        S.refuse("input", "an input is empty")
+    for i, (x, text) in enumerate(zip(inputs, texts)):
+        if text.strip():
+            continue
+        param = "input" if len(inputs) == 1 and not isinstance(req.input[0], list) else f"input.{i}"
+        if isinstance(x, str):
+            S.refuse(param, "is empty")
+        S.refuse(param, f"the token ids {x[:8]}{' ...' if len(x) > 8 else ''} hold no text to embed: special or "
+                        "control tokens of this model (BOS, EOS, chat markers) detokenize to nothing, and "
+                        "whitespace is no text either; send text, or the ids of text tokens")
     counts = [len(engine.tokenize(t, add_bos=False)) for t in texts]
     vectors = await run_in_threadpool(lambda: embedder_of(app).embed(texts))
     if req.dimensions is not None and req.dimensions != vectors.shape[1]:

@@ -10,7 +10,8 @@ as `localpers eval` measures the same spec. Unless the server runs with `--no-hi
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
 adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
 (method, kind, id), the ids of the retrieved items and, when this request's message stored, replaced or retired facts,
-`learned`: {"facts": [{"id", "attribute"}], "replaced": [...], "retired": [...]}; never text. The mem0-like memory
+`learned`: {"facts": [{"id", "attribute"}], "replaced": [...], "retired": [...]} (and "retried": [...], facts restated
+after their edit failed, whose edit is queued again); never text. The mem0-like memory
 endpoints of localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page
 at `/` ("what my assistant knows about me") and the routes it adds are localpers.serve.page.
 
@@ -54,10 +55,10 @@ from localpers.serve import limits
 from localpers.serve.jobs import Worker
 from localpers.serve.jobs import router as jobs_router
 from localpers.serve.learn import changed, learn_from_chat
-from localpers.serve.memory_api import router as memory_router
+from localpers.serve.memory_api import disk_full_response, router as memory_router
 from localpers.serve.page import router as page_router
 from localpers.personalize.methods import apply
-from localpers.store.store import NotFoundError, Store
+from localpers.store.store import NotFoundError, Store, disk_full
 from localpers.store.store import data_dir as resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -351,12 +352,10 @@ def grammar_of(fmt: ResponseFormat | None, schema: dict | None = None, param: st
         schema, param = schema_of(fmt)
     if schema is None:
         return None
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    from localpers.serve.tools import json_grammar
 
-    if not schema:
-        return JSON_GBNF
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return json_grammar(schema)
     except Exception as e:  # the converter raises assorted errors for schemas it does not support
         refuse(param, f"llama.cpp cannot turn this JSON schema into a grammar ({e})")
 
@@ -577,8 +576,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         """Store the user's new messages and learn the facts stated in them (after composing: this request's
         messages are context, not retrieved history; once the request is accepted: a request refused with a 4xx
         stores nothing); wakes the job worker for a changed fact. Returns what the response's `localpers` object
-        reports ({"facts", "replaced", "retired"}: ids and attribute names, no text), or None when no fact
-        changed."""
+        reports ({"facts", "replaced", "retired"}, and "retried" when a fact whose edit failed was restated: ids
+        and attribute names, no text), or None when no fact changed."""
         try:
             learned = learn_from_chat(store, user, messages)
         except (UserError, sqlite3.Error, OSError) as e:  # a message the store refuses (over 64 KiB...), a full
@@ -589,7 +588,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             return None
         if app.state.worker is not None:
             app.state.worker.wake()
-        return {key: learned[key] for key in ("facts", "replaced", "retired")}
+        return {key: learned[key] for key in ("facts", "replaced", "retired")} | \
+            ({"retried": learned["retried"]} if learned["retried"] else {})
 
     everyone = Artifacts(lora=tuple((str(path), 1.0) for path in lora))  # --lora: applied to every request
 
@@ -635,13 +635,17 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
 
     @app.exception_handler(Exception)
     async def on_server_fault(request, e: Exception):
+        if disk_full(e):
+            return disk_full_response()
         print(f"localpers: server error on {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return error_response(500, "internal server error (the server's log has the details)", "server_error")
 
     @app.get("/health", responses={503: {"model": ErrorBody}, 500: {"model": ErrorBody}})
     def health():
         if app.state.engine is not None:
-            return {"status": "ok", "model": app.state.engine.model_name}
+            worker = app.state.worker
+            problem = {"jobs_error": worker.problem} if worker is not None and worker.problem else {}
+            return {"status": "ok", "model": app.state.engine.model_name, **problem}
         if app.state.load_error:
             return error_response(500, "the model failed to load; the server's log says why", "server_error")
         return error_response(503, "the model is still loading", "server_error", "model_loading")

@@ -15,6 +15,7 @@ under tool_choice "auto"; "required" and named choices use the generic grammar o
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -22,6 +23,25 @@ from localpers.engine.engine import message_of
 
 GENERIC_INSTRUCTION = ("Respond in JSON format, either with `tool_call` (a request to call tools) or with `response` "
                        "reply to the user's request")
+
+
+# llama.cpp's JSON string character (common/json-schema-to-grammar.cpp, grammars/json.gbnf): no raw control
+# character (U+0000-U+001F, DEL); JSON's "\/" escape is kept. llama-cpp-python 0.3's port of the converter still
+# has the older `[^"\\]`, which lets a raw newline into a string, and the reply then does not parse
+# (tests/test_serve_protocol.py::test_json_strings_never_hold_raw_control_characters).
+JSON_CHAR_RULE = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+
+
+def json_grammar(schema: dict) -> str:
+    """The GBNF grammar whose sentences are the JSON texts that `schema` (a JSON schema; {} for any JSON value
+    of the object kind llama-server's json mode gives) accepts, as llama-server builds it. Raises ValueError
+    (or the converter's own errors) for a schema llama.cpp's converter does not support."""
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if not schema:
+        return JSON_GBNF
+    return re.sub(r"^char ::= .*$", lambda _: JSON_CHAR_RULE, json_schema_to_gbnf(json.dumps(schema)),
+                  flags=re.MULTILINE)
 
 
 def _call_id() -> str:
@@ -153,11 +173,9 @@ def plan(tools: list[dict] | None, tool_choice, parallel: bool | None, tools_ok:
     required = tool_choice not in (None, "auto")
     if tools_ok and not required and response_schema is None:
         return ToolPlan(mode="native", template_tools=tools)
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
     schema = generic_schema(chosen, required, bool(parallel), response_schema)
     try:
-        grammar = json_schema_to_gbnf(json.dumps(schema))
+        grammar = json_grammar(schema)
     except Exception as e:  # the converter raises assorted errors for schemas it does not support
         refuse("tools", f"llama.cpp cannot turn these functions' parameters into a grammar ({e})")
     return ToolPlan(mode="generic", grammar=grammar, response_json=response_schema is not None,

@@ -29,6 +29,7 @@ import time
 import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -113,6 +114,18 @@ ARTIFACT_COLUMNS = {
     "method": "TEXT NOT NULL DEFAULT ''",
     "sources": "TEXT NOT NULL DEFAULT '[]'",
 }
+
+
+def disk_full(e: BaseException) -> bool:
+    """Is `e` the data folder's disk being full: SQLite's SQLITE_FULL ("database or disk is full") or ENOSPC?"""
+    import errno
+
+    if isinstance(e, sqlite3.OperationalError):
+        return getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "database or disk is full" in str(e)
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+DISK_FULL = "the disk of the data folder is full: free some space and try again"
 
 
 class NotFoundError(UserError):
@@ -513,13 +526,20 @@ def _scrypt(passphrase: str, salt: bytes) -> bytes:
     return Scrypt(salt=salt, **_SCRYPT).derive(passphrase.encode("utf-8"))
 
 
+def holds_store(directory: str | os.PathLike) -> bool:
+    """Does `directory` hold a store's database (a file not empty; whether it is one is for Store.open to say)?"""
+    db = Path(directory) / DB_FILE
+    return db.is_file() and db.stat().st_size > 0
+
+
 class Store:
     """The history store of one data directory. Safe to share between threads: each thread gets its own
     SQLite connection, WAL lets readers run while one writer writes, and the in-memory indexes are locked."""
 
-    def __init__(self, directory: Path, embedder=None):
+    def __init__(self, directory: Path, embedder=None, read_only: bool = False):
         self.directory = Path(directory)
         self.embedder = embedder
+        self.read_only = read_only
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -530,22 +550,49 @@ class Store:
         # engine drops the adapter it loaded from it (freed once no request holds it)
         self.on_retire: list = []
         self.cipher = self._unlock()
-        self._migrate()
-        self._migrate_facts()
+        if read_only:
+            self._check_current()
+        else:
+            self._migrate()
+            self._migrate_facts()
 
     @classmethod
-    def open(cls, directory: str | os.PathLike, embedder=None) -> Store:
+    def open(cls, directory: str | os.PathLike, embedder=None, read_only: bool = False) -> Store:
+        """The store of `directory`, made (folder, database, key) if new. `read_only`: for commands that only read
+        (history, export, users, search): nothing is made or written, so a folder that holds no store is a
+        UserError ("no localpers data in DIR"), and a store on a read-only mount is read as it stands. A folder
+        that cannot be made or written (a read-only mount, /proc/...) is a UserError naming it."""
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise UserError(f"{directory} is not a directory")
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # the database first, 0600: SQLite gives its -wal and -shm files the database's permissions
-        os.close(os.open(directory / DB_FILE, os.O_RDWR | os.O_CREAT, 0o600))
-        make_private(directory / DB_FILE)  # a store made before this rule
-        for suffix in ("-wal", "-shm"):
-            if (directory / (DB_FILE + suffix)).exists():
-                make_private(directory / (DB_FILE + suffix))
-        return cls(directory, embedder)
+        if read_only:
+            if not holds_store(directory):
+                raise UserError(f"no localpers data in {directory}")
+            return cls._opened(directory, embedder, read_only=True)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # the database first, 0600: SQLite gives its -wal and -shm files the database's permissions
+            os.close(os.open(directory / DB_FILE, os.O_RDWR | os.O_CREAT, 0o600))
+            make_private(directory / DB_FILE)  # a store made before this rule
+            for suffix in ("-wal", "-shm"):
+                if (directory / (DB_FILE + suffix)).exists():
+                    make_private(directory / (DB_FILE + suffix))
+        except OSError as e:
+            if disk_full(e):
+                raise
+            raise UserError(f"cannot write the data folder {directory}: {e.strerror}") from None
+        return cls._opened(directory, embedder)
+
+    @classmethod
+    def _opened(cls, directory: Path, embedder, read_only: bool = False) -> Store:
+        try:
+            return cls(directory, embedder, read_only=read_only)
+        except sqlite3.OperationalError as e:  # a read-only database file, a locked one (a full disk: DISK_FULL)
+            if disk_full(e):
+                raise
+            raise UserError(f"cannot {'read' if read_only else 'write'} the store in {directory}: {e}") from None
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{directory / DB_FILE} is not a localpers store: {e}") from None
 
     def __enter__(self):
         return self
@@ -564,7 +611,16 @@ class Store:
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None and self.read_only:
+            # mode=ro: SQLite never writes the database; where the folder cannot be written at all (a read-only
+            # mount) not even WAL's -shm can be made, so the file is read as immutable (as it stands on disk)
+            immutable = "" if os.access(self.directory, os.W_OK) else "&immutable=1"
+            conn = sqlite3.connect(f"file:{quote((self.directory / DB_FILE).resolve().as_posix())}?mode=ro{immutable}",
+                                   uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        elif conn is None:
             # Autocommit mode: transactions are explicit (see _write). check_same_thread is off only so that
             # close() can close every thread's connection; each connection is used by its own thread.
             conn = sqlite3.connect(
@@ -604,6 +660,15 @@ class Store:
             conn.execute("COMMIT")
 
     def _unlock(self) -> Cipher:
+        if self.read_only:
+            with self._read() as conn:
+                try:
+                    settings = dict(conn.execute("SELECT name, value FROM settings"))
+                except sqlite3.OperationalError:  # no settings table: an empty or foreign database
+                    settings = {}
+            if "kdf" not in settings:
+                raise UserError(f"no localpers data in {self.directory}")
+            return self._key(settings, _passphrase())
         self._conn().executescript(SCHEMA)
         with self._write() as conn:
             settings = dict(conn.execute("SELECT name, value FROM settings"))
@@ -620,6 +685,13 @@ class Store:
                 conn.execute("INSERT INTO settings VALUES ('layout', ?)", (str(LAYOUT).encode(),))
                 conn.execute("INSERT INTO settings VALUES ('key_check', ?)", (cipher.seal(_KEY_CHECK, b"key"),))
                 return cipher
+        cipher = self._key(settings, passphrase)
+        if settings.get("layout") != str(LAYOUT).encode():
+            self._migrate_artifact_folders()
+        return cipher
+
+    def _key(self, settings: dict, passphrase: str | None) -> Cipher:
+        """The cipher of an existing store (its settings rows), checked against its key_check."""
         if settings["kdf"] == b"scrypt":
             if passphrase is None:
                 raise UserError(f"{self.directory} is encrypted with a passphrase: set LOCALPERS_PASSPHRASE")
@@ -638,9 +710,16 @@ class Store:
             cipher.open(settings["key_check"], b"key")
         except InvalidTag:
             raise UserError(f"{wrong}: cannot decrypt {self.directory / DB_FILE}") from None
-        if settings.get("layout") != str(LAYOUT).encode():
-            self._migrate_artifact_folders()
         return cipher
+
+    def _check_current(self) -> None:
+        """A store opened read-only cannot be migrated: one an older localpers wrote is a UserError saying so."""
+        with self._read() as conn:
+            layout = conn.execute("SELECT value FROM settings WHERE name = 'layout'").fetchone()
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(artifacts)")}
+        if layout is None or layout[0] != str(LAYOUT).encode() or not set(ARTIFACT_COLUMNS) <= columns:
+            raise UserError(f"{self.directory} was written by an older localpers: run a command that writes to it "
+                            "(remember, serve) once to update it")
 
     def _migrate_artifact_folders(self) -> None:
         """Layout 1 -> 2: move artifacts/<user id> to artifacts/_user-<row id> and rewrite the registered paths.
@@ -773,7 +852,7 @@ class Store:
         it in the conversation, None for the first, so that "Just kidding, I'm not." can withdraw what it said); at
         most `limit` per message are learned. See
         _learn for what a fact does. Returns {"stored": [(item id, text)], "messages": [ids], "facts": [...],
-        "replaced": [...], "retired": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
+        "replaced": [...], "retired": [...], "retried": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
         {"id", "attribute"}, their text is deleted)."""
         checked, digests, prefix = [], [], hashlib.sha256()
         speaker = check_user(user).casefold()
@@ -784,7 +863,7 @@ class Store:
             if message["role"] == "user" and own and message["content"].strip():
                 checked.append(check_item(message["content"], "message", {"role": "user", "source": "chat"}))
                 digests.append(self.cipher.digest(prefix.digest()))
-        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
+        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": [], "retried": []}
         if not checked:
             return out
         # Detection runs before the write lock is taken, on the messages not seen yet (a resent conversation is
@@ -810,12 +889,23 @@ class Store:
         """Store one message the user typed (`localpers remember`, or a fact corrected on the page: `source`) and
         learn the facts it states, as learn_chat does, in one transaction; the same text said twice is two
         messages. Returns learn_chat's dict."""
-        item = check_item(text, "message", {"role": "user", "source": source})
-        facts = extract(item[2].decode("utf-8"), limit)[:limit]
-        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": []}
+        return self.learn_texts(user, [text], extract, limit, source=source)
+
+    def learn_texts(self, user: str, texts: list, extract, limit: int = names.MAX_FACTS_PER_MESSAGE,
+                    source: str = "remember") -> dict:
+        """learn_text for several messages the user wrote (POST /v1/users/{user}/memories with a chat's user
+        messages), in order, in one transaction: all are checked before anything is written, and each is read
+        as learn_chat reads a turn (`extract(text, limit, previous)`, previous: the message before it, None for
+        the first), so a later fact replaces an earlier one of its slot and "Just kidding" withdraws the one
+        before. Returns learn_chat's dict."""
+        items = [check_item(text, "message", {"role": "user", "source": source}) for text in texts]
+        said = [item[2].decode("utf-8") for item in items]
+        found = [(item, extract(text, limit, previous)[:limit])
+                 for item, text, previous in zip(items, said, [None, *said])]
+        out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": [], "retried": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            paths = self._learn(conn, user_id, [(item, facts)], out, source=source)
+            paths = self._learn(conn, user_id, found, out, source=source)
         self._remove_files(user_id, paths)
         return out
 
@@ -830,7 +920,9 @@ class Store:
         - a fact of a slot held with another value replaces it (single-valued attributes: home, diet, job ...;
           likes and dislikes of one thing): the old preference item goes, with the artifacts derived from it;
         - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held; one of an
-          empty value ("Please forget where I live.") deletes the slot's fact whatever its value.
+          empty value ("Please forget where I live.") deletes the slot's fact whatever its value;
+        - a fact held already whose edit failed (the user's newest edit job failed) queues the edit again
+          (out["retried"]: once per restatement).
 
         New and deleted preferences queue the user's edit job. Returns the retired artifact files."""
         ids = self._insert(conn, user_id, [item for item, _ in items])
@@ -849,7 +941,10 @@ class Store:
                         out["retired"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)} for i in gone]
                         paths += self._delete(conn, user_id, gone)
                     continue
-                if any(v == value for _, v in held):
+                if any(v == value for _, v in held):  # held already; its edit failed last time: tried again
+                    if self._edit_failed(conn, user_id):
+                        self._queue(conn, user_id, names.EDIT)
+                        out["retried"] += [{"id": i, "attribute": fact.attribute} for i, v in held if v == value]
                     continue
                 if held:
                     new_now = {f["id"] for f in out["facts"]}  # said earlier in this same request: not reported
@@ -863,6 +958,12 @@ class Store:
                              (fact_id, user_id, slot, value, message_id))
                 out["facts"].append({"id": fact_id, "attribute": fact.attribute})
         return paths
+
+    def _edit_failed(self, conn, user_id: int) -> bool:
+        """Inside a write: did the user's newest edit job fail (and none is queued or running after it)?"""
+        row = conn.execute("SELECT state FROM jobs WHERE user_id = ? AND kind = ? ORDER BY id DESC LIMIT 1",
+                           (user_id, names.EDIT)).fetchone()
+        return row is not None and row[0] == names.FAILED
 
     def _fact_attribute(self, conn, user_id: int, item_id: int) -> str | None:
         row = conn.execute("SELECT meta FROM items WHERE id = ?", (item_id,)).fetchone()
@@ -1301,27 +1402,52 @@ class Store:
 
     def jobs(self, user: str) -> list[dict]:
         """The user's jobs, newest first: dicts with id, kind, state (queued, running, done, failed), reason
-        (why it failed), result, and created/started/finished times."""
+        (why it failed), result, created/started/finished times, and position (a queued job's place in the queue
+        of all users' jobs, 1: next; None for the others)."""
         with self._read() as conn:
             user_id = self._user_id(conn, user)
             rows = conn.execute(self._JOB_SELECT + " WHERE j.user_id = ? ORDER BY j.id DESC", (user_id,)).fetchall()
-        return [self._job_dict(row) for row in rows]
+            places = self.queue_positions()
+        return [{**self._job_dict(row), "position": places.get(row[0])} for row in rows]
 
     def job(self, job_id: int) -> dict | None:
+        """One job as jobs() lists it, or None."""
         row = self._conn().execute(self._JOB_SELECT + " WHERE j.id = ?", (job_id,)).fetchone()
-        return self._job_dict(row) if row else None
+        if row is None:
+            return None
+        return {**self._job_dict(row), "position": self.queue_positions().get(job_id) if row[4] == "queued" else None}
+
+    # the queue's order, round-robin over users: each user's oldest queued job first (a job's round: how many of
+    # its user's queued jobs are older), within a round the user whose last job started longest ago (or never)
+    # first, then the oldest; so one user's jobs never starve another's
+    _QUEUE_ORDER = (" ORDER BY (SELECT count(*) FROM jobs q WHERE q.user_id = j.user_id AND q.state = 'queued'"
+                    " AND q.id < j.id), coalesce((SELECT max(p.started) FROM jobs p WHERE p.user_id = j.user_id), 0),"
+                    " j.id")
 
     def claim_job(self, kinds=None) -> dict | None:
-        """Mark the oldest queued job (of one of `kinds`, if given) running and return it, or None."""
+        """Mark the next queued job (of one of `kinds`, if given) running and return it, or None. Next, in
+        _QUEUE_ORDER: the oldest job of the user whose last job started longest ago (round-robin over users)."""
         with self._write() as conn:
-            sql, args = "SELECT id FROM jobs WHERE state = 'queued'", []
+            sql, args = "SELECT j.id FROM jobs j WHERE j.state = 'queued'", []
             if kinds is not None:
-                sql, args = sql + f" AND kind IN ({','.join('?' * len(kinds))})", list(kinds)
-            row = conn.execute(sql + " ORDER BY id LIMIT 1", args).fetchone()
+                sql, args = sql + f" AND j.kind IN ({','.join('?' * len(kinds))})", list(kinds)
+            row = conn.execute(sql + self._QUEUE_ORDER + " LIMIT 1", args).fetchone()
             if row is None:
                 return None
             conn.execute("UPDATE jobs SET state = 'running', started = ? WHERE id = ?", (time.time(), row[0]))
         return self.job(row[0])
+
+    def queue_positions(self) -> dict[int, int]:
+        """Job id -> its place in the queue (1: claimed next), for every queued job, in claim_job's order."""
+        rows = self._conn().execute("SELECT j.id FROM jobs j WHERE j.state = 'queued'" + self._QUEUE_ORDER)
+        return {job_id: place for place, (job_id,) in enumerate(rows, 1)}
+
+    def requeue_job(self, job_id: int) -> bool:
+        """Put one running job back in the queue (its process died; a store error kept its end from being
+        recorded). False when it is not running (finished, or cancelled by forget)."""
+        with self._write() as conn:
+            return bool(conn.execute("UPDATE jobs SET state = 'queued', started = NULL WHERE id = ? AND state = 'running'",
+                                     (job_id,)).rowcount)
 
     def finish_job(self, job_id: int, state: str, reason: str | None = None, result: dict | None = None) -> None:
         """Record a running job's end (done or failed). A job cancelled meanwhile (forget) stays gone."""
@@ -1434,9 +1560,19 @@ class Store:
         with self._read() as conn:
             self._remove_folder(self._user_folder(self._user_id(conn, user)))
         self._forget_files(user)
-        with self._write() as conn:
-            user_id = self._user_id(conn, user)
-            conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, vectors, artifacts, jobs
+        for attempt in range(2):
+            try:
+                with self._write() as conn:
+                    user_id = self._user_id(conn, user)
+                    conn.execute("DELETE FROM users WHERE id = ?", (user_id,))  # cascades to items, artifacts, jobs...
+                break
+            except sqlite3.OperationalError as e:  # a full disk (the user's files, removed above, freed too
+                if not disk_full(e) or attempt:  # little): the WAL could not grow. Checkpointed and truncated,
+                    raise  # it may free room for a second try; else the disk-full error stands (a 507)
+                try:
+                    self._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.OperationalError:
+                    raise e from None
         # again: a job may have registered a file between the first removal and the delete (after it, a
         # registration finds no user and writes nothing)
         self._remove_folder(self._user_folder(user_id))
@@ -1448,7 +1584,11 @@ class Store:
         self._forget_files(user)
         conn = self._conn()
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        conn.execute("VACUUM")
+        try:
+            conn.execute("VACUUM")  # rewrites the file: needs its size free on the disk
+        except sqlite3.OperationalError as e:  # a full disk: the deleted rows are overwritten with zeros already
+            if not disk_full(e):  # (secure_delete), so the text and its ciphertext are gone without it
+                raise
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         if busy:
             raise UserError(

@@ -401,7 +401,7 @@ function renderJobs() {
   $("jobs").querySelector("tbody").replaceChildren(...jobs.map((job) => el("tr", { "data-id": String(job.id) },
     el("td", {}, `#${job.id}`), el("td", {}, job.kind),
     el("td", { class: `state-${job.state}` }, job.state),
-    el("td", {}, job.state === "queued" ? `queued ${when(job.created)}` : seconds(job.duration_s)),
+    el("td", {}, job.state === "queued" ? `queued ${when(job.created)}${job.position ? `, #${job.position} in line` : ""}` : seconds(job.duration_s)),
     el("td", {}, jobChanges(job)))));
 }
 
