@@ -98,7 +98,8 @@ def run(engine, users, repeats: int) -> dict[str, float]:
         times["same user, next turn"].append(first_token_seconds(engine, nxt, art_a)[0])
         recomputed["same user, next turn"].append(RECOMPUTED[-1])
         # a new turn of A's after B's (not the one just asked: that prompt would be a cached repeat)
-        nxt = conv_a + [{"role": "assistant", "content": reply}, {**follow, "content": follow["content"] + " Again."}]
+        nxt = conv_a + [{"role": "assistant", "content": reply},
+                        {"role": "user", "content": f"Something else, question {r}: and then?"}]
         first_token_seconds(engine, conv_a, art_a)
         first_token_seconds(engine, conv_b, art_b)
         times["alternating, next"].append(first_token_seconds(engine, nxt, art_a)[0])
