@@ -17,9 +17,12 @@ test (add one). `--mutants NAME ...` runs exactly those mutants of a single modu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,12 +86,19 @@ def draw(names: list[str], k: int, seed: int) -> list[str]:
 
 
 def mutmut(work: Path, args: list[str], timeout: float) -> tuple[bool, str]:
+    """`mutmut run` in its own process group; past `timeout` the whole group is killed (mutmut forks a child per
+    mutant: killing mutmut alone left them running, orphaned)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *args], cwd=work,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        r = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *args], cwd=work,
-                           capture_output=True, text=True, timeout=timeout)
-        return r.returncode == 0, (r.stdout + r.stderr)[-2000:]
-    except subprocess.TimeoutExpired as e:
-        return False, f"stopped after {timeout:.0f} s: {(e.stdout or b'')[-500:]!r}"
+        out, _ = proc.communicate(timeout=max(timeout, 1))
+        return proc.returncode == 0, out[-2000:]
+    except subprocess.TimeoutExpired:
+        return False, f"stopped after {timeout:.0f} s"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: mutmut and any mutant runner it forked
+        proc.wait()
 
 
 def run_shard(module: str, tests: list[str], timeout: float, sample: int | None = None, seed: int = 28,
