@@ -87,9 +87,12 @@ def draw(names: list[str], k: int, seed: int) -> list[str]:
 
 def mutmut(work: Path, args: list[str], timeout: float) -> tuple[bool, str]:
     """`mutmut run` in its own process group; past `timeout` the whole group is killed (mutmut forks a child per
-    mutant: killing mutmut alone left them running, orphaned)."""
+    mutant: killing mutmut alone left them running, orphaned). OMP_NUM_THREADS=1: libgomp is not fork-safe, and a
+    mutant's child forked from a parent that ran an OpenMP team (the C++ dequantizer, torch) waited forever in its
+    first parallel region (gomp_team_barrier_wait_end, 0 CPU seconds: never reaching mutmut's CPU-time limit)."""
     proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *args], cwd=work,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         out, _ = proc.communicate(timeout=max(timeout, 1))
         return proc.returncode == 0, out[-2000:]

@@ -364,6 +364,28 @@ def test_invariant_frozen_weights_are_the_clipped_initial_pir(model):
 
 # ---------------------------------------------------------------- a user's adapter
 
+def test_invariant_adapter_for_examples_trains_the_configs_run_and_resumes_from_its_checkpoint(tmp_path, llama_path,
+                                                                                              capfd):
+    examples = [Example(f"Write post {i}.", POST.format(i=i), ("Likes climbing.",), i) for i in range(6)]
+    config = fast(steps=2, max_examples=4, targets=("down",))
+    ckpt = tmp_path / "perce.ckpt"
+    path, result = training.adapter_for_examples(llama_path, examples, config, tmp_path / "a.gguf", checkpoint=ckpt,
+                                                 progress=False)
+    assert path == tmp_path / "a.gguf" and path.is_file() and "training" not in capfd.readouterr().err
+    assert [s.step for s in result.steps] == [1, 2] and result.resumed_from == 0
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["step"] == 2 and all(".ffn_down." in k for k in saved["lora"])
+    # the same run again resumes from the checkpoint: nothing left to train
+    _, again = training.adapter_for_examples(llama_path, examples, config, tmp_path / "b.gguf", checkpoint=ckpt,
+                                             progress=False)
+    assert again.resumed_from == 2 and [s.loss for s in again.steps] == [s.loss for s in result.steps]
+    # max_examples keeps the most recent examples: another data set (the first two left out) than all six
+    _, six = training.adapter_for_examples(llama_path, examples, replace(config, max_examples=None),
+                                           tmp_path / "c.gguf", checkpoint=ckpt, progress=False)
+    assert six.resumed_from == 0
+    assert not lora_modules(training.torch_model(str(llama_path)))
+
+
 def make_user(store, n=9):
     ids = [store.add("ann", POST.format(i=i), kind="post") for i in range(n)]
     store.add("ann", "too short", kind="post")
