@@ -1,0 +1,168 @@
+"""Personalization editing's small parts, fast and without llama.cpp: the worker's edit job and what it reports,
+the by-hand run's wait for a server's job, the editor's cached float32 model, the result's summary, the
+preference-to-fact step, the adapter's factors and the shared-prefix length. The mutation shard of
+personalize/editing.py runs these next to test_editing.py's tiny-model cases."""
+from __future__ import annotations
+
+import logging
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from localpers import names
+from localpers.errors import UserError
+from localpers.personalize import editing
+from localpers.personalize.editing import Edit, Result, common_prefix, lora_factors, preference_facts
+from localpers.personalize.methods import Fact
+from tests.helpers_models import random_model_path
+
+FACT = Fact("I live in Paris.", ("Where do I live?", "What city is my home?"), ("Paris",))
+OTHER = Fact("My dog is called Rex.", ("What's my dog's name?",), ("Rex",))
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return random_model_path(tmp_path_factory, "llama")
+
+
+def edit(fact, layer=1, key=(1.0, 2.0, 3.0), value=(4.0, 5.0)):
+    return Edit(layer, np.array(key, np.float32), np.array(value, np.float32), fact, 2.5, 0.25, 1.04)
+
+
+def test_invariant_the_edit_job_runs_personalize_for_its_job_and_reports_counts_and_the_artifact(monkeypatch):
+    calls = []
+
+    def personalize(user, **kwargs):
+        calls.append((user, kwargs))
+        return Result([edit(FACT), edit(OTHER)], failed=[(FACT, "no idea")], artifact=7, retired=3)
+
+    monkeypatch.setattr(editing, "personalize", personalize)
+    store, engine = object(), object()
+    assert editing.edit_job(store, "ann", engine, 42) == {"artifact": 7, "edited": 2, "failed": 1, "retired": 3}
+    [(user, kwargs)] = calls
+    assert user == "ann" and kwargs == {"engine": engine, "store": store, "job": 42}
+    monkeypatch.setattr(editing, "personalize", lambda user, **kw: Result([]))
+    assert editing.edit_job(store, "ann", engine, 43) == {"artifact": None, "edited": 0, "failed": 0, "retired": 0}
+
+
+def test_result_summary_names_each_edit_failure_and_skip():
+    result = Result([edit(FACT)], failed=[(OTHER, "I have no dog.")], skipped=[("jazz", "not a statement")])
+    assert result.summary() == {
+        "edited": [{"statement": FACT.statement, "layer": 1, "nll_before": 2.5, "nll_after": 0.25, "seconds": 1.0}],
+        "failed": [{"statement": OTHER.statement, "question": "What's my dog's name?", "answer": "I have no dog."}],
+        "skipped": [{"statement": "jazz", "reason": "not a statement"}]}
+    assert Result([]).summary() == {"edited": [], "failed": [], "skipped": []}
+
+
+def test_invariant_a_by_hand_run_waits_for_a_servers_job_and_says_so_only_then(tmp_path, tiny_path, caplog):
+    """personalize by hand takes the data folder's job lock; it warns that it waits only while another holder
+    (a server's running job) has it."""
+    from localpers.store.store import Store
+
+    engine = SimpleNamespace(model_path=str(tiny_path))
+    with Store.open(tmp_path) as store:
+        store.add("ann", "hello there", kind="message")  # a user without preferences: nothing to edit
+        with caplog.at_level(logging.WARNING, logger=editing.__name__):
+            with pytest.raises(UserError, match="no preferences"):
+                editing.personalize("ann", store=store, engine=engine)
+        assert "waiting" not in caplog.text
+        held, release, errors = threading.Event(), threading.Event(), []
+
+        def server_job():
+            with Store.open(tmp_path) as other, other.job_lock():
+                held.set()
+                release.wait(10)
+
+        def by_hand():
+            try:
+                editing.personalize("ann", store=store, engine=engine)
+            except UserError as e:
+                errors.append(str(e))
+
+        server = threading.Thread(target=server_job)
+        server.start()
+        assert held.wait(10)
+        with caplog.at_level(logging.WARNING, logger=editing.__name__):
+            hand = threading.Thread(target=by_hand)
+            hand.start()
+            hand.join(1.0)
+            assert hand.is_alive()  # waiting for the lock
+            release.set()
+            hand.join(10)
+            server.join(10)
+        assert "waiting for the running job of a server" in caplog.text
+        assert errors and "no preferences" in errors[0]
+
+
+def test_invariant_the_editors_model_is_cached_once_and_read_back(tmp_path, tiny_path, monkeypatch):
+    from localpers.model.model import load_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = editing.editor_model(tiny_path)
+    [cached] = (tmp_path / "localpers" / "models").glob("*-float32.pt")
+    assert not list(cached.parent.glob("*.part"))
+    state = torch.load(cached, weights_only=True)
+    fresh = load_model(tiny_path)
+    assert state.keys() == fresh.state_dict().keys() or set(state) <= set(fresh.state_dict())
+    for name, tensor in fresh.state_dict().items():
+        if name in state:
+            assert torch.equal(state[name], tensor), name
+    for (name, a), (_, b) in zip(first.state_dict().items(), editing.editor_model(tiny_path).state_dict().items()):
+        assert torch.equal(a, b), name
+    # an unreadable copy is only a slower load: the GGUF again, and the copy written anew
+    cached.write_bytes(b"not a torch file")
+    again = editing.editor_model(tiny_path)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), fresh.state_dict().values()))
+    assert torch.load(cached, weights_only=True).keys() == state.keys()
+
+
+def test_invariant_an_unwritable_cache_folder_only_costs_the_copy(tmp_path, tiny_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "localpers").mkdir()
+    (tmp_path / "localpers" / "models").write_text("a file where the folder should be")
+    with caplog.at_level(logging.WARNING, logger=editing.__name__):
+        model = editing.editor_model(tiny_path)
+    assert model.config.arch == "llama" and "was not cached" in caplog.text
+
+
+def test_preference_facts_skip_unusable_and_replaced_preferences_with_their_reason():
+    items = [{"text": "jazz", "meta": {}}, {"text": "My favorite music is jazz.", "meta": {}},
+             {"text": "I live in Paris.", "meta": {}}, {"text": "My favorite music is heavy metal.", "meta": {}}]
+    facts, skipped = preference_facts(items)
+    assert [f.statement for f in facts] == ["I live in Paris.", "My favorite music is heavy metal."]
+    assert skipped[0][0] == "jazz" and "not a statement" in skipped[0][1]
+    assert skipped[1] == ("My favorite music is jazz.",
+                          "replaced by the later preference 'My favorite music is heavy metal.'")
+    assert preference_facts([]) == ([], [])
+    assert preference_facts([{"text": "", "meta": None}])[0] == []
+
+
+def test_lora_factors_stack_keys_as_rows_and_values_as_columns_per_layer():
+    a, b, c = edit(FACT, layer=2), edit(OTHER, layer=2, key=(0.0, 1.0, 0.0), value=(1.0, 1.0)), edit(FACT, layer=0)
+    factors = lora_factors([a, b, c])
+    assert list(factors) == ["blk.0.ffn_down", "blk.2.ffn_down"]
+    A, B = factors["blk.2.ffn_down"]
+    assert A.shape == (2, 3) and B.shape == (2, 2)
+    assert np.array_equal(A, np.stack([a.key, b.key])) and np.array_equal(B, np.stack([a.value, b.value], axis=1))
+    torch.testing.assert_close(torch.from_numpy(B @ A),
+                               torch.outer(torch.from_numpy(a.value), torch.from_numpy(a.key))
+                               + torch.outer(torch.from_numpy(b.value), torch.from_numpy(b.key)))
+
+
+def test_common_prefix_is_the_longest_shared_start():
+    assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 3
+    assert common_prefix([[5], [6]]) == 0
+    assert common_prefix([[1, 2, 3, 4], [1, 9, 3, 4]]) == 1
+
+
+def test_chat_context_wraps_around_the_neutral_chats():
+    n = len(editing.NEUTRAL_CHATS)
+    turns = editing.chat_context(3, start=n - 1)
+    assert [m["role"] for m in turns] == ["user", "assistant"] * 3
+    assert (turns[0]["content"], turns[1]["content"]) == editing.NEUTRAL_CHATS[-1]
+    assert (turns[2]["content"], turns[3]["content"]) == editing.NEUTRAL_CHATS[0]
+    assert editing.chat_context(0) == []
