@@ -57,7 +57,11 @@ def shard_pyproject(text: str, module: str, tests: list[str]) -> str:
     keep = [line for line in section.splitlines()[1:] if line.startswith(("source_paths", "also_copy"))]
     new = "\n".join(["[tool.mutmut]", *keep, f"only_mutate = {json.dumps([module])}",
                      f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
-                     'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]', ""])
+                     'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]',
+                     # each mutant's child forks from a server that only imported and collected the tests (not
+                     # from the process that ran them all): llama.cpp's and the C++ kernels' OpenMP teams there
+                     # left forked children waiting forever (libgomp is not fork-safe)
+                     'process_isolation = "forkserver"', ""])
     return text[:start] + new + ("" if end < 0 else text[end:])
 
 
@@ -87,9 +91,10 @@ def draw(names: list[str], k: int, seed: int) -> list[str]:
 
 def mutmut(work: Path, args: list[str], timeout: float) -> tuple[bool, str]:
     """`mutmut run` in its own process group; past `timeout` the whole group is killed (mutmut forks a child per
-    mutant: killing mutmut alone left them running, orphaned). OMP_NUM_THREADS=1: libgomp is not fork-safe, and a
-    mutant's child forked from a parent that ran an OpenMP team (the C++ dequantizer, torch) waited forever in its
-    first parallel region (gomp_team_barrier_wait_end, 0 CPU seconds: never reaching mutmut's CPU-time limit)."""
+    mutant: killing mutmut alone left them running, orphaned). OMP_NUM_THREADS=1 and process_isolation=forkserver
+    (shard_pyproject): libgomp is not fork-safe, and a mutant's child forked from a parent that had run an OpenMP
+    team (the C++ dequantizer, torch, llama.cpp's ggml) waited forever in its first parallel region
+    (gomp_team_barrier_wait_end at 0 CPU seconds, so mutmut's CPU-time limit never ended it)."""
     proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *args], cwd=work,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
