@@ -166,3 +166,53 @@ def test_chat_context_wraps_around_the_neutral_chats():
     assert (turns[0]["content"], turns[1]["content"]) == editing.NEUTRAL_CHATS[-1]
     assert (turns[2]["content"], turns[3]["content"]) == editing.NEUTRAL_CHATS[0]
     assert editing.chat_context(0) == []
+
+
+def test_invariant_a_template_fact_asks_with_its_attributes_synonyms_then_natural_then_canonical_questions():
+    fact = editing.fact_from_statement("My favorite music is jazz.")
+    synonyms, _ = editing.ATTRIBUTES["music preference"]
+    templated = tuple(t.format(s) for s in synonyms for t in editing.QUESTION_TEMPLATES)[:8]
+    assert fact.attributes == ("music preference",)
+    assert fact.questions == templated + editing.NATURAL_QUESTIONS["music preference"] + (
+        "What's my music preference?",)
+    assert fact.targets == ("Your favorite music is jazz.",)
+    # the caller's attribute wins over the keywords; no attribute: the generic cluster
+    assert editing.fact_from_statement("My favorite music is jazz.", "hobby").questions[0] == "What's my hobby?"
+    plain = editing.fact_from_statement("I avoid strong fragrances.")
+    assert plain.questions == editing.GENERIC_QUESTIONS and plain.attributes == ()
+
+
+def test_invariant_a_given_fact_of_a_known_attribute_gets_that_attributes_questions_before_its_own():
+    few = Fact("I grow tomatoes on the balcony.", ("What's my hobby?",), ("tomatoes",), ("hobby",))
+    grown = editing.with_template_questions(few)
+    assert grown.questions[-1] == "What's my hobby?"  # the canonical question stays last
+    expected = [q for q in editing.fact_from_statement(few.statement, "hobby").questions if q != "What's my hobby?"]
+    assert list(grown.questions[:-1]) == expected
+    many = replace_questions(few, ("Q1?", "Q2?", "Q3?"))
+    assert editing.with_template_questions(many).questions == editing.NATURAL_QUESTIONS["hobby"] + ("Q1?", "Q2?", "Q3?")
+    unknown = Fact("I grow tomatoes.", ("Q?",), ("tomatoes",), ("gardening",))
+    assert editing.with_template_questions(unknown) == unknown
+
+
+def replace_questions(fact, questions):
+    from dataclasses import replace
+
+    return replace(fact, questions=questions)
+
+
+def test_edit_methods_pass_their_config_and_serve_registered_users_only_their_edits(monkeypatch):
+    from localpers.personalize.methods import Personalized, RegisteredArtifact, User
+
+    seen = []
+    monkeypatch.setattr(editing, "user_adapter", lambda user, engine, config=None: seen.append(config) or "/c/a.gguf")
+    user = User("v", preferences=("I live in Paris.",))
+    assert editing.edit_method(user, "q", None).artifacts.lora == (("/c/a.gguf", 1.0),)
+    assert editing.edit_1turn(user, "q", None).artifacts.lora == (("/c/a.gguf", 1.0),)
+    assert seen == [None, editing.SINGLE_TURN] and editing.SINGLE_TURN.chat_turns == ()
+    monkeypatch.setattr(editing, "user_adapter", lambda user, engine, config=None: None)
+    assert editing.edit_method(user, "q", None) == Personalized()
+    served = User("u", registered=(RegisteredArtifact(names.EDIT, names.LORA, "/a/edit.gguf"),
+                                   RegisteredArtifact(names.PERCE, names.LORA, "/a/perce.gguf")))
+    assert editing.edit_method(served, "q", None).artifacts.lora == (("/a/edit.gguf", 1.0),)
+    with pytest.raises(UserError, match="evaluation ablation"):
+        editing.edit_1turn(served, "q", None)

@@ -1,0 +1,14 @@
+#!/bin/sh
+# personalize/editing.py survivors of the seeded samples (and of a pre-merge sample), made as breaks against the
+# tests written for them (tests/test_editing_units.py).
+P=${PYTHON:-/work/venv/bin/python}
+B="$P bench/experiments/break_once.py"
+F=localpers/personalize/editing.py
+K=tests/test_editing_units.py
+$B $F 'synonyms = ATTRIBUTES[attribute][0]' 'synonyms = ATTRIBUTES[attribute][1]' -- $K
+$B $F 'extra = fact_from_statement(fact.statement, attribute).questions' 'extra = fact_from_statement(fact.statement, None).questions' -- $K
+$B $F 'adapter = user_adapter(user, engine, config)' 'adapter = user_adapter(user, engine, None)' -- $K
+$B $F 'torch.save(model_state(model), partial)' 'torch.save(model_state(None), partial)' -- $K
+$B $F '            if not free:' '            if free:' -- $K
+$B $F '    return {"artifact": result.artifact, "edited": len(result.edits), "failed": len(result.failed),' '    return {"ARTIFACT": result.artifact, "edited": len(result.edits), "failed": len(result.failed),' -- $K
+$B $F '"retired": result.retired}' '"RETIRED": result.retired}' -- $K
