@@ -216,3 +216,32 @@ def test_edit_methods_pass_their_config_and_serve_registered_users_only_their_ed
     assert editing.edit_method(served, "q", None).artifacts.lora == (("/a/edit.gguf", 1.0),)
     with pytest.raises(UserError, match="evaluation ablation"):
         editing.edit_1turn(served, "q", None)
+
+
+def test_invariant_preparing_without_a_cache_file_reads_none_and_warns_of_none(tiny_path, tmp_path, caplog):
+    """prepare() reads its cache only when it is given one that exists; without, it computes C^-1 and the context
+    prefixes, quietly; a given cache is written, then read back to the same C^-1."""
+    config = editing.EditConfig(layer=1, steps=1, threads=1, chat_turns=(1,))
+    with caplog.at_level(logging.WARNING, logger=editing.__name__):
+        editor = editing.Editor(tiny_path, config).prepare()
+    assert caplog.text == "" and editor._cov_inv is not None
+    cache = tmp_path / "editor.pt"
+    editing.Editor(tiny_path, config, model=editor.model).prepare(cache)
+    again = editing.Editor(tiny_path, config, model=editor.model).prepare(cache)
+    assert caplog.text == "" and torch.equal(again._cov_inv, editor._cov_inv)
+
+
+def test_invariant_a_baked_model_keeps_every_metadata_field_with_its_type(tiny_path, tmp_path):
+    from localpers.model.gguf_info import open_gguf
+
+    config = editing.EditConfig(layer=1, steps=1, threads=1, chat_turns=())
+    d_ff = editing.Editor(tiny_path, config).W.shape[1]
+    n_embd = editing.Editor(tiny_path, config).W.shape[0]
+    e = Edit(1, np.ones(d_ff, np.float32), np.full(n_embd, 1e-3, np.float32), FACT, 1.0, 0.5, 0.1)
+    baked = editing.bake(tiny_path, tmp_path / "baked.gguf", [e])
+    source, out = open_gguf(tiny_path), open_gguf(baked)
+    fields = {k: f for k, f in source.fields.items() if not k.startswith("GGUF.")}
+    assert fields.keys() <= out.fields.keys()
+    for key, f in fields.items():
+        assert out.fields[key].types == f.types, key
+        assert out.fields[key].contents() == f.contents(), key

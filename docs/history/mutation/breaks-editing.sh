@@ -12,3 +12,4 @@ $B $F 'torch.save(model_state(model), partial)' 'torch.save(model_state(None), p
 $B $F '            if not free:' '            if free:' -- $K
 $B $F '    return {"artifact": result.artifact, "edited": len(result.edits), "failed": len(result.failed),' '    return {"ARTIFACT": result.artifact, "edited": len(result.edits), "failed": len(result.failed),' -- $K
 $B $F '"retired": result.retired}' '"RETIRED": result.retired}' -- $K
+$B $F 'if cache is not None and cache.is_file() and not self._prefixes:' 'if cache is not None and cache.is_file() or not self._prefixes:' -- $K
