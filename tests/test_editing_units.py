@@ -245,3 +245,20 @@ def test_invariant_a_baked_model_keeps_every_metadata_field_with_its_type(tiny_p
     for key, f in fields.items():
         assert out.fields[key].types == f.types, key
         assert out.fields[key].contents() == f.contents(), key
+
+
+def test_invariant_the_fast_schedules_first_step_goes_its_fraction_of_the_clamp_radius(tiny_path):
+    config = editing.EditConfig(layer=1, steps=1, lr=1.0, clamp=2.0, gradient_start=0.5, stop_nll=0.0, threads=1,
+                                chat_turns=())
+    editor = editing.Editor(tiny_path, config)
+    radius = config.clamp * float((editor.W @ editor.keys(FACT).mean(0)).norm())
+    e = editor.edit(FACT)  # one step: the gradient step alone
+    assert float(np.linalg.norm(e.value)) == pytest.approx(config.gradient_start * radius, rel=1e-5)
+
+
+def test_invariant_an_edit_with_the_kl_term_stays_finite_and_still_lowers_the_target_nll(tiny_path):
+    config = editing.EditConfig(layer=1, steps=3, lr=1.0, clamp=1000.0, kl_weight=1.0, stop_nll=0.0, threads=1,
+                                chat_turns=())
+    e = editing.Editor(tiny_path, config).edit(FACT)
+    assert np.isfinite(e.value).all() and np.abs(e.value).sum() > 0
+    assert e.nll_after < e.nll_before

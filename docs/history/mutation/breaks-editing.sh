@@ -13,3 +13,5 @@ $B $F '            if not free:' '            if free:' -- $K
 $B $F '    return {"artifact": result.artifact, "edited": len(result.edits), "failed": len(result.failed),' '    return {"ARTIFACT": result.artifact, "edited": len(result.edits), "failed": len(result.failed),' -- $K
 $B $F '"retired": result.retired}' '"RETIRED": result.retired}' -- $K
 $B $F 'if cache is not None and cache.is_file() and not self._prefixes:' 'if cache is not None and cache.is_file() or not self._prefixes:' -- $K
+$B $F 'delta -= cfg.gradient_start * max_norm * delta.grad / (delta.grad.norm() + 1e-12)' 'delta -= cfg.gradient_start * max_norm * delta.grad / (delta.grad.norm() + 1.000000000001)' -- $K
+$B $F 'loss = loss + cfg.kl_weight * F.kl_div(self.logprobs(neutral, key, delta), neutral_base,' 'loss = loss + cfg.kl_weight / F.kl_div(self.logprobs(neutral, key, delta), neutral_base,' -- $K
