@@ -262,3 +262,20 @@ def test_invariant_an_edit_with_the_kl_term_stays_finite_and_still_lowers_the_ta
     e = editing.Editor(tiny_path, config).edit(FACT)
     assert np.isfinite(e.value).all() and np.abs(e.value).sum() > 0
     assert e.nll_after < e.nll_before
+
+
+def test_invariant_continuations_after_the_context_prefix_or_from_scratch_when_a_prompt_does_not_start_with_it(
+        tiny_path):
+    editor = editing.Editor(tiny_path, editing.EditConfig(layer=1, threads=1, chat_turns=()))
+    context = editor.context_prefix(())
+    n = len(context.ids)
+    ids, _ = editor.prompt("Where do I live?")
+    assert n > 0 and tuple(ids[:n]) == context.ids
+    prefix, rest = editor._continuations((), [ids + [7, 8], ids])
+    assert prefix.ids == context.ids and prefix is context
+    assert rest.tolist() == [ids[n:] + [7, 8], ids[n:] + [0, 0]]  # right-padded
+    # a prompt the template renders otherwise (not starting with the prefix), or no longer than it: from scratch
+    for odd in ([ids[1:], ids], [list(context.ids), ids]):
+        prefix, rest = editor._continuations((), odd)
+        assert prefix.ids == () and len(prefix.caches) == editor.model.config.n_layer
+        assert rest.tolist() == [s + [0] * (max(map(len, odd)) - len(s)) for s in odd]

@@ -15,3 +15,5 @@ $B $F '"retired": result.retired}' '"RETIRED": result.retired}' -- $K
 $B $F 'if cache is not None and cache.is_file() and not self._prefixes:' 'if cache is not None and cache.is_file() or not self._prefixes:' -- $K
 $B $F 'delta -= cfg.gradient_start * max_norm * delta.grad / (delta.grad.norm() + 1e-12)' 'delta -= cfg.gradient_start * max_norm * delta.grad / (delta.grad.norm() + 1.000000000001)' -- $K
 $B $F 'loss = loss + cfg.kl_weight * F.kl_div(self.logprobs(neutral, key, delta), neutral_base,' 'loss = loss + cfg.kl_weight / F.kl_div(self.logprobs(neutral, key, delta), neutral_base,' -- $K
+$B $F 'if any(tuple(s[:n]) != prefix.ids or len(s) <= n for s in seqs):' 'if any(tuple(s[:n]) == prefix.ids or len(s) <= n for s in seqs):' -- $K
+$B $F '            prefix, n = empty_prefix(self.model), 0' '            prefix, n = empty_prefix(None), 0' -- $K
