@@ -262,16 +262,22 @@ def test_invariant_fold_decays_the_previous_sums_by_half_per_half_life_and_recor
 
 
 def test_invariant_advance_is_lloyd_rounds_of_contribute_aggregate_and_fold():
+    rng = np.random.default_rng(3)  # no structure: every Lloyd step moves the centroids
+    sigs = [sig(v, steering=np.full((2, 3), float(i))) for i, v in enumerate(rng.standard_normal((40, 5)))]
+    start = logo.init_centroids(np.stack([s.vector for s in sigs]), 3, seed=5)
+    centroids, sums = start, None
+    for steps in (1, 2, 3):  # `iterations` Lloyd steps, the round's sums those of the last assignment
+        sums = logo.aggregate([logo.contribute(s, centroids) for s in sigs], 3, 5, (2, 3))
+        centroids = logo.centroids_from(sums, centroids)
+        got = logo.advance(None, sigs, k=3, iterations=steps, seed=5, min_size=3, half_life=4.0, meta={"m": 1})
+        expected = logo.fold(None, sums, start=start, half_life=4.0, min_size=3, meta={"m": 1})
+        np.testing.assert_allclose(got.centroids, expected.centroids, atol=1e-6)
+        np.testing.assert_allclose(got.sizes, expected.sizes)
+        np.testing.assert_allclose(got.sums.steering_sum, expected.sums.steering_sum)
+        assert (got.half_life, got.min_size, got.meta, got.round) == (4.0, 3, {"m": 1}, 1)
+    assert not np.allclose(logo.advance(None, sigs, k=3, iterations=1, seed=5).sizes,
+                           logo.advance(None, sigs, k=3, iterations=2, seed=5).sizes)
     sigs = planted(n_per=8, seed=2)
-    vectors = np.stack([s.vector for s in sigs])
-    start = logo.init_centroids(vectors, 3, seed=5)
-    one = logo.advance(None, sigs, k=3, iterations=1, seed=5, min_size=3, half_life=4.0, meta={"m": 1})
-    sums = logo.aggregate([logo.contribute(s, start) for s in sigs], 3, 6, (2, 3))
-    expected = logo.fold(None, sums, start=start, half_life=4.0, min_size=3, meta={"m": 1})
-    np.testing.assert_allclose(one.centroids, expected.centroids, atol=1e-6)
-    np.testing.assert_allclose(one.sizes, expected.sizes)
-    np.testing.assert_allclose(one.sums.steering_sum, expected.sums.steering_sum)
-    assert (one.half_life, one.min_size, one.meta, one.round) == (4.0, 3, {"m": 1}, 1)
     full = logo.advance(None, sigs, k=3, seed=5)
     assert sorted(full.sizes) == [8, 8, 8]  # converged: one community per planted direction
     assert logo.advance(None, sigs, seed=5).k == logo.choose_k(len(sigs))
@@ -407,7 +413,7 @@ def test_invariant_own_notes_name_the_latest_value_of_each_attribute_named_more_
     assert logo.mediate(s, k, logo.MediatorParams(own_context=False)).own == ()
 
 
-def test_invariant_context_prefix_lists_own_then_community_notes_keeping_the_requests_lines():
+def test_invariant_context_prefix_lists_own_then_community_lines_keeping_the_requests_lines():
     context = (("music", "Jazz"), ("hobby", "Chess"))
     own = (("cuisine", "Thai food"),)
     everything = logo.context_prefix(context, "How are you?", own)
