@@ -865,3 +865,17 @@ def test_invariant_a_refresh_with_another_embedder_starts_the_communities_over(t
     # the job's round has no embedder: another space again, so round 1
     assert job == {"round": 1, "communities": back.k, "published": int(back.published.sum()), "users": 4}
     assert back.round == 1 and back.k == 2 and back.min_size == logo.MIN_SIZE
+
+
+def test_invariant_a_later_rounds_members_are_those_nearest_its_final_centroids_under_the_decayed_sums():
+    """The Lloyd iterations of a later round weigh the carried sums with the same decay as `fold`, so at the
+    fixed point each contributor of the round is counted in the community whose final centroid is nearest."""
+    for seed in range(4):
+        for half_life in (2.0, 3.0):
+            rng = np.random.default_rng(seed)
+            first = logo.advance(None, [sig(v) for v in rng.standard_normal((30, 3))], k=3, seed=seed)
+            sigs = [sig(v) for v in rng.standard_normal((30, 3)) + [1.5, 0, 0]]
+            new = logo.advance(first, sigs, half_life=half_life, iterations=100)
+            members = new.sums.count - first.sums.count * 0.5 ** (1 / half_life)
+            nearest = np.bincount([logo.assign(s.vector, new.centroids) for s in sigs], minlength=3)
+            np.testing.assert_allclose(members, nearest, atol=1e-9, err_msg=f"seed {seed}, half-life {half_life}")
