@@ -71,6 +71,13 @@ def test_invariant_every_value_name_and_keyword_counts_for_its_value_once_per_me
     thai = logo.read_preferences("green curry, then curry")  # 'green curry' is Thai, a lone 'curry' Indian
     assert thai[vocab_index("Thai food")] == 1 and thai[vocab_index("Indian food")] == 1 and thai.sum() == 2
     assert logo.read_preferences("currying favour").sum() == 0  # whole words only
+    pattern, index = logo._keyword_pattern()  # built afresh: the same phrases, longest first
+    expected = {}
+    for i, (attribute, value) in enumerate(zip(logo.VOCAB_ATTRIBUTE, logo.VOCAB_VALUE)):
+        for phrase in (value, *ATTRIBUTES[attribute]["values"][value]):
+            expected.setdefault(phrase.lower(), i)
+    assert index == expected and len(index) > len(logo.VOCABULARY)
+    assert pattern.findall("green curry, rock climbing, curry, rock") == ["green curry", "rock climbing", "curry", "rock"]
     total = logo.preference_counts(["sushi", "ramen and jazz", "nothing here"])
     np.testing.assert_array_equal(total, counts_of("Japanese food", times=2) + counts_of("Jazz"))
     assert total.dtype == np.float32 and logo.preference_counts([]).shape == (V,)
@@ -666,18 +673,20 @@ def test_invariant_prepare_world_prepares_exactly_the_logo_methods_asked_with_th
     (tmp_path / WORLD_FILES["upqa"]).write_text(json.dumps(UPQA))
     monkeypatch.setattr(logo, "_PREPARED", {})
     steer = lambda texts: np.ones((1, 2))
+    embed = lambda texts: np.ones((len(texts), 3))
     params = logo.MediatorParams(user_scale=0.5, community_scale=0.25, tau=3.0)
     logo.prepare_world(tmp_path, ["logo+prompt", "rag", *names.LOGO_ABLATIONS], steer=steer, params=params,
-                       files=str(tmp_path / "f"), seed=1, steer_limit=1)
+                       files=str(tmp_path / "f"), seed=1, steer_limit=1, embed=embed)
     assert set(logo._PREPARED) == {names.LOGO, *names.LOGO_ABLATIONS}
     plain = logo._PREPARED[names.LOGO]
-    assert plain.params == params and plain.steer is steer and plain.files == tmp_path / "f"
+    assert plain.params == params and plain.steer is steer and plain.embed is embed and plain.files == tmp_path / "f"
+    assert plain.rounds[1].centroids.shape[1] == 3 + V  # the user vectors joined the embeddings
     assert plain.step_of == {"a": 3, "b": 1, "c": 3, "d": 2} and sorted(plain.rounds) == [1, 2, 3]
     assert plain.rounds[1].half_life == logo.HALF_LIFE and plain.rounds[1].sums.steering_count.sum() == 1
     assert logo._PREPARED["logo-nodecay"].rounds[1].half_life == math.inf
     fixed = logo._PREPARED["logo-nomediator"].params
     assert fixed == logo.MediatorParams(context_max_count=math.inf, tau=math.inf, user_scale=0.5, community_scale=0.25)
-    expected = logo.world_rounds(UPQA, k=None, random_assignment=True, steer=steer, seed=1, steer_limit=1)
+    expected = logo.world_rounds(UPQA, k=None, random_assignment=True, steer=steer, seed=1, steer_limit=1, embed=embed)
     np.testing.assert_array_equal(logo._PREPARED["logo-random"].rounds[3].sizes, expected[3].sizes)
     monkeypatch.setattr(logo, "_PREPARED", {})
     logo.prepare_world(tmp_path, ["logo"])
@@ -745,8 +754,10 @@ def tiny_model(tmp_path_factory):
 class FakeSteerer:
     """Steering [n_layer - 1, d_model] = the number of texts, for users who stated a preference."""
 
+    made = []
+
     def __init__(self, model_path):
-        self.model_path = model_path
+        FakeSteerer.made.append(model_path)
 
     def __call__(self, texts):
         if not logo.preference_counts(texts).sum():
@@ -771,7 +782,9 @@ def test_invariant_a_refresh_round_writes_knowledge_community_files_and_each_use
         store.add("quiet", "The weather was fine.")
         with pytest.raises(ValueError, match="no user has any history"):
             logo.refresh_knowledge(store, model_path=tiny_model, users=[])
+        FakeSteerer.made.clear()
         k = logo.refresh_knowledge(store, model_path=tiny_model, k=3, min_size=2, seed=1)
+        assert FakeSteerer.made == [tiny_model]  # CAA on the served model
         folder = tmp_path / "home" / names.LOGO
         back = logo.GlobalKnowledge.load(folder / logo.KNOWLEDGE_FILE)
         assert k.k == back.k == 3 and k.round == back.round == 1 and back.min_size == 2
@@ -853,6 +866,8 @@ def test_invariant_a_refresh_with_another_embedder_starts_the_communities_over(t
             store.add(f"u{i}", "My hobby is chess." if i % 2 else "I mostly listen to jazz.")
         first = logo.refresh_knowledge(store, model_path=tiny_model, steer=False, k=2, min_size=1)
         assert first.meta["embedder"] is None and first.centroids.shape[1] == V
+        assert first.published.all() and first.meta["community_cvecs"] == {}  # nobody steered: no community files
+        assert not list((tmp_path / "home" / names.LOGO).glob("community-*"))
         second = logo.refresh_knowledge(store, model_path=tiny_model, steer=False, embedder=Embedder(), min_size=1)
         assert second.round == 1 and second.meta["embedder"] == "fake-embedder" and second.centroids.shape[1] == 2 + V
         third = logo.refresh_knowledge(store, model_path=tiny_model, steer=False, embedder=Embedder(), min_size=1)
@@ -879,3 +894,24 @@ def test_invariant_a_later_rounds_members_are_those_nearest_its_final_centroids_
             members = new.sums.count - first.sums.count * 0.5 ** (1 / half_life)
             nearest = np.bincount([logo.assign(s.vector, new.centroids) for s in sigs], minlength=3)
             np.testing.assert_allclose(members, nearest, atol=1e-9, err_msg=f"seed {seed}, half-life {half_life}")
+
+
+def test_invariant_the_refresh_job_registers_its_users_artifact_only_while_its_job_still_runs(tiny_model, tmp_path,
+                                                                                          monkeypatch):
+    """refresh_knowledge(job=(user, id)): that user's registration checks the job is still running (forget or a
+    newer job cancels it), and a stale job ends the refresh."""
+    from localpers.store.store import StaleError, Store
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path / "home") as store:
+        store.add("u", "I mostly listen to jazz.")
+        store.add("v", "My hobby is chess.")
+        store.queue_job("u", names.LOGO)
+        job = store.claim_job([names.LOGO])
+        logo.refresh_knowledge(store, model_path=tiny_model, steer=False, job=("u", job["id"]))
+        assert len(store.artifacts("u", names.CONTROL_VECTOR)) == 1
+        store.finish_job(job["id"], names.FAILED, reason="cancelled")  # the job no longer runs
+        with pytest.raises(StaleError):
+            logo.refresh_knowledge(store, model_path=tiny_model, steer=False, job=("u", job["id"]))
+        assert store.artifacts("u", names.CONTROL_VECTOR)[0]["meta"]["round"] == 1  # nothing registered for u
+        assert len(store.artifacts("v", names.CONTROL_VECTOR)) == 1

@@ -1,0 +1,16 @@
+#!/bin/sh
+# serve/jobs.py: the second run's survivors and unreached mutants, made again as breaks against
+# tests/test_jobs_units.py (the third run's samples had no survivor).
+P=${PYTHON:-/work/venv/bin/python}
+B="$P bench/experiments/break_once.py localpers/serve/jobs.py"
+T=tests/test_jobs_units.py
+$B 'self.lowered = False  # yield_to_chat' 'self.lowered = True  # yield_to_chat' -- $T
+$B '        self.started += 1
+        self.lowered = False' '        self.started += 1
+        self.lowered = True' -- $T
+$B 'name="localpers-job"' 'name="XXlocalpers-jobXX"' -- $T
+$B '_resolve(target)(store, user, engine, job_id)' '_resolve(target)(None, user, engine, job_id)' -- $T
+$B 'engine = Engine(model_path, n_ctx=2048, n_threads=threads)' 'engine = Engine(model_path, n_ctx=None, n_threads=threads)' -- $T
+$B 'ctypes.CDLL("libc.so.6", use_errno=True)' 'ctypes.CDLL(None, use_errno=True)' -- $T
+$B 'if not self.alive or self.lowered:' 'if not self.alive and self.lowered:' -- $T
+$B 'time.monotonic() - self.child.last_used > self.idle_exit_s' 'time.monotonic() + self.child.last_used > self.idle_exit_s' -- $T
