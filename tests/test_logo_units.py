@@ -896,7 +896,7 @@ def test_invariant_a_later_rounds_members_are_those_nearest_its_final_centroids_
             np.testing.assert_allclose(members, nearest, atol=1e-9, err_msg=f"seed {seed}, half-life {half_life}")
 
 
-def test_invariant_the_refresh_job_registers_its_users_artifact_only_while_its_job_still_runs(tiny_model, tmp_path,
+def test_invariant_a_logo_jobs_round_registers_its_users_artifact_only_while_that_job_still_runs(tiny_model, tmp_path,
                                                                                           monkeypatch):
     """refresh_knowledge(job=(user, id)): that user's registration checks the job is still running (forget or a
     newer job cancels it), and a stale job ends the refresh."""

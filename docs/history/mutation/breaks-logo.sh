@@ -17,5 +17,5 @@ $B '"|".join(map(re.escape, phrases))' '"|".join(map(re.escape, None))' -- $T -k
 $B 'for i, (a, v) in enumerate(zip(VOCAB_ATTRIBUTE, VOCAB_VALUE)):' 'for i, (a, v) in enumerate(zip(None, VOCAB_VALUE)):' -- $T -k every_value_name
 $B 'knowledge.sums.steering_count[c] > 0:' 'knowledge.sums.steering_count[c] >= 0:' -- $T -k another_embedder
 $B 'mediator, embed, steer,' 'mediator, None, steer,' -- $T -k prepare_world_prepares
-$B 'job=job[1] if job and job[0] == user else None)' 'job=job[1] if job and job[1] == user else None)' -- $T -k still_runs
+$B 'job=job[1] if job and job[0] == user else None)' 'job=job[1] if job and job[1] == user else None)' -- $T -k that_job_still_runs
 $B 'steerer = Steerer(model_path) if steer else None' 'steerer = Steerer(None) if steer else None' -- $T -k refresh_round_writes
