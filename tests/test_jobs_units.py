@@ -654,3 +654,100 @@ def test_invariant_personalize_queues_a_known_job_kind_wakes_the_worker_and_jobs
     app.state.worker = None  # no worker (personalize by hand): queued all the same
     assert client.post("/v1/users/bob/personalize").status_code == 202
     assert "worker_error" not in client.get("/v1/users/bob/jobs").json()
+
+
+# ---------------------------------------------------------------- what the operator's log says
+
+def messages(caplog, level):
+    return [(r.getMessage(), r.exc_info is not None) for r in caplog.records if r.levelno == level and r.name == jobs.__name__]
+
+
+def test_invariant_the_log_names_a_failed_jobs_id_kind_and_traceback(store, monkeypatch, caplog):
+    import logging
+
+    def crashed(s, user, engine, job_id):
+        raise KeyError("boom")
+
+    monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, crashed)
+    job = store.queue_job("alice", names.EDIT)
+    with caplog.at_level(logging.WARNING, logger=jobs.__name__):
+        assert jobs.Worker(store, lambda: None).run_one(Engine())
+    assert messages(caplog, logging.ERROR) == [(f"job {job['id']} ({names.EDIT}) failed", True)]
+
+
+def test_invariant_the_log_gives_the_reason_for_a_requeue_later_a_shared_engine_and_a_failed_warm_up(
+        store, monkeypatch, caplog):
+    import logging
+
+    def full():
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "requeue_running", full)
+
+    class Unloadable(Engine):
+        def __init__(self, model_path, **kw):
+            if kw:
+                raise MemoryError("no room for a second context")
+            super().__init__(model_path)
+
+    with caplog.at_level(logging.WARNING, logger=jobs.__name__):
+        jobs.Worker(store, lambda: None, poll_s=0.01).start().stop(timeout=10)
+        jobs.Worker(None, lambda: None).job_engine(Unloadable("m.gguf"))
+        monkeypatch.setattr(jobs, "WARM_UP", {"bad": lambda e: 1 / 0})
+        warm = jobs.Worker(store, lambda: Engine(), warm=True, own_engine=False, poll_s=0.01)
+        monkeypatch.setattr(warm, "run_one", lambda engine: warm._stop.set() or False)
+        warm._loop()
+    assert messages(caplog, logging.WARNING) == [
+        ("jobs left running are queued again later: database or disk is full", False),
+        ("the job worker shares the served engine: no room for a second context", False),
+        ("warming up bad jobs failed: division by zero", False)]
+
+
+def test_invariant_the_worker_logs_the_traceback_of_its_first_store_error_only(store, monkeypatch, caplog):
+    import logging
+
+    worker = jobs.Worker(store, lambda: None, poll_s=0.01)
+    attempts = iter(range(4))
+
+    def failing_loop():
+        if next(attempts) < 3:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(worker, "_loop", failing_loop)
+    monkeypatch.setattr(worker._stop, "wait", lambda s: None)
+    with caplog.at_level(logging.WARNING, logger=jobs.__name__):
+        worker._run()
+    assert messages(caplog, logging.ERROR) == [("the job worker hit an error; it retries", True)]
+
+
+def test_invariant_without_proc_tasks_yield_to_chat_lowers_the_process_itself(tmp_path, monkeypatch):
+    import pathlib
+
+    calls = []
+    monkeypatch.setattr(os, "setpriority", lambda which, who, prio: calls.append((which, who, prio)))
+    monkeypatch.setattr(pathlib.Path, "is_dir", lambda self: False)  # not Linux: no /proc/<pid>/task
+    child = jobs.JobProcess(tmp_path, tmp_path / "m.gguf", 1, 14)
+    started(child, FakeProc(pid=4321), FakeConn())
+    child.yield_to_chat()
+    assert calls == [(os.PRIO_PROCESS, 4321, 14)]
+
+
+def test_invariant_stop_waits_at_most_its_timeout_for_a_running_job(store, monkeypatch):
+    release, running = threading.Event(), threading.Event()
+
+    def slow(s, user, engine, job_id):
+        running.set()
+        release.wait(60)  # a guard against a hang: set by the test
+        return {}
+
+    monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, slow)
+    store.queue_job("alice", names.EDIT)
+    worker = jobs.Worker(store, lambda: Engine(), own_engine=False, poll_s=0.01).start()
+    try:
+        assert running.wait(60)
+        worker.stop(timeout=0.1)
+        assert worker._thread.is_alive()  # it returned with the job still running
+    finally:
+        release.set()
+        worker._thread.join(60)
+    assert not worker._thread.is_alive()

@@ -14,3 +14,14 @@ $B 'engine = Engine(model_path, n_ctx=2048, n_threads=threads)' 'engine = Engine
 $B 'ctypes.CDLL("libc.so.6", use_errno=True)' 'ctypes.CDLL(None, use_errno=True)' -- $T
 $B 'if not self.alive or self.lowered:' 'if not self.alive and self.lowered:' -- $T
 $B 'time.monotonic() - self.child.last_used > self.idle_exit_s' 'time.monotonic() + self.child.last_used > self.idle_exit_s' -- $T
+# the extra sample's survivors (seed 1, 100 mutants): each made again as a break against test_jobs_units.py
+$B 'else [Path(str(pid))]:' 'else [Path(str(None))]:' -- $T
+$B 'log.exception("job %s (%s) failed", job["id"], job["kind"])' 'log.exception("job %s (%s) failed", None, job["kind"])' -- $T
+$B 'log.exception("job %s (%s) failed", job["id"], job["kind"])' 'log.exception("XXjob %s (%s) failedXX", job["id"], job["kind"])' -- $T
+$B 'log.warning("warming up %s jobs failed: %s", kind, e)' 'log.warning("warming up %s jobs failed: %s", kind, None)' -- $T
+$B '            if failures == 1:' '            if failures != 1:' -- $T
+$B 'log.exception("the job worker hit an error; it retries")' 'log.exception("THE JOB WORKER HIT AN ERROR; IT RETRIES")' -- $T
+$B 'log.warning("the job worker shares the served engine: %s", e)' 'log.warning("the job worker shares the served engine: %s", None)' -- $T
+$B 'log.warning("jobs left running are queued again later: %s", e)' 'log.warning(e)' -- $T
+$B 'log.warning("jobs left running are queued again later: %s", e)' 'log.warning("jobs left running are queued again later: %s", )' -- $T
+$B '        self._thread.join(timeout)' '        self._thread.join(None)' -- $T
