@@ -520,8 +520,7 @@ class FakeModel:
             s[0, -1] = torch.tensor([(i + 1) * base, 1.0])
             s[0, 0] = 99.0  # never read: only the last token is
             states.append(s)
-        extra = torch.full((1, n, 2), -7.0, dtype=torch.float64)  # a second batch row would read this
-        return None, [torch.cat([s, extra]) [:1] for s in states]
+        return None, states
 
 
 def test_invariant_caa_steering_is_the_mean_hidden_state_shift_the_profile_makes_at_the_last_prompt_token(tmp_path):
