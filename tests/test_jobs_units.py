@@ -34,6 +34,14 @@ def torch_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def priorities(monkeypatch):
+    """os.setpriority recorded, not done: a worker loop run in the test's own thread would renice the test run."""
+    calls = []
+    monkeypatch.setattr(os, "setpriority", lambda which, who, prio: calls.append((which, who, prio)))
+    return calls
+
+
 # ---------------------------------------------------------------- how a job process ended, and the log
 
 def test_invariant_a_dead_job_processs_reason_names_the_signal_or_the_exit_code():
@@ -275,8 +283,18 @@ def test_invariant_yield_to_chat_lowers_every_thread_of_a_live_job_process_once(
     assert calls == [] and child.lowered is False
     started(child, FakeProc(pid=os.getpid()), FakeConn())
     tasks = {int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")}
-    child.yield_to_chat()
-    tasks |= {int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")}
+    done, ids = threading.Event(), []
+    helper = threading.Thread(target=lambda: ids.append(threading.get_native_id()) or done.wait(30))
+    helper.start()  # a thread the job started: it is lowered too (nice is per thread on Linux)
+    while not ids:
+        time.sleep(0.01)
+    try:
+        child.yield_to_chat()
+        tasks |= {int(t) for t in os.listdir(f"/proc/{os.getpid()}/task")}
+    finally:
+        done.set()
+        helper.join(30)
+    assert ids[0] in [who for _, who, _ in calls]
     whos = [who for _, who, _ in calls]
     assert child.lowered is True and os.getpid() in whos and set(whos) <= tasks and len(whos) == len(set(whos))
     assert all(which == os.PRIO_PROCESS and prio == 13 for which, _, prio in calls)
@@ -356,8 +374,9 @@ def test_invariant_a_job_in_the_job_process_gets_its_target_user_and_id_and_the_
     assert worker.run_one(engine) is True
     assert worker.child.calls == [("run", "some.module:edit_job", "alice", job["id"])] and engine.checked == 1
     assert store.job(job["id"])["state"] == names.DONE and store.job(job["id"])["result"] == {"adapter": 3}
-    store.queue_job("bob", names.EDIT)
+    second = store.queue_job("bob", names.EDIT)
     assert worker.run_one(object()) is True  # an engine with no files to check is fine
+    assert store.job(second["id"])["state"] == names.DONE
     # a callable job kind runs in the worker's thread even when there is a job process
     ran = []
     monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, lambda s, user, e, job_id: ran.append((s, user, e, job_id)) or {})
@@ -563,7 +582,8 @@ class Stopper(Child):
         self.worker._stop.set()
 
 
-def test_invariant_the_loop_makes_the_job_process_on_the_served_model_and_stops_it_once_idle(store, monkeypatch, capsys):
+def test_invariant_the_loop_makes_the_job_process_on_the_served_model_and_stops_it_once_idle(store, monkeypatch, capsys,
+                                                                                             priorities):
     served = Engine("served.gguf")
     made = []
     worker = jobs.Worker(store, lambda: served, process=True, threads=2, nice=11, idle_exit_s=5.0, poll_s=0.01)
@@ -573,7 +593,9 @@ def test_invariant_the_loop_makes_the_job_process_on_the_served_model_and_stops_
         return Stopper(worker, last_used=time.monotonic() - 6.0)
 
     monkeypatch.setattr(jobs, "JobProcess", job_process)
+    priorities.clear()
     worker._loop()
+    assert priorities == [(os.PRIO_PROCESS, threading.get_native_id(), 11)]  # the loop's thread: nice 11
     assert made == [(store.directory, "served.gguf", 2, 11)] and worker.child.calls == ["stop"]
     assert worker.ready.is_set() and worker._job_engine is None  # the process makes its own context
     assert capsys.readouterr().err.splitlines()[-1] == "localpers: the job process exited (idle)"
@@ -715,6 +737,17 @@ def test_invariant_the_worker_logs_the_traceback_of_its_first_store_error_only(s
 
     monkeypatch.setattr(worker, "_loop", failing_loop)
     monkeypatch.setattr(worker._stop, "wait", lambda s: None)
+    with caplog.at_level(logging.WARNING, logger=jobs.__name__):
+        worker._run()
+    assert messages(caplog, logging.ERROR) == [("the job worker hit an error; it retries", True)]
+    caplog.clear()
+    once = iter(range(2))  # one failure: its traceback is logged
+
+    def fails_once():
+        if next(once) == 0:
+            raise KeyError("bug")
+
+    monkeypatch.setattr(worker, "_loop", fails_once)
     with caplog.at_level(logging.WARNING, logger=jobs.__name__):
         worker._run()
     assert messages(caplog, logging.ERROR) == [("the job worker hit an error; it retries", True)]
