@@ -449,7 +449,9 @@ def test_invariant_a_cancelled_job_records_nothing_of_its_result_and_says_so(sto
 
     monkeypatch.setattr(worker, "_execute", execute_then_cancel)
     assert worker.run_one(Engine())
-    assert store.job(job["id"])["state"] == names.FAILED and worker._died == {}
+    got = store.job(job["id"])
+    assert got["state"] == names.FAILED and got["reason"] == "the job process died (killed by signal 9 (SIGKILL))"
+    assert worker._died == {}
 
 
 def test_invariant_cancel_user_stops_only_that_users_running_job():
@@ -784,3 +786,31 @@ def test_invariant_stop_waits_at_most_its_timeout_for_a_running_job(store, monke
         release.set()
         worker._thread.join(60)
     assert not worker._thread.is_alive()
+
+
+def test_invariant_the_worker_runs_no_job_while_another_holds_the_data_folders_job_lock(store, monkeypatch):
+    """`localpers personalize` by hand holds the job lock: the worker's run_one answers False at once (it never
+    waits for the lock in its thread) and claims nothing."""
+    monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, lambda s, user, e, job_id: {})
+    job = store.queue_job("alice", names.EDIT)
+    worker, answers = jobs.Worker(store, lambda: None), []
+    with store.job_lock() as held:
+        assert held
+        asking = threading.Thread(target=lambda: answers.append(worker.run_one(Engine())), daemon=True)
+        asking.start()
+        asking.join(30)  # a guard against a worker that waits for the lock
+        assert answers == [False] and store.job(job["id"])["state"] == names.QUEUED
+    assert worker.run_one(Engine()) and store.job(job["id"])["state"] == names.DONE
+
+
+def test_invariant_the_logged_duration_of_a_job_is_its_own(store, monkeypatch, capsys):
+    import re
+
+    monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, lambda s, user, e, job_id: time.sleep(0.2) or {})
+    job = store.queue_job("alice", names.EDIT)
+    before = time.monotonic()
+    assert jobs.Worker(store, lambda: None).run_one(Engine())
+    elapsed = time.monotonic() - before
+    [line] = [l for l in capsys.readouterr().err.splitlines() if " done in " in l]
+    took = float(re.fullmatch(rf"localpers: job {job['id']} \({names.EDIT}\) done in ([0-9.]+) s", line).group(1))
+    assert 0.2 - 0.05 <= took <= elapsed + 0.05
