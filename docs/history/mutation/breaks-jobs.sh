@@ -25,3 +25,19 @@ $B 'log.warning("the job worker shares the served engine: %s", e)' 'log.warning(
 $B 'log.warning("jobs left running are queued again later: %s", e)' 'log.warning(e)' -- $T
 $B 'log.warning("jobs left running are queued again later: %s", e)' 'log.warning("jobs left running are queued again later: %s", )' -- $T
 $B '        self._thread.join(timeout)' '        self._thread.join(None)' -- $T
+# the full run's survivors (every mutant of jobs.py) that a new check kills
+$B 'if Path(f"/proc/{pid}/task").is_dir() else' 'if (Path(f"/proc/{pid}/task").is_dir()) and False else' -- $T
+$B '            if failures == 1:' '            if failures == 2:' -- $T
+$B 'if hasattr(os, "setpriority"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)' 'if hasattr(os, "XXsetpriorityXX"):
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)' -- $T
+$B 'check = getattr(engine, "check_files_soon", None)' 'check = getattr(engine, "check_files_soon", )' -- $T
+$B 'with self.store.job_lock(wait=False) as held:' 'with self.store.job_lock(wait=True) as held:' -- $T
+$B 'took = f"in {time.monotonic() - started:.1f} s"' 'took = f"in {time.monotonic() + started:.1f} s"' -- $T
+$B 'names.FAILED if state == names.QUEUED else state, reason=reason,
+                                      result=result)
+                say(f"job {job['"'"'id'"'"']} ({job['"'"'kind'"'"']}) cancelled' 'names.FAILED if state == names.QUEUED else state, reason=None,
+                                      result=result)
+                say(f"job {job['"'"'id'"'"']} ({job['"'"'kind'"'"']}) cancelled' -- $T
