@@ -19,3 +19,12 @@ $B 'knowledge.sums.steering_count[c] > 0:' 'knowledge.sums.steering_count[c] >= 
 $B 'mediator, embed, steer,' 'mediator, None, steer,' -- $T -k prepare_world_prepares
 $B 'job=job[1] if job and job[0] == user else None)' 'job=job[1] if job and job[1] == user else None)' -- $T -k that_job_still_runs
 $B 'steerer = Steerer(model_path) if steer else None' 'steerer = Steerer(None) if steer else None' -- $T -k refresh_round_writes
+# a second extra sample (seed 2, 100 mutants): its survivors that a new check kills
+$B 'knowledge.steering[c], arch))' 'knowledge.steering[c], None))' -- $T -k refresh_round_writes
+$B 'inertia < best[2] - 1e-9:' 'inertia < best[2] + 1e-9:' -- $T -k restarts_keep
+$B 'inertia < best[2] - 1e-9:' 'inertia < best[2] - 1.000000001:' -- $T -k restarts_keep
+$B 'if agreement >= params.min_agreement:' 'if agreement > params.min_agreement:' -- $T -k at_min_agreement
+$B '                if job and job[0] == user:
+                    raise' '                if job or job[0] == user:
+                    raise' -- $T -k forgotten_during
+$B 'load_model(self.model_path)' 'load_model(None)' -- $T -k steerer_loads
