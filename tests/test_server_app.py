@@ -174,6 +174,10 @@ def test_a_chunked_body_is_bounded_then_read_whole(model, tmp_path):
     body = json.dumps({"messages": HI}).encode()
     r = client.post("/v1/chat/completions", content=iter([body[:10], body[10:]]), headers=JSON)
     assert r.status_code == 200, r.text
+    for method in ("PUT", "PATCH"):  # any route, before routing
+        r = client.request(method, "/v1/users/alice/anything", content=iter([b"x" * S.MAX_BODY_BYTES, b"y"]),
+                           headers=JSON)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", method
 
 
 @pytest.mark.parametrize("headers, refused", [
@@ -277,7 +281,7 @@ def test_a_user_is_served_their_artifacts_for_the_served_model_and_a_broken_one_
     store.add("alice", "hello")
     store.add("bob", "hello")
     store.register_artifact("alice", "lora", good, model_sha256(model), {"method": "edit"})
-    store.register_artifact("alice", "lora", other, "f" * 64, {"method": "perce"})  # another base model's
+    store.register_artifact("alice", "lora", other, "f" * 64, {"method": "edit"})  # another base model's, newer
     store.register_artifact("bob", "lora", bad, model_sha256(model), {"method": "edit"})
     engine.broken = [(store.artifacts("bob")[0]["path"], f"cannot load {store.directory}/x")]
     client = TestClient(app, base_url=LOCAL)
@@ -555,6 +559,7 @@ def uvicorn_runs(monkeypatch):
 
     class NoEngine:
         def __init__(self, *a, **k):
+            ran.append(("engine", a, k))
             raise UserError("no model in this test")
 
     monkeypatch.setattr(uvicorn, "Server", Server)
@@ -578,17 +583,56 @@ def test_serve_refuses_a_reachable_server_without_a_key_before_it_listens(uvicor
     assert uvicorn_runs == []
 
 
-def test_serve_runs_the_app_with_job_processes_on_its_socket(uvicorn_runs, tmp_path, capsys):
+def test_serve_runs_the_app_with_its_options_and_job_processes_on_its_socket(uvicorn_runs, tmp_path, capsys,
+                                                                            monkeypatch):
+    protocols, bounded = [], S.limits.bounded_protocol
+    monkeypatch.setattr(S.limits, "bounded_protocol", lambda *a: protocols.append(a) or bounded(*a))
     S.serve(host="0.0.0.0", port=0, data_dir=str(tmp_path / "a"), insecure_no_api_key=True)
-    S.serve(host="127.0.0.1", port=0, data_dir=str(tmp_path / "b"), allowed_hosts=["my.host"], owner="zoe")
-    (open_app, [open_sock]), (app, [sock]) = uvicorn_runs
+    S.serve(host="127.0.0.1", port=0, data_dir=str(tmp_path / "b"), allowed_hosts=["my.host"], owner="zoe",
+            api_key="k", history=False, adapter_cache_mb=3, max_request_tokens=999, aliases=["gpt-4o"],
+            strict_model_names=True, max_connections=7, header_timeout=1.5, body_timeout=2.5,
+            allowed_origins=["http://app.example"])
+    engines = [r for r in uvicorn_runs if r[0] == "engine"]
+    (open_app, [open_sock]), (app, [sock]) = [r for r in uvicorn_runs if r[0] != "engine"]
     assert open_sock.family == socket.AF_INET
     for a in (open_app, app):
         assert a.state.worker.kwargs["process"] is True and a.state.worker.kwargs["warm"] is True
     assert app.state.owner == "zoe" and str(app.state.store.directory) == str(tmp_path / "b")
+    assert (app.state.history, app.state.max_request_tokens, app.state.aliases, app.state.strict_model_names) == \
+        (False, 999, ("gpt-4o",), True)
+    assert (open_app.state.history, open_app.state.strict_model_names, open_app.state.owner) == (True, False, None)
+    assert [e[2]["adapter_cache_bytes"] for e in engines] == [names.ADAPTER_CACHE_BYTES, 3 * 2 ** 20]
+    cap = S.limits.connection_cap(S.limits.raise_fd_limit())
+    assert protocols == [(cap, names.HEADER_TIMEOUT_S, names.BODY_TIMEOUT_S), (7, 1.5, 2.5)]
     out = capsys.readouterr()
     assert "on http://0.0.0.0:0/v1" in out.out and "on http://127.0.0.1:0/v1" in out.out
     assert out.err.count("add --allowed-host NAME") == 1  # the wildcard address without --allowed-host
     client = TestClient(app, base_url=LOCAL)
     assert client.get("/health", headers={"host": "my.host"}).status_code != 403
     assert client.get("/health", headers={"host": "other.host"}).status_code == 403
+    assert client.get("/v1/models").status_code == 401
+    ask = {"origin": "http://app.example", "access-control-request-method": "POST"}
+    assert client.options("/v1/chat/completions", headers=ask).headers["access-control-allow-origin"] == ask["origin"]
+    try:
+        S.serve(host="::1", port=0, data_dir=str(tmp_path / "c"))
+    except UserError:  # no IPv6 loopback on this machine
+        return
+    assert "on http://[::1]:0/v1" in capsys.readouterr().out
+
+
+def test_serve_leaves_at_once_when_a_job_still_runs_in_its_thread(uvicorn_runs, tmp_path, monkeypatch):
+    """A job running in the worker's thread when uvicorn stops: os._exit(0), not an interpreter shutdown under
+    torch or llama.cpp (the job is queued again at the next start); none running: serve returns."""
+    exits = []
+
+    class Busy(Worker):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.current = {"id": 1}
+
+    monkeypatch.setattr(S.os, "_exit", lambda code: exits.append(code))
+    S.serve(port=0, data_dir=str(tmp_path / "a"))
+    assert exits == []
+    monkeypatch.setattr(S, "Worker", Busy)
+    S.serve(port=0, data_dir=str(tmp_path / "b"))
+    assert exits == [0]

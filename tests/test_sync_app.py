@@ -46,13 +46,19 @@ def test_invariant_the_server_publishes_its_privacy_terms_and_writes_them_to_out
     knowledge and a summary of the run (config, history, complete)."""
     cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2, "epsilon": 8.0, "min_size": 2})
     out = tmp_path / "server"
-    strategy, _ = sync_app.simulate(devices(tmp_path, make_users(4)), {**run_config(cfg, 4), "out-dir": str(out)})
+    nodes = devices(tmp_path, make_users(4))
+    strategy, _ = sync_app.simulate(nodes, {**run_config(cfg, 4), "out-dir": str(out)})
     meta = strategy.knowledge.meta
+    saved = sync.Knowledge.load(out / sync.GLOBAL_KNOWLEDGE_FILE)
     assert meta == {"rounds": 2, "epsilon_per_round": 8.0, "delta": cfg.delta,
                     "epsilon_total": pytest.approx(sync.rdp_epsilon(cfg.noise_multiplier, 2, cfg.delta)),
                     "min_size": 2, "history": strategy.history}
     assert 8.0 < meta["epsilon_total"] < 16.0 and len(strategy.history) == 2
-    saved = sync.Knowledge.load(out / sync.GLOBAL_KNOWLEDGE_FILE)
+    assert [h["error_bound"] for h in strategy.history] == [sync.error_bound(4, cfg)] * 2
+    assert [h["sizes"] for h in strategy.history][-1] == strategy.knowledge.sizes.tolist()
+    for node in nodes:  # what every device received: the same terms (issue 28's mutation run: they got none)
+        mine = sync.Knowledge.load(sync.sync_dir(node["data-dir"]) / sync.GLOBAL_KNOWLEDGE_FILE)
+        assert mine.meta == saved.meta
     np.testing.assert_array_equal(saved.sizes, strategy.knowledge.sizes)
     assert saved.meta == json.loads(json.dumps(meta))
     summary = json.loads((out / sync_app.SUMMARY_FILE).read_text())
@@ -74,7 +80,8 @@ def test_invariant_a_device_folds_each_sync_run_into_its_logo_knowledge(tmp_path
     for node in nodes:
         mine = logo.GlobalKnowledge.load(logo.knowledge_dir(node["data-dir"]) / logo.KNOWLEDGE_FILE)
         assert mine.round == 1 and mine.meta["source"] == logo.SYNC_SOURCE and mine.min_size == cfg.min_size
-        assert set(mine.meta["sync"]) == {"rounds", "epsilon_total", "delta"}
+        assert mine.meta["sync"] == {"rounds": 1, "delta": cfg.delta, "epsilon_total": pytest.approx(
+            sync.rdp_epsilon(cfg.noise_multiplier, 1, cfg.delta))}
         np.testing.assert_array_equal(mine.sizes, sizes)
         assert [e["kind"] for e in sync.read_log(node["data-dir"])].count("received") == 1
     sync_app.simulate(nodes, run_config(cfg, 3))
@@ -193,3 +200,58 @@ def test_a_device_whose_consenting_command_is_gone_ends_with_a_failure_code(tmp_
     monkeypatch.setattr(sync_app.lifetime, "alive", lambda tok: False)
     sync_app.check_consent(types.SimpleNamespace(node_config={"consent": live}))
     assert len(ended) == 1 and ended[0] != 0
+
+
+def test_invariant_the_ledger_describes_every_value_a_reply_carries_and_logs_a_failed_reply(tmp_path):
+    """describe(): one row per value (record, key, type; arrays with shape and bytes, byte strings with bytes,
+    lists with items and bytes); ledger_mod logs a reply without content (an error) with no values and its
+    reason."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    array = Array(np.zeros((2, 3), dtype=np.float32))
+    content = RecordDict({"arrays": ArrayRecord({"a": array}),
+                          "config": ConfigRecord({"b": b"xyz", "l": [b"ab", b"c"], "n": [1, 2, 3], "s": "text"})})
+    assert sync_app.describe(content) == [
+        {"record": "arrays", "key": "a", "type": "Array", "shape": [2, 3], "bytes": len(array.data)},
+        {"record": "config", "key": "b", "type": "bytes", "bytes": 3},
+        {"record": "config", "key": "l", "type": "list", "items": 2, "bytes": 3},
+        {"record": "config", "key": "n", "type": "list", "items": 3, "bytes": 24},
+        {"record": "config", "key": "s", "type": "str"}]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    grid = sync_app.LocalGrid([{"data-dir": str(tmp_path)}], {})
+    msg = grid.create_message(RecordDict(), "train", 2, "round 1")
+    assert (msg.metadata.dst_node_id, msg.metadata.group_id, msg.metadata.message_type) == (2, "round 1", "train")
+    context = grid.contexts[2]
+    reply = sync_app.ledger_mod(msg, context, lambda m, c: Message(Error(code=0, reason="it failed"), reply_to=m))
+    assert reply.has_error()
+    [row] = sync.read_log(tmp_path)
+    assert (row["kind"], row["message_type"], row["bytes"], row["values"], row["error"]) == \
+        ("message", "train", 0, [], "it failed")
+
+
+def test_simulate_starts_from_the_centroids_given(tmp_path):
+    """simulate(centroids=...) starts the first round there, as run config `start` does."""
+    users = make_users(6)
+    first = sync.plain_kmeans(users, ONE_ROUND)
+    start = first.centroids[::-1].copy()
+    strategy, _ = sync_app.simulate(devices(tmp_path, users), run_config(ONE_ROUND, 6), centroids=start)
+    assert_close_to_plain(strategy.knowledge, sync.plain_kmeans(users, ONE_ROUND, start=start), 6, ONE_ROUND)
+    np.testing.assert_array_equal(strategy.knowledge.sizes, first.sizes[::-1])
+
+
+def test_a_round_with_exactly_min_contributors_is_published():
+    """aggregate_fit publishes a round whose devices are exactly min_contributors (each added its noise share)
+    and withholds one below it."""
+    from types import SimpleNamespace
+
+    from flwr.common import ndarrays_to_parameters
+
+    strategy = sync_app.KMeansStrategy(CFG, min_devices=3)
+    flats = [sync.encode(c, strategy.centroids, CFG)[0] for c in make_users(CFG.min_contributors)]
+    fit = SimpleNamespace(parameters=ndarrays_to_parameters([np.mean(flats, axis=0)]))
+    params, metrics = strategy.aggregate_fit(1, [(None, fit)] * CFG.min_contributors, [])
+    assert params is not None and metrics == {"devices": CFG.min_contributors}
+    assert "withheld" not in strategy.history[-1] and sum(strategy.history[-1]["sizes"]) == CFG.min_contributors
+    assert strategy.aggregate_fit(2, [(None, fit)] * (CFG.min_contributors - 1), []) == (None, {})
+    assert strategy.history[-1]["withheld"] is True
