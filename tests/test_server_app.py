@@ -476,6 +476,8 @@ def test_invariant_sampling_takes_each_field_and_openais_defaults():
         with pytest.raises(S.APIError) as e:
             S.sampling_of(request(**fields), 100)
         assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_parameter"), fields
+        if "logit_bias" in fields and param == "logit_bias" and "100." not in str(fields):
+            assert "(0..99)" in e.value.message and repr(next(iter(fields["logit_bias"]))) in e.value.message
     assert S.sampling_of(request(stop=["x"] * S.MAX_STOP, logit_bias={"99": 100.0, "0": -100.0}), 100)
 
 
@@ -503,7 +505,7 @@ def test_is_loopback(host, loopback):
 
 @pytest.mark.parametrize("header, name", [
     ("localhost:8000", "localhost"), (" Example.COM ", "example.com"), ("[::1]:8000", "::1"), ("[::1]", "::1"),
-    ("[::1]x", "[::1]x"), ("[::1]:", "[::1]:"), ("[::1", "[::1"), ("host:8000.evil.example", "host:8000.evil.example"),
+    ("[::1]x", "[::1]x"), ("[::1]:", "[::1]:"), ("[::1]]", "[::1]]"), ("[::1]:80]", "[::1]:80]"), ("[::1", "[::1"), ("host:8000.evil.example", "host:8000.evil.example"),
     ("::1", "::1"), ("a:b", "a:b"), ("127.0.0.1:80", "127.0.0.1"), ("", "")])
 def test_the_host_of_a_host_header(header, name):
     assert S._host_name(header) == name
@@ -515,6 +517,12 @@ def test_client_text_hides_the_servers_folders(tmp_path):
     text = f"{inner}/a and {tmp_path}/b and /elsewhere"
     assert S.client_text(text, inner, tmp_path) == "<server>/a and <server>/b and /elsewhere"
     assert S.client_text("/x/y", "/") == "/x/y"  # the root folder is no folder to hide
+
+
+def test_client_text_hides_a_relative_folder_in_both_its_forms(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert S.client_text(f"{tmp_path}/data/x and data/y", "data") == "<server>/x and <server>/y"
 
 
 # -- serve and bind -------------------------------------------------------------------------------------------------
@@ -530,6 +538,36 @@ def test_bind_listens_or_says_in_one_line_why_not():
         sock.close()
     with pytest.raises(UserError, match="cannot listen on 192.0.2.1:1"):
         S.bind("192.0.2.1", 1)
+
+
+@pytest.mark.parametrize("error, said", [
+    (OSError(98, "Address already in use"), "^port 9 on 127.0.0.1 is already in use; .* --port$"),  # Linux
+    (OSError(48, "Address already in use"), "^port 9 on 127.0.0.1 is already in use; .* --port$"),  # macOS, BSD
+    (OSError(99, "Cannot assign requested address"), "cannot listen on 127.0.0.1:9: Cannot assign"),
+])
+def test_bind_reads_the_reason_on_every_platform(monkeypatch, error, said):
+    closed = []
+
+    class Socket:
+        def __init__(self, *a):
+            pass
+
+        def setsockopt(self, *a):
+            pass
+
+        def bind(self, address):
+            raise error
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(S.socket, "socket", Socket)
+    with pytest.raises(UserError, match=said):
+        S.bind("127.0.0.1", 9)
+    assert closed == [True]
+
+
+def test_bind_takes_a_bracketed_ipv6_address():
     try:
         six = S.bind("[::1]", 0)
     except UserError:
@@ -613,6 +651,9 @@ def test_serve_runs_the_app_with_its_options_and_job_processes_on_its_socket(uvi
     assert client.get("/v1/models").status_code == 401
     ask = {"origin": "http://app.example", "access-control-request-method": "POST"}
     assert client.options("/v1/chat/completions", headers=ask).headers["access-control-allow-origin"] == ask["origin"]
+    S.serve(host="127.0.0.2", port=0, data_dir=str(tmp_path / "d"))  # another loopback address: its own name
+    bound = TestClient(uvicorn_runs[-1][0], base_url=LOCAL)
+    assert bound.get("/health", headers={"host": "127.0.0.2:8000"}).status_code != 403
     try:
         S.serve(host="::1", port=0, data_dir=str(tmp_path / "c"))
     except UserError:  # no IPv6 loopback on this machine
