@@ -45,7 +45,7 @@ def test_invariant_the_server_publishes_its_privacy_terms_and_writes_them_to_out
     delta, the accountant's epsilon over the rounds, min_size) and its history; run config out-dir receives that
     knowledge and a summary of the run (config, history, complete)."""
     cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2, "epsilon": 8.0, "min_size": 2})
-    out = tmp_path / "server"
+    out = tmp_path / "runs" / "server"  # made, parents included
     nodes = devices(tmp_path, make_users(4))
     strategy, _ = sync_app.simulate(nodes, {**run_config(cfg, 4), "out-dir": str(out)})
     meta = strategy.knowledge.meta
@@ -66,6 +66,9 @@ def test_invariant_the_server_publishes_its_privacy_terms_and_writes_them_to_out
     assert summary["history"] == json.loads(json.dumps(strategy.history)) and summary["seconds"] >= 0
     strategy, _ = sync_app.simulate(devices(tmp_path / "again", make_users(4)), run_config(cfg, 4))
     assert strategy.knowledge is not None and not (tmp_path / "again" / sync_app.SUMMARY_FILE).exists()
+    (out / sync_app.SUMMARY_FILE).write_text("{}")
+    sync_app.simulate(nodes, {**run_config(cfg, 4), "out-dir": str(out)})  # the next run, into the same --out
+    assert json.loads((out / sync_app.SUMMARY_FILE).read_text())["complete"] is True
 
 
 def test_invariant_a_device_folds_each_sync_run_into_its_logo_knowledge(tmp_path):
@@ -83,7 +86,8 @@ def test_invariant_a_device_folds_each_sync_run_into_its_logo_knowledge(tmp_path
         assert mine.meta["sync"] == {"rounds": 1, "delta": cfg.delta, "epsilon_total": pytest.approx(
             sync.rdp_epsilon(cfg.noise_multiplier, 1, cfg.delta))}
         np.testing.assert_array_equal(mine.sizes, sizes)
-        assert [e["kind"] for e in sync.read_log(node["data-dir"])].count("received") == 1
+        [received] = [e for e in sync.read_log(node["data-dir"]) if e["kind"] == "received"]
+        assert received["run"] == 1 and received["communities"] == int(strategy.knowledge.published.sum())
     sync_app.simulate(nodes, run_config(cfg, 3))
     again = logo.GlobalKnowledge.load(logo.knowledge_dir(nodes[0]["data-dir"]) / logo.KNOWLEDGE_FILE)
     assert again.round == 2
@@ -178,6 +182,9 @@ def test_the_simulation_engines_apps_run_each_virtual_device_as_the_device_it_st
     for node in nodes:
         kinds = [e["kind"] for e in sync.read_log(node["data-dir"])]
         assert kinds.count("contribution") == 3 and kinds.count("received") == 1
+    sync_app.simulate_ray(nodes, {**run_config(CFG, 4), "out-dir": str(tmp_path / "server")})
+    assert calls[-1]["backend"] == {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},  # one device a CPU
+                                    "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}}
     monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: None)
     with pytest.raises(UserError, match="without a result"):
         sync_app.simulate_ray(nodes, {**run_config(CFG, 4), "out-dir": str(tmp_path / "nothing")})

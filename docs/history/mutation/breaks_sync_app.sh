@@ -24,3 +24,9 @@ $B $F 'strategy = run_server(grid, context, centroids)' 'strategy = run_server(g
 $B $F 'if n < self.cfg.min_contributors:' 'if n <= self.cfg.min_contributors:' -- $T -k min_contributors
 $B $F '"error_bound": sync.error_bound(n, self.cfg)}' '"ERROR_BOUND": sync.error_bound(n, self.cfg)}' -- $T -k privacy_terms
 $B $F 'return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)' 'return Message(content, dst_node_id, message_type, ttl=ttl, group_id=None)' -- $T -k ledger_describes
+# the final seed-28 sample's two missing tests
+$B $F '        out.mkdir(parents=True, exist_ok=True)' '        out.mkdir(parents=True, exist_ok=None)' -- $T -k privacy_terms
+$B $F '{"kind": "received", "run": self.context.run_id' '{"kind": "received", "RUN": self.context.run_id' -- $T -k folds_each_sync_run
+# the final seed-7 sample's two missing tests
+$B $F '        out.mkdir(parents=True, exist_ok=True)' '        out.mkdir(exist_ok=True)' -- $T -k privacy_terms
+$B $F 'num_cpus: int = 2, cpus_per_device: float = 1.0) -> dict:' 'num_cpus: int = 2, cpus_per_device: float = 2.0) -> dict:' -- $T -k simulation_engine
