@@ -5,6 +5,7 @@ written for the mutation survivors of sync_app.py (docs/history/mutation/) and t
 from __future__ import annotations
 
 import json
+import time
 import types
 
 import numpy as np
@@ -31,10 +32,19 @@ def test_invariant_a_capture_holds_exactly_the_replies_the_ledger_logs(tmp_path)
     assert len(files) == len(logged) >= 4  # the SecAgg+ stages and the knowledge's download
     captured = [json.loads(f.read_text()) for f in files]
     assert [c["stage"] for c in captured] == [e["stage"] for e in logged]
+    kinds = set()
     for c, e, f in zip(captured, logged, files):
         assert sorted((r["record"], r["key"]) for r in e["values"]) == \
             sorted((rname, key) for rname, record in c["content"].items() for key in record)
+        for row in e["values"]:  # each value as the ledger describes it: arrays of its shape, bytes of its length
+            value = c["content"][row["record"]][row["key"]]
+            kinds.add(row["type"])
+            if row["type"] == "Array":
+                assert list(np.asarray(value["array"]).shape) == row["shape"]
+            elif row["type"] == "bytes":
+                assert len(bytes.fromhex(value["hex"])) == row["bytes"]
         assert e["message_type"] in f.name and (e["stage"] or "") in f.name
+    assert {"bytes", "list"} <= kinds, kinds  # SecAgg+'s replies: key shares, masked vectors as lists of ints
     masked = [c for c in captured if c["stage"] == "collect_masked_vectors"]
     assert len(masked) == 1 and json.dumps(masked[0]["content"]).count("hex") >= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["capture", "d0", "d1", "d2"]  # nothing captured elsewhere
@@ -47,7 +57,9 @@ def test_invariant_the_server_publishes_its_privacy_terms_and_writes_them_to_out
     cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2, "epsilon": 8.0, "min_size": 2})
     out = tmp_path / "runs" / "server"  # made, parents included
     nodes = devices(tmp_path, make_users(4))
+    started = time.perf_counter()
     strategy, _ = sync_app.simulate(nodes, {**run_config(cfg, 4), "out-dir": str(out)})
+    took = time.perf_counter() - started
     meta = strategy.knowledge.meta
     saved = sync.Knowledge.load(out / sync.GLOBAL_KNOWLEDGE_FILE)
     assert meta == {"rounds": 2, "epsilon_per_round": 8.0, "delta": cfg.delta,
@@ -63,7 +75,11 @@ def test_invariant_the_server_publishes_its_privacy_terms_and_writes_them_to_out
     assert saved.meta == json.loads(json.dumps(meta))
     summary = json.loads((out / sync_app.SUMMARY_FILE).read_text())
     assert summary["config"] == cfg.to_run_config() and summary["complete"] is True
-    assert summary["history"] == json.loads(json.dumps(strategy.history)) and summary["seconds"] >= 0
+    assert summary["history"] == json.loads(json.dumps(strategy.history)) and 0 <= summary["seconds"] <= took
+    assert strategy.min_fit_clients == 4  # run config min-devices
+    few = sync.SyncConfig(**{**cfg.__dict__, "min_contributors": 3})
+    with pytest.raises(UserError, match="exceeds min-devices 2"):
+        sync_app.simulate(nodes, {**few.to_run_config(), "min-devices": 2})
     strategy, _ = sync_app.simulate(devices(tmp_path / "again", make_users(4)), run_config(cfg, 4))
     assert strategy.knowledge is not None and not (tmp_path / "again" / sync_app.SUMMARY_FILE).exists()
     (out / sync_app.SUMMARY_FILE).write_text("{}")
@@ -225,6 +241,9 @@ def test_invariant_the_ledger_describes_every_value_a_reply_carries_and_logs_a_f
         {"record": "config", "key": "l", "type": "list", "items": 2, "bytes": 3},
         {"record": "config", "key": "n", "type": "list", "items": 3, "bytes": 24},
         {"record": "config", "key": "s", "type": "str"}]
+    # a capture keeps every value as JSON: arrays as nested lists, bytes as hex, lists item by item
+    assert sync_app._jsonable(Array(np.arange(6.0).reshape(2, 3))) == {"array": [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]}
+    assert sync_app._jsonable([b"\x01", [b"\xff"], 3, "s"]) == [{"hex": "01"}, [{"hex": "ff"}], 3, "s"]
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     grid = sync_app.LocalGrid([{"data-dir": str(tmp_path)}], {})
     msg = grid.create_message(RecordDict(), "train", 2, "round 1")

@@ -30,3 +30,7 @@ $B $F '{"kind": "received", "run": self.context.run_id' '{"kind": "received", "R
 # the final seed-7 sample's two missing tests
 $B $F '        out.mkdir(parents=True, exist_ok=True)' '        out.mkdir(exist_ok=True)' -- $T -k privacy_terms
 $B $F 'num_cpus: int = 2, cpus_per_device: float = 1.0) -> dict:' 'num_cpus: int = 2, cpus_per_device: float = 2.0) -> dict:' -- $T -k simulation_engine
+# the seed-3 sample's three missing tests
+$B $F 'return {"array": value.numpy().tolist()}' 'return {"XXarrayXX": value.numpy().tolist()}' -- $T -k ledger_describes
+$B $F '"seconds": round(time.perf_counter() - start, 3)' '"seconds": round(time.perf_counter() + start, 3)' -- $T -k privacy_terms
+$B $F 'min_devices = int(context.run_config.get("min-devices", 2))' 'min_devices = int(context.run_config.get("MIN-DEVICES", 2))' -- $T -k privacy_terms
