@@ -185,6 +185,7 @@ def test_a_chunked_body_is_bounded_then_read_whole(model, tmp_path):
     ({"host": "localhost.evil.example"}, 403), ({"host": "localhost", "origin": "null"}, 403),
     ({"host": "localhost:8000", "origin": "http://LOCALHOST:8000"}, None),
     ({"host": "localhost", "origin": "http://app.example"}, None),
+    ({"host": "localhost", "origin": "http://evil.example://localhost"}, 403),
 ])
 def test_guard_refusal_of_one_request(headers, refused):
     guard = S.Guard(None, api_key=None, allowed_hosts={"localhost", ""}, allowed_origins={"http://app.example"})
@@ -225,6 +226,8 @@ def test_the_model_loads_in_the_background_and_its_failures_are_reported(model, 
     monkeypatch.setattr(engine_module, "Engine", SlowEngine)
     app = S.create_app(model, data_dir=str(tmp_path / "home"), adapter_cache_bytes=12345)
     client = TestClient(app, base_url=LOCAL)
+    [loader] = [t for t in threading.enumerate() if t.name == "localpers-load"]
+    assert loader.daemon  # a load never keeps the process alive
     for r in (client.get("/health"), chat(client)):
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading", r.text
         assert "the model is still loading" in r.json()["error"]["message"]
@@ -368,6 +371,9 @@ def test_invariant_every_error_is_an_openai_error_body_with_its_param_and_code(m
     engine.fail = UserError(f"cannot read {tmp_path / 'home'}/adapter.gguf")
     r = chat(client)
     assert r.status_code == 400 and r.json()["error"]["message"] == "cannot read <server>/adapter.gguf"
+    r = chat(client, stream=True)  # the stream has begun: it ends with the error event
+    [last] = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")][-1:]
+    assert last["error"]["type"] == "invalid_request_error" and "cannot read" in last["error"]["message"]
 
 
 def test_a_user_error_on_a_route_is_a_400_or_404_without_the_servers_paths(model, tmp_path):
@@ -387,6 +393,7 @@ def test_a_user_error_on_a_route_is_a_400_or_404_without_the_servers_paths(model
 
 @pytest.mark.parametrize("body, message, param", [
     ("{not json", "the request body is not valid JSON", None),
+    ("", "the request body must be a JSON object", None),
     ("[1, 2]", "the request body must be a JSON object", None),
     ('"text"', "the request body must be a JSON object", None),
     ("{}", "'messages': Field required", "messages"),
@@ -611,7 +618,8 @@ def test_serve_refuses_a_reachable_server_without_a_key_before_it_listens(uvicor
     for host in ("0.0.0.0", "192.168.1.5", "::"):
         with pytest.raises(UserError) as e:
             S.serve(host=host, port=0, data_dir=str(tmp_path))
-        assert "--api-key KEY" in str(e.value) and "--insecure-no-api-key" in str(e.value)
+        assert str(e.value) == (f"--host {host} lets other machines reach every user's history: give --api-key KEY "
+                                "(or --insecure-no-api-key to accept that risk)")
     with pytest.raises(UserError, match="--adapter-cache-mb"):
         S.serve(port=0, data_dir=str(tmp_path), adapter_cache_mb=-1)
     with pytest.raises(UserError):

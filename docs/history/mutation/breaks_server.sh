@@ -33,3 +33,9 @@ $B $F 'if e.errno == 98 or "in use" in str(e).lower():' 'if e.errno == 98 and "i
 $B $F 'key=len, reverse=True)' 'key=None, reverse=True)' -- $T -k client_text
 $B $F 'is not a token id of this model (0..{n_vocab - 1})' 'is not a token id of this model (0..{n_vocab - 2})' -- $T -k sampling_takes
 $B $F 'jobs="process", warm_jobs=True, host=host, allowed_hosts' 'jobs="process", warm_jobs=True, allowed_hosts' -- $T -k options_and_job
+# seed 3
+$B $F '"model_type", "missing"):' '"model_type", "XXmissingXX"):' -- $T -k one_line_naming
+$B $F 'threading.Thread(target=load, daemon=True, name="localpers-load")' 'threading.Thread(target=load, daemon=False, name="localpers-load")' -- $T -k loads_in_the_background
+$B $F 'def error_body(message: str, type_: str = "invalid_request_error"' 'def error_body(message: str, type_: str = "INVALID_REQUEST_ERROR"' -- $T -k openai_error_body
+$B $F '"(or --insecure-no-api-key to accept that risk)")' '"XX(or --insecure-no-api-key to accept that risk)XX")' -- $T -k reachable_server
+$B $F 'origin.split("://", 1)[-1].lower() != host.lower()' 'origin.split("://", 2)[-1].lower() != host.lower()' -- $T -k guard_refusal
