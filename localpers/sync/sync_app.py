@@ -83,10 +83,19 @@ class KMeansStrategy(FedAvg):
                              "error_bound": sync.error_bound(n, self.cfg)})
         return ndarrays_to_parameters([self.centroids]), {"devices": n}
 
+    def run_meta(self) -> dict:
+        """The run's privacy terms (rounds, epsilon a round, delta, the accountant's epsilon over the rounds,
+        min_size) and its history: the published knowledge's meta, on the server and on every device."""
+        cfg = self.cfg
+        return {"rounds": cfg.rounds, "epsilon_per_round": cfg.epsilon, "delta": cfg.delta,
+                "epsilon_total": sync.rdp_epsilon(cfg.noise_multiplier, cfg.rounds, cfg.delta),
+                "min_size": cfg.min_size, "history": self.history}
+
     def configure_evaluate(self, server_round, parameters, client_manager):
-        # Devices download the published knowledge once, after the last round.
+        # Devices download the published knowledge once, after the last round, with the run's terms.
         if server_round < self.cfg.rounds or self.knowledge is None:
             return []
+        self.knowledge.meta = self.run_meta()
         ins = EvaluateIns(ndarrays_to_parameters(self.knowledge.arrays()), {"meta": json.dumps(self.knowledge.meta)})
         return [(proxy, ins) for proxy in client_manager.all().values()]
 
@@ -140,9 +149,7 @@ def run_server(grid: Grid, context: Context, centroids: np.ndarray | None = None
     start = time.perf_counter()
     DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
     if strategy.knowledge is not None:
-        strategy.knowledge.meta = {"rounds": cfg.rounds, "epsilon_per_round": cfg.epsilon, "delta": cfg.delta,
-                                   "epsilon_total": sync.rdp_epsilon(cfg.noise_multiplier, cfg.rounds, cfg.delta),
-                                   "min_size": cfg.min_size, "history": strategy.history}
+        strategy.knowledge.meta = strategy.run_meta()
     out = context.run_config.get("out-dir")
     if out:
         out = Path(str(out))

@@ -1,0 +1,283 @@
+"""The Flower app of private sync (localpers/sync/sync_app.py) without starting Flower's processes or Ray: what the
+server publishes and writes to --out, what a device captures and keeps (its LoGo knowledge), and the apps Flower's
+simulation engine runs, driven in-process (sync_app.LocalGrid). Each case runs in about a second; they were
+written for the mutation survivors of sync_app.py (docs/history/mutation/) and test the behaviour, not the lines."""
+from __future__ import annotations
+
+import json
+import time
+import types
+
+import numpy as np
+import pytest
+from flwr.common import Context, RecordDict
+
+from localpers.errors import UserError
+from localpers.personalize import logo
+from localpers.sync import sync, sync_app
+from tests.test_sync import CFG, assert_close_to_plain, devices, make_users, run_config
+
+ONE_ROUND = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
+
+
+def test_invariant_a_capture_holds_exactly_the_replies_the_ledger_logs(tmp_path):
+    """A device with node config capture-dir keeps one file per reply it sent with content — the same stages, in
+    the same order, as its ledger's message rows — each holding the reply's values; a device without one
+    captures nothing."""
+    nodes = devices(tmp_path, make_users(3))
+    nodes[0]["capture-dir"] = str(tmp_path / "capture")
+    sync_app.simulate(nodes, run_config(ONE_ROUND, 3))
+    files = sorted((tmp_path / "capture").iterdir(), key=lambda p: int(p.name.split("-")[0]))
+    logged = [e for e in sync.read_log(nodes[0]["data-dir"]) if e["kind"] == "message" and e["values"]]
+    assert len(files) == len(logged) >= 4  # the SecAgg+ stages and the knowledge's download
+    captured = [json.loads(f.read_text()) for f in files]
+    assert [c["stage"] for c in captured] == [e["stage"] for e in logged]
+    kinds = set()
+    for c, e, f in zip(captured, logged, files):
+        assert sorted((r["record"], r["key"]) for r in e["values"]) == \
+            sorted((rname, key) for rname, record in c["content"].items() for key in record)
+        for row in e["values"]:  # each value as the ledger describes it: arrays of its shape, bytes of its length
+            value = c["content"][row["record"]][row["key"]]
+            kinds.add(row["type"])
+            if row["type"] == "Array":
+                assert list(np.asarray(value["array"]).shape) == row["shape"]
+            elif row["type"] == "bytes":
+                assert len(bytes.fromhex(value["hex"])) == row["bytes"]
+        assert e["message_type"] in f.name and (e["stage"] or "") in f.name
+    assert {"bytes", "list"} <= kinds, kinds  # SecAgg+'s replies: key shares, masked vectors as lists of ints
+    masked = [c for c in captured if c["stage"] == "collect_masked_vectors"]
+    assert len(masked) == 1 and json.dumps(masked[0]["content"]).count("hex") >= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["capture", "d0", "d1", "d2"]  # nothing captured elsewhere
+
+
+def test_invariant_the_server_publishes_its_privacy_terms_and_writes_them_to_out_dir(tmp_path):
+    """After the rounds the published knowledge's meta states the run's privacy terms (rounds, epsilon a round,
+    delta, the accountant's epsilon over the rounds, min_size) and its history; run config out-dir receives that
+    knowledge and a summary of the run (config, history, complete)."""
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2, "epsilon": 8.0, "min_size": 2})
+    out = tmp_path / "runs" / "server"  # made, parents included
+    nodes = devices(tmp_path, make_users(4))
+    started = time.perf_counter()
+    strategy, _ = sync_app.simulate(nodes, {**run_config(cfg, 4), "out-dir": str(out)})
+    took = time.perf_counter() - started
+    meta = strategy.knowledge.meta
+    saved = sync.Knowledge.load(out / sync.GLOBAL_KNOWLEDGE_FILE)
+    assert meta == {"rounds": 2, "epsilon_per_round": 8.0, "delta": cfg.delta,
+                    "epsilon_total": pytest.approx(sync.rdp_epsilon(cfg.noise_multiplier, 2, cfg.delta)),
+                    "min_size": 2, "history": strategy.history}
+    assert 8.0 < meta["epsilon_total"] < 16.0 and len(strategy.history) == 2
+    assert [h["error_bound"] for h in strategy.history] == [sync.error_bound(4, cfg)] * 2
+    assert [h["sizes"] for h in strategy.history][-1] == strategy.knowledge.sizes.tolist()
+    for node in nodes:  # what every device received: the same terms (issue 28's mutation run: they got none)
+        mine = sync.Knowledge.load(sync.sync_dir(node["data-dir"]) / sync.GLOBAL_KNOWLEDGE_FILE)
+        assert mine.meta == saved.meta
+    np.testing.assert_array_equal(saved.sizes, strategy.knowledge.sizes)
+    assert saved.meta == json.loads(json.dumps(meta))
+    summary = json.loads((out / sync_app.SUMMARY_FILE).read_text())
+    assert summary["config"] == cfg.to_run_config() and summary["complete"] is True
+    assert summary["history"] == json.loads(json.dumps(strategy.history)) and 0 <= summary["seconds"] <= took
+    assert strategy.min_fit_clients == 4  # run config min-devices
+    few = sync.SyncConfig(**{**cfg.__dict__, "min_contributors": 3})
+    with pytest.raises(UserError, match="exceeds min-devices 2"):
+        sync_app.simulate(nodes, {**few.to_run_config(), "min-devices": 2})
+    strategy, _ = sync_app.simulate(devices(tmp_path / "again", make_users(4)), run_config(cfg, 4))
+    assert strategy.knowledge is not None and not (tmp_path / "again" / sync_app.SUMMARY_FILE).exists()
+    (out / sync_app.SUMMARY_FILE).write_text("{}")
+    sync_app.simulate(nodes, {**run_config(cfg, 4), "out-dir": str(out)})  # the next run, into the same --out
+    assert json.loads((out / sync_app.SUMMARY_FILE).read_text())["complete"] is True
+
+
+def test_invariant_a_device_folds_each_sync_run_into_its_logo_knowledge(tmp_path):
+    """With LoGo's vocabulary, every device of a run keeps the published knowledge and folds it into its LoGo
+    knowledge (source sync, the run's privacy terms, LoGo's decay from one run to the next); with another
+    vocabulary it keeps only the sync knowledge."""
+    V = len(logo.VOCABULARY)
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "vocab": V, "rounds": 1})
+    nodes = devices(tmp_path, make_users(3, cfg))
+    strategy, _ = sync_app.simulate(nodes, run_config(cfg, 3))
+    sizes = np.where(strategy.knowledge.published, strategy.knowledge.sizes, 0)
+    for node in nodes:
+        mine = logo.GlobalKnowledge.load(logo.knowledge_dir(node["data-dir"]) / logo.KNOWLEDGE_FILE)
+        assert mine.round == 1 and mine.meta["source"] == logo.SYNC_SOURCE and mine.min_size == cfg.min_size
+        assert mine.meta["sync"] == {"rounds": 1, "delta": cfg.delta, "epsilon_total": pytest.approx(
+            sync.rdp_epsilon(cfg.noise_multiplier, 1, cfg.delta))}
+        np.testing.assert_array_equal(mine.sizes, sizes)
+        [received] = [e for e in sync.read_log(node["data-dir"]) if e["kind"] == "received"]
+        assert received["run"] == 1 and received["communities"] == int(strategy.knowledge.published.sum())
+    sync_app.simulate(nodes, run_config(cfg, 3))
+    again = logo.GlobalKnowledge.load(logo.knowledge_dir(nodes[0]["data-dir"]) / logo.KNOWLEDGE_FILE)
+    assert again.round == 2
+    np.testing.assert_allclose(again.sizes, sizes * (1 + 0.5 ** (1 / logo.HALF_LIFE)))
+    other = devices(tmp_path / "other", make_users(3))
+    sync_app.simulate(other, run_config(ONE_ROUND, 3))
+    assert (sync.sync_dir(other[0]["data-dir"]) / sync.GLOBAL_KNOWLEDGE_FILE).is_file()
+    assert not (logo.knowledge_dir(other[0]["data-dir"]) / logo.KNOWLEDGE_FILE).exists()
+
+
+def knowledge(k=3, dim=6, sizes=(5.0, 7.0, 2.0), meta=None) -> sync.Knowledge:
+    rng = np.random.default_rng(k * dim)
+    c = rng.standard_normal((k, dim))
+    return sync.Knowledge(centroids=c / np.linalg.norm(c, axis=1, keepdims=True), sizes=np.array(sizes[:k]),
+                          steering=np.ones((k, 2, 5)), histograms=np.ones((k, len(logo.VOCABULARY))),
+                          published=np.array([True, False, True][:k]),
+                          meta={"rounds": 3, "epsilon_total": 2.5, "delta": 1e-6, "history": [1]} if meta is None else meta)
+
+
+def test_invariant_logo_knowledge_folds_like_sync_runs_and_starts_over_from_anything_else():
+    """logo_knowledge: a first run is LoGo round 1 (the run's centroids, published sizes only, meta naming sync
+    and its privacy terms); a second run of the same shapes folds in with LoGo's decay; knowledge of another
+    source or other shapes is dropped, not folded."""
+    V = len(logo.VOCABULARY)
+    cfg = sync.SyncConfig(k=3, dim=6, n_layer=2, steer_dim=5, vocab=V, rounds=3, min_size=2, seed=1)
+    k1 = knowledge()
+    first = sync_app.logo_knowledge(None, k1, cfg)
+    assert first.round == 1 and first.half_life == logo.HALF_LIFE and first.min_size == 2
+    assert first.meta == {"source": logo.SYNC_SOURCE, "embedder": "sync-dim-6", "community_cvecs": {},
+                          "sync": {"rounds": 3, "epsilon_total": 2.5, "delta": 1e-6}}
+    assert first.sizes.tolist() == [5.0, 0.0, 2.0]
+    np.testing.assert_allclose(first.centroids, k1.centroids, atol=1e-6)
+    second = sync_app.logo_knowledge(first, k1, cfg)
+    decay = 0.5 ** (1 / logo.HALF_LIFE)
+    assert second.round == 2
+    np.testing.assert_allclose(second.sizes, np.array([5.0, 0.0, 2.0]) * (1 + decay))
+    local = logo.GlobalKnowledge(**{**first.__dict__, "meta": {**first.meta, "source": "local"}})
+    assert sync_app.logo_knowledge(local, k1, cfg).round == 1
+    wider = sync_app.logo_knowledge(None, knowledge(dim=8), cfg)
+    assert sync_app.logo_knowledge(wider, k1, cfg).round == 1  # the vectors' width changed
+    fewer = sync_app.logo_knowledge(None, knowledge(k=2), cfg)
+    assert sync_app.logo_knowledge(fewer, k1, cfg).round == 1  # the number of communities changed
+    own = sync.SyncConfig(**{**cfg.__dict__, "dim": V})
+    assert sync_app.logo_knowledge(None, knowledge(dim=V), own).meta["embedder"] is None
+    assert sync_app.logo_knowledge(None, knowledge(meta={}), cfg).meta["sync"] == \
+        {"rounds": None, "epsilon_total": None, "delta": None}
+
+
+def fake_ray_engine(calls: list):
+    """flwr.simulation.run_simulation's stand-in: records its arguments and runs the apps as the engine does —
+    num_supernodes virtual devices that know only their partition id, an empty run config — in-process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    def run_simulation(server_app, client_app, num_supernodes, backend_config):
+        calls.append({"devices": num_supernodes, "backend": backend_config})
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+        grid = sync_app.LocalGrid([{"partition-id": i, "num-partitions": num_supernodes}
+                                   for i in range(num_supernodes)], {}, app=client_app)
+        server_app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+    return run_simulation
+
+
+def test_the_simulation_engines_apps_run_each_virtual_device_as_the_device_it_stands_for(tmp_path, monkeypatch):
+    """simulate_ray hands Flower's simulation engine one virtual device per node config and the CPUs asked for;
+    its apps turn partition i into node config i (data-dir, user, budget) under the run config, so the run
+    publishes the plain result and each device's own folder logs and receives it. Refused in one line: no Ray,
+    no out-dir, a run that wrote no result."""
+    import importlib.util
+
+    import flwr.simulation
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    with pytest.raises(UserError, match=r"\[sim\]"):
+        sync_app.simulate_ray([], {"out-dir": str(tmp_path)})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "ray" else find_spec(name, *a))
+    calls = []
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_ray_engine(calls))
+    users = make_users(4)
+    nodes = devices(tmp_path, users)
+    with pytest.raises(UserError, match="out-dir"):
+        sync_app.simulate_ray(nodes, run_config(CFG, 4))
+    assert calls == []
+    summary = sync_app.simulate_ray(nodes, {**run_config(CFG, 4), "out-dir": str(tmp_path / "server")},
+                                    num_cpus=3, cpus_per_device=0.5)
+    assert calls == [{"devices": 4, "backend": {"client_resources": {"num_cpus": 0.5, "num_gpus": 0.0},
+                                                "init_args": {"num_cpus": 3, "num_gpus": 0,
+                                                              "include_dashboard": False}}}]
+    assert summary["complete"] and [h["devices"] for h in summary["history"]] == [4, 4, 4]
+    got = sync.Knowledge.load(tmp_path / "server" / sync.GLOBAL_KNOWLEDGE_FILE)
+    assert_close_to_plain(got, sync.plain_kmeans(users, CFG), 4, CFG)
+    for node in nodes:
+        kinds = [e["kind"] for e in sync.read_log(node["data-dir"])]
+        assert kinds.count("contribution") == 3 and kinds.count("received") == 1
+    sync_app.simulate_ray(nodes, {**run_config(CFG, 4), "out-dir": str(tmp_path / "server")})
+    assert calls[-1]["backend"] == {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},  # one device a CPU
+                                    "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}}
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: None)
+    with pytest.raises(UserError, match="without a result"):
+        sync_app.simulate_ray(nodes, {**run_config(CFG, 4), "out-dir": str(tmp_path / "nothing")})
+
+
+def test_a_device_whose_consenting_command_is_gone_ends_with_a_failure_code(tmp_path, monkeypatch):
+    """check_consent: no consent token (Flower's own tools) answers; a live token is watched once; a dead one
+    ends the process with a non-zero code before anything is sent."""
+    ended, watched = [], []
+    monkeypatch.setattr(sync_app.os, "_exit", lambda code: ended.append(code))
+    monkeypatch.setattr(sync_app.lifetime, "watch", lambda tok: watched.append(tok) or "watching")
+    monkeypatch.setattr(sync_app, "_watching", None)
+    context = types.SimpleNamespace(node_config={})
+    sync_app.check_consent(context)
+    assert ended == [] and watched == []
+    live = sync_app.lifetime.token()
+    for _ in range(2):
+        sync_app.check_consent(types.SimpleNamespace(node_config={"consent": live}))
+    assert ended == [] and watched == [live]
+    monkeypatch.setattr(sync_app.lifetime, "alive", lambda tok: False)
+    sync_app.check_consent(types.SimpleNamespace(node_config={"consent": live}))
+    assert len(ended) == 1 and ended[0] != 0
+
+
+def test_invariant_the_ledger_describes_every_value_a_reply_carries_and_logs_a_failed_reply(tmp_path):
+    """describe(): one row per value (record, key, type; arrays with shape and bytes, byte strings with bytes,
+    lists with items and bytes); ledger_mod logs a reply without content (an error) with no values and its
+    reason."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    array = Array(np.zeros((2, 3), dtype=np.float32))
+    content = RecordDict({"arrays": ArrayRecord({"a": array}),
+                          "config": ConfigRecord({"b": b"xyz", "l": [b"ab", b"c"], "n": [1, 2, 3], "s": "text"})})
+    assert sync_app.describe(content) == [
+        {"record": "arrays", "key": "a", "type": "Array", "shape": [2, 3], "bytes": len(array.data)},
+        {"record": "config", "key": "b", "type": "bytes", "bytes": 3},
+        {"record": "config", "key": "l", "type": "list", "items": 2, "bytes": 3},
+        {"record": "config", "key": "n", "type": "list", "items": 3, "bytes": 24},
+        {"record": "config", "key": "s", "type": "str"}]
+    # a capture keeps every value as JSON: arrays as nested lists, bytes as hex, lists item by item
+    assert sync_app._jsonable(Array(np.arange(6.0).reshape(2, 3))) == {"array": [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]}
+    assert sync_app._jsonable([b"\x01", [b"\xff"], 3, "s"]) == [{"hex": "01"}, [{"hex": "ff"}], 3, "s"]
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    grid = sync_app.LocalGrid([{"data-dir": str(tmp_path)}], {})
+    msg = grid.create_message(RecordDict(), "train", 2, "round 1")
+    assert (msg.metadata.dst_node_id, msg.metadata.group_id, msg.metadata.message_type) == (2, "round 1", "train")
+    context = grid.contexts[2]
+    reply = sync_app.ledger_mod(msg, context, lambda m, c: Message(Error(code=0, reason="it failed"), reply_to=m))
+    assert reply.has_error()
+    [row] = sync.read_log(tmp_path)
+    assert (row["kind"], row["message_type"], row["bytes"], row["values"], row["error"]) == \
+        ("message", "train", 0, [], "it failed")
+
+
+def test_simulate_starts_from_the_centroids_given(tmp_path):
+    """simulate(centroids=...) starts the first round there, as run config `start` does."""
+    users = make_users(6)
+    first = sync.plain_kmeans(users, ONE_ROUND)
+    start = first.centroids[::-1].copy()
+    strategy, _ = sync_app.simulate(devices(tmp_path, users), run_config(ONE_ROUND, 6), centroids=start)
+    assert_close_to_plain(strategy.knowledge, sync.plain_kmeans(users, ONE_ROUND, start=start), 6, ONE_ROUND)
+    np.testing.assert_array_equal(strategy.knowledge.sizes, first.sizes[::-1])
+
+
+def test_a_round_with_exactly_min_contributors_is_published():
+    """aggregate_fit publishes a round whose devices are exactly min_contributors (each added its noise share)
+    and withholds one below it."""
+    from types import SimpleNamespace
+
+    from flwr.common import ndarrays_to_parameters
+
+    strategy = sync_app.KMeansStrategy(CFG, min_devices=3)
+    flats = [sync.encode(c, strategy.centroids, CFG)[0] for c in make_users(CFG.min_contributors)]
+    fit = SimpleNamespace(parameters=ndarrays_to_parameters([np.mean(flats, axis=0)]))
+    params, metrics = strategy.aggregate_fit(1, [(None, fit)] * CFG.min_contributors, [])
+    assert params is not None and metrics == {"devices": CFG.min_contributors}
+    assert "withheld" not in strategy.history[-1] and sum(strategy.history[-1]["sizes"]) == CFG.min_contributors
+    assert strategy.aggregate_fit(2, [(None, fit)] * (CFG.min_contributors - 1), []) == (None, {})
+    assert strategy.history[-1]["withheld"] is True
