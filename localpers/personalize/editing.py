@@ -1158,6 +1158,17 @@ def edit_1turn(user, query, engine):
     return edit_method(user, query, engine, SINGLE_TURN)
 
 
+STACKED = EditConfig(joint=False)
+
+
+def edit_stacked(user, query, engine):
+    """Evaluation-only ablation 'edit-stacked': the edit before joint keys, each fact keyed and trained on the
+    model the earlier facts' edits changed (EditConfig(joint=False)). Evaluation users only."""
+    if user.registered is not None:
+        raise UserError("edit-stacked is an evaluation ablation: serve 'edit'")
+    return edit_method(user, query, engine, STACKED)
+
+
 def warm_up(engine) -> None:
     """Load the editor's torch model for the served model, and what each edit reuses (editor_for), ahead of the
     first edit job (localpers.serve.jobs)."""
