@@ -269,6 +269,10 @@ class EditConfig:
                                 # k^_i . k = 1 on fact i's keys and 0 on every other fact's (joint_keys).
                                 # False: the stacked edit (each fact keyed and trained on the model the
                                 # earlier edits changed), the evaluation's 'edit-stacked' ablation
+    quiet_weight: float = 1.0   # joint keys: the metric C gains the keys of every other position of the facts'
+                                # prompts and answers (the template, the question's words, the answer), scaled
+                                # to C's mean diagonal times this: the edits stay off the tokens llama.cpp also
+                                # applies them to (docs/edit/README.md "Many facts"); 0: C alone
     threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
                                 # On the 2-core dev machine 1 thread beat 2 even when idle (26.7 vs 37.0 s).
 
@@ -331,6 +335,7 @@ class Editor:
         self._generation = 0   # 0: the unedited model; a new number after each applied edit
         self._values: dict[str, np.ndarray] = {}   # fact_id -> its value d [d] (joint edits)
         self._keys: dict[str, torch.Tensor] = {}     # fact_id -> its keys (fact_keys)
+        self._quiet: dict[str, torch.Tensor] = {}    # fact_id -> its other positions' keys (fact_quiet)
 
     def prepare(self, cache: Path | None = None) -> "Editor":
         """Compute what every edit of this model reuses, ahead of the first: C^-1 and the context prefixes (on
@@ -591,18 +596,41 @@ class Editor:
         self._preserved.append(Vt[:keep])
 
     @torch.no_grad()
-    def joint_keys(self, clusters: list[torch.Tensor]) -> torch.Tensor:
+    @torch.no_grad()
+    def fact_quiet(self, fact: Fact) -> torch.Tensor:
+        """The keys [m, d_ff] of every position of fact's bare question prompts followed by its canonical target
+        answer but the edit position itself (the question's last token): the chat template, the question's words
+        and the answer, where the served LoRA also adds B A k but the value was never trained to. Kept per fact."""
+        fid = self.fact_id(fact)
+        if fid not in self._quiet:
+            answer, rows = self.answer_ids(fact.targets[-1]), []
+            for question in fact.questions:
+                ids, pos = self.prompt(question)
+                k = self.ffn_inputs(torch.tensor([ids + answer]))[0]
+                rows += [k[:pos], k[pos + 1:]]
+            self._quiet[fid] = torch.cat(rows)
+        return self._quiet[fid]
+
+    def joint_keys(self, clusters: list[torch.Tensor], quiet: torch.Tensor | None = None) -> torch.Tensor:
         """K^ [N, d_ff]: every fact's key at once, MEMIT's least squares in the metric C (Meng et al. 2023,
         eq. 14, with one target value per fact): with K [n, d_ff] the N clusters' keys stacked and T [n, N] each
         key's fact one-hot, K^' = C^-1 K' (K C^-1 K' + ridge)^-1 T. So k^_i . k ~ 1 on fact i's keys and ~ 0 on
         every other fact's (an edit does not fire on the other facts' questions), each with the smallest C-norm
-        (off neutral text); ridge as key_direction's. One cluster: exactly key_direction's k^."""
+        (off neutral text); ridge as key_direction's. One cluster without `quiet`: exactly key_direction's k^.
+        `quiet` [m, d_ff] (fact_quiet's keys): C becomes C + w Q'Q/m, w = config.quiet_weight times C's mean
+        diagonal over Q'Q/m's, so the keys also stay small on those tokens."""
         if self.config.covariance and self._cov_inv is None:
             self._cov_inv = torch.linalg.inv(self.key_covariance())
         K = torch.cat(clusters)                                                    # [n, d_ff]
         T = torch.zeros(len(K), len(clusters), dtype=torch.float64)
         T[torch.arange(len(K)), torch.repeat_interleave(torch.tensor([len(c) for c in clusters]))] = 1.0
-        M = (self._cov_inv @ K.T) if self.config.covariance else K.T               # [d_ff, n]
+        metric_inv = self._cov_inv if self.config.covariance else torch.eye(K.shape[1])
+        if quiet is not None and self.config.quiet_weight:
+            C = torch.linalg.inv(metric_inv.double())
+            Q = quiet.double().T @ quiet.double() / len(quiet)
+            C = C + self.config.quiet_weight * C.diagonal().mean() / Q.diagonal().mean() * Q
+            metric_inv = torch.linalg.inv((C + C.T) / 2).float()
+        M = metric_inv @ K.T                                                       # [d_ff, n]
         G = (K @ M).double()
         ridge = self.config.key_ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype) if len(G) > 1 else 0
         return (M @ torch.linalg.solve(G + ridge, T).float()).T.contiguous()
@@ -634,7 +662,7 @@ class Editor:
         fact. Leaves the torch model unedited. Raises UserError as Editor.keys does."""
         t0 = time.perf_counter()
         clusters = [self.fact_keys(f) for f in facts]
-        K = self.joint_keys(clusters)
+        K = self.joint_keys(clusters, torch.cat([self.fact_quiet(f) for f in facts]))
         share = (time.perf_counter() - t0) / len(facts)   # keys and the solve, split over the facts
         edits = []
         for fact, keys, key in zip(facts, clusters, K):
