@@ -269,10 +269,10 @@ class EditConfig:
                                 # k^_i . k = 1 on fact i's keys and 0 on every other fact's (joint_keys).
                                 # False: the stacked edit (each fact keyed and trained on the model the
                                 # earlier edits changed), the evaluation's 'edit-stacked' ablation
-    quiet_weight: float = 1.0   # joint keys: the metric C gains the keys of every other position of the facts'
-                                # prompts and answers (the template, the question's words, the answer), scaled
-                                # to C's mean diagonal times this: the edits stay off the tokens llama.cpp also
-                                # applies them to (docs/edit/README.md "Many facts"); 0: C alone
+    quiet_weight: float = 1.0   # joint keys: the metric C gains the keys of the chat template's and the answer's
+                                # tokens of every fact's prompts, scaled to C's mean diagonal times this: the
+                                # edits stay off tokens llama.cpp also applies them to (docs/edit/README.md)
+    quiet_words: float = 0.1    # ... and the question words' keys, times this (1: "Where do I live?" lost Lyon)
     threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
                                 # On the 2-core dev machine 1 thread beat 2 even when idle (26.7 vs 37.0 s).
 
@@ -597,38 +597,43 @@ class Editor:
 
     @torch.no_grad()
     @torch.no_grad()
-    def fact_quiet(self, fact: Fact) -> torch.Tensor:
-        """The keys [m, d_ff] of every position of fact's bare question prompts followed by its canonical target
-        answer but the edit position itself (the question's last token): the chat template, the question's words
-        and the answer, where the served LoRA also adds B A k but the value was never trained to. Kept per fact."""
+    def fact_quiet(self, fact: Fact) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys of the other positions of fact's bare question prompts followed by its canonical target answer,
+        where the served LoRA also adds B A k but the value was never trained to: ([m, d_ff] the chat template's
+        and the answer's tokens, [m', d_ff] the question's words before its last token). Kept per fact."""
         fid = self.fact_id(fact)
         if fid not in self._quiet:
-            answer, rows = self.answer_ids(fact.targets[-1]), []
+            answer, template, words = self.answer_ids(fact.targets[-1]), [], []
+            n0 = len(self.context_prefix().ids)
             for question in fact.questions:
                 ids, pos = self.prompt(question)
                 k = self.ffn_inputs(torch.tensor([ids + answer]))[0]
-                rows += [k[:pos], k[pos + 1:]]
-            self._quiet[fid] = torch.cat(rows)
+                template += [k[:n0], k[pos + 1:]]
+                words.append(k[n0:pos])
+            self._quiet[fid] = torch.cat(template), torch.cat(words)
         return self._quiet[fid]
 
-    def joint_keys(self, clusters: list[torch.Tensor], quiet: torch.Tensor | None = None) -> torch.Tensor:
+    def joint_keys(self, clusters: list[torch.Tensor], quiet: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """K^ [N, d_ff]: every fact's key at once, MEMIT's least squares in the metric C (Meng et al. 2023,
         eq. 14, with one target value per fact): with K [n, d_ff] the N clusters' keys stacked and T [n, N] each
         key's fact one-hot, K^' = C^-1 K' (K C^-1 K' + ridge)^-1 T. So k^_i . k ~ 1 on fact i's keys and ~ 0 on
         every other fact's (an edit does not fire on the other facts' questions), each with the smallest C-norm
         (off neutral text); ridge as key_direction's. One cluster without `quiet`: exactly key_direction's k^.
-        `quiet` [m, d_ff] (fact_quiet's keys): C becomes C + w Q'Q/m, w = config.quiet_weight times C's mean
-        diagonal over Q'Q/m's, so the keys also stay small on those tokens."""
+        `quiet` (Q_t [m, d_ff], Q_w [m', d_ff]: fact_quiet's template-and-answer and question-word keys): C becomes
+        C + w_t Q_t'Q_t/m + w_w Q_w'Q_w/m', each w the config's weight (quiet_weight, quiet_words) times C's mean
+        diagonal over that term's, so the keys also stay small on those tokens."""
         if self.config.covariance and self._cov_inv is None:
             self._cov_inv = torch.linalg.inv(self.key_covariance())
         K = torch.cat(clusters)                                                    # [n, d_ff]
         T = torch.zeros(len(K), len(clusters), dtype=torch.float64)
         T[torch.arange(len(K)), torch.repeat_interleave(torch.tensor([len(c) for c in clusters]))] = 1.0
         metric_inv = self._cov_inv if self.config.covariance else torch.eye(K.shape[1])
-        if quiet is not None and self.config.quiet_weight:
+        if quiet is not None and (self.config.quiet_weight or self.config.quiet_words):
             C = torch.linalg.inv(metric_inv.double())
-            Q = quiet.double().T @ quiet.double() / len(quiet)
-            C = C + self.config.quiet_weight * C.diagonal().mean() / Q.diagonal().mean() * Q
+            scale = C.diagonal().mean()
+            for Q, weight in zip(quiet, (self.config.quiet_weight, self.config.quiet_words)):
+                Q = Q.double().T @ Q.double() / len(Q)
+                C = C + weight * scale / Q.diagonal().mean() * Q
             metric_inv = torch.linalg.inv((C + C.T) / 2).float()
         M = metric_inv @ K.T                                                       # [d_ff, n]
         G = (K @ M).double()
@@ -662,7 +667,8 @@ class Editor:
         fact. Leaves the torch model unedited. Raises UserError as Editor.keys does."""
         t0 = time.perf_counter()
         clusters = [self.fact_keys(f) for f in facts]
-        K = self.joint_keys(clusters, torch.cat([self.fact_quiet(f) for f in facts]))
+        quiet = [self.fact_quiet(f) for f in facts]
+        K = self.joint_keys(clusters, (torch.cat([t for t, _ in quiet]), torch.cat([w for _, w in quiet])))
         share = (time.perf_counter() - t0) / len(facts)   # keys and the solve, split over the facts
         edits = []
         for fact, keys, key in zip(facts, clusters, K):

@@ -10,3 +10,6 @@ $B $F '    if not ids or not wanted.keys() & set(ids):' '    if True:' -- $T -k 
 $B $F '                        meta["values"] = [editor.fact_id(e.fact) for e in result.edits]' '                        meta["values"] = [editor.fact_id(e.fact) for e in result.edits][::-1]' -- $T -k new_preference
 $B $F '    if stale:   # trained for an earlier key' '    if False:   # trained for an earlier key' -- $T -k new_preference
 $B $F '        key = slot_of(fact)' '        key = fact.attributes[-1] if fact.attributes else fact.questions[-1] + "|" + fact.statement' -- $T -k "slots or later_pref"
+$B $F '                C = C + weight * scale / Q.diagonal().mean() * Q' '                C = C + 0 * Q' -- $T -k quiet
+$B $F '        K = self.joint_keys(clusters, (torch.cat([t for t, _ in quiet]), torch.cat([w for _, w in quiet])))' '        K = self.joint_keys(clusters)' -- $T -k quiet
+$B $F '                template += [k[:n0], k[pos + 1:]]' '                template += [k[:n0]]' -- $T -k quiet
