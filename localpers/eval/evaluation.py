@@ -455,7 +455,8 @@ def edit_add_fact(engine):
 
         from localpers.personalize import editing
 
-        configs = {names.EDIT: None, "edit-1turn": editing.SINGLE_TURN}   # what edit_method serves with
+        configs = {names.EDIT: None, "edit-1turn": editing.SINGLE_TURN,   # what edit_method serves with
+                   "edit-stacked": editing.STACKED}
         if part not in configs:
             return None
         config = configs[part]

@@ -188,18 +188,29 @@ def with_template_questions(fact: Fact) -> Fact:
 
 
 def facts_of(preferences, facts=()) -> list[Fact]:
-    """The facts to edit, later wins: of two facts about the same attribute (or the same questions), only
-    the later is kept."""
+    """The facts to edit, later wins: of two facts of the same slot (slot_of), only the later is kept."""
     facts = [with_template_questions(f) for f in facts]
     all_facts = facts + [fact_from_statement(p) for p in preferences if p not in {f.statement for f in facts}]
     if not all_facts:
         raise UserError("no preferences to edit: add one first (localpers remember --kind preference ...)")
     kept: dict[str, Fact] = {}
     for fact in all_facts:
-        key = fact.attributes[-1] if fact.attributes else fact.questions[-1] + "|" + fact.statement
+        key = slot_of(fact)
         kept.pop(key, None)
         kept[key] = fact
     return list(kept.values())
+
+
+def slot_of(fact: Fact) -> str:
+    """What a later fact replaces: the slot of the fact its statement states (detect.StatedFact.slot, the
+    update rule of learned facts: "I'm vegan" replaces "I'm vegetarian", "I like sushi" does not), else its
+    attribute type, else its canonical question and statement."""
+    from localpers.personalize.detect import detect_facts
+
+    found = [f for f in detect_facts(fact.statement) if not f.retire]
+    if len(found) == 1:
+        return "slot:" + found[0].slot
+    return fact.attributes[-1] if fact.attributes else fact.questions[-1] + "|" + fact.statement
 
 
 # ---------------------------------------------------------------- the edit
@@ -253,6 +264,15 @@ class EditConfig:
                                 # leaves ffn_down's output on their questions exactly as it was. Off: on SmolLM2
                                 # the projected key blew up and broke the adapter (docs/edit/README.md)
     preserve_rank: int = 32     # whitened key directions kept per earlier edit (its cluster's principal ones)
+    joint: bool = True          # the served edit: each fact's value d is trained on the unedited model, then every
+                                # fact's key k^ is solved at once (MEMIT's least squares in the metric C):
+                                # k^_i . k = 1 on fact i's keys and 0 on every other fact's (joint_keys).
+                                # False: the stacked edit (each fact keyed and trained on the model the
+                                # earlier edits changed), the evaluation's 'edit-stacked' ablation
+    quiet_weight: float = 1.0   # joint keys: the metric C gains the keys of the chat template's and the answer's
+                                # tokens of every fact's prompts, scaled to C's mean diagonal times this: the
+                                # edits stay off tokens llama.cpp also applies them to (docs/edit/README.md)
+    quiet_words: float = 0.1    # ... and the question words' keys, times this (1: "Where do I live?" lost Lyon)
     threads: int | None = None  # torch CPU threads; None: torch's default (OMP_NUM_THREADS, else every core).
                                 # On the 2-core dev machine 1 thread beat 2 even when idle (26.7 vs 37.0 s).
 
@@ -266,6 +286,8 @@ class Edit:
     nll_before: float
     nll_after: float
     seconds: float
+    keys: torch.Tensor | None = None   # the fact's keys [n, d_ff] (Editor.keys; their mean when not fit_each_key)
+    reused: bool = False               # joint edits: the value was trained for an earlier k^ of this fact
 
 
 @dataclass
@@ -311,6 +333,9 @@ class Editor:
         self._whiten = None
         self._preserved: list[torch.Tensor] = []  # the applied edits' whitened key directions (preserve)
         self._generation = 0   # 0: the unedited model; a new number after each applied edit
+        self._values: dict[str, np.ndarray] = {}   # fact_id -> its value d [d] (joint edits)
+        self._keys: dict[str, torch.Tensor] = {}     # fact_id -> its keys (fact_keys)
+        self._quiet: dict[str, torch.Tensor] = {}    # fact_id -> its other positions' keys (fact_quiet)
 
     def prepare(self, cache: Path | None = None) -> "Editor":
         """Compute what every edit of this model reuses, ahead of the first: C^-1 and the context prefixes (on
@@ -571,6 +596,99 @@ class Editor:
         self._preserved.append(Vt[:keep])
 
     @torch.no_grad()
+    @torch.no_grad()
+    def fact_quiet(self, fact: Fact) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys of the other positions of fact's bare question prompts followed by its canonical target answer,
+        where the served LoRA also adds B A k but the value was never trained to: ([m, d_ff] the chat template's
+        and the answer's tokens, [m', d_ff] the question's words before its last token). Kept per fact."""
+        fid = self.fact_id(fact)
+        if fid not in self._quiet:
+            answer, template, words = self.answer_ids(fact.targets[-1]), [], []
+            n0 = len(self.context_prefix().ids)
+            for question in fact.questions:
+                ids, pos = self.prompt(question)
+                k = self.ffn_inputs(torch.tensor([ids + answer]))[0]
+                template += [k[:n0], k[pos + 1:]]
+                words.append(k[n0:pos])
+            self._quiet[fid] = torch.cat(template), torch.cat(words)
+        return self._quiet[fid]
+
+    def joint_keys(self, clusters: list[torch.Tensor], quiet: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """K^ [N, d_ff]: every fact's key at once, MEMIT's least squares in the metric C (Meng et al. 2023,
+        eq. 14, with one target value per fact): with K [n, d_ff] the N clusters' keys stacked and T [n, N] each
+        key's fact one-hot, K^' = C^-1 K' (K C^-1 K' + ridge)^-1 T. So k^_i . k ~ 1 on fact i's keys and ~ 0 on
+        every other fact's (an edit does not fire on the other facts' questions), each with the smallest C-norm
+        (off neutral text); ridge as key_direction's. One cluster without `quiet`: exactly key_direction's k^.
+        `quiet` (Q_t [m, d_ff], Q_w [m', d_ff]: fact_quiet's template-and-answer and question-word keys): C becomes
+        C + w_t Q_t'Q_t/m + w_w Q_w'Q_w/m', each w the config's weight (quiet_weight, quiet_words) times C's mean
+        diagonal over that term's, so the keys also stay small on those tokens."""
+        if self.config.covariance and self._cov_inv is None:
+            self._cov_inv = torch.linalg.inv(self.key_covariance())
+        K = torch.cat(clusters)                                                    # [n, d_ff]
+        T = torch.zeros(len(K), len(clusters), dtype=torch.float64)
+        T[torch.arange(len(K)), torch.repeat_interleave(torch.tensor([len(c) for c in clusters]))] = 1.0
+        metric_inv = self._cov_inv if self.config.covariance else torch.eye(K.shape[1])
+        if quiet is not None and (self.config.quiet_weight or self.config.quiet_words):
+            C = torch.linalg.inv(metric_inv.double())
+            scale = C.diagonal().mean()
+            for Q, weight in zip(quiet, (self.config.quiet_weight, self.config.quiet_words)):
+                Q = Q.double().T @ Q.double() / len(Q)
+                C = C + weight * scale / Q.diagonal().mean() * Q
+            metric_inv = torch.linalg.inv((C + C.T) / 2).float()
+        M = metric_inv @ K.T                                                       # [d_ff, n]
+        G = (K @ M).double()
+        ridge = self.config.key_ridge * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype) if len(G) > 1 else 0
+        return (M @ torch.linalg.solve(G + ridge, T).float()).T.contiguous()
+
+    def fact_id(self, fact: Fact) -> str:
+        """A content hash of `fact` and everything its value depends on (the config but its thread count): the
+        key of the value cache, and of an adapter's columns (meta "values")."""
+        config = replace(self.config, threads=None)
+        return hashlib.sha256(json.dumps([EDITOR_CACHE_VERSION, repr(config), repr(fact)]).encode()).hexdigest()[:24]
+
+    def fact_keys(self, fact: Fact) -> torch.Tensor:
+        """Editor.keys of `fact` ([n, d_ff]; their mean [1, d_ff] when not fit_each_key), kept per fact: keys are
+        layer L's ffn_down inputs, which no edit of ffn_down L changes."""
+        fid = self.fact_id(fact)
+        if fid not in self._keys:
+            keys = self.keys(fact)
+            self._keys[fid] = keys if self.config.fit_each_key else keys.mean(0, keepdim=True)
+        return self._keys[fid]
+
+    def remember(self, fact: Fact, value: np.ndarray) -> None:
+        """Reuse `value` [d] (a column of an earlier joint adapter of this model and config) as fact's value."""
+        self._values[self.fact_id(fact)] = np.asarray(value, np.float32)
+
+    def joint(self, facts: list[Fact]) -> list[Edit]:
+        """The joint edits of `facts` (config.joint): every fact's keys, then every key k^ at once (joint_keys),
+        then each value d trained for its k^ on the unedited model (edit with key=...). A value already known for
+        the fact (from this editor or remember: the fact's key has moved a little since, as facts were added) is
+        reused, marked Edit.reused; edit_facts trains it again for the current key if llama.cpp then fails the
+        fact. Leaves the torch model unedited. Raises UserError as Editor.keys does."""
+        t0 = time.perf_counter()
+        clusters = [self.fact_keys(f) for f in facts]
+        quiet = [self.fact_quiet(f) for f in facts]
+        K = self.joint_keys(clusters, (torch.cat([t for t, _ in quiet]), torch.cat([w for _, w in quiet])))
+        share = (time.perf_counter() - t0) / len(facts)   # keys and the solve, split over the facts
+        edits = []
+        for fact, keys, key in zip(facts, clusters, K):
+            fid = self.fact_id(fact)
+            if fid in self._values:
+                edits.append(Edit(self.config.layer, key.numpy().copy(), self._values[fid], fact, float("nan"),
+                                  float("nan"), share, keys, reused=True))
+            else:
+                edits.append(self.train_value(fact, key, keys))
+        return edits
+
+    def train_value(self, fact: Fact, key: torch.Tensor, keys: torch.Tensor) -> Edit:
+        """`fact`'s value d trained for the given key k^ [d_ff] on the unedited model; kept for reuse."""
+        self.reset()
+        edit = self.edit(fact, key=key, keys=keys)
+        self.reset()
+        self._values[self.fact_id(fact)] = edit.value
+        return edit
+
+    @torch.no_grad()
     def key_covariance(self) -> torch.Tensor:
         """C = E[k k'] of layer L's ffn_down inputs over every token of the neutral chats, plus a ridge
         (1% of the mean diagonal) since there are fewer tokens than dimensions."""
@@ -601,14 +719,16 @@ class Editor:
             questions = [questions[round(i * (len(questions) - 1) / (n - 1))] for i in range(n)] if n > 1 else questions[-1:]
         return [(q, fact.targets[-1], contexts[i % len(contexts)]) for i, q in enumerate(questions)]
 
-    def edit(self, fact: Fact) -> Edit:
-        """Compute the rank-one edit for `fact` and apply it to the torch model (later edits build on it)."""
+    def edit(self, fact: Fact, key: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> Edit:
+        """Compute the rank-one edit for `fact` and apply it to the torch model (later edits build on it).
+        `key` [d_ff]: train the value for this key k^ (joint_keys') instead of the fact's own key_direction;
+        `keys` [n, d_ff]: the fact's keys when already computed (Editor.keys)."""
         cfg, t0 = self.config, time.perf_counter()
         batch = self.batch(self.pairs(fact))
         neutral, neutral_base = self.neutral() if cfg.kl_weight else (None, None)
-        keys = self.keys(fact)
+        keys = self.keys(fact) if keys is None else keys
         k_star = keys.mean(0)
-        key = self.key_direction(keys)
+        key = self.key_direction(keys) if key is None else key
         with torch.no_grad():
             max_norm = cfg.clamp * float((self.W @ k_star).norm())
         delta = torch.zeros(self.model.config.d_model, requires_grad=True)
@@ -635,9 +755,10 @@ class Editor:
             with torch.no_grad():
                 delta *= min(1.0, max_norm / (float(delta.norm()) + 1e-12))
         self.apply(key, delta.detach())
-        self.preserve(keys if cfg.fit_each_key else k_star[None])
+        kept = keys if cfg.fit_each_key else k_star[None]
+        self.preserve(kept)
         return Edit(cfg.layer, key.detach().numpy().copy(), delta.detach().numpy().copy(), fact, nll_before,
-                    nll_after, time.perf_counter() - t0)
+                    nll_after, time.perf_counter() - t0, kept)
 
 
 def _attend(model, attn, h, cache, cos, sin, mask, kv_out: list | None = None):
@@ -827,25 +948,41 @@ def states_target(engine, adapter: Path, fact: Fact) -> tuple[bool, str]:
 
 
 def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
-    """Edit every fact (stacked, in order) from the unedited model, write the adapter, check each fact through
-    llama.cpp, and keep only the edits that passed; the adapter is removed when none did. A fact the editor
-    refuses (UserError: e.g. a prompt over the model's context) is skipped with its reason; the others go on."""
+    """Edit every fact, write the adapter, check each fact through llama.cpp, and keep only the edits that
+    passed; the adapter is removed when none did. Joint edits (config.joint, the default): Editor.joint, and a
+    fact that fails with a reused value gets its value trained again for its current key and is checked once
+    more; the failed facts' columns are then dropped (the others' keys and values are the checked ones).
+    Stacked edits: each fact in order on the model the earlier ones changed. A fact the editor refuses
+    (UserError: e.g. a prompt over the model's context) is skipped with its reason; the others go on."""
     editor.reset()
     path = Path(path)
-    edits, skipped = [], []
+    usable, skipped = [], []
     for fact in facts:
         try:
-            edits.append(editor.edit(fact))
+            usable.append(editor.fact_keys(fact) if editor.config.joint else editor.edit(fact))
         except UserError as e:
             skipped.append((fact.statement, str(e)))
-    if not edits:
+    if not usable:
+        editor.reset()
         return Result([], skipped=skipped)
+    skip = {statement for statement, _ in skipped}
+    edits = editor.joint([f for f in facts if f.statement not in skip]) if editor.config.joint else usable
     arch = editor.model.config.arch
-    write_adapter(path, edits, arch)
-    passed, failed, answers = [], [], {}
-    for e in edits:
-        ok, answers[e.fact.statement] = states_target(engine, path, e.fact)
-        (passed.append(e) if ok else failed.append((e.fact, answers[e.fact.statement])))
+
+    def check(edits):
+        write_adapter(path, edits, arch)
+        answers, passed, failed = {}, [], []
+        for e in edits:
+            ok, answers[e.fact.statement] = states_target(engine, path, e.fact)
+            (passed.append(e) if ok else failed.append((e.fact, answers[e.fact.statement])))
+        return passed, failed, answers
+
+    passed, failed, answers = check(edits)
+    stale = {f.statement for f, _ in failed} & {e.fact.statement for e in edits if e.reused}
+    if stale:   # trained for an earlier key: train for this one, check everything again
+        edits = [editor.train_value(e.fact, torch.from_numpy(e.key), e.keys) if e.fact.statement in stale else e
+                 for e in edits]
+        passed, failed, answers = check(edits)
     if failed:
         path.unlink()
         if passed:
@@ -867,7 +1004,7 @@ def preference_facts(items: list[dict]) -> tuple[list[Fact], list[tuple[str, str
     statements = {f.statement for f in kept}
     for fact in facts:
         if fact.statement not in statements:
-            later = next(f for f in kept if (f.attributes or (None,))[-1] == (fact.attributes or (None,))[-1])
+            later = next(f for f in kept if slot_of(f) == slot_of(fact))
             skipped.append((fact.statement, f"replaced by the later preference {later.statement!r}"))
     return kept, skipped
 
@@ -945,12 +1082,15 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
         sha = base_model_sha256(engine.model_path)
         if facts:
             editor = editor_for(str(engine.model_path), config)
+            reuse_values(store, user, sha, editor, facts)
             with store.temp_dir(user) as tmp:  # under the data folder; registration copies the adapter in
                 result = edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
                 if result.adapter:
                     meta = {"method": names.EDIT, "layer": editor.config.layer,
                             "sources": [source_of[e.fact.statement] for e in result.edits],
                             "edited": len(result.edits), "failed": len(result.failed)}
+                    if editor.config.joint:   # each column's fact id: the next job reuses its value
+                        meta["values"] = [editor.fact_id(e.fact) for e in result.edits]
                     result.artifact = store.register_artifact(user, names.LORA, result.adapter, sha, meta, job=job)
                     result.adapter = Path(next(a["path"] for a in store.artifacts(user, names.LORA)
                                                if a["id"] == result.artifact))
@@ -969,6 +1109,31 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
         if job is None:  # by hand: the edit job its preferences queued for the server is done now
             store.supersede_queued(user, names.EDIT, before=started, by="localpers personalize")
     return result
+
+
+def reuse_values(store, user: str, sha: str, editor: Editor, facts: list[Fact]) -> int:
+    """Give the editor the values of the user's current edit adapter for this model (its columns' fact ids:
+    meta "values") for the facts still to edit, so a job after one new preference trains one value. An
+    adapter that cannot be read is only a slower job. Returns how many values were reused."""
+    from localpers.model.gguf_info import open_gguf
+
+    current = [a for a in store.artifacts(user, names.LORA, sha) if a["method"] == names.EDIT]
+    ids = (current[0]["meta"] or {}).get("values") if current and editor.config.joint else None
+    wanted = {editor.fact_id(f): f for f in facts}
+    if not ids or not wanted.keys() & set(ids):
+        return 0
+    try:
+        tensors = {t.name: t for t in open_gguf(current[0]["path"], check_arch=False).tensors}
+        B = np.asarray(tensors[f"blk.{editor.config.layer}.ffn_down.weight.lora_b"].data, np.float32)
+    except Exception as e:  # gone, truncated, another layout
+        log.warning("the earlier edit adapter of this user is unreadable (%s): every value is trained again", e)
+        return 0
+    reused = 0
+    for column, fid in enumerate(ids):
+        if fid in wanted and column < B.shape[1] and B.shape[0] == editor.model.config.d_model:
+            editor.remember(wanted[fid], B[:, column])
+            reused += 1
+    return reused
 
 
 def edit_job(store, user: str, engine, job: int) -> dict:
@@ -1025,6 +1190,17 @@ def edit_1turn(user, query, engine):
     if user.registered is not None:
         raise UserError("edit-1turn is an evaluation ablation: serve 'edit'")
     return edit_method(user, query, engine, SINGLE_TURN)
+
+
+STACKED = EditConfig(joint=False)
+
+
+def edit_stacked(user, query, engine):
+    """Evaluation-only ablation 'edit-stacked': the edit before joint keys, each fact keyed and trained on the
+    model the earlier facts' edits changed (EditConfig(joint=False)). Evaluation users only."""
+    if user.registered is not None:
+        raise UserError("edit-stacked is an evaluation ablation: serve 'edit'")
+    return edit_method(user, query, engine, STACKED)
 
 
 def warm_up(engine) -> None:
