@@ -119,6 +119,44 @@ def test_invariant_the_editors_model_is_cached_once_and_read_back(tmp_path, tiny
     assert torch.load(cached, weights_only=True).keys() == state.keys()
 
 
+class _RunsWhenUnpickled:
+    """A pickle that calls _ran(path) when loaded with full unpickling (torch.load(weights_only=False))."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return _ran, (self.path,)
+
+
+def _ran(path):
+    with open(path, "w") as f:
+        f.write("code in the cache file ran")
+    return {}
+
+
+def test_invariant_the_editors_cached_model_is_read_as_weights_only_never_running_code_in_it(
+        tmp_path, tiny_path, monkeypatch, caplog):
+    """The cache folder is only as trusted as any file on disk: a cached model that carries code (a pickle of
+    anything but tensors) is refused unread, as an unusable copy (the GGUF is loaded and the copy rewritten),
+    also where the environment turns torch's weights-only default off."""
+    from localpers.model.model import load_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # turns off torch's default, not an explicit True
+    editing.editor_model(tiny_path)
+    [cached] = (tmp_path / "localpers" / "models").glob("*-float32.pt")
+    marker = tmp_path / "ran.txt"
+    torch.save(_RunsWhenUnpickled(marker), cached)
+    with caplog.at_level(logging.WARNING, logger=editing.__name__):
+        model = editing.editor_model(tiny_path)
+    assert not marker.exists()
+    assert "unusable" in caplog.text
+    fresh = load_model(tiny_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert set(torch.load(cached, weights_only=True)) <= set(fresh.state_dict())
+
+
 def test_invariant_an_unwritable_cache_folder_only_costs_the_copy(tmp_path, tiny_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     (tmp_path / "localpers").mkdir()
@@ -209,13 +247,16 @@ def test_edit_methods_pass_their_config_and_serve_registered_users_only_their_ed
     assert editing.edit_method(user, "q", None).artifacts.lora == (("/c/a.gguf", 1.0),)
     assert editing.edit_1turn(user, "q", None).artifacts.lora == (("/c/a.gguf", 1.0),)
     assert seen == [None, editing.SINGLE_TURN] and editing.SINGLE_TURN.chat_turns == ()
+    assert editing.edit_stacked(user, "q", None).artifacts.lora == (("/c/a.gguf", 1.0),)
+    assert seen[-1] == editing.STACKED and editing.STACKED.joint is False
     monkeypatch.setattr(editing, "user_adapter", lambda user, engine, config=None: None)
     assert editing.edit_method(user, "q", None) == Personalized()
     served = User("u", registered=(RegisteredArtifact(names.EDIT, names.LORA, "/a/edit.gguf"),
                                    RegisteredArtifact(names.PERCE, names.LORA, "/a/perce.gguf")))
     assert editing.edit_method(served, "q", None).artifacts.lora == (("/a/edit.gguf", 1.0),)
-    with pytest.raises(UserError, match="evaluation ablation"):
-        editing.edit_1turn(served, "q", None)
+    for ablation in (editing.edit_1turn, editing.edit_stacked):
+        with pytest.raises(UserError, match="evaluation ablation"):
+            ablation(served, "q", None)
 
 
 def test_invariant_preparing_without_a_cache_file_reads_none_and_warns_of_none(tiny_path, tmp_path, caplog):
@@ -279,3 +320,92 @@ def test_invariant_continuations_after_the_context_prefix_or_from_scratch_when_a
         prefix, rest = editor._continuations((), odd)
         assert prefix.ids == () and len(prefix.caches) == editor.model.config.n_layer
         assert rest.tolist() == [s + [0] * (max(map(len, odd)) - len(s)) for s in odd]
+
+
+def test_invariant_the_editors_prepared_cache_is_read_as_weights_only_never_running_code_in_it(
+        tiny_path, tmp_path, monkeypatch, caplog):
+    """prepare()'s cache file (C^-1 and the context prefixes) is read weights-only, as the cached model is: one
+    that carries code is refused unread and computed again, also with torch's weights-only default turned off."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    config = editing.EditConfig(layer=1, steps=1, threads=1, chat_turns=())
+    cache, marker = tmp_path / "editor.pt", tmp_path / "ran.txt"
+    torch.save({"cov_inv": _RunsWhenUnpickled(marker), "prefixes": {}}, cache)
+    with caplog.at_level(logging.WARNING, logger=editing.__name__):
+        editor = editing.Editor(tiny_path, config).prepare(cache)
+    assert not marker.exists() and "unusable" in caplog.text
+    assert editor._cov_inv is not None and torch.equal(torch.load(cache, weights_only=True)["cov_inv"], editor._cov_inv)
+
+
+def test_invariant_a_stored_preference_with_only_an_attribute_type_gets_that_types_questions():
+    """A stored preference whose meta names its attribute type but no question or target is templated for that
+    type (a cluster of types: its canonical, last, one), not for the type its keywords suggest."""
+    statement = "I spend Saturdays at the climbing gym."
+    for meta, attribute in (({"attribute_type": "hobby"}, "hobby"),
+                            ({"attribute_type": ["pastime", "weekend plans", "entertainment preference"]},
+                             "entertainment preference")):
+        fact = editing.fact_from_item(statement, meta)
+        assert fact == editing.fact_from_statement(statement, attribute)
+        assert fact.attributes == (attribute,) and fact.questions[-1] == f"What's my {attribute}?"
+
+
+def test_invariant_reused_values_are_the_current_adapters_columns_of_the_facts_still_wanted(tiny_path, tmp_path):
+    """reuse_values gives the editor, for each fact still to edit, the column the current edit adapter holds for
+    it (meta "values": each column's fact id); ids of facts no longer wanted, ids past the adapter's columns and an
+    adapter of another width reuse nothing (never an error: only a slower job)."""
+    editor = editing.Editor(tiny_path, editing.EditConfig(layer=1, threads=1, chat_turns=()))
+    d, d_ff = editor.W.shape
+    gone = Fact("I live in Rome.", ("Where do I live?",), ("Rome",))
+    values = [np.full(d, v, np.float32) for v in (1.0, 2.0, 3.0)]
+    edits = [Edit(1, np.ones(d_ff, np.float32), v, f, 1.0, 0.5, 0.1) for v, f in zip(values, (FACT, gone, OTHER))]
+    adapter = editing.write_adapter(tmp_path / "edit.gguf", edits[:2], "llama")   # OTHER's column is not in it
+
+    def store(ids, path=adapter, method=names.EDIT):
+        artifact = {"method": method, "meta": {"values": ids}, "path": str(path)}
+        return SimpleNamespace(artifacts=lambda user, kind, sha: [artifact])
+
+    ids = [editor.fact_id(f) for f in (FACT, gone, OTHER)]
+    assert editing.reuse_values(store(ids), "ann", "sha", editor, [OTHER, FACT]) == 1
+    assert set(editor._values) == {editor.fact_id(FACT)}
+    assert np.array_equal(editor._values[editor.fact_id(FACT)], values[0])
+    # a column of a fact that is not wanted is not read; nothing wanted, another method or width: nothing reused
+    editor._values.clear()
+    assert editing.reuse_values(store(ids[1:2] + ids[:1]), "ann", "sha", editor, [FACT]) == 1
+    assert np.array_equal(editor._values[editor.fact_id(FACT)], values[1])
+    editor._values.clear()
+    assert editing.reuse_values(store(ids), "ann", "sha", editor, [OTHER]) == 0
+    assert editing.reuse_values(store(ids, method=names.PERCE), "ann", "sha", editor, [FACT]) == 0
+    narrow = [Edit(1, np.ones(d_ff, np.float32), np.ones(d - 1, np.float32), FACT, 1.0, 0.5, 0.1)]
+    other_width = editing.write_adapter(tmp_path / "narrow.gguf", narrow, "llama")
+    assert editing.reuse_values(store(ids, path=other_width), "ann", "sha", editor, [FACT]) == 0
+    assert editor._values == {}
+
+
+def test_invariant_the_kl_term_keeps_the_neutral_chats_answers_closer_to_the_unedited_model(tiny_path):
+    """With kl_weight the value is trained against the edited model's drift on the neutral chats: the same edit
+    with a heavy KL term changes their answers' distributions less than without it."""
+    def drift(kl_weight):
+        config = editing.EditConfig(layer=1, steps=4, lr=1.0, clamp=1000.0, kl_weight=kl_weight, stop_nll=0.0,
+                                    threads=1, chat_turns=())
+        editor = editing.Editor(tiny_path, config)
+        e = editor.edit(FACT)
+        editor.reset()
+        batch, base = editor.neutral()
+        edited = editor.logprobs(batch, torch.from_numpy(e.key), torch.from_numpy(e.value))
+        return float(torch.nn.functional.kl_div(edited, base, log_target=True, reduction="batchmean"))
+
+    free, held = drift(0.0), drift(50.0)
+    assert 0 <= held < 0.5 * free
+
+
+def test_invariant_the_context_prefix_of_a_history_holds_all_of_it(tiny_path):
+    """A history's context prefix (computed once, shared by every prompt after it) runs up to the question's
+    text: after it a prompt holds only its question turn, as much as after the bare template's prefix."""
+    editor = editing.Editor(tiny_path, editing.EditConfig(layer=1, threads=1, chat_turns=()))
+    bare = len(editor.context_prefix(()).ids)
+    for history in (editing.chat_context(1), editing.chat_context(3, start=2)):
+        prefix = editor.context_prefix(history)
+        for question in ("Where do I live?", "What's my dog's name?"):
+            ids, pos = editor.prompt(question, history)
+            alone, alone_pos = editor.prompt(question)
+            assert tuple(ids[:len(prefix.ids)]) == prefix.ids
+            assert len(ids) - len(prefix.ids) == len(alone) - bare and pos - len(prefix.ids) == alone_pos - bare
