@@ -297,6 +297,9 @@ def test_invariant_quiet_joint_keys_stay_off_the_prompts_and_answers_other_token
         assert float((keys @ calm[i]).mean()) > 0.5
     served = editor.joint(facts)   # what edit_facts writes: the quiet keys
     assert all(np.allclose(e.key, calm[i].numpy(), atol=1e-6) for i, e in enumerate(served))
+    (single,) = editor.joint([FACT])   # one fact: the single edit's key fit, no quiet term
+    own = editor.key_direction(clusters[0]).numpy()
+    assert np.allclose(single.key, own, rtol=1e-4, atol=1e-6 * np.abs(own).max())
 
 
 def test_a_job_after_one_new_preference_trains_only_the_new_facts_value(tiny, tmp_path, monkeypatch):

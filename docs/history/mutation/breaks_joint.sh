@@ -13,3 +13,4 @@ $B $F '        key = slot_of(fact)' '        key = fact.attributes[-1] if fact.a
 $B $F '                C = C + weight * scale / Q.diagonal().mean() * Q' '                C = C + 0 * Q' -- $T -k quiet
 $B $F '        K = self.joint_keys(clusters, (torch.cat([t for t, _ in quiet]), torch.cat([w for _, w in quiet])))' '        K = self.joint_keys(clusters)' -- $T -k quiet
 $B $F '                template += [k[:n0], k[pos + 1:]]' '                template += [k[:n0]]' -- $T -k quiet
+$B $F 'if len(facts) > 1 else None' 'if len(facts) > 0 else None' -- $T -k quiet
