@@ -345,6 +345,18 @@ def test_a_job_after_one_new_preference_trains_only_the_new_facts_value(tiny, tm
     editing.editor_for.cache_clear()
     assert trained == [FACT.statement, OTHER.statement, "I love green tea.", FACT.statement]
     assert not result.failed and len(result.edits) == 3 and checks.count(FACT.statement) == 2
+    # when every reused value fails, only RETRAIN_STALE of them are trained again (a broken adapter is not
+    # rescued by retraining every fact: the job stays bounded)
+    monkeypatch.setattr(editing, "RETRAIN_STALE", 1)
+    monkeypatch.setattr(editing, "states_target", lambda engine, adapter, fact: (False, "stand-in"))
+    store_path = tmp_path / "data"
+    with Store.open(store_path) as store:
+        store.add("ann", "I have a pet turtle.", kind="preference")
+        editing.editor_for.cache_clear()
+        del trained[:]
+        result = personalize("ann", model_path=path, store=store, config=config)
+    editing.editor_for.cache_clear()
+    assert trained == ["I have a pet turtle.", FACT.statement] and len(result.failed) == 4
 
 
 def test_lora_in_llama_cpp_equals_dense_edit_in_torch(tiny, tmp_path):

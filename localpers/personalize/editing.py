@@ -949,11 +949,15 @@ def states_target(engine, adapter: Path, fact: Fact) -> tuple[bool, str]:
     return states(answer, fact.targets), answer
 
 
+RETRAIN_STALE = 3  # joint edits: at most this many failed reused values are trained again per run (when most of
+                  # an adapter fails, new values for each do not save it: a 30-fact user retrained all 30)
+
+
 def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
     """Edit every fact, write the adapter, check each fact through llama.cpp, and keep only the edits that
     passed; the adapter is removed when none did. Joint edits (config.joint, the default): Editor.joint, and a
-    fact that fails with a reused value gets its value trained again for its current key and is checked once
-    more; the failed facts' columns are then dropped (the others' keys and values are the checked ones).
+    fact that fails with a reused value gets its value trained again for its current key (the first
+    RETRAIN_STALE such facts) and everything is checked once more; the failed facts' columns are then dropped (the others' keys and values are the checked ones).
     Stacked edits: each fact in order on the model the earlier ones changed. A fact the editor refuses
     (UserError: e.g. a prompt over the model's context) is skipped with its reason; the others go on."""
     editor.reset()
@@ -980,7 +984,8 @@ def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
         return passed, failed, answers
 
     passed, failed, answers = check(edits)
-    stale = {f.statement for f, _ in failed} & {e.fact.statement for e in edits if e.reused}
+    reused = {e.fact.statement for e in edits if e.reused}
+    stale = [f.statement for f, _ in failed if f.statement in reused][:RETRAIN_STALE]
     if stale:   # trained for an earlier key: train for this one, check everything again
         edits = [editor.train_value(e.fact, torch.from_numpy(e.key), e.keys) if e.fact.statement in stale else e
                  for e in edits]
