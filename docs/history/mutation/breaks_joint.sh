@@ -14,3 +14,4 @@ $B $F '                C = C + weight * scale / Q.diagonal().mean() * Q' '      
 $B $F '        K = self.joint_keys(clusters, (torch.cat([t for t, _ in quiet]), torch.cat([w for _, w in quiet])))' '        K = self.joint_keys(clusters)' -- $T -k quiet
 $B $F '                template += [k[:n0], k[pos + 1:]]' '                template += [k[:n0]]' -- $T -k quiet
 $B $F 'if len(facts) > 1 else None' 'if len(facts) > 0 else None' -- $T -k quiet
+$B $F 'if f.statement in reused][:RETRAIN_STALE]' 'if f.statement in reused]' -- $T -k new_pref
