@@ -297,6 +297,9 @@ def test_invariant_quiet_joint_keys_stay_off_the_prompts_and_answers_other_token
         assert float((keys @ calm[i]).mean()) > 0.5
     served = editor.joint(facts)   # what edit_facts writes: the quiet keys
     assert all(np.allclose(e.key, calm[i].numpy(), atol=1e-6) for i, e in enumerate(served))
+    (single,) = editor.joint([FACT])   # one fact: the single edit's key fit, no quiet term
+    own = editor.key_direction(clusters[0]).numpy()
+    assert np.allclose(single.key, own, rtol=1e-4, atol=1e-6 * np.abs(own).max())
 
 
 def test_a_job_after_one_new_preference_trains_only_the_new_facts_value(tiny, tmp_path, monkeypatch):
@@ -313,6 +316,7 @@ def test_a_job_after_one_new_preference_trains_only_the_new_facts_value(tiny, tm
     monkeypatch.setattr(editing.Editor, "train_value", lambda self, fact, key, keys: trained.append(fact.statement)
                         or real(self, fact, key, keys))
     monkeypatch.setattr(editing, "states_target", lambda engine, adapter, fact: (True, "stand-in"))
+    monkeypatch.setattr(editing, "locality_kl", lambda engine, adapter: 0.0)   # random model: its own test below
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
     def values(store):
@@ -342,6 +346,18 @@ def test_a_job_after_one_new_preference_trains_only_the_new_facts_value(tiny, tm
     editing.editor_for.cache_clear()
     assert trained == [FACT.statement, OTHER.statement, "I love green tea.", FACT.statement]
     assert not result.failed and len(result.edits) == 3 and checks.count(FACT.statement) == 2
+    # when every reused value fails, only RETRAIN_STALE of them are trained again (a broken adapter is not
+    # rescued by retraining every fact: the job stays bounded)
+    monkeypatch.setattr(editing, "RETRAIN_STALE", 1)
+    monkeypatch.setattr(editing, "states_target", lambda engine, adapter, fact: (False, "stand-in"))
+    store_path = tmp_path / "data"
+    with Store.open(store_path) as store:
+        store.add("ann", "I have a pet turtle.", kind="preference")
+        editing.editor_for.cache_clear()
+        del trained[:]
+        result = personalize("ann", model_path=path, store=store, config=config)
+    editing.editor_for.cache_clear()
+    assert trained == ["I have a pet turtle.", FACT.statement] and len(result.failed) == 4
 
 
 def test_lora_in_llama_cpp_equals_dense_edit_in_torch(tiny, tmp_path):
@@ -570,6 +586,7 @@ def test_personalize_edits_each_usable_preference_and_reports_the_others(tiny, t
     checked = []
     monkeypatch.setattr(editing, "states_target", lambda engine, adapter, fact: checked.append(fact.statement) or (
         fact.statement != "I live in Paris.", "an answer"))  # the random model cannot state anything: stand-in
+    monkeypatch.setattr(editing, "locality_kl", lambda engine, adapter: 0.0)
     code = main(["personalize", "--user", "ann", "--data-dir", str(tmp_path), "--model", str(path), "--steps", "1",
                  "--layer", "1"])
     out = capsys.readouterr().out
@@ -627,6 +644,31 @@ def test_failed_edits_are_not_kept_in_the_rewritten_adapter(tiny, tmp_path, monk
     assert {tuple(t.shape)[-1] for name, t in tensors.items() if name.endswith("lora_a")} == {1}  # rank 1
     want = write_adapter(tmp_path / "want.gguf", result.edits, "llama")
     assert result.adapter.read_bytes() == want.read_bytes()
+
+
+def test_edits_that_together_change_unrelated_answers_are_not_served(tiny, tmp_path, monkeypatch):
+    """Every fact stated, but the adapter moves llama.cpp's answers to unrelated questions past LOCALITY_MAX_KL
+    (the 10-fact joint adapter: KL 6.7 nats/token): nothing is served, each fact is reported failed with the
+    KL. One fact alone is not held to it (single edits: 0.03-0.05). locality_kl itself is 0 for an adapter
+    that changes nothing and grows with the edit."""
+    from localpers.personalize import editing
+    from localpers.engine.engine import Engine
+
+    path, editor = tiny
+    monkeypatch.setattr(editing, "states_target", verified_only(FACT.statement, OTHER.statement))
+    with Engine(path, n_ctx=256) as engine:
+        zero = edit_facts(engine, editor, [FACT], tmp_path / "one.gguf")
+        e = replace(zero.edits[0], value=np.zeros_like(zero.edits[0].value))
+        assert editing.locality_kl(engine, write_adapter(tmp_path / "zero.gguf", [e], "llama")) < 1e-9
+        small = replace(e, value=zero.edits[0].value * 1e-3)
+        kl_small = editing.locality_kl(engine, write_adapter(tmp_path / "small.gguf", [small], "llama"))
+        assert 0 < kl_small < editing.locality_kl(engine, zero.adapter)
+        monkeypatch.setattr(editing, "locality_kl", lambda engine, adapter: 1.0)
+        alone = edit_facts(engine, editor, [FACT], tmp_path / "alone.gguf")
+        both = edit_facts(engine, editor, [FACT, OTHER], tmp_path / "both.gguf")
+    assert alone.adapter is not None and len(alone.edits) == 1
+    assert both.adapter is None and not both.edits and not (tmp_path / "both.gguf").exists()
+    assert [f for f, _ in both.failed] == [FACT, OTHER] and all("KL 1.00" in why for _, why in both.failed)
 
 
 def test_personalize_registers_the_verified_adapter_and_says_how_to_serve_it(tiny, tmp_path, monkeypatch, capsys):

@@ -660,15 +660,17 @@ class Editor:
         self._values[self.fact_id(fact)] = np.asarray(value, np.float32)
 
     def joint(self, facts: list[Fact]) -> list[Edit]:
-        """The joint edits of `facts` (config.joint): every fact's keys, then every key k^ at once (joint_keys),
+        """The joint edits of `facts` (config.joint): every fact's keys, then every key k^ at once (joint_keys,
+        quiet on the facts' other tokens when there are several: one fact gets exactly the single edit's key fit,
+        which kept implicit questions better: 0.83 vs 0.17 of 6 held-out items, docs/edit/README.md),
         then each value d trained for its k^ on the unedited model (edit with key=...). A value already known for
         the fact (from this editor or remember: the fact's key has moved a little since, as facts were added) is
         reused, marked Edit.reused; edit_facts trains it again for the current key if llama.cpp then fails the
         fact. Leaves the torch model unedited. Raises UserError as Editor.keys does."""
         t0 = time.perf_counter()
         clusters = [self.fact_keys(f) for f in facts]
-        quiet = [self.fact_quiet(f) for f in facts]
-        K = self.joint_keys(clusters, (torch.cat([t for t, _ in quiet]), torch.cat([w for _, w in quiet])))
+        quiet = [self.fact_quiet(f) for f in facts] if len(facts) > 1 else None   # one fact: the single edit's key
+        K = self.joint_keys(clusters, quiet and (torch.cat([t for t, _ in quiet]), torch.cat([w for _, w in quiet])))
         share = (time.perf_counter() - t0) / len(facts)   # keys and the solve, split over the facts
         edits = []
         for fact, keys, key in zip(facts, clusters, K):
@@ -947,11 +949,15 @@ def states_target(engine, adapter: Path, fact: Fact) -> tuple[bool, str]:
     return states(answer, fact.targets), answer
 
 
+RETRAIN_STALE = 3  # joint edits: at most this many failed reused values are trained again per run (when most of
+                  # an adapter fails, new values for each do not save it: a 30-fact user retrained all 30)
+
+
 def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
     """Edit every fact, write the adapter, check each fact through llama.cpp, and keep only the edits that
     passed; the adapter is removed when none did. Joint edits (config.joint, the default): Editor.joint, and a
-    fact that fails with a reused value gets its value trained again for its current key and is checked once
-    more; the failed facts' columns are then dropped (the others' keys and values are the checked ones).
+    fact that fails with a reused value gets its value trained again for its current key (the first
+    RETRAIN_STALE such facts) and everything is checked once more; the failed facts' columns are then dropped (the others' keys and values are the checked ones).
     Stacked edits: each fact in order on the model the earlier ones changed. A fact the editor refuses
     (UserError: e.g. a prompt over the model's context) is skipped with its reason; the others go on."""
     editor.reset()
@@ -978,7 +984,8 @@ def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
         return passed, failed, answers
 
     passed, failed, answers = check(edits)
-    stale = {f.statement for f, _ in failed} & {e.fact.statement for e in edits if e.reused}
+    reused = {e.fact.statement for e in edits if e.reused}
+    stale = [f.statement for f, _ in failed if f.statement in reused][:RETRAIN_STALE]
     if stale:   # trained for an earlier key: train for this one, check everything again
         edits = [editor.train_value(e.fact, torch.from_numpy(e.key), e.keys) if e.fact.statement in stale else e
                  for e in edits]
@@ -987,7 +994,31 @@ def edit_facts(engine, editor: Editor, facts: list[Fact], path) -> Result:
         path.unlink()
         if passed:
             write_adapter(path, passed, arch)
+    if passed and len(passed) > 1 and (kl := locality_kl(engine, path)) > LOCALITY_MAX_KL:
+        path.unlink()   # every fact stated, unrelated answers broken (many joint edits): serve none of them
+        failed += [(e.fact, f"{answers[e.fact.statement]} [the {len(passed)} edits together changed unrelated "
+                            f"answers: KL {kl:.2f} nats/token > {LOCALITY_MAX_KL}]") for e in passed]
+        passed = []
     return Result(passed, failed, path if passed else None, skipped=skipped, answers=answers)
+
+
+LOCALITY_MAX_KL = 0.2   # nats/token: single edits measure 0.03-0.05 (UPQA, BENCHMARKS.md §4); the 10-fact joint
+                        # adapter of the many-preferences run 6.7 while stating 9 of its 10 facts
+LOCALITY_CHATS = NEUTRAL_CHATS[1::4]
+
+
+def locality_kl(engine, adapter) -> float:
+    """Mean KL(unedited || edited) per answer token [nats] of llama.cpp's next-token distributions over
+    LOCALITY_CHATS' answers, the adapter on and off: how much the edits change answers they are not about."""
+    from localpers.engine.engine import Artifacts
+
+    kls = []
+    for question, answer in LOCALITY_CHATS:
+        messages = [{"role": "user", "content": question}]
+        [(_, base)] = engine.continuation_logprobs(messages, [answer])
+        [(_, mine)] = engine.continuation_logprobs(messages, [answer], artifacts=Artifacts(lora=((str(adapter), 1.0),)))
+        kls.append(float((np.exp(base) * (base - mine)).sum(axis=1).mean()))
+    return float(np.mean(kls))
 
 
 def preference_facts(items: list[dict]) -> tuple[list[Fact], list[tuple[str, str]]]:
@@ -1020,7 +1051,7 @@ def editor_for(model_path: str, config: EditConfig | None = None) -> Editor:
     return editor.prepare(_cache_dir().parent / "models" / name)
 
 
-EDITOR_CACHE_VERSION = 1  # raise when what Editor.prepare computes changes
+EDITOR_CACHE_VERSION = 2  # raise when what Editor.prepare computes, or how an edit is made, changes
 
 
 def editor_model(model_path):
@@ -1160,7 +1191,7 @@ def user_adapter(user, engine, config: EditConfig | None = None) -> Path | None:
     """The verified adapter of an evaluation user, cached on disk by model, facts and config."""
     facts = facts_of(user.preferences, user.facts)
     editor = editor_for(str(engine.model_path), config)
-    key = hashlib.sha256(json.dumps([base_model_sha256(engine.model_path), repr(editor.config),
+    key = hashlib.sha256(json.dumps([EDITOR_CACHE_VERSION, base_model_sha256(engine.model_path), repr(editor.config),
                                      [repr(f) for f in facts]]).encode()).hexdigest()[:24]
     path, log = _cache_dir() / f"{key}.gguf", _cache_dir() / f"{key}.json"
     if log.is_file():

@@ -13,3 +13,7 @@ $B $F '        key = slot_of(fact)' '        key = fact.attributes[-1] if fact.a
 $B $F '                C = C + weight * scale / Q.diagonal().mean() * Q' '                C = C + 0 * Q' -- $T -k quiet
 $B $F '        K = self.joint_keys(clusters, (torch.cat([t for t, _ in quiet]), torch.cat([w for _, w in quiet])))' '        K = self.joint_keys(clusters)' -- $T -k quiet
 $B $F '                template += [k[:n0], k[pos + 1:]]' '                template += [k[:n0]]' -- $T -k quiet
+$B $F 'if len(facts) > 1 else None' 'if len(facts) > 0 else None' -- $T -k quiet
+$B $F 'if f.statement in reused][:RETRAIN_STALE]' 'if f.statement in reused]' -- $T -k new_pref
+$B $F "(kl := locality_kl(engine, path)) > LOCALITY_MAX_KL" "(kl := locality_kl(engine, path)) > 10 * LOCALITY_MAX_KL" -- $T -k unrelated_answers
+$B $F "kls.append(float((np.exp(base) * (base - mine)).sum(axis=1).mean()))" "kls.append(float((np.exp(base) * (base - mine)).sum(axis=1).mean()) * 0)" -- $T -k unrelated_answers
