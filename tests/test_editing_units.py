@@ -241,14 +241,15 @@ def replace_questions(fact, questions):
 def test_edit_methods_pass_their_config_and_serve_registered_users_only_their_edits(monkeypatch):
     from localpers.personalize.methods import Personalized, RegisteredArtifact, User
 
-    seen = []
-    monkeypatch.setattr(editing, "user_adapter", lambda user, engine, config=None: seen.append(config) or "/c/a.gguf")
+    seen, engine = [], object()
+    monkeypatch.setattr(editing, "user_adapter",
+                        lambda user, engine, config=None: seen.append((engine, config)) or "/c/a.gguf")
     user = User("v", preferences=("I live in Paris.",))
-    assert editing.edit_method(user, "q", None).artifacts.lora == (("/c/a.gguf", 1.0),)
-    assert editing.edit_1turn(user, "q", None).artifacts.lora == (("/c/a.gguf", 1.0),)
-    assert seen == [None, editing.SINGLE_TURN] and editing.SINGLE_TURN.chat_turns == ()
-    assert editing.edit_stacked(user, "q", None).artifacts.lora == (("/c/a.gguf", 1.0),)
-    assert seen[-1] == editing.STACKED and editing.STACKED.joint is False
+    assert editing.edit_method(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
+    assert editing.edit_1turn(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
+    assert editing.edit_stacked(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
+    assert seen == [(engine, None), (engine, editing.SINGLE_TURN), (engine, editing.STACKED)]
+    assert editing.SINGLE_TURN.chat_turns == () and editing.STACKED.joint is False
     monkeypatch.setattr(editing, "user_adapter", lambda user, engine, config=None: None)
     assert editing.edit_method(user, "q", None) == Personalized()
     served = User("u", registered=(RegisteredArtifact(names.EDIT, names.LORA, "/a/edit.gguf"),
@@ -266,8 +267,9 @@ def test_invariant_preparing_without_a_cache_file_reads_none_and_warns_of_none(t
     with caplog.at_level(logging.WARNING, logger=editing.__name__):
         editor = editing.Editor(tiny_path, config).prepare()
     assert caplog.text == "" and editor._cov_inv is not None
-    cache = tmp_path / "editor.pt"
+    cache = tmp_path / "new" / "folders" / "editor.pt"   # any path: its folders are made
     editing.Editor(tiny_path, config, model=editor.model).prepare(cache)
+    assert cache.is_file() and not list(cache.parent.glob("*.part"))
     again = editing.Editor(tiny_path, config, model=editor.model).prepare(cache)
     assert caplog.text == "" and torch.equal(again._cov_inv, editor._cov_inv)
 
@@ -295,6 +297,7 @@ def test_invariant_the_fast_schedules_first_step_goes_its_fraction_of_the_clamp_
     radius = config.clamp * float((editor.W @ editor.keys(FACT).mean(0)).norm())
     e = editor.edit(FACT)  # one step: the gradient step alone
     assert float(np.linalg.norm(e.value)) == pytest.approx(config.gradient_start * radius, rel=1e-5)
+    assert torch.equal(e.keys, editor.keys(FACT))   # the Edit keeps the fact's keys (a retrain reuses them)
 
 
 def test_invariant_an_edit_with_the_kl_term_stays_finite_and_still_lowers_the_target_nll(tiny_path):
