@@ -420,6 +420,13 @@ def test_later_preference_wins():
     assert facts[1].targets == ("Your favorite music is heavy metal.",)
 
 
+def test_personalize_by_hand_edits_as_the_servers_jobs_do():
+    """The CLI's default steps are EditConfig's: the same fact_id, so a run by hand reuses a job's values."""
+    from localpers.cli.editing_cli import EDIT_STEPS
+
+    assert EDIT_STEPS == EditConfig().steps
+
+
 def test_facts_of_keeps_facts_of_one_attribute_type_in_different_slots():
     """The update rule of learned facts (detect's slots), not the broad attribute type: a like and a diet are both
     'food preference' and both kept; a later diet replaces the earlier one."""

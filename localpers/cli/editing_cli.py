@@ -4,7 +4,8 @@ from __future__ import annotations
 from localpers import names
 from localpers.errors import UserError
 
-EDIT_STEPS = 25  # Adam steps per preference of `personalize --method edit`
+EDIT_STEPS = 20  # Adam steps per preference of `personalize --method edit`: EditConfig's, so a run by hand edits
+                 # as the server's jobs do (and reuses their adapter's values: editing.reuse_values)
 
 
 def cmd_personalize(args):
