@@ -32,8 +32,9 @@ def wait_gone(pid: int, limit_s: float = 60) -> None:
 
 
 PARENT = textwrap.dedent("""
-    import subprocess, sys, time
+    import signal, subprocess, sys, time
     from localpers.sync import lifetime
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a run under nohup inherits SIGHUP ignored: the parent must die of it
     if sys.argv[1] == "popen":
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True,
                                  preexec_fn=lifetime.child_preexec())
