@@ -48,7 +48,13 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(log, "wb") as f:
         return subprocess.Popen([sys.executable, "-m", "localpers", *args], cwd=ROOT, env=env, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_sighup)
+
+
+def _default_sighup() -> None:
+    """A run under nohup inherits SIGHUP ignored; the processes started here get its default (a closed
+    terminal ends them), as from a terminal, which the SIGHUP cases test."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def stop(proc: subprocess.Popen) -> None:
