@@ -21,6 +21,7 @@ from localpers.personalize.training import (Encoded, Example, LoRALinear, TrainC
                                             history_examples, instruction_pair, load_lora_state, lora_modules,
                                             lora_state, n_steps, remove_lora, retrieve_profile, train, use_bf16)
 from tests.helpers_models import random_model_path
+from tests.test_training import one_thread  # noqa: F401  (autouse there: one torch thread here too)
 
 POST = "Hey all! Another weekend of bouldering at gym {i}, so cozy. Stay curious!"
 
@@ -38,15 +39,6 @@ def model(llama_path):
 @pytest.fixture(scope="module")
 def tok(llama_path):
     return training.tokenizer(str(llama_path))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def fast(**kw):
     return TrainConfig(**{"steps": 3, "batch": 2, "lr": 2e-2, "precision": "fp32", "rank": 4, **kw})

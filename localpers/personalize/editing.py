@@ -336,6 +336,7 @@ class Editor:
         self._values: dict[str, np.ndarray] = {}   # fact_id -> its value d [d] (joint edits)
         self._keys: dict[str, torch.Tensor] = {}     # fact_id -> its keys (fact_keys)
         self._quiet: dict[str, torch.Tensor] = {}    # fact_id -> its other positions' keys (fact_quiet)
+        self._cov = None                             # C, float64 (joint_keys' quiet metric)
 
     def prepare(self, cache: Path | None = None) -> "Editor":
         """Compute what every edit of this model reuses, ahead of the first: C^-1 and the context prefixes (on
@@ -629,7 +630,9 @@ class Editor:
         T[torch.arange(len(K)), torch.repeat_interleave(torch.tensor([len(c) for c in clusters]))] = 1.0
         metric_inv = self._cov_inv if self.config.covariance else torch.eye(K.shape[1])
         if quiet is not None and (self.config.quiet_weight or self.config.quiet_words):
-            C = torch.linalg.inv(metric_inv.double())
+            if self.config.covariance and self._cov is None:   # C itself (prepare keeps only C^-1), once
+                self._cov = torch.linalg.inv(metric_inv.double())
+            C = self._cov if self.config.covariance else torch.eye(K.shape[1], dtype=torch.float64)
             scale = C.diagonal().mean()
             for Q, weight in zip(quiet, (self.config.quiet_weight, self.config.quiet_words)):
                 Q = Q.double().T @ Q.double() / len(Q)
