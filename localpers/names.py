@@ -43,7 +43,7 @@ LOGO_ABLATIONS = ("logo-nodecay", "logo-nomediator", "logo-random")
 PERCE_ABLATIONS = ("perce-clip05", "perce-noclip", "perce-frozen", "perce-wnorm")
 
 # Personalization Editing's ablation (evaluation only): the single-turn edit (no chat context templates)
-EDIT_ABLATIONS = ("edit-1turn", "edit-stacked")
+EDIT_ABLATIONS = ("edit-1turn", "edit-stacked", "edit-allq")
 
 # Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).
 TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)

@@ -1237,6 +1237,17 @@ def edit_stacked(user, query, engine):
     return edit_method(user, query, engine, STACKED)
 
 
+ALL_QUESTIONS = EditConfig(train_questions=0)
+
+
+def edit_allq(user, query, engine):
+    """Evaluation-only ablation 'edit-allq': the value trained on every question of the cluster (all 13, dealt over
+    the bare / 3-turn / 8-turn contexts) instead of 6, as before the speed work. Evaluation users only."""
+    if user.registered is not None:
+        raise UserError("edit-allq is an evaluation ablation: serve 'edit'")
+    return edit_method(user, query, engine, ALL_QUESTIONS)
+
+
 def warm_up(engine) -> None:
     """Load the editor's torch model for the served model, and what each edit reuses (editor_for), ahead of the
     first edit job (localpers.serve.jobs)."""
