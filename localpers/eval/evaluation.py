@@ -462,12 +462,20 @@ def edit_add_fact(engine):
         config = configs[part]
         editor = editing.editor_for(str(engine.model_path), config)
         facts = editing.facts_of(user.preferences, user.facts)
+        routed = part == names.EDIT and len(facts) >= names.EDIT_ROUTE_FROM
+        if routed:   # as personalize runs it: the adapters of the earlier facts (made for the smaller users) are
+            new = editor.fact_id(facts[-1])   # reused, the new fact is edited
+            reuse = {fid: path for fid, path in editing.evaluation_fact_adapters(engine).items() if fid != new}
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            result = editing.edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
+            if routed:
+                result = editing.edit_routed(engine, editor, facts, Path(tmp) / "routes", reuse)
+            else:
+                result = editing.edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
             seconds = time.perf_counter() - started
         return {"facts": len(user.preferences), "kept": len(facts), "edited": len(result.edits),
-                "failed": len(result.failed), "seconds": round(seconds, 1)}
+                "failed": len(result.failed), "seconds": round(seconds, 1),
+                **({"reused": result.reused} if routed else {})}
 
     return add_fact
 

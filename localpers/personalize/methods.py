@@ -37,6 +37,7 @@ class RegisteredArtifact:
     kind: str       # names.LORA, names.CONTROL_VECTOR
     path: str
     id: int = 0     # the registry's id (what a response's `localpers` explanation names)
+    routes: tuple[tuple[str, str], ...] = ()   # names.LORA_ROUTES: (adapter file, the words routed to it) per fact
 
 
 @dataclass(frozen=True)

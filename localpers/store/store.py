@@ -1297,8 +1297,11 @@ class Store:
         for relative in paths:
             path = (self.directory / relative).resolve()
             if path.is_relative_to(folder) and path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                self._retired(path)
+                if path.is_dir():   # a folder artifact (names.LORA_ROUTES): each file in it is retired
+                    self._remove_folder(path)
+                else:
+                    path.unlink(missing_ok=True)
+                    self._retired(path)
 
     def _retired(self, path: Path) -> None:
         for listener in self.on_retire:
@@ -1470,8 +1473,11 @@ class Store:
         """Record in the metadata of the user's artifact(s) at `path` that the served path could not load them
         (meta["broken"] = reason); store.artifacts and export show it. Returns how many rows were marked."""
         target = Path(path).resolve()
-        marked = [a for a in self.artifacts(user) if Path(a["path"]).resolve() == target
-                  and a["meta"].get("broken") != reason]
+        def holds(artifact) -> bool:   # the file itself, or a file of a folder artifact (names.LORA_ROUTES)
+            path = Path(artifact["path"]).resolve()
+            return target == path or (target.parent == path and path.is_dir())
+
+        marked = [a for a in self.artifacts(user) if holds(a) and a["meta"].get("broken") != reason]
         if marked:
             with self._write() as conn:
                 user_id = self._user_id(conn, user)
