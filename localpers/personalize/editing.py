@@ -1176,9 +1176,12 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
                 config: EditConfig | None = None, store=None, job: int | None = None) -> Result:
     """Recompute `user`'s edits from all their stored preferences (later wins), verify them on llama.cpp and
     register the adapter (kind 'lora') for the served model; with bake_model also a full GGUF (kind 'model').
-    The registered edits always match the current preferences: when none is left, or none could be made,
-    the user's earlier edit artifacts for this model are deleted. The artifact records the ids of the
-    preferences it encodes (meta "sources"), never their text. `store` and `job`: the server's worker passes
+    A user with names.EDIT_ROUTE_FROM facts or more gets routed edits instead (edit_routed: a folder of
+    single-fact adapters, kind 'lora_routes'; not baked). The registered edits always match the current
+    preferences: when none is left, or none could be made, the user's earlier edit artifacts for this model are
+    deleted. The artifact records the ids of the preferences it encodes (meta "sources"); a joint adapter never
+    their text, routed edits each route's words (route_words: the statement and its type's words), sealed in the
+    registry like the items and deleted with them (an artifact goes with its sources). `store` and `job`: the server's worker passes
     its open store and the job's id (a job cancelled meanwhile registers nothing: store.StaleError)."""
     from contextlib import nullcontext
 
