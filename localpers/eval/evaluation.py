@@ -60,8 +60,10 @@ RULES = {
              "targets of the user's other facts of the same type counting as the other users' (they answer the "
              "same question: their shared words are no evidence); "
              "locality_kl@N as above for the N-fact user. add_fact_s: seconds to the verified adapter of a "
-             "trained method when fact N+1 is added to the largest user (what personalize recomputes: every "
-             "fact from the unedited model, verified on llama.cpp; the editor ready before timing)."),
+             "trained method when fact N+1 is added to the largest user, as personalize recomputes it (the "
+             "editor ready before timing): the joint edit of few facts trains their values from the unedited "
+             "model; routed edits (4 facts or more) reuse the adapters of the facts made before ('reused') and "
+             "edit the new one; every new edit is verified on llama.cpp."),
     "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
                  "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
                  "with the options listed in a seeded random order; the model follows the preference when the "
@@ -800,10 +802,11 @@ def vs_base_table(report: dict) -> str:
 
 def timing_table(report: dict) -> str:
     """report["timing"] (run_upqa_many): per method, the facts of the grown user, how many of them its trained
-    part keeps (the edit: one per attribute type, editing.facts_of), the seconds to its verified adapter when
-    the last one was added, and how many edits passed and failed verification."""
+    part keeps (editing.facts_of: one per slot), the seconds to its verified adapter when the last one was added,
+    how many edits it serves and how many failed verification, and (routed edits) how many were reused."""
     return _table({m: {"facts": t["facts"], "kept": t.get("kept"), "add_fact_s": t["seconds"],
-                       "edited": t.get("edited"), "failed": t.get("failed")} for m, t in report["timing"].items()})
+                       "edited": t.get("edited"), "failed": t.get("failed"), "reused": t.get("reused")}
+                   for m, t in report["timing"].items()})
 
 
 def summary(report: dict, paths: list[Path]) -> str:
