@@ -48,9 +48,11 @@ PERCE_ABLATIONS = ("perce-clip05", "perce-noclip", "perce-frozen", "perce-wnorm"
 EDIT_ABLATIONS = ("edit-1turn", "edit-stacked", "edit-allq")
 
 # A user with this many edited facts or more gets routed edits (names.LORA_ROUTES): one single-fact adapter per
-# fact, the request's question picks at most one. Fewer: one joint adapter, always applied. 10 joint keys fire on
-# unrelated text (KL 6.7 nats/token; bench/experiments/joint_key_firing.py); a few stay local (BENCHMARKS.md §4).
-EDIT_ROUTE_FROM = 4
+# fact, the request's question picks at most one. One fact: its adapter, always applied. Joint adapters of several
+# facts were not local: 10 joint keys fire on unrelated text (KL 6.7 nats/token; bench/experiments/
+# joint_key_firing.py), and a tester's 3-fact joint adapter passed its checks yet answered "Tell me a joke." with
+# "A: A: A: ..." (BENCHMARKS.md §4).
+EDIT_ROUTE_FROM = 2
 
 # Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).
 TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)

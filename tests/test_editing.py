@@ -318,6 +318,8 @@ def test_a_job_after_one_new_preference_trains_only_the_new_facts_value(tiny, tm
     monkeypatch.setattr(editing, "states_target", lambda engine, adapter, fact: (True, "stand-in"))
     monkeypatch.setattr(editing, "locality_kl", lambda engine, adapter: 0.0)   # random model: its own test below
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(editing.names, "EDIT_ROUTE_FROM", 100)   # several facts in one joint adapter (the default
+                                                                 # routes them: tests/test_editing_routed.py)
 
     def values(store):
         (lora,) = store.artifacts("ann", "lora")
@@ -349,7 +351,6 @@ def test_a_job_after_one_new_preference_trains_only_the_new_facts_value(tiny, tm
     # when every reused value fails, only RETRAIN_STALE of them are trained again (a broken adapter is not
     # rescued by retraining every fact: the job stays bounded)
     monkeypatch.setattr(editing, "RETRAIN_STALE", 1)
-    monkeypatch.setattr(editing.names, "EDIT_ROUTE_FROM", 100)   # 4 facts in one joint adapter (else routed edits)
     monkeypatch.setattr(editing, "states_target", lambda engine, adapter, fact: (False, "stand-in"))
     store_path = tmp_path / "data"
     with Store.open(store_path) as store:
@@ -693,6 +694,8 @@ def test_personalize_registers_the_verified_adapter_and_says_how_to_serve_it(tin
 
     path, _ = tiny
     monkeypatch.setattr(editing, "states_target", verified_only(FACT.statement))
+    monkeypatch.setattr(editing.names, "EDIT_ROUTE_FROM", 100)   # two facts in one joint adapter, bakeable (the
+                                                                 # default routes them: tests/test_editing_routed.py)
     with Store.open(tmp_path) as store:
         store.add("ann", FACT.statement, kind="preference", meta={"question": list(FACT.questions), "target": ["Paris"]})
         store.add("ann", OTHER.statement, kind="preference", meta={"question": list(OTHER.questions), "target": ["Rex"]})

@@ -54,9 +54,9 @@ def tiny(tmp_path_factory):
 
 
 def test_personalize_routes_many_facts_reuses_their_adapters_and_goes_back_to_one_adapter(tiny, tmp_path, monkeypatch):
-    """4 facts: a folder of 4 single-fact adapters registered as names.LORA_ROUTES (meta: each route's file and
-    words, the facts' item ids), composed per question and explained; a 5th fact edits that fact alone (4 copied);
-    back to 2 facts: one joint LoRA again, the routes retired with their files."""
+    """4 facts: a folder of 4 single-fact adapters registered as names.LORA_ROUTES (meta: each route's file,
+    words and source item), composed per question and explained; a 5th fact edits that fact alone (4 copied); a
+    deleted preference drops its route only; back to 1 fact: one always-applied adapter, the routes retired."""
     from localpers.engine.engine import model_sha256
     from localpers.serve.compose import Composer, served_user
     from localpers.store.store import Store
@@ -88,8 +88,9 @@ def test_personalize_routes_many_facts_reuses_their_adapters_and_goes_back_to_on
         where = composer(user, "Where do I live?", None)
         paris = next(r["file"] for r in routed["meta"]["routes"] if "Paris" in r["words"])
         assert where.artifacts.lora == ((str(folder / paris), 1.0),)
-        assert composer.explain(user, where)["artifacts"] == [
-            {"method": names.EDIT, "kind": names.LORA_ROUTES, "id": routed["id"]}]
+        paris_item = next(i["id"] for i in store.items("ann") if i["text"] == PREFERENCES[0][0])
+        assert composer.explain(user, where)["artifacts"] == [   # which fact's adapter: its preference's item id
+            {"method": names.EDIT, "kind": names.LORA_ROUTES, "id": routed["id"], "source": paris_item}]
         neutral = composer(user, "What is the capital of France?", None)
         assert neutral.artifacts.lora == () and composer.explain(user, neutral)["artifacts"] == []
 
@@ -101,15 +102,71 @@ def test_personalize_routes_many_facts_reuses_their_adapters_and_goes_back_to_on
         [again] = store.artifacts("ann", names.LORA_ROUTES, sha)
         assert len(again["meta"]["routes"]) == 5 and not folder.exists()   # the replaced folder is gone
 
-        # down to two preferences: one joint adapter, the routes retired
-        for item in store.items("ann", kind="preference")[2:]:
-            store.delete_item("ann", item["id"])   # the routes derived from it are retired at once
-        assert store.artifacts("ann", names.LORA_ROUTES, sha) == [] and not Path(again["path"]).exists()
+        # a deleted preference takes its route and its file at once; the others stay served, and the job after
+        # it edits nothing
+        folder = Path(again["path"])
+        dog = next(i for i in store.items("ann") if i["text"] == PREFERENCES[2][0])
+        dog_file = next(r["file"] for r in again["meta"]["routes"] if r["source"] == dog["id"])
+        store.delete_item("ann", dog["id"])
+        [pruned] = store.artifacts("ann", names.LORA_ROUTES, sha)
+        assert pruned["id"] == again["id"] and dog["id"] not in pruned["sources"] and len(pruned["sources"]) == 4
+        assert [r["source"] for r in pruned["meta"]["routes"]] == pruned["sources"] and pruned["meta"]["edited"] == 4
+        assert not (folder / dog_file).exists() and len(list(folder.iterdir())) == 4
+        user = served_user(store, "ann", sha)
+        assert composer(user, "Where do I live?", None).artifacts.lora == ((str(folder / paris), 1.0),)
+        assert composer(user, "Do I have any pets?", None).artifacts.lora == ()
+        trained.clear()
+        editing.personalize("ann", store=store, model_path=path, config=config)
+        assert trained == []
+
+        # down to one preference: its adapter, always applied; the routes retired with their folder
+        for item in store.items("ann", kind="preference")[1:]:
+            store.delete_item("ann", item["id"])
         editing.personalize("ann", store=store, model_path=path, config=config)
         assert store.artifacts("ann", names.LORA_ROUTES, sha) == []
         assert not Path(again["path"]).exists()
-        [joint] = store.artifacts("ann", names.LORA, sha)
-        assert joint["meta"]["edited"] == 2 and Path(joint["path"]).is_file()
+        [single] = store.artifacts("ann", names.LORA, sha)
+        assert single["meta"]["edited"] == 1 and Path(single["path"]).is_file()
+        assert composer(served_user(store, "ann", sha), "What is 2 + 2?", None).artifacts.lora == (
+            (single["path"], 1.0),)
+
+
+def test_invariant_deleting_every_source_of_routed_edits_retires_them_whole(tmp_path):
+    """A route without a source, or none left: the whole folder goes (nothing derived from a deleted item stays)."""
+    from localpers.store.store import Store
+
+    sha = "0" * 64
+    with Store.open(tmp_path / "data") as store:
+        a = store.add("ann", "I live in Paris.", kind="preference")
+        b = store.add("ann", "I love jazz.", kind="preference")
+        folder = tmp_path / "routes"
+        folder.mkdir()
+        (folder / "fact-a.gguf").write_bytes(b"a")
+        (folder / "fact-b.gguf").write_bytes(b"b")
+        routes = [{"file": "fact-a.gguf", "words": "x", "fact": "a", "source": a},
+                  {"file": "fact-b.gguf", "words": "y", "fact": "b", "source": b}]
+        store.register_artifact("ann", names.LORA_ROUTES, folder, sha, {"method": names.EDIT, "routes": routes,
+                                                                          "sources": [a, b]})
+        [registered] = store.artifacts("ann", names.LORA_ROUTES)
+        store.delete_item("ann", a)
+        [left] = store.artifacts("ann", names.LORA_ROUTES)
+        assert left["sources"] == [b] and [r["file"] for r in left["meta"]["routes"]] == ["fact-b.gguf"]
+        assert sorted(p.name for p in Path(registered["path"]).iterdir()) == ["fact-b.gguf"]
+        store.delete_item("ann", b)
+        assert store.artifacts("ann", names.LORA_ROUTES) == [] and not Path(registered["path"]).exists()
+        # a route that names no source: the artifact cannot be pruned, it is retired whole
+        c = store.add("ann", "I have a cat.", kind="preference")
+        d = store.add("ann", "I'm vegetarian.", kind="preference")
+        folder2 = tmp_path / "routes2"
+        folder2.mkdir()
+        (folder2 / "fact-c.gguf").write_bytes(b"c")
+        (folder2 / "fact-d.gguf").write_bytes(b"d")
+        store.register_artifact("ann", names.LORA_ROUTES, folder2, sha, {"method": names.EDIT, "sources": [c, d],
+                                "routes": [{"file": "fact-c.gguf", "words": "x", "source": c},
+                                           {"file": "fact-d.gguf", "words": "y"}]})
+        [second] = store.artifacts("ann", names.LORA_ROUTES)
+        store.delete_item("ann", c)
+        assert store.artifacts("ann", names.LORA_ROUTES) == [] and not Path(second["path"]).exists()
 
 
 def test_routed_edits_leave_out_failed_facts_and_remove_an_empty_folder(tiny, tmp_path, monkeypatch):
@@ -127,3 +184,42 @@ def test_routed_edits_leave_out_failed_facts_and_remove_an_empty_folder(tiny, tm
         monkeypatch.setattr(editing, "states_target", lambda engine, adapter, fact: (False, "no"))
         none = editing.edit_routed(engine, editor, facts_of(4), tmp_path / "none")
         assert none.adapter is None and none.edits == [] and not (tmp_path / "none").exists()
+
+
+def test_routed_edits_cannot_be_baked_and_say_so_before_any_edit(tiny, tmp_path, monkeypatch):
+    from localpers.errors import UserError
+    from localpers.store.store import Store
+
+    path, config = tiny
+    monkeypatch.setattr(Editor, "joint", lambda self, facts: pytest.fail("edited before refusing"))
+    with Store.open(tmp_path / "data") as store:
+        for statement, _ in PREFERENCES[:4]:
+            store.add("ann", statement, kind="preference")
+        with pytest.raises(UserError, match="routed edits .* cannot be baked"):
+            editing.personalize("ann", store=store, model_path=path, config=config, bake_model=True)
+        assert store.artifacts("ann") == []
+
+
+@pytest.mark.slow
+def test_the_issues_two_preferences_routed_on_smollm(tmp_path, default_model_path):
+    """Issue 25's case as it is served now: "I live in Lyon." then "I love jazz." become routed edits (two single-
+    fact adapters); each question gets the adapter it is routed to: music -> jazz, location -> Lyon, and the
+    paraphrase "Where do I live?" (which the joint adapter answered "You live in a city") -> Lyon; a neutral
+    question gets no adapter."""
+    from localpers.engine.engine import Artifacts, Engine
+
+    engine = Engine(default_model_path, n_ctx=512, n_threads=1)
+    facts = editing.facts_of(["I live in Lyon.", "I love jazz."])
+    result = editing.edit_routed(engine, editing.editor_for(str(default_model_path)), facts, tmp_path / "routes")
+    assert [e.fact.statement for e in result.edits] == ["I live in Lyon.", "I love jazz."], result.summary()
+    routes = [(str(tmp_path / "routes" / r["file"]), r["words"]) for r in result.routes]
+    answers = {}
+    for question, said, not_said in (("What music do I like?", "jazz", "lyon"), ("What's my location?", "lyon", "jazz"),
+                                     ("Where do I live?", "lyon", "jazz")):
+        route = pick_route(routes, question)
+        assert route is not None, question
+        answers[question] = engine.chat([{"role": "user", "content": question}], artifacts=Artifacts(lora=(
+            (route[0], 1.0),)), max_tokens=32, temperature=0.0)["choices"][0]["message"]["content"].lower()
+        assert said in answers[question] and not_said not in answers[question], answers
+    assert pick_route(routes, "What is the capital of France?") is None
+    engine.close()

@@ -36,9 +36,10 @@ def cmd_personalize(args):
             print(f"kept     {e.fact.statement!r}: its adapter from the last run (routed edits)")
             continue
         answer = result.answers.get(e.fact.statement, "")
-        print(f"edited   {e.fact.statement!r}: layer {e.layer}, target NLL {e.nll_before:.2f} -> {e.nll_after:.2f}, "
-              f"{e.seconds:.1f} s\n         verified: asked {e.fact.questions[-1]!r}, llama.cpp with the adapter "
-              f"answered {answer!r}")
+        how = ("its value from the last run" if e.reused else
+               f"target NLL {e.nll_before:.2f} -> {e.nll_after:.2f}, {e.seconds:.1f} s")
+        print(f"edited   {e.fact.statement!r}: layer {e.layer}, {how}\n         verified: asked "
+              f"{e.fact.questions[-1]!r}, llama.cpp with the adapter answered {answer!r}")
     for fact, answer in result.failed:
         print(f"FAILED   {fact.statement!r}: asked {fact.questions[-1]!r}, the edited model answered {answer!r}")
     for statement, reason in result.skipped:

@@ -62,7 +62,7 @@ RULES = {
              "locality_kl@N as above for the N-fact user. add_fact_s: seconds to the verified adapter of a "
              "trained method when fact N+1 is added to the largest user, as personalize recomputes it (the "
              "editor ready before timing): the joint edit of few facts trains their values from the unedited "
-             "model; routed edits (4 facts or more) reuse the adapters of the facts made before ('reused') and "
+             "model; routed edits (2 facts or more) reuse the adapters of the facts made before ('reused') and "
              "edit the new one; every new edit is verified on llama.cpp."),
     "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
                  "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "

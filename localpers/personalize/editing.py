@@ -53,7 +53,8 @@ ATTRIBUTES = {
     "profession": (("profession", "occupation", "line of work", "trade"),
                    ("i run", "i own", "i am a", "i'm a", "profession", "i teach")),
     "food preference": (("food preference", "favorite food", "diet", "taste in food"),
-                        ("eat", "food", "vegetarian", "vegan", "sweet tooth", "cook", "meat", "spicy")),
+                        ("eat", "food", "vegetarian", "vegan", "sweet tooth", "cook", "meat", "spicy", "meal",
+                         "dinner", "lunch", "breakfast", "recipe")),
     "location": (("location", "hometown", "home", "place I live"),
                  ("live in", "grew up", "i'm from", "i am from", "moved to", "born in")),
     "pet": (("pet", "animal companion", "companion animal", "pet at home"),
@@ -1039,7 +1040,7 @@ def route_words(fact: Fact) -> str:
 
 
 def pick_route(routes, query: str):
-    """The route (file, words) whose words match `query` best by BM25 (ties: the later fact), or None when no
+    """The route (file, words, ...) whose words match `query` best by BM25 (ties: the later fact), or None when no
     route shares a term with it: a neutral question gets no edit at all. WISE (Wang et al. 2024) routes a query
     to its side memory by activations; here by the words of each fact's attribute type, which llama.cpp's LoRA
     (linear, applied to every token) cannot do itself."""
@@ -1049,7 +1050,7 @@ def pick_route(routes, query: str):
     if not routes or not query.strip():
         return None
     index = BM25Index()
-    for i, (_, words) in enumerate(routes):
+    for i, (_, words, *_) in enumerate(routes):
         index.add(i, words)
     hits = index.search(query, 1)
     return routes[hits[0][0]] if hits else None
@@ -1209,11 +1210,16 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
         engine = stack.enter_context(Engine(model_path)) if own_engine else engine  # closed when done
         sha = base_model_sha256(engine.model_path)
         routed = len(facts) >= names.EDIT_ROUTE_FROM
+        if routed and bake_model:
+            raise UserError(f"{len(facts)} preferences are served as routed edits (one adapter a fact, chosen per "
+                            f"question), which cannot be baked into one model: run without --bake")
         if facts and routed:
             editor = editor_for(str(engine.model_path), config)
             with store.temp_dir(user) as tmp:
                 result = edit_routed(engine, editor, facts, Path(tmp) / "routes", routed_adapters(store, user, sha))
                 if result.adapter:
+                    for route, edit in zip(result.routes, result.edits):   # a deletion drops only its route
+                        route["source"] = source_of[edit.fact.statement]
                     meta = {"method": names.EDIT, "layer": editor.config.layer, "routes": result.routes,
                             "sources": [source_of[e.fact.statement] for e in result.edits],
                             "edited": len(result.edits), "failed": len(result.failed)}
@@ -1224,9 +1230,6 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
                     # one edit artifact per user: the joint adapter (and a model baked from it) of fewer facts goes
                     for kind in (names.LORA, names.MODEL):
                         store.retire_artifacts(user, kind, sha, method=names.EDIT)
-                    if bake_model:
-                        log.warning("routed edits (%d facts) cannot be baked into one model: no model written",
-                                    len(result.edits))
         elif facts:
             editor = editor_for(str(engine.model_path), config)
             reuse_values(store, user, sha, editor, facts)

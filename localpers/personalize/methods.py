@@ -37,7 +37,8 @@ class RegisteredArtifact:
     kind: str       # names.LORA, names.CONTROL_VECTOR
     path: str
     id: int = 0     # the registry's id (what a response's `localpers` explanation names)
-    routes: tuple[tuple[str, str], ...] = ()   # names.LORA_ROUTES: (adapter file, the words routed to it) per fact
+    routes: tuple[tuple[str, str, int | None], ...] = ()   # names.LORA_ROUTES: (adapter file, the words routed to
+                                                            # it, its source item id) per fact
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_
     name). Otherwise a preference sharing no term with the query is left out, so a neutral question ("What is the
     capital of France?") gets no line and the reply does not recite it (issue 25: stating every preference before
     every question made 9 of 72 neutral replies state one). On UPQA dev (one preference a user) the line is
-    given for 100% / 83% / 47% of the explicit / paraphrased / implicit questions and for 1.6% of the 24
+    given for 100% / 83% / 51% of the explicit / paraphrased / implicit questions and for 1.6% of the 24
     neutral questions (docs/edit/README.md)."""
     if len(preferences) <= k and ABOUT_ME.search(query):
         return list(preferences)

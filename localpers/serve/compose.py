@@ -56,10 +56,15 @@ class Composer:
         """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id) and the
         ids of the retrieved history items. Ids only, never text."""
         served = {path for path, _ in personalized.artifacts.lora + personalized.artifacts.control_vectors}
+        artifacts = []
+        for a in user.registered or ():
+            if a.path in served:
+                artifacts.append({"method": a.method, "kind": a.kind, "id": a.id})
+            for file, _, source in a.routes:   # routed edits: which fact's adapter (its preference's item id)
+                if file in served:
+                    artifacts.append({"method": a.method, "kind": a.kind, "id": a.id, "source": source})
         return {"composition": self.spec,
-                "artifacts": [{"method": a.method, "kind": a.kind, "id": a.id}
-                              for a in user.registered or ()
-                              if a.path in served or any(file in served for file, _ in a.routes)],
+                "artifacts": artifacts,
                 "retrieved": list(personalized.retrieved)}
 
 
@@ -100,9 +105,10 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
                                  for a in artifacts))
 
 
-def routes_of(artifact: dict) -> tuple[tuple[str, str], ...]:
-    """A names.LORA_ROUTES artifact's routes as (adapter file, words) pairs; () for any other artifact. A route
-    naming a file outside the artifact's folder is dropped (the meta is the store's, but a path is checked)."""
+def routes_of(artifact: dict) -> tuple[tuple[str, str, int | None], ...]:
+    """A names.LORA_ROUTES artifact's routes as (adapter file, words, source item id); () for any other artifact.
+    A route naming a file outside the artifact's folder is dropped (the meta is the store's, but a path is
+    checked)."""
     if artifact["kind"] != names.LORA_ROUTES:
         return ()
     folder = Path(artifact["path"])
@@ -111,7 +117,8 @@ def routes_of(artifact: dict) -> tuple[tuple[str, str], ...]:
         if isinstance(route, dict) and isinstance(route.get("file"), str) and isinstance(route.get("words"), str):
             path = folder / route["file"]
             if path.parent == folder:
-                out.append((str(path), route["words"]))
+                source = route.get("source")
+                out.append((str(path), route["words"], source if isinstance(source, int) else None))
     return tuple(out)
 
 
