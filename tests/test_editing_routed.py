@@ -131,23 +131,28 @@ def test_personalize_routes_many_facts_reuses_their_adapters_and_goes_back_to_on
             (single["path"], 1.0),)
 
 
+def register_routes(store, tmp_path, sources: dict[str, int | None], sha="0" * 64) -> dict:
+    """A names.LORA_ROUTES artifact of one file per name, each route naming its source item (None: no source)."""
+    folder = tmp_path / f"routes-{'-'.join(sources)}"
+    folder.mkdir()
+    routes = []
+    for name, source in sources.items():
+        (folder / f"fact-{name}.gguf").write_bytes(name.encode())
+        routes.append({"file": f"fact-{name}.gguf", "words": name, **({"source": source} if source else {})})
+    store.register_artifact("ann", names.LORA_ROUTES, folder, sha, {"method": names.EDIT, "routes": routes,
+                                                                      "sources": [s for s in sources.values() if s]})
+    [registered] = store.artifacts("ann", names.LORA_ROUTES)
+    return registered
+
+
 def test_invariant_deleting_every_source_of_routed_edits_retires_them_whole(tmp_path):
     """A route without a source, or none left: the whole folder goes (nothing derived from a deleted item stays)."""
     from localpers.store.store import Store
 
-    sha = "0" * 64
     with Store.open(tmp_path / "data") as store:
         a = store.add("ann", "I live in Paris.", kind="preference")
         b = store.add("ann", "I love jazz.", kind="preference")
-        folder = tmp_path / "routes"
-        folder.mkdir()
-        (folder / "fact-a.gguf").write_bytes(b"a")
-        (folder / "fact-b.gguf").write_bytes(b"b")
-        routes = [{"file": "fact-a.gguf", "words": "x", "fact": "a", "source": a},
-                  {"file": "fact-b.gguf", "words": "y", "fact": "b", "source": b}]
-        store.register_artifact("ann", names.LORA_ROUTES, folder, sha, {"method": names.EDIT, "routes": routes,
-                                                                          "sources": [a, b]})
-        [registered] = store.artifacts("ann", names.LORA_ROUTES)
+        registered = register_routes(store, tmp_path, {"a": a, "b": b})
         store.delete_item("ann", a)
         [left] = store.artifacts("ann", names.LORA_ROUTES)
         assert left["sources"] == [b] and [r["file"] for r in left["meta"]["routes"]] == ["fact-b.gguf"]
@@ -156,15 +161,7 @@ def test_invariant_deleting_every_source_of_routed_edits_retires_them_whole(tmp_
         assert store.artifacts("ann", names.LORA_ROUTES) == [] and not Path(registered["path"]).exists()
         # a route that names no source: the artifact cannot be pruned, it is retired whole
         c = store.add("ann", "I have a cat.", kind="preference")
-        d = store.add("ann", "I'm vegetarian.", kind="preference")
-        folder2 = tmp_path / "routes2"
-        folder2.mkdir()
-        (folder2 / "fact-c.gguf").write_bytes(b"c")
-        (folder2 / "fact-d.gguf").write_bytes(b"d")
-        store.register_artifact("ann", names.LORA_ROUTES, folder2, sha, {"method": names.EDIT, "sources": [c, d],
-                                "routes": [{"file": "fact-c.gguf", "words": "x", "source": c},
-                                           {"file": "fact-d.gguf", "words": "y"}]})
-        [second] = store.artifacts("ann", names.LORA_ROUTES)
+        second = register_routes(store, tmp_path, {"c": c, "d": None})
         store.delete_item("ann", c)
         assert store.artifacts("ann", names.LORA_ROUTES) == [] and not Path(second["path"]).exists()
 
