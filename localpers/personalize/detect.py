@@ -394,8 +394,9 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("age", r"^my age is (?P<v>\d{1,3})$"),
     ("diet", r"^i'm " + _NEG_BE + r"(?:an? |on an? |on the )?(?:strict |full |committed )?" + _DIET
      + r"(?: diet| dieter| eater| person)?" + _END),
-    ("diet", r"^i (?:follow|keep|eat|'ve gone|have gone|went|turned|became|switched to|'m following) "
-             r"(?:an? |the )?(?:strict )?" + _DIET + r"(?: diet)?" + _END),
+    ("diet", r"^i (?:only |strictly |exclusively )?(?:follow|keep|eat|'ve gone|have gone|went|turned|became|"
+             r"switched to|'m following) (?:only |strictly |exclusively )?(?:an? |the )?(?:strict )?" + _DIET
+             + r"(?: diet| food| foods| meals| dishes)?" + _END),
     ("no meat", r"^i (?:don't|no longer|never|stopped|quit|gave up|have stopped|'ve stopped|have given up) "
                 r"(?:eat(?:ing)? |eating )?(?:any )?" + _NO_MEAT + _END),
     ("diet", r"^i eat (?P<v>meat)" + _END),
