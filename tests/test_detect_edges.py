@@ -68,3 +68,19 @@ def test_invariant_eating_only_diet_food_states_the_diet(message, value):
     assert (fact.attribute, fact.value.lower().replace(" ", "-")) == ("diet", value)
     [later] = detect_facts("I'm vegetarian.")
     assert later.slot == fact.slot
+
+
+@pytest.mark.parametrize("message, attribute, value", [
+    ("My hobby is rock climbing.", "favourite hobby", "rock climbing"),
+    ("My pet is a dog.", "pets", "a dog"), ("My pets are two cats.", "pets", "two cats"),
+    ("I have a dog named Rex.", "pets", "a dog"), ("I have a cat called Tom.", "pets", "a cat"),
+])
+def test_invariant_hobbies_and_pets_said_with_my_or_a_name_are_facts(message, attribute, value):
+    """Ways a tester stated preferences that were stored as nothing (or as a bare 'about'), issue 25."""
+    [fact] = detect_facts(message)
+    assert (fact.attribute, fact.value) == (attribute, value)
+
+
+@pytest.mark.parametrize("message", ["My pet died.", "My dog is sick today."])
+def test_a_passing_remark_about_a_pet_is_no_pet_fact(message):
+    assert all(f.attribute != "pets" for f in detect_facts(message))
