@@ -45,7 +45,7 @@ LOGO_ABLATIONS = ("logo-nodecay", "logo-nomediator", "logo-random")
 PERCE_ABLATIONS = ("perce-clip05", "perce-noclip", "perce-frozen", "perce-wnorm")
 
 # Personalization Editing's ablation (evaluation only): the single-turn edit (no chat context templates)
-EDIT_ABLATIONS = ("edit-1turn", "edit-stacked", "edit-allq")
+EDIT_ABLATIONS = ("edit-1turn", "edit-stacked", "edit-allq", "edit-joint")
 
 # A user with this many edited facts or more gets routed edits (names.LORA_ROUTES): one single-fact adapter per
 # fact, the request's question picks at most one. One fact: its adapter, always applied. Joint adapters of several
