@@ -45,13 +45,12 @@ LOGO_ABLATIONS = ("logo-nodecay", "logo-nomediator", "logo-random")
 PERCE_ABLATIONS = ("perce-clip05", "perce-noclip", "perce-frozen", "perce-wnorm")
 
 # Personalization Editing's ablation (evaluation only): the single-turn edit (no chat context templates)
-EDIT_ABLATIONS = ("edit-1turn", "edit-stacked", "edit-allq")
+EDIT_ABLATIONS = ("edit-1turn", "edit-stacked", "edit-allq", "edit-joint")
 
 # A user with this many edited facts or more gets routed edits (names.LORA_ROUTES): one single-fact adapter per
 # fact, the request's question picks at most one. One fact: its adapter, always applied. Joint adapters of several
-# facts were not local: 10 joint keys fire on unrelated text (KL 6.7 nats/token; bench/experiments/
-# joint_key_firing.py), and a tester's 3-fact joint adapter passed its checks yet answered "Tell me a joke." with
-# "A: A: A: ..." (BENCHMARKS.md §4).
+# facts were not local: KL 0.30 / 0.96 / 3.2 / 6.7 nats/token at 2 / 3 / 5 / 10 facts on the evaluation's neutral
+# prompts, routed 0.002 (BENCHMARKS.md §4; why: bench/experiments/joint_key_firing.py).
 EDIT_ROUTE_FROM = 2
 
 # Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).

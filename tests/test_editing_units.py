@@ -249,16 +249,24 @@ def test_edit_methods_pass_their_config_and_serve_registered_users_only_their_ed
     assert editing.edit_1turn(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
     assert editing.edit_stacked(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
     assert editing.edit_allq(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
+    assert editing.edit_joint(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
     assert seen == [(engine, None), (engine, editing.SINGLE_TURN), (engine, editing.STACKED),
-                    (engine, editing.ALL_QUESTIONS)]
+                    (engine, editing.ALL_QUESTIONS), (engine, None)]
     assert editing.SINGLE_TURN.chat_turns == () and editing.STACKED.joint is False
     assert editing.ALL_QUESTIONS.train_questions == 0
+    # an evaluation user with several facts: the routed adapter of the question; edit-joint: one joint adapter
+    two = User("w", preferences=("I live in Paris.", "I love jazz music."))
+    monkeypatch.setattr(editing, "user_routes", lambda user, engine, config=None: (
+        ("/r/paris.gguf", "live paris home"), ("/r/jazz.gguf", "jazz music")))
+    assert editing.edit_method(two, "What music do I like?", engine).artifacts.lora == (("/r/jazz.gguf", 1.0),)
+    assert editing.edit_method(two, "What is 2 + 2?", engine).artifacts.lora == ()
+    assert editing.edit_joint(two, "What music do I like?", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
     monkeypatch.setattr(editing, "user_adapter", lambda user, engine, config=None: None)
     assert editing.edit_method(user, "q", None) == Personalized()
     served = User("u", registered=(RegisteredArtifact(names.EDIT, names.LORA, "/a/edit.gguf"),
                                    RegisteredArtifact(names.PERCE, names.LORA, "/a/perce.gguf")))
     assert editing.edit_method(served, "q", None).artifacts.lora == (("/a/edit.gguf", 1.0),)
-    for ablation in (editing.edit_1turn, editing.edit_stacked, editing.edit_allq):
+    for ablation in (editing.edit_1turn, editing.edit_stacked, editing.edit_allq, editing.edit_joint):
         with pytest.raises(UserError, match="evaluation ablation"):
             ablation(served, "q", None)
 

@@ -1365,8 +1365,9 @@ def user_routes(user, engine, config: EditConfig | None = None) -> tuple[tuple[s
     return tuple((str(folder / r["file"]), r["words"]) for r in routes if (folder / r["file"]).is_file())
 
 
-def edit_method(user, query, engine, config: EditConfig | None = None):
-    """Method 'edit' of the evaluation registry: the user's verified edits as a LoRA adapter."""
+def edit_method(user, query, engine, config: EditConfig | None = None, routed: bool = True):
+    """Method 'edit' of the evaluation registry: the user's verified edits as a LoRA adapter (evaluation users with
+    names.EDIT_ROUTE_FROM facts or more: the routed adapter of the query; routed=False: one joint adapter)."""
     from localpers.engine.engine import Artifacts
     from localpers.personalize.methods import Personalized
 
@@ -1375,7 +1376,7 @@ def edit_method(user, query, engine, config: EditConfig | None = None):
         routed = user.artifact(names.EDIT, names.LORA_ROUTES)
         route = pick_route(routed.routes, query) if routed else None
         return Personalized(artifacts=served.merge(Artifacts(lora=((route[0], 1.0),))) if route else served)
-    if len(facts_of(user.preferences, user.facts)) >= names.EDIT_ROUTE_FROM:
+    if routed and len(facts_of(user.preferences, user.facts)) >= names.EDIT_ROUTE_FROM:
         route = pick_route(user_routes(user, engine, config), query)
         return Personalized(artifacts=Artifacts(lora=((route[0], 1.0),))) if route else Personalized()
     adapter = user_adapter(user, engine, config)
@@ -1413,6 +1414,14 @@ def edit_allq(user, query, engine):
     if user.registered is not None:
         raise UserError("edit-allq is an evaluation ablation: serve 'edit'")
     return edit_method(user, query, engine, ALL_QUESTIONS)
+
+
+def edit_joint(user, query, engine):
+    """Evaluation-only ablation 'edit-joint': every fact in one joint adapter, always applied (the served edit of
+    several facts before routed edits). Evaluation users only."""
+    if user.registered is not None:
+        raise UserError("edit-joint is an evaluation ablation: serve 'edit'")
+    return edit_method(user, query, engine, routed=False)
 
 
 def warm_up(engine) -> None:
