@@ -220,3 +220,13 @@ def test_the_issues_two_preferences_routed_on_smollm(tmp_path, default_model_pat
         assert said in answers[question] and not_said not in answers[question], answers
     assert pick_route(routes, "What is the capital of France?") is None
     engine.close()
+
+
+def test_a_types_own_question_word_for_word_goes_to_that_type_before_stems():
+    """"What do I do for a living?" is a job's natural question: BM25's stems alone sent it to a home fact's "live"
+    (a tester's report); "What is my profession?" reaches a job fact."""
+    facts = facts_of(5)
+    routes = [(f"/a/{i}.gguf", route_words(f)) for i, f in enumerate(facts)]
+    assert pick_route(routes, "What do I do for a living?") == routes[3]
+    assert pick_route(routes, "What is my profession?") == routes[3]
+    assert pick_route(routes, "Where do I live?") == routes[0]

@@ -62,7 +62,7 @@ ATTRIBUTES = {
     "music preference": (("music preference", "favorite music", "taste in music", "favorite genre"),
                          ("music", "song", "band", "jazz", "rock", "rap", "pop", "classical", "guitar")),
     "job": (("job", "work", "employment", "position"),
-            ("job", "work as", "work at", "work for", "working", "employed", "hired")),
+            ("job", "work as", "work at", "work for", "working", "employed", "hired", "profession", "occupation")),
     "career goal": (("career goal", "professional goal", "ambition", "career plan"),
                     ("hope to", "want to become", "goal", "dream", "someday", "retire")),
     "entertainment preference": (("entertainment preference", "favorite entertainment", "taste in movies and shows",
@@ -1049,11 +1049,20 @@ def pick_route(routes, query: str):
     routes = list(routes)
     if not routes or not query.strip():
         return None
+
+    def phrase(text: str) -> str:
+        return " " + " ".join(re.findall(r"[a-z0-9']+", text.lower())) + " "
+
+    # a question one of the types' own natural questions asks word for word ("What do I do for a living?") goes
+    # to those routes, before BM25 (whose stems would send "living" to a home fact's "live")
+    asked = phrase(query)
+    exact = [r for r in routes if len(asked) > 2 and asked in phrase(r[1])]
+    routes = exact or routes
     index = BM25Index()
     for i, (_, words, *_) in enumerate(routes):
         index.add(i, words)
     hits = index.search(query, 1)
-    return routes[hits[0][0]] if hits else None
+    return routes[hits[0][0]] if hits else (routes[-1] if exact else None)
 
 
 def read_edit(path, layer: int, fact: Fact) -> Edit:
