@@ -441,3 +441,102 @@ def test_invariant_items_artifacts_and_upqa_entries_keep_their_documented_fields
     for entry in ({"question": "q"}, {"input_attribute": 3}, ["I like tea."]):
         with pytest.raises(UserError, match="input_attribute"):
             _upqa_item(entry)
+
+
+# -- the store shard's survivors (docs/history/mutation/localpers.store.store.survivors.txt) ----------------------
+
+def test_invariant_a_read_only_store_reads_what_was_written_and_refuses_what_it_cannot_read(tmp_path, monkeypatch):
+    """read_only (history, export, users, search): a store written before reads back as it stands; a folder
+    with no store, and a store an older localpers wrote (which only a writing command may migrate), are each a
+    UserError saying so."""
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    home = tmp_path / "home"
+    with Store.open(home) as store:
+        store.add("ann", "a note")
+    with Store.open(home, read_only=True) as store:
+        assert [i["text"] for i in store.items("ann")] == ["a note"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no localpers data"):
+        Store.open(tmp_path / "empty", read_only=True)
+    with sqlite3.connect(home / DB_FILE) as db:
+        db.execute("UPDATE settings SET value = ? WHERE name = 'layout'", (b"1",))
+    db.close()
+    with pytest.raises(UserError, match="older localpers"):
+        Store.open(home, read_only=True)
+    with Store.open(home) as store:  # a writing open migrates it
+        pass
+    with Store.open(home, read_only=True) as store:
+        assert [i["text"] for i in store.items("ann")] == ["a note"]
+
+
+def test_invariant_sweep_temp_deletes_a_crashed_jobs_folder_and_every_folder_of_one_user(store):
+    """With no user: the scratch folders whose process is gone; with a user's row id: all of theirs, live or
+    not, and nobody else's."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    store.add("hal", "a note")
+    store.add("ivy", "a note")
+    with store.temp_dir("hal") as hal, store.temp_dir("ivy") as ivy:
+        crashed = hal.parent / f"_user-{hal.name.split('-')[1]}-{dead}-abc"
+        crashed.mkdir()
+        assert store.sweep_temp() == 1 and not crashed.exists() and hal.exists() and ivy.exists()
+        assert store.sweep_temp(int(ivy.name.split("-")[1])) == 1
+        assert not ivy.exists() and hal.exists()
+
+
+def test_invariant_retiring_artifacts_deletes_those_of_the_kind_model_and_method_only(store, tmp_path):
+    other_sha = hashlib.sha256(b"another base").hexdigest()
+    store.add("ann", "a note")
+    for method, kind, sha in (("edit", "lora", SHA), ("perce", "lora", SHA), ("edit", "control_vector", SHA),
+                              ("edit", "lora", other_sha)):
+        store.register_artifact("ann", kind, _artifact(tmp_path, f"{method}-{kind}-{sha[:4]}.gguf"), sha,
+                                meta={"method": method})
+    paths = {(a["method"], a["kind"], a["base_model_sha256"]): a["path"] for a in store.artifacts("ann")}
+    assert store.retire_artifacts("ann", "lora", SHA, "edit") == 1
+    assert not (store.directory / paths[("edit", "lora", SHA)]).exists()
+    left = {(a["method"], a["kind"], a["base_model_sha256"]) for a in store.artifacts("ann")}
+    assert left == {("perce", "lora", SHA), ("edit", "control_vector", SHA), ("edit", "lora", other_sha)}
+    assert store.retire_artifacts("ann", "lora", SHA) == 1  # any method
+    assert {a["method"] for a in store.artifacts("ann", base_model_sha256=SHA)} == {"edit"}
+
+
+def test_invariant_forget_removes_the_sync_signals_at_their_documented_place(store):
+    """docs/reference.md: a user's LoGo sync contribution is sync/signals/<sha256(user)[:16]>.npz under the data
+    folder, and forget removes it."""
+    path = store.directory / "sync" / "signals" / (hashlib.sha256(b"ann").hexdigest()[:16] + ".npz")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"signals")
+    store.add("ann", "a note")
+    store.forget("ann")
+    assert not path.exists()
+
+
+def test_invariant_make_private_leaves_files_to_the_owner_alone(tmp_path):
+    from localpers.store.store import make_private
+
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.gguf").write_bytes(b"x")
+    (tmp_path / "one.npz").write_bytes(b"x")
+    for path in (folder, tmp_path / "one.npz"):
+        make_private(path)
+    assert stat.S_IMODE((folder / "sub").stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "sub" / "a.gguf").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "one.npz").stat().st_mode) == 0o600
+
+
+def test_invariant_a_learned_fact_keeps_the_source_of_its_message_and_a_kept_response_reads_back(store):
+    from localpers.personalize.detect import detect_facts
+
+    store.learn_text("ann", "I'm vegetarian.", detect_facts, source="page")
+    [fact] = store.items("ann", kind="preference")
+    assert fact["meta"]["source"] == "page"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for n in range(3):
+        store.keep_response("ann", f"resp-{n}", turns + [{"role": "user", "content": f"turn {n}"}], keep=2)
+    assert store.response_conversation("ann", "resp-2") == turns + [{"role": "user", "content": "turn 2"}]
+    assert store.response_conversation("ann", "resp-0") is None  # beyond the 2 newest
+    assert store.response_conversation("bob", "resp-2") is None
