@@ -323,8 +323,9 @@ def test_forget_scrubs_text_and_ciphertext_from_the_file(store, tmp_path):
 
 def test_import_formats(store, tmp_path):
     upqa = data_path("upqa")
-    with pytest.raises(UserError, match=r"100 UPQA items of 100 different users \(ids: upqa-0, upqa-1, .*--record ID"):
-        read_import(upqa)  # each item is another user's statement: never mixed into one user silently
+    with pytest.raises(UserError, match=r"100 UPQA items of 100 different users \(ids: upqa-0, upqa-1, upqa-2, upqa-3, upqa-4, …\).*--record ID"):
+        read_import(upqa)  # each item is another user's statement: never mixed into one user silently (the
+        # message shows 5 ids, and that there are more)
     assert [text for _, _, text, _ in read_import(upqa, record="upqa-1")] == [b"I like taking and posting selfies."]
     store.add_many("alice", read_import(upqa, merge_users=True))
     prefs = store.items("alice", kind="preference")

@@ -19,3 +19,4 @@ $B $F 'Path(directory) / "sync" / "signals"' 'Path(directory) / "XXsyncXX" / "si
 $B $F 'os.chmod(os.path.join(root, f), 0o600)' 'os.chmod(os.path.join(root, f), None)' -- $T -k "$K"
 $B $F 'paths = self._learn(conn, user_id, found, out, source=source)' 'paths = self._learn(conn, user_id, found, out, )' -- $T -k "$K"
 $B $F 'self.cipher.seal(data, _response_aad(user_id, response_id))' 'self.cipher.seal(_response_aad(user_id, response_id))' -- $T -k "$K"
+$B $F '(", …" if len(unique) > n else "")' '(", …" if (len(unique) > n) and False else "")' -- $T -k import_formats
