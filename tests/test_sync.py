@@ -452,10 +452,13 @@ def test_invariant_secagg_shares_everyone_up_to_16_then_an_odd_log_degree_with_a
 def test_invariant_the_error_bound_is_n_roundings_of_one_quantization_step():
     """n devices each add less than one step 2c/Q of SecAgg+'s quantizer: the bound is n * 2c / Q, linear in n
     and in the clipping range, and shrinks as Q grows."""
-    c = CFG.clipping_range
-    assert sync.error_bound(10, CFG) == pytest.approx(10 * 2 * c / sync.QUANTIZATION_RANGE)
-    assert sync.error_bound(10, CFG, quantization_range=1000) == pytest.approx(10 * 2 * c / 1000)
-    assert sync.error_bound(20, CFG) == pytest.approx(2 * sync.error_bound(10, CFG))
+    noisy = sync.SyncConfig(**{**CFG.__dict__, "epsilon": 0.5, "delta": 1e-5})
+    for cfg in (CFG, noisy):
+        c = cfg.clipping_range
+        assert sync.error_bound(10, cfg) == pytest.approx(10 * 2 * c / sync.QUANTIZATION_RANGE)
+        assert sync.error_bound(10, cfg, quantization_range=1000) == pytest.approx(10 * 2 * c / 1000)
+        assert sync.error_bound(20, cfg) == pytest.approx(2 * sync.error_bound(10, cfg))
+    assert noisy.clipping_range > 2 and sync.error_bound(1, noisy) > sync.error_bound(1, CFG)
 
 
 def test_invariant_check_cohort_refuses_fewer_than_two_devices_and_any_cohort_whose_sum_can_wrap():

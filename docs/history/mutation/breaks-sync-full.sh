@@ -34,3 +34,4 @@ $B $F '        path.parent.mkdir(parents=True, exist_ok=True)
 $B $F '    path.parent.mkdir(parents=True, exist_ok=True)
     with open' '    path.parent.mkdir(parents=False, exist_ok=True)
     with open' -- $T -k "$K"
+$B $F 'return n * 2.0 * cfg.clipping_range / quantization_range' 'return n * 2.0 / cfg.clipping_range / quantization_range' -- $T -k error_bound_is  # error_bound_2, after the re-run: the test now has a config with noise (c != 1)
