@@ -541,3 +541,94 @@ def test_invariant_a_learned_fact_keeps_the_source_of_its_message_and_a_kept_res
     assert store.response_conversation("ann", "resp-2") == turns + [{"role": "user", "content": "turn 2"}]
     assert store.response_conversation("ann", "resp-0") is None  # beyond the 2 newest
     assert store.response_conversation("bob", "resp-2") is None
+
+
+# -- store.py's further sample (100, seed 11) ---------------------------------------------------------------------
+
+def test_invariant_check_item_takes_every_edge_value_and_defaults_to_a_message():
+    from localpers.store.store import MAX_META_DEPTH, MAX_TS, check_item
+
+    assert check_item("hi")[0] == "message"
+    check_item("hi", ts=0)
+    check_item("hi", ts=MAX_TS)
+    with pytest.raises(UserError):
+        check_item("hi", ts=MAX_TS + 1)
+    deepest = {}
+    for _ in range(MAX_META_DEPTH - 1):
+        deepest = {"a": deepest}
+    check_item("hi", meta=deepest)  # exactly MAX_META_DEPTH levels
+    with pytest.raises(UserError, match="nests more than"):
+        check_item("hi", meta={"a": deepest})
+
+
+def test_invariant_imports_tell_upqa_lists_and_chat_lines_from_other_records(tmp_path):
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"input_attribute": "I like tea."}, {"text": "not a UPQA item"}]))
+    with pytest.raises(UserError, match="not a recognised import"):
+        read_import(plain)
+    lines = tmp_path / "both.jsonl"
+    lines.write_text(json.dumps({"text": "an item with messages", "messages": [{"role": "user", "content": "x"}]}) + "\n")
+    assert [text for _, _, text, _ in read_import(lines)] == [b"an item with messages"]
+
+
+def test_an_empty_passphrase_is_a_user_error_saying_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALPERS_PASSPHRASE", "")
+    with pytest.raises(UserError, match="set but empty"):
+        Store.open(tmp_path / "home")
+
+
+def test_invariant_learning_retries_only_a_fact_whose_edit_failed_and_reads_only_the_users_own_messages(store):
+    from localpers.personalize.detect import detect_facts
+
+    first = store.learn_text("ann", "I'm vegetarian.", detect_facts)
+    [job] = store.jobs("ann")
+    assert job["object"] == "job"
+    store.finish_job(job["id"], "done")
+    again = store.learn_text("ann", "I'm vegetarian.", detect_facts)
+    assert again["retried"] == [] and again["facts"] == []  # held already, its edit succeeded
+    [fact] = store.facts("ann")
+    assert fact["id"] == first["facts"][0]["id"] and fact["statement"] == "I'm vegetarian."
+    chat = [{"role": "user", "name": "bob", "content": "I'm vegan."}, {"role": "user", "content": "I live in Lyon."}]
+    learned = store.learn_chat("ann", chat, detect_facts)
+    assert [f["attribute"] for f in learned["facts"]] == ["home"]  # bob's statement is not ann's
+    assert "I'm vegan." not in [i["text"] for i in store.items("ann")]
+    moved = store.learn_texts("cy", ["I live in Paris.", "I live in Lyon."], detect_facts)  # the later one wins
+    [home] = [f for f in store.facts("cy") if f["attribute"] == "home"]
+    assert [f["id"] for f in moved["facts"]] == [home["id"]] and "Lyon" in home["statement"]
+
+
+def test_invariant_export_names_when_the_user_was_created_and_forget_removes_a_node_file_naming_them(store):
+    import time
+
+    store.add("ann", "a note")
+    assert abs(store.export("ann")["created"] - time.time()) < 60
+    node = store.directory / "sync" / "node.toml"
+    node.parent.mkdir(parents=True)
+    node.write_text('user = "ann"\n')
+    store.add("bob", "a note")
+    store.forget("bob")
+    assert node.exists()  # another user's
+    store.forget("ann")
+    assert not node.exists()
+
+
+def test_invariant_deleting_a_message_deletes_the_kept_responses_that_quote_it_even_beside_an_image(store):
+    item = store.add("ann", "a note")
+    parts = [{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "a note"}]
+    store.keep_response("ann", "resp-1", [{"role": "user", "content": parts}])
+    store.delete_item("ann", item)
+    assert store.response_conversation("ann", "resp-1") is None
+
+
+def test_invariant_supersede_queued_settles_only_the_kinds_jobs_queued_before_the_run(store):
+    import time
+
+    store.add("ann", "a note")
+    before = time.time() - 60
+    early = store.queue_job("ann", "edit")
+    other = store.queue_job("ann", "perce")
+    assert store.supersede_queued("ann", "edit", before, "personalize") == 0  # queued after that run began
+    assert store.supersede_queued("ann", "edit", time.time() + 1, "personalize") == 1
+    states = {j["id"]: (j["state"], j["result"]) for j in store.jobs("ann")}
+    assert states[early["id"]] == ("done", {"superseded_by": "personalize"})
+    assert states[other["id"]][0] == "queued"
