@@ -11,7 +11,9 @@ from __future__ import annotations
 LORA = "lora"                      # llama.cpp LoRA adapter GGUF (general.type = adapter, adapter.type = lora)
 CONTROL_VECTOR = "control_vector"  # llama.cpp control-vector GGUF (direction.{layer} tensors)
 MODEL = "model"                    # a whole GGUF with edits baked in (personalize --bake)
-ARTIFACT_KINDS = (LORA, CONTROL_VECTOR, MODEL)
+LORA_ROUTES = "lora_routes"        # a folder of LoRA adapters, one per stated fact (routed edits): a request gets
+                                   # the one its question is routed to (registry meta["routes"]: file, words)
+ARTIFACT_KINDS = (LORA, CONTROL_VECTOR, MODEL, LORA_ROUTES)
 
 # ---- history item kinds (store items' `kind`; `remember --kind`, `history --kind`)
 MESSAGE = "message"        # something the user said (the default)
@@ -43,7 +45,14 @@ LOGO_ABLATIONS = ("logo-nodecay", "logo-nomediator", "logo-random")
 PERCE_ABLATIONS = ("perce-clip05", "perce-noclip", "perce-frozen", "perce-wnorm")
 
 # Personalization Editing's ablation (evaluation only): the single-turn edit (no chat context templates)
-EDIT_ABLATIONS = ("edit-1turn", "edit-stacked")
+EDIT_ABLATIONS = ("edit-1turn", "edit-stacked", "edit-allq")
+
+# A user with this many edited facts or more gets routed edits (names.LORA_ROUTES): one single-fact adapter per
+# fact, the request's question picks at most one. One fact: its adapter, always applied. Joint adapters of several
+# facts were not local: 10 joint keys fire on unrelated text (KL 6.7 nats/token; bench/experiments/
+# joint_key_firing.py), and a tester's 3-fact joint adapter passed its checks yet answered "Tell me a joke." with
+# "A: A: A: ..." (BENCHMARKS.md §4).
+EDIT_ROUTE_FROM = 2
 
 # Methods whose artifacts are trained ahead of time and served from the registry (never trained on a request).
 TRAINED_METHODS = (EDIT, CE, PERCE, LOGO)

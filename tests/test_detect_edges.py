@@ -55,3 +55,32 @@ def test_invariant_each_fact_keeps_its_value_cleaned_its_retirement_and_its_stat
 def test_invariant_a_plan_we_share_is_not_a_preference(message):
     """"my X and I are ...": the verb phrase after the subject decides, as after "I" (a plan is no preference)."""
     assert not is_preference(message)
+
+
+@pytest.mark.parametrize("message, value", [
+    ("I eat only vegan food.", "vegan"), ("I only eat vegan food.", "vegan"),
+    ("I eat vegetarian meals.", "vegetarian"), ("I strictly eat plant-based food.", "plant-based"),
+])
+def test_invariant_eating_only_diet_food_states_the_diet(message, value):
+    """"I eat only vegan food" says the diet (one value: a later "I'm vegetarian." replaces it), not a like of
+    "only vegan food" that would stand beside a contradicting diet (a tester's report, issue 25)."""
+    [fact] = detect_facts(message)
+    assert (fact.attribute, fact.value.lower().replace(" ", "-")) == ("diet", value)
+    [later] = detect_facts("I'm vegetarian.")
+    assert later.slot == fact.slot
+
+
+@pytest.mark.parametrize("message, attribute, value", [
+    ("My hobby is rock climbing.", "favourite hobby", "rock climbing"),
+    ("My pet is a dog.", "pets", "a dog"), ("My pets are two cats.", "pets", "two cats"),
+    ("I have a dog named Rex.", "pets", "a dog"), ("I have a cat called Tom.", "pets", "a cat"),
+])
+def test_invariant_hobbies_and_pets_said_with_my_or_a_name_are_facts(message, attribute, value):
+    """Ways a tester stated preferences that were stored as nothing (or as a bare 'about'), issue 25."""
+    [fact] = detect_facts(message)
+    assert (fact.attribute, fact.value) == (attribute, value)
+
+
+@pytest.mark.parametrize("message", ["My pet died.", "My dog is sick today."])
+def test_a_passing_remark_about_a_pet_is_no_pet_fact(message):
+    assert all(f.attribute != "pets" for f in detect_facts(message))

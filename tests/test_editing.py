@@ -318,6 +318,8 @@ def test_a_job_after_one_new_preference_trains_only_the_new_facts_value(tiny, tm
     monkeypatch.setattr(editing, "states_target", lambda engine, adapter, fact: (True, "stand-in"))
     monkeypatch.setattr(editing, "locality_kl", lambda engine, adapter: 0.0)   # random model: its own test below
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(editing.names, "EDIT_ROUTE_FROM", 100)   # several facts in one joint adapter (the default
+                                                                 # routes them: tests/test_editing_routed.py)
 
     def values(store):
         (lora,) = store.artifacts("ann", "lora")
@@ -604,10 +606,14 @@ def test_personalize_edits_each_usable_preference_and_reports_the_others(tiny, t
     assert f"SKIPPED  {long[:120]!r}...: {len(long)} characters; at most 500" in out
     assert "SKIPPED  'jazz': not a statement" in out
     assert "SKIPPED  'My favorite music is jazz.': replaced by the later preference 'My favorite music is heavy metal.'" in out
-    with Store.open(tmp_path) as store:
-        (adapter,) = store.artifacts("ann", "lora")
-    (lora_a,) = [t for t in gguf.GGUFReader(adapter["path"]).tensors if t.name.endswith("lora_a")]
-    assert 3 in lora_a.shape  # rank 3: the three verified edits, the failed one left out
+    with Store.open(tmp_path) as store:   # 4 usable facts: routed edits (names.EDIT_ROUTE_FROM), one adapter a fact
+        assert store.artifacts("ann", "lora") == []
+        (routed,) = store.artifacts("ann", "lora_routes")
+    assert len(routed["meta"]["routes"]) == 3 and len(list(Path(routed["path"]).iterdir())) == 3  # the failed one out
+    for route in routed["meta"]["routes"]:
+        (lora_a,) = [t for t in gguf.GGUFReader(Path(routed["path"]) / route["file"]).tensors if t.name.endswith("lora_a")]
+        assert 1 in lora_a.shape  # rank 1: one fact each
+    assert "routed edits" in out
 
 
 def test_personalize_with_only_unusable_preferences_retires_the_old_adapter(tiny, tmp_path, capsys):
@@ -688,6 +694,8 @@ def test_personalize_registers_the_verified_adapter_and_says_how_to_serve_it(tin
 
     path, _ = tiny
     monkeypatch.setattr(editing, "states_target", verified_only(FACT.statement))
+    monkeypatch.setattr(editing.names, "EDIT_ROUTE_FROM", 100)   # two facts in one joint adapter, bakeable (the
+                                                                 # default routes them: tests/test_editing_routed.py)
     with Store.open(tmp_path) as store:
         store.add("ann", FACT.statement, kind="preference", meta={"question": list(FACT.questions), "target": ["Paris"]})
         store.add("ann", OTHER.statement, kind="preference", meta={"question": list(OTHER.questions), "target": ["Rex"]})

@@ -248,14 +248,17 @@ def test_edit_methods_pass_their_config_and_serve_registered_users_only_their_ed
     assert editing.edit_method(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
     assert editing.edit_1turn(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
     assert editing.edit_stacked(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
-    assert seen == [(engine, None), (engine, editing.SINGLE_TURN), (engine, editing.STACKED)]
+    assert editing.edit_allq(user, "q", engine).artifacts.lora == (("/c/a.gguf", 1.0),)
+    assert seen == [(engine, None), (engine, editing.SINGLE_TURN), (engine, editing.STACKED),
+                    (engine, editing.ALL_QUESTIONS)]
     assert editing.SINGLE_TURN.chat_turns == () and editing.STACKED.joint is False
+    assert editing.ALL_QUESTIONS.train_questions == 0
     monkeypatch.setattr(editing, "user_adapter", lambda user, engine, config=None: None)
     assert editing.edit_method(user, "q", None) == Personalized()
     served = User("u", registered=(RegisteredArtifact(names.EDIT, names.LORA, "/a/edit.gguf"),
                                    RegisteredArtifact(names.PERCE, names.LORA, "/a/perce.gguf")))
     assert editing.edit_method(served, "q", None).artifacts.lora == (("/a/edit.gguf", 1.0),)
-    for ablation in (editing.edit_1turn, editing.edit_stacked):
+    for ablation in (editing.edit_1turn, editing.edit_stacked, editing.edit_allq):
         with pytest.raises(UserError, match="evaluation ablation"):
             ablation(served, "q", None)
 

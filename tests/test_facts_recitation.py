@@ -10,16 +10,35 @@ PREFERENCES = ("I live in Lyon.", "I love jazz.", "I have two cats.", "I'm veget
                "I like to go hiking.")
 
 
-def test_facts_of_a_few_preferences_are_all_stated_before_the_question():
+def test_facts_are_stated_before_the_question_that_bears_on_them():
     user = User("u", preferences=("I'm vegetarian.", "I love jazz."))
     p = facts(user, "What should I cook tonight?", None)
-    assert p.user_prefix == "About me: I'm vegetarian. I love jazz.\n\n" and not p.system and not p.artifacts.lora
+    assert p.user_prefix == "About me: I'm vegetarian.\n\n" and not p.system and not p.artifacts.lora
     # next to the question, wherever the conversation is
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "What should I cook tonight?"}]
-    assert apply(p, messages)[-1]["content"] == "About me: I'm vegetarian. I love jazz.\n\nWhat should I cook tonight?"
+    assert apply(p, messages)[-1]["content"] == "About me: I'm vegetarian.\n\nWhat should I cook tonight?"
     assert apply(p, messages)[:2] == messages[:2]
     assert facts(User("v"), "What should I cook tonight?", None) == Personalized()
+
+
+def test_invariant_a_neutral_question_gets_no_facts_line_however_few_the_preferences():
+    # stating the preferences before every question made the model recite them (9 of 72 neutral replies)
+    user = User("u", preferences=("I'm vegetarian.", "I love jazz."))
+    for question in ("What is the capital of France?", "How do I reverse a list in Python?",
+                     "Write a haiku about the sea."):
+        assert facts(user, question, None) == Personalized(), question
+        assert relevant_facts(PREFERENCES, question) == [], question
+
+
+def test_a_question_about_the_user_gets_every_preference_of_a_user_with_few():
+    # "selfies" names no attribute type the detector knows: the question about "my" hobby still gets it
+    few = ("I like taking and posting selfies.", "I love jazz.")
+    assert relevant_facts(few, "What's my hobby?") == list(few)
+    assert relevant_facts(few, "What do I enjoy doing in my free time?") == list(few)
+    # with more than FACTS_TOP_K, only those that share a term (BM25 over the attribute words), at most k
+    found = relevant_facts(PREFERENCES, "What's my hobby?")
+    assert found == ["I like to go hiking."]
 
 
 def test_invariant_implicit_questions_find_the_preference_through_its_attribute_type():

@@ -32,10 +32,14 @@ def cmd_personalize(args):
     model = f" --model {args.model}" if args.model else ""
     result = personalize(args.user, data_dir=args.data_dir, model_path=args.model, bake_model=args.bake, config=config)
     for e in result.edits:
+        if e.reused and result.routes:
+            print(f"kept     {e.fact.statement!r}: its adapter from the last run (routed edits)")
+            continue
         answer = result.answers.get(e.fact.statement, "")
-        print(f"edited   {e.fact.statement!r}: layer {e.layer}, target NLL {e.nll_before:.2f} -> {e.nll_after:.2f}, "
-              f"{e.seconds:.1f} s\n         verified: asked {e.fact.questions[-1]!r}, llama.cpp with the adapter "
-              f"answered {answer!r}")
+        how = ("its value from the last run" if e.reused else
+               f"target NLL {e.nll_before:.2f} -> {e.nll_after:.2f}, {e.seconds:.1f} s")
+        print(f"edited   {e.fact.statement!r}: layer {e.layer}, {how}\n         verified: asked "
+              f"{e.fact.questions[-1]!r}, llama.cpp with the adapter answered {answer!r}")
     for fact, answer in result.failed:
         print(f"FAILED   {fact.statement!r}: asked {fact.questions[-1]!r}, the edited model answered {answer!r}")
     for statement, reason in result.skipped:
@@ -43,7 +47,10 @@ def cmd_personalize(args):
     if result.retired:
         print(f"removed  {result.retired} earlier edit artifact(s): " +
               ("no preference could be edited" if result.failed or result.skipped else "no preferences are left"))
-    if result.adapter:
+    if result.adapter and result.routes:
+        print(f"adapters {result.adapter}\n         one per fact ({len(result.routes)}, routed edits); a request with "
+              f"\"user\": \"{args.user}\" gets the one its question is about, by: localpers serve{model}")
+    elif result.adapter:
         print(f"adapter  {result.adapter}\n         served to requests with \"user\": \"{args.user}\" by: "
               f"localpers serve{model}")
     if result.baked:

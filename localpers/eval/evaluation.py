@@ -60,8 +60,10 @@ RULES = {
              "targets of the user's other facts of the same type counting as the other users' (they answer the "
              "same question: their shared words are no evidence); "
              "locality_kl@N as above for the N-fact user. add_fact_s: seconds to the verified adapter of a "
-             "trained method when fact N+1 is added to the largest user (what personalize recomputes: every "
-             "fact from the unedited model, verified on llama.cpp; the editor ready before timing)."),
+             "trained method when fact N+1 is added to the largest user, as personalize recomputes it (the "
+             "editor ready before timing): the joint edit of few facts trains their values from the unedited "
+             "model; routed edits (2 facts or more) reuse the adapters of the facts made before ('reused') and "
+             "edit the new one; every new edit is verified on llama.cpp."),
     "prefeval": ("followed@T: the preference is the first user turn (answered '{ack}'), then T distractor turns "
                  "from PrefEval's inter_turns (each message cut to {max_chars} characters), then the question "
                  "with the options listed in a seeded random order; the model follows the preference when the "
@@ -462,12 +464,20 @@ def edit_add_fact(engine):
         config = configs[part]
         editor = editing.editor_for(str(engine.model_path), config)
         facts = editing.facts_of(user.preferences, user.facts)
+        routed = part == names.EDIT and len(facts) >= names.EDIT_ROUTE_FROM
+        if routed:   # as personalize runs it: the adapters of the earlier facts (made for the smaller users) are
+            new = editor.fact_id(facts[-1])   # reused, the new fact is edited
+            reuse = {fid: path for fid, path in editing.evaluation_fact_adapters(engine).items() if fid != new}
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
-            result = editing.edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
+            if routed:
+                result = editing.edit_routed(engine, editor, facts, Path(tmp) / "routes", reuse)
+            else:
+                result = editing.edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
             seconds = time.perf_counter() - started
         return {"facts": len(user.preferences), "kept": len(facts), "edited": len(result.edits),
-                "failed": len(result.failed), "seconds": round(seconds, 1)}
+                "failed": len(result.failed), "seconds": round(seconds, 1),
+                **({"reused": result.reused} if routed else {})}
 
     return add_fact
 
@@ -792,10 +802,11 @@ def vs_base_table(report: dict) -> str:
 
 def timing_table(report: dict) -> str:
     """report["timing"] (run_upqa_many): per method, the facts of the grown user, how many of them its trained
-    part keeps (the edit: one per attribute type, editing.facts_of), the seconds to its verified adapter when
-    the last one was added, and how many edits passed and failed verification."""
+    part keeps (editing.facts_of: one per slot), the seconds to its verified adapter when the last one was added,
+    how many edits it serves and how many failed verification, and (routed edits) how many were reused."""
     return _table({m: {"facts": t["facts"], "kept": t.get("kept"), "add_fact_s": t["seconds"],
-                       "edited": t.get("edited"), "failed": t.get("failed")} for m, t in report["timing"].items()})
+                       "edited": t.get("edited"), "failed": t.get("failed"), "reused": t.get("reused")}
+                   for m, t in report["timing"].items()})
 
 
 def summary(report: dict, paths: list[Path]) -> str:

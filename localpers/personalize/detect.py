@@ -308,7 +308,7 @@ _RELATION = (r"(?:wife|husband|partner|spouse|boyfriend|girlfriend|fianc[eé]e?|
              r"neighbou?r|classmate|teammate|family|relatives?|in-laws?|\w+-in-law)")
 _SELF_MY = re.compile(r"^my\s+(?:(?:all[- ]time |absolute |very |most )?favou?rite|name|job|profession|occupation|"
                       r"diet|religion|hometown|home town|home|birthday|age|first language|native language|"
-                      r"mother tongue)\b", re.I)
+                      r"mother tongue|hobby|hobbies|pastimes?|pets? (?:is|are))\b", re.I)
 _OTHER_SUBJECT = re.compile(
     r"^(?:(?i:he|she|they|we|you|it|his|her|their|our|your|my\s+(?:[\w-]+\s+){0,2}?" + _RELATION + r"|my\s+\w+)|"
     r"(?!(?:Here|There|This|That|What|Which|Who|Where|When|How|It|Everything|Nothing|Something|Today|Now)\b)"
@@ -394,8 +394,9 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("age", r"^my age is (?P<v>\d{1,3})$"),
     ("diet", r"^i'm " + _NEG_BE + r"(?:an? |on an? |on the )?(?:strict |full |committed )?" + _DIET
      + r"(?: diet| dieter| eater| person)?" + _END),
-    ("diet", r"^i (?:follow|keep|eat|'ve gone|have gone|went|turned|became|switched to|'m following) "
-             r"(?:an? |the )?(?:strict )?" + _DIET + r"(?: diet)?" + _END),
+    ("diet", r"^i (?:only |strictly |exclusively )?(?:follow|keep|eat|'ve gone|have gone|went|turned|became|"
+             r"switched to|'m following) (?:only |strictly |exclusively )?(?:an? |the )?(?:strict )?" + _DIET
+             + r"(?: diet| food| foods| meals| dishes)?" + _END),
     ("no meat", r"^i (?:don't|no longer|never|stopped|quit|gave up|have stopped|'ve stopped|have given up) "
                 r"(?:eat(?:ing)? |eating )?(?:any )?" + _NO_MEAT + _END),
     ("diet", r"^i eat (?P<v>meat)" + _END),
@@ -434,7 +435,9 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("language", r"^i'm " + _NEG_BE + r"fluent in (?P<v>.+)$"),
     ("language", r"^my (?:first|native|mother) (?:language|tongue) is (?P<v>.+)$"),
     ("pets", r"^i " + _NEG_DO + r"(?:have|own|have got|got|'ve got) (?P<v>(?:an? |one |two |three |four |five |six "
-             r"|\d+ |some |several )?(?:[\w-]+ ){0,2}?" + _PET + r")(?: at home)?$"),
+             r"|\d+ |some |several )?(?:[\w-]+ ){0,2}?" + _PET + r")(?: at home)?(?: (?:named|called) [\w' -]{1,40})?$"),
+    ("pets", r"^my pets? (?:is|are) (?P<v>(?:an? |two |three |\d+ )?(?:[\w-]+ ){0,2}?" + _PET + r")$"),
+    ("favourite", r"^my (?P<a>hobby|hobbies|pastime|pastimes) (?:is|are|include|includes) (?P<v>.+)$"),
     ("dislikes", r"^i " + _DISLIKE + r" (?P<v>.+)$"),
     ("dislikes", r"^i'm not (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) (?P<v>.+)$"),
     ("dislikes", r"^i (?P<neg2>don't|never|can't) (?:really )?(?P<verb2>like|love|enjoy|eat|drink|watch|listen to|"

@@ -53,7 +53,8 @@ ATTRIBUTES = {
     "profession": (("profession", "occupation", "line of work", "trade"),
                    ("i run", "i own", "i am a", "i'm a", "profession", "i teach")),
     "food preference": (("food preference", "favorite food", "diet", "taste in food"),
-                        ("eat", "food", "vegetarian", "vegan", "sweet tooth", "cook", "meat", "spicy")),
+                        ("eat", "food", "vegetarian", "vegan", "sweet tooth", "cook", "meat", "spicy", "meal",
+                         "dinner", "lunch", "breakfast", "recipe")),
     "location": (("location", "hometown", "home", "place I live"),
                  ("live in", "grew up", "i'm from", "i am from", "moved to", "born in")),
     "pet": (("pet", "animal companion", "companion animal", "pet at home"),
@@ -904,6 +905,8 @@ class Result:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (statement, why) of preferences not edited
     answers: dict[str, str] = field(default_factory=dict)          # statement -> llama.cpp's answer when checked
     baked: Path | None = None                           # personalize(bake_model=True): the baked model
+    routes: list[dict] = field(default_factory=list)    # routed edits: {"file", "words", "fact"} per passed fact
+    reused: int = 0                                     # routed edits: adapters taken over from the last run
 
     def summary(self) -> dict:
         return {"edited": [{"statement": e.fact.statement, "layer": e.layer, "nll_before": round(e.nll_before, 3),
@@ -1024,6 +1027,95 @@ def locality_kl(engine, adapter) -> float:
     return float(np.mean(kls))
 
 
+# ---------------------------------------------------------------- routed edits (many preferences)
+
+def route_words(fact: Fact) -> str:
+    """The words a question is matched against to pick `fact`'s adapter: its statement and its attribute type's
+    synonyms, keywords and natural questions (ATTRIBUTES, NATURAL_QUESTIONS: written for the types; the fact's
+    own type when the data gives one, else detect_attribute). Not its question cluster (the data's questions)."""
+    attribute = fact.attributes[-1] if fact.attributes and fact.attributes[-1] in ATTRIBUTES else \
+        detect_attribute(fact.statement)
+    synonyms, keywords = ATTRIBUTES[attribute] if attribute else ((), ())
+    return " ".join((fact.statement, *synonyms, *keywords, *NATURAL_QUESTIONS.get(attribute, ())))
+
+
+def pick_route(routes, query: str):
+    """The route (file, words, ...) whose words match `query` best by BM25 (ties: the later fact), or None when no
+    route shares a term with it: a neutral question gets no edit at all. WISE (Wang et al. 2024) routes a query
+    to its side memory by activations; here by the words of each fact's attribute type, which llama.cpp's LoRA
+    (linear, applied to every token) cannot do itself."""
+    from localpers.store.retrieval import BM25Index
+
+    routes = list(routes)
+    if not routes or not query.strip():
+        return None
+    index = BM25Index()
+    for i, (_, words, *_) in enumerate(routes):
+        index.add(i, words)
+    hits = index.search(query, 1)
+    return routes[hits[0][0]] if hits else None
+
+
+def read_edit(path, layer: int, fact: Fact) -> Edit:
+    """The rank-one edit a single-fact adapter file holds (write_adapter's A row and B column)."""
+    from localpers.model.gguf_info import open_gguf
+
+    tensors = {t.name: t for t in open_gguf(path, check_arch=False).tensors}
+    a = np.asarray(tensors[f"blk.{layer}.ffn_down.weight.lora_a"].data, np.float32).reshape(-1)
+    b = np.asarray(tensors[f"blk.{layer}.ffn_down.weight.lora_b"].data, np.float32).reshape(-1)
+    return Edit(layer, a.copy(), b.copy(), fact, float("nan"), float("nan"), 0.0, reused=True)
+
+
+def edit_routed(engine, editor: Editor, facts: list[Fact], folder, reuse: dict[str, Path] | None = None) -> Result:
+    """Routed edits (a user with names.EDIT_ROUTE_FROM facts or more): every fact its own single edit (its key
+    fit alone, its value trained on the unedited model: Editor.joint of one fact), written to
+    `folder`/fact-<fact id>.gguf and checked alone on llama.cpp; a request applies only the adapter its question
+    is routed to (pick_route). So no edit fires on another fact's question or on a neutral one, and adding a
+    fact trains that fact only: `reuse` (fact id -> the adapter file of an earlier run, same model and config)
+    is copied, not trained nor checked again. Result.adapter is the folder (None when no fact passed; the folder
+    is then removed), Result.routes one {"file", "words", "fact"} per passed fact."""
+    import shutil
+
+    editor.reset()
+    folder, reuse = Path(folder), reuse or {}
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = editor.model.config.arch
+    result = Result([])
+    for fact in facts:
+        fid = editor.fact_id(fact)
+        path = folder / f"fact-{fid}.gguf"
+        if fid in reuse and Path(reuse[fid]).is_file():
+            try:
+                edit = read_edit(reuse[fid], editor.config.layer, fact)
+                shutil.copyfile(reuse[fid], path)
+            except Exception as e:  # unreadable: trained again below
+                log.warning("the earlier adapter of a fact is unreadable (%s): its edit is made again", e)
+            else:
+                result.edits.append(edit)
+                result.routes.append({"file": path.name, "words": route_words(fact), "fact": fid})
+                result.reused += 1
+                continue
+        try:
+            [edit] = editor.joint([fact])   # one fact: exactly the single edit's key and value
+        except UserError as e:
+            result.skipped.append((fact.statement, str(e)))
+            continue
+        write_adapter(path, [edit], arch)
+        ok, result.answers[fact.statement] = states_target(engine, path, fact)
+        if ok:
+            result.edits.append(edit)
+            result.routes.append({"file": path.name, "words": route_words(fact), "fact": fid})
+        else:
+            result.failed.append((fact, result.answers[fact.statement]))
+            path.unlink()
+    editor.reset()
+    if result.edits:
+        result.adapter = folder
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
 def preference_facts(items: list[dict]) -> tuple[list[Fact], list[tuple[str, str]]]:
     """The facts to edit from a user's stored preference items (store.items), each on its own: a preference
     that cannot become a fact (empty, one word, over MAX_STATEMENT_CHARS) is skipped with its reason, and one
@@ -1085,9 +1177,12 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
                 config: EditConfig | None = None, store=None, job: int | None = None) -> Result:
     """Recompute `user`'s edits from all their stored preferences (later wins), verify them on llama.cpp and
     register the adapter (kind 'lora') for the served model; with bake_model also a full GGUF (kind 'model').
-    The registered edits always match the current preferences: when none is left, or none could be made,
-    the user's earlier edit artifacts for this model are deleted. The artifact records the ids of the
-    preferences it encodes (meta "sources"), never their text. `store` and `job`: the server's worker passes
+    A user with names.EDIT_ROUTE_FROM facts or more gets routed edits instead (edit_routed: a folder of
+    single-fact adapters, kind 'lora_routes'; not baked). The registered edits always match the current
+    preferences: when none is left, or none could be made, the user's earlier edit artifacts for this model are
+    deleted. The artifact records the ids of the preferences it encodes (meta "sources"); a joint adapter never
+    their text, routed edits each route's words (route_words: the statement and its type's words), sealed in the
+    registry like the items and deleted with them (an artifact goes with its sources). `store` and `job`: the server's worker passes
     its open store and the job's id (a job cancelled meanwhile registers nothing: store.StaleError)."""
     from contextlib import nullcontext
 
@@ -1114,12 +1209,34 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
                 pass
         engine = stack.enter_context(Engine(model_path)) if own_engine else engine  # closed when done
         sha = base_model_sha256(engine.model_path)
-        if facts:
+        routed = len(facts) >= names.EDIT_ROUTE_FROM
+        if routed and bake_model:
+            raise UserError(f"{len(facts)} preferences are served as routed edits (one adapter a fact, chosen per "
+                            f"question), which cannot be baked into one model: run without --bake")
+        if facts and routed:
+            editor = editor_for(str(engine.model_path), config)
+            with store.temp_dir(user) as tmp:
+                result = edit_routed(engine, editor, facts, Path(tmp) / "routes", routed_adapters(store, user, sha))
+                if result.adapter:
+                    for route, edit in zip(result.routes, result.edits):   # a deletion drops only its route
+                        route["source"] = source_of[edit.fact.statement]
+                    meta = {"method": names.EDIT, "layer": editor.config.layer, "routes": result.routes,
+                            "sources": [source_of[e.fact.statement] for e in result.edits],
+                            "edited": len(result.edits), "failed": len(result.failed)}
+                    result.artifact = store.register_artifact(user, names.LORA_ROUTES, result.adapter, sha, meta,
+                                                              job=job)
+                    result.adapter = Path(next(a["path"] for a in store.artifacts(user, names.LORA_ROUTES)
+                                               if a["id"] == result.artifact))
+                    # one edit artifact per user: the joint adapter (and a model baked from it) of fewer facts goes
+                    for kind in (names.LORA, names.MODEL):
+                        store.retire_artifacts(user, kind, sha, method=names.EDIT)
+        elif facts:
             editor = editor_for(str(engine.model_path), config)
             reuse_values(store, user, sha, editor, facts)
             with store.temp_dir(user) as tmp:  # under the data folder; registration copies the adapter in
                 result = edit_facts(engine, editor, facts, Path(tmp) / "edit.gguf")
                 if result.adapter:
+                    store.retire_artifacts(user, names.LORA_ROUTES, sha, method=names.EDIT)
                     meta = {"method": names.EDIT, "layer": editor.config.layer,
                             "sources": [source_of[e.fact.statement] for e in result.edits],
                             "edited": len(result.edits), "failed": len(result.failed)}
@@ -1137,12 +1254,24 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
             result = Result([])
         result.skipped = skipped + result.skipped
         if not result.adapter:
-            result.retired = sum(store.retire_artifacts(user, kind, sha, method=names.EDIT) for kind in (names.LORA, names.MODEL))
+            result.retired = sum(store.retire_artifacts(user, kind, sha, method=names.EDIT)
+                                 for kind in (names.LORA, names.MODEL, names.LORA_ROUTES))
             if not items and not result.retired and job is None:
                 facts_of([], [])  # raises: no preferences to edit
         if job is None:  # by hand: the edit job its preferences queued for the server is done now
             store.supersede_queued(user, names.EDIT, before=started, by="localpers personalize")
     return result
+
+
+def routed_adapters(store, user: str, sha: str) -> dict[str, Path]:
+    """fact id -> single-fact adapter file of the user's current routed edits for this model (edit_routed's
+    `reuse`): the next run copies them instead of editing those facts again."""
+    current = [a for a in store.artifacts(user, names.LORA_ROUTES, sha) if a["method"] == names.EDIT]
+    if not current:
+        return {}
+    folder = Path(current[0]["path"])
+    return {r["fact"]: folder / r["file"] for r in (current[0]["meta"] or {}).get("routes", [])
+            if isinstance(r, dict) and isinstance(r.get("fact"), str) and isinstance(r.get("file"), str)}
 
 
 def reuse_values(store, user: str, sha: str, editor: Editor, facts: list[Fact]) -> int:
@@ -1204,13 +1333,51 @@ def user_adapter(user, engine, config: EditConfig | None = None) -> Path | None:
     return result.adapter
 
 
+def evaluation_fact_adapters(engine) -> dict[str, Path]:
+    """fact id -> the single-fact adapter an earlier evaluation user's routed edits made for this model (the
+    evaluation's cache: as personalize reuses a user's earlier run, adding facts to a user edits the new ones)."""
+    shared = _cache_dir() / f"facts-{base_model_sha256(engine.model_path)[:16]}"
+    return {p.stem[len("fact-"):]: p for p in shared.glob("fact-*.gguf")}
+
+
+@lru_cache(maxsize=None)
+def user_routes(user, engine, config: EditConfig | None = None) -> tuple[tuple[str, str], ...]:
+    """The routed edits (edit_routed) of an evaluation user with names.EDIT_ROUTE_FROM facts or more, cached on
+    disk by model, facts and config: (adapter file, words) per fact that passed. Facts cached from an earlier
+    user (the same fact, model and config) are reused, as personalize reuses a user's earlier run."""
+    facts = facts_of(user.preferences, user.facts)
+    editor = editor_for(str(engine.model_path), config)
+    key = hashlib.sha256(json.dumps(["routes", EDITOR_CACHE_VERSION, base_model_sha256(engine.model_path),
+                                     repr(editor.config), [repr(f) for f in facts]]).encode()).hexdigest()[:24]
+    folder, log_file = _cache_dir() / f"{key}-routes", _cache_dir() / f"{key}-routes.json"
+    if not log_file.is_file():
+        shared = _cache_dir() / f"facts-{base_model_sha256(engine.model_path)[:16]}"
+        shared.mkdir(exist_ok=True)
+        result = edit_routed(engine, editor, facts, folder, evaluation_fact_adapters(engine))
+        for route in result.routes:
+            if not (shared / route["file"]).exists():
+                import shutil
+
+                shutil.copyfile(folder / route["file"], shared / route["file"])
+        log_file.write_text(json.dumps({"user": user.id, "routes": result.routes, "reused": result.reused,
+                                        **result.summary()}))
+    routes = json.loads(log_file.read_text()).get("routes", [])
+    return tuple((str(folder / r["file"]), r["words"]) for r in routes if (folder / r["file"]).is_file())
+
+
 def edit_method(user, query, engine, config: EditConfig | None = None):
     """Method 'edit' of the evaluation registry: the user's verified edits as a LoRA adapter."""
     from localpers.engine.engine import Artifacts
     from localpers.personalize.methods import Personalized
 
     if user.registered is not None:  # a served user: what `personalize` registered, if anything
-        return Personalized(artifacts=user.served_artifacts(names.EDIT))
+        served = user.served_artifacts(names.EDIT)
+        routed = user.artifact(names.EDIT, names.LORA_ROUTES)
+        route = pick_route(routed.routes, query) if routed else None
+        return Personalized(artifacts=served.merge(Artifacts(lora=((route[0], 1.0),))) if route else served)
+    if len(facts_of(user.preferences, user.facts)) >= names.EDIT_ROUTE_FROM:
+        route = pick_route(user_routes(user, engine, config), query)
+        return Personalized(artifacts=Artifacts(lora=((route[0], 1.0),))) if route else Personalized()
     adapter = user_adapter(user, engine, config)
     return Personalized(artifacts=Artifacts(lora=((str(adapter), 1.0),))) if adapter else Personalized()
 
@@ -1235,6 +1402,17 @@ def edit_stacked(user, query, engine):
     if user.registered is not None:
         raise UserError("edit-stacked is an evaluation ablation: serve 'edit'")
     return edit_method(user, query, engine, STACKED)
+
+
+ALL_QUESTIONS = EditConfig(train_questions=0)
+
+
+def edit_allq(user, query, engine):
+    """Evaluation-only ablation 'edit-allq': the value trained on every question of the cluster (all 13, dealt over
+    the bare / 3-turn / 8-turn contexts) instead of 6, as before the speed work. Evaluation users only."""
+    if user.registered is not None:
+        raise UserError("edit-allq is an evaluation ablation: serve 'edit'")
+    return edit_method(user, query, engine, ALL_QUESTIONS)
 
 
 def warm_up(engine) -> None:

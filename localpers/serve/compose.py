@@ -22,6 +22,7 @@ of them before every question (BENCHMARKS §4).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from localpers import names
 from localpers.personalize.datasets import upqa_fact
@@ -55,9 +56,15 @@ class Composer:
         """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id) and the
         ids of the retrieved history items. Ids only, never text."""
         served = {path for path, _ in personalized.artifacts.lora + personalized.artifacts.control_vectors}
+        artifacts = []
+        for a in user.registered or ():
+            if a.path in served:
+                artifacts.append({"method": a.method, "kind": a.kind, "id": a.id})
+            for file, _, source in a.routes:   # routed edits: which fact's adapter (its preference's item id)
+                if file in served:
+                    artifacts.append({"method": a.method, "kind": a.kind, "id": a.id, "source": source})
         return {"composition": self.spec,
-                "artifacts": [{"method": a.method, "kind": a.kind, "id": a.id}
-                              for a in user.registered or () if a.path in served],
+                "artifacts": artifacts,
                 "retrieved": list(personalized.retrieved)}
 
 
@@ -94,7 +101,25 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
 
     facts = tuple(f for f in (upqa_fact(item["text"], item["meta"]) for item in preferences) if f is not None)
     return User(id=user, preferences=tuple(item["text"] for item in preferences), facts=facts, search=search,
-                registered=tuple(RegisteredArtifact(a["method"], a["kind"], a["path"], a["id"]) for a in artifacts))
+                registered=tuple(RegisteredArtifact(a["method"], a["kind"], a["path"], a["id"], routes_of(a))
+                                 for a in artifacts))
+
+
+def routes_of(artifact: dict) -> tuple[tuple[str, str, int | None], ...]:
+    """A names.LORA_ROUTES artifact's routes as (adapter file, words, source item id); () for any other artifact.
+    A route naming a file outside the artifact's folder is dropped (the meta is the store's, but a path is
+    checked)."""
+    if artifact["kind"] != names.LORA_ROUTES:
+        return ()
+    folder = Path(artifact["path"])
+    out = []
+    for route in (artifact["meta"] or {}).get("routes", []):
+        if isinstance(route, dict) and isinstance(route.get("file"), str) and isinstance(route.get("words"), str):
+            path = folder / route["file"]
+            if path.parent == folder:
+                source = route.get("source")
+                out.append((str(path), route["words"], source if isinstance(source, int) else None))
+    return tuple(out)
 
 
 def last_user_message(messages: list[dict]) -> str:

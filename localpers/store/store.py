@@ -1297,8 +1297,11 @@ class Store:
         for relative in paths:
             path = (self.directory / relative).resolve()
             if path.is_relative_to(folder) and path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-                self._retired(path)
+                if path.is_dir():   # a folder artifact (names.LORA_ROUTES): each file in it is retired
+                    self._remove_folder(path)
+                else:
+                    path.unlink(missing_ok=True)
+                    self._retired(path)
 
     def _retired(self, path: Path) -> None:
         for listener in self.on_retire:
@@ -1354,12 +1357,45 @@ class Store:
 
     def _retire_derived(self, conn, user_id: int, item_ids: list[int]) -> tuple[list[str], set[str]]:
         """Inside a write: delete the artifact rows derived from any of `item_ids`; return their paths (for
-        _remove_files once committed) and their methods."""
+        _remove_files once committed) and their methods. Routed edits (names.LORA_ROUTES: one adapter file a
+        fact, each route naming its source item) lose only the routes of those items, files included, and stay
+        served for the others (_prune_routes); nothing derived from a deleted item is left either way."""
         rows = conn.execute(
             f"SELECT DISTINCT a.id, a.path, a.method FROM artifacts a, json_each(a.sources) s WHERE a.user_id = ?"
             f" AND s.value IN ({','.join('?' * len(item_ids))})", (user_id, *item_ids)).fetchall()
-        conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i, _, _ in rows])
-        return [p for _, p, _ in rows], {m for _, _, m in rows}
+        retired, paths = [], []
+        for artifact_id, path, _ in rows:
+            pruned = self._prune_routes(conn, user_id, artifact_id, path, set(item_ids))
+            if pruned is None:
+                retired.append(artifact_id)
+                paths.append(path)
+            else:
+                paths += pruned
+        conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i in retired])
+        return paths, {m for _, _, m in rows}
+
+    def _prune_routes(self, conn, user_id: int, artifact_id: int, path: str, gone: set[int]) -> list[str] | None:
+        """Inside a write: drop the routes whose source item is in `gone` from a names.LORA_ROUTES artifact (its
+        meta "routes" and its sources) and return their files' paths; None when the artifact is another kind, a
+        route has no source, or no route would be left (then the whole artifact is retired)."""
+        kind, sealed = conn.execute("SELECT kind, meta FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
+        if kind != names.LORA_ROUTES:
+            return None
+        aad = b"%d:artifact" % user_id
+        meta = json.loads(self.cipher.open(sealed, aad))
+        routes = meta.get("routes")
+        if not isinstance(routes, list) or not all(
+                isinstance(r, dict) and isinstance(r.get("source"), int) and isinstance(r.get("file"), str)
+                and r["file"] == Path(r["file"]).name and r["file"] not in ("", ".", "..") for r in routes):
+            return None
+        keep = [r for r in routes if r["source"] not in gone]
+        if not keep:
+            return None
+        meta["routes"], meta["edited"] = keep, len(keep)
+        left = sorted({r["source"] for r in keep})
+        conn.execute("UPDATE artifacts SET meta = ?, sources = ? WHERE id = ?",
+                     (self.cipher.seal(encode_meta(meta), aad), json.dumps(left), artifact_id))
+        return [f"{path}/{r['file']}" for r in routes if r["source"] in gone]
 
     # ----- jobs: a persistent queue (localpers.serve.jobs runs them)
 
@@ -1470,8 +1506,11 @@ class Store:
         """Record in the metadata of the user's artifact(s) at `path` that the served path could not load them
         (meta["broken"] = reason); store.artifacts and export show it. Returns how many rows were marked."""
         target = Path(path).resolve()
-        marked = [a for a in self.artifacts(user) if Path(a["path"]).resolve() == target
-                  and a["meta"].get("broken") != reason]
+        def holds(artifact) -> bool:   # the file itself, or a file of a folder artifact (names.LORA_ROUTES)
+            path = Path(artifact["path"]).resolve()
+            return target == path or (target.parent == path and path.is_dir())
+
+        marked = [a for a in self.artifacts(user) if holds(a) and a["meta"].get("broken") != reason]
         if marked:
             with self._write() as conn:
                 user_id = self._user_id(conn, user)
