@@ -429,6 +429,54 @@ def test_invariant_learning_from_text_reports_like_chat_keeps_its_source_and_cap
     assert len(many["facts"]) == names.MAX_FACTS_PER_MESSAGE
 
 
+def test_invariant_learning_from_a_chats_messages_stores_each_in_order_and_caps_each_message(store):
+    """`learn_from_messages` (POST /v1/users/{user}/memories with a chat) stores every message under the source
+    "memories" in order, reports learn_from_chat's keys and learns at most MAX_FACTS_PER_MESSAGE facts from each
+    message, not from all of them together (the full mutation run of serve/learn.py: no shard test reached it)."""
+    from localpers.serve.learn import learn_from_messages
+
+    texts = ["I'm vegetarian.", "I live in Lyon.", " ".join(f"I love x{i}." for i in range(40))]
+    learned = learn_from_messages(store, "mia", texts)
+    assert set(learned) == {"messages", "preferences", "facts", "replaced", "retired", "retried"}
+    by_id = {i["id"]: i for i in store.items("mia")}
+    assert [by_id[m]["text"] for m in learned["messages"]] == texts
+    assert {by_id[m]["meta"]["source"] for m in learned["messages"]} == {"memories"}
+    assert [f["attribute"] for f in learned["facts"][:2]] == ["diet", "home"]
+    assert len(learned["facts"]) == 2 + names.MAX_FACTS_PER_MESSAGE
+    assert learned["preferences"] == [f["id"] for f in learned["facts"]]
+    assert learn_from_messages(store, "mia", ["a note"], source="page")["facts"] == []
+    [note] = [i for i in store.items("mia") if i["text"] == "a note"]
+    assert note["meta"]["source"] == "page"
+
+
+def test_invariant_detect_reads_a_message_as_learning_does_and_given_facts_are_learned_as_given(store):
+    """`detect` gives the facts learning would learn from a text (at most MAX_FACTS_PER_MESSAGE), and
+    learn_from_text with `facts` (the page checks a corrected fact before any write) learns exactly those, not
+    what the detector finds again in the text."""
+    from localpers.serve.learn import detect, learn_from_text
+
+    text = "I'm vegetarian and I live in Lyon."
+    found = detect(text)
+    assert [(f.attribute, f.value) for f in found] == [(f.attribute, f.value) for f in detect_facts(text)]
+    assert [f.attribute for f in found] == ["diet", "home"]
+    assert len(detect(" ".join(f"I love x{i}." for i in range(40)))) == names.MAX_FACTS_PER_MESSAGE
+    learned = learn_from_text(store, "ned", text, facts=found[1:])
+    assert [f["attribute"] for f in learned["facts"]] == ["home"]
+    [preference] = store.items("ned", kind=names.PREFERENCE)  # the diet was never learned
+    assert "vegetarian" not in preference["text"]
+
+
+def test_invariant_learning_changed_something_when_any_one_kind_of_change_happened():
+    """`changed` (the server queues a personalization refresh on it) is true when learning stored, replaced,
+    retired or re-queued a single fact, whichever one, and false when nothing changed."""
+    from localpers.serve.learn import changed
+
+    nothing = {"facts": [], "replaced": [], "retired": [], "retried": []}
+    assert not changed(nothing)
+    for key in nothing:
+        assert changed({**nothing, key: [{"id": "f1", "attribute": "diet"}]}), key
+
+
 def test_a_fact_restated_after_its_edit_failed_is_reported_and_its_edit_queued_again(client):
     """The tester said "I'm vegetarian." again after the diet edit failed: learned was None and no job ran."""
     store = client.app.state.store

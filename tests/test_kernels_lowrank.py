@@ -124,6 +124,40 @@ def test_edit_to_q8_0_triton_rejects_bad_input():
         edit_to_q8_0_triton(data[:1], Q.Q4_1, (2, 64), U, V)
     with pytest.raises(ValueError, match="do not fit"):
         edit_to_q8_0_triton(data, Q.Q4_1, (2, 64), U, V[:32])
+    with pytest.raises(UserError, match=r"Q4_1 tensor of shape \(2, 48\): n_in must be a multiple of 32"):
+        edit_to_q8_0_triton(data, Q.Q4_1, (2, 48), U, V[:48])
+
+
+def test_apply_lowrank_defaults_to_torch_on_cpu_at_unit_scale_and_names_an_unknown_backend():
+    """No backend: a CPU weight takes torch's path; no scale: 1. An unknown backend is a ValueError naming it."""
+    g = torch.Generator().manual_seed(0)
+    W, U, V = torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g), torch.randn(4, 2, generator=g)
+    expected = W + U @ V.T
+    assert apply_lowrank_(W, U, V) is W
+    torch.testing.assert_close(W, expected)
+    with pytest.raises(ValueError, match="'cuda'"):
+        apply_lowrank_(W, U, V, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_factors_without_their_rank_axis_are_refused_as_not_fitting(backend):
+    """A one-dimensional U or V (a rank-one factor without its r axis) is a ValueError, never an index error."""
+    W = torch.zeros(5, 4, device=DEVICE)
+    for U, V in ((torch.zeros(5, 1), torch.zeros(4)), (torch.zeros(5), torch.zeros(4, 1))):
+        with pytest.raises(ValueError, match="do not fit"):
+            apply_lowrank_(W, U.to(DEVICE), V.to(DEVICE), backend=backend)
+
+
+@triton_only
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter evaluates 1 / d where d == 0
+def test_triton_edit_to_q8_0_scales_by_one_by_default():
+    rng = np.random.default_rng(5)
+    data = random_blocks(rng, Q.Q8_0, (2, 64), scale=0.02).reshape(2, -1)
+    U = rng.standard_normal((2, 1)).astype(np.float32)
+    V = (rng.standard_normal((64, 1)) * 0.1).astype(np.float32)
+    got = edit_to_q8_0_triton(torch.from_numpy(data).to(DEVICE), Q.Q8_0, (2, 64), torch.from_numpy(U).to(DEVICE),
+                              torch.from_numpy(V).to(DEVICE))
+    np.testing.assert_array_equal(got.cpu().numpy(), edit_to_q8_0_numpy(data, Q.Q8_0, (2, 64), U, V, 1.0).reshape(got.shape))
 
 
 

@@ -973,3 +973,21 @@ def test_invariant_a_steerer_loads_the_model_it_is_given_or_the_default(tmp_path
     steerer = logo.Steerer()
     assert loaded == [tmp_path / "default.gguf", ("tok", tmp_path / "default.gguf")]
     assert steerer.model_path == tmp_path / "default.gguf"
+
+
+def test_invariant_a_refresh_round_clusters_with_the_seed_it_is_given(tiny_model, tmp_path, monkeypatch):
+    """refresh_knowledge(seed=S) runs its round's k-means (advance) with seed S, not advance's default (a
+    mutation survivor of logo.py, sample seed 11: docs/history/mutation/)."""
+    from localpers.store.store import Store
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    monkeypatch.setattr(logo, "Steerer", FakeSteerer)
+    seeds = []
+    real = logo.advance
+    monkeypatch.setattr(logo, "advance", lambda *a, **kw: seeds.append(kw.get("seed")) or real(*a, **kw))
+    with Store.open(tmp_path / "home") as store:
+        for i in range(3):
+            store.add(f"jazz{i}", "I mostly listen to jazz.")
+            store.add(f"chess{i}", "My hobby is chess.")
+        logo.refresh_knowledge(store, model_path=tiny_model, k=2, min_size=1, seed=7, steer=False)
+    assert seeds == [7]

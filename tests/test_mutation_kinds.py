@@ -69,6 +69,44 @@ def test_invariant_the_conversations_own_messages_do_not_crowd_out_retrieved_his
     assert last_user_message([{"role": "assistant", "content": "Hello."}]) == ""
 
 
+def test_invariant_a_served_user_holds_upqa_preferences_as_facts_and_reads_none_when_not_needed(tmp_path, monkeypatch):
+    """served_user: every stated preference, oldest first; those imported from UPQA (a question and a target in
+    their meta) also as facts with their own statement, a chat's preference not; preferences=False (a spec that
+    reads none) leaves both out."""
+    from localpers.personalize.methods import Fact
+    from localpers.serve.compose import served_user
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    upqa = {"source": "upqa", "question": "When do I work best?", "target": "at night", "attribute_type": "rhythm"}
+    with Store.open(tmp_path) as store:
+        store.add("uma", "I'm vegetarian.", kind=names.PREFERENCE)
+        store.add("uma", "I'm a night owl.", kind=names.PREFERENCE, meta=upqa)
+        user = served_user(store, "uma", SHA)
+        assert user.preferences == ("I'm vegetarian.", "I'm a night owl.")
+        assert user.facts == (Fact("I'm a night owl.", ("When do I work best?",), ("at night",), ("rhythm",)),)
+        lean = served_user(store, "uma", SHA, preferences=False)
+        assert lean.preferences == () and lean.facts == ()
+
+
+def test_invariant_a_served_user_search_shows_a_text_once_even_past_a_thousand_message_conversation(tmp_path, monkeypatch):
+    """A text stored twice (a message and the preference learnt from it, or said twice) is retrieved once, and a
+    conversation of more own messages than the index returns at once still retrieves (the over-fetch stays
+    within the store's bound of 1000)."""
+    from localpers.serve.compose import served_user
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path) as store:
+        store.add("uma", "I love hiking in the Alps.")
+        store.add("uma", "I love hiking in the Alps.", kind=names.PREFERENCE)
+        store.add("uma", "Hiking boots need care.")
+        user = served_user(store, "uma", SHA)
+        texts = [text for _, text in user.search("hiking Alps", 3)]
+        assert sorted(texts) == ["Hiking boots need care.", "I love hiking in the Alps."]
+        long_chat = [{"role": "user", "content": f"message number {i}"} for i in range(1200)]
+        texts = [text for _, text in served_user(store, "uma", SHA, long_chat).search("hiking boots", 1)]
+        assert texts == ["Hiking boots need care."]
+
+
 # -- the store's indexes under concurrent searchers and writers --------------------------------------------------
 
 class Embedder:

@@ -75,7 +75,10 @@ def test_a_device_over_its_budget_sends_nothing(tmp_path):
     client.context.node_config["epsilon-budget"] = str(0.5 * CFG.epsilon)
     with pytest.raises(Exception, match="budget"):
         client.fit([sync.initial_centroids(CFG)], {"round": 1})
-    assert [e["kind"] for e in sync.read_log(tmp_path)] == ["refused"]
+    [refused] = sync.read_log(tmp_path)
+    assert refused["kind"] == "refused" and refused["round"] == 1 and "budget" in refused["reason"]
+    from localpers.sync import sync_app
+    assert sync_app._budget({}) == math.inf and sync_app._budget({"epsilon-budget": "2.5"}) == 2.5  # none: no limit
 
 
 class Embedder:

@@ -323,8 +323,9 @@ def test_forget_scrubs_text_and_ciphertext_from_the_file(store, tmp_path):
 
 def test_import_formats(store, tmp_path):
     upqa = data_path("upqa")
-    with pytest.raises(UserError, match=r"100 UPQA items of 100 different users \(ids: upqa-0, upqa-1, .*--record ID"):
-        read_import(upqa)  # each item is another user's statement: never mixed into one user silently
+    with pytest.raises(UserError, match=r"100 UPQA items of 100 different users \(ids: upqa-0, upqa-1, upqa-2, upqa-3, upqa-4, …\).*--record ID"):
+        read_import(upqa)  # each item is another user's statement: never mixed into one user silently (the
+        # message shows 5 ids, and that there are more)
     assert [text for _, _, text, _ in read_import(upqa, record="upqa-1")] == [b"I like taking and posting selfies."]
     store.add_many("alice", read_import(upqa, merge_users=True))
     prefs = store.items("alice", kind="preference")
@@ -441,3 +442,193 @@ def test_invariant_items_artifacts_and_upqa_entries_keep_their_documented_fields
     for entry in ({"question": "q"}, {"input_attribute": 3}, ["I like tea."]):
         with pytest.raises(UserError, match="input_attribute"):
             _upqa_item(entry)
+
+
+# -- the store shard's survivors (docs/history/mutation/localpers.store.store.survivors.txt) ----------------------
+
+def test_invariant_a_read_only_store_reads_what_was_written_and_refuses_what_it_cannot_read(tmp_path, monkeypatch):
+    """read_only (history, export, users, search): a store written before reads back as it stands; a folder
+    with no store, and a store an older localpers wrote (which only a writing command may migrate), are each a
+    UserError saying so."""
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    home = tmp_path / "home"
+    with Store.open(home) as store:
+        store.add("ann", "a note")
+    with Store.open(home, read_only=True) as store:
+        assert [i["text"] for i in store.items("ann")] == ["a note"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no localpers data"):
+        Store.open(tmp_path / "empty", read_only=True)
+    with sqlite3.connect(home / DB_FILE) as db:
+        db.execute("UPDATE settings SET value = ? WHERE name = 'layout'", (b"1",))
+    db.close()
+    with pytest.raises(UserError, match="older localpers"):
+        Store.open(home, read_only=True)
+    with Store.open(home) as store:  # a writing open migrates it
+        pass
+    with Store.open(home, read_only=True) as store:
+        assert [i["text"] for i in store.items("ann")] == ["a note"]
+
+
+def test_invariant_sweep_temp_deletes_a_crashed_jobs_folder_and_every_folder_of_one_user(store):
+    """With no user: the scratch folders whose process is gone; with a user's row id: all of theirs, live or
+    not, and nobody else's."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    store.add("hal", "a note")
+    store.add("ivy", "a note")
+    with store.temp_dir("hal") as hal, store.temp_dir("ivy") as ivy:
+        crashed = hal.parent / f"_user-{hal.name.split('-')[1]}-{dead}-abc"
+        crashed.mkdir()
+        assert store.sweep_temp() == 1 and not crashed.exists() and hal.exists() and ivy.exists()
+        assert store.sweep_temp(int(ivy.name.split("-")[1])) == 1
+        assert not ivy.exists() and hal.exists()
+
+
+def test_invariant_retiring_artifacts_deletes_those_of_the_kind_model_and_method_only(store, tmp_path):
+    other_sha = hashlib.sha256(b"another base").hexdigest()
+    store.add("ann", "a note")
+    for method, kind, sha in (("edit", "lora", SHA), ("perce", "lora", SHA), ("edit", "control_vector", SHA),
+                              ("edit", "lora", other_sha)):
+        store.register_artifact("ann", kind, _artifact(tmp_path, f"{method}-{kind}-{sha[:4]}.gguf"), sha,
+                                meta={"method": method})
+    paths = {(a["method"], a["kind"], a["base_model_sha256"]): a["path"] for a in store.artifacts("ann")}
+    assert store.retire_artifacts("ann", "lora", SHA, "edit") == 1
+    assert not (store.directory / paths[("edit", "lora", SHA)]).exists()
+    left = {(a["method"], a["kind"], a["base_model_sha256"]) for a in store.artifacts("ann")}
+    assert left == {("perce", "lora", SHA), ("edit", "control_vector", SHA), ("edit", "lora", other_sha)}
+    assert store.retire_artifacts("ann", "lora", SHA) == 1  # any method
+    assert {a["method"] for a in store.artifacts("ann", base_model_sha256=SHA)} == {"edit"}
+
+
+def test_invariant_forget_removes_the_sync_signals_at_their_documented_place(store):
+    """docs/reference.md: a user's LoGo sync contribution is sync/signals/<sha256(user)[:16]>.npz under the data
+    folder, and forget removes it."""
+    path = store.directory / "sync" / "signals" / (hashlib.sha256(b"ann").hexdigest()[:16] + ".npz")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"signals")
+    store.add("ann", "a note")
+    store.forget("ann")
+    assert not path.exists()
+
+
+def test_invariant_make_private_leaves_files_to_the_owner_alone(tmp_path):
+    from localpers.store.store import make_private
+
+    folder = tmp_path / "data"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.gguf").write_bytes(b"x")
+    (tmp_path / "one.npz").write_bytes(b"x")
+    for path in (folder, tmp_path / "one.npz"):
+        make_private(path)
+    assert stat.S_IMODE((folder / "sub").stat().st_mode) == 0o700
+    assert stat.S_IMODE((folder / "sub" / "a.gguf").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "one.npz").stat().st_mode) == 0o600
+
+
+def test_invariant_a_learned_fact_keeps_the_source_of_its_message_and_a_kept_response_reads_back(store):
+    from localpers.personalize.detect import detect_facts
+
+    store.learn_text("ann", "I'm vegetarian.", detect_facts, source="page")
+    [fact] = store.items("ann", kind="preference")
+    assert fact["meta"]["source"] == "page"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for n in range(3):
+        store.keep_response("ann", f"resp-{n}", turns + [{"role": "user", "content": f"turn {n}"}], keep=2)
+    assert store.response_conversation("ann", "resp-2") == turns + [{"role": "user", "content": "turn 2"}]
+    assert store.response_conversation("ann", "resp-0") is None  # beyond the 2 newest
+    assert store.response_conversation("bob", "resp-2") is None
+
+
+# -- store.py's further sample (100, seed 11) ---------------------------------------------------------------------
+
+def test_invariant_check_item_takes_every_edge_value_and_defaults_to_a_message():
+    from localpers.store.store import MAX_META_DEPTH, MAX_TS, check_item
+
+    assert check_item("hi")[0] == "message"
+    check_item("hi", ts=0)
+    check_item("hi", ts=MAX_TS)
+    with pytest.raises(UserError):
+        check_item("hi", ts=MAX_TS + 1)
+    deepest = {}
+    for _ in range(MAX_META_DEPTH - 1):
+        deepest = {"a": deepest}
+    check_item("hi", meta=deepest)  # exactly MAX_META_DEPTH levels
+    with pytest.raises(UserError, match="nests more than"):
+        check_item("hi", meta={"a": deepest})
+
+
+def test_invariant_imports_tell_upqa_lists_and_chat_lines_from_other_records(tmp_path):
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"input_attribute": "I like tea."}, {"text": "not a UPQA item"}]))
+    with pytest.raises(UserError, match="not a recognised import"):
+        read_import(plain)
+    lines = tmp_path / "both.jsonl"
+    lines.write_text(json.dumps({"text": "an item with messages", "messages": [{"role": "user", "content": "x"}]}) + "\n")
+    assert [text for _, _, text, _ in read_import(lines)] == [b"an item with messages"]
+
+
+def test_an_empty_passphrase_is_a_user_error_saying_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALPERS_PASSPHRASE", "")
+    with pytest.raises(UserError, match="set but empty"):
+        Store.open(tmp_path / "home")
+
+
+def test_invariant_learning_retries_only_a_fact_whose_edit_failed_and_reads_only_the_users_own_messages(store):
+    from localpers.personalize.detect import detect_facts
+
+    first = store.learn_text("ann", "I'm vegetarian.", detect_facts)
+    [job] = store.jobs("ann")
+    assert job["object"] == "job"
+    store.finish_job(job["id"], "done")
+    again = store.learn_text("ann", "I'm vegetarian.", detect_facts)
+    assert again["retried"] == [] and again["facts"] == []  # held already, its edit succeeded
+    [fact] = store.facts("ann")
+    assert fact["id"] == first["facts"][0]["id"] and fact["statement"] == "I'm vegetarian."
+    chat = [{"role": "user", "name": "bob", "content": "I'm vegan."}, {"role": "user", "content": "I live in Lyon."}]
+    learned = store.learn_chat("ann", chat, detect_facts)
+    assert [f["attribute"] for f in learned["facts"]] == ["home"]  # bob's statement is not ann's
+    assert "I'm vegan." not in [i["text"] for i in store.items("ann")]
+    moved = store.learn_texts("cy", ["I live in Paris.", "I live in Lyon."], detect_facts)  # the later one wins
+    [home] = [f for f in store.facts("cy") if f["attribute"] == "home"]
+    assert [f["id"] for f in moved["facts"]] == [home["id"]] and "Lyon" in home["statement"]
+
+
+def test_invariant_export_names_when_the_user_was_created_and_forget_removes_a_node_file_naming_them(store):
+    import time
+
+    store.add("ann", "a note")
+    assert abs(store.export("ann")["created"] - time.time()) < 60
+    node = store.directory / "sync" / "node.toml"
+    node.parent.mkdir(parents=True)
+    node.write_text('user = "ann"\n')
+    store.add("bob", "a note")
+    store.forget("bob")
+    assert node.exists()  # another user's
+    store.forget("ann")
+    assert not node.exists()
+
+
+def test_invariant_deleting_a_message_deletes_the_kept_responses_that_quote_it_even_beside_an_image(store):
+    item = store.add("ann", "a note")
+    parts = [{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "a note"}]
+    store.keep_response("ann", "resp-1", [{"role": "user", "content": parts}])
+    store.delete_item("ann", item)
+    assert store.response_conversation("ann", "resp-1") is None
+
+
+def test_invariant_supersede_queued_settles_only_the_kinds_jobs_queued_before_the_run(store):
+    import time
+
+    store.add("ann", "a note")
+    before = time.time() - 60
+    early = store.queue_job("ann", "edit")
+    other = store.queue_job("ann", "perce")
+    assert store.supersede_queued("ann", "edit", before, "personalize") == 0  # queued after that run began
+    assert store.supersede_queued("ann", "edit", time.time() + 1, "personalize") == 1
+    states = {j["id"]: (j["state"], j["result"]) for j in store.jobs("ann")}
+    assert states[early["id"]] == ("done", {"superseded_by": "personalize"})
+    assert states[other["id"]][0] == "queued"

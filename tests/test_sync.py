@@ -434,3 +434,178 @@ def test_invariant_the_strategy_waits_for_enough_devices_and_records_each_rounds
     assert {k: strategy.history[-1][k] for k in ("round", "devices", "failures")} == \
         {"round": 2, "devices": 3, "failures": 1}
     assert sum(strategy.history[-1]["sizes"]) > 0 and strategy.knowledge is not None
+
+
+# -- the full mutation run of sync/sync.py (docs/history/mutation/localpers.sync.sync.survivors.txt) --------------
+
+def test_invariant_secagg_shares_everyone_up_to_16_then_an_odd_log_degree_with_a_majority_threshold():
+    """Up to 16 devices: all neighbours (1.0), half must survive (0.5); above: 2 * ceil(log2 n) + 1 neighbours
+    (odd) of which a strict majority must survive, growing like log n."""
+    for n in (2, 3, 16):
+        assert sync.secagg_shares(n) == (1.0, 0.5)
+    for n, shares in ((17, 11), (32, 11), (33, 13), (1024, 21), (1025, 23)):
+        got, threshold = sync.secagg_shares(n)
+        assert (got, threshold) == (shares, shares // 2 + 1) and got % 2 == 1 and threshold > got / 2, n
+        assert isinstance(got, int) and got < n
+
+
+def test_invariant_the_error_bound_is_n_roundings_of_one_quantization_step():
+    """n devices each add less than one step 2c/Q of SecAgg+'s quantizer: the bound is n * 2c / Q, linear in n
+    and in the clipping range, and shrinks as Q grows."""
+    noisy = sync.SyncConfig(**{**CFG.__dict__, "epsilon": 0.5, "delta": 1e-5})
+    for cfg in (CFG, noisy):
+        c = cfg.clipping_range
+        assert sync.error_bound(10, cfg) == pytest.approx(10 * 2 * c / sync.QUANTIZATION_RANGE)
+        assert sync.error_bound(10, cfg, quantization_range=1000) == pytest.approx(10 * 2 * c / 1000)
+        assert sync.error_bound(20, cfg) == pytest.approx(2 * sync.error_bound(10, cfg))
+    assert noisy.clipping_range > 2 and sync.error_bound(1, noisy) > sync.error_bound(1, CFG)
+
+
+def test_invariant_check_cohort_refuses_fewer_than_two_devices_and_any_cohort_whose_sum_can_wrap():
+    """n * quantization_range must stay below the modulus: the largest cohort allowed is (M - 1) // Q, one more
+    is refused, and the message says how many devices fit."""
+    sync.check_cohort(2, CFG)
+    with pytest.raises(UserError, match="at least 2 devices, got 1"):
+        sync.check_cohort(1, CFG)
+    largest = (sync.MODULUS_RANGE - 1) // sync.QUANTIZATION_RANGE
+    sync.check_cohort(largest, CFG)
+    with pytest.raises(UserError, match=f"cohort of {largest + 1} devices overflows.*at most {largest} devices"):
+        sync.check_cohort(largest + 1, CFG)
+    sync.check_cohort(9, CFG, quantization_range=10, modulus_range=100)  # 90 < 100
+    with pytest.raises(UserError, match="at most 9 devices"):
+        sync.check_cohort(10, CFG, quantization_range=10, modulus_range=100)  # 100 wraps
+    sync.check_cohort(10, CFG, quantization_range=10, modulus_range=101)  # 100 < 101
+    with pytest.raises(UserError, match="at most 10 devices"):
+        sync.check_cohort(11, CFG, quantization_range=10, modulus_range=101)
+
+
+def test_invariant_a_sync_config_refuses_each_bad_field_naming_it_and_takes_every_edge_value():
+    for name in ("k", "dim", "vocab", "rounds", "min_contributors"):
+        with pytest.raises(UserError, match=f"sync: {name} must be >= 1, got 0"):
+            sync.SyncConfig(**{name: 0})
+    sync.SyncConfig(n_layer=0, steer_dim=0, min_size=1)  # no steering; a community of one
+    for bad in ({"n_layer": -1}, {"steer_dim": -1}, {"min_size": 0}):
+        with pytest.raises(UserError, match="n_layer and steer_dim must be >= 0, min_size >= 1"):
+            sync.SyncConfig(**bad)
+    sync.SyncConfig(epsilon=0.5, delta=1e-9)
+    for bad in ({"epsilon": 0.0}, {"epsilon": -1.0}, {"delta": 0.0}, {"delta": 1.0}, {"delta": 1.5}):
+        with pytest.raises(UserError, match="need epsilon > 0 and 0 < delta < 1"):
+            sync.SyncConfig(**bad)
+    sync.SyncConfig(steer_clip=0.5, hist_clip=0.5)
+    for bad in ({"steer_clip": 0.0}, {"hist_clip": 0.0}):
+        with pytest.raises(UserError, match="steer_clip and hist_clip must be > 0"):
+            sync.SyncConfig(**bad)
+
+
+def test_invariant_the_run_config_has_dashed_keys_keeps_numbers_and_round_trips():
+    """Flower's run config: dashed keys, numbers as numbers, an infinite epsilon as the string "inf"."""
+    for cfg in (CFG, sync.SyncConfig(epsilon=2.0, delta=1e-5)):
+        rc = cfg.to_run_config()
+        assert all("_" not in key for key in rc) and rc["min-size"] == cfg.min_size
+        assert rc["delta"] == cfg.delta and isinstance(rc["delta"], float) and isinstance(rc["k"], int)
+        assert sync.SyncConfig.from_run_config(rc) == cfg
+    assert CFG.to_run_config()["epsilon"] == "inf" and sync.SyncConfig(epsilon=2.0).to_run_config()["epsilon"] == 2.0
+
+
+def test_invariant_assign_picks_the_nearest_centroid_by_cosine_whatever_the_centroids_norms():
+    centroids = np.array([[10.0, 0.0], [0.1, 0.1], [0.0, -3.0]])
+    assert sync.assign(np.array([1.0, 1.0]), centroids) == 1  # 45 degrees away from the long one
+    assert sync.assign(np.array([1.0, 0.2]), centroids) == 0
+    assert sync.assign(np.array([0.1, -1.0]), centroids) == 2
+
+
+def _balle_epsilon(zs, delta):
+    """Balle et al. 2020, Thm. 21, written from the paper: min over orders a of
+    rdp(a) + log((a - 1) / a) - (log(delta) + log(a)) / (a - 1), rdp(a) = sum a / (2 z^2)."""
+    return max(0.0, min(sum(a / (2 * z * z) for z in zs) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
+                        for a in sync.RDP_ORDERS))
+
+
+def _exact_gaussian_epsilon(z, delta):
+    """The exact epsilon of one Gaussian mechanism (Balle and Wang 2018): the root of
+    Phi(1/(2z) - eps z) - e^eps Phi(-1/(2z) - eps z) = delta; every valid accountant is at or above it."""
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        eps = (lo + hi) / 2
+        d = norm.cdf(1 / (2 * z) - eps * z) - math.exp(eps) * norm.cdf(-1 / (2 * z) - eps * z)
+        lo, hi = (eps, hi) if d > delta else (lo, eps)
+    return hi
+
+
+def test_invariant_composed_epsilon_is_balles_conversion_and_never_below_the_exact_gaussian_epsilon():
+    assert sync.compose_epsilon([], 1e-5) == 0.0 and sync.compose_epsilon([1.0, 0.0], 1e-5) == math.inf
+    for zs in ([0.8], [2.0], [5.0, 5.0, 5.0], [50.0]):
+        eps = sync.compose_epsilon(zs, 1e-5)
+        assert eps == pytest.approx(_balle_epsilon(zs, 1e-5), rel=1e-12), zs
+        if len(zs) == 1:
+            assert _exact_gaussian_epsilon(zs[0], 1e-5) <= eps <= 1.5 * _exact_gaussian_epsilon(zs[0], 1e-5) + 0.05
+    assert 0 < sync.compose_epsilon([50.0], 1e-5) < 0.5  # much noise: a small epsilon, not clamped up
+
+
+def test_invariant_publish_gives_large_enough_communities_their_unit_mean_and_keeps_the_rest_previous():
+    """publish (the server's step): noisy counts rounded, negatives 0; a community of at least min_size gets the
+    unit mean of its vectors (one whose mean is zero keeps its previous centroid), its steering as the mean in
+    model units (times steer_clip) and its histogram times hist_clip, negatives 0; the others publish nothing."""
+    cfg = sync.SyncConfig(k=4, dim=2, n_layer=1, steer_dim=2, vocab=2, min_size=2, steer_clip=8.0, hist_clip=4.0)
+    previous = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    steering = np.arange(8, dtype=np.float64).reshape(4, 1, 2) / 10
+    hist = np.array([[0.1, -0.05], [0.2, 0.2], [0.3, 0.3], [0.4, 0.4]])
+    sums = sync.Sums(counts=np.array([3.4, 1.0, -0.6, 2.2]), vectors=np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]),
+                     steering=steering, histograms=hist)
+    k = sync.publish(sums, previous, cfg)
+    assert k.published.tolist() == [True, False, False, True]
+    np.testing.assert_allclose(k.sizes, [3.0, 0.0, 0.0, 2.0])
+    np.testing.assert_allclose(k.centroids, [[0.6, 0.8], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    np.testing.assert_allclose(k.steering[0], steering[0] * 8.0 / 3.0)
+    np.testing.assert_allclose(k.steering[3], steering[3] * 8.0 / 2.0)
+    assert not k.steering[1:3].any() and not k.histograms[1:3].any()
+    np.testing.assert_allclose(k.histograms[0], [0.4, 0.0])
+    np.testing.assert_allclose(k.histograms[3], [1.6, 1.6])
+    # a noisy count below one half is no member: with min_size 1 it publishes nothing
+    one = sync.publish(sync.Sums(counts=np.array([0.3]), vectors=np.array([[1.0, 0.0]]),
+                                 steering=np.zeros((1, 1, 2)), histograms=np.zeros((1, 2))),
+                       np.array([[0.0, 1.0]]), sync.SyncConfig(k=1, dim=2, n_layer=1, steer_dim=2, vocab=2, min_size=1))
+    assert one.published.tolist() == [False] and one.sizes.tolist() == [0.0]
+
+
+def test_invariant_knowledge_saves_into_a_new_folder_loads_back_whole_and_never_unpickles(tmp_path):
+    k = sync.plain_kmeans(make_users(6), CFG, rounds=1)
+    k.meta = {"rounds": 1, "epsilon_total": 0.5}
+    path = k.save(tmp_path / "new" / "deeper" / "knowledge.npz")
+    back = sync.Knowledge.load(path)
+    for name in ("centroids", "sizes", "steering", "histograms", "published"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(k, name))
+    assert back.meta == k.meta and back.published.dtype == bool
+    again = sync.Knowledge.from_arrays(k.arrays(), k.meta)
+    assert again.meta == k.meta and again.published.dtype == bool
+    np.testing.assert_array_equal(again.published, k.published)
+    assert sync.Knowledge.from_arrays(k.arrays()).meta == {}
+    evil = tmp_path / "evil.npz"
+    np.savez(evil, centroids=np.array([{"x": 1}], dtype=object), sizes=k.sizes, steering=k.steering,
+             histograms=k.histograms, published=k.published, meta=np.array("{}"))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        sync.Knowledge.load(evil)
+
+
+def test_invariant_a_noisy_share_stays_in_secaggs_range_and_the_oracle_carries_it(monkeypatch):
+    """A device's share is clipped to SecAgg+'s [-c, c] (here with a headroom small enough that the noise
+    reaches both ends), and the oracle with rng carries every device's noise share."""
+    monkeypatch.setattr(sync, "NOISE_HEADROOM_SIGMAS", 0.5)
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "epsilon": 0.2, "delta": 1e-5})
+    users = make_users(6, cfg)
+    c = cfg.clipping_range
+    assert c == 1.0 + 0.5 * cfg.share_std
+    for seed in range(5):
+        flat, _ = sync.encode(users[0], sync.initial_centroids(cfg), cfg, np.random.default_rng(seed))
+        assert flat.min() == -c and flat.max() == c  # clipped, at both ends
+    plain = sync.plain_kmeans(users, cfg, rounds=1)
+    noisy = sync.plain_kmeans(users, cfg, rounds=1, rng=np.random.default_rng(0))
+    assert not np.allclose(plain.histograms, noisy.histograms)
+
+
+def test_invariant_the_ledger_is_written_into_a_new_data_folder_with_the_time_of_writing(tmp_path):
+    import time
+
+    sync.log_sent(tmp_path / "new" / "data", {"round": 1, "bytes": 10})
+    [entry] = sync.read_log(tmp_path / "new" / "data")
+    assert entry["round"] == 1 and entry["bytes"] == 10 and abs(entry["time"] - time.time()) < 60

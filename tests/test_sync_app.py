@@ -58,8 +58,9 @@ def test_invariant_the_server_publishes_its_privacy_terms_and_writes_them_to_out
     out = tmp_path / "runs" / "server"  # made, parents included
     nodes = devices(tmp_path, make_users(4))
     started = time.perf_counter()
-    strategy, _ = sync_app.simulate(nodes, {**run_config(cfg, 4), "out-dir": str(out)})
+    strategy, _ = sync_app.simulate(nodes, {**run_config(cfg, 4), "out-dir": str(out), "wait": 7.5})
     took = time.perf_counter() - started
+    assert strategy.wait_seconds == 7.5  # run config wait: how long the server waits for min-devices
     meta = strategy.knowledge.meta
     saved = sync.Knowledge.load(out / sync.GLOBAL_KNOWLEDGE_FILE)
     assert meta == {"rounds": 2, "epsilon_per_round": 8.0, "delta": cfg.delta,
