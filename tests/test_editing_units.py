@@ -37,15 +37,17 @@ def test_invariant_the_edit_job_runs_personalize_for_its_job_and_reports_counts_
 
     def personalize(user, **kwargs):
         calls.append((user, kwargs))
-        return Result([edit(FACT), edit(OTHER)], failed=[(FACT, "no idea")], artifact=7, retired=3)
+        return Result([edit(FACT), edit(OTHER)], failed=[(FACT, "no idea")], artifact=7, retired=3, reused=1)
 
     monkeypatch.setattr(editing, "personalize", personalize)
     store, engine = object(), object()
-    assert editing.edit_job(store, "ann", engine, 42) == {"artifact": 7, "edited": 2, "failed": 1, "retired": 3}
+    assert editing.edit_job(store, "ann", engine, 42) == {"artifact": 7, "edited": 2, "failed": 1, "retired": 3,
+                                                          "reused": 1}
     [(user, kwargs)] = calls
     assert user == "ann" and kwargs == {"engine": engine, "store": store, "job": 42}
     monkeypatch.setattr(editing, "personalize", lambda user, **kw: Result([]))
-    assert editing.edit_job(store, "ann", engine, 43) == {"artifact": None, "edited": 0, "failed": 0, "retired": 0}
+    assert editing.edit_job(store, "ann", engine, 43) == {"artifact": None, "edited": 0, "failed": 0, "retired": 0,
+                                                          "reused": 0}
 
 
 def test_result_summary_names_each_edit_failure_and_skip():

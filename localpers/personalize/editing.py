@@ -1310,10 +1310,11 @@ def reuse_values(store, user: str, sha: str, editor: Editor, facts: list[Fact]) 
 
 def edit_job(store, user: str, engine, job: int) -> dict:
     """The worker's `edit` job (localpers.serve.jobs): personalize with the server's store and engine. Returns
-    what the job list shows: counts and the registered artifact's id, no text."""
+    what the job list shows: counts (routed edits: how many adapters were kept from the last run) and the
+    registered artifact's id, no text."""
     result = personalize(user, engine=engine, store=store, job=job)
     return {"artifact": result.artifact, "edited": len(result.edits), "failed": len(result.failed),
-            "retired": result.retired}
+            "retired": result.retired, "reused": result.reused}
 
 
 # ---------------------------------------------------------------- the evaluation method
