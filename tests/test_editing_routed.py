@@ -230,3 +230,16 @@ def test_a_types_own_question_word_for_word_goes_to_that_type_before_stems():
     assert pick_route(routes, "What do I do for a living?") == routes[3]
     assert pick_route(routes, "What is my profession?") == routes[3]
     assert pick_route(routes, "Where do I live?") == routes[0]
+
+
+def test_invariant_a_question_about_a_type_the_user_has_no_fact_of_gets_no_edit():
+    """After the music fact is gone, "What music do I like?" must not get the food fact's adapter through "like"
+    (as a tester's server did); a type's natural question with no fact of that type gets none either."""
+    facts = [f for f in facts_of(5) if "jazz" not in f.statement]
+    routes = [(f"/a/{i}.gguf", route_words(f)) for i, f in enumerate(facts)]
+    assert pick_route(routes, "What music do I like?") is None
+    assert pick_route(routes, "Which songs do I enjoy?") is None
+    assert pick_route(routes, "Any music you think I'd like?") is None   # by the type's keywords, not word for word
+    no_job = [r for r, f in zip(routes, facts) if "nurse" not in f.statement]
+    assert pick_route(no_job, "What do I do for a living?") is None
+    assert pick_route(no_job, "Where do I live?") == no_job[0]

@@ -258,8 +258,9 @@ def test_edit_methods_pass_their_config_and_serve_registered_users_only_their_ed
     assert editing.ALL_QUESTIONS.train_questions == 0
     # an evaluation user with several facts: the routed adapter of the question; edit-joint: one joint adapter
     two = User("w", preferences=("I live in Paris.", "I love jazz music."))
+    words = [editing.route_words(editing.fact_from_statement(s)) for s in two.preferences]
     monkeypatch.setattr(editing, "user_routes", lambda user, engine, config=None: (
-        ("/r/paris.gguf", "live paris home"), ("/r/jazz.gguf", "jazz music")))
+        ("/r/paris.gguf", words[0]), ("/r/jazz.gguf", words[1])))
     assert editing.edit_method(two, "What music do I like?", engine).artifacts.lora == (("/r/jazz.gguf", 1.0),)
     assert editing.edit_method(two, "What is 2 + 2?", engine).artifacts.lora == ()
     assert editing.edit_joint(two, "What music do I like?", engine).artifacts.lora == (("/c/a.gguf", 1.0),)

@@ -1039,25 +1039,51 @@ def route_words(fact: Fact) -> str:
     return " ".join((fact.statement, *synonyms, *keywords, *NATURAL_QUESTIONS.get(attribute, ())))
 
 
+def _phrase(text: str) -> str:
+    return " " + " ".join(re.findall(r"[a-z0-9']+", text.lower())) + " "
+
+
+def question_types(query: str) -> tuple[set[str], bool]:
+    """The attribute types a question asks about, and whether it asks word for word: the types whose natural
+    questions it is ("What do I do for a living?": job, profession; True), else the types whose keywords it holds
+    most (as detect_attribute counts them: "What music do I like?": music preference; False); (set(), False) when
+    it names none
+    ("Where do I live?")."""
+    asked = _phrase(query)
+    exact = {a for a, questions in NATURAL_QUESTIONS.items() if any(_phrase(q) == asked for q in questions)}
+    if exact:
+        return exact, True
+    text = f" {query.lower()} "   # detect_attribute's keyword count, every type tied at the top
+    scores = {name: sum(f" {kw}" in text for kw in keywords) for name, (_, keywords) in ATTRIBUTES.items()}
+    top = max(scores.values())
+    return ({name for name, score in scores.items() if score == top} if top else set()), False
+
+
+def route_type(words: str) -> str | None:
+    """The attribute type of a route (route_words holds all of its type's synonyms), or None."""
+    return next((a for a, (synonyms, _) in ATTRIBUTES.items() if all(s in words for s in synonyms)), None)
+
+
 def pick_route(routes, query: str):
-    """The route (file, words, ...) whose words match `query` best by BM25 (ties: the later fact), or None when no
-    route shares a term with it: a neutral question gets no edit at all. WISE (Wang et al. 2024) routes a query
-    to its side memory by activations; here by the words of each fact's attribute type, which llama.cpp's LoRA
-    (linear, applied to every token) cannot do itself."""
+    """The route (file, words, ...) for `query`, or None: a neutral question gets no edit at all. The best BM25
+    match of the route words (ties: the later fact), none when no route shares a term; but a question that names
+    an attribute type (question_types) the user has no fact of gets none ("What music do I like?" after the music
+    fact was deleted: not the food fact's adapter through "like"), and one that is a type's natural question word
+    for word goes only to routes of that type ("What do I do for a living?": not a home fact through the stem
+    "live"). Restricting to the keyword type too cost 2 of 10 paraphrases on the 10-fact user (facts_gate.py).
+    WISE (Wang et al. 2024) routes a query to its side memory by activations; here by words, which llama.cpp's
+    LoRA (linear, applied to every token) cannot do itself."""
     from localpers.store.retrieval import BM25Index
 
     routes = list(routes)
     if not routes or not query.strip():
         return None
-
-    def phrase(text: str) -> str:
-        return " " + " ".join(re.findall(r"[a-z0-9']+", text.lower())) + " "
-
-    # a question one of the types' own natural questions asks word for word ("What do I do for a living?") goes
-    # to those routes, before BM25 (whose stems would send "living" to a home fact's "live")
-    asked = phrase(query)
-    exact = [r for r in routes if len(asked) > 2 and asked in phrase(r[1])]
-    routes = exact or routes
+    types, exact = question_types(query)
+    if types:
+        mine = [r for r in routes if route_type(r[1]) in types]
+        if not mine:
+            return None
+        routes = mine if exact else routes
     index = BM25Index()
     for i, (_, words, *_) in enumerate(routes):
         index.add(i, words)
