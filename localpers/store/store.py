@@ -1361,26 +1361,24 @@ class Store:
         fact, each route naming its source item) lose only the routes of those items, files included, and stay
         served for the others (_prune_routes); nothing derived from a deleted item is left either way."""
         rows = conn.execute(
-            f"SELECT DISTINCT a.id, a.path, a.method FROM artifacts a, json_each(a.sources) s WHERE a.user_id = ?"
-            f" AND s.value IN ({','.join('?' * len(item_ids))})", (user_id, *item_ids)).fetchall()
+            f"SELECT DISTINCT a.id, a.path, a.method, a.kind, a.meta FROM artifacts a, json_each(a.sources) s"
+            f" WHERE a.user_id = ? AND s.value IN ({','.join('?' * len(item_ids))})", (user_id, *item_ids)).fetchall()
         retired, paths = [], []
-        for artifact_id, path, _ in rows:
-            pruned = self._prune_routes(conn, user_id, artifact_id, path, set(item_ids))
+        for artifact_id, path, _, kind, sealed in rows:
+            pruned = None if kind != names.LORA_ROUTES else \
+                self._prune_routes(conn, user_id, artifact_id, path, sealed, set(item_ids))
             if pruned is None:
                 retired.append(artifact_id)
                 paths.append(path)
             else:
                 paths += pruned
         conn.executemany("DELETE FROM artifacts WHERE id = ?", [(i,) for i in retired])
-        return paths, {m for _, _, m in rows}
+        return paths, {row[2] for row in rows}
 
-    def _prune_routes(self, conn, user_id: int, artifact_id: int, path: str, gone: set[int]) -> list[str] | None:
+    def _prune_routes(self, conn, user_id: int, artifact_id: int, path: str, sealed, gone: set[int]) -> list[str] | None:
         """Inside a write: drop the routes whose source item is in `gone` from a names.LORA_ROUTES artifact (its
-        meta "routes" and its sources) and return their files' paths; None when the artifact is another kind, a
-        route has no source, or no route would be left (then the whole artifact is retired)."""
-        kind, sealed = conn.execute("SELECT kind, meta FROM artifacts WHERE id = ?", (artifact_id,)).fetchone()
-        if kind != names.LORA_ROUTES:
-            return None
+        sealed meta's "routes" and its sources) and return their files' paths; None when a route has no source or
+        no route would be left (then the whole artifact is retired)."""
         aad = b"%d:artifact" % user_id
         meta = json.loads(self.cipher.open(sealed, aad))
         routes = meta.get("routes")
