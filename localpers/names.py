@@ -18,6 +18,8 @@ ARTIFACT_KINDS = (LORA, CONTROL_VECTOR, MODEL, LORA_ROUTES)
 # ---- history item kinds (store items' `kind`; `remember --kind`, `history --kind`)
 MESSAGE = "message"        # something the user said (the default)
 PREFERENCE = "preference"  # a stated preference: `personalize` edits these, the `prompt` method lists them
+SUPERSEDED_BY = "superseded_by"  # a message's meta key: the id of the later message that replaced or withdrew a
+                                 # fact it stated ("I live in Oslo." after "I moved to Paris."); not retrieved
 DOCUMENT = "document"      # a text the user wrote (LaMP/LongLaMP profile entries)
 REVIEW = "review"          # a review the user wrote (LaMP/LongLaMP product reviews)
 ITEM_KINDS = (MESSAGE, PREFERENCE, DOCUMENT, REVIEW)

@@ -76,7 +76,9 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
     it per request), and their current artifacts made for this base model. An unknown user is a user with
     nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier turns)
     are not retrieved: the model sees them in the conversation already; nor is a text already retrieved (the
-    same words stored as a message and as the preference learnt from it). `preferences=False` (a spec without
+    same words stored as a message and as the preference learnt from it), nor a message whose fact the user
+    has since replaced or withdrawn (meta names.SUPERSEDED_BY: "I live in Oslo." after "I moved to Paris.").
+    `preferences=False` (a spec without
     `prompt`, Composer.needs_preferences) leaves the stated preferences and facts out: O(1) in their number."""
     try:
         preferences = store.items(user, kind=names.PREFERENCE) if preferences else []
@@ -94,7 +96,7 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
             return []
         found, texts = [], set(said)
         for hit in hits:  # a text stored twice (a chat message and the preference learnt from it) is shown once
-            if hit["text"] not in texts:
+            if hit["text"] not in texts and names.SUPERSEDED_BY not in hit["meta"]:
                 texts.add(hit["text"])
                 found.append((hit["id"], hit["text"]))
         return found[:k]

@@ -939,6 +939,7 @@ class Store:
                     gone = [i for i, v in held if v == value or not fact.key]
                     if gone:
                         out["retired"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)} for i in gone]
+                        self._mark_superseded(conn, user_id, gone, message_id)
                         paths += self._delete(conn, user_id, gone)
                     continue
                 if any(v == value for _, v in held):  # held already; its edit failed last time: tried again
@@ -951,6 +952,7 @@ class Store:
                     out["facts"] = [f for f in out["facts"] if f["id"] not in {i for i, _ in held}]
                     out["replaced"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)}
                                         for i, _ in held if i not in new_now]
+                    self._mark_superseded(conn, user_id, [i for i, _ in held], message_id)
                     paths += self._delete(conn, user_id, [i for i, _ in held])
                 meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
                 [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
@@ -958,6 +960,24 @@ class Store:
                              (fact_id, user_id, slot, value, message_id))
                 out["facts"].append({"id": fact_id, "attribute": fact.attribute})
         return paths
+
+    def _mark_superseded(self, conn, user_id: int, fact_ids: list[int], by: int) -> None:
+        """Inside a write, before facts `fact_ids` are replaced or retired by chat message `by`: each earlier chat
+        message they were learned from gets meta names.SUPERSEDED_BY = by, so retrieval no longer quotes a
+        statement the user has since changed ("I live in Oslo." once "I moved to Paris." replaced it; a compound
+        message goes as a whole: its other facts stay served from their preferences). A fact without a message
+        (an imported preference) and `by` itself (a replacement inside one message) mark nothing."""
+        marks = ",".join("?" * len(fact_ids))
+        messages = [m for (m,) in conn.execute(
+            f"SELECT DISTINCT message FROM facts WHERE user_id = ? AND item_id IN ({marks}) AND message IS NOT NULL",
+            (user_id, *fact_ids)) if m != by]
+        aad = b"%d:meta" % user_id
+        for message_id in messages:
+            row = conn.execute("SELECT meta FROM items WHERE id = ? AND user_id = ?", (message_id, user_id)).fetchone()
+            if row is not None:
+                meta = _read_meta(self.cipher.open(row[0], aad)) | {names.SUPERSEDED_BY: by}
+                conn.execute("UPDATE items SET meta = ? WHERE id = ?",
+                             (self.cipher.seal(json.dumps(meta, ensure_ascii=False).encode("utf-8"), aad), message_id))
 
     def _edit_failed(self, conn, user_id: int) -> bool:
         """Inside a write: did the user's newest edit job fail (and none is queued or running after it)?"""
