@@ -243,3 +243,24 @@ def test_invariant_a_question_about_a_type_the_user_has_no_fact_of_gets_no_edit(
     no_job = [r for r, f in zip(routes, facts) if "nurse" not in f.statement]
     assert pick_route(no_job, "What do I do for a living?") is None
     assert pick_route(no_job, "Where do I live?") == no_job[0]
+
+
+@pytest.mark.parametrize("routes, expected", [
+    ([{"file": "fact-a.gguf", "words": "paris", "fact": "f1", "source": 3}],
+     [{"file": "fact-a.gguf", "words": "paris", "fact": "f1", "source": 3}]),
+    ([{"file": "fact-a.gguf", "words": "paris"}], [{"file": "fact-a.gguf", "words": "paris", "fact": None, "source": None}]),
+    ([{"file": "fact-a.gguf", "words": "x", "source": True}], [{"file": "fact-a.gguf", "words": "x", "fact": None, "source": None}]),
+    ([{"file": "../other/fact-a.gguf", "words": "paris"}], None),     # a file of another folder
+    ([{"file": "sub/fact-a.gguf", "words": "paris"}], None),
+    ([{"file": "..", "words": "paris"}], None),
+    ([{"file": "fact-a.gguf", "words": "x"}, {"file": "fact-b.gguf"}], None),   # one route without words: all
+    ([{"file": "fact-a.gguf", "words": "x"}, "fact-b.gguf"], None),
+    ([], None), ("fact-a.gguf", None), (None, None),
+])
+def test_invariant_one_reader_of_routes_refuses_any_malformed_route(routes, expected):
+    """store.read_routes, which the served composition, the store's pruning and the next edit job all read: a
+    folder's routes are read whole or not at all (a served file is always inside the artifact's folder)."""
+    from localpers.store.store import read_routes
+
+    assert read_routes({"routes": routes}) == expected
+    assert read_routes(None) is None and read_routes({"method": "edit"}) is None

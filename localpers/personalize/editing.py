@@ -38,6 +38,7 @@ from localpers import names
 from localpers.engine.engine import model_sha256 as base_model_sha256  # the key `localpers serve` looks adapters up by
 from localpers.errors import UserError
 from localpers.personalize.methods import Fact
+from localpers.store.store import read_routes
 
 log = logging.getLogger(__name__)
 
@@ -1305,8 +1306,7 @@ def routed_adapters(store, user: str, sha: str) -> dict[str, Path]:
     if not current:
         return {}
     folder = Path(current[0]["path"])
-    return {r["fact"]: folder / r["file"] for r in (current[0]["meta"] or {}).get("routes", [])
-            if isinstance(r, dict) and isinstance(r.get("fact"), str) and isinstance(r.get("file"), str)}
+    return {r["fact"]: folder / r["file"] for r in read_routes(current[0]["meta"]) or () if r["fact"] is not None}
 
 
 def reuse_values(store, user: str, sha: str, editor: Editor, facts: list[Fact]) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 from localpers import names
 from localpers.personalize.datasets import upqa_fact
 from localpers.personalize.methods import Personalized, RegisteredArtifact, User, get_method
-from localpers.store.store import NotFoundError
+from localpers.store.store import NotFoundError, read_routes
 
 DEFAULT_SPEC = f"{names.EDIT}+{names.RAG}"
 
@@ -108,20 +108,12 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
 
 
 def routes_of(artifact: dict) -> tuple[tuple[str, str, int | None], ...]:
-    """A names.LORA_ROUTES artifact's routes as (adapter file, words, source item id); () for any other artifact.
-    A route naming a file outside the artifact's folder is dropped (the meta is the store's, but a path is
-    checked)."""
+    """A names.LORA_ROUTES artifact's routes as (adapter file, words, source item id) (store.read_routes); () for
+    any other artifact or unreadable routes."""
     if artifact["kind"] != names.LORA_ROUTES:
         return ()
     folder = Path(artifact["path"])
-    out = []
-    for route in (artifact["meta"] or {}).get("routes", []):
-        if isinstance(route, dict) and isinstance(route.get("file"), str) and isinstance(route.get("words"), str):
-            path = folder / route["file"]
-            if path.parent == folder:
-                source = route.get("source")
-                out.append((str(path), route["words"], source if isinstance(source, int) else None))
-    return tuple(out)
+    return tuple((str(folder / r["file"]), r["words"], r["source"]) for r in read_routes(artifact["meta"]) or ())
 
 
 def last_user_message(messages: list[dict]) -> str:

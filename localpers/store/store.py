@@ -266,6 +266,26 @@ def _read_meta(data: bytes) -> dict:
         return {"unreadable": f"this item's meta nests more than {MAX_META_DEPTH} levels"}
 
 
+def read_routes(meta) -> list[dict] | None:
+    """A names.LORA_ROUTES artifact's routes from its registry meta (personalize.editing.edit_routed writes
+    them; the one reader of that format): dicts with "file" (a bare file name inside the artifact's folder),
+    "words" (str, what a question is matched against), "fact" (str, the fact's id; None when absent) and
+    "source" (int, the preference item's id; None when absent). None when the meta has no route list or any
+    route is malformed (a file naming another folder, no words): the artifact is then unreadable as a whole."""
+    routes = meta.get("routes") if isinstance(meta, dict) else None
+    if not isinstance(routes, list) or not routes:
+        return None
+    out = []
+    for r in routes:
+        if not (isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("words"), str)
+                and r["file"] == Path(r["file"]).name and r["file"] not in ("", ".", "..")):
+            return None
+        fact, source = r.get("fact"), r.get("source")
+        out.append({"file": r["file"], "words": r["words"], "fact": fact if isinstance(fact, str) else None,
+                    "source": source if isinstance(source, int) and not isinstance(source, bool) else None})
+    return out
+
+
 def _check_depth(meta: dict) -> None:
     """UserError when meta nests objects/arrays deeper than MAX_META_DEPTH (iterative: any depth is checked)."""
     stack = [(meta, 1)]
@@ -1401,12 +1421,10 @@ class Store:
         no route would be left (then the whole artifact is retired)."""
         aad = b"%d:artifact" % user_id
         meta = json.loads(self.cipher.open(sealed, aad))
-        routes = meta.get("routes")
-        if not isinstance(routes, list) or not all(
-                isinstance(r, dict) and isinstance(r.get("source"), int) and isinstance(r.get("file"), str)
-                and r["file"] == Path(r["file"]).name and r["file"] not in ("", ".", "..") for r in routes):
+        routes = read_routes(meta)
+        if routes is None or any(r["source"] is None for r in routes):
             return None
-        keep = [r for r in routes if r["source"] not in gone]
+        keep = [r for r in meta["routes"] if r["source"] not in gone]
         if not keep:
             return None
         meta["routes"], meta["edited"] = keep, len(keep)
