@@ -36,6 +36,7 @@ BASE = "base"      # the model as it is
 PROMPT = "prompt"  # stated preferences in the system message
 RAG = "rag"        # top-k retrieved history items before the question
 FACTS = "facts"    # the stated preferences that bear on the question, in a compact line before it
+MEMORY = "memory"  # the served memory: the edit for a question about the user, `facts` for a request (methods.memory)
 EDIT = "edit"      # Personalization Editing: rank-one ROME edits of ffn_down -> LoRA adapter
 CE = "ce"          # plain cross-entropy LoRA fine-tuning on the user's history (PerCE's baseline)
 PERCE = "perce"    # PerContrast-weighted LoRA fine-tuning (arXiv 2603.06595) -> LoRA adapter

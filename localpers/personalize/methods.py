@@ -142,6 +142,34 @@ FACTS_TOP_K = 3
 ABOUT_ME = re.compile(r"\b(my|mine|myself)\b", re.I)   # a question about the user themself
 
 
+ASKS_TO_USE = re.compile(
+    r"\b(should|shall|could|can|might|would)\s+(i|we)\b|\b(i|we)\s+(should|could|can|might|ought)\b"
+    r"|\b(recommend\w*|suggest\w*|ideas?|tips?|advice|ways?\s+to|best\s+way)\b"
+    r"|^\W*(any|give\s+me|tell\s+me\s+(a|an|some)|help\s+me|find\s+me|make\s+me|plan|suggest|recommend)\b",
+    re.I)
+
+
+def asks_to_use(query: str) -> bool:
+    """Does `query` ask the assistant for something a preference should shape (a suggestion, a recommendation,
+    a plan: "What should I cook tonight?", "Any gear I should buy for my hobby?", "Suggest a dinner.") rather
+    than about the user ("What is my diet?", "Where do I live?", "Who keeps me company at home?")? An advice
+    modal with the user as subject ("should I", "can we"), a request word (recommend, suggest, ideas, tips,
+    advice, the best way) or a request opening ("Any ...", "Give me ..."). On such a question the edit made the
+    135M model recite the preference ("What should I cook tonight?" -> "You're vegetarian.") where the stated
+    facts before the question made it answer with it ("I can suggest some vegetarian options"): `memory` serves
+    the one or the other by this test (docs/edit/README.md, "Recall and use")."""
+    return bool(ASKS_TO_USE.search(query))
+
+
+def memory(user: User, query: str, engine) -> Personalized:
+    """The served memory: Personalization Editing's adapter (`edit`) for a question about the user, the stated
+    facts that bear on the question (`facts`) for a request that should use them (asks_to_use); never both (the
+    facts line beside the adapter lowered explicit answers, the adapter on a request made the model recite)."""
+    if asks_to_use(query):
+        return facts(user, query, engine)
+    return get_method(names.EDIT)(user, query, engine)
+
+
 def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_K) -> list[str]:
     """The stated preferences that bear on `query`, at most k, in the order stated: each preference is indexed
     with the words of its attribute type (editing.ATTRIBUTES: "I'm vegetarian." also under "food diet eat cook
@@ -182,6 +210,7 @@ METHODS: dict[str, Method | str] = {
     names.PROMPT: prompt,
     names.RAG: rag,
     names.FACTS: facts,
+    names.MEMORY: memory,
     names.EDIT: "localpers.personalize.editing:edit_method",
     names.CE: "localpers.personalize.training:ce_method",
     names.PERCE: "localpers.personalize.training:perce_method",

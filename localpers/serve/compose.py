@@ -47,7 +47,7 @@ class Composer:
         picks those that bear on the question)? The trained methods serve registry artifacts and `rag` searches
         the index, so without them a request need not read (and decrypt) every stored preference: its cost stays
         independent of their number."""
-        return bool({names.PROMPT, names.FACTS} & set(self.spec.split("+")))
+        return bool({names.PROMPT, names.FACTS, names.MEMORY} & set(self.spec.split("+")))
 
     def __call__(self, user: User, query: str, engine) -> Personalized:
         return self._method(user, query, engine)
