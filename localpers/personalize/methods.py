@@ -154,20 +154,22 @@ def asks_to_use(query: str) -> bool:
     a plan: "What should I cook tonight?", "Any gear I should buy for my hobby?", "Suggest a dinner.") rather
     than about the user ("What is my diet?", "Where do I live?", "Who keeps me company at home?")? An advice
     modal with the user as subject ("should I", "can we"), a request word (recommend, suggest, ideas, tips,
-    advice, the best way) or a request opening ("Any ...", "Give me ..."). On such a question the edit made the
-    135M model recite the preference ("What should I cook tonight?" -> "You're vegetarian.") where the stated
-    facts before the question made it answer with it ("I can suggest some vegetarian options"): `memory` serves
-    the one or the other by this test (docs/edit/README.md, "Recall and use")."""
+    advice, the best way) or a request opening ("Any ...", "Give me ..."). On UPQA dev it holds for none of the
+    100 explicit and 100 paraphrased questions, 50 of the 100 implicit ones (the others ask about the user in
+    other words: "Who keeps me company at home?") and 99 of the 100 product questions. `memory` adds the stated
+    facts to such a request (docs/edit/README.md, "Recall and use")."""
     return bool(ASKS_TO_USE.search(query))
 
 
 def memory(user: User, query: str, engine) -> Personalized:
-    """The served memory: Personalization Editing's adapter (`edit`) for a question about the user, the stated
-    facts that bear on the question (`facts`) for a request that should use them (asks_to_use); never both (the
-    facts line beside the adapter lowered explicit answers, the adapter on a request made the model recite)."""
-    if asks_to_use(query):
-        return facts(user, query, engine)
-    return get_method(names.EDIT)(user, query, engine)
+    """The served memory: Personalization Editing's adapter (`edit`) for every question, and for a request that
+    should use a preference (asks_to_use) also the stated facts that bear on it (`facts`), next to the question.
+    A question about the user gets the adapter alone: beside it the line lowered explicit answers (BENCHMARKS §4);
+    a request gets both: deep in a conversation the adapter alone fades (the line does not), and at any depth the
+    pair answered more implicit questions with the preference than either alone (docs/edit/README.md, "Recall
+    and use")."""
+    edited = get_method(names.EDIT)(user, query, engine)
+    return combine([edited, facts(user, query, engine)]) if asks_to_use(query) else edited
 
 
 def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_K) -> list[str]:
