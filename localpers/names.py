@@ -38,6 +38,7 @@ RAG = "rag"        # top-k retrieved history items before the question
 FACTS = "facts"    # the stated preferences that bear on the question, in a compact line before it
 MEMORY = "memory"  # the served memory: the edit, and for a request also `facts` (methods.memory)
 EDIT = "edit"      # Personalization Editing: rank-one ROME edits of ffn_down -> LoRA adapter
+MEMORY_PARTS = (EDIT, FACTS)  # what `memory` is made of: a composition with it has a trained part (edit)
 CE = "ce"          # plain cross-entropy LoRA fine-tuning on the user's history (PerCE's baseline)
 PERCE = "perce"    # PerContrast-weighted LoRA fine-tuning (arXiv 2603.06595) -> LoRA adapter
 LOGO = "logo"      # LoGo: community knowledge fused with local signals by a mediator -> control vectors, context
