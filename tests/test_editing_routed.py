@@ -116,8 +116,11 @@ def test_personalize_routes_many_facts_reuses_their_adapters_and_goes_back_to_on
         assert composer(user, "Where do I live?", None).artifacts.lora == ((str(folder / paris), 1.0),)
         assert composer(user, "Do I have any pets?", None).artifacts.lora == ()
         trained.clear()
-        editing.personalize("ann", store=store, model_path=path, config=config)
+        again_result = editing.personalize("ann", store=store, model_path=path, config=config)
         assert trained == []
+        # nothing new, nothing gone: the served folder stays as it is, no new version of the same files
+        assert store.artifacts("ann", names.LORA_ROUTES, sha) == [pruned] and again_result.artifact == pruned["id"]
+        assert again_result.adapter == folder and len(list(folder.iterdir())) == 4
 
         # down to one preference: its adapter, always applied; the routes retired with their folder
         for item in store.items("ann", kind="preference")[1:]:

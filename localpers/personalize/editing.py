@@ -1253,9 +1253,15 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
             editor = editor_for(str(engine.model_path), config)
             with store.temp_dir(user) as tmp:
                 result = edit_routed(engine, editor, facts, Path(tmp) / "routes", routed_adapters(store, user, sha))
-                if result.adapter:
-                    for route, edit in zip(result.routes, result.edits):   # a deletion drops only its route
-                        route["source"] = source_of[edit.fact.statement]
+                for route, edit in zip(result.routes, result.edits):   # a deletion drops only its route
+                    route["source"] = source_of[edit.fact.statement]
+                current = [a for a in store.artifacts(user, names.LORA_ROUTES, sha) if a["method"] == names.EDIT]
+                if result.adapter and current and result.reused == len(result.edits) and \
+                        (current[0]["meta"] or {}).get("failed") == len(result.failed) and \
+                        _route_set(read_routes(current[0]["meta"]) or ()) == _route_set(result.routes):
+                    # nothing new, nothing gone: the served folder stays, with no new version of the same files
+                    result.artifact, result.adapter = current[0]["id"], Path(current[0]["path"])
+                elif result.adapter:
                     meta = {"method": names.EDIT, "layer": editor.config.layer, "routes": result.routes,
                             "sources": [source_of[e.fact.statement] for e in result.edits],
                             "edited": len(result.edits), "failed": len(result.failed)}
@@ -1297,6 +1303,10 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
         if job is None:  # by hand: the edit job its preferences queued for the server is done now
             store.supersede_queued(user, names.EDIT, before=started, by="localpers personalize")
     return result
+
+
+def _route_set(routes) -> set[tuple]:
+    return {(r.get("fact"), r.get("source"), r.get("words")) for r in routes}
 
 
 def routed_adapters(store, user: str, sha: str) -> dict[str, Path]:
