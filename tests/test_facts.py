@@ -428,6 +428,27 @@ def test_chat_reports_what_it_learned_without_text(client):
     assert client.get("/v1/users/carol/facts").json()["data"] == []
 
 
+def test_invariant_another_participant_of_a_group_chat_is_never_served_the_users_memory(client):
+    """A group chat sent for "cara": the last user message is dora's, so nothing of cara's (her facts line, her
+    history, her adapters) composes the reply; cara's own next message is personalized again."""
+    client.post("/v1/users/cara/memories", json={"text": "I live in Berlin and I'm vegetarian.", "kind": "preference"})
+    asked = {"user": "cara", "max_tokens": 2, "localpers": {"explain": True}}
+    r = client.post("/v1/chat/completions", json=asked | {"messages": [
+        {"role": "user", "content": "Where do I live?"}]})
+    assert r.json()["localpers"]["retrieved"]   # cara herself: her history is retrieved
+    for name in ("dora", "Dora "):
+        r = client.post("/v1/chat/completions", json=asked | {"messages": [
+            {"role": "user", "name": "cara", "content": "I live in Berlin."},
+            {"role": "user", "name": name, "content": "Where do I live?"}]})
+        assert r.status_code == 200
+        assert r.json()["localpers"] == {"composition": names.BASE, "artifacts": [], "retrieved": []}
+    for name in ("cara", "CARA"):
+        r = client.post("/v1/chat/completions", json=asked | {"messages": [
+            {"role": "user", "name": "dora", "content": "Hi all."},
+            {"role": "user", "name": name, "content": "Where do I live?"}]})
+        assert r.json()["localpers"]["composition"] != names.BASE and r.json()["localpers"]["retrieved"]
+
+
 def test_a_remembered_preference_over_http_is_learned_as_facts(client):
     """chat's /remember posts {"text", "kind": "preference"}: split into facts through the index, so a later
     retirement in chat leaves no contradicting preference; text that states no fact is a one-line 400."""

@@ -58,7 +58,7 @@ from localpers.serve.learn import changed, learn_from_chat
 from localpers.serve.memory_api import disk_full_response, router as memory_router
 from localpers.serve.page import router as page_router
 from localpers.personalize.methods import apply
-from localpers.store.store import NotFoundError, Store, disk_full
+from localpers.store.store import NotFoundError, Store, disk_full, said_by
 from localpers.store.store import data_dir as resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -558,7 +558,9 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         A file retired between reading the registry and pinning it: composed again from the current registry.
         An artifact llama.cpp cannot load is left out and marked broken in the store (so it shows up as such
         for that user; the client never sees the server's paths)."""
-        if not user:
+        last = next((m for m in reversed(messages) if m["role"] == "user"), None)
+        if not user or (last is not None and not said_by(last, user)):  # a group chat's other participant:
+            # never served the user's memory (their facts would answer for someone else)
             return messages, engine.pin(everyone)[0], {"composition": names.BASE, "artifacts": [], "retrieved": []}
         sha = model_sha256(engine.model_path)
         for attempt in range(COMPOSE_TRIES):

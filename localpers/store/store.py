@@ -266,6 +266,15 @@ def _read_meta(data: bytes) -> dict:
         return {"unreadable": f"this item's meta nests more than {MAX_META_DEPTH} levels"}
 
 
+def said_by(message: dict, user: str) -> bool:
+    """Is a chat message `user`'s own? One without a `name` is; in a group chat one whose `name` is another
+    participant's is not (compared as stored: NFC, case-folded). Only the user's own messages are stored and
+    learned from (Store.learn_chat), and only a conversation whose last user message is theirs is personalized
+    for them (the server): another participant never gets the user's memory."""
+    name = message.get("name")
+    return name is None or unicodedata.normalize("NFC", str(name)).casefold() == check_user(user).casefold()
+
+
 def read_routes(meta) -> list[dict] | None:
     """A names.LORA_ROUTES artifact's routes from its registry meta (personalize.editing.edit_routed writes
     them; the one reader of that format): dicts with "file" (a bare file name inside the artifact's folder),
@@ -875,12 +884,9 @@ class Store:
         "replaced": [...], "retired": [...], "retried": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
         {"id", "attribute"}, their text is deleted)."""
         checked, digests, prefix = [], [], hashlib.sha256()
-        speaker = check_user(user).casefold()
         for position, message in enumerate(messages):
             prefix.update(json.dumps([position, message["role"], message["content"]]).encode("utf-8"))
-            name = message.get("name")
-            own = name is None or unicodedata.normalize("NFC", str(name)).casefold() == speaker
-            if message["role"] == "user" and own and message["content"].strip():
+            if message["role"] == "user" and said_by(message, user) and message["content"].strip():
                 checked.append(check_item(message["content"], "message", {"role": "user", "source": "chat"}))
                 digests.append(self.cipher.digest(prefix.digest()))
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": [], "retried": []}
