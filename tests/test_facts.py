@@ -320,6 +320,42 @@ def test_a_compound_message_goes_with_its_replaced_fact_and_the_other_fact_stays
     assert "I'm vegan and I live in Oslo." not in found and "I'm vegan." in found   # the diet, from its preference
 
 
+def test_invariant_only_the_sentences_of_a_changed_fact_leave_retrieval(store):
+    """A tester's case: "I live in Oslo. My sister Kari is a doctor ..." then "I moved to Paris.": the birthday
+    is still retrieved, the old home is not."""
+    say(store, "ivan", "I live in Oslo. My sister Kari is a doctor and her birthday is on May 3rd.")
+    say(store, "ivan", "I moved to Paris.")
+    assert retrieved(store, "ivan", "When is Kari's birthday in Oslo?") == [
+        "My sister Kari is a doctor and her birthday is on May 3rd."]
+    say(store, "ivan", "I'm vegan. I love jazz.")
+    say(store, "ivan", "I'm not vegan anymore.")
+    found = retrieved(store, "ivan", "Am I vegan? Do I love jazz?")
+    assert "I love jazz." in found and not any("I'm vegan." in text for text in found)
+
+
+def test_invariant_a_deleted_fact_is_not_retrieved_from_its_message(store):
+    """A tester's case: the user deletes the learned preference "I love jazz music." (memories API); its message
+    stays listed but is no longer quoted for it."""
+    message = say(store, "frank", "I love jazz music.")["messages"][0]
+    [pref] = store.items("frank", kind=names.PREFERENCE)
+    assert retrieved(store, "frank", "Do I like jazz music?") == ["I love jazz music."]
+    store.delete_item("frank", pref["id"])
+    assert retrieved(store, "frank", "Do I like jazz music?") == []
+    [kept] = store.items("frank", kind=names.MESSAGE)
+    assert kept["id"] == message and kept["meta"][names.SUPERSEDED_BY] is None
+
+
+def test_holds_fact_is_the_current_fact_by_slot_and_value(store):
+    from localpers.personalize.detect import detect_facts
+
+    [oslo], [paris] = detect_facts("I live in Oslo."), detect_facts("I live in Paris.")
+    assert not store.holds_fact("nobody", oslo)
+    say(store, "hal2", "I live in Oslo.")
+    assert store.holds_fact("hal2", oslo) and not store.holds_fact("hal2", paris)
+    say(store, "hal2", "I moved to Paris.")
+    assert store.holds_fact("hal2", paris) and not store.holds_fact("hal2", oslo)
+
+
 def test_only_the_messages_that_stated_the_replaced_fact_are_marked(store):
     """A remembered text is a message the user typed (marked like a chat message); a message stating no fact,
     or another fact, is not marked; neither is a preference added without a message."""

@@ -76,8 +76,9 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
     it per request), and their current artifacts made for this base model. An unknown user is a user with
     nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier turns)
     are not retrieved: the model sees them in the conversation already; nor is a text already retrieved (the
-    same words stored as a message and as the preference learnt from it), nor a message whose fact the user
-    has since replaced or withdrawn (meta names.SUPERSEDED_BY: "I live in Oslo." after "I moved to Paris.").
+    same words stored as a message and as the preference learnt from it); of a message stating a fact the user
+    has since replaced, withdrawn or deleted (meta names.SUPERSEDED_BY) only the sentences still true are
+    (still_held: not "I live in Oslo." after "I moved to Paris.").
     `preferences=False` (a spec without
     `prompt`, Composer.needs_preferences) leaves the stated preferences and facts out: O(1) in their number."""
     try:
@@ -96,15 +97,27 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
             return []
         found, texts = [], set(said)
         for hit in hits:  # a text stored twice (a chat message and the preference learnt from it) is shown once
-            if hit["text"] not in texts and names.SUPERSEDED_BY not in hit["meta"]:
-                texts.add(hit["text"])
-                found.append((hit["id"], hit["text"]))
+            text = still_held(store, user, hit["text"]) if names.SUPERSEDED_BY in hit["meta"] else hit["text"]
+            if text and text not in texts:
+                texts.add(text)
+                found.append((hit["id"], text))
         return found[:k]
 
     facts = tuple(f for f in (upqa_fact(item["text"], item["meta"]) for item in preferences) if f is not None)
     return User(id=user, preferences=tuple(item["text"] for item in preferences), facts=facts, search=search,
                 registered=tuple(RegisteredArtifact(a["method"], a["kind"], a["path"], a["id"], routes_of(a))
                                  for a in artifacts))
+
+
+def still_held(store, user: str, text: str) -> str:
+    """The sentences of a stored message that state no fact the user no longer holds (detect.detect_facts on each
+    sentence, Store.holds_fact for each fact it states; a withdrawal, "I'm not vegan anymore.", and a sentence
+    stating nothing are kept), joined by spaces; "" when none is left. For messages marked
+    names.SUPERSEDED_BY only: the cost is the detector on one retrieved message."""
+    from localpers.personalize.detect import detect_facts, sentences
+
+    return " ".join(s for s in sentences(text)
+                    if all(f.retire or store.holds_fact(user, f) for f in detect_facts(s)))
 
 
 def routes_of(artifact: dict) -> tuple[tuple[str, str, int | None], ...]:

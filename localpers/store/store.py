@@ -957,8 +957,7 @@ class Store:
         paths: list[str] = []
         for message_id, (_, facts) in zip(ids, items):
             for fact in facts:
-                slot = self.cipher.digest(b"slot\0" + fact.slot.encode("utf-8"))
-                value = self.cipher.digest(f"value\0{fact.attribute}={fact.key}".encode("utf-8"))
+                slot, value = self._fact_digests(fact)
                 held = conn.execute("SELECT item_id, value FROM facts WHERE user_id = ? AND slot = ?",
                                     (user_id, slot)).fetchall()
                 if fact.retire:  # an empty key ("Please forget where I live.") retires whatever the slot holds
@@ -987,12 +986,28 @@ class Store:
                 out["facts"].append({"id": fact_id, "attribute": fact.attribute})
         return paths
 
-    def _mark_superseded(self, conn, user_id: int, fact_ids: list[int], by: int) -> None:
-        """Inside a write, before facts `fact_ids` are replaced or retired by chat message `by`: each earlier chat
-        message they were learned from gets meta names.SUPERSEDED_BY = by, so retrieval no longer quotes a
-        statement the user has since changed ("I live in Oslo." once "I moved to Paris." replaced it; a compound
-        message goes as a whole: its other facts stay served from their preferences). A fact without a message
-        (an imported preference) and `by` itself (a replacement inside one message) mark nothing."""
+    def _fact_digests(self, fact) -> tuple[bytes, bytes]:
+        """The facts index's keyed hashes of a detected fact (detect.StatedFact: slot, attribute, key)."""
+        return (self.cipher.digest(b"slot\0" + fact.slot.encode("utf-8")),
+                self.cipher.digest(f"value\0{fact.attribute}={fact.key}".encode("utf-8")))
+
+    def holds_fact(self, user: str, fact) -> bool:
+        """Does the user currently hold `fact` (a detect.StatedFact: the same slot and value)? O(log n) in their
+        facts, through the index's keyed hashes (no decryption). An unknown user holds nothing."""
+        slot, value = self._fact_digests(fact)
+        with self._read() as conn:
+            row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+            return row is not None and conn.execute(
+                "SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value = ?", (row[0], slot, value)
+            ).fetchone() is not None
+
+    def _mark_superseded(self, conn, user_id: int, fact_ids: list[int], by: int | None) -> None:
+        """Inside a write, before facts `fact_ids` are replaced or retired by chat message `by` (None: deleted by
+        the user): each earlier chat message they were learned from gets meta names.SUPERSEDED_BY = by, so
+        retrieval quotes only its sentences that state nothing the user no longer holds (serve.compose.still_held:
+        "I live in Oslo." once "I moved to Paris." replaced it, while "My sister is a doctor." of the same message
+        stays). A fact without a message (an imported preference) and `by` itself (a replacement inside one
+        message) mark nothing."""
         marks = ",".join("?" * len(fact_ids))
         messages = [m for (m,) in conn.execute(
             f"SELECT DISTINCT message FROM facts WHERE user_id = ? AND item_id IN ({marks}) AND message IS NOT NULL",
@@ -1076,6 +1091,8 @@ class Store:
                                ).fetchone() if -(1 << 63) <= item_id < 1 << 63 else None  # beyond SQLite's integers
             if row is None:
                 raise NotFoundError(f"user {user!r} has no item {item_id}")
+            if row[0] == names.PREFERENCE:   # a fact the user deleted: its message is no longer quoted for it
+                self._mark_superseded(conn, user_id, [item_id], None)
             retired = self._delete(conn, user_id, [item_id])
             if row[0] == names.MESSAGE:
                 said = self.cipher.open(row[1], b"%d:text" % user_id).decode("utf-8")
