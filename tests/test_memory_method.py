@@ -62,3 +62,11 @@ def test_memory_composes_and_its_explanation_names_what_was_served():
                                            "artifacts": [{"method": names.EDIT, "kind": names.LORA, "id": 7}]}
     assert use.user_prefix.startswith("About me: I'm vegetarian.\n\n<history")
     assert get_method(names.MEMORY) is memory
+
+
+def test_a_part_composed_twice_is_given_once():
+    """`memory+facts` (a tester's spec): the stated-facts line once, not twice."""
+    user = User("vera", preferences=VERA.preferences, registered=(ADAPTER,))
+    both = get_method(f"{names.MEMORY}+{names.FACTS}")(user, "What should I cook tonight?", None)
+    assert both.user_prefix == "About me: I'm vegetarian.\n\n" and both.artifacts.lora == (("/data/edit.gguf", 1.0),)
+    assert get_method("prompt+prompt")(user, "Hi", None).system.count("vegetarian") == 1

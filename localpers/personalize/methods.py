@@ -228,8 +228,9 @@ def combine(parts: list[Personalized]) -> Personalized:
     for p in parts:
         artifacts = artifacts.merge(p.artifacts)
     return Personalized(artifacts=artifacts,
-                        system="\n\n".join(p.system for p in parts if p.system),
-                        user_prefix="".join(p.user_prefix for p in parts),
+                        # a part given twice ("memory+facts": the same stated facts) is given once
+                        system="\n\n".join(dict.fromkeys(p.system for p in parts if p.system)),
+                        user_prefix="".join(dict.fromkeys(p.user_prefix for p in parts if p.user_prefix)),
                         retrieved=tuple(dict.fromkeys(i for p in parts for i in p.retrieved)))
 
 
