@@ -53,7 +53,9 @@ def test_invariant_memory_adds_the_facts_line_to_requests_only():
 
 def test_memory_composes_and_its_explanation_names_what_was_served():
     composer = Composer(f"{names.MEMORY}+{names.RAG}")
-    assert composer.needs_preferences   # the facts line reads the stated preferences
+    # the facts line reads the stated preferences, for a request only (a question about the user stays O(1))
+    assert composer.needs_preferences("What should I cook tonight?") and not composer.needs_preferences("Where do I live?")
+    assert Composer("facts").needs_preferences("Where do I live?") and not Composer("edit+rag").needs_preferences("Any tips?")
     user = User("vera", preferences=VERA.preferences, registered=(ADAPTER,), search=lambda q, k: [(3, "I'm vegetarian.")])
     recall = composer(user, "What is my diet?", None)
     assert composer.explain(user, recall)["artifacts"] == [{"method": names.EDIT, "kind": names.LORA, "id": 7}]

@@ -8,7 +8,12 @@ evaluation composes its users as read from the data; the server composes a serve
 model, which trained methods (edit, perce, logo) serve instead of training. The same spec on the same user's
 data gives the same Personalized either way (tests/test_compose.py checks it token for token).
 
-Default: DEFAULT_SPEC = "edit+rag", chosen from the measured evaluation (BENCHMARKS.md §6-7): on UPQA `edit`
+Default: DEFAULT_SPEC = "memory+rag" (since issue 25): `memory` is `edit` for every question and, for a request
+that should use a preference ("What should I cook tonight?": methods.asks_to_use), also the `facts` line; it
+never differs from `edit` on a question about the user (the gate holds for none of UPQA dev's 200 explicit and
+paraphrased questions) and answered more implicit questions with the preference at 0, 5 and 10 distractor turns
+(19 items: 9 vs 8 at 0 turns, 6 vs 3 at 10; BENCHMARKS §4, "recall and use"), at one short restatement more
+("Pizza."). Before it, "edit+rag", chosen from the measured evaluation (BENCHMARKS.md §6-7): on UPQA `edit`
 states the preference far better than `prompt` (explicit 1.00 vs 0.29, paraphrased 0.90 vs 0.21) and adding
 `prompt` to it hurts (edit+prompt 0.73 / 0.54); `rag` helps where histories hold the answer (the world: mc_acc
 0.27 vs base 0.18, explicit 0.12 vs 0.00) at no measurable locality cost on UPQA (0.000) and retrieves nothing
@@ -26,10 +31,10 @@ from pathlib import Path
 
 from localpers import names
 from localpers.personalize.datasets import upqa_fact
-from localpers.personalize.methods import Personalized, RegisteredArtifact, User, get_method
+from localpers.personalize.methods import Personalized, RegisteredArtifact, User, asks_to_use, get_method
 from localpers.store.store import NotFoundError, read_routes
 
-DEFAULT_SPEC = f"{names.EDIT}+{names.RAG}"
+DEFAULT_SPEC = f"{names.MEMORY}+{names.RAG}"
 
 
 @dataclass(frozen=True)
@@ -41,13 +46,13 @@ class Composer:
         object.__setattr__(self, "spec", "+".join(part.strip() for part in self.spec.split("+")))
         object.__setattr__(self, "_method", get_method(self.spec))  # unknown names fail at start-up
 
-    @property
-    def needs_preferences(self) -> bool:
-        """Does a method of the spec read the served user's stated preferences (`prompt` lists them, `facts`
-        picks those that bear on the question)? The trained methods serve registry artifacts and `rag` searches
-        the index, so without them a request need not read (and decrypt) every stored preference: its cost stays
-        independent of their number."""
-        return bool({names.PROMPT, names.FACTS, names.MEMORY} & set(self.spec.split("+")))
+    def needs_preferences(self, query: str) -> bool:
+        """Does a method of the spec read the served user's stated preferences for `query` (`prompt` lists them,
+        `facts` picks those that bear on the question, `memory` does so for a request: methods.asks_to_use)? The
+        trained methods serve registry artifacts and `rag` searches the index, so otherwise a request need not
+        read (and decrypt) every stored preference: its cost stays independent of their number."""
+        parts = set(self.spec.split("+"))
+        return bool({names.PROMPT, names.FACTS} & parts) or (names.MEMORY in parts and asks_to_use(query))
 
     def __call__(self, user: User, query: str, engine) -> Personalized:
         return self._method(user, query, engine)

@@ -4,7 +4,7 @@ Routes: POST /v1/chat/completions (plain, or SSE chunks ending with `data: [DONE
 GET /health (503 while the model loads, 200 after), GET /openapi.json (the request body described by the pydantic
 models below). 
 A request that names a `user` is composed for that user (localpers.serve.compose, spec `--personalize`, default
-edit+rag): their current registry artifacts for the served model, their stated preferences and retrieved history,
+memory+rag): their current registry artifacts for the served model, their stated preferences and retrieved history,
 as `localpers eval` measures the same spec. Unless the server runs with `--no-history` or the request says
 `"localpers": {"history": false}`, the user's new messages are stored in their history and the preferences stated
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
@@ -564,7 +564,8 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
             return messages, engine.pin(everyone)[0], {"composition": names.BASE, "artifacts": [], "retrieved": []}
         sha = model_sha256(engine.model_path)
         for attempt in range(COMPOSE_TRIES):
-            person = served_user(store, user, sha, messages, preferences=composer.needs_preferences)
+            person = served_user(store, user, sha, messages,
+                                 preferences=composer.needs_preferences(last_user_message(messages)))
             personalized = composer(person, last_user_message(messages), engine)
             pinned, broken = engine.pin(everyone.merge(personalized.artifacts))
             if attempt + 1 == COMPOSE_TRIES or all(Path(path).exists() for path, _ in broken):
