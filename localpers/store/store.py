@@ -137,6 +137,11 @@ class StaleError(UserError):
     from was deleted meanwhile (the deletion queued its recomputation). Nothing was written."""
 
 
+class SourcesGoneError(StaleError):
+    """A StaleError of the second kind: an item the artifact was derived from was deleted (or replaced) while
+    its job ran; the deletion queued the job that recomputes it, so the job is superseded, not failed."""
+
+
 def make_private(path: str | Path) -> None:
     """Only the owner may read what the data folder holds: files 0600, folders 0700 (a folder recursively)."""
     path = Path(path)
@@ -1273,7 +1278,8 @@ class Store:
                     f"SELECT id FROM items WHERE user_id = ? AND id IN ({','.join('?' * len(sources))})",
                     (user_id, *sources))}
                 if len(found) != len(sources):
-                    raise StaleError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not registered")
+                    raise SourcesGoneError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not "
+                                           "registered")
             folder = self._user_folder(user_id)
             folder.parent.mkdir(mode=0o700, exist_ok=True)  # (parents=True would make it with the umask's mode)
             folder.mkdir(mode=0o700, exist_ok=True)
