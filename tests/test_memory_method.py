@@ -63,6 +63,10 @@ def test_memory_composes_and_its_explanation_names_what_was_served():
     use = composer(user, "What should I cook tonight?", None)
     assert composer.explain(user, use) == {"composition": "memory+rag", "retrieved": [3],
                                            "artifacts": [{"method": names.EDIT, "kind": names.LORA, "id": 7}]}
+    # with the store's ids of the preferences (a served user): the line's preferences are named, by id
+    user = User("vera", preferences=("I love jazz.", "I'm vegetarian."), preference_ids=(11, 12), registered=(ADAPTER,))
+    assert composer.explain(user, composer(user, "What should I cook tonight?", None))["stated"] == [12]
+    assert "stated" not in composer.explain(user, composer(user, "What is my diet?", None))
     assert use.user_prefix.startswith("About me: I'm vegetarian.\n\n<history")
     assert get_method(names.MEMORY) is memory
 

@@ -58,8 +58,9 @@ class Composer:
         return self._method(user, query, engine)
 
     def explain(self, user: User, personalized: Personalized) -> dict:
-        """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id) and the
-        ids of the retrieved history items. Ids only, never text."""
+        """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id), the
+        ids of the retrieved history items and, when a stated-facts line was put before the question (`facts`,
+        `memory` on a request), the ids of its preferences ("stated"). Ids only, never text."""
         served = {path for path, _ in personalized.artifacts.lora + personalized.artifacts.control_vectors}
         artifacts = []
         for a in user.registered or ():
@@ -70,7 +71,8 @@ class Composer:
                     artifacts.append({"method": a.method, "kind": a.kind, "id": a.id, "source": source})
         return {"composition": self.spec,
                 "artifacts": artifacts,
-                "retrieved": list(personalized.retrieved)}
+                "retrieved": list(personalized.retrieved),
+                **({"stated": list(personalized.stated)} if personalized.stated else {})}
 
 
 def served_user(store, user: str, base_model_sha256: str, conversation: list[dict] = (),
@@ -110,6 +112,7 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
 
     facts = tuple(f for f in (upqa_fact(item["text"], item["meta"]) for item in preferences) if f is not None)
     return User(id=user, preferences=tuple(item["text"] for item in preferences), facts=facts, search=search,
+                preference_ids=tuple(item["id"] for item in preferences),
                 registered=tuple(RegisteredArtifact(a["method"], a["kind"], a["path"], a["id"], routes_of(a))
                                  for a in artifacts))
 
