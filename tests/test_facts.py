@@ -485,6 +485,26 @@ def test_invariant_another_participant_of_a_group_chat_is_never_served_the_users
         assert r.json()["localpers"]["composition"] != names.BASE and r.json()["localpers"]["retrieved"]
 
 
+def test_invariant_every_route_keeps_a_group_chats_speakers_apart(client):
+    """A tester's case: /v1/responses, /api/chat (Ollama) and POST memories dropped `name`, so another
+    participant's "I live in Rome." became the user's home and their question got the user's memory."""
+    rome = {"role": "user", "name": "erik", "content": "I live in Rome."}
+    r = client.post("/v1/responses", json={"input": [rome], "user": "rita", "max_output_tokens": 2,
+                                           "localpers": {"explain": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["localpers"]["composition"] == names.BASE
+    r = client.post("/api/chat", json={"model": "x", "messages": [rome], "stream": False, "options": {"num_predict": 2}},
+                    headers={"X-Localpers-User": "rita"})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/users/rita/memories", json={"messages": [rome, {"role": "user", "content": "I'm vegan."}]})
+    assert r.status_code in (200, 201), r.text
+    assert [(f["attribute"], f["value"]) for f in client.get("/v1/users/rita/facts").json()["data"]] == [
+        ("diet", "vegan")]
+    own = {"role": "user", "name": "rita", "content": "I live in Oslo."}
+    client.post("/v1/responses", json={"input": [own], "user": "rita", "max_output_tokens": 2})
+    assert ("home", "Oslo") in [(f["attribute"], f["value"]) for f in client.get("/v1/users/rita/facts").json()["data"]]
+
+
 def test_a_remembered_preference_over_http_is_learned_as_facts(client):
     """chat's /remember posts {"text", "kind": "preference"}: split into facts through the index, so a later
     retirement in chat leaves no contradicting preference; text that states no fact is a one-line 400."""

@@ -327,7 +327,7 @@ def check_item(text, kind="message", meta=None, ts=None) -> tuple[str, float, by
 
 def message_items(messages) -> list[tuple]:
     """A chat, OpenAI's `messages` list ([{"role", "content"}], content a string or a list of text parts), as
-    validated items: one per message, kind "message", the role in meta. The one parser of this form, for the
+    validated items: one per message, kind "message", the role in meta (and a group chat's `name`). The one parser of this form, for the
     memories endpoint and for `localpers import`."""
     from localpers.model.chat import content_text
 
@@ -338,7 +338,8 @@ def message_items(messages) -> list[tuple]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
             raise UserError(f'messages[{number}] must be an object with a "role" and a "content"')
         try:
-            items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"]}))
+            speaker = {"name": message["name"]} if isinstance(message.get("name"), str) else {}
+            items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"], **speaker}))
         except UserError as e:
             raise UserError(f"messages[{number}]: {e}") from None
     return items
