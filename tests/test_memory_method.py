@@ -77,3 +77,28 @@ def test_a_part_composed_twice_is_given_once():
     both = get_method(f"{names.MEMORY}+{names.FACTS}")(user, "What should I cook tonight?", None)
     assert both.user_prefix == "About me: I'm vegetarian.\n\n" and both.artifacts.lora == (("/data/edit.gguf", 1.0),)
     assert get_method("prompt+prompt")(user, "Hi", None).system.count("vegetarian") == 1
+
+
+@pytest.mark.parametrize("statement, attribute", [
+    # a tester's cases: "i'm a" inside "I'm allergic" made an allergy a profession, and "I'm a vegetarian." tied
+    ("I'm allergic to peanuts.", "food preference"), ("I'm a vegetarian.", "food preference"),
+    ("I'm lactose intolerant.", "food preference"), ("I'm a nurse.", "profession"), ("I am a teacher.", "profession"),
+    ("I work as a teacher.", "job"), ("I love cooking.", "food preference"), ("I'm vegetarian.", "food preference"),
+])
+def test_attribute_keywords_match_at_word_starts_and_lead_ins_count_half(statement, attribute):
+    from localpers.personalize.editing import detect_attribute
+
+    assert detect_attribute(statement) == attribute
+
+
+def test_an_allergy_reaches_food_requests_and_not_questions_about_work():
+    from localpers.personalize.editing import pick_route
+    from localpers.personalize.methods import relevant_facts
+
+    facts = ("I'm allergic to peanuts.", "I live in Lisbon.")
+    assert relevant_facts(facts, "What should I cook tonight?") == ["I'm allergic to peanuts."]
+    assert relevant_facts(facts, "Any ideas for dinner?") == ["I'm allergic to peanuts."]
+    from localpers.personalize.editing import facts_of, route_words
+
+    routes = [(f"fact-{i}.gguf", route_words(f)) for i, f in enumerate(facts_of(list(facts), []))]
+    assert pick_route(routes, "What do I do for a living?") is None
