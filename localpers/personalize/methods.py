@@ -146,9 +146,9 @@ ABOUT_ME = re.compile(r"\b(my|mine|myself)\b", re.I)   # a question about the us
 
 ASKS_TO_USE = re.compile(
     r"\b(should|shall|could|can|might|would)\s+(i|we)\b|\b(i|we)\s+(should|could|can|might|ought)\b"
-    r"|\b(recommend\w*|suggest\w*|ideas?(?!\s+(where|what|who|when|which|why|how|if|whether)\b)|tips?|advice"
+    r"|\b(recommend\w*|suggest\w*|ideas?(?!\W*(about\s+)?(where|what|who|when|which|why|how|if|whether)\b)|tips?|advice"
     r"|ways?\s+to|best\s+way)\b"
-    r"|^\W*(any(?!\s+ideas?\s+(where|what|who|when|which|why|how|if|whether)\b)|give\s+me|tell\s+me\s+(a|an|some)"
+    r"|^\W*(any(?!\s+(clue|chance|idea|ideas)\b)|give\s+me|tell\s+me\s+(a|an|some)"
     r"|help\s+me|find\s+me|make\s+me|plan|suggest|recommend)\b"
     r"|\bwhat('?s|\s+is|\s+are)\s+(a\s+|some\s+)?good\b",
     re.I)
