@@ -356,6 +356,18 @@ def test_holds_fact_is_the_current_fact_by_slot_and_value(store):
     assert store.holds_fact("hal2", paris) and not store.holds_fact("hal2", oslo)
 
 
+def test_the_users_own_earlier_questions_are_not_retrieved(store):
+    """A tester's case: "Any ideas for dinner?" retrieved the user's earlier "Any idea where I live?" and the model
+    echoed it. A message that only asks is not retrieved; one that also states something is."""
+    say(store, "ugo", "Any idea where I live?")
+    say(store, "ugo", "Any ideas for a weekend activity?")
+    say(store, "ugo", "I'm vegetarian. Any ideas for dinner tonight?")
+    assert retrieved(store, "ugo", "Any ideas for dinner?") == ["I'm vegetarian. Any ideas for dinner tonight?"]
+    assert retrieved(store, "ugo", "Where do I live?") == []
+    store.add("ugo", "What is a monad? A monoid in the category of endofunctors?", kind="document")
+    assert retrieved(store, "ugo", "What is a monad?") == ["What is a monad? A monoid in the category of endofunctors?"]
+
+
 def test_only_the_messages_that_stated_the_replaced_fact_are_marked(store):
     """A remembered text is a message the user typed (marked like a chat message); a message stating no fact,
     or another fact, is not marked; neither is a preference added without a message."""

@@ -85,7 +85,8 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
     are not retrieved: the model sees them in the conversation already; nor is a text already retrieved (the
     same words stored as a message and as the preference learnt from it); of a message stating a fact the user
     has since replaced, withdrawn or deleted (meta names.SUPERSEDED_BY) only the sentences still true are
-    (still_held: not "I live in Oslo." after "I moved to Paris.").
+    (still_held: not "I live in Oslo." after "I moved to Paris."); nor a message that only asks ("Any ideas for
+    dinner?": the user's own earlier questions say nothing about them, and the model echoed them back).
     `preferences=False` (a spec without
     `prompt`, Composer.needs_preferences) leaves the stated preferences and facts out: O(1) in their number."""
     try:
@@ -104,6 +105,8 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
             return []
         found, texts = [], set(said)
         for hit in hits:  # a text stored twice (a chat message and the preference learnt from it) is shown once
+            if hit["kind"] == names.MESSAGE and only_questions(hit["text"]):
+                continue
             text = still_held(store, user, hit["text"]) if names.SUPERSEDED_BY in hit["meta"] else hit["text"]
             if text and text not in texts:
                 texts.add(text)
@@ -115,6 +118,14 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
                 preference_ids=tuple(item["id"] for item in preferences),
                 registered=tuple(RegisteredArtifact(a["method"], a["kind"], a["path"], a["id"], routes_of(a))
                                  for a in artifacts))
+
+
+def only_questions(text: str) -> bool:
+    """Is every sentence of a message a question (detect.sentences, each ending in "?")?"""
+    from localpers.personalize.detect import sentences
+
+    said = sentences(text)
+    return bool(said) and all(s.rstrip().endswith(("?", "？")) for s in said)
 
 
 def still_held(store, user: str, text: str) -> str:
