@@ -327,6 +327,9 @@ def test_invariant_only_the_sentences_of_a_changed_fact_leave_retrieval(store):
     say(store, "ivan", "I moved to Paris.")
     assert retrieved(store, "ivan", "When is Kari's birthday in Oslo?") == [
         "My sister Kari is a doctor and her birthday is on May 3rd."]
+    say(store, "kim", "I live in Oslo; my sister Kari is a doctor.")   # a sentence that ends in ";"
+    say(store, "kim", "I moved to Paris.")
+    assert retrieved(store, "kim", "Who is my sister Kari in Oslo?") == ["my sister Kari is a doctor."]
     say(store, "ivan", "I'm vegan. I love jazz.")
     say(store, "ivan", "I'm not vegan anymore.")
     found = retrieved(store, "ivan", "Am I vegan? Do I love jazz?")
