@@ -445,7 +445,8 @@ class Chat:
             for a in artifacts:
                 self.say(f"  {a.get('method')} {a.get('kind')} (artifact {a.get('id')})", "none")
         else:
-            self.say("  no adapters or control vectors (nothing trained for you yet, or the base model)", "none")
+            self.say("  no adapter or control vector for this question (none made for you yet, or none applies)",
+                     "none")
         retrieved, stated = e.get("retrieved") or [], e.get("stated") or []
         texts = {}
         if retrieved or stated:
