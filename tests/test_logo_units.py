@@ -1251,3 +1251,28 @@ def test_invariant_a_later_refresh_leaves_the_synced_knowledge_and_its_community
         logo.refresh_knowledge(store, model_path=tiny_model, steer=False)
         assert [os.stat(f).st_mtime_ns for f in files] == [7, 7, 7]
         assert len(store.artifacts("u", names.CONTROL_VECTOR)) == 1
+
+
+def test_invariant_a_later_round_weighs_the_carried_sums_by_the_half_life_decay_while_it_iterates():
+    """Worlds (2-D, half-life 1 round: the carried sums weigh 0.5) where weighing them 1.5 or 0.25 during the
+    Lloyd iterations ends in other memberships: the round's contributors must end in the community whose final
+    (decayed) centroid is nearest."""
+    for seed in (4, 23, 38):
+        rng = np.random.default_rng(seed)
+        first = logo.advance(None, [sig(v) for v in rng.standard_normal((12, 2))], k=2, seed=seed)
+        sigs = [sig(v) for v in rng.standard_normal((12, 2)) + [1.0, 0]]
+        new = logo.advance(first, sigs, half_life=1.0, iterations=100)
+        members = new.sums.count - first.sums.count * 0.5
+        nearest = np.bincount([logo.assign(s.vector, new.centroids) for s in sigs], minlength=2)
+        np.testing.assert_allclose(members, nearest, atol=1e-9, err_msg=f"seed {seed}")
+
+
+def test_invariant_random_assignment_draws_anew_each_round():
+    """The ablation's communities are drawn per round (seeded by seed + round): the same 30 contributors in two
+    rounds are not dealt the same communities."""
+    sigs = [sig(v) for v in np.random.default_rng(0).standard_normal((30, 3))]
+    first = logo.advance(None, sigs, k=3, random_assignment=True, seed=3)
+    second = logo.advance(first, sigs, random_assignment=True, seed=3, half_life=math.inf)
+    assert not np.array_equal(second.sums.count - first.sums.count, first.sums.count)
+    again = logo.advance(first, sigs, random_assignment=True, seed=3, half_life=math.inf)
+    np.testing.assert_array_equal(again.sums.count, second.sums.count)  # and reproducibly

@@ -47,3 +47,8 @@ $B $F 'min_size=min_size, seed=seed,
                                 random_assignment' 'min_size=min_size,
                                 random_assignment' -- $T -k "$K"
 $B $F 'random_assignment=random_assignment, restarts=restarts)' 'random_assignment=random_assignment, )' -- $T -k "$K"
+# survivors among the 470 mutants the partial run had not reached (advance)
+K2="weighs_the_carried or draws_anew"
+$B $F 'carried = previous.sums.scaled(0.5 ** (1.0 / half_life)) if' 'carried = previous.sums.scaled(1.5 ** (1.0 / half_life)) if' -- $T -k "$K2"
+$B $F 'carried = previous.sums.scaled(0.5 ** (1.0 / half_life)) if' 'carried = previous.sums.scaled(0.5 ** (2.0 / half_life)) if' -- $T -k "$K2"
+$B $F 'default_rng(seed + (previous.round if previous else 0))' 'default_rng(seed + (previous.round if (previous) and False else 0))' -- $T -k "$K2"
