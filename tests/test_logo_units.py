@@ -1276,3 +1276,12 @@ def test_invariant_random_assignment_draws_anew_each_round():
     assert not np.array_equal(second.sums.count - first.sums.count, first.sums.count)
     again = logo.advance(first, sigs, random_assignment=True, seed=3, half_life=math.inf)
     np.testing.assert_array_equal(again.sums.count, second.sums.count)  # and reproducibly
+
+
+def test_invariant_a_community_nobody_joined_in_the_first_round_keeps_its_start_centroid():
+    """Five users with the same vector and k=2: k-means++ starts both communities on that vector, all five join
+    the first, and the second keeps its start (a unit vector a later user can be assigned to), never zeros."""
+    same = [sig([1.0, 2.0, 2.0]) for _ in range(5)]
+    k = logo.advance(None, same, k=2)
+    assert sorted(k.sizes.tolist()) == [0.0, 5.0]
+    np.testing.assert_allclose(k.centroids, [same[0].vector, same[0].vector], rtol=1e-6)

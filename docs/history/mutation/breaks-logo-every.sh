@@ -52,3 +52,4 @@ K2="weighs_the_carried or draws_anew"
 $B $F 'carried = previous.sums.scaled(0.5 ** (1.0 / half_life)) if' 'carried = previous.sums.scaled(1.5 ** (1.0 / half_life)) if' -- $T -k "$K2"
 $B $F 'carried = previous.sums.scaled(0.5 ** (1.0 / half_life)) if' 'carried = previous.sums.scaled(0.5 ** (2.0 / half_life)) if' -- $T -k "$K2"
 $B $F 'default_rng(seed + (previous.round if previous else 0))' 'default_rng(seed + (previous.round if (previous) and False else 0))' -- $T -k "$K2"
+$B $F 'return fold(previous, round_sums, start=start,' 'return fold(previous, round_sums, start=None,' -- $T -k nobody_joined
