@@ -1285,3 +1285,12 @@ def test_invariant_a_community_nobody_joined_in_the_first_round_keeps_its_start_
     k = logo.advance(None, same, k=2)
     assert sorted(k.sizes.tolist()) == [0.0, 5.0]
     np.testing.assert_allclose(k.centroids, [same[0].vector, same[0].vector], rtol=1e-6)
+
+
+def test_invariant_kmeans_plus_plus_weighs_by_squared_distance_however_close_the_vectors():
+    """Four distinct vectors within 0.05 of each other (squared distances summing well below 1): a picked
+    vector is at distance 0, so k-means++ never picks it again, for any seed."""
+    near = logo.unit(np.array([[1.0, 0.00], [1.0, 0.02], [1.0, 0.04], [1.0, 0.06]], np.float32))
+    for seed in range(20):
+        picked = logo.init_centroids(near, 3, seed=seed)
+        assert len({tuple(row) for row in picked}) == 3, seed
