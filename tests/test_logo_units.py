@@ -1294,3 +1294,8 @@ def test_invariant_kmeans_plus_plus_weighs_by_squared_distance_however_close_the
     for seed in range(20):
         picked = logo.init_centroids(near, 3, seed=seed)
         assert len({tuple(row) for row in picked}) == 3, seed
+
+
+def test_invariant_unit_normalizes_short_vectors_too():
+    """A decayed community's summed vector can be shorter than 1: unit() still scales it to length 1."""
+    np.testing.assert_allclose(logo.unit(np.array([[0.3, 0.4], [0.03, 0.04]])), [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)

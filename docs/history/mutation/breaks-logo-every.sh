@@ -54,3 +54,4 @@ $B $F 'carried = previous.sums.scaled(0.5 ** (1.0 / half_life)) if' 'carried = p
 $B $F 'default_rng(seed + (previous.round if previous else 0))' 'default_rng(seed + (previous.round if (previous) and False else 0))' -- $T -k "$K2"
 $B $F 'return fold(previous, round_sums, start=start,' 'return fold(previous, round_sums, start=None,' -- $T -k nobody_joined
 $B $F 'p = d2 / d2.sum() if d2.sum() > 0 else None' 'p = d2 / d2.sum() if d2.sum() > 1 else None' -- $T -k however_close
+$B $F 'x / np.where(norm > 0, norm, 1), 0)' 'x / np.where(norm > 1, norm, 1), 0)' -- $T -k short_vectors
