@@ -38,6 +38,7 @@ from localpers import names
 from localpers.engine.engine import model_sha256 as base_model_sha256  # the key `localpers serve` looks adapters up by
 from localpers.errors import UserError
 from localpers.personalize.methods import Fact
+from localpers.store.store import read_routes
 
 log = logging.getLogger(__name__)
 
@@ -1252,9 +1253,15 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
             editor = editor_for(str(engine.model_path), config)
             with store.temp_dir(user) as tmp:
                 result = edit_routed(engine, editor, facts, Path(tmp) / "routes", routed_adapters(store, user, sha))
-                if result.adapter:
-                    for route, edit in zip(result.routes, result.edits):   # a deletion drops only its route
-                        route["source"] = source_of[edit.fact.statement]
+                for route, edit in zip(result.routes, result.edits):   # a deletion drops only its route
+                    route["source"] = source_of[edit.fact.statement]
+                current = [a for a in store.artifacts(user, names.LORA_ROUTES, sha) if a["method"] == names.EDIT]
+                if result.adapter and current and result.reused == len(result.edits) and \
+                        (current[0]["meta"] or {}).get("failed") == len(result.failed) and \
+                        _route_set(read_routes(current[0]["meta"]) or ()) == _route_set(result.routes):
+                    # nothing new, nothing gone: the served folder stays, with no new version of the same files
+                    result.artifact, result.adapter = current[0]["id"], Path(current[0]["path"])
+                elif result.adapter:
                     meta = {"method": names.EDIT, "layer": editor.config.layer, "routes": result.routes,
                             "sources": [source_of[e.fact.statement] for e in result.edits],
                             "edited": len(result.edits), "failed": len(result.failed)}
@@ -1298,6 +1305,10 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
     return result
 
 
+def _route_set(routes) -> set[tuple]:
+    return {(r.get("fact"), r.get("source"), r.get("words")) for r in routes}
+
+
 def routed_adapters(store, user: str, sha: str) -> dict[str, Path]:
     """fact id -> single-fact adapter file of the user's current routed edits for this model (edit_routed's
     `reuse`): the next run copies them instead of editing those facts again."""
@@ -1305,8 +1316,7 @@ def routed_adapters(store, user: str, sha: str) -> dict[str, Path]:
     if not current:
         return {}
     folder = Path(current[0]["path"])
-    return {r["fact"]: folder / r["file"] for r in (current[0]["meta"] or {}).get("routes", [])
-            if isinstance(r, dict) and isinstance(r.get("fact"), str) and isinstance(r.get("file"), str)}
+    return {r["fact"]: folder / r["file"] for r in read_routes(current[0]["meta"]) or () if r["fact"] is not None}
 
 
 def reuse_values(store, user: str, sha: str, editor: Editor, facts: list[Fact]) -> int:

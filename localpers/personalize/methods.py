@@ -142,6 +142,36 @@ FACTS_TOP_K = 3
 ABOUT_ME = re.compile(r"\b(my|mine|myself)\b", re.I)   # a question about the user themself
 
 
+ASKS_TO_USE = re.compile(
+    r"\b(should|shall|could|can|might|would)\s+(i|we)\b|\b(i|we)\s+(should|could|can|might|ought)\b"
+    r"|\b(recommend\w*|suggest\w*|ideas?|tips?|advice|ways?\s+to|best\s+way)\b"
+    r"|^\W*(any|give\s+me|tell\s+me\s+(a|an|some)|help\s+me|find\s+me|make\s+me|plan|suggest|recommend)\b",
+    re.I)
+
+
+def asks_to_use(query: str) -> bool:
+    """Does `query` ask the assistant for something a preference should shape (a suggestion, a recommendation,
+    a plan: "What should I cook tonight?", "Any gear I should buy for my hobby?", "Suggest a dinner.") rather
+    than about the user ("What is my diet?", "Where do I live?", "Who keeps me company at home?")? An advice
+    modal with the user as subject ("should I", "can we"), a request word (recommend, suggest, ideas, tips,
+    advice, the best way) or a request opening ("Any ...", "Give me ..."). On UPQA dev it holds for none of the
+    100 explicit and 100 paraphrased questions, 50 of the 100 implicit ones (the others ask about the user in
+    other words: "Who keeps me company at home?") and 99 of the 100 product questions. `memory` adds the stated
+    facts to such a request (docs/edit/README.md, "Recall and use")."""
+    return bool(ASKS_TO_USE.search(query))
+
+
+def memory(user: User, query: str, engine) -> Personalized:
+    """The served memory: Personalization Editing's adapter (`edit`) for every question, and for a request that
+    should use a preference (asks_to_use) also the stated facts that bear on it (`facts`), next to the question.
+    A question about the user gets the adapter alone: beside it the line lowered explicit answers (BENCHMARKS §4);
+    a request gets both: deep in a conversation the adapter alone fades (the line does not), and at any depth the
+    pair answered more implicit questions with the preference than either alone (docs/edit/README.md, "Recall
+    and use")."""
+    edited = get_method(names.EDIT)(user, query, engine)
+    return combine([edited, facts(user, query, engine)]) if asks_to_use(query) else edited
+
+
 def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_K) -> list[str]:
     """The stated preferences that bear on `query`, at most k, in the order stated: each preference is indexed
     with the words of its attribute type (editing.ATTRIBUTES: "I'm vegetarian." also under "food diet eat cook
@@ -182,6 +212,7 @@ METHODS: dict[str, Method | str] = {
     names.PROMPT: prompt,
     names.RAG: rag,
     names.FACTS: facts,
+    names.MEMORY: memory,
     names.EDIT: "localpers.personalize.editing:edit_method",
     names.CE: "localpers.personalize.training:ce_method",
     names.PERCE: "localpers.personalize.training:perce_method",
@@ -197,8 +228,9 @@ def combine(parts: list[Personalized]) -> Personalized:
     for p in parts:
         artifacts = artifacts.merge(p.artifacts)
     return Personalized(artifacts=artifacts,
-                        system="\n\n".join(p.system for p in parts if p.system),
-                        user_prefix="".join(p.user_prefix for p in parts),
+                        # a part given twice ("memory+facts": the same stated facts) is given once
+                        system="\n\n".join(dict.fromkeys(p.system for p in parts if p.system)),
+                        user_prefix="".join(dict.fromkeys(p.user_prefix for p in parts if p.user_prefix)),
                         retrieved=tuple(dict.fromkeys(i for p in parts for i in p.retrieved)))
 
 
