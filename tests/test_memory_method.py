@@ -17,7 +17,8 @@ VERA = User("vera", preferences=("I'm vegetarian.",), registered=(ADAPTER,))
     "Can you recommend a book for the weekend?", "What's a good outdoor activity I could do this weekend?",
     "Give me some ideas for a date night.", "What's the best way for me to get around the city?",
     "any tips for my garden", "Recommend a podcast.", "What should we watch tonight?",
-    "What do you think I should feed my little friends at home?",
+    "What do you think I should feed my little friends at home?", "Any ideas for dinner?",
+    "What's a good restaurant near me?", "What are some good snacks?",
 ])
 def test_requests_ask_to_use_the_preference(question):
     assert asks_to_use(question)
@@ -27,7 +28,7 @@ def test_requests_ask_to_use_the_preference(question):
     # about the user: the edit states the value
     "What is my diet?", "Do I eat meat?", "Where do I live?", "What do I do for work?", "Who keeps me company at home?",
     "What kind of music do I like?", "How would you describe my family background?", "What's my hobby?",
-    "Can you tell me where I live?", "Am I vegetarian?",
+    "Can you tell me where I live?", "Am I vegetarian?", "Any idea where I live?", "Any idea what music I like?",
     # neutral: no request word, no advice modal
     "What is the capital of France?", "How do I reverse a list in Python?", "Write a haiku about the sea.",
 ])
