@@ -327,6 +327,9 @@ def test_invariant_only_the_sentences_of_a_changed_fact_leave_retrieval(store):
     say(store, "ivan", "I moved to Paris.")
     assert retrieved(store, "ivan", "When is Kari's birthday in Oslo?") == [
         "My sister Kari is a doctor and her birthday is on May 3rd."]
+    say(store, "kim", "I live in Oslo; my sister Kari is a doctor.")   # a sentence that ends in ";"
+    say(store, "kim", "I moved to Paris.")
+    assert retrieved(store, "kim", "Who is my sister Kari in Oslo?") == ["my sister Kari is a doctor."]
     say(store, "ivan", "I'm vegan. I love jazz.")
     say(store, "ivan", "I'm not vegan anymore.")
     found = retrieved(store, "ivan", "Am I vegan? Do I love jazz?")
@@ -354,6 +357,18 @@ def test_holds_fact_is_the_current_fact_by_slot_and_value(store):
     assert store.holds_fact("hal2", oslo) and not store.holds_fact("hal2", paris)
     say(store, "hal2", "I moved to Paris.")
     assert store.holds_fact("hal2", paris) and not store.holds_fact("hal2", oslo)
+
+
+def test_the_users_own_earlier_questions_are_not_retrieved(store):
+    """A tester's case: "Any ideas for dinner?" retrieved the user's earlier "Any idea where I live?" and the model
+    echoed it. A message that only asks is not retrieved; one that also states something is."""
+    say(store, "ugo", "Any idea where I live?")
+    say(store, "ugo", "Any ideas for a weekend activity?")
+    say(store, "ugo", "I'm vegetarian. Any ideas for dinner tonight?")
+    assert retrieved(store, "ugo", "Any ideas for dinner?") == ["I'm vegetarian. Any ideas for dinner tonight?"]
+    assert retrieved(store, "ugo", "Where do I live?") == []
+    store.add("ugo", "What is a monad? A monoid in the category of endofunctors?", kind="document")
+    assert retrieved(store, "ugo", "What is a monad?") == ["What is a monad? A monoid in the category of endofunctors?"]
 
 
 def test_only_the_messages_that_stated_the_replaced_fact_are_marked(store):
@@ -483,6 +498,26 @@ def test_invariant_another_participant_of_a_group_chat_is_never_served_the_users
             {"role": "user", "name": "dora", "content": "Hi all."},
             {"role": "user", "name": name, "content": "Where do I live?"}]})
         assert r.json()["localpers"]["composition"] != names.BASE and r.json()["localpers"]["retrieved"]
+
+
+def test_invariant_every_route_keeps_a_group_chats_speakers_apart(client):
+    """A tester's case: /v1/responses, /api/chat (Ollama) and POST memories dropped `name`, so another
+    participant's "I live in Rome." became the user's home and their question got the user's memory."""
+    rome = {"role": "user", "name": "erik", "content": "I live in Rome."}
+    r = client.post("/v1/responses", json={"input": [rome], "user": "rita", "max_output_tokens": 2,
+                                           "localpers": {"explain": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["localpers"]["composition"] == names.BASE
+    r = client.post("/api/chat", json={"model": "x", "messages": [rome], "stream": False, "options": {"num_predict": 2}},
+                    headers={"X-Localpers-User": "rita"})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/users/rita/memories", json={"messages": [rome, {"role": "user", "content": "I'm vegan."}]})
+    assert r.status_code in (200, 201), r.text
+    assert [(f["attribute"], f["value"]) for f in client.get("/v1/users/rita/facts").json()["data"]] == [
+        ("diet", "vegan")]
+    own = {"role": "user", "name": "rita", "content": "I live in Oslo."}
+    client.post("/v1/responses", json={"input": [own], "user": "rita", "max_output_tokens": 2})
+    assert ("home", "Oslo") in [(f["attribute"], f["value"]) for f in client.get("/v1/users/rita/facts").json()["data"]]
 
 
 def test_a_remembered_preference_over_http_is_learned_as_facts(client):

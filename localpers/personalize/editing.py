@@ -55,7 +55,7 @@ ATTRIBUTES = {
                    ("i run", "i own", "i am a", "i'm a", "profession", "i teach")),
     "food preference": (("food preference", "favorite food", "diet", "taste in food"),
                         ("eat", "food", "vegetarian", "vegan", "sweet tooth", "cook", "meat", "spicy", "meal",
-                         "dinner", "lunch", "breakfast", "recipe")),
+                         "dinner", "lunch", "breakfast", "recipe", "allergic", "allergy", "intoleran")),
     "location": (("location", "hometown", "home", "place I live"),
                  ("live in", "grew up", "i'm from", "i am from", "moved to", "born in")),
     "pet": (("pet", "animal companion", "companion animal", "pet at home"),
@@ -124,9 +124,25 @@ def second_person(statement: str) -> str:
     return re.sub(r"[A-Za-z']+", swap, statement.strip())
 
 
+LEAD_INS = ("i am a", "i'm a")   # "I'm a nurse." is a profession, "I'm a vegetarian." a diet: half a keyword
+
+
+def keyword_score(text: str, keywords) -> float:
+    """How many `keywords` a lower-cased, space-padded text mentions: each at a word start and, as a prefix,
+    in any form ("cook" in "cooking"); a keyword ending in a one- or two-letter word only as whole words ("i'm a"
+    is not in "i'm allergic"); LEAD_INS count half."""
+    score = 0.0
+    for kw in keywords:
+        at = f" {kw}"
+        hit = re.search(re.escape(at) + r"(?!\w)", text) if re.search(r"\b\w{1,2}$", kw) else at in text
+        if hit:
+            score += 0.5 if kw in LEAD_INS else 1.0
+    return score
+
+
 def detect_attribute(statement: str) -> str | None:
     text = f" {statement.lower()} "
-    scores = {name: sum(f" {kw}" in text for kw in keywords) for name, (_, keywords) in ATTRIBUTES.items()}
+    scores = {name: keyword_score(text, keywords) for name, (_, keywords) in ATTRIBUTES.items()}
     best = max(scores, key=scores.get)
     return best if scores[best] else None
 
@@ -1055,7 +1071,7 @@ def question_types(query: str) -> tuple[set[str], bool]:
     if exact:
         return exact, True
     text = f" {query.lower()} "   # detect_attribute's keyword count, every type tied at the top
-    scores = {name: sum(f" {kw}" in text for kw in keywords) for name, (_, keywords) in ATTRIBUTES.items()}
+    scores = {name: keyword_score(text, keywords) for name, (_, keywords) in ATTRIBUTES.items()}
     top = max(scores.values())
     return ({name for name, score in scores.items() if score == top} if top else set()), False
 

@@ -48,6 +48,7 @@ class User:
     history: tuple[str, ...] = ()       # the user's own items (posts, reviews, profile entries), oldest first
     facts: tuple[Fact, ...] = ()        # preferences the data gives as question/answer clusters
     history_ids: tuple[int, ...] = ()   # the store's id of each history item (for explanations), when known
+    preference_ids: tuple[int, ...] = ()   # the store's id of each stated preference (for explanations), when known
     # Served users: their history is not loaded but searched in the store's incremental BM25 index,
     # search(query, k) -> [(item id, text)], best first, as retrieve_positions ranks them.
     search: Optional[Callable[[str, int], list]] = field(default=None, compare=False, hash=False, repr=False)
@@ -73,6 +74,7 @@ class Personalized:
     system: str = ""          # appended to the system message
     user_prefix: str = ""     # put before the last user message (retrieved context sits next to the question)
     retrieved: tuple[int, ...] = ()   # store ids of the history items in the context (served users only)
+    stated: tuple[int, ...] = ()      # store ids of the stated preferences in the context (`facts`; served users)
 
 
 Method = Callable[[User, str, object], Personalized]   # (user, query, engine) -> Personalized
@@ -144,9 +146,9 @@ ABOUT_ME = re.compile(r"\b(my|mine|myself)\b", re.I)   # a question about the us
 
 ASKS_TO_USE = re.compile(
     r"\b(should|shall|could|can|might|would)\s+(i|we)\b|\b(i|we)\s+(should|could|can|might|ought)\b"
-    r"|\b(recommend\w*|suggest\w*|ideas?(?!\s+(where|what|who|when|which|why|how|if|whether)\b)|tips?|advice"
+    r"|\b(recommend\w*|suggest\w*|ideas?(?!\W*(about\s+)?(where|what|who|when|which|why|how|if|whether)\b)|tips?|advice"
     r"|ways?\s+to|best\s+way)\b"
-    r"|^\W*(any(?!\s+ideas?\s+(where|what|who|when|which|why|how|if|whether)\b)|give\s+me|tell\s+me\s+(a|an|some)"
+    r"|^\W*(any(?!\s+(clue|chance|idea|ideas)\b)|give\s+me|tell\s+me\s+(a|an|some)"
     r"|help\s+me|find\s+me|make\s+me|plan|suggest|recommend)\b"
     r"|\bwhat('?s|\s+is|\s+are)\s+(a\s+|some\s+)?good\b",
     re.I)
@@ -206,7 +208,9 @@ def facts_prefix(statements: list[str]) -> str:
 def facts(user: User, query: str, engine) -> Personalized:
     """The user's stated preferences that bear on the query, as one line before the last user message: next to
     the question it stays in reach after any number of turns, where a system message drifts away."""
-    return Personalized(user_prefix=facts_prefix(relevant_facts(user.preferences, query)))
+    found = relevant_facts(user.preferences, query)
+    ids = dict(zip(user.preferences, user.preference_ids))
+    return Personalized(user_prefix=facts_prefix(found), stated=tuple(ids[s] for s in found if s in ids))
 
 
 # name -> function, or "module:function" for methods whose module is imported only when used.
@@ -234,7 +238,8 @@ def combine(parts: list[Personalized]) -> Personalized:
                         # a part given twice ("memory+facts": the same stated facts) is given once
                         system="\n\n".join(dict.fromkeys(p.system for p in parts if p.system)),
                         user_prefix="".join(dict.fromkeys(p.user_prefix for p in parts if p.user_prefix)),
-                        retrieved=tuple(dict.fromkeys(i for p in parts for i in p.retrieved)))
+                        retrieved=tuple(dict.fromkeys(i for p in parts for i in p.retrieved)),
+                        stated=tuple(dict.fromkeys(i for p in parts for i in p.stated)))
 
 
 def get_method(spec: str) -> Method:

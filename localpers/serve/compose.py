@@ -58,8 +58,9 @@ class Composer:
         return self._method(user, query, engine)
 
     def explain(self, user: User, personalized: Personalized) -> dict:
-        """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id) and the
-        ids of the retrieved history items. Ids only, never text."""
+        """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id), the
+        ids of the retrieved history items and, when a stated-facts line was put before the question (`facts`,
+        `memory` on a request), the ids of its preferences ("stated"). Ids only, never text."""
         served = {path for path, _ in personalized.artifacts.lora + personalized.artifacts.control_vectors}
         artifacts = []
         for a in user.registered or ():
@@ -70,7 +71,8 @@ class Composer:
                     artifacts.append({"method": a.method, "kind": a.kind, "id": a.id, "source": source})
         return {"composition": self.spec,
                 "artifacts": artifacts,
-                "retrieved": list(personalized.retrieved)}
+                "retrieved": list(personalized.retrieved),
+                **({"stated": list(personalized.stated)} if personalized.stated else {})}
 
 
 def served_user(store, user: str, base_model_sha256: str, conversation: list[dict] = (),
@@ -83,7 +85,8 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
     are not retrieved: the model sees them in the conversation already; nor is a text already retrieved (the
     same words stored as a message and as the preference learnt from it); of a message stating a fact the user
     has since replaced, withdrawn or deleted (meta names.SUPERSEDED_BY) only the sentences still true are
-    (still_held: not "I live in Oslo." after "I moved to Paris.").
+    (still_held: not "I live in Oslo." after "I moved to Paris."); nor a message that only asks ("Any ideas for
+    dinner?": the user's own earlier questions say nothing about them, and the model echoed them back).
     `preferences=False` (a spec without
     `prompt`, Composer.needs_preferences) leaves the stated preferences and facts out: O(1) in their number."""
     try:
@@ -102,6 +105,8 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
             return []
         found, texts = [], set(said)
         for hit in hits:  # a text stored twice (a chat message and the preference learnt from it) is shown once
+            if hit["kind"] == names.MESSAGE and only_questions(hit["text"]):
+                continue
             text = still_held(store, user, hit["text"]) if names.SUPERSEDED_BY in hit["meta"] else hit["text"]
             if text and text not in texts:
                 texts.add(text)
@@ -110,8 +115,17 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
 
     facts = tuple(f for f in (upqa_fact(item["text"], item["meta"]) for item in preferences) if f is not None)
     return User(id=user, preferences=tuple(item["text"] for item in preferences), facts=facts, search=search,
+                preference_ids=tuple(item["id"] for item in preferences),
                 registered=tuple(RegisteredArtifact(a["method"], a["kind"], a["path"], a["id"], routes_of(a))
                                  for a in artifacts))
+
+
+def only_questions(text: str) -> bool:
+    """Is every sentence of a message a question (detect.sentences, each ending in "?")?"""
+    from localpers.personalize.detect import sentences
+
+    said = sentences(text)
+    return bool(said) and all(s.rstrip().endswith(("?", "？")) for s in said)
 
 
 def still_held(store, user: str, text: str) -> str:
@@ -122,7 +136,7 @@ def still_held(store, user: str, text: str) -> str:
     from localpers.personalize.detect import detect_facts, sentences
 
     return " ".join(s for s in sentences(text)
-                    if all(f.retire or store.holds_fact(user, f) for f in detect_facts(s)))
+                    if all(f.retire or store.holds_fact(user, f) for f in detect_facts(s.rstrip(" ;:"))))
 
 
 def routes_of(artifact: dict) -> tuple[tuple[str, str, int | None], ...]:

@@ -9,7 +9,8 @@ as `localpers eval` measures the same spec. Unless the server runs with `--no-hi
 `"localpers": {"history": false}`, the user's new messages are stored in their history and the preferences stated
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
 adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
-(method, kind, id), the ids of the retrieved items and, when this request's message stored, replaced or retired facts,
+(method, kind, id), the ids of the retrieved items, the ids of the stated preferences put before the question
+("stated", when any) and, when this request's message stored, replaced or retired facts,
 `learned`: {"facts": [{"id", "attribute"}], "replaced": [...], "retired": [...]} (and "retried": [...], facts restated
 after their edit failed, whose edit is queued again); never text. The mem0-like memory
 endpoints of localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page

@@ -137,6 +137,11 @@ class StaleError(UserError):
     from was deleted meanwhile (the deletion queued its recomputation). Nothing was written."""
 
 
+class SourcesGoneError(StaleError):
+    """A StaleError of the second kind: an item the artifact was derived from was deleted (or replaced) while
+    its job ran; the deletion queued the job that recomputes it, so the job is superseded, not failed."""
+
+
 def make_private(path: str | Path) -> None:
     """Only the owner may read what the data folder holds: files 0600, folders 0700 (a folder recursively)."""
     path = Path(path)
@@ -322,7 +327,7 @@ def check_item(text, kind="message", meta=None, ts=None) -> tuple[str, float, by
 
 def message_items(messages) -> list[tuple]:
     """A chat, OpenAI's `messages` list ([{"role", "content"}], content a string or a list of text parts), as
-    validated items: one per message, kind "message", the role in meta. The one parser of this form, for the
+    validated items: one per message, kind "message", the role in meta (and a group chat's `name`). The one parser of this form, for the
     memories endpoint and for `localpers import`."""
     from localpers.model.chat import content_text
 
@@ -333,7 +338,8 @@ def message_items(messages) -> list[tuple]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
             raise UserError(f'messages[{number}] must be an object with a "role" and a "content"')
         try:
-            items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"]}))
+            speaker = {"name": message["name"]} if isinstance(message.get("name"), str) else {}
+            items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"], **speaker}))
         except UserError as e:
             raise UserError(f"messages[{number}]: {e}") from None
     return items
@@ -1273,7 +1279,8 @@ class Store:
                     f"SELECT id FROM items WHERE user_id = ? AND id IN ({','.join('?' * len(sources))})",
                     (user_id, *sources))}
                 if len(found) != len(sources):
-                    raise StaleError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not registered")
+                    raise SourcesGoneError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not "
+                                           "registered")
             folder = self._user_folder(user_id)
             folder.parent.mkdir(mode=0o700, exist_ok=True)  # (parents=True would make it with the umask's mode)
             folder.mkdir(mode=0o700, exist_ok=True)
