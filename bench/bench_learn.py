@@ -10,7 +10,7 @@ measured message states a new home ("I'm vegetarian and I live in CityR.": one f
 every run replaces a fact, deletes the old one and queues the edit job, as a real update does. The figure is
 the median over --repeat runs, the sizes interleaved run by run (a shared machine's load drifts alike for
 each); the stores live in temporary folders. Also printed: reading the served user for the default composition
-(served_user with Composer().needs_preferences: edit+rag reads no stored preference), which the chat request
+(served_user with Composer().needs_preferences of a question about the user: the default reads no stored preference), which the chat request
 runs before learning."""
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
                 learn_from_chat(store, "user", [{"role": "user", "content": f"I'm vegetarian and I live in City{r}."}])
                 learn[n].append(time.perf_counter() - start)
                 start = time.perf_counter()
-                served_user(store, "user", SHA, preferences=Composer().needs_preferences)
+                served_user(store, "user", SHA, preferences=Composer().needs_preferences("Where do I live?"))
                 compose[n].append(time.perf_counter() - start)
     base = 1000 * statistics.median(learn[sizes[0]])
     print(f"{'stored':>7} {'learn ms':>9} {'x first':>8} {'served_user ms':>15}")

@@ -18,6 +18,8 @@ ARTIFACT_KINDS = (LORA, CONTROL_VECTOR, MODEL, LORA_ROUTES)
 # ---- history item kinds (store items' `kind`; `remember --kind`, `history --kind`)
 MESSAGE = "message"        # something the user said (the default)
 PREFERENCE = "preference"  # a stated preference: `personalize` edits these, the `prompt` method lists them
+SUPERSEDED_BY = "superseded_by"  # a message's meta key: the id of the later message that replaced or withdrew a
+                                 # fact it stated ("I live in Oslo." after "I moved to Paris."); not retrieved
 DOCUMENT = "document"      # a text the user wrote (LaMP/LongLaMP profile entries)
 REVIEW = "review"          # a review the user wrote (LaMP/LongLaMP product reviews)
 ITEM_KINDS = (MESSAGE, PREFERENCE, DOCUMENT, REVIEW)
@@ -34,7 +36,9 @@ BASE = "base"      # the model as it is
 PROMPT = "prompt"  # stated preferences in the system message
 RAG = "rag"        # top-k retrieved history items before the question
 FACTS = "facts"    # the stated preferences that bear on the question, in a compact line before it
+MEMORY = "memory"  # the served memory: the edit, and for a request also `facts` (methods.memory)
 EDIT = "edit"      # Personalization Editing: rank-one ROME edits of ffn_down -> LoRA adapter
+MEMORY_PARTS = (EDIT, FACTS)  # what `memory` is made of: a composition with it has a trained part (edit)
 CE = "ce"          # plain cross-entropy LoRA fine-tuning on the user's history (PerCE's baseline)
 PERCE = "perce"    # PerContrast-weighted LoRA fine-tuning (arXiv 2603.06595) -> LoRA adapter
 LOGO = "logo"      # LoGo: community knowledge fused with local signals by a mediator -> control vectors, context

@@ -94,7 +94,7 @@ def fake_server() -> FastAPI:
             for piece in ("Try a ", "lentil ", "curry."):
                 yield 'data: {"choices": [{"index": 0, "delta": {"content": "%s"}}]}\n\n' % piece
             last = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                    "localpers": {"composition": "edit+rag",
+                    "localpers": {"composition": "memory+rag", "stated": [7],
                                   "artifacts": [{"method": "edit", "kind": "lora", "id": 3}], "retrieved": [9]}}
             import json
 
@@ -137,7 +137,8 @@ def test_chat_renders_explanation_and_jobs_from_the_contract():
         run(child, "/why", "no reply yet")
         run(child, "Suggest a dinner for tonight.", "Try a lentil curry.")
         child.expect_exact("now in use — edit job 4 done in 8.5 s")  # the job the message queued, followed
-        run(child, "/why", "composition: edit+rag", "edit lora (artifact 3)", "#9 Lentil soup was great.")
+        run(child, "/why", "composition: memory+rag", "edit lora (artifact 3)", "line before your question",
+            "#7 I am vegetarian.", "#9 Lentil soup was great.")
         run(child, "/jobs", "failed", "the preference could not be stated", "done", "3.2 s", "artifact 5, edited 1")
         run(child, "/remember", "/remember needs the text")
         run(child, "/remember I like jazz.", "does not offer")   # no POST memories route on this server

@@ -116,8 +116,11 @@ def test_personalize_routes_many_facts_reuses_their_adapters_and_goes_back_to_on
         assert composer(user, "Where do I live?", None).artifacts.lora == ((str(folder / paris), 1.0),)
         assert composer(user, "Do I have any pets?", None).artifacts.lora == ()
         trained.clear()
-        editing.personalize("ann", store=store, model_path=path, config=config)
+        again_result = editing.personalize("ann", store=store, model_path=path, config=config)
         assert trained == []
+        # nothing new, nothing gone: the served folder stays as it is, no new version of the same files
+        assert store.artifacts("ann", names.LORA_ROUTES, sha) == [pruned] and again_result.artifact == pruned["id"]
+        assert again_result.adapter == folder and len(list(folder.iterdir())) == 4
 
         # down to one preference: its adapter, always applied; the routes retired with their folder
         for item in store.items("ann", kind="preference")[1:]:
@@ -243,3 +246,24 @@ def test_invariant_a_question_about_a_type_the_user_has_no_fact_of_gets_no_edit(
     no_job = [r for r, f in zip(routes, facts) if "nurse" not in f.statement]
     assert pick_route(no_job, "What do I do for a living?") is None
     assert pick_route(no_job, "Where do I live?") == no_job[0]
+
+
+@pytest.mark.parametrize("routes, expected", [
+    ([{"file": "fact-a.gguf", "words": "paris", "fact": "f1", "source": 3}],
+     [{"file": "fact-a.gguf", "words": "paris", "fact": "f1", "source": 3}]),
+    ([{"file": "fact-a.gguf", "words": "paris"}], [{"file": "fact-a.gguf", "words": "paris", "fact": None, "source": None}]),
+    ([{"file": "fact-a.gguf", "words": "x", "source": True}], [{"file": "fact-a.gguf", "words": "x", "fact": None, "source": None}]),
+    ([{"file": "../other/fact-a.gguf", "words": "paris"}], None),     # a file of another folder
+    ([{"file": "sub/fact-a.gguf", "words": "paris"}], None),
+    ([{"file": "..", "words": "paris"}], None),
+    ([{"file": "fact-a.gguf", "words": "x"}, {"file": "fact-b.gguf"}], None),   # one route without words: all
+    ([{"file": "fact-a.gguf", "words": "x"}, "fact-b.gguf"], None),
+    ([], None), ("fact-a.gguf", None), (None, None),
+])
+def test_invariant_one_reader_of_routes_refuses_any_malformed_route(routes, expected):
+    """store.read_routes, which the served composition, the store's pruning and the next edit job all read: a
+    folder's routes are read whole or not at all (a served file is always inside the artifact's folder)."""
+    from localpers.store.store import read_routes
+
+    assert read_routes({"routes": routes}) == expected
+    assert read_routes(None) is None and read_routes({"method": "edit"}) is None

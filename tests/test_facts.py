@@ -277,6 +277,114 @@ def test_deleting_the_message_deletes_its_facts(store):
     assert say(store, "gus", "I live in Oslo.")["replaced"] == []
 
 
+def retrieved(store, user, question, conversation=()):
+    from localpers.serve.compose import served_user
+
+    return [text for _, text in served_user(store, user, "sha", list(conversation)).search(question, 4)]
+
+
+def test_invariant_a_replaced_statement_is_not_retrieved(store):
+    """"I live in Oslo." then "I moved to Paris.": retrieval for "Where do I live?" quotes the move, never the
+    replaced statement (the 135M model answered from whichever it was shown); the message itself is kept."""
+    oslo = say(store, "oli", "I live in Oslo.")["messages"][0]
+    say(store, "oli", "The weather in Oslo is grey. Where do I live?")
+    assert "I live in Oslo." in retrieved(store, "oli", "Where do I live in Oslo?")
+    moved = say(store, "oli", "I moved to Paris.")
+    assert moved["replaced"] and current(store, "oli") == {"home": "Paris"}
+    found = retrieved(store, "oli", "Where do I live in Oslo?")
+    assert "I live in Oslo." not in found and "The weather in Oslo is grey. Where do I live?" in found
+    assert "I moved to Paris." in retrieved(store, "oli", "Did I move to Paris?")
+    [kept] = [i for i in store.items("oli", kind=names.MESSAGE) if i["id"] == oslo]
+    assert kept["meta"][names.SUPERSEDED_BY] == moved["messages"][0]
+
+
+def test_invariant_a_withdrawn_statement_is_not_retrieved_but_the_withdrawal_is(store):
+    say(store, "pam", "I'm vegetarian.")
+    say(store, "pam", "I'm not vegetarian anymore.")
+    assert current(store, "pam") == {}
+    assert retrieved(store, "pam", "Am I vegetarian?") == ["I'm not vegetarian anymore."]
+
+
+def test_a_replacement_inside_one_message_keeps_the_message(store):
+    """The replaced fact and its replacement said in one message: the message states the current fact too."""
+    say(store, "quin", "I live in Oslo. Actually, I live in Paris now.")
+    assert current(store, "quin") == {"home": "Paris"}
+    assert "I live in Oslo. Actually, I live in Paris now." in retrieved(store, "quin", "Where do I live?")
+
+
+def test_a_compound_message_goes_with_its_replaced_fact_and_the_other_fact_stays(store):
+    say(store, "ros", "I'm vegan and I live in Oslo.")
+    say(store, "ros", "I moved to Paris.")
+    assert current(store, "ros") == {"diet": "vegan", "home": "Paris"}
+    found = retrieved(store, "ros", "Am I vegan in Oslo?")
+    assert "I'm vegan and I live in Oslo." not in found and "I'm vegan." in found   # the diet, from its preference
+
+
+def test_invariant_only_the_sentences_of_a_changed_fact_leave_retrieval(store):
+    """A tester's case: "I live in Oslo. My sister Kari is a doctor ..." then "I moved to Paris.": the birthday
+    is still retrieved, the old home is not."""
+    say(store, "ivan", "I live in Oslo. My sister Kari is a doctor and her birthday is on May 3rd.")
+    say(store, "ivan", "I moved to Paris.")
+    assert retrieved(store, "ivan", "When is Kari's birthday in Oslo?") == [
+        "My sister Kari is a doctor and her birthday is on May 3rd."]
+    say(store, "kim", "I live in Oslo; my sister Kari is a doctor.")   # a sentence that ends in ";"
+    say(store, "kim", "I moved to Paris.")
+    assert retrieved(store, "kim", "Who is my sister Kari in Oslo?") == ["my sister Kari is a doctor."]
+    say(store, "ivan", "I'm vegan. I love jazz.")
+    say(store, "ivan", "I'm not vegan anymore.")
+    found = retrieved(store, "ivan", "Am I vegan? Do I love jazz?")
+    assert "I love jazz." in found and not any("I'm vegan." in text for text in found)
+
+
+def test_invariant_a_deleted_fact_is_not_retrieved_from_its_message(store):
+    """A tester's case: the user deletes the learned preference "I love jazz music." (memories API); its message
+    stays listed but is no longer quoted for it."""
+    message = say(store, "frank", "I love jazz music.")["messages"][0]
+    [pref] = store.items("frank", kind=names.PREFERENCE)
+    assert retrieved(store, "frank", "Do I like jazz music?") == ["I love jazz music."]
+    store.delete_item("frank", pref["id"])
+    assert retrieved(store, "frank", "Do I like jazz music?") == []
+    [kept] = store.items("frank", kind=names.MESSAGE)
+    assert kept["id"] == message and kept["meta"][names.SUPERSEDED_BY] is None
+
+
+def test_holds_fact_is_the_current_fact_by_slot_and_value(store):
+    from localpers.personalize.detect import detect_facts
+
+    [oslo], [paris] = detect_facts("I live in Oslo."), detect_facts("I live in Paris.")
+    assert not store.holds_fact("nobody", oslo)
+    say(store, "hal2", "I live in Oslo.")
+    assert store.holds_fact("hal2", oslo) and not store.holds_fact("hal2", paris)
+    say(store, "hal2", "I moved to Paris.")
+    assert store.holds_fact("hal2", paris) and not store.holds_fact("hal2", oslo)
+
+
+def test_the_users_own_earlier_questions_are_not_retrieved(store):
+    """A tester's case: "Any ideas for dinner?" retrieved the user's earlier "Any idea where I live?" and the model
+    echoed it. A message that only asks is not retrieved; one that also states something is."""
+    say(store, "ugo", "Any idea where I live?")
+    say(store, "ugo", "Any ideas for a weekend activity?")
+    say(store, "ugo", "I'm vegetarian. Any ideas for dinner tonight?")
+    assert retrieved(store, "ugo", "Any ideas for dinner?") == ["I'm vegetarian. Any ideas for dinner tonight?"]
+    assert retrieved(store, "ugo", "Where do I live?") == []
+    store.add("ugo", "What is a monad? A monoid in the category of endofunctors?", kind="document")
+    assert retrieved(store, "ugo", "What is a monad?") == ["What is a monad? A monoid in the category of endofunctors?"]
+
+
+def test_only_the_messages_that_stated_the_replaced_fact_are_marked(store):
+    """A remembered text is a message the user typed (marked like a chat message); a message stating no fact,
+    or another fact, is not marked; neither is a preference added without a message."""
+    from localpers.serve.learn import learn_from_text
+
+    remembered = learn_from_text(store, "sal", "I live in Oslo.")["messages"][0]
+    plain = say(store, "sal", "Oslo is lovely in May.")["messages"][0]
+    other = say(store, "sal", "I love jazz.")["messages"][0]
+    added = store.add("sal", "I like tea.", kind=names.PREFERENCE)
+    by = say(store, "sal", "I moved to Paris.")["messages"][0]
+    marks = {i["id"]: i["meta"].get(names.SUPERSEDED_BY) for i in store.items("sal")}
+    assert marks[remembered] == by and marks[plain] is None and marks[other] is None and marks[added] is None
+
+
 def test_editing_gets_one_fact_per_atomic_preference(store):
     from localpers.personalize.editing import preference_facts
 
@@ -369,6 +477,47 @@ def test_chat_reports_what_it_learned_without_text(client):
     r = client.post("/v1/chat/completions", json=group)
     assert r.status_code == 200 and "learned" not in r.json()["localpers"]
     assert client.get("/v1/users/carol/facts").json()["data"] == []
+
+
+def test_invariant_another_participant_of_a_group_chat_is_never_served_the_users_memory(client):
+    """A group chat sent for "cara": the last user message is dora's, so nothing of cara's (her facts line, her
+    history, her adapters) composes the reply; cara's own next message is personalized again."""
+    client.post("/v1/users/cara/memories", json={"text": "I live in Berlin and I'm vegetarian.", "kind": "preference"})
+    asked = {"user": "cara", "max_tokens": 2, "localpers": {"explain": True}}
+    r = client.post("/v1/chat/completions", json=asked | {"messages": [
+        {"role": "user", "content": "Where do I live?"}]})
+    assert r.json()["localpers"]["retrieved"]   # cara herself: her history is retrieved
+    for name in ("dora", "Dora "):
+        r = client.post("/v1/chat/completions", json=asked | {"messages": [
+            {"role": "user", "name": "cara", "content": "I live in Berlin."},
+            {"role": "user", "name": name, "content": "Where do I live?"}]})
+        assert r.status_code == 200
+        assert r.json()["localpers"] == {"composition": names.BASE, "artifacts": [], "retrieved": []}
+    for name in ("cara", "CARA"):
+        r = client.post("/v1/chat/completions", json=asked | {"messages": [
+            {"role": "user", "name": "dora", "content": "Hi all."},
+            {"role": "user", "name": name, "content": "Where do I live?"}]})
+        assert r.json()["localpers"]["composition"] != names.BASE and r.json()["localpers"]["retrieved"]
+
+
+def test_invariant_every_route_keeps_a_group_chats_speakers_apart(client):
+    """A tester's case: /v1/responses, /api/chat (Ollama) and POST memories dropped `name`, so another
+    participant's "I live in Rome." became the user's home and their question got the user's memory."""
+    rome = {"role": "user", "name": "erik", "content": "I live in Rome."}
+    r = client.post("/v1/responses", json={"input": [rome], "user": "rita", "max_output_tokens": 2,
+                                           "localpers": {"explain": True}})
+    assert r.status_code == 200, r.text
+    assert r.json()["localpers"]["composition"] == names.BASE
+    r = client.post("/api/chat", json={"model": "x", "messages": [rome], "stream": False, "options": {"num_predict": 2}},
+                    headers={"X-Localpers-User": "rita"})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/users/rita/memories", json={"messages": [rome, {"role": "user", "content": "I'm vegan."}]})
+    assert r.status_code in (200, 201), r.text
+    assert [(f["attribute"], f["value"]) for f in client.get("/v1/users/rita/facts").json()["data"]] == [
+        ("diet", "vegan")]
+    own = {"role": "user", "name": "rita", "content": "I live in Oslo."}
+    client.post("/v1/responses", json={"input": [own], "user": "rita", "max_output_tokens": 2})
+    assert ("home", "Oslo") in [(f["attribute"], f["value"]) for f in client.get("/v1/users/rita/facts").json()["data"]]
 
 
 def test_a_remembered_preference_over_http_is_learned_as_facts(client):

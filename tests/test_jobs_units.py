@@ -814,3 +814,29 @@ def test_invariant_the_logged_duration_of_a_job_is_its_own(store, monkeypatch, c
     [line] = [l for l in capsys.readouterr().err.splitlines() if " done in " in l]
     took = float(re.fullmatch(rf"localpers: job {job['id']} \({names.EDIT}\) done in ([0-9.]+) s", line).group(1))
     assert 0.2 - 0.05 <= took <= elapsed + 0.05
+
+
+def test_invariant_a_job_whose_preferences_changed_while_it_ran_is_superseded_not_failed(tmp_path, monkeypatch, store):
+    """A tester's case: a preference replaced while its edit job ran made the job `failed` ("items [14] were
+    deleted ..."), though the change had queued the job that redoes it. In the child, through the pipe and in the
+    worker it is done, superseded by that job; any other UserError still fails the job."""
+    from localpers.store.store import SourcesGoneError
+
+    def gone(store_, user, engine, job_id):
+        raise SourcesGoneError("items [14] were deleted: the artifact is not registered")
+
+    sent, _, _ = child_side(monkeypatch, tmp_path, (gone, "alice", 7), None)
+    assert sent == [("sources_gone", "items [14] were deleted: the artifact is not registered")]
+    child = jobs.JobProcess(tmp_path, tmp_path / "m.gguf", 1, 10)
+    conn = FakeConn([("sources_gone", "items [14] were deleted")], polls=[True])
+    monkeypatch.setattr(child, "_start", lambda: started(child, FakeProc(), conn))
+    with pytest.raises(SourcesGoneError, match=r"^items \[14\] were deleted$"):
+        child.run("m:f", "alice", 5)
+    monkeypatch.setitem(jobs.JOB_KINDS, names.EDIT, "some.module:edit_job")
+    worker = jobs.Worker(store, lambda: None)
+    job = {"id": 1, "user": "alice", "kind": names.EDIT}
+    worker.child = Child(error=SourcesGoneError("items [14] were deleted"))
+    assert worker._execute(job, Engine()) == (names.DONE, None, {"superseded_by": jobs.SUPERSEDED_BY_CHANGE,
+                                                                  "stale": "items [14] were deleted"})
+    worker.child = Child(error=UserError("job 1 was cancelled: its artifact is not registered"))
+    assert worker._execute(job, Engine())[:2] == (names.FAILED, "job 1 was cancelled: its artifact is not registered")

@@ -155,7 +155,8 @@ def test_adding_a_fact_is_timed_for_the_edit_methods_only():
     user = ev.many_user(upqa_items_static())
     assert add_fact(user, "perce") is None and add_fact(user, "logo") is None
     assert ev.trained_part("edit+rag") == "edit" and ev.trained_part("rag+edit-1turn") == "edit-1turn"
-    assert ev.trained_part("prompt+rag") is None
+    assert ev.trained_part("prompt+rag") is None and ev.trained_part("facts") is None
+    assert ev.trained_part("memory+rag") == "edit" and ev.method_parts("memory+rag") == ["edit", "facts", "rag"]
 
 
 def upqa_items_static():

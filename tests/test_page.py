@@ -173,7 +173,7 @@ def test_page_chat_learn_why_correct_delete_forget(server, browser, shots, tmp_p
     find(b, ".msg.assistant:last-child .why summary").click()
     why = find(b, ".msg.assistant:last-child .why").text
     assert f"edit lora #{adapter['id']}" in why and "I'm vegetarian. (in the adapter)" in why
-    assert "edit+rag" in why
+    assert "memory+rag" in why
     shots(b, "5-why")
 
     # 4. corrected: relearned from the new text, the old adapter replaced

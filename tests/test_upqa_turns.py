@@ -74,3 +74,4 @@ def test_paired_deltas_per_turn_count(tmp_path):
 def test_statement_in_chat():
     assert ev.statement_in_chat("prompt+rag") and ev.statement_in_chat("base")
     assert not ev.statement_in_chat("edit") and not ev.statement_in_chat("edit+rag")
+    assert not ev.statement_in_chat("memory") and not ev.statement_in_chat("memory+rag")   # memory holds the edit

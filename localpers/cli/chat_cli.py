@@ -445,13 +445,20 @@ class Chat:
             for a in artifacts:
                 self.say(f"  {a.get('method')} {a.get('kind')} (artifact {a.get('id')})", "none")
         else:
-            self.say("  no adapters or control vectors (nothing trained for you yet, or the base model)", "none")
-        retrieved = e.get("retrieved") or []
-        if retrieved:
+            self.say("  no adapter or control vector for this question (none made for you yet, or none applies)",
+                     "none")
+        retrieved, stated = e.get("retrieved") or [], e.get("stated") or []
+        texts = {}
+        if retrieved or stated:
             try:
                 texts = {item["id"]: item.get("text", "") for item in self._items()}
             except (UserError, Missing):
-                texts = {}
+                pass
+        if stated:
+            self.say("  your stated facts, in a line before your question:", "none")
+            for item_id in stated:
+                self.say(f"    #{item_id} {texts.get(item_id, '')}".rstrip(), "none")
+        if retrieved:
             self.say("  retrieved from your history:", "none")
             for item_id in dict.fromkeys(retrieved):  # each item once, whichever methods retrieved it
                 self.say(f"    #{item_id} {texts.get(item_id, '')}".rstrip(), "none")

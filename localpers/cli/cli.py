@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a non-loopback --host without --api-key (anyone on the network can read every "
                         "user's history)")
     p.add_argument("--data-dir", help="user data directory (default: $LOCALPERS_HOME or the XDG data dir)")
-    p.add_argument("--personalize", default=f"{names.EDIT}+{names.RAG}", metavar="SPEC",
+    p.add_argument("--personalize", default=f"{names.MEMORY}+{names.RAG}", metavar="SPEC",
                    help="what a request with `user` is served with: methods joined by '+' (default: %(default)s; "
                         "see README)")
     p.add_argument("--no-history", action="store_true",

@@ -192,6 +192,6 @@ def cmd_personalize_trained(args) -> int:
           f"{out['tokens']} target tokens, loss {out['first_loss']} -> {out['last_loss']}, {out['seconds']} s")
     model_option = f" --model {args.model}" if args.model else ""
     print(f"adapter  {out['path']} (version {out['version']})\n         served to requests with \"user\": "
-          f"\"{args.user}\" only under --personalize {args.method} (the default edit+rag does not apply it): "
+          f"\"{args.user}\" only under --personalize {args.method} (the default memory+rag does not apply it): "
           f"localpers serve{model_option} --personalize {args.method}+rag")
     return 0

@@ -364,7 +364,15 @@ UPQA_QUESTIONS = (("explicit", "question"), ("paraphrased", "question_paraphrase
 def statement_in_chat(method_name: str) -> bool:
     """Multi-turn UPQA: does the method hear the user's statement as the first user turn? Context methods do;
     a composition with a trained method (edit, perce, ...) has it in its weights instead, as the paper's edits do."""
-    return not any(part.strip() in names.TRAINED_METHODS + names.EDIT_ABLATIONS for part in method_name.split("+"))
+    return not any(part in names.TRAINED_METHODS + names.EDIT_ABLATIONS for part in method_parts(method_name))
+
+
+def method_parts(spec: str) -> list[str]:
+    """The method names of a composition, `memory` counted as what it is made of (names.MEMORY_PARTS)."""
+    out = []
+    for part in (p.strip() for p in spec.split("+")):
+        out += names.MEMORY_PARTS if part == names.MEMORY else [part]
+    return out
 
 
 def run_upqa_turns(engine, items: list[UpqaItem], conversations: list[list[dict]], methods: dict, *,
@@ -440,8 +448,7 @@ def many_user(items: list[UpqaItem], tag: str = "many") -> User:
 
 def trained_part(spec: str) -> str | None:
     """The trained method of a composition ("edit+rag" -> "edit"), or None."""
-    return next((part.strip() for part in spec.split("+")
-                 if part.strip() in names.TRAINED_METHODS + names.EDIT_ABLATIONS), None)
+    return next((part for part in method_parts(spec) if part in names.TRAINED_METHODS + names.EDIT_ABLATIONS), None)
 
 
 def edit_add_fact(engine):

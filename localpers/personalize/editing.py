@@ -38,6 +38,7 @@ from localpers import names
 from localpers.engine.engine import model_sha256 as base_model_sha256  # the key `localpers serve` looks adapters up by
 from localpers.errors import UserError
 from localpers.personalize.methods import Fact
+from localpers.store.store import read_routes
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ ATTRIBUTES = {
                    ("i run", "i own", "i am a", "i'm a", "profession", "i teach")),
     "food preference": (("food preference", "favorite food", "diet", "taste in food"),
                         ("eat", "food", "vegetarian", "vegan", "sweet tooth", "cook", "meat", "spicy", "meal",
-                         "dinner", "lunch", "breakfast", "recipe")),
+                         "dinner", "lunch", "breakfast", "recipe", "allergic", "allergy", "intoleran")),
     "location": (("location", "hometown", "home", "place I live"),
                  ("live in", "grew up", "i'm from", "i am from", "moved to", "born in")),
     "pet": (("pet", "animal companion", "companion animal", "pet at home"),
@@ -123,9 +124,25 @@ def second_person(statement: str) -> str:
     return re.sub(r"[A-Za-z']+", swap, statement.strip())
 
 
+LEAD_INS = ("i am a", "i'm a")   # "I'm a nurse." is a profession, "I'm a vegetarian." a diet: half a keyword
+
+
+def keyword_score(text: str, keywords) -> float:
+    """How many `keywords` a lower-cased, space-padded text mentions: each at a word start and, as a prefix,
+    in any form ("cook" in "cooking"); a keyword ending in a one- or two-letter word only as whole words ("i'm a"
+    is not in "i'm allergic"); LEAD_INS count half."""
+    score = 0.0
+    for kw in keywords:
+        at = f" {kw}"
+        hit = re.search(re.escape(at) + r"(?!\w)", text) if re.search(r"\b\w{1,2}$", kw) else at in text
+        if hit:
+            score += 0.5 if kw in LEAD_INS else 1.0
+    return score
+
+
 def detect_attribute(statement: str) -> str | None:
     text = f" {statement.lower()} "
-    scores = {name: sum(f" {kw}" in text for kw in keywords) for name, (_, keywords) in ATTRIBUTES.items()}
+    scores = {name: keyword_score(text, keywords) for name, (_, keywords) in ATTRIBUTES.items()}
     best = max(scores, key=scores.get)
     return best if scores[best] else None
 
@@ -1054,7 +1071,7 @@ def question_types(query: str) -> tuple[set[str], bool]:
     if exact:
         return exact, True
     text = f" {query.lower()} "   # detect_attribute's keyword count, every type tied at the top
-    scores = {name: sum(f" {kw}" in text for kw in keywords) for name, (_, keywords) in ATTRIBUTES.items()}
+    scores = {name: keyword_score(text, keywords) for name, (_, keywords) in ATTRIBUTES.items()}
     top = max(scores.values())
     return ({name for name, score in scores.items() if score == top} if top else set()), False
 
@@ -1252,9 +1269,15 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
             editor = editor_for(str(engine.model_path), config)
             with store.temp_dir(user) as tmp:
                 result = edit_routed(engine, editor, facts, Path(tmp) / "routes", routed_adapters(store, user, sha))
-                if result.adapter:
-                    for route, edit in zip(result.routes, result.edits):   # a deletion drops only its route
-                        route["source"] = source_of[edit.fact.statement]
+                for route, edit in zip(result.routes, result.edits):   # a deletion drops only its route
+                    route["source"] = source_of[edit.fact.statement]
+                current = [a for a in store.artifacts(user, names.LORA_ROUTES, sha) if a["method"] == names.EDIT]
+                if result.adapter and current and result.reused == len(result.edits) and \
+                        (current[0]["meta"] or {}).get("failed") == len(result.failed) and \
+                        _route_set(read_routes(current[0]["meta"]) or ()) == _route_set(result.routes):
+                    # nothing new, nothing gone: the served folder stays, with no new version of the same files
+                    result.artifact, result.adapter = current[0]["id"], Path(current[0]["path"])
+                elif result.adapter:
                     meta = {"method": names.EDIT, "layer": editor.config.layer, "routes": result.routes,
                             "sources": [source_of[e.fact.statement] for e in result.edits],
                             "edited": len(result.edits), "failed": len(result.failed)}
@@ -1298,6 +1321,10 @@ def personalize(user: str, *, data_dir=None, model_path=None, bake_model: bool =
     return result
 
 
+def _route_set(routes) -> set[tuple]:
+    return {(r.get("fact"), r.get("source"), r.get("words")) for r in routes}
+
+
 def routed_adapters(store, user: str, sha: str) -> dict[str, Path]:
     """fact id -> single-fact adapter file of the user's current routed edits for this model (edit_routed's
     `reuse`): the next run copies them instead of editing those facts again."""
@@ -1305,8 +1332,7 @@ def routed_adapters(store, user: str, sha: str) -> dict[str, Path]:
     if not current:
         return {}
     folder = Path(current[0]["path"])
-    return {r["fact"]: folder / r["file"] for r in (current[0]["meta"] or {}).get("routes", [])
-            if isinstance(r, dict) and isinstance(r.get("fact"), str) and isinstance(r.get("file"), str)}
+    return {r["fact"]: folder / r["file"] for r in read_routes(current[0]["meta"]) or () if r["fact"] is not None}
 
 
 def reuse_values(store, user: str, sha: str, editor: Editor, facts: list[Fact]) -> int:

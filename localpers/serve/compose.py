@@ -8,7 +8,12 @@ evaluation composes its users as read from the data; the server composes a serve
 model, which trained methods (edit, perce, logo) serve instead of training. The same spec on the same user's
 data gives the same Personalized either way (tests/test_compose.py checks it token for token).
 
-Default: DEFAULT_SPEC = "edit+rag", chosen from the measured evaluation (BENCHMARKS.md §6-7): on UPQA `edit`
+Default: DEFAULT_SPEC = "memory+rag" (since issue 25): `memory` is `edit` for every question and, for a request
+that should use a preference ("What should I cook tonight?": methods.asks_to_use), also the `facts` line; it
+never differs from `edit` on a question about the user (the gate holds for none of UPQA dev's 200 explicit and
+paraphrased questions) and answered more implicit questions with the preference at 0, 5 and 10 distractor turns
+(19 items: 9 vs 8 at 0 turns, 6 vs 3 at 10; BENCHMARKS §4, "recall and use"), at one short restatement more
+("Pizza."). Before it, "edit+rag", chosen from the measured evaluation (BENCHMARKS.md §6-7): on UPQA `edit`
 states the preference far better than `prompt` (explicit 1.00 vs 0.29, paraphrased 0.90 vs 0.21) and adding
 `prompt` to it hurts (edit+prompt 0.73 / 0.54); `rag` helps where histories hold the answer (the world: mc_acc
 0.27 vs base 0.18, explicit 0.12 vs 0.00) at no measurable locality cost on UPQA (0.000) and retrieves nothing
@@ -26,10 +31,10 @@ from pathlib import Path
 
 from localpers import names
 from localpers.personalize.datasets import upqa_fact
-from localpers.personalize.methods import Personalized, RegisteredArtifact, User, get_method
-from localpers.store.store import NotFoundError
+from localpers.personalize.methods import Personalized, RegisteredArtifact, User, asks_to_use, get_method
+from localpers.store.store import NotFoundError, read_routes
 
-DEFAULT_SPEC = f"{names.EDIT}+{names.RAG}"
+DEFAULT_SPEC = f"{names.MEMORY}+{names.RAG}"
 
 
 @dataclass(frozen=True)
@@ -41,20 +46,21 @@ class Composer:
         object.__setattr__(self, "spec", "+".join(part.strip() for part in self.spec.split("+")))
         object.__setattr__(self, "_method", get_method(self.spec))  # unknown names fail at start-up
 
-    @property
-    def needs_preferences(self) -> bool:
-        """Does a method of the spec read the served user's stated preferences (`prompt` lists them, `facts`
-        picks those that bear on the question)? The trained methods serve registry artifacts and `rag` searches
-        the index, so without them a request need not read (and decrypt) every stored preference: its cost stays
-        independent of their number."""
-        return bool({names.PROMPT, names.FACTS} & set(self.spec.split("+")))
+    def needs_preferences(self, query: str) -> bool:
+        """Does a method of the spec read the served user's stated preferences for `query` (`prompt` lists them,
+        `facts` picks those that bear on the question, `memory` does so for a request: methods.asks_to_use)? The
+        trained methods serve registry artifacts and `rag` searches the index, so otherwise a request need not
+        read (and decrypt) every stored preference: its cost stays independent of their number."""
+        parts = set(self.spec.split("+"))
+        return bool({names.PROMPT, names.FACTS} & parts) or (names.MEMORY in parts and asks_to_use(query))
 
     def __call__(self, user: User, query: str, engine) -> Personalized:
         return self._method(user, query, engine)
 
     def explain(self, user: User, personalized: Personalized) -> dict:
-        """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id) and the
-        ids of the retrieved history items. Ids only, never text."""
+        """The response's `localpers` object: the spec, the registry artifacts served (method, kind, id), the
+        ids of the retrieved history items and, when a stated-facts line was put before the question (`facts`,
+        `memory` on a request), the ids of its preferences ("stated"). Ids only, never text."""
         served = {path for path, _ in personalized.artifacts.lora + personalized.artifacts.control_vectors}
         artifacts = []
         for a in user.registered or ():
@@ -65,7 +71,8 @@ class Composer:
                     artifacts.append({"method": a.method, "kind": a.kind, "id": a.id, "source": source})
         return {"composition": self.spec,
                 "artifacts": artifacts,
-                "retrieved": list(personalized.retrieved)}
+                "retrieved": list(personalized.retrieved),
+                **({"stated": list(personalized.stated)} if personalized.stated else {})}
 
 
 def served_user(store, user: str, base_model_sha256: str, conversation: list[dict] = (),
@@ -76,7 +83,11 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
     it per request), and their current artifacts made for this base model. An unknown user is a user with
     nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier turns)
     are not retrieved: the model sees them in the conversation already; nor is a text already retrieved (the
-    same words stored as a message and as the preference learnt from it). `preferences=False` (a spec without
+    same words stored as a message and as the preference learnt from it); of a message stating a fact the user
+    has since replaced, withdrawn or deleted (meta names.SUPERSEDED_BY) only the sentences still true are
+    (still_held: not "I live in Oslo." after "I moved to Paris."); nor a message that only asks ("Any ideas for
+    dinner?": the user's own earlier questions say nothing about them, and the model echoed them back).
+    `preferences=False` (a spec without
     `prompt`, Composer.needs_preferences) leaves the stated preferences and facts out: O(1) in their number."""
     try:
         preferences = store.items(user, kind=names.PREFERENCE) if preferences else []
@@ -94,32 +105,47 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
             return []
         found, texts = [], set(said)
         for hit in hits:  # a text stored twice (a chat message and the preference learnt from it) is shown once
-            if hit["text"] not in texts:
-                texts.add(hit["text"])
-                found.append((hit["id"], hit["text"]))
+            if hit["kind"] == names.MESSAGE and only_questions(hit["text"]):
+                continue
+            text = still_held(store, user, hit["text"]) if names.SUPERSEDED_BY in hit["meta"] else hit["text"]
+            if text and text not in texts:
+                texts.add(text)
+                found.append((hit["id"], text))
         return found[:k]
 
     facts = tuple(f for f in (upqa_fact(item["text"], item["meta"]) for item in preferences) if f is not None)
     return User(id=user, preferences=tuple(item["text"] for item in preferences), facts=facts, search=search,
+                preference_ids=tuple(item["id"] for item in preferences),
                 registered=tuple(RegisteredArtifact(a["method"], a["kind"], a["path"], a["id"], routes_of(a))
                                  for a in artifacts))
 
 
+def only_questions(text: str) -> bool:
+    """Is every sentence of a message a question (detect.sentences, each ending in "?")?"""
+    from localpers.personalize.detect import sentences
+
+    said = sentences(text)
+    return bool(said) and all(s.rstrip().endswith(("?", "？")) for s in said)
+
+
+def still_held(store, user: str, text: str) -> str:
+    """The sentences of a stored message that state no fact the user no longer holds (detect.detect_facts on each
+    sentence, Store.holds_fact for each fact it states; a withdrawal, "I'm not vegan anymore.", and a sentence
+    stating nothing are kept), joined by spaces; "" when none is left. For messages marked
+    names.SUPERSEDED_BY only: the cost is the detector on one retrieved message."""
+    from localpers.personalize.detect import detect_facts, sentences
+
+    return " ".join(s for s in sentences(text)
+                    if all(f.retire or store.holds_fact(user, f) for f in detect_facts(s.rstrip(" ;:"))))
+
+
 def routes_of(artifact: dict) -> tuple[tuple[str, str, int | None], ...]:
-    """A names.LORA_ROUTES artifact's routes as (adapter file, words, source item id); () for any other artifact.
-    A route naming a file outside the artifact's folder is dropped (the meta is the store's, but a path is
-    checked)."""
+    """A names.LORA_ROUTES artifact's routes as (adapter file, words, source item id) (store.read_routes); () for
+    any other artifact or unreadable routes."""
     if artifact["kind"] != names.LORA_ROUTES:
         return ()
     folder = Path(artifact["path"])
-    out = []
-    for route in (artifact["meta"] or {}).get("routes", []):
-        if isinstance(route, dict) and isinstance(route.get("file"), str) and isinstance(route.get("words"), str):
-            path = folder / route["file"]
-            if path.parent == folder:
-                source = route.get("source")
-                out.append((str(path), route["words"], source if isinstance(source, int) else None))
-    return tuple(out)
+    return tuple((str(folder / r["file"]), r["words"], r["source"]) for r in read_routes(artifact["meta"]) or ())
 
 
 def last_user_message(messages: list[dict]) -> str:

@@ -42,7 +42,7 @@ from fastapi import APIRouter, Body, Request
 from localpers import names
 from localpers.errors import UserError
 from localpers.serve.memory_api import OpenAIErrorRoute
-from localpers.store.store import DISK_FULL, disk_full
+from localpers.store.store import DISK_FULL, SourcesGoneError, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,8 @@ class JobProcess:
         self.last_used = time.monotonic()
         if status == "ok":
             return value
+        if status == "sources_gone":
+            raise SourcesGoneError(value)
         if status == "user_error":
             raise UserError(value)
         raise RuntimeError(value)
@@ -213,6 +215,8 @@ def _child_main(conn, data_dir: str, model_path: str, threads: int, parent: int)
             target, user, job_id = message
             try:
                 conn.send(("ok", _resolve(target)(store, user, engine, job_id)))
+            except SourcesGoneError as e:
+                conn.send(("sources_gone", str(e)))
             except UserError as e:
                 conn.send(("user_error", str(e)))
             except Exception as e:  # a bug: reported to the worker, which fails the job with it
@@ -223,6 +227,7 @@ def _child_main(conn, data_dir: str, model_path: str, threads: int, parent: int)
         store.close()
 
 
+SUPERSEDED_BY_CHANGE = "the job queued by a change of its preferences while it ran"
 JOB_RETRIES = 1  # a job whose process died (kill -9, the OOM killer) runs again this many times
 MAX_BACKOFF_S = 30.0  # the longest wait of the worker between tries after a store error (a full disk)
 IDLE_EXIT_S = 30.0  # a job process with no job for this long exits (what it loaded goes back to the system)
@@ -415,7 +420,9 @@ class Worker:
             else:
                 result = _resolve(target)(self.store, job["user"], engine, job["id"])
             return names.DONE, None, result
-        except UserError as e:  # StaleError (cancelled, sources deleted), no preferences, a model mismatch...
+        except SourcesGoneError as e:  # a preference changed while it ran: the job that change queued redoes it
+            return names.DONE, None, {"superseded_by": SUPERSEDED_BY_CHANGE, "stale": str(e)}
+        except UserError as e:  # StaleError (cancelled), no preferences, a model mismatch...
             return names.FAILED, str(e), None
         except ProcessDied as e:  # killed (the OOM killer...): one automatic retry, then failed with the reason
             self._died[job["id"]] = tries = self._died.get(job["id"], 0) + 1

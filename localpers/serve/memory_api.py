@@ -36,7 +36,7 @@ from localpers.model.chat import content_text
 from localpers.errors import UserError
 from localpers.personalize.detect import NO_FACT, detect_facts
 from localpers.serve.learn import learn_from_messages, learn_from_text
-from localpers.store.store import DISK_FULL, NotFoundError, check_item, disk_full, message_items
+from localpers.store.store import DISK_FULL, NotFoundError, check_item, disk_full, message_items, said_by
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
@@ -168,7 +168,9 @@ def forget_user(user: str, request: Request):
 def _remember_chat(store, user: str, items: list[tuple]) -> dict:
     """A chat posted to the memories route, as validated items: the user's messages stored and their facts
     learned (learn_from_messages), like a served chat's; data: the messages' ids, then the new facts' ids."""
-    mine = [item[2].decode("utf-8") for item in items if json.loads(item[3]).get("role") == "user"]
+    metas = [json.loads(item[3]) for item in items]   # a group chat's other participants' messages are not hers
+    mine = [item[2].decode("utf-8") for item, meta in zip(items, metas) if meta.get("role") == "user"
+            and said_by(meta, user)]
     learned = learn_from_messages(store, user, mine) if mine else \
         {"messages": [], "preferences": [], "facts": [], "replaced": [], "retired": []}
     return {"object": "list", "data": [{"id": i, "user": user} for i in learned["messages"] + learned["preferences"]],

@@ -111,6 +111,8 @@ def _messages(messages: list[dict]) -> list[dict]:
         if m.get("images"):
             S.refuse(f"messages.{i}.images", "images are not supported")
         msg = {"role": m.get("role"), "content": m.get("content", "")}
+        if m.get("role") == "user" and isinstance(m.get("name"), str):  # a group chat's speaker, as in chat
+            msg["name"] = m["name"]
         if calls:
             msg["tool_calls"] = [{"id": f"call_{i}_{k}", "type": "function", "function": {
                 "name": c["function"]["name"], "arguments": json.dumps(c["function"].get("arguments", {}))}}

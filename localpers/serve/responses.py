@@ -89,7 +89,9 @@ def input_messages(items) -> list[dict]:
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
                 S.refuse(f"input.{i}.role", f"unknown role {role!r}")
-            out.append({"role": role, "content": _text_of(item.get("content", ""), f"input.{i}.content")})
+            out.append({"role": role, "content": _text_of(item.get("content", ""), f"input.{i}.content"),
+                        # a group chat's speaker: only the user's own messages are learned and personalized
+                        **({"name": item["name"]} if role == "user" and isinstance(item.get("name"), str) else {})})
         elif kind == "function_call":
             if not isinstance(item.get("name"), str) or not isinstance(item.get("arguments", "{}"), str):
                 S.refuse(f"input.{i}", "a function_call item needs a string 'name' and 'arguments'")

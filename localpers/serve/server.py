@@ -4,12 +4,13 @@ Routes: POST /v1/chat/completions (plain, or SSE chunks ending with `data: [DONE
 GET /health (503 while the model loads, 200 after), GET /openapi.json (the request body described by the pydantic
 models below). 
 A request that names a `user` is composed for that user (localpers.serve.compose, spec `--personalize`, default
-edit+rag): their current registry artifacts for the served model, their stated preferences and retrieved history,
+memory+rag): their current registry artifacts for the served model, their stated preferences and retrieved history,
 as `localpers eval` measures the same spec. Unless the server runs with `--no-history` or the request says
 `"localpers": {"history": false}`, the user's new messages are stored in their history and the preferences stated
 in them learned (localpers.serve.learn), which queues background jobs (localpers.serve.jobs). `"localpers": {"explain": true}`
 adds a `localpers` object to the response (a last chunk of a stream, with no choices): the composition, the artifacts served
-(method, kind, id), the ids of the retrieved items and, when this request's message stored, replaced or retired facts,
+(method, kind, id), the ids of the retrieved items, the ids of the stated preferences put before the question
+("stated", when any) and, when this request's message stored, replaced or retired facts,
 `learned`: {"facts": [{"id", "attribute"}], "replaced": [...], "retired": [...]} (and "retried": [...], facts restated
 after their edit failed, whose edit is queued again); never text. The mem0-like memory
 endpoints of localpers.serve.memory_api and the job endpoints of localpers.serve.jobs live under /v1/users/; the page
@@ -58,7 +59,7 @@ from localpers.serve.learn import changed, learn_from_chat
 from localpers.serve.memory_api import disk_full_response, router as memory_router
 from localpers.serve.page import router as page_router
 from localpers.personalize.methods import apply
-from localpers.store.store import NotFoundError, Store, disk_full
+from localpers.store.store import NotFoundError, Store, disk_full, said_by
 from localpers.store.store import data_dir as resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -558,11 +559,14 @@ def create_app(model_path: str | Path | None = None, *, api_key: str | None = No
         A file retired between reading the registry and pinning it: composed again from the current registry.
         An artifact llama.cpp cannot load is left out and marked broken in the store (so it shows up as such
         for that user; the client never sees the server's paths)."""
-        if not user:
+        last = next((m for m in reversed(messages) if m["role"] == "user"), None)
+        if not user or (last is not None and not said_by(last, user)):  # a group chat's other participant:
+            # never served the user's memory (their facts would answer for someone else)
             return messages, engine.pin(everyone)[0], {"composition": names.BASE, "artifacts": [], "retrieved": []}
         sha = model_sha256(engine.model_path)
         for attempt in range(COMPOSE_TRIES):
-            person = served_user(store, user, sha, messages, preferences=composer.needs_preferences)
+            person = served_user(store, user, sha, messages,
+                                 preferences=composer.needs_preferences(last_user_message(messages)))
             personalized = composer(person, last_user_message(messages), engine)
             pinned, broken = engine.pin(everyone.merge(personalized.artifacts))
             if attempt + 1 == COMPOSE_TRIES or all(Path(path).exists() for path, _ in broken):

@@ -137,6 +137,11 @@ class StaleError(UserError):
     from was deleted meanwhile (the deletion queued its recomputation). Nothing was written."""
 
 
+class SourcesGoneError(StaleError):
+    """A StaleError of the second kind: an item the artifact was derived from was deleted (or replaced) while
+    its job ran; the deletion queued the job that recomputes it, so the job is superseded, not failed."""
+
+
 def make_private(path: str | Path) -> None:
     """Only the owner may read what the data folder holds: files 0600, folders 0700 (a folder recursively)."""
     path = Path(path)
@@ -266,6 +271,35 @@ def _read_meta(data: bytes) -> dict:
         return {"unreadable": f"this item's meta nests more than {MAX_META_DEPTH} levels"}
 
 
+def said_by(message: dict, user: str) -> bool:
+    """Is a chat message `user`'s own? One without a `name` is; in a group chat one whose `name` is another
+    participant's is not (compared as stored: NFC, case-folded). Only the user's own messages are stored and
+    learned from (Store.learn_chat), and only a conversation whose last user message is theirs is personalized
+    for them (the server): another participant never gets the user's memory."""
+    name = message.get("name")
+    return name is None or unicodedata.normalize("NFC", str(name)).casefold() == check_user(user).casefold()
+
+
+def read_routes(meta) -> list[dict] | None:
+    """A names.LORA_ROUTES artifact's routes from its registry meta (personalize.editing.edit_routed writes
+    them; the one reader of that format): dicts with "file" (a bare file name inside the artifact's folder),
+    "words" (str, what a question is matched against), "fact" (str, the fact's id; None when absent) and
+    "source" (int, the preference item's id; None when absent). None when the meta has no route list or any
+    route is malformed (a file naming another folder, no words): the artifact is then unreadable as a whole."""
+    routes = meta.get("routes") if isinstance(meta, dict) else None
+    if not isinstance(routes, list) or not routes:
+        return None
+    out = []
+    for r in routes:
+        if not (isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(r.get("words"), str)
+                and r["file"] == Path(r["file"]).name and r["file"] not in ("", ".", "..")):
+            return None
+        fact, source = r.get("fact"), r.get("source")
+        out.append({"file": r["file"], "words": r["words"], "fact": fact if isinstance(fact, str) else None,
+                    "source": source if isinstance(source, int) and not isinstance(source, bool) else None})
+    return out
+
+
 def _check_depth(meta: dict) -> None:
     """UserError when meta nests objects/arrays deeper than MAX_META_DEPTH (iterative: any depth is checked)."""
     stack = [(meta, 1)]
@@ -293,7 +327,7 @@ def check_item(text, kind="message", meta=None, ts=None) -> tuple[str, float, by
 
 def message_items(messages) -> list[tuple]:
     """A chat, OpenAI's `messages` list ([{"role", "content"}], content a string or a list of text parts), as
-    validated items: one per message, kind "message", the role in meta. The one parser of this form, for the
+    validated items: one per message, kind "message", the role in meta (and a group chat's `name`). The one parser of this form, for the
     memories endpoint and for `localpers import`."""
     from localpers.model.chat import content_text
 
@@ -304,7 +338,8 @@ def message_items(messages) -> list[tuple]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
             raise UserError(f'messages[{number}] must be an object with a "role" and a "content"')
         try:
-            items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"]}))
+            speaker = {"name": message["name"]} if isinstance(message.get("name"), str) else {}
+            items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"], **speaker}))
         except UserError as e:
             raise UserError(f"messages[{number}]: {e}") from None
     return items
@@ -855,12 +890,9 @@ class Store:
         "replaced": [...], "retired": [...], "retried": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
         {"id", "attribute"}, their text is deleted)."""
         checked, digests, prefix = [], [], hashlib.sha256()
-        speaker = check_user(user).casefold()
         for position, message in enumerate(messages):
             prefix.update(json.dumps([position, message["role"], message["content"]]).encode("utf-8"))
-            name = message.get("name")
-            own = name is None or unicodedata.normalize("NFC", str(name)).casefold() == speaker
-            if message["role"] == "user" and own and message["content"].strip():
+            if message["role"] == "user" and said_by(message, user) and message["content"].strip():
                 checked.append(check_item(message["content"], "message", {"role": "user", "source": "chat"}))
                 digests.append(self.cipher.digest(prefix.digest()))
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": [], "retried": []}
@@ -931,14 +963,14 @@ class Store:
         paths: list[str] = []
         for message_id, (_, facts) in zip(ids, items):
             for fact in facts:
-                slot = self.cipher.digest(b"slot\0" + fact.slot.encode("utf-8"))
-                value = self.cipher.digest(f"value\0{fact.attribute}={fact.key}".encode("utf-8"))
+                slot, value = self._fact_digests(fact)
                 held = conn.execute("SELECT item_id, value FROM facts WHERE user_id = ? AND slot = ?",
                                     (user_id, slot)).fetchall()
                 if fact.retire:  # an empty key ("Please forget where I live.") retires whatever the slot holds
                     gone = [i for i, v in held if v == value or not fact.key]
                     if gone:
                         out["retired"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)} for i in gone]
+                        self._mark_superseded(conn, user_id, gone, message_id)
                         paths += self._delete(conn, user_id, gone)
                     continue
                 if any(v == value for _, v in held):  # held already; its edit failed last time: tried again
@@ -951,6 +983,7 @@ class Store:
                     out["facts"] = [f for f in out["facts"] if f["id"] not in {i for i, _ in held}]
                     out["replaced"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)}
                                         for i, _ in held if i not in new_now]
+                    self._mark_superseded(conn, user_id, [i for i, _ in held], message_id)
                     paths += self._delete(conn, user_id, [i for i, _ in held])
                 meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
                 [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
@@ -958,6 +991,40 @@ class Store:
                              (fact_id, user_id, slot, value, message_id))
                 out["facts"].append({"id": fact_id, "attribute": fact.attribute})
         return paths
+
+    def _fact_digests(self, fact) -> tuple[bytes, bytes]:
+        """The facts index's keyed hashes of a detected fact (detect.StatedFact: slot, attribute, key)."""
+        return (self.cipher.digest(b"slot\0" + fact.slot.encode("utf-8")),
+                self.cipher.digest(f"value\0{fact.attribute}={fact.key}".encode("utf-8")))
+
+    def holds_fact(self, user: str, fact) -> bool:
+        """Does the user currently hold `fact` (a detect.StatedFact: the same slot and value)? O(log n) in their
+        facts, through the index's keyed hashes (no decryption). An unknown user holds nothing."""
+        slot, value = self._fact_digests(fact)
+        with self._read() as conn:
+            row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+            return row is not None and conn.execute(
+                "SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value = ?", (row[0], slot, value)
+            ).fetchone() is not None
+
+    def _mark_superseded(self, conn, user_id: int, fact_ids: list[int], by: int | None) -> None:
+        """Inside a write, before facts `fact_ids` are replaced or retired by chat message `by` (None: deleted by
+        the user): each earlier chat message they were learned from gets meta names.SUPERSEDED_BY = by, so
+        retrieval quotes only its sentences that state nothing the user no longer holds (serve.compose.still_held:
+        "I live in Oslo." once "I moved to Paris." replaced it, while "My sister is a doctor." of the same message
+        stays). A fact without a message (an imported preference) and `by` itself (a replacement inside one
+        message) mark nothing."""
+        marks = ",".join("?" * len(fact_ids))
+        messages = [m for (m,) in conn.execute(
+            f"SELECT DISTINCT message FROM facts WHERE user_id = ? AND item_id IN ({marks}) AND message IS NOT NULL",
+            (user_id, *fact_ids)) if m != by]
+        aad = b"%d:meta" % user_id
+        for message_id in messages:
+            row = conn.execute("SELECT meta FROM items WHERE id = ? AND user_id = ?", (message_id, user_id)).fetchone()
+            if row is not None:
+                meta = _read_meta(self.cipher.open(row[0], aad)) | {names.SUPERSEDED_BY: by}
+                conn.execute("UPDATE items SET meta = ? WHERE id = ?",
+                             (self.cipher.seal(json.dumps(meta, ensure_ascii=False).encode("utf-8"), aad), message_id))
 
     def _edit_failed(self, conn, user_id: int) -> bool:
         """Inside a write: did the user's newest edit job fail (and none is queued or running after it)?"""
@@ -1030,6 +1097,8 @@ class Store:
                                ).fetchone() if -(1 << 63) <= item_id < 1 << 63 else None  # beyond SQLite's integers
             if row is None:
                 raise NotFoundError(f"user {user!r} has no item {item_id}")
+            if row[0] == names.PREFERENCE:   # a fact the user deleted: its message is no longer quoted for it
+                self._mark_superseded(conn, user_id, [item_id], None)
             retired = self._delete(conn, user_id, [item_id])
             if row[0] == names.MESSAGE:
                 said = self.cipher.open(row[1], b"%d:text" % user_id).decode("utf-8")
@@ -1210,7 +1279,8 @@ class Store:
                     f"SELECT id FROM items WHERE user_id = ? AND id IN ({','.join('?' * len(sources))})",
                     (user_id, *sources))}
                 if len(found) != len(sources):
-                    raise StaleError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not registered")
+                    raise SourcesGoneError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not "
+                                           "registered")
             folder = self._user_folder(user_id)
             folder.parent.mkdir(mode=0o700, exist_ok=True)  # (parents=True would make it with the umask's mode)
             folder.mkdir(mode=0o700, exist_ok=True)
@@ -1381,12 +1451,10 @@ class Store:
         no route would be left (then the whole artifact is retired)."""
         aad = b"%d:artifact" % user_id
         meta = json.loads(self.cipher.open(sealed, aad))
-        routes = meta.get("routes")
-        if not isinstance(routes, list) or not all(
-                isinstance(r, dict) and isinstance(r.get("source"), int) and isinstance(r.get("file"), str)
-                and r["file"] == Path(r["file"]).name and r["file"] not in ("", ".", "..") for r in routes):
+        routes = read_routes(meta)
+        if routes is None or any(r["source"] is None for r in routes):
             return None
-        keep = [r for r in routes if r["source"] not in gone]
+        keep = [r for r in meta["routes"] if r["source"] not in gone]
         if not keep:
             return None
         meta["routes"], meta["edited"] = keep, len(keep)

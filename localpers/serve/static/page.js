@@ -278,6 +278,7 @@ async function whyPanel(explanation) {
     for (const source of known ? known.sources : []) factsUsed.set(source, "in the adapter");
     return el("li", {}, `${a.method} ${a.kind} #${a.id}` + (known ? `, made ${when(known.created)}` : ""));
   });
+  for (const id of explanation.stated || []) if (!factsUsed.has(id)) factsUsed.set(id, "in a line before your question");
   if (explanation.composition.split("+").includes("prompt")) {
     for (const item of items) if (item.kind === "preference" && !factsUsed.has(item.id)) factsUsed.set(item.id, "in the prompt");
   }

@@ -1,0 +1,107 @@
+"""The served memory (methods.memory, issue 25): Personalization Editing's adapter, and for a request that should use
+a preference (methods.asks_to_use) also the stated facts that bear on it; without a model."""
+import pytest
+
+from localpers import names
+from localpers.personalize.methods import (Personalized, RegisteredArtifact, User, apply, asks_to_use, get_method,
+                                           memory)
+from localpers.serve.compose import Composer
+
+ADAPTER = RegisteredArtifact(names.EDIT, names.LORA, "/data/edit.gguf", 7)
+VERA = User("vera", preferences=("I'm vegetarian.",), registered=(ADAPTER,))
+
+
+@pytest.mark.parametrize("question", [
+    # requests: a preference should shape the answer, not be the answer
+    "What should I cook tonight?", "Suggest a dinner for tonight.", "Any gear I should buy for my hobby?",
+    "Can you recommend a book for the weekend?", "What's a good outdoor activity I could do this weekend?",
+    "Give me some ideas for a date night.", "What's the best way for me to get around the city?",
+    "any tips for my garden", "Recommend a podcast.", "What should we watch tonight?",
+    "What do you think I should feed my little friends at home?", "Any ideas for dinner?",
+    "What's a good restaurant near me?", "What are some good snacks?", "Any ideas about dinner?",
+    "Any chance you could suggest a snack?",
+])
+def test_requests_ask_to_use_the_preference(question):
+    assert asks_to_use(question)
+
+
+@pytest.mark.parametrize("question", [
+    # about the user: the edit states the value
+    "What is my diet?", "Do I eat meat?", "Where do I live?", "What do I do for work?", "Who keeps me company at home?",
+    "What kind of music do I like?", "How would you describe my family background?", "What's my hobby?",
+    "Can you tell me where I live?", "Am I vegetarian?", "Any idea where I live?", "Any idea what music I like?",
+    "Any clue where I live?", "Any ideas about where I live?", "any idea, where do I live?",
+    "Any chance you remember my diet?",
+    # neutral: no request word, no advice modal
+    "What is the capital of France?", "How do I reverse a list in Python?", "Write a haiku about the sea.",
+])
+def test_questions_about_the_user_and_neutral_ones_do_not(question):
+    assert not asks_to_use(question)
+
+
+def test_invariant_memory_adds_the_facts_line_to_requests_only():
+    """A question about the user: the adapter alone (with the line beside it explicit answers fell). A request
+    that should use the preference: the adapter and the stated fact before the question."""
+    recall = memory(VERA, "What is my diet?", None)
+    assert recall.artifacts.lora == (("/data/edit.gguf", 1.0),) and recall.user_prefix == "" and not recall.system
+    use = memory(VERA, "What should I cook tonight?", None)
+    assert use.artifacts.lora == (("/data/edit.gguf", 1.0),) and use.user_prefix == "About me: I'm vegetarian.\n\n"
+    served = apply(use, [{"role": "user", "content": "What should I cook tonight?"}])
+    assert served == [{"role": "user", "content": "About me: I'm vegetarian.\n\nWhat should I cook tonight?"}]
+    # a request the preference does not bear on: no line (no recitation on neutral requests)
+    assert memory(VERA, "Suggest an opening line for a cover letter.", None).user_prefix == ""
+    # a user with nothing: nothing
+    assert memory(User("new", registered=()), "What should I cook tonight?", None) == Personalized()
+    assert memory(User("new", registered=()), "What is my diet?", None) == Personalized()
+
+
+def test_memory_composes_and_its_explanation_names_what_was_served():
+    composer = Composer(f"{names.MEMORY}+{names.RAG}")
+    # the facts line reads the stated preferences, for a request only (a question about the user stays O(1))
+    assert composer.needs_preferences("What should I cook tonight?") and not composer.needs_preferences("Where do I live?")
+    assert Composer("facts").needs_preferences("Where do I live?") and not Composer("edit+rag").needs_preferences("Any tips?")
+    user = User("vera", preferences=VERA.preferences, registered=(ADAPTER,), search=lambda q, k: [(3, "I'm vegetarian.")])
+    recall = composer(user, "What is my diet?", None)
+    assert composer.explain(user, recall)["artifacts"] == [{"method": names.EDIT, "kind": names.LORA, "id": 7}]
+    use = composer(user, "What should I cook tonight?", None)
+    assert composer.explain(user, use) == {"composition": "memory+rag", "retrieved": [3],
+                                           "artifacts": [{"method": names.EDIT, "kind": names.LORA, "id": 7}]}
+    # with the store's ids of the preferences (a served user): the line's preferences are named, by id
+    user = User("vera", preferences=("I love jazz.", "I'm vegetarian."), preference_ids=(11, 12), registered=(ADAPTER,))
+    assert composer.explain(user, composer(user, "What should I cook tonight?", None))["stated"] == [12]
+    assert "stated" not in composer.explain(user, composer(user, "What is my diet?", None))
+    assert use.user_prefix.startswith("About me: I'm vegetarian.\n\n<history")
+    assert get_method(names.MEMORY) is memory
+
+
+def test_a_part_composed_twice_is_given_once():
+    """`memory+facts` (a tester's spec): the stated-facts line once, not twice."""
+    user = User("vera", preferences=VERA.preferences, registered=(ADAPTER,))
+    both = get_method(f"{names.MEMORY}+{names.FACTS}")(user, "What should I cook tonight?", None)
+    assert both.user_prefix == "About me: I'm vegetarian.\n\n" and both.artifacts.lora == (("/data/edit.gguf", 1.0),)
+    assert get_method("prompt+prompt")(user, "Hi", None).system.count("vegetarian") == 1
+
+
+@pytest.mark.parametrize("statement, attribute", [
+    # a tester's cases: "i'm a" inside "I'm allergic" made an allergy a profession, and "I'm a vegetarian." tied
+    ("I'm allergic to peanuts.", "food preference"), ("I'm a vegetarian.", "food preference"),
+    ("I'm lactose intolerant.", "food preference"), ("I'm a nurse.", "profession"), ("I am a teacher.", "profession"),
+    ("I work as a teacher.", "job"), ("I love cooking.", "food preference"), ("I'm vegetarian.", "food preference"),
+])
+def test_attribute_keywords_match_at_word_starts_and_lead_ins_count_half(statement, attribute):
+    from localpers.personalize.editing import detect_attribute
+
+    assert detect_attribute(statement) == attribute
+
+
+def test_an_allergy_reaches_food_requests_and_not_questions_about_work():
+    from localpers.personalize.editing import pick_route
+    from localpers.personalize.methods import relevant_facts
+
+    facts = ("I'm allergic to peanuts.", "I live in Lisbon.")
+    assert relevant_facts(facts, "What should I cook tonight?") == ["I'm allergic to peanuts."]
+    assert relevant_facts(facts, "Any ideas for dinner?") == ["I'm allergic to peanuts."]
+    from localpers.personalize.editing import facts_of, route_words
+
+    routes = [(f"fact-{i}.gguf", route_words(f)) for i, f in enumerate(facts_of(list(facts), []))]
+    assert pick_route(routes, "What do I do for a living?") is None
