@@ -371,6 +371,33 @@ def test_the_users_own_earlier_questions_are_not_retrieved(store):
     assert retrieved(store, "ugo", "What is a monad?") == ["What is a monad? A monoid in the category of endofunctors?"]
 
 
+def test_still_held_keeps_every_true_sentence_of_a_changed_message_and_its_withdrawals(store):
+    """compose.still_held on a marked message: the true sentences joined by one space, a withdrawal kept."""
+    say(store, "lia", "I'm not vegan anymore. I live in Oslo. My sister is a doctor. She has a cat.")
+    say(store, "lia", "I moved to Paris.")
+    assert retrieved(store, "lia", "Am I vegan? Sister doctor cat Oslo?") == [
+        "I'm not vegan anymore. My sister is a doctor. She has a cat."]
+
+
+def test_a_served_users_stated_facts_are_named_by_their_store_ids(store):
+    """The explanation's "stated" (memory on a request) holds the preference items' ids, as the store has them."""
+    from localpers.serve.compose import Composer, served_user
+
+    say(store, "max", "I'm vegetarian and I live in Oslo.")
+    composer = Composer("memory")
+    user = served_user(store, "max", "sha", preferences=composer.needs_preferences("What should I cook tonight?"))
+    ids = {p["text"]: p["id"] for p in store.items("max", kind=names.PREFERENCE)}
+    assert user.preference_ids == tuple(ids.values())
+    explained = composer.explain(user, composer(user, "What should I cook tonight?", None))
+    assert explained["stated"] == [ids["I'm vegetarian."]]
+
+
+def test_a_question_in_a_script_with_full_width_marks_is_a_question(store):
+    say(store, "mei", "我住在哪里？")
+    say(store, "mei", "我住在巴黎")
+    assert retrieved(store, "mei", "我住在哪里") == ["我住在巴黎"]
+
+
 def test_only_the_messages_that_stated_the_replaced_fact_are_marked(store):
     """A remembered text is a message the user typed (marked like a chat message); a message stating no fact,
     or another fact, is not marked; neither is a preference added without a message."""

@@ -695,6 +695,8 @@ def test_invariant_prepare_world_prepares_exactly_the_logo_methods_asked_with_th
     assert fixed == logo.MediatorParams(context_max_count=math.inf, tau=math.inf, user_scale=0.5, community_scale=0.25)
     expected = logo.world_rounds(UPQA, k=None, random_assignment=True, steer=steer, seed=1, steer_limit=1, embed=embed)
     np.testing.assert_array_equal(logo._PREPARED["logo-random"].rounds[3].sizes, expected[3].sizes)
+    clustered = logo.world_rounds(UPQA, steer=steer, seed=1, steer_limit=1, embed=embed)  # logo: no random assignment
+    np.testing.assert_array_equal(plain.rounds[3].centroids, clustered[3].centroids)
     monkeypatch.setattr(logo, "_PREPARED", {})
     logo.prepare_world(tmp_path, ["logo"])
     assert set(logo._PREPARED) == {names.LOGO} and logo._PREPARED[names.LOGO].files is None
@@ -991,3 +993,309 @@ def test_invariant_a_refresh_round_clusters_with_the_seed_it_is_given(tiny_model
             store.add(f"chess{i}", "My hobby is chess.")
         logo.refresh_knowledge(store, model_path=tiny_model, k=2, min_size=1, seed=7, steer=False)
     assert seeds == [7]
+
+
+# ---------------------------------------------------------------- every mutant of logo.py (issue 28): its survivors' tests
+
+def test_invariant_normalized_entropy_does_not_depend_on_the_counts_scale():
+    """The entropy of the counts' distribution: counts that sum to less than one (decayed, or shares) give the
+    same value as the whole counts they are proportional to."""
+    two = counts_of("Jazz", "Rock")
+    for scale in (0.25, 0.5, 1.0, 3.0):
+        assert logo.normalized_entropy(two * scale) == pytest.approx(math.log(2) / math.log(V))
+
+
+def test_invariant_the_posterior_prior_is_proportional_to_size_also_below_one_member():
+    """Decayed sizes are fractional: communities of 0.5 and 0.25 (published under min_size 0.1), with the same
+    histograms and no evidence, are 2:1."""
+    k = knowledge_of(np.zeros((2, V)), [0.5, 0.25], min_size=0.1)
+    np.testing.assert_allclose(logo.community_posterior(np.zeros(V), k), [2 / 3, 1 / 3], rtol=1e-6)
+
+
+def test_invariant_the_mediators_skew_counts_a_single_mention_and_its_global_weight_is_at_most_one():
+    h = np.zeros((2, V))
+    h[0, vocab_index("Jazz")] = 5
+    k = knowledge_of(h, [5, 5], min_size=2, centroids=np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32))
+    vector = logo.unit(np.array([0.8, 0.6, 0, 0], np.float32))
+    one = logo.LocalSignals(vector, counts_of("Rock"), 6)  # one mention: all mass on one value, skew 1
+    local = 1 - math.exp(-6 / 4.0)
+    boosted = logo.mediate(one, k, logo.MediatorParams(tau=4.0, community_scale=3.0, skew_boost=0.25))
+    assert boosted.community_scale == pytest.approx(3.0 * ((1 - local) + 0.25 * 1.0) * 0.8)
+    capped = logo.mediate(one, k, logo.MediatorParams(tau=4.0, community_scale=3.0, skew_boost=2.0))
+    assert capped.community_scale == pytest.approx(3.0 * 1.0 * 0.8)  # the global weight stops at 1
+
+
+def test_invariant_a_community_value_is_noted_when_its_share_reaches_min_share_and_not_below():
+    h = np.zeros((2, V))
+    for value in ("Jazz", "Rock", "Thai food", "Italian food", "Mexican food"):
+        h[0, vocab_index(value)] = 1  # music: two values, 1/2 each; cuisine: three, 1/3 each
+    h[0, vocab_index("Chess")] = 2
+    k = knowledge_of(h, [5, 5], min_size=2)
+    s = logo.LocalSignals(np.array([1, 0, 0, 0], np.float32), np.zeros(V, np.float32), 1)
+    context = dict(logo.mediate(s, k, logo.MediatorParams(min_share=0.5, posterior=False)).context)
+    assert context == {"music": "Jazz", "hobby": "Chess"}  # a tie goes to the first value; cuisine's 1/3 is too low
+
+
+def test_invariant_the_posterior_mixture_weighs_the_communities_with_the_mediators_smoothing():
+    """With smoothing 0.01 one mention of Jazz makes the small jazz community (size 1) likelier than the large
+    one (size 3), whose cuisine note (Thai) then loses to the jazz community's (Italian); smoothing 1 would
+    flatten the evidence and reverse both."""
+    h = np.zeros((2, V))
+    h[0, vocab_index("Jazz")] = 1
+    h[0, vocab_index("Italian food")] = 10
+    h[1, vocab_index("Thai food")] = 10
+    k = knowledge_of(h, [1, 3], min_size=1)
+    s = logo.LocalSignals(np.array([1, 0, 0, 0], np.float32), counts_of("Jazz"), 1)
+    sharp = logo.MediatorParams(smoothing=0.01)
+    post = logo.community_posterior(s.counts, k, 0.01)
+    assert post[0] > post[1] and logo.community_posterior(s.counts, k, 1.0)[0] < 0.5
+    assert dict(logo.mediate(s, k, sharp).context)["cuisine"] == "Italian food"
+    assert dict(logo.mediate(s, k, logo.MediatorParams(smoothing=1.0)).context)["cuisine"] == "Thai food"
+
+
+def test_invariant_a_note_is_kept_for_a_request_naming_any_keyword_of_its_value():
+    context = (("music", "Jazz"), ("hobby", "Chess"), ("sport", "Tennis"))
+    for word in ("saxophone", "jam", "vinyl", "jazz"):
+        assert logo.context_prefix(context, f"Any {word} tonight?") == f"{logo.COMMUNITY_NOTE}: Jazz (music).\n\n", word
+
+
+def test_invariant_a_community_with_one_steering_member_gets_its_control_vector_and_one_with_none_gets_none(
+        tmp_path, monkeypatch):
+    from localpers.model.gguf_write import read_control_vector
+
+    k = steered_knowledge()  # community 0 nearest a jazz user, 1 nearest a chess user
+    k.sums.steering_sum[0], k.sums.steering_count[0] = 3.0, 1  # one member steered
+    k.sums.steering_sum[1], k.sums.steering_count[1] = 0.0, 0  # none did
+    # served: the files written beside the knowledge
+    (tmp_path / names.LOGO).mkdir()
+    logo._save_with_community_cvecs(k, tmp_path / names.LOGO / logo.KNOWLEDGE_FILE, "llama")
+    assert set(k.meta["community_cvecs"]) == {"0"}
+    # evaluated: the files the method writes
+    params = logo.MediatorParams(community_scale=1.0, posterior=False)
+    monkeypatch.setitem(logo._PREPARED, "logo-test", logo.Prepared({1: k}, {}, params, files=tmp_path / "cv"))
+    logo._eval_signals.cache_clear()
+    method = logo._method("logo-test")
+    [(path, _)] = method(User("j", history=("jazz",)), "music?", FakeEngine()).artifacts.control_vectors
+    assert all(np.all(v == 3.0) for v in read_control_vector(path).values())
+    assert method(User("c", history=("chess",)), "chess?", FakeEngine()).artifacts.control_vectors == ()
+    logo._eval_signals.cache_clear()
+
+
+def test_invariant_a_served_user_reads_each_of_their_files_again_when_it_is_rewritten(tmp_path):
+    """The knowledge file keeps its path from round to round: a served request reads the current one (and the
+    signals and control vector as they are now), not what an earlier request cached. A knowledge file without
+    community files serves no community vector."""
+    kpath = tmp_path / names.LOGO / logo.KNOWLEDGE_FILE
+    own = tmp_path / "own.gguf"
+    stamp = [10**18]
+
+    def rewrite(path, write):
+        write()
+        stamp[0] += 10**9
+        os.utime(path, ns=(stamp[0], stamp[0]))
+
+    rewrite(kpath, lambda: steered_knowledge().save(kpath))  # no meta["community_cvecs"]
+    rewrite(own, lambda: logo.write_steering(own, np.zeros((2, 3)), "llama"))
+    spath = logo.signals_path(own)
+    rewrite(spath, lambda: logo.save_signals(spath, logo.LocalSignals(counts_of("Chess"), counts_of("Jazz"), 4), kpath))
+    user = User("u", registered=(RegisteredArtifact(names.LOGO, names.CONTROL_VECTOR, str(own)),))
+    params = logo.MediatorParams(user_scale=1.0, community_scale=1.0, posterior=False)
+    first = logo._served(user, "Any chess openings?", params)
+    assert first.artifacts.control_vectors == () and first.user_prefix == f"{logo.COMMUNITY_NOTE}: Chess (hobby).\n\n"
+    rewrite(own, lambda: logo.write_steering(own, np.full((2, 3), 2.0), "llama"))
+    assert [p for p, _ in logo._served(user, "q", params).artifacts.control_vectors] == [str(own)]
+    baking = steered_knowledge()
+    baking.sums.counts[1] = counts_of("Baking", times=5)
+    rewrite(kpath, lambda: baking.save(kpath))
+    assert logo._served(user, "Any chess openings?", params).user_prefix == f"{logo.COMMUNITY_NOTE}: Baking (hobby).\n\n"
+    rewrite(spath, lambda: logo.save_signals(spath, logo.LocalSignals(counts_of("Jazz"), counts_of("Chess"), 4), kpath))
+    assert "Jazz (music)" in logo._served(user, "Any jazz?", params).user_prefix  # now nearest community 0
+
+
+def test_invariant_the_logo_method_made_afresh_serves_a_registered_user_from_the_registry(tmp_path):
+    k = steered_knowledge()
+    kpath = tmp_path / names.LOGO / logo.KNOWLEDGE_FILE
+    k.meta["community_cvecs"] = {}
+    k.save(kpath)
+    own = logo.write_steering(tmp_path / "own.gguf", np.full((2, 3), 3.0), "llama")
+    s = logo.LocalSignals(counts_of("Chess"), counts_of("Jazz", "Chess"), 4, latest=counts_of("Jazz", "Chess"))
+    logo.save_signals(logo.signals_path(own), s, kpath)
+    user = User("u", registered=(RegisteredArtifact(names.LOGO, names.CONTROL_VECTOR, str(own)),))
+    method = logo._method(names.LOGO)  # what the module does at import, for logo_method
+    for query in ("Any chess openings?", "Some jazz?"):
+        got = method(user, query, None)
+        assert got == logo._served(user, query) and got.user_prefix.count("(") == 1
+
+
+def upqa_random(n=18, steps=3, seed=0):
+    """n users asked at steps 1..steps, each with 1-3 items a step naming values from two interest groups."""
+    rng = np.random.default_rng(seed)
+    groups = (["sushi", "jazz", "chess", "tennis"], ["pizza", "rock", "baking", "running"])
+    rows = []
+    for u in range(n):
+        words = groups[u % 2]
+        asked = int(rng.integers(1, steps + 1))
+        items = [(" and ".join(rng.choice(words, 2)), int(step)) for step in range(asked) for _ in range(rng.integers(1, 4))]
+        rows.append((f"u{u}", asked, items))
+    return upqa_of(rows)
+
+
+def test_invariant_world_rounds_are_advance_over_each_rounds_contributors_with_the_options_given():
+    upqa = upqa_random()
+
+    def embed(texts):
+        return np.array([[len(t), t.count("s"), t.count("n")] for t in texts], float)
+
+    for options in ({"k": 3, "seed": 5, "restarts": 3, "half_life": 3.0, "min_size": 1.0, "embedding_weight": 0.3},
+                    {"k": 3, "seed": 2, "random_assignment": True, "embedding_weight": 0.8},
+                    {}):
+        rounds = logo.world_rounds(upqa, embed=embed, **options)
+        weight = options.get("embedding_weight", logo.EMBEDDING_WEIGHT)
+        advance_options = {key: v for key, v in options.items() if key != "embedding_weight"}
+        knowledge = None
+        for r in range(1, 4):
+            histories = [[p["text"] for p in e["profile"] if p["step"] < r] for e in upqa if e["step"] >= r]
+            signals = [logo.local_signals(h, embed(h), None, weight) for h in histories if h]
+            knowledge = logo.advance(knowledge, signals, **advance_options)
+            np.testing.assert_array_equal(rounds[r].centroids, knowledge.centroids, err_msg=f"{options} round {r}")
+            np.testing.assert_array_equal(rounds[r].sums.count, knowledge.sums.count)
+            assert rounds[r].half_life == knowledge.half_life and rounds[r].min_size == knowledge.min_size
+
+
+def test_invariant_a_refresh_without_a_model_path_uses_the_default_model_and_keeps_the_half_life_given(
+        tiny_model, tmp_path, monkeypatch):
+    """The users' control vectors have one direction per steerable layer (1..n_layer-1) of d_model, named for
+    the served model's architecture, zeros for a refresh without steering."""
+    import localpers
+    from localpers.engine.engine import model_sha256
+    from localpers.model.gguf_write import read_control_vector
+    from localpers.store.store import Store
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    monkeypatch.setattr(localpers, "default_model_path", lambda: tiny_model)
+    with Store.open(tmp_path / "home") as store:
+        store.add("u", "I mostly listen to jazz.")
+        store.add("v", "My hobby is chess.")
+        k = logo.refresh_knowledge(store, steer=False, half_life=3.0, min_size=1)
+        assert k.half_life == 3.0 and k.meta["model_sha256"] == model_sha256(tiny_model)
+        assert logo.GlobalKnowledge.load(tmp_path / "home" / names.LOGO / logo.KNOWLEDGE_FILE).half_life == 3.0
+        for user in ("u", "v"):
+            [artifact] = store.artifacts(user, names.CONTROL_VECTOR)
+            got = read_control_vector(artifact["path"])
+            assert sorted(got) == [1, 2] and all(v.shape == (64,) and not v.any() for v in got.values())
+            assert control_vector_arch(artifact["path"]) == "llama"
+
+
+def test_invariant_the_logo_job_refreshes_on_the_served_model_and_registers_only_while_it_runs(
+        tiny_model, tmp_path, monkeypatch):
+    import localpers
+    from localpers.engine.engine import model_sha256
+    from localpers.store.store import StaleError, Store
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    monkeypatch.setattr(logo, "Steerer", FakeSteerer)
+    monkeypatch.setattr(localpers, "default_model_path", lambda: tmp_path / "not-the-served-model.gguf")
+    engine = type("Engine", (), {"model_path": tiny_model})()
+    with Store.open(tmp_path / "home") as store:
+        store.add("u", "I mostly listen to jazz.")
+        store.add("v", "My hobby is chess.")
+        store.queue_job("u", names.LOGO)
+        job = store.claim_job([names.LOGO])
+        FakeSteerer.made.clear()
+        assert logo.logo_job(store, "u", engine, job["id"])["users"] == 2
+        assert FakeSteerer.made == [tiny_model]
+        assert store.artifacts("u", names.CONTROL_VECTOR)[0]["base_model_sha256"] == model_sha256(tiny_model)
+        store.finish_job(job["id"], names.FAILED, reason="cancelled")
+        with pytest.raises(StaleError):  # the job no longer runs: its user's registration refuses
+            logo.logo_job(store, "u", engine, job["id"])
+
+
+def test_invariant_a_forgotten_user_does_not_stop_the_refresh_of_the_users_after_them(tiny_model, tmp_path, monkeypatch):
+    from localpers.store.store import NotFoundError, Store
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path / "home") as store:
+        for user, text in (("u", "I mostly listen to jazz."), ("v", "My hobby is chess."), ("w", "Tennis at dawn.")):
+            store.add(user, text)
+        register = store.register_artifact
+
+        def v_is_gone(user, *args, **kw):
+            if user == "v":
+                raise NotFoundError("unknown user 'v'")
+            return register(user, *args, **kw)
+
+        monkeypatch.setattr(store, "register_artifact", v_is_gone)
+        logo.refresh_knowledge(store, model_path=tiny_model, steer=False, min_size=1)
+        assert [len(store.artifacts(u, names.CONTROL_VECTOR)) for u in ("u", "v", "w")] == [1, 0, 1]
+
+
+def test_invariant_a_later_refresh_leaves_the_synced_knowledge_and_its_community_files_untouched(
+        tiny_model, tmp_path, monkeypatch):
+    """Knowledge from a sync run gets its community files once (for the served model's architecture); a later
+    refresh rewrites neither them nor the knowledge file (a served request may be reading them)."""
+    from localpers.store.store import Store
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    synced = logo.advance(None, [sig(np.eye(V)[i % 2], counts_of("Jazz"), steering=np.full((2, 64), 1.0))
+                                 for i in range(8)], k=2, min_size=1)
+    synced.meta.update(source=logo.SYNC_SOURCE, embedder=None)
+    folder = tmp_path / "home" / names.LOGO
+    synced.save(folder / logo.KNOWLEDGE_FILE)
+    with Store.open(tmp_path / "home") as store:
+        store.add("u", "I mostly listen to jazz.")
+        logo.refresh_knowledge(store, model_path=tiny_model, steer=False)
+        files = [folder / logo.KNOWLEDGE_FILE, *sorted(folder.glob("community-*.gguf"))]
+        assert len(files) == 3 and all(control_vector_arch(f) == "llama" for f in files[1:])
+        for f in files:
+            os.utime(f, ns=(7, 7))
+        logo.refresh_knowledge(store, model_path=tiny_model, steer=False)
+        assert [os.stat(f).st_mtime_ns for f in files] == [7, 7, 7]
+        assert len(store.artifacts("u", names.CONTROL_VECTOR)) == 1
+
+
+def test_invariant_a_later_round_weighs_the_carried_sums_by_the_half_life_decay_while_it_iterates():
+    """Worlds (2-D, half-life 1 round: the carried sums weigh 0.5) where weighing them 1.5 or 0.25 during the
+    Lloyd iterations ends in other memberships: the round's contributors must end in the community whose final
+    (decayed) centroid is nearest."""
+    for seed in (4, 23, 38):
+        rng = np.random.default_rng(seed)
+        first = logo.advance(None, [sig(v) for v in rng.standard_normal((12, 2))], k=2, seed=seed)
+        sigs = [sig(v) for v in rng.standard_normal((12, 2)) + [1.0, 0]]
+        new = logo.advance(first, sigs, half_life=1.0, iterations=100)
+        members = new.sums.count - first.sums.count * 0.5
+        nearest = np.bincount([logo.assign(s.vector, new.centroids) for s in sigs], minlength=2)
+        np.testing.assert_allclose(members, nearest, atol=1e-9, err_msg=f"seed {seed}")
+
+
+def test_invariant_random_assignment_draws_anew_each_round():
+    """The ablation's communities are drawn per round (seeded by seed + round): the same 30 contributors in two
+    rounds are not dealt the same communities."""
+    sigs = [sig(v) for v in np.random.default_rng(0).standard_normal((30, 3))]
+    first = logo.advance(None, sigs, k=3, random_assignment=True, seed=3)
+    second = logo.advance(first, sigs, random_assignment=True, seed=3, half_life=math.inf)
+    assert not np.array_equal(second.sums.count - first.sums.count, first.sums.count)
+    again = logo.advance(first, sigs, random_assignment=True, seed=3, half_life=math.inf)
+    np.testing.assert_array_equal(again.sums.count, second.sums.count)  # and reproducibly
+
+
+def test_invariant_a_community_nobody_joined_in_the_first_round_keeps_its_start_centroid():
+    """Five users with the same vector and k=2: k-means++ starts both communities on that vector, all five join
+    the first, and the second keeps its start (a unit vector a later user can be assigned to), never zeros."""
+    same = [sig([1.0, 2.0, 2.0]) for _ in range(5)]
+    k = logo.advance(None, same, k=2)
+    assert sorted(k.sizes.tolist()) == [0.0, 5.0]
+    np.testing.assert_allclose(k.centroids, [same[0].vector, same[0].vector], rtol=1e-6)
+
+
+def test_invariant_kmeans_plus_plus_weighs_by_squared_distance_however_close_the_vectors():
+    """Four distinct vectors within 0.05 of each other (squared distances summing well below 1): a picked
+    vector is at distance 0, so k-means++ never picks it again, for any seed."""
+    near = logo.unit(np.array([[1.0, 0.00], [1.0, 0.02], [1.0, 0.04], [1.0, 0.06]], np.float32))
+    for seed in range(20):
+        picked = logo.init_centroids(near, 3, seed=seed)
+        assert len({tuple(row) for row in picked}) == 3, seed
+
+
+def test_invariant_unit_normalizes_short_vectors_too():
+    """A decayed community's summed vector can be shorter than 1: unit() still scales it to length 1."""
+    np.testing.assert_allclose(logo.unit(np.array([[0.3, 0.4], [0.03, 0.04]])), [[0.6, 0.8], [0.6, 0.8]], rtol=1e-6)

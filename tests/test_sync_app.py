@@ -282,3 +282,68 @@ def test_a_round_with_exactly_min_contributors_is_published():
     assert "withheld" not in strategy.history[-1] and sum(strategy.history[-1]["sizes"]) == CFG.min_contributors
     assert strategy.aggregate_fit(2, [(None, fit)] * (CFG.min_contributors - 1), []) == (None, {})
     assert strategy.history[-1]["withheld"] is True
+
+
+# ---------------------------------------------------------------- sync_app.py's sample of 200 (seed 5): its survivors' tests
+
+def test_a_run_config_without_min_devices_waits_for_two_and_a_device_takes_knowledge_without_meta(tmp_path):
+    """min-devices defaults to 2 (the fewest SecAgg+ takes); a knowledge download whose config has no meta is
+    kept with an empty meta."""
+    nodes = devices(tmp_path, make_users(2))
+    config = run_config(ONE_ROUND, 2)
+    del config["min-devices"]
+    strategy, _ = sync_app.simulate(nodes, config)
+    assert strategy.min_fit_clients == 2 and strategy.knowledge is not None and strategy.history[0]["devices"] == 2
+    client = sync_app.SyncClient(Context(run_id=1, node_id=2, node_config=nodes[0], state=RecordDict(), run_config=config))
+    assert client.evaluate(strategy.knowledge.arrays(), {}) == (0.0, 1, {})
+    kept = sync.Knowledge.load(sync.sync_dir(nodes[0]["data-dir"]) / sync.GLOBAL_KNOWLEDGE_FILE)
+    assert kept.meta == {}
+    np.testing.assert_array_equal(kept.sizes, strategy.knowledge.sizes)
+
+
+def test_invariant_every_secagg_stage_waits_the_run_configs_timeout(tmp_path, monkeypatch):
+    """Run config `timeout` bounds each of SecAgg+'s four stages (setup, share keys, collect masked vectors,
+    unmask). (Flower 1.x's default evaluate workflow, the knowledge's download, passes no timeout: the last call.)"""
+    seen = []
+    real = sync_app.LocalGrid.send_and_receive
+
+    def recording(self, messages, *, timeout=None):
+        seen.append(timeout)
+        return real(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(sync_app.LocalGrid, "send_and_receive", recording)
+    sync_app.simulate(devices(tmp_path, make_users(3)), {**run_config(ONE_ROUND, 3), "timeout": 12.5})
+    assert len(seen) == 5 and seen[:4] == [12.5] * 4, seen
+
+
+def test_invariant_a_devices_ledger_records_the_round_of_each_contribution(tmp_path):
+    nodes = devices(tmp_path, make_users(3))
+    sync_app.simulate(nodes, run_config(sync.SyncConfig(**{**CFG.__dict__, "rounds": 2}), 3))
+    for node in nodes:
+        assert [e["round"] for e in sync.read_log(node["data-dir"]) if e["kind"] == "contribution"] == [1, 2]
+
+
+def test_invariant_a_run_whose_every_round_is_withheld_publishes_and_writes_no_knowledge(tmp_path):
+    """A device drops before sending its masked vector: the round's sum covers 2 devices, below min_contributors
+    3, so it is withheld; with no round published the run ends without knowledge (no file, no download) and
+    its summary says so."""
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1, "min_contributors": 3})
+    nodes = devices(tmp_path, make_users(3))
+    out = tmp_path / "out"
+    strategy, _ = sync_app.simulate(nodes, {**run_config(cfg, 3), "out-dir": str(out)},
+                                    drop_at={3: "collect_masked_vectors"})
+    assert strategy.knowledge is None and strategy.history[0]["withheld"] is True
+    assert sorted(p.name for p in out.iterdir()) == [sync_app.SUMMARY_FILE]
+    assert json.loads((out / sync_app.SUMMARY_FILE).read_text())["history"][0]["devices"] == 2
+    for node in nodes:
+        assert not [e for e in sync.read_log(node["data-dir"]) if e["kind"] == "received"]
+
+
+def test_invariant_every_ledger_row_names_its_run(tmp_path):
+    """Each row a device logs (its messages, contributions, the knowledge received, a refusal) carries the run id."""
+    nodes = devices(tmp_path, make_users(3))
+    nodes[2]["epsilon-budget"] = "0.0001"  # refuses from the first round
+    sync_app.simulate(nodes, run_config(ONE_ROUND, 2))
+    rows = [e for node in nodes for e in sync.read_log(node["data-dir"])]
+    assert {"message", "contribution", "received", "refused"} <= {e["kind"] for e in rows}
+    assert all(e.get("run") == 1 for e in rows), [e for e in rows if e.get("run") != 1][:2]
