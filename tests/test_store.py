@@ -651,7 +651,18 @@ def _extracting(table: dict, calls: list | None = None):
     return extract
 
 
-def test_invariant_learning_reports_every_replaced_retired_and_retried_fact_with_its_attribute(store):
+def derive(store, tmp_path, sources: dict) -> list[Path]:
+    """One artifact (another kind each) derived from each fact id given; their files."""
+    paths = []
+    for (name, fact_id), kind in zip(sources.items(), ("lora", "control_vector")):
+        store.register_artifact("ann", kind, _artifact(tmp_path, f"{name}.gguf"), SHA,
+                                meta={"method": "edit", "sources": [fact_id]})
+        paths.append(Path(store.latest_artifact("ann", kind, SHA)["path"]))
+    assert all(p.exists() for p in paths)
+    return paths
+
+
+def test_invariant_learning_reports_every_replaced_retired_and_retried_fact_with_its_attribute(store, tmp_path):
     """One request that replaces, retires or restates several held facts reports each ({"id", "attribute"}), a
     retirement withdraws only the value it names (an empty value: whatever the slot holds), a fact after a
     retirement or a restatement in the same message is still learned, a restated fact whose edit failed queues
@@ -671,7 +682,9 @@ def test_invariant_learning_reports_every_replaced_retired_and_retried_fact_with
     assert [f["attribute"] for f in first["facts"]] == ["home", "diet"]
     store.learn_text("ann", "b", extract)
     held = {f["attribute"]: f["id"] for f in store.facts("ann")}
+    derived = derive(store, tmp_path, {"home": held["home"], "diet": held["diet"]})
     moved = store.learn_text("ann", "moved", extract)
+    assert not any(p.exists() for p in derived)  # every artifact derived from a replaced fact: file deleted
     assert moved["replaced"] == [{"id": held["home"], "attribute": "home"}, {"id": held["diet"], "attribute": "diet"}]
     [message_a] = [i for i in store.items("ann", kind="message") if i["text"] == "a"]
     assert message_a["meta"][names.SUPERSEDED_BY] == moved["messages"][0]
@@ -679,8 +692,12 @@ def test_invariant_learning_reports_every_replaced_retired_and_retried_fact_with
     wrong = store.learn_text("ann", "wrong", extract)  # job=baker is not held: nothing retired; the cat is learned
     assert wrong["retired"] == [] and [f["attribute"] for f in wrong["facts"]] == ["pets"]
     held = {f["attribute"]: f["id"] for f in store.facts("ann")}
-    gone = store.learn_text("ann", "gone", extract)
+    derived = derive(store, tmp_path, {"job": held["job"], "home": held["home"]})
+    gone = store.learn_chat("ann", [{"role": "user", "content": "gone"}], extract)
     assert gone["retired"] == [{"id": held["job"], "attribute": "job"}, {"id": held["home"], "attribute": "home"}]
+    assert not any(p.exists() for p in derived)
+    [message_b] = [i for i in store.items("ann", kind="message") if i["text"] == "b"]
+    assert message_b["meta"][names.SUPERSEDED_BY] == gone["messages"][0]
     assert {f["attribute"] for f in store.facts("ann")} == {"diet", "pets"}
     [job_row] = [j for j in store.jobs("ann") if j["kind"] == names.EDIT]
     store.finish_job(store.claim_job()["id"], names.FAILED, "out of memory")
@@ -779,7 +796,8 @@ def test_invariant_pid_alive_tells_a_running_process_from_an_ended_one_without_s
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         assert pid_alive(child.pid)
-        assert child.poll() is None  # still running: asked, not hung up
+        with pytest.raises(subprocess.TimeoutExpired):  # still running: asked, not hung up
+            child.wait(timeout=0.5)
     finally:
         child.kill()
         child.wait()
@@ -847,11 +865,59 @@ def test_invariant_forget_retries_once_after_a_full_disk_and_never_after_another
     store.forget("ann")
     assert store.users() == [] and failures == ["database or disk is full"]
     store.add("bob", "a note")
+    file = store.artifact_dir("bob") / "adapter.gguf"
+    file.write_bytes(b"GGUF")
     failures.clear()
     monkeypatch.setattr(store, "_write", failing("database is locked"))
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         store.forget("bob")
-    assert store.users() == ["bob"]
+    assert store.users() == ["bob"] and not file.exists()  # the files go first, whatever happens to the rows
+
+
+class _Vacuum:
+    """A connection whose VACUUM fails with `error` (everything else passes through)."""
+
+    def __init__(self, conn, error):
+        self.conn, self.error = conn, error
+
+    def execute(self, sql, *args):
+        if sql.strip().upper() == "VACUUM":
+            raise sqlite3.OperationalError(self.error)
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_invariant_forget_goes_on_without_vacuum_on_a_full_disk_only(store, monkeypatch):
+    """VACUUM needs the file's size free: on a full disk forget ends without it (secure_delete zeroed the rows
+    already); any other VACUUM error stands."""
+    real = store._conn
+    for user in ("ann", "bob"):
+        store.add(user, "a note")
+    monkeypatch.setattr(store, "_conn", lambda: _Vacuum(real(), "database or disk is full"))
+    store.forget("ann")
+    monkeypatch.setattr(store, "_conn", lambda: _Vacuum(real(), "disk I/O error"))
+    with pytest.raises(sqlite3.OperationalError, match="I/O"):
+        store.forget("bob")
+    assert store.users() == []
+
+
+def test_forget_while_another_process_holds_the_store_open_says_so(store, monkeypatch):
+    """The rows are deleted, but a reader elsewhere keeps the WAL from being truncated (the checkpoint reports
+    busy): a UserError names the user and the file."""
+    class Busy(_Vacuum):
+        def execute(self, sql, *args):
+            if sql == "PRAGMA wal_checkpoint(TRUNCATE)":
+                return self.conn.execute("SELECT 1, 0, 0")
+            return self.conn.execute(sql, *args)
+
+    real = store._conn
+    store.add("ann", "a note")
+    monkeypatch.setattr(store, "_conn", lambda: Busy(real(), None))
+    with pytest.raises(UserError, match=r"'ann' is deleted, but another process holds .*localpers\.db open"):
+        store.forget("ann")
+    assert store.users() == []
 
 
 def test_a_key_file_store_opened_with_a_passphrase_says_to_unset_it(tmp_path, monkeypatch):
