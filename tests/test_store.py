@@ -995,3 +995,120 @@ def test_invariant_migrating_an_old_registry_reads_only_a_string_method(tmp_path
         assert conn.execute("SELECT kind, method FROM artifacts ORDER BY id").fetchall() == [("lora", ""),
                                                                                             ("control_vector", "logo")]
     conn.close()
+
+
+def test_invariant_a_jobs_artifact_registers_only_while_the_job_runs_and_its_sources_are_checked(store, tmp_path):
+    """register_artifact(job=...) writes nothing unless that job of the user is running (StaleError naming the
+    job); meta["sources"] must be a list of item ids (not a bool), meta["method"] a string, and every source
+    still there (SourcesGoneError naming the missing ones); the folder it is copied into is private."""
+    from localpers import names
+    from localpers.store.store import SourcesGoneError, StaleError
+
+    note = store.add("ann", "a note")
+    queued = store.queue_job("ann", names.EDIT)
+    with pytest.raises(StaleError, match=f"job {queued['id']} was cancelled"):
+        store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": "edit"}, job=queued["id"])
+    with pytest.raises(StaleError, match="job 999 was cancelled"):
+        store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": "edit"}, job=999)
+    running = store.claim_job()
+    store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": "edit", "sources": [note]},
+                            job=running["id"])
+    folder = store.artifact_dir("ann")
+    assert [a["kind"] for a in store.artifacts("ann")] == ["lora"]
+    assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE(folder.parent.stat().st_mode) == 0o700
+    for sources in ("1, 2", [True], [note, "x"]):
+        with pytest.raises(UserError, match=r'meta\["sources"\] must be a list of item ids'):
+            store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"sources": sources})
+    with pytest.raises(UserError, match=r'meta\["method"\] must be a method name'):
+        store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": 5})
+    with pytest.raises(SourcesGoneError, match=r"items \[12345\] were deleted"):
+        store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"sources": [note, 12345]})
+
+
+def test_invariant_a_fresh_store_registers_a_folder_artifact_in_a_private_folder(tmp_path, monkeypatch):
+    """The first artifact of a store (no artifacts folder yet) makes the folders 0700 and copies a folder in."""
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path / "home") as store:
+        store.add("ann", "a note")
+        routes = tmp_path / "routes"
+        routes.mkdir()
+        (routes / "a.gguf").write_bytes(b"GGUF")
+        store.register_artifact("ann", "lora_routes", routes, SHA, meta={"method": "edit"})
+        [artifact] = store.artifacts("ann")
+        copied = Path(artifact["path"])
+        assert (copied / "a.gguf").read_bytes() == b"GGUF" and copied.parent != routes.parent
+        for path in (copied.parent, copied.parent.parent):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+
+
+def test_invariant_deleting_items_queues_what_they_fed_and_marks_what_they_stated(store):
+    """Deleting a preference queues the user's edit job (and nothing else without derived artifacts); deleting a
+    plain message queues nothing; a deleted fact's message is marked superseded by no message (None); ids beyond
+    SQLite's 64-bit integers are simply not found."""
+    from localpers import names
+    from localpers.store.store import NotFoundError
+
+    learned = store.learn_text("ann", "src", _extracting({"src": [_stated("home", "Lyon", "I live in Lyon.")]}))
+    store.finish_job(store.claim_job()["id"], names.DONE)
+    note = store.add("ann", "a note")
+    store.delete_item("ann", note)
+    assert [j["state"] for j in store.jobs("ann")] == [names.DONE]
+    store.delete_item("ann", learned["facts"][0]["id"])
+    assert [(j["kind"], j["state"]) for j in store.jobs("ann")] == [(names.EDIT, names.QUEUED), (names.EDIT, names.DONE)]
+    [message] = store.items("ann", kind="message")
+    assert names.SUPERSEDED_BY in message["meta"] and message["meta"][names.SUPERSEDED_BY] is None
+    for item_id in (1 << 63, -(1 << 63) - 1, 1 << 64):
+        with pytest.raises(NotFoundError):
+            store.delete_item("ann", item_id)
+
+
+def test_invariant_routed_edits_lose_only_the_deleted_facts_routes(store, tmp_path):
+    """A names.LORA_ROUTES artifact (one adapter a fact) loses, when a fact is deleted, that fact's route and
+    file only, and stays registered for the others; a route without a source retires the whole artifact."""
+    from localpers import names
+
+    extract = _extracting({"src": [_stated("home", "Lyon", "I live in Lyon."), _stated("diet", "vegan", "I'm vegan."),
+                                   _stated("job", "nurse", "I work as a nurse.")]})
+    facts = store.learn_text("ann", "src", extract)["facts"]
+    home, diet, job = (f["id"] for f in facts)
+    folder = tmp_path / "routes"
+    folder.mkdir()
+    routes = []
+    for fact_id in (home, diet, job):
+        (folder / f"{fact_id}.gguf").write_bytes(b"GGUF")
+        routes.append({"file": f"{fact_id}.gguf", "words": "w", "fact": str(fact_id), "source": fact_id})
+    store.register_artifact("ann", names.LORA_ROUTES, folder, SHA,
+                            meta={"method": "edit", "sources": [home, diet, job], "routes": routes})
+    copied = Path(store.latest_artifact("ann", names.LORA_ROUTES, SHA)["path"])
+    store.delete_item("ann", home)
+    store.delete_item("ann", diet)
+    [left] = store.artifacts("ann", kind=names.LORA_ROUTES)
+    assert sorted(p.name for p in copied.iterdir()) == [f"{job}.gguf"]
+    assert [r["source"] for r in left["meta"]["routes"]] == [job]
+    sourceless = [{"file": "x.gguf", "words": "w"}]
+    (folder / "x.gguf").write_bytes(b"GGUF")
+    store.register_artifact("ann", names.LORA_ROUTES, folder, SHA,
+                            meta={"method": "edit", "sources": [job], "routes": sourceless})
+    store.delete_item("ann", job)
+    assert store.artifacts("ann", kind=names.LORA_ROUTES) == []
+
+
+def test_invariant_dense_search_embeds_every_item_in_batches_and_makes_its_embedder(tmp_path, monkeypatch):
+    """More items than two embedding batches: every one is embedded (the last found by dense search); a store
+    opened without an embedder makes the default one at its first dense search."""
+    from localpers.store import store as store_module
+    from tests.test_mutation_kinds import Embedder
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    monkeypatch.setattr(store_module, "make_embedder", Embedder)
+    with Store.open(tmp_path / "home") as store:
+        store.add_many("ann", [store_module.check_item(f"note {i} sailing") for i in range(135)]
+                       + [store_module.check_item("the violin at last")])
+        [hit] = store.search("ann", "violin", k=1, mode="dense")
+        assert hit["text"] == "the violin at last"
+
+
+def test_the_import_lists_its_first_five_ids_and_shows_only_when_more_follow():
+    from localpers.store.store import _some
+
+    assert _some(list("abcde")) == "a, b, c, d, e" and _some(list("abcdef")) == "a, b, c, d, e, …"
