@@ -1112,3 +1112,25 @@ def test_the_import_lists_its_first_five_ids_and_shows_only_when_more_follow():
     from localpers.store.store import _some
 
     assert _some(list("abcde")) == "a, b, c, d, e" and _some(list("abcdef")) == "a, b, c, d, e, …"
+
+
+def test_invariant_user_counts_holds_and_requeue_read_what_was_written(store, tmp_path):
+    """user_counts: every user oldest first with their items, preferences and artifacts; holds_fact: the same
+    slot and value only, and nothing for an unknown user; requeue_job puts a running job back (False otherwise)."""
+    from localpers import names
+
+    lyon = _stated("home", "Lyon", "I live in Lyon.")
+    store.learn_text("ann", "src", _extracting({"src": [lyon]}))
+    store.add("bob", "a note")
+    store.register_artifact("bob", "lora", _artifact(tmp_path), SHA, meta={"method": "perce"})
+    assert store.user_counts() == [{"user": "ann", "items": 2, "preferences": 1, "artifacts": 0},
+                                   {"user": "bob", "items": 1, "preferences": 0, "artifacts": 1}]
+    assert store.holds_fact("ann", lyon) and not store.holds_fact("bob", lyon)
+    assert not store.holds_fact("ann", _stated("home", "Paris", "I live in Paris."))
+    assert not store.holds_fact("ann", _stated("diet", "Lyon", "Lyon."))
+    assert not store.holds_fact("nobody", lyon)
+    job = store.claim_job()
+    assert store.requeue_job(job["id"]) is True and store.job(job["id"])["state"] == names.QUEUED
+    assert store.requeue_job(job["id"]) is False
+    store.finish_job(store.claim_job()["id"], names.DONE)
+    assert store.requeue_job(job["id"]) is False and store.job(job["id"])["state"] == names.DONE
