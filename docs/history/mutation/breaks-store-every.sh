@@ -122,8 +122,8 @@ $B $F 'self._remove_folder(self._user_folder(self._user_id(conn, user)))' 'self.
 $B $F 'if not disk_full(e):  # (secure_delete)' 'if disk_full(e):  # (secure_delete)' -- $T -k "$K"
 $B $F 'if not disk_full(e):  # (secure_delete)' 'if not disk_full(None):  # (secure_delete)' -- $T -k "$K"
 $B $F 'is deleted, but another process holds {self.directory / DB_FILE} open:"' 'is deleted, but another process holds {self.directory * DB_FILE} open:"' -- $T -k "$K"
-$B $F '            f"{user!r} is deleted, but another process holds {self.directory / DB_FILE} open:"
-            " the file is scrubbed only once it closes"' '            None' -- $T -k "$K"
+$B $F '                f"{user!r} is deleted, but another process holds {self.directory / DB_FILE} open:"
+                " the file is scrubbed only once it closes"' '                None' -- $T -k "$K"
 $B $F '                    paths += self._delete(conn, user_id, gone)' '                    paths = self._delete(conn, user_id, gone)' -- $T -k "$K"
 $B $F 'paths += self._delete(conn, user_id, [i for i, _ in held])' 'paths = self._delete(conn, user_id, [i for i, _ in held])' -- $T -k "$K"
 $B $F '            paths = self._learn(conn, user_id, new, out)
@@ -140,8 +140,8 @@ $B $F 'if not isinstance(sources, list) or not all(isinstance(i, int) and not is
 $B $F 'if not isinstance(sources, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in sources):' 'if not isinstance(sources, list) or not all(isinstance(i, int) or not isinstance(i, bool) for i in sources):' -- $T -k "$K"
 $B $F 'raise UserError(f'"'"'meta["sources"] must be a list of item ids, not {sources!r}'"'"')' 'raise UserError(None)' -- $T -k "$K"
 $B $F 'raise UserError(f'"'"'meta["method"] must be a method name, not {method!r}'"'"')' 'raise UserError(None)' -- $T -k "$K"
-$B $F '                raise SourcesGoneError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not "
-                                       "registered")' '                raise SourcesGoneError(None)' -- $T -k "$K"
+$B $F '                    raise SourcesGoneError(f"items {sorted(set(sources) - found)} were deleted: the artifact is not "
+                                           "registered")' '                    raise SourcesGoneError(None)' -- $T -k "$K"
 $B $F 'folder.parent.mkdir(mode=0o700, exist_ok=True)  # (parents' 'folder.parent.mkdir(exist_ok=True)  # (parents' -- $T -k "$K"
 $B $F '            folder.mkdir(mode=0o700, exist_ok=True)
             folder = folder.resolve()' '            folder.mkdir(exist_ok=True)
