@@ -1134,3 +1134,24 @@ def test_invariant_user_counts_holds_and_requeue_read_what_was_written(store, tm
     assert store.requeue_job(job["id"]) is False
     store.finish_job(store.claim_job()["id"], names.DONE)
     assert store.requeue_job(job["id"]) is False and store.job(job["id"])["state"] == names.DONE
+
+
+def test_invariant_a_lamp_entry_is_a_review_by_any_of_its_review_fields_and_a_job_shows_its_place(store, tmp_path):
+    """A LaMP entry with reviewText, score or overall is a review (else a document), and a non-object entry is
+    refused saying what was expected; job() shows a queued job's place in the queue (None once it runs);
+    deleting the item an artifact was derived from queues that artifact's method again."""
+    from localpers import names
+    from localpers.store.store import _lamp_item, profile_entry
+
+    for field in ("reviewText", "score", "overall"):
+        assert _lamp_item({"text": "Great.", field: "5"})[0] == "review", field
+    assert _lamp_item({"text": "A page."})[0] == "document"
+    with pytest.raises(UserError, match="expected a JSON object"):
+        profile_entry(["not", "an", "object"])
+    note = store.add("ann", "a note")
+    store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": names.PERCE, "sources": [note]})
+    store.delete_item("ann", note)
+    [queued] = store.jobs("ann")
+    assert (queued["kind"], store.job(queued["id"])["position"]) == (names.PERCE, store.queue_positions()[queued["id"]])
+    store.claim_job()
+    assert store.job(queued["id"])["position"] is None
