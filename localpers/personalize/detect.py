@@ -40,18 +40,36 @@ def normalize_text(text: str) -> str:
 # ---------------------------------------------------------------- sentences
 
 _CODE_FENCE = re.compile(r"```.*?(```|$)", re.S)
-_CODE_LINE = re.compile(r"[{}=<>]|;\s*$|^\s*(def|class|import|from|for|while|if|return|#include|public|private)\b|\w\(|\)\s*$")
-_SPLIT = re.compile(r"(?<=[.!?;])[\"')\]]*\s+|\n+|(?<=[.!?])$")
+_CODE_LINE = re.compile(r"[{}=<>]|^\s*(def|class|import|from|for|while|if|return|#include|public|private)\b|\w\(|\)\s*$")
+# A line ending in ";" is code ("return x;", "int n;") unless it reads as prose: a first-person subject and a word,
+# or a capitalized first word and at least two more words ("I live in Oslo;" is a sentence that a ";" ends).
+_CODE_SEMICOLON = re.compile(r";\s*$")
+_PROSE_LINE = re.compile(r"^[\s\"'*•-]*(?:(?:I|I'm|I've|My|We)(?:[ \t]+[\w'.,;:-]+)+|"
+                         r"[A-Z][\w']*(?:[ \t]+[\w'.,;:-]+){2,})[ \t]*;\s*$")
+_SPLIT = re.compile(r"(?<=[.!?;])[\"')\]]*\s+|\n+|(?<=[.!?;:])$")
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+# Abbreviations whose dot ends no sentence ("I live in St. Louis.", "I work at the U.S. Census Bureau."): titles
+# and place words before a name, "e.g.", "etc." and dotted initials ("U.S.", "D.C."). Their dot is kept from the
+# splitter unless a first-person sentence starts right after it ("I live in the U.S. I love jazz.").
+_ABBREVIATIONS = ("St", "Dr", "Mt", "Mr", "Mrs", "Ms", "Mx", "Prof", "Sr", "Jr", "Ft", "Pt", "Ave", "Blvd", "Rd",
+                  "Inc", "Ltd", "Co", "Corp", "Bros", "Dept", "Univ", "vs", "approx", "ca", "etc")
+_ABBREVIATION = re.compile(r"(?<![\w.])(?:" + "|".join(_ABBREVIATIONS) + r"|(?:[A-Za-z]\.){1,3}[A-Za-z])\."
+                           r"(?=[ \t]+(?!(?:I|I'm|I've|I'd|I'll|Im|My|We|We're)\b)\S)")
+_KEPT_DOT = "\x04"
 
 
 def sentences(text: str) -> list[str]:
-    """The sentences of a message (code fences and code-like lines dropped), without surrounding quotes."""
+    """The sentences of a message (code fences and code-like lines dropped), without surrounding quotes. A
+    sentence ends at ".", "!", "?" or ";" before a space, at a line break and at the end of the text; not at the
+    dot of an abbreviation (_ABBREVIATIONS, dotted initials) that a word other than a first-person subject
+    follows."""
     text = _CODE_FENCE.sub("\n", text.translate(_QUOTES))
-    lines = [line for line in text.splitlines() if not _CODE_LINE.search(line)]
+    lines = [line for line in text.splitlines()
+             if not _CODE_LINE.search(line) and not (_CODE_SEMICOLON.search(line) and not _PROSE_LINE.match(line))]
+    text = _ABBREVIATION.sub(lambda m: m[0][:-1] + _KEPT_DOT, "\n".join(lines))
     out = []
-    for part in _SPLIT.split("\n".join(lines)):
-        part = (part or "").strip().strip("\"'*-• ").strip()
+    for part in _SPLIT.split(text):
+        part = (part or "").replace(_KEPT_DOT, ".").strip().strip("\"'*-• ").strip()
         if part:
             out.append(part)
     return out
@@ -61,7 +79,9 @@ def sentences(text: str) -> list[str]:
 
 # Lead-ins that announce a statement; what follows them is the statement.
 _LEAD_IN = re.compile(
-    r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|hi|hello|hey|actually|honestly|btw|by the way|fyi|for the record|"
+    r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|actually|"
+    r"(?:hi|hello|hey|hiya|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|everybody|guys|folks|"
+    r"there|friend|friends|team|y'all|you|again|(?-i:[A-Z][a-z]+)))?|honestly|btw|by the way|fyi|for the record|"
     r"just so you know|just to let you know|for your information|note that|keep in mind(?: that)?|"
     r"(?:please |can you |could you |would you )?(?:remember|note|know|keep in mind)(?: that)?|"
     r"i want you to know(?: that)?|you should know(?: that)?|i(?:'d| would) like you to (?:know|remember)(?: that)?)"
@@ -113,7 +133,7 @@ _TRANSIENT = re.compile(
 _TASK = re.compile(
     r"\b(?:code|function|script|program|stack trace|error|bug|widgets?|layout|class|method|variable|loop|compile|"
     r"essay|paragraph|article|email|letter|sentence|text above|the above|following|answer|response|prompt|example|"
-    r"you|your|u)\b|\b(?:it|this|that|these|those)\s*[.!]?$",
+    r"you|your|u(?!\.[a-z]))\b|\b(?:it|this|that|these|those)\s*[.!]?$",
     re.I)
 _PREFERENCE_WORDS = re.compile(
     r"\b(?:like|likes|liked|love|loves|enjoy|prefer|hate|dislike|avoid|adore|favou?rite|fan|allergic|intolerant|"
@@ -344,8 +364,8 @@ _ELLIPTIC_SELF = re.compile(r"^(?:i(?:'m| am| do| did| have| was| will| can|'d|'
 _ADVERBS = (r"(?:also|really|now|currently|still|actually|recently|just|definitely|totally|absolutely|generally|"
             r"usually|always|honestly|truly|officially|finally|originally|personally|mostly|strictly|kind of|"
             r"pretty much|basically)")
-_TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|at the moment|currently|anymore|any more|as well|"
-                       r"too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
+_TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|again|once again|once more|at the moment|currently|"
+                       r"anymore|any more|as well|too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
                        r"the most|a bit|though)\s*$", re.I)
 _NEG_BE = r"(?P<neg>not |no longer |not really )?"
 _NEG_DO = r"(?P<neg>don't |do not |dont |no longer |never |didn't |do no longer )?"
@@ -465,6 +485,11 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i have been\b(?! \w+ing\b| to\b)", "i'm", c, flags=re.I)
     c = re.sub(r"\s+(?:lol|haha+|hehe|lmao|xd|:\)|:d|;\))$", "", c, flags=re.I)
     c = re.sub(r"^i used to be\b", "i'm no longer", c, flags=re.I)
+    # Ending a state: "I stopped being vegetarian", "I quit my job as a nurse", "I stopped living in Oslo"
+    c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up) being\b", "i'm no longer", c, flags=re.I)
+    c = re.sub(r"^i (?:have |'ve )?(?:quit|left|lost|gave up|given up) my (?:job|position|career|work) as\b|"
+               r"^i (?:have |'ve )?(?:stopped|quit) working as\b", "i no longer work as", c, flags=re.I)
+    c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit) (?:living|residing) in\b", "i no longer live in", c, flags=re.I)
     # "I was vegetarian (but now ...)": a diet, restriction, marriage or job that is over
     c = re.sub(r"^i was (?=(?:an? )?(?:strict )?(?:vegetarian|vegan|pescatarian|pescetarian|flexitarian|keto|paleo|"
                r"gluten[- ]free|dairy[- ]free|married|engaged|single|in a relationship)\b)", "i'm no longer ", c, flags=re.I)
@@ -493,8 +518,12 @@ def _clean_value(value: str, attribute: str) -> str:
     value = value.replace("\x01", ", ")
     if attribute in ("job", "study", "employer"):  # "a graphic designer in Berlin": the job; the place is another fact
         value = re.sub(r"\s+(?:in|at|from|near)\s+[A-Z].*$", "", value)
+        # "I left my job as a nurse to become a teacher": the job; what it was left for is not part of it
+        value = re.sub(r"\s+to (?:become|be|work|study|start|join|pay|support|take|focus)\b.*$", "", value)
     value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
+    if re.search(r"(?:^|\s)(?:[A-Za-z]\.)+[A-Za-z]$", value):  # "Washington D.C": the initials keep their last dot
+        value += "."
     return value
 
 
@@ -700,8 +729,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
         if not s or len(s) > 400:
             continue
         s = _strip_lead_in(s)
-        s = re.sub(r"^(?:(?:quick|small|an?|one more|little) )?(?:update|correction|edit|ps|p\.s\.|note|fun fact|"
-                   r"about me)\s*:\s*", "", s, flags=re.I)
+        s = _COLON_LEAD_IN.sub("", s)
         s = re.sub(r"^(?:these days|nowadays|now|since (?:last|this) \w+|as of (?:now|today)|lately|currently|"
                    r"recently|at the moment|for (?:the )?record|last (?:year|month|week|spring|summer|fall|autumn|"
                    r"winter)|(?:a|two|three|four|five|a few|several) (?:years?|months?) ago|in \d{4})\s*,?\s+"
@@ -723,6 +751,14 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
         if limit is not None and detected >= limit:  # the work is bounded: at most `limit` facts are detected
             break
     return found[:limit] if limit is not None else found
+
+
+# A headline before a colon that announces the statement after it: "Big news: I moved to Paris.", "Quick update
+# everyone: I'm vegan.", "PS: ...". At most three words before a headline noun; only before a first-person subject.
+_COLON_LEAD_IN = re.compile(
+    r"^(?:[\w'-]+ ){0,3}?(?:news|update|updates|correction|edit|ps|p\.s\.|note|fact|facts|about me|info|background|"
+    r"context|heads[- ]up|confession|reminder|announcement|change|question)(?: (?:everyone|everybody|all|guys|"
+    r"folks|here|again))?\s*(?::|\s-|\s\u2013|\s\u2014)\s*(?=(?:i|i'm|im|i've|my|we)\b)", re.I)
 
 
 def _add(found: list[StatedFact], new: list[StatedFact]) -> list[StatedFact]:
@@ -776,7 +812,14 @@ def _no_emoji(text: str) -> str:
         emoji = unicodedata.category(ch) == "So" or ch in "\ufe0f\u200d" or 0x1F3FB <= ord(ch) <= 0x1F3FF
         out.append("\x02" if emoji else ch)
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
+    # "I live in 🌍 Zürich": after a word no sentence ends on (a preposition, an article, a verb before its
+    # object) the emoji is inside the sentence whatever follows
+    text = re.sub(r"\b(" + _OPEN_WORD + r")[ \t]*\x02[\x02 \t]*(?=\w)", r"\1 ", text, flags=re.I)
     return re.sub(r"[ \t]*\x02[\x02\s]*([.!?]*)", r"\1\n", text)
+
+
+_OPEN_WORD = (r"in|at|to|from|of|for|near|with|by|on|into|the|a|an|my|our|and|or|love|like|enjoy|adore|prefer|"
+              r"hate|am|'m|is|are|called|named|as|speak|study|eat")
 
 
 # A few first-person statements in French, Spanish and German (diet and home), read as their English ones.
