@@ -6,8 +6,9 @@ of localpers/personalize/detect.py (no model is run):
     diff before.txt after.txt
 
 Each line: the UPQA dev item, the field (input_attribute, question, question_paraphrased, implicit_question,
-product_recommendation_question), detect_facts(text) (attribute=value, '-' for a retirement), is_preference(text),
-and the text's type as editing reads it (question_types for a question, detect_attribute for the statement)."""
+product_recommendation_question), detect_facts(text) (attribute=value, '-' for a retirement, '~' for a like
+stated as a change), is_preference(text), and the text's type as editing reads it (question_types for a question,
+detect_attribute for the statement)."""
 import json
 
 from localpers.personalize import detect
@@ -25,7 +26,8 @@ def main() -> None:
             text = item.get(field)
             if not isinstance(text, str):
                 continue
-            facts = [f"{'-' if f.retire else ''}{f.attribute}={f.value!r}" for f in detect.detect_facts(text)]
+            facts = [f"{'-' if f.retire else '~' if getattr(f, 'change', False) else ''}{f.attribute}={f.value!r}"
+                     for f in detect.detect_facts(text)]
             kind = detect_attribute(text) if field == "input_attribute" else sorted(question_types(text)[0])
             print(f"{i:3d} {field:32s} {text!r} facts={facts} pref={detect.is_preference(text)} type={kind}")
 

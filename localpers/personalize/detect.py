@@ -20,9 +20,12 @@ benchmarks' questions (negatives): `python3 bench/bench_detect.py`, figures in B
 """
 from __future__ import annotations
 
+import functools
+import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 
 def normalize_text(text: str) -> str:
@@ -205,9 +208,11 @@ def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
     applies to learned facts (store.learn_chat), in one pass: a statement is keyed by the slot of the first fact
     it states (detect_facts: the attribute for where I live, my diet, job, name, favourite X ...; the thing for a
     like or dislike), else by its words; a later statement of the same key replaces the earlier one ("I like
-    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it.
-    Nothing else is removed."""
-    merged: dict[str, str] = {}
+    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it, and
+    a statement also removes the ones whose first fact it supersedes (StatedFact.supersedes: "I don't like jazz
+    anymore" removes "I love jazz music", "Actually I prefer rock now" removes "I love jazz"). Nothing else is
+    removed."""
+    merged: dict[str, tuple[str, StatedFact | None]] = {}
     for statement in [*existing, *new]:
         statement = statement.strip()
         if not statement:
@@ -215,9 +220,13 @@ def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
         found = detect_facts(statement)
         key = found[0].slot if found else "text:" + _normal(statement)
         merged.pop(key, None)
+        if found:
+            gone = {(f.attribute, f.key) for f in found[0].supersedes}
+            merged = {k: (text, fact) for k, (text, fact) in merged.items()
+                      if fact is None or (fact.attribute, fact.key) not in gone}
         if not (found and found[0].retire):
-            merged[key] = statement
-    return list(merged.values())
+            merged[key] = (statement, found[0] if found else None)
+    return [text for text, _ in merged.values()]
 
 
 # ---------------------------------------------------------------- facts about the speaker
@@ -247,6 +256,7 @@ class StatedFact:
     value: str
     statement: str
     retire: bool = False
+    change: bool = False  # a like stated as a change: "Actually I prefer rock now.", "I drink tea instead."
 
     @property
     def key(self) -> str:
@@ -257,6 +267,33 @@ class StatedFact:
         if self.attribute in _SLOT_GROUP:
             return f"{_SLOT_GROUP[self.attribute]}:{self.key}"
         return self.attribute
+
+    @property
+    def supersedes(self) -> tuple[StatedFact, ...]:
+        """The other facts this one retires or replaces where the user holds them (the store's update rules,
+        Store._learn; the fact's own slot is not among them):
+
+        - a retirement: the same attribute's value said another way: the value with or without a generic head
+          noun of localpers/data/detect/kinds.json ("jazz" and "jazz music", "Italian" and "Italian food"), and
+          singular or plural ("peanut", "peanuts"). A shared word is not enough: "jazz" never retires "jazz
+          dancing" ("dancing" is no head noun), nor "rock" "rock climbing";
+        - a like stated as a change (`change`): the likes of the other values of its kind (music genres,
+          cuisines, sports, drinks: kinds.json), each as it may be held ("jazz", "jazz music"). A like of no known
+          kind replaces nothing (a held fact is never dropped on a guess); "I also like rock." is no change;
+        - anything else: nothing."""
+        if self.retire and self.key:
+            return tuple(StatedFact(self.attribute, v, self.statement, retire=True)
+                         for v in sorted(_forms(self.key) - {self.key}))
+        if self.change and self.attribute == "likes" and not self.retire:
+            kind = kind_of(self.key)
+            if kind is None:
+                return ()
+            head, values = _kinds()[2][kind]
+            own = _forms(self.key, head, any_group=False)
+            nouns = [h for h, g in _kinds()[0].items() if g == head]
+            others = {form for value in values for form in (value, *(f"{value} {h}" for h in nouns))} - own
+            return tuple(StatedFact("likes", v, self.statement) for v in sorted(others))
+        return ()
 
     def __repr__(self):
         return f"{'-' if self.retire else ''}{self.attribute}={self.value!r} ({self.statement!r})"
@@ -272,6 +309,59 @@ _AMERICAN = {"colour": "color", "colours": "colors", "flavour": "flavor", "flavo
              "behaviour": "behavior", "catalogue": "catalog", "grey": "gray", "aeroplane": "airplane",
              "moustache": "mustache", "doughnut": "donut", "pyjamas": "pajamas", "yoghurt": "yogurt",
              "organisation": "organization", "labour": "labor", "armour": "armor", "savoury": "savory"}
+
+
+@functools.cache
+def _kinds() -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str | None, tuple[str, ...]]]]:
+    """localpers/data/detect/kinds.json, parsed once: (head noun -> its group, value -> its kind, kind -> (the head
+    group its values take or None, its values)), head nouns and values as norm_value writes them."""
+    data = json.loads((Path(__file__).resolve().parents[1] / "data" / "detect" / "kinds.json").read_text("utf-8"))
+    heads = {norm_value(h): group for group, nouns in data["heads"].items() for h in nouns}
+    kinds = {kind: (spec["head"], tuple(norm_value(v) for v in spec["values"])) for kind, spec in data["kinds"].items()}
+    return heads, {v: kind for kind, (_, values) in kinds.items() for v in values}, kinds
+
+
+def _head_split(key: str) -> tuple[str, str | None]:
+    """A normalized value as (what it names, the group of its generic head noun or None): "jazz music" ->
+    ("jazz", "music"), "jazz dancing" -> ("jazz dancing", None)."""
+    heads = _kinds()[0]
+    for head in sorted(heads, key=len, reverse=True):
+        if key.endswith(" " + head) and len(key) > len(head) + 1:
+            return key[:-len(head) - 1], heads[head]
+    return key, None
+
+
+def _number_forms(key: str) -> set[str]:
+    """A value and its last word in the other number: "peanuts" <-> "peanut", "berries" <-> "berry"."""
+    if key.endswith("ies") and len(key) > 4:
+        return {key, key[:-3] + "y"}
+    if key.endswith("s") and not key.endswith(("ss", "us", "is")) and len(key) > 3:
+        return {key, key[:-1]}
+    if re.search(r"[^aeiou]y$", key):
+        return {key, key[:-1] + "ies"}
+    if re.search(r"[a-z]$", key) and not re.search(r"(?:[sxz]|[cs]h)$", key):
+        return {key, key + "s"}
+    return {key}
+
+
+def _forms(key: str, group: str | None = None, any_group: bool = True) -> set[str]:
+    """The ways one thing may be held as a value (normalized): in either number, and with or without a generic
+    head noun: of its own head's group ("jazz music" -> "jazz", "jazz songs"), else of `group`, else (any_group)
+    of any group ("jazz" -> "jazz music", "jazz movies", ...)."""
+    if not key:
+        return set()
+    base, own = _head_split(key)
+    group = own or group
+    heads = [h for h, g in _kinds()[0].items() if g == group or (group is None and any_group)]
+    return _number_forms(base) | {key} | {f"{base} {h}" for h in heads}
+
+
+def kind_of(key: str) -> str | None:
+    """The kind (kinds.json: "music genre", "cuisine", "sport", "drink") of a normalized value, with or without
+    its head noun or in the other number ("rock music" -> "music genre"), or None."""
+    values = _kinds()[1]
+    base, _ = _head_split(key)
+    return next((values[v] for v in sorted(_number_forms(base) | {key}) if v in values), None)
 
 
 def norm_value(value: str) -> str:
@@ -364,7 +454,7 @@ _ELLIPTIC_SELF = re.compile(r"^(?:i(?:'m| am| do| did| have| was| will| can|'d|'
 _ADVERBS = (r"(?:also|really|now|currently|still|actually|recently|just|definitely|totally|absolutely|generally|"
             r"usually|always|honestly|truly|officially|finally|originally|personally|mostly|strictly|kind of|"
             r"pretty much|basically)")
-_TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|again|once again|once more|at the moment|currently|"
+_TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|again|instead|once again|once more|at the moment|currently|"
                        r"anymore|any more|as well|too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
                        r"the most|a bit|though)\s*$", re.I)
 _NEG_BE = r"(?P<neg>not |no longer |not really )?"
@@ -746,7 +836,13 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
         if not clauses:
             continue
         whole = s if len(clauses) == 1 and len(_CLAUSE_SPLIT.split(s)) == 1 else None
-        new = [f for f in (_statement_fact(clause, whole=whole) for clause in clauses) if f]
+        new = []
+        for clause in clauses:
+            fact = _statement_fact(clause, whole=whole)
+            if fact and fact.attribute == "likes" and not fact.retire and _is_change(sentence if whole else clause):
+                fact = replace(fact, change=True)  # "Actually I prefer rock now.": replaces a like of its kind
+            if fact:
+                new.append(fact)
         found, detected = _add(found, new), detected + len(new)
         if limit is not None and detected >= limit:  # the work is bounded: at most `limit` facts are detected
             break
@@ -763,13 +859,26 @@ _COLON_LEAD_IN = re.compile(
 
 def _add(found: list[StatedFact], new: list[StatedFact]) -> list[StatedFact]:
     """`found` with `new` facts after it; a stated fact replaces the earlier ones of its slot, a retirement the
-    earlier statement of its value."""
+    earlier statement of its value; either drops the earlier statements it supersedes (StatedFact.supersedes)."""
     for fact in new:
         if fact in found:
             continue
-        found = [f for f in found if f.slot != fact.slot or (fact.retire and f.key != fact.key and fact.key)]
+        gone = {(f.attribute, f.key) for f in fact.supersedes}
+        found = [f for f in found if (f.slot != fact.slot or (fact.retire and f.key != fact.key and fact.key))
+                 and (f.retire or (f.attribute, f.key) not in gone)]
         found.append(fact)
     return found
+
+
+# A like stated as a change ("Actually I prefer rock now.", "I drink tea instead.", "These days I'm into
+# techno."), unless said as an addition ("I also like rock now.", "I like rock too.").
+_CHANGE = re.compile(r"\b(?:now|nowadays|these days|instead|lately|switched to|moved on to|(?:actually|rather)\b.*"
+                     r"\bprefer)\b", re.I)
+_ADDITION = re.compile(r"\b(?:also|too|as well|as much as|in addition|besides)\b", re.I)
+
+
+def _is_change(text: str) -> bool:
+    return bool(_CHANGE.search(text)) and not _ADDITION.search(text)
 
 
 # Withdrawing what was just said; discourse fillers at the end of a sentence ("I'm vegan, by the way.").
