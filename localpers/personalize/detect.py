@@ -248,7 +248,8 @@ class StatedFact:
     gluten-free, halal ...: beside the diet), language, pets, about); `value` as said, names and places
     capitalized, closed-vocabulary values in lower case ("Lyon", "vegetarian"); a retirement of value "" retires
     the attribute whatever it holds ("Please forget where I live."); `statement`: the first-person sentence it came from ("I live in Lyon.", what editing turns into an
-    edit); `retire`: True for "I'm not vegetarian anymore" (diet=vegetarian is withdrawn, nothing is stated).
+    edit); `retire`: True for "I'm not vegetarian anymore" (diet=vegetarian is withdrawn, nothing is stated);
+    `change`: True for a like stated as a change ("Actually I prefer rock now.": see `supersedes`).
 
     `slot` is what an update replaces (single-valued: the attribute; multi-valued: the attribute group and the
     thing, "taste:jazz"); `key` the normalized value that makes two statements the same fact."""
@@ -772,8 +773,10 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     else, when it is a lasting first-person statement by the rules of is_preference, a fact of attribute
     "about". "not", "no longer", "anymore" retire a single-valued fact ("I'm not vegetarian anymore" ->
     -diet=vegetarian) or a like ("I don't like jazz anymore"); "I don't like jazz" is a dislike. A later fact of
-    the same slot replaces an earlier one of the message ("I love sushi. I hate sushi." -> dislikes=sushi);
-    detection stops once `limit` facts were detected (replaced ones count).
+    the same slot replaces an earlier one of the message ("I love sushi. I hate sushi." -> dislikes=sushi), and
+    so does one it supersedes (StatedFact.supersedes); "I stopped being vegetarian", "I quit my job as a nurse"
+    retire; a like said with "now", "instead", "these days", "actually ... prefer" (and not "also", "too") is a
+    change (StatedFact.change); detection stops once `limit` facts were detected (replaced ones count).
 
     Retractions: "Just kidding, I'm not.", "Scratch that", "Wait, no: ..." withdraw the sentence before, or, at
     the start of a message, the facts of `previous` (the user's message before it in the chat, as text; they
