@@ -17,6 +17,8 @@ def facts(text):
     ("Fun fact: I speak Danish.", ["language=Danish"]),
     ("PS: I love jazz.", ["likes=jazz"]),
     ("Big news - I moved to Paris.", ["home=Paris"]),
+    ("So, big news, I moved to Paris.", ["home=Paris"]),
+    ("News flash: I'm vegan.", ["diet=vegan"]),
 ])
 def test_invariant_a_headline_before_a_colon_leaves_the_statement_after_it(message, expected):
     assert facts(message) == expected
@@ -38,6 +40,8 @@ def test_invariant_a_label_that_is_no_headline_keeps_its_sentence_out(message):
     ("Good morning everyone, I'm a nurse.", ["job=nurse"]),
     ("Hello there! I love jazz.", ["likes=jazz"]),
     ("Hi im vegan", ["diet=vegan"]),
+    ("Alright, I'm a nurse.", ["job=nurse"]),
+    ("Anyway, I love jazz.", ["likes=jazz"]),
 ])
 def test_invariant_a_greeting_and_whom_it_greets_leave_the_statement(message, expected):
     assert facts(message) == expected
@@ -54,6 +58,8 @@ def test_invariant_a_greeting_and_whom_it_greets_leave_the_statement(message, ex
     ("I no longer live in Oslo.", ["-home=Oslo"]),
     ("I stopped living in Oslo.", ["-home=Oslo"]),
     ("I'm not vegetarian anymore.", ["-diet=vegetarian"]),
+    ("I gave up vegetarianism.", ["-diet=vegetarian"]),
+    ("I quit veganism.", ["-diet=vegan"]),
 ])
 def test_invariant_ending_a_state_retires_it_and_states_nothing(message, expected):
     assert facts(message) == expected
@@ -64,6 +70,8 @@ def test_invariant_ending_a_state_retires_it_and_states_nothing(message, expecte
     ("I live in Mt. Vernon.", ["home=Mt. Vernon"]),
     ("I work at the U.S. Census Bureau.", ["employer=U.S. Census Bureau"]),
     ("I live in Washington D.C.", ["home=Washington D.C."]),
+    ("I moved to St. Louis last year.", ["home=St. Louis"]),
+    ("My name is Dr. Ann Lee.", ["name=Dr. Ann Lee"]),
     ("I live in the U.S. I love jazz.", ["home=the U.S.", "likes=jazz"]),
 ])
 def test_invariant_an_abbreviations_dot_ends_no_sentence(message, expected):
@@ -92,6 +100,8 @@ def test_invariant_an_emoji_before_the_value_is_not_the_end_of_the_sentence(mess
     ("I'm vegan again.", ["diet=vegan"]), ("I'm vegan now.", ["diet=vegan"]), ("I'm still vegan.", ["diet=vegan"]),
     ("I'm vegan too.", ["diet=vegan"]), ("I live in Oslo again.", ["home=Oslo"]),
     ("I'm single again.", ["relationship=single"]), ("I love jazz again.", ["likes=jazz"]),
+    ("I'm vegetarian again, after a year of eating meat.", ["diet=vegetarian"]),
+    ("I went back to being vegetarian.", ["diet=vegetarian"]),
 ])
 def test_invariant_a_trailing_adverb_is_not_part_of_the_fact(message, expected):
     assert facts(message) == expected

@@ -82,7 +82,7 @@ def sentences(text: str) -> list[str]:
 
 # Lead-ins that announce a statement; what follows them is the statement.
 _LEAD_IN = re.compile(
-    r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|actually|"
+    r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|alright|all right|anyway|anyways|yeah|um+|uh+|actually|"
     r"(?:hi|hello|hey|hiya|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|everybody|guys|folks|"
     r"there|friend|friends|team|y'all|you|again|(?-i:[A-Z][a-z]+)))?|honestly|btw|by the way|fyi|for the record|"
     r"just so you know|just to let you know|for your information|note that|keep in mind(?: that)?|"
@@ -489,12 +489,12 @@ _PET = (r"(?:dogs?|cats?|pupp(?:y|ies)|kittens?|rabbits?|bunn(?:y|ies)|hamsters?
         r"pets?|budgies?|canar(?:y|ies)|rats?|mice|iguanas?)")
 _LIKE = r"(?P<verb>like|love|enjoy|adore|prefer|dig|fancy|appreciate|eat|drink|listen to|watch|read|play)"
 _DISLIKE = r"(?P<verb>hate|dislike|detest|loathe|despise|can't stand|cannot stand|can't bear|avoid|steer clear of)"
-_END = r"(?:\s+(?:for|because|since|due to|by choice)\b.*)?$"
+_END = r"(?:,?\s+(?:for|because|since|due to|by choice|after|ever since)\b.*)?$"
 
 # (attribute, pattern) in order; the first that matches a clause (normalized: "i'm", "don't", adverbs dropped)
 # gives its fact. A pattern's `neg` group marks a negation, `v` the value, `a` the favourite's thing.
 _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
-    ("name", r"^my name(?: is|'s) (?P<v>[\w' -]{1,40})$"),
+    ("name", r"^my name(?: is|'s) (?P<v>[\w' -]{1,40}|(?:dr|mr|mrs|ms|prof)\. [\w' -]{1,36})$"),
     ("name", r"^(?:you can )?call me (?P<v>[\w' -]{1,40})$"),
     ("name", r"^i'm called (?P<v>[\w' -]{1,40})$"),
     ("name", r"^i go by (?P<v>[\w' -]{1,40})$"),
@@ -578,6 +578,9 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i used to be\b", "i'm no longer", c, flags=re.I)
     # Ending a state: "I stopped being vegetarian", "I quit my job as a nurse", "I stopped living in Oslo"
     c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up) being\b", "i'm no longer", c, flags=re.I)
+    c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|dropped|abandoned) (vegetarian|vegan|pescatarian)ism\b",
+               r"i'm no longer \1", c, flags=re.I)
+    c = re.sub(r"^i (?:went|have gone|'ve gone) back to being\b", "i'm", c, flags=re.I)  # "... to being vegetarian"
     c = re.sub(r"^i (?:have |'ve )?(?:quit|left|lost|gave up|given up) my (?:job|position|career|work) as\b|"
                r"^i (?:have |'ve )?(?:stopped|quit) working as\b", "i no longer work as", c, flags=re.I)
     c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit) (?:living|residing) in\b", "i no longer live in", c, flags=re.I)
@@ -594,6 +597,7 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i'm no longer\b", "i'm no longer", c, flags=re.I)
     c = re.sub(r"^(i) (?:do )?no longer\b", r"\1 no longer", c, flags=re.I)
     c = re.sub(r"\s*,?\s*\bnot (?:any ?more|anymore)\b", "", c, flags=re.I)
+    c = re.sub(r"\s+(?:again|now|still|too|these days|nowadays|instead)(?=\s*,)", "", c, flags=re.I)  # "... again, after"
     for _ in range(2):
         c = _TRAILING.sub("", c)
     return c.strip()
@@ -852,12 +856,13 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     return found[:limit] if limit is not None else found
 
 
-# A headline before a colon that announces the statement after it: "Big news: I moved to Paris.", "Quick update
-# everyone: I'm vegan.", "PS: ...". At most three words before a headline noun; only before a first-person subject.
+# A headline before a colon (or a comma, a dash) that announces the statement after it: "Big news: I moved to
+# Paris.", "Quick update everyone: I'm vegan.", "PS: ...". At most three words before a headline noun; only before
+# a first-person subject.
 _COLON_LEAD_IN = re.compile(
     r"^(?:[\w'-]+ ){0,3}?(?:news|update|updates|correction|edit|ps|p\.s\.|note|fact|facts|about me|info|background|"
-    r"context|heads[- ]up|confession|reminder|announcement|change|question)(?: (?:everyone|everybody|all|guys|"
-    r"folks|here|again))?\s*(?::|\s-|\s\u2013|\s\u2014)\s*(?=(?:i|i'm|im|i've|my|we)\b)", re.I)
+    r"context|heads[- ]up|confession|reminder|announcement|change|question|news flash)(?: (?:everyone|everybody|all|"
+    r"guys|folks|here|again))?\s*(?::|,|\s-|\s\u2013|\s\u2014)\s*(?=(?:i|i'm|im|i've|my|we)\b)", re.I)
 
 
 def _add(found: list[StatedFact], new: list[StatedFact]) -> list[StatedFact]:
