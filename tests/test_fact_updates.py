@@ -121,3 +121,20 @@ def test_invariant_a_negated_allergy_is_never_held_nor_learned_as_an_allergy(sto
     say(store, "nut3", text)
     assert len(held(store, "nut3")) == 1 and all(a == "allergy" for a, _ in held(store, "nut3"))
     assert not any(detect_facts(text)[0].key in {v.lower(), v.lower().rstrip("s")} for _, v in held(store, "nut3"))
+
+
+def test_invariant_a_like_replaced_or_retired_by_another_name_is_not_retrieved(store):
+    """The message of a like that a change replaced, or a retirement named another way, is marked superseded, so
+    retrieval no longer quotes it (compose.still_held); the change and the retirement themselves are."""
+    from localpers.serve.compose import served_user
+
+    def retrieved(user, question):
+        return [text for _, text in served_user(store, user, "sha").search(question, 4)]
+
+    say(store, "rj", "I love jazz music.", "Actually I prefer rock music now.")
+    found = retrieved("rj", "Do I like jazz music or rock music?")
+    assert "I love jazz music." not in found and "Actually I prefer rock music now." in found
+    say(store, "rk", "I love jazz music.", "I don't like jazz anymore.")
+    assert retrieved("rk", "Do I like jazz music?") == ["I don't like jazz anymore."]
+    say(store, "rl", "I like jazz dancing.", "I don't like jazz anymore.")
+    assert "I like jazz dancing." in retrieved("rl", "Do I like jazz dancing?")
