@@ -365,6 +365,7 @@ def kind_of(key: str) -> str | None:
     return next((values[v] for v in sorted(_number_forms(base) | {key}) if v in values), None)
 
 
+@functools.lru_cache(maxsize=4096)
 def norm_value(value: str) -> str:
     """A value as compared: lower case, words only, British spelling made American, a leading article dropped
     ("a Dog" == "dog", "colour" == "color")."""

@@ -1001,11 +1001,14 @@ class Store:
 
     def _held(self, conn, user_id: int, facts) -> list[int]:
         """Inside a transaction: the item ids of the facts of `facts` (each by slot and value) the user holds."""
+        pairs = {self._fact_digests(fact) for fact in facts}
+        slots = sorted({slot for slot, _ in pairs})
         found = []
-        for fact in facts:
-            slot, value = self._fact_digests(fact)
-            found += [i for (i,) in conn.execute(
-                "SELECT item_id FROM facts WHERE user_id = ? AND slot = ? AND value = ?", (user_id, slot, value))]
+        for start in range(0, len(slots), 500):  # through the (user, slot) index; SQLite bounds the parameters
+            chunk = slots[start:start + 500]
+            found += [i for i, slot, value in conn.execute(
+                f"SELECT item_id, slot, value FROM facts WHERE user_id = ? AND slot IN ({','.join('?' * len(chunk))})",
+                (user_id, *chunk)) if (slot, value) in pairs]
         return list(dict.fromkeys(found))
 
     def _fact_digests(self, fact) -> tuple[bytes, bytes]:
