@@ -274,15 +274,15 @@ class StatedFact:
         """The other facts this one retires or replaces where the user holds them (the store's update rules,
         Store._learn; the fact's own slot is not among them):
 
-        - a retirement: the same attribute's value said another way: the value with or without a generic head
-          noun of localpers/data/detect/kinds.json ("jazz" and "jazz music", "Italian" and "Italian food"), and
-          singular or plural ("peanut", "peanuts"). A shared word is not enough: "jazz" never retires "jazz
-          dancing" ("dancing" is no head noun), nor "rock" "rock climbing";
+        - a retirement of a like, dislike or allergy: the same attribute's value said another way: the value with
+          or without a generic head noun of localpers/data/detect/kinds.json ("jazz" and "jazz music", "Italian"
+          and "Italian food"), and singular or plural ("peanut", "peanuts"). A shared word is not enough: "jazz"
+          never retires "jazz dancing" ("dancing" is no head noun), nor "rock" "rock climbing";
         - a like stated as a change (`change`): the likes of the other values of its kind (music genres,
           cuisines, sports, drinks: kinds.json), each as it may be held ("jazz", "jazz music"). A like of no known
           kind replaces nothing (a held fact is never dropped on a guess); "I also like rock." is no change;
         - anything else: nothing."""
-        if self.retire and self.key:
+        if self.retire and self.key and self.attribute in ("likes", "dislikes", "allergy"):
             return tuple(StatedFact(self.attribute, v, self.statement, retire=True)
                          for v in sorted(_forms(self.key) - {self.key}))
         if self.change and self.attribute == "likes" and not self.retire:
