@@ -39,7 +39,8 @@ def test_invariant_a_label_that_is_no_headline_keeps_its_sentence_out(message):
     ("Hi Anna, I live in Lyon.", ["home=Lyon"]),
     ("Good morning everyone, I'm a nurse.", ["job=nurse"]),
     ("Hello there! I love jazz.", ["likes=jazz"]),
-    ("Hi im vegan", ["diet=vegan"]),
+    ("Hi im vegan", ["diet=vegan"]), ("Hi Im vegan", ["diet=vegan"]), ("Hey My name is Bo.", ["name=Bo"]),
+    ("Hey We live in Oslo.", ["home=Oslo"]),
     ("Alright, I'm a nurse.", ["job=nurse"]),
     ("Anyway, I love jazz.", ["likes=jazz"]),
 ])

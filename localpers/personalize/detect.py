@@ -84,7 +84,8 @@ def sentences(text: str) -> list[str]:
 _LEAD_IN = re.compile(
     r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|alright|all right|anyway|anyways|yeah|um+|uh+|actually|"
     r"(?:hi|hello|hey|hiya|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|everybody|guys|folks|"
-    r"there|friend|friends|team|y'all|you|again|(?-i:[A-Z][a-z]+)))?|honestly|btw|by the way|fyi|for the record|"
+    r"there|friend|friends|team|y'all|you|again|(?!(?:Im|My|We|Me)\b)(?-i:[A-Z][a-z]+)))?|"
+    r"honestly|btw|by the way|fyi|for the record|"
     r"just so you know|just to let you know|for your information|note that|keep in mind(?: that)?|"
     r"(?:please |can you |could you |would you )?(?:remember|note|know|keep in mind)(?: that)?|"
     r"i want you to know(?: that)?|you should know(?: that)?|i(?:'d| would) like you to (?:know|remember)(?: that)?)"
