@@ -102,6 +102,26 @@ def test_import_of_a_chat_keeps_only_what_the_user_wrote_and_says_so(tmp_path, c
     assert "only the assistant's replies, which are not imported" in capsys.readouterr().err
 
 
+def test_invariant_an_imported_group_chat_keeps_only_the_importing_users_messages(tmp_path, capsys):
+    """A group chat's other participants (a `name` that is not the user's) are left out of an import, as the
+    served routes leave them out (store.said_by): their "I live in Rome." never becomes the user's."""
+    from localpers.store.store import Store
+
+    chat = tmp_path / "group.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "name": "dora", "content": "I live in Rome."},
+                                             {"role": "user", "name": "Ann", "content": "I live in Oslo."},
+                                             {"role": "assistant", "content": "Nice!"},
+                                             {"role": "user", "content": "I'm vegetarian."}]}) + "\n")
+    assert main(["import", "--user", "ann", str(chat), "--data-dir", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "imported 2 items" in out and "left out 2 chat message(s)" in out and "other participants" in out
+    with Store.open(tmp_path / "d") as store:
+        assert [i["text"] for i in store.items("ann")] == ["I live in Oslo.", "I'm vegetarian."]
+    assert main(["import", "--user", "dora", str(chat), "--data-dir", str(tmp_path / "d")]) == 0
+    with Store.open(tmp_path / "d") as store:
+        assert [i["text"] for i in store.items("dora")] == ["I live in Rome.", "I'm vegetarian."]
+
+
 def test_why_names_a_retrieved_text_once(tmp_path):
     """A stated preference is stored twice (the chat message and the preference learnt from it): retrieval
     for a served user, and so /why, shows it once; a composition never lists an item id twice."""

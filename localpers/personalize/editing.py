@@ -963,11 +963,29 @@ def states(answer: str, targets: tuple[str, ...]) -> bool:
 
 
 def states_target(engine, adapter: Path, fact: Fact) -> tuple[bool, str]:
-    """Does the served model (llama.cpp with the adapter) answer the fact's canonical question with a target?"""
-    from localpers.engine.engine import Artifacts
+    """Does the served model (llama.cpp with the adapter) answer the fact's canonical question with a target?
+    Greedy, at most CHECK_MAX_TOKENS tokens; the decoding stops as soon as the words before the answer's last
+    whitespace state a target (those words are whole, and `states` only gains words as the answer grows, so the
+    verdict is the full answer's: a verified fact's answer is then that prefix). Returns (stated, answer)."""
+    import threading
 
-    out = engine.chat([{"role": "user", "content": fact.questions[-1]}], artifacts=Artifacts(lora=((str(adapter), 1.0),)),
-                      max_tokens=CHECK_MAX_TOKENS, temperature=0.0)
+    from localpers.engine.engine import Artifacts, Cancelled
+
+    pieces, stated = [], threading.Event()
+
+    def seen(index: int, piece: str, *logprobs) -> None:
+        pieces.append(piece)
+        text = "".join(pieces)
+        whole = text[:max(text.rfind(" "), text.rfind("\n"), 0)]
+        if whole and states(whole, fact.targets):
+            stated.set()
+
+    try:
+        out = engine.chat([{"role": "user", "content": fact.questions[-1]}],
+                          artifacts=Artifacts(lora=((str(adapter), 1.0),)), max_tokens=CHECK_MAX_TOKENS,
+                          temperature=0.0, cancel=stated, on_delta=seen)
+    except Cancelled:
+        return True, "".join(pieces).strip()
     answer = out["choices"][0]["message"]["content"].strip()
     return states(answer, fact.targets), answer
 

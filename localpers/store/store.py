@@ -390,12 +390,15 @@ class Imported(list):
     dropped: int = 0
 
 
-def _jsonl_line(entry) -> tuple[list[tuple], int]:
+def _jsonl_line(entry, user: str | None = None) -> tuple[list[tuple], int]:
     """One line of a JSONL import: an item ({"text", ...}) or a chat ({"messages": [...]}, as the HTTP
-    endpoint takes it), of which only the user's messages are kept; (items, messages left out)."""
+    endpoint takes it), of which only the user's messages are kept: role "user" and, in a group chat, said by
+    `user` (said_by; None: every user-role message); (items, messages left out)."""
     if isinstance(entry, dict) and "messages" in entry and "text" not in entry:
         items = message_items(entry["messages"])
-        mine = [item for item in items if json.loads(item[3]).get("role") == "user"]
+        metas = [json.loads(item[3]) for item in items]
+        mine = [item for item, meta in zip(items, metas)
+                if meta.get("role") == "user" and (user is None or said_by(meta, user))]
         return mine, len(items) - len(mine)
     return [_jsonl_item(entry)], 0
 
@@ -454,11 +457,13 @@ def _json_entries(data, record: str | None, merge_users: bool):
     )
 
 
-def read_import(path: str | os.PathLike, record: str | None = None, merge_users: bool = False) -> Imported:
+def read_import(path: str | os.PathLike, record: str | None = None, merge_users: bool = False,
+                user: str | None = None) -> Imported:
     """Parse and validate a whole import file before anything is written (formats: README, "Import formats"):
     .jsonl/.ndjson, one JSON object a line: an item {"text", "kind"?, "meta"?, "ts"?} (other fields go into
-    meta) or a chat {"messages": [{"role", "content"}, ...]} (its user messages; the assistant's replies are left
-    out, as a served chat never stores them, and counted in the result's `dropped`); .json: a localpers export,
+    meta) or a chat {"messages": [{"role", "content"}, ...]} (its user messages; the assistant's replies, and in a
+    group chat the messages whose `name` is not `user`'s (said_by), are left out, as a served chat never stores
+    them, and counted in the result's `dropped`); .json: a localpers export,
     LaMP/LongLaMP records with a profile, or UPQA items. A file holding several users' records (LaMP records, UPQA
     items) imports one user's (`record`: a LaMP record's id, a UPQA item's user_id or "upqa-<index>") or, with
     merge_users, all.
@@ -474,7 +479,7 @@ def read_import(path: str | os.PathLike, record: str | None = None, merge_users:
             if not line.strip():
                 continue
             try:
-                mine, dropped = _jsonl_line(json.loads(line.decode("utf-8")))
+                mine, dropped = _jsonl_line(json.loads(line.decode("utf-8")), user)
                 items.extend(mine)
                 items.dropped += dropped
             except UnicodeDecodeError as e:
