@@ -60,6 +60,8 @@ def test_invariant_a_greeting_and_whom_it_greets_leave_the_statement(message, ex
     ("I stopped living in Oslo.", ["-home=Oslo"]),
     ("I'm not vegetarian anymore.", ["-diet=vegetarian"]),
     ("I gave up vegetarianism.", ["-diet=vegetarian"]),
+    ("I quit my job.", ["-job="]), ("I got laid off from my job last week.", ["-job="]),
+    ("I quit my job to travel.", ["-job="]),
     ("I quit veganism.", ["-diet=vegan"]),
 ])
 def test_invariant_ending_a_state_retires_it_and_states_nothing(message, expected):

@@ -650,6 +650,12 @@ def _cased(value: str, attribute: str, shouted: bool) -> str:
     return value
 
 
+# "I quit my job.", "I got laid off from my job last week": the job held, whatever it is, is over.
+_JOB_GONE = re.compile(r"^i (?:have |'ve |just )?(?:quit|left|lost|resigned from|got fired from|was fired from|"
+                       r"was laid off from|got laid off from) my (?:job|position|work)"
+                       r"(?:\s+(?:to|because|since|after|and|yesterday|today|last|this)\b.*)?$", re.I)
+
+
 def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
     """The fact one first-person clause states (or retires), or None."""
     c = _normal_clause(clause)
@@ -989,6 +995,8 @@ def _clean_statement(text: str) -> str:
 def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
     statement = _clean_statement(whole or clause)
     normal = _normal_clause(clause)
+    if _JOB_GONE.match(normal):
+        return StatedFact("job", "", statement, retire=True)
     if _blocked(normal):
         return None
     fact = _fact_of_clause(clause, statement)
