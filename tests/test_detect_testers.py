@@ -39,7 +39,8 @@ def test_invariant_a_label_that_is_no_headline_keeps_its_sentence_out(message):
     ("Hi Anna, I live in Lyon.", ["home=Lyon"]),
     ("Good morning everyone, I'm a nurse.", ["job=nurse"]),
     ("Hello there! I love jazz.", ["likes=jazz"]),
-    ("Hi im vegan", ["diet=vegan"]),
+    ("Hi im vegan", ["diet=vegan"]), ("Hi Im vegan", ["diet=vegan"]), ("Hey My name is Bo.", ["name=Bo"]),
+    ("Hey We live in Oslo.", ["home=Oslo"]),
     ("Alright, I'm a nurse.", ["job=nurse"]),
     ("Anyway, I love jazz.", ["likes=jazz"]),
 ])
@@ -59,6 +60,8 @@ def test_invariant_a_greeting_and_whom_it_greets_leave_the_statement(message, ex
     ("I stopped living in Oslo.", ["-home=Oslo"]),
     ("I'm not vegetarian anymore.", ["-diet=vegetarian"]),
     ("I gave up vegetarianism.", ["-diet=vegetarian"]),
+    ("I quit my job.", ["-job="]), ("I got laid off from my job last week.", ["-job="]),
+    ("I quit my job to travel.", ["-job="]),
     ("I quit veganism.", ["-diet=vegan"]),
 ])
 def test_invariant_ending_a_state_retires_it_and_states_nothing(message, expected):

@@ -138,3 +138,11 @@ def test_invariant_a_like_replaced_or_retired_by_another_name_is_not_retrieved(s
     assert retrieved("rk", "Do I like jazz music?") == ["I don't like jazz anymore."]
     say(store, "rl", "I like jazz dancing.", "I don't like jazz anymore.")
     assert "I like jazz dancing." in retrieved("rl", "Do I like jazz dancing?")
+
+
+@pytest.mark.parametrize("text", ["I quit my job.", "I lost my job last month.", "I got laid off from my job."])
+def test_invariant_leaving_ones_job_retires_the_held_job_whatever_it_is_and_keeps_the_rest(store, text):
+    say(store, "quit", "I'm a nurse.", "I work at St. Mary's Hospital.", "I live in Oslo.")
+    learned = say(store, "quit", text)
+    assert [f["attribute"] for f in learned["retired"]] == ["job"] and learned["facts"] == []
+    assert [a for a, _ in held(store, "quit")] == ["employer", "home"]

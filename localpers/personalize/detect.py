@@ -84,7 +84,8 @@ def sentences(text: str) -> list[str]:
 _LEAD_IN = re.compile(
     r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|alright|all right|anyway|anyways|yeah|um+|uh+|actually|"
     r"(?:hi|hello|hey|hiya|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|everybody|guys|folks|"
-    r"there|friend|friends|team|y'all|you|again|(?-i:[A-Z][a-z]+)))?|honestly|btw|by the way|fyi|for the record|"
+    r"there|friend|friends|team|y'all|you|again|(?!(?:Im|My|We|Me)\b)(?-i:[A-Z][a-z]+)))?|"
+    r"honestly|btw|by the way|fyi|for the record|"
     r"just so you know|just to let you know|for your information|note that|keep in mind(?: that)?|"
     r"(?:please |can you |could you |would you )?(?:remember|note|know|keep in mind)(?: that)?|"
     r"i want you to know(?: that)?|you should know(?: that)?|i(?:'d| would) like you to (?:know|remember)(?: that)?)"
@@ -274,15 +275,15 @@ class StatedFact:
         """The other facts this one retires or replaces where the user holds them (the store's update rules,
         Store._learn; the fact's own slot is not among them):
 
-        - a retirement: the same attribute's value said another way: the value with or without a generic head
-          noun of localpers/data/detect/kinds.json ("jazz" and "jazz music", "Italian" and "Italian food"), and
-          singular or plural ("peanut", "peanuts"). A shared word is not enough: "jazz" never retires "jazz
-          dancing" ("dancing" is no head noun), nor "rock" "rock climbing";
+        - a retirement of a like, dislike or allergy: the same attribute's value said another way: the value with
+          or without a generic head noun of localpers/data/detect/kinds.json ("jazz" and "jazz music", "Italian"
+          and "Italian food"), and singular or plural ("peanut", "peanuts"). A shared word is not enough: "jazz"
+          never retires "jazz dancing" ("dancing" is no head noun), nor "rock" "rock climbing";
         - a like stated as a change (`change`): the likes of the other values of its kind (music genres,
           cuisines, sports, drinks: kinds.json), each as it may be held ("jazz", "jazz music"). A like of no known
           kind replaces nothing (a held fact is never dropped on a guess); "I also like rock." is no change;
         - anything else: nothing."""
-        if self.retire and self.key:
+        if self.retire and self.key and self.attribute in ("likes", "dislikes", "allergy"):
             return tuple(StatedFact(self.attribute, v, self.statement, retire=True)
                          for v in sorted(_forms(self.key) - {self.key}))
         if self.change and self.attribute == "likes" and not self.retire:
@@ -649,6 +650,12 @@ def _cased(value: str, attribute: str, shouted: bool) -> str:
     return value
 
 
+# "I quit my job.", "I got laid off from my job last week": the job held, whatever it is, is over.
+_JOB_GONE = re.compile(r"^i (?:have |'ve |just )?(?:quit|left|lost|resigned from|got fired from|was fired from|"
+                       r"was laid off from|got laid off from) my (?:job|position|work)"
+                       r"(?:\s+(?:to|because|since|after|and|yesterday|today|last|this)\b.*)?$", re.I)
+
+
 def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
     """The fact one first-person clause states (or retires), or None."""
     c = _normal_clause(clause)
@@ -988,6 +995,8 @@ def _clean_statement(text: str) -> str:
 def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
     statement = _clean_statement(whole or clause)
     normal = _normal_clause(clause)
+    if _JOB_GONE.match(normal):
+        return StatedFact("job", "", statement, retire=True)
     if _blocked(normal):
         return None
     fact = _fact_of_clause(clause, statement)

@@ -963,8 +963,8 @@ class Store:
         - a fact's `supersedes` (detect.StatedFact.supersedes: other facts, each matched by slot and value as
           above) that the user holds go too: a retirement's value said another way ("I don't like jazz anymore."
           retires a held "jazz music"), a like stated as a change the held likes of its kind ("Actually I prefer
-          rock now." replaces "jazz"); a fact not held already. One index lookup each (a change: some hundred,
-          the forms of its kind's values in kinds.json), no decryption.
+          rock now." replaces "jazz"), unless the fact itself is held already. One query through the (user, slot)
+          index for all of them (a change names some hundred: its kind's values in kinds.json), no decryption.
 
         New and deleted preferences queue the user's edit job. Returns the retired artifact files."""
         ids = self._insert(conn, user_id, [item for item, _ in items])
