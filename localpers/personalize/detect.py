@@ -67,8 +67,8 @@ def sentences(text: str) -> list[str]:
     dot of an abbreviation (_ABBREVIATIONS, dotted initials) that a word other than a first-person subject
     follows."""
     text = _CODE_FENCE.sub("\n", text.translate(_QUOTES))
-    lines = [line for line in text.splitlines()
-             if not _CODE_LINE.search(line) and not (_CODE_SEMICOLON.search(line) and not _PROSE_LINE.match(line))]
+    lines = [line for line in text.splitlines() if not _CODE_LINE.search(line) and not (
+        _CODE_SEMICOLON.search(line) and not _PROSE_LINE.match("".join(ch for ch in line if not _is_emoji(ch))))]
     text = _ABBREVIATION.sub(lambda m: m[0][:-1] + _KEPT_DOT, "\n".join(lines))
     out = []
     for part in _SPLIT.split(text):
@@ -83,13 +83,14 @@ def sentences(text: str) -> list[str]:
 # Lead-ins that announce a statement; what follows them is the statement.
 _LEAD_IN = re.compile(
     r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|alright|all right|anyway|anyways|yeah|um+|uh+|actually|"
-    r"(?:hi|hello|hey|hiya|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|everybody|guys|folks|"
-    r"there|friend|friends|team|y'all|you|again|(?!(?:Im|My|We|Me)\b)(?-i:[A-Z][a-z]+)))?|"
+    r"(?:hi|hello|hey|hiya|howdy|greetings|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|"
+    r"everybody|guys|folks|there|friend|friends|team|y'all|you|again|(?!(?:Im|My|We|Me)\b)(?-i:[A-Z][a-z]+)))?|"
+    r"dear (?:assistant|ai|bot|chatbot|chatgpt|model|friend)|"
     r"honestly|btw|by the way|fyi|for the record|"
     r"just so you know|just to let you know|for your information|note that|keep in mind(?: that)?|"
     r"(?:please |can you |could you |would you )?(?:remember|note|know|keep in mind)(?: that)?|"
     r"i want you to know(?: that)?|you should know(?: that)?|i(?:'d| would) like you to (?:know|remember)(?: that)?)"
-    r"[,:!]?\s+)+", re.I)
+    r"(?:[,:!]|\s+[-\u2013\u2014])?\s+)+", re.I)
 # A short opening phrase before the subject: "Due to my allergies, I ...", "As a vegan, I ...".
 _INTRO = re.compile(r"^(?:due to|because of|as an?|as someone who|since|for (?:ethical|health|religious)|"
                     r"being an?|personally|in general|generally)\b[^,]{0,80},\s*(?=(?:i|my)\b)", re.I)
@@ -868,9 +869,10 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
 # Paris.", "Quick update everyone: I'm vegan.", "PS: ...". At most three words before a headline noun; only before
 # a first-person subject.
 _COLON_LEAD_IN = re.compile(
-    r"^(?:[\w'-]+ ){0,3}?(?:news|update|updates|correction|edit|ps|p\.s\.|note|fact|facts|about me|info|background|"
+    r"^(?:re:\s+(?:[\w' -]{1,40}:\s+)?(?=(?:i|i'm|im|i've|my|we)\b)|"  # a subject line: "Re: dinner plans: I'm ..."
+    r"(?:[\w'-]+ ){0,3}?(?:news|update|updates|correction|edit|ps|p\.s\.|note|fact|facts|about me|info|background|"
     r"context|heads[- ]up|confession|reminder|announcement|change|question|news flash)(?: (?:everyone|everybody|all|"
-    r"guys|folks|here|again))?\s*(?::|,|\s-|\s\u2013|\s\u2014)\s*(?=(?:i|i'm|im|i've|my|we)\b)", re.I)
+    r"guys|folks|here|again))?\s*(?::|,|\s-|\s\u2013|\s\u2014)\s*(?=(?:i|i'm|im|i've|my|we)\b))", re.I)
 
 
 def _add(found: list[StatedFact], new: list[StatedFact]) -> list[StatedFact]:
@@ -932,15 +934,17 @@ _FORGET_ATTRIBUTE = {
 
 def _no_emoji(text: str) -> str:
     """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
-    out = []
-    for ch in text:
-        emoji = unicodedata.category(ch) == "So" or ch in "\ufe0f\u200d" or 0x1F3FB <= ord(ch) <= 0x1F3FF
-        out.append("\x02" if emoji else ch)
+    out = ["\x02" if _is_emoji(ch) else ch for ch in text]
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
     # "I live in 🌍 Zürich": after a word no sentence ends on (a preposition, an article, a verb before its
     # object) the emoji is inside the sentence whatever follows
     text = re.sub(r"\b(" + _OPEN_WORD + r")[ \t]*\x02[\x02 \t]*(?=\w)", r"\1 ", text, flags=re.I)
     return re.sub(r"[ \t]*\x02[\x02\s]*([.!?]*)", r"\1\n", text)
+
+
+def _is_emoji(ch: str) -> bool:
+    """An emoji, or one of its modifiers, joiners, variation selectors."""
+    return unicodedata.category(ch) == "So" or ch in "\ufe0f\u200d" or 0x1F3FB <= ord(ch) <= 0x1F3FF
 
 
 _OPEN_WORD = (r"in|at|to|from|of|for|near|with|by|on|into|the|a|an|my|our|and|or|love|like|enjoy|adore|prefer|"
