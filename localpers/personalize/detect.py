@@ -553,7 +553,8 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("pets", r"^my pets? (?:is|are) (?P<v>(?:an? |two |three |\d+ )?(?:[\w-]+ ){0,2}?" + _PET + r")$"),
     ("favourite", r"^my (?P<a>hobby|hobbies|pastime|pastimes) (?:is|are|include|includes) (?P<v>.+)$"),
     ("dislikes", r"^i " + _DISLIKE + r" (?P<v>.+)$"),
-    ("dislikes", r"^i'm not (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) (?P<v>.+)$"),
+    ("dislikes", r"^i'm (?P<neg2>not|no longer) (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) "
+                 r"(?P<v>.+)$"),
     ("dislikes", r"^i (?P<neg2>don't|never|can't) (?:really )?(?P<verb2>like|love|enjoy|eat|drink|watch|listen to|"
                  r"care for|wear|use|play) (?P<v>.+)$"),
     ("likes", r"^i'm (?:an? )?(?:big |huge |great |massive )?(?:fan of|lover of|into|passionate about|obsessed with|"
@@ -566,6 +567,10 @@ _VALUE_CUT = re.compile(r"\s+(?:over|rather than|instead of|more than|better tha
                         r"for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
                         r"who|which|where)\b.*$|,.*$", re.I)
 _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
+
+
+_OVER = {"was": "i'm no longer ", "lived in": "i no longer live in ", "worked as": "i no longer work as ",
+         "worked at": "i no longer work at ", "worked for": "i no longer work for "}
 
 
 def _normal_clause(clause: str) -> str:
@@ -587,6 +592,9 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i (?:have |'ve )?(?:quit|left|lost|gave up|given up) my (?:job|position|career|work) as\b|"
                r"^i (?:have |'ve )?(?:stopped|quit) working as\b", "i no longer work as", c, flags=re.I)
     c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit) (?:living|residing) in\b", "i no longer live in", c, flags=re.I)
+    # "I was a nurse until last year", "I lived in Oslo until 2020": a state that is over
+    c = re.sub(r"^i (was|lived in|worked as|worked at|worked for) (.+?),? until\b.*$",
+               lambda m: _OVER[m[1].lower()] + m[2], c, flags=re.I)
     # "I was vegetarian (but now ...)": a diet, restriction, marriage or job that is over
     c = re.sub(r"^i was (?=(?:an? )?(?:strict )?(?:vegetarian|vegan|pescatarian|pescetarian|flexitarian|keto|paleo|"
                r"gluten[- ]free|dairy[- ]free|married|engaged|single|in a relationship)\b)", "i'm no longer ", c, flags=re.I)
@@ -845,6 +853,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             s = re.sub(r"^(?:not anymore|no longer|nope|no|yes|yeah|yep|sure|right|lol|haha|wait|hmm+|so|well|sorry|"
                        r"oops|i mean|i meant)(?:\s+to say)?(?:\s*[,!.:]\s*|\s+(?:that\s+)?)"
                        r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
+        s = _SUBJECTLESS_END.sub("I'm ", s)  # "Not into tennis anymore, I play football now."
         s = _we_as_me(s)
         if _INVENTED.search(s):
             break
@@ -863,6 +872,11 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
         if limit is not None and detected >= limit:  # the work is bounded: at most `limit` facts are detected
             break
     return found[:limit] if limit is not None else found
+
+
+# A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
+_SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b|not (?:really )?"
+                              r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b[^,;.]*\bany ?more\b)", re.I)
 
 
 # A headline before a colon (or a comma, a dash) that announces the statement after it: "Big news: I moved to
