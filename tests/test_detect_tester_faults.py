@@ -80,3 +80,11 @@ def test_invariant_a_negated_like_without_anymore_stays_a_dislike(message, expec
 ])
 def test_invariant_a_state_held_until_a_time_is_over(message, expected):
     assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message", [
+    "I was at work until 9pm.", "I was up until 3am.", "I was in Paris until Monday.", "I was happy until I met him.",
+])
+def test_invariant_a_passing_situation_until_a_time_is_no_fact(message):
+    """Only a known state (a job, a diet, a home ...) held until a time is retired; a situation is nothing."""
+    assert facts(message) == []

@@ -1023,7 +1023,9 @@ def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
                           re.sub(re.escape(fact.value), lambda _: fact.value, statement, count=1, flags=re.I), fact.retire)
     if fact is not None:
         return fact
-    if is_preference(clause) and not _ANYMORE.search(clause) and not _DATED.search(normal):
+    # "I was at work until 9pm": dated as said, whatever its normal form ("i'm no longer at work") reads like
+    if is_preference(clause) and not _ANYMORE.search(clause) and not _DATED.search(normal) \
+            and not _DATED.search(clause):
         return StatedFact("about", statement.rstrip(".!"), statement)
     return None
 
