@@ -44,6 +44,8 @@ def test_invariant_pid_alive_tells_a_running_process_from_a_gone_one():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         assert pid_alive(child.pid)     # another process, alive: signal 0 reaches it
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=0.5)     # and only asks: the process was sent no signal that ends it
     finally:
         child.kill()
         child.wait()
@@ -129,3 +131,89 @@ def test_invariant_artifact_folders_are_private_to_the_owner(store, tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_invariant_read_routes_refuses_an_empty_file_name_and_keeps_only_string_fact_ids():
+    from localpers.store.store import read_routes
+
+    assert read_routes({"routes": [{"file": "", "words": "a"}]}) is None     # "" would name the folder itself
+    [route] = read_routes({"routes": [{"file": "fact-a.gguf", "words": "a", "fact": 5, "source": "7"}]})
+    assert route == {"file": "fact-a.gguf", "words": "a", "fact": None, "source": None}
+    [route] = read_routes({"routes": [{"file": "fact-a.gguf", "words": "a", "fact": "f1", "source": 7}]})
+    assert route == {"file": "fact-a.gguf", "words": "a", "fact": "f1", "source": 7}
+
+
+def test_invariant_a_like_stated_as_a_change_marks_every_message_it_supersedes(store):
+    from localpers.personalize.detect import detect_facts
+
+    store.learn_chat("ann", [{"role": "user", "content": "I love jazz music. My sister is a doctor."}], detect_facts)
+    store.learn_chat("ann", [{"role": "user", "content": "I love pop."}], detect_facts)
+    store.learn_chat("ann", [{"role": "user", "content": "Actually I prefer rock now."}], detect_facts)
+    assert [f["value"] for f in store.facts("ann")] == ["rock"]
+    marked = [i["text"] for i in store.items("ann", kind="message") if names.SUPERSEDED_BY in i["meta"]]
+    assert marked == ["I love jazz music. My sister is a doctor.", "I love pop."]   # both, in one statement
+
+
+def test_invariant_facts_lists_each_preferences_attribute_value_and_message(store):
+    from localpers.personalize.detect import detect_facts
+
+    store.learn_chat("ann", [{"role": "user", "content": "I live in Lyon."}], detect_facts)
+    store.add("ann", "I like to dance at the club.", kind=names.PREFERENCE,
+              meta={"attribute_type": ["hobby", "leisure activity"]})        # UPQA cluster9: the canonical is last
+    store.add("ann", "I avoid fragrances.", kind=names.PREFERENCE, meta={"attribute_type": []})
+    store.add("ann", "I'm into sailing.", kind=names.PREFERENCE, meta={"attribute_type": 5})
+    [message] = store.items("ann", kind="message")
+    home, club, fragrances, sailing = store.facts("ann")
+    assert (home["attribute"], home["value"], home["statement"], home["message"]) == (
+        "home", "Lyon", "I live in Lyon.", message["id"])
+    assert (club["attribute"], club["value"], club["message"]) == ("leisure activity", "I like to dance at the club.", None)
+    assert (fragrances["attribute"], fragrances["value"]) == (None, "I avoid fragrances.")
+    assert sailing["attribute"] is None and all(f["status"] == "current" for f in store.facts("ann"))
+
+
+def test_invariant_a_text_learned_by_hand_is_sourced_remember(store):
+    from localpers.personalize.detect import detect_facts
+
+    store.learn_text("ann", "I'm vegan.", detect_facts)
+    store.learn_texts("ann", ["I live in Oslo."], detect_facts)
+    assert [p["meta"]["source"] for p in store.items("ann", kind=names.PREFERENCE)] == ["remember", "remember"]
+
+
+def test_invariant_forget_drops_the_users_in_memory_indexes(store):
+    """Forget deletes everything held about the user: also the decrypted search index the process keeps in
+    memory (row ids are never reused, so a stale index would not be served, but it would hold the text)."""
+    store.add("ann", "my bank pin is 4321")
+    store.add("bob", "I like gardening")
+    assert store.search("ann", "bank pin") and store.search("bob", "gardening")   # both users' indexes built
+    with store._read() as conn:
+        ann, bob = (store._user_id(conn, u) for u in ("ann", "bob"))
+    store._dense[(ann, "stand-in")] = object()
+    store._dense[(bob, "stand-in")] = object()
+    store.forget("ann")
+    assert ann not in store._bm25 and bob in store._bm25
+    assert [key[0] for key in store._dense] == [bob]
+    assert all("4321" not in hit["text"] for hit in store.search("bob", "bank pin", k=5))
+
+
+def test_invariant_forget_removes_the_artifact_folder_and_tells_the_listeners_of_each_file(store, tmp_path):
+    adapter = tmp_path / "a.gguf"
+    adapter.write_bytes(b"lora")
+    store.add("ann", "hello")
+    store.register_artifact("ann", names.LORA, adapter, SHA, {"method": names.CE})
+    [registered] = [a["path"] for a in store.artifacts("ann")]
+    folder = store.artifact_dir("ann")
+    (folder / "scratch").mkdir()
+    (folder / "scratch" / "late.bin").write_bytes(b"x")     # a file a job wrote meanwhile
+    told = []
+
+    def retired(path):   # a job registering a file while forget runs: the second removal takes it
+        told.append(path)
+        if len(told) == 1:
+            folder.mkdir(exist_ok=True)
+            (folder / "registered-meanwhile.gguf").write_bytes(b"y")
+
+    store.on_retire.append(retired)
+    store.forget("ann")
+    assert not folder.exists()
+    assert sorted(p.relative_to(folder.resolve()).as_posix() for p in told) == [
+        f"{Path(registered).name}", "registered-meanwhile.gguf", "scratch/late.bin"]
