@@ -337,6 +337,8 @@ def message_items(messages) -> list[tuple]:
     for number, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
             raise UserError(f'messages[{number}] must be an object with a "role" and a "content"')
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise UserError(f'messages[{number}]: "name" must be a string (a group chat\'s speaker)')
         try:
             speaker = {"name": message["name"]} if isinstance(message.get("name"), str) else {}
             items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"], **speaker}))
@@ -508,8 +510,9 @@ def read_import(path: str | os.PathLike, record: str | None = None, merge_users:
     else:
         raise UserError(f"{path}: unknown import format (expected .jsonl or .json)")
     if not items:
-        raise UserError(f"{path}: no items to import" + (f" (its chats hold only the assistant's replies, which "
-                                                         f"are not imported)" if items.dropped else ""))
+        raise UserError(f"{path}: no items to import" + (f" (its chats hold no message of the user's own: the "
+                                                         f"assistant's replies and other participants' messages are "
+                                                         f"not imported)" if items.dropped else ""))
     return items
 
 
