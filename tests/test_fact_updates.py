@@ -146,3 +146,37 @@ def test_invariant_leaving_ones_job_retires_the_held_job_whatever_it_is_and_keep
     learned = say(store, "quit", text)
     assert [f["attribute"] for f in learned["retired"]] == ["job"] and learned["facts"] == []
     assert [a for a, _ in held(store, "quit")] == ["employer", "home"]
+
+
+@pytest.mark.parametrize("added, change", [
+    ("I also like rock.", "Actually I prefer rock now."),
+    ("I like rock music too.", "These days I'm into rock music."),
+    ("I love rock.", "I listen to rock instead."),
+])
+def test_invariant_a_change_to_a_like_held_already_still_replaces_the_held_likes_of_its_kind(store, added, change):
+    [jazz] = say(store, "again", "I love jazz music.")["facts"]
+    say(store, "again", "I love sushi.", added)
+    before = [f["id"] for f in store.facts("again") if "rock" in f["value"]]
+    learned = say(store, "again", change)
+    assert learned["replaced"] == [{"id": jazz["id"], "attribute": "likes"}] and learned["facts"] == []
+    assert [f["id"] for f in store.facts("again") if "rock" in f["value"]] == before   # not stored again
+    assert not any("jazz" in v for _, v in held(store, "again")) and ("likes", "sushi") in held(store, "again")
+
+
+@pytest.mark.parametrize("stated, retired", [
+    ("I love rock.", "I'm no longer into rock."),
+    ("I love rock.", "I'm no longer a fan of rock music."),
+    ("I love tennis.", "I'm not into tennis anymore."),
+    ("I'm a nurse.", "I was a nurse until last year."),
+])
+def test_invariant_a_like_or_state_said_to_be_over_retires_the_held_fact_and_adds_no_dislike(store, stated, retired):
+    say(store, "over", "I live in Oslo.")
+    say(store, "over", stated)
+    learned = say(store, "over", retired)
+    assert len(learned["retired"]) == 1 and learned["facts"] == [] and held(store, "over") == [("home", "Oslo")]
+
+
+def test_a_subjectless_end_of_a_like_retires_it_and_adds_the_new_one(store):
+    say(store, "sub", "I love tennis.")
+    say(store, "sub", "Not into tennis anymore, I play football now.")
+    assert held(store, "sub") == [("likes", "football")]

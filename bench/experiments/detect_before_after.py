@@ -30,6 +30,15 @@ TESTERS = [
     ("I live in Oslo;", ["home=oslo"]), ("I'm not allergic to peanuts.", ["-allergy=peanuts"]),
     ("I don't like jazz anymore.", ["-likes=jazz"]), ("Actually I prefer rock now.", ["~likes=rock"]),
     ("I also like rock.", ["likes=rock"]),
+    ("I live in \U0001F3E0 Oslo;", ["home=oslo"]),
+    ("I'm vegan; I live in \U0001F3E0 Oslo;", ["diet=vegan", "home=oslo"]),
+    ("Howdy, I'm vegan.", ["diet=vegan"]), ("Dear assistant, I'm vegan.", ["diet=vegan"]),
+    ("Dear assistant, I love sushi.", ["likes=sushi"]), ("Hey \u2014 I live in Ulm.", ["home=ulm"]),
+    ("Hey - I live in Ulm.", ["home=ulm"]), ("Hi there \u2014 I'm vegan.", ["diet=vegan"]),
+    ("Re: dinner plans: I'm allergic to nuts.", ["allergy=nuts"]), ("I'm no longer into rock.", ["-likes=rock"]),
+    ("I'm no longer a fan of rock music.", ["-likes=rock music"]), ("I'm not into tennis anymore.", ["-likes=tennis"]),
+    ("Not into tennis anymore, I play football now.", ["-likes=tennis", "~likes=football"]),
+    ("I was a nurse until last year.", ["-job=nurse"]),
 ]
 
 

@@ -67,8 +67,8 @@ def sentences(text: str) -> list[str]:
     dot of an abbreviation (_ABBREVIATIONS, dotted initials) that a word other than a first-person subject
     follows."""
     text = _CODE_FENCE.sub("\n", text.translate(_QUOTES))
-    lines = [line for line in text.splitlines()
-             if not _CODE_LINE.search(line) and not (_CODE_SEMICOLON.search(line) and not _PROSE_LINE.match(line))]
+    lines = [line for line in text.splitlines() if not _CODE_LINE.search(line) and not (
+        _CODE_SEMICOLON.search(line) and not _PROSE_LINE.match("".join(ch for ch in line if not _is_emoji(ch))))]
     text = _ABBREVIATION.sub(lambda m: m[0][:-1] + _KEPT_DOT, "\n".join(lines))
     out = []
     for part in _SPLIT.split(text):
@@ -83,13 +83,14 @@ def sentences(text: str) -> list[str]:
 # Lead-ins that announce a statement; what follows them is the statement.
 _LEAD_IN = re.compile(
     r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|alright|all right|anyway|anyways|yeah|um+|uh+|actually|"
-    r"(?:hi|hello|hey|hiya|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|everybody|guys|folks|"
-    r"there|friend|friends|team|y'all|you|again|(?!(?:Im|My|We|Me)\b)(?-i:[A-Z][a-z]+)))?|"
+    r"(?:hi|hello|hey|hiya|howdy|greetings|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|"
+    r"everybody|guys|folks|there|friend|friends|team|y'all|you|again|(?!(?:Im|My|We|Me)\b)(?-i:[A-Z][a-z]+)))?|"
+    r"dear (?:assistant|ai|bot|chatbot|chatgpt|model|friend)|"
     r"honestly|btw|by the way|fyi|for the record|"
     r"just so you know|just to let you know|for your information|note that|keep in mind(?: that)?|"
     r"(?:please |can you |could you |would you )?(?:remember|note|know|keep in mind)(?: that)?|"
     r"i want you to know(?: that)?|you should know(?: that)?|i(?:'d| would) like you to (?:know|remember)(?: that)?)"
-    r"[,:!]?\s+)+", re.I)
+    r"(?:[,:!]|\s+[-\u2013\u2014])?\s+)+", re.I)
 # A short opening phrase before the subject: "Due to my allergies, I ...", "As a vegan, I ...".
 _INTRO = re.compile(r"^(?:due to|because of|as an?|as someone who|since|for (?:ethical|health|religious)|"
                     r"being an?|personally|in general|generally)\b[^,]{0,80},\s*(?=(?:i|my)\b)", re.I)
@@ -552,7 +553,8 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("pets", r"^my pets? (?:is|are) (?P<v>(?:an? |two |three |\d+ )?(?:[\w-]+ ){0,2}?" + _PET + r")$"),
     ("favourite", r"^my (?P<a>hobby|hobbies|pastime|pastimes) (?:is|are|include|includes) (?P<v>.+)$"),
     ("dislikes", r"^i " + _DISLIKE + r" (?P<v>.+)$"),
-    ("dislikes", r"^i'm not (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) (?P<v>.+)$"),
+    ("dislikes", r"^i'm (?P<neg2>not|no longer) (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) "
+                 r"(?P<v>.+)$"),
     ("dislikes", r"^i (?P<neg2>don't|never|can't) (?:really )?(?P<verb2>like|love|enjoy|eat|drink|watch|listen to|"
                  r"care for|wear|use|play) (?P<v>.+)$"),
     ("likes", r"^i'm (?:an? )?(?:big |huge |great |massive )?(?:fan of|lover of|into|passionate about|obsessed with|"
@@ -565,6 +567,10 @@ _VALUE_CUT = re.compile(r"\s+(?:over|rather than|instead of|more than|better tha
                         r"for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
                         r"who|which|where)\b.*$|,.*$", re.I)
 _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
+
+
+_OVER = {"was": "i'm no longer ", "lived in": "i no longer live in ", "worked as": "i no longer work as ",
+         "worked at": "i no longer work at ", "worked for": "i no longer work for "}
 
 
 def _normal_clause(clause: str) -> str:
@@ -586,6 +592,9 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i (?:have |'ve )?(?:quit|left|lost|gave up|given up) my (?:job|position|career|work) as\b|"
                r"^i (?:have |'ve )?(?:stopped|quit) working as\b", "i no longer work as", c, flags=re.I)
     c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit) (?:living|residing) in\b", "i no longer live in", c, flags=re.I)
+    # "I was a nurse until last year", "I lived in Oslo until 2020": a state that is over
+    c = re.sub(r"^i (was|lived in|worked as|worked at|worked for) (.+?),? until\b.*$",
+               lambda m: _OVER[m[1].lower()] + m[2], c, flags=re.I)
     # "I was vegetarian (but now ...)": a diet, restriction, marriage or job that is over
     c = re.sub(r"^i was (?=(?:an? )?(?:strict )?(?:vegetarian|vegan|pescatarian|pescetarian|flexitarian|keto|paleo|"
                r"gluten[- ]free|dairy[- ]free|married|engaged|single|in a relationship)\b)", "i'm no longer ", c, flags=re.I)
@@ -844,6 +853,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             s = re.sub(r"^(?:not anymore|no longer|nope|no|yes|yeah|yep|sure|right|lol|haha|wait|hmm+|so|well|sorry|"
                        r"oops|i mean|i meant)(?:\s+to say)?(?:\s*[,!.:]\s*|\s+(?:that\s+)?)"
                        r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
+        s = _SUBJECTLESS_END.sub("I'm ", s)  # "Not into tennis anymore, I play football now."
         s = _we_as_me(s)
         if _INVENTED.search(s):
             break
@@ -864,13 +874,19 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     return found[:limit] if limit is not None else found
 
 
+# A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
+_SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b|not (?:really )?"
+                              r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b[^,;.]*\bany ?more\b)", re.I)
+
+
 # A headline before a colon (or a comma, a dash) that announces the statement after it: "Big news: I moved to
 # Paris.", "Quick update everyone: I'm vegan.", "PS: ...". At most three words before a headline noun; only before
 # a first-person subject.
 _COLON_LEAD_IN = re.compile(
-    r"^(?:[\w'-]+ ){0,3}?(?:news|update|updates|correction|edit|ps|p\.s\.|note|fact|facts|about me|info|background|"
+    r"^(?:re:\s+(?:[\w' -]{1,40}:\s+)?(?=(?:i|i'm|im|i've|my|we)\b)|"  # a subject line: "Re: dinner plans: I'm ..."
+    r"(?:[\w'-]+ ){0,3}?(?:news|update|updates|correction|edit|ps|p\.s\.|note|fact|facts|about me|info|background|"
     r"context|heads[- ]up|confession|reminder|announcement|change|question|news flash)(?: (?:everyone|everybody|all|"
-    r"guys|folks|here|again))?\s*(?::|,|\s-|\s\u2013|\s\u2014)\s*(?=(?:i|i'm|im|i've|my|we)\b)", re.I)
+    r"guys|folks|here|again))?\s*(?::|,|\s-|\s\u2013|\s\u2014)\s*(?=(?:i|i'm|im|i've|my|we)\b))", re.I)
 
 
 def _add(found: list[StatedFact], new: list[StatedFact]) -> list[StatedFact]:
@@ -932,15 +948,17 @@ _FORGET_ATTRIBUTE = {
 
 def _no_emoji(text: str) -> str:
     """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
-    out = []
-    for ch in text:
-        emoji = unicodedata.category(ch) == "So" or ch in "\ufe0f\u200d" or 0x1F3FB <= ord(ch) <= 0x1F3FF
-        out.append("\x02" if emoji else ch)
+    out = ["\x02" if _is_emoji(ch) else ch for ch in text]
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
     # "I live in 🌍 Zürich": after a word no sentence ends on (a preposition, an article, a verb before its
     # object) the emoji is inside the sentence whatever follows
     text = re.sub(r"\b(" + _OPEN_WORD + r")[ \t]*\x02[\x02 \t]*(?=\w)", r"\1 ", text, flags=re.I)
     return re.sub(r"[ \t]*\x02[\x02\s]*([.!?]*)", r"\1\n", text)
+
+
+def _is_emoji(ch: str) -> bool:
+    """An emoji, or one of its modifiers, joiners, variation selectors."""
+    return unicodedata.category(ch) == "So" or ch in "\ufe0f\u200d" or 0x1F3FB <= ord(ch) <= 0x1F3FF
 
 
 _OPEN_WORD = (r"in|at|to|from|of|for|near|with|by|on|into|the|a|an|my|our|and|or|love|like|enjoy|adore|prefer|"
@@ -1005,7 +1023,9 @@ def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
                           re.sub(re.escape(fact.value), lambda _: fact.value, statement, count=1, flags=re.I), fact.retire)
     if fact is not None:
         return fact
-    if is_preference(clause) and not _ANYMORE.search(clause) and not _DATED.search(normal):
+    # "I was at work until 9pm": dated as said, whatever its normal form ("i'm no longer at work") reads like
+    if is_preference(clause) and not _ANYMORE.search(clause) and not _DATED.search(normal) \
+            and not _DATED.search(clause):
         return StatedFact("about", statement.rstrip(".!"), statement)
     return None
 

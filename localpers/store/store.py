@@ -966,8 +966,9 @@ class Store:
         - a fact's `supersedes` (detect.StatedFact.supersedes: other facts, each matched by slot and value as
           above) that the user holds go too: a retirement's value said another way ("I don't like jazz anymore."
           retires a held "jazz music"), a like stated as a change the held likes of its kind ("Actually I prefer
-          rock now." replaces "jazz"), unless the fact itself is held already. One query through the (user, slot)
-          index for all of them (a change names some hundred: its kind's values in kinds.json), no decryption.
+          rock now." replaces "jazz"), also when the fact itself is held already (it is not stored again). One
+          query through the (user, slot) index for all of them (a change names some hundred: its kind's values in
+          kinds.json), no decryption.
 
         New and deleted preferences queue the user's edit job. Returns the retired artifact files."""
         ids = self._insert(conn, user_id, [item for item, _ in items])
@@ -987,12 +988,9 @@ class Store:
                         self._mark_superseded(conn, user_id, gone, message_id)
                         paths += self._delete(conn, user_id, gone)
                     continue
-                if any(v == value for _, v in held):  # held already; its edit failed last time: tried again
-                    if self._edit_failed(conn, user_id):
-                        self._queue(conn, user_id, names.EDIT)
-                        out["retried"] += [{"id": i, "attribute": fact.attribute} for i, v in held if v == value]
-                    continue
-                replaced = list(dict.fromkeys([i for i, _ in held] + also))
+                # held already: only what it supersedes goes ("Actually I prefer rock now." with rock held: jazz)
+                held_already = any(v == value for _, v in held)
+                replaced = also if held_already else list(dict.fromkeys([i for i, _ in held] + also))
                 if replaced:
                     new_now = {f["id"] for f in out["facts"]}  # said earlier in this same request: not reported
                     out["facts"] = [f for f in out["facts"] if f["id"] not in set(replaced)]
@@ -1000,6 +998,11 @@ class Store:
                                         for i in replaced if i not in new_now]
                     self._mark_superseded(conn, user_id, replaced, message_id)
                     paths += self._delete(conn, user_id, replaced)
+                if held_already:  # not stored again; its edit failed last time: tried again
+                    if self._edit_failed(conn, user_id):
+                        self._queue(conn, user_id, names.EDIT)
+                        out["retried"] += [{"id": i, "attribute": fact.attribute} for i, v in held if v == value]
+                    continue
                 meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
                 [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
                 conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
