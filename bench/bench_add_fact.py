@@ -1,11 +1,13 @@
 """What adding one preference costs a user who already has N (issue 25): `personalize` as the server's job runs it.
 
-    PYTHONPATH=. python bench/bench_add_fact.py --facts 10 [--threads 1] [--out add.json]
+    PYTHONPATH=. python bench/bench_add_fact.py --facts 10 [--more K] [--threads 1] [--out add.json]
 
 A user holding N UPQA dev statements (the many-preferences user of `localpers eval upqa --many-preferences N`,
 imported with their question clusters) in a temporary data folder; `editing.personalize` from nothing (every fact
 edited and checked on llama.cpp); then one more statement added and personalize run again in the same process
-("warm": the job process still up, its editor and caches ready), and one more added and run in a new process
+("warm": the job process still up, its editor, caches and llama.cpp engine ready, as `localpers serve`'s job
+process keeps them), with --more K, K more added one at
+a time, each run warm (the median and the slowest of those warm runs); and one more added and run in a new process
 ("new process": the editor loaded again from the model cache, the earlier adapters read from the data folder). Prints and writes
 each run's seconds, facts, verified, failed and how many facts were edited (not reused). With N >= 4 the user has
 routed edits (names.EDIT_ROUTE_FROM): one adapter per fact, so adding one edits one. The default model."""
@@ -22,7 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(data_dir: str, user: str, threads: int) -> dict:
+def run(data_dir: str, user: str, threads: int, engine=None) -> dict:
+    """personalize as the job process runs it: with `engine`, the job process's llama.cpp engine, kept between
+    its jobs (None: personalize opens one, as a run by hand does; its load is then inside the figure)."""
     import torch
 
     from localpers.personalize import editing
@@ -33,11 +37,13 @@ def run(data_dir: str, user: str, threads: int) -> dict:
     editing.Editor.joint = lambda self, facts: trained.extend(facts) or real(self, facts)
     try:
         started = time.perf_counter()
-        result = editing.personalize(user, data_dir=data_dir, config=editing.EditConfig(threads=threads))
+        result = editing.personalize(user, data_dir=data_dir, config=editing.EditConfig(threads=threads),
+                                      engine=engine)
         seconds = time.perf_counter() - started
     finally:
         editing.Editor.joint = real
     return {"seconds": round(seconds, 1), "verified": len(result.edits), "failed": len(result.failed),
+            "edit_seconds": round(sum(e.seconds for e in result.edits if not e.reused), 1),   # the value: batch and Adam steps
             "edited": len(trained), "reused": len(result.edits) + len(result.failed) - len(trained)}
 
 
@@ -45,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--facts", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--more", type=int, default=0, help="then this many more facts, one at a time, warm")
     ap.add_argument("--out")
     ap.add_argument("--child", nargs=2, metavar=("DATA_DIR", "USER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -55,7 +62,7 @@ def main() -> None:
     from localpers.personalize.datasets import data_path, read_upqa
     from localpers.store.store import Store
 
-    items = ev.many_preference_items(read_upqa(data_path("upqa")), args.facts + 2, 0)
+    items = ev.many_preference_items(read_upqa(data_path("upqa")), args.facts + 2 + args.more, 0)
 
     def add(store, item):   # as `localpers remember --kind preference` with the item's UPQA fields
         [fact] = item.user.facts
@@ -63,15 +70,29 @@ def main() -> None:
                   meta={"question": list(fact.questions), "target": list(fact.targets),
                         "attribute_type": list(fact.attributes)})
 
+    from localpers.engine.engine import Engine
+    from localpers import default_model_path
+
     report = {"facts": args.facts, "threads": args.threads}
-    with tempfile.TemporaryDirectory() as data_dir:
+    # the job process's engine (localpers.serve.jobs._child_main): opened once, before its first job
+    with tempfile.TemporaryDirectory() as data_dir, \
+            Engine(default_model_path(), n_ctx=2048, n_threads=args.threads) as engine:
         with Store.open(data_dir) as store:
             for item in items[:args.facts]:
                 add(store, item)
-        report["first"] = run(data_dir, "u", args.threads)
+        report["first"] = run(data_dir, "u", args.threads, engine)
         with Store.open(data_dir) as store:
             add(store, items[args.facts])
-        report["warm"] = run(data_dir, "u", args.threads)   # fact N+1, this process's editor ready
+        report["warm"] = run(data_dir, "u", args.threads, engine)   # fact N+1, this process's editor ready
+        more = items[args.facts + 2:]
+        report["more"] = []
+        for item in more:   # facts N+2 ... one at a time, each a job of the same process
+            with Store.open(data_dir) as store:
+                add(store, item)
+            report["more"].append(run(data_dir, "u", args.threads, engine))
+        if more:
+            seconds = sorted([report["warm"]["seconds"]] + [r["seconds"] for r in report["more"]])
+            report["warm_seconds"] = {"n": len(seconds), "median": seconds[len(seconds) // 2], "max": seconds[-1]}
         with Store.open(data_dir) as store:
             add(store, items[args.facts + 1])
         out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", data_dir, "u"],

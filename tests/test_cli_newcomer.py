@@ -99,7 +99,36 @@ def test_import_of_a_chat_keeps_only_what_the_user_wrote_and_says_so(tmp_path, c
     only_replies = tmp_path / "replies.jsonl"
     only_replies.write_text(json.dumps({"messages": [{"role": "assistant", "content": "Hi!"}]}) + "\n")
     assert main(["import", "--user", "ann", str(only_replies), "--data-dir", str(tmp_path / "d")]) == 2
-    assert "only the assistant's replies, which are not imported" in capsys.readouterr().err
+    assert "no message of the user's own" in capsys.readouterr().err
+
+
+def test_invariant_an_imported_group_chat_keeps_only_the_importing_users_messages(tmp_path, capsys):
+    """A group chat's other participants (a `name` that is not the user's) are left out of an import, as the
+    served routes leave them out (store.said_by): their "I live in Rome." never becomes the user's."""
+    from localpers.store.store import Store
+
+    chat = tmp_path / "group.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "name": "dora", "content": "I live in Rome."},
+                                             {"role": "user", "name": "Ann", "content": "I live in Oslo."},
+                                             {"role": "assistant", "content": "Nice!"},
+                                             {"role": "user", "content": "I'm vegetarian."}]}) + "\n")
+    assert main(["import", "--user", "ann", str(chat), "--data-dir", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "imported 2 items" in out and "left out 2 chat message(s)" in out and "other participants" in out
+    with Store.open(tmp_path / "d") as store:
+        assert [i["text"] for i in store.items("ann")] == ["I live in Oslo.", "I'm vegetarian."]
+    assert main(["import", "--user", "dora", str(chat), "--data-dir", str(tmp_path / "d")]) == 0
+    with Store.open(tmp_path / "d") as store:
+        assert [i["text"] for i in store.items("dora")] == ["I live in Rome.", "I'm vegetarian."]
+    others = tmp_path / "others.jsonl"   # only another participant's message: nothing of ann's to import
+    others.write_text(json.dumps({"messages": [{"role": "user", "name": "bob", "content": "I live in Rome."},
+                                               {"role": "assistant", "content": "Nice!"}]}) + "\n")
+    assert main(["import", "--user", "ann", str(others), "--data-dir", str(tmp_path / "d")]) == 2
+    assert "no message of the user's own" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"          # a speaker that is no string is refused, not taken for the user
+    bad.write_text(json.dumps({"messages": [{"role": "user", "name": 5, "content": "I live in Rome."}]}) + "\n")
+    assert main(["import", "--user", "ann", str(bad), "--data-dir", str(tmp_path / "d")]) == 2
+    assert '"name" must be a string' in capsys.readouterr().err
 
 
 def test_why_names_a_retrieved_text_once(tmp_path):

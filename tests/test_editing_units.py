@@ -426,3 +426,51 @@ def test_invariant_the_context_prefix_of_a_history_holds_all_of_it(tiny_path):
             alone, alone_pos = editor.prompt(question)
             assert tuple(ids[:len(prefix.ids)]) == prefix.ids
             assert len(ids) - len(prefix.ids) == len(alone) - bare and pos - len(prefix.ids) == alone_pos - bare
+
+
+class StreamingEngine:
+    """Engine.chat as llama.cpp streams it: `pieces` one decoding step each; a set `cancel` stops it within a step
+    (raising engine.Cancelled), as Engine._decode's stopping criterion does."""
+
+    def __init__(self, pieces):
+        self.pieces, self.decoded, self.calls = pieces, 0, []
+
+    def chat(self, messages, *, artifacts, max_tokens, temperature, cancel=None, on_delta=None):
+        from localpers.engine.engine import Cancelled
+
+        self.calls.append((messages, artifacts, max_tokens, temperature))
+        for piece in self.pieces:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            self.decoded += 1
+            if on_delta:
+                on_delta(0, piece)
+        return {"choices": [{"message": {"content": "".join(self.pieces)}}]}
+
+
+def test_invariant_the_llama_cpp_check_stops_decoding_once_the_answer_states_the_target(tmp_path):
+    engine = StreamingEngine(["You", " live", " in", " Paris", ",", " France", ".", " It", " is", " a", " city"])
+    ok, answer = editing.states_target(engine, tmp_path / "a.gguf", FACT)
+    assert ok and answer.startswith("You live in Paris")
+    assert engine.decoded < len(engine.pieces)   # stopped early
+    [(messages, artifacts, max_tokens, temperature)] = engine.calls
+    assert messages == [{"role": "user", "content": FACT.questions[-1]}]
+    assert artifacts.lora == ((str(tmp_path / "a.gguf"), 1.0),)
+    assert (max_tokens, temperature) == (editing.CHECK_MAX_TOKENS, 0.0)
+
+
+@pytest.mark.parametrize("pieces", [
+    ["You", " like", " Paris", "ian", " food", "."],       # a word that starts with the target is not the target
+    ["You", " live", " in", " Par", "ma", "."],
+    ["I", " don't", " know", "."],
+])
+def test_invariant_the_early_stop_gives_the_full_answers_verdict(tmp_path, pieces):
+    engine = StreamingEngine(pieces)
+    ok, answer = editing.states_target(engine, tmp_path / "a.gguf", FACT)
+    assert ok == editing.states("".join(pieces), FACT.targets) == False  # noqa: E712
+    assert answer == "".join(pieces) and engine.decoded == len(pieces)
+
+
+def test_invariant_a_target_in_the_last_piece_is_judged_on_the_whole_answer(tmp_path):
+    engine = StreamingEngine(["You", " live", " in", " Paris"])   # no whitespace after it: the end decides
+    assert editing.states_target(engine, tmp_path / "a.gguf", FACT) == (True, "You live in Paris")

@@ -105,3 +105,18 @@ def test_an_allergy_reaches_food_requests_and_not_questions_about_work():
 
     routes = [(f"fact-{i}.gguf", route_words(f)) for i, f in enumerate(facts_of(list(facts), []))]
     assert pick_route(routes, "What do I do for a living?") is None
+
+
+def test_invariant_food_and_music_requests_in_other_words_reach_the_facts_they_bear_on():
+    """A tester's requests ("Suggest a snack for me.", "Recommend me an album.") reached no fact: the food and
+    music words hold snacks, desserts, gluten, albums, concerts and playlists."""
+    from localpers.personalize.methods import asks_to_use, relevant_facts
+
+    facts = ("I'm allergic to peanuts.", "I'm gluten-free.", "I love techno.", "I live in Lisbon.")
+    for request in ("Suggest a snack for me.", "Can you recommend a dessert?", "What should I cook tonight?"):
+        assert asks_to_use(request), request
+        assert relevant_facts(facts, request) == ["I'm allergic to peanuts.", "I'm gluten-free."], request
+    for request in ("Recommend me an album.", "Recommend a concert for me this weekend.",
+                    "Make me a playlist for the gym."):
+        assert asks_to_use(request), request
+        assert relevant_facts(facts, request) == ["I love techno."], request

@@ -99,11 +99,11 @@ def cmd_import(args):
     from localpers.store.store import read_import
 
     # all validated before anything is written; a file of several users' records needs --record or --merge-users
-    items = read_import(args.file, record=args.record, merge_users=args.merge_users)
+    items = read_import(args.file, record=args.record, merge_users=args.merge_users, user=args.user)
     with _store(args) as store:
         store.add_many(args.user, items)
-    dropped = (f"; left out {items.dropped} chat message(s) not written by the user (the assistant's replies: a "
-               f"history holds what the user wrote, as a served chat does)" if items.dropped else "")
+    dropped = (f"; left out {items.dropped} chat message(s) not written by the user (the assistant's replies, "
+               f"other participants' messages: a history holds what the user wrote, as a served chat does)" if items.dropped else "")
     print(f"imported {_count(len(items), 'item')} for {args.user} from {args.file}{dropped}")
 
 

@@ -20,9 +20,12 @@ benchmarks' questions (negatives): `python3 bench/bench_detect.py`, figures in B
 """
 from __future__ import annotations
 
+import functools
+import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 
 def normalize_text(text: str) -> str:
@@ -40,18 +43,36 @@ def normalize_text(text: str) -> str:
 # ---------------------------------------------------------------- sentences
 
 _CODE_FENCE = re.compile(r"```.*?(```|$)", re.S)
-_CODE_LINE = re.compile(r"[{}=<>]|;\s*$|^\s*(def|class|import|from|for|while|if|return|#include|public|private)\b|\w\(|\)\s*$")
-_SPLIT = re.compile(r"(?<=[.!?;])[\"')\]]*\s+|\n+|(?<=[.!?])$")
+_CODE_LINE = re.compile(r"[{}=<>]|^\s*(def|class|import|from|for|while|if|return|#include|public|private)\b|\w\(|\)\s*$")
+# A line ending in ";" is code ("return x;", "int n;") unless it reads as prose: a first-person subject and a word,
+# or a capitalized first word and at least two more words ("I live in Oslo;" is a sentence that a ";" ends).
+_CODE_SEMICOLON = re.compile(r";\s*$")
+_PROSE_LINE = re.compile(r"^[\s\"'*•-]*(?:(?:I|I'm|I've|My|We)(?:[ \t]+[\w'.,;:-]+)+|"
+                         r"[A-Z][\w']*(?:[ \t]+[\w'.,;:-]+){2,})[ \t]*;\s*$")
+_SPLIT = re.compile(r"(?<=[.!?;])[\"')\]]*\s+|\n+|(?<=[.!?;:])$")
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"'})
+# Abbreviations whose dot ends no sentence ("I live in St. Louis.", "I work at the U.S. Census Bureau."): titles
+# and place words before a name, "e.g.", "etc." and dotted initials ("U.S.", "D.C."). Their dot is kept from the
+# splitter unless a first-person sentence starts right after it ("I live in the U.S. I love jazz.").
+_ABBREVIATIONS = ("St", "Dr", "Mt", "Mr", "Mrs", "Ms", "Mx", "Prof", "Sr", "Jr", "Ft", "Pt", "Ave", "Blvd", "Rd",
+                  "Inc", "Ltd", "Co", "Corp", "Bros", "Dept", "Univ", "vs", "approx", "ca", "etc")
+_ABBREVIATION = re.compile(r"(?<![\w.])(?:" + "|".join(_ABBREVIATIONS) + r"|(?:[A-Za-z]\.){1,3}[A-Za-z])\."
+                           r"(?=[ \t]+(?!(?:I|I'm|I've|I'd|I'll|Im|My|We|We're)\b)\S)")
+_KEPT_DOT = "\x04"
 
 
 def sentences(text: str) -> list[str]:
-    """The sentences of a message (code fences and code-like lines dropped), without surrounding quotes."""
+    """The sentences of a message (code fences and code-like lines dropped), without surrounding quotes. A
+    sentence ends at ".", "!", "?" or ";" before a space, at a line break and at the end of the text; not at the
+    dot of an abbreviation (_ABBREVIATIONS, dotted initials) that a word other than a first-person subject
+    follows."""
     text = _CODE_FENCE.sub("\n", text.translate(_QUOTES))
-    lines = [line for line in text.splitlines() if not _CODE_LINE.search(line)]
+    lines = [line for line in text.splitlines() if not _CODE_LINE.search(line) and not (
+        _CODE_SEMICOLON.search(line) and not _PROSE_LINE.match("".join(ch for ch in line if not _is_emoji(ch))))]
+    text = _ABBREVIATION.sub(lambda m: m[0][:-1] + _KEPT_DOT, "\n".join(lines))
     out = []
-    for part in _SPLIT.split("\n".join(lines)):
-        part = (part or "").strip().strip("\"'*-• ").strip()
+    for part in _SPLIT.split(text):
+        part = (part or "").replace(_KEPT_DOT, ".").strip().strip("\"'*-• ").strip()
         if part:
             out.append(part)
     return out
@@ -61,11 +82,15 @@ def sentences(text: str) -> list[str]:
 
 # Lead-ins that announce a statement; what follows them is the statement.
 _LEAD_IN = re.compile(
-    r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|hi|hello|hey|actually|honestly|btw|by the way|fyi|for the record|"
+    r"^(?:(?:and|but|so|also|oh|well|ok(?:ay)?|alright|all right|anyway|anyways|yeah|um+|uh+|actually|"
+    r"(?:hi|hello|hey|hiya|howdy|greetings|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|"
+    r"everybody|guys|folks|there|friend|friends|team|y'all|you|again|(?!(?:Im|My|We|Me)\b)(?-i:[A-Z][a-z]+)))?|"
+    r"dear (?:assistant|ai|bot|chatbot|chatgpt|model|friend)|"
+    r"honestly|btw|by the way|fyi|for the record|"
     r"just so you know|just to let you know|for your information|note that|keep in mind(?: that)?|"
     r"(?:please |can you |could you |would you )?(?:remember|note|know|keep in mind)(?: that)?|"
     r"i want you to know(?: that)?|you should know(?: that)?|i(?:'d| would) like you to (?:know|remember)(?: that)?)"
-    r"[,:!]?\s+)+", re.I)
+    r"(?:[,:!]|\s+[-\u2013\u2014])?\s+)+", re.I)
 # A short opening phrase before the subject: "Due to my allergies, I ...", "As a vegan, I ...".
 _INTRO = re.compile(r"^(?:due to|because of|as an?|as someone who|since|for (?:ethical|health|religious)|"
                     r"being an?|personally|in general|generally)\b[^,]{0,80},\s*(?=(?:i|my)\b)", re.I)
@@ -113,7 +138,7 @@ _TRANSIENT = re.compile(
 _TASK = re.compile(
     r"\b(?:code|function|script|program|stack trace|error|bug|widgets?|layout|class|method|variable|loop|compile|"
     r"essay|paragraph|article|email|letter|sentence|text above|the above|following|answer|response|prompt|example|"
-    r"you|your|u)\b|\b(?:it|this|that|these|those)\s*[.!]?$",
+    r"you|your|u(?!\.[a-z]))\b|\b(?:it|this|that|these|those)\s*[.!]?$",
     re.I)
 _PREFERENCE_WORDS = re.compile(
     r"\b(?:like|likes|liked|love|loves|enjoy|prefer|hate|dislike|avoid|adore|favou?rite|fan|allergic|intolerant|"
@@ -185,9 +210,11 @@ def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
     applies to learned facts (store.learn_chat), in one pass: a statement is keyed by the slot of the first fact
     it states (detect_facts: the attribute for where I live, my diet, job, name, favourite X ...; the thing for a
     like or dislike), else by its words; a later statement of the same key replaces the earlier one ("I like
-    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it.
-    Nothing else is removed."""
-    merged: dict[str, str] = {}
+    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it, and
+    a statement also removes the ones whose first fact it supersedes (StatedFact.supersedes: "I don't like jazz
+    anymore" removes "I love jazz music", "Actually I prefer rock now" removes "I love jazz"). Nothing else is
+    removed."""
+    merged: dict[str, tuple[str, StatedFact | None]] = {}
     for statement in [*existing, *new]:
         statement = statement.strip()
         if not statement:
@@ -195,9 +222,13 @@ def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
         found = detect_facts(statement)
         key = found[0].slot if found else "text:" + _normal(statement)
         merged.pop(key, None)
+        if found:
+            gone = {(f.attribute, f.key) for f in found[0].supersedes}
+            merged = {k: (text, fact) for k, (text, fact) in merged.items()
+                      if fact is None or (fact.attribute, fact.key) not in gone}
         if not (found and found[0].retire):
-            merged[key] = statement
-    return list(merged.values())
+            merged[key] = (statement, found[0] if found else None)
+    return [text for text, _ in merged.values()]
 
 
 # ---------------------------------------------------------------- facts about the speaker
@@ -219,7 +250,8 @@ class StatedFact:
     gluten-free, halal ...: beside the diet), language, pets, about); `value` as said, names and places
     capitalized, closed-vocabulary values in lower case ("Lyon", "vegetarian"); a retirement of value "" retires
     the attribute whatever it holds ("Please forget where I live."); `statement`: the first-person sentence it came from ("I live in Lyon.", what editing turns into an
-    edit); `retire`: True for "I'm not vegetarian anymore" (diet=vegetarian is withdrawn, nothing is stated).
+    edit); `retire`: True for "I'm not vegetarian anymore" (diet=vegetarian is withdrawn, nothing is stated);
+    `change`: True for a like stated as a change ("Actually I prefer rock now.": see `supersedes`).
 
     `slot` is what an update replaces (single-valued: the attribute; multi-valued: the attribute group and the
     thing, "taste:jazz"); `key` the normalized value that makes two statements the same fact."""
@@ -227,6 +259,7 @@ class StatedFact:
     value: str
     statement: str
     retire: bool = False
+    change: bool = False  # a like stated as a change: "Actually I prefer rock now.", "I drink tea instead."
 
     @property
     def key(self) -> str:
@@ -237,6 +270,33 @@ class StatedFact:
         if self.attribute in _SLOT_GROUP:
             return f"{_SLOT_GROUP[self.attribute]}:{self.key}"
         return self.attribute
+
+    @property
+    def supersedes(self) -> tuple[StatedFact, ...]:
+        """The other facts this one retires or replaces where the user holds them (the store's update rules,
+        Store._learn; the fact's own slot is not among them):
+
+        - a retirement of a like, dislike or allergy: the same attribute's value said another way: the value with
+          or without a generic head noun of localpers/data/detect/kinds.json ("jazz" and "jazz music", "Italian"
+          and "Italian food"), and singular or plural ("peanut", "peanuts"). A shared word is not enough: "jazz"
+          never retires "jazz dancing" ("dancing" is no head noun), nor "rock" "rock climbing";
+        - a like stated as a change (`change`): the likes of the other values of its kind (music genres,
+          cuisines, sports, drinks: kinds.json), each as it may be held ("jazz", "jazz music"). A like of no known
+          kind replaces nothing (a held fact is never dropped on a guess); "I also like rock." is no change;
+        - anything else: nothing."""
+        if self.retire and self.key and self.attribute in ("likes", "dislikes", "allergy"):
+            return tuple(StatedFact(self.attribute, v, self.statement, retire=True)
+                         for v in sorted(_forms(self.key) - {self.key}))
+        if self.change and self.attribute == "likes" and not self.retire:
+            kind = kind_of(self.key)
+            if kind is None:
+                return ()
+            head, values = _kinds()[2][kind]
+            own = _forms(self.key, head, any_group=False)
+            nouns = [h for h, g in _kinds()[0].items() if g == head]
+            others = {form for value in values for form in (value, *(f"{value} {h}" for h in nouns))} - own
+            return tuple(StatedFact("likes", v, self.statement) for v in sorted(others))
+        return ()
 
     def __repr__(self):
         return f"{'-' if self.retire else ''}{self.attribute}={self.value!r} ({self.statement!r})"
@@ -254,6 +314,60 @@ _AMERICAN = {"colour": "color", "colours": "colors", "flavour": "flavor", "flavo
              "organisation": "organization", "labour": "labor", "armour": "armor", "savoury": "savory"}
 
 
+@functools.cache
+def _kinds() -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str | None, tuple[str, ...]]]]:
+    """localpers/data/detect/kinds.json, parsed once: (head noun -> its group, value -> its kind, kind -> (the head
+    group its values take or None, its values)), head nouns and values as norm_value writes them."""
+    data = json.loads((Path(__file__).resolve().parents[1] / "data" / "detect" / "kinds.json").read_text("utf-8"))
+    heads = {norm_value(h): group for group, nouns in data["heads"].items() for h in nouns}
+    kinds = {kind: (spec["head"], tuple(norm_value(v) for v in spec["values"])) for kind, spec in data["kinds"].items()}
+    return heads, {v: kind for kind, (_, values) in kinds.items() for v in values}, kinds
+
+
+def _head_split(key: str) -> tuple[str, str | None]:
+    """A normalized value as (what it names, the group of its generic head noun or None): "jazz music" ->
+    ("jazz", "music"), "jazz dancing" -> ("jazz dancing", None)."""
+    heads = _kinds()[0]
+    for head in sorted(heads, key=len, reverse=True):
+        if key.endswith(" " + head) and len(key) > len(head) + 1:
+            return key[:-len(head) - 1], heads[head]
+    return key, None
+
+
+def _number_forms(key: str) -> set[str]:
+    """A value and its last word in the other number: "peanuts" <-> "peanut", "berries" <-> "berry"."""
+    if key.endswith("ies") and len(key) > 4:
+        return {key, key[:-3] + "y"}
+    if key.endswith("s") and not key.endswith(("ss", "us", "is")) and len(key) > 3:
+        return {key, key[:-1]}
+    if re.search(r"[^aeiou]y$", key):
+        return {key, key[:-1] + "ies"}
+    if re.search(r"[a-z]$", key) and not re.search(r"(?:[sxz]|[cs]h)$", key):
+        return {key, key + "s"}
+    return {key}
+
+
+def _forms(key: str, group: str | None = None, any_group: bool = True) -> set[str]:
+    """The ways one thing may be held as a value (normalized): in either number, and with or without a generic
+    head noun: of its own head's group ("jazz music" -> "jazz", "jazz songs"), else of `group`, else (any_group)
+    of any group ("jazz" -> "jazz music", "jazz movies", ...)."""
+    if not key:
+        return set()
+    base, own = _head_split(key)
+    group = own or group
+    heads = [h for h, g in _kinds()[0].items() if g == group or (group is None and any_group)]
+    return _number_forms(base) | {key} | {f"{base} {h}" for h in heads}
+
+
+def kind_of(key: str) -> str | None:
+    """The kind (kinds.json: "music genre", "cuisine", "sport", "drink") of a normalized value, with or without
+    its head noun or in the other number ("rock music" -> "music genre"), or None."""
+    values = _kinds()[1]
+    base, _ = _head_split(key)
+    return next((values[v] for v in sorted(_number_forms(base) | {key}) if v in values), None)
+
+
+@functools.lru_cache(maxsize=4096)
 def norm_value(value: str) -> str:
     """A value as compared: lower case, words only, British spelling made American, a leading article dropped
     ("a Dog" == "dog", "colour" == "color")."""
@@ -344,8 +458,8 @@ _ELLIPTIC_SELF = re.compile(r"^(?:i(?:'m| am| do| did| have| was| will| can|'d|'
 _ADVERBS = (r"(?:also|really|now|currently|still|actually|recently|just|definitely|totally|absolutely|generally|"
             r"usually|always|honestly|truly|officially|finally|originally|personally|mostly|strictly|kind of|"
             r"pretty much|basically)")
-_TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|at the moment|currently|anymore|any more|as well|"
-                       r"too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
+_TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|again|instead|once again|once more|at the moment|currently|"
+                       r"anymore|any more|as well|too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
                        r"the most|a bit|though)\s*$", re.I)
 _NEG_BE = r"(?P<neg>not |no longer |not really )?"
 _NEG_DO = r"(?P<neg>don't |do not |dont |no longer |never |didn't |do no longer )?"
@@ -378,12 +492,12 @@ _PET = (r"(?:dogs?|cats?|pupp(?:y|ies)|kittens?|rabbits?|bunn(?:y|ies)|hamsters?
         r"pets?|budgies?|canar(?:y|ies)|rats?|mice|iguanas?)")
 _LIKE = r"(?P<verb>like|love|enjoy|adore|prefer|dig|fancy|appreciate|eat|drink|listen to|watch|read|play)"
 _DISLIKE = r"(?P<verb>hate|dislike|detest|loathe|despise|can't stand|cannot stand|can't bear|avoid|steer clear of)"
-_END = r"(?:\s+(?:for|because|since|due to|by choice)\b.*)?$"
+_END = r"(?:,?\s+(?:for|because|since|due to|by choice|after|ever since)\b.*)?$"
 
 # (attribute, pattern) in order; the first that matches a clause (normalized: "i'm", "don't", adverbs dropped)
 # gives its fact. A pattern's `neg` group marks a negation, `v` the value, `a` the favourite's thing.
 _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
-    ("name", r"^my name(?: is|'s) (?P<v>[\w' -]{1,40})$"),
+    ("name", r"^my name(?: is|'s) (?P<v>[\w' -]{1,40}|(?:dr|mr|mrs|ms|prof)\. [\w' -]{1,36})$"),
     ("name", r"^(?:you can )?call me (?P<v>[\w' -]{1,40})$"),
     ("name", r"^i'm called (?P<v>[\w' -]{1,40})$"),
     ("name", r"^i go by (?P<v>[\w' -]{1,40})$"),
@@ -439,7 +553,8 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("pets", r"^my pets? (?:is|are) (?P<v>(?:an? |two |three |\d+ )?(?:[\w-]+ ){0,2}?" + _PET + r")$"),
     ("favourite", r"^my (?P<a>hobby|hobbies|pastime|pastimes) (?:is|are|include|includes) (?P<v>.+)$"),
     ("dislikes", r"^i " + _DISLIKE + r" (?P<v>.+)$"),
-    ("dislikes", r"^i'm not (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) (?P<v>.+)$"),
+    ("dislikes", r"^i'm (?P<neg2>not|no longer) (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) "
+                 r"(?P<v>.+)$"),
     ("dislikes", r"^i (?P<neg2>don't|never|can't) (?:really )?(?P<verb2>like|love|enjoy|eat|drink|watch|listen to|"
                  r"care for|wear|use|play) (?P<v>.+)$"),
     ("likes", r"^i'm (?:an? )?(?:big |huge |great |massive )?(?:fan of|lover of|into|passionate about|obsessed with|"
@@ -454,6 +569,10 @@ _VALUE_CUT = re.compile(r"\s+(?:over|rather than|instead of|more than|better tha
 _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
 
 
+_OVER = {"was": "i'm no longer ", "lived in": "i no longer live in ", "worked as": "i no longer work as ",
+         "worked at": "i no longer work at ", "worked for": "i no longer work for "}
+
+
 def _normal_clause(clause: str) -> str:
     c = clause.translate(_QUOTES).strip().rstrip(".!;:, ")
     c = re.sub(r"^i am\b", "i'm", c, flags=re.I)
@@ -465,6 +584,17 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i have been\b(?! \w+ing\b| to\b)", "i'm", c, flags=re.I)
     c = re.sub(r"\s+(?:lol|haha+|hehe|lmao|xd|:\)|:d|;\))$", "", c, flags=re.I)
     c = re.sub(r"^i used to be\b", "i'm no longer", c, flags=re.I)
+    # Ending a state: "I stopped being vegetarian", "I quit my job as a nurse", "I stopped living in Oslo"
+    c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up) being\b", "i'm no longer", c, flags=re.I)
+    c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|dropped|abandoned) (vegetarian|vegan|pescatarian)ism\b",
+               r"i'm no longer \1", c, flags=re.I)
+    c = re.sub(r"^i (?:went|have gone|'ve gone) back to being\b", "i'm", c, flags=re.I)  # "... to being vegetarian"
+    c = re.sub(r"^i (?:have |'ve )?(?:quit|left|lost|gave up|given up) my (?:job|position|career|work) as\b|"
+               r"^i (?:have |'ve )?(?:stopped|quit) working as\b", "i no longer work as", c, flags=re.I)
+    c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit) (?:living|residing) in\b", "i no longer live in", c, flags=re.I)
+    # "I was a nurse until last year", "I lived in Oslo until 2020": a state that is over
+    c = re.sub(r"^i (was|lived in|worked as|worked at|worked for) (.+?),? until\b.*$",
+               lambda m: _OVER[m[1].lower()] + m[2], c, flags=re.I)
     # "I was vegetarian (but now ...)": a diet, restriction, marriage or job that is over
     c = re.sub(r"^i was (?=(?:an? )?(?:strict )?(?:vegetarian|vegan|pescatarian|pescetarian|flexitarian|keto|paleo|"
                r"gluten[- ]free|dairy[- ]free|married|engaged|single|in a relationship)\b)", "i'm no longer ", c, flags=re.I)
@@ -478,6 +608,7 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i'm no longer\b", "i'm no longer", c, flags=re.I)
     c = re.sub(r"^(i) (?:do )?no longer\b", r"\1 no longer", c, flags=re.I)
     c = re.sub(r"\s*,?\s*\bnot (?:any ?more|anymore)\b", "", c, flags=re.I)
+    c = re.sub(r"\s+(?:again|now|still|too|these days|nowadays|instead)(?=\s*,)", "", c, flags=re.I)  # "... again, after"
     for _ in range(2):
         c = _TRAILING.sub("", c)
     return c.strip()
@@ -493,8 +624,12 @@ def _clean_value(value: str, attribute: str) -> str:
     value = value.replace("\x01", ", ")
     if attribute in ("job", "study", "employer"):  # "a graphic designer in Berlin": the job; the place is another fact
         value = re.sub(r"\s+(?:in|at|from|near)\s+[A-Z].*$", "", value)
+        # "I left my job as a nurse to become a teacher": the job; what it was left for is not part of it
+        value = re.sub(r"\s+to (?:become|be|work|study|start|join|pay|support|take|focus)\b.*$", "", value)
     value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
+    if re.search(r"(?:^|\s)(?:[A-Za-z]\.)+[A-Za-z]$", value):  # "Washington D.C": the initials keep their last dot
+        value += "."
     return value
 
 
@@ -522,6 +657,12 @@ def _cased(value: str, attribute: str, shouted: bool) -> str:
     if attribute in _LOWER or shouted:
         return value.lower()
     return value
+
+
+# "I quit my job.", "I got laid off from my job last week": the job held, whatever it is, is over.
+_JOB_GONE = re.compile(r"^i (?:have |'ve |just )?(?:quit|left|lost|resigned from|got fired from|was fired from|"
+                       r"was laid off from|got laid off from) my (?:job|position|work)"
+                       r"(?:\s+(?:to|because|since|after|and|yesterday|today|last|this)\b.*)?$", re.I)
 
 
 def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
@@ -653,8 +794,10 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     else, when it is a lasting first-person statement by the rules of is_preference, a fact of attribute
     "about". "not", "no longer", "anymore" retire a single-valued fact ("I'm not vegetarian anymore" ->
     -diet=vegetarian) or a like ("I don't like jazz anymore"); "I don't like jazz" is a dislike. A later fact of
-    the same slot replaces an earlier one of the message ("I love sushi. I hate sushi." -> dislikes=sushi);
-    detection stops once `limit` facts were detected (replaced ones count).
+    the same slot replaces an earlier one of the message ("I love sushi. I hate sushi." -> dislikes=sushi), and
+    so does one it supersedes (StatedFact.supersedes); "I stopped being vegetarian", "I quit my job as a nurse"
+    retire; a like said with "now", "instead", "these days", "actually ... prefer" (and not "also", "too") is a
+    change (StatedFact.change); detection stops once `limit` facts were detected (replaced ones count).
 
     Retractions: "Just kidding, I'm not.", "Scratch that", "Wait, no: ..." withdraw the sentence before, or, at
     the start of a message, the facts of `previous` (the user's message before it in the chat, as text; they
@@ -700,8 +843,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
         if not s or len(s) > 400:
             continue
         s = _strip_lead_in(s)
-        s = re.sub(r"^(?:(?:quick|small|an?|one more|little) )?(?:update|correction|edit|ps|p\.s\.|note|fun fact|"
-                   r"about me)\s*:\s*", "", s, flags=re.I)
+        s = _COLON_LEAD_IN.sub("", s)
         s = re.sub(r"^(?:these days|nowadays|now|since (?:last|this) \w+|as of (?:now|today)|lately|currently|"
                    r"recently|at the moment|for (?:the )?record|last (?:year|month|week|spring|summer|fall|autumn|"
                    r"winter)|(?:a|two|three|four|five|a few|several) (?:years?|months?) ago|in \d{4})\s*,?\s+"
@@ -711,6 +853,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             s = re.sub(r"^(?:not anymore|no longer|nope|no|yes|yeah|yep|sure|right|lol|haha|wait|hmm+|so|well|sorry|"
                        r"oops|i mean|i meant)(?:\s+to say)?(?:\s*[,!.:]\s*|\s+(?:that\s+)?)"
                        r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
+        s = _SUBJECTLESS_END.sub("I'm ", s)  # "Not into tennis anymore, I play football now."
         s = _we_as_me(s)
         if _INVENTED.search(s):
             break
@@ -718,22 +861,56 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
         if not clauses:
             continue
         whole = s if len(clauses) == 1 and len(_CLAUSE_SPLIT.split(s)) == 1 else None
-        new = [f for f in (_statement_fact(clause, whole=whole) for clause in clauses) if f]
+        new = []
+        for clause in clauses:
+            fact = _statement_fact(clause, whole=whole)
+            if fact and fact.attribute == "likes" and not fact.retire and _is_change(sentence if whole else clause):
+                fact = replace(fact, change=True)  # "Actually I prefer rock now.": replaces a like of its kind
+            if fact:
+                new.append(fact)
         found, detected = _add(found, new), detected + len(new)
         if limit is not None and detected >= limit:  # the work is bounded: at most `limit` facts are detected
             break
     return found[:limit] if limit is not None else found
 
 
+# A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
+_SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b|not (?:really )?"
+                              r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b[^,;.]*\bany ?more\b)", re.I)
+
+
+# A headline before a colon (or a comma, a dash) that announces the statement after it: "Big news: I moved to
+# Paris.", "Quick update everyone: I'm vegan.", "PS: ...". At most three words before a headline noun; only before
+# a first-person subject.
+_COLON_LEAD_IN = re.compile(
+    r"^(?:re:\s+(?:[\w' -]{1,40}:\s+)?(?=(?:i|i'm|im|i've|my|we)\b)|"  # a subject line: "Re: dinner plans: I'm ..."
+    r"(?:[\w'-]+ ){0,3}?(?:news|update|updates|correction|edit|ps|p\.s\.|note|fact|facts|about me|info|background|"
+    r"context|heads[- ]up|confession|reminder|announcement|change|question|news flash)(?: (?:everyone|everybody|all|"
+    r"guys|folks|here|again))?\s*(?::|,|\s-|\s\u2013|\s\u2014)\s*(?=(?:i|i'm|im|i've|my|we)\b))", re.I)
+
+
 def _add(found: list[StatedFact], new: list[StatedFact]) -> list[StatedFact]:
     """`found` with `new` facts after it; a stated fact replaces the earlier ones of its slot, a retirement the
-    earlier statement of its value."""
+    earlier statement of its value; either drops the earlier statements it supersedes (StatedFact.supersedes)."""
     for fact in new:
         if fact in found:
             continue
-        found = [f for f in found if f.slot != fact.slot or (fact.retire and f.key != fact.key and fact.key)]
+        gone = {(f.attribute, f.key) for f in fact.supersedes}
+        found = [f for f in found if (f.slot != fact.slot or (fact.retire and f.key != fact.key and fact.key))
+                 and (f.retire or (f.attribute, f.key) not in gone)]
         found.append(fact)
     return found
+
+
+# A like stated as a change ("Actually I prefer rock now.", "I drink tea instead.", "These days I'm into
+# techno."), unless said as an addition ("I also like rock now.", "I like rock too.").
+_CHANGE = re.compile(r"\b(?:now|nowadays|these days|instead|lately|switched to|moved on to|(?:actually|rather)\b.*"
+                     r"\bprefer)\b", re.I)
+_ADDITION = re.compile(r"\b(?:also|too|as well|as much as|in addition|besides)\b", re.I)
+
+
+def _is_change(text: str) -> bool:
+    return bool(_CHANGE.search(text)) and not _ADDITION.search(text)
 
 
 # Withdrawing what was just said; discourse fillers at the end of a sentence ("I'm vegan, by the way.").
@@ -771,12 +948,21 @@ _FORGET_ATTRIBUTE = {
 
 def _no_emoji(text: str) -> str:
     """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
-    out = []
-    for ch in text:
-        emoji = unicodedata.category(ch) == "So" or ch in "\ufe0f\u200d" or 0x1F3FB <= ord(ch) <= 0x1F3FF
-        out.append("\x02" if emoji else ch)
+    out = ["\x02" if _is_emoji(ch) else ch for ch in text]
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
+    # "I live in 🌍 Zürich": after a word no sentence ends on (a preposition, an article, a verb before its
+    # object) the emoji is inside the sentence whatever follows
+    text = re.sub(r"\b(" + _OPEN_WORD + r")[ \t]*\x02[\x02 \t]*(?=\w)", r"\1 ", text, flags=re.I)
     return re.sub(r"[ \t]*\x02[\x02\s]*([.!?]*)", r"\1\n", text)
+
+
+def _is_emoji(ch: str) -> bool:
+    """An emoji, or one of its modifiers, joiners, variation selectors."""
+    return unicodedata.category(ch) == "So" or ch in "\ufe0f\u200d" or 0x1F3FB <= ord(ch) <= 0x1F3FF
+
+
+_OPEN_WORD = (r"in|at|to|from|of|for|near|with|by|on|into|the|a|an|my|our|and|or|love|like|enjoy|adore|prefer|"
+              r"hate|am|'m|is|are|called|named|as|speak|study|eat")
 
 
 # A few first-person statements in French, Spanish and German (diet and home), read as their English ones.
@@ -827,6 +1013,8 @@ def _clean_statement(text: str) -> str:
 def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
     statement = _clean_statement(whole or clause)
     normal = _normal_clause(clause)
+    if _JOB_GONE.match(normal):
+        return StatedFact("job", "", statement, retire=True)
     if _blocked(normal):
         return None
     fact = _fact_of_clause(clause, statement)
@@ -835,7 +1023,9 @@ def _statement_fact(clause: str, whole: str | None) -> StatedFact | None:
                           re.sub(re.escape(fact.value), lambda _: fact.value, statement, count=1, flags=re.I), fact.retire)
     if fact is not None:
         return fact
-    if is_preference(clause) and not _ANYMORE.search(clause) and not _DATED.search(normal):
+    # "I was at work until 9pm": dated as said, whatever its normal form ("i'm no longer at work") reads like
+    if is_preference(clause) and not _ANYMORE.search(clause) and not _DATED.search(normal) \
+            and not _DATED.search(clause):
         return StatedFact("about", statement.rstrip(".!"), statement)
     return None
 

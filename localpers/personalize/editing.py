@@ -55,13 +55,15 @@ ATTRIBUTES = {
                    ("i run", "i own", "i am a", "i'm a", "profession", "i teach")),
     "food preference": (("food preference", "favorite food", "diet", "taste in food"),
                         ("eat", "food", "vegetarian", "vegan", "sweet tooth", "cook", "meat", "spicy", "meal",
-                         "dinner", "lunch", "breakfast", "recipe", "allergic", "allergy", "intoleran")),
+                         "dinner", "lunch", "breakfast", "recipe", "allergic", "allergy", "intoleran", "gluten",
+                         "snack", "dessert")),
     "location": (("location", "hometown", "home", "place I live"),
                  ("live in", "grew up", "i'm from", "i am from", "moved to", "born in")),
     "pet": (("pet", "animal companion", "companion animal", "pet at home"),
             ("pet", "dog", "cat", "turtle", "bird", "fish", "hamster", "rabbit", "horse", "parrot")),
     "music preference": (("music preference", "favorite music", "taste in music", "favorite genre"),
-                         ("music", "song", "band", "jazz", "rock", "rap", "pop", "classical", "guitar")),
+                         ("music", "song", "band", "jazz", "rock", "rap", "pop", "classical", "guitar", "album",
+                          "concert", "playlist")),
     "job": (("job", "work", "employment", "position"),
             ("job", "work as", "work at", "work for", "working", "employed", "hired", "profession", "occupation")),
     "career goal": (("career goal", "professional goal", "ambition", "career plan"),
@@ -140,11 +142,23 @@ def keyword_score(text: str, keywords) -> float:
     return score
 
 
+# A like of a known kind (detect's kinds.json) names its attribute type when no keyword does: "I love techno."
+KIND_ATTRIBUTES = {"music genre": "music preference", "cuisine": "food preference", "drink": "food preference",
+                   "sport": "hobby"}
+
+
 def detect_attribute(statement: str) -> str | None:
+    """The attribute type (ATTRIBUTES) a statement is about: the type whose keywords it holds most, else the type
+    of the kind of thing it likes or dislikes (detect.kind_of: "I love techno." -> music preference); None."""
+    from localpers.personalize.detect import detect_facts, kind_of
+
     text = f" {statement.lower()} "
     scores = {name: keyword_score(text, keywords) for name, (_, keywords) in ATTRIBUTES.items()}
     best = max(scores, key=scores.get)
-    return best if scores[best] else None
+    if scores[best]:
+        return best
+    kinds = [kind_of(f.key) for f in detect_facts(statement) if f.attribute in ("likes", "dislikes")]
+    return next((KIND_ATTRIBUTES[k] for k in kinds if k in KIND_ATTRIBUTES), None)
 
 
 def check_statement(statement) -> str:
@@ -963,11 +977,29 @@ def states(answer: str, targets: tuple[str, ...]) -> bool:
 
 
 def states_target(engine, adapter: Path, fact: Fact) -> tuple[bool, str]:
-    """Does the served model (llama.cpp with the adapter) answer the fact's canonical question with a target?"""
-    from localpers.engine.engine import Artifacts
+    """Does the served model (llama.cpp with the adapter) answer the fact's canonical question with a target?
+    Greedy, at most CHECK_MAX_TOKENS tokens; the decoding stops as soon as the words before the answer's last
+    whitespace state a target (those words are whole, and `states` only gains words as the answer grows, so the
+    verdict is the full answer's: a verified fact's answer is then that prefix). Returns (stated, answer)."""
+    import threading
 
-    out = engine.chat([{"role": "user", "content": fact.questions[-1]}], artifacts=Artifacts(lora=((str(adapter), 1.0),)),
-                      max_tokens=CHECK_MAX_TOKENS, temperature=0.0)
+    from localpers.engine.engine import Artifacts, Cancelled
+
+    pieces, stated = [], threading.Event()
+
+    def seen(index: int, piece: str, *logprobs) -> None:
+        pieces.append(piece)
+        text = "".join(pieces)
+        whole = text[:max(text.rfind(" "), text.rfind("\n"), 0)]
+        if whole and states(whole, fact.targets):
+            stated.set()
+
+    try:
+        out = engine.chat([{"role": "user", "content": fact.questions[-1]}],
+                          artifacts=Artifacts(lora=((str(adapter), 1.0),)), max_tokens=CHECK_MAX_TOKENS,
+                          temperature=0.0, cancel=stated, on_delta=seen)
+    except Cancelled:
+        return True, "".join(pieces).strip()
     answer = out["choices"][0]["message"]["content"].strip()
     return states(answer, fact.targets), answer
 

@@ -186,7 +186,7 @@ def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_
     name). Otherwise a preference sharing no term with the query is left out, so a neutral question ("What is the
     capital of France?") gets no line and the reply does not recite it (issue 25: stating every preference before
     every question made 9 of 72 neutral replies state one). On UPQA dev (one preference a user) the line is
-    given for 100% / 83% / 51% of the explicit / paraphrased / implicit questions and for 1.6% of the 24
+    given for 100% / 83% / 53% of the explicit / paraphrased / implicit questions and for 1.6% of the 24
     neutral questions (docs/edit/README.md)."""
     if len(preferences) <= k and ABOUT_ME.search(query):
         return list(preferences)

@@ -136,7 +136,7 @@ def still_held(store, user: str, text: str) -> str:
     from localpers.personalize.detect import detect_facts, sentences
 
     return " ".join(s for s in sentences(text)
-                    if all(f.retire or store.holds_fact(user, f) for f in detect_facts(s.rstrip(" ;:"))))
+                    if all(f.retire or store.holds_fact(user, f) for f in detect_facts(s)))
 
 
 def routes_of(artifact: dict) -> tuple[tuple[str, str, int | None], ...]:

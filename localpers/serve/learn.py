@@ -5,10 +5,11 @@ participant's) become history items, each stored once although a client resends 
 turn. The facts the detector finds in them (localpers.personalize.detect.detect_facts: rules, no model on the
 write path) become the user's preferences through the store's facts index, in the same transaction
 (store.learn_chat): a fact already held is kept, one about an attribute already held replaces it (the later
-wins), "no longer"/"not anymore" retires one, and a turn that opens with a withdrawal ("Just kidding, I'm not.")
-retires what the user's previous turn stated; one restated after its edit failed queues the edit again; at most
-names.MAX_FACTS_PER_MESSAGE per message. A new, replaced
-or retired fact queues an edit job (store), which the server's worker runs in the background.
+wins), "no longer"/"not anymore" retires one (also when it names the held value another way: "jazz" for "jazz
+music"), a like stated as a change ("Actually I prefer rock now.") replaces the held like of its kind, and a turn
+that opens with a withdrawal ("Just kidding, I'm not.") retires what the user's previous turn stated; one restated
+after its edit failed queues the edit again; at most names.MAX_FACTS_PER_MESSAGE per message. A new, replaced or
+retired fact queues an edit job (store), which the server's worker runs in the background.
 """
 from __future__ import annotations
 

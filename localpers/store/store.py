@@ -337,6 +337,8 @@ def message_items(messages) -> list[tuple]:
     for number, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
             raise UserError(f'messages[{number}] must be an object with a "role" and a "content"')
+        if message.get("name") is not None and not isinstance(message["name"], str):
+            raise UserError(f'messages[{number}]: "name" must be a string (a group chat\'s speaker)')
         try:
             speaker = {"name": message["name"]} if isinstance(message.get("name"), str) else {}
             items.append(check_item(content_text(message.get("content")), "message", {"role": message["role"], **speaker}))
@@ -390,12 +392,15 @@ class Imported(list):
     dropped: int = 0
 
 
-def _jsonl_line(entry) -> tuple[list[tuple], int]:
+def _jsonl_line(entry, user: str | None = None) -> tuple[list[tuple], int]:
     """One line of a JSONL import: an item ({"text", ...}) or a chat ({"messages": [...]}, as the HTTP
-    endpoint takes it), of which only the user's messages are kept; (items, messages left out)."""
+    endpoint takes it), of which only the user's messages are kept: role "user" and, in a group chat, said by
+    `user` (said_by; None: every user-role message); (items, messages left out)."""
     if isinstance(entry, dict) and "messages" in entry and "text" not in entry:
         items = message_items(entry["messages"])
-        mine = [item for item in items if json.loads(item[3]).get("role") == "user"]
+        metas = [json.loads(item[3]) for item in items]
+        mine = [item for item, meta in zip(items, metas)
+                if meta.get("role") == "user" and (user is None or said_by(meta, user))]
         return mine, len(items) - len(mine)
     return [_jsonl_item(entry)], 0
 
@@ -454,11 +459,13 @@ def _json_entries(data, record: str | None, merge_users: bool):
     )
 
 
-def read_import(path: str | os.PathLike, record: str | None = None, merge_users: bool = False) -> Imported:
+def read_import(path: str | os.PathLike, record: str | None = None, merge_users: bool = False,
+                user: str | None = None) -> Imported:
     """Parse and validate a whole import file before anything is written (formats: README, "Import formats"):
     .jsonl/.ndjson, one JSON object a line: an item {"text", "kind"?, "meta"?, "ts"?} (other fields go into
-    meta) or a chat {"messages": [{"role", "content"}, ...]} (its user messages; the assistant's replies are left
-    out, as a served chat never stores them, and counted in the result's `dropped`); .json: a localpers export,
+    meta) or a chat {"messages": [{"role", "content"}, ...]} (its user messages; the assistant's replies, and in a
+    group chat the messages whose `name` is not `user`'s (said_by), are left out, as a served chat never stores
+    them, and counted in the result's `dropped`); .json: a localpers export,
     LaMP/LongLaMP records with a profile, or UPQA items. A file holding several users' records (LaMP records, UPQA
     items) imports one user's (`record`: a LaMP record's id, a UPQA item's user_id or "upqa-<index>") or, with
     merge_users, all.
@@ -474,7 +481,7 @@ def read_import(path: str | os.PathLike, record: str | None = None, merge_users:
             if not line.strip():
                 continue
             try:
-                mine, dropped = _jsonl_line(json.loads(line.decode("utf-8")))
+                mine, dropped = _jsonl_line(json.loads(line.decode("utf-8")), user)
                 items.extend(mine)
                 items.dropped += dropped
             except UnicodeDecodeError as e:
@@ -503,8 +510,9 @@ def read_import(path: str | os.PathLike, record: str | None = None, merge_users:
     else:
         raise UserError(f"{path}: unknown import format (expected .jsonl or .json)")
     if not items:
-        raise UserError(f"{path}: no items to import" + (f" (its chats hold only the assistant's replies, which "
-                                                         f"are not imported)" if items.dropped else ""))
+        raise UserError(f"{path}: no items to import" + (f" (its chats hold no message of the user's own: the "
+                                                         f"assistant's replies and other participants' messages are "
+                                                         f"not imported)" if items.dropped else ""))
     return items
 
 
@@ -954,7 +962,13 @@ class Store:
         - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held; one of an
           empty value ("Please forget where I live.") deletes the slot's fact whatever its value;
         - a fact held already whose edit failed (the user's newest edit job failed) queues the edit again
-          (out["retried"]: once per restatement).
+          (out["retried"]: once per restatement);
+        - a fact's `supersedes` (detect.StatedFact.supersedes: other facts, each matched by slot and value as
+          above) that the user holds go too: a retirement's value said another way ("I don't like jazz anymore."
+          retires a held "jazz music"), a like stated as a change the held likes of its kind ("Actually I prefer
+          rock now." replaces "jazz"), also when the fact itself is held already (it is not stored again). One
+          query through the (user, slot) index for all of them (a change names some hundred: its kind's values in
+          kinds.json), no decryption.
 
         New and deleted preferences queue the user's edit job. Returns the retired artifact files."""
         ids = self._insert(conn, user_id, [item for item, _ in items])
@@ -966,31 +980,47 @@ class Store:
                 slot, value = self._fact_digests(fact)
                 held = conn.execute("SELECT item_id, value FROM facts WHERE user_id = ? AND slot = ?",
                                     (user_id, slot)).fetchall()
+                also = self._held(conn, user_id, getattr(fact, "supersedes", ()))
                 if fact.retire:  # an empty key ("Please forget where I live.") retires whatever the slot holds
-                    gone = [i for i, v in held if v == value or not fact.key]
+                    gone = list(dict.fromkeys([i for i, v in held if v == value or not fact.key] + also))
                     if gone:
                         out["retired"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)} for i in gone]
                         self._mark_superseded(conn, user_id, gone, message_id)
                         paths += self._delete(conn, user_id, gone)
                     continue
-                if any(v == value for _, v in held):  # held already; its edit failed last time: tried again
+                # held already: only what it supersedes goes ("Actually I prefer rock now." with rock held: jazz)
+                held_already = any(v == value for _, v in held)
+                replaced = also if held_already else list(dict.fromkeys([i for i, _ in held] + also))
+                if replaced:
+                    new_now = {f["id"] for f in out["facts"]}  # said earlier in this same request: not reported
+                    out["facts"] = [f for f in out["facts"] if f["id"] not in set(replaced)]
+                    out["replaced"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)}
+                                        for i in replaced if i not in new_now]
+                    self._mark_superseded(conn, user_id, replaced, message_id)
+                    paths += self._delete(conn, user_id, replaced)
+                if held_already:  # not stored again; its edit failed last time: tried again
                     if self._edit_failed(conn, user_id):
                         self._queue(conn, user_id, names.EDIT)
                         out["retried"] += [{"id": i, "attribute": fact.attribute} for i, v in held if v == value]
                     continue
-                if held:
-                    new_now = {f["id"] for f in out["facts"]}  # said earlier in this same request: not reported
-                    out["facts"] = [f for f in out["facts"] if f["id"] not in {i for i, _ in held}]
-                    out["replaced"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)}
-                                        for i, _ in held if i not in new_now]
-                    self._mark_superseded(conn, user_id, [i for i, _ in held], message_id)
-                    paths += self._delete(conn, user_id, [i for i, _ in held])
                 meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
                 [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
                 conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
                              (fact_id, user_id, slot, value, message_id))
                 out["facts"].append({"id": fact_id, "attribute": fact.attribute})
         return paths
+
+    def _held(self, conn, user_id: int, facts) -> list[int]:
+        """Inside a transaction: the item ids of the facts of `facts` (each by slot and value) the user holds."""
+        pairs = {self._fact_digests(fact) for fact in facts}
+        slots = sorted({slot for slot, _ in pairs})
+        found = []
+        for start in range(0, len(slots), 500):  # through the (user, slot) index; SQLite bounds the parameters
+            chunk = slots[start:start + 500]
+            found += [i for i, slot, value in conn.execute(
+                f"SELECT item_id, slot, value FROM facts WHERE user_id = ? AND slot IN ({','.join('?' * len(chunk))})",
+                (user_id, *chunk)) if (slot, value) in pairs]
+        return list(dict.fromkeys(found))
 
     def _fact_digests(self, fact) -> tuple[bytes, bytes]:
         """The facts index's keyed hashes of a detected fact (detect.StatedFact: slot, attribute, key)."""
