@@ -1096,11 +1096,18 @@ def test_invariant_routed_edits_lose_only_the_deleted_facts_routes(store, tmp_pa
 def test_invariant_dense_search_embeds_every_item_in_batches_and_makes_its_embedder(tmp_path, monkeypatch):
     """More items than two embedding batches: every one is embedded (the last found by dense search); a store
     opened without an embedder makes the default one at its first dense search."""
+    import numpy as np
+
     from localpers.store import store as store_module
-    from tests.test_mutation_kinds import Embedder
+
+    class Violin:  # deterministic: a text with "violin" is one direction, any other text another
+        name = "test-violin"
+
+        def embed(self, texts):
+            return np.array([[1.0, 0.0] if "violin" in t else [0.0, 1.0] for t in texts], dtype=np.float32)
 
     monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
-    monkeypatch.setattr(store_module, "make_embedder", Embedder)
+    monkeypatch.setattr(store_module, "make_embedder", Violin)
     with Store.open(tmp_path / "home") as store:
         store.add_many("ann", [store_module.check_item(f"note {i} sailing") for i in range(135)]
                        + [store_module.check_item("the violin at last")])
