@@ -217,3 +217,70 @@ def test_invariant_forget_removes_the_artifact_folder_and_tells_the_listeners_of
     assert not folder.exists()
     assert sorted(p.relative_to(folder.resolve()).as_posix() for p in told) == [
         f"{Path(registered).name}", "registered-meanwhile.gguf", "scratch/late.bin"]
+
+
+def test_invariant_a_process_another_user_owns_counts_as_alive(monkeypatch):
+    def refused(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", refused)
+    assert pid_alive(os.getpid() + 100000)
+
+
+def test_invariant_an_imported_preference_takes_the_last_of_its_attribute_types(store):
+    store.add("ann", "I like to dance at the club.", kind=names.PREFERENCE,
+              meta={"attribute_type": ["leisure", "hobby", "leisure activity"]})
+    assert [f["attribute"] for f in store.facts("ann")] == ["leisure activity"]
+
+
+def test_invariant_one_job_shows_its_queue_place_while_queued_only(store):
+    store.add("ann", "hello")
+    first, second = (store.queue_job("ann", kind)["id"] for kind in ("edit", "train"))
+    assert (store.job(first)["position"], store.job(second)["position"]) == (1, 2)
+    claimed = store.claim_job()
+    assert claimed["id"] == first and store.job(first)["position"] is None
+    assert store.job(second)["position"] == 1
+
+
+def test_invariant_an_artifacts_meta_is_checked_and_a_cancelled_jobs_artifact_never_registered(store, tmp_path):
+    from localpers.store.store import StaleError
+
+    store.add("ann", "hello")
+    adapter = tmp_path / "a.gguf"
+    adapter.write_bytes(b"lora")
+    for sources in ([True], "3", [1, "2"]):
+        with pytest.raises(UserError, match=r'meta\["sources"\] must be a list of item ids'):
+            store.register_artifact("ann", names.LORA, adapter, SHA, {"method": names.EDIT, "sources": sources})
+    with pytest.raises(UserError, match=r'meta\["method"\] must be a method name'):
+        store.register_artifact("ann", names.LORA, adapter, SHA, {"method": 5})
+    job = store.queue_job("ann", "edit")["id"]
+    store.forget("ann")
+    store.add("ann", "hello")          # the job's user is gone: a job id of another (or no) user is stale
+    with pytest.raises(StaleError):
+        store.register_artifact("ann", names.LORA, adapter, SHA, {"method": names.EDIT}, job=job)
+    assert store.artifacts("ann") == []
+    running = store.queue_job("ann", "edit")["id"]
+    assert store.claim_job()["id"] == running
+    store.register_artifact("ann", names.LORA, adapter, SHA, {"method": names.EDIT}, job=running)   # its own job
+    assert len(store.artifacts("ann")) == 1
+
+
+def test_invariant_a_lamp_review_is_stored_as_a_review(tmp_path):
+    import json
+
+    from localpers.store.store import read_import
+
+    for fields in ({"reviewText": "Great phone."}, {"text": "Great phone.", "overall": 5},
+                   {"text": "Great phone.", "score": 4}):
+        path = tmp_path / "lamp.json"
+        path.write_text(json.dumps([{"id": "u1", "profile": [fields, {"text": "A paper on graphs."}]}]))
+        review, document = read_import(path)
+        assert (review[0], document[0]) == ("review", "document"), fields
+
+
+def test_invariant_forget_sweeps_the_users_scratch_folders_only(store):
+    store.add("ann", "hello")
+    store.add("bob", "hello")
+    with store.temp_dir("ann") as ann_tmp, store.temp_dir("bob") as bob_tmp:
+        store.forget("ann")
+        assert not Path(ann_tmp).exists() and Path(bob_tmp).exists()
