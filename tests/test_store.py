@@ -632,3 +632,533 @@ def test_invariant_supersede_queued_settles_only_the_kinds_jobs_queued_before_th
     states = {j["id"]: (j["state"], j["result"]) for j in store.jobs("ann")}
     assert states[early["id"]] == ("done", {"superseded_by": "personalize"})
     assert states[other["id"]][0] == "queued"
+
+
+# -- store.py's every-mutant run (partial): its survivors' tests ---------------------------------------------------
+
+def _stated(attribute, value, statement, retire=False):
+    from localpers.personalize.detect import StatedFact
+
+    return StatedFact(attribute=attribute, value=value, statement=statement, retire=retire)
+
+
+def _extracting(table: dict, calls: list | None = None):
+    """An extract(text, limit, previous) that states table[text] (a list of StatedFacts), recording its calls."""
+    def extract(text, limit, previous):
+        if calls is not None:
+            calls.append((text, limit, previous))
+        return list(table.get(text, []))
+    return extract
+
+
+def derive(store, tmp_path, sources: dict) -> list[Path]:
+    """One artifact (another kind each) derived from each fact id given; their files."""
+    paths = []
+    for (name, fact_id), kind in zip(sources.items(), ("lora", "control_vector")):
+        store.register_artifact("ann", kind, _artifact(tmp_path, f"{name}.gguf"), SHA,
+                                meta={"method": "edit", "sources": [fact_id]})
+        paths.append(Path(store.latest_artifact("ann", kind, SHA)["path"]))
+    assert all(p.exists() for p in paths)
+    return paths
+
+
+def test_invariant_learning_reports_every_replaced_retired_and_retried_fact_with_its_attribute(store, tmp_path):
+    """One request that replaces, retires or restates several held facts reports each ({"id", "attribute"}), a
+    retirement withdraws only the value it names (an empty value: whatever the slot holds), a fact after a
+    retirement or a restatement in the same message is still learned, a restated fact whose edit failed queues
+    the edit again (reported once), and the messages the old facts came from
+    are marked superseded by the new message."""
+    from localpers import names
+
+    home, diet = _stated("home", "Lyon", "I live in Lyon."), _stated("diet", "vegan", "I'm vegan.")
+    pets, job = _stated("pets", "cat", "I have a cat."), _stated("job", "nurse", "I work as a nurse.")
+    table = {"a": [home, diet], "b": [job],
+             "moved": [_stated("home", "Paris", "I live in Paris."), _stated("diet", "vegetarian", "I'm vegetarian.")],
+             "wrong": [_stated("job", "baker", "", retire=True), pets],
+             "gone": [_stated("job", "", "", retire=True), _stated("home", "", "", retire=True), pets],
+             "again": [pets, job, _stated("likes", "jazz", "I like jazz.")]}
+    extract = _extracting(table)
+    first = store.learn_text("ann", "a", extract)
+    assert [f["attribute"] for f in first["facts"]] == ["home", "diet"]
+    store.learn_text("ann", "b", extract)
+    held = {f["attribute"]: f["id"] for f in store.facts("ann")}
+    derived = derive(store, tmp_path, {"home": held["home"], "diet": held["diet"]})
+    moved = store.learn_text("ann", "moved", extract)
+    assert not any(p.exists() for p in derived)  # every artifact derived from a replaced fact: file deleted
+    assert moved["replaced"] == [{"id": held["home"], "attribute": "home"}, {"id": held["diet"], "attribute": "diet"}]
+    [message_a] = [i for i in store.items("ann", kind="message") if i["text"] == "a"]
+    assert message_a["meta"][names.SUPERSEDED_BY] == moved["messages"][0]
+    assert message_a["meta"]["role"] == "user" and message_a["meta"]["source"] == "remember"
+    wrong = store.learn_text("ann", "wrong", extract)  # job=baker is not held: nothing retired; the cat is learned
+    assert wrong["retired"] == [] and [f["attribute"] for f in wrong["facts"]] == ["pets"]
+    held = {f["attribute"]: f["id"] for f in store.facts("ann")}
+    derived = derive(store, tmp_path, {"job": held["job"], "home": held["home"]})
+    gone = store.learn_chat("ann", [{"role": "user", "content": "gone"}], extract)
+    assert gone["retired"] == [{"id": held["job"], "attribute": "job"}, {"id": held["home"], "attribute": "home"}]
+    assert not any(p.exists() for p in derived)
+    [message_b] = [i for i in store.items("ann", kind="message") if i["text"] == "b"]
+    assert message_b["meta"][names.SUPERSEDED_BY] == gone["messages"][0]
+    assert {f["attribute"] for f in store.facts("ann")} == {"diet", "pets"}
+    [job_row] = [j for j in store.jobs("ann") if j["kind"] == names.EDIT]
+    store.finish_job(store.claim_job()["id"], names.FAILED, "out of memory")
+    store.learn_text("ann", "b", extract)  # the job is learned again (its edit failed, but it is new now)
+    held = {f["attribute"]: f["id"] for f in store.facts("ann")}
+    store.finish_job(store.claim_job()["id"], names.FAILED, "out of memory")
+    again = store.learn_text("ann", "again", extract)  # the edit is queued again once: the job's restatement waits
+    assert again["retried"] == [{"id": held["pets"], "attribute": "pets"}]
+    assert [f["attribute"] for f in again["facts"]] == ["likes"]
+    assert [j["state"] for j in store.jobs("ann") if j["kind"] == names.EDIT].count(names.QUEUED) == 1
+    assert job_row["kind"] == names.EDIT
+
+
+def test_invariant_facts_and_sources_keep_their_documented_fields(store):
+    """facts(): id, attribute, value, statement, message, created, status "current" — an imported preference's
+    attribute_type (UPQA's list: its last name) and, without a value, its statement; a message learnt from a chat
+    is stored as a message with source "chat", from `localpers remember` with source "remember"."""
+    chat = [{"role": "user", "content": "c"}]
+    extract = _extracting({"c": [_stated("home", "Lyon", "I live in Lyon.")],
+                           "r": [_stated("diet", "vegan", "I'm vegan.")]})
+    learned = store.learn_chat("ann", chat, extract)
+    store.learn_text("ann", "r", extract)
+    store.add("ann", "Likes jazz.", kind="preference", meta={"attribute_type": ["music", "style", "genre"]})
+    store.add("ann", "Reads a lot.", kind="preference", meta={"attribute_type": []})
+    store.add("ann", "Runs.", kind="preference", meta={"attribute_type": 5})
+    facts = store.facts("ann")
+    [message] = [i for i in store.items("ann", kind="message") if i["text"] == "c"]
+    assert facts[0] == {"id": learned["facts"][0]["id"], "attribute": "home", "value": "Lyon",
+                        "statement": "I live in Lyon.", "message": message["id"], "created": facts[0]["created"],
+                        "status": "current"}
+    assert isinstance(facts[0]["created"], float) and facts[0]["created"] > 0
+    assert [(f["attribute"], f["value"]) for f in facts[1:]] == [("diet", "vegan"), ("genre", "Likes jazz."),
+                                                                  (None, "Reads a lot."), (None, "Runs.")]
+    sources = {i["text"]: (i["meta"].get("source"), i["kind"]) for i in store.items("ann") if i["text"] in "cr"}
+    assert sources == {"c": ("chat", "message"), "r": ("remember", "message")}
+    assert {f["statement"]: store.items("ann", kind="preference")[n]["meta"]["source"]
+            for n, f in enumerate(facts[:2])} == {"I live in Lyon.": "chat", "I'm vegan.": "remember"}
+
+
+def test_invariant_extract_is_told_the_limit_and_the_previous_message_and_never_asked_twice(store):
+    """learn_chat and learn_text(s) call extract(text, limit, previous) with the caller's limit and the user's
+    message before (None first), keep at most `limit` facts a message, and a resent conversation is not
+    detected again; a group chat's message named by the user is the user's."""
+    many = [_stated("home", "Lyon", "I live in Lyon."), _stated("diet", "vegan", "I'm vegan.")]
+    calls = []
+    extract = _extracting({"one": many, "two": many}, calls)
+    chat = [{"role": "user", "content": "one"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "name": "ann", "content": "two"}]
+    out = store.learn_chat("ann", chat, extract, limit=1)
+    assert calls == [("one", 1, None), ("two", 1, "one")] and len(out["messages"]) == 2
+    assert len(out["facts"]) == 1
+    store.learn_chat("ann", chat + [{"role": "user", "content": "three"}], extract, limit=1)
+    assert calls[2:] == [("three", 1, "two")]
+    calls.clear()
+    assert len(store.learn_text("bob", "one", extract, limit=1)["facts"]) == 1
+    store.learn_texts("bob", ["two", "one"], extract, limit=1)
+    assert calls == [("one", 1, None), ("two", 1, None), ("one", 1, "two")]
+    assert {i["meta"]["source"] for i in store.items("bob", kind="message")} == {"remember"}
+
+
+def test_invariant_kept_responses_need_a_string_id_are_exported_and_keep_zero_keeps_none(store):
+    with pytest.raises(UserError, match="response id"):
+        store.keep_response("ann", 5, [])
+    with pytest.raises(UserError, match="response id"):
+        store.keep_response("ann", "", [])
+    turns = [{"role": "user", "content": "héllo"}]
+    store.keep_response("ann", "r1", turns)
+    [kept] = store.export("ann")["responses"]
+    assert (kept["id"], kept["messages"]) == ("r1", turns)
+    store.keep_response("ann", "r2", turns, keep=0)
+    assert store.export("ann")["responses"] == []
+
+
+def test_invariant_jobs_list_each_queued_jobs_place_in_the_queue(store):
+    from localpers import names
+
+    store.add("ann", "hi")
+    store.add("bob", "hi")
+    first, second = store.queue_job("ann", names.EDIT), store.queue_job("bob", names.EDIT)
+    places = store.queue_positions()
+    assert [j["position"] for j in store.jobs("ann")] == [places[first["id"]]]
+    assert [j["position"] for j in store.jobs("bob")] == [places[second["id"]]] and places[first["id"]] != places[second["id"]]
+    store.claim_job()
+    assert [j["position"] for j in store.jobs("ann")] == [None]
+
+
+def test_invariant_pid_alive_tells_a_running_process_from_an_ended_one_without_signalling_it(monkeypatch):
+    """A running child is alive (and only asked: signal 0), an ended one is not, and a process of another user
+    (kill refused: PermissionError) counts as alive."""
+    import subprocess
+    import sys
+
+    from localpers.store import store as store_module
+    from localpers.store.store import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert pid_alive(child.pid)
+        with pytest.raises(subprocess.TimeoutExpired):  # still running: asked, not hung up
+            child.wait(timeout=0.5)
+    finally:
+        child.kill()
+        child.wait()
+    assert not pid_alive(child.pid)
+
+    def refused(pid, sig):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(store_module.os, "kill", refused)
+    assert pid_alive(child.pid)
+
+
+def test_invariant_a_users_artifact_folder_and_its_parent_are_private(store):
+    folder = store.artifact_dir("ann")
+    for path in (folder, folder.parent):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, (path, oct(path.stat().st_mode))
+
+
+def test_invariant_forget_drops_the_users_indexes_scratch_folders_and_files_and_tells_the_listeners(tmp_path, monkeypatch):
+    """forget leaves nothing of the user in memory (the BM25 and dense indexes hold their text's tokens and
+    vectors) while another user's stay; deletes their job scratch folders even of a job still running, and tells
+    every on_retire listener about each artifact file it deletes."""
+    from tests.test_mutation_kinds import Embedder
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path / "home", embedder=Embedder()) as store:
+        store.add("ann", "sailing on the river")
+        store.add("bob", "bread and chess")
+        for user, word in (("ann", "sailing"), ("bob", "bread")):
+            for mode in ("bm25", "dense"):
+                assert store.search(user, word, mode=mode)
+        file = store.artifact_dir("ann") / "adapter.gguf"
+        file.write_bytes(b"GGUF")
+        told = []
+        store.on_retire.append(told.append)
+        assert len(store._bm25) == 2 and len({key[0] for key in store._dense}) == 2
+        with store.temp_dir("ann") as scratch:
+            store.forget("ann")
+            assert not scratch.exists()
+        assert told == [file.resolve()]
+        assert len(store._bm25) == 1 and {key[0] for key in store._dense} == set(store._bm25)
+        assert [hit["text"] for hit in store.search("bob", "bread")] == ["bread and chess"]
+
+
+def test_invariant_forget_retries_once_after_a_full_disk_and_never_after_another_error(store, monkeypatch):
+    """A full disk while deleting the user's rows: the WAL is checkpointed and the delete tried once more
+    (it succeeds here); any other database error stands at once."""
+    import contextlib
+
+    real = store._write
+    failures = []
+
+    def failing(error):
+        @contextlib.contextmanager
+        def write():
+            if not failures:
+                failures.append(error)
+                raise sqlite3.OperationalError(error)
+            with real() as conn:
+                yield conn
+        return write
+
+    store.add("ann", "a note")
+    monkeypatch.setattr(store, "_write", failing("database or disk is full"))
+    store.forget("ann")
+    assert store.users() == [] and failures == ["database or disk is full"]
+    store.add("bob", "a note")
+    file = store.artifact_dir("bob") / "adapter.gguf"
+    file.write_bytes(b"GGUF")
+    failures.clear()
+    monkeypatch.setattr(store, "_write", failing("database is locked"))
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        store.forget("bob")
+    assert store.users() == ["bob"] and not file.exists()  # the files go first, whatever happens to the rows
+
+
+class _Vacuum:
+    """A connection whose VACUUM fails with `error` (everything else passes through)."""
+
+    def __init__(self, conn, error):
+        self.conn, self.error = conn, error
+
+    def execute(self, sql, *args):
+        if sql.strip().upper() == "VACUUM":
+            raise sqlite3.OperationalError(self.error)
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+def test_invariant_forget_goes_on_without_vacuum_on_a_full_disk_only(store, monkeypatch):
+    """VACUUM needs the file's size free: on a full disk forget ends without it (secure_delete zeroed the rows
+    already); any other VACUUM error stands."""
+    real = store._conn
+    for user in ("ann", "bob"):
+        store.add(user, "a note")
+    monkeypatch.setattr(store, "_conn", lambda: _Vacuum(real(), "database or disk is full"))
+    store.forget("ann")
+    monkeypatch.setattr(store, "_conn", lambda: _Vacuum(real(), "disk I/O error"))
+    with pytest.raises(sqlite3.OperationalError, match="I/O"):
+        store.forget("bob")
+    assert store.users() == []
+
+
+def test_forget_while_another_process_holds_the_store_open_says_so(store, monkeypatch):
+    """The rows are deleted, but a reader elsewhere keeps the WAL from being truncated (the checkpoint reports
+    busy): a UserError names the user and the file."""
+    class Busy(_Vacuum):
+        def execute(self, sql, *args):
+            if sql == "PRAGMA wal_checkpoint(TRUNCATE)":
+                return self.conn.execute("SELECT 1, 0, 0")
+            return self.conn.execute(sql, *args)
+
+    real = store._conn
+    store.add("ann", "a note")
+    monkeypatch.setattr(store, "_conn", lambda: Busy(real(), None))
+    with pytest.raises(UserError, match=r"'ann' is deleted, but another process holds .*localpers\.db open"):
+        store.forget("ann")
+    assert store.users() == []
+
+
+def test_a_key_file_store_opened_with_a_passphrase_says_to_unset_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path) as store:
+        store.add("ann", "a note")
+    monkeypatch.setenv("LOCALPERS_PASSPHRASE", "secret")
+    with pytest.raises(UserError, match="key file, not a passphrase: unset LOCALPERS_PASSPHRASE"):
+        Store.open(tmp_path)
+
+
+def test_invariant_a_broken_file_marks_its_own_artifact_or_the_folder_artifact_holding_it(store, tmp_path):
+    from localpers import names
+
+    store.add("ann", "a note")
+    folder = tmp_path / "routes"
+    folder.mkdir()
+    (folder / "fact-1.gguf").write_bytes(b"GGUF 1")
+    store.register_artifact("ann", names.LORA_ROUTES, folder, SHA, meta={"method": "edit"})
+    store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": "perce"})
+    routes, lora = (store.latest_artifact("ann", kind, SHA) for kind in (names.LORA_ROUTES, "lora"))
+    assert store.mark_artifact_broken("ann", lora["path"], "bad magic") == 1
+    assert store.mark_artifact_broken("ann", Path(routes["path"]) / "fact-1.gguf", "truncated") == 1
+    broken = {a["kind"]: a["meta"].get("broken") for a in store.artifacts("ann")}
+    assert broken == {"lora": "bad magic", names.LORA_ROUTES: "truncated"}
+
+
+def test_deleting_a_message_deletes_the_kept_responses_that_quote_it_as_plain_text(store):
+    item = store.add("ann", "a note")
+    store.keep_response("ann", "resp-1", [{"role": "user", "content": "a note"}])
+    store.keep_response("ann", "resp-2", [{"role": "user", "content": "another"}])
+    store.delete_item("ann", item)
+    assert store.response_conversation("ann", "resp-1") is None and store.response_conversation("ann", "resp-2")
+
+
+def test_invariant_a_full_disk_at_open_is_the_disk_full_error_not_a_folder_error(tmp_path, monkeypatch):
+    """Store.open on a full disk raises the OSError (ENOSPC: the server's 507 DISK_FULL), not the UserError of a
+    folder that cannot be written."""
+    import errno
+
+    from localpers.store import store as store_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    monkeypatch.setattr(store_module.os, "open", full)
+    with pytest.raises(OSError) as raised:
+        Store.open(tmp_path / "home")
+    assert raised.value.errno == errno.ENOSPC and not isinstance(raised.value, UserError)
+
+
+def test_invariant_migrating_an_old_registry_reads_only_a_string_method(tmp_path, monkeypatch):
+    """A store written before the registry's method and sources columns: the migration reads each artifact's
+    method from its sealed meta, "" when that is not a string."""
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    home = tmp_path / "home"
+    with Store.open(home) as store:
+        store.add("ann", "a note")
+        store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": "edit"})
+        store.register_artifact("ann", "control_vector", _artifact(tmp_path, "v.gguf"), SHA, meta={"method": "logo"})
+        cipher = store.cipher
+    with sqlite3.connect(home / DB_FILE) as conn:
+        rows = conn.execute("SELECT id, user_id, kind FROM artifacts ORDER BY id").fetchall()
+        for artifact_id, user_id, kind in rows:
+            meta = {"method": 5 if kind == "lora" else "logo", "steps": 3}
+            conn.execute("UPDATE artifacts SET meta = ? WHERE id = ?",
+                         (cipher.seal(json.dumps(meta).encode(), b"%d:artifact" % user_id), artifact_id))
+        conn.execute("ALTER TABLE artifacts DROP COLUMN method")
+        conn.execute("ALTER TABLE artifacts DROP COLUMN sources")
+    conn.close()
+    with Store.open(home) as store:
+        pass
+    with sqlite3.connect(home / DB_FILE) as conn:
+        assert conn.execute("SELECT kind, method FROM artifacts ORDER BY id").fetchall() == [("lora", ""),
+                                                                                            ("control_vector", "logo")]
+    conn.close()
+
+
+def test_invariant_a_jobs_artifact_registers_only_while_the_job_runs_and_its_sources_are_checked(store, tmp_path):
+    """register_artifact(job=...) writes nothing unless that job of the user is running (StaleError naming the
+    job); meta["sources"] must be a list of item ids (not a bool), meta["method"] a string, and every source
+    still there (SourcesGoneError naming the missing ones); the folder it is copied into is private."""
+    from localpers import names
+    from localpers.store.store import SourcesGoneError, StaleError
+
+    note = store.add("ann", "a note")
+    queued = store.queue_job("ann", names.EDIT)
+    with pytest.raises(StaleError, match=f"job {queued['id']} was cancelled"):
+        store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": "edit"}, job=queued["id"])
+    with pytest.raises(StaleError, match="job 999 was cancelled"):
+        store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": "edit"}, job=999)
+    running = store.claim_job()
+    store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": "edit", "sources": [note]},
+                            job=running["id"])
+    folder = store.artifact_dir("ann")
+    assert [a["kind"] for a in store.artifacts("ann")] == ["lora"]
+    assert stat.S_IMODE(folder.stat().st_mode) == stat.S_IMODE(folder.parent.stat().st_mode) == 0o700
+    for sources in ("1, 2", [True], [note, "x"]):
+        with pytest.raises(UserError, match=r'meta\["sources"\] must be a list of item ids'):
+            store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"sources": sources})
+    with pytest.raises(UserError, match=r'meta\["method"\] must be a method name'):
+        store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": 5})
+    with pytest.raises(SourcesGoneError, match=r"items \[12345\] were deleted"):
+        store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"sources": [note, 12345]})
+
+
+def test_invariant_a_fresh_store_registers_a_folder_artifact_in_a_private_folder(tmp_path, monkeypatch):
+    """The first artifact of a store (no artifacts folder yet) makes the folders 0700 and copies a folder in."""
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    with Store.open(tmp_path / "home") as store:
+        store.add("ann", "a note")
+        routes = tmp_path / "routes"
+        routes.mkdir()
+        (routes / "a.gguf").write_bytes(b"GGUF")
+        store.register_artifact("ann", "lora_routes", routes, SHA, meta={"method": "edit"})
+        [artifact] = store.artifacts("ann")
+        copied = Path(artifact["path"])
+        assert (copied / "a.gguf").read_bytes() == b"GGUF" and copied.parent != routes.parent
+        for path in (copied.parent, copied.parent.parent):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+
+
+def test_invariant_deleting_items_queues_what_they_fed_and_marks_what_they_stated(store):
+    """Deleting a preference queues the user's edit job (and nothing else without derived artifacts); deleting a
+    plain message queues nothing; a deleted fact's message is marked superseded by no message (None); ids beyond
+    SQLite's 64-bit integers are simply not found."""
+    from localpers import names
+    from localpers.store.store import NotFoundError
+
+    learned = store.learn_text("ann", "src", _extracting({"src": [_stated("home", "Lyon", "I live in Lyon.")]}))
+    store.finish_job(store.claim_job()["id"], names.DONE)
+    note = store.add("ann", "a note")
+    store.delete_item("ann", note)
+    assert [j["state"] for j in store.jobs("ann")] == [names.DONE]
+    store.delete_item("ann", learned["facts"][0]["id"])
+    assert [(j["kind"], j["state"]) for j in store.jobs("ann")] == [(names.EDIT, names.QUEUED), (names.EDIT, names.DONE)]
+    [message] = store.items("ann", kind="message")
+    assert names.SUPERSEDED_BY in message["meta"] and message["meta"][names.SUPERSEDED_BY] is None
+    for item_id in (1 << 63, -(1 << 63) - 1, 1 << 64):
+        with pytest.raises(NotFoundError):
+            store.delete_item("ann", item_id)
+
+
+def test_invariant_routed_edits_lose_only_the_deleted_facts_routes(store, tmp_path):
+    """A names.LORA_ROUTES artifact (one adapter a fact) loses, when a fact is deleted, that fact's route and
+    file only, and stays registered for the others; a route without a source retires the whole artifact."""
+    from localpers import names
+
+    extract = _extracting({"src": [_stated("home", "Lyon", "I live in Lyon."), _stated("diet", "vegan", "I'm vegan."),
+                                   _stated("job", "nurse", "I work as a nurse.")]})
+    facts = store.learn_text("ann", "src", extract)["facts"]
+    home, diet, job = (f["id"] for f in facts)
+    folder = tmp_path / "routes"
+    folder.mkdir()
+    routes = []
+    for fact_id in (home, diet, job):
+        (folder / f"{fact_id}.gguf").write_bytes(b"GGUF")
+        routes.append({"file": f"{fact_id}.gguf", "words": "w", "fact": str(fact_id), "source": fact_id})
+    store.register_artifact("ann", names.LORA_ROUTES, folder, SHA,
+                            meta={"method": "edit", "sources": [home, diet, job], "routes": routes})
+    copied = Path(store.latest_artifact("ann", names.LORA_ROUTES, SHA)["path"])
+    store.delete_item("ann", home)
+    store.delete_item("ann", diet)
+    [left] = store.artifacts("ann", kind=names.LORA_ROUTES)
+    assert sorted(p.name for p in copied.iterdir()) == [f"{job}.gguf"]
+    assert [r["source"] for r in left["meta"]["routes"]] == [job]
+    sourceless = [{"file": "x.gguf", "words": "w"}]
+    (folder / "x.gguf").write_bytes(b"GGUF")
+    store.register_artifact("ann", names.LORA_ROUTES, folder, SHA,
+                            meta={"method": "edit", "sources": [job], "routes": sourceless})
+    store.delete_item("ann", job)
+    assert store.artifacts("ann", kind=names.LORA_ROUTES) == []
+
+
+def test_invariant_dense_search_embeds_every_item_in_batches_and_makes_its_embedder(tmp_path, monkeypatch):
+    """More items than two embedding batches: every one is embedded (the last found by dense search); a store
+    opened without an embedder makes the default one at its first dense search."""
+    import numpy as np
+
+    from localpers.store import store as store_module
+
+    class Violin:  # deterministic: a text with "violin" is one direction, any other text another
+        name = "test-violin"
+
+        def embed(self, texts):
+            return np.array([[1.0, 0.0] if "violin" in t else [0.0, 1.0] for t in texts], dtype=np.float32)
+
+    monkeypatch.delenv("LOCALPERS_PASSPHRASE", raising=False)
+    monkeypatch.setattr(store_module, "make_embedder", Violin)
+    with Store.open(tmp_path / "home") as store:
+        store.add_many("ann", [store_module.check_item(f"note {i} sailing") for i in range(135)]
+                       + [store_module.check_item("the violin at last")])
+        [hit] = store.search("ann", "violin", k=1, mode="dense")
+        assert hit["text"] == "the violin at last"
+
+
+def test_the_import_lists_its_first_five_ids_and_shows_only_when_more_follow():
+    from localpers.store.store import _some
+
+    assert _some(list("abcde")) == "a, b, c, d, e" and _some(list("abcdef")) == "a, b, c, d, e, …"
+
+
+def test_invariant_user_counts_holds_and_requeue_read_what_was_written(store, tmp_path):
+    """user_counts: every user oldest first with their items, preferences and artifacts; holds_fact: the same
+    slot and value only, and nothing for an unknown user; requeue_job puts a running job back (False otherwise)."""
+    from localpers import names
+
+    lyon = _stated("home", "Lyon", "I live in Lyon.")
+    store.learn_text("ann", "src", _extracting({"src": [lyon]}))
+    store.add("bob", "a note")
+    store.register_artifact("bob", "lora", _artifact(tmp_path), SHA, meta={"method": "perce"})
+    assert store.user_counts() == [{"user": "ann", "items": 2, "preferences": 1, "artifacts": 0},
+                                   {"user": "bob", "items": 1, "preferences": 0, "artifacts": 1}]
+    assert store.holds_fact("ann", lyon) and not store.holds_fact("bob", lyon)
+    assert not store.holds_fact("ann", _stated("home", "Paris", "I live in Paris."))
+    assert not store.holds_fact("ann", _stated("diet", "Lyon", "Lyon."))
+    assert not store.holds_fact("nobody", lyon)
+    job = store.claim_job()
+    assert store.requeue_job(job["id"]) is True and store.job(job["id"])["state"] == names.QUEUED
+    assert store.requeue_job(job["id"]) is False
+    store.finish_job(store.claim_job()["id"], names.DONE)
+    assert store.requeue_job(job["id"]) is False and store.job(job["id"])["state"] == names.DONE
+
+
+def test_invariant_a_lamp_entry_is_a_review_by_any_of_its_review_fields_and_a_job_shows_its_place(store, tmp_path):
+    """A LaMP entry with reviewText, score or overall is a review (else a document), and a non-object entry is
+    refused saying what was expected; job() shows a queued job's place in the queue (None once it runs);
+    deleting the item an artifact was derived from queues that artifact's method again."""
+    from localpers import names
+    from localpers.store.store import _lamp_item, profile_entry
+
+    for field in ("reviewText", "score", "overall"):
+        assert _lamp_item({"text": "Great.", field: "5"})[0] == "review", field
+    assert _lamp_item({"text": "A page."})[0] == "document"
+    with pytest.raises(UserError, match="expected a JSON object"):
+        profile_entry(["not", "an", "object"])
+    note = store.add("ann", "a note")
+    store.register_artifact("ann", "lora", _artifact(tmp_path), SHA, meta={"method": names.PERCE, "sources": [note]})
+    store.delete_item("ann", note)
+    [queued] = store.jobs("ann")
+    assert (queued["kind"], store.job(queued["id"])["position"]) == (names.PERCE, store.queue_positions()[queued["id"]])
+    store.claim_job()
+    assert store.job(queued["id"])["position"] is None

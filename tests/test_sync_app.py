@@ -5,6 +5,8 @@ written for the mutation survivors of sync_app.py (docs/history/mutation/) and t
 from __future__ import annotations
 
 import json
+import logging
+import operator
 import time
 import types
 
@@ -20,14 +22,15 @@ from tests.test_sync import CFG, assert_close_to_plain, devices, make_users, run
 ONE_ROUND = sync.SyncConfig(**{**CFG.__dict__, "rounds": 1})
 
 
-def test_invariant_a_capture_holds_exactly_the_replies_the_ledger_logs(tmp_path):
-    """A device with node config capture-dir keeps one file per reply it sent with content — the same stages, in
-    the same order, as its ledger's message rows — each holding the reply's values; a device without one
-    captures nothing."""
+def test_invariant_a_capture_holds_exactly_the_replies_the_ledger_logs(tmp_path, monkeypatch):
+    """A device with node config capture-dir (made, parents included) keeps one file per reply it sent with
+    content — the same stages, in the same order, as its ledger's message rows — each holding the reply's values;
+    a device without one captures nothing, anywhere (its working directory included)."""
+    monkeypatch.chdir(tmp_path)
     nodes = devices(tmp_path, make_users(3))
-    nodes[0]["capture-dir"] = str(tmp_path / "capture")
+    nodes[0]["capture-dir"] = str(tmp_path / "capture" / "device0")
     sync_app.simulate(nodes, run_config(ONE_ROUND, 3))
-    files = sorted((tmp_path / "capture").iterdir(), key=lambda p: int(p.name.split("-")[0]))
+    files = sorted((tmp_path / "capture" / "device0").iterdir(), key=lambda p: int(p.name.split("-")[0]))
     logged = [e for e in sync.read_log(nodes[0]["data-dir"]) if e["kind"] == "message" and e["values"]]
     assert len(files) == len(logged) >= 4  # the SecAgg+ stages and the knowledge's download
     captured = [json.loads(f.read_text()) for f in files]
@@ -197,8 +200,10 @@ def test_the_simulation_engines_apps_run_each_virtual_device_as_the_device_it_st
     got = sync.Knowledge.load(tmp_path / "server" / sync.GLOBAL_KNOWLEDGE_FILE)
     assert_close_to_plain(got, sync.plain_kmeans(users, CFG), 4, CFG)
     for node in nodes:
-        kinds = [e["kind"] for e in sync.read_log(node["data-dir"])]
+        rows = sync.read_log(node["data-dir"])
+        kinds = [e["kind"] for e in rows]
         assert kinds.count("contribution") == 3 and kinds.count("received") == 1
+        assert {e["run"] for e in rows} == {1}  # the engine's run id, through the device's view of its Context
     sync_app.simulate_ray(nodes, {**run_config(CFG, 4), "out-dir": str(tmp_path / "server")})
     assert calls[-1]["backend"] == {"client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},  # one device a CPU
                                     "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}}
@@ -211,7 +216,7 @@ def test_a_device_whose_consenting_command_is_gone_ends_with_a_failure_code(tmp_
     """check_consent: no consent token (Flower's own tools) answers; a live token is watched once; a dead one
     ends the process with a non-zero code before anything is sent."""
     ended, watched = [], []
-    monkeypatch.setattr(sync_app.os, "_exit", lambda code: ended.append(code))
+    monkeypatch.setattr(sync_app.os, "_exit", lambda code: ended.append(operator.index(code)))  # os._exit: an int
     monkeypatch.setattr(sync_app.lifetime, "watch", lambda tok: watched.append(tok) or "watching")
     monkeypatch.setattr(sync_app, "_watching", None)
     context = types.SimpleNamespace(node_config={})
@@ -347,3 +352,136 @@ def test_invariant_every_ledger_row_names_its_run(tmp_path):
     rows = [e for node in nodes for e in sync.read_log(node["data-dir"])]
     assert {"message", "contribution", "received", "refused"} <= {e["kind"] for e in rows}
     assert all(e.get("run") == 1 for e in rows), [e for e in rows if e.get("run") != 1][:2]
+
+
+# ---------------------------------------------------------------- sync_app.py's every-mutant run: its survivors' tests
+
+def test_invariant_the_grids_byte_count_of_each_device_is_what_its_ledger_logs(tmp_path):
+    """LocalGrid.sent_bytes (bench_sync's bytes a device) counts, for each device, the bytes of the values its
+    replies carry — the bytes its own ledger logs message by message — also for a device that answered the first
+    stages and then refused (its error reply carries nothing and takes nothing away)."""
+    nodes = devices(tmp_path, make_users(4))
+    nodes[3]["epsilon-budget"] = "0.0001"  # refuses its contribution, after SecAgg+'s setup and key shares
+    _, grid = sync_app.simulate(nodes, run_config(sync.SyncConfig(**{**CFG.__dict__, "rounds": 2}), 3))
+    logged = {}
+    for i, node in enumerate(nodes):
+        rows = [e for e in sync.read_log(node["data-dir"]) if e["kind"] == "message"]
+        assert all(e["bytes"] == sum(v.get("bytes", 0) for v in e["values"]) for e in rows)  # scalars: none
+        logged[i + 2] = sum(e["bytes"] for e in rows)
+    assert [e["kind"] for e in sync.read_log(nodes[3]["data-dir"])].count("refused") == 2
+    assert all(b > 0 for b in logged.values()) and logged[5] < logged[2]
+    assert grid.sent_bytes == logged
+
+
+def test_a_device_whose_logo_knowledge_is_unreadable_starts_it_over(tmp_path):
+    """A damaged DATA_DIR/logo/knowledge.npz is replaced by the sync run's knowledge as LoGo round 1."""
+    V = len(logo.VOCABULARY)
+    cfg = sync.SyncConfig(k=3, dim=6, n_layer=2, steer_dim=5, vocab=V, rounds=3, min_size=2, seed=1)
+    path = logo.knowledge_dir(tmp_path) / logo.KNOWLEDGE_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a knowledge file")
+    assert sync_app.save_logo_knowledge(tmp_path, knowledge(), cfg) == path
+    kept = logo.GlobalKnowledge.load(path)
+    assert kept.round == 1 and kept.meta["source"] == logo.SYNC_SOURCE and kept.sizes.tolist() == [5.0, 0.0, 2.0]
+
+
+def test_invariant_the_server_logs_each_rounds_key_shares_with_the_number_of_devices(tmp_path):
+    """Each round logs KEY_SHARES_COLLECTED and how many devices passed 'share keys' (what `localpers sync-server`'s
+    process tests wait for before they stop a device)."""
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    flower = logging.getLogger("flwr")
+    flower.addHandler(handler)
+    try:
+        sync_app.simulate(devices(tmp_path, make_users(3)), run_config(sync.SyncConfig(**{**CFG.__dict__, "rounds": 2}), 3))
+    finally:
+        flower.removeHandler(handler)
+    assert [m for m in seen if sync_app.KEY_SHARES_COLLECTED in m] == [f"{sync_app.KEY_SHARES_COLLECTED} 3 devices"] * 2
+
+
+def test_a_start_file_holding_a_pickle_is_never_unpickled(tmp_path):
+    """Run config `start` is read as a plain array: an object array (a pickle) in it is refused, never run."""
+    marker = tmp_path / "unpickled"
+    start = tmp_path / "start.npy"
+    np.save(start, np.array([_Unpickles(str(marker))], dtype=object), allow_pickle=True)
+    with pytest.raises((ValueError, UserError)):
+        sync_app.simulate(devices(tmp_path, make_users(2)), {**run_config(ONE_ROUND, 2), "start": str(start)})
+    assert not marker.exists()
+
+
+class _Unpickles:
+    """Unpickling it creates the file `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_invariant_each_device_gets_the_secagg_terms_the_error_bound_assumes(tmp_path, monkeypatch):
+    """SecAgg+'s setup tells every device weight bound 1 (each device's weight: no quantization step is spent on
+    weighting), the run's clipping range, sync.QUANTIZATION_RANGE and sync.MODULUS_RANGE: the terms of
+    sync.error_bound and sync.check_cohort."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    setups = []
+    real = sync_app.LocalGrid.send_and_receive
+
+    def recording(self, messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:
+            config = m.content.config_records.get(RECORD_KEY_CONFIGS)
+            if config is not None and config.get(Key.STAGE) == Stage.SETUP:
+                setups.append(dict(config))
+        return real(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(sync_app.LocalGrid, "send_and_receive", recording)
+    cfg = sync.SyncConfig(**{**ONE_ROUND.__dict__, "epsilon": 4.0})
+    sync_app.simulate(devices(tmp_path, make_users(3)), run_config(cfg, 3))
+    assert len(setups) == 3
+    for setup in setups:
+        assert setup[Key.MAX_WEIGHT] == 1.0 and setup[Key.CLIPPING_RANGE] == pytest.approx(cfg.clipping_range)
+        assert (setup[Key.TARGET_RANGE], setup[Key.MOD_RANGE]) == (sync.QUANTIZATION_RANGE, sync.MODULUS_RANGE)
+
+
+class _Leaving(sync_app.LocalGrid):
+    """A grid that stops listing a device once it went offline (as a SuperLink forgets a dead node)."""
+
+    def get_node_ids(self):
+        return [n for n in self.contexts if n not in self.dropped]
+
+
+def test_later_rounds_go_on_with_the_devices_left_and_a_dropped_device_stays_gone(tmp_path):
+    """Round 1 waits for min-devices; a device that drops in round 1 never answers again, and the later rounds go
+    on with the devices left (at least min_contributors) instead of waiting for min-devices again."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "rounds": 2})
+    nodes = devices(tmp_path, make_users(4))
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    config = {**run_config(cfg, 4), "wait": 1.0}
+    grid = _Leaving(nodes, config)
+    grid.drop_at = {5: "collect_masked_vectors"}
+    strategy = sync_app.run_server(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                                                 run_config=config))
+    assert [h["devices"] for h in strategy.history] == [3, 3] and strategy.knowledge is not None
+    gone = sync.read_log(nodes[3]["data-dir"])  # answered round 1's first two stages, then nothing
+    assert [e["stage"] for e in gone if e["kind"] == "message"] == ["setup", "share_keys"]
+    assert not [e for e in gone if e["kind"] != "message"]
+
+
+def test_a_round_of_one_device_is_published_when_one_contributor_is_enough():
+    """With min_contributors 1 a round whose SecAgg+ sum holds one device is published (its noise share is the
+    whole noise)."""
+    from types import SimpleNamespace
+
+    from flwr.common import ndarrays_to_parameters
+
+    cfg = sync.SyncConfig(**{**CFG.__dict__, "min_contributors": 1})
+    strategy = sync_app.KMeansStrategy(cfg, min_devices=2)
+    [flat] = [sync.encode(c, strategy.centroids, cfg)[0] for c in make_users(1)]
+    fit = SimpleNamespace(parameters=ndarrays_to_parameters([flat]))
+    params, metrics = strategy.aggregate_fit(1, [(None, fit)], [])
+    assert params is not None and metrics == {"devices": 1} and sum(strategy.history[-1]["sizes"]) == 1

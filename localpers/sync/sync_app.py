@@ -391,8 +391,9 @@ class LocalGrid(Grid):
                 from flwr.common.constant import ErrorCode
 
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(e)), reply_to=msg)
-            self.sent_bytes[node] = self.sent_bytes.get(node, 0) + sum(
-                r.get("bytes", 0) for r in describe(reply.content)) if reply.has_content() else 0
+            # an error reply carries nothing (and must not reset what the device sent before)
+            self.sent_bytes[node] = self.sent_bytes.get(node, 0) + (sum(
+                r.get("bytes", 0) for r in describe(reply.content)) if reply.has_content() else 0)
             self.replies[msg_id] = copy.deepcopy(reply)
         return ids
 
