@@ -28,3 +28,11 @@ def test_invariant_a_value_ends_before_its_qualifier():
                         ("I love jazz, especially bebop.", "jazz")):
         [fact] = detect_facts(text)
         assert fact.value == value, text
+
+
+def test_invariant_a_second_predicate_after_and_gets_its_subject_back():
+    found = detect_facts("I am married and have two kids of my own.")
+    assert [(f.attribute, f.statement) for f in found] == [
+        ("relationship", "I am married."), ("about", "I have two kids of my own.")]
+    assert [(f.attribute, f.value) for f in detect_facts("I am native american and live in oklahoma.")][-1] == (
+        "home", "Oklahoma")
