@@ -147,9 +147,11 @@ KIND_ATTRIBUTES = {"music genre": "music preference", "cuisine": "food preferenc
                    "sport": "hobby"}
 
 
+@lru_cache(maxsize=4096)
 def detect_attribute(statement: str) -> str | None:
     """The attribute type (ATTRIBUTES) a statement is about: the type whose keywords it holds most, else the type
-    of the kind of thing it likes or dislikes (detect.kind_of: "I love techno." -> music preference); None."""
+    of the kind of thing it likes or dislikes (detect.kind_of: "I love techno." -> music preference); None.
+    Cached: methods.relevant_facts asks it for each stored preference on every request."""
     from localpers.personalize.detect import detect_facts, kind_of
 
     text = f" {statement.lower()} "
