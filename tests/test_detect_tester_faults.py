@@ -195,3 +195,50 @@ def test_a_withdrawal_that_names_ones_words_withdraws_also_before_a_statement(me
 ])
 def test_invariant_a_word_of_withdrawal_about_something_else_withdraws_nothing(message, previous):
     assert withdrawn(message, previous) == []
+
+
+def marks(text):
+    return [("-" if f.retire else "~" if f.change else "") + f"{f.attribute}={f.key}" for f in detect_facts(text)]
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I stopped drinking coffee.", ["-likes=coffee"]),
+    ("I gave up coffee.", ["-likes=coffee"]),
+    ("I quit coffee last month.", ["-likes=coffee"]),
+    ("I'm over jazz.", ["-likes=jazz"]),
+    ("Not a jazz fan anymore.", ["-likes=jazz"]),
+    ("I'm not a jazz fan anymore.", ["-likes=jazz"]),
+    ("Jazz isn't my thing anymore.", ["-likes=jazz"]),
+    ("No more coffee for me.", ["-likes=coffee"]),
+])
+def test_invariant_a_known_thing_given_up_retires_its_like(message, expected):
+    assert marks(message) == expected
+
+
+@pytest.mark.parametrize("message", ["I quit smoking.", "I gave up my seat.", "I'm over the moon.", "I'm over 30.",
+                                     "I stopped by the shop."])
+def test_invariant_giving_up_what_kinds_json_does_not_know_retires_no_like(message):
+    assert not any(f.attribute == "likes" and f.retire for f in detect_facts(message))
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I switched from coffee to tea.", ["-likes=coffee", "~likes=tea"]),
+    ("I've switched to tea.", ["~likes=tea"]),
+    ("Lately I've been drinking tea.", ["~likes=tea"]),
+    ("I drink mostly tea now.", ["~likes=tea"]),
+    ("I'm more into rock these days.", ["~likes=rock"]),
+    ("Rock is my thing now.", ["~likes=rock"]),
+    ("I gave up coffee, I drink tea now.", ["-likes=coffee", "~likes=tea"]),
+    ("I'm not into jazz anymore but I love rock.", ["-likes=jazz", "likes=rock"]),
+    ("I'm not into jazz anymore, rock is my thing now.", ["-likes=jazz", "~likes=rock"]),
+    ("Not a jazz fan anymore, I love rock now.", ["-likes=jazz", "~likes=rock"]),
+    ("Jazz isn't my thing anymore, I prefer rock.", ["-likes=jazz", "likes=rock"]),
+])
+def test_invariant_a_compound_change_retires_the_old_like_and_states_the_new(message, expected):
+    assert marks(message) == expected
+
+
+@pytest.mark.parametrize("message", ["I switched to a new phone plan.", "I've been drinking a lot lately.",
+                                     "My sister is my thing now.", "I switched from Windows to Linux."])
+def test_invariant_a_switch_or_habit_of_no_known_kind_changes_no_like(message):
+    assert not any(f.change or f.retire for f in detect_facts(message))

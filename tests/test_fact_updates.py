@@ -281,3 +281,18 @@ def test_a_store_made_before_chat_seen_kept_item_ids_is_migrated_and_withdraws_n
         assert held(s, "mig") == [("home", "Paris")]
         assert chat(s, "mig", "I live in Paris.", "Scratch that.", "I love jazz.", "Scratch that.")["retired"]
         assert held(s, "mig") == [("home", "Paris")]
+
+
+@pytest.mark.parametrize("first, then, kept", [
+    ("I drink coffee every morning.", "I switched from coffee to tea.", [("likes", "tea")]),
+    ("I drink coffee every morning.", "I gave up coffee, I drink tea now.", [("likes", "tea")]),
+    ("I drink coffee.", "Lately I've been drinking tea.", [("likes", "tea")]),
+    ("I drink coffee.", "I stopped drinking coffee.", []),
+    ("I love jazz music.", "I'm not into jazz anymore but I love rock.", [("likes", "rock")]),
+    ("I love jazz music.", "Jazz isn't my thing anymore, I prefer rock.", [("likes", "rock")]),
+    ("I love jazz music.", "Not a jazz fan anymore, I love rock now.", [("likes", "rock")]),
+])
+def test_invariant_a_compound_change_leaves_the_new_like_and_the_rest(store, first, then, kept):
+    say(store, "cc", "I live in Oslo.", first)
+    say(store, "cc", then)
+    assert held(store, "cc") == [("home", "Oslo"), *kept]

@@ -556,9 +556,11 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("dislikes", r"^i " + _DISLIKE + r" (?P<v>.+)$"),
     ("dislikes", r"^i'm (?P<neg2>not|no longer) (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) "
                  r"(?P<v>.+)$"),
+    ("dislikes", r"^i'm (?P<neg2>not|no longer) an? (?:big |huge |great )?(?P<v>[\w -]+?) fan$"),
     ("dislikes", r"^i (?P<neg2>don't|never|can't) (?:really )?(?P<verb2>like|love|enjoy|eat|drink|watch|listen to|"
                  r"care for|wear|use|play) (?P<v>.+)$"),
-    ("likes", r"^i'm (?:an? )?(?:big |huge |great |massive )?(?:fan of|lover of|into|passionate about|obsessed with|"
+    ("likes", r"^i'm (?:an? |(?:much |way |a lot |far )?more |mostly |mainly )?(?:big |huge |great |massive )?"
+              r"(?:fan of|lover of|into|passionate about|obsessed with|"
               r"crazy about|keen on|a fan of) (?P<v>.+)$"),
     ("likes", r"^i'm an? (?:big |huge |great |massive |die-hard |lifelong )?(?P<v>[\w -]+?) fan$"),
     ("likes", r"^i " + _NEG_DO + r"(?:really |absolutely |totally |truly |do )?" + _LIKE + r" (?P<v>.+)$"),
@@ -569,6 +571,68 @@ _VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|wi
                     r"who|which|where)\b.*$")
 _VALUE_CUT = re.compile(_VALUE_CUT_WORDS + r"|,.*$", re.I)
 _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
+
+
+def _known_thing(text: str) -> bool:
+    """Is `text` a thing kinds.json knows: a value of a kind or a value with a head noun ("coffee", "jazz music")?"""
+    key = norm_value(_TRAILING.sub("", _TIME_TAIL.sub("", text)))
+    return bool(key) and (kind_of(key) is not None or _head_split(key)[1] is not None)
+
+
+_DOING = {"drinking": "drink", "eating": "eat", "listening to": "listen to", "watching": "watch", "playing": "play",
+          "reading": "read"}
+
+
+def _given_up(clause: str) -> str:
+    """A normalized clause of a like given up or taken up said as a like: "i stopped drinking coffee", "i gave up
+    coffee", "i'm over jazz" -> "i no longer drink coffee" ...; "i have been drinking tea" -> "i drink tea". Only
+    of a thing kinds.json knows when no verb says what was done with it ("I quit smoking." stays as it is)."""
+    doing = "|".join(_DOING)
+    if m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out) (" + doing + r") (.+)$", clause, re.I):
+        return f"i no longer {_DOING[m[1].lower()]} {m[2]}"
+    if (m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out|ditched|dropped) (.+)$|"
+                      r"^i'm (?:so |totally |completely |well )?over (.+)$", clause, re.I)) \
+            and _known_thing(m[1] or m[2]):
+        return f"i no longer like {m[1] or m[2]}"
+    if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
+        return f"i {_DOING[m[1].lower()]} {m[2]}"
+    return clause
+
+
+# A like said with the thing as subject or as a switch: "Rock is my thing now.", "Jazz isn't my thing anymore.", "I
+# switched from coffee to tea.", "No more coffee for me." (each only of a thing kinds.json knows).
+_MY_THING = re.compile(r"(?P<at>^|,\s*(?:and |but )?|\s(?:and|but)\s+)(?P<x>[\w' -]{1,30}?)(?:\s|(?='s))(?P<be>is|'s|isn't|is not|"
+                       r"is no longer) (?:really )?my (?:thing|jam|cup of tea|go-to|drink|sport|music|genre)"
+                       r"(?P<end>(?: (?:now|these days|nowadays|any ?more))*)(?=\s*[,;.!]|\s+(?:and|but)\b|$)", re.I)
+_SWITCH = re.compile(r"^i(?: have|'ve)? (?:just |recently |now )?(?:switched|changed|gone over|went over) (?:over )?"
+                     r"(?:from (?P<old>[\w' -]+?) )?to (?P<new>[\w' -]+?)(?P<end>(?: (?:now|these days|lately))*[.!]*)$",
+                     re.I)
+_NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
+
+
+def _things_said(sentence: str) -> str:
+    """`sentence` with the likes said of a thing, as a switch or as "no more X for me" said in the first person
+    ("Rock is my thing now." -> "I like rock now."), where kinds.json knows the thing."""
+    def thing(m):
+        if not _known_thing(m["x"]):
+            return m[0]
+        x = m["x"]
+        if not m["at"] and re.match(r"[A-Z][a-z]", x) and kind_of(norm_value(x.split()[0])) != "cuisine":
+            x = x[0].lower() + x[1:]  # "Tea is my drink": capitalized as the sentence's first word only
+        if m["be"].lower() in ("is", "'s"):
+            return f"{m['at']}I like {x}{m['end']}"
+        gone = re.search(r"any ?more", m["end"], re.I) or "longer" in m["be"].lower()
+        return m["at"] + ("I no longer like " if gone else "I don't like ") + x
+
+    def switched(m):
+        if not _known_thing(m["new"]):
+            return m[0]
+        old = f"I no longer like {m['old']}, " if m["old"] and _known_thing(m["old"]) else ""
+        return f"{old}I like {m['new']} now" + re.sub(r"[^.!]", "", m["end"])
+
+    sentence = _MY_THING.sub(thing, sentence)
+    sentence = _SWITCH.sub(switched, sentence)
+    return _NO_MORE.sub(lambda m: f"I no longer like {m['x']}" if _known_thing(m["x"]) else m[0], sentence)
 
 
 _OVER = {"was": "i'm no longer ", "lived in": "i no longer live in ", "worked as": "i no longer work as ",
@@ -594,6 +658,7 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i (?:have |'ve )?(?:quit|left|lost|gave up|given up) my (?:job|position|career|work) as\b|"
                r"^i (?:have |'ve )?(?:stopped|quit) working as\b", "i no longer work as", c, flags=re.I)
     c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit) (?:living|residing) in\b", "i no longer live in", c, flags=re.I)
+    c = _given_up(c)
     # "I was a nurse until last year", "I lived in Oslo until 2020": a state that is over
     c = re.sub(r"^i (was|lived in|worked as|worked at|worked for) (.+?),? until\b.*$",
                lambda m: _OVER[m[1].lower()] + m[2], c, flags=re.I)
@@ -633,7 +698,9 @@ def _clean_value(value: str, attribute: str) -> str:
         value = re.sub(r"\s+(?:in|at|from|near)\s+[A-Z].*$", "", value)
         # "I left my job as a nurse to become a teacher": the job; what it was left for is not part of it
         value = re.sub(r"\s+to (?:become|be|work|study|start|join|pay|support|take|focus)\b.*$", "", value)
-    value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value
+    if attribute in ("likes", "dislikes"):  # "I drink mostly tea", "lots of tea": the thing
+        value = re.sub(r"^(?:to|mostly|mainly|only|just|usually|primarily|largely|exclusively|a lot of|lots of|"
+                       r"plenty of)\s+", "", value.strip(), flags=re.I)
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
     if attribute != "name":
         value = _without_frequency(value, attribute)
@@ -953,6 +1020,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
                        r"oops|i mean|i meant)(?:\s+to say)?(?:\s*[,!.:]\s*|\s+(?:that\s+)?)"
                        r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         s = _SUBJECTLESS_END.sub("I'm ", s)  # "Not into tennis anymore, I play football now."
+        s = _things_said(s)  # "Rock is my thing now.", "I switched from coffee to tea."
         s = _we_as_me(s)
         if _INVENTED.search(s):
             break
@@ -981,7 +1049,8 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
 
 # A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
 _SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b|not (?:really )?"
-                              r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b[^,;.]*\bany ?more\b)", re.I)
+                              r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on|an? (?:big |huge )?[\w-]+ fan)\b"
+                              r"[^,;.]*\bany ?more\b)", re.I)
 
 
 # A headline before a colon (or a comma, a dash) that announces the statement after it: "Big news: I moved to
