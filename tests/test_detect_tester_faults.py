@@ -135,6 +135,9 @@ def statements(text):
     ("I like Italian and French food.", [("Italian food", "I like Italian food."),
                                          ("French food", "I like French food.")]),
     ("I hate country music and reggae.", [("country music", "I hate country music."), ("reggae", "I hate reggae.")]),
+    ("I like both jazz and rock.", [("jazz", "I like jazz."), ("rock", "I like rock.")]),
+    ("I like jazz as well as rock.", [("jazz", "I like jazz."), ("rock", "I like rock.")]),
+    ("I don't like jazz or rock.", [("jazz", "I don't like jazz."), ("rock", "I don't like rock.")]),
 ])
 def test_invariant_a_like_of_several_known_things_is_one_fact_per_thing_with_its_own_statement(message, expected):
     assert statements(message) == expected
@@ -171,7 +174,8 @@ def withdrawn(text, previous):
 @pytest.mark.parametrize("message", [
     "Oops, ignore that.", "Scratch that.", "Forget what I just said.", "Ignore my last message.", "Disregard that.",
     "Sorry! Scratch that.", "Oops. Ignore that.", "Please ignore that.", "I take that back.", "Never mind.",
-    "Wrong chat, sorry.", "Ignore what I just said.", "Oops, that was a typo.",
+    "Wrong chat, sorry.", "Ignore what I just said.", "Oops, that was a typo.", "ignore that lol", "jk lol",
+    "Forget I said anything.", "Ignore previous message.", "I was joking.", "That was for my friend, sorry.", "Nvm.",
 ])
 def test_invariant_a_withdrawal_opening_a_turn_withdraws_what_the_turn_before_stated(message):
     assert withdrawn(message, "I'm vegan and I live in Paris.") == ["-w:diet=vegan", "-w:home=Paris"]
@@ -192,6 +196,7 @@ def test_a_withdrawal_that_names_ones_words_withdraws_also_before_a_statement(me
     ("Never mind.", "I'm vegetarian, what should I cook?"),         # drops the question
     ("Forget it, I'll order pizza.", "I live in Paris."),
     ("Oops.", "I live in Paris."),
+    ("Scratch that last part.", "I live in Paris."),                # which part is not said
 ])
 def test_invariant_a_word_of_withdrawal_about_something_else_withdraws_nothing(message, previous):
     assert withdrawn(message, previous) == []

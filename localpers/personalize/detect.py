@@ -751,7 +751,7 @@ def _without_frequency(value: str, attribute: str) -> str:
     return kept
 
 
-_LIST_SEP = re.compile(r"\s*,\s*(?:and\s+|&\s+)?|\s+(?:and|&)\s+", re.I)
+_LIST_SEP = re.compile(r"\s*,\s*(?:and\s+|or\s+|&\s+)?|\s+(?:and|or|nor|&|as well as)\s+", re.I)
 
 
 def list_parts(value: str) -> list[str] | None:
@@ -761,7 +761,7 @@ def list_parts(value: str) -> list[str] | None:
     is a list only when each of its parts is a value of a kind there or ends in one of its head nouns, and the
     whole is no value it lists ("rock and roll", "gin and tonic"); "mac and cheese", "salt and pepper chips" are
     one thing."""
-    parts = [p.strip() for p in _LIST_SEP.split(value.strip())]
+    parts = [p.strip() for p in _LIST_SEP.split(re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I))]
     if len(parts) < 2 or not all(parts) or kind_of(norm_value(value)) is not None:
         return None
     keys = [norm_value(p) for p in parts]
@@ -987,8 +987,8 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
         if first and _ONLY_INTERJECTIONS.match(s):  # "Oops. Ignore that.": the withdrawal still opens the turn
             continue
         if m := _RETRACT.match(s):  # "I'm vegetarian. Just kidding, I'm not.": the previous sentence is withdrawn
-            said = m["said"]
-            s = s[m.end():].strip(" ,;:.!-")
+            said = s[m.start("said"):]  # "Scratch that last part.": "that" names something else
+            s = re.sub(r"^(?:lol|haha+|sorry|please|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"), flags=re.I)
             bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I)
             if not first:
                 del found[before:]
@@ -1097,23 +1097,24 @@ _ONLY_INTERJECTIONS = re.compile(r"^(?:" + _INTERJECTION + r"?)*(?:oops|whoops|o
 # Withdrawing phrases that name the speaker's own words: they withdraw the previous turn even when a statement
 # follows ("Scratch that, I love rock."); "that" only where nothing but punctuation or a statement follows it
 # ("Ignore that typo." names something else).
-_THAT = r"(?:that|this|it)(?=\s*(?:[,;:.!-]|$|(?:i|i'm|im|my)\b))"
+_THAT = r"(?:that|this|it)(?=\s*(?:[,;:.!-]|$|(?:i|i'm|im|my|lol|haha+|please|sorry|thanks)\b))"
 _SAID = r"(?:what|everything|anything) i (?:just )?(?:said|wrote|typed|told you)"
 _ANYWAY = (r"scratch " + _THAT + r"|strike " + _THAT + r"|(?:please\s+)?(?:ignore|disregard) (?:" + _THAT + r"|" + _SAID
-           + r"|my (?:last|previous) (?:message|comment|sentence)|the last (?:message|thing i said))|forget " + _SAID +
-           r"|forget (?:i|that i) (?:just )?said (?:that|it|anything)|i take (?:that|it) back|take that back|"
-           r"(?:delete|undo|cancel) " + _THAT + r"|wrong (?:chat|window|conversation|person|thread)|"
-           r"that was (?:meant )?for someone else|never ?mind " + _SAID)
+           + r"|(?:my |the |that )?(?:last|previous) (?:message|comment|sentence|one)|the last thing i said)|forget "
+           + _SAID + r"|forget (?:i|that i) (?:just )?(?:said|mentioned) (?:that|it|anything)|i take (?:that|it) back|"
+           r"take that back|(?:delete|undo|cancel) " + _THAT + r"|wrong (?:chat|window|conversation|person|thread)|"
+           r"that (?:message |last message )?(?:was (?:meant |supposed to be )?for (?:someone else|my \w+)|"
+           r"(?:wasn't|was not) (?:meant )?for you)|never ?mind " + _SAID)
 _WITHDRAW_ANYWAY = re.compile(r"^(?:" + _ANYWAY + r")\b", re.I)
 # ... and those that withdraw it only said alone: "Just kidding, I'm actually vegan." says what holds instead,
 # and "Forget it.", "Never mind." withdraw the turn only when it asked nothing ("Never mind." after "I'm
 # vegetarian, what should I cook?" drops the question, not the diet).
 _WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|forget that|that's not true|"
-                       r"that is not true|not true|that was a joke|i lied|(?:i made|that was) an? (?:mistake|typo))\b",
+                       r"that is not true|not true|that was a joke|i lied|i was (?:just )?(?:joking|kidding)|(?:i made|that was) an? (?:mistake|typo))\b",
                        re.I)
-_WITHDRAW_UNSURE = re.compile(r"^(?:forget it|never ?mind(?: " + _THAT + r")?)\b", re.I)
+_WITHDRAW_UNSURE = re.compile(r"^(?:forget it|nvm|never ?mind(?: " + _THAT + r")?)\b", re.I)
 _RETRACT = re.compile(r"^" + _INTERJECTION + r"*(?P<said>(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|"
-                      r"scratch that|never ?mind(?: " + _THAT + r")?|forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
+                      r"scratch that|nvm|never ?mind(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
                       r"that is not (?:true|right|correct)|that's wrong|not true|that was a joke|no,? wait|"
                       r"wait,? no|actually,? no|oops,? no|i lied|(?:i made|that was) an? (?:mistake|typo)|"
                       + _ANYWAY + r")\b[,;:.!\s-]*", re.I)
@@ -1124,7 +1125,7 @@ _FILLER_AFTER = re.compile(
 # "Forget that I'm vegetarian", "Please forget where I live": what to forget, a statement or an attribute.
 _FORGET = re.compile(r"^(?:(?:ok(?:ay)?|and|also|oh)[,!]?\s+)?(?:please\s+|can you\s+|could you\s+)?"
                      r"(?:forget|don't remember|stop remembering)\s+(?:that\s+|(?:(?:what|everything) i (?:said|told you) )?about\s+)?"
-                     r"(?P<what>(?:i|i'm|im|my|where|what|how|who)\b.*?)(?:,?\s+please)?[.!]*$", re.I)
+                     r"(?P<what>(?!i (?:just )?(?:said|mentioned|told you)\b)(?:i|i'm|im|my|where|what|how|who)\b.*?)(?:,?\s+please)?[.!]*$", re.I)
 _FORGET_ATTRIBUTE = {
     **dict.fromkeys(["where i live", "where i'm living", "where i stay", "my address", "my home", "my city",
                      "where my home is", "my location"], "home"),
