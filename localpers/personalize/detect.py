@@ -575,7 +575,7 @@ _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|
 
 def _known_thing(text: str) -> bool:
     """Is `text` a thing kinds.json knows: a value of a kind or a value with a head noun ("coffee", "jazz music")?"""
-    key = norm_value(_TRAILING.sub("", _TIME_TAIL.sub("", text)))
+    key = norm_value(_without_frequency(_VALUE_CUT.sub("", _TRAILING.sub("", _TIME_TAIL.sub("", text))), "likes"))
     return bool(key) and (kind_of(key) is not None or _head_split(key)[1] is not None)
 
 
