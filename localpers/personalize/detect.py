@@ -588,7 +588,8 @@ def _given_up(clause: str) -> str:
     coffee", "i'm over jazz" -> "i no longer drink coffee" ...; "i have been drinking tea" -> "i drink tea". Only
     of a thing kinds.json knows when no verb says what was done with it ("I quit smoking." stays as it is)."""
     doing = "|".join(_DOING)
-    if m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out) (" + doing + r") (.+)$", clause, re.I):
+    if m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out) (" + doing + r") (.+)$", clause,
+                     re.I):
         return f"i no longer {_DOING[m[1].lower()]} {m[2]}"
     if (m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out|ditched|dropped) (.+)$|"
                       r"^i'm (?:so |totally |completely |well )?over (.+)$", clause, re.I)) \
@@ -601,12 +602,13 @@ def _given_up(clause: str) -> str:
 
 # A like said with the thing as subject or as a switch: "Rock is my thing now.", "Jazz isn't my thing anymore.", "I
 # switched from coffee to tea.", "No more coffee for me." (each only of a thing kinds.json knows).
-_MY_THING = re.compile(r"(?P<at>^|,\s*(?:and |but )?|\s(?:and|but)\s+)(?P<x>[\w' -]{1,30}?)(?:\s|(?='s))(?P<be>is|'s|isn't|is not|"
-                       r"is no longer) (?:really )?my (?:thing|jam|cup of tea|go-to|drink|sport|music|genre)"
+_MY_THING = re.compile(r"(?P<at>^|,\s*(?:and |but )?|\s(?:and|but)\s+)(?P<x>[\w' -]{1,30}?)(?:\s|(?='s))"
+                       r"(?P<be>is|'s|isn't|is not|is no longer) (?:really )?my "
+                       r"(?:thing|jam|cup of tea|go-to|drink|sport|music|genre)"
                        r"(?P<end>(?: (?:now|these days|nowadays|any ?more))*)(?=\s*[,;.!]|\s+(?:and|but)\b|$)", re.I)
 _SWITCH = re.compile(r"^i(?: have|'ve)? (?:just |recently |now )?(?:switched|changed|gone over|went over) (?:over )?"
-                     r"(?:from (?P<old>[\w' -]+?) )?to (?P<new>[\w' -]+?)(?P<end>(?: (?:now|these days|lately))*[.!]*)$",
-                     re.I)
+                     r"(?:from (?P<old>[\w' -]+?) )?to (?P<new>[\w' -]+?)"
+                     r"(?P<end>(?: (?:now|these days|lately))*[.!]*)$", re.I)
 _NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
 
 
@@ -768,10 +770,9 @@ def list_parts(value: str) -> list[str] | None:
     if not all(key and (kind_of(key) or _head_split(key)[1]) for key in keys):
         return None
     # "Italian and French food": the last part's head noun is the earlier parts' too, where their kind takes it
-    _, group = _head_split(keys[-1])
+    base, group = _head_split(keys[-1])
     if group is not None:
-        head = " ".join(parts[-1].split()[-len(next(h for h in sorted(_kinds()[0], key=len, reverse=True)
-                                                     if keys[-1].endswith(" " + h)).split()):])
+        head = " ".join(parts[-1].split()[len(base.split()) - len(keys[-1].split()):])  # "food" of "French food"
         kinds = _kinds()[2]
         parts = [p if _head_split(k)[1] or kind_of(k) is None or kinds[kind_of(k)][0] != group else f"{p} {head}"
                  for p, k in zip(parts, keys)]
@@ -1110,11 +1111,12 @@ _WITHDRAW_ANYWAY = re.compile(r"^(?:" + _ANYWAY + r")\b", re.I)
 # and "Forget it.", "Never mind." withdraw the turn only when it asked nothing ("Never mind." after "I'm
 # vegetarian, what should I cook?" drops the question, not the diet).
 _WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|forget that|that's not true|"
-                       r"that is not true|not true|that was a joke|i lied|i was (?:just )?(?:joking|kidding)|(?:i made|that was) an? (?:mistake|typo))\b",
-                       re.I)
+                       r"that is not true|not true|that was a joke|i lied|i was (?:just )?(?:joking|kidding)|"
+                       r"(?:i made|that was) an? (?:mistake|typo))\b", re.I)
 _WITHDRAW_UNSURE = re.compile(r"^(?:forget it|nvm|never ?mind(?: " + _THAT + r")?)\b", re.I)
 _RETRACT = re.compile(r"^" + _INTERJECTION + r"*(?P<said>(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|"
-                      r"scratch that|nvm|never ?mind(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
+                      r"scratch that|nvm|never ?mind(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|"
+                      r"forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
                       r"that is not (?:true|right|correct)|that's wrong|not true|that was a joke|no,? wait|"
                       r"wait,? no|actually,? no|oops,? no|i lied|(?:i made|that was) an? (?:mistake|typo)|"
                       + _ANYWAY + r")\b[,;:.!\s-]*", re.I)
@@ -1125,7 +1127,8 @@ _FILLER_AFTER = re.compile(
 # "Forget that I'm vegetarian", "Please forget where I live": what to forget, a statement or an attribute.
 _FORGET = re.compile(r"^(?:(?:ok(?:ay)?|and|also|oh)[,!]?\s+)?(?:please\s+|can you\s+|could you\s+)?"
                      r"(?:forget|don't remember|stop remembering)\s+(?:that\s+|(?:(?:what|everything) i (?:said|told you) )?about\s+)?"
-                     r"(?P<what>(?!i (?:just )?(?:said|mentioned|told you)\b)(?:i|i'm|im|my|where|what|how|who)\b.*?)(?:,?\s+please)?[.!]*$", re.I)
+                     r"(?P<what>(?!i (?:just )?(?:said|mentioned|told you)\b)(?:i|i'm|im|my|where|what|how|who)\b.*?)"
+                     r"(?:,?\s+please)?[.!]*$", re.I)
 _FORGET_ATTRIBUTE = {
     **dict.fromkeys(["where i live", "where i'm living", "where i stay", "my address", "my home", "my city",
                      "where my home is", "my location"], "home"),
