@@ -106,6 +106,9 @@ def test_invariant_a_passing_situation_until_a_time_is_no_fact(message):
     ("I love swimming every morning.", ["likes=swimming"]),   # a sport kinds.json lists
     ("I drink tea, every evening.", ["likes=tea"]),
     ("I love jazz a lot.", ["likes=jazz"]),
+    ("I drink a cup of coffee every morning.", ["likes=coffee"]),
+    ("I have coffee every morning.", ["likes=coffee"]),          # a habit of a known thing
+    ("I usually have tea in the afternoon.", ["likes=tea"]),
 ])
 def test_invariant_how_often_or_when_a_thing_is_done_is_no_part_of_its_value(message, expected):
     assert facts(message) == expected
@@ -117,6 +120,8 @@ def test_invariant_how_often_or_when_a_thing_is_done_is_no_part_of_its_value(mes
     ("I love Saturday mornings.", ["likes=Saturday mornings"]),
     ("I hate working on weekends.", ["dislikes=working on weekends"]),  # the time is what is hated
     ("I read at night.", ["about=I read at night"]),                   # no thing: a statement about the user
+    ("I have a meeting every Monday.", ["about=I have a meeting every Monday"]),   # no thing kinds.json knows
+    ("I have coffee.", ["about=I have coffee"]),                       # no habit said
 ])
 def test_invariant_a_value_whose_words_are_the_thing_keeps_them(message, expected):
     assert facts(message) == expected

@@ -585,8 +585,9 @@ _DOING = {"drinking": "drink", "eating": "eat", "listening to": "listen to", "wa
 
 def _given_up(clause: str) -> str:
     """A normalized clause of a like given up or taken up said as a like: "i stopped drinking coffee", "i gave up
-    coffee", "i'm over jazz" -> "i no longer drink coffee" ...; "i have been drinking tea" -> "i drink tea". Only
-    of a thing kinds.json knows when no verb says what was done with it ("I quit smoking." stays as it is)."""
+    coffee", "i'm over jazz" -> "i no longer drink coffee" ...; "i have been drinking tea" -> "i drink tea", "i have
+    tea every morning" -> "i like tea every morning". Only of a thing kinds.json knows when no verb says what was
+    done with it ("I quit smoking." stays as it is)."""
     doing = "|".join(_DOING)
     if m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out) (" + doing + r") (.+)$", clause,
                      re.I):
@@ -597,6 +598,10 @@ def _given_up(clause: str) -> str:
         return f"i no longer like {m[1] or m[2]}"
     if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
         return f"i {_DOING[m[1].lower()]} {m[2]}"
+    # "i have coffee every morning": a habit of a known thing (a frequency said), not a possession
+    if (m := re.match(r"^i (?:have|grab|get|order|take) (.+)$", clause, re.I)) and _FREQUENCY.search(clause) \
+            and _known_thing(m[1]):
+        return f"i like {m[1]}"
     return clause
 
 
@@ -660,7 +665,6 @@ def _normal_clause(clause: str) -> str:
     c = re.sub(r"^i (?:have |'ve )?(?:quit|left|lost|gave up|given up) my (?:job|position|career|work) as\b|"
                r"^i (?:have |'ve )?(?:stopped|quit) working as\b", "i no longer work as", c, flags=re.I)
     c = re.sub(r"^i (?:have |'ve )?(?:stopped|quit) (?:living|residing) in\b", "i no longer live in", c, flags=re.I)
-    c = _given_up(c)
     # "I was a nurse until last year", "I lived in Oslo until 2020": a state that is over
     c = re.sub(r"^i (was|lived in|worked as|worked at|worked for) (.+?),? until\b.*$",
                lambda m: _OVER[m[1].lower()] + m[2], c, flags=re.I)
@@ -674,6 +678,7 @@ def _normal_clause(clause: str) -> str:
     for _ in range(3):
         c = re.sub(r"^(i(?:'m)?|i don't|i'm not) " + _ADVERBS + r"\b,? ?", r"\1 ", c, flags=re.I)
         c = re.sub(r"^(i|i'm) not " + _ADVERBS + r"\b ", r"\1 not ", c, flags=re.I)
+    c = _given_up(c)
     c = re.sub(r"^i'm no longer\b", "i'm no longer", c, flags=re.I)
     c = re.sub(r"^(i) (?:do )?no longer\b", r"\1 no longer", c, flags=re.I)
     c = re.sub(r"\s*,?\s*\bnot (?:any ?more|anymore)\b", "", c, flags=re.I)
@@ -702,7 +707,8 @@ def _clean_value(value: str, attribute: str) -> str:
         value = re.sub(r"\s+to (?:become|be|work|study|start|join|pay|support|take|focus)\b.*$", "", value)
     if attribute in ("likes", "dislikes"):  # "I drink mostly tea", "lots of tea": the thing
         value = re.sub(r"^(?:to|mostly|mainly|only|just|usually|primarily|largely|exclusively|a lot of|lots of|"
-                       r"plenty of)\s+", "", value.strip(), flags=re.I)
+                       r"plenty of|(?:an?|my|one|two) (?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|"
+                       r"bowls?) of)\s+", "", value.strip(), flags=re.I)
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
     if attribute != "name":
         value = _without_frequency(value, attribute)
