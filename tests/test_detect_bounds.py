@@ -1,6 +1,8 @@
-"""The detector's bounds and combinations that a sample of detect.py's mutants (issue 28; seed 11, after the testers'
-rounds) found untested: the 400-character sentence bound, a statement stating no fact in merge_preferences, a
-retirement of another value beside a stated one, and a value cut before its qualifier."""
+"""The detector's bounds and combinations that detect.py's mutants (issue 28: the seed-11 sample after the testers'
+rounds, then every mutant) found untested: the 400-character sentence bound, a statement stating no fact in
+merge_preferences, a retirement of another value beside a stated one, a value cut before its qualifier, "so am I"
+after a contracted "'s", a shouted "AGAIN, after ...", a bare "not" withdrawing the previous turn, a dash before a
+value's qualifier, and is_preference on questions and requests without "?"."""
 from __future__ import annotations
 
 from localpers.personalize.detect import detect_facts, is_preference, merge_preferences
@@ -36,3 +38,40 @@ def test_invariant_a_second_predicate_after_and_gets_its_subject_back():
         ("relationship", "I am married."), ("about", "I have two kids of my own.")]
     assert [(f.attribute, f.value) for f in detect_facts("I am native american and live in oklahoma.")][-1] == (
         "home", "Oklahoma")
+
+
+def test_invariant_so_am_i_after_a_contracted_is_states_the_others_predicate_of_the_speaker():
+    # "'s" is "is" right after the subject (it was never matched: "She's vegan and so am I." stated nothing)
+    for text, fact in (("She's vegan and so am I.", ("diet", "vegan", "I'm vegan.")),
+                       ("My wife's vegetarian and so am I.", ("diet", "vegetarian", "I'm vegetarian.")),
+                       ("He's a nurse and so am I.", ("job", "nurse", "I'm a nurse.")),
+                       ("My wife 's vegetarian and so am I.", ("diet", "vegetarian", "I'm vegetarian."))):
+        assert [(f.attribute, f.value, f.statement) for f in detect_facts(text)] == [fact], text
+    # a possessive "'s" is whose, and "'s got" / "'s been" is "has": neither is said of the speaker as "I'm ..."
+    assert detect_facts("My wife's sister is vegan and so am I.") == []
+    for text in ("He's got a dog and so have I.", "She's been vegan for years and so have I."):
+        assert not any("I'm got" in f.statement or "I'm been" in f.statement for f in detect_facts(text)), text
+
+
+def test_invariant_a_shouted_again_before_a_comma_is_dropped_like_a_lower_case_one():
+    for text in ("I'M VEGAN AGAIN, AFTER A YEAR OF EATING MEAT.", "I'm vegan again, after a year of eating meat."):
+        assert [(f.attribute, f.value, f.retire) for f in detect_facts(text)] == [("diet", "vegan", False)], text
+
+
+def test_invariant_a_bare_not_after_a_retraction_withdraws_the_previous_turn():
+    for text in ("jk, not", "Just kidding, not.", "Scratch that, not!"):
+        assert [(f.attribute, f.value, f.retire) for f in detect_facts(text, previous="I'm vegetarian.")] == [
+            ("diet", "vegetarian", True)], text
+
+
+def test_invariant_a_dash_before_a_values_qualifier_is_not_part_of_the_value():
+    for text, fact in (("I live in Oslo - with my wife.", ("home", "Oslo")),
+                       ("I moved to Berlin - two years ago.", ("home", "Berlin")),
+                       ("I work as a nurse - since 2015.", ("job", "nurse"))):
+        assert [(f.attribute, f.value) for f in detect_facts(text)] == [fact], text
+
+
+def test_invariant_a_question_or_request_without_a_question_mark_is_no_preference():
+    for text in ("What should I cook for dinner", "Recommend me a good book.", "Can you suggest a movie for me.",
+                 "How do I make my jazz playlist longer"):
+        assert not is_preference(text), text
