@@ -5,7 +5,7 @@ after a contracted "'s", a shouted "AGAIN, after ...", a bare "not" withdrawing 
 value's qualifier, and is_preference on questions and requests without "?"."""
 from __future__ import annotations
 
-from localpers.personalize.detect import detect_facts, is_preference, merge_preferences
+from localpers.personalize.detect import detect_facts, is_preference, kind_of, merge_preferences
 
 
 def test_invariant_a_sentence_of_400_characters_is_read_and_one_of_401_is_not():
@@ -71,7 +71,56 @@ def test_invariant_a_dash_before_a_values_qualifier_is_not_part_of_the_value():
         assert [(f.attribute, f.value) for f in detect_facts(text)] == [fact], text
 
 
-def test_invariant_a_question_or_request_without_a_question_mark_is_no_preference():
+def test_invariant_is_preference_takes_lasting_first_person_statements_and_nothing_else():
+    # questions and requests (with or without "?"), other subjects, the task, situations of the day: not one
     for text in ("What should I cook for dinner", "Recommend me a good book.", "Can you suggest a movie for me.",
-                 "How do I make my jazz playlist longer"):
+                 "How do I make my jazz playlist longer", "I love jazz?", "The weather is nice today.", "Vegan.",
+                 "I like this code.", "My car broke down.", "im looking for a new jacket", "I really need a new laptop.",
+                 "I REALLY NEED A NEW LAPTOP.", "I have a dentist appointment tomorrow."):
         assert not is_preference(text), text
+    # two words are enough; "my" + the user's own life; a taste stays one on a dated occasion
+    for text in ("I'm vegan.", "My favourite color is blue.", "My job is teaching.",
+                 "My favourite season starts next month.", "I love going to concerts this weekend."):
+        assert is_preference(text), text
+
+
+def retired_forms(text: str) -> set[str]:
+    [fact] = detect_facts(text)
+    assert fact.retire, text
+    return {f.key for f in fact.supersedes}
+
+
+def test_invariant_a_retirement_reaches_the_value_in_the_other_number_and_never_a_cut_word():
+    for text, other in (("I'm not allergic to strawberries anymore.", "strawberry"),
+                        ("I don't like pies anymore.", "pie"), ("I don't like fries anymore.", "fry"),
+                        ("I'm not allergic to nuts anymore.", "nut"), ("I don't like candy anymore.", "candies"),
+                        ("I'm not allergic to peanut anymore.", "peanuts")):
+        assert other in retired_forms(text), text
+    # "ss", "us", "is" and three letters end no plural; "-ch", "-sh", "-s", "-x", "-z" take none by "+s"
+    for text, junk in (("I'm no longer allergic to grass.", "gras"), ("I'm no longer allergic to citrus.", "citru"),
+                       ("I don't like tennis anymore.", "tenni"), ("I don't like gas anymore.", "ga"),
+                       ("I'm not allergic to peach anymore.", "peachs")):
+        assert junk not in retired_forms(text), text
+
+
+def test_invariant_a_retirement_splits_off_the_longest_head_noun_even_of_a_one_letter_value():
+    assert "crime shows" in retired_forms("I don't like crime TV shows anymore.")  # "tv shows", not "shows"
+    assert "b films" in retired_forms("I don't like B-movies anymore.")
+
+
+def test_invariant_kind_of_finds_a_kind_value_in_the_other_number():
+    assert (kind_of("cocktail"), kind_of("whiskies"), kind_of("countries")) == ("drink", "drink", "music genre")
+
+
+def test_invariant_a_predicate_said_of_the_speaker_becomes_first_person():
+    for text, facts in (("I'm a nurse who is from Lyon.", [("job", "nurse", "I'm a nurse."),
+                                                           ("origin", "Lyon", "I'm from Lyon.")]),
+                        ("My wife has a dog and so do I.", [("pets", "a dog", "I have a dog.")]),
+                        ("MY WIFE LOVES JAZZ AND SO DO I.", [("likes", "jazz", "I love jazz.")])):
+        assert [(f.attribute, f.value, f.statement) for f in detect_facts(text)] == facts, text
+
+
+def test_invariant_merge_skips_blank_statements_and_keeps_distinct_ones_without_a_fact():
+    assert merge_preferences([], ["Lorem ipsum dolor sit.", "Sed ut perspiciatis."]) == [
+        "Lorem ipsum dolor sit.", "Sed ut perspiciatis."]
+    assert merge_preferences(["  ", "I live in Oslo."], ["", "I'm vegan."]) == ["I live in Oslo.", "I'm vegan."]

@@ -42,7 +42,8 @@ def corpus(extra: list[str]) -> list[str]:
 
 def outputs(detect, text: str) -> tuple:
     def facts(found):
-        return [(f.attribute, f.value, f.statement, f.retire, f.change) for f in found]
+        return [(f.attribute, f.value, f.statement, f.retire, f.change, sorted(g.key for g in f.supersedes))
+                for f in found]
     out = [facts(detect.detect_facts(text)), detect.is_preference(text), detect.detect_preferences(text),
            facts(detect.detect_facts(text, limit=1)), facts(detect.detect_facts("Just kidding.", previous=text)),
            facts(detect.detect_facts(text, previous="I'm vegetarian. I live in Oslo. I love jazz.")),
@@ -71,9 +72,11 @@ if __name__ == "__main__":
     ap.add_argument("--extra", action="append", default=[])
     ap.add_argument("--show", type=int, default=3)
     ap.add_argument("--text", action="append", default=[], help="compare on these texts only (no corpus)")
+    ap.add_argument("--only", action="append", default=[], help="compare on the lines of this file only (no corpus)")
     args = ap.parse_args()
     sys.path[:0] = [str(ROOT)]
-    texts = args.text or corpus(args.extra)  # read with the original package first
+    texts = args.text + [line.rstrip("\n") for name in args.only for line in open(name) if line.strip()]
+    texts = texts or corpus(args.extra)  # read with the original package first
     for mod in [m for m in sys.modules if m == "localpers" or m.startswith("localpers.")]:
         del sys.modules[mod]
     sys.path.insert(0, str(Path(args.mutants_dir).resolve()))
