@@ -297,3 +297,11 @@ def test_invariant_a_compound_change_leaves_the_new_like_and_the_rest(store, fir
     say(store, "cc", "I live in Oslo.", first)
     say(store, "cc", then)
     assert held(store, "cc") == [("home", "Oslo"), *kept]
+
+
+def test_a_like_preferred_to_the_held_one_these_days_replaces_it(store):
+    """"I'm more into rock than jazz these days." with jazz held: rock is the change, jazz is gone."""
+    say(store, "more", "I live in Oslo.", "I love jazz.")
+    learned = say(store, "more", "I'm more into rock than jazz these days.")
+    assert [r["attribute"] for r in learned["replaced"]] == ["likes"]
+    assert held(store, "more") == [("home", "Oslo"), ("likes", "rock")]

@@ -457,7 +457,7 @@ _ELLIPTIC_SELF = re.compile(r"^(?:i(?:'m| am| do| did| have| was| will| can|'d|'
                             r"neither (?:am|do) i|same(?: here)?)(?: too| either| also| neither)?$", re.I)
 
 _ADVERBS = (r"(?:also|really|now|currently|still|actually|recently|just|definitely|totally|absolutely|generally|"
-            r"usually|always|honestly|truly|officially|finally|originally|personally|mostly|strictly|kind of|"
+            r"usually|often|sometimes|occasionally|regularly|frequently|normally|typically|always|honestly|truly|officially|finally|originally|personally|mostly|strictly|kind of|"
             r"pretty much|basically)")
 _TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|again|instead|once again|once more|at the moment|currently|"
                        r"anymore|any more|as well|too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
@@ -566,7 +566,7 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("likes", r"^i " + _NEG_DO + r"(?:really |absolutely |totally |truly |do )?" + _LIKE + r" (?P<v>.+)$"),
 ]]
 _ANYMORE = re.compile(r"\b(?:any ?more|no longer|not \w+ any ?more|used to|stopped|quit)\b", re.I)
-_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|with my|with \w+ \w+|since|"
+_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|than|with my|with \w+ \w+|since|"
                     r"for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
                     r"who|which|where)\b.*$")
 _VALUE_CUT = re.compile(_VALUE_CUT_WORDS + r"|,.*$", re.I)
@@ -615,11 +615,15 @@ _SWITCH = re.compile(r"^i(?: have|'ve)? (?:just |recently |now )?(?:switched|cha
                      r"(?:from (?P<old>[\w' -]+?) )?to (?P<new>[\w' -]+?)"
                      r"(?P<end>(?: (?:now|these days|lately))*[.!]*)$", re.I)
 _NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
+# "I like neither jazz nor rock.": said as "I don't like jazz or rock." (a dislike of each, never a like)
+_NEITHER = re.compile(r"\b(?P<i>I|i)(?: (?:really|truly|actually|much|particularly|especially))? (?P<verb>like|love|"
+                      r"enjoy|adore|eat|drink|listen to|watch|play|care for) neither (?P<x>[^,;.!?]+?) nor\b", re.I)
 
 
 def _things_said(sentence: str) -> str:
     """`sentence` with the likes said of a thing, as a switch or as "no more X for me" said in the first person
-    ("Rock is my thing now." -> "I like rock now."), where kinds.json knows the thing."""
+    ("Rock is my thing now." -> "I like rock now."), where kinds.json knows the thing, and "neither ... nor" said
+    as "don't ... or" ("I like neither jazz nor rock." -> "I don't like jazz or rock.", of any thing)."""
     def thing(m):
         if not _known_thing(m["x"]):
             return m[0]
@@ -637,6 +641,7 @@ def _things_said(sentence: str) -> str:
         old = f"I no longer like {m['old']}, " if m["old"] and _known_thing(m["old"]) else ""
         return f"{old}I like {m['new']} now" + re.sub(r"[^.!]", "", m["end"])
 
+    sentence = _NEITHER.sub(lambda m: f"{m['i']} don't {m['verb']} {m['x']} or", sentence)
     sentence = _MY_THING.sub(thing, sentence)
     sentence = _SWITCH.sub(switched, sentence)
     return _NO_MORE.sub(lambda m: f"I no longer like {m['x']}" if _known_thing(m["x"]) else m[0], sentence)
@@ -679,6 +684,8 @@ def _normal_clause(clause: str) -> str:
         c = re.sub(r"^(i(?:'m)?|i don't|i'm not) " + _ADVERBS + r"\b,? ?", r"\1 ", c, flags=re.I)
         c = re.sub(r"^(i|i'm) not " + _ADVERBS + r"\b ", r"\1 not ", c, flags=re.I)
     c = _given_up(c)
+    if (m := re.match(r"^i go (\w+ing)\b(.*)$", c, re.I)) and _known_thing(m[1]):  # "I go swimming twice a week"
+        c = f"i like {m[1]}{m[2]}"
     c = re.sub(r"^i'm no longer\b", "i'm no longer", c, flags=re.I)
     c = re.sub(r"^(i) (?:do )?no longer\b", r"\1 no longer", c, flags=re.I)
     c = re.sub(r"\s*,?\s*\bnot (?:any ?more|anymore)\b", "", c, flags=re.I)
@@ -707,8 +714,10 @@ def _clean_value(value: str, attribute: str) -> str:
         value = re.sub(r"\s+to (?:become|be|work|study|start|join|pay|support|take|focus)\b.*$", "", value)
     if attribute in ("likes", "dislikes"):  # "I drink mostly tea", "lots of tea": the thing
         value = re.sub(r"^(?:to|mostly|mainly|only|just|usually|primarily|largely|exclusively|a lot of|lots of|"
-                       r"plenty of|(?:an?|my|one|two) (?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|"
+                       r"plenty of|(?:an?|my|one|two|three|four|five|\d+|a few|a couple of|several) (?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|"
                        r"bowls?) of)\s+", "", value.strip(), flags=re.I)
+        if (inner := _WHEN_IN_LIST.sub("", value)) != value and list_parts(_without_frequency(inner, attribute)):
+            value = inner  # "coffee in the morning and tea at night": each thing without its time
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
     if attribute != "name":
         value = _without_frequency(value, attribute)
@@ -721,13 +730,15 @@ def _clean_value(value: str, attribute: str) -> str:
 # morning." -> coffee, "I play tennis on weekends." -> tennis); "I like Sunday roast." keeps its words.
 _DAY = r"(?:(?:mon|tues|wednes|thurs|fri|satur|sun)day|week ?day|week ?end)"
 _PART = r"(?:morning|evening|afternoon|night|lunch ?time|bed ?time)"
-_FREQUENCY = re.compile(
-    r"(?:\s*,)?\s+(?:"
+_WHEN = (
     r"(?:almost |nearly |pretty much |just about )?(?:every|each)(?: single| other)? (?:" + _DAY + r"|day|night|"
     r"morning|evening|afternoon|week|month|year|summer|winter|spring|fall|autumn|season|holiday|meal)s?"
     r"(?: " + _PART + r"s?)?|every (?:so often|now and (?:then|again)|once in a while|chance i get|time i can)|"
     r"(?:on|at|over|during)(?: the)? " + _DAY + r"s?(?: " + _PART + r"s?)?|"
-    r"(?:late )?at night|at nights|(?:in|during) the (?:" + _PART + r"|summer|winter|spring|fall|autumn)s?|"
+    r"(?:late )?at night|at nights|(?:in|during) the " + _PART + r"s?|"
+    r"(?:in|during) (?:the )?(?:summer|winter|spring|fall|autumn)s?|in (?:the )?(?:summer|winter)time|"
+    r"(?:at|around|by|before|after) (?:\d{1,2}(?::\d\d)? ?(?:am|pm|a\.m\.?|p\.m\.?|o'clock)|noon|midnight)|"
+    r"(?:a|per) (?:day|week|month|year)|"
     r"(?:before|after|at) (?:bed|bedtime|work|school|class|dinner|lunch|breakfast|the gym|the office|home|"
     r"(?:a |my )?(?:workouts?|meals?|runs?))|for (?:breakfast|lunch|dinner|dessert|brunch|a snack|snacks)|"
     r"with (?:breakfast|lunch|dinner|(?:every |most |all |my )?meals?)|"
@@ -736,7 +747,10 @@ _FREQUENCY = re.compile(
     r"religiously|all the time|from time to time|once in a while|all day(?: long)?|all year(?: round)?|"
     r"year[- ]round|on a (?:daily|weekly|regular) basis|whenever i (?:can|get the chance)|"
     r"in my (?:free|spare) time|(?:once|twice|three times|\d+ times|a (?:couple|few) (?:of )?times) "
-    r"(?:a|per|every|each) (?:day|week|month|year))\s*$", re.I)
+    r"(?:a|per|every|each) (?:day|week|month|year)")
+_FREQUENCY = re.compile(r"(?:\s*,)?\s+(?:" + _WHEN + r")\s*$", re.I)
+# ... before the next thing of a list: "coffee in the morning and tea (at night)"
+_WHEN_IN_LIST = re.compile(r"(?:\s*,)?\s+(?:" + _WHEN + r")(?=\s*,|\s+(?:and|or|&)\s+)", re.I)
 # Nouns in "-ing" that are no activity: "I eat pudding every day" -> pudding.
 _ING_NOUNS = {"pudding", "stuffing", "icing", "frosting", "dressing", "filling", "topping", "dumpling", "herring",
               "ling", "ring", "king", "thing", "wing", "string", "spring", "evening", "morning", "ceiling",
@@ -829,11 +843,16 @@ _JOB_GONE = re.compile(r"^i (?:have |'ve |just )?(?:quit|left|lost|resigned from
                        r"(?:\s+(?:to|because|since|after|and|yesterday|today|last|this)\b.*)?$", re.I)
 
 
+_JOB_CLAUSE = re.compile(r"i'm (?:not |no longer )?(?:an? |the )?(?:[\w-]+ ){0,2}" + _PROFESSION, re.I)
+
+
 def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
     """The fact one first-person clause states (or retires), or None."""
     c = _normal_clause(clause)
     for _ in range(2):
         c = _TRAILING.sub("", _TIME_TAIL.sub("", c))
+    if _JOB_CLAUSE.fullmatch(kept := _FREQUENCY.sub("", c)):  # "I'm a nurse at night": the job
+        c = kept
     gone_for_good = bool(_ANYMORE.search(clause))
     letters = re.sub(r"[^A-Za-z]", "", clause)
     shouted = len(letters) > 3 and letters.isupper()
@@ -1051,10 +1070,24 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
                     fact = replace(fact, change=True)  # "Actually I prefer rock now.": replaces a like of its kind
                 kinds.add(kind)
                 new.append(fact)
+        new = _jobs_together(new)  # "I'm a chef and a writer.": both jobs, never the last one only
         found, detected = _add(found, new), detected + len(new)
         if limit is not None and detected >= limit:  # the work is bounded: at most `limit` facts are detected
             break
     return found[:limit] if limit is not None else found
+
+
+def _jobs_together(new: list[StatedFact]) -> list[StatedFact]:
+    """The facts of one sentence with the jobs it states (job is single-valued: a later one replaces an earlier)
+    held as one job, in the sentence's order ("I'm a chef and a writer." -> job "chef and writer", stated "I'm a
+    chef and writer."); any other list as it is."""
+    jobs = [f for f in new if f.attribute == "job" and not f.retire]
+    if len(jobs) < 2:
+        return new
+    value = " and ".join(dict.fromkeys(f.value for f in jobs))
+    both = StatedFact("job", value, jobs[0].statement.replace(jobs[0].value, value, 1))
+    at = new.index(jobs[0])
+    return [f for f in new[:at] if f not in jobs] + [both] + [f for f in new[at:] if f not in jobs]
 
 
 # A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
@@ -1156,6 +1189,8 @@ _FORGET_ATTRIBUTE = {
 
 def _no_emoji(text: str) -> str:
     """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
+    text = re.sub(r"\b([Ii])[ \t]*[\u2764\u2665\U0001F495\U0001F496\U0001F497\U0001F60D\U0001F970][\ufe0f]?[ \t]*(?=\w)",
+                  r"\1 love ", text)  # "I ❤️ jazz": the heart is the verb
     out = ["\x02" if _is_emoji(ch) else ch for ch in text]
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
     # "I live in 🌍 Zürich": after a word no sentence ends on (a preposition, an article, a verb before its
@@ -1252,10 +1287,19 @@ _PASSING = re.compile(
     re.I)
 
 
+# A passing reaction: a like or dislike of a demonstrative or a pronoun ("I love that idea!", "I love this song.", "I
+# love it when it rains."): what it points at is no lasting thing about the user.
+_REACTION = re.compile(r"^i (?:(?:really|just|absolutely|totally|so|truly|do) )*(?:like|love|enjoy|adore|hate|dislike|"
+                       r"detest|loathe|prefer|can't stand) (?:that|this|it|these|those|them)\b", re.I)
+# Reported speech whose words were quoted (and dropped): 'He asked me "..." and I said "yes".' -> "I said".
+_SPEECH = re.compile(r"^i (?:said|asked|replied|answered|responded|wrote|texted|told (?:him|her|them)|shouted|yelled|"
+                     r"whispered)(?: (?:to |back to )?(?:him|her|them|back))?$", re.I)
+
+
 def _blocked(clause: str) -> bool:
     """A first-person clause that is not about something lasting: a request, a thought about the task, a plan or
     a situation of the day, a passing state, a wish, a question."""
-    if _PASSING.match(clause):
+    if _PASSING.match(clause) or _REACTION.match(clause) or _SPEECH.match(clause):
         return True
     if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause, re.I):
         return True
