@@ -262,6 +262,14 @@ def test_invariant_neither_nor_is_a_dislike_of_each_as_dont_like_or_is(message, 
     assert facts(message) == expected
 
 
+@pytest.mark.parametrize("message, expected", [
+    ("I eat neither meat nor fish.", ["diet=no meat or fish"]),   # as "I don't eat meat or fish."
+    ("I like neither of them.", []),                              # a reaction: no fact
+])
+def test_neither_reads_as_its_negation_says(message, expected):
+    assert facts(message) == expected
+
+
 def test_neither_nor_states_each_dislike_in_its_own_sentence():
     assert statements("I like neither jazz nor rock.") == [("jazz", "I don't like jazz."), ("rock", "I don't like rock.")]
 
@@ -308,6 +316,7 @@ def test_invariant_two_jobs_in_one_sentence_are_both_held_never_the_last_only(me
     ("I drink coffee in the morning and tea at night.", ["likes=coffee", "likes=tea"]),
     ("I often listen to jazz at night.", ["likes=jazz"]),
     ("I sometimes drink tea.", ["likes=tea"]),
+    ("I'm sometimes vegetarian.", ["about=I'm sometimes vegetarian"]),   # a part-time diet is no diet
     ("I go swimming twice a week.", ["likes=swimming"]),
     ("I'm a nurse at night.", ["job=nurse"]),
     ("I'm a waiter on weekends.", ["job=waiter"]),
@@ -327,6 +336,7 @@ def test_invariant_a_time_that_is_the_thing_or_an_unknown_habit_stays_as_said(me
 @pytest.mark.parametrize("message, expected", [
     ("I'm more into rock than jazz these days.", ["~likes=rock"]),
     ("I like rock more than jazz.", ["likes=rock"]),
+    ("I love Better Than Ezra.", ["likes=Better Than Ezra"]),   # a name's "Than" compares nothing
 ])
 def test_invariant_what_a_like_is_compared_with_is_no_part_of_its_value(message, expected):
     assert facts(message) == expected

@@ -457,7 +457,7 @@ _ELLIPTIC_SELF = re.compile(r"^(?:i(?:'m| am| do| did| have| was| will| can|'d|'
                             r"neither (?:am|do) i|same(?: here)?)(?: too| either| also| neither)?$", re.I)
 
 _ADVERBS = (r"(?:also|really|now|currently|still|actually|recently|just|definitely|totally|absolutely|generally|"
-            r"usually|often|sometimes|occasionally|regularly|frequently|normally|typically|always|honestly|truly|officially|finally|originally|personally|mostly|strictly|kind of|"
+            r"usually|always|honestly|truly|officially|finally|originally|personally|mostly|strictly|kind of|"
             r"pretty much|basically)")
 _TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|again|instead|once again|once more|at the moment|currently|"
                        r"anymore|any more|as well|too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
@@ -566,7 +566,7 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("likes", r"^i " + _NEG_DO + r"(?:really |absolutely |totally |truly |do )?" + _LIKE + r" (?P<v>.+)$"),
 ]]
 _ANYMORE = re.compile(r"\b(?:any ?more|no longer|not \w+ any ?more|used to|stopped|quit)\b", re.I)
-_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|than|with my|with \w+ \w+|since|"
+_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|(?-i:than)|with my|with \w+ \w+|since|"
                     r"for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
                     r"who|which|where)\b.*$")
 _VALUE_CUT = re.compile(_VALUE_CUT_WORDS + r"|,.*$", re.I)
@@ -683,6 +683,7 @@ def _normal_clause(clause: str) -> str:
     for _ in range(3):
         c = re.sub(r"^(i(?:'m)?|i don't|i'm not) " + _ADVERBS + r"\b,? ?", r"\1 ", c, flags=re.I)
         c = re.sub(r"^(i|i'm) not " + _ADVERBS + r"\b ", r"\1 not ", c, flags=re.I)
+    c = re.sub(r"^i (?:often|sometimes|occasionally|regularly|frequently|normally|typically) ", "i ", c, flags=re.I)
     c = _given_up(c)
     if (m := re.match(r"^i go (\w+ing)\b(.*)$", c, re.I)) and _known_thing(m[1]):  # "I go swimming twice a week"
         c = f"i like {m[1]}{m[2]}"
@@ -1290,7 +1291,7 @@ _PASSING = re.compile(
 # A passing reaction: a like or dislike of a demonstrative or a pronoun ("I love that idea!", "I love this song.", "I
 # love it when it rains."): what it points at is no lasting thing about the user.
 _REACTION = re.compile(r"^i (?:(?:really|just|absolutely|totally|so|truly|do) )*(?:like|love|enjoy|adore|hate|dislike|"
-                       r"detest|loathe|prefer|can't stand) (?:that|this|it|these|those|them)\b", re.I)
+                       r"detest|loathe|prefer|can't stand) (?:that|this|it|these|those|them|neither)\b", re.I)
 # Reported speech whose words were quoted (and dropped): 'He asked me "..." and I said "yes".' -> "I said".
 _SPEECH = re.compile(r"^i (?:said|asked|replied|answered|responded|wrote|texted|told (?:him|her|them)|shouted|yelled|"
                      r"whispered)(?: (?:to |back to )?(?:him|her|them|back))?$", re.I)
