@@ -271,7 +271,8 @@ def test_neither_reads_as_its_negation_says(message, expected):
 
 
 def test_neither_nor_states_each_dislike_in_its_own_sentence():
-    assert statements("I like neither jazz nor rock.") == [("jazz", "I don't like jazz."), ("rock", "I don't like rock.")]
+    assert statements("I like neither jazz nor rock.") == [("jazz", "I don't like jazz."),
+                                                           ("rock", "I don't like rock.")]
 
 
 @pytest.mark.parametrize("message", [

@@ -715,8 +715,9 @@ def _clean_value(value: str, attribute: str) -> str:
         value = re.sub(r"\s+to (?:become|be|work|study|start|join|pay|support|take|focus)\b.*$", "", value)
     if attribute in ("likes", "dislikes"):  # "I drink mostly tea", "lots of tea": the thing
         value = re.sub(r"^(?:to|mostly|mainly|only|just|usually|primarily|largely|exclusively|a lot of|lots of|"
-                       r"plenty of|(?:an?|my|one|two|three|four|five|\d+|a few|a couple of|several) (?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|"
-                       r"bowls?) of)\s+", "", value.strip(), flags=re.I)
+                       r"plenty of|(?:an?|my|one|two|three|four|five|\d+|a few|a couple of|several) "
+                       r"(?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|bowls?) of)\s+", "", value.strip(),
+                       flags=re.I)
         if (inner := _WHEN_IN_LIST.sub("", value)) != value and list_parts(_without_frequency(inner, attribute)):
             value = inner  # "coffee in the morning and tea at night": each thing without its time
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
@@ -1190,8 +1191,8 @@ _FORGET_ATTRIBUTE = {
 
 def _no_emoji(text: str) -> str:
     """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
-    text = re.sub(r"\b([Ii])[ \t]*[\u2764\u2665\U0001F495\U0001F496\U0001F497\U0001F60D\U0001F970][\ufe0f]?[ \t]*(?=\w)",
-                  r"\1 love ", text)  # "I ❤️ jazz": the heart is the verb
+    hearts = "\u2764\u2665\U0001F495\U0001F496\U0001F497\U0001F60D\U0001F970"
+    text = re.sub(r"\b([Ii])[ \t]*[" + hearts + r"]\ufe0f?[ \t]*(?=\w)", r"\1 love ", text)  # "I ❤️ jazz": a verb
     out = ["\x02" if _is_emoji(ch) else ch for ch in text]
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
     # "I live in 🌍 Zürich": after a word no sentence ends on (a preposition, an article, a verb before its
