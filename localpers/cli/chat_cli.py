@@ -485,9 +485,12 @@ def cmd_chat(args) -> int:
     from rich.markup import escape
 
     console = Console(highlight=False)
-    user = args.user or getpass.getuser()
+    from localpers.store.store import check_user
+
+    user = getpass.getuser() if args.user is None else args.user   # an explicit --user "" is refused, not replaced
     if not user.strip():
         raise UserError("--user must not be empty")
+    check_user(user)   # the server's rule, told before the first message
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
     stop = None
