@@ -208,6 +208,41 @@ def test_invariant_jobs_are_claimed_round_robin_over_users_in_the_order_their_po
         assert store.claim_job()["id"] == carl["id"]  # never served: before ann, who was
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_invariant_a_queued_job_goes_before_any_job_queued_after_it_by_a_user_not_due_a_turn(tmp_path, seed):
+    """An existing user's edit waited 25 minutes at position 13 behind every newer user's first job (a user never
+    served went first, however late they queued). Oracle over random queueing and claiming by 5 users: when a job
+    Y of user V is claimed while user U's job X, queued before Y, waits, then U had its turn after Y was queued
+    and after V's last turn (U has just gone: it is V's turn); so no job waits behind later jobs of a user who
+    already had a turn since, nor behind a newcomer who queued after it. /jobs' first position is the next claim."""
+    import random
+
+    rng = random.Random(seed)
+    users, kinds = [f"u{i}" for i in range(5)], (names.EDIT, names.PERCE, names.CE)
+    queued_at, turn_at, clock = {}, {}, 0   # job id -> event number it was queued at; user -> last claim's
+    with Store.open(tmp_path) as store:
+        for user in users:
+            store.add(user, "a note")
+        for _ in range(120):
+            clock += 1
+            if rng.random() < 0.55:
+                user = rng.choice(users[:2] if rng.random() < 0.5 else users)  # two busy users, three occasional
+                job = store.queue_job(user, rng.choice(kinds))
+                queued_at.setdefault(job["id"], clock)
+                continue
+            waiting = [j for user in users for j in store.jobs(user) if j["state"] == names.QUEUED]
+            first = min(waiting, key=lambda j: j["position"]) if waiting else None
+            job = store.claim_job()
+            assert (job and job["id"]) == (first and first["id"])
+            if job is None:
+                continue
+            for x in waiting:
+                if x["user"] != job["user"] and queued_at[x["id"]] < queued_at[job["id"]]:
+                    assert turn_at.get(x["user"], 0) > max(queued_at[job["id"]], turn_at.get(job["user"], 0)), (x, job)
+            turn_at[job["user"]] = clock
+            store.finish_job(job["id"], names.DONE)
+
+
 # ----- the job process (spawned: a fresh interpreter loads the random model)
 
 def dying_job(store, user, engine, job):

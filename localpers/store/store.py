@@ -1580,15 +1580,18 @@ class Store:
         return {**self._job_dict(row), "position": self.queue_positions().get(job_id) if row[4] == "queued" else None}
 
     # the queue's order, round-robin over users: each user's oldest queued job first (a job's round: how many of
-    # its user's queued jobs are older), within a round the user whose last job started longest ago (or never)
-    # first, then the oldest; so one user's jobs never starve another's
+    # its user's queued jobs are older); within a round the user due first: the later of when their oldest queued
+    # job was queued and when their last job started (a user who has just had a turn waits for the others, and a
+    # newcomer who queued after a waiting job comes after it), then the oldest. So one user's jobs never starve
+    # another's, and no job waits behind jobs queued after it but by a user whose turn it is
     _QUEUE_ORDER = (" ORDER BY (SELECT count(*) FROM jobs q WHERE q.user_id = j.user_id AND q.state = 'queued'"
-                    " AND q.id < j.id), coalesce((SELECT max(p.started) FROM jobs p WHERE p.user_id = j.user_id), 0),"
-                    " j.id")
+                    " AND q.id < j.id), max((SELECT min(o.created) FROM jobs o WHERE o.user_id = j.user_id AND"
+                    " o.state = 'queued'), coalesce((SELECT max(p.started) FROM jobs p WHERE p.user_id = j.user_id),"
+                    " 0)), j.id")
 
     def claim_job(self, kinds=None) -> dict | None:
         """Mark the next queued job (of one of `kinds`, if given) running and return it, or None. Next, in
-        _QUEUE_ORDER: the oldest job of the user whose last job started longest ago (round-robin over users)."""
+        _QUEUE_ORDER: the oldest job of the user due first (round-robin over users, in the order they queued)."""
         with self._write() as conn:
             sql, args = "SELECT j.id FROM jobs j WHERE j.state = 'queued'", []
             if kinds is not None:
