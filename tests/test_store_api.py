@@ -42,7 +42,8 @@ def test_add_list_search_delete(client):
     assert_error(client.delete(f"/v1/users/alice/memories/{created['id']}"), 404, "not_found", "has no item")
 
 
-@pytest.mark.parametrize("key", ["attribute", "attribute_type", "value", "message", "source", "superseded_by"])
+@pytest.mark.parametrize("key", ["attribute", "attribute_type", "value", "message", "source", "superseded_by",
+                                 "supersedes"])
 def test_invariant_a_clients_meta_never_states_a_facts_own_keys(client, key):
     """A client-supplied meta made a second current single-valued fact ({"attribute": "job", "value": "king"} on
     "I love jazz" beside the learned job=dentist): the store's own meta keys are refused, naming the key, before
