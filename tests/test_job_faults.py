@@ -186,7 +186,7 @@ def test_a_restated_fact_whose_edit_failed_is_edited_again(tmp_path):
 
 def test_invariant_jobs_are_claimed_round_robin_over_users_in_the_order_their_positions_say(tmp_path):
     """One user's queued jobs made another's first job wait behind all of them: each user's oldest job comes
-    first, the user served longest ago (or never) first; /jobs' `position` is the claim order."""
+    first, the user due first first (queued earliest, or served longest ago); /jobs' `position` is the claim order."""
     with Store.open(tmp_path) as store:
         for user in ("ann", "bob"):
             store.add(user, "a note")
@@ -205,7 +205,7 @@ def test_invariant_jobs_are_claimed_round_robin_over_users_in_the_order_their_po
         store.add("carl", "a note")
         carl = store.queue_job("carl", names.EDIT)
         store.queue_job("ann", names.EDIT)
-        assert store.claim_job()["id"] == carl["id"]  # never served: before ann, who was
+        assert store.claim_job()["id"] == carl["id"]  # queued first, never served: before ann
 
 
 @pytest.mark.parametrize("seed", range(4))

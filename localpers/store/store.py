@@ -1043,14 +1043,20 @@ class Store:
                         self._queue(conn, user_id, names.EDIT)
                         out["retried"] += [{"id": i, "attribute": fact.attribute} for i, v, _ in held if v == value]
                     continue
-                meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
-                [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
-                conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
-                             (fact_id, user_id, slot, value, message_id))
-                out["facts"].append({"id": fact_id, "attribute": fact.attribute})
+                self._add_fact(conn, user_id, fact, message_id, source, out)
             if withdrawn is not None:
                 self._restore(conn, user_id, withdrawn, extract, limit, out)
         return paths
+
+    def _add_fact(self, conn, user_id: int, fact, message_id: int, source: str, out: dict) -> None:
+        """Inside a write: store `fact` as a preference learned from message `message_id` (meta source, message,
+        attribute, value; its edit job queued) and in the facts index; out["facts"] gets {"id", "attribute"}."""
+        slot, value = self._fact_digests(fact)
+        meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
+        [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
+        conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
+                     (fact_id, user_id, slot, value, message_id))
+        out["facts"].append({"id": fact_id, "attribute": fact.attribute})
 
     def _restore(self, conn, user_id: int, withdrawn: int, extract, limit: int, out: dict) -> None:
         """Inside a write, once message `withdrawn`'s facts were withdrawn: learn again what it replaced or retired
@@ -1063,24 +1069,21 @@ class Store:
         row = conn.execute("SELECT meta FROM items WHERE id = ? AND user_id = ?", (withdrawn, user_id)).fetchone()
         changed = _read_meta(self.cipher.open(row[0], aad)).get(names.SUPERSEDES) if row else None
         for message_id, slots in (changed.items() if isinstance(changed, dict) else ()):
+            if not (message_id.isdecimal() and isinstance(slots, list)):
+                continue
             row = conn.execute("SELECT text, meta FROM items WHERE id = ? AND user_id = ? AND kind = ?",
                                (int(message_id), user_id, names.MESSAGE)).fetchone()
-            if row is None or not isinstance(slots, list):  # deleted since: nothing to learn again
+            if row is None:  # deleted since: nothing to learn again
                 continue
             text = self.cipher.open(row[0], b"%d:text" % user_id).decode("utf-8")
             meta = _read_meta(self.cipher.open(row[1], aad))
             facts = [f for f in extract(text, limit, None)[:limit] if not f.retire]
             for fact in facts:
-                slot, value = self._fact_digests(fact)
+                slot, _ = self._fact_digests(fact)
                 if slot.hex() not in slots or conn.execute(
                         "SELECT 1 FROM facts WHERE user_id = ? AND slot = ?", (user_id, slot)).fetchone():
                     continue
-                fact_meta = {"source": meta.get("source", "chat"), "message": int(message_id),
-                             "attribute": fact.attribute, "value": fact.value}
-                [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, fact_meta)])
-                conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
-                             (fact_id, user_id, slot, value, int(message_id)))
-                out["facts"].append({"id": fact_id, "attribute": fact.attribute})
+                self._add_fact(conn, user_id, fact, int(message_id), meta.get("source", "chat"), out)
             held = all(conn.execute("SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value = ?",
                                     (user_id, *self._fact_digests(f))).fetchone() for f in facts)
             if meta.get(names.SUPERSEDED_BY) == withdrawn and held:
