@@ -208,6 +208,23 @@ def test_invariant_jobs_are_claimed_round_robin_over_users_in_the_order_their_po
         assert store.claim_job()["id"] == carl["id"]  # queued first, never served: before ann
 
 
+def test_an_existing_users_edit_is_not_passed_by_the_first_jobs_of_users_who_came_after_it(tmp_path):
+    """The tester's queue: ann's first edit ran, her next was queued, then 15 new users each queued a first job;
+    hers was at position 13 after 25 minutes. It is next; the newcomers follow in the order they queued."""
+    with Store.open(tmp_path) as store:
+        store.add("ann", "a note")
+        first = store.queue_job("ann", names.EDIT)
+        assert store.claim_job()["id"] == first["id"]
+        store.finish_job(first["id"], names.DONE)
+        mine = store.queue_job("ann", names.EDIT)
+        others = []
+        for n in range(15):
+            store.add(f"new{n}", "a note")
+            others.append(store.queue_job(f"new{n}", names.EDIT)["id"])
+        assert store.job(mine["id"])["position"] == 1
+        assert [store.claim_job()["id"] for _ in range(16)] == [mine["id"], *others]
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_invariant_a_queued_job_goes_before_any_job_queued_after_it_by_a_user_not_due_a_turn(tmp_path, seed):
     """An existing user's edit waited 25 minutes at position 13 behind every newer user's first job (a user never
