@@ -337,6 +337,24 @@ def test_invariant_only_the_sentences_of_a_changed_fact_leave_retrieval(store):
     assert "I love jazz." in found and not any("I'm vegan." in text for text in found)
 
 
+def test_invariant_a_document_stating_a_replaced_fact_is_quoted_without_it(store):
+    """A tester's imported notes ("Diary: I live in Oslo") were never superseded, so retrieval quoted Oslo beside
+    the Paris adapter: every retrieved text, documents, reviews and unmarked messages included, loses the sentences
+    stating a fact whose slot the user now holds with another value; a fact the user holds no value of (never
+    stated in chat) and the current value stay, and an untouched text keeps its own layout."""
+    store.add("dora", "Diary: I live in Oslo. The fjords are lovely.", kind=names.DOCUMENT)
+    store.add("dora", "Notes\n\nI'm vegan.\nI love the fjords.", kind=names.DOCUMENT)
+    store.add("dora", "I live in Oslo and the fjords are wonderful.", kind=names.REVIEW)
+    assert "Diary: I live in Oslo. The fjords are lovely." in retrieved(store, "dora", "Tell me about Oslo fjords.")
+    say(store, "dora", "I moved to Paris.")
+    found = retrieved(store, "dora", "Tell me about Oslo fjords.")
+    assert "The fjords are lovely." in found and not any("Oslo" in text for text in found), found
+    assert "Notes\n\nI'm vegan.\nI love the fjords." in found   # nothing replaced: as stored
+    say(store, "dora", "I'm vegetarian.")
+    found = retrieved(store, "dora", "Tell me about the fjords.")
+    assert any("I love the fjords." in t for t in found) and not any("vegan" in t for t in found), found
+
+
 def test_invariant_a_deleted_fact_is_not_retrieved_from_its_message(store):
     """A tester's case: the user deletes the learned preference "I love jazz music." (memories API); its message
     stays listed but is no longer quoted for it."""
