@@ -45,9 +45,9 @@ def test_invariant_memory_adds_the_facts_line_to_requests_only():
     recall = memory(VERA, "What is my diet?", None)
     assert recall.artifacts.lora == (("/data/edit.gguf", 1.0),) and recall.user_prefix == "" and not recall.system
     use = memory(VERA, "What should I cook tonight?", None)
-    assert use.artifacts.lora == (("/data/edit.gguf", 1.0),) and use.user_prefix == "About me: I'm vegetarian.\n\n"
+    assert use.artifacts.lora == (("/data/edit.gguf", 1.0),) and use.user_prefix == "The user told you: I'm vegetarian.\n\n"
     served = apply(use, [{"role": "user", "content": "What should I cook tonight?"}])
-    assert served == [{"role": "user", "content": "About me: I'm vegetarian.\n\nWhat should I cook tonight?"}]
+    assert served == [{"role": "user", "content": "The user told you: I'm vegetarian.\n\nWhat should I cook tonight?"}]
     # a request the preference does not bear on: no line (no recitation on neutral requests)
     assert memory(VERA, "Suggest an opening line for a cover letter.", None).user_prefix == ""
     # a user with nothing: nothing
@@ -70,7 +70,7 @@ def test_memory_composes_and_its_explanation_names_what_was_served():
     user = User("vera", preferences=("I love jazz.", "I'm vegetarian."), preference_ids=(11, 12), registered=(ADAPTER,))
     assert composer.explain(user, composer(user, "What should I cook tonight?", None))["stated"] == [12]
     assert "stated" not in composer.explain(user, composer(user, "What is my diet?", None))
-    assert use.user_prefix.startswith("About me: I'm vegetarian.\n\n<history")
+    assert use.user_prefix.startswith("The user told you: I'm vegetarian.\n\n<history")
     assert get_method(names.MEMORY) is memory
 
 
@@ -78,7 +78,7 @@ def test_a_part_composed_twice_is_given_once():
     """`memory+facts` (a tester's spec): the stated-facts line once, not twice."""
     user = User("vera", preferences=VERA.preferences, registered=(ADAPTER,))
     both = get_method(f"{names.MEMORY}+{names.FACTS}")(user, "What should I cook tonight?", None)
-    assert both.user_prefix == "About me: I'm vegetarian.\n\n" and both.artifacts.lora == (("/data/edit.gguf", 1.0),)
+    assert both.user_prefix == "The user told you: I'm vegetarian.\n\n" and both.artifacts.lora == (("/data/edit.gguf", 1.0),)
     assert get_method("prompt+prompt")(user, "Hi", None).system.count("vegetarian") == 1
 
 

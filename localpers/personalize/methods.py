@@ -253,9 +253,16 @@ def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_
     return [preferences[i] for i in sorted(i for i, _ in index.search(query, k))]
 
 
+FACTS_LEAD = "The user told you:"   # the line's lead-in (bench/experiments/facts_wording.py; BENCHMARKS §4)
+
+
 def facts_prefix(statements: list[str]) -> str:
-    """Stated preferences as the compact line put before the question ("" for none)."""
-    return f"About me: {' '.join(s.strip() for s in statements)}\n\n" if statements else ""
+    """Stated preferences as the compact line put before the question ("" for none), in the user's words after
+    FACTS_LEAD: "The user told you: I'm vegetarian." Said so, the model reads the preference as the user's and
+    not its own; after "About me: ..." the 135M model answered as if it were vegetarian ("as a vegetarian, I'm
+    not equipped ...", a tester's chat), and on 77 UPQA dev requests it claimed the preference as its own less
+    often and used it as often (BENCHMARKS §4, "the facts line's wording")."""
+    return f"{FACTS_LEAD} {' '.join(s.strip() for s in statements)}\n\n" if statements else ""
 
 
 def facts(user: User, query: str, engine) -> Personalized:
