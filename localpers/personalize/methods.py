@@ -253,16 +253,14 @@ def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_
     return [preferences[i] for i in sorted(i for i, _ in index.search(query, k))]
 
 
-FACTS_LEAD = "The user told you:"   # the line's lead-in (bench/experiments/facts_wording.py; BENCHMARKS §4)
-
-
 def facts_prefix(statements: list[str]) -> str:
-    """Stated preferences as the compact line put before the question ("" for none), in the user's words after
-    FACTS_LEAD: "The user told you: I'm vegetarian." Said so, the model reads the preference as the user's and
-    not its own; after "About me: ..." the 135M model answered as if it were vegetarian ("as a vegetarian, I'm
-    not equipped ...", a tester's chat), and on 77 UPQA dev requests it claimed the preference as its own less
-    often and used it as often (BENCHMARKS §4, "the facts line's wording")."""
-    return f"{FACTS_LEAD} {' '.join(s.strip() for s in statements)}\n\n" if statements else ""
+    """Stated preferences as the compact line put before the question ("" for none): the user's own statements,
+    as if said again in this message ("I'm vegetarian.\n\nWhat should I cook tonight?"). After "About me: ..."
+    the 135M model sometimes took the preference for its own ("as a vegetarian, I'm not equipped ...", a tester's
+    chat); of the wordings probed on 77 UPQA dev requests (bench/experiments/facts_wording.py) the plain statement
+    was claimed by the model in 1 reply ("About me:" 6, "The user told you:" 2) and used in as many (0.47 vs 0.43)
+    (BENCHMARKS §4, "the facts line's wording")."""
+    return " ".join(s.strip() for s in statements) + "\n\n" if statements else ""
 
 
 def facts(user: User, query: str, engine) -> Personalized:
