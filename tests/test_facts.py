@@ -355,6 +355,24 @@ def test_invariant_a_document_stating_a_replaced_fact_is_quoted_without_it(store
     assert any("I love the fjords." in t for t in found) and not any("vegan" in t for t in found), found
 
 
+def test_invariant_checking_every_retrieved_text_decrypts_nothing_more(store, monkeypatch):
+    """The sentence check on documents and unmarked messages reads the facts index by keyed hashes only: a search
+    opens as many sealed values with it as with every text taken as stored."""
+    from localpers.serve import compose
+
+    for n in range(6):
+        store.add("eve", f"Diary {n}: I live in Oslo. The fjords are lovely.", kind=names.DOCUMENT)
+    say(store, "eve", "I moved to Paris.")
+    retrieved(store, "eve", "Tell me about Oslo fjords.")   # the index loaded
+    opened, original = [], store.cipher.open
+    monkeypatch.setattr(store.cipher, "open", lambda *a: opened.append(1) or original(*a))
+    checked = retrieved(store, "eve", "Tell me about Oslo fjords.")
+    with_check, opened[:] = len(opened), []
+    monkeypatch.setattr(compose, "still_held", lambda store, user, text, superseded=True: text)
+    as_stored = retrieved(store, "eve", "Tell me about Oslo fjords.")
+    assert len(opened) == with_check and not any("Oslo" in t for t in checked) and any("Oslo" in t for t in as_stored)
+
+
 def test_invariant_a_deleted_fact_is_not_retrieved_from_its_message(store):
     """A tester's case: the user deletes the learned preference "I love jazz music." (memories API); its message
     stays listed but is no longer quoted for it."""
