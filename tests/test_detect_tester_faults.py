@@ -248,3 +248,107 @@ def test_invariant_a_compound_change_retires_the_old_like_and_states_the_new(mes
                                      "My sister is my thing now.", "I switched from Windows to Linux."])
 def test_invariant_a_switch_or_habit_of_no_known_kind_changes_no_like(message):
     assert not any(f.change or f.retire for f in detect_facts(message))
+
+
+# ---------------------------------------------------------------- fourth round: when and where, trades, lists
+
+@pytest.mark.parametrize("message, expected", [
+    ("I work at night.", ["about=I work at night"]),
+    ("i work at night", ["about=I work at night"]),
+    ("I work at home.", ["about=I work at home"]),
+    ("I'm working at home.", []),                                   # an activity in progress: no about fact
+    ("I work at weekends.", ["about=I work at weekends"]),
+    ("I work at the weekend.", ["about=I work at the weekend"]),
+    ("I work at odd hours.", ["about=I work at odd hours"]),
+    ("I work at my desk.", ["about=I work at my desk"]),
+    ("I work for a living.", ["about=I work for a living"]),
+    ("I work for myself.", ["about=I work for myself"]),
+    ("I work at Google", ["employer=Google"]),
+    ("I work at the hospital.", ["employer=hospital"]),
+    ("I work at a bakery.", ["employer=bakery"]),
+    ("I work at Google at night.", ["employer=Google"]),
+    ("I work at home for Google.", ["employer=Google"]),
+    ("I work from home for Google.", ["employer=Google"]),
+    ("I work nights at the hospital.", ["employer=hospital"]),
+])
+def test_invariant_when_or_where_one_works_is_no_employer(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I gave up tennis for golf.", ["-likes=tennis", "likes=golf"]),
+    ("i gave up tennis for golf lol", ["-likes=tennis", "likes=golf"]),
+    ("I gave up coffee for tea.", ["-likes=coffee", "likes=tea"]),
+    ("I quit coffee for tea.", ["-likes=coffee", "likes=tea"]),
+    ("I ditched tennis for golf", ["-likes=tennis", "likes=golf"]),
+    ("I traded tennis for golf.", ["-likes=tennis", "likes=golf"]),
+    ("I swapped coffee for green tea.", ["-likes=coffee", "likes=green tea"]),
+    ("I replaced coffee with tea.", ["-likes=coffee", "likes=tea"]),
+    ("I gave up tennis in favor of golf.", ["-likes=tennis", "likes=golf"]),
+    ("I gave up tennis for golf now.", ["-likes=tennis", "~likes=golf"]),   # "now": a change, as always
+])
+def test_invariant_a_known_thing_given_up_for_another_retires_the_one_and_likes_the_other(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message", ["I gave up my seat for an old lady.", "I gave up coffee for Lent.",
+                                     "I traded my car for a bike."])
+def test_invariant_a_trade_of_things_kinds_json_does_not_know_states_no_like(message):
+    assert not any(f.attribute == "likes" for f in detect_facts(message))
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I love Italian food and also jazz music.", [("Italian food", "I love Italian food."),
+                                                  ("jazz music", "I love jazz music.")]),
+    ("I love Italian food, and also jazz music.", [("Italian food", "I love Italian food."),
+                                                   ("jazz music", "I love jazz music.")]),
+    ("I love jazz and also rock.", [("jazz", "I love jazz."), ("rock", "I love rock.")]),
+    ("I love jazz and also like rock.", [("jazz", "I love jazz."), ("rock", "I also like rock.")]),
+])
+def test_invariant_also_before_a_thing_lists_it_and_starts_no_clause(message, expected):
+    assert statements(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm vegan and also allergic to nuts.", ["diet=vegan", "allergy=nuts"]),
+    ("I'm vegan and still allergic to nuts.", ["diet=vegan", "allergy=nuts"]),
+    ("I'm a nurse and also live in Lyon.", ["job=nurse", "home=Lyon"]),
+])
+def test_invariant_also_before_a_predicate_still_starts_a_clause_of_the_speaker(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I love jazz music, Italian food, and hiking.", [("jazz music", "I love jazz music."),
+                                                      ("Italian food", "I love Italian food."),
+                                                      ("hiking", "I love hiking.")]),
+    ("I love hiking, jazz and rock.", [("hiking", "I love hiking."), ("jazz", "I love jazz."),
+                                       ("rock", "I love rock.")]),
+    ("I like reading, writing and painting.", [("reading", "I like reading."), ("writing", "I like writing."),
+                                               ("painting", "I like painting.")]),
+    ("I hate mushrooms, olives and anchovies.", [("mushrooms", "I hate mushrooms."), ("olives", "I hate olives."),
+                                                 ("anchovies", "I hate anchovies.")]),
+    ("I like pizza, sushi, and mac and cheese.", [("pizza", "I like pizza."), ("sushi", "I like sushi."),
+                                                  ("mac and cheese", "I like mac and cheese.")]),
+    ("i love hiking, swimming and yoga", [("hiking", "I love hiking."), ("swimming", "I love swimming."),
+                                          ("yoga", "I love yoga.")]),
+    ("I love tea, jazz, and hiking every weekend.", [("tea", "I love tea every weekend."),
+                                                     ("jazz", "I love jazz every weekend."),
+                                                     # read as "I love hiking every weekend." alone reads
+                                                     ("hiking every weekend", "I love hiking every weekend.")]),
+])
+def test_invariant_a_comma_list_ended_by_and_is_one_fact_per_thing_known_or_not(message, expected):
+    assert statements(message) == expected
+
+
+def test_a_comma_list_retired_retires_each_thing():
+    assert facts("I don't like jazz, rock and hiking anymore.") == ["-likes=jazz", "-likes=rock", "-likes=hiking"]
+
+
+@pytest.mark.parametrize("message, value", [
+    ("I love jazz, especially bebop.", "jazz"),                     # no "and": a qualifier, no list
+    ("I love cooking, especially Italian and French food.", "cooking"),
+    ("I love Paris, it's beautiful.", "Paris"),
+])
+def test_invariant_a_comma_before_a_qualifier_makes_no_list(message, value):
+    assert [f.value for f in detect_facts(message)] == [value]

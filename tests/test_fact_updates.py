@@ -297,3 +297,19 @@ def test_invariant_a_compound_change_leaves_the_new_like_and_the_rest(store, fir
     say(store, "cc", "I live in Oslo.", first)
     say(store, "cc", then)
     assert held(store, "cc") == [("home", "Oslo"), *kept]
+
+
+@pytest.mark.parametrize("existing, new, merged", [
+    (["I love Italian food and jazz music."], ["I don't like jazz music anymore."], ["I love Italian food."]),
+    (["I love Italian food and jazz music."], ["I hate jazz music."], ["I love Italian food.", "I hate jazz music."]),
+    (["I love Italian food and jazz music."], ["I love Italian food."], ["I love jazz music.", "I love Italian food."]),
+    (["I love Italian food and jazz music.", "I live in Oslo."], ["Actually I prefer rock now."],
+     ["I love Italian food.", "I live in Oslo.", "Actually I prefer rock now."]),
+    (["I'm vegan and I live in Oslo."], ["I live in Paris."], ["I'm vegan.", "I live in Paris."]),
+    (["I'm vegan and I live in Oslo."], ["I love jazz."], ["I'm vegan and I live in Oslo.", "I love jazz."]),
+    (["I live in Oslo."], ["I don't live in Paris anymore."], ["I live in Oslo."]),
+])
+def test_invariant_merge_replaces_or_retires_each_fact_of_a_statement_alone(existing, new, merged):
+    """A statement of several facts (a listed like, two clauses) is keyed by each of them: a later statement that
+    replaces or retires one leaves the others, each as its own sentence; one of another value retires nothing."""
+    assert merge_preferences(existing, new) == merged

@@ -207,28 +207,43 @@ def _normal(text: str) -> str:
 
 def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
     """The preferences after `new` (later) statements join `existing` ones, oldest first, by the rules the store
-    applies to learned facts (store.learn_chat), in one pass: a statement is keyed by the slot of the first fact
-    it states (detect_facts: the attribute for where I live, my diet, job, name, favourite X ...; the thing for a
+    applies to learned facts (store.learn_chat), in one pass: a statement is keyed by the slot of each fact it
+    states (detect_facts: the attribute for where I live, my diet, job, name, favourite X ...; the thing for a
     like or dislike), else by its words; a later statement of the same key replaces the earlier one ("I like
-    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it, and
-    a statement also removes the ones whose first fact it supersedes (StatedFact.supersedes: "I don't like jazz
-    anymore" removes "I love jazz music", "Actually I prefer rock now" removes "I love jazz"). Nothing else is
-    removed."""
-    merged: dict[str, tuple[str, StatedFact | None]] = {}
+    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it (one
+    of another value removes nothing: "I don't live in Paris anymore" keeps "I live in Oslo"), and a statement
+    also removes the ones whose facts it supersedes (StatedFact.supersedes: "I don't like jazz anymore" removes
+    "I love jazz music", "Actually I prefer rock now" removes "I love jazz"). A statement of several facts ("I
+    love Italian food and jazz music.", "I'm vegan and I live in Oslo.") of which only some are replaced stays as
+    the sentences of the others ("I love Italian food."), in its place. Nothing else is removed."""
+    merged: list[tuple[str, tuple[StatedFact, ...] | None]] = []  # (statement, the facts it holds; None: its words)
     for statement in [*existing, *new]:
         statement = statement.strip()
         if not statement:
             continue
         found = detect_facts(statement)
-        key = found[0].slot if found else "text:" + _normal(statement)
-        merged.pop(key, None)
-        if found:
-            gone = {(f.attribute, f.key) for f in found[0].supersedes}
-            merged = {k: (text, fact) for k, (text, fact) in merged.items()
-                      if fact is None or (fact.attribute, fact.key) not in gone}
-        if not (found and found[0].retire):
-            merged[key] = (statement, found[0] if found else None)
-    return [text for text, _ in merged.values()]
+        if not found:
+            words = _normal(statement)
+            merged = [(text, facts) for text, facts in merged if facts is not None or _normal(text) != words]
+            merged.append((statement, None))
+            continue
+        kept = []
+        for text, facts in merged:
+            left = facts if facts is None else tuple(f for f in facts if not any(_replaces(n, f) for n in found))
+            if left is None or left == facts:
+                kept.append((text, facts))
+            else:  # "I love Italian food and jazz music." after "I hate jazz music.": "I love Italian food."
+                kept += [(f.statement, (f,)) for f in left]
+        held = tuple(f for f in found if not f.retire)
+        merged = kept + ([(statement, held)] if held else [])
+    return [text for text, _ in merged]
+
+
+def _replaces(new: StatedFact, held: StatedFact) -> bool:
+    """Does `new` (a later fact) replace or retire `held`? The rules of _add, over a held statement's facts."""
+    if held.slot == new.slot and not (new.retire and new.key and held.key != new.key):
+        return True
+    return (held.attribute, held.key) in {(f.attribute, f.key) for f in new.supersedes}
 
 
 # ---------------------------------------------------------------- facts about the speaker
@@ -316,13 +331,15 @@ _AMERICAN = {"colour": "color", "colours": "colors", "flavour": "flavor", "flavo
 
 
 @functools.cache
-def _kinds() -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str | None, tuple[str, ...]]]]:
+def _kinds() -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str | None, tuple[str, ...]]], frozenset[str]]:
     """localpers/data/detect/kinds.json, parsed once: (head noun -> its group, value -> its kind, kind -> (the head
-    group its values take or None, its values)), head nouns and values as norm_value writes them."""
+    group its values take or None, its values), the things said with "and" that are one ("mac and cheese")), head
+    nouns and values as norm_value writes them."""
     data = json.loads((Path(__file__).resolve().parents[1] / "data" / "detect" / "kinds.json").read_text("utf-8"))
     heads = {norm_value(h): group for group, nouns in data["heads"].items() for h in nouns}
     kinds = {kind: (spec["head"], tuple(norm_value(v) for v in spec["values"])) for kind, spec in data["kinds"].items()}
-    return heads, {v: kind for kind, (_, values) in kinds.items() for v in values}, kinds
+    return (heads, {v: kind for kind, (_, values) in kinds.items() for v in values}, kinds,
+            frozenset(norm_value(v) for v in data["whole"]))
 
 
 def _head_split(key: str) -> tuple[str, str | None]:
@@ -436,11 +453,14 @@ _ELLIPTIC_OTHER = re.compile(
 _FIRST_PERSON = re.compile(r"^(?:i|i'm|im|i've|i'd|i'll)\b", re.I)
 _WE_WITH_ME = re.compile(r"^(?:my\s+[\w -]{1,30}?|[A-Z]\w+)\s+and\s+i\s+(?:are|'re)\b\s*", re.I)
 
-# Verbs and adjectives that may start a clause whose subject ("I") is left out: "I'm vegan and allergic to nuts".
-_CLAUSE_VERB = (r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|detest|prefer|avoid|have|own|speak|"
+# Verbs and adjectives that may start a clause whose subject ("I") is left out: "I'm vegan and allergic to nuts",
+# after an adverb ("and also live in Lyon"); an adverb before anything else starts none ("I love Italian food and
+# also jazz music": one list).
+_CLAUSE_ADVERB = r"(?:(?:also|now|still|really)\s+)*"
+_CLAUSE_VERB = (_CLAUSE_ADVERB + r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|detest|prefer|avoid|have|own|speak|"
                 r"has|lives|works|loves|likes|enjoys|hates|speaks|owns|"
                 r"study|teach|grew|was|am|come|moved|play|eat|drink|follow|can't|cannot|don't|do not|never|"
-                r"no longer|also|now|still|really)")
+                r"no longer)")
 _CLAUSE_ADJ = (r"(?:vegetarian|vegan|pescatarian|allergic|married|single|divorced|engaged|widowed|retired|"
                r"gluten|lactose|dairy|keto|paleo|halal|kosher|low[- ]carb|from|an? \w+|\d{1,3}\b)")
 _CLAUSE_SPLIT = re.compile(
@@ -448,7 +468,7 @@ _CLAUSE_SPLIT = re.compile(
     r"\s+who\s+(?=\w+s\b)))"
     r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|so (?:am|do|have) i\b|"
     r"me too\b|now i\b|"
-    r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADJ + r"))", re.I)
+    r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADVERB + _CLAUSE_ADJ + r"))", re.I)
 # A third-person verb after "who" ("I'm a nurse who lives in Lyon"), said of the speaker.
 _THIRD_PERSON_VERB = {"is": "am", "has": "have", "does": "do", "was": "was"}
 # A first-person clause that only points at another clause's predicate ("He's vegan but I'm not", "me too").
@@ -494,6 +514,17 @@ _PET = (r"(?:dogs?|cats?|pupp(?:y|ies)|kittens?|rabbits?|bunn(?:y|ies)|hamsters?
 _LIKE = r"(?P<verb>like|love|enjoy|adore|prefer|dig|fancy|appreciate|eat|drink|listen to|watch|read|play)"
 _DISLIKE = r"(?P<verb>hate|dislike|detest|loathe|despise|can't stand|cannot stand|can't bear|avoid|steer clear of)"
 _END = r"(?:,?\s+(?:for|because|since|due to|by choice|after|ever since)\b.*)?$"
+# How or when one works, said before the employer: "I work from home for Google", "I work nights at the hospital".
+_WORK_HOW = (r"(?:(?:from home|at home|remotely|online|nights|at night|part[- ]time|full[- ]time|freelance|"
+             r"on weekends|at weekends)\s+)*")
+# What follows "I work at/for" that is when or where one works, or why, not an employer: "I work at night", "I work
+# at home", "I work for a living" (times the frequencies of _FREQUENCY also say: "at weekends", "at the weekend").
+_NOT_EMPLOYER = re.compile(
+    r"^(?:(?:an? |the |my )?(?:(?:late |odd |all |weird |irregular |unsocial |unsociable |long |strange |crazy )?"
+    r"(?:night|nights|nighttime|night time|night shifts?|midnight|dawn|noon|hours|times))|(?:the )?moment|"
+    r"home|(?:my )?(?:own )?(?:home|house|place|flat|apartment|desk|computer|laptop|kitchen table|own pace|"
+    r"own hours)|(?:an? |the )?(?:office|desk|computer)|myself|me|free|fun|money|tips|(?:a )?living|nothing|"
+    r"\d.*)$", re.I)
 
 # (attribute, pattern) in order; the first that matches a clause (normalized: "i'm", "don't", adverbs dropped)
 # gives its fact. A pattern's `neg` group marks a negation, `v` the value, `a` the favourite's thing.
@@ -537,8 +568,9 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("study", r"^i " + _NEG_DO + r"(?:study|major in) (?P<v>.+)$"),
     ("study", r"^i'm " + _NEG_BE + r"(?:studying|majoring in|doing a degree in|doing a phd in) (?P<v>.+)$"),
     ("job", r"^i " + _NEG_DO + r"work as (?:an? |the )?(?P<v>.+)$"),
-    ("employer", r"^i " + _NEG_DO + r"work (?:for|at) (?:an? |the )?(?P<v>.+)$"),
-    ("employer", r"^i'm " + _NEG_BE + r"(?:working|employed|working full[- ]time) (?:for|at) (?:an? |the )?(?P<v>.+)$"),
+    ("employer", r"^i " + _NEG_DO + r"work " + _WORK_HOW + r"(?:for|at) (?P<v>.+)$"),
+    ("employer", r"^i'm " + _NEG_BE + r"(?:working|employed|working full[- ]time) " + _WORK_HOW
+     + r"(?:for|at) (?P<v>.+)$"),
     ("job", r"^i'm " + _NEG_BE + r"(?:an? |the )?(?P<v>(?:[\w-]+ ){0,2}" + _PROFESSION + r")$"),
     ("job", r"^i'm " + _NEG_BE + r"(?P<v>retired|unemployed|self[- ]employed|between jobs)$"),
     ("job", r"^my (?:job|profession|occupation) is (?:an? |the )?(?P<v>.+)$"),
@@ -614,12 +646,20 @@ _MY_THING = re.compile(r"(?P<at>^|,\s*(?:and |but )?|\s(?:and|but)\s+)(?P<x>[\w'
 _SWITCH = re.compile(r"^i(?: have|'ve)? (?:just |recently |now )?(?:switched|changed|gone over|went over) (?:over )?"
                      r"(?:from (?P<old>[\w' -]+?) )?to (?P<new>[\w' -]+?)"
                      r"(?P<end>(?: (?:now|these days|lately))*[.!]*)$", re.I)
+# A known thing given up for another: "I gave up tennis for golf.", "I replaced coffee with tea." (a like retired,
+# a like stated; a change only when said as one: "... for golf now").
+_TRADE = re.compile(r"^i(?: have|'ve)? (?:just |recently |finally )?(?:gave up|given up|quit|stopped|ditched|dropped|"
+                    r"traded|swapped|exchanged|replaced|switched|substituted)"
+                    r"(?: (?:drinking|eating|playing|watching|listening to))? (?P<old>[\w' -]+?) "
+                    r"(?:for|with|in favou?r of) (?P<new>[\w' -]+?)(?P<end>(?: (?:now|these days|lately|instead))*[.!]*)$",
+                    re.I)
 _NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
 
 
 def _things_said(sentence: str) -> str:
-    """`sentence` with the likes said of a thing, as a switch or as "no more X for me" said in the first person
-    ("Rock is my thing now." -> "I like rock now."), where kinds.json knows the thing."""
+    """`sentence` with the likes said of a thing, as a switch, a trade or as "no more X for me" said in the first
+    person ("Rock is my thing now." -> "I like rock now.", "I gave up tennis for golf." -> "I no longer like tennis,
+    I like golf."), where kinds.json knows the things."""
     def thing(m):
         if not _known_thing(m["x"]):
             return m[0]
@@ -637,8 +677,14 @@ def _things_said(sentence: str) -> str:
         old = f"I no longer like {m['old']}, " if m["old"] and _known_thing(m["old"]) else ""
         return f"{old}I like {m['new']} now" + re.sub(r"[^.!]", "", m["end"])
 
+    def traded(m):
+        if not (_known_thing(m["old"]) and _known_thing(m["new"])):
+            return m[0]
+        return f"I no longer like {m['old']}, I like {m['new']}{m['end']}"
+
     sentence = _MY_THING.sub(thing, sentence)
     sentence = _SWITCH.sub(switched, sentence)
+    sentence = _TRADE.sub(traded, sentence)
     return _NO_MORE.sub(lambda m: f"I no longer like {m['x']}" if _known_thing(m["x"]) else m[0], sentence)
 
 
@@ -759,18 +805,30 @@ def _without_frequency(value: str, attribute: str) -> str:
     return kept
 
 
-_LIST_SEP = re.compile(r"\s*,\s*(?:and\s+|or\s+|&\s+)?|\s+(?:and|or|nor|&|as well as)\s+", re.I)
+_LIST_SEP = re.compile(r"\s*,\s*(?:(?:and|&)(?:\s+also)?\s+|or\s+)?|\s+(?:(?:and|&)(?:\s+also)?|or|nor|as well as)\s+",
+                       re.I)
 
 
 def list_parts(value: str) -> list[str] | None:
     """The things a like's value lists, each as it would be said alone ("Italian food and jazz music" -> ["Italian
     food", "jazz music"]; "jazz, rock and blues"; "Italian and French food" -> ["Italian food", "French food"]), or
-    None when it names one thing. Decided with localpers/data/detect/kinds.json, never on a bare "and": a value
-    is a list only when each of its parts is a value of a kind there or ends in one of its head nouns, and the
-    whole is no value it lists ("rock and roll", "gin and tonic"); "mac and cheese", "salt and pepper chips" are
-    one thing."""
-    parts = [p.strip() for p in _LIST_SEP.split(re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I))]
-    if len(parts) < 2 or not all(parts) or kind_of(norm_value(value)) is not None:
+    None when it names one thing. Never split on a bare "and" beside a thing kinds.json does not know: a value
+    without commas is a list only when each of its parts is a value of a kind there or ends in one of its head
+    nouns, and the whole is no value it lists ("rock and roll", "gin and tonic"); "mac and cheese", "salt and
+    pepper chips" are one thing. A comma list ended by "and" or "or" ("jazz music, Italian food, and hiking",
+    "reading, writing and painting") lists each of its items, known or not, its last "X and Y" split at its first
+    "and" unless kinds.json lists it whole ("pizza, sushi and mac and cheese"); a comma before a qualifier
+    ("jazz, especially bebop") or without a closing "and" makes no list."""
+    value = re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I)
+    if kind_of(norm_value(value)) is not None or norm_value(value) in _kinds()[3]:
+        return None
+    return _known_parts(value) or _comma_parts(value)
+
+
+def _known_parts(value: str) -> list[str] | None:
+    """list_parts of things kinds.json knows, each of them, or None."""
+    parts = [p.strip() for p in _LIST_SEP.split(value)]
+    if len(parts) < 2 or not all(parts):
         return None
     keys = [norm_value(p) for p in parts]
     if not all(key and (kind_of(key) or _head_split(key)[1]) for key in keys):
@@ -785,16 +843,52 @@ def list_parts(value: str) -> list[str] | None:
     return parts
 
 
+# A comma followed by one of these is no list item: a qualifier, a remark ("jazz, especially bebop", "Paris, it's
+# lovely", "jazz, rock, etc.").
+_NOT_ITEM = re.compile(r"^(?:especially|particularly|mostly|mainly|mostly|like|such as|including|except|but|not|even|"
+                       r"which|who|it|it's|its|that|this|because|so|as|too|though|also|etc|and so on|i|i'm|im|you|"
+                       r"when|where|if|whatever|anything|everything|something|stuff|things|lol|haha)\b", re.I)
+
+
+def _comma_parts(value: str) -> list[str] | None:
+    """The items of a comma list ended by "and"/"or" (list_parts), or None."""
+    chunks = [c.strip() for c in value.split(",")]
+    if len(chunks) < 2 or not all(chunks):
+        return None
+    if m := re.match(r"^(?:and|or|&)(?:\s+also)?\s+(.+)$", chunks[-1], re.I):  # "..., and hiking"
+        last = [m[1]]
+    elif (m := re.match(r"^(.+?)\s+(?:and|or|&)(?:\s+also)?\s+(.+)$", chunks[-1], re.I)) \
+            and norm_value(chunks[-1]) not in _kinds()[3] and kind_of(norm_value(chunks[-1])) is None:
+        last = [m[1], m[2]]
+    else:
+        return None
+    items = [item for chunk in chunks[:-1] + last for item in (_known_parts(chunk) or [chunk])]
+    if any(not item or _NOT_ITEM.match(item) or len(item.split()) > 6 for item in items):
+        return None
+    return items
+
+
 def _listed(fact: StatedFact) -> list[StatedFact]:
     """A like, dislike or its retirement whose value lists several things (list_parts): one fact per thing, each
     with its own statement ("I love Italian food and jazz music." -> "I love Italian food.", "I love jazz
-    music."), so each is later replaced or retired alone; any other fact as it is."""
+    music."), so each is later replaced or retired alone; a thing kinds.json does not know is read as its
+    statement alone reads ("I love hiking." -> likes=hiking; left out when that is no like). Any other fact as
+    it is."""
     parts = list_parts(fact.value) if fact.attribute in ("likes", "dislikes") else None
     if not parts:
         return [fact]
     at = fact.statement.lower().find(fact.value.lower())
-    return [replace(fact, value=part, statement=fact.statement if at < 0 else
-                    fact.statement[:at] + part + fact.statement[at + len(fact.value):]) for part in parts]
+    out = []
+    for part in parts:
+        one = replace(fact, value=part, statement=fact.statement if at < 0 else
+                      fact.statement[:at] + part + fact.statement[at + len(fact.value):])
+        if at >= 0 and not _known_thing(part):
+            alone = _fact_of_clause(one.statement, one.statement)
+            if alone is None or (alone.attribute, alone.retire) != (fact.attribute, fact.retire):
+                continue
+            one = replace(one, value=alone.value)
+        out.append(one)
+    return out or [fact]
 
 
 # When something happened, at the end of a clause: not part of a value ("I moved to Paris last year" -> Paris).
@@ -849,7 +943,13 @@ def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
         if attribute == "favourite":
             attribute = "favourite " + norm_value(groups["a"])
         value = _clean_value(value, attribute)
-        if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:
+        if attribute == "employer":  # "I work at night", "I work at home": when or where, no employer
+            if _NOT_EMPLOYER.match(value) or _FREQUENCY.match(" at " + value):
+                return None
+            value = re.sub(r"^(?:an?|the)\s+", "", value, flags=re.I)
+        words = [len(p.split()) for p in (list_parts(value) if attribute in ("likes", "dislikes") else None)
+                 or [value]]
+        if not value or _PRONOUN_VALUE.match(value) or max(words) > 8:
             return None
         value = _cased(value, attribute, shouted)
         if attribute == "no meat":  # "I don't eat meat (anymore)": the diet of one who eats no meat
