@@ -313,3 +313,17 @@ def test_invariant_merge_replaces_or_retires_each_fact_of_a_statement_alone(exis
     """A statement of several facts (a listed like, two clauses) is keyed by each of them: a later statement that
     replaces or retires one leaves the others, each as its own sentence; one of another value retires nothing."""
     assert merge_preferences(existing, new) == merged
+
+
+def test_invariant_when_or_where_one_works_keeps_the_held_employer(store):
+    say(store, "w", "I work at Google.", "I work at night.", "I work at home.", "I work for a living.")
+    assert ("employer", "Google") in held(store, "w") and [a for a, _ in held(store, "w")].count("employer") == 1
+
+
+def test_invariant_each_item_of_a_comma_list_is_held_and_retired_alone(store):
+    say(store, "l", "I love jazz music, Italian food, and hiking.")
+    assert held(store, "l") == [("likes", "Italian food"), ("likes", "hiking"), ("likes", "jazz music")]
+    say(store, "l", "I don't like hiking anymore.")
+    assert held(store, "l") == [("likes", "Italian food"), ("likes", "jazz music")]
+    say(store, "l", "I gave up jazz for rock.")
+    assert held(store, "l") == [("likes", "Italian food"), ("likes", "rock")]

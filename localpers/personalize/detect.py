@@ -817,7 +817,7 @@ def list_parts(value: str) -> list[str] | None:
     nouns, and the whole is no value it lists ("rock and roll", "gin and tonic"); "mac and cheese", "salt and
     pepper chips" are one thing. A comma list ended by "and" or "or" ("jazz music, Italian food, and hiking",
     "reading, writing and painting") lists each of its items, known or not, its last "X and Y" split at its first
-    "and" unless kinds.json lists it whole ("pizza, sushi and mac and cheese"); a comma before a qualifier
+    "and" unless kinds.json lists it whole ("pizza, sushi and mac and cheese", "pizza, mac and cheese"); a comma before a qualifier
     ("jazz, especially bebop") or without a closing "and" makes no list."""
     value = re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I)
     if kind_of(norm_value(value)) is not None or norm_value(value) in _kinds()[3]:
@@ -857,8 +857,10 @@ def _comma_parts(value: str) -> list[str] | None:
         return None
     if m := re.match(r"^(?:and|or|&)(?:\s+also)?\s+(.+)$", chunks[-1], re.I):  # "..., and hiking"
         last = [m[1]]
+    elif norm_value(chunks[-1]) in _kinds()[3]:  # "pizza, mac and cheese": its "and" is the list's
+        last = [chunks[-1]]
     elif (m := re.match(r"^(.+?)\s+(?:and|or|&)(?:\s+also)?\s+(.+)$", chunks[-1], re.I)) \
-            and norm_value(chunks[-1]) not in _kinds()[3] and kind_of(norm_value(chunks[-1])) is None:
+            and kind_of(norm_value(chunks[-1])) is None:
         last = [m[1], m[2]]
     else:
         return None
