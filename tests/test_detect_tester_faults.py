@@ -355,3 +355,47 @@ def test_a_comma_list_retired_retires_each_thing():
 ])
 def test_invariant_a_comma_before_a_qualifier_makes_no_list(message, value):
     assert [f.value for f in detect_facts(message)] == [value]
+
+
+# ---------------------------------------------------------------- fourth round: phrasings people type
+
+@pytest.mark.parametrize("message", ["ignore that pls", "pls ignore that", "nvm that", "Actually no, ignore that.",
+                                     "plz ignore that", "Nope, scratch that."])
+def test_invariant_a_withdrawal_typed_casually_withdraws_the_turn_before(message):
+    assert withdrawn(message, "I'm vegan and I live in Paris.") == ["-w:diet=vegan", "-w:home=Paris"]
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("Ive switched to tea", ["~likes=tea"]),
+    ("ive been vegan for years", ["diet=vegan"]),
+    ("Gave up tennis for golf.", ["-likes=tennis", "likes=golf"]),
+    ("Switched to tea.", ["~likes=tea"]),
+    ("Stopped drinking coffee.", ["-likes=coffee"]),
+    ("I'm off coffee now.", ["-likes=coffee"]),
+    ("I'm done with coffee.", ["-likes=coffee"]),
+    ("I work @ Google.", ["employer=Google"]),
+    ("I listen to jazz while working.", ["likes=jazz"]),
+    ("I drink coffee when I work.", ["likes=coffee"]),
+    ("I gave up coffee for tea a year ago.", ["-likes=coffee", "likes=tea"]),
+])
+def test_invariant_a_typo_a_left_out_subject_or_a_circumstance_still_states_the_fact(message, expected):
+    assert facts(message) == expected
+
+
+def test_a_trade_said_with_a_time_keeps_the_time_out_of_the_new_likes_statement():
+    assert statements("I gave up coffee for tea a year ago.") == [("coffee", "I no longer like coffee."),
+                                                                   ("tea", "I like tea.")]
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I like Italian food and also hiking.", [("Italian food", "I like Italian food."), ("hiking", "I like hiking.")]),
+    ("I enjoy hiking and also swimming.", [("hiking", "I enjoy hiking."), ("swimming", "I enjoy swimming.")]),
+])
+def test_invariant_and_also_lists_things_known_or_not(message, expected):
+    assert statements(message) == expected
+
+
+@pytest.mark.parametrize("message", ["Stopped by the shop.", "Quit complaining.", "I'm off work.",
+                                     "I'm done with this.", "I love it when it rains."])
+def test_invariant_the_new_readings_leave_other_sentences_without_a_like(message):
+    assert not any(f.attribute == "likes" for f in detect_facts(message))

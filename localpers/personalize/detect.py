@@ -568,7 +568,7 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("study", r"^i " + _NEG_DO + r"(?:study|major in) (?P<v>.+)$"),
     ("study", r"^i'm " + _NEG_BE + r"(?:studying|majoring in|doing a degree in|doing a phd in) (?P<v>.+)$"),
     ("job", r"^i " + _NEG_DO + r"work as (?:an? |the )?(?P<v>.+)$"),
-    ("employer", r"^i " + _NEG_DO + r"work " + _WORK_HOW + r"(?:for|at) (?P<v>.+)$"),
+    ("employer", r"^i " + _NEG_DO + r"work " + _WORK_HOW + r"(?:for|at|@) ?(?P<v>.+)$"),
     ("employer", r"^i'm " + _NEG_BE + r"(?:working|employed|working full[- ]time) " + _WORK_HOW
      + r"(?:for|at) (?P<v>.+)$"),
     ("job", r"^i'm " + _NEG_BE + r"(?:an? |the )?(?P<v>(?:[\w-]+ ){0,2}" + _PROFESSION + r")$"),
@@ -598,8 +598,8 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("likes", r"^i " + _NEG_DO + r"(?:really |absolutely |totally |truly |do )?" + _LIKE + r" (?P<v>.+)$"),
 ]]
 _ANYMORE = re.compile(r"\b(?:any ?more|no longer|not \w+ any ?more|used to|stopped|quit)\b", re.I)
-_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|with my|with \w+ \w+|since|"
-                    r"for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
+_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|with my|with \w+ \w+|since|while|when|"
+                    r"whenever|for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
                     r"who|which|where)\b.*$")
 _VALUE_CUT = re.compile(_VALUE_CUT_WORDS + r"|,.*$", re.I)
 _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
@@ -625,7 +625,7 @@ def _given_up(clause: str) -> str:
                      re.I):
         return f"i no longer {_DOING[m[1].lower()]} {m[2]}"
     if (m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out|ditched|dropped) (.+)$|"
-                      r"^i'm (?:so |totally |completely |well )?over (.+)$", clause, re.I)) \
+                      r"^i'm (?:so |totally |completely |well )?(?:over|off|done with|through with) (.+)$", clause, re.I)) \
             and _known_thing(m[1] or m[2]):
         return f"i no longer like {m[1] or m[2]}"
     if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
@@ -680,7 +680,8 @@ def _things_said(sentence: str) -> str:
     def traded(m):
         if not (_known_thing(m["old"]) and _known_thing(m["new"])):
             return m[0]
-        return f"I no longer like {m['old']}, I like {m['new']}{m['end']}"
+        new = _TIME_TAIL.sub("", m["new"])  # "... for tea a year ago": the like is of tea, not of its time
+        return f"I no longer like {m['old']}, I like {new}{m['end']}"
 
     sentence = _MY_THING.sub(thing, sentence)
     sentence = _SWITCH.sub(switched, sentence)
@@ -822,7 +823,7 @@ def list_parts(value: str) -> list[str] | None:
     value = re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I)
     if kind_of(norm_value(value)) is not None or norm_value(value) in _kinds()[3]:
         return None
-    return _known_parts(value) or _comma_parts(value)
+    return _known_parts(value) or _comma_parts(value) or _also_parts(value)
 
 
 def _known_parts(value: str) -> list[str] | None:
@@ -865,6 +866,17 @@ def _comma_parts(value: str) -> list[str] | None:
     else:
         return None
     items = [item for chunk in chunks[:-1] + last for item in (_known_parts(chunk) or [chunk])]
+    if any(not item or _NOT_ITEM.match(item) or len(item.split()) > 6 for item in items):
+        return None
+    return items
+
+
+def _also_parts(value: str) -> list[str] | None:
+    """The two sides of "X and also Y" (list_parts: "also" says a second thing, known or not), or None."""
+    sides = re.split(r"(?:\s*,\s*|\s+)(?:and|&)\s+also\s+", value, maxsplit=1, flags=re.I)
+    if len(sides) != 2:
+        return None
+    items = [item for side in sides for item in (_known_parts(side) or [side.strip()])]
     if any(not item or _NOT_ITEM.match(item) or len(item.split()) > 6 for item in items):
         return None
     return items
@@ -1097,7 +1109,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             continue
         if m := _RETRACT.match(s):  # "I'm vegetarian. Just kidding, I'm not.": the previous sentence is withdrawn
             said = s[m.start("said"):]  # "Scratch that last part.": "that" names something else
-            s = re.sub(r"^(?:lol|haha+|sorry|please|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"), flags=re.I)
+            s = re.sub(r"^(?:lol|haha+|sorry|please|pls|plz|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"), flags=re.I)
             bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I)
             if not first:
                 del found[before:]
@@ -1117,6 +1129,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             s = m.group(1) if m else ""
         if not s or len(s) > 400:
             continue
+        s = _IVE.sub("I've", s)  # "Ive switched to tea": the apostrophe left out
         s = _strip_lead_in(s)
         s = _COLON_LEAD_IN.sub("", s)
         s = re.sub(r"^(?:these days|nowadays|now|since (?:last|this) \w+|as of (?:now|today)|lately|currently|"
@@ -1129,6 +1142,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
                        r"oops|i mean|i meant)(?:\s+to say)?(?:\s*[,!.:]\s*|\s+(?:that\s+)?)"
                        r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         s = _SUBJECTLESS_END.sub("I'm ", s)  # "Not into tennis anymore, I play football now."
+        s = _SUBJECTLESS_GIVEN_UP.sub("I ", s)  # "Switched to tea.", "Gave up tennis for golf."
         s = _things_said(s)  # "Rock is my thing now.", "I switched from coffee to tea."
         s = _we_as_me(s)
         if _INVENTED.search(s):
@@ -1160,6 +1174,14 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
 _SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b|not (?:really )?"
                               r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on|an? (?:big |huge )?[\w-]+ fan)\b"
                               r"[^,;.]*\bany ?more\b)", re.I)
+
+
+# A like given up or switched, the subject left out: "Switched to tea.", "Gave up tennis for golf." (read as said
+# with "I": the rules of _given_up and _things_said decide whether it is a like of a known thing).
+_SUBJECTLESS_GIVEN_UP = re.compile(r"^(?=(?:just |recently |finally )?(?:gave up|given up|quit|stopped|switched|swapped|"
+                                   r"traded|ditched|dropped|cut out)\s+\w)", re.I)
+# "Ive", typed for "I've" (no English word is spelled so).
+_IVE = re.compile(r"\bive\b", re.I)
 
 
 # A headline before a colon (or a comma, a dash) that announces the statement after it: "Big news: I moved to
@@ -1198,7 +1220,7 @@ def _is_change(text: str) -> bool:
 
 # Withdrawing what was just said; discourse fillers at the end of a sentence ("I'm vegan, by the way."). An
 # interjection may come first ("Oops, ignore that.", "Sorry! Scratch that.").
-_INTERJECTION = (r"(?:(?:oops|whoops|oopsie|sorry|oh|ah|uh|um+|hmm+|wait|actually|ok(?:ay)?|lol|haha+|my bad|"
+_INTERJECTION = (r"(?:(?:oops|whoops|oopsie|sorry|oh|ah|uh|um+|hmm+|wait|actually|ok(?:ay)?|lol|haha+|my bad|no|nope|pls|plz|"
                  r"my mistake|please|ugh|damn|dang|crap|argh|(?:i made|that was) an? (?:mistake|typo))"
                  r"(?:\s*[,!.]+\s*|\s+))")
 _ONLY_INTERJECTIONS = re.compile(r"^(?:" + _INTERJECTION + r"?)*(?:oops|whoops|oopsie|sorry|ugh|argh|my bad|"
@@ -1206,7 +1228,7 @@ _ONLY_INTERJECTIONS = re.compile(r"^(?:" + _INTERJECTION + r"?)*(?:oops|whoops|o
 # Withdrawing phrases that name the speaker's own words: they withdraw the previous turn even when a statement
 # follows ("Scratch that, I love rock."); "that" only where nothing but punctuation or a statement follows it
 # ("Ignore that typo." names something else).
-_THAT = r"(?:that|this|it)(?=\s*(?:[,;:.!-]|$|(?:i|i'm|im|my|lol|haha+|please|sorry|thanks)\b))"
+_THAT = r"(?:that|this|it)(?=\s*(?:[,;:.!-]|$|(?:i|i'm|im|my|lol|haha+|please|pls|plz|sorry|thanks|thx)\b))"
 _SAID = r"(?:what|everything|anything) i (?:just )?(?:said|wrote|typed|told you)"
 _ANYWAY = (r"scratch " + _THAT + r"|strike " + _THAT + r"|(?:please\s+)?(?:ignore|disregard) (?:" + _THAT + r"|" + _SAID
            + r"|(?:my |the |that )?(?:last|previous) (?:message|comment|sentence|one)|the last thing i said)|forget "
@@ -1221,9 +1243,9 @@ _WITHDRAW_ANYWAY = re.compile(r"^(?:" + _ANYWAY + r")\b", re.I)
 _WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|forget that|that's not true|"
                        r"that is not true|not true|that was a joke|i lied|i was (?:just )?(?:joking|kidding)|"
                        r"(?:i made|that was) an? (?:mistake|typo))\b", re.I)
-_WITHDRAW_UNSURE = re.compile(r"^(?:forget it|nvm|never ?mind(?: " + _THAT + r")?)\b", re.I)
+_WITHDRAW_UNSURE = re.compile(r"^(?:forget it|(?:nvm|never ?mind)(?: " + _THAT + r")?)\b", re.I)
 _RETRACT = re.compile(r"^" + _INTERJECTION + r"*(?P<said>(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|"
-                      r"scratch that|nvm|never ?mind(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|"
+                      r"scratch that|(?:nvm|never ?mind)(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|"
                       r"forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
                       r"that is not (?:true|right|correct)|that's wrong|not true|that was a joke|no,? wait|"
                       r"wait,? no|actually,? no|oops,? no|i lied|(?:i made|that was) an? (?:mistake|typo)|"
