@@ -821,7 +821,7 @@ def list_parts(value: str) -> list[str] | None:
     "and" unless kinds.json lists it whole ("pizza, sushi and mac and cheese", "pizza, mac and cheese"); a comma before a qualifier
     ("jazz, especially bebop") or without a closing "and" makes no list."""
     value = re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I)
-    if kind_of(norm_value(value)) is not None or norm_value(value) in _kinds()[3]:
+    if kind_of(norm_value(value)) is not None:
         return None
     return _known_parts(value) or _comma_parts(value) or _also_parts(value)
 
