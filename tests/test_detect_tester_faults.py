@@ -399,3 +399,28 @@ def test_invariant_and_also_lists_things_known_or_not(message, expected):
                                      "I'm done with this.", "I love it when it rains."])
 def test_invariant_the_new_readings_leave_other_sentences_without_a_like(message):
     assert not any(f.attribute == "likes" for f in detect_facts(message))
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I used to like jazz but now I prefer rock.", ["-likes=jazz", "~likes=rock"]),
+    ("I used to drink coffee, now I drink tea.", ["-likes=coffee", "~likes=tea"]),
+    ("I used to like jazz, these days I prefer rock.", ["-likes=jazz", "~likes=rock"]),
+    ("I used to like jazz, nowadays I like rock.", ["-likes=jazz", "~likes=rock"]),
+    ("I'm vegan and now I also like rock.", ["diet=vegan", "likes=rock"]),      # "also": an addition
+])
+def test_invariant_now_opening_a_later_clause_says_a_change_as_it_does_opening_the_sentence(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm a tea person.", ["likes=tea"]),
+    ("I'm a coffee guy.", ["likes=coffee"]),
+    ("im a huge coffee addict", ["likes=coffee"]),
+    ("I'm more of a tea person now.", ["~likes=tea"]),
+    ("I'm a morning person.", ["about=I'm a morning person"]),   # no thing kinds.json knows
+    ("I love: jazz, rock and blues.", ["likes=jazz", "likes=rock", "likes=blues"]),
+    ("Love jazz, rock and blues.", ["likes=jazz", "likes=rock", "likes=blues"]),
+    ("Love it!", []),
+])
+def test_invariant_a_known_thing_said_as_a_kind_of_person_or_without_a_subject_is_a_like(message, expected):
+    assert facts(message) == expected

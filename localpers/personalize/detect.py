@@ -467,7 +467,7 @@ _CLAUSE_SPLIT = re.compile(
     r"(\s*(?:,\s*(?:and|but|while|yet|so)\s+|\s+(?:and|but|while|whereas|although|though|yet)\s+|,\s*|"
     r"\s+who\s+(?=\w+s\b)))"
     r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|so (?:am|do|have) i\b|"
-    r"me too\b|now i\b|"
+    r"me too\b|(?:now|these days|nowadays|lately),?\s+i\b|"
     r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADVERB + _CLAUSE_ADJ + r"))", re.I)
 # A third-person verb after "who" ("I'm a nurse who lives in Lyon"), said of the speaker.
 _THIRD_PERSON_VERB = {"is": "am", "has": "have", "does": "do", "was": "was"}
@@ -615,6 +615,12 @@ _DOING = {"drinking": "drink", "eating": "eat", "listening to": "listen to", "wa
           "reading": "read"}
 
 
+_THING_PERSON = re.compile(r"^i'm (?:(?:much |way |a lot |far )?more of |more |really |definitely |totally |such )?an? "
+                           r"(?:(?:big|huge|real|total|massive|serious|die-hard|true) )?(?P<x>[\w -]+?) (?:person|guy|"
+                           r"girl|gal|drinker|lover|addict|fanatic|enthusiast|snob|nut|junkie|fiend)"
+                           r"(?P<end>(?: (?:now|these days|nowadays|lately))*)$", re.I)
+
+
 def _given_up(clause: str) -> str:
     """A normalized clause of a like given up or taken up said as a like: "i stopped drinking coffee", "i gave up
     coffee", "i'm over jazz" -> "i no longer drink coffee" ...; "i have been drinking tea" -> "i drink tea", "i have
@@ -630,6 +636,9 @@ def _given_up(clause: str) -> str:
         return f"i no longer like {m[1] or m[2]}"
     if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
         return f"i {_DOING[m[1].lower()]} {m[2]}"
+    # "i'm a tea person", "i'm more of a coffee guy now": a like of a known thing
+    if (m := _THING_PERSON.match(clause)) and _known_thing(m["x"]):
+        return f"i like {m['x']}{m['end']}"
     # "i have coffee every morning": a habit of a known thing (a frequency said), not a possession
     if (m := re.match(r"^i (?:have|grab|get|order|take) (.+)$", clause, re.I)) and _FREQUENCY.search(clause) \
             and _known_thing(m[1]):
@@ -993,7 +1002,10 @@ def _clauses(sentence: str) -> list[str] | None:
     out, subject, other = [], None, None
     for part, separator in zip(parts, separators):
         part = part.strip().strip(",;")
-        part = re.sub(r"^(?:now|these days|nowadays|then|today)\s*,?\s+(?=(?:i|i'm|im|my)\b)", "", part, flags=re.I)
+        # "..., now I drink tea": said at the end ("I drink tea now"), where it still says a change (_is_change)
+        part = re.sub(r"^(now|these days|nowadays|lately)\s*,?\s+((?:i|i'm|im|my)\b.*?)([.!]*)$", r"\2 \1\3", part,
+                      flags=re.I)
+        part = re.sub(r"^(?:then|today)\s*,?\s+(?=(?:i|i'm|im|my)\b)", "", part, flags=re.I)
         if not part:
             continue
         if other and _SO_AM_I.match(part.rstrip(".!")):
@@ -1143,6 +1155,9 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
                        r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         s = _SUBJECTLESS_END.sub("I'm ", s)  # "Not into tennis anymore, I play football now."
         s = _SUBJECTLESS_GIVEN_UP.sub("I ", s)  # "Switched to tea.", "Gave up tennis for golf."
+        if (m := _SUBJECTLESS_LIKE.match(s)) and _known_thing(m["x"]):
+            s = "I " + s  # "Love jazz, rock and blues."
+        s = re.sub(r"^(i (?:really )?(?:love|like|enjoy|adore|hate|prefer))\s*:\s*", r"\1 ", s, flags=re.I)  # "I love: ..."
         s = _things_said(s)  # "Rock is my thing now.", "I switched from coffee to tea."
         s = _we_as_me(s)
         if _INVENTED.search(s):
@@ -1180,6 +1195,9 @@ _SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fa
 # with "I": the rules of _given_up and _things_said decide whether it is a like of a known thing).
 _SUBJECTLESS_GIVEN_UP = re.compile(r"^(?=(?:just |recently |finally )?(?:gave up|given up|quit|stopped|switched|swapped|"
                                    r"traded|ditched|dropped|cut out)\s+\w)", re.I)
+# A like of a known thing, the subject left out: "Love jazz, rock and blues." (not "Love it!", "Like I said").
+_SUBJECTLESS_LIKE = re.compile(r"^(?:really |absolutely |totally )?(?:love|like|adore|enjoy|hate|prefer|dig)\s+"
+                               r"(?P<x>[^,;.!?]+)", re.I)
 # "Ive", typed for "I've" (no English word is spelled so).
 _IVE = re.compile(r"\bive\b", re.I)
 
