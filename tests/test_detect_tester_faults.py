@@ -421,6 +421,8 @@ def test_invariant_now_opening_a_later_clause_says_a_change_as_it_does_opening_t
     ("I love: jazz, rock and blues.", ["likes=jazz", "likes=rock", "likes=blues"]),
     ("Love jazz, rock and blues.", ["likes=jazz", "likes=rock", "likes=blues"]),
     ("Love it!", []),
+    ("Love this place.", []),                                     # no thing kinds.json knows: no subject given
+    ("Like I said, I'm vegan.", ["diet=vegan"]),
 ])
 def test_invariant_a_known_thing_said_as_a_kind_of_person_or_without_a_subject_is_a_like(message, expected):
     assert facts(message) == expected

@@ -86,7 +86,7 @@ _LEAD_IN = re.compile(
     r"(?:hi|hello|hey|hiya|howdy|greetings|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|"
     r"everybody|guys|folks|there|friend|friends|team|y'all|you|again|(?!(?:Im|My|We|Me)\b)(?-i:[A-Z][a-z]+)))?|"
     r"dear (?:assistant|ai|bot|chatbot|chatgpt|model|friend)|"
-    r"honestly|btw|by the way|fyi|for the record|"
+    r"honestly|btw|by the way|fyi|for the record|(?:like|as) i (?:said|mentioned|told you)(?: before| earlier)?|"
     r"just so you know|just to let you know|for your information|note that|keep in mind(?: that)?|"
     r"(?:please |can you |could you |would you )?(?:remember|note|know|keep in mind)(?: that)?|"
     r"i want you to know(?: that)?|you should know(?: that)?|i(?:'d| would) like you to (?:know|remember)(?: that)?)"
