@@ -426,3 +426,39 @@ def test_invariant_now_opening_a_later_clause_says_a_change_as_it_does_opening_t
 ])
 def test_invariant_a_known_thing_said_as_a_kind_of_person_or_without_a_subject_is_a_like(message, expected):
     assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("im allergic to nuts, eggs and milk", ["allergy=nuts", "allergy=eggs", "allergy=milk"]),
+    ("I'm allergic to peanuts and shellfish.", ["allergy=peanuts", "allergy=shellfish"]),
+    ("I'm allergic to cats, dogs, and pollen.", ["allergy=cats", "allergy=dogs", "allergy=pollen"]),
+    ("I have a peanut and tree nut allergy.", ["allergy=peanut", "allergy=tree nut"]),
+    ("I'm not allergic to nuts and eggs anymore.", ["-allergy=nuts", "-allergy=eggs"]),
+    ("I speak English, French and Spanish.", ["language=English", "language=French", "language=Spanish"]),
+    ("I speak english and french", ["language=English", "language=French"]),
+])
+def test_invariant_a_list_of_allergies_or_languages_is_one_fact_per_item(message, expected):
+    """Allergies and languages are several values each: every listed one is a fact, known to kinds.json or not
+    (an allergy left out of a list is the costliest fact to lose)."""
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("My favorite foods are pizza, sushi and tacos.", ["favourite foods=pizza, sushi and tacos"]),
+    ("My hobbies are hiking, reading and cooking.", ["favourite hobbies=hiking, reading and cooking"]),
+    ("My favorite food is pizza, with extra cheese.", ["favourite food=pizza"]),
+])
+def test_invariant_a_favourite_said_as_a_comma_list_keeps_the_list(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I gave up tennis and took up golf.", ["-likes=tennis", "likes=golf"]),
+    ("I quit tennis and started golf.", ["-likes=tennis", "likes=golf"]),
+    ("I stopped playing tennis and started playing golf.", ["-likes=tennis", "likes=golf"]),
+    ("I gave up coffee and switched to tea.", ["-likes=coffee", "~likes=tea"]),
+    ("I took up golf.", ["likes=golf"]),
+    ("I took up knitting.", ["about=I took up knitting"]),
+])
+def test_invariant_a_like_taken_up_after_one_given_up_in_the_same_sentence_is_read(message, expected):
+    assert facts(message) == expected

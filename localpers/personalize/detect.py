@@ -460,7 +460,7 @@ _CLAUSE_ADVERB = r"(?:(?:also|now|still|really)\s+)*"
 _CLAUSE_VERB = (_CLAUSE_ADVERB + r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|detest|prefer|avoid|have|own|speak|"
                 r"has|lives|works|loves|likes|enjoys|hates|speaks|owns|"
                 r"study|teach|grew|was|am|come|moved|play|eat|drink|follow|can't|cannot|don't|do not|never|"
-                r"no longer)")
+                r"no longer|took up|taken up|started|picked up|switched|gave up|quit|stopped)")
 _CLAUSE_ADJ = (r"(?:vegetarian|vegan|pescatarian|allergic|married|single|divorced|engaged|widowed|retired|"
                r"gluten|lactose|dairy|keto|paleo|halal|kosher|low[- ]carb|from|an? \w+|\d{1,3}\b)")
 _CLAUSE_SPLIT = re.compile(
@@ -578,7 +578,7 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("religion", r"^i'm " + _NEG_BE + r"(?:an? |a practicing |a devout |a practising )?(?P<v>muslim|christian|catholic|"
                  r"protestant|jewish|hindu|buddhist|sikh|atheist|agnostic|mormon|orthodox|jain|pagan|religious)$"),
     ("religion", r"^my religion is (?P<v>.+)$"),
-    ("language", r"^i " + _NEG_DO + r"speak (?P<v>[\w -]+?)(?: fluently| natively| well)?$"),
+    ("language", r"^i " + _NEG_DO + r"speak (?P<v>[\w ,-]+?)(?: fluently| natively| well)?$"),
     ("language", r"^i'm " + _NEG_BE + r"fluent in (?P<v>.+)$"),
     ("language", r"^my (?:first|native|mother) (?:language|tongue) is (?P<v>.+)$"),
     ("pets", r"^i " + _NEG_DO + r"(?:have|own|have got|got|'ve got) (?P<v>(?:an? |one |two |three |four |five |six "
@@ -636,6 +636,10 @@ def _given_up(clause: str) -> str:
         return f"i no longer like {m[1] or m[2]}"
     if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
         return f"i {_DOING[m[1].lower()]} {m[2]}"
+    # "i took up golf", "i started playing golf", "i switched to tea" (a change: _CHANGE): a like of a known thing
+    if (m := re.match(r"^i (?:have |'ve )?(?:took up|taken up|started|picked up|got into|gotten into|switched to|"
+                      r"switched over to)(?: (?:" + doing + r"))? (.+)$", clause, re.I)) and _known_thing(m[1]):
+        return f"i like {m[1]}"
     # "i'm a tea person", "i'm more of a coffee guy now": a like of a known thing
     if (m := _THING_PERSON.match(clause)) and _known_thing(m["x"]):
         return f"i like {m['x']}{m['end']}"
@@ -750,10 +754,12 @@ def _clean_value(value: str, attribute: str) -> str:
         value = re.sub(r"\s+to (?:be|work|study|live|join|get|take|start|look|find|care|help|stay)\b.*$", "", value)
         if attribute == "home":  # "I moved to Paris from Lyon"
             value = re.sub(r"\s+from\s+.*$", "", value)
-    if attribute in ("likes", "dislikes") and "," in value:  # "jazz, rock and blues": a list keeps its commas
+    if "," in value and (attribute in _LISTED or attribute.startswith("favourite ")):
+        # "jazz, rock and blues", "nuts, eggs and milk", "My hobbies are hiking, reading and cooking": a list keeps
+        # its commas
         listed = re.sub(_VALUE_CUT_WORDS, "", value.strip(), flags=re.I)
-        value = listed if list_parts(_without_frequency(_TRAILING.sub("", listed).strip(" ,.;:!-"), attribute)) \
-            else _VALUE_CUT.sub("", value.strip())
+        bare = _without_frequency(_TRAILING.sub("", listed).strip(" ,.;:!-"), attribute)
+        value = listed if (_parts_of(attribute, bare) or list_parts(bare)) else _VALUE_CUT.sub("", value.strip())
     elif attribute not in ("name", "favourite"):
         value = _VALUE_CUT.sub("", value.strip())
     value = value.replace("\x01", ", ")
@@ -891,13 +897,30 @@ def _also_parts(value: str) -> list[str] | None:
     return items
 
 
+# Attributes of several values whose value may list several (_listed): likes and dislikes split by list_parts,
+# allergies and languages at every "and", "or" and comma ("peanuts and shellfish", "English, French and Spanish").
+_LISTED = ("likes", "dislikes", "allergy", "language")
+
+
+def _parts_of(attribute: str, value: str) -> list[str] | None:
+    """The things `value` of `attribute` lists (one fact each), or None."""
+    if attribute in ("likes", "dislikes"):
+        return list_parts(value)
+    if attribute not in ("allergy", "language"):
+        return None
+    parts = [p.strip() for p in _LIST_SEP.split(re.sub(r"^(?:both|either)\s+", "", value.strip(), flags=re.I))]
+    if len(parts) < 2 or any(not p or _NOT_ITEM.match(p) or len(p.split()) > 6 for p in parts):
+        return None
+    return parts
+
+
 def _listed(fact: StatedFact) -> list[StatedFact]:
     """A like, dislike or its retirement whose value lists several things (list_parts): one fact per thing, each
     with its own statement ("I love Italian food and jazz music." -> "I love Italian food.", "I love jazz
     music."), so each is later replaced or retired alone; a thing kinds.json does not know is read as its
     statement alone reads ("I love hiking." -> likes=hiking; left out when that is no like). Any other fact as
     it is."""
-    parts = list_parts(fact.value) if fact.attribute in ("likes", "dislikes") else None
+    parts = _parts_of(fact.attribute, fact.value)
     if not parts:
         return [fact]
     at = fact.statement.lower().find(fact.value.lower())
@@ -970,8 +993,7 @@ def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
             if _NOT_EMPLOYER.match(value) or _FREQUENCY.match(" at " + value):
                 return None
             value = re.sub(r"^(?:an?|the)\s+", "", value, flags=re.I)
-        words = [len(p.split()) for p in (list_parts(value) if attribute in ("likes", "dislikes") else None)
-                 or [value]]
+        words = [len(p.split()) for p in _parts_of(attribute, value) or [value]]
         if not value or _PRONOUN_VALUE.match(value) or max(words) > 8:
             return None
         value = _cased(value, attribute, shouted)
