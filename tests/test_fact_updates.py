@@ -327,3 +327,10 @@ def test_invariant_each_item_of_a_comma_list_is_held_and_retired_alone(store):
     assert held(store, "l") == [("likes", "Italian food"), ("likes", "jazz music")]
     say(store, "l", "I gave up jazz for rock.")
     assert held(store, "l") == [("likes", "Italian food"), ("likes", "rock")]
+
+
+def test_invariant_each_listed_allergy_is_held_and_retired_alone(store):
+    say(store, "a", "im allergic to nuts, eggs and milk")
+    assert held(store, "a") == [("allergy", "eggs"), ("allergy", "milk"), ("allergy", "nuts")]
+    say(store, "a", "I'm not allergic to eggs anymore.")
+    assert held(store, "a") == [("allergy", "milk"), ("allergy", "nuts")]
