@@ -1118,7 +1118,8 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     statement follows ("Scratch that, I love rock."), "Just kidding.", "Not true." only alone, "Never mind.",
     "Forget it." only alone after a `previous` that asked nothing; what follows the retraction is read as a
     statement ("Not true, I'm not vegetarian."). A value leaves out how often or when ("I drink coffee every
-    morning." -> coffee) and a like of several things kinds.json knows is one fact per thing (list_parts).
+    morning." -> coffee); a like of several things kinds.json knows, a comma list ended by "and" and a list of
+    allergies or languages are one fact per thing (list_parts, _parts_of).
     "Forget that I'm vegetarian." retires the fact it names; "Please forget where I live." retires the attribute
     whatever its value (a retirement with value ""). "We live in Paris" and "My wife is vegetarian and so am I"
     are the speaker's too. Left out: statements about anyone else ("My sister is vegan.", and the whole of "I'm
