@@ -462,3 +462,15 @@ def test_invariant_a_favourite_said_as_a_comma_list_keeps_the_list(message, expe
 ])
 def test_invariant_a_like_taken_up_after_one_given_up_in_the_same_sentence_is_read(message, expected):
     assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I love Italian food and also I live in Oslo.", ["likes=Italian food", "home=Oslo"]),
+    ("I'm vegan, plus I live in Oslo.", ["diet=vegan", "home=Oslo"]),
+    ("I work at night and sleep during the day.", ["about=I work at night and sleep during the day"]),
+    ("I'm allergic to bees, wasps etc.", ["allergy=bees", "allergy=wasps"]),
+    ("I'm not a coffee person.", ["dislikes=coffee"]),
+    ("I'm not a morning person.", ["about=I'm not a morning person"]),
+])
+def test_invariant_also_before_i_a_when_before_and_a_closing_etc_or_not_a_x_person_read_as_meant(message, expected):
+    assert facts(message) == expected

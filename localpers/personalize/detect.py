@@ -467,7 +467,7 @@ _CLAUSE_SPLIT = re.compile(
     r"(\s*(?:,\s*(?:and|but|while|yet|so)\s+|\s+(?:and|but|while|whereas|although|though|yet)\s+|,\s*|"
     r"\s+who\s+(?=\w+s\b)))"
     r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|so (?:am|do|have) i\b|"
-    r"me too\b|(?:now|these days|nowadays|lately),?\s+i\b|"
+    r"me too\b|(?:now|these days|nowadays|lately|also|plus),?\s+i\b|"
     r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADVERB + _CLAUSE_ADJ + r"))", re.I)
 # A third-person verb after "who" ("I'm a nurse who lives in Lyon"), said of the speaker.
 _THIRD_PERSON_VERB = {"is": "am", "has": "have", "does": "do", "was": "was"}
@@ -481,7 +481,7 @@ _ADVERBS = (r"(?:also|really|now|currently|still|actually|recently|just|definite
             r"pretty much|basically)")
 _TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|again|instead|once again|once more|at the moment|currently|"
                        r"anymore|any more|as well|too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
-                       r"the most|a bit|though)\s*$", re.I)
+                       r"the most|a bit|though|etc|and so on|and stuff)\s*$", re.I)
 _NEG_BE = r"(?P<neg>not |no longer |not really )?"
 _NEG_DO = r"(?P<neg>don't |do not |dont |no longer |never |didn't |do no longer )?"
 # The diet (one value: which foods of animal origin one eats) and the dietary restrictions beside it (several:
@@ -615,7 +615,8 @@ _DOING = {"drinking": "drink", "eating": "eat", "listening to": "listen to", "wa
           "reading": "read"}
 
 
-_THING_PERSON = re.compile(r"^i'm (?:(?:much |way |a lot |far )?more of |more |really |definitely |totally |such )?an? "
+_THING_PERSON = re.compile(r"^i'm (?P<not>not (?:really )?)?(?:(?:much |way |a lot |far )?more of |more |really |"
+                           r"definitely |totally |such )?an? "
                            r"(?:(?:big|huge|real|total|massive|serious|die-hard|true) )?(?P<x>[\w -]+?) (?:person|guy|"
                            r"girl|gal|drinker|lover|addict|fanatic|enthusiast|snob|nut|junkie|fiend)"
                            r"(?P<end>(?: (?:now|these days|nowadays|lately))*)$", re.I)
@@ -640,9 +641,10 @@ def _given_up(clause: str) -> str:
     if (m := re.match(r"^i (?:have |'ve )?(?:took up|taken up|started|picked up|got into|gotten into|switched to|"
                       r"switched over to)(?: (?:" + doing + r"))? (.+)$", clause, re.I)) and _known_thing(m[1]):
         return f"i like {m[1]}"
-    # "i'm a tea person", "i'm more of a coffee guy now": a like of a known thing
+    # "i'm a tea person", "i'm more of a coffee guy now": a like of a known thing ("i'm not a coffee person": a dislike)
     if (m := _THING_PERSON.match(clause)) and _known_thing(m["x"]):
-        return f"i like {m['x']}{m['end']}"
+        verb = "don't like" if m["not"] else "like"  # "i'm not a coffee person": a dislike
+        return f"i {verb} {m['x']}{m['end']}"
     # "i have coffee every morning": a habit of a known thing (a frequency said), not a possession
     if (m := re.match(r"^i (?:have|grab|get|order|take) (.+)$", clause, re.I)) and _FREQUENCY.search(clause) \
             and _known_thing(m[1]):
@@ -990,7 +992,8 @@ def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
             attribute = "favourite " + norm_value(groups["a"])
         value = _clean_value(value, attribute)
         if attribute == "employer":  # "I work at night", "I work at home": when or where, no employer
-            if _NOT_EMPLOYER.match(value) or _FREQUENCY.match(" at " + value):
+            when = re.split(r",|\s+and\s+", value, maxsplit=1)[0]  # "night and sleep during the day"
+            if _NOT_EMPLOYER.match(when) or _FREQUENCY.match(" at " + when):
                 return None
             value = re.sub(r"^(?:an?|the)\s+", "", value, flags=re.I)
         words = [len(p.split()) for p in _parts_of(attribute, value) or [value]]
@@ -1027,7 +1030,7 @@ def _clauses(sentence: str) -> list[str] | None:
         # "..., now I drink tea": said at the end ("I drink tea now"), where it still says a change (_is_change)
         part = re.sub(r"^(now|these days|nowadays|lately)\s*,?\s+((?:i|i'm|im|my)\b.*?)([.!]*)$", r"\2 \1\3", part,
                       flags=re.I)
-        part = re.sub(r"^(?:then|today)\s*,?\s+(?=(?:i|i'm|im|my)\b)", "", part, flags=re.I)
+        part = re.sub(r"^(?:then|today|also|plus)\s*,?\s+(?=(?:i|i'm|im|my)\b)", "", part, flags=re.I)
         if not part:
             continue
         if other and _SO_AM_I.match(part.rstrip(".!")):
