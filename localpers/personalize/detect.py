@@ -1076,9 +1076,12 @@ def _clauses(sentence: str) -> list[str] | None:
 
 # "... and so am I", "I am too", "me too": the speaker shares the previous clause's predicate.
 _SO_AM_I = re.compile(r"^(?:so (?:am|do|have) i|i(?:'m| am| do| have) too|me too|same here)$", re.I)
+# "She's vegan" is "she is" ("'s" right after the subject), unless a verb follows ("My wife's sister is vegan": whose)
+# or it is "has" ("He's got a dog", "She's been vegan").
 _OTHER_PREDICATE = re.compile(
-    r"^(?:he|she|they|my\s+(?:[\w-]+\s+){0,2}?\w+|[A-Z][a-z]+)\s+(?P<verb>is|are|'s|lives|works|loves|likes|has|"
-    r"eats|speaks|enjoys|hates|follows)\s+(?P<rest>.+)$", re.I)
+    r"^(?:he|she|they|my\s+(?:[\w-]+\s+){0,2}?\w+|[A-Z][a-z]+)(?:\s+|(?='s\s+(?!(?:got|gotten|been|had|done|gone)\b)"
+    r"(?!.*\b(?:is|are|was|were|lives|works|loves|likes|has|eats|speaks|enjoys|hates|follows)\b)))"
+    r"(?P<verb>is|are|'s|lives|works|loves|likes|has|eats|speaks|enjoys|hates|follows)\s+(?P<rest>.+)$", re.I)
 # "We live in Paris", "we're vegetarian": true of the speaker too (a company's "we" is not: no such verb).
 _WE = re.compile(r"(^|,\s*(?:and |but )?|\s(?:and|but)\s+)we(?:(?P<be>'re| are)(?: both| all| also)? "
                  r"(?=(?:vegetarian|vegan|pescatarian)s?\b)|(?: both| all)? (?=(?:just |recently |now |also )?"
