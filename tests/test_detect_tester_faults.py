@@ -474,3 +474,14 @@ def test_invariant_a_like_taken_up_after_one_given_up_in_the_same_sentence_is_re
 ])
 def test_invariant_also_before_i_a_when_before_and_a_closing_etc_or_not_a_x_person_read_as_meant(message, expected):
     assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm allergic to nuts \U0001F95C, eggs \U0001F95A and milk \U0001F95B", ["allergy=nuts", "allergy=eggs", "allergy=milk"]),
+    ("I love jazz \U0001F3B7, rock \U0001F3B8 and hiking", ["likes=jazz", "likes=rock", "likes=hiking"]),
+    ("I love Italian food, also jazz music.", ["likes=Italian food", "likes=jazz music"]),
+    ("I like Italian food, also hiking.", ["likes=Italian food", "likes=hiking"]),
+    ("i work at nite", ["about=I work at nite"]),
+])
+def test_invariant_an_emoji_before_a_comma_or_also_after_one_keeps_the_list(message, expected):
+    assert facts(message) == expected

@@ -521,7 +521,7 @@ _WORK_HOW = (r"(?:(?:from home|at home|remotely|online|nights|at night|part[- ]t
 # at home", "I work for a living" (times the frequencies of _FREQUENCY also say: "at weekends", "at the weekend").
 _NOT_EMPLOYER = re.compile(
     r"^(?:(?:an? |the |my )?(?:(?:late |odd |all |weird |irregular |unsocial |unsociable |long |strange |crazy )?"
-    r"(?:night|nights|nighttime|night time|night shifts?|midnight|dawn|noon|hours|times))|(?:the )?moment|"
+    r"(?:night|nights|nite|nites|nighttime|night time|night shifts?|midnight|dawn|noon|hours|times))|(?:the )?moment|"
     r"home|(?:my )?(?:own )?(?:home|house|place|flat|apartment|desk|computer|laptop|kitchen table|own pace|"
     r"own hours)|(?:an? |the )?(?:office|desk|computer)|myself|me|free|fun|money|tips|(?:a )?living|nothing|"
     r"\d.*)$", re.I)
@@ -823,7 +823,7 @@ def _without_frequency(value: str, attribute: str) -> str:
     return kept
 
 
-_LIST_SEP = re.compile(r"\s*,\s*(?:(?:and|&)(?:\s+also)?\s+|or\s+)?|\s+(?:(?:and|&)(?:\s+also)?|or|nor|as well as)\s+",
+_LIST_SEP = re.compile(r"\s*,\s*(?:(?:and|&)(?:\s+also)?\s+|or\s+|also\s+)?|\s+(?:(?:and|&)(?:\s+also)?|or|nor|as well as)\s+",
                        re.I)
 
 
@@ -889,8 +889,9 @@ def _comma_parts(value: str) -> list[str] | None:
 
 
 def _also_parts(value: str) -> list[str] | None:
-    """The two sides of "X and also Y" (list_parts: "also" says a second thing, known or not), or None."""
-    sides = re.split(r"(?:\s*,\s*|\s+)(?:and|&)\s+also\s+", value, maxsplit=1, flags=re.I)
+    """The two sides of "X and also Y", "X, also Y" (list_parts: "also" says a second thing, known or not), or
+    None."""
+    sides = re.split(r"(?:\s*,\s*|\s+)(?:and|&)\s+also\s+|\s*,\s*also\s+", value, maxsplit=1, flags=re.I)
     if len(sides) != 2:
         return None
     items = [item for side in sides for item in (_known_parts(side) or [side.strip()])]
@@ -1326,6 +1327,7 @@ def _no_emoji(text: str) -> str:
     """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
     out = ["\x02" if _is_emoji(ch) else ch for ch in text]
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
+    text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=,)", "", text)  # "nuts 🥜, eggs 🥚 and milk": before a list's comma
     # "I live in 🌍 Zürich": after a word no sentence ends on (a preposition, an article, a verb before its
     # object) the emoji is inside the sentence whatever follows
     text = re.sub(r"\b(" + _OPEN_WORD + r")[ \t]*\x02[\x02 \t]*(?=\w)", r"\1 ", text, flags=re.I)
