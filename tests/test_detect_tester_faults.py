@@ -485,3 +485,17 @@ def test_invariant_also_before_i_a_when_before_and_a_closing_etc_or_not_a_x_pers
 ])
 def test_invariant_an_emoji_before_a_comma_or_also_after_one_keeps_the_list(message, expected):
     assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("jazz isnt my thing anymore", ["-likes=jazz"]),
+    ("I have a coffee every morning.", ["likes=coffee"]),
+    ("I usually grab a coffee in the morning.", ["likes=coffee"]),
+    ("I drink way too much coffee.", ["likes=coffee"]),
+    ("I drink coffee like every day.", ["likes=coffee"]),
+    ("im veggie", ["diet=vegetarian"]),
+    ("I'm a veggie now.", ["diet=vegetarian"]),
+    ("I'm not veggie anymore.", ["-diet=vegetarian"]),
+])
+def test_invariant_a_value_typed_casually_is_the_thing(message, expected):
+    assert facts(message) == expected

@@ -486,7 +486,7 @@ _NEG_BE = r"(?P<neg>not |no longer |not really )?"
 _NEG_DO = r"(?P<neg>don't |do not |dont |no longer |never |didn't |do no longer )?"
 # The diet (one value: which foods of animal origin one eats) and the dietary restrictions beside it (several:
 # "I'm vegetarian and gluten-free"); intolerances are allergies ("I'm lactose intolerant" -> allergy=lactose).
-_DIET = r"(?P<v>vegetarian|vegan|pescatarian|pescetarian|flexitarian|raw vegan|plant[- ]based|carnivore|omnivore)"
+_DIET = r"(?P<v>vegetarian|veggie|vegan|pescatarian|pescetarian|flexitarian|raw vegan|plant[- ]based|carnivore|omnivore)"
 _RESTRICTION = (r"(?P<v>keto(?:genic)?|paleo|gluten[- ]free|dairy[- ]free|lactose[- ]free|nut[- ]free|sugar[- ]free|"
                 r"low[- ]carb|low[- ]fat|low[- ]sodium|low[- ]salt|halal|kosher|whole30)")
 _RESTRICTIONS = {"keto", "ketogenic", "paleo", "gluten free", "dairy free", "lactose free", "nut free", "sugar free",
@@ -655,7 +655,7 @@ def _given_up(clause: str) -> str:
 # A like said with the thing as subject or as a switch: "Rock is my thing now.", "Jazz isn't my thing anymore.", "I
 # switched from coffee to tea.", "No more coffee for me." (each only of a thing kinds.json knows).
 _MY_THING = re.compile(r"(?P<at>^|,\s*(?:and |but )?|\s(?:and|but)\s+)(?P<x>[\w' -]{1,30}?)(?:\s|(?='s))"
-                       r"(?P<be>is|'s|isn't|is not|is no longer) (?:really )?my "
+                       r"(?P<be>is|'s|isn't|isnt|is not|is no longer) (?:really )?my "
                        r"(?:thing|jam|cup of tea|go-to|drink|sport|music|genre)"
                        r"(?P<end>(?: (?:now|these days|nowadays|any ?more))*)(?=\s*[,;.!]|\s+(?:and|but)\b|$)", re.I)
 _SWITCH = re.compile(r"^i(?: have|'ve)? (?:just |recently |now )?(?:switched|changed|gone over|went over) (?:over )?"
@@ -772,7 +772,7 @@ def _clean_value(value: str, attribute: str) -> str:
     if attribute in ("likes", "dislikes"):  # "I drink mostly tea", "lots of tea": the thing
         value = re.sub(r"^(?:to|mostly|mainly|only|just|usually|primarily|largely|exclusively|a lot of|lots of|"
                        r"plenty of|(?:an?|my|one|two) (?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|"
-                       r"bowls?) of)\s+", "", value.strip(), flags=re.I)
+                       r"bowls?) of|an?|some|(?:way )?too much|so much)\s+", "", value.strip(), flags=re.I)
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
     if attribute != "name":
         value = _without_frequency(value, attribute)
@@ -787,7 +787,7 @@ _DAY = r"(?:(?:mon|tues|wednes|thurs|fri|satur|sun)day|week ?day|week ?end)"
 _PART = r"(?:morning|evening|afternoon|night|lunch ?time|bed ?time)"
 _FREQUENCY = re.compile(
     r"(?:\s*,)?\s+(?:"
-    r"(?:almost |nearly |pretty much |just about )?(?:every|each)(?: single| other)? (?:" + _DAY + r"|day|night|"
+    r"(?:almost |nearly |pretty much |just about |like )?(?:every|each)(?: single| other)? (?:" + _DAY + r"|day|night|"
     r"morning|evening|afternoon|week|month|year|summer|winter|spring|fall|autumn|season|holiday|meal)s?"
     r"(?: " + _PART + r"s?)?|every (?:so often|now and (?:then|again)|once in a while|chance i get|time i can)|"
     r"(?:on|at|over|during)(?: the)? " + _DAY + r"s?(?: " + _PART + r"s?)?|"
@@ -1001,6 +1001,8 @@ def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
         if not value or _PRONOUN_VALUE.match(value) or max(words) > 8:
             return None
         value = _cased(value, attribute, shouted)
+        if attribute == "diet" and value == "veggie":  # "I'm veggie": a vegetarian's diet
+            value = "vegetarian"
         if attribute == "no meat":  # "I don't eat meat (anymore)": the diet of one who eats no meat
             return StatedFact("diet", "no " + value.lower(), statement)
         if attribute == "diet" and norm_value(value) in _RESTRICTIONS:  # "My diet is keto."
