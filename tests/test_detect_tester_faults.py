@@ -477,7 +477,8 @@ def test_invariant_also_before_i_a_when_before_and_a_closing_etc_or_not_a_x_pers
 
 
 @pytest.mark.parametrize("message, expected", [
-    ("I'm allergic to nuts \U0001F95C, eggs \U0001F95A and milk \U0001F95B", ["allergy=nuts", "allergy=eggs", "allergy=milk"]),
+    ("I'm allergic to nuts \U0001F95C, eggs \U0001F95A and milk \U0001F95B",
+     ["allergy=nuts", "allergy=eggs", "allergy=milk"]),
     ("I love jazz \U0001F3B7, rock \U0001F3B8 and hiking", ["likes=jazz", "likes=rock", "likes=hiking"]),
     ("I love Italian food, also jazz music.", ["likes=Italian food", "likes=jazz music"]),
     ("I like Italian food, also hiking.", ["likes=Italian food", "likes=hiking"]),
@@ -499,3 +500,10 @@ def test_invariant_an_emoji_before_a_comma_or_also_after_one_keeps_the_list(mess
 ])
 def test_invariant_a_value_typed_casually_is_the_thing(message, expected):
     assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message", ["Switched to Python 3 and it broke.", "Gave up on that approach.", "Quit my job.",
+                                     "Stopped working after the update.", "Dropped the table and recreated it."])
+def test_invariant_a_subjectless_give_up_or_switch_of_no_known_thing_states_nothing(message):
+    """A left-out "I" is read in only before a thing kinds.json knows: a report about code or a task is no fact."""
+    assert detect_facts(message) == []

@@ -457,7 +457,8 @@ _WE_WITH_ME = re.compile(r"^(?:my\s+[\w -]{1,30}?|[A-Z]\w+)\s+and\s+i\s+(?:are|'
 # after an adverb ("and also live in Lyon"); an adverb before anything else starts none ("I love Italian food and
 # also jazz music": one list).
 _CLAUSE_ADVERB = r"(?:(?:also|now|still|really)\s+)*"
-_CLAUSE_VERB = (_CLAUSE_ADVERB + r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|detest|prefer|avoid|have|own|speak|"
+_CLAUSE_VERB = (_CLAUSE_ADVERB + r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|detest|prefer|avoid|"
+                r"have|own|speak|"
                 r"has|lives|works|loves|likes|enjoys|hates|speaks|owns|"
                 r"study|teach|grew|was|am|come|moved|play|eat|drink|follow|can't|cannot|don't|do not|never|"
                 r"no longer|took up|taken up|started|picked up|switched|gave up|quit|stopped)")
@@ -468,7 +469,8 @@ _CLAUSE_SPLIT = re.compile(
     r"\s+who\s+(?=\w+s\b)))"
     r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|so (?:am|do|have) i\b|"
     r"me too\b|(?:now|these days|nowadays|lately|also|plus),?\s+i\b|"
-    r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADVERB + _CLAUSE_ADJ + r"))", re.I)
+    r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADVERB
+    + _CLAUSE_ADJ + r"))", re.I)
 # A third-person verb after "who" ("I'm a nurse who lives in Lyon"), said of the speaker.
 _THIRD_PERSON_VERB = {"is": "am", "has": "have", "does": "do", "was": "was"}
 # A first-person clause that only points at another clause's predicate ("He's vegan but I'm not", "me too").
@@ -486,7 +488,8 @@ _NEG_BE = r"(?P<neg>not |no longer |not really )?"
 _NEG_DO = r"(?P<neg>don't |do not |dont |no longer |never |didn't |do no longer )?"
 # The diet (one value: which foods of animal origin one eats) and the dietary restrictions beside it (several:
 # "I'm vegetarian and gluten-free"); intolerances are allergies ("I'm lactose intolerant" -> allergy=lactose).
-_DIET = r"(?P<v>vegetarian|veggie|vegan|pescatarian|pescetarian|flexitarian|raw vegan|plant[- ]based|carnivore|omnivore)"
+_DIET = (r"(?P<v>vegetarian|veggie|vegan|pescatarian|pescetarian|flexitarian|raw vegan|plant[- ]based|carnivore|"
+         r"omnivore)")
 _RESTRICTION = (r"(?P<v>keto(?:genic)?|paleo|gluten[- ]free|dairy[- ]free|lactose[- ]free|nut[- ]free|sugar[- ]free|"
                 r"low[- ]carb|low[- ]fat|low[- ]sodium|low[- ]salt|halal|kosher|whole30)")
 _RESTRICTIONS = {"keto", "ketogenic", "paleo", "gluten free", "dairy free", "lactose free", "nut free", "sugar free",
@@ -632,7 +635,8 @@ def _given_up(clause: str) -> str:
                      re.I):
         return f"i no longer {_DOING[m[1].lower()]} {m[2]}"
     if (m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out|ditched|dropped) (.+)$|"
-                      r"^i'm (?:so |totally |completely |well )?(?:over|off|done with|through with) (.+)$", clause, re.I)) \
+                      r"^i'm (?:so |totally |completely |well )?(?:over|off|done with|through with) (.+)$",
+                      clause, re.I)) \
             and _known_thing(m[1] or m[2]):
         return f"i no longer like {m[1] or m[2]}"
     if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
@@ -666,7 +670,8 @@ _SWITCH = re.compile(r"^i(?: have|'ve)? (?:just |recently |now )?(?:switched|cha
 _TRADE = re.compile(r"^i(?: have|'ve)? (?:just |recently |finally )?(?:gave up|given up|quit|stopped|ditched|dropped|"
                     r"traded|swapped|exchanged|replaced|switched|substituted)"
                     r"(?: (?:drinking|eating|playing|watching|listening to))? (?P<old>[\w' -]+?) "
-                    r"(?:for|with|in favou?r of) (?P<new>[\w' -]+?)(?P<end>(?: (?:now|these days|lately|instead))*[.!]*)$",
+                    r"(?:for|with|in favou?r of) (?P<new>[\w' -]+?)"
+                    r"(?P<end>(?: (?:now|these days|lately|instead))*[.!]*)$",
                     re.I)
 _NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
 
@@ -823,7 +828,8 @@ def _without_frequency(value: str, attribute: str) -> str:
     return kept
 
 
-_LIST_SEP = re.compile(r"\s*,\s*(?:(?:and|&)(?:\s+also)?\s+|or\s+|also\s+)?|\s+(?:(?:and|&)(?:\s+also)?|or|nor|as well as)\s+",
+_LIST_SEP = re.compile(r"\s*,\s*(?:(?:and|&)(?:\s+also)?\s+|or\s+|also\s+)?|"
+                       r"\s+(?:(?:and|&)(?:\s+also)?|or|nor|as well as)\s+",
                        re.I)
 
 
@@ -835,8 +841,8 @@ def list_parts(value: str) -> list[str] | None:
     nouns, and the whole is no value it lists ("rock and roll", "gin and tonic"); "mac and cheese", "salt and
     pepper chips" are one thing. A comma list ended by "and" or "or" ("jazz music, Italian food, and hiking",
     "reading, writing and painting") lists each of its items, known or not, its last "X and Y" split at its first
-    "and" unless kinds.json lists it whole ("pizza, sushi and mac and cheese", "pizza, mac and cheese"); a comma before a qualifier
-    ("jazz, especially bebop") or without a closing "and" makes no list."""
+    "and" unless kinds.json lists it whole ("pizza, sushi and mac and cheese", "pizza, mac and cheese"); a comma
+    before a qualifier ("jazz, especially bebop") or without a closing "and" makes no list."""
     value = re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I)
     if kind_of(norm_value(value)) is not None:
         return None
@@ -1153,7 +1159,8 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             continue
         if m := _RETRACT.match(s):  # "I'm vegetarian. Just kidding, I'm not.": the previous sentence is withdrawn
             said = s[m.start("said"):]  # "Scratch that last part.": "that" names something else
-            s = re.sub(r"^(?:lol|haha+|sorry|please|pls|plz|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"), flags=re.I)
+            s = re.sub(r"^(?:lol|haha+|sorry|please|pls|plz|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"),
+                       flags=re.I)
             bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I)
             if not first:
                 del found[before:]
@@ -1186,10 +1193,11 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
                        r"oops|i mean|i meant)(?:\s+to say)?(?:\s*[,!.:]\s*|\s+(?:that\s+)?)"
                        r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         s = _SUBJECTLESS_END.sub("I'm ", s)  # "Not into tennis anymore, I play football now."
-        s = _SUBJECTLESS_GIVEN_UP.sub("I ", s)  # "Switched to tea.", "Gave up tennis for golf."
+        if (m := _SUBJECTLESS_GIVEN_UP.match(s)) and _known_thing(re.split(r"\s+(?:for|with|to|and)\s+", m["x"])[0]):
+            s = "I " + s  # "Switched to tea.", "Gave up tennis for golf."
         if (m := _SUBJECTLESS_LIKE.match(s)) and _known_thing(m["x"]):
             s = "I " + s  # "Love jazz, rock and blues."
-        s = re.sub(r"^(i (?:really )?(?:love|like|enjoy|adore|hate|prefer))\s*:\s*", r"\1 ", s, flags=re.I)  # "I love: ..."
+        s = re.sub(r"^(i (?:really )?(?:love|like|enjoy|adore|hate|prefer))\s*:\s*", r"\1 ", s, flags=re.I)  # "I love:"
         s = _things_said(s)  # "Rock is my thing now.", "I switched from coffee to tea."
         s = _we_as_me(s)
         if _INVENTED.search(s):
@@ -1224,9 +1232,11 @@ _SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fa
 
 
 # A like given up or switched, the subject left out: "Switched to tea.", "Gave up tennis for golf." (read as said
-# with "I": the rules of _given_up and _things_said decide whether it is a like of a known thing).
-_SUBJECTLESS_GIVEN_UP = re.compile(r"^(?=(?:just |recently |finally )?(?:gave up|given up|quit|stopped|switched|swapped|"
-                                   r"traded|ditched|dropped|cut out)\s+\w)", re.I)
+# with "I" only before a thing kinds.json knows: "Switched to Python 3 and it broke." is about no one).
+_SUBJECTLESS_GIVEN_UP = re.compile(r"^(?:just |recently |finally )?(?:gave up|given up|quit|stopped|switched|swapped|"
+                                   r"traded|ditched|dropped|cut out)(?: (?:from|to|over to))?"
+                                   r"(?: (?:drinking|eating|playing|watching|listening to|reading))? (?P<x>[^,;.!?]+)",
+                                   re.I)
 # A like of a known thing, the subject left out: "Love jazz, rock and blues." (not "Love it!", "Like I said").
 _SUBJECTLESS_LIKE = re.compile(r"^(?:really |absolutely |totally )?(?:love|like|adore|enjoy|hate|prefer|dig)\s+"
                                r"(?P<x>[^,;.!?]+)", re.I)
@@ -1270,7 +1280,8 @@ def _is_change(text: str) -> bool:
 
 # Withdrawing what was just said; discourse fillers at the end of a sentence ("I'm vegan, by the way."). An
 # interjection may come first ("Oops, ignore that.", "Sorry! Scratch that.").
-_INTERJECTION = (r"(?:(?:oops|whoops|oopsie|sorry|oh|ah|uh|um+|hmm+|wait|actually|ok(?:ay)?|lol|haha+|my bad|no|nope|pls|plz|"
+_INTERJECTION = (r"(?:(?:oops|whoops|oopsie|sorry|oh|ah|uh|um+|hmm+|wait|actually|ok(?:ay)?|lol|haha+|my bad|no|nope|"
+                 r"pls|plz|"
                  r"my mistake|please|ugh|damn|dang|crap|argh|(?:i made|that was) an? (?:mistake|typo))"
                  r"(?:\s*[,!.]+\s*|\s+))")
 _ONLY_INTERJECTIONS = re.compile(r"^(?:" + _INTERJECTION + r"?)*(?:oops|whoops|oopsie|sorry|ugh|argh|my bad|"
