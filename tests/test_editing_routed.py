@@ -307,3 +307,23 @@ def test_invariant_a_question_naming_a_type_goes_to_a_fact_of_that_type_whatever
                 types, how = editing.question_types(question)
                 got = pick_route(routes, question)
                 assert how in ("named", "exact") and got is not None and editing.route_type(got[1]) in types, question
+
+
+def test_invariant_a_question_naming_a_kind_of_thing_goes_to_the_fact_of_that_kind_within_its_type():
+    """A tester's users: with a diet and a cuisine like (both food preferences) "What cuisine do I like?" went to the
+    diet ("You're vegetarian."), with a cuisine and a drink like to the drink, and "What's my favorite beverage?" to a
+    music like. The kind of the liked thing (detect's kinds.json: cuisine, drink, music genre, sport) names its
+    route too, so the question's kind word decides among facts of one type; "Do I eat meat?" stays the diet's."""
+    def routes_of(*statements):
+        return [(f"/a/{i}.gguf", route_words(Fact(s, ("q",), ("x",), ()))) for i, s in enumerate(statements)]
+
+    rob = routes_of("I'm a nurse.", "I love Thai food.", "I love jazz music.", "I play chess.", "I'm vegetarian.")
+    assert pick_route(rob, "What cuisine do I like?") == rob[1]
+    assert pick_route(rob, "Which dishes do I enjoy?") == rob[1]
+    assert pick_route(rob, "Do I eat meat?") == rob[4]
+    assert pick_route(rob, "What music do I like?") == rob[2]
+    gus = routes_of("I love Mexican food.", "I love house music.", "I drink tea.")
+    assert pick_route(gus, "What cuisine do I like?") == gus[0]
+    assert pick_route(gus, "What's my favorite beverage?") == gus[2]
+    assert pick_route(gus, "What do I like to drink?") == gus[2]
+    assert pick_route(gus, "What genre of music do I like?") == gus[1]

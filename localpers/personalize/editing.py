@@ -75,9 +75,11 @@ ATTRIBUTES = {
 # The words that name each attribute type, or a thing of that type ("cuisine", "job", "violin"), without generic
 # verbs (like, love, enjoy): one table, localpers/data/attributes/type_words.json. A question holding them asks
 # about that type (question_types: routing, the facts line), and they name a statement's type when no keyword does.
-TYPE_WORDS: dict[str, tuple[str, ...]] = {
-    name: tuple(words) for name, words in json.loads(
-        (Path(__file__).resolve().parents[1] / "data" / "attributes" / "type_words.json").read_text())["types"].items()}
+_TYPE_TABLE = json.loads((Path(__file__).resolve().parents[1] / "data" / "attributes" / "type_words.json").read_text())
+TYPE_WORDS: dict[str, tuple[str, ...]] = {name: tuple(words) for name, words in _TYPE_TABLE["types"].items()}
+# The words that name a kind of liked thing (detect's kinds.json: "cuisine", "drink", ...): a fact liking a thing of
+# that kind carries them in its route words, so "What cuisine do I like?" picks the Thai food like over the diet.
+KIND_WORDS: dict[str, tuple[str, ...]] = {kind: tuple(words) for kind, words in _TYPE_TABLE["kinds"].items()}
 
 
 def _words(text: str) -> list[str]:
@@ -1119,7 +1121,15 @@ def route_words(fact: Fact) -> str:
     attribute = fact.attributes[-1] if fact.attributes and fact.attributes[-1] in ATTRIBUTES else \
         detect_attribute(fact.statement)
     synonyms, keywords = ATTRIBUTES[attribute] if attribute else ((), ())
-    return " ".join((fact.statement, *synonyms, *keywords, *NATURAL_QUESTIONS.get(attribute, ())))
+    return " ".join((fact.statement, *synonyms, *keywords, *NATURAL_QUESTIONS.get(attribute, ()), *kind_words(fact.statement)))
+
+
+def kind_words(statement: str) -> tuple[str, ...]:
+    """KIND_WORDS of the kinds of the things `statement` likes or dislikes ("I drink tea." -> drink, beverage ...)."""
+    from localpers.personalize.detect import detect_facts, kind_of
+
+    kinds = dict.fromkeys(kind_of(f.key) for f in detect_facts(statement) if f.attribute in ("likes", "dislikes"))
+    return tuple(w for kind in kinds if kind in KIND_WORDS for w in KIND_WORDS[kind])
 
 
 def _phrase(text: str) -> str:
