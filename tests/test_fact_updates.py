@@ -299,6 +299,43 @@ def test_invariant_a_compound_change_leaves_the_new_like_and_the_rest(store, fir
     assert held(store, "cc") == [("home", "Oslo"), *kept]
 
 
+@pytest.mark.parametrize("existing, new, merged", [
+    (["I love Italian food and jazz music."], ["I don't like jazz music anymore."], ["I love Italian food."]),
+    (["I love Italian food and jazz music."], ["I hate jazz music."], ["I love Italian food.", "I hate jazz music."]),
+    (["I love Italian food and jazz music."], ["I love Italian food."], ["I love jazz music.", "I love Italian food."]),
+    (["I love Italian food and jazz music.", "I live in Oslo."], ["Actually I prefer rock now."],
+     ["I love Italian food.", "I live in Oslo.", "Actually I prefer rock now."]),
+    (["I'm vegan and I live in Oslo."], ["I live in Paris."], ["I'm vegan.", "I live in Paris."]),
+    (["I'm vegan and I live in Oslo."], ["I love jazz."], ["I'm vegan and I live in Oslo.", "I love jazz."]),
+    (["I live in Oslo."], ["I don't live in Paris anymore."], ["I live in Oslo."]),
+])
+def test_invariant_merge_replaces_or_retires_each_fact_of_a_statement_alone(existing, new, merged):
+    """A statement of several facts (a listed like, two clauses) is keyed by each of them: a later statement that
+    replaces or retires one leaves the others, each as its own sentence; one of another value retires nothing."""
+    assert merge_preferences(existing, new) == merged
+
+
+def test_invariant_when_or_where_one_works_keeps_the_held_employer(store):
+    say(store, "w", "I work at Google.", "I work at night.", "I work at home.", "I work for a living.")
+    assert ("employer", "Google") in held(store, "w") and [a for a, _ in held(store, "w")].count("employer") == 1
+
+
+def test_invariant_each_item_of_a_comma_list_is_held_and_retired_alone(store):
+    say(store, "l", "I love jazz music, Italian food, and hiking.")
+    assert held(store, "l") == [("likes", "Italian food"), ("likes", "hiking"), ("likes", "jazz music")]
+    say(store, "l", "I don't like hiking anymore.")
+    assert held(store, "l") == [("likes", "Italian food"), ("likes", "jazz music")]
+    say(store, "l", "I gave up jazz for rock.")
+    assert held(store, "l") == [("likes", "Italian food"), ("likes", "rock")]
+
+
+def test_invariant_each_listed_allergy_is_held_and_retired_alone(store):
+    say(store, "a", "im allergic to nuts, eggs and milk")
+    assert held(store, "a") == [("allergy", "eggs"), ("allergy", "milk"), ("allergy", "nuts")]
+    say(store, "a", "I'm not allergic to eggs anymore.")
+    assert held(store, "a") == [("allergy", "milk"), ("allergy", "nuts")]
+
+
 # ---------------------------------------------------------------- a withdrawal restores what the turn replaced
 
 def test_invariant_a_withdrawal_restores_what_the_withdrawn_turn_replaced_from_its_message(store):

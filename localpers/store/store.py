@@ -1119,6 +1119,16 @@ class Store:
                 "SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value = ?", (row[0], slot, value)
             ).fetchone() is not None
 
+    def holds_other_value(self, user: str, fact) -> bool:
+        """Does the user currently hold `fact`'s slot with another value ("I live in Oslo." once "I moved to Paris."
+        replaced it)? O(log n) in their facts, keyed hashes only (no decryption), as holds_fact."""
+        slot, value = self._fact_digests(fact)
+        with self._read() as conn:
+            row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+            return row is not None and conn.execute(
+                "SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value != ?", (row[0], slot, value)
+            ).fetchone() is not None
+
     def _mark_superseded(self, conn, user_id: int, fact_ids: list[int], by: int | None) -> None:
         """Inside a write, before facts `fact_ids` are replaced or retired by chat message `by` (None: deleted by
         the user): each earlier chat message they were learned from gets meta names.SUPERSEDED_BY = by, so
