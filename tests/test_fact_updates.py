@@ -398,9 +398,6 @@ def test_invariant_a_withdrawn_retirement_learns_the_retired_fact_again(store):
     assert fact["message"] == learned["messages"][0]
 
 
-@pytest.mark.xfail(strict=True, reason="detect.detect_facts withdraws only a previous turn's statements, not its "
-                                        "retirements (`if not f.retire` in its withdrawal branch): the store restores "
-                                        "as soon as the detector says so (the test above, with a fake)")
 def test_a_withdrawn_retirement_in_chat_learns_the_diet_again(store):
     """The tester's case end to end: "I'm not vegetarian anymore." then "Just kidding." left no diet."""
     chat(store, "pat", "I'm vegetarian.", "I'm not vegetarian anymore.", "Just kidding.")

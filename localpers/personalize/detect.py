@@ -1167,7 +1167,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             elif previous and (_WITHDRAW_ANYWAY.match(said) or bare and (_WITHDRAW.match(said) or (
                     _WITHDRAW_UNSURE.match(said) and "?" not in previous))):  # the previous turn
                 found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True, withdrawal=True)
-                                     for f in detect_facts(previous) if not f.retire])
+                                     for f in detect_facts(previous)])   # its retirements too: the store restores
             if bare:
                 first = False
                 continue
