@@ -402,3 +402,17 @@ def test_a_withdrawn_retirement_in_chat_learns_the_diet_again(store):
     """The tester's case end to end: "I'm not vegetarian anymore." then "Just kidding." left no diet."""
     chat(store, "pat", "I'm vegetarian.", "I'm not vegetarian anymore.", "Just kidding.")
     assert held(store, "pat") == [("diet", "vegetarian")]
+
+
+def test_invariant_a_withdrawn_retirement_is_no_longer_quoted_once_the_fact_is_held_again(store):
+    """After "I'm not vegetarian anymore." + "Just kidding." the diet is held again, so retrieval must not put the
+    retirement beside it (compose.still_held kept every retirement sentence); one of a fact not held stays."""
+    from localpers.serve.compose import served_user
+
+    chat(store, "pat2", "I'm vegetarian.", "I'm not vegetarian anymore.", "Just kidding.")
+    assert held(store, "pat2") == [("diet", "vegetarian")]
+    found = [text for _, text in served_user(store, "pat2", "sha").search("Am I vegetarian?", 4)]
+    assert "I'm not vegetarian anymore." not in found and "I'm vegetarian." in found
+    chat(store, "pat3", "I'm vegan.", "I'm not vegan anymore.")
+    found = [text for _, text in served_user(store, "pat3", "sha").search("Am I vegan?", 4)]
+    assert "I'm not vegan anymore." in found

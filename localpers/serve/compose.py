@@ -142,8 +142,8 @@ def still_held(store, user: str, text: str, superseded: bool = True) -> str:
     fact the user has since replaced, withdrawn or deleted) a sentence goes unless the user holds every fact it
     states (Store.holds_fact); for any other text (documents, reviews, earlier messages: `superseded=False`) a
     sentence goes when a fact it states has its slot held with another value (Store.holds_other_value: the diary's
-    "I live in Oslo" once "I moved to Paris.", while a fact the user never stated in chat stays). A withdrawal
-    ("I'm not vegan anymore.") and a sentence stating nothing are kept, and so is the replaced sentence of a text
+    "I live in Oslo" once "I moved to Paris.", while a fact the user never stated in chat stays). A retirement
+    ("I'm not vegan anymore.") is kept unless the user holds that fact again, a sentence stating nothing is kept, and so is the replaced sentence of a text
     that states the held value too; a sentence is read without a lead-in label ("Diary: ..."). The cost: the detector on the retrieved texts and keyed-hash lookups; nothing more is decrypted."""
     from localpers.personalize.detect import detect_facts, sentences
 
@@ -155,9 +155,11 @@ def still_held(store, user: str, text: str, superseded: bool = True) -> str:
                                         if not f.retire and store.holds_fact(user, f)}
 
     def held(fact) -> bool:
+        if fact.retire:  # a retirement stays true until the fact is held again ("Just kidding." withdrew it)
+            return not store.holds_fact(user, fact)
         if superseded:
-            return fact.retire or store.holds_fact(user, fact)
-        return fact.retire or fact.slot in current or not store.holds_other_value(user, fact)
+            return store.holds_fact(user, fact)
+        return fact.slot in current or not store.holds_other_value(user, fact)
 
     kept = [s for s, found in zip(said, stated) if all(held(f) for f in found)]
     return text if len(kept) == len(said) else " ".join(kept)
