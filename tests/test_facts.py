@@ -799,3 +799,17 @@ def test_a_fact_restated_after_its_edit_failed_is_reported_and_its_edit_queued_a
     again = r.json()["localpers"]
     assert again["learned"]["retried"] == first["learned"]["facts"] and again["learned"]["facts"] == []
     assert [j["state"] for j in store.jobs("vic")] == ["queued", "failed"]
+
+
+def test_invariant_an_earlier_message_that_only_asks_or_requests_is_not_retrieved(store):
+    """A tester's "Tell me a joke." retrieved their earlier "Tell me about my career." (and the model joked about a
+    career): a message whose every sentence is a question or a request says nothing about the user; one that also
+    states something stays retrievable."""
+    for text in ("Tell me about my career.", "Please write me a poem about my cat.",
+                 "Suggest a dinner for tonight. I'm vegetarian.", "My career in tech started in 2010.",
+                 "Give me a joke book, I love puns."):
+        say(store, "jo", text)
+    found = retrieved(store, "jo", "Tell me a joke about my career and my cat and dinner.")
+    assert "Tell me about my career." not in found and "Please write me a poem about my cat." not in found
+    assert "Suggest a dinner for tonight. I'm vegetarian." in found and "My career in tech started in 2010." in found
+    assert "Give me a joke book, I love puns." in retrieved(store, "jo", "Any joke book?")   # the user's own clause

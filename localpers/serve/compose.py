@@ -88,8 +88,9 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
     has since replaced, withdrawn or deleted (meta names.SUPERSEDED_BY) only the sentences still true are, and of
     any other retrieved text (a document, a review) only the sentences stating no fact whose slot the user now
     holds with another value (still_held: not "I live in Oslo." nor a diary's "I live in Oslo" after "I moved to
-    Paris."); nor a message that only asks ("Any ideas for
-    dinner?": the user's own earlier questions say nothing about them, and the model echoed them back).
+    Paris."); nor a message that only asks or requests (only_asks: "Any ideas for
+    dinner?", "Tell me about my career.": the user's own earlier requests say nothing about them, and the model
+    echoed or answered them).
     `preferences=False` (a spec without
     `prompt`, Composer.needs_preferences) leaves the stated preferences and facts out: O(1) in their number."""
     try:
@@ -108,7 +109,7 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
             return []
         found, texts = [], set(said)
         for hit in hits:  # a text stored twice (a chat message and the preference learnt from it) is shown once
-            if hit["kind"] == names.MESSAGE and only_questions(hit["text"]):
+            if hit["kind"] == names.MESSAGE and only_asks(hit["text"]):
                 continue
             text = still_held(store, user, hit["text"], superseded=names.SUPERSEDED_BY in hit["meta"])
             if text and text not in texts:
@@ -125,12 +126,26 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
                                  for a in artifacts))
 
 
-def only_questions(text: str) -> bool:
-    """Is every sentence of a message a question (detect.sentences, each ending in "?")?"""
+# A request's opening: the user asks the assistant to do something ("Tell me about my career.", "Please write me a
+# poem.", "Suggest a dinner."); what follows says nothing about the user.
+# ... unless a clause of it says something of the user ("Give me a recipe, I'm vegan.": the detector learns nothing
+# from a request, but the words are the user's own).
+SELF_CLAUSE = re.compile(r"(?:[,;:(]|\b(?:since|because|as|and|but|so))\s+i\b", re.I)
+REQUEST = re.compile(r"^\W*(?:please\s+|pls\s+|now\s+|ok(?:ay)?,?\s+)?(?:tell|give|show|explain|describe|write|list|"
+                     r"help|find|make|plan|suggest|recommend|summari[sz]e|translate|draft|create|generate|name|"
+                     r"teach|remind)\b", re.I)
+
+
+def only_asks(text: str) -> bool:
+    """Is every sentence of a message a question (detect.sentences, ending in "?") or a request (REQUEST, or
+    methods.asks_to_use) without a clause of the user's own (SELF_CLAUSE)? Such a message of the user's says nothing about them ("Tell me about
+    my career."): retrieval leaves it out, or the model answers the old request ("a joke about a career")."""
     from localpers.personalize.detect import sentences
+    from localpers.personalize.methods import asks_to_use
 
     said = sentences(text)
-    return bool(said) and all(s.rstrip().endswith(("?", "？")) for s in said)
+    return bool(said) and all(s.rstrip().endswith(("?", "？")) or (
+        (REQUEST.match(s) or asks_to_use(s)) and not SELF_CLAUSE.search(s)) for s in said)
 
 
 LABEL = re.compile(r"^[^:.!?\n]{1,40}:\s*")   # a note's lead-in before what it states ("Diary, 3 May: I live in Oslo")
