@@ -507,3 +507,96 @@ def test_invariant_a_value_typed_casually_is_the_thing(message, expected):
 def test_invariant_a_subjectless_give_up_or_switch_of_no_known_thing_states_nothing(message):
     """A left-out "I" is read in only before a thing kinds.json knows: a report about code or a task is no fact."""
     assert detect_facts(message) == []
+
+
+# ---------------------------------------------------------------- fifth round: neither-nor, reactions, two jobs, time
+
+@pytest.mark.parametrize("message, expected", [
+    ("I like neither jazz nor rock.", ["dislikes=jazz", "dislikes=rock"]),
+    ("I love neither coffee nor tea.", ["dislikes=coffee", "dislikes=tea"]),
+    ("I really like neither jazz nor rock.", ["dislikes=jazz", "dislikes=rock"]),
+    ("I don't like jazz or rock.", ["dislikes=jazz", "dislikes=rock"]),   # what "neither ... nor" must match
+])
+def test_invariant_neither_nor_is_a_dislike_of_each_as_dont_like_or_is(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I eat neither meat nor fish.", ["diet=no meat or fish"]),   # as "I don't eat meat or fish."
+    ("I like neither of them.", []),                              # a reaction: no fact
+])
+def test_neither_reads_as_its_negation_says(message, expected):
+    assert facts(message) == expected
+
+
+def test_neither_nor_states_each_dislike_in_its_own_sentence():
+    assert statements("I like neither jazz nor rock.") == [("jazz", "I don't like jazz."),
+                                                           ("rock", "I don't like rock.")]
+
+
+@pytest.mark.parametrize("message", [
+    "I love that idea!", "I love this song.", "I love it when it rains.", "I like these shoes.", "I love those.",
+    "I love them.", "I really love that idea.", "I hate this song.", "I love that idea and I live in Oslo.",
+])
+def test_invariant_a_like_of_a_demonstrative_or_a_pronoun_is_a_passing_reaction_and_no_fact(message):
+    assert [f for f in facts(message) if not f.startswith("home=")] == []
+
+
+@pytest.mark.parametrize("message", [
+    'He asked me "are you vegetarian?" and I said "yes".', 'I said "no".', "She asked and I replied.",
+])
+def test_invariant_reported_speech_whose_words_were_quoted_is_no_fact(message):
+    assert facts(message) == []
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I \u2764\ufe0f jazz", ["likes=jazz"]), ("I \u2764 jazz.", ["likes=jazz"]), ("I \u2665 sushi!", ["likes=sushi"]),
+])
+def test_invariant_a_heart_for_the_verb_is_love(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm a chef and a writer.", ["job=chef and writer"]),
+    ("I'm a teacher and a writer.", ["job=teacher and writer"]),
+    ("I'm a nurse and a mother.", ["job=nurse", "about=I'm a mother"]),   # one job: as before
+    ("I'm a chef. I'm a writer.", ["job=writer"]),                         # two sentences: the later one holds
+])
+def test_invariant_two_jobs_in_one_sentence_are_both_held_never_the_last_only(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I drink coffee at 7am.", ["likes=coffee"]),
+    ("I drink coffee at 7 am.", ["likes=coffee"]),
+    ("I drink 3 cups of coffee a day.", ["likes=coffee"]),
+    ("I drink two cups of tea a day.", ["likes=tea"]),
+    ("I play tennis in summer.", ["likes=tennis"]),
+    ("I go skiing in winter.", ["likes=skiing"]),
+    ("I drink coffee in the morning and tea at night.", ["likes=coffee", "likes=tea"]),
+    ("I often listen to jazz at night.", ["likes=jazz"]),
+    ("I sometimes drink tea.", ["likes=tea"]),
+    ("I'm sometimes vegetarian.", ["about=I'm sometimes vegetarian"]),   # a part-time diet is no diet
+    ("I go swimming twice a week.", ["likes=swimming"]),
+    ("I'm a nurse at night.", ["job=nurse"]),
+    ("I'm a waiter on weekends.", ["job=waiter"]),
+])
+def test_invariant_a_clock_time_a_season_or_a_count_per_day_is_no_part_of_the_value(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I go shopping twice a week.", ["about=I go shopping twice a week"]),   # no thing kinds.json knows: as before
+    ("I hate working on weekends.", ["dislikes=working on weekends"]),
+])
+def test_invariant_a_time_that_is_the_thing_or_an_unknown_habit_stays_as_said(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm more into rock than jazz these days.", ["~likes=rock"]),
+    ("I like rock more than jazz.", ["likes=rock"]),
+    ("I love Better Than Ezra.", ["likes=Better Than Ezra"]),   # a name's "Than" compares nothing
+])
+def test_invariant_what_a_like_is_compared_with_is_no_part_of_its_value(message, expected):
+    assert facts(message) == expected

@@ -416,3 +416,11 @@ def test_invariant_a_withdrawn_retirement_is_no_longer_quoted_once_the_fact_is_h
     chat(store, "pat3", "I'm vegan.", "I'm not vegan anymore.")
     found = [text for _, text in served_user(store, "pat3", "sha").search("Am I vegan?", 4)]
     assert "I'm not vegan anymore." in found
+
+
+def test_a_like_preferred_to_the_held_one_these_days_replaces_it(store):
+    """"I'm more into rock than jazz these days." with jazz held: rock is the change, jazz is gone."""
+    say(store, "more", "I live in Oslo.", "I love jazz.")
+    learned = say(store, "more", "I'm more into rock than jazz these days.")
+    assert [r["attribute"] for r in learned["replaced"]] == ["likes"]
+    assert held(store, "more") == [("home", "Oslo"), ("likes", "rock")]

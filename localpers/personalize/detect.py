@@ -601,8 +601,9 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("likes", r"^i " + _NEG_DO + r"(?:really |absolutely |totally |truly |do )?" + _LIKE + r" (?P<v>.+)$"),
 ]]
 _ANYMORE = re.compile(r"\b(?:any ?more|no longer|not \w+ any ?more|used to|stopped|quit)\b", re.I)
-_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|with my|with \w+ \w+|since|while|when|"
-                    r"whenever|for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
+_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|(?-i:than)|with my|with \w+ \w+|since|"
+                    r"while|when|whenever|for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|"
+                    r"although|though|"
                     r"who|which|where)\b.*$")
 _VALUE_CUT = re.compile(_VALUE_CUT_WORDS + r"|,.*$", re.I)
 _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
@@ -674,12 +675,16 @@ _TRADE = re.compile(r"^i(?: have|'ve)? (?:just |recently |finally )?(?:gave up|g
                     r"(?P<end>(?: (?:now|these days|lately|instead))*[.!]*)$",
                     re.I)
 _NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
+# "I like neither jazz nor rock.": said as "I don't like jazz or rock." (a dislike of each, never a like)
+_NEITHER = re.compile(r"\b(?P<i>I|i)(?: (?:really|truly|actually|much|particularly|especially))? (?P<verb>like|love|"
+                      r"enjoy|adore|eat|drink|listen to|watch|play|care for) neither (?P<x>[^,;.!?]+?) nor\b", re.I)
 
 
 def _things_said(sentence: str) -> str:
     """`sentence` with the likes said of a thing, as a switch, a trade or as "no more X for me" said in the first
     person ("Rock is my thing now." -> "I like rock now.", "I gave up tennis for golf." -> "I no longer like tennis,
-    I like golf."), where kinds.json knows the things."""
+    I like golf."), where kinds.json knows the things, and "neither ... nor" said as "don't ... or" ("I like neither
+    jazz nor rock." -> "I don't like jazz or rock.", of any thing)."""
     def thing(m):
         if not _known_thing(m["x"]):
             return m[0]
@@ -703,6 +708,7 @@ def _things_said(sentence: str) -> str:
         new = _TIME_TAIL.sub("", m["new"])  # "... for tea a year ago": the like is of tea, not of its time
         return f"I no longer like {m['old']}, I like {new}{m['end']}"
 
+    sentence = _NEITHER.sub(lambda m: f"{m['i']} don't {m['verb']} {m['x']} or", sentence)
     sentence = _MY_THING.sub(thing, sentence)
     sentence = _SWITCH.sub(switched, sentence)
     sentence = _TRADE.sub(traded, sentence)
@@ -745,7 +751,10 @@ def _normal_clause(clause: str) -> str:
     for _ in range(3):
         c = re.sub(r"^(i(?:'m)?|i don't|i'm not) " + _ADVERBS + r"\b,? ?", r"\1 ", c, flags=re.I)
         c = re.sub(r"^(i|i'm) not " + _ADVERBS + r"\b ", r"\1 not ", c, flags=re.I)
+    c = re.sub(r"^i (?:often|sometimes|occasionally|regularly|frequently|normally|typically) ", "i ", c, flags=re.I)
     c = _given_up(c)
+    if (m := re.match(r"^i go (\w+ing)\b(.*)$", c, re.I)) and _known_thing(m[1]):  # "I go swimming twice a week"
+        c = f"i like {m[1]}{m[2]}"
     c = re.sub(r"^i'm no longer\b", "i'm no longer", c, flags=re.I)
     c = re.sub(r"^(i) (?:do )?no longer\b", r"\1 no longer", c, flags=re.I)
     c = re.sub(r"\s*,?\s*\bnot (?:any ?more|anymore)\b", "", c, flags=re.I)
@@ -776,8 +785,11 @@ def _clean_value(value: str, attribute: str) -> str:
         value = re.sub(r"\s+to (?:become|be|work|study|start|join|pay|support|take|focus)\b.*$", "", value)
     if attribute in ("likes", "dislikes"):  # "I drink mostly tea", "lots of tea": the thing
         value = re.sub(r"^(?:to|mostly|mainly|only|just|usually|primarily|largely|exclusively|a lot of|lots of|"
-                       r"plenty of|(?:an?|my|one|two) (?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|"
-                       r"bowls?) of|an?|some|(?:way )?too much|so much)\s+", "", value.strip(), flags=re.I)
+                       r"plenty of|(?:an?|my|one|two|three|four|five|\d+|a few|a couple of|several) "
+                       r"(?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|bowls?) of|an?|some|(?:way )?too much|"
+                       r"so much)\s+", "", value.strip(), flags=re.I)
+        if (inner := _WHEN_IN_LIST.sub("", value)) != value and list_parts(_without_frequency(inner, attribute)):
+            value = inner  # "coffee in the morning and tea at night": each thing without its time
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
     if attribute != "name":
         value = _without_frequency(value, attribute)
@@ -790,13 +802,15 @@ def _clean_value(value: str, attribute: str) -> str:
 # morning." -> coffee, "I play tennis on weekends." -> tennis); "I like Sunday roast." keeps its words.
 _DAY = r"(?:(?:mon|tues|wednes|thurs|fri|satur|sun)day|week ?day|week ?end)"
 _PART = r"(?:morning|evening|afternoon|night|lunch ?time|bed ?time)"
-_FREQUENCY = re.compile(
-    r"(?:\s*,)?\s+(?:"
+_WHEN = (
     r"(?:almost |nearly |pretty much |just about |like )?(?:every|each)(?: single| other)? (?:" + _DAY + r"|day|night|"
     r"morning|evening|afternoon|week|month|year|summer|winter|spring|fall|autumn|season|holiday|meal)s?"
     r"(?: " + _PART + r"s?)?|every (?:so often|now and (?:then|again)|once in a while|chance i get|time i can)|"
     r"(?:on|at|over|during)(?: the)? " + _DAY + r"s?(?: " + _PART + r"s?)?|"
-    r"(?:late )?at night|at nights|(?:in|during) the (?:" + _PART + r"|summer|winter|spring|fall|autumn)s?|"
+    r"(?:late )?at night|at nights|(?:in|during) the " + _PART + r"s?|"
+    r"(?:in|during) (?:the )?(?:summer|winter|spring|fall|autumn)s?|in (?:the )?(?:summer|winter)time|"
+    r"(?:at|around|by|before|after) (?:\d{1,2}(?::\d\d)? ?(?:am|pm|a\.m\.?|p\.m\.?|o'clock)|noon|midnight)|"
+    r"(?:a|per) (?:day|week|month|year)|"
     r"(?:before|after|at) (?:bed|bedtime|work|school|class|dinner|lunch|breakfast|the gym|the office|home|"
     r"(?:a |my )?(?:workouts?|meals?|runs?))|for (?:breakfast|lunch|dinner|dessert|brunch|a snack|snacks)|"
     r"with (?:breakfast|lunch|dinner|(?:every |most |all |my )?meals?)|"
@@ -805,7 +819,10 @@ _FREQUENCY = re.compile(
     r"religiously|all the time|from time to time|once in a while|all day(?: long)?|all year(?: round)?|"
     r"year[- ]round|on a (?:daily|weekly|regular) basis|whenever i (?:can|get the chance)|"
     r"in my (?:free|spare) time|(?:once|twice|three times|\d+ times|a (?:couple|few) (?:of )?times) "
-    r"(?:a|per|every|each) (?:day|week|month|year))\s*$", re.I)
+    r"(?:a|per|every|each) (?:day|week|month|year)")
+_FREQUENCY = re.compile(r"(?:\s*,)?\s+(?:" + _WHEN + r")\s*$", re.I)
+# ... before the next thing of a list: "coffee in the morning and tea (at night)"
+_WHEN_IN_LIST = re.compile(r"(?:\s*,)?\s+(?:" + _WHEN + r")(?=\s*,|\s+(?:and|or|&)\s+)", re.I)
 # Nouns in "-ing" that are no activity: "I eat pudding every day" -> pudding.
 _ING_NOUNS = {"pudding", "stuffing", "icing", "frosting", "dressing", "filling", "topping", "dumpling", "herring",
               "ling", "ring", "king", "thing", "wing", "string", "spring", "evening", "morning", "ceiling",
@@ -978,11 +995,16 @@ _JOB_GONE = re.compile(r"^i (?:have |'ve |just )?(?:quit|left|lost|resigned from
                        r"(?:\s+(?:to|because|since|after|and|yesterday|today|last|this)\b.*)?$", re.I)
 
 
+_JOB_CLAUSE = re.compile(r"i'm (?:not |no longer )?(?:an? |the )?(?:[\w-]+ ){0,2}" + _PROFESSION, re.I)
+
+
 def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
     """The fact one first-person clause states (or retires), or None."""
     c = _normal_clause(clause)
     for _ in range(2):
         c = _TRAILING.sub("", _TIME_TAIL.sub("", c))
+    if _JOB_CLAUSE.fullmatch(kept := _FREQUENCY.sub("", c)):  # "I'm a nurse at night": the job
+        c = kept
     gone_for_good = bool(_ANYMORE.search(clause))
     letters = re.sub(r"[^A-Za-z]", "", clause)
     shouted = len(letters) > 3 and letters.isupper()
@@ -1219,10 +1241,24 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
                     fact = replace(fact, change=True)  # "Actually I prefer rock now.": replaces a like of its kind
                 kinds.add(kind)
                 new.append(fact)
+        new = _jobs_together(new)  # "I'm a chef and a writer.": both jobs, never the last one only
         found, detected = _add(found, new), detected + len(new)
         if limit is not None and detected >= limit:  # the work is bounded: at most `limit` facts are detected
             break
     return found[:limit] if limit is not None else found
+
+
+def _jobs_together(new: list[StatedFact]) -> list[StatedFact]:
+    """The facts of one sentence with the jobs it states (job is single-valued: a later one replaces an earlier)
+    held as one job, in the sentence's order ("I'm a chef and a writer." -> job "chef and writer", stated "I'm a
+    chef and writer."); any other list as it is."""
+    jobs = [f for f in new if f.attribute == "job" and not f.retire]
+    if len(jobs) < 2:
+        return new
+    value = " and ".join(dict.fromkeys(f.value for f in jobs))
+    both = StatedFact("job", value, jobs[0].statement.replace(jobs[0].value, value, 1))
+    at = new.index(jobs[0])
+    return [f for f in new[:at] if f not in jobs] + [both] + [f for f in new[at:] if f not in jobs]
 
 
 # A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
@@ -1338,6 +1374,8 @@ _FORGET_ATTRIBUTE = {
 
 def _no_emoji(text: str) -> str:
     """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
+    hearts = "\u2764\u2665\U0001F495\U0001F496\U0001F497\U0001F60D\U0001F970"
+    text = re.sub(r"\b([Ii])[ \t]*[" + hearts + r"]\ufe0f?[ \t]*(?=\w)", r"\1 love ", text)  # "I ❤️ jazz": a verb
     out = ["\x02" if _is_emoji(ch) else ch for ch in text]
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=,)", "", text)  # "nuts 🥜, eggs 🥚 and milk": before a list's comma
@@ -1435,10 +1473,19 @@ _PASSING = re.compile(
     re.I)
 
 
+# A passing reaction: a like or dislike of a demonstrative or a pronoun ("I love that idea!", "I love this song.", "I
+# love it when it rains."): what it points at is no lasting thing about the user.
+_REACTION = re.compile(r"^i (?:(?:really|just|absolutely|totally|so|truly|do) )*(?:like|love|enjoy|adore|hate|dislike|"
+                       r"detest|loathe|prefer|can't stand) (?:that|this|it|these|those|them|neither)\b", re.I)
+# Reported speech whose words were quoted (and dropped): 'He asked me "..." and I said "yes".' -> "I said".
+_SPEECH = re.compile(r"^i (?:said|asked|replied|answered|responded|wrote|texted|told (?:him|her|them)|shouted|yelled|"
+                     r"whispered)(?: (?:to |back to )?(?:him|her|them|back))?$", re.I)
+
+
 def _blocked(clause: str) -> bool:
     """A first-person clause that is not about something lasting: a request, a thought about the task, a plan or
     a situation of the day, a passing state, a wish, a question."""
-    if _PASSING.match(clause):
+    if _PASSING.match(clause) or _REACTION.match(clause) or _SPEECH.match(clause):
         return True
     if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause, re.I):
         return True
