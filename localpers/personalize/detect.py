@@ -1169,6 +1169,17 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     detected = 0
     for sentence in sentences(_no_emoji(_own_text(_translate(normalize_text(text))))):
         s = sentence.strip()
+        if (m := _WITHDRAW_NAMED.match(s)) and (said := [  # "Forget what I said about Lyon, ...": the facts it names
+                f for f in (found[before:] if not first else detect_facts(previous) if previous else [])
+                if _names(m["what"], f)]):
+            if not first:
+                found = [f for f in found if f not in said]
+            else:
+                found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True, withdrawal=True)
+                                     for f in said])
+            first, s = False, s[m.end():].strip(" ,;:.!-")
+            if not s:
+                continue
         if m := _FORGET.match(s):  # "Forget that I'm vegetarian.", "Please forget where I live."
             named = _FORGET_ATTRIBUTE.get(m["what"].lower().rstrip(".!"))
             gone = [StatedFact(named, "", s, retire=True)] if named else [
@@ -1183,10 +1194,12 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             said = s[m.start("said"):]  # "Scratch that last part.": "that" names something else
             s = re.sub(r"^(?:lol|haha+|sorry|please|pls|plz|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"),
                        flags=re.I)
-            bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I)
+            bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(
+                r"(?:(?:i'm |i am |i )?not|i(?:'m| am)? still(?: am| do| is)?|i do|i am|i'm not|i don't|i do not)[.!]*",
+                s, re.I)
             if not first:
                 del found[before:]
-            elif previous and (_WITHDRAW_ANYWAY.match(said) or bare and (_WITHDRAW.match(said) or (
+            elif previous and (_WITHDRAW_ANYWAY.match(said) or bare and (_WITHDRAW.match(said) or s and _WITHDRAW_CONTRARY.match(said) or (
                     _WITHDRAW_UNSURE.match(said) and "?" not in previous))):  # the previous turn
                 found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True, withdrawal=True)
                                      for f in detect_facts(previous)])   # its retirements too: the store restores
@@ -1333,6 +1346,28 @@ _ANYWAY = (r"scratch " + _THAT + r"|strike " + _THAT + r"|(?:please\s+)?(?:ignor
            r"take that back|(?:delete|undo|cancel) " + _THAT + r"|wrong (?:chat|window|conversation|person|thread)|"
            r"that (?:message |last message )?(?:was (?:meant |supposed to be )?for (?:someone else|my \w+)|"
            r"(?:wasn't|was not) (?:meant )?for you)|never ?mind " + _SAID)
+# A withdrawal that names what it withdraws: "Forget what I just said about being a chef, I'm a pilot.",
+# "Scratch what I said about Lyon." (what follows the comma is a statement).
+_WITHDRAW_NAMED = re.compile(r"^" + _INTERJECTION + r"*(?:please\s+)?(?:forget|scratch|ignore|disregard|strike|never ?mind) "
+                             r"(?:what|everything|the part|the bit) (?:i (?:just )?(?:said|wrote|typed|told you) )?"
+                             r"about (?P<what>[^,;.!?]+)[,;:.!\s-]*", re.I)
+# The words that name an attribute's facts: "about my job", "about where I live".
+_ATTRIBUTE_WORDS = {"home": r"live|living|home|city|address|moved?", "job": r"job|work|working|career|profession",
+                    "diet": r"diet|eat|eating|food", "allergy": r"allerg\w*", "likes": r"likes?|love|into|fan",
+                    "dislikes": r"dislikes?|hate", "employer": r"employer|company|work for", "name": r"name",
+                    "age": r"age|old", "origin": r"from|grew up|born|hometown"}
+
+
+def _names(what: str, fact: StatedFact) -> bool:
+    """Whether the words after "about" name `fact`: its value ("about being a chef", "about Lyon") or, where no
+    value of the turn is named, its attribute's words ("about my job", "about where I live")."""
+    what = what.lower()
+    if fact.value and re.search(r"\b" + re.escape(fact.value.lower()) + r"\b", what):
+        return True
+    words = _ATTRIBUTE_WORDS.get(fact.attribute)
+    return bool(words) and bool(re.search(r"\b(?:" + words + r")\b", what))
+
+
 _WITHDRAW_ANYWAY = re.compile(r"^(?:" + _ANYWAY + r")\b", re.I)
 # ... and those that withdraw it only said alone: "Just kidding, I'm actually vegan." says what holds instead,
 # and "Forget it.", "Never mind." withdraw the turn only when it asked nothing ("Never mind." after "I'm
@@ -1340,6 +1375,9 @@ _WITHDRAW_ANYWAY = re.compile(r"^(?:" + _ANYWAY + r")\b", re.I)
 _WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|forget that|that's not true|"
                        r"that is not true|not true|that was a joke|i lied|i was (?:just )?(?:joking|kidding)|"
                        r"(?:i made|that was) an? (?:mistake|typo))\b", re.I)
+# ... and those that withdraw it only with the bare contrary after them: "No wait, I'm not." ("Wait, no." alone
+# may answer the assistant).
+_WITHDRAW_CONTRARY = re.compile(r"^(?:no,? wait|wait,? no|actually,? no|oops,? no)\b", re.I)
 _WITHDRAW_UNSURE = re.compile(r"^(?:forget it|(?:nvm|never ?mind)(?: " + _THAT + r")?)\b", re.I)
 _RETRACT = re.compile(r"^" + _INTERJECTION + r"*(?P<said>(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|"
                       r"scratch that|(?:nvm|never ?mind)(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|"

@@ -1,0 +1,82 @@
+"""The detector on the faults a second tester typed (issue 25): a withdrawal that names what it withdraws, a
+withdrawal followed by the bare contrary ("Just kidding, I still am."), and give-ups said without a verb the
+detector knew. Each kind is an invariant over several phrasings; the chat tests learn the conversation end to end."""
+import pytest
+
+from localpers.personalize.detect import detect_facts
+from localpers.serve.learn import learn_from_chat
+from localpers.store.store import Store
+
+
+def facts(text, previous=None):
+    return [("-" if f.retire else "~" if f.change else "") + f"{f.attribute}={f.value}"
+            for f in detect_facts(text, previous=previous)]
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.open(tmp_path) as s:
+        yield s
+
+
+def chat(store, user, *turns):
+    """Each turn sent as clients send it: the whole conversation so far (assistant replies between)."""
+    for n in range(1, len(turns) + 1):
+        messages = []
+        for turn in turns[:n]:
+            messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": "Noted."}]
+        learn_from_chat(store, user, messages[:-1])
+
+
+def held(store, user):
+    return sorted((f["attribute"], f["value"]) for f in store.facts(user))
+
+
+CHEF_IN_LYON = "I'm a chef and I live in Lyon."
+
+
+@pytest.mark.parametrize("withdrawal, expected", [
+    ("Forget what I just said about being a chef, I'm a pilot.", ["job=pilot"]),
+    ("Forget what I said about being a chef.", ["-job=chef"]),
+    ("Scratch what I said about being a chef.", ["-job=chef"]),
+    ("Forget what I said about Lyon.", ["-home=Lyon"]),
+    ("Ignore what I said about where I live.", ["-home=Lyon"]),
+    ("Oops, forget what I said about my job.", ["-job=chef"]),
+])
+def test_invariant_a_withdrawal_that_names_its_fact_withdraws_only_that_fact(withdrawal, expected):
+    assert facts(withdrawal, previous=CHEF_IN_LYON) == expected
+
+
+@pytest.mark.parametrize("withdrawal, kept", [
+    ("Forget what I just said about being a chef, I'm a pilot.", [("home", "Lyon"), ("job", "pilot")]),
+    ("Scratch what I said about being a chef.", [("home", "Lyon")]),
+    ("Forget what I said about Lyon.", [("job", "chef")]),
+])
+def test_invariant_a_named_withdrawal_in_a_chat_keeps_the_facts_it_does_not_name(store, withdrawal, kept):
+    chat(store, "n", CHEF_IN_LYON, withdrawal)
+    assert held(store, "n") == kept
+
+
+def test_a_named_withdrawal_inside_one_message_drops_only_the_named_fact():
+    assert facts(CHEF_IN_LYON + " Forget what I said about Lyon.") == ["job=chef"]
+
+
+@pytest.mark.parametrize("previous, withdrawal, expected", [
+    ("I'm not vegetarian anymore.", "Just kidding, I still am.", ["-diet=vegetarian"]),
+    ("I'm a chef.", "No wait, I'm not.", ["-job=chef"]),
+    ("I'm a chef.", "Wait, no, I'm not.", ["-job=chef"]),
+    ("I'm a chef.", "Just kidding, I'm not.", ["-job=chef"]),
+])
+def test_invariant_a_withdrawal_then_the_bare_contrary_withdraws_the_turn_before(previous, withdrawal, expected):
+    found = detect_facts(withdrawal, previous=previous)
+    assert facts(withdrawal, previous=previous) == expected and all(f.withdrawal for f in found)
+
+
+def test_a_retirement_withdrawn_by_i_still_am_restores_the_fact_and_learns_no_about(store):
+    chat(store, "v", "I'm vegetarian.", "I'm not vegetarian anymore.", "Just kidding, I still am.")
+    assert held(store, "v") == [("diet", "vegetarian")]
+
+
+def test_no_wait_im_not_withdraws_the_job_of_the_turn_before(store):
+    chat(store, "c", "I'm a chef.", "No wait, I'm not.")
+    assert held(store, "c") == []
