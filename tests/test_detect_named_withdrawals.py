@@ -80,3 +80,40 @@ def test_a_retirement_withdrawn_by_i_still_am_restores_the_fact_and_learns_no_ab
 def test_no_wait_im_not_withdraws_the_job_of_the_turn_before(store):
     chat(store, "c", "I'm a chef.", "No wait, I'm not.")
     assert held(store, "c") == []
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I've given up on jazz.", ["-likes=jazz"]),
+    ("I gave up on rock music.", ["-likes=rock music"]),
+    ("I gave up coffee and tea.", ["-likes=coffee", "-likes=tea"]),
+    ("I quit coffee and tea.", ["-likes=coffee", "-likes=tea"]),
+    ("No longer a jazz fan.", ["-likes=jazz"]),
+    ("Not a chef anymore.", ["-job=chef"]),
+    ("Not vegetarian anymore.", ["-diet=vegetarian"]),
+])
+def test_invariant_a_give_up_said_on_a_list_or_without_a_subject_retires_each_thing(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message", ["Not sure anymore.", "Not a problem anymore.", "I quit smoking and drinking.",
+                                     "I gave up on him."])
+def test_invariant_a_give_up_of_no_known_thing_or_fact_retires_nothing(message):
+    assert [f for f in facts(message) if f.startswith("-")] == []
+
+
+@pytest.mark.parametrize("stated, given_up, kept", [
+    ("I love jazz and I drink coffee.", "I've given up on jazz.", [("likes", "coffee")]),
+    ("I drink coffee and tea. I'm a chef.", "I gave up coffee and tea.", [("job", "chef")]),
+    ("I'm a chef and I'm vegetarian.", "Not a chef anymore.", [("diet", "vegetarian")]),
+    ("I'm a chef and I'm vegetarian.", "Not vegetarian anymore.", [("job", "chef")]),
+])
+def test_invariant_a_give_up_in_a_chat_retires_the_held_fact_and_keeps_the_rest(store, stated, given_up, kept):
+    chat(store, "g", stated, given_up)
+    assert held(store, "g") == kept
+
+
+def test_a_preference_of_one_drink_to_another_these_days_replaces_the_other(store):
+    assert facts("I prefer tea to coffee these days.") == ["~likes=tea"]
+    assert facts("I prefer tea to coffee.") == ["likes=tea"]
+    chat(store, "p", "I drink coffee every morning.", "I prefer tea to coffee these days.")
+    assert held(store, "p") == [("likes", "tea")]

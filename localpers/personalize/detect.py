@@ -632,14 +632,15 @@ def _given_up(clause: str) -> str:
     tea every morning" -> "i like tea every morning". Only of a thing kinds.json knows when no verb says what was
     done with it ("I quit smoking." stays as it is)."""
     doing = "|".join(_DOING)
+    clause = re.sub(r"^(i (?:have |'ve )?(?:gave|given) up) on\b", r"\1", clause, flags=re.I)  # "... up on jazz"
     if m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out) (" + doing + r") (.+)$", clause,
                      re.I):
         return f"i no longer {_DOING[m[1].lower()]} {m[2]}"
     if (m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out|ditched|dropped) (.+)$|"
                       r"^i'm (?:so |totally |completely |well )?(?:over|off|done with|through with) (.+)$",
                       clause, re.I)) \
-            and _known_thing(m[1] or m[2]):
-        return f"i no longer like {m[1] or m[2]}"
+            and all(_known_thing(x) for x in re.split(r"\s*,\s*(?:and\s+)?|\s+and\s+", m[1] or m[2])):
+        return f"i no longer like {m[1] or m[2]}"  # "i gave up coffee and tea": each a known thing
     if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
         return f"i {_DOING[m[1].lower()]} {m[2]}"
     # "i took up golf", "i started playing golf", "i switched to tea" (a change: _CHANGE): a like of a known thing
@@ -674,6 +675,9 @@ _TRADE = re.compile(r"^i(?: have|'ve)? (?:just |recently |finally )?(?:gave up|g
                     r"(?:for|with|in favou?r of) (?P<new>[\w' -]+?)"
                     r"(?P<end>(?: (?:now|these days|lately|instead))*[.!]*)$",
                     re.I)
+# "I prefer tea to coffee (these days).": a like of the first (a change when said as one), of known things only.
+_PREFER_TO = re.compile(r"^(?P<i>i (?:really |much |actually )?prefer) (?P<new>[\w' -]+?) (?:to|over) (?P<old>[\w' -]+?)"
+                        r"(?P<end>(?: (?:now|these days|nowadays|lately|instead))*[.!]*)$", re.I)
 _NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
 # "I like neither jazz nor rock.": said as "I don't like jazz or rock." (a dislike of each, never a like)
 _NEITHER = re.compile(r"\b(?P<i>I|i)(?: (?:really|truly|actually|much|particularly|especially))? (?P<verb>like|love|"
@@ -712,6 +716,8 @@ def _things_said(sentence: str) -> str:
     sentence = _MY_THING.sub(thing, sentence)
     sentence = _SWITCH.sub(switched, sentence)
     sentence = _TRADE.sub(traded, sentence)
+    sentence = _PREFER_TO.sub(lambda m: f"{m['i']} {m['new']}{m['end']}"
+                              if _known_thing(m["new"]) and _known_thing(m["old"]) else m[0], sentence)
     return _NO_MORE.sub(lambda m: f"I no longer like {m['x']}" if _known_thing(m["x"]) else m[0], sentence)
 
 
@@ -1274,8 +1280,11 @@ def _jobs_together(new: list[StatedFact]) -> list[StatedFact]:
     return [f for f in new[:at] if f not in jobs] + [both] + [f for f in new[at:] if f not in jobs]
 
 
+_DIET_WORD = r"(?:vegetarian|vegan|pescatarian|pescetarian|flexitarian|keto|paleo|gluten[- ]free|dairy[- ]free)"
 # A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
-_SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b|not (?:really )?"
+_SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on|an? (?:big |huge )?"
+                              r"[\w-]+ fan|(?:an? )?" + _PROFESSION + r"|" + _DIET_WORD + r")\b|"
+                              r"not (?:an? )?(?:" + _PROFESSION + r"|" + _DIET_WORD + r") any ?more\b|not (?:really )?"
                               r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on|an? (?:big |huge )?[\w-]+ fan)\b"
                               r"[^,;.]*\bany ?more\b)", re.I)
 
