@@ -117,3 +117,18 @@ def test_a_preference_of_one_drink_to_another_these_days_replaces_the_other(stor
     assert facts("I prefer tea to coffee.") == ["likes=tea"]
     chat(store, "p", "I drink coffee every morning.", "I prefer tea to coffee these days.")
     assert held(store, "p") == [("likes", "tea")]
+
+
+@pytest.mark.parametrize("message, expected", [
+    ('I like "jazz".', ["likes=jazz"]),
+    ('I like "jazz" and "rock".', ["likes=jazz", "likes=rock"]),
+    ('He said "I love jazz".', []),
+    ('She yelled "I am vegan" at me.', []),
+])
+def test_invariant_a_name_in_quotes_is_the_thing_and_quoted_speech_stays_out(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message", ["I drink coffee at 7:30.", "I drink coffee at 7:30 am.", "I drink coffee at 16:00."])
+def test_invariant_a_clock_time_is_no_part_of_the_value(message):
+    assert facts(message) == ["likes=coffee"]

@@ -404,6 +404,9 @@ _PASTE_INTRO = re.compile(
     r"lyrics|script|transcript|resume|cv)\b[^.!\n]{0,60}?[:?]|(?:^|\n)\s*(?:dear|hi|hello|hey) [A-Z][\w.]*,[ \t]*\n",
     re.I)
 _QUOTED = re.compile(r"\"[^\"\n]*\"|(?<![\w])'[^'\n]*[.!?,]'(?![\w])")
+# One to three words in quotes, none of them the speaker's: a name quoted, not speech ('I like "jazz".').
+_QUOTED_WORDS = re.compile(r"(\b(?:like|love|enjoy|adore|hate|prefer|dislike|into|fan of|and|or),?\s+)"
+                           r"\"(?!(?:i|i'm|im|i've|my|me|we|you|yes|no)\b)([\w'-]+(?: [\w'-]+){0,2})\"", re.I)
 _LYRIC_MARK = re.compile(r"^\s*[\[(](?:chorus|verse|bridge|intro|outro|refrain|hook)\b|[♪♫]", re.I | re.M)
 _INVENTED = re.compile(
     r"^(?:if|imagine|pretend|suppose|supposing|let's say|lets say|hypothetically|what if|in a world|in my story|"
@@ -424,6 +427,7 @@ def _own_text(text: str) -> str:
     text = "\n".join(lines)
     if m := _PASTE_INTRO.search(text):
         text = text[:m.end()]
+    text = _QUOTED_WORDS.sub(r"\1\2", text)  # 'I like "jazz".': a name in quotes is no quoted speech
     text = _QUOTED.sub(" ", text)
     kept = []
     for sentence in sentences(text):
@@ -815,7 +819,7 @@ _WHEN = (
     r"(?:on|at|over|during)(?: the)? " + _DAY + r"s?(?: " + _PART + r"s?)?|"
     r"(?:late )?at night|at nights|(?:in|during) the " + _PART + r"s?|"
     r"(?:in|during) (?:the )?(?:summer|winter|spring|fall|autumn)s?|in (?:the )?(?:summer|winter)time|"
-    r"(?:at|around|by|before|after) (?:\d{1,2}(?::\d\d)? ?(?:am|pm|a\.m\.?|p\.m\.?|o'clock)|noon|midnight)|"
+    r"(?:at|around|by|before|after) (?:\d{1,2}(?::\d\d)? ?(?:am|pm|a\.m\.?|p\.m\.?|o'clock)|\d{1,2}:\d\d|noon|midnight)|"
     r"(?:a|per) (?:day|week|month|year)|"
     r"(?:before|after|at) (?:bed|bedtime|work|school|class|dinner|lunch|breakfast|the gym|the office|home|"
     r"(?:a |my )?(?:workouts?|meals?|runs?))|for (?:breakfast|lunch|dinner|dessert|brunch|a snack|snacks)|"
