@@ -132,3 +132,13 @@ def test_invariant_a_name_in_quotes_is_the_thing_and_quoted_speech_stays_out(mes
 @pytest.mark.parametrize("message", ["I drink coffee at 7:30.", "I drink coffee at 7:30 am.", "I drink coffee at 16:00."])
 def test_invariant_a_clock_time_is_no_part_of_the_value(message):
     assert facts(message) == ["likes=coffee"]
+
+
+@pytest.mark.parametrize("message, previous, expected", [
+    ("Forget what I said about being a chef.", "I live in Lyon.", []),
+    ("Forget what I said about being a chef, I'm a pilot.", "I live in Lyon.", ["job=pilot"]),
+    ("I'm a chef. Forget what I said about Lyon.", None, ["job=chef"]),
+    ("Forget what I said about my job.", None, ["-job="]),
+])
+def test_invariant_a_named_withdrawal_of_nothing_said_withdraws_nothing_else(message, previous, expected):
+    assert facts(message, previous=previous) == expected

@@ -1179,9 +1179,9 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     detected = 0
     for sentence in sentences(_no_emoji(_own_text(_translate(normalize_text(text))))):
         s = sentence.strip()
-        if (m := _WITHDRAW_NAMED.match(s)) and (said := [  # "Forget what I said about Lyon, ...": the facts it names
+        if (m := _WITHDRAW_NAMED.match(s)) and ((said := [  # "Forget what I said about Lyon, ...": the facts it names
                 f for f in (found[before:] if not first else detect_facts(previous) if previous else [])
-                if _names(m["what"], f)]):
+                if _names(m["what"], f)]) or not _forgets(s)):  # naming nothing said, it withdraws nothing
             if not first:
                 found = [f for f in found if f not in said]
             else:
@@ -1369,6 +1369,14 @@ _ATTRIBUTE_WORDS = {"home": r"live|living|home|city|address|moved?", "job": r"jo
                     "diet": r"diet|eat|eating|food", "allergy": r"allerg\w*", "likes": r"likes?|love|into|fan",
                     "dislikes": r"dislikes?|hate", "employer": r"employer|company|work for", "name": r"name",
                     "age": r"age|old", "origin": r"from|grew up|born|hometown"}
+
+
+def _forgets(sentence: str) -> bool:
+    """Whether `sentence` is a "Forget ..." that retires a fact or an attribute by itself ("Forget what I said about
+    my job." -> the job, whatever its value)."""
+    m = _FORGET.match(sentence)
+    return bool(m) and bool(_FORGET_ATTRIBUTE.get(m["what"].lower().rstrip(".!")) or any(
+        not f.retire for f in detect_facts(m["what"])))
 
 
 def _names(what: str, fact: StatedFact) -> bool:
