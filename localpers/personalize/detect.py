@@ -636,7 +636,7 @@ def _given_up(clause: str) -> str:
     tea every morning" -> "i like tea every morning". Only of a thing kinds.json knows when no verb says what was
     done with it ("I quit smoking." stays as it is)."""
     doing = "|".join(_DOING)
-    clause = re.sub(r"^(i (?:have |'ve )?(?:gave|given) up) on\b", r"\1", clause, flags=re.I)  # "... up on jazz"
+    said, clause = clause, re.sub(r"^(i (?:have |'ve )?(?:gave|given) up) on\b", r"\1", clause, flags=re.I)  # "up on jazz"
     if m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out) (" + doing + r") (.+)$", clause,
                      re.I):
         return f"i no longer {_DOING[m[1].lower()]} {m[2]}"
@@ -659,7 +659,7 @@ def _given_up(clause: str) -> str:
     if (m := re.match(r"^i (?:have|grab|get|order|take) (.+)$", clause, re.I)) and _FREQUENCY.search(clause) \
             and _known_thing(m[1]):
         return f"i like {m[1]}"
-    return clause
+    return said
 
 
 # A like said with the thing as subject or as a switch: "Rock is my thing now.", "Jazz isn't my thing anymore.", "I
@@ -1163,7 +1163,9 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     become retirements with `withdrawal` set, which the store retires only where that message taught them):
     "Scratch that.", "Oops, ignore that.", "Forget what I just said.", "Ignore my last message." also when a
     statement follows ("Scratch that, I love rock."), "Just kidding.", "Not true." only alone, "Never mind.",
-    "Forget it." only alone after a `previous` that asked nothing; what follows the retraction is read as a
+    "Forget it." only alone after a `previous` that asked nothing ("Just kidding, I still am.", "No wait, I'm not."
+also withdraw it); "Forget what I said about Lyon, ..." withdraws only the facts it names (by value or by the
+attribute's words), nothing when it names none of them; what follows the retraction is read as a
     statement ("Not true, I'm not vegetarian."). A value leaves out how often or when ("I drink coffee every
     morning." -> coffee); a like of several things kinds.json knows, a comma list ended by "and" and a list of
     allergies or languages are one fact per thing (list_parts, _parts_of).
