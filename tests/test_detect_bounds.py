@@ -124,3 +124,12 @@ def test_invariant_merge_skips_blank_statements_and_keeps_distinct_ones_without_
     assert merge_preferences([], ["Lorem ipsum dolor sit.", "Sed ut perspiciatis."]) == [
         "Lorem ipsum dolor sit.", "Sed ut perspiciatis."]
     assert merge_preferences(["  ", "I live in Oslo."], ["", "I'm vegan."]) == ["I live in Oslo.", "I'm vegan."]
+
+
+def test_invariant_a_value_is_cut_by_its_attributes_rules_only():
+    for text, fact in (("I live in Oslo now because of my job.", ("home", "Oslo")),  # a trailing "now" after a cut
+                       ("Call me Doctor Who.", ("name", "Doctor Who")),  # a name is never cut ("who ...")
+                       ("I work at Google in London.", ("employer", "Google")),  # the place is another fact
+                       ("My favourite pastime is to read.", ("favourite pastime", "to read")),  # "to" kept but in likes
+                       ("I LOVE TO SWIM.", ("likes", "swim"))):
+        assert [(f.attribute, f.value) for f in detect_facts(text)] == [fact], text

@@ -15,3 +15,43 @@ $B $F 'value = _TRAILING.sub("", value).strip(" ,.;:!-")' 'value = _TRAILING.sub
 $B $F 'if _QUESTION_START.match(clause) and not _SUBJECT.match(clause):
         return False' 'if _QUESTION_START.match(clause) and not _SUBJECT.match(clause):
         return True' -- $T
+# every mutant (partial): the functions the run reached first (is_preference, _normal, merge_preferences,
+# _head_split, _number_forms, _first_person, _clean_value)
+$B $F 'if s.endswith("?") or len(s.split()) < 2 or len(s) > 400:' 'if s.endswith("?") and len(s.split()) < 2 or len(s) > 400:' -- $T
+$B $F 'if s.endswith("?") or len(s.split()) < 2 or len(s) > 400:' 'if s.endswith("?") or len(s.split()) < 3 or len(s) > 400:' -- $T
+$B $F '    if _TASK.search(clause):
+        return False
+    if re.match(r"my\b", clause, re.I):' '    if _TASK.search(clause):
+        return True
+    if re.match(r"my\b", clause, re.I):' -- $T
+$B $F 'return not _TRANSIENT.search(clause) or bool(_PREFERENCE_WORDS.search(clause))' 'return not _TRANSIENT.search(clause) and bool(_PREFERENCE_WORDS.search(clause))' -- $T
+$B $F 'return not _TRANSIENT.search(clause) or bool(_PREFERENCE_WORDS.search(clause))' 'return not _TRANSIENT.search(clause) or bool(None)' -- $T
+$B $F 'if clause.lower().startswith("im "):' 'if clause.upper().startswith("im "):' -- $T
+$B $F 'absolutely|totally)\s+", "", after, flags=re.I)' 'absolutely|totally)\s+", "", after, )' -- $T
+$B $F 'if _TRANSIENT.search(clause) and not _PREFERENCE_WORDS.search(clause):' 'if _TRANSIENT.search(clause) and _PREFERENCE_WORDS.search(clause):' -- $T
+$B $F 'return " ".join(_WORDS.findall(text.translate(_QUOTES).lower()))' 'return " ".join(_WORDS.findall(text.translate(_QUOTES).upper()))' -- $T
+$B $F '        if not statement:
+            continue' '        if not statement:
+            break' -- $T
+$B $F 'for head in sorted(heads, key=len, reverse=True):' 'for head in sorted(heads, key=len):' -- $T
+$B $F 'len(key) > len(head) + 1:' 'len(key) > len(head) + 2:' -- $T
+$B $F 'if key.endswith("ies") and len(key) > 4:' 'if key.endswith("ies") and len(key) >= 4:' -- $T
+$B $F 'if key.endswith("ies") and len(key) > 4:' 'if key.endswith("ies") and len(key) > 5:' -- $T
+$B $F 'return {key, key[:-3] + "y"}' 'return {key, key[:-3] + "Y"}' -- $T
+$B $F 'not key.endswith(("ss", "us", "is")) and len(key) > 3:' 'not key.endswith(("SS", "us", "is")) and len(key) > 3:' -- $T
+$B $F 'not key.endswith(("ss", "us", "is")) and len(key) > 3:' 'not key.endswith(("ss", "US", "is")) and len(key) > 3:' -- $T
+$B $F 'not key.endswith(("ss", "us", "is")) and len(key) > 3:' 'not key.endswith(("ss", "us", "IS")) and len(key) > 3:' -- $T
+$B $F 'not key.endswith(("ss", "us", "is")) and len(key) > 3:' 'not key.endswith(("ss", "us", "is")) and len(key) >= 3:' -- $T
+$B $F 'not key.endswith(("ss", "us", "is")) and len(key) > 3:' 'not key.endswith(("ss", "us", "is")) and len(key) > 4:' -- $T
+$B $F 'if re.search(r"[^aeiou]y$", key):' 'if re.search(r"[^AEIOU]Y$", key):' -- $T
+$B $F 'return {key, key[:-1] + "ies"}' 'return {key, key[:-2] + "ies"}' -- $T
+$B $F 'if re.search(r"[a-z]$", key) and not re.search(r"(?:[sxz]|[cs]h)$", key):' 'if re.search(r"[a-z]$", key) or not re.search(r"(?:[sxz]|[cs]h)$", key):' -- $T
+$B $F 'return {key, key + "s"}' 'return {key, key + "S"}' -- $T
+$B $F 'if verb.lower() in _THIRD_PERSON_VERB:' 'if verb.upper() in _THIRD_PERSON_VERB:' -- $T
+$B $F 'elif re.fullmatch(r"(?:live|work|love|like|enjoy|hate|speak|own)s", verb, re.I):' 'elif re.fullmatch(r"(?:live|work|love|like|enjoy|hate|speak|own)s", verb):' -- $T
+$B $F '.replace("I am ", "I'"'"'m ")' '.replace("I am ", "I'"'"'M ")' -- $T
+$B $F 'value = _TRAILING.sub("", value).strip(" ,.;:!-")' 'value = _TRAILING.sub("XXXX", value).strip(" ,.;:!-")' -- $T
+$B $F 'if attribute not in ("name", "favourite") else value' 'if attribute not in ("NAME", "favourite") else value' -- $T
+$B $F 'if attribute in ("job", "study", "employer"):' 'if attribute in ("job", "study", "EMPLOYER"):' -- $T
+$B $F 'value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value' 'value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if True else value' -- $T
+$B $F 'value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value' 'value = re.sub(r"^to\s+", "", value.strip()) if attribute in ("likes", "dislikes") else value' -- $T
