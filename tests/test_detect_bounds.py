@@ -133,3 +133,18 @@ def test_invariant_a_value_is_cut_by_its_attributes_rules_only():
                        ("My favourite pastime is to read.", ("favourite pastime", "to read")),  # "to" kept but in likes
                        ("I LOVE TO SWIM.", ("likes", "swim"))):
         assert [(f.attribute, f.value) for f in detect_facts(text)] == [fact], text
+
+
+def test_invariant_names_and_places_are_cased_as_names_and_a_shouted_employer_too():
+    for text, fact in (("I WORK AT GOOGLE.", ("employer", "Google")), ("I work at SpaceX.", ("employer", "SpaceX")),
+                       ("i live in rio de janeiro", ("home", "Rio de Janeiro")),
+                       ("I moved to Berlin again two years ago.", ("home", "Berlin"))):
+        assert [(f.attribute, f.value) for f in detect_facts(text)] == [fact], text
+    [fact] = detect_facts("i live in washington d.c.")  # the initials keep their last dot, typed in lower case too
+    assert (fact.attribute, fact.key, fact.value[-1]) == ("home", "washington d c", ".")
+
+
+def test_invariant_a_pronoun_or_a_value_of_more_than_eight_words_is_no_like():
+    for text in ("I love them.", "I like her.",
+                 "I love jazz and blues and rock and pop and folk and soul and funk and rap."):
+        assert not [f for f in detect_facts(text) if f.attribute == "likes"], text

@@ -55,3 +55,10 @@ $B $F 'if attribute not in ("name", "favourite") else value' 'if attribute not i
 $B $F 'if attribute in ("job", "study", "employer"):' 'if attribute in ("job", "study", "EMPLOYER"):' -- $T
 $B $F 'value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value' 'value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if True else value' -- $T
 $B $F 'value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value' 'value = re.sub(r"^to\s+", "", value.strip()) if attribute in ("likes", "dislikes") else value' -- $T
+$B $F 'or (attribute == "employer" and shouted):' 'or (attribute == "EMPLOYER" and shouted):' -- $T
+$B $F 'w if i and w in _SMALL_WORDS else' 'w if False else' -- $T
+$B $F 'value = _TRAILING.sub("", value).strip(" ,.;:!-")' 'value = _TRAILING.sub("", value).strip("XX ,.;:!-XX")' -- $T
+$B $F 'if re.search(r"(?:^|\s)(?:[A-Za-z]\.)+[A-Za-z]$", value):' 'if re.search(r"(?:^|\s)(?:[A-Z]\.)+[A-Z]$", value):' -- $T
+$B $F 'c = _TRAILING.sub("", _TIME_TAIL.sub("", c))' 'c = _TRAILING.sub("XXXX", _TIME_TAIL.sub("", c))' -- $T
+$B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' 'if not value or _PRONOUN_VALUE.match(value) and len(value.split()) > 8:' -- $T
+$B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' 'if not value and _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' -- $T
