@@ -62,3 +62,6 @@ $B $F 'if re.search(r"(?:^|\s)(?:[A-Za-z]\.)+[A-Za-z]$", value):' 'if re.search(
 $B $F 'c = _TRAILING.sub("", _TIME_TAIL.sub("", c))' 'c = _TRAILING.sub("XXXX", _TIME_TAIL.sub("", c))' -- $T
 $B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' 'if not value or _PRONOUN_VALUE.match(value) and len(value.split()) > 8:' -- $T
 $B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' 'if not value and _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' -- $T
+$B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) >= 8:' -- $T
+$B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 9:' -- $T
+$B $F 'return StatedFact("diet", "no " + value.lower(), statement)' 'return StatedFact("diet", "no " + value.lower(), None)' -- $T
