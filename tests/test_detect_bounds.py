@@ -155,3 +155,8 @@ def test_invariant_a_pronoun_or_a_value_of_more_than_eight_words_is_no_like():
 def test_invariant_a_diet_of_no_meat_keeps_its_statement():
     for text in ("I don't eat meat.", "I don't eat meat because I want no meat in my diet."):
         assert [(f.attribute, f.value, f.statement) for f in detect_facts(text)] == [("diet", "no meat", text)]
+
+
+def test_invariant_a_facts_repr_marks_a_retirement_with_a_minus():
+    assert [repr(f) for f in detect_facts("I'm vegan. I'm not allergic to nuts anymore.")] == [
+        "diet='vegan' (\"I'm vegan.\")", "-allergy='nuts' (\"I'm not allergic to nuts anymore.\")"]

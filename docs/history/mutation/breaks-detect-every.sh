@@ -65,3 +65,4 @@ $B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' '
 $B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) >= 8:' -- $T
 $B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 9:' -- $T
 $B $F 'return StatedFact("diet", "no " + value.lower(), statement)' 'return StatedFact("diet", "no " + value.lower(), None)' -- $T
+$B $F "return f\"{'-' if self.retire else ''}" "return f\"{'' if self.retire else ''}" -- $T
