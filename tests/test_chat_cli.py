@@ -198,3 +198,26 @@ def test_why_after_ctrl_c_says_the_reply_was_interrupted_not_that_the_server_is_
         chat.send("Suggest a dinner.")
         chat.why()
         assert said in out.getvalue() and ("older" in out.getvalue()) != interrupt, out.getvalue()
+
+
+def test_invariant_each_noted_fact_shows_its_own_value_in_the_order_stated():
+    """A tester's `localpers chat` printed "noted: likes = jazz music" twice for "I love Italian food and jazz music."
+    (values looked up by attribute), and /remember "noted: likes" with no value: each learned fact gets the next
+    value of its attribute the text states."""
+    from localpers.cli.chat_cli import noted_lines
+
+    likes = [{"id": 1, "attribute": "likes"}, {"id": 2, "attribute": "likes"}]
+    assert noted_lines("I love Italian food and jazz music.", likes) == ["likes = Italian food", "likes = jazz music"]
+    assert noted_lines("I'm vegan.", [{"id": 3, "attribute": "diet"}]) == ["diet = vegan"]
+    assert noted_lines("I'm vegan.", [{"id": 3, "attribute": "home"}]) == ["home"]   # nothing of it said: no value
+
+
+@pytest.mark.parametrize("user, message", [("", "--user must not be empty"), ("   ", "--user must not be empty"),
+                                           ("eve\u202e", "user id")])
+def test_invariant_a_bad_user_is_refused_before_any_server_is_reached(user, message, capsys):
+    """A tester's `--user ""` silently became the login name, and a user id holding U+202E was refused only at the
+    first message: both are told at once, before a connection (the URL points nowhere)."""
+    from localpers.cli.cli import main
+
+    assert main(["chat", "--user", user, "--url", "http://127.0.0.1:9"]) != 0
+    assert message in capsys.readouterr().err

@@ -267,3 +267,63 @@ def test_invariant_one_reader_of_routes_refuses_any_malformed_route(routes, expe
 
     assert read_routes({"routes": routes}) == expected
     assert read_routes(None) is None and read_routes({"method": "edit"}) is None
+
+
+TESTERS = ("I'm a chef.", "I love jazz music.", "I play the violin.", "I like Thai food.", "I live in Paris.")
+
+
+def test_the_testers_type_words_reach_their_facts_whatever_the_verb():
+    """A tester's chat: "What's my job?" after "I'm a chef." got no edit (job vs profession), "What cuisine do I
+    like?" got the music fact's through "like", and "Can you recommend a hobby for me?" missed "I play the violin."
+    (no type). The words naming a type come from one table (TYPE_WORDS) and outweigh the verb."""
+    from localpers.personalize.editing import detect_attribute
+
+    assert detect_attribute("I play the violin.") == "hobby"
+    assert detect_attribute("I work as a chef.") == "job"   # a statement keyword still comes first
+    routes = [(f"/a/{i}.gguf", route_words(editing.fact_from_statement(s))) for i, s in enumerate(TESTERS)]
+    assert pick_route(routes, "What's my job?") == routes[0]
+    assert pick_route(routes, "What is my occupation?") == routes[0]
+    assert pick_route(routes, "What cuisine do I like?") == routes[3]
+    assert pick_route(routes, "Can you recommend a hobby for me?") == routes[2]
+    no_food = [r for r in routes if r is not routes[3]]
+    assert pick_route(no_food, "What cuisine do I like?") is None     # not the music fact through "like"
+    assert pick_route(routes, "What is the capital of France?") is None
+
+
+def test_invariant_a_question_naming_a_type_goes_to_a_fact_of_that_type_whatever_the_verb():
+    """For every word of the table and every generic verb: a user with a fact of each attribute type, asked "What
+    <word> do I <verb>?", gets the edit of a type the word names (the table's top types for the question)."""
+    statements = {"hobby": "I like to go hiking.", "family": "I have two sons.", "profession": "I am a nurse.",
+                  "food preference": "I'm vegetarian.", "location": "I live in Ohio.", "pet": "I have a dog.",
+                  "music preference": "I love jazz.", "job": "I work at a bakery.",
+                  "career goal": "I hope to become a pilot.", "entertainment preference": "I like horror movies."}
+    facts = [editing.fact_from_statement(s, a) for a, s in statements.items()]
+    routes = [(f"/a/{i}.gguf", route_words(f)) for i, f in enumerate(facts)]
+    assert [editing.route_type(w) for _, w in routes] == list(statements)
+    for entries in editing.TYPE_WORDS.values():
+        for word in entries:
+            for verb in ("like", "love", "enjoy", "prefer", "have"):
+                question = f"What {word} do I {verb}?"
+                types, how = editing.question_types(question)
+                got = pick_route(routes, question)
+                assert how in ("named", "exact") and got is not None and editing.route_type(got[1]) in types, question
+
+
+def test_invariant_a_question_naming_a_kind_of_thing_goes_to_the_fact_of_that_kind_within_its_type():
+    """A tester's users: with a diet and a cuisine like (both food preferences) "What cuisine do I like?" went to the
+    diet ("You're vegetarian."), with a cuisine and a drink like to the drink, and "What's my favorite beverage?" to a
+    music like. The kind of the liked thing (detect's kinds.json: cuisine, drink, music genre, sport) names its
+    route too, so the question's kind word decides among facts of one type; "Do I eat meat?" stays the diet's."""
+    def routes_of(*statements):
+        return [(f"/a/{i}.gguf", route_words(Fact(s, ("q",), ("x",), ()))) for i, s in enumerate(statements)]
+
+    rob = routes_of("I'm a nurse.", "I love Thai food.", "I love jazz music.", "I play chess.", "I'm vegetarian.")
+    assert pick_route(rob, "What cuisine do I like?") == rob[1]
+    assert pick_route(rob, "Which dishes do I enjoy?") == rob[1]
+    assert pick_route(rob, "Do I eat meat?") == rob[4]
+    assert pick_route(rob, "What music do I like?") == rob[2]
+    gus = routes_of("I love Mexican food.", "I love house music.", "I drink tea.")
+    assert pick_route(gus, "What cuisine do I like?") == gus[0]
+    assert pick_route(gus, "What's my favorite beverage?") == gus[2]
+    assert pick_route(gus, "What do I like to drink?") == gus[2]
+    assert pick_route(gus, "What genre of music do I like?") == gus[1]

@@ -180,3 +180,120 @@ def test_a_subjectless_end_of_a_like_retires_it_and_adds_the_new_one(store):
     say(store, "sub", "I love tennis.")
     say(store, "sub", "Not into tennis anymore, I play football now.")
     assert held(store, "sub") == [("likes", "football")]
+
+
+# ---------------------------------------------------------------- third round: values, lists, withdrawals
+
+def test_a_drink_said_with_how_often_is_replaced_by_a_change_of_drink(store):
+    """"I drink coffee every morning." holds the drink coffee, so "These days I mostly drink tea." replaces it."""
+    [coffee] = say(store, "cup", "I drink coffee every morning.")["facts"]
+    assert held(store, "cup") == [("likes", "coffee")]
+    learned = say(store, "cup", "These days I mostly drink tea.")
+    assert learned["replaced"] == [coffee] and held(store, "cup") == [("likes", "tea")]
+
+
+def test_invariant_each_thing_of_a_listed_like_is_replaced_or_retired_alone(store):
+    italian, jazz = say(store, "two", "I love Italian food and jazz music.")["facts"]
+    assert held(store, "two") == [("likes", "Italian food"), ("likes", "jazz music")]
+    assert [f["statement"] for f in store.facts("two")] == ["I love Italian food.", "I love jazz music."]
+    assert say(store, "two", "I don't like jazz anymore.")["retired"] == [jazz]
+    assert held(store, "two") == [("likes", "Italian food")]
+    assert say(store, "two", "I prefer Thai food these days.")["replaced"] == [italian]
+    assert held(store, "two") == [("likes", "Thai food")]
+
+
+def conversation(*turns):
+    """The messages a client sends after `turns` (user messages, an assistant reply after each but the last)."""
+    messages = []
+    for turn in turns:
+        messages += [{"role": "user", "content": turn}, {"role": "assistant", "content": "Noted."}]
+    return messages[:-1]
+
+
+def chat(store, user, *turns):
+    """Each turn sent as clients send it: the whole conversation so far. The last turn's learn_from_chat dict."""
+    return [learn_from_chat(store, user, conversation(*turns[:n])) for n in range(1, len(turns) + 1)][-1]
+
+
+@pytest.mark.parametrize("withdrawal", [
+    "Oops, ignore that.", "Scratch that.", "Forget what I just said.", "Never mind, I don't live in Paris.",
+    "Ignore my last message.", "Sorry! Scratch that.",
+])
+def test_invariant_a_withdrawal_retires_what_the_users_turn_before_taught_as_a_retirement_does(store, withdrawal):
+    """Through the store's retire path: the fact goes, the message it was learned from is marked (retrieval stops
+    quoting it), the edit job is queued; the older turn's fact stays."""
+    chat(store, "w", "I'm vegan.", "I live in Paris.")
+    paris = next(f for f in store.facts("w") if f["attribute"] == "home")
+    while job := store.claim_job():   # the edits of what was stated ran
+        store.finish_job(job["id"], names.DONE)
+    learned = chat(store, "w", "I'm vegan.", "I live in Paris.", withdrawal)
+    assert learned["retired"] == [{"id": paris["id"], "attribute": "home"}] and learned["facts"] == []
+    assert held(store, "w") == [("diet", "vegan")]
+    marked = {i["text"]: i["meta"].get(names.SUPERSEDED_BY) for i in store.items("w", kind="message")}
+    assert marked["I live in Paris."] == learned["messages"][0] and marked["I'm vegan."] is None
+    queued = [j["kind"] for j in store.jobs("w") if j["state"] == names.QUEUED]
+    assert queued == [names.EDIT]
+
+
+def test_invariant_a_withdrawal_withdraws_nothing_but_the_users_turn_before(store):
+    # an older turn: only the turn before goes
+    chat(store, "old", "I live in Paris.", "I love jazz.", "Scratch that.")
+    assert held(store, "old") == [("home", "Paris")]
+    # a fact the turn before only restated was learned from an older turn: it stays
+    chat(store, "again", "I live in Paris.", "What's the weather like?", "I live in Paris.", "Scratch that.")
+    assert held(store, "again") == [("home", "Paris")]
+    # another conversation: its turn is not this one's turn before
+    chat(store, "conv", "I live in Paris.")
+    assert chat(store, "conv", "Scratch that.")["retired"] == []
+    chat(store, "conv", "I love jazz.")
+    chat(store, "conv", "I live in Paris.", "Scratch that.")   # conversation one, continued
+    assert held(store, "conv") == [("likes", "jazz")]
+    # another participant's message in between: the user's own turn before
+    group = [{"role": "user", "name": "cara", "content": "I live in Lyon."},
+             {"role": "user", "name": "bob", "content": "I love jazz."},
+             {"role": "user", "name": "cara", "content": "Scratch that."}]
+    learn_from_chat(store, "cara", group[:2])
+    assert learn_from_chat(store, "cara", group)["retired"] and held(store, "cara") == []
+    # a turn before that stated nothing: nothing
+    assert chat(store, "none", "I'm vegan.", "What should I cook?", "Oops, ignore that.")["retired"] == []
+    assert held(store, "none") == [("diet", "vegan")]
+
+
+def test_a_withdrawal_in_the_same_request_or_in_posted_messages_withdraws_the_turn_before(store):
+    learned = learn_from_chat(store, "one", conversation("I'm vegan.", "I live in Paris.", "Oops, ignore that."))
+    assert held(store, "one") == [("diet", "vegan")] and len(learned["retired"]) == 1
+    from localpers.serve.learn import learn_from_messages
+    learn_from_messages(store, "posted", ["I'm vegan.", "I live in Paris.", "Forget what I just said."])
+    assert held(store, "posted") == [("diet", "vegan")]
+
+
+def test_a_store_made_before_chat_seen_kept_item_ids_is_migrated_and_withdraws_nothing_it_cannot_find(tmp_path):
+    import sqlite3
+
+    with Store.open(tmp_path) as s:
+        learn_from_chat(s, "mig", conversation("I live in Paris."))
+    db = sqlite3.connect(tmp_path / "localpers.db")
+    db.executescript("CREATE TABLE old (user_id INTEGER NOT NULL, digest BLOB NOT NULL, PRIMARY KEY (user_id, digest));"
+                     "INSERT INTO old SELECT user_id, digest FROM chat_seen; DROP TABLE chat_seen;"
+                     "ALTER TABLE old RENAME TO chat_seen;")   # chat_seen as it was made before its item column
+    db.close()
+    with Store.open(tmp_path) as s:
+        assert chat(s, "mig", "I live in Paris.", "Scratch that.")["retired"] == []   # its item is unknown
+        assert held(s, "mig") == [("home", "Paris")]
+        assert chat(s, "mig", "I live in Paris.", "Scratch that.", "I love jazz.", "Scratch that.")["retired"]
+        assert held(s, "mig") == [("home", "Paris")]
+
+
+@pytest.mark.parametrize("first, then, kept", [
+    ("I drink coffee every morning.", "I switched from coffee to tea.", [("likes", "tea")]),
+    ("I drink coffee every morning.", "I gave up coffee, I drink tea now.", [("likes", "tea")]),
+    ("I drink coffee.", "Lately I've been drinking tea.", [("likes", "tea")]),
+    ("I drink coffee.", "I stopped drinking coffee.", []),
+    ("I love jazz music.", "I'm not into jazz anymore but I love rock.", [("likes", "rock")]),
+    ("I love jazz music.", "Jazz isn't my thing anymore, I prefer rock.", [("likes", "rock")]),
+    ("I love jazz music.", "Not a jazz fan anymore, I love rock now.", [("likes", "rock")]),
+])
+def test_invariant_a_compound_change_leaves_the_new_like_and_the_rest(store, first, then, kept):
+    say(store, "cc", "I live in Oslo.", first)
+    say(store, "cc", then)
+    assert held(store, "cc") == [("home", "Oslo"), *kept]

@@ -506,6 +506,23 @@ def test_chat_reports_what_it_learned_without_text(client):
     assert client.get("/v1/users/carol/facts").json()["data"] == []
 
 
+def test_a_withdrawal_over_http_retires_what_the_turn_before_taught_and_says_so(client):
+    """A chat as a client sends it: "Oops, ignore that." after "I live in Paris." retires the home (reported
+    like any retirement), the diet of the turn before that stays."""
+    said = [{"role": "user", "content": "I'm vegan."}, {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "I live in Paris."}]
+    body = {"user": "wd", "max_tokens": 2, "localpers": {"explain": True}}
+    for n in (1, 3):
+        assert client.post("/v1/chat/completions", json=body | {"messages": said[:n]}).status_code == 200
+    home = next(f for f in client.get("/v1/users/wd/facts").json()["data"] if f["attribute"] == "home")
+    said += [{"role": "assistant", "content": "Noted."}, {"role": "user", "content": "Oops, ignore that."}]
+    r = client.post("/v1/chat/completions", json=body | {"messages": said})
+    assert r.status_code == 200 and r.json()["localpers"]["learned"]["retired"] == [
+        {"id": home["id"], "attribute": "home"}]
+    assert [(f["attribute"], f["value"]) for f in client.get("/v1/users/wd/facts").json()["data"]] == [
+        ("diet", "vegan")]
+
+
 def test_invariant_another_participant_of_a_group_chat_is_never_served_the_users_memory(client):
     """A group chat sent for "cara": the last user message is dora's, so nothing of cara's (her facts line, her
     history, her adapters) composes the reply; cara's own next message is personalized again."""

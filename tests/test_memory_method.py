@@ -120,3 +120,14 @@ def test_invariant_food_and_music_requests_in_other_words_reach_the_facts_they_b
                     "Make me a playlist for the gym."):
         assert asks_to_use(request), request
         assert relevant_facts(facts, request) == ["I love techno."], request
+
+
+def test_a_request_naming_a_type_in_its_own_words_reaches_the_fact_of_that_type():
+    """The table's type words (editing.TYPE_WORDS) index a preference too: "cuisine" reaches a food fact, "hobby" a
+    violin (a statement no keyword types), and neither reaches the music fact through a verb."""
+    from localpers.personalize.methods import relevant_facts
+
+    facts = ("I like Thai food.", "I love jazz music.", "I play the violin.", "I live in Paris.")
+    assert relevant_facts(facts, "Which cuisine should I try tonight?") == ["I like Thai food."]
+    assert relevant_facts(facts, "Can you recommend a hobby for me?") == ["I play the violin."]
+    assert relevant_facts(facts, "What is the capital of France?") == []

@@ -39,6 +39,14 @@ TESTERS = [
     ("I'm no longer a fan of rock music.", ["-likes=rock music"]), ("I'm not into tennis anymore.", ["-likes=tennis"]),
     ("Not into tennis anymore, I play football now.", ["-likes=tennis", "~likes=football"]),
     ("I was a nurse until last year.", ["-job=nurse"]),
+    # the third tester (withdrawals need the turn before: tests/test_fact_updates.py)
+    ("I drink coffee every morning.", ["likes=coffee"]), ("I live in New York City.", ["home=new york city"]),
+    ("I like Sunday roast.", ["likes=sunday roast"]),
+    ("I love Italian food and jazz music.", ["likes=italian food", "likes=jazz music"]),
+    ("I like mac and cheese.", ["likes=mac and cheese"]), ("I love rock and roll.", ["likes=rock and roll"]),
+    ("I like salt and pepper chips.", ["likes=salt and pepper chips"]),
+    ("These days I mostly drink tea.", ["~likes=tea"]),
+    ("I'm not into jazz anymore but I love rock.", ["-likes=jazz", "likes=rock"]),
 ]
 
 

@@ -113,6 +113,24 @@ def _error_text(response) -> str:
         return response.text.strip()[:200] or f"HTTP {response.status_code}"
 
 
+
+def noted_lines(text: str, facts: list[dict]) -> list[str]:
+    """"diet = vegetarian" for each fact the server learned from `text` ({"id", "attribute"}: the server sends no
+    value), its value found again in the text by the same detector: the facts of one attribute in the order the
+    text states them ("I love Italian food and jazz music." -> likes = italian food, likes = jazz music)."""
+    from localpers.personalize.detect import detect_facts
+
+    values: dict[str, list[str]] = {}
+    for f in detect_facts(text):
+        if not f.retire:
+            values.setdefault(f.attribute, []).append(f.value)
+    lines = []
+    for fact in facts:
+        said = values.get(fact["attribute"]) or []
+        value = said.pop(0) if said else None
+        lines.append(fact["attribute"] + (f" = {value}" if value else ""))
+    return lines
+
 class Missing(Exception):
     """The server has no such endpoint (an older `localpers serve`)."""
 
@@ -282,15 +300,11 @@ class Chat:
     def noted(self, text: str, explanation: dict | None) -> None:
         """What the server learned from this message (the `localpers` object's `learned`: ids and attributes):
         "noted: diet = vegetarian", the value found again here in what the user typed (the server sends none)."""
-        from localpers.personalize.detect import detect_facts
-
         learned = (explanation or {}).get("learned") or {}
         if not learned:
             return
-        values = {f.attribute: f.value for f in detect_facts(text) if not f.retire}
-        for fact in learned.get("facts", []):
-            value = values.get(fact["attribute"])
-            self.say(f"noted: {fact['attribute']}" + (f" = {value}" if value else ""), "green")
+        for line in noted_lines(text, learned.get("facts", [])):
+            self.say(f"noted: {line}", "green")
         for fact in learned.get("replaced", []):
             self.say(f"replaced: {fact['attribute']} (#{fact['id']})")
         for fact in learned.get("retired", []):
@@ -337,7 +351,7 @@ class Chat:
         out = self.client.request("POST", self.client.user_url("/memories"),
                                   json={"text": text, "kind": names.PREFERENCE}).json()
         ids = [str(item["id"]) for item in out.get("data", [])]
-        noted = [f["attribute"] for f in out.get("facts", [])]
+        noted = noted_lines(text, out.get("facts", []))
         self.say(f"remembered (item {', '.join(ids)})" + (f"; noted: {', '.join(noted)}" if noted else ""), "green")
 
     def forget(self, _: str = "") -> None:
@@ -471,9 +485,12 @@ def cmd_chat(args) -> int:
     from rich.markup import escape
 
     console = Console(highlight=False)
-    user = args.user or getpass.getuser()
+    from localpers.store.store import check_user
+
+    user = getpass.getuser() if args.user is None else args.user   # an explicit --user "" is refused, not replaced
     if not user.strip():
         raise UserError("--user must not be empty")
+    check_user(user)   # the server's rule, told before the first message
     if args.max_tokens < 1:
         raise UserError("--max-tokens must be at least 1")
     stop = None

@@ -23,6 +23,7 @@ DATA_FILES = {
     "prefeval_dev_70": "prefeval/prefeval_dev_70.json",
     "inter_turns": "prefeval/inter_turns.json",
     "neutral": "neutral/neutral_questions.json",
+    "type_words": "attributes/type_words.json",
 }
 
 

@@ -260,6 +260,7 @@ class StatedFact:
     statement: str
     retire: bool = False
     change: bool = False  # a like stated as a change: "Actually I prefer rock now.", "I drink tea instead."
+    withdrawal: bool = False  # a retirement of what the previous turn stated, withdrawn ("Scratch that.")
 
     @property
     def key(self) -> str:
@@ -284,7 +285,7 @@ class StatedFact:
           cuisines, sports, drinks: kinds.json), each as it may be held ("jazz", "jazz music"). A like of no known
           kind replaces nothing (a held fact is never dropped on a guess); "I also like rock." is no change;
         - anything else: nothing."""
-        if self.retire and self.key and self.attribute in ("likes", "dislikes", "allergy"):
+        if self.retire and self.key and self.attribute in ("likes", "dislikes", "allergy") and not self.withdrawal:
             return tuple(StatedFact(self.attribute, v, self.statement, retire=True)
                          for v in sorted(_forms(self.key) - {self.key}))
         if self.change and self.attribute == "likes" and not self.retire:
@@ -555,18 +556,90 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("dislikes", r"^i " + _DISLIKE + r" (?P<v>.+)$"),
     ("dislikes", r"^i'm (?P<neg2>not|no longer) (?:an? )?(?:big |huge |great )?(?:fan of|into|keen on|a fan of) "
                  r"(?P<v>.+)$"),
+    ("dislikes", r"^i'm (?P<neg2>not|no longer) an? (?:big |huge |great )?(?P<v>[\w -]+?) fan$"),
     ("dislikes", r"^i (?P<neg2>don't|never|can't) (?:really )?(?P<verb2>like|love|enjoy|eat|drink|watch|listen to|"
                  r"care for|wear|use|play) (?P<v>.+)$"),
-    ("likes", r"^i'm (?:an? )?(?:big |huge |great |massive )?(?:fan of|lover of|into|passionate about|obsessed with|"
+    ("likes", r"^i'm (?:an? |(?:much |way |a lot |far )?more |mostly |mainly )?(?:big |huge |great |massive )?"
+              r"(?:fan of|lover of|into|passionate about|obsessed with|"
               r"crazy about|keen on|a fan of) (?P<v>.+)$"),
     ("likes", r"^i'm an? (?:big |huge |great |massive |die-hard |lifelong )?(?P<v>[\w -]+?) fan$"),
     ("likes", r"^i " + _NEG_DO + r"(?:really |absolutely |totally |truly |do )?" + _LIKE + r" (?P<v>.+)$"),
 ]]
 _ANYMORE = re.compile(r"\b(?:any ?more|no longer|not \w+ any ?more|used to|stopped|quit)\b", re.I)
-_VALUE_CUT = re.compile(r"\s+(?:over|rather than|instead of|more than|better than|with my|with \w+ \w+|since|"
-                        r"for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
-                        r"who|which|where)\b.*$|,.*$", re.I)
+_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|with my|with \w+ \w+|since|"
+                    r"for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
+                    r"who|which|where)\b.*$")
+_VALUE_CUT = re.compile(_VALUE_CUT_WORDS + r"|,.*$", re.I)
 _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
+
+
+def _known_thing(text: str) -> bool:
+    """Is `text` a thing kinds.json knows: a value of a kind or a value with a head noun ("coffee", "jazz music")?"""
+    key = norm_value(_without_frequency(_VALUE_CUT.sub("", _TRAILING.sub("", _TIME_TAIL.sub("", text))), "likes"))
+    return bool(key) and (kind_of(key) is not None or _head_split(key)[1] is not None)
+
+
+_DOING = {"drinking": "drink", "eating": "eat", "listening to": "listen to", "watching": "watch", "playing": "play",
+          "reading": "read"}
+
+
+def _given_up(clause: str) -> str:
+    """A normalized clause of a like given up or taken up said as a like: "i stopped drinking coffee", "i gave up
+    coffee", "i'm over jazz" -> "i no longer drink coffee" ...; "i have been drinking tea" -> "i drink tea", "i have
+    tea every morning" -> "i like tea every morning". Only of a thing kinds.json knows when no verb says what was
+    done with it ("I quit smoking." stays as it is)."""
+    doing = "|".join(_DOING)
+    if m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out) (" + doing + r") (.+)$", clause,
+                     re.I):
+        return f"i no longer {_DOING[m[1].lower()]} {m[2]}"
+    if (m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out|ditched|dropped) (.+)$|"
+                      r"^i'm (?:so |totally |completely |well )?over (.+)$", clause, re.I)) \
+            and _known_thing(m[1] or m[2]):
+        return f"i no longer like {m[1] or m[2]}"
+    if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
+        return f"i {_DOING[m[1].lower()]} {m[2]}"
+    # "i have coffee every morning": a habit of a known thing (a frequency said), not a possession
+    if (m := re.match(r"^i (?:have|grab|get|order|take) (.+)$", clause, re.I)) and _FREQUENCY.search(clause) \
+            and _known_thing(m[1]):
+        return f"i like {m[1]}"
+    return clause
+
+
+# A like said with the thing as subject or as a switch: "Rock is my thing now.", "Jazz isn't my thing anymore.", "I
+# switched from coffee to tea.", "No more coffee for me." (each only of a thing kinds.json knows).
+_MY_THING = re.compile(r"(?P<at>^|,\s*(?:and |but )?|\s(?:and|but)\s+)(?P<x>[\w' -]{1,30}?)(?:\s|(?='s))"
+                       r"(?P<be>is|'s|isn't|is not|is no longer) (?:really )?my "
+                       r"(?:thing|jam|cup of tea|go-to|drink|sport|music|genre)"
+                       r"(?P<end>(?: (?:now|these days|nowadays|any ?more))*)(?=\s*[,;.!]|\s+(?:and|but)\b|$)", re.I)
+_SWITCH = re.compile(r"^i(?: have|'ve)? (?:just |recently |now )?(?:switched|changed|gone over|went over) (?:over )?"
+                     r"(?:from (?P<old>[\w' -]+?) )?to (?P<new>[\w' -]+?)"
+                     r"(?P<end>(?: (?:now|these days|lately))*[.!]*)$", re.I)
+_NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
+
+
+def _things_said(sentence: str) -> str:
+    """`sentence` with the likes said of a thing, as a switch or as "no more X for me" said in the first person
+    ("Rock is my thing now." -> "I like rock now."), where kinds.json knows the thing."""
+    def thing(m):
+        if not _known_thing(m["x"]):
+            return m[0]
+        x = m["x"]
+        if not m["at"] and re.match(r"[A-Z][a-z]", x) and kind_of(norm_value(x.split()[0])) != "cuisine":
+            x = x[0].lower() + x[1:]  # "Tea is my drink": capitalized as the sentence's first word only
+        if m["be"].lower() in ("is", "'s"):
+            return f"{m['at']}I like {x}{m['end']}"
+        gone = re.search(r"any ?more", m["end"], re.I) or "longer" in m["be"].lower()
+        return m["at"] + ("I no longer like " if gone else "I don't like ") + x
+
+    def switched(m):
+        if not _known_thing(m["new"]):
+            return m[0]
+        old = f"I no longer like {m['old']}, " if m["old"] and _known_thing(m["old"]) else ""
+        return f"{old}I like {m['new']} now" + re.sub(r"[^.!]", "", m["end"])
+
+    sentence = _MY_THING.sub(thing, sentence)
+    sentence = _SWITCH.sub(switched, sentence)
+    return _NO_MORE.sub(lambda m: f"I no longer like {m['x']}" if _known_thing(m["x"]) else m[0], sentence)
 
 
 _OVER = {"was": "i'm no longer ", "lived in": "i no longer live in ", "worked as": "i no longer work as ",
@@ -605,6 +678,7 @@ def _normal_clause(clause: str) -> str:
     for _ in range(3):
         c = re.sub(r"^(i(?:'m)?|i don't|i'm not) " + _ADVERBS + r"\b,? ?", r"\1 ", c, flags=re.I)
         c = re.sub(r"^(i|i'm) not " + _ADVERBS + r"\b ", r"\1 not ", c, flags=re.I)
+    c = _given_up(c)
     c = re.sub(r"^i'm no longer\b", "i'm no longer", c, flags=re.I)
     c = re.sub(r"^(i) (?:do )?no longer\b", r"\1 no longer", c, flags=re.I)
     c = re.sub(r"\s*,?\s*\bnot (?:any ?more|anymore)\b", "", c, flags=re.I)
@@ -620,17 +694,107 @@ def _clean_value(value: str, attribute: str) -> str:
         value = re.sub(r"\s+to (?:be|work|study|live|join|get|take|start|look|find|care|help|stay)\b.*$", "", value)
         if attribute == "home":  # "I moved to Paris from Lyon"
             value = re.sub(r"\s+from\s+.*$", "", value)
-    value = _VALUE_CUT.sub("", value.strip()) if attribute not in ("name", "favourite") else value
+    if attribute in ("likes", "dislikes") and "," in value:  # "jazz, rock and blues": a list keeps its commas
+        listed = re.sub(_VALUE_CUT_WORDS, "", value.strip(), flags=re.I)
+        value = listed if list_parts(_without_frequency(_TRAILING.sub("", listed).strip(" ,.;:!-"), attribute)) \
+            else _VALUE_CUT.sub("", value.strip())
+    elif attribute not in ("name", "favourite"):
+        value = _VALUE_CUT.sub("", value.strip())
     value = value.replace("\x01", ", ")
     if attribute in ("job", "study", "employer"):  # "a graphic designer in Berlin": the job; the place is another fact
         value = re.sub(r"\s+(?:in|at|from|near)\s+[A-Z].*$", "", value)
         # "I left my job as a nurse to become a teacher": the job; what it was left for is not part of it
         value = re.sub(r"\s+to (?:become|be|work|study|start|join|pay|support|take|focus)\b.*$", "", value)
-    value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value
+    if attribute in ("likes", "dislikes"):  # "I drink mostly tea", "lots of tea": the thing
+        value = re.sub(r"^(?:to|mostly|mainly|only|just|usually|primarily|largely|exclusively|a lot of|lots of|"
+                       r"plenty of|(?:an?|my|one|two) (?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|"
+                       r"bowls?) of)\s+", "", value.strip(), flags=re.I)
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
+    if attribute != "name":
+        value = _without_frequency(value, attribute)
     if re.search(r"(?:^|\s)(?:[A-Za-z]\.)+[A-Za-z]$", value):  # "Washington D.C": the initials keep their last dot
         value += "."
     return value
+
+
+# How often or at what time of day something is done, at the end of a value: not part of it ("I drink coffee every
+# morning." -> coffee, "I play tennis on weekends." -> tennis); "I like Sunday roast." keeps its words.
+_DAY = r"(?:(?:mon|tues|wednes|thurs|fri|satur|sun)day|week ?day|week ?end)"
+_PART = r"(?:morning|evening|afternoon|night|lunch ?time|bed ?time)"
+_FREQUENCY = re.compile(
+    r"(?:\s*,)?\s+(?:"
+    r"(?:almost |nearly |pretty much |just about )?(?:every|each)(?: single| other)? (?:" + _DAY + r"|day|night|"
+    r"morning|evening|afternoon|week|month|year|summer|winter|spring|fall|autumn|season|holiday|meal)s?"
+    r"(?: " + _PART + r"s?)?|every (?:so often|now and (?:then|again)|once in a while|chance i get|time i can)|"
+    r"(?:on|at|over|during)(?: the)? " + _DAY + r"s?(?: " + _PART + r"s?)?|"
+    r"(?:late )?at night|at nights|(?:in|during) the (?:" + _PART + r"|summer|winter|spring|fall|autumn)s?|"
+    r"(?:before|after|at) (?:bed|bedtime|work|school|class|dinner|lunch|breakfast|the gym|the office|home|"
+    r"(?:a |my )?(?:workouts?|meals?|runs?))|for (?:breakfast|lunch|dinner|dessert|brunch|a snack|snacks)|"
+    r"with (?:breakfast|lunch|dinner|(?:every |most |all |my )?meals?)|"
+    r"most (?:days|mornings|evenings|nights|afternoons|weekends|weeks|of the time)|"
+    r"daily|nightly|weekly|monthly|often|usually|sometimes|regularly|occasionally|frequently|always|constantly|"
+    r"religiously|all the time|from time to time|once in a while|all day(?: long)?|all year(?: round)?|"
+    r"year[- ]round|on a (?:daily|weekly|regular) basis|whenever i (?:can|get the chance)|"
+    r"in my (?:free|spare) time|(?:once|twice|three times|\d+ times|a (?:couple|few) (?:of )?times) "
+    r"(?:a|per|every|each) (?:day|week|month|year))\s*$", re.I)
+# Nouns in "-ing" that are no activity: "I eat pudding every day" -> pudding.
+_ING_NOUNS = {"pudding", "stuffing", "icing", "frosting", "dressing", "filling", "topping", "dumpling", "herring",
+              "ling", "ring", "king", "thing", "wing", "string", "spring", "evening", "morning", "ceiling",
+              "clothing", "bedding", "wedding", "building", "painting", "writing", "ping"}
+
+
+def _without_frequency(value: str, attribute: str) -> str:
+    """`value` without how often or when it is done ("coffee every morning" -> "coffee"), unless it is an
+    activity that kinds.json does not list ("working on weekends" stays: what is liked or hated is that)."""
+    kept = " " + value
+    for _ in range(3):
+        kept = _TRAILING.sub("", _FREQUENCY.sub("", kept)).rstrip(" ,.;:!-")
+    kept = kept.strip()
+    if kept == value or not kept:  # "I read at night.": no value (a statement about the user, not a like)
+        return kept
+    first = kept.split()[0]
+    if attribute in ("likes", "dislikes") and first.lower().endswith("ing") and first.islower() \
+            and first.lower() not in _ING_NOUNS and kind_of(norm_value(kept)) is None:
+        return value
+    return kept
+
+
+_LIST_SEP = re.compile(r"\s*,\s*(?:and\s+|or\s+|&\s+)?|\s+(?:and|or|nor|&|as well as)\s+", re.I)
+
+
+def list_parts(value: str) -> list[str] | None:
+    """The things a like's value lists, each as it would be said alone ("Italian food and jazz music" -> ["Italian
+    food", "jazz music"]; "jazz, rock and blues"; "Italian and French food" -> ["Italian food", "French food"]), or
+    None when it names one thing. Decided with localpers/data/detect/kinds.json, never on a bare "and": a value
+    is a list only when each of its parts is a value of a kind there or ends in one of its head nouns, and the
+    whole is no value it lists ("rock and roll", "gin and tonic"); "mac and cheese", "salt and pepper chips" are
+    one thing."""
+    parts = [p.strip() for p in _LIST_SEP.split(re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I))]
+    if len(parts) < 2 or not all(parts) or kind_of(norm_value(value)) is not None:
+        return None
+    keys = [norm_value(p) for p in parts]
+    if not all(key and (kind_of(key) or _head_split(key)[1]) for key in keys):
+        return None
+    # "Italian and French food": the last part's head noun is the earlier parts' too, where their kind takes it
+    base, group = _head_split(keys[-1])
+    if group is not None:
+        head = " ".join(parts[-1].split()[len(base.split()) - len(keys[-1].split()):])  # "food" of "French food"
+        kinds = _kinds()[2]
+        parts = [p if _head_split(k)[1] or kind_of(k) is None or kinds[kind_of(k)][0] != group else f"{p} {head}"
+                 for p, k in zip(parts, keys)]
+    return parts
+
+
+def _listed(fact: StatedFact) -> list[StatedFact]:
+    """A like, dislike or its retirement whose value lists several things (list_parts): one fact per thing, each
+    with its own statement ("I love Italian food and jazz music." -> "I love Italian food.", "I love jazz
+    music."), so each is later replaced or retired alone; any other fact as it is."""
+    parts = list_parts(fact.value) if fact.attribute in ("likes", "dislikes") else None
+    if not parts:
+        return [fact]
+    at = fact.statement.lower().find(fact.value.lower())
+    return [replace(fact, value=part, statement=fact.statement if at < 0 else
+                    fact.statement[:at] + part + fact.statement[at + len(fact.value):]) for part in parts]
 
 
 # When something happened, at the end of a clause: not part of a value ("I moved to Paris last year" -> Paris).
@@ -804,7 +968,12 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
 
     Retractions: "Just kidding, I'm not.", "Scratch that", "Wait, no: ..." withdraw the sentence before, or, at
     the start of a message, the facts of `previous` (the user's message before it in the chat, as text; they
-    become retirements); what follows the retraction is read as a statement ("Not true, I'm not vegetarian.").
+    become retirements with `withdrawal` set, which the store retires only where that message taught them):
+    "Scratch that.", "Oops, ignore that.", "Forget what I just said.", "Ignore my last message." also when a
+    statement follows ("Scratch that, I love rock."), "Just kidding.", "Not true." only alone, "Never mind.",
+    "Forget it." only alone after a `previous` that asked nothing; what follows the retraction is read as a
+    statement ("Not true, I'm not vegetarian."). A value leaves out how often or when ("I drink coffee every
+    morning." -> coffee) and a like of several things kinds.json knows is one fact per thing (list_parts).
     "Forget that I'm vegetarian." retires the fact it names; "Please forget where I live." retires the attribute
     whatever its value (a retirement with value ""). "We live in Paris" and "My wife is vegetarian and so am I"
     are the speaker's too. Left out: statements about anyone else ("My sister is vegan.", and the whole of "I'm
@@ -825,13 +994,17 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             if gone:
                 found, before, first = _add(found, gone), len(found), False
                 continue
+        if first and _ONLY_INTERJECTIONS.match(s):  # "Oops. Ignore that.": the withdrawal still opens the turn
+            continue
         if m := _RETRACT.match(s):  # "I'm vegetarian. Just kidding, I'm not.": the previous sentence is withdrawn
-            s = s[m.end():].strip(" ,;:.!-")
+            said = s[m.start("said"):]  # "Scratch that last part.": "that" names something else
+            s = re.sub(r"^(?:lol|haha+|sorry|please|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"), flags=re.I)
             bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I)
             if not first:
                 del found[before:]
-            elif previous and bare and _WITHDRAW.match(m[0]):  # the previous turn: only a plain withdrawal
-                found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True)
+            elif previous and (_WITHDRAW_ANYWAY.match(said) or bare and (_WITHDRAW.match(said) or (
+                    _WITHDRAW_UNSURE.match(said) and "?" not in previous))):  # the previous turn
+                found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True, withdrawal=True)
                                      for f in detect_facts(previous) if not f.retire])
             if bare:
                 first = False
@@ -857,6 +1030,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
                        r"oops|i mean|i meant)(?:\s+to say)?(?:\s*[,!.:]\s*|\s+(?:that\s+)?)"
                        r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         s = _SUBJECTLESS_END.sub("I'm ", s)  # "Not into tennis anymore, I play football now."
+        s = _things_said(s)  # "Rock is my thing now.", "I switched from coffee to tea."
         s = _we_as_me(s)
         if _INVENTED.search(s):
             break
@@ -867,9 +1041,15 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
         new = []
         for clause in clauses:
             fact = _statement_fact(clause, whole=whole)
-            if fact and fact.attribute == "likes" and not fact.retire and _is_change(sentence if whole else clause):
-                fact = replace(fact, change=True)  # "Actually I prefer rock now.": replaces a like of its kind
-            if fact:
+            if fact is None:
+                continue
+            kinds = set()  # of a listed change, the first like of each kind is the change ("... rock and techno")
+            for fact in _listed(fact):
+                kind = kind_of(fact.key) or fact.key
+                if fact.attribute == "likes" and not fact.retire and kind not in kinds \
+                        and _is_change(sentence if whole else clause):
+                    fact = replace(fact, change=True)  # "Actually I prefer rock now.": replaces a like of its kind
+                kinds.add(kind)
                 new.append(fact)
         found, detected = _add(found, new), detected + len(new)
         if limit is not None and detected >= limit:  # the work is bounded: at most `limit` facts are detected
@@ -879,7 +1059,8 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
 
 # A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
 _SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b|not (?:really )?"
-                              r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b[^,;.]*\bany ?more\b)", re.I)
+                              r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on|an? (?:big |huge )?[\w-]+ fan)\b"
+                              r"[^,;.]*\bany ?more\b)", re.I)
 
 
 # A headline before a colon (or a comma, a dash) that announces the statement after it: "Big news: I moved to
@@ -916,15 +1097,38 @@ def _is_change(text: str) -> bool:
     return bool(_CHANGE.search(text)) and not _ADDITION.search(text)
 
 
-# Withdrawing what was just said; discourse fillers at the end of a sentence ("I'm vegan, by the way.").
-_RETRACT = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|scratch that|never ?mind|"
-                      r"ignore (?:that|what i said)|forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
+# Withdrawing what was just said; discourse fillers at the end of a sentence ("I'm vegan, by the way."). An
+# interjection may come first ("Oops, ignore that.", "Sorry! Scratch that.").
+_INTERJECTION = (r"(?:(?:oops|whoops|oopsie|sorry|oh|ah|uh|um+|hmm+|wait|actually|ok(?:ay)?|lol|haha+|my bad|"
+                 r"my mistake|please|ugh|damn|dang|crap|argh|(?:i made|that was) an? (?:mistake|typo))"
+                 r"(?:\s*[,!.]+\s*|\s+))")
+_ONLY_INTERJECTIONS = re.compile(r"^(?:" + _INTERJECTION + r"?)*(?:oops|whoops|oopsie|sorry|ugh|argh|my bad|"
+                                 r"my mistake)[.!]*$", re.I)
+# Withdrawing phrases that name the speaker's own words: they withdraw the previous turn even when a statement
+# follows ("Scratch that, I love rock."); "that" only where nothing but punctuation or a statement follows it
+# ("Ignore that typo." names something else).
+_THAT = r"(?:that|this|it)(?=\s*(?:[,;:.!-]|$|(?:i|i'm|im|my|lol|haha+|please|sorry|thanks)\b))"
+_SAID = r"(?:what|everything|anything) i (?:just )?(?:said|wrote|typed|told you)"
+_ANYWAY = (r"scratch " + _THAT + r"|strike " + _THAT + r"|(?:please\s+)?(?:ignore|disregard) (?:" + _THAT + r"|" + _SAID
+           + r"|(?:my |the |that )?(?:last|previous) (?:message|comment|sentence|one)|the last thing i said)|forget "
+           + _SAID + r"|forget (?:i|that i) (?:just )?(?:said|mentioned) (?:that|it|anything)|i take (?:that|it) back|"
+           r"take that back|(?:delete|undo|cancel) " + _THAT + r"|wrong (?:chat|window|conversation|person|thread)|"
+           r"that (?:message |last message )?(?:was (?:meant |supposed to be )?for (?:someone else|my \w+)|"
+           r"(?:wasn't|was not) (?:meant )?for you)|never ?mind " + _SAID)
+_WITHDRAW_ANYWAY = re.compile(r"^(?:" + _ANYWAY + r")\b", re.I)
+# ... and those that withdraw it only said alone: "Just kidding, I'm actually vegan." says what holds instead,
+# and "Forget it.", "Never mind." withdraw the turn only when it asked nothing ("Never mind." after "I'm
+# vegetarian, what should I cook?" drops the question, not the diet).
+_WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|forget that|that's not true|"
+                       r"that is not true|not true|that was a joke|i lied|i was (?:just )?(?:joking|kidding)|"
+                       r"(?:i made|that was) an? (?:mistake|typo))\b", re.I)
+_WITHDRAW_UNSURE = re.compile(r"^(?:forget it|nvm|never ?mind(?: " + _THAT + r")?)\b", re.I)
+_RETRACT = re.compile(r"^" + _INTERJECTION + r"*(?P<said>(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|"
+                      r"scratch that|nvm|never ?mind(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|"
+                      r"forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
                       r"that is not (?:true|right|correct)|that's wrong|not true|that was a joke|no,? wait|"
-                      r"wait,? no|actually,? no|oops,? no|i lied)\b[,;:.!\s-]*", re.I)
-# The retractions that withdraw the previous chat turn ("never mind", "not really" may answer something else).
-_WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|scratch that|ignore (?:that|what i said)|"
-                       r"forget (?:that|it|what i said)|that's not true|that is not true|not true|that was a joke|"
-                       r"i lied)\b", re.I)
+                      r"wait,? no|actually,? no|oops,? no|i lied|(?:i made|that was) an? (?:mistake|typo)|"
+                      + _ANYWAY + r")\b[,;:.!\s-]*", re.I)
 _RETRACT_AFTER = re.compile(r"[,;.!]?\s*(?:(?:just |only )?(?:kidding|joking)|jk|j/k|not really)\s*[.!]*$", re.I)
 _FILLER_AFTER = re.compile(
     r"(?:\s*,)?\s+(?:by the way|btw|actually|also|fyi|just so you know|just to let you know|honestly|to be honest|"
@@ -932,7 +1136,8 @@ _FILLER_AFTER = re.compile(
 # "Forget that I'm vegetarian", "Please forget where I live": what to forget, a statement or an attribute.
 _FORGET = re.compile(r"^(?:(?:ok(?:ay)?|and|also|oh)[,!]?\s+)?(?:please\s+|can you\s+|could you\s+)?"
                      r"(?:forget|don't remember|stop remembering)\s+(?:that\s+|(?:(?:what|everything) i (?:said|told you) )?about\s+)?"
-                     r"(?P<what>(?:i|i'm|im|my|where|what|how|who)\b.*?)(?:,?\s+please)?[.!]*$", re.I)
+                     r"(?P<what>(?!i (?:just )?(?:said|mentioned|told you)\b)(?:i|i'm|im|my|where|what|how|who)\b.*?)"
+                     r"(?:,?\s+please)?[.!]*$", re.I)
 _FORGET_ATTRIBUTE = {
     **dict.fromkeys(["where i live", "where i'm living", "where i stay", "my address", "my home", "my city",
                      "where my home is", "my location"], "home"),

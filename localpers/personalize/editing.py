@@ -72,6 +72,37 @@ ATTRIBUTES = {
                                   "favorite kind of show"),
                                  ("movie", "movies", "film", "show", "tv", "series", "book", "novel", "games")),
 }
+# The words that name each attribute type, or a thing of that type ("cuisine", "job", "violin"), without generic
+# verbs (like, love, enjoy): one table, localpers/data/attributes/type_words.json. A question holding them asks
+# about that type (question_types: routing, the facts line), and they name a statement's type when no keyword does.
+_TYPE_TABLE = json.loads((Path(__file__).resolve().parents[1] / "data" / "attributes" / "type_words.json").read_text())
+TYPE_WORDS: dict[str, tuple[str, ...]] = {name: tuple(words) for name, words in _TYPE_TABLE["types"].items()}
+# The words that name a kind of liked thing (detect's kinds.json: "cuisine", "drink", ...): a fact liking a thing of
+# that kind carries them in its route words, so "What cuisine do I like?" picks the Thai food like over the diet.
+KIND_WORDS: dict[str, tuple[str, ...]] = {kind: tuple(words) for kind, words in _TYPE_TABLE["kinds"].items()}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def type_word_scores(text: str) -> dict[str, int]:
+    """attribute type -> how many of its TYPE_WORDS `text` holds (whole words; a word's plural in -s or -es too;
+    an entry of several words in sequence); types with none are left out."""
+    said = _words(text)
+    scores = {}
+    for name, entries in TYPE_WORDS.items():
+        hits = 0
+        for entry in entries:
+            *head, last = entry.split()
+            n = len(head) + 1
+            hits += any(said[i:i + n - 1] == head and said[i + n - 1] in (last, last + "s", last + "es")
+                        for i in range(len(said) - n + 1))
+        if hits:
+            scores[name] = hits
+    return scores
+
+
 QUESTION_TEMPLATES = ("What's my {}?", "What is my {}?", "Do you remember my {}?")
 # How people ask about each attribute in their own words, beside the "What's my <synonym>?" templates: a
 # cluster of one sentence shape only teaches the edit that shape (written for the attribute types, not
@@ -150,7 +181,8 @@ KIND_ATTRIBUTES = {"music genre": "music preference", "cuisine": "food preferenc
 @lru_cache(maxsize=4096)
 def detect_attribute(statement: str) -> str | None:
     """The attribute type (ATTRIBUTES) a statement is about: the type whose keywords it holds most, else the type
-    of the kind of thing it likes or dislikes (detect.kind_of: "I love techno." -> music preference); None.
+    of the kind of thing it likes or dislikes (detect.kind_of: "I love techno." -> music preference), else the
+    type whose TYPE_WORDS it holds most ("I play the violin." -> hobby; ties: ATTRIBUTES' order); None.
     Cached: methods.relevant_facts asks it for each stored preference on every request."""
     from localpers.personalize.detect import detect_facts, kind_of
 
@@ -160,7 +192,9 @@ def detect_attribute(statement: str) -> str | None:
     if scores[best]:
         return best
     kinds = [kind_of(f.key) for f in detect_facts(statement) if f.attribute in ("likes", "dislikes")]
-    return next((KIND_ATTRIBUTES[k] for k in kinds if k in KIND_ATTRIBUTES), None)
+    kind = next((KIND_ATTRIBUTES[k] for k in kinds if k in KIND_ATTRIBUTES), None)
+    named = type_word_scores(statement)
+    return kind or (max(named, key=named.get) if named else None)
 
 
 def check_statement(statement) -> str:
@@ -1087,27 +1121,39 @@ def route_words(fact: Fact) -> str:
     attribute = fact.attributes[-1] if fact.attributes and fact.attributes[-1] in ATTRIBUTES else \
         detect_attribute(fact.statement)
     synonyms, keywords = ATTRIBUTES[attribute] if attribute else ((), ())
-    return " ".join((fact.statement, *synonyms, *keywords, *NATURAL_QUESTIONS.get(attribute, ())))
+    return " ".join((fact.statement, *synonyms, *keywords, *NATURAL_QUESTIONS.get(attribute, ()), *kind_words(fact.statement)))
+
+
+def kind_words(statement: str) -> tuple[str, ...]:
+    """KIND_WORDS of the kinds of the things `statement` likes or dislikes ("I drink tea." -> drink, beverage ...)."""
+    from localpers.personalize.detect import detect_facts, kind_of
+
+    kinds = dict.fromkeys(kind_of(f.key) for f in detect_facts(statement) if f.attribute in ("likes", "dislikes"))
+    return tuple(w for kind in kinds if kind in KIND_WORDS for w in KIND_WORDS[kind])
 
 
 def _phrase(text: str) -> str:
     return " " + " ".join(re.findall(r"[a-z0-9']+", text.lower())) + " "
 
 
-def question_types(query: str) -> tuple[set[str], bool]:
-    """The attribute types a question asks about, and whether it asks word for word: the types whose natural
-    questions it is ("What do I do for a living?": job, profession; True), else the types whose keywords it holds
-    most (as detect_attribute counts them: "What music do I like?": music preference; False); (set(), False) when
-    it names none
-    ("Where do I live?")."""
+def question_types(query: str) -> tuple[set[str], str]:
+    """The attribute types a question asks about, and how it names them: "exact" when it is a type's natural
+    question word for word ("What do I do for a living?": job, profession), "named" when it holds a type's
+    TYPE_WORDS (the types holding most: "What's my job?": job, profession, which share their words; "What cuisine
+    do I like?": food preference, whatever the verb), "keyword" when only ATTRIBUTES' statement keywords, generic
+    verbs among them, point at types (as detect_attribute counts them, every type tied at the top: "What do I
+    enjoy?": hobby); (set(), "") when it names none ("Where do I stay?")."""
     asked = _phrase(query)
     exact = {a for a, questions in NATURAL_QUESTIONS.items() if any(_phrase(q) == asked for q in questions)}
     if exact:
-        return exact, True
+        return exact, "exact"
+    named = type_word_scores(query)
+    if named:
+        return {name for name, score in named.items() if score == max(named.values())}, "named"
     text = f" {query.lower()} "   # detect_attribute's keyword count, every type tied at the top
     scores = {name: keyword_score(text, keywords) for name, (_, keywords) in ATTRIBUTES.items()}
     top = max(scores.values())
-    return ({name for name, score in scores.items() if score == top} if top else set()), False
+    return ({name for name, score in scores.items() if score == top} if top else set()), ("keyword" if top else "")
 
 
 def route_type(words: str) -> str | None:
@@ -1116,30 +1162,31 @@ def route_type(words: str) -> str | None:
 
 
 def pick_route(routes, query: str):
-    """The route (file, words, ...) for `query`, or None: a neutral question gets no edit at all. The best BM25
-    match of the route words (ties: the later fact), none when no route shares a term; but a question that names
-    an attribute type (question_types) the user has no fact of gets none ("What music do I like?" after the music
-    fact was deleted: not the food fact's adapter through "like"), and one that is a type's natural question word
-    for word goes only to routes of that type ("What do I do for a living?": not a home fact through the stem
-    "live"). Restricting to the keyword type too cost 2 of 10 paraphrases on the 10-fact user (facts_gate.py).
-    WISE (Wang et al. 2024) routes a query to its side memory by activations; here by words, which llama.cpp's
-    LoRA (linear, applied to every token) cannot do itself."""
+    """The route (file, words, ...) for `query`, or None: a neutral question gets no edit at all. A question that
+    names attribute types (question_types) goes only to routes of those types, none when the user has no fact of
+    them ("What music do I like?" after the music fact was deleted: not the food fact's adapter through "like";
+    "What cuisine do I like?": the food fact, not the music fact's "like"); among them, and for any other question
+    among all routes, the best BM25 match of the route words and their type's TYPE_WORDS (ties: the later fact),
+    none when no route shares a term, the latest of the named types when none does. A question whose types come
+    only from statement keywords (generic verbs: "enjoy", "like to") is not restricted by them, but gets none when
+    the user has no fact of them. WISE (Wang et al. 2024) routes a query to its side memory by activations; here by
+    words, which llama.cpp's LoRA (linear, applied to every token) cannot do itself."""
     from localpers.store.retrieval import BM25Index
 
     routes = list(routes)
     if not routes or not query.strip():
         return None
-    types, exact = question_types(query)
+    types, how = question_types(query)
     if types:
         mine = [r for r in routes if route_type(r[1]) in types]
         if not mine:
             return None
-        routes = mine if exact else routes
+        routes = routes if how == "keyword" else mine
     index = BM25Index()
     for i, (_, words, *_) in enumerate(routes):
-        index.add(i, words)
+        index.add(i, " ".join((words, *TYPE_WORDS.get(route_type(words), ()))))
     hits = index.search(query, 1)
-    return routes[hits[0][0]] if hits else (routes[-1] if exact else None)
+    return routes[hits[0][0]] if hits else (routes[-1] if how in ("exact", "named") else None)
 
 
 def read_edit(path, layer: int, fact: Fact) -> Edit:

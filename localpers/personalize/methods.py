@@ -190,13 +190,13 @@ def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_
     neutral questions (docs/edit/README.md)."""
     if len(preferences) <= k and ABOUT_ME.search(query):
         return list(preferences)
-    from localpers.personalize.editing import ATTRIBUTES, detect_attribute
+    from localpers.personalize.editing import ATTRIBUTES, TYPE_WORDS, detect_attribute
 
     index = BM25Index()
     for i, text in enumerate(preferences):
         attribute = detect_attribute(text)
         synonyms, keywords = ATTRIBUTES[attribute] if attribute else ((), ())
-        index.add(i, " ".join((text, *synonyms, *keywords)))
+        index.add(i, " ".join((text, *synonyms, *keywords, *TYPE_WORDS.get(attribute, ()))))
     return [preferences[i] for i in sorted(i for i, _ in index.search(query, k))]
 
 

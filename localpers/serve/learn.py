@@ -7,7 +7,9 @@ write path) become the user's preferences through the store's facts index, in th
 (store.learn_chat): a fact already held is kept, one about an attribute already held replaces it (the later
 wins), "no longer"/"not anymore" retires one (also when it names the held value another way: "jazz" for "jazz
 music"), a like stated as a change ("Actually I prefer rock now.") replaces the held like of its kind, and a turn
-that opens with a withdrawal ("Just kidding, I'm not.") retires what the user's previous turn stated; one restated
+that opens with a withdrawal ("Scratch that.", "Oops, ignore that.", "Just kidding, I'm not.") retires the facts
+learned from the user's own message just before it in the conversation (nothing older, nothing of another
+conversation or participant; docs/reference.md); one restated
 after its edit failed queues the edit again; at most names.MAX_FACTS_PER_MESSAGE per message. A new, replaced or
 retired fact queues an edit job (store), which the server's worker runs in the background.
 """

@@ -99,7 +99,9 @@ CREATE INDEX IF NOT EXISTS facts_by_slot ON facts(user_id, slot);
 CREATE INDEX IF NOT EXISTS facts_by_message ON facts(user_id, message);
 CREATE TABLE IF NOT EXISTS chat_seen (  -- keyed hashes of chat messages already stored (no text)
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    digest BLOB NOT NULL, PRIMARY KEY (user_id, digest));
+    digest BLOB NOT NULL,
+    item INTEGER,  -- the message's item id (NULL: stored before this column); "Scratch that." finds the turn before
+    PRIMARY KEY (user_id, digest));
 CREATE TABLE IF NOT EXISTS responses (  -- /v1/responses conversations that a previous_response_id continues
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
@@ -598,6 +600,7 @@ class Store:
         else:
             self._migrate()
             self._migrate_facts()
+            self._migrate_chat_seen()
 
     @classmethod
     def open(cls, directory: str | os.PathLike, embedder=None, read_only: bool = False) -> Store:
@@ -796,6 +799,15 @@ class Store:
                                  (item_id, user_id, message))
             conn.execute("INSERT INTO settings VALUES ('facts_index', ?)", (b"1",))
 
+    def _migrate_chat_seen(self) -> None:
+        """chat_seen's item column, added to a store made before it (its rows keep NULL: a withdrawal of a turn
+        stored before withdraws nothing)."""
+        if "item" in {row[1] for row in self._conn().execute("PRAGMA table_info(chat_seen)")}:
+            return
+        with self._write() as conn:
+            if "item" not in {row[1] for row in conn.execute("PRAGMA table_info(chat_seen)")}:
+                conn.execute("ALTER TABLE chat_seen ADD COLUMN item INTEGER")
+
     def _migrate(self) -> None:
         """Bring a database made by an earlier version up to this schema: the registry's method and sources
         columns (method read from the old sealed meta), item text removed from artifact meta (only the method
@@ -892,7 +904,8 @@ class Store:
 
         `extract(text, limit, previous)` gives the facts a message states (localpers.personalize.detect.detect_facts:
         objects with attribute, value, statement, retire, slot and key; `previous` is the user's own message before
-        it in the conversation, None for the first, so that "Just kidding, I'm not." can withdraw what it said); at
+        it in the conversation, None for the first, so that "Scratch that." can withdraw what it said: a fact
+        with `withdrawal` set retires only what that very message taught, found through chat_seen's item); at
         most `limit` per message are learned. See
         _learn for what a fact does. Returns {"stored": [(item id, text)], "messages": [ids], "facts": [...],
         "replaced": [...], "retired": [...], "retried": [...]} (learned facts: {"id", "attribute"}; replaced and retired ones:
@@ -918,9 +931,17 @@ class Store:
                  for text, previous, d in zip(texts, [None, *texts], digests) if d not in seen}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            new = [(item, found.get(digest) or []) for item, digest in zip(checked, digests) if conn.execute(
+            new = [(item, found.get(digest) or [], digest, before) for item, digest, before
+                   in zip(checked, digests, [None, *digests]) if conn.execute(
                 "INSERT OR IGNORE INTO chat_seen (user_id, digest) VALUES (?, ?)", (user_id, digest)).rowcount]
-            paths = self._learn(conn, user_id, new, out)
+
+            def previous(ids: list[int]) -> list[int | None]:  # each new message's item id, then the turn before's
+                conn.executemany("UPDATE chat_seen SET item = ? WHERE user_id = ? AND digest = ?",
+                                 [(i, user_id, digest) for i, (_, _, digest, _) in zip(ids, new)])
+                return [before and (conn.execute("SELECT item FROM chat_seen WHERE user_id = ? AND digest = ?",
+                                                 (user_id, before)).fetchone() or (None,))[0] for *_, before in new]
+
+            paths = self._learn(conn, user_id, [(item, facts) for item, facts, _, _ in new], out, previous=previous)
         self._remove_files(user_id, paths)
         return out
 
@@ -945,12 +966,12 @@ class Store:
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": [], "retried": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            paths = self._learn(conn, user_id, found, out, source=source)
+            paths = self._learn(conn, user_id, found, out, source=source, previous=lambda ids: [None, *ids[:-1]])
         self._remove_files(user_id, paths)
         return out
 
     def _learn(self, conn, user_id: int, items: list[tuple[tuple, list]], out: dict,
-               source: str = "chat") -> list[str]:
+               source: str = "chat", previous=None) -> list[str]:
         """Inside a write: insert message items (validated, each with the facts found in it) and learn their
         facts, each through the facts index by keyed
         hashes of (user, slot) and (user, attribute=value), O(log n) in the user's stored facts (no scan, no
@@ -961,6 +982,11 @@ class Store:
           likes and dislikes of one thing): the old preference item goes, with the artifacts derived from it;
         - a retirement ("I'm not vegetarian anymore") deletes the fact of that slot and value, if held; one of an
           empty value ("Please forget where I live.") deletes the slot's fact whatever its value;
+        - a withdrawal (a retirement with `withdrawal` set: "Scratch that.", "Oops, ignore that.") deletes the fact
+          of that slot and value only where it was learned from the user's message before (`previous(ids)`:
+          called once the items are inserted, with their ids, gives for each the item id of the user's message
+          before it in the conversation, or None): a fact held from an older message, another conversation or
+          another participant stays, and so does what that message replaced (it is not restored);
         - a fact held already whose edit failed (the user's newest edit job failed) queues the edit again
           (out["retried"]: once per restatement);
         - a fact's `supersedes` (detect.StatedFact.supersedes: other facts, each matched by slot and value as
@@ -974,23 +1000,27 @@ class Store:
         ids = self._insert(conn, user_id, [item for item, _ in items])
         out["messages"] += ids
         out["stored"] += [(i, item[2].decode("utf-8")) for i, (item, _) in zip(ids, items)]
+        befores = previous(ids) if previous else [None] * len(ids)
         paths: list[str] = []
-        for message_id, (_, facts) in zip(ids, items):
+        for message_id, before, (_, facts) in zip(ids, befores, items):
             for fact in facts:
                 slot, value = self._fact_digests(fact)
-                held = conn.execute("SELECT item_id, value FROM facts WHERE user_id = ? AND slot = ?",
+                held = conn.execute("SELECT item_id, value, message FROM facts WHERE user_id = ? AND slot = ?",
                                     (user_id, slot)).fetchall()
                 also = self._held(conn, user_id, getattr(fact, "supersedes", ()))
-                if fact.retire:  # an empty key ("Please forget where I live.") retires whatever the slot holds
-                    gone = list(dict.fromkeys([i for i, v in held if v == value or not fact.key] + also))
+                if fact.retire:
+                    if getattr(fact, "withdrawal", False):  # "Scratch that.": what the turn before taught, only
+                        gone = [i for i, v, m in held if v == value and before is not None and m == before]
+                    else:  # an empty key ("Please forget where I live.") retires whatever the slot holds
+                        gone = list(dict.fromkeys([i for i, v, _ in held if v == value or not fact.key] + also))
                     if gone:
                         out["retired"] += [{"id": i, "attribute": self._fact_attribute(conn, user_id, i)} for i in gone]
                         self._mark_superseded(conn, user_id, gone, message_id)
                         paths += self._delete(conn, user_id, gone)
                     continue
                 # held already: only what it supersedes goes ("Actually I prefer rock now." with rock held: jazz)
-                held_already = any(v == value for _, v in held)
-                replaced = also if held_already else list(dict.fromkeys([i for i, _ in held] + also))
+                held_already = any(v == value for _, v, _ in held)
+                replaced = also if held_already else list(dict.fromkeys([i for i, _, _ in held] + also))
                 if replaced:
                     new_now = {f["id"] for f in out["facts"]}  # said earlier in this same request: not reported
                     out["facts"] = [f for f in out["facts"] if f["id"] not in set(replaced)]
@@ -1001,7 +1031,7 @@ class Store:
                 if held_already:  # not stored again; its edit failed last time: tried again
                     if self._edit_failed(conn, user_id):
                         self._queue(conn, user_id, names.EDIT)
-                        out["retried"] += [{"id": i, "attribute": fact.attribute} for i, v in held if v == value]
+                        out["retried"] += [{"id": i, "attribute": fact.attribute} for i, v, _ in held if v == value]
                     continue
                 meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
                 [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
