@@ -145,11 +145,10 @@ def test_invariant_names_and_places_are_cased_as_names_and_a_shouted_employer_to
 
 
 def test_invariant_a_pronoun_or_a_value_of_more_than_eight_words_is_no_like():
-    for text in ("I love them.", "I like her.", "I love jazz and blues and rock and pop and folk.",
-                 "I love jazz and blues and rock and pop and folk and soul and funk and rap."):
+    for text in ("I love them.", "I like her.", "I love the smell of rain on a warm summer evening."):
         assert not [f for f in detect_facts(text) if f.attribute == "likes"], text
-    [fact] = detect_facts("I love jazz and blues and rock and pop music.")  # eight words: a like
-    assert (fact.attribute, fact.value) == ("likes", "jazz and blues and rock and pop music")
+    [fact] = detect_facts("I love the smell of rain on a summer evening.")  # eight words: a like
+    assert (fact.attribute, fact.value) == ("likes", "the smell of rain on a summer evening")
 
 
 def test_invariant_a_diet_of_no_meat_keeps_its_statement():

@@ -2,6 +2,7 @@
 # personalize/detect.py, the seed-11 sample's open survivors and every mutant (partial): each survivor judged a
 # missing test, made as a break and run against tests/test_detect_bounds.py (each fixed mutant also re-run with
 # --mutants: localpers.personalize.detect.rerun.txt). Run from the repository root; never commit while it runs.
+# (Made on branch mutI before det6's detect changes; three lines re-aimed at det6's _clean_value after the merge.)
 P=${PYTHON:-/work/venv/bin/python}
 B="$P bench/experiments/break_once.py"
 F=localpers/personalize/detect.py
@@ -51,10 +52,10 @@ $B $F 'if verb.lower() in _THIRD_PERSON_VERB:' 'if verb.upper() in _THIRD_PERSON
 $B $F 'elif re.fullmatch(r"(?:live|work|love|like|enjoy|hate|speak|own)s", verb, re.I):' 'elif re.fullmatch(r"(?:live|work|love|like|enjoy|hate|speak|own)s", verb):' -- $T
 $B $F '.replace("I am ", "I'"'"'m ")' '.replace("I am ", "I'"'"'M ")' -- $T
 $B $F 'value = _TRAILING.sub("", value).strip(" ,.;:!-")' 'value = _TRAILING.sub("XXXX", value).strip(" ,.;:!-")' -- $T
-$B $F 'if attribute not in ("name", "favourite") else value' 'if attribute not in ("NAME", "favourite") else value' -- $T
+$B $F 'elif attribute not in ("name", "favourite"):' 'elif attribute not in ("NAME", "favourite"):' -- $T
 $B $F 'if attribute in ("job", "study", "employer"):' 'if attribute in ("job", "study", "EMPLOYER"):' -- $T
-$B $F 'value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value' 'value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if True else value' -- $T
-$B $F 'value = re.sub(r"^to\s+", "", value.strip(), flags=re.I) if attribute in ("likes", "dislikes") else value' 'value = re.sub(r"^to\s+", "", value.strip()) if attribute in ("likes", "dislikes") else value' -- $T
+$B $F '    if attribute in ("likes", "dislikes"):  # "I drink mostly tea"' '    if True:  # "I drink mostly tea"' -- $T
+$B $F 'bowls?) of)\s+", "", value.strip(), flags=re.I)' 'bowls?) of)\s+", "", value.strip())' -- $T
 $B $F 'or (attribute == "employer" and shouted):' 'or (attribute == "EMPLOYER" and shouted):' -- $T
 $B $F 'w if i and w in _SMALL_WORDS else' 'w if False else' -- $T
 $B $F 'value = _TRAILING.sub("", value).strip(" ,.;:!-")' 'value = _TRAILING.sub("", value).strip("XX ,.;:!-XX")' -- $T
