@@ -67,7 +67,7 @@ def test_invariant_a_bare_not_after_a_retraction_withdraws_the_previous_turn():
 def test_invariant_a_dash_before_a_values_qualifier_is_not_part_of_the_value():
     for text, fact in (("I live in Oslo - with my wife.", ("home", "Oslo")),
                        ("I moved to Berlin - two years ago.", ("home", "Berlin")),
-                       ("I work as a nurse - since 2015.", ("job", "nurse"))):
+                       ("I work as a nurse - since 2015.", ("job", "nurse")), ("My name is Ann - lol", ("name", "Ann"))):
         assert [(f.attribute, f.value) for f in detect_facts(text)] == [fact], text
 
 
