@@ -159,3 +159,14 @@ def test_invariant_a_diet_of_no_meat_keeps_its_statement():
 def test_invariant_a_facts_repr_marks_a_retirement_with_a_minus():
     assert [repr(f) for f in detect_facts("I'm vegan. I'm not allergic to nuts anymore.")] == [
         "diet='vegan' (\"I'm vegan.\")", "-allergy='nuts' (\"I'm not allergic to nuts anymore.\")"]
+
+
+def test_invariant_lists_wishes_activities_and_cuisines_said_as_a_thing_keep_their_reading():
+    # a seeded sample (seed 3) on the detector after det6's lists, frequencies and "X is my thing" (issue 28)
+    assert detect_facts("I wish I lived in Paris.") == []
+    assert [(f.attribute, f.value) for f in detect_facts("I hate jazz, rock and blues.")] == [
+        ("dislikes", "jazz"), ("dislikes", "rock"), ("dislikes", "blues")]
+    assert [(f.attribute, f.value) for f in detect_facts("I love hiking on weekends.")] == [
+        ("likes", "hiking on weekends")]  # an activity kinds.json does not list keeps its when
+    assert [(f.attribute, f.value, f.change) for f in detect_facts("Italian is my thing now.")] == [
+        ("likes", "Italian", True)]  # a cuisine keeps its capital

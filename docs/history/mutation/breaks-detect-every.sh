@@ -67,3 +67,8 @@ $B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' '
 $B $F 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:' 'if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 9:' -- $T
 $B $F 'return StatedFact("diet", "no " + value.lower(), statement)' 'return StatedFact("diet", "no " + value.lower(), None)' -- $T
 $B $F "return f\"{'-' if self.retire else ''}" "return f\"{'' if self.retire else ''}" -- $T
+# a seeded sample (80, seed 3) on main's detect.py after det6's changes (merged at b601b69)
+$B $F 'if not m["at"] and re.match(r"[A-Z][a-z]", x) and kind_of(' 'if not m["at"] and re.match(r"[A-Z][a-z]", x) or kind_of(' -- $T
+$B $F 'if attribute in ("likes", "dislikes") and "," in value:' 'if attribute in ("likes", "DISLIKES") and "," in value:' -- $T
+$B $F 'if attribute in ("likes", "dislikes") and first.lower().endswith("ing")' 'if attribute in ("XXlikesXX", "dislikes") and first.lower().endswith("ing")' -- $T
+$B $F 'if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause, re.I):' 'if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause):' -- $T
