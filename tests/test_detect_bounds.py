@@ -170,3 +170,7 @@ def test_invariant_lists_wishes_activities_and_cuisines_said_as_a_thing_keep_the
         ("likes", "hiking on weekends")]  # an activity kinds.json does not list keeps its when
     assert [(f.attribute, f.value, f.change) for f in detect_facts("Italian is my thing now.")] == [
         ("likes", "Italian", True)]  # a cuisine keeps its capital
+    assert [(f.attribute, f.value, f.retire) for f in detect_facts("Jazz is no longer my thing.")] == [
+        ("likes", "jazz", True)]
+    assert [(f.attribute, f.value, f.retire) for f in detect_facts("Jazz isn't my thing.")] == [
+        ("dislikes", "jazz", False)]

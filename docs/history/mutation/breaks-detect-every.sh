@@ -72,3 +72,5 @@ $B $F 'if not m["at"] and re.match(r"[A-Z][a-z]", x) and kind_of(' 'if not m["at
 $B $F 'if attribute in ("likes", "dislikes") and "," in value:' 'if attribute in ("likes", "DISLIKES") and "," in value:' -- $T
 $B $F 'if attribute in ("likes", "dislikes") and first.lower().endswith("ing")' 'if attribute in ("XXlikesXX", "dislikes") and first.lower().endswith("ing")' -- $T
 $B $F 'if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause, re.I):' 'if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause):' -- $T
+$B $F 'or "longer" in m["be"].lower()' 'or "XXlongerXX" in m["be"].lower()' -- $T
+$B $F '("I no longer like " if gone else "I don'"'"'t like ")' '("I no longer like " if gone else "XXI don'"'"'t like XX")' -- $T
