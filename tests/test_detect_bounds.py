@@ -174,3 +174,12 @@ def test_invariant_lists_wishes_activities_and_cuisines_said_as_a_thing_keep_the
         ("likes", "jazz", True)]
     assert [(f.attribute, f.value, f.retire) for f in detect_facts("Jazz isn't my thing.")] == [
         ("dislikes", "jazz", False)]
+
+
+def test_invariant_retractions_and_forgetting_with_the_turn_before():
+    assert detect_facts("Forget that I'm vegan. Just kidding.", previous="I live in Oslo.") == []
+    assert [(f.attribute, f.value, f.retire) for f in detect_facts("Just kidding. I live in Oslo.",
+                                                                   previous="I'm vegan.")] == [
+        ("diet", "vegan", True), ("home", "Oslo", False)]
+    assert [(f.attribute, f.value) for f in detect_facts("My husband works at SpaceX and so do I.")] == [
+        ("employer", "SpaceX")]

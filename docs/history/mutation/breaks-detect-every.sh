@@ -74,3 +74,8 @@ $B $F 'if attribute in ("likes", "dislikes") and first.lower().endswith("ing")' 
 $B $F 'if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause, re.I):' 'if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause):' -- $T
 $B $F 'or "longer" in m["be"].lower()' 'or "XXlongerXX" in m["be"].lower()' -- $T
 $B $F '("I no longer like " if gone else "I don'"'"'t like ")' '("I no longer like " if gone else "XXI don'"'"'t like XX")' -- $T
+$B $F 'if m := _OTHER_PREDICATE.match(part.rstrip(".!")):' 'if m := _OTHER_PREDICATE.match(part.rstrip("XX.!XX")):' -- $T
+$B $F 'found, before, first = _add(found, gone), len(found), False' 'found, before, first = _add(found, gone), len(found), True' -- $T
+$B $F '                first = False
+                continue' '                first = False
+                break' -- $T
