@@ -20,6 +20,11 @@ MESSAGE = "message"        # something the user said (the default)
 PREFERENCE = "preference"  # a stated preference: `personalize` edits these, the `prompt` method lists them
 SUPERSEDED_BY = "superseded_by"  # a message's meta key: the id of the later message that replaced or withdrew a
                                  # fact it stated ("I live in Oslo." after "I moved to Paris."); not retrieved
+# meta keys the store derives for facts and the messages they come from (store._learn, facts(), _mark_superseded):
+# never taken from a client's meta (POST /v1/users/{user}/memories refuses them: a fact's slot is learned, not set)
+SUPERSEDES = "supersedes"  # a message's meta key: {id of an earlier message: [the slots (keyed hashes, hex) of its
+                           # facts this message replaced or retired]}: what a withdrawal of this message learns again
+FACT_META_KEYS = ("attribute", "attribute_type", "value", "message", "source", SUPERSEDED_BY, SUPERSEDES)
 DOCUMENT = "document"      # a text the user wrote (LaMP/LongLaMP profile entries)
 REVIEW = "review"          # a review the user wrote (LaMP/LongLaMP product reviews)
 ITEM_KINDS = (MESSAGE, PREFERENCE, DOCUMENT, REVIEW)

@@ -248,3 +248,355 @@ def test_invariant_a_compound_change_retires_the_old_like_and_states_the_new(mes
                                      "My sister is my thing now.", "I switched from Windows to Linux."])
 def test_invariant_a_switch_or_habit_of_no_known_kind_changes_no_like(message):
     assert not any(f.change or f.retire for f in detect_facts(message))
+
+
+# ---------------------------------------------------------------- fourth round: when and where, trades, lists
+
+@pytest.mark.parametrize("message, expected", [
+    ("I work at night.", ["about=I work at night"]),
+    ("i work at night", ["about=I work at night"]),
+    ("I work at home.", ["about=I work at home"]),
+    ("I'm working at home.", []),                                   # an activity in progress: no about fact
+    ("I work at weekends.", ["about=I work at weekends"]),
+    ("I work at the weekend.", ["about=I work at the weekend"]),
+    ("I work at odd hours.", ["about=I work at odd hours"]),
+    ("I work at my desk.", ["about=I work at my desk"]),
+    ("I work for a living.", ["about=I work for a living"]),
+    ("I work for myself.", ["about=I work for myself"]),
+    ("I work at Google", ["employer=Google"]),
+    ("I work at the hospital.", ["employer=hospital"]),
+    ("I work at a bakery.", ["employer=bakery"]),
+    ("I work at Google at night.", ["employer=Google"]),
+    ("I work at home for Google.", ["employer=Google"]),
+    ("I work from home for Google.", ["employer=Google"]),
+    ("I work nights at the hospital.", ["employer=hospital"]),
+])
+def test_invariant_when_or_where_one_works_is_no_employer(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I gave up tennis for golf.", ["-likes=tennis", "likes=golf"]),
+    ("i gave up tennis for golf lol", ["-likes=tennis", "likes=golf"]),
+    ("I gave up coffee for tea.", ["-likes=coffee", "likes=tea"]),
+    ("I quit coffee for tea.", ["-likes=coffee", "likes=tea"]),
+    ("I ditched tennis for golf", ["-likes=tennis", "likes=golf"]),
+    ("I traded tennis for golf.", ["-likes=tennis", "likes=golf"]),
+    ("I swapped coffee for green tea.", ["-likes=coffee", "likes=green tea"]),
+    ("I replaced coffee with tea.", ["-likes=coffee", "likes=tea"]),
+    ("I gave up tennis in favor of golf.", ["-likes=tennis", "likes=golf"]),
+    ("I gave up tennis for golf now.", ["-likes=tennis", "~likes=golf"]),   # "now": a change, as always
+])
+def test_invariant_a_known_thing_given_up_for_another_retires_the_one_and_likes_the_other(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message", ["I gave up my seat for an old lady.", "I gave up coffee for Lent.",
+                                     "I traded my car for a bike."])
+def test_invariant_a_trade_of_things_kinds_json_does_not_know_states_no_like(message):
+    assert not any(f.attribute == "likes" for f in detect_facts(message))
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I love Italian food and also jazz music.", [("Italian food", "I love Italian food."),
+                                                  ("jazz music", "I love jazz music.")]),
+    ("I love Italian food, and also jazz music.", [("Italian food", "I love Italian food."),
+                                                   ("jazz music", "I love jazz music.")]),
+    ("I love jazz and also rock.", [("jazz", "I love jazz."), ("rock", "I love rock.")]),
+    ("I love jazz and also like rock.", [("jazz", "I love jazz."), ("rock", "I also like rock.")]),
+])
+def test_invariant_also_before_a_thing_lists_it_and_starts_no_clause(message, expected):
+    assert statements(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm vegan and also allergic to nuts.", ["diet=vegan", "allergy=nuts"]),
+    ("I'm vegan and still allergic to nuts.", ["diet=vegan", "allergy=nuts"]),
+    ("I'm a nurse and also live in Lyon.", ["job=nurse", "home=Lyon"]),
+])
+def test_invariant_also_before_a_predicate_still_starts_a_clause_of_the_speaker(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I love jazz music, Italian food, and hiking.", [("jazz music", "I love jazz music."),
+                                                      ("Italian food", "I love Italian food."),
+                                                      ("hiking", "I love hiking.")]),
+    ("I love hiking, jazz and rock.", [("hiking", "I love hiking."), ("jazz", "I love jazz."),
+                                       ("rock", "I love rock.")]),
+    ("I like reading, writing and painting.", [("reading", "I like reading."), ("writing", "I like writing."),
+                                               ("painting", "I like painting.")]),
+    ("I hate mushrooms, olives and anchovies.", [("mushrooms", "I hate mushrooms."), ("olives", "I hate olives."),
+                                                 ("anchovies", "I hate anchovies.")]),
+    ("I like pizza, sushi, and mac and cheese.", [("pizza", "I like pizza."), ("sushi", "I like sushi."),
+                                                  ("mac and cheese", "I like mac and cheese.")]),
+    ("I like pizza, sushi and mac and cheese.", [("pizza", "I like pizza."), ("sushi", "I like sushi."),
+                                                 ("mac and cheese", "I like mac and cheese.")]),
+    ("I like pizza, mac and cheese.", [("pizza", "I like pizza."), ("mac and cheese", "I like mac and cheese.")]),
+    ("i love hiking, swimming and yoga", [("hiking", "I love hiking."), ("swimming", "I love swimming."),
+                                          ("yoga", "I love yoga.")]),
+    ("I love tea, jazz, and hiking every weekend.", [("tea", "I love tea every weekend."),
+                                                     ("jazz", "I love jazz every weekend."),
+                                                     # read as "I love hiking every weekend." alone reads
+                                                     ("hiking every weekend", "I love hiking every weekend.")]),
+])
+def test_invariant_a_comma_list_ended_by_and_is_one_fact_per_thing_known_or_not(message, expected):
+    assert statements(message) == expected
+
+
+def test_a_comma_list_retired_retires_each_thing():
+    assert facts("I don't like jazz, rock and hiking anymore.") == ["-likes=jazz", "-likes=rock", "-likes=hiking"]
+
+
+@pytest.mark.parametrize("message, value", [
+    ("I love jazz, especially bebop.", "jazz"),                     # no "and": a qualifier, no list
+    ("I love cooking, especially Italian and French food.", "cooking"),
+    ("I love Paris, it's beautiful.", "Paris"),
+])
+def test_invariant_a_comma_before_a_qualifier_makes_no_list(message, value):
+    assert [f.value for f in detect_facts(message)] == [value]
+
+
+# ---------------------------------------------------------------- fourth round: phrasings people type
+
+@pytest.mark.parametrize("message", ["ignore that pls", "pls ignore that", "nvm that", "Actually no, ignore that.",
+                                     "plz ignore that", "Nope, scratch that."])
+def test_invariant_a_withdrawal_typed_casually_withdraws_the_turn_before(message):
+    assert withdrawn(message, "I'm vegan and I live in Paris.") == ["-w:diet=vegan", "-w:home=Paris"]
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("Ive switched to tea", ["~likes=tea"]),
+    ("ive been vegan for years", ["diet=vegan"]),
+    ("Gave up tennis for golf.", ["-likes=tennis", "likes=golf"]),
+    ("Switched to tea.", ["~likes=tea"]),
+    ("Stopped drinking coffee.", ["-likes=coffee"]),
+    ("I'm off coffee now.", ["-likes=coffee"]),
+    ("I'm done with coffee.", ["-likes=coffee"]),
+    ("I work @ Google.", ["employer=Google"]),
+    ("I listen to jazz while working.", ["likes=jazz"]),
+    ("I drink coffee when I work.", ["likes=coffee"]),
+    ("I gave up coffee for tea a year ago.", ["-likes=coffee", "likes=tea"]),
+])
+def test_invariant_a_typo_a_left_out_subject_or_a_circumstance_still_states_the_fact(message, expected):
+    assert facts(message) == expected
+
+
+def test_a_trade_said_with_a_time_keeps_the_time_out_of_the_new_likes_statement():
+    assert statements("I gave up coffee for tea a year ago.") == [("coffee", "I no longer like coffee."),
+                                                                   ("tea", "I like tea.")]
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I like Italian food and also hiking.", [("Italian food", "I like Italian food."), ("hiking", "I like hiking.")]),
+    ("I enjoy hiking and also swimming.", [("hiking", "I enjoy hiking."), ("swimming", "I enjoy swimming.")]),
+])
+def test_invariant_and_also_lists_things_known_or_not(message, expected):
+    assert statements(message) == expected
+
+
+@pytest.mark.parametrize("message", ["Stopped by the shop.", "Quit complaining.", "I'm off work.",
+                                     "I'm done with this.", "I love it when it rains."])
+def test_invariant_the_new_readings_leave_other_sentences_without_a_like(message):
+    assert not any(f.attribute == "likes" for f in detect_facts(message))
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I used to like jazz but now I prefer rock.", ["-likes=jazz", "~likes=rock"]),
+    ("I used to drink coffee, now I drink tea.", ["-likes=coffee", "~likes=tea"]),
+    ("I used to like jazz, these days I prefer rock.", ["-likes=jazz", "~likes=rock"]),
+    ("I used to like jazz, nowadays I like rock.", ["-likes=jazz", "~likes=rock"]),
+    ("I'm vegan and now I also like rock.", ["diet=vegan", "likes=rock"]),      # "also": an addition
+])
+def test_invariant_now_opening_a_later_clause_says_a_change_as_it_does_opening_the_sentence(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm a tea person.", ["likes=tea"]),
+    ("I'm a coffee guy.", ["likes=coffee"]),
+    ("im a huge coffee addict", ["likes=coffee"]),
+    ("I'm more of a tea person now.", ["~likes=tea"]),
+    ("I'm a morning person.", ["about=I'm a morning person"]),   # no thing kinds.json knows
+    ("I love: jazz, rock and blues.", ["likes=jazz", "likes=rock", "likes=blues"]),
+    ("Love jazz, rock and blues.", ["likes=jazz", "likes=rock", "likes=blues"]),
+    ("Love it!", []),
+    ("Love this place.", []),                                     # no thing kinds.json knows: no subject given
+    ("Like I said, I'm vegan.", ["diet=vegan"]),
+])
+def test_invariant_a_known_thing_said_as_a_kind_of_person_or_without_a_subject_is_a_like(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("im allergic to nuts, eggs and milk", ["allergy=nuts", "allergy=eggs", "allergy=milk"]),
+    ("I'm allergic to peanuts and shellfish.", ["allergy=peanuts", "allergy=shellfish"]),
+    ("I'm allergic to cats, dogs, and pollen.", ["allergy=cats", "allergy=dogs", "allergy=pollen"]),
+    ("I have a peanut and tree nut allergy.", ["allergy=peanut", "allergy=tree nut"]),
+    ("I'm not allergic to nuts and eggs anymore.", ["-allergy=nuts", "-allergy=eggs"]),
+    ("I speak English, French and Spanish.", ["language=English", "language=French", "language=Spanish"]),
+    ("I speak english and french", ["language=English", "language=French"]),
+])
+def test_invariant_a_list_of_allergies_or_languages_is_one_fact_per_item(message, expected):
+    """Allergies and languages are several values each: every listed one is a fact, known to kinds.json or not
+    (an allergy left out of a list is the costliest fact to lose)."""
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("My favorite foods are pizza, sushi and tacos.", ["favourite foods=pizza, sushi and tacos"]),
+    ("My hobbies are hiking, reading and cooking.", ["favourite hobbies=hiking, reading and cooking"]),
+    ("My favorite food is pizza, with extra cheese.", ["favourite food=pizza"]),
+])
+def test_invariant_a_favourite_said_as_a_comma_list_keeps_the_list(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I gave up tennis and took up golf.", ["-likes=tennis", "likes=golf"]),
+    ("I quit tennis and started golf.", ["-likes=tennis", "likes=golf"]),
+    ("I stopped playing tennis and started playing golf.", ["-likes=tennis", "likes=golf"]),
+    ("I gave up coffee and switched to tea.", ["-likes=coffee", "~likes=tea"]),
+    ("I took up golf.", ["likes=golf"]),
+    ("I took up knitting.", ["about=I took up knitting"]),
+])
+def test_invariant_a_like_taken_up_after_one_given_up_in_the_same_sentence_is_read(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I love Italian food and also I live in Oslo.", ["likes=Italian food", "home=Oslo"]),
+    ("I'm vegan, plus I live in Oslo.", ["diet=vegan", "home=Oslo"]),
+    ("I work at night and sleep during the day.", ["about=I work at night and sleep during the day"]),
+    ("I'm allergic to bees, wasps etc.", ["allergy=bees", "allergy=wasps"]),
+    ("I'm not a coffee person.", ["dislikes=coffee"]),
+    ("I'm not a morning person.", ["about=I'm not a morning person"]),
+])
+def test_invariant_also_before_i_a_when_before_and_a_closing_etc_or_not_a_x_person_read_as_meant(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm allergic to nuts \U0001F95C, eggs \U0001F95A and milk \U0001F95B",
+     ["allergy=nuts", "allergy=eggs", "allergy=milk"]),
+    ("I love jazz \U0001F3B7, rock \U0001F3B8 and hiking", ["likes=jazz", "likes=rock", "likes=hiking"]),
+    ("I love Italian food, also jazz music.", ["likes=Italian food", "likes=jazz music"]),
+    ("I like Italian food, also hiking.", ["likes=Italian food", "likes=hiking"]),
+    ("i work at nite", ["about=I work at nite"]),
+])
+def test_invariant_an_emoji_before_a_comma_or_also_after_one_keeps_the_list(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("jazz isnt my thing anymore", ["-likes=jazz"]),
+    ("I have a coffee every morning.", ["likes=coffee"]),
+    ("I usually grab a coffee in the morning.", ["likes=coffee"]),
+    ("I drink way too much coffee.", ["likes=coffee"]),
+    ("I drink coffee like every day.", ["likes=coffee"]),
+    ("im veggie", ["diet=vegetarian"]),
+    ("I'm a veggie now.", ["diet=vegetarian"]),
+    ("I'm not veggie anymore.", ["-diet=vegetarian"]),
+])
+def test_invariant_a_value_typed_casually_is_the_thing(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message", ["Switched to Python 3 and it broke.", "Gave up on that approach.", "Quit my job.",
+                                     "Stopped working after the update.", "Dropped the table and recreated it."])
+def test_invariant_a_subjectless_give_up_or_switch_of_no_known_thing_states_nothing(message):
+    """A left-out "I" is read in only before a thing kinds.json knows: a report about code or a task is no fact."""
+    assert detect_facts(message) == []
+
+
+# ---------------------------------------------------------------- fifth round: neither-nor, reactions, two jobs, time
+
+@pytest.mark.parametrize("message, expected", [
+    ("I like neither jazz nor rock.", ["dislikes=jazz", "dislikes=rock"]),
+    ("I love neither coffee nor tea.", ["dislikes=coffee", "dislikes=tea"]),
+    ("I really like neither jazz nor rock.", ["dislikes=jazz", "dislikes=rock"]),
+    ("I don't like jazz or rock.", ["dislikes=jazz", "dislikes=rock"]),   # what "neither ... nor" must match
+])
+def test_invariant_neither_nor_is_a_dislike_of_each_as_dont_like_or_is(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I eat neither meat nor fish.", ["diet=no meat or fish"]),   # as "I don't eat meat or fish."
+    ("I like neither of them.", []),                              # a reaction: no fact
+])
+def test_neither_reads_as_its_negation_says(message, expected):
+    assert facts(message) == expected
+
+
+def test_neither_nor_states_each_dislike_in_its_own_sentence():
+    assert statements("I like neither jazz nor rock.") == [("jazz", "I don't like jazz."),
+                                                           ("rock", "I don't like rock.")]
+
+
+@pytest.mark.parametrize("message", [
+    "I love that idea!", "I love this song.", "I love it when it rains.", "I like these shoes.", "I love those.",
+    "I love them.", "I really love that idea.", "I hate this song.", "I love that idea and I live in Oslo.",
+])
+def test_invariant_a_like_of_a_demonstrative_or_a_pronoun_is_a_passing_reaction_and_no_fact(message):
+    assert [f for f in facts(message) if not f.startswith("home=")] == []
+
+
+@pytest.mark.parametrize("message", [
+    'He asked me "are you vegetarian?" and I said "yes".', 'I said "no".', "She asked and I replied.",
+])
+def test_invariant_reported_speech_whose_words_were_quoted_is_no_fact(message):
+    assert facts(message) == []
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I \u2764\ufe0f jazz", ["likes=jazz"]), ("I \u2764 jazz.", ["likes=jazz"]), ("I \u2665 sushi!", ["likes=sushi"]),
+])
+def test_invariant_a_heart_for_the_verb_is_love(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm a chef and a writer.", ["job=chef and writer"]),
+    ("I'm a teacher and a writer.", ["job=teacher and writer"]),
+    ("I'm a nurse and a mother.", ["job=nurse", "about=I'm a mother"]),   # one job: as before
+    ("I'm a chef. I'm a writer.", ["job=writer"]),                         # two sentences: the later one holds
+])
+def test_invariant_two_jobs_in_one_sentence_are_both_held_never_the_last_only(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I drink coffee at 7am.", ["likes=coffee"]),
+    ("I drink coffee at 7 am.", ["likes=coffee"]),
+    ("I drink 3 cups of coffee a day.", ["likes=coffee"]),
+    ("I drink two cups of tea a day.", ["likes=tea"]),
+    ("I play tennis in summer.", ["likes=tennis"]),
+    ("I go skiing in winter.", ["likes=skiing"]),
+    ("I drink coffee in the morning and tea at night.", ["likes=coffee", "likes=tea"]),
+    ("I often listen to jazz at night.", ["likes=jazz"]),
+    ("I sometimes drink tea.", ["likes=tea"]),
+    ("I'm sometimes vegetarian.", ["about=I'm sometimes vegetarian"]),   # a part-time diet is no diet
+    ("I go swimming twice a week.", ["likes=swimming"]),
+    ("I'm a nurse at night.", ["job=nurse"]),
+    ("I'm a waiter on weekends.", ["job=waiter"]),
+])
+def test_invariant_a_clock_time_a_season_or_a_count_per_day_is_no_part_of_the_value(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I go shopping twice a week.", ["about=I go shopping twice a week"]),   # no thing kinds.json knows: as before
+    ("I hate working on weekends.", ["dislikes=working on weekends"]),
+])
+def test_invariant_a_time_that_is_the_thing_or_an_unknown_habit_stays_as_said(message, expected):
+    assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("I'm more into rock than jazz these days.", ["~likes=rock"]),
+    ("I like rock more than jazz.", ["likes=rock"]),
+    ("I love Better Than Ezra.", ["likes=Better Than Ezra"]),   # a name's "Than" compares nothing
+])
+def test_invariant_what_a_like_is_compared_with_is_no_part_of_its_value(message, expected):
+    assert facts(message) == expected

@@ -297,3 +297,130 @@ def test_invariant_a_compound_change_leaves_the_new_like_and_the_rest(store, fir
     say(store, "cc", "I live in Oslo.", first)
     say(store, "cc", then)
     assert held(store, "cc") == [("home", "Oslo"), *kept]
+
+
+@pytest.mark.parametrize("existing, new, merged", [
+    (["I love Italian food and jazz music."], ["I don't like jazz music anymore."], ["I love Italian food."]),
+    (["I love Italian food and jazz music."], ["I hate jazz music."], ["I love Italian food.", "I hate jazz music."]),
+    (["I love Italian food and jazz music."], ["I love Italian food."], ["I love jazz music.", "I love Italian food."]),
+    (["I love Italian food and jazz music.", "I live in Oslo."], ["Actually I prefer rock now."],
+     ["I love Italian food.", "I live in Oslo.", "Actually I prefer rock now."]),
+    (["I'm vegan and I live in Oslo."], ["I live in Paris."], ["I'm vegan.", "I live in Paris."]),
+    (["I'm vegan and I live in Oslo."], ["I love jazz."], ["I'm vegan and I live in Oslo.", "I love jazz."]),
+    (["I live in Oslo."], ["I don't live in Paris anymore."], ["I live in Oslo."]),
+])
+def test_invariant_merge_replaces_or_retires_each_fact_of_a_statement_alone(existing, new, merged):
+    """A statement of several facts (a listed like, two clauses) is keyed by each of them: a later statement that
+    replaces or retires one leaves the others, each as its own sentence; one of another value retires nothing."""
+    assert merge_preferences(existing, new) == merged
+
+
+def test_invariant_when_or_where_one_works_keeps_the_held_employer(store):
+    say(store, "w", "I work at Google.", "I work at night.", "I work at home.", "I work for a living.")
+    assert ("employer", "Google") in held(store, "w") and [a for a, _ in held(store, "w")].count("employer") == 1
+
+
+def test_invariant_each_item_of_a_comma_list_is_held_and_retired_alone(store):
+    say(store, "l", "I love jazz music, Italian food, and hiking.")
+    assert held(store, "l") == [("likes", "Italian food"), ("likes", "hiking"), ("likes", "jazz music")]
+    say(store, "l", "I don't like hiking anymore.")
+    assert held(store, "l") == [("likes", "Italian food"), ("likes", "jazz music")]
+    say(store, "l", "I gave up jazz for rock.")
+    assert held(store, "l") == [("likes", "Italian food"), ("likes", "rock")]
+
+
+def test_invariant_each_listed_allergy_is_held_and_retired_alone(store):
+    say(store, "a", "im allergic to nuts, eggs and milk")
+    assert held(store, "a") == [("allergy", "eggs"), ("allergy", "milk"), ("allergy", "nuts")]
+    say(store, "a", "I'm not allergic to eggs anymore.")
+    assert held(store, "a") == [("allergy", "milk"), ("allergy", "nuts")]
+
+
+# ---------------------------------------------------------------- a withdrawal restores what the turn replaced
+
+def test_invariant_a_withdrawal_restores_what_the_withdrawn_turn_replaced_from_its_message(store):
+    """"I moved to Paris." (replacing "I live in Lyon.") then "Oops, ignore that." left no home: the fact the
+    withdrawn turn replaced is learned again from its own message (kept, marked, now unmarked), its edit queued;
+    the withdrawn turn's message stays marked."""
+    lyon = chat(store, "mo", "I live in Lyon.")["messages"][0]
+    moved = chat(store, "mo", "I live in Lyon.", "I moved to Paris.")
+    while job := store.claim_job():
+        store.finish_job(job["id"], names.DONE)
+    learned = chat(store, "mo", "I live in Lyon.", "I moved to Paris.", "Oops, ignore that.")
+    assert held(store, "mo") == [("home", "Lyon")] and len(learned["retired"]) == 1
+    [fact] = store.facts("mo")
+    assert learned["facts"] == [{"id": fact["id"], "attribute": "home"}] and fact["message"] == lyon
+    assert fact["statement"] == "I live in Lyon."
+    marked = {i["id"]: i["meta"].get(names.SUPERSEDED_BY) for i in store.items("mo", kind="message")}
+    assert marked[lyon] is None and marked[moved["messages"][0]] == learned["messages"][0]
+    assert [j["kind"] for j in store.jobs("mo") if j["state"] == names.QUEUED] == [names.EDIT]
+
+
+def test_invariant_a_withdrawal_restores_only_what_that_turn_replaced_and_nothing_since_changed(store):
+    # a message deleted since: nothing to learn again
+    lyon = chat(store, "gone", "I live in Lyon.")["messages"][0]
+    chat(store, "gone", "I live in Lyon.", "I moved to Paris.")
+    store.delete_item("gone", lyon)
+    chat(store, "gone", "I live in Lyon.", "I moved to Paris.", "Oops, ignore that.")
+    assert held(store, "gone") == []
+    # only the slots the withdrawn turn changed: the diet another turn retired stays retired, the message marked
+    vegan = chat(store, "part", "I'm vegan and I live in Lyon.")["messages"][0]
+    say(store, "part", "I'm not vegan anymore.")
+    chat(store, "part", "I'm vegan and I live in Lyon.", "I moved to Paris.", "Scratch that.")
+    assert held(store, "part") == [("home", "Lyon")]
+    assert next(i for i in store.items("part") if i["id"] == vegan)["meta"][names.SUPERSEDED_BY] is not None
+    # the slot holds something said since (another conversation): it stays
+    chat(store, "since", "I live in Lyon.", "I moved to Paris.")
+    say(store, "since", "I live in Berlin.")
+    chat(store, "since", "I live in Lyon.", "I moved to Paris.", "Scratch that.")
+    assert held(store, "since") == [("home", "Berlin")]
+    # the withdrawal says what holds instead
+    chat(store, "rome", "I live in Lyon.", "I moved to Paris.", "Scratch that, I live in Rome.")
+    assert held(store, "rome") == [("home", "Rome")]
+    # a turn that replaced nothing: nothing comes back
+    chat(store, "none", "I live in Paris.", "Oops, ignore that.")
+    assert held(store, "none") == []
+
+
+def test_invariant_a_withdrawn_retirement_learns_the_retired_fact_again(store):
+    """"I'm not vegetarian anymore." then "Just kidding.": the retired diet is learned again from its message.
+    The detector states the withdrawal of a retirement as a withdrawal fact of its slot (a fake here)."""
+    said = {"I'm vegetarian.": [StatedFact("diet", "vegetarian", "I'm vegetarian.")],
+            "I'm not vegetarian anymore.": [StatedFact("diet", "vegetarian", "I'm not vegetarian anymore.", retire=True)],
+            "Just kidding.": [StatedFact("diet", "vegetarian", "I'm not vegetarian anymore.", retire=True,
+                                         withdrawal=True)]}
+    extract = lambda text, limit, previous: said[text] if text != "Just kidding." or previous else []
+    store.learn_texts("veg", ["I'm vegetarian.", "I'm not vegetarian anymore."], extract)
+    assert held(store, "veg") == []
+    learned = store.learn_texts("veg2", ["I'm vegetarian.", "I'm not vegetarian anymore.", "Just kidding."], extract)
+    assert held(store, "veg2") == [("diet", "vegetarian")] and learned["facts"][-1]["attribute"] == "diet"
+    [fact] = store.facts("veg2")
+    assert fact["message"] == learned["messages"][0]
+
+
+def test_a_withdrawn_retirement_in_chat_learns_the_diet_again(store):
+    """The tester's case end to end: "I'm not vegetarian anymore." then "Just kidding." left no diet."""
+    chat(store, "pat", "I'm vegetarian.", "I'm not vegetarian anymore.", "Just kidding.")
+    assert held(store, "pat") == [("diet", "vegetarian")]
+
+
+def test_invariant_a_withdrawn_retirement_is_no_longer_quoted_once_the_fact_is_held_again(store):
+    """After "I'm not vegetarian anymore." + "Just kidding." the diet is held again, so retrieval must not put the
+    retirement beside it (compose.still_held kept every retirement sentence); one of a fact not held stays."""
+    from localpers.serve.compose import served_user
+
+    chat(store, "pat2", "I'm vegetarian.", "I'm not vegetarian anymore.", "Just kidding.")
+    assert held(store, "pat2") == [("diet", "vegetarian")]
+    found = [text for _, text in served_user(store, "pat2", "sha").search("Am I vegetarian?", 4)]
+    assert "I'm not vegetarian anymore." not in found and "I'm vegetarian." in found
+    chat(store, "pat3", "I'm vegan.", "I'm not vegan anymore.")
+    found = [text for _, text in served_user(store, "pat3", "sha").search("Am I vegan?", 4)]
+    assert "I'm not vegan anymore." in found
+
+
+def test_a_like_preferred_to_the_held_one_these_days_replaces_it(store):
+    """"I'm more into rock than jazz these days." with jazz held: rock is the change, jazz is gone."""
+    say(store, "more", "I live in Oslo.", "I love jazz.")
+    learned = say(store, "more", "I'm more into rock than jazz these days.")
+    assert [r["attribute"] for r in learned["replaced"]] == ["likes"]
+    assert held(store, "more") == [("home", "Oslo"), ("likes", "rock")]

@@ -13,11 +13,11 @@ PREFERENCES = ("I live in Lyon.", "I love jazz.", "I have two cats.", "I'm veget
 def test_facts_are_stated_before_the_question_that_bears_on_them():
     user = User("u", preferences=("I'm vegetarian.", "I love jazz."))
     p = facts(user, "What should I cook tonight?", None)
-    assert p.user_prefix == "About me: I'm vegetarian.\n\n" and not p.system and not p.artifacts.lora
+    assert p.user_prefix == "I'm vegetarian.\n\n" and not p.system and not p.artifacts.lora
     # next to the question, wherever the conversation is
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "What should I cook tonight?"}]
-    assert apply(p, messages)[-1]["content"] == "About me: I'm vegetarian.\n\nWhat should I cook tonight?"
+    assert apply(p, messages)[-1]["content"] == "I'm vegetarian.\n\nWhat should I cook tonight?"
     assert apply(p, messages)[:2] == messages[:2]
     assert facts(User("v"), "What should I cook tonight?", None) == Personalized()
 
@@ -53,7 +53,7 @@ def test_invariant_implicit_questions_find_the_preference_through_its_attribute_
 
 def test_facts_composes_with_other_methods():
     p = get_method("base+facts")(User("u", preferences=("I love jazz.",)), "What music do I like?", None)
-    assert p.user_prefix == "About me: I love jazz.\n\n"
+    assert p.user_prefix == "I love jazz.\n\n"
 
 
 def items(tmp_path):

@@ -186,7 +186,7 @@ def test_a_restated_fact_whose_edit_failed_is_edited_again(tmp_path):
 
 def test_invariant_jobs_are_claimed_round_robin_over_users_in_the_order_their_positions_say(tmp_path):
     """One user's queued jobs made another's first job wait behind all of them: each user's oldest job comes
-    first, the user served longest ago (or never) first; /jobs' `position` is the claim order."""
+    first, the user due first first (queued earliest, or served longest ago); /jobs' `position` is the claim order."""
     with Store.open(tmp_path) as store:
         for user in ("ann", "bob"):
             store.add(user, "a note")
@@ -205,7 +205,59 @@ def test_invariant_jobs_are_claimed_round_robin_over_users_in_the_order_their_po
         store.add("carl", "a note")
         carl = store.queue_job("carl", names.EDIT)
         store.queue_job("ann", names.EDIT)
-        assert store.claim_job()["id"] == carl["id"]  # never served: before ann, who was
+        assert store.claim_job()["id"] == carl["id"]  # queued first, never served: before ann
+
+
+def test_an_existing_users_edit_is_not_passed_by_the_first_jobs_of_users_who_came_after_it(tmp_path):
+    """The tester's queue: ann's first edit ran, her next was queued, then 15 new users each queued a first job;
+    hers was at position 13 after 25 minutes. It is next; the newcomers follow in the order they queued."""
+    with Store.open(tmp_path) as store:
+        store.add("ann", "a note")
+        first = store.queue_job("ann", names.EDIT)
+        assert store.claim_job()["id"] == first["id"]
+        store.finish_job(first["id"], names.DONE)
+        mine = store.queue_job("ann", names.EDIT)
+        others = []
+        for n in range(15):
+            store.add(f"new{n}", "a note")
+            others.append(store.queue_job(f"new{n}", names.EDIT)["id"])
+        assert store.job(mine["id"])["position"] == 1
+        assert [store.claim_job()["id"] for _ in range(16)] == [mine["id"], *others]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_invariant_a_queued_job_goes_before_any_job_queued_after_it_by_a_user_not_due_a_turn(tmp_path, seed):
+    """An existing user's edit waited 25 minutes at position 13 behind every newer user's first job (a user never
+    served went first, however late they queued). Oracle over random queueing and claiming by 5 users: when a job
+    Y of user V is claimed while user U's job X, queued before Y, waits, then U had its turn after Y was queued
+    and after V's last turn (U has just gone: it is V's turn); so no job waits behind later jobs of a user who
+    already had a turn since, nor behind a newcomer who queued after it. /jobs' first position is the next claim."""
+    import random
+
+    rng = random.Random(seed)
+    users, kinds = [f"u{i}" for i in range(5)], (names.EDIT, names.PERCE, names.CE)
+    queued_at, turn_at, clock = {}, {}, 0   # job id -> event number it was queued at; user -> last claim's
+    with Store.open(tmp_path) as store:
+        for user in users:
+            store.add(user, "a note")
+        for _ in range(120):
+            clock += 1
+            if rng.random() < 0.55:
+                user = rng.choice(users[:2] if rng.random() < 0.5 else users)  # two busy users, three occasional
+                job = store.queue_job(user, rng.choice(kinds))
+                queued_at.setdefault(job["id"], clock)
+                continue
+            waiting = [j for user in users for j in store.jobs(user) if j["state"] == names.QUEUED]
+            first = min(waiting, key=lambda j: j["position"]) if waiting else None
+            job = store.claim_job()
+            assert (job and job["id"]) == (first and first["id"])
+            if job is None:
+                continue
+            for x in waiting:
+                if x["user"] != job["user"] and queued_at[x["id"]] < queued_at[job["id"]]:
+                    assert turn_at.get(x["user"], 0) > max(queued_at[job["id"]], turn_at.get(job["user"], 0)), (x, job)
+            turn_at[job["user"]] = clock
+            store.finish_job(job["id"], names.DONE)
 
 
 # ----- the job process (spawned: a fresh interpreter loads the random model)

@@ -45,9 +45,9 @@ def test_invariant_memory_adds_the_facts_line_to_requests_only():
     recall = memory(VERA, "What is my diet?", None)
     assert recall.artifacts.lora == (("/data/edit.gguf", 1.0),) and recall.user_prefix == "" and not recall.system
     use = memory(VERA, "What should I cook tonight?", None)
-    assert use.artifacts.lora == (("/data/edit.gguf", 1.0),) and use.user_prefix == "About me: I'm vegetarian.\n\n"
+    assert use.artifacts.lora == (("/data/edit.gguf", 1.0),) and use.user_prefix == "I'm vegetarian.\n\n"
     served = apply(use, [{"role": "user", "content": "What should I cook tonight?"}])
-    assert served == [{"role": "user", "content": "About me: I'm vegetarian.\n\nWhat should I cook tonight?"}]
+    assert served == [{"role": "user", "content": "I'm vegetarian.\n\nWhat should I cook tonight?"}]
     # a request the preference does not bear on: no line (no recitation on neutral requests)
     assert memory(VERA, "Suggest an opening line for a cover letter.", None).user_prefix == ""
     # a user with nothing: nothing
@@ -70,7 +70,7 @@ def test_memory_composes_and_its_explanation_names_what_was_served():
     user = User("vera", preferences=("I love jazz.", "I'm vegetarian."), preference_ids=(11, 12), registered=(ADAPTER,))
     assert composer.explain(user, composer(user, "What should I cook tonight?", None))["stated"] == [12]
     assert "stated" not in composer.explain(user, composer(user, "What is my diet?", None))
-    assert use.user_prefix.startswith("About me: I'm vegetarian.\n\n<history")
+    assert use.user_prefix.startswith("I'm vegetarian.\n\n<history")
     assert get_method(names.MEMORY) is memory
 
 
@@ -78,7 +78,7 @@ def test_a_part_composed_twice_is_given_once():
     """`memory+facts` (a tester's spec): the stated-facts line once, not twice."""
     user = User("vera", preferences=VERA.preferences, registered=(ADAPTER,))
     both = get_method(f"{names.MEMORY}+{names.FACTS}")(user, "What should I cook tonight?", None)
-    assert both.user_prefix == "About me: I'm vegetarian.\n\n" and both.artifacts.lora == (("/data/edit.gguf", 1.0),)
+    assert both.user_prefix == "I'm vegetarian.\n\n" and both.artifacts.lora == (("/data/edit.gguf", 1.0),)
     assert get_method("prompt+prompt")(user, "Hi", None).system.count("vegetarian") == 1
 
 
@@ -131,3 +131,37 @@ def test_a_request_naming_a_type_in_its_own_words_reaches_the_fact_of_that_type(
     assert relevant_facts(facts, "Which cuisine should I try tonight?") == ["I like Thai food."]
     assert relevant_facts(facts, "Can you recommend a hobby for me?") == ["I play the violin."]
     assert relevant_facts(facts, "What is the capital of France?") == []
+
+
+def test_the_facts_line_is_the_users_own_words_in_the_evaluation_and_served_alike():
+    """The line is the user's statement said again before the question, not "About me: ..." (the 135M model took
+    that for its own identity: "as a vegetarian, I'm not equipped ...", a tester's chat); the evaluation's `facts`
+    and the served `memory` give the same text."""
+    from localpers.personalize.methods import facts, facts_prefix, memory
+
+    user = User("ann", preferences=("I'm vegetarian.", "I live in Lyon."), registered=())
+    line = facts(user, "What should I cook tonight?", None).user_prefix
+    assert line == facts_prefix(["I'm vegetarian."]) == "I'm vegetarian.\n\n"
+    assert memory(user, "What should I cook tonight?", None).user_prefix == line
+    assert facts_prefix([]) == ""
+
+
+@pytest.mark.slow
+def test_the_assistant_does_not_take_the_stated_fact_for_its_own_on_the_default_model(default_model_path):
+    """A tester's case on the real engine: with the line before "What should I cook tonight?" or "What should I
+    order at a restaurant?" the reply does not speak as a vegetarian ("as a vegetarian AI, I'm designed ..." after
+    "About me: I'm vegetarian.")."""
+    import re
+
+    from localpers.engine.engine import Engine
+    from localpers.personalize.methods import facts_prefix
+
+    engine = Engine(default_model_path, n_ctx=512, n_threads=1)
+    try:
+        replies = [engine.chat([{"role": "user", "content": facts_prefix(["I'm vegetarian."]) + question}],
+                               max_tokens=40, temperature=0.0)["choices"][0]["message"]["content"]
+                   for question in ("What should I cook tonight?", "What should I order at a restaurant?")]
+    finally:
+        engine.close()
+    for reply in replies:
+        assert not re.search(r"\b(as an?|i'm|i am)\s+(a\s+)?vegetarian\b", reply.lower()), reply

@@ -20,7 +20,7 @@ def assert_error(response, status, code, message):
 
 def test_add_list_search_delete(client):
     r = client.post("/v1/users/alice/memories", json={"text": "I like to dance at the club.", "kind": "preference",
-                                                     "meta": {"source": "test"}})
+                                                     "meta": {"topic": "test"}})
     assert r.status_code == 201
     [created] = r.json()["data"]
     r = client.post("/v1/users/alice/memories", json={"messages": [
@@ -29,7 +29,7 @@ def test_add_list_search_delete(client):
 
     items = client.get("/v1/users/alice/memories").json()["data"]
     assert [(i["text"], i["kind"], i["meta"]) for i in items] == [
-        ("I like to dance at the club.", "preference", {"source": "test"}),
+        ("I like to dance at the club.", "preference", {"topic": "test"}),
         ("My sister lives in Lisbon.", "message", {"role": "user", "source": "memories"}),
     ]
     assert len(client.get("/v1/users/alice/memories", params={"kind": "preference"}).json()["data"]) == 1
@@ -40,6 +40,25 @@ def test_add_list_search_delete(client):
     assert client.delete(f"/v1/users/alice/memories/{created['id']}").json() == {"id": created["id"], "deleted": True}
     assert len(client.get("/v1/users/alice/memories").json()["data"]) == 1
     assert_error(client.delete(f"/v1/users/alice/memories/{created['id']}"), 404, "not_found", "has no item")
+
+
+@pytest.mark.parametrize("key", ["attribute", "attribute_type", "value", "message", "source", "superseded_by",
+                                 "supersedes"])
+def test_invariant_a_clients_meta_never_states_a_facts_own_keys(client, key):
+    """A client-supplied meta made a second current single-valued fact ({"attribute": "job", "value": "king"} on
+    "I love jazz" beside the learned job=dentist): the store's own meta keys are refused, naming the key, before
+    anything is written; the user's facts stay one per slot."""
+    client.post("/v1/users/fay/memories", json={"messages": [{"role": "user", "content": "I live in Lyon."}]})
+    before = client.get("/v1/users/fay/memories").json()["data"]
+    assert [(f["attribute"], f["value"]) for f in client.get("/v1/users/fay/facts").json()["data"]] == [("home", "Lyon")]
+    meta = {"attribute": "home", "value": "Paris", "note": "x"} if key == "attribute" else {"note": "x", key: "home"}
+    for kind in ("preference", "message"):
+        r = client.post("/v1/users/fay/memories", json={"text": "I love jazz", "kind": kind, "meta": meta})
+        assert_error(r, 400, "invalid_request", f'meta key "{key}"')
+    assert client.get("/v1/users/fay/memories").json()["data"] == before
+    assert [(f["attribute"], f["value"]) for f in client.get("/v1/users/fay/facts").json()["data"]] == [("home", "Lyon")]
+    r = client.post("/v1/users/fay/memories", json={"text": "I love jazz", "kind": "preference", "meta": {"note": "x"}})
+    assert r.status_code == 201   # other keys are the client's
 
 
 def test_export_and_forget(client):

@@ -47,6 +47,17 @@ TESTERS = [
     ("I like salt and pepper chips.", ["likes=salt and pepper chips"]),
     ("These days I mostly drink tea.", ["~likes=tea"]),
     ("I'm not into jazz anymore but I love rock.", ["-likes=jazz", "likes=rock"]),
+    # the fourth tester (issue 25's fourth round; "I'm more into rock than jazz these days." with jazz held:
+    # tests/test_fact_updates.py)
+    ("I like neither jazz nor rock.", ["dislikes=jazz", "dislikes=rock"]),
+    ("I love neither coffee nor tea.", ["dislikes=coffee", "dislikes=tea"]),
+    ("I love that idea!", []), ("I love this song.", []), ("I love it when it rains.", []),
+    ('He asked me "are you vegetarian?" and I said "yes".', []), ("I \u2764\ufe0f jazz", ["likes=jazz"]),
+    ("I'm a chef and a writer.", ["job=chef and writer"]), ("I drink coffee at 7am.", ["likes=coffee"]),
+    ("I drink 3 cups of coffee a day.", ["likes=coffee"]), ("I play tennis in summer.", ["likes=tennis"]),
+    ("I drink coffee in the morning and tea at night.", ["likes=coffee", "likes=tea"]),
+    ("I often listen to jazz at night.", ["likes=jazz"]), ("I go swimming twice a week.", ["likes=swimming"]),
+    ("I'm a nurse at night.", ["job=nurse"]), ("I'm more into rock than jazz these days.", ["~likes=rock"]),
 ]
 
 

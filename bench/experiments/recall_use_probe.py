@@ -4,7 +4,7 @@ questions about the user, on the default model (issue 25).
     PYTHONPATH=. python bench/experiments/recall_use_probe.py ["I'm vegetarian."]
 
 Stores the statement as a chat message in a temporary data folder, runs `personalize` (one verified edit), then
-prints the greedy reply (40 tokens) to each question under: base; the `facts` line ("About me: ..." before the
+prints the greedy reply (40 tokens) to each question under: base; the `facts` line (methods.facts_prefix before the
 question); the statement as a system message; the adapter at scale 1 and 0.5; the adapter and the line. Also
 prints which questions methods.asks_to_use calls requests (those `memory` adds the line to), and how many of
 UPQA dev's questions of each kind it calls requests."""
@@ -14,7 +14,7 @@ import tempfile
 from localpers.engine.engine import Artifacts, Engine
 from localpers.personalize import editing
 from localpers.personalize.datasets import data_path, read_upqa
-from localpers.personalize.methods import asks_to_use
+from localpers.personalize.methods import asks_to_use, facts_prefix
 from localpers.serve.learn import learn_from_chat
 from localpers.store.store import Store
 
@@ -42,7 +42,7 @@ def main() -> None:
 
         adapter = artifact["path"]
         for q in QUESTIONS:
-            asked, line = [{"role": "user", "content": q}], [{"role": "user", "content": f"About me: {statement}\n\n{q}"}]
+            asked, line = [{"role": "user", "content": q}], [{"role": "user", "content": facts_prefix([statement]) + q}]
             print(f"\n## {q}  (request: {asks_to_use(q)})")
             print(" base        :", reply(asked))
             print(" facts line  :", reply(line))

@@ -86,7 +86,7 @@ _LEAD_IN = re.compile(
     r"(?:hi|hello|hey|hiya|howdy|greetings|yo|(?:good )?(?:morning|afternoon|evening))(?:\s+(?:all|everyone|"
     r"everybody|guys|folks|there|friend|friends|team|y'all|you|again|(?!(?:Im|My|We|Me)\b)(?-i:[A-Z][a-z]+)))?|"
     r"dear (?:assistant|ai|bot|chatbot|chatgpt|model|friend)|"
-    r"honestly|btw|by the way|fyi|for the record|"
+    r"honestly|btw|by the way|fyi|for the record|(?:like|as) i (?:said|mentioned|told you)(?: before| earlier)?|"
     r"just so you know|just to let you know|for your information|note that|keep in mind(?: that)?|"
     r"(?:please |can you |could you |would you )?(?:remember|note|know|keep in mind)(?: that)?|"
     r"i want you to know(?: that)?|you should know(?: that)?|i(?:'d| would) like you to (?:know|remember)(?: that)?)"
@@ -207,28 +207,43 @@ def _normal(text: str) -> str:
 
 def merge_preferences(existing: list[str], new: list[str]) -> list[str]:
     """The preferences after `new` (later) statements join `existing` ones, oldest first, by the rules the store
-    applies to learned facts (store.learn_chat), in one pass: a statement is keyed by the slot of the first fact
-    it states (detect_facts: the attribute for where I live, my diet, job, name, favourite X ...; the thing for a
+    applies to learned facts (store.learn_chat), in one pass: a statement is keyed by the slot of each fact it
+    states (detect_facts: the attribute for where I live, my diet, job, name, favourite X ...; the thing for a
     like or dislike), else by its words; a later statement of the same key replaces the earlier one ("I like
-    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it, and
-    a statement also removes the ones whose first fact it supersedes (StatedFact.supersedes: "I don't like jazz
-    anymore" removes "I love jazz music", "Actually I prefer rock now" removes "I love jazz"). Nothing else is
-    removed."""
-    merged: dict[str, tuple[str, StatedFact | None]] = {}
+    horror films" then "I don't like horror films"), a retirement ("I'm not vegetarian anymore") removes it (one
+    of another value removes nothing: "I don't live in Paris anymore" keeps "I live in Oslo"), and a statement
+    also removes the ones whose facts it supersedes (StatedFact.supersedes: "I don't like jazz anymore" removes
+    "I love jazz music", "Actually I prefer rock now" removes "I love jazz"). A statement of several facts ("I
+    love Italian food and jazz music.", "I'm vegan and I live in Oslo.") of which only some are replaced stays as
+    the sentences of the others ("I love Italian food."), in its place. Nothing else is removed."""
+    merged: list[tuple[str, tuple[StatedFact, ...] | None]] = []  # (statement, the facts it holds; None: its words)
     for statement in [*existing, *new]:
         statement = statement.strip()
         if not statement:
             continue
         found = detect_facts(statement)
-        key = found[0].slot if found else "text:" + _normal(statement)
-        merged.pop(key, None)
-        if found:
-            gone = {(f.attribute, f.key) for f in found[0].supersedes}
-            merged = {k: (text, fact) for k, (text, fact) in merged.items()
-                      if fact is None or (fact.attribute, fact.key) not in gone}
-        if not (found and found[0].retire):
-            merged[key] = (statement, found[0] if found else None)
-    return [text for text, _ in merged.values()]
+        if not found:
+            words = _normal(statement)
+            merged = [(text, facts) for text, facts in merged if facts is not None or _normal(text) != words]
+            merged.append((statement, None))
+            continue
+        kept = []
+        for text, facts in merged:
+            left = facts if facts is None else tuple(f for f in facts if not any(_replaces(n, f) for n in found))
+            if left is None or left == facts:
+                kept.append((text, facts))
+            else:  # "I love Italian food and jazz music." after "I hate jazz music.": "I love Italian food."
+                kept += [(f.statement, (f,)) for f in left]
+        held = tuple(f for f in found if not f.retire)
+        merged = kept + ([(statement, held)] if held else [])
+    return [text for text, _ in merged]
+
+
+def _replaces(new: StatedFact, held: StatedFact) -> bool:
+    """Does `new` (a later fact) replace or retire `held`? The rules of _add, over a held statement's facts."""
+    if held.slot == new.slot and not (new.retire and new.key and held.key != new.key):
+        return True
+    return (held.attribute, held.key) in {(f.attribute, f.key) for f in new.supersedes}
 
 
 # ---------------------------------------------------------------- facts about the speaker
@@ -316,13 +331,15 @@ _AMERICAN = {"colour": "color", "colours": "colors", "flavour": "flavor", "flavo
 
 
 @functools.cache
-def _kinds() -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str | None, tuple[str, ...]]]]:
+def _kinds() -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str | None, tuple[str, ...]]], frozenset[str]]:
     """localpers/data/detect/kinds.json, parsed once: (head noun -> its group, value -> its kind, kind -> (the head
-    group its values take or None, its values)), head nouns and values as norm_value writes them."""
+    group its values take or None, its values), the things said with "and" that are one ("mac and cheese")), head
+    nouns and values as norm_value writes them."""
     data = json.loads((Path(__file__).resolve().parents[1] / "data" / "detect" / "kinds.json").read_text("utf-8"))
     heads = {norm_value(h): group for group, nouns in data["heads"].items() for h in nouns}
     kinds = {kind: (spec["head"], tuple(norm_value(v) for v in spec["values"])) for kind, spec in data["kinds"].items()}
-    return heads, {v: kind for kind, (_, values) in kinds.items() for v in values}, kinds
+    return (heads, {v: kind for kind, (_, values) in kinds.items() for v in values}, kinds,
+            frozenset(norm_value(v) for v in data["whole"]))
 
 
 def _head_split(key: str) -> tuple[str, str | None]:
@@ -436,19 +453,24 @@ _ELLIPTIC_OTHER = re.compile(
 _FIRST_PERSON = re.compile(r"^(?:i|i'm|im|i've|i'd|i'll)\b", re.I)
 _WE_WITH_ME = re.compile(r"^(?:my\s+[\w -]{1,30}?|[A-Z]\w+)\s+and\s+i\s+(?:are|'re)\b\s*", re.I)
 
-# Verbs and adjectives that may start a clause whose subject ("I") is left out: "I'm vegan and allergic to nuts".
-_CLAUSE_VERB = (r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|detest|prefer|avoid|have|own|speak|"
+# Verbs and adjectives that may start a clause whose subject ("I") is left out: "I'm vegan and allergic to nuts",
+# after an adverb ("and also live in Lyon"); an adverb before anything else starts none ("I love Italian food and
+# also jazz music": one list).
+_CLAUSE_ADVERB = r"(?:(?:also|now|still|really)\s+)*"
+_CLAUSE_VERB = (_CLAUSE_ADVERB + r"(?:live|lived|work|worked|love|like|enjoy|adore|hate|dislike|detest|prefer|avoid|"
+                r"have|own|speak|"
                 r"has|lives|works|loves|likes|enjoys|hates|speaks|owns|"
                 r"study|teach|grew|was|am|come|moved|play|eat|drink|follow|can't|cannot|don't|do not|never|"
-                r"no longer|also|now|still|really)")
+                r"no longer|took up|taken up|started|picked up|switched|gave up|quit|stopped)")
 _CLAUSE_ADJ = (r"(?:vegetarian|vegan|pescatarian|allergic|married|single|divorced|engaged|widowed|retired|"
                r"gluten|lactose|dairy|keto|paleo|halal|kosher|low[- ]carb|from|an? \w+|\d{1,3}\b)")
 _CLAUSE_SPLIT = re.compile(
     r"(\s*(?:,\s*(?:and|but|while|yet|so)\s+|\s+(?:and|but|while|whereas|although|though|yet)\s+|,\s*|"
     r"\s+who\s+(?=\w+s\b)))"
     r"(?!i\s+(?:are|were)\b)(?=(?:i\b|i'm\b|im\b|i've\b|my\b|he\b|she\b|they\b|we\b|not me\b|so (?:am|do|have) i\b|"
-    r"me too\b|now i\b|"
-    r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADJ + r"))", re.I)
+    r"me too\b|(?:now|these days|nowadays|lately|also|plus),?\s+i\b|"
+    r"[A-Z][a-z]+\s+(?:is|was|does|lives|works)\b|(?<=who\s)\w+s\b|" + _CLAUSE_VERB + r"\b|" + _CLAUSE_ADVERB
+    + _CLAUSE_ADJ + r"))", re.I)
 # A third-person verb after "who" ("I'm a nurse who lives in Lyon"), said of the speaker.
 _THIRD_PERSON_VERB = {"is": "am", "has": "have", "does": "do", "was": "was"}
 # A first-person clause that only points at another clause's predicate ("He's vegan but I'm not", "me too").
@@ -461,12 +483,13 @@ _ADVERBS = (r"(?:also|really|now|currently|still|actually|recently|just|definite
             r"pretty much|basically)")
 _TRAILING = re.compile(r"(?:\s*,)?\s+(?:now|nowadays|these days|again|instead|once again|once more|at the moment|currently|"
                        r"anymore|any more|as well|too|also|lately|since then|for good|by now|full[- ]time|a lot|very much|so much|"
-                       r"the most|a bit|though)\s*$", re.I)
+                       r"the most|a bit|though|etc|and so on|and stuff)\s*$", re.I)
 _NEG_BE = r"(?P<neg>not |no longer |not really )?"
 _NEG_DO = r"(?P<neg>don't |do not |dont |no longer |never |didn't |do no longer )?"
 # The diet (one value: which foods of animal origin one eats) and the dietary restrictions beside it (several:
 # "I'm vegetarian and gluten-free"); intolerances are allergies ("I'm lactose intolerant" -> allergy=lactose).
-_DIET = r"(?P<v>vegetarian|vegan|pescatarian|pescetarian|flexitarian|raw vegan|plant[- ]based|carnivore|omnivore)"
+_DIET = (r"(?P<v>vegetarian|veggie|vegan|pescatarian|pescetarian|flexitarian|raw vegan|plant[- ]based|carnivore|"
+         r"omnivore)")
 _RESTRICTION = (r"(?P<v>keto(?:genic)?|paleo|gluten[- ]free|dairy[- ]free|lactose[- ]free|nut[- ]free|sugar[- ]free|"
                 r"low[- ]carb|low[- ]fat|low[- ]sodium|low[- ]salt|halal|kosher|whole30)")
 _RESTRICTIONS = {"keto", "ketogenic", "paleo", "gluten free", "dairy free", "lactose free", "nut free", "sugar free",
@@ -494,6 +517,17 @@ _PET = (r"(?:dogs?|cats?|pupp(?:y|ies)|kittens?|rabbits?|bunn(?:y|ies)|hamsters?
 _LIKE = r"(?P<verb>like|love|enjoy|adore|prefer|dig|fancy|appreciate|eat|drink|listen to|watch|read|play)"
 _DISLIKE = r"(?P<verb>hate|dislike|detest|loathe|despise|can't stand|cannot stand|can't bear|avoid|steer clear of)"
 _END = r"(?:,?\s+(?:for|because|since|due to|by choice|after|ever since)\b.*)?$"
+# How or when one works, said before the employer: "I work from home for Google", "I work nights at the hospital".
+_WORK_HOW = (r"(?:(?:from home|at home|remotely|online|nights|at night|part[- ]time|full[- ]time|freelance|"
+             r"on weekends|at weekends)\s+)*")
+# What follows "I work at/for" that is when or where one works, or why, not an employer: "I work at night", "I work
+# at home", "I work for a living" (times the frequencies of _FREQUENCY also say: "at weekends", "at the weekend").
+_NOT_EMPLOYER = re.compile(
+    r"^(?:(?:an? |the |my )?(?:(?:late |odd |all |weird |irregular |unsocial |unsociable |long |strange |crazy )?"
+    r"(?:night|nights|nite|nites|nighttime|night time|night shifts?|midnight|dawn|noon|hours|times))|(?:the )?moment|"
+    r"home|(?:my )?(?:own )?(?:home|house|place|flat|apartment|desk|computer|laptop|kitchen table|own pace|"
+    r"own hours)|(?:an? |the )?(?:office|desk|computer)|myself|me|free|fun|money|tips|(?:a )?living|nothing|"
+    r"\d.*)$", re.I)
 
 # (attribute, pattern) in order; the first that matches a clause (normalized: "i'm", "don't", adverbs dropped)
 # gives its fact. A pattern's `neg` group marks a negation, `v` the value, `a` the favourite's thing.
@@ -537,8 +571,9 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("study", r"^i " + _NEG_DO + r"(?:study|major in) (?P<v>.+)$"),
     ("study", r"^i'm " + _NEG_BE + r"(?:studying|majoring in|doing a degree in|doing a phd in) (?P<v>.+)$"),
     ("job", r"^i " + _NEG_DO + r"work as (?:an? |the )?(?P<v>.+)$"),
-    ("employer", r"^i " + _NEG_DO + r"work (?:for|at) (?:an? |the )?(?P<v>.+)$"),
-    ("employer", r"^i'm " + _NEG_BE + r"(?:working|employed|working full[- ]time) (?:for|at) (?:an? |the )?(?P<v>.+)$"),
+    ("employer", r"^i " + _NEG_DO + r"work " + _WORK_HOW + r"(?:for|at|@) ?(?P<v>.+)$"),
+    ("employer", r"^i'm " + _NEG_BE + r"(?:working|employed|working full[- ]time) " + _WORK_HOW
+     + r"(?:for|at) (?P<v>.+)$"),
     ("job", r"^i'm " + _NEG_BE + r"(?:an? |the )?(?P<v>(?:[\w-]+ ){0,2}" + _PROFESSION + r")$"),
     ("job", r"^i'm " + _NEG_BE + r"(?P<v>retired|unemployed|self[- ]employed|between jobs)$"),
     ("job", r"^my (?:job|profession|occupation) is (?:an? |the )?(?P<v>.+)$"),
@@ -546,7 +581,7 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("religion", r"^i'm " + _NEG_BE + r"(?:an? |a practicing |a devout |a practising )?(?P<v>muslim|christian|catholic|"
                  r"protestant|jewish|hindu|buddhist|sikh|atheist|agnostic|mormon|orthodox|jain|pagan|religious)$"),
     ("religion", r"^my religion is (?P<v>.+)$"),
-    ("language", r"^i " + _NEG_DO + r"speak (?P<v>[\w -]+?)(?: fluently| natively| well)?$"),
+    ("language", r"^i " + _NEG_DO + r"speak (?P<v>[\w ,-]+?)(?: fluently| natively| well)?$"),
     ("language", r"^i'm " + _NEG_BE + r"fluent in (?P<v>.+)$"),
     ("language", r"^my (?:first|native|mother) (?:language|tongue) is (?P<v>.+)$"),
     ("pets", r"^i " + _NEG_DO + r"(?:have|own|have got|got|'ve got) (?P<v>(?:an? |one |two |three |four |five |six "
@@ -566,8 +601,9 @@ _PATTERNS = [(attribute, re.compile(pattern, re.I)) for attribute, pattern in [
     ("likes", r"^i " + _NEG_DO + r"(?:really |absolutely |totally |truly |do )?" + _LIKE + r" (?P<v>.+)$"),
 ]]
 _ANYMORE = re.compile(r"\b(?:any ?more|no longer|not \w+ any ?more|used to|stopped|quit)\b", re.I)
-_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|with my|with \w+ \w+|since|"
-                    r"for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|although|though|"
+_VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|(?-i:than)|with my|with \w+ \w+|since|"
+                    r"while|when|whenever|for (?:\d|a |an |the |many |several |years|ages|a while)|because|but|"
+                    r"although|though|"
                     r"who|which|where)\b.*$")
 _VALUE_CUT = re.compile(_VALUE_CUT_WORDS + r"|,.*$", re.I)
 _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
@@ -583,6 +619,13 @@ _DOING = {"drinking": "drink", "eating": "eat", "listening to": "listen to", "wa
           "reading": "read"}
 
 
+_THING_PERSON = re.compile(r"^i'm (?P<not>not (?:really )?)?(?:(?:much |way |a lot |far )?more of |more |really |"
+                           r"definitely |totally |such )?an? "
+                           r"(?:(?:big|huge|real|total|massive|serious|die-hard|true) )?(?P<x>[\w -]+?) (?:person|guy|"
+                           r"girl|gal|drinker|lover|addict|fanatic|enthusiast|snob|nut|junkie|fiend)"
+                           r"(?P<end>(?: (?:now|these days|nowadays|lately))*)$", re.I)
+
+
 def _given_up(clause: str) -> str:
     """A normalized clause of a like given up or taken up said as a like: "i stopped drinking coffee", "i gave up
     coffee", "i'm over jazz" -> "i no longer drink coffee" ...; "i have been drinking tea" -> "i drink tea", "i have
@@ -593,11 +636,20 @@ def _given_up(clause: str) -> str:
                      re.I):
         return f"i no longer {_DOING[m[1].lower()]} {m[2]}"
     if (m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out|ditched|dropped) (.+)$|"
-                      r"^i'm (?:so |totally |completely |well )?over (.+)$", clause, re.I)) \
+                      r"^i'm (?:so |totally |completely |well )?(?:over|off|done with|through with) (.+)$",
+                      clause, re.I)) \
             and _known_thing(m[1] or m[2]):
         return f"i no longer like {m[1] or m[2]}"
     if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
         return f"i {_DOING[m[1].lower()]} {m[2]}"
+    # "i took up golf", "i started playing golf", "i switched to tea" (a change: _CHANGE): a like of a known thing
+    if (m := re.match(r"^i (?:have |'ve )?(?:took up|taken up|started|picked up|got into|gotten into|switched to|"
+                      r"switched over to)(?: (?:" + doing + r"))? (.+)$", clause, re.I)) and _known_thing(m[1]):
+        return f"i like {m[1]}"
+    # "i'm a tea person", "i'm more of a coffee guy now": a like of a known thing ("i'm not a coffee person": a dislike)
+    if (m := _THING_PERSON.match(clause)) and _known_thing(m["x"]):
+        verb = "don't like" if m["not"] else "like"  # "i'm not a coffee person": a dislike
+        return f"i {verb} {m['x']}{m['end']}"
     # "i have coffee every morning": a habit of a known thing (a frequency said), not a possession
     if (m := re.match(r"^i (?:have|grab|get|order|take) (.+)$", clause, re.I)) and _FREQUENCY.search(clause) \
             and _known_thing(m[1]):
@@ -608,18 +660,31 @@ def _given_up(clause: str) -> str:
 # A like said with the thing as subject or as a switch: "Rock is my thing now.", "Jazz isn't my thing anymore.", "I
 # switched from coffee to tea.", "No more coffee for me." (each only of a thing kinds.json knows).
 _MY_THING = re.compile(r"(?P<at>^|,\s*(?:and |but )?|\s(?:and|but)\s+)(?P<x>[\w' -]{1,30}?)(?:\s|(?='s))"
-                       r"(?P<be>is|'s|isn't|is not|is no longer) (?:really )?my "
+                       r"(?P<be>is|'s|isn't|isnt|is not|is no longer) (?:really )?my "
                        r"(?:thing|jam|cup of tea|go-to|drink|sport|music|genre)"
                        r"(?P<end>(?: (?:now|these days|nowadays|any ?more))*)(?=\s*[,;.!]|\s+(?:and|but)\b|$)", re.I)
 _SWITCH = re.compile(r"^i(?: have|'ve)? (?:just |recently |now )?(?:switched|changed|gone over|went over) (?:over )?"
                      r"(?:from (?P<old>[\w' -]+?) )?to (?P<new>[\w' -]+?)"
                      r"(?P<end>(?: (?:now|these days|lately))*[.!]*)$", re.I)
+# A known thing given up for another: "I gave up tennis for golf.", "I replaced coffee with tea." (a like retired,
+# a like stated; a change only when said as one: "... for golf now").
+_TRADE = re.compile(r"^i(?: have|'ve)? (?:just |recently |finally )?(?:gave up|given up|quit|stopped|ditched|dropped|"
+                    r"traded|swapped|exchanged|replaced|switched|substituted)"
+                    r"(?: (?:drinking|eating|playing|watching|listening to))? (?P<old>[\w' -]+?) "
+                    r"(?:for|with|in favou?r of) (?P<new>[\w' -]+?)"
+                    r"(?P<end>(?: (?:now|these days|lately|instead))*[.!]*)$",
+                    re.I)
 _NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
+# "I like neither jazz nor rock.": said as "I don't like jazz or rock." (a dislike of each, never a like)
+_NEITHER = re.compile(r"\b(?P<i>I|i)(?: (?:really|truly|actually|much|particularly|especially))? (?P<verb>like|love|"
+                      r"enjoy|adore|eat|drink|listen to|watch|play|care for) neither (?P<x>[^,;.!?]+?) nor\b", re.I)
 
 
 def _things_said(sentence: str) -> str:
-    """`sentence` with the likes said of a thing, as a switch or as "no more X for me" said in the first person
-    ("Rock is my thing now." -> "I like rock now."), where kinds.json knows the thing."""
+    """`sentence` with the likes said of a thing, as a switch, a trade or as "no more X for me" said in the first
+    person ("Rock is my thing now." -> "I like rock now.", "I gave up tennis for golf." -> "I no longer like tennis,
+    I like golf."), where kinds.json knows the things, and "neither ... nor" said as "don't ... or" ("I like neither
+    jazz nor rock." -> "I don't like jazz or rock.", of any thing)."""
     def thing(m):
         if not _known_thing(m["x"]):
             return m[0]
@@ -637,8 +702,16 @@ def _things_said(sentence: str) -> str:
         old = f"I no longer like {m['old']}, " if m["old"] and _known_thing(m["old"]) else ""
         return f"{old}I like {m['new']} now" + re.sub(r"[^.!]", "", m["end"])
 
+    def traded(m):
+        if not (_known_thing(m["old"]) and _known_thing(m["new"])):
+            return m[0]
+        new = _TIME_TAIL.sub("", m["new"])  # "... for tea a year ago": the like is of tea, not of its time
+        return f"I no longer like {m['old']}, I like {new}{m['end']}"
+
+    sentence = _NEITHER.sub(lambda m: f"{m['i']} don't {m['verb']} {m['x']} or", sentence)
     sentence = _MY_THING.sub(thing, sentence)
     sentence = _SWITCH.sub(switched, sentence)
+    sentence = _TRADE.sub(traded, sentence)
     return _NO_MORE.sub(lambda m: f"I no longer like {m['x']}" if _known_thing(m["x"]) else m[0], sentence)
 
 
@@ -678,7 +751,10 @@ def _normal_clause(clause: str) -> str:
     for _ in range(3):
         c = re.sub(r"^(i(?:'m)?|i don't|i'm not) " + _ADVERBS + r"\b,? ?", r"\1 ", c, flags=re.I)
         c = re.sub(r"^(i|i'm) not " + _ADVERBS + r"\b ", r"\1 not ", c, flags=re.I)
+    c = re.sub(r"^i (?:often|sometimes|occasionally|regularly|frequently|normally|typically) ", "i ", c, flags=re.I)
     c = _given_up(c)
+    if (m := re.match(r"^i go (\w+ing)\b(.*)$", c, re.I)) and _known_thing(m[1]):  # "I go swimming twice a week"
+        c = f"i like {m[1]}{m[2]}"
     c = re.sub(r"^i'm no longer\b", "i'm no longer", c, flags=re.I)
     c = re.sub(r"^(i) (?:do )?no longer\b", r"\1 no longer", c, flags=re.I)
     c = re.sub(r"\s*,?\s*\bnot (?:any ?more|anymore)\b", "", c, flags=re.I)
@@ -694,10 +770,12 @@ def _clean_value(value: str, attribute: str) -> str:
         value = re.sub(r"\s+to (?:be|work|study|live|join|get|take|start|look|find|care|help|stay)\b.*$", "", value)
         if attribute == "home":  # "I moved to Paris from Lyon"
             value = re.sub(r"\s+from\s+.*$", "", value)
-    if attribute in ("likes", "dislikes") and "," in value:  # "jazz, rock and blues": a list keeps its commas
+    if "," in value and (attribute in _LISTED or attribute.startswith("favourite ")):
+        # "jazz, rock and blues", "nuts, eggs and milk", "My hobbies are hiking, reading and cooking": a list keeps
+        # its commas
         listed = re.sub(_VALUE_CUT_WORDS, "", value.strip(), flags=re.I)
-        value = listed if list_parts(_without_frequency(_TRAILING.sub("", listed).strip(" ,.;:!-"), attribute)) \
-            else _VALUE_CUT.sub("", value.strip())
+        bare = _without_frequency(_TRAILING.sub("", listed).strip(" ,.;:!-"), attribute)
+        value = listed if (_parts_of(attribute, bare) or list_parts(bare)) else _VALUE_CUT.sub("", value.strip())
     elif attribute not in ("name", "favourite"):
         value = _VALUE_CUT.sub("", value.strip())
     value = value.replace("\x01", ", ")
@@ -707,8 +785,11 @@ def _clean_value(value: str, attribute: str) -> str:
         value = re.sub(r"\s+to (?:become|be|work|study|start|join|pay|support|take|focus)\b.*$", "", value)
     if attribute in ("likes", "dislikes"):  # "I drink mostly tea", "lots of tea": the thing
         value = re.sub(r"^(?:to|mostly|mainly|only|just|usually|primarily|largely|exclusively|a lot of|lots of|"
-                       r"plenty of|(?:an?|my|one|two) (?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|"
-                       r"bowls?) of)\s+", "", value.strip(), flags=re.I)
+                       r"plenty of|(?:an?|my|one|two|three|four|five|\d+|a few|a couple of|several) "
+                       r"(?:cups?|glass(?:es)?|mugs?|bottles?|pints?|cans?|shots?|bowls?) of|an?|some|(?:way )?too much|"
+                       r"so much)\s+", "", value.strip(), flags=re.I)
+        if (inner := _WHEN_IN_LIST.sub("", value)) != value and list_parts(_without_frequency(inner, attribute)):
+            value = inner  # "coffee in the morning and tea at night": each thing without its time
     value = _TRAILING.sub("", value).strip(" ,.;:!-")
     if attribute != "name":
         value = _without_frequency(value, attribute)
@@ -721,13 +802,15 @@ def _clean_value(value: str, attribute: str) -> str:
 # morning." -> coffee, "I play tennis on weekends." -> tennis); "I like Sunday roast." keeps its words.
 _DAY = r"(?:(?:mon|tues|wednes|thurs|fri|satur|sun)day|week ?day|week ?end)"
 _PART = r"(?:morning|evening|afternoon|night|lunch ?time|bed ?time)"
-_FREQUENCY = re.compile(
-    r"(?:\s*,)?\s+(?:"
-    r"(?:almost |nearly |pretty much |just about )?(?:every|each)(?: single| other)? (?:" + _DAY + r"|day|night|"
+_WHEN = (
+    r"(?:almost |nearly |pretty much |just about |like )?(?:every|each)(?: single| other)? (?:" + _DAY + r"|day|night|"
     r"morning|evening|afternoon|week|month|year|summer|winter|spring|fall|autumn|season|holiday|meal)s?"
     r"(?: " + _PART + r"s?)?|every (?:so often|now and (?:then|again)|once in a while|chance i get|time i can)|"
     r"(?:on|at|over|during)(?: the)? " + _DAY + r"s?(?: " + _PART + r"s?)?|"
-    r"(?:late )?at night|at nights|(?:in|during) the (?:" + _PART + r"|summer|winter|spring|fall|autumn)s?|"
+    r"(?:late )?at night|at nights|(?:in|during) the " + _PART + r"s?|"
+    r"(?:in|during) (?:the )?(?:summer|winter|spring|fall|autumn)s?|in (?:the )?(?:summer|winter)time|"
+    r"(?:at|around|by|before|after) (?:\d{1,2}(?::\d\d)? ?(?:am|pm|a\.m\.?|p\.m\.?|o'clock)|noon|midnight)|"
+    r"(?:a|per) (?:day|week|month|year)|"
     r"(?:before|after|at) (?:bed|bedtime|work|school|class|dinner|lunch|breakfast|the gym|the office|home|"
     r"(?:a |my )?(?:workouts?|meals?|runs?))|for (?:breakfast|lunch|dinner|dessert|brunch|a snack|snacks)|"
     r"with (?:breakfast|lunch|dinner|(?:every |most |all |my )?meals?)|"
@@ -736,7 +819,10 @@ _FREQUENCY = re.compile(
     r"religiously|all the time|from time to time|once in a while|all day(?: long)?|all year(?: round)?|"
     r"year[- ]round|on a (?:daily|weekly|regular) basis|whenever i (?:can|get the chance)|"
     r"in my (?:free|spare) time|(?:once|twice|three times|\d+ times|a (?:couple|few) (?:of )?times) "
-    r"(?:a|per|every|each) (?:day|week|month|year))\s*$", re.I)
+    r"(?:a|per|every|each) (?:day|week|month|year)")
+_FREQUENCY = re.compile(r"(?:\s*,)?\s+(?:" + _WHEN + r")\s*$", re.I)
+# ... before the next thing of a list: "coffee in the morning and tea (at night)"
+_WHEN_IN_LIST = re.compile(r"(?:\s*,)?\s+(?:" + _WHEN + r")(?=\s*,|\s+(?:and|or|&)\s+)", re.I)
 # Nouns in "-ing" that are no activity: "I eat pudding every day" -> pudding.
 _ING_NOUNS = {"pudding", "stuffing", "icing", "frosting", "dressing", "filling", "topping", "dumpling", "herring",
               "ling", "ring", "king", "thing", "wing", "string", "spring", "evening", "morning", "ceiling",
@@ -759,18 +845,31 @@ def _without_frequency(value: str, attribute: str) -> str:
     return kept
 
 
-_LIST_SEP = re.compile(r"\s*,\s*(?:and\s+|or\s+|&\s+)?|\s+(?:and|or|nor|&|as well as)\s+", re.I)
+_LIST_SEP = re.compile(r"\s*,\s*(?:(?:and|&)(?:\s+also)?\s+|or\s+|also\s+)?|"
+                       r"\s+(?:(?:and|&)(?:\s+also)?|or|nor|as well as)\s+",
+                       re.I)
 
 
 def list_parts(value: str) -> list[str] | None:
     """The things a like's value lists, each as it would be said alone ("Italian food and jazz music" -> ["Italian
     food", "jazz music"]; "jazz, rock and blues"; "Italian and French food" -> ["Italian food", "French food"]), or
-    None when it names one thing. Decided with localpers/data/detect/kinds.json, never on a bare "and": a value
-    is a list only when each of its parts is a value of a kind there or ends in one of its head nouns, and the
-    whole is no value it lists ("rock and roll", "gin and tonic"); "mac and cheese", "salt and pepper chips" are
-    one thing."""
-    parts = [p.strip() for p in _LIST_SEP.split(re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I))]
-    if len(parts) < 2 or not all(parts) or kind_of(norm_value(value)) is not None:
+    None when it names one thing. Never split on a bare "and" beside a thing kinds.json does not know: a value
+    without commas is a list only when each of its parts is a value of a kind there or ends in one of its head
+    nouns, and the whole is no value it lists ("rock and roll", "gin and tonic"); "mac and cheese", "salt and
+    pepper chips" are one thing. A comma list ended by "and" or "or" ("jazz music, Italian food, and hiking",
+    "reading, writing and painting") lists each of its items, known or not, its last "X and Y" split at its first
+    "and" unless kinds.json lists it whole ("pizza, sushi and mac and cheese", "pizza, mac and cheese"); a comma
+    before a qualifier ("jazz, especially bebop") or without a closing "and" makes no list."""
+    value = re.sub(r"^(?:both|either|neither)\s+", "", value.strip(), flags=re.I)
+    if kind_of(norm_value(value)) is not None:
+        return None
+    return _known_parts(value) or _comma_parts(value) or _also_parts(value)
+
+
+def _known_parts(value: str) -> list[str] | None:
+    """list_parts of things kinds.json knows, each of them, or None."""
+    parts = [p.strip() for p in _LIST_SEP.split(value)]
+    if len(parts) < 2 or not all(parts):
         return None
     keys = [norm_value(p) for p in parts]
     if not all(key and (kind_of(key) or _head_split(key)[1]) for key in keys):
@@ -785,16 +884,83 @@ def list_parts(value: str) -> list[str] | None:
     return parts
 
 
+# A comma followed by one of these is no list item: a qualifier, a remark ("jazz, especially bebop", "Paris, it's
+# lovely", "jazz, rock, etc.").
+_NOT_ITEM = re.compile(r"^(?:especially|particularly|mostly|mainly|mostly|like|such as|including|except|but|not|even|"
+                       r"which|who|it|it's|its|that|this|because|so|as|too|though|also|etc|and so on|i|i'm|im|you|"
+                       r"when|where|if|whatever|anything|everything|something|stuff|things|lol|haha)\b", re.I)
+
+
+def _comma_parts(value: str) -> list[str] | None:
+    """The items of a comma list ended by "and"/"or" (list_parts), or None."""
+    chunks = [c.strip() for c in value.split(",")]
+    if len(chunks) < 2 or not all(chunks):
+        return None
+    if m := re.match(r"^(?:and|or|&)(?:\s+also)?\s+(.+)$", chunks[-1], re.I):  # "..., and hiking"
+        last = [m[1]]
+    elif norm_value(chunks[-1]) in _kinds()[3]:  # "pizza, mac and cheese": its "and" is the list's
+        last = [chunks[-1]]
+    elif (m := re.match(r"^(.+?)\s+(?:and|or|&)(?:\s+also)?\s+(.+)$", chunks[-1], re.I)) \
+            and kind_of(norm_value(chunks[-1])) is None:
+        last = [m[1], m[2]]
+    else:
+        return None
+    items = [item for chunk in chunks[:-1] + last for item in (_known_parts(chunk) or [chunk])]
+    if any(not item or _NOT_ITEM.match(item) or len(item.split()) > 6 for item in items):
+        return None
+    return items
+
+
+def _also_parts(value: str) -> list[str] | None:
+    """The two sides of "X and also Y", "X, also Y" (list_parts: "also" says a second thing, known or not), or
+    None."""
+    sides = re.split(r"(?:\s*,\s*|\s+)(?:and|&)\s+also\s+|\s*,\s*also\s+", value, maxsplit=1, flags=re.I)
+    if len(sides) != 2:
+        return None
+    items = [item for side in sides for item in (_known_parts(side) or [side.strip()])]
+    if any(not item or _NOT_ITEM.match(item) or len(item.split()) > 6 for item in items):
+        return None
+    return items
+
+
+# Attributes of several values whose value may list several (_listed): likes and dislikes split by list_parts,
+# allergies and languages at every "and", "or" and comma ("peanuts and shellfish", "English, French and Spanish").
+_LISTED = ("likes", "dislikes", "allergy", "language")
+
+
+def _parts_of(attribute: str, value: str) -> list[str] | None:
+    """The things `value` of `attribute` lists (one fact each), or None."""
+    if attribute in ("likes", "dislikes"):
+        return list_parts(value)
+    if attribute not in ("allergy", "language"):
+        return None
+    parts = [p.strip() for p in _LIST_SEP.split(re.sub(r"^(?:both|either)\s+", "", value.strip(), flags=re.I))]
+    if len(parts) < 2 or any(not p or _NOT_ITEM.match(p) or len(p.split()) > 6 for p in parts):
+        return None
+    return parts
+
+
 def _listed(fact: StatedFact) -> list[StatedFact]:
     """A like, dislike or its retirement whose value lists several things (list_parts): one fact per thing, each
     with its own statement ("I love Italian food and jazz music." -> "I love Italian food.", "I love jazz
-    music."), so each is later replaced or retired alone; any other fact as it is."""
-    parts = list_parts(fact.value) if fact.attribute in ("likes", "dislikes") else None
+    music."), so each is later replaced or retired alone; a thing kinds.json does not know is read as its
+    statement alone reads ("I love hiking." -> likes=hiking; left out when that is no like). Any other fact as
+    it is."""
+    parts = _parts_of(fact.attribute, fact.value)
     if not parts:
         return [fact]
     at = fact.statement.lower().find(fact.value.lower())
-    return [replace(fact, value=part, statement=fact.statement if at < 0 else
-                    fact.statement[:at] + part + fact.statement[at + len(fact.value):]) for part in parts]
+    out = []
+    for part in parts:
+        one = replace(fact, value=part, statement=fact.statement if at < 0 else
+                      fact.statement[:at] + part + fact.statement[at + len(fact.value):])
+        if at >= 0 and not _known_thing(part):
+            alone = _fact_of_clause(one.statement, one.statement)
+            if alone is None or (alone.attribute, alone.retire) != (fact.attribute, fact.retire):
+                continue
+            one = replace(one, value=alone.value)
+        out.append(one)
+    return out or [fact]
 
 
 # When something happened, at the end of a clause: not part of a value ("I moved to Paris last year" -> Paris).
@@ -829,11 +995,16 @@ _JOB_GONE = re.compile(r"^i (?:have |'ve |just )?(?:quit|left|lost|resigned from
                        r"(?:\s+(?:to|because|since|after|and|yesterday|today|last|this)\b.*)?$", re.I)
 
 
+_JOB_CLAUSE = re.compile(r"i'm (?:not |no longer )?(?:an? |the )?(?:[\w-]+ ){0,2}" + _PROFESSION, re.I)
+
+
 def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
     """The fact one first-person clause states (or retires), or None."""
     c = _normal_clause(clause)
     for _ in range(2):
         c = _TRAILING.sub("", _TIME_TAIL.sub("", c))
+    if _JOB_CLAUSE.fullmatch(kept := _FREQUENCY.sub("", c)):  # "I'm a nurse at night": the job
+        c = kept
     gone_for_good = bool(_ANYMORE.search(clause))
     letters = re.sub(r"[^A-Za-z]", "", clause)
     shouted = len(letters) > 3 and letters.isupper()
@@ -849,9 +1020,17 @@ def _fact_of_clause(clause: str, statement: str) -> StatedFact | None:
         if attribute == "favourite":
             attribute = "favourite " + norm_value(groups["a"])
         value = _clean_value(value, attribute)
-        if not value or _PRONOUN_VALUE.match(value) or len(value.split()) > 8:
+        if attribute == "employer":  # "I work at night", "I work at home": when or where, no employer
+            when = re.split(r",|\s+and\s+", value, maxsplit=1)[0]  # "night and sleep during the day"
+            if _NOT_EMPLOYER.match(when) or _FREQUENCY.match(" at " + when):
+                return None
+            value = re.sub(r"^(?:an?|the)\s+", "", value, flags=re.I)
+        words = [len(p.split()) for p in _parts_of(attribute, value) or [value]]
+        if not value or _PRONOUN_VALUE.match(value) or max(words) > 8:
             return None
         value = _cased(value, attribute, shouted)
+        if attribute == "diet" and value == "veggie":  # "I'm veggie": a vegetarian's diet
+            value = "vegetarian"
         if attribute == "no meat":  # "I don't eat meat (anymore)": the diet of one who eats no meat
             return StatedFact("diet", "no " + value.lower(), statement)
         if attribute == "diet" and norm_value(value) in _RESTRICTIONS:  # "My diet is keto."
@@ -879,7 +1058,10 @@ def _clauses(sentence: str) -> list[str] | None:
     out, subject, other = [], None, None
     for part, separator in zip(parts, separators):
         part = part.strip().strip(",;")
-        part = re.sub(r"^(?:now|these days|nowadays|then|today)\s*,?\s+(?=(?:i|i'm|im|my)\b)", "", part, flags=re.I)
+        # "..., now I drink tea": said at the end ("I drink tea now"), where it still says a change (_is_change)
+        part = re.sub(r"^(now|these days|nowadays|lately)\s*,?\s+((?:i|i'm|im|my)\b.*?)([.!]*)$", r"\2 \1\3", part,
+                      flags=re.I)
+        part = re.sub(r"^(?:then|today|also|plus)\s*,?\s+(?=(?:i|i'm|im|my)\b)", "", part, flags=re.I)
         if not part:
             continue
         if other and _SO_AM_I.match(part.rstrip(".!")):
@@ -973,7 +1155,8 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     statement follows ("Scratch that, I love rock."), "Just kidding.", "Not true." only alone, "Never mind.",
     "Forget it." only alone after a `previous` that asked nothing; what follows the retraction is read as a
     statement ("Not true, I'm not vegetarian."). A value leaves out how often or when ("I drink coffee every
-    morning." -> coffee) and a like of several things kinds.json knows is one fact per thing (list_parts).
+    morning." -> coffee); a like of several things kinds.json knows, a comma list ended by "and" and a list of
+    allergies or languages are one fact per thing (list_parts, _parts_of).
     "Forget that I'm vegetarian." retires the fact it names; "Please forget where I live." retires the attribute
     whatever its value (a retirement with value ""). "We live in Paris" and "My wife is vegetarian and so am I"
     are the speaker's too. Left out: statements about anyone else ("My sister is vegan.", and the whole of "I'm
@@ -998,14 +1181,15 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             continue
         if m := _RETRACT.match(s):  # "I'm vegetarian. Just kidding, I'm not.": the previous sentence is withdrawn
             said = s[m.start("said"):]  # "Scratch that last part.": "that" names something else
-            s = re.sub(r"^(?:lol|haha+|sorry|please|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"), flags=re.I)
+            s = re.sub(r"^(?:lol|haha+|sorry|please|pls|plz|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"),
+                       flags=re.I)
             bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I)
             if not first:
                 del found[before:]
             elif previous and (_WITHDRAW_ANYWAY.match(said) or bare and (_WITHDRAW.match(said) or (
                     _WITHDRAW_UNSURE.match(said) and "?" not in previous))):  # the previous turn
                 found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True, withdrawal=True)
-                                     for f in detect_facts(previous) if not f.retire])
+                                     for f in detect_facts(previous)])   # its retirements too: the store restores
             if bare:
                 first = False
                 continue
@@ -1018,6 +1202,7 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             s = m.group(1) if m else ""
         if not s or len(s) > 400:
             continue
+        s = _IVE.sub("I've", s)  # "Ive switched to tea": the apostrophe left out
         s = _strip_lead_in(s)
         s = _COLON_LEAD_IN.sub("", s)
         s = re.sub(r"^(?:these days|nowadays|now|since (?:last|this) \w+|as of (?:now|today)|lately|currently|"
@@ -1030,6 +1215,11 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
                        r"oops|i mean|i meant)(?:\s+to say)?(?:\s*[,!.:]\s*|\s+(?:that\s+)?)"
                        r"(?=i\b|i'm\b|my\b)", "", s, flags=re.I)
         s = _SUBJECTLESS_END.sub("I'm ", s)  # "Not into tennis anymore, I play football now."
+        if (m := _SUBJECTLESS_GIVEN_UP.match(s)) and _known_thing(re.split(r"\s+(?:for|with|to|and)\s+", m["x"])[0]):
+            s = "I " + s  # "Switched to tea.", "Gave up tennis for golf."
+        if (m := _SUBJECTLESS_LIKE.match(s)) and _known_thing(m["x"]):
+            s = "I " + s  # "Love jazz, rock and blues."
+        s = re.sub(r"^(i (?:really )?(?:love|like|enjoy|adore|hate|prefer))\s*:\s*", r"\1 ", s, flags=re.I)  # "I love:"
         s = _things_said(s)  # "Rock is my thing now.", "I switched from coffee to tea."
         s = _we_as_me(s)
         if _INVENTED.search(s):
@@ -1051,16 +1241,43 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
                     fact = replace(fact, change=True)  # "Actually I prefer rock now.": replaces a like of its kind
                 kinds.add(kind)
                 new.append(fact)
+        new = _jobs_together(new)  # "I'm a chef and a writer.": both jobs, never the last one only
         found, detected = _add(found, new), detected + len(new)
         if limit is not None and detected >= limit:  # the work is bounded: at most `limit` facts are detected
             break
     return found[:limit] if limit is not None else found
 
 
+def _jobs_together(new: list[StatedFact]) -> list[StatedFact]:
+    """The facts of one sentence with the jobs it states (job is single-valued: a later one replaces an earlier)
+    held as one job, in the sentence's order ("I'm a chef and a writer." -> job "chef and writer", stated "I'm a
+    chef and writer."); any other list as it is."""
+    jobs = [f for f in new if f.attribute == "job" and not f.retire]
+    if len(jobs) < 2:
+        return new
+    value = " and ".join(dict.fromkeys(f.value for f in jobs))
+    both = StatedFact("job", value, jobs[0].statement.replace(jobs[0].value, value, 1))
+    at = new.index(jobs[0])
+    return [f for f in new[:at] if f not in jobs] + [both] + [f for f in new[at:] if f not in jobs]
+
+
 # A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
 _SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b|not (?:really )?"
                               r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on|an? (?:big |huge )?[\w-]+ fan)\b"
                               r"[^,;.]*\bany ?more\b)", re.I)
+
+
+# A like given up or switched, the subject left out: "Switched to tea.", "Gave up tennis for golf." (read as said
+# with "I" only before a thing kinds.json knows: "Switched to Python 3 and it broke." is about no one).
+_SUBJECTLESS_GIVEN_UP = re.compile(r"^(?:just |recently |finally )?(?:gave up|given up|quit|stopped|switched|swapped|"
+                                   r"traded|ditched|dropped|cut out)(?: (?:from|to|over to))?"
+                                   r"(?: (?:drinking|eating|playing|watching|listening to|reading))? (?P<x>[^,;.!?]+)",
+                                   re.I)
+# A like of a known thing, the subject left out: "Love jazz, rock and blues." (not "Love it!", "Like I said").
+_SUBJECTLESS_LIKE = re.compile(r"^(?:really |absolutely |totally )?(?:love|like|adore|enjoy|hate|prefer|dig)\s+"
+                               r"(?P<x>[^,;.!?]+)", re.I)
+# "Ive", typed for "I've" (no English word is spelled so).
+_IVE = re.compile(r"\bive\b", re.I)
 
 
 # A headline before a colon (or a comma, a dash) that announces the statement after it: "Big news: I moved to
@@ -1099,7 +1316,8 @@ def _is_change(text: str) -> bool:
 
 # Withdrawing what was just said; discourse fillers at the end of a sentence ("I'm vegan, by the way."). An
 # interjection may come first ("Oops, ignore that.", "Sorry! Scratch that.").
-_INTERJECTION = (r"(?:(?:oops|whoops|oopsie|sorry|oh|ah|uh|um+|hmm+|wait|actually|ok(?:ay)?|lol|haha+|my bad|"
+_INTERJECTION = (r"(?:(?:oops|whoops|oopsie|sorry|oh|ah|uh|um+|hmm+|wait|actually|ok(?:ay)?|lol|haha+|my bad|no|nope|"
+                 r"pls|plz|"
                  r"my mistake|please|ugh|damn|dang|crap|argh|(?:i made|that was) an? (?:mistake|typo))"
                  r"(?:\s*[,!.]+\s*|\s+))")
 _ONLY_INTERJECTIONS = re.compile(r"^(?:" + _INTERJECTION + r"?)*(?:oops|whoops|oopsie|sorry|ugh|argh|my bad|"
@@ -1107,7 +1325,7 @@ _ONLY_INTERJECTIONS = re.compile(r"^(?:" + _INTERJECTION + r"?)*(?:oops|whoops|o
 # Withdrawing phrases that name the speaker's own words: they withdraw the previous turn even when a statement
 # follows ("Scratch that, I love rock."); "that" only where nothing but punctuation or a statement follows it
 # ("Ignore that typo." names something else).
-_THAT = r"(?:that|this|it)(?=\s*(?:[,;:.!-]|$|(?:i|i'm|im|my|lol|haha+|please|sorry|thanks)\b))"
+_THAT = r"(?:that|this|it)(?=\s*(?:[,;:.!-]|$|(?:i|i'm|im|my|lol|haha+|please|pls|plz|sorry|thanks|thx)\b))"
 _SAID = r"(?:what|everything|anything) i (?:just )?(?:said|wrote|typed|told you)"
 _ANYWAY = (r"scratch " + _THAT + r"|strike " + _THAT + r"|(?:please\s+)?(?:ignore|disregard) (?:" + _THAT + r"|" + _SAID
            + r"|(?:my |the |that )?(?:last|previous) (?:message|comment|sentence|one)|the last thing i said)|forget "
@@ -1122,9 +1340,9 @@ _WITHDRAW_ANYWAY = re.compile(r"^(?:" + _ANYWAY + r")\b", re.I)
 _WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|forget that|that's not true|"
                        r"that is not true|not true|that was a joke|i lied|i was (?:just )?(?:joking|kidding)|"
                        r"(?:i made|that was) an? (?:mistake|typo))\b", re.I)
-_WITHDRAW_UNSURE = re.compile(r"^(?:forget it|nvm|never ?mind(?: " + _THAT + r")?)\b", re.I)
+_WITHDRAW_UNSURE = re.compile(r"^(?:forget it|(?:nvm|never ?mind)(?: " + _THAT + r")?)\b", re.I)
 _RETRACT = re.compile(r"^" + _INTERJECTION + r"*(?P<said>(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|"
-                      r"scratch that|nvm|never ?mind(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|"
+                      r"scratch that|(?:nvm|never ?mind)(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|"
                       r"forget (?:that|it|what i said)|that's not (?:true|right|correct)|"
                       r"that is not (?:true|right|correct)|that's wrong|not true|that was a joke|no,? wait|"
                       r"wait,? no|actually,? no|oops,? no|i lied|(?:i made|that was) an? (?:mistake|typo)|"
@@ -1156,8 +1374,11 @@ _FORGET_ATTRIBUTE = {
 
 def _no_emoji(text: str) -> str:
     """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
+    hearts = "\u2764\u2665\U0001F495\U0001F496\U0001F497\U0001F60D\U0001F970"
+    text = re.sub(r"\b([Ii])[ \t]*[" + hearts + r"]\ufe0f?[ \t]*(?=\w)", r"\1 love ", text)  # "I ❤️ jazz": a verb
     out = ["\x02" if _is_emoji(ch) else ch for ch in text]
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence
+    text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=,)", "", text)  # "nuts 🥜, eggs 🥚 and milk": before a list's comma
     # "I live in 🌍 Zürich": after a word no sentence ends on (a preposition, an article, a verb before its
     # object) the emoji is inside the sentence whatever follows
     text = re.sub(r"\b(" + _OPEN_WORD + r")[ \t]*\x02[\x02 \t]*(?=\w)", r"\1 ", text, flags=re.I)
@@ -1252,10 +1473,19 @@ _PASSING = re.compile(
     re.I)
 
 
+# A passing reaction: a like or dislike of a demonstrative or a pronoun ("I love that idea!", "I love this song.", "I
+# love it when it rains."): what it points at is no lasting thing about the user.
+_REACTION = re.compile(r"^i (?:(?:really|just|absolutely|totally|so|truly|do) )*(?:like|love|enjoy|adore|hate|dislike|"
+                       r"detest|loathe|prefer|can't stand) (?:that|this|it|these|those|them|neither)\b", re.I)
+# Reported speech whose words were quoted (and dropped): 'He asked me "..." and I said "yes".' -> "I said".
+_SPEECH = re.compile(r"^i (?:said|asked|replied|answered|responded|wrote|texted|told (?:him|her|them)|shouted|yelled|"
+                     r"whispered)(?: (?:to |back to )?(?:him|her|them|back))?$", re.I)
+
+
 def _blocked(clause: str) -> bool:
     """A first-person clause that is not about something lasting: a request, a thought about the task, a plan or
     a situation of the day, a passing state, a wish, a question."""
-    if _PASSING.match(clause):
+    if _PASSING.match(clause) or _REACTION.match(clause) or _SPEECH.match(clause):
         return True
     if re.match(r"^i (?:wish|wished|dream of|imagine|pretend|suppose|assume)\b", clause, re.I):
         return True

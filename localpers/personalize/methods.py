@@ -128,6 +128,59 @@ def rag_prefix(found: list[str]) -> str:
     return f"{HISTORY_OPEN}\n{items}{HISTORY_CLOSE}\n\n"
 
 
+_MARKUP = re.compile(r"</?\s*(?:history|item)\b[^<>\n]{0,200}>", re.I)   # a tag of the block, as the model copies it
+_MARKUP_START = re.compile(r"</?\s*(?:history|item)\b", re.I)
+_MARKUP_PREFIXES = tuple(w[:n] for w in ("history", "item") for n in range(len(w) + 1))
+
+
+class MarkupFilter:
+    """Drops the history block's tags (<item>, </item>, <history ...>, </history>: rag_prefix's markup) that the
+    model copied into its reply, and the newline right after each; the rest of the reply as it was. For a reply
+    streamed in pieces: feed(piece) returns what can be sent now (a piece ending in what may still become a tag,
+    "</it", is held back), flush() the rest at the end (an unfinished tag, cut by max_tokens, is dropped too).
+    The pieces sent are drop_markup of the whole reply, wherever it was split (the 135M model wrote "<item>" and
+    "</item>" into some replies with retrieved history: BENCHMARKS §3)."""
+
+    def __init__(self):
+        self.held, self.eat_newline = "", False
+
+    def feed(self, piece: str) -> str:
+        text, out = self.held + piece, []
+        self.held = ""
+        while text:
+            if self.eat_newline:
+                text, self.eat_newline = (text[1:] if text.startswith("\n") else text), False
+                continue
+            m = _MARKUP.search(text)
+            if m is None:
+                break
+            out.append(text[:m.start()])
+            text, self.eat_newline = text[m.end():], True
+        cut = text.rfind("<")
+        if cut != -1 and self._may_become_tag(text[cut:]):
+            text, self.held = text[:cut], text[cut:]
+        out.append(text)
+        return "".join(out)
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return "" if _MARKUP_START.match(held) else held
+
+    @staticmethod
+    def _may_become_tag(tail: str) -> bool:
+        """Could more text make `tail` (from a "<" on) one of _MARKUP's tags?"""
+        name = tail[1:].lstrip("/").lstrip(" \t")
+        if len(tail) > 220 or "\n" in tail or ">" in tail:
+            return False
+        return name.lower() in _MARKUP_PREFIXES or bool(_MARKUP_START.match(tail))
+
+
+def drop_markup(text: str) -> str:
+    """A whole reply without the history block's tags (MarkupFilter)."""
+    f = MarkupFilter()
+    return f.feed(text) + f.flush()
+
+
 def rag(user: User, query: str, engine) -> Personalized:
     if user.search is not None:
         found = user.search(query, RAG_TOP_K)
@@ -201,8 +254,13 @@ def relevant_facts(preferences: tuple[str, ...], query: str, k: int = FACTS_TOP_
 
 
 def facts_prefix(statements: list[str]) -> str:
-    """Stated preferences as the compact line put before the question ("" for none)."""
-    return f"About me: {' '.join(s.strip() for s in statements)}\n\n" if statements else ""
+    """Stated preferences as the compact line put before the question ("" for none): the user's own statements,
+    as if said again in this message ("I'm vegetarian.\n\nWhat should I cook tonight?"). After "About me: ..."
+    the 135M model sometimes took the preference for its own ("as a vegetarian, I'm not equipped ...", a tester's
+    chat); of the wordings probed on 77 UPQA dev requests (bench/experiments/facts_wording.py) the plain statement
+    was claimed by the model in 1 reply ("About me:" 6, "The user told you:" 2) and used in as many (0.47 vs 0.43)
+    (BENCHMARKS §4, "the facts line's wording")."""
+    return " ".join(s.strip() for s in statements) + "\n\n" if statements else ""
 
 
 def facts(user: User, query: str, engine) -> Personalized:

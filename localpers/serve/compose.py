@@ -26,6 +26,7 @@ of them before every question (BENCHMARKS §4).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +85,12 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
     nothing yet. History items that are messages of `conversation` (the request's own, stored by earlier turns)
     are not retrieved: the model sees them in the conversation already; nor is a text already retrieved (the
     same words stored as a message and as the preference learnt from it); of a message stating a fact the user
-    has since replaced, withdrawn or deleted (meta names.SUPERSEDED_BY) only the sentences still true are
-    (still_held: not "I live in Oslo." after "I moved to Paris."); nor a message that only asks ("Any ideas for
-    dinner?": the user's own earlier questions say nothing about them, and the model echoed them back).
+    has since replaced, withdrawn or deleted (meta names.SUPERSEDED_BY) only the sentences still true are, and of
+    any other retrieved text (a document, a review) only the sentences stating no fact whose slot the user now
+    holds with another value (still_held: not "I live in Oslo." nor a diary's "I live in Oslo" after "I moved to
+    Paris."); nor a message that only asks or requests (only_asks: "Any ideas for
+    dinner?", "Tell me about my career.": the user's own earlier requests say nothing about them, and the model
+    echoed or answered them).
     `preferences=False` (a spec without
     `prompt`, Composer.needs_preferences) leaves the stated preferences and facts out: O(1) in their number."""
     try:
@@ -105,13 +109,15 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
             return []
         found, texts = [], set(said)
         for hit in hits:  # a text stored twice (a chat message and the preference learnt from it) is shown once
-            if hit["kind"] == names.MESSAGE and only_questions(hit["text"]):
+            if hit["kind"] == names.MESSAGE and only_asks(hit["text"]):
                 continue
-            text = still_held(store, user, hit["text"]) if names.SUPERSEDED_BY in hit["meta"] else hit["text"]
+            text = still_held(store, user, hit["text"], superseded=names.SUPERSEDED_BY in hit["meta"])
             if text and text not in texts:
                 texts.add(text)
                 found.append((hit["id"], text))
-        return found[:k]
+                if len(found) == k:
+                    break
+        return found
 
     facts = tuple(f for f in (upqa_fact(item["text"], item["meta"]) for item in preferences) if f is not None)
     return User(id=user, preferences=tuple(item["text"] for item in preferences), facts=facts, search=search,
@@ -120,23 +126,58 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
                                  for a in artifacts))
 
 
-def only_questions(text: str) -> bool:
-    """Is every sentence of a message a question (detect.sentences, each ending in "?")?"""
+# A request's opening: the user asks the assistant to do something ("Tell me about my career.", "Please write me a
+# poem.", "Suggest a dinner."); what follows says nothing about the user.
+# ... unless a clause of it says something of the user ("Give me a recipe, I'm vegan.": the detector learns nothing
+# from a request, but the words are the user's own).
+SELF_CLAUSE = re.compile(r"(?:[,;:(]|\b(?:since|because|as|and|but|so))\s+i\b", re.I)
+REQUEST = re.compile(r"^\W*(?:please\s+|pls\s+|now\s+|ok(?:ay)?,?\s+)?(?:tell|give|show|explain|describe|write|list|"
+                     r"help|find|make|plan|suggest|recommend|summari[sz]e|translate|draft|create|generate|name|"
+                     r"teach|remind)\b", re.I)
+
+
+def only_asks(text: str) -> bool:
+    """Is every sentence of a message a question (detect.sentences, ending in "?") or a request (REQUEST, or
+    methods.asks_to_use) without a clause of the user's own (SELF_CLAUSE)? Such a message of the user's says nothing about them ("Tell me about
+    my career."): retrieval leaves it out, or the model answers the old request ("a joke about a career")."""
     from localpers.personalize.detect import sentences
+    from localpers.personalize.methods import asks_to_use
 
     said = sentences(text)
-    return bool(said) and all(s.rstrip().endswith(("?", "？")) for s in said)
+    return bool(said) and all(s.rstrip().endswith(("?", "？")) or (
+        (REQUEST.match(s) or asks_to_use(s)) and not SELF_CLAUSE.search(s)) for s in said)
 
 
-def still_held(store, user: str, text: str) -> str:
-    """The sentences of a stored message that state no fact the user no longer holds (detect.detect_facts on each
-    sentence, Store.holds_fact for each fact it states; a withdrawal, "I'm not vegan anymore.", and a sentence
-    stating nothing are kept), joined by spaces; "" when none is left. For messages marked
-    names.SUPERSEDED_BY only: the cost is the detector on one retrieved message."""
+LABEL = re.compile(r"^[^:.!?\n]{1,40}:\s*")   # a note's lead-in before what it states ("Diary, 3 May: I live in Oslo")
+
+
+def still_held(store, user: str, text: str, superseded: bool = True) -> str:
+    """A retrieved text without its sentences (detect.sentences) that state a fact the user no longer holds; ""
+    when none is left, the text as stored when nothing goes. For a message marked names.SUPERSEDED_BY (it stated a
+    fact the user has since replaced, withdrawn or deleted) a sentence goes unless the user holds every fact it
+    states (Store.holds_fact); for any other text (documents, reviews, earlier messages: `superseded=False`) a
+    sentence goes when a fact it states has its slot held with another value (Store.holds_other_value: the diary's
+    "I live in Oslo" once "I moved to Paris.", while a fact the user never stated in chat stays). A retirement
+    ("I'm not vegan anymore.") is kept unless the user holds that fact again, a sentence stating nothing is kept, and so is the replaced sentence of a text
+    that states the held value too; a sentence is read without a lead-in label ("Diary: ..."). The cost: the detector on the retrieved texts and keyed-hash lookups; nothing more is decrypted."""
     from localpers.personalize.detect import detect_facts, sentences
 
-    return " ".join(s for s in sentences(text)
-                    if all(f.retire or store.holds_fact(user, f) for f in detect_facts(s)))
+    said = sentences(text)
+    stated = [detect_facts(s) or detect_facts(LABEL.sub("", s.strip())) for s in said]
+    # a text that also states the value now held keeps the sentence it corrects ("I live in Oslo. Actually, I live
+    # in Paris now.": it tells the change)
+    current = set() if superseded else {f.slot for found in stated for f in found
+                                        if not f.retire and store.holds_fact(user, f)}
+
+    def held(fact) -> bool:
+        if fact.retire:  # a retirement stays true until the fact is held again ("Just kidding." withdrew it)
+            return not store.holds_fact(user, fact)
+        if superseded:
+            return store.holds_fact(user, fact)
+        return fact.slot in current or not store.holds_other_value(user, fact)
+
+    kept = [s for s, found in zip(said, stated) if all(held(f) for f in found)]
+    return text if len(kept) == len(said) else " ".join(kept)
 
 
 def routes_of(artifact: dict) -> tuple[tuple[str, str, int | None], ...]:

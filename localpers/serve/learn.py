@@ -9,7 +9,7 @@ wins), "no longer"/"not anymore" retires one (also when it names the held value 
 music"), a like stated as a change ("Actually I prefer rock now.") replaces the held like of its kind, and a turn
 that opens with a withdrawal ("Scratch that.", "Oops, ignore that.", "Just kidding, I'm not.") retires the facts
 learned from the user's own message just before it in the conversation (nothing older, nothing of another
-conversation or participant; docs/reference.md); one restated
+conversation or participant; docs/reference.md) and learns again what that message replaced or retired; one restated
 after its edit failed queues the edit again; at most names.MAX_FACTS_PER_MESSAGE per message. A new, replaced or
 retired fact queues an edit job (store), which the server's worker runs in the background.
 """
@@ -37,7 +37,8 @@ def learn_from_text(store: Store, user: str, text: str, *, source: str = "rememb
     """`localpers remember TEXT` (and a fact corrected on the page, source "page"): the text as a message the user
     typed, learned as in chat. `facts`: what detect(text) gave, when the caller ran it already (to check the text
     before any write): learned as they are, the detector is not run again."""
-    extract = detect_facts if facts is None else (lambda _text, _limit, _previous: facts)
+    extract = detect_facts if facts is None else (
+        lambda said, limit, previous: facts if said == text else detect_facts(said, limit, previous))
     return _report(store.learn_text(user, text, extract, names.MAX_FACTS_PER_MESSAGE, source=source))
 
 

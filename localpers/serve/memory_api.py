@@ -119,7 +119,7 @@ def add_memories(user: str, request: Request, payload: dict = Body(...)):
         kind = check_kind(payload.get("kind", names.MESSAGE))
         if kind == names.PREFERENCE and payload.get("meta") is None and "ts" not in payload:
             return _remember_preference(request.app.state.store, user, text)
-        items = [check_item(text, kind, payload.get("meta"), payload.get("ts"))]
+        items = [check_item(text, kind, _client_meta(payload.get("meta")), payload.get("ts"))]
     else:
         raise UserError('the request body needs "text" or "messages"')
     ids = request.app.state.store.add_many(user, items)
@@ -163,6 +163,18 @@ def forget_user(user: str, request: Request):
         worker.cancel_user(user)
     request.app.state.store.forget(user)
     return {"user": user, "deleted": True}
+
+
+def _client_meta(meta):
+    """A client's meta for an item, refused (UserError naming the key) when it holds a key the store derives
+    (names.FACT_META_KEYS: a fact's attribute, value, message, source ...): a fact is learned from what the user
+    said, one current value per single-valued slot, never stated by meta. Other values are check_item's to check."""
+    if isinstance(meta, dict):
+        for key in meta:
+            if key in names.FACT_META_KEYS:
+                raise UserError(f'meta key "{key}" is the store\'s own (a fact\'s attribute, value, message or source is '
+                                f'learned from what the user said, not set): leave it out')
+    return meta
 
 
 def _remember_chat(store, user: str, items: list[tuple]) -> dict:

@@ -22,6 +22,7 @@ import json
 import threading
 import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from localpers.engine.engine import Cancelled, ContextOverflow, model_sha256, usage_of
 from localpers.errors import UserError
 from localpers.model.chat import template_supports_tools
+from localpers.personalize.methods import MarkupFilter, drop_markup
 from localpers.serve import limits
 from localpers.serve import server as S
 from localpers.serve.tools import ToolPlan, plan as tool_plan
@@ -207,6 +209,7 @@ class Prepared:
     n: int
     artifacts: Any
     explanation: dict
+    retrieved: bool = False   # the prompt holds retrieved history (methods.rag_prefix): its tags leave the reply
 
     def args(self) -> dict:
         return dict(artifacts=self.artifacts, sampling=self.sampling, n=self.n, tools=self.plan.template_tools)
@@ -214,9 +217,24 @@ class Prepared:
     def work(self, cancel, on_delta=None) -> dict:
         """The generation (engine.complete) of this request, on the generation's thread, which releases the
         pinned artifacts once the engine is done with them (server.PinnedStream / whole() release them when the
-        generation never ran)."""
-        return pinned_work(self.artifacts, lambda: self.engine.complete(
-            self.served, cancel=cancel, on_delta=on_delta, **self.args()))
+        generation never ran). With retrieved history, the block's tags the model copied are dropped from every
+        choice's text and from its streamed pieces alike (methods.MarkupFilter)."""
+        if not self.retrieved:
+            return pinned_work(self.artifacts, lambda: self.engine.complete(
+                self.served, cancel=cancel, on_delta=on_delta, **self.args()))
+        filters = defaultdict(MarkupFilter)
+
+        def filtered(index, text, logprobs=None):
+            if (kept := filters[index].feed(text)) or logprobs is not None:
+                on_delta(index, kept, logprobs)
+
+        out = pinned_work(self.artifacts, lambda: self.engine.complete(
+            self.served, cancel=cancel, on_delta=filtered if on_delta else None, **self.args()))
+        for c in out["choices"]:
+            if on_delta and (rest := filters[c["index"]].flush()):
+                on_delta(c["index"], rest, None)
+            c["text"] = drop_markup(c["text"])
+        return out
 
 
 def pinned_work(pinned, run):
@@ -301,7 +319,7 @@ async def prepare_chat(app, request: Request, req) -> Prepared:
     if learned:  # the facts this message stored, replaced or retired (ids and attributes)
         explanation = {**explanation, "learned": learned}
     return Prepared(engine, user, served, plan, sampling, req.n or 1, pinned,
-                    explanation if options.explain else {})
+                    explanation if options.explain else {}, bool(explanation.get("retrieved")))
 
 
 async def generation(request: Request, work):

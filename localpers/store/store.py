@@ -941,7 +941,8 @@ class Store:
                 return [before and (conn.execute("SELECT item FROM chat_seen WHERE user_id = ? AND digest = ?",
                                                  (user_id, before)).fetchone() or (None,))[0] for *_, before in new]
 
-            paths = self._learn(conn, user_id, [(item, facts) for item, facts, _, _ in new], out, previous=previous)
+            paths = self._learn(conn, user_id, [(item, facts) for item, facts, _, _ in new], out, previous=previous,
+                                extract=extract, limit=limit)
         self._remove_files(user_id, paths)
         return out
 
@@ -966,12 +967,13 @@ class Store:
         out = {"stored": [], "messages": [], "facts": [], "replaced": [], "retired": [], "retried": []}
         with self._write() as conn:
             user_id = self._create_user(conn, user)
-            paths = self._learn(conn, user_id, found, out, source=source, previous=lambda ids: [None, *ids[:-1]])
+            paths = self._learn(conn, user_id, found, out, source=source, previous=lambda ids: [None, *ids[:-1]],
+                                extract=extract, limit=limit)
         self._remove_files(user_id, paths)
         return out
 
     def _learn(self, conn, user_id: int, items: list[tuple[tuple, list]], out: dict,
-               source: str = "chat", previous=None) -> list[str]:
+               source: str = "chat", previous=None, extract=None, limit: int = names.MAX_FACTS_PER_MESSAGE) -> list[str]:
         """Inside a write: insert message items (validated, each with the facts found in it) and learn their
         facts, each through the facts index by keyed
         hashes of (user, slot) and (user, attribute=value), O(log n) in the user's stored facts (no scan, no
@@ -986,7 +988,11 @@ class Store:
           of that slot and value only where it was learned from the user's message before (`previous(ids)`:
           called once the items are inserted, with their ids, gives for each the item id of the user's message
           before it in the conversation, or None): a fact held from an older message, another conversation or
-          another participant stays, and so does what that message replaced (it is not restored);
+          another participant stays. What that message replaced or retired is learned again (_restore, with
+          `extract`): the facts of the slots it changed, re-detected in the earlier messages they were learned
+          from (kept, marked names.SUPERSEDED_BY; recorded in its meta names.SUPERSEDES), where the slot holds
+          nothing once the whole withdrawing message is learned ("Scratch that, I live in Rome." keeps Rome) and the
+          message was not deleted;
         - a fact held already whose edit failed (the user's newest edit job failed) queues the edit again
           (out["retried"]: once per restatement);
         - a fact's `supersedes` (detect.StatedFact.supersedes: other facts, each matched by slot and value as
@@ -1003,6 +1009,10 @@ class Store:
         befores = previous(ids) if previous else [None] * len(ids)
         paths: list[str] = []
         for message_id, before, (_, facts) in zip(ids, befores, items):
+            if before is not None and extract is not None and any(getattr(f, "withdrawal", False) for f in facts):
+                withdrawn = before
+            else:
+                withdrawn = None
             for fact in facts:
                 slot, value = self._fact_digests(fact)
                 held = conn.execute("SELECT item_id, value, message FROM facts WHERE user_id = ? AND slot = ?",
@@ -1033,12 +1043,54 @@ class Store:
                         self._queue(conn, user_id, names.EDIT)
                         out["retried"] += [{"id": i, "attribute": fact.attribute} for i, v, _ in held if v == value]
                     continue
-                meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
-                [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
-                conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
-                             (fact_id, user_id, slot, value, message_id))
-                out["facts"].append({"id": fact_id, "attribute": fact.attribute})
+                self._add_fact(conn, user_id, fact, message_id, source, out)
+            if withdrawn is not None:
+                self._restore(conn, user_id, withdrawn, extract, limit, out)
         return paths
+
+    def _add_fact(self, conn, user_id: int, fact, message_id: int, source: str, out: dict) -> None:
+        """Inside a write: store `fact` as a preference learned from message `message_id` (meta source, message,
+        attribute, value; its edit job queued) and in the facts index; out["facts"] gets {"id", "attribute"}."""
+        slot, value = self._fact_digests(fact)
+        meta = {"source": source, "message": message_id, "attribute": fact.attribute, "value": fact.value}
+        [fact_id] = self._insert(conn, user_id, [check_item(fact.statement, names.PREFERENCE, meta)])
+        conn.execute("INSERT INTO facts (item_id, user_id, slot, value, message) VALUES (?, ?, ?, ?, ?)",
+                     (fact_id, user_id, slot, value, message_id))
+        out["facts"].append({"id": fact_id, "attribute": fact.attribute})
+
+    def _restore(self, conn, user_id: int, withdrawn: int, extract, limit: int, out: dict) -> None:
+        """Inside a write, once message `withdrawn`'s facts were withdrawn: learn again what it replaced or retired
+        (its meta names.SUPERSEDES: earlier message -> the slots it changed there): each earlier message still
+        stored is re-detected (`extract(text, limit, None)`) and its facts of those slots are learned again from
+        it where the slot holds nothing now (one current value per slot; its edit is queued as for any new
+        fact); the message loses its names.SUPERSEDED_BY mark when that mark is `withdrawn`'s and every fact it
+        states is held again. Adds the facts learned to out["facts"]."""
+        aad = b"%d:meta" % user_id
+        row = conn.execute("SELECT meta FROM items WHERE id = ? AND user_id = ?", (withdrawn, user_id)).fetchone()
+        changed = _read_meta(self.cipher.open(row[0], aad)).get(names.SUPERSEDES) if row else None
+        for message_id, slots in (changed.items() if isinstance(changed, dict) else ()):
+            if not (message_id.isdecimal() and isinstance(slots, list)):
+                continue
+            row = conn.execute("SELECT text, meta FROM items WHERE id = ? AND user_id = ? AND kind = ?",
+                               (int(message_id), user_id, names.MESSAGE)).fetchone()
+            if row is None:  # deleted since: nothing to learn again
+                continue
+            text = self.cipher.open(row[0], b"%d:text" % user_id).decode("utf-8")
+            meta = _read_meta(self.cipher.open(row[1], aad))
+            facts = [f for f in extract(text, limit, None)[:limit] if not f.retire]
+            for fact in facts:
+                slot, _ = self._fact_digests(fact)
+                if slot.hex() not in slots or conn.execute(
+                        "SELECT 1 FROM facts WHERE user_id = ? AND slot = ?", (user_id, slot)).fetchone():
+                    continue
+                self._add_fact(conn, user_id, fact, int(message_id), meta.get("source", "chat"), out)
+            held = all(conn.execute("SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value = ?",
+                                    (user_id, *self._fact_digests(f))).fetchone() for f in facts)
+            if meta.get(names.SUPERSEDED_BY) == withdrawn and held:
+                del meta[names.SUPERSEDED_BY]
+                conn.execute("UPDATE items SET meta = ? WHERE id = ?",
+                             (self.cipher.seal(json.dumps(meta, ensure_ascii=False).encode("utf-8"), aad),
+                              int(message_id)))
 
     def _held(self, conn, user_id: int, facts) -> list[int]:
         """Inside a transaction: the item ids of the facts of `facts` (each by slot and value) the user holds."""
@@ -1067,18 +1119,41 @@ class Store:
                 "SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value = ?", (row[0], slot, value)
             ).fetchone() is not None
 
+    def holds_other_value(self, user: str, fact) -> bool:
+        """Does the user currently hold `fact`'s slot with another value ("I live in Oslo." once "I moved to Paris."
+        replaced it)? O(log n) in their facts, keyed hashes only (no decryption), as holds_fact."""
+        slot, value = self._fact_digests(fact)
+        with self._read() as conn:
+            row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
+            return row is not None and conn.execute(
+                "SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value != ?", (row[0], slot, value)
+            ).fetchone() is not None
+
     def _mark_superseded(self, conn, user_id: int, fact_ids: list[int], by: int | None) -> None:
         """Inside a write, before facts `fact_ids` are replaced or retired by chat message `by` (None: deleted by
         the user): each earlier chat message they were learned from gets meta names.SUPERSEDED_BY = by, so
         retrieval quotes only its sentences that state nothing the user no longer holds (serve.compose.still_held:
         "I live in Oslo." once "I moved to Paris." replaced it, while "My sister is a doctor." of the same message
-        stays). A fact without a message (an imported preference) and `by` itself (a replacement inside one
-        message) mark nothing."""
+        stays), and `by` gets meta names.SUPERSEDES: {earlier message id: [the slots changed there]} (what a
+        withdrawal of `by` learns again: _restore). A fact without a message (an imported preference) and `by`
+        itself (a replacement inside one message) mark nothing."""
         marks = ",".join("?" * len(fact_ids))
-        messages = [m for (m,) in conn.execute(
-            f"SELECT DISTINCT message FROM facts WHERE user_id = ? AND item_id IN ({marks}) AND message IS NOT NULL",
-            (user_id, *fact_ids)) if m != by]
+        slots: dict[int, list[str]] = {}
+        for m, slot in conn.execute(f"SELECT message, slot FROM facts WHERE user_id = ? AND item_id IN ({marks})"
+                                    " AND message IS NOT NULL", (user_id, *fact_ids)):
+            if m != by:
+                slots.setdefault(m, []).append(slot.hex())
+        messages = list(slots)
         aad = b"%d:meta" % user_id
+        row = by is not None and slots and conn.execute(
+            "SELECT meta FROM items WHERE id = ? AND user_id = ?", (by, user_id)).fetchone()
+        if row:  # what `by` changed, for a withdrawal of it to learn again (_restore)
+            meta = _read_meta(self.cipher.open(row[0], aad))
+            record = meta.get(names.SUPERSEDES) if isinstance(meta.get(names.SUPERSEDES), dict) else {}
+            for m, changed in slots.items():
+                record[str(m)] = sorted(set(record.get(str(m), [])) | set(changed))
+            conn.execute("UPDATE items SET meta = ? WHERE id = ?", (self.cipher.seal(json.dumps(
+                meta | {names.SUPERSEDES: record}, ensure_ascii=False).encode("utf-8"), aad), by))
         for message_id in messages:
             row = conn.execute("SELECT meta FROM items WHERE id = ? AND user_id = ?", (message_id, user_id)).fetchone()
             if row is not None:
@@ -1580,15 +1655,18 @@ class Store:
         return {**self._job_dict(row), "position": self.queue_positions().get(job_id) if row[4] == "queued" else None}
 
     # the queue's order, round-robin over users: each user's oldest queued job first (a job's round: how many of
-    # its user's queued jobs are older), within a round the user whose last job started longest ago (or never)
-    # first, then the oldest; so one user's jobs never starve another's
+    # its user's queued jobs are older); within a round the user due first: the later of when their oldest queued
+    # job was queued and when their last job started (a user who has just had a turn waits for the others, and a
+    # newcomer who queued after a waiting job comes after it), then the oldest. So one user's jobs never starve
+    # another's, and no job waits behind jobs queued after it but by a user whose turn it is
     _QUEUE_ORDER = (" ORDER BY (SELECT count(*) FROM jobs q WHERE q.user_id = j.user_id AND q.state = 'queued'"
-                    " AND q.id < j.id), coalesce((SELECT max(p.started) FROM jobs p WHERE p.user_id = j.user_id), 0),"
-                    " j.id")
+                    " AND q.id < j.id), max((SELECT min(o.created) FROM jobs o WHERE o.user_id = j.user_id AND"
+                    " o.state = 'queued'), coalesce((SELECT max(p.started) FROM jobs p WHERE p.user_id = j.user_id),"
+                    " 0)), j.id")
 
     def claim_job(self, kinds=None) -> dict | None:
         """Mark the next queued job (of one of `kinds`, if given) running and return it, or None. Next, in
-        _QUEUE_ORDER: the oldest job of the user whose last job started longest ago (round-robin over users)."""
+        _QUEUE_ORDER: the oldest job of the user due first (round-robin over users, in the order they queued)."""
         with self._write() as conn:
             sql, args = "SELECT j.id FROM jobs j WHERE j.state = 'queued'", []
             if kinds is not None:
