@@ -813,3 +813,24 @@ def test_invariant_an_earlier_message_that_only_asks_or_requests_is_not_retrieve
     assert "Tell me about my career." not in found and "Please write me a poem about my cat." not in found
     assert "Suggest a dinner for tonight. I'm vegetarian." in found and "My career in tech started in 2010." in found
     assert "Give me a joke book, I love puns." in retrieved(store, "jo", "Any joke book?")   # the user's own clause
+
+
+@pytest.mark.parametrize("asked", ["what cuisine do i like", "whats my fav beverage", "hey, tell me about my career",
+                                   "Hi. Tell me a joke.", "Can you tell me a joke", "Repeat after me: the sky is blue.",
+                                   "ok so what should i cook tonight"])
+def test_invariant_an_earlier_question_or_request_typed_casually_is_not_retrieved(store, asked):
+    """The second tester's variants: a question typed without "?", a greeting before a request, a request without
+    "?": the message only asks, so it is not brought back into later prompts."""
+    say(store, "cas", asked)
+    say(store, "cas", "My career started at a bakery, my beverage is tea, my cuisine Italian.")
+    found = retrieved(store, "cas", asked + " joke career cuisine beverage sky cook")
+    assert asked not in found and "My career started at a bakery, my beverage is tea, my cuisine Italian." in found
+
+
+@pytest.mark.parametrize("said", ["When I was young I lived in Rome.", "How I met my wife is a long story.",
+                                  "Any day with jazz is a good day for me.", "Hi. I'm a nurse."])
+def test_invariant_a_statement_opening_like_a_question_is_still_retrieved(store, said):
+    """The casual-question rule must not drop statements: a question word without an auxiliary after it, "any"
+    opening a statement, a greeting before a statement."""
+    say(store, "st", said)
+    assert said in retrieved(store, "st", said)

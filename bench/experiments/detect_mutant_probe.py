@@ -1,8 +1,10 @@
 """Which inputs tell a surviving mutant of localpers/personalize/detect.py from the original (issue 28's judging of
 survivors): each named mutant is switched on in mutmut's mutated copy and detect_facts (with and without a
-previous turn), is_preference, detect_preferences and merge_preferences are compared with the original on a corpus.
+previous turn), is_preference, detect_preferences, merge_preferences and each fact's supersedes are compared with
+the original on a corpus (or only on --text / --only texts). NAME: mutmut's name or its short form (_clauses_71).
 
     python bench/experiments/detect_mutant_probe.py MUTANTS_DIR NAME [NAME ...] [--extra FILE] [--show 3]
+    python bench/experiments/detect_mutant_probe.py MUTANTS_DIR _clauses_71 --text "She's vegan and so am I."
 
 MUTANTS_DIR: the `mutants` folder of a bench/mutation.py run (/tmp/localpers-mut-*/mutants, or a copy of it). The
 corpus: every text of bench/bench_detect.py (UPQA, PrefEval preferences, distractor chats, questions), the

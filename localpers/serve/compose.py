@@ -130,22 +130,31 @@ def served_user(store, user: str, base_model_sha256: str, conversation: list[dic
 # poem.", "Suggest a dinner."); what follows says nothing about the user.
 # ... unless a clause of it says something of the user ("Give me a recipe, I'm vegan.": the detector learns nothing
 # from a request, but the words are the user's own).
-SELF_CLAUSE = re.compile(r"(?:[,;:(]|\b(?:since|because|as|and|but|so))\s+i\b", re.I)
-REQUEST = re.compile(r"^\W*(?:please\s+|pls\s+|now\s+|ok(?:ay)?,?\s+)?(?:tell|give|show|explain|describe|write|list|"
-                     r"help|find|make|plan|suggest|recommend|summari[sz]e|translate|draft|create|generate|name|"
-                     r"teach|remind)\b", re.I)
+SELF_CLAUSE = re.compile(r"(?:[,;(]|\b(?:since|because|as|and|but|so))\s+i\b", re.I)
+# A greeting or filler before what is asked ("hey, tell me ...", "ok so what should i cook"); a sentence of only
+# these ("Hi.") asks nothing and says nothing.
+OPENING = re.compile(r"^\W*(?:(?:hey|hi|hello|yo|ok(?:ay)?|so|well|um+|hmm+|please|pls|now|and|then)\b[\s,.!]*)+", re.I)
+REQUEST = re.compile(r"^(?:tell|give|show|explain|describe|write|list|help|find|make|plan|suggest|recommend|"
+                     r"summari[sz]e|translate|draft|create|generate|name|teach|remind|repeat|rewrite|rephrase|"
+                     r"proofread|fix|correct|edit|check|say|any\s+(?:ideas?|suggestions?|tips|recommendations?|advice))\b", re.I)
+QUESTION = re.compile(   # asked without "?": a question word then an auxiliary, or an auxiliary then its subject
+    r"^(?:(?:what|how|why|when|where|who|which|whose)\s+(?:(?!(?:i|we|you|he|she|they|it)\b)\w+\s+)?(?:do|does|did|is|are|was|were|can|could|should|"
+    r"would|will|shall|am|have|has)\b|(?:what's|whats|where's|who's|how's)\b|(?:can|could|would|will|should|shall|do|"
+    r"does|did|is|are|am|was|were)\s+(?:i|you|u|we|they|he|she|it|my|your|there)\b)", re.I)
 
 
 def only_asks(text: str) -> bool:
-    """Is every sentence of a message a question (detect.sentences, ending in "?") or a request (REQUEST, or
-    methods.asks_to_use) without a clause of the user's own (SELF_CLAUSE)? Such a message of the user's says nothing about them ("Tell me about
-    my career."): retrieval leaves it out, or the model answers the old request ("a joke about a career")."""
+    """Is every sentence of a message (detect.sentences) a question (ending in "?", or opening as one: "what
+    cuisine do i like") or a request (REQUEST) without a clause of the user's own
+    (SELF_CLAUSE), a greeting or filler before it aside ("hey, tell me ...", "Hi.")? Such a message of the user's
+    says nothing about them ("Tell me about my career."): retrieval leaves it out, or the model answers the old
+    request ("a joke about a career")."""
     from localpers.personalize.detect import sentences
-    from localpers.personalize.methods import asks_to_use
 
-    said = sentences(text)
-    return bool(said) and all(s.rstrip().endswith(("?", "？")) or (
-        (REQUEST.match(s) or asks_to_use(s)) and not SELF_CLAUSE.search(s)) for s in said)
+    said = [OPENING.sub("", s).strip() for s in sentences(text)]
+    asks = [s for s in said if s]
+    return bool(asks) and all(s.rstrip().endswith(("?", "？")) or (
+        (QUESTION.match(s) or REQUEST.match(s)) and not SELF_CLAUSE.search(s)) for s in asks)
 
 
 LABEL = re.compile(r"^[^:.!?\n]{1,40}:\s*")   # a note's lead-in before what it states ("Diary, 3 May: I live in Oslo")
