@@ -58,6 +58,12 @@ TESTERS = [
     ("I drink coffee in the morning and tea at night.", ["likes=coffee", "likes=tea"]),
     ("I often listen to jazz at night.", ["likes=jazz"]), ("I go swimming twice a week.", ["likes=swimming"]),
     ("I'm a nurse at night.", ["job=nurse"]), ("I'm more into rock than jazz these days.", ["~likes=rock"]),
+    # the second tester's give-ups and quotes (the withdrawals need the turn before: tests/test_detect_named_withdrawals.py)
+    ("I've given up on jazz.", ["-likes=jazz"]), ("I gave up coffee and tea.", ["-likes=coffee", "-likes=tea"]),
+    ("No longer a jazz fan.", ["-likes=jazz"]), ("Not a chef anymore.", ["-job=chef"]),
+    ("Not vegetarian anymore.", ["-diet=vegetarian"]), ("I quit coffee and tea.", ["-likes=coffee", "-likes=tea"]),
+    ("I gave up on rock music.", ["-likes=rock music"]), ("I prefer tea to coffee these days.", ["~likes=tea"]),
+    ('I like "jazz".', ["likes=jazz"]), ("I drink coffee at 7:30.", ["likes=coffee"]),
 ]
 
 

@@ -404,6 +404,9 @@ _PASTE_INTRO = re.compile(
     r"lyrics|script|transcript|resume|cv)\b[^.!\n]{0,60}?[:?]|(?:^|\n)\s*(?:dear|hi|hello|hey) [A-Z][\w.]*,[ \t]*\n",
     re.I)
 _QUOTED = re.compile(r"\"[^\"\n]*\"|(?<![\w])'[^'\n]*[.!?,]'(?![\w])")
+# One to three words in quotes, none of them the speaker's: a name quoted, not speech ('I like "jazz".').
+_QUOTED_WORDS = re.compile(r"(\b(?:like|love|enjoy|adore|hate|prefer|dislike|into|fan of|and|or),?\s+)"
+                           r"\"(?!(?:i|i'm|im|i've|my|me|we|you|yes|no)\b)([\w'-]+(?: [\w'-]+){0,2})\"", re.I)
 _LYRIC_MARK = re.compile(r"^\s*[\[(](?:chorus|verse|bridge|intro|outro|refrain|hook)\b|[♪♫]", re.I | re.M)
 _INVENTED = re.compile(
     r"^(?:if|imagine|pretend|suppose|supposing|let's say|lets say|hypothetically|what if|in a world|in my story|"
@@ -424,6 +427,7 @@ def _own_text(text: str) -> str:
     text = "\n".join(lines)
     if m := _PASTE_INTRO.search(text):
         text = text[:m.end()]
+    text = _QUOTED_WORDS.sub(r"\1\2", text)  # 'I like "jazz".': a name in quotes is no quoted speech
     text = _QUOTED.sub(" ", text)
     kept = []
     for sentence in sentences(text):
@@ -632,14 +636,15 @@ def _given_up(clause: str) -> str:
     tea every morning" -> "i like tea every morning". Only of a thing kinds.json knows when no verb says what was
     done with it ("I quit smoking." stays as it is)."""
     doing = "|".join(_DOING)
+    said, clause = clause, re.sub(r"^(i (?:have |'ve )?(?:gave|given) up) on\b", r"\1", clause, flags=re.I)  # "up on jazz"
     if m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out) (" + doing + r") (.+)$", clause,
                      re.I):
         return f"i no longer {_DOING[m[1].lower()]} {m[2]}"
     if (m := re.match(r"^i (?:have |'ve )?(?:stopped|quit|gave up|given up|cut out|ditched|dropped) (.+)$|"
                       r"^i'm (?:so |totally |completely |well )?(?:over|off|done with|through with) (.+)$",
                       clause, re.I)) \
-            and _known_thing(m[1] or m[2]):
-        return f"i no longer like {m[1] or m[2]}"
+            and all(_known_thing(x) for x in re.split(r"\s*,\s*(?:and\s+)?|\s+and\s+", m[1] or m[2])):
+        return f"i no longer like {m[1] or m[2]}"  # "i gave up coffee and tea": each a known thing
     if (m := re.match(r"^i (?:have|'ve) been (" + doing + r") (.+)$", clause, re.I)) and _known_thing(m[2]):
         return f"i {_DOING[m[1].lower()]} {m[2]}"
     # "i took up golf", "i started playing golf", "i switched to tea" (a change: _CHANGE): a like of a known thing
@@ -654,7 +659,7 @@ def _given_up(clause: str) -> str:
     if (m := re.match(r"^i (?:have|grab|get|order|take) (.+)$", clause, re.I)) and _FREQUENCY.search(clause) \
             and _known_thing(m[1]):
         return f"i like {m[1]}"
-    return clause
+    return said
 
 
 # A like said with the thing as subject or as a switch: "Rock is my thing now.", "Jazz isn't my thing anymore.", "I
@@ -674,6 +679,9 @@ _TRADE = re.compile(r"^i(?: have|'ve)? (?:just |recently |finally )?(?:gave up|g
                     r"(?:for|with|in favou?r of) (?P<new>[\w' -]+?)"
                     r"(?P<end>(?: (?:now|these days|lately|instead))*[.!]*)$",
                     re.I)
+# "I prefer tea to coffee (these days).": a like of the first (a change when said as one), of known things only.
+_PREFER_TO = re.compile(r"^(?P<i>i (?:really |much |actually )?prefer) (?P<new>[\w' -]+?) (?:to|over) (?P<old>[\w' -]+?)"
+                        r"(?P<end>(?: (?:now|these days|nowadays|lately|instead))*[.!]*)$", re.I)
 _NO_MORE = re.compile(r"^no more (?P<x>[\w' -]+?) for me\b", re.I)
 # "I like neither jazz nor rock.": said as "I don't like jazz or rock." (a dislike of each, never a like)
 _NEITHER = re.compile(r"\b(?P<i>I|i)(?: (?:really|truly|actually|much|particularly|especially))? (?P<verb>like|love|"
@@ -712,6 +720,8 @@ def _things_said(sentence: str) -> str:
     sentence = _MY_THING.sub(thing, sentence)
     sentence = _SWITCH.sub(switched, sentence)
     sentence = _TRADE.sub(traded, sentence)
+    sentence = _PREFER_TO.sub(lambda m: f"{m['i']} {m['new']}{m['end']}"
+                              if _known_thing(m["new"]) and _known_thing(m["old"]) else m[0], sentence)
     return _NO_MORE.sub(lambda m: f"I no longer like {m['x']}" if _known_thing(m["x"]) else m[0], sentence)
 
 
@@ -809,7 +819,7 @@ _WHEN = (
     r"(?:on|at|over|during)(?: the)? " + _DAY + r"s?(?: " + _PART + r"s?)?|"
     r"(?:late )?at night|at nights|(?:in|during) the " + _PART + r"s?|"
     r"(?:in|during) (?:the )?(?:summer|winter|spring|fall|autumn)s?|in (?:the )?(?:summer|winter)time|"
-    r"(?:at|around|by|before|after) (?:\d{1,2}(?::\d\d)? ?(?:am|pm|a\.m\.?|p\.m\.?|o'clock)|noon|midnight)|"
+    r"(?:at|around|by|before|after) (?:\d{1,2}(?::\d\d)? ?(?:am|pm|a\.m\.?|p\.m\.?|o'clock)|\d{1,2}:\d\d|noon|midnight)|"
     r"(?:a|per) (?:day|week|month|year)|"
     r"(?:before|after|at) (?:bed|bedtime|work|school|class|dinner|lunch|breakfast|the gym|the office|home|"
     r"(?:a |my )?(?:workouts?|meals?|runs?))|for (?:breakfast|lunch|dinner|dessert|brunch|a snack|snacks)|"
@@ -1153,7 +1163,9 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     become retirements with `withdrawal` set, which the store retires only where that message taught them):
     "Scratch that.", "Oops, ignore that.", "Forget what I just said.", "Ignore my last message." also when a
     statement follows ("Scratch that, I love rock."), "Just kidding.", "Not true." only alone, "Never mind.",
-    "Forget it." only alone after a `previous` that asked nothing; what follows the retraction is read as a
+    "Forget it." only alone after a `previous` that asked nothing ("Just kidding, I still am.", "No wait, I'm not."
+also withdraw it); "Forget what I said about Lyon, ..." withdraws only the facts it names (by value or by the
+attribute's words), nothing when it names none of them; what follows the retraction is read as a
     statement ("Not true, I'm not vegetarian."). A value leaves out how often or when ("I drink coffee every
     morning." -> coffee); a like of several things kinds.json knows, a comma list ended by "and" and a list of
     allergies or languages are one fact per thing (list_parts, _parts_of).
@@ -1169,6 +1181,17 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
     detected = 0
     for sentence in sentences(_no_emoji(_own_text(_translate(normalize_text(text))))):
         s = sentence.strip()
+        if (m := _WITHDRAW_NAMED.match(s)) and ((said := [  # "Forget what I said about Lyon, ...": the facts it names
+                f for f in (found[before:] if not first else detect_facts(previous) if previous else [])
+                if _names(m["what"], f)]) or not _forgets(s)):  # naming nothing said, it withdraws nothing
+            if not first:
+                found = [f for f in found if f not in said]
+            else:
+                found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True, withdrawal=True)
+                                     for f in said])
+            first, s = False, s[m.end():].strip(" ,;:.!-")
+            if not s:
+                continue
         if m := _FORGET.match(s):  # "Forget that I'm vegetarian.", "Please forget where I live."
             named = _FORGET_ATTRIBUTE.get(m["what"].lower().rstrip(".!"))
             gone = [StatedFact(named, "", s, retire=True)] if named else [
@@ -1183,10 +1206,12 @@ def detect_facts(text: str, limit: int | None = None, previous: str | None = Non
             said = s[m.start("said"):]  # "Scratch that last part.": "that" names something else
             s = re.sub(r"^(?:lol|haha+|sorry|please|pls|plz|thanks|thx)?[.!]*$", "", s[m.end():].strip(" ,;:.!-"),
                        flags=re.I)
-            bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(r"(?:i'm |i am |i )?not", s, re.I)
+            bare = not s or _ELLIPTIC_SELF.match(s.rstrip(".!")) or re.fullmatch(
+                r"(?:(?:i'm |i am |i )?not|i(?:'m| am)? still(?: am| do| is)?|i do|i am|i'm not|i don't|i do not)[.!]*",
+                s, re.I)
             if not first:
                 del found[before:]
-            elif previous and (_WITHDRAW_ANYWAY.match(said) or bare and (_WITHDRAW.match(said) or (
+            elif previous and (_WITHDRAW_ANYWAY.match(said) or bare and (_WITHDRAW.match(said) or s and _WITHDRAW_CONTRARY.match(said) or (
                     _WITHDRAW_UNSURE.match(said) and "?" not in previous))):  # the previous turn
                 found = _add(found, [StatedFact(f.attribute, f.value, f.statement, retire=True, withdrawal=True)
                                      for f in detect_facts(previous)])   # its retirements too: the store restores
@@ -1261,8 +1286,11 @@ def _jobs_together(new: list[StatedFact]) -> list[StatedFact]:
     return [f for f in new[:at] if f not in jobs] + [both] + [f for f in new[at:] if f not in jobs]
 
 
+_DIET_WORD = r"(?:vegetarian|vegan|pescatarian|pescetarian|flexitarian|keto|paleo|gluten[- ]free|dairy[- ]free)"
 # A like ended without a subject: "No longer into rock.", "Not a fan of tennis anymore, ..." (said of the speaker).
-_SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on)\b|not (?:really )?"
+_SUBJECTLESS_END = re.compile(r"^(?=no longer (?:into|(?:an? )?(?:big |huge )?fan of|keen on|an? (?:big |huge )?"
+                              r"[\w-]+ fan|(?:an? )?" + _PROFESSION + r"|" + _DIET_WORD + r")\b|"
+                              r"not (?:an? )?(?:" + _PROFESSION + r"|" + _DIET_WORD + r") any ?more\b|not (?:really )?"
                               r"(?:into|(?:an? )?(?:big |huge )?fan of|keen on|an? (?:big |huge )?[\w-]+ fan)\b"
                               r"[^,;.]*\bany ?more\b)", re.I)
 
@@ -1333,6 +1361,36 @@ _ANYWAY = (r"scratch " + _THAT + r"|strike " + _THAT + r"|(?:please\s+)?(?:ignor
            r"take that back|(?:delete|undo|cancel) " + _THAT + r"|wrong (?:chat|window|conversation|person|thread)|"
            r"that (?:message |last message )?(?:was (?:meant |supposed to be )?for (?:someone else|my \w+)|"
            r"(?:wasn't|was not) (?:meant )?for you)|never ?mind " + _SAID)
+# A withdrawal that names what it withdraws: "Forget what I just said about being a chef, I'm a pilot.",
+# "Scratch what I said about Lyon." (what follows the comma is a statement).
+_WITHDRAW_NAMED = re.compile(r"^" + _INTERJECTION + r"*(?:please\s+)?(?:forget|scratch|ignore|disregard|strike|never ?mind) "
+                             r"(?:what|everything|the part|the bit) (?:i (?:just )?(?:said|wrote|typed|told you) )?"
+                             r"about (?P<what>[^,;.!?]+)[,;:.!\s-]*", re.I)
+# The words that name an attribute's facts: "about my job", "about where I live".
+_ATTRIBUTE_WORDS = {"home": r"live|living|home|city|address|moved?", "job": r"job|work|working|career|profession",
+                    "diet": r"diet|eat|eating|food", "allergy": r"allerg\w*", "likes": r"likes?|love|into|fan",
+                    "dislikes": r"dislikes?|hate", "employer": r"employer|company|work for", "name": r"name",
+                    "age": r"age|old", "origin": r"from|grew up|born|hometown"}
+
+
+def _forgets(sentence: str) -> bool:
+    """Whether `sentence` is a "Forget ..." that retires a fact or an attribute by itself ("Forget what I said about
+    my job." -> the job, whatever its value)."""
+    m = _FORGET.match(sentence)
+    return bool(m) and bool(_FORGET_ATTRIBUTE.get(m["what"].lower().rstrip(".!")) or any(
+        not f.retire for f in detect_facts(m["what"])))
+
+
+def _names(what: str, fact: StatedFact) -> bool:
+    """Whether the words after "about" name `fact`: its value ("about being a chef", "about Lyon") or, where no
+    value of the turn is named, its attribute's words ("about my job", "about where I live")."""
+    what = what.lower()
+    if fact.value and re.search(r"\b" + re.escape(fact.value.lower()) + r"\b", what):
+        return True
+    words = _ATTRIBUTE_WORDS.get(fact.attribute)
+    return bool(words) and bool(re.search(r"\b(?:" + words + r")\b", what))
+
+
 _WITHDRAW_ANYWAY = re.compile(r"^(?:" + _ANYWAY + r")\b", re.I)
 # ... and those that withdraw it only said alone: "Just kidding, I'm actually vegan." says what holds instead,
 # and "Forget it.", "Never mind." withdraw the turn only when it asked nothing ("Never mind." after "I'm
@@ -1340,6 +1398,9 @@ _WITHDRAW_ANYWAY = re.compile(r"^(?:" + _ANYWAY + r")\b", re.I)
 _WITHDRAW = re.compile(r"^(?:(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|forget that|that's not true|"
                        r"that is not true|not true|that was a joke|i lied|i was (?:just )?(?:joking|kidding)|"
                        r"(?:i made|that was) an? (?:mistake|typo))\b", re.I)
+# ... and those that withdraw it only with the bare contrary after them: "No wait, I'm not." ("Wait, no." alone
+# may answer the assistant).
+_WITHDRAW_CONTRARY = re.compile(r"^(?:no,? wait|wait,? no|actually,? no|oops,? no)\b", re.I)
 _WITHDRAW_UNSURE = re.compile(r"^(?:forget it|(?:nvm|never ?mind)(?: " + _THAT + r")?)\b", re.I)
 _RETRACT = re.compile(r"^" + _INTERJECTION + r"*(?P<said>(?:just |only )?(?:kidding|joking)|jk|j/k|lol jk|not really|"
                       r"scratch that|(?:nvm|never ?mind)(?: " + _THAT + r")?|i was (?:just )?(?:joking|kidding)|"
