@@ -210,6 +210,9 @@ def test_invariant_each_noted_fact_shows_its_own_value_in_the_order_stated():
     assert noted_lines("I love Italian food and jazz music.", likes) == ["likes = Italian food", "likes = jazz music"]
     assert noted_lines("I'm vegan.", [{"id": 3, "attribute": "diet"}]) == ["diet = vegan"]
     assert noted_lines("I'm vegan.", [{"id": 3, "attribute": "home"}]) == ["home"]   # nothing of it said: no value
+    gone = [{"id": 4, "attribute": "likes"}]      # a second tester's "no longer: likes (#193)" named no value
+    assert noted_lines("I gave up jazz.", gone, retired=True) == ["likes = jazz"]
+    assert noted_lines("I gave up jazz.", gone) == ["likes"]
 
 
 @pytest.mark.parametrize("user, message", [("", "--user must not be empty"), ("   ", "--user must not be empty"),

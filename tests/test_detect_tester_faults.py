@@ -551,6 +551,8 @@ def test_invariant_reported_speech_whose_words_were_quoted_is_no_fact(message):
 
 @pytest.mark.parametrize("message, expected", [
     ("I \u2764\ufe0f jazz", ["likes=jazz"]), ("I \u2764 jazz.", ["likes=jazz"]), ("I \u2665 sushi!", ["likes=sushi"]),
+    ("I \U0001F499 sushi", ["likes=sushi"]), ("I \U0001F49A tea.", ["likes=tea"]), ("I \U0001F9E1 pizza", ["likes=pizza"]),
+    ("I \U0001F5A4 metal", ["likes=metal"]),   # a second tester's "I 💙 sushi" was about "I sushi": every colour
 ])
 def test_invariant_a_heart_for_the_verb_is_love(message, expected):
     assert facts(message) == expected

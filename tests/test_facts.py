@@ -516,6 +516,18 @@ def test_invariant_the_blocks_tags_leave_a_reply_wherever_its_stream_is_split(re
     assert drop_markup("a < b, <items> stay, <it") == "a < b, <items> stay, <it"
 
 
+@pytest.mark.parametrize("reply", ["Read <History of Rome> by Livy.", "The <item id=3> tag and <history-buff> stay.",
+                                   "<History of Rome>"])
+def test_invariant_angle_brackets_that_are_not_the_blocks_tags_stay_in_a_reply(reply):
+    """A second tester's "<History of Rome>" lost its title: only the block's own tags leave, streamed or not."""
+    from localpers.personalize.methods import MarkupFilter, drop_markup
+
+    assert drop_markup(reply) == reply
+    for cut in range(len(reply) + 1):
+        f = MarkupFilter()
+        assert f.feed(reply[:cut]) + f.feed(reply[cut:]) + f.flush() == reply, cut
+
+
 class EchoingEngine:
     """A stand-in engine whose reply copies the history block's tags, streamed in pieces that split them."""
 

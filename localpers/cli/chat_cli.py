@@ -114,15 +114,16 @@ def _error_text(response) -> str:
 
 
 
-def noted_lines(text: str, facts: list[dict]) -> list[str]:
+def noted_lines(text: str, facts: list[dict], retired: bool = False) -> list[str]:
     """"diet = vegetarian" for each fact the server learned from `text` ({"id", "attribute"}: the server sends no
     value), its value found again in the text by the same detector: the facts of one attribute in the order the
-    text states them ("I love Italian food and jazz music." -> likes = italian food, likes = jazz music)."""
+    text states them ("I love Italian food and jazz music." -> likes = italian food, likes = jazz music).
+    `retired`: the facts the text retired, named by the retirements it states ("I gave up jazz." -> likes = jazz)."""
     from localpers.personalize.detect import detect_facts
 
     values: dict[str, list[str]] = {}
     for f in detect_facts(text):
-        if not f.retire:
+        if f.retire == retired and f.value:
             values.setdefault(f.attribute, []).append(f.value)
     lines = []
     for fact in facts:
@@ -307,8 +308,8 @@ class Chat:
             self.say(f"noted: {line}", "green")
         for fact in learned.get("replaced", []):
             self.say(f"replaced: {fact['attribute']} (#{fact['id']})")
-        for fact in learned.get("retired", []):
-            self.say(f"no longer: {fact['attribute']} (#{fact['id']})", "green")
+        for fact, line in zip(learned.get("retired", []), noted_lines(text, learned.get("retired", []), retired=True)):
+            self.say(f"no longer: {line} (#{fact['id']})", "green")
         for fact in learned.get("retried", []):
             self.say(f"learning again: {fact['attribute']} (#{fact['id']}; its last edit failed)")
 

@@ -1435,7 +1435,9 @@ _FORGET_ATTRIBUTE = {
 
 def _no_emoji(text: str) -> str:
     """Emoji (and their modifiers, joiners, variation selectors) as sentence ends: "I'm vegan 🌱" -> "I'm vegan"."""
-    hearts = "\u2764\u2665\U0001F495\U0001F496\U0001F497\U0001F60D\U0001F970"
+    hearts = ("\u2764\u2665\U0001F495\U0001F496\U0001F497\U0001F60D\U0001F970"   # red, suit, two, sparkling, growing, eyes
+              "\U0001F493\U0001F498\U0001F499\U0001F49A\U0001F49B\U0001F49C\U0001F49D\U0001F49E"   # and every colour
+              "\U0001F5A4\U0001F90D\U0001F90E\U0001F9E1\U0001FA75\U0001FA76\U0001FA77")
     text = re.sub(r"\b([Ii])[ \t]*[" + hearts + r"]\ufe0f?[ \t]*(?=\w)", r"\1 love ", text)  # "I ❤️ jazz": a verb
     out = ["\x02" if _is_emoji(ch) else ch for ch in text]
     text = re.sub(r"[ \t]*\x02[\x02 \t]*(?=[a-z0-9])", " ", "".join(out))  # "I love ❤️ jazz": inside a sentence

@@ -128,7 +128,9 @@ def rag_prefix(found: list[str]) -> str:
     return f"{HISTORY_OPEN}\n{items}{HISTORY_CLOSE}\n\n"
 
 
-_MARKUP = re.compile(r"</?\s*(?:history|item)\b[^<>\n]{0,200}>", re.I)   # a tag of the block, as the model copies it
+# a tag of the block, as the model copies it: <item>, </item>, </history>, <history note="...">; not other text in
+# angle brackets that starts with the same word ("<History of Rome>", a second tester's reply)
+_MARKUP = re.compile(r"</?\s*item\s*>|</\s*history\s*>|<\s*history(?:\s+\w+\s*=\s*\"[^\"<>\n]{0,200}\")*\s*>", re.I)
 _MARKUP_START = re.compile(r"</?\s*(?:history|item)\b", re.I)
 _MARKUP_PREFIXES = tuple(w[:n] for w in ("history", "item") for n in range(len(w) + 1))
 
