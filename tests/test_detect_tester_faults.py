@@ -602,3 +602,18 @@ def test_invariant_a_time_that_is_the_thing_or_an_unknown_habit_stays_as_said(me
 ])
 def test_invariant_what_a_like_is_compared_with_is_no_part_of_its_value(message, expected):
     assert facts(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("My favourite book is Gone with the Wind.", ["favourite book=Gone with the Wind"]),
+    ("My favorite song is Stand by Me.", ["favourite song=Stand by Me"]),
+    ("My favorite movie is When Harry Met Sally.", ["favourite movie=When Harry Met Sally"]),
+    ("My favorite food is pizza because it is cheesy.", ["favourite food=pizza"]),
+    ("My favorite sport is tennis, which I play weekly.", ["favourite sport=tennis"]),
+    ("My favorite drink is tea with my breakfast.", ["favourite drink=tea"]),
+])
+def test_invariant_a_favourite_title_keeps_its_words_and_a_clause_after_it_goes(message, expected):
+    """The "favourite" exemption from value cutting never applied (the attribute is "favourite <thing>" by then), so
+    "Gone with the Wind" was held as "Gone" (found on detect.py's mutation run): a title's small words stay, a
+    clause after it (because, which, with my ...) goes."""
+    assert facts(message) == expected

@@ -610,6 +610,9 @@ _VALUE_CUT_WORDS = (r"\s+(?:over|rather than|instead of|more than|better than|(?
                     r"although|though|"
                     r"who|which|where)\b.*$")
 _VALUE_CUT = re.compile(_VALUE_CUT_WORDS + r"|,.*$", re.I)
+# A favourite is often a title ("Gone with the Wind", "Stand by Me", "When Harry Met Sally"): only a clause cuts it
+_FAVOURITE_CUT = re.compile(r"\s+(?:rather than|instead of|more than|better than|(?-i:than)|with my|since|while|"
+                            r"because|but|although|though|which)\b.*$|,.*$", re.I)
 _PRONOUN_VALUE = re.compile(r"^(?:it|this|that|these|those|them|you|him|her|one|so|too|very|much|to)$", re.I)
 
 
@@ -786,7 +789,9 @@ def _clean_value(value: str, attribute: str) -> str:
         listed = re.sub(_VALUE_CUT_WORDS, "", value.strip(), flags=re.I)
         bare = _without_frequency(_TRAILING.sub("", listed).strip(" ,.;:!-"), attribute)
         value = listed if (_parts_of(attribute, bare) or list_parts(bare)) else _VALUE_CUT.sub("", value.strip())
-    elif attribute not in ("name", "favourite"):
+    elif attribute.startswith("favourite"):   # the attribute is "favourite <thing>" by now
+        value = _FAVOURITE_CUT.sub("", value.strip())
+    elif attribute != "name":
         value = _VALUE_CUT.sub("", value.strip())
     value = value.replace("\x01", ", ")
     if attribute in ("job", "study", "employer"):  # "a graphic designer in Berlin": the job; the place is another fact
