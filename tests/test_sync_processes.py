@@ -27,10 +27,20 @@ USERS = ("alice", "bob", "carol")
 SECRET = "my secret diary entry about kayaking"
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and never handed out before in this run: a port picked for a process that has not bound it
+    yet is free again, and the OS gave the SuperLink's port to a device's SuperNode once (a CI run: "address
+    already in use", the round never came)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def contributions() -> dict[str, sync.Contribution]:
