@@ -1112,21 +1112,19 @@ class Store:
     def holds_fact(self, user: str, fact) -> bool:
         """Does the user currently hold `fact` (a detect.StatedFact: the same slot and value)? O(log n) in their
         facts, through the index's keyed hashes (no decryption). An unknown user holds nothing."""
-        slot, value = self._fact_digests(fact)
-        with self._read() as conn:
-            row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
-            return row is not None and conn.execute(
-                "SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value = ?", (row[0], slot, value)
-            ).fetchone() is not None
+        return self._holds(user, fact, "=")
 
     def holds_other_value(self, user: str, fact) -> bool:
         """Does the user currently hold `fact`'s slot with another value ("I live in Oslo." once "I moved to Paris."
         replaced it)? O(log n) in their facts, keyed hashes only (no decryption), as holds_fact."""
+        return self._holds(user, fact, "!=")
+
+    def _holds(self, user: str, fact, op: str) -> bool:
         slot, value = self._fact_digests(fact)
         with self._read() as conn:
             row = conn.execute("SELECT id FROM users WHERE name = ?", (check_user(user),)).fetchone()
             return row is not None and conn.execute(
-                "SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value != ?", (row[0], slot, value)
+                f"SELECT 1 FROM facts WHERE user_id = ? AND slot = ? AND value {op} ?", (row[0], slot, value)
             ).fetchone() is not None
 
     def _mark_superseded(self, conn, user_id: int, fact_ids: list[int], by: int | None) -> None:
